@@ -1,0 +1,169 @@
+/**
+ * The main job (user stories 1 and 2): a real backup of the app fixture, restored with the real
+ * pg_restore into a fresh database and compared row for row with the source.
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import type pg from 'pg';
+import { assertSameContent } from './helpers/compare.ts';
+import { dbVars, runCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
+import { buildFixture, FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES } from './helpers/fixture.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+
+const NAME_PATTERN = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z)\.dump$/;
+
+let server: TestServer;
+let source: pg.Client;
+const devDb = uniqueName('app_dev');
+const prodDb = uniqueName('app_prod');
+
+before(async () => {
+  server = await startTestServer();
+  for (const db of [devDb, prodDb]) {
+    await server.createDatabase(db);
+    const client = await server.connect(db);
+    await buildFixture(client);
+    await client.end();
+  }
+  source = await server.connect(devDb);
+});
+
+after(async () => {
+  await source?.end();
+  await server?.stop();
+});
+
+async function backupInto(env: 'dev' | 'prod') {
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'backups');
+  await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', devDb), ...dbVars(server, 'DB_', prodDb) });
+  const result = await runCli({ args: ['--env', env, '--config-dir', configDir, '--output-dir', outputDir] });
+  assert.equal(result.exitCode, 0, `backup should succeed:\n${result.stdout}\n${result.stderr}`);
+  const dumps = (await fs.readdir(outputDir)).filter((name) => name.endsWith('.dump'));
+  assert.equal(dumps.length, 1, 'exactly one dump written');
+  const dumpPath = path.join(outputDir, dumps[0]!);
+  const metadataPath = dumpPath.replace(/\.dump$/, '.metadata.json');
+  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as Record<string, unknown>;
+  return { ...result, outputDir, dumpPath, metadataPath, metadata };
+}
+
+async function restoreInto(dumpPath: string): Promise<pg.Client> {
+  const target = uniqueName('restored');
+  await server.createDatabase(target);
+  await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', '--dbname', target, dumpPath], {
+    env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
+  });
+  return server.connect(target);
+}
+
+describe('backup --env dev', () => {
+  let run: Awaited<ReturnType<typeof backupInto>>;
+  before(async () => {
+    run = await backupInto('dev');
+  });
+
+  test('restores into a fresh database with every table, row, sequence, FK and index identical', async () => {
+    const restored = await restoreInto(run.dumpPath);
+    try {
+      const expected = await assertSameContent(source, restored);
+      assert.deepEqual(Object.keys(expected.tables), FIXTURE_PHYSICAL_TABLES, 'the comparison covered the whole fixture, partitions included');
+      const next = async (client: pg.Client) => (await client.query<{ n: string }>("SELECT nextval('ticket_numbers') AS n")).rows[0]!.n;
+      assert.equal(await next(restored), await next(source), 'the next sequence value continues where the source was');
+    } finally {
+      await restored.end();
+    }
+  });
+
+  test('binary data, embeddings and special floats survive byte for byte', async () => {
+    const restored = await restoreInto(run.dumpPath);
+    try {
+      const probe = `SELECT (SELECT md5(attachment) FROM messages WHERE content = 'all 256 byte values') AS all_bytes,
+                            (SELECT length(attachment) FROM messages WHERE content = 'large binary') AS large_len,
+                            (SELECT embedding[1:5]::text FROM conversation_index WHERE conversation_id = 1) AS specials`;
+      const [a, b] = await Promise.all([source.query(probe), restored.query(probe)]);
+      assert.deepEqual(b.rows[0], a.rows[0]);
+      assert.ok(Number(a.rows[0].large_len) > 1_000_000, 'the large value is over 1 MB');
+      assert.equal(a.rows[0].specials, '{NaN,Infinity,-Infinity,-0,1e-45}');
+    } finally {
+      await restored.end();
+    }
+  });
+
+  test('metadata has every field of the data model, typed as it says', () => {
+    const m = run.metadata;
+    assert.match(String(m.backup_timestamp), /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$/);
+    assert.ok(!Number.isNaN(Date.parse(String(m.backup_timestamp))));
+    assert.equal(m.environment, 'dev');
+    assert.equal(m.database_name, devDb);
+    assert.equal(m.backup_file, path.basename(run.dumpPath));
+    assert.ok(Number.isInteger(m.backup_size_bytes) && (m.backup_size_bytes as number) > 0);
+    assert.match(String(m.checksum_sha256), /^[0-9a-f]{64}$/);
+    assert.match(String(m.pg_dump_version), /^\d+\.\d+$/);
+    assert.match(String(m.postgresql_version), /^\d+\.\d+$/);
+    assert.equal(typeof m.table_counts, 'object');
+    assert.equal(m.compression, 'gzip:1');
+    assert.equal(m.snapshot_consistent, true);
+  });
+
+  test('table_counts hold the real count of every table, partitioned tables once', () => {
+    assert.deepEqual(run.metadata.table_counts, FIXTURE_COUNTS);
+  });
+
+  test('checksum and size match a fresh read of the file', async () => {
+    const bytes = await fs.readFile(run.dumpPath);
+    assert.equal(run.metadata.checksum_sha256, createHash('sha256').update(bytes).digest('hex'));
+    assert.equal(run.metadata.backup_size_bytes, bytes.length);
+  });
+
+  test('file name follows {database}_{env}_{timestamp}.dump and matches the metadata timestamp', () => {
+    const match = NAME_PATTERN.exec(path.basename(run.dumpPath));
+    assert.ok(match, path.basename(run.dumpPath));
+    assert.equal(match[1], devDb);
+    assert.equal(match[2], 'dev');
+    assert.equal(match[3]!.replace(/T(\d{2})-(\d{2})-(\d{2})Z/, 'T$1:$2:$3Z'), run.metadata.backup_timestamp);
+  });
+
+  test('prints the contract summary on stdout', () => {
+    assert.match(run.stdout, /^✓ Backup created successfully$/m);
+    assert.match(run.stdout, new RegExp(`^Backup File: .*${path.basename(run.dumpPath)}$`, 'm'));
+    assert.match(run.stdout, /^Metadata: {4}.*\.metadata\.json$/m);
+    assert.match(run.stdout, /^Size: {8}\d+(\.\d)? (B|KB|MB)$/m);
+    assert.match(run.stdout, /^Environment: dev$/m);
+    assert.match(run.stdout, new RegExp(`^Database: {4}${devDb}$`, 'm'));
+    assert.match(run.stdout, /^Tables: {6}10 \(/m);
+    assert.match(run.stdout, new RegExp(`^Checksum: {4}${String(run.metadata.checksum_sha256).slice(0, 12)}\\.\\.\\.$`, 'm'));
+    assert.match(run.stdout, /^Verified: {4}✓ Integrity check passed$/m);
+    assert.equal(run.stderr, '');
+  });
+
+  test('backup and metadata are private to their owner; nothing else is left behind', async () => {
+    for (const file of [run.dumpPath, run.metadataPath]) {
+      assert.equal((await fs.stat(file)).mode & 0o777, 0o600, file);
+    }
+    assert.equal((await fs.stat(run.outputDir)).mode & 0o777, 0o700);
+    assert.deepEqual((await fs.readdir(run.outputDir)).sort(), [path.basename(run.dumpPath), path.basename(run.metadataPath)].sort());
+  });
+
+  test('the archive is what pg_restore calls a custom-format dump', () => {
+    const header = readFileSync(run.dumpPath).subarray(0, 5).toString('latin1');
+    assert.equal(header, 'PGDMP');
+  });
+});
+
+describe('backup --env prod', () => {
+  test('names the file and the metadata after prod and backs up the prod database', async () => {
+    const run = await backupInto('prod');
+    const match = NAME_PATTERN.exec(path.basename(run.dumpPath));
+    assert.equal(match?.[1], prodDb);
+    assert.equal(match?.[2], 'prod');
+    assert.equal(run.metadata.environment, 'prod');
+    assert.equal(run.metadata.database_name, prodDb);
+    assert.deepEqual(run.metadata.table_counts, FIXTURE_COUNTS);
+    assert.match(run.stdout, /^Environment: prod$/m);
+  });
+});
