@@ -18,7 +18,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, Option } from 'commander';
 import dotenv from 'dotenv';
-import { execa, ExecaError } from 'execa';
+import { execa } from 'execa';
 import pg from 'pg';
 
 // ─── Types and constants ────────────────────────────────────────────────────────────────
@@ -737,9 +737,20 @@ async function streamPgDump(
   return { sha256: hash.digest('hex'), size };
 }
 
+type InterruptSignal = 'SIGINT' | 'SIGTERM';
+
+function interruptedError(signal: InterruptSignal): BackupError {
+  return new BackupError(EXIT[signal], `Interrupted by ${signal}`, 'the backup was stopped; its partial file was removed and existing backups are untouched', [
+    'Run the backup again when convenient',
+  ]);
+}
+
 /** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes. */
 export function pgDumpError(error: unknown): BackupError {
-  const stderr = error instanceof ExecaError ? String(error.stderr ?? '').trim() : '';
+  // Ctrl-C on a terminal reaches pg_dump directly (same process group): an interruption, not a failure.
+  const signal = (error as { signal?: unknown } | null)?.signal;
+  if (signal === 'SIGINT' || signal === 'SIGTERM') return interruptedError(signal);
+  const stderr = String((error as { stderr?: unknown } | null)?.stderr ?? '').trim();
   const details = stderr || errorText(error);
   if (/server version mismatch/i.test(details)) {
     return new BackupError(EXIT.TOOL_NOT_FOUND, 'pg_dump is older than the server', details, [
@@ -889,8 +900,12 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
 
   const applicationName = `backup_db:${process.pid}`;
   const client = await connectDb(config, applicationName);
-  const closeOnAbort = () => void client.end().catch(() => undefined);
-  signal.addEventListener('abort', closeOnAbort, { once: true });
+  // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
+  // database session stop, and the reason is what gets reported.
+  const run = new AbortController();
+  const onInterrupt = () => run.abort(signal.reason);
+  signal.addEventListener('abort', onInterrupt, { once: true });
+  run.signal.addEventListener('abort', () => void client.end().catch(() => undefined), { once: true });
   const created: string[] = [];
   try {
     const server = await readServerInfo(client);
@@ -903,13 +918,13 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
     const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date());
     created.push(reserved.partialPath);
 
-    // The exporting transaction stays open until pg_dump exits, so the snapshot stays importable.
-    const [dump, tableCounts] = await Promise.all([
-      streamPgDump(tools.pgDump, pgDumpArgs(rows[0]!.snapshot, compression), { ...libpqEnv(config, applicationName) }, reserved.partialPath, signal),
+    const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression);
+    const [dump, tableCounts] = await bothOrNeither(run, [
+      streamPgDump(tools.pgDump, dumpArgs, libpqEnv(config, applicationName), reserved.partialPath, run.signal),
       countRows(client, tables),
     ]);
+    // Only now may the exporting transaction end: pg_dump has long since imported the snapshot.
     await client.query('COMMIT');
-    signal.throwIfAborted();
 
     await verifyWrittenDump(tools.pgRestore, reserved.partialPath, dump);
     const metadata: BackupMetadata = {
@@ -931,17 +946,31 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
     const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
     created.push(metadataPath);
     await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`);
-    signal.throwIfAborted();
+    run.signal.throwIfAborted();
     await fs.rename(reserved.partialPath, reserved.dumpPath);
     await syncDirectory(options.outputDir);
     return { dumpPath: reserved.dumpPath, metadataPath, metadata };
   } catch (error) {
     await Promise.all(created.map((file) => fs.rm(file, { force: true })));
-    throw signal.aborted ? signal.reason : asBackupError(error, config);
+    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config);
   } finally {
-    signal.removeEventListener('abort', closeOnAbort);
+    signal.removeEventListener('abort', onInterrupt);
     await client.end().catch(() => undefined);
   }
+}
+
+/**
+ * Await two concurrent steps. The first failure aborts `run` (stopping the other step), and both
+ * are awaited before returning, so no pg_dump is still writing when cleanup removes its file.
+ */
+async function bothOrNeither<A, B>(run: AbortController, steps: [Promise<A>, Promise<B>]): Promise<[A, B]> {
+  const stopOthers = (error: unknown) => {
+    if (!run.signal.aborted) run.abort(error);
+    throw error;
+  };
+  const [a, b] = await Promise.allSettled([steps[0].catch(stopOthers), steps[1].catch(stopOthers)]);
+  if (a.status === 'fulfilled' && b.status === 'fulfilled' && !run.signal.aborted) return [a.value, b.value];
+  throw run.signal.reason;
 }
 
 function envFilesIn(dir: string): string {
@@ -1090,12 +1119,13 @@ export async function main(argv: string[]): Promise<number> {
   }
   const opts = program.opts<CliOptions>();
 
+  // `on`, not `once`: execa's exit hook re-raises a signal it thinks nobody else handles, and a
+  // `once` listener has already removed itself by then, so the process would die mid-cleanup.
   const interrupt = new AbortController();
-  const onSignal = (name: 'SIGINT' | 'SIGTERM') => () =>
-    interrupt.abort(new BackupError(EXIT[name], `Interrupted by ${name}`, 'the backup was stopped; its partial files were removed and existing backups are untouched'));
+  const onSignal = (name: InterruptSignal) => () => interrupt.abort(interruptedError(name));
   const handlers = { SIGINT: onSignal('SIGINT'), SIGTERM: onSignal('SIGTERM') };
-  process.once('SIGINT', handlers.SIGINT);
-  process.once('SIGTERM', handlers.SIGTERM);
+  process.on('SIGINT', handlers.SIGINT);
+  process.on('SIGTERM', handlers.SIGTERM);
 
   const secrets: string[] = [];
   try {
