@@ -19,6 +19,9 @@ const NAME_PATTERN = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z)\.d
 
 let server: TestServer;
 let source: pg.Client;
+const pgDumpVersion = /\(PostgreSQL\) (\d+\.\d+)/.exec((await execa('pg_dump', ['--version'])).stdout)![1]!;
+const pgDumpMajor = Number(pgDumpVersion.split('.')[0]);
+let serverVersion: string;
 const devDb = uniqueName('app_dev');
 const prodDb = uniqueName('app_prod');
 
@@ -31,6 +34,7 @@ before(async () => {
     await client.end();
   }
   source = await server.connect(devDb);
+  serverVersion = (await source.query<{ v: string }>("SELECT current_setting('server_version') AS v")).rows[0]!.v.split(' ')[0]!;
 });
 
 after(async () => {
@@ -105,8 +109,10 @@ describe('backup --env dev', () => {
     assert.match(String(m.checksum_sha256), /^[0-9a-f]{64}$/);
     assert.match(String(m.pg_dump_version), /^\d+\.\d+$/);
     assert.match(String(m.postgresql_version), /^\d+\.\d+$/);
+    assert.equal(m.postgresql_version, serverVersion);
     assert.equal(typeof m.table_counts, 'object');
-    assert.equal(m.compression, 'gzip:1');
+    assert.equal(m.compression, pgDumpMajor >= 16 ? 'zstd' : 'gzip:1', 'the fast default for this pg_dump');
+    assert.equal(m.pg_dump_version, pgDumpVersion);
     assert.equal(m.snapshot_consistent, true);
   });
 

@@ -20,19 +20,25 @@ export interface CliRun {
   args: string[];
   env?: Record<string, string>;
   cwd?: string;
-  uid?: number;
-  gid?: number;
+  /** Make file permission bits bind even when the tests run as root (CI does). */
+  withoutRootOverride?: boolean;
 }
 
-export function startCli({ args, env = {}, cwd = PROJECT_DIR, uid, gid }: CliRun): ResultPromise<Options & { reject: false }> {
-  return execa(process.execPath, ['--import', 'tsx', SCRIPT, ...args], {
+/**
+ * Root ignores permission bits through CAP_DAC_OVERRIDE; setpriv (util-linux) drops it from the
+ * bounding set so a root-run CLI meets EACCES like any other user would.
+ */
+const ROOT_WITHOUT_DAC_OVERRIDE = ['setpriv', '--bounding-set=-dac_override,-dac_read_search', '--'];
+
+export function startCli({ args, env = {}, cwd = PROJECT_DIR, withoutRootOverride = false }: CliRun): ResultPromise<Options & { reject: false }> {
+  const command = [process.execPath, '--import', 'tsx', SCRIPT, ...args];
+  const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
+  return execa(argv[0]!, argv.slice(1), {
     env: { ...baseEnv(), ...env },
     extendEnv: false,
     cwd,
     reject: false,
     stdin: 'ignore',
-    ...(uid !== undefined ? { uid } : {}),
-    ...(gid !== undefined ? { gid } : {}),
   }) as ResultPromise<Options & { reject: false }>;
 }
 

@@ -1,0 +1,191 @@
+/**
+ * Environment detection and configuration precedence, through the real CLI process: which
+ * database actually got backed up shows which settings won.
+ * Precedence: process environment > .env.local > .env; DEV_DB_* falls back to DB_*.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { dbVars, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+
+let server: TestServer;
+const DBS = ['cfg_env', 'cfg_local', 'cfg_process', 'cfg_prod', 'cfg_url'] as const;
+
+before(async () => {
+  server = await startTestServer();
+  for (const db of DBS) {
+    await server.createDatabase(db);
+    const client = await server.connect(db);
+    await client.query(`CREATE TABLE marker (name text); INSERT INTO marker VALUES ('${db}')`);
+    await client.end();
+  }
+});
+after(() => server?.stop());
+
+interface Layers {
+  dotEnv?: Record<string, string>;
+  dotEnvLocal?: Record<string, string>;
+  processEnv?: Record<string, string>;
+  args?: string[];
+}
+
+/** Run a backup with the given configuration layers; report what was backed up. */
+async function backupWith({ dotEnv, dotEnvLocal, processEnv = {}, args = [] }: Layers) {
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'out');
+  if (dotEnv) await writeEnvFile(configDir, '.env', dotEnv);
+  if (dotEnvLocal) await writeEnvFile(configDir, '.env.local', dotEnvLocal);
+  const result = await runCli({ args: ['--config-dir', configDir, '--output-dir', outputDir, ...args], env: processEnv });
+  const files = await fs.readdir(outputDir).catch(() => [] as string[]);
+  const metadataFile = files.find((file) => file.endsWith('.metadata.json'));
+  const metadata = metadataFile
+    ? (JSON.parse(await fs.readFile(path.join(outputDir, metadataFile), 'utf8')) as { database_name: string; environment: string })
+    : undefined;
+  return { ...result, files, database: metadata?.database_name, environment: metadata?.environment };
+}
+
+const connection = () => ({ DB_HOST: server.host, DB_PORT: String(server.port), DB_USER: server.user, DB_PASSWORD: server.password });
+
+describe('precedence: process environment > .env.local > .env', () => {
+  const dotEnv = () => ({ ...connection(), DEV_DB_NAME: 'cfg_env' });
+
+  test('.env alone is used', async () => {
+    const run = await backupWith({ dotEnv: dotEnv() });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.database, 'cfg_env');
+  });
+
+  test('.env.local wins over .env', async () => {
+    const run = await backupWith({ dotEnv: dotEnv(), dotEnvLocal: { DEV_DB_NAME: 'cfg_local' } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.database, 'cfg_local');
+  });
+
+  test('the process environment wins over both files', async () => {
+    const run = await backupWith({ dotEnv: dotEnv(), dotEnvLocal: { DEV_DB_NAME: 'cfg_local' }, processEnv: { DEV_DB_NAME: 'cfg_process' } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.database, 'cfg_process');
+  });
+
+  test('dotenv prints nothing of its own', async () => {
+    const run = await backupWith({ dotEnv: dotEnv(), dotEnvLocal: { DEV_DB_NAME: 'cfg_local' } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.match(run.stdout, /^✓ Backup created successfully\n/);
+    assert.equal(run.stderr, '');
+  });
+});
+
+describe('dev settings fall back to DB_*', () => {
+  test('DEV_DB_NAME alone plus DB_HOST/PORT/USER/PASSWORD backs up the dev database as dev', async () => {
+    const run = await backupWith({ dotEnv: { ...connection(), DB_NAME: 'cfg_prod' }, dotEnvLocal: { DEV_DB_NAME: 'cfg_local' } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.database, 'cfg_local');
+    assert.equal(run.environment, 'dev');
+    assert.match(run.files.join(' '), /cfg_local_dev_/);
+  });
+
+  test('a DEV_DB_* value wins over its DB_* fallback', async () => {
+    const run = await backupWith({ dotEnv: { ...connection(), DB_PORT: '1', DEV_DB_PORT: String(server.port), DEV_DB_NAME: 'cfg_env' } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.database, 'cfg_env');
+  });
+});
+
+describe('--env auto', () => {
+  const both = () => ({ ...connection(), DEV_DB_NAME: 'cfg_env', DB_NAME: 'cfg_prod' });
+
+  for (const [mode, database, environment] of [
+    ['production', 'cfg_prod', 'prod'],
+    ['PROD', 'cfg_prod', 'prod'],
+    ['Development', 'cfg_env', 'dev'],
+    ['dev', 'cfg_env', 'dev'],
+  ] as const) {
+    test(`ENV_MODE=${mode} backs up ${environment}`, async () => {
+      const run = await backupWith({ dotEnv: both(), processEnv: { ENV_MODE: mode } });
+      assert.equal(run.exitCode, 0, run.stderr);
+      assert.equal(run.database, database);
+      assert.equal(run.environment, environment);
+    });
+  }
+
+  test('ENV_MODE in .env.local is read like any other setting', async () => {
+    const run = await backupWith({ dotEnv: both(), dotEnvLocal: { ENV_MODE: 'prod' } });
+    assert.equal(run.environment, 'prod', run.stderr);
+  });
+
+  test('an unknown ENV_MODE is exit 2, naming the value and where it came from; nothing written', async () => {
+    const run = await backupWith({ dotEnv: both(), dotEnvLocal: { ENV_MODE: 'staging' } });
+    assert.equal(run.exitCode, 2);
+    assert.match(run.stderr, /^✗ Backup failed: Configuration error$/m);
+    assert.match(run.stderr, /ENV_MODE \(from \.env\.local\) is "staging"/);
+    assert.match(run.stderr, /Troubleshooting:\n {2}1\. /);
+    assert.deepEqual(run.files, []);
+  });
+
+  test('without ENV_MODE, DEV_DB_NAME means dev', async () => {
+    const run = await backupWith({ dotEnv: both() });
+    assert.equal(run.environment, 'dev', run.stderr);
+  });
+
+  test('without ENV_MODE or DEV_DB_NAME, DB_NAME means prod', async () => {
+    const run = await backupWith({ dotEnv: { ...connection(), DB_NAME: 'cfg_prod' } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.environment, 'prod');
+    assert.match(run.files.join(' '), /cfg_prod_prod_/);
+  });
+
+  test('nothing configured: exit 2 naming the variables to set', async () => {
+    const run = await backupWith({});
+    assert.equal(run.exitCode, 2);
+    assert.match(run.stderr, /ENV_MODE, DEV_DB_NAME, DB_NAME/);
+    assert.doesNotMatch(run.stderr, /\n\s+at /, 'no stack trace');
+  });
+
+  test('--env dev without DEV_DB_NAME: exit 2 naming DEV_DB_NAME and the files looked in', async () => {
+    const run = await backupWith({ dotEnv: { ...connection(), DB_NAME: 'cfg_prod' }, args: ['--env', 'dev'] });
+    assert.equal(run.exitCode, 2);
+    assert.match(run.stderr, /DEV_DB_NAME is not set \(expected in .*\.env\.local or .*\.env/);
+  });
+});
+
+describe('connection URLs', () => {
+  test('DEV_DATABASE_URL wins over DEV_DB_NAME', async () => {
+    const url = `postgresql://${server.user}:${encodeURIComponent(server.password)}@${server.host}:${server.port}/cfg_url`;
+    const run = await backupWith({ dotEnv: { DEV_DB_NAME: 'cfg_env', DEV_DATABASE_URL: url } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.database, 'cfg_url');
+    assert.equal(run.environment, 'dev');
+  });
+
+  test('DATABASE_URL alone means prod', async () => {
+    const url = `postgres://${server.user}:${encodeURIComponent(server.password)}@${server.host}:${server.port}/cfg_prod`;
+    const run = await backupWith({ processEnv: { DATABASE_URL: url } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    assert.equal(run.environment, 'prod');
+    assert.equal(run.database, 'cfg_prod');
+  });
+});
+
+describe('bad values', () => {
+  for (const [name, value, pattern] of [
+    ['DB_PORT', 'abc', /DB_PORT \(from \.env\) is "abc", which is not a port number/],
+    ['DB_PORT', '99999', /not a port number/],
+    ['DB_HOST', 'has space', /DB_HOST .* not a host name/],
+    ['DB_SSLMODE', 'maybe', /DB_SSLMODE .* not an sslmode/],
+  ] as const) {
+    test(`${name}=${value} is exit 2 naming the variable and its file`, async () => {
+      const run = await backupWith({ dotEnv: { ...connection(), DB_NAME: 'cfg_prod', [name]: value } });
+      assert.equal(run.exitCode, 2);
+      assert.match(run.stderr, pattern);
+      assert.deepEqual(run.files, []);
+    });
+  }
+
+  test('an invalid --env choice is exit 2 with commander\'s message', async () => {
+    const run = await backupWith({ args: ['--env', 'staging'] });
+    assert.equal(run.exitCode, 2);
+    assert.match(run.stderr, /argument 'staging' is invalid\. Allowed choices are dev, prod, auto/);
+  });
+});

@@ -1,0 +1,298 @@
+/** The pure functions of backup_db.ts, fed values and checked on the values they return. */
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import {
+  BackupError,
+  backupFileName,
+  connectionError,
+  detectEnvironment,
+  EXIT,
+  formatBytes,
+  isoSeconds,
+  libpqEnv,
+  maskSecrets,
+  mergeEnvLayers,
+  metadataFileName,
+  parseCompression,
+  parsePgVersion,
+  parsePort,
+  pgDumpError,
+  pgDumpArgs,
+  pgpassLookup,
+  resolveDbConfig,
+  safeNamePart,
+  secretsIn,
+  summarizeTables,
+  type DbConfig,
+} from '../backup_db.ts';
+
+const env = (vars: Record<string, string>, source = '.env') => mergeEnvLayers([{ source, vars }]);
+
+function expectBackupError(fn: () => unknown, exitCode: number, pattern: RegExp): BackupError {
+  try {
+    fn();
+  } catch (error) {
+    assert.ok(error instanceof BackupError, `expected a BackupError, got ${String(error)}`);
+    assert.equal(error.exitCode, exitCode);
+    assert.match(`${error.title}: ${error.details}`, pattern);
+    assert.ok(error.hints.length > 0, 'every error tells the user what to do');
+    return error;
+  }
+  assert.fail('expected an error');
+}
+
+describe('mergeEnvLayers', () => {
+  test('the first layer that sets a variable wins and records where it came from', () => {
+    const vars = mergeEnvLayers([
+      { source: 'the process environment', vars: { A: 'process' } },
+      { source: '.env.local', vars: { A: 'local', B: 'local' } },
+      { source: '.env', vars: { A: 'env', B: 'env', C: 'env' } },
+    ]);
+    assert.deepEqual(vars.get('A'), { value: 'process', source: 'the process environment' });
+    assert.deepEqual(vars.get('B'), { value: 'local', source: '.env.local' });
+    assert.deepEqual(vars.get('C'), { value: 'env', source: '.env' });
+  });
+
+  test('an empty value counts as unset, so a later layer can supply it', () => {
+    const vars = mergeEnvLayers([
+      { source: '.env.local', vars: { DEV_DB_HOST: '' } },
+      { source: '.env', vars: { DEV_DB_HOST: 'db.internal' } },
+    ]);
+    assert.equal(vars.get('DEV_DB_HOST')?.value, 'db.internal');
+  });
+});
+
+describe('detectEnvironment', () => {
+  test('an explicit --env wins over everything', () => {
+    assert.equal(detectEnvironment(env({ ENV_MODE: 'prod', DEV_DB_NAME: 'x' }), 'dev'), 'dev');
+    assert.equal(detectEnvironment(env({ ENV_MODE: 'nonsense' }), 'prod'), 'prod');
+  });
+
+  test('ENV_MODE accepts dev/development/prod/production in any case', () => {
+    for (const [mode, expected] of [['dev', 'dev'], ['Development', 'dev'], ['PROD', 'prod'], [' production ', 'prod']] as const) {
+      assert.equal(detectEnvironment(env({ ENV_MODE: mode, DEV_DB_NAME: 'a', DB_NAME: 'b' }), 'auto'), expected, mode);
+    }
+  });
+
+  test('an unknown ENV_MODE is a configuration error naming the value and its file', () => {
+    expectBackupError(() => detectEnvironment(env({ ENV_MODE: 'staging', DEV_DB_NAME: 'x' }, '.env.local'), 'auto'), EXIT.CONFIG, /ENV_MODE \(from \.env\.local\) is "staging"/);
+  });
+
+  test('without ENV_MODE: dev when DEV_DB_NAME is set, else prod when DB_NAME is set', () => {
+    assert.equal(detectEnvironment(env({ DEV_DB_NAME: 'a', DB_NAME: 'b' }), 'auto'), 'dev');
+    assert.equal(detectEnvironment(env({ DB_NAME: 'b' }), 'auto'), 'prod');
+    assert.equal(detectEnvironment(env({ DEV_DATABASE_URL: 'postgres://h/a' }), 'auto'), 'dev');
+    assert.equal(detectEnvironment(env({ DATABASE_URL: 'postgres://h/b' }), 'auto'), 'prod');
+  });
+
+  test('nothing set: exit 2 naming the variables to set', () => {
+    const error = expectBackupError(() => detectEnvironment(env({}), 'auto'), EXIT.CONFIG, /ENV_MODE, DEV_DB_NAME, DB_NAME/);
+    assert.match(error.hints.join('\n'), /DEV_DB_NAME/);
+  });
+});
+
+describe('resolveDbConfig', () => {
+  test('dev reads DEV_DB_* and falls back to DB_* for everything but the name', () => {
+    const config = resolveDbConfig(env({ DEV_DB_NAME: 'app_dev', DB_HOST: 'db', DB_PORT: '6543', DB_USER: 'u', DB_PASSWORD: 'p', DB_NAME: 'app_prod' }), 'dev');
+    assert.deepEqual(
+      { host: config.host, port: config.port, database: config.database, user: config.user, password: config.password },
+      { host: 'db', port: 6543, database: 'app_dev', user: 'u', password: 'p' },
+    );
+    assert.equal(config.origin.host, 'DB_HOST (from .env)');
+    assert.equal(config.origin.database, 'DEV_DB_NAME (from .env)');
+  });
+
+  test('dev never falls back to DB_NAME: that would back up prod under a dev label', () => {
+    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'app_prod' }), 'dev'), EXIT.CONFIG, /DEV_DB_NAME is not set/);
+  });
+
+  test('prod reads DB_* only', () => {
+    const config = resolveDbConfig(env({ DEV_DB_HOST: 'devhost', DB_NAME: 'app', DB_HOST: 'prodhost' }), 'prod');
+    assert.equal(config.host, 'prodhost');
+    expectBackupError(() => resolveDbConfig(env({ DEV_DB_NAME: 'x' }), 'prod'), EXIT.CONFIG, /DB_NAME is not set/);
+  });
+
+  test('defaults: localhost:5432', () => {
+    const config = resolveDbConfig(env({ DB_NAME: 'app' }), 'prod');
+    assert.equal(config.host, 'localhost');
+    assert.equal(config.port, 5432);
+    assert.equal(config.password, undefined);
+  });
+
+  test('a connection URL wins over the separate variables and is decoded', () => {
+    const config = resolveDbConfig(
+      env({ DATABASE_URL: 'postgresql://app%40corp:p%3Ass@db.example.com:6000/my%20db?sslmode=require', DB_NAME: 'ignored', DB_HOST: 'ignored' }),
+      'prod',
+    );
+    assert.deepEqual(
+      { host: config.host, port: config.port, database: config.database, user: config.user, password: config.password, sslmode: config.sslmode },
+      { host: 'db.example.com', port: 6000, database: 'my db', user: 'app@corp', password: 'p:ss', sslmode: 'require' },
+    );
+  });
+
+  test('a broken URL is reported without echoing it (it holds the password)', () => {
+    const error = expectBackupError(() => resolveDbConfig(env({ DEV_DATABASE_URL: 'postgres://u:s3cret@[bad/db' }), 'dev'), EXIT.CONFIG, /DEV_DATABASE_URL/);
+    assert.doesNotMatch(`${error.details} ${error.hints.join(' ')}`, /s3cret/);
+    expectBackupError(() => resolveDbConfig(env({ DATABASE_URL: 'mysql://h/db' }), 'prod'), EXIT.CONFIG, /postgresql:\/\//);
+    expectBackupError(() => resolveDbConfig(env({ DATABASE_URL: 'postgres://h:5432/' }), 'prod'), EXIT.CONFIG, /names no database/);
+  });
+
+  test('invalid values name the variable and its file', () => {
+    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'a', DB_PORT: 'abc' }, '.env.local'), 'prod'), EXIT.CONFIG, /DB_PORT \(from \.env\.local\) is "abc"/);
+    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'a', DB_HOST: 'two words' }), 'prod'), EXIT.CONFIG, /DB_HOST/);
+    expectBackupError(() => resolveDbConfig(env({ DB_NAME: '   ' }), 'prod'), EXIT.CONFIG, /DB_NAME .*blank/);
+    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'a', DB_SSLMODE: 'sometimes' }), 'prod'), EXIT.CONFIG, /DB_SSLMODE/);
+  });
+
+  test('parsePort accepts 1-65535 only', () => {
+    assert.equal(parsePort('5432', 'P'), 5432);
+    assert.equal(parsePort(' 65535 ', 'P'), 65535);
+    for (const bad of ['0', '65536', '-1', '54.32', '', '5432abc', '١٢٣']) {
+      expectBackupError(() => parsePort(bad, 'P'), EXIT.CONFIG, /not a port number/);
+    }
+  });
+});
+
+describe('parsePgVersion', () => {
+  test('reads the version pg_dump prints, without packager suffixes', () => {
+    assert.deepEqual(parsePgVersion('pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)'), { version: '15.18', major: 15 });
+    assert.deepEqual(parsePgVersion('pg_restore (PostgreSQL) 17.2'), { version: '17.2', major: 17 });
+    assert.deepEqual(parsePgVersion('pg_dump (PostgreSQL) 18beta1'), { version: '18beta1', major: 18 });
+    assert.deepEqual(parsePgVersion('pg_dump (PostgreSQL) 9.6.24'), { version: '9.6.24', major: 9.6 });
+    assert.equal(parsePgVersion('something else'), undefined);
+  });
+});
+
+describe('parseCompression', () => {
+  test('defaults: gzip level 1 before pg_dump 16, zstd from 16', () => {
+    assert.deepEqual(parseCompression(undefined, 15), { arg: '1', label: 'gzip:1' });
+    assert.deepEqual(parseCompression(undefined, 16), { arg: 'zstd', label: 'zstd' });
+  });
+
+  test("accepts pg_dump's own values and labels them for the metadata", () => {
+    assert.deepEqual(parseCompression('0', 15), { arg: '0', label: 'none' });
+    assert.deepEqual(parseCompression('none', 15), { arg: '0', label: 'none' });
+    assert.deepEqual(parseCompression('9', 15), { arg: '9', label: 'gzip:9' });
+    assert.deepEqual(parseCompression('gzip:4', 15), { arg: '4', label: 'gzip:4' });
+    assert.deepEqual(parseCompression('gzip', 15), { arg: '6', label: 'gzip:6' });
+    assert.deepEqual(parseCompression('gzip:4', 16), { arg: 'gzip:4', label: 'gzip:4' });
+    assert.deepEqual(parseCompression('zstd:19', 17), { arg: 'zstd:19', label: 'zstd:19' });
+    assert.deepEqual(parseCompression('LZ4', 16), { arg: 'lz4', label: 'lz4' });
+  });
+
+  test('rejects what the installed pg_dump cannot do, and nonsense', () => {
+    expectBackupError(() => parseCompression('zstd', 15), EXIT.CONFIG, /pg_dump 16 or newer/);
+    expectBackupError(() => parseCompression('lz4:3', 15), EXIT.CONFIG, /pg_dump 16 or newer/);
+    expectBackupError(() => parseCompression('zstd:23', 16), EXIT.CONFIG, /1 to 22/);
+    for (const bad of ['10', 'gzip:10', 'brotli', '', ' ', '-1', '1; rm -rf /']) {
+      expectBackupError(() => parseCompression(bad, 16), EXIT.CONFIG, /compress/);
+    }
+  });
+});
+
+describe('file names', () => {
+  const at = new Date('2025-01-27T14:30:00.789Z');
+
+  test('{database}_{env}_{YYYY-MM-DDTHH-MM-SSZ}.dump, with a matching metadata name', () => {
+    assert.equal(backupFileName('project_chat_dev', 'dev', at), 'project_chat_dev_dev_2025-01-27T14-30-00Z.dump');
+    assert.equal(metadataFileName('project_chat_dev_dev_2025-01-27T14-30-00Z.dump'), 'project_chat_dev_dev_2025-01-27T14-30-00Z.metadata.json');
+    assert.equal(isoSeconds(at), '2025-01-27T14:30:00Z');
+  });
+
+  test('database names cannot escape the directory or hide the file', () => {
+    assert.equal(safeNamePart('../../etc/passwd'), '__.._etc_passwd');
+    assert.equal(safeNamePart('.hidden'), '_hidden');
+    assert.equal(safeNamePart('My DB; drop'), 'My_DB__drop');
+    assert.equal(safeNamePart('données'), 'données');
+    assert.ok(!backupFileName('a/b\\c', 'prod', at).includes('/'));
+  });
+});
+
+describe('output formatting', () => {
+  test('formatBytes uses 1024-based units as the contract examples do', () => {
+    assert.equal(formatBytes(0), '0 B');
+    assert.equal(formatBytes(1023), '1023 B');
+    assert.equal(formatBytes(52428800), '50.0 MB');
+    assert.equal(formatBytes(1.5 * 1024 ** 3), '1.5 GB');
+  });
+
+  test('summarizeTables lists counts, the biggest first when there are many', () => {
+    assert.equal(summarizeTables({ conversations: 150, messages: 3420 }), '2 (150 conversations, 3420 messages)');
+    const many = Object.fromEntries(Array.from({ length: 8 }, (_, i) => [`t${i}`, i]));
+    assert.equal(summarizeTables(many, 2), '8 (7 t7, 6 t6, and 6 more)');
+  });
+});
+
+describe('secrets', () => {
+  test('maskSecrets hides configured passwords and URL credentials', () => {
+    assert.equal(maskSecrets('auth failed for pw hunter2 at postgres://u:hunter2@h/db', ['hunter2']), 'auth failed for pw **** at postgres://u:****@h/db');
+    assert.equal(maskSecrets('see postgresql://app:other@h/db', []), 'see postgresql://app:****@h/db');
+  });
+
+  test('secretsIn collects every *PASSWORD and the passwords inside URLs', () => {
+    const secrets = secretsIn(env({ DB_PASSWORD: 'a', DEV_DB_PASSWORD: 'b', DATABASE_URL: 'postgres://u:c%21d@h/db', DB_USER: 'not-secret' }));
+    assert.deepEqual(secrets.sort(), ['a', 'b', 'c!d', 'c%21d']);
+  });
+
+  test('pg_dump gets the password in its environment and never in argv', () => {
+    const config = resolveDbConfig(env({ DB_NAME: 'app', DB_PASSWORD: 'hunter2', DB_SSLMODE: 'require' }), 'prod');
+    const childEnv = libpqEnv(config, 'backup_db:1');
+    assert.equal(childEnv.PGPASSWORD, 'hunter2');
+    assert.equal(childEnv.PGDATABASE, 'app');
+    assert.equal(childEnv.PGSSLMODE, 'require');
+    const args = pgDumpArgs('00000003-00000002-1', { arg: '1', label: 'gzip:1' });
+    assert.ok(!args.join(' ').includes('hunter2'));
+    assert.deepEqual(args, ['--format=custom', '--compress=1', '--no-owner', '--no-acl', '--snapshot=00000003-00000002-1']);
+  });
+
+  test('pgpassLookup follows libpq: first match wins, * matches anything, \\: and \\\\ escape', () => {
+    const target = { host: 'db', port: 5432, database: 'app', user: 'u' };
+    const file = ['# comment', 'other:5432:app:u:nope', 'db:5432:app:u:pa\\:ss\\\\word', '*:*:*:*:fallback'].join('\n');
+    assert.equal(pgpassLookup(file, target), 'pa:ss\\word');
+    assert.equal(pgpassLookup(file, { ...target, user: 'x' }), 'fallback');
+    assert.equal(pgpassLookup('db:5432:app:u:with:colon', target), 'with:colon');
+    assert.equal(pgpassLookup('db:5432:other:u:pw', target), undefined);
+  });
+});
+
+describe('error classification', () => {
+  const config: DbConfig = {
+    environment: 'dev', host: 'db', port: 5432, database: 'app', user: 'u',
+    origin: { host: 'DEV_DB_HOST (from .env)', port: 'DEV_DB_PORT', database: 'DEV_DB_NAME (from .env.local)', user: 'DEV_DB_USER', password: 'DEV_DB_PASSWORD' },
+  };
+  const withCode = (message: string, code: string) => Object.assign(new Error(message), { code });
+
+  test('each connection failure gets its own title, exit 3, and names the variable to check', () => {
+    const cases: Array<[Error, RegExp, RegExp]> = [
+      [withCode('password authentication failed for user "u"', '28P01'), /authentication failed/, /DEV_DB_PASSWORD/],
+      [withCode('database "app" does not exist', '3D000'), /does not exist/, /DEV_DB_NAME \(from \.env\.local\)/],
+      [withCode('getaddrinfo ENOTFOUND db', 'ENOTFOUND'), /host not found/, /DEV_DB_HOST/],
+      [withCode('connect ECONNREFUSED 10.0.0.1:5432', 'ECONNREFUSED'), /refused/, /pg_isready/],
+      [new Error('timeout expired'), /did not answer/, /firewall/i],
+      [withCode('too many clients', '53300'), /connection error/, /psql/],
+    ];
+    for (const [cause, title, hint] of cases) {
+      const error = connectionError(cause, config);
+      assert.equal(error.exitCode, EXIT.CONNECTION);
+      assert.match(error.title, title);
+      assert.match(error.hints.join('\n'), hint);
+      assert.match(error.details, /^connection to server at "db", port 5432 failed: /);
+    }
+  });
+
+  test("pg_dump failures carry pg_dump's own message and the right exit code", () => {
+    const failed = (stderr: string) => pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
+    const cases: Array<[string, number]> = [
+      ['pg_dump: error: query failed: ERROR:  permission denied for table secrets', EXIT.PERMISSION],
+      ['pg_dump: error: aborting because of server version mismatch', EXIT.TOOL_NOT_FOUND],
+      ['pg_dump: error: query failed: ERROR:  canceling statement due to lock timeout', EXIT.BACKUP_FAILED],
+      ['pg_dump: error: connection to server lost', EXIT.BACKUP_FAILED],
+    ];
+    for (const [stderr, exitCode] of cases) {
+      const error = failed(stderr);
+      assert.equal(error.exitCode, exitCode, stderr);
+      assert.equal(error.details, stderr);
+      assert.ok(error.hints.length > 0);
+    }
+  });
+});
