@@ -60,6 +60,8 @@ export class BackupError extends Error {
     readonly title: string,
     readonly details: string,
     readonly hints: string[] = [],
+    /** Extras: lines shown above the error (a verification report) and fields for --json. */
+    readonly extra: { report?: string[]; data?: Record<string, unknown> } = {},
   ) {
     super(`${title}: ${details}`);
     this.name = 'BackupError';
@@ -637,10 +639,20 @@ async function reserveBackupName(dir: string, database: string, environment: Env
  * Every user table that pg_dump writes data for: all schemas but the system ones; partitioned
  * tables once (their partitions are counted through the parent), no temp tables, no tables
  * owned by extensions. Identifiers are quoted by the server (format %I), never by string pasting.
+ * data_oids are the relations whose TABLE DATA the archive must hold: the table itself, or the
+ * leaf partitions of a partitioned table (pg_inherits, which works on every server version).
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
-         format('SELECT count(*)::text AS n FROM %s%I.%I', CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END, n.nspname, c.relname) AS count_sql
+         format('SELECT count(*)::text AS n FROM %s%I.%I', CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END, n.nspname, c.relname) AS count_sql,
+         CASE WHEN c.relkind = 'p' THEN array_to_json(ARRAY(
+                WITH RECURSIVE tree(relid) AS (
+                  SELECT c.oid
+                  UNION ALL
+                  SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+                SELECT tree.relid::int8 FROM tree JOIN pg_catalog.pg_class leaf ON leaf.oid = tree.relid
+                 WHERE leaf.relkind = 'r' ORDER BY 1))
+              ELSE array_to_json(ARRAY[c.oid::int8]) END AS data_oids
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE c.relkind IN ('r', 'p')
@@ -661,6 +673,7 @@ interface UserTable {
   schema: string;
   table: string;
   count_sql: string;
+  data_oids: number[];
 }
 
 /**
@@ -787,12 +800,81 @@ export interface BackupMetadata {
   table_counts: Record<string, number>;
   pg_dump_version: string;
   postgresql_version: string;
-  // Extras beyond the seed schema.
-  format: 'custom';
-  compression: string;
-  duration_ms: number;
-  snapshot_consistent: true;
-  tool_version: string;
+  // Extras beyond the seed schema; optional, since metadata written by other tools lacks them.
+  format?: 'custom';
+  compression?: string;
+  duration_ms?: number;
+  snapshot_consistent?: boolean;
+  tool_version?: string;
+  /** Per table_counts key, the OIDs whose TABLE DATA the archive holds, so --verify matches exactly. */
+  table_data_oids?: Record<string, number[]>;
+}
+
+const REQUIRED_METADATA_FIELDS = [
+  'backup_timestamp',
+  'environment',
+  'database_name',
+  'backup_file',
+  'backup_size_bytes',
+  'checksum_sha256',
+  'table_counts',
+  'pg_dump_version',
+  'postgresql_version',
+] as const;
+const ISO_8601 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$/;
+
+const isNonEmptyString = (value: unknown): value is string => typeof value === 'string' && value.trim() !== '';
+const isPlainObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
+
+/** Pure: everything wrong with a parsed metadata document under the data model's rules; [] if valid. */
+export function metadataProblems(value: unknown, dumpFileName?: string): string[] {
+  if (!isPlainObject(value)) return ['it is not a JSON object'];
+  const problems: string[] = REQUIRED_METADATA_FIELDS.filter((field) => !(field in value)).map((field) => `${field} is missing`);
+  const rule = (field: string, valid: boolean, requirement: string) => {
+    if (field in value && !valid) problems.push(`${field} ${requirement} (found ${JSON.stringify(value[field])?.slice(0, 80)})`);
+  };
+  const m = value;
+  rule('backup_timestamp', typeof m.backup_timestamp === 'string' && ISO_8601.test(m.backup_timestamp) && !Number.isNaN(Date.parse(m.backup_timestamp)), 'must be an ISO 8601 timestamp');
+  rule('environment', m.environment === 'dev' || m.environment === 'prod', 'must be "dev" or "prod"');
+  rule('database_name', isNonEmptyString(m.database_name), 'must be a non-empty string');
+  rule('backup_file', isNonEmptyString(m.backup_file), 'must be a file name');
+  rule('backup_size_bytes', Number.isSafeInteger(m.backup_size_bytes) && (m.backup_size_bytes as number) > 0, 'must be a positive integer');
+  rule('checksum_sha256', typeof m.checksum_sha256 === 'string' && /^[0-9a-f]{64}$/i.test(m.checksum_sha256), 'must be 64 hexadecimal digits');
+  rule(
+    'table_counts',
+    isPlainObject(m.table_counts) && Object.keys(m.table_counts).length > 0 && Object.values(m.table_counts).every((n) => Number.isSafeInteger(n) && (n as number) >= 0),
+    'must map at least one table to a row count',
+  );
+  rule('pg_dump_version', isNonEmptyString(m.pg_dump_version), 'must be a version string');
+  rule('postgresql_version', isNonEmptyString(m.postgresql_version), 'must be a version string');
+  rule(
+    'table_data_oids',
+    m.table_data_oids === undefined || (isPlainObject(m.table_data_oids) && Object.values(m.table_data_oids).every((oids) => Array.isArray(oids) && oids.every((oid) => Number.isSafeInteger(oid) && oid > 0))),
+    'must map tables to lists of OIDs',
+  );
+  if (dumpFileName !== undefined && isNonEmptyString(m.backup_file) && m.backup_file !== dumpFileName) {
+    problems.push(`backup_file is "${m.backup_file}" but the file is named "${dumpFileName}"`);
+  }
+  return problems;
+}
+
+export type MetadataLoad = { status: 'ok'; metadata: BackupMetadata } | { status: 'missing' } | { status: 'invalid'; problems: string[] };
+
+/** Read and validate the metadata of `dumpFileName`; never throws, so --list can show every state. */
+async function loadMetadata(metadataPath: string, dumpFileName: string): Promise<MetadataLoad> {
+  let value: unknown;
+  try {
+    value = JSON.parse(await fs.readFile(metadataPath, 'utf8'));
+  } catch (error) {
+    if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
+    return { status: 'invalid', problems: [error instanceof SyntaxError ? `it is not valid JSON: ${error.message}` : `it cannot be read: ${errorText(error)}`] };
+  }
+  const problems = metadataProblems(value, dumpFileName);
+  return problems.length === 0 ? { status: 'ok', metadata: value as BackupMetadata } : { status: 'invalid', problems };
+}
+
+export function metadataPathFor(dumpPath: string): string {
+  return path.join(path.dirname(dumpPath), metadataFileName(path.basename(dumpPath)));
 }
 
 async function toolVersion(): Promise<string> {
@@ -845,32 +927,273 @@ export async function hashFile(filePath: string): Promise<DumpOutcome> {
   return { sha256: hash.digest('hex'), size };
 }
 
-/** `pg_restore --list`: proves the archive's header and table of contents are readable. */
-async function readArchiveToc(pgRestore: PgTool, filePath: string): Promise<string> {
+interface ArchiveListing {
+  ok: boolean;
+  toc: string;
+  error: string;
+}
+
+/**
+ * `pg_restore --list` reads the archive header and table of contents; pg_dump writes the TOC
+ * first, so this is fast whatever the size. Its output is proportional to the number of objects,
+ * not to the data, so buffering it is fine.
+ */
+async function listArchive(pgRestore: PgTool, filePath: string): Promise<ArchiveListing> {
   const result = await execa(pgRestore.path, ['--list', filePath], { reject: false, stdin: 'ignore' });
-  if (result.exitCode !== 0) {
-    throw new BackupError(EXIT.VERIFY_FAILED, 'Backup file structure is invalid', String(result.stderr).trim() || `pg_restore exited with code ${result.exitCode}`, [
-      'The archive cannot be read by pg_restore; do not rely on it',
-      'Take a new backup',
-    ]);
-  }
-  return result.stdout;
+  return { ok: result.exitCode === 0, toc: String(result.stdout), error: String(result.stderr).trim() || `pg_restore exited with code ${result.exitCode}` };
 }
 
-/** Re-read the written file: structure via pg_restore --list, bytes via SHA256. */
-async function verifyWrittenDump(pgRestore: PgTool, filePath: string, expected: DumpOutcome): Promise<void> {
-  const [, actual] = await Promise.all([readArchiveToc(pgRestore, filePath), hashFile(filePath)]);
-  if (actual.sha256 !== expected.sha256 || actual.size !== expected.size) {
-    throw new BackupError(
-      EXIT.VERIFY_FAILED,
-      'Backup file differs from what pg_dump wrote',
-      `streamed ${expected.size} bytes with SHA256 ${expected.sha256}, read back ${actual.size} bytes with SHA256 ${actual.sha256}`,
-      ['The disk or filesystem may be failing: check dmesg and the storage', 'Take a new backup, preferably to other storage'],
-    );
-  }
+export interface TocTableEntry {
+  kind: 'TABLE' | 'TABLE DATA';
+  oid: number;
+  /** "schema name owner", unquoted as pg_restore prints it. */
+  tag: string;
 }
 
-// ─── The backup, end to end ─────────────────────────────────────────────────────────────
+/** Pure: the archive's TABLE and TABLE DATA entries from `pg_restore --list` output. */
+export function tocTableEntries(toc: string): TocTableEntry[] {
+  const entries: TocTableEntry[] = [];
+  for (const line of toc.split('\n')) {
+    const match = /^\d+; \d+ (\d+) (TABLE DATA|TABLE) (.*)$/.exec(line);
+    if (match) entries.push({ oid: Number(match[1]), kind: match[2] as TocTableEntry['kind'], tag: match[3]! });
+  }
+  return entries;
+}
+
+/**
+ * Pure: the table_counts keys whose data the archive does not hold. With the OIDs this tool
+ * records, exact: every relation holding a table's rows (the table, or a partitioned table's
+ * leaves) needs a TABLE DATA entry. Metadata without them (written by another tool) can only be
+ * matched by name, and pg_restore does not say which parent a partition belongs to, so there
+ * the table itself must be in the archive; a key "a.b" may be table b in schema a or a public
+ * table called "a.b". Owner names with spaces would make such a match fail: never a false pass.
+ */
+export function tablesWithoutData(metadata: Pick<BackupMetadata, 'table_counts' | 'table_data_oids'>, entries: TocTableEntry[]): string[] {
+  const dataOids = new Set(entries.filter((entry) => entry.kind === 'TABLE DATA').map((entry) => entry.oid));
+  return Object.keys(metadata.table_counts).filter((key) => {
+    const expected = metadata.table_data_oids?.[key];
+    if (expected) return !expected.every((oid) => dataOids.has(oid));
+    return !tableNameCandidates(key).some(([schema, table]) => entries.some((entry) => tagNames(entry.tag, schema, table)));
+  });
+}
+
+/** A tag is "schema name owner"; after the name only the owner (one word, possibly empty) may follow. */
+function tagNames(tag: string, schema: string, table: string): boolean {
+  const prefix = `${schema} ${table} `;
+  return tag.startsWith(prefix) && !tag.slice(prefix.length).includes(' ');
+}
+
+function tableNameCandidates(key: string): Array<[string, string]> {
+  const candidates: Array<[string, string]> = [['public', key]];
+  for (let dot = key.indexOf('.'); dot > 0; dot = key.indexOf('.', dot + 1)) candidates.push([key.slice(0, dot), key.slice(dot + 1)]);
+  return candidates;
+}
+
+export interface Check {
+  ok: boolean;
+  /** What the report line says after ✓ / ✗. */
+  summary: string;
+}
+export interface FileChecks {
+  checksum: Check;
+  size: Check;
+  structure: Check;
+  tables: Check;
+}
+export interface FileInspection {
+  checks: FileChecks;
+  sha256: string;
+  size: number;
+  missingTables: string[];
+}
+
+const shortHash = (hex: string) => `${hex.slice(0, 12)}...`;
+
+/** Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table data. */
+async function checkBackupFile(pgRestore: PgTool, filePath: string, metadata: BackupMetadata): Promise<FileInspection> {
+  const [actual, listing] = await Promise.all([hashFile(filePath), listArchive(pgRestore, filePath)]);
+  const expectedHash = metadata.checksum_sha256.toLowerCase();
+  const missingTables = listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [];
+  const tableCount = Object.keys(metadata.table_counts).length;
+  const checks: FileChecks = {
+    checksum:
+      actual.sha256 === expectedHash
+        ? { ok: true, summary: `Match (${shortHash(expectedHash)})` }
+        : { ok: false, summary: `Mismatch (expected ${shortHash(expectedHash)}, found ${shortHash(actual.sha256)})` },
+    size:
+      actual.size === metadata.backup_size_bytes
+        ? { ok: true, summary: formatBytes(actual.size) }
+        : { ok: false, summary: `${actual.size} bytes, but the metadata says ${metadata.backup_size_bytes}` },
+    structure: listing.ok ? { ok: true, summary: 'Valid (pg_restore --list succeeded)' } : { ok: false, summary: `Invalid: ${listing.error.split('\n')[0]}` },
+    tables: !listing.ok
+      ? { ok: false, summary: 'Not checked: the archive cannot be read' }
+      : missingTables.length === 0
+        ? { ok: true, summary: `${tableCount} of ${tableCount} tables have data in the archive` }
+        : { ok: false, summary: `No data in the archive for ${missingTables.length} of ${tableCount} tables: ${missingTables.slice(0, 5).join(', ')}${missingTables.length > 5 ? ', ...' : ''}` },
+  };
+  return { checks, sha256: actual.sha256, size: actual.size, missingTables };
+}
+
+const CHECK_FAILURE_NAMES: Record<keyof FileChecks, string> = {
+  size: 'size mismatch',
+  checksum: 'checksum mismatch',
+  structure: 'archive unreadable',
+  tables: 'table data missing',
+};
+
+export function failedChecks(checks: FileChecks): Array<keyof FileChecks> {
+  return (Object.keys(CHECK_FAILURE_NAMES) as Array<keyof FileChecks>).filter((name) => !checks[name].ok);
+}
+
+export interface VerifyResult {
+  filePath: string;
+  metadataPath: string;
+  metadata: BackupMetadata;
+  inspection: FileInspection;
+}
+
+/** A failed check as the contract's error: what failed, why it matters, what to do. */
+function verificationError(result: VerifyResult): BackupError {
+  const failed = failedChecks(result.inspection.checks);
+  const why: Record<keyof FileChecks, string> = {
+    size: `the file is ${result.inspection.size} bytes but was ${result.metadata.backup_size_bytes} when the backup was taken: it was truncated, extended or replaced`,
+    checksum: "the file's SHA-256 is not the one recorded when the backup was taken: its content changed",
+    structure: `pg_restore cannot read the archive: ${result.inspection.checks.structure.summary.replace(/^Invalid: /, '')}`,
+    tables: `the archive holds no data for: ${result.inspection.missingTables.join(', ')}`,
+  };
+  return new BackupError(
+    EXIT.VERIFY_FAILED,
+    `Backup verification failed: ${failed.map((name) => CHECK_FAILURE_NAMES[name]).join(', ')}`,
+    failed.map((name) => why[name]).join('; '),
+    [
+      'Do not restore from this file',
+      `Use another backup (list them: npx tsx backup_db.ts --list --output-dir ${displayPath(path.dirname(result.filePath))}) or take a new one`,
+      'If backups change on their own, check the disk and filesystem (dmesg, smartctl -a)',
+    ],
+    { report: verifyReportLines(result), data: verifyDocument(result) },
+  );
+}
+
+/** Problems with the --verify argument or its metadata, before any check can run (exit 8). */
+function verifyInputError(title: string, details: string, hints: string[]): BackupError {
+  return new BackupError(EXIT.VERIFY_FAILED, `Backup verification failed: ${title}`, details, hints);
+}
+
+/** The --verify argument must be a readable regular file (symlinks are followed). */
+async function assertReadableFile(filePath: string): Promise<void> {
+  const shown = displayPath(filePath);
+  let stat;
+  try {
+    stat = await fs.stat(filePath);
+    await fs.access(filePath, fs.constants.R_OK);
+  } catch (error) {
+    const code = errnoCode(error);
+    if (code === 'ENOENT') throw verifyInputError('backup file not found', `${shown} does not exist`, ['Check the path; list the backups with: npx tsx backup_db.ts --list']);
+    if (code === 'ELOOP') throw verifyInputError('symbolic link loop', `${shown} is a symbolic link that loops back on itself`, [`Inspect it: ls -l ${shown}`]);
+    throw verifyInputError('backup file cannot be read', `${shown}: ${errorText(error)}`, [`Check its permissions: ls -l ${shown}`]);
+  }
+  if (stat.isDirectory()) throw verifyInputError('not a file', `${shown} is a directory`, ['Pass a .dump file, e.g. db/backups/<database>_<env>_<timestamp>.dump']);
+  if (!stat.isFile()) throw verifyInputError('not a file', `${shown} is not a regular file`, ['Pass a .dump file']);
+}
+
+// ─── Listing ────────────────────────────────────────────────────────────────────────────
+
+export type ListStatus =
+  | 'verified'
+  | 'no_metadata'
+  | 'invalid_metadata'
+  | 'size_mismatch'
+  | 'checksum_mismatch'
+  | 'unreadable_archive'
+  | 'missing_table_data'
+  | 'incomplete';
+
+export interface ListEntry {
+  file: string;
+  status: ListStatus;
+  timestamp?: string;
+  environment?: string;
+  database?: string;
+  sizeBytes: number;
+  /** File modification time: orders backups whose second-resolution timestamps are equal. */
+  modifiedMs: number;
+  problems: string[];
+}
+
+export interface Listing {
+  directory: string;
+  exists: boolean;
+  fullCheck: boolean;
+  backups: ListEntry[];
+  /** Leftover *.dump.partial files: shown, never counted as backups. */
+  incomplete: ListEntry[];
+}
+
+/** Pure: what a file name says, for files without (valid) metadata. */
+export function parseBackupFileName(name: string): { database: string; environment: Environment; timestamp: string } | undefined {
+  const match = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2})T(\d{2})-(\d{2})-(\d{2})Z\.dump(?:\.partial)?$/.exec(name);
+  if (!match) return undefined;
+  const [, database, environment, day, hh, mm, ss] = match;
+  return { database: database!, environment: environment as Environment, timestamp: `${day}T${hh}:${mm}:${ss}Z` };
+}
+
+/**
+ * Pure: newest first by timestamp; equal timestamps (one-second resolution) by modification time;
+ * entries without a readable timestamp last.
+ */
+export function sortNewestFirst<T extends { timestamp?: string | undefined; modifiedMs: number; file: string }>(entries: T[]): T[] {
+  const time = (entry: T) => {
+    const ms = entry.timestamp ? Date.parse(entry.timestamp) : NaN;
+    return Number.isNaN(ms) ? -Infinity : ms;
+  };
+  const newer = (a: T, b: T) => (time(a) !== time(b) ? time(b) > time(a) : b.modifiedMs !== a.modifiedMs ? b.modifiedMs > a.modifiedMs : b.file < a.file);
+  return [...entries].sort((a, b) => (newer(a, b) ? 1 : -1));
+}
+
+const STATUS_OF_CHECK: Record<keyof FileChecks, ListStatus> = {
+  size: 'size_mismatch',
+  checksum: 'checksum_mismatch',
+  structure: 'unreadable_archive',
+  tables: 'missing_table_data',
+};
+
+/**
+ * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
+ * pg_restore to use, the full check re-hashes the file and reads its table of contents.
+ */
+async function describeBackup(dir: string, name: string, fullCheckWith?: PgTool): Promise<ListEntry | undefined> {
+  const filePath = path.join(dir, name);
+  const stat = await fs.stat(filePath).catch(() => undefined);
+  if (!stat?.isFile()) return undefined;
+  const fromName = parseBackupFileName(name);
+  const entry: ListEntry = { file: name, status: 'verified', ...fromName, sizeBytes: stat.size, modifiedMs: stat.mtimeMs, problems: [] };
+  const loaded = await loadMetadata(metadataPathFor(filePath), name);
+  if (loaded.status === 'missing') return { ...entry, status: 'no_metadata', problems: ['no metadata file'] };
+  if (loaded.status === 'invalid') return { ...entry, status: 'invalid_metadata', problems: loaded.problems };
+
+  const { metadata } = loaded;
+  const described = { ...entry, timestamp: metadata.backup_timestamp, environment: metadata.environment, database: metadata.database_name };
+  if (stat.size !== metadata.backup_size_bytes) {
+    return { ...described, status: 'size_mismatch', problems: [`${stat.size} bytes, but the metadata says ${metadata.backup_size_bytes}`] };
+  }
+  if (!fullCheckWith) return described;
+  const { checks } = await checkBackupFile(fullCheckWith, filePath, metadata);
+  const failed = failedChecks(checks);
+  return failed.length === 0 ? described : { ...described, status: STATUS_OF_CHECK[failed[0]!], problems: failed.map((check) => checks[check].summary) };
+}
+
+async function describePartial(dir: string, name: string): Promise<ListEntry | undefined> {
+  const stat = await fs.stat(path.join(dir, name)).catch(() => undefined);
+  if (!stat?.isFile()) return undefined;
+  return { file: name, status: 'incomplete', ...parseBackupFileName(name), sizeBytes: stat.size, modifiedMs: stat.mtimeMs, problems: ['left by a backup that did not finish'] };
+}
+
+/** With the full check, any backup that is not verified makes the listing fail (exit 8) for monitoring. */
+export function listingExitCode(listing: Listing): number {
+  return listing.fullCheck && listing.backups.some((backup) => backup.status !== 'verified') ? EXIT.VERIFY_FAILED : EXIT.OK;
+}
+
+// ─── Commands: backup, verify, list ─────────────────────────────────────────────────────
 
 export interface BackupOptions {
   env: Environment | 'auto';
@@ -884,6 +1207,7 @@ export interface BackupResult {
   dumpPath: string;
   metadataPath: string;
   metadata: BackupMetadata;
+  checks: FileChecks;
 }
 
 /**
@@ -926,7 +1250,6 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
     // Only now may the exporting transaction end: pg_dump has long since imported the snapshot.
     await client.query('COMMIT');
 
-    await verifyWrittenDump(tools.pgRestore, reserved.partialPath, dump);
     const metadata: BackupMetadata = {
       backup_timestamp: isoSeconds(reserved.timestamp),
       environment: config.environment,
@@ -942,14 +1265,20 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
       duration_ms: Date.now() - started,
       snapshot_consistent: true,
       tool_version: await toolVersion(),
+      table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
     };
+    // Read the file back before it gets its final name: bytes, archive structure, table data.
     const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
+    const inspection = await checkBackupFile(tools.pgRestore, reserved.partialPath, metadata);
+    if (failedChecks(inspection.checks).length > 0) {
+      throw verificationError({ filePath: reserved.dumpPath, metadataPath, metadata, inspection });
+    }
     created.push(metadataPath);
     await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`);
     run.signal.throwIfAborted();
     await fs.rename(reserved.partialPath, reserved.dumpPath);
     await syncDirectory(options.outputDir);
-    return { dumpPath: reserved.dumpPath, metadataPath, metadata };
+    return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
     await Promise.all(created.map((file) => fs.rm(file, { force: true })));
     throw asBackupError(run.signal.aborted ? run.signal.reason : error, config);
@@ -991,6 +1320,59 @@ function asBackupError(error: unknown, config: DbConfig): BackupError {
   return new BackupError(EXIT.GENERAL, 'Backup failed', errorText(error));
 }
 
+/** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
+async function runVerify(fileArgument: string): Promise<VerifyResult> {
+  const filePath = path.resolve(fileArgument);
+  await assertReadableFile(filePath);
+  if (!filePath.endsWith(DUMP_SUFFIX)) {
+    throw verifyInputError('not a backup file', `${displayPath(filePath)} does not end in ${DUMP_SUFFIX}`, [
+      'Pass the .dump file itself; its metadata is found next to it',
+    ]);
+  }
+  const metadataPath = metadataPathFor(filePath);
+  const loaded = await loadMetadata(metadataPath, path.basename(filePath));
+  if (loaded.status === 'missing') {
+    throw verifyInputError('metadata file not found', `${displayPath(metadataPath)} does not exist`, [
+      'Without its metadata there is no checksum to verify against',
+      'Copy the .metadata.json file along with the .dump file, or take a new backup',
+    ]);
+  }
+  if (loaded.status === 'invalid') {
+    throw verifyInputError('metadata is invalid', `${displayPath(metadataPath)}: ${loaded.problems.join('; ')}`, [
+      'The metadata was edited or damaged; restore it from wherever the backup was copied from',
+      'Or take a new backup',
+    ]);
+  }
+  const pgRestore = await findPgTool('pg_restore');
+  const result: VerifyResult = { filePath, metadataPath, metadata: loaded.metadata, inspection: await checkBackupFile(pgRestore, filePath, loaded.metadata) };
+  if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
+  return result;
+}
+
+/** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
+async function runList(dir: string, fullCheck: boolean): Promise<Listing> {
+  let names: string[];
+  try {
+    names = await fs.readdir(dir);
+  } catch (error) {
+    if (errnoCode(error) === 'ENOENT') return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
+    throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
+  }
+  const pgRestore = fullCheck ? await findPgTool('pg_restore') : undefined;
+  const backups: ListEntry[] = [];
+  const incomplete: ListEntry[] = [];
+  for (const name of names.sort()) {
+    if (name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX)) {
+      const entry = await describePartial(dir, name);
+      if (entry) incomplete.push(entry);
+    } else if (name.endsWith(DUMP_SUFFIX)) {
+      const entry = await describeBackup(dir, name, pgRestore);
+      if (entry) backups.push(entry);
+    }
+  }
+  return { directory: dir, exists: true, fullCheck, backups: sortNewestFirst(backups), incomplete: sortNewestFirst(incomplete) };
+}
+
 // ─── Output ─────────────────────────────────────────────────────────────────────────────
 
 /** chalk honours FORCE_COLOR and TTYs; NO_COLOR (no-color.org) we honour ourselves. */
@@ -1000,6 +1382,11 @@ function colours(level: number | false): ChalkInstance {
 }
 const out = colours(supportsColor ? supportsColor.level : false);
 const err = colours(supportsColorStderr ? supportsColorStderr.level : false);
+
+/** Colour the status marks of an otherwise plain line. */
+function paint(line: string, c: ChalkInstance): string {
+  return line.replace(/✓|✗|\? No metadata/g, (mark) => (mark === '✓' ? c.green(mark) : mark === '✗' ? c.red(mark) : c.yellow(mark)));
+}
 
 /** "50.0 MB" with 1024-based units, as in the contract's examples. */
 export function formatBytes(bytes: number): string {
@@ -1030,7 +1417,7 @@ export function displayPath(filePath: string): string {
 
 function printBackupSummary({ dumpPath, metadataPath, metadata }: BackupResult): void {
   const lines = [
-    out.green('✓ Backup created successfully'),
+    '✓ Backup created successfully',
     '',
     `Backup File: ${displayPath(dumpPath)}`,
     `Metadata:    ${displayPath(metadataPath)}`,
@@ -1038,10 +1425,66 @@ function printBackupSummary({ dumpPath, metadataPath, metadata }: BackupResult):
     `Environment: ${metadata.environment}`,
     `Database:    ${metadata.database_name}`,
     `Tables:      ${summarizeTables(metadata.table_counts)}`,
-    `Checksum:    ${metadata.checksum_sha256.slice(0, 12)}...`,
-    `Verified:    ${out.green('✓ Integrity check passed')}`,
+    `Checksum:    ${shortHash(metadata.checksum_sha256)}`,
+    'Verified:    ✓ Integrity check passed',
   ];
-  console.log(lines.join('\n'));
+  console.log(lines.map((line) => paint(line, out)).join('\n'));
+}
+
+/** The contract's verification lines (plain text; marks are coloured when printed). */
+function verifyReportLines({ filePath, metadata, inspection: { checks } }: VerifyResult): string[] {
+  const mark = (check: Check) => `${check.ok ? '✓' : '✗'} ${check.summary}`;
+  return [
+    `File:        ${displayPath(filePath)}`,
+    `Checksum:    ${mark(checks.checksum)}`,
+    `Structure:   ${mark(checks.structure)}`,
+    `Tables:      ${mark(checks.tables)}`,
+    `Size:        ${checks.size.ok ? checks.size.summary : mark(checks.size)}`,
+    `Timestamp:   ${metadata.backup_timestamp}`,
+    `Database:    ${metadata.database_name} (${metadata.environment})`,
+  ];
+}
+
+function printVerification(result: VerifyResult): void {
+  console.log(['✓ Backup verification passed', '', ...verifyReportLines(result)].map((line) => paint(line, out)).join('\n'));
+}
+
+const STATUS_LABELS: Record<ListStatus, string> = {
+  verified: '✓ Verified',
+  no_metadata: '? No metadata',
+  invalid_metadata: '✗ Invalid metadata',
+  size_mismatch: '✗ Size mismatch',
+  checksum_mismatch: '✗ Checksum mismatch',
+  unreadable_archive: '✗ Unreadable archive',
+  missing_table_data: '✗ Table data missing',
+  incomplete: '✗ Incomplete',
+};
+
+const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? '' : 's'}`;
+
+/** Pure: the contract's list table, columns sized to their content, newest first. */
+export function listingLines(listing: Listing): string[] {
+  const where = `${displayPath(listing.directory)}${path.sep}`;
+  if (!listing.exists) return [`No backups: ${where} does not exist yet.`];
+  const entries = sortNewestFirst([...listing.backups, ...listing.incomplete]);
+  if (entries.length === 0) return [`No backups in ${where}`];
+
+  const rows = [
+    ['Timestamp', 'Environment', 'Database', 'Size', 'Status'],
+    ...entries.map((e) => [e.timestamp ?? '-', e.environment ?? '-', e.database ?? '-', formatBytes(e.sizeBytes), STATUS_LABELS[e.status]]),
+  ];
+  const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
+  const table = rows.map((row) => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''));
+
+  const failed = listing.backups.filter((b) => b.status !== 'verified').length;
+  const summary = [plural(listing.backups.length, 'backup')];
+  if (listing.incomplete.length > 0) summary.push(`${plural(listing.incomplete.length, 'incomplete file')} (left by runs that did not finish; not backups)`);
+  const check = listing.fullCheck
+    ? failed === 0
+      ? 'Every backup was re-read: checksum, size, archive structure and table data verified.'
+      : `${plural(failed, 'backup')} failed verification; run --verify FILE for details.`
+    : 'Status checks metadata and size only; add --verify to re-read every file.';
+  return [`Backup Files (${where}):`, '', ...table, '', `${summary.join(', ')}. ${check}`];
 }
 
 /** Replace every occurrence of each secret; applied to everything printed about an error. */
@@ -1055,12 +1498,56 @@ export function maskSecrets(text: string, secrets: Array<string | undefined>): s
 
 function printError(error: BackupError, operation: string, secrets: Array<string | undefined>): void {
   const mask = (text: string) => maskSecrets(text, secrets);
-  const title = error.title.startsWith(operation) ? error.title : `${operation} failed: ${error.title}`;
-  const lines = [err.red(`✗ ${mask(title)}`), '', `Error: ${mask(error.details)}`];
+  const title = /^[\w ]+ failed: /.test(error.title) ? error.title : `${operation} failed: ${error.title}`;
+  const lines = [err.red(`✗ ${mask(title)}`), ''];
+  if (error.extra.report) lines.push(...error.extra.report.map((line) => paint(mask(line), err)), '');
+  lines.push(`Error: ${mask(error.details)}`);
   if (error.hints.length > 0) {
     lines.push('', 'Troubleshooting:', ...error.hints.map((hint, i) => `  ${i + 1}. ${mask(hint)}`));
   }
   console.error(lines.join('\n'));
+}
+
+// --json: one document on stdout per run, for cron wrappers and monitoring.
+
+function checksDocument(checks: FileChecks): Record<keyof FileChecks, Check> {
+  return { checksum: checks.checksum, size: checks.size, structure: checks.structure, tables: checks.tables };
+}
+
+function backupDocument(result: BackupResult): Record<string, unknown> {
+  return { backup_file: result.dumpPath, metadata_file: result.metadataPath, metadata: result.metadata, checks: checksDocument(result.checks) };
+}
+
+function verifyDocument(result: VerifyResult): Record<string, unknown> {
+  return {
+    file: result.filePath,
+    metadata_file: result.metadataPath,
+    actual: { checksum_sha256: result.inspection.sha256, size_bytes: result.inspection.size, tables_without_data: result.inspection.missingTables },
+    checks: checksDocument(result.inspection.checks),
+    metadata: result.metadata,
+  };
+}
+
+function listingDocument(listing: Listing): Record<string, unknown> {
+  const entry = (e: ListEntry) => ({
+    file: e.file,
+    status: e.status,
+    status_label: STATUS_LABELS[e.status],
+    timestamp: e.timestamp ?? null,
+    environment: e.environment ?? null,
+    database: e.database ?? null,
+    size_bytes: e.sizeBytes,
+    problems: e.problems,
+  });
+  return { directory: listing.directory, exists: listing.exists, full_check: listing.fullCheck, backups: listing.backups.map(entry), incomplete: listing.incomplete.map(entry) };
+}
+
+function errorDocument(error: BackupError): Record<string, unknown> {
+  return { ...error.extra.data, exit_code: error.exitCode, error: error.title, details: error.details, hints: error.hints };
+}
+
+function printJson(command: CommandName, ok: boolean, document: Record<string, unknown>, secrets: Array<string | undefined>): void {
+  console.log(maskSecrets(JSON.stringify({ ok, command, ...document }, null, 2), secrets));
 }
 
 // ─── Small helpers ──────────────────────────────────────────────────────────────────────
@@ -1094,60 +1581,105 @@ interface CliOptions {
   outputDir?: string;
   configDir: string;
   compress?: string;
+  verify?: string | true;
+  list?: true;
+  json?: true;
 }
 
-function buildProgram(): Command {
+type CommandName = 'backup' | 'verify' | 'list';
+export type Mode = { command: 'backup' } | { command: 'verify'; file: string } | { command: 'list'; fullCheck: boolean };
+
+/** Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file". */
+export function chooseMode(opts: Pick<CliOptions, 'verify' | 'list'>): Mode {
+  if (opts.list) {
+    if (typeof opts.verify === 'string') {
+      throw configError(`--list --verify takes no FILE (got "${opts.verify}")`, ['Verify one file: --verify FILE', 'Verify every backup in a directory: --list --verify [--output-dir DIR]']);
+    }
+    return { command: 'list', fullCheck: opts.verify === true };
+  }
+  if (opts.verify === true || opts.verify?.trim() === '') {
+    throw configError('--verify needs the backup FILE to check', ['For example: --verify db/backups/<database>_<env>_<timestamp>.dump', 'Or check every backup: --list --verify']);
+  }
+  return opts.verify === undefined ? { command: 'backup' } : { command: 'verify', file: opts.verify };
+}
+
+function buildProgram(json: boolean): Command {
   return new Command()
     .name('backup_db.ts')
     .description('Back up the dev or prod PostgreSQL database with pg_dump, write checksummed metadata, and verify it.')
     .addOption(new Option('--env <env>', 'environment to back up; auto reads ENV_MODE, then DEV_DB_NAME / DB_NAME').choices(['dev', 'prod', 'auto']).default('auto'))
     .addOption(new Option('--output-dir <dir>', 'directory for backups (default: db/backups/ in the project directory)'))
+    .addOption(new Option('--verify [file]', 'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully verify every backup'))
+    .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
+    .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
     .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd on pg_dump 16+)'))
     .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').default(PROJECT_DIR, 'the project directory'))
-    .showHelpAfterError('(run with --help for usage)')
+    .showHelpAfterError(json ? false : '(run with --help for usage)')
     .exitOverride();
 }
 
 /** Run the CLI and return its exit code; printing happens here and only here. */
 export async function main(argv: string[]): Promise<number> {
-  const program = buildProgram();
+  const json = argv.includes('--json');
+  const program = buildProgram(json);
   try {
     program.parse(argv);
   } catch (error) {
-    // Commander has already printed its message; a bad command line is a configuration error.
-    return error instanceof CommanderError && error.exitCode === 0 ? EXIT.OK : EXIT.CONFIG;
+    if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
+    // Commander has printed its message on stderr; a bad command line is a configuration error.
+    if (json) printJson('backup', false, errorDocument(configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage'])), []);
+    return EXIT.CONFIG;
   }
   const opts = program.opts<CliOptions>();
+  const outputDir = opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
+  const secrets: string[] = [];
+  let command: CommandName = 'backup';
+  try {
+    const mode = chooseMode(opts);
+    command = mode.command;
+    if (mode.command === 'verify') {
+      const result = await runVerify(mode.file);
+      if (json) printJson(command, true, verifyDocument(result), secrets);
+      else printVerification(result);
+      return EXIT.OK;
+    }
+    if (mode.command === 'list') {
+      const listing = await runList(outputDir, mode.fullCheck);
+      const code = listingExitCode(listing);
+      if (json) printJson(command, code === EXIT.OK, listingDocument(listing), secrets);
+      else console.log(listingLines(listing).map((line) => paint(line, out)).join('\n'));
+      return code;
+    }
+    const configDir = path.resolve(opts.configDir);
+    const vars = await loadEnvVars(configDir, process.env);
+    secrets.push(...secretsIn(vars));
+    const result = await withInterruptSignal((signal) =>
+      runBackup(vars, { env: opts.env, outputDir, configDir, ...(opts.compress !== undefined ? { compress: opts.compress } : {}) }, signal),
+    );
+    if (json) printJson(command, true, backupDocument(result), secrets);
+    else printBackupSummary(result);
+    return EXIT.OK;
+  } catch (error) {
+    const failure = error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error));
+    if (json) printJson(command, false, errorDocument(failure), secrets);
+    else printError(failure, command === 'backup' ? 'Backup' : command === 'verify' ? 'Verification' : 'Listing', secrets);
+    return failure.exitCode;
+  }
+}
 
-  // `on`, not `once`: execa's exit hook re-raises a signal it thinks nobody else handles, and a
-  // `once` listener has already removed itself by then, so the process would die mid-cleanup.
+/**
+ * Turn SIGINT/SIGTERM into an abort of `work`, which then cleans up after itself.
+ * `on`, not `once`: execa's exit hook re-raises a signal it thinks nobody else handles, and a
+ * `once` listener has already removed itself by then, so the process would die mid-cleanup.
+ */
+async function withInterruptSignal<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const interrupt = new AbortController();
   const onSignal = (name: InterruptSignal) => () => interrupt.abort(interruptedError(name));
   const handlers = { SIGINT: onSignal('SIGINT'), SIGTERM: onSignal('SIGTERM') };
   process.on('SIGINT', handlers.SIGINT);
   process.on('SIGTERM', handlers.SIGTERM);
-
-  const secrets: string[] = [];
   try {
-    const configDir = path.resolve(opts.configDir);
-    const vars = await loadEnvVars(configDir, process.env);
-    secrets.push(...secretsIn(vars));
-    const result = await runBackup(
-      vars,
-      {
-        env: opts.env,
-        outputDir: opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR,
-        configDir,
-        ...(opts.compress !== undefined ? { compress: opts.compress } : {}),
-      },
-      interrupt.signal,
-    );
-    printBackupSummary(result);
-    return EXIT.OK;
-  } catch (error) {
-    const failure = error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error));
-    printError(failure, 'Backup', secrets);
-    return failure.exitCode;
+    return await work(interrupt.signal);
   } finally {
     process.off('SIGINT', handlers.SIGINT);
     process.off('SIGTERM', handlers.SIGTERM);
