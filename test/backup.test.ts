@@ -11,7 +11,7 @@ import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
 import { assertSameContent } from './helpers/compare.ts';
-import { dbVars, runCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
+import { takeBackup, tempDir, uniqueName } from './helpers/cli.ts';
 import { buildFixture, FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 
@@ -43,17 +43,8 @@ after(async () => {
 });
 
 async function backupInto(env: 'dev' | 'prod') {
-  const configDir = await tempDir();
-  const outputDir = path.join(configDir, 'backups');
-  await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', devDb), ...dbVars(server, 'DB_', prodDb) });
-  const result = await runCli({ args: ['--env', env, '--config-dir', configDir, '--output-dir', outputDir] });
-  assert.equal(result.exitCode, 0, `backup should succeed:\n${result.stdout}\n${result.stderr}`);
-  const dumps = (await fs.readdir(outputDir)).filter((name) => name.endsWith('.dump'));
-  assert.equal(dumps.length, 1, 'exactly one dump written');
-  const dumpPath = path.join(outputDir, dumps[0]!);
-  const metadataPath = dumpPath.replace(/\.dump$/, '.metadata.json');
-  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as Record<string, unknown>;
-  return { ...result, outputDir, dumpPath, metadataPath, metadata };
+  const outputDir = path.join(await tempDir(), 'backups');
+  return takeBackup(server, env === 'dev' ? devDb : prodDb, outputDir, env);
 }
 
 async function restoreInto(dumpPath: string): Promise<pg.Client> {

@@ -3,6 +3,13 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
   BackupError,
+  chooseMode,
+  listingLines,
+  metadataProblems,
+  parseBackupFileName,
+  sortNewestFirst,
+  tablesWithoutData,
+  tocTableEntries,
   backupFileName,
   connectionError,
   detectEnvironment,
@@ -294,5 +301,130 @@ describe('error classification', () => {
       assert.equal(error.details, stderr);
       assert.ok(error.hints.length > 0);
     }
+  });
+});
+
+describe('metadataProblems', () => {
+  const valid = {
+    backup_timestamp: '2025-01-27T14:30:00Z',
+    environment: 'dev',
+    database_name: 'project_chat_dev',
+    backup_file: 'project_chat_dev_dev_2025-01-27T14-30-00Z.dump',
+    backup_size_bytes: 52428800,
+    checksum_sha256: 'a'.repeat(64),
+    table_counts: { conversations: 150 },
+    pg_dump_version: '15.1',
+    postgresql_version: '15.11',
+  };
+
+  test('the data model example is valid, with or without extra fields', () => {
+    assert.deepEqual(metadataProblems(valid, valid.backup_file), []);
+    assert.deepEqual(metadataProblems({ ...valid, compression: 'gzip:1', table_data_oids: { conversations: [16384] } }), []);
+    assert.deepEqual(metadataProblems({ ...valid, backup_timestamp: '2025-01-27T14:30:00.123+01:00' }), []);
+  });
+
+  test('every rule of the data model is enforced, each with its own message', () => {
+    const cases: Array<[Record<string, unknown>, RegExp]> = [
+      [{ backup_timestamp: '2025-01-27 14:30' }, /backup_timestamp must be an ISO 8601/],
+      [{ backup_timestamp: '2025-13-45T99:99:99Z' }, /backup_timestamp must be an ISO 8601/],
+      [{ environment: 'Dev' }, /environment must be "dev" or "prod"/],
+      [{ checksum_sha256: 'g'.repeat(64) }, /checksum_sha256 must be 64 hexadecimal/],
+      [{ checksum_sha256: 'a'.repeat(63) }, /checksum_sha256 must be 64 hexadecimal/],
+      [{ backup_size_bytes: 0 }, /backup_size_bytes must be a positive integer/],
+      [{ backup_size_bytes: 1.5 }, /backup_size_bytes must be a positive integer/],
+      [{ backup_size_bytes: '100' }, /backup_size_bytes must be a positive integer/],
+      [{ table_counts: {} }, /table_counts must map at least one table/],
+      [{ table_counts: { t: -1 } }, /table_counts must map/],
+      [{ table_counts: [] }, /table_counts must map/],
+      [{ database_name: '' }, /database_name must be a non-empty string/],
+      [{ pg_dump_version: 15 }, /pg_dump_version must be a version string/],
+      [{ table_data_oids: { t: ['x'] } }, /table_data_oids must map/],
+    ];
+    for (const [change, problem] of cases) {
+      const problems = metadataProblems({ ...valid, ...change });
+      assert.equal(problems.length, 1, `${JSON.stringify(change)} → ${problems.join('; ')}`);
+      assert.match(problems[0]!, problem);
+    }
+  });
+
+  test('missing fields are each named; non-objects are rejected; backup_file must match the file', () => {
+    const { checksum_sha256: _c, table_counts: _t, ...partial } = valid;
+    assert.deepEqual(metadataProblems(partial), ['checksum_sha256 is missing', 'table_counts is missing']);
+    assert.deepEqual(metadataProblems([1, 2]), ['it is not a JSON object']);
+    assert.deepEqual(metadataProblems(null), ['it is not a JSON object']);
+    assert.match(metadataProblems(valid, 'other.dump')[0]!, /backup_file is ".*" but the file is named "other\.dump"/);
+  });
+});
+
+describe('archive table of contents', () => {
+  const toc = [
+    ';     dbname: app',
+    '224; 1259 16670 TABLE public events postgres',
+    '225; 1259 16673 TABLE public events_2024 postgres',
+    '228; 1259 16692 TABLE public Mixed Case Table postgres',
+    '3399; 0 16673 TABLE DATA public events_2024 postgres',
+    '3402; 0 16692 TABLE DATA public Mixed Case Table postgres',
+    '3401; 0 16684 TABLE DATA archive old_messages postgres',
+    '3416; 0 0 SEQUENCE SET public conversations_id_seq postgres',
+  ].join('\n');
+  const entries = tocTableEntries(toc);
+
+  test('tocTableEntries reads TABLE and TABLE DATA lines with their OIDs', () => {
+    assert.deepEqual(entries.map((e) => [e.kind, e.oid]), [['TABLE', 16670], ['TABLE', 16673], ['TABLE', 16692], ['TABLE DATA', 16673], ['TABLE DATA', 16692], ['TABLE DATA', 16684]]);
+    assert.equal(entries[2]!.tag, 'public Mixed Case Table postgres');
+  });
+
+  test('with recorded OIDs, every data-holding relation needs TABLE DATA (partitions through their leaves)', () => {
+    const metadata = { table_counts: { events: 1, 'Mixed Case Table': 3, 'archive.old_messages': 2 }, table_data_oids: { events: [16673], 'Mixed Case Table': [16692], 'archive.old_messages': [16684] } };
+    assert.deepEqual(tablesWithoutData(metadata, entries), []);
+    assert.deepEqual(tablesWithoutData({ ...metadata, table_data_oids: { ...metadata.table_data_oids, events: [16673, 16678] } }, entries), ['events']);
+  });
+
+  test('without OIDs (metadata from elsewhere), tables are matched by name, schema.table or public', () => {
+    assert.deepEqual(tablesWithoutData({ table_counts: { 'Mixed Case Table': 3, 'archive.old_messages': 2, events: 0 } }, entries), []);
+    assert.deepEqual(tablesWithoutData({ table_counts: { missing: 1, 'archive.missing': 1, Mixed: 1 } }, entries), ['missing', 'archive.missing', 'Mixed']);
+  });
+});
+
+describe('listing', () => {
+  test('parseBackupFileName reads database, environment and timestamp from a name', () => {
+    assert.deepEqual(parseBackupFileName('project_chat_dev_dev_2025-01-27T14-30-00Z.dump'), { database: 'project_chat_dev', environment: 'dev', timestamp: '2025-01-27T14:30:00Z' });
+    assert.deepEqual(parseBackupFileName('app_prod_2025-01-27T14-30-00Z.dump.partial')?.environment, 'prod');
+    assert.equal(parseBackupFileName('random.dump'), undefined);
+  });
+
+  test('sortNewestFirst: by timestamp, ties by modification time, undated last', () => {
+    const e = (file: string, timestamp: string | undefined, modifiedMs: number) => ({ file, timestamp, modifiedMs });
+    const sorted = sortNewestFirst([e('old', '2024-01-01T00:00:00Z', 5), e('undated', undefined, 99), e('tie-early', '2025-01-01T00:00:00Z', 1), e('tie-late', '2025-01-01T00:00:00Z', 2), e('offset', '2025-01-01T00:30:00+01:00', 0)]);
+    assert.deepEqual(sorted.map((x) => x.file), ['tie-late', 'tie-early', 'offset', 'old', 'undated']);
+  });
+
+  test('listingLines pads columns to their content and summarises', () => {
+    const entry = (file: string, status: 'verified' | 'incomplete', database: string) => ({ file, status, timestamp: '2025-01-27T15:00:00Z', environment: 'prod', database, sizeBytes: 131386982, modifiedMs: 0, problems: [] });
+    const lines = listingLines({ directory: '/b', exists: true, fullCheck: false, backups: [entry('a.dump', 'verified', 'project_chat_prod')], incomplete: [entry('b.dump.partial', 'incomplete', 'p')] });
+    assert.deepEqual(lines.slice(0, 5), [
+      'Backup Files (/b/):',
+      '',
+      'Timestamp             Environment  Database           Size      Status',
+      '2025-01-27T15:00:00Z  prod         project_chat_prod  125.3 MB  ✓ Verified',
+      '2025-01-27T15:00:00Z  prod         p                  125.3 MB  ✗ Incomplete',
+    ]);
+    assert.match(lines.at(-1)!, /^1 backup, 1 incomplete file/);
+    assert.deepEqual(listingLines({ directory: '/none', exists: false, fullCheck: false, backups: [], incomplete: [] }), ['No backups: /none/ does not exist yet.']);
+  });
+});
+
+describe('chooseMode', () => {
+  test('backup by default; --verify FILE; --list; --list --verify is the full check', () => {
+    assert.deepEqual(chooseMode({}), { command: 'backup' });
+    assert.deepEqual(chooseMode({ verify: 'x.dump' }), { command: 'verify', file: 'x.dump' });
+    assert.deepEqual(chooseMode({ list: true }), { command: 'list', fullCheck: false });
+    assert.deepEqual(chooseMode({ list: true, verify: true }), { command: 'list', fullCheck: true });
+  });
+
+  test('contradictions are configuration errors', () => {
+    expectBackupError(() => chooseMode({ verify: true }), EXIT.CONFIG, /--verify needs the backup FILE/);
+    expectBackupError(() => chooseMode({ verify: '  ' }), EXIT.CONFIG, /--verify needs the backup FILE/);
+    expectBackupError(() => chooseMode({ list: true, verify: 'x.dump' }), EXIT.CONFIG, /takes no FILE/);
   });
 });

@@ -72,3 +72,27 @@ export function dbVars(server: TestServer, prefix: 'DEV_DB_' | 'DB_', database: 
 export function uniqueName(prefix: string): string {
   return `${prefix}_${randomBytes(4).toString('hex')}`;
 }
+
+export interface TakenBackup {
+  stdout: string;
+  stderr: string;
+  outputDir: string;
+  dumpPath: string;
+  metadataPath: string;
+  metadata: Record<string, unknown>;
+}
+
+/** Take a real backup of `database` through the CLI into `outputDir`; fail loudly if it does not work. */
+export async function takeBackup(server: TestServer, database: string, outputDir: string, env: 'dev' | 'prod' = 'dev'): Promise<TakenBackup> {
+  const configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', dbVars(server, env === 'dev' ? 'DEV_DB_' : 'DB_', database));
+  const before = new Set(await fs.readdir(outputDir).catch(() => [] as string[]));
+  const result = await runCli({ args: ['--env', env, '--config-dir', configDir, '--output-dir', outputDir] });
+  if (result.exitCode !== 0) throw new Error(`backup of ${database} failed (${result.exitCode}):\n${result.stdout}\n${result.stderr}`);
+  const created = (await fs.readdir(outputDir)).filter((name) => !before.has(name) && name.endsWith('.dump'));
+  if (created.length !== 1) throw new Error(`expected one new dump in ${outputDir}, found ${created.join(', ')}`);
+  const dumpPath = path.join(outputDir, created[0]!);
+  const metadataPath = dumpPath.replace(/\.dump$/, '.metadata.json');
+  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as Record<string, unknown>;
+  return { stdout: result.stdout, stderr: result.stderr, outputDir, dumpPath, metadataPath, metadata };
+}

@@ -1,0 +1,209 @@
+/**
+ * --list on a directory of real backups: newest first, the right status for each file, partial
+ * files shown but never counted, quick (metadata + size) versus full (--list --verify) checks.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+
+let server: TestServer;
+let dir: string;
+let dev1: TakenBackup;
+let dev2: TakenBackup;
+let prod: TakenBackup;
+const NO_METADATA = 'legacy_dev_2020-01-01T00-00-00Z.dump';
+const PARTIAL = 'list_prod_2099-01-01T00-00-00Z.dump.partial';
+
+before(async () => {
+  server = await startTestServer();
+  for (const db of ['list_dev', 'list_prod']) {
+    await server.createDatabase(db);
+    const client = await server.connect(db);
+    await client.query(`CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 10)`);
+    await client.end();
+  }
+  dir = path.join(await tempDir(), 'backups');
+  dev1 = await takeBackup(server, 'list_dev', dir, 'dev');
+  dev2 = await takeBackup(server, 'list_dev', dir, 'dev');
+  prod = await takeBackup(server, 'list_prod', dir, 'prod');
+  // A dump nobody described, and what an interrupted run leaves behind.
+  await fs.copyFile(dev1.dumpPath, path.join(dir, NO_METADATA));
+  await fs.writeFile(path.join(dir, PARTIAL), Buffer.alloc(1234));
+});
+after(() => server?.stop());
+
+const list = (directory: string, ...extra: string[]) => runCli({ args: ['--list', '--output-dir', directory, ...extra] });
+
+/** The table rows of the human listing: [timestamp, environment, database, size, status]. */
+function tableRows(stdout: string): string[][] {
+  const lines = stdout.split('\n');
+  const header = lines.findIndex((line) => line.startsWith('Timestamp'));
+  assert.ok(header > 0, 'has a header row');
+  const rows: string[][] = [];
+  for (const line of lines.slice(header + 1)) {
+    if (line === '') break;
+    rows.push(line.split(/ {2,}/));
+  }
+  return rows;
+}
+
+describe('--list', () => {
+  test('shows every file newest first with its status; the partial is shown but not counted', async () => {
+    const result = await list(dir);
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /^Backup Files \(.+backups\/\):\n\nTimestamp +Environment +Database +Size +Status\n/);
+    const rows = tableRows(result.stdout);
+    assert.deepEqual(
+      rows.map(([timestamp, env, db, , status]) => [timestamp, env, db, status]),
+      [
+        ['2099-01-01T00:00:00Z', 'prod', 'list', '✗ Incomplete'],
+        [prod.metadata.backup_timestamp, 'prod', 'list_prod', '✓ Verified'],
+        [dev2.metadata.backup_timestamp, 'dev', 'list_dev', '✓ Verified'],
+        [dev1.metadata.backup_timestamp, 'dev', 'list_dev', '✓ Verified'],
+        ['2020-01-01T00:00:00Z', 'dev', 'legacy', '? No metadata'],
+      ],
+    );
+    assert.ok(String(dev2.metadata.backup_timestamp) > String(dev1.metadata.backup_timestamp), 'two backups in the same second get distinct names');
+    assert.match(rows[4]![3]!, /^\d+\.\d KB$/);
+    assert.match(result.stdout, /\n4 backups, 1 incomplete file \(left by runs that did not finish; not backups\)\. Status checks metadata and size only/);
+  });
+
+  test('--json: one document; partials apart from backups; same order and statuses', async () => {
+    const result = await list(dir, '--json');
+    assert.equal(result.exitCode, 0);
+    const doc = JSON.parse(result.stdout);
+    assert.equal(doc.ok, true);
+    assert.equal(doc.command, 'list');
+    assert.equal(doc.directory, dir);
+    assert.deepEqual(
+      doc.backups.map((b: { file: string; status: string }) => [b.file, b.status]),
+      [
+        [path.basename(prod.dumpPath), 'verified'],
+        [path.basename(dev2.dumpPath), 'verified'],
+        [path.basename(dev1.dumpPath), 'verified'],
+        [NO_METADATA, 'no_metadata'],
+      ],
+    );
+    assert.deepEqual(doc.incomplete.map((b: { file: string; status: string; size_bytes: number }) => [b.file, b.status, b.size_bytes]), [[PARTIAL, 'incomplete', 1234]]);
+    assert.equal(doc.backups[0].size_bytes, prod.metadata.backup_size_bytes);
+  });
+
+  test('a dump whose size differs from its metadata → ✗ Size mismatch', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (const file of [dev1.dumpPath, dev1.metadataPath]) await fs.copyFile(file, path.join(copy, path.basename(file)));
+    await fs.appendFile(path.join(copy, path.basename(dev1.dumpPath)), 'x');
+    const rows = tableRows((await list(copy)).stdout);
+    assert.deepEqual(rows.map((row) => row[4]), ['✗ Size mismatch']);
+  });
+
+  test('a flipped byte passes the quick check but fails --list --verify (exit 8)', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (const backup of [dev1, prod]) {
+      for (const file of [backup.dumpPath, backup.metadataPath]) await fs.copyFile(file, path.join(copy, path.basename(file)));
+    }
+    const damaged = path.join(copy, path.basename(dev1.dumpPath));
+    const bytes = await fs.readFile(damaged);
+    bytes[bytes.length - 10] = bytes[bytes.length - 10]! ^ 1;
+    await fs.writeFile(damaged, bytes);
+
+    const quick = await list(copy);
+    assert.equal(quick.exitCode, 0);
+    assert.deepEqual(tableRows(quick.stdout).map((row) => row[4]), ['✓ Verified', '✓ Verified']);
+
+    const full = await list(copy, '--verify');
+    assert.equal(full.exitCode, 8, 'a full check that finds a bad backup fails, for monitoring');
+    assert.deepEqual(tableRows(full.stdout).map((row) => row[4]), ['✓ Verified', '✗ Checksum mismatch']);
+    assert.match(full.stdout, /1 backup failed verification; run --verify FILE for details\./);
+
+    const fullJson = JSON.parse((await list(copy, '--verify', '--json')).stdout);
+    assert.equal(fullJson.ok, false);
+    assert.equal(fullJson.full_check, true);
+    assert.match(fullJson.backups[1].problems[0], /^Mismatch/);
+  });
+
+  test('--list --verify on healthy backups re-reads them all and passes', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (const file of [dev2.dumpPath, dev2.metadataPath]) await fs.copyFile(file, path.join(copy, path.basename(file)));
+    const full = await list(copy, '--verify');
+    assert.equal(full.exitCode, 0, full.stdout);
+    assert.match(full.stdout, /Every backup was re-read: checksum, size, archive structure and table data verified\./);
+  });
+
+  test('a missing directory: a friendly message, exit 0', async () => {
+    const missing = path.join(await tempDir(), 'never-created');
+    const result = await list(missing);
+    assert.equal(result.exitCode, 0);
+    assert.match(result.stdout, /^No backups: .*never-created\/ does not exist yet\.$/m);
+    const doc = JSON.parse((await list(missing, '--json')).stdout);
+    assert.deepEqual([doc.ok, doc.exists, doc.backups], [true, false, []]);
+    await assert.rejects(fs.stat(missing), 'listing does not create the directory');
+  });
+
+  test('an empty directory: a friendly message, exit 0', async () => {
+    const result = await list(await tempDir());
+    assert.equal(result.exitCode, 0);
+    assert.match(result.stdout, /^No backups in .+\/$/m);
+  });
+
+  test('--list --verify FILE is a usage error (exit 2)', async () => {
+    const result = await list(dir, '--verify', dev1.dumpPath);
+    assert.equal(result.exitCode, 2);
+    assert.match(result.stderr, /--list --verify takes no FILE/);
+  });
+});
+
+describe('--json for backups and errors', () => {
+  test('a backup prints one document with the metadata and its checks', async () => {
+    const out = path.join(await tempDir(), 'b');
+    const taken = await takeBackup(server, 'list_dev', out);
+    assert.equal(taken.stdout.includes('{'), false, 'the human summary by default');
+    const configDir = await tempDir();
+    await fs.writeFile(path.join(configDir, '.env'), `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=list_dev\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`);
+    const result = await runCli({ args: ['--json', '--config-dir', configDir, '--output-dir', out] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    const doc = JSON.parse(result.stdout);
+    assert.equal(doc.ok, true);
+    assert.equal(doc.command, 'backup');
+    assert.equal(doc.metadata.database_name, 'list_dev');
+    assert.equal(doc.metadata_file, doc.backup_file.replace(/\.dump$/, '.metadata.json'));
+    for (const check of ['checksum', 'size', 'structure', 'tables']) assert.equal(doc.checks[check].ok, true);
+    assert.equal(result.stderr, '');
+  });
+
+  test('a failed backup prints {ok:false, exit_code, error, hints} and never the password', async () => {
+    const configDir = await tempDir();
+    await fs.writeFile(path.join(configDir, '.env'), `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=list_dev\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=not-the-Pa55word\n`);
+    const result = await runCli({ args: ['--json', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')] });
+    assert.equal(result.exitCode, 3);
+    const doc = JSON.parse(result.stdout);
+    assert.deepEqual([doc.ok, doc.command, doc.exit_code], [false, 'backup', 3]);
+    assert.match(doc.error, /authentication failed/);
+    assert.ok(doc.hints.length > 0);
+    assert.ok(!result.stdout.includes('not-the-Pa55word'));
+  });
+
+  test('a bad command line with --json still prints a JSON error (exit 2)', async () => {
+    const result = await runCli({ args: ['--json', '--env', 'staging'] });
+    assert.equal(result.exitCode, 2);
+    const doc = JSON.parse(result.stdout);
+    assert.deepEqual([doc.ok, doc.exit_code], [false, 2]);
+    assert.match(doc.details, /staging/);
+  });
+});
+
+describe('colour', () => {
+  test('plain text when stdout is not a terminal, and with NO_COLOR even when forced', async () => {
+    const piped = await list(dir);
+    assert.doesNotMatch(piped.stdout, /\x1b\[/);
+    const forced = await runCli({ args: ['--list', '--output-dir', dir], env: { FORCE_COLOR: '1' } });
+    assert.match(forced.stdout, /\x1b\[32m✓/, 'FORCE_COLOR shows that colour is otherwise used');
+    const noColor = await runCli({ args: ['--list', '--output-dir', dir], env: { FORCE_COLOR: '1', NO_COLOR: '1' } });
+    assert.doesNotMatch(noColor.stdout, /\x1b\[/);
+  });
+});

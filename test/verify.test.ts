@@ -1,0 +1,253 @@
+/**
+ * --verify FILE on real backups: an untouched backup passes; every kind of damage to the dump or
+ * its metadata is rejected with exit 8 and a message naming the check that failed.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
+import { buildFixture } from './helpers/fixture.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { directoryFingerprint } from './helpers/wait.ts';
+
+let server: TestServer;
+let app: TakenBackup;
+let other: TakenBackup;
+
+before(async () => {
+  server = await startTestServer();
+  await server.createDatabase('verify_app');
+  const client = await server.connect('verify_app');
+  await buildFixture(client);
+  await client.end();
+  await server.createDatabase('verify_other');
+  const otherClient = await server.connect('verify_other');
+  await otherClient.query("CREATE TABLE unrelated (id int, note text); INSERT INTO unrelated SELECT i, 'x' FROM generate_series(1, 50) i");
+  await otherClient.end();
+  const dir = path.join(await tempDir(), 'backups');
+  app = await takeBackup(server, 'verify_app', dir);
+  other = await takeBackup(server, 'verify_other', dir);
+});
+after(() => server?.stop());
+
+/** A private copy of the app backup (dump + metadata, same names) to damage. */
+async function copyOfBackup() {
+  const dir = await tempDir();
+  const dumpPath = path.join(dir, path.basename(app.dumpPath));
+  const metadataPath = path.join(dir, path.basename(app.metadataPath));
+  await fs.copyFile(app.dumpPath, dumpPath);
+  await fs.copyFile(app.metadataPath, metadataPath);
+  const editMetadata = async (edit: (m: Record<string, unknown>) => void) => {
+    const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as Record<string, unknown>;
+    edit(metadata);
+    await fs.writeFile(metadataPath, JSON.stringify(metadata, null, 2));
+  };
+  return { dir, dumpPath, metadataPath, editMetadata };
+}
+
+const verify = (file: string, ...extra: string[]) => runCli({ args: ['--verify', file, ...extra] });
+
+function assertRejected(result: { exitCode: number; stdout: string; stderr: string }, check: RegExp) {
+  assert.equal(result.exitCode, 8, `${result.stdout}\n${result.stderr}`);
+  const [headline] = result.stderr.split('\n');
+  assert.match(headline!, /^✗ Backup verification failed: /);
+  assert.match(headline!, check);
+  assert.match(result.stderr, /\nError: .+/);
+  assert.match(result.stderr, /\nTroubleshooting:\n {2}1\. /);
+  assert.doesNotMatch(result.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
+  assert.equal(result.stdout, '');
+}
+
+describe('--verify on an untouched backup', () => {
+  test('passes with the contract output, exit 0, and changes nothing', async () => {
+    const copy = await copyOfBackup();
+    const before = await directoryFingerprint(copy.dir);
+    const result = await verify(copy.dumpPath);
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /^✓ Backup verification passed\n\n/);
+    assert.match(result.stdout, new RegExp(`^File: {8}.*${path.basename(copy.dumpPath)}$`, 'm'));
+    assert.match(result.stdout, new RegExp(`^Checksum: {4}✓ Match \\(${String(app.metadata.checksum_sha256).slice(0, 12)}\\.\\.\\.\\)$`, 'm'));
+    assert.match(result.stdout, /^Structure: {3}✓ Valid \(pg_restore --list succeeded\)$/m);
+    assert.match(result.stdout, /^Tables: {6}✓ 10 of 10 tables have data in the archive$/m);
+    assert.match(result.stdout, /^Size: {8}\d+\.\d MB$/m);
+    assert.match(result.stdout, new RegExp(`^Timestamp: {3}${String(app.metadata.backup_timestamp)}$`, 'm'));
+    assert.equal(result.stderr, '');
+    assert.deepEqual(await directoryFingerprint(copy.dir), before);
+  });
+
+  test('--json prints one document with every check', async () => {
+    const result = await verify(app.dumpPath, '--json');
+    assert.equal(result.exitCode, 0);
+    const doc = JSON.parse(result.stdout);
+    assert.equal(doc.ok, true);
+    assert.equal(doc.command, 'verify');
+    assert.equal(doc.file, app.dumpPath);
+    for (const check of ['checksum', 'size', 'structure', 'tables']) assert.equal(doc.checks[check].ok, true, check);
+    assert.equal(doc.actual.checksum_sha256, app.metadata.checksum_sha256);
+    assert.deepEqual(doc.metadata, app.metadata);
+  });
+});
+
+describe('--verify rejects damage to the dump', () => {
+  test('one byte flipped in the middle → checksum mismatch', async () => {
+    const copy = await copyOfBackup();
+    const bytes = await fs.readFile(copy.dumpPath);
+    const middle = Math.floor(bytes.length / 2);
+    bytes[middle] = bytes[middle]! ^ 0xff;
+    await fs.writeFile(copy.dumpPath, bytes);
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /checksum mismatch/);
+    assert.doesNotMatch(result.stderr.split('\n')[0]!, /size/);
+    assert.match(result.stderr, /^Checksum: {4}✗ Mismatch/m);
+  });
+
+  test('truncated → size mismatch', async () => {
+    const copy = await copyOfBackup();
+    const { size } = await fs.stat(copy.dumpPath);
+    await fs.truncate(copy.dumpPath, Math.floor(size / 2));
+    assertRejected(await verify(copy.dumpPath), /size mismatch/);
+  });
+
+  test('one byte appended → size mismatch and checksum mismatch', async () => {
+    const copy = await copyOfBackup();
+    await fs.appendFile(copy.dumpPath, Buffer.from([0]));
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /size mismatch, checksum mismatch/);
+  });
+
+  test('header damaged → archive unreadable, with pg_restore\'s own message', async () => {
+    const copy = await copyOfBackup();
+    const handle = await fs.open(copy.dumpPath, 'r+');
+    await handle.write(Buffer.from('XXXXX'), 0, 5, 0);
+    await handle.close();
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /archive unreadable/);
+    assert.match(result.stderr, /pg_restore: error: /);
+  });
+
+  test('replaced by a valid dump of another database → checksum, size and table data all fail', async () => {
+    const copy = await copyOfBackup();
+    await fs.copyFile(other.dumpPath, copy.dumpPath);
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /size mismatch, checksum mismatch/);
+    assert.match(result.stderr.split('\n')[0]!, /table data missing/);
+    assert.match(result.stderr, /^Structure: {3}✓ Valid/m, 'it is a readable archive, just not this one');
+  });
+});
+
+describe('--verify rejects damage to the metadata', () => {
+  test('metadata deleted → metadata file not found', async () => {
+    const copy = await copyOfBackup();
+    await fs.rm(copy.metadataPath);
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /metadata file not found/);
+    assert.match(result.stderr, /\.metadata\.json does not exist/);
+  });
+
+  test('metadata not valid JSON → metadata is invalid, with the parse error', async () => {
+    const copy = await copyOfBackup();
+    const text = await fs.readFile(copy.metadataPath, 'utf8');
+    await fs.writeFile(copy.metadataPath, text.slice(0, text.length / 2));
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /metadata is invalid/);
+    assert.match(result.stderr, /not valid JSON/);
+  });
+
+  test('checksum_sha256 changed → checksum mismatch', async () => {
+    const copy = await copyOfBackup();
+    await copy.editMetadata((m) => {
+      m.checksum_sha256 = String(m.checksum_sha256).replace(/^./, (c) => (c === '0' ? '1' : '0'));
+    });
+    assertRejected(await verify(copy.dumpPath), /checksum mismatch/);
+  });
+
+  test('backup_size_bytes changed → size mismatch', async () => {
+    const copy = await copyOfBackup();
+    await copy.editMetadata((m) => {
+      m.backup_size_bytes = Number(m.backup_size_bytes) + 1;
+    });
+    assertRejected(await verify(copy.dumpPath), /size mismatch/);
+  });
+
+  test('backup_file changed → metadata is invalid, naming both names', async () => {
+    const copy = await copyOfBackup();
+    await copy.editMetadata((m) => {
+      m.backup_file = 'someone_else_dev_2020-01-01T00-00-00Z.dump';
+    });
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /metadata is invalid/);
+    assert.match(result.stderr, /backup_file is "someone_else_dev_2020-01-01T00-00-00Z\.dump" but the file is named "verify_app_dev_/);
+  });
+
+  for (const [field, value, problem] of [
+    ['environment', 'staging', /environment must be "dev" or "prod"/],
+    ['backup_timestamp', 'yesterday', /backup_timestamp must be an ISO 8601 timestamp/],
+    ['backup_size_bytes', -5, /backup_size_bytes must be a positive integer/],
+    ['checksum_sha256', 'abc123', /checksum_sha256 must be 64 hexadecimal digits/],
+    ['table_counts', {}, /table_counts must map at least one table/],
+    ['database_name', undefined, /database_name is missing/],
+  ] as const) {
+    test(`${field} = ${JSON.stringify(value) ?? '(removed)'} → metadata is invalid`, async () => {
+      const copy = await copyOfBackup();
+      await copy.editMetadata((m) => {
+        if (value === undefined) delete m[field];
+        else m[field] = value;
+      });
+      const result = await verify(copy.dumpPath);
+      assertRejected(result, /metadata is invalid/);
+      assert.match(result.stderr, problem);
+    });
+  }
+
+  test('--json failure: ok false, exit_code 8, hints, and which checks failed', async () => {
+    const copy = await copyOfBackup();
+    await fs.appendFile(copy.dumpPath, 'x');
+    const result = await verify(copy.dumpPath, '--json');
+    assert.equal(result.exitCode, 8);
+    const doc = JSON.parse(result.stdout);
+    assert.equal(doc.ok, false);
+    assert.equal(doc.exit_code, 8);
+    assert.match(doc.error, /size mismatch/);
+    assert.ok(Array.isArray(doc.hints) && doc.hints.length > 0);
+    assert.equal(doc.checks.size.ok, false);
+    assert.equal(doc.checks.structure.ok, true);
+  });
+});
+
+describe('--verify with a bad argument', () => {
+  test('a missing file → exit 8, backup file not found', async () => {
+    const result = await verify(path.join(await tempDir(), 'nope_dev_2020-01-01T00-00-00Z.dump'));
+    assertRejected(result, /backup file not found/);
+  });
+
+  test('a directory → exit 8, not a file', async () => {
+    assertRejected(await verify(await tempDir()), /not a file/);
+  });
+
+  test('a symlink loop → exit 8, symbolic link loop', async () => {
+    const dir = await tempDir();
+    await fs.symlink(path.join(dir, 'b.dump'), path.join(dir, 'a.dump'));
+    await fs.symlink(path.join(dir, 'a.dump'), path.join(dir, 'b.dump'));
+    assertRejected(await verify(path.join(dir, 'a.dump')), /symbolic link loop/);
+  });
+
+  test('path traversal to a non-backup file (../../etc/passwd) → exit 8, not a backup file; nothing printed from it', async () => {
+    const result = await verify('../../../../../../etc/passwd');
+    assertRejected(result, /not a backup file/);
+    assert.doesNotMatch(result.stderr, /root:/);
+  });
+
+  test('a non-dump file with a .dump suffix and metadata → archive unreadable', async () => {
+    const copy = await copyOfBackup();
+    await fs.writeFile(copy.dumpPath, 'just some text, not an archive\n');
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /archive unreadable/);
+  });
+
+  test('--verify without a FILE → exit 2 pointing at --list --verify', async () => {
+    const result = await runCli({ args: ['--verify'] });
+    assert.equal(result.exitCode, 2);
+    assert.match(result.stderr, /--verify needs the backup FILE/);
+  });
+});
