@@ -16,7 +16,7 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
-import { Command, CommanderError, Option } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import dotenv from 'dotenv';
 import { execa } from 'execa';
 import pg from 'pg';
@@ -45,10 +45,15 @@ export type SslMode = 'disable' | 'allow' | 'prefer' | 'require' | 'verify-ca' |
 const PROJECT_DIR = path.dirname(fileURLToPath(import.meta.url));
 const DEFAULT_OUTPUT_DIR = path.join(PROJECT_DIR, 'db', 'backups');
 const ENV_FILES = ['.env.local', '.env'] as const;
-const CONNECT_TIMEOUT_MS = 10_000;
+const DEFAULT_CONNECT_TIMEOUT_S = 10;
+// pg_dump waits forever for a table lock by default, and while it waits every later query on
+// that table queues behind it: better to fail fast and say which lock was in the way.
+const DEFAULT_LOCK_WAIT_TIMEOUT = '30s';
 const DUMP_SUFFIX = '.dump';
 const PARTIAL_SUFFIX = '.partial';
 const METADATA_SUFFIX = '.metadata.json';
+const LOCK_SUFFIX = '.lock';
+const APPLICATION_NAME = `backup_db:${process.pid}`;
 
 /**
  * The one error type. Thrown where a failure is understood, printed in exactly one place
@@ -392,6 +397,162 @@ async function prepareOutputDir(dir: string): Promise<void> {
   }
 }
 
+/**
+ * One backup per database at a time: a lock file in the output directory, named after the
+ * database and environment, holding who owns it. It prevents overlapping load; correctness does
+ * not depend on it, since every run claims its own file names with O_EXCL.
+ */
+export function lockFileName(database: string, environment: Environment): string {
+  return `${safeNamePart(database)}_${environment}${LOCK_SUFFIX}`;
+}
+
+interface LockOwner {
+  pid: number;
+  hostname: string;
+  started_at: string;
+  /** Linux: the process's start time, which tells a reused pid from the lock's owner. */
+  process_start: string | null;
+}
+
+/** Field 22 of /proc/PID/stat (start time since boot); the command name may hold spaces and ')'. */
+async function processStartTime(pid: number): Promise<string | null> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function parseLockOwner(text: string): LockOwner | undefined {
+  try {
+    const value = JSON.parse(text) as Partial<LockOwner>;
+    return Number.isSafeInteger(value.pid) && typeof value.hostname === 'string' && typeof value.started_at === 'string'
+      ? { pid: value.pid!, hostname: value.hostname, started_at: value.started_at, process_start: value.process_start ?? null }
+      : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Alive unless provably gone: a lock from another machine (shared storage) cannot be checked. */
+async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
+  if (owner.hostname !== os.hostname()) return true;
+  try {
+    process.kill(owner.pid, 0);
+  } catch (error) {
+    if (errnoCode(error) === 'ESRCH') return false;
+  }
+  const start = owner.process_start === null ? null : await processStartTime(owner.pid);
+  return start === null || start === owner.process_start;
+}
+
+async function readLockOwner(lockPath: string): Promise<{ text: string; owner: LockOwner | undefined } | undefined> {
+  const text = await fs.readFile(lockPath, 'utf8').catch(() => undefined);
+  return text === undefined ? undefined : { text, owner: parseLockOwner(text) };
+}
+
+export interface BackupLock {
+  path: string;
+  release(): Promise<void>;
+}
+
+/**
+ * Take the database's lock. It is created complete (written to a temp file, then hard-linked
+ * into place, which fails if the lock exists), so a lock is never seen half-written. A lock whose
+ * owner is dead is stale: it is removed if it is still the one that was read, and taken over.
+ */
+async function acquireBackupLock(dir: string, config: DbConfig): Promise<BackupLock> {
+  const lockPath = path.join(dir, lockFileName(config.database, config.environment));
+  const owner: LockOwner = { pid: process.pid, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: await processStartTime(process.pid) };
+  const content = JSON.stringify(owner);
+  const temp = `${lockPath}.${process.pid}.tmp`;
+  try {
+    await fs.writeFile(temp, content, { mode: 0o600, flag: 'wx' });
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        await fs.link(temp, lockPath);
+        return {
+          path: lockPath,
+          // Only our own lock is removed, never one that replaced it.
+          release: async () => {
+            if ((await readLockOwner(lockPath))?.text === content) await fs.rm(lockPath, { force: true });
+          },
+        };
+      } catch (error) {
+        if (errnoCode(error) !== 'EEXIST') throw error;
+      }
+      const existing = await readLockOwner(lockPath);
+      if (!existing) continue; // released in the meantime
+      if (existing.owner && (await lockOwnerAlive(existing.owner))) throw alreadyRunningError(config, existing.owner, lockPath);
+      if ((await readLockOwner(lockPath))?.text === existing.text) await fs.rm(lockPath, { force: true });
+    }
+    throw new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${displayPath(lockPath)} kept changing while other runs started`, [
+      'Several backups of this database are starting at once; run one at a time',
+    ]);
+  } catch (error) {
+    throw error instanceof BackupError ? error : fileSystemError(error, 'Cannot create the lock file', dir);
+  } finally {
+    await fs.rm(temp, { force: true });
+  }
+}
+
+function alreadyRunningError(config: DbConfig, owner: LockOwner, lockPath: string): BackupError {
+  const where = owner.hostname === os.hostname() ? `pid ${owner.pid}` : `pid ${owner.pid} on ${owner.hostname}`;
+  return new BackupError(EXIT.BACKUP_FAILED, 'Backup already running', `backup already running (${where}, since ${owner.started_at}) for database "${config.database}" (${config.environment})`, [
+    `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
+    `If no backup is running (its pid was reused by another program), remove the lock: rm ${displayPath(lockPath)}`,
+    'Backups of different databases can run at the same time; only the same database is serialised',
+  ]);
+}
+
+/**
+ * With the lock held, no other run of this database is writing here, so its leftovers are stale:
+ * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
+ * final name. Names are matched exactly (database, environment, timestamp), never by prefix.
+ */
+async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
+  const stem = `${escapeRegExp(safeNamePart(config.database))}_${config.environment}_\\d{4}-\\d{2}-\\d{2}T\\d{2}-\\d{2}-\\d{2}Z`;
+  const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
+  const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
+  const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
+  const names = await fs.readdir(dir);
+  const stale = names.filter((name) => {
+    const orphan = metadata.exec(name);
+    return partial.test(name) || tempMetadata.test(name) || (orphan !== null && !names.includes(`${orphan[1]}${DUMP_SUFFIX}`));
+  });
+  await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true })));
+  return stale;
+}
+
+function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/**
+ * A dump is rarely smaller than a tenth of the tables' heap + TOAST size compressed, or a quarter
+ * uncompressed (row headers and page overhead are not dumped). Below that the disk is clearly too
+ * small; anything above is left to the real write, whose ENOSPC is handled like any failure.
+ * The sizes are the catalog's estimates: a table never vacuumed or analysed counts as empty,
+ * which can only make this check more lenient, never refuse a backup that fits.
+ */
+export function minimumDumpBytes(tableBytes: number, compression: Compression): number {
+  return Math.ceil(tableBytes * (compression.label === 'none' ? 0.25 : 0.1));
+}
+
+async function assertDiskSpace(dir: string, tableBytes: number, compression: Compression): Promise<void> {
+  const { bavail, bsize } = await fs.statfs(dir);
+  const free = bavail * bsize;
+  const needed = minimumDumpBytes(tableBytes, compression);
+  if (free >= needed) return;
+  throw new BackupError(
+    EXIT.DISK_SPACE,
+    'Not enough disk space',
+    `${formatBytes(free)} free in ${displayPath(dir)}, but the tables hold ${formatBytes(tableBytes)} and even a well-compressed dump of them needs about ${formatBytes(needed)}`,
+    [`Check: df -h ${displayPath(dir)}`, 'Free space (remove old backups) or choose another --output-dir', 'Plan for about 2x the database size of free space'],
+  );
+}
+
 /** Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). */
 function fileSystemError(error: unknown, title: string, dir: string): BackupError {
   const code = errnoCode(error);
@@ -410,22 +571,41 @@ function fileSystemError(error: unknown, title: string, dir: string): BackupErro
 }
 
 /** Connection settings for libpq tools. Everything goes through the environment, never argv. */
-export function libpqEnv(config: DbConfig, applicationName: string): Record<string, string> {
+export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S): Record<string, string> {
   return {
     PGHOST: config.host,
     PGPORT: String(config.port),
     // PGDATABASE, unlike --dbname, is never expanded as a connection string.
     PGDATABASE: config.database,
     PGUSER: config.user,
-    PGAPPNAME: applicationName,
-    PGCONNECT_TIMEOUT: String(CONNECT_TIMEOUT_MS / 1000),
+    PGAPPNAME: APPLICATION_NAME,
+    PGCONNECT_TIMEOUT: String(connectTimeoutSeconds),
     ...(config.password !== undefined ? { PGPASSWORD: config.password } : {}),
     ...(config.sslmode ? { PGSSLMODE: config.sslmode } : {}),
   };
 }
 
-/** Connect with node-postgres, turning each kind of failure into its own actionable message. */
-async function connectDb(config: DbConfig, applicationName: string): Promise<pg.Client> {
+/**
+ * Connect with node-postgres, turning each kind of failure into its own actionable message.
+ * node-postgres has no sslmode=prefer, libpq's default: try TLS first and fall back to a plain
+ * connection only when the server says it has no TLS, as libpq does.
+ */
+async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
+  const ssl = await sslOptions(config);
+  const preferred = config.sslmode === undefined || config.sslmode === 'prefer';
+  try {
+    try {
+      return await openClient(config, connectTimeoutSeconds, ssl);
+    } catch (error) {
+      if (preferred && ssl && /does not support SSL/i.test(errorText(error))) return await openClient(config, connectTimeoutSeconds, false);
+      throw error;
+    }
+  } catch (error) {
+    throw connectionError(error, config, connectTimeoutSeconds);
+  }
+}
+
+async function openClient(config: DbConfig, connectTimeoutSeconds: number, ssl: pg.ClientConfig['ssl']): Promise<pg.Client> {
   const client = new pg.Client({
     host: config.host,
     port: config.port,
@@ -433,9 +613,9 @@ async function connectDb(config: DbConfig, applicationName: string): Promise<pg.
     user: config.user,
     // Asked only if the server wants a password. Without a configured one, behave like libpq.
     password: config.password ?? (() => passwordFromLibpqSources(config)),
-    application_name: applicationName,
-    connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
-    ssl: sslOptions(config.sslmode),
+    application_name: APPLICATION_NAME,
+    connectionTimeoutMillis: connectTimeoutSeconds * 1000,
+    ssl,
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
@@ -444,7 +624,7 @@ async function connectDb(config: DbConfig, applicationName: string): Promise<pg.
     return client;
   } catch (error) {
     await client.end().catch(() => undefined);
-    throw connectionError(error, config);
+    throw error;
   }
 }
 
@@ -494,20 +674,36 @@ export function pgpassLookup(contents: string, target: Pick<DbConfig, 'host' | '
   return undefined;
 }
 
-function sslOptions(mode: SslMode | undefined): pg.ClientConfig['ssl'] {
-  switch (mode) {
+/**
+ * libpq's sslmode for node-postgres. verify-ca and verify-full need the CA certificate, found
+ * where libpq looks for it (PGSSLROOTCERT, else ~/.postgresql/root.crt).
+ */
+async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
+  switch (config.sslmode) {
+    case 'disable':
+    case 'allow':
+      return false;
+    case undefined:
+    case 'prefer':
     case 'require':
       return { rejectUnauthorized: false };
     case 'verify-ca':
-    case 'verify-full':
-      return { rejectUnauthorized: true };
-    default:
-      return false;
+    case 'verify-full': {
+      const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
+      const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
+        throw new BackupError(EXIT.CONNECTION, 'TLS root certificate missing', `sslmode=${config.sslmode} needs the server's CA certificate, but ${file} cannot be read: ${errorText(error)}`, [
+          'Point PGSSLROOTCERT at the CA certificate (PEM) that signed the server certificate',
+          'Or use sslmode=require to encrypt without verifying the server',
+        ]);
+      });
+      // verify-ca checks the chain only; verify-full also checks that the name matches the host.
+      return config.sslmode === 'verify-ca' ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined } : { rejectUnauthorized: true, ca, servername: config.host };
+    }
   }
 }
 
 /** Pure: classify a connection failure (pg error codes and socket errors) into message + hints. */
-export function connectionError(error: unknown, config: DbConfig): BackupError {
+export function connectionError(error: unknown, config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S): BackupError {
   if (error instanceof BackupError) return error;
   const code = errnoCode(error);
   const message = errorText(error);
@@ -543,10 +739,17 @@ export function connectionError(error: unknown, config: DbConfig): BackupError {
     ]);
   }
   if (code === 'ETIMEDOUT' || code === 'EHOSTUNREACH' || code === 'ENETUNREACH' || /timeout/i.test(message)) {
-    return fail(`Database did not answer within ${CONNECT_TIMEOUT_MS / 1000} s`, [
+    return fail(`Database did not answer within ${connectTimeoutSeconds} s`, [
       `Check that the server is reachable: pg_isready -h ${config.host} -p ${config.port}`,
       'Check firewalls, VPNs and security groups between this machine and the server',
       `Check the host and port in ${config.origin.host} and ${config.origin.port}`,
+    ]);
+  }
+  if (/certificate|self[- ]signed|SSL|TLS/i.test(message)) {
+    return fail('Database TLS connection failed', [
+      `Check the sslmode (${config.sslmode ?? 'prefer, the default'}) and the server's certificate`,
+      'For verify-ca / verify-full, PGSSLROOTCERT must name the CA that signed the server certificate',
+      "If the server has no TLS, use sslmode=prefer or disable; if it requires TLS, use require or stricter",
     ]);
   }
   return fail('Database connection error', [
@@ -639,29 +842,36 @@ async function reserveBackupName(dir: string, database: string, environment: Env
  * Every user table that pg_dump writes data for: all schemas but the system ones; partitioned
  * tables once (their partitions are counted through the parent), no temp tables, no tables
  * owned by extensions. Identifiers are quoted by the server (format %I), never by string pasting.
- * data_oids are the relations whose TABLE DATA the archive must hold: the table itself, or the
- * leaf partitions of a partitioned table (pg_inherits, which works on every server version).
+ * data_oids are the relations whose TABLE DATA the archive must hold (the table itself, or the
+ * leaves of a partitioned table, through pg_inherits, which works on every server version);
+ * data_bytes is their heap + TOAST size without indexes, which pg_dump does not copy. It comes
+ * from the catalog's estimate (relpages, kept by VACUUM/ANALYZE) because pg_table_size() would
+ * take a lock on every table and queue behind any exclusive lock before pg_dump even starts.
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
          format('SELECT count(*)::text AS n FROM %s%I.%I', CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END, n.nspname, c.relname) AS count_sql,
-         CASE WHEN c.relkind = 'p' THEN array_to_json(ARRAY(
-                WITH RECURSIVE tree(relid) AS (
-                  SELECT c.oid
-                  UNION ALL
-                  SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)
-                SELECT tree.relid::int8 FROM tree JOIN pg_catalog.pg_class leaf ON leaf.oid = tree.relid
-                 WHERE leaf.relkind = 'r' ORDER BY 1))
-              ELSE array_to_json(ARRAY[c.oid::int8]) END AS data_oids
+         coalesce(array_to_json(d.oids), '[]') AS data_oids,
+         d.bytes::float8 AS data_bytes
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL (
+      SELECT array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
+             coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0) * current_setting('block_size')::int8 AS bytes
+        FROM (WITH RECURSIVE tree(relid) AS (
+                SELECT c.oid
+                UNION ALL
+                SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid WHERE c.relkind = 'p')
+              SELECT relid FROM tree) AS t
+        JOIN pg_catalog.pg_class leaf ON leaf.oid = t.relid AND leaf.relkind = 'r'
+        LEFT JOIN pg_catalog.pg_class toast ON toast.oid = leaf.reltoastrelid) AS d
    WHERE c.relkind IN ('r', 'p')
      AND NOT c.relispartition
      AND c.relpersistence <> 't'
      AND n.nspname <> 'information_schema'
      AND n.nspname !~ '^pg_'
-     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                      WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend dep
+                      WHERE dep.classid = 'pg_catalog.pg_class'::regclass AND dep.objid = c.oid AND dep.deptype = 'e')
    ORDER BY n.nspname, c.relname`;
 
 /** `table_counts` key: bare name in public, `schema.table` elsewhere. */
@@ -674,6 +884,7 @@ interface UserTable {
   table: string;
   count_sql: string;
   data_oids: number[];
+  data_bytes: number;
 }
 
 /**
@@ -699,9 +910,9 @@ async function countRows(client: pg.Client, tables: UserTable[]): Promise<Record
   return counts;
 }
 
-export function pgDumpArgs(snapshot: string, compression: Compression): string[] {
+export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number): string[] {
   // The connection (and the password) travel in the environment: see libpqEnv.
-  return ['--format=custom', `--compress=${compression.arg}`, '--no-owner', '--no-acl', `--snapshot=${snapshot}`];
+  return ['--format=custom', `--compress=${compression.arg}`, '--no-owner', '--no-acl', `--snapshot=${snapshot}`, `--lock-wait-timeout=${lockWaitTimeoutMs}`];
 }
 
 interface DumpOutcome {
@@ -1106,6 +1317,7 @@ export type ListStatus =
   | 'checksum_mismatch'
   | 'unreadable_archive'
   | 'missing_table_data'
+  | 'in_progress'
   | 'incomplete';
 
 export interface ListEntry {
@@ -1125,7 +1337,7 @@ export interface Listing {
   exists: boolean;
   fullCheck: boolean;
   backups: ListEntry[];
-  /** Leftover *.dump.partial files: shown, never counted as backups. */
+  /** *.dump.partial files, of running backups or left by killed ones: shown, never counted as backups. */
   incomplete: ListEntry[];
 }
 
@@ -1182,10 +1394,21 @@ async function describeBackup(dir: string, name: string, fullCheckWith?: PgTool)
   return failed.length === 0 ? described : { ...described, status: STATUS_OF_CHECK[failed[0]!], problems: failed.map((check) => checks[check].summary) };
 }
 
+/** A partial is a running backup's while its database's lock has a live owner, else a leftover. */
 async function describePartial(dir: string, name: string): Promise<ListEntry | undefined> {
   const stat = await fs.stat(path.join(dir, name)).catch(() => undefined);
   if (!stat?.isFile()) return undefined;
-  return { file: name, status: 'incomplete', ...parseBackupFileName(name), sizeBytes: stat.size, modifiedMs: stat.mtimeMs, problems: ['left by a backup that did not finish'] };
+  const fromName = parseBackupFileName(name);
+  const owner = fromName && (await readLockOwner(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
+  const running = owner !== undefined && (await lockOwnerAlive(owner));
+  return {
+    file: name,
+    status: running ? 'in_progress' : 'incomplete',
+    ...fromName,
+    sizeBytes: stat.size,
+    modifiedMs: stat.mtimeMs,
+    problems: [running ? `being written by pid ${owner.pid}` : 'left by a backup that did not finish; the next backup of this database removes it'],
+  };
 }
 
 /** With the full check, any backup that is not verified makes the listing fail (exit 8) for monitoring. */
@@ -1201,6 +1424,8 @@ export interface BackupOptions {
   /** Where .env.local / .env were looked for, named in configuration errors. */
   configDir: string;
   compress?: string;
+  connectTimeoutSeconds: number;
+  lockWaitTimeoutMs: number;
 }
 
 export interface BackupResult {
@@ -1208,22 +1433,48 @@ export interface BackupResult {
   metadataPath: string;
   metadata: BackupMetadata;
   checks: FileChecks;
+  /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
+  removedStaleFiles: string[];
 }
 
-/**
- * config → preflight → snapshot → pg_dump ∥ counts → verify → metadata → publish.
- * The dump gets its final name last, so a `.dump` that exists is always complete, verified and
- * described by its metadata; on any failure this run's files are removed and nothing else is touched.
- */
+/** config → preflight → lock → clean up after killed runs → connect → the snapshot backup. */
 async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
   const started = Date.now();
   const config = resolveDbConfig(vars, detectEnvironment(vars, options.env), envFilesIn(options.configDir));
   const tools = await findPgTools();
   const compression = parseCompression(options.compress, tools.pgDump.major);
   await prepareOutputDir(options.outputDir);
+  const lock = await acquireBackupLock(options.outputDir, config);
+  try {
+    const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
+    const client = await connectDb(config, options.connectTimeoutSeconds);
+    try {
+      const published = await snapshotBackup({ client, config, tools, compression, options, started }, signal);
+      return { ...published, removedStaleFiles };
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+  } finally {
+    await lock.release();
+  }
+}
 
-  const applicationName = `backup_db:${process.pid}`;
-  const client = await connectDb(config, applicationName);
+interface BackupJob {
+  client: pg.Client;
+  config: DbConfig;
+  tools: PgTools;
+  compression: Compression;
+  options: BackupOptions;
+  started: number;
+}
+
+/**
+ * snapshot → pg_dump ∥ counts → verify → metadata → publish.
+ * The dump gets its final name last, so a `.dump` that exists is always complete, verified and
+ * described by its metadata; on any failure this run's files are removed and nothing else is touched.
+ */
+async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
+  const { client, config, tools, compression, options } = job;
   // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
   // database session stop, and the reason is what gets reported.
   const run = new AbortController();
@@ -1235,16 +1486,19 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
     const server = await readServerInfo(client);
     assertPgDumpCanDump(tools.pgDump, server);
 
-    // One snapshot for the dump and the counts: they describe the same instant.
+    // One snapshot for the dump and the counts: they describe the same instant. The counts wait
+    // for table locks no longer than pg_dump does.
     await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
     const { rows } = await client.query<{ snapshot: string }>('SELECT pg_catalog.pg_export_snapshot() AS snapshot');
+    await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
     const tables = await listUserTables(client, config);
+    await assertDiskSpace(options.outputDir, tables.reduce((sum, table) => sum + table.data_bytes, 0), compression);
     const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date());
     created.push(reserved.partialPath);
 
-    const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression);
+    const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs);
     const [dump, tableCounts] = await bothOrNeither(run, [
-      streamPgDump(tools.pgDump, dumpArgs, libpqEnv(config, applicationName), reserved.partialPath, run.signal),
+      streamPgDump(tools.pgDump, dumpArgs, libpqEnv(config, options.connectTimeoutSeconds), reserved.partialPath, run.signal),
       countRows(client, tables),
     ]);
     // Only now may the exporting transaction end: pg_dump has long since imported the snapshot.
@@ -1262,7 +1516,7 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
       postgresql_version: server.version,
       format: 'custom',
       compression: compression.label,
-      duration_ms: Date.now() - started,
+      duration_ms: Date.now() - job.started,
       snapshot_consistent: true,
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
@@ -1284,7 +1538,6 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
     throw asBackupError(run.signal.aborted ? run.signal.reason : error, config);
   } finally {
     signal.removeEventListener('abort', onInterrupt);
-    await client.end().catch(() => undefined);
   }
 }
 
@@ -1310,7 +1563,8 @@ function envFilesIn(dir: string): string {
 function asBackupError(error: unknown, config: DbConfig): BackupError {
   if (error instanceof BackupError) return error;
   if (isDatabaseError(error)) {
-    if (error.code === '42501') return pgDumpError(error);
+    // insufficient_privilege and lock_not_available read the same from pg as from pg_dump.
+    if (error.code === '42501' || error.code === '55P03') return pgDumpError(error);
     return new BackupError(EXIT.BACKUP_FAILED, 'Backup failed: a database query failed', errorText(error), [
       `Check the server log of ${config.host}:${config.port} around this time`,
       'Run the backup again; if it fails the same way, the message above names the cause',
@@ -1415,7 +1669,7 @@ export function displayPath(filePath: string): string {
   return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : filePath;
 }
 
-function printBackupSummary({ dumpPath, metadataPath, metadata }: BackupResult): void {
+function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFiles }: BackupResult): void {
   const lines = [
     '✓ Backup created successfully',
     '',
@@ -1428,6 +1682,9 @@ function printBackupSummary({ dumpPath, metadataPath, metadata }: BackupResult):
     `Checksum:    ${shortHash(metadata.checksum_sha256)}`,
     'Verified:    ✓ Integrity check passed',
   ];
+  if (removedStaleFiles.length > 0) {
+    lines.push(`Cleaned up:  ${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run (${removedStaleFiles.join(', ')})`);
+  }
   console.log(lines.map((line) => paint(line, out)).join('\n'));
 }
 
@@ -1457,6 +1714,7 @@ const STATUS_LABELS: Record<ListStatus, string> = {
   checksum_mismatch: '✗ Checksum mismatch',
   unreadable_archive: '✗ Unreadable archive',
   missing_table_data: '✗ Table data missing',
+  in_progress: '… In progress',
   incomplete: '✗ Incomplete',
 };
 
@@ -1478,7 +1736,10 @@ export function listingLines(listing: Listing): string[] {
 
   const failed = listing.backups.filter((b) => b.status !== 'verified').length;
   const summary = [plural(listing.backups.length, 'backup')];
-  if (listing.incomplete.length > 0) summary.push(`${plural(listing.incomplete.length, 'incomplete file')} (left by runs that did not finish; not backups)`);
+  const running = listing.incomplete.filter((e) => e.status === 'in_progress').length;
+  const leftovers = listing.incomplete.length - running;
+  if (running > 0) summary.push(`${running} in progress`);
+  if (leftovers > 0) summary.push(`${plural(leftovers, 'incomplete file')} (left by runs that did not finish; not backups)`);
   const check = listing.fullCheck
     ? failed === 0
       ? 'Every backup was re-read: checksum, size, archive structure and table data verified.'
@@ -1515,7 +1776,13 @@ function checksDocument(checks: FileChecks): Record<keyof FileChecks, Check> {
 }
 
 function backupDocument(result: BackupResult): Record<string, unknown> {
-  return { backup_file: result.dumpPath, metadata_file: result.metadataPath, metadata: result.metadata, checks: checksDocument(result.checks) };
+  return {
+    backup_file: result.dumpPath,
+    metadata_file: result.metadataPath,
+    metadata: result.metadata,
+    checks: checksDocument(result.checks),
+    removed_stale_files: result.removedStaleFiles,
+  };
 }
 
 function verifyDocument(result: VerifyResult): Record<string, unknown> {
@@ -1581,6 +1848,8 @@ interface CliOptions {
   outputDir?: string;
   configDir: string;
   compress?: string;
+  connectTimeout: number;
+  lockWaitTimeout: number;
   verify?: string | true;
   list?: true;
   json?: true;
@@ -1603,17 +1872,45 @@ export function chooseMode(opts: Pick<CliOptions, 'verify' | 'list'>): Mode {
   return opts.verify === undefined ? { command: 'backup' } : { command: 'verify', file: opts.verify };
 }
 
+/** Pure: "30s", "500ms", "2min", "1h", or a bare number of seconds → milliseconds. 0 means no limit. */
+export function parseDuration(value: string): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h)?\s*$/.exec(value);
+  if (!match) throw new InvalidArgumentError('Use a duration such as 500ms, 30s, 2min or 1h (0 waits forever).');
+  const factor = { ms: 1, s: 1000, min: 60_000, h: 3_600_000 }[(match[2] ?? 's') as 'ms' | 's' | 'min' | 'h'];
+  return Math.round(Number(match[1]) * factor);
+}
+
+/** Pure: a positive whole number of seconds, as libpq's connect_timeout takes it. */
+export function parseTimeoutSeconds(value: string): number {
+  const seconds = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
+  if (!(seconds >= 1 && seconds <= 3600)) throw new InvalidArgumentError('Use a whole number of seconds from 1 to 3600.');
+  return seconds;
+}
+
+/** Pure: a directory argument; an empty one would silently mean "the default", so refuse it. */
+function nonEmptyPath(value: string): string {
+  if (value.trim() === '') throw new InvalidArgumentError('The path is empty.');
+  if (value.includes('\0')) throw new InvalidArgumentError('The path contains a NUL byte.');
+  return value;
+}
+
 function buildProgram(json: boolean): Command {
   return new Command()
     .name('backup_db.ts')
     .description('Back up the dev or prod PostgreSQL database with pg_dump, write checksummed metadata, and verify it.')
     .addOption(new Option('--env <env>', 'environment to back up; auto reads ENV_MODE, then DEV_DB_NAME / DB_NAME').choices(['dev', 'prod', 'auto']).default('auto'))
-    .addOption(new Option('--output-dir <dir>', 'directory for backups (default: db/backups/ in the project directory)'))
+    .addOption(new Option('--output-dir <dir>', 'directory for backups (default: db/backups/ in the project directory)').argParser(nonEmptyPath))
     .addOption(new Option('--verify [file]', 'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully verify every backup'))
     .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
     .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
     .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd on pg_dump 16+)'))
-    .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').default(PROJECT_DIR, 'the project directory'))
+    .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds').argParser(parseTimeoutSeconds).default(DEFAULT_CONNECT_TIMEOUT_S))
+    .addOption(
+      new Option('--lock-wait-timeout <duration>', 'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)')
+        .argParser(parseDuration)
+        .default(parseDuration(DEFAULT_LOCK_WAIT_TIMEOUT), DEFAULT_LOCK_WAIT_TIMEOUT),
+    )
+    .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
     .showHelpAfterError(json ? false : '(run with --help for usage)')
     .exitOverride();
 }
@@ -1654,7 +1951,18 @@ export async function main(argv: string[]): Promise<number> {
     const vars = await loadEnvVars(configDir, process.env);
     secrets.push(...secretsIn(vars));
     const result = await withInterruptSignal((signal) =>
-      runBackup(vars, { env: opts.env, outputDir, configDir, ...(opts.compress !== undefined ? { compress: opts.compress } : {}) }, signal),
+      runBackup(
+        vars,
+        {
+          env: opts.env,
+          outputDir,
+          configDir,
+          connectTimeoutSeconds: opts.connectTimeout,
+          lockWaitTimeoutMs: opts.lockWaitTimeout,
+          ...(opts.compress !== undefined ? { compress: opts.compress } : {}),
+        },
+        signal,
+      ),
     );
     if (json) printJson(command, true, backupDocument(result), secrets);
     else printBackupSummary(result);

@@ -243,13 +243,14 @@ describe('secrets', () => {
 
   test('pg_dump gets the password in its environment and never in argv', () => {
     const config = resolveDbConfig(env({ DB_NAME: 'app', DB_PASSWORD: 'hunter2', DB_SSLMODE: 'require' }), 'prod');
-    const childEnv = libpqEnv(config, 'backup_db:1');
+    const childEnv = libpqEnv(config, 7);
     assert.equal(childEnv.PGPASSWORD, 'hunter2');
     assert.equal(childEnv.PGDATABASE, 'app');
     assert.equal(childEnv.PGSSLMODE, 'require');
-    const args = pgDumpArgs('00000003-00000002-1', { arg: '1', label: 'gzip:1' });
+    assert.equal(childEnv.PGCONNECT_TIMEOUT, '7');
+    const args = pgDumpArgs('00000003-00000002-1', { arg: '1', label: 'gzip:1' }, 30_000);
     assert.ok(!args.join(' ').includes('hunter2'));
-    assert.deepEqual(args, ['--format=custom', '--compress=1', '--no-owner', '--no-acl', '--snapshot=00000003-00000002-1']);
+    assert.deepEqual(args, ['--format=custom', '--compress=1', '--no-owner', '--no-acl', '--snapshot=00000003-00000002-1', '--lock-wait-timeout=30000']);
   });
 
   test('pgpassLookup follows libpq: first match wins, * matches anything, \\: and \\\\ escape', () => {
