@@ -545,23 +545,22 @@ async function assertDiskSpace(dir: string, tableBytes: number, compression: Com
   const free = bavail * bsize;
   const needed = minimumDumpBytes(tableBytes, compression);
   if (free >= needed) return;
-  throw new BackupError(
-    EXIT.DISK_SPACE,
-    'Not enough disk space',
-    `${formatBytes(free)} free in ${displayPath(dir)}, but the tables hold ${formatBytes(tableBytes)} and even a well-compressed dump of them needs about ${formatBytes(needed)}`,
-    [`Check: df -h ${displayPath(dir)}`, 'Free space (remove old backups) or choose another --output-dir', 'Plan for about 2x the database size of free space'],
-  );
+  throw diskSpaceError(`${formatBytes(free)} free in ${displayPath(dir)}, but the tables hold ${formatBytes(tableBytes)} and even a well-compressed dump of them needs about ${formatBytes(needed)}`, dir);
+}
+
+/** Exit 5, whether the preflight saw it coming or the disk filled up during the write. */
+function diskSpaceError(details: string, dir: string): BackupError {
+  return new BackupError(EXIT.DISK_SPACE, 'Not enough disk space', details, [
+    `Check free space: df -h ${displayPath(dir)}`,
+    'Free space (remove old backups) or choose another --output-dir',
+    'Plan for about 2x the database size of free space',
+  ]);
 }
 
 /** Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). */
 function fileSystemError(error: unknown, title: string, dir: string): BackupError {
   const code = errnoCode(error);
-  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') {
-    return new BackupError(EXIT.DISK_SPACE, 'Not enough disk space', `${title}: ${errorText(error)}`, [
-      `Check free space: df -h ${dir}`,
-      'Free space (remove old backups) or choose another --output-dir',
-    ]);
-  }
+  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') return diskSpaceError(`${title}: ${errorText(error)}`, dir);
   const notDirectory = code === 'ENOTDIR' || code === 'EEXIST';
   return new BackupError(EXIT.PERMISSION, notDirectory ? `${title}: a path component is not a directory` : title, errorText(error), [
     notDirectory ? `Check the path: ls -ld ${dir}` : `Check ownership and permissions: ls -ld ${dir}`,
@@ -2013,5 +2012,9 @@ export function secretsIn(vars: EnvVars): string[] {
 
 const isDirectRun = process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href;
 if (isDirectRun) {
+  // Node ignores SIGXFSZ, so a write beyond RLIMIT_FSIZE fails with EFBIG and is cleaned up like a
+  // full disk. execa's exit hook re-raises signals nobody else listens to, which would kill us
+  // mid-write instead: this listener keeps Node's behaviour.
+  if (process.platform !== 'win32') process.on('SIGXFSZ', () => undefined);
   process.exitCode = await main(process.argv);
 }
