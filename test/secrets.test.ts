@@ -9,7 +9,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { waitForBlockedPgDump } from './helpers/wait.ts';
+import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -52,13 +52,10 @@ test('the password travels in the environment of pg_dump, never in any argv, out
     DEV_DB_PASSWORD: server.password,
   });
 
-  const blocker = await server.connect('secret_app');
-  const observer = await server.connect('secret_app');
-  await blocker.query('BEGIN');
-  await blocker.query('LOCK TABLE notes IN ACCESS EXCLUSIVE MODE');
+  const lock = await holdTableLock(() => server.connect('secret_app'), 'notes');
   const cli = startCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
   try {
-    await waitForBlockedPgDump(observer);
+    await waitForBlockedPgDump(lock.observer);
 
     const all = await processes();
     const pgDump = all.filter((p) => path.basename(p.argv[0] ?? '') === 'pg_dump');
@@ -68,8 +65,7 @@ test('the password travels in the environment of pg_dump, never in any argv, out
     const leaking = all.filter((p) => p.argv.some((arg) => arg.includes(server.password)));
     assert.deepEqual(leaking.map((p) => p.argv.join(' ')), [], 'no process shows the password in its command line');
   } finally {
-    await blocker.query('ROLLBACK');
-    await Promise.all([blocker.end(), observer.end()]);
+    await lock.release();
   }
 
   const result = await cli;

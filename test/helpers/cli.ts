@@ -6,6 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa, type Options, type ResultPromise } from 'execa';
 import type { TestServer } from './pg-server.ts';
+import { directoryFingerprint } from './wait.ts';
 
 export const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const SCRIPT = path.join(PROJECT_DIR, 'backup_db.ts');
@@ -22,6 +23,8 @@ export interface CliRun {
   cwd?: string;
   /** Make file permission bits bind even when the tests run as root (CI does). */
   withoutRootOverride?: boolean;
+  /** A command the CLI runs under, e.g. ['prlimit', '--fsize=1000000', '--']. */
+  wrapper?: string[];
 }
 
 /**
@@ -30,8 +33,8 @@ export interface CliRun {
  */
 const ROOT_WITHOUT_DAC_OVERRIDE = ['setpriv', '--bounding-set=-dac_override,-dac_read_search', '--'];
 
-export function startCli({ args, env = {}, cwd = PROJECT_DIR, withoutRootOverride = false }: CliRun): ResultPromise<Options & { reject: false }> {
-  const command = [process.execPath, '--import', 'tsx', SCRIPT, ...args];
+export function startCli({ args, env = {}, cwd = PROJECT_DIR, withoutRootOverride = false, wrapper = [] }: CliRun): ResultPromise<Options & { reject: false }> {
+  const command = [...wrapper, process.execPath, '--import', 'tsx', SCRIPT, ...args];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
     env: { ...baseEnv(), ...env },
@@ -95,4 +98,17 @@ export async function takeBackup(server: TestServer, database: string, outputDir
   const metadataPath = dumpPath.replace(/\.dump$/, '.metadata.json');
   const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as Record<string, unknown>;
   return { stdout: result.stdout, stderr: result.stderr, outputDir, dumpPath, metadataPath, metadata };
+}
+
+/**
+ * A directory holding one real, earlier backup of `database`, the arguments to back it up there
+ * again, and the fingerprint that later runs must leave untouched.
+ */
+export async function directoryWithExistingBackup(server: TestServer, database: string, vars: Record<string, string> = dbVars(server, 'DEV_DB_', database)) {
+  const outputDir = path.join(await tempDir(), 'out');
+  await takeBackup(server, database, outputDir);
+  const configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', vars);
+  const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
+  return { outputDir, args, before: await directoryFingerprint(outputDir) };
 }

@@ -37,3 +37,31 @@ export async function directoryFingerprint(dir: string): Promise<Record<string, 
   }
   return result;
 }
+
+/**
+ * Hold an ACCESS EXCLUSIVE lock on a table, so a backup's pg_dump waits on it for as long as a
+ * test needs to look at the running backup. `observer` is a second connection for polling.
+ */
+export async function holdTableLock(connect: () => Promise<pg.Client>, table: string) {
+  const [holder, observer] = await Promise.all([connect(), connect()]);
+  await holder.query('BEGIN');
+  await holder.query(`LOCK TABLE ${holder.escapeIdentifier(table)} IN ACCESS EXCLUSIVE MODE`);
+  let released = false;
+  return {
+    observer,
+    async release() {
+      if (released) return;
+      released = true;
+      await holder.query('ROLLBACK');
+      await Promise.all([holder.end(), observer.end()]);
+    },
+  };
+}
+
+/** Wait (bounded) until no backup session is left on the server: pg_dump's included. */
+export async function waitForNoBackupSessions(client: pg.Client): Promise<void> {
+  await waitFor('backup sessions to end', async () => {
+    const { rows } = await client.query("SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%'");
+    return rows.length === 0 ? true : undefined;
+  }, 15_000);
+}

@@ -1,0 +1,131 @@
+/**
+ * Issue 4.2, concurrent runs. One backup per database at a time (a lock file in the output
+ * directory); a second run for the same database exits 7 naming the running one; different
+ * databases back up in parallel; locks of dead processes, or of pids since reused, are taken over.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { holdTableLock, waitFor } from './helpers/wait.ts';
+
+let server: TestServer;
+before(async () => {
+  server = await startTestServer();
+  for (const db of ['conc_a', 'conc_b']) {
+    await server.createDatabase(db);
+    const client = await server.connect(db);
+    await client.query('CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 1000)');
+    await client.end();
+  }
+});
+after(() => server?.stop());
+
+async function backupArgs(database: string, outputDir: string): Promise<string[]> {
+  const configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+  return ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
+}
+
+const dumpsIn = async (dir: string) => (await fs.readdir(dir)).filter((name) => name.endsWith('.dump'));
+
+/** The start time /proc records for a process: what the lock compares to tell a reused pid. */
+async function procStartTime(pid: number): Promise<string> {
+  const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]!;
+}
+
+describe('two runs for the same database', () => {
+  test('started together: one backs up, the other exits 7 with "backup already running (pid N, since T)"', { timeout: 60_000 }, async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    const args = await backupArgs('conc_a', outputDir);
+    // The winner's pg_dump waits on this lock, so the two runs certainly overlap.
+    const lock = await holdTableLock(() => server.connect('conc_a'), 'items');
+    const runs = [startCli({ args }), startCli({ args })] as const;
+    const firstToExit = await Promise.race(runs.map((run, index) => run.then(() => index)));
+    const [loser, winner] = [runs[firstToExit]!, runs[1 - firstToExit]!];
+    try {
+      const lost = await loser;
+      assert.equal(lost.exitCode, 7, String(lost.stderr));
+      const stderr = String(lost.stderr);
+      assert.match(stderr, /^✗ Backup failed: Backup already running$/m);
+      const match = /backup already running \(pid (\d+), since (\S+)\) for database "conc_a" \(dev\)/.exec(stderr);
+      assert.ok(match, stderr);
+      assert.equal(Number(match[1]), winner.pid, 'it names the run that holds the lock');
+      assert.ok(!Number.isNaN(Date.parse(match[2]!)));
+    } finally {
+      await lock.release();
+    }
+    const won = await winner;
+    assert.equal(won.exitCode, 0, String(won.stderr));
+    assert.equal((await dumpsIn(outputDir)).length, 1);
+    assert.ok(!(await fs.readdir(outputDir)).some((name) => name.endsWith('.lock') || name.endsWith('.partial')), 'lock released, nothing left over');
+  });
+});
+
+describe('runs for different databases', () => {
+  test('proceed in parallel in the same directory', { timeout: 60_000 }, async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    const [argsA, argsB] = await Promise.all([backupArgs('conc_a', outputDir), backupArgs('conc_b', outputDir)]);
+    const lockA = await holdTableLock(() => server.connect('conc_a'), 'items');
+    const lockB = await holdTableLock(() => server.connect('conc_b'), 'items');
+    const runs = [startCli({ args: argsA }), startCli({ args: argsB })];
+    try {
+      // Both pg_dumps running at once, each waiting on its own database's lock.
+      await waitFor('two pg_dumps running at once', async () => {
+        const { rows } = await lockA.observer.query(
+          "SELECT count(DISTINCT datname)::int AS n FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%' AND query LIKE 'LOCK TABLE%'",
+        );
+        return rows[0].n === 2 ? true : undefined;
+      });
+    } finally {
+      await Promise.all([lockA.release(), lockB.release()]);
+    }
+    for (const run of await Promise.all(runs)) assert.equal(run.exitCode, 0, String(run.stderr));
+    assert.equal((await dumpsIn(outputDir)).length, 2);
+  });
+});
+
+describe('stale locks', () => {
+  async function runWithLock(owner: Record<string, unknown>) {
+    const outputDir = path.join(await tempDir(), 'out');
+    await fs.mkdir(outputDir);
+    await fs.writeFile(path.join(outputDir, 'conc_a_dev.lock'), JSON.stringify(owner));
+    const result = await runCli({ args: await backupArgs('conc_a', outputDir) });
+    return { ...result, files: await fs.readdir(outputDir) };
+  }
+  const base = () => ({ hostname: os.hostname(), started_at: new Date(Date.now() - 3_600_000).toISOString() });
+
+  test('a lock whose process is dead is taken over', async () => {
+    const dead = execa('true');
+    const deadPid = dead.pid;
+    await dead;
+    const result = await runWithLock({ ...base(), pid: deadPid, process_start: null });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.ok(!result.files.some((name) => name.endsWith('.lock')), 'taken over, then released');
+  });
+
+  test('a lock whose pid now belongs to another program (start time differs) is taken over', async () => {
+    const result = await runWithLock({ ...base(), pid: process.pid, process_start: '1' });
+    assert.equal(result.exitCode, 0, result.stderr);
+  });
+
+  test('a lock held by a live process is respected (exit 7) and left in place', async () => {
+    const owner = { ...base(), pid: process.pid, process_start: await procStartTime(process.pid) };
+    const result = await runWithLock(owner);
+    assert.equal(result.exitCode, 7);
+    assert.match(result.stderr, new RegExp(`backup already running \\(pid ${process.pid}, since ${owner.started_at}\\)`));
+    assert.match(result.stderr, /rm .*conc_a_dev\.lock/, 'says how to clear a lock if the owner is really gone');
+    assert.deepEqual(result.files, ['conc_a_dev.lock']);
+  });
+
+  test('a lock from another machine (shared storage) cannot be checked, so it is respected', async () => {
+    const result = await runWithLock({ ...base(), hostname: 'some-other-host', pid: 1, process_start: null });
+    assert.equal(result.exitCode, 7);
+    assert.match(result.stderr, /pid 1 on some-other-host/);
+  });
+});

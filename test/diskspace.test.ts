@@ -1,0 +1,78 @@
+/**
+ * Issue 4.3, disk space. The preflight compares free space with the tables' size and fails early
+ * (exit 5, with the figures) when the disk is clearly too small. A disk that fills up during the
+ * write (ENOSPC on a real tmpfs, or EFBIG under RLIMIT_FSIZE) also ends with exit 5, no file of
+ * the run kept, and the existing backups untouched.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { dbVars, directoryWithExistingBackup, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { runCliOnTmpfs } from './helpers/tmpfs.ts';
+import { directoryFingerprint } from './helpers/wait.ts';
+
+let server: TestServer;
+let configDir: string;
+let existing: Awaited<ReturnType<typeof directoryWithExistingBackup>>;
+
+before(async () => {
+  server = await startTestServer();
+  // ~4 MB of incompressible data (md5 output), so the dump really is ~4 MB.
+  await server.createDatabase('space_app');
+  const client = await server.connect('space_app');
+  await client.query(`
+    CREATE TABLE blobs (id int PRIMARY KEY, payload bytea);
+    INSERT INTO blobs SELECT i, (SELECT string_agg(decode(md5(i || '-' || j), 'hex'), ''::bytea) FROM generate_series(1, 6400) AS j)
+      FROM generate_series(1, 40) AS i`);
+  // The size estimate comes from the catalog, which VACUUM brings up to date.
+  await client.query('VACUUM ANALYZE blobs');
+  await client.end();
+  // A small database whose real backup plays "the existing backups" on the full disk.
+  await server.createDatabase('space_small');
+  const small = await server.connect('space_small');
+  await small.query('CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
+  await small.end();
+  existing = await directoryWithExistingBackup(server, 'space_small');
+  configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'space_app'));
+});
+after(() => server?.stop());
+
+const backupArgs = (outputDir: string) => ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
+
+function assertDiskFull(result: { exitCode: number; stderr: string; stdout: string }) {
+  assert.equal(result.exitCode, 5, `${result.stdout}\n${result.stderr}`);
+  assert.match(result.stderr, /^✗ Backup failed: Not enough disk space$/m);
+  assert.match(result.stderr, /Troubleshooting:\n {2}1\. Check free space: df -h /);
+  assert.doesNotMatch(result.stderr, /\n\s+at .+:\d+:\d+/);
+}
+
+describe('disk space', () => {
+  test('preflight: clearly too little free space → exit 5 with the figures, before anything is written', async () => {
+    const result = await runCliOnTmpfs(128 * 1024, existing.outputDir, backupArgs);
+    assertDiskFull(result);
+    assert.match(result.stderr, /Error: \d+\.\d KB free in .*, but the tables hold \d+\.\d MB and even a well-compressed dump of them needs about \d+\.\d KB/);
+    assert.deepEqual(result.after, existing.before, 'only the existing backup; no partial, no lock');
+  });
+
+  test('a real ENOSPC during the write → exit 5, the partial removed, existing backups untouched', async () => {
+    const result = await runCliOnTmpfs(1024 * 1024, existing.outputDir, backupArgs);
+    assertDiskFull(result);
+    assert.match(result.stderr, /ENOSPC/);
+    assert.deepEqual(result.after, existing.before);
+  });
+
+  test('RLIMIT_FSIZE (EFBIG) during the write, where no tmpfs can be mounted → exit 5, same guarantees', async () => {
+    const seeded = await directoryWithExistingBackup(server, 'space_small');
+    const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir], wrapper: ['prlimit', '--fsize=1000000', '--'] });
+    assertDiskFull(result);
+    assert.match(result.stderr, /EFBIG/);
+    assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
+  });
+
+  test('with room to spare the same backup succeeds, so the failures above are about space', async () => {
+    const result = await runCliOnTmpfs(64 * 1024 * 1024, undefined, backupArgs);
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(Object.keys(result.after).filter((name) => name.endsWith('.dump')).length, 1);
+  });
+});
