@@ -263,9 +263,17 @@ function validateHost(value: string, origin: string): string {
   return host;
 }
 
+/** PostgreSQL cuts names at 63 bytes (NAMEDATALEN), even when connecting: a longer one would reach another database. */
+const MAX_NAME_BYTES = 63;
+
 function validateName(value: string, origin: string): string {
   if (!value.trim() || value.includes('\0')) {
     throw configError(`${origin} is blank or contains a NUL byte`, ['Set it to the exact database or user name']);
+  }
+  if (Buffer.byteLength(value) > MAX_NAME_BYTES) {
+    throw configError(`${origin} is ${Buffer.byteLength(value)} bytes long; PostgreSQL names are at most ${MAX_NAME_BYTES} bytes`, [
+      'Set it to the exact database or user name (psql -l lists the databases)',
+    ]);
   }
   return value;
 }
@@ -493,7 +501,7 @@ async function acquireBackupLock(dir: string, config: DbConfig): Promise<BackupL
   } catch (error) {
     throw error instanceof BackupError ? error : fileSystemError(error, 'Cannot create the lock file', dir);
   } finally {
-    await fs.rm(temp, { force: true });
+    await removeQuietly(temp);
   }
 }
 
@@ -792,9 +800,13 @@ export function isoSeconds(date: Date): string {
   return date.toISOString().replace(/\.\d{3}Z$/, 'Z');
 }
 
-/** File-name-safe database name: anything but letters, digits, '.', '_', '-' becomes '_'. */
+/**
+ * File-name-safe database name: anything but letters, digits, '.', '_', '-' becomes '_'. Capped
+ * so that names stay far below the 255-byte limit of file names.
+ */
 export function safeNamePart(name: string): string {
-  return name.replace(/[^\p{L}\p{N}._-]/gu, '_').replace(/^\.+/, '_');
+  const safe = name.replace(/[^\p{L}\p{N}._-]/gu, '_').replace(/^\.+/, '_');
+  return Buffer.byteLength(safe) <= 100 ? safe : `${[...safe].slice(0, 40).join('')}-${createHash('sha256').update(name).digest('hex').slice(0, 12)}`;
 }
 
 /** `{database}_{env}_{YYYY-MM-DDTHH-MM-SSZ}.dump` */
@@ -1106,7 +1118,7 @@ export async function writeFileAtomic(filePath: string, contents: string): Promi
     await fs.rename(temp, filePath);
     await syncDirectory(path.dirname(filePath));
   } catch (error) {
-    await fs.rm(temp, { force: true });
+    await removeQuietly(temp);
     throw error;
   }
 }
@@ -1533,7 +1545,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     await syncDirectory(options.outputDir);
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
-    await Promise.all(created.map((file) => fs.rm(file, { force: true })));
+    await Promise.all(created.map(removeQuietly));
     throw asBackupError(run.signal.aborted ? run.signal.reason : error, config);
   } finally {
     signal.removeEventListener('abort', onInterrupt);
@@ -1829,6 +1841,11 @@ function errorText(error: unknown): string {
 
 function isDatabaseError(error: unknown): error is pg.DatabaseError {
   return error instanceof pg.DatabaseError;
+}
+
+/** Cleanup on a failure path must never replace the failure being reported. */
+async function removeQuietly(filePath: string): Promise<void> {
+  await fs.rm(filePath, { force: true }).catch(() => undefined);
 }
 
 async function pathExists(filePath: string): Promise<boolean> {
