@@ -211,6 +211,9 @@ describe('file names', () => {
     assert.equal(safeNamePart('.hidden'), '_hidden');
     assert.equal(safeNamePart('My DB; drop'), 'My_DB__drop');
     assert.equal(safeNamePart('données'), 'données');
+    const long = safeNamePart('x'.repeat(63) + 'é'.repeat(30));
+    assert.ok(Buffer.byteLength(long) <= 100 && /^x{40}-[0-9a-f]{12}$/.test(long), long);
+    assert.notEqual(safeNamePart('y'.repeat(120) + 'a'), safeNamePart('y'.repeat(120) + 'b'), 'capped names stay distinct');
     assert.ok(!backupFileName('a/b\\c', 'prod', at).includes('/'));
   });
 });

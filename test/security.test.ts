@@ -1,0 +1,128 @@
+/**
+ * Issue 4.7, security. A password that turns up inside PostgreSQL's own error text is masked;
+ * PGPASSFILE and ~/.pgpass work the way libpq's do (and a password file others can read is
+ * ignored); sslmode from DB_SSLMODE or the URL is honoured by both the check connection and
+ * pg_dump. (File modes 0600/0700 are checked in backup.test.ts, argv in secrets.test.ts.)
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { dbVars, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { selfSignedCertificate, startTestServer, type TestServer } from './helpers/pg-server.ts';
+
+let server: TestServer;
+let tlsServer: TestServer & { certificate?: string };
+before(async () => {
+  [server, tlsServer] = await Promise.all([startTestServer(), startTestServer({ tlsOnly: true })]);
+  for (const s of [server, tlsServer]) {
+    await s.createDatabase('sec_app');
+    const client = await s.connect('sec_app');
+    await client.query("CREATE TABLE secrets_table (id int, note text); INSERT INTO secrets_table VALUES (1, 'x')");
+    await client.end();
+  }
+});
+after(() => Promise.all([server?.stop(), tlsServer?.stop()]));
+
+async function backup(vars: Record<string, string>, env: Record<string, string> = {}) {
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'out');
+  await writeEnvFile(configDir, '.env', vars);
+  const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir], env: { HOME: configDir, ...env } });
+  const files = await fs.readdir(outputDir).catch(() => [] as string[]);
+  return { ...result, files, configDir };
+}
+
+describe('secrets in messages', () => {
+  test("a password that turns up in the server's own error text is masked", async () => {
+    // A realistic slip: the password pasted into the database-name field.
+    const result = await backup({ ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_NAME: server.password });
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /database "\*\*\*\*" does not exist/);
+    assert.ok(!result.stderr.includes(server.password) && !result.stdout.includes(server.password));
+  });
+});
+
+describe('password files', () => {
+  const withoutPassword = () => {
+    const { DEV_DB_PASSWORD: _unused, ...vars } = dbVars(server, 'DEV_DB_', 'sec_app');
+    return vars;
+  };
+  const pgpassLine = () => `${server.host}:${server.port}:sec_app:${server.user}:${server.password}\n`;
+
+  test('PGPASSFILE is used by the connection check and by pg_dump alike', async () => {
+    const file = path.join(await tempDir(), 'pgpass');
+    await fs.writeFile(file, `# comment\nother:1:x:y:z\n${pgpassLine()}`, { mode: 0o600 });
+    const result = await backup(withoutPassword(), { PGPASSFILE: file });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(result.files.filter((name) => name.endsWith('.dump')).length, 1);
+  });
+
+  test('~/.pgpass is used when PGPASSFILE is not set', async () => {
+    const home = await tempDir();
+    await fs.writeFile(path.join(home, '.pgpass'), pgpassLine(), { mode: 0o600 });
+    const result = await backup(withoutPassword(), { HOME: home });
+    assert.equal(result.exitCode, 0, result.stderr);
+  });
+
+  test('a password file that others can read is ignored, as libpq ignores it, and the error says why', async () => {
+    const file = path.join(await tempDir(), 'pgpass');
+    await fs.writeFile(file, pgpassLine(), { mode: 0o644 });
+    await fs.chmod(file, 0o644);
+    const result = await backup(withoutPassword(), { PGPASSFILE: file });
+    assert.equal(result.exitCode, 3, result.stderr);
+    assert.match(result.stderr, /^✗ Backup failed: Database authentication failed$/m);
+    assert.match(result.stderr, /has group or world access/);
+    assert.match(result.stderr, /chmod 0600/);
+    assert.ok(!result.stderr.includes(server.password));
+  });
+});
+
+describe('sslmode, against a server that accepts TLS connections only', () => {
+  const vars = (extra: Record<string, string> = {}) => ({ ...dbVars(tlsServer, 'DEV_DB_', 'sec_app'), ...extra });
+
+  test('DEV_DB_SSLMODE=require: both connections use TLS, the backup succeeds', async () => {
+    const result = await backup(vars({ DEV_DB_SSLMODE: 'require' }));
+    assert.equal(result.exitCode, 0, result.stderr);
+  });
+
+  test("no sslmode (libpq's prefer) still connects, over TLS", async () => {
+    const result = await backup(vars());
+    assert.equal(result.exitCode, 0, result.stderr);
+  });
+
+  test('sslmode=disable is refused by the server: exit 3 with its message', async () => {
+    const result = await backup(vars({ DEV_DB_SSLMODE: 'disable' }));
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /no pg_hba\.conf entry .* no encryption/);
+  });
+
+  test('verify-full with PGSSLROOTCERT naming the server CA succeeds', async () => {
+    const result = await backup(vars({ DEV_DB_SSLMODE: 'verify-full' }), { PGSSLROOTCERT: tlsServer.certificate! });
+    assert.equal(result.exitCode, 0, result.stderr);
+  });
+
+  test('verify-full against another CA fails: exit 3, TLS connection failed', async () => {
+    const other = await selfSignedCertificate(await tempDir());
+    const result = await backup(vars({ DEV_DB_SSLMODE: 'verify-full' }), { PGSSLROOTCERT: other.cert });
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
+    assert.deepEqual(result.files, []);
+  });
+
+  test('verify-ca without any CA certificate: exit 3, saying where it looked', async () => {
+    const result = await backup(vars({ DEV_DB_SSLMODE: 'verify-ca' }));
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /^✗ Backup failed: TLS root certificate missing$/m);
+    assert.match(result.stderr, /\.postgresql\/root\.crt cannot be read/);
+  });
+
+  test('sslmode in the connection URL works like DB_SSLMODE', async () => {
+    const url = `postgresql://${tlsServer.user}:${encodeURIComponent(tlsServer.password)}@${tlsServer.host}:${tlsServer.port}/sec_app?sslmode=require`;
+    const ok = await backup({ DEV_DATABASE_URL: url });
+    assert.equal(ok.exitCode, 0, ok.stderr);
+    const refused = await backup({ DEV_DATABASE_URL: url.replace('sslmode=require', 'sslmode=disable') });
+    assert.equal(refused.exitCode, 3);
+    assert.ok(!refused.stderr.includes(tlsServer.password), 'the URL password is masked');
+  });
+});
