@@ -1427,16 +1427,269 @@ export function listingExitCode(listing: Listing): number {
   return listing.fullCheck && listing.backups.some((backup) => backup.status !== 'verified') ? EXIT.VERIFY_FAILED : EXIT.OK;
 }
 
-// ─── Commands: backup, verify, list ─────────────────────────────────────────────────────
+// ─── Retention ──────────────────────────────────────────────────────────────────────────
+
+/** How many backups each rule keeps; 0 turns a rule off. Like restic's `forget --keep-*`. */
+export interface RetentionPolicy {
+  last: number;
+  daily: number;
+  weekly: number;
+  monthly: number;
+}
+
+const RETENTION_RULES = ['last', 'daily', 'weekly', 'monthly'] as const;
+
+export function hasRetentionRule(policy: RetentionPolicy): boolean {
+  return RETENTION_RULES.some((rule) => policy[rule] > 0);
+}
+
+export function describePolicy(policy: RetentionPolicy): string {
+  return RETENTION_RULES.filter((rule) => policy[rule] > 0).map((rule) => `keep-${rule} ${policy[rule]}`).join(', ');
+}
+
+/**
+ * Pure: the calendar day, ISO week and month of an instant in a time zone. Days are local days, so
+ * a backup at 00:30 and one at 23:30 on a DST change day share a day, as an operator expects.
+ */
+export function calendarBuckets(date: Date, timeZone: string): { day: string; week: string; month: string } {
+  const parts = new Intl.DateTimeFormat('en-US', { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' }).formatToParts(date);
+  const part = (type: string) => parts.find((p) => p.type === type)!.value;
+  const [year, month, day] = [part('year'), part('month'), part('day')];
+  // ISO 8601 week: the week (Monday to Sunday) belongs to the year of its Thursday.
+  const thursday = new Date(Date.UTC(Number(year), Number(month) - 1, Number(day)));
+  thursday.setUTCDate(thursday.getUTCDate() + 4 - (thursday.getUTCDay() || 7));
+  const weekYear = thursday.getUTCFullYear();
+  const week = Math.ceil(((thursday.getTime() - Date.UTC(weekYear, 0, 1)) / 86_400_000 + 1) / 7);
+  return { day: `${year}-${month}-${day}`, week: `${weekYear}-W${String(week).padStart(2, '0')}`, month: `${year}-${month}` };
+}
+
+export interface RetentionDecision<T> {
+  item: T;
+  keep: boolean;
+  /** Why it is kept: "newest backup", "last 2", "daily 2025-01-27", "weekly 2025-W05", "monthly 2025-01". */
+  reasons: string[];
+}
+
+/**
+ * Pure: grandfather-father-son selection, restic's algorithm. Newest first, each rule keeps the
+ * first backup of every new bucket (for `last`, every backup) until its count is used up; a backup
+ * is kept if any rule keeps it. The newest backup is always kept, whatever the policy.
+ */
+export function selectRetention<T extends { time: Date }>(items: T[], policy: RetentionPolicy, timeZone: string): Array<RetentionDecision<T>> {
+  const newestFirst = [...items].sort((a, b) => b.time.getTime() - a.time.getTime());
+  const rules = RETENTION_RULES.map((name) => ({ name, remaining: policy[name], previous: undefined as string | undefined, kept: 0 }));
+  return newestFirst.map((item, index) => {
+    const buckets = calendarBuckets(item.time, timeZone);
+    const reasons = index === 0 ? ['newest backup'] : [];
+    for (const rule of rules) {
+      if (rule.remaining <= 0) continue;
+      const bucket = rule.name === 'last' ? String(index) : buckets[rule.name === 'daily' ? 'day' : rule.name === 'weekly' ? 'week' : 'month'];
+      if (bucket === rule.previous) continue;
+      rule.previous = bucket;
+      rule.remaining--;
+      rule.kept++;
+      reasons.push(rule.name === 'last' ? `last ${rule.kept}` : `${rule.name} ${bucket}`);
+    }
+    return { item, keep: reasons.length > 0, reasons };
+  });
+}
+
+interface RetentionCandidate {
+  file: string;
+  time: Date;
+  timestamp: string;
+  sizeBytes: number;
+}
+
+export interface RetentionReport {
+  policy: RetentionPolicy;
+  timeZone: string;
+  dryRun: boolean;
+  decisions: Array<RetentionDecision<RetentionCandidate>>;
+  deleted: string[];
+  freedBytes: number;
+  /** Files of this database that the policy does not judge (damaged or undescribed), left alone. */
+  leftAlone: Array<{ file: string; why: string }>;
+}
+
+/**
+ * Apply the policy to one database+environment in `dir`, under its lock. Only backups that pass
+ * the quick check (valid metadata, size matches) are candidates; partials, other databases and
+ * anything damaged are never touched. A dump is deleted before its metadata: a crash in between
+ * leaves an orphaned metadata file, which the next backup removes.
+ */
+async function applyRetention(dir: string, config: Pick<DbConfig, 'database' | 'environment'>, policy: RetentionPolicy, dryRun: boolean): Promise<RetentionReport> {
+  const listing = await runList(dir, false);
+  const ours = listing.backups.filter((b) => b.database === config.database && b.environment === config.environment);
+  const candidates = ours.filter((b) => b.status === 'verified').map((b) => ({ file: b.file, time: new Date(b.timestamp!), timestamp: b.timestamp!, sizeBytes: b.sizeBytes }));
+  const leftAlone = ours.filter((b) => b.status !== 'verified').map((b) => ({ file: b.file, why: STATUS_LABELS[b.status] }));
+  const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  const decisions = selectRetention(candidates, policy, timeZone);
+  const doomed = decisions.filter((d) => !d.keep).map((d) => d.item);
+  if (!dryRun) {
+    for (const backup of doomed) {
+      await fs.rm(path.join(dir, backup.file));
+      await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
+    }
+    if (doomed.length > 0) await syncDirectory(dir);
+  }
+  return {
+    policy,
+    timeZone,
+    dryRun,
+    decisions,
+    deleted: doomed.map((b) => b.file),
+    freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0),
+    leftAlone,
+  };
+}
+
+// ─── Run records: log file, notifications, failure hook ─────────────────────────────────
+
+/** What happened in one run, as written to the log, POSTed to --notify-url and given to --on-failure. */
+export interface RunRecord {
+  time: string;
+  host: string;
+  command: CommandName;
+  outcome: 'success' | 'failure';
+  exit_code: number;
+  duration_ms: number;
+  environment?: string;
+  database?: string;
+  file?: string;
+  size_bytes?: number;
+  error?: string;
+  details?: string;
+  /** Retention after a backup, or --prune: what was deleted. */
+  deleted?: string[];
+}
+
+export interface Automation {
+  logFile?: string;
+  notifyUrl?: string;
+  notifyOnSuccess: boolean;
+  onFailure?: string;
+}
+
+/** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq). */
+export function logLine(record: object, secrets: Array<string | undefined>): string {
+  return `${maskSecrets(JSON.stringify(record), secrets)}\n`;
+}
+
+/**
+ * Append one line. O_APPEND and a single write() per line, so lines of concurrent runs never
+ * interleave on a local filesystem. Created 0600 like the backups.
+ */
+async function appendLog(file: string, line: string): Promise<void> {
+  await fs.mkdir(path.dirname(file), { recursive: true });
+  await fs.appendFile(file, line, { mode: 0o600 });
+}
+
+/** Pure: the POST body. `text` is what Slack shows, `content` what Discord shows; the rest is for machines. */
+export function notificationPayload(record: RunRecord, secrets: Array<string | undefined>): Record<string, unknown> {
+  const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
+  const text =
+    record.outcome === 'success'
+      ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}${record.size_bytes ? ` (${formatBytes(record.size_bytes)})` : ''}`
+      : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}${record.details ? ` (${record.details})` : ''}`;
+  return JSON.parse(maskSecrets(JSON.stringify({ text, content: text, ...record }), secrets)) as Record<string, unknown>;
+}
+
+const NOTIFY_TIMEOUT_MS = 5_000;
+
+/**
+ * POST the payload with a timeout, retrying once on a network error, a timeout, 429 or 5xx.
+ * Bounded (two attempts, 5 s each) so that exit is never held up for long.
+ */
+async function postNotification(url: string, payload: Record<string, unknown>): Promise<void> {
+  let failure = '';
+  for (let attempt = 1; attempt <= 2; attempt++) {
+    try {
+      const response = await fetch(url, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'user-agent': 'backup_db' },
+        body: JSON.stringify(payload),
+        signal: AbortSignal.timeout(NOTIFY_TIMEOUT_MS),
+      });
+      await response.body?.cancel();
+      if (response.ok) return;
+      failure = `HTTP ${response.status} ${response.statusText}`;
+      if (response.status !== 429 && response.status < 500) break;
+    } catch (error) {
+      failure = error instanceof Error && error.name === 'TimeoutError' ? `no answer within ${NOTIFY_TIMEOUT_MS / 1000} s` : errorText(error);
+    }
+  }
+  throw new Error(failure);
+}
+
+/** The failure command's environment: the details as BACKUP_* variables, and no database secrets. */
+export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secrets: Array<string | undefined>): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const [name, value] of Object.entries(base)) {
+    if (value !== undefined && !/PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$/.test(name)) env[name] = value;
+  }
+  const mask = (value: unknown) => maskSecrets(String(value ?? ''), secrets);
+  Object.assign(env, {
+    BACKUP_COMMAND: record.command,
+    BACKUP_OUTCOME: record.outcome,
+    BACKUP_EXIT_CODE: String(record.exit_code),
+    BACKUP_ERROR: mask(record.error),
+    BACKUP_DETAILS: mask(record.details),
+    BACKUP_ENVIRONMENT: record.environment ?? '',
+    BACKUP_DATABASE: record.database ?? '',
+    BACKUP_FILE: record.file ?? '',
+    BACKUP_HOST: record.host,
+    BACKUP_TIME: record.time,
+    BACKUP_RECORD: logLine(record, secrets).trim(),
+  });
+  return env;
+}
+
+/**
+ * After the run: log it, then notify. None of this changes the exit code; a failure here is
+ * reported on stderr and logged, since the run itself is already over.
+ */
+async function recordRun(record: RunRecord, automation: Automation, secrets: Array<string | undefined>): Promise<void> {
+  const warn = (what: string, error: unknown) => console.error(err.yellow(`⚠ ${maskSecrets(`${what}: ${errorText(error)}`, secrets)}`));
+  const log = async (entry: RunRecord | Record<string, unknown>) => {
+    if (!automation.logFile) return;
+    await appendLog(automation.logFile, logLine(entry, secrets)).catch((error) => warn(`Could not write the log file ${automation.logFile}`, error));
+  };
+  await log(record);
+
+  const notify = record.outcome === 'failure' || automation.notifyOnSuccess;
+  const tasks: Array<Promise<void>> = [];
+  if (notify && automation.notifyUrl) {
+    tasks.push(
+      postNotification(automation.notifyUrl, notificationPayload(record, secrets)).catch(async (error) => {
+        warn('Notification failed', error);
+        await log({ time: new Date().toISOString(), event: 'notification_failed', error: errorText(error), for: record.time });
+      }),
+    );
+  }
+  if (record.outcome === 'failure' && automation.onFailure) {
+    tasks.push(
+      execa('/bin/sh', ['-c', automation.onFailure], { env: hookEnvironment(record, process.env, secrets), extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false }).then(async (result) => {
+        if (result.exitCode === 0) return;
+        const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${String(result.stderr).trim().split('\n').at(-1) ?? ''}`;
+        warn('The --on-failure command failed', why);
+        await log({ time: new Date().toISOString(), event: 'on_failure_command_failed', error: why, for: record.time });
+      }),
+    );
+  }
+  await Promise.all(tasks);
+}
+
+// ─── Commands: backup, prune, verify, list ─────────────────────────────────────────────────────
 
 export interface BackupOptions {
-  env: Environment | 'auto';
   outputDir: string;
-  /** Where .env.local / .env were looked for, named in configuration errors. */
-  configDir: string;
   compress?: string;
   connectTimeoutSeconds: number;
   lockWaitTimeoutMs: number;
+  /** Applied after a successful backup, under the same lock; no rule means keep everything. */
+  retention: RetentionPolicy;
+  dryRun: boolean;
 }
 
 export interface BackupResult {
@@ -1446,12 +1699,14 @@ export interface BackupResult {
   checks: FileChecks;
   /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
   removedStaleFiles: string[];
+  retention?: RetentionReport;
+  /** The backup succeeded but pruning failed: reported, never fatal. */
+  retentionError?: string;
 }
 
-/** config → preflight → lock → clean up after killed runs → connect → the snapshot backup. */
-async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
+/** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
+async function runBackup(config: DbConfig, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
   const started = Date.now();
-  const config = resolveDbConfig(vars, detectEnvironment(vars, options.env), envFilesIn(options.configDir));
   const tools = await findPgTools();
   const compression = parseCompression(options.compress, tools.pgDump.major);
   await prepareOutputDir(options.outputDir);
@@ -1459,12 +1714,36 @@ async function runBackup(vars: EnvVars, options: BackupOptions, signal: AbortSig
   try {
     const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
     const client = await connectDb(config, options.connectTimeoutSeconds);
+    let published;
     try {
-      const published = await snapshotBackup({ client, config, tools, compression, options, started }, signal);
-      return { ...published, removedStaleFiles };
+      published = await snapshotBackup({ client, config, tools, compression, options, started }, signal);
     } finally {
       await client.end().catch(() => undefined);
     }
+    // Only after a backup that succeeded, so a failing run can never thin out the good ones.
+    if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
+    try {
+      return { ...published, removedStaleFiles, retention: await applyRetention(options.outputDir, config, options.retention, options.dryRun) };
+    } catch (error) {
+      return { ...published, removedStaleFiles, retentionError: errorText(error) };
+    }
+  } finally {
+    await lock.release();
+  }
+}
+
+/** --prune: the retention policy alone, for the configured database, under its lock. */
+async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun'>): Promise<RetentionReport | undefined> {
+  if (!hasRetentionRule(options.retention)) {
+    throw configError('--prune needs a retention rule', [
+      'Add one or more of --keep-last N, --keep-daily N, --keep-weekly N, --keep-monthly N',
+      'Or set BACKUP_KEEP_LAST / BACKUP_KEEP_DAILY / BACKUP_KEEP_WEEKLY / BACKUP_KEEP_MONTHLY',
+    ]);
+  }
+  if (!(await pathExists(options.outputDir))) return undefined;
+  const lock = await acquireBackupLock(options.outputDir, config);
+  try {
+    return await applyRetention(options.outputDir, config, options.retention, options.dryRun);
   } finally {
     await lock.release();
   }
@@ -1653,6 +1932,10 @@ function paint(line: string, c: ChalkInstance): string {
   return line.replace(/✓|✗|\? No metadata/g, (mark) => (mark === '✓' ? c.green(mark) : mark === '✗' ? c.red(mark) : c.yellow(mark)));
 }
 
+function printLines(c: ChalkInstance, lines: string[]): void {
+  (c === err ? console.error : console.log)(lines.map((line) => paint(line, c)).join('\n'));
+}
+
 /** "50.0 MB" with 1024-based units, as in the contract's examples. */
 export function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
@@ -1680,7 +1963,7 @@ export function displayPath(filePath: string): string {
   return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : filePath;
 }
 
-function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFiles }: BackupResult): void {
+function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError }: BackupResult): void {
   const lines = [
     '✓ Backup created successfully',
     '',
@@ -1696,7 +1979,29 @@ function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFile
   if (removedStaleFiles.length > 0) {
     lines.push(`Cleaned up:  ${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run (${removedStaleFiles.join(', ')})`);
   }
-  console.log(lines.map((line) => paint(line, out)).join('\n'));
+  if (retention?.dryRun) {
+    lines.push('', ...retentionLines(retention, path.dirname(dumpPath), metadata));
+  } else if (retention) {
+    const kept = retention.decisions.length - retention.deleted.length;
+    const deleted = retention.deleted.length > 0 ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})` : 'deleted none';
+    lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
+  }
+  printLines(out, lines);
+  if (retentionError) console.error(err.yellow(`⚠ The backup is fine, but applying the retention policy failed: ${retentionError}`));
+}
+
+/** Pure: the retention decision for each backup of one database, and what it amounts to. */
+export function retentionLines(report: RetentionReport, dir: string, target: { database_name?: string; database?: string; environment: string }): string[] {
+  const database = target.database_name ?? target.database;
+  const header = `Retention for ${database} (${target.environment}) in ${displayPath(dir)}${path.sep}: ${describePolicy(report.policy)}, days in ${report.timeZone}`;
+  const width = Math.max(0, ...report.decisions.map((d) => d.item.file.length));
+  const rows = report.decisions.map((d) => `  ${d.keep ? 'keep  ' : 'delete'}  ${d.item.timestamp}  ${d.item.file.padEnd(width)}  ${d.reasons.join(', ')}`.trimEnd());
+  const leftAlone = report.leftAlone.map((entry) => `  leave   ${entry.file}  (${entry.why}; not judged by the policy)`);
+  const count = report.deleted.length;
+  const total = count === 0 ? 'Nothing to delete.' : report.dryRun
+    ? `Dry run: would delete ${plural(count, 'backup')} (${formatBytes(report.freedBytes)}); nothing was deleted.`
+    : `Deleted ${plural(count, 'backup')} (${formatBytes(report.freedBytes)}).`;
+  return [header, '', ...rows, ...leftAlone, '', total];
 }
 
 /** The contract's verification lines (plain text; marks are coloured when printed). */
@@ -1714,7 +2019,7 @@ function verifyReportLines({ filePath, metadata, inspection: { checks } }: Verif
 }
 
 function printVerification(result: VerifyResult): void {
-  console.log(['✓ Backup verification passed', '', ...verifyReportLines(result)].map((line) => paint(line, out)).join('\n'));
+  printLines(out, ['✓ Backup verification passed', '', ...verifyReportLines(result)]);
 }
 
 const STATUS_LABELS: Record<ListStatus, string> = {
@@ -1793,6 +2098,8 @@ function backupDocument(result: BackupResult): Record<string, unknown> {
     metadata: result.metadata,
     checks: checksDocument(result.checks),
     removed_stale_files: result.removedStaleFiles,
+    retention: result.retention ? retentionDocument(result.retention) : null,
+    ...(result.retentionError ? { retention_error: result.retentionError } : {}),
   };
 }
 
@@ -1818,6 +2125,18 @@ function listingDocument(listing: Listing): Record<string, unknown> {
     problems: e.problems,
   });
   return { directory: listing.directory, exists: listing.exists, full_check: listing.fullCheck, backups: listing.backups.map(entry), incomplete: listing.incomplete.map(entry) };
+}
+
+function retentionDocument(report: RetentionReport): Record<string, unknown> {
+  return {
+    policy: report.policy,
+    time_zone: report.timeZone,
+    dry_run: report.dryRun,
+    decisions: report.decisions.map((d) => ({ file: d.item.file, timestamp: d.item.timestamp, keep: d.keep, reasons: d.reasons })),
+    deleted: report.deleted,
+    freed_bytes: report.freedBytes,
+    left_alone: report.leftAlone,
+  };
 }
 
 function errorDocument(error: BackupError): Record<string, unknown> {
@@ -1868,14 +2187,28 @@ interface CliOptions {
   lockWaitTimeout: number;
   verify?: string | true;
   list?: true;
+  prune?: true;
+  dryRun?: true;
+  keepLast?: number;
+  keepDaily?: number;
+  keepWeekly?: number;
+  keepMonthly?: number;
+  logFile?: string;
+  notifyUrl?: string;
+  notifyOnSuccess?: true;
+  onFailure?: string;
   json?: true;
 }
 
-type CommandName = 'backup' | 'verify' | 'list';
-export type Mode = { command: 'backup' } | { command: 'verify'; file: string } | { command: 'list'; fullCheck: boolean };
+type CommandName = 'backup' | 'prune' | 'verify' | 'list';
+export type Mode = { command: 'backup' } | { command: 'prune' } | { command: 'verify'; file: string } | { command: 'list'; fullCheck: boolean };
 
 /** Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file". */
-export function chooseMode(opts: Pick<CliOptions, 'verify' | 'list'>): Mode {
+export function chooseMode(opts: Pick<CliOptions, 'verify' | 'list' | 'prune'>): Mode {
+  if (opts.prune && (opts.list || opts.verify !== undefined)) {
+    throw configError('--prune cannot be combined with --list or --verify', ['Prune alone: --prune --keep-daily 7 [--dry-run]', 'Then list: --list']);
+  }
+  if (opts.prune) return { command: 'prune' };
   if (opts.list) {
     if (typeof opts.verify === 'string') {
       throw configError(`--list --verify takes no FILE (got "${opts.verify}")`, ['Verify one file: --verify FILE', 'Verify every backup in a directory: --list --verify [--output-dir DIR]']);
@@ -1903,6 +2236,13 @@ export function parseTimeoutSeconds(value: string): number {
   return seconds;
 }
 
+/** Pure: how many backups a retention rule keeps. */
+export function parseKeepCount(value: string): number {
+  const count = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
+  if (!(count >= 0 && count <= 100_000)) throw new InvalidArgumentError('Use a whole number from 0 (rule off) upwards.');
+  return count;
+}
+
 /** Pure: a directory argument; an empty one would silently mean "the default", so refuse it. */
 function nonEmptyPath(value: string): string {
   if (value.trim() === '') throw new InvalidArgumentError('The path is empty.');
@@ -1910,7 +2250,63 @@ function nonEmptyPath(value: string): string {
   return value;
 }
 
+/** Pure: an http(s) URL for --notify-url. Never echoed: webhook URLs carry their credentials. */
+function webhookUrl(value: string): string {
+  try {
+    const url = new URL(value.trim());
+    if (url.protocol === 'http:' || url.protocol === 'https:') return url.toString();
+  } catch {
+    // Reported below, without the value.
+  }
+  throw new InvalidArgumentError('Use an http:// or https:// URL.');
+}
+
+const asFlag = (value: string) => /^(1|true|yes|on)$/i.test(value.trim());
+
+export interface Settings {
+  retention: RetentionPolicy;
+  dryRun: boolean;
+  automation: Automation;
+}
+
+/**
+ * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
+ * (which, like every setting, may come from the process environment, .env.local or .env).
+ */
+export function resolveSettings(opts: Omit<CliOptions, 'env' | 'configDir' | 'connectTimeout' | 'lockWaitTimeout'>, vars: EnvVars): Settings {
+  const fromVar = <T>(name: string, parse: (value: string) => T): T | undefined => {
+    const found = vars.get(name);
+    if (!found) return undefined;
+    try {
+      return parse(found.value);
+    } catch (error) {
+      const shown = /URL/.test(name) ? '(value hidden)' : `"${found.value}"`;
+      throw configError(`${name} (from ${found.source}) is ${shown}: ${errorText(error)}`, [`Fix ${name} or unset it`]);
+    }
+  };
+  const keep = (option: number | undefined, name: string) => option ?? fromVar(name, parseKeepCount) ?? 0;
+  const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', nonEmptyPath);
+  const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
+  const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
+  return {
+    retention: {
+      last: keep(opts.keepLast, 'BACKUP_KEEP_LAST'),
+      daily: keep(opts.keepDaily, 'BACKUP_KEEP_DAILY'),
+      weekly: keep(opts.keepWeekly, 'BACKUP_KEEP_WEEKLY'),
+      monthly: keep(opts.keepMonthly, 'BACKUP_KEEP_MONTHLY'),
+    },
+    dryRun: opts.dryRun === true,
+    automation: {
+      ...(logFile ? { logFile: path.resolve(logFile) } : {}),
+      ...(notifyUrl ? { notifyUrl } : {}),
+      notifyOnSuccess: opts.notifyOnSuccess === true || (fromVar('BACKUP_NOTIFY_ON_SUCCESS', asFlag) ?? false),
+      ...(onFailure ? { onFailure } : {}),
+    },
+  };
+}
+
 function buildProgram(json: boolean): Command {
+  const keep = (flag: string, what: string) => new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
   return new Command()
     .name('backup_db.ts')
     .description('Back up the dev or prod PostgreSQL database with pg_dump, write checksummed metadata, and verify it.')
@@ -1926,13 +2322,96 @@ function buildProgram(json: boolean): Command {
         .argParser(parseDuration)
         .default(parseDuration(DEFAULT_LOCK_WAIT_TIMEOUT), DEFAULT_LOCK_WAIT_TIMEOUT),
     )
+    .addOption(keep('--keep-last', 'the N newest backups (env BACKUP_KEEP_LAST)'))
+    .addOption(keep('--keep-daily', 'the newest backup of each of the last N days (env BACKUP_KEEP_DAILY)'))
+    .addOption(keep('--keep-weekly', 'the newest backup of each of the last N ISO weeks (env BACKUP_KEEP_WEEKLY)'))
+    .addOption(keep('--keep-monthly', 'the newest backup of each of the last N months (env BACKUP_KEEP_MONTHLY)'))
+    .addOption(new Option('--prune', 'apply the retention rules without taking a backup'))
+    .addOption(new Option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing'))
+    .addOption(new Option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)').argParser(nonEmptyPath))
+    .addOption(new Option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)').argParser(webhookUrl))
+    .addOption(new Option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)'))
+    .addOption(new Option('--on-failure <command>', 'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)'))
     .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
     .showHelpAfterError(json ? false : '(run with --help for usage)')
     .exitOverride();
 }
 
-/** Run the CLI and return its exit code; printing happens here and only here. */
+/** One run's result, before it is printed, logged and notified. */
+interface Outcome {
+  command: CommandName;
+  exitCode: number;
+  /** The --json document (without ok/command). */
+  document: Record<string, unknown>;
+  /** The human text, coloured for its stream. */
+  print(): void;
+  /** What the run record says about it. */
+  facts: Pick<RunRecord, 'environment' | 'database' | 'file' | 'size_bytes' | 'deleted'>;
+  failure?: BackupError;
+}
+
+/** The database a backup or prune is about, resolved first so that even a failure can name it. */
+function targetDatabase(mode: Mode, opts: CliOptions, vars: EnvVars): DbConfig | undefined {
+  if (mode.command !== 'backup' && mode.command !== 'prune') return undefined;
+  return resolveDbConfig(vars, detectEnvironment(vars, opts.env), envFilesIn(path.resolve(opts.configDir)));
+}
+
+async function runMode(mode: Mode, opts: CliOptions, config: DbConfig | undefined, settings: Settings): Promise<Outcome> {
+  const outputDir = opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
+  switch (mode.command) {
+    case 'verify': {
+      const result = await runVerify(mode.file);
+      const facts = { environment: result.metadata.environment, database: result.metadata.database_name, file: path.basename(result.filePath), size_bytes: result.inspection.size };
+      return { command: 'verify', exitCode: EXIT.OK, document: verifyDocument(result), print: () => printVerification(result), facts };
+    }
+    case 'list': {
+      const listing = await runList(outputDir, mode.fullCheck);
+      return { command: 'list', exitCode: listingExitCode(listing), document: listingDocument(listing), print: () => printLines(out, listingLines(listing)), facts: {} };
+    }
+    case 'prune': {
+      const report = await runPrune(config!, { outputDir, retention: settings.retention, dryRun: settings.dryRun });
+      const lines = report ? retentionLines(report, outputDir, config!) : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
+      const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
+      return { command: 'prune', exitCode: EXIT.OK, document: { retention: report ? retentionDocument(report) : null }, print: () => printLines(out, lines), facts };
+    }
+    case 'backup': {
+      const result = await withInterruptSignal((signal) =>
+        runBackup(
+          config!,
+          {
+            outputDir,
+            connectTimeoutSeconds: opts.connectTimeout,
+            lockWaitTimeoutMs: opts.lockWaitTimeout,
+            retention: settings.retention,
+            dryRun: settings.dryRun,
+            ...(opts.compress !== undefined ? { compress: opts.compress } : {}),
+          },
+          signal,
+        ),
+      );
+      const { metadata } = result;
+      const facts = {
+        file: metadata.backup_file,
+        size_bytes: metadata.backup_size_bytes,
+        ...(result.retention && !result.retention.dryRun ? { deleted: result.retention.deleted } : {}),
+      };
+      return { command: 'backup', exitCode: EXIT.OK, document: backupDocument(result), print: () => printBackupSummary(result), facts };
+    }
+  }
+}
+
+function failedOutcome(command: CommandName, failure: BackupError): Outcome {
+  // A failed verification still knows which backup it was about.
+  const metadata = failure.extra.data?.metadata as BackupMetadata | undefined;
+  const facts = metadata ? { environment: metadata.environment, database: metadata.database_name, file: metadata.backup_file } : {};
+  return { command, exitCode: failure.exitCode, document: errorDocument(failure), print: () => undefined, facts, failure };
+}
+
+const OPERATION_NAMES: Record<CommandName, string> = { backup: 'Backup', prune: 'Pruning', verify: 'Verification', list: 'Listing' };
+
+/** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
 export async function main(argv: string[]): Promise<number> {
+  const started = Date.now();
   const json = argv.includes('--json');
   const program = buildProgram(json);
   try {
@@ -1944,51 +2423,47 @@ export async function main(argv: string[]): Promise<number> {
     return EXIT.CONFIG;
   }
   const opts = program.opts<CliOptions>();
-  const outputDir = opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
   const secrets: string[] = [];
   let command: CommandName = 'backup';
+  let automation: Automation = { notifyOnSuccess: false };
+  let target: DbConfig | undefined;
+  let outcome: Outcome;
   try {
     const mode = chooseMode(opts);
     command = mode.command;
-    if (mode.command === 'verify') {
-      const result = await runVerify(mode.file);
-      if (json) printJson(command, true, verifyDocument(result), secrets);
-      else printVerification(result);
-      return EXIT.OK;
-    }
-    if (mode.command === 'list') {
-      const listing = await runList(outputDir, mode.fullCheck);
-      const code = listingExitCode(listing);
-      if (json) printJson(command, code === EXIT.OK, listingDocument(listing), secrets);
-      else console.log(listingLines(listing).map((line) => paint(line, out)).join('\n'));
-      return code;
-    }
-    const configDir = path.resolve(opts.configDir);
-    const vars = await loadEnvVars(configDir, process.env);
+    const vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
     secrets.push(...secretsIn(vars));
-    const result = await withInterruptSignal((signal) =>
-      runBackup(
-        vars,
-        {
-          env: opts.env,
-          outputDir,
-          configDir,
-          connectTimeoutSeconds: opts.connectTimeout,
-          lockWaitTimeoutMs: opts.lockWaitTimeout,
-          ...(opts.compress !== undefined ? { compress: opts.compress } : {}),
-        },
-        signal,
-      ),
-    );
-    if (json) printJson(command, true, backupDocument(result), secrets);
-    else printBackupSummary(result);
-    return EXIT.OK;
+    const settings = resolveSettings(opts, vars);
+    automation = settings.automation;
+    // A webhook URL is a credential (Slack, Discord): never print it.
+    if (automation.notifyUrl) secrets.push(automation.notifyUrl);
+    target = targetDatabase(mode, opts, vars);
+    outcome = await runMode(mode, opts, target, settings);
   } catch (error) {
-    const failure = error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error));
-    if (json) printJson(command, false, errorDocument(failure), secrets);
-    else printError(failure, command === 'backup' ? 'Backup' : command === 'verify' ? 'Verification' : 'Listing', secrets);
-    return failure.exitCode;
+    outcome = failedOutcome(command, error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error)));
   }
+
+  if (json) printJson(outcome.command, outcome.exitCode === EXIT.OK, outcome.document, secrets);
+  else if (outcome.failure) printError(outcome.failure, OPERATION_NAMES[outcome.command], secrets);
+  else outcome.print();
+
+  await recordRun(
+    {
+      time: new Date(started).toISOString(),
+      host: os.hostname(),
+      command: outcome.command,
+      outcome: outcome.exitCode === EXIT.OK ? 'success' : 'failure',
+      exit_code: outcome.exitCode,
+      duration_ms: Date.now() - started,
+      ...(target ? { environment: target.environment, database: target.database } : {}),
+      ...outcome.facts,
+      ...(outcome.failure ? { error: outcome.failure.title, details: outcome.failure.details } : {}),
+      ...(outcome.exitCode !== EXIT.OK && !outcome.failure ? { error: `${outcome.command} found problems` } : {}),
+    },
+    automation,
+    secrets,
+  );
+  return outcome.exitCode;
 }
 
 /**
