@@ -1,0 +1,231 @@
+/**
+ * Scheduled operation (user story 3): a log line per run, a webhook notification and a command on
+ * failure. Tested with a real local HTTP server and real commands. None of it may change the exit
+ * code or carry a secret.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import http from 'node:http';
+import type net from 'node:net';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+
+let server: TestServer;
+before(async () => {
+  server = await startTestServer();
+  await server.createDatabase('notify_app');
+  const client = await server.connect('notify_app');
+  await client.query('CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
+  await client.end();
+});
+after(() => server?.stop());
+
+interface Received {
+  body: Record<string, unknown>;
+  contentType: string | undefined;
+}
+
+/** A webhook receiver: `respond` decides each answer (status code, or 'hang' to never answer). */
+async function webhook(respond: (n: number) => number | 'hang' = () => 200) {
+  const received: Received[] = [];
+  const sockets = new Set<net.Socket>();
+  const receiver = http.createServer((request, response) => {
+    let text = '';
+    request.on('data', (chunk) => (text += chunk));
+    request.on('end', () => {
+      received.push({ body: JSON.parse(text), contentType: request.headers['content-type'] });
+      const answer = respond(received.length);
+      if (answer !== 'hang') response.writeHead(answer).end();
+    });
+  });
+  receiver.on('connection', (socket) => sockets.add(socket));
+  await new Promise<void>((resolve) => receiver.listen(0, '127.0.0.1', resolve));
+  const { port } = receiver.address() as net.AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}/hooks/secret-token-123`,
+    received,
+    close: () => {
+      sockets.forEach((s) => s.destroy());
+      return new Promise<void>((resolve) => receiver.close(() => resolve()));
+    },
+  };
+}
+
+async function setup(vars: Record<string, string> = dbVars(server, 'DEV_DB_', 'notify_app')) {
+  const configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', vars);
+  const logFile = path.join(configDir, 'logs', 'backup.log');
+  const base = ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')];
+  return { configDir, logFile, base };
+}
+const wrongPassword = () => ({ ...dbVars(server, 'DEV_DB_', 'notify_app'), DEV_DB_PASSWORD: 'Wr0ng-pa55word' });
+const readLog = async (file: string) => (await fs.readFile(file, 'utf8')).trim().split('\n').map((line) => JSON.parse(line));
+
+describe('--log-file', () => {
+  test('one JSON line per run with time, env, database, outcome, file, size, duration, exit code and error', async () => {
+    const ok = await setup();
+    const success = await runCli({ args: [...ok.base, '--log-file', ok.logFile] });
+    assert.equal(success.exitCode, 0, success.stderr);
+    const bad = await setup(wrongPassword());
+    const failure = await runCli({ args: [...bad.base, '--log-file', ok.logFile] });
+    assert.equal(failure.exitCode, 3);
+
+    const [first, second] = await readLog(ok.logFile);
+    assert.match(first.time, /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/);
+    assert.deepEqual(
+      [first.command, first.outcome, first.environment, first.database, first.exit_code, typeof first.duration_ms, typeof first.size_bytes],
+      ['backup', 'success', 'dev', 'notify_app', 0, 'number', 'number'],
+    );
+    assert.match(first.file, /^notify_app_dev_.*\.dump$/);
+    assert.deepEqual([second.outcome, second.exit_code, second.error], ['failure', 3, 'Database authentication failed']);
+    assert.match(second.details, /password authentication failed/);
+    const text = await fs.readFile(ok.logFile, 'utf8');
+    assert.ok(!text.includes('Wr0ng-pa55word') && !text.includes(server.password), 'no password in the log');
+    assert.equal((await fs.stat(ok.logFile)).mode & 0o777, 0o600);
+  });
+
+  test('concurrent runs append whole lines that never interleave', async () => {
+    const { logFile, configDir } = await setup();
+    const runs = Array.from({ length: 8 }, (_, i) => startCli({ args: ['--list', '--output-dir', path.join(configDir, `dir-${i}`), '--config-dir', configDir, '--log-file', logFile] }));
+    for (const run of await Promise.all(runs)) assert.equal(run.exitCode, 0);
+    const lines = await readLog(logFile);
+    assert.equal(lines.length, 8);
+    assert.ok(lines.every((line) => line.command === 'list' && line.outcome === 'success'));
+  });
+
+  test('BACKUP_LOG_FILE from .env works like --log-file', async () => {
+    const s = await setup();
+    await writeEnvFile(s.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'notify_app'), BACKUP_LOG_FILE: s.logFile });
+    assert.equal((await runCli({ args: s.base })).exitCode, 0);
+    assert.equal((await readLog(s.logFile)).length, 1);
+  });
+});
+
+describe('--notify-url', () => {
+  test('a failed run POSTs a Slack/Discord-compatible summary with structured fields and no secrets', async () => {
+    const hook = await webhook();
+    try {
+      const s = await setup(wrongPassword());
+      const result = await runCli({ args: [...s.base, '--notify-url', hook.url] });
+      assert.equal(result.exitCode, 3, 'the exit code is the backup\'s');
+      assert.equal(hook.received.length, 1);
+      const [{ body, contentType }] = hook.received as [Received];
+      assert.equal(contentType, 'application/json');
+      assert.match(String(body.text), /^✗ backup_db: backup of notify_app \(dev\) FAILED on .+ \(exit 3\): Database authentication failed/);
+      assert.equal(body.content, body.text, 'Discord reads `content`');
+      assert.deepEqual([body.outcome, body.exit_code, body.database, body.environment, body.command], ['failure', 3, 'notify_app', 'dev', 'backup']);
+      const raw = JSON.stringify(body);
+      assert.ok(!raw.includes('Wr0ng-pa55word') && !raw.includes('secret-token-123'), 'neither the password nor the webhook URL');
+      assert.ok(!result.stderr.includes('secret-token-123'));
+    } finally {
+      await hook.close();
+    }
+  });
+
+  test('a successful run notifies only with --notify-on-success', async () => {
+    const hook = await webhook();
+    try {
+      const s = await setup();
+      assert.equal((await runCli({ args: [...s.base, '--notify-url', hook.url] })).exitCode, 0);
+      assert.equal(hook.received.length, 0);
+      assert.equal((await runCli({ args: [...s.base, '--notify-url', hook.url, '--notify-on-success'] })).exitCode, 0);
+      assert.equal(hook.received.length, 1);
+      assert.match(String(hook.received[0]!.body.text), /^✓ backup_db: backup of notify_app \(dev\) succeeded on .+: notify_app_dev_.*\.dump \(\d+\.\d KB\)$/);
+    } finally {
+      await hook.close();
+    }
+  });
+
+  test('a 5xx answer is retried once', async () => {
+    const hook = await webhook((n) => (n === 1 ? 503 : 200));
+    try {
+      const s = await setup(wrongPassword());
+      const result = await runCli({ args: [...s.base, '--notify-url', hook.url] });
+      assert.equal(result.exitCode, 3);
+      assert.equal(hook.received.length, 2);
+      assert.doesNotMatch(result.stderr, /Notification failed/);
+    } finally {
+      await hook.close();
+    }
+  });
+
+  test('a receiver that keeps failing: warned and logged, the exit code unchanged', async () => {
+    const hook = await webhook(() => 500);
+    try {
+      const s = await setup();
+      const result = await runCli({ args: [...s.base, '--notify-url', hook.url, '--notify-on-success', '--log-file', s.logFile] });
+      assert.equal(result.exitCode, 0, 'the backup succeeded; a failed notification does not change that');
+      assert.equal(hook.received.length, 2, 'one try and one retry');
+      assert.match(result.stderr, /⚠ Notification failed: HTTP 500/);
+      const [run, failed] = await readLog(s.logFile);
+      assert.equal(run.outcome, 'success');
+      assert.deepEqual([failed.event, failed.error, failed.for], ['notification_failed', 'HTTP 500 Internal Server Error', run.time]);
+    } finally {
+      await hook.close();
+    }
+  });
+
+  test('a receiver that never answers holds up the exit only for the bounded timeout', { timeout: 60_000 }, async (t) => {
+    const hook = await webhook(() => 'hang');
+    try {
+      const s = await setup(wrongPassword());
+      const started = Date.now();
+      const result = await runCli({ args: [...s.base, '--notify-url', hook.url] });
+      const seconds = (Date.now() - started) / 1000;
+      t.diagnostic(`exited after ${seconds.toFixed(1)} s`);
+      assert.equal(result.exitCode, 3);
+      assert.match(result.stderr, /Notification failed: no answer within 5 s/);
+      assert.ok(seconds < 20, 'two 5-second attempts, then exit');
+    } finally {
+      await hook.close();
+    }
+  });
+
+  test('an invalid URL is a configuration error that does not echo the URL', async () => {
+    const s = await setup();
+    await writeEnvFile(s.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'notify_app'), BACKUP_NOTIFY_URL: 'ftp://user:hunter2@example.com/x' });
+    const result = await runCli({ args: s.base });
+    assert.equal(result.exitCode, 2);
+    assert.match(result.stderr, /BACKUP_NOTIFY_URL \(from \.env\) is \(value hidden\): Use an http:\/\/ or https:\/\/ URL/);
+    assert.ok(!result.stderr.includes('hunter2'));
+  });
+});
+
+describe('--on-failure', () => {
+  test('runs the command with the details in BACKUP_* variables and without the database secrets', async () => {
+    const s = await setup(wrongPassword());
+    const dump = path.join(s.configDir, 'hook-env.txt');
+    const result = await runCli({
+      args: [...s.base, '--on-failure', `env > '${dump}'`],
+      env: { DB_PASSWORD: 'process-env-Secret', PGPASSWORD: 'pg-env-Secret' },
+    });
+    assert.equal(result.exitCode, 3);
+    const env = Object.fromEntries((await fs.readFile(dump, 'utf8')).trim().split('\n').map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
+    assert.deepEqual(
+      [env.BACKUP_OUTCOME, env.BACKUP_EXIT_CODE, env.BACKUP_ERROR, env.BACKUP_DATABASE, env.BACKUP_ENVIRONMENT, env.BACKUP_COMMAND],
+      ['failure', '3', 'Database authentication failed', 'notify_app', 'dev', 'backup'],
+    );
+    assert.equal(JSON.parse(env.BACKUP_RECORD!).exit_code, 3);
+    const text = await fs.readFile(dump, 'utf8');
+    for (const secret of ['Wr0ng-pa55word', 'process-env-Secret', 'pg-env-Secret']) assert.ok(!text.includes(secret), `${secret} is not passed on`);
+    assert.ok(env.PATH, 'the ordinary environment is');
+  });
+
+  test('is not run when the run succeeds', async () => {
+    const s = await setup();
+    const marker = path.join(s.configDir, 'ran');
+    assert.equal((await runCli({ args: [...s.base, '--on-failure', `touch '${marker}'`] })).exitCode, 0);
+    await assert.rejects(fs.stat(marker));
+  });
+
+  test('a failing command is reported and logged, and the exit code stays the run\'s', async () => {
+    const s = await setup(wrongPassword());
+    const result = await runCli({ args: [...s.base, '--on-failure', 'echo broken pager >&2; exit 42', '--log-file', s.logFile] });
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /⚠ The --on-failure command failed: exit 42: broken pager/);
+    const [, failed] = await readLog(s.logFile);
+    assert.equal(failed.event, 'on_failure_command_failed');
+  });
+});

@@ -1,0 +1,258 @@
+/**
+ * Retention (user story 3): the grandfather-father-son selection as a pure function over many
+ * synthetic timestamp sets, checked against an independent reference; then the safety rules end
+ * to end on real backup files.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { calendarBuckets, selectRetention, type RetentionPolicy } from '../backup_db.ts';
+import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { directoryFingerprint } from './helpers/wait.ts';
+
+const policy = (p: Partial<RetentionPolicy>): RetentionPolicy => ({ last: 0, daily: 0, weekly: 0, monthly: 0, ...p });
+const at = (...isoTimes: string[]) => isoTimes.map((iso) => ({ id: iso, time: new Date(iso) }));
+const kept = (items: Array<{ id: string; time: Date }>, p: Partial<RetentionPolicy>, timeZone = 'UTC') =>
+  selectRetention(items, policy(p), timeZone).filter((d) => d.keep).map((d) => d.item.id);
+
+describe('calendarBuckets', () => {
+  test('local day, ISO week and month, in the given time zone', () => {
+    assert.deepEqual(calendarBuckets(new Date('2025-01-27T14:30:00Z'), 'UTC'), { day: '2025-01-27', week: '2025-W05', month: '2025-01' });
+    // 23:30 in New York on Jan 31 is already February in UTC.
+    assert.deepEqual(calendarBuckets(new Date('2025-02-01T04:30:00Z'), 'America/New_York'), { day: '2025-01-31', week: '2025-W05', month: '2025-01' });
+    assert.equal(calendarBuckets(new Date('2025-02-01T04:30:00Z'), 'UTC').month, '2025-02');
+  });
+
+  test('ISO weeks cross year boundaries the ISO way', () => {
+    assert.equal(calendarBuckets(new Date('2024-12-29T12:00:00Z'), 'UTC').week, '2024-W52'); // Sunday
+    assert.equal(calendarBuckets(new Date('2024-12-30T12:00:00Z'), 'UTC').week, '2025-W01'); // Monday
+    assert.equal(calendarBuckets(new Date('2021-01-03T12:00:00Z'), 'UTC').week, '2020-W53');
+    assert.equal(calendarBuckets(new Date('2026-01-01T12:00:00Z'), 'UTC').week, '2026-W01');
+  });
+});
+
+describe('selectRetention', () => {
+  test('keep-last N keeps exactly the N newest, whatever the input order', () => {
+    const items = at('2025-01-03T00:00:00Z', '2025-01-01T00:00:00Z', '2025-01-05T00:00:00Z', '2025-01-02T00:00:00Z', '2025-01-04T00:00:00Z');
+    assert.deepEqual(kept(items, { last: 2 }), ['2025-01-05T00:00:00Z', '2025-01-04T00:00:00Z']);
+  });
+
+  test('several backups a day: keep-daily keeps the newest of each day', () => {
+    const items = at('2025-03-01T02:00:00Z', '2025-03-01T14:00:00Z', '2025-03-01T20:00:00Z', '2025-03-02T02:00:00Z', '2025-03-02T14:00:00Z');
+    assert.deepEqual(kept(items, { daily: 2 }), ['2025-03-02T14:00:00Z', '2025-03-01T20:00:00Z']);
+  });
+
+  test('gaps: "the last N days" means the last N days that have backups', () => {
+    const items = at('2025-03-20T02:00:00Z', '2025-03-10T02:00:00Z', '2025-02-01T02:00:00Z', '2025-01-01T02:00:00Z');
+    assert.deepEqual(kept(items, { daily: 3 }), ['2025-03-20T02:00:00Z', '2025-03-10T02:00:00Z', '2025-02-01T02:00:00Z']);
+  });
+
+  test('the newest backup is kept even by a policy that keeps nothing else', () => {
+    const decisions = selectRetention(at('2025-01-01T00:00:00Z', '2025-01-02T00:00:00Z'), policy({}), 'UTC');
+    assert.deepEqual(decisions.map((d) => [d.item.id, d.keep, d.reasons]), [
+      ['2025-01-02T00:00:00Z', true, ['newest backup']],
+      ['2025-01-01T00:00:00Z', false, []],
+    ]);
+  });
+
+  test('DST fall-back day in Berlin: 00:30 and 23:30 local are one day (they are two UTC days)', () => {
+    // 2025-10-26: clocks go back 03:00 → 02:00. 00:30 CEST = 22:30Z on the 25th; 23:30 CET = 22:30Z on the 26th.
+    const items = at('2025-10-25T22:30:00Z', '2025-10-26T22:30:00Z', '2025-10-24T22:30:00Z');
+    assert.deepEqual(kept(items, { daily: 2 }, 'Europe/Berlin'), ['2025-10-26T22:30:00Z', '2025-10-24T22:30:00Z']);
+    assert.deepEqual(kept(items, { daily: 2 }, 'UTC'), ['2025-10-26T22:30:00Z', '2025-10-25T22:30:00Z']);
+  });
+
+  test('DST spring-forward day in New York: the hour that does not exist does not split the day', () => {
+    // 2025-03-09: 02:00 → 03:00. 01:30 EST = 06:30Z, 03:30 EDT = 07:30Z, 23:30 EDT = 03:30Z on the 10th.
+    const items = at('2025-03-09T06:30:00Z', '2025-03-09T07:30:00Z', '2025-03-10T03:30:00Z', '2025-03-08T12:00:00Z');
+    assert.deepEqual(kept(items, { daily: 2 }, 'America/New_York'), ['2025-03-10T03:30:00Z', '2025-03-08T12:00:00Z']);
+  });
+
+  test('month ends: the last backup of each month is its monthly, in local time', () => {
+    const items = at('2025-01-31T23:30:00Z', '2025-02-01T00:30:00Z', '2025-02-28T23:59:59Z', '2025-03-01T00:00:00Z', '2024-12-31T23:59:59Z');
+    assert.deepEqual(kept(items, { monthly: 4 }), ['2025-03-01T00:00:00Z', '2025-02-28T23:59:59Z', '2025-01-31T23:30:00Z', '2024-12-31T23:59:59Z']);
+    // In New York, 2025-03-01T00:00Z is still February 28th and 2025-02-01T00:30Z still January
+    // 31st: three months, each kept by its newest backup.
+    assert.deepEqual(kept(items, { monthly: 4 }, 'America/New_York'), ['2025-03-01T00:00:00Z', '2025-02-01T00:30:00Z', '2024-12-31T23:59:59Z']);
+  });
+
+  test('rules combine like restic: kept if any rule keeps it, every reason named', () => {
+    const daily = Array.from({ length: 40 }, (_, i) => new Date(Date.UTC(2025, 0, 1 + i, 2)).toISOString());
+    const decisions = selectRetention(at(...daily), policy({ last: 2, daily: 7, weekly: 4, monthly: 3 }), 'UTC');
+    const byId = new Map(decisions.map((d) => [d.item.id, d.reasons]));
+    assert.deepEqual(byId.get('2025-02-09T02:00:00.000Z'), ['newest backup', 'last 1', 'daily 2025-02-09', 'weekly 2025-W06', 'monthly 2025-02']);
+    assert.deepEqual(byId.get('2025-02-02T02:00:00.000Z'), ['weekly 2025-W05']);
+    assert.deepEqual(byId.get('2025-01-31T02:00:00.000Z'), ['monthly 2025-01']);
+    assert.equal(decisions.filter((d) => d.keep).length, 11);
+  });
+
+  /**
+   * An independent reference: for each rule, the distinct buckets newest first, the first N, and
+   * the newest backup in each; keep-last is the N newest; plus the newest backup overall.
+   */
+  function reference(items: Array<{ id: string; time: Date }>, p: RetentionPolicy, timeZone: string): Set<string> {
+    const newestFirst = [...items].sort((a, b) => b.time.getTime() - a.time.getTime());
+    const keep = new Set(newestFirst.slice(0, Math.max(p.last, 1)).map((i) => i.id));
+    for (const [rule, key] of [['daily', 'day'], ['weekly', 'week'], ['monthly', 'month']] as const) {
+      const newestOfBucket = new Map<string, string>();
+      for (const item of newestFirst) {
+        const bucket = calendarBuckets(item.time, timeZone)[key];
+        if (!newestOfBucket.has(bucket)) newestOfBucket.set(bucket, item.id);
+      }
+      [...newestOfBucket.values()].slice(0, p[rule]).forEach((id) => keep.add(id));
+    }
+    return keep;
+  }
+
+  test('agrees with the reference on 300 random histories across time zones', () => {
+    let seed = 42;
+    const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+    const zones = ['UTC', 'Europe/Berlin', 'America/New_York', 'Australia/Lord_Howe', 'Asia/Kolkata'];
+    for (let run = 0; run < 300; run++) {
+      const start = Date.UTC(2024, 0, 1) + Math.floor(random() * 365) * 86_400_000;
+      const items = Array.from({ length: 1 + Math.floor(random() * 60) }, (_, i) => {
+        // Bursts, gaps of weeks, and times near midnight and DST changes.
+        const time = new Date(start + Math.floor(random() * 200 * 86_400_000) + (random() < 0.3 ? Math.floor(random() * 3) * 3_600_000 : 0));
+        return { id: `${i}:${time.toISOString()}`, time };
+      });
+      const p = policy({ last: Math.floor(random() * 4), daily: Math.floor(random() * 8), weekly: Math.floor(random() * 5), monthly: Math.floor(random() * 4) });
+      const zone = zones[run % zones.length]!;
+      const got = new Set(kept(items, p, zone));
+      assert.deepEqual([...got].sort(), [...reference(items, p, zone)].sort(), `run ${run}: ${JSON.stringify(p)} in ${zone}`);
+    }
+  });
+});
+
+describe('retention on real backups', () => {
+  let server: TestServer;
+  let seed: TakenBackup;
+  before(async () => {
+    server = await startTestServer();
+    for (const db of ['ret_app', 'ret_other']) {
+      await server.createDatabase(db);
+      const client = await server.connect(db);
+      await client.query('CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)');
+      await client.end();
+    }
+    seed = await takeBackup(server, 'ret_app', path.join(await tempDir(), 'seed'));
+  });
+  after(() => server?.stop());
+
+  /** Put a valid copy of a real backup into `dir` as if it had been taken at `iso`. */
+  async function pastBackup(dir: string, iso: string, from: TakenBackup = seed, environment = 'dev') {
+    const database = String(from.metadata.database_name);
+    const name = `${database}_${environment}_${iso.replaceAll(':', '-')}.dump`;
+    await fs.copyFile(from.dumpPath, path.join(dir, name));
+    const metadata = { ...from.metadata, backup_file: name, backup_timestamp: iso, environment };
+    await fs.writeFile(path.join(dir, name.replace(/\.dump$/, '.metadata.json')), JSON.stringify(metadata));
+    return name;
+  }
+
+  async function history() {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const ours = [];
+    for (const iso of ['2025-01-01T02:00:00Z', '2025-01-15T02:00:00Z', '2025-02-01T02:00:00Z', '2025-02-02T02:00:00Z', '2025-02-02T14:00:00Z', '2025-02-03T02:00:00Z']) {
+      ours.push(await pastBackup(dir, iso));
+    }
+    // Things retention must never touch:
+    const other = await takeBackup(server, 'ret_other', path.join(await tempDir(), 'o'));
+    const foreign = await pastBackup(dir, '2020-01-01T00:00:00Z', other);
+    const otherEnv = await pastBackup(dir, '2020-01-01T00:00:00Z', seed, 'prod');
+    // A partial of another database: a backup run only ever clears its own database's leftovers.
+    const partial = 'ret_other_dev_2019-01-01T00-00-00Z.dump.partial';
+    await fs.writeFile(path.join(dir, partial), 'x');
+    // A leftover of this database, from a killed run: retention never judges it, the next backup
+    // of this database removes it as a stale file (issue 4), and --prune leaves it alone.
+    const stalePartial = 'ret_app_dev_2019-01-01T00-00-00Z.dump.partial';
+    await fs.writeFile(path.join(dir, stalePartial), 'x');
+    const undescribed = 'ret_app_dev_2019-02-01T00-00-00Z.dump';
+    await fs.copyFile(seed.dumpPath, path.join(dir, undescribed));
+    const damaged = await pastBackup(dir, '2019-03-01T00:00:00Z');
+    await fs.appendFile(path.join(dir, damaged), 'x');
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    return { dir, ours, untouchable: [foreign, otherEnv, partial, undescribed, damaged], stalePartial, configDir };
+  }
+
+  const metadataOf = (name: string) => name.replace(/\.dump$/, '.metadata.json');
+
+  test('--prune --dry-run explains every decision and deletes nothing', async () => {
+    const h = await history();
+    const before = await directoryFingerprint(h.dir);
+    const result = await runCli({ args: ['--prune', '--keep-daily', '2', '--keep-monthly', '2', '--dry-run', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir], env: { TZ: 'UTC' } });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.deepEqual(await directoryFingerprint(h.dir), before);
+    assert.match(result.stdout, /^Retention for ret_app \(dev\) in .*: keep-daily 2, keep-monthly 2, days in UTC$/m);
+    assert.match(result.stdout, /^ {2}keep {4}2025-02-03T02:00:00Z {2}ret_app_dev_2025-02-03T02-00-00Z\.dump +newest backup, daily 2025-02-03, monthly 2025-02$/m);
+    assert.match(result.stdout, /^ {2}keep {4}2025-02-02T14:00:00Z .* daily 2025-02-02$/m);
+    assert.match(result.stdout, /^ {2}delete {2}2025-02-02T02:00:00Z /m);
+    assert.match(result.stdout, /^ {2}keep {4}2025-01-15T02:00:00Z .* monthly 2025-01$/m);
+    assert.match(result.stdout, /^ {2}leave {3}ret_app_dev_2019-02-01T00-00-00Z\.dump {2}\(\? No metadata; not judged by the policy\)$/m);
+    assert.match(result.stdout, /^ {2}leave {3}ret_app_dev_2019-03-01T00-00-00Z\.dump {2}\(✗ Size mismatch; not judged by the policy\)$/m);
+    assert.match(result.stdout, /^Dry run: would delete 3 backups \(.+\); nothing was deleted\.$/m);
+  });
+
+  test('a backup with a policy deletes what the policy drops, dump and metadata together, nothing else', async () => {
+    const h = await history();
+    const untouchedBefore = await directoryFingerprint(h.dir);
+    const result = await runCli({ args: ['--keep-last', '1', '--keep-daily', '2', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'], env: { TZ: 'UTC' } });
+    assert.equal(result.exitCode, 0, result.stderr);
+    const doc = JSON.parse(result.stdout);
+    // The new backup (today) and the newest old day (2025-02-03) are kept; every other old one goes.
+    const expectedDeleted = h.ours.filter((name) => !name.includes('2025-02-03')).sort();
+    assert.deepEqual([...doc.retention.deleted].sort(), expectedDeleted);
+    const after = await fs.readdir(h.dir);
+    for (const name of expectedDeleted) {
+      assert.ok(!after.includes(name) && !after.includes(metadataOf(name)), `${name} and its metadata are gone`);
+    }
+    for (const name of h.untouchable) {
+      assert.equal((await directoryFingerprint(h.dir))[name], untouchedBefore[name], `${name} untouched`);
+    }
+    assert.ok(after.includes(doc.metadata.backup_file), 'the new backup is kept');
+    assert.deepEqual(doc.removed_stale_files, [h.stalePartial], 'the leftover of a killed run is cleared as stale, not by retention');
+    assert.ok(!doc.retention.deleted.includes(h.stalePartial));
+  });
+
+  test('retention settings can come from BACKUP_KEEP_* variables (for cron), options winning', async () => {
+    const h = await history();
+    await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), BACKUP_KEEP_LAST: '3', BACKUP_KEEP_DAILY: '0' });
+    const result = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(JSON.parse(result.stdout).retention.deleted.length, 3);
+    const overridden = await runCli({ args: ['--prune', '--keep-last', '2', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'] });
+    assert.equal(JSON.parse(overridden.stdout).retention.deleted.length, 1);
+    await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), BACKUP_KEEP_DAILY: 'lots' });
+    const bad = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    assert.equal(bad.exitCode, 2);
+    assert.match(bad.stderr, /BACKUP_KEEP_DAILY \(from \.env\) is "lots"/);
+  });
+
+  test('no backup is deleted when the backup fails', async () => {
+    const h = await history();
+    const { [h.stalePartial]: _stale, ...backupsBefore } = await directoryFingerprint(h.dir);
+    await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), DEV_DB_PASSWORD: 'wrong' });
+    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    assert.equal(result.exitCode, 3);
+    const { [h.stalePartial]: _gone, ...backupsAfter } = await directoryFingerprint(h.dir);
+    assert.deepEqual(backupsAfter, backupsBefore, 'every backup and its metadata is still there');
+  });
+
+  test('--prune never touches partial files', async () => {
+    const h = await history();
+    const result = await runCli({ args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    const after = await fs.readdir(h.dir);
+    assert.ok(after.includes(h.stalePartial) && after.includes('ret_other_dev_2019-01-01T00-00-00Z.dump.partial'));
+    assert.match(result.stdout, /^Deleted 5 backups \(.+\)\.$/m);
+  });
+
+  test('--prune without any rule is a configuration error', async () => {
+    const h = await history();
+    const result = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    assert.equal(result.exitCode, 2);
+    assert.match(result.stderr, /--prune needs a retention rule/);
+  });
+});
