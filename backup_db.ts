@@ -7,12 +7,13 @@
  * The file reads top to bottom in the order a backup happens:
  * types → configuration → preflight → dump → metadata → verification → CLI → main().
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Transform } from 'node:stream';
+import { createInterface } from 'node:readline/promises';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
@@ -1030,6 +1031,8 @@ export interface BackupMetadata {
   tool_version?: string;
   /** Per table_counts key, the OIDs whose TABLE DATA the archive holds, so --verify matches exactly. */
   table_data_oids?: Record<string, number[]>;
+  /** The last restore drill (--verify FILE --restore-test) of this backup. */
+  last_restore_test?: RestoreTestRecord;
 }
 
 const REQUIRED_METADATA_FIELDS = [
@@ -1227,6 +1230,8 @@ export interface FileInspection {
   sha256: string;
   size: number;
   missingTables: string[];
+  /** The archive's table of contents (`pg_restore --list`), for restores to read. */
+  toc: string;
 }
 
 const shortHash = (hex: string) => `${hex.slice(0, 12)}...`;
@@ -1253,7 +1258,7 @@ async function checkBackupFile(pgRestore: PgTool, filePath: string, metadata: Ba
         ? { ok: true, summary: `${tableCount} of ${tableCount} tables have data in the archive` }
         : { ok: false, summary: `No data in the archive for ${missingTables.length} of ${tableCount} tables: ${missingTables.slice(0, 5).join(', ')}${missingTables.length > 5 ? ', ...' : ''}` },
   };
-  return { checks, sha256: actual.sha256, size: actual.size, missingTables };
+  return { checks, sha256: actual.sha256, size: actual.size, missingTables, toc: listing.toc };
 }
 
 const CHECK_FAILURE_NAMES: Record<keyof FileChecks, string> = {
@@ -1341,6 +1346,8 @@ export interface ListEntry {
   /** File modification time: orders backups whose second-resolution timestamps are equal. */
   modifiedMs: number;
   problems: string[];
+  /** The last restore drill, if any. */
+  restoreTest?: { time: string; ok: boolean };
 }
 
 export interface Listing {
@@ -1395,7 +1402,14 @@ async function describeBackup(dir: string, name: string, fullCheckWith?: PgTool)
   if (loaded.status === 'invalid') return { ...entry, status: 'invalid_metadata', problems: loaded.problems };
 
   const { metadata } = loaded;
-  const described = { ...entry, timestamp: metadata.backup_timestamp, environment: metadata.environment, database: metadata.database_name };
+  const drill = metadata.last_restore_test;
+  const described = {
+    ...entry,
+    timestamp: metadata.backup_timestamp,
+    environment: metadata.environment,
+    database: metadata.database_name,
+    ...(drill ? { restoreTest: { time: drill.time, ok: drill.ok } } : {}),
+  };
   if (stat.size !== metadata.backup_size_bytes) {
     return { ...described, status: 'size_mismatch', problems: [`${stat.size} bytes, but the metadata says ${metadata.backup_size_bytes}`] };
   }
@@ -1542,6 +1556,330 @@ async function applyRetention(dir: string, config: Pick<DbConfig, 'database' | '
     freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0),
     leftAlone,
   };
+}
+
+// ─── Restore and restore drill ──────────────────────────────────────────────────────────
+
+/** Pure: the extensions an archive creates, from its `pg_restore --list` table of contents. */
+export function archiveExtensions(toc: string): string[] {
+  return [...toc.matchAll(/^\d+; \d+ \d+ EXTENSION - (\S+)/gm)].map((match) => match[1]!);
+}
+
+const CONTRIB_EXTENSIONS = new Set(
+  ('adminpack amcheck autoinc bloom btree_gin btree_gist citext cube dblink dict_int dict_xsyn earthdistance file_fdw fuzzystrmatch ' +
+    'hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot pageinspect pg_buffercache pg_freespacemap ' +
+    'pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility pg_walinspect pgcrypto pgrowlocks pgstattuple postgres_fdw ' +
+    'refint seg sslinfo tablefunc tcn tsm_system_rows tsm_system_time unaccent uuid-ossp xml2').split(' '),
+);
+const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
+  vector: (major) => `postgresql-${major}-pgvector`,
+  postgis: (major) => `postgresql-${major}-postgis-3`,
+  timescaledb: (major) => `timescaledb-2-postgresql-${major}`,
+  pg_cron: (major) => `postgresql-${major}-cron`,
+  pgaudit: (major) => `postgresql-${major}-pgaudit`,
+};
+
+/** Pure: where an extension the server lacks comes from. */
+export function extensionInstallHint(name: string, major: number): string {
+  const known = EXTENSION_PACKAGES[name];
+  if (known) return `${name}: install ${known(major)} on the database server (Debian/Ubuntu, PGDG repository)`;
+  if (CONTRIB_EXTENSIONS.has(name)) {
+    return `${name}: part of PostgreSQL's contrib (Debian/Ubuntu: in postgresql-${major}); if it is missing, it may have been removed in PostgreSQL ${major}, as adminpack was in 17`;
+  }
+  return `${name}: install the package that provides it for PostgreSQL ${major} (Debian/Ubuntu: apt-cache search postgresql-${major}-${name})`;
+}
+
+/** Pure: a libpq conninfo naming only the database, quoted so that no name is read as settings. */
+export function dbnameConninfo(database: string): string {
+  return `dbname='${database.replace(/\\/g, '\\\\').replace(/'/g, "\\'")}'`;
+}
+
+export interface ReconciliationRow {
+  table: string;
+  backup?: number;
+  restored?: number;
+  ok: boolean;
+}
+
+/** Pure: every table in either list, with both counts; any difference or absence is a mismatch. */
+export function reconcileCounts(backup: Record<string, number>, restored: Record<string, number>): ReconciliationRow[] {
+  const tables = [...Object.keys(backup), ...Object.keys(restored).filter((table) => !(table in backup))];
+  return tables.map((table) => ({
+    table,
+    ...(table in backup ? { backup: backup[table]! } : {}),
+    ...(table in restored ? { restored: restored[table]! } : {}),
+    ok: backup[table] !== undefined && backup[table] === restored[table],
+  }));
+}
+
+/** Pure: is this the configured production database (same server and name as DB_*)? */
+export function isConfiguredProdDatabase(server: Pick<DbConfig, 'host' | 'port'>, target: string, prod: Pick<DbConfig, 'host' | 'port' | 'database'> | undefined): boolean {
+  const loopback = (host: string) => (['localhost', '127.0.0.1', '::1'].includes(host.toLowerCase()) ? 'loopback' : host.toLowerCase());
+  return prod !== undefined && target === prod.database && server.port === prod.port && loopback(server.host) === loopback(prod.host);
+}
+
+export interface ProdGuard {
+  /** --env as given on the command line: the guard wants an explicit `prod`. */
+  requestedEnv: Environment | 'auto';
+  iKnowThisIsProd: boolean;
+  /** Ask on the terminal; resolves to what was typed. Absent when there is no terminal (cron, --json). */
+  ask?: (question: string) => Promise<string>;
+}
+
+/**
+ * Restoring over production needs intent twice over: `--env prod`, and either
+ * `--i-know-this-is-prod` or the database's name typed on a terminal.
+ */
+async function assertProdRestoreAllowed(vars: EnvVars, server: DbConfig, target: string, guard: ProdGuard): Promise<void> {
+  let prod: DbConfig | undefined;
+  try {
+    prod = resolveDbConfig(vars, 'prod');
+  } catch {
+    return; // no production database configured
+  }
+  if (!isConfiguredProdDatabase(server, target, prod)) return;
+  const refuse = (why: string) =>
+    configError(`refusing to restore into "${target}" on ${server.host}:${server.port}, the configured production database: ${why}`, [
+      `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ${target})`,
+      'To look at a backup, restore it into another database: --target-db <new name>',
+    ]);
+  if (guard.requestedEnv !== 'prod') throw refuse('--env prod was not given');
+  if (guard.iKnowThisIsProd) return;
+  if (!guard.ask) throw refuse('--i-know-this-is-prod was not given');
+  const typed = await guard.ask(`This will overwrite the PRODUCTION database "${target}" on ${server.host}:${server.port}.\nType its name to continue: `);
+  if (typed.trim() !== target) throw refuse('the typed name did not match');
+}
+
+type TargetState = 'missing' | 'empty' | 'non-empty';
+
+async function targetState(admin: pg.Client, config: DbConfig, target: string, connectTimeoutSeconds: number): Promise<TargetState> {
+  const { rows } = await admin.query('SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1', [target]);
+  if (rows.length === 0) return 'missing';
+  const client = await connectDb({ ...config, database: target }, connectTimeoutSeconds);
+  try {
+    const { rows: objects } = await client.query<{ n: number }>(`
+      SELECT (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema')
+           + (SELECT count(*) FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql') AS n`);
+    return Number(objects[0]!.n) === 0 ? 'empty' : 'non-empty';
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+async function createDatabase(admin: pg.Client, name: string): Promise<void> {
+  // template0: a clean database, whatever was added to template1.
+  await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)} TEMPLATE template0`);
+}
+
+/** Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. */
+async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
+  if (serverMajor >= 13) {
+    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)} WITH (FORCE)`);
+    return;
+  }
+  await admin.query('SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1', [name]);
+  await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`);
+}
+
+/** Every extension the archive creates must be installable on the target server, checked before anything is written. */
+async function assertExtensionsAvailable(admin: pg.Client, toc: string, server: ServerInfo): Promise<void> {
+  const needed = archiveExtensions(toc);
+  if (needed.length === 0) return;
+  const { rows } = await admin.query<{ name: string }>('SELECT name FROM pg_catalog.pg_available_extensions WHERE name = ANY($1)', [needed]);
+  const available = new Set(rows.map((row) => row.name));
+  const missing = needed.filter((name) => !available.has(name));
+  if (missing.length === 0) return;
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'The target server lacks extensions the backup needs',
+    `the archive creates ${plural(missing.length, 'extension')} that PostgreSQL ${server.version} on this server does not have: ${missing.join(', ')}`,
+    [...missing.map((name) => extensionInstallHint(name, server.major)), 'Nothing was restored or created; run again once they are installed'],
+  );
+}
+
+/** pg_restore into `target`: any SQL error stops it, and is a failure, never a partial success. */
+async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string, file: string, connectTimeoutSeconds: number, signal: AbortSignal): Promise<number> {
+  const jobs = Math.max(1, os.availableParallelism());
+  const result = await execa(pgRestore.path, ['--no-owner', '--no-acl', '--exit-on-error', `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], {
+    env: libpqEnv({ ...config, database: target }, connectTimeoutSeconds),
+    stdin: 'ignore',
+    cancelSignal: signal,
+    reject: false,
+  });
+  if (signal.aborted) throw signal.reason;
+  if (result.exitCode !== 0) {
+    throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore failed', String(result.stderr).trim() || `pg_restore exited with code ${result.exitCode}`, [
+      'pg_restore stopped at the first error above; the target was not left half-restored if this run created it',
+      'Check that the target server is the same major version as the backup or newer, and has the extensions it needs',
+    ]);
+  }
+  return jobs;
+}
+
+export interface RestoreOutcome {
+  filePath: string;
+  target: string;
+  server: string;
+  /** What happened to the target database: created, or dropped and created again (--clean), or used as found (empty). */
+  targetAction: 'created' | 'replaced' | 'used empty';
+  durationMs: number;
+  jobs: number;
+  /** Undefined when the backup had no valid metadata to reconcile with (--force). */
+  reconciliation?: ReconciliationRow[];
+  /** The verification failure that --force went past. */
+  forcedPast?: string;
+}
+
+/** What a restore needs to know about the file, verified unless --force says otherwise. */
+async function restorableArchive(pgRestore: PgTool, file: string, force: boolean): Promise<{ filePath: string; toc: string; metadata?: BackupMetadata; forcedPast?: string }> {
+  try {
+    const verified = await runVerify(file);
+    return { filePath: verified.filePath, toc: verified.inspection.toc, metadata: verified.metadata };
+  } catch (error) {
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
+    const filePath = path.resolve(file);
+    const listing = await listArchive(pgRestore, filePath);
+    if (!listing.ok) throw new BackupError(EXIT.BACKUP_FAILED, 'Restore failed: pg_restore cannot read the archive', listing.error, ['Even --force cannot restore an unreadable archive']);
+    const loaded = await loadMetadata(metadataPathFor(filePath), path.basename(filePath));
+    return { filePath, toc: listing.toc, ...(loaded.status === 'ok' ? { metadata: loaded.metadata } : {}), forcedPast: error.title.replace(/^Backup verification failed: /, '') };
+  }
+}
+
+/** Row counts of every table of `database`, keyed like table_counts. */
+async function countTablesIn(config: DbConfig, database: string, connectTimeoutSeconds: number): Promise<Record<string, number>> {
+  const client = await connectDb({ ...config, database }, connectTimeoutSeconds);
+  try {
+    const { rows } = await client.query<UserTable>(LIST_TABLES_SQL);
+    return await countRows(client, rows);
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+function reconciliationError(title: string, rows: ReconciliationRow[], report: string[]): BackupError {
+  const bad = rows.filter((row) => !row.ok);
+  const describe = (row: ReconciliationRow) => `${row.table} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
+  return new BackupError(EXIT.VERIFY_FAILED, title, `${bad.length} of ${rows.length} tables differ from the backup's same-snapshot counts: ${bad.slice(0, 5).map(describe).join(', ')}${bad.length > 5 ? ', ...' : ''}`, [
+    'Do not trust this backup for a full recovery; investigate the tables listed',
+    'If the metadata was edited, the counts no longer describe the dump: take a new backup',
+  ], { report });
+}
+
+export interface RestoreRequest {
+  file: string;
+  target: string;
+  clean: boolean;
+  force: boolean;
+  connectTimeoutSeconds: number;
+  guard: ProdGuard;
+}
+
+/**
+ * --restore FILE --target-db NAME: verify, check extensions, prepare the target (create; refuse a
+ * non-empty one unless --clean), pg_restore, then reconcile row counts with the metadata.
+ */
+async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal): Promise<RestoreOutcome> {
+  const target = validateName(request.target, '--target-db');
+  const pgRestore = await findPgTool('pg_restore');
+  const archive = await restorableArchive(pgRestore, request.file, request.force);
+  await assertProdRestoreAllowed(vars, config, target, request.guard);
+  // Administer from a database other than the target, which --clean may drop.
+  const admin = await connectDb({ ...config, database: target === config.database ? 'postgres' : config.database }, request.connectTimeoutSeconds);
+  try {
+    const server = await readServerInfo(admin);
+    await assertExtensionsAvailable(admin, archive.toc, server);
+    const state = await targetState(admin, config, target, request.connectTimeoutSeconds);
+    if (state === 'non-empty' && !request.clean) {
+      throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
+        'Restore into a new database: --target-db <new name> (it is created)',
+        `Or replace it: add --clean, which drops "${target}" and creates it again`,
+      ]);
+    }
+    if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
+    if (state === 'missing' || request.clean) await createDatabase(admin, target);
+    const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
+    const started = Date.now();
+    let jobs: number;
+    try {
+      jobs = await runPgRestore(pgRestore, config, target, archive.filePath, request.connectTimeoutSeconds, signal);
+    } catch (error) {
+      // A database this run created holds only a partial restore: remove it rather than leave a trap.
+      if (targetAction !== 'used empty') await dropDatabase(admin, target, server.major).catch(() => undefined);
+      throw error;
+    }
+    const outcome: RestoreOutcome = { filePath: archive.filePath, target, server: `${config.host}:${config.port}`, targetAction, durationMs: Date.now() - started, jobs };
+    if (archive.forcedPast) outcome.forcedPast = archive.forcedPast;
+    if (!archive.metadata) return outcome;
+    outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds));
+    if (outcome.reconciliation.some((row) => !row.ok)) throw reconciliationError('Restore failed: row counts differ from the backup', outcome.reconciliation, reconciliationLines(outcome.reconciliation));
+    return outcome;
+  } finally {
+    await admin.end().catch(() => undefined);
+  }
+}
+
+export interface RestoreTestRecord {
+  time: string;
+  ok: boolean;
+  duration_ms: number;
+  server: string;
+  server_version: string;
+  tables: number;
+  mismatches: string[];
+}
+
+export interface DrillOutcome {
+  filePath: string;
+  metadataPath: string;
+  scratch: string;
+  record: RestoreTestRecord;
+  reconciliation: ReconciliationRow[];
+}
+
+/**
+ * --verify FILE --restore-test: verify, restore into a scratch database with a unique name,
+ * reconcile, record the result in the metadata, and drop the scratch database whatever happens.
+ */
+async function runRestoreDrill(config: DbConfig, file: string, connectTimeoutSeconds: number, signal: AbortSignal): Promise<DrillOutcome> {
+  const verified = await runVerify(file);
+  const pgRestore = await findPgTool('pg_restore');
+  const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
+  const admin = await connectDb(config, connectTimeoutSeconds);
+  let server: ServerInfo | undefined;
+  let created = false;
+  try {
+    server = await readServerInfo(admin);
+    await assertExtensionsAvailable(admin, verified.inspection.toc, server);
+    await createDatabase(admin, scratch);
+    created = true;
+    const started = Date.now();
+    await runPgRestore(pgRestore, config, scratch, verified.filePath, connectTimeoutSeconds, signal);
+    const reconciliation = reconcileCounts(verified.metadata.table_counts, await countTablesIn(config, scratch, connectTimeoutSeconds));
+    const record: RestoreTestRecord = {
+      time: new Date().toISOString(),
+      ok: reconciliation.every((row) => row.ok),
+      duration_ms: Date.now() - started,
+      server: `${config.host}:${config.port}`,
+      server_version: server.version,
+      tables: reconciliation.length,
+      mismatches: reconciliation.filter((row) => !row.ok).map((row) => row.table),
+    };
+    await recordRestoreTest(verified.filePath, verified.metadataPath, record);
+    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, scratch, record, reconciliation };
+    if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation, reconciliationLines(reconciliation));
+    return outcome;
+  } finally {
+    if (created) await dropDatabase(admin, scratch, server!.major).catch(() => undefined);
+    await admin.end().catch(() => undefined);
+  }
+}
+
+/** Add last_restore_test to the metadata, atomically, and only while the backup still exists. */
+async function recordRestoreTest(dumpPath: string, metadataPath: string, record: RestoreTestRecord): Promise<void> {
+  if (!(await pathExists(dumpPath))) return;
+  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
+  await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
 }
 
 // ─── Run records: log file, notifications, failure hook ─────────────────────────────────
@@ -2043,9 +2381,12 @@ export function listingLines(listing: Listing): string[] {
   const entries = sortNewestFirst([...listing.backups, ...listing.incomplete]);
   if (entries.length === 0) return [`No backups in ${where}`];
 
+  // The restore-test column appears once any backup has been through a restore drill.
+  const drilled = entries.some((e) => e.restoreTest);
+  const drill = (e: ListEntry) => (e.restoreTest ? `${e.restoreTest.ok ? '✓' : '✗'} ${e.restoreTest.time.slice(0, 10)}` : '-');
   const rows = [
-    ['Timestamp', 'Environment', 'Database', 'Size', 'Status'],
-    ...entries.map((e) => [e.timestamp ?? '-', e.environment ?? '-', e.database ?? '-', formatBytes(e.sizeBytes), STATUS_LABELS[e.status]]),
+    ['Timestamp', 'Environment', 'Database', 'Size', 'Status', ...(drilled ? ['Restore test'] : [])],
+    ...entries.map((e) => [e.timestamp ?? '-', e.environment ?? '-', e.database ?? '-', formatBytes(e.sizeBytes), STATUS_LABELS[e.status], ...(drilled ? [drill(e)] : [])]),
   ];
   const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
   const table = rows.map((row) => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''));
@@ -2062,6 +2403,45 @@ export function listingLines(listing: Listing): string[] {
       : `${plural(failed, 'backup')} failed verification; run --verify FILE for details.`
     : 'Status checks metadata and size only; add --verify to re-read every file.';
   return [`Backup Files (${where}):`, '', ...table, '', `${summary.join(', ')}. ${check}`];
+}
+
+/** Pure: each table's rows in the backup's metadata and in the restored database. */
+export function reconciliationLines(rows: ReconciliationRow[]): string[] {
+  const cells = [['Table', 'Backup', 'Restored', ''], ...rows.map((r) => [r.table, String(r.backup ?? '-'), String(r.restored ?? '-'), r.ok ? '✓' : '✗'])];
+  const widths = [0, 1, 2].map((column) => Math.max(...cells.map((row) => row[column]!.length)));
+  return cells.map(([table, backup, restored, mark]) => `${table!.padEnd(widths[0]!)}  ${backup!.padStart(widths[1]!)}  ${restored!.padStart(widths[2]!)}  ${mark}`.trimEnd());
+}
+
+function matchSummary(rows: ReconciliationRow[] | undefined): string {
+  if (!rows) return 'not reconciled: the backup has no valid metadata';
+  return `${rows.filter((r) => r.ok).length} of ${rows.length} match the backup's row counts`;
+}
+
+function printRestore(outcome: RestoreOutcome): void {
+  printLines(out, [
+    '✓ Restore completed',
+    '',
+    `File:        ${displayPath(outcome.filePath)}`,
+    ...(outcome.forcedPast ? [`Verified:    ✗ ${outcome.forcedPast} (restored anyway: --force)`] : []),
+    `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`,
+    `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${outcome.jobs})`,
+    `Tables:      ${matchSummary(outcome.reconciliation)}`,
+    ...(outcome.reconciliation ? ['', ...reconciliationLines(outcome.reconciliation)] : []),
+  ]);
+}
+
+function printDrill(outcome: DrillOutcome): void {
+  printLines(out, [
+    '✓ Restore test passed',
+    '',
+    `File:        ${displayPath(outcome.filePath)}`,
+    `Scratch DB:  ${outcome.scratch} on ${outcome.record.server} (PostgreSQL ${outcome.record.server_version}; dropped)`,
+    `Restored in: ${(outcome.record.duration_ms / 1000).toFixed(1)} s`,
+    `Tables:      ${matchSummary(outcome.reconciliation)}`,
+    `Recorded:    last_restore_test in ${displayPath(outcome.metadataPath)}`,
+    '',
+    ...reconciliationLines(outcome.reconciliation),
+  ]);
 }
 
 /** Replace every occurrence of each secret; applied to everything printed about an error. */
@@ -2123,6 +2503,7 @@ function listingDocument(listing: Listing): Record<string, unknown> {
     database: e.database ?? null,
     size_bytes: e.sizeBytes,
     problems: e.problems,
+    last_restore_test: e.restoreTest ?? null,
   });
   return { directory: listing.directory, exists: listing.exists, full_check: listing.fullCheck, backups: listing.backups.map(entry), incomplete: listing.incomplete.map(entry) };
 }
@@ -2137,6 +2518,23 @@ function retentionDocument(report: RetentionReport): Record<string, unknown> {
     freed_bytes: report.freedBytes,
     left_alone: report.leftAlone,
   };
+}
+
+function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
+  return {
+    file: outcome.filePath,
+    target_database: outcome.target,
+    server: outcome.server,
+    target_action: outcome.targetAction,
+    duration_ms: outcome.durationMs,
+    jobs: outcome.jobs,
+    forced_past: outcome.forcedPast ?? null,
+    reconciliation: outcome.reconciliation ?? null,
+  };
+}
+
+function drillDocument(outcome: DrillOutcome): Record<string, unknown> {
+  return { file: outcome.filePath, metadata_file: outcome.metadataPath, scratch_database: outcome.scratch, last_restore_test: outcome.record, reconciliation: outcome.reconciliation };
 }
 
 function errorDocument(error: BackupError): Record<string, unknown> {
@@ -2197,14 +2595,37 @@ interface CliOptions {
   notifyUrl?: string;
   notifyOnSuccess?: true;
   onFailure?: string;
+  restore?: string;
+  targetDb?: string;
+  clean?: true;
+  force?: true;
+  iKnowThisIsProd?: true;
+  restoreTest?: true;
   json?: true;
 }
 
-type CommandName = 'backup' | 'prune' | 'verify' | 'list';
-export type Mode = { command: 'backup' } | { command: 'prune' } | { command: 'verify'; file: string } | { command: 'list'; fullCheck: boolean };
+type CommandName = 'backup' | 'prune' | 'verify' | 'list' | 'restore' | 'drill';
+export type Mode =
+  | { command: 'backup' }
+  | { command: 'prune' }
+  | { command: 'verify'; file: string }
+  | { command: 'list'; fullCheck: boolean }
+  | { command: 'restore'; file: string; target: string }
+  | { command: 'drill'; file: string };
+
+type ModeOptions = Pick<CliOptions, 'verify' | 'list' | 'prune' | 'restore' | 'targetDb' | 'clean' | 'force' | 'iKnowThisIsProd' | 'restoreTest'>;
 
 /** Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file". */
-export function chooseMode(opts: Pick<CliOptions, 'verify' | 'list' | 'prune'>): Mode {
+export function chooseMode(opts: ModeOptions): Mode {
+  if (opts.restore !== undefined) return chooseRestore(opts);
+  const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find((option) => opts[option] !== undefined);
+  if (onlyForRestore) throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, ['For example: --restore FILE --target-db NAME [--clean]']);
+  if (opts.restoreTest) {
+    if (typeof opts.verify !== 'string' || opts.verify.trim() === '' || opts.list) {
+      throw configError('--restore-test goes with --verify FILE', ['Run the drill: --verify db/backups/<file>.dump --restore-test']);
+    }
+    return { command: 'drill', file: opts.verify };
+  }
   if (opts.prune && (opts.list || opts.verify !== undefined)) {
     throw configError('--prune cannot be combined with --list or --verify', ['Prune alone: --prune --keep-daily 7 [--dry-run]', 'Then list: --list']);
   }
@@ -2220,6 +2641,19 @@ export function chooseMode(opts: Pick<CliOptions, 'verify' | 'list' | 'prune'>):
   }
   return opts.verify === undefined ? { command: 'backup' } : { command: 'verify', file: opts.verify };
 }
+
+function chooseRestore(opts: ModeOptions): Mode {
+  if (opts.list || opts.prune || opts.verify !== undefined || opts.restoreTest) {
+    throw configError('--restore cannot be combined with --list, --prune, --verify or --restore-test', ['Restore: --restore FILE --target-db NAME', 'It verifies FILE first on its own']);
+  }
+  if (opts.restore!.trim() === '') throw configError('--restore needs the backup FILE', ['For example: --restore db/backups/<file>.dump --target-db NAME']);
+  if (opts.targetDb === undefined) {
+    throw configError('--restore needs --target-db NAME, the database to restore into', ['A new name is created; an existing empty database is used; a non-empty one needs --clean']);
+  }
+  return { command: 'restore', file: opts.restore!, target: opts.targetDb };
+}
+
+const kebab = (name: string) => name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
 
 /** Pure: "30s", "500ms", "2min", "1h", or a bare number of seconds → milliseconds. 0 means no limit. */
 export function parseDuration(value: string): number {
@@ -2332,6 +2766,12 @@ function buildProgram(json: boolean): Command {
     .addOption(new Option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)').argParser(webhookUrl))
     .addOption(new Option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)'))
     .addOption(new Option('--on-failure <command>', 'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)'))
+    .addOption(new Option('--restore <file>', 'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts'))
+    .addOption(new Option('--target-db <name>', 'with --restore: the database to restore into (created if absent)'))
+    .addOption(new Option('--clean', 'with --restore: drop and recreate a non-empty target database'))
+    .addOption(new Option('--force', 'with --restore: restore even if the file fails verification'))
+    .addOption(new Option('--i-know-this-is-prod', 'with --restore and --env prod: allow overwriting the configured production database'))
+    .addOption(new Option('--restore-test', 'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it'))
     .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
     .showHelpAfterError(json ? false : '(run with --help for usage)')
     .exitOverride();
@@ -2350,15 +2790,41 @@ interface Outcome {
   failure?: BackupError;
 }
 
-/** The database a backup or prune is about, resolved first so that even a failure can name it. */
-function targetDatabase(mode: Mode, opts: CliOptions, vars: EnvVars): DbConfig | undefined {
-  if (mode.command !== 'backup' && mode.command !== 'prune') return undefined;
+/** The configured database (the server, for restores), resolved first so that even a failure can name it. */
+function configuredDatabase(mode: Mode, opts: CliOptions, vars: EnvVars): DbConfig | undefined {
+  if (mode.command === 'verify' || mode.command === 'list') return undefined;
   return resolveDbConfig(vars, detectEnvironment(vars, opts.env), envFilesIn(path.resolve(opts.configDir)));
 }
 
-async function runMode(mode: Mode, opts: CliOptions, config: DbConfig | undefined, settings: Settings): Promise<Outcome> {
+/** What a run record can say before the run: which database it is about. */
+function knownFacts(mode: Mode, config: DbConfig | undefined): Outcome['facts'] {
+  if (!config) return {};
+  if (mode.command === 'restore') return { environment: config.environment, database: mode.target, file: path.basename(mode.file) };
+  if (mode.command === 'drill') return { file: path.basename(mode.file) };
+  return { environment: config.environment, database: config.database };
+}
+
+async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbConfig | undefined, settings: Settings): Promise<Outcome> {
   const outputDir = opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
   switch (mode.command) {
+    case 'restore': {
+      const request: RestoreRequest = {
+        file: mode.file,
+        target: mode.target,
+        clean: opts.clean === true,
+        force: opts.force === true,
+        connectTimeoutSeconds: opts.connectTimeout,
+        guard: { requestedEnv: opts.env, iKnowThisIsProd: opts.iKnowThisIsProd === true, ...(opts.json ? {} : terminalPrompt()) },
+      };
+      const restored = await withInterruptSignal((signal) => runRestore(config!, vars, request, signal));
+      return { command: 'restore', exitCode: EXIT.OK, document: restoreDocument(restored), print: () => printRestore(restored), facts: {} };
+    }
+    case 'drill': {
+      const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, opts.connectTimeout, signal));
+      const metadata = JSON.parse(await fs.readFile(drill.metadataPath, 'utf8')) as BackupMetadata;
+      const facts = { environment: metadata.environment, database: metadata.database_name };
+      return { command: 'drill', exitCode: EXIT.OK, document: drillDocument(drill), print: () => printDrill(drill), facts };
+    }
     case 'verify': {
       const result = await runVerify(mode.file);
       const facts = { environment: result.metadata.environment, database: result.metadata.database_name, file: path.basename(result.filePath), size_bytes: result.inspection.size };
@@ -2407,7 +2873,29 @@ function failedOutcome(command: CommandName, failure: BackupError): Outcome {
   return { command, exitCode: failure.exitCode, document: errorDocument(failure), print: () => undefined, facts, failure };
 }
 
-const OPERATION_NAMES: Record<CommandName, string> = { backup: 'Backup', prune: 'Pruning', verify: 'Verification', list: 'Listing' };
+const OPERATION_NAMES: Record<CommandName, string> = {
+  backup: 'Backup',
+  prune: 'Pruning',
+  verify: 'Verification',
+  list: 'Listing',
+  restore: 'Restore',
+  drill: 'Restore test',
+};
+
+/** A typed confirmation needs a person at a terminal; cron and pipes get none. */
+function terminalPrompt(): Pick<ProdGuard, 'ask'> {
+  if (!process.stdin.isTTY || !process.stderr.isTTY) return {};
+  return {
+    ask: async (question) => {
+      const prompt = createInterface({ input: process.stdin, output: process.stderr });
+      try {
+        return await prompt.question(question);
+      } finally {
+        prompt.close();
+      }
+    },
+  };
+}
 
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
 export async function main(argv: string[]): Promise<number> {
@@ -2426,7 +2914,7 @@ export async function main(argv: string[]): Promise<number> {
   const secrets: string[] = [];
   let command: CommandName = 'backup';
   let automation: Automation = { notifyOnSuccess: false };
-  let target: DbConfig | undefined;
+  let known: Outcome['facts'] = {};
   let outcome: Outcome;
   try {
     const mode = chooseMode(opts);
@@ -2437,8 +2925,9 @@ export async function main(argv: string[]): Promise<number> {
     automation = settings.automation;
     // A webhook URL is a credential (Slack, Discord): never print it.
     if (automation.notifyUrl) secrets.push(automation.notifyUrl);
-    target = targetDatabase(mode, opts, vars);
-    outcome = await runMode(mode, opts, target, settings);
+    const config = configuredDatabase(mode, opts, vars);
+    known = knownFacts(mode, config);
+    outcome = await runMode(mode, opts, vars, config, settings);
   } catch (error) {
     outcome = failedOutcome(command, error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error)));
   }
@@ -2455,7 +2944,7 @@ export async function main(argv: string[]): Promise<number> {
       outcome: outcome.exitCode === EXIT.OK ? 'success' : 'failure',
       exit_code: outcome.exitCode,
       duration_ms: Date.now() - started,
-      ...(target ? { environment: target.environment, database: target.database } : {}),
+      ...known,
       ...outcome.facts,
       ...(outcome.failure ? { error: outcome.failure.title, details: outcome.failure.details } : {}),
       ...(outcome.exitCode !== EXIT.OK && !outcome.failure ? { error: `${outcome.command} found problems` } : {}),
