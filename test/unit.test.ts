@@ -2,7 +2,13 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
+  archiveExtensions,
   BackupError,
+  dbnameConninfo,
+  extensionInstallHint,
+  isConfiguredProdDatabase,
+  reconcileCounts,
+  reconciliationLines,
   chooseMode,
   listingLines,
   metadataProblems,
@@ -430,5 +436,55 @@ describe('chooseMode', () => {
     expectBackupError(() => chooseMode({ verify: true }), EXIT.CONFIG, /--verify needs the backup FILE/);
     expectBackupError(() => chooseMode({ verify: '  ' }), EXIT.CONFIG, /--verify needs the backup FILE/);
     expectBackupError(() => chooseMode({ list: true, verify: 'x.dump' }), EXIT.CONFIG, /takes no FILE/);
+  });
+});
+
+describe('restore helpers', () => {
+  test('archiveExtensions reads the EXTENSION entries of a table of contents', () => {
+    const toc = ['2; 3079 16385 EXTENSION - cube ', '3412; 0 0 COMMENT - EXTENSION cube ', '3; 3079 16400 EXTENSION - uuid-ossp ', '224; 1259 16670 TABLE public events postgres'].join('\n');
+    assert.deepEqual(archiveExtensions(toc), ['cube', 'uuid-ossp']);
+  });
+
+  test('extensionInstallHint names the package for well-known extensions and explains contrib ones', () => {
+    assert.match(extensionInstallHint('vector', 16), /postgresql-16-pgvector/);
+    assert.match(extensionInstallHint('postgis', 15), /postgresql-15-postgis-3/);
+    assert.match(extensionInstallHint('adminpack', 17), /contrib .* removed in PostgreSQL 17/);
+    assert.match(extensionInstallHint('my_ext', 15), /apt-cache search postgresql-15-my_ext/);
+  });
+
+  test("dbnameConninfo quotes any name so that libpq never reads it as settings", () => {
+    assert.equal(dbnameConninfo('plain'), "dbname='plain'");
+    assert.equal(dbnameConninfo("it's host=evil"), "dbname='it\\'s host=evil'");
+    assert.equal(dbnameConninfo('back\\slash'), "dbname='back\\\\slash'");
+  });
+
+  test('reconcileCounts flags differences and tables missing on either side', () => {
+    const rows = reconcileCounts({ a: 1, b: 2, c: 3 }, { a: 1, b: 5, d: 0 });
+    assert.deepEqual(rows, [
+      { table: 'a', backup: 1, restored: 1, ok: true },
+      { table: 'b', backup: 2, restored: 5, ok: false },
+      { table: 'c', backup: 3, ok: false },
+      { table: 'd', restored: 0, ok: false },
+    ]);
+    assert.deepEqual(reconciliationLines(rows.slice(0, 2)), ['Table  Backup  Restored', 'a           1         1  ✓', 'b           2         5  ✗']);
+  });
+
+  test('isConfiguredProdDatabase: same name on the same server (loopback names alike)', () => {
+    const prod = { host: 'localhost', port: 5432, database: 'app' };
+    assert.equal(isConfiguredProdDatabase({ host: '127.0.0.1', port: 5432 }, 'app', prod), true);
+    assert.equal(isConfiguredProdDatabase({ host: 'DB.example', port: 5432 }, 'app', { ...prod, host: 'db.example' }), true);
+    assert.equal(isConfiguredProdDatabase({ host: 'localhost', port: 5433 }, 'app', prod), false);
+    assert.equal(isConfiguredProdDatabase({ host: 'localhost', port: 5432 }, 'app_copy', prod), false);
+    assert.equal(isConfiguredProdDatabase({ host: 'localhost', port: 5432 }, 'app', undefined), false);
+  });
+
+  test('chooseMode: --restore needs --target-db; the drill needs --verify FILE; restore options need --restore', () => {
+    assert.deepEqual(chooseMode({ restore: 'x.dump', targetDb: 'copy' }), { command: 'restore', file: 'x.dump', target: 'copy' });
+    assert.deepEqual(chooseMode({ verify: 'x.dump', restoreTest: true }), { command: 'drill', file: 'x.dump' });
+    expectBackupError(() => chooseMode({ restore: 'x.dump' }), EXIT.CONFIG, /needs --target-db/);
+    expectBackupError(() => chooseMode({ restore: 'x.dump', targetDb: 'c', list: true }), EXIT.CONFIG, /cannot be combined/);
+    expectBackupError(() => chooseMode({ clean: true }), EXIT.CONFIG, /--clean only applies to --restore/);
+    expectBackupError(() => chooseMode({ iKnowThisIsProd: true }), EXIT.CONFIG, /--i-know-this-is-prod only applies/);
+    expectBackupError(() => chooseMode({ restoreTest: true }), EXIT.CONFIG, /--restore-test goes with --verify FILE/);
   });
 });

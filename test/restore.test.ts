@@ -1,0 +1,290 @@
+/**
+ * Restore and the restore drill (SC-002): real round trips through the CLI. A restored database
+ * equals its source table by table; a non-empty target, a failed verification and the production
+ * database are refused; a restore that hits an error never reports success; the drill's scratch
+ * database is gone after success, failure and Ctrl-C; a missing extension stops a restore before
+ * anything is written.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import type pg from 'pg';
+import { assertSameContent, snapshotDatabase } from './helpers/compare.ts';
+import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { buildFixture } from './helpers/fixture.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { waitFor } from './helpers/wait.ts';
+
+let server: TestServer;
+let pg17: TestServer;
+let backup: TakenBackup;
+let configDir: string;
+
+before(async () => {
+  [server, pg17] = await Promise.all([startTestServer(), startTestServer({ major: 17 })]);
+  await server.createDatabase('rs_app');
+  const client = await server.connect('rs_app');
+  await buildFixture(client);
+  await client.end();
+  backup = await takeBackup(server, 'rs_app', path.join(await tempDir(), 'backups'));
+  configDir = await tempDir();
+  // dev and prod live on the same server here; prod's database is rs_prod.
+  await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(server, 'DB_', 'rs_prod') });
+  await server.createDatabase('rs_prod');
+  const prod = await server.connect('rs_prod');
+  await prod.query("CREATE TABLE live_orders (id int); INSERT INTO live_orders VALUES (1), (2)");
+  await prod.end();
+});
+after(() => Promise.all([server?.stop(), pg17?.stop()]));
+
+const restore = (file: string, target: string, ...extra: string[]) =>
+  runCli({ args: ['--restore', file, '--target-db', target, '--env', 'dev', '--config-dir', configDir, ...extra] });
+
+async function withDatabase<T>(name: string, use: (client: pg.Client) => Promise<T>, on: TestServer = server): Promise<T> {
+  const client = await on.connect(name);
+  try {
+    return await use(client);
+  } finally {
+    await client.end();
+  }
+}
+
+async function databases(on: TestServer = server): Promise<string[]> {
+  return withDatabase('postgres', async (c) => (await c.query<{ datname: string }>('SELECT datname FROM pg_database ORDER BY 1')).rows.map((r) => r.datname), on);
+}
+
+/** A private copy of the backup (dump + metadata) to edit. */
+async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) {
+  const dir = await tempDir();
+  const dumpPath = path.join(dir, path.basename(backup.dumpPath));
+  const metadataPath = path.join(dir, path.basename(backup.metadataPath));
+  await fs.copyFile(backup.dumpPath, dumpPath);
+  const metadata = JSON.parse(await fs.readFile(backup.metadataPath, 'utf8'));
+  edit?.(metadata);
+  await fs.writeFile(metadataPath, JSON.stringify(metadata));
+  return { dumpPath, metadataPath };
+}
+
+describe('--restore', () => {
+  test('into a new database: created, identical to the source table by table, counts reconciled', async () => {
+    const target = uniqueName('rs_new');
+    const result = await restore(backup.dumpPath, target);
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /^✓ Restore completed$/m);
+    assert.match(result.stdout, new RegExp(`^Target: {6}${target} on 127\\.0\\.0\\.1:\\d+ \\(created\\)$`, 'm'));
+    assert.match(result.stdout, /^Tables: {6}10 of 10 match the backup's row counts$/m);
+    assert.match(result.stdout, /^messages +3422 +3422 {2}✓$/m);
+    const source = await server.connect('rs_app');
+    const restored = await server.connect(target);
+    try {
+      await assertSameContent(source, restored);
+    } finally {
+      await Promise.all([source.end(), restored.end()]);
+    }
+  });
+
+  test('into an existing empty database: used as it is', async () => {
+    const target = uniqueName('rs_empty');
+    await server.createDatabase(target);
+    const result = await restore(backup.dumpPath, target);
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /\(used empty\)$/m);
+  });
+
+  test('a non-empty target is refused and left alone; --clean drops and recreates it', async () => {
+    const target = uniqueName('rs_busy');
+    await server.createDatabase(target);
+    await withDatabase(target, (c) => c.query("CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')"));
+    const before = await withDatabase(target, snapshotDatabase);
+    const refused = await restore(backup.dumpPath, target);
+    assert.equal(refused.exitCode, 2);
+    assert.match(refused.stderr, new RegExp(`the target database "${target}" on .* is not empty`));
+    assert.match(refused.stderr, /add --clean/);
+    assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'untouched');
+
+    const cleaned = await restore(backup.dumpPath, target, '--clean');
+    assert.equal(cleaned.exitCode, 0, cleaned.stderr);
+    assert.match(cleaned.stdout, /\(replaced\)$/m);
+    const tables = await withDatabase(target, async (c) => (await c.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'precious'")).rows[0].n);
+    assert.equal(tables, 0, 'the old content is gone');
+  });
+
+  test('a file that fails verification is refused (exit 8); --force restores it anyway and says so', async () => {
+    const copy = await copyOfBackup((m) => {
+      m.checksum_sha256 = '0'.repeat(64);
+    });
+    const target = uniqueName('rs_forced');
+    const refused = await restore(copy.dumpPath, target);
+    assert.equal(refused.exitCode, 8);
+    assert.match(refused.stderr, /checksum mismatch/);
+    assert.ok(!(await databases()).includes(target), 'nothing created');
+
+    const forced = await restore(copy.dumpPath, target, '--force');
+    assert.equal(forced.exitCode, 0, forced.stderr);
+    assert.match(forced.stdout, /^Verified: {4}✗ checksum mismatch \(restored anyway: --force\)$/m);
+    assert.match(forced.stdout, /10 of 10 match/);
+  });
+
+  test('a restore that hits an error fails with exit 7, and the target it created is removed', async () => {
+    const copy = await copyOfBackup();
+    const bytes = await fs.readFile(copy.dumpPath);
+    const middle = Math.floor(bytes.length / 2);
+    bytes[middle] = bytes[middle]! ^ 0xff;
+    await fs.writeFile(copy.dumpPath, bytes);
+    const target = uniqueName('rs_broken');
+    const result = await restore(copy.dumpPath, target, '--force');
+    assert.equal(result.exitCode, 7, result.stdout);
+    assert.match(result.stderr, /^✗ Restore failed: pg_restore failed$/m);
+    assert.match(result.stderr, /pg_restore: error: /);
+    assert.doesNotMatch(result.stdout, /Restore completed/);
+    assert.ok(!(await databases()).includes(target), 'no half-restored database left behind');
+  });
+
+  test('tampered counts in the metadata: the restore completes but fails reconciliation (exit 8)', async () => {
+    const copy = await copyOfBackup((m) => {
+      (m.table_counts as Record<string, number>).messages = 9999;
+    });
+    const result = await restore(copy.dumpPath, uniqueName('rs_tampered'));
+    assert.equal(result.exitCode, 8);
+    assert.match(result.stderr, /^✗ Restore failed: row counts differ from the backup$/m);
+    assert.match(result.stderr, /^messages +9999 +3422 {2}✗$/m);
+  });
+
+  test('a missing --target-db, or restore options without --restore, are usage errors', async () => {
+    assert.equal((await runCli({ args: ['--restore', backup.dumpPath] })).exitCode, 2);
+    const stray = await runCli({ args: ['--target-db', 'x'] });
+    assert.equal(stray.exitCode, 2);
+    assert.match(stray.stderr, /--target-db only applies to --restore FILE/);
+  });
+});
+
+describe('the production guard', () => {
+  test('refuses the configured prod database without --env prod and --i-know-this-is-prod', async () => {
+    const before = await withDatabase('rs_prod', snapshotDatabase);
+    for (const extra of [['--clean'], ['--clean', '--i-know-this-is-prod']]) {
+      const viaDev = await restore(backup.dumpPath, 'rs_prod', ...extra);
+      assert.equal(viaDev.exitCode, 2);
+      assert.match(viaDev.stderr, /refusing to restore into "rs_prod" .* the configured production database: --env prod was not given/);
+    }
+    const noFlag = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', 'rs_prod', '--env', 'prod', '--clean', '--config-dir', configDir] });
+    assert.equal(noFlag.exitCode, 2);
+    assert.match(noFlag.stderr, /--i-know-this-is-prod was not given/);
+    assert.deepEqual(await withDatabase('rs_prod', snapshotDatabase), before, 'production untouched');
+  });
+
+  test('on a terminal, typing the database name is the confirmation; a wrong name is refused', async () => {
+    const command = (typed: string) =>
+      execa('script', ['-qec', `'${process.execPath}' --import tsx '${SCRIPT}' --restore '${backup.dumpPath}' --target-db rs_prod --env prod --clean --config-dir '${configDir}'`, '/dev/null'], {
+        input: `${typed}\n`,
+        cwd: PROJECT_DIR,
+        reject: false,
+      });
+    const wrong = await command('rs_prd');
+    assert.notEqual(wrong.exitCode, 0);
+    assert.match(String(wrong.stdout), /Type its name to continue/);
+    assert.match(String(wrong.stdout), /the typed name did not match/);
+    assert.equal(await withDatabase('rs_prod', async (c) => (await c.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'live_orders'")).rows[0].n), 1);
+
+    const right = await command('rs_prod');
+    assert.equal(right.exitCode, 0, String(right.stdout));
+    assert.match(String(right.stdout), /Restore completed/);
+  });
+
+  test('--env prod --i-know-this-is-prod restores over production', async () => {
+    const result = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', 'rs_prod', '--env', 'prod', '--clean', '--i-know-this-is-prod', '--config-dir', configDir] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /rs_prod on .* \(replaced\)/);
+  });
+});
+
+describe('--verify FILE --restore-test (the drill)', () => {
+  const drillDatabases = async () => (await databases()).filter((name) => name.startsWith('backup_db_drill_'));
+
+  test('restores into a scratch database, reconciles, records the result, drops the scratch database', async () => {
+    const copy = await copyOfBackup();
+    const result = await runCli({ args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /^✓ Restore test passed$/m);
+    assert.match(result.stdout, /^Scratch DB: {2}backup_db_drill_\d+_[0-9a-f]{8} on .* \(PostgreSQL 15\.\d+; dropped\)$/m);
+    assert.deepEqual(await drillDatabases(), []);
+    const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+    assert.equal(metadata.last_restore_test.ok, true);
+    assert.equal(metadata.last_restore_test.tables, 10);
+    assert.deepEqual(metadata.last_restore_test.mismatches, []);
+    assert.ok(Date.now() - Date.parse(metadata.last_restore_test.time) < 120_000);
+
+    const listed = await runCli({ args: ['--list', '--output-dir', path.dirname(copy.dumpPath)] });
+    assert.match(listed.stdout, /Status +Restore test\n.*✓ Verified +✓ \d{4}-\d{2}-\d{2}/);
+    assert.equal((await runCli({ args: ['--verify', copy.dumpPath] })).exitCode, 0, 'recording the drill leaves the backup verifiable');
+  });
+
+  test('tampered counts → exit 8, the failure recorded, the scratch database dropped', async () => {
+    const copy = await copyOfBackup((m) => {
+      (m.table_counts as Record<string, number>).conversations = 1;
+    });
+    const result = await runCli({ args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    assert.equal(result.exitCode, 8);
+    assert.match(result.stderr, /^✗ Restore test failed: row counts differ from the backup$/m);
+    assert.match(result.stderr, /conversations \(backup 1, restored 150\)/);
+    assert.deepEqual(await drillDatabases(), []);
+    const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+    assert.deepEqual([metadata.last_restore_test.ok, metadata.last_restore_test.mismatches], [false, ['conversations']]);
+  });
+
+  test('Ctrl-C while pg_restore runs → exit 130, and the scratch database is dropped', { timeout: 90_000 }, async () => {
+    // A table whose CHECK reads a shared catalog: the test holds that catalog locked, so
+    // pg_restore's COPY waits on it, from whichever database, for as long as the test needs.
+    const gated = uniqueName('rs_gated');
+    await server.createDatabase(gated);
+    await withDatabase(gated, (c) =>
+      c.query(`
+        CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM count(*) FROM pg_catalog.pg_shdescription; RETURN true; END $$;
+        CREATE TABLE gated (id int CHECK (gate()));
+        INSERT INTO gated VALUES (1);`),
+    );
+    const gatedBackup = await takeBackup(server, gated, path.join(await tempDir(), 'b'));
+    const holder = await server.connect('postgres');
+    const observer = await server.connect('postgres');
+    await holder.query('BEGIN; LOCK TABLE pg_catalog.pg_shdescription IN ACCESS EXCLUSIVE MODE');
+    const drill = startCli({ args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    try {
+      await waitFor('pg_restore to wait at the gate', async () => {
+        const { rows } = await observer.query("SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'");
+        return rows.length > 0 ? true : undefined;
+      });
+      assert.equal((await drillDatabases()).length, 1, 'the scratch database exists while the drill runs');
+      drill.kill('SIGINT');
+    } finally {
+      // Dropping a database also needs that catalog: let go so the drill can clean up.
+      await holder.query('ROLLBACK');
+      await Promise.all([holder.end(), observer.end()]);
+    }
+    const result = await drill;
+    assert.equal(result.exitCode, 130, String(result.stderr));
+    assert.match(String(result.stderr), /Interrupted by SIGINT/);
+    assert.deepEqual(await drillDatabases(), []);
+  });
+});
+
+describe('extensions missing on the target server', () => {
+  test('a backup that needs adminpack, restored to PostgreSQL 17 (which dropped it): a clear error before anything is written', async () => {
+    await server.createDatabase('rs_ext');
+    await withDatabase('rs_ext', (c) => c.query('CREATE EXTENSION adminpack; CREATE TABLE t (id int); INSERT INTO t VALUES (1)'));
+    const withExtension = await takeBackup(server, 'rs_ext', path.join(await tempDir(), 'b'));
+    const on17 = await tempDir();
+    await writeEnvFile(on17, '.env', dbVars(pg17, 'DEV_DB_', 'postgres'));
+    const before = await databases(pg17);
+
+    const restored = await runCli({ args: ['--restore', withExtension.dumpPath, '--target-db', 'ext_target', '--env', 'dev', '--config-dir', on17] });
+    assert.equal(restored.exitCode, 7, restored.stderr);
+    assert.match(restored.stderr, /^✗ Restore failed: The target server lacks extensions the backup needs$/m);
+    assert.match(restored.stderr, /PostgreSQL 17\.\d+ on this server does not have: adminpack/);
+    assert.match(restored.stderr, /adminpack: part of PostgreSQL's contrib .* as adminpack was in 17/);
+
+    const drilled = await runCli({ args: ['--verify', withExtension.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', on17] });
+    assert.equal(drilled.exitCode, 7);
+    assert.deepEqual(await databases(pg17), before, 'no database was created on the target server');
+  });
+});
