@@ -307,46 +307,131 @@ export function parsePgVersion(text: string): { version: string; major: number }
   return { version, major: majorNumber >= 10 ? majorNumber : Number(`${a}.${b ?? 0}`) };
 }
 
-async function findOnPath(command: string, searchPath = process.env.PATH ?? ''): Promise<string | undefined> {
-  for (const dir of searchPath.split(path.delimiter).filter(Boolean)) {
-    const candidate = path.join(dir, command);
-    try {
-      await fs.access(candidate, fs.constants.X_OK);
-      if ((await fs.stat(candidate)).isFile()) return candidate;
-    } catch {
-      // Not in this directory; keep looking.
-    }
-  }
-  return undefined;
-}
-
-const CLIENT_INSTALL_HINTS = [
-  'Debian/Ubuntu: sudo apt-get install -y postgresql-client',
-  'macOS (Homebrew): brew install libpq && brew link --force libpq',
-  'Or add the directory holding pg_dump and pg_restore to PATH',
+/**
+ * Where PostgreSQL client tools live when they are not (only) on PATH: Debian/Ubuntu, RHEL/Fedora
+ * (PGDG), Homebrew (versioned formulae and the keg-only libpq), Postgres.app. `*` is a version.
+ */
+const KNOWN_CLIENT_DIRS = [
+  '/usr/lib/postgresql/*/bin',
+  '/usr/pgsql-*/bin',
+  '/opt/homebrew/opt/postgresql@*/bin',
+  '/usr/local/opt/postgresql@*/bin',
+  '/opt/homebrew/opt/libpq/bin',
+  '/usr/local/opt/libpq/bin',
+  '/Applications/Postgres.app/Contents/Versions/*/bin',
 ];
 
-async function findPgTool(command: 'pg_dump' | 'pg_restore'): Promise<PgTool> {
-  const found = await findOnPath(command);
-  if (!found) {
-    throw new BackupError(EXIT.TOOL_NOT_FOUND, `${command} not found`, `${command} is not on PATH (${process.env.PATH ?? ''})`, CLIENT_INSTALL_HINTS);
-  }
-  const result = await execa(found, ['--version'], { reject: false, stdin: 'ignore' });
-  const parsed = result.exitCode === 0 ? parsePgVersion(result.stdout) : undefined;
-  if (!parsed) {
-    throw new BackupError(EXIT.TOOL_NOT_FOUND, `${command} does not work`, `${found} --version said: ${result.stderr || result.stdout || result.shortMessage}`, CLIENT_INSTALL_HINTS);
-  }
-  return { path: found, ...parsed };
-}
+export type ClientSource = '--pg-bin-dir' | 'PATH' | 'usual location';
 
-export interface PgTools {
+/** pg_dump and pg_restore from one directory: one installation, always used together. */
+export interface PgClient {
+  dir: string;
+  source: ClientSource;
   pgDump: PgTool;
   pgRestore: PgTool;
 }
 
-async function findPgTools(): Promise<PgTools> {
-  const [pgDump, pgRestore] = await Promise.all([findPgTool('pg_dump'), findPgTool('pg_restore')]);
-  return { pgDump, pgRestore };
+async function isExecutableFile(file: string): Promise<boolean> {
+  try {
+    await fs.access(file, fs.constants.X_OK);
+    return (await fs.stat(file)).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/** Expand one `*` in a directory pattern by listing its parent. */
+async function expandPattern(pattern: string): Promise<string[]> {
+  const star = pattern.indexOf('*');
+  if (star < 0) return [pattern];
+  const parent = pattern.slice(0, pattern.lastIndexOf('/', star));
+  const [prefix, suffix] = [pattern.slice(parent.length + 1, star), pattern.slice(star + 1)];
+  const [head, ...rest] = suffix.split('/');
+  const names = await fs.readdir(parent).catch(() => [] as string[]);
+  return names.filter((name) => name.startsWith(prefix) && name.endsWith(head!)).map((name) => [parent, name, ...rest].join('/'));
+}
+
+/** Candidate directories in search order: --pg-bin-dir / PG_BIN_DIR, then PATH, then the usual locations. */
+async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: string; source: ClientSource }>> {
+  const dirs: Array<{ dir: string; source: ClientSource }> = [];
+  if (pgBinDir) dirs.push({ dir: path.resolve(pgBinDir), source: '--pg-bin-dir' });
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter).filter(Boolean)) dirs.push({ dir, source: 'PATH' });
+  for (const pattern of KNOWN_CLIENT_DIRS) for (const dir of await expandPattern(pattern)) dirs.push({ dir, source: 'usual location' });
+  const seen = new Set<string>();
+  return dirs.filter(({ dir }) => !seen.has(dir) && seen.add(dir));
+}
+
+async function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<PgTool | undefined> {
+  const file = path.join(dir, command);
+  if (!(await isExecutableFile(file))) return undefined;
+  const result = await execa(file, ['--version'], { reject: false, stdin: 'ignore' });
+  const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
+  return parsed && { path: file, ...parsed };
+}
+
+async function inspectClientDir({ dir, source }: { dir: string; source: ClientSource }): Promise<PgClient | undefined> {
+  const [pgDump, pgRestore] = await Promise.all([toolVersionIn(dir, 'pg_dump'), toolVersionIn(dir, 'pg_restore')]);
+  return pgDump && pgRestore ? { dir, source, pgDump, pgRestore } : undefined;
+}
+
+/**
+ * Pure: the client to use for a server (or archive) of major `needed`. The first one found, in
+ * search order, is what the user expects; only when it is too old does any other count, and then
+ * the lowest major that is new enough, so the dump is as compatible as possible.
+ */
+export function chooseClient<T extends { pgDump: { major: number } }>(found: T[], needed: number | undefined): T | undefined {
+  const first = found[0];
+  if (!first || needed === undefined || first.pgDump.major >= needed) return first;
+  const fitting = found.filter((client) => client.pgDump.major >= needed);
+  return fitting.reduce<T | undefined>((best, client) => (best && best.pgDump.major <= client.pgDump.major ? best : client), undefined);
+}
+
+/** Pure: how to install client tools of a major version, per platform. */
+export function clientInstallHints(major: number | undefined): string[] {
+  const suffix = major === undefined ? '' : `-${major}`;
+  return [
+    `Debian/Ubuntu: sudo apt-get install -y postgresql-client${suffix}${major === undefined ? '' : ' (newer majors come from the PGDG repository, apt.postgresql.org)'}`,
+    `macOS (Homebrew): brew install ${major === undefined ? 'libpq' : `postgresql@${major}`}`,
+    `RHEL/Fedora (PGDG): sudo dnf install -y postgresql${major ?? ''}`,
+    'Or point --pg-bin-dir (or PG_BIN_DIR) at the bin directory that holds them',
+  ];
+}
+
+export interface ClientSearch {
+  pgBinDir?: string;
+}
+
+/**
+ * Find pg_dump + pg_restore able to handle major `needed` (a server, or the pg_dump an archive
+ * came from); undefined means any. Only the first directory is inspected unless it is too old.
+ * `purpose` shapes the error: exit 6, naming every version found and where.
+ */
+async function findClient(search: ClientSearch, needed: number | undefined, purpose: (found: string) => { title: string; details: string }): Promise<PgClient> {
+  const dirs = await clientDirs(search.pgBinDir);
+  let first: PgClient | undefined;
+  for (const dir of dirs) {
+    first = await inspectClientDir(dir);
+    if (first) break;
+  }
+  if (first && (needed === undefined || first.pgDump.major >= needed)) return first;
+  const found = (await Promise.all(dirs.map(inspectClientDir))).filter((client): client is PgClient => client !== undefined);
+  const chosen = chooseClient(found, needed);
+  if (chosen) return chosen;
+  const where = found.map((c) => `${c.pgDump.version} in ${c.dir} (${c.source})`).join('; ') || 'none on PATH or in the usual locations';
+  const { title, details } = purpose(where);
+  throw new BackupError(EXIT.TOOL_NOT_FOUND, title, details, clientInstallHints(needed));
+}
+
+/** The client for dumping a server of major `serverMajor` (undefined before the server is known). */
+function findDumpClient(search: ClientSearch, server?: ServerInfo): Promise<PgClient> {
+  return findClient(search, server?.major, (found) =>
+    server
+      ? {
+          title: 'No pg_dump new enough for the server',
+          details: `the server runs PostgreSQL ${server.version}, and pg_dump cannot dump a newer major version than its own; pg_dump found: ${found}`,
+        }
+      : { title: 'pg_dump not found', details: `pg_dump and pg_restore were not found: ${found} (PATH is ${process.env.PATH ?? ''})` },
+  );
 }
 
 /** pg_dump's --compress value and the label recorded in the metadata. */
@@ -780,20 +865,6 @@ async function readServerInfo(client: pg.Client): Promise<ServerInfo> {
   return { version: row.version.split(' ')[0]!, major: Math.floor(row.num / 10000) };
 }
 
-/** pg_dump refuses servers of a newer major version; say so before anything is written. */
-function assertPgDumpCanDump(pgDump: PgTool, server: ServerInfo): void {
-  if (pgDump.major >= server.major) return;
-  throw new BackupError(
-    EXIT.TOOL_NOT_FOUND,
-    'pg_dump is older than the server',
-    `the server runs PostgreSQL ${server.version}, but ${pgDump.path} is version ${pgDump.version}; pg_dump cannot dump a newer major version`,
-    [
-      `Install the PostgreSQL ${server.major} client tools (Debian/Ubuntu with the PGDG repository: sudo apt-get install -y postgresql-client-${server.major}; macOS: brew install postgresql@${server.major})`,
-      'Put their bin directory first on PATH',
-    ],
-  );
-}
-
 // ─── Dump ───────────────────────────────────────────────────────────────────────────────
 
 /** "2025-01-27T14:30:00Z": the metadata's backup_timestamp, whole seconds. */
@@ -1141,6 +1212,89 @@ async function syncDirectory(dir: string): Promise<void> {
 
 // ─── Verification ───────────────────────────────────────────────────────────────────────
 
+/** What a custom-format archive says about itself, from its first bytes. */
+export interface ArchiveHeader {
+  /** K_VERS of pg_backup_archiver.h, e.g. [1, 14, 0] */
+  archiveVersion: [number, number, number];
+  database: string | null;
+  serverVersion: string | null;
+  pgDumpVersion: string | null;
+}
+
+/**
+ * Pure: parse the header pg_dump writes (WriteHead in pg_backup_archiver.c): "PGDMP", version
+ * bytes, int and offset sizes, format, then the compression (an int before archive 1.15, an
+ * algorithm byte since), the creation time as 7 ints, and the database, server and pg_dump
+ * versions as strings. Ints are a sign byte and intSize little-endian bytes.
+ */
+export function parseArchiveHeader(bytes: Buffer): ArchiveHeader | undefined {
+  if (bytes.length < 11 || bytes.toString('latin1', 0, 5) !== 'PGDMP') return undefined;
+  const archiveVersion: [number, number, number] = [bytes[5]!, bytes[6]!, bytes[7]!];
+  const header: ArchiveHeader = { archiveVersion, database: null, serverVersion: null, pgDumpVersion: null };
+  const intSize = bytes[8]!;
+  let position = 11;
+  const readInt = () => {
+    if (intSize < 1 || intSize > 8 || position + 1 + intSize > bytes.length) throw new RangeError('truncated header');
+    let value = 0;
+    for (let i = 0; i < intSize; i++) value += bytes[position + 1 + i]! * 2 ** (8 * i);
+    const negative = bytes[position] !== 0;
+    position += 1 + intSize;
+    return negative ? -value : value;
+  };
+  const readString = () => {
+    const length = readInt();
+    if (length < 0) return null;
+    if (position + length > bytes.length) throw new RangeError('truncated header');
+    const text = bytes.toString('utf8', position, position + length);
+    position += length;
+    return text;
+  };
+  // Layouts older than archive 1.10 (pg_dump 8.0) differ; the version bytes are all they give here.
+  if (archiveVersion[0] !== 1 || archiveVersion[1] < 10) return header;
+  try {
+    if (archiveVersion[1] >= 15) position += 1;
+    else readInt();
+    for (let i = 0; i < 7; i++) readInt();
+    header.database = readString();
+    header.serverVersion = readString();
+    header.pgDumpVersion = readString();
+  } catch {
+    // A damaged header still has its version bytes; pg_restore will say what else is wrong.
+  }
+  return header;
+}
+
+/**
+ * Pure: the oldest pg_restore major that reads an archive. Format 1.14 came with pg_dump 14 (and
+ * stayed in 15), 1.15 with 16, 1.16 with 17; an unknown newer format needs the pg_dump's own major.
+ */
+export function minimumPgRestoreMajor(header: ArchiveHeader): number {
+  const [major, minor] = header.archiveVersion;
+  const known: Record<number, number> = { 14: 14, 15: 16, 16: 17 };
+  if (major === 1 && minor <= 13) return 10;
+  if (major === 1 && known[minor] !== undefined) return known[minor];
+  return parsePgVersion(header.pgDumpVersion ?? '')?.major ?? 99;
+}
+
+async function readArchiveHeader(filePath: string): Promise<ArchiveHeader | undefined> {
+  const handle = await fs.open(filePath, 'r');
+  try {
+    const { buffer, bytesRead } = await handle.read(Buffer.alloc(4096), 0, 4096, 0);
+    return parseArchiveHeader(buffer.subarray(0, bytesRead));
+  } finally {
+    await handle.close();
+  }
+}
+
+/** The client whose pg_restore reads this archive; unknown archives get the default one. */
+function findRestoreClient(search: ClientSearch, header: ArchiveHeader | undefined): Promise<PgClient> {
+  const needed = header ? minimumPgRestoreMajor(header) : undefined;
+  return findClient(search, needed, (found) => ({
+    title: 'No pg_restore new enough for this archive',
+    details: `the archive was written by pg_dump ${header?.pgDumpVersion ?? 'of an unknown version'} (archive format ${header?.archiveVersion.join('.')}), which needs pg_restore ${needed} or newer; found: ${found}`,
+  }));
+}
+
 /** SHA256 and size of a file, streamed in 1 MiB chunks: flat memory for any size. */
 export async function hashFile(filePath: string): Promise<DumpOutcome> {
   const hash = createHash('sha256');
@@ -1277,6 +1431,8 @@ export interface VerifyResult {
   metadataPath: string;
   metadata: BackupMetadata;
   inspection: FileInspection;
+  /** The client tools that read the archive, for a restore to use too. */
+  client?: PgClient;
 }
 
 /** A failed check as the contract's error: what failed, why it matters, what to do. */
@@ -1391,7 +1547,7 @@ const STATUS_OF_CHECK: Record<keyof FileChecks, ListStatus> = {
  * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
  * pg_restore to use, the full check re-hashes the file and reads its table of contents.
  */
-async function describeBackup(dir: string, name: string, fullCheckWith?: PgTool): Promise<ListEntry | undefined> {
+async function describeBackup(dir: string, name: string, fullCheckWith?: ClientSearch): Promise<ListEntry | undefined> {
   const filePath = path.join(dir, name);
   const stat = await fs.stat(filePath).catch(() => undefined);
   if (!stat?.isFile()) return undefined;
@@ -1414,7 +1570,13 @@ async function describeBackup(dir: string, name: string, fullCheckWith?: PgTool)
     return { ...described, status: 'size_mismatch', problems: [`${stat.size} bytes, but the metadata says ${metadata.backup_size_bytes}`] };
   }
   if (!fullCheckWith) return described;
-  const { checks } = await checkBackupFile(fullCheckWith, filePath, metadata);
+  let client: PgClient;
+  try {
+    client = await findRestoreClient(fullCheckWith, await readArchiveHeader(filePath));
+  } catch (error) {
+    return { ...described, status: 'unreadable_archive', problems: [error instanceof BackupError ? error.details : errorText(error)] };
+  }
+  const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
   const failed = failedChecks(checks);
   return failed.length === 0 ? described : { ...described, status: STATUS_OF_CHECK[failed[0]!], problems: failed.map((check) => checks[check].summary) };
 }
@@ -1731,18 +1893,28 @@ export interface RestoreOutcome {
   forcedPast?: string;
 }
 
+interface RestorableArchive {
+  filePath: string;
+  toc: string;
+  /** The pg_restore that reads this archive's format. */
+  pgRestore: PgTool;
+  metadata?: BackupMetadata;
+  forcedPast?: string;
+}
+
 /** What a restore needs to know about the file, verified unless --force says otherwise. */
-async function restorableArchive(pgRestore: PgTool, file: string, force: boolean): Promise<{ filePath: string; toc: string; metadata?: BackupMetadata; forcedPast?: string }> {
+async function restorableArchive(search: ClientSearch, file: string, force: boolean): Promise<RestorableArchive> {
   try {
-    const verified = await runVerify(file);
-    return { filePath: verified.filePath, toc: verified.inspection.toc, metadata: verified.metadata };
+    const verified = await runVerify(file, search);
+    return { filePath: verified.filePath, toc: verified.inspection.toc, pgRestore: verified.client!.pgRestore, metadata: verified.metadata };
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
+    const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(filePath));
     const listing = await listArchive(pgRestore, filePath);
     if (!listing.ok) throw new BackupError(EXIT.BACKUP_FAILED, 'Restore failed: pg_restore cannot read the archive', listing.error, ['Even --force cannot restore an unreadable archive']);
     const loaded = await loadMetadata(metadataPathFor(filePath), path.basename(filePath));
-    return { filePath, toc: listing.toc, ...(loaded.status === 'ok' ? { metadata: loaded.metadata } : {}), forcedPast: error.title.replace(/^Backup verification failed: /, '') };
+    return { filePath, toc: listing.toc, pgRestore, ...(loaded.status === 'ok' ? { metadata: loaded.metadata } : {}), forcedPast: error.title.replace(/^Backup verification failed: /, '') };
   }
 }
 
@@ -1773,6 +1945,7 @@ export interface RestoreRequest {
   force: boolean;
   connectTimeoutSeconds: number;
   guard: ProdGuard;
+  search: ClientSearch;
 }
 
 /**
@@ -1781,8 +1954,7 @@ export interface RestoreRequest {
  */
 async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal): Promise<RestoreOutcome> {
   const target = validateName(request.target, '--target-db');
-  const pgRestore = await findPgTool('pg_restore');
-  const archive = await restorableArchive(pgRestore, request.file, request.force);
+  const archive = await restorableArchive(request.search, request.file, request.force);
   await assertProdRestoreAllowed(vars, config, target, request.guard);
   // Administer from a database other than the target, which --clean may drop.
   const admin = await connectDb({ ...config, database: target === config.database ? 'postgres' : config.database }, request.connectTimeoutSeconds);
@@ -1802,7 +1974,7 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
     const started = Date.now();
     let jobs: number;
     try {
-      jobs = await runPgRestore(pgRestore, config, target, archive.filePath, request.connectTimeoutSeconds, signal);
+      jobs = await runPgRestore(archive.pgRestore, config, target, archive.filePath, request.connectTimeoutSeconds, signal);
     } catch (error) {
       // A database this run created holds only a partial restore: remove it rather than leave a trap.
       if (targetAction !== 'used empty') await dropDatabase(admin, target, server.major).catch(() => undefined);
@@ -1841,9 +2013,9 @@ export interface DrillOutcome {
  * --verify FILE --restore-test: verify, restore into a scratch database with a unique name,
  * reconcile, record the result in the metadata, and drop the scratch database whatever happens.
  */
-async function runRestoreDrill(config: DbConfig, file: string, connectTimeoutSeconds: number, signal: AbortSignal): Promise<DrillOutcome> {
-  const verified = await runVerify(file);
-  const pgRestore = await findPgTool('pg_restore');
+async function runRestoreDrill(config: DbConfig, file: string, search: ClientSearch, connectTimeoutSeconds: number, signal: AbortSignal): Promise<DrillOutcome> {
+  const verified = await runVerify(file, search);
+  const { pgRestore } = verified.client!;
   const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
   const admin = await connectDb(config, connectTimeoutSeconds);
   let server: ServerInfo | undefined;
@@ -2023,6 +2195,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: Arr
 export interface BackupOptions {
   outputDir: string;
   compress?: string;
+  search: ClientSearch;
   connectTimeoutSeconds: number;
   lockWaitTimeoutMs: number;
   /** Applied after a successful backup, under the same lock; no rule means keep everything. */
@@ -2045,8 +2218,8 @@ export interface BackupResult {
 /** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
 async function runBackup(config: DbConfig, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
   const started = Date.now();
-  const tools = await findPgTools();
-  const compression = parseCompression(options.compress, tools.pgDump.major);
+  // The server's version is not known yet: this only proves client tools exist at all.
+  const preferred = await findDumpClient(options.search);
   await prepareOutputDir(options.outputDir);
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
@@ -2054,7 +2227,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     const client = await connectDb(config, options.connectTimeoutSeconds);
     let published;
     try {
-      published = await snapshotBackup({ client, config, tools, compression, options, started }, signal);
+      published = await snapshotBackup({ client, config, preferred, options, started }, signal);
     } finally {
       await client.end().catch(() => undefined);
     }
@@ -2090,8 +2263,8 @@ async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDi
 interface BackupJob {
   client: pg.Client;
   config: DbConfig;
-  tools: PgTools;
-  compression: Compression;
+  /** The client tools found first; replaced by newer ones if the server needs them. */
+  preferred: PgClient;
   options: BackupOptions;
   started: number;
 }
@@ -2102,7 +2275,7 @@ interface BackupJob {
  * described by its metadata; on any failure this run's files are removed and nothing else is touched.
  */
 async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
-  const { client, config, tools, compression, options } = job;
+  const { client, config, options } = job;
   // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
   // database session stop, and the reason is what gets reported.
   const run = new AbortController();
@@ -2112,7 +2285,9 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
   const created: string[] = [];
   try {
     const server = await readServerInfo(client);
-    assertPgDumpCanDump(tools.pgDump, server);
+    // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
+    const tools = job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
+    const compression = parseCompression(options.compress, tools.pgDump.major);
 
     // One snapshot for the dump and the counts: they describe the same instant. The counts wait
     // for table locks no longer than pg_dump does.
@@ -2203,7 +2378,7 @@ function asBackupError(error: unknown, config: DbConfig): BackupError {
 }
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
-async function runVerify(fileArgument: string): Promise<VerifyResult> {
+async function runVerify(fileArgument: string, search: ClientSearch): Promise<VerifyResult> {
   const filePath = path.resolve(fileArgument);
   await assertReadableFile(filePath);
   if (!filePath.endsWith(DUMP_SUFFIX)) {
@@ -2225,14 +2400,14 @@ async function runVerify(fileArgument: string): Promise<VerifyResult> {
       'Or take a new backup',
     ]);
   }
-  const pgRestore = await findPgTool('pg_restore');
-  const result: VerifyResult = { filePath, metadataPath, metadata: loaded.metadata, inspection: await checkBackupFile(pgRestore, filePath, loaded.metadata) };
+  const client = await findRestoreClient(search, await readArchiveHeader(filePath));
+  const result: VerifyResult = { filePath, metadataPath, metadata: loaded.metadata, inspection: await checkBackupFile(client.pgRestore, filePath, loaded.metadata), client };
   if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
   return result;
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
-async function runList(dir: string, fullCheck: boolean): Promise<Listing> {
+async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {}): Promise<Listing> {
   let names: string[];
   try {
     names = await fs.readdir(dir);
@@ -2240,7 +2415,6 @@ async function runList(dir: string, fullCheck: boolean): Promise<Listing> {
     if (errnoCode(error) === 'ENOENT') return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
     throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
   }
-  const pgRestore = fullCheck ? await findPgTool('pg_restore') : undefined;
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
   for (const name of names.sort()) {
@@ -2248,7 +2422,7 @@ async function runList(dir: string, fullCheck: boolean): Promise<Listing> {
       const entry = await describePartial(dir, name);
       if (entry) incomplete.push(entry);
     } else if (name.endsWith(DUMP_SUFFIX)) {
-      const entry = await describeBackup(dir, name, pgRestore);
+      const entry = await describeBackup(dir, name, fullCheck ? search : undefined);
       if (entry) backups.push(entry);
     }
   }
@@ -2601,6 +2775,7 @@ interface CliOptions {
   force?: true;
   iKnowThisIsProd?: true;
   restoreTest?: true;
+  pgBinDir?: string;
   json?: true;
 }
 
@@ -2701,6 +2876,7 @@ export interface Settings {
   retention: RetentionPolicy;
   dryRun: boolean;
   automation: Automation;
+  search: ClientSearch;
 }
 
 /**
@@ -2722,7 +2898,9 @@ export function resolveSettings(opts: Omit<CliOptions, 'env' | 'configDir' | 'co
   const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', nonEmptyPath);
   const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
   const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
+  const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
   return {
+    search: pgBinDir ? { pgBinDir } : {},
     retention: {
       last: keep(opts.keepLast, 'BACKUP_KEEP_LAST'),
       daily: keep(opts.keepDaily, 'BACKUP_KEEP_DAILY'),
@@ -2772,6 +2950,7 @@ function buildProgram(json: boolean): Command {
     .addOption(new Option('--force', 'with --restore: restore even if the file fails verification'))
     .addOption(new Option('--i-know-this-is-prod', 'with --restore and --env prod: allow overwriting the configured production database'))
     .addOption(new Option('--restore-test', 'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it'))
+    .addOption(new Option('--pg-bin-dir <dir>', 'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations').argParser(nonEmptyPath))
     .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
     .showHelpAfterError(json ? false : '(run with --help for usage)')
     .exitOverride();
@@ -2815,23 +2994,24 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
         force: opts.force === true,
         connectTimeoutSeconds: opts.connectTimeout,
         guard: { requestedEnv: opts.env, iKnowThisIsProd: opts.iKnowThisIsProd === true, ...(opts.json ? {} : terminalPrompt()) },
+        search: settings.search,
       };
       const restored = await withInterruptSignal((signal) => runRestore(config!, vars, request, signal));
       return { command: 'restore', exitCode: EXIT.OK, document: restoreDocument(restored), print: () => printRestore(restored), facts: {} };
     }
     case 'drill': {
-      const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, opts.connectTimeout, signal));
+      const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, settings.search, opts.connectTimeout, signal));
       const metadata = JSON.parse(await fs.readFile(drill.metadataPath, 'utf8')) as BackupMetadata;
       const facts = { environment: metadata.environment, database: metadata.database_name };
       return { command: 'drill', exitCode: EXIT.OK, document: drillDocument(drill), print: () => printDrill(drill), facts };
     }
     case 'verify': {
-      const result = await runVerify(mode.file);
+      const result = await runVerify(mode.file, settings.search);
       const facts = { environment: result.metadata.environment, database: result.metadata.database_name, file: path.basename(result.filePath), size_bytes: result.inspection.size };
       return { command: 'verify', exitCode: EXIT.OK, document: verifyDocument(result), print: () => printVerification(result), facts };
     }
     case 'list': {
-      const listing = await runList(outputDir, mode.fullCheck);
+      const listing = await runList(outputDir, mode.fullCheck, settings.search);
       return { command: 'list', exitCode: listingExitCode(listing), document: listingDocument(listing), print: () => printLines(out, listingLines(listing)), facts: {} };
     }
     case 'prune': {
@@ -2846,6 +3026,7 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
           config!,
           {
             outputDir,
+            search: settings.search,
             connectTimeoutSeconds: opts.connectTimeout,
             lockWaitTimeoutMs: opts.lockWaitTimeout,
             retention: settings.retention,
