@@ -927,20 +927,23 @@ async function reserveBackupName(dir: string, database: string, environment: Env
  * owned by extensions. Identifiers are quoted by the server (format %I), never by string pasting.
  * data_oids are the relations whose TABLE DATA the archive must hold (the table itself, or the
  * leaves of a partitioned table, through pg_inherits, which works on every server version);
- * data_bytes is their heap + TOAST size without indexes, which pg_dump does not copy. It comes
- * from the catalog's estimate (relpages, kept by VACUUM/ANALYZE) because pg_table_size() would
- * take a lock on every table and queue behind any exclusive lock before pg_dump even starts.
+ * data_bytes is their heap + TOAST size without indexes, which pg_dump does not copy, and
+ * data_rows their row count. Both are the catalog's estimates (relpages, reltuples, kept by
+ * VACUUM/ANALYZE): pg_table_size() would take a lock on every table and queue behind any
+ * exclusive lock before pg_dump even starts, and an exact count is what the snapshot gives later.
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
          format('SELECT count(*)::text AS n FROM %s%I.%I', CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END, n.nspname, c.relname) AS count_sql,
          coalesce(array_to_json(d.oids), '[]') AS data_oids,
-         d.bytes::float8 AS data_bytes
+         d.bytes::float8 AS data_bytes,
+         d.rows::float8 AS data_rows
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
       SELECT array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
-             coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0) * current_setting('block_size')::int8 AS bytes
+             coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0) * current_setting('block_size')::int8 AS bytes,
+             coalesce(sum(greatest(leaf.reltuples, 0)), 0) AS rows
         FROM (WITH RECURSIVE tree(relid) AS (
                 SELECT c.oid
                 UNION ALL
@@ -968,6 +971,7 @@ interface UserTable {
   count_sql: string;
   data_oids: number[];
   data_bytes: number;
+  data_rows: number;
 }
 
 /**
@@ -1080,6 +1084,100 @@ export function pgDumpError(error: unknown): BackupError {
     'Read the pg_dump message above; it names the object or setting at fault',
     'Run pg_dump by hand with the same settings to reproduce: pg_dump -Fc -f /tmp/test.dump <database>',
   ]);
+}
+
+// ─── Progress (terminals only) ──────────────────────────────────────────────────────────
+
+/** pg_dump's own application_name, so its backend can be told from ours. */
+const PG_DUMP_APPLICATION_NAME = `${APPLICATION_NAME}:pg_dump`;
+
+interface CopyProgress {
+  relid: number;
+  table: string;
+  tuples: number;
+}
+
+/**
+ * Pure: the estimated share of the data dumped so far. Tables weigh by their catalog size; a
+ * finished table counts whole, the one being copied by its rows copied against its estimated
+ * rows. Capped below 100%, which only the end of the dump can claim.
+ */
+export function dumpedFraction(
+  tables: Array<Pick<UserTable, 'data_oids' | 'data_bytes' | 'data_rows'>>,
+  finished: ReadonlySet<number>,
+  current: Pick<CopyProgress, 'relid' | 'tuples'> | undefined,
+): number | undefined {
+  const leaves = new Map<number, { bytes: number; rows: number }>();
+  for (const table of tables) {
+    for (const oid of table.data_oids) leaves.set(oid, { bytes: table.data_bytes / table.data_oids.length, rows: table.data_rows / table.data_oids.length });
+  }
+  const total = [...leaves.values()].reduce((sum, leaf) => sum + leaf.bytes, 0);
+  if (total <= 0) return undefined;
+  let done = [...finished].reduce((sum, oid) => sum + (oid === current?.relid ? 0 : (leaves.get(oid)?.bytes ?? 0)), 0);
+  const copying = current && leaves.get(current.relid);
+  if (copying) done += copying.bytes * (copying.rows > 0 ? Math.min(1, current.tuples / copying.rows) : 0.5);
+  return Math.min(0.99, done / total);
+}
+
+/** Pure: one line of progress. */
+export function progressLine(state: { table?: string; tuples?: number; fraction?: number; writtenBytes: number; elapsedMs: number }): string {
+  const seconds = Math.floor(state.elapsedMs / 1000);
+  const parts = [
+    state.table ? `dumping ${state.table}: ${(state.tuples ?? 0).toLocaleString('en-US')} rows` : 'dumping',
+    ...(state.fraction !== undefined ? [`~${Math.round(state.fraction * 100)}%`] : []),
+    `${formatBytes(state.writtenBytes)} written`,
+    `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, '0')}`,
+  ];
+  return parts.join(' · ');
+}
+
+const COPY_PROGRESS_SQL = `
+  SELECT p.relid::int8::float8 AS relid, p.relid::regclass::text AS table, p.tuples_processed::float8 AS tuples
+    FROM pg_catalog.pg_stat_progress_copy p JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
+   WHERE a.application_name = $1`;
+
+/**
+ * Show live progress on stderr, polling once a second on a connection of its own: statistics
+ * views read inside the snapshot transaction would stay frozen at their first read. Progress is
+ * a nicety; nothing here may fail the backup (pg_stat_progress_copy needs PostgreSQL 14).
+ */
+async function startProgress(config: DbConfig, tables: UserTable[], partialPath: string, connectTimeoutSeconds: number): Promise<{ stop(): Promise<void> }> {
+  const started = Date.now();
+  let client = await connectDb(config, connectTimeoutSeconds).catch(() => undefined);
+  const finished = new Set<number>();
+  let current: CopyProgress | undefined;
+  const poll = async () => {
+    if (client) {
+      const { rows } = await client.query<CopyProgress>(COPY_PROGRESS_SQL, [PG_DUMP_APPLICATION_NAME]).catch(() => {
+        void client?.end().catch(() => undefined);
+        client = undefined;
+        return { rows: [] as CopyProgress[] };
+      });
+      if (current && rows[0]?.relid !== current.relid) finished.add(current.relid);
+      current = rows[0];
+    }
+    const writtenBytes = (await fs.stat(partialPath).catch(() => undefined))?.size ?? 0;
+    const line = progressLine({
+      ...(current ? { table: current.table, tuples: current.tuples } : {}),
+      ...(client ? { fraction: dumpedFraction(tables, finished, current) } : {}),
+      writtenBytes,
+      elapsedMs: Date.now() - started,
+    });
+    const width = process.stderr.columns || 80;
+    process.stderr.write(`\r\x1b[K${err.dim(line.slice(0, width - 1))}`);
+  };
+  let inFlight = poll().catch(() => undefined);
+  const timer = setInterval(() => {
+    inFlight = inFlight.then(poll).catch(() => undefined);
+  }, 1000);
+  return {
+    async stop() {
+      clearInterval(timer);
+      await inFlight;
+      process.stderr.write('\r\x1b[K');
+      await client?.end().catch(() => undefined);
+    },
+  };
 }
 
 // ─── Metadata ───────────────────────────────────────────────────────────────────────────
@@ -2198,6 +2296,8 @@ export interface BackupOptions {
   search: ClientSearch;
   connectTimeoutSeconds: number;
   lockWaitTimeoutMs: number;
+  /** Live progress on stderr: only for a person at a terminal. */
+  progress: boolean;
   /** Applied after a successful backup, under the same lock; no rule means keep everything. */
   retention: RetentionPolicy;
   dryRun: boolean;
@@ -2300,10 +2400,15 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     created.push(reserved.partialPath);
 
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs);
-    const [dump, tableCounts] = await bothOrNeither(run, [
-      streamPgDump(tools.pgDump, dumpArgs, libpqEnv(config, options.connectTimeoutSeconds), reserved.partialPath, run.signal),
-      countRows(client, tables),
-    ]);
+    const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
+    const progress = options.progress ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds) : undefined;
+    let dump: DumpOutcome;
+    let tableCounts: Record<string, number>;
+    try {
+      [dump, tableCounts] = await bothOrNeither(run, [streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal), countRows(client, tables)]);
+    } finally {
+      await progress?.stop();
+    }
     // Only now may the exporting transaction end: pg_dump has long since imported the snapshot.
     await client.query('COMMIT');
 
@@ -3029,6 +3134,8 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
             search: settings.search,
             connectTimeoutSeconds: opts.connectTimeout,
             lockWaitTimeoutMs: opts.lockWaitTimeout,
+            // Never under cron, with --json, or when either stream is piped.
+            progress: !opts.json && process.stdout.isTTY === true && process.stderr.isTTY === true,
             retention: settings.retention,
             dryRun: settings.dryRun,
             ...(opts.compress !== undefined ? { compress: opts.compress } : {}),
