@@ -2,6 +2,8 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
+  dumpedFraction,
+  progressLine,
   chooseClient,
   clientInstallHints,
   minimumPgRestoreMajor,
@@ -559,5 +561,25 @@ describe('client tools and archive versions', () => {
     assert.match(hints, /dnf install -y postgresql17/);
     assert.match(hints, /--pg-bin-dir/);
     assert.match(clientInstallHints(undefined).join('\n'), /apt-get install -y postgresql-client\b/);
+  });
+});
+
+describe('progress', () => {
+  const tables = [
+    { data_oids: [1], data_bytes: 600, data_rows: 6000 },
+    { data_oids: [2, 3], data_bytes: 400, data_rows: 400 },
+  ];
+
+  test('dumpedFraction weighs tables by size and the current one by rows copied', () => {
+    assert.equal(dumpedFraction(tables, new Set(), undefined), 0);
+    assert.equal(dumpedFraction(tables, new Set(), { relid: 1, tuples: 3000 }), 0.3);
+    assert.equal(dumpedFraction(tables, new Set([1]), { relid: 2, tuples: 100 }), 0.7);
+    assert.equal(dumpedFraction(tables, new Set([1, 2, 3]), undefined), 0.99, 'never 100% before the dump ends');
+    assert.equal(dumpedFraction([{ data_oids: [9], data_bytes: 0, data_rows: 0 }], new Set(), undefined), undefined, 'no sizes, no estimate');
+  });
+
+  test('progressLine', () => {
+    assert.equal(progressLine({ table: 'messages', tuples: 1234567, fraction: 0.42, writtenBytes: 220_000_000, elapsedMs: 85_000 }), 'dumping messages: 1,234,567 rows · ~42% · 209.8 MB written · 1:25');
+    assert.equal(progressLine({ writtenBytes: 0, elapsedMs: 0 }), 'dumping · 0 B written · 0:00');
   });
 });

@@ -1,0 +1,77 @@
+/**
+ * Live progress: on a terminal (script(1) provides one) it shows the table being dumped, rows,
+ * an estimated percentage, bytes written and elapsed time, and disappears cleanly on success and
+ * on error; with stdout piped, or --json, there is none.
+ */
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import { dbVars, PROJECT_DIR, SCRIPT, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { holdTableLock } from './helpers/wait.ts';
+
+let server: TestServer;
+let configDir: string;
+before(async () => {
+  server = await startTestServer();
+  await server.createDatabase('progress_app');
+  const client = await server.connect('progress_app');
+  // Enough rows that a level-9 dump takes a few seconds: several one-second progress updates.
+  await client.query(`
+    CREATE TABLE messages (id bigserial PRIMARY KEY, content text);
+    INSERT INTO messages (content) SELECT repeat(md5(i::text), 6) FROM generate_series(1, 700000) i`);
+  await client.query('VACUUM ANALYZE messages');
+  await client.end();
+  configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'progress_app'));
+});
+after(() => server?.stop());
+
+/** Run the CLI on a pseudo-terminal; `shellSuffix` can redirect its stdout inside it. */
+async function onTerminal(args: string[], shellSuffix = '') {
+  const outputDir = path.join(await tempDir(), 'out');
+  const command = `'${process.execPath}' --import tsx '${SCRIPT}' --env dev --config-dir '${configDir}' --output-dir '${outputDir}' ${args.join(' ')} ${shellSuffix}`;
+  const result = await execa('script', ['-qec', command, '/dev/null'], { cwd: PROJECT_DIR, reject: false });
+  return { exitCode: result.exitCode, terminal: String(result.stdout) };
+}
+
+const PROGRESS = /dumping messages: [\d,]+ rows · ~\d+% · [\d.]+ (B|KB|MB) written · \d+:\d\d/;
+const CLEAR = '\r\x1b[K';
+
+describe('progress on a terminal', () => {
+  test('updates while pg_dump copies, then is cleared before the summary', { timeout: 120_000 }, async () => {
+    const { exitCode, terminal } = await onTerminal(['--compress', '9']);
+    assert.equal(exitCode, 0, terminal);
+    const updates = terminal.split(CLEAR).filter((part) => PROGRESS.test(part));
+    assert.ok(updates.length >= 2, `several updates (${updates.length}): ${JSON.stringify(terminal.slice(0, 400))}`);
+    const percents = updates.map((u) => Number(/~(\d+)%/.exec(u)![1]));
+    assert.deepEqual([...percents].sort((a, b) => a - b), percents, 'the estimate only grows');
+    const summary = terminal.indexOf('Backup created successfully');
+    assert.ok(summary > 0);
+    assert.ok(terminal.lastIndexOf(CLEAR, summary) > terminal.lastIndexOf('dumping', summary), 'the last progress line was cleared first');
+  });
+
+  test('is cleared when the backup fails, leaving the error readable', { timeout: 120_000 }, async () => {
+    const lock = await holdTableLock(() => server.connect('progress_app'), 'messages');
+    try {
+      const { exitCode, terminal } = await onTerminal(['--lock-wait-timeout', '2s']);
+      assert.equal(exitCode, 7, terminal);
+      const error = terminal.indexOf('✗');
+      assert.ok(terminal.lastIndexOf(CLEAR, error) > terminal.lastIndexOf('dumping', error), 'progress cleared before the error');
+      assert.match(terminal, /Backup failed: a table is locked/);
+    } finally {
+      await lock.release();
+    }
+  });
+
+  test('is not shown when stdout is piped or with --json, even with a terminal at hand', { timeout: 120_000 }, async () => {
+    const piped = await onTerminal([], `> '${path.join(await tempDir(), 'stdout.txt')}'`);
+    assert.equal(piped.exitCode, 0, piped.terminal);
+    assert.doesNotMatch(piped.terminal, /dumping/);
+    const json = await onTerminal(['--json']);
+    assert.equal(json.exitCode, 0);
+    assert.doesNotMatch(json.terminal, /dumping/);
+    assert.equal(JSON.parse(json.terminal.replaceAll('\r', '')).ok, true, 'stdout is nothing but the JSON document');
+  });
+});
