@@ -41,6 +41,8 @@ export const EXIT = {
 } as const;
 
 export type Environment = 'dev' | 'prod';
+/** custom: one file, streamed through SHA-256 (the default); directory: parallel dump with --jobs. */
+export type DumpFormat = 'custom' | 'directory';
 export type SslMode = 'disable' | 'allow' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
 
 const PROJECT_DIR = path.dirname(fileURLToPath(import.meta.url));
@@ -615,7 +617,8 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
     const orphan = metadata.exec(name);
     return partial.test(name) || tempMetadata.test(name) || (orphan !== null && !names.includes(`${orphan[1]}${DUMP_SUFFIX}`));
   });
-  await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true })));
+  // recursive: the partial of a directory-format dump is a directory.
+  await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true, recursive: true })));
   return stale;
 }
 
@@ -898,11 +901,12 @@ interface ReservedBackup {
 }
 
 /**
- * Claim a file name by creating its `.partial` with O_EXCL (mode 0600). Names have one-second
- * resolution; if a backup of this database already holds this second, take the next free one
- * so that nothing is ever overwritten.
+ * Claim a name by creating its `.partial` exclusively: a file (O_EXCL, mode 0600), or for a
+ * directory-format dump an empty directory (mode 0700), which pg_dump accepts. Names have
+ * one-second resolution; if a backup of this database already holds this second, take the next
+ * free one so that nothing is ever overwritten.
  */
-async function reserveBackupName(dir: string, database: string, environment: Environment, start: Date): Promise<ReservedBackup> {
+async function reserveBackupName(dir: string, database: string, environment: Environment, start: Date, format: DumpFormat): Promise<ReservedBackup> {
   for (let offset = 0; offset < 60; offset++) {
     const timestamp = new Date(Math.floor(start.getTime() / 1000) * 1000 + offset * 1000);
     const name = backupFileName(database, environment, timestamp);
@@ -910,7 +914,8 @@ async function reserveBackupName(dir: string, database: string, environment: Env
     const partialPath = dumpPath + PARTIAL_SUFFIX;
     if (await pathExists(dumpPath)) continue;
     try {
-      await (await fs.open(partialPath, 'wx', 0o600)).close();
+      if (format === 'directory') await fs.mkdir(partialPath, { mode: 0o700 });
+      else await (await fs.open(partialPath, 'wx', 0o600)).close();
       return { name, timestamp, dumpPath, partialPath };
     } catch (error) {
       if (errnoCode(error) !== 'EEXIST') throw fileSystemError(error, 'Cannot create the backup file', dir);
@@ -997,9 +1002,11 @@ async function countRows(client: pg.Client, tables: UserTable[]): Promise<Record
   return counts;
 }
 
-export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number): string[] {
-  // The connection (and the password) travel in the environment: see libpqEnv.
-  return ['--format=custom', `--compress=${compression.arg}`, '--no-owner', '--no-acl', `--snapshot=${snapshot}`, `--lock-wait-timeout=${lockWaitTimeoutMs}`];
+export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {
+  // The connection (and the password) travel in the environment: see libpqEnv. Parallel workers
+  // all import the same snapshot.
+  const format = jobs > 1 ? ['--format=directory', `--jobs=${jobs}`] : ['--format=custom'];
+  return [...format, `--compress=${compression.arg}`, '--no-owner', '--no-acl', `--snapshot=${snapshot}`, `--lock-wait-timeout=${lockWaitTimeoutMs}`];
 }
 
 interface DumpOutcome {
@@ -1056,13 +1063,26 @@ function interruptedError(signal: InterruptSignal): BackupError {
   ]);
 }
 
+/**
+ * A parallel dump into a directory-format archive. pg_dump writes (and fsyncs) the files itself,
+ * so the checksum is the manifest's, read once afterwards; memory stays flat all the same.
+ */
+async function dumpToDirectory(pgDump: PgTool, args: string[], env: Record<string, string>, partialDir: string, signal: AbortSignal): Promise<DumpOutcome> {
+  const result = await execa(pgDump.path, [...args, `--file=${partialDir}`], { env, stdin: 'ignore', stdout: 'ignore', cancelSignal: signal, reject: false });
+  if (signal.aborted) throw signal.reason;
+  if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
+  return hashBackup(partialDir);
+}
+
 /** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes. */
-export function pgDumpError(error: unknown): BackupError {
+export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
   // Ctrl-C on a terminal reaches pg_dump directly (same process group): an interruption, not a failure.
   const signal = (error as { signal?: unknown } | null)?.signal;
   if (signal === 'SIGINT' || signal === 'SIGTERM') return interruptedError(signal);
   const stderr = String((error as { stderr?: unknown } | null)?.stderr ?? '').trim();
   const details = stderr || errorText(error);
+  // In directory format pg_dump writes the files itself, so a full disk is its error to report.
+  if (/No space left on device|Disk quota exceeded|File too large/i.test(details)) return diskSpaceError(details, outputDir);
   if (/server version mismatch/i.test(details)) {
     return new BackupError(EXIT.TOOL_NOT_FOUND, 'pg_dump is older than the server', details, [
       "Install client tools of the server's major version and put them first on PATH",
@@ -1099,13 +1119,13 @@ interface CopyProgress {
 
 /**
  * Pure: the estimated share of the data dumped so far. Tables weigh by their catalog size; a
- * finished table counts whole, the one being copied by its rows copied against its estimated
- * rows. Capped below 100%, which only the end of the dump can claim.
+ * finished table counts whole, the ones being copied (one per --jobs worker) by their rows copied
+ * against their estimated rows. Capped below 100%, which only the end of the dump can claim.
  */
 export function dumpedFraction(
   tables: Array<Pick<UserTable, 'data_oids' | 'data_bytes' | 'data_rows'>>,
   finished: ReadonlySet<number>,
-  current: Pick<CopyProgress, 'relid' | 'tuples'> | undefined,
+  copying: Array<Pick<CopyProgress, 'relid' | 'tuples'>>,
 ): number | undefined {
   const leaves = new Map<number, { bytes: number; rows: number }>();
   for (const table of tables) {
@@ -1113,17 +1133,22 @@ export function dumpedFraction(
   }
   const total = [...leaves.values()].reduce((sum, leaf) => sum + leaf.bytes, 0);
   if (total <= 0) return undefined;
-  let done = [...finished].reduce((sum, oid) => sum + (oid === current?.relid ? 0 : (leaves.get(oid)?.bytes ?? 0)), 0);
-  const copying = current && leaves.get(current.relid);
-  if (copying) done += copying.bytes * (copying.rows > 0 ? Math.min(1, current.tuples / copying.rows) : 0.5);
+  const inProgress = new Set(copying.map((copy) => copy.relid));
+  let done = [...finished].reduce((sum, oid) => sum + (inProgress.has(oid) ? 0 : (leaves.get(oid)?.bytes ?? 0)), 0);
+  for (const copy of copying) {
+    const leaf = leaves.get(copy.relid);
+    if (leaf) done += leaf.bytes * (leaf.rows > 0 ? Math.min(1, copy.tuples / leaf.rows) : 0.5);
+  }
   return Math.min(0.99, done / total);
 }
 
 /** Pure: one line of progress. */
-export function progressLine(state: { table?: string; tuples?: number; fraction?: number; writtenBytes: number; elapsedMs: number }): string {
+export function progressLine(state: { copying: Array<Pick<CopyProgress, 'table' | 'tuples'>>; fraction?: number; writtenBytes: number; elapsedMs: number }): string {
   const seconds = Math.floor(state.elapsedMs / 1000);
+  const [first, ...others] = state.copying;
+  const rows = state.copying.reduce((sum, copy) => sum + copy.tuples, 0);
   const parts = [
-    state.table ? `dumping ${state.table}: ${(state.tuples ?? 0).toLocaleString('en-US')} rows` : 'dumping',
+    first ? `dumping ${first.table}${others.length > 0 ? ` +${others.length} more` : ''}: ${rows.toLocaleString('en-US')} rows` : 'dumping',
     ...(state.fraction !== undefined ? [`~${Math.round(state.fraction * 100)}%`] : []),
     `${formatBytes(state.writtenBytes)} written`,
     `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, '0')}`,
@@ -1145,7 +1170,7 @@ async function startProgress(config: DbConfig, tables: UserTable[], partialPath:
   const started = Date.now();
   let client = await connectDb(config, connectTimeoutSeconds).catch(() => undefined);
   const finished = new Set<number>();
-  let current: CopyProgress | undefined;
+  let copying: CopyProgress[] = [];
   const poll = async () => {
     if (client) {
       const { rows } = await client.query<CopyProgress>(COPY_PROGRESS_SQL, [PG_DUMP_APPLICATION_NAME]).catch(() => {
@@ -1153,13 +1178,14 @@ async function startProgress(config: DbConfig, tables: UserTable[], partialPath:
         client = undefined;
         return { rows: [] as CopyProgress[] };
       });
-      if (current && rows[0]?.relid !== current.relid) finished.add(current.relid);
-      current = rows[0];
+      // A table that was being copied and no longer is has been dumped.
+      for (const copy of copying) if (!rows.some((row) => row.relid === copy.relid)) finished.add(copy.relid);
+      copying = rows;
     }
-    const writtenBytes = (await fs.stat(partialPath).catch(() => undefined))?.size ?? 0;
+    const writtenBytes = await backupSize(partialPath).catch(() => 0);
     const line = progressLine({
-      ...(current ? { table: current.table, tuples: current.tuples } : {}),
-      ...(client ? { fraction: dumpedFraction(tables, finished, current) } : {}),
+      copying,
+      ...(client ? { fraction: dumpedFraction(tables, finished, copying) } : {}),
       writtenBytes,
       elapsedMs: Date.now() - started,
     });
@@ -1193,7 +1219,9 @@ export interface BackupMetadata {
   pg_dump_version: string;
   postgresql_version: string;
   // Extras beyond the seed schema; optional, since metadata written by other tools lacks them.
-  format?: 'custom';
+  format?: DumpFormat;
+  /** pg_dump workers of a directory-format dump. */
+  jobs?: number;
   compression?: string;
   duration_ms?: number;
   snapshot_consistent?: boolean;
@@ -1374,8 +1402,10 @@ export function minimumPgRestoreMajor(header: ArchiveHeader): number {
   return parsePgVersion(header.pgDumpVersion ?? '')?.major ?? 99;
 }
 
-async function readArchiveHeader(filePath: string): Promise<ArchiveHeader | undefined> {
-  const handle = await fs.open(filePath, 'r');
+async function readArchiveHeader(backupPath: string): Promise<ArchiveHeader | undefined> {
+  // A directory-format archive keeps its header at the top of toc.dat.
+  const isDirectory = (await fs.stat(backupPath)).isDirectory();
+  const handle = await fs.open(isDirectory ? path.join(backupPath, 'toc.dat') : backupPath, 'r');
   try {
     const { buffer, bytesRead } = await handle.read(Buffer.alloc(4096), 0, 4096, 0);
     return parseArchiveHeader(buffer.subarray(0, bytesRead));
@@ -1402,6 +1432,36 @@ export async function hashFile(filePath: string): Promise<DumpOutcome> {
     size += chunk.length;
   }
   return { sha256: hash.digest('hex'), size };
+}
+
+/** The files of a directory-format archive, by path relative to it, sorted: a deterministic order. */
+async function archiveFiles(dir: string): Promise<string[]> {
+  const entries = await fs.readdir(dir, { recursive: true, withFileTypes: true });
+  return entries.filter((entry) => entry.isFile()).map((entry) => path.relative(dir, path.join(entry.parentPath, entry.name))).sort();
+}
+
+/** Pure: what a directory-format backup's checksum covers: each file's SHA-256, size and path, one per line. */
+export function manifestText(files: Array<{ name: string; sha256: string; size: number }>): string {
+  return [...files].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)).map((f) => `${f.sha256}  ${f.size}  ${f.name}\n`).join('');
+}
+
+/**
+ * SHA-256 and size of a backup: a custom-format file's bytes, or for a directory-format archive
+ * (--jobs) the SHA-256 of its manifest and the files' total size. Either way streamed: flat memory.
+ */
+export async function hashBackup(backupPath: string): Promise<DumpOutcome> {
+  if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath);
+  const files = [];
+  for (const name of await archiveFiles(backupPath)) files.push({ name, ...(await hashFile(path.join(backupPath, name))) });
+  return { sha256: createHash('sha256').update(manifestText(files)).digest('hex'), size: files.reduce((sum, file) => sum + file.size, 0) };
+}
+
+/** Size in bytes of a backup: the file, or the files of a directory-format archive. */
+async function backupSize(backupPath: string): Promise<number> {
+  const stat = await fs.stat(backupPath);
+  if (!stat.isDirectory()) return stat.size;
+  const sizes = await Promise.all((await archiveFiles(backupPath)).map(async (name) => (await fs.stat(path.join(backupPath, name))).size));
+  return sizes.reduce((sum, size) => sum + size, 0);
 }
 
 interface ArchiveListing {
@@ -1488,16 +1548,23 @@ export interface FileInspection {
 
 const shortHash = (hex: string) => `${hex.slice(0, 12)}...`;
 
-/** Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table data. */
-async function checkBackupFile(pgRestore: PgTool, filePath: string, metadata: BackupMetadata): Promise<FileInspection> {
-  const [actual, listing] = await Promise.all([hashFile(filePath), listArchive(pgRestore, filePath)]);
+/**
+ * Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table
+ * data. `streamed` is the hash a new backup computed while writing: the file was just written and
+ * would be read back from the page cache, so hashing it again would cost a full read and prove
+ * nothing the size, the archive's structure and the streamed hash do not. Later checks (--verify)
+ * read every byte.
+ */
+async function checkBackupFile(pgRestore: PgTool, filePath: string, metadata: BackupMetadata, streamed?: DumpOutcome): Promise<FileInspection> {
+  const bytes = async (): Promise<DumpOutcome> => (streamed ? { sha256: streamed.sha256, size: await backupSize(filePath) } : hashBackup(filePath));
+  const [actual, listing] = await Promise.all([bytes(), listArchive(pgRestore, filePath)]);
   const expectedHash = metadata.checksum_sha256.toLowerCase();
   const missingTables = listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [];
   const tableCount = Object.keys(metadata.table_counts).length;
   const checks: FileChecks = {
     checksum:
       actual.sha256 === expectedHash
-        ? { ok: true, summary: `Match (${shortHash(expectedHash)})` }
+        ? { ok: true, summary: streamed ? `Computed while writing (${shortHash(expectedHash)})` : `Match (${shortHash(expectedHash)})` }
         : { ok: false, summary: `Mismatch (expected ${shortHash(expectedHash)}, found ${shortHash(actual.sha256)})` },
     size:
       actual.size === metadata.backup_size_bytes
@@ -1573,7 +1640,11 @@ async function assertReadableFile(filePath: string): Promise<void> {
     if (code === 'ELOOP') throw verifyInputError('symbolic link loop', `${shown} is a symbolic link that loops back on itself`, [`Inspect it: ls -l ${shown}`]);
     throw verifyInputError('backup file cannot be read', `${shown}: ${errorText(error)}`, [`Check its permissions: ls -l ${shown}`]);
   }
-  if (stat.isDirectory()) throw verifyInputError('not a file', `${shown} is a directory`, ['Pass a .dump file, e.g. db/backups/<database>_<env>_<timestamp>.dump']);
+  if (stat.isDirectory()) {
+    // A directory-format backup (--jobs) is a directory with a toc.dat in it.
+    if ((await fs.stat(path.join(filePath, 'toc.dat')).catch(() => undefined))?.isFile()) return;
+    throw verifyInputError('not a file', `${shown} is a directory`, ['Pass a .dump file, e.g. db/backups/<database>_<env>_<timestamp>.dump']);
+  }
   if (!stat.isFile()) throw verifyInputError('not a file', `${shown} is not a regular file`, ['Pass a .dump file']);
 }
 
@@ -1648,9 +1719,9 @@ const STATUS_OF_CHECK: Record<keyof FileChecks, ListStatus> = {
 async function describeBackup(dir: string, name: string, fullCheckWith?: ClientSearch): Promise<ListEntry | undefined> {
   const filePath = path.join(dir, name);
   const stat = await fs.stat(filePath).catch(() => undefined);
-  if (!stat?.isFile()) return undefined;
+  if (!stat || !(stat.isFile() || stat.isDirectory())) return undefined;
   const fromName = parseBackupFileName(name);
-  const entry: ListEntry = { file: name, status: 'verified', ...fromName, sizeBytes: stat.size, modifiedMs: stat.mtimeMs, problems: [] };
+  const entry: ListEntry = { file: name, status: 'verified', ...fromName, sizeBytes: await backupSize(filePath), modifiedMs: stat.mtimeMs, problems: [] };
   const loaded = await loadMetadata(metadataPathFor(filePath), name);
   if (loaded.status === 'missing') return { ...entry, status: 'no_metadata', problems: ['no metadata file'] };
   if (loaded.status === 'invalid') return { ...entry, status: 'invalid_metadata', problems: loaded.problems };
@@ -1664,8 +1735,8 @@ async function describeBackup(dir: string, name: string, fullCheckWith?: ClientS
     database: metadata.database_name,
     ...(drill ? { restoreTest: { time: drill.time, ok: drill.ok } } : {}),
   };
-  if (stat.size !== metadata.backup_size_bytes) {
-    return { ...described, status: 'size_mismatch', problems: [`${stat.size} bytes, but the metadata says ${metadata.backup_size_bytes}`] };
+  if (entry.sizeBytes !== metadata.backup_size_bytes) {
+    return { ...described, status: 'size_mismatch', problems: [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`] };
   }
   if (!fullCheckWith) return described;
   let client: PgClient;
@@ -1682,7 +1753,7 @@ async function describeBackup(dir: string, name: string, fullCheckWith?: ClientS
 /** A partial is a running backup's while its database's lock has a live owner, else a leftover. */
 async function describePartial(dir: string, name: string): Promise<ListEntry | undefined> {
   const stat = await fs.stat(path.join(dir, name)).catch(() => undefined);
-  if (!stat?.isFile()) return undefined;
+  if (!stat || !(stat.isFile() || stat.isDirectory())) return undefined;
   const fromName = parseBackupFileName(name);
   const owner = fromName && (await readLockOwner(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
   const running = owner !== undefined && (await lockOwnerAlive(owner));
@@ -1690,7 +1761,7 @@ async function describePartial(dir: string, name: string): Promise<ListEntry | u
     file: name,
     status: running ? 'in_progress' : 'incomplete',
     ...fromName,
-    sizeBytes: stat.size,
+    sizeBytes: await backupSize(path.join(dir, name)),
     modifiedMs: stat.mtimeMs,
     problems: [running ? `being written by pid ${owner.pid}` : 'left by a backup that did not finish; the next backup of this database removes it'],
   };
@@ -1802,7 +1873,7 @@ async function applyRetention(dir: string, config: Pick<DbConfig, 'database' | '
   const doomed = decisions.filter((d) => !d.keep).map((d) => d.item);
   if (!dryRun) {
     for (const backup of doomed) {
-      await fs.rm(path.join(dir, backup.file));
+      await fs.rm(path.join(dir, backup.file), { recursive: true });
       await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
     }
     if (doomed.length > 0) await syncDirectory(dir);
@@ -2298,6 +2369,8 @@ export interface BackupOptions {
   lockWaitTimeoutMs: number;
   /** Live progress on stderr: only for a person at a terminal. */
   progress: boolean;
+  /** pg_dump workers: 1 writes one custom-format file; more write a directory-format archive in parallel. */
+  jobs: number;
   /** Applied after a successful backup, under the same lock; no rule means keep everything. */
   retention: RetentionPolicy;
   dryRun: boolean;
@@ -2396,16 +2469,21 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
     const tables = await listUserTables(client, config);
     await assertDiskSpace(options.outputDir, tables.reduce((sum, table) => sum + table.data_bytes, 0), compression);
-    const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date());
+    const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
+    const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date(), format);
     created.push(reserved.partialPath);
 
-    const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs);
+    const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
     const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
     const progress = options.progress ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds) : undefined;
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
-      [dump, tableCounts] = await bothOrNeither(run, [streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal), countRows(client, tables)]);
+      const dumping =
+        format === 'directory'
+          ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
+          : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
+      [dump, tableCounts] = await bothOrNeither(run, [dumping, countRows(client, tables)]);
     } finally {
       await progress?.stop();
     }
@@ -2422,16 +2500,17 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       table_counts: tableCounts,
       pg_dump_version: tools.pgDump.version,
       postgresql_version: server.version,
-      format: 'custom',
+      format,
+      ...(format === 'directory' ? { jobs: options.jobs } : {}),
       compression: compression.label,
       duration_ms: Date.now() - job.started,
       snapshot_consistent: true,
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
     };
-    // Read the file back before it gets its final name: bytes, archive structure, table data.
+    // Check the file before it gets its final name: size on disk, archive structure, table data.
     const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
-    const inspection = await checkBackupFile(tools.pgRestore, reserved.partialPath, metadata);
+    const inspection = await checkBackupFile(tools.pgRestore, reserved.partialPath, metadata, dump);
     if (failedChecks(inspection.checks).length > 0) {
       throw verificationError({ filePath: reserved.dumpPath, metadataPath, metadata, inspection });
     }
@@ -2841,7 +2920,7 @@ function isDatabaseError(error: unknown): error is pg.DatabaseError {
 
 /** Cleanup on a failure path must never replace the failure being reported. */
 async function removeQuietly(filePath: string): Promise<void> {
-  await fs.rm(filePath, { force: true }).catch(() => undefined);
+  await fs.rm(filePath, { force: true, recursive: true }).catch(() => undefined);
 }
 
 async function pathExists(filePath: string): Promise<boolean> {
@@ -2862,6 +2941,7 @@ interface CliOptions {
   compress?: string;
   connectTimeout: number;
   lockWaitTimeout: number;
+  jobs: number;
   verify?: string | true;
   list?: true;
   prune?: true;
@@ -2950,6 +3030,13 @@ export function parseTimeoutSeconds(value: string): number {
   return seconds;
 }
 
+/** Pure: pg_dump workers; more than one means a directory-format archive. */
+export function parseJobs(value: string): number {
+  const jobs = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
+  if (!(jobs >= 1 && jobs <= 64)) throw new InvalidArgumentError('Use a whole number of workers from 1 to 64.');
+  return jobs;
+}
+
 /** Pure: how many backups a retention rule keeps. */
 export function parseKeepCount(value: string): number {
   const count = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
@@ -3033,6 +3120,7 @@ function buildProgram(json: boolean): Command {
     .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
     .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
     .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd on pg_dump 16+)'))
+    .addOption(new Option('--jobs <n>', 'dump with n parallel pg_dump workers into a directory-format archive (default: 1, one custom-format file)').argParser(parseJobs).default(1))
     .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds').argParser(parseTimeoutSeconds).default(DEFAULT_CONNECT_TIMEOUT_S))
     .addOption(
       new Option('--lock-wait-timeout <duration>', 'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)')
@@ -3136,6 +3224,7 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
             lockWaitTimeoutMs: opts.lockWaitTimeout,
             // Never under cron, with --json, or when either stream is piped.
             progress: !opts.json && process.stdout.isTTY === true && process.stderr.isTTY === true,
+            jobs: opts.jobs,
             retention: settings.retention,
             dryRun: settings.dryRun,
             ...(opts.compress !== undefined ? { compress: opts.compress } : {}),
