@@ -570,16 +570,21 @@ describe('progress', () => {
     { data_oids: [2, 3], data_bytes: 400, data_rows: 400 },
   ];
 
-  test('dumpedFraction weighs tables by size and the current one by rows copied', () => {
-    assert.equal(dumpedFraction(tables, new Set(), undefined), 0);
-    assert.equal(dumpedFraction(tables, new Set(), { relid: 1, tuples: 3000 }), 0.3);
-    assert.equal(dumpedFraction(tables, new Set([1]), { relid: 2, tuples: 100 }), 0.7);
-    assert.equal(dumpedFraction(tables, new Set([1, 2, 3]), undefined), 0.99, 'never 100% before the dump ends');
-    assert.equal(dumpedFraction([{ data_oids: [9], data_bytes: 0, data_rows: 0 }], new Set(), undefined), undefined, 'no sizes, no estimate');
+  test('dumpedFraction weighs tables by size and the ones being copied by rows copied', () => {
+    assert.equal(dumpedFraction(tables, new Set(), []), 0);
+    assert.equal(dumpedFraction(tables, new Set(), [{ relid: 1, tuples: 3000 }]), 0.3);
+    assert.equal(dumpedFraction(tables, new Set([1]), [{ relid: 2, tuples: 100 }]), 0.7);
+    assert.equal(dumpedFraction(tables, new Set(), [{ relid: 1, tuples: 6000 }, { relid: 3, tuples: 100 }]), 0.7, 'parallel workers (--jobs)');
+    assert.equal(dumpedFraction(tables, new Set([1, 2, 3]), []), 0.99, 'never 100% before the dump ends');
+    assert.equal(dumpedFraction([{ data_oids: [9], data_bytes: 0, data_rows: 0 }], new Set(), []), undefined, 'no sizes, no estimate');
   });
 
   test('progressLine', () => {
-    assert.equal(progressLine({ table: 'messages', tuples: 1234567, fraction: 0.42, writtenBytes: 220_000_000, elapsedMs: 85_000 }), 'dumping messages: 1,234,567 rows · ~42% · 209.8 MB written · 1:25');
-    assert.equal(progressLine({ writtenBytes: 0, elapsedMs: 0 }), 'dumping · 0 B written · 0:00');
+    assert.equal(
+      progressLine({ copying: [{ table: 'messages', tuples: 1234567 }], fraction: 0.42, writtenBytes: 220_000_000, elapsedMs: 85_000 }),
+      'dumping messages: 1,234,567 rows · ~42% · 209.8 MB written · 1:25',
+    );
+    assert.equal(progressLine({ copying: [{ table: 'messages', tuples: 10 }, { table: 'events', tuples: 5 }], writtenBytes: 0, elapsedMs: 0 }), 'dumping messages +1 more: 15 rows · 0 B written · 0:00');
+    assert.equal(progressLine({ copying: [], writtenBytes: 0, elapsedMs: 0 }), 'dumping · 0 B written · 0:00');
   });
 });

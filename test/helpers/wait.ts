@@ -29,11 +29,16 @@ export async function waitForBlockedPgDump(observer: pg.Client): Promise<number>
   });
 }
 
-/** Name → SHA-256 of every file in a directory: to prove a failed run touched nothing. */
+/**
+ * Name → SHA-256 of every entry in a directory (a subdirectory, such as a directory-format
+ * backup, hashed over its own fingerprint): to prove a failed run touched nothing.
+ */
 export async function directoryFingerprint(dir: string): Promise<Record<string, string>> {
   const result: Record<string, string> = {};
   for (const name of (await fs.readdir(dir)).sort()) {
-    result[name] = createHash('sha256').update(await fs.readFile(path.join(dir, name))).digest('hex');
+    const entry = path.join(dir, name);
+    const content = (await fs.stat(entry)).isDirectory() ? JSON.stringify(await directoryFingerprint(entry)) : await fs.readFile(entry);
+    result[name] = createHash('sha256').update(content).digest('hex');
   }
   return result;
 }

@@ -1,0 +1,147 @@
+/**
+ * --jobs N: a parallel dump into a directory-format archive, named like any backup, with the same
+ * metadata, a checksum over a deterministic manifest of its files, and the same verify, list,
+ * restore, retention and failure semantics as a single-file backup.
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import { assertSameContent } from './helpers/compare.ts';
+import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
+import { buildFixture } from './helpers/fixture.ts';
+import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { directoryFingerprint, holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
+
+let server: TestServer;
+let configDir: string;
+before(async () => {
+  server = await startTestServer();
+  await server.createDatabase('jobs_app');
+  const client = await server.connect('jobs_app');
+  await buildFixture(client);
+  await client.end();
+  configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'jobs_app'));
+});
+after(() => server?.stop());
+
+async function parallelBackup(outputDir: string, ...extra: string[]) {
+  const result = await runCli({ args: ['--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir, '--json', ...extra] });
+  assert.equal(result.exitCode, 0, result.stdout);
+  return JSON.parse(result.stdout) as { backup_file: string; metadata_file: string; metadata: Record<string, unknown> };
+}
+
+/** The checksum recomputed independently: SHA-256 of "sha256  size  name" lines of the sorted files. */
+async function manifestChecksum(dir: string): Promise<{ sha256: string; size: number }> {
+  const names = (await fs.readdir(dir)).sort();
+  let manifest = '';
+  let size = 0;
+  for (const name of names) {
+    const bytes = await fs.readFile(path.join(dir, name));
+    manifest += `${createHash('sha256').update(bytes).digest('hex')}  ${bytes.length}  ${name}\n`;
+    size += bytes.length;
+  }
+  return { sha256: createHash('sha256').update(manifest).digest('hex'), size };
+}
+
+describe('--jobs 2 (directory format)', () => {
+  let backup: Awaited<ReturnType<typeof parallelBackup>>;
+  let outputDir: string;
+  before(async () => {
+    outputDir = path.join(await tempDir(), 'backups');
+    backup = await parallelBackup(outputDir);
+  });
+
+  test('writes a directory-format archive under the usual name, described by the usual metadata', async () => {
+    assert.match(path.basename(backup.backup_file), /^jobs_app_dev_\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z\.dump$/);
+    assert.ok((await fs.stat(backup.backup_file)).isDirectory());
+    assert.ok((await fs.readdir(backup.backup_file)).includes('toc.dat'));
+    assert.equal(backup.metadata.format, 'directory');
+    assert.equal(backup.metadata.jobs, 2);
+    assert.deepEqual(await manifestChecksum(backup.backup_file), { sha256: backup.metadata.checksum_sha256, size: backup.metadata.backup_size_bytes });
+    assert.equal((await fs.stat(backup.backup_file)).mode & 0o777, 0o700);
+  });
+
+  test('restores (pg_restore -j 2) into a database identical to the source', async () => {
+    const target = uniqueName('jobs_restored');
+    await server.createDatabase(target);
+    await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', '--jobs=2', '--dbname', target, backup.backup_file], {
+      env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
+    });
+    const [source, restored] = await Promise.all([server.connect('jobs_app'), server.connect(target)]);
+    try {
+      await assertSameContent(source, restored);
+    } finally {
+      await Promise.all([source.end(), restored.end()]);
+    }
+  });
+
+  test('--verify, --list, --list --verify, --restore and the drill all take it as a backup', async () => {
+    assert.equal((await runCli({ args: ['--verify', backup.backup_file] })).exitCode, 0);
+    const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', outputDir] })).stdout);
+    assert.deepEqual(listed.backups.map((b: { status: string; size_bytes: number }) => [b.status, b.size_bytes]), [['verified', backup.metadata.backup_size_bytes]]);
+    assert.equal((await runCli({ args: ['--list', '--verify', '--output-dir', outputDir] })).exitCode, 0);
+    const restored = await runCli({ args: ['--restore', backup.backup_file, '--target-db', uniqueName('jobs_cli_restore'), '--env', 'dev', '--config-dir', configDir] });
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(restored.stdout, /10 of 10 match the backup's row counts/);
+  });
+
+  for (const [damage, how, check] of [
+    ['a flipped byte in a data file', async (dir: string) => {
+      const file = path.join(dir, (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!);
+      const bytes = await fs.readFile(file);
+      const middle = Math.floor(bytes.length / 2);
+      bytes[middle] = bytes[middle]! ^ 0xff;
+      await fs.writeFile(file, bytes);
+    }, /checksum mismatch/],
+    ['a data file deleted', async (dir: string) => fs.rm(path.join(dir, (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!)), /size mismatch/],
+    ['a stray file added', async (dir: string) => fs.writeFile(path.join(dir, 'extra.dat'), 'x'), /size mismatch, checksum mismatch/],
+  ] as const) {
+    test(`--verify rejects ${damage} (exit 8)`, async () => {
+      const copyDir = path.join(await tempDir(), 'copy');
+      await fs.mkdir(copyDir);
+      const name = path.basename(backup.backup_file);
+      await fs.cp(backup.backup_file, path.join(copyDir, name), { recursive: true });
+      await fs.copyFile(backup.metadata_file, path.join(copyDir, path.basename(backup.metadata_file)));
+      await how(path.join(copyDir, name));
+      const result = await runCli({ args: ['--verify', path.join(copyDir, name)] });
+      assert.equal(result.exitCode, 8, result.stdout);
+      assert.match(result.stderr.split('\n')[0]!, check);
+    });
+  }
+});
+
+describe('--jobs failures and retention', () => {
+  test('SIGINT mid-dump removes the partial directory; the old backup is untouched', { timeout: 60_000 }, async () => {
+    const outputDir = path.join(await tempDir(), 'backups');
+    await parallelBackup(outputDir);
+    const before = await directoryFingerprint(outputDir);
+    const lock = await holdTableLock(() => server.connect('jobs_app'), 'messages');
+    const cli = startCli({ args: ['--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir] });
+    try {
+      await waitForBlockedPgDump(lock.observer);
+      assert.ok((await fs.readdir(outputDir)).some((n) => n.endsWith('.dump.partial')));
+      cli.kill('SIGINT');
+      assert.equal((await cli).exitCode, 130);
+    } finally {
+      await lock.release();
+    }
+    assert.deepEqual(await directoryFingerprint(outputDir), before);
+  });
+
+  test('a partial directory left by a killed run is removed by the next backup; retention deletes whole directories', async () => {
+    const outputDir = path.join(await tempDir(), 'backups');
+    const old = await parallelBackup(outputDir);
+    const stale = 'jobs_app_dev_2020-01-01T00-00-00Z.dump.partial';
+    await fs.mkdir(path.join(outputDir, stale));
+    await fs.writeFile(path.join(outputDir, stale, 'toc.dat'), 'half');
+    const next = await parallelBackup(outputDir, '--keep-last', '1');
+    const names = await fs.readdir(outputDir);
+    assert.ok(!names.includes(stale), 'the stale partial directory is gone');
+    assert.ok(!names.includes(path.basename(old.backup_file)) && !names.includes(path.basename(old.metadata_file)), 'retention removed the older directory backup and its metadata');
+    assert.deepEqual(names.sort(), [path.basename(next.backup_file), path.basename(next.metadata_file)].sort());
+  });
+});
