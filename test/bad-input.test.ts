@@ -16,10 +16,7 @@ let server: TestServer;
 let defaultDirBefore: Record<string, string>;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('input_app');
-  const client = await server.connect('input_app');
-  await client.query('CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
-  await client.end();
+  await server.createDatabase('input_app', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
   defaultDirBefore = await directoryFingerprint(path.join(PROJECT_DIR, 'db', 'backups'));
 });
 after(async () => {

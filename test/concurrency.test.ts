@@ -17,10 +17,7 @@ let server: TestServer;
 before(async () => {
   server = await startTestServer();
   for (const db of ['conc_a', 'conc_b']) {
-    await server.createDatabase(db);
-    const client = await server.connect(db);
-    await client.query('CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 1000)');
-    await client.end();
+    await server.createDatabase(db, 'CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 1000)');
   }
 });
 after(() => server?.stop());

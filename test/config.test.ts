@@ -16,10 +16,7 @@ const DBS = ['cfg_env', 'cfg_local', 'cfg_process', 'cfg_prod', 'cfg_url'] as co
 before(async () => {
   server = await startTestServer();
   for (const db of DBS) {
-    await server.createDatabase(db);
-    const client = await server.connect(db);
-    await client.query(`CREATE TABLE marker (name text); INSERT INTO marker VALUES ('${db}')`);
-    await client.end();
+    await server.createDatabase(db, `CREATE TABLE marker (name text); INSERT INTO marker VALUES ('${db}')`);
   }
 });
 after(() => server?.stop());

@@ -28,10 +28,7 @@ before(async () => {
   await client.query('VACUUM ANALYZE blobs');
   await client.end();
   // A small database whose real backup plays "the existing backups" on the full disk.
-  await server.createDatabase('space_small');
-  const small = await server.connect('space_small');
-  await small.query('CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
-  await small.end();
+  await server.createDatabase('space_small', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
   existing = await directoryWithExistingBackup(server, 'space_small');
   configDir = await tempDir();
   await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'space_app'));

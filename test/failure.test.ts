@@ -12,15 +12,12 @@ import { directoryFingerprint, holdTableLock, waitFor, waitForBlockedPgDump, wai
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('fail_app');
-  const client = await server.connect('fail_app');
-  await client.query(`
+  await server.createDatabase('fail_app', `
     CREATE TABLE public_notes (id int, body text);
     INSERT INTO public_notes SELECT i, 'note ' || i FROM generate_series(1, 1000) i;
     CREATE TABLE secrets (id int);
     CREATE ROLE limited LOGIN PASSWORD 'limited-pw';
     GRANT SELECT ON public_notes TO limited;`);
-  await client.end();
 });
 after(() => server?.stop());
 

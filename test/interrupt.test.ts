@@ -15,10 +15,7 @@ import { directoryFingerprint, holdTableLock, waitForBlockedPgDump, waitForNoBac
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('int_app');
-  const client = await server.connect('int_app');
-  await client.query("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes SELECT i, repeat('x', 100) FROM generate_series(1, 5000) i");
-  await client.end();
+  await server.createDatabase('int_app', "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes SELECT i, repeat('x', 100) FROM generate_series(1, 5000) i");
 });
 after(() => server?.stop());
 

@@ -20,10 +20,7 @@ const PARTIAL = 'list_prod_2099-01-01T00-00-00Z.dump.partial';
 before(async () => {
   server = await startTestServer();
   for (const db of ['list_dev', 'list_prod']) {
-    await server.createDatabase(db);
-    const client = await server.connect(db);
-    await client.query(`CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 10)`);
-    await client.end();
+    await server.createDatabase(db, `CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 10)`);
   }
   dir = path.join(await tempDir(), 'backups');
   dev1 = await takeBackup(server, 'list_dev', dir, 'dev');

@@ -15,10 +15,7 @@ import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('notify_app');
-  const client = await server.connect('notify_app');
-  await client.query('CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
-  await client.end();
+  await server.createDatabase('notify_app', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
 });
 after(() => server?.stop());
 

@@ -14,10 +14,7 @@ import { freePort, startTestServer, type TestServer } from './helpers/pg-server.
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('app_dev');
-  const client = await server.connect('app_dev');
-  await client.query('CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
-  await client.end();
+  await server.createDatabase('app_dev', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
   await server.createDatabase('empty_db');
 });
 after(() => server?.stop());

@@ -32,10 +32,7 @@ before(async () => {
   configDir = await tempDir();
   // dev and prod live on the same server here; prod's database is rs_prod.
   await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(server, 'DB_', 'rs_prod') });
-  await server.createDatabase('rs_prod');
-  const prod = await server.connect('rs_prod');
-  await prod.query("CREATE TABLE live_orders (id int); INSERT INTO live_orders VALUES (1), (2)");
-  await prod.end();
+  await server.createDatabase('rs_prod', "CREATE TABLE live_orders (id int); INSERT INTO live_orders VALUES (1), (2)");
 });
 after(() => Promise.all([server?.stop(), pg17?.stop()]));
 

@@ -131,10 +131,7 @@ describe('retention on real backups', () => {
   before(async () => {
     server = await startTestServer();
     for (const db of ['ret_app', 'ret_other']) {
-      await server.createDatabase(db);
-      const client = await server.connect(db);
-      await client.query('CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)');
-      await client.end();
+      await server.createDatabase(db, 'CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)');
     }
     seed = await takeBackup(server, 'ret_app', path.join(await tempDir(), 'seed'));
   });

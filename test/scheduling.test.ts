@@ -17,10 +17,7 @@ let server: TestServer;
 let readme: string;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('sched_prod');
-  const client = await server.connect('sched_prod');
-  await client.query('CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 10)');
-  await client.end();
+  await server.createDatabase('sched_prod', 'CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 10)');
   readme = await fs.readFile(path.join(PROJECT_DIR, 'README.md'), 'utf8');
 });
 after(() => server?.stop());

@@ -14,10 +14,7 @@ import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('secret_app');
-  const client = await server.connect('secret_app');
-  await client.query("CREATE TABLE notes (id int, body text); INSERT INTO notes SELECT i, 'note ' || i FROM generate_series(1, 100) i");
-  await client.end();
+  await server.createDatabase('secret_app', "CREATE TABLE notes (id int, body text); INSERT INTO notes SELECT i, 'note ' || i FROM generate_series(1, 100) i");
 });
 after(() => server?.stop());
 

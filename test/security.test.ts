@@ -16,10 +16,7 @@ let tlsServer: TestServer & { certificate?: string };
 before(async () => {
   [server, tlsServer] = await Promise.all([startTestServer(), startTestServer({ tlsOnly: true })]);
   for (const s of [server, tlsServer]) {
-    await s.createDatabase('sec_app');
-    const client = await s.connect('sec_app');
-    await client.query("CREATE TABLE secrets_table (id int, note text); INSERT INTO secrets_table VALUES (1, 'x')");
-    await client.end();
+    await s.createDatabase('sec_app', "CREATE TABLE secrets_table (id int, note text); INSERT INTO secrets_table VALUES (1, 'x')");
   }
 });
 after(() => Promise.all([server?.stop(), tlsServer?.stop()]));

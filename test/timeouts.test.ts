@@ -15,10 +15,7 @@ import { holdTableLock } from './helpers/wait.ts';
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('slow_app');
-  const client = await server.connect('slow_app');
-  await client.query('CREATE TABLE busy (id int); INSERT INTO busy SELECT generate_series(1, 100)');
-  await client.end();
+  await server.createDatabase('slow_app', 'CREATE TABLE busy (id int); INSERT INTO busy SELECT generate_series(1, 100)');
 });
 after(() => server?.stop());
 

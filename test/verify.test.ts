@@ -21,10 +21,7 @@ before(async () => {
   const client = await server.connect('verify_app');
   await buildFixture(client);
   await client.end();
-  await server.createDatabase('verify_other');
-  const otherClient = await server.connect('verify_other');
-  await otherClient.query("CREATE TABLE unrelated (id int, note text); INSERT INTO unrelated SELECT i, 'x' FROM generate_series(1, 50) i");
-  await otherClient.end();
+  await server.createDatabase('verify_other', "CREATE TABLE unrelated (id int, note text); INSERT INTO unrelated SELECT i, 'x' FROM generate_series(1, 50) i");
   const dir = path.join(await tempDir(), 'backups');
   app = await takeBackup(server, 'verify_app', dir);
   other = await takeBackup(server, 'verify_other', dir);

@@ -18,16 +18,13 @@ import { waitFor } from './helpers/wait.ts';
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('live_app');
-  const client = await server.connect('live_app');
-  await client.query(`
+  await server.createDatabase('live_app', `
     CREATE TABLE conversations (id bigserial PRIMARY KEY, title text, created_at timestamptz DEFAULT now());
     CREATE TABLE messages (id bigserial PRIMARY KEY, conversation_id bigint NOT NULL REFERENCES conversations(id), content text, edited int DEFAULT 0);
     CREATE INDEX ON messages (conversation_id);
     INSERT INTO conversations (title) SELECT 'conversation ' || i FROM generate_series(1, 2000) i;
     INSERT INTO messages (conversation_id, content)
       SELECT 1 + i % 2000, repeat(md5(i::text), 6) FROM generate_series(1, 700000) i;`);
-  await client.end();
 });
 after(() => server?.stop());
 

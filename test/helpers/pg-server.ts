@@ -36,7 +36,8 @@ export interface TestServer {
   certificate?: string;
   /** A connected superuser client; the caller ends it. */
   connect(database?: string): Promise<pg.Client>;
-  createDatabase(name: string): Promise<void>;
+  /** Create a database, and run `setupSql` in it if given. */
+  createDatabase(name: string, setupSql?: string): Promise<void>;
   dropDatabase(name: string): Promise<void>;
   /** The server's own log, for diagnosing a failed test. */
   log(): string;
@@ -191,7 +192,16 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     password,
     ...(tls ? { certificate: tls.cert } : {}),
     connect,
-    createDatabase: (name) => admin(`CREATE DATABASE ${pg.escapeIdentifier(name)}`),
+    async createDatabase(name, setupSql) {
+      await admin(`CREATE DATABASE ${pg.escapeIdentifier(name)}`);
+      if (!setupSql) return;
+      const client = await connect(name);
+      try {
+        await client.query(setupSql);
+      } finally {
+        await client.end();
+      }
+    },
     dropDatabase: (name) => admin(`DROP DATABASE IF EXISTS ${pg.escapeIdentifier(name)} WITH (FORCE)`),
     log: () => logLines.join(''),
     async stop() {
