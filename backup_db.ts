@@ -2359,7 +2359,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: Arr
   await Promise.all(tasks);
 }
 
-// ─── Commands: backup, prune, verify, list ─────────────────────────────────────────────────────
+// ─── Commands: backup, prune, verify, list ──────────────────────────────────────────────
 
 export interface BackupOptions {
   outputDir: string;

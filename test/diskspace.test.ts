@@ -18,15 +18,13 @@ let existing: Awaited<ReturnType<typeof directoryWithExistingBackup>>;
 before(async () => {
   server = await startTestServer();
   // ~4 MB of incompressible data (md5 output), so the dump really is ~4 MB.
-  await server.createDatabase('space_app');
-  const client = await server.connect('space_app');
-  await client.query(`
-    CREATE TABLE blobs (id int PRIMARY KEY, payload bytea);
-    INSERT INTO blobs SELECT i, (SELECT string_agg(decode(md5(i || '-' || j), 'hex'), ''::bytea) FROM generate_series(1, 6400) AS j)
-      FROM generate_series(1, 40) AS i`);
-  // The size estimate comes from the catalog, which VACUUM brings up to date.
-  await client.query('VACUUM ANALYZE blobs');
-  await client.end();
+  await server.createDatabase('space_app', [
+    `CREATE TABLE blobs (id int PRIMARY KEY, payload bytea);
+     INSERT INTO blobs SELECT i, (SELECT string_agg(decode(md5(i || '-' || j), 'hex'), ''::bytea) FROM generate_series(1, 6400) AS j)
+       FROM generate_series(1, 40) AS i`,
+    // The size estimate comes from the catalog, which VACUUM brings up to date.
+    'VACUUM ANALYZE blobs',
+  ]);
   // A small database whose real backup plays "the existing backups" on the full disk.
   await server.createDatabase('space_small', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
   existing = await directoryWithExistingBackup(server, 'space_small');

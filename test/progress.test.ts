@@ -15,14 +15,12 @@ let server: TestServer;
 let configDir: string;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('progress_app');
-  const client = await server.connect('progress_app');
   // Enough rows that a level-9 dump takes a few seconds: several one-second progress updates.
-  await client.query(`
-    CREATE TABLE messages (id bigserial PRIMARY KEY, content text);
-    INSERT INTO messages (content) SELECT repeat(md5(i::text), 6) FROM generate_series(1, 700000) i`);
-  await client.query('VACUUM ANALYZE messages');
-  await client.end();
+  await server.createDatabase('progress_app', [
+    `CREATE TABLE messages (id bigserial PRIMARY KEY, content text);
+     INSERT INTO messages (content) SELECT repeat(md5(i::text), 6) FROM generate_series(1, 700000) i`,
+    'VACUUM ANALYZE messages',
+  ]);
   configDir = await tempDir();
   await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'progress_app'));
 });

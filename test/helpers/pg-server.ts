@@ -36,8 +36,8 @@ export interface TestServer {
   certificate?: string;
   /** A connected superuser client; the caller ends it. */
   connect(database?: string): Promise<pg.Client>;
-  /** Create a database, and run `setupSql` in it if given. */
-  createDatabase(name: string, setupSql?: string): Promise<void>;
+  /** Create a database, and run `setup` in it if given (statements one by one: VACUUM cannot share a string). */
+  createDatabase(name: string, setup?: string | string[]): Promise<void>;
   dropDatabase(name: string): Promise<void>;
   /** The server's own log, for diagnosing a failed test. */
   log(): string;
@@ -192,12 +192,12 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     password,
     ...(tls ? { certificate: tls.cert } : {}),
     connect,
-    async createDatabase(name, setupSql) {
+    async createDatabase(name, setup) {
       await admin(`CREATE DATABASE ${pg.escapeIdentifier(name)}`);
-      if (!setupSql) return;
+      if (!setup) return;
       const client = await connect(name);
       try {
-        await client.query(setupSql);
+        for (const sql of [setup].flat()) await client.query(sql);
       } finally {
         await client.end();
       }
