@@ -1414,6 +1414,23 @@ async function readArchiveHeader(backupPath: string): Promise<ArchiveHeader | un
   }
 }
 
+/**
+ * findRestoreClient, remembered per required major, so that --list --verify searches once rather
+ * than once per backup. Only successes are kept: an error names the archive it was about.
+ */
+function restoreClientLookup(search: ClientSearch): (header: ArchiveHeader | undefined) => Promise<PgClient> {
+  const found = new Map<number | undefined, Promise<PgClient>>();
+  return (header) => {
+    const needed = header ? minimumPgRestoreMajor(header) : undefined;
+    const known = found.get(needed);
+    if (known) return known;
+    const lookup = findRestoreClient(search, header);
+    found.set(needed, lookup);
+    lookup.catch(() => found.delete(needed));
+    return lookup;
+  };
+}
+
 /** The client whose pg_restore reads this archive; unknown archives get the default one. */
 function findRestoreClient(search: ClientSearch, header: ArchiveHeader | undefined): Promise<PgClient> {
   const needed = header ? minimumPgRestoreMajor(header) : undefined;
@@ -1716,12 +1733,11 @@ const STATUS_OF_CHECK: Record<keyof FileChecks, ListStatus> = {
  * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
  * pg_restore to use, the full check re-hashes the file and reads its table of contents.
  */
-async function describeBackup(dir: string, name: string, fullCheckWith?: ClientSearch): Promise<ListEntry | undefined> {
+async function describeBackup(dir: string, name: string, restoreClientFor?: ReturnType<typeof restoreClientLookup>): Promise<ListEntry | undefined> {
   const filePath = path.join(dir, name);
-  const stat = await fs.stat(filePath).catch(() => undefined);
-  if (!stat || !(stat.isFile() || stat.isDirectory())) return undefined;
-  const fromName = parseBackupFileName(name);
-  const entry: ListEntry = { file: name, status: 'verified', ...fromName, sizeBytes: await backupSize(filePath), modifiedMs: stat.mtimeMs, problems: [] };
+  const found = await inspectEntry(dir, name);
+  if (!found) return undefined;
+  const entry: ListEntry = { ...found, status: 'verified', problems: [] };
   const loaded = await loadMetadata(metadataPathFor(filePath), name);
   if (loaded.status === 'missing') return { ...entry, status: 'no_metadata', problems: ['no metadata file'] };
   if (loaded.status === 'invalid') return { ...entry, status: 'invalid_metadata', problems: loaded.problems };
@@ -1738,10 +1754,10 @@ async function describeBackup(dir: string, name: string, fullCheckWith?: ClientS
   if (entry.sizeBytes !== metadata.backup_size_bytes) {
     return { ...described, status: 'size_mismatch', problems: [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`] };
   }
-  if (!fullCheckWith) return described;
+  if (!restoreClientFor) return described;
   let client: PgClient;
   try {
-    client = await findRestoreClient(fullCheckWith, await readArchiveHeader(filePath));
+    client = await restoreClientFor(await readArchiveHeader(filePath));
   } catch (error) {
     return { ...described, status: 'unreadable_archive', problems: [error instanceof BackupError ? error.details : errorText(error)] };
   }
@@ -1750,19 +1766,24 @@ async function describeBackup(dir: string, name: string, fullCheckWith?: ClientS
   return failed.length === 0 ? described : { ...described, status: STATUS_OF_CHECK[failed[0]!], problems: failed.map((check) => checks[check].summary) };
 }
 
+/** What a directory entry says by itself (name, size, age); undefined unless a file or directory. */
+async function inspectEntry(dir: string, name: string): Promise<Omit<ListEntry, 'status' | 'problems'> | undefined> {
+  const entryPath = path.join(dir, name);
+  const stat = await fs.stat(entryPath).catch(() => undefined);
+  if (!stat || !(stat.isFile() || stat.isDirectory())) return undefined;
+  return { file: name, ...parseBackupFileName(name), sizeBytes: await backupSize(entryPath), modifiedMs: stat.mtimeMs };
+}
+
 /** A partial is a running backup's while its database's lock has a live owner, else a leftover. */
 async function describePartial(dir: string, name: string): Promise<ListEntry | undefined> {
-  const stat = await fs.stat(path.join(dir, name)).catch(() => undefined);
-  if (!stat || !(stat.isFile() || stat.isDirectory())) return undefined;
+  const found = await inspectEntry(dir, name);
+  if (!found) return undefined;
   const fromName = parseBackupFileName(name);
   const owner = fromName && (await readLockOwner(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
   const running = owner !== undefined && (await lockOwnerAlive(owner));
   return {
-    file: name,
+    ...found,
     status: running ? 'in_progress' : 'incomplete',
-    ...fromName,
-    sizeBytes: await backupSize(path.join(dir, name)),
-    modifiedMs: stat.mtimeMs,
     problems: [running ? `being written by pid ${owner.pid}` : 'left by a backup that did not finish; the next backup of this database removes it'],
   };
 }
@@ -2098,13 +2119,13 @@ async function countTablesIn(config: DbConfig, database: string, connectTimeoutS
   }
 }
 
-function reconciliationError(title: string, rows: ReconciliationRow[], report: string[]): BackupError {
+function reconciliationError(title: string, rows: ReconciliationRow[]): BackupError {
   const bad = rows.filter((row) => !row.ok);
   const describe = (row: ReconciliationRow) => `${row.table} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
   return new BackupError(EXIT.VERIFY_FAILED, title, `${bad.length} of ${rows.length} tables differ from the backup's same-snapshot counts: ${bad.slice(0, 5).map(describe).join(', ')}${bad.length > 5 ? ', ...' : ''}`, [
     'Do not trust this backup for a full recovery; investigate the tables listed',
     'If the metadata was edited, the counts no longer describe the dump: take a new backup',
-  ], { report });
+  ], { report: reconciliationLines(rows) });
 }
 
 export interface RestoreRequest {
@@ -2153,7 +2174,7 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
     if (archive.forcedPast) outcome.forcedPast = archive.forcedPast;
     if (!archive.metadata) return outcome;
     outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds));
-    if (outcome.reconciliation.some((row) => !row.ok)) throw reconciliationError('Restore failed: row counts differ from the backup', outcome.reconciliation, reconciliationLines(outcome.reconciliation));
+    if (outcome.reconciliation.some((row) => !row.ok)) throw reconciliationError('Restore failed: row counts differ from the backup', outcome.reconciliation);
     return outcome;
   } finally {
     await admin.end().catch(() => undefined);
@@ -2173,6 +2194,7 @@ export interface RestoreTestRecord {
 export interface DrillOutcome {
   filePath: string;
   metadataPath: string;
+  metadata: BackupMetadata;
   scratch: string;
   record: RestoreTestRecord;
   reconciliation: ReconciliationRow[];
@@ -2207,8 +2229,8 @@ async function runRestoreDrill(config: DbConfig, file: string, search: ClientSea
       mismatches: reconciliation.filter((row) => !row.ok).map((row) => row.table),
     };
     await recordRestoreTest(verified.filePath, verified.metadataPath, record);
-    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, scratch, record, reconciliation };
-    if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation, reconciliationLines(reconciliation));
+    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation };
+    if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation);
     return outcome;
   } finally {
     if (created) await dropDatabase(admin, scratch, server!.major).catch(() => undefined);
@@ -2599,6 +2621,7 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
     if (errnoCode(error) === 'ENOENT') return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
     throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
   }
+  const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
   for (const name of names.sort()) {
@@ -2606,7 +2629,7 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
       const entry = await describePartial(dir, name);
       if (entry) incomplete.push(entry);
     } else if (name.endsWith(DUMP_SUFFIX)) {
-      const entry = await describeBackup(dir, name, fullCheck ? search : undefined);
+      const entry = await describeBackup(dir, name, restoreClientFor);
       if (entry) backups.push(entry);
     }
   }
@@ -2676,7 +2699,7 @@ function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFile
     lines.push(`Cleaned up:  ${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run (${removedStaleFiles.join(', ')})`);
   }
   if (retention?.dryRun) {
-    lines.push('', ...retentionLines(retention, path.dirname(dumpPath), metadata));
+    lines.push('', ...retentionLines(retention, path.dirname(dumpPath), { database: metadata.database_name, environment: metadata.environment }));
   } else if (retention) {
     const kept = retention.decisions.length - retention.deleted.length;
     const deleted = retention.deleted.length > 0 ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})` : 'deleted none';
@@ -2687,9 +2710,8 @@ function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFile
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
-export function retentionLines(report: RetentionReport, dir: string, target: { database_name?: string; database?: string; environment: string }): string[] {
-  const database = target.database_name ?? target.database;
-  const header = `Retention for ${database} (${target.environment}) in ${displayPath(dir)}${path.sep}: ${describePolicy(report.policy)}, days in ${report.timeZone}`;
+export function retentionLines(report: RetentionReport, dir: string, target: Pick<DbConfig, 'database' | 'environment'>): string[] {
+  const header = `Retention for ${target.database} (${target.environment}) in ${displayPath(dir)}${path.sep}: ${describePolicy(report.policy)}, days in ${report.timeZone}`;
   const width = Math.max(0, ...report.decisions.map((d) => d.item.file.length));
   const rows = report.decisions.map((d) => `  ${d.keep ? 'keep  ' : 'delete'}  ${d.item.timestamp}  ${d.item.file.padEnd(width)}  ${d.reasons.join(', ')}`.trimEnd());
   const leftAlone = report.leftAlone.map((entry) => `  leave   ${entry.file}  (${entry.why}; not judged by the policy)`);
@@ -3194,8 +3216,7 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
     }
     case 'drill': {
       const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, settings.search, opts.connectTimeout, signal));
-      const metadata = JSON.parse(await fs.readFile(drill.metadataPath, 'utf8')) as BackupMetadata;
-      const facts = { environment: metadata.environment, database: metadata.database_name };
+      const facts = { environment: drill.metadata.environment, database: drill.metadata.database_name };
       return { command: 'drill', exitCode: EXIT.OK, document: drillDocument(drill), print: () => printDrill(drill), facts };
     }
     case 'verify': {
