@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
-import { assertSameContent } from './helpers/compare.ts';
+import { assertSameContent, restoreIntoNewDatabase } from './helpers/compare.ts';
 import { takeBackup, tempDir, uniqueName } from './helpers/cli.ts';
 import { buildFixture, FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
@@ -48,12 +48,7 @@ async function backupInto(env: 'dev' | 'prod') {
 }
 
 async function restoreInto(dumpPath: string): Promise<pg.Client> {
-  const target = uniqueName('restored');
-  await server.createDatabase(target);
-  await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', '--dbname', target, dumpPath], {
-    env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
-  });
-  return server.connect(target);
+  return server.connect(await restoreIntoNewDatabase(server, dumpPath));
 }
 
 describe('backup --env dev', () => {

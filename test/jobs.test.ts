@@ -8,8 +8,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { execa } from 'execa';
-import { assertSameContent } from './helpers/compare.ts';
+import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { buildFixture } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
@@ -66,17 +65,7 @@ describe('--jobs 2 (directory format)', () => {
   });
 
   test('restores (pg_restore -j 2) into a database identical to the source', async () => {
-    const target = uniqueName('jobs_restored');
-    await server.createDatabase(target);
-    await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', '--jobs=2', '--dbname', target, backup.backup_file], {
-      env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
-    });
-    const [source, restored] = await Promise.all([server.connect('jobs_app'), server.connect(target)]);
-    try {
-      await assertSameContent(source, restored);
-    } finally {
-      await Promise.all([source.end(), restored.end()]);
-    }
+    await assertRestoresIdentically(server, backup.backup_file, 'jobs_app', ['--jobs=2']);
   });
 
   test('--verify, --list, --list --verify, --restore and the drill all take it as a backup', async () => {

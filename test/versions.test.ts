@@ -10,9 +10,8 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { execa } from 'execa';
-import { assertSameContent } from './helpers/compare.ts';
-import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
+import { assertRestoresIdentically } from './helpers/compare.ts';
+import { dbVars, runCli, takeBackup, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
 import { buildFixture } from './helpers/fixture.ts';
 import { startTestServer, type Major, type TestServer } from './helpers/pg-server.ts';
@@ -51,22 +50,12 @@ describe('servers of every supported major', { concurrency: true }, () => {
   for (const major of MAJORS) {
     test(`PostgreSQL ${major}`, { timeout: 120_000 }, async () => {
       const server = servers.get(major)!;
-      const serverVersion = (await execaPsqlVersion(server)).trim();
+      const serverVersion = (await serverVersionOf(server)).trim();
       if (major <= installed) {
         const backup = await takeBackup(server, 'ver_app', path.join(await tempDir(), 'out'));
         assert.equal(backup.metadata.postgresql_version, serverVersion);
         assert.match(String(backup.metadata.pg_dump_version), new RegExp(`^${installed}\\.`));
-        const target = uniqueName('ver_restored');
-        await server.createDatabase(target);
-        await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', '--dbname', target, backup.dumpPath], {
-          env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
-        });
-        const [source, restored] = await Promise.all([server.connect('ver_app'), server.connect(target)]);
-        try {
-          await assertSameContent(source, restored);
-        } finally {
-          await Promise.all([source.end(), restored.end()]);
-        }
+        await assertRestoresIdentically(server, backup.dumpPath, 'ver_app');
       } else {
         const result = await backupOf(server);
         assert.equal(result.exitCode, 6, result.stdout);
@@ -81,7 +70,7 @@ describe('servers of every supported major', { concurrency: true }, () => {
   }
 });
 
-async function execaPsqlVersion(server: TestServer): Promise<string> {
+async function serverVersionOf(server: TestServer): Promise<string> {
   const client = await server.connect();
   try {
     return String((await client.query("SELECT split_part(current_setting('server_version'), ' ', 1) AS v")).rows[0].v);

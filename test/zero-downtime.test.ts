@@ -9,10 +9,10 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { execa } from 'execa';
 import type pg from 'pg';
-import { startCli, tempDir, uniqueName, dbVars, writeEnvFile } from './helpers/cli.ts';
+import { startCli, tempDir, dbVars, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { restoreIntoNewDatabase } from './helpers/compare.ts';
 import { waitFor } from './helpers/wait.ts';
 
 let server: TestServer;
@@ -88,12 +88,7 @@ test('writers see no errors and no stall during a backup; the restored copy is c
     assert.ok(worst < 1000, `no writer waited ${worst.toFixed(0)} ms; a blocked writer would wait most of ${backup.metadata.duration_ms} ms`);
 
     // The restored copy: consistent, and exactly the snapshot the metadata describes.
-    const target = uniqueName('live_restored');
-    await server.createDatabase(target);
-    await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', '--dbname', target, backup.backup_file], {
-      env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
-    });
-    const restored = await server.connect(target);
+    const restored = await server.connect(await restoreIntoNewDatabase(server, backup.backup_file));
     const source = await server.connect('live_app');
     try {
       const count = async (client: pg.Client, table: string) => Number((await client.query(`SELECT count(*) AS n FROM ${table}`)).rows[0].n);

@@ -3,7 +3,10 @@
  * included), sequence states, constraints and indexes.
  */
 import assert from 'node:assert/strict';
+import { execa } from 'execa';
 import type pg from 'pg';
+import { uniqueName } from './cli.ts';
+import type { TestServer } from './pg-server.ts';
 
 export interface DatabaseSnapshot {
   tables: Record<string, { rows: number; hash: string }>;
@@ -54,4 +57,25 @@ export async function assertSameContent(source: pg.Client, restored: pg.Client):
   assert.deepEqual(actual.constraints, expected.constraints, 'constraints (PK, FK, UNIQUE, CHECK)');
   assert.deepEqual(actual.indexes, expected.indexes, 'indexes');
   return expected;
+}
+
+/** Restore a dump with the real pg_restore into a new database on `server`; returns its name. */
+export async function restoreIntoNewDatabase(server: TestServer, dumpPath: string, pgRestoreArgs: string[] = []): Promise<string> {
+  const target = uniqueName('restored');
+  await server.createDatabase(target);
+  await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', ...pgRestoreArgs, '--dbname', target, dumpPath], {
+    env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
+  });
+  return target;
+}
+
+/** Restore a dump into a new database and assert it holds exactly what `sourceDatabase` holds. */
+export async function assertRestoresIdentically(server: TestServer, dumpPath: string, sourceDatabase: string, pgRestoreArgs: string[] = []): Promise<void> {
+  const target = await restoreIntoNewDatabase(server, dumpPath, pgRestoreArgs);
+  const [source, restored] = await Promise.all([server.connect(sourceDatabase), server.connect(target)]);
+  try {
+    await assertSameContent(source, restored);
+  } finally {
+    await Promise.all([source.end(), restored.end()]);
+  }
 }
