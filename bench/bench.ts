@@ -18,7 +18,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { execa } from 'execa';
-import type pg from 'pg';
 import { startTestServer, type TestServer } from '../test/helpers/pg-server.ts';
 import { generateAppDatabase } from './generate.ts';
 
