@@ -12,7 +12,7 @@ import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { buildFixture } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { directoryFingerprint, holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
+import { directoryFingerprint, flipMiddleByte, holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 
 let server: TestServer;
 let configDir: string;
@@ -79,13 +79,7 @@ describe('--jobs 2 (directory format)', () => {
   });
 
   for (const [damage, how, check] of [
-    ['a flipped byte in a data file', async (dir: string) => {
-      const file = path.join(dir, (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!);
-      const bytes = await fs.readFile(file);
-      const middle = Math.floor(bytes.length / 2);
-      bytes[middle] = bytes[middle]! ^ 0xff;
-      await fs.writeFile(file, bytes);
-    }, /checksum mismatch/],
+    ['a flipped byte in a data file', async (dir: string) => flipMiddleByte(path.join(dir, (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!)), /checksum mismatch/],
     ['a data file deleted', async (dir: string) => fs.rm(path.join(dir, (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!)), /size mismatch/],
     ['a stray file added', async (dir: string) => fs.writeFile(path.join(dir, 'extra.dat'), 'x'), /size mismatch, checksum mismatch/],
   ] as const) {

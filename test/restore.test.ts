@@ -15,7 +15,7 @@ import { assertSameContent, snapshotDatabase } from './helpers/compare.ts';
 import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { buildFixture } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { waitFor } from './helpers/wait.ts';
+import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 
 let server: TestServer;
 let pg17: TestServer;
@@ -126,10 +126,7 @@ describe('--restore', () => {
 
   test('a restore that hits an error fails with exit 7, and the target it created is removed', async () => {
     const copy = await copyOfBackup();
-    const bytes = await fs.readFile(copy.dumpPath);
-    const middle = Math.floor(bytes.length / 2);
-    bytes[middle] = bytes[middle]! ^ 0xff;
-    await fs.writeFile(copy.dumpPath, bytes);
+    await flipMiddleByte(copy.dumpPath);
     const target = uniqueName('rs_broken');
     const result = await restore(copy.dumpPath, target, '--force');
     assert.equal(result.exitCode, 7, result.stdout);

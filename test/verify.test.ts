@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
 import { buildFixture } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { directoryFingerprint } from './helpers/wait.ts';
+import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
 
 let server: TestServer;
 let app: TakenBackup;
@@ -89,10 +89,7 @@ describe('--verify on an untouched backup', () => {
 describe('--verify rejects damage to the dump', () => {
   test('one byte flipped in the middle → checksum mismatch', async () => {
     const copy = await copyOfBackup();
-    const bytes = await fs.readFile(copy.dumpPath);
-    const middle = Math.floor(bytes.length / 2);
-    bytes[middle] = bytes[middle]! ^ 0xff;
-    await fs.writeFile(copy.dumpPath, bytes);
+    await flipMiddleByte(copy.dumpPath);
     const result = await verify(copy.dumpPath);
     assertRejected(result, /checksum mismatch/);
     assert.doesNotMatch(result.stderr.split('\n')[0]!, /size/);

@@ -70,3 +70,11 @@ export async function waitForNoBackupSessions(client: pg.Client): Promise<void> 
     return rows.length === 0 ? true : undefined;
   }, 15_000);
 }
+
+/** Damage a file the way bit rot would: invert the byte in its middle. */
+export async function flipMiddleByte(file: string): Promise<void> {
+  const bytes = await fs.readFile(file);
+  const middle = Math.floor(bytes.length / 2);
+  bytes[middle] = bytes[middle]! ^ 0xff;
+  await fs.writeFile(file, bytes);
+}
