@@ -12,7 +12,7 @@ import { execa } from 'execa';
 import type pg from 'pg';
 import { assertSameContent, restoreIntoNewDatabase } from './helpers/compare.ts';
 import { takeBackup, tempDir, uniqueName } from './helpers/cli.ts';
-import { buildFixture, FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES } from './helpers/fixture.ts';
+import { FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES, FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 
 const NAME_PATTERN = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z)\.dump$/;
@@ -27,12 +27,7 @@ const prodDb = uniqueName('app_prod');
 
 before(async () => {
   server = await startTestServer();
-  for (const db of [devDb, prodDb]) {
-    await server.createDatabase(db);
-    const client = await server.connect(db);
-    await buildFixture(client);
-    await client.end();
-  }
+  for (const db of [devDb, prodDb]) await server.createDatabase(db, FIXTURE_SQL);
   source = await server.connect(devDb);
   serverVersion = (await source.query<{ v: string }>("SELECT current_setting('server_version') AS v")).rows[0]!.v.split(' ')[0]!;
 });

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
-import { buildFixture } from './helpers/fixture.ts';
+import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte, holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 
@@ -18,10 +18,7 @@ let server: TestServer;
 let configDir: string;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('jobs_app');
-  const client = await server.connect('jobs_app');
-  await buildFixture(client);
-  await client.end();
+  await server.createDatabase('jobs_app', FIXTURE_SQL);
   configDir = await tempDir();
   await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'jobs_app'));
 });

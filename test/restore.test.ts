@@ -13,7 +13,7 @@ import { execa } from 'execa';
 import type pg from 'pg';
 import { assertSameContent, snapshotDatabase } from './helpers/compare.ts';
 import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
-import { buildFixture } from './helpers/fixture.ts';
+import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 
@@ -24,10 +24,7 @@ let configDir: string;
 
 before(async () => {
   [server, pg17] = await Promise.all([startTestServer(), startTestServer({ major: 17 })]);
-  await server.createDatabase('rs_app');
-  const client = await server.connect('rs_app');
-  await buildFixture(client);
-  await client.end();
+  await server.createDatabase('rs_app', FIXTURE_SQL);
   backup = await takeBackup(server, 'rs_app', path.join(await tempDir(), 'backups'));
   configDir = await tempDir();
   // dev and prod live on the same server here; prod's database is rs_prod.

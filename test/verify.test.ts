@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
-import { buildFixture } from './helpers/fixture.ts';
+import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
 
@@ -17,10 +17,7 @@ let other: TakenBackup;
 
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('verify_app');
-  const client = await server.connect('verify_app');
-  await buildFixture(client);
-  await client.end();
+  await server.createDatabase('verify_app', FIXTURE_SQL);
   await server.createDatabase('verify_other', "CREATE TABLE unrelated (id int, note text); INSERT INTO unrelated SELECT i, 'x' FROM generate_series(1, 50) i");
   const dir = path.join(await tempDir(), 'backups');
   app = await takeBackup(server, 'verify_app', dir);

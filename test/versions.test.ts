@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, takeBackup, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
-import { buildFixture } from './helpers/fixture.ts';
+import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type Major, type TestServer } from './helpers/pg-server.ts';
 
 const MAJORS: Major[] = [13, 14, 15, 16, 17, 18];
@@ -24,17 +24,7 @@ before(async () => {
   installed = await newestInstalledClientMajor();
   const started = await Promise.all(MAJORS.map((major) => startTestServer({ major })));
   started.forEach((server, i) => servers.set(MAJORS[i]!, server));
-  await Promise.all(
-    started.map(async (server) => {
-      await server.createDatabase('ver_app');
-      const client = await server.connect('ver_app');
-      try {
-        await buildFixture(client);
-      } finally {
-        await client.end();
-      }
-    }),
-  );
+  await Promise.all(started.map((server) => server.createDatabase('ver_app', FIXTURE_SQL)));
 });
 after(() => Promise.all([...servers.values()].map((server) => server.stop())));
 

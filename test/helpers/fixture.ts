@@ -4,7 +4,6 @@
  * >1 MB incompressible value, unicode and emoji, NULLs, jsonb, timestamptz (infinity too),
  * sequences, FKs, a partitioned table, a second schema, and awkward table names.
  */
-import type pg from 'pg';
 
 export const AWKWARD_TABLES = {
   mixedCase: 'Mixed Case Table',
@@ -140,7 +139,3 @@ export const FIXTURE_PHYSICAL_TABLES = [
   'public.project_knowledge',
   `public.${AWKWARD_TABLES.injection}`,
 ];
-
-export async function buildFixture(client: pg.Client): Promise<void> {
-  await client.query(FIXTURE_SQL);
-}
