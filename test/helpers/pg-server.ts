@@ -126,7 +126,6 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   const dataDir = path.join(root, 'data');
   await fs.mkdir(dataDir, { mode: 0o700 });
   if (user) await fs.chown(dataDir, user.uid, user.gid);
-  const port = await freePort();
   const password = `pw-${randomBytes(12).toString('base64url')}`;
   const logLines: string[] = [];
   const fail = async (what: string) => {
@@ -158,17 +157,28 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     full_page_writes: 'off',
     ...(tls ? { ssl: 'on', ssl_cert_file: tls.cert, ssl_key_file: tls.key } : {}),
   };
-  const server = runAs(binaries.postgres, ['-D', dataDir, '-p', String(port), ...Object.entries(settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])], user);
-  running.add(server);
-  const exited = new Promise<void>((resolve) => server.on('close', () => resolve()));
-  // The server says when it is ready; that line, not a delay, is what the tests wait for.
-  const ready = await new Promise<boolean>((resolve) => {
-    server.stderr!.on('data', (chunk) => {
-      logLines.push(String(chunk));
-      if (String(chunk).includes('database system is ready to accept connections')) resolve(true);
+  // The port is free when picked but not reserved: by the time the server binds it, a client
+  // socket elsewhere may hold it (the kernel hands out the same range). Then pick another.
+  const launch = async (port: number) => {
+    const logFrom = logLines.length;
+    const server = runAs(binaries.postgres, ['-D', dataDir, '-p', String(port), ...Object.entries(settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])], user);
+    running.add(server);
+    const exited = new Promise<void>((resolve) => server.on('close', () => resolve()));
+    // The server says when it is ready; that line, not a delay, is what the tests wait for.
+    const ready = await new Promise<boolean>((resolve) => {
+      server.stderr!.on('data', (chunk) => {
+        logLines.push(String(chunk));
+        if (String(chunk).includes('database system is ready to accept connections')) resolve(true);
+      });
+      void exited.then(() => resolve(false));
     });
-    void exited.then(() => resolve(false));
-  });
+    if (!ready) running.delete(server);
+    const portTaken = !ready && logLines.slice(logFrom).join('').includes('Address already in use');
+    return { server, exited, ready, port, portTaken };
+  };
+  let started = await launch(await freePort());
+  for (let attempt = 1; started.portTaken && attempt < 5; attempt++) started = await launch(await freePort());
+  const { server, exited, ready, port } = started;
   if (!ready) throw await fail('start');
 
   const connect = async (database = 'postgres') => {
