@@ -14,7 +14,7 @@ import type pg from 'pg';
 import { assertSameContent, snapshotDatabase } from './helpers/compare.ts';
 import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
-import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 
 let server: TestServer;
@@ -23,7 +23,7 @@ let backup: TakenBackup;
 let configDir: string;
 
 before(async () => {
-  [server, pg17] = await Promise.all([startTestServer(), startTestServer({ major: 17 })]);
+  [server, pg17] = (await startTestServers([{}, { major: 17 }])) as [TestServer, TestServer];
   await server.createDatabase('rs_app', FIXTURE_SQL);
   backup = await takeBackup(server, 'rs_app', path.join(await tempDir(), 'backups'));
   configDir = await tempDir();

@@ -9,12 +9,12 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
-import { selfSignedCertificate, startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { selfSignedCertificate, startTestServers, type TestServer } from './helpers/pg-server.ts';
 
 let server: TestServer;
 let tlsServer: TestServer & { certificate?: string };
 before(async () => {
-  [server, tlsServer] = await Promise.all([startTestServer(), startTestServer({ tlsOnly: true })]);
+  [server, tlsServer] = (await startTestServers([{}, { tlsOnly: true }])) as [TestServer, TestServer];
   for (const s of [server, tlsServer]) {
     await s.createDatabase('sec_app', "CREATE TABLE secrets_table (id int, note text); INSERT INTO secrets_table VALUES (1, 'x')");
   }

@@ -14,7 +14,7 @@ import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, takeBackup, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
-import { startTestServer, type Major, type TestServer } from './helpers/pg-server.ts';
+import { startTestServers, type Major, type TestServer } from './helpers/pg-server.ts';
 
 const MAJORS: Major[] = [13, 14, 15, 16, 17, 18];
 const servers = new Map<Major, TestServer>();
@@ -22,7 +22,7 @@ let installed: number;
 
 before(async () => {
   installed = await newestInstalledClientMajor();
-  const started = await Promise.all(MAJORS.map((major) => startTestServer({ major })));
+  const started = await startTestServers(MAJORS.map((major) => ({ major })));
   started.forEach((server, i) => servers.set(MAJORS[i]!, server));
   await Promise.all(started.map((server) => server.createDatabase('ver_app', FIXTURE_SQL)));
 });

@@ -222,3 +222,16 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     },
   };
 }
+
+/**
+ * Several servers at once. If one cannot start, those that did are stopped before the error is
+ * thrown: left running, they would keep the test process alive after its tests had failed.
+ */
+export async function startTestServers(list: ServerOptions[]): Promise<TestServer[]> {
+  const results = await Promise.allSettled(list.map((options) => startTestServer(options)));
+  const started = results.flatMap((result) => (result.status === 'fulfilled' ? [result.value] : []));
+  const failure = results.find((result) => result.status === 'rejected');
+  if (!failure) return started;
+  await Promise.all(started.map((server) => server.stop()));
+  throw failure.reason;
+}
