@@ -19,6 +19,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { execa } from 'execa';
+import { parseCompression, parsePgVersion, type Compression } from '../backup_db.ts';
 import { startTestServer, type TestServer } from '../test/helpers/pg-server.ts';
 import { generateAppDatabase } from './generate.ts';
 
@@ -67,7 +68,7 @@ async function measure(server: TestServer, database: string, dbBytes: number, co
     `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`,
   );
   const pgEnv = { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password, PGDATABASE: database };
-  const level = compress ?? (await defaultCompression());
+  const level = (await compressionFor(compress)).arg;
   const m: Measurement = { database, dbBytes, raw: [], tool: [], rawParallel: [], toolParallel: [], toolTty: [], rss: [], dumpBytes: 0, verify: [], sha256sum: [] };
 
   const raw = async () => {
@@ -125,9 +126,13 @@ async function measure(server: TestServer, database: string, dbBytes: number, co
   return m;
 }
 
-async function defaultCompression(): Promise<string> {
-  const major = Number(/\(PostgreSQL\) (\d+)/.exec((await execa('pg_dump', ['--version'])).stdout)?.[1]);
-  return major >= 16 ? 'zstd' : '1';
+/**
+ * What the CLI passes to pg_dump for `--compress input` (or its default) with this machine's
+ * pg_dump, so that the raw runs compress exactly as the CLI's do.
+ */
+async function compressionFor(input: string | undefined): Promise<Compression> {
+  const { stdout } = await execa('pg_dump', ['--version']);
+  return parseCompression(input, parsePgVersion(stdout)?.major ?? 0);
 }
 
 /** Raw pg_dump at several settings, for the --compress guide and the directory-format question. */
@@ -171,7 +176,8 @@ try {
   const guide = await compressionGuide(server, `bench_${SIZE_MB}`);
   process.stderr.write('\n\n');
 
-  const setting = values.compress ?? `default (${(await defaultCompression()) === '1' ? 'gzip:1' : 'zstd'})`;
+  const { label } = await compressionFor(values.compress);
+  const setting = values.compress === undefined ? `default (${label})` : label;
   console.log(`backup_db.ts benchmark: ${os.cpus().length} CPUs (${os.cpus()[0]?.model.trim()}), node ${process.version}, compression ${setting}, ${RUNS} runs, medians\n`);
   console.log('| Database | Raw `pg_dump -Fc` + sha256sum | backup_db.ts | Ratio | Raw `pg_dump -Fd -j2` + sha256sum | backup_db.ts --jobs 2 | Ratio | On a terminal (progress) | Throughput | Dump size | Peak RSS |');
   console.log('|---|---|---|---|---|---|---|---|---|---|---|');
