@@ -2050,23 +2050,54 @@ async function assertExtensionsAvailable(admin: pg.Client, toc: string, server: 
   );
 }
 
-/** pg_restore into `target`: any SQL error stops it, and is a failure, never a partial success. */
-async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string, file: string, connectTimeoutSeconds: number, signal: AbortSignal): Promise<number> {
-  const jobs = Math.max(1, os.availableParallelism());
-  const result = await execa(pgRestore.path, ['--no-owner', '--no-acl', '--exit-on-error', `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], {
-    env: libpqEnv({ ...config, database: target }, connectTimeoutSeconds),
+/**
+ * Pure: the settings pg_restore could not set because the server does not have them, when those
+ * are its only errors; undefined when anything else failed or the output cannot be accounted for.
+ * pg_restore 17+ starts every session with `SET transaction_timeout = 0`, which servers before 17
+ * reject: the timeout it turns off does not exist there, so nothing is lost by going on without it.
+ */
+export function unknownSettingsOnly(stderr: string): string[] | undefined {
+  const unknown = [...stderr.matchAll(/^pg_restore: error: could not execute query: ERROR: {2}unrecognized configuration parameter "(\w+)"\nCommand was: SET \1 = [^;\n]*;$/gm)].map((m) => m[1]!);
+  const errors = stderr.match(/^pg_restore: error: /gm)?.length ?? 0;
+  const ignored = Number(/^pg_restore: warning: errors ignored on restore: (\d+)$/m.exec(stderr)?.[1]);
+  return unknown.length > 0 && errors === unknown.length && ignored === unknown.length ? [...new Set(unknown)] : undefined;
+}
+
+export interface PgRestoreRun {
+  jobs: number;
+  /** Session settings the server lacked and pg_restore went on without (a newer pg_restore). */
+  skippedSettings: string[];
+}
+
+/**
+ * pg_restore into `target`; any SQL error is a failure, never a partial success. A pg_restore
+ * newer than the server may begin its sessions with settings the server lacks, so then it runs
+ * without --exit-on-error and every error must be one of those. One job then, because parallel
+ * workers interleave their messages and pg_restore's error count leaves out the workers' errors.
+ */
+async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string, file: string, server: ServerInfo, connectTimeoutSeconds: number, signal: AbortSignal): Promise<PgRestoreRun> {
+  const newerClient = pgRestore.major > server.major;
+  const jobs = newerClient ? 1 : Math.max(1, os.availableParallelism());
+  const stopOnError = newerClient ? [] : ['--exit-on-error'];
+  const result = await execa(pgRestore.path, ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], {
+    // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
+    env: { ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds), LC_MESSAGES: 'C' },
     stdin: 'ignore',
     cancelSignal: signal,
     reject: false,
   });
   if (signal.aborted) throw signal.reason;
-  if (result.exitCode !== 0) {
-    throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore failed', String(result.stderr).trim() || `pg_restore exited with code ${result.exitCode}`, [
-      'pg_restore stopped at the first error above; the target was not left half-restored if this run created it',
-      'Check that the target server is the same major version as the backup or newer, and has the extensions it needs',
-    ]);
-  }
-  return jobs;
+  if (result.exitCode === 0) return { jobs, skippedSettings: [] };
+  const stderr = String(result.stderr).trim();
+  const skippedSettings = newerClient && result.exitCode === 1 ? unknownSettingsOnly(stderr) : undefined;
+  if (skippedSettings) return { jobs, skippedSettings };
+  throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore failed', stderr || `pg_restore exited with code ${result.exitCode}`, [
+    newerClient
+      ? `pg_restore ${pgRestore.version} is newer than the server (PostgreSQL ${server.version}): loading into an older major is not guaranteed; a backup taken with pg_dump ${server.major} restores with pg_restore ${server.major}`
+      : 'pg_restore stopped at the first error above',
+    'The target was not left half-restored if this run created it',
+    'Check that the target server is the same major version as the backup or newer, and has the extensions it needs',
+  ]);
 }
 
 export interface RestoreOutcome {
@@ -2077,6 +2108,7 @@ export interface RestoreOutcome {
   targetAction: 'created' | 'replaced' | 'used empty';
   durationMs: number;
   jobs: number;
+  skippedSettings: string[];
   /** Undefined when the backup had no valid metadata to reconcile with (--force). */
   reconciliation?: ReconciliationRow[];
   /** The verification failure that --force went past. */
@@ -2162,15 +2194,15 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
     if (state === 'missing' || request.clean) await createDatabase(admin, target);
     const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
     const started = Date.now();
-    let jobs: number;
+    let restored: PgRestoreRun;
     try {
-      jobs = await runPgRestore(archive.pgRestore, config, target, archive.filePath, request.connectTimeoutSeconds, signal);
+      restored = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, request.connectTimeoutSeconds, signal);
     } catch (error) {
       // A database this run created holds only a partial restore: remove it rather than leave a trap.
       if (targetAction !== 'used empty') await dropDatabase(admin, target, server.major).catch(() => undefined);
       throw error;
     }
-    const outcome: RestoreOutcome = { filePath: archive.filePath, target, server: `${config.host}:${config.port}`, targetAction, durationMs: Date.now() - started, jobs };
+    const outcome: RestoreOutcome = { filePath: archive.filePath, target, server: `${config.host}:${config.port}`, targetAction, durationMs: Date.now() - started, ...restored };
     if (archive.forcedPast) outcome.forcedPast = archive.forcedPast;
     if (!archive.metadata) return outcome;
     outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds));
@@ -2198,6 +2230,7 @@ export interface DrillOutcome {
   scratch: string;
   record: RestoreTestRecord;
   reconciliation: ReconciliationRow[];
+  skippedSettings: string[];
 }
 
 /**
@@ -2217,7 +2250,7 @@ async function runRestoreDrill(config: DbConfig, file: string, search: ClientSea
     await createDatabase(admin, scratch);
     created = true;
     const started = Date.now();
-    await runPgRestore(pgRestore, config, scratch, verified.filePath, connectTimeoutSeconds, signal);
+    const { skippedSettings } = await runPgRestore(pgRestore, config, scratch, verified.filePath, server, connectTimeoutSeconds, signal);
     const reconciliation = reconcileCounts(verified.metadata.table_counts, await countTablesIn(config, scratch, connectTimeoutSeconds));
     const record: RestoreTestRecord = {
       time: new Date().toISOString(),
@@ -2229,7 +2262,7 @@ async function runRestoreDrill(config: DbConfig, file: string, search: ClientSea
       mismatches: reconciliation.filter((row) => !row.ok).map((row) => row.table),
     };
     await recordRestoreTest(verified.filePath, verified.metadataPath, record);
-    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation };
+    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation, skippedSettings };
     if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation);
     return outcome;
   } finally {
@@ -2797,6 +2830,11 @@ function matchSummary(rows: ReconciliationRow[] | undefined): string {
   return `${rows.filter((r) => r.ok).length} of ${rows.length} match the backup's row counts`;
 }
 
+function skippedSettingsLines(settings: string[]): string[] {
+  if (settings.length === 0) return [];
+  return [`Skipped:     SET ${settings.join(', ')}: pg_restore is newer than the server, which lacks ${settings.length === 1 ? 'it' : 'them'} (restored with one job)`];
+}
+
 function printRestore(outcome: RestoreOutcome): void {
   printLines(out, [
     '✓ Restore completed',
@@ -2805,6 +2843,7 @@ function printRestore(outcome: RestoreOutcome): void {
     ...(outcome.forcedPast ? [`Verified:    ✗ ${outcome.forcedPast} (restored anyway: --force)`] : []),
     `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`,
     `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${outcome.jobs})`,
+    ...skippedSettingsLines(outcome.skippedSettings),
     `Tables:      ${matchSummary(outcome.reconciliation)}`,
     ...(outcome.reconciliation ? ['', ...reconciliationLines(outcome.reconciliation)] : []),
   ]);
@@ -2817,6 +2856,7 @@ function printDrill(outcome: DrillOutcome): void {
     `File:        ${displayPath(outcome.filePath)}`,
     `Scratch DB:  ${outcome.scratch} on ${outcome.record.server} (PostgreSQL ${outcome.record.server_version}; dropped)`,
     `Restored in: ${(outcome.record.duration_ms / 1000).toFixed(1)} s`,
+    ...skippedSettingsLines(outcome.skippedSettings),
     `Tables:      ${matchSummary(outcome.reconciliation)}`,
     `Recorded:    last_restore_test in ${displayPath(outcome.metadataPath)}`,
     '',
@@ -2908,13 +2948,14 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
     target_action: outcome.targetAction,
     duration_ms: outcome.durationMs,
     jobs: outcome.jobs,
+    skipped_settings: outcome.skippedSettings,
     forced_past: outcome.forcedPast ?? null,
     reconciliation: outcome.reconciliation ?? null,
   };
 }
 
 function drillDocument(outcome: DrillOutcome): Record<string, unknown> {
-  return { file: outcome.filePath, metadata_file: outcome.metadataPath, scratch_database: outcome.scratch, last_restore_test: outcome.record, reconciliation: outcome.reconciliation };
+  return { file: outcome.filePath, metadata_file: outcome.metadataPath, scratch_database: outcome.scratch, last_restore_test: outcome.record, reconciliation: outcome.reconciliation, skipped_settings: outcome.skippedSettings };
 }
 
 function errorDocument(error: BackupError): Record<string, unknown> {

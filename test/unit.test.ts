@@ -22,6 +22,7 @@ import {
   sortNewestFirst,
   tablesWithoutData,
   tocTableEntries,
+  unknownSettingsOnly,
   backupFileName,
   connectionError,
   detectEnvironment,
@@ -492,6 +493,34 @@ describe('restore helpers', () => {
     expectBackupError(() => chooseMode({ clean: true }), EXIT.CONFIG, /--clean only applies to --restore/);
     expectBackupError(() => chooseMode({ iKnowThisIsProd: true }), EXIT.CONFIG, /--i-know-this-is-prod only applies/);
     expectBackupError(() => chooseMode({ restoreTest: true }), EXIT.CONFIG, /--restore-test goes with --verify FILE/);
+  });
+});
+
+describe('unknownSettingsOnly (pg_restore newer than the server)', () => {
+  // Verbatim from pg_restore 17.11 restoring into PostgreSQL 15.18 with --jobs=1.
+  const unknown = 'pg_restore: error: could not execute query: ERROR:  unrecognized configuration parameter "transaction_timeout"\nCommand was: SET transaction_timeout = 0;';
+  const exists = 'pg_restore: error: could not execute query: ERROR:  relation "t" already exists\nCommand was: CREATE TABLE public.t (\n    a integer,\n    b text\n);\n\n';
+  const ignored = (n: number) => `pg_restore: warning: errors ignored on restore: ${n}`;
+
+  test('a setting the server lacks, and nothing else, is named', () => {
+    assert.deepEqual(unknownSettingsOnly([unknown, ignored(1)].join('\n')), ['transaction_timeout']);
+  });
+
+  test('any other error makes it a failure', () => {
+    assert.equal(unknownSettingsOnly([unknown, exists, ignored(2)].join('\n')), undefined);
+    assert.equal(unknownSettingsOnly(['pg_restore: error: COPY failed for table "t": ERROR:  invalid input syntax for type integer: "x"', ignored(1)].join('\n')), undefined);
+  });
+
+  test('output that does not add up is a failure', () => {
+    assert.equal(unknownSettingsOnly(unknown), undefined, 'no count of ignored errors: pg_restore did not finish');
+    assert.equal(unknownSettingsOnly([unknown, ignored(2)].join('\n')), undefined, 'an error it counted that we cannot see');
+    assert.equal(unknownSettingsOnly([unknown, 'pg_restore: error: could not read from input file: end of file'].join('\n')), undefined);
+    assert.equal(unknownSettingsOnly(''), undefined);
+  });
+
+  test('the failed command must be the SET of that same setting', () => {
+    const inFunction = 'pg_restore: error: could not execute query: ERROR:  unrecognized configuration parameter "transaction_timeout"\nCommand was: CREATE FUNCTION public.f() RETURNS int LANGUAGE sql SET transaction_timeout = 0 AS $$select 1$$;';
+    assert.equal(unknownSettingsOnly([inFunction, ignored(1)].join('\n')), undefined);
   });
 });
 
