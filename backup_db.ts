@@ -3183,7 +3183,7 @@ function buildProgram(json: boolean): Command {
     .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
     .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
     .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd on pg_dump 16+)'))
-    .addOption(new Option('--jobs <n>', 'dump with n parallel pg_dump workers into a directory-format archive (default: 1, one custom-format file)').argParser(parseJobs).default(1))
+    .addOption(new Option('--jobs <n>', 'dump with n parallel pg_dump workers into a directory-format archive').argParser(parseJobs).default(1, '1, one custom-format file'))
     .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds').argParser(parseTimeoutSeconds).default(DEFAULT_CONNECT_TIMEOUT_S))
     .addOption(
       new Option('--lock-wait-timeout <duration>', 'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)')
