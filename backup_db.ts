@@ -445,11 +445,13 @@ export interface Compression {
 /**
  * Validate --compress against the installed pg_dump. The default is fast rather than small:
  * level 6 (the spec's original choice) measured ~5x slower than level 1 for ~10% smaller files,
- * too slow for 10 GB in 5 minutes. pg_dump 16 added zstd, which is both faster and smaller.
+ * too slow for 10 GB in 5 minutes. pg_dump 16 added zstd: at level 1 it measured a third faster
+ * than gzip:1 for files a quarter smaller, and 20% faster than its own default (3) for files 4%
+ * larger.
  */
 export function parseCompression(input: string | undefined, pgDumpMajor: number): Compression {
   const modern = pgDumpMajor >= 16;
-  if (input === undefined) return modern ? { arg: 'zstd', label: 'zstd' } : { arg: '1', label: 'gzip:1' };
+  if (input === undefined) return modern ? { arg: 'zstd:1', label: 'zstd:1' } : { arg: '1', label: 'gzip:1' };
   const value = input.trim().toLowerCase();
   const gzipLevel = (level: string): Compression =>
     level === '0' ? { arg: '0', label: 'none' } : { arg: modern ? `gzip:${level}` : level, label: `gzip:${level}` };
@@ -3182,7 +3184,7 @@ function buildProgram(json: boolean): Command {
     .addOption(new Option('--verify [file]', 'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully verify every backup'))
     .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
     .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
-    .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd on pg_dump 16+)'))
+    .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump 16+)'))
     .addOption(new Option('--jobs <n>', 'dump with n parallel pg_dump workers into a directory-format archive').argParser(parseJobs).default(1, '1, one custom-format file'))
     .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds').argParser(parseTimeoutSeconds).default(DEFAULT_CONNECT_TIMEOUT_S))
     .addOption(

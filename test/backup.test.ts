@@ -92,7 +92,7 @@ describe('backup --env dev', () => {
     assert.match(String(m.postgresql_version), /^\d+\.\d+$/);
     assert.equal(m.postgresql_version, serverVersion);
     assert.equal(typeof m.table_counts, 'object');
-    assert.equal(m.compression, pgDumpMajor >= 16 ? 'zstd' : 'gzip:1', 'the fast default for this pg_dump');
+    assert.equal(m.compression, pgDumpMajor >= 16 ? 'zstd:1' : 'gzip:1', 'the fast default for this pg_dump');
     assert.equal(m.pg_dump_version, pgDumpVersion);
     assert.equal(m.snapshot_consistent, true);
   });

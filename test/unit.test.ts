@@ -184,9 +184,9 @@ describe('parsePgVersion', () => {
 });
 
 describe('parseCompression', () => {
-  test('defaults: gzip level 1 before pg_dump 16, zstd from 16', () => {
+  test('defaults: gzip level 1 before pg_dump 16, zstd level 1 from 16', () => {
     assert.deepEqual(parseCompression(undefined, 15), { arg: '1', label: 'gzip:1' });
-    assert.deepEqual(parseCompression(undefined, 16), { arg: 'zstd', label: 'zstd' });
+    assert.deepEqual(parseCompression(undefined, 16), { arg: 'zstd:1', label: 'zstd:1' });
   });
 
   test("accepts pg_dump's own values and labels them for the metadata", () => {

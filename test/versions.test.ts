@@ -68,7 +68,7 @@ describe('servers of every supported major', { concurrency: true }, () => {
       assert.equal(backup.exitCode, 0, backup.stdout);
       const { backup_file: file, metadata } = JSON.parse(backup.stdout);
       assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
-      assert.equal(metadata.compression, 'zstd', "pg_dump 16+'s default");
+      assert.equal(metadata.compression, 'zstd:1', "the default from pg_dump 16 on");
       const target = uniqueName('restored');
       const restored = await runCli({ args: ['--restore', file, '--target-db', target, '--env', 'dev', '--config-dir', backup.configDir, '--pg-bin-dir', NEWER_CLIENT_DIR, '--json'] });
       assert.equal(restored.exitCode, 0, restored.stdout);
@@ -99,7 +99,7 @@ async function serverVersionOf(server: TestServer): Promise<string> {
 describe('choosing the client tools', () => {
   test('--pg-bin-dir comes first: a client there that fits the server is used (and its version recorded)', async () => {
     const shim = await shimClientDir('16.9');
-    // The shim only claims 16 (whose default would be zstd): level 0 is valid for both.
+    // The shim only claims 16 (whose default would be zstd:1): level 0 is valid for both.
     const result = await backupOf(servers.get(15)!, ['--pg-bin-dir', shim.dir, '--compress', '0']);
     assert.equal(result.exitCode, 0, result.stdout);
     assert.equal(JSON.parse(result.stdout).metadata.pg_dump_version, '16.9');
