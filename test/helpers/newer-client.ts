@@ -6,8 +6,9 @@
  * The npm releases of PostgreSQL hold only the server, and PGDG's repository is out of reach
  * here, so this builds the two tools from Debian's own source package (trixie's postgresql-17,
  * fetched and signature-checked by apt) into node_modules/.cache, once: about a minute on two
- * cores. `npm test` runs it first (pretest); the benchmark runs it for its client comparison.
- * Build tools missing from the machine are installed with apt-get when running as root.
+ * cores. `npm test` runs it first (pretest); `npm run bench -- --pg-bin-dir <the printed dir>`
+ * measures with it. Build tools missing from the machine are installed with apt-get when running
+ * as root (or through password-less sudo).
  *
  *   node --import tsx test/helpers/newer-client.ts     # build if missing, print the bin dir
  */
