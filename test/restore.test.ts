@@ -11,7 +11,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
-import { assertSameContent, snapshotDatabase } from './helpers/compare.ts';
+import { assertSameDatabases, snapshotDatabase } from './helpers/compare.ts';
 import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServers, type TestServer } from './helpers/pg-server.ts';
@@ -70,13 +70,7 @@ describe('--restore', () => {
     assert.match(result.stdout, new RegExp(`^Target: {6}${target} on 127\\.0\\.0\\.1:\\d+ \\(created\\)$`, 'm'));
     assert.match(result.stdout, /^Tables: {6}10 of 10 match the backup's row counts$/m);
     assert.match(result.stdout, /^messages +3422 +3422 {2}✓$/m);
-    const source = await server.connect('rs_app');
-    const restored = await server.connect(target);
-    try {
-      await assertSameContent(source, restored);
-    } finally {
-      await Promise.all([source.end(), restored.end()]);
-    }
+    await assertSameDatabases(server, 'rs_app', target);
   });
 
   test('into an existing empty database: used as it is', async () => {

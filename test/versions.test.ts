@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { assertRestoresIdentically, assertSameContent } from './helpers/compare.ts';
+import { assertRestoresIdentically, assertSameDatabases } from './helpers/compare.ts';
 import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
 import { NEWER_CLIENT_DIR, NEWER_MAJOR } from './helpers/newer-client.ts';
@@ -69,18 +69,14 @@ describe('servers of every supported major', { concurrency: true }, () => {
       const { backup_file: file, metadata } = JSON.parse(backup.stdout);
       assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
       assert.equal(metadata.compression, 'zstd:1', "the default from pg_dump 16 on");
+      const withNewerClient = ['--env', 'dev', '--config-dir', backup.configDir, '--pg-bin-dir', NEWER_CLIENT_DIR, '--json'];
       const target = uniqueName('restored');
-      const restored = await runCli({ args: ['--restore', file, '--target-db', target, '--env', 'dev', '--config-dir', backup.configDir, '--pg-bin-dir', NEWER_CLIENT_DIR, '--json'] });
+      const restored = await runCli({ args: ['--restore', file, '--target-db', target, ...withNewerClient] });
       assert.equal(restored.exitCode, 0, restored.stdout);
       // pg_restore 17 sets transaction_timeout, which servers before 17 do not have.
       assert.deepEqual(JSON.parse(restored.stdout).skipped_settings, major < 17 ? ['transaction_timeout'] : []);
-      const [source, copy] = await Promise.all([server.connect('ver_app'), server.connect(target)]);
-      try {
-        await assertSameContent(source, copy);
-      } finally {
-        await Promise.all([source.end(), copy.end()]);
-      }
-      const drill = await runCli({ args: ['--verify', file, '--restore-test', '--env', 'dev', '--config-dir', backup.configDir, '--pg-bin-dir', NEWER_CLIENT_DIR, '--json'] });
+      await assertSameDatabases(server, 'ver_app', target);
+      const drill = await runCli({ args: ['--verify', file, '--restore-test', ...withNewerClient] });
       assert.equal(drill.exitCode, 0, drill.stdout);
       assert.equal(JSON.parse(drill.stdout).last_restore_test.ok, true);
     });

@@ -69,13 +69,17 @@ export async function restoreIntoNewDatabase(server: TestServer, dumpPath: strin
   return target;
 }
 
-/** Restore a dump into a new database and assert it holds exactly what `sourceDatabase` holds. */
-export async function assertRestoresIdentically(server: TestServer, dumpPath: string, sourceDatabase: string, pgRestoreArgs: string[] = []): Promise<void> {
-  const target = await restoreIntoNewDatabase(server, dumpPath, pgRestoreArgs);
-  const [source, restored] = await Promise.all([server.connect(sourceDatabase), server.connect(target)]);
+/** Assert that `restoredDatabase` on `server` holds exactly what `sourceDatabase` holds. */
+export async function assertSameDatabases(server: TestServer, sourceDatabase: string, restoredDatabase: string): Promise<void> {
+  const [source, restored] = await Promise.all([server.connect(sourceDatabase), server.connect(restoredDatabase)]);
   try {
     await assertSameContent(source, restored);
   } finally {
     await Promise.all([source.end(), restored.end()]);
   }
+}
+
+/** Restore a dump into a new database and assert it holds exactly what `sourceDatabase` holds. */
+export async function assertRestoresIdentically(server: TestServer, dumpPath: string, sourceDatabase: string, pgRestoreArgs: string[] = []): Promise<void> {
+  await assertSameDatabases(server, sourceDatabase, await restoreIntoNewDatabase(server, dumpPath, pgRestoreArgs));
 }
