@@ -17,6 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
+import { fetchUpstreamTarball, unpack, type SourceRequest } from '../setup/debian-source.ts';
 
 export const NEWER_MAJOR = 17;
 const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -28,6 +29,13 @@ export const NEWER_CLIENT_DIR = path.join(PREFIX, 'bin');
 /** Debian packages the build needs: compilers and parser generators, and zlib, zstd, lz4, OpenSSL headers. */
 const BUILD_PACKAGES = ['gcc', 'make', 'bison', 'flex', 'pkg-config', 'bzip2', 'zlib1g-dev', 'libzstd-dev', 'liblz4-dev', 'libssl-dev'];
 
+/** trixie's postgresql-17; the pin's SHA-256 is from postgresql-17_17.11-0+deb13u1.dsc, signed by its Debian uploader. */
+const POSTGRESQL_17_SOURCE: SourceRequest = {
+  package: `postgresql-${NEWER_MAJOR}`,
+  suite: 'trixie',
+  pinned: { poolPath: 'main/p/postgresql-17/postgresql-17_17.11.orig.tar.bz2', sha256: 'dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979' },
+};
+
 const exists = (file: string) => fs.access(file).then(() => true, () => false);
 
 /** The bin directory of the newer client, built first if it is not there yet. */
@@ -36,7 +44,7 @@ export async function ensureNewerClient(log: (line: string) => void = () => unde
   await installBuildPackages(log);
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'pg-client-build-'));
   try {
-    const source = await fetchSource(work, log);
+    const source = await unpack(await fetchUpstreamTarball(POSTGRESQL_17_SOURCE, work, log));
     await build(source, log);
   } finally {
     await fs.rm(work, { recursive: true, force: true });
@@ -62,34 +70,6 @@ async function installBuildPackages(log: (line: string) => void): Promise<void> 
   const apt = (args: string[]) => execa(command!, [...prefix, ...args], { stdout: 'ignore', env: { DEBIAN_FRONTEND: 'noninteractive' } });
   await apt(['update']);
   await apt(['install', '-y', ...missing]);
-}
-
-/**
- * Download the source with apt from trixie's source index, kept apart from the system's apt
- * configuration and lists: apt checks the index's signature against Debian's keyring and the
- * files' hashes against the index. Returns the unpacked source tree.
- */
-async function fetchSource(work: string, log: (line: string) => void): Promise<string> {
-  const apt = path.join(work, 'apt');
-  await fs.mkdir(path.join(apt, 'lists', 'partial'), { recursive: true });
-  await fs.mkdir(path.join(apt, 'cache', 'archives', 'partial'), { recursive: true });
-  await fs.writeFile(path.join(apt, 'sources.list'), 'deb-src http://deb.debian.org/debian trixie main\n');
-  const options = [
-    `Dir::Etc::SourceList=${path.join(apt, 'sources.list')}`,
-    'Dir::Etc::SourceParts=/nonexistent',
-    `Dir::State::Lists=${path.join(apt, 'lists')}`,
-    `Dir::Cache=${path.join(apt, 'cache')}`,
-    'Debug::NoLocking=1',
-    'APT::Sandbox::User=root',
-  ].flatMap((option) => ['-o', option]);
-  log(`fetching Debian's postgresql-${NEWER_MAJOR} source`);
-  await execa('apt-get', [...options, 'update'], { stdout: 'ignore' });
-  await execa('apt-get', [...options, 'source', '--download-only', `postgresql-${NEWER_MAJOR}`], { cwd: work, stdout: 'ignore' });
-  const tarball = (await fs.readdir(work)).find((name) => /\.orig\.tar\.(bz2|gz|xz)$/.test(name));
-  if (!tarball) throw new Error(`apt-get source postgresql-${NEWER_MAJOR} left no .orig tarball in ${work}`);
-  await execa('tar', ['-xf', tarball], { cwd: work });
-  const tree = (await fs.readdir(work)).find((name) => name.startsWith('postgresql-') && !name.includes('.orig.'));
-  return path.join(work, tree!);
 }
 
 /** Configure and build only pg_dump, pg_restore and the libpq they link to, into PREFIX. */
