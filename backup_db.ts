@@ -501,7 +501,7 @@ async function prepareOutputDir(dir: string): Promise<void> {
  * not depend on it, since every run claims its own file names with O_EXCL.
  */
 export function lockFileName(database: string, environment: Environment): string {
-  return `${safeNamePart(database)}_${environment}${LOCK_SUFFIX}`;
+  return `${fileNamePart(database)}_${environment}${LOCK_SUFFIX}`;
 }
 
 interface LockOwner {
@@ -610,7 +610,7 @@ function alreadyRunningError(config: DbConfig, owner: LockOwner, lockPath: strin
  * final name. Names are matched exactly (database, environment, timestamp), never by prefix.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
-  const stem = `${escapeRegExp(safeNamePart(config.database))}_${config.environment}_\\d{4}-\\d{2}-\\d{2}T\\d{2}-\\d{2}-\\d{2}Z`;
+  const stem = `${escapeRegExp(fileNamePart(config.database))}_${config.environment}_\\d{4}-\\d{2}-\\d{2}T\\d{2}-\\d{2}-\\d{2}Z`;
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
@@ -878,17 +878,32 @@ export function isoSeconds(date: Date): string {
 }
 
 /**
- * File-name-safe database name: anything but letters, digits, '.', '_', '-' becomes '_'. Capped
- * so that names stay far below the 255-byte limit of file names.
+ * A database name as a file-name part, injectively, so that distinct databases never share a lock
+ * or a file: letters, digits, '_', '-' and (but first) '.' stay; anything else, '%' included,
+ * becomes %XX of its UTF-8 bytes ("a b" → "a%20b", never "a_b"). Case-insensitive file systems
+ * (macOS) would still fold "App" onto "app", so a name with capitals also gets a short hash of
+ * itself. Names are at most 63 bytes (validateName), so this stays far below 255 bytes.
  */
-export function safeNamePart(name: string): string {
-  const safe = name.replace(/[^\p{L}\p{N}._-]/gu, '_').replace(/^\.+/, '_');
-  return Buffer.byteLength(safe) <= 100 ? safe : `${[...safe].slice(0, 40).join('')}-${createHash('sha256').update(name).digest('hex').slice(0, 12)}`;
+export function fileNamePart(name: string): string {
+  const encoded = [...name].map((char, i) => (/^[\p{L}\p{N}_-]$/u.test(char) || (char === '.' && i > 0) ? char : percentEncode(char))).join('');
+  return name.toLowerCase() === name ? encoded : `${encoded}~${createHash('sha256').update(name).digest('hex').slice(0, 8)}`;
+}
+
+const percentEncode = (char: string) => [...Buffer.from(char)].map((byte) => `%${byte.toString(16).toUpperCase().padStart(2, '0')}`).join('');
+
+/** Pure: the database name a file-name part stands for (the inverse of fileNamePart). */
+export function databaseFromFileNamePart(part: string): string {
+  const name = part.replace(/~[0-9a-f]{8}$/, '');
+  try {
+    return decodeURIComponent(name);
+  } catch {
+    return name; // not written by this tool
+  }
 }
 
 /** `{database}_{env}_{YYYY-MM-DDTHH-MM-SSZ}.dump` */
 export function backupFileName(database: string, environment: Environment, date: Date): string {
-  return `${safeNamePart(database)}_${environment}_${isoSeconds(date).replaceAll(':', '-')}${DUMP_SUFFIX}`;
+  return `${fileNamePart(database)}_${environment}_${isoSeconds(date).replaceAll(':', '-')}${DUMP_SUFFIX}`;
 }
 
 export function metadataFileName(dumpFileName: string): string {
@@ -933,15 +948,17 @@ async function reserveBackupName(dir: string, database: string, environment: Env
  * tables once (their partitions are counted through the parent), no temp tables, no tables
  * owned by extensions. Identifiers are quoted by the server (format %I), never by string pasting.
  * data_oids are the relations whose TABLE DATA the archive must hold (the table itself, or the
- * leaves of a partitioned table, through pg_inherits, which works on every server version);
- * data_bytes is their heap + TOAST size without indexes, which pg_dump does not copy, and
- * data_rows their row count. Both are the catalog's estimates (relpages, reltuples, kept by
- * VACUUM/ANALYZE): pg_table_size() would take a lock on every table and queue behind any
- * exclusive lock before pg_dump even starts, and an exact count is what the snapshot gives later.
+ * leaves of a partitioned table, through pg_inherits, which works on every server version), and
+ * count_sql counts exactly those: a foreign table attached as a partition is not dumped, so its
+ * remote rows must not be counted. data_bytes is their heap + TOAST size without indexes, which
+ * pg_dump does not copy, and data_rows their row count. Both are the catalog's estimates
+ * (relpages, reltuples, kept by VACUUM/ANALYZE): pg_table_size() would take a lock on every table
+ * and queue behind any exclusive lock before pg_dump even starts, and an exact count is what the
+ * snapshot gives later.
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
-         format('SELECT count(*)::text AS n FROM %s%I.%I', CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END, n.nspname, c.relname) AS count_sql,
+         format('SELECT (%s)::text AS n', coalesce(d.counts, '0')) AS count_sql,
          coalesce(array_to_json(d.oids), '[]') AS data_oids,
          d.bytes::float8 AS data_bytes,
          d.rows::float8 AS data_rows
@@ -949,6 +966,7 @@ const LIST_TABLES_SQL = `
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
       SELECT array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
+             string_agg(format('(SELECT count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + ' ORDER BY leaf.oid) AS counts,
              coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0) * current_setting('block_size')::int8 AS bytes,
              coalesce(sum(greatest(leaf.reltuples, 0)), 0) AS rows
         FROM (WITH RECURSIVE tree(relid) AS (
@@ -957,6 +975,7 @@ const LIST_TABLES_SQL = `
                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid WHERE c.relkind = 'p')
               SELECT relid FROM tree) AS t
         JOIN pg_catalog.pg_class leaf ON leaf.oid = t.relid AND leaf.relkind = 'r'
+        JOIN pg_catalog.pg_namespace ln ON ln.oid = leaf.relnamespace
         LEFT JOIN pg_catalog.pg_class toast ON toast.oid = leaf.reltoastrelid) AS d
    WHERE c.relkind IN ('r', 'p')
      AND NOT c.relispartition
@@ -967,9 +986,14 @@ const LIST_TABLES_SQL = `
                       WHERE dep.classid = 'pg_catalog.pg_class'::regclass AND dep.objid = c.oid AND dep.deptype = 'e')
    ORDER BY n.nspname, c.relname`;
 
-/** `table_counts` key: bare name in public, `schema.table` elsewhere. */
+/**
+ * `table_counts` key: the bare name in public, `schema.table` elsewhere. A part holding a '.' or
+ * starting with '"' is quoted as SQL quotes it, so that no two tables share a key: public
+ * "coll.t" is `"coll.t"` while coll.t is `coll.t`.
+ */
 export function tableKey(schema: string, table: string): string {
-  return schema === 'public' ? table : `${schema}.${table}`;
+  const part = (name: string) => (name.includes('.') || name.startsWith('"') ? `"${name.replaceAll('"', '""')}"` : name);
+  return schema === 'public' ? part(table) : `${part(schema)}.${part(table)}`;
 }
 
 interface UserTable {
@@ -1708,7 +1732,7 @@ export function parseBackupFileName(name: string): { database: string; environme
   const match = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2})T(\d{2})-(\d{2})-(\d{2})Z\.dump(?:\.partial)?$/.exec(name);
   if (!match) return undefined;
   const [, database, environment, day, hh, mm, ss] = match;
-  return { database: database!, environment: environment as Environment, timestamp: `${day}T${hh}:${mm}:${ss}Z` };
+  return { database: databaseFromFileNamePart(database!), environment: environment as Environment, timestamp: `${day}T${hh}:${mm}:${ss}Z` };
 }
 
 /**

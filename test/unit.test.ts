@@ -40,7 +40,10 @@ import {
   pgDumpArgs,
   pgpassLookup,
   resolveDbConfig,
-  safeNamePart,
+  fileNamePart,
+  databaseFromFileNamePart,
+  lockFileName,
+  tableKey,
   secretsIn,
   summarizeTables,
   type DbConfig,
@@ -220,14 +223,37 @@ describe('file names', () => {
   });
 
   test('database names cannot escape the directory or hide the file', () => {
-    assert.equal(safeNamePart('../../etc/passwd'), '__.._etc_passwd');
-    assert.equal(safeNamePart('.hidden'), '_hidden');
-    assert.equal(safeNamePart('My DB; drop'), 'My_DB__drop');
-    assert.equal(safeNamePart('données'), 'données');
-    const long = safeNamePart('x'.repeat(63) + 'é'.repeat(30));
-    assert.ok(Buffer.byteLength(long) <= 100 && /^x{40}-[0-9a-f]{12}$/.test(long), long);
-    assert.notEqual(safeNamePart('y'.repeat(120) + 'a'), safeNamePart('y'.repeat(120) + 'b'), 'capped names stay distinct');
+    assert.equal(fileNamePart('../../etc/passwd'), '%2E.%2F..%2Fetc%2Fpasswd');
+    assert.equal(fileNamePart('.hidden'), '%2Ehidden');
+    assert.equal(fileNamePart('données'), 'données');
     assert.ok(!backupFileName('a/b\\c', 'prod', at).includes('/'));
+  });
+
+  test('distinct databases get distinct file and lock names, even on case-insensitive file systems', () => {
+    const names = ['a b', 'a_b', 'a%20b', 'a.b', 'a-b', 'A_b', 'a_B', 'app', 'App', 'APP', 'e\u0301', '\u00e9', 'x'.repeat(63), 'x'.repeat(62) + 'X', '~', 'a~0d04bfeb'];
+    const folded = (name: string) => lockFileName(name, 'dev').toLowerCase().normalize('NFC');
+    assert.equal(new Set(names.map(folded)).size, names.length, 'no two lock names collide, even folded');
+    assert.equal(new Set(names.map((name) => backupFileName(name, 'dev', at).toLowerCase())).size, names.length);
+    assert.equal(lockFileName('a b', 'dev'), 'a%20b_dev.lock');
+    assert.equal(lockFileName('project_chat', 'prod'), 'project_chat_prod.lock', 'ordinary names read as before');
+    for (const name of names) {
+      assert.equal(databaseFromFileNamePart(fileNamePart(name)), name, `${name} round-trips`);
+      assert.equal(parseBackupFileName(backupFileName(name, 'prod', at))?.database, name);
+      assert.ok(Buffer.byteLength(backupFileName(name, 'prod', at) + '.metadata.json.tmp-4194304') < 255);
+    }
+  });
+
+  test('table_counts keys: plain in public, schema.table elsewhere, quoted only where a name could be misread', () => {
+    assert.equal(tableKey('public', 'messages'), 'messages');
+    assert.equal(tableKey('archive', 'old_messages'), 'archive.old_messages');
+    assert.equal(tableKey('public', 'coll.t'), '"coll.t"');
+    assert.equal(tableKey('coll', 't'), 'coll.t');
+    assert.equal(tableKey('public', 'weird "quoted"; x'), 'weird "quoted"; x');
+    const pairs: Array<[string, string]> = [
+      ['public', 'coll.t'], ['coll', 't'], ['public', '"coll.t"'], ['"s', 't"'], ['public', 's.t'], ['s', 't'], ['s.t', 'u'], ['s', 't.u'],
+      ['public', 'a'], ['a', 'public'], ['public', '"a"'], ['x', '"y"'], ['"x"', 'y'],
+    ];
+    assert.equal(new Set(pairs.map(([schema, table]) => tableKey(schema, table))).size, pairs.length, 'every table its own key');
   });
 });
 
