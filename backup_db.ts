@@ -1839,12 +1839,20 @@ export function describePolicy(policy: RetentionPolicy): string {
   return RETENTION_RULES.filter((rule) => policy[rule] > 0).map((rule) => `keep-${rule} ${policy[rule]}`).join(', ');
 }
 
+/** Building an Intl formatter costs far more than using one: one per time zone. */
+const dayFormatters = new Map<string, Intl.DateTimeFormat>();
+function dayFormatter(timeZone: string): Intl.DateTimeFormat {
+  let formatter = dayFormatters.get(timeZone);
+  if (!formatter) dayFormatters.set(timeZone, (formatter = new Intl.DateTimeFormat('en-US', { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' })));
+  return formatter;
+}
+
 /**
  * Pure: the calendar day, ISO week and month of an instant in a time zone. Days are local days, so
  * a backup at 00:30 and one at 23:30 on a DST change day share a day, as an operator expects.
  */
 export function calendarBuckets(date: Date, timeZone: string): { day: string; week: string; month: string } {
-  const parts = new Intl.DateTimeFormat('en-US', { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' }).formatToParts(date);
+  const parts = dayFormatter(timeZone).formatToParts(date);
   const part = (type: string) => parts.find((p) => p.type === type)!.value;
   const [year, month, day] = [part('year'), part('month'), part('day')];
   // ISO 8601 week: the week (Monday to Sunday) belongs to the year of its Thursday.
@@ -1862,15 +1870,19 @@ export interface RetentionDecision<T> {
   reasons: string[];
 }
 
+/** Pure: newest first; equal times by file name, so that the input's order never changes a decision. */
+function newestFirst<T extends { time: Date; file: string }>(items: T[]): T[] {
+  return [...items].sort((a, b) => b.time.getTime() - a.time.getTime() || (a.file < b.file ? 1 : a.file > b.file ? -1 : 0));
+}
+
 /**
  * Pure: grandfather-father-son selection, restic's algorithm. Newest first, each rule keeps the
  * first backup of every new bucket (for `last`, every backup) until its count is used up; a backup
  * is kept if any rule keeps it. The newest backup is always kept, whatever the policy.
  */
-export function selectRetention<T extends { time: Date }>(items: T[], policy: RetentionPolicy, timeZone: string): Array<RetentionDecision<T>> {
-  const newestFirst = [...items].sort((a, b) => b.time.getTime() - a.time.getTime());
+export function selectRetention<T extends { time: Date; file: string }>(items: T[], policy: RetentionPolicy, timeZone: string): Array<RetentionDecision<T>> {
   const rules = RETENTION_RULES.map((name) => ({ name, remaining: policy[name], previous: undefined as string | undefined, kept: 0 }));
-  return newestFirst.map((item, index) => {
+  return newestFirst(items).map((item, index) => {
     const buckets = calendarBuckets(item.time, timeZone);
     const reasons = index === 0 ? ['newest backup'] : [];
     for (const rule of rules) {
@@ -1886,38 +1898,85 @@ export function selectRetention<T extends { time: Date }>(items: T[], policy: Re
   });
 }
 
-interface RetentionCandidate {
+/**
+ * How far ahead of this machine's clock a backup may be dated and still count: the clocks of
+ * machines sharing a backup directory differ by seconds, not by minutes.
+ */
+export const CLOCK_TOLERANCE_MS = 5 * 60_000;
+
+export interface RetentionCandidate {
   file: string;
   time: Date;
   timestamp: string;
   sizeBytes: number;
 }
 
-export interface RetentionReport {
+export interface RetentionPlan {
+  /** Every backup the policy judges: this database and environment, quick check passed, not future-dated. */
+  decisions: Array<RetentionDecision<RetentionCandidate>>;
+  /** This database's files the policy does not judge (damaged, undescribed, dated after now): never deleted. */
+  leftAlone: Array<{ file: string; why: string }>;
+  /** The newest backup to keep, when it must pass the full check before anything is deleted. */
+  mustVerify?: RetentionCandidate;
+}
+
+export interface RetentionScope {
+  database: string;
+  environment: Environment;
   policy: RetentionPolicy;
   timeZone: string;
-  dryRun: boolean;
-  decisions: Array<RetentionDecision<RetentionCandidate>>;
-  deleted: string[];
-  freedBytes: number;
-  /** Files of this database that the policy does not judge (damaged or undescribed), left alone. */
-  leftAlone: Array<{ file: string; why: string }>;
+  now: Date;
+  /** The backup this run has just made (its hash computed on the way to disk): never deleted, already checked. */
+  justMade?: string;
 }
 
 /**
- * Apply the policy to one database+environment in `dir`, under its lock. Only backups that pass
- * the quick check (valid metadata, size matches) are candidates; partials, other databases and
- * anything damaged are never touched. A dump is deleted before its metadata: a crash in between
- * leaves an orphaned metadata file, which the next backup removes.
+ * Pure: the retention plan for one database and environment among a directory's entries. Only
+ * backups that pass the quick check count; a backup dated after now (a wrong clock, a copied
+ * file) is left alone, so it can neither be kept in place of real ones nor displace them; the
+ * run's own new backup is always kept; and unless that new backup is the newest one kept, the
+ * newest one kept is named for a full check, because deleting anything relies on it.
  */
-async function applyRetention(dir: string, config: Pick<DbConfig, 'database' | 'environment'>, policy: RetentionPolicy, dryRun: boolean): Promise<RetentionReport> {
+export function planRetention(entries: ListEntry[], scope: RetentionScope): RetentionPlan {
+  const ours = entries.filter((e) => e.database === scope.database && e.environment === scope.environment);
+  const horizon = scope.now.getTime() + CLOCK_TOLERANCE_MS;
+  const leftAlone: RetentionPlan['leftAlone'] = [];
+  const candidates: RetentionCandidate[] = [];
+  for (const entry of ours) {
+    const time = new Date(entry.timestamp ?? NaN);
+    if (entry.status !== 'verified' || Number.isNaN(time.getTime())) leftAlone.push({ file: entry.file, why: STATUS_LABELS[entry.status] });
+    else if (time.getTime() > horizon) leftAlone.push({ file: entry.file, why: `dated ${entry.timestamp}, after this machine's time` });
+    else candidates.push({ file: entry.file, time, timestamp: entry.timestamp!, sizeBytes: entry.sizeBytes });
+  }
+  const decisions = selectRetention(candidates, scope.policy, scope.timeZone).map((decision) =>
+    decision.item.file === scope.justMade && !decision.keep ? { ...decision, keep: true, reasons: ["this run's backup"] } : decision,
+  );
+  const newest = decisions[0]?.item;
+  const deletes = decisions.some((d) => !d.keep);
+  return { decisions, leftAlone, ...(deletes && newest && newest.file !== scope.justMade ? { mustVerify: newest } : {}) };
+}
+
+export interface RetentionReport extends RetentionPlan {
+  policy: RetentionPolicy;
+  timeZone: string;
+  dryRun: boolean;
+  deleted: string[];
+  freedBytes: number;
+}
+
+/**
+ * Apply the policy to one database+environment in `dir`, under its lock. Nothing is deleted
+ * until the newest backup that stays has passed the full check (a re-read of every byte), unless
+ * it is the backup this run has just made; if it fails, nothing is deleted (exit 8). A dump is
+ * deleted before its metadata: a crash in between leaves an orphaned metadata file, which the
+ * next backup removes.
+ */
+async function applyRetention(dir: string, scope: Omit<RetentionScope, 'timeZone' | 'now'>, dryRun: boolean, search: ClientSearch): Promise<RetentionReport> {
   const listing = await runList(dir, false);
-  const ours = listing.backups.filter((b) => b.database === config.database && b.environment === config.environment);
-  const candidates = ours.filter((b) => b.status === 'verified').map((b) => ({ file: b.file, time: new Date(b.timestamp!), timestamp: b.timestamp!, sizeBytes: b.sizeBytes }));
-  const leftAlone = ours.filter((b) => b.status !== 'verified').map((b) => ({ file: b.file, why: STATUS_LABELS[b.status] }));
   const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
-  const decisions = selectRetention(candidates, policy, timeZone);
-  const doomed = decisions.filter((d) => !d.keep).map((d) => d.item);
+  const plan = planRetention(listing.backups, { ...scope, timeZone, now: new Date() });
+  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), search);
+  const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
   if (!dryRun) {
     for (const backup of doomed) {
       await fs.rm(path.join(dir, backup.file), { recursive: true });
@@ -1925,15 +1984,27 @@ async function applyRetention(dir: string, config: Pick<DbConfig, 'database' | '
     }
     if (doomed.length > 0) await syncDirectory(dir);
   }
-  return {
-    policy,
-    timeZone,
-    dryRun,
-    decisions,
-    deleted: doomed.map((b) => b.file),
-    freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0),
-    leftAlone,
-  };
+  return { ...plan, policy: scope.policy, timeZone, dryRun, deleted: doomed.map((b) => b.file), freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0) };
+}
+
+/** The full check of the backup retention would leave as the newest; a failure stops all deletion. */
+async function assertNewestKeptIsSound(file: string, search: ClientSearch): Promise<void> {
+  try {
+    await runVerify(file, search);
+  } catch (error) {
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED) throw error;
+    throw new BackupError(
+      EXIT.VERIFY_FAILED,
+      'Retention refused: the newest backup to keep failed verification',
+      `${path.basename(file)} would be the newest backup kept, so deleting older ones relies on it, but ${error.title.replace(/^Backup verification failed: /, '')}: ${error.details}`,
+      [
+        'Nothing was deleted',
+        `Inspect it: npx tsx backup_db.ts --verify ${displayPath(file)}`,
+        'Take a new backup (it becomes the newest), then prune again; move the damaged file away if it cannot be repaired',
+      ],
+      error.extra,
+    );
+  }
 }
 
 // ─── Restore and restore drill ──────────────────────────────────────────────────────────
@@ -2465,8 +2536,8 @@ export interface BackupResult {
   /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
   removedStaleFiles: string[];
   retention?: RetentionReport;
-  /** The backup succeeded but pruning failed: reported, never fatal. */
-  retentionError?: string;
+  /** The backup succeeded but pruning did not: reported; a refusal to prune (exit 8) sets the exit code. */
+  retentionError?: BackupError;
 }
 
 /** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
@@ -2488,9 +2559,11 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
-      return { ...published, removedStaleFiles, retention: await applyRetention(options.outputDir, config, options.retention, options.dryRun) };
+      const scope = { database: config.database, environment: config.environment, policy: options.retention, justMade: published.metadata.backup_file };
+      return { ...published, removedStaleFiles, retention: await applyRetention(options.outputDir, scope, options.dryRun, options.search) };
     } catch (error) {
-      return { ...published, removedStaleFiles, retentionError: errorText(error) };
+      const failure = error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
+      return { ...published, removedStaleFiles, retentionError: failure };
     }
   } finally {
     await lock.release();
@@ -2498,7 +2571,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
 }
 
 /** --prune: the retention policy alone, for the configured database, under its lock. */
-async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun'>): Promise<RetentionReport | undefined> {
+async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>): Promise<RetentionReport | undefined> {
   if (!hasRetentionRule(options.retention)) {
     throw configError('--prune needs a retention rule', [
       'Add one or more of --keep-last N, --keep-daily N, --keep-weekly N, --keep-monthly N',
@@ -2508,7 +2581,8 @@ async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDi
   if (!(await pathExists(options.outputDir))) return undefined;
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
-    return await applyRetention(options.outputDir, config, options.retention, options.dryRun);
+    const scope = { database: config.database, environment: config.environment, policy: options.retention };
+    return await applyRetention(options.outputDir, scope, options.dryRun, options.search);
   } finally {
     await lock.release();
   }
@@ -2765,7 +2839,7 @@ function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFile
     lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
   }
   printLines(out, lines);
-  if (retentionError) console.error(err.yellow(`⚠ The backup is fine, but applying the retention policy failed: ${retentionError}`));
+  if (retentionError) console.error(err.yellow(`⚠ The backup is fine, but ${retentionError.title.charAt(0).toLowerCase()}${retentionError.title.slice(1)}: ${retentionError.details}`));
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
@@ -2925,7 +2999,7 @@ function backupDocument(result: BackupResult): Record<string, unknown> {
     checks: checksDocument(result.checks),
     removed_stale_files: result.removedStaleFiles,
     retention: result.retention ? retentionDocument(result.retention) : null,
-    ...(result.retentionError ? { retention_error: result.retentionError } : {}),
+    ...(result.retentionError ? { retention_error: errorDocument(result.retentionError) } : {}),
   };
 }
 
@@ -3296,7 +3370,7 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
       return { command: 'list', exitCode: listingExitCode(listing), document: listingDocument(listing), print: () => printLines(out, listingLines(listing)), facts: {} };
     }
     case 'prune': {
-      const report = await runPrune(config!, { outputDir, retention: settings.retention, dryRun: settings.dryRun });
+      const report = await runPrune(config!, { outputDir, retention: settings.retention, dryRun: settings.dryRun, search: settings.search });
       const lines = report ? retentionLines(report, outputDir, config!) : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
       const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
       return { command: 'prune', exitCode: EXIT.OK, document: { retention: report ? retentionDocument(report) : null }, print: () => printLines(out, lines), facts };
@@ -3326,7 +3400,9 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
         size_bytes: metadata.backup_size_bytes,
         ...(result.retention && !result.retention.dryRun ? { deleted: result.retention.deleted } : {}),
       };
-      return { command: 'backup', exitCode: EXIT.OK, document: backupDocument(result), print: () => printBackupSummary(result), facts };
+      // The backup stands either way; a refusal to prune means a damaged backup sits in the directory.
+      const exitCode = result.retentionError?.exitCode === EXIT.VERIFY_FAILED ? EXIT.VERIFY_FAILED : EXIT.OK;
+      return { command: 'backup', exitCode, document: backupDocument(result), print: () => printBackupSummary(result), facts };
     }
   }
 }

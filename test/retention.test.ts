@@ -7,15 +7,16 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { calendarBuckets, selectRetention, type RetentionPolicy } from '../backup_db.ts';
+import fc from 'fast-check';
+import { calendarBuckets, CLOCK_TOLERANCE_MS, planRetention, selectRetention, type ListEntry, type ListStatus, type RetentionPolicy, type RetentionScope } from '../backup_db.ts';
 import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { directoryFingerprint } from './helpers/wait.ts';
+import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
 
 const policy = (p: Partial<RetentionPolicy>): RetentionPolicy => ({ last: 0, daily: 0, weekly: 0, monthly: 0, ...p });
-const at = (...isoTimes: string[]) => isoTimes.map((iso) => ({ id: iso, time: new Date(iso) }));
-const kept = (items: Array<{ id: string; time: Date }>, p: Partial<RetentionPolicy>, timeZone = 'UTC') =>
-  selectRetention(items, policy(p), timeZone).filter((d) => d.keep).map((d) => d.item.id);
+const at = (...isoTimes: string[]) => isoTimes.map((iso) => ({ file: iso, time: new Date(iso) }));
+const kept = (items: Array<{ file: string; time: Date }>, p: Partial<RetentionPolicy>, timeZone = 'UTC') =>
+  selectRetention(items, policy(p), timeZone).filter((d) => d.keep).map((d) => d.item.file);
 
 describe('calendarBuckets', () => {
   test('local day, ISO week and month, in the given time zone', () => {
@@ -51,7 +52,7 @@ describe('selectRetention', () => {
 
   test('the newest backup is kept even by a policy that keeps nothing else', () => {
     const decisions = selectRetention(at('2025-01-01T00:00:00Z', '2025-01-02T00:00:00Z'), policy({}), 'UTC');
-    assert.deepEqual(decisions.map((d) => [d.item.id, d.keep, d.reasons]), [
+    assert.deepEqual(decisions.map((d) => [d.item.file, d.keep, d.reasons]), [
       ['2025-01-02T00:00:00Z', true, ['newest backup']],
       ['2025-01-01T00:00:00Z', false, []],
     ]);
@@ -81,47 +82,165 @@ describe('selectRetention', () => {
   test('rules combine like restic: kept if any rule keeps it, every reason named', () => {
     const daily = Array.from({ length: 40 }, (_, i) => new Date(Date.UTC(2025, 0, 1 + i, 2)).toISOString());
     const decisions = selectRetention(at(...daily), policy({ last: 2, daily: 7, weekly: 4, monthly: 3 }), 'UTC');
-    const byId = new Map(decisions.map((d) => [d.item.id, d.reasons]));
+    const byId = new Map(decisions.map((d) => [d.item.file, d.reasons]));
     assert.deepEqual(byId.get('2025-02-09T02:00:00.000Z'), ['newest backup', 'last 1', 'daily 2025-02-09', 'weekly 2025-W06', 'monthly 2025-02']);
     assert.deepEqual(byId.get('2025-02-02T02:00:00.000Z'), ['weekly 2025-W05']);
     assert.deepEqual(byId.get('2025-01-31T02:00:00.000Z'), ['monthly 2025-01']);
     assert.equal(decisions.filter((d) => d.keep).length, 11);
   });
+});
 
-  /**
-   * An independent reference: for each rule, the distinct buckets newest first, the first N, and
-   * the newest backup in each; keep-last is the N newest; plus the newest backup overall.
-   */
-  function reference(items: Array<{ id: string; time: Date }>, p: RetentionPolicy, timeZone: string): Set<string> {
-    const newestFirst = [...items].sort((a, b) => b.time.getTime() - a.time.getTime());
-    const keep = new Set(newestFirst.slice(0, Math.max(p.last, 1)).map((i) => i.id));
-    for (const [rule, key] of [['daily', 'day'], ['weekly', 'week'], ['monthly', 'month']] as const) {
-      const newestOfBucket = new Map<string, string>();
-      for (const item of newestFirst) {
-        const bucket = calendarBuckets(item.time, timeZone)[key];
-        if (!newestOfBucket.has(bucket)) newestOfBucket.set(bucket, item.id);
-      }
-      [...newestOfBucket.values()].slice(0, p[rule]).forEach((id) => keep.add(id));
+/**
+ * An independent reference for restic's rules: for each rule, the distinct buckets newest first,
+ * the first N, and the newest backup in each; keep-last is the N newest; plus the newest backup
+ * overall. Equal times are ordered by file name, descending, as the tool orders them.
+ */
+function reference(items: Array<{ file: string; time: Date }>, p: RetentionPolicy, timeZone: string): Set<string> {
+  const newestFirst = [...items].sort((a, b) => b.time.getTime() - a.time.getTime() || (a.file < b.file ? 1 : a.file > b.file ? -1 : 0));
+  const keep = new Set(newestFirst.slice(0, Math.max(p.last, 1)).map((i) => i.file));
+  for (const [rule, key] of [['daily', 'day'], ['weekly', 'week'], ['monthly', 'month']] as const) {
+    const newestOfBucket = new Map<string, string>();
+    for (const item of newestFirst) {
+      const bucket = calendarBuckets(item.time, timeZone)[key];
+      if (!newestOfBucket.has(bucket)) newestOfBucket.set(bucket, item.file);
     }
-    return keep;
+    [...newestOfBucket.values()].slice(0, p[rule]).forEach((file) => keep.add(file));
   }
+  return keep;
+}
 
-  test('agrees with the reference on 300 random histories across time zones', () => {
-    let seed = 42;
-    const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
-    const zones = ['UTC', 'Europe/Berlin', 'America/New_York', 'Australia/Lord_Howe', 'Asia/Kolkata'];
-    for (let run = 0; run < 300; run++) {
-      const start = Date.UTC(2024, 0, 1) + Math.floor(random() * 365) * 86_400_000;
-      const items = Array.from({ length: 1 + Math.floor(random() * 60) }, (_, i) => {
-        // Bursts, gaps of weeks, and times near midnight and DST changes.
-        const time = new Date(start + Math.floor(random() * 200 * 86_400_000) + (random() < 0.3 ? Math.floor(random() * 3) * 3_600_000 : 0));
-        return { id: `${i}:${time.toISOString()}`, time };
-      });
-      const p = policy({ last: Math.floor(random() * 4), daily: Math.floor(random() * 8), weekly: Math.floor(random() * 5), monthly: Math.floor(random() * 4) });
-      const zone = zones[run % zones.length]!;
-      const got = new Set(kept(items, p, zone));
-      assert.deepEqual([...got].sort(), [...reference(items, p, zone)].sort(), `run ${run}: ${JSON.stringify(p)} in ${zone}`);
-    }
+const NOW = new Date('2026-06-15T12:00:00Z');
+const DAY = 86_400_000;
+const ZONES = ['UTC', 'Europe/Berlin', 'America/New_York', 'Australia/Lord_Howe', 'Asia/Kolkata'];
+const STATUSES: ListStatus[] = ['verified', 'no_metadata', 'invalid_metadata', 'size_mismatch', 'checksum_mismatch', 'unreadable_archive', 'missing_table_data'];
+
+/** Random policies, and histories of a directory: this database and others, damaged files, future dates, equal times. */
+const arbitraryPolicy = fc.record({ last: fc.nat(4), daily: fc.nat(8), weekly: fc.nat(5), monthly: fc.nat(4) });
+const arbitraryTime = fc.oneof(
+  { weight: 6, arbitrary: fc.integer({ min: -400 * DAY, max: 0 }) },
+  // Around midnight and DST changes, bursts within an hour, and exact duplicates of a few instants.
+  { weight: 2, arbitrary: fc.constantFrom(-DAY, -DAY - 1000, -2 * DAY, -30 * DAY, -30 * DAY + 3_600_000) },
+  { weight: 1, arbitrary: fc.integer({ min: 1, max: CLOCK_TOLERANCE_MS }) },
+  // Wrong clocks: dated well after now.
+  { weight: 2, arbitrary: fc.integer({ min: CLOCK_TOLERANCE_MS + 1, max: 400 * DAY }) },
+);
+const arbitraryEntry = fc.record({
+  offset: arbitraryTime,
+  status: fc.oneof({ weight: 8, arbitrary: fc.constant<ListStatus>('verified') }, { weight: 3, arbitrary: fc.constantFrom(...STATUSES) }),
+  database: fc.oneof({ weight: 8, arbitrary: fc.constant('app') }, { weight: 1, arbitrary: fc.constant('other') }),
+  environment: fc.oneof({ weight: 8, arbitrary: fc.constant<'dev' | 'prod'>('dev') }, { weight: 1, arbitrary: fc.constant<'dev' | 'prod'>('prod') }),
+  undated: fc.boolean(),
+});
+const arbitraryHistory = fc.array(arbitraryEntry, { maxLength: 40 }).map((raw) =>
+  raw.map((r, i): ListEntry => {
+    const timestamp = new Date(NOW.getTime() + r.offset).toISOString().replace(/\.\d{3}Z$/, 'Z');
+    const undated = r.undated && r.status !== 'verified';
+    return {
+      file: `f${String(i).padStart(2, '0')}_${r.database}_${r.environment}.dump`,
+      status: r.status,
+      ...(undated ? {} : { timestamp, database: r.database, environment: r.environment }),
+      sizeBytes: 100 + i,
+      modifiedMs: 0,
+      problems: [],
+    };
+  }),
+);
+const arbitraryCase = fc
+  .record({ history: arbitraryHistory, policy: arbitraryPolicy, zone: fc.constantFrom(...ZONES), withNewBackup: fc.boolean(), seed: fc.integer() })
+  .map(({ history, policy: p, zone, withNewBackup, seed }) => {
+    // The run's own new backup: this database, just now, quick check passed.
+    const justMade: ListEntry = { file: 'new_app_dev.dump', status: 'verified', timestamp: NOW.toISOString().replace(/\.\d{3}Z$/, 'Z'), database: 'app', environment: 'dev', sizeBytes: 1, modifiedMs: 0, problems: [] };
+    const entries = withNewBackup ? [...history, justMade] : history;
+    const scope: RetentionScope = { database: 'app', environment: 'dev', policy: p, timeZone: zone, now: NOW, ...(withNewBackup ? { justMade: justMade.file } : {}) };
+    return { entries, scope, seed };
+  });
+
+/** Fisher-Yates with a seeded LCG: a reproducible permutation per case. */
+function shuffle<T>(items: T[], seed: number): T[] {
+  const copy = [...items];
+  let state = seed >>> 0;
+  for (let i = copy.length - 1; i > 0; i--) {
+    state = (state * 1664525 + 1013904223) >>> 0;
+    const j = state % (i + 1);
+    [copy[i], copy[j]] = [copy[j]!, copy[i]!];
+  }
+  return copy;
+}
+
+const deletedBy = (plan: ReturnType<typeof planRetention>) => plan.decisions.filter((d) => !d.keep).map((d) => d.item.file);
+const isFuture = (e: ListEntry) => e.timestamp !== undefined && Date.parse(e.timestamp) > NOW.getTime() + CLOCK_TOLERANCE_MS;
+const RUNS = { numRuns: 3000 };
+
+describe('planRetention: invariants over thousands of random histories', () => {
+  test('only this database\'s backups that passed the quick check and are not dated after now are ever deleted', () => {
+    fc.assert(
+      fc.property(arbitraryCase, ({ entries, scope }) => {
+        const byFile = new Map(entries.map((e) => [e.file, e]));
+        for (const file of deletedBy(planRetention(entries, scope))) {
+          const entry = byFile.get(file)!;
+          assert.equal(entry.database, 'app');
+          assert.equal(entry.environment, 'dev');
+          assert.equal(entry.status, 'verified');
+          assert.ok(!isFuture(entry), `${file} is dated after now`);
+        }
+      }),
+      RUNS,
+    );
+  });
+
+  test('the backup a run has just made is never deleted by that run', () => {
+    fc.assert(
+      fc.property(arbitraryCase, ({ entries, scope }) => {
+        const plan = planRetention(entries, scope);
+        if (scope.justMade) assert.ok(plan.decisions.some((d) => d.item.file === scope.justMade && d.keep));
+      }),
+      RUNS,
+    );
+  });
+
+  test('backups dated after now are left alone, reported, and change no other decision', () => {
+    fc.assert(
+      fc.property(arbitraryCase, ({ entries, scope }) => {
+        const plan = planRetention(entries, scope);
+        const future = entries.filter((e) => isFuture(e) && e.database === 'app' && e.environment === 'dev');
+        for (const entry of future) assert.ok(plan.leftAlone.some((l) => l.file === entry.file), `${entry.file} reported`);
+        const without = planRetention(entries.filter((e) => !isFuture(e)), scope);
+        assert.deepEqual(plan.decisions, without.decisions);
+      }),
+      RUNS,
+    );
+  });
+
+  test('nothing is deleted unless the newest backup kept is the run\'s own or is named for the full check', () => {
+    fc.assert(
+      fc.property(arbitraryCase, ({ entries, scope }) => {
+        const plan = planRetention(entries, scope);
+        const newest = plan.decisions[0];
+        if (deletedBy(plan).length === 0) {
+          assert.equal(plan.mustVerify, undefined, 'no full check when nothing is deleted');
+          return;
+        }
+        assert.ok(newest?.keep, 'the newest backup stays');
+        if (newest.item.file === scope.justMade) assert.equal(plan.mustVerify, undefined);
+        else assert.equal(plan.mustVerify?.file, newest.item.file);
+        for (const d of plan.decisions.filter((d) => !d.keep)) assert.ok(d.item.time <= newest.item.time, 'only older backups go');
+      }),
+      RUNS,
+    );
+  });
+
+  test('the decisions are restic\'s (an independent reference), and the input order never matters', () => {
+    fc.assert(
+      fc.property(arbitraryCase, ({ entries, scope, seed }) => {
+        const plan = planRetention(entries, scope);
+        const candidates = plan.decisions.map((d) => d.item);
+        const expected = reference(candidates, scope.policy, scope.timeZone);
+        if (scope.justMade) expected.add(scope.justMade);
+        assert.deepEqual(new Set(plan.decisions.filter((d) => d.keep).map((d) => d.item.file)), expected);
+        assert.deepEqual(deletedBy(planRetention(shuffle(entries, seed), scope)).sort(), deletedBy(plan).sort());
+      }),
+      RUNS,
+    );
   });
 });
 
@@ -244,6 +363,52 @@ describe('retention on real backups', () => {
     const after = await fs.readdir(h.dir);
     assert.ok(after.includes(h.stalePartial) && after.includes('ret_other_dev_2019-01-01T00-00-00Z.dump.partial'));
     assert.match(result.stdout, /^Deleted 5 backups \(.+\)\.$/m);
+  });
+
+  test('a backup dated after now (a wrong clock once) neither gets the new backup deleted nor counts', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    // The reported case: a verified backup copied under a name dated months ahead, the original gone.
+    const ahead = new Date(Date.now() + 200 * 86_400_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+    const future = await pastBackup(dir, ahead);
+    assert.equal((await runCli({ args: ['--verify', path.join(dir, future)] })).exitCode, 0, 'the future-dated copy verifies');
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir, '--json'] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    const doc = JSON.parse(result.stdout);
+    const names = await fs.readdir(dir);
+    assert.ok(names.includes(doc.metadata.backup_file), 'the run kept the backup it has just made');
+    assert.ok(names.includes(future), 'the future-dated backup is left alone');
+    assert.deepEqual(doc.retention.deleted, []);
+    assert.deepEqual(doc.retention.left_alone, [{ file: future, why: `dated ${ahead}, after this machine's time` }]);
+
+    // And with older backups: keep-last 1 keeps the new one, not the future-dated one in its place.
+    await pastBackup(dir, '2025-01-01T02:00:00Z');
+    const again = await runCli({ args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir] });
+    assert.equal(again.exitCode, 0, again.stderr);
+    assert.match(again.stdout, new RegExp(`^ {2}leave {3}${future.replaceAll('.', '\\.')} {2}\\(dated ${ahead}, after this machine's time; not judged by the policy\\)$`, 'm'));
+    assert.deepEqual((await fs.readdir(dir)).filter((n) => n.endsWith('.dump')).sort(), [doc.metadata.backup_file, future].sort());
+  });
+
+  test('the newest backup bit-flipped (same size): --prune deletes nothing, says why, exits 8', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const good = await pastBackup(dir, '2025-01-01T02:00:00Z');
+    const newest = await pastBackup(dir, '2025-01-02T02:00:00Z');
+    await flipMiddleByte(path.join(dir, newest));
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const before = await directoryFingerprint(dir);
+    for (const extra of [['--dry-run'], []]) {
+      const result = await runCli({ args: ['--prune', '--keep-last', '1', ...extra, '--env', 'dev', '--config-dir', configDir, '--output-dir', dir] });
+      assert.equal(result.exitCode, 8, result.stdout + result.stderr);
+      assert.match(result.stderr, /^✗ Pruning failed: Retention refused: the newest backup to keep failed verification$/m);
+      assert.match(result.stderr, new RegExp(`${newest.replaceAll('.', '\\.')} would be the newest backup kept, .*checksum mismatch`));
+      assert.match(result.stderr, /^ {2}1\. Nothing was deleted$/m);
+      assert.deepEqual(await directoryFingerprint(dir), before, `nothing deleted (${extra.join(' ') || 'real run'})`);
+    }
+    assert.ok((await fs.readdir(dir)).includes(good));
   });
 
   test('--prune without any rule is a configuration error', async () => {
