@@ -533,22 +533,49 @@ function parseLockOwner(text: string): LockOwner | undefined {
   }
 }
 
+/** Whether a process of this machine exists (signal 0 checks without sending anything). */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return errnoCode(error) !== 'ESRCH';
+  }
+}
+
 /** Alive unless provably gone: a lock from another machine (shared storage) cannot be checked. */
 async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
   if (owner.hostname !== os.hostname()) return true;
-  try {
-    process.kill(owner.pid, 0);
-  } catch (error) {
-    if (errnoCode(error) === 'ESRCH') return false;
-  }
+  if (!processAlive(owner.pid)) return false;
   const start = owner.process_start === null ? null : await processStartTime(owner.pid);
   return start === null || start === owner.process_start;
 }
 
-async function readLockOwner(lockPath: string): Promise<{ text: string; owner: LockOwner | undefined } | undefined> {
-  const text = await fs.readFile(lockPath, 'utf8').catch(() => undefined);
-  return text === undefined ? undefined : { text, owner: parseLockOwner(text) };
+/** A lock file as found: its inode (which identifies this very file), its text and its owner. */
+interface FoundLock {
+  ino: string;
+  text: string;
+  owner: LockOwner | undefined;
 }
+
+/** Read a lock file through one open handle, so that its inode and its text belong together. */
+async function readLock(file: string): Promise<FoundLock | undefined> {
+  let handle;
+  try {
+    handle = await fs.open(file, 'r');
+  } catch (error) {
+    if (errnoCode(error) === 'ENOENT') return undefined;
+    throw error;
+  }
+  try {
+    const [stat, text] = await Promise.all([handle.stat({ bigint: true }), handle.readFile('utf8')]);
+    return { ino: String(stat.ino), text, owner: parseLockOwner(text) };
+  } finally {
+    await handle.close();
+  }
+}
+
+const isStale = async (lock: FoundLock) => !lock.owner || !(await lockOwnerAlive(lock.owner));
 
 export interface BackupLock {
   path: string;
@@ -557,45 +584,67 @@ export interface BackupLock {
 
 /**
  * Take the database's lock. It is created complete (written to a temp file, then hard-linked
- * into place, which fails if the lock exists), so a lock is never seen half-written. A lock whose
- * owner is dead is stale: it is removed if it is still the one that was read, and taken over.
+ * into place, which fails if the lock exists), so a lock is never seen half-written.
  */
-async function acquireBackupLock(dir: string, config: DbConfig): Promise<BackupLock> {
+export async function acquireBackupLock(dir: string, config: Pick<DbConfig, 'database' | 'environment'>): Promise<BackupLock> {
   const lockPath = path.join(dir, lockFileName(config.database, config.environment));
   const owner: LockOwner = { pid: process.pid, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: await processStartTime(process.pid) };
   const content = JSON.stringify(owner);
-  const temp = `${lockPath}.${process.pid}.tmp`;
+  const ours = { temp: `${lockPath}.${process.pid}.tmp`, swap: `${lockPath}.${process.pid}.swap`, content };
   try {
-    await fs.writeFile(temp, content, { mode: 0o600, flag: 'wx' });
-    for (let attempt = 0; attempt < 5; attempt++) {
-      try {
-        await fs.link(temp, lockPath);
-        return {
-          path: lockPath,
-          // Only our own lock is removed, never one that replaced it.
-          release: async () => {
-            if ((await readLockOwner(lockPath))?.text === content) await fs.rm(lockPath, { force: true });
-          },
-        };
-      } catch (error) {
-        if (errnoCode(error) !== 'EEXIST') throw error;
-      }
-      const existing = await readLockOwner(lockPath);
-      if (!existing) continue; // released in the meantime
-      if (existing.owner && (await lockOwnerAlive(existing.owner))) throw alreadyRunningError(config, existing.owner, lockPath);
-      if ((await readLockOwner(lockPath))?.text === existing.text) await fs.rm(lockPath, { force: true });
-    }
-    throw new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${displayPath(lockPath)} kept changing while other runs started`, [
-      'Several backups of this database are starting at once; run one at a time',
-    ]);
+    await fs.writeFile(ours.temp, content, { mode: 0o600, flag: 'wx' });
+    await claimLock(lockPath, ours, config, 0);
+    return {
+      path: lockPath,
+      // Only our own lock is removed, never one that replaced it.
+      release: async () => {
+        if ((await readLock(lockPath))?.text === content) await fs.rm(lockPath, { force: true });
+      },
+    };
   } catch (error) {
     throw error instanceof BackupError ? error : fileSystemError(error, 'Cannot create the lock file', dir);
   } finally {
-    await removeQuietly(temp);
+    await Promise.all([removeQuietly(ours.temp), removeQuietly(ours.swap)]);
   }
 }
 
-function alreadyRunningError(config: DbConfig, owner: LockOwner, lockPath: string): BackupError {
+/**
+ * Link our lock into place at `target`. A lock there whose owner is dead may be replaced, but
+ * only by the one run that first claims `<target>.takeover-<its inode>` (a lock itself, taken the
+ * same way) and only while that dead lock is still in place: two runs that find the same dead lock
+ * can never both replace it, nor replace the lock of the run that did. The replacement is a
+ * rename, so the lock never goes missing in between.
+ */
+async function claimLock(target: string, ours: { temp: string; swap: string; content: string }, config: Pick<DbConfig, 'database' | 'environment'>, depth: number): Promise<void> {
+  for (let attempt = 0; attempt < 5 && depth < 3; attempt++) {
+    try {
+      await fs.link(ours.temp, target);
+      return;
+    } catch (error) {
+      if (errnoCode(error) !== 'EEXIST') throw error;
+    }
+    const found = await readLock(target);
+    if (!found) continue; // released in the meantime
+    if (!(await isStale(found))) throw alreadyRunningError(config, found.owner!, target);
+    const takeover = `${target}.takeover-${found.ino}`;
+    await claimLock(takeover, ours, config, depth + 1);
+    try {
+      const still = await readLock(target);
+      if (still?.ino === found.ino && still.text === found.text) {
+        await fs.link(ours.temp, ours.swap);
+        await fs.rename(ours.swap, target);
+        return;
+      }
+    } finally {
+      if ((await readLock(takeover))?.text === ours.content) await fs.rm(takeover, { force: true });
+    }
+  }
+  throw new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${displayPath(target)} kept changing while other runs started`, [
+    'Several backups of this database are starting at once; run one at a time',
+  ]);
+}
+
+function alreadyRunningError(config: Pick<DbConfig, 'database' | 'environment'>, owner: LockOwner, lockPath: string): BackupError {
   const where = owner.hostname === os.hostname() ? `pid ${owner.pid}` : `pid ${owner.pid} on ${owner.hostname}`;
   return new BackupError(EXIT.BACKUP_FAILED, 'Backup already running', `backup already running (${where}, since ${owner.started_at}) for database "${config.database}" (${config.environment})`, [
     `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
@@ -607,18 +656,29 @@ function alreadyRunningError(config: DbConfig, owner: LockOwner, lockPath: strin
 /**
  * With the lock held, no other run of this database is writing here, so its leftovers are stale:
  * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
- * final name. Names are matched exactly (database, environment, timestamp), never by prefix.
+ * final name; and of the lock itself, the temp files and takeover claims of runs that died while
+ * starting (a run still starting, and losing to us, has a live pid). Names are matched exactly
+ * (database, environment, timestamp), never by prefix.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
   const stem = `${escapeRegExp(fileNamePart(config.database))}_${config.environment}_\\d{4}-\\d{2}-\\d{2}T\\d{2}-\\d{2}-\\d{2}Z`;
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
+  const lock = escapeRegExp(lockFileName(config.database, config.environment));
+  const lockTemp = new RegExp(`^${lock}\\.(\\d+)\\.(?:tmp|swap)$`);
+  const takeover = new RegExp(`^${lock}(?:\\.takeover-\\d+)+$`);
   const names = await fs.readdir(dir);
-  const stale = names.filter((name) => {
+  const isStaleFile = async (name: string) => {
     const orphan = metadata.exec(name);
-    return partial.test(name) || tempMetadata.test(name) || (orphan !== null && !names.includes(`${orphan[1]}${DUMP_SUFFIX}`));
-  });
+    if (partial.test(name) || tempMetadata.test(name) || (orphan !== null && !names.includes(`${orphan[1]}${DUMP_SUFFIX}`))) return true;
+    const tempOf = lockTemp.exec(name);
+    if (tempOf) return !processAlive(Number(tempOf[1]));
+    if (!takeover.test(name)) return false;
+    const claim = await readLock(path.join(dir, name));
+    return claim !== undefined && (await isStale(claim));
+  };
+  const stale = (await Promise.all(names.map(async (name) => ((await isStaleFile(name)) ? [name] : [])))).flat();
   // recursive: the partial of a directory-format dump is a directory.
   await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true, recursive: true })));
   return stale;
@@ -1805,7 +1865,7 @@ async function describePartial(dir: string, name: string): Promise<ListEntry | u
   const found = await inspectEntry(dir, name);
   if (!found) return undefined;
   const fromName = parseBackupFileName(name);
-  const owner = fromName && (await readLockOwner(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
+  const owner = fromName && (await readLock(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
   const running = owner !== undefined && (await lockOwnerAlive(owner));
   return {
     ...found,

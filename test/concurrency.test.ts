@@ -8,15 +8,17 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { execa } from 'execa';
-import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, PROJECT_DIR, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { holdTableLock, waitFor } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  for (const db of ['conc_a', 'conc_b']) {
+  for (const db of ['conc_a', 'conc_b', 'a b', 'a_b']) {
     await server.createDatabase(db, 'CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 1000)');
   }
 });
@@ -124,5 +126,124 @@ describe('stale locks', () => {
     const result = await runWithLock({ ...base(), hostname: 'some-other-host', pid: 1, process_start: null });
     assert.equal(result.exitCode, 7);
     assert.match(result.stderr, /pid 1 on some-other-host/);
+  });
+});
+
+/** A pid that certainly belongs to no process: one that has just exited. */
+async function deadPid(): Promise<number> {
+  const dead = execa('true');
+  await dead;
+  return dead.pid!;
+}
+
+describe('stale-lock takeover under contention', () => {
+  test('many processes finding one dead lock at the same instant: never two holders, round after round', { timeout: 120_000 }, async () => {
+    const contenders = Array.from({ length: 6 }, () => {
+      const child = spawn(process.execPath, ['--import', 'tsx', path.join(PROJECT_DIR, 'test', 'helpers', 'lock-contender.ts')], { cwd: PROJECT_DIR, stdio: ['pipe', 'pipe', 'inherit'] });
+      const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+      return { child, say: (line: string) => child.stdin.write(`${line}\n`), answer: async () => String((await lines.next()).value) };
+    });
+    const pid = await deadPid();
+    const owner = (p: number) => JSON.stringify({ pid: p, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null });
+    // What a directory can hold when the runs start: a dead run's lock; that lock and the takeover
+    // claim of a run that died taking it over; a lock that is not JSON; no lock at all.
+    const setups: Array<(dir: string) => Promise<void>> = [
+      (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid)),
+      async (dir) => {
+        await fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid));
+        const { ino } = await fs.stat(path.join(dir, 'app_dev.lock'), { bigint: true });
+        await fs.writeFile(path.join(dir, `app_dev.lock.takeover-${ino}`), owner(pid));
+      },
+      (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), 'not json'),
+      async () => undefined,
+    ];
+    const violations: string[] = [];
+    try {
+      for (let round = 0; round < 240; round++) {
+        const dir = await tempDir('backup-db-lock-');
+        await setups[round % setups.length]!(dir);
+        for (const c of contenders) c.say(`go ${dir}`);
+        const answers = await Promise.all(contenders.map((c) => c.answer()));
+        const winners = contenders.filter((_, i) => answers[i] === 'won');
+        if (winners.length !== 1) violations.push(`round ${round}: ${winners.length} holders (${answers.join(' | ')})`);
+        for (const loser of answers.filter((a) => a !== 'won')) assert.match(loser, /^lost Backup already running: /);
+        for (const winner of winners) {
+          winner.say('release');
+          assert.equal(await winner.answer(), 'released');
+        }
+        assert.deepEqual((await fs.readdir(dir)).filter((n) => !n.includes('.takeover-')), [], 'no lock, temp or swap file left behind');
+        await fs.rm(dir, { recursive: true, force: true });
+      }
+    } finally {
+      for (const c of contenders) c.child.kill();
+    }
+    assert.deepEqual(violations, []);
+  });
+
+  test('five real backups started together against a dead run\'s lock: one runs, four exit 7', { timeout: 120_000 }, async () => {
+    for (let round = 0; round < 3; round++) {
+      const outputDir = path.join(await tempDir(), 'out');
+      await fs.mkdir(outputDir);
+      await fs.writeFile(path.join(outputDir, 'conc_a_dev.lock'), JSON.stringify({ pid: await deadPid(), hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null }));
+      const args = await backupArgs('conc_a', outputDir);
+      // Every run's pg_dump would wait on this lock: a winner that got through holds the lock for as
+      // long as the others take to start.
+      const lock = await holdTableLock(() => server.connect('conc_a'), 'items');
+      const runs = Array.from({ length: 5 }, () => startCli({ args }));
+      let exited = 0;
+      for (const run of runs) void run.then(() => exited++);
+      try {
+        // The one that got the lock waits on the table; the four others must give up meanwhile.
+        await waitFor('four of the five runs to give up', async () => (exited >= 4 ? true : undefined), 60_000);
+      } finally {
+        await lock.release();
+      }
+      const exits = (await Promise.all(runs)).map((run) => run.exitCode).sort();
+      assert.deepEqual(exits, [0, 7, 7, 7, 7], `round ${round}`);
+      assert.equal((await dumpsIn(outputDir)).length, 1);
+    }
+  });
+});
+
+describe('lock leftovers and names', () => {
+  test('temp files and takeover claims of runs killed while taking the lock are removed by the next backup', async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    await fs.mkdir(outputDir);
+    const pid = await deadPid();
+    const leftovers = [`conc_a_dev.lock.${pid}.tmp`, `conc_a_dev.lock.${pid}.swap`, 'conc_a_dev.lock.takeover-12345'];
+    for (const name of leftovers) await fs.writeFile(path.join(outputDir, name), JSON.stringify({ pid, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null }));
+    // A starting run of this database that is still alive, and another database's leftover: kept.
+    const live = `conc_a_dev.lock.${process.pid}.tmp`;
+    await fs.writeFile(path.join(outputDir, live), '{}');
+    const other = `conc_b_dev.lock.${pid}.tmp`;
+    await fs.writeFile(path.join(outputDir, other), '{}');
+    const result = await runCli({ args: [...(await backupArgs('conc_a', outputDir)), '--json'] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.deepEqual(JSON.parse(result.stdout).removed_stale_files.sort(), [...leftovers].sort());
+    const after = await fs.readdir(outputDir);
+    assert.ok(after.includes(live) && after.includes(other));
+    assert.ok(!leftovers.some((name) => after.includes(name)));
+  });
+
+  test('databases "a b" and "a_b" back up at the same time in one directory, each under its own lock', { timeout: 60_000 }, async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    const [argsSpace, argsUnderscore] = await Promise.all([backupArgs('a b', outputDir), backupArgs('a_b', outputDir)]);
+    const lockSpace = await holdTableLock(() => server.connect('a b'), 'items');
+    const lockUnderscore = await holdTableLock(() => server.connect('a_b'), 'items');
+    const runs = [startCli({ args: argsSpace }), startCli({ args: argsUnderscore })];
+    try {
+      await waitFor('both pg_dumps running at once', async () => {
+        const { rows } = await lockSpace.observer.query(
+          "SELECT count(DISTINCT datname)::int AS n FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%' AND query LIKE 'LOCK TABLE%'",
+        );
+        return rows[0].n === 2 ? true : undefined;
+      });
+      assert.deepEqual((await fs.readdir(outputDir)).filter((n) => n.endsWith('.lock')).sort(), ['a%20b_dev.lock', 'a_b_dev.lock']);
+    } finally {
+      await Promise.all([lockSpace.release(), lockUnderscore.release()]);
+    }
+    for (const run of await Promise.all(runs)) assert.equal(run.exitCode, 0, String(run.stderr));
+    const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', outputDir] })).stdout);
+    assert.deepEqual(listed.backups.map((b: { database: string }) => b.database).sort(), ['a b', 'a_b']);
   });
 });
