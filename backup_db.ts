@@ -7,6 +7,7 @@
  * The file reads top to bottom in the order a backup happens:
  * types → configuration → preflight → dump → metadata → verification → CLI → main().
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import fs from 'node:fs/promises';
@@ -19,7 +20,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import dotenv from 'dotenv';
-import { execa } from 'execa';
+import { execa, type Options, type ResultPromise } from 'execa';
 import pg from 'pg';
 
 // ─── Types and constants ────────────────────────────────────────────────────────────────
@@ -36,6 +37,7 @@ export const EXIT = {
   BACKUP_FAILED: 7,
   VERIFY_FAILED: 8,
   // Unix convention for "terminated by signal N": 128 + N.
+  SIGHUP: 129,
   SIGINT: 130,
   SIGTERM: 143,
 } as const;
@@ -512,14 +514,30 @@ interface LockOwner {
   process_start: string | null;
 }
 
-/** Field 22 of /proc/PID/stat (start time since boot); the command name may hold spaces and ')'. */
-async function processStartTime(pid: number): Promise<string | null> {
+interface ProcessInfo {
+  pid: number;
+  ppid: number;
+  pgrp: number;
+  /** Start time since boot: a pid reused by another process has another one. */
+  start: string;
+  command: string;
+  zombie: boolean;
+}
+
+/** Linux: a process as /proc/PID/stat describes it; the command name may hold spaces and ')'. */
+async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
   try {
     const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const command = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+    return { pid, ppid: Number(fields[1]), pgrp: Number(fields[2]), start: fields[19]!, command, zombie: fields[0] === 'Z' };
   } catch {
-    return null;
+    return undefined;
   }
+}
+
+async function processStartTime(pid: number): Promise<string | null> {
+  return (await processInfo(pid))?.start ?? null;
 }
 
 function parseLockOwner(text: string): LockOwner | undefined {
@@ -1123,11 +1141,10 @@ async function streamPgDump(
     },
   });
   const stopDump = new AbortController();
-  const child = execa(pgDump.path, args, {
+  const child = startTethered(pgDump.path, args, AbortSignal.any([signal, stopDump.signal]), {
     env,
     stdin: 'ignore',
     buffer: { stdout: false, stderr: true },
-    cancelSignal: AbortSignal.any([signal, stopDump.signal]),
   });
   const written = pipeline(child.stdout, tap, createWriteStream(partialPath, { flags: 'w', flush: true })).catch((error: unknown) => {
     stopDump.abort(); // the file side failed (disk full, ...): stop pg_dump rather than let it block
@@ -1141,11 +1158,11 @@ async function streamPgDump(
   return { sha256: hash.digest('hex'), size };
 }
 
-type InterruptSignal = 'SIGINT' | 'SIGTERM';
+type InterruptSignal = 'SIGHUP' | 'SIGINT' | 'SIGTERM';
 
 function interruptedError(signal: InterruptSignal): BackupError {
-  return new BackupError(EXIT[signal], `Interrupted by ${signal}`, 'the backup was stopped; its partial file was removed and existing backups are untouched', [
-    'Run the backup again when convenient',
+  return new BackupError(EXIT[signal], `Interrupted by ${signal}`, 'the run was stopped and cleaned up after itself: no partial file is left and existing backups are untouched', [
+    'Run it again when convenient',
   ]);
 }
 
@@ -1154,7 +1171,7 @@ function interruptedError(signal: InterruptSignal): BackupError {
  * so the checksum is the manifest's, read once afterwards; memory stays flat all the same.
  */
 async function dumpToDirectory(pgDump: PgTool, args: string[], env: Record<string, string>, partialDir: string, signal: AbortSignal): Promise<DumpOutcome> {
-  const result = await execa(pgDump.path, [...args, `--file=${partialDir}`], { env, stdin: 'ignore', stdout: 'ignore', cancelSignal: signal, reject: false });
+  const result = await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, { env, stdin: 'ignore', stdout: 'ignore', reject: false });
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
   return hashBackup(partialDir);
@@ -1162,7 +1179,7 @@ async function dumpToDirectory(pgDump: PgTool, args: string[], env: Record<strin
 
 /** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes. */
 export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
-  // Ctrl-C on a terminal reaches pg_dump directly (same process group): an interruption, not a failure.
+  // pg_dump stopped by a signal from outside (kill, the OOM killer's SIGTERM): an interruption, not a failure.
   const signal = (error as { signal?: unknown } | null)?.signal;
   if (signal === 'SIGINT' || signal === 'SIGTERM') return interruptedError(signal);
   const stderr = String((error as { stderr?: unknown } | null)?.stderr ?? '').trim();
@@ -2236,11 +2253,10 @@ async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string,
   const newerClient = pgRestore.major > server.major;
   const jobs = newerClient ? 1 : Math.max(1, os.availableParallelism());
   const stopOnError = newerClient ? [] : ['--exit-on-error'];
-  const result = await execa(pgRestore.path, ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], {
+  const result = await startTethered(pgRestore.path, ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], signal, {
     // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
     env: { ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds), LC_MESSAGES: 'C' },
     stdin: 'ignore',
-    cancelSignal: signal,
     reject: false,
   });
   if (signal.aborted) throw signal.reason;
@@ -3141,6 +3157,54 @@ function isDatabaseError(error: unknown): error is pg.DatabaseError {
   return error instanceof pg.DatabaseError;
 }
 
+/**
+ * Start a long-running client tool (pg_dump, pg_restore) so that it cannot outlive this process:
+ * it runs in a process group of its own, and a watcher (a shell blocked reading a pipe from us)
+ * stops that whole group, parallel workers included, once the pipe closes, which happens when
+ * this process ends by any means, SIGKILL included. `signal` stops the group too. Being in its own
+ * session, the tool also never prompts on the terminal: a missing password fails instead of hanging.
+ */
+function startTethered<const O extends Options>(file: string, args: readonly string[], signal: AbortSignal, options: O): ResultPromise<O> {
+  // detached changes how the child starts, not what its result looks like.
+  const child = execa(file, args, { ...options, detached: true }) as unknown as ResultPromise<O>;
+  const pid = child.pid;
+  if (pid === undefined) return child; // it could not start; the promise says why
+  const killGroup = (name: NodeJS.Signals) => {
+    try {
+      process.kill(-pid, name);
+    } catch {
+      // already gone
+    }
+  };
+  const watcher = spawn('/bin/sh', ['-c', 'read -r _; kill -s TERM -- "-$1" 2>/dev/null; sleep 1; kill -s KILL -- "-$1" 2>/dev/null', 'backup_db-tether', String(pid)], {
+    stdio: ['pipe', 'ignore', 'ignore'],
+    detached: true,
+  });
+  watcher.unref();
+  (watcher.stdin as unknown as { unref(): void }).unref();
+  liveWatchers.add(watcher);
+  let forceKill: NodeJS.Timeout | undefined;
+  const stop = () => {
+    killGroup('SIGTERM');
+    forceKill = setTimeout(() => killGroup('SIGKILL'), 5000).unref();
+  };
+  if (signal.aborted) stop();
+  else signal.addEventListener('abort', stop, { once: true });
+  const done = () => {
+    signal.removeEventListener('abort', stop);
+    clearTimeout(forceKill);
+    // The group is gone: the watcher must not outlive it, or a reused process group id could be hit.
+    watcher.kill('SIGKILL');
+    liveWatchers.delete(watcher);
+  };
+  child.then(done, done);
+  return child;
+}
+
+const liveWatchers = new Set<ChildProcess>();
+// A normal exit with a watcher still waiting would close its pipe too: stop the watchers first.
+process.on('exit', () => liveWatchers.forEach((watcher) => watcher.kill('SIGKILL')));
+
 /** Cleanup on a failure path must never replace the failure being reported. */
 async function removeQuietly(filePath: string): Promise<void> {
   await fs.rm(filePath, { force: true, recursive: true }).catch(() => undefined);
@@ -3557,22 +3621,66 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 /**
- * Turn SIGINT/SIGTERM into an abort of `work`, which then cleans up after itself.
+ * Turn SIGINT/SIGTERM/SIGHUP, and the end of the processes that started this one, into an abort
+ * of `work`, which then cleans up after itself.
  * `on`, not `once`: execa's exit hook re-raises a signal it thinks nobody else handles, and a
  * `once` listener has already removed itself by then, so the process would die mid-cleanup.
  */
 async function withInterruptSignal<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const interrupt = new AbortController();
-  const onSignal = (name: InterruptSignal) => () => interrupt.abort(interruptedError(name));
-  const handlers = { SIGINT: onSignal('SIGINT'), SIGTERM: onSignal('SIGTERM') };
-  process.on('SIGINT', handlers.SIGINT);
-  process.on('SIGTERM', handlers.SIGTERM);
+  const signals = ['SIGHUP', 'SIGINT', 'SIGTERM'] as const;
+  const handlers = signals.map((name) => [name, () => interrupt.abort(interruptedError(name))] as const);
+  for (const [name, handler] of handlers) process.on(name, handler);
+  const stopWatching = watchLaunchers((who) => interrupt.abort(launcherGoneError(who)));
   try {
     return await work(interrupt.signal);
   } finally {
-    process.off('SIGINT', handlers.SIGINT);
-    process.off('SIGTERM', handlers.SIGTERM);
+    stopWatching();
+    for (const [name, handler] of handlers) process.off(name, handler);
   }
+}
+
+/**
+ * The processes that started this one and wait for it: the parent, and above it those of our
+ * process group (npx, the sh it runs, tsx; cron's or systemd's job). A signal sent to npx ends
+ * npx but not its children, so each of them is watched rather than only the parent.
+ */
+async function launcherChain(): Promise<ProcessInfo[]> {
+  const self = await processInfo(process.pid);
+  if (!self) return []; // no /proc: only the parent pid is watched
+  const chain: ProcessInfo[] = [];
+  for (let pid = self.ppid; pid > 1; ) {
+    const info = await processInfo(pid);
+    if (!info || (chain.length > 0 && info.pgrp !== self.pgrp)) break;
+    chain.push(info);
+    if (info.pid === self.pgrp) break;
+    pid = info.ppid;
+  }
+  return chain;
+}
+
+/** Poll, four times a second, that the launchers are still there; `onGone` names the first one missing. */
+function watchLaunchers(onGone: (who: string) => void): () => void {
+  const parent = process.ppid;
+  let chain: ProcessInfo[] = [];
+  void launcherChain().then((found) => (chain = found));
+  const check = async () => {
+    if (process.ppid !== parent) return onGone(`its parent process (pid ${parent})`);
+    for (const launcher of chain) {
+      const now = await processInfo(launcher.pid);
+      if (!now || now.zombie || now.start !== launcher.start) return onGone(`pid ${launcher.pid} (${launcher.command})`);
+    }
+  };
+  const timer = setInterval(() => void check(), 250);
+  timer.unref();
+  return () => clearInterval(timer);
+}
+
+function launcherGoneError(who: string): BackupError {
+  return new BackupError(EXIT.SIGHUP, 'Interrupted: the process that started this run ended', `${who} ended, so nothing waits for this run any more: it stopped and cleaned up after itself, and existing backups are untouched`, [
+    'This is what stopping the launcher (npx, tsx, a script, a scheduler) is meant to do',
+    'To run one that outlives its terminal or script, start it with setsid, or from cron or systemd',
+  ]);
 }
 
 /** Every password the configuration could hold, so no message can ever print one. */
@@ -3594,6 +3702,10 @@ export function secretsIn(vars: EnvVars): string[] {
 
 const isDirectRun = process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href;
 if (isDirectRun) {
+  // Whoever reads our output may be gone (npx killed, a closed pipe): a failed write must not
+  // crash the cleanup that follows.
+  process.stdout.on('error', () => undefined);
+  process.stderr.on('error', () => undefined);
   // Node ignores SIGXFSZ, so a write beyond RLIMIT_FSIZE fails with EFBIG and is cleaned up like a
   // full disk. execa's exit hook re-raises signals nobody else listens to, which would kill us
   // mid-write instead: this listener keeps Node's behaviour.

@@ -8,8 +8,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { directoryWithExistingBackup, runCli, startCli } from './helpers/cli.ts';
+import { dbVars, directoryWithExistingBackup, runCli, startCli, type CliRun } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { alive, pgDumpsOf, within } from './helpers/processes.ts';
 import { directoryFingerprint, holdTableLock, waitForBlockedPgDump, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
@@ -20,15 +21,19 @@ before(async () => {
 after(() => server?.stop());
 
 /** Start a backup and return once its pg_dump is running (waiting on a lock the test holds). */
-async function backupCaughtMidDump() {
+async function backupCaughtMidDump(options: { extraArgs?: string[] } & Omit<CliRun, 'args'> = {}) {
   const existing = await directoryWithExistingBackup(server, 'int_app');
   const lock = await holdTableLock(() => server.connect('int_app'), 'notes');
-  const cli = startCli({ args: existing.args });
+  const { extraArgs = [], ...run } = options;
+  const cli = startCli({ ...run, args: [...existing.args, ...extraArgs] });
   await waitForBlockedPgDump(lock.observer);
   const names = await fs.readdir(existing.outputDir);
   assert.ok(names.some((name) => name.endsWith('.dump.partial')), 'the partial file exists while pg_dump runs');
   assert.ok(names.includes('int_app_dev.lock'), 'the lock is held while the backup runs');
-  return { ...existing, lock, cli };
+  // The CLI's own session is named after its pid: found this way even when npx started it.
+  const { rows } = await lock.observer.query<{ name: string }>("SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'");
+  const cliPid = Number(rows[0]!.name.split(':')[1]);
+  return { ...existing, lock, cli, cliPid };
 }
 
 async function assertNoBackupSessionLeft() {
@@ -110,3 +115,107 @@ describe('killed with SIGKILL', () => {
     assert.equal(result.exitCode, 0, String(result.stderr));
   });
 });
+
+describe('the tool and what it started live and die together', () => {
+  test('killed with SIGKILL while pg_dump waits on a lock: pg_dump does not outlive it by more than 2 seconds', { timeout: 60_000 }, async () => {
+    const run = await backupCaughtMidDump();
+    try {
+      assert.equal((await pgDumpsOf(run.cliPid)).length, 1, 'pg_dump is running');
+      run.cli.kill('SIGKILL');
+      await run.cli;
+      // pg_dump waits on the table lock, so it writes nothing and no SIGPIPE could end it.
+      await within('pg_dump of the killed CLI to end', 2000, async () => (await pgDumpsOf(run.cliPid)).length === 0);
+    } finally {
+      await run.lock.release();
+    }
+    await assertNoBackupSessionLeft();
+  });
+
+  test('killed with SIGKILL while --jobs 2 workers copy data: no pg_dump outlives it by more than 2 seconds', { timeout: 90_000 }, async () => {
+    // Two tables that take the workers seconds to write at gzip level 9; they write the files
+    // themselves, so nothing but the tether can stop them.
+    const database = 'int_big';
+    await server.createDatabase(database, [
+      'CREATE TABLE a (v text)',
+      'CREATE TABLE b (v text)',
+      "INSERT INTO a SELECT md5(i::text) || md5((-i)::text) || i FROM generate_series(1, 500000) AS i",
+      "INSERT INTO b SELECT md5((-i)::text) || md5(i::text) || i FROM generate_series(1, 500000) AS i",
+    ]);
+    const existing = await directoryWithExistingBackup(server, 'int_app', dbVars(server, 'DEV_DB_', database));
+    const cli = startCli({ args: [...existing.args, '--jobs', '2', '--compress', '9'] });
+    try {
+      await within('the leader and both workers to run', 60_000, async () => (await pgDumpsOf(cli.pid!)).length === 3);
+    } finally {
+      cli.kill('SIGKILL');
+    }
+    await cli;
+    await within('every pg_dump of the killed CLI to end', 2000, async () => (await pgDumpsOf(cli.pid!)).length === 0);
+    await assertNoBackupSessionLeft();
+  });
+
+  const launchers = [
+    { what: 'SIGTERM to npx', signal: 'SIGTERM' as const, at: 'npx', exitCode: 143, message: /^✗ Backup failed: Interrupted by SIGTERM$/m },
+    { what: 'SIGINT to npx', signal: 'SIGINT' as const, at: 'npx', exitCode: 130, message: /^✗ Backup failed: Interrupted by SIGINT$/m },
+    { what: 'SIGKILL to npx', signal: 'SIGKILL' as const, at: 'npx', message: /^✗ Backup failed: Interrupted: the process that started this run ended$/m },
+    { what: 'SIGKILL to tsx (the parent)', signal: 'SIGKILL' as const, at: 'tsx', message: /^✗ Backup failed: Interrupted: the process that started this run ended$/m },
+  ];
+  for (const { what, signal, at, exitCode, message } of launchers) {
+    test(`run as README says (npx tsx backup_db.ts), ${what}: the backup stops, cleans up, publishes nothing`, { timeout: 90_000 }, async () => {
+      const run = await backupCaughtMidDump({ viaNpx: true });
+      let result;
+      try {
+        process.kill(at === 'npx' ? run.cli.pid! : await parentOf(run.cliPid), signal);
+        await within('the CLI to stop', 15_000, async () => !(await alive(run.cliPid)));
+        assert.deepEqual(await pgDumpsOf(run.cliPid), [], 'its pg_dump is gone too');
+        assert.deepEqual(await directoryFingerprint(run.outputDir), run.before, 'no partial, no metadata, no lock, no new backup');
+        result = await run.cli;
+      } finally {
+        await run.lock.release();
+      }
+      // npx waits for the backup to clean up and returns its exit code; killed outright, it cannot.
+      if (exitCode !== undefined) assert.equal(result.exitCode, exitCode, String(result.stderr));
+      assert.match(String(result.stderr), message);
+      assert.doesNotMatch(String(result.stderr), /\n\s+at .+:\d+:\d+/, 'no stack trace');
+      await assertNoBackupSessionLeft();
+      // Had it run on, it would have published a backup once the lock was released.
+      assert.deepEqual(await directoryFingerprint(run.outputDir), run.before);
+    });
+  }
+
+  test('SIGHUP (a closed terminal) is handled like SIGTERM: exit 129, nothing left', { timeout: 60_000 }, async () => {
+    const run = await backupCaughtMidDump();
+    try {
+      run.cli.kill('SIGHUP');
+      const result = await run.cli;
+      assert.equal(result.exitCode, 129, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Backup failed: Interrupted by SIGHUP$/m);
+      assert.deepEqual(await directoryFingerprint(run.outputDir), run.before);
+    } finally {
+      await run.lock.release();
+    }
+    await assertNoBackupSessionLeft();
+  });
+
+  test('a backup that succeeds leaves no helper process behind', async () => {
+    const existing = await directoryWithExistingBackup(server, 'int_app');
+    const before = await tetherProcesses();
+    const result = await runCli({ args: existing.args });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.deepEqual(await tetherProcesses(), before);
+  });
+});
+
+async function parentOf(pid: number): Promise<number> {
+  const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+}
+
+/** The watcher processes the tool starts beside pg_dump and pg_restore (named backup_db-tether). */
+async function tetherProcesses(): Promise<number[]> {
+  const found: number[] = [];
+  for (const entry of (await fs.readdir('/proc')).filter((name) => /^\d+$/.test(name))) {
+    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.includes('backup_db-tether') && (await alive(Number(entry)))) found.push(Number(entry));
+  }
+  return found;
+}

@@ -25,6 +25,8 @@ export interface CliRun {
   withoutRootOverride?: boolean;
   /** A command the CLI runs under, e.g. ['prlimit', '--fsize=1000000', '--']. */
   wrapper?: string[];
+  /** Start it as README documents: `npx tsx backup_db.ts …` (npx → sh → tsx → node). */
+  viaNpx?: boolean;
 }
 
 /**
@@ -33,8 +35,8 @@ export interface CliRun {
  */
 const ROOT_WITHOUT_DAC_OVERRIDE = ['setpriv', '--bounding-set=-dac_override,-dac_read_search', '--'];
 
-export function startCli({ args, env = {}, cwd = PROJECT_DIR, withoutRootOverride = false, wrapper = [] }: CliRun): ResultPromise<Options & { reject: false }> {
-  const command = [...wrapper, process.execPath, '--import', 'tsx', SCRIPT, ...args];
+export function startCli({ args, env = {}, cwd = PROJECT_DIR, withoutRootOverride = false, wrapper = [], viaNpx = false }: CliRun): ResultPromise<Options & { reject: false }> {
+  const command = [...wrapper, ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', SCRIPT]), ...args];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
     env: { ...baseEnv(), ...env },
