@@ -767,17 +767,54 @@ export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNE
  * connection only when the server says it has no TLS, as libpq does.
  */
 async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
+  try {
+    return await openConnection(config, connectTimeoutSeconds);
+  } catch (error) {
+    throw connectionError(error, config, connectTimeoutSeconds);
+  }
+}
+
+/** connectDb without the translation of its failure, for callers that try another database. */
+async function openConnection(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
   const ssl = await sslOptions(config);
   const preferred = config.sslmode === undefined || config.sslmode === 'prefer';
   try {
-    try {
-      return await openClient(config, connectTimeoutSeconds, ssl);
-    } catch (error) {
-      if (preferred && ssl && /does not support SSL/i.test(errorText(error))) return await openClient(config, connectTimeoutSeconds, false);
-      throw error;
-    }
+    return await openClient(config, connectTimeoutSeconds, ssl);
   } catch (error) {
-    throw connectionError(error, config, connectTimeoutSeconds);
+    if (preferred && ssl && /does not support SSL/i.test(errorText(error))) return await openClient(config, connectTimeoutSeconds, false);
+    throw error;
+  }
+}
+
+/**
+ * Connect for administration (create, drop, inspect databases) through a maintenance database,
+ * postgres and then template1, as createdb and pg_restore --create do, so that neither the
+ * configured database nor the target need exist; the configured database last, for servers
+ * where the role may connect to neither. `avoid` (a database about to be dropped) is never used.
+ */
+async function connectMaintenance(config: DbConfig, connectTimeoutSeconds: number, avoid?: string): Promise<pg.Client> {
+  const candidates = [...new Set(['postgres', 'template1', config.database])].filter((name) => name !== avoid);
+  let first: unknown;
+  for (const database of candidates) {
+    try {
+      return await openConnection({ ...config, database }, connectTimeoutSeconds);
+    } catch (error) {
+      first ??= error;
+      // Only a missing database, or one this role may not connect to, makes another worth trying.
+      const code = (error as { code?: unknown }).code;
+      if (code !== '3D000' && code !== '42501') break;
+    }
+  }
+  throw connectionError(first, { ...config, database: candidates[0] ?? config.database }, connectTimeoutSeconds);
+}
+
+/** Connect (to the maintenance database with `maintenance`), use the connection, and always close it. */
+async function withClient<T>(config: DbConfig, connectTimeoutSeconds: number, use: (client: pg.Client) => Promise<T>, options: { maintenance?: boolean } = {}): Promise<T> {
+  const client = options.maintenance ? await connectMaintenance(config, connectTimeoutSeconds) : await connectDb(config, connectTimeoutSeconds);
+  try {
+    return await use(client);
+  } finally {
+    await client.end().catch(() => undefined);
   }
 }
 
@@ -2138,10 +2175,36 @@ export function reconcileCounts(backup: Record<string, number>, restored: Record
   }));
 }
 
-/** Pure: is this the configured production database (same server and name as DB_*)? */
-export function isConfiguredProdDatabase(server: Pick<DbConfig, 'host' | 'port'>, target: string, prod: Pick<DbConfig, 'host' | 'port' | 'database'> | undefined): boolean {
-  const loopback = (host: string) => (['localhost', '127.0.0.1', '::1'].includes(host.toLowerCase()) ? 'loopback' : host.toLowerCase());
-  return prod !== undefined && target === prod.database && server.port === prod.port && loopback(server.host) === loopback(prod.host);
+/**
+ * What the production guard knows about a restore target: its database name, and the cluster it
+ * is on, by pg_control_system()'s system_identifier (any role may read it on PostgreSQL 10+),
+ * which no spelling of the host (127.1, localhost, ::1, a socket directory) can change.
+ */
+export interface ProdCheck {
+  target: string;
+  targetCluster?: string;
+  prod?: { database: string; cluster?: string; unknownWhy?: string };
+}
+
+/**
+ * Pure: does restoring into `target` risk the configured production database? `yes` when it is
+ * that database on that cluster; `unknown` when the name matches but either cluster cannot be
+ * identified (then only a non-destructive restore may go ahead); `no` otherwise.
+ */
+export function isProductionTarget(check: ProdCheck): 'yes' | 'no' | 'unknown' {
+  if (!check.prod || check.target !== check.prod.database) return 'no';
+  if (check.targetCluster === undefined || check.prod.cluster === undefined) return 'unknown';
+  return check.targetCluster === check.prod.cluster ? 'yes' : 'no';
+}
+
+/** The cluster's system identifier, or undefined where it cannot be read (PostgreSQL 9.6 and older). */
+async function clusterIdentifier(client: pg.Client): Promise<string | undefined> {
+  try {
+    const { rows } = await client.query<{ id: string }>('SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()');
+    return rows[0]?.id;
+  } catch {
+    return undefined;
+  }
 }
 
 export interface ProdGuard {
@@ -2154,18 +2217,37 @@ export interface ProdGuard {
 
 /**
  * Restoring over production needs intent twice over: `--env prod`, and either
- * `--i-know-this-is-prod` or the database's name typed on a terminal.
+ * `--i-know-this-is-prod` or the database's name typed on a terminal. When the configured
+ * production server cannot be reached or identified, a --clean restore into a database of its
+ * name needs the same: it might be production.
  */
-async function assertProdRestoreAllowed(vars: EnvVars, server: DbConfig, target: string, guard: ProdGuard): Promise<void> {
-  let prod: DbConfig | undefined;
+async function assertProdRestoreAllowed(vars: EnvVars, admin: pg.Client, server: DbConfig, request: Pick<RestoreRequest, 'target' | 'clean' | 'guard' | 'connectTimeoutSeconds'>): Promise<void> {
+  let prodConfig: DbConfig;
   try {
-    prod = resolveDbConfig(vars, 'prod');
+    prodConfig = resolveDbConfig(vars, 'prod');
   } catch {
     return; // no production database configured
   }
-  if (!isConfiguredProdDatabase(server, target, prod)) return;
+  const { target, guard } = request;
+  if (target !== prodConfig.database) return;
+  const prod: NonNullable<ProdCheck['prod']> = { database: prodConfig.database };
+  try {
+    await withClient(prodConfig, request.connectTimeoutSeconds, async (client) => {
+      prod.cluster = await clusterIdentifier(client);
+    }, { maintenance: true });
+    if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
+  } catch (error) {
+    prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
+  }
+  const verdict = isProductionTarget({ target, targetCluster: await clusterIdentifier(admin), prod });
+  if (verdict === 'no' || (verdict === 'unknown' && !request.clean)) return;
+  const where = `${prodConfig.host}:${prodConfig.port}`;
+  const what =
+    verdict === 'yes'
+      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where}, the same cluster)`
+      : `"${target}" may be the configured production database: the production server ${where} cannot be identified, as ${prod.unknownWhy}`;
   const refuse = (why: string) =>
-    configError(`refusing to restore into "${target}" on ${server.host}:${server.port}, the configured production database: ${why}`, [
+    configError(`refusing to restore into it: ${what}; ${why}`, [
       `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ${target})`,
       'To look at a backup, restore it into another database: --target-db <new name>',
     ]);
@@ -2350,11 +2432,11 @@ export interface RestoreRequest {
 async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal): Promise<RestoreOutcome> {
   const target = validateName(request.target, '--target-db');
   const archive = await restorableArchive(request.search, request.file, request.force);
-  await assertProdRestoreAllowed(vars, config, target, request.guard);
-  // Administer from a database other than the target, which --clean may drop.
-  const admin = await connectDb({ ...config, database: target === config.database ? 'postgres' : config.database }, request.connectTimeoutSeconds);
+  // Administer from a maintenance database, never the target, which --clean may drop.
+  const admin = await connectMaintenance(config, request.connectTimeoutSeconds, target);
   try {
     const server = await readServerInfo(admin);
+    await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
     await assertExtensionsAvailable(admin, archive.toc, server);
     const state = await targetState(admin, config, target, request.connectTimeoutSeconds);
     if (state === 'non-empty' && !request.clean) {
@@ -2414,7 +2496,7 @@ async function runRestoreDrill(config: DbConfig, file: string, search: ClientSea
   const verified = await runVerify(file, search);
   const { pgRestore } = verified.client!;
   const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
-  const admin = await connectDb(config, connectTimeoutSeconds);
+  const admin = await connectMaintenance(config, connectTimeoutSeconds);
   let server: ServerInfo | undefined;
   let created = false;
   try {

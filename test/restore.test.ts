@@ -14,7 +14,7 @@ import type pg from 'pg';
 import { assertSameDatabases, snapshotDatabase } from './helpers/compare.ts';
 import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
-import { startTestServers, type TestServer } from './helpers/pg-server.ts';
+import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 
 let server: TestServer;
@@ -23,7 +23,7 @@ let backup: TakenBackup;
 let configDir: string;
 
 before(async () => {
-  [server, pg17] = (await startTestServers([{}, { major: 17 }])) as [TestServer, TestServer];
+  [server, pg17] = (await startTestServers([{ listenEverywhere: true }, { major: 17 }])) as [TestServer, TestServer];
   await server.createDatabase('rs_app', FIXTURE_SQL);
   backup = await takeBackup(server, 'rs_app', path.join(await tempDir(), 'backups'));
   configDir = await tempDir();
@@ -151,12 +151,47 @@ describe('the production guard', () => {
     for (const extra of [['--clean'], ['--clean', '--i-know-this-is-prod']]) {
       const viaDev = await restore(backup.dumpPath, 'rs_prod', ...extra);
       assert.equal(viaDev.exitCode, 2);
-      assert.match(viaDev.stderr, /refusing to restore into "rs_prod" .* the configured production database: --env prod was not given/);
+      assert.match(viaDev.stderr, /refusing to restore into it: "rs_prod" on .* is the configured production database \(.*, the same cluster\); --env prod was not given/);
     }
     const noFlag = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', 'rs_prod', '--env', 'prod', '--clean', '--config-dir', configDir] });
     assert.equal(noFlag.exitCode, 2);
     assert.match(noFlag.stderr, /--i-know-this-is-prod was not given/);
     assert.deepEqual(await withDatabase('rs_prod', snapshotDatabase), before, 'production untouched');
+  });
+
+  test('another spelling of the production host (127.1, localhost, ::1, its socket directory) is still production', async () => {
+    const before = await withDatabase('rs_prod', snapshotDatabase);
+    for (const host of ['127.1', 'localhost', '::1', server.socketDir!, '127.0.0.1']) {
+      const spelled = await tempDir();
+      await writeEnvFile(spelled, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), DEV_DB_HOST: host, ...dbVars(server, 'DB_', 'rs_prod') });
+      const result = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', 'rs_prod', '--clean', '--env', 'dev', '--config-dir', spelled] });
+      assert.equal(result.exitCode, 2, `${host}: ${result.stdout}${result.stderr}`);
+      assert.match(result.stderr, /is the configured production database \(127\.0\.0\.1:\d+, the same cluster\); --env prod was not given/, host);
+    }
+    assert.deepEqual(await withDatabase('rs_prod', snapshotDatabase), before, 'production untouched');
+  });
+
+  test('the same database name on another cluster is not production; a production server that cannot be identified stops --clean', async () => {
+    // Production is a database on the PostgreSQL 17 server; one of that name on this server is not it.
+    const name = uniqueName('rs_named');
+    const elsewhere = await tempDir();
+    await writeEnvFile(elsewhere, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(pg17, 'DB_', name) });
+    await server.createDatabase(name, 'CREATE TABLE local_only (v int)');
+    const allowed = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', elsewhere] });
+    assert.equal(allowed.exitCode, 0, allowed.stderr);
+
+    // Production configured on a port where nothing listens: it might be any server.
+    const unreachable = await tempDir();
+    const dead = await freePort();
+    await writeEnvFile(unreachable, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(server, 'DB_', name), DB_PORT: String(dead) });
+    const refused = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', unreachable] });
+    assert.equal(refused.exitCode, 2, refused.stderr);
+    assert.match(refused.stderr, new RegExp(`"${name}" may be the configured production database: the production server 127\\.0\\.0\\.1:${dead} cannot be identified, as it cannot be reached: Database connection refused; --env prod was not given`));
+    // Without --clean nothing can be overwritten: a new database of that name is fine.
+    const fresh = uniqueName('rs_fresh');
+    await writeEnvFile(unreachable, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(server, 'DB_', fresh), DB_PORT: String(dead) });
+    const created = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', fresh, '--env', 'dev', '--config-dir', unreachable] });
+    assert.equal(created.exitCode, 0, created.stderr);
   });
 
   test('on a terminal, typing the database name is the confirmation; a wrong name is refused', async () => {

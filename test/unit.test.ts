@@ -12,7 +12,7 @@ import {
   BackupError,
   dbnameConninfo,
   extensionInstallHint,
-  isConfiguredProdDatabase,
+  isProductionTarget,
   reconcileCounts,
   reconciliationLines,
   chooseMode,
@@ -502,13 +502,14 @@ describe('restore helpers', () => {
     assert.deepEqual(reconciliationLines(rows.slice(0, 2)), ['Table  Backup  Restored', 'a           1         1  ✓', 'b           2         5  ✗']);
   });
 
-  test('isConfiguredProdDatabase: same name on the same server (loopback names alike)', () => {
-    const prod = { host: 'localhost', port: 5432, database: 'app' };
-    assert.equal(isConfiguredProdDatabase({ host: '127.0.0.1', port: 5432 }, 'app', prod), true);
-    assert.equal(isConfiguredProdDatabase({ host: 'DB.example', port: 5432 }, 'app', { ...prod, host: 'db.example' }), true);
-    assert.equal(isConfiguredProdDatabase({ host: 'localhost', port: 5433 }, 'app', prod), false);
-    assert.equal(isConfiguredProdDatabase({ host: 'localhost', port: 5432 }, 'app_copy', prod), false);
-    assert.equal(isConfiguredProdDatabase({ host: 'localhost', port: 5432 }, 'app', undefined), false);
+  test('isProductionTarget: the production database name on the production cluster, however the host is spelled', () => {
+    const prod = { database: 'app', cluster: '7311' };
+    assert.equal(isProductionTarget({ target: 'app', targetCluster: '7311', prod }), 'yes');
+    assert.equal(isProductionTarget({ target: 'app', targetCluster: '9999', prod }), 'no', 'same name on another cluster');
+    assert.equal(isProductionTarget({ target: 'app_copy', targetCluster: '7311', prod }), 'no');
+    assert.equal(isProductionTarget({ target: 'app', targetCluster: '7311' }), 'no', 'no production configured');
+    assert.equal(isProductionTarget({ target: 'app', targetCluster: '7311', prod: { database: 'app', unknownWhy: 'unreachable' } }), 'unknown');
+    assert.equal(isProductionTarget({ target: 'app', prod }), 'unknown', 'the target cluster cannot be identified');
   });
 
   test('chooseMode: --restore needs --target-db; the drill needs --verify FILE; restore options need --restore', () => {

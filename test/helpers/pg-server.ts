@@ -24,6 +24,8 @@ export interface ServerOptions {
   major?: Major;
   /** Serve TLS with a fresh self-signed certificate and accept TLS connections only (hostssl). */
   tlsOnly?: boolean;
+  /** Listen on ::1 and a Unix socket directory too, not only on 127.0.0.1. */
+  listenEverywhere?: boolean;
 }
 
 export interface TestServer {
@@ -34,6 +36,8 @@ export interface TestServer {
   password: string;
   /** With tlsOnly: the server's self-signed certificate, which is also its CA. */
   certificate?: string;
+  /** With listenEverywhere: the directory of its Unix socket (a host name to libpq and node-postgres). */
+  socketDir?: string;
   /** A connected superuser client; the caller ends it. */
   connect(database?: string): Promise<pg.Client>;
   /** Create a database, and run `setup` in it if given (statements one by one: VACUUM cannot share a string). */
@@ -148,9 +152,14 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     if (user) await fs.chown(tls.key, user.uid, user.gid);
     await fs.writeFile(path.join(dataDir, 'pg_hba.conf'), 'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n');
   }
+  const socketDir = options.listenEverywhere ? path.join(root, 'socket') : undefined;
+  if (socketDir) {
+    await fs.mkdir(socketDir, { mode: 0o755 });
+    if (user) await fs.chown(socketDir, user.uid, user.gid);
+  }
   const settings: Record<string, string> = {
-    listen_addresses: '127.0.0.1',
-    unix_socket_directories: '',
+    listen_addresses: options.listenEverywhere ? '127.0.0.1,::1' : '127.0.0.1',
+    unix_socket_directories: socketDir ?? '',
     // A throwaway server need not survive a power cut; this only makes fixtures faster to build.
     fsync: 'off',
     synchronous_commit: 'off',
@@ -201,6 +210,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     user: 'postgres',
     password,
     ...(tls ? { certificate: tls.cert } : {}),
+    ...(socketDir ? { socketDir } : {}),
     connect,
     async createDatabase(name, setup) {
       await admin(`CREATE DATABASE ${pg.escapeIdentifier(name)}`);
