@@ -11,7 +11,7 @@ import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
 import { assertSameContent, restoreIntoNewDatabase } from './helpers/compare.ts';
-import { takeBackup, tempDir, uniqueName } from './helpers/cli.ts';
+import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES, FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 
@@ -152,5 +152,65 @@ describe('backup --env prod', () => {
     assert.equal(run.metadata.database_name, prodDb);
     assert.deepEqual(run.metadata.table_counts, FIXTURE_COUNTS);
     assert.match(run.stdout, /^Environment: prod$/m);
+  });
+});
+
+describe('counts describe exactly what is in the file', () => {
+  test('public "coll.t" and coll.t get a key each, and verify, restore and the drill check both', async () => {
+    const database = uniqueName('keys');
+    await server.createDatabase(database, [
+      'CREATE SCHEMA coll',
+      'CREATE TABLE coll.t (v int)',
+      'INSERT INTO coll.t SELECT generate_series(1, 3)',
+      'CREATE TABLE public."coll.t" (v int)',
+      'INSERT INTO public."coll.t" SELECT generate_series(1, 5)',
+    ]);
+    const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
+    assert.deepEqual(run.metadata.table_counts, { '"coll.t"': 5, 'coll.t': 3 });
+    assert.equal((await runCli({ args: ['--verify', run.dumpPath] })).exitCode, 0);
+
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+    const restored = await runCli({ args: ['--restore', run.dumpPath, '--target-db', uniqueName('keys_copy'), '--env', 'dev', '--config-dir', configDir] });
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(restored.stdout, /^"coll\.t" +5 +5 {2}✓$/m);
+    assert.match(restored.stdout, /^coll\.t +3 +3 {2}✓$/m);
+
+    // A backup whose metadata claims one count for either table fails, whichever it is.
+    const metadata = JSON.parse(await fs.readFile(run.metadataPath, 'utf8'));
+    metadata.table_counts['"coll.t"'] = 3;
+    await fs.writeFile(run.metadataPath, JSON.stringify(metadata));
+    const drill = await runCli({ args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    assert.equal(drill.exitCode, 8, drill.stdout);
+    assert.match(drill.stderr, /"coll\.t" \(backup 3, restored 5\)/);
+  });
+
+  test('a foreign table attached as a partition: its remote rows are not counted, and restores match with the remote gone', async () => {
+    const [database, remote] = [uniqueName('fdw'), uniqueName('fdw_remote')];
+    await server.createDatabase(remote, ['CREATE TABLE readings_2025 (id int, at date)', "INSERT INTO readings_2025 SELECT i, date '2025-03-01' FROM generate_series(1, 7) AS i"]);
+    await server.createDatabase(database, [
+      'CREATE EXTENSION postgres_fdw',
+      `CREATE SERVER remote FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port '${server.port}', dbname '${remote}')`,
+      `CREATE USER MAPPING FOR CURRENT_USER SERVER remote OPTIONS (user 'postgres', password '${server.password}')`,
+      'CREATE TABLE readings (id int, at date) PARTITION BY RANGE (at)',
+      "CREATE TABLE readings_2024 PARTITION OF readings FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')",
+      "CREATE FOREIGN TABLE readings_remote PARTITION OF readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01') SERVER remote OPTIONS (table_name 'readings_2025')",
+      "INSERT INTO readings_2024 SELECT i, date '2024-03-01' FROM generate_series(1, 10) AS i",
+    ]);
+    const viaParent = await server.connect(database);
+    try {
+      assert.equal((await viaParent.query('SELECT count(*)::int AS n FROM readings')).rows[0].n, 17, 'the parent shows the remote rows too');
+    } finally {
+      await viaParent.end();
+    }
+    const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
+    assert.deepEqual(run.metadata.table_counts, { readings: 10 }, 'only the rows the archive holds');
+
+    await server.dropDatabase(remote);
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+    const drill = await runCli({ args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    assert.match(drill.stdout, /^readings +10 +10 {2}✓$/m);
   });
 });
