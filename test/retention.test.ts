@@ -411,6 +411,25 @@ describe('retention on real backups', () => {
     assert.ok((await fs.readdir(dir)).includes(good));
   });
 
+  test('after a backup, a damaged backup dated just ahead (within the clock tolerance) stops deletion: exit 8, the new backup kept', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const old = await pastBackup(dir, '2025-01-01T02:00:00Z');
+    // Another machine's clock, a minute ahead: it counts, and is newer than this run's backup.
+    const ahead = new Date(Date.now() + 60_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+    const newest = await pastBackup(dir, ahead);
+    await flipMiddleByte(path.join(dir, newest));
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir] });
+    assert.equal(result.exitCode, 8, result.stdout + result.stderr);
+    assert.match(result.stdout, /^✓ Backup created successfully$/m);
+    assert.match(result.stderr, /^⚠ The backup is fine, but retention refused: the newest backup to keep failed verification: .*checksum mismatch/m);
+    const dumps = (await fs.readdir(dir)).filter((n) => n.endsWith('.dump'));
+    assert.equal(dumps.length, 3, 'nothing deleted: the old one, the damaged one and the new one');
+    assert.ok(dumps.includes(old) && dumps.includes(newest));
+  });
+
   test('--prune without any rule is a configuration error', async () => {
     const h = await history();
     const result = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
