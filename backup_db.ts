@@ -62,7 +62,7 @@ const APPLICATION_NAME = `backup_db:${process.pid}`;
 
 /**
  * The one error type. Thrown where a failure is understood, printed in exactly one place
- * (`printError`): a one-line title, the underlying tool's message, numbered hints.
+ * (`printOutcome`): a one-line title, the underlying tool's message, numbered hints.
  */
 export class BackupError extends Error {
   constructor(
@@ -84,6 +84,8 @@ export class BackupError extends Error {
 export interface EnvValue {
   value: string;
   source: string;
+  /** In an .env file, written so that dotenv reads less than it shows (see misreadDotenvValues). */
+  misread?: true;
 }
 export type EnvVars = ReadonlyMap<string, EnvValue>;
 
@@ -92,25 +94,45 @@ export type EnvVars = ReadonlyMap<string, EnvValue>;
  * (process environment > .env.local > .env). Empty values count as unset, so
  * `DEV_DB_HOST=` in .env.local still falls back to DB_HOST.
  */
-export function mergeEnvLayers(layers: Array<{ source: string; vars: Record<string, string | undefined> }>): EnvVars {
+export function mergeEnvLayers(layers: Array<{ source: string; vars: Record<string, string | undefined>; misread?: ReadonlySet<string> }>): EnvVars {
   const merged = new Map<string, EnvValue>();
-  for (const { source, vars } of layers) {
+  for (const { source, vars, misread } of layers) {
     for (const [name, value] of Object.entries(vars)) {
-      if (value !== undefined && value !== '' && !merged.has(name)) merged.set(name, { value, source });
+      if (value !== undefined && value !== '' && !merged.has(name)) merged.set(name, { value, source, ...(misread?.has(name) ? { misread: true as const } : {}) });
     }
   }
   return merged;
 }
 
+/**
+ * Pure: the variables of an .env text that dotenv reads differently from how they look. Unquoted,
+ * a '#' starts a comment, so `PASSWORD=ab#cd` is read as "ab"; quotes inside a quoted value end
+ * it early or are stripped. Such a password fails authentication with no other sign.
+ */
+export function misreadDotenvValues(text: string): Set<string> {
+  const misread = new Set<string>();
+  for (const line of text.split(/\r?\n/)) {
+    const match = /^\s*(?:export\s+)?([\w.-]+)\s*=\s*(.*?)\s*$/.exec(line);
+    if (!match) continue;
+    const [, name, raw] = match as unknown as [string, string, string];
+    const quote = raw[0];
+    const quoted = (quote === "'" || quote === '"' || quote === '`') && raw.length > 1;
+    const closing = quoted ? raw.indexOf(quote!, 1) : -1;
+    // Quoted: fine when the value ends at its closing quote (a comment may follow).
+    if (quoted ? closing > 0 && /^\s*(?:#.*)?$/.test(raw.slice(closing + 1)) : !raw.includes('#')) continue;
+    misread.add(name);
+  }
+  return misread;
+}
+
 /** Read .env.local then .env from `dir` without touching process.env; dotenv.parse prints nothing. */
 async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<EnvVars> {
-  const layers: Array<{ source: string; vars: Record<string, string | undefined> }> = [
-    { source: 'the process environment', vars: processEnv },
-  ];
+  const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: 'the process environment', vars: processEnv }];
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
     try {
-      layers.push({ source: file, vars: dotenv.parse(await fs.readFile(filePath)) });
+      const text = await fs.readFile(filePath, 'utf8');
+      layers.push({ source: file, vars: dotenv.parse(text), misread: misreadDotenvValues(text) });
     } catch (error) {
       if (errnoCode(error) === 'ENOENT') continue;
       throw new BackupError(EXIT.CONFIG, 'Configuration error', `cannot read ${filePath}: ${errorText(error)}`, [
@@ -131,6 +153,8 @@ export interface DbConfig {
   sslmode?: SslMode;
   /** For each setting, the variable (and file) it came from: used in troubleshooting hints. */
   origin: Record<'host' | 'port' | 'database' | 'user' | 'password', string>;
+  /** The password's line in its .env file reads as less than it shows (an unquoted '#', stray quotes). */
+  passwordMisread?: true;
 }
 
 const ENV_MODE_VALUES: Record<string, Environment> = { dev: 'dev', development: 'dev', prod: 'prod', production: 'prod' };
@@ -210,6 +234,7 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
     database: validateName(name.value, describeOrigin(nameVar, name)),
     user: validateName(user?.value ?? os.userInfo().username, describeOrigin(userVar, user)),
     ...(password ? { password: password.value } : {}),
+    ...(password?.misread ? { passwordMisread: true as const } : {}),
     ...(ssl ? { sslmode: parseSslMode(ssl.value, describeOrigin(sslVar, ssl)) } : {}),
     origin: {
       host: describeOrigin(hostVar, host),
@@ -926,6 +951,9 @@ export function connectionError(error: unknown, config: DbConfig, connectTimeout
 
   if (code === '28P01' || code === '28000' || /password must be a string|password authentication/i.test(message)) {
     return fail('Database authentication failed', [
+      ...(config.passwordMisread
+        ? [`${config.origin.password} holds a '#' or quotes that the .env file does not read as part of the password ('#' starts a comment): write it in single quotes, ${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote)`]
+        : []),
       `Check the password in ${config.origin.password} and the user in ${config.origin.user}`,
       `Try the same credentials by hand: ${psql}`,
       "Check that pg_hba.conf allows this user from this host",
@@ -2560,9 +2588,9 @@ export interface Automation {
   onFailure?: string;
 }
 
-/** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq). */
-export function logLine(record: object, secrets: Array<string | undefined>): string {
-  return `${maskSecrets(JSON.stringify(record), secrets)}\n`;
+/** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq), of a redacted record. */
+export function logLine(record: object): string {
+  return `${JSON.stringify(record)}\n`;
 }
 
 /**
@@ -2574,14 +2602,14 @@ async function appendLog(file: string, line: string): Promise<void> {
   await fs.appendFile(file, line, { mode: 0o600 });
 }
 
-/** Pure: the POST body. `text` is what Slack shows, `content` what Discord shows; the rest is for machines. */
-export function notificationPayload(record: RunRecord, secrets: Array<string | undefined>): Record<string, unknown> {
+/** Pure: the POST body of a redacted record. `text` is what Slack shows, `content` what Discord shows; the rest is for machines. */
+export function notificationPayload(record: RunRecord): Record<string, unknown> {
   const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
   const text =
     record.outcome === 'success'
       ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}${record.size_bytes ? ` (${formatBytes(record.size_bytes)})` : ''}`
       : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}${record.details ? ` (${record.details})` : ''}`;
-  return JSON.parse(maskSecrets(JSON.stringify({ text, content: text, ...record }), secrets)) as Record<string, unknown>;
+  return { text, content: text, ...record };
 }
 
 const NOTIFY_TIMEOUT_MS = 5_000;
@@ -2611,38 +2639,44 @@ async function postNotification(url: string, payload: Record<string, unknown>): 
   throw new Error(failure);
 }
 
-/** The failure command's environment: the details as BACKUP_* variables, and no database secrets. */
-export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secrets: Array<string | undefined>): Record<string, string> {
+/**
+ * The failure command's environment, from a redacted record: the details as BACKUP_* variables.
+ * Of the inherited environment, credentials are dropped and any other value holding a secret (a
+ * password pasted into DEV_DB_NAME, say) is masked.
+ */
+export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secrets: readonly string[]): Record<string, string> {
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(base)) {
-    if (value !== undefined && !/PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$/.test(name)) env[name] = value;
+    if (value !== undefined && !CREDENTIAL_VARIABLE.test(name)) env[name] = maskSecrets(value, secrets);
   }
-  const mask = (value: unknown) => maskSecrets(String(value ?? ''), secrets);
   Object.assign(env, {
     BACKUP_COMMAND: record.command,
     BACKUP_OUTCOME: record.outcome,
     BACKUP_EXIT_CODE: String(record.exit_code),
-    BACKUP_ERROR: mask(record.error),
-    BACKUP_DETAILS: mask(record.details),
+    BACKUP_ERROR: record.error ?? '',
+    BACKUP_DETAILS: record.details ?? '',
     BACKUP_ENVIRONMENT: record.environment ?? '',
     BACKUP_DATABASE: record.database ?? '',
     BACKUP_FILE: record.file ?? '',
     BACKUP_HOST: record.host,
     BACKUP_TIME: record.time,
-    BACKUP_RECORD: logLine(record, secrets).trim(),
+    BACKUP_RECORD: logLine(record).trim(),
   });
   return env;
 }
 
+/** Variables that hold credentials whole: never handed to the failure command. */
+const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP_PING_URL$/;
+
 /**
- * After the run: log it, then notify. None of this changes the exit code; a failure here is
- * reported on stderr and logged, since the run itself is already over.
+ * After the run: log it, then notify, from the redacted record. None of this changes the exit
+ * code; a failure here is reported on stderr and logged, since the run itself is already over.
  */
-async function recordRun(record: RunRecord, automation: Automation, secrets: Array<string | undefined>): Promise<void> {
+async function recordRun(record: RunRecord, automation: Automation, secrets: readonly string[]): Promise<void> {
   const warn = (what: string, error: unknown) => console.error(err.yellow(`⚠ ${maskSecrets(`${what}: ${errorText(error)}`, secrets)}`));
   const log = async (entry: RunRecord | Record<string, unknown>) => {
     if (!automation.logFile) return;
-    await appendLog(automation.logFile, logLine(entry, secrets)).catch((error) => warn(`Could not write the log file ${automation.logFile}`, error));
+    await appendLog(automation.logFile, logLine(redact(entry, secrets))).catch((error) => warn(`Could not write the log file ${automation.logFile}`, error));
   };
   await log(record);
 
@@ -2650,7 +2684,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: Arr
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
     tasks.push(
-      postNotification(automation.notifyUrl, notificationPayload(record, secrets)).catch(async (error) => {
+      postNotification(automation.notifyUrl, notificationPayload(record)).catch(async (error) => {
         warn('Notification failed', error);
         await log({ time: new Date().toISOString(), event: 'notification_failed', error: errorText(error), for: record.time });
       }),
@@ -2942,10 +2976,6 @@ function paint(line: string, c: ChalkInstance): string {
   return line.replace(/✓|✗|\? No metadata/g, (mark) => (mark === '✓' ? c.green(mark) : mark === '✗' ? c.red(mark) : c.yellow(mark)));
 }
 
-function printLines(c: ChalkInstance, lines: string[]): void {
-  (c === err ? console.error : console.log)(lines.map((line) => paint(line, c)).join('\n'));
-}
-
 /** "50.0 MB" with 1024-based units, as in the contract's examples. */
 export function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
@@ -2973,7 +3003,13 @@ export function displayPath(filePath: string): string {
   return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : filePath;
 }
 
-function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError }: BackupResult): void {
+/** What a run prints for a person: lines for stdout and for stderr, plain (marks are coloured when printed). */
+export interface Text {
+  out: string[];
+  err: string[];
+}
+
+function backupSummaryText({ dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError }: BackupResult): Text {
   const lines = [
     '✓ Backup created successfully',
     '',
@@ -2996,8 +3032,8 @@ function printBackupSummary({ dumpPath, metadataPath, metadata, removedStaleFile
     const deleted = retention.deleted.length > 0 ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})` : 'deleted none';
     lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
   }
-  printLines(out, lines);
-  if (retentionError) console.error(err.yellow(`⚠ The backup is fine, but ${retentionError.title.charAt(0).toLowerCase()}${retentionError.title.slice(1)}: ${retentionError.details}`));
+  const warning = retentionError && `⚠ The backup is fine, but ${retentionError.title.charAt(0).toLowerCase()}${retentionError.title.slice(1)}: ${retentionError.details}`;
+  return { out: lines, err: warning ? [warning] : [] };
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
@@ -3027,8 +3063,8 @@ function verifyReportLines({ filePath, metadata, inspection: { checks } }: Verif
   ];
 }
 
-function printVerification(result: VerifyResult): void {
-  printLines(out, ['✓ Backup verification passed', '', ...verifyReportLines(result)]);
+function verificationText(result: VerifyResult): Text {
+  return { out: ['✓ Backup verification passed', '', ...verifyReportLines(result)], err: [] };
 }
 
 const STATUS_LABELS: Record<ListStatus, string> = {
@@ -3093,8 +3129,8 @@ function skippedSettingsLines(settings: string[]): string[] {
   return [`Skipped:     SET ${settings.join(', ')}: pg_restore is newer than the server, which lacks ${settings.length === 1 ? 'it' : 'them'} (restored with one job)`];
 }
 
-function printRestore(outcome: RestoreOutcome): void {
-  printLines(out, [
+function restoreText(outcome: RestoreOutcome): Text {
+  return { err: [], out: [
     '✓ Restore completed',
     '',
     `File:        ${displayPath(outcome.filePath)}`,
@@ -3104,11 +3140,11 @@ function printRestore(outcome: RestoreOutcome): void {
     ...skippedSettingsLines(outcome.skippedSettings),
     `Tables:      ${matchSummary(outcome.reconciliation)}`,
     ...(outcome.reconciliation ? ['', ...reconciliationLines(outcome.reconciliation)] : []),
-  ]);
+  ] };
 }
 
-function printDrill(outcome: DrillOutcome): void {
-  printLines(out, [
+function drillText(outcome: DrillOutcome): Text {
+  return { err: [], out: [
     '✓ Restore test passed',
     '',
     `File:        ${displayPath(outcome.filePath)}`,
@@ -3119,28 +3155,49 @@ function printDrill(outcome: DrillOutcome): void {
     `Recorded:    last_restore_test in ${displayPath(outcome.metadataPath)}`,
     '',
     ...reconciliationLines(outcome.reconciliation),
-  ]);
+  ] };
 }
 
-/** Replace every occurrence of each secret; applied to everything printed about an error. */
-export function maskSecrets(text: string, secrets: Array<string | undefined>): string {
+/**
+ * Pure: `text` with every occurrence of each secret (the longest first) and any URL's password
+ * replaced by ****. A secret of under 4 characters (a password cut short by an unquoted '#') is
+ * masked where it stands alone, not inside every word that happens to contain it.
+ */
+export function maskSecrets(text: string, secrets: readonly string[]): string {
   let masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
-  for (const secret of secrets) {
-    if (secret) masked = masked.split(secret).join('****');
+  for (const secret of [...secrets].sort((a, b) => b.length - a.length)) {
+    if (secret.length >= 4) masked = masked.split(secret).join('****');
+    else if (secret) masked = masked.replace(new RegExp(`(?<![\\p{L}\\p{N}])${escapeRegExp(secret)}(?![\\p{L}\\p{N}])`, 'gu'), '****');
   }
   return masked;
 }
 
-function printError(error: BackupError, operation: string, secrets: Array<string | undefined>): void {
-  const mask = (text: string) => maskSecrets(text, secrets);
+/**
+ * Pure: `value` with every secret masked, in its strings and keys at any depth. Every channel
+ * (terminal, --json, log, webhook, failure command) redacts its structured data with this before
+ * serialising it: masked after serialising, a secret with a quote or backslash in it would be
+ * escaped (\" or \\) and no longer match.
+ */
+export function redact<T>(value: T, secrets: readonly string[]): T {
+  const walk = (node: unknown): unknown => {
+    if (typeof node === 'string') return maskSecrets(node, secrets);
+    if (Array.isArray(node)) return node.map(walk);
+    if (node !== null && typeof node === 'object' && [Object.prototype, null].includes(Object.getPrototypeOf(node))) {
+      return Object.fromEntries(Object.entries(node).map(([key, inner]) => [maskSecrets(key, secrets), walk(inner)]));
+    }
+    return node;
+  };
+  return walk(value) as T;
+}
+
+/** The contract's error text: what failed, the report, the tool's own message, numbered steps. */
+function failureText(error: BackupError, operation: string): Text {
   const title = /^[\w ]+ failed: /.test(error.title) ? error.title : `${operation} failed: ${error.title}`;
-  const lines = [err.red(`✗ ${mask(title)}`), ''];
-  if (error.extra.report) lines.push(...error.extra.report.map((line) => paint(mask(line), err)), '');
-  lines.push(`Error: ${mask(error.details)}`);
-  if (error.hints.length > 0) {
-    lines.push('', 'Troubleshooting:', ...error.hints.map((hint, i) => `  ${i + 1}. ${mask(hint)}`));
-  }
-  console.error(lines.join('\n'));
+  const lines = [`✗ ${title}`, ''];
+  if (error.extra.report) lines.push(...error.extra.report, '');
+  lines.push(`Error: ${error.details}`);
+  if (error.hints.length > 0) lines.push('', 'Troubleshooting:', ...error.hints.map((hint, i) => `  ${i + 1}. ${hint}`));
+  return { out: [], err: lines };
 }
 
 // --json: one document on stdout per run, for cron wrappers and monitoring.
@@ -3220,8 +3277,16 @@ function errorDocument(error: BackupError): Record<string, unknown> {
   return { ...error.extra.data, exit_code: error.exitCode, error: error.title, details: error.details, hints: error.hints };
 }
 
-function printJson(command: CommandName, ok: boolean, document: Record<string, unknown>, secrets: Array<string | undefined>): void {
-  console.log(maskSecrets(JSON.stringify({ ok, command, ...document }, null, 2), secrets));
+/** Print a run's human text or its --json document, redacted before it is serialised or painted. */
+function printOutcome(json: boolean, command: CommandName, ok: boolean, document: Record<string, unknown>, text: () => Text, secrets: readonly string[]): void {
+  if (json) {
+    console.log(JSON.stringify(redact({ ok, command, ...document }, secrets), null, 2));
+    return;
+  }
+  const { out: outLines, err: errLines } = redact(text(), secrets);
+  if (outLines.length > 0) console.log(outLines.map((line) => paint(line, out)).join('\n'));
+  // The first line of an error is its title, in red; a warning is yellow.
+  if (errLines.length > 0) console.error(errLines.map((line, i) => (i === 0 && line.startsWith('✗') ? err.red(line) : line.startsWith('⚠') ? err.yellow(line) : paint(line, err))).join('\n'));
 }
 
 // ─── Small helpers ──────────────────────────────────────────────────────────────────────
@@ -3478,7 +3543,7 @@ export function resolveSettings(opts: Omit<CliOptions, 'env' | 'configDir' | 'co
   };
 }
 
-function buildProgram(json: boolean): Command {
+function buildProgram(json: boolean, secrets: readonly string[]): Command {
   const keep = (flag: string, what: string) => new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
   return new Command()
     .name('backup_db.ts')
@@ -3515,6 +3580,7 @@ function buildProgram(json: boolean): Command {
     .addOption(new Option('--pg-bin-dir <dir>', 'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations').argParser(nonEmptyPath))
     .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
     .showHelpAfterError(json ? false : '(run with --help for usage)')
+    .configureOutput({ writeErr: (text) => process.stderr.write(maskSecrets(text, secrets)) })
     .exitOverride();
 }
 
@@ -3524,8 +3590,8 @@ interface Outcome {
   exitCode: number;
   /** The --json document (without ok/command). */
   document: Record<string, unknown>;
-  /** The human text, coloured for its stream. */
-  print(): void;
+  /** The human text (plain; redacted and coloured when printed). */
+  text(): Text;
   /** What the run record says about it. */
   facts: Pick<RunRecord, 'environment' | 'database' | 'file' | 'size_bytes' | 'deleted'>;
   failure?: BackupError;
@@ -3559,27 +3625,27 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
         search: settings.search,
       };
       const restored = await withInterruptSignal((signal) => runRestore(config!, vars, request, signal));
-      return { command: 'restore', exitCode: EXIT.OK, document: restoreDocument(restored), print: () => printRestore(restored), facts: {} };
+      return { command: 'restore', exitCode: EXIT.OK, document: restoreDocument(restored), text: () => restoreText(restored), facts: {} };
     }
     case 'drill': {
       const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, settings.search, opts.connectTimeout, signal));
       const facts = { environment: drill.metadata.environment, database: drill.metadata.database_name };
-      return { command: 'drill', exitCode: EXIT.OK, document: drillDocument(drill), print: () => printDrill(drill), facts };
+      return { command: 'drill', exitCode: EXIT.OK, document: drillDocument(drill), text: () => drillText(drill), facts };
     }
     case 'verify': {
       const result = await runVerify(mode.file, settings.search);
       const facts = { environment: result.metadata.environment, database: result.metadata.database_name, file: path.basename(result.filePath), size_bytes: result.inspection.size };
-      return { command: 'verify', exitCode: EXIT.OK, document: verifyDocument(result), print: () => printVerification(result), facts };
+      return { command: 'verify', exitCode: EXIT.OK, document: verifyDocument(result), text: () => verificationText(result), facts };
     }
     case 'list': {
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
-      return { command: 'list', exitCode: listingExitCode(listing), document: listingDocument(listing), print: () => printLines(out, listingLines(listing)), facts: {} };
+      return { command: 'list', exitCode: listingExitCode(listing), document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }), facts: {} };
     }
     case 'prune': {
       const report = await runPrune(config!, { outputDir, retention: settings.retention, dryRun: settings.dryRun, search: settings.search });
       const lines = report ? retentionLines(report, outputDir, config!) : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
       const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
-      return { command: 'prune', exitCode: EXIT.OK, document: { retention: report ? retentionDocument(report) : null }, print: () => printLines(out, lines), facts };
+      return { command: 'prune', exitCode: EXIT.OK, document: { retention: report ? retentionDocument(report) : null }, text: () => ({ out: lines, err: [] }), facts };
     }
     case 'backup': {
       const result = await withInterruptSignal((signal) =>
@@ -3608,7 +3674,7 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
       };
       // The backup stands either way; a refusal to prune means a damaged backup sits in the directory.
       const exitCode = result.retentionError?.exitCode === EXIT.VERIFY_FAILED ? EXIT.VERIFY_FAILED : EXIT.OK;
-      return { command: 'backup', exitCode, document: backupDocument(result), print: () => printBackupSummary(result), facts };
+      return { command: 'backup', exitCode, document: backupDocument(result), text: () => backupSummaryText(result), facts };
     }
   }
 }
@@ -3617,7 +3683,7 @@ function failedOutcome(command: CommandName, failure: BackupError): Outcome {
   // A failed verification still knows which backup it was about.
   const metadata = failure.extra.data?.metadata as BackupMetadata | undefined;
   const facts = metadata ? { environment: metadata.environment, database: metadata.database_name, file: metadata.backup_file } : {};
-  return { command, exitCode: failure.exitCode, document: errorDocument(failure), print: () => undefined, facts, failure };
+  return { command, exitCode: failure.exitCode, document: errorDocument(failure), text: () => failureText(failure, OPERATION_NAMES[command]), facts, failure };
 }
 
 const OPERATION_NAMES: Record<CommandName, string> = {
@@ -3648,17 +3714,19 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
 export async function main(argv: string[]): Promise<number> {
   const started = Date.now();
   const json = argv.includes('--json');
-  const program = buildProgram(json);
+  // Webhook URLs are credentials (Slack, Discord): masked even in commander's own messages.
+  const secrets: string[] = credentialArguments(argv);
+  const program = buildProgram(json, secrets);
   try {
     program.parse(argv);
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
-    if (json) printJson('backup', false, errorDocument(configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage'])), []);
+    const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
+    if (json) printOutcome(true, 'backup', false, errorDocument(failure), () => ({ out: [], err: [] }), secrets);
     return EXIT.CONFIG;
   }
   const opts = program.opts<CliOptions>();
-  const secrets: string[] = [];
   let command: CommandName = 'backup';
   let automation: Automation = { notifyOnSuccess: false };
   let known: Outcome['facts'] = {};
@@ -3670,7 +3738,6 @@ export async function main(argv: string[]): Promise<number> {
     secrets.push(...secretsIn(vars));
     const settings = resolveSettings(opts, vars);
     automation = settings.automation;
-    // A webhook URL is a credential (Slack, Discord): never print it.
     if (automation.notifyUrl) secrets.push(automation.notifyUrl);
     const config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
@@ -3679,27 +3746,36 @@ export async function main(argv: string[]): Promise<number> {
     outcome = failedOutcome(command, error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error)));
   }
 
-  if (json) printJson(outcome.command, outcome.exitCode === EXIT.OK, outcome.document, secrets);
-  else if (outcome.failure) printError(outcome.failure, OPERATION_NAMES[outcome.command], secrets);
-  else outcome.print();
-
-  await recordRun(
-    {
-      time: new Date(started).toISOString(),
-      host: os.hostname(),
-      command: outcome.command,
-      outcome: outcome.exitCode === EXIT.OK ? 'success' : 'failure',
-      exit_code: outcome.exitCode,
-      duration_ms: Date.now() - started,
-      ...known,
-      ...outcome.facts,
-      ...(outcome.failure ? { error: outcome.failure.title, details: outcome.failure.details } : {}),
-      ...(outcome.exitCode !== EXIT.OK && !outcome.failure ? { error: `${outcome.command} found problems` } : {}),
-    },
-    automation,
-    secrets,
-  );
+  printOutcome(json, outcome.command, outcome.exitCode === EXIT.OK, outcome.document, outcome.text, secrets);
+  const record: RunRecord = {
+    time: new Date(started).toISOString(),
+    host: os.hostname(),
+    command: outcome.command,
+    outcome: outcome.exitCode === EXIT.OK ? 'success' : 'failure',
+    exit_code: outcome.exitCode,
+    duration_ms: Date.now() - started,
+    ...known,
+    ...outcome.facts,
+    ...(outcome.failure ? { error: outcome.failure.title, details: outcome.failure.details } : {}),
+    ...(outcome.exitCode !== EXIT.OK && !outcome.failure ? { error: `${outcome.command} found problems` } : {}),
+  };
+  await recordRun(redact(record, secrets), automation, secrets);
   return outcome.exitCode;
+}
+
+/** Options whose values are credentials: never shown, not even in a usage error. */
+const CREDENTIAL_OPTIONS = ['--notify-url'];
+
+/** Pure: the values given on the command line to credential options (`--opt value` or `--opt=value`). */
+export function credentialArguments(argv: readonly string[]): string[] {
+  const values: string[] = [];
+  argv.forEach((arg, i) => {
+    for (const option of CREDENTIAL_OPTIONS) {
+      if (arg === option && argv[i + 1] !== undefined) values.push(argv[i + 1]!);
+      else if (arg.startsWith(`${option}=`)) values.push(arg.slice(option.length + 1));
+    }
+  });
+  return values.filter((value) => value.trim() !== '');
 }
 
 /**

@@ -4,10 +4,15 @@
  * pg_dump waits on it (observed in pg_stat_activity, not guessed with a sleep) while /proc is read.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
-import { startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import { runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { envLine, runMain } from './helpers/in-process.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 
@@ -75,3 +80,170 @@ test('the password travels in the environment of pg_dump, never in any argv, out
     assert.equal(bytes.indexOf(server.password), -1, `${file} does not contain the password`);
   }
 });
+
+/**
+ * One matrix: passwords made of the characters that break quoting and escaping, each placed in
+ * every variable a user could paste it into, and every channel searched for it afterwards:
+ * stdout and stderr (text and --json), the log file, the webhook body as a real HTTP server
+ * received it, the failure command's whole environment, the metadata, and the command line of
+ * every client tool started (through shims that record their argv and run the real tool).
+ */
+describe('no channel ever carries a password, whatever it holds and wherever it was pasted', () => {
+  const id = randomBytes(3).toString('hex');
+  const passwords = [
+    `dq"uote-${id}`,
+    `back\\slash-${id}`,
+    `single'quote-${id}`,
+    `co:lon-${id}`,
+    `ha#sh-${id}`,
+    `equ=als-${id}`,
+    `sp ace s-${id}`,
+    `unïcødé-密码-🔑-${id}`,
+    `${'long-'.repeat(38)}${id}xx`,
+  ];
+  /** Where the password goes, besides DEV_DB_PASSWORD (where it belongs, and is right unless said). */
+  const placements: Record<string, (role: string, password: string) => Record<string, string>> = {
+    'DEV_DB_PASSWORD (a good backup)': () => ({}),
+    'DEV_DB_PASSWORD, for another user (authentication fails)': () => ({ DEV_DB_USER: 'postgres' }),
+    DEV_DB_NAME: (_role, password) => ({ DEV_DB_NAME: password }),
+    DEV_DB_PORT: (_role, password) => ({ DEV_DB_PORT: password }),
+    DEV_DB_HOST: (_role, password) => ({ DEV_DB_HOST: password }),
+    DEV_DB_USER: (_role, password) => ({ DEV_DB_USER: password }),
+    'DEV_DATABASE_URL (a good backup)': (role, password) => ({
+      DEV_DATABASE_URL: `postgresql://${role}:${encodeURIComponent(password)}@127.0.0.1:${server.port}/secret_app`,
+    }),
+  };
+  let receiver: Awaited<ReturnType<typeof webhookReceiver>>;
+  before(async () => {
+    const admin = await server.connect();
+    try {
+      for (const [i, password] of passwords.entries()) {
+        const { rows } = await admin.query<{ sql: string }>('SELECT format($$CREATE ROLE %I LOGIN SUPERUSER PASSWORD %L$$, $1::text, $2::text) AS sql', [`sec_${i}`, password]);
+        await admin.query(rows[0]!.sql);
+      }
+    } finally {
+      await admin.end();
+    }
+    receiver = await webhookReceiver();
+  });
+  after(() => receiver?.close());
+
+  /** The forms a password can take in text: as is, JSON-escaped, percent-encoded. */
+  const formsOf = (password: string) => [...new Set([password, JSON.stringify(password).slice(1, -1), encodeURIComponent(password)])];
+
+  test('9 passwords × 7 placements × text and --json, every channel searched', { timeout: 180_000 }, async () => {
+    const runs = passwords.flatMap((password, i) =>
+      Object.entries(placements).flatMap(([placement, place]) => [false, true].map((json) => ({ password, role: `sec_${i}`, placement, place, json }))),
+    );
+    const leaks: string[] = [];
+    const check = (where: string, text: string, password: string) => {
+      for (const form of formsOf(password)) if (text.includes(form)) leaks.push(`${where}: holds ${JSON.stringify(form)}`);
+    };
+    let successes = 0;
+    for (const { password, role, placement, place, json } of runs) {
+      const label = `${JSON.stringify(password.slice(0, 12))} in ${placement}${json ? ' --json' : ''}`;
+      const dir = await tempDir();
+      const out = path.join(dir, 'out');
+      const argvLog = path.join(dir, 'argv.log');
+      const vars = {
+        DEV_DB_HOST: '127.0.0.1',
+        DEV_DB_PORT: String(server.port),
+        DEV_DB_NAME: 'secret_app',
+        DEV_DB_USER: role,
+        DEV_DB_PASSWORD: password,
+        PG_BIN_DIR: await recordingShims(argvLog),
+        ...place(role, password),
+      };
+      await fs.writeFile(path.join(dir, '.env'), `${Object.entries(vars).map(([name, value]) => envLine(name, value)).join('\n')}\n`);
+      const hookEnv = path.join(dir, 'hook.env');
+      const before = receiver.bodies.length;
+      const result = await runMain([
+        '--env', 'dev', '--config-dir', dir, '--output-dir', out, '--connect-timeout', '3',
+        '--log-file', path.join(dir, 'runs.log'), '--notify-url', `${receiver.url}/${id}`, '--notify-on-success',
+        '--on-failure', `env > '${hookEnv}'; cat '${argvLog}' >> '${hookEnv}' 2>/dev/null; true`, ...(json ? ['--json'] : []),
+      ]);
+      if (result.exitCode === 0) successes++;
+      else assert.ok(await fs.stat(hookEnv).catch(() => undefined), `${label}: the failure command ran (exit ${result.exitCode}: ${result.stderr})`);
+      check(`${label} stdout`, result.stdout, password);
+      check(`${label} stderr`, result.stderr, password);
+      if (json) JSON.parse(result.stdout);
+      for (const file of ['runs.log', 'hook.env', 'argv.log']) {
+        const text = await fs.readFile(path.join(dir, file), 'utf8').catch(() => '');
+        check(`${label} ${file}`, text, password);
+      }
+      for (const name of await fs.readdir(out).catch(() => [] as string[])) {
+        if (name.endsWith('.metadata.json')) check(`${label} ${name}`, await fs.readFile(path.join(out, name), 'utf8'), password);
+      }
+      const bodies = receiver.bodies.slice(before);
+      assert.ok(bodies.length > 0, `${label}: the webhook was called`);
+      check(`${label} webhook`, bodies.join('\n'), password);
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+    assert.deepEqual(leaks, []);
+    assert.equal(successes, passwords.length * 2 * 2, 'the good placements backed up (text and --json)');
+  });
+
+  test('a password with an unquoted # in .env: authentication fails, and the error says how to quote it', async () => {
+    const dir = await tempDir();
+    await fs.writeFile(path.join(dir, '.env.local'), `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=sec_4\nDEV_DB_PASSWORD=${passwords[4]}\n`);
+    const cut = await runCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')] });
+    assert.equal(cut.exitCode, 3, cut.stderr);
+    assert.match(cut.stderr, /^ {2}1\. DEV_DB_PASSWORD \(from \.env\.local\) holds a '#' or quotes that the \.env file does not read as part of the password \('#' starts a comment\): write it in single quotes, DEV_DB_PASSWORD='…'/m);
+    await fs.writeFile(path.join(dir, '.env.local'), `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=sec_4\nDEV_DB_PASSWORD='${passwords[4]}'\n`);
+    const quoted = await runCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')] });
+    assert.equal(quoted.exitCode, 0, quoted.stderr);
+  });
+
+  test('a password pasted into a variable of the process environment is masked in the failure command\'s environment', async () => {
+    const dir = await tempDir();
+    const hookEnv = path.join(dir, 'hook.env');
+    const password = passwords[0]!;
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out'), '--on-failure', `env > '${hookEnv}'`],
+      env: { DEV_DB_HOST: '127.0.0.1', DEV_DB_PORT: String(server.port), DEV_DB_USER: 'sec_0', DEV_DB_PASSWORD: password, DEV_DB_NAME: password },
+    });
+    assert.equal(result.exitCode, 3, result.stderr);
+    const env = await fs.readFile(hookEnv, 'utf8');
+    assert.match(env, /^DEV_DB_NAME=\*\*\*\*$/m);
+    assert.match(env, /^BACKUP_DATABASE=\*\*\*\*$/m);
+    assert.doesNotMatch(env, /^DEV_DB_PASSWORD=/m);
+    for (const form of formsOf(password)) assert.ok(!env.includes(form) && !result.stderr.includes(form), form);
+  });
+
+  test('a mistyped --notify-url is never echoed, on stderr or in --json', async () => {
+    const url = `htps//hooks.example/T0/B0/${id}-token`;
+    for (const args of [['--notify-url', url], [`--notify-url=${url}`], ['--notify-url', url, '--json']]) {
+      const result = await runCli({ args: ['--list', ...args] });
+      assert.equal(result.exitCode, 2);
+      assert.match(result.stderr, /--notify-url <url>' argument '\*\*\*\*' is invalid/);
+      assert.ok(!(result.stdout + result.stderr).includes(`${id}-token`), JSON.stringify(args));
+    }
+  });
+});
+
+/** A local webhook receiver that keeps every body as it arrived. */
+async function webhookReceiver() {
+  const bodies: string[] = [];
+  const receiver = http.createServer((request, response) => {
+    let text = '';
+    request.on('data', (chunk) => (text += chunk));
+    request.on('end', () => {
+      bodies.push(text);
+      response.writeHead(200).end();
+    });
+  });
+  await new Promise<void>((resolve) => receiver.listen(0, '127.0.0.1', resolve));
+  return { url: `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hooks`, bodies, close: () => new Promise<void>((resolve) => receiver.close(() => resolve())) };
+}
+
+/** pg_dump and pg_restore shims (in `log`'s directory) that append their own command line to `log` and run the real tool. */
+async function recordingShims(log: string): Promise<string> {
+  const dir = path.join(path.dirname(log), 'shims');
+  await fs.mkdir(dir, { recursive: true });
+  for (const tool of ['pg_dump', 'pg_restore']) {
+    await fs.writeFile(path.join(dir, tool), `#!/bin/sh\nprintf '%s\\n' "$0 $*" >> '${log}'\nexec '${realTools.get(tool)}' "$@"\n`, { mode: 0o755 });
+  }
+  return dir;
+}
+
+const realTools = new Map(await Promise.all(['pg_dump', 'pg_restore'].map(async (tool) => [tool, (await execa('sh', ['-c', `command -v ${tool}`])).stdout.trim()] as const)));

@@ -31,6 +31,9 @@ import {
   isoSeconds,
   libpqEnv,
   maskSecrets,
+  redact,
+  misreadDotenvValues,
+  hookEnvironment,
   mergeEnvLayers,
   metadataFileName,
   parseCompression,
@@ -276,6 +279,33 @@ describe('secrets', () => {
   test('maskSecrets hides configured passwords and URL credentials', () => {
     assert.equal(maskSecrets('auth failed for pw hunter2 at postgres://u:hunter2@h/db', ['hunter2']), 'auth failed for pw **** at postgres://u:****@h/db');
     assert.equal(maskSecrets('see postgresql://app:other@h/db', []), 'see postgresql://app:****@h/db');
+    assert.equal(maskSecrets('that password "ha" is ha, hat', ['ha']), 'that password "****" is ****, hat', 'a short secret only where it stands alone');
+    assert.equal(maskSecrets('pw1 and pw12', ['pw12', 'pw1']), '**** and ****', 'the longest secret first');
+  });
+
+  test('misreadDotenvValues: lines dotenv reads as less than they show (an unquoted #, stray quotes)', () => {
+    const text = ['A=ab#cd', "B='ab#cd'", 'C="ab#cd"', 'D=plain', "E='ab' # a comment", 'F="ab"cd"', 'H=`it\'s #"x"`', 'I=ab # a comment?', "J='unclosed", 'K='].join('\n');
+    assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'F', 'I', 'J']);
+  });
+
+  test('redact masks strings and keys at any depth before anything is serialised', () => {
+    const secret = 'p"a\\ss';
+    const document = { error: `bad ${secret}`, nested: [{ [secret]: secret }], count: 3, flag: true, none: null };
+    const redacted = redact(document, [secret]);
+    assert.deepEqual(redacted, { error: 'bad ****', nested: [{ '****': '****' }], count: 3, flag: true, none: null });
+    assert.ok(!JSON.stringify(redacted).includes(JSON.stringify(secret).slice(1, -1)));
+    // What masking the serialised text missed: the escaped form no longer contains the secret.
+    assert.ok(maskSecrets(JSON.stringify(document), [secret]).includes(JSON.stringify(secret).slice(1, -1)));
+  });
+
+  test('hookEnvironment: credentials dropped, any inherited value holding a secret masked, the record as given', () => {
+    const record = { time: 't', host: 'h', command: 'backup' as const, outcome: 'failure' as const, exit_code: 3, duration_ms: 1, database: '****', error: 'e' };
+    const env = hookEnvironment(record, { PATH: '/bin', DEV_DB_NAME: 'x-s3cret-x', PGPASSWORD: 's3cret', DATABASE_URL: 'postgres://u:p@h/d', BACKUP_NOTIFY_URL: 'https://hook', BACKUP_PING_URL: 'https://ping' }, ['s3cret']);
+    assert.equal(env.PATH, '/bin');
+    assert.equal(env.DEV_DB_NAME, 'x-****-x');
+    for (const name of ['PGPASSWORD', 'DATABASE_URL', 'BACKUP_NOTIFY_URL', 'BACKUP_PING_URL']) assert.equal(env[name], undefined, name);
+    assert.equal(env.BACKUP_DATABASE, '****');
+    assert.equal(JSON.parse(env.BACKUP_RECORD!).exit_code, 3);
   });
 
   test('secretsIn collects every *PASSWORD and the passwords inside URLs', () => {
