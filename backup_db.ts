@@ -390,12 +390,34 @@ async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: st
   return dirs.filter(({ dir }) => !seen.has(dir) && seen.add(dir));
 }
 
-async function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<PgTool | undefined> {
+/** Each executable's version, asked once per process: a run can look for clients several times. */
+const probedTools = new Map<string, Promise<PgTool | undefined>>();
+
+function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<PgTool | undefined> {
   const file = path.join(dir, command);
-  if (!(await isExecutableFile(file))) return undefined;
-  const result = await execa(file, ['--version'], { reject: false, stdin: 'ignore' });
-  const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
-  return parsed && { path: file, ...parsed };
+  let probe = probedTools.get(file);
+  if (!probe) {
+    probe = (async () => {
+      if (!(await isExecutableFile(file))) return undefined;
+      const result = await execa(file, ['--version'], { reject: false, stdin: 'ignore' });
+      const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
+      return parsed && { path: await bypassPgWrapper(file, command, parsed.major), ...parsed };
+    })();
+    probedTools.set(file, probe);
+  }
+  return probe;
+}
+
+/**
+ * Debian's /usr/bin/pg_dump and pg_restore are pg_wrapper, a Perl script that picks a version and
+ * then runs that version's binary: 30 ms a call. Having learnt the version it picks, call that
+ * binary directly.
+ */
+async function bypassPgWrapper(file: string, command: string, major: number): Promise<string> {
+  const real = await fs.realpath(file).catch(() => file);
+  if (path.basename(real) !== 'pg_wrapper') return file;
+  const direct = `/usr/lib/postgresql/${major}/bin/${command}`;
+  return (await isExecutableFile(direct)) ? direct : file;
 }
 
 async function inspectClientDir({ dir, source }: { dir: string; source: ClientSource }): Promise<PgClient | undefined> {
