@@ -3302,13 +3302,13 @@ function errorDocument(error: BackupError): Record<string, unknown> {
 /** Print a run's human text or its --json document, redacted before it is serialised or painted. */
 function printOutcome(json: boolean, command: CommandName, ok: boolean, document: Record<string, unknown>, text: () => Text, secrets: readonly string[]): void {
   if (json) {
-    console.log(JSON.stringify(redact({ ok, command, ...document }, secrets), null, 2));
+    io.out(JSON.stringify(redact({ ok, command, ...document }, secrets), null, 2));
     return;
   }
   const { out: outLines, err: errLines } = redact(text(), secrets);
-  if (outLines.length > 0) console.log(outLines.map((line) => paint(line, out)).join('\n'));
+  if (outLines.length > 0) io.out(outLines.map((line) => paint(line, out)).join('\n'));
   // The first line of an error is its title, in red; a warning is yellow.
-  if (errLines.length > 0) console.error(errLines.map((line, i) => (i === 0 && line.startsWith('✗') ? err.red(line) : line.startsWith('⚠') ? err.yellow(line) : paint(line, err))).join('\n'));
+  if (errLines.length > 0) io.err(errLines.map((line, i) => (i === 0 && line.startsWith('✗') ? err.red(line) : line.startsWith('⚠') ? err.yellow(line) : paint(line, err))).join('\n'));
 }
 
 // ─── Small helpers ──────────────────────────────────────────────────────────────────────
@@ -3366,6 +3366,13 @@ function startTethered<const O extends Options>(file: string, args: readonly str
     watcher.kill('SIGKILL');
     liveWatchers.delete(watcher);
   };
+/** Where a run prints: one call per block of text, as console.log and console.error would print it. */
+export interface Io {
+  out(text: string): void;
+  err(text: string): void;
+}
+const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.error(text) };
+
   child.then(done, done);
   return child;
 }
@@ -3565,7 +3572,7 @@ export function resolveSettings(opts: Omit<CliOptions, 'env' | 'configDir' | 'co
   };
 }
 
-function buildProgram(json: boolean, secrets: readonly string[]): Command {
+function buildProgram(json: boolean, secrets: readonly string[], io: Io): Command {
   const keep = (flag: string, what: string) => new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
   return new Command()
     .name('backup_db.ts')
@@ -3602,7 +3609,7 @@ function buildProgram(json: boolean, secrets: readonly string[]): Command {
     .addOption(new Option('--pg-bin-dir <dir>', 'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations').argParser(nonEmptyPath))
     .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
     .showHelpAfterError(json ? false : '(run with --help for usage)')
-    .configureOutput({ writeErr: (text) => process.stderr.write(maskSecrets(text, secrets)) })
+    .configureOutput({ writeErr: (text) => io.err(maskSecrets(text, secrets).replace(/\n$/, '')) })
     .exitOverride();
 }
 
@@ -3733,19 +3740,19 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
 }
 
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
-export async function main(argv: string[]): Promise<number> {
+export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const started = Date.now();
   const json = argv.includes('--json');
   // Webhook URLs are credentials (Slack, Discord): masked even in commander's own messages.
   const secrets: string[] = credentialArguments(argv);
-  const program = buildProgram(json, secrets);
+  const program = buildProgram(json, secrets, io);
   try {
     program.parse(argv);
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
     const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
-    if (json) printOutcome(true, 'backup', false, errorDocument(failure), () => ({ out: [], err: [] }), secrets);
+    if (json) printOutcome(io, true, 'backup', false, errorDocument(failure), () => ({ out: [], err: [] }), secrets);
     return EXIT.CONFIG;
   }
   const opts = program.opts<CliOptions>();
@@ -3768,7 +3775,13 @@ export async function main(argv: string[]): Promise<number> {
     outcome = failedOutcome(command, error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error)));
   }
 
-  printOutcome(json, outcome.command, outcome.exitCode === EXIT.OK, outcome.document, outcome.text, secrets);
+  try {
+    printOutcome(io, json, outcome.command, outcome.exitCode === EXIT.OK, outcome.document, outcome.text, secrets);
+  } catch (error) {
+    // A bug, never an expected failure: still one line, no stack trace, and a general failure.
+    io.err(`✗ ${OPERATION_NAMES[outcome.command]} failed: its result could not be printed: ${maskSecrets(errorText(error), secrets)}`);
+    outcome = { ...outcome, exitCode: EXIT.GENERAL };
+  }
   const record: RunRecord = {
     time: new Date(started).toISOString(),
     host: os.hostname(),
@@ -3781,7 +3794,7 @@ export async function main(argv: string[]): Promise<number> {
     ...(outcome.failure ? { error: outcome.failure.title, details: outcome.failure.details } : {}),
     ...(outcome.exitCode !== EXIT.OK && !outcome.failure ? { error: `${outcome.command} found problems` } : {}),
   };
-  await recordRun(redact(record, secrets), automation, secrets);
+  await recordRun(redact(record, secrets), automation, secrets, io);
   return outcome.exitCode;
 }
 

@@ -1,11 +1,10 @@
 /**
- * Run the CLI's exported main() inside the test process, capturing what it prints: for matrices
+ * Run the CLI's exported main() inside the test process, with its output captured: for matrices
  * and fuzzing, where thousands of runs would take minutes as processes. Everything it does apart
- * from printing is real (files, connections, client tools, webhooks, the failure command). Runs
- * are serialised, since main() prints through the process-wide console. The contract about the
- * process itself (exit status, signals, argv) is tested with real processes elsewhere.
+ * from printing is real (files, connections, client tools, webhooks, the failure command), and
+ * runs may overlap. The contract about the process itself (exit status, signals, argv) is tested
+ * with real processes elsewhere.
  */
-import { format } from 'node:util';
 import { main } from '../../backup_db.ts';
 
 export interface InProcessRun {
@@ -14,24 +13,22 @@ export interface InProcessRun {
   stderr: string;
 }
 
-let previous: Promise<unknown> = Promise.resolve();
+export async function runMain(args: string[]): Promise<InProcessRun> {
+  const stdout: string[] = [];
+  const stderr: string[] = [];
+  const exitCode = await main([process.execPath, 'backup_db.ts', ...args], { out: (text) => stdout.push(`${text}\n`), err: (text) => stderr.push(`${text}\n`) });
+  return { exitCode, stdout: stdout.join(''), stderr: stderr.join('') };
+}
 
-export function runMain(args: string[]): Promise<InProcessRun> {
-  const run = previous.then(async () => {
-    const stdout: string[] = [];
-    const stderr: string[] = [];
-    const saved = { log: console.log, error: console.error };
-    console.log = (...parts: unknown[]) => void stdout.push(`${format(...parts)}\n`);
-    console.error = (...parts: unknown[]) => void stderr.push(`${format(...parts)}\n`);
-    try {
-      const exitCode = await main([process.execPath, 'backup_db.ts', ...args]);
-      return { exitCode, stdout: stdout.join(''), stderr: stderr.join('') };
-    } finally {
-      Object.assign(console, saved);
-    }
-  });
-  previous = run.catch(() => undefined);
-  return run;
+/** Run `work` over `items` (taken as needed), at most `limit` at a time; the first failure ends it. */
+export async function inPool<T>(items: Iterable<T>, limit: number, work: (item: T, index: number) => Promise<void>): Promise<void> {
+  const iterator = items[Symbol.iterator]();
+  let index = 0;
+  await Promise.all(
+    Array.from({ length: limit }, async () => {
+      for (let next = iterator.next(); !next.done; next = iterator.next()) await work(next.value, index++);
+    }),
+  );
 }
 
 /** A .env line that dotenv reads back as exactly `value`: single quotes, or backquotes around a single quote. */
