@@ -1185,12 +1185,13 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
 
 /** Exact row counts of every table, read inside the caller's snapshot transaction. */
 async function countRows(client: pg.Client, tables: UserTable[]): Promise<Record<string, number>> {
-  const counts: Record<string, number> = {};
+  const counts: Array<[string, number]> = [];
   for (const { schema, table, count_sql } of tables) {
     const { rows } = await client.query<{ n: string }>(count_sql);
-    counts[tableKey(schema, table)] = Number(rows[0]!.n);
+    counts.push([tableKey(schema, table), Number(rows[0]!.n)]);
   }
-  return counts;
+  // fromEntries defines own properties: a table called "__proto__" is a key like any other.
+  return Object.fromEntries(counts);
 }
 
 export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {
@@ -1422,52 +1423,98 @@ export interface BackupMetadata {
   last_restore_test?: RestoreTestRecord;
 }
 
-const REQUIRED_METADATA_FIELDS = [
-  'backup_timestamp',
-  'environment',
-  'database_name',
-  'backup_file',
-  'backup_size_bytes',
-  'checksum_sha256',
-  'table_counts',
-  'pg_dump_version',
-  'postgresql_version',
-] as const;
 const ISO_8601 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$/;
 
 const isNonEmptyString = (value: unknown): value is string => typeof value === 'string' && value.trim() !== '';
 const isPlainObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
+const isWholeNumber = (value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER) => Number.isSafeInteger(value) && (value as number) >= min && (value as number) <= max;
+const isTimestamp = (value: unknown) => typeof value === 'string' && ISO_8601.test(value) && !Number.isNaN(Date.parse(value));
+/** A map from table names (which may be "__proto__" or "constructor") to values that pass `valid`. */
+const isTableMap = (value: unknown, valid: (entry: unknown) => boolean) => isPlainObject(value) && Object.values(value).every(valid);
 
-/** Pure: everything wrong with a parsed metadata document under the data model's rules; [] if valid. */
+/**
+ * The data model's fields (all required) and the tool's own (optional, since metadata written by
+ * other tools lacks them): every field the tool reads, with the shape it must have. A metadata
+ * file is untrusted input, so nothing is read from one that breaks a rule.
+ */
+const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown) => boolean; rule: string }> = {
+  backup_timestamp: { required: true, valid: isTimestamp, rule: 'must be an ISO 8601 timestamp' },
+  environment: { required: true, valid: (v) => v === 'dev' || v === 'prod', rule: 'must be "dev" or "prod"' },
+  database_name: { required: true, valid: isNonEmptyString, rule: 'must be a non-empty string' },
+  backup_file: { required: true, valid: isNonEmptyString, rule: 'must be a file name' },
+  backup_size_bytes: { required: true, valid: (v) => isWholeNumber(v, 1), rule: 'must be a positive integer' },
+  checksum_sha256: { required: true, valid: (v) => typeof v === 'string' && /^[0-9a-f]{64}$/i.test(v), rule: 'must be 64 hexadecimal digits' },
+  table_counts: {
+    required: true,
+    valid: (v) => isTableMap(v, (n) => isWholeNumber(n)) && Object.keys(v as object).length > 0,
+    rule: 'must map at least one table to a row count',
+  },
+  pg_dump_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
+  postgresql_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
+  format: { required: false, valid: (v) => v === 'custom' || v === 'directory', rule: 'must be "custom" or "directory"' },
+  jobs: { required: false, valid: (v) => isWholeNumber(v, 1, 1024), rule: 'must be a whole number of workers' },
+  compression: { required: false, valid: isNonEmptyString, rule: 'must be a compression setting' },
+  duration_ms: { required: false, valid: (v) => isWholeNumber(v), rule: 'must be a whole number of milliseconds' },
+  snapshot_consistent: { required: false, valid: (v) => typeof v === 'boolean', rule: 'must be true or false' },
+  tool_version: { required: false, valid: isNonEmptyString, rule: 'must be a version string' },
+  table_data_oids: {
+    required: false,
+    valid: (v) => isTableMap(v, (oids) => Array.isArray(oids) && oids.every((oid) => isWholeNumber(oid, 1))),
+    rule: 'must map tables to lists of OIDs',
+  },
+  last_restore_test: {
+    required: false,
+    valid: (v) =>
+      isPlainObject(v) &&
+      isTimestamp(v.time) &&
+      typeof v.ok === 'boolean' &&
+      isWholeNumber(v.duration_ms) &&
+      typeof v.server === 'string' &&
+      typeof v.server_version === 'string' &&
+      isWholeNumber(v.tables) &&
+      Array.isArray(v.mismatches) &&
+      v.mismatches.every((table) => typeof table === 'string'),
+    rule: 'must be a restore test record (time, ok, duration_ms, server, server_version, tables, mismatches)',
+  },
+};
+
+/** Pure: everything wrong with a parsed metadata document under the rules above; [] if valid. */
 export function metadataProblems(value: unknown, dumpFileName?: string): string[] {
   if (!isPlainObject(value)) return ['it is not a JSON object'];
-  const problems: string[] = REQUIRED_METADATA_FIELDS.filter((field) => !(field in value)).map((field) => `${field} is missing`);
-  const rule = (field: string, valid: boolean, requirement: string) => {
-    if (field in value && !valid) problems.push(`${field} ${requirement} (found ${JSON.stringify(value[field])?.slice(0, 80)})`);
-  };
-  const m = value;
-  rule('backup_timestamp', typeof m.backup_timestamp === 'string' && ISO_8601.test(m.backup_timestamp) && !Number.isNaN(Date.parse(m.backup_timestamp)), 'must be an ISO 8601 timestamp');
-  rule('environment', m.environment === 'dev' || m.environment === 'prod', 'must be "dev" or "prod"');
-  rule('database_name', isNonEmptyString(m.database_name), 'must be a non-empty string');
-  rule('backup_file', isNonEmptyString(m.backup_file), 'must be a file name');
-  rule('backup_size_bytes', Number.isSafeInteger(m.backup_size_bytes) && (m.backup_size_bytes as number) > 0, 'must be a positive integer');
-  rule('checksum_sha256', typeof m.checksum_sha256 === 'string' && /^[0-9a-f]{64}$/i.test(m.checksum_sha256), 'must be 64 hexadecimal digits');
-  rule(
-    'table_counts',
-    isPlainObject(m.table_counts) && Object.keys(m.table_counts).length > 0 && Object.values(m.table_counts).every((n) => Number.isSafeInteger(n) && (n as number) >= 0),
-    'must map at least one table to a row count',
-  );
-  rule('pg_dump_version', isNonEmptyString(m.pg_dump_version), 'must be a version string');
-  rule('postgresql_version', isNonEmptyString(m.postgresql_version), 'must be a version string');
-  rule(
-    'table_data_oids',
-    m.table_data_oids === undefined || (isPlainObject(m.table_data_oids) && Object.values(m.table_data_oids).every((oids) => Array.isArray(oids) && oids.every((oid) => Number.isSafeInteger(oid) && oid > 0))),
-    'must map tables to lists of OIDs',
-  );
-  if (dumpFileName !== undefined && isNonEmptyString(m.backup_file) && m.backup_file !== dumpFileName) {
-    problems.push(`backup_file is "${m.backup_file}" but the file is named "${dumpFileName}"`);
+  const problems: string[] = [];
+  for (const [field, { required, valid, rule }] of Object.entries(METADATA_RULES)) {
+    if (!Object.hasOwn(value, field)) {
+      if (required) problems.push(`${field} is missing`);
+    } else if (!valid(value[field])) {
+      problems.push(`${field} ${rule} (found ${String(JSON.stringify(value[field])).slice(0, 80)})`);
+    }
+  }
+  if (dumpFileName !== undefined && isNonEmptyString(value.backup_file) && value.backup_file !== dumpFileName) {
+    problems.push(`backup_file is "${value.backup_file}" but the file is named "${dumpFileName}"`);
   }
   return problems;
+}
+
+/** Far beyond any real metadata (a million tables), far below what would exhaust memory. */
+const MAX_METADATA_BYTES = 256 * 1024 * 1024;
+/** The deepest real metadata nests 4 levels (table_data_oids → table → OIDs). */
+const MAX_METADATA_DEPTH = 16;
+
+/** Pure: how deeply arrays and objects nest in JSON text, counted without parsing it (strings skipped). */
+export function jsonDepth(text: string): number {
+  let depth = 0;
+  let deepest = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const char = text[i];
+    if (inString) {
+      if (char === '\\') i++;
+      else if (char === '"') inString = false;
+    } else if (char === '"') inString = true;
+    else if (char === '[' || char === '{') deepest = Math.max(deepest, ++depth);
+    else if (char === ']' || char === '}') depth--;
+  }
+  return deepest;
 }
 
 export type MetadataLoad = { status: 'ok'; metadata: BackupMetadata } | { status: 'missing' } | { status: 'invalid'; problems: string[] };
@@ -1476,7 +1523,11 @@ export type MetadataLoad = { status: 'ok'; metadata: BackupMetadata } | { status
 async function loadMetadata(metadataPath: string, dumpFileName: string): Promise<MetadataLoad> {
   let value: unknown;
   try {
-    value = JSON.parse(await fs.readFile(metadataPath, 'utf8'));
+    const { size } = await fs.stat(metadataPath);
+    if (size > MAX_METADATA_BYTES) return { status: 'invalid', problems: [`it is ${formatBytes(size)}, more than metadata ever is`] };
+    const text = await fs.readFile(metadataPath, 'utf8');
+    if (jsonDepth(text) > MAX_METADATA_DEPTH) return { status: 'invalid', problems: [`it nests more than ${MAX_METADATA_DEPTH} levels deep`] };
+    value = JSON.parse(text);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
     return { status: 'invalid', problems: [error instanceof SyntaxError ? `it is not valid JSON: ${error.message}` : `it cannot be read: ${errorText(error)}`] };
@@ -1715,7 +1766,7 @@ export function tocTableEntries(toc: string): TocTableEntry[] {
 export function tablesWithoutData(metadata: Pick<BackupMetadata, 'table_counts' | 'table_data_oids'>, entries: TocTableEntry[]): string[] {
   const dataOids = new Set(entries.filter((entry) => entry.kind === 'TABLE DATA').map((entry) => entry.oid));
   return Object.keys(metadata.table_counts).filter((key) => {
-    const expected = metadata.table_data_oids?.[key];
+    const expected = metadata.table_data_oids && Object.hasOwn(metadata.table_data_oids, key) ? metadata.table_data_oids[key] : undefined;
     if (expected) return !expected.every((oid) => dataOids.has(oid));
     return !tableNameCandidates(key).some(([schema, table]) => entries.some((entry) => tagNames(entry.tag, schema, table)));
   });
@@ -1762,9 +1813,10 @@ const shortHash = (hex: string) => `${hex.slice(0, 12)}...`;
  * nothing the size, the archive's structure and the streamed hash do not. Later checks (--verify)
  * read every byte.
  */
-async function checkBackupFile(pgRestore: PgTool, filePath: string, metadata: BackupMetadata, streamed?: DumpOutcome): Promise<FileInspection> {
+async function checkBackupFile(pgRestore: PgTool | undefined, filePath: string, metadata: BackupMetadata, streamed?: DumpOutcome, whyNoClient = 'no pg_restore'): Promise<FileInspection> {
   const bytes = async (): Promise<DumpOutcome> => (streamed ? { sha256: streamed.sha256, size: await backupSize(filePath) } : hashBackup(filePath));
-  const [actual, listing] = await Promise.all([bytes(), listArchive(pgRestore, filePath)]);
+  const unread = { ok: false, toc: '', error: `not read: ${whyNoClient}` };
+  const [actual, listing] = await Promise.all([bytes(), pgRestore ? listArchive(pgRestore, filePath) : unread]);
   const expectedHash = metadata.checksum_sha256.toLowerCase();
   const missingTables = listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [];
   const tableCount = Object.keys(metadata.table_counts).length;
@@ -2216,13 +2268,17 @@ export interface ReconciliationRow {
 
 /** Pure: every table in either list, with both counts; any difference or absence is a mismatch. */
 export function reconcileCounts(backup: Record<string, number>, restored: Record<string, number>): ReconciliationRow[] {
-  const tables = [...Object.keys(backup), ...Object.keys(restored).filter((table) => !(table in backup))];
-  return tables.map((table) => ({
-    table,
-    ...(table in backup ? { backup: backup[table]! } : {}),
-    ...(table in restored ? { restored: restored[table]! } : {}),
-    ok: backup[table] !== undefined && backup[table] === restored[table],
-  }));
+  const tables = [...Object.keys(backup), ...Object.keys(restored).filter((table) => !Object.hasOwn(backup, table))];
+  return tables.map((table) => {
+    // Own properties only: table names such as "constructor" must not find Object.prototype's.
+    const [inBackup, inRestored] = [Object.hasOwn(backup, table), Object.hasOwn(restored, table)];
+    return {
+      table,
+      ...(inBackup ? { backup: backup[table]! } : {}),
+      ...(inRestored ? { restored: restored[table]! } : {}),
+      ok: inBackup && inRestored && backup[table] === restored[table],
+    };
+  });
 }
 
 /**
@@ -2694,8 +2750,8 @@ const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP
  * After the run: log it, then notify, from the redacted record. None of this changes the exit
  * code; a failure here is reported on stderr and logged, since the run itself is already over.
  */
-async function recordRun(record: RunRecord, automation: Automation, secrets: readonly string[]): Promise<void> {
-  const warn = (what: string, error: unknown) => console.error(err.yellow(`⚠ ${maskSecrets(`${what}: ${errorText(error)}`, secrets)}`));
+async function recordRun(record: RunRecord, automation: Automation, secrets: readonly string[], io: Io): Promise<void> {
+  const warn = (what: string, error: unknown) => io.err(err.yellow(`⚠ ${maskSecrets(`${what}: ${errorText(error)}`, secrets)}`));
   const log = async (entry: RunRecord | Record<string, unknown>) => {
     if (!automation.logFile) return;
     await appendLog(automation.logFile, logLine(redact(entry, secrets))).catch((error) => warn(`Could not write the log file ${automation.logFile}`, error));
@@ -2953,8 +3009,19 @@ async function runVerify(fileArgument: string, search: ClientSearch): Promise<Ve
       'Or take a new backup',
     ]);
   }
-  const client = await findRestoreClient(search, await readArchiveHeader(filePath));
-  const result: VerifyResult = { filePath, metadataPath, metadata: loaded.metadata, inspection: await checkBackupFile(client.pgRestore, filePath, loaded.metadata), client };
+  // A damaged header can claim any archive format: without a client for it, the checksum decides
+  // whether the file needs a newer pg_restore (intact: exit 6) or is simply damaged (exit 8).
+  let client: PgClient | undefined;
+  let noClient: BackupError | undefined;
+  try {
+    client = await findRestoreClient(search, await readArchiveHeader(filePath));
+  } catch (error) {
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
+    noClient = error;
+  }
+  const inspection = await checkBackupFile(client?.pgRestore, filePath, loaded.metadata, undefined, noClient?.details);
+  const result: VerifyResult = { filePath, metadataPath, metadata: loaded.metadata, inspection, ...(client ? { client } : {}) };
+  if (noClient && inspection.checks.checksum.ok && inspection.checks.size.ok) throw noClient;
   if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
   return result;
 }
@@ -3299,8 +3366,15 @@ function errorDocument(error: BackupError): Record<string, unknown> {
   return { ...error.extra.data, exit_code: error.exitCode, error: error.title, details: error.details, hints: error.hints };
 }
 
+/** Where a run prints: one call per block of text, as console.log and console.error would print it. */
+export interface Io {
+  out(text: string): void;
+  err(text: string): void;
+}
+const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.error(text) };
+
 /** Print a run's human text or its --json document, redacted before it is serialised or painted. */
-function printOutcome(json: boolean, command: CommandName, ok: boolean, document: Record<string, unknown>, text: () => Text, secrets: readonly string[]): void {
+function printOutcome(io: Io, json: boolean, command: CommandName, ok: boolean, document: Record<string, unknown>, text: () => Text, secrets: readonly string[]): void {
   if (json) {
     io.out(JSON.stringify(redact({ ok, command, ...document }, secrets), null, 2));
     return;
@@ -3366,13 +3440,6 @@ function startTethered<const O extends Options>(file: string, args: readonly str
     watcher.kill('SIGKILL');
     liveWatchers.delete(watcher);
   };
-/** Where a run prints: one call per block of text, as console.log and console.error would print it. */
-export interface Io {
-  out(text: string): void;
-  err(text: string): void;
-}
-const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.error(text) };
-
   child.then(done, done);
   return child;
 }

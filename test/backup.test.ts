@@ -156,7 +156,7 @@ describe('backup --env prod', () => {
 });
 
 describe('counts describe exactly what is in the file', () => {
-  test('public "coll.t" and coll.t get a key each, and verify, restore and the drill check both', async () => {
+  test('public "coll.t" and coll.t get a key each, tables named "__proto__" and "constructor" keep theirs, and verify, restore and the drill check them', async () => {
     const database = uniqueName('keys');
     await server.createDatabase(database, [
       'CREATE SCHEMA coll',
@@ -164,9 +164,12 @@ describe('counts describe exactly what is in the file', () => {
       'INSERT INTO coll.t SELECT generate_series(1, 3)',
       'CREATE TABLE public."coll.t" (v int)',
       'INSERT INTO public."coll.t" SELECT generate_series(1, 5)',
+      'CREATE TABLE "__proto__" (v int)',
+      'INSERT INTO "__proto__" VALUES (1), (2)',
+      'CREATE TABLE "constructor" (v int)',
     ]);
     const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
-    assert.deepEqual(run.metadata.table_counts, { '"coll.t"': 5, 'coll.t': 3 });
+    assert.deepEqual(JSON.parse(await fs.readFile(run.metadataPath, 'utf8')).table_counts, JSON.parse('{"\\"coll.t\\"": 5, "__proto__": 2, "coll.t": 3, "constructor": 0}'));
     assert.equal((await runCli({ args: ['--verify', run.dumpPath] })).exitCode, 0);
 
     const configDir = await tempDir();
@@ -175,6 +178,8 @@ describe('counts describe exactly what is in the file', () => {
     assert.equal(restored.exitCode, 0, restored.stderr);
     assert.match(restored.stdout, /^"coll\.t" +5 +5 {2}✓$/m);
     assert.match(restored.stdout, /^coll\.t +3 +3 {2}✓$/m);
+    assert.match(restored.stdout, /^__proto__ +2 +2 {2}✓$/m);
+    assert.match(restored.stdout, /^constructor +0 +0 {2}✓$/m);
 
     // A backup whose metadata claims one count for either table fails, whichever it is.
     const metadata = JSON.parse(await fs.readFile(run.metadataPath, 'utf8'));

@@ -242,3 +242,30 @@ describe('--verify with a bad argument', () => {
     assert.match(result.stderr, /--verify needs the backup FILE/);
   });
 });
+
+describe('a metadata file is untrusted input', () => {
+  const hostile: Array<[string, (text: string) => string, RegExp]> = [
+    ['nested 200,000 levels deep', (text) => text.replace('"tool_version":', `"tool_version":${'['.repeat(200_000)}${']'.repeat(200_000)},"_tool_version":`), /it nests more than 16 levels deep/],
+    ['"last_restore_test": "garbage"', (text) => text.replace(/\}\s*$/, ', "last_restore_test": "garbage"}'), /last_restore_test must be a restore test record .*\(found "garbage"\)/],
+    ['"__proto__" among the table counts', (text) => text.replace('"table_counts": {', '"table_counts": {"__proto__": 1, "constructor": 2,'), /the archive holds no data for: __proto__, constructor/],
+  ];
+  for (const [what, edit, reason] of hostile) {
+    test(`${what}: --verify exits 8 saying why, --list shows it and lists the rest, no stack trace`, async () => {
+      const copy = await copyOfBackup();
+      await fs.copyFile(other.dumpPath, path.join(copy.dir, path.basename(other.dumpPath)));
+      await fs.copyFile(other.metadataPath, path.join(copy.dir, path.basename(other.metadataPath)));
+      await fs.writeFile(copy.metadataPath, edit(await fs.readFile(copy.metadataPath, 'utf8')));
+      const verified = await verify(copy.dumpPath);
+      assert.equal(verified.exitCode, 8, verified.stderr);
+      assert.match(verified.stderr, reason);
+      const listed = await runCli({ args: ['--list', '--json', '--output-dir', copy.dir] });
+      assert.equal(listed.exitCode, 0, listed.stderr);
+      const statuses = Object.fromEntries(JSON.parse(listed.stdout).backups.map((b: { file: string; status: string }) => [b.file, b.status]));
+      assert.equal(statuses[path.basename(other.dumpPath)], 'verified', 'the rest of the directory works normally');
+      assert.equal(statuses[path.basename(copy.dumpPath)], what.startsWith('"__proto__"') ? 'verified' : 'invalid_metadata');
+      for (const run of [verified, listed, await runCli({ args: ['--list', '--output-dir', copy.dir] })]) {
+        assert.doesNotMatch(run.stdout + run.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
+      }
+    });
+  }
+});
