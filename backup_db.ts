@@ -1021,6 +1021,69 @@ export function connectionError(error: unknown, config: DbConfig, connectTimeout
   ]);
 }
 
+/** How a session's connection ends when the server, not the network, ends it; node-postgres adds its own words. */
+const CONNECTION_LOST = /Connection terminated|server closed the connection|ECONNRESET|EPIPE|not queryable/i;
+
+/**
+ * Pure: a failure of the database (a pg error, or the connection lost under a query) as the
+ * contract's error. SQLSTATE classes decide the exit code, each with hints of its own; every
+ * command hands what it does not understand itself to this one function. Undefined if it is not
+ * a database failure.
+ */
+export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>): BackupError | undefined {
+  const code = (error as { code?: unknown } | null)?.code;
+  // SQLSTATEs hold a digit (3D000, 08006, XX000); errno codes such as EPIPE do not.
+  const sqlstate = typeof code === 'string' && /^(?=.*\d)[0-9A-Z]{5}$/.test(code) ? code : undefined;
+  const message = errorText(error);
+  if (!sqlstate && !CONNECTION_LOST.test(message)) return undefined;
+  const where = server ? `${server.host}:${server.port}` : 'the database server';
+  const serverLog = `Check the server log of ${where} around this time`;
+  const fail = (exitCode: number, title: string, hints: string[]) => new BackupError(exitCode, title, sqlstate ? `${message} (SQLSTATE ${sqlstate})` : message, hints);
+  const constraint = (error as { constraint?: unknown }).constraint;
+
+  if (sqlstate?.startsWith('08') && /could not connect to server "|foreign/i.test(message)) {
+    return fail(EXIT.CONNECTION, 'A foreign server could not be reached', [
+      'A query read a foreign table (postgres_fdw and the like) whose server did not answer; the message names it',
+      'Check that server, or its CREATE SERVER / USER MAPPING settings',
+    ]);
+  }
+  if (!sqlstate || sqlstate.startsWith('08') || ['57P01', '57P02', '57P03', '57P04'].includes(sqlstate)) {
+    return fail(EXIT.CONNECTION, 'Database connection lost', [
+      `The server ended this session: it restarted or shut down, or the session was terminated (pg_terminate_backend)`,
+      serverLog,
+      'Run it again once the server is back',
+    ]);
+  }
+  if (sqlstate === '53300') {
+    return fail(EXIT.CONNECTION, 'The server has no free connection', ['Wait for other sessions to end, or raise max_connections on the server', serverLog]);
+  }
+  if (sqlstate === '42501') {
+    return fail(EXIT.PERMISSION, 'The database user may not do this', [
+      'Grant what the message names, e.g. GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema)',
+      'Or run with the database owner, or a member of pg_read_all_data for backups',
+    ]);
+  }
+  if (sqlstate === '55P03' || sqlstate === '57014') {
+    return fail(EXIT.BACKUP_FAILED, sqlstate === '55P03' ? 'A table is locked' : 'A query was cancelled', [
+      'Another session holds a lock the query waited for (ALTER TABLE, VACUUM FULL, ...), or a timeout ended it; see pg_locks / pg_stat_activity',
+      'Run it again when that session has finished',
+    ]);
+  }
+  if (sqlstate === '42P04' || (sqlstate === '23505' && constraint === 'pg_database_datname_index')) {
+    return fail(EXIT.CONFIG, 'The database was created by someone else at the same moment', [
+      'Another run (or a person) created a database of this name while this one was starting',
+      'Restore into another database name, or wait for the other run and use --clean to replace it',
+    ]);
+  }
+  if (sqlstate === '53100') {
+    return fail(EXIT.DISK_SPACE, "The database server's disk is full", [`Free space on ${where} (df -h on its data directory)`, serverLog]);
+  }
+  if (sqlstate === '40001' || sqlstate === '40P01') {
+    return fail(EXIT.BACKUP_FAILED, 'A query lost a conflict with another session', ['Run it again; such conflicts are transient', serverLog]);
+  }
+  return fail(EXIT.BACKUP_FAILED, 'A database query failed', [serverLog, 'Run it again; if it fails the same way, the message names the cause']);
+}
+
 export interface ServerInfo {
   version: string;
   major: number;
@@ -1181,6 +1244,36 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
     `Check that ${config.origin.database} names the application's database`,
     `List the tables: psql -h ${config.host} -p ${config.port} -U ${config.user} -d ${config.database} -c '\\dt *.*'`,
   ]);
+}
+
+/**
+ * The relations whose rows row-level security would hide from this role: pg_dump turns row
+ * security off and then fails on them, and the counts would silently leave rows out. Owners are
+ * exempt unless FORCE ROW LEVEL SECURITY; superusers and BYPASSRLS roles always are.
+ */
+const RLS_HIDDEN_SQL = `
+  SELECT format('%I.%I', n.nspname, c.relname) AS name, c.relforcerowsecurity AS forced
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
+     AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user)
+     AND (c.relforcerowsecurity OR NOT pg_catalog.pg_has_role(c.relowner, 'USAGE'))
+   ORDER BY 1`;
+
+/** Refuse, before anything is written, a backup that row-level security would make incomplete (exit 4). */
+async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: UserTable[]): Promise<void> {
+  const { rows } = await client.query<{ name: string; forced: boolean }>(RLS_HIDDEN_SQL, [tables.flatMap((t) => t.data_oids)]);
+  if (rows.length === 0) return;
+  const forced = rows.filter((row) => row.forced).map((row) => row.name);
+  throw new BackupError(
+    EXIT.PERMISSION,
+    'Row-level security would hide rows from the backup',
+    `role "${config.user}" neither bypasses row-level security nor owns ${plural(rows.length, 'table')} it applies to: ${rows.slice(0, 5).map((row) => row.name).join(', ')}${rows.length > 5 ? ', ...' : ''}`,
+    [
+      `Back up with a role that has BYPASSRLS (as a superuser: ALTER ROLE ${pg.escapeIdentifier(config.user)} BYPASSRLS)`,
+      'Or back up with a superuser',
+      ...(forced.length > 0 ? [`For tables the role owns that FORCE row-level security: ALTER TABLE ${forced[0]} NO FORCE ROW LEVEL SECURITY`] : []),
+    ],
+  );
 }
 
 /** Exact row counts of every table, read inside the caller's snapshot transaction. */
@@ -2364,6 +2457,23 @@ async function assertProdRestoreAllowed(vars: EnvVars, admin: pg.Client, server:
   if (typed.trim() !== target) throw refuse('the typed name did not match');
 }
 
+/**
+ * One restore into a target at a time: two that found it missing (or empty) would both create (or
+ * fill) it. A session-level advisory lock on the administrative connection, held until the run
+ * ends, however it ends.
+ */
+async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: string): Promise<void> {
+  const { rows } = await admin.query<{ ok: boolean }>(
+    "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('backup_db restore'), pg_catalog.hashtext($1)) AS ok",
+    [target],
+  );
+  if (rows[0]?.ok) return;
+  throw configError(`a restore into "${target}" on ${config.host}:${config.port} is already running`, [
+    'Wait for it to finish and check its result',
+    'Or restore into another database: --target-db <new name>',
+  ]);
+}
+
 type TargetState = 'missing' | 'empty' | 'non-empty';
 
 async function targetState(admin: pg.Client, config: DbConfig, target: string, connectTimeoutSeconds: number): Promise<TargetState> {
@@ -2543,6 +2653,7 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
   try {
     const server = await readServerInfo(admin);
     await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
+    await claimRestoreTarget(admin, config, target);
     await assertExtensionsAvailable(admin, archive.toc, server);
     const state = await targetState(admin, config, target, request.connectTimeoutSeconds);
     if (state === 'non-empty' && !request.clean) {
@@ -2893,6 +3004,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     const { rows } = await client.query<{ snapshot: string }>('SELECT pg_catalog.pg_export_snapshot() AS snapshot');
     await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
     const tables = await listUserTables(client, config);
+    await assertNoRowSecurity(client, config, tables);
     await assertDiskSpace(options.outputDir, tables.reduce((sum, table) => sum + table.data_bytes, 0), compression);
     const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
     const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date(), format);
@@ -2940,14 +3052,16 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       throw verificationError({ filePath: reserved.dumpPath, metadataPath, metadata, inspection });
     }
     created.push(metadataPath);
-    await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`);
+    await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`).catch((error: unknown) => {
+      throw fileSystemError(error, 'Writing the metadata failed', options.outputDir);
+    });
     run.signal.throwIfAborted();
     await fs.rename(reserved.partialPath, reserved.dumpPath);
     await syncDirectory(options.outputDir);
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
     await Promise.all(created.map(removeQuietly));
-    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config);
+    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, options.outputDir);
   } finally {
     signal.removeEventListener('abort', onInterrupt);
   }
@@ -2971,19 +3085,16 @@ function envFilesIn(dir: string): string {
   return ENV_FILES.map((file) => displayPath(path.join(dir, file))).join(' or ');
 }
 
-/** Errors not already understood (a query failing mid-backup, say) still get the contract's shape. */
-function asBackupError(error: unknown, config: DbConfig): BackupError {
+/**
+ * Any failure as the contract's error: understood ones as they are, a database's through
+ * databaseFailure, a file system's through fileSystemError; anything else is unexpected (exit 1).
+ */
+function asBackupError(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>, dir?: string): BackupError {
   if (error instanceof BackupError) return error;
-  if (isDatabaseError(error)) {
-    // insufficient_privilege and lock_not_available read the same from pg as from pg_dump.
-    if (error.code === '42501' || error.code === '55P03') return pgDumpError(error);
-    return new BackupError(EXIT.BACKUP_FAILED, 'Backup failed: a database query failed', errorText(error), [
-      `Check the server log of ${config.host}:${config.port} around this time`,
-      'Run the backup again; if it fails the same way, the message above names the cause',
-    ]);
-  }
-  if (errnoCode(error)) return fileSystemError(error, 'Backup failed: a file operation failed', path.dirname(String((error as NodeJS.ErrnoException).path ?? '.')));
-  return new BackupError(EXIT.GENERAL, 'Backup failed', errorText(error));
+  const fromDatabase = databaseFailure(error, server);
+  if (fromDatabase) return fromDatabase;
+  if (errnoCode(error)) return fileSystemError(error, 'A file operation failed', dir ?? path.dirname(String((error as NodeJS.ErrnoException).path ?? '.')));
+  return new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error), ['This is a bug in backup_db.ts: please report it with the command that was run']);
 }
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
@@ -3396,10 +3507,6 @@ function errorText(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-function isDatabaseError(error: unknown): error is pg.DatabaseError {
-  return error instanceof pg.DatabaseError;
-}
-
 /**
  * Start a long-running client tool (pg_dump, pg_restore) so that it cannot outlive this process:
  * it runs in a process group of its own, and a watcher (a shell blocked reading a pipe from us)
@@ -3545,12 +3652,27 @@ function chooseRestore(opts: ModeOptions): Mode {
 
 const kebab = (name: string) => name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
 
-/** Pure: "30s", "500ms", "2min", "1h", or a bare number of seconds → milliseconds. 0 means no limit. */
-export function parseDuration(value: string): number {
-  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h)?\s*$/.exec(value);
-  if (!match) throw new InvalidArgumentError('Use a duration such as 500ms, 30s, 2min or 1h (0 waits forever).');
-  const factor = { ms: 1, s: 1000, min: 60_000, h: 3_600_000 }[(match[2] ?? 's') as 'ms' | 's' | 'min' | 'h'];
-  return Math.round(Number(match[1]) * factor);
+/** PostgreSQL's timeouts (lock_timeout, statement_timeout) are ints of milliseconds: about 24.8 days. */
+export const MAX_TIMEOUT_MS = 2_147_483_647;
+const DURATION_UNITS = { ms: 1, s: 1000, min: 60_000, h: 3_600_000, d: 86_400_000 } as const;
+
+/**
+ * Pure: "30s", "500ms", "2min", "1h", "7d", or a bare number of seconds → milliseconds, at most
+ * `maxMs`. 0 means no limit. A value beyond the limit is refused here, not by the server later.
+ */
+export function parseDuration(value: string, maxMs = MAX_TIMEOUT_MS): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
+  const ms = match ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS]) : NaN;
+  if (!(ms >= 0 && ms <= maxMs)) {
+    throw new InvalidArgumentError(`Use a duration such as 500ms, 30s, 2min, 1h or 2d, up to ${formatDuration(maxMs)} (0: no limit).`);
+  }
+  return ms;
+}
+
+/** Pure: milliseconds as the largest whole unit that fits, e.g. "24 d", "90 s". */
+export function formatDuration(ms: number): string {
+  const [unit, size] = (Object.entries(DURATION_UNITS) as Array<[string, number]>).reverse().find(([, size]) => ms >= size) ?? ['ms', 1];
+  return `${Math.floor(ms / size)} ${unit}`;
 }
 
 /** Pure: a positive whole number of seconds, as libpq's connect_timeout takes it. */
@@ -3654,7 +3776,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds').argParser(parseTimeoutSeconds).default(DEFAULT_CONNECT_TIMEOUT_S))
     .addOption(
       new Option('--lock-wait-timeout <duration>', 'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)')
-        .argParser(parseDuration)
+        .argParser((value) => parseDuration(value))
         .default(parseDuration(DEFAULT_LOCK_WAIT_TIMEOUT), DEFAULT_LOCK_WAIT_TIMEOUT),
     )
     .addOption(keep('--keep-last', 'the N newest backups (env BACKUP_KEEP_LAST)'))
@@ -3826,6 +3948,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   let command: CommandName = 'backup';
   let automation: Automation = { notifyOnSuccess: false };
   let known: Outcome['facts'] = {};
+  let server: DbConfig | undefined;
   let outcome: Outcome;
   try {
     const mode = chooseMode(opts);
@@ -3836,10 +3959,11 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     automation = settings.automation;
     if (automation.notifyUrl) secrets.push(automation.notifyUrl);
     const config = configuredDatabase(mode, opts, vars);
+    server = config;
     known = knownFacts(mode, config);
     outcome = await runMode(mode, opts, vars, config, settings);
   } catch (error) {
-    outcome = failedOutcome(command, error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error)));
+    outcome = failedOutcome(command, asBackupError(error, server));
   }
 
   try {

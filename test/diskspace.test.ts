@@ -57,6 +57,16 @@ describe('disk space', () => {
     assert.deepEqual(result.after, existing.before);
   });
 
+  test('the disk fills up while the metadata is written → exit 5, the hint names the output directory, nothing kept', async () => {
+    // Room for the lock and a one-page dump of the small database, not for its metadata too.
+    const smallArgs = (outputDir: string) => [...existing.args.slice(0, 4), '--output-dir', outputDir];
+    const result = await runCliOnTmpfs(8 * 1024, undefined, smallArgs);
+    assertDiskFull(result);
+    assert.match(result.stderr, /Error: Writing the metadata failed: .*ENOSPC/);
+    assert.match(result.stderr, /1\. Check free space: df -h \/\S+\/mnt$/m, 'the output directory, not the working directory');
+    assert.deepEqual(result.after, {}, 'no partial, no metadata, no lock');
+  });
+
   test('RLIMIT_FSIZE (EFBIG) during the write, where no tmpfs can be mounted → exit 5, same guarantees', async () => {
     const seeded = await directoryWithExistingBackup(server, 'space_small');
     const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir], wrapper: ['prlimit', '--fsize=1000000', '--'] });

@@ -61,6 +61,30 @@ async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) 
   return { dumpPath, metadataPath };
 }
 
+/**
+ * A backup whose restore waits at a gate: a table whose CHECK reads a shared catalog, which
+ * holdGate locks, so pg_restore's COPY waits on it, from whichever database, for as long as the
+ * test needs.
+ */
+async function gatedBackupOf(): Promise<TakenBackup> {
+  const gated = uniqueName('rs_gated');
+  await server.createDatabase(gated);
+  await withDatabase(gated, (c) =>
+    c.query(`
+      CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM count(*) FROM pg_catalog.pg_shdescription; RETURN true; END $$;
+      CREATE TABLE gated (id int CHECK (gate()));
+      INSERT INTO gated VALUES (1);`),
+  );
+  return takeBackup(server, gated, path.join(await tempDir(), 'b'));
+}
+
+async function holdGate() {
+  const holder = await server.connect('postgres');
+  const observer = await server.connect('postgres');
+  await holder.query('BEGIN; LOCK TABLE pg_catalog.pg_shdescription IN ACCESS EXCLUSIVE MODE');
+  return { holder, observer };
+}
+
 describe('--restore', () => {
   test('into a new database: created, identical to the source table by table, counts reconciled', async () => {
     const target = uniqueName('rs_new');
@@ -135,6 +159,29 @@ describe('--restore', () => {
     assert.equal(result.exitCode, 8);
     assert.match(result.stderr, /^✗ Restore failed: row counts differ from the backup$/m);
     assert.match(result.stderr, /^messages +9999 +3422 {2}✗$/m);
+  });
+
+  test('two restores into one new target at once: one restores it, the other is refused (exit 2), never both', { timeout: 90_000 }, async () => {
+    const gatedBackup = await gatedBackupOf();
+    const target = uniqueName('rs_race');
+    const { holder, observer } = await holdGate();
+    const first = startCli({ args: ['--restore', gatedBackup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir] });
+    let second;
+    try {
+      await waitFor('the first restore to wait at the gate', async () => {
+        const { rows } = await observer.query("SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", [target]);
+        return rows.length > 0 ? true : undefined;
+      });
+      second = await restore(gatedBackup.dumpPath, target);
+    } finally {
+      await holder.query('ROLLBACK');
+      await Promise.all([holder.end(), observer.end()]);
+    }
+    assert.equal(second.exitCode, 2, second.stderr);
+    assert.match(second.stderr, new RegExp(`a restore into "${target}" on .* is already running`));
+    const won = await first;
+    assert.equal(won.exitCode, 0, String(won.stderr));
+    assert.equal(await withDatabase(target, async (c) => (await c.query('SELECT count(*)::int AS n FROM gated')).rows[0].n), 1, 'restored once');
   });
 
   test('a missing --target-db, or restore options without --restore, are usage errors', async () => {
@@ -254,20 +301,8 @@ describe('--verify FILE --restore-test (the drill)', () => {
   });
 
   test('Ctrl-C while pg_restore runs → exit 130, and the scratch database is dropped', { timeout: 90_000 }, async () => {
-    // A table whose CHECK reads a shared catalog: the test holds that catalog locked, so
-    // pg_restore's COPY waits on it, from whichever database, for as long as the test needs.
-    const gated = uniqueName('rs_gated');
-    await server.createDatabase(gated);
-    await withDatabase(gated, (c) =>
-      c.query(`
-        CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM count(*) FROM pg_catalog.pg_shdescription; RETURN true; END $$;
-        CREATE TABLE gated (id int CHECK (gate()));
-        INSERT INTO gated VALUES (1);`),
-    );
-    const gatedBackup = await takeBackup(server, gated, path.join(await tempDir(), 'b'));
-    const holder = await server.connect('postgres');
-    const observer = await server.connect('postgres');
-    await holder.query('BEGIN; LOCK TABLE pg_catalog.pg_shdescription IN ACCESS EXCLUSIVE MODE');
+    const gatedBackup = await gatedBackupOf();
+    const { holder, observer } = await holdGate();
     const drill = startCli({ args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
     try {
       await waitFor('pg_restore to wait at the gate', async () => {

@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 import { selfSignedCertificate, startTestServers, type TestServer } from './helpers/pg-server.ts';
 
 let server: TestServer;
@@ -121,5 +122,72 @@ describe('sslmode, against a server that accepts TLS connections only', () => {
     const refused = await backup({ DEV_DATABASE_URL: url.replace('sslmode=require', 'sslmode=disable') });
     assert.equal(refused.exitCode, 3);
     assert.ok(!refused.stderr.includes(tlsServer.password), 'the URL password is masked');
+  });
+});
+
+describe('row-level security', () => {
+  test('tables whose rows RLS would hide from the role: exit 4 before anything is written, naming them and the fixes', async () => {
+    const admin = await server.connect('sec_app');
+    try {
+      await admin.query(`
+        CREATE ROLE rls_user LOGIN PASSWORD 'rls-pw';
+        GRANT CREATE ON SCHEMA public TO rls_user;
+        CREATE TABLE shared_notes (id int, owner text);
+        INSERT INTO shared_notes VALUES (1, 'a'), (2, 'b');
+        ALTER TABLE shared_notes ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY only_a ON shared_notes USING (owner = 'a');
+        GRANT SELECT ON ALL TABLES IN SCHEMA public TO rls_user;
+        SET ROLE rls_user;
+        CREATE TABLE own_forced (id int);
+        INSERT INTO own_forced VALUES (1), (2), (3);
+        ALTER TABLE own_forced ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE own_forced FORCE ROW LEVEL SECURITY;
+        CREATE POLICY nothing ON own_forced USING (false);
+        RESET ROLE;`);
+    } finally {
+      await admin.end();
+    }
+    const vars = { ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_USER: 'rls_user', DEV_DB_PASSWORD: 'rls-pw' };
+    const refused = await backup(vars);
+    assert.equal(refused.exitCode, 4, refused.stderr);
+    assert.match(refused.stderr, /^✗ Backup failed: Row-level security would hide rows from the backup$/m);
+    assert.match(refused.stderr, /role "rls_user" neither bypasses row-level security nor owns 2 tables it applies to: public\.own_forced, public\.shared_notes/);
+    assert.match(refused.stderr, /1\. Back up with a role that has BYPASSRLS \(as a superuser: ALTER ROLE "rls_user" BYPASSRLS\)/);
+    assert.match(refused.stderr, /3\. For tables the role owns that FORCE row-level security: ALTER TABLE public\.own_forced NO FORCE ROW LEVEL SECURITY/);
+    assert.deepEqual(refused.files, [], 'nothing written');
+
+    const su = await server.connect('sec_app');
+    await su.query('ALTER ROLE rls_user BYPASSRLS').finally(() => su.end());
+    const allowed = await backup(vars);
+    assert.equal(allowed.exitCode, 0, allowed.stderr);
+    const metadata = JSON.parse(await fs.readFile(path.join(allowed.configDir, 'out', allowed.files.find((f) => f.endsWith('.metadata.json'))!), 'utf8'));
+    assert.equal(metadata.table_counts.shared_notes, 2, 'every row counted, none hidden');
+    assert.equal(metadata.table_counts.own_forced, 3);
+  });
+});
+
+describe('database failures get the contract\'s codes', () => {
+  test("the backup's own session terminated: exit 3 'Database connection lost', not 'Backup failed: Backup failed'", { timeout: 60_000 }, async () => {
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'sec_app'));
+    const lock = await holdTableLock(() => server.connect('sec_app'), 'secrets_table');
+    const cli = startCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')] });
+    try {
+      await waitForBlockedPgDump(lock.observer);
+      await lock.observer.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'");
+    } finally {
+      await lock.release();
+    }
+    const result = await cli;
+    assert.equal(result.exitCode, 3, String(result.stderr));
+    assert.match(String(result.stderr), /^✗ Backup failed: Database connection lost$/m);
+    assert.match(String(result.stderr), /the session was terminated \(pg_terminate_backend\)/);
+    assert.deepEqual(await fs.readdir(path.join(configDir, 'out')), [], 'nothing left');
+  });
+
+  test('--lock-wait-timeout beyond what PostgreSQL takes is refused when parsed (exit 2)', async () => {
+    const result = await runCli({ args: ['--list', '--lock-wait-timeout', '99999999999h'] });
+    assert.equal(result.exitCode, 2);
+    assert.match(result.stderr, /up to 24 d/);
   });
 });

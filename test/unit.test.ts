@@ -34,6 +34,8 @@ import {
   redact,
   misreadDotenvValues,
   hookEnvironment,
+  databaseFailure,
+  parseDuration,
   mergeEnvLayers,
   metadataFileName,
   parseCompression,
@@ -332,6 +334,49 @@ describe('secrets', () => {
     assert.equal(pgpassLookup(file, { ...target, user: 'x' }), 'fallback');
     assert.equal(pgpassLookup('db:5432:app:u:with:colon', target), 'with:colon');
     assert.equal(pgpassLookup('db:5432:other:u:pw', target), undefined);
+  });
+});
+
+describe('parseDuration', () => {
+  test('units ms, s, min, h, d; a bare number is seconds; 0 is no limit', () => {
+    assert.deepEqual(['500ms', '30s', '2min', '1h', '2d', '45', '0', '1.5s'].map((v) => parseDuration(v)), [500, 30_000, 120_000, 3_600_000, 172_800_000, 45_000, 0, 1500]);
+  });
+  test('beyond the limit (PostgreSQL timeouts: about 24.8 days) or not a duration: refused', () => {
+    for (const value of ['99999999999h', '25d', '-1s', '1 week', '', 'abc', '5 m']) assert.throws(() => parseDuration(value), /Use a duration/, value);
+    assert.equal(parseDuration('24d'), 24 * 86_400_000);
+    assert.throws(() => parseDuration('2h', 3_600_000), /up to 1 h/);
+  });
+});
+
+describe('databaseFailure: every database error of every command to the contract\'s codes', () => {
+  const pgError = (code: string | undefined, message: string, extra: Record<string, unknown> = {}) => Object.assign(new Error(message), code ? { code } : {}, extra);
+  const server = { host: 'db.internal', port: 5432 };
+  const cases: Array<[string, Error, number, RegExp]> = [
+    ['its own session terminated', pgError('57P01', 'terminating connection due to administrator command'), EXIT.CONNECTION, /^Database connection lost$/],
+    ['the connection dropped under a query', pgError(undefined, 'Connection terminated unexpectedly'), EXIT.CONNECTION, /^Database connection lost$/],
+    ['a foreign server unreachable', pgError('08001', 'could not connect to server "remote"'), EXIT.CONNECTION, /^A foreign server could not be reached$/],
+    ['too many connections', pgError('53300', 'sorry, too many clients already'), EXIT.CONNECTION, /no free connection/],
+    ['two restores creating one target', pgError('23505', 'duplicate key value violates unique constraint "pg_database_datname_index"', { constraint: 'pg_database_datname_index' }), EXIT.CONFIG, /created by someone else at the same moment/],
+    ['CREATE DATABASE of a name that exists', pgError('42P04', 'database "x" already exists'), EXIT.CONFIG, /created by someone else/],
+    ['no permission', pgError('42501', 'permission denied for table t'), EXIT.PERMISSION, /may not do this/],
+    ['a lock not granted in time', pgError('55P03', 'canceling statement due to lock timeout'), EXIT.BACKUP_FAILED, /^A table is locked$/],
+    ['the server disk full', pgError('53100', 'could not extend file'), EXIT.DISK_SPACE, /disk is full/],
+    ['a deadlock', pgError('40P01', 'deadlock detected'), EXIT.BACKUP_FAILED, /conflict/],
+    ['anything else', pgError('XX000', 'internal error'), EXIT.BACKUP_FAILED, /^A database query failed$/],
+  ];
+  for (const [what, error, exitCode, title] of cases) {
+    test(what, () => {
+      const failure = databaseFailure(error, server)!;
+      assert.equal(failure.exitCode, exitCode);
+      assert.match(failure.title, title);
+      assert.ok(failure.hints.length > 0, 'hints say what to do');
+      assert.match(failure.details, new RegExp(error.message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+    });
+  }
+  test('not a database failure: an errno code such as EPIPE is not a SQLSTATE', () => {
+    assert.equal(databaseFailure(Object.assign(new Error('write failed'), { code: 'EACCES' })), undefined);
+    assert.equal(databaseFailure(new Error('something else')), undefined);
+    assert.equal(databaseFailure(Object.assign(new Error('write EPIPE'), { code: 'EPIPE' }))?.title, 'Database connection lost');
   });
 });
 
