@@ -1057,17 +1057,11 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
   if (sqlstate === '53300') {
     return fail(EXIT.CONNECTION, 'The server has no free connection', ['Wait for other sessions to end, or raise max_connections on the server', serverLog]);
   }
-  if (sqlstate === '42501') {
-    return fail(EXIT.PERMISSION, 'The database user may not do this', [
-      'Grant what the message names, e.g. GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema)',
-      'Or run with the database owner, or a member of pg_read_all_data for backups',
-    ]);
-  }
-  if (sqlstate === '55P03' || sqlstate === '57014') {
-    return fail(EXIT.BACKUP_FAILED, sqlstate === '55P03' ? 'A table is locked' : 'A query was cancelled', [
-      'Another session holds a lock the query waited for (ALTER TABLE, VACUUM FULL, ...), or a timeout ended it; see pg_locks / pg_stat_activity',
-      'Run it again when that session has finished',
-    ]);
+  const details = `${message} (SQLSTATE ${sqlstate})`;
+  if (sqlstate === '42501') return privilegeError(details);
+  if (sqlstate === '55P03') return lockedTableError(details);
+  if (sqlstate === '57014') {
+    return fail(EXIT.BACKUP_FAILED, 'A query was cancelled', ['A statement timeout, or another session (pg_cancel_backend), ended it', serverLog]);
   }
   if (sqlstate === '42P04' || (sqlstate === '23505' && constraint === 'pg_database_datname_index')) {
     return fail(EXIT.CONFIG, 'The database was created by someone else at the same moment', [
@@ -1082,6 +1076,21 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
     return fail(EXIT.BACKUP_FAILED, 'A query lost a conflict with another session', ['Run it again; such conflicts are transient', serverLog]);
   }
   return fail(EXIT.BACKUP_FAILED, 'A database query failed', [serverLog, 'Run it again; if it fails the same way, the message names the cause']);
+}
+
+/** The same failure whether pg_dump or the tool's own session meets it first. */
+function privilegeError(details: string): BackupError {
+  return new BackupError(EXIT.PERMISSION, 'The database user lacks a privilege', details, [
+    'To back up: GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema and its sequences), or use the owner or a member of pg_read_all_data',
+    'To restore: the user needs CREATEDB (ALTER ROLE <user> CREATEDB), or restore into an empty database it owns',
+  ]);
+}
+
+function lockedTableError(details: string): BackupError {
+  return new BackupError(EXIT.BACKUP_FAILED, 'A table is locked', details, [
+    'Another session holds an exclusive lock (ALTER TABLE, VACUUM FULL, ...) for longer than --lock-wait-timeout; see pg_locks / pg_stat_activity',
+    'Run it again when that session has finished',
+  ]);
 }
 
 export interface ServerInfo {
@@ -1372,18 +1381,8 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
       "Install client tools of the server's major version and put them first on PATH",
     ]);
   }
-  if (/permission denied/i.test(details)) {
-    return new BackupError(EXIT.PERMISSION, 'Backup failed: the database user may not read everything', details, [
-      'Grant read access: GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema and sequences)',
-      'Or back up with the database owner or a member of pg_read_all_data',
-    ]);
-  }
-  if (/could not obtain lock|lock timeout/i.test(details)) {
-    return new BackupError(EXIT.BACKUP_FAILED, 'Backup failed: a table is locked', details, [
-      'Another session holds an exclusive lock (ALTER TABLE, VACUUM FULL, ...); see pg_locks / pg_stat_activity',
-      'Run the backup again when it has finished',
-    ]);
-  }
+  if (/permission denied/i.test(details)) return privilegeError(details);
+  if (/could not obtain lock|lock timeout/i.test(details)) return lockedTableError(details);
   return new BackupError(EXIT.BACKUP_FAILED, 'pg_dump failed', details, [
     'Read the pg_dump message above; it names the object or setting at fault',
     'Run pg_dump by hand with the same settings to reproduce: pg_dump -Fc -f /tmp/test.dump <database>',

@@ -57,7 +57,7 @@ describe('progress on a terminal', () => {
       assert.equal(exitCode, 7, terminal);
       const error = terminal.indexOf('✗');
       assert.ok(terminal.lastIndexOf(CLEAR, error) > terminal.lastIndexOf('dumping', error), 'progress cleared before the error');
-      assert.match(terminal, /Backup failed: a table is locked/);
+      assert.match(terminal, /Backup failed: A table is locked/);
     } finally {
       await lock.release();
     }

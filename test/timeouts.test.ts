@@ -74,7 +74,7 @@ describe('--lock-wait-timeout', () => {
       const result = await backup(dbVars(server, 'DEV_DB_', 'slow_app'), ['--lock-wait-timeout', '1s']);
       t.diagnostic(`failed after ${result.seconds.toFixed(1)} s while the lock was still held`);
       assert.equal(result.exitCode, 7, result.stderr);
-      assert.match(result.stderr, /^✗ Backup failed: a table is locked$/m);
+      assert.match(result.stderr, /^✗ Backup failed: A table is locked$/m);
       assert.match(result.stderr, /lock timeout|could not obtain lock/);
       assert.match(result.stderr, /pg_locks/);
       assert.deepEqual(result.files, [], 'no partial, no lock file');
@@ -87,7 +87,7 @@ describe('--lock-wait-timeout', () => {
     for (const value of ['forever', '-1s', '10 parsecs', '']) {
       const result = await runCli({ args: ['--lock-wait-timeout', value] });
       assert.equal(result.exitCode, 2, value);
-      assert.match(result.stderr, /Use a duration such as 500ms, 30s, 2min or 1h/);
+      assert.match(result.stderr, /Use a duration such as 500ms, 30s, 2min, 1h or 2d, up to 24 d/);
     }
   });
 });

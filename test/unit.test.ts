@@ -358,7 +358,7 @@ describe('databaseFailure: every database error of every command to the contract
     ['too many connections', pgError('53300', 'sorry, too many clients already'), EXIT.CONNECTION, /no free connection/],
     ['two restores creating one target', pgError('23505', 'duplicate key value violates unique constraint "pg_database_datname_index"', { constraint: 'pg_database_datname_index' }), EXIT.CONFIG, /created by someone else at the same moment/],
     ['CREATE DATABASE of a name that exists', pgError('42P04', 'database "x" already exists'), EXIT.CONFIG, /created by someone else/],
-    ['no permission', pgError('42501', 'permission denied for table t'), EXIT.PERMISSION, /may not do this/],
+    ['no permission', pgError('42501', 'permission denied for table t'), EXIT.PERMISSION, /^The database user lacks a privilege$/],
     ['a lock not granted in time', pgError('55P03', 'canceling statement due to lock timeout'), EXIT.BACKUP_FAILED, /^A table is locked$/],
     ['the server disk full', pgError('53100', 'could not extend file'), EXIT.DISK_SPACE, /disk is full/],
     ['a deadlock', pgError('40P01', 'deadlock detected'), EXIT.BACKUP_FAILED, /conflict/],
