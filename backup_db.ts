@@ -14,14 +14,12 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Transform } from 'node:stream';
-import { createInterface } from 'node:readline/promises';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import dotenv from 'dotenv';
-import { execa, type Options, type ResultPromise } from 'execa';
-import pg from 'pg';
+import type { Options, ResultPromise } from 'execa';
+import type pg from 'pg';
 
 // ─── Types and constants ────────────────────────────────────────────────────────────────
 
@@ -59,6 +57,15 @@ const PARTIAL_SUFFIX = '.partial';
 const METADATA_SUFFIX = '.metadata.json';
 const LOCK_SUFFIX = '.lock';
 const APPLICATION_NAME = `backup_db:${process.pid}`;
+
+/**
+ * execa and pg take a fifth of a second to load, which --help, --list and a configuration error
+ * never need: they are loaded on first use.
+ */
+let execaModule: Promise<typeof import('execa')> | undefined;
+const loadExeca = () => (execaModule ??= import('execa'));
+let pgModule: Promise<typeof import('pg')> | undefined;
+const loadPg = () => (pgModule ??= import('pg'));
 
 /**
  * The one error type. Thrown where a failure is understood, printed in exactly one place
@@ -132,6 +139,7 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
     const filePath = path.join(dir, file);
     try {
       const text = await fs.readFile(filePath, 'utf8');
+      const { default: dotenv } = await import('dotenv');
       layers.push({ source: file, vars: dotenv.parse(text), misread: misreadDotenvValues(text) });
     } catch (error) {
       if (errnoCode(error) === 'ENOENT') continue;
@@ -399,6 +407,7 @@ function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<
   if (!probe) {
     probe = (async () => {
       if (!(await isExecutableFile(file))) return undefined;
+      const { execa } = await loadExeca();
       const result = await execa(file, ['--version'], { reject: false, stdin: 'ignore' });
       const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
       return parsed && { path: await bypassPgWrapper(file, command, parsed.major), ...parsed };
@@ -866,6 +875,7 @@ async function withClient<T>(config: DbConfig, connectTimeoutSeconds: number, us
 }
 
 async function openClient(config: DbConfig, connectTimeoutSeconds: number, ssl: pg.ClientConfig['ssl']): Promise<pg.Client> {
+  const { default: pg } = await loadPg();
   const client = new pg.Client({
     host: config.host,
     port: config.port,
@@ -1278,7 +1288,7 @@ async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: 
     'Row-level security would hide rows from the backup',
     `role "${config.user}" neither bypasses row-level security nor owns ${plural(rows.length, 'table')} it applies to: ${rows.slice(0, 5).map((row) => row.name).join(', ')}${rows.length > 5 ? ', ...' : ''}`,
     [
-      `Back up with a role that has BYPASSRLS (as a superuser: ALTER ROLE ${pg.escapeIdentifier(config.user)} BYPASSRLS)`,
+      `Back up with a role that has BYPASSRLS (as a superuser: ALTER ROLE ${quoteIdentifier(config.user)} BYPASSRLS)`,
       'Or back up with a superuser',
       ...(forced.length > 0 ? [`For tables the role owns that FORCE row-level security: ALTER TABLE ${forced[0]} NO FORCE ROW LEVEL SECURITY`] : []),
     ],
@@ -1331,7 +1341,7 @@ async function streamPgDump(
     },
   });
   const stopDump = new AbortController();
-  const child = startTethered(pgDump.path, args, AbortSignal.any([signal, stopDump.signal]), {
+  const { child } = await startTethered(pgDump.path, args, AbortSignal.any([signal, stopDump.signal]), {
     env,
     stdin: 'ignore',
     buffer: { stdout: false, stderr: true },
@@ -1361,7 +1371,7 @@ function interruptedError(signal: InterruptSignal): BackupError {
  * so the checksum is the manifest's, read once afterwards; memory stays flat all the same.
  */
 async function dumpToDirectory(pgDump: PgTool, args: string[], env: Record<string, string>, partialDir: string, signal: AbortSignal): Promise<DumpOutcome> {
-  const result = await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, { env, stdin: 'ignore', stdout: 'ignore', reject: false });
+  const result = await (await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, { env, stdin: 'ignore', stdout: 'ignore', reject: false })).child;
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
   return hashBackup(partialDir);
@@ -1826,6 +1836,7 @@ interface ArchiveListing {
  * not to the data, so buffering it is fine.
  */
 async function listArchive(pgRestore: PgTool, filePath: string): Promise<ArchiveListing> {
+  const { execa } = await loadExeca();
   const result = await execa(pgRestore.path, ['--list', filePath], { reject: false, stdin: 'ignore' });
   return { ok: result.exitCode === 0, toc: String(result.stdout), error: String(result.stderr).trim() || `pg_restore exited with code ${result.exitCode}` };
 }
@@ -2346,6 +2357,9 @@ export function extensionInstallHint(name: string, major: number): string {
   return `${name}: install the package that provides it for PostgreSQL ${major} (Debian/Ubuntu: apt-cache search postgresql-${major}-${name})`;
 }
 
+/** Pure: an SQL identifier, quoted as the server quotes one. */
+export const quoteIdentifier = (name: string) => `"${name.replaceAll('"', '""')}"`;
+
 /** Pure: a libpq conninfo naming only the database, quoted so that no name is read as settings. */
 export function dbnameConninfo(database: string): string {
   return `dbname='${database.replace(/\\/g, '\\\\').replace(/'/g, "\\'")}'`;
@@ -2550,12 +2564,13 @@ async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string,
   const newerClient = pgRestore.major > server.major;
   const jobs = newerClient ? 1 : Math.max(1, os.availableParallelism());
   const stopOnError = newerClient ? [] : ['--exit-on-error'];
-  const result = await startTethered(pgRestore.path, ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], signal, {
+  const { child } = await startTethered(pgRestore.path, ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], signal, {
     // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
     env: { ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds), LC_MESSAGES: 'C' },
     stdin: 'ignore',
     reject: false,
   });
+  const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.exitCode === 0) return { jobs, skippedSettings: [] };
   const stderr = String(result.stderr).trim();
@@ -2880,7 +2895,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   }
   if (record.outcome === 'failure' && automation.onFailure) {
     tasks.push(
-      execa('/bin/sh', ['-c', automation.onFailure], { env: hookEnvironment(record, process.env, secrets), extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false }).then(async (result) => {
+      loadExeca().then(({ execa }) => execa('/bin/sh', ['-c', automation.onFailure!], { env: hookEnvironment(record, process.env, secrets), extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false })).then(async (result) => {
         if (result.exitCode === 0) return;
         const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${String(result.stderr).trim().split('\n').at(-1) ?? ''}`;
         warn('The --on-failure command failed', why);
@@ -3513,11 +3528,12 @@ function errorText(error: unknown): string {
  * this process ends by any means, SIGKILL included. `signal` stops the group too. Being in its own
  * session, the tool also never prompts on the terminal: a missing password fails instead of hanging.
  */
-function startTethered<const O extends Options>(file: string, args: readonly string[], signal: AbortSignal, options: O): ResultPromise<O> {
+async function startTethered<const O extends Options>(file: string, args: readonly string[], signal: AbortSignal, options: O): Promise<{ child: ResultPromise<O> }> {
+  const { execa } = await loadExeca();
   // detached changes how the child starts, not what its result looks like.
   const child = execa(file, args, { ...options, detached: true }) as unknown as ResultPromise<O>;
   const pid = child.pid;
-  if (pid === undefined) return child; // it could not start; the promise says why
+  if (pid === undefined) return { child }; // it could not start; the promise says why
   const killGroup = (name: NodeJS.Signals) => {
     try {
       process.kill(-pid, name);
@@ -3547,7 +3563,8 @@ function startTethered<const O extends Options>(file: string, args: readonly str
     liveWatchers.delete(watcher);
   };
   child.then(done, done);
-  return child;
+  // Wrapped: a ResultPromise is a thenable, and returning it bare would wait for the process.
+  return { child };
 }
 
 const liveWatchers = new Set<ChildProcess>();
@@ -3917,6 +3934,7 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
   if (!process.stdin.isTTY || !process.stderr.isTTY) return {};
   return {
     ask: async (question) => {
+      const { createInterface } = await import('node:readline/promises');
       const prompt = createInterface({ input: process.stdin, output: process.stderr });
       try {
         return await prompt.question(question);
