@@ -11,7 +11,7 @@
  * Prints medians, ratios (the median of the runs' own ratios), throughput, dump size, the CLI's
  * peak RSS, verify time against sha256sum, projections to 10 GB, and a compression guide. Exits 1
  * if a target is missed. `--pg-bin-dir` measures another client (the raw runs and the CLI both use
- * it), e.g. the pg_dump 17 that `node --import tsx test/helpers/newer-client.ts` builds and prints.
+ * it), e.g. the pg_dump 17 that `npm run test:setup` builds into node_modules/.cache/pg-client-17/bin.
  * Shared virtual machines are noisy (±10% run to run here): trust medians of several runs.
  */
 import { randomBytes } from 'node:crypto';

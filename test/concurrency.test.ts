@@ -14,6 +14,9 @@ import { execa } from 'execa';
 import { dbVars, PROJECT_DIR, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { holdTableLock, waitFor } from './helpers/wait.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+
+const noProc = await unmet('proc');
 
 let server: TestServer;
 before(async () => {
@@ -108,12 +111,12 @@ describe('stale locks', () => {
     assert.ok(!result.files.some((name) => name.endsWith('.lock')), 'taken over, then released');
   });
 
-  test('a lock whose pid now belongs to another program (start time differs) is taken over', async () => {
+  test('a lock whose pid now belongs to another program (start time differs) is taken over', skipUnless(noProc), async () => {
     const result = await runWithLock({ ...base(), pid: process.pid, process_start: '1' });
     assert.equal(result.exitCode, 0, result.stderr);
   });
 
-  test('a lock held by a live process is respected (exit 7) and left in place', async () => {
+  test('a lock held by a live process is respected (exit 7) and left in place', skipUnless(noProc), async () => {
     const owner = { ...base(), pid: process.pid, process_start: await procStartTime(process.pid) };
     const result = await runWithLock(owner);
     assert.equal(result.exitCode, 7);

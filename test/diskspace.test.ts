@@ -10,6 +10,10 @@ import { dbVars, directoryWithExistingBackup, runCli, tempDir, writeEnvFile } fr
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { runCliOnTmpfs } from './helpers/tmpfs.ts';
 import { directoryFingerprint } from './helpers/wait.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+
+const noPrlimit = await unmet('prlimit');
+const noTmpfs = await unmet('mountNamespace');
 
 let server: TestServer;
 let configDir: string;
@@ -43,21 +47,21 @@ function assertDiskFull(result: { exitCode: number; stderr: string; stdout: stri
 }
 
 describe('disk space', () => {
-  test('preflight: clearly too little free space → exit 5 with the figures, before anything is written', async () => {
+  test('preflight: clearly too little free space → exit 5 with the figures, before anything is written', skipUnless(noTmpfs), async () => {
     const result = await runCliOnTmpfs(128 * 1024, existing.outputDir, backupArgs);
     assertDiskFull(result);
     assert.match(result.stderr, /Error: \d+\.\d KB free in .*, but the tables hold \d+\.\d MB and even a well-compressed dump of them needs about \d+\.\d KB/);
     assert.deepEqual(result.after, existing.before, 'only the existing backup; no partial, no lock');
   });
 
-  test('a real ENOSPC during the write → exit 5, the partial removed, existing backups untouched', async () => {
+  test('a real ENOSPC during the write → exit 5, the partial removed, existing backups untouched', skipUnless(noTmpfs), async () => {
     const result = await runCliOnTmpfs(1024 * 1024, existing.outputDir, backupArgs);
     assertDiskFull(result);
     assert.match(result.stderr, /ENOSPC/);
     assert.deepEqual(result.after, existing.before);
   });
 
-  test('the disk fills up while the metadata is written → exit 5, the hint names the output directory, nothing kept', async () => {
+  test('the disk fills up while the metadata is written → exit 5, the hint names the output directory, nothing kept', skipUnless(noTmpfs), async () => {
     // Room for the lock and a one-page dump of the small database, not for its metadata too.
     const smallArgs = (outputDir: string) => [...existing.args.slice(0, 4), '--output-dir', outputDir];
     const result = await runCliOnTmpfs(8 * 1024, undefined, smallArgs);
@@ -67,7 +71,7 @@ describe('disk space', () => {
     assert.deepEqual(result.after, {}, 'no partial, no metadata, no lock');
   });
 
-  test('RLIMIT_FSIZE (EFBIG) during the write, where no tmpfs can be mounted → exit 5, same guarantees', async () => {
+  test('RLIMIT_FSIZE (EFBIG) during the write, where no tmpfs can be mounted → exit 5, same guarantees', skipUnless(noPrlimit), async () => {
     const seeded = await directoryWithExistingBackup(server, 'space_small');
     const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir], wrapper: ['prlimit', '--fsize=1000000', '--'] });
     assertDiskFull(result);
@@ -75,7 +79,7 @@ describe('disk space', () => {
     assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
   });
 
-  test('with room to spare the same backup succeeds, so the failures above are about space', async () => {
+  test('with room to spare the same backup succeeds, so the failures above are about space', skipUnless(noTmpfs), async () => {
     const result = await runCliOnTmpfs(64 * 1024 * 1024, undefined, backupArgs);
     assert.equal(result.exitCode, 0, result.stderr);
     assert.equal(Object.keys(result.after).filter((name) => name.endsWith('.dump')).length, 1);

@@ -10,8 +10,11 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, directoryWithExistingBackup, runCli, startCli, type CliRun } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { alive, pgDumpsOf, within } from './helpers/processes.ts';
+import { alive, pgDumpsOf, processesWithEnv, within } from './helpers/processes.ts';
 import { directoryFingerprint, holdTableLock, waitForBlockedPgDump, waitForNoBackupSessions } from './helpers/wait.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+
+const noBash = await unmet('bash');
 
 let server: TestServer;
 before(async () => {
@@ -116,7 +119,7 @@ describe('killed with SIGKILL', () => {
   });
 });
 
-describe('the tool and what it started live and die together', () => {
+describe('the tool and what it started live and die together', skipUnless(await unmet('proc')), () => {
   test('killed with SIGKILL while pg_dump waits on a lock: pg_dump does not outlive it by more than 2 seconds', { timeout: 60_000 }, async () => {
     const run = await backupCaughtMidDump();
     try {
@@ -160,7 +163,7 @@ describe('the tool and what it started live and die together', () => {
     { what: 'SIGKILL to tsx (the parent)', signal: 'SIGKILL' as const, at: 'tsx', message: /^✗ Backup failed: Interrupted: the process that started this run ended$/m },
   ];
   for (const { what, signal, at, exitCode, message } of launchers) {
-    test(`run as README says (npx tsx backup_db.ts), ${what}: the backup stops, cleans up, publishes nothing`, { timeout: 90_000 }, async () => {
+    test(`run as README says (npx tsx backup_db.ts), ${what}: the backup stops, cleans up, publishes nothing`, { timeout: 90_000, ...skipUnless(noBash) }, async () => {
       const run = await backupCaughtMidDump({ viaNpx: true });
       let result;
       try {
@@ -196,26 +199,17 @@ describe('the tool and what it started live and die together', () => {
     await assertNoBackupSessionLeft();
   });
 
-  test('a backup that succeeds leaves no helper process behind', async () => {
+  test('a backup that succeeds leaves no process behind, the tether watchers included', async () => {
     const existing = await directoryWithExistingBackup(server, 'int_app');
-    const before = await tetherProcesses();
-    const result = await runCli({ args: existing.args });
+    // Every process the CLI starts inherits this mark, which other test files' backups lack.
+    const mark = `tether-check-${process.pid}-${Date.now()}`;
+    const result = await runCli({ args: existing.args, env: { BACKUP_TEST_MARK: mark } });
     assert.equal(result.exitCode, 0, result.stderr);
-    assert.deepEqual(await tetherProcesses(), before);
+    assert.deepEqual(await processesWithEnv('BACKUP_TEST_MARK', mark), []);
   });
 });
 
 async function parentOf(pid: number): Promise<number> {
   const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
   return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-}
-
-/** The watcher processes the tool starts beside pg_dump and pg_restore (named backup_db-tether). */
-async function tetherProcesses(): Promise<number[]> {
-  const found: number[] = [];
-  for (const entry of (await fs.readdir('/proc')).filter((name) => /^\d+$/.test(name))) {
-    const cmdline = await fs.readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes('backup_db-tether') && (await alive(Number(entry)))) found.push(Number(entry));
-  }
-  return found;
 }

@@ -10,6 +10,10 @@ import { after, before, describe, test } from 'node:test';
 import { dbVars, runCli, tempDir, writeEnvFile, type CliRun } from './helpers/cli.ts';
 import { hidingUsualClientLocations } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+
+const noTmpfs = await unmet('mountNamespace');
+const noSetpriv = await unmet('setpriv');
 
 let server: TestServer;
 before(async () => {
@@ -49,7 +53,7 @@ function assertContractError(result: { exitCode: number; stderr: string; stdout:
 const good = () => dbVars(server, 'DEV_DB_', 'app_dev');
 
 describe('preflight failures', () => {
-  test('no pg_dump on PATH or in any usual location → 6, with install hints', async () => {
+  test('no pg_dump on PATH or in any usual location → 6, with install hints', skipUnless(noTmpfs), async () => {
     const emptyBin = await tempDir();
     const result = await attempt({ vars: good(), run: { env: { PATH: emptyBin }, wrapper: await hidingUsualClientLocations() } });
     assertContractError(result, 6, /pg_dump not found/);
@@ -86,7 +90,7 @@ describe('preflight failures', () => {
     assert.match(result.stderr, /createdb .* no_such_db/);
   });
 
-  test('unwritable output directory → 4', async () => {
+  test('unwritable output directory → 4', skipUnless(noSetpriv), async () => {
     const parent = await tempDir();
     await fs.chmod(parent, 0o555);
     const result = await attempt({ vars: good(), outputDir: path.join(parent, 'backups'), run: { withoutRootOverride: true } });

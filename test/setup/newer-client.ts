@@ -5,19 +5,16 @@
  *
  * The npm releases of PostgreSQL hold only the server, and PGDG's repository is out of reach
  * here, so this builds the two tools from Debian's own source package (trixie's postgresql-17,
- * fetched and signature-checked by apt) into node_modules/.cache, once: about a minute on two
- * cores. `npm test` runs it first (pretest); `npm run bench -- --pg-bin-dir <the printed dir>`
- * measures with it. Build tools missing from the machine are installed with apt-get when running
- * as root (or through password-less sudo).
- *
- *   node --import tsx test/helpers/newer-client.ts     # build if missing, print the bin dir
+ * see debian-source.ts) into node_modules/.cache, once: about a minute on two cores. Part of
+ * `npm run test:setup`; `npm run bench -- --pg-bin-dir <NEWER_CLIENT_DIR>` measures with it.
+ * The Debian packages it builds with are the caller's to install (BUILD_PACKAGES).
  */
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
-import { fetchUpstreamTarball, unpack, type SourceRequest } from '../setup/debian-source.ts';
+import { fetchUpstreamTarball, unpack, type SourceRequest } from './debian-source.ts';
 
 export const NEWER_MAJOR = 17;
 const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -27,7 +24,7 @@ const COMPLETE = path.join(PREFIX, '.complete');
 export const NEWER_CLIENT_DIR = path.join(PREFIX, 'bin');
 
 /** Debian packages the build needs: compilers and parser generators, and zlib, zstd, lz4, OpenSSL headers. */
-const BUILD_PACKAGES = ['gcc', 'make', 'bison', 'flex', 'pkg-config', 'bzip2', 'zlib1g-dev', 'libzstd-dev', 'liblz4-dev', 'libssl-dev'];
+export const BUILD_PACKAGES = ['gcc', 'make', 'bison', 'flex', 'pkg-config', 'bzip2', 'zlib1g-dev', 'libzstd-dev', 'liblz4-dev', 'libssl-dev'];
 
 /** trixie's postgresql-17; the pin's SHA-256 is from postgresql-17_17.11-0+deb13u1.dsc, signed by its Debian uploader. */
 const POSTGRESQL_17_SOURCE: SourceRequest = {
@@ -38,10 +35,12 @@ const POSTGRESQL_17_SOURCE: SourceRequest = {
 
 const exists = (file: string) => fs.access(file).then(() => true, () => false);
 
+/** Whether the client has been built (by test:setup). */
+export const newerClientBuilt = () => exists(COMPLETE);
+
 /** The bin directory of the newer client, built first if it is not there yet. */
 export async function ensureNewerClient(log: (line: string) => void = () => undefined): Promise<string> {
   if (await exists(COMPLETE)) return NEWER_CLIENT_DIR;
-  await installBuildPackages(log);
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'pg-client-build-'));
   try {
     const source = await unpack(await fetchUpstreamTarball(POSTGRESQL_17_SOURCE, work, log));
@@ -50,26 +49,6 @@ export async function ensureNewerClient(log: (line: string) => void = () => unde
     await fs.rm(work, { recursive: true, force: true });
   }
   return NEWER_CLIENT_DIR;
-}
-
-async function missingPackages(): Promise<string[]> {
-  const result = await execa('dpkg-query', ['-W', '-f=${Package} ${db:Status-Status}\n', ...BUILD_PACKAGES], { reject: false });
-  const installed = new Set(String(result.stdout).split('\n').filter((line) => line.endsWith(' installed')).map((line) => line.split(' ')[0]));
-  return BUILD_PACKAGES.filter((name) => !installed.has(name));
-}
-
-async function installBuildPackages(log: (line: string) => void): Promise<void> {
-  const missing = await missingPackages();
-  if (missing.length === 0) return;
-  // As root, apt-get itself; otherwise through sudo, if it works without a password.
-  const [command, ...prefix] = os.userInfo().uid === 0 ? ['apt-get'] : ['sudo', '-n', 'apt-get'];
-  if (command === 'sudo' && (await execa('sudo', ['-n', 'true'], { reject: false })).exitCode !== 0) {
-    throw new Error(`building pg_dump ${NEWER_MAJOR} for the tests needs these Debian packages: ${missing.join(' ')}\nInstall them: sudo apt-get install -y ${missing.join(' ')}`);
-  }
-  log(`installing ${missing.join(' ')}`);
-  const apt = (args: string[]) => execa(command!, [...prefix, ...args], { stdout: 'ignore', env: { DEBIAN_FRONTEND: 'noninteractive' } });
-  await apt(['update']);
-  await apt(['install', '-y', ...missing]);
 }
 
 /** Configure and build only pg_dump, pg_restore and the libpq they link to, into PREFIX. */
@@ -88,9 +67,4 @@ async function build(source: string, log: (line: string) => void): Promise<void>
   if (!stdout.includes(`(PostgreSQL) ${NEWER_MAJOR}.`)) throw new Error(`the built pg_dump says "${stdout}", not ${NEWER_MAJOR}`);
   await fs.writeFile(COMPLETE, `${stdout}\n`);
   log(`built ${stdout}`);
-}
-
-if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  const dir = await ensureNewerClient((line) => process.stderr.write(`pg client ${NEWER_MAJOR}: ${line}\n`));
-  console.log(dir);
 }
