@@ -168,8 +168,38 @@ async function compressionGuide(server: TestServer, database: string): Promise<A
   return rows;
 }
 
+/**
+ * The fixed cost every command pays before any work: `npx tsx backup_db.ts --list` of an empty
+ * directory, beside `npx tsx` of a one-line file (the floor no script can go below), and the
+ * same through `node --import tsx`, as the timings above run the tool. Medians of alternating runs.
+ */
+async function measureStartup(runs: number): Promise<Record<'npxFloor' | 'npxTool' | 'npxHelp' | 'nodeFloor' | 'nodeTool', number>> {
+  const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
+  const trivial = path.join(work, 'trivial.ts');
+  await fs.writeFile(trivial, 'export const one: number = 1;\n');
+  const empty = path.join(work, 'empty');
+  const commands = {
+    npxFloor: ['npx', 'tsx', trivial],
+    npxTool: ['npx', 'tsx', CLI, '--list', '--output-dir', empty],
+    npxHelp: ['npx', 'tsx', CLI, '--help'],
+    nodeFloor: [process.execPath, '--import', 'tsx', trivial],
+    nodeTool: [process.execPath, '--import', 'tsx', CLI, '--list', '--output-dir', empty],
+  };
+  const times = Object.fromEntries(Object.keys(commands).map((name) => [name, [] as number[]])) as Record<keyof typeof commands, number[]>;
+  for (let run = 0; run < runs; run++) {
+    for (const [name, [command, ...args]] of Object.entries(commands) as Array<[keyof typeof commands, string[]]>) {
+      times[name].push((await seconds(() => execa(command!, args, { cwd: PROJECT })))[0]);
+    }
+  }
+  await fs.rm(work, { recursive: true });
+  return Object.fromEntries(Object.entries(times).map(([name, xs]) => [name, median(xs)])) as Record<keyof typeof commands, number>;
+}
+
 const server = await startTestServer();
 try {
+  process.stderr.write('start-up ');
+  const startup = await measureStartup(Math.max(RUNS * 2, 11));
+  process.stderr.write('\n');
   const sizes = [Math.round(SIZE_MB / 4), SIZE_MB];
   const results: Measurement[] = [];
   for (const size of sizes) {
@@ -195,6 +225,11 @@ try {
     console.log(
       `| ${mb(r.dbBytes).toFixed(0)} MB | ${raw.toFixed(1)} s | ${tool.toFixed(1)} s | ${ratio.toFixed(2)} | ${rawP.toFixed(1)} s | ${toolP.toFixed(1)} s | ${ratioP.toFixed(2)} | ${tty.toFixed(1)} s | ${(mb(r.dbBytes) / tool).toFixed(0)} / ${(mb(r.dbBytes) / toolP).toFixed(0)} MB/s | ${mb(r.dumpBytes).toFixed(0)} MB | ${mb(median(r.rss)).toFixed(0)} MB |`,
     );
+  }
+  console.log(`\nFixed start-up cost, paid by every command before any work: ${startup.npxTool.toFixed(2)} s for \`npx tsx backup_db.ts --list\` of an empty directory (--help ${startup.npxHelp.toFixed(2)} s), of which \`npx tsx\` itself takes ${startup.npxFloor.toFixed(2)} s (a one-line file): the tool adds ${(startup.npxTool - startup.npxFloor).toFixed(2)} s. Through \`node --import tsx\`, as timed above: ${startup.nodeTool.toFixed(2)} s (floor ${startup.nodeFloor.toFixed(2)} s).`);
+  for (const r of results) {
+    const overhead = median(r.tool) - median(r.raw) - startup.nodeTool;
+    console.log(`Overhead beyond the start-up, ${mb(r.dbBytes).toFixed(0)} MB: ${overhead.toFixed(2)} s, ${(overhead / (r.dbBytes / 1024 ** 3)).toFixed(2)} s per GB of database`);
   }
   const large = results.at(-1)!;
   const small = results[0]!;

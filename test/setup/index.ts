@@ -6,6 +6,10 @@
  * It never installs system packages and never needs root: a Debian package it builds with that is
  * missing is named, with the apt-get command, and the step fails. Tests whose part is absent skip
  * with that reason; under CI=true (.ci/run runs this first) a skip is a failure.
+ *
+ *   node --import tsx test/setup/index.ts --missing-packages
+ *     prints the Debian packages the tool, its tests and this set-up need that are not installed
+ *     (what .ci/run installs with apt-get), one line, nothing when none are missing.
  */
 import os from 'node:os';
 import path from 'node:path';
@@ -14,6 +18,22 @@ import { execa } from 'execa';
 import { BUILD_PACKAGES, ensureNewerClient, NEWER_MAJOR } from './newer-client.ts';
 
 const SERVERS_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), 'servers');
+
+/**
+ * Every Debian package the project uses: the one list .ci/run installs from. The tool's and the
+ * tests' count as present when the commands they are for are on PATH (postgresql-client-15
+ * provides pg_dump as well as the postgresql-client metapackage); the build's by dpkg.
+ */
+export const DEBIAN_PACKAGES = {
+  /** The tool: pg_dump and pg_restore. */
+  tool: { 'postgresql-client': ['pg_dump', 'pg_restore'] },
+  /** The tests: certificates, root without its permission override, mount namespaces, RLIMIT_FSIZE, a pseudo-terminal, npm's script shell. */
+  tests: { openssl: ['openssl'], 'util-linux': ['setpriv', 'unshare', 'prlimit'], bsdutils: ['script'], bash: ['bash'] } as Record<string, string[]>,
+  /** The pg_dump 17 build. */
+  build: BUILD_PACKAGES,
+};
+
+const onPath = async (command: string) => (await execa('sh', ['-c', `command -v ${command}`], { reject: false })).exitCode === 0;
 
 interface Step {
   name: string;
@@ -49,6 +69,15 @@ async function missingPackages(packages: string[]): Promise<string[]> {
   const result = await execa('dpkg-query', ['-W', '-f=${Package} ${db:Status-Status}\n', ...packages], { reject: false });
   const installed = new Set(String(result.stdout).split('\n').filter((line) => line.endsWith(' installed')).map((line) => line.split(' ')[0]));
   return packages.filter((name) => !installed.has(name));
+}
+
+if (process.argv.includes('--missing-packages')) {
+  const byCommand = { ...DEBIAN_PACKAGES.tool, ...DEBIAN_PACKAGES.tests };
+  const missing: string[] = [];
+  for (const [name, commands] of Object.entries(byCommand)) if (!(await Promise.all(commands.map(onPath))).every(Boolean)) missing.push(name);
+  if (await isDebian()) missing.push(...(await missingPackages(DEBIAN_PACKAGES.build)));
+  console.log(missing.join(' '));
+  process.exit(0);
 }
 
 let failed = false;
