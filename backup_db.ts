@@ -662,12 +662,18 @@ export interface BackupLock {
  */
 export async function acquireBackupLock(dir: string, config: Pick<DbConfig, 'database' | 'environment'>): Promise<BackupLock> {
   const lockPath = path.join(dir, lockFileName(config.database, config.environment));
+  return acquireLockFile(lockPath, (owner) => alreadyRunningError(config, owner, lockPath));
+}
+
+/** Take the lock at `lockPath`; `busy` is the error when a live owner holds it. */
+async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => BackupError): Promise<BackupLock> {
+  const dir = path.dirname(lockPath);
   const owner: LockOwner = { pid: process.pid, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: await processStartTime(process.pid) };
   const content = JSON.stringify(owner);
   const ours = { temp: `${lockPath}.${process.pid}.tmp`, swap: `${lockPath}.${process.pid}.swap`, content };
   try {
     await fs.writeFile(ours.temp, content, { mode: 0o600, flag: 'wx' });
-    await claimLock(lockPath, ours, config, 0);
+    await claimLock(lockPath, ours, busy, 0);
     return {
       path: lockPath,
       // Only our own lock is removed, never one that replaced it.
@@ -689,7 +695,7 @@ export async function acquireBackupLock(dir: string, config: Pick<DbConfig, 'dat
  * can never both replace it, nor replace the lock of the run that did. The replacement is a
  * rename, so the lock never goes missing in between.
  */
-async function claimLock(target: string, ours: { temp: string; swap: string; content: string }, config: Pick<DbConfig, 'database' | 'environment'>, depth: number): Promise<void> {
+async function claimLock(target: string, ours: { temp: string; swap: string; content: string }, busy: (owner: LockOwner) => BackupError, depth: number): Promise<void> {
   for (let attempt = 0; attempt < 5 && depth < 3; attempt++) {
     try {
       await fs.link(ours.temp, target);
@@ -699,9 +705,9 @@ async function claimLock(target: string, ours: { temp: string; swap: string; con
     }
     const found = await readLock(target);
     if (!found) continue; // released in the meantime
-    if (!(await isStale(found))) throw alreadyRunningError(config, found.owner!, target);
+    if (!(await isStale(found))) throw busy(found.owner!);
     const takeover = `${target}.takeover-${found.ino}`;
-    await claimLock(takeover, ours, config, depth + 1);
+    await claimLock(takeover, ours, busy, depth + 1);
     try {
       const still = await readLock(target);
       if (still?.ino === found.ino && still.text === found.text) {
@@ -1523,6 +1529,13 @@ export interface BackupMetadata {
   table_data_oids?: Record<string, number[]>;
   /** The last restore drill (--verify FILE --restore-test) of this backup. */
   last_restore_test?: RestoreTestRecord;
+  /** Every extension of the database and its version, in the backup's snapshot: what a restore needs. */
+  extensions?: ExtensionVersion[];
+}
+
+export interface ExtensionVersion {
+  name: string;
+  version: string;
 }
 
 const ISO_8601 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$/;
@@ -1577,6 +1590,11 @@ const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown
       Array.isArray(v.mismatches) &&
       v.mismatches.every((table) => typeof table === 'string'),
     rule: 'must be a restore test record (time, ok, duration_ms, server, server_version, tables, mismatches)',
+  },
+  extensions: {
+    required: false,
+    valid: (v) => Array.isArray(v) && v.every((e) => isPlainObject(e) && isNonEmptyString(e.name) && isNonEmptyString(e.version)),
+    rule: 'must list extensions with their versions',
   },
 };
 
@@ -1648,10 +1666,10 @@ async function toolVersion(): Promise<string> {
 }
 
 /** Write a file so that readers see either nothing or all of it: temp file, fsync, rename, fsync dir. */
-export async function writeFileAtomic(filePath: string, contents: string): Promise<void> {
+export async function writeFileAtomic(filePath: string, contents: string, mode = 0o600): Promise<void> {
   const temp = `${filePath}.tmp-${process.pid}`;
   try {
-    const handle = await fs.open(temp, 'wx', 0o600);
+    const handle = await fs.open(temp, 'wx', mode);
     try {
       await handle.writeFile(contents);
       await handle.sync();
@@ -1909,29 +1927,35 @@ export interface FileInspection {
 
 const shortHash = (hex: string) => `${hex.slice(0, 12)}...`;
 
-/**
- * Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table
- * data. `streamed` is the hash a new backup computed while writing: the file was just written and
- * would be read back from the page cache, so hashing it again would cost a full read and prove
- * nothing the size, the archive's structure and the streamed hash do not. Later checks (--verify)
- * read every byte.
- */
-async function checkBackupFile(pgRestore: PgTool | undefined, filePath: string, metadata: BackupMetadata, streamed?: DumpOutcome, whyNoClient = 'no pg_restore'): Promise<FileInspection> {
-  const bytes = async (): Promise<DumpOutcome> => (streamed ? { sha256: streamed.sha256, size: await backupSize(filePath) } : hashBackup(filePath));
+/** What reading a little of a backup tells: its size on disk, its table of contents, the tables without data. */
+interface StructureInspection {
+  size: number;
+  listing: ArchiveListing;
+  missingTables: string[];
+}
+
+async function inspectStructure(pgRestore: PgTool | undefined, filePath: string, metadata: BackupMetadata, whyNoClient = 'no pg_restore'): Promise<StructureInspection> {
   const unread = { ok: false, toc: '', error: `not read: ${whyNoClient}` };
-  const [actual, listing] = await Promise.all([bytes(), pgRestore ? listArchive(pgRestore, filePath) : unread]);
+  const [size, listing] = await Promise.all([backupSize(filePath), pgRestore ? listArchive(pgRestore, filePath) : unread]);
+  return { size, listing, missingTables: listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [] };
+}
+
+/**
+ * Pure: a backup's four checks against its metadata. `hash` is the SHA-256 re-read from disk
+ * ('read'), computed on the way to disk by a new backup ('streamed'), or not known yet (undefined:
+ * a restore re-reads it while pg_restore works).
+ */
+function fileInspection(metadata: BackupMetadata, structure: StructureInspection, hash?: { sha256: string; how: 'read' | 'streamed' }): FileInspection {
+  const { size, listing, missingTables } = structure;
   const expectedHash = metadata.checksum_sha256.toLowerCase();
-  const missingTables = listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [];
   const tableCount = Object.keys(metadata.table_counts).length;
   const checks: FileChecks = {
-    checksum:
-      actual.sha256 === expectedHash
-        ? { ok: true, summary: streamed ? `Computed while writing (${shortHash(expectedHash)})` : `Match (${shortHash(expectedHash)})` }
-        : { ok: false, summary: `Mismatch (expected ${shortHash(expectedHash)}, found ${shortHash(actual.sha256)})` },
-    size:
-      actual.size === metadata.backup_size_bytes
-        ? { ok: true, summary: formatBytes(actual.size) }
-        : { ok: false, summary: `${actual.size} bytes, but the metadata says ${metadata.backup_size_bytes}` },
+    checksum: !hash
+      ? { ok: true, summary: 'Being re-read' }
+      : hash.sha256 === expectedHash
+        ? { ok: true, summary: hash.how === 'streamed' ? `Computed while writing (${shortHash(expectedHash)})` : `Match (${shortHash(expectedHash)})` }
+        : { ok: false, summary: `Mismatch (expected ${shortHash(expectedHash)}, found ${shortHash(hash.sha256)})` },
+    size: size === metadata.backup_size_bytes ? { ok: true, summary: formatBytes(size) } : { ok: false, summary: `${size} bytes, but the metadata says ${metadata.backup_size_bytes}` },
     structure: listing.ok ? { ok: true, summary: 'Valid (pg_restore --list succeeded)' } : { ok: false, summary: `Invalid: ${listing.error.split('\n')[0]}` },
     tables: !listing.ok
       ? { ok: false, summary: 'Not checked: the archive cannot be read' }
@@ -1939,7 +1963,19 @@ async function checkBackupFile(pgRestore: PgTool | undefined, filePath: string, 
         ? { ok: true, summary: `${tableCount} of ${tableCount} tables have data in the archive` }
         : { ok: false, summary: `No data in the archive for ${missingTables.length} of ${tableCount} tables: ${missingTables.slice(0, 5).join(', ')}${missingTables.length > 5 ? ', ...' : ''}` },
   };
-  return { checks, sha256: actual.sha256, size: actual.size, missingTables, toc: listing.toc };
+  return { checks, sha256: hash?.sha256 ?? '', size, missingTables, toc: listing.toc };
+}
+
+/**
+ * Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table
+ * data. `streamed` is the hash a new backup computed while writing: the file was just written and
+ * would be read back from the page cache, so hashing it again would cost a full read and prove
+ * nothing the size, the archive's structure and the streamed hash do not. Later checks (--verify)
+ * read every byte.
+ */
+async function checkBackupFile(pgRestore: PgTool | undefined, filePath: string, metadata: BackupMetadata, streamed?: DumpOutcome, whyNoClient?: string): Promise<FileInspection> {
+  const [structure, bytes] = await Promise.all([inspectStructure(pgRestore, filePath, metadata, whyNoClient), streamed ?? hashBackup(filePath)]);
+  return fileInspection(metadata, structure, { sha256: bytes.sha256, how: streamed ? 'streamed' : 'read' });
 }
 
 const CHECK_FAILURE_NAMES: Record<keyof FileChecks, string> = {
@@ -2520,19 +2556,55 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
 }
 
 /** Every extension the archive creates must be installable on the target server, checked before anything is written. */
-async function assertExtensionsAvailable(admin: pg.Client, toc: string, server: ServerInfo): Promise<void> {
-  const needed = archiveExtensions(toc);
+/**
+ * Every extension the archive creates must be installable on the target server, in a version no
+ * older than the backup's, checked before anything is written. pg_dump writes CREATE EXTENSION
+ * without a version, so the target creates its default version: an older one (a pgvector without
+ * halfvec, say) would make the restore fail halfway. Versions come from the metadata (taken in the
+ * backup's snapshot); metadata without them (other tools) can only be checked by name.
+ */
+async function assertExtensionsAvailable(admin: pg.Client, toc: string, server: ServerInfo, recorded?: ExtensionVersion[]): Promise<void> {
+  const needed: Array<{ name: string; version?: string }> = archiveExtensions(toc).map((name) => recorded?.find((e) => e.name === name) ?? { name });
   if (needed.length === 0) return;
-  const { rows } = await admin.query<{ name: string }>('SELECT name FROM pg_catalog.pg_available_extensions WHERE name = ANY($1)', [needed]);
-  const available = new Set(rows.map((row) => row.name));
-  const missing = needed.filter((name) => !available.has(name));
-  if (missing.length === 0) return;
+  const { rows } = await admin.query<{ name: string; default_version: string; versions: string[] }>(
+    `SELECT a.name, a.default_version, array_agg(v.version ORDER BY v.version) AS versions
+       FROM pg_catalog.pg_available_extensions a JOIN pg_catalog.pg_available_extension_versions v ON v.name = a.name
+      WHERE a.name = ANY($1) GROUP BY a.name, a.default_version`,
+    [needed.map((e) => e.name)],
+  );
+  const offered = new Map(rows.map((row) => [row.name, row]));
+  const missing = needed.filter((e) => !offered.has(e.name)).map((e) => e.name);
+  if (missing.length > 0) {
+    throw new BackupError(
+      EXIT.BACKUP_FAILED,
+      'The target server lacks extensions the backup needs',
+      `the archive creates ${plural(missing.length, 'extension')} that PostgreSQL ${server.version} on this server does not have: ${missing.join(', ')}`,
+      [...missing.map((name) => extensionInstallHint(name, server.major)), 'Nothing was restored or created; run again once they are installed'],
+    );
+  }
+  const older = needed.filter((e) => e.version !== undefined && compareVersions(offered.get(e.name)!.default_version, e.version) < 0);
+  if (older.length === 0) return;
+  const describe = (e: { name: string; version?: string }) => {
+    const target = offered.get(e.name)!;
+    return `${e.name}: the backup has ${e.version}, this server would create ${target.default_version} (available: ${target.versions.join(', ')})`;
+  };
   throw new BackupError(
     EXIT.BACKUP_FAILED,
-    'The target server lacks extensions the backup needs',
-    `the archive creates ${plural(missing.length, 'extension')} that PostgreSQL ${server.version} on this server does not have: ${missing.join(', ')}`,
-    [...missing.map((name) => extensionInstallHint(name, server.major)), 'Nothing was restored or created; run again once they are installed'],
+    "The target server's extensions are older than the backup's",
+    `PostgreSQL ${server.version} on this server has older versions of ${plural(older.length, 'extension')} the backup was taken with; ${older.map(describe).join('; ')}`,
+    [...older.map((e) => `${extensionInstallHint(e.name, server.major)}, version ${e.version} or newer`), 'Nothing was restored or created; run again once they are upgraded'],
   );
+}
+
+/** Pure: compare extension versions part by part ("0.8.0" > "0.5.1", "1.10" > "1.9"); numbers as numbers. */
+export function compareVersions(a: string, b: string): number {
+  const [pa, pb] = [a.split(/[.\-_]/), b.split(/[.\-_]/)];
+  for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
+    const [x = '0', y = '0'] = [pa[i], pb[i]];
+    const order = /^\d+$/.test(x) && /^\d+$/.test(y) ? Number(x) - Number(y) : x < y ? -1 : x > y ? 1 : 0;
+    if (order !== 0) return Math.sign(order);
+  }
+  return 0;
 }
 
 /**
@@ -2550,8 +2622,61 @@ export function unknownSettingsOnly(stderr: string): string[] | undefined {
 
 export interface PgRestoreRun {
   jobs: number;
+  /** The session settings pg_restore's connections ran with (PGOPTIONS). */
+  settings: Record<string, string>;
   /** Session settings the server lacked and pg_restore went on without (a newer pg_restore). */
   skippedSettings: string[];
+}
+
+/** How a restore may use the target server: pg_restore jobs, and index-build memory per job. */
+export interface RestoreTuning {
+  jobs?: number;
+  maintenanceWorkMemKb?: number;
+}
+
+/** Index-build memory shared by the pg_restore jobs when --maintenance-work-mem is not given. */
+const RESTORE_MEMORY_BUDGET_KB = 1024 * 1024;
+/** Never less per job than this (twice PostgreSQL's default of 64 MB). */
+const MIN_RESTORE_MEMORY_KB = 128 * 1024;
+
+/**
+ * Pure: the session settings a restore runs with, for every pg_restore connection (PGOPTIONS);
+ * the server's configuration is never changed. maintenance_work_mem: index builds get what
+ * pgvector asks for (an IVFFlat index built in a session with more memory fails to rebuild within
+ * the default 64 MB, and an HNSW build that outgrows it slows to a crawl), 1 GB shared by the jobs
+ * unless given per job. synchronous_commit off: a restore interrupted by a crash is redone from the
+ * file, so waiting for every commit to reach the disk buys nothing.
+ */
+export function restoreSessionSettings(serverMajor: number, jobs: number, maintenanceWorkMemKb?: number): Record<string, string> {
+  const memoryKb = maintenanceWorkMemKb ?? Math.max(MIN_RESTORE_MEMORY_KB, Math.floor(RESTORE_MEMORY_BUDGET_KB / jobs));
+  return {
+    maintenance_work_mem: formatMemory(memoryKb),
+    synchronous_commit: 'off',
+    // Parallel index builds (PostgreSQL 11+): more than the default 2 only with cores the jobs leave free.
+    ...(serverMajor >= 11 ? { max_parallel_maintenance_workers: String(Math.max(2, Math.floor(os.availableParallelism() / jobs) - 1)) } : {}),
+  };
+}
+
+/** Pure: kilobytes as PostgreSQL writes a memory setting, in the largest whole unit. */
+export function formatMemory(kb: number): string {
+  if (kb % (1024 * 1024) === 0) return `${kb / 1024 / 1024}GB`;
+  if (kb % 1024 === 0) return `${kb / 1024}MB`;
+  return `${kb}kB`;
+}
+
+/** Pure: "512MB", "1GB", "65536kB" (PostgreSQL's units; a bare number is MB) → kilobytes, within PostgreSQL's limits. */
+export function parseMemory(value: string): number {
+  const match = /^\s*(\d+)\s*(kB|MB|GB|TB)?\s*$/i.exec(value);
+  const factor = { kb: 1, mb: 1024, gb: 1024 ** 2, tb: 1024 ** 3 }[(match?.[2] ?? 'MB').toLowerCase() as 'kb' | 'mb' | 'gb' | 'tb'];
+  const kb = match ? Number(match[1]) * factor : NaN;
+  if (!(kb >= 1024 && kb <= MAX_TIMEOUT_MS)) throw new InvalidArgumentError('Use a size such as 256MB or 1GB (from 1MB to 2TB).');
+  return kb;
+}
+
+/** PGOPTIONS for pg_restore: the restore's settings, then any the user set, which win. */
+function pgOptions(settings: Record<string, string>): string {
+  const ours = Object.entries(settings).map(([name, value]) => `-c ${name}=${value}`);
+  return [...ours, ...(process.env.PGOPTIONS ? [process.env.PGOPTIONS] : [])].join(' ');
 }
 
 /**
@@ -2560,23 +2685,30 @@ export interface PgRestoreRun {
  * without --exit-on-error and every error must be one of those. One job then, because parallel
  * workers interleave their messages and pg_restore's error count leaves out the workers' errors.
  */
-async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string, file: string, server: ServerInfo, connectTimeoutSeconds: number, signal: AbortSignal): Promise<PgRestoreRun> {
+async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string, file: string, server: ServerInfo, connectTimeoutSeconds: number, tuning: RestoreTuning, signal: AbortSignal): Promise<PgRestoreRun> {
   const newerClient = pgRestore.major > server.major;
-  const jobs = newerClient ? 1 : Math.max(1, os.availableParallelism());
+  const jobs = newerClient ? 1 : (tuning.jobs ?? Math.max(1, os.availableParallelism()));
+  const settings = restoreSessionSettings(server.major, jobs, tuning.maintenanceWorkMemKb);
   const stopOnError = newerClient ? [] : ['--exit-on-error'];
   const { child } = await startTethered(pgRestore.path, ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], signal, {
     // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
-    env: { ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds), LC_MESSAGES: 'C' },
+    env: { ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds), LC_MESSAGES: 'C', PGOPTIONS: pgOptions(settings) },
     stdin: 'ignore',
     reject: false,
   });
   const result = await child;
   if (signal.aborted) throw signal.reason;
-  if (result.exitCode === 0) return { jobs, skippedSettings: [] };
+  if (result.exitCode === 0) return { jobs, settings, skippedSettings: [] };
   const stderr = String(result.stderr).trim();
   const skippedSettings = newerClient && result.exitCode === 1 ? unknownSettingsOnly(stderr) : undefined;
-  if (skippedSettings) return { jobs, skippedSettings };
+  if (skippedSettings) return { jobs, settings, skippedSettings };
+  const memory = /memory required is (\d+) MB, maintenance_work_mem is (\d+) MB/.exec(stderr);
   throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore failed', stderr || `pg_restore exited with code ${result.exitCode}`, [
+    ...(memory || /out of memory|could not resize shared memory/i.test(stderr)
+      ? [
+          `An index build needed more memory than maintenance_work_mem (${settings.maintenance_work_mem} per pg_restore job here, with --jobs ${jobs}): run again with --maintenance-work-mem ${memory ? `${Math.ceil((Number(memory[1]) * 1.5) / 64) * 64}MB` : 'larger'} (per job), or fewer --jobs`,
+        ]
+      : []),
     newerClient
       ? `pg_restore ${pgRestore.version} is newer than the server (PostgreSQL ${server.version}): loading into an older major is not guaranteed; a backup taken with pg_dump ${server.major} restores with pg_restore ${server.major}`
       : 'pg_restore stopped at the first error above',
@@ -2593,6 +2725,7 @@ export interface RestoreOutcome {
   targetAction: 'created' | 'replaced' | 'used empty';
   durationMs: number;
   jobs: number;
+  settings: Record<string, string>;
   skippedSettings: string[];
   /** Undefined when the backup had no valid metadata to reconcile with (--force). */
   reconciliation?: ReconciliationRow[];
@@ -2607,13 +2740,20 @@ interface RestorableArchive {
   pgRestore: PgTool;
   metadata?: BackupMetadata;
   forcedPast?: string;
+  /** The re-read of every byte: resolves when the SHA-256 matches, rejects (exit 8) when not. */
+  checksum: Promise<unknown>;
 }
 
-/** What a restore needs to know about the file, verified unless --force says otherwise. */
+/**
+ * What a restore needs to know about the file, verified unless --force says otherwise. The quick
+ * checks have passed on return; the SHA-256 re-read may still be going on (`checksum`).
+ */
 async function restorableArchive(search: ClientSearch, file: string, force: boolean): Promise<RestorableArchive> {
   try {
-    const verified = await runVerify(file, search);
-    return { filePath: verified.filePath, toc: verified.inspection.toc, pgRestore: verified.client!.pgRestore, metadata: verified.metadata };
+    const { quick, complete } = await startVerify(file, search);
+    // --force needs to know now what it goes past.
+    if (force) await complete;
+    return { filePath: quick.filePath, toc: quick.inspection.toc, pgRestore: quick.client!.pgRestore, metadata: quick.metadata, checksum: complete };
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
@@ -2621,18 +2761,37 @@ async function restorableArchive(search: ClientSearch, file: string, force: bool
     const listing = await listArchive(pgRestore, filePath);
     if (!listing.ok) throw new BackupError(EXIT.BACKUP_FAILED, 'Restore failed: pg_restore cannot read the archive', listing.error, ['Even --force cannot restore an unreadable archive']);
     const loaded = await loadMetadata(metadataPathFor(filePath), path.basename(filePath));
-    return { filePath, toc: listing.toc, pgRestore, ...(loaded.status === 'ok' ? { metadata: loaded.metadata } : {}), forcedPast: error.title.replace(/^Backup verification failed: /, '') };
+    return {
+      filePath,
+      toc: listing.toc,
+      pgRestore,
+      ...(loaded.status === 'ok' ? { metadata: loaded.metadata } : {}),
+      forcedPast: error.title.replace(/^Backup verification failed: /, ''),
+      checksum: Promise.resolve(),
+    };
   }
 }
 
 /** Row counts of every table of `database`, keyed like table_counts. */
-async function countTablesIn(config: DbConfig, database: string, connectTimeoutSeconds: number): Promise<Record<string, number>> {
-  const client = await connectDb({ ...config, database }, connectTimeoutSeconds);
+/**
+ * Row counts of every table of a restored `database`, keyed like table_counts, on `parallel`
+ * connections: the largest tables (by the backup's counts) first, so that they do not end alone.
+ */
+async function countTablesIn(config: DbConfig, database: string, connectTimeoutSeconds: number, parallel: number, expected: Record<string, number> = {}): Promise<Record<string, number>> {
+  const clients = await Promise.all(Array.from({ length: Math.max(1, parallel) }, () => connectDb({ ...config, database }, connectTimeoutSeconds)));
   try {
-    const { rows } = await client.query<UserTable>(LIST_TABLES_SQL);
-    return await countRows(client, rows);
+    const { rows: tables } = await clients[0]!.query<UserTable>(LIST_TABLES_SQL);
+    const weight = (t: UserTable) => (Object.hasOwn(expected, tableKey(t.schema, t.table)) ? expected[tableKey(t.schema, t.table)]! : 0);
+    const queue = [...tables].sort((a, b) => weight(b) - weight(a));
+    const counted = new Map<UserTable, number>();
+    await Promise.all(
+      clients.map(async (client) => {
+        for (let table = queue.shift(); table; table = queue.shift()) counted.set(table, Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n));
+      }),
+    );
+    return Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), counted.get(t)!]));
   } finally {
-    await client.end().catch(() => undefined);
+    await Promise.all(clients.map((client) => client.end().catch(() => undefined)));
   }
 }
 
@@ -2653,6 +2812,7 @@ export interface RestoreRequest {
   connectTimeoutSeconds: number;
   guard: ProdGuard;
   search: ClientSearch;
+  tuning: RestoreTuning;
 }
 
 /**
@@ -2668,7 +2828,7 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
     const server = await readServerInfo(admin);
     await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
     await claimRestoreTarget(admin, config, target);
-    await assertExtensionsAvailable(admin, archive.toc, server);
+    await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
     const state = await targetState(admin, config, target, request.connectTimeoutSeconds);
     if (state === 'non-empty' && !request.clean) {
       throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
@@ -2676,13 +2836,17 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
         `Or replace it: add --clean, which drops "${target}" and creates it again`,
       ]);
     }
+    // A database this run creates can be restored while the file is re-read, and dropped again if the
+    // re-read fails; one that exists is touched only once the file has been proven.
+    if (state !== 'missing') await archive.checksum;
     if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
     if (state === 'missing' || request.clean) await createDatabase(admin, target);
     const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
     const started = Date.now();
     let restored: PgRestoreRun;
     try {
-      restored = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, request.connectTimeoutSeconds, signal);
+      restored = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, request.connectTimeoutSeconds, request.tuning, abortOnFailure(archive.checksum, signal));
+      await archive.checksum;
     } catch (error) {
       // A database this run created holds only a partial restore: remove it rather than leave a trap.
       if (targetAction !== 'used empty') await dropDatabase(admin, target, server.major).catch(() => undefined);
@@ -2691,7 +2855,7 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
     const outcome: RestoreOutcome = { filePath: archive.filePath, target, server: `${config.host}:${config.port}`, targetAction, durationMs: Date.now() - started, ...restored };
     if (archive.forcedPast) outcome.forcedPast = archive.forcedPast;
     if (!archive.metadata) return outcome;
-    outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds));
+    outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds, restored.jobs, archive.metadata.table_counts));
     if (outcome.reconciliation.some((row) => !row.ok)) throw reconciliationError('Restore failed: row counts differ from the backup', outcome.reconciliation);
     return outcome;
   } finally {
@@ -2716,15 +2880,16 @@ export interface DrillOutcome {
   scratch: string;
   record: RestoreTestRecord;
   reconciliation: ReconciliationRow[];
-  skippedSettings: string[];
+  restored: PgRestoreRun;
 }
 
 /**
  * --verify FILE --restore-test: verify, restore into a scratch database with a unique name,
  * reconcile, record the result in the metadata, and drop the scratch database whatever happens.
  */
-async function runRestoreDrill(config: DbConfig, file: string, search: ClientSearch, connectTimeoutSeconds: number, signal: AbortSignal): Promise<DrillOutcome> {
-  const verified = await runVerify(file, search);
+async function runRestoreDrill(config: DbConfig, file: string, search: ClientSearch, connectTimeoutSeconds: number, tuning: RestoreTuning, signal: AbortSignal): Promise<DrillOutcome> {
+  // The scratch database is this run's own: it is restored while the file is re-read.
+  const { quick: verified, complete } = await startVerify(file, search);
   const { pgRestore } = verified.client!;
   const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
   const admin = await connectMaintenance(config, connectTimeoutSeconds);
@@ -2732,12 +2897,13 @@ async function runRestoreDrill(config: DbConfig, file: string, search: ClientSea
   let created = false;
   try {
     server = await readServerInfo(admin);
-    await assertExtensionsAvailable(admin, verified.inspection.toc, server);
+    await assertExtensionsAvailable(admin, verified.inspection.toc, server, verified.metadata.extensions);
     await createDatabase(admin, scratch);
     created = true;
     const started = Date.now();
-    const { skippedSettings } = await runPgRestore(pgRestore, config, scratch, verified.filePath, server, connectTimeoutSeconds, signal);
-    const reconciliation = reconcileCounts(verified.metadata.table_counts, await countTablesIn(config, scratch, connectTimeoutSeconds));
+    const restored = await runPgRestore(pgRestore, config, scratch, verified.filePath, server, connectTimeoutSeconds, tuning, abortOnFailure(complete, signal));
+    await complete;
+    const reconciliation = reconcileCounts(verified.metadata.table_counts, await countTablesIn(config, scratch, connectTimeoutSeconds, restored.jobs, verified.metadata.table_counts));
     const record: RestoreTestRecord = {
       time: new Date().toISOString(),
       ok: reconciliation.every((row) => row.ok),
@@ -2748,13 +2914,20 @@ async function runRestoreDrill(config: DbConfig, file: string, search: ClientSea
       mismatches: reconciliation.filter((row) => !row.ok).map((row) => row.table),
     };
     await recordRestoreTest(verified.filePath, verified.metadataPath, record);
-    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation, skippedSettings };
+    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation, restored };
     if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation);
     return outcome;
   } finally {
     if (created) await dropDatabase(admin, scratch, server!.major).catch(() => undefined);
     await admin.end().catch(() => undefined);
   }
+}
+
+/** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
+function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSignal {
+  const failed = new AbortController();
+  check.catch((error: unknown) => failed.abort(error));
+  return AbortSignal.any([signal, failed.signal]);
 }
 
 /** Add last_restore_test to the metadata, atomically, and only while the backup still exists. */
@@ -2807,12 +2980,16 @@ async function appendLog(file: string, line: string): Promise<void> {
 
 /** Pure: the POST body of a redacted record. `text` is what Slack shows, `content` what Discord shows; the rest is for machines. */
 export function notificationPayload(record: RunRecord): Record<string, unknown> {
-  const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
-  const text =
-    record.outcome === 'success'
-      ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}${record.size_bytes ? ` (${formatBytes(record.size_bytes)})` : ''}`
-      : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}${record.details ? ` (${record.details})` : ''}`;
+  const text = runSummary(record);
   return { text, content: text, ...record };
+}
+
+/** Pure: a run in one line, from a redacted record: what webhooks carry. */
+export function runSummary(record: RunRecord): string {
+  const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
+  return record.outcome === 'success'
+    ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}${record.size_bytes ? ` (${formatBytes(record.size_bytes)})` : ''}`
+    : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}${record.details ? ` (${record.details})` : ''}`;
 }
 
 const NOTIFY_TIMEOUT_MS = 5_000;
@@ -3019,6 +3196,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
     const tables = await listUserTables(client, config);
     await assertNoRowSecurity(client, config, tables);
+    const { rows: extensions } = await client.query<ExtensionVersion>('SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1');
     await assertDiskSpace(options.outputDir, tables.reduce((sum, table) => sum + table.data_bytes, 0), compression);
     const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
     const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date(), format);
@@ -3058,6 +3236,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       snapshot_consistent: true,
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
+      extensions,
     };
     // Check the file before it gets its final name: size on disk, archive structure, table data.
     const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
@@ -3113,6 +3292,23 @@ function asBackupError(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>,
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
 async function runVerify(fileArgument: string, search: ClientSearch): Promise<VerifyResult> {
+  return (await startVerify(fileArgument, search)).complete;
+}
+
+export interface Verification {
+  /** Every check but the SHA-256, which is still being computed (its check says so). */
+  quick: VerifyResult;
+  /** The whole result once every byte has been re-read; rejects (exit 8) if any check failed. */
+  complete: Promise<VerifyResult>;
+}
+
+/**
+ * --verify's checks, the quick ones now: metadata, size, archive structure and table data, which
+ * read a little of the file. The SHA-256 re-read of every byte goes on in `complete`, so that a
+ * restore into a database of its own making can run meanwhile. If a quick check fails, the
+ * re-read is awaited first, so that the report names every check that failed.
+ */
+async function startVerify(fileArgument: string, search: ClientSearch): Promise<Verification> {
   const filePath = path.resolve(fileArgument);
   await assertReadableFile(filePath);
   if (!filePath.endsWith(DUMP_SUFFIX)) {
@@ -3144,11 +3340,27 @@ async function runVerify(fileArgument: string, search: ClientSearch): Promise<Ve
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
     noClient = error;
   }
-  const inspection = await checkBackupFile(client?.pgRestore, filePath, loaded.metadata, undefined, noClient?.details);
-  const result: VerifyResult = { filePath, metadataPath, metadata: loaded.metadata, inspection, ...(client ? { client } : {}) };
-  if (noClient && inspection.checks.checksum.ok && inspection.checks.size.ok) throw noClient;
-  if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
-  return result;
+  const { metadata } = loaded;
+  const hashing = hashBackup(filePath);
+  hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
+  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details);
+  const resultWith = (hash?: DumpOutcome): VerifyResult => ({
+    filePath,
+    metadataPath,
+    metadata,
+    inspection: fileInspection(metadata, structure, hash && { sha256: hash.sha256, how: 'read' }),
+    ...(client ? { client } : {}),
+  });
+  const complete = hashing.then((hash) => {
+    const result = resultWith(hash);
+    if (noClient && result.inspection.checks.checksum.ok && result.inspection.checks.size.ok) throw noClient;
+    if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
+    return result;
+  });
+  const quick = resultWith();
+  if (noClient || failedChecks(quick.inspection.checks).length > 0) await complete;
+  complete.catch(() => undefined); // the caller awaits it; until then a failure must not go unhandled
+  return { quick, complete };
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
@@ -3338,6 +3550,10 @@ function matchSummary(rows: ReconciliationRow[] | undefined): string {
   return `${rows.filter((r) => r.ok).length} of ${rows.length} match the backup's row counts`;
 }
 
+function sessionLine(settings: Record<string, string>): string {
+  return `Session:     ${Object.entries(settings).map(([name, value]) => `${name}=${value}`).join(', ')}`;
+}
+
 function skippedSettingsLines(settings: string[]): string[] {
   if (settings.length === 0) return [];
   return [`Skipped:     SET ${settings.join(', ')}: pg_restore is newer than the server, which lacks ${settings.length === 1 ? 'it' : 'them'} (restored with one job)`];
@@ -3351,6 +3567,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     ...(outcome.forcedPast ? [`Verified:    ✗ ${outcome.forcedPast} (restored anyway: --force)`] : []),
     `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`,
     `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${outcome.jobs})`,
+    sessionLine(outcome.settings),
     ...skippedSettingsLines(outcome.skippedSettings),
     `Tables:      ${matchSummary(outcome.reconciliation)}`,
     ...(outcome.reconciliation ? ['', ...reconciliationLines(outcome.reconciliation)] : []),
@@ -3363,8 +3580,9 @@ function drillText(outcome: DrillOutcome): Text {
     '',
     `File:        ${displayPath(outcome.filePath)}`,
     `Scratch DB:  ${outcome.scratch} on ${outcome.record.server} (PostgreSQL ${outcome.record.server_version}; dropped)`,
-    `Restored in: ${(outcome.record.duration_ms / 1000).toFixed(1)} s`,
-    ...skippedSettingsLines(outcome.skippedSettings),
+    `Restored in: ${(outcome.record.duration_ms / 1000).toFixed(1)} s (pg_restore --jobs ${outcome.restored.jobs})`,
+    sessionLine(outcome.restored.settings),
+    ...skippedSettingsLines(outcome.restored.skippedSettings),
     `Tables:      ${matchSummary(outcome.reconciliation)}`,
     `Recorded:    last_restore_test in ${displayPath(outcome.metadataPath)}`,
     '',
@@ -3477,6 +3695,7 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
     target_action: outcome.targetAction,
     duration_ms: outcome.durationMs,
     jobs: outcome.jobs,
+    session_settings: outcome.settings,
     skipped_settings: outcome.skippedSettings,
     forced_past: outcome.forcedPast ?? null,
     reconciliation: outcome.reconciliation ?? null,
@@ -3484,7 +3703,16 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
 }
 
 function drillDocument(outcome: DrillOutcome): Record<string, unknown> {
-  return { file: outcome.filePath, metadata_file: outcome.metadataPath, scratch_database: outcome.scratch, last_restore_test: outcome.record, reconciliation: outcome.reconciliation, skipped_settings: outcome.skippedSettings };
+  return {
+    file: outcome.filePath,
+    metadata_file: outcome.metadataPath,
+    scratch_database: outcome.scratch,
+    last_restore_test: outcome.record,
+    reconciliation: outcome.reconciliation,
+    jobs: outcome.restored.jobs,
+    session_settings: outcome.restored.settings,
+    skipped_settings: outcome.restored.skippedSettings,
+  };
 }
 
 function errorDocument(error: BackupError): Record<string, unknown> {
@@ -3614,6 +3842,9 @@ interface CliOptions {
   iKnowThisIsProd?: true;
   restoreTest?: true;
   pgBinDir?: string;
+  maintenanceWorkMem?: number;
+  /** --jobs was given on the command line (not its default). */
+  jobsGiven?: boolean;
   json?: true;
 }
 
@@ -3626,10 +3857,18 @@ export type Mode =
   | { command: 'restore'; file: string; target: string }
   | { command: 'drill'; file: string };
 
-type ModeOptions = Pick<CliOptions, 'verify' | 'list' | 'prune' | 'restore' | 'targetDb' | 'clean' | 'force' | 'iKnowThisIsProd' | 'restoreTest'>;
+type ModeOptions = Pick<CliOptions, 'verify' | 'list' | 'prune' | 'restore' | 'targetDb' | 'clean' | 'force' | 'iKnowThisIsProd' | 'restoreTest' | 'maintenanceWorkMem'>;
 
 /** Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file". */
 export function chooseMode(opts: ModeOptions): Mode {
+  const mode = modeOf(opts);
+  if (opts.maintenanceWorkMem !== undefined && mode.command !== 'restore' && mode.command !== 'drill') {
+    throw configError('--maintenance-work-mem only applies to --restore FILE and --verify FILE --restore-test', ['For example: --restore FILE --target-db NAME --maintenance-work-mem 512MB']);
+  }
+  return mode;
+}
+
+function modeOf(opts: ModeOptions): Mode {
   if (opts.restore !== undefined) return chooseRestore(opts);
   const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find((option) => opts[option] !== undefined);
   if (onlyForRestore) throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, ['For example: --restore FILE --target-db NAME [--clean]']);
@@ -3737,13 +3976,14 @@ export interface Settings {
   dryRun: boolean;
   automation: Automation;
   search: ClientSearch;
+  restore: RestoreTuning;
 }
 
 /**
  * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
  * (which, like every setting, may come from the process environment, .env.local or .env).
  */
-export function resolveSettings(opts: Omit<CliOptions, 'env' | 'configDir' | 'connectTimeout' | 'lockWaitTimeout'>, vars: EnvVars): Settings {
+export function resolveSettings(opts: Partial<Omit<CliOptions, 'env' | 'configDir' | 'connectTimeout' | 'lockWaitTimeout'>>, vars: EnvVars): Settings {
   const fromVar = <T>(name: string, parse: (value: string) => T): T | undefined => {
     const found = vars.get(name);
     if (!found) return undefined;
@@ -3759,8 +3999,11 @@ export function resolveSettings(opts: Omit<CliOptions, 'env' | 'configDir' | 'co
   const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
   const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
   const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
+  const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
   return {
     search: pgBinDir ? { pgBinDir } : {},
+    // --jobs sets the restore's pg_restore jobs only when given; else one per core.
+    restore: { ...(opts.jobsGiven ? { jobs: opts.jobs } : {}), ...(maintenanceWorkMemKb ? { maintenanceWorkMemKb } : {}) },
     retention: {
       last: keep(opts.keepLast, 'BACKUP_KEEP_LAST'),
       daily: keep(opts.keepDaily, 'BACKUP_KEEP_DAILY'),
@@ -3788,7 +4031,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
     .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
     .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump 16+)'))
-    .addOption(new Option('--jobs <n>', 'dump with n parallel pg_dump workers into a directory-format archive').argParser(parseJobs).default(1, '1, one custom-format file'))
+    .addOption(new Option('--jobs <n>', 'dump with n parallel pg_dump workers into a directory-format archive; with --restore or --restore-test, n pg_restore jobs (default there: one per core)').argParser(parseJobs).default(1, '1, one custom-format file'))
     .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds').argParser(parseTimeoutSeconds).default(DEFAULT_CONNECT_TIMEOUT_S))
     .addOption(
       new Option('--lock-wait-timeout <duration>', 'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)')
@@ -3811,6 +4054,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .addOption(new Option('--force', 'with --restore: restore even if the file fails verification'))
     .addOption(new Option('--i-know-this-is-prod', 'with --restore and --env prod: allow overwriting the configured production database'))
     .addOption(new Option('--restore-test', 'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it'))
+    .addOption(new Option('--maintenance-work-mem <size>', 'with --restore or --restore-test: index-build memory per pg_restore job, e.g. 512MB (default: 1GB shared by the jobs, at least 128MB each; env BACKUP_MAINTENANCE_WORK_MEM)').argParser(parseMemory))
     .addOption(new Option('--pg-bin-dir <dir>', 'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations').argParser(nonEmptyPath))
     .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
     .showHelpAfterError(json ? false : '(run with --help for usage)')
@@ -3857,12 +4101,13 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
         connectTimeoutSeconds: opts.connectTimeout,
         guard: { requestedEnv: opts.env, iKnowThisIsProd: opts.iKnowThisIsProd === true, ...(opts.json ? {} : terminalPrompt()) },
         search: settings.search,
+        tuning: settings.restore,
       };
       const restored = await withInterruptSignal((signal) => runRestore(config!, vars, request, signal));
       return { command: 'restore', exitCode: EXIT.OK, document: restoreDocument(restored), text: () => restoreText(restored), facts: {} };
     }
     case 'drill': {
-      const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, settings.search, opts.connectTimeout, signal));
+      const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, settings.search, opts.connectTimeout, settings.restore, signal));
       const facts = { environment: drill.metadata.environment, database: drill.metadata.database_name };
       return { command: 'drill', exitCode: EXIT.OK, document: drillDocument(drill), text: () => drillText(drill), facts };
     }
@@ -3961,7 +4206,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     if (json) printOutcome(io, true, 'backup', false, errorDocument(failure), () => ({ out: [], err: [] }), secrets);
     return EXIT.CONFIG;
   }
-  const opts = program.opts<CliOptions>();
+  const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   let command: CommandName = 'backup';
   let automation: Automation = { notifyOnSuccess: false };
   let known: Outcome['facts'] = {};

@@ -20,12 +20,19 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { execa } from 'execa';
-import { parseCompression, parsePgVersion, type Compression } from '../backup_db.ts';
+import { parseCompression, parsePgVersion, restoreSessionSettings, type Compression } from '../backup_db.ts';
 import { startTestServer, type TestServer } from '../test/helpers/pg-server.ts';
+import { pgvectorServerBuilt } from '../test/setup/pgvector.ts';
 import { generateAppDatabase } from './generate.ts';
 
 const { values } = parseArgs({
-  options: { 'size-mb': { type: 'string', default: '1000' }, runs: { type: 'string', default: '5' }, compress: { type: 'string' }, 'pg-bin-dir': { type: 'string' } },
+  options: {
+    'size-mb': { type: 'string', default: '1000' },
+    runs: { type: 'string', default: '5' },
+    compress: { type: 'string' },
+    'pg-bin-dir': { type: 'string' },
+    only: { type: 'string' },
+  },
 });
 const PG_BIN_DIR = values['pg-bin-dir'] && path.resolve(values['pg-bin-dir']);
 /** The client under test: the one the CLI would find on PATH, unless --pg-bin-dir names another. */
@@ -195,8 +202,70 @@ async function measureStartup(runs: number): Promise<Record<'npxFloor' | 'npxToo
   return Object.fromEntries(Object.entries(times).map(([name, xs]) => [name, median(xs)])) as Record<keyof typeof commands, number>;
 }
 
+interface RestoreMeasurement {
+  label: string;
+  dumpBytes: number;
+  raw: number[];
+  rawTuned: number[];
+  tool: number[];
+}
+
+/**
+ * --restore against raw `pg_restore -j N` into a fresh database, on the same archive; and raw
+ * pg_restore with the session settings the tool uses, to show what they do on their own. The tool
+ * also verifies the file first (a full SHA-256 read) and reconciles every table's count after.
+ */
+async function measureRestore(server: TestServer, database: string, label: string): Promise<RestoreMeasurement> {
+  const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
+  const configDir = path.join(work, 'config');
+  await fs.mkdir(configDir);
+  await fs.writeFile(path.join(configDir, '.env'), `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`);
+  const outputDir = path.join(work, 'out');
+  await execa(process.execPath, ['--import', 'tsx', CLI, '--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...CLIENT_ARGS], { cwd: PROJECT });
+  const file = path.join(outputDir, (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump'))!);
+  const jobs = os.availableParallelism();
+  const tuned = Object.entries(restoreSessionSettings(server.major, jobs)).map(([k, v]) => `-c ${k}=${v}`).join(' ');
+  const env = { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password };
+  const pgRestore = PG_BIN_DIR ? path.join(PG_BIN_DIR, 'pg_restore') : 'pg_restore';
+  const m: RestoreMeasurement = { label, dumpBytes: (await fs.stat(file)).size, raw: [], rawTuned: [], tool: [] };
+  let n = 0;
+  // Raw: createdb and pg_restore, what the tool does for a new target.
+  const raw = (into: number[], options: Record<string, string>) => async () => {
+    const target = `bench_restore_${n++}`;
+    into.push(
+      (
+        await seconds(async () => {
+          await server.createDatabase(target);
+          await execa(pgRestore, ['--no-owner', '--no-acl', '--exit-on-error', `--jobs=${jobs}`, `--dbname=${target}`, file], { env: { ...env, ...options } });
+        })
+      )[0],
+    );
+    await server.dropDatabase(target);
+  };
+  const tool = async () => {
+    const target = `bench_restore_${n++}`;
+    m.tool.push((await seconds(() => execa(process.execPath, ['--import', 'tsx', CLI, '--restore', file, '--target-db', target, '--env', 'dev', '--config-dir', configDir, ...CLIENT_ARGS], { cwd: PROJECT })))[0]);
+    await server.dropDatabase(target);
+  };
+  for (let run = 0; run < RUNS; run++) {
+    const steps = [raw(m.raw, {}), raw(m.rawTuned, { PGOPTIONS: tuned }), tool];
+    for (const step of run % 2 === 0 ? steps : [...steps].reverse()) await step();
+    process.stderr.write('.');
+  }
+  await fs.rm(work, { recursive: true });
+  return m;
+}
+
 const server = await startTestServer();
 try {
+  if (values.only === 'restore') {
+    const database = `bench_${SIZE_MB}`;
+    process.stderr.write(`generating ~${SIZE_MB} MB ... `);
+    await generateAppDatabase(server, database, SIZE_MB);
+    process.stderr.write('\n');
+    await reportRestore(server, database);
+    process.exit(process.exitCode ?? 0);
+  }
   process.stderr.write('start-up ');
   const startup = await measureStartup(Math.max(RUNS * 2, 11));
   process.stderr.write('\n');
@@ -260,6 +329,54 @@ try {
   console.log('\nTargets:');
   for (const [what, met] of targets) console.log(`  ${met ? '✓' : '✗'} ${what}`);
   process.exitCode = targets.every(([, met]) => met) ? 0 : 1;
+  await reportRestore(server, large.database);
 } finally {
   await server.stop();
+}
+
+/**
+ * The restore benchmark: `database` as it is, with a GIN full-text index on its messages, and
+ * (where npm run test:setup has built the pgvector server) a table of 12,000 vector(1536) with an
+ * HNSW index, whose graph outgrows the default 64 MB of maintenance_work_mem.
+ */
+async function reportRestore(on: TestServer, database: string): Promise<void> {
+  process.stderr.write('restores ');
+  const plain = await measureRestore(on, database, 'app database, no extra index');
+  const client = await on.connect(database);
+  await client.query("CREATE INDEX messages_fts ON messages USING gin (to_tsvector('simple', content))");
+  await client.end();
+  const gin = await measureRestore(on, database, 'the same with a GIN full-text index');
+  let vector: RestoreMeasurement | undefined;
+  if (await pgvectorServerBuilt()) {
+    const vectors = await startTestServer({ pgvector: true });
+    try {
+      await vectors.createDatabase('bench_vectors', [
+        'CREATE EXTENSION vector',
+        'CREATE TABLE embeddings (id int PRIMARY KEY, v vector(1536))',
+        'INSERT INTO embeddings SELECT i, (SELECT array_agg(random()) FROM generate_series(1, 1536) WHERE i > 0)::vector FROM generate_series(1, 12000) AS i',
+        "SET maintenance_work_mem = '1GB'",
+        'CREATE INDEX ON embeddings USING hnsw (v vector_l2_ops)',
+      ]);
+      vector = await measureRestore(vectors, 'bench_vectors', '12,000 vector(1536), HNSW index');
+    } finally {
+      await vectors.stop();
+    }
+  }
+  process.stderr.write('\n');
+  const measured = [plain, gin, ...(vector ? [vector] : [])];
+  const ratio = (r: RestoreMeasurement) => median(pairedRatios(r.raw, r.tool));
+  console.log(`\nRestore: --restore against createdb + raw pg_restore --jobs ${os.availableParallelism()} into a fresh database, same archive; the server at its default settings (maintenance_work_mem 64 MB). Medians of ${RUNS}; ratios are medians of each run's own.\n`);
+  console.log('| Database | Dump | Raw pg_restore | Raw, with the session settings | backup_db.ts --restore (verify + restore + counts) | Ratio | Settings alone |');
+  console.log('|---|---|---|---|---|---|---|');
+  for (const r of measured) {
+    console.log(`| ${r.label} | ${mb(r.dumpBytes).toFixed(0)} MB | ${median(r.raw).toFixed(1)} s | ${median(r.rawTuned).toFixed(1)} s | ${median(r.tool).toFixed(1)} s | ${ratio(r).toFixed(2)} | ${median(pairedRatios(r.raw, r.rawTuned)).toFixed(2)} |`);
+  }
+  const dominated = vector ?? gin;
+  const targets: Array<[string, boolean]> = [
+    [`--restore ≤ 1.05 × raw pg_restore (${ratio(plain).toFixed(2)}, of which the fixed start-up is about 0.5 s)`, ratio(plain) <= 1.05],
+    [`--restore faster than raw pg_restore where an index build dominates (${dominated.label}: ${ratio(dominated).toFixed(2)})`, ratio(dominated) < 1],
+  ];
+  console.log('\nRestore targets:');
+  for (const [what, met] of targets) console.log(`  ${met ? '✓' : '✗'} ${what}`);
+  if (!targets.every(([, met]) => met)) process.exitCode = 1;
 }

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
-import { assertSameDatabases, snapshotDatabase } from './helpers/compare.ts';
+import { assertSameContent, assertSameDatabases, snapshotDatabase } from './helpers/compare.ts';
 import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
@@ -140,6 +140,23 @@ describe('--restore', () => {
     assert.equal(forced.exitCode, 0, forced.stderr);
     assert.match(forced.stdout, /^Verified: {4}✗ checksum mismatch \(restored anyway: --force\)$/m);
     assert.match(forced.stdout, /10 of 10 match/);
+  });
+
+  test('a file whose bytes changed: a new target is dropped again (exit 8); an existing one, with --clean, is never touched', async () => {
+    const copy = await copyOfBackup();
+    await flipMiddleByte(copy.dumpPath);
+    const fresh = uniqueName('rs_bad_new');
+    const intoNew = await restore(copy.dumpPath, fresh);
+    assert.equal(intoNew.exitCode, 8, intoNew.stderr);
+    assert.match(intoNew.stderr, /checksum mismatch/);
+    assert.ok(!(await databases()).includes(fresh), 'the database restored while the file was re-read is gone');
+
+    const existing = uniqueName('rs_bad_old');
+    await server.createDatabase(existing, "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')");
+    const before = await withDatabase(existing, snapshotDatabase);
+    const overExisting = await restore(copy.dumpPath, existing, '--clean');
+    assert.equal(overExisting.exitCode, 8, overExisting.stderr);
+    assert.deepEqual(await withDatabase(existing, snapshotDatabase), before, 'proven bad before the existing database was dropped');
   });
 
   test('a restore that hits an error fails with exit 7, and the target it created is removed', async () => {
@@ -323,6 +340,33 @@ describe('--verify FILE --restore-test (the drill)', () => {
     assert.equal(result.exitCode, 130, String(result.stderr));
     assert.match(String(result.stderr), /Interrupted by SIGINT/);
     assert.deepEqual(await drillDatabases(), []);
+  });
+});
+
+describe('administering the target server through a maintenance database', () => {
+  test('a server without the configured database, and a role that may not connect to postgres: restore and drill still work', { timeout: 90_000 }, async () => {
+    const admin = await pg17.connect();
+    try {
+      await admin.query("CREATE ROLE restorer LOGIN CREATEDB PASSWORD 'restorer-pw'");
+      await admin.query('REVOKE CONNECT ON DATABASE postgres FROM PUBLIC');
+    } finally {
+      await admin.end();
+    }
+    // DEV_DB_NAME names a database this server does not have; postgres is closed to the role: template1 it is.
+    const elsewhere = await tempDir();
+    await writeEnvFile(elsewhere, '.env', { ...dbVars(pg17, 'DEV_DB_', 'no_such_app'), DEV_DB_USER: 'restorer', DEV_DB_PASSWORD: 'restorer-pw' });
+    const target = uniqueName('rs_fresh');
+    const restored = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', elsewhere] });
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(restored.stdout, /10 of 10 match/);
+    const drill = await runCli({ args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', elsewhere] });
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    const [source, copy] = await Promise.all([server.connect('rs_app'), pg17.connect(target)]);
+    try {
+      await assertSameContent(source, copy);
+    } finally {
+      await Promise.all([source.end(), copy.end()]);
+    }
   });
 });
 

@@ -35,6 +35,10 @@ import {
   misreadDotenvValues,
   hookEnvironment,
   databaseFailure,
+  restoreSessionSettings,
+  parseMemory,
+  formatMemory,
+  compareVersions,
   parseDuration,
   mergeEnvLayers,
   metadataFileName,
@@ -345,6 +349,35 @@ describe('parseDuration', () => {
     for (const value of ['99999999999h', '25d', '-1s', '1 week', '', 'abc', '5 m']) assert.throws(() => parseDuration(value), /Use a duration/, value);
     assert.equal(parseDuration('24d'), 24 * 86_400_000);
     assert.throws(() => parseDuration('2h', 3_600_000), /up to 1 h/);
+  });
+});
+
+describe('restores: session settings, memory sizes, extension versions', () => {
+  test('restoreSessionSettings: 1 GB of index-build memory shared by the jobs, at least 128 MB each, or as given', () => {
+    assert.equal(restoreSessionSettings(15, 1).maintenance_work_mem, '1GB');
+    assert.equal(restoreSessionSettings(15, 2).maintenance_work_mem, '512MB');
+    assert.equal(restoreSessionSettings(15, 16).maintenance_work_mem, '128MB');
+    assert.equal(restoreSessionSettings(15, 4, 96 * 1024).maintenance_work_mem, '96MB');
+    assert.equal(restoreSessionSettings(15, 2).synchronous_commit, 'off');
+    assert.ok('max_parallel_maintenance_workers' in restoreSessionSettings(11, 1));
+    assert.ok(!('max_parallel_maintenance_workers' in restoreSessionSettings(10, 1)), 'PostgreSQL 10 has no such setting');
+  });
+  test('parseMemory and formatMemory use PostgreSQL\'s units', () => {
+    assert.deepEqual(['512MB', '1GB', '65536kB', '2gb', '300'].map(parseMemory), [524288, 1048576, 65536, 2097152, 307200]);
+    for (const bad of ['0', '512KB-ish', '-1GB', '3TB', '1000kB', '']) assert.throws(() => parseMemory(bad), /Use a size such as 256MB/, bad);
+    assert.deepEqual([1048576, 524288, 1500].map(formatMemory), ['1GB', '512MB', '1500kB']);
+  });
+  test('compareVersions compares extension versions part by part', () => {
+    assert.equal(compareVersions('0.8.0', '0.5.1'), 1);
+    assert.equal(compareVersions('1.10', '1.9'), 1);
+    assert.equal(compareVersions('1.5', '1.5.0'), 0);
+    assert.equal(compareVersions('1.7', '1.8'), -1);
+    assert.equal(compareVersions('2.0-beta', '2.0-alpha'), 1);
+  });
+  test('--maintenance-work-mem only goes with a restore or the drill', () => {
+    assert.equal(chooseMode({ restore: 'x.dump', targetDb: 'copy', maintenanceWorkMem: 1024 }).command, 'restore');
+    assert.equal(chooseMode({ verify: 'x.dump', restoreTest: true, maintenanceWorkMem: 1024 }).command, 'drill');
+    assert.throws(() => chooseMode({ maintenanceWorkMem: 1024 }), /--maintenance-work-mem only applies to --restore/);
   });
 });
 

@@ -97,6 +97,36 @@ async function serverVersionOf(server: TestServer): Promise<string> {
   }
 }
 
+describe('extensions older on the target than in the backup', () => {
+  test('a PostgreSQL 15 backup with hstore 1.8 and pg_trgm 1.6, restored to PostgreSQL 13 (1.7, 1.5): refused before anything is created', { timeout: 60_000, ...skipUnless(noOldServers) }, async () => {
+    const source = servers.get(15)!;
+    await source.createDatabase('ver_ext', ['CREATE EXTENSION hstore', 'CREATE EXTENSION pg_trgm', "CREATE TABLE t (h hstore); INSERT INTO t VALUES ('a=>1')"]);
+    const backup = await takeBackup(source, 'ver_ext', path.join(await tempDir(), 'out'));
+    assert.deepEqual(backup.metadata.extensions, [{ name: 'hstore', version: '1.8' }, { name: 'pg_trgm', version: '1.6' }, { name: 'plpgsql', version: '1.0' }]);
+    const old = servers.get(13)!;
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(old, 'DEV_DB_', 'postgres'));
+    const before = await databasesOn(old);
+    for (const args of [['--restore', backup.dumpPath, '--target-db', 'ext_copy'], ['--verify', backup.dumpPath, '--restore-test']]) {
+      const result = await runCli({ args: [...args, '--env', 'dev', '--config-dir', configDir] });
+      assert.equal(result.exitCode, 7, result.stderr);
+      assert.match(result.stderr, /The target server's extensions are older than the backup's$/m);
+      assert.match(result.stderr, /hstore: the backup has 1\.8, this server would create 1\.7 \(available: [\d., ]+\); pg_trgm: the backup has 1\.6, this server would create 1\.5/);
+      assert.match(result.stderr, /install the package that provides it|part of PostgreSQL's contrib/);
+    }
+    assert.deepEqual(await databasesOn(old), before, 'nothing created');
+  });
+});
+
+async function databasesOn(server: TestServer): Promise<string[]> {
+  const client = await server.connect();
+  try {
+    return (await client.query<{ datname: string }>('SELECT datname FROM pg_database ORDER BY 1')).rows.map((r) => r.datname);
+  } finally {
+    await client.end();
+  }
+}
+
 describe('choosing the client tools', () => {
   test('--pg-bin-dir comes first: a client there that fits the server is used (and its version recorded)', async () => {
     const shim = await shimClientDir('16.9');

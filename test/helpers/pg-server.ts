@@ -18,6 +18,7 @@ import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { execa } from 'execa';
 import pg from 'pg';
+import { PGVECTOR_SERVER_DIR } from '../setup/pgvector.ts';
 
 export type Major = 13 | 14 | 15 | 16 | 17 | 18;
 
@@ -28,6 +29,8 @@ export interface ServerOptions {
   tlsOnly?: boolean;
   /** Listen on ::1 and a Unix socket directory too, not only on 127.0.0.1. */
   listenEverywhere?: boolean;
+  /** PostgreSQL 15 with pgvector, as npm run test:setup builds it (default settings otherwise). */
+  pgvector?: boolean;
 }
 
 export interface TestServer {
@@ -100,6 +103,10 @@ async function binariesFor(major: Major): Promise<Binaries> {
   return (await import(pathToFileURL(binaryPackage).href)) as Binaries;
 }
 
+function pgvectorBinaries(): Binaries {
+  return { initdb: path.join(PGVECTOR_SERVER_DIR, 'bin', 'initdb'), postgres: path.join(PGVECTOR_SERVER_DIR, 'bin', 'postgres') };
+}
+
 /** As root, the uid/gid of the `postgres` user the server must run as (created if missing). */
 async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
   if (os.userInfo().uid !== 0) return undefined;
@@ -130,7 +137,7 @@ process.on('exit', () => {
 
 export async function startTestServer(options: ServerOptions = {}): Promise<TestServer> {
   const major = options.major ?? 15;
-  const binaries = await binariesFor(major);
+  const binaries = options.pgvector ? pgvectorBinaries() : await binariesFor(major);
   const user = await serverUser();
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-pg-'));
   roots.add(root);

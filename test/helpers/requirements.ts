@@ -11,6 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { NEWER_CLIENT_DIR, NEWER_MAJOR, newerClientBuilt } from '../setup/newer-client.ts';
+import { pgvectorServerBuilt } from '../setup/pgvector.ts';
 
 export { NEWER_CLIENT_DIR, NEWER_MAJOR };
 
@@ -33,6 +34,8 @@ const checks = {
       return os.platform() === 'linux' && os.arch() === 'x64' ? 'no PostgreSQL 13/14 servers (npm run test:setup installs them)' : 'PostgreSQL 13/14 test servers exist for linux-x64 only';
     }
   },
+  /** A PostgreSQL 15 server with pgvector, built by npm run test:setup. */
+  pgvector: async () => ((await pgvectorServerBuilt()) ? undefined : 'no PostgreSQL with pgvector (npm run test:setup builds it, on Debian)'),
   /** /proc: process start times, environments and parents. */
   proc: async () => linuxOnly('/proc') ?? ((await fs.access('/proc/self/stat').then(() => true, () => false)) ? undefined : 'no /proc'),
   /** A tmpfs in a private mount namespace (util-linux unshare, as root or in a user namespace). */

@@ -2,7 +2,8 @@
  * npm run test:setup: the heavy test set-up, once per machine (later runs find it done). What the
  * tests need beyond `npm ci` and the PostgreSQL client tools:
  *   - a real pg_dump and pg_restore 17, built from Debian's source (newer-client.ts);
- *   - PostgreSQL 13 and 14 server binaries (linux-x64 only), from test/setup/servers.
+ *   - PostgreSQL 13 and 14 server binaries (linux-x64 only), from test/setup/servers;
+ *   - a PostgreSQL 15 server with pgvector, built from Debian's source (pgvector.ts).
  * It never installs system packages and never needs root: a Debian package it builds with that is
  * missing is named, with the apt-get command, and the step fails. Tests whose part is absent skip
  * with that reason; under CI=true (.ci/run runs this first) a skip is a failure.
@@ -16,6 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { BUILD_PACKAGES, ensureNewerClient, NEWER_MAJOR } from './newer-client.ts';
+import { ensurePgvectorServer, PGVECTOR_BUILD_PACKAGES } from './pgvector.ts';
 
 const SERVERS_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), 'servers');
 
@@ -29,8 +31,8 @@ export const DEBIAN_PACKAGES = {
   tool: { 'postgresql-client': ['pg_dump', 'pg_restore'] },
   /** The tests: certificates, root without its permission override, mount namespaces, RLIMIT_FSIZE, a pseudo-terminal, npm's script shell. */
   tests: { openssl: ['openssl'], 'util-linux': ['setpriv', 'unshare', 'prlimit'], bsdutils: ['script'], bash: ['bash'] } as Record<string, string[]>,
-  /** The pg_dump 17 build. */
-  build: BUILD_PACKAGES,
+  /** The pg_dump 17 and pgvector builds. */
+  build: [...new Set([...BUILD_PACKAGES, ...PGVECTOR_BUILD_PACKAGES])],
 };
 
 const onPath = async (command: string) => (await execa('sh', ['-c', `command -v ${command}`], { reject: false })).exitCode === 0;
@@ -58,6 +60,12 @@ const steps: Step[] = [
       await execa('npm', ['ci', '--no-audit', '--no-fund'], { cwd: SERVERS_DIR, stdout: 'ignore' });
       return `installed in ${path.relative(process.cwd(), SERVERS_DIR)}/node_modules`;
     },
+  },
+  {
+    name: 'PostgreSQL 15 with pgvector',
+    unsupported: async () => ((await isDebian()) ? undefined : "it builds Debian's source package against Debian's server headers, and this is not a Debian machine"),
+    packages: PGVECTOR_BUILD_PACKAGES,
+    run: async (log) => `installed in ${await ensurePgvectorServer(log)}`,
   },
 ];
 
