@@ -52,6 +52,7 @@ const DEFAULT_CONNECT_TIMEOUT_S = 10;
 // pg_dump waits forever for a table lock by default, and while it waits every later query on
 // that table queues behind it: better to fail fast and say which lock was in the way.
 const DEFAULT_LOCK_WAIT_TIMEOUT = '30s';
+const DEFAULT_STALL_TIMEOUT = '15min';
 const DUMP_SUFFIX = '.dump';
 const PARTIAL_SUFFIX = '.partial';
 const METADATA_SUFFIX = '.metadata.json';
@@ -722,6 +723,29 @@ async function claimLock(target: string, ours: { temp: string; swap: string; con
   throw new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${displayPath(target)} kept changing while other runs started`, [
     'Several backups of this database are starting at once; run one at a time',
   ]);
+}
+
+/**
+ * Run `use` holding the lock at `lockPath`, waiting (up to 10 s) while another run holds it: for
+ * short read-modify-write updates of a shared file.
+ */
+async function withFileLock<T>(lockPath: string, use: () => Promise<T>): Promise<T> {
+  const busy = new BackupError(EXIT.GENERAL, 'Busy', `${displayPath(lockPath)} is held by another run`, ['Try again in a moment']);
+  for (let attempt = 0; ; attempt++) {
+    let lock: BackupLock;
+    try {
+      lock = await acquireLockFile(lockPath, () => busy);
+    } catch (error) {
+      if (error !== busy || attempt >= 200) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      continue;
+    }
+    try {
+      return await use();
+    } finally {
+      await lock.release();
+    }
+  }
 }
 
 function alreadyRunningError(config: Pick<DbConfig, 'database' | 'environment'>, owner: LockOwner, lockPath: string): BackupError {
@@ -1403,6 +1427,102 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
     'Read the pg_dump message above; it names the object or setting at fault',
     'Run pg_dump by hand with the same settings to reproduce: pg_dump -Fc -f /tmp/test.dump <database>',
   ]);
+}
+
+// ─── Stall watchdog ─────────────────────────────────────────────────────────────────────
+
+/**
+ * Watch a running backup's file: if no byte is written for `timeoutMs`, find out what its sessions
+ * wait on and hand `onStall` the error (exit 7). The most common failure of scheduled backups
+ * after not running at all is a dump that hangs for hours behind a lock.
+ */
+function watchForStall(partialPath: string, timeoutMs: number, config: DbConfig, connectTimeoutSeconds: number, onStall: (error: BackupError) => void): { stop(): void } {
+  let lastSize = -1;
+  let since = Date.now();
+  // Set once it fires or is stopped; a tick still reading sizes then does nothing.
+  let done = false;
+  const timer = setInterval(() => {
+    void (async () => {
+      const size = await backupSize(partialPath).catch(() => lastSize);
+      if (size !== lastSize) {
+        [lastSize, since] = [size, Date.now()];
+        return;
+      }
+      if (done || Date.now() - since < timeoutMs) return;
+      done = true;
+      clearInterval(timer);
+      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
+    })();
+  }, Math.min(5000, Math.max(100, timeoutMs / 4)));
+  timer.unref();
+  return {
+    stop: () => {
+      done = true;
+      clearInterval(timer);
+    },
+  };
+}
+
+export interface SessionWait {
+  pid: number;
+  application: string;
+  state: string | null;
+  wait_event_type: string | null;
+  wait_event: string | null;
+  query: string | null;
+  blockers: Array<{ pid: number; user: string | null; application: string | null; state: string | null; since: string | null; query: string | null }> | null;
+}
+
+/** What the backup's sessions (its own and pg_dump's) are waiting on, and who blocks them, on a connection of its own. */
+const SESSION_WAITS_SQL = `
+  SELECT a.pid, a.application_name AS application, a.state, a.wait_event_type, a.wait_event, left(a.query, 200) AS query,
+         (SELECT json_agg(json_build_object('pid', b.pid, 'user', b.usename, 'application', b.application_name, 'state', b.state,
+                                            'since', b.xact_start, 'query', left(b.query, 200)))
+            FROM pg_catalog.pg_stat_activity b WHERE b.pid = ANY (pg_catalog.pg_blocking_pids(a.pid))) AS blockers
+    FROM pg_catalog.pg_stat_activity a
+   WHERE a.application_name IN ($1, $2) AND a.pid <> pg_catalog.pg_backend_pid()
+   ORDER BY a.wait_event_type = 'Lock' DESC, a.pid`;
+
+/** Pure: one session's wait, as a person reads it. */
+export function describeWait(wait: SessionWait): string {
+  const who = wait.application.endsWith(':pg_dump') ? `pg_dump's session (pid ${wait.pid})` : `the backup's own session (pid ${wait.pid})`;
+  const on = wait.wait_event_type ? `waits on ${wait.wait_event_type}${wait.wait_event ? ` (${wait.wait_event})` : ''}` : `is ${wait.state ?? 'busy'}`;
+  const blocked = (wait.blockers ?? []).map((b) => `blocked by pid ${b.pid} (user ${b.user ?? '?'}${b.application ? `, ${b.application}` : ''}, ${b.state ?? '?'}${b.since ? ` since ${b.since}` : ''}): ${b.query ?? ''}`);
+  return [`${who} ${on}${wait.query ? ` in "${wait.query}"` : ''}`, ...blocked].join('; ');
+}
+
+/**
+ * Say what the stalled backup's sessions wait on (`onStall` stops the run), then cancel their
+ * queries: a session waiting for a lock notices that its client has gone only once it gets the
+ * lock, and until then it would sit in the lock queue holding the locks it already has.
+ */
+async function stopStalledSessions(config: DbConfig, connectTimeoutSeconds: number, timeoutMs: number, onStall: (error: BackupError) => void): Promise<void> {
+  let stopped = false;
+  try {
+    await withClient(config, connectTimeoutSeconds, async (client) => {
+      const { rows } = await client.query<SessionWait>(SESSION_WAITS_SQL, [APPLICATION_NAME, PG_DUMP_APPLICATION_NAME]);
+      onStall(stallError(rows, timeoutMs));
+      stopped = true;
+      await client.query('SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [rows.map((row) => row.pid)]);
+    });
+  } catch (error) {
+    if (!stopped) onStall(stallError([], timeoutMs, `what its sessions wait on could not be read: ${error instanceof BackupError ? error.details : errorText(error)}`));
+  }
+}
+
+/** Pure: the error of a stalled backup, from what its sessions were waiting on. */
+export function stallError(waits: SessionWait[], timeoutMs: number, unknown = 'its sessions were not found waiting'): BackupError {
+  const blockers = [...new Set(waits.flatMap((w) => (w.blockers ?? []).map((b) => b.pid)))];
+  return new BackupError(
+    EXIT.BACKUP_FAILED,
+    'The backup stalled',
+    `no byte was written for ${formatDuration(timeoutMs)} (--stall-timeout): ${waits.length > 0 ? waits.map(describeWait).join('; ') : unknown}`,
+    [
+      ...(blockers.length > 0 ? [`End or wait for the blocking session: SELECT pg_terminate_backend(${blockers[0]}); (or let it finish)`] : []),
+      'A table lock waits at most --lock-wait-timeout (0 waits for ever); see pg_locks / pg_stat_activity',
+      'If the dump is only slow (a huge table, a slow disk), raise --stall-timeout',
+    ],
+  );
 }
 
 // ─── Progress (terminals only) ──────────────────────────────────────────────────────────
@@ -2362,6 +2482,106 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
   }
 }
 
+// ─── Freshness check ────────────────────────────────────────────────────────────────────
+
+export interface Freshness {
+  /** The newest backup of this database and environment that passes the quick check, not dated after now. */
+  newest?: RetentionCandidate;
+  ageMs?: number;
+  maxAgeMs: number;
+  /** This database's backups that pass the quick check and count. */
+  backups: number;
+  /** This database's files that do not count: damaged, undescribed, or dated after now. */
+  notCounted: Array<{ file: string; why: string }>;
+  ok: boolean;
+}
+
+/**
+ * Pure: is the newest usable backup of this database and environment younger than `maxAgeMs`?
+ * The same candidates as retention's: a damaged backup, or one dated after now (which would look
+ * fresh for ever), does not count.
+ */
+export function judgeFreshness(entries: ListEntry[], scope: Pick<RetentionScope, 'database' | 'environment' | 'now'>, maxAgeMs: number): Freshness {
+  const plan = planRetention(entries, { ...scope, policy: { last: 0, daily: 0, weekly: 0, monthly: 0 }, timeZone: 'UTC' });
+  const newest = plan.decisions[0]?.item;
+  const ageMs = newest && Math.max(0, scope.now.getTime() - newest.time.getTime());
+  return {
+    ...(newest ? { newest, ageMs } : {}),
+    maxAgeMs,
+    backups: plan.decisions.length,
+    notCounted: plan.leftAlone,
+    ok: ageMs !== undefined && ageMs <= maxAgeMs,
+  };
+}
+
+/** Pure: an age as people read it: "3 d 4 h", "2 h 5 min", "45 s". */
+export function formatAge(ms: number): string {
+  const [d, h, m, s] = [Math.floor(ms / 86_400_000), Math.floor(ms / 3_600_000) % 24, Math.floor(ms / 60_000) % 60, Math.floor(ms / 1000) % 60];
+  if (d > 0) return h > 0 ? `${d} d ${h} h` : `${d} d`;
+  if (h > 0) return m > 0 ? `${h} h ${m} min` : `${h} h`;
+  return m > 0 ? `${m} min` : `${s} s`;
+}
+
+/**
+ * --check --max-age: for a monitoring system. Exit 0 if the newest usable backup is young enough;
+ * otherwise, or without any, exit 8 saying how old it is, which file, and how many there are. With
+ * --verify the newest backup is re-read too.
+ */
+async function runCheck(config: DbConfig, outputDir: string, maxAgeMs: number, fullCheck: boolean, search: ClientSearch): Promise<Freshness> {
+  const listing = await runList(outputDir, false);
+  const freshness = judgeFreshness(listing.backups, { database: config.database, environment: config.environment, now: new Date() }, maxAgeMs);
+  const what = `${config.database} (${config.environment}) in ${displayPath(outputDir)}${path.sep}`;
+  const data = freshnessDocument(freshness, outputDir, fullCheck);
+  if (!freshness.newest) {
+    const others = freshness.notCounted.length > 0 ? `; ${plural(freshness.notCounted.length, 'file')} there ${freshness.notCounted.length === 1 ? 'does' : 'do'} not count (${freshness.notCounted.map((f) => `${f.file}: ${f.why}`).join('; ')})` : '';
+    throw new BackupError(EXIT.VERIFY_FAILED, 'No backup found', `no backup of ${what} passes the quick check${others}`, freshnessHints(config, outputDir), { data });
+  }
+  if (!freshness.ok) {
+    throw new BackupError(
+      EXIT.VERIFY_FAILED,
+      'The newest backup is too old',
+      `the newest backup of ${what} is ${formatAge(freshness.ageMs!)} old, more than ${formatAge(maxAgeMs)}: ${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
+      freshnessHints(config, outputDir),
+      { data },
+    );
+  }
+  if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search);
+  return freshness;
+}
+
+function freshnessHints(config: DbConfig, outputDir: string): string[] {
+  return [
+    'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
+    `Take a backup now: npx tsx backup_db.ts --env ${config.environment} --output-dir ${displayPath(outputDir)}`,
+    `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
+  ];
+}
+
+/** The --json document of a check (`ok` and `command` are added when printed). */
+function freshnessDocument(f: Freshness, outputDir: string, fullCheck: boolean): Record<string, unknown> {
+  return {
+    directory: outputDir,
+    newest: f.newest ? { file: f.newest.file, timestamp: f.newest.timestamp, age_seconds: Math.round(f.ageMs! / 1000), size_bytes: f.newest.sizeBytes } : null,
+    max_age_seconds: Math.round(f.maxAgeMs / 1000),
+    backups: f.backups,
+    not_counted: f.notCounted,
+    full_check: fullCheck,
+  };
+}
+
+function freshnessText(f: Freshness, config: DbConfig, fullCheck: boolean): Text {
+  return {
+    err: [],
+    out: [
+      `✓ Backups are fresh: the newest of ${config.database} (${config.environment}) is ${formatAge(f.ageMs!)} old (limit ${formatAge(f.maxAgeMs)})`,
+      '',
+      `Newest:      ${f.newest!.file} (${f.newest!.timestamp}, ${formatBytes(f.newest!.sizeBytes)})`,
+      `Checked:     ${fullCheck ? '✓ every byte re-read (checksum, size, structure, table data)' : 'metadata and size (add --verify to re-read it)'}`,
+      `Backups:     ${f.backups}${f.notCounted.length > 0 ? `, and ${plural(f.notCounted.length, 'file')} that ${f.notCounted.length === 1 ? 'does' : 'do'} not count` : ''}`,
+    ],
+  };
+}
+
 // ─── Restore and restore drill ──────────────────────────────────────────────────────────
 
 /** Pure: the extensions an archive creates, from its `pg_restore --list` table of contents. */
@@ -2962,6 +3182,12 @@ export interface Automation {
   notifyUrl?: string;
   notifyOnSuccess: boolean;
   onFailure?: string;
+  /** Heartbeat base URL (a credential): backup runs ping URL/start, URL, URL/fail. */
+  pingUrl?: string;
+  /** Prometheus textfile updated after every backup run. */
+  metricsFile?: string;
+  /** The start ping failed and was reported: a run mentions a failing heartbeat once. */
+  pingWarned?: boolean;
 }
 
 /** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq), of a redacted record. */
@@ -2984,7 +3210,7 @@ export function notificationPayload(record: RunRecord): Record<string, unknown> 
   return { text, content: text, ...record };
 }
 
-/** Pure: a run in one line, from a redacted record: what webhooks carry. */
+/** Pure: a run in one line, from a redacted record: what webhooks and heartbeat pings carry. */
 export function runSummary(record: RunRecord): string {
   const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
   return record.outcome === 'success'
@@ -3070,6 +3296,24 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
       }),
     );
   }
+  if (record.command === 'backup' && automation.pingUrl) {
+    tasks.push(
+      sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record)).then(async (why) => {
+        if (!why || automation.pingWarned) return;
+        warn('Heartbeat ping failed', why);
+        await log({ time: new Date().toISOString(), event: 'ping_failed', error: why, for: record.time });
+      }),
+    );
+  }
+  if (record.command === 'backup' && automation.metricsFile && record.database && record.environment) {
+    const run = { database: record.database, environment: record.environment, endedAt: new Date(), exitCode: record.exit_code, durationMs: record.duration_ms, ...(record.size_bytes !== undefined ? { sizeBytes: record.size_bytes } : {}) };
+    tasks.push(
+      updateMetricsFile(automation.metricsFile, run).catch(async (error) => {
+        warn(`Could not write the metrics file ${automation.metricsFile}`, error);
+        await log({ time: new Date().toISOString(), event: 'metrics_failed', error: errorText(error), for: record.time });
+      }),
+    );
+  }
   if (record.outcome === 'failure' && automation.onFailure) {
     tasks.push(
       loadExeca().then(({ execa }) => execa('/bin/sh', ['-c', automation.onFailure!], { env: hookEnvironment(record, process.env, secrets), extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false })).then(async (result) => {
@@ -3081,6 +3325,118 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
     );
   }
   await Promise.all(tasks);
+}
+
+// ─── Operations: heartbeat pings and metrics ────────────────────────────────────────────
+
+/**
+ * Pure: a heartbeat URL, by the convention healthchecks.io, Uptime Kuma push monitors and Cronitor
+ * share: URL/start when a run starts, URL on success, URL/fail on failure (a query string stays
+ * where it was).
+ */
+export function pingUrlFor(base: string, kind: 'start' | 'success' | 'fail'): string {
+  const url = new URL(base);
+  if (kind !== 'success') url.pathname = `${url.pathname.replace(/\/+$/, '')}/${kind}`;
+  return url.toString();
+}
+
+const PING_TIMEOUT_MS = 5_000;
+
+/**
+ * POST one heartbeat with a short text body (the run's outcome in one line). Resolves with why it
+ * failed, or undefined: a ping never fails a run, and waits at most 5 s.
+ */
+async function sendPing(base: string, kind: 'start' | 'success' | 'fail', body: string): Promise<string | undefined> {
+  try {
+    const response = await fetch(pingUrlFor(base, kind), {
+      method: 'POST',
+      headers: { 'content-type': 'text/plain; charset=utf-8', 'user-agent': 'backup_db' },
+      body,
+      signal: AbortSignal.timeout(PING_TIMEOUT_MS),
+    });
+    await response.body?.cancel();
+    return response.ok ? undefined : `HTTP ${response.status} ${response.statusText}`;
+  } catch (error) {
+    return error instanceof Error && error.name === 'TimeoutError' ? `no answer within ${PING_TIMEOUT_MS / 1000} s` : errorText(error);
+  }
+}
+
+/** The series the metrics file holds, each labelled by database and environment. */
+const METRICS = {
+  backup_db_last_run_timestamp_seconds: 'When the last backup run ended (Unix time), whatever its outcome.',
+  backup_db_last_success_timestamp_seconds: 'When the last successful backup ended (Unix time).',
+  backup_db_last_exit_code: 'The exit code of the last backup run (0: success).',
+  backup_db_last_duration_seconds: 'How long the last backup run took.',
+  backup_db_last_size_bytes: 'The size of the last successful backup.',
+} as const;
+export type MetricName = keyof typeof METRICS;
+
+export interface MetricSeries {
+  database: string;
+  environment: string;
+  values: Partial<Record<MetricName, number>>;
+}
+
+const escapeLabel = (value: string) => value.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
+const unescapeLabel = (value: string) => value.replace(/\\(["\\n])/g, (_, c: string) => (c === 'n' ? '\n' : c));
+
+/** Pure: the series of a metrics file this tool wrote (other lines are not its own and are dropped). */
+export function parseMetrics(text: string): MetricSeries[] {
+  const series = new Map<string, MetricSeries>();
+  const line = /^(backup_db_\w+)\{database="((?:[^"\\]|\\.)*)",environment="((?:[^"\\]|\\.)*)"\} (\S+)$/;
+  for (const raw of text.split('\n')) {
+    const match = line.exec(raw);
+    if (!match || !Object.hasOwn(METRICS, match[1]!)) continue;
+    const [database, environment] = [unescapeLabel(match[2]!), unescapeLabel(match[3]!)];
+    const key = JSON.stringify([database, environment]);
+    const entry = series.get(key) ?? { database, environment, values: {} };
+    entry.values[match[1] as MetricName] = Number(match[4]);
+    series.set(key, entry);
+  }
+  return [...series.values()];
+}
+
+/** Pure: the Prometheus text format (version 0.0.4) of the series, as node_exporter's textfile collector reads it. */
+export function renderMetrics(series: MetricSeries[]): string {
+  const sorted = [...series].sort((a, b) => (a.database + '\0' + a.environment < b.database + '\0' + b.environment ? -1 : 1));
+  const lines: string[] = [];
+  for (const [name, help] of Object.entries(METRICS) as Array<[MetricName, string]>) {
+    const samples = sorted.filter((s) => s.values[name] !== undefined);
+    if (samples.length === 0) continue;
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} gauge`);
+    for (const s of samples) lines.push(`${name}{database="${escapeLabel(s.database)}",environment="${escapeLabel(s.environment)}"} ${s.values[name]}`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+/** Pure: the series after one run of `database`; the last success and size stay as they were when it failed. */
+export function recordRunInMetrics(series: MetricSeries[], run: { database: string; environment: string; endedAt: Date; exitCode: number; durationMs: number; sizeBytes?: number }): MetricSeries[] {
+  const previous = series.find((s) => s.database === run.database && s.environment === run.environment)?.values ?? {};
+  const ended = Math.round(run.endedAt.getTime() / 1000);
+  const values: MetricSeries['values'] = {
+    ...previous,
+    backup_db_last_run_timestamp_seconds: ended,
+    backup_db_last_exit_code: run.exitCode,
+    backup_db_last_duration_seconds: run.durationMs / 1000,
+    ...(run.exitCode === 0 ? { backup_db_last_success_timestamp_seconds: ended, ...(run.sizeBytes !== undefined ? { backup_db_last_size_bytes: run.sizeBytes } : {}) } : {}),
+  };
+  return [...series.filter((s) => s !== series.find((x) => x.database === run.database && x.environment === run.environment)), { database: run.database, environment: run.environment, values }];
+}
+
+/**
+ * Update the metrics file after a backup run: read it, change this database's series, write it
+ * atomically (temp file, fsync, rename; the temp name does not end in .prom, which the textfile
+ * collector would read). Runs of other databases writing the same file take turns under a lock.
+ */
+async function updateMetricsFile(file: string, run: Parameters<typeof recordRunInMetrics>[1]): Promise<void> {
+  await fs.mkdir(path.dirname(file), { recursive: true });
+  await withFileLock(`${file}.lock`, async () => {
+    const text = await fs.readFile(file, 'utf8').catch((error: unknown) => {
+      if (errnoCode(error) === 'ENOENT') return '';
+      throw error;
+    });
+    await writeFileAtomic(file, renderMetrics(recordRunInMetrics(parseMetrics(text), run)), 0o644);
+  });
 }
 
 // ─── Commands: backup, prune, verify, list ──────────────────────────────────────────────
@@ -3095,6 +3451,8 @@ export interface BackupOptions {
   progress: boolean;
   /** pg_dump workers: 1 writes one custom-format file; more write a directory-format archive in parallel. */
   jobs: number;
+  /** Stop a backup that writes nothing for this long (0: never). */
+  stallTimeoutMs: number;
   /** Applied after a successful backup, under the same lock; no rule means keep everything. */
   retention: RetentionPolicy;
   dryRun: boolean;
@@ -3205,6 +3563,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
     const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
     const progress = options.progress ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds) : undefined;
+    const watchdog = options.stallTimeoutMs > 0 ? watchForStall(reserved.partialPath, options.stallTimeoutMs, config, options.connectTimeoutSeconds, (error) => run.abort(error)) : undefined;
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
@@ -3214,6 +3573,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
           : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
       [dump, tableCounts] = await bothOrNeither(run, [dumping, countRows(client, tables)]);
     } finally {
+      watchdog?.stop();
       await progress?.stop();
     }
     // Only now may the exporting transaction end: pg_dump has long since imported the snapshot.
@@ -3843,21 +4203,27 @@ interface CliOptions {
   restoreTest?: true;
   pgBinDir?: string;
   maintenanceWorkMem?: number;
+  check?: true;
+  maxAge?: number;
+  pingUrl?: string;
+  metricsFile?: string;
+  stallTimeout?: number;
   /** --jobs was given on the command line (not its default). */
   jobsGiven?: boolean;
   json?: true;
 }
 
-type CommandName = 'backup' | 'prune' | 'verify' | 'list' | 'restore' | 'drill';
+type CommandName = 'backup' | 'prune' | 'verify' | 'list' | 'restore' | 'drill' | 'check';
 export type Mode =
   | { command: 'backup' }
   | { command: 'prune' }
+  | { command: 'check'; fullCheck: boolean }
   | { command: 'verify'; file: string }
   | { command: 'list'; fullCheck: boolean }
   | { command: 'restore'; file: string; target: string }
   | { command: 'drill'; file: string };
 
-type ModeOptions = Pick<CliOptions, 'verify' | 'list' | 'prune' | 'restore' | 'targetDb' | 'clean' | 'force' | 'iKnowThisIsProd' | 'restoreTest' | 'maintenanceWorkMem'>;
+type ModeOptions = Pick<CliOptions, 'verify' | 'list' | 'prune' | 'restore' | 'targetDb' | 'clean' | 'force' | 'iKnowThisIsProd' | 'restoreTest' | 'maintenanceWorkMem' | 'check'>;
 
 /** Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file". */
 export function chooseMode(opts: ModeOptions): Mode {
@@ -3869,6 +4235,12 @@ export function chooseMode(opts: ModeOptions): Mode {
 }
 
 function modeOf(opts: ModeOptions): Mode {
+  if (opts.check) {
+    if (opts.restore !== undefined || opts.list || opts.prune || opts.restoreTest || typeof opts.verify === 'string') {
+      throw configError('--check goes alone, or with --verify to re-read the newest backup', ['Check freshness: --check --max-age 26h [--verify]']);
+    }
+    return { command: 'check', fullCheck: opts.verify === true };
+  }
   if (opts.restore !== undefined) return chooseRestore(opts);
   const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find((option) => opts[option] !== undefined);
   if (onlyForRestore) throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, ['For example: --restore FILE --target-db NAME [--clean]']);
@@ -3930,6 +4302,13 @@ export function formatDuration(ms: number): string {
   return `${Math.floor(ms / size)} ${unit}`;
 }
 
+/** Pure: --max-age, a duration above 0 of up to a year and a bit. */
+export function parseMaxAge(value: string): number {
+  const ms = parseDuration(value, 400 * DURATION_UNITS.d);
+  if (ms === 0) throw new InvalidArgumentError('Use a duration above 0, such as 26h or 8d.');
+  return ms;
+}
+
 /** Pure: a positive whole number of seconds, as libpq's connect_timeout takes it. */
 export function parseTimeoutSeconds(value: string): number {
   const seconds = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
@@ -3977,6 +4356,10 @@ export interface Settings {
   automation: Automation;
   search: ClientSearch;
   restore: RestoreTuning;
+  /** --check: how old the newest backup may be. */
+  maxAgeMs?: number;
+  /** Stop a backup that writes nothing for this long (0: never). */
+  stallTimeoutMs: number;
 }
 
 /**
@@ -4000,7 +4383,12 @@ export function resolveSettings(opts: Partial<Omit<CliOptions, 'env' | 'configDi
   const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
   const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
   const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
+  const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
+  const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
+  const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
   return {
+    ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
+    stallTimeoutMs: opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value)) ?? parseDuration(DEFAULT_STALL_TIMEOUT),
     search: pgBinDir ? { pgBinDir } : {},
     // --jobs sets the restore's pg_restore jobs only when given; else one per core.
     restore: { ...(opts.jobsGiven ? { jobs: opts.jobs } : {}), ...(maintenanceWorkMemKb ? { maintenanceWorkMemKb } : {}) },
@@ -4016,6 +4404,8 @@ export function resolveSettings(opts: Partial<Omit<CliOptions, 'env' | 'configDi
       ...(notifyUrl ? { notifyUrl } : {}),
       notifyOnSuccess: opts.notifyOnSuccess === true || (fromVar('BACKUP_NOTIFY_ON_SUCCESS', asFlag) ?? false),
       ...(onFailure ? { onFailure } : {}),
+      ...(pingUrl ? { pingUrl } : {}),
+      ...(metricsFile ? { metricsFile: path.resolve(metricsFile) } : {}),
     },
   };
 }
@@ -4047,6 +4437,15 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .addOption(new Option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)').argParser(nonEmptyPath))
     .addOption(new Option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)').argParser(webhookUrl))
     .addOption(new Option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)'))
+    .addOption(new Option('--ping-url <url>', 'heartbeat: ping URL/start when a backup starts, URL when it succeeds, URL/fail when it fails (env BACKUP_PING_URL)').argParser(webhookUrl))
+    .addOption(new Option('--metrics-file <path>', 'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)').argParser(nonEmptyPath))
+    .addOption(
+      new Option('--stall-timeout <duration>', `stop a backup that writes nothing for this long, saying what it waits on (default ${DEFAULT_STALL_TIMEOUT}; 0: never; env BACKUP_STALL_TIMEOUT)`).argParser((value) =>
+        parseDuration(value),
+      ),
+    )
+    .addOption(new Option('--check', 'exit 0 if the newest backup is younger than --max-age, else 8 (for monitoring); with --verify, re-read it fully'))
+    .addOption(new Option('--max-age <duration>', 'with --check: how old the newest backup may be, e.g. 26h or 8d (env BACKUP_MAX_AGE)').argParser(parseMaxAge))
     .addOption(new Option('--on-failure <command>', 'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)'))
     .addOption(new Option('--restore <file>', 'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts'))
     .addOption(new Option('--target-db <name>', 'with --restore: the database to restore into (created if absent)'))
@@ -4120,6 +4519,11 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
       return { command: 'list', exitCode: listingExitCode(listing), document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }), facts: {} };
     }
+    case 'check': {
+      if (settings.maxAgeMs === undefined) throw configError('--check needs --max-age DURATION (or BACKUP_MAX_AGE)', ['For example: --check --max-age 26h for a daily backup']);
+      const freshness = await runCheck(config!, outputDir, settings.maxAgeMs, mode.fullCheck, settings.search);
+      return { command: 'check', exitCode: EXIT.OK, document: freshnessDocument(freshness, outputDir, mode.fullCheck), text: () => freshnessText(freshness, config!, mode.fullCheck), facts: {} };
+    }
     case 'prune': {
       const report = await runPrune(config!, { outputDir, retention: settings.retention, dryRun: settings.dryRun, search: settings.search });
       const lines = report ? retentionLines(report, outputDir, config!) : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
@@ -4140,6 +4544,7 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
             jobs: opts.jobs,
             retention: settings.retention,
             dryRun: settings.dryRun,
+            stallTimeoutMs: settings.stallTimeoutMs,
             ...(opts.compress !== undefined ? { compress: opts.compress } : {}),
           },
           signal,
@@ -4172,6 +4577,7 @@ const OPERATION_NAMES: Record<CommandName, string> = {
   list: 'Listing',
   restore: 'Restore',
   drill: 'Restore test',
+  check: 'Freshness check',
 };
 
 /** A typed confirmation needs a person at a terminal; cron and pipes get none. */
@@ -4220,9 +4626,17 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     const settings = resolveSettings(opts, vars);
     automation = settings.automation;
     if (automation.notifyUrl) secrets.push(automation.notifyUrl);
+    if (automation.pingUrl) secrets.push(automation.pingUrl);
     const config = configuredDatabase(mode, opts, vars);
     server = config;
     known = knownFacts(mode, config);
+    if (mode.command === 'backup' && automation.pingUrl) {
+      const why = await sendPing(automation.pingUrl, 'start', `backup of ${redact(config!.database, secrets)} (${config!.environment}) started on ${os.hostname()}`);
+      if (why) {
+        io.err(err.yellow(`⚠ Heartbeat ping failed: ${maskSecrets(why, secrets)}`));
+        automation = { ...automation, pingWarned: true };
+      }
+    }
     outcome = await runMode(mode, opts, vars, config, settings);
   } catch (error) {
     outcome = failedOutcome(command, asBackupError(error, server));
@@ -4252,7 +4666,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
 }
 
 /** Options whose values are credentials: never shown, not even in a usage error. */
-const CREDENTIAL_OPTIONS = ['--notify-url'];
+const CREDENTIAL_OPTIONS = ['--notify-url', '--ping-url'];
 
 /** Pure: the values given on the command line to credential options (`--opt value` or `--opt=value`). */
 export function credentialArguments(argv: readonly string[]): string[] {

@@ -49,11 +49,14 @@ export async function directoryFingerprint(dir: string): Promise<Record<string, 
  */
 export async function holdTableLock(connect: () => Promise<pg.Client>, table: string) {
   const [holder, observer] = await Promise.all([connect(), connect()]);
+  const { rows } = await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
   await holder.query('BEGIN');
   await holder.query(`LOCK TABLE ${holder.escapeIdentifier(table)} IN ACCESS EXCLUSIVE MODE`);
   let released = false;
   return {
     observer,
+    /** The holder's backend pid, as pg_stat_activity shows it. */
+    holderPid: rows[0]!.pid,
     async release() {
       if (released) return;
       released = true;

@@ -1,0 +1,368 @@
+/**
+ * Operations (issue 17): know when backups stop happening, and never hang. A freshness check for
+ * monitoring systems, heartbeat pings, a Prometheus textfile and a stall watchdog, each tested
+ * with real processes: a real HTTP receiver, real backups moved into the past, a real lock.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import http from 'node:http';
+import type net from 'node:net';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import fc from 'fast-check';
+import parsePrometheus from 'parse-prometheus-text-format';
+import { judgeFreshness, parseMetrics, pingUrlFor, recordRunInMetrics, renderMetrics, type ListEntry, type MetricSeries } from '../backup_db.ts';
+import { dbVars, runCli, tempDir, takeBackup, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { flipMiddleByte, holdTableLock, waitForNoBackupSessions } from './helpers/wait.ts';
+
+let server: TestServer;
+before(async () => {
+  server = await startTestServer();
+  for (const db of ['ops_app', 'ops_other']) await server.createDatabase(db, 'CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50)');
+});
+after(() => server?.stop());
+
+async function setup(vars: Record<string, string> = dbVars(server, 'DEV_DB_', 'ops_app')) {
+  const configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', vars);
+  const outputDir = path.join(configDir, 'out');
+  return { configDir, outputDir, base: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] };
+}
+const wrongPassword = (database = 'ops_app') => ({ ...dbVars(server, 'DEV_DB_', database), DEV_DB_PASSWORD: 'Wr0ng-pa55word' });
+
+/** A heartbeat receiver (healthchecks.io style) that records each request's method, path and body. */
+async function heartbeatReceiver() {
+  const received: Array<{ method: string; path: string; body: string }> = [];
+  const sockets = new Set<net.Socket>();
+  const receiver = http.createServer((request, response) => {
+    let body = '';
+    request.on('data', (chunk) => (body += chunk));
+    request.on('end', () => {
+      received.push({ method: request.method!, path: request.url!, body });
+      response.writeHead(200).end('OK');
+    });
+  });
+  receiver.on('connection', (socket) => sockets.add(socket));
+  await new Promise<void>((resolve) => receiver.listen(0, '127.0.0.1', resolve));
+  const { port } = receiver.address() as net.AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}/ping/0d4c-secret-uuid`,
+    received,
+    close: () => {
+      sockets.forEach((s) => s.destroy());
+      return new Promise<void>((resolve) => receiver.close(() => resolve()));
+    },
+  };
+}
+
+describe('--ping-url (heartbeat)', () => {
+  test('a successful backup pings URL/start, then URL, with a one-line outcome; the URL is never shown', async () => {
+    const hb = await heartbeatReceiver();
+    try {
+      const s = await setup();
+      const result = await runCli({ args: [...s.base, '--ping-url', hb.url] });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.deepEqual(hb.received.map((r) => [r.method, r.path]), [
+        ['POST', '/ping/0d4c-secret-uuid/start'],
+        ['POST', '/ping/0d4c-secret-uuid'],
+      ]);
+      assert.match(hb.received[1]!.body, /^✓ backup_db: backup of ops_app \(dev\) succeeded on .+: ops_app_dev_.+\.dump/);
+      assert.ok(!`${result.stdout}${result.stderr}`.includes('0d4c-secret-uuid'));
+    } finally {
+      await hb.close();
+    }
+  });
+
+  test('a failed backup pings URL/start, then URL/fail with why; BACKUP_PING_URL from .env works the same', async () => {
+    const hb = await heartbeatReceiver();
+    try {
+      const s = await setup({ ...wrongPassword(), BACKUP_PING_URL: hb.url });
+      const result = await runCli({ args: s.base });
+      assert.equal(result.exitCode, 3, 'the exit code is the backup\'s');
+      assert.deepEqual(hb.received.map((r) => r.path), ['/ping/0d4c-secret-uuid/start', '/ping/0d4c-secret-uuid/fail']);
+      assert.match(hb.received[1]!.body, /FAILED .*\(exit 3\): Database authentication failed/);
+      assert.ok(!hb.received.some((r) => r.body.includes('Wr0ng-pa55word')), 'no password in a ping');
+    } finally {
+      await hb.close();
+    }
+  });
+
+  test('an unreachable ping URL changes nothing but a single warning', async () => {
+    const s = await setup();
+    const url = `http://127.0.0.1:${await freePort()}/ping/0d4c-secret-uuid`;
+    const result = await runCli({ args: [...s.base, '--ping-url', url] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(result.stderr.match(/Heartbeat ping failed/g)?.length, 1, result.stderr);
+    assert.ok(!result.stderr.includes('0d4c-secret-uuid'));
+    assert.equal((await fs.readdir(s.outputDir)).filter((name) => name.endsWith('.dump')).length, 1, 'the backup was made');
+  });
+
+  test('only backup runs ping: --list, --verify and --check with BACKUP_PING_URL set stay silent', async () => {
+    const hb = await heartbeatReceiver();
+    try {
+      const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_PING_URL: hb.url });
+      const backup = await takeBackup(server, 'ops_app', s.outputDir);
+      for (const args of [['--list'], ['--verify', backup.dumpPath], ['--check', '--max-age', '1h']]) {
+        const result = await runCli({ args: [...s.base, ...args] });
+        assert.equal(result.exitCode, 0, `${args.join(' ')}: ${result.stderr}`);
+      }
+      assert.deepEqual(hb.received, []);
+    } finally {
+      await hb.close();
+    }
+  });
+
+  test('a malformed ping URL is a configuration error that does not echo it', async () => {
+    const s = await setup();
+    const result = await runCli({ args: [...s.base, '--ping-url', 'hcio/0d4c-secret-uuid', '--json'] });
+    assert.equal(result.exitCode, 2);
+    assert.ok(!`${result.stdout}${result.stderr}`.includes('0d4c-secret-uuid'), `${result.stdout}${result.stderr}`);
+  });
+
+  test('pingUrlFor keeps the query string where it is', () => {
+    assert.equal(pingUrlFor('https://hc-ping.com/abc', 'start'), 'https://hc-ping.com/abc/start');
+    assert.equal(pingUrlFor('https://hc-ping.com/abc/', 'fail'), 'https://hc-ping.com/abc/fail');
+    assert.equal(pingUrlFor('https://push.example/api/push/K?status=up', 'fail'), 'https://push.example/api/push/K/fail?status=up');
+    assert.equal(pingUrlFor('https://hc-ping.com/abc', 'success'), 'https://hc-ping.com/abc');
+  });
+});
+
+/** The samples of a metrics file, as a real Prometheus text-format parser reads them. */
+async function readMetrics(file: string) {
+  const text = await fs.readFile(file, 'utf8');
+  // The exposition format, line by line: comments, or name{labels} value.
+  for (const line of text.trimEnd().split('\n')) {
+    assert.match(line, /^(# (HELP|TYPE) [a-z_]+ .+|[a-z_]+\{database="(?:[^"\\]|\\.)*",environment="(?:[^"\\]|\\.)*"\} -?[\d.e+]+)$/, line);
+  }
+  const families = parsePrometheus(text);
+  const samples: Record<string, Record<string, number>> = {};
+  for (const family of families) {
+    assert.equal(family.type, 'GAUGE', family.name);
+    for (const metric of family.metrics) {
+      const key = `${metric.labels!.database}/${metric.labels!.environment}`;
+      (samples[key] ??= {})[family.name] = Number(metric.value);
+    }
+  }
+  return samples;
+}
+
+describe('--metrics-file (node_exporter textfile collector)', () => {
+  test('every backup run updates its own series and keeps the other databases\' series', async () => {
+    const dir = await tempDir();
+    const metricsFile = path.join(dir, 'textfile', 'backup_db.prom');
+    const a = await setup();
+    const startedAt = Math.floor(Date.now() / 1000);
+    assert.equal((await runCli({ args: [...a.base, '--metrics-file', metricsFile] })).exitCode, 0);
+    const b = await setup({ ...wrongPassword('ops_other'), BACKUP_METRICS_FILE: metricsFile });
+    assert.equal((await runCli({ args: b.base })).exitCode, 3);
+
+    const first = await readMetrics(metricsFile);
+    const app = first['ops_app/dev']!;
+    const other = first['ops_other/dev']!;
+    assert.equal(app.backup_db_last_exit_code, 0);
+    assert.ok(app.backup_db_last_run_timestamp_seconds! >= startedAt);
+    assert.equal(app.backup_db_last_success_timestamp_seconds, app.backup_db_last_run_timestamp_seconds);
+    const dump = (await fs.readdir(a.outputDir)).find((name) => name.endsWith('.dump'))!;
+    assert.equal(app.backup_db_last_size_bytes, (await fs.stat(path.join(a.outputDir, dump))).size);
+    assert.ok(app.backup_db_last_duration_seconds! > 0);
+    assert.equal(other.backup_db_last_exit_code, 3);
+    assert.equal(other.backup_db_last_success_timestamp_seconds, undefined, 'it never succeeded');
+
+    // A later failure of the first database keeps its last success and size.
+    const aFails = await setup(wrongPassword());
+    assert.equal((await runCli({ args: [...aFails.base, '--metrics-file', metricsFile] })).exitCode, 3);
+    const second = await readMetrics(metricsFile);
+    assert.equal(second['ops_app/dev']!.backup_db_last_exit_code, 3);
+    assert.equal(second['ops_app/dev']!.backup_db_last_success_timestamp_seconds, app.backup_db_last_success_timestamp_seconds);
+    assert.equal(second['ops_app/dev']!.backup_db_last_size_bytes, app.backup_db_last_size_bytes);
+    assert.deepEqual(second['ops_other/dev'], other);
+
+    // Readable by node_exporter's user; no temp file the collector could pick up.
+    assert.equal((await fs.stat(metricsFile)).mode & 0o777, 0o644);
+    assert.deepEqual(await fs.readdir(path.dirname(metricsFile)), ['backup_db.prom']);
+  });
+
+  test('render and parse are inverse for any database name, and a real parser reads the labels back', () => {
+    const name = fc.string({ unit: fc.oneof(fc.constantFrom('"', '\\', '\n', '{', '}', ',', '=', ' '), fc.string({ unit: 'grapheme', minLength: 1, maxLength: 1 })), maxLength: 12 }).filter((s) => s.length > 0);
+    const value = fc.integer({ min: 0, max: 2 ** 40 });
+    const series = fc.uniqueArray(
+      fc.record(
+        { database: name, environment: fc.constantFrom('dev', 'prod'), values: fc.record({ backup_db_last_exit_code: value, backup_db_last_size_bytes: value }, { noNullPrototype: true }) },
+        { noNullPrototype: true },
+      ),
+      { selector: (s) => `${s.database}\0${s.environment}`, maxLength: 5 },
+    );
+    fc.assert(
+      fc.property(series, (list: MetricSeries[]) => {
+        const text = renderMetrics(list);
+        const sort = (l: MetricSeries[]) => [...l].sort((x, y) => (`${x.database}\0${x.environment}` < `${y.database}\0${y.environment}` ? -1 : 1));
+        assert.deepEqual(sort(parseMetrics(text)), sort(list));
+        const parsed = parsePrometheus(text).flatMap((family) => family.metrics.map((m) => m.labels!.database));
+        assert.deepEqual(new Set(parsed), new Set(list.map((s) => s.database)));
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  test('a run of one database never changes another\'s series', () => {
+    const before: MetricSeries[] = [{ database: 'b', environment: 'dev', values: { backup_db_last_exit_code: 7 } }];
+    const after = recordRunInMetrics(before, { database: 'a', environment: 'dev', endedAt: new Date(0), exitCode: 0, durationMs: 1500, sizeBytes: 10 });
+    assert.deepEqual(after.find((s) => s.database === 'b'), before[0]);
+    assert.deepEqual(after.find((s) => s.database === 'a')!.values, {
+      backup_db_last_run_timestamp_seconds: 0,
+      backup_db_last_exit_code: 0,
+      backup_db_last_duration_seconds: 1.5,
+      backup_db_last_success_timestamp_seconds: 0,
+      backup_db_last_size_bytes: 10,
+    });
+  });
+});
+
+/** Move a real backup's files (names and metadata) `days` into the past, as if it had been taken then. */
+async function moveIntoPast(backup: TakenBackup, days: number): Promise<string> {
+  const iso = new Date(Date.parse(String(backup.metadata.backup_timestamp)) - days * 86_400_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+  const name = `${backup.metadata.database_name}_${backup.metadata.environment}_${iso.replaceAll(':', '-')}.dump`;
+  await fs.rename(backup.dumpPath, path.join(backup.outputDir, name));
+  await fs.rm(backup.metadataPath);
+  const metadata = { ...backup.metadata, backup_file: name, backup_timestamp: iso };
+  await fs.writeFile(path.join(backup.outputDir, name.replace(/\.dump$/, '.metadata.json')), JSON.stringify(metadata, null, 2));
+  return name;
+}
+
+describe('--check --max-age (freshness, for monitoring)', () => {
+  let fresh: Awaited<ReturnType<typeof setup>>;
+  let backup: TakenBackup;
+  before(async () => {
+    fresh = await setup();
+    backup = await takeBackup(server, 'ops_app', fresh.outputDir);
+  });
+
+  test('a fresh backup: exit 0, and --json says which, how old, and the limit', async () => {
+    const text = await runCli({ args: [...fresh.base, '--check', '--max-age', '1h'] });
+    assert.equal(text.exitCode, 0, text.stderr);
+    assert.match(text.stdout, /Backups are fresh: the newest of ops_app \(dev\) is \d+ s old \(limit 1 h\)/);
+    const json = await runCli({ args: [...fresh.base, '--check', '--max-age', '1h', '--json'] });
+    const doc = JSON.parse(json.stdout);
+    assert.equal(doc.ok, true);
+    assert.equal(doc.command, 'check');
+    assert.equal(doc.newest.file, path.basename(backup.dumpPath));
+    assert.equal(doc.newest.timestamp, backup.metadata.backup_timestamp);
+    assert.ok(doc.newest.age_seconds >= 0 && doc.newest.age_seconds < 3600);
+    assert.equal(doc.max_age_seconds, 3600);
+    assert.equal(doc.backups, 1);
+  });
+
+  test('a stale backup: exit 8 with its age, its file and how many backups exist; BACKUP_MAX_AGE works too', async () => {
+    const s = await setup();
+    const moved = await moveIntoPast(await takeBackup(server, 'ops_app', s.outputDir), 2);
+    const result = await runCli({ args: [...s.base, '--check', '--max-age', '26h'] });
+    assert.equal(result.exitCode, 8, result.stdout);
+    assert.match(result.stderr, /The newest backup is too old/);
+    assert.match(result.stderr, new RegExp(`is 2 d old, more than 1 d 2 h: ${moved.replaceAll('.', '\\.')} .*1 backup in all`));
+    await writeEnvFile(s.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_MAX_AGE: '3d' });
+    const json = await runCli({ args: [...s.base, '--check', '--json'] });
+    assert.equal(json.exitCode, 0, json.stderr);
+    const doc = JSON.parse(json.stdout);
+    assert.equal(doc.max_age_seconds, 3 * 86_400);
+    assert.ok(doc.newest.age_seconds >= 2 * 86_400);
+  });
+
+  test('an empty or missing directory: exit 8, no backup', async () => {
+    const s = await setup();
+    const missing = await runCli({ args: [...s.base, '--check', '--max-age', '1d', '--json'] });
+    assert.equal(missing.exitCode, 8);
+    const doc = JSON.parse(missing.stdout);
+    assert.deepEqual([doc.ok, doc.error, doc.newest, doc.backups], [false, 'No backup found', null, 0]);
+    await fs.mkdir(s.outputDir);
+    assert.equal((await runCli({ args: [...s.base, '--check', '--max-age', '1d'] })).exitCode, 8);
+  });
+
+  test('damaged backups: a truncated one does not count; a bit-flipped one passes the quick check but not --check --verify', async () => {
+    const s = await setup();
+    const truncated = await takeBackup(server, 'ops_app', s.outputDir);
+    await fs.truncate(truncated.dumpPath, 100);
+    const result = await runCli({ args: [...s.base, '--check', '--max-age', '1d'] });
+    assert.equal(result.exitCode, 8);
+    assert.match(result.stderr, /No backup found/);
+    assert.match(result.stderr, /no backup of ops_app \(dev\) in .* passes the quick check; 1 file there does not count \(ops_app_dev_.*\.dump: .*Size mismatch\)/);
+
+    const flipped = await setup();
+    const backup2 = await takeBackup(server, 'ops_app', flipped.outputDir);
+    await flipMiddleByte(backup2.dumpPath);
+    assert.equal((await runCli({ args: [...flipped.base, '--check', '--max-age', '1d'] })).exitCode, 0, 'size and metadata still match');
+    const full = await runCli({ args: [...flipped.base, '--check', '--max-age', '1d', '--verify'] });
+    assert.equal(full.exitCode, 8);
+    assert.match(full.stderr, /checksum/i);
+  });
+
+  test('a backup dated in the future never looks fresh', async () => {
+    const s = await setup();
+    const backup2 = await takeBackup(server, 'ops_app', s.outputDir);
+    await moveIntoPast(backup2, -30);
+    const result = await runCli({ args: [...s.base, '--check', '--max-age', '1d'] });
+    assert.equal(result.exitCode, 8);
+    assert.match(result.stderr, /1 file there does not count \(ops_app_dev_.*\.dump: dated .*, after this machine's time\)/);
+  });
+
+  test('--check needs --max-age; --check with a FILE or another command is refused', async () => {
+    for (const args of [['--check'], ['--check', '--max-age', '0'], ['--check', '--max-age', '1d', '--list'], ['--check', '--max-age', '1d', '--verify', 'x.dump']]) {
+      const result = await runCli({ args: [...fresh.base, ...args] });
+      assert.equal(result.exitCode, 2, `${args.join(' ')}: ${result.stderr}`);
+    }
+  });
+
+  test('judgeFreshness ignores other databases and environments', () => {
+    const entry = (file: string, database: string, environment: string, timestamp: string): ListEntry => ({
+      file,
+      status: 'verified',
+      database,
+      environment,
+      timestamp,
+      sizeBytes: 1,
+      modifiedMs: 0,
+      problems: [],
+    });
+    const now = new Date('2026-01-10T00:00:00Z');
+    const entries = [entry('x_dev_a.dump', 'x', 'dev', '2026-01-01T00:00:00Z'), entry('y_dev_b.dump', 'y', 'dev', '2026-01-09T23:00:00Z'), entry('x_prod_c.dump', 'x', 'prod', '2026-01-09T23:00:00Z')];
+    const result = judgeFreshness(entries, { database: 'x', environment: 'dev', now }, 86_400_000);
+    assert.equal(result.ok, false);
+    assert.equal(result.newest?.file, 'x_dev_a.dump');
+    assert.equal(result.backups, 1);
+  });
+});
+
+describe('--stall-timeout (watchdog)', () => {
+  test('a dump stalled behind a lock is stopped within the timeout, naming the blocking session; nothing is left', async () => {
+    const s = await setup();
+    const lock = await holdTableLock(() => server.connect('ops_app'), 't');
+    try {
+      const started = Date.now();
+      const result = await runCli({ args: [...s.base, '--lock-wait-timeout', '0', '--stall-timeout', '2s'] });
+      const elapsed = Date.now() - started;
+      assert.equal(result.exitCode, 7, result.stderr);
+      assert.match(result.stderr, /The backup stalled/);
+      assert.match(result.stderr, /no byte was written for 2 s/);
+      assert.match(result.stderr, /pg_dump's session \(pid \d+\) waits on Lock \(relation\) in "LOCK TABLE public\.t IN ACCESS SHARE MODE"/);
+      assert.doesNotMatch(result.stderr, /pg_stat_activity b WHERE/, 'not the watchdog\'s own query');
+      assert.match(result.stderr, new RegExp(`blocked by pid ${lock.holderPid} .*LOCK TABLE`));
+      assert.match(result.stderr, new RegExp(`pg_terminate_backend\\(${lock.holderPid}\\)`));
+      // Without the watchdog this run would wait for ever (--lock-wait-timeout 0): it ended.
+      assert.ok(elapsed < 60_000, `ended after ${elapsed} ms`);
+      // Its sessions, queued for the lock, were cancelled rather than left holding their place.
+      await waitForNoBackupSessions(lock.observer);
+      const left = await fs.readdir(s.outputDir).catch(() => [] as string[]);
+      assert.deepEqual(left.filter((name) => !name.startsWith('.')), [], 'no partial or lock file');
+    } finally {
+      await lock.release();
+    }
+  });
+
+  test('a bad --stall-timeout or BACKUP_STALL_TIMEOUT is a configuration error', async () => {
+    const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_STALL_TIMEOUT: 'soon' });
+    const fromEnv = await runCli({ args: s.base });
+    assert.equal(fromEnv.exitCode, 2);
+    assert.match(fromEnv.stderr, /BACKUP_STALL_TIMEOUT/);
+    assert.equal((await runCli({ args: [...s.base, '--stall-timeout', '-1s'] })).exitCode, 2);
+  });
+});
