@@ -18,6 +18,7 @@ import { pipeline } from 'node:stream/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { parse as parseConnectionString } from 'pg-connection-string';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
 
@@ -255,35 +256,42 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
   };
 }
 
+/**
+ * A libpq connection URL, read as libpq reads it (pg-connection-string): `?host=/var/run/postgresql`
+ * is a socket directory, `?port=` a port, percent-escapes are decoded. sslmode is ours to
+ * interpret (pg-connection-string gives require the meaning of verify-full and warns).
+ */
 function configFromUrl(url: EnvValue, urlVar: string, environment: Environment): DbConfig {
   const origin = describeOrigin(urlVar, url);
-  let parsed: URL;
+  const form = 'Use the form postgresql://user:password@host:5432/database';
+  if (!/^postgres(ql)?:\/\//i.test(url.value.trim())) throw configError(`${origin} must start with postgresql:// or postgres://`, [form]);
+  let parsed: ReturnType<typeof parseLibpqUrl>;
   try {
-    parsed = new URL(url.value);
+    parsed = parseLibpqUrl(url.value.trim());
   } catch {
     // Never echo the URL: it usually holds the password.
-    throw configError(`${origin} is not a valid URL`, [`Use the form postgresql://user:password@host:5432/database`]);
+    throw configError(`${origin} is not a valid URL`, [form]);
   }
-  if (parsed.protocol !== 'postgres:' && parsed.protocol !== 'postgresql:') {
-    throw configError(`${origin} must start with postgresql:// or postgres://`, [
-      `Use the form postgresql://user:password@host:5432/database`,
-    ]);
-  }
-  const database = decodeURIComponent(parsed.pathname.replace(/^\//, ''));
-  if (!database) {
-    throw configError(`${origin} names no database`, [`Add the database name: postgresql://user@host:5432/<database>`]);
-  }
-  const sslmode = parsed.searchParams.get('sslmode');
+  if (!parsed.database) throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
   return {
     environment,
-    host: validateHost(decodeURIComponent(parsed.hostname.replace(/^\[|\]$/g, '')) || 'localhost', origin),
+    host: validateHost(parsed.host || 'localhost', origin),
     port: parsePort(parsed.port || '5432', origin),
-    database: validateName(database, origin),
-    user: validateName(decodeURIComponent(parsed.username) || os.userInfo().username, origin),
-    ...(parsed.password ? { password: decodeURIComponent(parsed.password) } : {}),
-    ...(sslmode ? { sslmode: parseSslMode(sslmode, origin) } : {}),
+    database: validateName(parsed.database, origin),
+    user: validateName(parsed.user || os.userInfo().username, origin),
+    ...(parsed.password ? { password: parsed.password } : {}),
+    ...(parsed.sslmode ? { sslmode: parseSslMode(parsed.sslmode, origin) } : {}),
     origin: { host: origin, port: origin, database: origin, user: origin, password: origin },
   };
+}
+
+/** Pure: a connection URL's parts; its ssl* parameters are set aside, only sslmode is kept. Throws on a malformed URL. */
+function parseLibpqUrl(url: string): ReturnType<typeof parseConnectionString> & { sslmode: string | null } {
+  const [base, query = ''] = url.split(/\?(.*)/s);
+  const params = new URLSearchParams(query);
+  const sslmode = params.get('sslmode');
+  for (const name of [...params.keys()]) if (/^(ssl|uselibpqcompat)/i.test(name)) params.delete(name);
+  return { ...parseConnectionString(params.size > 0 ? `${base}?${params}` : base!), sslmode };
 }
 
 export function parsePort(value: string, origin: string): number {
@@ -4750,8 +4758,10 @@ export function secretsIn(vars: EnvVars): string[] {
     if (/PASSWORD$/.test(name)) secrets.push(value);
     if (/DATABASE_URL$/.test(name)) {
       try {
-        const password = new URL(value).password;
-        if (password) secrets.push(password, decodeURIComponent(password));
+        // As written (percent-encoded) and as meant, whether in the authority or as ?password=.
+        const written = new URL(value).password;
+        const { password } = parseLibpqUrl(value);
+        secrets.push(...[written, password].filter((p): p is string => Boolean(p)));
       } catch {
         // Not a URL; nothing to mask beyond the URL pattern maskSecrets already covers.
       }

@@ -14,7 +14,7 @@ let server: TestServer;
 const DBS = ['cfg_env', 'cfg_local', 'cfg_process', 'cfg_prod', 'cfg_url'] as const;
 
 before(async () => {
-  server = await startTestServer();
+  server = await startTestServer({ listenEverywhere: true });
   for (const db of DBS) {
     await server.createDatabase(db, `CREATE TABLE marker (name text); INSERT INTO marker VALUES ('${db}')`);
   }
@@ -154,6 +154,14 @@ describe('connection URLs', () => {
     assert.equal(run.exitCode, 0, run.stderr);
     assert.equal(run.database, 'cfg_url');
     assert.equal(run.environment, 'dev');
+  });
+
+  test('a socket directory in ?host= is a socket, as libpq reads it, not localhost', async () => {
+    const url = `postgresql://${server.user}:${encodeURIComponent(server.password)}@/cfg_url?host=${encodeURIComponent(server.socketDir!)}&port=${server.port}`;
+    const run = await backupWith({ dotEnv: { DEV_DATABASE_URL: url } });
+    assert.equal(run.exitCode, 0, run.stderr);
+    // Read as a URL, this was localhost:5432, where nothing listens; the socket is in the unit tests.
+    assert.equal(run.database, 'cfg_url');
   });
 
   test('DATABASE_URL alone means prod', async () => {

@@ -1,5 +1,6 @@
 /** The pure functions of backup_db.ts, fed values and checked on the values they return. */
 import assert from 'node:assert/strict';
+import os from 'node:os';
 import { describe, test } from 'node:test';
 import {
   dumpedFraction,
@@ -160,6 +161,18 @@ describe('resolveDbConfig', () => {
       { host: config.host, port: config.port, database: config.database, user: config.user, password: config.password, sslmode: config.sslmode },
       { host: 'db.example.com', port: 6000, database: 'my db', user: 'app@corp', password: 'p:ss', sslmode: 'require' },
     );
+  });
+
+  test('a URL is read as libpq reads it: a socket directory in ?host=, ?port=, IPv6, ?password=', () => {
+    const read = (url: string) => {
+      const c = resolveDbConfig(env({ DATABASE_URL: url }), 'prod');
+      return { host: c.host, port: c.port, database: c.database, user: c.user, password: c.password };
+    };
+    assert.deepEqual(read('postgresql:///app?host=/var/run/postgresql'), { host: '/var/run/postgresql', port: 5432, database: 'app', user: os.userInfo().username, password: undefined });
+    assert.deepEqual(read('postgresql://u@/app?host=%2Ftmp&port=6000'), { host: '/tmp', port: 6000, database: 'app', user: 'u', password: undefined });
+    assert.deepEqual(read('postgresql://u@[::1]:5433/app'), { host: '::1', port: 5433, database: 'app', user: 'u', password: undefined });
+    assert.deepEqual(read('postgresql://u@h/app?password=s%3Ecret&sslrootcert=/x.crt'), { host: 'h', port: 5432, database: 'app', user: 'u', password: 's>cret' });
+    assert.ok(secretsIn(env({ DATABASE_URL: 'postgresql://u@h/app?password=s%3Ecret' })).includes('s>cret'), 'a ?password= is masked too');
   });
 
   test('a broken URL is reported without echoing it (it holds the password)', () => {
