@@ -264,12 +264,13 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
 function configFromUrl(url: EnvValue, urlVar: string, environment: Environment): DbConfig {
   const origin = describeOrigin(urlVar, url);
   const form = 'Use the form postgresql://user:password@host:5432/database';
+  // Never echo the URL: it usually holds the password.
+  if (!/^[a-z][\w+.-]*:\/\//i.test(url.value.trim())) throw configError(`${origin} is not a valid URL`, [form]);
   if (!/^postgres(ql)?:\/\//i.test(url.value.trim())) throw configError(`${origin} must start with postgresql:// or postgres://`, [form]);
   let parsed: ReturnType<typeof parseLibpqUrl>;
   try {
     parsed = parseLibpqUrl(url.value.trim());
   } catch {
-    // Never echo the URL: it usually holds the password.
     throw configError(`${origin} is not a valid URL`, [form]);
   }
   if (!parsed.database) throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
@@ -294,9 +295,15 @@ function parseLibpqUrl(url: string): ReturnType<typeof parseConnectionString> & 
   return { ...parseConnectionString(params.size > 0 ? `${base}?${params}` : base!), sslmode };
 }
 
+/** Pure: a whole number from `min` to `max` (blanks around it allowed), or NaN. */
+export function wholeNumber(value: string, min: number, max: number): number {
+  const n = /^\s*\d{1,15}\s*$/.test(value) ? Number(value) : NaN;
+  return n >= min && n <= max ? n : NaN;
+}
+
 export function parsePort(value: string, origin: string): number {
-  const port = /^\d{1,5}$/.test(value.trim()) ? Number(value.trim()) : NaN;
-  if (!(port >= 1 && port <= 65535)) {
+  const port = wholeNumber(value, 1, 65535);
+  if (Number.isNaN(port)) {
     throw configError(`${origin} is "${value}", which is not a port number`, ['Use a number from 1 to 65535, usually 5432']);
   }
   return port;
@@ -4317,26 +4324,21 @@ export function parseMaxAge(value: string): number {
   return ms;
 }
 
+/** Pure: a command-line parser of whole numbers from `min` to `max`. */
+function wholeNumberOption(min: number, max: number, explanation: string): (value: string) => number {
+  return (value) => {
+    const n = wholeNumber(value, min, max);
+    if (Number.isNaN(n)) throw new InvalidArgumentError(explanation);
+    return n;
+  };
+}
+
 /** Pure: a positive whole number of seconds, as libpq's connect_timeout takes it. */
-export function parseTimeoutSeconds(value: string): number {
-  const seconds = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
-  if (!(seconds >= 1 && seconds <= 3600)) throw new InvalidArgumentError('Use a whole number of seconds from 1 to 3600.');
-  return seconds;
-}
-
+export const parseTimeoutSeconds = wholeNumberOption(1, 3600, 'Use a whole number of seconds from 1 to 3600.');
 /** Pure: pg_dump workers; more than one means a directory-format archive. */
-export function parseJobs(value: string): number {
-  const jobs = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
-  if (!(jobs >= 1 && jobs <= 64)) throw new InvalidArgumentError('Use a whole number of workers from 1 to 64.');
-  return jobs;
-}
-
+export const parseJobs = wholeNumberOption(1, 64, 'Use a whole number of workers from 1 to 64.');
 /** Pure: how many backups a retention rule keeps. */
-export function parseKeepCount(value: string): number {
-  const count = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
-  if (!(count >= 0 && count <= 100_000)) throw new InvalidArgumentError('Use a whole number from 0 (rule off) upwards.');
-  return count;
-}
+export const parseKeepCount = wholeNumberOption(0, 100_000, 'Use a whole number from 0 (rule off) upwards.');
 
 /** Pure: a directory argument; an empty one would silently mean "the default", so refuse it. */
 function nonEmptyPath(value: string): string {
