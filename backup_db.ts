@@ -1,11 +1,35 @@
 /**
  * backup_db.ts: back up the dev or prod PostgreSQL database with pg_dump (custom format),
- * write a SHA256 + row-count metadata sidecar, and verify the result.
+ * write a SHA256 + row-count metadata sidecar, verify it, list, prune, restore and monitor.
  *
  *   npx tsx backup_db.ts --env prod
  *
- * The file reads top to bottom in the order a backup happens:
- * types → configuration → preflight → dump → metadata → verification → CLI → main().
+ * Sections, in the order data flows through a run (shared helpers first, main last):
+ *   Types and constants
+ *   Small helpers
+ *   Configuration
+ *   Client tools: pg_dump and pg_restore
+ *   Output directory, lock and disk space
+ *   Connection
+ *   Dump
+ *   Stall watchdog
+ *   Progress (terminals only)
+ *   Backup run: lock, snapshot, dump and counts, publish
+ *   Metadata
+ *   Verification
+ *   Listing
+ *   Retention
+ *   Freshness check
+ *   Restore: the target server (extensions, production guard, target database)
+ *   Restore: pg_restore, reconciliation, the drill
+ *   Run records: log file, notifications, failure hook
+ *   Operations: heartbeat pings and metrics
+ *   Output
+ *   CLI: options, modes, settings
+ *   main: run a mode, print, record
+ *
+ * A backup: configuration → client tools → output directory and lock → connection → dump (with
+ * the watchdog) → metadata → verification → retention; the other commands reuse the same parts.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -22,7 +46,7 @@ import { parse as parseConnectionString } from 'pg-connection-string';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
 
-// ─── Types and constants ────────────────────────────────────────────────────────────────
+// ─── Types and constants ─────────────────────────────────────────────────────────────────
 
 /** Exit codes of the CLI contract (cli-contract.md, "Error Exit Codes"). */
 export const EXIT = {
@@ -87,7 +111,94 @@ export class BackupError extends Error {
   }
 }
 
-// ─── Configuration ──────────────────────────────────────────────────────────────────────
+// ─── Small helpers ───────────────────────────────────────────────────────────────────────
+
+function errnoCode(error: unknown): string | undefined {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/**
+ * Start a long-running client tool (pg_dump, pg_restore) so that it cannot outlive this process:
+ * it runs in a process group of its own, and a watcher (a shell blocked reading a pipe from us)
+ * stops that whole group, parallel workers included, once the pipe closes, which happens when
+ * this process ends by any means, SIGKILL included. `signal` stops the group too. Being in its own
+ * session, the tool also never prompts on the terminal: a missing password fails instead of hanging.
+ */
+async function startTethered<const O extends Options>(file: string, args: readonly string[], signal: AbortSignal, options: O): Promise<{ child: ResultPromise<O> }> {
+  const { execa } = await loadExeca();
+  // detached changes how the child starts, not what its result looks like.
+  const child = execa(file, args, { ...options, detached: true }) as unknown as ResultPromise<O>;
+  const pid = child.pid;
+  if (pid === undefined) return { child }; // it could not start; the promise says why
+  const killGroup = (name: NodeJS.Signals) => {
+    try {
+      process.kill(-pid, name);
+    } catch {
+      // already gone
+    }
+  };
+  const watcher = spawn('/bin/sh', ['-c', 'read -r _; kill -s TERM -- "-$1" 2>/dev/null; sleep 1; kill -s KILL -- "-$1" 2>/dev/null', 'backup_db-tether', String(pid)], {
+    stdio: ['pipe', 'ignore', 'ignore'],
+    detached: true,
+  });
+  watcher.unref();
+  (watcher.stdin as unknown as { unref(): void }).unref();
+  liveWatchers.add(watcher);
+  let forceKill: NodeJS.Timeout | undefined;
+  const stop = () => {
+    killGroup('SIGTERM');
+    forceKill = setTimeout(() => killGroup('SIGKILL'), 5000).unref();
+  };
+  if (signal.aborted) stop();
+  else signal.addEventListener('abort', stop, { once: true });
+  const done = () => {
+    signal.removeEventListener('abort', stop);
+    clearTimeout(forceKill);
+    // The group is gone: the watcher must not outlive it, or a reused process group id could be hit.
+    watcher.kill('SIGKILL');
+    liveWatchers.delete(watcher);
+  };
+  child.then(done, done);
+  // Wrapped: a ResultPromise is a thenable, and returning it bare would wait for the process.
+  return { child };
+}
+
+const liveWatchers = new Set<ChildProcess>();
+// A normal exit with a watcher still waiting would close its pipe too: stop the watchers first.
+process.on('exit', () => liveWatchers.forEach((watcher) => watcher.kill('SIGKILL')));
+
+/** Cleanup on a failure path must never replace the failure being reported. */
+async function removeQuietly(filePath: string): Promise<void> {
+  await fs.rm(filePath, { force: true, recursive: true }).catch(() => undefined);
+}
+
+async function pathExists(filePath: string): Promise<boolean> {
+  try {
+    await fs.lstat(filePath);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Any failure as the contract's error: understood ones as they are, a database's through
+ * databaseFailure, a file system's through fileSystemError; anything else is unexpected (exit 1).
+ */
+function asBackupError(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>, dir?: string): BackupError {
+  if (error instanceof BackupError) return error;
+  const fromDatabase = databaseFailure(error, server);
+  if (fromDatabase) return fromDatabase;
+  if (errnoCode(error)) return fileSystemError(error, 'A file operation failed', dir ?? path.dirname(String((error as NodeJS.ErrnoException).path ?? '.')));
+  return new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error), ['This is a bug in backup_db.ts: please report it with the command that was run']);
+}
+
+// ─── Configuration ───────────────────────────────────────────────────────────────────────
 
 /** A configuration value and where it came from, so errors can name the file to fix. */
 export interface EnvValue {
@@ -340,7 +451,11 @@ function parseSslMode(value: string, origin: string): SslMode {
   return mode;
 }
 
-// ─── Preflight ──────────────────────────────────────────────────────────────────────────
+function envFilesIn(dir: string): string {
+  return ENV_FILES.map((file) => displayPath(path.join(dir, file))).join(' or ');
+}
+
+// ─── Client tools: pg_dump and pg_restore ────────────────────────────────────────────────
 
 export interface PgTool {
   path: string;
@@ -557,6 +672,8 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
 }
 
 /** Create the output directory (0700: backups hold all the data) and prove we can write there. */
+// ─── Output directory, lock and disk space ───────────────────────────────────────────────
+
 async function prepareOutputDir(dir: string): Promise<void> {
   const probe = path.join(dir, `.backup_db-write-test-${process.pid}`);
   try {
@@ -848,6 +965,8 @@ function fileSystemError(error: unknown, title: string, dir: string): BackupErro
 }
 
 /** Connection settings for libpq tools. Everything goes through the environment, never argv. */
+// ─── Connection ──────────────────────────────────────────────────────────────────────────
+
 export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S): Record<string, string> {
   return {
     PGHOST: config.host,
@@ -910,8 +1029,8 @@ async function connectMaintenance(config: DbConfig, connectTimeoutSeconds: numbe
 }
 
 /** Connect (to the maintenance database with `maintenance`), use the connection, and always close it. */
-async function withClient<T>(config: DbConfig, connectTimeoutSeconds: number, use: (client: pg.Client) => Promise<T>, options: { maintenance?: boolean } = {}): Promise<T> {
-  const client = options.maintenance ? await connectMaintenance(config, connectTimeoutSeconds) : await connectDb(config, connectTimeoutSeconds);
+async function withClient<T>(config: DbConfig, connectTimeoutSeconds: number, use: (client: pg.Client) => Promise<T>, options: { maintenance?: boolean; avoid?: string } = {}): Promise<T> {
+  const client = options.maintenance ? await connectMaintenance(config, connectTimeoutSeconds, options.avoid) : await connectDb(config, connectTimeoutSeconds);
   try {
     return await use(client);
   } finally {
@@ -1162,7 +1281,7 @@ async function readServerInfo(client: pg.Client): Promise<ServerInfo> {
   return { version: row.version.split(' ')[0]!, major: Math.floor(row.num / 10000) };
 }
 
-// ─── Dump ───────────────────────────────────────────────────────────────────────────────
+// ─── Dump ────────────────────────────────────────────────────────────────────────────────
 
 /** "2025-01-27T14:30:00Z": the metadata's backup_timestamp, whole seconds. */
 export function isoSeconds(date: Date): string {
@@ -1444,7 +1563,7 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
   ]);
 }
 
-// ─── Stall watchdog ─────────────────────────────────────────────────────────────────────
+// ─── Stall watchdog ──────────────────────────────────────────────────────────────────────
 
 /**
  * Watch a running backup's file: if no byte is written for `timeoutMs`, find out what its sessions
@@ -1540,7 +1659,7 @@ export function stallError(waits: SessionWait[], timeoutMs: number, unknown = 'i
   );
 }
 
-// ─── Progress (terminals only) ──────────────────────────────────────────────────────────
+// ─── Progress (terminals only) ───────────────────────────────────────────────────────────
 
 /** pg_dump's own application_name, so its backend can be told from ours. */
 const PG_DUMP_APPLICATION_NAME = `${APPLICATION_NAME}:pg_dump`;
@@ -1640,7 +1759,179 @@ async function startProgress(config: DbConfig, tables: UserTable[], partialPath:
   };
 }
 
-// ─── Metadata ───────────────────────────────────────────────────────────────────────────
+// ─── Backup run: lock, snapshot, dump and counts, publish ────────────────────────────────
+
+
+export interface BackupOptions {
+  outputDir: string;
+  compress?: string;
+  search: ClientSearch;
+  connectTimeoutSeconds: number;
+  lockWaitTimeoutMs: number;
+  /** Live progress on stderr: only for a person at a terminal. */
+  progress: boolean;
+  /** pg_dump workers: 1 writes one custom-format file; more write a directory-format archive in parallel. */
+  jobs: number;
+  /** Stop a backup that writes nothing for this long (0: never). */
+  stallTimeoutMs: number;
+  /** Applied after a successful backup, under the same lock; no rule means keep everything. */
+  retention: RetentionPolicy;
+  dryRun: boolean;
+}
+
+export interface BackupResult {
+  dumpPath: string;
+  metadataPath: string;
+  metadata: BackupMetadata;
+  checks: FileChecks;
+  /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
+  removedStaleFiles: string[];
+  retention?: RetentionReport;
+  /** The backup succeeded but pruning did not: reported; a refusal to prune (exit 8) sets the exit code. */
+  retentionError?: BackupError;
+}
+
+/** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
+async function runBackup(config: DbConfig, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
+  const started = Date.now();
+  // The server's version is not known yet: this only proves client tools exist at all.
+  const preferred = await findDumpClient(options.search);
+  await prepareOutputDir(options.outputDir);
+  const lock = await acquireBackupLock(options.outputDir, config);
+  try {
+    const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
+    const published = await withClient(config, options.connectTimeoutSeconds, (client) => snapshotBackup({ client, config, preferred, options, started }, signal));
+    // Only after a backup that succeeded, so a failing run can never thin out the good ones.
+    if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
+    try {
+      const scope = { database: config.database, environment: config.environment, policy: options.retention, justMade: published.metadata.backup_file };
+      return { ...published, removedStaleFiles, retention: await applyRetention(options.outputDir, scope, options.dryRun, options.search) };
+    } catch (error) {
+      const failure = error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
+      return { ...published, removedStaleFiles, retentionError: failure };
+    }
+  } finally {
+    await lock.release();
+  }
+}
+
+interface BackupJob {
+  client: pg.Client;
+  config: DbConfig;
+  /** The client tools found first; replaced by newer ones if the server needs them. */
+  preferred: PgClient;
+  options: BackupOptions;
+  started: number;
+}
+
+/**
+ * snapshot → pg_dump ∥ counts → verify → metadata → publish.
+ * The dump gets its final name last, so a `.dump` that exists is always complete, verified and
+ * described by its metadata; on any failure this run's files are removed and nothing else is touched.
+ */
+async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
+  const { client, config, options } = job;
+  // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
+  // database session stop, and the reason is what gets reported.
+  const run = new AbortController();
+  const onInterrupt = () => run.abort(signal.reason);
+  signal.addEventListener('abort', onInterrupt, { once: true });
+  run.signal.addEventListener('abort', () => void client.end().catch(() => undefined), { once: true });
+  const created: string[] = [];
+  try {
+    const server = await readServerInfo(client);
+    // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
+    const tools = job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
+    const compression = parseCompression(options.compress, tools.pgDump.major);
+
+    // One snapshot for the dump and the counts: they describe the same instant. The counts wait
+    // for table locks no longer than pg_dump does.
+    await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+    const { rows } = await client.query<{ snapshot: string }>('SELECT pg_catalog.pg_export_snapshot() AS snapshot');
+    await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
+    const tables = await listUserTables(client, config);
+    await assertNoRowSecurity(client, config, tables);
+    const { rows: extensions } = await client.query<ExtensionVersion>('SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1');
+    await assertDiskSpace(options.outputDir, tables.reduce((sum, table) => sum + table.data_bytes, 0), compression);
+    const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
+    const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date(), format);
+    created.push(reserved.partialPath);
+
+    const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
+    const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
+    const progress = options.progress ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds) : undefined;
+    const watchdog = options.stallTimeoutMs > 0 ? watchForStall(reserved.partialPath, options.stallTimeoutMs, config, options.connectTimeoutSeconds, (error) => run.abort(error)) : undefined;
+    let dump: DumpOutcome;
+    let tableCounts: Record<string, number>;
+    try {
+      const dumping =
+        format === 'directory'
+          ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
+          : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
+      [dump, tableCounts] = await bothOrNeither(run, [dumping, countRows(client, tables)]);
+    } finally {
+      watchdog?.stop();
+      await progress?.stop();
+    }
+    // Only now may the exporting transaction end: pg_dump has long since imported the snapshot.
+    await client.query('COMMIT');
+
+    const metadata: BackupMetadata = {
+      backup_timestamp: isoSeconds(reserved.timestamp),
+      environment: config.environment,
+      database_name: config.database,
+      backup_file: reserved.name,
+      backup_size_bytes: dump.size,
+      checksum_sha256: dump.sha256,
+      table_counts: tableCounts,
+      pg_dump_version: tools.pgDump.version,
+      postgresql_version: server.version,
+      format,
+      ...(format === 'directory' ? { jobs: options.jobs } : {}),
+      compression: compression.label,
+      duration_ms: Date.now() - job.started,
+      snapshot_consistent: true,
+      tool_version: await toolVersion(),
+      table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
+      extensions,
+    };
+    // Check the file before it gets its final name: size on disk, archive structure, table data.
+    const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
+    const inspection = await checkBackupFile(tools.pgRestore, reserved.partialPath, metadata, dump);
+    if (failedChecks(inspection.checks).length > 0) {
+      throw verificationError({ filePath: reserved.dumpPath, metadataPath, metadata, inspection });
+    }
+    created.push(metadataPath);
+    await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`).catch((error: unknown) => {
+      throw fileSystemError(error, 'Writing the metadata failed', options.outputDir);
+    });
+    run.signal.throwIfAborted();
+    await fs.rename(reserved.partialPath, reserved.dumpPath);
+    await syncDirectory(options.outputDir);
+    return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
+  } catch (error) {
+    await Promise.all(created.map(removeQuietly));
+    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, options.outputDir);
+  } finally {
+    signal.removeEventListener('abort', onInterrupt);
+  }
+}
+
+/**
+ * Await two concurrent steps. The first failure aborts `run` (stopping the other step), and both
+ * are awaited before returning, so no pg_dump is still writing when cleanup removes its file.
+ */
+async function bothOrNeither<A, B>(run: AbortController, steps: [Promise<A>, Promise<B>]): Promise<[A, B]> {
+  const stopOthers = (error: unknown) => {
+    if (!run.signal.aborted) run.abort(error);
+    throw error;
+  };
+  const [a, b] = await Promise.allSettled([steps[0].catch(stopOthers), steps[1].catch(stopOthers)]);
+  if (a.status === 'fulfilled' && b.status === 'fulfilled' && !run.signal.aborted) return [a.value, b.value];
+  throw run.signal.reason;
+}
+
+// ─── Metadata ────────────────────────────────────────────────────────────────────────────
 
 export interface BackupMetadata {
   backup_timestamp: string;
@@ -1832,7 +2123,7 @@ async function syncDirectory(dir: string): Promise<void> {
   }
 }
 
-// ─── Verification ───────────────────────────────────────────────────────────────────────
+// ─── Verification ────────────────────────────────────────────────────────────────────────
 
 /** What a custom-format archive says about itself, from its first bytes. */
 export interface ArchiveHeader {
@@ -2181,7 +2472,80 @@ async function assertReadableFile(filePath: string): Promise<void> {
   if (!stat.isFile()) throw verifyInputError('not a file', `${shown} is not a regular file`, ['Pass a .dump file']);
 }
 
-// ─── Listing ────────────────────────────────────────────────────────────────────────────
+/** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
+async function runVerify(fileArgument: string, search: ClientSearch): Promise<VerifyResult> {
+  return (await startVerify(fileArgument, search)).complete;
+}
+
+export interface Verification {
+  /** Every check but the SHA-256, which is still being computed (its check says so). */
+  quick: VerifyResult;
+  /** The whole result once every byte has been re-read; rejects (exit 8) if any check failed. */
+  complete: Promise<VerifyResult>;
+}
+
+/**
+ * --verify's checks, the quick ones now: metadata, size, archive structure and table data, which
+ * read a little of the file. The SHA-256 re-read of every byte goes on in `complete`, so that a
+ * restore into a database of its own making can run meanwhile. If a quick check fails, the
+ * re-read is awaited first, so that the report names every check that failed.
+ */
+async function startVerify(fileArgument: string, search: ClientSearch): Promise<Verification> {
+  const filePath = path.resolve(fileArgument);
+  await assertReadableFile(filePath);
+  if (!filePath.endsWith(DUMP_SUFFIX)) {
+    throw verifyInputError('not a backup file', `${displayPath(filePath)} does not end in ${DUMP_SUFFIX}`, [
+      'Pass the .dump file itself; its metadata is found next to it',
+    ]);
+  }
+  const metadataPath = metadataPathFor(filePath);
+  const loaded = await loadMetadata(metadataPath, path.basename(filePath));
+  if (loaded.status === 'missing') {
+    throw verifyInputError('metadata file not found', `${displayPath(metadataPath)} does not exist`, [
+      'Without its metadata there is no checksum to verify against',
+      'Copy the .metadata.json file along with the .dump file, or take a new backup',
+    ]);
+  }
+  if (loaded.status === 'invalid') {
+    throw verifyInputError('metadata is invalid', `${displayPath(metadataPath)}: ${loaded.problems.join('; ')}`, [
+      'The metadata was edited or damaged; restore it from wherever the backup was copied from',
+      'Or take a new backup',
+    ]);
+  }
+  // A damaged header can claim any archive format: without a client for it, the checksum decides
+  // whether the file needs a newer pg_restore (intact: exit 6) or is simply damaged (exit 8).
+  let client: PgClient | undefined;
+  let noClient: BackupError | undefined;
+  try {
+    client = await findRestoreClient(search, await readArchiveHeader(filePath));
+  } catch (error) {
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
+    noClient = error;
+  }
+  const { metadata } = loaded;
+  const hashing = hashBackup(filePath);
+  hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
+  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details);
+  const resultWith = (hash?: DumpOutcome): VerifyResult => ({
+    filePath,
+    metadataPath,
+    metadata,
+    inspection: fileInspection(metadata, structure, hash && { sha256: hash.sha256, how: 'read' }),
+    ...(client ? { client } : {}),
+  });
+  const complete = hashing.then((hash) => {
+    const result = resultWith(hash);
+    if (noClient && result.inspection.checks.checksum.ok && result.inspection.checks.size.ok) throw noClient;
+    if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
+    return result;
+  });
+  const quick = resultWith();
+  if (noClient || failedChecks(quick.inspection.checks).length > 0) await complete;
+  complete.catch(() => undefined); // the caller awaits it; until then a failure must not go unhandled
+  return { quick, complete };
+}
+
+// ─── Listing ─────────────────────────────────────────────────────────────────────────────
 
 export type ListStatus =
   | 'verified'
@@ -2309,7 +2673,31 @@ export function listingExitCode(listing: Listing): number {
   return listing.fullCheck && listing.backups.some((backup) => backup.status !== 'verified') ? EXIT.VERIFY_FAILED : EXIT.OK;
 }
 
-// ─── Retention ──────────────────────────────────────────────────────────────────────────
+/** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
+async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {}): Promise<Listing> {
+  let names: string[];
+  try {
+    names = await fs.readdir(dir);
+  } catch (error) {
+    if (errnoCode(error) === 'ENOENT') return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
+    throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
+  }
+  const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
+  const backups: ListEntry[] = [];
+  const incomplete: ListEntry[] = [];
+  for (const name of names.sort()) {
+    if (name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX)) {
+      const entry = await describePartial(dir, name);
+      if (entry) incomplete.push(entry);
+    } else if (name.endsWith(DUMP_SUFFIX)) {
+      const entry = await describeBackup(dir, name, restoreClientFor);
+      if (entry) backups.push(entry);
+    }
+  }
+  return { directory: dir, exists: true, fullCheck, backups: sortNewestFirst(backups), incomplete: sortNewestFirst(incomplete) };
+}
+
+// ─── Retention ───────────────────────────────────────────────────────────────────────────
 
 /** How many backups each rule keeps; 0 turns a rule off. Like restic's `forget --keep-*`. */
 export interface RetentionPolicy {
@@ -2497,7 +2885,25 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
   }
 }
 
-// ─── Freshness check ────────────────────────────────────────────────────────────────────
+/** --prune: the retention policy alone, for the configured database, under its lock. */
+async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>): Promise<RetentionReport | undefined> {
+  if (!hasRetentionRule(options.retention)) {
+    throw configError('--prune needs a retention rule', [
+      'Add one or more of --keep-last N, --keep-daily N, --keep-weekly N, --keep-monthly N',
+      'Or set BACKUP_KEEP_LAST / BACKUP_KEEP_DAILY / BACKUP_KEEP_WEEKLY / BACKUP_KEEP_MONTHLY',
+    ]);
+  }
+  if (!(await pathExists(options.outputDir))) return undefined;
+  const lock = await acquireBackupLock(options.outputDir, config);
+  try {
+    const scope = { database: config.database, environment: config.environment, policy: options.retention };
+    return await applyRetention(options.outputDir, scope, options.dryRun, options.search);
+  } finally {
+    await lock.release();
+  }
+}
+
+// ─── Freshness check ─────────────────────────────────────────────────────────────────────
 
 export interface Freshness {
   /** The newest backup of this database and environment that passes the quick check, not dated after now. */
@@ -2597,7 +3003,7 @@ function freshnessText(f: Freshness, config: DbConfig, fullCheck: boolean): Text
   };
 }
 
-// ─── Restore and restore drill ──────────────────────────────────────────────────────────
+// ─── Restore: the target server (extensions, production guard, target database) ──────────
 
 /** Pure: the extensions an archive creates, from its `pg_restore --list` table of contents. */
 export function archiveExtensions(toc: string): string[] {
@@ -2763,16 +3169,13 @@ type TargetState = 'missing' | 'empty' | 'non-empty';
 async function targetState(admin: pg.Client, config: DbConfig, target: string, connectTimeoutSeconds: number): Promise<TargetState> {
   const { rows } = await admin.query('SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1', [target]);
   if (rows.length === 0) return 'missing';
-  const client = await connectDb({ ...config, database: target }, connectTimeoutSeconds);
-  try {
+  return withClient({ ...config, database: target }, connectTimeoutSeconds, async (client) => {
     const { rows: objects } = await client.query<{ n: number }>(`
       SELECT (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema')
            + (SELECT count(*) FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql') AS n`);
     return Number(objects[0]!.n) === 0 ? 'empty' : 'non-empty';
-  } finally {
-    await client.end().catch(() => undefined);
-  }
+  });
 }
 
 async function createDatabase(admin: pg.Client, name: string): Promise<void> {
@@ -2841,6 +3244,8 @@ export function compareVersions(a: string, b: string): number {
   }
   return 0;
 }
+
+// ─── Restore: pg_restore, reconciliation, the drill ──────────────────────────────────────
 
 /**
  * Pure: the settings pg_restore could not set because the server does not have them, when those
@@ -3058,44 +3463,46 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
   const target = validateName(request.target, '--target-db');
   const archive = await restorableArchive(request.search, request.file, request.force);
   // Administer from a maintenance database, never the target, which --clean may drop.
-  const admin = await connectMaintenance(config, request.connectTimeoutSeconds, target);
-  try {
-    const server = await readServerInfo(admin);
-    await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
-    await claimRestoreTarget(admin, config, target);
-    await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
-    const state = await targetState(admin, config, target, request.connectTimeoutSeconds);
-    if (state === 'non-empty' && !request.clean) {
-      throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
-        'Restore into a new database: --target-db <new name> (it is created)',
-        `Or replace it: add --clean, which drops "${target}" and creates it again`,
-      ]);
-    }
-    // A database this run creates can be restored while the file is re-read, and dropped again if the
-    // re-read fails; one that exists is touched only once the file has been proven.
-    if (state !== 'missing') await archive.checksum;
-    if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
-    if (state === 'missing' || request.clean) await createDatabase(admin, target);
-    const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
-    const started = Date.now();
-    let restored: PgRestoreRun;
-    try {
-      restored = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, request.connectTimeoutSeconds, request.tuning, abortOnFailure(archive.checksum, signal));
-      await archive.checksum;
-    } catch (error) {
-      // A database this run created holds only a partial restore: remove it rather than leave a trap.
-      if (targetAction !== 'used empty') await dropDatabase(admin, target, server.major).catch(() => undefined);
-      throw error;
-    }
-    const outcome: RestoreOutcome = { filePath: archive.filePath, target, server: `${config.host}:${config.port}`, targetAction, durationMs: Date.now() - started, ...restored };
-    if (archive.forcedPast) outcome.forcedPast = archive.forcedPast;
-    if (!archive.metadata) return outcome;
-    outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds, restored.jobs, archive.metadata.table_counts));
-    if (outcome.reconciliation.some((row) => !row.ok)) throw reconciliationError('Restore failed: row counts differ from the backup', outcome.reconciliation);
-    return outcome;
-  } finally {
-    await admin.end().catch(() => undefined);
-  }
+  return withClient(
+    config,
+    request.connectTimeoutSeconds,
+    async (admin) => {
+        const server = await readServerInfo(admin);
+        await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
+        await claimRestoreTarget(admin, config, target);
+        await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
+        const state = await targetState(admin, config, target, request.connectTimeoutSeconds);
+        if (state === 'non-empty' && !request.clean) {
+          throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
+            'Restore into a new database: --target-db <new name> (it is created)',
+            `Or replace it: add --clean, which drops "${target}" and creates it again`,
+          ]);
+        }
+        // A database this run creates can be restored while the file is re-read, and dropped again if the
+        // re-read fails; one that exists is touched only once the file has been proven.
+        if (state !== 'missing') await archive.checksum;
+        if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
+        if (state === 'missing' || request.clean) await createDatabase(admin, target);
+        const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
+        const started = Date.now();
+        let restored: PgRestoreRun;
+        try {
+          restored = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, request.connectTimeoutSeconds, request.tuning, abortOnFailure(archive.checksum, signal));
+          await archive.checksum;
+        } catch (error) {
+          // A database this run created holds only a partial restore: remove it rather than leave a trap.
+          if (targetAction !== 'used empty') await dropDatabase(admin, target, server.major).catch(() => undefined);
+          throw error;
+        }
+        const outcome: RestoreOutcome = { filePath: archive.filePath, target, server: `${config.host}:${config.port}`, targetAction, durationMs: Date.now() - started, ...restored };
+        if (archive.forcedPast) outcome.forcedPast = archive.forcedPast;
+        if (!archive.metadata) return outcome;
+        outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds, restored.jobs, archive.metadata.table_counts));
+        if (outcome.reconciliation.some((row) => !row.ok)) throw reconciliationError('Restore failed: row counts differ from the backup', outcome.reconciliation);
+        return outcome;
+    },
+    { maintenance: true, avoid: target },
+  );
 }
 
 export interface RestoreTestRecord {
@@ -3127,35 +3534,40 @@ async function runRestoreDrill(config: DbConfig, file: string, search: ClientSea
   const { quick: verified, complete } = await startVerify(file, search);
   const { pgRestore } = verified.client!;
   const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
-  const admin = await connectMaintenance(config, connectTimeoutSeconds);
-  let server: ServerInfo | undefined;
-  let created = false;
-  try {
-    server = await readServerInfo(admin);
-    await assertExtensionsAvailable(admin, verified.inspection.toc, server, verified.metadata.extensions);
-    await createDatabase(admin, scratch);
-    created = true;
-    const started = Date.now();
-    const restored = await runPgRestore(pgRestore, config, scratch, verified.filePath, server, connectTimeoutSeconds, tuning, abortOnFailure(complete, signal));
-    await complete;
-    const reconciliation = reconcileCounts(verified.metadata.table_counts, await countTablesIn(config, scratch, connectTimeoutSeconds, restored.jobs, verified.metadata.table_counts));
-    const record: RestoreTestRecord = {
-      time: new Date().toISOString(),
-      ok: reconciliation.every((row) => row.ok),
-      duration_ms: Date.now() - started,
-      server: `${config.host}:${config.port}`,
-      server_version: server.version,
-      tables: reconciliation.length,
-      mismatches: reconciliation.filter((row) => !row.ok).map((row) => row.table),
-    };
-    await recordRestoreTest(verified.filePath, verified.metadataPath, record);
-    const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation, restored };
-    if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation);
-    return outcome;
-  } finally {
-    if (created) await dropDatabase(admin, scratch, server!.major).catch(() => undefined);
-    await admin.end().catch(() => undefined);
-  }
+  return withClient(
+    config,
+    connectTimeoutSeconds,
+    async (admin) => {
+      let server: ServerInfo | undefined;
+      let created = false;
+      try {
+        server = await readServerInfo(admin);
+        await assertExtensionsAvailable(admin, verified.inspection.toc, server, verified.metadata.extensions);
+        await createDatabase(admin, scratch);
+        created = true;
+        const started = Date.now();
+        const restored = await runPgRestore(pgRestore, config, scratch, verified.filePath, server, connectTimeoutSeconds, tuning, abortOnFailure(complete, signal));
+        await complete;
+        const reconciliation = reconcileCounts(verified.metadata.table_counts, await countTablesIn(config, scratch, connectTimeoutSeconds, restored.jobs, verified.metadata.table_counts));
+        const record: RestoreTestRecord = {
+          time: new Date().toISOString(),
+          ok: reconciliation.every((row) => row.ok),
+          duration_ms: Date.now() - started,
+          server: `${config.host}:${config.port}`,
+          server_version: server.version,
+          tables: reconciliation.length,
+          mismatches: reconciliation.filter((row) => !row.ok).map((row) => row.table),
+        };
+        await recordRestoreTest(verified.filePath, verified.metadataPath, record);
+        const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation, restored };
+        if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation);
+        return outcome;
+      } finally {
+        if (created) await dropDatabase(admin, scratch, server!.major).catch(() => undefined);
+      }
+    },
+    { maintenance: true },
+  );
 }
 
 /** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
@@ -3172,7 +3584,7 @@ async function recordRestoreTest(dumpPath: string, metadataPath: string, record:
   await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
 }
 
-// ─── Run records: log file, notifications, failure hook ─────────────────────────────────
+// ─── Run records: log file, notifications, failure hook ──────────────────────────────────
 
 /** What happened in one run, as written to the log, POSTed to --notify-url and given to --on-failure. */
 export interface RunRecord {
@@ -3342,7 +3754,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   await Promise.all(tasks);
 }
 
-// ─── Operations: heartbeat pings and metrics ────────────────────────────────────────────
+// ─── Operations: heartbeat pings and metrics ─────────────────────────────────────────────
 
 /**
  * Pure: a heartbeat URL, by the convention healthchecks.io, Uptime Kuma push monitors and Cronitor
@@ -3454,315 +3866,7 @@ async function updateMetricsFile(file: string, run: Parameters<typeof recordRunI
   });
 }
 
-// ─── Commands: backup, prune, verify, list ──────────────────────────────────────────────
-
-export interface BackupOptions {
-  outputDir: string;
-  compress?: string;
-  search: ClientSearch;
-  connectTimeoutSeconds: number;
-  lockWaitTimeoutMs: number;
-  /** Live progress on stderr: only for a person at a terminal. */
-  progress: boolean;
-  /** pg_dump workers: 1 writes one custom-format file; more write a directory-format archive in parallel. */
-  jobs: number;
-  /** Stop a backup that writes nothing for this long (0: never). */
-  stallTimeoutMs: number;
-  /** Applied after a successful backup, under the same lock; no rule means keep everything. */
-  retention: RetentionPolicy;
-  dryRun: boolean;
-}
-
-export interface BackupResult {
-  dumpPath: string;
-  metadataPath: string;
-  metadata: BackupMetadata;
-  checks: FileChecks;
-  /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
-  removedStaleFiles: string[];
-  retention?: RetentionReport;
-  /** The backup succeeded but pruning did not: reported; a refusal to prune (exit 8) sets the exit code. */
-  retentionError?: BackupError;
-}
-
-/** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
-async function runBackup(config: DbConfig, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
-  const started = Date.now();
-  // The server's version is not known yet: this only proves client tools exist at all.
-  const preferred = await findDumpClient(options.search);
-  await prepareOutputDir(options.outputDir);
-  const lock = await acquireBackupLock(options.outputDir, config);
-  try {
-    const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
-    const client = await connectDb(config, options.connectTimeoutSeconds);
-    let published;
-    try {
-      published = await snapshotBackup({ client, config, preferred, options, started }, signal);
-    } finally {
-      await client.end().catch(() => undefined);
-    }
-    // Only after a backup that succeeded, so a failing run can never thin out the good ones.
-    if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
-    try {
-      const scope = { database: config.database, environment: config.environment, policy: options.retention, justMade: published.metadata.backup_file };
-      return { ...published, removedStaleFiles, retention: await applyRetention(options.outputDir, scope, options.dryRun, options.search) };
-    } catch (error) {
-      const failure = error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
-      return { ...published, removedStaleFiles, retentionError: failure };
-    }
-  } finally {
-    await lock.release();
-  }
-}
-
-/** --prune: the retention policy alone, for the configured database, under its lock. */
-async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>): Promise<RetentionReport | undefined> {
-  if (!hasRetentionRule(options.retention)) {
-    throw configError('--prune needs a retention rule', [
-      'Add one or more of --keep-last N, --keep-daily N, --keep-weekly N, --keep-monthly N',
-      'Or set BACKUP_KEEP_LAST / BACKUP_KEEP_DAILY / BACKUP_KEEP_WEEKLY / BACKUP_KEEP_MONTHLY',
-    ]);
-  }
-  if (!(await pathExists(options.outputDir))) return undefined;
-  const lock = await acquireBackupLock(options.outputDir, config);
-  try {
-    const scope = { database: config.database, environment: config.environment, policy: options.retention };
-    return await applyRetention(options.outputDir, scope, options.dryRun, options.search);
-  } finally {
-    await lock.release();
-  }
-}
-
-interface BackupJob {
-  client: pg.Client;
-  config: DbConfig;
-  /** The client tools found first; replaced by newer ones if the server needs them. */
-  preferred: PgClient;
-  options: BackupOptions;
-  started: number;
-}
-
-/**
- * snapshot → pg_dump ∥ counts → verify → metadata → publish.
- * The dump gets its final name last, so a `.dump` that exists is always complete, verified and
- * described by its metadata; on any failure this run's files are removed and nothing else is touched.
- */
-async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
-  const { client, config, options } = job;
-  // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
-  // database session stop, and the reason is what gets reported.
-  const run = new AbortController();
-  const onInterrupt = () => run.abort(signal.reason);
-  signal.addEventListener('abort', onInterrupt, { once: true });
-  run.signal.addEventListener('abort', () => void client.end().catch(() => undefined), { once: true });
-  const created: string[] = [];
-  try {
-    const server = await readServerInfo(client);
-    // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
-    const tools = job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
-    const compression = parseCompression(options.compress, tools.pgDump.major);
-
-    // One snapshot for the dump and the counts: they describe the same instant. The counts wait
-    // for table locks no longer than pg_dump does.
-    await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
-    const { rows } = await client.query<{ snapshot: string }>('SELECT pg_catalog.pg_export_snapshot() AS snapshot');
-    await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
-    const tables = await listUserTables(client, config);
-    await assertNoRowSecurity(client, config, tables);
-    const { rows: extensions } = await client.query<ExtensionVersion>('SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1');
-    await assertDiskSpace(options.outputDir, tables.reduce((sum, table) => sum + table.data_bytes, 0), compression);
-    const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
-    const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date(), format);
-    created.push(reserved.partialPath);
-
-    const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
-    const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
-    const progress = options.progress ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds) : undefined;
-    const watchdog = options.stallTimeoutMs > 0 ? watchForStall(reserved.partialPath, options.stallTimeoutMs, config, options.connectTimeoutSeconds, (error) => run.abort(error)) : undefined;
-    let dump: DumpOutcome;
-    let tableCounts: Record<string, number>;
-    try {
-      const dumping =
-        format === 'directory'
-          ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
-          : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
-      [dump, tableCounts] = await bothOrNeither(run, [dumping, countRows(client, tables)]);
-    } finally {
-      watchdog?.stop();
-      await progress?.stop();
-    }
-    // Only now may the exporting transaction end: pg_dump has long since imported the snapshot.
-    await client.query('COMMIT');
-
-    const metadata: BackupMetadata = {
-      backup_timestamp: isoSeconds(reserved.timestamp),
-      environment: config.environment,
-      database_name: config.database,
-      backup_file: reserved.name,
-      backup_size_bytes: dump.size,
-      checksum_sha256: dump.sha256,
-      table_counts: tableCounts,
-      pg_dump_version: tools.pgDump.version,
-      postgresql_version: server.version,
-      format,
-      ...(format === 'directory' ? { jobs: options.jobs } : {}),
-      compression: compression.label,
-      duration_ms: Date.now() - job.started,
-      snapshot_consistent: true,
-      tool_version: await toolVersion(),
-      table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
-      extensions,
-    };
-    // Check the file before it gets its final name: size on disk, archive structure, table data.
-    const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
-    const inspection = await checkBackupFile(tools.pgRestore, reserved.partialPath, metadata, dump);
-    if (failedChecks(inspection.checks).length > 0) {
-      throw verificationError({ filePath: reserved.dumpPath, metadataPath, metadata, inspection });
-    }
-    created.push(metadataPath);
-    await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`).catch((error: unknown) => {
-      throw fileSystemError(error, 'Writing the metadata failed', options.outputDir);
-    });
-    run.signal.throwIfAborted();
-    await fs.rename(reserved.partialPath, reserved.dumpPath);
-    await syncDirectory(options.outputDir);
-    return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
-  } catch (error) {
-    await Promise.all(created.map(removeQuietly));
-    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, options.outputDir);
-  } finally {
-    signal.removeEventListener('abort', onInterrupt);
-  }
-}
-
-/**
- * Await two concurrent steps. The first failure aborts `run` (stopping the other step), and both
- * are awaited before returning, so no pg_dump is still writing when cleanup removes its file.
- */
-async function bothOrNeither<A, B>(run: AbortController, steps: [Promise<A>, Promise<B>]): Promise<[A, B]> {
-  const stopOthers = (error: unknown) => {
-    if (!run.signal.aborted) run.abort(error);
-    throw error;
-  };
-  const [a, b] = await Promise.allSettled([steps[0].catch(stopOthers), steps[1].catch(stopOthers)]);
-  if (a.status === 'fulfilled' && b.status === 'fulfilled' && !run.signal.aborted) return [a.value, b.value];
-  throw run.signal.reason;
-}
-
-function envFilesIn(dir: string): string {
-  return ENV_FILES.map((file) => displayPath(path.join(dir, file))).join(' or ');
-}
-
-/**
- * Any failure as the contract's error: understood ones as they are, a database's through
- * databaseFailure, a file system's through fileSystemError; anything else is unexpected (exit 1).
- */
-function asBackupError(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>, dir?: string): BackupError {
-  if (error instanceof BackupError) return error;
-  const fromDatabase = databaseFailure(error, server);
-  if (fromDatabase) return fromDatabase;
-  if (errnoCode(error)) return fileSystemError(error, 'A file operation failed', dir ?? path.dirname(String((error as NodeJS.ErrnoException).path ?? '.')));
-  return new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error), ['This is a bug in backup_db.ts: please report it with the command that was run']);
-}
-
-/** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
-async function runVerify(fileArgument: string, search: ClientSearch): Promise<VerifyResult> {
-  return (await startVerify(fileArgument, search)).complete;
-}
-
-export interface Verification {
-  /** Every check but the SHA-256, which is still being computed (its check says so). */
-  quick: VerifyResult;
-  /** The whole result once every byte has been re-read; rejects (exit 8) if any check failed. */
-  complete: Promise<VerifyResult>;
-}
-
-/**
- * --verify's checks, the quick ones now: metadata, size, archive structure and table data, which
- * read a little of the file. The SHA-256 re-read of every byte goes on in `complete`, so that a
- * restore into a database of its own making can run meanwhile. If a quick check fails, the
- * re-read is awaited first, so that the report names every check that failed.
- */
-async function startVerify(fileArgument: string, search: ClientSearch): Promise<Verification> {
-  const filePath = path.resolve(fileArgument);
-  await assertReadableFile(filePath);
-  if (!filePath.endsWith(DUMP_SUFFIX)) {
-    throw verifyInputError('not a backup file', `${displayPath(filePath)} does not end in ${DUMP_SUFFIX}`, [
-      'Pass the .dump file itself; its metadata is found next to it',
-    ]);
-  }
-  const metadataPath = metadataPathFor(filePath);
-  const loaded = await loadMetadata(metadataPath, path.basename(filePath));
-  if (loaded.status === 'missing') {
-    throw verifyInputError('metadata file not found', `${displayPath(metadataPath)} does not exist`, [
-      'Without its metadata there is no checksum to verify against',
-      'Copy the .metadata.json file along with the .dump file, or take a new backup',
-    ]);
-  }
-  if (loaded.status === 'invalid') {
-    throw verifyInputError('metadata is invalid', `${displayPath(metadataPath)}: ${loaded.problems.join('; ')}`, [
-      'The metadata was edited or damaged; restore it from wherever the backup was copied from',
-      'Or take a new backup',
-    ]);
-  }
-  // A damaged header can claim any archive format: without a client for it, the checksum decides
-  // whether the file needs a newer pg_restore (intact: exit 6) or is simply damaged (exit 8).
-  let client: PgClient | undefined;
-  let noClient: BackupError | undefined;
-  try {
-    client = await findRestoreClient(search, await readArchiveHeader(filePath));
-  } catch (error) {
-    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
-    noClient = error;
-  }
-  const { metadata } = loaded;
-  const hashing = hashBackup(filePath);
-  hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
-  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details);
-  const resultWith = (hash?: DumpOutcome): VerifyResult => ({
-    filePath,
-    metadataPath,
-    metadata,
-    inspection: fileInspection(metadata, structure, hash && { sha256: hash.sha256, how: 'read' }),
-    ...(client ? { client } : {}),
-  });
-  const complete = hashing.then((hash) => {
-    const result = resultWith(hash);
-    if (noClient && result.inspection.checks.checksum.ok && result.inspection.checks.size.ok) throw noClient;
-    if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
-    return result;
-  });
-  const quick = resultWith();
-  if (noClient || failedChecks(quick.inspection.checks).length > 0) await complete;
-  complete.catch(() => undefined); // the caller awaits it; until then a failure must not go unhandled
-  return { quick, complete };
-}
-
-/** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
-async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {}): Promise<Listing> {
-  let names: string[];
-  try {
-    names = await fs.readdir(dir);
-  } catch (error) {
-    if (errnoCode(error) === 'ENOENT') return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
-    throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
-  }
-  const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
-  const backups: ListEntry[] = [];
-  const incomplete: ListEntry[] = [];
-  for (const name of names.sort()) {
-    if (name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX)) {
-      const entry = await describePartial(dir, name);
-      if (entry) incomplete.push(entry);
-    } else if (name.endsWith(DUMP_SUFFIX)) {
-      const entry = await describeBackup(dir, name, restoreClientFor);
-      if (entry) backups.push(entry);
-    }
-  }
-  return { directory: dir, exists: true, fullCheck, backups: sortNewestFirst(backups), incomplete: sortNewestFirst(incomplete) };
-}
-
-// ─── Output ─────────────────────────────────────────────────────────────────────────────
+// ─── Output ──────────────────────────────────────────────────────────────────────────────
 
 /** chalk honours FORCE_COLOR and TTYs; NO_COLOR (no-color.org) we honour ourselves. */
 function colours(level: number | false): ChalkInstance {
@@ -4113,82 +4217,7 @@ function printOutcome(io: Io, json: boolean, command: CommandName, ok: boolean, 
   if (errLines.length > 0) io.err(errLines.map((line, i) => (i === 0 && line.startsWith('✗') ? err.red(line) : line.startsWith('⚠') ? err.yellow(line) : paint(line, err))).join('\n'));
 }
 
-// ─── Small helpers ──────────────────────────────────────────────────────────────────────
-
-function errnoCode(error: unknown): string | undefined {
-  const code = (error as { code?: unknown } | null)?.code;
-  return typeof code === 'string' ? code : undefined;
-}
-
-function errorText(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
-/**
- * Start a long-running client tool (pg_dump, pg_restore) so that it cannot outlive this process:
- * it runs in a process group of its own, and a watcher (a shell blocked reading a pipe from us)
- * stops that whole group, parallel workers included, once the pipe closes, which happens when
- * this process ends by any means, SIGKILL included. `signal` stops the group too. Being in its own
- * session, the tool also never prompts on the terminal: a missing password fails instead of hanging.
- */
-async function startTethered<const O extends Options>(file: string, args: readonly string[], signal: AbortSignal, options: O): Promise<{ child: ResultPromise<O> }> {
-  const { execa } = await loadExeca();
-  // detached changes how the child starts, not what its result looks like.
-  const child = execa(file, args, { ...options, detached: true }) as unknown as ResultPromise<O>;
-  const pid = child.pid;
-  if (pid === undefined) return { child }; // it could not start; the promise says why
-  const killGroup = (name: NodeJS.Signals) => {
-    try {
-      process.kill(-pid, name);
-    } catch {
-      // already gone
-    }
-  };
-  const watcher = spawn('/bin/sh', ['-c', 'read -r _; kill -s TERM -- "-$1" 2>/dev/null; sleep 1; kill -s KILL -- "-$1" 2>/dev/null', 'backup_db-tether', String(pid)], {
-    stdio: ['pipe', 'ignore', 'ignore'],
-    detached: true,
-  });
-  watcher.unref();
-  (watcher.stdin as unknown as { unref(): void }).unref();
-  liveWatchers.add(watcher);
-  let forceKill: NodeJS.Timeout | undefined;
-  const stop = () => {
-    killGroup('SIGTERM');
-    forceKill = setTimeout(() => killGroup('SIGKILL'), 5000).unref();
-  };
-  if (signal.aborted) stop();
-  else signal.addEventListener('abort', stop, { once: true });
-  const done = () => {
-    signal.removeEventListener('abort', stop);
-    clearTimeout(forceKill);
-    // The group is gone: the watcher must not outlive it, or a reused process group id could be hit.
-    watcher.kill('SIGKILL');
-    liveWatchers.delete(watcher);
-  };
-  child.then(done, done);
-  // Wrapped: a ResultPromise is a thenable, and returning it bare would wait for the process.
-  return { child };
-}
-
-const liveWatchers = new Set<ChildProcess>();
-// A normal exit with a watcher still waiting would close its pipe too: stop the watchers first.
-process.on('exit', () => liveWatchers.forEach((watcher) => watcher.kill('SIGKILL')));
-
-/** Cleanup on a failure path must never replace the failure being reported. */
-async function removeQuietly(filePath: string): Promise<void> {
-  await fs.rm(filePath, { force: true, recursive: true }).catch(() => undefined);
-}
-
-async function pathExists(filePath: string): Promise<boolean> {
-  try {
-    await fs.lstat(filePath);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-// ─── CLI ────────────────────────────────────────────────────────────────────────────────
+// ─── CLI: options, modes, settings ───────────────────────────────────────────────────────
 
 interface CliOptions {
   env: Environment | 'auto';
@@ -4470,6 +4499,8 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .configureOutput({ writeErr: (text) => io.err(maskSecrets(text, secrets).replace(/\n$/, '')) })
     .exitOverride();
 }
+
+// ─── main: run a mode, print, record ─────────────────────────────────────────────────────
 
 /** One run's result, before it is printed, logged and notified. */
 interface Outcome {
