@@ -4166,6 +4166,11 @@ function retentionDocument(report: RetentionReport): Record<string, unknown> {
   };
 }
 
+/** What restore and drill documents share: how pg_restore ran. */
+function pgRestoreDocument(run: PgRestoreRun): Record<string, unknown> {
+  return { jobs: run.jobs, session_settings: run.settings, skipped_settings: run.skippedSettings };
+}
+
 function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
   return {
     file: outcome.filePath,
@@ -4173,9 +4178,7 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
     server: outcome.server,
     target_action: outcome.targetAction,
     duration_ms: outcome.durationMs,
-    jobs: outcome.jobs,
-    session_settings: outcome.settings,
-    skipped_settings: outcome.skippedSettings,
+    ...pgRestoreDocument(outcome),
     forced_past: outcome.forcedPast ?? null,
     reconciliation: outcome.reconciliation ?? null,
   };
@@ -4188,9 +4191,7 @@ function drillDocument(outcome: DrillOutcome): Record<string, unknown> {
     scratch_database: outcome.scratch,
     last_restore_test: outcome.record,
     reconciliation: outcome.reconciliation,
-    jobs: outcome.restored.jobs,
-    session_settings: outcome.restored.settings,
-    skipped_settings: outcome.restored.skippedSettings,
+    ...pgRestoreDocument(outcome.restored),
   };
 }
 
