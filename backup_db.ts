@@ -4600,7 +4600,9 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
       };
       // The backup stands either way; a refusal to prune means a damaged backup sits in the directory.
       const exitCode = result.retentionError?.exitCode === EXIT.VERIFY_FAILED ? EXIT.VERIFY_FAILED : EXIT.OK;
-      return { command: 'backup', exitCode, document: backupDocument(result), text: () => backupSummaryText(result), facts };
+      // The run record names the refusal, not a generic problem.
+      const failure = exitCode === EXIT.OK ? {} : { failure: result.retentionError! };
+      return { command: 'backup', exitCode, document: backupDocument(result), text: () => backupSummaryText(result), facts, ...failure };
     }
   }
 }

@@ -421,9 +421,12 @@ describe('retention on real backups', () => {
     await flipMiddleByte(path.join(dir, newest));
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir] });
+    const logFile = path.join(configDir, 'runs.log');
+    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir, '--log-file', logFile] });
     assert.equal(result.exitCode, 8, result.stdout + result.stderr);
     assert.match(result.stdout, /^✓ Backup created successfully$/m);
+    const logged = JSON.parse(await fs.readFile(logFile, 'utf8'));
+    assert.deepEqual([logged.outcome, logged.exit_code, logged.error], ['failure', 8, 'Retention refused: the newest backup to keep failed verification']);
     assert.match(result.stderr, /^⚠ The backup is fine, but retention refused: the newest backup to keep failed verification: .*checksum mismatch/m);
     const dumps = (await fs.readdir(dir)).filter((n) => n.endsWith('.dump'));
     assert.equal(dumps.length, 3, 'nothing deleted: the old one, the damaged one and the new one');
