@@ -8,6 +8,7 @@
  */
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { execa } from 'execa';
 
@@ -131,4 +132,17 @@ export async function unpack(tarball: string): Promise<string> {
   const created = (await fs.readdir(dir)).filter((name) => !before.has(name));
   if (created.length !== 1) throw new Error(`${path.basename(tarball)} unpacked into ${created.length} entries`);
   return path.join(dir, created[0]!);
+}
+
+/**
+ * Fetch a pinned Debian source into a temp directory, unpack it, run `build` in it, and remove the
+ * temp directory whatever happens.
+ */
+export async function buildFromSource(request: SourceRequest, log: (line: string) => void, build: (source: string) => Promise<void>): Promise<void> {
+  const work = await fs.mkdtemp(path.join(os.tmpdir(), `${request.package}-build-`));
+  try {
+    await build(await unpack(await fetchUpstreamTarball(request, work, log)));
+  } finally {
+    await fs.rm(work, { recursive: true, force: true });
+  }
 }

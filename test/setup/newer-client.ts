@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
-import { fetchUpstreamTarball, unpack, type SourceRequest } from './debian-source.ts';
+import { buildFromSource, type SourceRequest } from './debian-source.ts';
 
 export const NEWER_MAJOR = 17;
 const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -41,13 +41,7 @@ export const newerClientBuilt = () => exists(COMPLETE);
 /** The bin directory of the newer client, built first if it is not there yet. */
 export async function ensureNewerClient(log: (line: string) => void = () => undefined): Promise<string> {
   if (await exists(COMPLETE)) return NEWER_CLIENT_DIR;
-  const work = await fs.mkdtemp(path.join(os.tmpdir(), 'pg-client-build-'));
-  try {
-    const source = await unpack(await fetchUpstreamTarball(POSTGRESQL_17_SOURCE, work, log));
-    await build(source, log);
-  } finally {
-    await fs.rm(work, { recursive: true, force: true });
-  }
+  await buildFromSource(POSTGRESQL_17_SOURCE, log, (source) => build(source, log));
   return NEWER_CLIENT_DIR;
 }
 

