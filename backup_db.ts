@@ -94,8 +94,8 @@ let pgModule: Promise<typeof import('pg')> | undefined;
 const loadPg = () => (pgModule ??= import('pg'));
 
 /**
- * The one error type. Thrown where a failure is understood, printed in exactly one place
- * (`printOutcome`): a one-line title, the underlying tool's message, numbered hints.
+ * The one error type. Thrown where a failure is understood; main turns it into one `Problem`
+ * (masked once) that every channel renders: a one-line title, the tool's message, numbered hints.
  */
 export class BackupError extends Error {
   constructor(
@@ -103,8 +103,11 @@ export class BackupError extends Error {
     readonly title: string,
     readonly details: string,
     readonly hints: string[] = [],
-    /** Extras: lines shown above the error (a verification report) and fields for --json. */
-    readonly extra: { report?: string[]; data?: Record<string, unknown> } = {},
+    /**
+     * Extras: lines shown above the error (a verification report), fields for --json, and the step
+     * that failed when it is not the command itself (a backup's verification).
+     */
+    readonly extra: { report?: string[]; data?: Record<string, unknown>; step?: string } = {},
   ) {
     super(`${title}: ${details}`);
     this.name = 'BackupError';
@@ -2424,6 +2427,8 @@ export interface VerifyResult {
   client?: PgClient;
 }
 
+const VERIFICATION_STEP = 'Backup verification';
+
 /** A failed check as the contract's error: what failed, why it matters, what to do. */
 function verificationError(result: VerifyResult): BackupError {
   const failed = failedChecks(result.inspection.checks);
@@ -2435,20 +2440,20 @@ function verificationError(result: VerifyResult): BackupError {
   };
   return new BackupError(
     EXIT.VERIFY_FAILED,
-    `Backup verification failed: ${failed.map((name) => CHECK_FAILURE_NAMES[name]).join(', ')}`,
+    failed.map((name) => CHECK_FAILURE_NAMES[name]).join(', '),
     failed.map((name) => why[name]).join('; '),
     [
       'Do not restore from this file',
       `Use another backup (list them: npx tsx backup_db.ts --list --output-dir ${displayPath(path.dirname(result.filePath))}) or take a new one`,
       'If backups change on their own, check the disk and filesystem (dmesg, smartctl -a)',
     ],
-    { report: verifyReportLines(result), data: verifyDocument(result) },
+    { report: verifyReportLines(result), data: verifyDocument(result), step: VERIFICATION_STEP },
   );
 }
 
 /** Problems with the --verify argument or its metadata, before any check can run (exit 8). */
 function verifyInputError(title: string, details: string, hints: string[]): BackupError {
-  return new BackupError(EXIT.VERIFY_FAILED, `Backup verification failed: ${title}`, details, hints);
+  return new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { step: VERIFICATION_STEP });
 }
 
 /** The --verify argument must be a readable regular file (symlinks are followed). */
@@ -2874,13 +2879,13 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
     throw new BackupError(
       EXIT.VERIFY_FAILED,
       'Retention refused: the newest backup to keep failed verification',
-      `${path.basename(file)} would be the newest backup kept, so deleting older ones relies on it, but ${error.title.replace(/^Backup verification failed: /, '')}: ${error.details}`,
+      `${path.basename(file)} would be the newest backup kept, so deleting older ones relies on it, but ${error.title}: ${error.details}`,
       [
         'Nothing was deleted',
         `Inspect it: npx tsx backup_db.ts --verify ${displayPath(file)}`,
         'Take a new backup (it becomes the newest), then prune again; move the damaged file away if it cannot be repaired',
       ],
-      error.extra,
+      { ...error.extra, step: undefined },
     );
   }
 }
@@ -3193,7 +3198,6 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
   await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`);
 }
 
-/** Every extension the archive creates must be installable on the target server, checked before anything is written. */
 /**
  * Every extension the archive creates must be installable on the target server, in a version no
  * older than the backup's, checked before anything is written. pg_dump writes CREATE EXTENSION
@@ -3357,24 +3361,29 @@ async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string,
   ]);
 }
 
+/** A restore's result; a drill's (`drill`) went into a scratch database that is dropped again. */
 export interface RestoreOutcome {
   filePath: string;
   target: string;
+  drill: boolean;
   server: string;
+  serverVersion: string;
   /** What happened to the target database: created, or dropped and created again (--clean), or used as found (empty). */
   targetAction: 'created' | 'replaced' | 'used empty';
   durationMs: number;
-  jobs: number;
-  settings: Record<string, string>;
-  skippedSettings: string[];
+  run: PgRestoreRun;
   /** Undefined when the backup had no valid metadata to reconcile with (--force). */
   reconciliation?: ReconciliationRow[];
+  metadata?: BackupMetadata;
   /** The verification failure that --force went past. */
   forcedPast?: string;
+  /** A drill's result, as recorded in the metadata. */
+  recorded?: { metadataPath: string; record: RestoreTestRecord };
 }
 
 interface RestorableArchive {
   filePath: string;
+  metadataPath: string;
   toc: string;
   /** The pg_restore that reads this archive's format. */
   pgRestore: PgTool;
@@ -3393,26 +3402,32 @@ async function restorableArchive(search: ClientSearch, file: string, force: bool
     const { quick, complete } = await startVerify(file, search);
     // --force needs to know now what it goes past.
     if (force) await complete;
-    return { filePath: quick.filePath, toc: quick.inspection.toc, pgRestore: quick.client!.pgRestore, metadata: quick.metadata, checksum: complete };
+    const { filePath, metadataPath, metadata } = quick;
+    return { filePath, metadataPath, toc: quick.inspection.toc, pgRestore: quick.client!.pgRestore, metadata, checksum: complete };
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
     const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(filePath));
     const listing = await listArchive(pgRestore, filePath);
-    if (!listing.ok) throw new BackupError(EXIT.BACKUP_FAILED, 'Restore failed: pg_restore cannot read the archive', listing.error, ['Even --force cannot restore an unreadable archive']);
-    const loaded = await loadMetadata(metadataPathFor(filePath), path.basename(filePath));
+    if (!listing.ok) {
+      throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore cannot read the archive', listing.error, [
+        'Even --force cannot restore an unreadable archive',
+      ]);
+    }
+    const metadataPath = metadataPathFor(filePath);
+    const loaded = await loadMetadata(metadataPath, path.basename(filePath));
     return {
       filePath,
+      metadataPath,
       toc: listing.toc,
       pgRestore,
       ...(loaded.status === 'ok' ? { metadata: loaded.metadata } : {}),
-      forcedPast: error.title.replace(/^Backup verification failed: /, ''),
+      forcedPast: error.title,
       checksum: Promise.resolve(),
     };
   }
 }
 
-/** Row counts of every table of `database`, keyed like table_counts. */
 /**
  * Row counts of every table of a restored `database`, keyed like table_counts, on `parallel`
  * connections: the largest tables (by the backup's counts) first, so that they do not end alone.
@@ -3435,18 +3450,26 @@ async function countTablesIn(config: DbConfig, database: string, connectTimeoutS
   }
 }
 
-function reconciliationError(title: string, rows: ReconciliationRow[]): BackupError {
+function reconciliationError(rows: ReconciliationRow[]): BackupError {
   const bad = rows.filter((row) => !row.ok);
   const describe = (row: ReconciliationRow) => `${row.table} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
-  return new BackupError(EXIT.VERIFY_FAILED, title, `${bad.length} of ${rows.length} tables differ from the backup's same-snapshot counts: ${bad.slice(0, 5).map(describe).join(', ')}${bad.length > 5 ? ', ...' : ''}`, [
-    'Do not trust this backup for a full recovery; investigate the tables listed',
-    'If the metadata was edited, the counts no longer describe the dump: take a new backup',
-  ], { report: reconciliationLines(rows) });
+  const listed = `${bad.slice(0, 5).map(describe).join(', ')}${bad.length > 5 ? ', ...' : ''}`;
+  return new BackupError(
+    EXIT.VERIFY_FAILED,
+    'row counts differ from the backup',
+    `${bad.length} of ${rows.length} tables differ from the backup's same-snapshot counts: ${listed}`,
+    [
+      'Do not trust this backup for a full recovery; investigate the tables listed',
+      'If the metadata was edited, the counts no longer describe the dump: take a new backup',
+    ],
+    { report: reconciliationLines(rows) },
+  );
 }
 
 export interface RestoreRequest {
   file: string;
-  target: string;
+  /** --target-db; absent for the drill, which restores into a scratch database of its own. */
+  target?: string;
   clean: boolean;
   force: boolean;
   connectTimeoutSeconds: number;
@@ -3456,52 +3479,76 @@ export interface RestoreRequest {
 }
 
 /**
- * --restore FILE --target-db NAME: verify, check extensions, prepare the target (create; refuse a
- * non-empty one unless --clean), pg_restore, then reconcile row counts with the metadata.
+ * --restore FILE --target-db NAME, and the drill (--verify FILE --restore-test): verify, check
+ * extensions, prepare the target, pg_restore, then reconcile row counts with the metadata.
+ * A named target is guarded (production, one restore at a time, not over data unless --clean); a
+ * drill's scratch database has a unique name, is dropped whatever happens, and its result is
+ * recorded in the metadata.
  */
 async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal): Promise<RestoreOutcome> {
-  const target = validateName(request.target, '--target-db');
-  const archive = await restorableArchive(request.search, request.file, request.force);
+  const drill = request.target === undefined;
+  const target = drill ? `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}` : validateName(request.target!, '--target-db');
+  const archive = await restorableArchive(request.search, request.file, request.force && !drill);
+  const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
   return withClient(
     config,
-    request.connectTimeoutSeconds,
+    timeout,
     async (admin) => {
-        const server = await readServerInfo(admin);
+      const server = await readServerInfo(admin);
+      if (!drill) {
         await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
         await claimRestoreTarget(admin, config, target);
-        await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
-        const state = await targetState(admin, config, target, request.connectTimeoutSeconds);
-        if (state === 'non-empty' && !request.clean) {
-          throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
-            'Restore into a new database: --target-db <new name> (it is created)',
-            `Or replace it: add --clean, which drops "${target}" and creates it again`,
-          ]);
-        }
-        // A database this run creates can be restored while the file is re-read, and dropped again if the
-        // re-read fails; one that exists is touched only once the file has been proven.
-        if (state !== 'missing') await archive.checksum;
-        if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
-        if (state === 'missing' || request.clean) await createDatabase(admin, target);
-        const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
-        const started = Date.now();
-        let restored: PgRestoreRun;
-        try {
-          restored = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, request.connectTimeoutSeconds, request.tuning, abortOnFailure(archive.checksum, signal));
-          await archive.checksum;
-        } catch (error) {
-          // A database this run created holds only a partial restore: remove it rather than leave a trap.
-          if (targetAction !== 'used empty') await dropDatabase(admin, target, server.major).catch(() => undefined);
-          throw error;
-        }
-        const outcome: RestoreOutcome = { filePath: archive.filePath, target, server: `${config.host}:${config.port}`, targetAction, durationMs: Date.now() - started, ...restored };
-        if (archive.forcedPast) outcome.forcedPast = archive.forcedPast;
-        if (!archive.metadata) return outcome;
-        outcome.reconciliation = reconcileCounts(archive.metadata.table_counts, await countTablesIn(config, target, request.connectTimeoutSeconds, restored.jobs, archive.metadata.table_counts));
-        if (outcome.reconciliation.some((row) => !row.ok)) throw reconciliationError('Restore failed: row counts differ from the backup', outcome.reconciliation);
-        return outcome;
+      }
+      await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
+      const state = drill ? 'missing' : await targetState(admin, config, target, timeout);
+      if (state === 'non-empty' && !request.clean) {
+        throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
+          'Restore into a new database: --target-db <new name> (it is created)',
+          `Or replace it: add --clean, which drops "${target}" and creates it again`,
+        ]);
+      }
+      // A database this run creates can be restored while the file is re-read, and dropped again if
+      // the re-read fails; one that exists is touched only once the file has been proven.
+      if (state !== 'missing') await archive.checksum;
+      if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
+      if (state === 'missing' || request.clean) await createDatabase(admin, target);
+      const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
+      const started = Date.now();
+      let run: PgRestoreRun | undefined;
+      let durationMs = 0;
+      let counts: Record<string, number> | undefined;
+      let filled = false;
+      try {
+        run = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, timeout, request.tuning, abortOnFailure(archive.checksum, signal));
+        await archive.checksum;
+        durationMs = Date.now() - started;
+        filled = true;
+        const expected = archive.metadata?.table_counts;
+        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected);
+      } finally {
+        // A drill's database is scratch; one this run created and could not fill holds only a partial
+        // restore: removed rather than left as a trap.
+        if (drill || (!filled && targetAction !== 'used empty')) await dropDatabase(admin, target, server.major).catch(() => undefined);
+      }
+      const outcome: RestoreOutcome = {
+        filePath: archive.filePath,
+        target,
+        drill,
+        server: `${config.host}:${config.port}`,
+        serverVersion: server.version,
+        targetAction,
+        durationMs,
+        run,
+        ...(archive.metadata ? { metadata: archive.metadata } : {}),
+        ...(archive.forcedPast ? { forcedPast: archive.forcedPast } : {}),
+        ...(counts ? { reconciliation: reconcileCounts(archive.metadata!.table_counts, counts) } : {}),
+      };
+      if (drill) outcome.recorded = await recordRestoreTest(archive, outcome);
+      if (outcome.reconciliation?.some((row) => !row.ok)) throw reconciliationError(outcome.reconciliation);
+      return outcome;
     },
-    { maintenance: true, avoid: target },
+    { maintenance: true, ...(drill ? {} : { avoid: target }) },
   );
 }
 
@@ -3515,61 +3562,6 @@ export interface RestoreTestRecord {
   mismatches: string[];
 }
 
-export interface DrillOutcome {
-  filePath: string;
-  metadataPath: string;
-  metadata: BackupMetadata;
-  scratch: string;
-  record: RestoreTestRecord;
-  reconciliation: ReconciliationRow[];
-  restored: PgRestoreRun;
-}
-
-/**
- * --verify FILE --restore-test: verify, restore into a scratch database with a unique name,
- * reconcile, record the result in the metadata, and drop the scratch database whatever happens.
- */
-async function runRestoreDrill(config: DbConfig, file: string, search: ClientSearch, connectTimeoutSeconds: number, tuning: RestoreTuning, signal: AbortSignal): Promise<DrillOutcome> {
-  // The scratch database is this run's own: it is restored while the file is re-read.
-  const { quick: verified, complete } = await startVerify(file, search);
-  const { pgRestore } = verified.client!;
-  const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
-  return withClient(
-    config,
-    connectTimeoutSeconds,
-    async (admin) => {
-      let server: ServerInfo | undefined;
-      let created = false;
-      try {
-        server = await readServerInfo(admin);
-        await assertExtensionsAvailable(admin, verified.inspection.toc, server, verified.metadata.extensions);
-        await createDatabase(admin, scratch);
-        created = true;
-        const started = Date.now();
-        const restored = await runPgRestore(pgRestore, config, scratch, verified.filePath, server, connectTimeoutSeconds, tuning, abortOnFailure(complete, signal));
-        await complete;
-        const reconciliation = reconcileCounts(verified.metadata.table_counts, await countTablesIn(config, scratch, connectTimeoutSeconds, restored.jobs, verified.metadata.table_counts));
-        const record: RestoreTestRecord = {
-          time: new Date().toISOString(),
-          ok: reconciliation.every((row) => row.ok),
-          duration_ms: Date.now() - started,
-          server: `${config.host}:${config.port}`,
-          server_version: server.version,
-          tables: reconciliation.length,
-          mismatches: reconciliation.filter((row) => !row.ok).map((row) => row.table),
-        };
-        await recordRestoreTest(verified.filePath, verified.metadataPath, record);
-        const outcome = { filePath: verified.filePath, metadataPath: verified.metadataPath, metadata: verified.metadata, scratch, record, reconciliation, restored };
-        if (!record.ok) throw reconciliationError('Restore test failed: row counts differ from the backup', reconciliation);
-        return outcome;
-      } finally {
-        if (created) await dropDatabase(admin, scratch, server!.major).catch(() => undefined);
-      }
-    },
-    { maintenance: true },
-  );
-}
-
 /** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
 function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSignal {
   const failed = new AbortController();
@@ -3577,11 +3569,24 @@ function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSign
   return AbortSignal.any([signal, failed.signal]);
 }
 
-/** Add last_restore_test to the metadata, atomically, and only while the backup still exists. */
-async function recordRestoreTest(dumpPath: string, metadataPath: string, record: RestoreTestRecord): Promise<void> {
-  if (!(await pathExists(dumpPath))) return;
-  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
-  await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
+/** A drill's result, added to the metadata as last_restore_test: atomically, and only while the backup still exists. */
+async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOutcome): Promise<RestoreOutcome['recorded']> {
+  const rows = outcome.reconciliation ?? [];
+  const record: RestoreTestRecord = {
+    time: new Date().toISOString(),
+    ok: rows.every((row) => row.ok),
+    duration_ms: outcome.durationMs,
+    server: outcome.server,
+    server_version: outcome.serverVersion,
+    tables: rows.length,
+    mismatches: rows.filter((row) => !row.ok).map((row) => row.table),
+  };
+  const { filePath, metadataPath } = archive;
+  if (await pathExists(filePath)) {
+    const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
+    await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
+  }
+  return { metadataPath, record };
 }
 
 // ─── Run records: log file, notifications, failure hook ──────────────────────────────────
@@ -3706,52 +3711,49 @@ const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP
  * code; a failure here is reported on stderr and logged, since the run itself is already over.
  */
 async function recordRun(record: RunRecord, automation: Automation, secrets: readonly string[], io: Io): Promise<void> {
-  const warn = (what: string, error: unknown) => io.err(err.yellow(`⚠ ${maskSecrets(`${what}: ${errorText(error)}`, secrets)}`));
-  const log = async (entry: RunRecord | Record<string, unknown>) => {
+  const append = async (line: string) => {
     if (!automation.logFile) return;
-    await appendLog(automation.logFile, logLine(redact(entry, secrets))).catch((error) => warn(`Could not write the log file ${automation.logFile}`, error));
+    await appendLog(automation.logFile, line).catch((error) => {
+      printWarning(io, warningProblem(`Could not write the log file ${automation.logFile}`, errorText(error), secrets));
+    });
   };
-  await log(record);
+  // A failure after the run is a warning: printed, and logged as an event about this run.
+  const warn = async (event: string, headline: string, why: unknown) => {
+    const warning = warningProblem(headline, why instanceof Error ? errorText(why) : String(why), secrets);
+    printWarning(io, warning);
+    await append(logLine({ time: new Date().toISOString(), event, error: warning.details, for: record.time }));
+  };
+  await append(logLine(record));
 
   const notify = record.outcome === 'failure' || automation.notifyOnSuccess;
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
-    tasks.push(
-      postNotification(automation.notifyUrl, notificationPayload(record)).catch(async (error) => {
-        warn('Notification failed', error);
-        await log({ time: new Date().toISOString(), event: 'notification_failed', error: errorText(error), for: record.time });
-      }),
-    );
+    const payload = notificationPayload(record);
+    tasks.push(postNotification(automation.notifyUrl, payload).catch((error) => warn('notification_failed', 'Notification failed', error)));
   }
   if (record.command === 'backup' && automation.pingUrl) {
-    tasks.push(
-      sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record)).then(async (why) => {
-        if (!why || automation.pingWarned) return;
-        warn('Heartbeat ping failed', why);
-        await log({ time: new Date().toISOString(), event: 'ping_failed', error: why, for: record.time });
-      }),
-    );
+    const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
+    tasks.push(ping.then((why) => (why && !automation.pingWarned ? warn('ping_failed', 'Heartbeat ping failed', why) : undefined)));
   }
   if (record.command === 'backup' && automation.metricsFile && record.database && record.environment) {
-    const run = { database: record.database, environment: record.environment, endedAt: new Date(), exitCode: record.exit_code, durationMs: record.duration_ms, ...(record.size_bytes !== undefined ? { sizeBytes: record.size_bytes } : {}) };
-    tasks.push(
-      updateMetricsFile(automation.metricsFile, run).catch(async (error) => {
-        warn(`Could not write the metrics file ${automation.metricsFile}`, error);
-        await log({ time: new Date().toISOString(), event: 'metrics_failed', error: errorText(error), for: record.time });
-      }),
-    );
+    const { database, environment, exit_code: exitCode, duration_ms: durationMs, size_bytes: sizeBytes } = record;
+    const run = { database, environment, endedAt: new Date(), exitCode, durationMs, ...(sizeBytes !== undefined ? { sizeBytes } : {}) };
+    const failed = (error: unknown) => warn('metrics_failed', `Could not write the metrics file ${automation.metricsFile}`, error);
+    tasks.push(updateMetricsFile(automation.metricsFile, run).catch(failed));
   }
-  if (record.outcome === 'failure' && automation.onFailure) {
-    tasks.push(
-      loadExeca().then(({ execa }) => execa('/bin/sh', ['-c', automation.onFailure!], { env: hookEnvironment(record, process.env, secrets), extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false })).then(async (result) => {
-        if (result.exitCode === 0) return;
-        const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${String(result.stderr).trim().split('\n').at(-1) ?? ''}`;
-        warn('The --on-failure command failed', why);
-        await log({ time: new Date().toISOString(), event: 'on_failure_command_failed', error: why, for: record.time });
-      }),
-    );
-  }
+  if (record.outcome === 'failure' && automation.onFailure) tasks.push(runFailureCommand(automation.onFailure, record, secrets, warn));
   await Promise.all(tasks);
+}
+
+/** --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. */
+async function runFailureCommand(command: string, record: RunRecord, secrets: readonly string[], warn: (event: string, headline: string, why: unknown) => Promise<void>): Promise<void> {
+  const { execa } = await loadExeca();
+  const env = hookEnvironment(record, process.env, secrets);
+  const result = await execa('/bin/sh', ['-c', command], { env, extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false });
+  if (result.exitCode === 0) return;
+  const lastLine = String(result.stderr).trim().split('\n').at(-1) ?? '';
+  const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${lastLine}`;
+  await warn('on_failure_command_failed', 'The --on-failure command failed', why);
 }
 
 // ─── Operations: heartbeat pings and metrics ─────────────────────────────────────────────
@@ -3937,8 +3939,10 @@ function backupSummaryText({ dumpPath, metadataPath, metadata, removedStaleFiles
     const deleted = retention.deleted.length > 0 ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})` : 'deleted none';
     lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
   }
-  const warning = retentionError && `⚠ The backup is fine, but ${retentionError.title.charAt(0).toLowerCase()}${retentionError.title.slice(1)}: ${retentionError.details}`;
-  return { out: lines, err: warning ? [warning] : [] };
+  if (!retentionError) return { out: lines, err: [] };
+  const { title, details } = retentionError;
+  const warning = warningProblem(`The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`, details, []);
+  return { out: lines, err: problemLines(warning) };
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
@@ -4029,44 +4033,28 @@ function matchSummary(rows: ReconciliationRow[] | undefined): string {
   return `${rows.filter((r) => r.ok).length} of ${rows.length} match the backup's row counts`;
 }
 
-function sessionLine(settings: Record<string, string>): string {
-  return `Session:     ${Object.entries(settings).map(([name, value]) => `${name}=${value}`).join(', ')}`;
-}
-
-function skippedSettingsLines(settings: string[]): string[] {
-  if (settings.length === 0) return [];
-  return [`Skipped:     SET ${settings.join(', ')}: pg_restore is newer than the server, which lacks ${settings.length === 1 ? 'it' : 'them'} (restored with one job)`];
-}
-
 function restoreText(outcome: RestoreOutcome): Text {
-  return { err: [], out: [
-    '✓ Restore completed',
+  const { run, reconciliation, recorded } = outcome;
+  const where = outcome.drill
+    ? `Scratch DB:  ${outcome.target} on ${outcome.server} (PostgreSQL ${outcome.serverVersion}; dropped)`
+    : `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`;
+  const skipped = run.skippedSettings;
+  const lines = [
+    outcome.drill ? '✓ Restore test passed' : '✓ Restore completed',
     '',
     `File:        ${displayPath(outcome.filePath)}`,
     ...(outcome.forcedPast ? [`Verified:    ✗ ${outcome.forcedPast} (restored anyway: --force)`] : []),
-    `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`,
-    `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${outcome.jobs})`,
-    sessionLine(outcome.settings),
-    ...skippedSettingsLines(outcome.skippedSettings),
-    `Tables:      ${matchSummary(outcome.reconciliation)}`,
-    ...(outcome.reconciliation ? ['', ...reconciliationLines(outcome.reconciliation)] : []),
-  ] };
-}
-
-function drillText(outcome: DrillOutcome): Text {
-  return { err: [], out: [
-    '✓ Restore test passed',
-    '',
-    `File:        ${displayPath(outcome.filePath)}`,
-    `Scratch DB:  ${outcome.scratch} on ${outcome.record.server} (PostgreSQL ${outcome.record.server_version}; dropped)`,
-    `Restored in: ${(outcome.record.duration_ms / 1000).toFixed(1)} s (pg_restore --jobs ${outcome.restored.jobs})`,
-    sessionLine(outcome.restored.settings),
-    ...skippedSettingsLines(outcome.restored.skippedSettings),
-    `Tables:      ${matchSummary(outcome.reconciliation)}`,
-    `Recorded:    last_restore_test in ${displayPath(outcome.metadataPath)}`,
-    '',
-    ...reconciliationLines(outcome.reconciliation),
-  ] };
+    where,
+    `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${run.jobs})`,
+    `Session:     ${Object.entries(run.settings).map(([name, value]) => `${name}=${value}`).join(', ')}`,
+    ...(skipped.length > 0
+      ? [`Skipped:     SET ${skipped.join(', ')}: pg_restore is newer than the server, which lacks ${skipped.length === 1 ? 'it' : 'them'} (restored with one job)`]
+      : []),
+    `Tables:      ${matchSummary(reconciliation)}`,
+    ...(recorded ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`] : []),
+    ...(reconciliation ? ['', ...reconciliationLines(reconciliation)] : []),
+  ];
+  return { out: lines, err: [] };
 }
 
 /**
@@ -4101,14 +4089,54 @@ export function redact<T>(value: T, secrets: readonly string[]): T {
   return walk(value) as T;
 }
 
-/** The contract's error text: what failed, the report, the tool's own message, numbered steps. */
-function failureText(error: BackupError, operation: string): Text {
-  const title = /^[\w ]+ failed: /.test(error.title) ? error.title : `${operation} failed: ${error.title}`;
-  const lines = [`✗ ${title}`, ''];
-  if (error.extra.report) lines.push(...error.extra.report, '');
-  lines.push(`Error: ${error.details}`);
-  if (error.hints.length > 0) lines.push('', 'Troubleshooting:', ...error.hints.map((hint, i) => `  ${i + 1}. ${hint}`));
-  return { out: [], err: lines };
+/**
+ * A failure or a warning as every channel reports it (terminal, --json, log, webhook, failure
+ * command, heartbeat). Built once from what went wrong, with every secret masked once; each
+ * channel only renders it.
+ */
+export interface Problem {
+  level: 'failure' | 'warning';
+  exitCode: number;
+  /** What failed, and how: "Backup failed: Database authentication failed". */
+  headline: string;
+  /** The `error` of documents and records: the title, or the headline when a step other than the command failed. */
+  error: string;
+  details: string;
+  hints: string[];
+  /** Lines shown above the error (a verification or reconciliation report). */
+  report: string[];
+  /** Fields for --json (the metadata of the backup a failed verification was about, say). */
+  data: Record<string, unknown>;
+}
+
+/** Pure: a failure of `operation` (or of the step it names) as a Problem, secrets masked. */
+export function failureProblem(error: BackupError, operation: string, secrets: readonly string[]): Problem {
+  const headline = `${error.extra.step ?? operation} failed: ${error.title}`;
+  const { details, hints, exitCode } = error;
+  const { report = [], data = {} } = error.extra;
+  const problem: Problem = { level: 'failure', exitCode, headline, error: error.extra.step ? headline : error.title, details, hints, report, data };
+  return redact(problem, secrets);
+}
+
+/** Pure: something that went wrong without failing the run, secrets masked. */
+export function warningProblem(headline: string, details: string, secrets: readonly string[]): Problem {
+  return redact({ level: 'warning', exitCode: EXIT.OK, headline, error: headline, details, hints: [], report: [], data: {} }, secrets);
+}
+
+/** Pure: the contract's error text (what failed, the report, the tool's own message, numbered steps), or a warning's line. */
+export function problemLines(problem: Problem): string[] {
+  if (problem.level === 'warning') return [`⚠ ${problem.headline}: ${problem.details}`];
+  const lines = [`✗ ${problem.headline}`, ''];
+  if (problem.report.length > 0) lines.push(...problem.report, '');
+  lines.push(`Error: ${problem.details}`);
+  if (problem.hints.length > 0) lines.push('', 'Troubleshooting:', ...problem.hints.map((hint, i) => `  ${i + 1}. ${hint}`));
+  return lines;
+}
+
+/** Pure: a problem in a --json document. */
+export function problemDocument(problem: Problem): Record<string, unknown> {
+  const { data, exitCode, error, details, hints } = problem;
+  return { ...data, exit_code: exitCode, error, details, hints };
 }
 
 // --json: one document on stdout per run, for cron wrappers and monitoring.
@@ -4125,7 +4153,7 @@ function backupDocument(result: BackupResult): Record<string, unknown> {
     checks: checksDocument(result.checks),
     removed_stale_files: result.removedStaleFiles,
     retention: result.retention ? retentionDocument(result.retention) : null,
-    ...(result.retentionError ? { retention_error: errorDocument(result.retentionError) } : {}),
+    ...(result.retentionError ? { retention_error: problemDocument(failureProblem(result.retentionError, 'Retention', [])) } : {}),
   };
 }
 
@@ -4166,37 +4194,24 @@ function retentionDocument(report: RetentionReport): Record<string, unknown> {
   };
 }
 
-/** What restore and drill documents share: how pg_restore ran. */
-function pgRestoreDocument(run: PgRestoreRun): Record<string, unknown> {
-  return { jobs: run.jobs, session_settings: run.settings, skipped_settings: run.skippedSettings };
-}
-
 function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
+  const { run, recorded } = outcome;
   return {
     file: outcome.filePath,
+    drill: outcome.drill,
     target_database: outcome.target,
     server: outcome.server,
-    target_action: outcome.targetAction,
+    server_version: outcome.serverVersion,
+    target_action: outcome.drill ? 'created and dropped' : outcome.targetAction,
     duration_ms: outcome.durationMs,
-    ...pgRestoreDocument(outcome),
+    jobs: run.jobs,
+    session_settings: run.settings,
+    skipped_settings: run.skippedSettings,
     forced_past: outcome.forcedPast ?? null,
     reconciliation: outcome.reconciliation ?? null,
+    metadata_file: recorded?.metadataPath ?? null,
+    last_restore_test: recorded?.record ?? null,
   };
-}
-
-function drillDocument(outcome: DrillOutcome): Record<string, unknown> {
-  return {
-    file: outcome.filePath,
-    metadata_file: outcome.metadataPath,
-    scratch_database: outcome.scratch,
-    last_restore_test: outcome.record,
-    reconciliation: outcome.reconciliation,
-    ...pgRestoreDocument(outcome.restored),
-  };
-}
-
-function errorDocument(error: BackupError): Record<string, unknown> {
-  return { ...error.extra.data, exit_code: error.exitCode, error: error.title, details: error.details, hints: error.hints };
 }
 
 /** Where a run prints: one call per block of text, as console.log and console.error would print it. */
@@ -4206,16 +4221,31 @@ export interface Io {
 }
 const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.error(text) };
 
-/** Print a run's human text or its --json document, redacted before it is serialised or painted. */
-function printOutcome(io: Io, json: boolean, command: CommandName, ok: boolean, document: Record<string, unknown>, text: () => Text, secrets: readonly string[]): void {
+/**
+ * Print a run's human text or its --json document: a result, masked here before it is serialised
+ * or painted, or the run's problem, masked when it was built.
+ */
+function printOutcome(io: Io, json: boolean, outcome: Outcome, problem: Problem | undefined, secrets: readonly string[]): void {
+  const { result } = outcome;
   if (json) {
-    io.out(JSON.stringify(redact({ ok, command, ...document }, secrets), null, 2));
+    const document = result ? redact(result.document, secrets) : problemDocument(problem!);
+    io.out(JSON.stringify({ ok: outcome.exitCode === EXIT.OK, command: outcome.command, ...document }, null, 2));
     return;
   }
-  const { out: outLines, err: errLines } = redact(text(), secrets);
+  const { out: outLines, err: errLines } = result ? redact(result.text(), secrets) : { out: [], err: problemLines(problem!) };
   if (outLines.length > 0) io.out(outLines.map((line) => paint(line, out)).join('\n'));
-  // The first line of an error is its title, in red; a warning is yellow.
-  if (errLines.length > 0) io.err(errLines.map((line, i) => (i === 0 && line.startsWith('✗') ? err.red(line) : line.startsWith('⚠') ? err.yellow(line) : paint(line, err))).join('\n'));
+  if (errLines.length > 0) io.err(errLines.map((line, i) => paintErrorLine(line, i)).join('\n'));
+}
+
+/** The first line of an error is its title, in red; a warning is yellow. */
+function paintErrorLine(line: string, index: number): string {
+  if (index === 0 && line.startsWith('✗')) return err.red(line);
+  return line.startsWith('⚠') ? err.yellow(line) : paint(line, err);
+}
+
+/** A warning on stderr, in yellow. */
+function printWarning(io: Io, warning: Problem): void {
+  io.err(problemLines(warning).map((line) => err.yellow(line)).join('\n'));
 }
 
 // ─── CLI: options, modes, settings ───────────────────────────────────────────────────────
@@ -4507,12 +4537,11 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
 interface Outcome {
   command: CommandName;
   exitCode: number;
-  /** The --json document (without ok/command). */
-  document: Record<string, unknown>;
-  /** The human text (plain; redacted and coloured when printed). */
-  text(): Text;
+  /** What a run that did its job prints: the --json document (without ok/command) and the human text. */
+  result?: { document: Record<string, unknown>; text(): Text };
   /** What the run record says about it. */
   facts: Pick<RunRecord, 'environment' | 'database' | 'file' | 'size_bytes' | 'deleted'>;
+  /** Why the run failed; or, for a backup that stands, what retention refused. */
   failure?: BackupError;
 }
 
@@ -4533,10 +4562,11 @@ function knownFacts(mode: Mode, config: DbConfig | undefined): Outcome['facts'] 
 async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbConfig | undefined, settings: Settings): Promise<Outcome> {
   const outputDir = opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
   switch (mode.command) {
-    case 'restore': {
+    case 'restore':
+    case 'drill': {
       const request: RestoreRequest = {
         file: mode.file,
-        target: mode.target,
+        ...(mode.command === 'restore' ? { target: mode.target } : {}),
         clean: opts.clean === true,
         force: opts.force === true,
         connectTimeoutSeconds: opts.connectTimeout,
@@ -4545,32 +4575,30 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
         tuning: settings.restore,
       };
       const restored = await withInterruptSignal((signal) => runRestore(config!, vars, request, signal));
-      return { command: 'restore', exitCode: EXIT.OK, document: restoreDocument(restored), text: () => restoreText(restored), facts: {} };
-    }
-    case 'drill': {
-      const drill = await withInterruptSignal((signal) => runRestoreDrill(config!, mode.file, settings.search, opts.connectTimeout, settings.restore, signal));
-      const facts = { environment: drill.metadata.environment, database: drill.metadata.database_name };
-      return { command: 'drill', exitCode: EXIT.OK, document: drillDocument(drill), text: () => drillText(drill), facts };
+      const { metadata } = restored;
+      // A drill is about the backup's database; a restore's facts (the target) are known before it starts.
+      const facts = restored.drill && metadata ? { environment: metadata.environment, database: metadata.database_name } : {};
+      return { command: mode.command, exitCode: EXIT.OK, result: { document: restoreDocument(restored), text: () => restoreText(restored) }, facts };
     }
     case 'verify': {
       const result = await runVerify(mode.file, settings.search);
       const facts = { environment: result.metadata.environment, database: result.metadata.database_name, file: path.basename(result.filePath), size_bytes: result.inspection.size };
-      return { command: 'verify', exitCode: EXIT.OK, document: verifyDocument(result), text: () => verificationText(result), facts };
+      return { command: 'verify', exitCode: EXIT.OK, result: { document: verifyDocument(result), text: () => verificationText(result) }, facts };
     }
     case 'list': {
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
-      return { command: 'list', exitCode: listingExitCode(listing), document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }), facts: {} };
+      return { command: 'list', exitCode: listingExitCode(listing), result: { document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }) }, facts: {} };
     }
     case 'check': {
       if (settings.maxAgeMs === undefined) throw configError('--check needs --max-age DURATION (or BACKUP_MAX_AGE)', ['For example: --check --max-age 26h for a daily backup']);
       const freshness = await runCheck(config!, outputDir, settings.maxAgeMs, mode.fullCheck, settings.search);
-      return { command: 'check', exitCode: EXIT.OK, document: freshnessDocument(freshness, outputDir, mode.fullCheck), text: () => freshnessText(freshness, config!, mode.fullCheck), facts: {} };
+      return { command: 'check', exitCode: EXIT.OK, result: { document: freshnessDocument(freshness, outputDir, mode.fullCheck), text: () => freshnessText(freshness, config!, mode.fullCheck) }, facts: {} };
     }
     case 'prune': {
       const report = await runPrune(config!, { outputDir, retention: settings.retention, dryRun: settings.dryRun, search: settings.search });
       const lines = report ? retentionLines(report, outputDir, config!) : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
       const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
-      return { command: 'prune', exitCode: EXIT.OK, document: { retention: report ? retentionDocument(report) : null }, text: () => ({ out: lines, err: [] }), facts };
+      return { command: 'prune', exitCode: EXIT.OK, result: { document: { retention: report ? retentionDocument(report) : null }, text: () => ({ out: lines, err: [] }) }, facts };
     }
     case 'backup': {
       const result = await withInterruptSignal((signal) =>
@@ -4602,7 +4630,7 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
       const exitCode = result.retentionError?.exitCode === EXIT.VERIFY_FAILED ? EXIT.VERIFY_FAILED : EXIT.OK;
       // The run record names the refusal, not a generic problem.
       const failure = exitCode === EXIT.OK ? {} : { failure: result.retentionError! };
-      return { command: 'backup', exitCode, document: backupDocument(result), text: () => backupSummaryText(result), facts, ...failure };
+      return { command: 'backup', exitCode, result: { document: backupDocument(result), text: () => backupSummaryText(result) }, facts, ...failure };
     }
   }
 }
@@ -4611,7 +4639,7 @@ function failedOutcome(command: CommandName, failure: BackupError): Outcome {
   // A failed verification still knows which backup it was about.
   const metadata = failure.extra.data?.metadata as BackupMetadata | undefined;
   const facts = metadata ? { environment: metadata.environment, database: metadata.database_name, file: metadata.backup_file } : {};
-  return { command, exitCode: failure.exitCode, document: errorDocument(failure), text: () => failureText(failure, OPERATION_NAMES[command]), facts, failure };
+  return { command, exitCode: failure.exitCode, facts, failure };
 }
 
 const OPERATION_NAMES: Record<CommandName, string> = {
@@ -4653,7 +4681,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
     const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
-    if (json) printOutcome(io, true, 'backup', false, errorDocument(failure), () => ({ out: [], err: [] }), secrets);
+    if (json) printOutcome(io, true, failedOutcome('backup', failure), failureProblem(failure, OPERATION_NAMES.backup, secrets), secrets);
     return EXIT.CONFIG;
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
@@ -4677,7 +4705,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     if (mode.command === 'backup' && automation.pingUrl) {
       const why = await sendPing(automation.pingUrl, 'start', `backup of ${redact(config!.database, secrets)} (${config!.environment}) started on ${os.hostname()}`);
       if (why) {
-        io.err(err.yellow(`⚠ Heartbeat ping failed: ${maskSecrets(why, secrets)}`));
+        printWarning(io, warningProblem('Heartbeat ping failed', why, secrets));
         automation = { ...automation, pingWarned: true };
       }
     }
@@ -4686,11 +4714,14 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     outcome = failedOutcome(command, asBackupError(error, server));
   }
 
+  const operation = OPERATION_NAMES[outcome.command];
+  let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets);
   try {
-    printOutcome(io, json, outcome.command, outcome.exitCode === EXIT.OK, outcome.document, outcome.text, secrets);
+    printOutcome(io, json, outcome, problem, secrets);
   } catch (error) {
-    // A bug, never an expected failure: still one line, no stack trace, and a general failure.
-    io.err(`✗ ${OPERATION_NAMES[outcome.command]} failed: its result could not be printed: ${maskSecrets(errorText(error), secrets)}`);
+    // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
+    problem = failureProblem(new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error)), operation, secrets);
+    io.err(problemLines(problem).join('\n'));
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
   const record: RunRecord = {
@@ -4702,8 +4733,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     duration_ms: Date.now() - started,
     ...known,
     ...outcome.facts,
-    ...(outcome.failure ? { error: outcome.failure.title, details: outcome.failure.details } : {}),
-    ...(outcome.exitCode !== EXIT.OK && !outcome.failure ? { error: `${outcome.command} found problems` } : {}),
+    ...(problem ? { error: problem.error, details: problem.details } : {}),
+    ...(outcome.exitCode !== EXIT.OK && !problem ? { error: `${outcome.command} found problems` } : {}),
   };
   await recordRun(redact(record, secrets), automation, secrets, io);
   return outcome.exitCode;

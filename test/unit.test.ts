@@ -33,6 +33,10 @@ import {
   libpqEnv,
   maskSecrets,
   redact,
+  failureProblem,
+  warningProblem,
+  problemLines,
+  problemDocument,
   misreadDotenvValues,
   hookEnvironment,
   databaseFailure,
@@ -315,6 +319,39 @@ describe('secrets', () => {
     assert.ok(!JSON.stringify(redacted).includes(JSON.stringify(secret).slice(1, -1)));
     // What masking the serialised text missed: the escaped form no longer contains the secret.
     assert.ok(maskSecrets(JSON.stringify(document), [secret]).includes(JSON.stringify(secret).slice(1, -1)));
+  });
+
+  test('one failure record: masked once in every field, then rendered the same way for text and --json', () => {
+    const secret = 'p"a\\ss';
+    const failure = new BackupError(EXIT.VERIFY_FAILED, 'checksum mismatch', `read ${secret}`, [`retry without ${secret}`], {
+      report: [`File: ${secret}.dump`],
+      data: { metadata: { database_name: secret } },
+      step: 'Backup verification',
+    });
+    const problem = failureProblem(failure, 'Restore', [secret]);
+    assert.ok(!JSON.stringify(problem).includes(JSON.stringify(secret).slice(1, -1)), 'no field keeps the secret, escaped or not');
+    assert.equal(problem.headline, 'Backup verification failed: checksum mismatch', 'the step that failed names the headline, not the command');
+    assert.equal(problem.error, problem.headline);
+    assert.deepEqual(problemLines(problem), [
+      '✗ Backup verification failed: checksum mismatch',
+      '',
+      'File: ****.dump',
+      '',
+      'Error: read ****',
+      '',
+      'Troubleshooting:',
+      '  1. retry without ****',
+    ]);
+    assert.deepEqual(problemDocument(problem), {
+      metadata: { database_name: '****' },
+      exit_code: EXIT.VERIFY_FAILED,
+      error: 'Backup verification failed: checksum mismatch',
+      details: 'read ****',
+      hints: ['retry without ****'],
+    });
+    const own = failureProblem(new BackupError(EXIT.CONNECTION, 'Database connection error', 'refused'), 'Backup', []);
+    assert.deepEqual([own.headline, own.error], ['Backup failed: Database connection error', 'Database connection error']);
+    assert.deepEqual(problemLines(warningProblem('Notification failed', `HTTP 500 for ${secret}`, [secret])), ['⚠ Notification failed: HTTP 500 for ****']);
   });
 
   test('hookEnvironment: credentials dropped, any inherited value holding a secret masked, the record as given', () => {
