@@ -900,7 +900,7 @@ function alreadyRunningError(config: Pick<DbConfig, 'database' | 'environment'>,
  * (database, environment, timestamp), never by prefix.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
-  const stem = `${escapeRegExp(fileNamePart(config.database))}_${config.environment}_\\d{4}-\\d{2}-\\d{2}T\\d{2}-\\d{2}-\\d{2}Z`;
+  const stem = backupStemOf(config);
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
@@ -1315,9 +1315,31 @@ export function databaseFromFileNamePart(part: string): string {
   }
 }
 
+// Backup names, written and read in one place: `{database}_{env}_{YYYY-MM-DDTHH-MM-SSZ}.dump`.
+
+/** A regular expression source for a backup's stem; groups: name part, environment, day, hours, minutes, seconds. */
+function backupStemPattern(namePart = '.+', environment = 'dev|prod'): string {
+  return String.raw`(${namePart})_(${environment})_(\d{4}-\d{2}-\d{2})T(\d{2})-(\d{2})-(\d{2})Z`;
+}
+
 /** `{database}_{env}_{YYYY-MM-DDTHH-MM-SSZ}.dump` */
 export function backupFileName(database: string, environment: Environment, date: Date): string {
   return `${fileNamePart(database)}_${environment}_${isoSeconds(date).replaceAll(':', '-')}${DUMP_SUFFIX}`;
+}
+
+const BACKUP_NAME = new RegExp(`^${backupStemPattern()}${escapeRegExp(DUMP_SUFFIX)}(?:${escapeRegExp(PARTIAL_SUFFIX)})?$`);
+
+/** Pure: what a file name says (the inverse of backupFileName), for files without (valid) metadata. */
+export function parseBackupFileName(name: string): { database: string; environment: Environment; timestamp: string } | undefined {
+  const match = BACKUP_NAME.exec(name);
+  if (!match) return undefined;
+  const [, database, environment, day, hh, mm, ss] = match;
+  return { database: databaseFromFileNamePart(database!), environment: environment as Environment, timestamp: `${day}T${hh}:${mm}:${ss}Z` };
+}
+
+/** Pure: the stem of any backup of this database, for finding what its interrupted runs left. */
+function backupStemOf(config: Pick<DbConfig, 'database' | 'environment'>): string {
+  return backupStemPattern(escapeRegExp(fileNamePart(config.database)), config.environment);
 }
 
 export function metadataFileName(dumpFileName: string): string {
@@ -2407,15 +2429,47 @@ async function checkBackupFile(pgRestore: PgTool | undefined, filePath: string, 
   return fileInspection(metadata, structure, { sha256: bytes.sha256, how: streamed ? 'streamed' : 'read' });
 }
 
-const CHECK_FAILURE_NAMES: Record<keyof FileChecks, string> = {
-  size: 'size mismatch',
-  checksum: 'checksum mismatch',
-  structure: 'archive unreadable',
-  tables: 'table data missing',
+interface CheckKind {
+  /** What a failure is called in an error's title. */
+  failure: string;
+  /** The status, and its label, that a failure gives a backup in --list. */
+  status: ListStatus;
+  label: string;
+  /** Why a failure matters, for the error's details. */
+  why(result: VerifyResult): string;
+}
+
+/** The checks of a backup file, one row each, in the order failures are named. */
+const FILE_CHECKS: Record<keyof FileChecks, CheckKind> = {
+  size: {
+    failure: 'size mismatch',
+    status: 'size_mismatch',
+    label: '✗ Size mismatch',
+    why: ({ inspection, metadata }) =>
+      `the file is ${inspection.size} bytes but was ${metadata.backup_size_bytes} when the backup was taken: it was truncated, extended or replaced`,
+  },
+  checksum: {
+    failure: 'checksum mismatch',
+    status: 'checksum_mismatch',
+    label: '✗ Checksum mismatch',
+    why: () => "the file's SHA-256 is not the one recorded when the backup was taken: its content changed",
+  },
+  structure: {
+    failure: 'archive unreadable',
+    status: 'unreadable_archive',
+    label: '✗ Unreadable archive',
+    why: ({ inspection }) => `pg_restore cannot read the archive: ${inspection.checks.structure.summary.replace(/^Invalid: /, '')}`,
+  },
+  tables: {
+    failure: 'table data missing',
+    status: 'missing_table_data',
+    label: '✗ Table data missing',
+    why: ({ inspection }) => `the archive holds no data for: ${inspection.missingTables.join(', ')}`,
+  },
 };
 
 export function failedChecks(checks: FileChecks): Array<keyof FileChecks> {
-  return (Object.keys(CHECK_FAILURE_NAMES) as Array<keyof FileChecks>).filter((name) => !checks[name].ok);
+  return (Object.keys(FILE_CHECKS) as Array<keyof FileChecks>).filter((name) => !checks[name].ok);
 }
 
 export interface VerifyResult {
@@ -2431,17 +2485,11 @@ const VERIFICATION_STEP = 'Backup verification';
 
 /** A failed check as the contract's error: what failed, why it matters, what to do. */
 function verificationError(result: VerifyResult): BackupError {
-  const failed = failedChecks(result.inspection.checks);
-  const why: Record<keyof FileChecks, string> = {
-    size: `the file is ${result.inspection.size} bytes but was ${result.metadata.backup_size_bytes} when the backup was taken: it was truncated, extended or replaced`,
-    checksum: "the file's SHA-256 is not the one recorded when the backup was taken: its content changed",
-    structure: `pg_restore cannot read the archive: ${result.inspection.checks.structure.summary.replace(/^Invalid: /, '')}`,
-    tables: `the archive holds no data for: ${result.inspection.missingTables.join(', ')}`,
-  };
+  const failed = failedChecks(result.inspection.checks).map((name) => FILE_CHECKS[name]);
   return new BackupError(
     EXIT.VERIFY_FAILED,
-    failed.map((name) => CHECK_FAILURE_NAMES[name]).join(', '),
-    failed.map((name) => why[name]).join('; '),
+    failed.map((check) => check.failure).join(', '),
+    failed.map((check) => check.why(result)).join('; '),
     [
       'Do not restore from this file',
       `Use another backup (list them: npx tsx backup_db.ts --list --output-dir ${displayPath(path.dirname(result.filePath))}) or take a new one`,
@@ -2586,14 +2634,6 @@ export interface Listing {
   incomplete: ListEntry[];
 }
 
-/** Pure: what a file name says, for files without (valid) metadata. */
-export function parseBackupFileName(name: string): { database: string; environment: Environment; timestamp: string } | undefined {
-  const match = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2})T(\d{2})-(\d{2})-(\d{2})Z\.dump(?:\.partial)?$/.exec(name);
-  if (!match) return undefined;
-  const [, database, environment, day, hh, mm, ss] = match;
-  return { database: databaseFromFileNamePart(database!), environment: environment as Environment, timestamp: `${day}T${hh}:${mm}:${ss}Z` };
-}
-
 /**
  * Pure: newest first by timestamp; equal timestamps (one-second resolution) by modification time;
  * entries without a readable timestamp last.
@@ -2606,13 +2646,6 @@ export function sortNewestFirst<T extends { timestamp?: string | undefined; modi
   const newer = (a: T, b: T) => (time(a) !== time(b) ? time(b) > time(a) : b.modifiedMs !== a.modifiedMs ? b.modifiedMs > a.modifiedMs : b.file < a.file);
   return [...entries].sort((a, b) => (newer(a, b) ? 1 : -1));
 }
-
-const STATUS_OF_CHECK: Record<keyof FileChecks, ListStatus> = {
-  size: 'size_mismatch',
-  checksum: 'checksum_mismatch',
-  structure: 'unreadable_archive',
-  tables: 'missing_table_data',
-};
 
 /**
  * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
@@ -2648,7 +2681,7 @@ async function describeBackup(dir: string, name: string, restoreClientFor?: Retu
   }
   const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
   const failed = failedChecks(checks);
-  return failed.length === 0 ? described : { ...described, status: STATUS_OF_CHECK[failed[0]!], problems: failed.map((check) => checks[check].summary) };
+  return failed.length === 0 ? described : { ...described, status: FILE_CHECKS[failed[0]!].status, problems: failed.map((check) => checks[check].summary) };
 }
 
 /** What a directory entry says by itself (name, size, age); undefined unless a file or directory. */
@@ -3976,17 +4009,15 @@ function verificationText(result: VerifyResult): Text {
   return { out: ['✓ Backup verification passed', '', ...verifyReportLines(result)], err: [] };
 }
 
-const STATUS_LABELS: Record<ListStatus, string> = {
+/** Every status's label in --list: those of a failed check from FILE_CHECKS. */
+const STATUS_LABELS = {
   verified: '✓ Verified',
   no_metadata: '? No metadata',
   invalid_metadata: '✗ Invalid metadata',
-  size_mismatch: '✗ Size mismatch',
-  checksum_mismatch: '✗ Checksum mismatch',
-  unreadable_archive: '✗ Unreadable archive',
-  missing_table_data: '✗ Table data missing',
   in_progress: '… In progress',
   incomplete: '✗ Incomplete',
-};
+  ...Object.fromEntries(Object.values(FILE_CHECKS).map((check) => [check.status, check.label])),
+} as Record<ListStatus, string>;
 
 const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? '' : 's'}`;
 
