@@ -132,7 +132,12 @@ function errorText(error: unknown): string {
  * this process ends by any means, SIGKILL included. `signal` stops the group too. Being in its own
  * session, the tool also never prompts on the terminal: a missing password fails instead of hanging.
  */
-async function startTethered<const O extends Options>(file: string, args: readonly string[], signal: AbortSignal, options: O): Promise<{ child: ResultPromise<O> }> {
+async function startTethered<const O extends Options>(
+  file: string,
+  args: readonly string[],
+  signal: AbortSignal,
+  options: O,
+): Promise<{ child: ResultPromise<O> }> {
   const { execa } = await loadExeca();
   // detached changes how the child starts, not what its result looks like.
   const child = execa(file, args, { ...options, detached: true }) as unknown as ResultPromise<O>;
@@ -145,10 +150,19 @@ async function startTethered<const O extends Options>(file: string, args: readon
       // already gone
     }
   };
-  const watcher = spawn('/bin/sh', ['-c', 'read -r _; kill -s TERM -- "-$1" 2>/dev/null; sleep 1; kill -s KILL -- "-$1" 2>/dev/null', 'backup_db-tether', String(pid)], {
-    stdio: ['pipe', 'ignore', 'ignore'],
-    detached: true,
-  });
+  const watcher = spawn(
+    '/bin/sh',
+    [
+      '-c',
+      'read -r _; kill -s TERM -- "-$1" 2>/dev/null; sleep 1; kill -s KILL -- "-$1" 2>/dev/null',
+      'backup_db-tether',
+      String(pid),
+    ],
+    {
+      stdio: ['pipe', 'ignore', 'ignore'],
+      detached: true,
+    },
+  );
   watcher.unref();
   (watcher.stdin as unknown as { unref(): void }).unref();
   liveWatchers.add(watcher);
@@ -180,6 +194,11 @@ async function removeQuietly(filePath: string): Promise<void> {
   await fs.rm(filePath, { force: true, recursive: true }).catch(() => undefined);
 }
 
+/** Pure: the first five of a list, and "..." when there are more. */
+function listSome(items: string[]): string {
+  return `${items.slice(0, 5).join(', ')}${items.length > 5 ? ', ...' : ''}`;
+}
+
 async function pathExists(filePath: string): Promise<boolean> {
   try {
     await fs.lstat(filePath);
@@ -197,8 +216,15 @@ function asBackupError(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>,
   if (error instanceof BackupError) return error;
   const fromDatabase = databaseFailure(error, server);
   if (fromDatabase) return fromDatabase;
-  if (errnoCode(error)) return fileSystemError(error, 'A file operation failed', dir ?? path.dirname(String((error as NodeJS.ErrnoException).path ?? '.')));
-  return new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error), ['This is a bug in backup_db.ts: please report it with the command that was run']);
+  if (errnoCode(error))
+    return fileSystemError(
+      error,
+      'A file operation failed',
+      dir ?? path.dirname(String((error as NodeJS.ErrnoException).path ?? '.')),
+    );
+  return new BackupError(EXIT.GENERAL, 'Unexpected error', errorText(error), [
+    'This is a bug in backup_db.ts: please report it with the command that was run',
+  ]);
 }
 
 // ─── Configuration ───────────────────────────────────────────────────────────────────────
@@ -217,11 +243,14 @@ export type EnvVars = ReadonlyMap<string, EnvValue>;
  * (process environment > .env.local > .env). Empty values count as unset, so
  * `DEV_DB_HOST=` in .env.local still falls back to DB_HOST.
  */
-export function mergeEnvLayers(layers: Array<{ source: string; vars: Record<string, string | undefined>; misread?: ReadonlySet<string> }>): EnvVars {
+export function mergeEnvLayers(
+  layers: Array<{ source: string; vars: Record<string, string | undefined>; misread?: ReadonlySet<string> }>,
+): EnvVars {
   const merged = new Map<string, EnvValue>();
   for (const { source, vars, misread } of layers) {
     for (const [name, value] of Object.entries(vars)) {
-      if (value !== undefined && value !== '' && !merged.has(name)) merged.set(name, { value, source, ...(misread?.has(name) ? { misread: true as const } : {}) });
+      if (value !== undefined && value !== '' && !merged.has(name))
+        merged.set(name, { value, source, ...(misread?.has(name) ? { misread: true as const } : {}) });
     }
   }
   return merged;
@@ -281,7 +310,12 @@ export interface DbConfig {
   passwordMisread?: true;
 }
 
-const ENV_MODE_VALUES: Record<string, Environment> = { dev: 'dev', development: 'dev', prod: 'prod', production: 'prod' };
+const ENV_MODE_VALUES: Record<string, Environment> = {
+  dev: 'dev',
+  development: 'dev',
+  prod: 'prod',
+  production: 'prod',
+};
 const SSL_MODES: readonly SslMode[] = ['disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full'];
 
 function configError(details: string, hints: string[]): BackupError {
@@ -380,14 +414,16 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   const form = 'Use the form postgresql://user:password@host:5432/database';
   // Never echo the URL: it usually holds the password.
   if (!/^[a-z][\w+.-]*:\/\//i.test(url.value.trim())) throw configError(`${origin} is not a valid URL`, [form]);
-  if (!/^postgres(ql)?:\/\//i.test(url.value.trim())) throw configError(`${origin} must start with postgresql:// or postgres://`, [form]);
+  if (!/^postgres(ql)?:\/\//i.test(url.value.trim()))
+    throw configError(`${origin} must start with postgresql:// or postgres://`, [form]);
   let parsed: ReturnType<typeof parseLibpqUrl>;
   try {
     parsed = parseLibpqUrl(url.value.trim());
   } catch {
     throw configError(`${origin} is not a valid URL`, [form]);
   }
-  if (!parsed.database) throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
+  if (!parsed.database)
+    throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
   return {
     environment,
     host: validateHost(parsed.host || 'localhost', origin),
@@ -400,7 +436,9 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   };
 }
 
-/** Pure: a connection URL's parts; its ssl* parameters are set aside, only sslmode is kept. Throws on a malformed URL. */
+/**
+ * Pure: a connection URL's parts; its ssl* parameters are set aside, only sslmode is kept. Throws on a malformed URL.
+ */
 function parseLibpqUrl(url: string): ReturnType<typeof parseConnectionString> & { sslmode: string | null } {
   const [base, query = ''] = url.split(/\?(.*)/s);
   const params = new URLSearchParams(query);
@@ -418,7 +456,9 @@ export function wholeNumber(value: string, min: number, max: number): number {
 export function parsePort(value: string, origin: string): number {
   const port = wholeNumber(value, 1, 65535);
   if (Number.isNaN(port)) {
-    throw configError(`${origin} is "${value}", which is not a port number`, ['Use a number from 1 to 65535, usually 5432']);
+    throw configError(`${origin} is "${value}", which is not a port number`, [
+      'Use a number from 1 to 65535, usually 5432',
+    ]);
   }
   return port;
 }
@@ -426,7 +466,9 @@ export function parsePort(value: string, origin: string): number {
 function validateHost(value: string, origin: string): string {
   const host = value.trim();
   if (!host || /[\s\0]/.test(host)) {
-    throw configError(`${origin} is "${value}", which is not a host name`, ['Use a host name or IP address, e.g. localhost']);
+    throw configError(`${origin} is "${value}", which is not a host name`, [
+      'Use a host name or IP address, e.g. localhost',
+    ]);
   }
   return host;
 }
@@ -439,9 +481,10 @@ function validateName(value: string, origin: string): string {
     throw configError(`${origin} is blank or contains a NUL byte`, ['Set it to the exact database or user name']);
   }
   if (Buffer.byteLength(value) > MAX_NAME_BYTES) {
-    throw configError(`${origin} is ${Buffer.byteLength(value)} bytes long; PostgreSQL names are at most ${MAX_NAME_BYTES} bytes`, [
-      'Set it to the exact database or user name (psql -l lists the databases)',
-    ]);
+    throw configError(
+      `${origin} is ${Buffer.byteLength(value)} bytes long; PostgreSQL names are at most ${MAX_NAME_BYTES} bytes`,
+      ['Set it to the exact database or user name (psql -l lists the databases)'],
+    );
   }
   return value;
 }
@@ -469,7 +512,9 @@ export interface PgTool {
 
 /** "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)" → "15.18"; also handles "16beta1", "9.6.24". */
 export function parsePgVersion(text: string): { version: string; major: number } | undefined {
-  const match = /\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?(?:\.(\d+))?(\w*)/.exec(text) ?? /^(\d+)(?:\.(\d+))?(?:\.(\d+))?(\w*)/.exec(text.trim());
+  const match =
+    /\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?(?:\.(\d+))?(\w*)/.exec(text) ??
+    /^(\d+)(?:\.(\d+))?(?:\.(\d+))?(\w*)/.exec(text.trim());
   if (!match) return undefined;
   const [, a, b, c, suffix] = match;
   const version = [a, b, c].filter((part) => part !== undefined).join('.') + (suffix ?? '');
@@ -519,7 +564,9 @@ async function expandPattern(pattern: string): Promise<string[]> {
   const [prefix, suffix] = [pattern.slice(parent.length + 1, star), pattern.slice(star + 1)];
   const [head, ...rest] = suffix.split('/');
   const names = await fs.readdir(parent).catch(() => [] as string[]);
-  return names.filter((name) => name.startsWith(prefix) && name.endsWith(head!)).map((name) => [parent, name, ...rest].join('/'));
+  return names
+    .filter((name) => name.startsWith(prefix) && name.endsWith(head!))
+    .map((name) => [parent, name, ...rest].join('/'));
 }
 
 /** Candidate directories in search order: --pg-bin-dir / PG_BIN_DIR, then PATH, then the usual locations. */
@@ -527,7 +574,8 @@ async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: st
   const dirs: Array<{ dir: string; source: ClientSource }> = [];
   if (pgBinDir) dirs.push({ dir: path.resolve(pgBinDir), source: '--pg-bin-dir' });
   for (const dir of (process.env.PATH ?? '').split(path.delimiter).filter(Boolean)) dirs.push({ dir, source: 'PATH' });
-  for (const pattern of KNOWN_CLIENT_DIRS) for (const dir of await expandPattern(pattern)) dirs.push({ dir, source: 'usual location' });
+  for (const pattern of KNOWN_CLIENT_DIRS)
+    for (const dir of await expandPattern(pattern)) dirs.push({ dir, source: 'usual location' });
   const seen = new Set<string>();
   return dirs.filter(({ dir }) => !seen.has(dir) && seen.add(dir));
 }
@@ -573,18 +621,25 @@ async function inspectClientDir({ dir, source }: { dir: string; source: ClientSo
  * search order, is what the user expects; only when it is too old does any other count, and then
  * the lowest major that is new enough, so the dump is as compatible as possible.
  */
-export function chooseClient<T extends { pgDump: { major: number } }>(found: T[], needed: number | undefined): T | undefined {
+export function chooseClient<T extends { pgDump: { major: number } }>(
+  found: T[],
+  needed: number | undefined,
+): T | undefined {
   const first = found[0];
   if (!first || needed === undefined || first.pgDump.major >= needed) return first;
   const fitting = found.filter((client) => client.pgDump.major >= needed);
-  return fitting.reduce<T | undefined>((best, client) => (best && best.pgDump.major <= client.pgDump.major ? best : client), undefined);
+  return fitting.reduce<T | undefined>(
+    (best, client) => (best && best.pgDump.major <= client.pgDump.major ? best : client),
+    undefined,
+  );
 }
 
 /** Pure: how to install client tools of a major version, per platform. */
 export function clientInstallHints(major: number | undefined): string[] {
   const suffix = major === undefined ? '' : `-${major}`;
+  const pgdg = major === undefined ? '' : ' (newer majors come from the PGDG repository, apt.postgresql.org)';
   return [
-    `Debian/Ubuntu: sudo apt-get install -y postgresql-client${suffix}${major === undefined ? '' : ' (newer majors come from the PGDG repository, apt.postgresql.org)'}`,
+    `Debian/Ubuntu: sudo apt-get install -y postgresql-client${suffix}${pgdg}`,
     `macOS (Homebrew): brew install ${major === undefined ? 'libpq' : `postgresql@${major}`}`,
     `RHEL/Fedora (PGDG): sudo dnf install -y postgresql${major ?? ''}`,
     'Or point --pg-bin-dir (or PG_BIN_DIR) at the bin directory that holds them',
@@ -600,7 +655,11 @@ export interface ClientSearch {
  * came from); undefined means any. Only the first directory is inspected unless it is too old.
  * `purpose` shapes the error: exit 6, naming every version found and where.
  */
-async function findClient(search: ClientSearch, needed: number | undefined, purpose: (found: string) => { title: string; details: string }): Promise<PgClient> {
+async function findClient(
+  search: ClientSearch,
+  needed: number | undefined,
+  purpose: (found: string) => { title: string; details: string },
+): Promise<PgClient> {
   const dirs = await clientDirs(search.pgBinDir);
   let first: PgClient | undefined;
   for (const dir of dirs) {
@@ -608,10 +667,14 @@ async function findClient(search: ClientSearch, needed: number | undefined, purp
     if (first) break;
   }
   if (first && (needed === undefined || first.pgDump.major >= needed)) return first;
-  const found = (await Promise.all(dirs.map(inspectClientDir))).filter((client): client is PgClient => client !== undefined);
+  const found = (await Promise.all(dirs.map(inspectClientDir))).filter(
+    (client): client is PgClient => client !== undefined,
+  );
   const chosen = chooseClient(found, needed);
   if (chosen) return chosen;
-  const where = found.map((c) => `${c.pgDump.version} in ${c.dir} (${c.source})`).join('; ') || 'none on PATH or in the usual locations';
+  const where =
+    found.map((c) => `${c.pgDump.version} in ${c.dir} (${c.source})`).join('; ') ||
+    'none on PATH or in the usual locations';
   const { title, details } = purpose(where);
   throw new BackupError(EXIT.TOOL_NOT_FOUND, title, details, clientInstallHints(needed));
 }
@@ -622,9 +685,14 @@ function findDumpClient(search: ClientSearch, server?: ServerInfo): Promise<PgCl
     server
       ? {
           title: 'No pg_dump new enough for the server',
-          details: `the server runs PostgreSQL ${server.version}, and pg_dump cannot dump a newer major version than its own; pg_dump found: ${found}`,
+          details:
+            `the server runs PostgreSQL ${server.version}, and pg_dump cannot dump a newer major version than ` +
+            `its own; pg_dump found: ${found}`,
         }
-      : { title: 'pg_dump not found', details: `pg_dump and pg_restore were not found: ${found} (PATH is ${process.env.PATH ?? ''})` },
+      : {
+          title: 'pg_dump not found',
+          details: `pg_dump and pg_restore were not found: ${found} (PATH is ${process.env.PATH ?? ''})`,
+        },
   );
 }
 
@@ -659,7 +727,9 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
     const [, name, level] = method;
     const max = name === 'zstd' ? 22 : 12;
     if (level !== undefined && (Number(level) < 1 || Number(level) > max)) {
-      throw configError(`--compress ${input}: ${name} levels run from 1 to ${max}`, [`For example --compress ${name}:3`]);
+      throw configError(`--compress ${input}: ${name} levels run from 1 to ${max}`, [
+        `For example --compress ${name}:3`,
+      ]);
     }
     if (!modern) {
       throw configError(`--compress ${input} needs pg_dump 16 or newer; the pg_dump found is version ${pgDumpMajor}`, [
@@ -722,7 +792,14 @@ async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
     const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
     const command = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
-    return { pid, ppid: Number(fields[1]), pgrp: Number(fields[2]), start: fields[19]!, command, zombie: fields[0] === 'Z' };
+    return {
+      pid,
+      ppid: Number(fields[1]),
+      pgrp: Number(fields[2]),
+      start: fields[19]!,
+      command,
+      zombie: fields[0] === 'Z',
+    };
   } catch {
     return undefined;
   }
@@ -736,7 +813,12 @@ function parseLockOwner(text: string): LockOwner | undefined {
   try {
     const value = JSON.parse(text) as Partial<LockOwner>;
     return Number.isSafeInteger(value.pid) && typeof value.hostname === 'string' && typeof value.started_at === 'string'
-      ? { pid: value.pid!, hostname: value.hostname, started_at: value.started_at, process_start: value.process_start ?? null }
+      ? {
+          pid: value.pid!,
+          hostname: value.hostname,
+          started_at: value.started_at,
+          process_start: value.process_start ?? null,
+        }
       : undefined;
   } catch {
     return undefined;
@@ -796,7 +878,10 @@ export interface BackupLock {
  * Take the database's lock. It is created complete (written to a temp file, then hard-linked
  * into place, which fails if the lock exists), so a lock is never seen half-written.
  */
-export async function acquireBackupLock(dir: string, config: Pick<DbConfig, 'database' | 'environment'>): Promise<BackupLock> {
+export async function acquireBackupLock(
+  dir: string,
+  config: Pick<DbConfig, 'database' | 'environment'>,
+): Promise<BackupLock> {
   const lockPath = path.join(dir, lockFileName(config.database, config.environment));
   return acquireLockFile(lockPath, (owner) => alreadyRunningError(config, owner, lockPath));
 }
@@ -804,7 +889,12 @@ export async function acquireBackupLock(dir: string, config: Pick<DbConfig, 'dat
 /** Take the lock at `lockPath`; `busy` is the error when a live owner holds it. */
 async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => BackupError): Promise<BackupLock> {
   const dir = path.dirname(lockPath);
-  const owner: LockOwner = { pid: process.pid, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: await processStartTime(process.pid) };
+  const owner: LockOwner = {
+    pid: process.pid,
+    hostname: os.hostname(),
+    started_at: new Date().toISOString(),
+    process_start: await processStartTime(process.pid),
+  };
   const content = JSON.stringify(owner);
   const ours = { temp: `${lockPath}.${process.pid}.tmp`, swap: `${lockPath}.${process.pid}.swap`, content };
   try {
@@ -831,7 +921,12 @@ async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => Bac
  * can never both replace it, nor replace the lock of the run that did. The replacement is a
  * rename, so the lock never goes missing in between.
  */
-async function claimLock(target: string, ours: { temp: string; swap: string; content: string }, busy: (owner: LockOwner) => BackupError, depth: number): Promise<void> {
+async function claimLock(
+  target: string,
+  ours: { temp: string; swap: string; content: string },
+  busy: (owner: LockOwner) => BackupError,
+  depth: number,
+): Promise<void> {
   for (let attempt = 0; attempt < 5 && depth < 3; attempt++) {
     try {
       await fs.link(ours.temp, target);
@@ -855,9 +950,12 @@ async function claimLock(target: string, ours: { temp: string; swap: string; con
       if ((await readLock(takeover))?.text === ours.content) await fs.rm(takeover, { force: true });
     }
   }
-  throw new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${displayPath(target)} kept changing while other runs started`, [
-    'Several backups of this database are starting at once; run one at a time',
-  ]);
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'Could not take the backup lock',
+    `${displayPath(target)} kept changing while other runs started`,
+    ['Several backups of this database are starting at once; run one at a time'],
+  );
 }
 
 /**
@@ -865,7 +963,9 @@ async function claimLock(target: string, ours: { temp: string; swap: string; con
  * short read-modify-write updates of a shared file.
  */
 async function withFileLock<T>(lockPath: string, use: () => Promise<T>): Promise<T> {
-  const busy = new BackupError(EXIT.GENERAL, 'Busy', `${displayPath(lockPath)} is held by another run`, ['Try again in a moment']);
+  const busy = new BackupError(EXIT.GENERAL, 'Busy', `${displayPath(lockPath)} is held by another run`, [
+    'Try again in a moment',
+  ]);
   for (let attempt = 0; ; attempt++) {
     let lock: BackupLock;
     try {
@@ -883,13 +983,23 @@ async function withFileLock<T>(lockPath: string, use: () => Promise<T>): Promise
   }
 }
 
-function alreadyRunningError(config: Pick<DbConfig, 'database' | 'environment'>, owner: LockOwner, lockPath: string): BackupError {
+function alreadyRunningError(
+  config: Pick<DbConfig, 'database' | 'environment'>,
+  owner: LockOwner,
+  lockPath: string,
+): BackupError {
   const where = owner.hostname === os.hostname() ? `pid ${owner.pid}` : `pid ${owner.pid} on ${owner.hostname}`;
-  return new BackupError(EXIT.BACKUP_FAILED, 'Backup already running', `backup already running (${where}, since ${owner.started_at}) for database "${config.database}" (${config.environment})`, [
-    `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
-    `If no backup is running (its pid was reused by another program), remove the lock: rm ${displayPath(lockPath)}`,
-    'Backups of different databases can run at the same time; only the same database is serialised',
-  ]);
+  return new BackupError(
+    EXIT.BACKUP_FAILED,
+    'Backup already running',
+    `backup already running (${where}, since ${owner.started_at}) for database "${config.database}" ` +
+      `(${config.environment})`,
+    [
+      `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
+      `If no backup is running (its pid was reused by another program), remove the lock: rm ${displayPath(lockPath)}`,
+      'Backups of different databases can run at the same time; only the same database is serialised',
+    ],
+  );
 }
 
 /**
@@ -910,7 +1020,12 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
     const orphan = metadata.exec(name);
-    if (partial.test(name) || tempMetadata.test(name) || (orphan !== null && !names.includes(`${orphan[1]}${DUMP_SUFFIX}`))) return true;
+    if (
+      partial.test(name) ||
+      tempMetadata.test(name) ||
+      (orphan !== null && !names.includes(`${orphan[1]}${DUMP_SUFFIX}`))
+    )
+      return true;
     const tempOf = lockTemp.exec(name);
     if (tempOf) return !processAlive(Number(tempOf[1]));
     if (!takeover.test(name)) return false;
@@ -943,7 +1058,11 @@ async function assertDiskSpace(dir: string, tableBytes: number, compression: Com
   const free = bavail * bsize;
   const needed = minimumDumpBytes(tableBytes, compression);
   if (free >= needed) return;
-  throw diskSpaceError(`${formatBytes(free)} free in ${displayPath(dir)}, but the tables hold ${formatBytes(tableBytes)} and even a well-compressed dump of them needs about ${formatBytes(needed)}`, dir);
+  throw diskSpaceError(
+    `${formatBytes(free)} free in ${displayPath(dir)}, but the tables hold ${formatBytes(tableBytes)} and even a ` +
+      `well-compressed dump of them needs about ${formatBytes(needed)}`,
+    dir,
+  );
 }
 
 /** Exit 5, whether the preflight saw it coming or the disk filled up during the write. */
@@ -958,13 +1077,19 @@ function diskSpaceError(details: string, dir: string): BackupError {
 /** Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). */
 function fileSystemError(error: unknown, title: string, dir: string): BackupError {
   const code = errnoCode(error);
-  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') return diskSpaceError(`${title}: ${errorText(error)}`, dir);
+  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
+    return diskSpaceError(`${title}: ${errorText(error)}`, dir);
   const notDirectory = code === 'ENOTDIR' || code === 'EEXIST';
-  return new BackupError(EXIT.PERMISSION, notDirectory ? `${title}: a path component is not a directory` : title, errorText(error), [
-    notDirectory ? `Check the path: ls -ld ${dir}` : `Check ownership and permissions: ls -ld ${dir}`,
-    `Make it writable for ${os.userInfo().username}, e.g. chown ${os.userInfo().username} ${dir}`,
-    'Or choose another directory with --output-dir',
-  ]);
+  return new BackupError(
+    EXIT.PERMISSION,
+    notDirectory ? `${title}: a path component is not a directory` : title,
+    errorText(error),
+    [
+      notDirectory ? `Check the path: ls -ld ${dir}` : `Check ownership and permissions: ls -ld ${dir}`,
+      `Make it writable for ${os.userInfo().username}, e.g. chown ${os.userInfo().username} ${dir}`,
+      'Or choose another directory with --output-dir',
+    ],
+  );
 }
 
 /** Connection settings for libpq tools. Everything goes through the environment, never argv. */
@@ -1004,7 +1129,8 @@ async function openConnection(config: DbConfig, connectTimeoutSeconds: number): 
   try {
     return await openClient(config, connectTimeoutSeconds, ssl);
   } catch (error) {
-    if (preferred && ssl && /does not support SSL/i.test(errorText(error))) return await openClient(config, connectTimeoutSeconds, false);
+    if (preferred && ssl && /does not support SSL/i.test(errorText(error)))
+      return await openClient(config, connectTimeoutSeconds, false);
     throw error;
   }
 }
@@ -1032,8 +1158,15 @@ async function connectMaintenance(config: DbConfig, connectTimeoutSeconds: numbe
 }
 
 /** Connect (to the maintenance database with `maintenance`), use the connection, and always close it. */
-async function withClient<T>(config: DbConfig, connectTimeoutSeconds: number, use: (client: pg.Client) => Promise<T>, options: { maintenance?: boolean; avoid?: string } = {}): Promise<T> {
-  const client = options.maintenance ? await connectMaintenance(config, connectTimeoutSeconds, options.avoid) : await connectDb(config, connectTimeoutSeconds);
+async function withClient<T>(
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  use: (client: pg.Client) => Promise<T>,
+  options: { maintenance?: boolean; avoid?: string } = {},
+): Promise<T> {
+  const client = options.maintenance
+    ? await connectMaintenance(config, connectTimeoutSeconds, options.avoid)
+    : await connectDb(config, connectTimeoutSeconds);
   try {
     return await use(client);
   } finally {
@@ -1041,7 +1174,11 @@ async function withClient<T>(config: DbConfig, connectTimeoutSeconds: number, us
   }
 }
 
-async function openClient(config: DbConfig, connectTimeoutSeconds: number, ssl: pg.ClientConfig['ssl']): Promise<pg.Client> {
+async function openClient(
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  ssl: pg.ClientConfig['ssl'],
+): Promise<pg.Client> {
   const { default: pg } = await loadPg();
   const client = new pg.Client({
     host: config.host,
@@ -1078,7 +1215,8 @@ async function passwordFromLibpqSources(config: DbConfig): Promise<string> {
     const found = pgpassLookup(await fs.readFile(file, 'utf8'), config);
     if (found !== undefined) return found;
   } catch (error) {
-    if (errnoCode(error) !== 'ENOENT') throw noPasswordError(config, `the password file was not used: ${errorText(error)}`);
+    if (errnoCode(error) !== 'ENOENT')
+      throw noPasswordError(config, `the password file was not used: ${errorText(error)}`);
   }
   throw noPasswordError(config, 'the server asked for a password and none is configured');
 }
@@ -1091,7 +1229,10 @@ function noPasswordError(config: DbConfig, why: string): BackupError {
 }
 
 /** Pure: the password for `target` from pgpass text (fields split on unescaped ':', '*' matches all). */
-export function pgpassLookup(contents: string, target: Pick<DbConfig, 'host' | 'port' | 'database' | 'user'>): string | undefined {
+export function pgpassLookup(
+  contents: string,
+  target: Pick<DbConfig, 'host' | 'port' | 'database' | 'user'>,
+): string | undefined {
   const wanted = [target.host, String(target.port), target.database, target.user];
   for (const line of contents.split(/\r?\n/)) {
     if (line.trim() === '' || line.startsWith('#')) continue;
@@ -1128,19 +1269,31 @@ async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
     case 'verify-full': {
       const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
       const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
-        throw new BackupError(EXIT.CONNECTION, 'TLS root certificate missing', `sslmode=${config.sslmode} needs the server's CA certificate, but ${file} cannot be read: ${errorText(error)}`, [
-          'Point PGSSLROOTCERT at the CA certificate (PEM) that signed the server certificate',
-          'Or use sslmode=require to encrypt without verifying the server',
-        ]);
+        throw new BackupError(
+          EXIT.CONNECTION,
+          'TLS root certificate missing',
+          `sslmode=${config.sslmode} needs the server's CA certificate, but ${file} cannot be read: ` +
+            `${errorText(error)}`,
+          [
+            'Point PGSSLROOTCERT at the CA certificate (PEM) that signed the server certificate',
+            'Or use sslmode=require to encrypt without verifying the server',
+          ],
+        );
       });
       // verify-ca checks the chain only; verify-full also checks that the name matches the host.
-      return config.sslmode === 'verify-ca' ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined } : { rejectUnauthorized: true, ca, servername: config.host };
+      return config.sslmode === 'verify-ca'
+        ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined }
+        : { rejectUnauthorized: true, ca, servername: config.host };
     }
   }
 }
 
 /** Pure: classify a connection failure (pg error codes and socket errors) into message + hints. */
-export function connectionError(error: unknown, config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S): BackupError {
+export function connectionError(
+  error: unknown,
+  config: DbConfig,
+  connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S,
+): BackupError {
   if (error instanceof BackupError) return error;
   const code = errnoCode(error);
   const message = errorText(error);
@@ -1151,11 +1304,15 @@ export function connectionError(error: unknown, config: DbConfig, connectTimeout
   if (code === '28P01' || code === '28000' || /password must be a string|password authentication/i.test(message)) {
     return fail('Database authentication failed', [
       ...(config.passwordMisread
-        ? [`${config.origin.password} holds a '#' or quotes that the .env file does not read as part of the password ('#' starts a comment): write it in single quotes, ${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote)`]
+        ? [
+            `${config.origin.password} holds a '#' or quotes that the .env file does not read as part of the ` +
+              `password ('#' starts a comment): write it in single quotes, ` +
+              `${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote)`,
+          ]
         : []),
       `Check the password in ${config.origin.password} and the user in ${config.origin.user}`,
       `Try the same credentials by hand: ${psql}`,
-      "Check that pg_hba.conf allows this user from this host",
+      'Check that pg_hba.conf allows this user from this host',
     ]);
   }
   if (code === '3D000') {
@@ -1189,7 +1346,7 @@ export function connectionError(error: unknown, config: DbConfig, connectTimeout
     return fail('Database TLS connection failed', [
       `Check the sslmode (${config.sslmode ?? 'prefer, the default'}) and the server's certificate`,
       'For verify-ca / verify-full, PGSSLROOTCERT must name the CA that signed the server certificate',
-      "If the server has no TLS, use sslmode=prefer or disable; if it requires TLS, use require or stricter",
+      'If the server has no TLS, use sslmode=prefer or disable; if it requires TLS, use require or stricter',
     ]);
   }
   return fail('Database connection error', [
@@ -1215,7 +1372,8 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
   if (!sqlstate && !CONNECTION_LOST.test(message)) return undefined;
   const where = server ? `${server.host}:${server.port}` : 'the database server';
   const serverLog = `Check the server log of ${where} around this time`;
-  const fail = (exitCode: number, title: string, hints: string[]) => new BackupError(exitCode, title, sqlstate ? `${message} (SQLSTATE ${sqlstate})` : message, hints);
+  const fail = (exitCode: number, title: string, hints: string[]) =>
+    new BackupError(exitCode, title, sqlstate ? `${message} (SQLSTATE ${sqlstate})` : message, hints);
   const constraint = (error as { constraint?: unknown }).constraint;
 
   if (sqlstate?.startsWith('08') && /could not connect to server "|foreign/i.test(message)) {
@@ -1232,13 +1390,19 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
     ]);
   }
   if (sqlstate === '53300') {
-    return fail(EXIT.CONNECTION, 'The server has no free connection', ['Wait for other sessions to end, or raise max_connections on the server', serverLog]);
+    return fail(EXIT.CONNECTION, 'The server has no free connection', [
+      'Wait for other sessions to end, or raise max_connections on the server',
+      serverLog,
+    ]);
   }
   const details = `${message} (SQLSTATE ${sqlstate})`;
   if (sqlstate === '42501') return privilegeError(details);
   if (sqlstate === '55P03') return lockedTableError(details);
   if (sqlstate === '57014') {
-    return fail(EXIT.BACKUP_FAILED, 'A query was cancelled', ['A statement timeout, or another session (pg_cancel_backend), ended it', serverLog]);
+    return fail(EXIT.BACKUP_FAILED, 'A query was cancelled', [
+      'A statement timeout, or another session (pg_cancel_backend), ended it',
+      serverLog,
+    ]);
   }
   if (sqlstate === '42P04' || (sqlstate === '23505' && constraint === 'pg_database_datname_index')) {
     return fail(EXIT.CONFIG, 'The database was created by someone else at the same moment', [
@@ -1247,25 +1411,36 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
     ]);
   }
   if (sqlstate === '53100') {
-    return fail(EXIT.DISK_SPACE, "The database server's disk is full", [`Free space on ${where} (df -h on its data directory)`, serverLog]);
+    return fail(EXIT.DISK_SPACE, "The database server's disk is full", [
+      `Free space on ${where} (df -h on its data directory)`,
+      serverLog,
+    ]);
   }
   if (sqlstate === '40001' || sqlstate === '40P01') {
-    return fail(EXIT.BACKUP_FAILED, 'A query lost a conflict with another session', ['Run it again; such conflicts are transient', serverLog]);
+    return fail(EXIT.BACKUP_FAILED, 'A query lost a conflict with another session', [
+      'Run it again; such conflicts are transient',
+      serverLog,
+    ]);
   }
-  return fail(EXIT.BACKUP_FAILED, 'A database query failed', [serverLog, 'Run it again; if it fails the same way, the message names the cause']);
+  return fail(EXIT.BACKUP_FAILED, 'A database query failed', [
+    serverLog,
+    'Run it again; if it fails the same way, the message names the cause',
+  ]);
 }
 
 /** The same failure whether pg_dump or the tool's own session meets it first. */
 function privilegeError(details: string): BackupError {
   return new BackupError(EXIT.PERMISSION, 'The database user lacks a privilege', details, [
-    'To back up: GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema and its sequences), or use the owner or a member of pg_read_all_data',
+    'To back up: GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema and its ' +
+      'sequences), or use the owner or a member of pg_read_all_data',
     'To restore: the user needs CREATEDB (ALTER ROLE <user> CREATEDB), or restore into an empty database it owns',
   ]);
 }
 
 function lockedTableError(details: string): BackupError {
   return new BackupError(EXIT.BACKUP_FAILED, 'A table is locked', details, [
-    'Another session holds an exclusive lock (ALTER TABLE, VACUUM FULL, ...) for longer than --lock-wait-timeout; see pg_locks / pg_stat_activity',
+    'Another session holds an exclusive lock (ALTER TABLE, VACUUM FULL, ...) for longer than --lock-wait-timeout; ' +
+      'see pg_locks / pg_stat_activity',
     'Run it again when that session has finished',
   ]);
 }
@@ -1299,11 +1474,16 @@ export function isoSeconds(date: Date): string {
  * itself. Names are at most 63 bytes (validateName), so this stays far below 255 bytes.
  */
 export function fileNamePart(name: string): string {
-  const encoded = [...name].map((char, i) => (/^[\p{L}\p{N}_-]$/u.test(char) || (char === '.' && i > 0) ? char : percentEncode(char))).join('');
-  return name.toLowerCase() === name ? encoded : `${encoded}~${createHash('sha256').update(name).digest('hex').slice(0, 8)}`;
+  const encoded = [...name]
+    .map((char, i) => (/^[\p{L}\p{N}_-]$/u.test(char) || (char === '.' && i > 0) ? char : percentEncode(char)))
+    .join('');
+  return name.toLowerCase() === name
+    ? encoded
+    : `${encoded}~${createHash('sha256').update(name).digest('hex').slice(0, 8)}`;
 }
 
-const percentEncode = (char: string) => [...Buffer.from(char)].map((byte) => `%${byte.toString(16).toUpperCase().padStart(2, '0')}`).join('');
+const percentEncode = (char: string) =>
+  [...Buffer.from(char)].map((byte) => `%${byte.toString(16).toUpperCase().padStart(2, '0')}`).join('');
 
 /** Pure: the database name a file-name part stands for (the inverse of fileNamePart). */
 export function databaseFromFileNamePart(part: string): string {
@@ -1327,14 +1507,22 @@ export function backupFileName(database: string, environment: Environment, date:
   return `${fileNamePart(database)}_${environment}_${isoSeconds(date).replaceAll(':', '-')}${DUMP_SUFFIX}`;
 }
 
-const BACKUP_NAME = new RegExp(`^${backupStemPattern()}${escapeRegExp(DUMP_SUFFIX)}(?:${escapeRegExp(PARTIAL_SUFFIX)})?$`);
+const BACKUP_NAME = new RegExp(
+  `^${backupStemPattern()}${escapeRegExp(DUMP_SUFFIX)}(?:${escapeRegExp(PARTIAL_SUFFIX)})?$`,
+);
 
 /** Pure: what a file name says (the inverse of backupFileName), for files without (valid) metadata. */
-export function parseBackupFileName(name: string): { database: string; environment: Environment; timestamp: string } | undefined {
+export function parseBackupFileName(
+  name: string,
+): { database: string; environment: Environment; timestamp: string } | undefined {
   const match = BACKUP_NAME.exec(name);
   if (!match) return undefined;
   const [, database, environment, day, hh, mm, ss] = match;
-  return { database: databaseFromFileNamePart(database!), environment: environment as Environment, timestamp: `${day}T${hh}:${mm}:${ss}Z` };
+  return {
+    database: databaseFromFileNamePart(database!),
+    environment: environment as Environment,
+    timestamp: `${day}T${hh}:${mm}:${ss}Z`,
+  };
 }
 
 /** Pure: the stem of any backup of this database, for finding what its interrupted runs left. */
@@ -1359,7 +1547,13 @@ interface ReservedBackup {
  * one-second resolution; if a backup of this database already holds this second, take the next
  * free one so that nothing is ever overwritten.
  */
-async function reserveBackupName(dir: string, database: string, environment: Environment, start: Date, format: DumpFormat): Promise<ReservedBackup> {
+async function reserveBackupName(
+  dir: string,
+  database: string,
+  environment: Environment,
+  start: Date,
+  format: DumpFormat,
+): Promise<ReservedBackup> {
   for (let offset = 0; offset < 60; offset++) {
     const timestamp = new Date(Math.floor(start.getTime() / 1000) * 1000 + offset * 1000);
     const name = backupFileName(database, environment, timestamp);
@@ -1374,9 +1568,12 @@ async function reserveBackupName(dir: string, database: string, environment: Env
       if (errnoCode(error) !== 'EEXIST') throw fileSystemError(error, 'Cannot create the backup file', dir);
     }
   }
-  throw new BackupError(EXIT.BACKUP_FAILED, 'Backup failed', `no free backup file name for ${database} in ${displayPath(dir)}`, [
-    `Look for leftover *${PARTIAL_SUFFIX} files in ${displayPath(dir)}`,
-  ]);
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'Backup failed',
+    `no free backup file name for ${database} in ${displayPath(dir)}`,
+    [`Look for leftover *${PARTIAL_SUFFIX} files in ${displayPath(dir)}`],
+  );
 }
 
 /**
@@ -1402,13 +1599,16 @@ const LIST_TABLES_SQL = `
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
       SELECT array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
-             string_agg(format('(SELECT count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + ' ORDER BY leaf.oid) AS counts,
-             coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0) * current_setting('block_size')::int8 AS bytes,
+             string_agg(format('(SELECT count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + '
+                        ORDER BY leaf.oid) AS counts,
+             coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
+               * current_setting('block_size')::int8 AS bytes,
              coalesce(sum(greatest(leaf.reltuples, 0)), 0) AS rows
         FROM (WITH RECURSIVE tree(relid) AS (
                 SELECT c.oid
                 UNION ALL
-                SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid WHERE c.relkind = 'p')
+                SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid
+                 WHERE c.relkind = 'p')
               SELECT relid FROM tree) AS t
         JOIN pg_catalog.pg_class leaf ON leaf.oid = t.relid AND leaf.relkind = 'r'
         JOIN pg_catalog.pg_namespace ln ON ln.oid = leaf.relnamespace
@@ -1428,7 +1628,8 @@ const LIST_TABLES_SQL = `
  * "coll.t" is `"coll.t"` while coll.t is `coll.t`.
  */
 export function tableKey(schema: string, table: string): string {
-  const part = (name: string) => (name.includes('.') || name.startsWith('"') ? `"${name.replaceAll('"', '""')}"` : name);
+  const part = (name: string) =>
+    name.includes('.') || name.startsWith('"') ? `"${name.replaceAll('"', '""')}"` : name;
   return schema === 'public' ? part(table) : `${part(schema)}.${part(table)}`;
 }
 
@@ -1448,10 +1649,15 @@ interface UserTable {
 async function listUserTables(client: pg.Client, config: DbConfig): Promise<UserTable[]> {
   const { rows } = await client.query<UserTable>(LIST_TABLES_SQL);
   if (rows.length > 0) return rows;
-  throw new BackupError(EXIT.BACKUP_FAILED, 'Nothing to back up', `database "${config.database}" on ${config.host}:${config.port} has no tables`, [
-    `Check that ${config.origin.database} names the application's database`,
-    `List the tables: psql -h ${config.host} -p ${config.port} -U ${config.user} -d ${config.database} -c '\\dt *.*'`,
-  ]);
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'Nothing to back up',
+    `database "${config.database}" on ${config.host}:${config.port} has no tables`,
+    [
+      `Check that ${config.origin.database} names the application's database`,
+      `List the tables: psql -h ${config.host} -p ${config.port} -U ${config.user} -d ${config.database} -c '\\dt *.*'`,
+    ],
+  );
 }
 
 /**
@@ -1469,17 +1675,25 @@ const RLS_HIDDEN_SQL = `
 
 /** Refuse, before anything is written, a backup that row-level security would make incomplete (exit 4). */
 async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: UserTable[]): Promise<void> {
-  const { rows } = await client.query<{ name: string; forced: boolean }>(RLS_HIDDEN_SQL, [tables.flatMap((t) => t.data_oids)]);
+  const { rows } = await client.query<{ name: string; forced: boolean }>(RLS_HIDDEN_SQL, [
+    tables.flatMap((t) => t.data_oids),
+  ]);
   if (rows.length === 0) return;
   const forced = rows.filter((row) => row.forced).map((row) => row.name);
   throw new BackupError(
     EXIT.PERMISSION,
     'Row-level security would hide rows from the backup',
-    `role "${config.user}" neither bypasses row-level security nor owns ${plural(rows.length, 'table')} it applies to: ${rows.slice(0, 5).map((row) => row.name).join(', ')}${rows.length > 5 ? ', ...' : ''}`,
+    `role "${config.user}" neither bypasses row-level security nor owns ${plural(rows.length, 'table')} ` +
+      `it applies to: ${listSome(rows.map((row) => row.name))}`,
     [
       `Back up with a role that has BYPASSRLS (as a superuser: ALTER ROLE ${quoteIdentifier(config.user)} BYPASSRLS)`,
       'Or back up with a superuser',
-      ...(forced.length > 0 ? [`For tables the role owns that FORCE row-level security: ALTER TABLE ${forced[0]} NO FORCE ROW LEVEL SECURITY`] : []),
+      ...(forced.length > 0
+        ? [
+            `For tables the role owns that FORCE row-level security: ALTER TABLE ${forced[0]} NO FORCE ROW LEVEL ` +
+              `SECURITY`,
+          ]
+        : []),
     ],
   );
 }
@@ -1499,7 +1713,14 @@ export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitT
   // The connection (and the password) travel in the environment: see libpqEnv. Parallel workers
   // all import the same snapshot.
   const format = jobs > 1 ? ['--format=directory', `--jobs=${jobs}`] : ['--format=custom'];
-  return [...format, `--compress=${compression.arg}`, '--no-owner', '--no-acl', `--snapshot=${snapshot}`, `--lock-wait-timeout=${lockWaitTimeoutMs}`];
+  return [
+    ...format,
+    `--compress=${compression.arg}`,
+    '--no-owner',
+    '--no-acl',
+    `--snapshot=${snapshot}`,
+    `--lock-wait-timeout=${lockWaitTimeoutMs}`,
+  ];
 }
 
 interface DumpOutcome {
@@ -1535,14 +1756,17 @@ async function streamPgDump(
     stdin: 'ignore',
     buffer: { stdout: false, stderr: true },
   });
-  const written = pipeline(child.stdout, tap, createWriteStream(partialPath, { flags: 'w', flush: true })).catch((error: unknown) => {
-    stopDump.abort(); // the file side failed (disk full, ...): stop pg_dump rather than let it block
-    throw error;
-  });
+  const written = pipeline(child.stdout, tap, createWriteStream(partialPath, { flags: 'w', flush: true })).catch(
+    (error: unknown) => {
+      stopDump.abort(); // the file side failed (disk full, ...): stop pg_dump rather than let it block
+      throw error;
+    },
+  );
   const [write, dump] = await Promise.allSettled([written, child]);
 
   if (signal.aborted) throw signal.reason;
-  if (write.status === 'rejected') throw fileSystemError(write.reason, 'Writing the backup file failed', path.dirname(partialPath));
+  if (write.status === 'rejected')
+    throw fileSystemError(write.reason, 'Writing the backup file failed', path.dirname(partialPath));
   if (dump.status === 'rejected') throw pgDumpError(dump.reason);
   return { sha256: hash.digest('hex'), size };
 }
@@ -1550,17 +1774,33 @@ async function streamPgDump(
 type InterruptSignal = 'SIGHUP' | 'SIGINT' | 'SIGTERM';
 
 function interruptedError(signal: InterruptSignal): BackupError {
-  return new BackupError(EXIT[signal], `Interrupted by ${signal}`, 'the run was stopped and cleaned up after itself: no partial file is left and existing backups are untouched', [
-    'Run it again when convenient',
-  ]);
+  return new BackupError(
+    EXIT[signal],
+    `Interrupted by ${signal}`,
+    'the run was stopped and cleaned up after itself: no partial file is left and existing backups are untouched',
+    ['Run it again when convenient'],
+  );
 }
 
 /**
  * A parallel dump into a directory-format archive. pg_dump writes (and fsyncs) the files itself,
  * so the checksum is the manifest's, read once afterwards; memory stays flat all the same.
  */
-async function dumpToDirectory(pgDump: PgTool, args: string[], env: Record<string, string>, partialDir: string, signal: AbortSignal): Promise<DumpOutcome> {
-  const result = await (await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, { env, stdin: 'ignore', stdout: 'ignore', reject: false })).child;
+async function dumpToDirectory(
+  pgDump: PgTool,
+  args: string[],
+  env: Record<string, string>,
+  partialDir: string,
+  signal: AbortSignal,
+): Promise<DumpOutcome> {
+  const result = await (
+    await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, {
+      env,
+      stdin: 'ignore',
+      stdout: 'ignore',
+      reject: false,
+    })
+  ).child;
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
   return hashBackup(partialDir);
@@ -1574,7 +1814,8 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
   const stderr = String((error as { stderr?: unknown } | null)?.stderr ?? '').trim();
   const details = stderr || errorText(error);
   // In directory format pg_dump writes the files itself, so a full disk is its error to report.
-  if (/No space left on device|Disk quota exceeded|File too large/i.test(details)) return diskSpaceError(details, outputDir);
+  if (/No space left on device|Disk quota exceeded|File too large/i.test(details))
+    return diskSpaceError(details, outputDir);
   if (/server version mismatch/i.test(details)) {
     return new BackupError(EXIT.TOOL_NOT_FOUND, 'pg_dump is older than the server', details, [
       "Install client tools of the server's major version and put them first on PATH",
@@ -1595,24 +1836,33 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
  * wait on and hand `onStall` the error (exit 7). The most common failure of scheduled backups
  * after not running at all is a dump that hangs for hours behind a lock.
  */
-function watchForStall(partialPath: string, timeoutMs: number, config: DbConfig, connectTimeoutSeconds: number, onStall: (error: BackupError) => void): { stop(): void } {
+function watchForStall(
+  partialPath: string,
+  timeoutMs: number,
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  onStall: (error: BackupError) => void,
+): { stop(): void } {
   let lastSize = -1;
   let since = Date.now();
   // Set once it fires or is stopped; a tick still reading sizes then does nothing.
   let done = false;
-  const timer = setInterval(() => {
-    void (async () => {
-      const size = await backupSize(partialPath).catch(() => lastSize);
-      if (size !== lastSize) {
-        [lastSize, since] = [size, Date.now()];
-        return;
-      }
-      if (done || Date.now() - since < timeoutMs) return;
-      done = true;
-      clearInterval(timer);
-      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
-    })();
-  }, Math.min(5000, Math.max(100, timeoutMs / 4)));
+  const timer = setInterval(
+    () => {
+      void (async () => {
+        const size = await backupSize(partialPath).catch(() => lastSize);
+        if (size !== lastSize) {
+          [lastSize, since] = [size, Date.now()];
+          return;
+        }
+        if (done || Date.now() - since < timeoutMs) return;
+        done = true;
+        clearInterval(timer);
+        await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
+      })();
+    },
+    Math.min(5000, Math.max(100, timeoutMs / 4)),
+  );
   timer.unref();
   return {
     stop: () => {
@@ -1629,14 +1879,24 @@ export interface SessionWait {
   wait_event_type: string | null;
   wait_event: string | null;
   query: string | null;
-  blockers: Array<{ pid: number; user: string | null; application: string | null; state: string | null; since: string | null; query: string | null }> | null;
+  blockers: Array<{
+    pid: number;
+    user: string | null;
+    application: string | null;
+    state: string | null;
+    since: string | null;
+    query: string | null;
+  }> | null;
 }
 
-/** What the backup's sessions (its own and pg_dump's) are waiting on, and who blocks them, on a connection of its own. */
+/**
+ * What the backup's sessions (its own and pg_dump's) are waiting on, and who blocks them, on a connection of its own.
+ */
 const SESSION_WAITS_SQL = `
-  SELECT a.pid, a.application_name AS application, a.state, a.wait_event_type, a.wait_event, left(a.query, 200) AS query,
-         (SELECT json_agg(json_build_object('pid', b.pid, 'user', b.usename, 'application', b.application_name, 'state', b.state,
-                                            'since', b.xact_start, 'query', left(b.query, 200)))
+  SELECT a.pid, a.application_name AS application, a.state, a.wait_event_type, a.wait_event,
+         left(a.query, 200) AS query,
+         (SELECT json_agg(json_build_object('pid', b.pid, 'user', b.usename, 'application', b.application_name,
+                                            'state', b.state, 'since', b.xact_start, 'query', left(b.query, 200)))
             FROM pg_catalog.pg_stat_activity b WHERE b.pid = ANY (pg_catalog.pg_blocking_pids(a.pid))) AS blockers
     FROM pg_catalog.pg_stat_activity a
    WHERE a.application_name IN ($1, $2) AND a.pid <> pg_catalog.pg_backend_pid()
@@ -1644,9 +1904,17 @@ const SESSION_WAITS_SQL = `
 
 /** Pure: one session's wait, as a person reads it. */
 export function describeWait(wait: SessionWait): string {
-  const who = wait.application.endsWith(':pg_dump') ? `pg_dump's session (pid ${wait.pid})` : `the backup's own session (pid ${wait.pid})`;
-  const on = wait.wait_event_type ? `waits on ${wait.wait_event_type}${wait.wait_event ? ` (${wait.wait_event})` : ''}` : `is ${wait.state ?? 'busy'}`;
-  const blocked = (wait.blockers ?? []).map((b) => `blocked by pid ${b.pid} (user ${b.user ?? '?'}${b.application ? `, ${b.application}` : ''}, ${b.state ?? '?'}${b.since ? ` since ${b.since}` : ''}): ${b.query ?? ''}`);
+  const who = wait.application.endsWith(':pg_dump')
+    ? `pg_dump's session (pid ${wait.pid})`
+    : `the backup's own session (pid ${wait.pid})`;
+  const on = wait.wait_event_type
+    ? `waits on ${wait.wait_event_type}${wait.wait_event ? ` (${wait.wait_event})` : ''}`
+    : `is ${wait.state ?? 'busy'}`;
+  const blocked = (wait.blockers ?? []).map(
+    (b) =>
+      `blocked by pid ${b.pid} (user ${b.user ?? '?'}${b.application ? `, ${b.application}` : ''}, ` +
+      `${b.state ?? '?'}${b.since ? ` since ${b.since}` : ''}): ${b.query ?? ''}`,
+  );
   return [`${who} ${on}${wait.query ? ` in "${wait.query}"` : ''}`, ...blocked].join('; ');
 }
 
@@ -1655,29 +1923,51 @@ export function describeWait(wait: SessionWait): string {
  * queries: a session waiting for a lock notices that its client has gone only once it gets the
  * lock, and until then it would sit in the lock queue holding the locks it already has.
  */
-async function stopStalledSessions(config: DbConfig, connectTimeoutSeconds: number, timeoutMs: number, onStall: (error: BackupError) => void): Promise<void> {
+async function stopStalledSessions(
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  timeoutMs: number,
+  onStall: (error: BackupError) => void,
+): Promise<void> {
   let stopped = false;
   try {
     await withClient(config, connectTimeoutSeconds, async (client) => {
       const { rows } = await client.query<SessionWait>(SESSION_WAITS_SQL, [APPLICATION_NAME, PG_DUMP_APPLICATION_NAME]);
       onStall(stallError(rows, timeoutMs));
       stopped = true;
-      await client.query('SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [rows.map((row) => row.pid)]);
+      await client.query('SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [
+        rows.map((row) => row.pid),
+      ]);
     });
   } catch (error) {
-    if (!stopped) onStall(stallError([], timeoutMs, `what its sessions wait on could not be read: ${error instanceof BackupError ? error.details : errorText(error)}`));
+    if (!stopped)
+      onStall(
+        stallError(
+          [],
+          timeoutMs,
+          `what its sessions wait on could not be read: ` +
+            `${error instanceof BackupError ? error.details : errorText(error)}`,
+        ),
+      );
   }
 }
 
 /** Pure: the error of a stalled backup, from what its sessions were waiting on. */
-export function stallError(waits: SessionWait[], timeoutMs: number, unknown = 'its sessions were not found waiting'): BackupError {
+export function stallError(
+  waits: SessionWait[],
+  timeoutMs: number,
+  unknown = 'its sessions were not found waiting',
+): BackupError {
   const blockers = [...new Set(waits.flatMap((w) => (w.blockers ?? []).map((b) => b.pid)))];
   return new BackupError(
     EXIT.BACKUP_FAILED,
     'The backup stalled',
-    `no byte was written for ${formatDuration(timeoutMs)} (--stall-timeout): ${waits.length > 0 ? waits.map(describeWait).join('; ') : unknown}`,
+    `no byte was written for ${formatDuration(timeoutMs)} (--stall-timeout): ` +
+      `${waits.length > 0 ? waits.map(describeWait).join('; ') : unknown}`,
     [
-      ...(blockers.length > 0 ? [`End or wait for the blocking session: SELECT pg_terminate_backend(${blockers[0]}); (or let it finish)`] : []),
+      ...(blockers.length > 0
+        ? [`End or wait for the blocking session: SELECT pg_terminate_backend(${blockers[0]}); (or let it finish)`]
+        : []),
       'A table lock waits at most --lock-wait-timeout (0 waits for ever); see pg_locks / pg_stat_activity',
       'If the dump is only slow (a huge table, a slow disk), raise --stall-timeout',
     ],
@@ -1707,7 +1997,11 @@ export function dumpedFraction(
 ): number | undefined {
   const leaves = new Map<number, { bytes: number; rows: number }>();
   for (const table of tables) {
-    for (const oid of table.data_oids) leaves.set(oid, { bytes: table.data_bytes / table.data_oids.length, rows: table.data_rows / table.data_oids.length });
+    for (const oid of table.data_oids)
+      leaves.set(oid, {
+        bytes: table.data_bytes / table.data_oids.length,
+        rows: table.data_rows / table.data_oids.length,
+      });
   }
   const total = [...leaves.values()].reduce((sum, leaf) => sum + leaf.bytes, 0);
   if (total <= 0) return undefined;
@@ -1721,12 +2015,20 @@ export function dumpedFraction(
 }
 
 /** Pure: one line of progress. */
-export function progressLine(state: { copying: Array<Pick<CopyProgress, 'table' | 'tuples'>>; fraction?: number; writtenBytes: number; elapsedMs: number }): string {
+export function progressLine(state: {
+  copying: Array<Pick<CopyProgress, 'table' | 'tuples'>>;
+  fraction?: number;
+  writtenBytes: number;
+  elapsedMs: number;
+}): string {
   const seconds = Math.floor(state.elapsedMs / 1000);
   const [first, ...others] = state.copying;
   const rows = state.copying.reduce((sum, copy) => sum + copy.tuples, 0);
   const parts = [
-    first ? `dumping ${first.table}${others.length > 0 ? ` +${others.length} more` : ''}: ${rows.toLocaleString('en-US')} rows` : 'dumping',
+    first
+      ? `dumping ${first.table}${others.length > 0 ? ` +${others.length} more` : ''}: ` +
+        `${rows.toLocaleString('en-US')} rows`
+      : 'dumping',
     ...(state.fraction !== undefined ? [`~${Math.round(state.fraction * 100)}%`] : []),
     `${formatBytes(state.writtenBytes)} written`,
     `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, '0')}`,
@@ -1744,7 +2046,12 @@ const COPY_PROGRESS_SQL = `
  * views read inside the snapshot transaction would stay frozen at their first read. Progress is
  * a nicety; nothing here may fail the backup (pg_stat_progress_copy needs PostgreSQL 14).
  */
-async function startProgress(config: DbConfig, tables: UserTable[], partialPath: string, connectTimeoutSeconds: number): Promise<{ stop(): Promise<void> }> {
+async function startProgress(
+  config: DbConfig,
+  tables: UserTable[],
+  partialPath: string,
+  connectTimeoutSeconds: number,
+): Promise<{ stop(): Promise<void> }> {
   const started = Date.now();
   let client = await connectDb(config, connectTimeoutSeconds).catch(() => undefined);
   const finished = new Set<number>();
@@ -1786,7 +2093,6 @@ async function startProgress(config: DbConfig, tables: UserTable[], partialPath:
 
 // ─── Backup run: lock, snapshot, dump and counts, publish ────────────────────────────────
 
-
 export interface BackupOptions {
   outputDir: string;
   compress?: string;
@@ -1825,14 +2131,28 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
     const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
-    const published = await withClient(config, options.connectTimeoutSeconds, (client) => snapshotBackup({ client, config, preferred, options, started }, signal));
+    const published = await withClient(config, options.connectTimeoutSeconds, (client) =>
+      snapshotBackup({ client, config, preferred, options, started }, signal),
+    );
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
-      const scope = { database: config.database, environment: config.environment, policy: options.retention, justMade: published.metadata.backup_file };
-      return { ...published, removedStaleFiles, retention: await applyRetention(options.outputDir, scope, options.dryRun, options.search) };
+      const scope = {
+        database: config.database,
+        environment: config.environment,
+        policy: options.retention,
+        justMade: published.metadata.backup_file,
+      };
+      return {
+        ...published,
+        removedStaleFiles,
+        retention: await applyRetention(options.outputDir, scope, options.dryRun, options.search),
+      };
     } catch (error) {
-      const failure = error instanceof BackupError ? error : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
+      const failure =
+        error instanceof BackupError
+          ? error
+          : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
       return { ...published, removedStaleFiles, retentionError: failure };
     }
   } finally {
@@ -1866,7 +2186,8 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
   try {
     const server = await readServerInfo(client);
     // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
-    const tools = job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
+    const tools =
+      job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
     const compression = parseCompression(options.compress, tools.pgDump.major);
 
     // One snapshot for the dump and the counts: they describe the same instant. The counts wait
@@ -1876,16 +2197,35 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
     const tables = await listUserTables(client, config);
     await assertNoRowSecurity(client, config, tables);
-    const { rows: extensions } = await client.query<ExtensionVersion>('SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1');
-    await assertDiskSpace(options.outputDir, tables.reduce((sum, table) => sum + table.data_bytes, 0), compression);
+    const { rows: extensions } = await client.query<ExtensionVersion>(
+      'SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1',
+    );
+    await assertDiskSpace(
+      options.outputDir,
+      tables.reduce((sum, table) => sum + table.data_bytes, 0),
+      compression,
+    );
     const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
-    const reserved = await reserveBackupName(options.outputDir, config.database, config.environment, new Date(), format);
+    const reserved = await reserveBackupName(
+      options.outputDir,
+      config.database,
+      config.environment,
+      new Date(),
+      format,
+    );
     created.push(reserved.partialPath);
 
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
     const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
-    const progress = options.progress ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds) : undefined;
-    const watchdog = options.stallTimeoutMs > 0 ? watchForStall(reserved.partialPath, options.stallTimeoutMs, config, options.connectTimeoutSeconds, (error) => run.abort(error)) : undefined;
+    const progress = options.progress
+      ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds)
+      : undefined;
+    const watchdog =
+      options.stallTimeoutMs > 0
+        ? watchForStall(reserved.partialPath, options.stallTimeoutMs, config, options.connectTimeoutSeconds, (error) =>
+            run.abort(error),
+          )
+        : undefined;
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
@@ -1992,11 +2332,15 @@ export interface ExtensionVersion {
 const ISO_8601 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$/;
 
 const isNonEmptyString = (value: unknown): value is string => typeof value === 'string' && value.trim() !== '';
-const isPlainObject = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
-const isWholeNumber = (value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER) => Number.isSafeInteger(value) && (value as number) >= min && (value as number) <= max;
-const isTimestamp = (value: unknown) => typeof value === 'string' && ISO_8601.test(value) && !Number.isNaN(Date.parse(value));
+const isPlainObject = (value: unknown): value is Record<string, unknown> =>
+  typeof value === 'object' && value !== null && !Array.isArray(value);
+const isWholeNumber = (value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER) =>
+  Number.isSafeInteger(value) && (value as number) >= min && (value as number) <= max;
+const isTimestamp = (value: unknown) =>
+  typeof value === 'string' && ISO_8601.test(value) && !Number.isNaN(Date.parse(value));
 /** A map from table names (which may be "__proto__" or "constructor") to values that pass `valid`. */
-const isTableMap = (value: unknown, valid: (entry: unknown) => boolean) => isPlainObject(value) && Object.values(value).every(valid);
+const isTableMap = (value: unknown, valid: (entry: unknown) => boolean) =>
+  isPlainObject(value) && Object.values(value).every(valid);
 
 /**
  * The data model's fields (all required) and the tool's own (optional, since metadata written by
@@ -2009,7 +2353,11 @@ const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown
   database_name: { required: true, valid: isNonEmptyString, rule: 'must be a non-empty string' },
   backup_file: { required: true, valid: isNonEmptyString, rule: 'must be a file name' },
   backup_size_bytes: { required: true, valid: (v) => isWholeNumber(v, 1), rule: 'must be a positive integer' },
-  checksum_sha256: { required: true, valid: (v) => typeof v === 'string' && /^[0-9a-f]{64}$/i.test(v), rule: 'must be 64 hexadecimal digits' },
+  checksum_sha256: {
+    required: true,
+    valid: (v) => typeof v === 'string' && /^[0-9a-f]{64}$/i.test(v),
+    rule: 'must be 64 hexadecimal digits',
+  },
   table_counts: {
     required: true,
     valid: (v) => isTableMap(v, (n) => isWholeNumber(n)) && Object.keys(v as object).length > 0,
@@ -2017,7 +2365,11 @@ const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown
   },
   pg_dump_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
   postgresql_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
-  format: { required: false, valid: (v) => v === 'custom' || v === 'directory', rule: 'must be "custom" or "directory"' },
+  format: {
+    required: false,
+    valid: (v) => v === 'custom' || v === 'directory',
+    rule: 'must be "custom" or "directory"',
+  },
   jobs: { required: false, valid: (v) => isWholeNumber(v, 1, 1024), rule: 'must be a whole number of workers' },
   compression: { required: false, valid: isNonEmptyString, rule: 'must be a compression setting' },
   duration_ms: { required: false, valid: (v) => isWholeNumber(v), rule: 'must be a whole number of milliseconds' },
@@ -2044,7 +2396,8 @@ const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown
   },
   extensions: {
     required: false,
-    valid: (v) => Array.isArray(v) && v.every((e) => isPlainObject(e) && isNonEmptyString(e.name) && isNonEmptyString(e.version)),
+    valid: (v) =>
+      Array.isArray(v) && v.every((e) => isPlainObject(e) && isNonEmptyString(e.name) && isNonEmptyString(e.version)),
     rule: 'must list extensions with their versions',
   },
 };
@@ -2088,20 +2441,30 @@ export function jsonDepth(text: string): number {
   return deepest;
 }
 
-export type MetadataLoad = { status: 'ok'; metadata: BackupMetadata } | { status: 'missing' } | { status: 'invalid'; problems: string[] };
+export type MetadataLoad =
+  { status: 'ok'; metadata: BackupMetadata } | { status: 'missing' } | { status: 'invalid'; problems: string[] };
 
 /** Read and validate the metadata of `dumpFileName`; never throws, so --list can show every state. */
 async function loadMetadata(metadataPath: string, dumpFileName: string): Promise<MetadataLoad> {
   let value: unknown;
   try {
     const { size } = await fs.stat(metadataPath);
-    if (size > MAX_METADATA_BYTES) return { status: 'invalid', problems: [`it is ${formatBytes(size)}, more than metadata ever is`] };
+    if (size > MAX_METADATA_BYTES)
+      return { status: 'invalid', problems: [`it is ${formatBytes(size)}, more than metadata ever is`] };
     const text = await fs.readFile(metadataPath, 'utf8');
-    if (jsonDepth(text) > MAX_METADATA_DEPTH) return { status: 'invalid', problems: [`it nests more than ${MAX_METADATA_DEPTH} levels deep`] };
+    if (jsonDepth(text) > MAX_METADATA_DEPTH)
+      return { status: 'invalid', problems: [`it nests more than ${MAX_METADATA_DEPTH} levels deep`] };
     value = JSON.parse(text);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
-    return { status: 'invalid', problems: [error instanceof SyntaxError ? `it is not valid JSON: ${error.message}` : `it cannot be read: ${errorText(error)}`] };
+    return {
+      status: 'invalid',
+      problems: [
+        error instanceof SyntaxError
+          ? `it is not valid JSON: ${error.message}`
+          : `it cannot be read: ${errorText(error)}`,
+      ],
+    };
   }
   const problems = metadataProblems(value, dumpFileName);
   return problems.length === 0 ? { status: 'ok', metadata: value as BackupMetadata } : { status: 'invalid', problems };
@@ -2248,7 +2611,9 @@ function findRestoreClient(search: ClientSearch, header: ArchiveHeader | undefin
   const needed = header ? minimumPgRestoreMajor(header) : undefined;
   return findClient(search, needed, (found) => ({
     title: 'No pg_restore new enough for this archive',
-    details: `the archive was written by pg_dump ${header?.pgDumpVersion ?? 'of an unknown version'} (archive format ${header?.archiveVersion.join('.')}), which needs pg_restore ${needed} or newer; found: ${found}`,
+    details:
+      `the archive was written by pg_dump ${header?.pgDumpVersion ?? 'of an unknown version'} (archive format ` +
+      `${header?.archiveVersion.join('.')}), which needs pg_restore ${needed} or newer; found: ${found}`,
   }));
 }
 
@@ -2266,12 +2631,18 @@ export async function hashFile(filePath: string): Promise<DumpOutcome> {
 /** The files of a directory-format archive, by path relative to it, sorted: a deterministic order. */
 async function archiveFiles(dir: string): Promise<string[]> {
   const entries = await fs.readdir(dir, { recursive: true, withFileTypes: true });
-  return entries.filter((entry) => entry.isFile()).map((entry) => path.relative(dir, path.join(entry.parentPath, entry.name))).sort();
+  return entries
+    .filter((entry) => entry.isFile())
+    .map((entry) => path.relative(dir, path.join(entry.parentPath, entry.name)))
+    .sort();
 }
 
 /** Pure: what a directory-format backup's checksum covers: each file's SHA-256, size and path, one per line. */
 export function manifestText(files: Array<{ name: string; sha256: string; size: number }>): string {
-  return [...files].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)).map((f) => `${f.sha256}  ${f.size}  ${f.name}\n`).join('');
+  return [...files]
+    .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+    .map((f) => `${f.sha256}  ${f.size}  ${f.name}\n`)
+    .join('');
 }
 
 /**
@@ -2281,15 +2652,21 @@ export function manifestText(files: Array<{ name: string; sha256: string; size: 
 export async function hashBackup(backupPath: string): Promise<DumpOutcome> {
   if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath);
   const files = [];
-  for (const name of await archiveFiles(backupPath)) files.push({ name, ...(await hashFile(path.join(backupPath, name))) });
-  return { sha256: createHash('sha256').update(manifestText(files)).digest('hex'), size: files.reduce((sum, file) => sum + file.size, 0) };
+  for (const name of await archiveFiles(backupPath))
+    files.push({ name, ...(await hashFile(path.join(backupPath, name))) });
+  return {
+    sha256: createHash('sha256').update(manifestText(files)).digest('hex'),
+    size: files.reduce((sum, file) => sum + file.size, 0),
+  };
 }
 
 /** Size in bytes of a backup: the file, or the files of a directory-format archive. */
 async function backupSize(backupPath: string): Promise<number> {
   const stat = await fs.stat(backupPath);
   if (!stat.isDirectory()) return stat.size;
-  const sizes = await Promise.all((await archiveFiles(backupPath)).map(async (name) => (await fs.stat(path.join(backupPath, name))).size));
+  const sizes = await Promise.all(
+    (await archiveFiles(backupPath)).map(async (name) => (await fs.stat(path.join(backupPath, name))).size),
+  );
   return sizes.reduce((sum, size) => sum + size, 0);
 }
 
@@ -2307,7 +2684,11 @@ interface ArchiveListing {
 async function listArchive(pgRestore: PgTool, filePath: string): Promise<ArchiveListing> {
   const { execa } = await loadExeca();
   const result = await execa(pgRestore.path, ['--list', filePath], { reject: false, stdin: 'ignore' });
-  return { ok: result.exitCode === 0, toc: String(result.stdout), error: String(result.stderr).trim() || `pg_restore exited with code ${result.exitCode}` };
+  return {
+    ok: result.exitCode === 0,
+    toc: String(result.stdout),
+    error: String(result.stderr).trim() || `pg_restore exited with code ${result.exitCode}`,
+  };
 }
 
 export interface TocTableEntry {
@@ -2335,12 +2716,20 @@ export function tocTableEntries(toc: string): TocTableEntry[] {
  * the table itself must be in the archive; a key "a.b" may be table b in schema a or a public
  * table called "a.b". Owner names with spaces would make such a match fail: never a false pass.
  */
-export function tablesWithoutData(metadata: Pick<BackupMetadata, 'table_counts' | 'table_data_oids'>, entries: TocTableEntry[]): string[] {
+export function tablesWithoutData(
+  metadata: Pick<BackupMetadata, 'table_counts' | 'table_data_oids'>,
+  entries: TocTableEntry[],
+): string[] {
   const dataOids = new Set(entries.filter((entry) => entry.kind === 'TABLE DATA').map((entry) => entry.oid));
   return Object.keys(metadata.table_counts).filter((key) => {
-    const expected = metadata.table_data_oids && Object.hasOwn(metadata.table_data_oids, key) ? metadata.table_data_oids[key] : undefined;
+    const expected =
+      metadata.table_data_oids && Object.hasOwn(metadata.table_data_oids, key)
+        ? metadata.table_data_oids[key]
+        : undefined;
     if (expected) return !expected.every((oid) => dataOids.has(oid));
-    return !tableNameCandidates(key).some(([schema, table]) => entries.some((entry) => tagNames(entry.tag, schema, table)));
+    return !tableNameCandidates(key).some(([schema, table]) =>
+      entries.some((entry) => tagNames(entry.tag, schema, table)),
+    );
   });
 }
 
@@ -2352,7 +2741,8 @@ function tagNames(tag: string, schema: string, table: string): boolean {
 
 function tableNameCandidates(key: string): Array<[string, string]> {
   const candidates: Array<[string, string]> = [['public', key]];
-  for (let dot = key.indexOf('.'); dot > 0; dot = key.indexOf('.', dot + 1)) candidates.push([key.slice(0, dot), key.slice(dot + 1)]);
+  for (let dot = key.indexOf('.'); dot > 0; dot = key.indexOf('.', dot + 1))
+    candidates.push([key.slice(0, dot), key.slice(dot + 1)]);
   return candidates;
 }
 
@@ -2385,9 +2775,17 @@ interface StructureInspection {
   missingTables: string[];
 }
 
-async function inspectStructure(pgRestore: PgTool | undefined, filePath: string, metadata: BackupMetadata, whyNoClient = 'no pg_restore'): Promise<StructureInspection> {
+async function inspectStructure(
+  pgRestore: PgTool | undefined,
+  filePath: string,
+  metadata: BackupMetadata,
+  whyNoClient = 'no pg_restore',
+): Promise<StructureInspection> {
   const unread = { ok: false, toc: '', error: `not read: ${whyNoClient}` };
-  const [size, listing] = await Promise.all([backupSize(filePath), pgRestore ? listArchive(pgRestore, filePath) : unread]);
+  const [size, listing] = await Promise.all([
+    backupSize(filePath),
+    pgRestore ? listArchive(pgRestore, filePath) : unread,
+  ]);
   return { size, listing, missingTables: listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [] };
 }
 
@@ -2396,7 +2794,11 @@ async function inspectStructure(pgRestore: PgTool | undefined, filePath: string,
  * ('read'), computed on the way to disk by a new backup ('streamed'), or not known yet (undefined:
  * a restore re-reads it while pg_restore works).
  */
-function fileInspection(metadata: BackupMetadata, structure: StructureInspection, hash?: { sha256: string; how: 'read' | 'streamed' }): FileInspection {
+function fileInspection(
+  metadata: BackupMetadata,
+  structure: StructureInspection,
+  hash?: { sha256: string; how: 'read' | 'streamed' },
+): FileInspection {
   const { size, listing, missingTables } = structure;
   const expectedHash = metadata.checksum_sha256.toLowerCase();
   const tableCount = Object.keys(metadata.table_counts).length;
@@ -2404,15 +2806,30 @@ function fileInspection(metadata: BackupMetadata, structure: StructureInspection
     checksum: !hash
       ? { ok: true, summary: 'Being re-read' }
       : hash.sha256 === expectedHash
-        ? { ok: true, summary: hash.how === 'streamed' ? `Computed while writing (${shortHash(expectedHash)})` : `Match (${shortHash(expectedHash)})` }
+        ? {
+            ok: true,
+            summary:
+              hash.how === 'streamed'
+                ? `Computed while writing (${shortHash(expectedHash)})`
+                : `Match (${shortHash(expectedHash)})`,
+          }
         : { ok: false, summary: `Mismatch (expected ${shortHash(expectedHash)}, found ${shortHash(hash.sha256)})` },
-    size: size === metadata.backup_size_bytes ? { ok: true, summary: formatBytes(size) } : { ok: false, summary: `${size} bytes, but the metadata says ${metadata.backup_size_bytes}` },
-    structure: listing.ok ? { ok: true, summary: 'Valid (pg_restore --list succeeded)' } : { ok: false, summary: `Invalid: ${listing.error.split('\n')[0]}` },
+    size:
+      size === metadata.backup_size_bytes
+        ? { ok: true, summary: formatBytes(size) }
+        : { ok: false, summary: `${size} bytes, but the metadata says ${metadata.backup_size_bytes}` },
+    structure: listing.ok
+      ? { ok: true, summary: 'Valid (pg_restore --list succeeded)' }
+      : { ok: false, summary: `Invalid: ${listing.error.split('\n')[0]}` },
     tables: !listing.ok
       ? { ok: false, summary: 'Not checked: the archive cannot be read' }
       : missingTables.length === 0
         ? { ok: true, summary: `${tableCount} of ${tableCount} tables have data in the archive` }
-        : { ok: false, summary: `No data in the archive for ${missingTables.length} of ${tableCount} tables: ${missingTables.slice(0, 5).join(', ')}${missingTables.length > 5 ? ', ...' : ''}` },
+        : {
+            ok: false,
+            summary:
+              `No data in the archive for ${missingTables.length} of ${tableCount} tables: ` + listSome(missingTables),
+          },
   };
   return { checks, sha256: hash?.sha256 ?? '', size, missingTables, toc: listing.toc };
 }
@@ -2424,8 +2841,17 @@ function fileInspection(metadata: BackupMetadata, structure: StructureInspection
  * nothing the size, the archive's structure and the streamed hash do not. Later checks (--verify)
  * read every byte.
  */
-async function checkBackupFile(pgRestore: PgTool | undefined, filePath: string, metadata: BackupMetadata, streamed?: DumpOutcome, whyNoClient?: string): Promise<FileInspection> {
-  const [structure, bytes] = await Promise.all([inspectStructure(pgRestore, filePath, metadata, whyNoClient), streamed ?? hashBackup(filePath)]);
+async function checkBackupFile(
+  pgRestore: PgTool | undefined,
+  filePath: string,
+  metadata: BackupMetadata,
+  streamed?: DumpOutcome,
+  whyNoClient?: string,
+): Promise<FileInspection> {
+  const [structure, bytes] = await Promise.all([
+    inspectStructure(pgRestore, filePath, metadata, whyNoClient),
+    streamed ?? hashBackup(filePath),
+  ]);
   return fileInspection(metadata, structure, { sha256: bytes.sha256, how: streamed ? 'streamed' : 'read' });
 }
 
@@ -2446,7 +2872,8 @@ const FILE_CHECKS: Record<keyof FileChecks, CheckKind> = {
     status: 'size_mismatch',
     label: '✗ Size mismatch',
     why: ({ inspection, metadata }) =>
-      `the file is ${inspection.size} bytes but was ${metadata.backup_size_bytes} when the backup was taken: it was truncated, extended or replaced`,
+      `the file is ${inspection.size} bytes but was ${metadata.backup_size_bytes} when the backup was taken: it was ` +
+      `truncated, extended or replaced`,
   },
   checksum: {
     failure: 'checksum mismatch',
@@ -2458,7 +2885,8 @@ const FILE_CHECKS: Record<keyof FileChecks, CheckKind> = {
     failure: 'archive unreadable',
     status: 'unreadable_archive',
     label: '✗ Unreadable archive',
-    why: ({ inspection }) => `pg_restore cannot read the archive: ${inspection.checks.structure.summary.replace(/^Invalid: /, '')}`,
+    why: ({ inspection }) =>
+      `pg_restore cannot read the archive: ${inspection.checks.structure.summary.replace(/^Invalid: /, '')}`,
   },
   tables: {
     failure: 'table data missing',
@@ -2492,7 +2920,8 @@ function verificationError(result: VerifyResult): BackupError {
     failed.map((check) => check.why(result)).join('; '),
     [
       'Do not restore from this file',
-      `Use another backup (list them: npx tsx backup_db.ts --list --output-dir ${displayPath(path.dirname(result.filePath))}) or take a new one`,
+      `Use another backup (list them: npx tsx backup_db.ts --list --output-dir ` +
+        `${displayPath(path.dirname(result.filePath))}) or take a new one`,
       'If backups change on their own, check the disk and filesystem (dmesg, smartctl -a)',
     ],
     { report: verifyReportLines(result), data: verifyDocument(result), step: VERIFICATION_STEP },
@@ -2513,14 +2942,24 @@ async function assertReadableFile(filePath: string): Promise<void> {
     await fs.access(filePath, fs.constants.R_OK);
   } catch (error) {
     const code = errnoCode(error);
-    if (code === 'ENOENT') throw verifyInputError('backup file not found', `${shown} does not exist`, ['Check the path; list the backups with: npx tsx backup_db.ts --list']);
-    if (code === 'ELOOP') throw verifyInputError('symbolic link loop', `${shown} is a symbolic link that loops back on itself`, [`Inspect it: ls -l ${shown}`]);
-    throw verifyInputError('backup file cannot be read', `${shown}: ${errorText(error)}`, [`Check its permissions: ls -l ${shown}`]);
+    if (code === 'ENOENT')
+      throw verifyInputError('backup file not found', `${shown} does not exist`, [
+        'Check the path; list the backups with: npx tsx backup_db.ts --list',
+      ]);
+    if (code === 'ELOOP')
+      throw verifyInputError('symbolic link loop', `${shown} is a symbolic link that loops back on itself`, [
+        `Inspect it: ls -l ${shown}`,
+      ]);
+    throw verifyInputError('backup file cannot be read', `${shown}: ${errorText(error)}`, [
+      `Check its permissions: ls -l ${shown}`,
+    ]);
   }
   if (stat.isDirectory()) {
     // A directory-format backup (--jobs) is a directory with a toc.dat in it.
     if ((await fs.stat(path.join(filePath, 'toc.dat')).catch(() => undefined))?.isFile()) return;
-    throw verifyInputError('not a file', `${shown} is a directory`, ['Pass a .dump file, e.g. db/backups/<database>_<env>_<timestamp>.dump']);
+    throw verifyInputError('not a file', `${shown} is a directory`, [
+      'Pass a .dump file, e.g. db/backups/<database>_<env>_<timestamp>.dump',
+    ]);
   }
   if (!stat.isFile()) throw verifyInputError('not a file', `${shown} is not a regular file`, ['Pass a .dump file']);
 }
@@ -2638,12 +3077,19 @@ export interface Listing {
  * Pure: newest first by timestamp; equal timestamps (one-second resolution) by modification time;
  * entries without a readable timestamp last.
  */
-export function sortNewestFirst<T extends { timestamp?: string | undefined; modifiedMs: number; file: string }>(entries: T[]): T[] {
+export function sortNewestFirst<T extends { timestamp?: string | undefined; modifiedMs: number; file: string }>(
+  entries: T[],
+): T[] {
   const time = (entry: T) => {
     const ms = entry.timestamp ? Date.parse(entry.timestamp) : NaN;
     return Number.isNaN(ms) ? -Infinity : ms;
   };
-  const newer = (a: T, b: T) => (time(a) !== time(b) ? time(b) > time(a) : b.modifiedMs !== a.modifiedMs ? b.modifiedMs > a.modifiedMs : b.file < a.file);
+  const newer = (a: T, b: T) =>
+    time(a) !== time(b)
+      ? time(b) > time(a)
+      : b.modifiedMs !== a.modifiedMs
+        ? b.modifiedMs > a.modifiedMs
+        : b.file < a.file;
   return [...entries].sort((a, b) => (newer(a, b) ? 1 : -1));
 }
 
@@ -2651,7 +3097,11 @@ export function sortNewestFirst<T extends { timestamp?: string | undefined; modi
  * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
  * pg_restore to use, the full check re-hashes the file and reads its table of contents.
  */
-async function describeBackup(dir: string, name: string, restoreClientFor?: ReturnType<typeof restoreClientLookup>): Promise<ListEntry | undefined> {
+async function describeBackup(
+  dir: string,
+  name: string,
+  restoreClientFor?: ReturnType<typeof restoreClientLookup>,
+): Promise<ListEntry | undefined> {
   const filePath = path.join(dir, name);
   const found = await inspectEntry(dir, name);
   if (!found) return undefined;
@@ -2670,18 +3120,28 @@ async function describeBackup(dir: string, name: string, restoreClientFor?: Retu
     ...(drill ? { restoreTest: { time: drill.time, ok: drill.ok } } : {}),
   };
   if (entry.sizeBytes !== metadata.backup_size_bytes) {
-    return { ...described, status: 'size_mismatch', problems: [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`] };
+    return {
+      ...described,
+      status: 'size_mismatch',
+      problems: [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`],
+    };
   }
   if (!restoreClientFor) return described;
   let client: PgClient;
   try {
     client = await restoreClientFor(await readArchiveHeader(filePath));
   } catch (error) {
-    return { ...described, status: 'unreadable_archive', problems: [error instanceof BackupError ? error.details : errorText(error)] };
+    return {
+      ...described,
+      status: 'unreadable_archive',
+      problems: [error instanceof BackupError ? error.details : errorText(error)],
+    };
   }
   const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
   const failed = failedChecks(checks);
-  return failed.length === 0 ? described : { ...described, status: FILE_CHECKS[failed[0]!].status, problems: failed.map((check) => checks[check].summary) };
+  return failed.length === 0
+    ? described
+    : { ...described, status: FILE_CHECKS[failed[0]!].status, problems: failed.map((check) => checks[check].summary) };
 }
 
 /** What a directory entry says by itself (name, size, age); undefined unless a file or directory. */
@@ -2697,18 +3157,25 @@ async function describePartial(dir: string, name: string): Promise<ListEntry | u
   const found = await inspectEntry(dir, name);
   if (!found) return undefined;
   const fromName = parseBackupFileName(name);
-  const owner = fromName && (await readLock(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
+  const owner =
+    fromName && (await readLock(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
   const running = owner !== undefined && (await lockOwnerAlive(owner));
   return {
     ...found,
     status: running ? 'in_progress' : 'incomplete',
-    problems: [running ? `being written by pid ${owner.pid}` : 'left by a backup that did not finish; the next backup of this database removes it'],
+    problems: [
+      running
+        ? `being written by pid ${owner.pid}`
+        : 'left by a backup that did not finish; the next backup of this database removes it',
+    ],
   };
 }
 
 /** With the full check, any backup that is not verified makes the listing fail (exit 8) for monitoring. */
 export function listingExitCode(listing: Listing): number {
-  return listing.fullCheck && listing.backups.some((backup) => backup.status !== 'verified') ? EXIT.VERIFY_FAILED : EXIT.OK;
+  return listing.fullCheck && listing.backups.some((backup) => backup.status !== 'verified')
+    ? EXIT.VERIFY_FAILED
+    : EXIT.OK;
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
@@ -2732,7 +3199,13 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
       if (entry) backups.push(entry);
     }
   }
-  return { directory: dir, exists: true, fullCheck, backups: sortNewestFirst(backups), incomplete: sortNewestFirst(incomplete) };
+  return {
+    directory: dir,
+    exists: true,
+    fullCheck,
+    backups: sortNewestFirst(backups),
+    incomplete: sortNewestFirst(incomplete),
+  };
 }
 
 // ─── Retention ───────────────────────────────────────────────────────────────────────────
@@ -2752,14 +3225,20 @@ export function hasRetentionRule(policy: RetentionPolicy): boolean {
 }
 
 export function describePolicy(policy: RetentionPolicy): string {
-  return RETENTION_RULES.filter((rule) => policy[rule] > 0).map((rule) => `keep-${rule} ${policy[rule]}`).join(', ');
+  return RETENTION_RULES.filter((rule) => policy[rule] > 0)
+    .map((rule) => `keep-${rule} ${policy[rule]}`)
+    .join(', ');
 }
 
 /** Building an Intl formatter costs far more than using one: one per time zone. */
 const dayFormatters = new Map<string, Intl.DateTimeFormat>();
 function dayFormatter(timeZone: string): Intl.DateTimeFormat {
   let formatter = dayFormatters.get(timeZone);
-  if (!formatter) dayFormatters.set(timeZone, (formatter = new Intl.DateTimeFormat('en-US', { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' })));
+  if (!formatter)
+    dayFormatters.set(
+      timeZone,
+      (formatter = new Intl.DateTimeFormat('en-US', { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' })),
+    );
   return formatter;
 }
 
@@ -2776,7 +3255,11 @@ export function calendarBuckets(date: Date, timeZone: string): { day: string; we
   thursday.setUTCDate(thursday.getUTCDate() + 4 - (thursday.getUTCDay() || 7));
   const weekYear = thursday.getUTCFullYear();
   const week = Math.ceil(((thursday.getTime() - Date.UTC(weekYear, 0, 1)) / 86_400_000 + 1) / 7);
-  return { day: `${year}-${month}-${day}`, week: `${weekYear}-W${String(week).padStart(2, '0')}`, month: `${year}-${month}` };
+  return {
+    day: `${year}-${month}-${day}`,
+    week: `${weekYear}-W${String(week).padStart(2, '0')}`,
+    month: `${year}-${month}`,
+  };
 }
 
 export interface RetentionDecision<T> {
@@ -2788,7 +3271,9 @@ export interface RetentionDecision<T> {
 
 /** Pure: newest first; equal times by file name, so that the input's order never changes a decision. */
 function newestFirst<T extends { time: Date; file: string }>(items: T[]): T[] {
-  return [...items].sort((a, b) => b.time.getTime() - a.time.getTime() || (a.file < b.file ? 1 : a.file > b.file ? -1 : 0));
+  return [...items].sort(
+    (a, b) => b.time.getTime() - a.time.getTime() || (a.file < b.file ? 1 : a.file > b.file ? -1 : 0),
+  );
 }
 
 /**
@@ -2796,14 +3281,26 @@ function newestFirst<T extends { time: Date; file: string }>(items: T[]): T[] {
  * first backup of every new bucket (for `last`, every backup) until its count is used up; a backup
  * is kept if any rule keeps it. The newest backup is always kept, whatever the policy.
  */
-export function selectRetention<T extends { time: Date; file: string }>(items: T[], policy: RetentionPolicy, timeZone: string): Array<RetentionDecision<T>> {
-  const rules = RETENTION_RULES.map((name) => ({ name, remaining: policy[name], previous: undefined as string | undefined, kept: 0 }));
+export function selectRetention<T extends { time: Date; file: string }>(
+  items: T[],
+  policy: RetentionPolicy,
+  timeZone: string,
+): Array<RetentionDecision<T>> {
+  const rules = RETENTION_RULES.map((name) => ({
+    name,
+    remaining: policy[name],
+    previous: undefined as string | undefined,
+    kept: 0,
+  }));
   return newestFirst(items).map((item, index) => {
     const buckets = calendarBuckets(item.time, timeZone);
     const reasons = index === 0 ? ['newest backup'] : [];
     for (const rule of rules) {
       if (rule.remaining <= 0) continue;
-      const bucket = rule.name === 'last' ? String(index) : buckets[rule.name === 'daily' ? 'day' : rule.name === 'weekly' ? 'week' : 'month'];
+      const bucket =
+        rule.name === 'last'
+          ? String(index)
+          : buckets[rule.name === 'daily' ? 'day' : rule.name === 'weekly' ? 'week' : 'month'];
       if (bucket === rule.previous) continue;
       rule.previous = bucket;
       rule.remaining--;
@@ -2860,16 +3357,24 @@ export function planRetention(entries: ListEntry[], scope: RetentionScope): Rete
   const candidates: RetentionCandidate[] = [];
   for (const entry of ours) {
     const time = new Date(entry.timestamp ?? NaN);
-    if (entry.status !== 'verified' || Number.isNaN(time.getTime())) leftAlone.push({ file: entry.file, why: STATUS_LABELS[entry.status] });
-    else if (time.getTime() > horizon) leftAlone.push({ file: entry.file, why: `dated ${entry.timestamp}, after this machine's time` });
+    if (entry.status !== 'verified' || Number.isNaN(time.getTime()))
+      leftAlone.push({ file: entry.file, why: STATUS_LABELS[entry.status] });
+    else if (time.getTime() > horizon)
+      leftAlone.push({ file: entry.file, why: `dated ${entry.timestamp}, after this machine's time` });
     else candidates.push({ file: entry.file, time, timestamp: entry.timestamp!, sizeBytes: entry.sizeBytes });
   }
   const decisions = selectRetention(candidates, scope.policy, scope.timeZone).map((decision) =>
-    decision.item.file === scope.justMade && !decision.keep ? { ...decision, keep: true, reasons: ["this run's backup"] } : decision,
+    decision.item.file === scope.justMade && !decision.keep
+      ? { ...decision, keep: true, reasons: ["this run's backup"] }
+      : decision,
   );
   const newest = decisions[0]?.item;
   const deletes = decisions.some((d) => !d.keep);
-  return { decisions, leftAlone, ...(deletes && newest && newest.file !== scope.justMade ? { mustVerify: newest } : {}) };
+  return {
+    decisions,
+    leftAlone,
+    ...(deletes && newest && newest.file !== scope.justMade ? { mustVerify: newest } : {}),
+  };
 }
 
 export interface RetentionReport extends RetentionPlan {
@@ -2887,7 +3392,12 @@ export interface RetentionReport extends RetentionPlan {
  * deleted before its metadata: a crash in between leaves an orphaned metadata file, which the
  * next backup removes.
  */
-async function applyRetention(dir: string, scope: Omit<RetentionScope, 'timeZone' | 'now'>, dryRun: boolean, search: ClientSearch): Promise<RetentionReport> {
+async function applyRetention(
+  dir: string,
+  scope: Omit<RetentionScope, 'timeZone' | 'now'>,
+  dryRun: boolean,
+  search: ClientSearch,
+): Promise<RetentionReport> {
   const listing = await runList(dir, false);
   const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
   const plan = planRetention(listing.backups, { ...scope, timeZone, now: new Date() });
@@ -2900,7 +3410,14 @@ async function applyRetention(dir: string, scope: Omit<RetentionScope, 'timeZone
     }
     if (doomed.length > 0) await syncDirectory(dir);
   }
-  return { ...plan, policy: scope.policy, timeZone, dryRun, deleted: doomed.map((b) => b.file), freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0) };
+  return {
+    ...plan,
+    policy: scope.policy,
+    timeZone,
+    dryRun,
+    deleted: doomed.map((b) => b.file),
+    freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0),
+  };
 }
 
 /** The full check of the backup retention would leave as the newest; a failure stops all deletion. */
@@ -2912,11 +3429,13 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
     throw new BackupError(
       EXIT.VERIFY_FAILED,
       'Retention refused: the newest backup to keep failed verification',
-      `${path.basename(file)} would be the newest backup kept, so deleting older ones relies on it, but ${error.title}: ${error.details}`,
+      `${path.basename(file)} would be the newest backup kept, so deleting older ones relies on it, but ` +
+        `${error.title}: ${error.details}`,
       [
         'Nothing was deleted',
         `Inspect it: npx tsx backup_db.ts --verify ${displayPath(file)}`,
-        'Take a new backup (it becomes the newest), then prune again; move the damaged file away if it cannot be repaired',
+        'Take a new backup (it becomes the newest), then prune again; move the damaged file away if it cannot be ' +
+          'repaired',
       ],
       { ...error.extra, step: undefined },
     );
@@ -2924,7 +3443,10 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
 }
 
 /** --prune: the retention policy alone, for the configured database, under its lock. */
-async function runPrune(config: DbConfig, options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>): Promise<RetentionReport | undefined> {
+async function runPrune(
+  config: DbConfig,
+  options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
+): Promise<RetentionReport | undefined> {
   if (!hasRetentionRule(options.retention)) {
     throw configError('--prune needs a retention rule', [
       'Add one or more of --keep-last N, --keep-daily N, --keep-weekly N, --keep-monthly N',
@@ -2960,8 +3482,16 @@ export interface Freshness {
  * The same candidates as retention's: a damaged backup, or one dated after now (which would look
  * fresh for ever), does not count.
  */
-export function judgeFreshness(entries: ListEntry[], scope: Pick<RetentionScope, 'database' | 'environment' | 'now'>, maxAgeMs: number): Freshness {
-  const plan = planRetention(entries, { ...scope, policy: { last: 0, daily: 0, weekly: 0, monthly: 0 }, timeZone: 'UTC' });
+export function judgeFreshness(
+  entries: ListEntry[],
+  scope: Pick<RetentionScope, 'database' | 'environment' | 'now'>,
+  maxAgeMs: number,
+): Freshness {
+  const plan = planRetention(entries, {
+    ...scope,
+    policy: { last: 0, daily: 0, weekly: 0, monthly: 0 },
+    timeZone: 'UTC',
+  });
   const newest = plan.decisions[0]?.item;
   const ageMs = newest && Math.max(0, scope.now.getTime() - newest.time.getTime());
   return {
@@ -2975,7 +3505,12 @@ export function judgeFreshness(entries: ListEntry[], scope: Pick<RetentionScope,
 
 /** Pure: an age as people read it: "3 d 4 h", "2 h 5 min", "45 s". */
 export function formatAge(ms: number): string {
-  const [d, h, m, s] = [Math.floor(ms / 86_400_000), Math.floor(ms / 3_600_000) % 24, Math.floor(ms / 60_000) % 60, Math.floor(ms / 1000) % 60];
+  const [d, h, m, s] = [
+    Math.floor(ms / 86_400_000),
+    Math.floor(ms / 3_600_000) % 24,
+    Math.floor(ms / 60_000) % 60,
+    Math.floor(ms / 1000) % 60,
+  ];
   if (d > 0) return h > 0 ? `${d} d ${h} h` : `${d} d`;
   if (h > 0) return m > 0 ? `${h} h ${m} min` : `${h} h`;
   return m > 0 ? `${m} min` : `${s} s`;
@@ -2986,20 +3521,42 @@ export function formatAge(ms: number): string {
  * otherwise, or without any, exit 8 saying how old it is, which file, and how many there are. With
  * --verify the newest backup is re-read too.
  */
-async function runCheck(config: DbConfig, outputDir: string, maxAgeMs: number, fullCheck: boolean, search: ClientSearch): Promise<Freshness> {
+async function runCheck(
+  config: DbConfig,
+  outputDir: string,
+  maxAgeMs: number,
+  fullCheck: boolean,
+  search: ClientSearch,
+): Promise<Freshness> {
   const listing = await runList(outputDir, false);
-  const freshness = judgeFreshness(listing.backups, { database: config.database, environment: config.environment, now: new Date() }, maxAgeMs);
+  const freshness = judgeFreshness(
+    listing.backups,
+    { database: config.database, environment: config.environment, now: new Date() },
+    maxAgeMs,
+  );
   const what = `${config.database} (${config.environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
   if (!freshness.newest) {
-    const others = freshness.notCounted.length > 0 ? `; ${plural(freshness.notCounted.length, 'file')} there ${freshness.notCounted.length === 1 ? 'does' : 'do'} not count (${freshness.notCounted.map((f) => `${f.file}: ${f.why}`).join('; ')})` : '';
-    throw new BackupError(EXIT.VERIFY_FAILED, 'No backup found', `no backup of ${what} passes the quick check${others}`, freshnessHints(config, outputDir), { data });
+    const { notCounted } = freshness;
+    const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
+    const others =
+      notCounted.length > 0
+        ? `; ${plural(notCounted.length, 'file')} there ${notCounted.length === 1 ? 'does' : 'do'} not count (${why})`
+        : '';
+    throw new BackupError(
+      EXIT.VERIFY_FAILED,
+      'No backup found',
+      `no backup of ${what} passes the quick check${others}`,
+      freshnessHints(config, outputDir),
+      { data },
+    );
   }
   if (!freshness.ok) {
     throw new BackupError(
       EXIT.VERIFY_FAILED,
       'The newest backup is too old',
-      `the newest backup of ${what} is ${formatAge(freshness.ageMs!)} old, more than ${formatAge(maxAgeMs)}: ${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
+      `the newest backup of ${what} is ${formatAge(freshness.ageMs!)} old, more than ${formatAge(maxAgeMs)}: ` +
+        `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
       freshnessHints(config, outputDir),
       { data },
     );
@@ -3020,7 +3577,14 @@ function freshnessHints(config: DbConfig, outputDir: string): string[] {
 function freshnessDocument(f: Freshness, outputDir: string, fullCheck: boolean): Record<string, unknown> {
   return {
     directory: outputDir,
-    newest: f.newest ? { file: f.newest.file, timestamp: f.newest.timestamp, age_seconds: Math.round(f.ageMs! / 1000), size_bytes: f.newest.sizeBytes } : null,
+    newest: f.newest
+      ? {
+          file: f.newest.file,
+          timestamp: f.newest.timestamp,
+          age_seconds: Math.round(f.ageMs! / 1000),
+          size_bytes: f.newest.sizeBytes,
+        }
+      : null,
     max_age_seconds: Math.round(f.maxAgeMs / 1000),
     backups: f.backups,
     not_counted: f.notCounted,
@@ -3029,14 +3593,21 @@ function freshnessDocument(f: Freshness, outputDir: string, fullCheck: boolean):
 }
 
 function freshnessText(f: Freshness, config: DbConfig, fullCheck: boolean): Text {
+  const checked = fullCheck
+    ? '✓ every byte re-read (checksum, size, structure, table data)'
+    : 'metadata and size (add --verify to re-read it)';
+  const notCounted = f.notCounted.length;
+  const others =
+    notCounted > 0 ? `, and ${plural(notCounted, 'file')} that ${notCounted === 1 ? 'does' : 'do'} not count` : '';
   return {
     err: [],
     out: [
-      `✓ Backups are fresh: the newest of ${config.database} (${config.environment}) is ${formatAge(f.ageMs!)} old (limit ${formatAge(f.maxAgeMs)})`,
+      `✓ Backups are fresh: the newest of ${config.database} (${config.environment}) is ${formatAge(f.ageMs!)} old ` +
+        `(limit ${formatAge(f.maxAgeMs)})`,
       '',
       `Newest:      ${f.newest!.file} (${f.newest!.timestamp}, ${formatBytes(f.newest!.sizeBytes)})`,
-      `Checked:     ${fullCheck ? '✓ every byte re-read (checksum, size, structure, table data)' : 'metadata and size (add --verify to re-read it)'}`,
-      `Backups:     ${f.backups}${f.notCounted.length > 0 ? `, and ${plural(f.notCounted.length, 'file')} that ${f.notCounted.length === 1 ? 'does' : 'do'} not count` : ''}`,
+      `Checked:     ${checked}`,
+      `Backups:     ${f.backups}${others}`,
     ],
   };
 }
@@ -3049,10 +3620,15 @@ export function archiveExtensions(toc: string): string[] {
 }
 
 const CONTRIB_EXTENSIONS = new Set(
-  ('adminpack amcheck autoinc bloom btree_gin btree_gist citext cube dblink dict_int dict_xsyn earthdistance file_fdw fuzzystrmatch ' +
-    'hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot pageinspect pg_buffercache pg_freespacemap ' +
-    'pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility pg_walinspect pgcrypto pgrowlocks pgstattuple postgres_fdw ' +
-    'refint seg sslinfo tablefunc tcn tsm_system_rows tsm_system_time unaccent uuid-ossp xml2').split(' '),
+  (
+    'adminpack amcheck autoinc bloom btree_gin btree_gist citext cube dblink dict_int dict_xsyn earthdistance ' +
+    'file_fdw fuzzystrmatch ' +
+    'hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot pageinspect pg_buffercache ' +
+    'pg_freespacemap ' +
+    'pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility pg_walinspect pgcrypto pgrowlocks pgstattuple ' +
+    'postgres_fdw ' +
+    'refint seg sslinfo tablefunc tcn tsm_system_rows tsm_system_time unaccent uuid-ossp xml2'
+  ).split(' '),
 );
 const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
   vector: (major) => `postgresql-${major}-pgvector`,
@@ -3067,9 +3643,15 @@ export function extensionInstallHint(name: string, major: number): string {
   const known = EXTENSION_PACKAGES[name];
   if (known) return `${name}: install ${known(major)} on the database server (Debian/Ubuntu, PGDG repository)`;
   if (CONTRIB_EXTENSIONS.has(name)) {
-    return `${name}: part of PostgreSQL's contrib (Debian/Ubuntu: in postgresql-${major}); if it is missing, it may have been removed in PostgreSQL ${major}, as adminpack was in 17`;
+    return (
+      `${name}: part of PostgreSQL's contrib (Debian/Ubuntu: in postgresql-${major}); if it is missing, it may ` +
+      `have been removed in PostgreSQL ${major}, as adminpack was in 17`
+    );
   }
-  return `${name}: install the package that provides it for PostgreSQL ${major} (Debian/Ubuntu: apt-cache search postgresql-${major}-${name})`;
+  return (
+    `${name}: install the package that provides it for PostgreSQL ${major} (Debian/Ubuntu: apt-cache search ` +
+    `postgresql-${major}-${name})`
+  );
 }
 
 /** Pure: an SQL identifier, quoted as the server quotes one. */
@@ -3127,7 +3709,9 @@ export function isProductionTarget(check: ProdCheck): 'yes' | 'no' | 'unknown' {
 /** The cluster's system identifier, or undefined where it cannot be read (PostgreSQL 9.6 and older). */
 async function clusterIdentifier(client: pg.Client): Promise<string | undefined> {
   try {
-    const { rows } = await client.query<{ id: string }>('SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()');
+    const { rows } = await client.query<{ id: string }>(
+      'SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()',
+    );
     return rows[0]?.id;
   } catch {
     return undefined;
@@ -3148,7 +3732,12 @@ export interface ProdGuard {
  * production server cannot be reached or identified, a --clean restore into a database of its
  * name needs the same: it might be production.
  */
-async function assertProdRestoreAllowed(vars: EnvVars, admin: pg.Client, server: DbConfig, request: Pick<RestoreRequest, 'target' | 'clean' | 'guard' | 'connectTimeoutSeconds'>): Promise<void> {
+async function assertProdRestoreAllowed(
+  vars: EnvVars,
+  admin: pg.Client,
+  server: DbConfig,
+  request: Pick<RestoreRequest, 'target' | 'clean' | 'guard' | 'connectTimeoutSeconds'>,
+): Promise<void> {
   let prodConfig: DbConfig;
   try {
     prodConfig = resolveDbConfig(vars, 'prod');
@@ -3159,9 +3748,14 @@ async function assertProdRestoreAllowed(vars: EnvVars, admin: pg.Client, server:
   if (target !== prodConfig.database) return;
   const prod: NonNullable<ProdCheck['prod']> = { database: prodConfig.database };
   try {
-    await withClient(prodConfig, request.connectTimeoutSeconds, async (client) => {
-      prod.cluster = await clusterIdentifier(client);
-    }, { maintenance: true });
+    await withClient(
+      prodConfig,
+      request.connectTimeoutSeconds,
+      async (client) => {
+        prod.cluster = await clusterIdentifier(client);
+      },
+      { maintenance: true },
+    );
     if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
   } catch (error) {
     prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
@@ -3171,17 +3765,23 @@ async function assertProdRestoreAllowed(vars: EnvVars, admin: pg.Client, server:
   const where = `${prodConfig.host}:${prodConfig.port}`;
   const what =
     verdict === 'yes'
-      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where}, the same cluster)`
-      : `"${target}" may be the configured production database: the production server ${where} cannot be identified, as ${prod.unknownWhy}`;
+      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where}, the same ` +
+        `cluster)`
+      : `"${target}" may be the configured production database: the production server ${where} cannot be identified, ` +
+        `as ${prod.unknownWhy}`;
   const refuse = (why: string) =>
     configError(`refusing to restore into it: ${what}; ${why}`, [
-      `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ${target})`,
+      `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ` +
+        `${target})`,
       'To look at a backup, restore it into another database: --target-db <new name>',
     ]);
   if (guard.requestedEnv !== 'prod') throw refuse('--env prod was not given');
   if (guard.iKnowThisIsProd) return;
   if (!guard.ask) throw refuse('--i-know-this-is-prod was not given');
-  const typed = await guard.ask(`This will overwrite the PRODUCTION database "${target}" on ${server.host}:${server.port}.\nType its name to continue: `);
+  const typed = await guard.ask(
+    `This will overwrite the PRODUCTION database "${target}" on ${server.host}:${server.port}.\nType its name to ` +
+      `continue: `,
+  );
   if (typed.trim() !== target) throw refuse('the typed name did not match');
 }
 
@@ -3204,7 +3804,12 @@ async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: st
 
 type TargetState = 'missing' | 'empty' | 'non-empty';
 
-async function targetState(admin: pg.Client, config: DbConfig, target: string, connectTimeoutSeconds: number): Promise<TargetState> {
+async function targetState(
+  admin: pg.Client,
+  config: DbConfig,
+  target: string,
+  connectTimeoutSeconds: number,
+): Promise<TargetState> {
   const { rows } = await admin.query('SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1', [target]);
   if (rows.length === 0) return 'missing';
   return withClient({ ...config, database: target }, connectTimeoutSeconds, async (client) => {
@@ -3227,7 +3832,9 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
     await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)} WITH (FORCE)`);
     return;
   }
-  await admin.query('SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1', [name]);
+  await admin.query('SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1', [
+    name,
+  ]);
   await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`);
 }
 
@@ -3238,8 +3845,15 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
  * halfvec, say) would make the restore fail halfway. Versions come from the metadata (taken in the
  * backup's snapshot); metadata without them (other tools) can only be checked by name.
  */
-async function assertExtensionsAvailable(admin: pg.Client, toc: string, server: ServerInfo, recorded?: ExtensionVersion[]): Promise<void> {
-  const needed: Array<{ name: string; version?: string }> = archiveExtensions(toc).map((name) => recorded?.find((e) => e.name === name) ?? { name });
+async function assertExtensionsAvailable(
+  admin: pg.Client,
+  toc: string,
+  server: ServerInfo,
+  recorded?: ExtensionVersion[],
+): Promise<void> {
+  const needed: Array<{ name: string; version?: string }> = archiveExtensions(toc).map(
+    (name) => recorded?.find((e) => e.name === name) ?? { name },
+  );
   if (needed.length === 0) return;
   const { rows } = await admin.query<{ name: string; default_version: string; versions: string[] }>(
     `SELECT a.name, a.default_version, array_agg(v.version ORDER BY v.version) AS versions
@@ -3253,21 +3867,34 @@ async function assertExtensionsAvailable(admin: pg.Client, toc: string, server: 
     throw new BackupError(
       EXIT.BACKUP_FAILED,
       'The target server lacks extensions the backup needs',
-      `the archive creates ${plural(missing.length, 'extension')} that PostgreSQL ${server.version} on this server does not have: ${missing.join(', ')}`,
-      [...missing.map((name) => extensionInstallHint(name, server.major)), 'Nothing was restored or created; run again once they are installed'],
+      `the archive creates ${plural(missing.length, 'extension')} that PostgreSQL ${server.version} on this server ` +
+        `does not have: ${missing.join(', ')}`,
+      [
+        ...missing.map((name) => extensionInstallHint(name, server.major)),
+        'Nothing was restored or created; run again once they are installed',
+      ],
     );
   }
-  const older = needed.filter((e) => e.version !== undefined && compareVersions(offered.get(e.name)!.default_version, e.version) < 0);
+  const older = needed.filter(
+    (e) => e.version !== undefined && compareVersions(offered.get(e.name)!.default_version, e.version) < 0,
+  );
   if (older.length === 0) return;
   const describe = (e: { name: string; version?: string }) => {
     const target = offered.get(e.name)!;
-    return `${e.name}: the backup has ${e.version}, this server would create ${target.default_version} (available: ${target.versions.join(', ')})`;
+    return (
+      `${e.name}: the backup has ${e.version}, this server would create ${target.default_version} (available: ` +
+      `${target.versions.join(', ')})`
+    );
   };
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     "The target server's extensions are older than the backup's",
-    `PostgreSQL ${server.version} on this server has older versions of ${plural(older.length, 'extension')} the backup was taken with; ${older.map(describe).join('; ')}`,
-    [...older.map((e) => `${extensionInstallHint(e.name, server.major)}, version ${e.version} or newer`), 'Nothing was restored or created; run again once they are upgraded'],
+    `PostgreSQL ${server.version} on this server has older versions of ${plural(older.length, 'extension')} the ` +
+      `backup was taken with; ${older.map(describe).join('; ')}`,
+    [
+      ...older.map((e) => `${extensionInstallHint(e.name, server.major)}, version ${e.version} or newer`),
+      'Nothing was restored or created; run again once they are upgraded',
+    ],
   );
 }
 
@@ -3291,10 +3918,21 @@ export function compareVersions(a: string, b: string): number {
  * reject: the timeout it turns off does not exist there, so nothing is lost by going on without it.
  */
 export function unknownSettingsOnly(stderr: string): string[] | undefined {
-  const unknown = [...stderr.matchAll(/^pg_restore: error: could not execute query: ERROR: {2}unrecognized configuration parameter "(\w+)"\nCommand was: SET \1 = [^;\n]*;$/gm)].map((m) => m[1]!);
+  const unknown = [
+    ...stderr.matchAll(
+      new RegExp(
+        String.raw`^pg_restore: error: could not execute query: ` +
+          String.raw`ERROR: {2}unrecognized configuration parameter "(\w+)"` +
+          String.raw`\nCommand was: SET \1 = [^;\n]*;$`,
+        'gm',
+      ),
+    ),
+  ].map((m) => m[1]!);
   const errors = stderr.match(/^pg_restore: error: /gm)?.length ?? 0;
   const ignored = Number(/^pg_restore: warning: errors ignored on restore: (\d+)$/m.exec(stderr)?.[1]);
-  return unknown.length > 0 && errors === unknown.length && ignored === unknown.length ? [...new Set(unknown)] : undefined;
+  return unknown.length > 0 && errors === unknown.length && ignored === unknown.length
+    ? [...new Set(unknown)]
+    : undefined;
 }
 
 export interface PgRestoreRun {
@@ -3324,13 +3962,19 @@ const MIN_RESTORE_MEMORY_KB = 128 * 1024;
  * unless given per job. synchronous_commit off: a restore interrupted by a crash is redone from the
  * file, so waiting for every commit to reach the disk buys nothing.
  */
-export function restoreSessionSettings(serverMajor: number, jobs: number, maintenanceWorkMemKb?: number): Record<string, string> {
+export function restoreSessionSettings(
+  serverMajor: number,
+  jobs: number,
+  maintenanceWorkMemKb?: number,
+): Record<string, string> {
   const memoryKb = maintenanceWorkMemKb ?? Math.max(MIN_RESTORE_MEMORY_KB, Math.floor(RESTORE_MEMORY_BUDGET_KB / jobs));
   return {
     maintenance_work_mem: formatMemory(memoryKb),
     synchronous_commit: 'off',
     // Parallel index builds (PostgreSQL 11+): more than the default 2 only with cores the jobs leave free.
-    ...(serverMajor >= 11 ? { max_parallel_maintenance_workers: String(Math.max(2, Math.floor(os.availableParallelism() / jobs) - 1)) } : {}),
+    ...(serverMajor >= 11
+      ? { max_parallel_maintenance_workers: String(Math.max(2, Math.floor(os.availableParallelism() / jobs) - 1)) }
+      : {}),
   };
 }
 
@@ -3341,12 +3985,17 @@ export function formatMemory(kb: number): string {
   return `${kb}kB`;
 }
 
-/** Pure: "512MB", "1GB", "65536kB" (PostgreSQL's units; a bare number is MB) → kilobytes, within PostgreSQL's limits. */
+/**
+ * Pure: "512MB", "1GB", "65536kB" (PostgreSQL's units; a bare number is MB) → kilobytes, within PostgreSQL's limits.
+ */
 export function parseMemory(value: string): number {
   const match = /^\s*(\d+)\s*(kB|MB|GB|TB)?\s*$/i.exec(value);
-  const factor = { kb: 1, mb: 1024, gb: 1024 ** 2, tb: 1024 ** 3 }[(match?.[2] ?? 'MB').toLowerCase() as 'kb' | 'mb' | 'gb' | 'tb'];
+  const factor = { kb: 1, mb: 1024, gb: 1024 ** 2, tb: 1024 ** 3 }[
+    (match?.[2] ?? 'MB').toLowerCase() as 'kb' | 'mb' | 'gb' | 'tb'
+  ];
   const kb = match ? Number(match[1]) * factor : NaN;
-  if (!(kb >= 1024 && kb <= MAX_TIMEOUT_MS)) throw new InvalidArgumentError('Use a size such as 256MB or 1GB (from 1MB to 2TB).');
+  if (!(kb >= 1024 && kb <= MAX_TIMEOUT_MS))
+    throw new InvalidArgumentError('Use a size such as 256MB or 1GB (from 1MB to 2TB).');
   return kb;
 }
 
@@ -3362,17 +4011,35 @@ function pgOptions(settings: Record<string, string>): string {
  * without --exit-on-error and every error must be one of those. One job then, because parallel
  * workers interleave their messages and pg_restore's error count leaves out the workers' errors.
  */
-async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string, file: string, server: ServerInfo, connectTimeoutSeconds: number, tuning: RestoreTuning, signal: AbortSignal): Promise<PgRestoreRun> {
+async function runPgRestore(
+  pgRestore: PgTool,
+  config: DbConfig,
+  target: string,
+  file: string,
+  server: ServerInfo,
+  connectTimeoutSeconds: number,
+  tuning: RestoreTuning,
+  signal: AbortSignal,
+): Promise<PgRestoreRun> {
   const newerClient = pgRestore.major > server.major;
   const jobs = newerClient ? 1 : (tuning.jobs ?? Math.max(1, os.availableParallelism()));
   const settings = restoreSessionSettings(server.major, jobs, tuning.maintenanceWorkMemKb);
   const stopOnError = newerClient ? [] : ['--exit-on-error'];
-  const { child } = await startTethered(pgRestore.path, ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file], signal, {
-    // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
-    env: { ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds), LC_MESSAGES: 'C', PGOPTIONS: pgOptions(settings) },
-    stdin: 'ignore',
-    reject: false,
-  });
+  const { child } = await startTethered(
+    pgRestore.path,
+    ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file],
+    signal,
+    {
+      // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
+      env: {
+        ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds),
+        LC_MESSAGES: 'C',
+        PGOPTIONS: pgOptions(settings),
+      },
+      stdin: 'ignore',
+      reject: false,
+    },
+  );
   const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.exitCode === 0) return { jobs, settings, skippedSettings: [] };
@@ -3380,18 +4047,28 @@ async function runPgRestore(pgRestore: PgTool, config: DbConfig, target: string,
   const skippedSettings = newerClient && result.exitCode === 1 ? unknownSettingsOnly(stderr) : undefined;
   if (skippedSettings) return { jobs, settings, skippedSettings };
   const memory = /memory required is (\d+) MB, maintenance_work_mem is (\d+) MB/.exec(stderr);
-  throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore failed', stderr || `pg_restore exited with code ${result.exitCode}`, [
-    ...(memory || /out of memory|could not resize shared memory/i.test(stderr)
-      ? [
-          `An index build needed more memory than maintenance_work_mem (${settings.maintenance_work_mem} per pg_restore job here, with --jobs ${jobs}): run again with --maintenance-work-mem ${memory ? `${Math.ceil((Number(memory[1]) * 1.5) / 64) * 64}MB` : 'larger'} (per job), or fewer --jobs`,
-        ]
-      : []),
-    newerClient
-      ? `pg_restore ${pgRestore.version} is newer than the server (PostgreSQL ${server.version}): loading into an older major is not guaranteed; a backup taken with pg_dump ${server.major} restores with pg_restore ${server.major}`
-      : 'pg_restore stopped at the first error above',
-    'The target was not left half-restored if this run created it',
-    'Check that the target server is the same major version as the backup or newer, and has the extensions it needs',
-  ]);
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'pg_restore failed',
+    stderr || `pg_restore exited with code ${result.exitCode}`,
+    [
+      ...(memory || /out of memory|could not resize shared memory/i.test(stderr)
+        ? [
+            `An index build needed more memory than maintenance_work_mem (${settings.maintenance_work_mem} per ` +
+              `pg_restore job here, with --jobs ${jobs}): run again with --maintenance-work-mem ` +
+              `${memory ? `${Math.ceil((Number(memory[1]) * 1.5) / 64) * 64}MB` : 'larger'} (per job), or fewer ` +
+              `--jobs`,
+          ]
+        : []),
+      newerClient
+        ? `pg_restore ${pgRestore.version} is newer than the server (PostgreSQL ${server.version}): loading into an ` +
+          `older major is not guaranteed; a backup taken with pg_dump ${server.major} restores with pg_restore ` +
+          `${server.major}`
+        : 'pg_restore stopped at the first error above',
+      'The target was not left half-restored if this run created it',
+      'Check that the target server is the same major version as the backup or newer, and has the extensions it needs',
+    ],
+  );
 }
 
 /** A restore's result; a drill's (`drill`) went into a scratch database that is dropped again. */
@@ -3401,7 +4078,9 @@ export interface RestoreOutcome {
   drill: boolean;
   server: string;
   serverVersion: string;
-  /** What happened to the target database: created, or dropped and created again (--clean), or used as found (empty). */
+  /**
+   * What happened to the target database: created, or dropped and created again (--clean), or used as found (empty).
+   */
   targetAction: 'created' | 'replaced' | 'used empty';
   durationMs: number;
   run: PgRestoreRun;
@@ -3436,7 +4115,14 @@ async function restorableArchive(search: ClientSearch, file: string, force: bool
     // --force needs to know now what it goes past.
     if (force) await complete;
     const { filePath, metadataPath, metadata } = quick;
-    return { filePath, metadataPath, toc: quick.inspection.toc, pgRestore: quick.client!.pgRestore, metadata, checksum: complete };
+    return {
+      filePath,
+      metadataPath,
+      toc: quick.inspection.toc,
+      pgRestore: quick.client!.pgRestore,
+      metadata,
+      checksum: complete,
+    };
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
@@ -3465,16 +4151,26 @@ async function restorableArchive(search: ClientSearch, file: string, force: bool
  * Row counts of every table of a restored `database`, keyed like table_counts, on `parallel`
  * connections: the largest tables (by the backup's counts) first, so that they do not end alone.
  */
-async function countTablesIn(config: DbConfig, database: string, connectTimeoutSeconds: number, parallel: number, expected: Record<string, number> = {}): Promise<Record<string, number>> {
-  const clients = await Promise.all(Array.from({ length: Math.max(1, parallel) }, () => connectDb({ ...config, database }, connectTimeoutSeconds)));
+async function countTablesIn(
+  config: DbConfig,
+  database: string,
+  connectTimeoutSeconds: number,
+  parallel: number,
+  expected: Record<string, number> = {},
+): Promise<Record<string, number>> {
+  const clients = await Promise.all(
+    Array.from({ length: Math.max(1, parallel) }, () => connectDb({ ...config, database }, connectTimeoutSeconds)),
+  );
   try {
     const { rows: tables } = await clients[0]!.query<UserTable>(LIST_TABLES_SQL);
-    const weight = (t: UserTable) => (Object.hasOwn(expected, tableKey(t.schema, t.table)) ? expected[tableKey(t.schema, t.table)]! : 0);
+    const weight = (t: UserTable) =>
+      Object.hasOwn(expected, tableKey(t.schema, t.table)) ? expected[tableKey(t.schema, t.table)]! : 0;
     const queue = [...tables].sort((a, b) => weight(b) - weight(a));
     const counted = new Map<UserTable, number>();
     await Promise.all(
       clients.map(async (client) => {
-        for (let table = queue.shift(); table; table = queue.shift()) counted.set(table, Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n));
+        for (let table = queue.shift(); table; table = queue.shift())
+          counted.set(table, Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n));
       }),
     );
     return Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), counted.get(t)!]));
@@ -3485,8 +4181,9 @@ async function countTablesIn(config: DbConfig, database: string, connectTimeoutS
 
 function reconciliationError(rows: ReconciliationRow[]): BackupError {
   const bad = rows.filter((row) => !row.ok);
-  const describe = (row: ReconciliationRow) => `${row.table} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
-  const listed = `${bad.slice(0, 5).map(describe).join(', ')}${bad.length > 5 ? ', ...' : ''}`;
+  const describe = (row: ReconciliationRow) =>
+    `${row.table} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
+  const listed = listSome(bad.map(describe));
   return new BackupError(
     EXIT.VERIFY_FAILED,
     'row counts differ from the backup',
@@ -3518,9 +4215,16 @@ export interface RestoreRequest {
  * drill's scratch database has a unique name, is dropped whatever happens, and its result is
  * recorded in the metadata.
  */
-async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal): Promise<RestoreOutcome> {
+async function runRestore(
+  config: DbConfig,
+  vars: EnvVars,
+  request: RestoreRequest,
+  signal: AbortSignal,
+): Promise<RestoreOutcome> {
   const drill = request.target === undefined;
-  const target = drill ? `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}` : validateName(request.target!, '--target-db');
+  const target = drill
+    ? `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`
+    : validateName(request.target!, '--target-db');
   const archive = await restorableArchive(request.search, request.file, request.force && !drill);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
@@ -3553,7 +4257,16 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
       let counts: Record<string, number> | undefined;
       let filled = false;
       try {
-        run = await runPgRestore(archive.pgRestore, config, target, archive.filePath, server, timeout, request.tuning, abortOnFailure(archive.checksum, signal));
+        run = await runPgRestore(
+          archive.pgRestore,
+          config,
+          target,
+          archive.filePath,
+          server,
+          timeout,
+          request.tuning,
+          abortOnFailure(archive.checksum, signal),
+        );
         await archive.checksum;
         durationMs = Date.now() - started;
         filled = true;
@@ -3562,7 +4275,8 @@ async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreReque
       } finally {
         // A drill's database is scratch; one this run created and could not fill holds only a partial
         // restore: removed rather than left as a trap.
-        if (drill || (!filled && targetAction !== 'used empty')) await dropDatabase(admin, target, server.major).catch(() => undefined);
+        if (drill || (!filled && targetAction !== 'used empty'))
+          await dropDatabase(admin, target, server.major).catch(() => undefined);
       }
       const outcome: RestoreOutcome = {
         filePath: archive.filePath,
@@ -3603,7 +4317,10 @@ function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSign
 }
 
 /** A drill's result, added to the metadata as last_restore_test: atomically, and only while the backup still exists. */
-async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOutcome): Promise<RestoreOutcome['recorded']> {
+async function recordRestoreTest(
+  archive: RestorableArchive,
+  outcome: RestoreOutcome,
+): Promise<RestoreOutcome['recorded']> {
   const rows = outcome.reconciliation ?? [];
   const record: RestoreTestRecord = {
     time: new Date().toISOString(),
@@ -3669,7 +4386,10 @@ async function appendLog(file: string, line: string): Promise<void> {
   await fs.appendFile(file, line, { mode: 0o600 });
 }
 
-/** Pure: the POST body of a redacted record. `text` is what Slack shows, `content` what Discord shows; the rest is for machines. */
+/**
+ * Pure: the POST body of a redacted record. `text` is what Slack shows, `content` what Discord shows; the rest is for
+ * machines.
+ */
 export function notificationPayload(record: RunRecord): Record<string, unknown> {
   const text = runSummary(record);
   return { text, content: text, ...record };
@@ -3679,8 +4399,10 @@ export function notificationPayload(record: RunRecord): Record<string, unknown> 
 export function runSummary(record: RunRecord): string {
   const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
   return record.outcome === 'success'
-    ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}${record.size_bytes ? ` (${formatBytes(record.size_bytes)})` : ''}`
-    : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}${record.details ? ` (${record.details})` : ''}`;
+    ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}` +
+        (record.size_bytes ? ` (${formatBytes(record.size_bytes)})` : '')
+    : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}` +
+        (record.details ? ` (${record.details})` : '');
 }
 
 const NOTIFY_TIMEOUT_MS = 5_000;
@@ -3704,7 +4426,10 @@ async function postNotification(url: string, payload: Record<string, unknown>): 
       failure = `HTTP ${response.status} ${response.statusText}`;
       if (response.status !== 429 && response.status < 500) break;
     } catch (error) {
-      failure = error instanceof Error && error.name === 'TimeoutError' ? `no answer within ${NOTIFY_TIMEOUT_MS / 1000} s` : errorText(error);
+      failure =
+        error instanceof Error && error.name === 'TimeoutError'
+          ? `no answer within ${NOTIFY_TIMEOUT_MS / 1000} s`
+          : errorText(error);
     }
   }
   throw new Error(failure);
@@ -3715,7 +4440,11 @@ async function postNotification(url: string, payload: Record<string, unknown>): 
  * Of the inherited environment, credentials are dropped and any other value holding a secret (a
  * password pasted into DEV_DB_NAME, say) is masked.
  */
-export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secrets: readonly string[]): Record<string, string> {
+export function hookEnvironment(
+  record: RunRecord,
+  base: NodeJS.ProcessEnv,
+  secrets: readonly string[],
+): Record<string, string> {
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(base)) {
     if (value !== undefined && !CREDENTIAL_VARIABLE.test(name)) env[name] = maskSecrets(value, secrets);
@@ -3762,27 +4491,55 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
     const payload = notificationPayload(record);
-    tasks.push(postNotification(automation.notifyUrl, payload).catch((error) => warn('notification_failed', 'Notification failed', error)));
+    tasks.push(
+      postNotification(automation.notifyUrl, payload).catch((error) =>
+        warn('notification_failed', 'Notification failed', error),
+      ),
+    );
   }
   if (record.command === 'backup' && automation.pingUrl) {
     const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
-    tasks.push(ping.then((why) => (why && !automation.pingWarned ? warn('ping_failed', 'Heartbeat ping failed', why) : undefined)));
+    tasks.push(
+      ping.then((why) =>
+        why && !automation.pingWarned ? warn('ping_failed', 'Heartbeat ping failed', why) : undefined,
+      ),
+    );
   }
   if (record.command === 'backup' && automation.metricsFile && record.database && record.environment) {
     const { database, environment, exit_code: exitCode, duration_ms: durationMs, size_bytes: sizeBytes } = record;
-    const run = { database, environment, endedAt: new Date(), exitCode, durationMs, ...(sizeBytes !== undefined ? { sizeBytes } : {}) };
-    const failed = (error: unknown) => warn('metrics_failed', `Could not write the metrics file ${automation.metricsFile}`, error);
+    const run = {
+      database,
+      environment,
+      endedAt: new Date(),
+      exitCode,
+      durationMs,
+      ...(sizeBytes !== undefined ? { sizeBytes } : {}),
+    };
+    const failed = (error: unknown) =>
+      warn('metrics_failed', `Could not write the metrics file ${automation.metricsFile}`, error);
     tasks.push(updateMetricsFile(automation.metricsFile, run).catch(failed));
   }
-  if (record.outcome === 'failure' && automation.onFailure) tasks.push(runFailureCommand(automation.onFailure, record, secrets, warn));
+  if (record.outcome === 'failure' && automation.onFailure)
+    tasks.push(runFailureCommand(automation.onFailure, record, secrets, warn));
   await Promise.all(tasks);
 }
 
 /** --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. */
-async function runFailureCommand(command: string, record: RunRecord, secrets: readonly string[], warn: (event: string, headline: string, why: unknown) => Promise<void>): Promise<void> {
+async function runFailureCommand(
+  command: string,
+  record: RunRecord,
+  secrets: readonly string[],
+  warn: (event: string, headline: string, why: unknown) => Promise<void>,
+): Promise<void> {
   const { execa } = await loadExeca();
   const env = hookEnvironment(record, process.env, secrets);
-  const result = await execa('/bin/sh', ['-c', command], { env, extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false });
+  const result = await execa('/bin/sh', ['-c', command], {
+    env,
+    extendEnv: false,
+    stdin: 'ignore',
+    timeout: 60_000,
+    reject: false,
+  });
   if (result.exitCode === 0) return;
   const lastLine = String(result.stderr).trim().split('\n').at(-1) ?? '';
   const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${lastLine}`;
@@ -3819,7 +4576,9 @@ async function sendPing(base: string, kind: 'start' | 'success' | 'fail', body: 
     await response.body?.cancel();
     return response.ok ? undefined : `HTTP ${response.status} ${response.statusText}`;
   } catch (error) {
-    return error instanceof Error && error.name === 'TimeoutError' ? `no answer within ${PING_TIMEOUT_MS / 1000} s` : errorText(error);
+    return error instanceof Error && error.name === 'TimeoutError'
+      ? `no answer within ${PING_TIMEOUT_MS / 1000} s`
+      : errorText(error);
   }
 }
 
@@ -3860,19 +4619,34 @@ export function parseMetrics(text: string): MetricSeries[] {
 
 /** Pure: the Prometheus text format (version 0.0.4) of the series, as node_exporter's textfile collector reads it. */
 export function renderMetrics(series: MetricSeries[]): string {
-  const sorted = [...series].sort((a, b) => (a.database + '\0' + a.environment < b.database + '\0' + b.environment ? -1 : 1));
+  const sorted = [...series].sort((a, b) =>
+    a.database + '\0' + a.environment < b.database + '\0' + b.environment ? -1 : 1,
+  );
   const lines: string[] = [];
   for (const [name, help] of Object.entries(METRICS) as Array<[MetricName, string]>) {
     const samples = sorted.filter((s) => s.values[name] !== undefined);
     if (samples.length === 0) continue;
     lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} gauge`);
-    for (const s of samples) lines.push(`${name}{database="${escapeLabel(s.database)}",environment="${escapeLabel(s.environment)}"} ${s.values[name]}`);
+    for (const s of samples)
+      lines.push(
+        `${name}{database="${escapeLabel(s.database)}",environment="${escapeLabel(s.environment)}"} ${s.values[name]}`,
+      );
   }
   return `${lines.join('\n')}\n`;
 }
 
 /** Pure: the series after one run of `database`; the last success and size stay as they were when it failed. */
-export function recordRunInMetrics(series: MetricSeries[], run: { database: string; environment: string; endedAt: Date; exitCode: number; durationMs: number; sizeBytes?: number }): MetricSeries[] {
+export function recordRunInMetrics(
+  series: MetricSeries[],
+  run: {
+    database: string;
+    environment: string;
+    endedAt: Date;
+    exitCode: number;
+    durationMs: number;
+    sizeBytes?: number;
+  },
+): MetricSeries[] {
   const previous = series.find((s) => s.database === run.database && s.environment === run.environment)?.values ?? {};
   const ended = Math.round(run.endedAt.getTime() / 1000);
   const values: MetricSeries['values'] = {
@@ -3880,9 +4654,17 @@ export function recordRunInMetrics(series: MetricSeries[], run: { database: stri
     backup_db_last_run_timestamp_seconds: ended,
     backup_db_last_exit_code: run.exitCode,
     backup_db_last_duration_seconds: run.durationMs / 1000,
-    ...(run.exitCode === 0 ? { backup_db_last_success_timestamp_seconds: ended, ...(run.sizeBytes !== undefined ? { backup_db_last_size_bytes: run.sizeBytes } : {}) } : {}),
+    ...(run.exitCode === 0
+      ? {
+          backup_db_last_success_timestamp_seconds: ended,
+          ...(run.sizeBytes !== undefined ? { backup_db_last_size_bytes: run.sizeBytes } : {}),
+        }
+      : {}),
   };
-  return [...series.filter((s) => s !== series.find((x) => x.database === run.database && x.environment === run.environment)), { database: run.database, environment: run.environment, values }];
+  return [
+    ...series.filter((s) => s !== series.find((x) => x.database === run.database && x.environment === run.environment)),
+    { database: run.database, environment: run.environment, values },
+  ];
 }
 
 /**
@@ -3913,7 +4695,9 @@ const err = colours(supportsColorStderr ? supportsColorStderr.level : false);
 
 /** Colour the status marks of an otherwise plain line. */
 function paint(line: string, c: ChalkInstance): string {
-  return line.replace(/✓|✗|\? No metadata/g, (mark) => (mark === '✓' ? c.green(mark) : mark === '✗' ? c.red(mark) : c.yellow(mark)));
+  return line.replace(/✓|✗|\? No metadata/g, (mark) =>
+    mark === '✓' ? c.green(mark) : mark === '✗' ? c.red(mark) : c.yellow(mark),
+  );
 }
 
 /** "50.0 MB" with 1024-based units, as in the contract's examples. */
@@ -3949,7 +4733,14 @@ export interface Text {
   err: string[];
 }
 
-function backupSummaryText({ dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError }: BackupResult): Text {
+function backupSummaryText({
+  dumpPath,
+  metadataPath,
+  metadata,
+  removedStaleFiles,
+  retention,
+  retentionError,
+}: BackupResult): Text {
   const lines = [
     '✓ Backup created successfully',
     '',
@@ -3963,31 +4754,62 @@ function backupSummaryText({ dumpPath, metadataPath, metadata, removedStaleFiles
     'Verified:    ✓ Integrity check passed',
   ];
   if (removedStaleFiles.length > 0) {
-    lines.push(`Cleaned up:  ${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run (${removedStaleFiles.join(', ')})`);
+    lines.push(
+      `Cleaned up:  ${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run ` +
+        `(${removedStaleFiles.join(', ')})`,
+    );
   }
   if (retention?.dryRun) {
-    lines.push('', ...retentionLines(retention, path.dirname(dumpPath), { database: metadata.database_name, environment: metadata.environment }));
+    lines.push(
+      '',
+      ...retentionLines(retention, path.dirname(dumpPath), {
+        database: metadata.database_name,
+        environment: metadata.environment,
+      }),
+    );
   } else if (retention) {
     const kept = retention.decisions.length - retention.deleted.length;
-    const deleted = retention.deleted.length > 0 ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})` : 'deleted none';
+    const deleted =
+      retention.deleted.length > 0
+        ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})`
+        : 'deleted none';
     lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
   }
   if (!retentionError) return { out: lines, err: [] };
   const { title, details } = retentionError;
-  const warning = warningProblem(`The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`, details, []);
+  const warning = warningProblem(
+    `The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`,
+    details,
+    [],
+  );
   return { out: lines, err: problemLines(warning) };
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
-export function retentionLines(report: RetentionReport, dir: string, target: Pick<DbConfig, 'database' | 'environment'>): string[] {
-  const header = `Retention for ${target.database} (${target.environment}) in ${displayPath(dir)}${path.sep}: ${describePolicy(report.policy)}, days in ${report.timeZone}`;
+export function retentionLines(
+  report: RetentionReport,
+  dir: string,
+  target: Pick<DbConfig, 'database' | 'environment'>,
+): string[] {
+  const header =
+    `Retention for ${target.database} (${target.environment}) in ${displayPath(dir)}${path.sep}: ` +
+    `${describePolicy(report.policy)}, days in ${report.timeZone}`;
   const width = Math.max(0, ...report.decisions.map((d) => d.item.file.length));
-  const rows = report.decisions.map((d) => `  ${d.keep ? 'keep  ' : 'delete'}  ${d.item.timestamp}  ${d.item.file.padEnd(width)}  ${d.reasons.join(', ')}`.trimEnd());
-  const leftAlone = report.leftAlone.map((entry) => `  leave   ${entry.file}  (${entry.why}; not judged by the policy)`);
+  const rows = report.decisions.map(({ keep, item, reasons }) =>
+    [`  ${keep ? 'keep  ' : 'delete'}`, item.timestamp, item.file.padEnd(width), reasons.join(', ')]
+      .join('  ')
+      .trimEnd(),
+  );
+  const leftAlone = report.leftAlone.map(
+    (entry) => `  leave   ${entry.file}  (${entry.why}; not judged by the policy)`,
+  );
   const count = report.deleted.length;
-  const total = count === 0 ? 'Nothing to delete.' : report.dryRun
-    ? `Dry run: would delete ${plural(count, 'backup')} (${formatBytes(report.freedBytes)}); nothing was deleted.`
-    : `Deleted ${plural(count, 'backup')} (${formatBytes(report.freedBytes)}).`;
+  const total =
+    count === 0
+      ? 'Nothing to delete.'
+      : report.dryRun
+        ? `Dry run: would delete ${plural(count, 'backup')} (${formatBytes(report.freedBytes)}); nothing was deleted.`
+        : `Deleted ${plural(count, 'backup')} (${formatBytes(report.freedBytes)}).`;
   return [header, '', ...rows, ...leftAlone, '', total];
 }
 
@@ -4030,20 +4852,31 @@ export function listingLines(listing: Listing): string[] {
 
   // The restore-test column appears once any backup has been through a restore drill.
   const drilled = entries.some((e) => e.restoreTest);
-  const drill = (e: ListEntry) => (e.restoreTest ? `${e.restoreTest.ok ? '✓' : '✗'} ${e.restoreTest.time.slice(0, 10)}` : '-');
+  const drill = (e: ListEntry) =>
+    e.restoreTest ? `${e.restoreTest.ok ? '✓' : '✗'} ${e.restoreTest.time.slice(0, 10)}` : '-';
   const rows = [
     ['Timestamp', 'Environment', 'Database', 'Size', 'Status', ...(drilled ? ['Restore test'] : [])],
-    ...entries.map((e) => [e.timestamp ?? '-', e.environment ?? '-', e.database ?? '-', formatBytes(e.sizeBytes), STATUS_LABELS[e.status], ...(drilled ? [drill(e)] : [])]),
+    ...entries.map((e) => [
+      e.timestamp ?? '-',
+      e.environment ?? '-',
+      e.database ?? '-',
+      formatBytes(e.sizeBytes),
+      STATUS_LABELS[e.status],
+      ...(drilled ? [drill(e)] : []),
+    ]),
   ];
   const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
-  const table = rows.map((row) => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''));
+  const table = rows.map((row) =>
+    row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''),
+  );
 
   const failed = listing.backups.filter((b) => b.status !== 'verified').length;
   const summary = [plural(listing.backups.length, 'backup')];
   const running = listing.incomplete.filter((e) => e.status === 'in_progress').length;
   const leftovers = listing.incomplete.length - running;
   if (running > 0) summary.push(`${running} in progress`);
-  if (leftovers > 0) summary.push(`${plural(leftovers, 'incomplete file')} (left by runs that did not finish; not backups)`);
+  if (leftovers > 0)
+    summary.push(`${plural(leftovers, 'incomplete file')} (left by runs that did not finish; not backups)`);
   const check = listing.fullCheck
     ? failed === 0
       ? 'Every backup was re-read: checksum, size, archive structure and table data verified.'
@@ -4054,9 +4887,16 @@ export function listingLines(listing: Listing): string[] {
 
 /** Pure: each table's rows in the backup's metadata and in the restored database. */
 export function reconciliationLines(rows: ReconciliationRow[]): string[] {
-  const cells = [['Table', 'Backup', 'Restored', ''], ...rows.map((r) => [r.table, String(r.backup ?? '-'), String(r.restored ?? '-'), r.ok ? '✓' : '✗'])];
+  const cells = [
+    ['Table', 'Backup', 'Restored', ''],
+    ...rows.map((r) => [r.table, String(r.backup ?? '-'), String(r.restored ?? '-'), r.ok ? '✓' : '✗']),
+  ];
   const widths = [0, 1, 2].map((column) => Math.max(...cells.map((row) => row[column]!.length)));
-  return cells.map(([table, backup, restored, mark]) => `${table!.padEnd(widths[0]!)}  ${backup!.padStart(widths[1]!)}  ${restored!.padStart(widths[2]!)}  ${mark}`.trimEnd());
+  return cells.map(([table, backup, restored, mark]) =>
+    [table!.padEnd(widths[0]!), backup!.padStart(widths[1]!), restored!.padStart(widths[2]!), mark]
+      .join('  ')
+      .trimEnd(),
+  );
 }
 
 function matchSummary(rows: ReconciliationRow[] | undefined): string {
@@ -4077,9 +4917,14 @@ function restoreText(outcome: RestoreOutcome): Text {
     ...(outcome.forcedPast ? [`Verified:    ✗ ${outcome.forcedPast} (restored anyway: --force)`] : []),
     where,
     `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${run.jobs})`,
-    `Session:     ${Object.entries(run.settings).map(([name, value]) => `${name}=${value}`).join(', ')}`,
+    `Session:     ${Object.entries(run.settings)
+      .map(([name, value]) => `${name}=${value}`)
+      .join(', ')}`,
     ...(skipped.length > 0
-      ? [`Skipped:     SET ${skipped.join(', ')}: pg_restore is newer than the server, which lacks ${skipped.length === 1 ? 'it' : 'them'} (restored with one job)`]
+      ? [
+          `Skipped:     SET ${skipped.join(', ')}: pg_restore is newer than the server, which lacks ` +
+            `${skipped.length === 1 ? 'it' : 'them'} (restored with one job)`,
+        ]
       : []),
     `Tables:      ${matchSummary(reconciliation)}`,
     ...(recorded ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`] : []),
@@ -4097,7 +4942,8 @@ export function maskSecrets(text: string, secrets: readonly string[]): string {
   let masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
   for (const secret of [...secrets].sort((a, b) => b.length - a.length)) {
     if (secret.length >= 4) masked = masked.split(secret).join('****');
-    else if (secret) masked = masked.replace(new RegExp(`(?<![\\p{L}\\p{N}])${escapeRegExp(secret)}(?![\\p{L}\\p{N}])`, 'gu'), '****');
+    else if (secret)
+      masked = masked.replace(new RegExp(`(?<![\\p{L}\\p{N}])${escapeRegExp(secret)}(?![\\p{L}\\p{N}])`, 'gu'), '****');
   }
   return masked;
 }
@@ -4145,22 +4991,38 @@ export function failureProblem(error: BackupError, operation: string, secrets: r
   const headline = `${error.extra.step ?? operation} failed: ${error.title}`;
   const { details, hints, exitCode } = error;
   const { report = [], data = {} } = error.extra;
-  const problem: Problem = { level: 'failure', exitCode, headline, error: error.extra.step ? headline : error.title, details, hints, report, data };
+  const problem: Problem = {
+    level: 'failure',
+    exitCode,
+    headline,
+    error: error.extra.step ? headline : error.title,
+    details,
+    hints,
+    report,
+    data,
+  };
   return redact(problem, secrets);
 }
 
 /** Pure: something that went wrong without failing the run, secrets masked. */
 export function warningProblem(headline: string, details: string, secrets: readonly string[]): Problem {
-  return redact({ level: 'warning', exitCode: EXIT.OK, headline, error: headline, details, hints: [], report: [], data: {} }, secrets);
+  return redact(
+    { level: 'warning', exitCode: EXIT.OK, headline, error: headline, details, hints: [], report: [], data: {} },
+    secrets,
+  );
 }
 
-/** Pure: the contract's error text (what failed, the report, the tool's own message, numbered steps), or a warning's line. */
+/**
+ * Pure: the contract's error text (what failed, the report, the tool's own message, numbered steps), or a warning's
+ * line.
+ */
 export function problemLines(problem: Problem): string[] {
   if (problem.level === 'warning') return [`⚠ ${problem.headline}: ${problem.details}`];
   const lines = [`✗ ${problem.headline}`, ''];
   if (problem.report.length > 0) lines.push(...problem.report, '');
   lines.push(`Error: ${problem.details}`);
-  if (problem.hints.length > 0) lines.push('', 'Troubleshooting:', ...problem.hints.map((hint, i) => `  ${i + 1}. ${hint}`));
+  if (problem.hints.length > 0)
+    lines.push('', 'Troubleshooting:', ...problem.hints.map((hint, i) => `  ${i + 1}. ${hint}`));
   return lines;
 }
 
@@ -4184,7 +5046,9 @@ function backupDocument(result: BackupResult): Record<string, unknown> {
     checks: checksDocument(result.checks),
     removed_stale_files: result.removedStaleFiles,
     retention: result.retention ? retentionDocument(result.retention) : null,
-    ...(result.retentionError ? { retention_error: problemDocument(failureProblem(result.retentionError, 'Retention', [])) } : {}),
+    ...(result.retentionError
+      ? { retention_error: problemDocument(failureProblem(result.retentionError, 'Retention', [])) }
+      : {}),
   };
 }
 
@@ -4192,7 +5056,11 @@ function verifyDocument(result: VerifyResult): Record<string, unknown> {
   return {
     file: result.filePath,
     metadata_file: result.metadataPath,
-    actual: { checksum_sha256: result.inspection.sha256, size_bytes: result.inspection.size, tables_without_data: result.inspection.missingTables },
+    actual: {
+      checksum_sha256: result.inspection.sha256,
+      size_bytes: result.inspection.size,
+      tables_without_data: result.inspection.missingTables,
+    },
     checks: checksDocument(result.inspection.checks),
     metadata: result.metadata,
   };
@@ -4210,7 +5078,13 @@ function listingDocument(listing: Listing): Record<string, unknown> {
     problems: e.problems,
     last_restore_test: e.restoreTest ?? null,
   });
-  return { directory: listing.directory, exists: listing.exists, full_check: listing.fullCheck, backups: listing.backups.map(entry), incomplete: listing.incomplete.map(entry) };
+  return {
+    directory: listing.directory,
+    exists: listing.exists,
+    full_check: listing.fullCheck,
+    backups: listing.backups.map(entry),
+    incomplete: listing.incomplete.map(entry),
+  };
 }
 
 function retentionDocument(report: RetentionReport): Record<string, unknown> {
@@ -4218,7 +5092,12 @@ function retentionDocument(report: RetentionReport): Record<string, unknown> {
     policy: report.policy,
     time_zone: report.timeZone,
     dry_run: report.dryRun,
-    decisions: report.decisions.map((d) => ({ file: d.item.file, timestamp: d.item.timestamp, keep: d.keep, reasons: d.reasons })),
+    decisions: report.decisions.map((d) => ({
+      file: d.item.file,
+      timestamp: d.item.timestamp,
+      keep: d.keep,
+      reasons: d.reasons,
+    })),
     deleted: report.deleted,
     freed_bytes: report.freedBytes,
     left_alone: report.leftAlone,
@@ -4256,14 +5135,22 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
  * Print a run's human text or its --json document: a result, masked here before it is serialised
  * or painted, or the run's problem, masked when it was built.
  */
-function printOutcome(io: Io, json: boolean, outcome: Outcome, problem: Problem | undefined, secrets: readonly string[]): void {
+function printOutcome(
+  io: Io,
+  json: boolean,
+  outcome: Outcome,
+  problem: Problem | undefined,
+  secrets: readonly string[],
+): void {
   const { result } = outcome;
   if (json) {
     const document = result ? redact(result.document, secrets) : problemDocument(problem!);
     io.out(JSON.stringify({ ok: outcome.exitCode === EXIT.OK, command: outcome.command, ...document }, null, 2));
     return;
   }
-  const { out: outLines, err: errLines } = result ? redact(result.text(), secrets) : { out: [], err: problemLines(problem!) };
+  const { out: outLines, err: errLines } = result
+    ? redact(result.text(), secrets)
+    : { out: [], err: problemLines(problem!) };
   if (outLines.length > 0) io.out(outLines.map((line) => paint(line, out)).join('\n'));
   if (errLines.length > 0) io.err(errLines.map((line, i) => paintErrorLine(line, i)).join('\n'));
 }
@@ -4276,7 +5163,11 @@ function paintErrorLine(line: string, index: number): string {
 
 /** A warning on stderr, in yellow. */
 function printWarning(io: Io, warning: Problem): void {
-  io.err(problemLines(warning).map((line) => err.yellow(line)).join('\n'));
+  io.err(
+    problemLines(warning)
+      .map((line) => err.yellow(line))
+      .join('\n'),
+  );
 }
 
 // ─── CLI: options, modes, settings ───────────────────────────────────────────────────────
@@ -4329,13 +5220,30 @@ export type Mode =
   | { command: 'restore'; file: string; target: string }
   | { command: 'drill'; file: string };
 
-type ModeOptions = Pick<CliOptions, 'verify' | 'list' | 'prune' | 'restore' | 'targetDb' | 'clean' | 'force' | 'iKnowThisIsProd' | 'restoreTest' | 'maintenanceWorkMem' | 'check'>;
+type ModeOptions = Pick<
+  CliOptions,
+  | 'verify'
+  | 'list'
+  | 'prune'
+  | 'restore'
+  | 'targetDb'
+  | 'clean'
+  | 'force'
+  | 'iKnowThisIsProd'
+  | 'restoreTest'
+  | 'maintenanceWorkMem'
+  | 'check'
+>;
 
-/** Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file". */
+/**
+ * Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file".
+ */
 export function chooseMode(opts: ModeOptions): Mode {
   const mode = modeOf(opts);
   if (opts.maintenanceWorkMem !== undefined && mode.command !== 'restore' && mode.command !== 'drill') {
-    throw configError('--maintenance-work-mem only applies to --restore FILE and --verify FILE --restore-test', ['For example: --restore FILE --target-db NAME --maintenance-work-mem 512MB']);
+    throw configError('--maintenance-work-mem only applies to --restore FILE and --verify FILE --restore-test', [
+      'For example: --restore FILE --target-db NAME --maintenance-work-mem 512MB',
+    ]);
   }
   return mode;
 }
@@ -4343,42 +5251,68 @@ export function chooseMode(opts: ModeOptions): Mode {
 function modeOf(opts: ModeOptions): Mode {
   if (opts.check) {
     if (opts.restore !== undefined || opts.list || opts.prune || opts.restoreTest || typeof opts.verify === 'string') {
-      throw configError('--check goes alone, or with --verify to re-read the newest backup', ['Check freshness: --check --max-age 26h [--verify]']);
+      throw configError('--check goes alone, or with --verify to re-read the newest backup', [
+        'Check freshness: --check --max-age 26h [--verify]',
+      ]);
     }
     return { command: 'check', fullCheck: opts.verify === true };
   }
   if (opts.restore !== undefined) return chooseRestore(opts);
-  const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find((option) => opts[option] !== undefined);
-  if (onlyForRestore) throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, ['For example: --restore FILE --target-db NAME [--clean]']);
+  const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find(
+    (option) => opts[option] !== undefined,
+  );
+  if (onlyForRestore)
+    throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, [
+      'For example: --restore FILE --target-db NAME [--clean]',
+    ]);
   if (opts.restoreTest) {
     if (typeof opts.verify !== 'string' || opts.verify.trim() === '' || opts.list) {
-      throw configError('--restore-test goes with --verify FILE', ['Run the drill: --verify db/backups/<file>.dump --restore-test']);
+      throw configError('--restore-test goes with --verify FILE', [
+        'Run the drill: --verify db/backups/<file>.dump --restore-test',
+      ]);
     }
     return { command: 'drill', file: opts.verify };
   }
   if (opts.prune && (opts.list || opts.verify !== undefined)) {
-    throw configError('--prune cannot be combined with --list or --verify', ['Prune alone: --prune --keep-daily 7 [--dry-run]', 'Then list: --list']);
+    throw configError('--prune cannot be combined with --list or --verify', [
+      'Prune alone: --prune --keep-daily 7 [--dry-run]',
+      'Then list: --list',
+    ]);
   }
   if (opts.prune) return { command: 'prune' };
   if (opts.list) {
     if (typeof opts.verify === 'string') {
-      throw configError(`--list --verify takes no FILE (got "${opts.verify}")`, ['Verify one file: --verify FILE', 'Verify every backup in a directory: --list --verify [--output-dir DIR]']);
+      throw configError(`--list --verify takes no FILE (got "${opts.verify}")`, [
+        'Verify one file: --verify FILE',
+        'Verify every backup in a directory: --list --verify [--output-dir DIR]',
+      ]);
     }
     return { command: 'list', fullCheck: opts.verify === true };
   }
   if (opts.verify === true || opts.verify?.trim() === '') {
-    throw configError('--verify needs the backup FILE to check', ['For example: --verify db/backups/<database>_<env>_<timestamp>.dump', 'Or check every backup: --list --verify']);
+    throw configError('--verify needs the backup FILE to check', [
+      'For example: --verify db/backups/<database>_<env>_<timestamp>.dump',
+      'Or check every backup: --list --verify',
+    ]);
   }
   return opts.verify === undefined ? { command: 'backup' } : { command: 'verify', file: opts.verify };
 }
 
 function chooseRestore(opts: ModeOptions): Mode {
   if (opts.list || opts.prune || opts.verify !== undefined || opts.restoreTest) {
-    throw configError('--restore cannot be combined with --list, --prune, --verify or --restore-test', ['Restore: --restore FILE --target-db NAME', 'It verifies FILE first on its own']);
+    throw configError('--restore cannot be combined with --list, --prune, --verify or --restore-test', [
+      'Restore: --restore FILE --target-db NAME',
+      'It verifies FILE first on its own',
+    ]);
   }
-  if (opts.restore!.trim() === '') throw configError('--restore needs the backup FILE', ['For example: --restore db/backups/<file>.dump --target-db NAME']);
+  if (opts.restore!.trim() === '')
+    throw configError('--restore needs the backup FILE', [
+      'For example: --restore db/backups/<file>.dump --target-db NAME',
+    ]);
   if (opts.targetDb === undefined) {
-    throw configError('--restore needs --target-db NAME, the database to restore into', ['A new name is created; an existing empty database is used; a non-empty one needs --clean']);
+    throw configError('--restore needs --target-db NAME, the database to restore into', [
+      'A new name is created; an existing empty database is used; a non-empty one needs --clean',
+    ]);
   }
   return { command: 'restore', file: opts.restore!, target: opts.targetDb };
 }
@@ -4395,16 +5329,22 @@ const DURATION_UNITS = { ms: 1, s: 1000, min: 60_000, h: 3_600_000, d: 86_400_00
  */
 export function parseDuration(value: string, maxMs = MAX_TIMEOUT_MS): number {
   const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
-  const ms = match ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS]) : NaN;
+  const ms = match
+    ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS])
+    : NaN;
   if (!(ms >= 0 && ms <= maxMs)) {
-    throw new InvalidArgumentError(`Use a duration such as 500ms, 30s, 2min, 1h or 2d, up to ${formatDuration(maxMs)} (0: no limit).`);
+    throw new InvalidArgumentError(
+      `Use a duration such as 500ms, 30s, 2min, 1h or 2d, up to ${formatDuration(maxMs)} (0: no limit).`,
+    );
   }
   return ms;
 }
 
 /** Pure: milliseconds as the largest whole unit that fits, e.g. "24 d", "90 s". */
 export function formatDuration(ms: number): string {
-  const [unit, size] = (Object.entries(DURATION_UNITS) as Array<[string, number]>).reverse().find(([, size]) => ms >= size) ?? ['ms', 1];
+  const [unit, size] = (Object.entries(DURATION_UNITS) as Array<[string, number]>)
+    .reverse()
+    .find(([, size]) => ms >= size) ?? ['ms', 1];
   return `${Math.floor(ms / size)} ${unit}`;
 }
 
@@ -4467,7 +5407,10 @@ export interface Settings {
  * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
  * (which, like every setting, may come from the process environment, .env.local or .env).
  */
-export function resolveSettings(opts: Partial<Omit<CliOptions, 'env' | 'configDir' | 'connectTimeout' | 'lockWaitTimeout'>>, vars: EnvVars): Settings {
+export function resolveSettings(
+  opts: Partial<Omit<CliOptions, 'env' | 'configDir' | 'connectTimeout' | 'lockWaitTimeout'>>,
+  vars: EnvVars,
+): Settings {
   const fromVar = <T>(name: string, parse: (value: string) => T): T | undefined => {
     const found = vars.get(name);
     if (!found) return undefined;
@@ -4489,10 +5432,16 @@ export function resolveSettings(opts: Partial<Omit<CliOptions, 'env' | 'configDi
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
   return {
     ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
-    stallTimeoutMs: opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value)) ?? parseDuration(DEFAULT_STALL_TIMEOUT),
+    stallTimeoutMs:
+      opts.stallTimeout ??
+      fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value)) ??
+      parseDuration(DEFAULT_STALL_TIMEOUT),
     search: pgBinDir ? { pgBinDir } : {},
     // --jobs sets the restore's pg_restore jobs only when given; else one per core.
-    restore: { ...(opts.jobsGiven ? { jobs: opts.jobs } : {}), ...(maintenanceWorkMemKb ? { maintenanceWorkMemKb } : {}) },
+    restore: {
+      ...(opts.jobsGiven ? { jobs: opts.jobs } : {}),
+      ...(maintenanceWorkMemKb ? { maintenanceWorkMemKb } : {}),
+    },
     retention: {
       last: keep(opts.keepLast, 'BACKUP_KEEP_LAST'),
       daily: keep(opts.keepDaily, 'BACKUP_KEEP_DAILY'),
@@ -4512,20 +5461,57 @@ export function resolveSettings(opts: Partial<Omit<CliOptions, 'env' | 'configDi
 }
 
 function buildProgram(json: boolean, secrets: readonly string[], io: Io): Command {
-  const keep = (flag: string, what: string) => new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
+  const keep = (flag: string, what: string) =>
+    new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
   return new Command()
     .name('backup_db.ts')
     .description('Back up the dev or prod PostgreSQL database with pg_dump, write checksummed metadata, and verify it.')
-    .addOption(new Option('--env <env>', 'environment to back up; auto reads ENV_MODE, then DEV_DB_NAME / DB_NAME').choices(['dev', 'prod', 'auto']).default('auto'))
-    .addOption(new Option('--output-dir <dir>', 'directory for backups (default: db/backups/ in the project directory)').argParser(nonEmptyPath))
-    .addOption(new Option('--verify [file]', 'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully verify every backup'))
+    .addOption(
+      new Option('--env <env>', 'environment to back up; auto reads ENV_MODE, then DEV_DB_NAME / DB_NAME')
+        .choices(['dev', 'prod', 'auto'])
+        .default('auto'),
+    )
+    .addOption(
+      new Option(
+        '--output-dir <dir>',
+        'directory for backups (default: db/backups/ in the project directory)',
+      ).argParser(nonEmptyPath),
+    )
+    .addOption(
+      new Option(
+        '--verify [file]',
+        'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully ' +
+          'verify every backup',
+      ),
+    )
     .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
     .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
-    .addOption(new Option('--compress <method>', 'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump 16+)'))
-    .addOption(new Option('--jobs <n>', 'dump with n parallel pg_dump workers into a directory-format archive; with --restore or --restore-test, n pg_restore jobs (default there: one per core)').argParser(parseJobs).default(1, '1, one custom-format file'))
-    .addOption(new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds').argParser(parseTimeoutSeconds).default(DEFAULT_CONNECT_TIMEOUT_S))
     .addOption(
-      new Option('--lock-wait-timeout <duration>', 'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)')
+      new Option(
+        '--compress <method>',
+        'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump ' +
+          '16+)',
+      ),
+    )
+    .addOption(
+      new Option(
+        '--jobs <n>',
+        'dump with n parallel pg_dump workers into a directory-format archive; with --restore or --restore-test, n ' +
+          'pg_restore jobs (default there: one per core)',
+      )
+        .argParser(parseJobs)
+        .default(1, '1, one custom-format file'),
+    )
+    .addOption(
+      new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds')
+        .argParser(parseTimeoutSeconds)
+        .default(DEFAULT_CONNECT_TIMEOUT_S),
+    )
+    .addOption(
+      new Option(
+        '--lock-wait-timeout <duration>',
+        'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)',
+      )
         .argParser((value) => parseDuration(value))
         .default(parseDuration(DEFAULT_LOCK_WAIT_TIMEOUT), DEFAULT_LOCK_WAIT_TIMEOUT),
     )
@@ -4534,29 +5520,98 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .addOption(keep('--keep-weekly', 'the newest backup of each of the last N ISO weeks (env BACKUP_KEEP_WEEKLY)'))
     .addOption(keep('--keep-monthly', 'the newest backup of each of the last N months (env BACKUP_KEEP_MONTHLY)'))
     .addOption(new Option('--prune', 'apply the retention rules without taking a backup'))
-    .addOption(new Option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing'))
-    .addOption(new Option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)').argParser(nonEmptyPath))
-    .addOption(new Option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)').argParser(webhookUrl))
-    .addOption(new Option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)'))
-    .addOption(new Option('--ping-url <url>', 'heartbeat: ping URL/start when a backup starts, URL when it succeeds, URL/fail when it fails (env BACKUP_PING_URL)').argParser(webhookUrl))
-    .addOption(new Option('--metrics-file <path>', 'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)').argParser(nonEmptyPath))
     .addOption(
-      new Option('--stall-timeout <duration>', `stop a backup that writes nothing for this long, saying what it waits on (default ${DEFAULT_STALL_TIMEOUT}; 0: never; env BACKUP_STALL_TIMEOUT)`).argParser((value) =>
-        parseDuration(value),
+      new Option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing'),
+    )
+    .addOption(
+      new Option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)').argParser(
+        nonEmptyPath,
       ),
     )
-    .addOption(new Option('--check', 'exit 0 if the newest backup is younger than --max-age, else 8 (for monitoring); with --verify, re-read it fully'))
-    .addOption(new Option('--max-age <duration>', 'with --check: how old the newest backup may be, e.g. 26h or 8d (env BACKUP_MAX_AGE)').argParser(parseMaxAge))
-    .addOption(new Option('--on-failure <command>', 'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)'))
-    .addOption(new Option('--restore <file>', 'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts'))
+    .addOption(
+      new Option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)').argParser(
+        webhookUrl,
+      ),
+    )
+    .addOption(new Option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)'))
+    .addOption(
+      new Option(
+        '--ping-url <url>',
+        'heartbeat: ping URL/start when a backup starts, URL when it succeeds, URL/fail when it fails (env ' +
+          'BACKUP_PING_URL)',
+      ).argParser(webhookUrl),
+    )
+    .addOption(
+      new Option(
+        '--metrics-file <path>',
+        'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)',
+      ).argParser(nonEmptyPath),
+    )
+    .addOption(
+      new Option(
+        '--stall-timeout <duration>',
+        `stop a backup that writes nothing for this long, saying what it waits on (default ${DEFAULT_STALL_TIMEOUT}; ` +
+          `0: never; env BACKUP_STALL_TIMEOUT)`,
+      ).argParser((value) => parseDuration(value)),
+    )
+    .addOption(
+      new Option(
+        '--check',
+        'exit 0 if the newest backup is younger than --max-age, else 8 (for monitoring); with --verify, re-read it ' +
+          'fully',
+      ),
+    )
+    .addOption(
+      new Option(
+        '--max-age <duration>',
+        'with --check: how old the newest backup may be, e.g. 26h or 8d (env BACKUP_MAX_AGE)',
+      ).argParser(parseMaxAge),
+    )
+    .addOption(
+      new Option(
+        '--on-failure <command>',
+        'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)',
+      ),
+    )
+    .addOption(
+      new Option(
+        '--restore <file>',
+        'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts',
+      ),
+    )
     .addOption(new Option('--target-db <name>', 'with --restore: the database to restore into (created if absent)'))
     .addOption(new Option('--clean', 'with --restore: drop and recreate a non-empty target database'))
     .addOption(new Option('--force', 'with --restore: restore even if the file fails verification'))
-    .addOption(new Option('--i-know-this-is-prod', 'with --restore and --env prod: allow overwriting the configured production database'))
-    .addOption(new Option('--restore-test', 'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it'))
-    .addOption(new Option('--maintenance-work-mem <size>', 'with --restore or --restore-test: index-build memory per pg_restore job, e.g. 512MB (default: 1GB shared by the jobs, at least 128MB each; env BACKUP_MAINTENANCE_WORK_MEM)').argParser(parseMemory))
-    .addOption(new Option('--pg-bin-dir <dir>', 'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations').argParser(nonEmptyPath))
-    .addOption(new Option('--config-dir <dir>', 'directory holding .env.local and .env').argParser(nonEmptyPath).default(PROJECT_DIR, 'the project directory'))
+    .addOption(
+      new Option(
+        '--i-know-this-is-prod',
+        'with --restore and --env prod: allow overwriting the configured production database',
+      ),
+    )
+    .addOption(
+      new Option(
+        '--restore-test',
+        'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it',
+      ),
+    )
+    .addOption(
+      new Option(
+        '--maintenance-work-mem <size>',
+        'with --restore or --restore-test: index-build memory per pg_restore job, e.g. 512MB (default: 1GB shared by ' +
+          'the jobs, at least 128MB each; env BACKUP_MAINTENANCE_WORK_MEM)',
+      ).argParser(parseMemory),
+    )
+    .addOption(
+      new Option(
+        '--pg-bin-dir <dir>',
+        'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations',
+      ).argParser(nonEmptyPath),
+    )
+    .addOption(
+      new Option('--config-dir <dir>', 'directory holding .env.local and .env')
+        .argParser(nonEmptyPath)
+        .default(PROJECT_DIR, 'the project directory'),
+    )
     .showHelpAfterError(json ? false : '(run with --help for usage)')
     .configureOutput({ writeErr: (text) => io.err(maskSecrets(text, secrets).replace(/\n$/, '')) })
     .exitOverride();
@@ -4585,12 +5640,19 @@ function configuredDatabase(mode: Mode, opts: CliOptions, vars: EnvVars): DbConf
 /** What a run record can say before the run: which database it is about. */
 function knownFacts(mode: Mode, config: DbConfig | undefined): Outcome['facts'] {
   if (!config) return {};
-  if (mode.command === 'restore') return { environment: config.environment, database: mode.target, file: path.basename(mode.file) };
+  if (mode.command === 'restore')
+    return { environment: config.environment, database: mode.target, file: path.basename(mode.file) };
   if (mode.command === 'drill') return { file: path.basename(mode.file) };
   return { environment: config.environment, database: config.database };
 }
 
-async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbConfig | undefined, settings: Settings): Promise<Outcome> {
+async function runMode(
+  mode: Mode,
+  opts: CliOptions,
+  vars: EnvVars,
+  config: DbConfig | undefined,
+  settings: Settings,
+): Promise<Outcome> {
   const outputDir = opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
   switch (mode.command) {
     case 'restore':
@@ -4601,35 +5663,86 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
         clean: opts.clean === true,
         force: opts.force === true,
         connectTimeoutSeconds: opts.connectTimeout,
-        guard: { requestedEnv: opts.env, iKnowThisIsProd: opts.iKnowThisIsProd === true, ...(opts.json ? {} : terminalPrompt()) },
+        guard: {
+          requestedEnv: opts.env,
+          iKnowThisIsProd: opts.iKnowThisIsProd === true,
+          ...(opts.json ? {} : terminalPrompt()),
+        },
         search: settings.search,
         tuning: settings.restore,
       };
       const restored = await withInterruptSignal((signal) => runRestore(config!, vars, request, signal));
       const { metadata } = restored;
       // A drill is about the backup's database; a restore's facts (the target) are known before it starts.
-      const facts = restored.drill && metadata ? { environment: metadata.environment, database: metadata.database_name } : {};
-      return { command: mode.command, exitCode: EXIT.OK, result: { document: restoreDocument(restored), text: () => restoreText(restored) }, facts };
+      const facts =
+        restored.drill && metadata ? { environment: metadata.environment, database: metadata.database_name } : {};
+      return {
+        command: mode.command,
+        exitCode: EXIT.OK,
+        result: { document: restoreDocument(restored), text: () => restoreText(restored) },
+        facts,
+      };
     }
     case 'verify': {
       const result = await runVerify(mode.file, settings.search);
-      const facts = { environment: result.metadata.environment, database: result.metadata.database_name, file: path.basename(result.filePath), size_bytes: result.inspection.size };
-      return { command: 'verify', exitCode: EXIT.OK, result: { document: verifyDocument(result), text: () => verificationText(result) }, facts };
+      const facts = {
+        environment: result.metadata.environment,
+        database: result.metadata.database_name,
+        file: path.basename(result.filePath),
+        size_bytes: result.inspection.size,
+      };
+      return {
+        command: 'verify',
+        exitCode: EXIT.OK,
+        result: { document: verifyDocument(result), text: () => verificationText(result) },
+        facts,
+      };
     }
     case 'list': {
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
-      return { command: 'list', exitCode: listingExitCode(listing), result: { document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }) }, facts: {} };
+      return {
+        command: 'list',
+        exitCode: listingExitCode(listing),
+        result: { document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }) },
+        facts: {},
+      };
     }
     case 'check': {
-      if (settings.maxAgeMs === undefined) throw configError('--check needs --max-age DURATION (or BACKUP_MAX_AGE)', ['For example: --check --max-age 26h for a daily backup']);
+      if (settings.maxAgeMs === undefined)
+        throw configError('--check needs --max-age DURATION (or BACKUP_MAX_AGE)', [
+          'For example: --check --max-age 26h for a daily backup',
+        ]);
       const freshness = await runCheck(config!, outputDir, settings.maxAgeMs, mode.fullCheck, settings.search);
-      return { command: 'check', exitCode: EXIT.OK, result: { document: freshnessDocument(freshness, outputDir, mode.fullCheck), text: () => freshnessText(freshness, config!, mode.fullCheck) }, facts: {} };
+      return {
+        command: 'check',
+        exitCode: EXIT.OK,
+        result: {
+          document: freshnessDocument(freshness, outputDir, mode.fullCheck),
+          text: () => freshnessText(freshness, config!, mode.fullCheck),
+        },
+        facts: {},
+      };
     }
     case 'prune': {
-      const report = await runPrune(config!, { outputDir, retention: settings.retention, dryRun: settings.dryRun, search: settings.search });
-      const lines = report ? retentionLines(report, outputDir, config!) : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
+      const report = await runPrune(config!, {
+        outputDir,
+        retention: settings.retention,
+        dryRun: settings.dryRun,
+        search: settings.search,
+      });
+      const lines = report
+        ? retentionLines(report, outputDir, config!)
+        : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
       const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
-      return { command: 'prune', exitCode: EXIT.OK, result: { document: { retention: report ? retentionDocument(report) : null }, text: () => ({ out: lines, err: [] }) }, facts };
+      return {
+        command: 'prune',
+        exitCode: EXIT.OK,
+        result: {
+          document: { retention: report ? retentionDocument(report) : null },
+          text: () => ({ out: lines, err: [] }),
+        },
+        facts,
+      };
     }
     case 'backup': {
       const result = await withInterruptSignal((signal) =>
@@ -4661,7 +5774,13 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
       const exitCode = result.retentionError?.exitCode === EXIT.VERIFY_FAILED ? EXIT.VERIFY_FAILED : EXIT.OK;
       // The run record names the refusal, not a generic problem.
       const failure = exitCode === EXIT.OK ? {} : { failure: result.retentionError! };
-      return { command: 'backup', exitCode, result: { document: backupDocument(result), text: () => backupSummaryText(result) }, facts, ...failure };
+      return {
+        command: 'backup',
+        exitCode,
+        result: { document: backupDocument(result), text: () => backupSummaryText(result) },
+        facts,
+        ...failure,
+      };
     }
   }
 }
@@ -4669,7 +5788,9 @@ async function runMode(mode: Mode, opts: CliOptions, vars: EnvVars, config: DbCo
 function failedOutcome(command: CommandName, failure: BackupError): Outcome {
   // A failed verification still knows which backup it was about.
   const metadata = failure.extra.data?.metadata as BackupMetadata | undefined;
-  const facts = metadata ? { environment: metadata.environment, database: metadata.database_name, file: metadata.backup_file } : {};
+  const facts = metadata
+    ? { environment: metadata.environment, database: metadata.database_name, file: metadata.backup_file }
+    : {};
   return { command, exitCode: failure.exitCode, facts, failure };
 }
 
@@ -4712,7 +5833,14 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
     const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
-    if (json) printOutcome(io, true, failedOutcome('backup', failure), failureProblem(failure, OPERATION_NAMES.backup, secrets), secrets);
+    if (json)
+      printOutcome(
+        io,
+        true,
+        failedOutcome('backup', failure),
+        failureProblem(failure, OPERATION_NAMES.backup, secrets),
+        secrets,
+      );
     return EXIT.CONFIG;
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
@@ -4734,7 +5862,11 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     server = config;
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && automation.pingUrl) {
-      const why = await sendPing(automation.pingUrl, 'start', `backup of ${redact(config!.database, secrets)} (${config!.environment}) started on ${os.hostname()}`);
+      const why = await sendPing(
+        automation.pingUrl,
+        'start',
+        `backup of ${redact(config!.database, secrets)} (${config!.environment}) started on ${os.hostname()}`,
+      );
       if (why) {
         printWarning(io, warningProblem('Heartbeat ping failed', why, secrets));
         automation = { ...automation, pingWarned: true };
@@ -4751,7 +5883,11 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     printOutcome(io, json, outcome, problem, secrets);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
-    problem = failureProblem(new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error)), operation, secrets);
+    problem = failureProblem(
+      new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error)),
+      operation,
+      secrets,
+    );
     io.err(problemLines(problem).join('\n'));
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
@@ -4815,7 +5951,7 @@ async function launcherChain(): Promise<ProcessInfo[]> {
   const self = await processInfo(process.pid);
   if (!self) return []; // no /proc: only the parent pid is watched
   const chain: ProcessInfo[] = [];
-  for (let pid = self.ppid; pid > 1; ) {
+  for (let pid = self.ppid; pid > 1;) {
     const info = await processInfo(pid);
     if (!info || (chain.length > 0 && info.pgrp !== self.pgrp)) break;
     chain.push(info);
@@ -4834,7 +5970,8 @@ function watchLaunchers(onGone: (who: string) => void): () => void {
     if (process.ppid !== parent) return onGone(`its parent process (pid ${parent})`);
     for (const launcher of chain) {
       const now = await processInfo(launcher.pid);
-      if (!now || now.zombie || now.start !== launcher.start) return onGone(`pid ${launcher.pid} (${launcher.command})`);
+      if (!now || now.zombie || now.start !== launcher.start)
+        return onGone(`pid ${launcher.pid} (${launcher.command})`);
     }
   };
   const timer = setInterval(() => void check(), 250);
@@ -4843,10 +5980,16 @@ function watchLaunchers(onGone: (who: string) => void): () => void {
 }
 
 function launcherGoneError(who: string): BackupError {
-  return new BackupError(EXIT.SIGHUP, 'Interrupted: the process that started this run ended', `${who} ended, so nothing waits for this run any more: it stopped and cleaned up after itself, and existing backups are untouched`, [
-    'This is what stopping the launcher (npx, tsx, a script, a scheduler) is meant to do',
-    'To run one that outlives its terminal or script, start it with setsid, or from cron or systemd',
-  ]);
+  return new BackupError(
+    EXIT.SIGHUP,
+    'Interrupted: the process that started this run ended',
+    `${who} ended, so nothing waits for this run any more: it stopped and cleaned up after itself, and existing ` +
+      `backups are untouched`,
+    [
+      'This is what stopping the launcher (npx, tsx, a script, a scheduler) is meant to do',
+      'To run one that outlives its terminal or script, start it with setsid, or from cron or systemd',
+    ],
+  );
 }
 
 /** Every password the configuration could hold, so no message can ever print one. */
@@ -4868,7 +6011,8 @@ export function secretsIn(vars: EnvVars): string[] {
   return secrets;
 }
 
-const isDirectRun = process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href;
+const isDirectRun =
+  process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href;
 if (isDirectRun) {
   // Whoever reads our output may be gone (npx killed, a closed pipe): a failed write must not
   // crash the cleanup that follows.

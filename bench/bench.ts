@@ -71,7 +71,12 @@ interface Measurement {
   sha256sum: number[];
 }
 
-async function measure(server: TestServer, database: string, dbBytes: number, compress: string | undefined): Promise<Measurement> {
+async function measure(
+  server: TestServer,
+  database: string,
+  dbBytes: number,
+  compress: string | undefined,
+): Promise<Measurement> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
   const configDir = path.join(work, 'config');
   await fs.mkdir(configDir);
@@ -79,9 +84,27 @@ async function measure(server: TestServer, database: string, dbBytes: number, co
     path.join(configDir, '.env'),
     `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`,
   );
-  const pgEnv = { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password, PGDATABASE: database };
+  const pgEnv = {
+    PGHOST: server.host,
+    PGPORT: String(server.port),
+    PGUSER: server.user,
+    PGPASSWORD: server.password,
+    PGDATABASE: database,
+  };
   const level = (await compressionFor(compress)).arg;
-  const m: Measurement = { database, dbBytes, raw: [], tool: [], rawParallel: [], toolParallel: [], toolTty: [], rss: [], dumpBytes: 0, verify: [], sha256sum: [] };
+  const m: Measurement = {
+    database,
+    dbBytes,
+    raw: [],
+    tool: [],
+    rawParallel: [],
+    toolParallel: [],
+    toolTty: [],
+    rss: [],
+    dumpBytes: 0,
+    verify: [],
+    sha256sum: [],
+  };
 
   const raw = async () => {
     const file = path.join(work, 'raw.dump');
@@ -95,15 +118,37 @@ async function measure(server: TestServer, database: string, dbBytes: number, co
   const tool = async () => {
     const outputDir = path.join(work, 'out');
     const rssFile = path.join(work, 'rss');
-    const args = ['--import', 'tsx', '--import', MAX_RSS, CLI, '--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...CLIENT_ARGS, ...(compress ? ['--compress', compress] : [])];
-    const [t] = await seconds(() => execa(process.execPath, args, { cwd: PROJECT, env: { BENCH_MAX_RSS_FILE: rssFile } }));
+    const args = [
+      '--import',
+      'tsx',
+      '--import',
+      MAX_RSS,
+      CLI,
+      '--env',
+      'dev',
+      '--config-dir',
+      configDir,
+      '--output-dir',
+      outputDir,
+      ...CLIENT_ARGS,
+      ...(compress ? ['--compress', compress] : []),
+    ];
+    const [t] = await seconds(() =>
+      execa(process.execPath, args, { cwd: PROJECT, env: { BENCH_MAX_RSS_FILE: rssFile } }),
+    );
     m.tool.push(t);
     m.rss.push(Number(await fs.readFile(rssFile, 'utf8')));
     const dump = (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump'))!;
     m.dumpBytes = (await fs.stat(path.join(outputDir, dump))).size;
     // Verifying a dump: the CLI against sha256sum of the same file.
     const file = path.join(outputDir, dump);
-    m.verify.push((await seconds(() => execa(process.execPath, ['--import', 'tsx', CLI, '--verify', file, ...CLIENT_ARGS], { cwd: PROJECT })))[0]);
+    m.verify.push(
+      (
+        await seconds(() =>
+          execa(process.execPath, ['--import', 'tsx', CLI, '--verify', file, ...CLIENT_ARGS], { cwd: PROJECT }),
+        )
+      )[0],
+    );
     m.sha256sum.push((await seconds(() => execa('sha256sum', [file])))[0]);
     await fs.rm(outputDir, { recursive: true });
   };
@@ -118,7 +163,21 @@ async function measure(server: TestServer, database: string, dbBytes: number, co
   };
   const toolParallel = async () => {
     const outputDir = path.join(work, 'parallel');
-    const args = ['--import', 'tsx', CLI, '--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir, ...CLIENT_ARGS, ...(compress ? ['--compress', compress] : [])];
+    const args = [
+      '--import',
+      'tsx',
+      CLI,
+      '--env',
+      'dev',
+      '--jobs',
+      '2',
+      '--config-dir',
+      configDir,
+      '--output-dir',
+      outputDir,
+      ...CLIENT_ARGS,
+      ...(compress ? ['--compress', compress] : []),
+    ];
     m.toolParallel.push((await seconds(() => execa(process.execPath, args, { cwd: PROJECT })))[0]);
     await fs.rm(outputDir, { recursive: true });
   };
@@ -151,9 +210,18 @@ async function pgDumpMajor(): Promise<number> {
 }
 
 /** Raw pg_dump at several settings, for the --compress guide and the directory-format question. */
-async function compressionGuide(server: TestServer, database: string): Promise<Array<{ setting: string; seconds: number; bytes: number }>> {
+async function compressionGuide(
+  server: TestServer,
+  database: string,
+): Promise<Array<{ setting: string; seconds: number; bytes: number }>> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
-  const env = { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password, PGDATABASE: database };
+  const env = {
+    PGHOST: server.host,
+    PGPORT: String(server.port),
+    PGUSER: server.user,
+    PGPASSWORD: server.password,
+    PGDATABASE: database,
+  };
   const rows = [];
   const level = (await compressionFor(undefined)).arg;
   // zstd and lz4 came with pg_dump 16.
@@ -180,7 +248,9 @@ async function compressionGuide(server: TestServer, database: string): Promise<A
  * directory, beside `npx tsx` of a one-line file (the floor no script can go below), and the
  * same through `node --import tsx`, as the timings above run the tool. Medians of alternating runs.
  */
-async function measureStartup(runs: number): Promise<Record<'npxFloor' | 'npxTool' | 'npxHelp' | 'nodeFloor' | 'nodeTool', number>> {
+async function measureStartup(
+  runs: number,
+): Promise<Record<'npxFloor' | 'npxTool' | 'npxHelp' | 'nodeFloor' | 'nodeTool', number>> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
   const trivial = path.join(work, 'trivial.ts');
   await fs.writeFile(trivial, 'export const one: number = 1;\n');
@@ -192,14 +262,20 @@ async function measureStartup(runs: number): Promise<Record<'npxFloor' | 'npxToo
     nodeFloor: [process.execPath, '--import', 'tsx', trivial],
     nodeTool: [process.execPath, '--import', 'tsx', CLI, '--list', '--output-dir', empty],
   };
-  const times = Object.fromEntries(Object.keys(commands).map((name) => [name, [] as number[]])) as Record<keyof typeof commands, number[]>;
+  const times = Object.fromEntries(Object.keys(commands).map((name) => [name, [] as number[]])) as Record<
+    keyof typeof commands,
+    number[]
+  >;
   for (let run = 0; run < runs; run++) {
     for (const [name, [command, ...args]] of Object.entries(commands) as Array<[keyof typeof commands, string[]]>) {
       times[name].push((await seconds(() => execa(command!, args, { cwd: PROJECT })))[0]);
     }
   }
   await fs.rm(work, { recursive: true });
-  return Object.fromEntries(Object.entries(times).map(([name, xs]) => [name, median(xs)])) as Record<keyof typeof commands, number>;
+  return Object.fromEntries(Object.entries(times).map(([name, xs]) => [name, median(xs)])) as Record<
+    keyof typeof commands,
+    number
+  >;
 }
 
 interface RestoreMeasurement {
@@ -219,12 +295,24 @@ async function measureRestore(server: TestServer, database: string, label: strin
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
   const configDir = path.join(work, 'config');
   await fs.mkdir(configDir);
-  await fs.writeFile(path.join(configDir, '.env'), `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`);
+  await fs.writeFile(
+    path.join(configDir, '.env'),
+    `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`,
+  );
   const outputDir = path.join(work, 'out');
-  await execa(process.execPath, ['--import', 'tsx', CLI, '--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...CLIENT_ARGS], { cwd: PROJECT });
-  const file = path.join(outputDir, (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump'))!);
+  await execa(
+    process.execPath,
+    ['--import', 'tsx', CLI, '--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...CLIENT_ARGS],
+    { cwd: PROJECT },
+  );
+  const file = path.join(
+    outputDir,
+    (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump'))!,
+  );
   const jobs = os.availableParallelism();
-  const tuned = Object.entries(restoreSessionSettings(server.major, jobs)).map(([k, v]) => `-c ${k}=${v}`).join(' ');
+  const tuned = Object.entries(restoreSessionSettings(server.major, jobs))
+    .map(([k, v]) => `-c ${k}=${v}`)
+    .join(' ');
   const env = { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password };
   const pgRestore = PG_BIN_DIR ? path.join(PG_BIN_DIR, 'pg_restore') : 'pg_restore';
   const m: RestoreMeasurement = { label, dumpBytes: (await fs.stat(file)).size, raw: [], rawTuned: [], tool: [] };
@@ -236,7 +324,11 @@ async function measureRestore(server: TestServer, database: string, label: strin
       (
         await seconds(async () => {
           await server.createDatabase(target);
-          await execa(pgRestore, ['--no-owner', '--no-acl', '--exit-on-error', `--jobs=${jobs}`, `--dbname=${target}`, file], { env: { ...env, ...options } });
+          await execa(
+            pgRestore,
+            ['--no-owner', '--no-acl', '--exit-on-error', `--jobs=${jobs}`, `--dbname=${target}`, file],
+            { env: { ...env, ...options } },
+          );
         })
       )[0],
     );
@@ -244,7 +336,30 @@ async function measureRestore(server: TestServer, database: string, label: strin
   };
   const tool = async () => {
     const target = `bench_restore_${n++}`;
-    m.tool.push((await seconds(() => execa(process.execPath, ['--import', 'tsx', CLI, '--restore', file, '--target-db', target, '--env', 'dev', '--config-dir', configDir, ...CLIENT_ARGS], { cwd: PROJECT })))[0]);
+    m.tool.push(
+      (
+        await seconds(() =>
+          execa(
+            process.execPath,
+            [
+              '--import',
+              'tsx',
+              CLI,
+              '--restore',
+              file,
+              '--target-db',
+              target,
+              '--env',
+              'dev',
+              '--config-dir',
+              configDir,
+              ...CLIENT_ARGS,
+            ],
+            { cwd: PROJECT },
+          ),
+        )
+      )[0],
+    );
     await server.dropDatabase(target);
   };
   for (let run = 0; run < RUNS; run++) {
@@ -285,46 +400,82 @@ try {
   const { label } = await compressionFor(values.compress);
   const setting = values.compress === undefined ? `default (${label})` : label;
   const client = (await execa(PG_DUMP, ['--version'])).stdout.trim();
-  console.log(`backup_db.ts benchmark: ${os.cpus().length} CPUs (${os.cpus()[0]?.model.trim()}), node ${process.version}, ${client}, compression ${setting}, ${RUNS} runs, medians\n`);
-  console.log('| Database | Raw `pg_dump -Fc` + sha256sum | backup_db.ts | Ratio | Raw `pg_dump -Fd -j2` + sha256sum | backup_db.ts --jobs 2 | Ratio | On a terminal (progress) | Throughput | Dump size | Peak RSS |');
+  console.log(
+    `backup_db.ts benchmark: ${os.cpus().length} CPUs (${os.cpus()[0]?.model.trim()}), node ${process.version}, ${client}, compression ${setting}, ${RUNS} runs, medians\n`,
+  );
+  console.log(
+    '| Database | Raw `pg_dump -Fc` + sha256sum | backup_db.ts | Ratio | Raw `pg_dump -Fd -j2` + sha256sum | backup_db.ts --jobs 2 | Ratio | On a terminal (progress) | Throughput | Dump size | Peak RSS |',
+  );
   console.log('|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of results) {
-    const [raw, tool, rawP, toolP, tty] = [median(r.raw), median(r.tool), median(r.rawParallel), median(r.toolParallel), median(r.toolTty)];
+    const [raw, tool, rawP, toolP, tty] = [
+      median(r.raw),
+      median(r.tool),
+      median(r.rawParallel),
+      median(r.toolParallel),
+      median(r.toolTty),
+    ];
     const [ratio, ratioP] = [median(pairedRatios(r.raw, r.tool)), median(pairedRatios(r.rawParallel, r.toolParallel))];
     console.log(
       `| ${mb(r.dbBytes).toFixed(0)} MB | ${raw.toFixed(1)} s | ${tool.toFixed(1)} s | ${ratio.toFixed(2)} | ${rawP.toFixed(1)} s | ${toolP.toFixed(1)} s | ${ratioP.toFixed(2)} | ${tty.toFixed(1)} s | ${(mb(r.dbBytes) / tool).toFixed(0)} / ${(mb(r.dbBytes) / toolP).toFixed(0)} MB/s | ${mb(r.dumpBytes).toFixed(0)} MB | ${mb(median(r.rss)).toFixed(0)} MB |`,
     );
   }
-  console.log(`\nFixed start-up cost, paid by every command before any work: ${startup.npxTool.toFixed(2)} s for \`npx tsx backup_db.ts --list\` of an empty directory (--help ${startup.npxHelp.toFixed(2)} s), of which \`npx tsx\` itself takes ${startup.npxFloor.toFixed(2)} s (a one-line file): the tool adds ${(startup.npxTool - startup.npxFloor).toFixed(2)} s. Through \`node --import tsx\`, as timed above: ${startup.nodeTool.toFixed(2)} s (floor ${startup.nodeFloor.toFixed(2)} s).`);
+  console.log(
+    `\nFixed start-up cost, paid by every command before any work: ${startup.npxTool.toFixed(2)} s for \`npx tsx backup_db.ts --list\` of an empty directory (--help ${startup.npxHelp.toFixed(2)} s), of which \`npx tsx\` itself takes ${startup.npxFloor.toFixed(2)} s (a one-line file): the tool adds ${(startup.npxTool - startup.npxFloor).toFixed(2)} s. Through \`node --import tsx\`, as timed above: ${startup.nodeTool.toFixed(2)} s (floor ${startup.nodeFloor.toFixed(2)} s).`,
+  );
   for (const r of results) {
     const overhead = median(r.tool) - median(r.raw) - startup.nodeTool;
-    console.log(`Overhead beyond the start-up, ${mb(r.dbBytes).toFixed(0)} MB: ${overhead.toFixed(2)} s, ${(overhead / (r.dbBytes / 1024 ** 3)).toFixed(2)} s per GB of database`);
+    console.log(
+      `Overhead beyond the start-up, ${mb(r.dbBytes).toFixed(0)} MB: ${overhead.toFixed(2)} s, ${(overhead / (r.dbBytes / 1024 ** 3)).toFixed(2)} s per GB of database`,
+    );
   }
   const large = results.at(-1)!;
   const small = results[0]!;
   const verify = median(large.verify);
   const sha = median(large.sha256sum);
-  const projection = (10 * 1024 / mb(large.dbBytes)) * median(large.tool);
-  const projectionParallel = (10 * 1024 / mb(large.dbBytes)) * median(large.toolParallel);
-  console.log(`\nVerify ${mb(large.dumpBytes).toFixed(0)} MB dump: backup_db.ts --verify ${verify.toFixed(1)} s, sha256sum ${sha.toFixed(1)} s (${(verify / sha).toFixed(2)}x)`);
-  console.log(`Projection to a 10 GB database: ${(projection / 60).toFixed(1)} min (one file), ${(projectionParallel / 60).toFixed(1)} min (--jobs 2)\n`);
+  const projection = ((10 * 1024) / mb(large.dbBytes)) * median(large.tool);
+  const projectionParallel = ((10 * 1024) / mb(large.dbBytes)) * median(large.toolParallel);
+  console.log(
+    `\nVerify ${mb(large.dumpBytes).toFixed(0)} MB dump: backup_db.ts --verify ${verify.toFixed(1)} s, sha256sum ${sha.toFixed(1)} s (${(verify / sha).toFixed(2)}x)`,
+  );
+  console.log(
+    `Projection to a 10 GB database: ${(projection / 60).toFixed(1)} min (one file), ${(projectionParallel / 60).toFixed(1)} min (--jobs 2)\n`,
+  );
   console.log('| pg_dump setting | Time | Size | Throughput |');
   console.log('|---|---|---|---|');
-  for (const row of guide) console.log(`| \`${row.setting}\` | ${row.seconds.toFixed(1)} s | ${mb(row.bytes).toFixed(0)} MB | ${(mb(large.dbBytes) / row.seconds).toFixed(0)} MB/s |`);
+  for (const row of guide)
+    console.log(
+      `| \`${row.setting}\` | ${row.seconds.toFixed(1)} s | ${mb(row.bytes).toFixed(0)} MB | ${(mb(large.dbBytes) / row.seconds).toFixed(0)} MB/s |`,
+    );
 
   const ratios = pairedRatios(large.raw, large.tool);
   const ratiosParallel = pairedRatios(large.rawParallel, large.toolParallel);
-  const listed = (xs: number[]) => [...xs].sort((a, b) => a - b).map((x) => x.toFixed(2)).join(' ');
-  console.log(`\nEach run's ratio on ${mb(large.dbBytes).toFixed(0)} MB, sorted: one file ${listed(ratios)}; --jobs 2 ${listed(ratiosParallel)}`);
+  const listed = (xs: number[]) =>
+    [...xs]
+      .sort((a, b) => a - b)
+      .map((x) => x.toFixed(2))
+      .join(' ');
+  console.log(
+    `\nEach run's ratio on ${mb(large.dbBytes).toFixed(0)} MB, sorted: one file ${listed(ratios)}; --jobs 2 ${listed(ratiosParallel)}`,
+  );
 
   const rssGrowth = median(large.rss) - median(small.rss);
   const targets: Array<[string, boolean]> = [
-    [`ratio ≤ 1.05 (${median(ratios).toFixed(2)}; --jobs 2: ${median(ratiosParallel).toFixed(2)})`, median(ratios) <= 1.05],
+    [
+      `ratio ≤ 1.05 (${median(ratios).toFixed(2)}; --jobs 2: ${median(ratiosParallel).toFixed(2)})`,
+      median(ratios) <= 1.05,
+    ],
     [`peak RSS ≤ 150 MB (${mb(median(large.rss)).toFixed(0)} MB)`, mb(median(large.rss)) <= 150],
-    [`peak RSS flat across sizes (+${mb(rssGrowth).toFixed(1)} MB for ${(large.dbBytes / small.dbBytes).toFixed(1)}x the data)`, mb(rssGrowth) <= 10],
+    [
+      `peak RSS flat across sizes (+${mb(rssGrowth).toFixed(1)} MB for ${(large.dbBytes / small.dbBytes).toFixed(1)}x the data)`,
+      mb(rssGrowth) <= 10,
+    ],
     [`verify ≤ 1.5x sha256sum (${(verify / sha).toFixed(2)}x)`, verify <= 1.5 * sha],
     // The defaults: one file, the default compression. --jobs 2 is shown, not counted.
-    [`10 GB projected < 3 min at the default settings (${(projection / 60).toFixed(1)} min as one file; ${(projectionParallel / 60).toFixed(1)} min with --jobs 2)`, projection < 180],
+    [
+      `10 GB projected < 3 min at the default settings (${(projection / 60).toFixed(1)} min as one file; ${(projectionParallel / 60).toFixed(1)} min with --jobs 2)`,
+      projection < 180,
+    ],
   ];
   console.log('\nTargets:');
   for (const [what, met] of targets) console.log(`  ${met ? '✓' : '✗'} ${what}`);
@@ -365,16 +516,28 @@ async function reportRestore(on: TestServer, database: string): Promise<void> {
   process.stderr.write('\n');
   const measured = [plain, gin, ...(vector ? [vector] : [])];
   const ratio = (r: RestoreMeasurement) => median(pairedRatios(r.raw, r.tool));
-  console.log(`\nRestore: --restore against createdb + raw pg_restore --jobs ${os.availableParallelism()} into a fresh database, same archive; the server at its default settings (maintenance_work_mem 64 MB). Medians of ${RUNS}; ratios are medians of each run's own.\n`);
-  console.log('| Database | Dump | Raw pg_restore | Raw, with the session settings | backup_db.ts --restore (verify + restore + counts) | Ratio | Settings alone |');
+  console.log(
+    `\nRestore: --restore against createdb + raw pg_restore --jobs ${os.availableParallelism()} into a fresh database, same archive; the server at its default settings (maintenance_work_mem 64 MB). Medians of ${RUNS}; ratios are medians of each run's own.\n`,
+  );
+  console.log(
+    '| Database | Dump | Raw pg_restore | Raw, with the session settings | backup_db.ts --restore (verify + restore + counts) | Ratio | Settings alone |',
+  );
   console.log('|---|---|---|---|---|---|---|');
   for (const r of measured) {
-    console.log(`| ${r.label} | ${mb(r.dumpBytes).toFixed(0)} MB | ${median(r.raw).toFixed(1)} s | ${median(r.rawTuned).toFixed(1)} s | ${median(r.tool).toFixed(1)} s | ${ratio(r).toFixed(2)} | ${median(pairedRatios(r.raw, r.rawTuned)).toFixed(2)} |`);
+    console.log(
+      `| ${r.label} | ${mb(r.dumpBytes).toFixed(0)} MB | ${median(r.raw).toFixed(1)} s | ${median(r.rawTuned).toFixed(1)} s | ${median(r.tool).toFixed(1)} s | ${ratio(r).toFixed(2)} | ${median(pairedRatios(r.raw, r.rawTuned)).toFixed(2)} |`,
+    );
   }
   const dominated = vector ?? gin;
   const targets: Array<[string, boolean]> = [
-    [`--restore ≤ 1.05 × raw pg_restore (${ratio(plain).toFixed(2)}, of which the fixed start-up is about 0.5 s)`, ratio(plain) <= 1.05],
-    [`--restore faster than raw pg_restore where an index build dominates (${dominated.label}: ${ratio(dominated).toFixed(2)})`, ratio(dominated) < 1],
+    [
+      `--restore ≤ 1.05 × raw pg_restore (${ratio(plain).toFixed(2)}, of which the fixed start-up is about 0.5 s)`,
+      ratio(plain) <= 1.05,
+    ],
+    [
+      `--restore faster than raw pg_restore where an index build dominates (${dominated.label}: ${ratio(dominated).toFixed(2)})`,
+      ratio(dominated) < 1,
+    ],
   ];
   console.log('\nRestore targets:');
   for (const [what, met] of targets) console.log(`  ${met ? '✓' : '✗'} ${what}`);

@@ -40,16 +40,28 @@ export async function generateAppDatabase(server: TestServer, database: string, 
   const chunked = (total: number, size: number, sql: (from: number, to: number) => string) => {
     for (let from = 1; from <= total; from += size) chunks.push(sql(from, Math.min(total, from + size - 1)));
   };
-  chunked(messages, 100_000, (a, b) => `INSERT INTO messages (conversation_id, role, content)
+  chunked(
+    messages,
+    100_000,
+    (a, b) => `INSERT INTO messages (conversation_id, role, content)
     SELECT 1 + i % ${conversations}, (ARRAY['user','assistant'])[1 + i % 2],
            (SELECT string_agg((${words})[1 + (random() * ${WORDS.length - 1})::int], ' ') FROM generate_series(1, 20 + (i % 80)))
-      FROM generate_series(${a}, ${b}) i`);
-  chunked(embeddings, 10_000, (a, b) => `INSERT INTO conversation_index (conversation_id, embedding)
-    SELECT i, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 1536)) FROM generate_series(${a}, ${b}) i`);
-  chunked(blobs, 500, (a, b) => `INSERT INTO project_knowledge (project, key, summary, payload)
+      FROM generate_series(${a}, ${b}) i`,
+  );
+  chunked(
+    embeddings,
+    10_000,
+    (a, b) => `INSERT INTO conversation_index (conversation_id, embedding)
+    SELECT i, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 1536)) FROM generate_series(${a}, ${b}) i`,
+  );
+  chunked(
+    blobs,
+    500,
+    (a, b) => `INSERT INTO project_knowledge (project, key, summary, payload)
     SELECT 'project-' || (i % 20), 'doc-' || i, 'attachment ' || i,
            (SELECT string_agg(decode(md5(i || '-' || j), 'hex'), ''::bytea) FROM generate_series(1, 4096) j)
-      FROM generate_series(${a}, ${b}) i`);
+      FROM generate_series(${a}, ${b}) i`,
+  );
   const workers = await Promise.all([server.connect(database), server.connect(database)]);
   await Promise.all(
     workers.map(async (client) => {
@@ -58,8 +70,9 @@ export async function generateAppDatabase(server: TestServer, database: string, 
   );
   await Promise.all(workers.map((c) => c.end()));
   await setup.query('VACUUM ANALYZE');
-  const size = Number((await setup.query<{ n: string }>('SELECT pg_database_size(current_database())::text AS n')).rows[0]!.n);
+  const size = Number(
+    (await setup.query<{ n: string }>('SELECT pg_database_size(current_database())::text AS n')).rows[0]!.n,
+  );
   await setup.end();
   return size;
 }
-

@@ -29,7 +29,9 @@ before(async () => {
   server = await startTestServer();
   for (const db of [devDb, prodDb]) await server.createDatabase(db, FIXTURE_SQL);
   source = await server.connect(devDb);
-  serverVersion = (await source.query<{ v: string }>("SELECT current_setting('server_version') AS v")).rows[0]!.v.split(' ')[0]!;
+  serverVersion = (await source.query<{ v: string }>("SELECT current_setting('server_version') AS v")).rows[0]!.v.split(
+    ' ',
+  )[0]!;
 });
 
 after(async () => {
@@ -56,8 +58,13 @@ describe('backup --env dev', () => {
     const restored = await restoreInto(run.dumpPath);
     try {
       const expected = await assertSameContent(source, restored);
-      assert.deepEqual(Object.keys(expected.tables), FIXTURE_PHYSICAL_TABLES, 'the comparison covered the whole fixture, partitions included');
-      const next = async (client: pg.Client) => (await client.query<{ n: string }>("SELECT nextval('ticket_numbers') AS n")).rows[0]!.n;
+      assert.deepEqual(
+        Object.keys(expected.tables),
+        FIXTURE_PHYSICAL_TABLES,
+        'the comparison covered the whole fixture, partitions included',
+      );
+      const next = async (client: pg.Client) =>
+        (await client.query<{ n: string }>("SELECT nextval('ticket_numbers') AS n")).rows[0]!.n;
       assert.equal(await next(restored), await next(source), 'the next sequence value continues where the source was');
     } finally {
       await restored.end();
@@ -123,7 +130,10 @@ describe('backup --env dev', () => {
     assert.match(run.stdout, /^Environment: dev$/m);
     assert.match(run.stdout, new RegExp(`^Database: {4}${devDb}$`, 'm'));
     assert.match(run.stdout, /^Tables: {6}10 \(/m);
-    assert.match(run.stdout, new RegExp(`^Checksum: {4}${String(run.metadata.checksum_sha256).slice(0, 12)}\\.\\.\\.$`, 'm'));
+    assert.match(
+      run.stdout,
+      new RegExp(`^Checksum: {4}${String(run.metadata.checksum_sha256).slice(0, 12)}\\.\\.\\.$`, 'm'),
+    );
     assert.match(run.stdout, /^Verified: {4}✓ Integrity check passed$/m);
     assert.equal(run.stderr, '');
   });
@@ -133,7 +143,10 @@ describe('backup --env dev', () => {
       assert.equal((await fs.stat(file)).mode & 0o777, 0o600, file);
     }
     assert.equal((await fs.stat(run.outputDir)).mode & 0o777, 0o700);
-    assert.deepEqual((await fs.readdir(run.outputDir)).sort(), [path.basename(run.dumpPath), path.basename(run.metadataPath)].sort());
+    assert.deepEqual(
+      (await fs.readdir(run.outputDir)).sort(),
+      [path.basename(run.dumpPath), path.basename(run.metadataPath)].sort(),
+    );
   });
 
   test('the archive is what pg_restore calls a custom-format dump', () => {
@@ -169,12 +182,26 @@ describe('counts describe exactly what is in the file', () => {
       'CREATE TABLE "constructor" (v int)',
     ]);
     const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
-    assert.deepEqual(JSON.parse(await fs.readFile(run.metadataPath, 'utf8')).table_counts, JSON.parse('{"\\"coll.t\\"": 5, "__proto__": 2, "coll.t": 3, "constructor": 0}'));
+    assert.deepEqual(
+      JSON.parse(await fs.readFile(run.metadataPath, 'utf8')).table_counts,
+      JSON.parse('{"\\"coll.t\\"": 5, "__proto__": 2, "coll.t": 3, "constructor": 0}'),
+    );
     assert.equal((await runCli({ args: ['--verify', run.dumpPath] })).exitCode, 0);
 
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
-    const restored = await runCli({ args: ['--restore', run.dumpPath, '--target-db', uniqueName('keys_copy'), '--env', 'dev', '--config-dir', configDir] });
+    const restored = await runCli({
+      args: [
+        '--restore',
+        run.dumpPath,
+        '--target-db',
+        uniqueName('keys_copy'),
+        '--env',
+        'dev',
+        '--config-dir',
+        configDir,
+      ],
+    });
     assert.equal(restored.exitCode, 0, restored.stderr);
     assert.match(restored.stdout, /^"coll\.t" +5 +5 {2}✓$/m);
     assert.match(restored.stdout, /^coll\.t +3 +3 {2}✓$/m);
@@ -185,14 +212,19 @@ describe('counts describe exactly what is in the file', () => {
     const metadata = JSON.parse(await fs.readFile(run.metadataPath, 'utf8'));
     metadata.table_counts['"coll.t"'] = 3;
     await fs.writeFile(run.metadataPath, JSON.stringify(metadata));
-    const drill = await runCli({ args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    const drill = await runCli({
+      args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
     assert.equal(drill.exitCode, 8, drill.stdout);
     assert.match(drill.stderr, /"coll\.t" \(backup 3, restored 5\)/);
   });
 
   test('a foreign table attached as a partition: its remote rows are not counted, and restores match with the remote gone', async () => {
     const [database, remote] = [uniqueName('fdw'), uniqueName('fdw_remote')];
-    await server.createDatabase(remote, ['CREATE TABLE readings_2025 (id int, at date)', "INSERT INTO readings_2025 SELECT i, date '2025-03-01' FROM generate_series(1, 7) AS i"]);
+    await server.createDatabase(remote, [
+      'CREATE TABLE readings_2025 (id int, at date)',
+      "INSERT INTO readings_2025 SELECT i, date '2025-03-01' FROM generate_series(1, 7) AS i",
+    ]);
     await server.createDatabase(database, [
       'CREATE EXTENSION postgres_fdw',
       `CREATE SERVER remote FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port '${server.port}', dbname '${remote}')`,
@@ -204,7 +236,11 @@ describe('counts describe exactly what is in the file', () => {
     ]);
     const viaParent = await server.connect(database);
     try {
-      assert.equal((await viaParent.query('SELECT count(*)::int AS n FROM readings')).rows[0].n, 17, 'the parent shows the remote rows too');
+      assert.equal(
+        (await viaParent.query('SELECT count(*)::int AS n FROM readings')).rows[0].n,
+        17,
+        'the parent shows the remote rows too',
+      );
     } finally {
       await viaParent.end();
     }
@@ -214,7 +250,9 @@ describe('counts describe exactly what is in the file', () => {
     await server.dropDatabase(remote);
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
-    const drill = await runCli({ args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    const drill = await runCli({
+      args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
     assert.equal(drill.exitCode, 0, drill.stderr);
     assert.match(drill.stdout, /^readings +10 +10 {2}✓$/m);
   });

@@ -20,7 +20,11 @@ before(async () => {
   defaultDirBefore = await directoryFingerprint(path.join(PROJECT_DIR, 'db', 'backups'));
 });
 after(async () => {
-  assert.deepEqual(await directoryFingerprint(path.join(PROJECT_DIR, 'db', 'backups')), defaultDirBefore, 'no bad input ever wrote to the default directory');
+  assert.deepEqual(
+    await directoryFingerprint(path.join(PROJECT_DIR, 'db', 'backups')),
+    defaultDirBefore,
+    'no bad input ever wrote to the default directory',
+  );
   await server?.stop();
 });
 
@@ -32,7 +36,11 @@ async function attempt(args: string[], vars: Record<string, string> = dbVars(ser
   return { ...result, files: await fs.readdir(outputDir).catch(() => [] as string[]) };
 }
 
-function assertCleanFailure(result: { exitCode: number; stdout: string; stderr: string; files: string[] }, exitCode: number, message: RegExp) {
+function assertCleanFailure(
+  result: { exitCode: number; stdout: string; stderr: string; files: string[] },
+  exitCode: number,
+  message: RegExp,
+) {
   assert.equal(result.exitCode, exitCode, `${result.stdout}\n${result.stderr}`);
   assert.match(result.stderr, message);
   assert.doesNotMatch(result.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
@@ -64,27 +72,59 @@ describe('variables with garbage', () => {
   const good = () => dbVars(server, 'DEV_DB_', 'input_app');
   const cases: Array<[string, Record<string, string>, number, RegExp]> = [
     ['blank DEV_DB_NAME', { DEV_DB_NAME: '   ' }, 2, /DEV_DB_NAME \(from \.env\) is blank/],
-    ['unicode ENV_MODE', { ENV_MODE: 'prøduction' }, 2, /ENV_MODE \(from \.env\) is "prøduction", which is not an environment/],
+    [
+      'unicode ENV_MODE',
+      { ENV_MODE: 'prøduction' },
+      2,
+      /ENV_MODE \(from \.env\) is "prøduction", which is not an environment/,
+    ],
     ['blank DEV_DB_PORT', { DEV_DB_PORT: '  ' }, 2, /DEV_DB_PORT \(from \.env\) is "  ", which is not a port number/],
     ['unicode digits in DEV_DB_PORT', { DEV_DB_PORT: '٥٤٣٢' }, 2, /not a port number/],
     ['very long DEV_DB_PORT', { DEV_DB_PORT: '5'.repeat(5000) }, 2, /not a port number/],
     ['spaces in DEV_DB_HOST', { DEV_DB_HOST: 'db host' }, 2, /DEV_DB_HOST .* not a host name/],
     ['garbage URL', { DEV_DATABASE_URL: '::::' }, 2, /DEV_DATABASE_URL \(from \.env\) is not a valid URL/],
-    ['very long DEV_DB_NAME', { DEV_DB_NAME: 'd'.repeat(10_000) }, 2, /DEV_DB_NAME \(from \.env\) is 10000 bytes long; PostgreSQL names are at most 63 bytes/],
+    [
+      'very long DEV_DB_NAME',
+      { DEV_DB_NAME: 'd'.repeat(10_000) },
+      2,
+      /DEV_DB_NAME \(from \.env\) is 10000 bytes long; PostgreSQL names are at most 63 bytes/,
+    ],
     ['64-byte DEV_DB_USER', { DEV_DB_USER: 'u'.repeat(64) }, 2, /DEV_DB_USER \(from \.env\) is 64 bytes long/],
-    ['very long DEV_DB_HOST', { DEV_DB_HOST: `${'h'.repeat(300)}.invalid` }, 3, /✗ Backup failed: Database (host not found|connection error)/],
+    [
+      'very long DEV_DB_HOST',
+      { DEV_DB_HOST: `${'h'.repeat(300)}.invalid` },
+      3,
+      /✗ Backup failed: Database (host not found|connection error)/,
+    ],
     ['unicode DEV_DB_USER', { DEV_DB_USER: 'ünïcødé_👤' }, 3, /authentication failed/],
-    ['unicode DEV_DB_NAME that does not exist', { DEV_DB_NAME: 'données_🎉' }, 3, /database "données_🎉" does not exist/],
+    [
+      'unicode DEV_DB_NAME that does not exist',
+      { DEV_DB_NAME: 'données_🎉' },
+      3,
+      /database "données_🎉" does not exist/,
+    ],
   ];
   for (const [name, change, exitCode, message] of cases) {
     // --env auto, so that ENV_MODE is consulted (an explicit --env would rightly override it).
-    test(name, async () => assertCleanFailure(await attempt(['--env', 'auto'], { ...good(), ...change }), exitCode, message));
+    test(name, async () =>
+      assertCleanFailure(await attempt(['--env', 'auto'], { ...good(), ...change }), exitCode, message),
+    );
   }
 });
 
 describe('paths with garbage', () => {
   test('an output directory path that is far too long → exit 4', async () => {
-    const result = await runCli({ args: ['--env', 'dev', '--config-dir', await tempDir(), '--output-dir', path.join(await tempDir(), 'x'.repeat(5000))], env: dbVars(server, 'DEV_DB_', 'input_app') });
+    const result = await runCli({
+      args: [
+        '--env',
+        'dev',
+        '--config-dir',
+        await tempDir(),
+        '--output-dir',
+        path.join(await tempDir(), 'x'.repeat(5000)),
+      ],
+      env: dbVars(server, 'DEV_DB_', 'input_app'),
+    });
     assert.equal(result.exitCode, 4, result.stderr);
     assert.match(result.stderr, /ENAMETOOLONG/);
   });
@@ -92,7 +132,10 @@ describe('paths with garbage', () => {
   test('an output directory inside a file → exit 4', async () => {
     const file = path.join(await tempDir(), 'file');
     await fs.writeFile(file, 'keep me');
-    const result = await runCli({ args: ['--env', 'dev', '--config-dir', await tempDir(), '--output-dir', path.join(file, 'sub')], env: dbVars(server, 'DEV_DB_', 'input_app') });
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', await tempDir(), '--output-dir', path.join(file, 'sub')],
+      env: dbVars(server, 'DEV_DB_', 'input_app'),
+    });
     assert.equal(result.exitCode, 4, result.stderr);
     assert.match(result.stderr, /not a directory/);
     assert.equal(await fs.readFile(file, 'utf8'), 'keep me');
@@ -101,7 +144,9 @@ describe('paths with garbage', () => {
   test('a .env that is a directory → exit 2 naming the file', async () => {
     const configDir = await tempDir();
     await fs.mkdir(path.join(configDir, '.env'));
-    const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')] });
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')],
+    });
     assert.equal(result.exitCode, 2, result.stderr);
     assert.match(result.stderr, /cannot read .*\.env: EISDIR/);
   });

@@ -42,31 +42,38 @@ async function procStartTime(pid: number): Promise<string> {
 }
 
 describe('two runs for the same database', () => {
-  test('started together: one backs up, the other exits 7 with "backup already running (pid N, since T)"', { timeout: 60_000 }, async () => {
-    const outputDir = path.join(await tempDir(), 'out');
-    const args = await backupArgs('conc_a', outputDir);
-    // The winner's pg_dump waits on this lock, so the two runs certainly overlap.
-    const lock = await holdTableLock(() => server.connect('conc_a'), 'items');
-    const runs = [startCli({ args }), startCli({ args })] as const;
-    const firstToExit = await Promise.race(runs.map((run, index) => run.then(() => index)));
-    const [loser, winner] = [runs[firstToExit]!, runs[1 - firstToExit]!];
-    try {
-      const lost = await loser;
-      assert.equal(lost.exitCode, 7, String(lost.stderr));
-      const stderr = String(lost.stderr);
-      assert.match(stderr, /^✗ Backup failed: Backup already running$/m);
-      const match = /backup already running \(pid (\d+), since (\S+)\) for database "conc_a" \(dev\)/.exec(stderr);
-      assert.ok(match, stderr);
-      assert.equal(Number(match[1]), winner.pid, 'it names the run that holds the lock');
-      assert.ok(!Number.isNaN(Date.parse(match[2]!)));
-    } finally {
-      await lock.release();
-    }
-    const won = await winner;
-    assert.equal(won.exitCode, 0, String(won.stderr));
-    assert.equal((await dumpsIn(outputDir)).length, 1);
-    assert.ok(!(await fs.readdir(outputDir)).some((name) => name.endsWith('.lock') || name.endsWith('.partial')), 'lock released, nothing left over');
-  });
+  test(
+    'started together: one backs up, the other exits 7 with "backup already running (pid N, since T)"',
+    { timeout: 60_000 },
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      const args = await backupArgs('conc_a', outputDir);
+      // The winner's pg_dump waits on this lock, so the two runs certainly overlap.
+      const lock = await holdTableLock(() => server.connect('conc_a'), 'items');
+      const runs = [startCli({ args }), startCli({ args })] as const;
+      const firstToExit = await Promise.race(runs.map((run, index) => run.then(() => index)));
+      const [loser, winner] = [runs[firstToExit]!, runs[1 - firstToExit]!];
+      try {
+        const lost = await loser;
+        assert.equal(lost.exitCode, 7, String(lost.stderr));
+        const stderr = String(lost.stderr);
+        assert.match(stderr, /^✗ Backup failed: Backup already running$/m);
+        const match = /backup already running \(pid (\d+), since (\S+)\) for database "conc_a" \(dev\)/.exec(stderr);
+        assert.ok(match, stderr);
+        assert.equal(Number(match[1]), winner.pid, 'it names the run that holds the lock');
+        assert.ok(!Number.isNaN(Date.parse(match[2]!)));
+      } finally {
+        await lock.release();
+      }
+      const won = await winner;
+      assert.equal(won.exitCode, 0, String(won.stderr));
+      assert.equal((await dumpsIn(outputDir)).length, 1);
+      assert.ok(
+        !(await fs.readdir(outputDir)).some((name) => name.endsWith('.lock') || name.endsWith('.partial')),
+        'lock released, nothing left over',
+      );
+    },
+  );
 });
 
 describe('runs for different databases', () => {
@@ -111,16 +118,23 @@ describe('stale locks', () => {
     assert.ok(!result.files.some((name) => name.endsWith('.lock')), 'taken over, then released');
   });
 
-  test('a lock whose pid now belongs to another program (start time differs) is taken over', skipUnless(noProc), async () => {
-    const result = await runWithLock({ ...base(), pid: process.pid, process_start: '1' });
-    assert.equal(result.exitCode, 0, result.stderr);
-  });
+  test(
+    'a lock whose pid now belongs to another program (start time differs) is taken over',
+    skipUnless(noProc),
+    async () => {
+      const result = await runWithLock({ ...base(), pid: process.pid, process_start: '1' });
+      assert.equal(result.exitCode, 0, result.stderr);
+    },
+  );
 
   test('a lock held by a live process is respected (exit 7) and left in place', skipUnless(noProc), async () => {
     const owner = { ...base(), pid: process.pid, process_start: await procStartTime(process.pid) };
     const result = await runWithLock(owner);
     assert.equal(result.exitCode, 7);
-    assert.match(result.stderr, new RegExp(`backup already running \\(pid ${process.pid}, since ${owner.started_at}\\)`));
+    assert.match(
+      result.stderr,
+      new RegExp(`backup already running \\(pid ${process.pid}, since ${owner.started_at}\\)`),
+    );
     assert.match(result.stderr, /rm .*conc_a_dev\.lock/, 'says how to clear a lock if the owner is really gone');
     assert.deepEqual(result.files, ['conc_a_dev.lock']);
   });
@@ -140,72 +154,102 @@ async function deadPid(): Promise<number> {
 }
 
 describe('stale-lock takeover under contention', () => {
-  test('many processes finding one dead lock at the same instant: never two holders, round after round', { timeout: 120_000 }, async () => {
-    const contenders = Array.from({ length: 6 }, () => {
-      const child = spawn(process.execPath, ['--import', 'tsx', path.join(PROJECT_DIR, 'test', 'helpers', 'lock-contender.ts')], { cwd: PROJECT_DIR, stdio: ['pipe', 'pipe', 'inherit'] });
-      const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
-      return { child, say: (line: string) => child.stdin.write(`${line}\n`), answer: async () => String((await lines.next()).value) };
-    });
-    const pid = await deadPid();
-    const owner = (p: number) => JSON.stringify({ pid: p, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null });
-    // What a directory can hold when the runs start: a dead run's lock; that lock and the takeover
-    // claim of a run that died taking it over; a lock that is not JSON; no lock at all.
-    const setups: Array<(dir: string) => Promise<void>> = [
-      (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid)),
-      async (dir) => {
-        await fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid));
-        const { ino } = await fs.stat(path.join(dir, 'app_dev.lock'), { bigint: true });
-        await fs.writeFile(path.join(dir, `app_dev.lock.takeover-${ino}`), owner(pid));
-      },
-      (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), 'not json'),
-      async () => undefined,
-    ];
-    const violations: string[] = [];
-    try {
-      for (let round = 0; round < 240; round++) {
-        const dir = await tempDir('backup-db-lock-');
-        await setups[round % setups.length]!(dir);
-        for (const c of contenders) c.say(`go ${dir}`);
-        const answers = await Promise.all(contenders.map((c) => c.answer()));
-        const winners = contenders.filter((_, i) => answers[i] === 'won');
-        if (winners.length !== 1) violations.push(`round ${round}: ${winners.length} holders (${answers.join(' | ')})`);
-        for (const loser of answers.filter((a) => a !== 'won')) assert.match(loser, /^lost Backup already running: /);
-        for (const winner of winners) {
-          winner.say('release');
-          assert.equal(await winner.answer(), 'released');
-        }
-        assert.deepEqual((await fs.readdir(dir)).filter((n) => !n.includes('.takeover-')), [], 'no lock, temp or swap file left behind');
-        await fs.rm(dir, { recursive: true, force: true });
-      }
-    } finally {
-      for (const c of contenders) c.child.kill();
-    }
-    assert.deepEqual(violations, []);
-  });
-
-  test('five real backups started together against a dead run\'s lock: one runs, four exit 7', { timeout: 120_000 }, async () => {
-    for (let round = 0; round < 3; round++) {
-      const outputDir = path.join(await tempDir(), 'out');
-      await fs.mkdir(outputDir);
-      await fs.writeFile(path.join(outputDir, 'conc_a_dev.lock'), JSON.stringify({ pid: await deadPid(), hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null }));
-      const args = await backupArgs('conc_a', outputDir);
-      // Every run's pg_dump would wait on this lock: a winner that got through holds the lock for as
-      // long as the others take to start.
-      const lock = await holdTableLock(() => server.connect('conc_a'), 'items');
-      const runs = Array.from({ length: 5 }, () => startCli({ args }));
-      let exited = 0;
-      for (const run of runs) void run.then(() => exited++);
+  test(
+    'many processes finding one dead lock at the same instant: never two holders, round after round',
+    { timeout: 120_000 },
+    async () => {
+      const contenders = Array.from({ length: 6 }, () => {
+        const child = spawn(
+          process.execPath,
+          ['--import', 'tsx', path.join(PROJECT_DIR, 'test', 'helpers', 'lock-contender.ts')],
+          { cwd: PROJECT_DIR, stdio: ['pipe', 'pipe', 'inherit'] },
+        );
+        const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+        return {
+          child,
+          say: (line: string) => child.stdin.write(`${line}\n`),
+          answer: async () => String((await lines.next()).value),
+        };
+      });
+      const pid = await deadPid();
+      const owner = (p: number) =>
+        JSON.stringify({ pid: p, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null });
+      // What a directory can hold when the runs start: a dead run's lock; that lock and the takeover
+      // claim of a run that died taking it over; a lock that is not JSON; no lock at all.
+      const setups: Array<(dir: string) => Promise<void>> = [
+        (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid)),
+        async (dir) => {
+          await fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid));
+          const { ino } = await fs.stat(path.join(dir, 'app_dev.lock'), { bigint: true });
+          await fs.writeFile(path.join(dir, `app_dev.lock.takeover-${ino}`), owner(pid));
+        },
+        (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), 'not json'),
+        async () => undefined,
+      ];
+      const violations: string[] = [];
       try {
-        // The one that got the lock waits on the table; the four others must give up meanwhile.
-        await waitFor('four of the five runs to give up', async () => (exited >= 4 ? true : undefined), 60_000);
+        for (let round = 0; round < 240; round++) {
+          const dir = await tempDir('backup-db-lock-');
+          await setups[round % setups.length]!(dir);
+          for (const c of contenders) c.say(`go ${dir}`);
+          const answers = await Promise.all(contenders.map((c) => c.answer()));
+          const winners = contenders.filter((_, i) => answers[i] === 'won');
+          if (winners.length !== 1)
+            violations.push(`round ${round}: ${winners.length} holders (${answers.join(' | ')})`);
+          for (const loser of answers.filter((a) => a !== 'won')) assert.match(loser, /^lost Backup already running: /);
+          for (const winner of winners) {
+            winner.say('release');
+            assert.equal(await winner.answer(), 'released');
+          }
+          assert.deepEqual(
+            (await fs.readdir(dir)).filter((n) => !n.includes('.takeover-')),
+            [],
+            'no lock, temp or swap file left behind',
+          );
+          await fs.rm(dir, { recursive: true, force: true });
+        }
       } finally {
-        await lock.release();
+        for (const c of contenders) c.child.kill();
       }
-      const exits = (await Promise.all(runs)).map((run) => run.exitCode).sort();
-      assert.deepEqual(exits, [0, 7, 7, 7, 7], `round ${round}`);
-      assert.equal((await dumpsIn(outputDir)).length, 1);
-    }
-  });
+      assert.deepEqual(violations, []);
+    },
+  );
+
+  test(
+    "five real backups started together against a dead run's lock: one runs, four exit 7",
+    { timeout: 120_000 },
+    async () => {
+      for (let round = 0; round < 3; round++) {
+        const outputDir = path.join(await tempDir(), 'out');
+        await fs.mkdir(outputDir);
+        await fs.writeFile(
+          path.join(outputDir, 'conc_a_dev.lock'),
+          JSON.stringify({
+            pid: await deadPid(),
+            hostname: os.hostname(),
+            started_at: new Date().toISOString(),
+            process_start: null,
+          }),
+        );
+        const args = await backupArgs('conc_a', outputDir);
+        // Every run's pg_dump would wait on this lock: a winner that got through holds the lock for as
+        // long as the others take to start.
+        const lock = await holdTableLock(() => server.connect('conc_a'), 'items');
+        const runs = Array.from({ length: 5 }, () => startCli({ args }));
+        let exited = 0;
+        for (const run of runs) void run.then(() => exited++);
+        try {
+          // The one that got the lock waits on the table; the four others must give up meanwhile.
+          await waitFor('four of the five runs to give up', async () => (exited >= 4 ? true : undefined), 60_000);
+        } finally {
+          await lock.release();
+        }
+        const exits = (await Promise.all(runs)).map((run) => run.exitCode).sort();
+        assert.deepEqual(exits, [0, 7, 7, 7, 7], `round ${round}`);
+        assert.equal((await dumpsIn(outputDir)).length, 1);
+      }
+    },
+  );
 });
 
 describe('lock leftovers and names', () => {
@@ -214,7 +258,11 @@ describe('lock leftovers and names', () => {
     await fs.mkdir(outputDir);
     const pid = await deadPid();
     const leftovers = [`conc_a_dev.lock.${pid}.tmp`, `conc_a_dev.lock.${pid}.swap`, 'conc_a_dev.lock.takeover-12345'];
-    for (const name of leftovers) await fs.writeFile(path.join(outputDir, name), JSON.stringify({ pid, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null }));
+    for (const name of leftovers)
+      await fs.writeFile(
+        path.join(outputDir, name),
+        JSON.stringify({ pid, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null }),
+      );
     // A starting run of this database that is still alive, and another database's leftover: kept.
     const live = `conc_a_dev.lock.${process.pid}.tmp`;
     await fs.writeFile(path.join(outputDir, live), '{}');
@@ -228,25 +276,35 @@ describe('lock leftovers and names', () => {
     assert.ok(!leftovers.some((name) => after.includes(name)));
   });
 
-  test('databases "a b" and "a_b" back up at the same time in one directory, each under its own lock', { timeout: 60_000 }, async () => {
-    const outputDir = path.join(await tempDir(), 'out');
-    const [argsSpace, argsUnderscore] = await Promise.all([backupArgs('a b', outputDir), backupArgs('a_b', outputDir)]);
-    const lockSpace = await holdTableLock(() => server.connect('a b'), 'items');
-    const lockUnderscore = await holdTableLock(() => server.connect('a_b'), 'items');
-    const runs = [startCli({ args: argsSpace }), startCli({ args: argsUnderscore })];
-    try {
-      await waitFor('both pg_dumps running at once', async () => {
-        const { rows } = await lockSpace.observer.query(
-          "SELECT count(DISTINCT datname)::int AS n FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%' AND query LIKE 'LOCK TABLE%'",
-        );
-        return rows[0].n === 2 ? true : undefined;
-      });
-      assert.deepEqual((await fs.readdir(outputDir)).filter((n) => n.endsWith('.lock')).sort(), ['a%20b_dev.lock', 'a_b_dev.lock']);
-    } finally {
-      await Promise.all([lockSpace.release(), lockUnderscore.release()]);
-    }
-    for (const run of await Promise.all(runs)) assert.equal(run.exitCode, 0, String(run.stderr));
-    const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', outputDir] })).stdout);
-    assert.deepEqual(listed.backups.map((b: { database: string }) => b.database).sort(), ['a b', 'a_b']);
-  });
+  test(
+    'databases "a b" and "a_b" back up at the same time in one directory, each under its own lock',
+    { timeout: 60_000 },
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      const [argsSpace, argsUnderscore] = await Promise.all([
+        backupArgs('a b', outputDir),
+        backupArgs('a_b', outputDir),
+      ]);
+      const lockSpace = await holdTableLock(() => server.connect('a b'), 'items');
+      const lockUnderscore = await holdTableLock(() => server.connect('a_b'), 'items');
+      const runs = [startCli({ args: argsSpace }), startCli({ args: argsUnderscore })];
+      try {
+        await waitFor('both pg_dumps running at once', async () => {
+          const { rows } = await lockSpace.observer.query(
+            "SELECT count(DISTINCT datname)::int AS n FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%' AND query LIKE 'LOCK TABLE%'",
+          );
+          return rows[0].n === 2 ? true : undefined;
+        });
+        assert.deepEqual((await fs.readdir(outputDir)).filter((n) => n.endsWith('.lock')).sort(), [
+          'a%20b_dev.lock',
+          'a_b_dev.lock',
+        ]);
+      } finally {
+        await Promise.all([lockSpace.release(), lockUnderscore.release()]);
+      }
+      for (const run of await Promise.all(runs)) assert.equal(run.exitCode, 0, String(run.stderr));
+      const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', outputDir] })).stdout);
+      assert.deepEqual(listed.backups.map((b: { database: string }) => b.database).sort(), ['a b', 'a_b']);
+    },
+  );
 });

@@ -34,16 +34,27 @@ async function backupWith({ dotEnv, dotEnvLocal, processEnv = {}, args = [] }: L
   const outputDir = path.join(configDir, 'out');
   if (dotEnv) await writeEnvFile(configDir, '.env', dotEnv);
   if (dotEnvLocal) await writeEnvFile(configDir, '.env.local', dotEnvLocal);
-  const result = await runCli({ args: ['--config-dir', configDir, '--output-dir', outputDir, ...args], env: processEnv });
+  const result = await runCli({
+    args: ['--config-dir', configDir, '--output-dir', outputDir, ...args],
+    env: processEnv,
+  });
   const files = await fs.readdir(outputDir).catch(() => [] as string[]);
   const metadataFile = files.find((file) => file.endsWith('.metadata.json'));
   const metadata = metadataFile
-    ? (JSON.parse(await fs.readFile(path.join(outputDir, metadataFile), 'utf8')) as { database_name: string; environment: string })
+    ? (JSON.parse(await fs.readFile(path.join(outputDir, metadataFile), 'utf8')) as {
+        database_name: string;
+        environment: string;
+      })
     : undefined;
   return { ...result, files, database: metadata?.database_name, environment: metadata?.environment };
 }
 
-const connection = () => ({ DB_HOST: server.host, DB_PORT: String(server.port), DB_USER: server.user, DB_PASSWORD: server.password });
+const connection = () => ({
+  DB_HOST: server.host,
+  DB_PORT: String(server.port),
+  DB_USER: server.user,
+  DB_PASSWORD: server.password,
+});
 
 describe('precedence: process environment > .env.local > .env', () => {
   const dotEnv = () => ({ ...connection(), DEV_DB_NAME: 'cfg_env' });
@@ -61,7 +72,11 @@ describe('precedence: process environment > .env.local > .env', () => {
   });
 
   test('the process environment wins over both files', async () => {
-    const run = await backupWith({ dotEnv: dotEnv(), dotEnvLocal: { DEV_DB_NAME: 'cfg_local' }, processEnv: { DEV_DB_NAME: 'cfg_process' } });
+    const run = await backupWith({
+      dotEnv: dotEnv(),
+      dotEnvLocal: { DEV_DB_NAME: 'cfg_local' },
+      processEnv: { DEV_DB_NAME: 'cfg_process' },
+    });
     assert.equal(run.exitCode, 0, run.stderr);
     assert.equal(run.database, 'cfg_process');
   });
@@ -76,7 +91,10 @@ describe('precedence: process environment > .env.local > .env', () => {
 
 describe('dev settings fall back to DB_*', () => {
   test('DEV_DB_NAME alone plus DB_HOST/PORT/USER/PASSWORD backs up the dev database as dev', async () => {
-    const run = await backupWith({ dotEnv: { ...connection(), DB_NAME: 'cfg_prod' }, dotEnvLocal: { DEV_DB_NAME: 'cfg_local' } });
+    const run = await backupWith({
+      dotEnv: { ...connection(), DB_NAME: 'cfg_prod' },
+      dotEnvLocal: { DEV_DB_NAME: 'cfg_local' },
+    });
     assert.equal(run.exitCode, 0, run.stderr);
     assert.equal(run.database, 'cfg_local');
     assert.equal(run.environment, 'dev');
@@ -84,7 +102,9 @@ describe('dev settings fall back to DB_*', () => {
   });
 
   test('a DEV_DB_* value wins over its DB_* fallback', async () => {
-    const run = await backupWith({ dotEnv: { ...connection(), DB_PORT: '1', DEV_DB_PORT: String(server.port), DEV_DB_NAME: 'cfg_env' } });
+    const run = await backupWith({
+      dotEnv: { ...connection(), DB_PORT: '1', DEV_DB_PORT: String(server.port), DEV_DB_NAME: 'cfg_env' },
+    });
     assert.equal(run.exitCode, 0, run.stderr);
     assert.equal(run.database, 'cfg_env');
   });
@@ -188,7 +208,7 @@ describe('bad values', () => {
     });
   }
 
-  test('an invalid --env choice is exit 2 with commander\'s message', async () => {
+  test("an invalid --env choice is exit 2 with commander's message", async () => {
     const run = await backupWith({ args: ['--env', 'staging'] });
     assert.equal(run.exitCode, 2);
     assert.match(run.stderr, /argument 'staging' is invalid\. Allowed choices are dev, prod, auto/);

@@ -47,41 +47,71 @@ function assertDiskFull(result: { exitCode: number; stderr: string; stdout: stri
 }
 
 describe('disk space', () => {
-  test('preflight: clearly too little free space → exit 5 with the figures, before anything is written', skipUnless(noTmpfs), async () => {
-    const result = await runCliOnTmpfs(128 * 1024, existing.outputDir, backupArgs);
-    assertDiskFull(result);
-    assert.match(result.stderr, /Error: \d+\.\d KB free in .*, but the tables hold \d+\.\d MB and even a well-compressed dump of them needs about \d+\.\d KB/);
-    assert.deepEqual(result.after, existing.before, 'only the existing backup; no partial, no lock');
-  });
+  test(
+    'preflight: clearly too little free space → exit 5 with the figures, before anything is written',
+    skipUnless(noTmpfs),
+    async () => {
+      const result = await runCliOnTmpfs(128 * 1024, existing.outputDir, backupArgs);
+      assertDiskFull(result);
+      assert.match(
+        result.stderr,
+        /Error: \d+\.\d KB free in .*, but the tables hold \d+\.\d MB and even a well-compressed dump of them needs about \d+\.\d KB/,
+      );
+      assert.deepEqual(result.after, existing.before, 'only the existing backup; no partial, no lock');
+    },
+  );
 
-  test('a real ENOSPC during the write → exit 5, the partial removed, existing backups untouched', skipUnless(noTmpfs), async () => {
-    const result = await runCliOnTmpfs(1024 * 1024, existing.outputDir, backupArgs);
-    assertDiskFull(result);
-    assert.match(result.stderr, /ENOSPC/);
-    assert.deepEqual(result.after, existing.before);
-  });
+  test(
+    'a real ENOSPC during the write → exit 5, the partial removed, existing backups untouched',
+    skipUnless(noTmpfs),
+    async () => {
+      const result = await runCliOnTmpfs(1024 * 1024, existing.outputDir, backupArgs);
+      assertDiskFull(result);
+      assert.match(result.stderr, /ENOSPC/);
+      assert.deepEqual(result.after, existing.before);
+    },
+  );
 
-  test('the disk fills up while the metadata is written → exit 5, the hint names the output directory, nothing kept', skipUnless(noTmpfs), async () => {
-    // Room for the lock and a one-page dump of the small database, not for its metadata too.
-    const smallArgs = (outputDir: string) => [...existing.args.slice(0, 4), '--output-dir', outputDir];
-    const result = await runCliOnTmpfs(8 * 1024, undefined, smallArgs);
-    assertDiskFull(result);
-    assert.match(result.stderr, /Error: Writing the metadata failed: .*ENOSPC/);
-    assert.match(result.stderr, /1\. Check free space: df -h \/\S+\/mnt$/m, 'the output directory, not the working directory');
-    assert.deepEqual(result.after, {}, 'no partial, no metadata, no lock');
-  });
+  test(
+    'the disk fills up while the metadata is written → exit 5, the hint names the output directory, nothing kept',
+    skipUnless(noTmpfs),
+    async () => {
+      // Room for the lock and a one-page dump of the small database, not for its metadata too.
+      const smallArgs = (outputDir: string) => [...existing.args.slice(0, 4), '--output-dir', outputDir];
+      const result = await runCliOnTmpfs(8 * 1024, undefined, smallArgs);
+      assertDiskFull(result);
+      assert.match(result.stderr, /Error: Writing the metadata failed: .*ENOSPC/);
+      assert.match(
+        result.stderr,
+        /1\. Check free space: df -h \/\S+\/mnt$/m,
+        'the output directory, not the working directory',
+      );
+      assert.deepEqual(result.after, {}, 'no partial, no metadata, no lock');
+    },
+  );
 
-  test('RLIMIT_FSIZE (EFBIG) during the write, where no tmpfs can be mounted → exit 5, same guarantees', skipUnless(noPrlimit), async () => {
-    const seeded = await directoryWithExistingBackup(server, 'space_small');
-    const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir], wrapper: ['prlimit', '--fsize=1000000', '--'] });
-    assertDiskFull(result);
-    assert.match(result.stderr, /EFBIG/);
-    assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
-  });
+  test(
+    'RLIMIT_FSIZE (EFBIG) during the write, where no tmpfs can be mounted → exit 5, same guarantees',
+    skipUnless(noPrlimit),
+    async () => {
+      const seeded = await directoryWithExistingBackup(server, 'space_small');
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir],
+        wrapper: ['prlimit', '--fsize=1000000', '--'],
+      });
+      assertDiskFull(result);
+      assert.match(result.stderr, /EFBIG/);
+      assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
+    },
+  );
 
-  test('with room to spare the same backup succeeds, so the failures above are about space', skipUnless(noTmpfs), async () => {
-    const result = await runCliOnTmpfs(64 * 1024 * 1024, undefined, backupArgs);
-    assert.equal(result.exitCode, 0, result.stderr);
-    assert.equal(Object.keys(result.after).filter((name) => name.endsWith('.dump')).length, 1);
-  });
+  test(
+    'with room to spare the same backup succeeds, so the failures above are about space',
+    skipUnless(noTmpfs),
+    async () => {
+      const result = await runCliOnTmpfs(64 * 1024 * 1024, undefined, backupArgs);
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.equal(Object.keys(result.after).filter((name) => name.endsWith('.dump')).length, 1);
+    },
+  );
 });

@@ -7,60 +7,83 @@ import fs from 'node:fs/promises';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, directoryWithExistingBackup, runCli, startCli } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { directoryFingerprint, holdTableLock, waitFor, waitForBlockedPgDump, waitForNoBackupSessions } from './helpers/wait.ts';
+import {
+  directoryFingerprint,
+  holdTableLock,
+  waitFor,
+  waitForBlockedPgDump,
+  waitForNoBackupSessions,
+} from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('fail_app', `
+  await server.createDatabase(
+    'fail_app',
+    `
     CREATE TABLE public_notes (id int, body text);
     INSERT INTO public_notes SELECT i, 'note ' || i FROM generate_series(1, 1000) i;
     CREATE TABLE secrets (id int);
     CREATE ROLE limited LOGIN PASSWORD 'limited-pw';
-    GRANT SELECT ON public_notes TO limited;`);
+    GRANT SELECT ON public_notes TO limited;`,
+  );
 });
 after(() => server?.stop());
 
 describe('failure after the dump started', () => {
-  test('pg_dump killed mid-run (its server session terminated) → 7, partial removed, old backup untouched', { timeout: 60_000 }, async () => {
-    const { outputDir, args, before: existing } = await directoryWithExistingBackup(server, 'fail_app');
-    assert.equal(Object.keys(existing).length, 2);
+  test(
+    'pg_dump killed mid-run (its server session terminated) → 7, partial removed, old backup untouched',
+    { timeout: 60_000 },
+    async () => {
+      const { outputDir, args, before: existing } = await directoryWithExistingBackup(server, 'fail_app');
+      assert.equal(Object.keys(existing).length, 2);
 
-    const lock = await holdTableLock(() => server.connect('fail_app'), 'public_notes');
-    const cli = startCli({ args });
-    try {
-      const pgDumpBackend = await waitForBlockedPgDump(lock.observer);
-      const partial = await waitFor('the partial file', async () => (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump.partial')));
-      assert.match(partial, /^fail_app_dev_.*\.dump\.partial$/);
-      await lock.observer.query('SELECT pg_terminate_backend($1)', [pgDumpBackend]);
-    } finally {
-      await lock.release();
-    }
-    const result = await cli;
+      const lock = await holdTableLock(() => server.connect('fail_app'), 'public_notes');
+      const cli = startCli({ args });
+      try {
+        const pgDumpBackend = await waitForBlockedPgDump(lock.observer);
+        const partial = await waitFor('the partial file', async () =>
+          (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump.partial')),
+        );
+        assert.match(partial, /^fail_app_dev_.*\.dump\.partial$/);
+        await lock.observer.query('SELECT pg_terminate_backend($1)', [pgDumpBackend]);
+      } finally {
+        await lock.release();
+      }
+      const result = await cli;
 
-    assert.equal(result.exitCode, 7, String(result.stderr));
-    assert.match(String(result.stderr), /^✗ Backup failed: pg_dump failed$/m);
-    assert.match(String(result.stderr), /^Error: pg_dump: error: .*(terminat|server closed the connection)/m);
-    assert.match(String(result.stderr), /Troubleshooting:\n {2}1\./);
-    assert.deepEqual(await directoryFingerprint(outputDir), existing, 'only the earlier backup, byte for byte');
-  });
+      assert.equal(result.exitCode, 7, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Backup failed: pg_dump failed$/m);
+      assert.match(String(result.stderr), /^Error: pg_dump: error: .*(terminat|server closed the connection)/m);
+      assert.match(String(result.stderr), /Troubleshooting:\n {2}1\./);
+      assert.deepEqual(await directoryFingerprint(outputDir), existing, 'only the earlier backup, byte for byte');
+    },
+  );
 
-  test('a table the user may not read → 4; pg_dump and the counting both stop; nothing left behind', { timeout: 60_000 }, async () => {
-    const { outputDir, args, before: existing } = await directoryWithExistingBackup(server, 'fail_app', {
-      ...dbVars(server, 'DEV_DB_', 'fail_app'),
-      DEV_DB_USER: 'limited',
-      DEV_DB_PASSWORD: 'limited-pw',
-    });
-    const result = await runCli({ args });
-    assert.equal(result.exitCode, 4, result.stderr);
-    assert.match(result.stderr, /permission denied for table secrets/);
-    assert.match(result.stderr, /GRANT SELECT/);
-    assert.deepEqual(await directoryFingerprint(outputDir), existing);
-    const observer = await server.connect('fail_app');
-    try {
-      await waitForNoBackupSessions(observer);
-    } finally {
-      await observer.end();
-    }
-  });
+  test(
+    'a table the user may not read → 4; pg_dump and the counting both stop; nothing left behind',
+    { timeout: 60_000 },
+    async () => {
+      const {
+        outputDir,
+        args,
+        before: existing,
+      } = await directoryWithExistingBackup(server, 'fail_app', {
+        ...dbVars(server, 'DEV_DB_', 'fail_app'),
+        DEV_DB_USER: 'limited',
+        DEV_DB_PASSWORD: 'limited-pw',
+      });
+      const result = await runCli({ args });
+      assert.equal(result.exitCode, 4, result.stderr);
+      assert.match(result.stderr, /permission denied for table secrets/);
+      assert.match(result.stderr, /GRANT SELECT/);
+      assert.deepEqual(await directoryFingerprint(outputDir), existing);
+      const observer = await server.connect('fail_app');
+      try {
+        await waitForNoBackupSessions(observer);
+      } finally {
+        await observer.end();
+      }
+    },
+  );
 });

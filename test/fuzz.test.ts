@@ -56,7 +56,8 @@ const PARALLEL = 4;
 function lazySample<T>(arbitrary: fc.Arbitrary<T>, count: number): Iterable<T> {
   return {
     *[Symbol.iterator]() {
-      for (let chunk = 0; chunk * 100 < count; chunk++) yield* fc.sample(arbitrary, { numRuns: Math.min(100, count - chunk * 100), seed: SEED + chunk });
+      for (let chunk = 0; chunk * 100 < count; chunk++)
+        yield* fc.sample(arbitrary, { numRuns: Math.min(100, count - chunk * 100), seed: SEED + chunk });
     },
   };
 }
@@ -83,7 +84,25 @@ async function directoryWith(dump: Buffer | string, metadataText: string): Promi
 
 // ── Metadata mutations ──────────────────────────────────────────────────────────────────
 
-const FIELDS = ['backup_timestamp', 'environment', 'database_name', 'backup_file', 'backup_size_bytes', 'checksum_sha256', 'table_counts', 'pg_dump_version', 'postgresql_version', 'format', 'jobs', 'compression', 'duration_ms', 'snapshot_consistent', 'tool_version', 'table_data_oids', 'last_restore_test'];
+const FIELDS = [
+  'backup_timestamp',
+  'environment',
+  'database_name',
+  'backup_file',
+  'backup_size_bytes',
+  'checksum_sha256',
+  'table_counts',
+  'pg_dump_version',
+  'postgresql_version',
+  'format',
+  'jobs',
+  'compression',
+  'duration_ms',
+  'snapshot_consistent',
+  'tool_version',
+  'table_data_oids',
+  'last_restore_test',
+];
 const NAMES_THAT_ARE_PROPERTIES = ['__proto__', 'constructor', 'toString', 'hasOwnProperty', 'valueOf', 'notes'];
 const oddValue = fc.oneof(
   fc.jsonValue({ maxDepth: 3 }),
@@ -92,27 +111,52 @@ const oddValue = fc.oneof(
 );
 type Edit = (m: Record<string, unknown>) => void;
 const edits: fc.Arbitrary<Edit> = fc.oneof(
-  fc.record({ field: fc.constantFrom(...FIELDS), value: oddValue }).map(({ field, value }) => (m: Record<string, unknown>) => void (m[field] = value)),
-  fc.constantFrom(...FIELDS).map((field) => (m: Record<string, unknown>) => void delete m[field]),
-  fc.record({ map: fc.constantFrom('table_counts', 'table_data_oids', 'last_restore_test'), key: fc.constantFrom(...NAMES_THAT_ARE_PROPERTIES), value: oddValue }).map(
-    ({ map, key, value }) => (m: Record<string, unknown>) => {
-      const target = typeof m[map] === 'object' && m[map] !== null ? (m[map] as Record<string, unknown>) : (m[map] = {});
-      Object.defineProperty(target, key, { value, enumerable: true, configurable: true, writable: true });
-    },
+  fc.record({ field: fc.constantFrom(...FIELDS), value: oddValue }).map(
+    ({ field, value }) =>
+      (m: Record<string, unknown>) =>
+        void (m[field] = value),
   ),
+  fc.constantFrom(...FIELDS).map((field) => (m: Record<string, unknown>) => void delete m[field]),
+  fc
+    .record({
+      map: fc.constantFrom('table_counts', 'table_data_oids', 'last_restore_test'),
+      key: fc.constantFrom(...NAMES_THAT_ARE_PROPERTIES),
+      value: oddValue,
+    })
+    .map(({ map, key, value }) => (m: Record<string, unknown>) => {
+      const target =
+        typeof m[map] === 'object' && m[map] !== null ? (m[map] as Record<string, unknown>) : (m[map] = {});
+      Object.defineProperty(target, key, { value, enumerable: true, configurable: true, writable: true });
+    }),
 );
 /** The metadata's text after edits, then perhaps deep nesting or byte damage to the text itself. */
 const metadataText = fc
   .record({
     edits: fc.array(edits, { maxLength: 4 }),
-    nest: fc.option(fc.record({ field: fc.constantFrom(...FIELDS), depth: fc.integer({ min: 2, max: 20_000 }) }), { freq: 6 }),
-    damage: fc.option(fc.array(fc.record({ at: fc.nat(), byte: fc.integer({ min: 0, max: 255 }), kind: fc.constantFrom('set', 'insert', 'delete') }), { minLength: 1, maxLength: 4 }), { freq: 3 }),
+    nest: fc.option(fc.record({ field: fc.constantFrom(...FIELDS), depth: fc.integer({ min: 2, max: 20_000 }) }), {
+      freq: 6,
+    }),
+    damage: fc.option(
+      fc.array(
+        fc.record({
+          at: fc.nat(),
+          byte: fc.integer({ min: 0, max: 255 }),
+          kind: fc.constantFrom('set', 'insert', 'delete'),
+        }),
+        { minLength: 1, maxLength: 4 },
+      ),
+      { freq: 3 },
+    ),
   })
   .map(({ edits: changes, nest, damage }) => {
     const metadata = structuredClone(originalMetadata);
     for (const change of changes) change(metadata);
     let text = JSON.stringify(metadata);
-    if (nest) text = text.replace(`"${nest.field}":`, `"${nest.field}":${'['.repeat(nest.depth)}${']'.repeat(nest.depth)},"_${nest.field}":`);
+    if (nest)
+      text = text.replace(
+        `"${nest.field}":`,
+        `"${nest.field}":${'['.repeat(nest.depth)}${']'.repeat(nest.depth)},"_${nest.field}":`,
+      );
     if (!damage) return text;
     const bytes = [...Buffer.from(text)];
     for (const { at, byte, kind } of damage) {
@@ -125,31 +169,52 @@ const metadataText = fc
   });
 
 describe('fuzzing metadata files', () => {
-  test(`2000 mutated metadata files: --verify, --list and --prune keep to the contract (seed ${SEED})`, { timeout: 120_000 }, async () => {
-    let verified = 0;
-    await inPool(lazySample(fc.tuple(metadataText, fc.nat(4)), 2000), PARALLEL, async ([text, pick], i) => {
-      const what = `case ${i} of seed ${SEED}, metadata ${JSON.stringify(text.slice(0, 300))}`;
-      const { dir, dumpPath } = await directoryWith(original.dumpPath, text);
-      const verify = await runMain(['--verify', dumpPath]);
-      assertContract(verify, `--verify, ${what}`);
-      if (verify.exitCode === 0) verified++;
-      assertContract(await runMain(['--list', '--output-dir', dir]), `--list, ${what}`);
-      if (pick === 0) assertContract(await runMain(['--list', '--verify', '--output-dir', dir]), `--list --verify, ${what}`);
-      if (pick === 1) assertContract(await runMain(['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir]), `--prune, ${what}`);
-      await fs.rm(dir, { recursive: true, force: true });
-    });
-    assert.ok(verified > 0, 'some mutations leave valid metadata, and those still verify');
-  });
+  test(
+    `2000 mutated metadata files: --verify, --list and --prune keep to the contract (seed ${SEED})`,
+    { timeout: 120_000 },
+    async () => {
+      let verified = 0;
+      await inPool(lazySample(fc.tuple(metadataText, fc.nat(4)), 2000), PARALLEL, async ([text, pick], i) => {
+        const what = `case ${i} of seed ${SEED}, metadata ${JSON.stringify(text.slice(0, 300))}`;
+        const { dir, dumpPath } = await directoryWith(original.dumpPath, text);
+        const verify = await runMain(['--verify', dumpPath]);
+        assertContract(verify, `--verify, ${what}`);
+        if (verify.exitCode === 0) verified++;
+        assertContract(await runMain(['--list', '--output-dir', dir]), `--list, ${what}`);
+        if (pick === 0)
+          assertContract(await runMain(['--list', '--verify', '--output-dir', dir]), `--list --verify, ${what}`);
+        if (pick === 1)
+          assertContract(
+            await runMain([
+              '--prune',
+              '--keep-last',
+              '1',
+              '--env',
+              'dev',
+              '--config-dir',
+              configDir,
+              '--output-dir',
+              dir,
+            ]),
+            `--prune, ${what}`,
+          );
+        await fs.rm(dir, { recursive: true, force: true });
+      });
+      assert.ok(verified > 0, 'some mutations leave valid metadata, and those still verify');
+    },
+  );
 });
 
 // ── Dump mutations ──────────────────────────────────────────────────────────────────────
 
 const dumpBytes = fc.oneof(
-  fc.array(fc.record({ at: fc.nat(), xor: fc.integer({ min: 1, max: 255 }) }), { minLength: 1, maxLength: 8 }).map((flips) => {
-    const bytes = Buffer.from(originalDump);
-    for (const { at, xor } of flips) bytes[at % bytes.length] = bytes[at % bytes.length]! ^ xor;
-    return bytes;
-  }),
+  fc
+    .array(fc.record({ at: fc.nat(), xor: fc.integer({ min: 1, max: 255 }) }), { minLength: 1, maxLength: 8 })
+    .map((flips) => {
+      const bytes = Buffer.from(originalDump);
+      for (const { at, xor } of flips) bytes[at % bytes.length] = bytes[at % bytes.length]! ^ xor;
+      return bytes;
+    }),
   fc.nat().map((at) => originalDump.subarray(0, at % originalDump.length)),
   fc.uint8Array({ minLength: 1, maxLength: 300 }).map((tail) => Buffer.concat([originalDump, tail])),
   fc.record({ at: fc.nat(), length: fc.integer({ min: 1, max: 4096 }) }).map(({ at, length }) => {
@@ -158,27 +223,35 @@ const dumpBytes = fc.oneof(
     return bytes;
   }),
   // The header: archive version, int size, format, the versions and names pg_restore reads first.
-  fc.array(fc.record({ at: fc.nat(80), byte: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 6 }).map((sets) => {
-    const bytes = Buffer.from(originalDump);
-    for (const { at, byte } of sets) bytes[at] = byte;
-    return bytes;
-  }),
+  fc
+    .array(fc.record({ at: fc.nat(80), byte: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 6 })
+    .map((sets) => {
+      const bytes = Buffer.from(originalDump);
+      for (const { at, byte } of sets) bytes[at] = byte;
+      return bytes;
+    }),
 );
 
 describe('fuzzing dump bytes', () => {
-  test(`600 damaged dumps, with the recorded size or a matching one: never verified, always the contract (seed ${SEED})`, { timeout: 120_000 }, async () => {
-    await inPool(lazySample(fc.tuple(dumpBytes, fc.boolean()), 600), PARALLEL, async ([bytes, matchingSize], i) => {
-      if (bytes.equals(originalDump)) return;
-      const what = `case ${i} of seed ${SEED} (${bytes.length} bytes${matchingSize ? ', size recorded' : ''})`;
-      const metadata = matchingSize ? { ...originalMetadata, backup_size_bytes: Math.max(1, bytes.length) } : originalMetadata;
-      const { dir, dumpPath } = await directoryWith(bytes, JSON.stringify(metadata));
-      const verify = await runMain(['--verify', dumpPath]);
-      assertContract(verify, `--verify, ${what}`);
-      assert.equal(verify.exitCode, 8, `a damaged dump must not verify, ${what}:\n${verify.stdout}`);
-      const listed = await runMain(['--list', '--verify', '--output-dir', dir]);
-      assertContract(listed, `--list --verify, ${what}`);
-      assert.equal(listed.exitCode, 8, what);
-      await fs.rm(dir, { recursive: true, force: true });
-    });
-  });
+  test(
+    `600 damaged dumps, with the recorded size or a matching one: never verified, always the contract (seed ${SEED})`,
+    { timeout: 120_000 },
+    async () => {
+      await inPool(lazySample(fc.tuple(dumpBytes, fc.boolean()), 600), PARALLEL, async ([bytes, matchingSize], i) => {
+        if (bytes.equals(originalDump)) return;
+        const what = `case ${i} of seed ${SEED} (${bytes.length} bytes${matchingSize ? ', size recorded' : ''})`;
+        const metadata = matchingSize
+          ? { ...originalMetadata, backup_size_bytes: Math.max(1, bytes.length) }
+          : originalMetadata;
+        const { dir, dumpPath } = await directoryWith(bytes, JSON.stringify(metadata));
+        const verify = await runMain(['--verify', dumpPath]);
+        assertContract(verify, `--verify, ${what}`);
+        assert.equal(verify.exitCode, 8, `a damaged dump must not verify, ${what}:\n${verify.stdout}`);
+        const listed = await runMain(['--list', '--verify', '--output-dir', dir]);
+        assertContract(listed, `--list --verify, ${what}`);
+        assert.equal(listed.exitCode, 8, what);
+        await fs.rm(dir, { recursive: true, force: true });
+      });
+    },
+  );
 });

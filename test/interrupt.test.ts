@@ -19,7 +19,10 @@ const noBash = await unmet('bash');
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('int_app', "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes SELECT i, repeat('x', 100) FROM generate_series(1, 5000) i");
+  await server.createDatabase(
+    'int_app',
+    "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes SELECT i, repeat('x', 100) FROM generate_series(1, 5000) i",
+  );
 });
 after(() => server?.stop());
 
@@ -31,10 +34,15 @@ async function backupCaughtMidDump(options: { extraArgs?: string[] } & Omit<CliR
   const cli = startCli({ ...run, args: [...existing.args, ...extraArgs] });
   await waitForBlockedPgDump(lock.observer);
   const names = await fs.readdir(existing.outputDir);
-  assert.ok(names.some((name) => name.endsWith('.dump.partial')), 'the partial file exists while pg_dump runs');
+  assert.ok(
+    names.some((name) => name.endsWith('.dump.partial')),
+    'the partial file exists while pg_dump runs',
+  );
   assert.ok(names.includes('int_app_dev.lock'), 'the lock is held while the backup runs');
   // The CLI's own session is named after its pid: found this way even when npx started it.
-  const { rows } = await lock.observer.query<{ name: string }>("SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'");
+  const { rows } = await lock.observer.query<{ name: string }>(
+    "SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'",
+  );
   const cliPid = Number(rows[0]!.name.split(':')[1]);
   return { ...existing, lock, cli, cliPid };
 }
@@ -49,67 +57,95 @@ async function assertNoBackupSessionLeft() {
 }
 
 describe('interrupted by a signal', () => {
-  for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
-    test(`${signal} during pg_dump → exit ${code}, one-line reason, nothing left, old backup byte-identical`, { timeout: 60_000 }, async () => {
-      const run = await backupCaughtMidDump();
-      try {
-        run.cli.kill(signal);
-        const result = await run.cli;
-        assert.equal(result.exitCode, code, String(result.stderr));
-        const stderr = String(result.stderr);
-        assert.match(stderr.split('\n')[0]!, new RegExp(`^✗ Backup failed: Interrupted by ${signal}$`));
-        assert.doesNotMatch(stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
-        assert.deepEqual(await directoryFingerprint(run.outputDir), run.before, 'no partial, no metadata, no lock; the old backup untouched');
-      } finally {
-        await run.lock.release();
-      }
-      await assertNoBackupSessionLeft();
-    });
+  for (const [signal, code] of [
+    ['SIGINT', 130],
+    ['SIGTERM', 143],
+  ] as const) {
+    test(
+      `${signal} during pg_dump → exit ${code}, one-line reason, nothing left, old backup byte-identical`,
+      { timeout: 60_000 },
+      async () => {
+        const run = await backupCaughtMidDump();
+        try {
+          run.cli.kill(signal);
+          const result = await run.cli;
+          assert.equal(result.exitCode, code, String(result.stderr));
+          const stderr = String(result.stderr);
+          assert.match(stderr.split('\n')[0]!, new RegExp(`^✗ Backup failed: Interrupted by ${signal}$`));
+          assert.doesNotMatch(stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
+          assert.deepEqual(
+            await directoryFingerprint(run.outputDir),
+            run.before,
+            'no partial, no metadata, no lock; the old backup untouched',
+          );
+        } finally {
+          await run.lock.release();
+        }
+        await assertNoBackupSessionLeft();
+      },
+    );
   }
 });
 
 describe('killed with SIGKILL', () => {
-  test('the partial is shown as Incomplete and never counted or verified; the next run removes it and says so', { timeout: 90_000 }, async () => {
-    const run = await backupCaughtMidDump();
-    const partial = (await fs.readdir(run.outputDir)).find((name) => name.endsWith('.dump.partial'))!;
-    try {
-      run.cli.kill('SIGKILL');
-      const killed = await run.cli;
-      assert.equal(killed.signal, 'SIGKILL');
-    } finally {
-      // The orphaned pg_dump resumes, finds nobody reading its output, and exits.
-      await run.lock.release();
-    }
-    await assertNoBackupSessionLeft();
+  test(
+    'the partial is shown as Incomplete and never counted or verified; the next run removes it and says so',
+    { timeout: 90_000 },
+    async () => {
+      const run = await backupCaughtMidDump();
+      const partial = (await fs.readdir(run.outputDir)).find((name) => name.endsWith('.dump.partial'))!;
+      try {
+        run.cli.kill('SIGKILL');
+        const killed = await run.cli;
+        assert.equal(killed.signal, 'SIGKILL');
+      } finally {
+        // The orphaned pg_dump resumes, finds nobody reading its output, and exits.
+        await run.lock.release();
+      }
+      await assertNoBackupSessionLeft();
 
-    const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', run.outputDir] })).stdout);
-    assert.equal(listed.backups.length, 1, 'only the earlier backup counts');
-    assert.deepEqual(listed.incomplete.map((e: { file: string; status: string }) => [e.file, e.status]), [[partial, 'incomplete']], 'its lock owner is dead');
-    const human = await runCli({ args: ['--list', '--output-dir', run.outputDir] });
-    assert.match(human.stdout, /✗ Incomplete/);
-    assert.match(human.stdout, /1 backup, 1 incomplete file/);
+      const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', run.outputDir] })).stdout);
+      assert.equal(listed.backups.length, 1, 'only the earlier backup counts');
+      assert.deepEqual(
+        listed.incomplete.map((e: { file: string; status: string }) => [e.file, e.status]),
+        [[partial, 'incomplete']],
+        'its lock owner is dead',
+      );
+      const human = await runCli({ args: ['--list', '--output-dir', run.outputDir] });
+      assert.match(human.stdout, /✗ Incomplete/);
+      assert.match(human.stdout, /1 backup, 1 incomplete file/);
 
-    const verified = await runCli({ args: ['--verify', path.join(run.outputDir, partial)] });
-    assert.equal(verified.exitCode, 8);
-    assert.match(verified.stderr, /not a backup file/);
+      const verified = await runCli({ args: ['--verify', path.join(run.outputDir, partial)] });
+      assert.equal(verified.exitCode, 8);
+      assert.match(verified.stderr, /not a backup file/);
 
-    const next = await runCli({ args: run.args });
-    assert.equal(next.exitCode, 0, next.stderr);
-    assert.match(next.stdout, new RegExp(`^Cleaned up: {2}1 stale file left by an interrupted earlier run \\(${partial.replaceAll('.', '\\.')}\\)$`, 'm'));
-    const after = await fs.readdir(run.outputDir);
-    assert.ok(!after.includes(partial), 'the stale partial is gone');
-    assert.ok(!after.includes('int_app_dev.lock'), 'the stale lock was taken over and released');
-    assert.equal(after.filter((name) => name.endsWith('.dump')).length, 2);
-    for (const [name, hash] of Object.entries(run.before)) {
-      assert.equal((await directoryFingerprint(run.outputDir))[name], hash, `${name} untouched`);
-    }
-  });
+      const next = await runCli({ args: run.args });
+      assert.equal(next.exitCode, 0, next.stderr);
+      assert.match(
+        next.stdout,
+        new RegExp(
+          `^Cleaned up: {2}1 stale file left by an interrupted earlier run \\(${partial.replaceAll('.', '\\.')}\\)$`,
+          'm',
+        ),
+      );
+      const after = await fs.readdir(run.outputDir);
+      assert.ok(!after.includes(partial), 'the stale partial is gone');
+      assert.ok(!after.includes('int_app_dev.lock'), 'the stale lock was taken over and released');
+      assert.equal(after.filter((name) => name.endsWith('.dump')).length, 2);
+      for (const [name, hash] of Object.entries(run.before)) {
+        assert.equal((await directoryFingerprint(run.outputDir))[name], hash, `${name} untouched`);
+      }
+    },
+  );
 
   test('while a backup runs, its partial is listed as In progress, not Incomplete', { timeout: 60_000 }, async () => {
     const run = await backupCaughtMidDump();
     try {
       const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', run.outputDir] })).stdout);
-      assert.deepEqual(listed.incomplete.map((e: { status: string }) => e.status), ['in_progress']);
+      assert.deepEqual(
+        listed.incomplete.map((e: { status: string }) => e.status),
+        ['in_progress'],
+      );
       assert.match(listed.incomplete[0].problems[0], new RegExp(`being written by pid ${run.cli.pid}`));
     } finally {
       await run.lock.release();
@@ -120,69 +156,115 @@ describe('killed with SIGKILL', () => {
 });
 
 describe('the tool and what it started live and die together', skipUnless(await unmet('proc')), () => {
-  test('killed with SIGKILL while pg_dump waits on a lock: pg_dump does not outlive it by more than 2 seconds', { timeout: 60_000 }, async () => {
-    const run = await backupCaughtMidDump();
-    try {
-      assert.equal((await pgDumpsOf(run.cliPid)).length, 1, 'pg_dump is running');
-      run.cli.kill('SIGKILL');
-      await run.cli;
-      // pg_dump waits on the table lock, so it writes nothing and no SIGPIPE could end it.
-      await within('pg_dump of the killed CLI to end', 2000, async () => (await pgDumpsOf(run.cliPid)).length === 0);
-    } finally {
-      await run.lock.release();
-    }
-    await assertNoBackupSessionLeft();
-  });
-
-  test('killed with SIGKILL while --jobs 2 workers copy data: no pg_dump outlives it by more than 2 seconds', { timeout: 90_000 }, async () => {
-    // Two tables that take the workers seconds to write at gzip level 9; they write the files
-    // themselves, so nothing but the tether can stop them.
-    const database = 'int_big';
-    await server.createDatabase(database, [
-      'CREATE TABLE a (v text)',
-      'CREATE TABLE b (v text)',
-      "INSERT INTO a SELECT md5(i::text) || md5((-i)::text) || i FROM generate_series(1, 500000) AS i",
-      "INSERT INTO b SELECT md5((-i)::text) || md5(i::text) || i FROM generate_series(1, 500000) AS i",
-    ]);
-    const existing = await directoryWithExistingBackup(server, 'int_app', dbVars(server, 'DEV_DB_', database));
-    const cli = startCli({ args: [...existing.args, '--jobs', '2', '--compress', '9'] });
-    try {
-      await within('the leader and both workers to run', 60_000, async () => (await pgDumpsOf(cli.pid!)).length === 3);
-    } finally {
-      cli.kill('SIGKILL');
-    }
-    await cli;
-    await within('every pg_dump of the killed CLI to end', 2000, async () => (await pgDumpsOf(cli.pid!)).length === 0);
-    await assertNoBackupSessionLeft();
-  });
-
-  const launchers = [
-    { what: 'SIGTERM to npx', signal: 'SIGTERM' as const, at: 'npx', exitCode: 143, message: /^✗ Backup failed: Interrupted by SIGTERM$/m },
-    { what: 'SIGINT to npx', signal: 'SIGINT' as const, at: 'npx', exitCode: 130, message: /^✗ Backup failed: Interrupted by SIGINT$/m },
-    { what: 'SIGKILL to npx', signal: 'SIGKILL' as const, at: 'npx', message: /^✗ Backup failed: Interrupted: the process that started this run ended$/m },
-    { what: 'SIGKILL to tsx (the parent)', signal: 'SIGKILL' as const, at: 'tsx', message: /^✗ Backup failed: Interrupted: the process that started this run ended$/m },
-  ];
-  for (const { what, signal, at, exitCode, message } of launchers) {
-    test(`run as README says (npx tsx backup_db.ts), ${what}: the backup stops, cleans up, publishes nothing`, { timeout: 90_000, ...skipUnless(noBash) }, async () => {
-      const run = await backupCaughtMidDump({ viaNpx: true });
-      let result;
+  test(
+    'killed with SIGKILL while pg_dump waits on a lock: pg_dump does not outlive it by more than 2 seconds',
+    { timeout: 60_000 },
+    async () => {
+      const run = await backupCaughtMidDump();
       try {
-        process.kill(at === 'npx' ? run.cli.pid! : await parentOf(run.cliPid), signal);
-        await within('the CLI to stop', 15_000, async () => !(await alive(run.cliPid)));
-        assert.deepEqual(await pgDumpsOf(run.cliPid), [], 'its pg_dump is gone too');
-        assert.deepEqual(await directoryFingerprint(run.outputDir), run.before, 'no partial, no metadata, no lock, no new backup');
-        result = await run.cli;
+        assert.equal((await pgDumpsOf(run.cliPid)).length, 1, 'pg_dump is running');
+        run.cli.kill('SIGKILL');
+        await run.cli;
+        // pg_dump waits on the table lock, so it writes nothing and no SIGPIPE could end it.
+        await within('pg_dump of the killed CLI to end', 2000, async () => (await pgDumpsOf(run.cliPid)).length === 0);
       } finally {
         await run.lock.release();
       }
-      // npx waits for the backup to clean up and returns its exit code; killed outright, it cannot.
-      if (exitCode !== undefined) assert.equal(result.exitCode, exitCode, String(result.stderr));
-      assert.match(String(result.stderr), message);
-      assert.doesNotMatch(String(result.stderr), /\n\s+at .+:\d+:\d+/, 'no stack trace');
       await assertNoBackupSessionLeft();
-      // Had it run on, it would have published a backup once the lock was released.
-      assert.deepEqual(await directoryFingerprint(run.outputDir), run.before);
-    });
+    },
+  );
+
+  test(
+    'killed with SIGKILL while --jobs 2 workers copy data: no pg_dump outlives it by more than 2 seconds',
+    { timeout: 90_000 },
+    async () => {
+      // Two tables that take the workers seconds to write at gzip level 9; they write the files
+      // themselves, so nothing but the tether can stop them.
+      const database = 'int_big';
+      await server.createDatabase(database, [
+        'CREATE TABLE a (v text)',
+        'CREATE TABLE b (v text)',
+        'INSERT INTO a SELECT md5(i::text) || md5((-i)::text) || i FROM generate_series(1, 500000) AS i',
+        'INSERT INTO b SELECT md5((-i)::text) || md5(i::text) || i FROM generate_series(1, 500000) AS i',
+      ]);
+      const existing = await directoryWithExistingBackup(server, 'int_app', dbVars(server, 'DEV_DB_', database));
+      const cli = startCli({ args: [...existing.args, '--jobs', '2', '--compress', '9'] });
+      try {
+        await within(
+          'the leader and both workers to run',
+          60_000,
+          async () => (await pgDumpsOf(cli.pid!)).length === 3,
+        );
+      } finally {
+        cli.kill('SIGKILL');
+      }
+      await cli;
+      await within(
+        'every pg_dump of the killed CLI to end',
+        2000,
+        async () => (await pgDumpsOf(cli.pid!)).length === 0,
+      );
+      await assertNoBackupSessionLeft();
+    },
+  );
+
+  const launchers = [
+    {
+      what: 'SIGTERM to npx',
+      signal: 'SIGTERM' as const,
+      at: 'npx',
+      exitCode: 143,
+      message: /^✗ Backup failed: Interrupted by SIGTERM$/m,
+    },
+    {
+      what: 'SIGINT to npx',
+      signal: 'SIGINT' as const,
+      at: 'npx',
+      exitCode: 130,
+      message: /^✗ Backup failed: Interrupted by SIGINT$/m,
+    },
+    {
+      what: 'SIGKILL to npx',
+      signal: 'SIGKILL' as const,
+      at: 'npx',
+      message: /^✗ Backup failed: Interrupted: the process that started this run ended$/m,
+    },
+    {
+      what: 'SIGKILL to tsx (the parent)',
+      signal: 'SIGKILL' as const,
+      at: 'tsx',
+      message: /^✗ Backup failed: Interrupted: the process that started this run ended$/m,
+    },
+  ];
+  for (const { what, signal, at, exitCode, message } of launchers) {
+    test(
+      `run as README says (npx tsx backup_db.ts), ${what}: the backup stops, cleans up, publishes nothing`,
+      { timeout: 90_000, ...skipUnless(noBash) },
+      async () => {
+        const run = await backupCaughtMidDump({ viaNpx: true });
+        let result;
+        try {
+          process.kill(at === 'npx' ? run.cli.pid! : await parentOf(run.cliPid), signal);
+          await within('the CLI to stop', 15_000, async () => !(await alive(run.cliPid)));
+          assert.deepEqual(await pgDumpsOf(run.cliPid), [], 'its pg_dump is gone too');
+          assert.deepEqual(
+            await directoryFingerprint(run.outputDir),
+            run.before,
+            'no partial, no metadata, no lock, no new backup',
+          );
+          result = await run.cli;
+        } finally {
+          await run.lock.release();
+        }
+        // npx waits for the backup to clean up and returns its exit code; killed outright, it cannot.
+        if (exitCode !== undefined) assert.equal(result.exitCode, exitCode, String(result.stderr));
+        assert.match(String(result.stderr), message);
+        assert.doesNotMatch(String(result.stderr), /\n\s+at .+:\d+:\d+/, 'no stack trace');
+        await assertNoBackupSessionLeft();
+        // Had it run on, it would have published a backup once the lock was released.
+        assert.deepEqual(await directoryFingerprint(run.outputDir), run.before);
+      },
+    );
   }
 
   test('SIGHUP (a closed terminal) is handled like SIGTERM: exit 129, nothing left', { timeout: 60_000 }, async () => {

@@ -25,7 +25,9 @@ before(async () => {
 after(() => server?.stop());
 
 async function parallelBackup(outputDir: string, ...extra: string[]) {
-  const result = await runCli({ args: ['--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir, '--json', ...extra] });
+  const result = await runCli({
+    args: ['--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir, '--json', ...extra],
+  });
   assert.equal(result.exitCode, 0, result.stdout);
   return JSON.parse(result.stdout) as { backup_file: string; metadata_file: string; metadata: Record<string, unknown> };
 }
@@ -57,7 +59,10 @@ describe('--jobs 2 (directory format)', () => {
     assert.ok((await fs.readdir(backup.backup_file)).includes('toc.dat'));
     assert.equal(backup.metadata.format, 'directory');
     assert.equal(backup.metadata.jobs, 2);
-    assert.deepEqual(await manifestChecksum(backup.backup_file), { sha256: backup.metadata.checksum_sha256, size: backup.metadata.backup_size_bytes });
+    assert.deepEqual(await manifestChecksum(backup.backup_file), {
+      sha256: backup.metadata.checksum_sha256,
+      size: backup.metadata.backup_size_bytes,
+    });
     assert.equal((await fs.stat(backup.backup_file)).mode & 0o777, 0o700);
   });
 
@@ -68,17 +73,55 @@ describe('--jobs 2 (directory format)', () => {
   test('--verify, --list, --list --verify, --restore and the drill all take it as a backup', async () => {
     assert.equal((await runCli({ args: ['--verify', backup.backup_file] })).exitCode, 0);
     const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', outputDir] })).stdout);
-    assert.deepEqual(listed.backups.map((b: { status: string; size_bytes: number }) => [b.status, b.size_bytes]), [['verified', backup.metadata.backup_size_bytes]]);
+    assert.deepEqual(
+      listed.backups.map((b: { status: string; size_bytes: number }) => [b.status, b.size_bytes]),
+      [['verified', backup.metadata.backup_size_bytes]],
+    );
     assert.equal((await runCli({ args: ['--list', '--verify', '--output-dir', outputDir] })).exitCode, 0);
-    const restored = await runCli({ args: ['--restore', backup.backup_file, '--target-db', uniqueName('jobs_cli_restore'), '--env', 'dev', '--config-dir', configDir] });
+    const restored = await runCli({
+      args: [
+        '--restore',
+        backup.backup_file,
+        '--target-db',
+        uniqueName('jobs_cli_restore'),
+        '--env',
+        'dev',
+        '--config-dir',
+        configDir,
+      ],
+    });
     assert.equal(restored.exitCode, 0, restored.stderr);
     assert.match(restored.stdout, /10 of 10 match the backup's row counts/);
   });
 
   for (const [damage, how, check] of [
-    ['a flipped byte in a data file', async (dir: string) => flipMiddleByte(path.join(dir, (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!)), /checksum mismatch/],
-    ['a data file deleted', async (dir: string) => fs.rm(path.join(dir, (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!)), /size mismatch/],
-    ['a stray file added', async (dir: string) => fs.writeFile(path.join(dir, 'extra.dat'), 'x'), /size mismatch, checksum mismatch/],
+    [
+      'a flipped byte in a data file',
+      async (dir: string) =>
+        flipMiddleByte(
+          path.join(
+            dir,
+            (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!,
+          ),
+        ),
+      /checksum mismatch/,
+    ],
+    [
+      'a data file deleted',
+      async (dir: string) =>
+        fs.rm(
+          path.join(
+            dir,
+            (await fs.readdir(dir)).find((n) => n.endsWith('.dat.gz'))!,
+          ),
+        ),
+      /size mismatch/,
+    ],
+    [
+      'a stray file added',
+      async (dir: string) => fs.writeFile(path.join(dir, 'extra.dat'), 'x'),
+      /size mismatch, checksum mismatch/,
+    ],
   ] as const) {
     test(`--verify rejects ${damage} (exit 8)`, async () => {
       const copyDir = path.join(await tempDir(), 'copy');
@@ -100,7 +143,9 @@ describe('--jobs failures and retention', () => {
     await parallelBackup(outputDir);
     const before = await directoryFingerprint(outputDir);
     const lock = await holdTableLock(() => server.connect('jobs_app'), 'messages');
-    const cli = startCli({ args: ['--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir] });
+    const cli = startCli({
+      args: ['--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir],
+    });
     try {
       await waitForBlockedPgDump(lock.observer);
       assert.ok((await fs.readdir(outputDir)).some((n) => n.endsWith('.dump.partial')));
@@ -121,7 +166,10 @@ describe('--jobs failures and retention', () => {
     const next = await parallelBackup(outputDir, '--keep-last', '1');
     const names = await fs.readdir(outputDir);
     assert.ok(!names.includes(stale), 'the stale partial directory is gone');
-    assert.ok(!names.includes(path.basename(old.backup_file)) && !names.includes(path.basename(old.metadata_file)), 'retention removed the older directory backup and its metadata');
+    assert.ok(
+      !names.includes(path.basename(old.backup_file)) && !names.includes(path.basename(old.metadata_file)),
+      'retention removed the older directory backup and its metadata',
+    );
     assert.deepEqual(names.sort(), [path.basename(next.backup_file), path.basename(next.metadata_file)].sort());
   });
 });

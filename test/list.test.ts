@@ -32,7 +32,8 @@ before(async () => {
 });
 after(() => server?.stop());
 
-const list = (directory: string, ...extra: string[]) => runCli({ args: ['--list', '--output-dir', directory, ...extra] });
+const list = (directory: string, ...extra: string[]) =>
+  runCli({ args: ['--list', '--output-dir', directory, ...extra] });
 
 /** The table rows of the human listing: [timestamp, environment, database, size, status]. */
 function tableRows(stdout: string): string[][] {
@@ -63,9 +64,15 @@ describe('--list', () => {
         ['2020-01-01T00:00:00Z', 'dev', 'legacy', '? No metadata'],
       ],
     );
-    assert.ok(String(dev2.metadata.backup_timestamp) > String(dev1.metadata.backup_timestamp), 'two backups in the same second get distinct names');
+    assert.ok(
+      String(dev2.metadata.backup_timestamp) > String(dev1.metadata.backup_timestamp),
+      'two backups in the same second get distinct names',
+    );
     assert.match(rows[4]![3]!, /^\d+\.\d KB$/);
-    assert.match(result.stdout, /\n4 backups, 1 incomplete file \(left by runs that did not finish; not backups\)\. Status checks metadata and size only/);
+    assert.match(
+      result.stdout,
+      /\n4 backups, 1 incomplete file \(left by runs that did not finish; not backups\)\. Status checks metadata and size only/,
+    );
   });
 
   test('--json: one document; partials apart from backups; same order and statuses', async () => {
@@ -84,24 +91,32 @@ describe('--list', () => {
         [NO_METADATA, 'no_metadata'],
       ],
     );
-    assert.deepEqual(doc.incomplete.map((b: { file: string; status: string; size_bytes: number }) => [b.file, b.status, b.size_bytes]), [[PARTIAL, 'incomplete', 1234]]);
+    assert.deepEqual(
+      doc.incomplete.map((b: { file: string; status: string; size_bytes: number }) => [b.file, b.status, b.size_bytes]),
+      [[PARTIAL, 'incomplete', 1234]],
+    );
     assert.equal(doc.backups[0].size_bytes, prod.metadata.backup_size_bytes);
   });
 
   test('a dump whose size differs from its metadata → ✗ Size mismatch', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
-    for (const file of [dev1.dumpPath, dev1.metadataPath]) await fs.copyFile(file, path.join(copy, path.basename(file)));
+    for (const file of [dev1.dumpPath, dev1.metadataPath])
+      await fs.copyFile(file, path.join(copy, path.basename(file)));
     await fs.appendFile(path.join(copy, path.basename(dev1.dumpPath)), 'x');
     const rows = tableRows((await list(copy)).stdout);
-    assert.deepEqual(rows.map((row) => row[4]), ['✗ Size mismatch']);
+    assert.deepEqual(
+      rows.map((row) => row[4]),
+      ['✗ Size mismatch'],
+    );
   });
 
   test('a flipped byte passes the quick check but fails --list --verify (exit 8)', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
     for (const backup of [dev1, prod]) {
-      for (const file of [backup.dumpPath, backup.metadataPath]) await fs.copyFile(file, path.join(copy, path.basename(file)));
+      for (const file of [backup.dumpPath, backup.metadataPath])
+        await fs.copyFile(file, path.join(copy, path.basename(file)));
     }
     const damaged = path.join(copy, path.basename(dev1.dumpPath));
     const bytes = await fs.readFile(damaged);
@@ -110,11 +125,17 @@ describe('--list', () => {
 
     const quick = await list(copy);
     assert.equal(quick.exitCode, 0);
-    assert.deepEqual(tableRows(quick.stdout).map((row) => row[4]), ['✓ Verified', '✓ Verified']);
+    assert.deepEqual(
+      tableRows(quick.stdout).map((row) => row[4]),
+      ['✓ Verified', '✓ Verified'],
+    );
 
     const full = await list(copy, '--verify');
     assert.equal(full.exitCode, 8, 'a full check that finds a bad backup fails, for monitoring');
-    assert.deepEqual(tableRows(full.stdout).map((row) => row[4]), ['✓ Verified', '✗ Checksum mismatch']);
+    assert.deepEqual(
+      tableRows(full.stdout).map((row) => row[4]),
+      ['✓ Verified', '✗ Checksum mismatch'],
+    );
     assert.match(full.stdout, /1 backup failed verification; run --verify FILE for details\./);
 
     const fullJson = JSON.parse((await list(copy, '--verify', '--json')).stdout);
@@ -126,7 +147,8 @@ describe('--list', () => {
   test('--list --verify on healthy backups re-reads them all and passes', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
-    for (const file of [dev2.dumpPath, dev2.metadataPath]) await fs.copyFile(file, path.join(copy, path.basename(file)));
+    for (const file of [dev2.dumpPath, dev2.metadataPath])
+      await fs.copyFile(file, path.join(copy, path.basename(file)));
     const full = await list(copy, '--verify');
     assert.equal(full.exitCode, 0, full.stdout);
     assert.match(full.stdout, /Every backup was re-read: checksum, size, archive structure and table data verified\./);
@@ -161,7 +183,10 @@ describe('--json for backups and errors', () => {
     const taken = await takeBackup(server, 'list_dev', out);
     assert.equal(taken.stdout.includes('{'), false, 'the human summary by default');
     const configDir = await tempDir();
-    await fs.writeFile(path.join(configDir, '.env'), `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=list_dev\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`);
+    await fs.writeFile(
+      path.join(configDir, '.env'),
+      `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=list_dev\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`,
+    );
     const result = await runCli({ args: ['--json', '--config-dir', configDir, '--output-dir', out] });
     assert.equal(result.exitCode, 0, result.stderr);
     const doc = JSON.parse(result.stdout);
@@ -175,8 +200,13 @@ describe('--json for backups and errors', () => {
 
   test('a failed backup prints {ok:false, exit_code, error, hints} and never the password', async () => {
     const configDir = await tempDir();
-    await fs.writeFile(path.join(configDir, '.env'), `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=list_dev\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=not-the-Pa55word\n`);
-    const result = await runCli({ args: ['--json', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')] });
+    await fs.writeFile(
+      path.join(configDir, '.env'),
+      `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=list_dev\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=not-the-Pa55word\n`,
+    );
+    const result = await runCli({
+      args: ['--json', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')],
+    });
     assert.equal(result.exitCode, 3);
     const doc = JSON.parse(result.stdout);
     assert.deepEqual([doc.ok, doc.command, doc.exit_code], [false, 'backup', 3]);

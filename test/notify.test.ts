@@ -58,7 +58,11 @@ async function setup(vars: Record<string, string> = dbVars(server, 'DEV_DB_', 'n
   return { configDir, logFile, base };
 }
 const wrongPassword = () => ({ ...dbVars(server, 'DEV_DB_', 'notify_app'), DEV_DB_PASSWORD: 'Wr0ng-pa55word' });
-const readLog = async (file: string) => (await fs.readFile(file, 'utf8')).trim().split('\n').map((line) => JSON.parse(line));
+const readLog = async (file: string) =>
+  (await fs.readFile(file, 'utf8'))
+    .trim()
+    .split('\n')
+    .map((line) => JSON.parse(line));
 
 describe('--log-file', () => {
   test('one JSON line per run with time, env, database, outcome, file, size, duration, exit code and error', async () => {
@@ -72,11 +76,22 @@ describe('--log-file', () => {
     const [first, second] = await readLog(ok.logFile);
     assert.match(first.time, /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/);
     assert.deepEqual(
-      [first.command, first.outcome, first.environment, first.database, first.exit_code, typeof first.duration_ms, typeof first.size_bytes],
+      [
+        first.command,
+        first.outcome,
+        first.environment,
+        first.database,
+        first.exit_code,
+        typeof first.duration_ms,
+        typeof first.size_bytes,
+      ],
       ['backup', 'success', 'dev', 'notify_app', 0, 'number', 'number'],
     );
     assert.match(first.file, /^notify_app_dev_.*\.dump$/);
-    assert.deepEqual([second.outcome, second.exit_code, second.error], ['failure', 3, 'Database authentication failed']);
+    assert.deepEqual(
+      [second.outcome, second.exit_code, second.error],
+      ['failure', 3, 'Database authentication failed'],
+    );
     assert.match(second.details, /password authentication failed/);
     const text = await fs.readFile(ok.logFile, 'utf8');
     assert.ok(!text.includes('Wr0ng-pa55word') && !text.includes(server.password), 'no password in the log');
@@ -85,7 +100,19 @@ describe('--log-file', () => {
 
   test('concurrent runs append whole lines that never interleave', async () => {
     const { logFile, configDir } = await setup();
-    const runs = Array.from({ length: 8 }, (_, i) => startCli({ args: ['--list', '--output-dir', path.join(configDir, `dir-${i}`), '--config-dir', configDir, '--log-file', logFile] }));
+    const runs = Array.from({ length: 8 }, (_, i) =>
+      startCli({
+        args: [
+          '--list',
+          '--output-dir',
+          path.join(configDir, `dir-${i}`),
+          '--config-dir',
+          configDir,
+          '--log-file',
+          logFile,
+        ],
+      }),
+    );
     for (const run of await Promise.all(runs)) assert.equal(run.exitCode, 0);
     const lines = await readLog(logFile);
     assert.equal(lines.length, 8);
@@ -106,15 +133,24 @@ describe('--notify-url', () => {
     try {
       const s = await setup(wrongPassword());
       const result = await runCli({ args: [...s.base, '--notify-url', hook.url] });
-      assert.equal(result.exitCode, 3, 'the exit code is the backup\'s');
+      assert.equal(result.exitCode, 3, "the exit code is the backup's");
       assert.equal(hook.received.length, 1);
       const [{ body, contentType }] = hook.received as [Received];
       assert.equal(contentType, 'application/json');
-      assert.match(String(body.text), /^✗ backup_db: backup of notify_app \(dev\) FAILED on .+ \(exit 3\): Database authentication failed/);
+      assert.match(
+        String(body.text),
+        /^✗ backup_db: backup of notify_app \(dev\) FAILED on .+ \(exit 3\): Database authentication failed/,
+      );
       assert.equal(body.content, body.text, 'Discord reads `content`');
-      assert.deepEqual([body.outcome, body.exit_code, body.database, body.environment, body.command], ['failure', 3, 'notify_app', 'dev', 'backup']);
+      assert.deepEqual(
+        [body.outcome, body.exit_code, body.database, body.environment, body.command],
+        ['failure', 3, 'notify_app', 'dev', 'backup'],
+      );
       const raw = JSON.stringify(body);
-      assert.ok(!raw.includes('Wr0ng-pa55word') && !raw.includes('secret-token-123'), 'neither the password nor the webhook URL');
+      assert.ok(
+        !raw.includes('Wr0ng-pa55word') && !raw.includes('secret-token-123'),
+        'neither the password nor the webhook URL',
+      );
       assert.ok(!result.stderr.includes('secret-token-123'));
     } finally {
       await hook.close();
@@ -129,7 +165,10 @@ describe('--notify-url', () => {
       assert.equal(hook.received.length, 0);
       assert.equal((await runCli({ args: [...s.base, '--notify-url', hook.url, '--notify-on-success'] })).exitCode, 0);
       assert.equal(hook.received.length, 1);
-      assert.match(String(hook.received[0]!.body.text), /^✓ backup_db: backup of notify_app \(dev\) succeeded on .+: notify_app_dev_.*\.dump \(\d+\.\d KB\)$/);
+      assert.match(
+        String(hook.received[0]!.body.text),
+        /^✓ backup_db: backup of notify_app \(dev\) succeeded on .+: notify_app_dev_.*\.dump \(\d+\.\d KB\)$/,
+      );
     } finally {
       await hook.close();
     }
@@ -152,40 +191,55 @@ describe('--notify-url', () => {
     const hook = await webhook(() => 500);
     try {
       const s = await setup();
-      const result = await runCli({ args: [...s.base, '--notify-url', hook.url, '--notify-on-success', '--log-file', s.logFile] });
+      const result = await runCli({
+        args: [...s.base, '--notify-url', hook.url, '--notify-on-success', '--log-file', s.logFile],
+      });
       assert.equal(result.exitCode, 0, 'the backup succeeded; a failed notification does not change that');
       assert.equal(hook.received.length, 2, 'one try and one retry');
       assert.match(result.stderr, /⚠ Notification failed: HTTP 500/);
       const [run, failed] = await readLog(s.logFile);
       assert.equal(run.outcome, 'success');
-      assert.deepEqual([failed.event, failed.error, failed.for], ['notification_failed', 'HTTP 500 Internal Server Error', run.time]);
+      assert.deepEqual(
+        [failed.event, failed.error, failed.for],
+        ['notification_failed', 'HTTP 500 Internal Server Error', run.time],
+      );
     } finally {
       await hook.close();
     }
   });
 
-  test('a receiver that never answers holds up the exit only for the bounded timeout', { timeout: 60_000 }, async (t) => {
-    const hook = await webhook(() => 'hang');
-    try {
-      const s = await setup(wrongPassword());
-      const started = Date.now();
-      const result = await runCli({ args: [...s.base, '--notify-url', hook.url] });
-      const seconds = (Date.now() - started) / 1000;
-      t.diagnostic(`exited after ${seconds.toFixed(1)} s`);
-      assert.equal(result.exitCode, 3);
-      assert.match(result.stderr, /Notification failed: no answer within 5 s/);
-      assert.ok(seconds < 20, 'two 5-second attempts, then exit');
-    } finally {
-      await hook.close();
-    }
-  });
+  test(
+    'a receiver that never answers holds up the exit only for the bounded timeout',
+    { timeout: 60_000 },
+    async (t) => {
+      const hook = await webhook(() => 'hang');
+      try {
+        const s = await setup(wrongPassword());
+        const started = Date.now();
+        const result = await runCli({ args: [...s.base, '--notify-url', hook.url] });
+        const seconds = (Date.now() - started) / 1000;
+        t.diagnostic(`exited after ${seconds.toFixed(1)} s`);
+        assert.equal(result.exitCode, 3);
+        assert.match(result.stderr, /Notification failed: no answer within 5 s/);
+        assert.ok(seconds < 20, 'two 5-second attempts, then exit');
+      } finally {
+        await hook.close();
+      }
+    },
+  );
 
   test('an invalid URL is a configuration error that does not echo the URL', async () => {
     const s = await setup();
-    await writeEnvFile(s.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'notify_app'), BACKUP_NOTIFY_URL: 'ftp://user:hunter2@example.com/x' });
+    await writeEnvFile(s.configDir, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'notify_app'),
+      BACKUP_NOTIFY_URL: 'ftp://user:hunter2@example.com/x',
+    });
     const result = await runCli({ args: s.base });
     assert.equal(result.exitCode, 2);
-    assert.match(result.stderr, /BACKUP_NOTIFY_URL \(from \.env\) is \(value hidden\): Use an http:\/\/ or https:\/\/ URL/);
+    assert.match(
+      result.stderr,
+      /BACKUP_NOTIFY_URL \(from \.env\) is \(value hidden\): Use an http:\/\/ or https:\/\/ URL/,
+    );
     assert.ok(!result.stderr.includes('hunter2'));
   });
 });
@@ -199,14 +253,27 @@ describe('--on-failure', () => {
       env: { DB_PASSWORD: 'process-env-Secret', PGPASSWORD: 'pg-env-Secret' },
     });
     assert.equal(result.exitCode, 3);
-    const env = Object.fromEntries((await fs.readFile(dump, 'utf8')).trim().split('\n').map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
+    const env = Object.fromEntries(
+      (await fs.readFile(dump, 'utf8'))
+        .trim()
+        .split('\n')
+        .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]),
+    );
     assert.deepEqual(
-      [env.BACKUP_OUTCOME, env.BACKUP_EXIT_CODE, env.BACKUP_ERROR, env.BACKUP_DATABASE, env.BACKUP_ENVIRONMENT, env.BACKUP_COMMAND],
+      [
+        env.BACKUP_OUTCOME,
+        env.BACKUP_EXIT_CODE,
+        env.BACKUP_ERROR,
+        env.BACKUP_DATABASE,
+        env.BACKUP_ENVIRONMENT,
+        env.BACKUP_COMMAND,
+      ],
       ['failure', '3', 'Database authentication failed', 'notify_app', 'dev', 'backup'],
     );
     assert.equal(JSON.parse(env.BACKUP_RECORD!).exit_code, 3);
     const text = await fs.readFile(dump, 'utf8');
-    for (const secret of ['Wr0ng-pa55word', 'process-env-Secret', 'pg-env-Secret']) assert.ok(!text.includes(secret), `${secret} is not passed on`);
+    for (const secret of ['Wr0ng-pa55word', 'process-env-Secret', 'pg-env-Secret'])
+      assert.ok(!text.includes(secret), `${secret} is not passed on`);
     assert.ok(env.PATH, 'the ordinary environment is');
   });
 
@@ -217,9 +284,11 @@ describe('--on-failure', () => {
     await assert.rejects(fs.stat(marker));
   });
 
-  test('a failing command is reported and logged, and the exit code stays the run\'s', async () => {
+  test("a failing command is reported and logged, and the exit code stays the run's", async () => {
     const s = await setup(wrongPassword());
-    const result = await runCli({ args: [...s.base, '--on-failure', 'echo broken pager >&2; exit 42', '--log-file', s.logFile] });
+    const result = await runCli({
+      args: [...s.base, '--on-failure', 'echo broken pager >&2; exit 42', '--log-file', s.logFile],
+    });
     assert.equal(result.exitCode, 3);
     assert.match(result.stderr, /⚠ The --on-failure command failed: exit 42: broken pager/);
     const [, failed] = await readLog(s.logFile);

@@ -11,7 +11,15 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import fc from 'fast-check';
 import parsePrometheus from 'parse-prometheus-text-format';
-import { judgeFreshness, parseMetrics, pingUrlFor, recordRunInMetrics, renderMetrics, type ListEntry, type MetricSeries } from '../backup_db.ts';
+import {
+  judgeFreshness,
+  parseMetrics,
+  pingUrlFor,
+  recordRunInMetrics,
+  renderMetrics,
+  type ListEntry,
+  type MetricSeries,
+} from '../backup_db.ts';
 import { dbVars, runCli, tempDir, takeBackup, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { flipMiddleByte, holdTableLock, waitForNoBackupSessions } from './helpers/wait.ts';
@@ -19,7 +27,8 @@ import { flipMiddleByte, holdTableLock, waitForNoBackupSessions } from './helper
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  for (const db of ['ops_app', 'ops_other']) await server.createDatabase(db, 'CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50)');
+  for (const db of ['ops_app', 'ops_other'])
+    await server.createDatabase(db, 'CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50)');
 });
 after(() => server?.stop());
 
@@ -29,7 +38,10 @@ async function setup(vars: Record<string, string> = dbVars(server, 'DEV_DB_', 'o
   const outputDir = path.join(configDir, 'out');
   return { configDir, outputDir, base: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] };
 }
-const wrongPassword = (database = 'ops_app') => ({ ...dbVars(server, 'DEV_DB_', database), DEV_DB_PASSWORD: 'Wr0ng-pa55word' });
+const wrongPassword = (database = 'ops_app') => ({
+  ...dbVars(server, 'DEV_DB_', database),
+  DEV_DB_PASSWORD: 'Wr0ng-pa55word',
+});
 
 /** A heartbeat receiver (healthchecks.io style) that records each request's method, path and body. */
 async function heartbeatReceiver() {
@@ -63,11 +75,17 @@ describe('--ping-url (heartbeat)', () => {
       const s = await setup();
       const result = await runCli({ args: [...s.base, '--ping-url', hb.url] });
       assert.equal(result.exitCode, 0, result.stderr);
-      assert.deepEqual(hb.received.map((r) => [r.method, r.path]), [
-        ['POST', '/ping/0d4c-secret-uuid/start'],
-        ['POST', '/ping/0d4c-secret-uuid'],
-      ]);
-      assert.match(hb.received[1]!.body, /^✓ backup_db: backup of ops_app \(dev\) succeeded on .+: ops_app_dev_.+\.dump/);
+      assert.deepEqual(
+        hb.received.map((r) => [r.method, r.path]),
+        [
+          ['POST', '/ping/0d4c-secret-uuid/start'],
+          ['POST', '/ping/0d4c-secret-uuid'],
+        ],
+      );
+      assert.match(
+        hb.received[1]!.body,
+        /^✓ backup_db: backup of ops_app \(dev\) succeeded on .+: ops_app_dev_.+\.dump/,
+      );
       assert.ok(!`${result.stdout}${result.stderr}`.includes('0d4c-secret-uuid'));
     } finally {
       await hb.close();
@@ -79,8 +97,11 @@ describe('--ping-url (heartbeat)', () => {
     try {
       const s = await setup({ ...wrongPassword(), BACKUP_PING_URL: hb.url });
       const result = await runCli({ args: s.base });
-      assert.equal(result.exitCode, 3, 'the exit code is the backup\'s');
-      assert.deepEqual(hb.received.map((r) => r.path), ['/ping/0d4c-secret-uuid/start', '/ping/0d4c-secret-uuid/fail']);
+      assert.equal(result.exitCode, 3, "the exit code is the backup's");
+      assert.deepEqual(
+        hb.received.map((r) => r.path),
+        ['/ping/0d4c-secret-uuid/start', '/ping/0d4c-secret-uuid/fail'],
+      );
       assert.match(hb.received[1]!.body, /FAILED .*\(exit 3\): Database authentication failed/);
       assert.ok(!hb.received.some((r) => r.body.includes('Wr0ng-pa55word')), 'no password in a ping');
     } finally {
@@ -95,7 +116,11 @@ describe('--ping-url (heartbeat)', () => {
     assert.equal(result.exitCode, 0, result.stderr);
     assert.equal(result.stderr.match(/Heartbeat ping failed/g)?.length, 1, result.stderr);
     assert.ok(!result.stderr.includes('0d4c-secret-uuid'));
-    assert.equal((await fs.readdir(s.outputDir)).filter((name) => name.endsWith('.dump')).length, 1, 'the backup was made');
+    assert.equal(
+      (await fs.readdir(s.outputDir)).filter((name) => name.endsWith('.dump')).length,
+      1,
+      'the backup was made',
+    );
   });
 
   test('only backup runs ping: --list, --verify and --check with BACKUP_PING_URL set stay silent', async () => {
@@ -123,7 +148,10 @@ describe('--ping-url (heartbeat)', () => {
   test('pingUrlFor keeps the query string where it is', () => {
     assert.equal(pingUrlFor('https://hc-ping.com/abc', 'start'), 'https://hc-ping.com/abc/start');
     assert.equal(pingUrlFor('https://hc-ping.com/abc/', 'fail'), 'https://hc-ping.com/abc/fail');
-    assert.equal(pingUrlFor('https://push.example/api/push/K?status=up', 'fail'), 'https://push.example/api/push/K/fail?status=up');
+    assert.equal(
+      pingUrlFor('https://push.example/api/push/K?status=up', 'fail'),
+      'https://push.example/api/push/K/fail?status=up',
+    );
     assert.equal(pingUrlFor('https://hc-ping.com/abc', 'success'), 'https://hc-ping.com/abc');
   });
 });
@@ -133,7 +161,11 @@ async function readMetrics(file: string) {
   const text = await fs.readFile(file, 'utf8');
   // The exposition format, line by line: comments, or name{labels} value.
   for (const line of text.trimEnd().split('\n')) {
-    assert.match(line, /^(# (HELP|TYPE) [a-z_]+ .+|[a-z_]+\{database="(?:[^"\\]|\\.)*",environment="(?:[^"\\]|\\.)*"\} -?[\d.e+]+)$/, line);
+    assert.match(
+      line,
+      /^(# (HELP|TYPE) [a-z_]+ .+|[a-z_]+\{database="(?:[^"\\]|\\.)*",environment="(?:[^"\\]|\\.)*"\} -?[\d.e+]+)$/,
+      line,
+    );
   }
   const families = parsePrometheus(text);
   const samples: Record<string, Record<string, number>> = {};
@@ -148,7 +180,7 @@ async function readMetrics(file: string) {
 }
 
 describe('--metrics-file (node_exporter textfile collector)', () => {
-  test('every backup run updates its own series and keeps the other databases\' series', async () => {
+  test("every backup run updates its own series and keeps the other databases' series", async () => {
     const dir = await tempDir();
     const metricsFile = path.join(dir, 'textfile', 'backup_db.prom');
     const a = await setup();
@@ -174,7 +206,10 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     assert.equal((await runCli({ args: [...aFails.base, '--metrics-file', metricsFile] })).exitCode, 3);
     const second = await readMetrics(metricsFile);
     assert.equal(second['ops_app/dev']!.backup_db_last_exit_code, 3);
-    assert.equal(second['ops_app/dev']!.backup_db_last_success_timestamp_seconds, app.backup_db_last_success_timestamp_seconds);
+    assert.equal(
+      second['ops_app/dev']!.backup_db_last_success_timestamp_seconds,
+      app.backup_db_last_success_timestamp_seconds,
+    );
     assert.equal(second['ops_app/dev']!.backup_db_last_size_bytes, app.backup_db_last_size_bytes);
     assert.deepEqual(second['ops_other/dev'], other);
 
@@ -184,11 +219,26 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
   });
 
   test('render and parse are inverse for any database name, and a real parser reads the labels back', () => {
-    const name = fc.string({ unit: fc.oneof(fc.constantFrom('"', '\\', '\n', '{', '}', ',', '=', ' '), fc.string({ unit: 'grapheme', minLength: 1, maxLength: 1 })), maxLength: 12 }).filter((s) => s.length > 0);
+    const name = fc
+      .string({
+        unit: fc.oneof(
+          fc.constantFrom('"', '\\', '\n', '{', '}', ',', '=', ' '),
+          fc.string({ unit: 'grapheme', minLength: 1, maxLength: 1 }),
+        ),
+        maxLength: 12,
+      })
+      .filter((s) => s.length > 0);
     const value = fc.integer({ min: 0, max: 2 ** 40 });
     const series = fc.uniqueArray(
       fc.record(
-        { database: name, environment: fc.constantFrom('dev', 'prod'), values: fc.record({ backup_db_last_exit_code: value, backup_db_last_size_bytes: value }, { noNullPrototype: true }) },
+        {
+          database: name,
+          environment: fc.constantFrom('dev', 'prod'),
+          values: fc.record(
+            { backup_db_last_exit_code: value, backup_db_last_size_bytes: value },
+            { noNullPrototype: true },
+          ),
+        },
         { noNullPrototype: true },
       ),
       { selector: (s) => `${s.database}\0${s.environment}`, maxLength: 5 },
@@ -196,7 +246,8 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     fc.assert(
       fc.property(series, (list: MetricSeries[]) => {
         const text = renderMetrics(list);
-        const sort = (l: MetricSeries[]) => [...l].sort((x, y) => (`${x.database}\0${x.environment}` < `${y.database}\0${y.environment}` ? -1 : 1));
+        const sort = (l: MetricSeries[]) =>
+          [...l].sort((x, y) => (`${x.database}\0${x.environment}` < `${y.database}\0${y.environment}` ? -1 : 1));
         assert.deepEqual(sort(parseMetrics(text)), sort(list));
         const parsed = parsePrometheus(text).flatMap((family) => family.metrics.map((m) => m.labels!.database));
         assert.deepEqual(new Set(parsed), new Set(list.map((s) => s.database)));
@@ -205,10 +256,20 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     );
   });
 
-  test('a run of one database never changes another\'s series', () => {
+  test("a run of one database never changes another's series", () => {
     const before: MetricSeries[] = [{ database: 'b', environment: 'dev', values: { backup_db_last_exit_code: 7 } }];
-    const after = recordRunInMetrics(before, { database: 'a', environment: 'dev', endedAt: new Date(0), exitCode: 0, durationMs: 1500, sizeBytes: 10 });
-    assert.deepEqual(after.find((s) => s.database === 'b'), before[0]);
+    const after = recordRunInMetrics(before, {
+      database: 'a',
+      environment: 'dev',
+      endedAt: new Date(0),
+      exitCode: 0,
+      durationMs: 1500,
+      sizeBytes: 10,
+    });
+    assert.deepEqual(
+      after.find((s) => s.database === 'b'),
+      before[0],
+    );
     assert.deepEqual(after.find((s) => s.database === 'a')!.values, {
       backup_db_last_run_timestamp_seconds: 0,
       backup_db_last_exit_code: 0,
@@ -221,12 +282,17 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
 
 /** Move a real backup's files (names and metadata) `days` into the past, as if it had been taken then. */
 async function moveIntoPast(backup: TakenBackup, days: number): Promise<string> {
-  const iso = new Date(Date.parse(String(backup.metadata.backup_timestamp)) - days * 86_400_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+  const iso = new Date(Date.parse(String(backup.metadata.backup_timestamp)) - days * 86_400_000)
+    .toISOString()
+    .replace(/\.\d{3}Z$/, 'Z');
   const name = `${backup.metadata.database_name}_${backup.metadata.environment}_${iso.replaceAll(':', '-')}.dump`;
   await fs.rename(backup.dumpPath, path.join(backup.outputDir, name));
   await fs.rm(backup.metadataPath);
   const metadata = { ...backup.metadata, backup_file: name, backup_timestamp: iso };
-  await fs.writeFile(path.join(backup.outputDir, name.replace(/\.dump$/, '.metadata.json')), JSON.stringify(metadata, null, 2));
+  await fs.writeFile(
+    path.join(backup.outputDir, name.replace(/\.dump$/, '.metadata.json')),
+    JSON.stringify(metadata, null, 2),
+  );
   return name;
 }
 
@@ -259,7 +325,10 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     const result = await runCli({ args: [...s.base, '--check', '--max-age', '26h'] });
     assert.equal(result.exitCode, 8, result.stdout);
     assert.match(result.stderr, /The newest backup is too old/);
-    assert.match(result.stderr, new RegExp(`is 2 d old, more than 1 d 2 h: ${moved.replaceAll('.', '\\.')} .*1 backup in all`));
+    assert.match(
+      result.stderr,
+      new RegExp(`is 2 d old, more than 1 d 2 h: ${moved.replaceAll('.', '\\.')} .*1 backup in all`),
+    );
     await writeEnvFile(s.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_MAX_AGE: '3d' });
     const json = await runCli({ args: [...s.base, '--check', '--json'] });
     assert.equal(json.exitCode, 0, json.stderr);
@@ -285,12 +354,19 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     const result = await runCli({ args: [...s.base, '--check', '--max-age', '1d'] });
     assert.equal(result.exitCode, 8);
     assert.match(result.stderr, /No backup found/);
-    assert.match(result.stderr, /no backup of ops_app \(dev\) in .* passes the quick check; 1 file there does not count \(ops_app_dev_.*\.dump: .*Size mismatch\)/);
+    assert.match(
+      result.stderr,
+      /no backup of ops_app \(dev\) in .* passes the quick check; 1 file there does not count \(ops_app_dev_.*\.dump: .*Size mismatch\)/,
+    );
 
     const flipped = await setup();
     const backup2 = await takeBackup(server, 'ops_app', flipped.outputDir);
     await flipMiddleByte(backup2.dumpPath);
-    assert.equal((await runCli({ args: [...flipped.base, '--check', '--max-age', '1d'] })).exitCode, 0, 'size and metadata still match');
+    assert.equal(
+      (await runCli({ args: [...flipped.base, '--check', '--max-age', '1d'] })).exitCode,
+      0,
+      'size and metadata still match',
+    );
     const full = await runCli({ args: [...flipped.base, '--check', '--max-age', '1d', '--verify'] });
     assert.equal(full.exitCode, 8);
     assert.match(full.stderr, /checksum/i);
@@ -302,11 +378,19 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     await moveIntoPast(backup2, -30);
     const result = await runCli({ args: [...s.base, '--check', '--max-age', '1d'] });
     assert.equal(result.exitCode, 8);
-    assert.match(result.stderr, /1 file there does not count \(ops_app_dev_.*\.dump: dated .*, after this machine's time\)/);
+    assert.match(
+      result.stderr,
+      /1 file there does not count \(ops_app_dev_.*\.dump: dated .*, after this machine's time\)/,
+    );
   });
 
   test('--check needs --max-age; --check with a FILE or another command is refused', async () => {
-    for (const args of [['--check'], ['--check', '--max-age', '0'], ['--check', '--max-age', '1d', '--list'], ['--check', '--max-age', '1d', '--verify', 'x.dump']]) {
+    for (const args of [
+      ['--check'],
+      ['--check', '--max-age', '0'],
+      ['--check', '--max-age', '1d', '--list'],
+      ['--check', '--max-age', '1d', '--verify', 'x.dump'],
+    ]) {
       const result = await runCli({ args: [...fresh.base, ...args] });
       assert.equal(result.exitCode, 2, `${args.join(' ')}: ${result.stderr}`);
     }
@@ -324,7 +408,11 @@ describe('--check --max-age (freshness, for monitoring)', () => {
       problems: [],
     });
     const now = new Date('2026-01-10T00:00:00Z');
-    const entries = [entry('x_dev_a.dump', 'x', 'dev', '2026-01-01T00:00:00Z'), entry('y_dev_b.dump', 'y', 'dev', '2026-01-09T23:00:00Z'), entry('x_prod_c.dump', 'x', 'prod', '2026-01-09T23:00:00Z')];
+    const entries = [
+      entry('x_dev_a.dump', 'x', 'dev', '2026-01-01T00:00:00Z'),
+      entry('y_dev_b.dump', 'y', 'dev', '2026-01-09T23:00:00Z'),
+      entry('x_prod_c.dump', 'x', 'prod', '2026-01-09T23:00:00Z'),
+    ];
     const result = judgeFreshness(entries, { database: 'x', environment: 'dev', now }, 86_400_000);
     assert.equal(result.ok, false);
     assert.equal(result.newest?.file, 'x_dev_a.dump');
@@ -343,8 +431,11 @@ describe('--stall-timeout (watchdog)', () => {
       assert.equal(result.exitCode, 7, result.stderr);
       assert.match(result.stderr, /The backup stalled/);
       assert.match(result.stderr, /no byte was written for 2 s/);
-      assert.match(result.stderr, /pg_dump's session \(pid \d+\) waits on Lock \(relation\) in "LOCK TABLE public\.t IN ACCESS SHARE MODE"/);
-      assert.doesNotMatch(result.stderr, /pg_stat_activity b WHERE/, 'not the watchdog\'s own query');
+      assert.match(
+        result.stderr,
+        /pg_dump's session \(pid \d+\) waits on Lock \(relation\) in "LOCK TABLE public\.t IN ACCESS SHARE MODE"/,
+      );
+      assert.doesNotMatch(result.stderr, /pg_stat_activity b WHERE/, "not the watchdog's own query");
       assert.match(result.stderr, new RegExp(`blocked by pid ${lock.holderPid} .*LOCK TABLE`));
       assert.match(result.stderr, new RegExp(`pg_terminate_backend\\(${lock.holderPid}\\)`));
       // Without the watchdog this run would wait for ever (--lock-wait-timeout 0): it ended.
@@ -352,7 +443,11 @@ describe('--stall-timeout (watchdog)', () => {
       // Its sessions, queued for the lock, were cancelled rather than left holding their place.
       await waitForNoBackupSessions(lock.observer);
       const left = await fs.readdir(s.outputDir).catch(() => [] as string[]);
-      assert.deepEqual(left.filter((name) => !name.startsWith('.')), [], 'no partial or lock file');
+      assert.deepEqual(
+        left.filter((name) => !name.startsWith('.')),
+        [],
+        'no partial or lock file',
+      );
     } finally {
       await lock.release();
     }

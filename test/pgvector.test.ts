@@ -57,38 +57,81 @@ describe('a pgvector database, restored on a server with default settings', skip
     const client = await server.connect('vec_app');
     try {
       assert.equal((await client.query('SHOW maintenance_work_mem')).rows[0].maintenance_work_mem, '64MB');
-      await assert.rejects(client.query('REINDEX INDEX items_ivfflat'), /memory required is 65 MB, maintenance_work_mem is 64 MB/);
+      await assert.rejects(
+        client.query('REINDEX INDEX items_ivfflat'),
+        /memory required is 65 MB, maintenance_work_mem is 64 MB/,
+      );
     } finally {
       await client.end();
     }
-    assert.deepEqual(backup.metadata.extensions, [{ name: 'plpgsql', version: '1.0' }, { name: 'vector', version: '0.8.0' }], 'the metadata records each extension and its version');
+    assert.deepEqual(
+      backup.metadata.extensions,
+      [
+        { name: 'plpgsql', version: '1.0' },
+        { name: 'vector', version: '0.8.0' },
+      ],
+      'the metadata records each extension and its version',
+    );
   });
 
-  test('--restore brings back every row and both indexes, valid, in a session suited to a restore', { timeout: 180_000 }, async () => {
-    const target = uniqueName('vec_copy');
-    const result = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir] });
-    assert.equal(result.exitCode, 0, result.stderr);
-    assert.match(result.stdout, /^Session: {5}maintenance_work_mem=\d+MB, synchronous_commit=off, max_parallel_maintenance_workers=\d+$/m);
-    await assertSameDatabases(server, 'vec_app', target);
-    assert.deepEqual(await vectorIndexes(target), [
-      { name: 'items_ivfflat', method: 'ivfflat', valid: true },
-      { name: 'notes_hnsw', method: 'hnsw', valid: true },
-    ]);
-  });
+  test(
+    '--restore brings back every row and both indexes, valid, in a session suited to a restore',
+    { timeout: 180_000 },
+    async () => {
+      const target = uniqueName('vec_copy');
+      const result = await runCli({
+        args: ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir],
+      });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.match(
+        result.stdout,
+        /^Session: {5}maintenance_work_mem=\d+MB, synchronous_commit=off, max_parallel_maintenance_workers=\d+$/m,
+      );
+      await assertSameDatabases(server, 'vec_app', target);
+      assert.deepEqual(await vectorIndexes(target), [
+        { name: 'items_ivfflat', method: 'ivfflat', valid: true },
+        { name: 'notes_hnsw', method: 'hnsw', valid: true },
+      ]);
+    },
+  );
 
   test('the drill passes, and the scratch database is gone', { timeout: 180_000 }, async () => {
-    const result = await runCli({ args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'] });
+    const result = await runCli({
+      args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+    });
     assert.equal(result.exitCode, 0, result.stdout);
     const drill = JSON.parse(result.stdout);
     assert.equal(drill.last_restore_test.ok, true);
     assert.ok(Number.parseInt(drill.session_settings.maintenance_work_mem, 10) >= 128);
   });
 
-  test('with the memory of a default session the restore fails, and the error names the setting to raise', { timeout: 180_000 }, async () => {
-    const target = uniqueName('vec_small');
-    const result = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir, '--maintenance-work-mem', '64MB', '--jobs', '1'] });
-    assert.equal(result.exitCode, 7, result.stdout);
-    assert.match(result.stderr, /memory required is 65 MB, maintenance_work_mem is 64 MB/);
-    assert.match(result.stderr, /1\. An index build needed more memory than maintenance_work_mem \(64MB per pg_restore job here, with --jobs 1\): run again with --maintenance-work-mem 128MB \(per job\), or fewer --jobs/);
-  });
+  test(
+    'with the memory of a default session the restore fails, and the error names the setting to raise',
+    { timeout: 180_000 },
+    async () => {
+      const target = uniqueName('vec_small');
+      const result = await runCli({
+        args: [
+          '--restore',
+          backup.dumpPath,
+          '--target-db',
+          target,
+          '--env',
+          'dev',
+          '--config-dir',
+          configDir,
+          '--maintenance-work-mem',
+          '64MB',
+          '--jobs',
+          '1',
+        ],
+      });
+      assert.equal(result.exitCode, 7, result.stdout);
+      assert.match(result.stderr, /memory required is 65 MB, maintenance_work_mem is 64 MB/);
+      assert.match(
+        result.stderr,
+        /1\. An index build needed more memory than maintenance_work_mem \(64MB per pg_restore job here, with --jobs 1\): run again with --maintenance-work-mem 128MB \(per job\), or fewer --jobs/,
+      );
+    },
+  );
 });

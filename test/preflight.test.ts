@@ -34,12 +34,19 @@ async function attempt({ vars, outputDir, run = {} }: Attempt) {
   await fs.chmod(configDir, 0o755);
   const out = outputDir ?? path.join(configDir, 'out');
   if (vars) await writeEnvFile(configDir, '.env', vars);
-  const result = await runCli({ ...run, args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', out, ...(run.args ?? [])] });
+  const result = await runCli({
+    ...run,
+    args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', out, ...(run.args ?? [])],
+  });
   const files = await fs.readdir(out).catch(() => [] as string[]);
   return { ...result, files };
 }
 
-function assertContractError(result: { exitCode: number; stderr: string; stdout: string }, exitCode: number, title: RegExp) {
+function assertContractError(
+  result: { exitCode: number; stderr: string; stdout: string },
+  exitCode: number,
+  title: RegExp,
+) {
   assert.equal(result.exitCode, exitCode, result.stderr);
   const [first] = result.stderr.split('\n');
   assert.match(first!, /^✗ Backup failed: /);
@@ -55,7 +62,10 @@ const good = () => dbVars(server, 'DEV_DB_', 'app_dev');
 describe('preflight failures', () => {
   test('no pg_dump on PATH or in any usual location → 6, with install hints', skipUnless(noTmpfs), async () => {
     const emptyBin = await tempDir();
-    const result = await attempt({ vars: good(), run: { env: { PATH: emptyBin }, wrapper: await hidingUsualClientLocations() } });
+    const result = await attempt({
+      vars: good(),
+      run: { env: { PATH: emptyBin }, wrapper: await hidingUsualClientLocations() },
+    });
     assertContractError(result, 6, /pg_dump not found/);
     assert.match(result.stderr, /none on PATH or in the usual locations/);
     assert.match(result.stderr, /apt-get install -y postgresql-client/);
@@ -93,7 +103,11 @@ describe('preflight failures', () => {
   test('unwritable output directory → 4', skipUnless(noSetpriv), async () => {
     const parent = await tempDir();
     await fs.chmod(parent, 0o555);
-    const result = await attempt({ vars: good(), outputDir: path.join(parent, 'backups'), run: { withoutRootOverride: true } });
+    const result = await attempt({
+      vars: good(),
+      outputDir: path.join(parent, 'backups'),
+      run: { withoutRootOverride: true },
+    });
     assertContractError(result, 4, /Cannot write to the backup directory/);
     assert.match(result.stderr, /EACCES/);
     assert.deepEqual(await fs.readdir(parent), []);

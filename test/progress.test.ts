@@ -48,12 +48,23 @@ describe('progress on a terminal', skipUnless(await unmet('script')), () => {
     // About one update a second, however long this machine took: none of the elapsed seconds shown is skipped.
     const seconds = lines.map((line) => /(\d+):(\d\d)/.exec(line)!).map(([, m, s]) => Number(m) * 60 + Number(s));
     assert.ok(lines.length >= seconds.at(-1)!, `${lines.length} updates over ${seconds.at(-1)} s`);
-    assert.deepEqual([...seconds].sort((a, b) => a - b), seconds, 'elapsed time only grows');
+    assert.deepEqual(
+      [...seconds].sort((a, b) => a - b),
+      seconds,
+      'elapsed time only grows',
+    );
     const percents = updates.map((u) => Number(/~(\d+)%/.exec(u)![1]));
-    assert.deepEqual([...percents].sort((a, b) => a - b), percents, 'the estimate only grows');
+    assert.deepEqual(
+      [...percents].sort((a, b) => a - b),
+      percents,
+      'the estimate only grows',
+    );
     const summary = terminal.indexOf('Backup created successfully');
     assert.ok(summary > 0);
-    assert.ok(terminal.lastIndexOf(CLEAR, summary) > terminal.lastIndexOf('dumping', summary), 'the last progress line was cleared first');
+    assert.ok(
+      terminal.lastIndexOf(CLEAR, summary) > terminal.lastIndexOf('dumping', summary),
+      'the last progress line was cleared first',
+    );
   });
 
   test('is cleared when the backup fails, leaving the error readable', { timeout: 120_000 }, async () => {
@@ -62,20 +73,27 @@ describe('progress on a terminal', skipUnless(await unmet('script')), () => {
       const { exitCode, terminal } = await onTerminal(['--lock-wait-timeout', '2s']);
       assert.equal(exitCode, 7, terminal);
       const error = terminal.indexOf('✗');
-      assert.ok(terminal.lastIndexOf(CLEAR, error) > terminal.lastIndexOf('dumping', error), 'progress cleared before the error');
+      assert.ok(
+        terminal.lastIndexOf(CLEAR, error) > terminal.lastIndexOf('dumping', error),
+        'progress cleared before the error',
+      );
       assert.match(terminal, /Backup failed: A table is locked/);
     } finally {
       await lock.release();
     }
   });
 
-  test('is not shown when stdout is piped or with --json, even with a terminal at hand', { timeout: 120_000 }, async () => {
-    const piped = await onTerminal([], `> '${path.join(await tempDir(), 'stdout.txt')}'`);
-    assert.equal(piped.exitCode, 0, piped.terminal);
-    assert.doesNotMatch(piped.terminal, /dumping/);
-    const json = await onTerminal(['--json']);
-    assert.equal(json.exitCode, 0);
-    assert.doesNotMatch(json.terminal, /dumping/);
-    assert.equal(JSON.parse(json.terminal.replaceAll('\r', '')).ok, true, 'stdout is nothing but the JSON document');
-  });
+  test(
+    'is not shown when stdout is piped or with --json, even with a terminal at hand',
+    { timeout: 120_000 },
+    async () => {
+      const piped = await onTerminal([], `> '${path.join(await tempDir(), 'stdout.txt')}'`);
+      assert.equal(piped.exitCode, 0, piped.terminal);
+      assert.doesNotMatch(piped.terminal, /dumping/);
+      const json = await onTerminal(['--json']);
+      assert.equal(json.exitCode, 0);
+      assert.doesNotMatch(json.terminal, /dumping/);
+      assert.equal(JSON.parse(json.terminal.replaceAll('\r', '')).ok, true, 'stdout is nothing but the JSON document');
+    },
+  );
 });

@@ -12,7 +12,18 @@ import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
 import { assertSameContent, assertSameDatabases, snapshotDatabase } from './helpers/compare.ts';
-import { dbVars, PROJECT_DIR, runCli, SCRIPT, startCli, takeBackup, tempDir, uniqueName, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import {
+  dbVars,
+  PROJECT_DIR,
+  runCli,
+  SCRIPT,
+  startCli,
+  takeBackup,
+  tempDir,
+  uniqueName,
+  writeEnvFile,
+  type TakenBackup,
+} from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
@@ -31,15 +42,22 @@ before(async () => {
   backup = await takeBackup(server, 'rs_app', path.join(await tempDir(), 'backups'));
   configDir = await tempDir();
   // dev and prod live on the same server here; prod's database is rs_prod.
-  await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(server, 'DB_', 'rs_prod') });
-  await server.createDatabase('rs_prod', "CREATE TABLE live_orders (id int); INSERT INTO live_orders VALUES (1), (2)");
+  await writeEnvFile(configDir, '.env', {
+    ...dbVars(server, 'DEV_DB_', 'rs_app'),
+    ...dbVars(server, 'DB_', 'rs_prod'),
+  });
+  await server.createDatabase('rs_prod', 'CREATE TABLE live_orders (id int); INSERT INTO live_orders VALUES (1), (2)');
 });
 after(() => Promise.all([server?.stop(), pg17?.stop()]));
 
 const restore = (file: string, target: string, ...extra: string[]) =>
   runCli({ args: ['--restore', file, '--target-db', target, '--env', 'dev', '--config-dir', configDir, ...extra] });
 
-async function withDatabase<T>(name: string, use: (client: pg.Client) => Promise<T>, on: TestServer = server): Promise<T> {
+async function withDatabase<T>(
+  name: string,
+  use: (client: pg.Client) => Promise<T>,
+  on: TestServer = server,
+): Promise<T> {
   const client = await on.connect(name);
   try {
     return await use(client);
@@ -49,7 +67,12 @@ async function withDatabase<T>(name: string, use: (client: pg.Client) => Promise
 }
 
 async function databases(on: TestServer = server): Promise<string[]> {
-  return withDatabase('postgres', async (c) => (await c.query<{ datname: string }>('SELECT datname FROM pg_database ORDER BY 1')).rows.map((r) => r.datname), on);
+  return withDatabase(
+    'postgres',
+    async (c) =>
+      (await c.query<{ datname: string }>('SELECT datname FROM pg_database ORDER BY 1')).rows.map((r) => r.datname),
+    on,
+  );
 }
 
 /** A private copy of the backup (dump + metadata) to edit. */
@@ -111,7 +134,9 @@ describe('--restore', () => {
   test('a non-empty target is refused and left alone; --clean drops and recreates it', async () => {
     const target = uniqueName('rs_busy');
     await server.createDatabase(target);
-    await withDatabase(target, (c) => c.query("CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')"));
+    await withDatabase(target, (c) =>
+      c.query("CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')"),
+    );
     const before = await withDatabase(target, snapshotDatabase);
     const refused = await restore(backup.dumpPath, target);
     assert.equal(refused.exitCode, 2);
@@ -122,7 +147,10 @@ describe('--restore', () => {
     const cleaned = await restore(backup.dumpPath, target, '--clean');
     assert.equal(cleaned.exitCode, 0, cleaned.stderr);
     assert.match(cleaned.stdout, /\(replaced\)$/m);
-    const tables = await withDatabase(target, async (c) => (await c.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'precious'")).rows[0].n);
+    const tables = await withDatabase(
+      target,
+      async (c) => (await c.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'precious'")).rows[0].n,
+    );
     assert.equal(tables, 0, 'the old content is gone');
   });
 
@@ -156,7 +184,11 @@ describe('--restore', () => {
     const before = await withDatabase(existing, snapshotDatabase);
     const overExisting = await restore(copy.dumpPath, existing, '--clean');
     assert.equal(overExisting.exitCode, 8, overExisting.stderr);
-    assert.deepEqual(await withDatabase(existing, snapshotDatabase), before, 'proven bad before the existing database was dropped');
+    assert.deepEqual(
+      await withDatabase(existing, snapshotDatabase),
+      before,
+      'proven bad before the existing database was dropped',
+    );
   });
 
   test('a restore that hits an error fails with exit 7, and the target it created is removed', async () => {
@@ -181,28 +213,41 @@ describe('--restore', () => {
     assert.match(result.stderr, /^messages +9999 +3422 {2}✗$/m);
   });
 
-  test('two restores into one new target at once: one restores it, the other is refused (exit 2), never both', { timeout: 90_000 }, async () => {
-    const gatedBackup = await gatedBackupOf();
-    const target = uniqueName('rs_race');
-    const { holder, observer } = await holdGate();
-    const first = startCli({ args: ['--restore', gatedBackup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir] });
-    let second;
-    try {
-      await waitFor('the first restore to wait at the gate', async () => {
-        const { rows } = await observer.query("SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", [target]);
-        return rows.length > 0 ? true : undefined;
+  test(
+    'two restores into one new target at once: one restores it, the other is refused (exit 2), never both',
+    { timeout: 90_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const target = uniqueName('rs_race');
+      const { holder, observer } = await holdGate();
+      const first = startCli({
+        args: ['--restore', gatedBackup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir],
       });
-      second = await restore(gatedBackup.dumpPath, target);
-    } finally {
-      await holder.query('ROLLBACK');
-      await Promise.all([holder.end(), observer.end()]);
-    }
-    assert.equal(second.exitCode, 2, second.stderr);
-    assert.match(second.stderr, new RegExp(`a restore into "${target}" on .* is already running`));
-    const won = await first;
-    assert.equal(won.exitCode, 0, String(won.stderr));
-    assert.equal(await withDatabase(target, async (c) => (await c.query('SELECT count(*)::int AS n FROM gated')).rows[0].n), 1, 'restored once');
-  });
+      let second;
+      try {
+        await waitFor('the first restore to wait at the gate', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+            [target],
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        second = await restore(gatedBackup.dumpPath, target);
+      } finally {
+        await holder.query('ROLLBACK');
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      assert.equal(second.exitCode, 2, second.stderr);
+      assert.match(second.stderr, new RegExp(`a restore into "${target}" on .* is already running`));
+      const won = await first;
+      assert.equal(won.exitCode, 0, String(won.stderr));
+      assert.equal(
+        await withDatabase(target, async (c) => (await c.query('SELECT count(*)::int AS n FROM gated')).rows[0].n),
+        1,
+        'restored once',
+      );
+    },
+  );
 
   test('a missing --target-db, or restore options without --restore, are usage errors', async () => {
     assert.equal((await runCli({ args: ['--restore', backup.dumpPath] })).exitCode, 2);
@@ -218,9 +263,24 @@ describe('the production guard', () => {
     for (const extra of [['--clean'], ['--clean', '--i-know-this-is-prod']]) {
       const viaDev = await restore(backup.dumpPath, 'rs_prod', ...extra);
       assert.equal(viaDev.exitCode, 2);
-      assert.match(viaDev.stderr, /refusing to restore into it: "rs_prod" on .* is the configured production database \(.*, the same cluster\); --env prod was not given/);
+      assert.match(
+        viaDev.stderr,
+        /refusing to restore into it: "rs_prod" on .* is the configured production database \(.*, the same cluster\); --env prod was not given/,
+      );
     }
-    const noFlag = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', 'rs_prod', '--env', 'prod', '--clean', '--config-dir', configDir] });
+    const noFlag = await runCli({
+      args: [
+        '--restore',
+        backup.dumpPath,
+        '--target-db',
+        'rs_prod',
+        '--env',
+        'prod',
+        '--clean',
+        '--config-dir',
+        configDir,
+      ],
+    });
     assert.equal(noFlag.exitCode, 2);
     assert.match(noFlag.stderr, /--i-know-this-is-prod was not given/);
     assert.deepEqual(await withDatabase('rs_prod', snapshotDatabase), before, 'production untouched');
@@ -230,10 +290,30 @@ describe('the production guard', () => {
     const before = await withDatabase('rs_prod', snapshotDatabase);
     for (const host of ['127.1', 'localhost', '::1', server.socketDir!, '127.0.0.1']) {
       const spelled = await tempDir();
-      await writeEnvFile(spelled, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), DEV_DB_HOST: host, ...dbVars(server, 'DB_', 'rs_prod') });
-      const result = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', 'rs_prod', '--clean', '--env', 'dev', '--config-dir', spelled] });
+      await writeEnvFile(spelled, '.env', {
+        ...dbVars(server, 'DEV_DB_', 'rs_app'),
+        DEV_DB_HOST: host,
+        ...dbVars(server, 'DB_', 'rs_prod'),
+      });
+      const result = await runCli({
+        args: [
+          '--restore',
+          backup.dumpPath,
+          '--target-db',
+          'rs_prod',
+          '--clean',
+          '--env',
+          'dev',
+          '--config-dir',
+          spelled,
+        ],
+      });
       assert.equal(result.exitCode, 2, `${host}: ${result.stdout}${result.stderr}`);
-      assert.match(result.stderr, /is the configured production database \(127\.0\.0\.1:\d+, the same cluster\); --env prod was not given/, host);
+      assert.match(
+        result.stderr,
+        /is the configured production database \(127\.0\.0\.1:\d+, the same cluster\); --env prod was not given/,
+        host,
+      );
     }
     assert.deepEqual(await withDatabase('rs_prod', snapshotDatabase), before, 'production untouched');
   });
@@ -244,43 +324,94 @@ describe('the production guard', () => {
     const elsewhere = await tempDir();
     await writeEnvFile(elsewhere, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(pg17, 'DB_', name) });
     await server.createDatabase(name, 'CREATE TABLE local_only (v int)');
-    const allowed = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', elsewhere] });
+    const allowed = await runCli({
+      args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', elsewhere],
+    });
     assert.equal(allowed.exitCode, 0, allowed.stderr);
 
     // Production configured on a port where nothing listens: it might be any server.
     const unreachable = await tempDir();
     const dead = await freePort();
-    await writeEnvFile(unreachable, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(server, 'DB_', name), DB_PORT: String(dead) });
-    const refused = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', unreachable] });
+    await writeEnvFile(unreachable, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'rs_app'),
+      ...dbVars(server, 'DB_', name),
+      DB_PORT: String(dead),
+    });
+    const refused = await runCli({
+      args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', unreachable],
+    });
     assert.equal(refused.exitCode, 2, refused.stderr);
-    assert.match(refused.stderr, new RegExp(`"${name}" may be the configured production database: the production server 127\\.0\\.0\\.1:${dead} cannot be identified, as it cannot be reached: Database connection refused; --env prod was not given`));
+    assert.match(
+      refused.stderr,
+      new RegExp(
+        `"${name}" may be the configured production database: the production server 127\\.0\\.0\\.1:${dead} cannot be identified, as it cannot be reached: Database connection refused; --env prod was not given`,
+      ),
+    );
     // Without --clean nothing can be overwritten: a new database of that name is fine.
     const fresh = uniqueName('rs_fresh');
-    await writeEnvFile(unreachable, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...dbVars(server, 'DB_', fresh), DB_PORT: String(dead) });
-    const created = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', fresh, '--env', 'dev', '--config-dir', unreachable] });
+    await writeEnvFile(unreachable, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'rs_app'),
+      ...dbVars(server, 'DB_', fresh),
+      DB_PORT: String(dead),
+    });
+    const created = await runCli({
+      args: ['--restore', backup.dumpPath, '--target-db', fresh, '--env', 'dev', '--config-dir', unreachable],
+    });
     assert.equal(created.exitCode, 0, created.stderr);
   });
 
-  test('on a terminal, typing the database name is the confirmation; a wrong name is refused', skipUnless(noTerminal), async () => {
-    const command = (typed: string) =>
-      execa('script', ['-qec', `'${process.execPath}' --import tsx '${SCRIPT}' --restore '${backup.dumpPath}' --target-db rs_prod --env prod --clean --config-dir '${configDir}'`, '/dev/null'], {
-        input: `${typed}\n`,
-        cwd: PROJECT_DIR,
-        reject: false,
-      });
-    const wrong = await command('rs_prd');
-    assert.notEqual(wrong.exitCode, 0);
-    assert.match(String(wrong.stdout), /Type its name to continue/);
-    assert.match(String(wrong.stdout), /the typed name did not match/);
-    assert.equal(await withDatabase('rs_prod', async (c) => (await c.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'live_orders'")).rows[0].n), 1);
+  test(
+    'on a terminal, typing the database name is the confirmation; a wrong name is refused',
+    skipUnless(noTerminal),
+    async () => {
+      const command = (typed: string) =>
+        execa(
+          'script',
+          [
+            '-qec',
+            `'${process.execPath}' --import tsx '${SCRIPT}' --restore '${backup.dumpPath}' --target-db rs_prod --env prod --clean --config-dir '${configDir}'`,
+            '/dev/null',
+          ],
+          {
+            input: `${typed}\n`,
+            cwd: PROJECT_DIR,
+            reject: false,
+          },
+        );
+      const wrong = await command('rs_prd');
+      assert.notEqual(wrong.exitCode, 0);
+      assert.match(String(wrong.stdout), /Type its name to continue/);
+      assert.match(String(wrong.stdout), /the typed name did not match/);
+      assert.equal(
+        await withDatabase(
+          'rs_prod',
+          async (c) =>
+            (await c.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'live_orders'")).rows[0].n,
+        ),
+        1,
+      );
 
-    const right = await command('rs_prod');
-    assert.equal(right.exitCode, 0, String(right.stdout));
-    assert.match(String(right.stdout), /Restore completed/);
-  });
+      const right = await command('rs_prod');
+      assert.equal(right.exitCode, 0, String(right.stdout));
+      assert.match(String(right.stdout), /Restore completed/);
+    },
+  );
 
   test('--env prod --i-know-this-is-prod restores over production', async () => {
-    const result = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', 'rs_prod', '--env', 'prod', '--clean', '--i-know-this-is-prod', '--config-dir', configDir] });
+    const result = await runCli({
+      args: [
+        '--restore',
+        backup.dumpPath,
+        '--target-db',
+        'rs_prod',
+        '--env',
+        'prod',
+        '--clean',
+        '--i-know-this-is-prod',
+        '--config-dir',
+        configDir,
+      ],
+    });
     assert.equal(result.exitCode, 0, result.stderr);
     assert.match(result.stdout, /rs_prod on .* \(replaced\)/);
   });
@@ -291,10 +422,15 @@ describe('--verify FILE --restore-test (the drill)', () => {
 
   test('restores into a scratch database, reconciles, records the result, drops the scratch database', async () => {
     const copy = await copyOfBackup();
-    const result = await runCli({ args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    const result = await runCli({
+      args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
     assert.equal(result.exitCode, 0, result.stderr);
     assert.match(result.stdout, /^✓ Restore test passed$/m);
-    assert.match(result.stdout, /^Scratch DB: {2}backup_db_drill_\d+_[0-9a-f]{8} on .* \(PostgreSQL 15\.\d+; dropped\)$/m);
+    assert.match(
+      result.stdout,
+      /^Scratch DB: {2}backup_db_drill_\d+_[0-9a-f]{8} on .* \(PostgreSQL 15\.\d+; dropped\)$/m,
+    );
     assert.deepEqual(await drillDatabases(), []);
     const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
     assert.equal(metadata.last_restore_test.ok, true);
@@ -304,88 +440,123 @@ describe('--verify FILE --restore-test (the drill)', () => {
 
     const listed = await runCli({ args: ['--list', '--output-dir', path.dirname(copy.dumpPath)] });
     assert.match(listed.stdout, /Status +Restore test\n.*✓ Verified +✓ \d{4}-\d{2}-\d{2}/);
-    assert.equal((await runCli({ args: ['--verify', copy.dumpPath] })).exitCode, 0, 'recording the drill leaves the backup verifiable');
+    assert.equal(
+      (await runCli({ args: ['--verify', copy.dumpPath] })).exitCode,
+      0,
+      'recording the drill leaves the backup verifiable',
+    );
   });
 
   test('tampered counts → exit 8, the failure recorded, the scratch database dropped', async () => {
     const copy = await copyOfBackup((m) => {
       (m.table_counts as Record<string, number>).conversations = 1;
     });
-    const result = await runCli({ args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+    const result = await runCli({
+      args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
     assert.equal(result.exitCode, 8);
     assert.match(result.stderr, /^✗ Restore test failed: row counts differ from the backup$/m);
     assert.match(result.stderr, /conversations \(backup 1, restored 150\)/);
     assert.deepEqual(await drillDatabases(), []);
     const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
-    assert.deepEqual([metadata.last_restore_test.ok, metadata.last_restore_test.mismatches], [false, ['conversations']]);
+    assert.deepEqual(
+      [metadata.last_restore_test.ok, metadata.last_restore_test.mismatches],
+      [false, ['conversations']],
+    );
   });
 
-  test('Ctrl-C while pg_restore runs → exit 130, and the scratch database is dropped', { timeout: 90_000 }, async () => {
-    const gatedBackup = await gatedBackupOf();
-    const { holder, observer } = await holdGate();
-    const drill = startCli({ args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
-    try {
-      await waitFor('pg_restore to wait at the gate', async () => {
-        const { rows } = await observer.query("SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'");
-        return rows.length > 0 ? true : undefined;
+  test(
+    'Ctrl-C while pg_restore runs → exit 130, and the scratch database is dropped',
+    { timeout: 90_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const { holder, observer } = await holdGate();
+      const drill = startCli({
+        args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
       });
-      assert.equal((await drillDatabases()).length, 1, 'the scratch database exists while the drill runs');
-      drill.kill('SIGINT');
-    } finally {
-      // Dropping a database also needs that catalog: let go so the drill can clean up.
-      await holder.query('ROLLBACK');
-      await Promise.all([holder.end(), observer.end()]);
-    }
-    const result = await drill;
-    assert.equal(result.exitCode, 130, String(result.stderr));
-    assert.match(String(result.stderr), /Interrupted by SIGINT/);
-    assert.deepEqual(await drillDatabases(), []);
-  });
+      try {
+        await waitFor('pg_restore to wait at the gate', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        assert.equal((await drillDatabases()).length, 1, 'the scratch database exists while the drill runs');
+        drill.kill('SIGINT');
+      } finally {
+        // Dropping a database also needs that catalog: let go so the drill can clean up.
+        await holder.query('ROLLBACK');
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      const result = await drill;
+      assert.equal(result.exitCode, 130, String(result.stderr));
+      assert.match(String(result.stderr), /Interrupted by SIGINT/);
+      assert.deepEqual(await drillDatabases(), []);
+    },
+  );
 });
 
 describe('administering the target server through a maintenance database', () => {
-  test('a server without the configured database, and a role that may not connect to postgres: restore and drill still work', { timeout: 90_000 }, async () => {
-    const admin = await pg17.connect();
-    try {
-      await admin.query("CREATE ROLE restorer LOGIN CREATEDB PASSWORD 'restorer-pw'");
-      await admin.query('REVOKE CONNECT ON DATABASE postgres FROM PUBLIC');
-    } finally {
-      await admin.end();
-    }
-    // DEV_DB_NAME names a database this server does not have; postgres is closed to the role: template1 it is.
-    const elsewhere = await tempDir();
-    await writeEnvFile(elsewhere, '.env', { ...dbVars(pg17, 'DEV_DB_', 'no_such_app'), DEV_DB_USER: 'restorer', DEV_DB_PASSWORD: 'restorer-pw' });
-    const target = uniqueName('rs_fresh');
-    const restored = await runCli({ args: ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', elsewhere] });
-    assert.equal(restored.exitCode, 0, restored.stderr);
-    assert.match(restored.stdout, /10 of 10 match/);
-    const drill = await runCli({ args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', elsewhere] });
-    assert.equal(drill.exitCode, 0, drill.stderr);
-    const [source, copy] = await Promise.all([server.connect('rs_app'), pg17.connect(target)]);
-    try {
-      await assertSameContent(source, copy);
-    } finally {
-      await Promise.all([source.end(), copy.end()]);
-    }
-  });
+  test(
+    'a server without the configured database, and a role that may not connect to postgres: restore and drill still work',
+    { timeout: 90_000 },
+    async () => {
+      const admin = await pg17.connect();
+      try {
+        await admin.query("CREATE ROLE restorer LOGIN CREATEDB PASSWORD 'restorer-pw'");
+        await admin.query('REVOKE CONNECT ON DATABASE postgres FROM PUBLIC');
+      } finally {
+        await admin.end();
+      }
+      // DEV_DB_NAME names a database this server does not have; postgres is closed to the role: template1 it is.
+      const elsewhere = await tempDir();
+      await writeEnvFile(elsewhere, '.env', {
+        ...dbVars(pg17, 'DEV_DB_', 'no_such_app'),
+        DEV_DB_USER: 'restorer',
+        DEV_DB_PASSWORD: 'restorer-pw',
+      });
+      const target = uniqueName('rs_fresh');
+      const restored = await runCli({
+        args: ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', elsewhere],
+      });
+      assert.equal(restored.exitCode, 0, restored.stderr);
+      assert.match(restored.stdout, /10 of 10 match/);
+      const drill = await runCli({
+        args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', elsewhere],
+      });
+      assert.equal(drill.exitCode, 0, drill.stderr);
+      const [source, copy] = await Promise.all([server.connect('rs_app'), pg17.connect(target)]);
+      try {
+        await assertSameContent(source, copy);
+      } finally {
+        await Promise.all([source.end(), copy.end()]);
+      }
+    },
+  );
 });
 
 describe('extensions missing on the target server', () => {
   test('a backup that needs adminpack, restored to PostgreSQL 17 (which dropped it): a clear error before anything is written', async () => {
     await server.createDatabase('rs_ext');
-    await withDatabase('rs_ext', (c) => c.query('CREATE EXTENSION adminpack; CREATE TABLE t (id int); INSERT INTO t VALUES (1)'));
+    await withDatabase('rs_ext', (c) =>
+      c.query('CREATE EXTENSION adminpack; CREATE TABLE t (id int); INSERT INTO t VALUES (1)'),
+    );
     const withExtension = await takeBackup(server, 'rs_ext', path.join(await tempDir(), 'b'));
     const on17 = await tempDir();
     await writeEnvFile(on17, '.env', dbVars(pg17, 'DEV_DB_', 'postgres'));
     const before = await databases(pg17);
 
-    const restored = await runCli({ args: ['--restore', withExtension.dumpPath, '--target-db', 'ext_target', '--env', 'dev', '--config-dir', on17] });
+    const restored = await runCli({
+      args: ['--restore', withExtension.dumpPath, '--target-db', 'ext_target', '--env', 'dev', '--config-dir', on17],
+    });
     assert.equal(restored.exitCode, 7, restored.stderr);
     assert.match(restored.stderr, /^✗ Restore failed: The target server lacks extensions the backup needs$/m);
     assert.match(restored.stderr, /PostgreSQL 17\.\d+ on this server does not have: adminpack/);
     assert.match(restored.stderr, /adminpack: part of PostgreSQL's contrib .* as adminpack was in 17/);
 
-    const drilled = await runCli({ args: ['--verify', withExtension.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', on17] });
+    const drilled = await runCli({
+      args: ['--verify', withExtension.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', on17],
+    });
     assert.equal(drilled.exitCode, 7);
     assert.deepEqual(await databases(pg17), before, 'no database was created on the target server');
   });

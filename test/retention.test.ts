@@ -8,7 +8,16 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import fc from 'fast-check';
-import { calendarBuckets, CLOCK_TOLERANCE_MS, planRetention, selectRetention, type ListEntry, type ListStatus, type RetentionPolicy, type RetentionScope } from '../backup_db.ts';
+import {
+  calendarBuckets,
+  CLOCK_TOLERANCE_MS,
+  planRetention,
+  selectRetention,
+  type ListEntry,
+  type ListStatus,
+  type RetentionPolicy,
+  type RetentionScope,
+} from '../backup_db.ts';
 import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
@@ -16,13 +25,23 @@ import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
 const policy = (p: Partial<RetentionPolicy>): RetentionPolicy => ({ last: 0, daily: 0, weekly: 0, monthly: 0, ...p });
 const at = (...isoTimes: string[]) => isoTimes.map((iso) => ({ file: iso, time: new Date(iso) }));
 const kept = (items: Array<{ file: string; time: Date }>, p: Partial<RetentionPolicy>, timeZone = 'UTC') =>
-  selectRetention(items, policy(p), timeZone).filter((d) => d.keep).map((d) => d.item.file);
+  selectRetention(items, policy(p), timeZone)
+    .filter((d) => d.keep)
+    .map((d) => d.item.file);
 
 describe('calendarBuckets', () => {
   test('local day, ISO week and month, in the given time zone', () => {
-    assert.deepEqual(calendarBuckets(new Date('2025-01-27T14:30:00Z'), 'UTC'), { day: '2025-01-27', week: '2025-W05', month: '2025-01' });
+    assert.deepEqual(calendarBuckets(new Date('2025-01-27T14:30:00Z'), 'UTC'), {
+      day: '2025-01-27',
+      week: '2025-W05',
+      month: '2025-01',
+    });
     // 23:30 in New York on Jan 31 is already February in UTC.
-    assert.deepEqual(calendarBuckets(new Date('2025-02-01T04:30:00Z'), 'America/New_York'), { day: '2025-01-31', week: '2025-W05', month: '2025-01' });
+    assert.deepEqual(calendarBuckets(new Date('2025-02-01T04:30:00Z'), 'America/New_York'), {
+      day: '2025-01-31',
+      week: '2025-W05',
+      month: '2025-01',
+    });
     assert.equal(calendarBuckets(new Date('2025-02-01T04:30:00Z'), 'UTC').month, '2025-02');
   });
 
@@ -36,26 +55,45 @@ describe('calendarBuckets', () => {
 
 describe('selectRetention', () => {
   test('keep-last N keeps exactly the N newest, whatever the input order', () => {
-    const items = at('2025-01-03T00:00:00Z', '2025-01-01T00:00:00Z', '2025-01-05T00:00:00Z', '2025-01-02T00:00:00Z', '2025-01-04T00:00:00Z');
+    const items = at(
+      '2025-01-03T00:00:00Z',
+      '2025-01-01T00:00:00Z',
+      '2025-01-05T00:00:00Z',
+      '2025-01-02T00:00:00Z',
+      '2025-01-04T00:00:00Z',
+    );
     assert.deepEqual(kept(items, { last: 2 }), ['2025-01-05T00:00:00Z', '2025-01-04T00:00:00Z']);
   });
 
   test('several backups a day: keep-daily keeps the newest of each day', () => {
-    const items = at('2025-03-01T02:00:00Z', '2025-03-01T14:00:00Z', '2025-03-01T20:00:00Z', '2025-03-02T02:00:00Z', '2025-03-02T14:00:00Z');
+    const items = at(
+      '2025-03-01T02:00:00Z',
+      '2025-03-01T14:00:00Z',
+      '2025-03-01T20:00:00Z',
+      '2025-03-02T02:00:00Z',
+      '2025-03-02T14:00:00Z',
+    );
     assert.deepEqual(kept(items, { daily: 2 }), ['2025-03-02T14:00:00Z', '2025-03-01T20:00:00Z']);
   });
 
   test('gaps: "the last N days" means the last N days that have backups', () => {
     const items = at('2025-03-20T02:00:00Z', '2025-03-10T02:00:00Z', '2025-02-01T02:00:00Z', '2025-01-01T02:00:00Z');
-    assert.deepEqual(kept(items, { daily: 3 }), ['2025-03-20T02:00:00Z', '2025-03-10T02:00:00Z', '2025-02-01T02:00:00Z']);
+    assert.deepEqual(kept(items, { daily: 3 }), [
+      '2025-03-20T02:00:00Z',
+      '2025-03-10T02:00:00Z',
+      '2025-02-01T02:00:00Z',
+    ]);
   });
 
   test('the newest backup is kept even by a policy that keeps nothing else', () => {
     const decisions = selectRetention(at('2025-01-01T00:00:00Z', '2025-01-02T00:00:00Z'), policy({}), 'UTC');
-    assert.deepEqual(decisions.map((d) => [d.item.file, d.keep, d.reasons]), [
-      ['2025-01-02T00:00:00Z', true, ['newest backup']],
-      ['2025-01-01T00:00:00Z', false, []],
-    ]);
+    assert.deepEqual(
+      decisions.map((d) => [d.item.file, d.keep, d.reasons]),
+      [
+        ['2025-01-02T00:00:00Z', true, ['newest backup']],
+        ['2025-01-01T00:00:00Z', false, []],
+      ],
+    );
   });
 
   test('DST fall-back day in Berlin: 00:30 and 23:30 local are one day (they are two UTC days)', () => {
@@ -72,18 +110,39 @@ describe('selectRetention', () => {
   });
 
   test('month ends: the last backup of each month is its monthly, in local time', () => {
-    const items = at('2025-01-31T23:30:00Z', '2025-02-01T00:30:00Z', '2025-02-28T23:59:59Z', '2025-03-01T00:00:00Z', '2024-12-31T23:59:59Z');
-    assert.deepEqual(kept(items, { monthly: 4 }), ['2025-03-01T00:00:00Z', '2025-02-28T23:59:59Z', '2025-01-31T23:30:00Z', '2024-12-31T23:59:59Z']);
+    const items = at(
+      '2025-01-31T23:30:00Z',
+      '2025-02-01T00:30:00Z',
+      '2025-02-28T23:59:59Z',
+      '2025-03-01T00:00:00Z',
+      '2024-12-31T23:59:59Z',
+    );
+    assert.deepEqual(kept(items, { monthly: 4 }), [
+      '2025-03-01T00:00:00Z',
+      '2025-02-28T23:59:59Z',
+      '2025-01-31T23:30:00Z',
+      '2024-12-31T23:59:59Z',
+    ]);
     // In New York, 2025-03-01T00:00Z is still February 28th and 2025-02-01T00:30Z still January
     // 31st: three months, each kept by its newest backup.
-    assert.deepEqual(kept(items, { monthly: 4 }, 'America/New_York'), ['2025-03-01T00:00:00Z', '2025-02-01T00:30:00Z', '2024-12-31T23:59:59Z']);
+    assert.deepEqual(kept(items, { monthly: 4 }, 'America/New_York'), [
+      '2025-03-01T00:00:00Z',
+      '2025-02-01T00:30:00Z',
+      '2024-12-31T23:59:59Z',
+    ]);
   });
 
   test('rules combine like restic: kept if any rule keeps it, every reason named', () => {
     const daily = Array.from({ length: 40 }, (_, i) => new Date(Date.UTC(2025, 0, 1 + i, 2)).toISOString());
     const decisions = selectRetention(at(...daily), policy({ last: 2, daily: 7, weekly: 4, monthly: 3 }), 'UTC');
     const byId = new Map(decisions.map((d) => [d.item.file, d.reasons]));
-    assert.deepEqual(byId.get('2025-02-09T02:00:00.000Z'), ['newest backup', 'last 1', 'daily 2025-02-09', 'weekly 2025-W06', 'monthly 2025-02']);
+    assert.deepEqual(byId.get('2025-02-09T02:00:00.000Z'), [
+      'newest backup',
+      'last 1',
+      'daily 2025-02-09',
+      'weekly 2025-W06',
+      'monthly 2025-02',
+    ]);
     assert.deepEqual(byId.get('2025-02-02T02:00:00.000Z'), ['weekly 2025-W05']);
     assert.deepEqual(byId.get('2025-01-31T02:00:00.000Z'), ['monthly 2025-01']);
     assert.equal(decisions.filter((d) => d.keep).length, 11);
@@ -96,9 +155,15 @@ describe('selectRetention', () => {
  * overall. Equal times are ordered by file name, descending, as the tool orders them.
  */
 function reference(items: Array<{ file: string; time: Date }>, p: RetentionPolicy, timeZone: string): Set<string> {
-  const newestFirst = [...items].sort((a, b) => b.time.getTime() - a.time.getTime() || (a.file < b.file ? 1 : a.file > b.file ? -1 : 0));
+  const newestFirst = [...items].sort(
+    (a, b) => b.time.getTime() - a.time.getTime() || (a.file < b.file ? 1 : a.file > b.file ? -1 : 0),
+  );
   const keep = new Set(newestFirst.slice(0, Math.max(p.last, 1)).map((i) => i.file));
-  for (const [rule, key] of [['daily', 'day'], ['weekly', 'week'], ['monthly', 'month']] as const) {
+  for (const [rule, key] of [
+    ['daily', 'day'],
+    ['weekly', 'week'],
+    ['monthly', 'month'],
+  ] as const) {
     const newestOfBucket = new Map<string, string>();
     for (const item of newestFirst) {
       const bucket = calendarBuckets(item.time, timeZone)[key];
@@ -112,7 +177,15 @@ function reference(items: Array<{ file: string; time: Date }>, p: RetentionPolic
 const NOW = new Date('2026-06-15T12:00:00Z');
 const DAY = 86_400_000;
 const ZONES = ['UTC', 'Europe/Berlin', 'America/New_York', 'Australia/Lord_Howe', 'Asia/Kolkata'];
-const STATUSES: ListStatus[] = ['verified', 'no_metadata', 'invalid_metadata', 'size_mismatch', 'checksum_mismatch', 'unreadable_archive', 'missing_table_data'];
+const STATUSES: ListStatus[] = [
+  'verified',
+  'no_metadata',
+  'invalid_metadata',
+  'size_mismatch',
+  'checksum_mismatch',
+  'unreadable_archive',
+  'missing_table_data',
+];
 
 /** Random policies, and histories of a directory: this database and others, damaged files, future dates, equal times. */
 const arbitraryPolicy = fc.record({ last: fc.nat(4), daily: fc.nat(8), weekly: fc.nat(5), monthly: fc.nat(4) });
@@ -126,9 +199,15 @@ const arbitraryTime = fc.oneof(
 );
 const arbitraryEntry = fc.record({
   offset: arbitraryTime,
-  status: fc.oneof({ weight: 8, arbitrary: fc.constant<ListStatus>('verified') }, { weight: 3, arbitrary: fc.constantFrom(...STATUSES) }),
+  status: fc.oneof(
+    { weight: 8, arbitrary: fc.constant<ListStatus>('verified') },
+    { weight: 3, arbitrary: fc.constantFrom(...STATUSES) },
+  ),
   database: fc.oneof({ weight: 8, arbitrary: fc.constant('app') }, { weight: 1, arbitrary: fc.constant('other') }),
-  environment: fc.oneof({ weight: 8, arbitrary: fc.constant<'dev' | 'prod'>('dev') }, { weight: 1, arbitrary: fc.constant<'dev' | 'prod'>('prod') }),
+  environment: fc.oneof(
+    { weight: 8, arbitrary: fc.constant<'dev' | 'prod'>('dev') },
+    { weight: 1, arbitrary: fc.constant<'dev' | 'prod'>('prod') },
+  ),
   undated: fc.boolean(),
 });
 const arbitraryHistory = fc.array(arbitraryEntry, { maxLength: 40 }).map((raw) =>
@@ -146,12 +225,34 @@ const arbitraryHistory = fc.array(arbitraryEntry, { maxLength: 40 }).map((raw) =
   }),
 );
 const arbitraryCase = fc
-  .record({ history: arbitraryHistory, policy: arbitraryPolicy, zone: fc.constantFrom(...ZONES), withNewBackup: fc.boolean(), seed: fc.integer() })
+  .record({
+    history: arbitraryHistory,
+    policy: arbitraryPolicy,
+    zone: fc.constantFrom(...ZONES),
+    withNewBackup: fc.boolean(),
+    seed: fc.integer(),
+  })
   .map(({ history, policy: p, zone, withNewBackup, seed }) => {
     // The run's own new backup: this database, just now, quick check passed.
-    const justMade: ListEntry = { file: 'new_app_dev.dump', status: 'verified', timestamp: NOW.toISOString().replace(/\.\d{3}Z$/, 'Z'), database: 'app', environment: 'dev', sizeBytes: 1, modifiedMs: 0, problems: [] };
+    const justMade: ListEntry = {
+      file: 'new_app_dev.dump',
+      status: 'verified',
+      timestamp: NOW.toISOString().replace(/\.\d{3}Z$/, 'Z'),
+      database: 'app',
+      environment: 'dev',
+      sizeBytes: 1,
+      modifiedMs: 0,
+      problems: [],
+    };
     const entries = withNewBackup ? [...history, justMade] : history;
-    const scope: RetentionScope = { database: 'app', environment: 'dev', policy: p, timeZone: zone, now: NOW, ...(withNewBackup ? { justMade: justMade.file } : {}) };
+    const scope: RetentionScope = {
+      database: 'app',
+      environment: 'dev',
+      policy: p,
+      timeZone: zone,
+      now: NOW,
+      ...(withNewBackup ? { justMade: justMade.file } : {}),
+    };
     return { entries, scope, seed };
   });
 
@@ -167,12 +268,14 @@ function shuffle<T>(items: T[], seed: number): T[] {
   return copy;
 }
 
-const deletedBy = (plan: ReturnType<typeof planRetention>) => plan.decisions.filter((d) => !d.keep).map((d) => d.item.file);
-const isFuture = (e: ListEntry) => e.timestamp !== undefined && Date.parse(e.timestamp) > NOW.getTime() + CLOCK_TOLERANCE_MS;
+const deletedBy = (plan: ReturnType<typeof planRetention>) =>
+  plan.decisions.filter((d) => !d.keep).map((d) => d.item.file);
+const isFuture = (e: ListEntry) =>
+  e.timestamp !== undefined && Date.parse(e.timestamp) > NOW.getTime() + CLOCK_TOLERANCE_MS;
 const RUNS = { numRuns: 3000 };
 
 describe('planRetention: invariants over thousands of random histories', () => {
-  test('only this database\'s backups that passed the quick check and are not dated after now are ever deleted', () => {
+  test("only this database's backups that passed the quick check and are not dated after now are ever deleted", () => {
     fc.assert(
       fc.property(arbitraryCase, ({ entries, scope }) => {
         const byFile = new Map(entries.map((e) => [e.file, e]));
@@ -203,15 +306,22 @@ describe('planRetention: invariants over thousands of random histories', () => {
       fc.property(arbitraryCase, ({ entries, scope }) => {
         const plan = planRetention(entries, scope);
         const future = entries.filter((e) => isFuture(e) && e.database === 'app' && e.environment === 'dev');
-        for (const entry of future) assert.ok(plan.leftAlone.some((l) => l.file === entry.file), `${entry.file} reported`);
-        const without = planRetention(entries.filter((e) => !isFuture(e)), scope);
+        for (const entry of future)
+          assert.ok(
+            plan.leftAlone.some((l) => l.file === entry.file),
+            `${entry.file} reported`,
+          );
+        const without = planRetention(
+          entries.filter((e) => !isFuture(e)),
+          scope,
+        );
         assert.deepEqual(plan.decisions, without.decisions);
       }),
       RUNS,
     );
   });
 
-  test('nothing is deleted unless the newest backup kept is the run\'s own or is named for the full check', () => {
+  test("nothing is deleted unless the newest backup kept is the run's own or is named for the full check", () => {
     fc.assert(
       fc.property(arbitraryCase, ({ entries, scope }) => {
         const plan = planRetention(entries, scope);
@@ -223,13 +333,14 @@ describe('planRetention: invariants over thousands of random histories', () => {
         assert.ok(newest?.keep, 'the newest backup stays');
         if (newest.item.file === scope.justMade) assert.equal(plan.mustVerify, undefined);
         else assert.equal(plan.mustVerify?.file, newest.item.file);
-        for (const d of plan.decisions.filter((d) => !d.keep)) assert.ok(d.item.time <= newest.item.time, 'only older backups go');
+        for (const d of plan.decisions.filter((d) => !d.keep))
+          assert.ok(d.item.time <= newest.item.time, 'only older backups go');
       }),
       RUNS,
     );
   });
 
-  test('the decisions are restic\'s (an independent reference), and the input order never matters', () => {
+  test("the decisions are restic's (an independent reference), and the input order never matters", () => {
     fc.assert(
       fc.property(arbitraryCase, ({ entries, scope, seed }) => {
         const plan = planRetention(entries, scope);
@@ -270,7 +381,14 @@ describe('retention on real backups', () => {
     const dir = path.join(await tempDir(), 'backups');
     await fs.mkdir(dir);
     const ours = [];
-    for (const iso of ['2025-01-01T02:00:00Z', '2025-01-15T02:00:00Z', '2025-02-01T02:00:00Z', '2025-02-02T02:00:00Z', '2025-02-02T14:00:00Z', '2025-02-03T02:00:00Z']) {
+    for (const iso of [
+      '2025-01-01T02:00:00Z',
+      '2025-01-15T02:00:00Z',
+      '2025-02-01T02:00:00Z',
+      '2025-02-02T02:00:00Z',
+      '2025-02-02T14:00:00Z',
+      '2025-02-03T02:00:00Z',
+    ]) {
       ours.push(await pastBackup(dir, iso));
     }
     // Things retention must never touch:
@@ -298,23 +416,63 @@ describe('retention on real backups', () => {
   test('--prune --dry-run explains every decision and deletes nothing', async () => {
     const h = await history();
     const before = await directoryFingerprint(h.dir);
-    const result = await runCli({ args: ['--prune', '--keep-daily', '2', '--keep-monthly', '2', '--dry-run', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir], env: { TZ: 'UTC' } });
+    const result = await runCli({
+      args: [
+        '--prune',
+        '--keep-daily',
+        '2',
+        '--keep-monthly',
+        '2',
+        '--dry-run',
+        '--env',
+        'dev',
+        '--config-dir',
+        h.configDir,
+        '--output-dir',
+        h.dir,
+      ],
+      env: { TZ: 'UTC' },
+    });
     assert.equal(result.exitCode, 0, result.stderr);
     assert.deepEqual(await directoryFingerprint(h.dir), before);
     assert.match(result.stdout, /^Retention for ret_app \(dev\) in .*: keep-daily 2, keep-monthly 2, days in UTC$/m);
-    assert.match(result.stdout, /^ {2}keep {4}2025-02-03T02:00:00Z {2}ret_app_dev_2025-02-03T02-00-00Z\.dump +newest backup, daily 2025-02-03, monthly 2025-02$/m);
+    assert.match(
+      result.stdout,
+      /^ {2}keep {4}2025-02-03T02:00:00Z {2}ret_app_dev_2025-02-03T02-00-00Z\.dump +newest backup, daily 2025-02-03, monthly 2025-02$/m,
+    );
     assert.match(result.stdout, /^ {2}keep {4}2025-02-02T14:00:00Z .* daily 2025-02-02$/m);
     assert.match(result.stdout, /^ {2}delete {2}2025-02-02T02:00:00Z /m);
     assert.match(result.stdout, /^ {2}keep {4}2025-01-15T02:00:00Z .* monthly 2025-01$/m);
-    assert.match(result.stdout, /^ {2}leave {3}ret_app_dev_2019-02-01T00-00-00Z\.dump {2}\(\? No metadata; not judged by the policy\)$/m);
-    assert.match(result.stdout, /^ {2}leave {3}ret_app_dev_2019-03-01T00-00-00Z\.dump {2}\(✗ Size mismatch; not judged by the policy\)$/m);
+    assert.match(
+      result.stdout,
+      /^ {2}leave {3}ret_app_dev_2019-02-01T00-00-00Z\.dump {2}\(\? No metadata; not judged by the policy\)$/m,
+    );
+    assert.match(
+      result.stdout,
+      /^ {2}leave {3}ret_app_dev_2019-03-01T00-00-00Z\.dump {2}\(✗ Size mismatch; not judged by the policy\)$/m,
+    );
     assert.match(result.stdout, /^Dry run: would delete 3 backups \(.+\); nothing was deleted\.$/m);
   });
 
   test('a backup with a policy deletes what the policy drops, dump and metadata together, nothing else', async () => {
     const h = await history();
     const untouchedBefore = await directoryFingerprint(h.dir);
-    const result = await runCli({ args: ['--keep-last', '1', '--keep-daily', '2', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'], env: { TZ: 'UTC' } });
+    const result = await runCli({
+      args: [
+        '--keep-last',
+        '1',
+        '--keep-daily',
+        '2',
+        '--env',
+        'dev',
+        '--config-dir',
+        h.configDir,
+        '--output-dir',
+        h.dir,
+        '--json',
+      ],
+      env: { TZ: 'UTC' },
+    });
     assert.equal(result.exitCode, 0, result.stderr);
     const doc = JSON.parse(result.stdout);
     // The new backup (today) and the newest old day (2025-02-03) are kept; every other old one goes.
@@ -328,17 +486,40 @@ describe('retention on real backups', () => {
       assert.equal((await directoryFingerprint(h.dir))[name], untouchedBefore[name], `${name} untouched`);
     }
     assert.ok(after.includes(doc.metadata.backup_file), 'the new backup is kept');
-    assert.deepEqual(doc.removed_stale_files, [h.stalePartial], 'the leftover of a killed run is cleared as stale, not by retention');
+    assert.deepEqual(
+      doc.removed_stale_files,
+      [h.stalePartial],
+      'the leftover of a killed run is cleared as stale, not by retention',
+    );
     assert.ok(!doc.retention.deleted.includes(h.stalePartial));
   });
 
   test('retention settings can come from BACKUP_KEEP_* variables (for cron), options winning', async () => {
     const h = await history();
-    await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), BACKUP_KEEP_LAST: '3', BACKUP_KEEP_DAILY: '0' });
-    const result = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'] });
+    await writeEnvFile(h.configDir, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'ret_app'),
+      BACKUP_KEEP_LAST: '3',
+      BACKUP_KEEP_DAILY: '0',
+    });
+    const result = await runCli({
+      args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'],
+    });
     assert.equal(result.exitCode, 0, result.stderr);
     assert.equal(JSON.parse(result.stdout).retention.deleted.length, 3);
-    const overridden = await runCli({ args: ['--prune', '--keep-last', '2', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'] });
+    const overridden = await runCli({
+      args: [
+        '--prune',
+        '--keep-last',
+        '2',
+        '--env',
+        'dev',
+        '--config-dir',
+        h.configDir,
+        '--output-dir',
+        h.dir,
+        '--json',
+      ],
+    });
     assert.equal(JSON.parse(overridden.stdout).retention.deleted.length, 1);
     await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), BACKUP_KEEP_DAILY: 'lots' });
     const bad = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
@@ -350,7 +531,9 @@ describe('retention on real backups', () => {
     const h = await history();
     const { [h.stalePartial]: _stale, ...backupsBefore } = await directoryFingerprint(h.dir);
     await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), DEV_DB_PASSWORD: 'wrong' });
-    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    const result = await runCli({
+      args: ['--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir],
+    });
     assert.equal(result.exitCode, 3);
     const { [h.stalePartial]: _gone, ...backupsAfter } = await directoryFingerprint(h.dir);
     assert.deepEqual(backupsAfter, backupsBefore, 'every backup and its metadata is still there');
@@ -358,7 +541,9 @@ describe('retention on real backups', () => {
 
   test('--prune never touches partial files', async () => {
     const h = await history();
-    const result = await runCli({ args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    const result = await runCli({
+      args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir],
+    });
     assert.equal(result.exitCode, 0, result.stderr);
     const after = await fs.readdir(h.dir);
     assert.ok(after.includes(h.stalePartial) && after.includes('ret_other_dev_2019-01-01T00-00-00Z.dump.partial'));
@@ -371,10 +556,16 @@ describe('retention on real backups', () => {
     // The reported case: a verified backup copied under a name dated months ahead, the original gone.
     const ahead = new Date(Date.now() + 200 * 86_400_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
     const future = await pastBackup(dir, ahead);
-    assert.equal((await runCli({ args: ['--verify', path.join(dir, future)] })).exitCode, 0, 'the future-dated copy verifies');
+    assert.equal(
+      (await runCli({ args: ['--verify', path.join(dir, future)] })).exitCode,
+      0,
+      'the future-dated copy verifies',
+    );
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir, '--json'] });
+    const result = await runCli({
+      args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir, '--json'],
+    });
     assert.equal(result.exitCode, 0, result.stderr);
     const doc = JSON.parse(result.stdout);
     const names = await fs.readdir(dir);
@@ -385,10 +576,21 @@ describe('retention on real backups', () => {
 
     // And with older backups: keep-last 1 keeps the new one, not the future-dated one in its place.
     await pastBackup(dir, '2025-01-01T02:00:00Z');
-    const again = await runCli({ args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir] });
+    const again = await runCli({
+      args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
+    });
     assert.equal(again.exitCode, 0, again.stderr);
-    assert.match(again.stdout, new RegExp(`^ {2}leave {3}${future.replaceAll('.', '\\.')} {2}\\(dated ${ahead}, after this machine's time; not judged by the policy\\)$`, 'm'));
-    assert.deepEqual((await fs.readdir(dir)).filter((n) => n.endsWith('.dump')).sort(), [doc.metadata.backup_file, future].sort());
+    assert.match(
+      again.stdout,
+      new RegExp(
+        `^ {2}leave {3}${future.replaceAll('.', '\\.')} {2}\\(dated ${ahead}, after this machine's time; not judged by the policy\\)$`,
+        'm',
+      ),
+    );
+    assert.deepEqual(
+      (await fs.readdir(dir)).filter((n) => n.endsWith('.dump')).sort(),
+      [doc.metadata.backup_file, future].sort(),
+    );
   });
 
   test('the newest backup bit-flipped (same size): --prune deletes nothing, says why, exits 8', async () => {
@@ -401,10 +603,18 @@ describe('retention on real backups', () => {
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
     const before = await directoryFingerprint(dir);
     for (const extra of [['--dry-run'], []]) {
-      const result = await runCli({ args: ['--prune', '--keep-last', '1', ...extra, '--env', 'dev', '--config-dir', configDir, '--output-dir', dir] });
+      const result = await runCli({
+        args: ['--prune', '--keep-last', '1', ...extra, '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
+      });
       assert.equal(result.exitCode, 8, result.stdout + result.stderr);
-      assert.match(result.stderr, /^✗ Pruning failed: Retention refused: the newest backup to keep failed verification$/m);
-      assert.match(result.stderr, new RegExp(`${newest.replaceAll('.', '\\.')} would be the newest backup kept, .*checksum mismatch`));
+      assert.match(
+        result.stderr,
+        /^✗ Pruning failed: Retention refused: the newest backup to keep failed verification$/m,
+      );
+      assert.match(
+        result.stderr,
+        new RegExp(`${newest.replaceAll('.', '\\.')} would be the newest backup kept, .*checksum mismatch`),
+      );
       assert.match(result.stderr, /^ {2}1\. Nothing was deleted$/m);
       assert.deepEqual(await directoryFingerprint(dir), before, `nothing deleted (${extra.join(' ') || 'real run'})`);
     }
@@ -422,12 +632,20 @@ describe('retention on real backups', () => {
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
     const logFile = path.join(configDir, 'runs.log');
-    const result = await runCli({ args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir, '--log-file', logFile] });
+    const result = await runCli({
+      args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir, '--log-file', logFile],
+    });
     assert.equal(result.exitCode, 8, result.stdout + result.stderr);
     assert.match(result.stdout, /^✓ Backup created successfully$/m);
     const logged = JSON.parse(await fs.readFile(logFile, 'utf8'));
-    assert.deepEqual([logged.outcome, logged.exit_code, logged.error], ['failure', 8, 'Retention refused: the newest backup to keep failed verification']);
-    assert.match(result.stderr, /^⚠ The backup is fine, but retention refused: the newest backup to keep failed verification: .*checksum mismatch/m);
+    assert.deepEqual(
+      [logged.outcome, logged.exit_code, logged.error],
+      ['failure', 8, 'Retention refused: the newest backup to keep failed verification'],
+    );
+    assert.match(
+      result.stderr,
+      /^⚠ The backup is fine, but retention refused: the newest backup to keep failed verification: .*checksum mismatch/m,
+    );
     const dumps = (await fs.readdir(dir)).filter((n) => n.endsWith('.dump'));
     assert.equal(dumps.length, 3, 'nothing deleted: the old one, the damaged one and the new one');
     assert.ok(dumps.includes(old) && dumps.includes(newest));
@@ -435,7 +653,9 @@ describe('retention on real backups', () => {
 
   test('--prune without any rule is a configuration error', async () => {
     const h = await history();
-    const result = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    const result = await runCli({
+      args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir],
+    });
     assert.equal(result.exitCode, 2);
     assert.match(result.stderr, /--prune needs a retention rule/);
   });

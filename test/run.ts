@@ -44,11 +44,15 @@ async function testFiles(filters: string[]): Promise<string[]> {
 function runFile(file: string, tmpdir: string): Promise<FileResult> {
   const started = Date.now();
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-reporter=spec', path.join('test', file)], {
-      cwd: PROJECT_DIR,
-      env: { ...process.env, TMPDIR: tmpdir, FORCE_COLOR: '0' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const child = spawn(
+      process.execPath,
+      ['--import', 'tsx', '--test', '--test-reporter=spec', path.join('test', file)],
+      {
+        cwd: PROJECT_DIR,
+        env: { ...process.env, TMPDIR: tmpdir, FORCE_COLOR: '0' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
     const chunks: Buffer[] = [];
     child.stdout.on('data', (chunk: Buffer) => chunks.push(chunk));
     child.stderr.on('data', (chunk: Buffer) => chunks.push(chunk));
@@ -57,8 +61,18 @@ function runFile(file: string, tmpdir: string): Promise<FileResult> {
       clearTimeout(timer);
       const output = Buffer.concat(chunks).toString();
       const count = (name: string) => Number(new RegExp(`^ℹ ${name} (\\d+)$`, 'm').exec(output)?.[1] ?? 0);
-      const counts = { tests: count('tests'), pass: count('pass'), fail: count('fail'), skipped: count('skipped'), todo: count('todo'), cancelled: count('cancelled') };
-      const skipped = output.split('\n').filter((line) => /^\s*﹣ /.test(line)).map((line) => line.trim().replace(/^﹣ /, ''));
+      const counts = {
+        tests: count('tests'),
+        pass: count('pass'),
+        fail: count('fail'),
+        skipped: count('skipped'),
+        todo: count('todo'),
+        cancelled: count('cancelled'),
+      };
+      const skipped = output
+        .split('\n')
+        .filter((line) => /^\s*﹣ /.test(line))
+        .map((line) => line.trim().replace(/^﹣ /, ''));
       resolve({ file, exitCode, ms: Date.now() - started, output, counts, skipped });
     });
   });
@@ -73,7 +87,9 @@ async function runAll(files: string[], tmpdir: string): Promise<FileResult[]> {
         const result = await runFile(file, tmpdir);
         results.push(result);
         const verdict = result.exitCode === 0 ? 'passed' : `FAILED (exit ${result.exitCode ?? 'killed'})`;
-        process.stdout.write(`\n── test/${file}: ${verdict} in ${(result.ms / 1000).toFixed(1)} s ${'─'.repeat(20)}\n${result.output}`);
+        process.stdout.write(
+          `\n── test/${file}: ${verdict} in ${(result.ms / 1000).toFixed(1)} s ${'─'.repeat(20)}\n${result.output}`,
+        );
       }
     }),
   );
@@ -93,7 +109,9 @@ await fs.chmod(tmpdir, 0o755);
 let results: FileResult[];
 let left: string[];
 try {
-  console.log(`Running ${files.length} test files, ${CONCURRENCY} at a time${IN_CI ? ' (CI: a skipped test fails the run)' : ''}.`);
+  console.log(
+    `Running ${files.length} test files, ${CONCURRENCY} at a time${IN_CI ? ' (CI: a skipped test fails the run)' : ''}.`,
+  );
   results = await runAll(files, tmpdir);
   left = await leftovers(tmpdir);
 } finally {
@@ -103,14 +121,23 @@ try {
 const byTime = [...results].sort((a, b) => b.ms - a.ms);
 const total = (key: keyof FileResult['counts']) => results.reduce((sum, r) => sum + r.counts[key], 0);
 console.log(`\nTime per file (${CONCURRENCY} at a time):`);
-for (const r of byTime) console.log(`  ${(r.ms / 1000).toFixed(1).padStart(6)} s  ${r.exitCode === 0 ? ' ' : '✗'} test/${r.file}  (${r.counts.tests} tests${r.counts.skipped ? `, ${r.counts.skipped} skipped` : ''})`);
-console.log(`\n${total('tests')} tests: ${total('pass')} passed, ${total('fail')} failed, ${total('skipped')} skipped, ${total('cancelled')} cancelled; ${((Date.now() - started) / 1000).toFixed(1)} s in all.`);
+for (const r of byTime)
+  console.log(
+    `  ${(r.ms / 1000).toFixed(1).padStart(6)} s  ${r.exitCode === 0 ? ' ' : '✗'} test/${r.file}  (${r.counts.tests} tests${r.counts.skipped ? `, ${r.counts.skipped} skipped` : ''})`,
+  );
+console.log(
+  `\n${total('tests')} tests: ${total('pass')} passed, ${total('fail')} failed, ${total('skipped')} skipped, ${total('cancelled')} cancelled; ${((Date.now() - started) / 1000).toFixed(1)} s in all.`,
+);
 await fs.mkdir(path.dirname(TIMES_FILE), { recursive: true });
 await fs.writeFile(TIMES_FILE, JSON.stringify(Object.fromEntries(results.map((r) => [r.file, r.ms]))));
 
 const failed = results.filter((r) => r.exitCode !== 0);
 const skipped = results.flatMap((r) => r.skipped.map((name) => `test/${r.file}: ${name}`));
 if (failed.length > 0) console.log(`\n✗ Failed: ${failed.map((r) => `test/${r.file}`).join(', ')}`);
-if (skipped.length > 0) console.log(`\n${IN_CI ? '✗' : '-'} Skipped (what they need is missing here${IN_CI ? '; CI must run everything' : ''}):\n${skipped.map((s) => `  ${s}`).join('\n')}`);
-if (left.length > 0) console.log(`\n✗ Left in the temp directory by the tests (each must clean up what it creates): ${left.join(', ')}`);
+if (skipped.length > 0)
+  console.log(
+    `\n${IN_CI ? '✗' : '-'} Skipped (what they need is missing here${IN_CI ? '; CI must run everything' : ''}):\n${skipped.map((s) => `  ${s}`).join('\n')}`,
+  );
+if (left.length > 0)
+  console.log(`\n✗ Left in the temp directory by the tests (each must clean up what it creates): ${left.join(', ')}`);
 process.exitCode = failed.length > 0 || left.length > 0 || (IN_CI && skipped.length > 0) ? 1 : 0;

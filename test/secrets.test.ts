@@ -20,7 +20,10 @@ import { skipUnless, unmet } from './helpers/requirements.ts';
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('secret_app', "CREATE TABLE notes (id int, body text); INSERT INTO notes SELECT i, 'note ' || i FROM generate_series(1, 100) i");
+  await server.createDatabase(
+    'secret_app',
+    "CREATE TABLE notes (id int, body text); INSERT INTO notes SELECT i, 'note ' || i FROM generate_series(1, 100) i",
+  );
 });
 after(() => server?.stop());
 
@@ -35,7 +38,10 @@ async function processes(): Promise<ProcessInfo[]> {
   for (const entry of await fs.readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
-      const [cmdline, environ] = await Promise.all([fs.readFile(`/proc/${entry}/cmdline`), fs.readFile(`/proc/${entry}/environ`)]);
+      const [cmdline, environ] = await Promise.all([
+        fs.readFile(`/proc/${entry}/cmdline`),
+        fs.readFile(`/proc/${entry}/environ`),
+      ]);
       found.push({ pid: Number(entry), argv: cmdline.toString().split('\0'), environ: environ.toString().split('\0') });
     } catch {
       // The process ended while we looked, or is not ours to read.
@@ -44,44 +50,61 @@ async function processes(): Promise<ProcessInfo[]> {
   return found;
 }
 
-test('the password travels in the environment of pg_dump, never in any argv, output or file', { timeout: 60_000, ...skipUnless(await unmet('proc')) }, async () => {
-  const configDir = await tempDir();
-  const outputDir = path.join(configDir, 'out');
-  await writeEnvFile(configDir, '.env.local', {
-    DEV_DB_HOST: server.host,
-    DEV_DB_PORT: String(server.port),
-    DEV_DB_NAME: 'secret_app',
-    DEV_DB_USER: server.user,
-    DEV_DB_PASSWORD: server.password,
-  });
+test(
+  'the password travels in the environment of pg_dump, never in any argv, output or file',
+  { timeout: 60_000, ...skipUnless(await unmet('proc')) },
+  async () => {
+    const configDir = await tempDir();
+    const outputDir = path.join(configDir, 'out');
+    await writeEnvFile(configDir, '.env.local', {
+      DEV_DB_HOST: server.host,
+      DEV_DB_PORT: String(server.port),
+      DEV_DB_NAME: 'secret_app',
+      DEV_DB_USER: server.user,
+      DEV_DB_PASSWORD: server.password,
+    });
 
-  const lock = await holdTableLock(() => server.connect('secret_app'), 'notes');
-  const cli = startCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
-  try {
-    await waitForBlockedPgDump(lock.observer);
+    const lock = await holdTableLock(() => server.connect('secret_app'), 'notes');
+    const cli = startCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
+    try {
+      await waitForBlockedPgDump(lock.observer);
 
-    const all = await processes();
-    // This CLI's own pg_dump, whatever else runs on the machine: its environment names the CLI's pid.
-    const pgDump = all.filter((p) => path.basename(p.argv[0] ?? '') === 'pg_dump' && p.environ.includes(`PGAPPNAME=backup_db:${cli.pid}:pg_dump`));
-    assert.equal(pgDump.length, 1, "caught this backup's pg_dump running");
-    assert.ok(pgDump[0]!.environ.includes(`PGPASSWORD=${server.password}`), "the password is in pg_dump's environment");
-    assert.ok(pgDump[0]!.argv.some((arg) => arg.startsWith('--snapshot=')), 'it is our snapshot-sharing pg_dump');
-    const leaking = all.filter((p) => p.argv.some((arg) => arg.includes(server.password)));
-    assert.deepEqual(leaking.map((p) => p.argv.join(' ')), [], 'no process shows the password in its command line');
-  } finally {
-    await lock.release();
-  }
+      const all = await processes();
+      // This CLI's own pg_dump, whatever else runs on the machine: its environment names the CLI's pid.
+      const pgDump = all.filter(
+        (p) =>
+          path.basename(p.argv[0] ?? '') === 'pg_dump' && p.environ.includes(`PGAPPNAME=backup_db:${cli.pid}:pg_dump`),
+      );
+      assert.equal(pgDump.length, 1, "caught this backup's pg_dump running");
+      assert.ok(
+        pgDump[0]!.environ.includes(`PGPASSWORD=${server.password}`),
+        "the password is in pg_dump's environment",
+      );
+      assert.ok(
+        pgDump[0]!.argv.some((arg) => arg.startsWith('--snapshot=')),
+        'it is our snapshot-sharing pg_dump',
+      );
+      const leaking = all.filter((p) => p.argv.some((arg) => arg.includes(server.password)));
+      assert.deepEqual(
+        leaking.map((p) => p.argv.join(' ')),
+        [],
+        'no process shows the password in its command line',
+      );
+    } finally {
+      await lock.release();
+    }
 
-  const result = await cli;
-  assert.equal(result.exitCode, 0, String(result.stderr));
-  assert.ok(!String(result.stdout).includes(server.password) && !String(result.stderr).includes(server.password));
-  const files = await fs.readdir(outputDir);
-  assert.equal(files.length, 2, 'a dump and its metadata');
-  for (const file of files) {
-    const bytes = await fs.readFile(path.join(outputDir, file));
-    assert.equal(bytes.indexOf(server.password), -1, `${file} does not contain the password`);
-  }
-});
+    const result = await cli;
+    assert.equal(result.exitCode, 0, String(result.stderr));
+    assert.ok(!String(result.stdout).includes(server.password) && !String(result.stderr).includes(server.password));
+    const files = await fs.readdir(outputDir);
+    assert.equal(files.length, 2, 'a dump and its metadata');
+    for (const file of files) {
+      const bytes = await fs.readFile(path.join(outputDir, file));
+      assert.equal(bytes.indexOf(server.password), -1, `${file} does not contain the password`);
+    }
+  },
+);
 
 /**
  * One matrix: passwords made of the characters that break quoting and escaping, each placed in
@@ -120,7 +143,10 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     const admin = await server.connect();
     try {
       for (const [i, password] of passwords.entries()) {
-        const { rows } = await admin.query<{ sql: string }>('SELECT format($$CREATE ROLE %I LOGIN SUPERUSER PASSWORD %L$$, $1::text, $2::text) AS sql', [`sec_${i}`, password]);
+        const { rows } = await admin.query<{ sql: string }>(
+          'SELECT format($$CREATE ROLE %I LOGIN SUPERUSER PASSWORD %L$$, $1::text, $2::text) AS sql',
+          [`sec_${i}`, password],
+        );
         await admin.query(rows[0]!.sql);
       }
     } finally {
@@ -131,15 +157,20 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
   after(() => receiver?.close());
 
   /** The forms a password can take in text: as is, JSON-escaped, percent-encoded. */
-  const formsOf = (password: string) => [...new Set([password, JSON.stringify(password).slice(1, -1), encodeURIComponent(password)])];
+  const formsOf = (password: string) => [
+    ...new Set([password, JSON.stringify(password).slice(1, -1), encodeURIComponent(password)]),
+  ];
 
   test('9 passwords × 7 placements × text and --json, every channel searched', { timeout: 180_000 }, async () => {
     const runs = passwords.flatMap((password, i) =>
-      Object.entries(placements).flatMap(([placement, place]) => [false, true].map((json) => ({ password, role: `sec_${i}`, placement, place, json }))),
+      Object.entries(placements).flatMap(([placement, place]) =>
+        [false, true].map((json) => ({ password, role: `sec_${i}`, placement, place, json })),
+      ),
     );
     const leaks: string[] = [];
     const check = (where: string, text: string, password: string) => {
-      for (const form of formsOf(password)) if (text.includes(form)) leaks.push(`${where}: holds ${JSON.stringify(form)}`);
+      for (const form of formsOf(password))
+        if (text.includes(form)) leaks.push(`${where}: holds ${JSON.stringify(form)}`);
     };
     let successes = 0;
     for (const { password, role, placement, place, json } of runs) {
@@ -156,16 +187,38 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
         PG_BIN_DIR: await recordingShims(argvLog),
         ...place(role, password),
       };
-      await fs.writeFile(path.join(dir, '.env'), `${Object.entries(vars).map(([name, value]) => envLine(name, value)).join('\n')}\n`);
+      await fs.writeFile(
+        path.join(dir, '.env'),
+        `${Object.entries(vars)
+          .map(([name, value]) => envLine(name, value))
+          .join('\n')}\n`,
+      );
       const hookEnv = path.join(dir, 'hook.env');
       const before = receiver.bodies.length;
       const result = await runMain([
-        '--env', 'dev', '--config-dir', dir, '--output-dir', out, '--connect-timeout', '3',
-        '--log-file', path.join(dir, 'runs.log'), '--notify-url', `${receiver.url}/${id}`, '--notify-on-success',
-        '--on-failure', `env > '${hookEnv}'; cat '${argvLog}' >> '${hookEnv}' 2>/dev/null; true`, ...(json ? ['--json'] : []),
+        '--env',
+        'dev',
+        '--config-dir',
+        dir,
+        '--output-dir',
+        out,
+        '--connect-timeout',
+        '3',
+        '--log-file',
+        path.join(dir, 'runs.log'),
+        '--notify-url',
+        `${receiver.url}/${id}`,
+        '--notify-on-success',
+        '--on-failure',
+        `env > '${hookEnv}'; cat '${argvLog}' >> '${hookEnv}' 2>/dev/null; true`,
+        ...(json ? ['--json'] : []),
       ]);
       if (result.exitCode === 0) successes++;
-      else assert.ok(await fs.stat(hookEnv).catch(() => undefined), `${label}: the failure command ran (exit ${result.exitCode}: ${result.stderr})`);
+      else
+        assert.ok(
+          await fs.stat(hookEnv).catch(() => undefined),
+          `${label}: the failure command ran (exit ${result.exitCode}: ${result.stderr})`,
+        );
       check(`${label} stdout`, result.stdout, password);
       check(`${label} stderr`, result.stderr, password);
       if (json) JSON.parse(result.stdout);
@@ -174,7 +227,8 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
         check(`${label} ${file}`, text, password);
       }
       for (const name of await fs.readdir(out).catch(() => [] as string[])) {
-        if (name.endsWith('.metadata.json')) check(`${label} ${name}`, await fs.readFile(path.join(out, name), 'utf8'), password);
+        if (name.endsWith('.metadata.json'))
+          check(`${label} ${name}`, await fs.readFile(path.join(out, name), 'utf8'), password);
       }
       const bodies = receiver.bodies.slice(before);
       assert.ok(bodies.length > 0, `${label}: the webhook was called`);
@@ -187,22 +241,46 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
 
   test('a password with an unquoted # in .env: authentication fails, and the error says how to quote it', async () => {
     const dir = await tempDir();
-    await fs.writeFile(path.join(dir, '.env.local'), `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=sec_4\nDEV_DB_PASSWORD=${passwords[4]}\n`);
+    await fs.writeFile(
+      path.join(dir, '.env.local'),
+      `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=sec_4\nDEV_DB_PASSWORD=${passwords[4]}\n`,
+    );
     const cut = await runCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')] });
     assert.equal(cut.exitCode, 3, cut.stderr);
-    assert.match(cut.stderr, /^ {2}1\. DEV_DB_PASSWORD \(from \.env\.local\) holds a '#' or quotes that the \.env file does not read as part of the password \('#' starts a comment\): write it in single quotes, DEV_DB_PASSWORD='…'/m);
-    await fs.writeFile(path.join(dir, '.env.local'), `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=sec_4\nDEV_DB_PASSWORD='${passwords[4]}'\n`);
+    assert.match(
+      cut.stderr,
+      /^ {2}1\. DEV_DB_PASSWORD \(from \.env\.local\) holds a '#' or quotes that the \.env file does not read as part of the password \('#' starts a comment\): write it in single quotes, DEV_DB_PASSWORD='…'/m,
+    );
+    await fs.writeFile(
+      path.join(dir, '.env.local'),
+      `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=sec_4\nDEV_DB_PASSWORD='${passwords[4]}'\n`,
+    );
     const quoted = await runCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')] });
     assert.equal(quoted.exitCode, 0, quoted.stderr);
   });
 
-  test('a password pasted into a variable of the process environment is masked in the failure command\'s environment', async () => {
+  test("a password pasted into a variable of the process environment is masked in the failure command's environment", async () => {
     const dir = await tempDir();
     const hookEnv = path.join(dir, 'hook.env');
     const password = passwords[0]!;
     const result = await runCli({
-      args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out'), '--on-failure', `env > '${hookEnv}'`],
-      env: { DEV_DB_HOST: '127.0.0.1', DEV_DB_PORT: String(server.port), DEV_DB_USER: 'sec_0', DEV_DB_PASSWORD: password, DEV_DB_NAME: password },
+      args: [
+        '--env',
+        'dev',
+        '--config-dir',
+        dir,
+        '--output-dir',
+        path.join(dir, 'out'),
+        '--on-failure',
+        `env > '${hookEnv}'`,
+      ],
+      env: {
+        DEV_DB_HOST: '127.0.0.1',
+        DEV_DB_PORT: String(server.port),
+        DEV_DB_USER: 'sec_0',
+        DEV_DB_PASSWORD: password,
+        DEV_DB_NAME: password,
+      },
     });
     assert.equal(result.exitCode, 3, result.stderr);
     const env = await fs.readFile(hookEnv, 'utf8');
@@ -235,7 +313,11 @@ async function webhookReceiver() {
     });
   });
   await new Promise<void>((resolve) => receiver.listen(0, '127.0.0.1', resolve));
-  return { url: `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hooks`, bodies, close: () => new Promise<void>((resolve) => receiver.close(() => resolve())) };
+  return {
+    url: `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hooks`,
+    bodies,
+    close: () => new Promise<void>((resolve) => receiver.close(() => resolve())),
+  };
 }
 
 /** pg_dump and pg_restore shims (in `log`'s directory) that append their own command line to `log` and run the real tool. */
@@ -243,9 +325,19 @@ async function recordingShims(log: string): Promise<string> {
   const dir = path.join(path.dirname(log), 'shims');
   await fs.mkdir(dir, { recursive: true });
   for (const tool of ['pg_dump', 'pg_restore']) {
-    await fs.writeFile(path.join(dir, tool), `#!/bin/sh\nprintf '%s\\n' "$0 $*" >> '${log}'\nexec '${realTools.get(tool)}' "$@"\n`, { mode: 0o755 });
+    await fs.writeFile(
+      path.join(dir, tool),
+      `#!/bin/sh\nprintf '%s\\n' "$0 $*" >> '${log}'\nexec '${realTools.get(tool)}' "$@"\n`,
+      { mode: 0o755 },
+    );
   }
   return dir;
 }
 
-const realTools = new Map(await Promise.all(['pg_dump', 'pg_restore'].map(async (tool) => [tool, (await execa('sh', ['-c', `command -v ${tool}`])).stdout.trim()] as const)));
+const realTools = new Map(
+  await Promise.all(
+    ['pg_dump', 'pg_restore'].map(
+      async (tool) => [tool, (await execa('sh', ['-c', `command -v ${tool}`])).stdout.trim()] as const,
+    ),
+  ),
+);

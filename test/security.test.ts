@@ -18,9 +18,15 @@ let server: TestServer;
 let tlsServer: TestServer & { certificate?: string };
 before(async () => {
   // The TLS-only server needs openssl for its certificate; without it those tests skip.
-  [server, tlsServer] = (await startTestServers(noOpenssl ? [{}] : [{}, { tlsOnly: true }])) as [TestServer, TestServer];
+  [server, tlsServer] = (await startTestServers(noOpenssl ? [{}] : [{}, { tlsOnly: true }])) as [
+    TestServer,
+    TestServer,
+  ];
   for (const s of [server, tlsServer].filter(Boolean)) {
-    await s.createDatabase('sec_app', "CREATE TABLE secrets_table (id int, note text); INSERT INTO secrets_table VALUES (1, 'x')");
+    await s.createDatabase(
+      'sec_app',
+      "CREATE TABLE secrets_table (id int, note text); INSERT INTO secrets_table VALUES (1, 'x')",
+    );
   }
 });
 after(() => Promise.all([server?.stop(), tlsServer?.stop()]));
@@ -29,7 +35,10 @@ async function backup(vars: Record<string, string>, env: Record<string, string> 
   const configDir = await tempDir();
   const outputDir = path.join(configDir, 'out');
   await writeEnvFile(configDir, '.env', vars);
-  const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir], env: { HOME: configDir, ...env } });
+  const result = await runCli({
+    args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir],
+    env: { HOME: configDir, ...env },
+  });
   const files = await fs.readdir(outputDir).catch(() => [] as string[]);
   return { ...result, files, configDir };
 }
@@ -154,39 +163,65 @@ describe('row-level security', () => {
     const refused = await backup(vars);
     assert.equal(refused.exitCode, 4, refused.stderr);
     assert.match(refused.stderr, /^✗ Backup failed: Row-level security would hide rows from the backup$/m);
-    assert.match(refused.stderr, /role "rls_user" neither bypasses row-level security nor owns 2 tables it applies to: public\.own_forced, public\.shared_notes/);
-    assert.match(refused.stderr, /1\. Back up with a role that has BYPASSRLS \(as a superuser: ALTER ROLE "rls_user" BYPASSRLS\)/);
-    assert.match(refused.stderr, /3\. For tables the role owns that FORCE row-level security: ALTER TABLE public\.own_forced NO FORCE ROW LEVEL SECURITY/);
+    assert.match(
+      refused.stderr,
+      /role "rls_user" neither bypasses row-level security nor owns 2 tables it applies to: public\.own_forced, public\.shared_notes/,
+    );
+    assert.match(
+      refused.stderr,
+      /1\. Back up with a role that has BYPASSRLS \(as a superuser: ALTER ROLE "rls_user" BYPASSRLS\)/,
+    );
+    assert.match(
+      refused.stderr,
+      /3\. For tables the role owns that FORCE row-level security: ALTER TABLE public\.own_forced NO FORCE ROW LEVEL SECURITY/,
+    );
     assert.deepEqual(refused.files, [], 'nothing written');
 
     const su = await server.connect('sec_app');
     await su.query('ALTER ROLE rls_user BYPASSRLS').finally(() => su.end());
     const allowed = await backup(vars);
     assert.equal(allowed.exitCode, 0, allowed.stderr);
-    const metadata = JSON.parse(await fs.readFile(path.join(allowed.configDir, 'out', allowed.files.find((f) => f.endsWith('.metadata.json'))!), 'utf8'));
+    const metadata = JSON.parse(
+      await fs.readFile(
+        path.join(
+          allowed.configDir,
+          'out',
+          allowed.files.find((f) => f.endsWith('.metadata.json'))!,
+        ),
+        'utf8',
+      ),
+    );
     assert.equal(metadata.table_counts.shared_notes, 2, 'every row counted, none hidden');
     assert.equal(metadata.table_counts.own_forced, 3);
   });
 });
 
-describe('database failures get the contract\'s codes', () => {
-  test("the backup's own session terminated: exit 3 'Database connection lost', not 'Backup failed: Backup failed'", { timeout: 60_000 }, async () => {
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'sec_app'));
-    const lock = await holdTableLock(() => server.connect('sec_app'), 'secrets_table');
-    const cli = startCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')] });
-    try {
-      await waitForBlockedPgDump(lock.observer);
-      await lock.observer.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'");
-    } finally {
-      await lock.release();
-    }
-    const result = await cli;
-    assert.equal(result.exitCode, 3, String(result.stderr));
-    assert.match(String(result.stderr), /^✗ Backup failed: Database connection lost$/m);
-    assert.match(String(result.stderr), /the session was terminated \(pg_terminate_backend\)/);
-    assert.deepEqual(await fs.readdir(path.join(configDir, 'out')), [], 'nothing left');
-  });
+describe("database failures get the contract's codes", () => {
+  test(
+    "the backup's own session terminated: exit 3 'Database connection lost', not 'Backup failed: Backup failed'",
+    { timeout: 60_000 },
+    async () => {
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'sec_app'));
+      const lock = await holdTableLock(() => server.connect('sec_app'), 'secrets_table');
+      const cli = startCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')],
+      });
+      try {
+        await waitForBlockedPgDump(lock.observer);
+        await lock.observer.query(
+          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'",
+        );
+      } finally {
+        await lock.release();
+      }
+      const result = await cli;
+      assert.equal(result.exitCode, 3, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Backup failed: Database connection lost$/m);
+      assert.match(String(result.stderr), /the session was terminated \(pg_terminate_backend\)/);
+      assert.deepEqual(await fs.readdir(path.join(configDir, 'out')), [], 'nothing left');
+    },
+  );
 
   test('--lock-wait-timeout beyond what PostgreSQL takes is refused when parsed (exit 2)', async () => {
     const result = await runCli({ args: ['--list', '--lock-wait-timeout', '99999999999h'] });

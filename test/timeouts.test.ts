@@ -15,7 +15,10 @@ import { holdTableLock } from './helpers/wait.ts';
 let server: TestServer;
 before(async () => {
   server = await startTestServer();
-  await server.createDatabase('slow_app', 'CREATE TABLE busy (id int); INSERT INTO busy SELECT generate_series(1, 100)');
+  await server.createDatabase(
+    'slow_app',
+    'CREATE TABLE busy (id int); INSERT INTO busy SELECT generate_series(1, 100)',
+  );
 });
 after(() => server?.stop());
 
@@ -24,36 +27,51 @@ async function backup(vars: Record<string, string>, extra: string[] = []) {
   const outputDir = path.join(configDir, 'out');
   await writeEnvFile(configDir, '.env', vars);
   const started = Date.now();
-  const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...extra] });
+  const result = await runCli({
+    args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...extra],
+  });
   const files = await fs.readdir(outputDir).catch(() => [] as string[]);
   return { ...result, seconds: (Date.now() - started) / 1000, files };
 }
 
 describe('unreachable or silent database', () => {
-  test('a server that accepts the connection and never answers: exit 3 after the connection timeout, no hang', { timeout: 60_000 }, async (t) => {
-    const sockets: net.Socket[] = [];
-    const silent = net.createServer((socket) => sockets.push(socket));
-    const port = await freePort();
-    await new Promise<void>((resolve) => silent.listen(port, '127.0.0.1', resolve));
-    try {
-      const result = await backup({ ...dbVars(server, 'DEV_DB_', 'slow_app'), DEV_DB_PORT: String(port) }, ['--connect-timeout', '2']);
-      t.diagnostic(`gave up after ${result.seconds.toFixed(1)} s (timeout 2 s, plus process start-up)`);
-      assert.equal(result.exitCode, 3, result.stderr);
-      assert.match(result.stderr, /^✗ Backup failed: Database did not answer within 2 s$/m);
-      assert.ok(sockets.length > 0, 'the tool did connect, so it was the silence it timed out on');
-      assert.ok(result.seconds >= 2, 'it waited for the timeout');
-      assert.ok(result.seconds < 15, 'and not much longer');
-      assert.deepEqual(result.files, []);
-    } finally {
-      sockets.forEach((socket) => socket.destroy());
-      silent.close();
-    }
-  });
+  test(
+    'a server that accepts the connection and never answers: exit 3 after the connection timeout, no hang',
+    { timeout: 60_000 },
+    async (t) => {
+      const sockets: net.Socket[] = [];
+      const silent = net.createServer((socket) => sockets.push(socket));
+      const port = await freePort();
+      await new Promise<void>((resolve) => silent.listen(port, '127.0.0.1', resolve));
+      try {
+        const result = await backup({ ...dbVars(server, 'DEV_DB_', 'slow_app'), DEV_DB_PORT: String(port) }, [
+          '--connect-timeout',
+          '2',
+        ]);
+        t.diagnostic(`gave up after ${result.seconds.toFixed(1)} s (timeout 2 s, plus process start-up)`);
+        assert.equal(result.exitCode, 3, result.stderr);
+        assert.match(result.stderr, /^✗ Backup failed: Database did not answer within 2 s$/m);
+        assert.ok(sockets.length > 0, 'the tool did connect, so it was the silence it timed out on');
+        assert.ok(result.seconds >= 2, 'it waited for the timeout');
+        assert.ok(result.seconds < 15, 'and not much longer');
+        assert.deepEqual(result.files, []);
+      } finally {
+        sockets.forEach((socket) => socket.destroy());
+        silent.close();
+      }
+    },
+  );
 
   test('an address nobody routes (TEST-NET-1): exit 3 within the timeout', { timeout: 60_000 }, async (t) => {
-    const result = await backup({ ...dbVars(server, 'DEV_DB_', 'slow_app'), DEV_DB_HOST: '192.0.2.1' }, ['--connect-timeout', '2']);
+    const result = await backup({ ...dbVars(server, 'DEV_DB_', 'slow_app'), DEV_DB_HOST: '192.0.2.1' }, [
+      '--connect-timeout',
+      '2',
+    ]);
     // Depending on the network, packets to it are dropped (a timeout) or refused at once.
-    const title = /^✗ Backup failed: (Database did not answer within 2 s|Database connection refused|Database connection error)$/m.exec(result.stderr);
+    const title =
+      /^✗ Backup failed: (Database did not answer within 2 s|Database connection refused|Database connection error)$/m.exec(
+        result.stderr,
+      );
     t.diagnostic(`gave up after ${result.seconds.toFixed(1)} s: ${title?.[1]}`);
     assert.equal(result.exitCode, 3, result.stderr);
     assert.ok(title, result.stderr);
@@ -68,20 +86,24 @@ describe('unreachable or silent database', () => {
 });
 
 describe('--lock-wait-timeout', () => {
-  test('an exclusive lock on a table: exit 7 after the lock wait timeout, naming the lock; nothing kept', { timeout: 60_000 }, async (t) => {
-    const lock = await holdTableLock(() => server.connect('slow_app'), 'busy');
-    try {
-      const result = await backup(dbVars(server, 'DEV_DB_', 'slow_app'), ['--lock-wait-timeout', '1s']);
-      t.diagnostic(`failed after ${result.seconds.toFixed(1)} s while the lock was still held`);
-      assert.equal(result.exitCode, 7, result.stderr);
-      assert.match(result.stderr, /^✗ Backup failed: A table is locked$/m);
-      assert.match(result.stderr, /lock timeout|could not obtain lock/);
-      assert.match(result.stderr, /pg_locks/);
-      assert.deepEqual(result.files, [], 'no partial, no lock file');
-    } finally {
-      await lock.release();
-    }
-  });
+  test(
+    'an exclusive lock on a table: exit 7 after the lock wait timeout, naming the lock; nothing kept',
+    { timeout: 60_000 },
+    async (t) => {
+      const lock = await holdTableLock(() => server.connect('slow_app'), 'busy');
+      try {
+        const result = await backup(dbVars(server, 'DEV_DB_', 'slow_app'), ['--lock-wait-timeout', '1s']);
+        t.diagnostic(`failed after ${result.seconds.toFixed(1)} s while the lock was still held`);
+        assert.equal(result.exitCode, 7, result.stderr);
+        assert.match(result.stderr, /^✗ Backup failed: A table is locked$/m);
+        assert.match(result.stderr, /lock timeout|could not obtain lock/);
+        assert.match(result.stderr, /pg_locks/);
+        assert.deepEqual(result.files, [], 'no partial, no lock file');
+      } finally {
+        await lock.release();
+      }
+    },
+  );
 
   test('bad values are refused by the parser (exit 2)', async () => {
     for (const value of ['forever', '-1s', '10 parsecs', '']) {

@@ -106,13 +106,22 @@ describe('detectEnvironment', () => {
   });
 
   test('ENV_MODE accepts dev/development/prod/production in any case', () => {
-    for (const [mode, expected] of [['dev', 'dev'], ['Development', 'dev'], ['PROD', 'prod'], [' production ', 'prod']] as const) {
+    for (const [mode, expected] of [
+      ['dev', 'dev'],
+      ['Development', 'dev'],
+      ['PROD', 'prod'],
+      [' production ', 'prod'],
+    ] as const) {
       assert.equal(detectEnvironment(env({ ENV_MODE: mode, DEV_DB_NAME: 'a', DB_NAME: 'b' }), 'auto'), expected, mode);
     }
   });
 
   test('an unknown ENV_MODE is a configuration error naming the value and its file', () => {
-    expectBackupError(() => detectEnvironment(env({ ENV_MODE: 'staging', DEV_DB_NAME: 'x' }, '.env.local'), 'auto'), EXIT.CONFIG, /ENV_MODE \(from \.env\.local\) is "staging"/);
+    expectBackupError(
+      () => detectEnvironment(env({ ENV_MODE: 'staging', DEV_DB_NAME: 'x' }, '.env.local'), 'auto'),
+      EXIT.CONFIG,
+      /ENV_MODE \(from \.env\.local\) is "staging"/,
+    );
   });
 
   test('without ENV_MODE: dev when DEV_DB_NAME is set, else prod when DB_NAME is set', () => {
@@ -123,14 +132,28 @@ describe('detectEnvironment', () => {
   });
 
   test('nothing set: exit 2 naming the variables to set', () => {
-    const error = expectBackupError(() => detectEnvironment(env({}), 'auto'), EXIT.CONFIG, /ENV_MODE, DEV_DB_NAME, DB_NAME/);
+    const error = expectBackupError(
+      () => detectEnvironment(env({}), 'auto'),
+      EXIT.CONFIG,
+      /ENV_MODE, DEV_DB_NAME, DB_NAME/,
+    );
     assert.match(error.hints.join('\n'), /DEV_DB_NAME/);
   });
 });
 
 describe('resolveDbConfig', () => {
   test('dev reads DEV_DB_* and falls back to DB_* for everything but the name', () => {
-    const config = resolveDbConfig(env({ DEV_DB_NAME: 'app_dev', DB_HOST: 'db', DB_PORT: '6543', DB_USER: 'u', DB_PASSWORD: 'p', DB_NAME: 'app_prod' }), 'dev');
+    const config = resolveDbConfig(
+      env({
+        DEV_DB_NAME: 'app_dev',
+        DB_HOST: 'db',
+        DB_PORT: '6543',
+        DB_USER: 'u',
+        DB_PASSWORD: 'p',
+        DB_NAME: 'app_prod',
+      }),
+      'dev',
+    );
     assert.deepEqual(
       { host: config.host, port: config.port, database: config.database, user: config.user, password: config.password },
       { host: 'db', port: 6543, database: 'app_dev', user: 'u', password: 'p' },
@@ -140,7 +163,11 @@ describe('resolveDbConfig', () => {
   });
 
   test('dev never falls back to DB_NAME: that would back up prod under a dev label', () => {
-    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'app_prod' }), 'dev'), EXIT.CONFIG, /DEV_DB_NAME is not set/);
+    expectBackupError(
+      () => resolveDbConfig(env({ DB_NAME: 'app_prod' }), 'dev'),
+      EXIT.CONFIG,
+      /DEV_DB_NAME is not set/,
+    );
   });
 
   test('prod reads DB_* only', () => {
@@ -158,11 +185,22 @@ describe('resolveDbConfig', () => {
 
   test('a connection URL wins over the separate variables and is decoded', () => {
     const config = resolveDbConfig(
-      env({ DATABASE_URL: 'postgresql://app%40corp:p%3Ass@db.example.com:6000/my%20db?sslmode=require', DB_NAME: 'ignored', DB_HOST: 'ignored' }),
+      env({
+        DATABASE_URL: 'postgresql://app%40corp:p%3Ass@db.example.com:6000/my%20db?sslmode=require',
+        DB_NAME: 'ignored',
+        DB_HOST: 'ignored',
+      }),
       'prod',
     );
     assert.deepEqual(
-      { host: config.host, port: config.port, database: config.database, user: config.user, password: config.password, sslmode: config.sslmode },
+      {
+        host: config.host,
+        port: config.port,
+        database: config.database,
+        user: config.user,
+        password: config.password,
+        sslmode: config.sslmode,
+      },
       { host: 'db.example.com', port: 6000, database: 'my db', user: 'app@corp', password: 'p:ss', sslmode: 'require' },
     );
   });
@@ -172,25 +210,76 @@ describe('resolveDbConfig', () => {
       const c = resolveDbConfig(env({ DATABASE_URL: url }), 'prod');
       return { host: c.host, port: c.port, database: c.database, user: c.user, password: c.password };
     };
-    assert.deepEqual(read('postgresql:///app?host=/var/run/postgresql'), { host: '/var/run/postgresql', port: 5432, database: 'app', user: os.userInfo().username, password: undefined });
-    assert.deepEqual(read('postgresql://u@/app?host=%2Ftmp&port=6000'), { host: '/tmp', port: 6000, database: 'app', user: 'u', password: undefined });
-    assert.deepEqual(read('postgresql://u@[::1]:5433/app'), { host: '::1', port: 5433, database: 'app', user: 'u', password: undefined });
-    assert.deepEqual(read('postgresql://u@h/app?password=s%3Ecret&sslrootcert=/x.crt'), { host: 'h', port: 5432, database: 'app', user: 'u', password: 's>cret' });
-    assert.ok(secretsIn(env({ DATABASE_URL: 'postgresql://u@h/app?password=s%3Ecret' })).includes('s>cret'), 'a ?password= is masked too');
+    assert.deepEqual(read('postgresql:///app?host=/var/run/postgresql'), {
+      host: '/var/run/postgresql',
+      port: 5432,
+      database: 'app',
+      user: os.userInfo().username,
+      password: undefined,
+    });
+    assert.deepEqual(read('postgresql://u@/app?host=%2Ftmp&port=6000'), {
+      host: '/tmp',
+      port: 6000,
+      database: 'app',
+      user: 'u',
+      password: undefined,
+    });
+    assert.deepEqual(read('postgresql://u@[::1]:5433/app'), {
+      host: '::1',
+      port: 5433,
+      database: 'app',
+      user: 'u',
+      password: undefined,
+    });
+    assert.deepEqual(read('postgresql://u@h/app?password=s%3Ecret&sslrootcert=/x.crt'), {
+      host: 'h',
+      port: 5432,
+      database: 'app',
+      user: 'u',
+      password: 's>cret',
+    });
+    assert.ok(
+      secretsIn(env({ DATABASE_URL: 'postgresql://u@h/app?password=s%3Ecret' })).includes('s>cret'),
+      'a ?password= is masked too',
+    );
   });
 
   test('a broken URL is reported without echoing it (it holds the password)', () => {
-    const error = expectBackupError(() => resolveDbConfig(env({ DEV_DATABASE_URL: 'postgres://u:s3cret@[bad/db' }), 'dev'), EXIT.CONFIG, /DEV_DATABASE_URL/);
+    const error = expectBackupError(
+      () => resolveDbConfig(env({ DEV_DATABASE_URL: 'postgres://u:s3cret@[bad/db' }), 'dev'),
+      EXIT.CONFIG,
+      /DEV_DATABASE_URL/,
+    );
     assert.doesNotMatch(`${error.details} ${error.hints.join(' ')}`, /s3cret/);
-    expectBackupError(() => resolveDbConfig(env({ DATABASE_URL: 'mysql://h/db' }), 'prod'), EXIT.CONFIG, /postgresql:\/\//);
-    expectBackupError(() => resolveDbConfig(env({ DATABASE_URL: 'postgres://h:5432/' }), 'prod'), EXIT.CONFIG, /names no database/);
+    expectBackupError(
+      () => resolveDbConfig(env({ DATABASE_URL: 'mysql://h/db' }), 'prod'),
+      EXIT.CONFIG,
+      /postgresql:\/\//,
+    );
+    expectBackupError(
+      () => resolveDbConfig(env({ DATABASE_URL: 'postgres://h:5432/' }), 'prod'),
+      EXIT.CONFIG,
+      /names no database/,
+    );
   });
 
   test('invalid values name the variable and its file', () => {
-    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'a', DB_PORT: 'abc' }, '.env.local'), 'prod'), EXIT.CONFIG, /DB_PORT \(from \.env\.local\) is "abc"/);
-    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'a', DB_HOST: 'two words' }), 'prod'), EXIT.CONFIG, /DB_HOST/);
+    expectBackupError(
+      () => resolveDbConfig(env({ DB_NAME: 'a', DB_PORT: 'abc' }, '.env.local'), 'prod'),
+      EXIT.CONFIG,
+      /DB_PORT \(from \.env\.local\) is "abc"/,
+    );
+    expectBackupError(
+      () => resolveDbConfig(env({ DB_NAME: 'a', DB_HOST: 'two words' }), 'prod'),
+      EXIT.CONFIG,
+      /DB_HOST/,
+    );
     expectBackupError(() => resolveDbConfig(env({ DB_NAME: '   ' }), 'prod'), EXIT.CONFIG, /DB_NAME .*blank/);
-    expectBackupError(() => resolveDbConfig(env({ DB_NAME: 'a', DB_SSLMODE: 'sometimes' }), 'prod'), EXIT.CONFIG, /DB_SSLMODE/);
+    expectBackupError(
+      () => resolveDbConfig(env({ DB_NAME: 'a', DB_SSLMODE: 'sometimes' }), 'prod'),
+      EXIT.CONFIG,
+      /DB_SSLMODE/,
+    );
   });
 
   test('parsePort accepts 1-65535 only', () => {
@@ -204,7 +293,10 @@ describe('resolveDbConfig', () => {
 
 describe('parsePgVersion', () => {
   test('reads the version pg_dump prints, without packager suffixes', () => {
-    assert.deepEqual(parsePgVersion('pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)'), { version: '15.18', major: 15 });
+    assert.deepEqual(parsePgVersion('pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)'), {
+      version: '15.18',
+      major: 15,
+    });
     assert.deepEqual(parsePgVersion('pg_restore (PostgreSQL) 17.2'), { version: '17.2', major: 17 });
     assert.deepEqual(parsePgVersion('pg_dump (PostgreSQL) 18beta1'), { version: '18beta1', major: 18 });
     assert.deepEqual(parsePgVersion('pg_dump (PostgreSQL) 9.6.24'), { version: '9.6.24', major: 9.6 });
@@ -244,7 +336,10 @@ describe('file names', () => {
 
   test('{database}_{env}_{YYYY-MM-DDTHH-MM-SSZ}.dump, with a matching metadata name', () => {
     assert.equal(backupFileName('project_chat_dev', 'dev', at), 'project_chat_dev_dev_2025-01-27T14-30-00Z.dump');
-    assert.equal(metadataFileName('project_chat_dev_dev_2025-01-27T14-30-00Z.dump'), 'project_chat_dev_dev_2025-01-27T14-30-00Z.metadata.json');
+    assert.equal(
+      metadataFileName('project_chat_dev_dev_2025-01-27T14-30-00Z.dump'),
+      'project_chat_dev_dev_2025-01-27T14-30-00Z.metadata.json',
+    );
     assert.equal(isoSeconds(at), '2025-01-27T14:30:00Z');
   });
 
@@ -256,7 +351,24 @@ describe('file names', () => {
   });
 
   test('distinct databases get distinct file and lock names, even on case-insensitive file systems', () => {
-    const names = ['a b', 'a_b', 'a%20b', 'a.b', 'a-b', 'A_b', 'a_B', 'app', 'App', 'APP', 'e\u0301', '\u00e9', 'x'.repeat(63), 'x'.repeat(62) + 'X', '~', 'a~0d04bfeb'];
+    const names = [
+      'a b',
+      'a_b',
+      'a%20b',
+      'a.b',
+      'a-b',
+      'A_b',
+      'a_B',
+      'app',
+      'App',
+      'APP',
+      'e\u0301',
+      '\u00e9',
+      'x'.repeat(63),
+      'x'.repeat(62) + 'X',
+      '~',
+      'a~0d04bfeb',
+    ];
     const folded = (name: string) => lockFileName(name, 'dev').toLowerCase().normalize('NFC');
     assert.equal(new Set(names.map(folded)).size, names.length, 'no two lock names collide, even folded');
     assert.equal(new Set(names.map((name) => backupFileName(name, 'dev', at).toLowerCase())).size, names.length);
@@ -276,10 +388,25 @@ describe('file names', () => {
     assert.equal(tableKey('coll', 't'), 'coll.t');
     assert.equal(tableKey('public', 'weird "quoted"; x'), 'weird "quoted"; x');
     const pairs: Array<[string, string]> = [
-      ['public', 'coll.t'], ['coll', 't'], ['public', '"coll.t"'], ['"s', 't"'], ['public', 's.t'], ['s', 't'], ['s.t', 'u'], ['s', 't.u'],
-      ['public', 'a'], ['a', 'public'], ['public', '"a"'], ['x', '"y"'], ['"x"', 'y'],
+      ['public', 'coll.t'],
+      ['coll', 't'],
+      ['public', '"coll.t"'],
+      ['"s', 't"'],
+      ['public', 's.t'],
+      ['s', 't'],
+      ['s.t', 'u'],
+      ['s', 't.u'],
+      ['public', 'a'],
+      ['a', 'public'],
+      ['public', '"a"'],
+      ['x', '"y"'],
+      ['"x"', 'y'],
     ];
-    assert.equal(new Set(pairs.map(([schema, table]) => tableKey(schema, table))).size, pairs.length, 'every table its own key');
+    assert.equal(
+      new Set(pairs.map(([schema, table]) => tableKey(schema, table))).size,
+      pairs.length,
+      'every table its own key',
+    );
   });
 });
 
@@ -300,14 +427,32 @@ describe('output formatting', () => {
 
 describe('secrets', () => {
   test('maskSecrets hides configured passwords and URL credentials', () => {
-    assert.equal(maskSecrets('auth failed for pw hunter2 at postgres://u:hunter2@h/db', ['hunter2']), 'auth failed for pw **** at postgres://u:****@h/db');
+    assert.equal(
+      maskSecrets('auth failed for pw hunter2 at postgres://u:hunter2@h/db', ['hunter2']),
+      'auth failed for pw **** at postgres://u:****@h/db',
+    );
     assert.equal(maskSecrets('see postgresql://app:other@h/db', []), 'see postgresql://app:****@h/db');
-    assert.equal(maskSecrets('that password "ha" is ha, hat', ['ha']), 'that password "****" is ****, hat', 'a short secret only where it stands alone');
+    assert.equal(
+      maskSecrets('that password "ha" is ha, hat', ['ha']),
+      'that password "****" is ****, hat',
+      'a short secret only where it stands alone',
+    );
     assert.equal(maskSecrets('pw1 and pw12', ['pw12', 'pw1']), '**** and ****', 'the longest secret first');
   });
 
   test('misreadDotenvValues: lines dotenv reads as less than they show (an unquoted #, stray quotes)', () => {
-    const text = ['A=ab#cd', "B='ab#cd'", 'C="ab#cd"', 'D=plain', "E='ab' # a comment", 'F="ab"cd"', 'H=`it\'s #"x"`', 'I=ab # a comment?', "J='unclosed", 'K='].join('\n');
+    const text = [
+      'A=ab#cd',
+      "B='ab#cd'",
+      'C="ab#cd"',
+      'D=plain',
+      "E='ab' # a comment",
+      'F="ab"cd"',
+      'H=`it\'s #"x"`',
+      'I=ab # a comment?',
+      "J='unclosed",
+      'K=',
+    ].join('\n');
     assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'F', 'I', 'J']);
   });
 
@@ -323,14 +468,27 @@ describe('secrets', () => {
 
   test('one failure record: masked once in every field, then rendered the same way for text and --json', () => {
     const secret = 'p"a\\ss';
-    const failure = new BackupError(EXIT.VERIFY_FAILED, 'checksum mismatch', `read ${secret}`, [`retry without ${secret}`], {
-      report: [`File: ${secret}.dump`],
-      data: { metadata: { database_name: secret } },
-      step: 'Backup verification',
-    });
+    const failure = new BackupError(
+      EXIT.VERIFY_FAILED,
+      'checksum mismatch',
+      `read ${secret}`,
+      [`retry without ${secret}`],
+      {
+        report: [`File: ${secret}.dump`],
+        data: { metadata: { database_name: secret } },
+        step: 'Backup verification',
+      },
+    );
     const problem = failureProblem(failure, 'Restore', [secret]);
-    assert.ok(!JSON.stringify(problem).includes(JSON.stringify(secret).slice(1, -1)), 'no field keeps the secret, escaped or not');
-    assert.equal(problem.headline, 'Backup verification failed: checksum mismatch', 'the step that failed names the headline, not the command');
+    assert.ok(
+      !JSON.stringify(problem).includes(JSON.stringify(secret).slice(1, -1)),
+      'no field keeps the secret, escaped or not',
+    );
+    assert.equal(
+      problem.headline,
+      'Backup verification failed: checksum mismatch',
+      'the step that failed names the headline, not the command',
+    );
     assert.equal(problem.error, problem.headline);
     assert.deepEqual(problemLines(problem), [
       '✗ Backup verification failed: checksum mismatch',
@@ -350,22 +508,50 @@ describe('secrets', () => {
       hints: ['retry without ****'],
     });
     const own = failureProblem(new BackupError(EXIT.CONNECTION, 'Database connection error', 'refused'), 'Backup', []);
-    assert.deepEqual([own.headline, own.error], ['Backup failed: Database connection error', 'Database connection error']);
-    assert.deepEqual(problemLines(warningProblem('Notification failed', `HTTP 500 for ${secret}`, [secret])), ['⚠ Notification failed: HTTP 500 for ****']);
+    assert.deepEqual(
+      [own.headline, own.error],
+      ['Backup failed: Database connection error', 'Database connection error'],
+    );
+    assert.deepEqual(problemLines(warningProblem('Notification failed', `HTTP 500 for ${secret}`, [secret])), [
+      '⚠ Notification failed: HTTP 500 for ****',
+    ]);
   });
 
   test('hookEnvironment: credentials dropped, any inherited value holding a secret masked, the record as given', () => {
-    const record = { time: 't', host: 'h', command: 'backup' as const, outcome: 'failure' as const, exit_code: 3, duration_ms: 1, database: '****', error: 'e' };
-    const env = hookEnvironment(record, { PATH: '/bin', DEV_DB_NAME: 'x-s3cret-x', PGPASSWORD: 's3cret', DATABASE_URL: 'postgres://u:p@h/d', BACKUP_NOTIFY_URL: 'https://hook', BACKUP_PING_URL: 'https://ping' }, ['s3cret']);
+    const record = {
+      time: 't',
+      host: 'h',
+      command: 'backup' as const,
+      outcome: 'failure' as const,
+      exit_code: 3,
+      duration_ms: 1,
+      database: '****',
+      error: 'e',
+    };
+    const env = hookEnvironment(
+      record,
+      {
+        PATH: '/bin',
+        DEV_DB_NAME: 'x-s3cret-x',
+        PGPASSWORD: 's3cret',
+        DATABASE_URL: 'postgres://u:p@h/d',
+        BACKUP_NOTIFY_URL: 'https://hook',
+        BACKUP_PING_URL: 'https://ping',
+      },
+      ['s3cret'],
+    );
     assert.equal(env.PATH, '/bin');
     assert.equal(env.DEV_DB_NAME, 'x-****-x');
-    for (const name of ['PGPASSWORD', 'DATABASE_URL', 'BACKUP_NOTIFY_URL', 'BACKUP_PING_URL']) assert.equal(env[name], undefined, name);
+    for (const name of ['PGPASSWORD', 'DATABASE_URL', 'BACKUP_NOTIFY_URL', 'BACKUP_PING_URL'])
+      assert.equal(env[name], undefined, name);
     assert.equal(env.BACKUP_DATABASE, '****');
     assert.equal(JSON.parse(env.BACKUP_RECORD!).exit_code, 3);
   });
 
   test('secretsIn collects every *PASSWORD and the passwords inside URLs', () => {
-    const secrets = secretsIn(env({ DB_PASSWORD: 'a', DEV_DB_PASSWORD: 'b', DATABASE_URL: 'postgres://u:c%21d@h/db', DB_USER: 'not-secret' }));
+    const secrets = secretsIn(
+      env({ DB_PASSWORD: 'a', DEV_DB_PASSWORD: 'b', DATABASE_URL: 'postgres://u:c%21d@h/db', DB_USER: 'not-secret' }),
+    );
     assert.deepEqual(secrets.sort(), ['a', 'b', 'c!d', 'c%21d']);
   });
 
@@ -378,7 +564,14 @@ describe('secrets', () => {
     assert.equal(childEnv.PGCONNECT_TIMEOUT, '7');
     const args = pgDumpArgs('00000003-00000002-1', { arg: '1', label: 'gzip:1' }, 30_000);
     assert.ok(!args.join(' ').includes('hunter2'));
-    assert.deepEqual(args, ['--format=custom', '--compress=1', '--no-owner', '--no-acl', '--snapshot=00000003-00000002-1', '--lock-wait-timeout=30000']);
+    assert.deepEqual(args, [
+      '--format=custom',
+      '--compress=1',
+      '--no-owner',
+      '--no-acl',
+      '--snapshot=00000003-00000002-1',
+      '--lock-wait-timeout=30000',
+    ]);
   });
 
   test('pgpassLookup follows libpq: first match wins, * matches anything, \\: and \\\\ escape', () => {
@@ -393,10 +586,14 @@ describe('secrets', () => {
 
 describe('parseDuration', () => {
   test('units ms, s, min, h, d; a bare number is seconds; 0 is no limit', () => {
-    assert.deepEqual(['500ms', '30s', '2min', '1h', '2d', '45', '0', '1.5s'].map((v) => parseDuration(v)), [500, 30_000, 120_000, 3_600_000, 172_800_000, 45_000, 0, 1500]);
+    assert.deepEqual(
+      ['500ms', '30s', '2min', '1h', '2d', '45', '0', '1.5s'].map((v) => parseDuration(v)),
+      [500, 30_000, 120_000, 3_600_000, 172_800_000, 45_000, 0, 1500],
+    );
   });
   test('beyond the limit (PostgreSQL timeouts: about 24.8 days) or not a duration: refused', () => {
-    for (const value of ['99999999999h', '25d', '-1s', '1 week', '', 'abc', '5 m']) assert.throws(() => parseDuration(value), /Use a duration/, value);
+    for (const value of ['99999999999h', '25d', '-1s', '1 week', '', 'abc', '5 m'])
+      assert.throws(() => parseDuration(value), /Use a duration/, value);
     assert.equal(parseDuration('24d'), 24 * 86_400_000);
     assert.throws(() => parseDuration('2h', 3_600_000), /up to 1 h/);
   });
@@ -410,11 +607,18 @@ describe('restores: session settings, memory sizes, extension versions', () => {
     assert.equal(restoreSessionSettings(15, 4, 96 * 1024).maintenance_work_mem, '96MB');
     assert.equal(restoreSessionSettings(15, 2).synchronous_commit, 'off');
     assert.ok('max_parallel_maintenance_workers' in restoreSessionSettings(11, 1));
-    assert.ok(!('max_parallel_maintenance_workers' in restoreSessionSettings(10, 1)), 'PostgreSQL 10 has no such setting');
+    assert.ok(
+      !('max_parallel_maintenance_workers' in restoreSessionSettings(10, 1)),
+      'PostgreSQL 10 has no such setting',
+    );
   });
-  test('parseMemory and formatMemory use PostgreSQL\'s units', () => {
-    assert.deepEqual(['512MB', '1GB', '65536kB', '2gb', '300'].map(parseMemory), [524288, 1048576, 65536, 2097152, 307200]);
-    for (const bad of ['0', '512KB-ish', '-1GB', '3TB', '1000kB', '']) assert.throws(() => parseMemory(bad), /Use a size such as 256MB/, bad);
+  test("parseMemory and formatMemory use PostgreSQL's units", () => {
+    assert.deepEqual(
+      ['512MB', '1GB', '65536kB', '2gb', '300'].map(parseMemory),
+      [524288, 1048576, 65536, 2097152, 307200],
+    );
+    for (const bad of ['0', '512KB-ish', '-1GB', '3TB', '1000kB', ''])
+      assert.throws(() => parseMemory(bad), /Use a size such as 256MB/, bad);
     assert.deepEqual([1048576, 524288, 1500].map(formatMemory), ['1GB', '512MB', '1500kB']);
   });
   test('compareVersions compares extension versions part by part', () => {
@@ -431,18 +635,61 @@ describe('restores: session settings, memory sizes, extension versions', () => {
   });
 });
 
-describe('databaseFailure: every database error of every command to the contract\'s codes', () => {
-  const pgError = (code: string | undefined, message: string, extra: Record<string, unknown> = {}) => Object.assign(new Error(message), code ? { code } : {}, extra);
+describe("databaseFailure: every database error of every command to the contract's codes", () => {
+  const pgError = (code: string | undefined, message: string, extra: Record<string, unknown> = {}) =>
+    Object.assign(new Error(message), code ? { code } : {}, extra);
   const server = { host: 'db.internal', port: 5432 };
   const cases: Array<[string, Error, number, RegExp]> = [
-    ['its own session terminated', pgError('57P01', 'terminating connection due to administrator command'), EXIT.CONNECTION, /^Database connection lost$/],
-    ['the connection dropped under a query', pgError(undefined, 'Connection terminated unexpectedly'), EXIT.CONNECTION, /^Database connection lost$/],
-    ['a foreign server unreachable', pgError('08001', 'could not connect to server "remote"'), EXIT.CONNECTION, /^A foreign server could not be reached$/],
-    ['too many connections', pgError('53300', 'sorry, too many clients already'), EXIT.CONNECTION, /no free connection/],
-    ['two restores creating one target', pgError('23505', 'duplicate key value violates unique constraint "pg_database_datname_index"', { constraint: 'pg_database_datname_index' }), EXIT.CONFIG, /created by someone else at the same moment/],
-    ['CREATE DATABASE of a name that exists', pgError('42P04', 'database "x" already exists'), EXIT.CONFIG, /created by someone else/],
-    ['no permission', pgError('42501', 'permission denied for table t'), EXIT.PERMISSION, /^The database user lacks a privilege$/],
-    ['a lock not granted in time', pgError('55P03', 'canceling statement due to lock timeout'), EXIT.BACKUP_FAILED, /^A table is locked$/],
+    [
+      'its own session terminated',
+      pgError('57P01', 'terminating connection due to administrator command'),
+      EXIT.CONNECTION,
+      /^Database connection lost$/,
+    ],
+    [
+      'the connection dropped under a query',
+      pgError(undefined, 'Connection terminated unexpectedly'),
+      EXIT.CONNECTION,
+      /^Database connection lost$/,
+    ],
+    [
+      'a foreign server unreachable',
+      pgError('08001', 'could not connect to server "remote"'),
+      EXIT.CONNECTION,
+      /^A foreign server could not be reached$/,
+    ],
+    [
+      'too many connections',
+      pgError('53300', 'sorry, too many clients already'),
+      EXIT.CONNECTION,
+      /no free connection/,
+    ],
+    [
+      'two restores creating one target',
+      pgError('23505', 'duplicate key value violates unique constraint "pg_database_datname_index"', {
+        constraint: 'pg_database_datname_index',
+      }),
+      EXIT.CONFIG,
+      /created by someone else at the same moment/,
+    ],
+    [
+      'CREATE DATABASE of a name that exists',
+      pgError('42P04', 'database "x" already exists'),
+      EXIT.CONFIG,
+      /created by someone else/,
+    ],
+    [
+      'no permission',
+      pgError('42501', 'permission denied for table t'),
+      EXIT.PERMISSION,
+      /^The database user lacks a privilege$/,
+    ],
+    [
+      'a lock not granted in time',
+      pgError('55P03', 'canceling statement due to lock timeout'),
+      EXIT.BACKUP_FAILED,
+      /^A table is locked$/,
+    ],
     ['the server disk full', pgError('53100', 'could not extend file'), EXIT.DISK_SPACE, /disk is full/],
     ['a deadlock', pgError('40P01', 'deadlock detected'), EXIT.BACKUP_FAILED, /conflict/],
     ['anything else', pgError('XX000', 'internal error'), EXIT.BACKUP_FAILED, /^A database query failed$/],
@@ -459,14 +706,27 @@ describe('databaseFailure: every database error of every command to the contract
   test('not a database failure: an errno code such as EPIPE is not a SQLSTATE', () => {
     assert.equal(databaseFailure(Object.assign(new Error('write failed'), { code: 'EACCES' })), undefined);
     assert.equal(databaseFailure(new Error('something else')), undefined);
-    assert.equal(databaseFailure(Object.assign(new Error('write EPIPE'), { code: 'EPIPE' }))?.title, 'Database connection lost');
+    assert.equal(
+      databaseFailure(Object.assign(new Error('write EPIPE'), { code: 'EPIPE' }))?.title,
+      'Database connection lost',
+    );
   });
 });
 
 describe('error classification', () => {
   const config: DbConfig = {
-    environment: 'dev', host: 'db', port: 5432, database: 'app', user: 'u',
-    origin: { host: 'DEV_DB_HOST (from .env)', port: 'DEV_DB_PORT', database: 'DEV_DB_NAME (from .env.local)', user: 'DEV_DB_USER', password: 'DEV_DB_PASSWORD' },
+    environment: 'dev',
+    host: 'db',
+    port: 5432,
+    database: 'app',
+    user: 'u',
+    origin: {
+      host: 'DEV_DB_HOST (from .env)',
+      port: 'DEV_DB_PORT',
+      database: 'DEV_DB_NAME (from .env.local)',
+      user: 'DEV_DB_USER',
+      password: 'DEV_DB_PASSWORD',
+    },
   };
   const withCode = (message: string, code: string) => Object.assign(new Error(message), { code });
 
@@ -489,7 +749,8 @@ describe('error classification', () => {
   });
 
   test("pg_dump failures carry pg_dump's own message and the right exit code", () => {
-    const failed = (stderr: string) => pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
+    const failed = (stderr: string) =>
+      pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
     const cases: Array<[string, number]> = [
       ['pg_dump: error: query failed: ERROR:  permission denied for table secrets', EXIT.PERMISSION],
       ['pg_dump: error: aborting because of server version mismatch', EXIT.TOOL_NOT_FOUND],
@@ -520,7 +781,10 @@ describe('metadataProblems', () => {
 
   test('the data model example is valid, with or without extra fields', () => {
     assert.deepEqual(metadataProblems(valid, valid.backup_file), []);
-    assert.deepEqual(metadataProblems({ ...valid, compression: 'gzip:1', table_data_oids: { conversations: [16384] } }), []);
+    assert.deepEqual(
+      metadataProblems({ ...valid, compression: 'gzip:1', table_data_oids: { conversations: [16384] } }),
+      [],
+    );
     assert.deepEqual(metadataProblems({ ...valid, backup_timestamp: '2025-01-27T14:30:00.123+01:00' }), []);
   });
 
@@ -571,38 +835,92 @@ describe('archive table of contents', () => {
   const entries = tocTableEntries(toc);
 
   test('tocTableEntries reads TABLE and TABLE DATA lines with their OIDs', () => {
-    assert.deepEqual(entries.map((e) => [e.kind, e.oid]), [['TABLE', 16670], ['TABLE', 16673], ['TABLE', 16692], ['TABLE DATA', 16673], ['TABLE DATA', 16692], ['TABLE DATA', 16684]]);
+    assert.deepEqual(
+      entries.map((e) => [e.kind, e.oid]),
+      [
+        ['TABLE', 16670],
+        ['TABLE', 16673],
+        ['TABLE', 16692],
+        ['TABLE DATA', 16673],
+        ['TABLE DATA', 16692],
+        ['TABLE DATA', 16684],
+      ],
+    );
     assert.equal(entries[2]!.tag, 'public Mixed Case Table postgres');
   });
 
   test('with recorded OIDs, every data-holding relation needs TABLE DATA (partitions through their leaves)', () => {
-    const metadata = { table_counts: { events: 1, 'Mixed Case Table': 3, 'archive.old_messages': 2 }, table_data_oids: { events: [16673], 'Mixed Case Table': [16692], 'archive.old_messages': [16684] } };
+    const metadata = {
+      table_counts: { events: 1, 'Mixed Case Table': 3, 'archive.old_messages': 2 },
+      table_data_oids: { events: [16673], 'Mixed Case Table': [16692], 'archive.old_messages': [16684] },
+    };
     assert.deepEqual(tablesWithoutData(metadata, entries), []);
-    assert.deepEqual(tablesWithoutData({ ...metadata, table_data_oids: { ...metadata.table_data_oids, events: [16673, 16678] } }, entries), ['events']);
+    assert.deepEqual(
+      tablesWithoutData(
+        { ...metadata, table_data_oids: { ...metadata.table_data_oids, events: [16673, 16678] } },
+        entries,
+      ),
+      ['events'],
+    );
   });
 
   test('without OIDs (metadata from elsewhere), tables are matched by name, schema.table or public', () => {
-    assert.deepEqual(tablesWithoutData({ table_counts: { 'Mixed Case Table': 3, 'archive.old_messages': 2, events: 0 } }, entries), []);
-    assert.deepEqual(tablesWithoutData({ table_counts: { missing: 1, 'archive.missing': 1, Mixed: 1 } }, entries), ['missing', 'archive.missing', 'Mixed']);
+    assert.deepEqual(
+      tablesWithoutData({ table_counts: { 'Mixed Case Table': 3, 'archive.old_messages': 2, events: 0 } }, entries),
+      [],
+    );
+    assert.deepEqual(tablesWithoutData({ table_counts: { missing: 1, 'archive.missing': 1, Mixed: 1 } }, entries), [
+      'missing',
+      'archive.missing',
+      'Mixed',
+    ]);
   });
 });
 
 describe('listing', () => {
   test('parseBackupFileName reads database, environment and timestamp from a name', () => {
-    assert.deepEqual(parseBackupFileName('project_chat_dev_dev_2025-01-27T14-30-00Z.dump'), { database: 'project_chat_dev', environment: 'dev', timestamp: '2025-01-27T14:30:00Z' });
+    assert.deepEqual(parseBackupFileName('project_chat_dev_dev_2025-01-27T14-30-00Z.dump'), {
+      database: 'project_chat_dev',
+      environment: 'dev',
+      timestamp: '2025-01-27T14:30:00Z',
+    });
     assert.deepEqual(parseBackupFileName('app_prod_2025-01-27T14-30-00Z.dump.partial')?.environment, 'prod');
     assert.equal(parseBackupFileName('random.dump'), undefined);
   });
 
   test('sortNewestFirst: by timestamp, ties by modification time, undated last', () => {
     const e = (file: string, timestamp: string | undefined, modifiedMs: number) => ({ file, timestamp, modifiedMs });
-    const sorted = sortNewestFirst([e('old', '2024-01-01T00:00:00Z', 5), e('undated', undefined, 99), e('tie-early', '2025-01-01T00:00:00Z', 1), e('tie-late', '2025-01-01T00:00:00Z', 2), e('offset', '2025-01-01T00:30:00+01:00', 0)]);
-    assert.deepEqual(sorted.map((x) => x.file), ['tie-late', 'tie-early', 'offset', 'old', 'undated']);
+    const sorted = sortNewestFirst([
+      e('old', '2024-01-01T00:00:00Z', 5),
+      e('undated', undefined, 99),
+      e('tie-early', '2025-01-01T00:00:00Z', 1),
+      e('tie-late', '2025-01-01T00:00:00Z', 2),
+      e('offset', '2025-01-01T00:30:00+01:00', 0),
+    ]);
+    assert.deepEqual(
+      sorted.map((x) => x.file),
+      ['tie-late', 'tie-early', 'offset', 'old', 'undated'],
+    );
   });
 
   test('listingLines pads columns to their content and summarises', () => {
-    const entry = (file: string, status: 'verified' | 'incomplete', database: string) => ({ file, status, timestamp: '2025-01-27T15:00:00Z', environment: 'prod', database, sizeBytes: 131386982, modifiedMs: 0, problems: [] });
-    const lines = listingLines({ directory: '/b', exists: true, fullCheck: false, backups: [entry('a.dump', 'verified', 'project_chat_prod')], incomplete: [entry('b.dump.partial', 'incomplete', 'p')] });
+    const entry = (file: string, status: 'verified' | 'incomplete', database: string) => ({
+      file,
+      status,
+      timestamp: '2025-01-27T15:00:00Z',
+      environment: 'prod',
+      database,
+      sizeBytes: 131386982,
+      modifiedMs: 0,
+      problems: [],
+    });
+    const lines = listingLines({
+      directory: '/b',
+      exists: true,
+      fullCheck: false,
+      backups: [entry('a.dump', 'verified', 'project_chat_prod')],
+      incomplete: [entry('b.dump.partial', 'incomplete', 'p')],
+    });
     assert.deepEqual(lines.slice(0, 5), [
       'Backup Files (/b/):',
       '',
@@ -611,7 +929,10 @@ describe('listing', () => {
       '2025-01-27T15:00:00Z  prod         p                  125.3 MB  ✗ Incomplete',
     ]);
     assert.match(lines.at(-1)!, /^1 backup, 1 incomplete file/);
-    assert.deepEqual(listingLines({ directory: '/none', exists: false, fullCheck: false, backups: [], incomplete: [] }), ['No backups: /none/ does not exist yet.']);
+    assert.deepEqual(
+      listingLines({ directory: '/none', exists: false, fullCheck: false, backups: [], incomplete: [] }),
+      ['No backups: /none/ does not exist yet.'],
+    );
   });
 });
 
@@ -632,7 +953,12 @@ describe('chooseMode', () => {
 
 describe('restore helpers', () => {
   test('archiveExtensions reads the EXTENSION entries of a table of contents', () => {
-    const toc = ['2; 3079 16385 EXTENSION - cube ', '3412; 0 0 COMMENT - EXTENSION cube ', '3; 3079 16400 EXTENSION - uuid-ossp ', '224; 1259 16670 TABLE public events postgres'].join('\n');
+    const toc = [
+      '2; 3079 16385 EXTENSION - cube ',
+      '3412; 0 0 COMMENT - EXTENSION cube ',
+      '3; 3079 16400 EXTENSION - uuid-ossp ',
+      '224; 1259 16670 TABLE public events postgres',
+    ].join('\n');
     assert.deepEqual(archiveExtensions(toc), ['cube', 'uuid-ossp']);
   });
 
@@ -643,7 +969,7 @@ describe('restore helpers', () => {
     assert.match(extensionInstallHint('my_ext', 15), /apt-cache search postgresql-15-my_ext/);
   });
 
-  test("dbnameConninfo quotes any name so that libpq never reads it as settings", () => {
+  test('dbnameConninfo quotes any name so that libpq never reads it as settings', () => {
     assert.equal(dbnameConninfo('plain'), "dbname='plain'");
     assert.equal(dbnameConninfo("it's host=evil"), "dbname='it\\'s host=evil'");
     assert.equal(dbnameConninfo('back\\slash'), "dbname='back\\\\slash'");
@@ -657,24 +983,47 @@ describe('restore helpers', () => {
       { table: 'c', backup: 3, ok: false },
       { table: 'd', restored: 0, ok: false },
     ]);
-    assert.deepEqual(reconciliationLines(rows.slice(0, 2)), ['Table  Backup  Restored', 'a           1         1  ✓', 'b           2         5  ✗']);
+    assert.deepEqual(reconciliationLines(rows.slice(0, 2)), [
+      'Table  Backup  Restored',
+      'a           1         1  ✓',
+      'b           2         5  ✗',
+    ]);
   });
 
   test('isProductionTarget: the production database name on the production cluster, however the host is spelled', () => {
     const prod = { database: 'app', cluster: '7311' };
     assert.equal(isProductionTarget({ target: 'app', targetCluster: '7311', prod }), 'yes');
-    assert.equal(isProductionTarget({ target: 'app', targetCluster: '9999', prod }), 'no', 'same name on another cluster');
+    assert.equal(
+      isProductionTarget({ target: 'app', targetCluster: '9999', prod }),
+      'no',
+      'same name on another cluster',
+    );
     assert.equal(isProductionTarget({ target: 'app_copy', targetCluster: '7311', prod }), 'no');
     assert.equal(isProductionTarget({ target: 'app', targetCluster: '7311' }), 'no', 'no production configured');
-    assert.equal(isProductionTarget({ target: 'app', targetCluster: '7311', prod: { database: 'app', unknownWhy: 'unreachable' } }), 'unknown');
+    assert.equal(
+      isProductionTarget({
+        target: 'app',
+        targetCluster: '7311',
+        prod: { database: 'app', unknownWhy: 'unreachable' },
+      }),
+      'unknown',
+    );
     assert.equal(isProductionTarget({ target: 'app', prod }), 'unknown', 'the target cluster cannot be identified');
   });
 
   test('chooseMode: --restore needs --target-db; the drill needs --verify FILE; restore options need --restore', () => {
-    assert.deepEqual(chooseMode({ restore: 'x.dump', targetDb: 'copy' }), { command: 'restore', file: 'x.dump', target: 'copy' });
+    assert.deepEqual(chooseMode({ restore: 'x.dump', targetDb: 'copy' }), {
+      command: 'restore',
+      file: 'x.dump',
+      target: 'copy',
+    });
     assert.deepEqual(chooseMode({ verify: 'x.dump', restoreTest: true }), { command: 'drill', file: 'x.dump' });
     expectBackupError(() => chooseMode({ restore: 'x.dump' }), EXIT.CONFIG, /needs --target-db/);
-    expectBackupError(() => chooseMode({ restore: 'x.dump', targetDb: 'c', list: true }), EXIT.CONFIG, /cannot be combined/);
+    expectBackupError(
+      () => chooseMode({ restore: 'x.dump', targetDb: 'c', list: true }),
+      EXIT.CONFIG,
+      /cannot be combined/,
+    );
     expectBackupError(() => chooseMode({ clean: true }), EXIT.CONFIG, /--clean only applies to --restore/);
     expectBackupError(() => chooseMode({ iKnowThisIsProd: true }), EXIT.CONFIG, /--i-know-this-is-prod only applies/);
     expectBackupError(() => chooseMode({ restoreTest: true }), EXIT.CONFIG, /--restore-test goes with --verify FILE/);
@@ -683,8 +1032,10 @@ describe('restore helpers', () => {
 
 describe('unknownSettingsOnly (pg_restore newer than the server)', () => {
   // Verbatim from pg_restore 17.11 restoring into PostgreSQL 15.18 with --jobs=1.
-  const unknown = 'pg_restore: error: could not execute query: ERROR:  unrecognized configuration parameter "transaction_timeout"\nCommand was: SET transaction_timeout = 0;';
-  const exists = 'pg_restore: error: could not execute query: ERROR:  relation "t" already exists\nCommand was: CREATE TABLE public.t (\n    a integer,\n    b text\n);\n\n';
+  const unknown =
+    'pg_restore: error: could not execute query: ERROR:  unrecognized configuration parameter "transaction_timeout"\nCommand was: SET transaction_timeout = 0;';
+  const exists =
+    'pg_restore: error: could not execute query: ERROR:  relation "t" already exists\nCommand was: CREATE TABLE public.t (\n    a integer,\n    b text\n);\n\n';
   const ignored = (n: number) => `pg_restore: warning: errors ignored on restore: ${n}`;
 
   test('a setting the server lacks, and nothing else, is named', () => {
@@ -693,18 +1044,34 @@ describe('unknownSettingsOnly (pg_restore newer than the server)', () => {
 
   test('any other error makes it a failure', () => {
     assert.equal(unknownSettingsOnly([unknown, exists, ignored(2)].join('\n')), undefined);
-    assert.equal(unknownSettingsOnly(['pg_restore: error: COPY failed for table "t": ERROR:  invalid input syntax for type integer: "x"', ignored(1)].join('\n')), undefined);
+    assert.equal(
+      unknownSettingsOnly(
+        [
+          'pg_restore: error: COPY failed for table "t": ERROR:  invalid input syntax for type integer: "x"',
+          ignored(1),
+        ].join('\n'),
+      ),
+      undefined,
+    );
   });
 
   test('output that does not add up is a failure', () => {
     assert.equal(unknownSettingsOnly(unknown), undefined, 'no count of ignored errors: pg_restore did not finish');
-    assert.equal(unknownSettingsOnly([unknown, ignored(2)].join('\n')), undefined, 'an error it counted that we cannot see');
-    assert.equal(unknownSettingsOnly([unknown, 'pg_restore: error: could not read from input file: end of file'].join('\n')), undefined);
+    assert.equal(
+      unknownSettingsOnly([unknown, ignored(2)].join('\n')),
+      undefined,
+      'an error it counted that we cannot see',
+    );
+    assert.equal(
+      unknownSettingsOnly([unknown, 'pg_restore: error: could not read from input file: end of file'].join('\n')),
+      undefined,
+    );
     assert.equal(unknownSettingsOnly(''), undefined);
   });
 
   test('the failed command must be the SET of that same setting', () => {
-    const inFunction = 'pg_restore: error: could not execute query: ERROR:  unrecognized configuration parameter "transaction_timeout"\nCommand was: CREATE FUNCTION public.f() RETURNS int LANGUAGE sql SET transaction_timeout = 0 AS $$select 1$$;';
+    const inFunction =
+      'pg_restore: error: could not execute query: ERROR:  unrecognized configuration parameter "transaction_timeout"\nCommand was: CREATE FUNCTION public.f() RETURNS int LANGUAGE sql SET transaction_timeout = 0 AS $$select 1$$;';
     assert.equal(unknownSettingsOnly([inFunction, ignored(1)].join('\n')), undefined);
   });
 });
@@ -759,13 +1126,24 @@ describe('client tools and archive versions', () => {
 
   test('parseArchiveHeader: not an archive → undefined; a truncated header keeps its version', () => {
     assert.equal(parseArchiveHeader(Buffer.from('-- PostgreSQL database dump\n')), undefined);
-    assert.deepEqual(parseArchiveHeader(header(16, ['17.2', '17.2']).subarray(0, 20)), { archiveVersion: [1, 16, 0], database: null, serverVersion: null, pgDumpVersion: null });
+    assert.deepEqual(parseArchiveHeader(header(16, ['17.2', '17.2']).subarray(0, 20)), {
+      archiveVersion: [1, 16, 0],
+      database: null,
+      serverVersion: null,
+      pgDumpVersion: null,
+    });
   });
 
   test('minimumPgRestoreMajor follows the archive format history', () => {
-    const of = (minor: number, pgDump = '99.0') => minimumPgRestoreMajor({ archiveVersion: [1, minor, 0], database: null, serverVersion: null, pgDumpVersion: pgDump });
+    const of = (minor: number, pgDump = '99.0') =>
+      minimumPgRestoreMajor({
+        archiveVersion: [1, minor, 0],
+        database: null,
+        serverVersion: null,
+        pgDumpVersion: pgDump,
+      });
     assert.deepEqual([of(12), of(13), of(14), of(15), of(16)], [10, 10, 14, 16, 17]);
-    assert.equal(of(17, '19.1'), 19, 'an unknown newer format needs the pg_dump\'s own major');
+    assert.equal(of(17, '19.1'), 19, "an unknown newer format needs the pg_dump's own major");
   });
 
   test('clientInstallHints name the package of the right major for each platform', () => {
@@ -788,17 +1166,43 @@ describe('progress', () => {
     assert.equal(dumpedFraction(tables, new Set(), []), 0);
     assert.equal(dumpedFraction(tables, new Set(), [{ relid: 1, tuples: 3000 }]), 0.3);
     assert.equal(dumpedFraction(tables, new Set([1]), [{ relid: 2, tuples: 100 }]), 0.7);
-    assert.equal(dumpedFraction(tables, new Set(), [{ relid: 1, tuples: 6000 }, { relid: 3, tuples: 100 }]), 0.7, 'parallel workers (--jobs)');
+    assert.equal(
+      dumpedFraction(tables, new Set(), [
+        { relid: 1, tuples: 6000 },
+        { relid: 3, tuples: 100 },
+      ]),
+      0.7,
+      'parallel workers (--jobs)',
+    );
     assert.equal(dumpedFraction(tables, new Set([1, 2, 3]), []), 0.99, 'never 100% before the dump ends');
-    assert.equal(dumpedFraction([{ data_oids: [9], data_bytes: 0, data_rows: 0 }], new Set(), []), undefined, 'no sizes, no estimate');
+    assert.equal(
+      dumpedFraction([{ data_oids: [9], data_bytes: 0, data_rows: 0 }], new Set(), []),
+      undefined,
+      'no sizes, no estimate',
+    );
   });
 
   test('progressLine', () => {
     assert.equal(
-      progressLine({ copying: [{ table: 'messages', tuples: 1234567 }], fraction: 0.42, writtenBytes: 220_000_000, elapsedMs: 85_000 }),
+      progressLine({
+        copying: [{ table: 'messages', tuples: 1234567 }],
+        fraction: 0.42,
+        writtenBytes: 220_000_000,
+        elapsedMs: 85_000,
+      }),
       'dumping messages: 1,234,567 rows · ~42% · 209.8 MB written · 1:25',
     );
-    assert.equal(progressLine({ copying: [{ table: 'messages', tuples: 10 }, { table: 'events', tuples: 5 }], writtenBytes: 0, elapsedMs: 0 }), 'dumping messages +1 more: 15 rows · 0 B written · 0:00');
+    assert.equal(
+      progressLine({
+        copying: [
+          { table: 'messages', tuples: 10 },
+          { table: 'events', tuples: 5 },
+        ],
+        writtenBytes: 0,
+        elapsedMs: 0,
+      }),
+      'dumping messages +1 more: 15 rows · 0 B written · 0:00',
+    );
     assert.equal(progressLine({ copying: [], writtenBytes: 0, elapsedMs: 0 }), 'dumping · 0 B written · 0:00');
   });
 });

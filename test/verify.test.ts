@@ -18,7 +18,10 @@ let other: TakenBackup;
 before(async () => {
   server = await startTestServer();
   await server.createDatabase('verify_app', FIXTURE_SQL);
-  await server.createDatabase('verify_other', "CREATE TABLE unrelated (id int, note text); INSERT INTO unrelated SELECT i, 'x' FROM generate_series(1, 50) i");
+  await server.createDatabase(
+    'verify_other',
+    "CREATE TABLE unrelated (id int, note text); INSERT INTO unrelated SELECT i, 'x' FROM generate_series(1, 50) i",
+  );
   const dir = path.join(await tempDir(), 'backups');
   app = await takeBackup(server, 'verify_app', dir);
   other = await takeBackup(server, 'verify_other', dir);
@@ -61,7 +64,10 @@ describe('--verify on an untouched backup', () => {
     assert.equal(result.exitCode, 0, result.stderr);
     assert.match(result.stdout, /^✓ Backup verification passed\n\n/);
     assert.match(result.stdout, new RegExp(`^File: {8}.*${path.basename(copy.dumpPath)}$`, 'm'));
-    assert.match(result.stdout, new RegExp(`^Checksum: {4}✓ Match \\(${String(app.metadata.checksum_sha256).slice(0, 12)}\\.\\.\\.\\)$`, 'm'));
+    assert.match(
+      result.stdout,
+      new RegExp(`^Checksum: {4}✓ Match \\(${String(app.metadata.checksum_sha256).slice(0, 12)}\\.\\.\\.\\)$`, 'm'),
+    );
     assert.match(result.stdout, /^Structure: {3}✓ Valid \(pg_restore --list succeeded\)$/m);
     assert.match(result.stdout, /^Tables: {6}✓ 10 of 10 tables have data in the archive$/m);
     assert.match(result.stdout, /^Size: {8}\d+\.\d MB$/m);
@@ -107,7 +113,7 @@ describe('--verify rejects damage to the dump', () => {
     assertRejected(result, /size mismatch, checksum mismatch/);
   });
 
-  test('header damaged → archive unreadable, with pg_restore\'s own message', async () => {
+  test("header damaged → archive unreadable, with pg_restore's own message", async () => {
     const copy = await copyOfBackup();
     const handle = await fs.open(copy.dumpPath, 'r+');
     await handle.write(Buffer.from('XXXXX'), 0, 5, 0);
@@ -168,7 +174,10 @@ describe('--verify rejects damage to the metadata', () => {
     });
     const result = await verify(copy.dumpPath);
     assertRejected(result, /metadata is invalid/);
-    assert.match(result.stderr, /backup_file is "someone_else_dev_2020-01-01T00-00-00Z\.dump" but the file is named "verify_app_dev_/);
+    assert.match(
+      result.stderr,
+      /backup_file is "someone_else_dev_2020-01-01T00-00-00Z\.dump" but the file is named "verify_app_dev_/,
+    );
   });
 
   for (const [field, value, problem] of [
@@ -245,9 +254,22 @@ describe('--verify with a bad argument', () => {
 
 describe('a metadata file is untrusted input', () => {
   const hostile: Array<[string, (text: string) => string, RegExp]> = [
-    ['nested 200,000 levels deep', (text) => text.replace('"tool_version":', `"tool_version":${'['.repeat(200_000)}${']'.repeat(200_000)},"_tool_version":`), /it nests more than 16 levels deep/],
-    ['"last_restore_test": "garbage"', (text) => text.replace(/\}\s*$/, ', "last_restore_test": "garbage"}'), /last_restore_test must be a restore test record .*\(found "garbage"\)/],
-    ['"__proto__" among the table counts', (text) => text.replace('"table_counts": {', '"table_counts": {"__proto__": 1, "constructor": 2,'), /the archive holds no data for: __proto__, constructor/],
+    [
+      'nested 200,000 levels deep',
+      (text) =>
+        text.replace('"tool_version":', `"tool_version":${'['.repeat(200_000)}${']'.repeat(200_000)},"_tool_version":`),
+      /it nests more than 16 levels deep/,
+    ],
+    [
+      '"last_restore_test": "garbage"',
+      (text) => text.replace(/\}\s*$/, ', "last_restore_test": "garbage"}'),
+      /last_restore_test must be a restore test record .*\(found "garbage"\)/,
+    ],
+    [
+      '"__proto__" among the table counts',
+      (text) => text.replace('"table_counts": {', '"table_counts": {"__proto__": 1, "constructor": 2,'),
+      /the archive holds no data for: __proto__, constructor/,
+    ],
   ];
   for (const [what, edit, reason] of hostile) {
     test(`${what}: --verify exits 8 saying why, --list shows it and lists the rest, no stack trace`, async () => {
@@ -260,9 +282,14 @@ describe('a metadata file is untrusted input', () => {
       assert.match(verified.stderr, reason);
       const listed = await runCli({ args: ['--list', '--json', '--output-dir', copy.dir] });
       assert.equal(listed.exitCode, 0, listed.stderr);
-      const statuses = Object.fromEntries(JSON.parse(listed.stdout).backups.map((b: { file: string; status: string }) => [b.file, b.status]));
+      const statuses = Object.fromEntries(
+        JSON.parse(listed.stdout).backups.map((b: { file: string; status: string }) => [b.file, b.status]),
+      );
       assert.equal(statuses[path.basename(other.dumpPath)], 'verified', 'the rest of the directory works normally');
-      assert.equal(statuses[path.basename(copy.dumpPath)], what.startsWith('"__proto__"') ? 'verified' : 'invalid_metadata');
+      assert.equal(
+        statuses[path.basename(copy.dumpPath)],
+        what.startsWith('"__proto__"') ? 'verified' : 'invalid_metadata',
+      );
       for (const run of [verified, listed, await runCli({ args: ['--list', '--output-dir', copy.dir] })]) {
         assert.doesNotMatch(run.stdout + run.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
       }

@@ -40,7 +40,9 @@ async function backupOf(server: TestServer, extra: string[] = [], vars: Record<s
   const configDir = await tempDir();
   const outputDir = path.join(configDir, 'out');
   await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ver_app'), ...vars });
-  const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--json', ...extra] });
+  const result = await runCli({
+    args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--json', ...extra],
+  });
   return { ...result, configDir, outputDir, files: await fs.readdir(outputDir).catch(() => [] as string[]) };
 }
 
@@ -59,32 +61,52 @@ describe('servers of every supported major', { concurrency: true }, () => {
         assert.equal(result.exitCode, 6, result.stdout);
         const error = JSON.parse(result.stdout);
         assert.equal(error.error, 'No pg_dump new enough for the server');
-        assert.match(error.details, new RegExp(`the server runs PostgreSQL ${serverVersion.replace('.', '\\.')}, and pg_dump cannot dump a newer major version than its own; pg_dump found: ${installed}\\.\\d+ in \\S+ \\((PATH|usual location)\\)`));
-        assert.ok(error.hints.some((hint: string) => hint.includes(`postgresql-client-${major}`)), 'the install command for the right client package');
+        assert.match(
+          error.details,
+          new RegExp(
+            `the server runs PostgreSQL ${serverVersion.replace('.', '\\.')}, and pg_dump cannot dump a newer major version than its own; pg_dump found: ${installed}\\.\\d+ in \\S+ \\((PATH|usual location)\\)`,
+          ),
+        );
+        assert.ok(
+          error.hints.some((hint: string) => hint.includes(`postgresql-client-${major}`)),
+          'the install command for the right client package',
+        );
         assert.ok(error.hints.some((hint: string) => hint.includes(`brew install postgresql@${major}`)));
         assert.deepEqual(result.files, [], 'nothing written, not even a lock');
       }
     });
   }
   for (const major of MAJORS.filter((m) => m <= NEWER_MAJOR)) {
-    test(`PostgreSQL ${major} with pg_dump ${NEWER_MAJOR}: backup (zstd), --restore identical, drill`, { timeout: 120_000, ...skipUnless(noNewerClient ?? needsOf(major)) }, async () => {
-      const server = servers.get(major)!;
-      const backup = await backupOf(server, ['--pg-bin-dir', NEWER_CLIENT_DIR]);
-      assert.equal(backup.exitCode, 0, backup.stdout);
-      const { backup_file: file, metadata } = JSON.parse(backup.stdout);
-      assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
-      assert.equal(metadata.compression, 'zstd:1', "the default from pg_dump 16 on");
-      const withNewerClient = ['--env', 'dev', '--config-dir', backup.configDir, '--pg-bin-dir', NEWER_CLIENT_DIR, '--json'];
-      const target = uniqueName('restored');
-      const restored = await runCli({ args: ['--restore', file, '--target-db', target, ...withNewerClient] });
-      assert.equal(restored.exitCode, 0, restored.stdout);
-      // pg_restore 17 sets transaction_timeout, which servers before 17 do not have.
-      assert.deepEqual(JSON.parse(restored.stdout).skipped_settings, major < 17 ? ['transaction_timeout'] : []);
-      await assertSameDatabases(server, 'ver_app', target);
-      const drill = await runCli({ args: ['--verify', file, '--restore-test', ...withNewerClient] });
-      assert.equal(drill.exitCode, 0, drill.stdout);
-      assert.equal(JSON.parse(drill.stdout).last_restore_test.ok, true);
-    });
+    test(
+      `PostgreSQL ${major} with pg_dump ${NEWER_MAJOR}: backup (zstd), --restore identical, drill`,
+      { timeout: 120_000, ...skipUnless(noNewerClient ?? needsOf(major)) },
+      async () => {
+        const server = servers.get(major)!;
+        const backup = await backupOf(server, ['--pg-bin-dir', NEWER_CLIENT_DIR]);
+        assert.equal(backup.exitCode, 0, backup.stdout);
+        const { backup_file: file, metadata } = JSON.parse(backup.stdout);
+        assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
+        assert.equal(metadata.compression, 'zstd:1', 'the default from pg_dump 16 on');
+        const withNewerClient = [
+          '--env',
+          'dev',
+          '--config-dir',
+          backup.configDir,
+          '--pg-bin-dir',
+          NEWER_CLIENT_DIR,
+          '--json',
+        ];
+        const target = uniqueName('restored');
+        const restored = await runCli({ args: ['--restore', file, '--target-db', target, ...withNewerClient] });
+        assert.equal(restored.exitCode, 0, restored.stdout);
+        // pg_restore 17 sets transaction_timeout, which servers before 17 do not have.
+        assert.deepEqual(JSON.parse(restored.stdout).skipped_settings, major < 17 ? ['transaction_timeout'] : []);
+        await assertSameDatabases(server, 'ver_app', target);
+        const drill = await runCli({ args: ['--verify', file, '--restore-test', ...withNewerClient] });
+        assert.equal(drill.exitCode, 0, drill.stdout);
+        assert.equal(JSON.parse(drill.stdout).last_restore_test.ok, true);
+      },
+    );
   }
 });
 
@@ -98,30 +120,50 @@ async function serverVersionOf(server: TestServer): Promise<string> {
 }
 
 describe('extensions older on the target than in the backup', () => {
-  test('a PostgreSQL 15 backup with hstore 1.8 and pg_trgm 1.6, restored to PostgreSQL 13 (1.7, 1.5): refused before anything is created', { timeout: 60_000, ...skipUnless(noOldServers) }, async () => {
-    const source = servers.get(15)!;
-    await source.createDatabase('ver_ext', ['CREATE EXTENSION hstore', 'CREATE EXTENSION pg_trgm', "CREATE TABLE t (h hstore); INSERT INTO t VALUES ('a=>1')"]);
-    const backup = await takeBackup(source, 'ver_ext', path.join(await tempDir(), 'out'));
-    assert.deepEqual(backup.metadata.extensions, [{ name: 'hstore', version: '1.8' }, { name: 'pg_trgm', version: '1.6' }, { name: 'plpgsql', version: '1.0' }]);
-    const old = servers.get(13)!;
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(old, 'DEV_DB_', 'postgres'));
-    const before = await databasesOn(old);
-    for (const args of [['--restore', backup.dumpPath, '--target-db', 'ext_copy'], ['--verify', backup.dumpPath, '--restore-test']]) {
-      const result = await runCli({ args: [...args, '--env', 'dev', '--config-dir', configDir] });
-      assert.equal(result.exitCode, 7, result.stderr);
-      assert.match(result.stderr, /The target server's extensions are older than the backup's$/m);
-      assert.match(result.stderr, /hstore: the backup has 1\.8, this server would create 1\.7 \(available: [\d., ]+\); pg_trgm: the backup has 1\.6, this server would create 1\.5/);
-      assert.match(result.stderr, /install the package that provides it|part of PostgreSQL's contrib/);
-    }
-    assert.deepEqual(await databasesOn(old), before, 'nothing created');
-  });
+  test(
+    'a PostgreSQL 15 backup with hstore 1.8 and pg_trgm 1.6, restored to PostgreSQL 13 (1.7, 1.5): refused before anything is created',
+    { timeout: 60_000, ...skipUnless(noOldServers) },
+    async () => {
+      const source = servers.get(15)!;
+      await source.createDatabase('ver_ext', [
+        'CREATE EXTENSION hstore',
+        'CREATE EXTENSION pg_trgm',
+        "CREATE TABLE t (h hstore); INSERT INTO t VALUES ('a=>1')",
+      ]);
+      const backup = await takeBackup(source, 'ver_ext', path.join(await tempDir(), 'out'));
+      assert.deepEqual(backup.metadata.extensions, [
+        { name: 'hstore', version: '1.8' },
+        { name: 'pg_trgm', version: '1.6' },
+        { name: 'plpgsql', version: '1.0' },
+      ]);
+      const old = servers.get(13)!;
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(old, 'DEV_DB_', 'postgres'));
+      const before = await databasesOn(old);
+      for (const args of [
+        ['--restore', backup.dumpPath, '--target-db', 'ext_copy'],
+        ['--verify', backup.dumpPath, '--restore-test'],
+      ]) {
+        const result = await runCli({ args: [...args, '--env', 'dev', '--config-dir', configDir] });
+        assert.equal(result.exitCode, 7, result.stderr);
+        assert.match(result.stderr, /The target server's extensions are older than the backup's$/m);
+        assert.match(
+          result.stderr,
+          /hstore: the backup has 1\.8, this server would create 1\.7 \(available: [\d., ]+\); pg_trgm: the backup has 1\.6, this server would create 1\.5/,
+        );
+        assert.match(result.stderr, /install the package that provides it|part of PostgreSQL's contrib/);
+      }
+      assert.deepEqual(await databasesOn(old), before, 'nothing created');
+    },
+  );
 });
 
 async function databasesOn(server: TestServer): Promise<string[]> {
   const client = await server.connect();
   try {
-    return (await client.query<{ datname: string }>('SELECT datname FROM pg_database ORDER BY 1')).rows.map((r) => r.datname);
+    return (await client.query<{ datname: string }>('SELECT datname FROM pg_database ORDER BY 1')).rows.map(
+      (r) => r.datname,
+    );
   } finally {
     await client.end();
   }
@@ -139,14 +181,19 @@ describe('choosing the client tools', () => {
     assert.match(log, /^pg_restore --list /m, 'pg_restore from the same directory verified it');
   });
 
-  test('PG_BIN_DIR (from .env) holding a newer client is chosen for a server the PATH one cannot dump', skipUnless(noNewerClient), async () => {
-    if (installed >= NEWER_MAJOR) return assert.fail(`this machine has pg_dump ${installed}: the test needs one older than ${NEWER_MAJOR}`);
-    const result = await backupOf(servers.get(NEWER_MAJOR)!, [], { PG_BIN_DIR: NEWER_CLIENT_DIR });
-    assert.equal(result.exitCode, 0, result.stdout);
-    const { metadata } = JSON.parse(result.stdout);
-    assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
-    assert.match(metadata.postgresql_version, new RegExp(`^${NEWER_MAJOR}\\.`));
-  });
+  test(
+    'PG_BIN_DIR (from .env) holding a newer client is chosen for a server the PATH one cannot dump',
+    skipUnless(noNewerClient),
+    async () => {
+      if (installed >= NEWER_MAJOR)
+        return assert.fail(`this machine has pg_dump ${installed}: the test needs one older than ${NEWER_MAJOR}`);
+      const result = await backupOf(servers.get(NEWER_MAJOR)!, [], { PG_BIN_DIR: NEWER_CLIENT_DIR });
+      assert.equal(result.exitCode, 0, result.stdout);
+      const { metadata } = JSON.parse(result.stdout);
+      assert.match(metadata.pg_dump_version, new RegExp(`^${NEWER_MAJOR}\\.`));
+      assert.match(metadata.postgresql_version, new RegExp(`^${NEWER_MAJOR}\\.`));
+    },
+  );
 
   test('a --pg-bin-dir client too old for the server is passed over for one that fits', async () => {
     const shim = await shimClientDir('13.22');
@@ -195,13 +242,27 @@ describe('archives from a newer pg_dump', () => {
     const verified = await runCli({ args: ['--verify', path.join(dir, name)] });
     assert.equal(verified.exitCode, 6, verified.stderr);
     assert.match(verified.stderr, /^✗ Verification failed: No pg_restore new enough for this archive$/m);
-    assert.match(verified.stderr, /the archive was written by pg_dump 17\.2 \(archive format 1\.16\.0\), which needs pg_restore 17 or newer; found: \d+\.\d+ in /);
+    assert.match(
+      verified.stderr,
+      /the archive was written by pg_dump 17\.2 \(archive format 1\.16\.0\), which needs pg_restore 17 or newer; found: \d+\.\d+ in /,
+    );
     assert.match(verified.stderr, /postgresql-client-17/);
 
     const server = servers.get(15)!;
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ver_app'));
-    const restored = await runCli({ args: ['--restore', path.join(dir, name), '--target-db', 'never_created', '--env', 'dev', '--config-dir', configDir] });
+    const restored = await runCli({
+      args: [
+        '--restore',
+        path.join(dir, name),
+        '--target-db',
+        'never_created',
+        '--env',
+        'dev',
+        '--config-dir',
+        configDir,
+      ],
+    });
     assert.equal(restored.exitCode, 6);
     const client = await server.connect();
     try {

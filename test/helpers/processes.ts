@@ -9,7 +9,11 @@ export async function processesWithEnv(name: string, value: string): Promise<num
   for (const entry of await fs.readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     const environ = await fs.readFile(`/proc/${entry}/environ`).catch(() => undefined);
-    if (environ && Buffer.concat([Buffer.from('\0'), environ]).includes(Buffer.concat([Buffer.from('\0'), wanted])) && (await alive(Number(entry)))) {
+    if (
+      environ &&
+      Buffer.concat([Buffer.from('\0'), environ]).includes(Buffer.concat([Buffer.from('\0'), wanted])) &&
+      (await alive(Number(entry)))
+    ) {
       found.push(Number(entry));
     }
   }

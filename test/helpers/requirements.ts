@@ -15,14 +15,22 @@ import { pgvectorServerBuilt } from '../setup/pgvector.ts';
 
 export { NEWER_CLIENT_DIR, NEWER_MAJOR };
 
-const SERVERS_PACKAGE = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'setup', 'servers', 'package.json');
+const SERVERS_PACKAGE = path.join(
+  path.dirname(fileURLToPath(import.meta.url)),
+  '..',
+  'setup',
+  'servers',
+  'package.json',
+);
 
-const onPath = async (command: string) => (await execa('sh', ['-c', `command -v ${command}`], { reject: false })).exitCode === 0;
+const onPath = async (command: string) =>
+  (await execa('sh', ['-c', `command -v ${command}`], { reject: false })).exitCode === 0;
 const linuxOnly = (what: string) => (os.platform() === 'linux' ? undefined : `${what} is Linux only`);
 
 const checks = {
   /** A pg_dump and pg_restore newer than Debian 12's, built by npm run test:setup. */
-  newerClient: async () => ((await newerClientBuilt()) ? undefined : `no pg_dump ${NEWER_MAJOR} (npm run test:setup builds it)`),
+  newerClient: async () =>
+    (await newerClientBuilt()) ? undefined : `no pg_dump ${NEWER_MAJOR} (npm run test:setup builds it)`,
   /** PostgreSQL 13 and 14 server binaries, installed by npm run test:setup on linux-x64. */
   oldServers: async () => {
     const require = createRequire(SERVERS_PACKAGE);
@@ -31,28 +39,52 @@ const checks = {
       require.resolve('postgres-14-linux-x64');
       return undefined;
     } catch {
-      return os.platform() === 'linux' && os.arch() === 'x64' ? 'no PostgreSQL 13/14 servers (npm run test:setup installs them)' : 'PostgreSQL 13/14 test servers exist for linux-x64 only';
+      return os.platform() === 'linux' && os.arch() === 'x64'
+        ? 'no PostgreSQL 13/14 servers (npm run test:setup installs them)'
+        : 'PostgreSQL 13/14 test servers exist for linux-x64 only';
     }
   },
   /** A PostgreSQL 15 server with pgvector, built by npm run test:setup. */
-  pgvector: async () => ((await pgvectorServerBuilt()) ? undefined : 'no PostgreSQL with pgvector (npm run test:setup builds it, on Debian)'),
+  pgvector: async () =>
+    (await pgvectorServerBuilt()) ? undefined : 'no PostgreSQL with pgvector (npm run test:setup builds it, on Debian)',
   /** /proc: process start times, environments and parents. */
-  proc: async () => linuxOnly('/proc') ?? ((await fs.access('/proc/self/stat').then(() => true, () => false)) ? undefined : 'no /proc'),
+  proc: async () =>
+    linuxOnly('/proc') ??
+    ((await fs.access('/proc/self/stat').then(
+      () => true,
+      () => false,
+    ))
+      ? undefined
+      : 'no /proc'),
   /** A tmpfs in a private mount namespace (util-linux unshare, as root or in a user namespace). */
   mountNamespace: async () => {
     if (linuxOnly('unshare')) return linuxOnly('unshare');
     const namespace = os.userInfo().uid === 0 ? ['--mount'] : ['--mount', '--user', '--map-root-user'];
     const result = await execa('unshare', [...namespace, 'sh', '-c', 'mount -t tmpfs tmpfs /mnt'], { reject: false });
-    return result.exitCode === 0 ? undefined : `no tmpfs in a private mount namespace here (unshare: ${String(result.stderr).trim() || result.exitCode})`;
+    return result.exitCode === 0
+      ? undefined
+      : `no tmpfs in a private mount namespace here (unshare: ${String(result.stderr).trim() || result.exitCode})`;
   },
   prlimit: async () => ((await onPath('prlimit')) ? undefined : 'no prlimit (util-linux)'),
   /** Root ignores permission bits; setpriv drops that power so a root-run test meets EACCES. */
-  setpriv: async () => (os.userInfo().uid !== 0 || (await onPath('setpriv')) ? undefined : 'no setpriv (util-linux) to drop root’s override of file permissions'),
+  setpriv: async () =>
+    os.userInfo().uid !== 0 || (await onPath('setpriv'))
+      ? undefined
+      : 'no setpriv (util-linux) to drop root’s override of file permissions',
   /** A pseudo-terminal for the CLI: util-linux's script. */
-  script: async () => ((await execa('script', ['-qec', 'true', '/dev/null'], { reject: false })).exitCode === 0 ? undefined : 'no util-linux script (a pseudo-terminal)'),
+  script: async () =>
+    (await execa('script', ['-qec', 'true', '/dev/null'], { reject: false })).exitCode === 0
+      ? undefined
+      : 'no util-linux script (a pseudo-terminal)',
   openssl: async () => ((await onPath('openssl')) ? undefined : 'no openssl (for test certificates)'),
   /** The project's .npmrc runs npm scripts (npx's too) with bash. */
-  bash: async () => ((await fs.access('/bin/bash').then(() => true, () => false)) ? undefined : 'no /bin/bash'),
+  bash: async () =>
+    (await fs.access('/bin/bash').then(
+      () => true,
+      () => false,
+    ))
+      ? undefined
+      : 'no /bin/bash',
 };
 
 export type Requirement = keyof typeof checks;

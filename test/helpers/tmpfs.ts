@@ -29,14 +29,23 @@ export interface TmpfsRun {
   after: Record<string, string>;
 }
 
-export async function runCliOnTmpfs(sizeBytes: number, seedDir: string | undefined, args: (outputDir: string) => string[]): Promise<TmpfsRun> {
+export async function runCliOnTmpfs(
+  sizeBytes: number,
+  seedDir: string | undefined,
+  args: (outputDir: string) => string[],
+): Promise<TmpfsRun> {
   const work = await tempDir('backup-db-tmpfs-');
   const dir = path.join(work, 'mnt');
   const report = path.join(work, 'report.txt');
   await fs.mkdir(dir);
-  const unshare = os.userInfo().uid === 0 ? ['unshare', '--mount'] : ['unshare', '--mount', '--user', '--map-root-user'];
-  const result = await runCli({ args: args(dir), wrapper: [...unshare, 'sh', '-c', SCRIPT, 'sh', dir, report, String(sizeBytes), seedDir ?? ''] });
-  if (result.exitCode === 99) throw new Error(`this machine does not allow a tmpfs in a private mount namespace: ${result.stderr}`);
+  const unshare =
+    os.userInfo().uid === 0 ? ['unshare', '--mount'] : ['unshare', '--mount', '--user', '--map-root-user'];
+  const result = await runCli({
+    args: args(dir),
+    wrapper: [...unshare, 'sh', '-c', SCRIPT, 'sh', dir, report, String(sizeBytes), seedDir ?? ''],
+  });
+  if (result.exitCode === 99)
+    throw new Error(`this machine does not allow a tmpfs in a private mount namespace: ${result.stderr}`);
   const after: Record<string, string> = {};
   for (const line of (await fs.readFile(report, 'utf8')).split('\n').filter(Boolean)) {
     const [hash, name] = [line.slice(0, 64), line.slice(66)];

@@ -37,7 +37,9 @@ export async function directoryFingerprint(dir: string): Promise<Record<string, 
   const result: Record<string, string> = {};
   for (const name of (await fs.readdir(dir)).sort()) {
     const entry = path.join(dir, name);
-    const content = (await fs.stat(entry)).isDirectory() ? JSON.stringify(await directoryFingerprint(entry)) : await fs.readFile(entry);
+    const content = (await fs.stat(entry)).isDirectory()
+      ? JSON.stringify(await directoryFingerprint(entry))
+      : await fs.readFile(entry);
     result[name] = createHash('sha256').update(content).digest('hex');
   }
   return result;
@@ -68,10 +70,14 @@ export async function holdTableLock(connect: () => Promise<pg.Client>, table: st
 
 /** Wait (bounded) until no backup session is left on the server: pg_dump's included. */
 export async function waitForNoBackupSessions(client: pg.Client): Promise<void> {
-  await waitFor('backup sessions to end', async () => {
-    const { rows } = await client.query("SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%'");
-    return rows.length === 0 ? true : undefined;
-  }, 15_000);
+  await waitFor(
+    'backup sessions to end',
+    async () => {
+      const { rows } = await client.query("SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%'");
+      return rows.length === 0 ? true : undefined;
+    },
+    15_000,
+  );
 }
 
 /** Damage a file the way bit rot would: invert the byte in its middle. */

@@ -23,9 +23,13 @@ export interface AptSource {
 export function parseOneLineSources(text: string): AptSource[] {
   const sources: AptSource[] = [];
   for (const raw of text.split('\n')) {
-    const line = raw.replace(/#.*/, '').replace(/\[[^\]]*\]/, ' ').trim();
+    const line = raw
+      .replace(/#.*/, '')
+      .replace(/\[[^\]]*\]/, ' ')
+      .trim();
     const [type, uri, suite, ...components] = line.split(/\s+/);
-    if ((type === 'deb' || type === 'deb-src') && uri && suite) sources.push({ types: [type], uris: [uri], suites: [suite], components });
+    if ((type === 'deb' || type === 'deb-src') && uri && suite)
+      sources.push({ types: [type], uris: [uri], suites: [suite], components });
   }
   return sources;
 }
@@ -45,7 +49,12 @@ export function parseDeb822Sources(text: string): AptSource[] {
     const list = (name: string) => (fields.get(name) ?? '').split(/\s+/).filter(Boolean);
     if (fields.get('enabled')?.trim().toLowerCase() === 'no') continue;
     if (list('types').length && list('uris').length) {
-      sources.push({ types: list('types'), uris: list('uris'), suites: list('suites'), components: list('components') });
+      sources.push({
+        types: list('types'),
+        uris: list('uris'),
+        suites: list('suites'),
+        components: list('components'),
+      });
     }
   }
   return sources;
@@ -61,8 +70,14 @@ export function debianMirrorIn(sources: AptSource[], codename: string): string |
 export async function debianMirror(): Promise<string> {
   const osRelease = await fs.readFile('/etc/os-release', 'utf8').catch(() => '');
   const codename = /^VERSION_CODENAME=(\S+)$/m.exec(osRelease)?.[1];
-  if (!codename || !/^ID=debian$/m.test(osRelease)) throw new Error('this is not a Debian machine (/etc/os-release); the test set-up fetches Debian source packages');
-  const files = ['/etc/apt/sources.list', ...(await fs.readdir('/etc/apt/sources.list.d').catch(() => [] as string[])).map((name) => `/etc/apt/sources.list.d/${name}`)];
+  if (!codename || !/^ID=debian$/m.test(osRelease))
+    throw new Error('this is not a Debian machine (/etc/os-release); the test set-up fetches Debian source packages');
+  const files = [
+    '/etc/apt/sources.list',
+    ...(await fs.readdir('/etc/apt/sources.list.d').catch(() => [] as string[])).map(
+      (name) => `/etc/apt/sources.list.d/${name}`,
+    ),
+  ];
   const sources: AptSource[] = [];
   for (const file of files) {
     const text = await fs.readFile(file, 'utf8').catch(() => '');
@@ -99,7 +114,11 @@ const apt = (dir: string) =>
   ].flatMap((option) => ['-o', option]);
 
 /** The upstream tarball of `request` in `work`: the suite's current one if the pool has it, else the pin. */
-export async function fetchUpstreamTarball(request: SourceRequest, work: string, log: (line: string) => void): Promise<string> {
+export async function fetchUpstreamTarball(
+  request: SourceRequest,
+  work: string,
+  log: (line: string) => void,
+): Promise<string> {
   const mirror = await debianMirror();
   const aptDir = path.join(work, 'apt');
   await fs.mkdir(path.join(aptDir, 'lists', 'partial'), { recursive: true });
@@ -107,7 +126,11 @@ export async function fetchUpstreamTarball(request: SourceRequest, work: string,
   await fs.writeFile(path.join(aptDir, 'sources.list'), `deb-src ${mirror} ${request.suite} main\n`);
   log(`fetching Debian's ${request.package} source (${request.suite}) from ${mirror}`);
   await execa('apt-get', [...apt(aptDir), 'update'], { stdout: 'ignore' });
-  const fetched = await execa('apt-get', [...apt(aptDir), 'source', '--download-only', request.package], { cwd: work, stdout: 'ignore', reject: false });
+  const fetched = await execa('apt-get', [...apt(aptDir), 'source', '--download-only', request.package], {
+    cwd: work,
+    stdout: 'ignore',
+    reject: false,
+  });
   const tarball = (await fs.readdir(work)).find((name) => /\.orig\.tar\.(bz2|gz|xz)$/.test(name));
   if (fetched.exitCode === 0 && tarball) return path.join(work, tarball);
 
@@ -119,7 +142,8 @@ export async function fetchUpstreamTarball(request: SourceRequest, work: string,
   if (!response.ok) throw new Error(`${mirror}/pool/${request.pinned.poolPath}: HTTP ${response.status}`);
   const bytes = Buffer.from(await response.arrayBuffer());
   const sha256 = createHash('sha256').update(bytes).digest('hex');
-  if (sha256 !== request.pinned.sha256) throw new Error(`${name} has SHA-256 ${sha256}, not the pinned ${request.pinned.sha256}`);
+  if (sha256 !== request.pinned.sha256)
+    throw new Error(`${name} has SHA-256 ${sha256}, not the pinned ${request.pinned.sha256}`);
   await fs.writeFile(path.join(work, name), bytes);
   return path.join(work, name);
 }
@@ -138,7 +162,11 @@ export async function unpack(tarball: string): Promise<string> {
  * Fetch a pinned Debian source into a temp directory, unpack it, run `build` in it, and remove the
  * temp directory whatever happens.
  */
-export async function buildFromSource(request: SourceRequest, log: (line: string) => void, build: (source: string) => Promise<void>): Promise<void> {
+export async function buildFromSource(
+  request: SourceRequest,
+  log: (line: string) => void,
+  build: (source: string) => Promise<void>,
+): Promise<void> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), `${request.package}-build-`));
   try {
     await build(await unpack(await fetchUpstreamTarball(request, work, log)));

