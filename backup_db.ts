@@ -5,28 +5,33 @@
  *   npx tsx backup_db.ts --env prod
  *
  * Sections, in the order data flows through a run (shared helpers first, main last):
- *   Types and constants
- *   Small helpers
- *   Configuration
- *   Client tools: pg_dump and pg_restore
- *   Output directory, lock and disk space
- *   Connection
- *   Dump
- *   Stall watchdog
- *   Progress (terminals only)
- *   Backup run: lock, snapshot, dump and counts, publish
- *   Metadata
- *   Verification
- *   Listing
- *   Retention
- *   Freshness check
- *   Restore: the target server (extensions, production guard, target database)
- *   Restore: pg_restore, reconciliation, the drill
- *   Run records: log file, notifications, failure hook
- *   Operations: heartbeat pings and metrics
- *   Output
- *   CLI: options, modes, settings
- *   main: run a mode, print, record
+ *   Types and constants                    the exit codes, the one error type
+ *   Small helpers                          tethered child processes, quiet clean-up, error mapping
+ *   Configuration                          .env layers, DEV_DB_* and DB_*, URLs, environment
+ *   Client tools                           finding a pg_dump/pg_restore that fits the server
+ *   Output directory, lock and disk space  permissions, the per-database lock, stale files, space
+ *   Connection                             libpq environment, TLS, errors mapped to exit codes
+ *   Dump                                   backup names, table inventory, pg_dump streamed through SHA-256
+ *   Stall watchdog                         stop a dump that writes nothing, saying what it waits on
+ *   Progress                               a progress line on terminals
+ *   Backup run                             lock, snapshot, dump and counts, publish, retention
+ *   Metadata                               the sidecar: build, validate, write atomically
+ *   Archives                               header, client tools, checksum, table of contents
+ *   Verification                           the checks (one table) and --verify
+ *   Listing                                --list
+ *   Retention                              the policy, pure; pruning, guarded by the newest kept
+ *   Freshness check                        --check --max-age
+ *   Restore: the target server             extensions, production guard, the target database
+ *   Restore: pg_restore                    session settings, errors
+ *   Restore: one pipeline                  --restore and the drill (a scratch target)
+ *   Run records                            log file, webhook, --on-failure
+ *   Operations                             heartbeat pings, Prometheus metrics
+ *   Output: text for a person              what each command prints
+ *   Output: secrets, problems, documents   masking, the one failure record, --json, printing
+ *   CLI: modes and settings                what the options ask for, settings from options and env
+ *   CLI: the command line                  commander options and help
+ *   Interrupts                             signals and the launchers going away
+ *   main                                   run a mode, print, record
  *
  * A backup: configuration → client tools → output directory and lock → connection → dump (with
  * the watchdog) → metadata → verification → retention; the other commands reuse the same parts.
@@ -2511,7 +2516,7 @@ async function syncDirectory(dir: string): Promise<void> {
   }
 }
 
-// ─── Verification ────────────────────────────────────────────────────────────────────────
+// ─── Archives: header, client tools, checksum, contents ─────────────────────────────────
 
 /** What a custom-format archive says about itself, from its first bytes. */
 export interface ArchiveHeader {
@@ -2745,6 +2750,8 @@ function tableNameCandidates(key: string): Array<[string, string]> {
     candidates.push([key.slice(0, dot), key.slice(dot + 1)]);
   return candidates;
 }
+
+// ─── Verification: the checks and --verify ──────────────────────────────────────────────
 
 export interface Check {
   ok: boolean;
@@ -3909,7 +3916,7 @@ export function compareVersions(a: string, b: string): number {
   return 0;
 }
 
-// ─── Restore: pg_restore, reconciliation, the drill ──────────────────────────────────────
+// ─── Restore: pg_restore and its session settings ───────────────────────────────────────
 
 /**
  * Pure: the settings pg_restore could not set because the server does not have them, when those
@@ -4070,6 +4077,8 @@ async function runPgRestore(
     ],
   );
 }
+
+// ─── Restore: one pipeline for --restore and the drill ──────────────────────────────────
 
 /** A restore's result; a drill's (`drill`) went into a scratch database that is dropped again. */
 export interface RestoreOutcome {
@@ -4683,7 +4692,7 @@ async function updateMetricsFile(file: string, run: Parameters<typeof recordRunI
   });
 }
 
-// ─── Output ──────────────────────────────────────────────────────────────────────────────
+// ─── Output: text for a person ──────────────────────────────────────────────────────────
 
 /** chalk honours FORCE_COLOR and TTYs; NO_COLOR (no-color.org) we honour ourselves. */
 function colours(level: number | false): ChalkInstance {
@@ -4933,6 +4942,27 @@ function restoreText(outcome: RestoreOutcome): Text {
   return { out: lines, err: [] };
 }
 
+// ─── Output: secrets, problems, --json documents, printing ──────────────────────────────
+
+/** Every password the configuration could hold, so no message can ever print one. */
+export function secretsIn(vars: EnvVars): string[] {
+  const secrets: string[] = [];
+  for (const [name, { value }] of vars) {
+    if (/PASSWORD$/.test(name)) secrets.push(value);
+    if (/DATABASE_URL$/.test(name)) {
+      try {
+        // As written (percent-encoded) and as meant, whether in the authority or as ?password=.
+        const written = new URL(value).password;
+        const { password } = parseLibpqUrl(value);
+        secrets.push(...[written, password].filter((p): p is string => Boolean(p)));
+      } catch {
+        // Not a URL; nothing to mask beyond the URL pattern maskSecrets already covers.
+      }
+    }
+  }
+  return secrets;
+}
+
 /**
  * Pure: `text` with every occurrence of each secret (the longest first) and any URL's password
  * replaced by ****. A secret of under 4 characters (a password cut short by an unquoted '#') is
@@ -5170,7 +5200,7 @@ function printWarning(io: Io, warning: Problem): void {
   );
 }
 
-// ─── CLI: options, modes, settings ───────────────────────────────────────────────────────
+// ─── CLI: modes and settings ────────────────────────────────────────────────────────────
 
 interface CliOptions {
   env: Environment | 'auto';
@@ -5460,6 +5490,23 @@ export function resolveSettings(
   };
 }
 
+// ─── CLI: the command line (commander) ──────────────────────────────────────────────────
+
+/** Options whose values are credentials: never shown, not even in a usage error. */
+const CREDENTIAL_OPTIONS = ['--notify-url', '--ping-url'];
+
+/** Pure: the values given on the command line to credential options (`--opt value` or `--opt=value`). */
+export function credentialArguments(argv: readonly string[]): string[] {
+  const values: string[] = [];
+  argv.forEach((arg, i) => {
+    for (const option of CREDENTIAL_OPTIONS) {
+      if (arg === option && argv[i + 1] !== undefined) values.push(argv[i + 1]!);
+      else if (arg.startsWith(`${option}=`)) values.push(arg.slice(option.length + 1));
+    }
+  });
+  return values.filter((value) => value.trim() !== '');
+}
+
 function buildProgram(json: boolean, secrets: readonly string[], io: Io): Command {
   const keep = (flag: string, what: string) =>
     new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
@@ -5615,6 +5662,78 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .showHelpAfterError(json ? false : '(run with --help for usage)')
     .configureOutput({ writeErr: (text) => io.err(maskSecrets(text, secrets).replace(/\n$/, '')) })
     .exitOverride();
+}
+
+// ─── Interrupts: signals, and the launchers going away ──────────────────────────────────
+
+/**
+ * Turn SIGINT/SIGTERM/SIGHUP, and the end of the processes that started this one, into an abort
+ * of `work`, which then cleans up after itself.
+ * `on`, not `once`: execa's exit hook re-raises a signal it thinks nobody else handles, and a
+ * `once` listener has already removed itself by then, so the process would die mid-cleanup.
+ */
+async function withInterruptSignal<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const interrupt = new AbortController();
+  const signals = ['SIGHUP', 'SIGINT', 'SIGTERM'] as const;
+  const handlers = signals.map((name) => [name, () => interrupt.abort(interruptedError(name))] as const);
+  for (const [name, handler] of handlers) process.on(name, handler);
+  const stopWatching = watchLaunchers((who) => interrupt.abort(launcherGoneError(who)));
+  try {
+    return await work(interrupt.signal);
+  } finally {
+    stopWatching();
+    for (const [name, handler] of handlers) process.off(name, handler);
+  }
+}
+
+/**
+ * The processes that started this one and wait for it: the parent, and above it those of our
+ * process group (npx, the sh it runs, tsx; cron's or systemd's job). A signal sent to npx ends
+ * npx but not its children, so each of them is watched rather than only the parent.
+ */
+async function launcherChain(): Promise<ProcessInfo[]> {
+  const self = await processInfo(process.pid);
+  if (!self) return []; // no /proc: only the parent pid is watched
+  const chain: ProcessInfo[] = [];
+  for (let pid = self.ppid; pid > 1;) {
+    const info = await processInfo(pid);
+    if (!info || (chain.length > 0 && info.pgrp !== self.pgrp)) break;
+    chain.push(info);
+    if (info.pid === self.pgrp) break;
+    pid = info.ppid;
+  }
+  return chain;
+}
+
+/** Poll, four times a second, that the launchers are still there; `onGone` names the first one missing. */
+function watchLaunchers(onGone: (who: string) => void): () => void {
+  const parent = process.ppid;
+  let chain: ProcessInfo[] = [];
+  void launcherChain().then((found) => (chain = found));
+  const check = async () => {
+    if (process.ppid !== parent) return onGone(`its parent process (pid ${parent})`);
+    for (const launcher of chain) {
+      const now = await processInfo(launcher.pid);
+      if (!now || now.zombie || now.start !== launcher.start)
+        return onGone(`pid ${launcher.pid} (${launcher.command})`);
+    }
+  };
+  const timer = setInterval(() => void check(), 250);
+  timer.unref();
+  return () => clearInterval(timer);
+}
+
+function launcherGoneError(who: string): BackupError {
+  return new BackupError(
+    EXIT.SIGHUP,
+    'Interrupted: the process that started this run ended',
+    `${who} ended, so nothing waits for this run any more: it stopped and cleaned up after itself, and existing ` +
+      `backups are untouched`,
+    [
+      'This is what stopping the launcher (npx, tsx, a script, a scheduler) is meant to do',
+      'To run one that outlives its terminal or script, start it with setsid, or from cron or systemd',
+    ],
+  );
 }
 
 // ─── main: run a mode, print, record ─────────────────────────────────────────────────────
@@ -5905,110 +6024,6 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   };
   await recordRun(redact(record, secrets), automation, secrets, io);
   return outcome.exitCode;
-}
-
-/** Options whose values are credentials: never shown, not even in a usage error. */
-const CREDENTIAL_OPTIONS = ['--notify-url', '--ping-url'];
-
-/** Pure: the values given on the command line to credential options (`--opt value` or `--opt=value`). */
-export function credentialArguments(argv: readonly string[]): string[] {
-  const values: string[] = [];
-  argv.forEach((arg, i) => {
-    for (const option of CREDENTIAL_OPTIONS) {
-      if (arg === option && argv[i + 1] !== undefined) values.push(argv[i + 1]!);
-      else if (arg.startsWith(`${option}=`)) values.push(arg.slice(option.length + 1));
-    }
-  });
-  return values.filter((value) => value.trim() !== '');
-}
-
-/**
- * Turn SIGINT/SIGTERM/SIGHUP, and the end of the processes that started this one, into an abort
- * of `work`, which then cleans up after itself.
- * `on`, not `once`: execa's exit hook re-raises a signal it thinks nobody else handles, and a
- * `once` listener has already removed itself by then, so the process would die mid-cleanup.
- */
-async function withInterruptSignal<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
-  const interrupt = new AbortController();
-  const signals = ['SIGHUP', 'SIGINT', 'SIGTERM'] as const;
-  const handlers = signals.map((name) => [name, () => interrupt.abort(interruptedError(name))] as const);
-  for (const [name, handler] of handlers) process.on(name, handler);
-  const stopWatching = watchLaunchers((who) => interrupt.abort(launcherGoneError(who)));
-  try {
-    return await work(interrupt.signal);
-  } finally {
-    stopWatching();
-    for (const [name, handler] of handlers) process.off(name, handler);
-  }
-}
-
-/**
- * The processes that started this one and wait for it: the parent, and above it those of our
- * process group (npx, the sh it runs, tsx; cron's or systemd's job). A signal sent to npx ends
- * npx but not its children, so each of them is watched rather than only the parent.
- */
-async function launcherChain(): Promise<ProcessInfo[]> {
-  const self = await processInfo(process.pid);
-  if (!self) return []; // no /proc: only the parent pid is watched
-  const chain: ProcessInfo[] = [];
-  for (let pid = self.ppid; pid > 1;) {
-    const info = await processInfo(pid);
-    if (!info || (chain.length > 0 && info.pgrp !== self.pgrp)) break;
-    chain.push(info);
-    if (info.pid === self.pgrp) break;
-    pid = info.ppid;
-  }
-  return chain;
-}
-
-/** Poll, four times a second, that the launchers are still there; `onGone` names the first one missing. */
-function watchLaunchers(onGone: (who: string) => void): () => void {
-  const parent = process.ppid;
-  let chain: ProcessInfo[] = [];
-  void launcherChain().then((found) => (chain = found));
-  const check = async () => {
-    if (process.ppid !== parent) return onGone(`its parent process (pid ${parent})`);
-    for (const launcher of chain) {
-      const now = await processInfo(launcher.pid);
-      if (!now || now.zombie || now.start !== launcher.start)
-        return onGone(`pid ${launcher.pid} (${launcher.command})`);
-    }
-  };
-  const timer = setInterval(() => void check(), 250);
-  timer.unref();
-  return () => clearInterval(timer);
-}
-
-function launcherGoneError(who: string): BackupError {
-  return new BackupError(
-    EXIT.SIGHUP,
-    'Interrupted: the process that started this run ended',
-    `${who} ended, so nothing waits for this run any more: it stopped and cleaned up after itself, and existing ` +
-      `backups are untouched`,
-    [
-      'This is what stopping the launcher (npx, tsx, a script, a scheduler) is meant to do',
-      'To run one that outlives its terminal or script, start it with setsid, or from cron or systemd',
-    ],
-  );
-}
-
-/** Every password the configuration could hold, so no message can ever print one. */
-export function secretsIn(vars: EnvVars): string[] {
-  const secrets: string[] = [];
-  for (const [name, { value }] of vars) {
-    if (/PASSWORD$/.test(name)) secrets.push(value);
-    if (/DATABASE_URL$/.test(name)) {
-      try {
-        // As written (percent-encoded) and as meant, whether in the authority or as ?password=.
-        const written = new URL(value).password;
-        const { password } = parseLibpqUrl(value);
-        secrets.push(...[written, password].filter((p): p is string => Boolean(p)));
-      } catch {
-        // Not a URL; nothing to mask beyond the URL pattern maskSecrets already covers.
-      }
-    }
-  }
-  return secrets;
 }
 
 const isDirectRun =
