@@ -438,6 +438,19 @@ describe('--verify FILE --restore-test (the drill)', () => {
     assert.deepEqual(metadata.last_restore_test.mismatches, []);
     assert.ok(Date.now() - Date.parse(metadata.last_restore_test.time) < 120_000);
 
+    // The drill is the restore pipeline with a scratch target: the same --json document.
+    const json = await runCli({
+      args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+    });
+    assert.equal(json.exitCode, 0, json.stderr);
+    const doc = JSON.parse(json.stdout);
+    assert.deepEqual([doc.command, doc.drill, doc.target_action], ['drill', true, 'created and dropped']);
+    assert.match(doc.target_database, /^backup_db_drill_\d+_[0-9a-f]{8}$/);
+    assert.equal(doc.metadata_file, copy.metadataPath);
+    assert.deepEqual(doc.last_restore_test, JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test);
+    assert.ok(doc.reconciliation.length === 10 && doc.reconciliation.every((row: { ok: boolean }) => row.ok));
+    assert.deepEqual(await drillDatabases(), []);
+
     const listed = await runCli({ args: ['--list', '--output-dir', path.dirname(copy.dumpPath)] });
     assert.match(listed.stdout, /Status +Restore test\n.*✓ Verified +✓ \d{4}-\d{2}-\d{2}/);
     assert.equal(
