@@ -4201,7 +4201,7 @@ function reconciliationError(rows: ReconciliationRow[]): BackupError {
       'Do not trust this backup for a full recovery; investigate the tables listed',
       'If the metadata was edited, the counts no longer describe the dump: take a new backup',
     ],
-    { report: reconciliationLines(rows) },
+    { report: reconciliationLines(rows), data: { reconciliation: rows } },
   );
 }
 
@@ -4231,9 +4231,30 @@ async function runRestore(
   signal: AbortSignal,
 ): Promise<RestoreOutcome> {
   const drill = request.target === undefined;
-  const target = drill
-    ? `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`
-    : validateName(request.target!, '--target-db');
+  if (!drill) return restorePipeline(config, vars, request, validateName(request.target!, '--target-db'), signal);
+  const started = Date.now();
+  try {
+    return await restorePipeline(
+      config,
+      vars,
+      request,
+      `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`,
+      signal,
+    );
+  } catch (error) {
+    await recordFailedDrill(path.resolve(request.file), config, error, Date.now() - started);
+    throw error;
+  }
+}
+
+async function restorePipeline(
+  config: DbConfig,
+  vars: EnvVars,
+  request: RestoreRequest,
+  target: string,
+  signal: AbortSignal,
+): Promise<RestoreOutcome> {
+  const drill = request.target === undefined;
   const archive = await restorableArchive(request.search, request.file, request.force && !drill);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
@@ -4313,9 +4334,12 @@ export interface RestoreTestRecord {
   ok: boolean;
   duration_ms: number;
   server: string;
+  /** "unknown" in the record of a drill that failed before comparing row counts. */
   server_version: string;
   tables: number;
   mismatches: string[];
+  /** Why a drill failed before it could compare row counts. */
+  error?: string;
 }
 
 /** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
@@ -4340,12 +4364,47 @@ async function recordRestoreTest(
     tables: rows.length,
     mismatches: rows.filter((row) => !row.ok).map((row) => row.table),
   };
-  const { filePath, metadataPath } = archive;
-  if (await pathExists(filePath)) {
-    const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
-    await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
+  await writeRestoreTest(archive.filePath, archive.metadataPath, record);
+  return { metadataPath: archive.metadataPath, record };
+}
+
+/**
+ * A drill that failed on the backup (its verification, pg_restore, the target server's
+ * extensions: exit 7 or 8) is a failed restore test, and says so in the metadata, so that --list
+ * does not go on showing an earlier success. One that never got that far (configuration,
+ * connection, an interrupt) leaves the record alone, as does a backup whose metadata is not valid.
+ * Best effort: recording never replaces the failure being reported.
+ */
+async function recordFailedDrill(
+  filePath: string,
+  config: DbConfig,
+  error: unknown,
+  durationMs: number,
+): Promise<void> {
+  if (!(error instanceof BackupError) || ![EXIT.BACKUP_FAILED, EXIT.VERIFY_FAILED].includes(error.exitCode as 7 | 8)) {
+    return;
   }
-  return { metadataPath, record };
+  if (error.extra.data?.reconciliation) return; // a row-count mismatch: recorded with its tables already
+  const metadataPath = metadataPathFor(filePath);
+  if ((await loadMetadata(metadataPath, path.basename(filePath))).status !== 'ok') return;
+  const record: RestoreTestRecord = {
+    time: new Date().toISOString(),
+    ok: false,
+    duration_ms: durationMs,
+    server: `${config.host}:${config.port}`,
+    server_version: 'unknown',
+    tables: 0,
+    mismatches: [],
+    error: error.extra.step ? `${error.extra.step} failed: ${error.title}` : error.title,
+  };
+  await writeRestoreTest(filePath, metadataPath, record).catch(() => undefined);
+}
+
+/** last_restore_test into the metadata: atomically, and only while the backup still exists. */
+async function writeRestoreTest(filePath: string, metadataPath: string, record: RestoreTestRecord): Promise<void> {
+  if (!(await pathExists(filePath))) return;
+  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
+  await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
 }
 
 // ─── Run records: log file, notifications, failure hook ──────────────────────────────────

@@ -478,6 +478,35 @@ describe('--verify FILE --restore-test (the drill)', () => {
     );
   });
 
+  test('a drill that fails on the backup records the failure: --list no longer shows the earlier success', async () => {
+    const copy = await copyOfBackup();
+    const drill = (extra: string[] = []) =>
+      runCli({
+        args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, ...extra],
+      });
+    assert.equal((await drill()).exitCode, 0);
+    const listed = async () => (await runCli({ args: ['--list', '--output-dir', path.dirname(copy.dumpPath)] })).stdout;
+    assert.match(await listed(), /Restore test\n.* ✓ \d{4}-\d{2}-\d{2}\n/);
+
+    // A configuration error never reached the backup: the earlier result stands.
+    const unconfigured = await drill(['--config-dir', await tempDir()]);
+    assert.equal(unconfigured.exitCode, 2, unconfigured.stderr);
+    assert.equal(JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test.ok, true);
+
+    await flipMiddleByte(copy.dumpPath);
+    const failed = await drill();
+    assert.equal(failed.exitCode, 8, failed.stderr);
+    assert.match(failed.stderr, /^✗ Backup verification failed: checksum mismatch$/m);
+    const record = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test;
+    assert.deepEqual(
+      [record.ok, record.error, record.tables, record.server_version],
+      [false, 'Backup verification failed: checksum mismatch', 0, 'unknown'],
+    );
+    assert.ok(Date.now() - Date.parse(record.time) < 120_000);
+    assert.match(await listed(), /Restore test\n.* ✗ \d{4}-\d{2}-\d{2}\n/);
+    assert.deepEqual(await drillDatabases(), []);
+  });
+
   test(
     'Ctrl-C while pg_restore runs → exit 130, and the scratch database is dropped',
     { timeout: 90_000 },
@@ -505,6 +534,8 @@ describe('--verify FILE --restore-test (the drill)', () => {
       assert.equal(result.exitCode, 130, String(result.stderr));
       assert.match(String(result.stderr), /Interrupted by SIGINT/);
       assert.deepEqual(await drillDatabases(), []);
+      const metadata = JSON.parse(await fs.readFile(gatedBackup.metadataPath, 'utf8'));
+      assert.equal(metadata.last_restore_test, undefined, 'an interrupted drill is no verdict on the backup');
     },
   );
 });
