@@ -38,6 +38,16 @@ const PG_BIN_DIR = values['pg-bin-dir'] && path.resolve(values['pg-bin-dir']);
 /** The client under test: the one the CLI would find on PATH, unless --pg-bin-dir names another. */
 const PG_DUMP = PG_BIN_DIR ? path.join(PG_BIN_DIR, 'pg_dump') : 'pg_dump';
 const CLIENT_ARGS = PG_BIN_DIR ? ['--pg-bin-dir', PG_BIN_DIR] : [];
+/** The CLI on the bench database: `extra`, with the bench's configuration and client tools. */
+const cliArgs = (configDir: string, ...extra: string[]) => [
+  CLI,
+  '--env',
+  'dev',
+  '--config-dir',
+  configDir,
+  ...extra,
+  ...CLIENT_ARGS,
+];
 const SIZE_MB = Number(values['size-mb']);
 const RUNS = Number(values.runs);
 const PROJECT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -118,20 +128,13 @@ async function measure(
   const tool = async () => {
     const outputDir = path.join(work, 'out');
     const rssFile = path.join(work, 'rss');
+    const compression = compress ? ['--compress', compress] : [];
     const args = [
       '--import',
       'tsx',
       '--import',
       MAX_RSS,
-      CLI,
-      '--env',
-      'dev',
-      '--config-dir',
-      configDir,
-      '--output-dir',
-      outputDir,
-      ...CLIENT_ARGS,
-      ...(compress ? ['--compress', compress] : []),
+      ...cliArgs(configDir, '--output-dir', outputDir, ...compression),
     ];
     const [t] = await seconds(() =>
       execa(process.execPath, args, { cwd: PROJECT, env: { BENCH_MAX_RSS_FILE: rssFile } }),
@@ -163,21 +166,8 @@ async function measure(
   };
   const toolParallel = async () => {
     const outputDir = path.join(work, 'parallel');
-    const args = [
-      '--import',
-      'tsx',
-      CLI,
-      '--env',
-      'dev',
-      '--jobs',
-      '2',
-      '--config-dir',
-      configDir,
-      '--output-dir',
-      outputDir,
-      ...CLIENT_ARGS,
-      ...(compress ? ['--compress', compress] : []),
-    ];
+    const compression = compress ? ['--compress', compress] : [];
+    const args = ['--import', 'tsx', ...cliArgs(configDir, '--jobs', '2', '--output-dir', outputDir, ...compression)];
     m.toolParallel.push((await seconds(() => execa(process.execPath, args, { cwd: PROJECT })))[0]);
     await fs.rm(outputDir, { recursive: true });
   };
@@ -300,11 +290,9 @@ async function measureRestore(server: TestServer, database: string, label: strin
     `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`,
   );
   const outputDir = path.join(work, 'out');
-  await execa(
-    process.execPath,
-    ['--import', 'tsx', CLI, '--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...CLIENT_ARGS],
-    { cwd: PROJECT },
-  );
+  await execa(process.execPath, ['--import', 'tsx', ...cliArgs(configDir, '--output-dir', outputDir)], {
+    cwd: PROJECT,
+  });
   const file = path.join(
     outputDir,
     (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump'))!,
@@ -341,20 +329,7 @@ async function measureRestore(server: TestServer, database: string, label: strin
         await seconds(() =>
           execa(
             process.execPath,
-            [
-              '--import',
-              'tsx',
-              CLI,
-              '--restore',
-              file,
-              '--target-db',
-              target,
-              '--env',
-              'dev',
-              '--config-dir',
-              configDir,
-              ...CLIENT_ARGS,
-            ],
+            ['--import', 'tsx', ...cliArgs(configDir, '--restore', file, '--target-db', target)],
             { cwd: PROJECT },
           ),
         )

@@ -76,6 +76,17 @@ async function databases(on: TestServer = server): Promise<string[]> {
 }
 
 /** A private copy of the backup (dump + metadata) to edit. */
+/** `--restore FILE --target-db TARGET`, then `extra`, with this file's configuration. */
+const restoreArgs = (file: string, target: string, ...extra: string[]) => [
+  '--restore',
+  file,
+  '--target-db',
+  target,
+  ...extra,
+  '--config-dir',
+  configDir,
+];
+
 async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) {
   const dir = await tempDir();
   const dumpPath = path.join(dir, path.basename(backup.dumpPath));
@@ -221,7 +232,7 @@ describe('--restore', () => {
       const target = uniqueName('rs_race');
       const { holder, observer } = await holdGate();
       const first = startCli({
-        args: ['--restore', gatedBackup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir],
+        args: restoreArgs(gatedBackup.dumpPath, target, '--env', 'dev'),
       });
       let second;
       try {
@@ -269,17 +280,7 @@ describe('the production guard', () => {
       );
     }
     const noFlag = await runCli({
-      args: [
-        '--restore',
-        backup.dumpPath,
-        '--target-db',
-        'rs_prod',
-        '--env',
-        'prod',
-        '--clean',
-        '--config-dir',
-        configDir,
-      ],
+      args: restoreArgs(backup.dumpPath, 'rs_prod', '--env', 'prod', '--clean'),
     });
     assert.equal(noFlag.exitCode, 2);
     assert.match(noFlag.stderr, /--i-know-this-is-prod was not given/);
@@ -399,18 +400,7 @@ describe('the production guard', () => {
 
   test('--env prod --i-know-this-is-prod restores over production', async () => {
     const result = await runCli({
-      args: [
-        '--restore',
-        backup.dumpPath,
-        '--target-db',
-        'rs_prod',
-        '--env',
-        'prod',
-        '--clean',
-        '--i-know-this-is-prod',
-        '--config-dir',
-        configDir,
-      ],
+      args: restoreArgs(backup.dumpPath, 'rs_prod', '--env', 'prod', '--clean', '--i-know-this-is-prod'),
     });
     assert.equal(result.exitCode, 0, result.stderr);
     assert.match(result.stdout, /rs_prod on .* \(replaced\)/);

@@ -408,7 +408,16 @@ describe('retention on real backups', () => {
     await fs.appendFile(path.join(dir, damaged), 'x');
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-    return { dir, ours, untouchable: [foreign, otherEnv, partial, undescribed, damaged], stalePartial, configDir };
+    /** The CLI's arguments for this history: `extra`, then its environment, configuration and directory. */
+    const args = (...extra: string[]) => [...extra, '--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
+    return {
+      dir,
+      ours,
+      untouchable: [foreign, otherEnv, partial, undescribed, damaged],
+      stalePartial,
+      configDir,
+      args,
+    };
   }
 
   const metadataOf = (name: string) => name.replace(/\.dump$/, '.metadata.json');
@@ -417,20 +426,7 @@ describe('retention on real backups', () => {
     const h = await history();
     const before = await directoryFingerprint(h.dir);
     const result = await runCli({
-      args: [
-        '--prune',
-        '--keep-daily',
-        '2',
-        '--keep-monthly',
-        '2',
-        '--dry-run',
-        '--env',
-        'dev',
-        '--config-dir',
-        h.configDir,
-        '--output-dir',
-        h.dir,
-      ],
+      args: h.args('--prune', '--keep-daily', '2', '--keep-monthly', '2', '--dry-run'),
       env: { TZ: 'UTC' },
     });
     assert.equal(result.exitCode, 0, result.stderr);
@@ -458,19 +454,7 @@ describe('retention on real backups', () => {
     const h = await history();
     const untouchedBefore = await directoryFingerprint(h.dir);
     const result = await runCli({
-      args: [
-        '--keep-last',
-        '1',
-        '--keep-daily',
-        '2',
-        '--env',
-        'dev',
-        '--config-dir',
-        h.configDir,
-        '--output-dir',
-        h.dir,
-        '--json',
-      ],
+      args: h.args('--keep-last', '1', '--keep-daily', '2', '--json'),
       env: { TZ: 'UTC' },
     });
     assert.equal(result.exitCode, 0, result.stderr);
@@ -502,27 +486,16 @@ describe('retention on real backups', () => {
       BACKUP_KEEP_DAILY: '0',
     });
     const result = await runCli({
-      args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir, '--json'],
+      args: h.args('--prune', '--json'),
     });
     assert.equal(result.exitCode, 0, result.stderr);
     assert.equal(JSON.parse(result.stdout).retention.deleted.length, 3);
     const overridden = await runCli({
-      args: [
-        '--prune',
-        '--keep-last',
-        '2',
-        '--env',
-        'dev',
-        '--config-dir',
-        h.configDir,
-        '--output-dir',
-        h.dir,
-        '--json',
-      ],
+      args: h.args('--prune', '--keep-last', '2', '--json'),
     });
     assert.equal(JSON.parse(overridden.stdout).retention.deleted.length, 1);
     await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), BACKUP_KEEP_DAILY: 'lots' });
-    const bad = await runCli({ args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir] });
+    const bad = await runCli({ args: h.args('--prune') });
     assert.equal(bad.exitCode, 2);
     assert.match(bad.stderr, /BACKUP_KEEP_DAILY \(from \.env\) is "lots"/);
   });
@@ -532,7 +505,7 @@ describe('retention on real backups', () => {
     const { [h.stalePartial]: _stale, ...backupsBefore } = await directoryFingerprint(h.dir);
     await writeEnvFile(h.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'ret_app'), DEV_DB_PASSWORD: 'wrong' });
     const result = await runCli({
-      args: ['--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir],
+      args: h.args('--keep-last', '1'),
     });
     assert.equal(result.exitCode, 3);
     const { [h.stalePartial]: _gone, ...backupsAfter } = await directoryFingerprint(h.dir);
@@ -542,7 +515,7 @@ describe('retention on real backups', () => {
   test('--prune never touches partial files', async () => {
     const h = await history();
     const result = await runCli({
-      args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir],
+      args: h.args('--prune', '--keep-last', '1'),
     });
     assert.equal(result.exitCode, 0, result.stderr);
     const after = await fs.readdir(h.dir);
@@ -654,7 +627,7 @@ describe('retention on real backups', () => {
   test('--prune without any rule is a configuration error', async () => {
     const h = await history();
     const result = await runCli({
-      args: ['--prune', '--env', 'dev', '--config-dir', h.configDir, '--output-dir', h.dir],
+      args: h.args('--prune'),
     });
     assert.equal(result.exitCode, 2);
     assert.match(result.stderr, /--prune needs a retention rule/);
