@@ -81,6 +81,22 @@ interface Measurement {
   sha256sum: number[];
 }
 
+/** The libpq environment of raw pg_dump and pg_restore runs on the bench server. */
+function libpqEnvFor(server: TestServer, database?: string): Record<string, string> {
+  const env = { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password };
+  return database === undefined ? env : { ...env, PGDATABASE: database };
+}
+
+/** A configuration directory under `work` whose .env points the CLI at `database` (as dev). */
+async function writeConfig(work: string, server: TestServer, database: string): Promise<string> {
+  const configDir = path.join(work, 'config');
+  await fs.mkdir(configDir);
+  const vars = { HOST: server.host, PORT: server.port, NAME: database, USER: server.user, PASSWORD: server.password };
+  const lines = Object.entries(vars).map(([name, value]) => `DEV_DB_${name}=${value}\n`);
+  await fs.writeFile(path.join(configDir, '.env'), lines.join(''));
+  return configDir;
+}
+
 async function measure(
   server: TestServer,
   database: string,
@@ -88,19 +104,8 @@ async function measure(
   compress: string | undefined,
 ): Promise<Measurement> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
-  const configDir = path.join(work, 'config');
-  await fs.mkdir(configDir);
-  await fs.writeFile(
-    path.join(configDir, '.env'),
-    `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`,
-  );
-  const pgEnv = {
-    PGHOST: server.host,
-    PGPORT: String(server.port),
-    PGUSER: server.user,
-    PGPASSWORD: server.password,
-    PGDATABASE: database,
-  };
+  const configDir = await writeConfig(work, server, database);
+  const pgEnv = libpqEnvFor(server, database);
   const level = (await compressionFor(compress)).arg;
   const m: Measurement = {
     database,
@@ -205,13 +210,7 @@ async function compressionGuide(
   database: string,
 ): Promise<Array<{ setting: string; seconds: number; bytes: number }>> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
-  const env = {
-    PGHOST: server.host,
-    PGPORT: String(server.port),
-    PGUSER: server.user,
-    PGPASSWORD: server.password,
-    PGDATABASE: database,
-  };
+  const env = libpqEnvFor(server, database);
   const rows = [];
   const level = (await compressionFor(undefined)).arg;
   // zstd and lz4 came with pg_dump 16.
@@ -283,12 +282,7 @@ interface RestoreMeasurement {
  */
 async function measureRestore(server: TestServer, database: string, label: string): Promise<RestoreMeasurement> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-bench-'));
-  const configDir = path.join(work, 'config');
-  await fs.mkdir(configDir);
-  await fs.writeFile(
-    path.join(configDir, '.env'),
-    `DEV_DB_HOST=${server.host}\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=${database}\nDEV_DB_USER=${server.user}\nDEV_DB_PASSWORD=${server.password}\n`,
-  );
+  const configDir = await writeConfig(work, server, database);
   const outputDir = path.join(work, 'out');
   await execa(process.execPath, ['--import', 'tsx', ...cliArgs(configDir, '--output-dir', outputDir)], {
     cwd: PROJECT,
@@ -301,7 +295,7 @@ async function measureRestore(server: TestServer, database: string, label: strin
   const tuned = Object.entries(restoreSessionSettings(server.major, jobs))
     .map(([k, v]) => `-c ${k}=${v}`)
     .join(' ');
-  const env = { PGHOST: server.host, PGPORT: String(server.port), PGUSER: server.user, PGPASSWORD: server.password };
+  const env = libpqEnvFor(server);
   const pgRestore = PG_BIN_DIR ? path.join(PG_BIN_DIR, 'pg_restore') : 'pg_restore';
   const m: RestoreMeasurement = { label, dumpBytes: (await fs.stat(file)).size, raw: [], rawTuned: [], tool: [] };
   let n = 0;
