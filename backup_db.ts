@@ -4473,34 +4473,38 @@ export function runSummary(record: RunRecord): string {
         (record.details ? ` (${record.details})` : '');
 }
 
-const NOTIFY_TIMEOUT_MS = 5_000;
+/** How long a webhook or heartbeat receiver gets to answer one POST: exit is never held up for long. */
+const HTTP_TIMEOUT_MS = 5_000;
 
-/**
- * POST the payload with a timeout, retrying once on a network error, a timeout, 429 or 5xx.
- * Bounded (two attempts, 5 s each) so that exit is never held up for long.
- */
-async function postNotification(url: string, payload: Record<string, unknown>): Promise<void> {
-  let failure = '';
-  for (let attempt = 1; attempt <= 2; attempt++) {
-    try {
-      const response = await fetch(url, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json', 'user-agent': 'backup_db' },
-        body: JSON.stringify(payload),
-        signal: AbortSignal.timeout(NOTIFY_TIMEOUT_MS),
-      });
-      await response.body?.cancel();
-      if (response.ok) return;
-      failure = `HTTP ${response.status} ${response.statusText}`;
-      if (response.status !== 429 && response.status < 500) break;
-    } catch (error) {
-      failure =
-        error instanceof Error && error.name === 'TimeoutError'
-          ? `no answer within ${NOTIFY_TIMEOUT_MS / 1000} s`
-          : errorText(error);
-    }
+/** POST once: undefined when the receiver took it, else why not, and whether trying again may help. */
+async function postOnce(
+  url: string,
+  contentType: string,
+  body: string,
+): Promise<{ why: string; transient: boolean } | undefined> {
+  try {
+    const response = await fetch(url, {
+      method: 'POST',
+      headers: { 'content-type': contentType, 'user-agent': 'backup_db' },
+      body,
+      signal: AbortSignal.timeout(HTTP_TIMEOUT_MS),
+    });
+    await response.body?.cancel();
+    if (response.ok) return undefined;
+    const transient = response.status === 429 || response.status >= 500;
+    return { why: `HTTP ${response.status} ${response.statusText}`, transient };
+  } catch (error) {
+    const timedOut = error instanceof Error && error.name === 'TimeoutError';
+    return { why: timedOut ? `no answer within ${HTTP_TIMEOUT_MS / 1000} s` : errorText(error), transient: true };
   }
-  throw new Error(failure);
+}
+
+/** POST the payload, retrying once on a network error, a timeout, 429 or 5xx: two attempts at most. */
+async function postNotification(url: string, payload: Record<string, unknown>): Promise<void> {
+  const post = () => postOnce(url, 'application/json', JSON.stringify(payload));
+  let failure = await post();
+  if (failure?.transient) failure = await post();
+  if (failure) throw new Error(failure.why);
 }
 
 /**
@@ -4627,27 +4631,12 @@ export function pingUrlFor(base: string, kind: 'start' | 'success' | 'fail'): st
   return url.toString();
 }
 
-const PING_TIMEOUT_MS = 5_000;
-
 /**
  * POST one heartbeat with a short text body (the run's outcome in one line). Resolves with why it
  * failed, or undefined: a ping never fails a run, and waits at most 5 s.
  */
 async function sendPing(base: string, kind: 'start' | 'success' | 'fail', body: string): Promise<string | undefined> {
-  try {
-    const response = await fetch(pingUrlFor(base, kind), {
-      method: 'POST',
-      headers: { 'content-type': 'text/plain; charset=utf-8', 'user-agent': 'backup_db' },
-      body,
-      signal: AbortSignal.timeout(PING_TIMEOUT_MS),
-    });
-    await response.body?.cancel();
-    return response.ok ? undefined : `HTTP ${response.status} ${response.statusText}`;
-  } catch (error) {
-    return error instanceof Error && error.name === 'TimeoutError'
-      ? `no answer within ${PING_TIMEOUT_MS / 1000} s`
-      : errorText(error);
-  }
+  return (await postOnce(pingUrlFor(base, kind), 'text/plain; charset=utf-8', body))?.why;
 }
 
 /** The series the metrics file holds, each labelled by database and environment. */
@@ -4715,7 +4704,8 @@ export function recordRunInMetrics(
     sizeBytes?: number;
   },
 ): MetricSeries[] {
-  const previous = series.find((s) => s.database === run.database && s.environment === run.environment)?.values ?? {};
+  const isThis = (s: MetricSeries) => s.database === run.database && s.environment === run.environment;
+  const previous = series.find(isThis)?.values ?? {};
   const ended = Math.round(run.endedAt.getTime() / 1000);
   const values: MetricSeries['values'] = {
     ...previous,
@@ -4729,10 +4719,7 @@ export function recordRunInMetrics(
         }
       : {}),
   };
-  return [
-    ...series.filter((s) => s !== series.find((x) => x.database === run.database && x.environment === run.environment)),
-    { database: run.database, environment: run.environment, values },
-  ];
+  return [...series.filter((s) => !isThis(s)), { database: run.database, environment: run.environment, values }];
 }
 
 /**
