@@ -749,9 +749,9 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
   ]);
 }
 
-/** Create the output directory (0700: backups hold all the data) and prove we can write there. */
 // ─── Output directory, lock and disk space ───────────────────────────────────────────────
 
+/** Create the output directory (0700: backups hold all the data) and prove we can write there. */
 async function prepareOutputDir(dir: string): Promise<void> {
   const probe = path.join(dir, `.backup_db-write-test-${process.pid}`);
   try {
@@ -1097,9 +1097,9 @@ function fileSystemError(error: unknown, title: string, dir: string): BackupErro
   );
 }
 
-/** Connection settings for libpq tools. Everything goes through the environment, never argv. */
 // ─── Connection ──────────────────────────────────────────────────────────────────────────
 
+/** Connection settings for libpq tools. Everything goes through the environment, never argv. */
 export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S): Record<string, string> {
   return {
     PGHOST: config.host,
