@@ -73,7 +73,8 @@ export const EXIT = {
 export type Environment = 'dev' | 'prod';
 /** custom: one file, streamed through SHA-256 (the default); directory: parallel dump with --jobs. */
 export type DumpFormat = 'custom' | 'directory';
-export type SslMode = 'disable' | 'allow' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
+const SSL_MODES = ['disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full'] as const;
+export type SslMode = (typeof SSL_MODES)[number];
 
 const PROJECT_DIR = path.dirname(fileURLToPath(import.meta.url));
 const DEFAULT_OUTPUT_DIR = path.join(PROJECT_DIR, 'db', 'backups');
@@ -163,10 +164,7 @@ async function startTethered<const O extends Options>(
       'backup_db-tether',
       String(pid),
     ],
-    {
-      stdio: ['pipe', 'ignore', 'ignore'],
-      detached: true,
-    },
+    { stdio: ['pipe', 'ignore', 'ignore'], detached: true },
   );
   watcher.unref();
   (watcher.stdin as unknown as { unref(): void }).unref();
@@ -205,12 +203,7 @@ function listSome(items: string[]): string {
 }
 
 async function pathExists(filePath: string): Promise<boolean> {
-  try {
-    await fs.lstat(filePath);
-    return true;
-  } catch {
-    return false;
-  }
+  return (await fs.lstat(filePath).catch(() => null)) !== null;
 }
 
 /**
@@ -321,10 +314,14 @@ const ENV_MODE_VALUES: Record<string, Environment> = {
   prod: 'prod',
   production: 'prod',
 };
-const SSL_MODES: readonly SslMode[] = ['disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full'];
 
 function configError(details: string, hints: string[]): BackupError {
   return new BackupError(EXIT.CONFIG, 'Configuration error', details, hints);
+}
+
+/** A setting whose value is not `what` (a port number, a host name, ...). */
+function invalidSetting(origin: string, value: string, what: string, hint: string): BackupError {
+  return configError(`${origin} is "${value}", which is not ${what}`, [hint]);
 }
 
 function describeOrigin(name: string, found: EnvValue | undefined): string {
@@ -340,13 +337,11 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
   const mode = vars.get('ENV_MODE');
   if (mode) {
     const env = ENV_MODE_VALUES[mode.value.trim().toLowerCase()];
-    if (!env) {
-      throw configError(`ENV_MODE (from ${mode.source}) is "${mode.value}", which is not an environment`, [
-        'Set ENV_MODE to one of: dev, development, prod, production (case-insensitive)',
-        'Or choose explicitly: npx tsx backup_db.ts --env dev',
-      ]);
-    }
-    return env;
+    if (env) return env;
+    throw configError(`ENV_MODE (from ${mode.source}) is "${mode.value}", which is not an environment`, [
+      'Set ENV_MODE to one of: dev, development, prod, production (case-insensitive)',
+      'Or choose explicitly: npx tsx backup_db.ts --env dev',
+    ]);
   }
   if (vars.has('DEV_DB_NAME') || vars.has('DEV_DATABASE_URL')) return 'dev';
   if (vars.has('DB_NAME') || vars.has('DATABASE_URL')) return 'prod';
@@ -364,47 +359,46 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
  * separate variables when both are set.
  */
 export function resolveDbConfig(vars: EnvVars, environment: Environment, where = '.env.local or .env'): DbConfig {
-  const prefixes = environment === 'dev' ? ['DEV_DB_', 'DB_'] : ['DB_'];
-  const pick = (suffix: string, allowFallback = true): [string, EnvValue | undefined] => {
-    for (const prefix of allowFallback ? prefixes : prefixes.slice(0, 1)) {
-      const found = vars.get(prefix + suffix);
-      if (found) return [prefix + suffix, found];
-    }
-    return [prefixes[0] + suffix, undefined];
-  };
-
   const urlVar = environment === 'dev' ? 'DEV_DATABASE_URL' : 'DATABASE_URL';
   const url = vars.get(urlVar);
   if (url) return configFromUrl(url, urlVar, environment);
 
-  const [nameVar, name] = pick('NAME', false);
-  if (!name) {
-    throw configError(`${nameVar} is not set (expected in ${where} or the process environment)`, [
-      `Add ${nameVar}=<database name> to ${where} (see .env.example)`,
+  const prefixes = environment === 'dev' ? ['DEV_DB_', 'DB_'] : ['DB_'];
+  // A setting as found, and its origin: the variable (and file) that set it, else the one to set.
+  const pick = (suffix: string, allowFallback = true): Partial<EnvValue> & { origin: string } => {
+    for (const prefix of allowFallback ? prefixes : prefixes.slice(0, 1)) {
+      const found = vars.get(prefix + suffix);
+      if (found) return { ...found, origin: describeOrigin(prefix + suffix, found) };
+    }
+    return { origin: prefixes[0] + suffix };
+  };
+  const name = pick('NAME', false);
+  if (name.value === undefined) {
+    throw configError(`${name.origin} is not set (expected in ${where} or the process environment)`, [
+      `Add ${name.origin}=<database name> to ${where} (see .env.example)`,
       environment === 'dev' ? 'Or back up prod instead: --env prod' : 'Or back up dev instead: --env dev',
     ]);
   }
-  const [hostVar, host] = pick('HOST');
-  const [portVar, port] = pick('PORT');
-  const [userVar, user] = pick('USER');
-  const [passwordVar, password] = pick('PASSWORD');
-  const [sslVar, ssl] = pick('SSLMODE');
-
+  const host = pick('HOST');
+  const port = pick('PORT');
+  const user = pick('USER');
+  const password = pick('PASSWORD');
+  const ssl = pick('SSLMODE');
   return {
     environment,
-    host: validateHost(host?.value ?? 'localhost', describeOrigin(hostVar, host)),
-    port: parsePort(port?.value ?? '5432', describeOrigin(portVar, port)),
-    database: validateName(name.value, describeOrigin(nameVar, name)),
-    user: validateName(user?.value ?? os.userInfo().username, describeOrigin(userVar, user)),
-    ...(password ? { password: password.value } : {}),
-    ...(password?.misread ? { passwordMisread: true as const } : {}),
-    ...(ssl ? { sslmode: parseSslMode(ssl.value, describeOrigin(sslVar, ssl)) } : {}),
+    host: validateHost(host.value ?? 'localhost', host.origin),
+    port: parsePort(port.value ?? '5432', port.origin),
+    database: validateName(name.value, name.origin),
+    user: validateName(user.value ?? os.userInfo().username, user.origin),
+    ...(password.value !== undefined ? { password: password.value } : {}),
+    ...(password.misread ? { passwordMisread: true as const } : {}),
+    ...(ssl.value !== undefined ? { sslmode: parseSslMode(ssl.value, ssl.origin) } : {}),
     origin: {
-      host: describeOrigin(hostVar, host),
-      port: describeOrigin(portVar, port),
-      database: describeOrigin(nameVar, name),
-      user: describeOrigin(userVar, user),
-      password: describeOrigin(passwordVar, password),
+      host: host.origin,
+      port: port.origin,
+      database: name.origin,
+      user: user.origin,
+      password: password.origin,
     },
   };
 }
@@ -460,21 +454,15 @@ export function wholeNumber(value: string, min: number, max: number): number {
 
 export function parsePort(value: string, origin: string): number {
   const port = wholeNumber(value, 1, 65535);
-  if (Number.isNaN(port)) {
-    throw configError(`${origin} is "${value}", which is not a port number`, [
-      'Use a number from 1 to 65535, usually 5432',
-    ]);
-  }
+  if (Number.isNaN(port))
+    throw invalidSetting(origin, value, 'a port number', 'Use a number from 1 to 65535, usually 5432');
   return port;
 }
 
 function validateHost(value: string, origin: string): string {
   const host = value.trim();
-  if (!host || /[\s\0]/.test(host)) {
-    throw configError(`${origin} is "${value}", which is not a host name`, [
-      'Use a host name or IP address, e.g. localhost',
-    ]);
-  }
+  if (!host || /[\s\0]/.test(host))
+    throw invalidSetting(origin, value, 'a host name', 'Use a host name or IP address, e.g. localhost');
   return host;
 }
 
@@ -496,9 +484,8 @@ function validateName(value: string, origin: string): string {
 
 function parseSslMode(value: string, origin: string): SslMode {
   const mode = value.trim().toLowerCase() as SslMode;
-  if (!SSL_MODES.includes(mode)) {
-    throw configError(`${origin} is "${value}", which is not an sslmode`, [`Use one of: ${SSL_MODES.join(', ')}`]);
-  }
+  if (!SSL_MODES.includes(mode))
+    throw invalidSetting(origin, value, 'an sslmode', `Use one of: ${SSL_MODES.join(', ')}`);
   return mode;
 }
 
