@@ -619,11 +619,8 @@ export function chooseClient<T extends { pgDump: { major: number } }>(
 ): T | undefined {
   const first = found[0];
   if (!first || needed === undefined || first.pgDump.major >= needed) return first;
-  const fitting = found.filter((client) => client.pgDump.major >= needed);
-  return fitting.reduce<T | undefined>(
-    (best, client) => (best && best.pgDump.major <= client.pgDump.major ? best : client),
-    undefined,
-  );
+  // sort is stable: among clients of the same major, the first found.
+  return found.filter((client) => client.pgDump.major >= needed).sort((a, b) => a.pgDump.major - b.pgDump.major)[0];
 }
 
 /** Pure: how to install client tools of a major version, per platform. */
@@ -659,9 +656,7 @@ async function findClient(
     if (first) break;
   }
   if (first && (needed === undefined || first.pgDump.major >= needed)) return first;
-  const found = (await Promise.all(dirs.map(inspectClientDir))).filter(
-    (client): client is PgClient => client !== undefined,
-  );
+  const found = (await Promise.all(dirs.map(inspectClientDir))).filter((client) => client !== undefined);
   const chosen = chooseClient(found, needed);
   if (chosen) return chosen;
   const where =
@@ -797,10 +792,6 @@ async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
   }
 }
 
-async function processStartTime(pid: number): Promise<string | null> {
-  return (await processInfo(pid))?.start ?? null;
-}
-
 function parseLockOwner(text: string): LockOwner | undefined {
   try {
     const value = JSON.parse(text) as Partial<LockOwner>;
@@ -831,8 +822,8 @@ function processAlive(pid: number): boolean {
 async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
   if (owner.hostname !== os.hostname()) return true;
   if (!processAlive(owner.pid)) return false;
-  const start = owner.process_start === null ? null : await processStartTime(owner.pid);
-  return start === null || start === owner.process_start;
+  const start = owner.process_start === null ? undefined : (await processInfo(owner.pid))?.start;
+  return start === undefined || start === owner.process_start;
 }
 
 /** A lock file as found: its inode (which identifies this very file), its text and its owner. */
@@ -885,7 +876,7 @@ async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => Bac
     pid: process.pid,
     hostname: os.hostname(),
     started_at: new Date().toISOString(),
-    process_start: await processStartTime(process.pid),
+    process_start: (await processInfo(process.pid))?.start ?? null,
   };
   const content = JSON.stringify(owner);
   const ours = { temp: `${lockPath}.${process.pid}.tmp`, swap: `${lockPath}.${process.pid}.swap`, content };
@@ -1011,13 +1002,9 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   const takeover = new RegExp(`^${lock}(?:\\.takeover-\\d+)+$`);
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
+    if (partial.test(name) || tempMetadata.test(name)) return true;
     const orphan = metadata.exec(name);
-    if (
-      partial.test(name) ||
-      tempMetadata.test(name) ||
-      (orphan !== null && !names.includes(`${orphan[1]}${DUMP_SUFFIX}`))
-    )
-      return true;
+    if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
     if (tempOf) return !processAlive(Number(tempOf[1]));
     if (!takeover.test(name)) return false;
@@ -1101,11 +1088,7 @@ export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNE
   };
 }
 
-/**
- * Connect with node-postgres, turning each kind of failure into its own actionable message.
- * node-postgres has no sslmode=prefer, libpq's default: try TLS first and fall back to a plain
- * connection only when the server says it has no TLS, as libpq does.
- */
+/** Connect with node-postgres, turning each kind of failure into its own actionable message. */
 async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
   try {
     return await openConnection(config, connectTimeoutSeconds);
@@ -1114,7 +1097,11 @@ async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promi
   }
 }
 
-/** connectDb without the translation of its failure, for callers that try another database. */
+/**
+ * connectDb without the translation of its failure, for callers that try another database.
+ * node-postgres has no sslmode=prefer, libpq's default: try TLS first and fall back to a plain
+ * connection only when the server says it has no TLS, as libpq does.
+ */
 async function openConnection(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
   const ssl = await sslOptions(config);
   const preferred = config.sslmode === undefined || config.sslmode === 'prefer';
@@ -1526,13 +1513,6 @@ export function metadataFileName(dumpFileName: string): string {
   return dumpFileName.slice(0, -DUMP_SUFFIX.length) + METADATA_SUFFIX;
 }
 
-interface ReservedBackup {
-  name: string;
-  timestamp: Date;
-  dumpPath: string;
-  partialPath: string;
-}
-
 /**
  * Claim a name by creating its `.partial` exclusively: a file (O_EXCL, mode 0600), or for a
  * directory-format dump an empty directory (mode 0700), which pg_dump accepts. Names have
@@ -1545,7 +1525,7 @@ async function reserveBackupName(
   environment: Environment,
   start: Date,
   format: DumpFormat,
-): Promise<ReservedBackup> {
+): Promise<{ name: string; timestamp: Date; dumpPath: string; partialPath: string }> {
   for (let offset = 0; offset < 60; offset++) {
     const timestamp = new Date(Math.floor(start.getTime() / 1000) * 1000 + offset * 1000);
     const name = backupFileName(database, environment, timestamp);
@@ -1671,7 +1651,7 @@ async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: 
     tables.flatMap((t) => t.data_oids),
   ]);
   if (rows.length === 0) return;
-  const forced = rows.filter((row) => row.forced).map((row) => row.name);
+  const forced = rows.find((row) => row.forced)?.name;
   throw new BackupError(
     EXIT.PERMISSION,
     'Row-level security would hide rows from the backup',
@@ -1680,11 +1660,8 @@ async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: 
     [
       `Back up with a role that has BYPASSRLS (as a superuser: ALTER ROLE ${quoteIdentifier(config.user)} BYPASSRLS)`,
       'Or back up with a superuser',
-      ...(forced.length > 0
-        ? [
-            `For tables the role owns that FORCE row-level security: ALTER TABLE ${forced[0]} NO FORCE ROW LEVEL ` +
-              `SECURITY`,
-          ]
+      ...(forced
+        ? [`For tables the role owns that FORCE row-level security: ALTER TABLE ${forced} NO FORCE ROW LEVEL SECURITY`]
         : []),
     ],
   );
@@ -1763,9 +1740,7 @@ async function streamPgDump(
   return { sha256: hash.digest('hex'), size };
 }
 
-type InterruptSignal = 'SIGHUP' | 'SIGINT' | 'SIGTERM';
-
-function interruptedError(signal: InterruptSignal): BackupError {
+function interruptedError(signal: 'SIGHUP' | 'SIGINT' | 'SIGTERM'): BackupError {
   return new BackupError(
     EXIT[signal],
     `Interrupted by ${signal}`,
@@ -1839,29 +1814,25 @@ function watchForStall(
   let since = Date.now();
   // Set once it fires or is stopped; a tick still reading sizes then does nothing.
   let done = false;
+  const stop = () => {
+    done = true;
+    clearInterval(timer);
+  };
   const timer = setInterval(
-    () => {
-      void (async () => {
-        const size = await backupSize(partialPath).catch(() => lastSize);
-        if (size !== lastSize) {
-          [lastSize, since] = [size, Date.now()];
-          return;
-        }
-        if (done || Date.now() - since < timeoutMs) return;
-        done = true;
-        clearInterval(timer);
-        await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
-      })();
+    async () => {
+      const size = await backupSize(partialPath).catch(() => lastSize);
+      if (size !== lastSize) {
+        [lastSize, since] = [size, Date.now()];
+        return;
+      }
+      if (done || Date.now() - since < timeoutMs) return;
+      stop();
+      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
     },
     Math.min(5000, Math.max(100, timeoutMs / 4)),
   );
   timer.unref();
-  return {
-    stop: () => {
-      done = true;
-      clearInterval(timer);
-    },
-  };
+  return { stop };
 }
 
 export interface SessionWait {
@@ -1932,15 +1903,8 @@ async function stopStalledSessions(
       ]);
     });
   } catch (error) {
-    if (!stopped)
-      onStall(
-        stallError(
-          [],
-          timeoutMs,
-          `what its sessions wait on could not be read: ` +
-            `${error instanceof BackupError ? error.details : errorText(error)}`,
-        ),
-      );
+    const why = error instanceof BackupError ? error.details : errorText(error);
+    if (!stopped) onStall(stallError([], timeoutMs, `what its sessions wait on could not be read: ${why}`));
   }
 }
 
@@ -1988,13 +1952,8 @@ export function dumpedFraction(
   copying: Array<Pick<CopyProgress, 'relid' | 'tuples'>>,
 ): number | undefined {
   const leaves = new Map<number, { bytes: number; rows: number }>();
-  for (const table of tables) {
-    for (const oid of table.data_oids)
-      leaves.set(oid, {
-        bytes: table.data_bytes / table.data_oids.length,
-        rows: table.data_rows / table.data_oids.length,
-      });
-  }
+  for (const { data_oids: oids, data_bytes: bytes, data_rows: rows } of tables)
+    for (const oid of oids) leaves.set(oid, { bytes: bytes / oids.length, rows: rows / oids.length });
   const total = [...leaves.values()].reduce((sum, leaf) => sum + leaf.bytes, 0);
   if (total <= 0) return undefined;
   const inProgress = new Set(copying.map((copy) => copy.relid));
