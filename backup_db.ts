@@ -90,10 +90,7 @@ const METADATA_SUFFIX = '.metadata.json';
 const LOCK_SUFFIX = '.lock';
 const APPLICATION_NAME = `backup_db:${process.pid}`;
 
-/**
- * execa and pg take a fifth of a second to load, which --help, --list and a configuration error
- * never need: they are loaded on first use.
- */
+/** Loaded on first use: execa and pg take 0.2 s to load, which --help, --list and a configuration error never need. */
 let execaModule: Promise<typeof import('execa')> | undefined;
 const loadExeca = () => (execaModule ??= import('execa'));
 let pgModule: Promise<typeof import('pg')> | undefined;
@@ -132,11 +129,10 @@ function errorText(error: unknown): string {
 }
 
 /**
- * Start a long-running client tool (pg_dump, pg_restore) so that it cannot outlive this process:
- * it runs in a process group of its own, and a watcher (a shell blocked reading a pipe from us)
- * stops that whole group, parallel workers included, once the pipe closes, which happens when
- * this process ends by any means, SIGKILL included. `signal` stops the group too. Being in its own
- * session, the tool also never prompts on the terminal: a missing password fails instead of hanging.
+ * Start pg_dump or pg_restore so that it cannot outlive this process: in a process group of its
+ * own, which a watcher (a shell blocked reading a pipe from us) stops, workers included, once the
+ * pipe closes, which it does however we end, SIGKILL included; `signal` stops it too. In its own
+ * session it never prompts on the terminal: a missing password fails instead of hanging.
  */
 async function startTethered<const O extends Options>(
   file: string,
@@ -237,9 +233,8 @@ export interface EnvValue {
 export type EnvVars = ReadonlyMap<string, EnvValue>;
 
 /**
- * Merge configuration layers; the first layer that sets a variable wins
- * (process environment > .env.local > .env). Empty values count as unset, so
- * `DEV_DB_HOST=` in .env.local still falls back to DB_HOST.
+ * Merge configuration layers: the first to set a variable wins (process environment > .env.local >
+ * .env). Empty values count as unset: `DEV_DB_HOST=` in .env.local falls back to DB_HOST.
  */
 export function mergeEnvLayers(
   layers: Array<{ source: string; vars: Record<string, string | undefined>; misread?: ReadonlySet<string> }>,
@@ -353,10 +348,9 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
 }
 
 /**
- * Resolve connection settings for one environment. dev reads DEV_DB_* falling back to DB_*
- * (except the database name, which must be DEV_DB_NAME so dev never silently backs up prod);
- * prod reads DB_*. A connection URL (DEV_DATABASE_URL / DATABASE_URL) wins over the
- * separate variables when both are set.
+ * Connection settings for one environment. dev reads DEV_DB_*, falling back to DB_* except for the
+ * database name (DEV_DB_NAME only, so dev never silently backs up prod); prod reads DB_*. A
+ * connection URL (DEV_DATABASE_URL / DATABASE_URL) wins over the separate variables.
  */
 export function resolveDbConfig(vars: EnvVars, environment: Environment, where = '.env.local or .env'): DbConfig {
   const urlVar = environment === 'dev' ? 'DEV_DATABASE_URL' : 'DATABASE_URL';
@@ -435,9 +429,7 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   };
 }
 
-/**
- * Pure: a connection URL's parts; its ssl* parameters are set aside, only sslmode is kept. Throws on a malformed URL.
- */
+/** Pure: a connection URL's parts, sslmode kept apart and other ssl* parameters dropped. Throws if malformed. */
 function parseLibpqUrl(url: string): ReturnType<typeof parseConnectionString> & { sslmode: string | null } {
   const [base, query = ''] = url.split(/\?(.*)/s);
   const params = new URLSearchParams(query);
@@ -593,8 +585,7 @@ function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<
 
 /**
  * Debian's /usr/bin/pg_dump and pg_restore are pg_wrapper, a Perl script that picks a version and
- * then runs that version's binary: 30 ms a call. Having learnt the version it picks, call that
- * binary directly.
+ * runs its binary: 30 ms a call. Knowing the version it picks, call that binary directly.
  */
 async function bypassPgWrapper(file: string, command: string, major: number): Promise<string> {
   const real = await fs.realpath(file).catch(() => file);
@@ -609,9 +600,8 @@ async function inspectClientDir({ dir, source }: { dir: string; source: ClientSo
 }
 
 /**
- * Pure: the client to use for a server (or archive) of major `needed`. The first one found, in
- * search order, is what the user expects; only when it is too old does any other count, and then
- * the lowest major that is new enough, so the dump is as compatible as possible.
+ * Pure: the client for a server (or archive) of major `needed`: the first found, as the user
+ * expects, unless too old; then the lowest new enough major, for the most compatible dump.
  */
 export function chooseClient<T extends { pgDump: { major: number } }>(
   found: T[],
@@ -690,11 +680,10 @@ export interface Compression {
 }
 
 /**
- * Validate --compress against the installed pg_dump. The default is fast rather than small:
- * level 6 (the spec's original choice) measured ~5x slower than level 1 for ~10% smaller files,
- * too slow for 10 GB in 5 minutes. pg_dump 16 added zstd: at level 1 it measured a third faster
- * than gzip:1 for files a quarter smaller, and 20% faster than its own default (3) for files 4%
- * larger.
+ * Validate --compress against the installed pg_dump. The default is fast rather than small: level 6
+ * (the spec's original choice) measured ~5x slower than level 1 for ~10% smaller files, too slow
+ * for 10 GB in 5 minutes. zstd (pg_dump 16+) at level 1 measured a third faster than gzip:1 for
+ * files a quarter smaller, and 20% faster than its default (3) for files 4% larger.
  */
 export function parseCompression(input: string | undefined, pgDumpMajor: number): Compression {
   const modern = pgDumpMajor >= 16;
@@ -898,11 +887,10 @@ async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => Bac
 }
 
 /**
- * Link our lock into place at `target`. A lock there whose owner is dead may be replaced, but
- * only by the one run that first claims `<target>.takeover-<its inode>` (a lock itself, taken the
- * same way) and only while that dead lock is still in place: two runs that find the same dead lock
- * can never both replace it, nor replace the lock of the run that did. The replacement is a
- * rename, so the lock never goes missing in between.
+ * Link our lock into place at `target`. A dead owner's lock may be replaced, but only by the one
+ * run that first claims `<target>.takeover-<its inode>` (a lock taken the same way) and only while
+ * that dead lock is still in place: two runs finding the same dead lock can never both replace it,
+ * nor replace the winner's lock. The replacement is a rename: the lock never goes missing.
  */
 async function claimLock(
   target: string,
@@ -1339,9 +1327,8 @@ const CONNECTION_LOST = /Connection terminated|server closed the connection|ECON
 
 /**
  * Pure: a failure of the database (a pg error, or the connection lost under a query) as the
- * contract's error. SQLSTATE classes decide the exit code, each with hints of its own; every
- * command hands what it does not understand itself to this one function. Undefined if it is not
- * a database failure.
+ * contract's error, or undefined if it is none. SQLSTATE classes decide the exit code and hints;
+ * every command hands what it does not understand itself to this one function.
  */
 export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>): BackupError | undefined {
   const code = (error as { code?: unknown } | null)?.code;
@@ -1514,10 +1501,9 @@ export function metadataFileName(dumpFileName: string): string {
 }
 
 /**
- * Claim a name by creating its `.partial` exclusively: a file (O_EXCL, mode 0600), or for a
- * directory-format dump an empty directory (mode 0700), which pg_dump accepts. Names have
- * one-second resolution; if a backup of this database already holds this second, take the next
- * free one so that nothing is ever overwritten.
+ * Claim a name by creating its `.partial` exclusively: a file (O_EXCL, 0600), or an empty directory
+ * (0700) for a directory-format dump, which pg_dump accepts. Names have one-second resolution: if a
+ * backup of this database holds this second, take the next free one; nothing is overwritten.
  */
 async function reserveBackupName(
   dir: string,
@@ -1549,17 +1535,15 @@ async function reserveBackupName(
 }
 
 /**
- * Every user table that pg_dump writes data for: all schemas but the system ones; partitioned
- * tables once (their partitions are counted through the parent), no temp tables, no tables
- * owned by extensions. Identifiers are quoted by the server (format %I), never by string pasting.
- * data_oids are the relations whose TABLE DATA the archive must hold (the table itself, or the
- * leaves of a partitioned table, through pg_inherits, which works on every server version), and
- * count_sql counts exactly those: a foreign table attached as a partition is not dumped, so its
- * remote rows must not be counted. data_bytes is their heap + TOAST size without indexes, which
- * pg_dump does not copy, and data_rows their row count. Both are the catalog's estimates
- * (relpages, reltuples, kept by VACUUM/ANALYZE): pg_table_size() would take a lock on every table
- * and queue behind any exclusive lock before pg_dump even starts, and an exact count is what the
- * snapshot gives later.
+ * Every user table pg_dump writes data for: all schemas but the system ones; partitioned tables
+ * once (their partitions count through the parent); no temp tables nor tables owned by extensions.
+ * The server quotes identifiers (format %I); nothing is pasted. data_oids are the relations whose
+ * TABLE DATA the archive must hold (the table, or a partitioned table's leaves through pg_inherits,
+ * which every server version has); count_sql counts exactly those: a foreign table attached as a
+ * partition is not dumped, so its remote rows must not count. data_bytes (heap + TOAST; pg_dump
+ * copies no indexes) and data_rows are catalog estimates (relpages, reltuples, kept by
+ * VACUUM/ANALYZE): pg_table_size() would lock every table, queueing behind any exclusive lock
+ * before pg_dump even starts, and the snapshot gives exact counts later.
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
@@ -1852,9 +1836,7 @@ export interface SessionWait {
   }> | null;
 }
 
-/**
- * What the backup's sessions (its own and pg_dump's) are waiting on, and who blocks them, on a connection of its own.
- */
+/** What the backup's sessions (its own and pg_dump's) wait on, and who blocks them, read on a connection of its own. */
 const SESSION_WAITS_SQL = `
   SELECT a.pid, a.application_name AS application, a.state, a.wait_event_type, a.wait_event,
          left(a.query, 200) AS query,
