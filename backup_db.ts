@@ -281,7 +281,7 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
       layers.push({ source: file, vars: dotenv.parse(text), misread: misreadDotenvValues(text) });
     } catch (error) {
       if (errnoCode(error) === 'ENOENT') continue;
-      throw new BackupError(EXIT.CONFIG, 'Configuration error', `cannot read ${filePath}: ${errorText(error)}`, [
+      throw configError(`cannot read ${filePath}: ${errorText(error)}`, [
         `Check the file's permissions: ls -l ${filePath}`,
       ]);
     }
@@ -727,8 +727,7 @@ async function prepareOutputDir(dir: string): Promise<void> {
   const probe = path.join(dir, `.backup_db-write-test-${process.pid}`);
   try {
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-    const handle = await fs.open(probe, 'wx', 0o600);
-    await handle.close();
+    await fs.writeFile(probe, '', { flag: 'wx', mode: 0o600 });
     await fs.unlink(probe);
   } catch (error) {
     throw fileSystemError(error, `Cannot write to the backup directory ${displayPath(dir)}`, dir);
@@ -1224,35 +1223,26 @@ export function pgpassLookup(
  * where libpq looks for it (PGSSLROOTCERT, else ~/.postgresql/root.crt).
  */
 async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
-  switch (config.sslmode) {
-    case 'disable':
-    case 'allow':
-      return false;
-    case undefined:
-    case 'prefer':
-    case 'require':
-      return { rejectUnauthorized: false };
-    case 'verify-ca':
-    case 'verify-full': {
-      const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
-      const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
-        throw new BackupError(
-          EXIT.CONNECTION,
-          'TLS root certificate missing',
-          `sslmode=${config.sslmode} needs the server's CA certificate, but ${file} cannot be read: ` +
-            `${errorText(error)}`,
-          [
-            'Point PGSSLROOTCERT at the CA certificate (PEM) that signed the server certificate',
-            'Or use sslmode=require to encrypt without verifying the server',
-          ],
-        );
-      });
-      // verify-ca checks the chain only; verify-full also checks that the name matches the host.
-      return config.sslmode === 'verify-ca'
-        ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined }
-        : { rejectUnauthorized: true, ca, servername: config.host };
-    }
-  }
+  const mode = config.sslmode;
+  if (mode === 'disable' || mode === 'allow') return false;
+  // prefer (the default) and require encrypt without verifying.
+  if (mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
+  const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
+  const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
+    throw new BackupError(
+      EXIT.CONNECTION,
+      'TLS root certificate missing',
+      `sslmode=${mode} needs the server's CA certificate, but ${file} cannot be read: ${errorText(error)}`,
+      [
+        'Point PGSSLROOTCERT at the CA certificate (PEM) that signed the server certificate',
+        'Or use sslmode=require to encrypt without verifying the server',
+      ],
+    );
+  });
+  // verify-ca checks the chain only; verify-full also checks that the name matches the host.
+  return mode === 'verify-ca'
+    ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined }
+    : { rejectUnauthorized: true, ca, servername: config.host };
 }
 
 /** Pure: classify a connection failure (pg error codes and socket errors) into message + hints. */
@@ -1478,9 +1468,7 @@ const BACKUP_NAME = new RegExp(
 );
 
 /** Pure: what a file name says (the inverse of backupFileName), for files without (valid) metadata. */
-export function parseBackupFileName(
-  name: string,
-): { database: string; environment: Environment; timestamp: string } | undefined {
+export function parseBackupFileName(name: string) {
   const match = BACKUP_NAME.exec(name);
   if (!match) return undefined;
   const [, database, environment, day, hh, mm, ss] = match;
@@ -1744,14 +1732,9 @@ async function dumpToDirectory(
   partialDir: string,
   signal: AbortSignal,
 ): Promise<DumpOutcome> {
-  const result = await (
-    await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, {
-      env,
-      stdin: 'ignore',
-      stdout: 'ignore',
-      reject: false,
-    })
-  ).child;
+  const options = { env, stdin: 'ignore', stdout: 'ignore', reject: false } as const;
+  const { child } = await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, options);
+  const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
   return hashBackup(partialDir);
