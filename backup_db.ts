@@ -763,34 +763,24 @@ interface ProcessInfo {
 
 /** Linux: a process as /proc/PID/stat describes it; the command name may hold spaces and ')'. */
 async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
-  try {
-    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const command = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
-    return {
-      pid,
-      ppid: Number(fields[1]),
-      pgrp: Number(fields[2]),
-      start: fields[19]!,
-      command,
-      zombie: fields[0] === 'Z',
-    };
-  } catch {
-    return undefined;
-  }
+  const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
+  if (stat === undefined) return undefined;
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return {
+    pid,
+    ppid: Number(fields[1]),
+    pgrp: Number(fields[2]),
+    start: fields[19]!,
+    command: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')),
+    zombie: fields[0] === 'Z',
+  };
 }
 
 function parseLockOwner(text: string): LockOwner | undefined {
   try {
-    const value = JSON.parse(text) as Partial<LockOwner>;
-    return Number.isSafeInteger(value.pid) && typeof value.hostname === 'string' && typeof value.started_at === 'string'
-      ? {
-          pid: value.pid!,
-          hostname: value.hostname,
-          started_at: value.started_at,
-          process_start: value.process_start ?? null,
-        }
-      : undefined;
+    const { pid, hostname, started_at, process_start } = JSON.parse(text) as Partial<LockOwner>;
+    const valid = Number.isSafeInteger(pid) && typeof hostname === 'string' && typeof started_at === 'string';
+    return valid ? { pid: pid!, hostname, started_at, process_start: process_start ?? null } : undefined;
   } catch {
     return undefined;
   }
@@ -1809,14 +1799,7 @@ export interface SessionWait {
   wait_event_type: string | null;
   wait_event: string | null;
   query: string | null;
-  blockers: Array<{
-    pid: number;
-    user: string | null;
-    application: string | null;
-    state: string | null;
-    since: string | null;
-    query: string | null;
-  }> | null;
+  blockers: Array<{ pid: number } & Record<'user' | 'application' | 'state' | 'since' | 'query', string | null>> | null;
 }
 
 /** What the backup's sessions (its own and pg_dump's) wait on, and who blocks them, read on a connection of its own. */
