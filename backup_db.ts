@@ -2142,23 +2142,14 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
-      const scope = {
-        database: config.database,
-        environment: config.environment,
-        policy: options.retention,
-        justMade: published.metadata.backup_file,
-      };
-      return {
-        ...published,
-        removedStaleFiles,
-        retention: await applyRetention(options.outputDir, scope, options.dryRun, options.search),
-      };
+      const retention = await applyRetention(config, options, published.metadata.backup_file);
+      return { ...published, removedStaleFiles, retention };
     } catch (error) {
-      const failure =
+      const retentionError =
         error instanceof BackupError
           ? error
           : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
-      return { ...published, removedStaleFiles, retentionError: failure };
+      return { ...published, removedStaleFiles, retentionError };
     }
   } finally {
     await lock.release();
@@ -2181,6 +2172,7 @@ interface BackupJob {
  */
 async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
   const { client, config, options } = job;
+  const { outputDir } = options;
   // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
   // database session stop, and the reason is what gets reported.
   const run = new AbortController();
@@ -2205,19 +2197,10 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     const { rows: extensions } = await client.query<ExtensionVersion>(
       'SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1',
     );
-    await assertDiskSpace(
-      options.outputDir,
-      tables.reduce((sum, table) => sum + table.data_bytes, 0),
-      compression,
-    );
+    const tableBytes = tables.reduce((sum, table) => sum + table.data_bytes, 0);
+    await assertDiskSpace(outputDir, tableBytes, compression);
     const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
-    const reserved = await reserveBackupName(
-      options.outputDir,
-      config.database,
-      config.environment,
-      new Date(),
-      format,
-    );
+    const reserved = await reserveBackupName(outputDir, config.database, config.environment, new Date(), format);
     created.push(reserved.partialPath);
 
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
@@ -2266,22 +2249,22 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       extensions,
     };
     // Check the file before it gets its final name: size on disk, archive structure, table data.
-    const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
+    const metadataPath = path.join(outputDir, metadataFileName(reserved.name));
     const inspection = await checkBackupFile(tools.pgRestore, reserved.partialPath, metadata, dump);
     if (failedChecks(inspection.checks).length > 0) {
       throw verificationError({ filePath: reserved.dumpPath, metadataPath, metadata, inspection });
     }
     created.push(metadataPath);
     await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`).catch((error: unknown) => {
-      throw fileSystemError(error, 'Writing the metadata failed', options.outputDir);
+      throw fileSystemError(error, 'Writing the metadata failed', outputDir);
     });
     run.signal.throwIfAborted();
     await fs.rename(reserved.partialPath, reserved.dumpPath);
-    await syncDirectory(options.outputDir);
+    await syncDirectory(outputDir);
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
     await Promise.all(created.map(removeQuietly));
-    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, options.outputDir);
+    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
   } finally {
     signal.removeEventListener('abort', onInterrupt);
   }
@@ -2347,47 +2330,40 @@ const isTimestamp = (value: unknown) =>
 const isTableMap = (value: unknown, valid: (entry: unknown) => boolean) =>
   isPlainObject(value) && Object.values(value).every(valid);
 
+type FieldRule = { required: boolean; valid: (value: unknown) => boolean; rule: string };
+const required = (valid: FieldRule['valid'], rule: string): FieldRule => ({ required: true, valid, rule });
+const optional = (valid: FieldRule['valid'], rule: string): FieldRule => ({ required: false, valid, rule });
+
 /**
  * The data model's fields (all required) and the tool's own (optional, since metadata written by
  * other tools lacks them): every field the tool reads, with the shape it must have. A metadata
  * file is untrusted input, so nothing is read from one that breaks a rule.
  */
-const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown) => boolean; rule: string }> = {
-  backup_timestamp: { required: true, valid: isTimestamp, rule: 'must be an ISO 8601 timestamp' },
-  environment: { required: true, valid: (v) => v === 'dev' || v === 'prod', rule: 'must be "dev" or "prod"' },
-  database_name: { required: true, valid: isNonEmptyString, rule: 'must be a non-empty string' },
-  backup_file: { required: true, valid: isNonEmptyString, rule: 'must be a file name' },
-  backup_size_bytes: { required: true, valid: (v) => isWholeNumber(v, 1), rule: 'must be a positive integer' },
-  checksum_sha256: {
-    required: true,
-    valid: (v) => typeof v === 'string' && /^[0-9a-f]{64}$/i.test(v),
-    rule: 'must be 64 hexadecimal digits',
-  },
-  table_counts: {
-    required: true,
-    valid: (v) => isTableMap(v, (n) => isWholeNumber(n)) && Object.keys(v as object).length > 0,
-    rule: 'must map at least one table to a row count',
-  },
-  pg_dump_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
-  postgresql_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
-  format: {
-    required: false,
-    valid: (v) => v === 'custom' || v === 'directory',
-    rule: 'must be "custom" or "directory"',
-  },
-  jobs: { required: false, valid: (v) => isWholeNumber(v, 1, 1024), rule: 'must be a whole number of workers' },
-  compression: { required: false, valid: isNonEmptyString, rule: 'must be a compression setting' },
-  duration_ms: { required: false, valid: (v) => isWholeNumber(v), rule: 'must be a whole number of milliseconds' },
-  snapshot_consistent: { required: false, valid: (v) => typeof v === 'boolean', rule: 'must be true or false' },
-  tool_version: { required: false, valid: isNonEmptyString, rule: 'must be a version string' },
-  table_data_oids: {
-    required: false,
-    valid: (v) => isTableMap(v, (oids) => Array.isArray(oids) && oids.every((oid) => isWholeNumber(oid, 1))),
-    rule: 'must map tables to lists of OIDs',
-  },
-  last_restore_test: {
-    required: false,
-    valid: (v) =>
+const METADATA_RULES: Record<string, FieldRule> = {
+  backup_timestamp: required(isTimestamp, 'must be an ISO 8601 timestamp'),
+  environment: required((v) => v === 'dev' || v === 'prod', 'must be "dev" or "prod"'),
+  database_name: required(isNonEmptyString, 'must be a non-empty string'),
+  backup_file: required(isNonEmptyString, 'must be a file name'),
+  backup_size_bytes: required((v) => isWholeNumber(v, 1), 'must be a positive integer'),
+  checksum_sha256: required((v) => typeof v === 'string' && /^[0-9a-f]{64}$/i.test(v), 'must be 64 hexadecimal digits'),
+  table_counts: required(
+    (v) => isTableMap(v, (n) => isWholeNumber(n)) && Object.keys(v as object).length > 0,
+    'must map at least one table to a row count',
+  ),
+  pg_dump_version: required(isNonEmptyString, 'must be a version string'),
+  postgresql_version: required(isNonEmptyString, 'must be a version string'),
+  format: optional((v) => v === 'custom' || v === 'directory', 'must be "custom" or "directory"'),
+  jobs: optional((v) => isWholeNumber(v, 1, 1024), 'must be a whole number of workers'),
+  compression: optional(isNonEmptyString, 'must be a compression setting'),
+  duration_ms: optional((v) => isWholeNumber(v), 'must be a whole number of milliseconds'),
+  snapshot_consistent: optional((v) => typeof v === 'boolean', 'must be true or false'),
+  tool_version: optional(isNonEmptyString, 'must be a version string'),
+  table_data_oids: optional(
+    (v) => isTableMap(v, (oids) => Array.isArray(oids) && oids.every((oid) => isWholeNumber(oid, 1))),
+    'must map tables to lists of OIDs',
+  ),
+  last_restore_test: optional(
+    (v) =>
       isPlainObject(v) &&
       isTimestamp(v.time) &&
       typeof v.ok === 'boolean' &&
@@ -2397,23 +2373,22 @@ const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown
       isWholeNumber(v.tables) &&
       Array.isArray(v.mismatches) &&
       v.mismatches.every((table) => typeof table === 'string'),
-    rule: 'must be a restore test record (time, ok, duration_ms, server, server_version, tables, mismatches)',
-  },
-  extensions: {
-    required: false,
-    valid: (v) =>
+    'must be a restore test record (time, ok, duration_ms, server, server_version, tables, mismatches)',
+  ),
+  extensions: optional(
+    (v) =>
       Array.isArray(v) && v.every((e) => isPlainObject(e) && isNonEmptyString(e.name) && isNonEmptyString(e.version)),
-    rule: 'must list extensions with their versions',
-  },
+    'must list extensions with their versions',
+  ),
 };
 
 /** Pure: everything wrong with a parsed metadata document under the rules above; [] if valid. */
 export function metadataProblems(value: unknown, dumpFileName?: string): string[] {
   if (!isPlainObject(value)) return ['it is not a JSON object'];
   const problems: string[] = [];
-  for (const [field, { required, valid, rule }] of Object.entries(METADATA_RULES)) {
+  for (const [field, { required: isRequired, valid, rule }] of Object.entries(METADATA_RULES)) {
     if (!Object.hasOwn(value, field)) {
-      if (required) problems.push(`${field} is missing`);
+      if (isRequired) problems.push(`${field} is missing`);
     } else if (!valid(value[field])) {
       problems.push(`${field} ${rule} (found ${String(JSON.stringify(value[field])).slice(0, 80)})`);
     }
@@ -2451,25 +2426,21 @@ export type MetadataLoad =
 
 /** Read and validate the metadata of `dumpFileName`; never throws, so --list can show every state. */
 async function loadMetadata(metadataPath: string, dumpFileName: string): Promise<MetadataLoad> {
+  const invalid = (problem: string): MetadataLoad => ({ status: 'invalid', problems: [problem] });
   let value: unknown;
   try {
     const { size } = await fs.stat(metadataPath);
-    if (size > MAX_METADATA_BYTES)
-      return { status: 'invalid', problems: [`it is ${formatBytes(size)}, more than metadata ever is`] };
+    if (size > MAX_METADATA_BYTES) return invalid(`it is ${formatBytes(size)}, more than metadata ever is`);
     const text = await fs.readFile(metadataPath, 'utf8');
-    if (jsonDepth(text) > MAX_METADATA_DEPTH)
-      return { status: 'invalid', problems: [`it nests more than ${MAX_METADATA_DEPTH} levels deep`] };
+    if (jsonDepth(text) > MAX_METADATA_DEPTH) return invalid(`it nests more than ${MAX_METADATA_DEPTH} levels deep`);
     value = JSON.parse(text);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
-    return {
-      status: 'invalid',
-      problems: [
-        error instanceof SyntaxError
-          ? `it is not valid JSON: ${error.message}`
-          : `it cannot be read: ${errorText(error)}`,
-      ],
-    };
+    return invalid(
+      error instanceof SyntaxError
+        ? `it is not valid JSON: ${error.message}`
+        : `it cannot be read: ${errorText(error)}`,
+    );
   }
   const problems = metadataProblems(value, dumpFileName);
   return problems.length === 0 ? { status: 'ok', metadata: value as BackupMetadata } : { status: 'invalid', problems };
@@ -3400,15 +3371,16 @@ export interface RetentionReport extends RetentionPlan {
  * next backup removes.
  */
 async function applyRetention(
-  dir: string,
-  scope: Omit<RetentionScope, 'timeZone' | 'now'>,
-  dryRun: boolean,
-  search: ClientSearch,
+  config: DbConfig,
+  options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
+  justMade?: string,
 ): Promise<RetentionReport> {
+  const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
   const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
-  const plan = planRetention(listing.backups, { ...scope, timeZone, now: new Date() });
-  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), search);
+  const { database, environment } = config;
+  const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), justMade });
+  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
   if (!dryRun) {
     for (const backup of doomed) {
@@ -3419,7 +3391,7 @@ async function applyRetention(
   }
   return {
     ...plan,
-    policy: scope.policy,
+    policy,
     timeZone,
     dryRun,
     deleted: doomed.map((b) => b.file),
@@ -3463,8 +3435,7 @@ async function runPrune(
   if (!(await pathExists(options.outputDir))) return undefined;
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
-    const scope = { database: config.database, environment: config.environment, policy: options.retention };
-    return await applyRetention(options.outputDir, scope, options.dryRun, options.search);
+    return await applyRetention(config, options);
   } finally {
     await lock.release();
   }
