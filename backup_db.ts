@@ -2697,11 +2697,9 @@ export function tablesWithoutData(
   entries: TocTableEntry[],
 ): string[] {
   const dataOids = new Set(entries.filter((entry) => entry.kind === 'TABLE DATA').map((entry) => entry.oid));
+  const recorded = metadata.table_data_oids ?? {};
   return Object.keys(metadata.table_counts).filter((key) => {
-    const expected =
-      metadata.table_data_oids && Object.hasOwn(metadata.table_data_oids, key)
-        ? metadata.table_data_oids[key]
-        : undefined;
+    const expected = Object.hasOwn(recorded, key) ? recorded[key] : undefined;
     if (expected) return !expected.every((oid) => dataOids.has(oid));
     return !tableNameCandidates(key).some(([schema, table]) =>
       entries.some((entry) => tagNames(entry.tag, schema, table)),
@@ -2779,19 +2777,14 @@ function fileInspection(
 ): FileInspection {
   const { size, listing, missingTables } = structure;
   const expectedHash = metadata.checksum_sha256.toLowerCase();
+  const expected = shortHash(expectedHash);
   const tableCount = Object.keys(metadata.table_counts).length;
   const checks: FileChecks = {
     checksum: !hash
       ? { ok: true, summary: 'Being re-read' }
-      : hash.sha256 === expectedHash
-        ? {
-            ok: true,
-            summary:
-              hash.how === 'streamed'
-                ? `Computed while writing (${shortHash(expectedHash)})`
-                : `Match (${shortHash(expectedHash)})`,
-          }
-        : { ok: false, summary: `Mismatch (expected ${shortHash(expectedHash)}, found ${shortHash(hash.sha256)})` },
+      : hash.sha256 !== expectedHash
+        ? { ok: false, summary: `Mismatch (expected ${expected}, found ${shortHash(hash.sha256)})` }
+        : { ok: true, summary: `${hash.how === 'streamed' ? 'Computed while writing' : 'Match'} (${expected})` },
     size:
       size === metadata.backup_size_bytes
         ? { ok: true, summary: formatBytes(size) }
@@ -3097,29 +3090,21 @@ async function describeBackup(
     database: metadata.database_name,
     ...(drill ? { restoreTest: { time: drill.time, ok: drill.ok } } : {}),
   };
+  const failing = (status: ListStatus, problems: string[]): ListEntry => ({ ...described, status, problems });
   if (entry.sizeBytes !== metadata.backup_size_bytes) {
-    return {
-      ...described,
-      status: 'size_mismatch',
-      problems: [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`],
-    };
+    return failing('size_mismatch', [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`]);
   }
   if (!restoreClientFor) return described;
   let client: PgClient;
   try {
     client = await restoreClientFor(await readArchiveHeader(filePath));
   } catch (error) {
-    return {
-      ...described,
-      status: 'unreadable_archive',
-      problems: [error instanceof BackupError ? error.details : errorText(error)],
-    };
+    return failing('unreadable_archive', [error instanceof BackupError ? error.details : errorText(error)]);
   }
   const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
   const failed = failedChecks(checks);
-  return failed.length === 0
-    ? described
-    : { ...described, status: FILE_CHECKS[failed[0]!].status, problems: failed.map((check) => checks[check].summary) };
+  const problems = failed.map((check) => checks[check].summary);
+  return failed.length === 0 ? described : failing(FILE_CHECKS[failed[0]!].status, problems);
 }
 
 /** What a directory entry says by itself (name, size, age); undefined unless a file or directory. */
