@@ -3256,14 +3256,12 @@ export function selectRetention<T extends { time: Date; file: string }>(
     kept: 0,
   }));
   return newestFirst(items).map((item, index) => {
-    const buckets = calendarBuckets(item.time, timeZone);
+    const { day, week, month } = calendarBuckets(item.time, timeZone);
+    const buckets = { last: String(index), daily: day, weekly: week, monthly: month };
     const reasons = index === 0 ? ['newest backup'] : [];
     for (const rule of rules) {
       if (rule.remaining <= 0) continue;
-      const bucket =
-        rule.name === 'last'
-          ? String(index)
-          : buckets[rule.name === 'daily' ? 'day' : rule.name === 'weekly' ? 'week' : 'month'];
+      const bucket = buckets[rule.name];
       if (bucket === rule.previous) continue;
       rule.previous = bucket;
       rule.remaining--;
@@ -3499,6 +3497,13 @@ async function runCheck(
   );
   const what = `${config.database} (${config.environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
+  const hints = [
+    'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
+    `Take a backup now: npx tsx backup_db.ts --env ${config.environment} --output-dir ${displayPath(outputDir)}`,
+    `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
+  ];
+  const stale = (title: string, details: string) =>
+    new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { data });
   if (!freshness.newest) {
     const { notCounted } = freshness;
     const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
@@ -3506,34 +3511,17 @@ async function runCheck(
       notCounted.length > 0
         ? `; ${plural(notCounted.length, 'file')} there ${notCounted.length === 1 ? 'does' : 'do'} not count (${why})`
         : '';
-    throw new BackupError(
-      EXIT.VERIFY_FAILED,
-      'No backup found',
-      `no backup of ${what} passes the quick check${others}`,
-      freshnessHints(config, outputDir),
-      { data },
-    );
+    throw stale('No backup found', `no backup of ${what} passes the quick check${others}`);
   }
   if (!freshness.ok) {
-    throw new BackupError(
-      EXIT.VERIFY_FAILED,
+    throw stale(
       'The newest backup is too old',
       `the newest backup of ${what} is ${formatAge(freshness.ageMs!)} old, more than ${formatAge(maxAgeMs)}: ` +
         `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
-      freshnessHints(config, outputDir),
-      { data },
     );
   }
   if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search);
   return freshness;
-}
-
-function freshnessHints(config: DbConfig, outputDir: string): string[] {
-  return [
-    'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
-    `Take a backup now: npx tsx backup_db.ts --env ${config.environment} --output-dir ${displayPath(outputDir)}`,
-    `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
-  ];
 }
 
 /** The --json document of a check (`ok` and `command` are added when printed). */
@@ -3585,12 +3573,10 @@ export function archiveExtensions(toc: string): string[] {
 const CONTRIB_EXTENSIONS = new Set(
   (
     'adminpack amcheck autoinc bloom btree_gin btree_gist citext cube dblink dict_int dict_xsyn earthdistance ' +
-    'file_fdw fuzzystrmatch ' +
-    'hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot pageinspect pg_buffercache ' +
-    'pg_freespacemap ' +
-    'pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility pg_walinspect pgcrypto pgrowlocks pgstattuple ' +
-    'postgres_fdw ' +
-    'refint seg sslinfo tablefunc tcn tsm_system_rows tsm_system_time unaccent uuid-ossp xml2'
+    'file_fdw fuzzystrmatch hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot ' +
+    'pageinspect pg_buffercache pg_freespacemap pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility ' +
+    'pg_walinspect pgcrypto pgrowlocks pgstattuple postgres_fdw refint seg sslinfo tablefunc tcn ' +
+    'tsm_system_rows tsm_system_time unaccent uuid-ossp xml2'
   ).split(' '),
 );
 const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
@@ -3711,14 +3697,9 @@ async function assertProdRestoreAllowed(
   if (target !== prodConfig.database) return;
   const prod: NonNullable<ProdCheck['prod']> = { database: prodConfig.database };
   try {
-    await withClient(
-      prodConfig,
-      request.connectTimeoutSeconds,
-      async (client) => {
-        prod.cluster = await clusterIdentifier(client);
-      },
-      { maintenance: true },
-    );
+    prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
+      maintenance: true,
+    });
     if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
   } catch (error) {
     prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
