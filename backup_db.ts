@@ -2806,21 +2806,18 @@ function fileInspection(
 }
 
 /**
- * Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table
- * data. `streamed` is the hash a new backup computed while writing: the file was just written and
- * would be read back from the page cache, so hashing it again would cost a full read and prove
- * nothing the size, the archive's structure and the streamed hash do not. Later checks (--verify)
- * read every byte.
+ * Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table data.
+ * `streamed` is the hash a new backup computed while writing: hashing the file just written again would
+ * cost a full read (from the page cache) and prove nothing more. Later checks (--verify) read every byte.
  */
 async function checkBackupFile(
-  pgRestore: PgTool | undefined,
+  pgRestore: PgTool,
   filePath: string,
   metadata: BackupMetadata,
   streamed?: DumpOutcome,
-  whyNoClient?: string,
 ): Promise<FileInspection> {
   const [structure, bytes] = await Promise.all([
-    inspectStructure(pgRestore, filePath, metadata, whyNoClient),
+    inspectStructure(pgRestore, filePath, metadata),
     streamed ?? hashBackup(filePath),
   ]);
   return fileInspection(metadata, structure, { sha256: bytes.sha256, how: streamed ? 'streamed' : 'read' });
@@ -3196,13 +3193,9 @@ export function describePolicy(policy: RetentionPolicy): string {
 /** Building an Intl formatter costs far more than using one: one per time zone. */
 const dayFormatters = new Map<string, Intl.DateTimeFormat>();
 function dayFormatter(timeZone: string): Intl.DateTimeFormat {
-  let formatter = dayFormatters.get(timeZone);
-  if (!formatter)
-    dayFormatters.set(
-      timeZone,
-      (formatter = new Intl.DateTimeFormat('en-US', { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' })),
-    );
-  return formatter;
+  const options = { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' } as const;
+  if (!dayFormatters.has(timeZone)) dayFormatters.set(timeZone, new Intl.DateTimeFormat('en-US', options));
+  return dayFormatters.get(timeZone)!;
 }
 
 /**
@@ -3305,11 +3298,10 @@ export interface RetentionScope {
 }
 
 /**
- * Pure: the retention plan for one database and environment among a directory's entries. Only
- * backups that pass the quick check count; a backup dated after now (a wrong clock, a copied
- * file) is left alone, so it can neither be kept in place of real ones nor displace them; the
- * run's own new backup is always kept; and unless that new backup is the newest one kept, the
- * newest one kept is named for a full check, because deleting anything relies on it.
+ * Pure: the retention plan for one database and environment. Only backups that pass the quick check
+ * count; one dated after now (a wrong clock, a copied file) is left alone, so it can neither be kept in
+ * place of real ones nor displace them; the run's own new backup is always kept; and unless it is the
+ * newest kept, the newest kept is named for a full check, because deleting anything relies on it.
  */
 export function planRetention(entries: ListEntry[], scope: RetentionScope): RetentionPlan {
   const ours = entries.filter((e) => e.database === scope.database && e.environment === scope.environment);
@@ -3347,11 +3339,10 @@ export interface RetentionReport extends RetentionPlan {
 }
 
 /**
- * Apply the policy to one database+environment in `dir`, under its lock. Nothing is deleted
- * until the newest backup that stays has passed the full check (a re-read of every byte), unless
- * it is the backup this run has just made; if it fails, nothing is deleted (exit 8). A dump is
- * deleted before its metadata: a crash in between leaves an orphaned metadata file, which the
- * next backup removes.
+ * Apply the policy to one database+environment, under its lock. Nothing is deleted until the newest
+ * backup that stays has passed the full check (a re-read of every byte), unless this run has just made
+ * it; if it fails, nothing is deleted (exit 8). A dump is deleted before its metadata: a crash in between
+ * leaves an orphaned metadata file, which the next backup removes.
  */
 async function applyRetention(
   config: DbConfig,
@@ -3657,14 +3648,9 @@ export function isProductionTarget(check: ProdCheck): 'yes' | 'no' | 'unknown' {
 
 /** The cluster's system identifier, or undefined where it cannot be read (PostgreSQL 9.6 and older). */
 async function clusterIdentifier(client: pg.Client): Promise<string | undefined> {
-  try {
-    const { rows } = await client.query<{ id: string }>(
-      'SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()',
-    );
-    return rows[0]?.id;
-  } catch {
-    return undefined;
-  }
+  const sql = 'SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()';
+  const result = await client.query<{ id: string }>(sql).catch(() => undefined);
+  return result?.rows[0]?.id;
 }
 
 export interface ProdGuard {
@@ -3676,10 +3662,9 @@ export interface ProdGuard {
 }
 
 /**
- * Restoring over production needs intent twice over: `--env prod`, and either
- * `--i-know-this-is-prod` or the database's name typed on a terminal. When the configured
- * production server cannot be reached or identified, a --clean restore into a database of its
- * name needs the same: it might be production.
+ * Restoring over production needs intent twice over: `--env prod`, and either `--i-know-this-is-prod`
+ * or the database's name typed on a terminal. When the configured production server cannot be reached
+ * or identified, a --clean restore into a database of its name needs the same: it might be production.
  */
 async function assertProdRestoreAllowed(
   vars: EnvVars,
@@ -3730,9 +3715,8 @@ async function assertProdRestoreAllowed(
 }
 
 /**
- * One restore into a target at a time: two that found it missing (or empty) would both create (or
- * fill) it. A session-level advisory lock on the administrative connection, held until the run
- * ends, however it ends.
+ * One restore into a target at a time: two that found it missing (or empty) would both create (or fill)
+ * it. A session-level advisory lock on the administrative connection, held until the run ends, however it ends.
  */
 async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: string): Promise<void> {
   const { rows } = await admin.query<{ ok: boolean }>(
