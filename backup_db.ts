@@ -3439,11 +3439,8 @@ export function judgeFreshness(
   scope: Pick<RetentionScope, 'database' | 'environment' | 'now'>,
   maxAgeMs: number,
 ): Freshness {
-  const plan = planRetention(entries, {
-    ...scope,
-    policy: { last: 0, daily: 0, weekly: 0, monthly: 0 },
-    timeZone: 'UTC',
-  });
+  const noRules = { last: 0, daily: 0, weekly: 0, monthly: 0 };
+  const plan = planRetention(entries, { ...scope, policy: noRules, timeZone: 'UTC' });
   const newest = plan.decisions[0]?.item;
   const ageMs = newest && Math.max(0, scope.now.getTime() - newest.time.getTime());
   return {
