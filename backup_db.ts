@@ -5556,6 +5556,8 @@ export function credentialArguments(argv: readonly string[]): string[] {
 function buildProgram(json: boolean, secrets: readonly string[], io: Io): Command {
   const keep = (flag: string, what: string) =>
     new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
+  // Commander passes the previous value too, which parseDuration would take for its limit.
+  const parseTimeout = (value: string) => parseDuration(value);
   return new Command()
     .name('backup_db.ts')
     .description('Back up the dev or prod PostgreSQL database with pg_dump, write checksummed metadata, and verify it.')
@@ -5564,27 +5566,18 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
         .choices(['dev', 'prod', 'auto'])
         .default('auto'),
     )
-    .addOption(
-      new Option(
-        '--output-dir <dir>',
-        'directory for backups (default: db/backups/ in the project directory)',
-      ).argParser(nonEmptyPath),
+    .option('--output-dir <dir>', 'directory for backups (default: db/backups/ in the project directory)', nonEmptyPath)
+    .option(
+      '--verify [file]',
+      'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully ' +
+        'verify every backup',
     )
-    .addOption(
-      new Option(
-        '--verify [file]',
-        'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully ' +
-          'verify every backup',
-      ),
-    )
-    .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
-    .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
-    .addOption(
-      new Option(
-        '--compress <method>',
-        'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump ' +
-          '16+)',
-      ),
+    .option('--list', 'list the backups in the output directory, newest first')
+    .option('--json', 'print one JSON document on stdout instead of text')
+    .option(
+      '--compress <method>',
+      'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump ' +
+        '16+)',
     )
     .addOption(
       new Option(
@@ -5595,110 +5588,85 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
         .argParser(parseJobs)
         .default(1, '1, one custom-format file'),
     )
-    .addOption(
-      new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds')
-        .argParser(parseTimeoutSeconds)
-        .default(DEFAULT_CONNECT_TIMEOUT_S),
+    .option(
+      '--connect-timeout <seconds>',
+      'give up connecting after this many seconds',
+      parseTimeoutSeconds,
+      DEFAULT_CONNECT_TIMEOUT_S,
     )
     .addOption(
       new Option(
         '--lock-wait-timeout <duration>',
         'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)',
       )
-        .argParser((value) => parseDuration(value))
+        .argParser(parseTimeout)
         .default(parseDuration(DEFAULT_LOCK_WAIT_TIMEOUT), DEFAULT_LOCK_WAIT_TIMEOUT),
     )
     .addOption(keep('--keep-last', 'the N newest backups (env BACKUP_KEEP_LAST)'))
     .addOption(keep('--keep-daily', 'the newest backup of each of the last N days (env BACKUP_KEEP_DAILY)'))
     .addOption(keep('--keep-weekly', 'the newest backup of each of the last N ISO weeks (env BACKUP_KEEP_WEEKLY)'))
     .addOption(keep('--keep-monthly', 'the newest backup of each of the last N months (env BACKUP_KEEP_MONTHLY)'))
-    .addOption(new Option('--prune', 'apply the retention rules without taking a backup'))
-    .addOption(
-      new Option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing'),
+    .option('--prune', 'apply the retention rules without taking a backup')
+    .option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing')
+    .option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)', nonEmptyPath)
+    .option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)', webhookUrl)
+    .option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)')
+    .option(
+      '--ping-url <url>',
+      'heartbeat: ping URL/start when a backup starts, URL when it succeeds, URL/fail when it fails (env ' +
+        'BACKUP_PING_URL)',
+      webhookUrl,
     )
-    .addOption(
-      new Option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)').argParser(
-        nonEmptyPath,
-      ),
+    .option(
+      '--metrics-file <path>',
+      'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)',
+      nonEmptyPath,
     )
-    .addOption(
-      new Option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)').argParser(
-        webhookUrl,
-      ),
+    .option(
+      '--stall-timeout <duration>',
+      `stop a backup that writes nothing for this long, saying what it waits on (default ${DEFAULT_STALL_TIMEOUT}; ` +
+        `0: never; env BACKUP_STALL_TIMEOUT)`,
+      parseTimeout,
     )
-    .addOption(new Option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)'))
-    .addOption(
-      new Option(
-        '--ping-url <url>',
-        'heartbeat: ping URL/start when a backup starts, URL when it succeeds, URL/fail when it fails (env ' +
-          'BACKUP_PING_URL)',
-      ).argParser(webhookUrl),
+    .option(
+      '--check',
+      'exit 0 if the newest backup is younger than --max-age, else 8 (for monitoring); with --verify, re-read it ' +
+        'fully',
     )
-    .addOption(
-      new Option(
-        '--metrics-file <path>',
-        'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)',
-      ).argParser(nonEmptyPath),
+    .option(
+      '--max-age <duration>',
+      'with --check: how old the newest backup may be, e.g. 26h or 8d (env BACKUP_MAX_AGE)',
+      parseMaxAge,
     )
-    .addOption(
-      new Option(
-        '--stall-timeout <duration>',
-        `stop a backup that writes nothing for this long, saying what it waits on (default ${DEFAULT_STALL_TIMEOUT}; ` +
-          `0: never; env BACKUP_STALL_TIMEOUT)`,
-      ).argParser((value) => parseDuration(value)),
+    .option(
+      '--on-failure <command>',
+      'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)',
     )
-    .addOption(
-      new Option(
-        '--check',
-        'exit 0 if the newest backup is younger than --max-age, else 8 (for monitoring); with --verify, re-read it ' +
-          'fully',
-      ),
+    .option(
+      '--restore <file>',
+      'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts',
     )
-    .addOption(
-      new Option(
-        '--max-age <duration>',
-        'with --check: how old the newest backup may be, e.g. 26h or 8d (env BACKUP_MAX_AGE)',
-      ).argParser(parseMaxAge),
+    .option('--target-db <name>', 'with --restore: the database to restore into (created if absent)')
+    .option('--clean', 'with --restore: drop and recreate a non-empty target database')
+    .option('--force', 'with --restore: restore even if the file fails verification')
+    .option(
+      '--i-know-this-is-prod',
+      'with --restore and --env prod: allow overwriting the configured production database',
     )
-    .addOption(
-      new Option(
-        '--on-failure <command>',
-        'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)',
-      ),
+    .option(
+      '--restore-test',
+      'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it',
     )
-    .addOption(
-      new Option(
-        '--restore <file>',
-        'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts',
-      ),
+    .option(
+      '--maintenance-work-mem <size>',
+      'with --restore or --restore-test: index-build memory per pg_restore job, e.g. 512MB (default: 1GB shared by ' +
+        'the jobs, at least 128MB each; env BACKUP_MAINTENANCE_WORK_MEM)',
+      parseMemory,
     )
-    .addOption(new Option('--target-db <name>', 'with --restore: the database to restore into (created if absent)'))
-    .addOption(new Option('--clean', 'with --restore: drop and recreate a non-empty target database'))
-    .addOption(new Option('--force', 'with --restore: restore even if the file fails verification'))
-    .addOption(
-      new Option(
-        '--i-know-this-is-prod',
-        'with --restore and --env prod: allow overwriting the configured production database',
-      ),
-    )
-    .addOption(
-      new Option(
-        '--restore-test',
-        'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it',
-      ),
-    )
-    .addOption(
-      new Option(
-        '--maintenance-work-mem <size>',
-        'with --restore or --restore-test: index-build memory per pg_restore job, e.g. 512MB (default: 1GB shared by ' +
-          'the jobs, at least 128MB each; env BACKUP_MAINTENANCE_WORK_MEM)',
-      ).argParser(parseMemory),
-    )
-    .addOption(
-      new Option(
-        '--pg-bin-dir <dir>',
-        'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations',
-      ).argParser(nonEmptyPath),
+    .option(
+      '--pg-bin-dir <dir>',
+      'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations',
+      nonEmptyPath,
     )
     .addOption(
       new Option('--config-dir <dir>', 'directory holding .env.local and .env')
