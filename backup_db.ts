@@ -5248,43 +5248,23 @@ function printWarning(io: Io, warning: Problem): void {
 
 // ─── CLI: modes and settings ────────────────────────────────────────────────────────────
 
-interface CliOptions {
+/** The command line as commander parses it: a flag is true or absent, a value is what its parser returned. */
+type CliOptions = {
   env: Environment | 'auto';
-  outputDir?: string;
   configDir: string;
-  compress?: string;
   connectTimeout: number;
   lockWaitTimeout: number;
   jobs: number;
-  verify?: string | true;
-  list?: true;
-  prune?: true;
-  dryRun?: true;
-  keepLast?: number;
-  keepDaily?: number;
-  keepWeekly?: number;
-  keepMonthly?: number;
-  logFile?: string;
-  notifyUrl?: string;
-  notifyOnSuccess?: true;
-  onFailure?: string;
-  restore?: string;
-  targetDb?: string;
-  clean?: true;
-  force?: true;
-  iKnowThisIsProd?: true;
-  restoreTest?: true;
-  pgBinDir?: string;
-  maintenanceWorkMem?: number;
-  check?: true;
-  maxAge?: number;
-  pingUrl?: string;
-  metricsFile?: string;
-  stallTimeout?: number;
   /** --jobs was given on the command line (not its default). */
   jobsGiven?: boolean;
-  json?: true;
-}
+  verify?: string | true;
+} & Partial<Record<CliFlag, true> & Record<CliPath | CliText, string> & Record<CliNumber, number>>;
+type CliFlag = 'list' | 'prune' | 'check' | 'json' | 'dryRun' | 'notifyOnSuccess' | 'restoreTest' | RestoreFlag;
+type RestoreFlag = 'clean' | 'force' | 'iKnowThisIsProd';
+type CliPath = 'outputDir' | 'logFile' | 'metricsFile' | 'pgBinDir' | 'restore';
+type CliText = 'compress' | 'notifyUrl' | 'pingUrl' | 'onFailure' | 'targetDb';
+type CliNumber =
+  'keepLast' | 'keepDaily' | 'keepWeekly' | 'keepMonthly' | 'maintenanceWorkMem' | 'maxAge' | 'stallTimeout';
 
 type CommandName = 'backup' | 'prune' | 'verify' | 'list' | 'restore' | 'drill' | 'check';
 export type Mode =
@@ -5296,25 +5276,10 @@ export type Mode =
   | { command: 'restore'; file: string; target: string }
   | { command: 'drill'; file: string };
 
-type ModeOptions = Pick<
-  CliOptions,
-  | 'verify'
-  | 'list'
-  | 'prune'
-  | 'restore'
-  | 'targetDb'
-  | 'clean'
-  | 'force'
-  | 'iKnowThisIsProd'
-  | 'restoreTest'
-  | 'maintenanceWorkMem'
-  | 'check'
->;
-
 /**
  * Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file".
  */
-export function chooseMode(opts: ModeOptions): Mode {
+export function chooseMode(opts: Partial<CliOptions>): Mode {
   const mode = modeOf(opts);
   if (opts.maintenanceWorkMem !== undefined && mode.command !== 'restore' && mode.command !== 'drill') {
     throw configError('--maintenance-work-mem only applies to --restore FILE and --verify FILE --restore-test', [
@@ -5324,7 +5289,7 @@ export function chooseMode(opts: ModeOptions): Mode {
   return mode;
 }
 
-function modeOf(opts: ModeOptions): Mode {
+function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {
     if (opts.restore !== undefined || opts.list || opts.prune || opts.restoreTest || typeof opts.verify === 'string') {
       throw configError('--check goes alone, or with --verify to re-read the newest backup', [
@@ -5374,7 +5339,7 @@ function modeOf(opts: ModeOptions): Mode {
   return opts.verify === undefined ? { command: 'backup' } : { command: 'verify', file: opts.verify };
 }
 
-function chooseRestore(opts: ModeOptions): Mode {
+function chooseRestore(opts: Partial<CliOptions>): Mode {
   if (opts.list || opts.prune || opts.verify !== undefined || opts.restoreTest) {
     throw configError('--restore cannot be combined with --list, --prune, --verify or --restore-test', [
       'Restore: --restore FILE --target-db NAME',
