@@ -5774,36 +5774,21 @@ async function runMode(
       // A drill is about the backup's database; a restore's facts (the target) are known before it starts.
       const facts =
         restored.drill && metadata ? { environment: metadata.environment, database: metadata.database_name } : {};
-      return {
-        command: mode.command,
-        exitCode: EXIT.OK,
-        result: { document: restoreDocument(restored), text: () => restoreText(restored) },
-        facts,
-      };
+      return completed(mode.command, restoreDocument(restored), () => restoreText(restored), facts);
     }
     case 'verify': {
       const result = await runVerify(mode.file, settings.search);
-      const facts = {
+      return completed('verify', verifyDocument(result), () => verificationText(result), {
         environment: result.metadata.environment,
         database: result.metadata.database_name,
         file: path.basename(result.filePath),
         size_bytes: result.inspection.size,
-      };
-      return {
-        command: 'verify',
-        exitCode: EXIT.OK,
-        result: { document: verifyDocument(result), text: () => verificationText(result) },
-        facts,
-      };
+      });
     }
     case 'list': {
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
-      return {
-        command: 'list',
-        exitCode: listingExitCode(listing),
-        result: { document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }) },
-        facts: {},
-      };
+      const text = () => ({ out: listingLines(listing), err: [] });
+      return { ...completed('list', listingDocument(listing), text), exitCode: listingExitCode(listing) };
     }
     case 'check': {
       if (settings.maxAgeMs === undefined)
@@ -5811,15 +5796,9 @@ async function runMode(
           'For example: --check --max-age 26h for a daily backup',
         ]);
       const freshness = await runCheck(config!, outputDir, settings.maxAgeMs, mode.fullCheck, settings.search);
-      return {
-        command: 'check',
-        exitCode: EXIT.OK,
-        result: {
-          document: freshnessDocument(freshness, outputDir, mode.fullCheck),
-          text: () => freshnessText(freshness, config!, mode.fullCheck),
-        },
-        facts: {},
-      };
+      return completed('check', freshnessDocument(freshness, outputDir, mode.fullCheck), () =>
+        freshnessText(freshness, config!, mode.fullCheck),
+      );
     }
     case 'prune': {
       const report = await runPrune(config!, {
@@ -5831,16 +5810,9 @@ async function runMode(
       const lines = report
         ? retentionLines(report, outputDir, config!)
         : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
+      const document = { retention: report ? retentionDocument(report) : null };
       const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
-      return {
-        command: 'prune',
-        exitCode: EXIT.OK,
-        result: {
-          document: { retention: report ? retentionDocument(report) : null },
-          text: () => ({ out: lines, err: [] }),
-        },
-        facts,
-      };
+      return completed('prune', document, () => ({ out: lines, err: [] }), facts);
     }
     case 'backup': {
       const result = await withInterruptSignal((signal) =>
@@ -5868,19 +5840,23 @@ async function runMode(
         size_bytes: metadata.backup_size_bytes,
         ...(result.retention && !result.retention.dryRun ? { deleted: result.retention.deleted } : {}),
       };
-      // The backup stands either way; a refusal to prune means a damaged backup sits in the directory.
-      const exitCode = result.retentionError?.exitCode === EXIT.VERIFY_FAILED ? EXIT.VERIFY_FAILED : EXIT.OK;
-      // The run record names the refusal, not a generic problem.
-      const failure = exitCode === EXIT.OK ? {} : { failure: result.retentionError! };
-      return {
-        command: 'backup',
-        exitCode,
-        result: { document: backupDocument(result), text: () => backupSummaryText(result) },
-        facts,
-        ...failure,
-      };
+      const done = completed('backup', backupDocument(result), () => backupSummaryText(result), facts);
+      // The backup stands either way; a refusal to prune means a damaged backup sits in the directory,
+      // and the run record names the refusal, not a generic problem.
+      if (result.retentionError?.exitCode !== EXIT.VERIFY_FAILED) return done;
+      return { ...done, exitCode: EXIT.VERIFY_FAILED, failure: result.retentionError };
     }
   }
+}
+
+/** A run that did its job: its --json document, its text, and what its record says. */
+function completed(
+  command: CommandName,
+  document: Record<string, unknown>,
+  text: () => Text,
+  facts: Outcome['facts'] = {},
+): Outcome {
+  return { command, exitCode: EXIT.OK, result: { document, text }, facts };
 }
 
 function failedOutcome(command: CommandName, failure: BackupError): Outcome {
@@ -5931,21 +5907,15 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
     const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
-    if (json)
-      printOutcome(
-        io,
-        true,
-        failedOutcome('backup', failure),
-        failureProblem(failure, OPERATION_NAMES.backup, secrets),
-        secrets,
-      );
+    const problem = failureProblem(failure, OPERATION_NAMES.backup, secrets);
+    if (json) printOutcome(io, true, failedOutcome('backup', failure), problem, secrets);
     return EXIT.CONFIG;
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   let command: CommandName = 'backup';
   let automation: Automation = { notifyOnSuccess: false };
   let known: Outcome['facts'] = {};
-  let server: DbConfig | undefined;
+  let config: DbConfig | undefined;
   let outcome: Outcome;
   try {
     const mode = chooseMode(opts);
@@ -5956,8 +5926,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     automation = settings.automation;
     if (automation.notifyUrl) secrets.push(automation.notifyUrl);
     if (automation.pingUrl) secrets.push(automation.pingUrl);
-    const config = configuredDatabase(mode, opts, vars);
-    server = config;
+    config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && automation.pingUrl) {
       const why = await sendPing(
@@ -5972,7 +5941,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     }
     outcome = await runMode(mode, opts, vars, config, settings);
   } catch (error) {
-    outcome = failedOutcome(command, asBackupError(error, server));
+    outcome = failedOutcome(command, asBackupError(error, config));
   }
 
   const operation = OPERATION_NAMES[outcome.command];
@@ -5981,11 +5950,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     printOutcome(io, json, outcome, problem, secrets);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
-    problem = failureProblem(
-      new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error)),
-      operation,
-      secrets,
-    );
+    const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));
+    problem = failureProblem(bug, operation, secrets);
     io.err(problemLines(problem).join('\n'));
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
