@@ -4230,19 +4230,15 @@ async function runRestore(
   request: RestoreRequest,
   signal: AbortSignal,
 ): Promise<RestoreOutcome> {
-  const drill = request.target === undefined;
-  if (!drill) return restorePipeline(config, vars, request, validateName(request.target!, '--target-db'), signal);
+  if (request.target !== undefined)
+    return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
   const started = Date.now();
+  const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
   try {
-    return await restorePipeline(
-      config,
-      vars,
-      request,
-      `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`,
-      signal,
-    );
+    return await restorePipeline(config, vars, request, scratch, signal);
   } catch (error) {
-    await recordFailedDrill(path.resolve(request.file), config, error, Date.now() - started);
+    const server = `${config.host}:${config.port}`;
+    await recordFailedDrill(path.resolve(request.file), server, error, Date.now() - started);
     throw error;
   }
 }
@@ -4375,12 +4371,7 @@ async function recordRestoreTest(
  * connection, an interrupt) leaves the record alone, as does a backup whose metadata is not valid.
  * Best effort: recording never replaces the failure being reported.
  */
-async function recordFailedDrill(
-  filePath: string,
-  config: DbConfig,
-  error: unknown,
-  durationMs: number,
-): Promise<void> {
+async function recordFailedDrill(filePath: string, server: string, error: unknown, durationMs: number): Promise<void> {
   if (!(error instanceof BackupError) || ![EXIT.BACKUP_FAILED, EXIT.VERIFY_FAILED].includes(error.exitCode as 7 | 8)) {
     return;
   }
@@ -4391,7 +4382,7 @@ async function recordFailedDrill(
     time: new Date().toISOString(),
     ok: false,
     duration_ms: durationMs,
-    server: `${config.host}:${config.port}`,
+    server,
     server_version: 'unknown',
     tables: 0,
     mismatches: [],
@@ -4562,12 +4553,8 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   const notify = record.outcome === 'failure' || automation.notifyOnSuccess;
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
-    const payload = notificationPayload(record);
-    tasks.push(
-      postNotification(automation.notifyUrl, payload).catch((error) =>
-        warn('notification_failed', 'Notification failed', error),
-      ),
-    );
+    const failed = (error: unknown) => warn('notification_failed', 'Notification failed', error);
+    tasks.push(postNotification(automation.notifyUrl, notificationPayload(record)).catch(failed));
   }
   if (record.command === 'backup' && automation.pingUrl) {
     const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
@@ -4579,14 +4566,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   }
   if (record.command === 'backup' && automation.metricsFile && record.database && record.environment) {
     const { database, environment, exit_code: exitCode, duration_ms: durationMs, size_bytes: sizeBytes } = record;
-    const run = {
-      database,
-      environment,
-      endedAt: new Date(),
-      exitCode,
-      durationMs,
-      ...(sizeBytes !== undefined ? { sizeBytes } : {}),
-    };
+    const run = { database, environment, endedAt: new Date(), exitCode, durationMs, sizeBytes };
     const failed = (error: unknown) =>
       warn('metrics_failed', `Could not write the metrics file ${automation.metricsFile}`, error);
     tasks.push(updateMetricsFile(automation.metricsFile, run).catch(failed));
@@ -4788,14 +4768,8 @@ export interface Text {
   err: string[];
 }
 
-function backupSummaryText({
-  dumpPath,
-  metadataPath,
-  metadata,
-  removedStaleFiles,
-  retention,
-  retentionError,
-}: BackupResult): Text {
+function backupSummaryText(result: BackupResult): Text {
+  const { dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError } = result;
   const lines = [
     '✓ Backup created successfully',
     '',
@@ -4815,13 +4789,8 @@ function backupSummaryText({
     );
   }
   if (retention?.dryRun) {
-    lines.push(
-      '',
-      ...retentionLines(retention, path.dirname(dumpPath), {
-        database: metadata.database_name,
-        environment: metadata.environment,
-      }),
-    );
+    const target = { database: metadata.database_name, environment: metadata.environment };
+    lines.push('', ...retentionLines(retention, path.dirname(dumpPath), target));
   } else if (retention) {
     const kept = retention.decisions.length - retention.deleted.length;
     const deleted =
@@ -4832,12 +4801,8 @@ function backupSummaryText({
   }
   if (!retentionError) return { out: lines, err: [] };
   const { title, details } = retentionError;
-  const warning = warningProblem(
-    `The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`,
-    details,
-    [],
-  );
-  return { out: lines, err: problemLines(warning) };
+  const headline = `The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`;
+  return { out: lines, err: problemLines(warningProblem(headline, details, [])) };
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
@@ -4965,6 +4930,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     ? `Scratch DB:  ${outcome.target} on ${outcome.server} (PostgreSQL ${outcome.serverVersion}; dropped)`
     : `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`;
   const skipped = run.skippedSettings;
+  const session = Object.entries(run.settings).map(([name, value]) => `${name}=${value}`);
   const lines = [
     outcome.drill ? '✓ Restore test passed' : '✓ Restore completed',
     '',
@@ -4972,9 +4938,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     ...(outcome.forcedPast ? [`Verified:    ✗ ${outcome.forcedPast} (restored anyway: --force)`] : []),
     where,
     `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${run.jobs})`,
-    `Session:     ${Object.entries(run.settings)
-      .map(([name, value]) => `${name}=${value}`)
-      .join(', ')}`,
+    `Session:     ${session.join(', ')}`,
     ...(skipped.length > 0
       ? [
           `Skipped:     SET ${skipped.join(', ')}: pg_restore is newer than the server, which lacks ` +
