@@ -3992,9 +3992,7 @@ export function formatMemory(kb: number): string {
   return `${kb}kB`;
 }
 
-/**
- * Pure: "512MB", "1GB", "65536kB" (PostgreSQL's units; a bare number is MB) → kilobytes, within PostgreSQL's limits.
- */
+/** Pure: "512MB", "1GB", "65536kB" (PostgreSQL's units; a bare number is MB) → kilobytes, within its limits. */
 export function parseMemory(value: string): number {
   const match = /^\s*(\d+)\s*(kB|MB|GB|TB)?\s*$/i.exec(value);
   const factor = { kb: 1, mb: 1024, gb: 1024 ** 2, tb: 1024 ** 3 }[
@@ -4087,9 +4085,7 @@ export interface RestoreOutcome {
   drill: boolean;
   server: string;
   serverVersion: string;
-  /**
-   * What happened to the target database: created, or dropped and created again (--clean), or used as found (empty).
-   */
+  /** What happened to the target: created, dropped and created again (--clean), or used as found (empty). */
   targetAction: 'created' | 'replaced' | 'used empty';
   durationMs: number;
   run: PgRestoreRun;
@@ -4445,10 +4441,7 @@ async function appendLog(file: string, line: string): Promise<void> {
   await fs.appendFile(file, line, { mode: 0o600 });
 }
 
-/**
- * Pure: the POST body of a redacted record. `text` is what Slack shows, `content` what Discord shows; the rest is for
- * machines.
- */
+/** Pure: the POST body of a redacted record: `text` for Slack, `content` for Discord, the rest for machines. */
 export function notificationPayload(record: RunRecord): Record<string, unknown> {
   const text = runSummary(record);
   return { text, content: text, ...record };
@@ -4656,9 +4649,8 @@ export function parseMetrics(text: string): MetricSeries[] {
 
 /** Pure: the Prometheus text format (version 0.0.4) of the series, as node_exporter's textfile collector reads it. */
 export function renderMetrics(series: MetricSeries[]): string {
-  const sorted = [...series].sort((a, b) =>
-    a.database + '\0' + a.environment < b.database + '\0' + b.environment ? -1 : 1,
-  );
+  const key = (s: MetricSeries) => `${s.database}\0${s.environment}`;
+  const sorted = [...series].sort((a, b) => (key(a) < key(b) ? -1 : 1));
   const lines: string[] = [];
   for (const [name, help] of Object.entries(METRICS) as Array<[MetricName, string]>) {
     const samples = sorted.filter((s) => s.values[name] !== undefined);
@@ -4672,18 +4664,17 @@ export function renderMetrics(series: MetricSeries[]): string {
   return `${lines.join('\n')}\n`;
 }
 
+export interface MetricsRun {
+  database: string;
+  environment: string;
+  endedAt: Date;
+  exitCode: number;
+  durationMs: number;
+  sizeBytes?: number;
+}
+
 /** Pure: the series after one run of `database`; the last success and size stay as they were when it failed. */
-export function recordRunInMetrics(
-  series: MetricSeries[],
-  run: {
-    database: string;
-    environment: string;
-    endedAt: Date;
-    exitCode: number;
-    durationMs: number;
-    sizeBytes?: number;
-  },
-): MetricSeries[] {
+export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): MetricSeries[] {
   const isThis = (s: MetricSeries) => s.database === run.database && s.environment === run.environment;
   const previous = series.find(isThis)?.values ?? {};
   const ended = Math.round(run.endedAt.getTime() / 1000);
@@ -4707,7 +4698,7 @@ export function recordRunInMetrics(
  * atomically (temp file, fsync, rename; the temp name does not end in .prom, which the textfile
  * collector would read). Runs of other databases writing the same file take turns under a lock.
  */
-async function updateMetricsFile(file: string, run: Parameters<typeof recordRunInMetrics>[1]): Promise<void> {
+async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
   await fs.mkdir(path.dirname(file), { recursive: true });
   await withFileLock(`${file}.lock`, async () => {
     const text = await fs.readFile(file, 'utf8').catch((error: unknown) => {
@@ -5052,10 +5043,7 @@ export function warningProblem(headline: string, details: string, secrets: reado
   );
 }
 
-/**
- * Pure: the contract's error text (what failed, the report, the tool's own message, numbered steps), or a warning's
- * line.
- */
+/** Pure: the contract's error text (what failed, the report, the tool's message, numbered steps), or a warning. */
 export function problemLines(problem: Problem): string[] {
   if (problem.level === 'warning') return [`⚠ ${problem.headline}: ${problem.details}`];
   const lines = [`✗ ${problem.headline}`, ''];
@@ -5203,11 +5191,8 @@ function paintErrorLine(line: string, index: number): string {
 
 /** A warning on stderr, in yellow. */
 function printWarning(io: Io, warning: Problem): void {
-  io.err(
-    problemLines(warning)
-      .map((line) => err.yellow(line))
-      .join('\n'),
-  );
+  const lines = problemLines(warning).map((line) => err.yellow(line));
+  io.err(lines.join('\n'));
 }
 
 // ─── CLI: modes and settings ────────────────────────────────────────────────────────────
@@ -5240,9 +5225,7 @@ export type Mode =
   | { command: 'restore'; file: string; target: string }
   | { command: 'drill'; file: string };
 
-/**
- * Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file".
- */
+/** Pure: what the options ask for. `--verify` takes a FILE, except after --list: "re-read every file". */
 export function chooseMode(opts: Partial<CliOptions>): Mode {
   const mode = modeOf(opts);
   if (opts.maintenanceWorkMem !== undefined && mode.command !== 'restore' && mode.command !== 'drill') {
@@ -5435,12 +5418,10 @@ export function resolveSettings(
   const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
   const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
+  const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value));
   return {
     ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
-    stallTimeoutMs:
-      opts.stallTimeout ??
-      fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value)) ??
-      parseDuration(DEFAULT_STALL_TIMEOUT),
+    stallTimeoutMs: stallTimeoutMs ?? parseDuration(DEFAULT_STALL_TIMEOUT),
     search: pgBinDir ? { pgBinDir } : {},
     // --jobs sets the restore's pg_restore jobs only when given; else one per core.
     restore: {
