@@ -4030,21 +4030,11 @@ async function runPgRestore(
   const jobs = newerClient ? 1 : (tuning.jobs ?? Math.max(1, os.availableParallelism()));
   const settings = restoreSessionSettings(server.major, jobs, tuning.maintenanceWorkMemKb);
   const stopOnError = newerClient ? [] : ['--exit-on-error'];
-  const { child } = await startTethered(
-    pgRestore.path,
-    ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file],
-    signal,
-    {
-      // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
-      env: {
-        ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds),
-        LC_MESSAGES: 'C',
-        PGOPTIONS: pgOptions(settings),
-      },
-      stdin: 'ignore',
-      reject: false,
-    },
-  );
+  const args = ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file];
+  const libpq = libpqEnv({ ...config, database: target }, connectTimeoutSeconds);
+  // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
+  const env = { ...libpq, LC_MESSAGES: 'C', PGOPTIONS: pgOptions(settings) };
+  const { child } = await startTethered(pgRestore.path, args, signal, { env, stdin: 'ignore', reject: false });
   const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.exitCode === 0) return { jobs, settings, skippedSettings: [] };
@@ -4578,13 +4568,8 @@ async function runFailureCommand(
 ): Promise<void> {
   const { execa } = await loadExeca();
   const env = hookEnvironment(record, process.env, secrets);
-  const result = await execa('/bin/sh', ['-c', command], {
-    env,
-    extendEnv: false,
-    stdin: 'ignore',
-    timeout: 60_000,
-    reject: false,
-  });
+  const options = { env, extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false } as const;
+  const result = await execa('/bin/sh', ['-c', command], options);
   if (result.exitCode === 0) return;
   const lastLine = String(result.stderr).trim().split('\n').at(-1) ?? '';
   const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${lastLine}`;
@@ -5163,13 +5148,7 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
  * Print a run's human text or its --json document: a result, masked here before it is serialised
  * or painted, or the run's problem, masked when it was built.
  */
-function printOutcome(
-  io: Io,
-  json: boolean,
-  outcome: Outcome,
-  problem: Problem | undefined,
-  secrets: readonly string[],
-): void {
+function printOutcome(io: Io, json: boolean, outcome: Outcome, secrets: readonly string[], problem?: Problem): void {
   const { result } = outcome;
   if (json) {
     const document = result ? redact(result.document, secrets) : problemDocument(problem!);
@@ -5853,7 +5832,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     // Commander has printed its message on stderr; a bad command line is a configuration error.
     const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
     const problem = failureProblem(failure, OPERATION_NAMES.backup, secrets);
-    if (json) printOutcome(io, true, failedOutcome('backup', failure), problem, secrets);
+    if (json) printOutcome(io, true, failedOutcome('backup', failure), secrets, problem);
     return EXIT.CONFIG;
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
@@ -5892,7 +5871,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const operation = OPERATION_NAMES[outcome.command];
   let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets);
   try {
-    printOutcome(io, json, outcome, problem, secrets);
+    printOutcome(io, json, outcome, secrets, problem);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
     const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));
