@@ -4017,13 +4017,11 @@ function pgOptions(settings: Record<string, string>): string {
  * workers interleave their messages and pg_restore's error count leaves out the workers' errors.
  */
 async function runPgRestore(
-  pgRestore: PgTool,
+  { pgRestore, filePath: file }: { pgRestore: PgTool; filePath: string },
   config: DbConfig,
   target: string,
-  file: string,
   server: ServerInfo,
-  connectTimeoutSeconds: number,
-  tuning: RestoreTuning,
+  { connectTimeoutSeconds, tuning }: { connectTimeoutSeconds: number; tuning: RestoreTuning },
   signal: AbortSignal,
 ): Promise<PgRestoreRun> {
   const newerClient = pgRestore.major > server.major;
@@ -4109,15 +4107,8 @@ async function restorableArchive(search: ClientSearch, file: string, force: bool
     const { quick, complete } = await startVerify(file, search);
     // --force needs to know now what it goes past.
     if (force) await complete;
-    const { filePath, metadataPath, metadata } = quick;
-    return {
-      filePath,
-      metadataPath,
-      toc: quick.inspection.toc,
-      pgRestore: quick.client!.pgRestore,
-      metadata,
-      checksum: complete,
-    };
+    const { filePath, metadataPath, metadata, inspection, client } = quick;
+    return { filePath, metadataPath, toc: inspection.toc, pgRestore: client!.pgRestore, metadata, checksum: complete };
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
@@ -4269,16 +4260,7 @@ async function restorePipeline(
       let counts: Record<string, number> | undefined;
       let filled = false;
       try {
-        run = await runPgRestore(
-          archive.pgRestore,
-          config,
-          target,
-          archive.filePath,
-          server,
-          timeout,
-          request.tuning,
-          abortOnFailure(archive.checksum, signal),
-        );
+        run = await runPgRestore(archive, config, target, server, request, abortOnFailure(archive.checksum, signal));
         await archive.checksum;
         durationMs = Date.now() - started;
         filled = true;
