@@ -2036,23 +2036,14 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
-      const scope = {
-        database: config.database,
-        environment: config.environment,
-        policy: options.retention,
-        justMade: published.metadata.backup_file,
-      };
-      return {
-        ...published,
-        removedStaleFiles,
-        retention: await applyRetention(options.outputDir, scope, options.dryRun, options.search),
-      };
+      const retention = await applyRetention(config, options, published.metadata.backup_file);
+      return { ...published, removedStaleFiles, retention };
     } catch (error) {
-      const failure =
+      const retentionError =
         error instanceof BackupError
           ? error
           : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
-      return { ...published, removedStaleFiles, retentionError: failure };
+      return { ...published, removedStaleFiles, retentionError };
     }
   } finally {
     await lock.release();
@@ -2075,6 +2066,7 @@ interface BackupJob {
  */
 async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
   const { client, config, options } = job;
+  const { outputDir } = options;
   // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
   // database session stop, and the reason is what gets reported.
   const run = new AbortController();
@@ -2099,19 +2091,10 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     const { rows: extensions } = await client.query<ExtensionVersion>(
       'SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1',
     );
-    await assertDiskSpace(
-      options.outputDir,
-      tables.reduce((sum, table) => sum + table.data_bytes, 0),
-      compression,
-    );
+    const tableBytes = tables.reduce((sum, table) => sum + table.data_bytes, 0);
+    await assertDiskSpace(outputDir, tableBytes, compression);
     const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
-    const reserved = await reserveBackupName(
-      options.outputDir,
-      config.database,
-      config.environment,
-      new Date(),
-      format,
-    );
+    const reserved = await reserveBackupName(outputDir, config.database, config.environment, new Date(), format);
     created.push(reserved.partialPath);
 
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
@@ -2160,22 +2143,22 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       extensions,
     };
     // Check the file before it gets its final name: size on disk, archive structure, table data.
-    const metadataPath = path.join(options.outputDir, metadataFileName(reserved.name));
+    const metadataPath = path.join(outputDir, metadataFileName(reserved.name));
     const inspection = await checkBackupFile(tools.pgRestore, reserved.partialPath, metadata, dump);
     if (failedChecks(inspection.checks).length > 0) {
       throw verificationError({ filePath: reserved.dumpPath, metadataPath, metadata, inspection });
     }
     created.push(metadataPath);
     await writeFileAtomic(metadataPath, `${JSON.stringify(metadata, null, 2)}\n`).catch((error: unknown) => {
-      throw fileSystemError(error, 'Writing the metadata failed', options.outputDir);
+      throw fileSystemError(error, 'Writing the metadata failed', outputDir);
     });
     run.signal.throwIfAborted();
     await fs.rename(reserved.partialPath, reserved.dumpPath);
-    await syncDirectory(options.outputDir);
+    await syncDirectory(outputDir);
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
     await Promise.all(created.map(removeQuietly));
-    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, options.outputDir);
+    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
   } finally {
     signal.removeEventListener('abort', onInterrupt);
   }
@@ -2241,47 +2224,40 @@ const isTimestamp = (value: unknown) =>
 const isTableMap = (value: unknown, valid: (entry: unknown) => boolean) =>
   isPlainObject(value) && Object.values(value).every(valid);
 
+type FieldRule = { required: boolean; valid: (value: unknown) => boolean; rule: string };
+const required = (valid: FieldRule['valid'], rule: string): FieldRule => ({ required: true, valid, rule });
+const optional = (valid: FieldRule['valid'], rule: string): FieldRule => ({ required: false, valid, rule });
+
 /**
  * The data model's fields (all required) and the tool's own (optional, since metadata written by
  * other tools lacks them): every field the tool reads, with the shape it must have. A metadata
  * file is untrusted input, so nothing is read from one that breaks a rule.
  */
-const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown) => boolean; rule: string }> = {
-  backup_timestamp: { required: true, valid: isTimestamp, rule: 'must be an ISO 8601 timestamp' },
-  environment: { required: true, valid: (v) => v === 'dev' || v === 'prod', rule: 'must be "dev" or "prod"' },
-  database_name: { required: true, valid: isNonEmptyString, rule: 'must be a non-empty string' },
-  backup_file: { required: true, valid: isNonEmptyString, rule: 'must be a file name' },
-  backup_size_bytes: { required: true, valid: (v) => isWholeNumber(v, 1), rule: 'must be a positive integer' },
-  checksum_sha256: {
-    required: true,
-    valid: (v) => typeof v === 'string' && /^[0-9a-f]{64}$/i.test(v),
-    rule: 'must be 64 hexadecimal digits',
-  },
-  table_counts: {
-    required: true,
-    valid: (v) => isTableMap(v, (n) => isWholeNumber(n)) && Object.keys(v as object).length > 0,
-    rule: 'must map at least one table to a row count',
-  },
-  pg_dump_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
-  postgresql_version: { required: true, valid: isNonEmptyString, rule: 'must be a version string' },
-  format: {
-    required: false,
-    valid: (v) => v === 'custom' || v === 'directory',
-    rule: 'must be "custom" or "directory"',
-  },
-  jobs: { required: false, valid: (v) => isWholeNumber(v, 1, 1024), rule: 'must be a whole number of workers' },
-  compression: { required: false, valid: isNonEmptyString, rule: 'must be a compression setting' },
-  duration_ms: { required: false, valid: (v) => isWholeNumber(v), rule: 'must be a whole number of milliseconds' },
-  snapshot_consistent: { required: false, valid: (v) => typeof v === 'boolean', rule: 'must be true or false' },
-  tool_version: { required: false, valid: isNonEmptyString, rule: 'must be a version string' },
-  table_data_oids: {
-    required: false,
-    valid: (v) => isTableMap(v, (oids) => Array.isArray(oids) && oids.every((oid) => isWholeNumber(oid, 1))),
-    rule: 'must map tables to lists of OIDs',
-  },
-  last_restore_test: {
-    required: false,
-    valid: (v) =>
+const METADATA_RULES: Record<string, FieldRule> = {
+  backup_timestamp: required(isTimestamp, 'must be an ISO 8601 timestamp'),
+  environment: required((v) => v === 'dev' || v === 'prod', 'must be "dev" or "prod"'),
+  database_name: required(isNonEmptyString, 'must be a non-empty string'),
+  backup_file: required(isNonEmptyString, 'must be a file name'),
+  backup_size_bytes: required((v) => isWholeNumber(v, 1), 'must be a positive integer'),
+  checksum_sha256: required((v) => typeof v === 'string' && /^[0-9a-f]{64}$/i.test(v), 'must be 64 hexadecimal digits'),
+  table_counts: required(
+    (v) => isTableMap(v, (n) => isWholeNumber(n)) && Object.keys(v as object).length > 0,
+    'must map at least one table to a row count',
+  ),
+  pg_dump_version: required(isNonEmptyString, 'must be a version string'),
+  postgresql_version: required(isNonEmptyString, 'must be a version string'),
+  format: optional((v) => v === 'custom' || v === 'directory', 'must be "custom" or "directory"'),
+  jobs: optional((v) => isWholeNumber(v, 1, 1024), 'must be a whole number of workers'),
+  compression: optional(isNonEmptyString, 'must be a compression setting'),
+  duration_ms: optional((v) => isWholeNumber(v), 'must be a whole number of milliseconds'),
+  snapshot_consistent: optional((v) => typeof v === 'boolean', 'must be true or false'),
+  tool_version: optional(isNonEmptyString, 'must be a version string'),
+  table_data_oids: optional(
+    (v) => isTableMap(v, (oids) => Array.isArray(oids) && oids.every((oid) => isWholeNumber(oid, 1))),
+    'must map tables to lists of OIDs',
+  ),
+  last_restore_test: optional(
+    (v) =>
       isPlainObject(v) &&
       isTimestamp(v.time) &&
       typeof v.ok === 'boolean' &&
@@ -2291,23 +2267,22 @@ const METADATA_RULES: Record<string, { required: boolean; valid: (value: unknown
       isWholeNumber(v.tables) &&
       Array.isArray(v.mismatches) &&
       v.mismatches.every((table) => typeof table === 'string'),
-    rule: 'must be a restore test record (time, ok, duration_ms, server, server_version, tables, mismatches)',
-  },
-  extensions: {
-    required: false,
-    valid: (v) =>
+    'must be a restore test record (time, ok, duration_ms, server, server_version, tables, mismatches)',
+  ),
+  extensions: optional(
+    (v) =>
       Array.isArray(v) && v.every((e) => isPlainObject(e) && isNonEmptyString(e.name) && isNonEmptyString(e.version)),
-    rule: 'must list extensions with their versions',
-  },
+    'must list extensions with their versions',
+  ),
 };
 
 /** Pure: everything wrong with a parsed metadata document under the rules above; [] if valid. */
 export function metadataProblems(value: unknown, dumpFileName?: string): string[] {
   if (!isPlainObject(value)) return ['it is not a JSON object'];
   const problems: string[] = [];
-  for (const [field, { required, valid, rule }] of Object.entries(METADATA_RULES)) {
+  for (const [field, { required: isRequired, valid, rule }] of Object.entries(METADATA_RULES)) {
     if (!Object.hasOwn(value, field)) {
-      if (required) problems.push(`${field} is missing`);
+      if (isRequired) problems.push(`${field} is missing`);
     } else if (!valid(value[field])) {
       problems.push(`${field} ${rule} (found ${String(JSON.stringify(value[field])).slice(0, 80)})`);
     }
@@ -2345,25 +2320,21 @@ export type MetadataLoad =
 
 /** Read and validate the metadata of `dumpFileName`; never throws, so --list can show every state. */
 async function loadMetadata(metadataPath: string, dumpFileName: string): Promise<MetadataLoad> {
+  const invalid = (problem: string): MetadataLoad => ({ status: 'invalid', problems: [problem] });
   let value: unknown;
   try {
     const { size } = await fs.stat(metadataPath);
-    if (size > MAX_METADATA_BYTES)
-      return { status: 'invalid', problems: [`it is ${formatBytes(size)}, more than metadata ever is`] };
+    if (size > MAX_METADATA_BYTES) return invalid(`it is ${formatBytes(size)}, more than metadata ever is`);
     const text = await fs.readFile(metadataPath, 'utf8');
-    if (jsonDepth(text) > MAX_METADATA_DEPTH)
-      return { status: 'invalid', problems: [`it nests more than ${MAX_METADATA_DEPTH} levels deep`] };
+    if (jsonDepth(text) > MAX_METADATA_DEPTH) return invalid(`it nests more than ${MAX_METADATA_DEPTH} levels deep`);
     value = JSON.parse(text);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
-    return {
-      status: 'invalid',
-      problems: [
-        error instanceof SyntaxError
-          ? `it is not valid JSON: ${error.message}`
-          : `it cannot be read: ${errorText(error)}`,
-      ],
-    };
+    return invalid(
+      error instanceof SyntaxError
+        ? `it is not valid JSON: ${error.message}`
+        : `it cannot be read: ${errorText(error)}`,
+    );
   }
   const problems = metadataProblems(value, dumpFileName);
   return problems.length === 0 ? { status: 'ok', metadata: value as BackupMetadata } : { status: 'invalid', problems };
@@ -2620,11 +2591,9 @@ export function tablesWithoutData(
   entries: TocTableEntry[],
 ): string[] {
   const dataOids = new Set(entries.filter((entry) => entry.kind === 'TABLE DATA').map((entry) => entry.oid));
+  const recorded = metadata.table_data_oids ?? {};
   return Object.keys(metadata.table_counts).filter((key) => {
-    const expected =
-      metadata.table_data_oids && Object.hasOwn(metadata.table_data_oids, key)
-        ? metadata.table_data_oids[key]
-        : undefined;
+    const expected = Object.hasOwn(recorded, key) ? recorded[key] : undefined;
     if (expected) return !expected.every((oid) => dataOids.has(oid));
     return !tableNameCandidates(key).some(([schema, table]) =>
       entries.some((entry) => tagNames(entry.tag, schema, table)),
@@ -2702,19 +2671,14 @@ function fileInspection(
 ): FileInspection {
   const { size, listing, missingTables } = structure;
   const expectedHash = metadata.checksum_sha256.toLowerCase();
+  const expected = shortHash(expectedHash);
   const tableCount = Object.keys(metadata.table_counts).length;
   const checks: FileChecks = {
     checksum: !hash
       ? { ok: true, summary: 'Being re-read' }
-      : hash.sha256 === expectedHash
-        ? {
-            ok: true,
-            summary:
-              hash.how === 'streamed'
-                ? `Computed while writing (${shortHash(expectedHash)})`
-                : `Match (${shortHash(expectedHash)})`,
-          }
-        : { ok: false, summary: `Mismatch (expected ${shortHash(expectedHash)}, found ${shortHash(hash.sha256)})` },
+      : hash.sha256 !== expectedHash
+        ? { ok: false, summary: `Mismatch (expected ${expected}, found ${shortHash(hash.sha256)})` }
+        : { ok: true, summary: `${hash.how === 'streamed' ? 'Computed while writing' : 'Match'} (${expected})` },
     size:
       size === metadata.backup_size_bytes
         ? { ok: true, summary: formatBytes(size) }
@@ -2736,21 +2700,18 @@ function fileInspection(
 }
 
 /**
- * Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table
- * data. `streamed` is the hash a new backup computed while writing: the file was just written and
- * would be read back from the page cache, so hashing it again would cost a full read and prove
- * nothing the size, the archive's structure and the streamed hash do not. Later checks (--verify)
- * read every byte.
+ * Check a backup file against its metadata: its bytes (SHA-256, size), archive structure, table data.
+ * `streamed` is the hash a new backup computed while writing: hashing the file just written again would
+ * cost a full read (from the page cache) and prove nothing more. Later checks (--verify) read every byte.
  */
 async function checkBackupFile(
-  pgRestore: PgTool | undefined,
+  pgRestore: PgTool,
   filePath: string,
   metadata: BackupMetadata,
   streamed?: DumpOutcome,
-  whyNoClient?: string,
 ): Promise<FileInspection> {
   const [structure, bytes] = await Promise.all([
-    inspectStructure(pgRestore, filePath, metadata, whyNoClient),
+    inspectStructure(pgRestore, filePath, metadata),
     streamed ?? hashBackup(filePath),
   ]);
   return fileInspection(metadata, structure, { sha256: bytes.sha256, how: streamed ? 'streamed' : 'read' });
@@ -3020,29 +2981,21 @@ async function describeBackup(
     database: metadata.database_name,
     ...(drill ? { restoreTest: { time: drill.time, ok: drill.ok } } : {}),
   };
+  const failing = (status: ListStatus, problems: string[]): ListEntry => ({ ...described, status, problems });
   if (entry.sizeBytes !== metadata.backup_size_bytes) {
-    return {
-      ...described,
-      status: 'size_mismatch',
-      problems: [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`],
-    };
+    return failing('size_mismatch', [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`]);
   }
   if (!restoreClientFor) return described;
   let client: PgClient;
   try {
     client = await restoreClientFor(await readArchiveHeader(filePath));
   } catch (error) {
-    return {
-      ...described,
-      status: 'unreadable_archive',
-      problems: [error instanceof BackupError ? error.details : errorText(error)],
-    };
+    return failing('unreadable_archive', [error instanceof BackupError ? error.details : errorText(error)]);
   }
   const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
   const failed = failedChecks(checks);
-  return failed.length === 0
-    ? described
-    : { ...described, status: FILE_CHECKS[failed[0]!].status, problems: failed.map((check) => checks[check].summary) };
+  const problems = failed.map((check) => checks[check].summary);
+  return failed.length === 0 ? described : failing(FILE_CHECKS[failed[0]!].status, problems);
 }
 
 /** What a directory entry says by itself (name, size, age); undefined unless a file or directory. */
@@ -3134,13 +3087,9 @@ export function describePolicy(policy: RetentionPolicy): string {
 /** Building an Intl formatter costs far more than using one: one per time zone. */
 const dayFormatters = new Map<string, Intl.DateTimeFormat>();
 function dayFormatter(timeZone: string): Intl.DateTimeFormat {
-  let formatter = dayFormatters.get(timeZone);
-  if (!formatter)
-    dayFormatters.set(
-      timeZone,
-      (formatter = new Intl.DateTimeFormat('en-US', { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' })),
-    );
-  return formatter;
+  const options = { timeZone, year: 'numeric', month: '2-digit', day: '2-digit' } as const;
+  if (!dayFormatters.has(timeZone)) dayFormatters.set(timeZone, new Intl.DateTimeFormat('en-US', options));
+  return dayFormatters.get(timeZone)!;
 }
 
 /**
@@ -3194,14 +3143,12 @@ export function selectRetention<T extends { time: Date; file: string }>(
     kept: 0,
   }));
   return newestFirst(items).map((item, index) => {
-    const buckets = calendarBuckets(item.time, timeZone);
+    const { day, week, month } = calendarBuckets(item.time, timeZone);
+    const buckets = { last: String(index), daily: day, weekly: week, monthly: month };
     const reasons = index === 0 ? ['newest backup'] : [];
     for (const rule of rules) {
       if (rule.remaining <= 0) continue;
-      const bucket =
-        rule.name === 'last'
-          ? String(index)
-          : buckets[rule.name === 'daily' ? 'day' : rule.name === 'weekly' ? 'week' : 'month'];
+      const bucket = buckets[rule.name];
       if (bucket === rule.previous) continue;
       rule.previous = bucket;
       rule.remaining--;
@@ -3245,11 +3192,10 @@ export interface RetentionScope {
 }
 
 /**
- * Pure: the retention plan for one database and environment among a directory's entries. Only
- * backups that pass the quick check count; a backup dated after now (a wrong clock, a copied
- * file) is left alone, so it can neither be kept in place of real ones nor displace them; the
- * run's own new backup is always kept; and unless that new backup is the newest one kept, the
- * newest one kept is named for a full check, because deleting anything relies on it.
+ * Pure: the retention plan for one database and environment. Only backups that pass the quick check
+ * count; one dated after now (a wrong clock, a copied file) is left alone, so it can neither be kept in
+ * place of real ones nor displace them; the run's own new backup is always kept; and unless it is the
+ * newest kept, the newest kept is named for a full check, because deleting anything relies on it.
  */
 export function planRetention(entries: ListEntry[], scope: RetentionScope): RetentionPlan {
   const ours = entries.filter((e) => e.database === scope.database && e.environment === scope.environment);
@@ -3287,22 +3233,22 @@ export interface RetentionReport extends RetentionPlan {
 }
 
 /**
- * Apply the policy to one database+environment in `dir`, under its lock. Nothing is deleted
- * until the newest backup that stays has passed the full check (a re-read of every byte), unless
- * it is the backup this run has just made; if it fails, nothing is deleted (exit 8). A dump is
- * deleted before its metadata: a crash in between leaves an orphaned metadata file, which the
- * next backup removes.
+ * Apply the policy to one database+environment, under its lock. Nothing is deleted until the newest
+ * backup that stays has passed the full check (a re-read of every byte), unless this run has just made
+ * it; if it fails, nothing is deleted (exit 8). A dump is deleted before its metadata: a crash in between
+ * leaves an orphaned metadata file, which the next backup removes.
  */
 async function applyRetention(
-  dir: string,
-  scope: Omit<RetentionScope, 'timeZone' | 'now'>,
-  dryRun: boolean,
-  search: ClientSearch,
+  config: DbConfig,
+  options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
+  justMade?: string,
 ): Promise<RetentionReport> {
+  const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
   const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
-  const plan = planRetention(listing.backups, { ...scope, timeZone, now: new Date() });
-  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), search);
+  const { database, environment } = config;
+  const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), justMade });
+  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
   if (!dryRun) {
     for (const backup of doomed) {
@@ -3313,7 +3259,7 @@ async function applyRetention(
   }
   return {
     ...plan,
-    policy: scope.policy,
+    policy,
     timeZone,
     dryRun,
     deleted: doomed.map((b) => b.file),
@@ -3357,8 +3303,7 @@ async function runPrune(
   if (!(await pathExists(options.outputDir))) return undefined;
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
-    const scope = { database: config.database, environment: config.environment, policy: options.retention };
-    return await applyRetention(options.outputDir, scope, options.dryRun, options.search);
+    return await applyRetention(config, options);
   } finally {
     await lock.release();
   }
@@ -3388,11 +3333,8 @@ export function judgeFreshness(
   scope: Pick<RetentionScope, 'database' | 'environment' | 'now'>,
   maxAgeMs: number,
 ): Freshness {
-  const plan = planRetention(entries, {
-    ...scope,
-    policy: { last: 0, daily: 0, weekly: 0, monthly: 0 },
-    timeZone: 'UTC',
-  });
+  const noRules = { last: 0, daily: 0, weekly: 0, monthly: 0 };
+  const plan = planRetention(entries, { ...scope, policy: noRules, timeZone: 'UTC' });
   const newest = plan.decisions[0]?.item;
   const ageMs = newest && Math.max(0, scope.now.getTime() - newest.time.getTime());
   return {
@@ -3437,6 +3379,13 @@ async function runCheck(
   );
   const what = `${config.database} (${config.environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
+  const hints = [
+    'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
+    `Take a backup now: npx tsx backup_db.ts --env ${config.environment} --output-dir ${displayPath(outputDir)}`,
+    `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
+  ];
+  const stale = (title: string, details: string) =>
+    new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { data });
   if (!freshness.newest) {
     const { notCounted } = freshness;
     const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
@@ -3444,34 +3393,17 @@ async function runCheck(
       notCounted.length > 0
         ? `; ${plural(notCounted.length, 'file')} there ${notCounted.length === 1 ? 'does' : 'do'} not count (${why})`
         : '';
-    throw new BackupError(
-      EXIT.VERIFY_FAILED,
-      'No backup found',
-      `no backup of ${what} passes the quick check${others}`,
-      freshnessHints(config, outputDir),
-      { data },
-    );
+    throw stale('No backup found', `no backup of ${what} passes the quick check${others}`);
   }
   if (!freshness.ok) {
-    throw new BackupError(
-      EXIT.VERIFY_FAILED,
+    throw stale(
       'The newest backup is too old',
       `the newest backup of ${what} is ${formatAge(freshness.ageMs!)} old, more than ${formatAge(maxAgeMs)}: ` +
         `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
-      freshnessHints(config, outputDir),
-      { data },
     );
   }
   if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search);
   return freshness;
-}
-
-function freshnessHints(config: DbConfig, outputDir: string): string[] {
-  return [
-    'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
-    `Take a backup now: npx tsx backup_db.ts --env ${config.environment} --output-dir ${displayPath(outputDir)}`,
-    `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
-  ];
 }
 
 /** The --json document of a check (`ok` and `command` are added when printed). */
@@ -3523,12 +3455,10 @@ export function archiveExtensions(toc: string): string[] {
 const CONTRIB_EXTENSIONS = new Set(
   (
     'adminpack amcheck autoinc bloom btree_gin btree_gist citext cube dblink dict_int dict_xsyn earthdistance ' +
-    'file_fdw fuzzystrmatch ' +
-    'hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot pageinspect pg_buffercache ' +
-    'pg_freespacemap ' +
-    'pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility pg_walinspect pgcrypto pgrowlocks pgstattuple ' +
-    'postgres_fdw ' +
-    'refint seg sslinfo tablefunc tcn tsm_system_rows tsm_system_time unaccent uuid-ossp xml2'
+    'file_fdw fuzzystrmatch hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot ' +
+    'pageinspect pg_buffercache pg_freespacemap pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility ' +
+    'pg_walinspect pgcrypto pgrowlocks pgstattuple postgres_fdw refint seg sslinfo tablefunc tcn ' +
+    'tsm_system_rows tsm_system_time unaccent uuid-ossp xml2'
   ).split(' '),
 );
 const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
@@ -3609,14 +3539,9 @@ export function isProductionTarget(check: ProdCheck): 'yes' | 'no' | 'unknown' {
 
 /** The cluster's system identifier, or undefined where it cannot be read (PostgreSQL 9.6 and older). */
 async function clusterIdentifier(client: pg.Client): Promise<string | undefined> {
-  try {
-    const { rows } = await client.query<{ id: string }>(
-      'SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()',
-    );
-    return rows[0]?.id;
-  } catch {
-    return undefined;
-  }
+  const sql = 'SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()';
+  const result = await client.query<{ id: string }>(sql).catch(() => undefined);
+  return result?.rows[0]?.id;
 }
 
 export interface ProdGuard {
@@ -3628,10 +3553,9 @@ export interface ProdGuard {
 }
 
 /**
- * Restoring over production needs intent twice over: `--env prod`, and either
- * `--i-know-this-is-prod` or the database's name typed on a terminal. When the configured
- * production server cannot be reached or identified, a --clean restore into a database of its
- * name needs the same: it might be production.
+ * Restoring over production needs intent twice over: `--env prod`, and either `--i-know-this-is-prod`
+ * or the database's name typed on a terminal. When the configured production server cannot be reached
+ * or identified, a --clean restore into a database of its name needs the same: it might be production.
  */
 async function assertProdRestoreAllowed(
   vars: EnvVars,
@@ -3649,14 +3573,9 @@ async function assertProdRestoreAllowed(
   if (target !== prodConfig.database) return;
   const prod: NonNullable<ProdCheck['prod']> = { database: prodConfig.database };
   try {
-    await withClient(
-      prodConfig,
-      request.connectTimeoutSeconds,
-      async (client) => {
-        prod.cluster = await clusterIdentifier(client);
-      },
-      { maintenance: true },
-    );
+    prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
+      maintenance: true,
+    });
     if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
   } catch (error) {
     prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
@@ -3687,9 +3606,8 @@ async function assertProdRestoreAllowed(
 }
 
 /**
- * One restore into a target at a time: two that found it missing (or empty) would both create (or
- * fill) it. A session-level advisory lock on the administrative connection, held until the run
- * ends, however it ends.
+ * One restore into a target at a time: two that found it missing (or empty) would both create (or fill)
+ * it. A session-level advisory lock on the administrative connection, held until the run ends, however it ends.
  */
 async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: string): Promise<void> {
   const { rows } = await admin.query<{ ok: boolean }>(
@@ -3886,9 +3804,7 @@ export function formatMemory(kb: number): string {
   return `${kb}kB`;
 }
 
-/**
- * Pure: "512MB", "1GB", "65536kB" (PostgreSQL's units; a bare number is MB) → kilobytes, within PostgreSQL's limits.
- */
+/** Pure: "512MB", "1GB", "65536kB" (PostgreSQL's units; a bare number is MB) → kilobytes, within its limits. */
 export function parseMemory(value: string): number {
   const match = /^\s*(\d+)\s*(kB|MB|GB|TB)?\s*$/i.exec(value);
   const factor = { kb: 1, mb: 1024, gb: 1024 ** 2, tb: 1024 ** 3 }[
@@ -3913,34 +3829,22 @@ function pgOptions(settings: Record<string, string>): string {
  * workers interleave their messages and pg_restore's error count leaves out the workers' errors.
  */
 async function runPgRestore(
-  pgRestore: PgTool,
+  { pgRestore, filePath: file }: { pgRestore: PgTool; filePath: string },
   config: DbConfig,
   target: string,
-  file: string,
   server: ServerInfo,
-  connectTimeoutSeconds: number,
-  tuning: RestoreTuning,
+  { connectTimeoutSeconds, tuning }: { connectTimeoutSeconds: number; tuning: RestoreTuning },
   signal: AbortSignal,
 ): Promise<PgRestoreRun> {
   const newerClient = pgRestore.major > server.major;
   const jobs = newerClient ? 1 : (tuning.jobs ?? Math.max(1, os.availableParallelism()));
   const settings = restoreSessionSettings(server.major, jobs, tuning.maintenanceWorkMemKb);
   const stopOnError = newerClient ? [] : ['--exit-on-error'];
-  const { child } = await startTethered(
-    pgRestore.path,
-    ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file],
-    signal,
-    {
-      // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
-      env: {
-        ...libpqEnv({ ...config, database: target }, connectTimeoutSeconds),
-        LC_MESSAGES: 'C',
-        PGOPTIONS: pgOptions(settings),
-      },
-      stdin: 'ignore',
-      reject: false,
-    },
-  );
+  const args = ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file];
+  const libpq = libpqEnv({ ...config, database: target }, connectTimeoutSeconds);
+  // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
+  const env = { ...libpq, LC_MESSAGES: 'C', PGOPTIONS: pgOptions(settings) };
+  const { child } = await startTethered(pgRestore.path, args, signal, { env, stdin: 'ignore', reject: false });
   const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.exitCode === 0) return { jobs, settings, skippedSettings: [] };
@@ -3981,9 +3885,7 @@ export interface RestoreOutcome {
   drill: boolean;
   server: string;
   serverVersion: string;
-  /**
-   * What happened to the target database: created, or dropped and created again (--clean), or used as found (empty).
-   */
+  /** What happened to the target: created, dropped and created again (--clean), or used as found (empty). */
   targetAction: 'created' | 'replaced' | 'used empty';
   durationMs: number;
   run: PgRestoreRun;
@@ -4017,15 +3919,8 @@ async function restorableArchive(search: ClientSearch, file: string, force: bool
     const { quick, complete } = await startVerify(file, search);
     // --force needs to know now what it goes past.
     if (force) await complete;
-    const { filePath, metadataPath, metadata } = quick;
-    return {
-      filePath,
-      metadataPath,
-      toc: quick.inspection.toc,
-      pgRestore: quick.client!.pgRestore,
-      metadata,
-      checksum: complete,
-    };
+    const { filePath, metadataPath, metadata, inspection, client } = quick;
+    return { filePath, metadataPath, toc: inspection.toc, pgRestore: client!.pgRestore, metadata, checksum: complete };
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
@@ -4124,19 +4019,15 @@ async function runRestore(
   request: RestoreRequest,
   signal: AbortSignal,
 ): Promise<RestoreOutcome> {
-  const drill = request.target === undefined;
-  if (!drill) return restorePipeline(config, vars, request, validateName(request.target!, '--target-db'), signal);
+  if (request.target !== undefined)
+    return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
   const started = Date.now();
+  const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
   try {
-    return await restorePipeline(
-      config,
-      vars,
-      request,
-      `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`,
-      signal,
-    );
+    return await restorePipeline(config, vars, request, scratch, signal);
   } catch (error) {
-    await recordFailedDrill(path.resolve(request.file), config, error, Date.now() - started);
+    const server = `${config.host}:${config.port}`;
+    await recordFailedDrill(path.resolve(request.file), server, error, Date.now() - started);
     throw error;
   }
 }
@@ -4181,16 +4072,7 @@ async function restorePipeline(
       let counts: Record<string, number> | undefined;
       let filled = false;
       try {
-        run = await runPgRestore(
-          archive.pgRestore,
-          config,
-          target,
-          archive.filePath,
-          server,
-          timeout,
-          request.tuning,
-          abortOnFailure(archive.checksum, signal),
-        );
+        run = await runPgRestore(archive, config, target, server, request, abortOnFailure(archive.checksum, signal));
         await archive.checksum;
         durationMs = Date.now() - started;
         filled = true;
@@ -4269,12 +4151,7 @@ async function recordRestoreTest(
  * connection, an interrupt) leaves the record alone, as does a backup whose metadata is not valid.
  * Best effort: recording never replaces the failure being reported.
  */
-async function recordFailedDrill(
-  filePath: string,
-  config: DbConfig,
-  error: unknown,
-  durationMs: number,
-): Promise<void> {
+async function recordFailedDrill(filePath: string, server: string, error: unknown, durationMs: number): Promise<void> {
   if (!(error instanceof BackupError) || ![EXIT.BACKUP_FAILED, EXIT.VERIFY_FAILED].includes(error.exitCode as 7 | 8)) {
     return;
   }
@@ -4285,7 +4162,7 @@ async function recordFailedDrill(
     time: new Date().toISOString(),
     ok: false,
     duration_ms: durationMs,
-    server: `${config.host}:${config.port}`,
+    server,
     server_version: 'unknown',
     tables: 0,
     mismatches: [],
@@ -4348,10 +4225,7 @@ async function appendLog(file: string, line: string): Promise<void> {
   await fs.appendFile(file, line, { mode: 0o600 });
 }
 
-/**
- * Pure: the POST body of a redacted record. `text` is what Slack shows, `content` what Discord shows; the rest is for
- * machines.
- */
+/** Pure: the POST body of a redacted record: `text` for Slack, `content` for Discord, the rest for machines. */
 export function notificationPayload(record: RunRecord): Record<string, unknown> {
   const text = runSummary(record);
   return { text, content: text, ...record };
@@ -4456,12 +4330,8 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   const notify = record.outcome === 'failure' || automation.notifyOnSuccess;
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
-    const payload = notificationPayload(record);
-    tasks.push(
-      postNotification(automation.notifyUrl, payload).catch((error) =>
-        warn('notification_failed', 'Notification failed', error),
-      ),
-    );
+    const failed = (error: unknown) => warn('notification_failed', 'Notification failed', error);
+    tasks.push(postNotification(automation.notifyUrl, notificationPayload(record)).catch(failed));
   }
   if (record.command === 'backup' && automation.pingUrl) {
     const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
@@ -4473,14 +4343,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   }
   if (record.command === 'backup' && automation.metricsFile && record.database && record.environment) {
     const { database, environment, exit_code: exitCode, duration_ms: durationMs, size_bytes: sizeBytes } = record;
-    const run = {
-      database,
-      environment,
-      endedAt: new Date(),
-      exitCode,
-      durationMs,
-      ...(sizeBytes !== undefined ? { sizeBytes } : {}),
-    };
+    const run = { database, environment, endedAt: new Date(), exitCode, durationMs, sizeBytes };
     const failed = (error: unknown) =>
       warn('metrics_failed', `Could not write the metrics file ${automation.metricsFile}`, error);
     tasks.push(updateMetricsFile(automation.metricsFile, run).catch(failed));
@@ -4499,13 +4362,8 @@ async function runFailureCommand(
 ): Promise<void> {
   const { execa } = await loadExeca();
   const env = hookEnvironment(record, process.env, secrets);
-  const result = await execa('/bin/sh', ['-c', command], {
-    env,
-    extendEnv: false,
-    stdin: 'ignore',
-    timeout: 60_000,
-    reject: false,
-  });
+  const options = { env, extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false } as const;
+  const result = await execa('/bin/sh', ['-c', command], options);
   if (result.exitCode === 0) return;
   const lastLine = String(result.stderr).trim().split('\n').at(-1) ?? '';
   const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${lastLine}`;
@@ -4570,9 +4428,8 @@ export function parseMetrics(text: string): MetricSeries[] {
 
 /** Pure: the Prometheus text format (version 0.0.4) of the series, as node_exporter's textfile collector reads it. */
 export function renderMetrics(series: MetricSeries[]): string {
-  const sorted = [...series].sort((a, b) =>
-    a.database + '\0' + a.environment < b.database + '\0' + b.environment ? -1 : 1,
-  );
+  const key = (s: MetricSeries) => `${s.database}\0${s.environment}`;
+  const sorted = [...series].sort((a, b) => (key(a) < key(b) ? -1 : 1));
   const lines: string[] = [];
   for (const [name, help] of Object.entries(METRICS) as Array<[MetricName, string]>) {
     const samples = sorted.filter((s) => s.values[name] !== undefined);
@@ -4586,18 +4443,17 @@ export function renderMetrics(series: MetricSeries[]): string {
   return `${lines.join('\n')}\n`;
 }
 
+export interface MetricsRun {
+  database: string;
+  environment: string;
+  endedAt: Date;
+  exitCode: number;
+  durationMs: number;
+  sizeBytes?: number;
+}
+
 /** Pure: the series after one run of `database`; the last success and size stay as they were when it failed. */
-export function recordRunInMetrics(
-  series: MetricSeries[],
-  run: {
-    database: string;
-    environment: string;
-    endedAt: Date;
-    exitCode: number;
-    durationMs: number;
-    sizeBytes?: number;
-  },
-): MetricSeries[] {
+export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): MetricSeries[] {
   const isThis = (s: MetricSeries) => s.database === run.database && s.environment === run.environment;
   const previous = series.find(isThis)?.values ?? {};
   const ended = Math.round(run.endedAt.getTime() / 1000);
@@ -4621,7 +4477,7 @@ export function recordRunInMetrics(
  * atomically (temp file, fsync, rename; the temp name does not end in .prom, which the textfile
  * collector would read). Runs of other databases writing the same file take turns under a lock.
  */
-async function updateMetricsFile(file: string, run: Parameters<typeof recordRunInMetrics>[1]): Promise<void> {
+async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
   await fs.mkdir(path.dirname(file), { recursive: true });
   await withFileLock(`${file}.lock`, async () => {
     const text = await fs.readFile(file, 'utf8').catch((error: unknown) => {
@@ -4682,14 +4538,8 @@ export interface Text {
   err: string[];
 }
 
-function backupSummaryText({
-  dumpPath,
-  metadataPath,
-  metadata,
-  removedStaleFiles,
-  retention,
-  retentionError,
-}: BackupResult): Text {
+function backupSummaryText(result: BackupResult): Text {
+  const { dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError } = result;
   const lines = [
     '✓ Backup created successfully',
     '',
@@ -4709,13 +4559,8 @@ function backupSummaryText({
     );
   }
   if (retention?.dryRun) {
-    lines.push(
-      '',
-      ...retentionLines(retention, path.dirname(dumpPath), {
-        database: metadata.database_name,
-        environment: metadata.environment,
-      }),
-    );
+    const target = { database: metadata.database_name, environment: metadata.environment };
+    lines.push('', ...retentionLines(retention, path.dirname(dumpPath), target));
   } else if (retention) {
     const kept = retention.decisions.length - retention.deleted.length;
     const deleted =
@@ -4726,12 +4571,8 @@ function backupSummaryText({
   }
   if (!retentionError) return { out: lines, err: [] };
   const { title, details } = retentionError;
-  const warning = warningProblem(
-    `The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`,
-    details,
-    [],
-  );
-  return { out: lines, err: problemLines(warning) };
+  const headline = `The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`;
+  return { out: lines, err: problemLines(warningProblem(headline, details, [])) };
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
@@ -4859,6 +4700,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     ? `Scratch DB:  ${outcome.target} on ${outcome.server} (PostgreSQL ${outcome.serverVersion}; dropped)`
     : `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`;
   const skipped = run.skippedSettings;
+  const session = Object.entries(run.settings).map(([name, value]) => `${name}=${value}`);
   const lines = [
     outcome.drill ? '✓ Restore test passed' : '✓ Restore completed',
     '',
@@ -4866,9 +4708,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     ...(outcome.forcedPast ? [`Verified:    ✗ ${outcome.forcedPast} (restored anyway: --force)`] : []),
     where,
     `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${run.jobs})`,
-    `Session:     ${Object.entries(run.settings)
-      .map(([name, value]) => `${name}=${value}`)
-      .join(', ')}`,
+    `Session:     ${session.join(', ')}`,
     ...(skipped.length > 0
       ? [
           `Skipped:     SET ${skipped.join(', ')}: pg_restore is newer than the server, which lacks ` +
@@ -4982,10 +4822,7 @@ export function warningProblem(headline: string, details: string, secrets: reado
   );
 }
 
-/**
- * Pure: the contract's error text (what failed, the report, the tool's own message, numbered steps), or a warning's
- * line.
- */
+/** Pure: the contract's error text (what failed, the report, the tool's message, numbered steps), or a warning. */
 export function problemLines(problem: Problem): string[] {
   if (problem.level === 'warning') return [`⚠ ${problem.headline}: ${problem.details}`];
   const lines = [`✗ ${problem.headline}`, ''];
@@ -5105,13 +4942,7 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
  * Print a run's human text or its --json document: a result, masked here before it is serialised
  * or painted, or the run's problem, masked when it was built.
  */
-function printOutcome(
-  io: Io,
-  json: boolean,
-  outcome: Outcome,
-  problem: Problem | undefined,
-  secrets: readonly string[],
-): void {
+function printOutcome(io: Io, json: boolean, outcome: Outcome, secrets: readonly string[], problem?: Problem): void {
   const { result } = outcome;
   if (json) {
     const document = result ? redact(result.document, secrets) : problemDocument(problem!);
@@ -5133,52 +4964,29 @@ function paintErrorLine(line: string, index: number): string {
 
 /** A warning on stderr, in yellow. */
 function printWarning(io: Io, warning: Problem): void {
-  io.err(
-    problemLines(warning)
-      .map((line) => err.yellow(line))
-      .join('\n'),
-  );
+  const lines = problemLines(warning).map((line) => err.yellow(line));
+  io.err(lines.join('\n'));
 }
 
 // ─── CLI: modes and settings ────────────────────────────────────────────────────────────
 
-interface CliOptions {
+/** The command line as commander parses it: a flag is true or absent, a value is what its parser returned. */
+type CliOptions = {
   env: Environment | 'auto';
-  outputDir?: string;
   configDir: string;
-  compress?: string;
   connectTimeout: number;
   lockWaitTimeout: number;
   jobs: number;
-  verify?: string | true;
-  list?: true;
-  prune?: true;
-  dryRun?: true;
-  keepLast?: number;
-  keepDaily?: number;
-  keepWeekly?: number;
-  keepMonthly?: number;
-  logFile?: string;
-  notifyUrl?: string;
-  notifyOnSuccess?: true;
-  onFailure?: string;
-  restore?: string;
-  targetDb?: string;
-  clean?: true;
-  force?: true;
-  iKnowThisIsProd?: true;
-  restoreTest?: true;
-  pgBinDir?: string;
-  maintenanceWorkMem?: number;
-  check?: true;
-  maxAge?: number;
-  pingUrl?: string;
-  metricsFile?: string;
-  stallTimeout?: number;
   /** --jobs was given on the command line (not its default). */
   jobsGiven?: boolean;
-  json?: true;
-}
+  verify?: string | true;
+} & Partial<Record<CliFlag, true> & Record<CliPath | CliText, string> & Record<CliNumber, number>>;
+type CliFlag = 'list' | 'prune' | 'check' | 'json' | 'dryRun' | 'notifyOnSuccess' | 'restoreTest' | RestoreFlag;
+type RestoreFlag = 'clean' | 'force' | 'iKnowThisIsProd';
+type CliPath = 'outputDir' | 'logFile' | 'metricsFile' | 'pgBinDir' | 'restore';
+type CliText = 'compress' | 'notifyUrl' | 'pingUrl' | 'onFailure' | 'targetDb';
+type CliNumber =
+  'keepLast' | 'keepDaily' | 'keepWeekly' | 'keepMonthly' | 'maintenanceWorkMem' | 'maxAge' | 'stallTimeout';
 
 type CommandName = 'backup' | 'prune' | 'verify' | 'list' | 'restore' | 'drill' | 'check';
 export type Mode =
@@ -5190,25 +4998,8 @@ export type Mode =
   | { command: 'restore'; file: string; target: string }
   | { command: 'drill'; file: string };
 
-type ModeOptions = Pick<
-  CliOptions,
-  | 'verify'
-  | 'list'
-  | 'prune'
-  | 'restore'
-  | 'targetDb'
-  | 'clean'
-  | 'force'
-  | 'iKnowThisIsProd'
-  | 'restoreTest'
-  | 'maintenanceWorkMem'
-  | 'check'
->;
-
-/**
- * Pure: what the options ask for. `--verify` takes a FILE, except after --list, where it means "re-read every file".
- */
-export function chooseMode(opts: ModeOptions): Mode {
+/** Pure: what the options ask for. `--verify` takes a FILE, except after --list: "re-read every file". */
+export function chooseMode(opts: Partial<CliOptions>): Mode {
   const mode = modeOf(opts);
   if (opts.maintenanceWorkMem !== undefined && mode.command !== 'restore' && mode.command !== 'drill') {
     throw configError('--maintenance-work-mem only applies to --restore FILE and --verify FILE --restore-test', [
@@ -5218,7 +5009,7 @@ export function chooseMode(opts: ModeOptions): Mode {
   return mode;
 }
 
-function modeOf(opts: ModeOptions): Mode {
+function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {
     if (opts.restore !== undefined || opts.list || opts.prune || opts.restoreTest || typeof opts.verify === 'string') {
       throw configError('--check goes alone, or with --verify to re-read the newest backup', [
@@ -5268,7 +5059,7 @@ function modeOf(opts: ModeOptions): Mode {
   return opts.verify === undefined ? { command: 'backup' } : { command: 'verify', file: opts.verify };
 }
 
-function chooseRestore(opts: ModeOptions): Mode {
+function chooseRestore(opts: Partial<CliOptions>): Mode {
   if (opts.list || opts.prune || opts.verify !== undefined || opts.restoreTest) {
     throw configError('--restore cannot be combined with --list, --prune, --verify or --restore-test', [
       'Restore: --restore FILE --target-db NAME',
@@ -5400,12 +5191,10 @@ export function resolveSettings(
   const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
   const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
+  const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value));
   return {
     ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
-    stallTimeoutMs:
-      opts.stallTimeout ??
-      fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value)) ??
-      parseDuration(DEFAULT_STALL_TIMEOUT),
+    stallTimeoutMs: stallTimeoutMs ?? parseDuration(DEFAULT_STALL_TIMEOUT),
     search: pgBinDir ? { pgBinDir } : {},
     // --jobs sets the restore's pg_restore jobs only when given; else one per core.
     restore: {
@@ -5450,6 +5239,8 @@ export function credentialArguments(argv: readonly string[]): string[] {
 function buildProgram(json: boolean, secrets: readonly string[], io: Io): Command {
   const keep = (flag: string, what: string) =>
     new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
+  // Commander passes the previous value too, which parseDuration would take for its limit.
+  const parseTimeout = (value: string) => parseDuration(value);
   return new Command()
     .name('backup_db.ts')
     .description('Back up the dev or prod PostgreSQL database with pg_dump, write checksummed metadata, and verify it.')
@@ -5458,27 +5249,18 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
         .choices(['dev', 'prod', 'auto'])
         .default('auto'),
     )
-    .addOption(
-      new Option(
-        '--output-dir <dir>',
-        'directory for backups (default: db/backups/ in the project directory)',
-      ).argParser(nonEmptyPath),
+    .option('--output-dir <dir>', 'directory for backups (default: db/backups/ in the project directory)', nonEmptyPath)
+    .option(
+      '--verify [file]',
+      'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully ' +
+        'verify every backup',
     )
-    .addOption(
-      new Option(
-        '--verify [file]',
-        'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully ' +
-          'verify every backup',
-      ),
-    )
-    .addOption(new Option('--list', 'list the backups in the output directory, newest first'))
-    .addOption(new Option('--json', 'print one JSON document on stdout instead of text'))
-    .addOption(
-      new Option(
-        '--compress <method>',
-        'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump ' +
-          '16+)',
-      ),
+    .option('--list', 'list the backups in the output directory, newest first')
+    .option('--json', 'print one JSON document on stdout instead of text')
+    .option(
+      '--compress <method>',
+      'pg_dump compression: 0-9, gzip:N, or with pg_dump 16+ zstd[:N], lz4[:N] (default: gzip:1, zstd:1 on pg_dump ' +
+        '16+)',
     )
     .addOption(
       new Option(
@@ -5489,110 +5271,85 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
         .argParser(parseJobs)
         .default(1, '1, one custom-format file'),
     )
-    .addOption(
-      new Option('--connect-timeout <seconds>', 'give up connecting after this many seconds')
-        .argParser(parseTimeoutSeconds)
-        .default(DEFAULT_CONNECT_TIMEOUT_S),
+    .option(
+      '--connect-timeout <seconds>',
+      'give up connecting after this many seconds',
+      parseTimeoutSeconds,
+      DEFAULT_CONNECT_TIMEOUT_S,
     )
     .addOption(
       new Option(
         '--lock-wait-timeout <duration>',
         'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)',
       )
-        .argParser((value) => parseDuration(value))
+        .argParser(parseTimeout)
         .default(parseDuration(DEFAULT_LOCK_WAIT_TIMEOUT), DEFAULT_LOCK_WAIT_TIMEOUT),
     )
     .addOption(keep('--keep-last', 'the N newest backups (env BACKUP_KEEP_LAST)'))
     .addOption(keep('--keep-daily', 'the newest backup of each of the last N days (env BACKUP_KEEP_DAILY)'))
     .addOption(keep('--keep-weekly', 'the newest backup of each of the last N ISO weeks (env BACKUP_KEEP_WEEKLY)'))
     .addOption(keep('--keep-monthly', 'the newest backup of each of the last N months (env BACKUP_KEEP_MONTHLY)'))
-    .addOption(new Option('--prune', 'apply the retention rules without taking a backup'))
-    .addOption(
-      new Option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing'),
+    .option('--prune', 'apply the retention rules without taking a backup')
+    .option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing')
+    .option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)', nonEmptyPath)
+    .option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)', webhookUrl)
+    .option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)')
+    .option(
+      '--ping-url <url>',
+      'heartbeat: ping URL/start when a backup starts, URL when it succeeds, URL/fail when it fails (env ' +
+        'BACKUP_PING_URL)',
+      webhookUrl,
     )
-    .addOption(
-      new Option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)').argParser(
-        nonEmptyPath,
-      ),
+    .option(
+      '--metrics-file <path>',
+      'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)',
+      nonEmptyPath,
     )
-    .addOption(
-      new Option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)').argParser(
-        webhookUrl,
-      ),
+    .option(
+      '--stall-timeout <duration>',
+      `stop a backup that writes nothing for this long, saying what it waits on (default ${DEFAULT_STALL_TIMEOUT}; ` +
+        `0: never; env BACKUP_STALL_TIMEOUT)`,
+      parseTimeout,
     )
-    .addOption(new Option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)'))
-    .addOption(
-      new Option(
-        '--ping-url <url>',
-        'heartbeat: ping URL/start when a backup starts, URL when it succeeds, URL/fail when it fails (env ' +
-          'BACKUP_PING_URL)',
-      ).argParser(webhookUrl),
+    .option(
+      '--check',
+      'exit 0 if the newest backup is younger than --max-age, else 8 (for monitoring); with --verify, re-read it ' +
+        'fully',
     )
-    .addOption(
-      new Option(
-        '--metrics-file <path>',
-        'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)',
-      ).argParser(nonEmptyPath),
+    .option(
+      '--max-age <duration>',
+      'with --check: how old the newest backup may be, e.g. 26h or 8d (env BACKUP_MAX_AGE)',
+      parseMaxAge,
     )
-    .addOption(
-      new Option(
-        '--stall-timeout <duration>',
-        `stop a backup that writes nothing for this long, saying what it waits on (default ${DEFAULT_STALL_TIMEOUT}; ` +
-          `0: never; env BACKUP_STALL_TIMEOUT)`,
-      ).argParser((value) => parseDuration(value)),
+    .option(
+      '--on-failure <command>',
+      'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)',
     )
-    .addOption(
-      new Option(
-        '--check',
-        'exit 0 if the newest backup is younger than --max-age, else 8 (for monitoring); with --verify, re-read it ' +
-          'fully',
-      ),
+    .option(
+      '--restore <file>',
+      'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts',
     )
-    .addOption(
-      new Option(
-        '--max-age <duration>',
-        'with --check: how old the newest backup may be, e.g. 26h or 8d (env BACKUP_MAX_AGE)',
-      ).argParser(parseMaxAge),
+    .option('--target-db <name>', 'with --restore: the database to restore into (created if absent)')
+    .option('--clean', 'with --restore: drop and recreate a non-empty target database')
+    .option('--force', 'with --restore: restore even if the file fails verification')
+    .option(
+      '--i-know-this-is-prod',
+      'with --restore and --env prod: allow overwriting the configured production database',
     )
-    .addOption(
-      new Option(
-        '--on-failure <command>',
-        'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)',
-      ),
+    .option(
+      '--restore-test',
+      'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it',
     )
-    .addOption(
-      new Option(
-        '--restore <file>',
-        'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts',
-      ),
+    .option(
+      '--maintenance-work-mem <size>',
+      'with --restore or --restore-test: index-build memory per pg_restore job, e.g. 512MB (default: 1GB shared by ' +
+        'the jobs, at least 128MB each; env BACKUP_MAINTENANCE_WORK_MEM)',
+      parseMemory,
     )
-    .addOption(new Option('--target-db <name>', 'with --restore: the database to restore into (created if absent)'))
-    .addOption(new Option('--clean', 'with --restore: drop and recreate a non-empty target database'))
-    .addOption(new Option('--force', 'with --restore: restore even if the file fails verification'))
-    .addOption(
-      new Option(
-        '--i-know-this-is-prod',
-        'with --restore and --env prod: allow overwriting the configured production database',
-      ),
-    )
-    .addOption(
-      new Option(
-        '--restore-test',
-        'with --verify FILE: restore into a scratch database, reconcile, record the result, drop it',
-      ),
-    )
-    .addOption(
-      new Option(
-        '--maintenance-work-mem <size>',
-        'with --restore or --restore-test: index-build memory per pg_restore job, e.g. 512MB (default: 1GB shared by ' +
-          'the jobs, at least 128MB each; env BACKUP_MAINTENANCE_WORK_MEM)',
-      ).argParser(parseMemory),
-    )
-    .addOption(
-      new Option(
-        '--pg-bin-dir <dir>',
-        'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations',
-      ).argParser(nonEmptyPath),
+    .option(
+      '--pg-bin-dir <dir>',
+      'look here first for pg_dump and pg_restore (env PG_BIN_DIR); then PATH, then the usual install locations',
+      nonEmptyPath,
     )
     .addOption(
       new Option('--config-dir <dir>', 'directory holding .env.local and .env')
@@ -5735,36 +5492,21 @@ async function runMode(
       // A drill is about the backup's database; a restore's facts (the target) are known before it starts.
       const facts =
         restored.drill && metadata ? { environment: metadata.environment, database: metadata.database_name } : {};
-      return {
-        command: mode.command,
-        exitCode: EXIT.OK,
-        result: { document: restoreDocument(restored), text: () => restoreText(restored) },
-        facts,
-      };
+      return completed(mode.command, restoreDocument(restored), () => restoreText(restored), facts);
     }
     case 'verify': {
       const result = await runVerify(mode.file, settings.search);
-      const facts = {
+      return completed('verify', verifyDocument(result), () => verificationText(result), {
         environment: result.metadata.environment,
         database: result.metadata.database_name,
         file: path.basename(result.filePath),
         size_bytes: result.inspection.size,
-      };
-      return {
-        command: 'verify',
-        exitCode: EXIT.OK,
-        result: { document: verifyDocument(result), text: () => verificationText(result) },
-        facts,
-      };
+      });
     }
     case 'list': {
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
-      return {
-        command: 'list',
-        exitCode: listingExitCode(listing),
-        result: { document: listingDocument(listing), text: () => ({ out: listingLines(listing), err: [] }) },
-        facts: {},
-      };
+      const text = () => ({ out: listingLines(listing), err: [] });
+      return { ...completed('list', listingDocument(listing), text), exitCode: listingExitCode(listing) };
     }
     case 'check': {
       if (settings.maxAgeMs === undefined)
@@ -5772,15 +5514,9 @@ async function runMode(
           'For example: --check --max-age 26h for a daily backup',
         ]);
       const freshness = await runCheck(config!, outputDir, settings.maxAgeMs, mode.fullCheck, settings.search);
-      return {
-        command: 'check',
-        exitCode: EXIT.OK,
-        result: {
-          document: freshnessDocument(freshness, outputDir, mode.fullCheck),
-          text: () => freshnessText(freshness, config!, mode.fullCheck),
-        },
-        facts: {},
-      };
+      return completed('check', freshnessDocument(freshness, outputDir, mode.fullCheck), () =>
+        freshnessText(freshness, config!, mode.fullCheck),
+      );
     }
     case 'prune': {
       const report = await runPrune(config!, {
@@ -5792,16 +5528,9 @@ async function runMode(
       const lines = report
         ? retentionLines(report, outputDir, config!)
         : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
+      const document = { retention: report ? retentionDocument(report) : null };
       const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
-      return {
-        command: 'prune',
-        exitCode: EXIT.OK,
-        result: {
-          document: { retention: report ? retentionDocument(report) : null },
-          text: () => ({ out: lines, err: [] }),
-        },
-        facts,
-      };
+      return completed('prune', document, () => ({ out: lines, err: [] }), facts);
     }
     case 'backup': {
       const result = await withInterruptSignal((signal) =>
@@ -5829,19 +5558,23 @@ async function runMode(
         size_bytes: metadata.backup_size_bytes,
         ...(result.retention && !result.retention.dryRun ? { deleted: result.retention.deleted } : {}),
       };
-      // The backup stands either way; a refusal to prune means a damaged backup sits in the directory.
-      const exitCode = result.retentionError?.exitCode === EXIT.VERIFY_FAILED ? EXIT.VERIFY_FAILED : EXIT.OK;
-      // The run record names the refusal, not a generic problem.
-      const failure = exitCode === EXIT.OK ? {} : { failure: result.retentionError! };
-      return {
-        command: 'backup',
-        exitCode,
-        result: { document: backupDocument(result), text: () => backupSummaryText(result) },
-        facts,
-        ...failure,
-      };
+      const done = completed('backup', backupDocument(result), () => backupSummaryText(result), facts);
+      // The backup stands either way; a refusal to prune means a damaged backup sits in the directory,
+      // and the run record names the refusal, not a generic problem.
+      if (result.retentionError?.exitCode !== EXIT.VERIFY_FAILED) return done;
+      return { ...done, exitCode: EXIT.VERIFY_FAILED, failure: result.retentionError };
     }
   }
+}
+
+/** A run that did its job: its --json document, its text, and what its record says. */
+function completed(
+  command: CommandName,
+  document: Record<string, unknown>,
+  text: () => Text,
+  facts: Outcome['facts'] = {},
+): Outcome {
+  return { command, exitCode: EXIT.OK, result: { document, text }, facts };
 }
 
 function failedOutcome(command: CommandName, failure: BackupError): Outcome {
@@ -5892,21 +5625,15 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
     const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
-    if (json)
-      printOutcome(
-        io,
-        true,
-        failedOutcome('backup', failure),
-        failureProblem(failure, OPERATION_NAMES.backup, secrets),
-        secrets,
-      );
+    const problem = failureProblem(failure, OPERATION_NAMES.backup, secrets);
+    if (json) printOutcome(io, true, failedOutcome('backup', failure), secrets, problem);
     return EXIT.CONFIG;
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   let command: CommandName = 'backup';
   let automation: Automation = { notifyOnSuccess: false };
   let known: Outcome['facts'] = {};
-  let server: DbConfig | undefined;
+  let config: DbConfig | undefined;
   let outcome: Outcome;
   try {
     const mode = chooseMode(opts);
@@ -5917,8 +5644,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     automation = settings.automation;
     if (automation.notifyUrl) secrets.push(automation.notifyUrl);
     if (automation.pingUrl) secrets.push(automation.pingUrl);
-    const config = configuredDatabase(mode, opts, vars);
-    server = config;
+    config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && automation.pingUrl) {
       const why = await sendPing(
@@ -5933,20 +5659,17 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     }
     outcome = await runMode(mode, opts, vars, config, settings);
   } catch (error) {
-    outcome = failedOutcome(command, asBackupError(error, server));
+    outcome = failedOutcome(command, asBackupError(error, config));
   }
 
   const operation = OPERATION_NAMES[outcome.command];
   let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets);
   try {
-    printOutcome(io, json, outcome, problem, secrets);
+    printOutcome(io, json, outcome, secrets, problem);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
-    problem = failureProblem(
-      new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error)),
-      operation,
-      secrets,
-    );
+    const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));
+    problem = failureProblem(bug, operation, secrets);
     io.err(problemLines(problem).join('\n'));
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
