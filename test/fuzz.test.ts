@@ -31,8 +31,10 @@ before(async () => {
     'INSERT INTO "__proto__" VALUES (1), (2)',
   ]);
   workDir = await tempDir('backup-db-fuzz-');
-  older = await takeBackup(server, 'fuzz_app', path.join(workDir, 'older'));
-  original = await takeBackup(server, 'fuzz_app', path.join(workDir, 'original'));
+  // One directory, so that the second is named after the first even within the same second.
+  older = await takeBackup(server, 'fuzz_app', path.join(workDir, 'taken'));
+  original = await takeBackup(server, 'fuzz_app', path.join(workDir, 'taken'));
+  assert.ok(String(older.metadata.backup_timestamp) < String(original.metadata.backup_timestamp), 'original is newest');
   originalDump = await fs.readFile(original.dumpPath);
   originalMetadata = original.metadata;
   configDir = path.join(workDir, 'config');
