@@ -5109,6 +5109,12 @@ export function formatDuration(ms: number): string {
   return `${Math.floor(ms / size)} ${unit}`;
 }
 
+/**
+ * Pure: a timeout option or variable, at most MAX_TIMEOUT_MS. One argument only: commander passes
+ * the previous value too, which parseDuration would take for its limit.
+ */
+const parseTimeout = (value: string) => parseDuration(value);
+
 /** Pure: --max-age, a duration above 0 of up to a year and a bit. */
 export function parseMaxAge(value: string): number {
   const ms = parseDuration(value, 400 * DURATION_UNITS.d);
@@ -5191,7 +5197,7 @@ export function resolveSettings(
   const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
   const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
-  const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', (value) => parseDuration(value));
+  const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', parseTimeout);
   return {
     ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
     stallTimeoutMs: stallTimeoutMs ?? parseDuration(DEFAULT_STALL_TIMEOUT),
@@ -5239,8 +5245,6 @@ export function credentialArguments(argv: readonly string[]): string[] {
 function buildProgram(json: boolean, secrets: readonly string[], io: Io): Command {
   const keep = (flag: string, what: string) =>
     new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
-  // Commander passes the previous value too, which parseDuration would take for its limit.
-  const parseTimeout = (value: string) => parseDuration(value);
   return new Command()
     .name('backup_db.ts')
     .description('Back up the dev or prod PostgreSQL database with pg_dump, write checksummed metadata, and verify it.')
