@@ -2017,7 +2017,7 @@ export interface BackupResult {
   /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
   removedStaleFiles: string[];
   retention?: RetentionReport;
-  /** The backup succeeded but pruning did not: reported; a refusal to prune (exit 8) sets the exit code. */
+  /** The backup succeeded but pruning did not: reported; a refusal (exit 8) or an interrupt sets the exit code. */
   retentionError?: BackupError;
 }
 
@@ -2029,6 +2029,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   await prepareOutputDir(options.outputDir);
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
+    signal.throwIfAborted();
     const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
     const published = await withClient(config, options.connectTimeoutSeconds, (client) =>
       snapshotBackup({ client, config, preferred, options, started }, signal),
@@ -2036,7 +2037,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
-      const retention = await applyRetention(config, options, published.metadata.backup_file);
+      const retention = await applyRetention(config, options, published.metadata.backup_file, signal);
       return { ...published, removedStaleFiles, retention };
     } catch (error) {
       const retentionError =
@@ -2045,6 +2046,9 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
           : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
       return { ...published, removedStaleFiles, retentionError };
     }
+  } catch (error) {
+    // An interrupt wins over what failed meanwhile, such as a connection attempt it outlasted.
+    throw signal.aborted ? signal.reason : error;
   } finally {
     await lock.release();
   }
@@ -2075,6 +2079,8 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
   run.signal.addEventListener('abort', () => void client.end().catch(() => undefined), { once: true });
   const created: string[] = [];
   try {
+    // A listener added after the abort never hears of it: an interrupt while connecting stops here.
+    signal.throwIfAborted();
     const server = await readServerInfo(client);
     // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
     const tools =
@@ -3242,16 +3248,20 @@ async function applyRetention(
   config: DbConfig,
   options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
   justMade?: string,
+  signal?: AbortSignal,
 ): Promise<RetentionReport> {
   const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
   const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
   const { database, environment } = config;
   const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), justMade });
+  signal?.throwIfAborted();
   if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
   if (!dryRun) {
     for (const backup of doomed) {
+      // An interrupt stops pruning between backups, never between a dump and its metadata.
+      signal?.throwIfAborted();
       await fs.rm(path.join(dir, backup.file), { recursive: true });
       await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
     }
@@ -5564,9 +5574,10 @@ async function runMode(
       };
       const done = completed('backup', backupDocument(result), () => backupSummaryText(result), facts);
       // The backup stands either way; a refusal to prune means a damaged backup sits in the directory,
-      // and the run record names the refusal, not a generic problem.
-      if (result.retentionError?.exitCode !== EXIT.VERIFY_FAILED) return done;
-      return { ...done, exitCode: EXIT.VERIFY_FAILED, failure: result.retentionError };
+      // and the run record names the refusal, not a generic problem; an interrupt keeps its exit code.
+      const refusedOrInterrupted = [EXIT.VERIFY_FAILED, EXIT.SIGHUP, EXIT.SIGINT, EXIT.SIGTERM] as number[];
+      if (!result.retentionError || !refusedOrInterrupted.includes(result.retentionError.exitCode)) return done;
+      return { ...done, exitCode: result.retentionError.exitCode, failure: result.retentionError };
     }
   }
 }

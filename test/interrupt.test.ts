@@ -11,7 +11,14 @@ import { after, before, describe, test } from 'node:test';
 import { dbVars, directoryWithExistingBackup, runCli, startCli, type CliRun } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { alive, pgDumpsOf, processesWithEnv, within } from './helpers/processes.ts';
-import { directoryFingerprint, holdTableLock, waitForBlockedPgDump, waitForNoBackupSessions } from './helpers/wait.ts';
+import { startProxy } from './helpers/proxy.ts';
+import {
+  directoryFingerprint,
+  holdTableLock,
+  waitFor,
+  waitForBlockedPgDump,
+  waitForNoBackupSessions,
+} from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
 const noBash = await unmet('bash');
@@ -85,6 +92,38 @@ describe('interrupted by a signal', () => {
       },
     );
   }
+});
+
+describe('interrupted before the dump starts', () => {
+  test(
+    'SIGTERM while the server is slow to accept the connection: exit 143 once connected, nothing published',
+    { timeout: 60_000 },
+    async () => {
+      const proxy = await startProxy(server);
+      // A server that takes its time: the connection waits until the test lets it through.
+      proxy.freeze();
+      try {
+        const vars = {
+          ...dbVars(server, 'DEV_DB_', 'int_app'),
+          DEV_DB_HOST: proxy.host,
+          DEV_DB_PORT: String(proxy.port),
+        };
+        const existing = await directoryWithExistingBackup(server, 'int_app', vars);
+        const cli = startCli({ args: existing.args });
+        await waitFor('the backup to connect', async () => (proxy.connections > 0 ? true : undefined));
+        assert.ok((await fs.readdir(existing.outputDir)).includes('int_app_dev.lock'), 'it holds the lock');
+        cli.kill('SIGTERM');
+        proxy.thaw();
+        const result = await cli;
+        assert.equal(result.exitCode, 143, String(result.stdout) + String(result.stderr));
+        assert.match(String(result.stderr).split('\n')[0]!, /^✗ Backup failed: Interrupted by SIGTERM$/);
+        assert.deepEqual(await directoryFingerprint(existing.outputDir), existing.before, 'no new backup, no lock');
+      } finally {
+        await proxy.close();
+      }
+      await assertNoBackupSessionLeft();
+    },
+  );
 });
 
 describe('killed with SIGKILL', () => {

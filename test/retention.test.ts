@@ -18,9 +18,10 @@ import {
   type RetentionPolicy,
   type RetentionScope,
 } from '../backup_db.ts';
-import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
+import { directoryFingerprint, flipMiddleByte, waitFor } from './helpers/wait.ts';
 
 const policy = (p: Partial<RetentionPolicy>): RetentionPolicy => ({ last: 0, daily: 0, weekly: 0, monthly: 0, ...p });
 const at = (...isoTimes: string[]) => isoTimes.map((iso) => ({ file: iso, time: new Date(iso) }));
@@ -622,6 +623,46 @@ describe('retention on real backups', () => {
     const dumps = (await fs.readdir(dir)).filter((n) => n.endsWith('.dump'));
     assert.equal(dumps.length, 3, 'nothing deleted: the old one, the damaged one and the new one');
     assert.ok(dumps.includes(old) && dumps.includes(newest));
+  });
+
+  test('SIGTERM while retention verifies the newest backup it keeps: nothing deleted, the new backup kept, exit 143', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const old = await pastBackup(dir, '2025-01-01T02:00:00Z');
+    // Newer than this run's backup, so retention re-reads it before deleting anything.
+    const ahead = new Date(Date.now() + 60_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+    const newest = await pastBackup(dir, ahead);
+    const clients = await clientDirHolding('pg_restore', newest);
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const cli = startCli({
+      args: [
+        '--keep-last',
+        '1',
+        '--pg-bin-dir',
+        clients.dir,
+        '--env',
+        'dev',
+        '--config-dir',
+        configDir,
+        '--output-dir',
+        dir,
+      ],
+    });
+    await waitFor('retention to verify the newest backup', async () =>
+      (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
+    );
+    cli.kill('SIGTERM');
+    await fs.writeFile(clients.release, '');
+    const result = await cli;
+    assert.equal(result.exitCode, 143, String(result.stdout) + String(result.stderr));
+    assert.match(String(result.stdout), /^✓ Backup created successfully$/m);
+    assert.match(String(result.stderr), /^⚠ The backup is fine, but interrupted by SIGTERM/m);
+    const names = await fs.readdir(dir);
+    const dumps = names.filter((n) => n.endsWith('.dump'));
+    assert.equal(dumps.length, 3, 'nothing deleted: the old one, the newest one and the new one');
+    assert.ok(dumps.includes(old) && dumps.includes(newest));
+    assert.ok(!names.includes('ret_app_dev.lock'), 'the lock is released');
   });
 
   test('--prune without any rule is a configuration error', async () => {

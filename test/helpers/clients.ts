@@ -49,6 +49,25 @@ export async function shimClientDir(version: string): Promise<{ dir: string; log
   return { dir, log };
 }
 
+/**
+ * A client directory whose `tool` holds each run whose arguments contain `match`: it creates
+ * `started`, then waits (a minute at most) until `release` exists before running the real tool.
+ * It keeps a backup at a point a test can see, for as long as the test needs; it writes nothing.
+ */
+export async function clientDirHolding(tool: 'pg_dump' | 'pg_restore', match: string) {
+  const dir = await tempDir('backup-db-held-');
+  const [started, release] = [path.join(dir, 'started'), path.join(dir, 'release')];
+  for (const name of ['pg_dump', 'pg_restore']) {
+    const hold =
+      name === tool
+        ? `case "$*" in *'${match}'*) : > '${started}'; i=0\n` +
+          `  while [ ! -e '${release}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done;; esac\n`
+        : '';
+    await fs.writeFile(path.join(dir, name), `#!/bin/sh\n${hold}exec '${await which(name)}' "$@"\n`, { mode: 0o755 });
+  }
+  return { dir, started, release };
+}
+
 /** The newest pg_dump major on this machine, in PATH or the usual locations (a test's expectation). */
 export async function newestInstalledClientMajor(): Promise<number> {
   const candidates = [await which('pg_dump').catch(() => '')];
