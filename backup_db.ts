@@ -1126,8 +1126,18 @@ async function withClient<T>(
   try {
     return await use(client);
   } finally {
-    await client.end().catch(() => undefined);
+    await closeClient(client);
   }
+}
+
+/**
+ * End a connection, waiting for the server a second at most: node-postgres's end() says goodbye and
+ * then waits for the server to close its side, which a frozen server or a dead network never does.
+ */
+async function closeClient(client: pg.Client): Promise<void> {
+  const cut = setTimeout(() => client.connection.stream.destroy(), 1000);
+  await client.end().catch(() => undefined);
+  clearTimeout(cut);
 }
 
 async function openClient(
@@ -1983,9 +1993,10 @@ async function startProgress(
   return {
     async stop() {
       clearInterval(timer);
+      // Closed first: a poll still waiting on a server that stopped answering then fails at once.
+      if (client) await closeClient(client);
       await inFlight;
       process.stderr.write('\r\x1b[K');
-      await client?.end().catch(() => undefined);
     },
   };
 }
@@ -2076,7 +2087,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
   const run = new AbortController();
   const onInterrupt = () => run.abort(signal.reason);
   signal.addEventListener('abort', onInterrupt, { once: true });
-  run.signal.addEventListener('abort', () => void client.end().catch(() => undefined), { once: true });
+  run.signal.addEventListener('abort', () => void closeClient(client), { once: true });
   const created: string[] = [];
   try {
     // A listener added after the abort never hears of it: an interrupt while connecting stops here.

@@ -4,12 +4,16 @@
  * on error; with stdout piped, or --json, there is none.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import { dbVars, PROJECT_DIR, SCRIPT, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { holdTableLock } from './helpers/wait.ts';
+import { within } from './helpers/processes.ts';
+import { startProxy } from './helpers/proxy.ts';
+import { holdTableLock, waitFor } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
 let server: TestServer;
@@ -82,6 +86,48 @@ describe('progress on a terminal', skipUnless(await unmet('script')), () => {
       await lock.release();
     }
   });
+
+  test(
+    'a server that stops answering mid-dump: the stalled run ends all the same, its progress cleared',
+    { timeout: 120_000 },
+    async () => {
+      const proxy = await startProxy(server);
+      // A pg_dump that writes nothing until it is stopped, while progress polls the server.
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const observer = await server.connect('progress_app');
+      const dir = await tempDir();
+      const vars = { ...dbVars(server, 'DEV_DB_', 'progress_app'), DEV_DB_HOST: proxy.host };
+      await writeEnvFile(dir, '.env', { ...vars, DEV_DB_PORT: String(proxy.port) });
+      const command =
+        `'${process.execPath}' --import tsx '${SCRIPT}' --env dev --config-dir '${dir}' --output-dir '${dir}/out' ` +
+        `--pg-bin-dir '${clients.dir}' --stall-timeout 1s --connect-timeout 2`;
+      const run = execa('script', ['-qec', command, '/dev/null'], { cwd: PROJECT_DIR, reject: false });
+      let ended = false;
+      void run.finally(() => (ended = true));
+      try {
+        await waitFor('the dump to start with the counts done', async () => {
+          if (!(await fs.stat(clients.started).catch(() => undefined))) return undefined;
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$' AND state = 'idle in transaction'",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        proxy.freeze();
+        await within('the backup to end while the server does not answer', 30_000, async () => ended);
+        const result = await run;
+        const terminal = String(result.stdout);
+        assert.equal(result.exitCode, 7, terminal);
+        const error = terminal.indexOf('✗ Backup failed: The backup stalled');
+        assert.ok(error > 0, terminal);
+        assert.ok(terminal.lastIndexOf(CLEAR, error) > terminal.lastIndexOf('dumping', error), 'progress cleared');
+      } finally {
+        if (!ended) run.kill('SIGKILL');
+        await run;
+        await proxy.close();
+        await observer.end();
+      }
+    },
+  );
 
   test(
     'is not shown when stdout is piped or with --json, even with a terminal at hand',

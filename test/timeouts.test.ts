@@ -8,9 +8,12 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { holdTableLock } from './helpers/wait.ts';
+import { within } from './helpers/processes.ts';
+import { startProxy } from './helpers/proxy.ts';
+import { holdTableLock, waitFor } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -83,6 +86,52 @@ describe('unreachable or silent database', () => {
     assert.equal(result.exitCode, 3);
     assert.match(result.stderr, /connection refused/);
   });
+});
+
+describe('a server that stops answering mid-dump', () => {
+  test(
+    'the watchdog stops the backup and it ends (exit 7, nothing left) while the server is still frozen',
+    { timeout: 60_000 },
+    async (t) => {
+      const proxy = await startProxy(server);
+      // A pg_dump that writes nothing until it is stopped: the dump runs, the counts are done.
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const observer = await server.connect('slow_app');
+      const vars = {
+        ...dbVars(server, 'DEV_DB_', 'slow_app'),
+        DEV_DB_HOST: proxy.host,
+        DEV_DB_PORT: String(proxy.port),
+      };
+      const configDir = await tempDir();
+      const outputDir = path.join(configDir, 'out');
+      await writeEnvFile(configDir, '.env', vars);
+      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
+      const cli = startCli({ args: [...args, '--stall-timeout', '1s', '--connect-timeout', '2'] });
+      let ended = false;
+      void cli.finally(() => (ended = true));
+      try {
+        await waitFor('the dump to start with the counts done', async () => {
+          if (!(await fs.stat(clients.started).catch(() => undefined))) return undefined;
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$' AND state = 'idle in transaction'",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        proxy.freeze();
+        const ms = await within('the backup to end while the server does not answer', 30_000, async () => ended);
+        t.diagnostic(`ended ${(ms / 1000).toFixed(1)} s after the server froze (stall 1 s, connect timeout 2 s)`);
+        const result = await cli;
+        assert.equal(result.exitCode, 7, String(result.stderr));
+        assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+        assert.deepEqual(await fs.readdir(outputDir), [], 'no partial, no lock file');
+      } finally {
+        if (!ended) cli.kill('SIGKILL');
+        await cli;
+        await proxy.close();
+        await observer.end();
+      }
+    },
+  );
 });
 
 describe('--lock-wait-timeout', () => {
