@@ -796,12 +796,16 @@ function processAlive(pid: number): boolean {
   }
 }
 
-/** Alive unless provably gone: a lock from another machine (shared storage) cannot be checked. */
+/**
+ * Alive unless provably gone: a lock from another machine (shared storage) cannot be checked. A zombie
+ * (killed, not yet reaped by its parent) is gone: it runs no code and will never release the lock.
+ */
 async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
   if (owner.hostname !== os.hostname()) return true;
   if (!processAlive(owner.pid)) return false;
-  const start = owner.process_start === null ? undefined : (await processInfo(owner.pid))?.start;
-  return start === undefined || start === owner.process_start;
+  const info = await processInfo(owner.pid);
+  if (info?.zombie) return false;
+  return owner.process_start === null || info === undefined || info.start === owner.process_start;
 }
 
 /** A lock file as found: its inode (which identifies this very file), its text and its owner. */

@@ -144,6 +144,23 @@ describe('stale locks', () => {
     assert.equal(result.exitCode, 7);
     assert.match(result.stderr, /pid 1 on some-other-host/);
   });
+
+  test('a lock whose process was killed but not yet reaped (a zombie) is taken over', skipUnless(noProc), async () => {
+    // The shell's child is killed; the shell, replaced by sleep, never reaps it.
+    const parent = execa('sh', ['-c', 'sleep 60 & echo $!; exec sleep 60'], { reject: false });
+    try {
+      const zombie = Number((await createInterface({ input: parent.stdout! })[Symbol.asyncIterator]().next()).value);
+      const start = await procStartTime(zombie);
+      process.kill(zombie, 'SIGKILL');
+      await waitFor('the killed child to become a zombie', async () =>
+        (await fs.readFile(`/proc/${zombie}/stat`, 'utf8')).includes(') Z ') ? true : undefined,
+      );
+      const result = await runWithLock({ ...base(), pid: zombie, process_start: start });
+      assert.equal(result.exitCode, 0, result.stderr);
+    } finally {
+      parent.kill();
+    }
+  });
 });
 
 /** A pid that certainly belongs to no process: one that has just exited. */
