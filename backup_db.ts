@@ -749,6 +749,9 @@ interface LockOwner {
   started_at: string;
   /** Linux: the process's start time, which tells a reused pid from the lock's owner. */
   process_start: string | null;
+  /** Linux: where the pid means something (containers of one hostname have their own); null in older locks. */
+  pid_namespace: string | null;
+  boot_id: string | null;
 }
 
 interface ProcessInfo {
@@ -776,11 +779,24 @@ async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
   };
 }
 
+/** Linux: this process's pid namespace and the machine's current boot; null where unknown. */
+async function pidScope(): Promise<Pick<LockOwner, 'pid_namespace' | 'boot_id'>> {
+  const [pid_namespace, boot_id] = await Promise.all([
+    fs.readlink('/proc/self/ns/pid').catch(() => null),
+    fs.readFile('/proc/sys/kernel/random/boot_id', 'utf8').then(
+      (id) => id.trim(),
+      () => null,
+    ),
+  ]);
+  return { pid_namespace, boot_id };
+}
+
 function parseLockOwner(text: string): LockOwner | undefined {
   try {
-    const { pid, hostname, started_at, process_start } = JSON.parse(text) as Partial<LockOwner>;
+    const { pid, hostname, started_at, ...linux } = JSON.parse(text) as Partial<LockOwner>;
     const valid = Number.isSafeInteger(pid) && typeof hostname === 'string' && typeof started_at === 'string';
-    return valid ? { pid: pid!, hostname, started_at, process_start: process_start ?? null } : undefined;
+    const { process_start = null, pid_namespace = null, boot_id = null } = linux;
+    return valid ? { pid: pid!, hostname, started_at, process_start, pid_namespace, boot_id } : undefined;
   } catch {
     return undefined;
   }
@@ -797,11 +813,16 @@ function processAlive(pid: number): boolean {
 }
 
 /**
- * Alive unless provably gone: a lock from another machine (shared storage) cannot be checked. A zombie
- * (killed, not yet reaped by its parent) is gone: it runs no code and will never release the lock.
+ * Alive unless provably gone: a lock from another machine (shared storage), or from another pid
+ * namespace (a container of the same hostname sharing the volume), cannot be checked; one from an
+ * earlier boot is gone. A zombie (killed, not yet reaped by its parent) is gone: it runs no code and
+ * will never release the lock.
  */
 async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
   if (owner.hostname !== os.hostname()) return true;
+  const here = await pidScope();
+  if (owner.boot_id !== null && here.boot_id !== null && owner.boot_id !== here.boot_id) return false;
+  if (owner.pid_namespace !== null && owner.pid_namespace !== here.pid_namespace) return true;
   if (!processAlive(owner.pid)) return false;
   const info = await processInfo(owner.pid);
   if (info?.zombie) return false;
@@ -859,6 +880,7 @@ async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => Bac
     hostname: os.hostname(),
     started_at: new Date().toISOString(),
     process_start: (await processInfo(process.pid))?.start ?? null,
+    ...(await pidScope()),
   };
   const content = JSON.stringify(owner);
   const ours = { temp: `${lockPath}.${process.pid}.tmp`, swap: `${lockPath}.${process.pid}.swap`, content };
