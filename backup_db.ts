@@ -883,7 +883,9 @@ async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => Bac
     ...(await pidScope()),
   };
   const content = JSON.stringify(owner);
-  const ours = { temp: `${lockPath}.${process.pid}.tmp`, swap: `${lockPath}.${process.pid}.swap`, content };
+  // Random too: a container's pid (often 1) repeats from run to run, and a killed run's files remain.
+  const name = `${lockPath}.${process.pid}.${randomBytes(4).toString('hex')}`;
+  const ours = { temp: `${name}.tmp`, swap: `${name}.swap`, content };
   try {
     await fs.writeFile(ours.temp, content, { mode: 0o600, flag: 'wx' });
     await claimLock(lockPath, ours, busy, 0);
@@ -1001,7 +1003,7 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
   const lock = escapeRegExp(lockFileName(config.database, config.environment));
-  const lockTemp = new RegExp(`^${lock}\\.(\\d+)\\.(?:tmp|swap)$`);
+  const lockTemp = new RegExp(`^${lock}\\.(\\d+)(?:\\.[0-9a-f]+)?\\.(?:tmp|swap)$`);
   const takeover = new RegExp(`^${lock}(?:\\.takeover-\\d+)+$`);
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
@@ -1009,7 +1011,8 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
-    if (tempOf) return !processAlive(Number(tempOf[1]));
+    // Our own were removed before this runs: one with our pid is an earlier run's.
+    if (tempOf) return Number(tempOf[1]) === process.pid || !processAlive(Number(tempOf[1]));
     if (!takeover.test(name)) return false;
     const claim = await readLock(path.join(dir, name));
     return claim !== undefined && (await isStale(claim));
@@ -1057,11 +1060,12 @@ function diskSpaceError(details: string, dir: string): BackupError {
 }
 
 /** Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). */
-function fileSystemError(error: unknown, title: string, dir: string): BackupError {
+export function fileSystemError(error: unknown, title: string, dir: string): BackupError {
   const code = errnoCode(error);
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
     return diskSpaceError(`${title}: ${errorText(error)}`, dir);
-  const notDirectory = code === 'ENOTDIR' || code === 'EEXIST';
+  const notDirectory =
+    code === 'ENOTDIR' || (code === 'EEXIST' && (error as NodeJS.ErrnoException).syscall === 'mkdir');
   return new BackupError(
     EXIT.PERMISSION,
     notDirectory ? `${title}: a path component is not a directory` : title,

@@ -324,6 +324,21 @@ describe('lock leftovers and names', () => {
   });
 
   test(
+    "a leftover lock temp file named with this run's own pid (pid 1 in a container) is stale, not in the way",
+    skipUnless(noPidNamespace),
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      await fs.mkdir(outputDir);
+      const leftover = 'conc_a_dev.lock.1.tmp';
+      await fs.writeFile(path.join(outputDir, leftover), '{}');
+      const args = [...(await backupArgs('conc_a', outputDir)), '--json'];
+      const result = await runCli({ args, wrapper: ['unshare', ...PID_NAMESPACE] });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.deepEqual(JSON.parse(result.stdout).removed_stale_files, [leftover]);
+    },
+  );
+
+  test(
     'databases "a b" and "a_b" back up at the same time in one directory, each under its own lock',
     { timeout: 60_000 },
     async () => {

@@ -27,6 +27,7 @@ import {
   backupFileName,
   connectionError,
   detectEnvironment,
+  fileSystemError,
   EXIT,
   formatBytes,
   isoSeconds,
@@ -746,6 +747,16 @@ describe('error classification', () => {
       assert.match(error.hints.join('\n'), hint);
       assert.match(error.details, /^connection to server at "db", port 5432 failed: /);
     }
+  });
+
+  test('EEXIST means "a path component is not a directory" only from mkdir', () => {
+    const failed = (syscall: string) =>
+      Object.assign(new Error(`EEXIST: file already exists, ${syscall}`), { code: 'EEXIST', syscall });
+    assert.match(fileSystemError(failed('mkdir'), 'Cannot create', '/b').title, /a path component is not a directory/);
+    const linked = fileSystemError(failed('link'), 'Cannot create the lock file', '/b');
+    assert.equal(linked.exitCode, EXIT.PERMISSION);
+    assert.equal(linked.title, 'Cannot create the lock file');
+    assert.match(linked.details, /EEXIST/);
   });
 
   test("pg_dump failures carry pg_dump's own message and the right exit code", () => {
