@@ -3123,6 +3123,25 @@ function dayFormatter(timeZone: string): Intl.DateTimeFormat {
 }
 
 /**
+ * The zone retention counts days in. Node names none for TZ=UTC0, TZ=localtime or a zoneinfo path,
+ * and an unusable "Etc/Unknown" for an empty TZ (which the C library takes as UTC): a zoneinfo
+ * path names its zone, anything else unusable means UTC, so the header always names the zone used.
+ */
+export function retentionTimeZone(resolved: string | undefined, tz: string | undefined): string {
+  const fromPath = /\/zoneinfo\/(.+)$/.exec(tz ?? '')?.[1];
+  return [resolved, fromPath].find((zone) => zone !== undefined && isUsableTimeZone(zone)) ?? 'UTC';
+}
+
+function isUsableTimeZone(zone: string): boolean {
+  try {
+    dayFormatter(zone);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
  * Pure: the calendar day, ISO week and month of an instant in a time zone. Days are local days, so
  * a backup at 00:30 and one at 23:30 on a DST change day share a day, as an operator expects.
  */
@@ -3275,7 +3294,7 @@ async function applyRetention(
 ): Promise<RetentionReport> {
   const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
-  const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
   const { database, environment } = config;
   const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), justMade });
   if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);

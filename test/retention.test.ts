@@ -12,6 +12,7 @@ import {
   calendarBuckets,
   CLOCK_TOLERANCE_MS,
   planRetention,
+  retentionTimeZone,
   selectRetention,
   type ListEntry,
   type ListStatus,
@@ -50,6 +51,20 @@ describe('calendarBuckets', () => {
     assert.equal(calendarBuckets(new Date('2024-12-30T12:00:00Z'), 'UTC').week, '2025-W01'); // Monday
     assert.equal(calendarBuckets(new Date('2021-01-03T12:00:00Z'), 'UTC').week, '2020-W53');
     assert.equal(calendarBuckets(new Date('2026-01-01T12:00:00Z'), 'UTC').week, '2026-W01');
+  });
+});
+
+describe('retentionTimeZone', () => {
+  test('a usable zone as Node resolves it; from a zoneinfo path; else UTC, never "undefined" or "Etc/Unknown"', () => {
+    assert.equal(retentionTimeZone('Europe/Berlin', 'Europe/Berlin'), 'Europe/Berlin');
+    // TZ= (empty): Node 20 resolves "Etc/Unknown", which no formatter accepts; the C library means UTC.
+    assert.equal(retentionTimeZone('Etc/Unknown', ''), 'UTC');
+    // TZ=UTC0, TZ=localtime, TZ=/path: Node names no zone.
+    assert.equal(retentionTimeZone(undefined, 'UTC0'), 'UTC');
+    assert.equal(retentionTimeZone(undefined, 'localtime'), 'UTC');
+    assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/Europe/Berlin'), 'Europe/Berlin');
+    assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/No/Such_Zone'), 'UTC');
+    assert.equal(retentionTimeZone(undefined, undefined), 'UTC');
   });
 });
 
@@ -448,6 +463,14 @@ describe('retention on real backups', () => {
       /^ {2}leave {3}ret_app_dev_2019-03-01T00-00-00Z\.dump {2}\(✗ Size mismatch; not judged by the policy\)$/m,
     );
     assert.match(result.stdout, /^Dry run: would delete 3 backups \(.+\); nothing was deleted\.$/m);
+  });
+
+  test('with TZ empty (which Node cannot name), --prune counts days in UTC and says so', async () => {
+    const h = await history();
+    const result = await runCli({ args: h.args('--prune', '--keep-daily', '2', '--dry-run'), env: { TZ: '' } });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /^Retention for ret_app \(dev\) in .*: keep-daily 2, days in UTC$/m);
+    assert.match(result.stdout, /^ {2}keep {4}2025-02-02T14:00:00Z .* daily 2025-02-02$/m);
   });
 
   test('a backup with a policy deletes what the policy drops, dump and metadata together, nothing else', async () => {
