@@ -2066,7 +2066,8 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
-      const retention = await applyRetention(config, options, published.metadata.backup_file);
+      const { backup_file: justMade, system_identifier: systemIdentifier } = published.metadata;
+      const retention = await applyRetention(config, options, { justMade, systemIdentifier: systemIdentifier ?? null });
       return { ...published, removedStaleFiles, retention };
     } catch (error) {
       const retentionError =
@@ -2106,6 +2107,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
   const created: string[] = [];
   try {
     const server = await readServerInfo(client);
+    const systemIdentifier = await clusterIdentifier(client);
     // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
     const tools =
       job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
@@ -2171,6 +2173,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
       extensions,
+      ...(systemIdentifier === undefined ? {} : { system_identifier: systemIdentifier }),
     };
     // Check the file before it gets its final name: size on disk, archive structure, table data.
     const metadataPath = path.join(outputDir, metadataFileName(reserved.name));
@@ -2234,6 +2237,8 @@ export interface BackupMetadata {
   last_restore_test?: RestoreTestRecord;
   /** Every extension of the database and its version, in the backup's snapshot: what a restore needs. */
   extensions?: ExtensionVersion[];
+  /** The cluster's pg_control_system() identifier: retention never judges another server's backups. */
+  system_identifier?: string;
 }
 
 export interface ExtensionVersion {
@@ -2304,6 +2309,7 @@ const METADATA_RULES: Record<string, FieldRule> = {
       Array.isArray(v) && v.every((e) => isPlainObject(e) && isNonEmptyString(e.name) && isNonEmptyString(e.version)),
     'must list extensions with their versions',
   ),
+  system_identifier: optional((v) => typeof v === 'string' && /^\d+$/.test(v), 'must be a string of digits'),
 };
 
 /** Pure: everything wrong with a parsed metadata document under the rules above; [] if valid. */
@@ -2954,6 +2960,8 @@ export interface ListEntry {
   problems: string[];
   /** The last restore drill, if any. */
   restoreTest?: { time: string; ok: boolean };
+  /** The cluster the backup was taken from, where its metadata records it. */
+  systemIdentifier?: string;
 }
 
 export interface Listing {
@@ -3010,6 +3018,7 @@ async function describeBackup(
     environment: metadata.environment,
     database: metadata.database_name,
     ...(drill ? { restoreTest: { time: drill.time, ok: drill.ok } } : {}),
+    ...(metadata.system_identifier ? { systemIdentifier: metadata.system_identifier } : {}),
   };
   const failing = (status: ListStatus, problems: string[]): ListEntry => ({ ...described, status, problems });
   if (entry.sizeBytes !== metadata.backup_size_bytes) {
@@ -3238,10 +3247,16 @@ export interface RetentionScope {
   now: Date;
   /** The backup this run has just made (its hash computed on the way to disk): never deleted, already checked. */
   justMade?: string;
+  /**
+   * The configured server's cluster: backups recording another are never judged; null where it cannot be
+   * read (then none recording one is); left out by --check, which judges no server's backups apart.
+   */
+  systemIdentifier?: string | null;
 }
 
 /**
- * Pure: the retention plan for one database and environment. Only backups that pass the quick check
+ * Pure: the retention plan for one database and environment on one server (a backup whose metadata
+ * names no server, older or another tool's, counts as this server's). Only backups that pass the quick check
  * count; one dated after now (a wrong clock, a copied file) is left alone, so it can neither be kept in
  * place of real ones nor displace them; the run's own new backup is always kept; and unless it is the
  * newest kept, the newest kept is named for a full check, because deleting anything relies on it.
@@ -3253,7 +3268,10 @@ export function planRetention(entries: ListEntry[], scope: RetentionScope): Rete
   const candidates: RetentionCandidate[] = [];
   for (const entry of ours) {
     const time = new Date(entry.timestamp ?? NaN);
-    if (entry.status !== 'verified' || Number.isNaN(time.getTime()))
+    const server = entry.systemIdentifier;
+    if (server !== undefined && scope.systemIdentifier !== undefined && server !== scope.systemIdentifier)
+      leftAlone.push({ file: entry.file, why: `from another server (system identifier ${server})` });
+    else if (entry.status !== 'verified' || Number.isNaN(time.getTime()))
       leftAlone.push({ file: entry.file, why: STATUS_LABELS[entry.status] });
     else if (time.getTime() > horizon)
       leftAlone.push({ file: entry.file, why: `dated ${entry.timestamp}, after this machine's time` });
@@ -3290,13 +3308,13 @@ export interface RetentionReport extends RetentionPlan {
 async function applyRetention(
   config: DbConfig,
   options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
-  justMade?: string,
+  server: Pick<RetentionScope, 'justMade' | 'systemIdentifier'>,
 ): Promise<RetentionReport> {
   const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
   const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
   const { database, environment } = config;
-  const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), justMade });
+  const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), ...server });
   if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
   if (!dryRun) {
@@ -3338,10 +3356,13 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
   }
 }
 
-/** --prune: the retention policy alone, for the configured database, under its lock. */
+/**
+ * --prune: the retention policy alone, for the configured database, under its lock. It asks the server
+ * which cluster it is, so that a same-named database's backups from another server are never judged.
+ */
 async function runPrune(
   config: DbConfig,
-  options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
+  options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search' | 'connectTimeoutSeconds'>,
 ): Promise<RetentionReport | undefined> {
   if (!hasRetentionRule(options.retention)) {
     throw configError('--prune needs a retention rule', [
@@ -3350,9 +3371,16 @@ async function runPrune(
     ]);
   }
   if (!(await pathExists(options.outputDir))) return undefined;
+  const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier).catch(
+    (error: unknown) => {
+      if (!(error instanceof BackupError)) throw error;
+      const why = "--prune asks the server which server it is, so as never to delete another server's backups";
+      throw new BackupError(error.exitCode, error.title, error.details, [...error.hints, why], error.extra);
+    },
+  );
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
-    return await applyRetention(config, options);
+    return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null });
   } finally {
     await lock.release();
   }
@@ -5577,6 +5605,7 @@ async function runMode(
         retention: settings.retention,
         dryRun: settings.dryRun,
         search: settings.search,
+        connectTimeoutSeconds: opts.connectTimeout,
       });
       const lines = report
         ? retentionLines(report, outputDir, config!)
