@@ -749,6 +749,9 @@ interface LockOwner {
   started_at: string;
   /** Linux: the process's start time, which tells a reused pid from the lock's owner. */
   process_start: string | null;
+  /** Linux: where the pid means something (containers of one hostname have their own); null in older locks. */
+  pid_namespace: string | null;
+  boot_id: string | null;
 }
 
 interface ProcessInfo {
@@ -776,11 +779,24 @@ async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
   };
 }
 
+/** Linux: this process's pid namespace and the machine's current boot; null where unknown. */
+async function pidScope(): Promise<Pick<LockOwner, 'pid_namespace' | 'boot_id'>> {
+  const [pid_namespace, boot_id] = await Promise.all([
+    fs.readlink('/proc/self/ns/pid').catch(() => null),
+    fs.readFile('/proc/sys/kernel/random/boot_id', 'utf8').then(
+      (id) => id.trim(),
+      () => null,
+    ),
+  ]);
+  return { pid_namespace, boot_id };
+}
+
 function parseLockOwner(text: string): LockOwner | undefined {
   try {
-    const { pid, hostname, started_at, process_start } = JSON.parse(text) as Partial<LockOwner>;
+    const { pid, hostname, started_at, ...linux } = JSON.parse(text) as Partial<LockOwner>;
     const valid = Number.isSafeInteger(pid) && typeof hostname === 'string' && typeof started_at === 'string';
-    return valid ? { pid: pid!, hostname, started_at, process_start: process_start ?? null } : undefined;
+    const { process_start = null, pid_namespace = null, boot_id = null } = linux;
+    return valid ? { pid: pid!, hostname, started_at, process_start, pid_namespace, boot_id } : undefined;
   } catch {
     return undefined;
   }
@@ -796,12 +812,21 @@ function processAlive(pid: number): boolean {
   }
 }
 
-/** Alive unless provably gone: a lock from another machine (shared storage) cannot be checked. */
+/**
+ * Alive unless provably gone: a lock from another machine (shared storage), or from another pid
+ * namespace (a container of the same hostname sharing the volume), cannot be checked; one from an
+ * earlier boot is gone. A zombie (killed, not yet reaped by its parent) is gone: it runs no code and
+ * will never release the lock.
+ */
 async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
   if (owner.hostname !== os.hostname()) return true;
+  const here = await pidScope();
+  if (owner.boot_id !== null && here.boot_id !== null && owner.boot_id !== here.boot_id) return false;
+  if (owner.pid_namespace !== null && owner.pid_namespace !== here.pid_namespace) return true;
   if (!processAlive(owner.pid)) return false;
-  const start = owner.process_start === null ? undefined : (await processInfo(owner.pid))?.start;
-  return start === undefined || start === owner.process_start;
+  const info = await processInfo(owner.pid);
+  if (info?.zombie) return false;
+  return owner.process_start === null || info === undefined || info.start === owner.process_start;
 }
 
 /** A lock file as found: its inode (which identifies this very file), its text and its owner. */
@@ -855,9 +880,12 @@ async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => Bac
     hostname: os.hostname(),
     started_at: new Date().toISOString(),
     process_start: (await processInfo(process.pid))?.start ?? null,
+    ...(await pidScope()),
   };
   const content = JSON.stringify(owner);
-  const ours = { temp: `${lockPath}.${process.pid}.tmp`, swap: `${lockPath}.${process.pid}.swap`, content };
+  // Random too: a container's pid (often 1) repeats from run to run, and a killed run's files remain.
+  const name = `${lockPath}.${process.pid}.${randomBytes(4).toString('hex')}`;
+  const ours = { temp: `${name}.tmp`, swap: `${name}.swap`, content };
   try {
     await fs.writeFile(ours.temp, content, { mode: 0o600, flag: 'wx' });
     await claimLock(lockPath, ours, busy, 0);
@@ -975,7 +1003,7 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
   const lock = escapeRegExp(lockFileName(config.database, config.environment));
-  const lockTemp = new RegExp(`^${lock}\\.(\\d+)\\.(?:tmp|swap)$`);
+  const lockTemp = new RegExp(`^${lock}\\.(\\d+)(?:\\.[0-9a-f]+)?\\.(?:tmp|swap)$`);
   const takeover = new RegExp(`^${lock}(?:\\.takeover-\\d+)+$`);
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
@@ -983,7 +1011,8 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
-    if (tempOf) return !processAlive(Number(tempOf[1]));
+    // Our own were removed before this runs: one with our pid is an earlier run's.
+    if (tempOf) return Number(tempOf[1]) === process.pid || !processAlive(Number(tempOf[1]));
     if (!takeover.test(name)) return false;
     const claim = await readLock(path.join(dir, name));
     return claim !== undefined && (await isStale(claim));
@@ -1031,11 +1060,12 @@ function diskSpaceError(details: string, dir: string): BackupError {
 }
 
 /** Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). */
-function fileSystemError(error: unknown, title: string, dir: string): BackupError {
+export function fileSystemError(error: unknown, title: string, dir: string): BackupError {
   const code = errnoCode(error);
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
     return diskSpaceError(`${title}: ${errorText(error)}`, dir);
-  const notDirectory = code === 'ENOTDIR' || code === 'EEXIST';
+  const notDirectory =
+    code === 'ENOTDIR' || (code === 'EEXIST' && (error as NodeJS.ErrnoException).syscall === 'mkdir');
   return new BackupError(
     EXIT.PERMISSION,
     notDirectory ? `${title}: a path component is not a directory` : title,
@@ -2048,7 +2078,9 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
-      const retention = await applyRetention(config, options, published.metadata.backup_file, signal);
+      const { backup_file: justMade, system_identifier: systemIdentifier } = published.metadata;
+      const server = { justMade, systemIdentifier: systemIdentifier ?? null };
+      const retention = await applyRetention(config, options, server, signal);
       return { ...published, removedStaleFiles, retention };
     } catch (error) {
       const retentionError =
@@ -2093,6 +2125,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     // A listener added after the abort never hears of it: an interrupt while connecting stops here.
     signal.throwIfAborted();
     const server = await readServerInfo(client);
+    const systemIdentifier = await clusterIdentifier(client);
     // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
     const tools =
       job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
@@ -2158,6 +2191,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
       extensions,
+      ...(systemIdentifier === undefined ? {} : { system_identifier: systemIdentifier }),
     };
     // Check the file before it gets its final name: size on disk, archive structure, table data.
     const metadataPath = path.join(outputDir, metadataFileName(reserved.name));
@@ -2221,6 +2255,8 @@ export interface BackupMetadata {
   last_restore_test?: RestoreTestRecord;
   /** Every extension of the database and its version, in the backup's snapshot: what a restore needs. */
   extensions?: ExtensionVersion[];
+  /** The cluster's pg_control_system() identifier: retention never judges another server's backups. */
+  system_identifier?: string;
 }
 
 export interface ExtensionVersion {
@@ -2291,6 +2327,7 @@ const METADATA_RULES: Record<string, FieldRule> = {
       Array.isArray(v) && v.every((e) => isPlainObject(e) && isNonEmptyString(e.name) && isNonEmptyString(e.version)),
     'must list extensions with their versions',
   ),
+  system_identifier: optional((v) => typeof v === 'string' && /^\d+$/.test(v), 'must be a string of digits'),
 };
 
 /** Pure: everything wrong with a parsed metadata document under the rules above; [] if valid. */
@@ -2941,6 +2978,8 @@ export interface ListEntry {
   problems: string[];
   /** The last restore drill, if any. */
   restoreTest?: { time: string; ok: boolean };
+  /** The cluster the backup was taken from, where its metadata records it. */
+  systemIdentifier?: string;
 }
 
 export interface Listing {
@@ -2997,6 +3036,7 @@ async function describeBackup(
     environment: metadata.environment,
     database: metadata.database_name,
     ...(drill ? { restoreTest: { time: drill.time, ok: drill.ok } } : {}),
+    ...(metadata.system_identifier ? { systemIdentifier: metadata.system_identifier } : {}),
   };
   const failing = (status: ListStatus, problems: string[]): ListEntry => ({ ...described, status, problems });
   if (entry.sizeBytes !== metadata.backup_size_bytes) {
@@ -3110,6 +3150,25 @@ function dayFormatter(timeZone: string): Intl.DateTimeFormat {
 }
 
 /**
+ * The zone retention counts days in. Node names none for TZ=UTC0, TZ=localtime or a zoneinfo path,
+ * and an unusable "Etc/Unknown" for an empty TZ (which the C library takes as UTC): a zoneinfo
+ * path names its zone, anything else unusable means UTC, so the header always names the zone used.
+ */
+export function retentionTimeZone(resolved: string | undefined, tz: string | undefined): string {
+  const fromPath = /\/zoneinfo\/(.+)$/.exec(tz ?? '')?.[1];
+  return [resolved, fromPath].find((zone) => zone !== undefined && isUsableTimeZone(zone)) ?? 'UTC';
+}
+
+function isUsableTimeZone(zone: string): boolean {
+  try {
+    dayFormatter(zone);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
  * Pure: the calendar day, ISO week and month of an instant in a time zone. Days are local days, so
  * a backup at 00:30 and one at 23:30 on a DST change day share a day, as an operator expects.
  */
@@ -3206,10 +3265,16 @@ export interface RetentionScope {
   now: Date;
   /** The backup this run has just made (its hash computed on the way to disk): never deleted, already checked. */
   justMade?: string;
+  /**
+   * The configured server's cluster: backups recording another are never judged; null where it cannot be
+   * read (then none recording one is); left out by --check, which judges no server's backups apart.
+   */
+  systemIdentifier?: string | null;
 }
 
 /**
- * Pure: the retention plan for one database and environment. Only backups that pass the quick check
+ * Pure: the retention plan for one database and environment on one server (a backup whose metadata
+ * names no server, older or another tool's, counts as this server's). Only backups that pass the quick check
  * count; one dated after now (a wrong clock, a copied file) is left alone, so it can neither be kept in
  * place of real ones nor displace them; the run's own new backup is always kept; and unless it is the
  * newest kept, the newest kept is named for a full check, because deleting anything relies on it.
@@ -3221,7 +3286,10 @@ export function planRetention(entries: ListEntry[], scope: RetentionScope): Rete
   const candidates: RetentionCandidate[] = [];
   for (const entry of ours) {
     const time = new Date(entry.timestamp ?? NaN);
-    if (entry.status !== 'verified' || Number.isNaN(time.getTime()))
+    const server = entry.systemIdentifier;
+    if (server !== undefined && scope.systemIdentifier !== undefined && server !== scope.systemIdentifier)
+      leftAlone.push({ file: entry.file, why: `from another server (system identifier ${server})` });
+    else if (entry.status !== 'verified' || Number.isNaN(time.getTime()))
       leftAlone.push({ file: entry.file, why: STATUS_LABELS[entry.status] });
     else if (time.getTime() > horizon)
       leftAlone.push({ file: entry.file, why: `dated ${entry.timestamp}, after this machine's time` });
@@ -3258,14 +3326,14 @@ export interface RetentionReport extends RetentionPlan {
 async function applyRetention(
   config: DbConfig,
   options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
-  justMade?: string,
+  server: Pick<RetentionScope, 'justMade' | 'systemIdentifier'>,
   signal?: AbortSignal,
 ): Promise<RetentionReport> {
   const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
-  const timeZone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
   const { database, environment } = config;
-  const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), justMade });
+  const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), ...server });
   signal?.throwIfAborted();
   if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
@@ -3310,10 +3378,13 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
   }
 }
 
-/** --prune: the retention policy alone, for the configured database, under its lock. */
+/**
+ * --prune: the retention policy alone, for the configured database, under its lock. It asks the server
+ * which cluster it is, so that a same-named database's backups from another server are never judged.
+ */
 async function runPrune(
   config: DbConfig,
-  options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
+  options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search' | 'connectTimeoutSeconds'>,
 ): Promise<RetentionReport | undefined> {
   if (!hasRetentionRule(options.retention)) {
     throw configError('--prune needs a retention rule', [
@@ -3322,9 +3393,16 @@ async function runPrune(
     ]);
   }
   if (!(await pathExists(options.outputDir))) return undefined;
+  const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier).catch(
+    (error: unknown) => {
+      if (!(error instanceof BackupError)) throw error;
+      const why = "--prune asks the server which server it is, so as never to delete another server's backups";
+      throw new BackupError(error.exitCode, error.title, error.details, [...error.hints, why], error.extra);
+    },
+  );
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
-    return await applyRetention(config, options);
+    return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null });
   } finally {
     await lock.release();
   }
@@ -5549,6 +5627,7 @@ async function runMode(
         retention: settings.retention,
         dryRun: settings.dryRun,
         search: settings.search,
+        connectTimeoutSeconds: opts.connectTimeout,
       });
       const lines = report
         ? retentionLines(report, outputDir, config!)

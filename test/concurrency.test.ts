@@ -13,10 +13,11 @@ import { createInterface } from 'node:readline';
 import { execa } from 'execa';
 import { dbVars, PROJECT_DIR, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { holdTableLock, waitFor } from './helpers/wait.ts';
-import { skipUnless, unmet } from './helpers/requirements.ts';
+import { holdTableLock, waitFor, waitForBlockedPgDump } from './helpers/wait.ts';
+import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
 
 const noProc = await unmet('proc');
+const noPidNamespace = await unmet('pidNamespace');
 
 let server: TestServer;
 before(async () => {
@@ -143,6 +144,52 @@ describe('stale locks', () => {
     const result = await runWithLock({ ...base(), hostname: 'some-other-host', pid: 1, process_start: null });
     assert.equal(result.exitCode, 7);
     assert.match(result.stderr, /pid 1 on some-other-host/);
+  });
+
+  test(
+    'a live run in another pid namespace (a container with the same hostname) keeps its lock and its partial',
+    { timeout: 60_000, ...skipUnless(noPidNamespace) },
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      const args = await backupArgs('conc_a', outputDir);
+      const lock = await holdTableLock(() => server.connect('conc_a'), 'items');
+      // pid 1 in its own namespace; here pid 1 is another process, with another start time.
+      const contained = startCli({ args, wrapper: ['unshare', ...PID_NAMESPACE] });
+      try {
+        await waitForBlockedPgDump(lock.observer);
+        const second = await runCli({ args });
+        assert.equal(second.exitCode, 7, second.stderr);
+        assert.match(second.stderr, /backup already running \(pid 1\b/);
+      } finally {
+        await lock.release();
+      }
+      const first = await contained;
+      assert.equal(first.exitCode, 0, String(first.stderr));
+      assert.equal((await dumpsIn(outputDir)).length, 1);
+    },
+  );
+
+  test('a lock from an earlier boot of this machine is taken over, even in another pid namespace', async () => {
+    const owner = { ...base(), pid: process.pid, process_start: await procStartTime(process.pid) };
+    const result = await runWithLock({ ...owner, pid_namespace: 'pid:[1]', boot_id: 'an-earlier-boot' });
+    assert.equal(result.exitCode, 0, result.stderr);
+  });
+
+  test('a lock whose process was killed but not yet reaped (a zombie) is taken over', skipUnless(noProc), async () => {
+    // The shell's child is killed; the shell, replaced by sleep, never reaps it.
+    const parent = execa('sh', ['-c', 'sleep 60 & echo $!; exec sleep 60'], { reject: false });
+    try {
+      const zombie = Number((await createInterface({ input: parent.stdout! })[Symbol.asyncIterator]().next()).value);
+      const start = await procStartTime(zombie);
+      process.kill(zombie, 'SIGKILL');
+      await waitFor('the killed child to become a zombie', async () =>
+        (await fs.readFile(`/proc/${zombie}/stat`, 'utf8')).includes(') Z ') ? true : undefined,
+      );
+      const result = await runWithLock({ ...base(), pid: zombie, process_start: start });
+      assert.equal(result.exitCode, 0, result.stderr);
+    } finally {
+      parent.kill();
+    }
   });
 });
 
@@ -275,6 +322,21 @@ describe('lock leftovers and names', () => {
     assert.ok(after.includes(live) && after.includes(other));
     assert.ok(!leftovers.some((name) => after.includes(name)));
   });
+
+  test(
+    "a leftover lock temp file named with this run's own pid (pid 1 in a container) is stale, not in the way",
+    skipUnless(noPidNamespace),
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      await fs.mkdir(outputDir);
+      const leftover = 'conc_a_dev.lock.1.tmp';
+      await fs.writeFile(path.join(outputDir, leftover), '{}');
+      const args = [...(await backupArgs('conc_a', outputDir)), '--json'];
+      const result = await runCli({ args, wrapper: ['unshare', ...PID_NAMESPACE] });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.deepEqual(JSON.parse(result.stdout).removed_stale_files, [leftover]);
+    },
+  );
 
   test(
     'databases "a b" and "a_b" back up at the same time in one directory, each under its own lock',

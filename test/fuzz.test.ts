@@ -104,6 +104,7 @@ const FIELDS = [
   'tool_version',
   'table_data_oids',
   'last_restore_test',
+  'system_identifier',
 ];
 const NAMES_THAT_ARE_PROPERTIES = ['__proto__', 'constructor', 'toString', 'hasOwnProperty', 'valueOf', 'notes'];
 const oddValue = fc.oneof(

@@ -12,6 +12,7 @@ import {
   calendarBuckets,
   CLOCK_TOLERANCE_MS,
   planRetention,
+  retentionTimeZone,
   selectRetention,
   type ListEntry,
   type ListStatus,
@@ -51,6 +52,20 @@ describe('calendarBuckets', () => {
     assert.equal(calendarBuckets(new Date('2024-12-30T12:00:00Z'), 'UTC').week, '2025-W01'); // Monday
     assert.equal(calendarBuckets(new Date('2021-01-03T12:00:00Z'), 'UTC').week, '2020-W53');
     assert.equal(calendarBuckets(new Date('2026-01-01T12:00:00Z'), 'UTC').week, '2026-W01');
+  });
+});
+
+describe('retentionTimeZone', () => {
+  test('a usable zone as Node resolves it; from a zoneinfo path; else UTC, never "undefined" or "Etc/Unknown"', () => {
+    assert.equal(retentionTimeZone('Europe/Berlin', 'Europe/Berlin'), 'Europe/Berlin');
+    // TZ= (empty): Node 20 resolves "Etc/Unknown", which no formatter accepts; the C library means UTC.
+    assert.equal(retentionTimeZone('Etc/Unknown', ''), 'UTC');
+    // TZ=UTC0, TZ=localtime, TZ=/path: Node names no zone.
+    assert.equal(retentionTimeZone(undefined, 'UTC0'), 'UTC');
+    assert.equal(retentionTimeZone(undefined, 'localtime'), 'UTC');
+    assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/Europe/Berlin'), 'Europe/Berlin');
+    assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/No/Such_Zone'), 'UTC');
+    assert.equal(retentionTimeZone(undefined, undefined), 'UTC');
   });
 });
 
@@ -210,6 +225,8 @@ const arbitraryEntry = fc.record({
     { weight: 1, arbitrary: fc.constant<'dev' | 'prod'>('prod') },
   ),
   undated: fc.boolean(),
+  // The cluster it was taken from: this server ("1"), another with a same-named database, or not recorded.
+  server: fc.constantFrom<string | undefined>('1', '1', '1', '2', undefined),
 });
 const arbitraryHistory = fc.array(arbitraryEntry, { maxLength: 40 }).map((raw) =>
   raw.map((r, i): ListEntry => {
@@ -219,6 +236,7 @@ const arbitraryHistory = fc.array(arbitraryEntry, { maxLength: 40 }).map((raw) =
       file: `f${String(i).padStart(2, '0')}_${r.database}_${r.environment}.dump`,
       status: r.status,
       ...(undated ? {} : { timestamp, database: r.database, environment: r.environment }),
+      ...(undated || r.server === undefined ? {} : { systemIdentifier: r.server }),
       sizeBytes: 100 + i,
       modifiedMs: 0,
       problems: [],
@@ -241,6 +259,7 @@ const arbitraryCase = fc
       timestamp: NOW.toISOString().replace(/\.\d{3}Z$/, 'Z'),
       database: 'app',
       environment: 'dev',
+      systemIdentifier: '1',
       sizeBytes: 1,
       modifiedMs: 0,
       problems: [],
@@ -252,6 +271,7 @@ const arbitraryCase = fc
       policy: p,
       timeZone: zone,
       now: NOW,
+      systemIdentifier: '1',
       ...(withNewBackup ? { justMade: justMade.file } : {}),
     };
     return { entries, scope, seed };
@@ -276,7 +296,7 @@ const isFuture = (e: ListEntry) =>
 const RUNS = { numRuns: 3000 };
 
 describe('planRetention: invariants over thousands of random histories', () => {
-  test("only this database's backups that passed the quick check and are not dated after now are ever deleted", () => {
+  test("only this server's backups of this database that passed the quick check and are not dated after now are ever deleted", () => {
     fc.assert(
       fc.property(arbitraryCase, ({ entries, scope }) => {
         const byFile = new Map(entries.map((e) => [e.file, e]));
@@ -284,6 +304,7 @@ describe('planRetention: invariants over thousands of random histories', () => {
           const entry = byFile.get(file)!;
           assert.equal(entry.database, 'app');
           assert.equal(entry.environment, 'dev');
+          assert.ok(entry.systemIdentifier !== '2', `${file} is a backup of another server`);
           assert.equal(entry.status, 'verified');
           assert.ok(!isFuture(entry), `${file} is dated after now`);
         }
@@ -353,6 +374,39 @@ describe('planRetention: invariants over thousands of random histories', () => {
       }),
       RUNS,
     );
+  });
+});
+
+describe('planRetention: the server a backup comes from', () => {
+  const entry = (file: string, systemIdentifier?: string): ListEntry => ({
+    file,
+    status: 'verified',
+    timestamp: '2025-01-01T00:00:00Z',
+    database: 'app',
+    environment: 'dev',
+    sizeBytes: 1,
+    modifiedMs: 0,
+    problems: [],
+    ...(systemIdentifier === undefined ? {} : { systemIdentifier }),
+  });
+  const entries = [entry('ours', '1'), entry('theirs', '2'), entry('unrecorded')];
+  const scope = {
+    database: 'app',
+    environment: 'dev' as const,
+    policy: policy({ last: 1 }),
+    timeZone: 'UTC',
+    now: NOW,
+  };
+  const judged = (systemIdentifier?: string | null) =>
+    planRetention(entries, { ...scope, ...(systemIdentifier === undefined ? {} : { systemIdentifier }) })
+      .decisions.map((d) => d.item.file)
+      .sort();
+
+  test("this server's and unrecorded ones are judged; where this server's cannot be read, only unrecorded ones", () => {
+    assert.deepEqual(judged('1'), ['ours', 'unrecorded']);
+    assert.deepEqual(judged(null), ['unrecorded']);
+    // --check (freshness) names no server: every backup of the database counts, as before.
+    assert.deepEqual(judged(undefined), ['ours', 'theirs', 'unrecorded']);
   });
 });
 
@@ -450,6 +504,88 @@ describe('retention on real backups', () => {
     );
     assert.match(result.stdout, /^Dry run: would delete 3 backups \(.+\); nothing was deleted\.$/m);
   });
+
+  test('with TZ empty (which Node cannot name), --prune counts days in UTC and says so', async () => {
+    const h = await history();
+    const result = await runCli({ args: h.args('--prune', '--keep-daily', '2', '--dry-run'), env: { TZ: '' } });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /^Retention for ret_app \(dev\) in .*: keep-daily 2, days in UTC$/m);
+    assert.match(result.stdout, /^ {2}keep {4}2025-02-02T14:00:00Z .* daily 2025-02-02$/m);
+  });
+
+  test(
+    "a same-named database on another server in the same directory: neither prunes the other's backups",
+    { timeout: 120_000 },
+    async () => {
+      const other = await startTestServer();
+      const dir = path.join(await tempDir(), 'backups');
+      const configFor = async (s: TestServer) => {
+        const configDir = await tempDir();
+        await writeEnvFile(configDir, '.env', dbVars(s, 'DEV_DB_', 'ret_app'));
+        return configDir;
+      };
+      const run = async (configDir: string, ...extra: string[]) => {
+        const result = await runCli({
+          args: [...extra, '--env', 'dev', '--config-dir', configDir, '--output-dir', dir, '--json'],
+        });
+        assert.equal(result.exitCode, 0, result.stderr);
+        return JSON.parse(result.stdout);
+      };
+      let there: string;
+      const here = await configFor(server);
+      try {
+        await other.createDatabase('ret_app', 'CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 10)');
+        there = await configFor(other);
+        const mine = [(await run(here)).metadata, (await run(here)).metadata];
+        assert.match(mine[0].system_identifier, /^\d+$/, 'the metadata records the cluster');
+        const theirs = await run(there, '--keep-last', '1');
+        assert.notEqual(theirs.metadata.system_identifier, mine[0].system_identifier);
+        assert.deepEqual(theirs.retention.deleted, []);
+        assert.deepEqual(
+          theirs.retention.left_alone.map((e: { file: string }) => e.file).sort(),
+          mine.map((m) => m.backup_file).sort(),
+        );
+        const dry = await runCli({
+          args: [
+            '--prune',
+            '--keep-last',
+            '1',
+            '--dry-run',
+            '--env',
+            'dev',
+            '--config-dir',
+            there,
+            '--output-dir',
+            dir,
+          ],
+        });
+        assert.equal(dry.exitCode, 0, dry.stderr);
+        assert.match(
+          dry.stdout,
+          new RegExp(
+            `^ {2}leave {3}${mine[0].backup_file.replaceAll('.', '\\.')} {2}\\(from another server \\(system ` +
+              `identifier ${mine[0].system_identifier}\\); not judged by the policy\\)$`,
+            'm',
+          ),
+        );
+        // This server's own pruning still works, and leaves the other server's backup alone.
+        const pruned = await run(here, '--prune', '--keep-last', '1');
+        assert.deepEqual(pruned.retention.deleted, [mine[0].backup_file]);
+        const left = (await fs.readdir(dir)).filter((n) => n.endsWith('.dump')).sort();
+        assert.deepEqual(left, [mine[1].backup_file, theirs.metadata.backup_file].sort());
+      } finally {
+        await other.stop();
+      }
+      // --prune must know which server it prunes for: an unreachable one is a connection failure.
+      const before = await directoryFingerprint(dir);
+      const unreachable = await runCli({
+        args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', there!, '--output-dir', dir],
+      });
+      assert.equal(unreachable.exitCode, 3, unreachable.stdout + unreachable.stderr);
+      assert.match(unreachable.stderr, /which server/);
+      assert.deepEqual(await directoryFingerprint(dir), before);
+    },
+  );
 
   test('a backup with a policy deletes what the policy drops, dump and metadata together, nothing else', async () => {
     const h = await history();

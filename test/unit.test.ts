@@ -27,6 +27,7 @@ import {
   backupFileName,
   connectionError,
   detectEnvironment,
+  fileSystemError,
   EXIT,
   formatBytes,
   isoSeconds,
@@ -748,6 +749,16 @@ describe('error classification', () => {
     }
   });
 
+  test('EEXIST means "a path component is not a directory" only from mkdir', () => {
+    const failed = (syscall: string) =>
+      Object.assign(new Error(`EEXIST: file already exists, ${syscall}`), { code: 'EEXIST', syscall });
+    assert.match(fileSystemError(failed('mkdir'), 'Cannot create', '/b').title, /a path component is not a directory/);
+    const linked = fileSystemError(failed('link'), 'Cannot create the lock file', '/b');
+    assert.equal(linked.exitCode, EXIT.PERMISSION);
+    assert.equal(linked.title, 'Cannot create the lock file');
+    assert.match(linked.details, /EEXIST/);
+  });
+
   test("pg_dump failures carry pg_dump's own message and the right exit code", () => {
     const failed = (stderr: string) =>
       pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
@@ -782,7 +793,12 @@ describe('metadataProblems', () => {
   test('the data model example is valid, with or without extra fields', () => {
     assert.deepEqual(metadataProblems(valid, valid.backup_file), []);
     assert.deepEqual(
-      metadataProblems({ ...valid, compression: 'gzip:1', table_data_oids: { conversations: [16384] } }),
+      metadataProblems({
+        ...valid,
+        compression: 'gzip:1',
+        table_data_oids: { conversations: [16384] },
+        system_identifier: '7312345678901234567',
+      }),
       [],
     );
     assert.deepEqual(metadataProblems({ ...valid, backup_timestamp: '2025-01-27T14:30:00.123+01:00' }), []);
@@ -804,6 +820,9 @@ describe('metadataProblems', () => {
       [{ database_name: '' }, /database_name must be a non-empty string/],
       [{ pg_dump_version: 15 }, /pg_dump_version must be a version string/],
       [{ table_data_oids: { t: ['x'] } }, /table_data_oids must map/],
+      [{ system_identifier: 7312345678901234567 }, /system_identifier must be a string of digits/],
+      [{ system_identifier: '' }, /system_identifier must be a string of digits/],
+      [{ system_identifier: '12a' }, /system_identifier must be a string of digits/],
     ];
     for (const [change, problem] of cases) {
       const problems = metadataProblems({ ...valid, ...change });

@@ -23,6 +23,14 @@ const SERVERS_PACKAGE = path.join(
   'package.json',
 );
 
+/** unshare's options for a private pid namespace with its own /proc (as root, or in a user namespace). */
+export const PID_NAMESPACE = [
+  ...(os.userInfo().uid === 0 ? [] : ['--user', '--map-root-user']),
+  '--pid',
+  '--fork',
+  '--mount-proc',
+];
+
 const onPath = async (command: string) =>
   (await execa('sh', ['-c', `command -v ${command}`], { reject: false })).exitCode === 0;
 const linuxOnly = (what: string) => (os.platform() === 'linux' ? undefined : `${what} is Linux only`);
@@ -64,6 +72,14 @@ const checks = {
     return result.exitCode === 0
       ? undefined
       : `no tmpfs in a private mount namespace here (unshare: ${String(result.stderr).trim() || result.exitCode})`;
+  },
+  /** A private pid namespace (util-linux unshare): a run whose pid is 1, as in a container. */
+  pidNamespace: async () => {
+    if (linuxOnly('unshare')) return linuxOnly('unshare');
+    const result = await execa('unshare', [...PID_NAMESPACE, 'true'], { reject: false });
+    return result.exitCode === 0
+      ? undefined
+      : `no private pid namespace here (unshare: ${String(result.stderr).trim() || result.exitCode})`;
   },
   prlimit: async () => ((await onPath('prlimit')) ? undefined : 'no prlimit (util-linux)'),
   /** Root ignores permission bits; setpriv drops that power so a root-run test meets EACCES. */
