@@ -3327,20 +3327,20 @@ async function applyRetention(
   config: DbConfig,
   options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search'>,
   server: Pick<RetentionScope, 'justMade' | 'systemIdentifier'>,
-  signal?: AbortSignal,
+  signal: AbortSignal,
 ): Promise<RetentionReport> {
   const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
   const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
   const { database, environment } = config;
   const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), ...server });
-  signal?.throwIfAborted();
   if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
+  signal.throwIfAborted();
   if (!dryRun) {
-    for (const backup of doomed) {
+    for (const [deleted, backup] of doomed.entries()) {
       // An interrupt stops pruning between backups, never between a dump and its metadata.
-      signal?.throwIfAborted();
+      if (signal.aborted) throw pruningInterrupted(signal.reason, deleted, doomed.length);
       await fs.rm(path.join(dir, backup.file), { recursive: true });
       await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
     }
@@ -3354,6 +3354,13 @@ async function applyRetention(
     deleted: doomed.map((b) => b.file),
     freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0),
   };
+}
+
+/** An interrupt between deletions: the rules' other deletions had been done, which the usual words deny. */
+function pruningInterrupted(interrupt: BackupError, deleted: number, doomed: number): BackupError {
+  if (deleted === 0) return interrupt;
+  const details = `retention was stopped after deleting ${deleted} of the ${doomed} backups its rules delete`;
+  return new BackupError(interrupt.exitCode, interrupt.title, details, interrupt.hints);
 }
 
 /** The full check of the backup retention would leave as the newest; a failure stops all deletion. */
@@ -3385,6 +3392,7 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch): Prom
 async function runPrune(
   config: DbConfig,
   options: Pick<BackupOptions, 'outputDir' | 'retention' | 'dryRun' | 'search' | 'connectTimeoutSeconds'>,
+  signal: AbortSignal,
 ): Promise<RetentionReport | undefined> {
   if (!hasRetentionRule(options.retention)) {
     throw configError('--prune needs a retention rule', [
@@ -3402,7 +3410,7 @@ async function runPrune(
   );
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
-    return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null });
+    return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null }, signal);
   } finally {
     await lock.release();
   }
@@ -5622,18 +5630,14 @@ async function runMode(
       );
     }
     case 'prune': {
-      const report = await runPrune(config!, {
-        outputDir,
-        retention: settings.retention,
-        dryRun: settings.dryRun,
-        search: settings.search,
-        connectTimeoutSeconds: opts.connectTimeout,
-      });
+      const { retention, dryRun, search } = settings;
+      const pruning = { outputDir, retention, dryRun, search, connectTimeoutSeconds: opts.connectTimeout };
+      const report = await withInterruptSignal((signal) => runPrune(config!, pruning, signal));
       const lines = report
         ? retentionLines(report, outputDir, config!)
         : [`No backups: ${displayPath(outputDir)}${path.sep} does not exist yet.`];
       const document = { retention: report ? retentionDocument(report) : null };
-      const facts = { deleted: settings.dryRun ? [] : (report?.deleted ?? []) };
+      const facts = { deleted: dryRun ? [] : (report?.deleted ?? []) };
       return completed('prune', document, () => ({ out: lines, err: [] }), facts);
     }
     case 'backup': {

@@ -801,6 +801,28 @@ describe('retention on real backups', () => {
     assert.ok(!names.includes('ret_app_dev.lock'), 'the lock is released');
   });
 
+  test('SIGTERM while --prune verifies the newest backup it keeps: nothing deleted, lock released, exit 143', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const old = await pastBackup(dir, '2025-01-01T02:00:00Z');
+    const newest = await pastBackup(dir, '2025-01-02T02:00:00Z');
+    const clients = await clientDirHolding('pg_restore', newest);
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const args = ['--prune', '--keep-last', '1', '--pg-bin-dir', clients.dir, '--env', 'dev'];
+    const cli = startCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
+    await waitFor('--prune to verify the newest backup', async () =>
+      (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
+    );
+    cli.kill('SIGTERM');
+    await fs.writeFile(clients.release, '');
+    const result = await cli;
+    assert.equal(result.exitCode, 143, String(result.stdout) + String(result.stderr));
+    assert.match(String(result.stderr), /Interrupted by SIGTERM/);
+    assert.deepEqual((await fs.readdir(dir)).filter((n) => n.endsWith('.dump')).sort(), [old, newest].sort());
+    assert.ok(!(await fs.readdir(dir)).includes('ret_app_dev.lock'), 'the lock is released');
+  });
+
   test('--prune without any rule is a configuration error', async () => {
     const h = await history();
     const result = await runCli({
