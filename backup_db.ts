@@ -1998,7 +1998,7 @@ async function startProgress(
   const poll = async () => {
     if (client) {
       const { rows } = await client.query<CopyProgress>(COPY_PROGRESS_SQL, [PG_DUMP_APPLICATION_NAME]).catch(() => {
-        void client?.end().catch(() => undefined);
+        if (client) void closeClient(client);
         client = undefined;
         return { rows: [] as CopyProgress[] };
       });
@@ -4080,7 +4080,7 @@ async function countTablesIn(
     );
     return Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), counted.get(t)!]));
   } finally {
-    await Promise.all(clients.map((client) => client.end().catch(() => undefined)));
+    await Promise.all(clients.map(closeClient));
   }
 }
 
