@@ -3553,42 +3553,64 @@ export interface ProdGuard {
 }
 
 /**
+ * Pure: the production database's name from settings that do not resolve (a bad sslmode or port):
+ * DATABASE_URL's path, read leniently, or DB_NAME; undefined when no valid name can be read.
+ */
+export function lenientProdDatabase(vars: EnvVars): string | undefined {
+  const url = vars.get('DATABASE_URL')?.value.trim();
+  const urlPath = url === undefined ? undefined : /^[^:/?#]+:\/\/[^/?#]*\/([^?#]+)/.exec(url)?.[1];
+  try {
+    const name = url === undefined ? vars.get('DB_NAME')?.value : urlPath && decodeURIComponent(urlPath);
+    return name ? validateName(name, 'the production database name') : undefined;
+  } catch {
+    return undefined; // a malformed escape, a blank or over-long name
+  }
+}
+
+/**
  * Restoring over production needs intent twice over: `--env prod`, and either `--i-know-this-is-prod`
  * or the database's name typed on a terminal. When the configured production server cannot be reached
- * or identified, a --clean restore into a database of its name needs the same: it might be production.
+ * or identified (or its settings are invalid), a --clean restore into a database of its name needs the
+ * same: it might be production.
  */
 async function assertProdRestoreAllowed(
   vars: EnvVars,
   admin: pg.Client,
   server: DbConfig,
-  request: Pick<RestoreRequest, 'target' | 'clean' | 'guard' | 'connectTimeoutSeconds'>,
+  request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string },
 ): Promise<void> {
-  let prodConfig: DbConfig;
+  const { target, guard } = request;
+  let prodConfig: DbConfig | undefined;
+  let prod: NonNullable<ProdCheck['prod']>;
   try {
     prodConfig = resolveDbConfig(vars, 'prod');
-  } catch {
-    return; // no production database configured
-  }
-  const { target, guard } = request;
-  if (target !== prodConfig.database) return;
-  const prod: NonNullable<ProdCheck['prod']> = { database: prodConfig.database };
-  try {
-    prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
-      maintenance: true,
-    });
-    if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
+    prod = { database: prodConfig.database };
   } catch (error) {
-    prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
+    if (!vars.has('DB_NAME') && !vars.has('DATABASE_URL')) return; // no production database configured
+    // Configured but invalid: production is on a server we cannot know; a name we cannot read may be any target's.
+    const why = error instanceof BackupError ? error.details : errorText(error);
+    prod = { database: lenientProdDatabase(vars) ?? target, unknownWhy: `its settings are invalid: ${why}` };
+  }
+  if (target !== prod.database) return;
+  if (prodConfig) {
+    try {
+      prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
+        maintenance: true,
+      });
+      if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
+    } catch (error) {
+      prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
+    }
   }
   const verdict = isProductionTarget({ target, targetCluster: await clusterIdentifier(admin), prod });
   if (verdict === 'no' || (verdict === 'unknown' && !request.clean)) return;
-  const where = `${prodConfig.host}:${prodConfig.port}`;
+  const where = prodConfig ? ` ${prodConfig.host}:${prodConfig.port}` : '';
   const what =
     verdict === 'yes'
-      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where}, the same ` +
-        `cluster)`
-      : `"${target}" may be the configured production database: the production server ${where} cannot be identified, ` +
-        `as ${prod.unknownWhy}`;
+      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where.trim()}, the ` +
+        `same cluster)`
+      : `"${target}" may be the configured production database: the production server${where} cannot be ` +
+        `identified, as ${prod.unknownWhy}`;
   const refuse = (why: string) =>
     configError(`refusing to restore into it: ${what}; ${why}`, [
       `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ` +

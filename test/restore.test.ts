@@ -361,6 +361,46 @@ describe('the production guard', () => {
     assert.equal(created.exitCode, 0, created.stderr);
   });
 
+  test('production settings that are invalid are not "no production": --clean into its name, or any name when unreadable, is refused', async () => {
+    const name = uniqueName('rs_badprod');
+    await server.createDatabase(name, 'CREATE TABLE live (v int); INSERT INTO live VALUES (1)');
+    const before = await withDatabase(name, snapshotDatabase);
+    const url = (query: string, database = name) =>
+      `postgresql://${server.user}:${server.password}@${server.host}:${server.port}/${database}${query}`;
+    const invalid: Array<Record<string, string>> = [
+      { DATABASE_URL: url('?sslmode=no-verify') },
+      { ...dbVars(server, 'DB_', name), DB_SSLMODE: 'verify_full', DEV_DB_SSLMODE: 'prefer' },
+      { ...dbVars(server, 'DB_', name), DB_PORT: '5432x' },
+      { ...dbVars(server, 'DB_', name), DB_USER: 'u'.repeat(64) },
+    ];
+    const dir = await tempDir();
+    const restoreWith = (target: string, ...extra: string[]) =>
+      runCli({
+        args: ['--restore', backup.dumpPath, '--target-db', target, ...extra, '--env', 'dev', '--config-dir', dir],
+      });
+    for (const prodVars of invalid) {
+      await writeEnvFile(dir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...prodVars });
+      const refused = await restoreWith(name, '--clean');
+      assert.equal(refused.exitCode, 2, `${Object.keys(prodVars)}: ${refused.stderr}`);
+      assert.match(
+        refused.stderr,
+        new RegExp(`"${name}" may be the configured production database: .*its settings are invalid: .*--env prod`),
+      );
+      assert.doesNotMatch(refused.stderr, new RegExp(server.password));
+    }
+    // A URL whose database name cannot be read: production might be any database.
+    await writeEnvFile(dir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), DATABASE_URL: 'postgresql://[bad' });
+    const other = uniqueName('rs_other');
+    await server.createDatabase(other, 'CREATE TABLE t (v int)');
+    const anyName = await restoreWith(other, '--clean');
+    assert.equal(anyName.exitCode, 2, anyName.stderr);
+    assert.match(anyName.stderr, new RegExp(`"${other}" may be the configured production database`));
+    assert.deepEqual(await withDatabase(name, snapshotDatabase), before, 'production untouched');
+    // Without --clean nothing can be overwritten: a new database is fine.
+    const created = await restoreWith(uniqueName('rs_new'));
+    assert.equal(created.exitCode, 0, created.stderr);
+  });
+
   test(
     'on a terminal, typing the database name is the confirmation; a wrong name is refused',
     skipUnless(noTerminal),
