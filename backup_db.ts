@@ -3645,6 +3645,37 @@ async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: st
 
 type TargetState = 'missing' | 'empty' | 'non-empty';
 
+/**
+ * Does the database hold anything of its own, not only tables? Objects created after initdb have OIDs
+ * from 16384 (FirstNormalObjectId; the public schema and plpgsql are below it): schemas, functions,
+ * types, large objects (any OID), publications, ... Temporary schemas, which any session that used a
+ * temporary table leaves behind, are not content. Checked on PostgreSQL 13 to 18.
+ */
+const HOLDS_OBJECTS_SQL = `
+  WITH temporary AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_')
+  SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_namespace WHERE oid >= 16384 AND oid NOT IN (SELECT oid FROM temporary)
+    UNION ALL SELECT FROM pg_catalog.pg_class WHERE oid >= 16384 AND relnamespace NOT IN (SELECT oid FROM temporary)
+    UNION ALL SELECT FROM pg_catalog.pg_type WHERE oid >= 16384 AND typnamespace NOT IN (SELECT oid FROM temporary)
+    UNION ALL SELECT FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql'
+    UNION ALL SELECT FROM pg_catalog.pg_largeobject_metadata
+    UNION ALL SELECT FROM pg_catalog.pg_subscription
+      WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+    UNION ALL SELECT FROM (
+      SELECT oid FROM pg_catalog.pg_proc UNION ALL SELECT oid FROM pg_catalog.pg_collation
+      UNION ALL SELECT oid FROM pg_catalog.pg_operator UNION ALL SELECT oid FROM pg_catalog.pg_opfamily
+      UNION ALL SELECT oid FROM pg_catalog.pg_opclass UNION ALL SELECT oid FROM pg_catalog.pg_am
+      UNION ALL SELECT oid FROM pg_catalog.pg_cast UNION ALL SELECT oid FROM pg_catalog.pg_conversion
+      UNION ALL SELECT oid FROM pg_catalog.pg_language UNION ALL SELECT oid FROM pg_catalog.pg_transform
+      UNION ALL SELECT oid FROM pg_catalog.pg_ts_config UNION ALL SELECT oid FROM pg_catalog.pg_ts_dict
+      UNION ALL SELECT oid FROM pg_catalog.pg_ts_parser UNION ALL SELECT oid FROM pg_catalog.pg_ts_template
+      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_data_wrapper
+      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_server UNION ALL SELECT oid FROM pg_catalog.pg_event_trigger
+      UNION ALL SELECT oid FROM pg_catalog.pg_publication UNION ALL SELECT oid FROM pg_catalog.pg_statistic_ext
+      UNION ALL SELECT oid FROM pg_catalog.pg_default_acl
+    ) other WHERE oid >= 16384
+  ) AS holds`;
+
 async function targetState(
   admin: pg.Client,
   config: DbConfig,
@@ -3654,11 +3685,8 @@ async function targetState(
   const { rows } = await admin.query('SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1', [target]);
   if (rows.length === 0) return 'missing';
   return withClient({ ...config, database: target }, connectTimeoutSeconds, async (client) => {
-    const { rows: objects } = await client.query<{ n: number }>(`
-      SELECT (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-               WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema')
-           + (SELECT count(*) FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql') AS n`);
-    return Number(objects[0]!.n) === 0 ? 'empty' : 'non-empty';
+    const { rows: objects } = await client.query<{ holds: boolean }>(HOLDS_OBJECTS_SQL);
+    return objects[0]!.holds ? 'non-empty' : 'empty';
   });
 }
 

@@ -165,6 +165,31 @@ describe('--restore', () => {
     assert.equal(tables, 0, 'the old content is gone');
   });
 
+  test('a target holding objects but no tables (a function, a large object, a schema) is not empty', async () => {
+    const holdings = [
+      "CREATE FUNCTION important() RETURNS int LANGUAGE sql AS 'SELECT 42'",
+      "SELECT lo_from_bytea(0, 'precious')",
+      'CREATE SCHEMA app',
+      "CREATE TYPE mood AS ENUM ('ok')",
+    ];
+    for (const setup of holdings) {
+      const target = uniqueName('rs_objects');
+      await server.createDatabase(target, setup);
+      const before = await withDatabase(target, snapshotDatabase);
+      const refused = await restore(backup.dumpPath, target);
+      assert.equal(refused.exitCode, 2, `${setup}: ${refused.stderr}`);
+      assert.match(refused.stderr, new RegExp(`the target database "${target}" on .* is not empty`));
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'untouched');
+    }
+    // A session's temporary table leaves its temporary schema behind: that is not content.
+    const target = uniqueName('rs_temp_used');
+    await server.createDatabase(target);
+    await withDatabase(target, (c) => c.query('CREATE TEMPORARY TABLE scratch (v int)'));
+    const used = await restore(backup.dumpPath, target);
+    assert.equal(used.exitCode, 0, used.stderr);
+    assert.match(used.stdout, /\(used empty\)$/m);
+  });
+
   test('a file that fails verification is refused (exit 8); --force restores it anyway and says so', async () => {
     const copy = await copyOfBackup((m) => {
       m.checksum_sha256 = '0'.repeat(64);
