@@ -3682,8 +3682,18 @@ async function targetState(
   target: string,
   connectTimeoutSeconds: number,
 ): Promise<TargetState> {
-  const { rows } = await admin.query('SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1', [target]);
+  const { rows } = await admin.query<{ template: boolean }>(
+    'SELECT datistemplate AS template FROM pg_catalog.pg_database WHERE datname = $1',
+    [target],
+  );
   if (rows.length === 0) return 'missing';
+  // New databases are copied from a template (template0 takes no connections): a restore would spread to them.
+  if (rows[0]!.template) {
+    throw configError(
+      `"${target}" on ${config.host}:${config.port} is a template database; it is never restored into`,
+      ['Restore into a new database: --target-db <new name> (it is created)'],
+    );
+  }
   return withClient({ ...config, database: target }, connectTimeoutSeconds, async (client) => {
     const { rows: objects } = await client.query<{ holds: boolean }>(HOLDS_OBJECTS_SQL);
     return objects[0]!.holds ? 'non-empty' : 'empty';

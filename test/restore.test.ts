@@ -190,6 +190,20 @@ describe('--restore', () => {
     assert.match(used.stdout, /\(used empty\)$/m);
   });
 
+  test('a template database (template0, template1) is refused as a target (exit 2), with or without --clean', async () => {
+    for (const [target, extra] of [
+      ['template1', ['--clean']],
+      ['template0', ['--clean']],
+      ['template0', []],
+    ] as const) {
+      const refused = await restore(backup.dumpPath, target, ...extra);
+      assert.equal(refused.exitCode, 2, `${target} ${extra}: ${refused.stderr}`);
+      assert.match(refused.stderr, new RegExp(`"${target}" on .* is a template database`));
+      assert.match(refused.stderr, /--target-db <new name>/);
+    }
+    assert.ok((await databases()).includes('template1'), 'template1 is still there');
+  });
+
   test('a file that fails verification is refused (exit 8); --force restores it anyway and says so', async () => {
     const copy = await copyOfBackup((m) => {
       m.checksum_sha256 = '0'.repeat(64);
