@@ -4267,8 +4267,8 @@ export interface Automation {
   pingUrl?: string;
   /** Prometheus textfile updated after every backup run. */
   metricsFile?: string;
-  /** The start ping failed and was reported: a run mentions a failing heartbeat once. */
-  pingWarned?: boolean;
+  /** Why the start ping failed, already printed: the log still gets it, and a run prints a failing heartbeat once. */
+  startPingFailure?: string;
 }
 
 /** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq), of a redacted record. */
@@ -4379,10 +4379,10 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
       printWarning(io, warningProblem(`Could not write the log file ${automation.logFile}`, errorText(error), secrets));
     });
   };
-  // A failure after the run is a warning: printed, and logged as an event about this run.
-  const warn = async (event: string, headline: string, why: unknown) => {
+  // A failure after the run is a warning: printed (unless it already was), and logged as an event about this run.
+  const warn = async (event: string, headline: string, why: unknown, printed = false) => {
     const warning = warningProblem(headline, why instanceof Error ? errorText(why) : String(why), secrets);
-    printWarning(io, warning);
+    if (!printed) printWarning(io, warning);
     await append(logLine({ time: new Date().toISOString(), event, error: warning.details, for: record.time }));
   };
   await append(logLine(record));
@@ -4395,9 +4395,12 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   }
   if (record.command === 'backup' && automation.pingUrl) {
     const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
+    const { startPingFailure } = automation;
     tasks.push(
       ping.then((why) =>
-        why && !automation.pingWarned ? warn('ping_failed', 'Heartbeat ping failed', why) : undefined,
+        startPingFailure || why
+          ? warn('ping_failed', 'Heartbeat ping failed', startPingFailure ?? why, startPingFailure !== undefined)
+          : undefined,
       ),
     );
   }
@@ -5718,7 +5721,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
       );
       if (why) {
         printWarning(io, warningProblem('Heartbeat ping failed', why, secrets));
-        automation = { ...automation, pingWarned: true };
+        automation = { ...automation, startPingFailure: why };
       }
     }
     outcome = await runMode(mode, opts, vars, config, settings);

@@ -123,6 +123,25 @@ describe('--ping-url (heartbeat)', () => {
     );
   });
 
+  test('a ping that fails from the start is in the log too, once', async () => {
+    const s = await setup();
+    const url = `http://127.0.0.1:${await freePort()}/ping/0d4c-secret-uuid`;
+    const logFile = path.join(s.configDir, 'runs.log');
+    const result = await runCli({ args: [...s.base, '--ping-url', url, '--log-file', logFile] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(result.stderr.match(/Heartbeat ping failed/g)?.length, 1, result.stderr);
+    const events = (await fs.readFile(logFile, 'utf8'))
+      .trim()
+      .split('\n')
+      .map((line) => JSON.parse(line));
+    assert.deepEqual(
+      events.filter((e) => e.event === 'ping_failed').map((e) => e.for),
+      [events[0].time],
+      'one ping_failed event, about this run',
+    );
+    assert.ok(!(await fs.readFile(logFile, 'utf8')).includes('0d4c-secret-uuid'));
+  });
+
   test('only backup runs ping: --list, --verify and --check with BACKUP_PING_URL set stay silent', async () => {
     const hb = await heartbeatReceiver();
     try {
