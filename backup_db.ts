@@ -4323,8 +4323,22 @@ async function postOnce(
     return { why: `HTTP ${response.status} ${response.statusText}`, transient };
   } catch (error) {
     const timedOut = error instanceof Error && error.name === 'TimeoutError';
-    return { why: timedOut ? `no answer within ${HTTP_TIMEOUT_MS / 1000} s` : errorText(error), transient: true };
+    return {
+      why: timedOut ? `no answer within ${HTTP_TIMEOUT_MS / 1000} s` : fetchFailure(error, url),
+      transient: true,
+    };
   }
+}
+
+/**
+ * Pure: why fetch failed. Its message is mostly just "fetch failed": the network error is its cause
+ * ("connect ECONNREFUSED 10.0.0.5:443"; an AggregateError has only a code). Some messages quote the
+ * URL, a credential (and one a ping URL's mask may not cover): it is left out.
+ */
+export function fetchFailure(error: unknown, url: string): string {
+  const cause = error instanceof Error ? error.cause : undefined;
+  const because = cause instanceof Error ? cause.message || errnoCode(cause) : undefined;
+  return `${errorText(error)}${because ? `: ${because}` : ''}`.split(url).join('the URL');
 }
 
 /** POST the payload, retrying once on a network error, a timeout, 429 or 5xx: two attempts at most. */
