@@ -2909,6 +2909,7 @@ export type ListStatus =
   | 'checksum_mismatch'
   | 'unreadable_archive'
   | 'missing_table_data'
+  | 'needs_newer_pg_restore'
   | 'in_progress'
   | 'incomplete';
 
@@ -2990,7 +2991,14 @@ async function describeBackup(
   try {
     client = await restoreClientFor(await readArchiveHeader(filePath));
   } catch (error) {
-    return failing('unreadable_archive', [error instanceof BackupError ? error.details : errorText(error)]);
+    const why = error instanceof BackupError ? error.details : errorText(error);
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND)
+      return failing('unreadable_archive', [why]);
+    // As --verify: a damaged header can claim any format; the checksum tells an intact backup from a damaged one.
+    const { sha256 } = await hashBackup(filePath);
+    const expected = metadata.checksum_sha256.toLowerCase();
+    if (sha256 === expected) return failing('needs_newer_pg_restore', [why]);
+    return failing('checksum_mismatch', [`Mismatch (expected ${shortHash(expected)}, found ${shortHash(sha256)})`]);
   }
   const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
   const failed = failedChecks(checks);
@@ -3025,11 +3033,15 @@ async function describePartial(dir: string, name: string): Promise<ListEntry | u
   };
 }
 
-/** With the full check, any backup that is not verified makes the listing fail (exit 8) for monitoring. */
+/**
+ * With the full check, any backup that fails a check makes the listing fail (exit 8) for monitoring;
+ * else one that only this machine's pg_restore cannot read is exit 6, as --verify says of it.
+ */
 export function listingExitCode(listing: Listing): number {
-  return listing.fullCheck && listing.backups.some((backup) => backup.status !== 'verified')
-    ? EXIT.VERIFY_FAILED
-    : EXIT.OK;
+  const statuses = listing.fullCheck ? listing.backups.map((backup) => backup.status) : [];
+  if (statuses.some((status) => status !== 'verified' && status !== 'needs_newer_pg_restore'))
+    return EXIT.VERIFY_FAILED;
+  return statuses.includes('needs_newer_pg_restore') ? EXIT.TOOL_NOT_FOUND : EXIT.OK;
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
@@ -4577,7 +4589,7 @@ const err = colours(supportsColorStderr ? supportsColorStderr.level : false);
 
 /** Colour the status marks of an otherwise plain line. */
 function paint(line: string, c: ChalkInstance): string {
-  return line.replace(/✓|✗|\? No metadata/g, (mark) =>
+  return line.replace(/✓|✗|\? No metadata|\? Needs newer pg_restore/g, (mark) =>
     mark === '✓' ? c.green(mark) : mark === '✗' ? c.red(mark) : c.yellow(mark),
   );
 }
@@ -4703,6 +4715,7 @@ const STATUS_LABELS = {
   verified: '✓ Verified',
   no_metadata: '? No metadata',
   invalid_metadata: '✗ Invalid metadata',
+  needs_newer_pg_restore: '? Needs newer pg_restore',
   in_progress: '… In progress',
   incomplete: '✗ Incomplete',
   ...Object.fromEntries(Object.values(FILE_CHECKS).map((check) => [check.status, check.label])),
@@ -4737,7 +4750,12 @@ export function listingLines(listing: Listing): string[] {
     row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''),
   );
 
-  const failed = listing.backups.filter((b) => b.status !== 'verified').length;
+  const unverifiable = listing.backups.filter((b) => b.status === 'needs_newer_pg_restore').length;
+  const failed = listing.backups.filter((b) => b.status !== 'verified').length - unverifiable;
+  const findings = [
+    ...(failed > 0 ? [`${plural(failed, 'backup')} failed verification`] : []),
+    ...(unverifiable > 0 ? [`${plural(unverifiable, 'backup')} cannot be verified without a newer pg_restore`] : []),
+  ];
   const summary = [plural(listing.backups.length, 'backup')];
   const running = listing.incomplete.filter((e) => e.status === 'in_progress').length;
   const leftovers = listing.incomplete.length - running;
@@ -4745,9 +4763,9 @@ export function listingLines(listing: Listing): string[] {
   if (leftovers > 0)
     summary.push(`${plural(leftovers, 'incomplete file')} (left by runs that did not finish; not backups)`);
   const check = listing.fullCheck
-    ? failed === 0
+    ? findings.length === 0
       ? 'Every backup was re-read: checksum, size, archive structure and table data verified.'
-      : `${plural(failed, 'backup')} failed verification; run --verify FILE for details.`
+      : `${findings.join(', ')}; run --verify FILE for details.`
     : 'Status checks metadata and size only; add --verify to re-read every file.';
   return [`Backup Files (${where}):`, '', ...table, '', `${summary.join(', ')}. ${check}`];
 }
