@@ -2963,6 +2963,7 @@ export type ListStatus =
   | 'checksum_mismatch'
   | 'unreadable_archive'
   | 'missing_table_data'
+  | 'needs_newer_pg_restore'
   | 'in_progress'
   | 'incomplete';
 
@@ -3047,7 +3048,14 @@ async function describeBackup(
   try {
     client = await restoreClientFor(await readArchiveHeader(filePath));
   } catch (error) {
-    return failing('unreadable_archive', [error instanceof BackupError ? error.details : errorText(error)]);
+    const why = error instanceof BackupError ? error.details : errorText(error);
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND)
+      return failing('unreadable_archive', [why]);
+    // As --verify: a damaged header can claim any format; the checksum tells an intact backup from a damaged one.
+    const { sha256 } = await hashBackup(filePath);
+    const expected = metadata.checksum_sha256.toLowerCase();
+    if (sha256 === expected) return failing('needs_newer_pg_restore', [why]);
+    return failing('checksum_mismatch', [`Mismatch (expected ${shortHash(expected)}, found ${shortHash(sha256)})`]);
   }
   const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
   const failed = failedChecks(checks);
@@ -3082,11 +3090,15 @@ async function describePartial(dir: string, name: string): Promise<ListEntry | u
   };
 }
 
-/** With the full check, any backup that is not verified makes the listing fail (exit 8) for monitoring. */
+/**
+ * With the full check, any backup that fails a check makes the listing fail (exit 8) for monitoring;
+ * else one that only this machine's pg_restore cannot read is exit 6, as --verify says of it.
+ */
 export function listingExitCode(listing: Listing): number {
-  return listing.fullCheck && listing.backups.some((backup) => backup.status !== 'verified')
-    ? EXIT.VERIFY_FAILED
-    : EXIT.OK;
+  const statuses = listing.fullCheck ? listing.backups.map((backup) => backup.status) : [];
+  if (statuses.some((status) => status !== 'verified' && status !== 'needs_newer_pg_restore'))
+    return EXIT.VERIFY_FAILED;
+  return statuses.includes('needs_newer_pg_restore') ? EXIT.TOOL_NOT_FOUND : EXIT.OK;
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
@@ -3660,42 +3672,64 @@ export interface ProdGuard {
 }
 
 /**
+ * Pure: the production database's name from settings that do not resolve (a bad sslmode or port):
+ * DATABASE_URL's path, read leniently, or DB_NAME; undefined when no valid name can be read.
+ */
+export function lenientProdDatabase(vars: EnvVars): string | undefined {
+  const url = vars.get('DATABASE_URL')?.value.trim();
+  const urlPath = url === undefined ? undefined : /^[^:/?#]+:\/\/[^/?#]*\/([^?#]+)/.exec(url)?.[1];
+  try {
+    const name = url === undefined ? vars.get('DB_NAME')?.value : urlPath && decodeURIComponent(urlPath);
+    return name ? validateName(name, 'the production database name') : undefined;
+  } catch {
+    return undefined; // a malformed escape, a blank or over-long name
+  }
+}
+
+/**
  * Restoring over production needs intent twice over: `--env prod`, and either `--i-know-this-is-prod`
  * or the database's name typed on a terminal. When the configured production server cannot be reached
- * or identified, a --clean restore into a database of its name needs the same: it might be production.
+ * or identified (or its settings are invalid), a --clean restore into a database of its name needs the
+ * same: it might be production.
  */
 async function assertProdRestoreAllowed(
   vars: EnvVars,
   admin: pg.Client,
   server: DbConfig,
-  request: Pick<RestoreRequest, 'target' | 'clean' | 'guard' | 'connectTimeoutSeconds'>,
+  request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string },
 ): Promise<void> {
-  let prodConfig: DbConfig;
+  const { target, guard } = request;
+  let prodConfig: DbConfig | undefined;
+  let prod: NonNullable<ProdCheck['prod']>;
   try {
     prodConfig = resolveDbConfig(vars, 'prod');
-  } catch {
-    return; // no production database configured
-  }
-  const { target, guard } = request;
-  if (target !== prodConfig.database) return;
-  const prod: NonNullable<ProdCheck['prod']> = { database: prodConfig.database };
-  try {
-    prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
-      maintenance: true,
-    });
-    if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
+    prod = { database: prodConfig.database };
   } catch (error) {
-    prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
+    if (!vars.has('DB_NAME') && !vars.has('DATABASE_URL')) return; // no production database configured
+    // Configured but invalid: production is on a server we cannot know; a name we cannot read may be any target's.
+    const why = error instanceof BackupError ? error.details : errorText(error);
+    prod = { database: lenientProdDatabase(vars) ?? target, unknownWhy: `its settings are invalid: ${why}` };
+  }
+  if (target !== prod.database) return;
+  if (prodConfig) {
+    try {
+      prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
+        maintenance: true,
+      });
+      if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
+    } catch (error) {
+      prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
+    }
   }
   const verdict = isProductionTarget({ target, targetCluster: await clusterIdentifier(admin), prod });
   if (verdict === 'no' || (verdict === 'unknown' && !request.clean)) return;
-  const where = `${prodConfig.host}:${prodConfig.port}`;
+  const where = prodConfig ? ` ${prodConfig.host}:${prodConfig.port}` : '';
   const what =
     verdict === 'yes'
-      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where}, the same ` +
-        `cluster)`
-      : `"${target}" may be the configured production database: the production server ${where} cannot be identified, ` +
-        `as ${prod.unknownWhy}`;
+      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where.trim()}, the ` +
+        `same cluster)`
+      : `"${target}" may be the configured production database: the production server${where} cannot be ` +
+        `identified, as ${prod.unknownWhy}`;
   const refuse = (why: string) =>
     configError(`refusing to restore into it: ${what}; ${why}`, [
       `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ` +
@@ -3730,20 +3764,58 @@ async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: st
 
 type TargetState = 'missing' | 'empty' | 'non-empty';
 
+/**
+ * Does the database hold anything of its own, not only tables? Objects created after initdb have OIDs
+ * from 16384 (FirstNormalObjectId; the public schema and plpgsql are below it): schemas, functions,
+ * types, large objects (any OID), publications, ... Temporary schemas, which any session that used a
+ * temporary table leaves behind, are not content. Checked on PostgreSQL 13 to 18.
+ */
+const HOLDS_OBJECTS_SQL = `
+  WITH temporary AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_')
+  SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_namespace WHERE oid >= 16384 AND oid NOT IN (SELECT oid FROM temporary)
+    UNION ALL SELECT FROM pg_catalog.pg_class WHERE oid >= 16384 AND relnamespace NOT IN (SELECT oid FROM temporary)
+    UNION ALL SELECT FROM pg_catalog.pg_type WHERE oid >= 16384 AND typnamespace NOT IN (SELECT oid FROM temporary)
+    UNION ALL SELECT FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql'
+    UNION ALL SELECT FROM pg_catalog.pg_largeobject_metadata
+    UNION ALL SELECT FROM pg_catalog.pg_subscription
+      WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+    UNION ALL SELECT FROM (
+      SELECT oid FROM pg_catalog.pg_proc UNION ALL SELECT oid FROM pg_catalog.pg_collation
+      UNION ALL SELECT oid FROM pg_catalog.pg_operator UNION ALL SELECT oid FROM pg_catalog.pg_opfamily
+      UNION ALL SELECT oid FROM pg_catalog.pg_opclass UNION ALL SELECT oid FROM pg_catalog.pg_am
+      UNION ALL SELECT oid FROM pg_catalog.pg_cast UNION ALL SELECT oid FROM pg_catalog.pg_conversion
+      UNION ALL SELECT oid FROM pg_catalog.pg_language UNION ALL SELECT oid FROM pg_catalog.pg_transform
+      UNION ALL SELECT oid FROM pg_catalog.pg_ts_config UNION ALL SELECT oid FROM pg_catalog.pg_ts_dict
+      UNION ALL SELECT oid FROM pg_catalog.pg_ts_parser UNION ALL SELECT oid FROM pg_catalog.pg_ts_template
+      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_data_wrapper
+      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_server UNION ALL SELECT oid FROM pg_catalog.pg_event_trigger
+      UNION ALL SELECT oid FROM pg_catalog.pg_publication UNION ALL SELECT oid FROM pg_catalog.pg_statistic_ext
+      UNION ALL SELECT oid FROM pg_catalog.pg_default_acl
+    ) other WHERE oid >= 16384
+  ) AS holds`;
+
 async function targetState(
   admin: pg.Client,
   config: DbConfig,
   target: string,
   connectTimeoutSeconds: number,
 ): Promise<TargetState> {
-  const { rows } = await admin.query('SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1', [target]);
+  const { rows } = await admin.query<{ template: boolean }>(
+    'SELECT datistemplate AS template FROM pg_catalog.pg_database WHERE datname = $1',
+    [target],
+  );
   if (rows.length === 0) return 'missing';
+  // New databases are copied from a template (template0 takes no connections): a restore would spread to them.
+  if (rows[0]!.template) {
+    throw configError(
+      `"${target}" on ${config.host}:${config.port} is a template database; it is never restored into`,
+      ['Restore into a new database: --target-db <new name> (it is created)'],
+    );
+  }
   return withClient({ ...config, database: target }, connectTimeoutSeconds, async (client) => {
-    const { rows: objects } = await client.query<{ n: number }>(`
-      SELECT (SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-               WHERE n.nspname !~ '^pg_' AND n.nspname <> 'information_schema')
-           + (SELECT count(*) FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql') AS n`);
-    return Number(objects[0]!.n) === 0 ? 'empty' : 'non-empty';
+    const { rows: objects } = await client.query<{ holds: boolean }>(HOLDS_OBJECTS_SQL);
+    return objects[0]!.holds ? 'non-empty' : 'empty';
   });
 }
 
@@ -4314,8 +4386,8 @@ export interface Automation {
   pingUrl?: string;
   /** Prometheus textfile updated after every backup run. */
   metricsFile?: string;
-  /** The start ping failed and was reported: a run mentions a failing heartbeat once. */
-  pingWarned?: boolean;
+  /** Why the start ping failed, already printed: the log still gets it, and a run prints a failing heartbeat once. */
+  startPingFailure?: string;
 }
 
 /** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq), of a redacted record. */
@@ -4370,8 +4442,22 @@ async function postOnce(
     return { why: `HTTP ${response.status} ${response.statusText}`, transient };
   } catch (error) {
     const timedOut = error instanceof Error && error.name === 'TimeoutError';
-    return { why: timedOut ? `no answer within ${HTTP_TIMEOUT_MS / 1000} s` : errorText(error), transient: true };
+    return {
+      why: timedOut ? `no answer within ${HTTP_TIMEOUT_MS / 1000} s` : fetchFailure(error, url),
+      transient: true,
+    };
   }
+}
+
+/**
+ * Pure: why fetch failed. Its message is mostly just "fetch failed": the network error is its cause
+ * ("connect ECONNREFUSED 10.0.0.5:443"; an AggregateError has only a code). Some messages quote the
+ * URL, a credential (and one a ping URL's mask may not cover): it is left out.
+ */
+export function fetchFailure(error: unknown, url: string): string {
+  const cause = error instanceof Error ? error.cause : undefined;
+  const because = cause instanceof Error ? cause.message || errnoCode(cause) : undefined;
+  return `${errorText(error)}${because ? `: ${because}` : ''}`.split(url).join('the URL');
 }
 
 /** POST the payload, retrying once on a network error, a timeout, 429 or 5xx: two attempts at most. */
@@ -4426,10 +4512,10 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
       printWarning(io, warningProblem(`Could not write the log file ${automation.logFile}`, errorText(error), secrets));
     });
   };
-  // A failure after the run is a warning: printed, and logged as an event about this run.
-  const warn = async (event: string, headline: string, why: unknown) => {
+  // A failure after the run is a warning: printed (unless it already was), and logged as an event about this run.
+  const warn = async (event: string, headline: string, why: unknown, printed = false) => {
     const warning = warningProblem(headline, why instanceof Error ? errorText(why) : String(why), secrets);
-    printWarning(io, warning);
+    if (!printed) printWarning(io, warning);
     await append(logLine({ time: new Date().toISOString(), event, error: warning.details, for: record.time }));
   };
   await append(logLine(record));
@@ -4442,9 +4528,12 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   }
   if (record.command === 'backup' && automation.pingUrl) {
     const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
+    const { startPingFailure } = automation;
     tasks.push(
       ping.then((why) =>
-        why && !automation.pingWarned ? warn('ping_failed', 'Heartbeat ping failed', why) : undefined,
+        startPingFailure || why
+          ? warn('ping_failed', 'Heartbeat ping failed', startPingFailure ?? why, startPingFailure !== undefined)
+          : undefined,
       ),
     );
   }
@@ -4607,7 +4696,7 @@ const err = colours(supportsColorStderr ? supportsColorStderr.level : false);
 
 /** Colour the status marks of an otherwise plain line. */
 function paint(line: string, c: ChalkInstance): string {
-  return line.replace(/✓|✗|\? No metadata/g, (mark) =>
+  return line.replace(/✓|✗|\? No metadata|\? Needs newer pg_restore/g, (mark) =>
     mark === '✓' ? c.green(mark) : mark === '✗' ? c.red(mark) : c.yellow(mark),
   );
 }
@@ -4733,6 +4822,7 @@ const STATUS_LABELS = {
   verified: '✓ Verified',
   no_metadata: '? No metadata',
   invalid_metadata: '✗ Invalid metadata',
+  needs_newer_pg_restore: '? Needs newer pg_restore',
   in_progress: '… In progress',
   incomplete: '✗ Incomplete',
   ...Object.fromEntries(Object.values(FILE_CHECKS).map((check) => [check.status, check.label])),
@@ -4767,7 +4857,12 @@ export function listingLines(listing: Listing): string[] {
     row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''),
   );
 
-  const failed = listing.backups.filter((b) => b.status !== 'verified').length;
+  const unverifiable = listing.backups.filter((b) => b.status === 'needs_newer_pg_restore').length;
+  const failed = listing.backups.filter((b) => b.status !== 'verified').length - unverifiable;
+  const findings = [
+    ...(failed > 0 ? [`${plural(failed, 'backup')} failed verification`] : []),
+    ...(unverifiable > 0 ? [`${plural(unverifiable, 'backup')} cannot be verified without a newer pg_restore`] : []),
+  ];
   const summary = [plural(listing.backups.length, 'backup')];
   const running = listing.incomplete.filter((e) => e.status === 'in_progress').length;
   const leftovers = listing.incomplete.length - running;
@@ -4775,9 +4870,9 @@ export function listingLines(listing: Listing): string[] {
   if (leftovers > 0)
     summary.push(`${plural(leftovers, 'incomplete file')} (left by runs that did not finish; not backups)`);
   const check = listing.fullCheck
-    ? failed === 0
+    ? findings.length === 0
       ? 'Every backup was re-read: checksum, size, archive structure and table data verified.'
-      : `${plural(failed, 'backup')} failed verification; run --verify FILE for details.`
+      : `${findings.join(', ')}; run --verify FILE for details.`
     : 'Status checks metadata and size only; add --verify to re-read every file.';
   return [`Backup Files (${where}):`, '', ...table, '', `${summary.join(', ')}. ${check}`];
 }
@@ -5763,7 +5858,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
       );
       if (why) {
         printWarning(io, warningProblem('Heartbeat ping failed', why, secrets));
-        automation = { ...automation, pingWarned: true };
+        automation = { ...automation, startPingFailure: why };
       }
     }
     outcome = await runMode(mode, opts, vars, config, settings);

@@ -6,9 +6,12 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
+import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { NEWER_CLIENT_DIR, NEWER_MAJOR, skipUnless, unmet } from './helpers/requirements.ts';
+import { flipMiddleByte } from './helpers/wait.ts';
 
+const noNewerClient = await unmet('newerClient');
 let server: TestServer;
 let dir: string;
 let dev1: TakenBackup;
@@ -153,6 +156,48 @@ describe('--list', () => {
     assert.equal(full.exitCode, 0, full.stdout);
     assert.match(full.stdout, /Every backup was re-read: checksum, size, archive structure and table data verified\./);
   });
+
+  test(
+    `--list --verify with only an older pg_restore: an intact pg_dump ${NEWER_MAJOR} backup needs a newer one (exit 6, as --verify), a damaged one fails (exit 8)`,
+    skipUnless(noNewerClient),
+    async () => {
+      const copy = path.join(await tempDir(), 'backups');
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'list_dev'));
+      const taken = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', copy, '--pg-bin-dir', NEWER_CLIENT_DIR],
+      });
+      assert.equal(taken.exitCode, 0, taken.stderr);
+
+      const full = await list(copy, '--verify');
+      assert.equal(full.exitCode, 6, full.stdout);
+      assert.deepEqual(
+        tableRows(full.stdout).map((row) => row[4]),
+        ['? Needs newer pg_restore'],
+      );
+      assert.match(
+        full.stdout,
+        /1 backup cannot be verified without a newer pg_restore; run --verify FILE for details\./,
+      );
+      const json = JSON.parse((await list(copy, '--verify', '--json')).stdout);
+      assert.equal(json.backups[0].status, 'needs_newer_pg_restore');
+      assert.match(json.backups[0].problems[0], new RegExp(`needs pg_restore ${NEWER_MAJOR} or newer; found: `));
+
+      // Its bytes changed: damaged, whatever pg_restore it needs.
+      await flipMiddleByte(
+        path.join(
+          copy,
+          (await fs.readdir(copy)).find((name) => name.endsWith('.dump'))!,
+        ),
+      );
+      const damaged = await list(copy, '--verify');
+      assert.equal(damaged.exitCode, 8, damaged.stdout);
+      assert.deepEqual(
+        tableRows(damaged.stdout).map((row) => row[4]),
+        ['✗ Checksum mismatch'],
+      );
+    },
+  );
 
   test('a missing directory: a friendly message, exit 0', async () => {
     const missing = path.join(await tempDir(), 'never-created');

@@ -123,6 +123,40 @@ describe('--ping-url (heartbeat)', () => {
     );
   });
 
+  test('a ping that fails from the start is in the log too, once', async () => {
+    const s = await setup();
+    const url = `http://127.0.0.1:${await freePort()}/ping/0d4c-secret-uuid`;
+    const logFile = path.join(s.configDir, 'runs.log');
+    const result = await runCli({ args: [...s.base, '--ping-url', url, '--log-file', logFile] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(result.stderr.match(/Heartbeat ping failed/g)?.length, 1, result.stderr);
+    const events = (await fs.readFile(logFile, 'utf8'))
+      .trim()
+      .split('\n')
+      .map((line) => JSON.parse(line));
+    assert.deepEqual(
+      events.filter((e) => e.event === 'ping_failed').map((e) => e.for),
+      [events[0].time],
+      'one ping_failed event, about this run',
+    );
+    assert.ok(!(await fs.readFile(logFile, 'utf8')).includes('0d4c-secret-uuid'));
+  });
+
+  test('a failed ping says why: the network error behind "fetch failed", never the URL or its credentials', async () => {
+    const s = await setup();
+    const port = await freePort();
+    const refused = await runCli({ args: [...s.base, '--ping-url', `http://127.0.0.1:${port}/ping/0d4c-secret-uuid`] });
+    assert.match(
+      refused.stderr,
+      new RegExp(`Heartbeat ping failed: fetch failed: connect ECONNREFUSED 127\\.0\\.0\\.1:${port}`),
+    );
+    const withQuery = `http://hb:pw-s3cret@127.0.0.1:${port}/ping/0d4c-secret-uuid?status=up`;
+    const credentials = await runCli({ args: [...s.base, '--ping-url', withQuery] });
+    assert.equal(credentials.exitCode, 0, credentials.stderr);
+    assert.match(credentials.stderr, /Heartbeat ping failed: /);
+    assert.doesNotMatch(credentials.stderr, /pw-s3cret|0d4c-secret-uuid/);
+  });
+
   test('only backup runs ping: --list, --verify and --check with BACKUP_PING_URL set stay silent', async () => {
     const hb = await heartbeatReceiver();
     try {

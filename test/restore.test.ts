@@ -165,6 +165,45 @@ describe('--restore', () => {
     assert.equal(tables, 0, 'the old content is gone');
   });
 
+  test('a target holding objects but no tables (a function, a large object, a schema) is not empty', async () => {
+    const holdings = [
+      "CREATE FUNCTION important() RETURNS int LANGUAGE sql AS 'SELECT 42'",
+      "SELECT lo_from_bytea(0, 'precious')",
+      'CREATE SCHEMA app',
+      "CREATE TYPE mood AS ENUM ('ok')",
+    ];
+    for (const setup of holdings) {
+      const target = uniqueName('rs_objects');
+      await server.createDatabase(target, setup);
+      const before = await withDatabase(target, snapshotDatabase);
+      const refused = await restore(backup.dumpPath, target);
+      assert.equal(refused.exitCode, 2, `${setup}: ${refused.stderr}`);
+      assert.match(refused.stderr, new RegExp(`the target database "${target}" on .* is not empty`));
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'untouched');
+    }
+    // A session's temporary table leaves its temporary schema behind: that is not content.
+    const target = uniqueName('rs_temp_used');
+    await server.createDatabase(target);
+    await withDatabase(target, (c) => c.query('CREATE TEMPORARY TABLE scratch (v int)'));
+    const used = await restore(backup.dumpPath, target);
+    assert.equal(used.exitCode, 0, used.stderr);
+    assert.match(used.stdout, /\(used empty\)$/m);
+  });
+
+  test('a template database (template0, template1) is refused as a target (exit 2), with or without --clean', async () => {
+    for (const [target, extra] of [
+      ['template1', ['--clean']],
+      ['template0', ['--clean']],
+      ['template0', []],
+    ] as const) {
+      const refused = await restore(backup.dumpPath, target, ...extra);
+      assert.equal(refused.exitCode, 2, `${target} ${extra}: ${refused.stderr}`);
+      assert.match(refused.stderr, new RegExp(`"${target}" on .* is a template database`));
+      assert.match(refused.stderr, /--target-db <new name>/);
+    }
+    assert.ok((await databases()).includes('template1'), 'template1 is still there');
+  });
+
   test('a file that fails verification is refused (exit 8); --force restores it anyway and says so', async () => {
     const copy = await copyOfBackup((m) => {
       m.checksum_sha256 = '0'.repeat(64);
@@ -358,6 +397,46 @@ describe('the production guard', () => {
     const created = await runCli({
       args: ['--restore', backup.dumpPath, '--target-db', fresh, '--env', 'dev', '--config-dir', unreachable],
     });
+    assert.equal(created.exitCode, 0, created.stderr);
+  });
+
+  test('production settings that are invalid are not "no production": --clean into its name, or any name when unreadable, is refused', async () => {
+    const name = uniqueName('rs_badprod');
+    await server.createDatabase(name, 'CREATE TABLE live (v int); INSERT INTO live VALUES (1)');
+    const before = await withDatabase(name, snapshotDatabase);
+    const url = (query: string, database = name) =>
+      `postgresql://${server.user}:${server.password}@${server.host}:${server.port}/${database}${query}`;
+    const invalid: Array<Record<string, string>> = [
+      { DATABASE_URL: url('?sslmode=no-verify') },
+      { ...dbVars(server, 'DB_', name), DB_SSLMODE: 'verify_full', DEV_DB_SSLMODE: 'prefer' },
+      { ...dbVars(server, 'DB_', name), DB_PORT: '5432x' },
+      { ...dbVars(server, 'DB_', name), DB_USER: 'u'.repeat(64) },
+    ];
+    const dir = await tempDir();
+    const restoreWith = (target: string, ...extra: string[]) =>
+      runCli({
+        args: ['--restore', backup.dumpPath, '--target-db', target, ...extra, '--env', 'dev', '--config-dir', dir],
+      });
+    for (const prodVars of invalid) {
+      await writeEnvFile(dir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), ...prodVars });
+      const refused = await restoreWith(name, '--clean');
+      assert.equal(refused.exitCode, 2, `${Object.keys(prodVars)}: ${refused.stderr}`);
+      assert.match(
+        refused.stderr,
+        new RegExp(`"${name}" may be the configured production database: .*its settings are invalid: .*--env prod`),
+      );
+      assert.doesNotMatch(refused.stderr, new RegExp(server.password));
+    }
+    // A URL whose database name cannot be read: production might be any database.
+    await writeEnvFile(dir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), DATABASE_URL: 'postgresql://[bad' });
+    const other = uniqueName('rs_other');
+    await server.createDatabase(other, 'CREATE TABLE t (v int)');
+    const anyName = await restoreWith(other, '--clean');
+    assert.equal(anyName.exitCode, 2, anyName.stderr);
+    assert.match(anyName.stderr, new RegExp(`"${other}" may be the configured production database`));
+    assert.deepEqual(await withDatabase(name, snapshotDatabase), before, 'production untouched');
+    // Without --clean nothing can be overwritten: a new database is fine.
+    const created = await restoreWith(uniqueName('rs_new'));
     assert.equal(created.exitCode, 0, created.stderr);
   });
 

@@ -12,6 +12,7 @@ import {
   archiveExtensions,
   BackupError,
   dbnameConninfo,
+  fetchFailure,
   extensionInstallHint,
   isProductionTarget,
   reconcileCounts,
@@ -516,6 +517,18 @@ describe('secrets', () => {
     assert.deepEqual(problemLines(warningProblem('Notification failed', `HTTP 500 for ${secret}`, [secret])), [
       '⚠ Notification failed: HTTP 500 for ****',
     ]);
+  });
+
+  test('fetchFailure: the cause behind "fetch failed" (its message, else its code), never the URL', () => {
+    const url = 'https://hb:pw@example.com/ping/uuid/start';
+    const refused = Object.assign(new Error('connect ECONNREFUSED 10.0.0.5:443'), { code: 'ECONNREFUSED' });
+    assert.equal(
+      fetchFailure(new TypeError('fetch failed', { cause: refused }), url),
+      'fetch failed: connect ECONNREFUSED 10.0.0.5:443',
+    );
+    const both = Object.assign(new AggregateError([refused], ''), { code: 'ECONNREFUSED' });
+    assert.equal(fetchFailure(new TypeError('fetch failed', { cause: both }), url), 'fetch failed: ECONNREFUSED');
+    assert.equal(fetchFailure(new TypeError(`URL with credentials: ${url}`), url), 'URL with credentials: the URL');
   });
 
   test('hookEnvironment: credentials dropped, any inherited value holding a secret masked, the record as given', () => {
