@@ -142,7 +142,8 @@ async function startTethered<const O extends Options>(
 ): Promise<{ child: ResultPromise<O> }> {
   const { execa } = await loadExeca();
   // detached changes how the child starts, not what its result looks like.
-  const child = execa(file, args, { ...options, detached: true }) as unknown as ResultPromise<O>;
+  const env = childEnv(process.env, options.env as Record<string, string> | undefined);
+  const child = execa(file, args, { ...options, env, extendEnv: false, detached: true }) as unknown as ResultPromise<O>;
   const pid = child.pid;
   if (pid === undefined) return { child }; // it could not start; the promise says why
   const killGroup = (name: NodeJS.Signals) => {
@@ -1063,6 +1064,26 @@ export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNE
     ...(config.password !== undefined ? { PGPASSWORD: config.password } : {}),
     ...(config.sslmode ? { PGSSLMODE: config.sslmode } : {}),
   };
+}
+
+/**
+ * Inherited PG* variables a child may keep: password sources, TLS files and stricter TLS or auth
+ * settings, PGOPTIONS. Every other one (PGSERVICE, PGHOSTADDR, PGTARGETSESSIONATTRS, …) could send
+ * pg_dump or pg_restore to another server or database than the one our own session checked.
+ */
+const INHERITED_LIBPQ_VARS = new Set(
+  ['PASSWORD', 'PASSFILE', 'SSLMODE', 'SSLROOTCERT', 'SSLCERT', 'SSLKEY', 'SSLCRL', 'SSLCRLDIR', 'SSLNEGOTIATION']
+    .concat(['GSSENCMODE', 'CHANNELBINDING', 'REQUIREAUTH', 'OPTIONS'])
+    .map((name) => `PG${name}`),
+);
+
+/** Pure: a child's whole environment: `inherited` without the libpq variables that pick a target, then `own`. */
+export function childEnv(inherited: NodeJS.ProcessEnv, own: Readonly<Record<string, string>> = {}) {
+  const kept = Object.entries(inherited).filter(
+    (entry): entry is [string, string] =>
+      entry[1] !== undefined && (!/^PG[A-Z]/.test(entry[0]) || INHERITED_LIBPQ_VARS.has(entry[0])),
+  );
+  return { ...Object.fromEntries(kept), ...own };
 }
 
 /** Connect with node-postgres, turning each kind of failure into its own actionable message. */
