@@ -199,6 +199,24 @@ function listSome(items: string[]): string {
   return `${items.slice(0, 5).join(', ')}${items.length > 5 ? ', ...' : ''}`;
 }
 
+/**
+ * Open a file to read that must be a regular file: non-blocking, so that a FIFO under its name
+ * cannot hang the run, and with `noFollow` never through a symlink. A FIFO, socket or device
+ * throws ENOTREG; a directory is returned, to fail on reading (EISDIR) as it always did.
+ */
+async function openRegularFile(file: string, { noFollow = false } = {}) {
+  const { O_RDONLY, O_NONBLOCK, O_NOFOLLOW } = fs.constants;
+  const handle = await fs.open(file, O_RDONLY | O_NONBLOCK | (noFollow ? O_NOFOLLOW : 0)).catch((error: unknown) => {
+    throw noFollow && errnoCode(error) === 'ELOOP' ? notRegularFile() : error;
+  });
+  const stat = await handle.stat();
+  if (stat.isFile() || stat.isDirectory()) return handle;
+  await handle.close();
+  throw notRegularFile();
+}
+
+const notRegularFile = () => Object.assign(new Error('not a regular file'), { code: 'ENOTREG' });
+
 async function pathExists(filePath: string): Promise<boolean> {
   return (await fs.lstat(filePath).catch(() => null)) !== null;
 }
@@ -277,13 +295,16 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
     try {
-      const text = await fs.readFile(filePath, 'utf8');
+      const handle = await openRegularFile(filePath);
+      const text = await handle.readFile('utf8').finally(() => handle.close());
       const { default: dotenv } = await import('dotenv');
       layers.push({ source: file, vars: dotenv.parse(text), misread: misreadDotenvValues(text) });
     } catch (error) {
       if (errnoCode(error) === 'ENOENT') continue;
       throw configError(`cannot read ${filePath}: ${errorText(error)}`, [
-        `Check the file's permissions: ls -l ${filePath}`,
+        errnoCode(error) === 'ENOTREG'
+          ? `Make ${filePath} a regular file (not a FIFO or a device)`
+          : `Check the file's permissions: ls -l ${filePath}`,
       ]);
     }
   }
@@ -816,7 +837,7 @@ interface FoundLock {
 async function readLock(file: string): Promise<FoundLock | undefined> {
   let handle;
   try {
-    handle = await fs.open(file, 'r');
+    handle = await openRegularFile(file);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
     throw error;
@@ -2344,16 +2365,26 @@ async function loadMetadata(metadataPath: string, dumpFileName: string): Promise
   const invalid = (problem: string): MetadataLoad => ({ status: 'invalid', problems: [problem] });
   let value: unknown;
   try {
-    const { size } = await fs.stat(metadataPath);
-    if (size > MAX_METADATA_BYTES) return invalid(`it is ${formatBytes(size)}, more than metadata ever is`);
-    const text = await fs.readFile(metadataPath, 'utf8');
+    // Not through a symlink: a link to ~/.pgpass must not have its content quoted back.
+    const handle = await openRegularFile(metadataPath, { noFollow: true });
+    let text: string;
+    try {
+      const { size } = await handle.stat();
+      if (size > MAX_METADATA_BYTES) return invalid(`it is ${formatBytes(size)}, more than metadata ever is`);
+      text = await handle.readFile('utf8');
+    } finally {
+      await handle.close();
+    }
     if (jsonDepth(text) > MAX_METADATA_DEPTH) return invalid(`it nests more than ${MAX_METADATA_DEPTH} levels deep`);
     value = JSON.parse(text);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
+    if (errnoCode(error) === 'ENOTREG') return invalid('not a regular file');
+    // JSON.parse quotes the start of its input in its message: give only the position.
+    const at = /at position (\d+)/.exec(errorText(error));
     return invalid(
       error instanceof SyntaxError
-        ? `it is not valid JSON: ${error.message}`
+        ? `it is not valid JSON${at ? ` (at position ${at[1]})` : ''}`
         : `it cannot be read: ${errorText(error)}`,
     );
   }

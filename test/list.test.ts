@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 
@@ -97,6 +98,24 @@ describe('--list', () => {
     );
     assert.equal(doc.backups[0].size_bytes, prod.metadata.backup_size_bytes);
   });
+
+  test(
+    "a FIFO named as a backup's metadata is that backup's invalid metadata; the rest lists as usual",
+    { timeout: 60_000 },
+    async () => {
+      const copy = path.join(await tempDir(), 'backups');
+      await fs.mkdir(copy);
+      for (const file of [dev1.dumpPath, dev2.dumpPath, dev2.metadataPath])
+        await fs.copyFile(file, path.join(copy, path.basename(file)));
+      await execa('mkfifo', [path.join(copy, path.basename(dev1.metadataPath))]);
+      const result = await list(copy);
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.deepEqual(
+        tableRows(result.stdout).map((row) => row[4]),
+        ['✓ Verified', '✗ Invalid metadata'],
+      );
+    },
+  );
 
   test('a dump whose size differs from its metadata → ✗ Size mismatch', async () => {
     const copy = path.join(await tempDir(), 'backups');
