@@ -431,6 +431,12 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   if (!/^[a-z][\w+.-]*:\/\//i.test(url.value.trim())) throw configError(`${origin} is not a valid URL`, [form]);
   if (!/^postgres(ql)?:\/\//i.test(url.value.trim()))
     throw configError(`${origin} must start with postgresql:// or postgres://`, [form]);
+  // Read at the wrong '@', the rest of the password becomes a host name looked up and shown.
+  if (ambiguousAuthority(url.value.trim()))
+    throw configError(`${origin} cannot be split into user, password and host: it has an '@' out of place`, [
+      "Percent-encode these characters in the password: '@' → %40, '/' → %2F, '?' → %3F, '#' → %23, ':' → %3A",
+      form,
+    ]);
   let parsed: ReturnType<typeof parseLibpqUrl>;
   try {
     parsed = parseLibpqUrl(url.value.trim());
@@ -449,6 +455,14 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
     ...(parsed.sslmode ? { sslmode: parseSslMode(parsed.sslmode, origin) } : {}),
     origin: { host: origin, port: origin, database: origin, user: origin, password: origin },
   };
+}
+
+/** Pure: whether a URL has more than one '@' before its path, or one in its path, query or fragment. */
+export function ambiguousAuthority(url: string): boolean {
+  const rest = url.slice(url.indexOf('://') + 3);
+  const end = rest.search(/[/?#]/);
+  const authority = end < 0 ? rest : rest.slice(0, end);
+  return authority.split('@').length > 2 || (end >= 0 && rest.slice(end).includes('@'));
 }
 
 /** Pure: a connection URL's parts, sslmode kept apart and other ssl* parameters dropped. Throws if malformed. */
@@ -4782,6 +4796,9 @@ export function secretsIn(vars: EnvVars): string[] {
   for (const [name, { value }] of vars) {
     if (/PASSWORD$/.test(name)) secrets.push(value);
     if (/DATABASE_URL$/.test(name)) {
+      // All between "user:" and the last '@': a password with an unencoded '@' or '/' in it, whole.
+      const raw = /^[a-z][\w+.-]*:\/\/[^:@/]*:(.*)@/is.exec(value.trim())?.[1];
+      if (raw) secrets.push(raw);
       try {
         // As written (percent-encoded) and as meant, whether in the authority or as ?password=.
         const written = new URL(value).password;
@@ -4792,7 +4809,7 @@ export function secretsIn(vars: EnvVars): string[] {
       }
     }
   }
-  return secrets;
+  return [...new Set(secrets)];
 }
 
 /**

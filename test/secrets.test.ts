@@ -290,6 +290,22 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     for (const form of formsOf(password)) assert.ok(!env.includes(form) && !result.stderr.includes(form), form);
   });
 
+  test("a URL password with an unencoded '@' before a '/' is refused (exit 2), no part of it shown or looked up", async () => {
+    const password = 'Qw3@rTy8Ui/oP9aSdF';
+    const configDir = await tempDir();
+    const url = `postgresql://${server.user}:${password}@${server.host}:${server.port}/secret_app`;
+    await writeEnvFile(configDir, '.env', { DEV_DATABASE_URL: url });
+    for (const json of [[], ['--json']]) {
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out'), ...json],
+      });
+      assert.equal(result.exitCode, 2, result.stderr);
+      assert.match(result.stdout + result.stderr, /DEV_DATABASE_URL \(from \.env\) cannot be split/);
+      assert.match(result.stdout + result.stderr, /'@' → %40, '\/' → %2F/);
+      for (const part of ['Qw3', 'rTy8Ui', 'oP9aSdF']) assert.ok(!(result.stdout + result.stderr).includes(part), part);
+    }
+  });
+
   test('a mistyped --notify-url is never echoed, on stderr or in --json', async () => {
     const url = `htps//hooks.example/T0/B0/${id}-token`;
     for (const args of [['--notify-url', url], [`--notify-url=${url}`], ['--notify-url', url, '--json']]) {

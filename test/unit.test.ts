@@ -555,6 +555,11 @@ describe('secrets', () => {
     assert.deepEqual(secrets.sort(), ['a', 'b', 'c!d', 'c%21d']);
   });
 
+  test("secretsIn takes a URL password up to the last '@' whole, unencoded '@' and '/' included", () => {
+    const secrets = secretsIn(env({ DATABASE_URL: 'postgresql://postgres:Qw3@rTy8Ui/oP9aSdF@127.0.0.1:5432/app' }));
+    assert.ok(secrets.includes('Qw3@rTy8Ui/oP9aSdF'), secrets.join(' '));
+  });
+
   test('pg_dump gets the password in its environment and never in argv', () => {
     const config = resolveDbConfig(env({ DB_NAME: 'app', DB_PASSWORD: 'hunter2', DB_SSLMODE: 'require' }), 'prod');
     const childEnv = libpqEnv(config, 7);
