@@ -426,7 +426,8 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
  */
 function configFromUrl(url: EnvValue, urlVar: string, environment: Environment): DbConfig {
   const origin = describeOrigin(urlVar, url);
-  const form = 'Use the form postgresql://user:password@host:5432/database';
+  // Not written user:password@host: the masking of URL passwords would turn it into user:****@host.
+  const form = 'Use the form postgresql://USER@HOST:5432/DATABASE, with the password after the user: USER:PASSWORD';
   // Never echo the URL: it usually holds the password.
   if (!/^[a-z][\w+.-]*:\/\//i.test(url.value.trim())) throw configError(`${origin} is not a valid URL`, [form]);
   if (!/^postgres(ql)?:\/\//i.test(url.value.trim()))
@@ -5218,8 +5219,16 @@ function nonEmptyPath(value: string): string {
 function webhookUrl(value: string): string {
   try {
     const url = new URL(value.trim());
-    if (url.protocol === 'http:' || url.protocol === 'https:') return url.toString();
-  } catch {
+    if (url.protocol === 'http:' || url.protocol === 'https:') {
+      // fetch refuses a URL with credentials in it: such a URL could never be called.
+      if (url.username || url.password)
+        throw new InvalidArgumentError(
+          'Remove user:password@ (fetch cannot send it); use the token the service puts in the path.',
+        );
+      return url.toString();
+    }
+  } catch (error) {
+    if (error instanceof InvalidArgumentError) throw error;
     // Reported below, without the value.
   }
   throw new InvalidArgumentError('Use an http:// or https:// URL.');

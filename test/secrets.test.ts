@@ -315,6 +315,23 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
       assert.ok(!(result.stdout + result.stderr).includes(`${id}-token`), JSON.stringify(args));
     }
   });
+
+  test('a --notify-url or BACKUP_PING_URL with user:password@, which fetch cannot send, is refused (exit 2), unechoed', async () => {
+    const url = `https://hookuser:${id}-pw@hooks.example/T0`;
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', { BACKUP_PING_URL: url });
+    for (const args of [
+      ['--notify-url', url],
+      ['--config-dir', configDir],
+      ['--config-dir', configDir, '--json'],
+    ]) {
+      const result = await runCli({ args: ['--list', '--output-dir', configDir, ...args] });
+      assert.equal(result.exitCode, 2, result.stdout + result.stderr);
+      assert.match(result.stdout + result.stderr, /Remove user:password@ \(fetch cannot send it\)/);
+      assert.ok(!(result.stdout + result.stderr).includes(`${id}-pw`), JSON.stringify(args));
+      assert.ok(!(result.stdout + result.stderr).includes('hookuser'), JSON.stringify(args));
+    }
+  });
 });
 
 /** A local webhook receiver that keeps every body as it arrived. */
