@@ -4894,10 +4894,11 @@ export function warningProblem(headline: string, details: string, secrets: reado
 
 /** Pure: the contract's error text (what failed, the report, the tool's message, numbered steps), or a warning. */
 export function problemLines(problem: Problem): string[] {
-  if (problem.level === 'warning') return [`⚠ ${problem.headline}: ${problem.details}`];
+  // A tool's message of several lines stays several lines (each printed as one).
+  if (problem.level === 'warning') return `⚠ ${problem.headline}: ${problem.details}`.split(/\r?\n/);
   const lines = [`✗ ${problem.headline}`, ''];
   if (problem.report.length > 0) lines.push(...problem.report, '');
-  lines.push(`Error: ${problem.details}`);
+  lines.push(...`Error: ${problem.details}`.split(/\r?\n/));
   if (problem.hints.length > 0)
     lines.push('', 'Troubleshooting:', ...problem.hints.map((hint, i) => `  ${i + 1}. ${hint}`));
   return lines;
@@ -5022,8 +5023,21 @@ function printOutcome(io: Io, json: boolean, outcome: Outcome, secrets: readonly
   const { out: outLines, err: errLines } = result
     ? redact(result.text(), secrets)
     : { out: [], err: problemLines(problem!) };
-  if (outLines.length > 0) io.out(outLines.map((line) => paint(line, out)).join('\n'));
-  if (errLines.length > 0) io.err(errLines.map((line, i) => paintErrorLine(line, i)).join('\n'));
+  if (outLines.length > 0) io.out(outLines.map((line) => paint(visibleControls(line), out)).join('\n'));
+  if (errLines.length > 0) io.err(errLines.map((line, i) => paintErrorLine(visibleControls(line), i)).join('\n'));
+}
+
+/**
+ * Pure: a line for the terminal with its control characters (C0, DEL, C1) shown as escapes: names
+ * from a database, a metadata file or a file name must not clear the screen, retitle the window,
+ * write the clipboard or forge lines. Applied before our own colours; our lines are one per item.
+ */
+export function visibleControls(line: string): string {
+  const named: Record<string, string> = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
+  return line.replace(
+    /[\u0000-\u001f\u007f-\u009f]/g,
+    (char) => named[char] ?? `\\x${char.charCodeAt(0).toString(16).padStart(2, '0')}`,
+  );
 }
 
 /** The first line of an error is its title, in red; a warning is yellow. */
@@ -5034,7 +5048,7 @@ function paintErrorLine(line: string, index: number): string {
 
 /** A warning on stderr, in yellow. */
 function printWarning(io: Io, warning: Problem): void {
-  const lines = problemLines(warning).map((line) => err.yellow(line));
+  const lines = problemLines(warning).map((line) => err.yellow(visibleControls(line)));
   io.err(lines.join('\n'));
 }
 
@@ -5752,7 +5766,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
     const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));
     problem = failureProblem(bug, operation, secrets);
-    io.err(problemLines(problem).join('\n'));
+    io.err(problemLines(problem).map(visibleControls).join('\n'));
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
   const record: RunRecord = {

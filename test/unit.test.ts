@@ -59,6 +59,7 @@ import {
   lockFileName,
   tableKey,
   secretsIn,
+  visibleControls,
   summarizeTables,
   type DbConfig,
 } from '../backup_db.ts';
@@ -558,6 +559,13 @@ describe('secrets', () => {
   test("secretsIn takes a URL password up to the last '@' whole, unencoded '@' and '/' included", () => {
     const secrets = secretsIn(env({ DATABASE_URL: 'postgresql://postgres:Qw3@rTy8Ui/oP9aSdF@127.0.0.1:5432/app' }));
     assert.ok(secrets.includes('Qw3@rTy8Ui/oP9aSdF'), secrets.join(' '));
+  });
+
+  test('visibleControls shows C0, DEL and C1 characters as escapes and leaves the rest alone', () => {
+    assert.equal(
+      visibleControls('a\x1b[2J\x1b]52;c;eA==\x07 t\nn\r\t\x7f\x9b é 密'),
+      'a\\x1b[2J\\x1b]52;c;eA==\\x07 t\\nn\\r\\t\\x7f\\x9b é 密',
+    );
   });
 
   test('pg_dump gets the password in its environment and never in argv', () => {
