@@ -4344,8 +4344,8 @@ async function postNotification(url: string, payload: Record<string, unknown>): 
 
 /**
  * The failure command's environment, from a redacted record: the details as BACKUP_* variables.
- * Of the inherited environment, credentials are dropped and any other value holding a secret (a
- * password pasted into DEV_DB_NAME, say) is masked.
+ * Of the inherited environment, credentials are dropped and our own settings holding a secret (a
+ * password pasted into DEV_DB_NAME, say) are masked; the rest (HOME, PATH, ...) is left as it is.
  */
 export function hookEnvironment(
   record: RunRecord,
@@ -4354,7 +4354,9 @@ export function hookEnvironment(
 ): Record<string, string> {
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(base)) {
-    if (value !== undefined && !CREDENTIAL_VARIABLE.test(name)) env[name] = maskSecrets(value, secrets);
+    if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
+    // Our own settings may hold a pasted password; HOME, PATH and the like are passed as they are.
+    env[name] = OWN_SETTING.test(name) ? maskSecrets(value, secrets) : value;
   }
   Object.assign(env, {
     BACKUP_COMMAND: record.command,
@@ -4374,6 +4376,7 @@ export function hookEnvironment(
 
 /** Variables that hold credentials whole: never handed to the failure command. */
 const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP_PING_URL$/;
+const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
 
 /**
  * After the run: log it, then notify, from the redacted record. None of this changes the exit
@@ -4818,8 +4821,25 @@ export function secretsIn(vars: EnvVars): string[] {
  * replaced by ****. A secret of under 4 characters (a password cut short by an unquoted '#') is
  * masked where it stands alone, not inside every word that happens to contain it.
  */
-export function maskSecrets(text: string, secrets: readonly string[]): string {
-  let masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
+export function maskSecrets(text: string, secrets: readonly string[], kept: readonly string[] = []): string {
+  const masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
+  if (kept.length === 0) return maskEach(masked, secrets);
+  // A secret inside a kept value (a path, a name) is masked only outside such values; any other
+  // secret everywhere first, so that one holding a kept value is still masked whole.
+  const order = kept.filter(Boolean).sort((a, b) => b.length - a.length);
+  const inKept = (secret: string) => order.some((value) => value.includes(secret));
+  const placeholder = (i: number) => `\uE000${String.fromCharCode(0xe100 + i)}`;
+  let result = maskEach(
+    masked,
+    secrets.filter((secret) => !inKept(secret)),
+  );
+  order.forEach((value, i) => (result = result.split(value).join(placeholder(i))));
+  result = maskEach(result, secrets.filter(inKept));
+  return result.replace(/\uE000(.)/g, (_, index: string) => order[index.charCodeAt(0) - 0xe100]!);
+}
+
+function maskEach(text: string, secrets: readonly string[]): string {
+  let masked = text;
   for (const secret of [...secrets].sort((a, b) => b.length - a.length)) {
     if (secret.length >= 4) masked = masked.split(secret).join('****');
     else if (secret)
@@ -4834,12 +4854,14 @@ export function maskSecrets(text: string, secrets: readonly string[]): string {
  * serialising it: masked after serialising, a secret with a quote or backslash in it would be
  * escaped (\" or \\) and no longer match.
  */
-export function redact<T>(value: T, secrets: readonly string[]): T {
+export function redact<T>(value: T, secrets: readonly string[], kept: readonly string[] = []): T {
   const walk = (node: unknown): unknown => {
-    if (typeof node === 'string') return maskSecrets(node, secrets);
+    if (typeof node === 'string') return maskSecrets(node, secrets, kept);
     if (Array.isArray(node)) return node.map(walk);
     if (node !== null && typeof node === 'object' && [Object.prototype, null].includes(Object.getPrototypeOf(node))) {
-      return Object.fromEntries(Object.entries(node).map(([key, inner]) => [maskSecrets(key, secrets), walk(inner)]));
+      return Object.fromEntries(
+        Object.entries(node).map(([key, inner]) => [maskSecrets(key, secrets, kept), walk(inner)]),
+      );
     }
     return node;
   };
@@ -5015,16 +5037,45 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
  */
 function printOutcome(io: Io, json: boolean, outcome: Outcome, secrets: readonly string[], problem?: Problem): void {
   const { result } = outcome;
+  const kept = result ? keptValues(result.document, secrets) : [];
   if (json) {
-    const document = result ? redact(result.document, secrets) : problemDocument(problem!);
+    const document = result ? redact(result.document, secrets, kept) : problemDocument(problem!);
     io.out(JSON.stringify({ ok: outcome.exitCode === EXIT.OK, command: outcome.command, ...document }, null, 2));
     return;
   }
   const { out: outLines, err: errLines } = result
-    ? redact(result.text(), secrets)
+    ? redact(result.text(), secrets, kept)
     : { out: [], err: problemLines(problem!) };
   if (outLines.length > 0) io.out(outLines.map((line) => paint(visibleControls(line), out)).join('\n'));
   if (errLines.length > 0) io.err(errLines.map((line, i) => paintErrorLine(visibleControls(line), i)).join('\n'));
+}
+
+/** Fields the tool fills itself (paths, file, database and table names, checksums): not free text. */
+const STRUCTURED_FIELDS = new Set([
+  ...['backup_file', 'metadata_file', 'file', 'directory', 'database', 'database_name', 'checksum_sha256'],
+  ...['deleted', 'removed_stale_files'],
+]);
+
+/**
+ * Pure: the structured values of a result document, as written and as displayed, that hold a
+ * secret (a password that is a common word, or the database's name): masking them would corrupt
+ * paths and names, and give away what the password is.
+ */
+export function keptValues(document: unknown, secrets: readonly string[]): string[] {
+  const found = new Set<string>();
+  const walk = (node: unknown, field?: string): void => {
+    if (Array.isArray(node)) return node.forEach((item) => walk(item, field));
+    if (typeof node === 'string' && field && STRUCTURED_FIELDS.has(field))
+      [node, path.basename(node), displayPath(node)].forEach((value) => found.add(value));
+    if (node === null || typeof node !== 'object') return;
+    for (const [key, value] of Object.entries(node)) {
+      if (key === 'table_counts' && value && typeof value === 'object')
+        Object.keys(value).forEach((name) => found.add(name));
+      walk(value, key);
+    }
+  };
+  walk(document);
+  return [...found].filter((value) => secrets.some((secret) => secret && value.includes(secret)));
 }
 
 /**

@@ -306,6 +306,41 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     }
   });
 
+  test('a password that is a common word or the database name leaves paths, file and database names whole', async () => {
+    const admin = await server.connect();
+    try {
+      await admin.query("CREATE ROLE sec_word LOGIN SUPERUSER PASSWORD 'dump'");
+      await admin.query("CREATE ROLE sec_same LOGIN SUPERUSER PASSWORD 'sec_same_db'");
+    } finally {
+      await admin.end();
+    }
+    await server.createDatabase('sec_same_db', 'CREATE TABLE t (id int)');
+    for (const [user, password, database] of [
+      ['sec_word', 'dump', 'secret_app'],
+      ['sec_same', 'sec_same_db', 'sec_same_db'],
+    ] as const) {
+      const dir = await tempDir();
+      const out = path.join(dir, 'out');
+      await writeEnvFile(dir, '.env', {
+        DEV_DB_HOST: '127.0.0.1',
+        DEV_DB_PORT: String(server.port),
+        DEV_DB_NAME: database,
+        DEV_DB_USER: user,
+        DEV_DB_PASSWORD: password,
+      });
+      const args = ['--env', 'dev', '--config-dir', dir, '--output-dir', out];
+      const text = await runCli({ args });
+      assert.equal(text.exitCode, 0, text.stderr);
+      assert.match(text.stdout, new RegExp(`^Backup File: .*/${database}_dev_[0-9TZ-]+\\.dump$`, 'm'));
+      assert.match(text.stdout, new RegExp(`^Database: {4}${database}$`, 'm'));
+      const doc = JSON.parse((await runCli({ args: [...args, '--json'] })).stdout);
+      assert.match(doc.backup_file, new RegExp(`/${database}_dev_[0-9TZ-]+\\.dump$`));
+      assert.equal(doc.metadata.database_name, database);
+      const listed = JSON.parse((await runCli({ args: ['--list', ...args.slice(2), '--json'] })).stdout);
+      for (const entry of listed.backups) assert.match(entry.file, new RegExp(`^${database}_dev_[0-9TZ-]+\\.dump$`));
+    }
+  });
+
   test('a mistyped --notify-url is never echoed, on stderr or in --json', async () => {
     const url = `htps//hooks.example/T0/B0/${id}-token`;
     for (const args of [['--notify-url', url], [`--notify-url=${url}`], ['--notify-url', url, '--json']]) {

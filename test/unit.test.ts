@@ -60,6 +60,7 @@ import {
   tableKey,
   secretsIn,
   visibleControls,
+  keptValues,
   summarizeTables,
   type DbConfig,
 } from '../backup_db.ts';
@@ -547,6 +548,24 @@ describe('secrets', () => {
       assert.equal(env[name], undefined, name);
     assert.equal(env.BACKUP_DATABASE, '****');
     assert.equal(JSON.parse(env.BACKUP_RECORD!).exit_code, 3);
+  });
+
+  test('hookEnvironment leaves HOME, PATH and other inherited values alone, even holding a common-word password', () => {
+    const record = { time: 't', host: 'h', command: 'backup' as const, outcome: 'failure' as const, exit_code: 3 };
+    const base = { PATH: '/usr/local/bin:/bin', HOME: '/home/dump', DEV_DB_NAME: 'x-dump-x' };
+    const env = hookEnvironment({ ...record, duration_ms: 1 }, base, ['dump', 'bin']);
+    assert.equal(env.PATH, '/usr/local/bin:/bin');
+    assert.equal(env.HOME, '/home/dump');
+    assert.equal(env.DEV_DB_NAME, 'x-****-x');
+  });
+
+  test('maskSecrets with kept values: a secret inside one is masked only elsewhere, one holding one is masked whole', () => {
+    const kept = keptValues({ backup_file: '/b/app_dev_2025-01-01T00-00-00Z.dump', database: 'app' }, ['dump', 'app']);
+    assert.deepEqual(
+      maskSecrets('/b/app_dev_2025-01-01T00-00-00Z.dump: pg_dump said app', ['dump', 'app'], kept),
+      '/b/app_dev_2025-01-01T00-00-00Z.dump: pg_**** said app',
+    );
+    assert.equal(maskSecrets('x happy1234 app', ['happy1234', 'app'], ['app']), 'x **** app');
   });
 
   test('secretsIn collects every *PASSWORD and the passwords inside URLs', () => {
