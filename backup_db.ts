@@ -142,7 +142,8 @@ async function startTethered<const O extends Options>(
 ): Promise<{ child: ResultPromise<O> }> {
   const { execa } = await loadExeca();
   // detached changes how the child starts, not what its result looks like.
-  const child = execa(file, args, { ...options, detached: true }) as unknown as ResultPromise<O>;
+  const env = childEnv(process.env, options.env as Record<string, string> | undefined);
+  const child = execa(file, args, { ...options, env, extendEnv: false, detached: true }) as unknown as ResultPromise<O>;
   const pid = child.pid;
   if (pid === undefined) return { child }; // it could not start; the promise says why
   const killGroup = (name: NodeJS.Signals) => {
@@ -197,6 +198,24 @@ async function removeQuietly(filePath: string): Promise<void> {
 function listSome(items: string[]): string {
   return `${items.slice(0, 5).join(', ')}${items.length > 5 ? ', ...' : ''}`;
 }
+
+/**
+ * Open a file to read that must be a regular file: non-blocking, so that a FIFO under its name
+ * cannot hang the run, and with `noFollow` never through a symlink. A FIFO, socket or device
+ * throws ENOTREG; a directory is returned, to fail on reading (EISDIR) as it always did.
+ */
+async function openRegularFile(file: string, { noFollow = false } = {}) {
+  const { O_RDONLY, O_NONBLOCK, O_NOFOLLOW } = fs.constants;
+  const handle = await fs.open(file, O_RDONLY | O_NONBLOCK | (noFollow ? O_NOFOLLOW : 0)).catch((error: unknown) => {
+    throw noFollow && errnoCode(error) === 'ELOOP' ? notRegularFile() : error;
+  });
+  const stat = await handle.stat();
+  if (stat.isFile() || stat.isDirectory()) return handle;
+  await handle.close();
+  throw notRegularFile();
+}
+
+const notRegularFile = () => Object.assign(new Error('not a regular file'), { code: 'ENOTREG' });
 
 async function pathExists(filePath: string): Promise<boolean> {
   return (await fs.lstat(filePath).catch(() => null)) !== null;
@@ -276,13 +295,16 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
     try {
-      const text = await fs.readFile(filePath, 'utf8');
+      const handle = await openRegularFile(filePath);
+      const text = await handle.readFile('utf8').finally(() => handle.close());
       const { default: dotenv } = await import('dotenv');
       layers.push({ source: file, vars: dotenv.parse(text), misread: misreadDotenvValues(text) });
     } catch (error) {
       if (errnoCode(error) === 'ENOENT') continue;
       throw configError(`cannot read ${filePath}: ${errorText(error)}`, [
-        `Check the file's permissions: ls -l ${filePath}`,
+        errnoCode(error) === 'ENOTREG'
+          ? `Make ${filePath} a regular file (not a FIFO or a device)`
+          : `Check the file's permissions: ls -l ${filePath}`,
       ]);
     }
   }
@@ -404,11 +426,18 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
  */
 function configFromUrl(url: EnvValue, urlVar: string, environment: Environment): DbConfig {
   const origin = describeOrigin(urlVar, url);
-  const form = 'Use the form postgresql://user:password@host:5432/database';
+  // Not written user:password@host: the masking of URL passwords would turn it into user:****@host.
+  const form = 'Use the form postgresql://USER@HOST:5432/DATABASE, with the password after the user: USER:PASSWORD';
   // Never echo the URL: it usually holds the password.
   if (!/^[a-z][\w+.-]*:\/\//i.test(url.value.trim())) throw configError(`${origin} is not a valid URL`, [form]);
   if (!/^postgres(ql)?:\/\//i.test(url.value.trim()))
     throw configError(`${origin} must start with postgresql:// or postgres://`, [form]);
+  // Read at the wrong '@', the rest of the password becomes a host name looked up and shown.
+  if (ambiguousAuthority(url.value.trim()))
+    throw configError(`${origin} cannot be split into user, password and host: it has an '@' out of place`, [
+      "Percent-encode these characters in the password: '@' → %40, '/' → %2F, '?' → %3F, '#' → %23, ':' → %3A",
+      form,
+    ]);
   let parsed: ReturnType<typeof parseLibpqUrl>;
   try {
     parsed = parseLibpqUrl(url.value.trim());
@@ -427,6 +456,14 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
     ...(parsed.sslmode ? { sslmode: parseSslMode(parsed.sslmode, origin) } : {}),
     origin: { host: origin, port: origin, database: origin, user: origin, password: origin },
   };
+}
+
+/** Pure: whether a URL has more than one '@' before its path, or one in its path, query or fragment. */
+export function ambiguousAuthority(url: string): boolean {
+  const rest = url.slice(url.indexOf('://') + 3);
+  const end = rest.search(/[/?#]/);
+  const authority = end < 0 ? rest : rest.slice(0, end);
+  return authority.split('@').length > 2 || (end >= 0 && rest.slice(end).includes('@'));
 }
 
 /** Pure: a connection URL's parts, sslmode kept apart and other ssl* parameters dropped. Throws if malformed. */
@@ -840,7 +877,7 @@ interface FoundLock {
 async function readLock(file: string): Promise<FoundLock | undefined> {
   let handle;
   try {
-    handle = await fs.open(file, 'r');
+    handle = await openRegularFile(file);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
     throw error;
@@ -1093,6 +1130,26 @@ export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNE
     ...(config.password !== undefined ? { PGPASSWORD: config.password } : {}),
     ...(config.sslmode ? { PGSSLMODE: config.sslmode } : {}),
   };
+}
+
+/**
+ * Inherited PG* variables a child may keep: password sources, TLS files and stricter TLS or auth
+ * settings, PGOPTIONS. Every other one (PGSERVICE, PGHOSTADDR, PGTARGETSESSIONATTRS, …) could send
+ * pg_dump or pg_restore to another server or database than the one our own session checked.
+ */
+const INHERITED_LIBPQ_VARS = new Set(
+  ['PASSWORD', 'PASSFILE', 'SSLMODE', 'SSLROOTCERT', 'SSLCERT', 'SSLKEY', 'SSLCRL', 'SSLCRLDIR', 'SSLNEGOTIATION']
+    .concat(['GSSENCMODE', 'CHANNELBINDING', 'REQUIREAUTH', 'OPTIONS'])
+    .map((name) => `PG${name}`),
+);
+
+/** Pure: a child's whole environment: `inherited` without the libpq variables that pick a target, then `own`. */
+export function childEnv(inherited: NodeJS.ProcessEnv, own: Readonly<Record<string, string>> = {}) {
+  const kept = Object.entries(inherited).filter(
+    (entry): entry is [string, string] =>
+      entry[1] !== undefined && (!/^PG[A-Z]/.test(entry[0]) || INHERITED_LIBPQ_VARS.has(entry[0])),
+  );
+  return { ...Object.fromEntries(kept), ...own };
 }
 
 /** Connect with node-postgres, turning each kind of failure into its own actionable message. */
@@ -2377,16 +2434,26 @@ async function loadMetadata(metadataPath: string, dumpFileName: string): Promise
   const invalid = (problem: string): MetadataLoad => ({ status: 'invalid', problems: [problem] });
   let value: unknown;
   try {
-    const { size } = await fs.stat(metadataPath);
-    if (size > MAX_METADATA_BYTES) return invalid(`it is ${formatBytes(size)}, more than metadata ever is`);
-    const text = await fs.readFile(metadataPath, 'utf8');
+    // Not through a symlink: a link to ~/.pgpass must not have its content quoted back.
+    const handle = await openRegularFile(metadataPath, { noFollow: true });
+    let text: string;
+    try {
+      const { size } = await handle.stat();
+      if (size > MAX_METADATA_BYTES) return invalid(`it is ${formatBytes(size)}, more than metadata ever is`);
+      text = await handle.readFile('utf8');
+    } finally {
+      await handle.close();
+    }
     if (jsonDepth(text) > MAX_METADATA_DEPTH) return invalid(`it nests more than ${MAX_METADATA_DEPTH} levels deep`);
     value = JSON.parse(text);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
+    if (errnoCode(error) === 'ENOTREG') return invalid('not a regular file');
+    // JSON.parse quotes the start of its input in its message: give only the position.
+    const at = /at position (\d+)/.exec(errorText(error));
     return invalid(
       error instanceof SyntaxError
-        ? `it is not valid JSON: ${error.message}`
+        ? `it is not valid JSON${at ? ` (at position ${at[1]})` : ''}`
         : `it cannot be read: ${errorText(error)}`,
     );
   }
@@ -4470,8 +4537,8 @@ async function postNotification(url: string, payload: Record<string, unknown>): 
 
 /**
  * The failure command's environment, from a redacted record: the details as BACKUP_* variables.
- * Of the inherited environment, credentials are dropped and any other value holding a secret (a
- * password pasted into DEV_DB_NAME, say) is masked.
+ * Of the inherited environment, credentials are dropped and our own settings holding a secret (a
+ * password pasted into DEV_DB_NAME, say) are masked; the rest (HOME, PATH, ...) is left as it is.
  */
 export function hookEnvironment(
   record: RunRecord,
@@ -4480,7 +4547,9 @@ export function hookEnvironment(
 ): Record<string, string> {
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(base)) {
-    if (value !== undefined && !CREDENTIAL_VARIABLE.test(name)) env[name] = maskSecrets(value, secrets);
+    if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
+    // Our own settings may hold a pasted password; HOME, PATH and the like are passed as they are.
+    env[name] = OWN_SETTING.test(name) ? maskSecrets(value, secrets) : value;
   }
   Object.assign(env, {
     BACKUP_COMMAND: record.command,
@@ -4500,6 +4569,7 @@ export function hookEnvironment(
 
 /** Variables that hold credentials whole: never handed to the failure command. */
 const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP_PING_URL$/;
+const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
 
 /**
  * After the run: log it, then notify, from the redacted record. None of this changes the exit
@@ -4932,6 +5002,9 @@ export function secretsIn(vars: EnvVars): string[] {
   for (const [name, { value }] of vars) {
     if (/PASSWORD$/.test(name)) secrets.push(value);
     if (/DATABASE_URL$/.test(name)) {
+      // All between "user:" and the last '@': a password with an unencoded '@' or '/' in it, whole.
+      const raw = /^[a-z][\w+.-]*:\/\/[^:@/]*:(.*)@/is.exec(value.trim())?.[1];
+      if (raw) secrets.push(raw);
       try {
         // As written (percent-encoded) and as meant, whether in the authority or as ?password=.
         const written = new URL(value).password;
@@ -4942,7 +5015,7 @@ export function secretsIn(vars: EnvVars): string[] {
       }
     }
   }
-  return secrets;
+  return [...new Set(secrets)];
 }
 
 /**
@@ -4950,8 +5023,25 @@ export function secretsIn(vars: EnvVars): string[] {
  * replaced by ****. A secret of under 4 characters (a password cut short by an unquoted '#') is
  * masked where it stands alone, not inside every word that happens to contain it.
  */
-export function maskSecrets(text: string, secrets: readonly string[]): string {
-  let masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
+export function maskSecrets(text: string, secrets: readonly string[], kept: readonly string[] = []): string {
+  const masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
+  if (kept.length === 0) return maskEach(masked, secrets);
+  // A secret inside a kept value (a path, a name) is masked only outside such values; any other
+  // secret everywhere first, so that one holding a kept value is still masked whole.
+  const order = kept.filter(Boolean).sort((a, b) => b.length - a.length);
+  const inKept = (secret: string) => order.some((value) => value.includes(secret));
+  const placeholder = (i: number) => `\uE000${String.fromCharCode(0xe100 + i)}`;
+  let result = maskEach(
+    masked,
+    secrets.filter((secret) => !inKept(secret)),
+  );
+  order.forEach((value, i) => (result = result.split(value).join(placeholder(i))));
+  result = maskEach(result, secrets.filter(inKept));
+  return result.replace(/\uE000(.)/g, (_, index: string) => order[index.charCodeAt(0) - 0xe100]!);
+}
+
+function maskEach(text: string, secrets: readonly string[]): string {
+  let masked = text;
   for (const secret of [...secrets].sort((a, b) => b.length - a.length)) {
     if (secret.length >= 4) masked = masked.split(secret).join('****');
     else if (secret)
@@ -4966,12 +5056,14 @@ export function maskSecrets(text: string, secrets: readonly string[]): string {
  * serialising it: masked after serialising, a secret with a quote or backslash in it would be
  * escaped (\" or \\) and no longer match.
  */
-export function redact<T>(value: T, secrets: readonly string[]): T {
+export function redact<T>(value: T, secrets: readonly string[], kept: readonly string[] = []): T {
   const walk = (node: unknown): unknown => {
-    if (typeof node === 'string') return maskSecrets(node, secrets);
+    if (typeof node === 'string') return maskSecrets(node, secrets, kept);
     if (Array.isArray(node)) return node.map(walk);
     if (node !== null && typeof node === 'object' && [Object.prototype, null].includes(Object.getPrototypeOf(node))) {
-      return Object.fromEntries(Object.entries(node).map(([key, inner]) => [maskSecrets(key, secrets), walk(inner)]));
+      return Object.fromEntries(
+        Object.entries(node).map(([key, inner]) => [maskSecrets(key, secrets, kept), walk(inner)]),
+      );
     }
     return node;
   };
@@ -5026,10 +5118,11 @@ export function warningProblem(headline: string, details: string, secrets: reado
 
 /** Pure: the contract's error text (what failed, the report, the tool's message, numbered steps), or a warning. */
 export function problemLines(problem: Problem): string[] {
-  if (problem.level === 'warning') return [`⚠ ${problem.headline}: ${problem.details}`];
+  // A tool's message of several lines stays several lines (each printed as one).
+  if (problem.level === 'warning') return `⚠ ${problem.headline}: ${problem.details}`.split(/\r?\n/);
   const lines = [`✗ ${problem.headline}`, ''];
   if (problem.report.length > 0) lines.push(...problem.report, '');
-  lines.push(`Error: ${problem.details}`);
+  lines.push(...`Error: ${problem.details}`.split(/\r?\n/));
   if (problem.hints.length > 0)
     lines.push('', 'Troubleshooting:', ...problem.hints.map((hint, i) => `  ${i + 1}. ${hint}`));
   return lines;
@@ -5146,16 +5239,58 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
  */
 function printOutcome(io: Io, json: boolean, outcome: Outcome, secrets: readonly string[], problem?: Problem): void {
   const { result } = outcome;
+  const kept = result ? keptValues(result.document, secrets) : [];
   if (json) {
-    const document = result ? redact(result.document, secrets) : problemDocument(problem!);
+    const document = result ? redact(result.document, secrets, kept) : problemDocument(problem!);
     io.out(JSON.stringify({ ok: outcome.exitCode === EXIT.OK, command: outcome.command, ...document }, null, 2));
     return;
   }
   const { out: outLines, err: errLines } = result
-    ? redact(result.text(), secrets)
+    ? redact(result.text(), secrets, kept)
     : { out: [], err: problemLines(problem!) };
-  if (outLines.length > 0) io.out(outLines.map((line) => paint(line, out)).join('\n'));
-  if (errLines.length > 0) io.err(errLines.map((line, i) => paintErrorLine(line, i)).join('\n'));
+  if (outLines.length > 0) io.out(outLines.map((line) => paint(visibleControls(line), out)).join('\n'));
+  if (errLines.length > 0) io.err(errLines.map((line, i) => paintErrorLine(visibleControls(line), i)).join('\n'));
+}
+
+/** Fields the tool fills itself (paths, file, database and table names, checksums): not free text. */
+const STRUCTURED_FIELDS = new Set([
+  ...['backup_file', 'metadata_file', 'file', 'directory', 'database', 'database_name', 'checksum_sha256'],
+  ...['deleted', 'removed_stale_files'],
+]);
+
+/**
+ * Pure: the structured values of a result document, as written and as displayed, that hold a
+ * secret (a password that is a common word, or the database's name): masking them would corrupt
+ * paths and names, and give away what the password is.
+ */
+export function keptValues(document: unknown, secrets: readonly string[]): string[] {
+  const found = new Set<string>();
+  const walk = (node: unknown, field?: string): void => {
+    if (Array.isArray(node)) return node.forEach((item) => walk(item, field));
+    if (typeof node === 'string' && field && STRUCTURED_FIELDS.has(field))
+      [node, path.basename(node), displayPath(node)].forEach((value) => found.add(value));
+    if (node === null || typeof node !== 'object') return;
+    for (const [key, value] of Object.entries(node)) {
+      if (key === 'table_counts' && value && typeof value === 'object')
+        Object.keys(value).forEach((name) => found.add(name));
+      walk(value, key);
+    }
+  };
+  walk(document);
+  return [...found].filter((value) => secrets.some((secret) => secret && value.includes(secret)));
+}
+
+/**
+ * Pure: a line for the terminal with its control characters (C0, DEL, C1) shown as escapes: names
+ * from a database, a metadata file or a file name must not clear the screen, retitle the window,
+ * write the clipboard or forge lines. Applied before our own colours; our lines are one per item.
+ */
+export function visibleControls(line: string): string {
+  const named: Record<string, string> = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
+  return line.replace(
+    /[\u0000-\u001f\u007f-\u009f]/g,
+    (char) => named[char] ?? `\\x${char.charCodeAt(0).toString(16).padStart(2, '0')}`,
+  );
 }
 
 /** The first line of an error is its title, in red; a warning is yellow. */
@@ -5166,7 +5301,7 @@ function paintErrorLine(line: string, index: number): string {
 
 /** A warning on stderr, in yellow. */
 function printWarning(io: Io, warning: Problem): void {
-  const lines = problemLines(warning).map((line) => err.yellow(line));
+  const lines = problemLines(warning).map((line) => err.yellow(visibleControls(line)));
   io.err(lines.join('\n'));
 }
 
@@ -5351,8 +5486,16 @@ function nonEmptyPath(value: string): string {
 function webhookUrl(value: string): string {
   try {
     const url = new URL(value.trim());
-    if (url.protocol === 'http:' || url.protocol === 'https:') return url.toString();
-  } catch {
+    if (url.protocol === 'http:' || url.protocol === 'https:') {
+      // fetch refuses a URL with credentials in it: such a URL could never be called.
+      if (url.username || url.password)
+        throw new InvalidArgumentError(
+          'Remove user:password@ (fetch cannot send it); use the token the service puts in the path.',
+        );
+      return url.toString();
+    }
+  } catch (error) {
+    if (error instanceof InvalidArgumentError) throw error;
     // Reported below, without the value.
   }
   throw new InvalidArgumentError('Use an http:// or https:// URL.');
@@ -5874,7 +6017,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
     const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));
     problem = failureProblem(bug, operation, secrets);
-    io.err(problemLines(problem).join('\n'));
+    io.err(problemLines(problem).map(visibleControls).join('\n'));
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
   const record: RunRecord = {

@@ -112,6 +112,18 @@ describe('variables with garbage', () => {
   }
 });
 
+describe('URL hints', () => {
+  test('the hint for a malformed URL shows the form whole, not masked like a password', async () => {
+    const result = await attempt(['--env', 'dev'], { DEV_DATABASE_URL: 'mysql://h/db' });
+    assertCleanFailure(result, 2, /must start with postgresql:\/\/ or postgres:\/\//);
+    assert.match(
+      result.stderr,
+      /postgresql:\/\/USER@HOST:5432\/DATABASE, with the password after the user: USER:PASSWORD/,
+    );
+    assert.doesNotMatch(result.stderr, /\*\*\*\*/);
+  });
+});
+
 describe('paths with garbage', () => {
   test('an output directory path that is far too long → exit 4', async () => {
     const result = await runCli({

@@ -110,6 +110,20 @@ describe('stale locks', () => {
   }
   const base = () => ({ hostname: os.hostname(), started_at: new Date(Date.now() - 3_600_000).toISOString() });
 
+  test(
+    'a FIFO where the lock belongs is refused at once, not waited on, and left in place',
+    { timeout: 60_000 },
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      await fs.mkdir(outputDir);
+      await execa('mkfifo', [path.join(outputDir, 'conc_a_dev.lock')]);
+      const result = await runCli({ args: await backupArgs('conc_a', outputDir) });
+      assert.notEqual(result.exitCode, 0);
+      assert.match(result.stderr, /not a regular file/);
+      assert.deepEqual(await fs.readdir(outputDir), ['conc_a_dev.lock']);
+    },
+  );
+
   test('a lock whose process is dead is taken over', async () => {
     const dead = execa('true');
     const deadPid = dead.pid;

@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import { runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 
@@ -207,6 +208,14 @@ describe('bad values', () => {
       assert.deepEqual(run.files, []);
     });
   }
+
+  test('a .env that is a FIFO is exit 2, not a hang', { timeout: 60_000 }, async () => {
+    const configDir = await tempDir();
+    await execa('mkfifo', [path.join(configDir, '.env')]);
+    const run = await runCli({ args: ['--config-dir', configDir, '--env', 'dev'] });
+    assert.equal(run.exitCode, 2, run.stderr);
+    assert.match(run.stderr, /cannot read .*\.env: not a regular file/);
+  });
 
   test("an invalid --env choice is exit 2 with commander's message", async () => {
     const run = await backupWith({ args: ['--env', 'staging'] });

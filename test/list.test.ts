@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { NEWER_CLIENT_DIR, NEWER_MAJOR, skipUnless, unmet } from './helpers/requirements.ts';
@@ -100,6 +101,24 @@ describe('--list', () => {
     );
     assert.equal(doc.backups[0].size_bytes, prod.metadata.backup_size_bytes);
   });
+
+  test(
+    "a FIFO named as a backup's metadata is that backup's invalid metadata; the rest lists as usual",
+    { timeout: 60_000 },
+    async () => {
+      const copy = path.join(await tempDir(), 'backups');
+      await fs.mkdir(copy);
+      for (const file of [dev1.dumpPath, dev2.dumpPath, dev2.metadataPath])
+        await fs.copyFile(file, path.join(copy, path.basename(file)));
+      await execa('mkfifo', [path.join(copy, path.basename(dev1.metadataPath))]);
+      const result = await list(copy);
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.deepEqual(
+        tableRows(result.stdout).map((row) => row[4]),
+        ['✓ Verified', '✗ Invalid metadata'],
+      );
+    },
+  );
 
   test('a dump whose size differs from its metadata → ✗ Size mismatch', async () => {
     const copy = path.join(await tempDir(), 'backups');
@@ -198,6 +217,36 @@ describe('--list', () => {
       );
     },
   );
+
+  test('control characters in names (tables, metadata, file names) are shown escaped, never sent raw; --json as before', async () => {
+    const db = 'list_ctrl';
+    await server.createDatabase(db, [
+      `CREATE TABLE "evil\x1b[31mRED\x1b[0m" (id int)`,
+      `CREATE SCHEMA "sch\x1b]0;pwned\x07"`,
+      `CREATE TABLE "sch\x1b]0;pwned\x07"."t\nnewline" (id int)`,
+    ]);
+    const copy = path.join(await tempDir(), 'backups');
+    const taken = await takeBackup(server, db, copy);
+    assert.ok(!taken.stdout.includes('\x1b') && !taken.stdout.includes('\x07'), taken.stdout);
+    assert.match(taken.stdout, /evil\\x1b\[31mRED\\x1b\[0m/);
+    assert.match(taken.stdout, /sch\\x1b\]0;pwned\\x07\.t\\nnewline/);
+
+    const hostile = 'app\x1b[2J\x1b]52;c;ZXZpbA==\x07';
+    const metadata = JSON.parse(await fs.readFile(taken.metadataPath, 'utf8'));
+    await fs.writeFile(taken.metadataPath, JSON.stringify({ ...metadata, database_name: hostile }, null, 2));
+    await fs.copyFile(taken.dumpPath, path.join(copy, 'x\x1b[2J\x1b]0;pwned\x07_dev_2025-01-01T00-00-00Z.dump'));
+    for (const result of [await list(copy), await runCli({ args: ['--verify', taken.dumpPath] })]) {
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.ok(!/[\x00-\x09\x0b-\x1f\x7f-\x9f]/.test(result.stdout + result.stderr), result.stdout);
+      assert.match(result.stdout, /app\\x1b\[2J\\x1b\]52;c;ZXZpbA==\\x07/);
+    }
+    assert.match((await list(copy)).stdout, /x\\x1b\[2J\\x1b\]0;pwned\\x07/);
+    const doc = JSON.parse((await list(copy, '--json')).stdout);
+    assert.ok(
+      doc.backups.some((b: { database: string }) => b.database === hostile),
+      'JSON carries the name as it is',
+    );
+  });
 
   test('a missing directory: a friendly message, exit 0', async () => {
     const missing = path.join(await tempDir(), 'never-created');

@@ -440,6 +440,27 @@ describe('the production guard', () => {
     assert.equal(created.exitCode, 0, created.stderr);
   });
 
+  test('an inherited PGSERVICE naming production does not redirect pg_restore from the server the guard checked', async () => {
+    // Production is prod_db on the PostgreSQL 17 server, reached through a pg_service.conf entry.
+    const name = uniqueName('rs_svc');
+    await pg17.createDatabase(name, "CREATE TABLE live (v text); INSERT INTO live VALUES ('production row')");
+    await server.createDatabase(name, 'CREATE TABLE scratch (v int)');
+    const serviceFile = path.join(await tempDir(), 'pg_service.conf');
+    const { host, port, user, password } = pg17;
+    await fs.writeFile(
+      serviceFile,
+      `[prod]\nhost=${host}\nport=${port}\ndbname=${name}\nuser=${user}\npassword=${password}\n`,
+    );
+    const production = await withDatabase(name, snapshotDatabase, pg17);
+    const result = await runCli({
+      args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', configDir],
+      env: { PGSERVICEFILE: serviceFile, PGSERVICE: 'prod' },
+    });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.deepEqual(await withDatabase(name, snapshotDatabase, pg17), production, 'production untouched');
+    await assertSameDatabases(server, 'rs_app', name);
+  });
+
   test(
     'on a terminal, typing the database name is the confirmation; a wrong name is refused',
     skipUnless(noTerminal),

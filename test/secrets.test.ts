@@ -290,6 +290,57 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     for (const form of formsOf(password)) assert.ok(!env.includes(form) && !result.stderr.includes(form), form);
   });
 
+  test("a URL password with an unencoded '@' before a '/' is refused (exit 2), no part of it shown or looked up", async () => {
+    const password = 'Qw3@rTy8Ui/oP9aSdF';
+    const configDir = await tempDir();
+    const url = `postgresql://${server.user}:${password}@${server.host}:${server.port}/secret_app`;
+    await writeEnvFile(configDir, '.env', { DEV_DATABASE_URL: url });
+    for (const json of [[], ['--json']]) {
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out'), ...json],
+      });
+      assert.equal(result.exitCode, 2, result.stderr);
+      assert.match(result.stdout + result.stderr, /DEV_DATABASE_URL \(from \.env\) cannot be split/);
+      assert.match(result.stdout + result.stderr, /'@' → %40, '\/' → %2F/);
+      for (const part of ['Qw3', 'rTy8Ui', 'oP9aSdF']) assert.ok(!(result.stdout + result.stderr).includes(part), part);
+    }
+  });
+
+  test('a password that is a common word or the database name leaves paths, file and database names whole', async () => {
+    const admin = await server.connect();
+    try {
+      await admin.query("CREATE ROLE sec_word LOGIN SUPERUSER PASSWORD 'dump'");
+      await admin.query("CREATE ROLE sec_same LOGIN SUPERUSER PASSWORD 'sec_same_db'");
+    } finally {
+      await admin.end();
+    }
+    await server.createDatabase('sec_same_db', 'CREATE TABLE t (id int)');
+    for (const [user, password, database] of [
+      ['sec_word', 'dump', 'secret_app'],
+      ['sec_same', 'sec_same_db', 'sec_same_db'],
+    ] as const) {
+      const dir = await tempDir();
+      const out = path.join(dir, 'out');
+      await writeEnvFile(dir, '.env', {
+        DEV_DB_HOST: '127.0.0.1',
+        DEV_DB_PORT: String(server.port),
+        DEV_DB_NAME: database,
+        DEV_DB_USER: user,
+        DEV_DB_PASSWORD: password,
+      });
+      const args = ['--env', 'dev', '--config-dir', dir, '--output-dir', out];
+      const text = await runCli({ args });
+      assert.equal(text.exitCode, 0, text.stderr);
+      assert.match(text.stdout, new RegExp(`^Backup File: .*/${database}_dev_[0-9TZ-]+\\.dump$`, 'm'));
+      assert.match(text.stdout, new RegExp(`^Database: {4}${database}$`, 'm'));
+      const doc = JSON.parse((await runCli({ args: [...args, '--json'] })).stdout);
+      assert.match(doc.backup_file, new RegExp(`/${database}_dev_[0-9TZ-]+\\.dump$`));
+      assert.equal(doc.metadata.database_name, database);
+      const listed = JSON.parse((await runCli({ args: ['--list', ...args.slice(2), '--json'] })).stdout);
+      for (const entry of listed.backups) assert.match(entry.file, new RegExp(`^${database}_dev_[0-9TZ-]+\\.dump$`));
+    }
+  });
+
   test('a mistyped --notify-url is never echoed, on stderr or in --json', async () => {
     const url = `htps//hooks.example/T0/B0/${id}-token`;
     for (const args of [['--notify-url', url], [`--notify-url=${url}`], ['--notify-url', url, '--json']]) {
@@ -297,6 +348,23 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
       assert.equal(result.exitCode, 2);
       assert.match(result.stderr, /--notify-url <url>' argument '\*\*\*\*' is invalid/);
       assert.ok(!(result.stdout + result.stderr).includes(`${id}-token`), JSON.stringify(args));
+    }
+  });
+
+  test('a --notify-url or BACKUP_PING_URL with user:password@, which fetch cannot send, is refused (exit 2), unechoed', async () => {
+    const url = `https://hookuser:${id}-pw@hooks.example/T0`;
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', { BACKUP_PING_URL: url });
+    for (const args of [
+      ['--notify-url', url],
+      ['--config-dir', configDir],
+      ['--config-dir', configDir, '--json'],
+    ]) {
+      const result = await runCli({ args: ['--list', '--output-dir', configDir, ...args] });
+      assert.equal(result.exitCode, 2, result.stdout + result.stderr);
+      assert.match(result.stdout + result.stderr, /Remove user:password@ \(fetch cannot send it\)/);
+      assert.ok(!(result.stdout + result.stderr).includes(`${id}-pw`), JSON.stringify(args));
+      assert.ok(!(result.stdout + result.stderr).includes('hookuser'), JSON.stringify(args));
     }
   });
 });

@@ -88,6 +88,23 @@ describe('password files', () => {
   });
 });
 
+describe('inherited libpq variables', () => {
+  test('PGSERVICE, PGHOSTADDR, PGTARGETSESSIONATTRS cannot send pg_dump elsewhere than the checked server', async () => {
+    const serviceFile = path.join(await tempDir(), 'pg_service.conf');
+    await fs.writeFile(serviceFile, `[elsewhere]\nhost=127.0.0.1\nport=1\ndbname=nowhere\n`);
+    const redirections: Record<string, string>[] = [
+      { PGSERVICEFILE: serviceFile, PGSERVICE: 'elsewhere' },
+      { PGHOSTADDR: '127.0.0.2' },
+      { PGTARGETSESSIONATTRS: 'standby' },
+    ];
+    for (const env of redirections) {
+      const result = await backup(dbVars(server, 'DEV_DB_', 'sec_app'), env);
+      assert.equal(result.exitCode, 0, `${JSON.stringify(env)}: ${result.stderr}`);
+      assert.equal(result.files.filter((name) => name.endsWith('.dump')).length, 1);
+    }
+  });
+});
+
 describe('sslmode, against a server that accepts TLS connections only', skipUnless(noOpenssl), () => {
   const vars = (extra: Record<string, string> = {}) => ({ ...dbVars(tlsServer, 'DEV_DB_', 'sec_app'), ...extra });
 

@@ -61,6 +61,8 @@ import {
   lockFileName,
   tableKey,
   secretsIn,
+  visibleControls,
+  keptValues,
   summarizeTables,
   type DbConfig,
 } from '../backup_db.ts';
@@ -562,11 +564,41 @@ describe('secrets', () => {
     assert.equal(JSON.parse(env.BACKUP_RECORD!).exit_code, 3);
   });
 
+  test('hookEnvironment leaves HOME, PATH and other inherited values alone, even holding a common-word password', () => {
+    const record = { time: 't', host: 'h', command: 'backup' as const, outcome: 'failure' as const, exit_code: 3 };
+    const base = { PATH: '/usr/local/bin:/bin', HOME: '/home/dump', DEV_DB_NAME: 'x-dump-x' };
+    const env = hookEnvironment({ ...record, duration_ms: 1 }, base, ['dump', 'bin']);
+    assert.equal(env.PATH, '/usr/local/bin:/bin');
+    assert.equal(env.HOME, '/home/dump');
+    assert.equal(env.DEV_DB_NAME, 'x-****-x');
+  });
+
+  test('maskSecrets with kept values: a secret inside one is masked only elsewhere, one holding one is masked whole', () => {
+    const kept = keptValues({ backup_file: '/b/app_dev_2025-01-01T00-00-00Z.dump', database: 'app' }, ['dump', 'app']);
+    assert.deepEqual(
+      maskSecrets('/b/app_dev_2025-01-01T00-00-00Z.dump: pg_dump said app', ['dump', 'app'], kept),
+      '/b/app_dev_2025-01-01T00-00-00Z.dump: pg_**** said app',
+    );
+    assert.equal(maskSecrets('x happy1234 app', ['happy1234', 'app'], ['app']), 'x **** app');
+  });
+
   test('secretsIn collects every *PASSWORD and the passwords inside URLs', () => {
     const secrets = secretsIn(
       env({ DB_PASSWORD: 'a', DEV_DB_PASSWORD: 'b', DATABASE_URL: 'postgres://u:c%21d@h/db', DB_USER: 'not-secret' }),
     );
     assert.deepEqual(secrets.sort(), ['a', 'b', 'c!d', 'c%21d']);
+  });
+
+  test("secretsIn takes a URL password up to the last '@' whole, unencoded '@' and '/' included", () => {
+    const secrets = secretsIn(env({ DATABASE_URL: 'postgresql://postgres:Qw3@rTy8Ui/oP9aSdF@127.0.0.1:5432/app' }));
+    assert.ok(secrets.includes('Qw3@rTy8Ui/oP9aSdF'), secrets.join(' '));
+  });
+
+  test('visibleControls shows C0, DEL and C1 characters as escapes and leaves the rest alone', () => {
+    assert.equal(
+      visibleControls('a\x1b[2J\x1b]52;c;eA==\x07 t\nn\r\t\x7f\x9b é 密'),
+      'a\\x1b[2J\\x1b]52;c;eA==\\x07 t\\nn\\r\\t\\x7f\\x9b é 密',
+    );
   });
 
   test('pg_dump gets the password in its environment and never in argv', () => {

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
@@ -149,6 +150,36 @@ describe('--verify rejects damage to the metadata', () => {
     const result = await verify(copy.dumpPath);
     assertRejected(result, /metadata is invalid/);
     assert.match(result.stderr, /not valid JSON/);
+  });
+
+  test('metadata that is not JSON is reported by position, never quoted', async () => {
+    const copy = await copyOfBackup();
+    await fs.writeFile(copy.metadataPath, '*:*:*:*:hunter2pass\n');
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /metadata is invalid/);
+    assert.match(result.stderr, /not valid JSON/);
+    assert.ok(!result.stderr.includes('hunter2pass'), result.stderr);
+  });
+
+  test('metadata that is a symlink (to a password file, say) → not a regular file, its content never shown', async () => {
+    const copy = await copyOfBackup();
+    const secret = path.join(copy.dir, 'pgpass');
+    await fs.writeFile(secret, '*:*:*:*:hunter2pass\n', { mode: 0o600 });
+    await fs.rm(copy.metadataPath);
+    await fs.symlink(secret, copy.metadataPath);
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /metadata is invalid/);
+    assert.match(result.stderr, /metadata\.json: not a regular file/);
+    assert.ok(!result.stderr.includes('hunter2pass'), result.stderr);
+  });
+
+  test('metadata that is a FIFO → not a regular file, at once (no writer needed)', { timeout: 60_000 }, async () => {
+    const copy = await copyOfBackup();
+    await fs.rm(copy.metadataPath);
+    await execa('mkfifo', [copy.metadataPath]);
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /metadata is invalid/);
+    assert.match(result.stderr, /metadata\.json: not a regular file/);
   });
 
   test('checksum_sha256 changed → checksum mismatch', async () => {
