@@ -142,7 +142,8 @@ describe('--ping-url (heartbeat)', () => {
     assert.ok(!(await fs.readFile(logFile, 'utf8')).includes('0d4c-secret-uuid'));
   });
 
-  test('a failed ping says why: the network error behind "fetch failed", never the URL or its credentials', async () => {
+  // A URL with user:password@ is refused at start-up (secrets.test.ts); fetchFailure's unit test covers a quoted URL.
+  test('a failed ping says why: the network error behind "fetch failed", never the URL or its token', async () => {
     const s = await setup();
     const port = await freePort();
     const refused = await runCli({ args: [...s.base, '--ping-url', `http://127.0.0.1:${port}/ping/0d4c-secret-uuid`] });
@@ -150,11 +151,7 @@ describe('--ping-url (heartbeat)', () => {
       refused.stderr,
       new RegExp(`Heartbeat ping failed: fetch failed: connect ECONNREFUSED 127\\.0\\.0\\.1:${port}`),
     );
-    const withQuery = `http://hb:pw-s3cret@127.0.0.1:${port}/ping/0d4c-secret-uuid?status=up`;
-    const credentials = await runCli({ args: [...s.base, '--ping-url', withQuery] });
-    assert.equal(credentials.exitCode, 0, credentials.stderr);
-    assert.match(credentials.stderr, /Heartbeat ping failed: /);
-    assert.doesNotMatch(credentials.stderr, /pw-s3cret|0d4c-secret-uuid/);
+    assert.doesNotMatch(refused.stderr, /0d4c-secret-uuid/);
   });
 
   test('only backup runs ping: --list, --verify and --check with BACKUP_PING_URL set stay silent', async () => {
