@@ -4,7 +4,6 @@
  * on error; with stdout piped, or --json, there is none.
  */
 import assert from 'node:assert/strict';
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -13,7 +12,7 @@ import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
 import { startProxy } from './helpers/proxy.ts';
-import { holdTableLock, waitFor } from './helpers/wait.ts';
+import { holdTableLock, waitForCountsDoneAndDumpStarted } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
 let server: TestServer;
@@ -105,13 +104,7 @@ describe('progress on a terminal', skipUnless(await unmet('script')), () => {
       let ended = false;
       void run.finally(() => (ended = true));
       try {
-        await waitFor('the dump to start with the counts done', async () => {
-          if (!(await fs.stat(clients.started).catch(() => undefined))) return undefined;
-          const { rows } = await observer.query(
-            "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$' AND state = 'idle in transaction'",
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+        await waitForCountsDoneAndDumpStarted(observer, clients.started);
         proxy.freeze();
         await within('the backup to end while the server does not answer', 30_000, async () => ended);
         const result = await run;

@@ -771,20 +771,8 @@ describe('retention on real backups', () => {
     const clients = await clientDirHolding('pg_restore', newest);
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-    const cli = startCli({
-      args: [
-        '--keep-last',
-        '1',
-        '--pg-bin-dir',
-        clients.dir,
-        '--env',
-        'dev',
-        '--config-dir',
-        configDir,
-        '--output-dir',
-        dir,
-      ],
-    });
+    const args = ['--keep-last', '1', '--pg-bin-dir', clients.dir, '--env', 'dev'];
+    const cli = startCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
     await waitFor('retention to verify the newest backup', async () =>
       (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
     );

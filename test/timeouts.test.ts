@@ -13,7 +13,7 @@ import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
 import { startProxy } from './helpers/proxy.ts';
-import { holdTableLock, waitFor } from './helpers/wait.ts';
+import { holdTableLock, waitForCountsDoneAndDumpStarted } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -110,13 +110,7 @@ describe('a server that stops answering mid-dump', () => {
       let ended = false;
       void cli.finally(() => (ended = true));
       try {
-        await waitFor('the dump to start with the counts done', async () => {
-          if (!(await fs.stat(clients.started).catch(() => undefined))) return undefined;
-          const { rows } = await observer.query(
-            "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$' AND state = 'idle in transaction'",
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+        await waitForCountsDoneAndDumpStarted(observer, clients.started);
         proxy.freeze();
         const ms = await within('the backup to end while the server does not answer', 30_000, async () => ended);
         t.diagnostic(`ended ${(ms / 1000).toFixed(1)} s after the server froze (stall 1 s, connect timeout 2 s)`);

@@ -30,6 +30,20 @@ export async function waitForBlockedPgDump(observer: pg.Client): Promise<number>
 }
 
 /**
+ * Wait until a held pg_dump (clientDirHolding) has started and the backup's own session, its row
+ * counts done, sits idle in its snapshot transaction: the moment to make the server stop answering.
+ */
+export async function waitForCountsDoneAndDumpStarted(observer: pg.Client, dumpStarted: string): Promise<true> {
+  return waitFor('the dump to start with the counts done', async () => {
+    if (!(await fs.stat(dumpStarted).catch(() => undefined))) return undefined;
+    const { rows } = await observer.query(
+      "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$' AND state = 'idle in transaction'",
+    );
+    return rows.length > 0 ? true : undefined;
+  });
+}
+
+/**
  * Name → SHA-256 of every entry in a directory (a subdirectory, such as a directory-format
  * backup, hashed over its own fingerprint): to prove a failed run touched nothing.
  */
