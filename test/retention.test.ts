@@ -761,6 +761,21 @@ describe('retention on real backups', () => {
     assert.ok(dumps.includes(old) && dumps.includes(newest));
   });
 
+  /** Run ret_app's backup or prune with `args`, and SIGTERM it while its (held) pg_restore checks `newest`. */
+  async function terminatedWhileChecking(dir: string, newest: string, args: string[]) {
+    const clients = await clientDirHolding('pg_restore', newest);
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const where = ['--pg-bin-dir', clients.dir, '--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
+    const cli = startCli({ args: [...args, ...where] });
+    await waitFor('retention to verify the newest backup', async () =>
+      (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
+    );
+    cli.kill('SIGTERM');
+    await fs.writeFile(clients.release, '');
+    return await cli;
+  }
+
   test('SIGTERM while retention verifies the newest backup it keeps: nothing deleted, the new backup kept, exit 143', async () => {
     const dir = path.join(await tempDir(), 'backups');
     await fs.mkdir(dir);
@@ -768,17 +783,7 @@ describe('retention on real backups', () => {
     // Newer than this run's backup, so retention re-reads it before deleting anything.
     const ahead = new Date(Date.now() + 60_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
     const newest = await pastBackup(dir, ahead);
-    const clients = await clientDirHolding('pg_restore', newest);
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-    const args = ['--keep-last', '1', '--pg-bin-dir', clients.dir, '--env', 'dev'];
-    const cli = startCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
-    await waitFor('retention to verify the newest backup', async () =>
-      (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
-    );
-    cli.kill('SIGTERM');
-    await fs.writeFile(clients.release, '');
-    const result = await cli;
+    const result = await terminatedWhileChecking(dir, newest, ['--keep-last', '1']);
     assert.equal(result.exitCode, 143, String(result.stdout) + String(result.stderr));
     assert.match(String(result.stdout), /^✓ Backup created successfully$/m);
     assert.match(String(result.stderr), /^⚠ The backup is fine, but interrupted by SIGTERM/m);
@@ -794,17 +799,7 @@ describe('retention on real backups', () => {
     await fs.mkdir(dir);
     const old = await pastBackup(dir, '2025-01-01T02:00:00Z');
     const newest = await pastBackup(dir, '2025-01-02T02:00:00Z');
-    const clients = await clientDirHolding('pg_restore', newest);
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-    const args = ['--prune', '--keep-last', '1', '--pg-bin-dir', clients.dir, '--env', 'dev'];
-    const cli = startCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
-    await waitFor('--prune to verify the newest backup', async () =>
-      (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
-    );
-    cli.kill('SIGTERM');
-    await fs.writeFile(clients.release, '');
-    const result = await cli;
+    const result = await terminatedWhileChecking(dir, newest, ['--prune', '--keep-last', '1']);
     assert.equal(result.exitCode, 143, String(result.stdout) + String(result.stderr));
     assert.match(String(result.stderr), /Interrupted by SIGTERM/);
     assert.deepEqual((await fs.readdir(dir)).filter((n) => n.endsWith('.dump')).sort(), [old, newest].sort());
