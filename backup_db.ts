@@ -2029,7 +2029,8 @@ export function progressLine(state: {
     `${formatBytes(state.writtenBytes)} written`,
     `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, '0')}`,
   ];
-  return parts.join(' · ');
+  // Written to the terminal as it is: a table's name must not clear the screen or retitle the window.
+  return visibleControls(parts.join(' · '));
 }
 
 const COPY_PROGRESS_SQL = `
@@ -3367,7 +3368,13 @@ export function planRetention(entries: ListEntry[], scope: RetentionScope): Rete
     const time = new Date(entry.timestamp ?? NaN);
     const server = entry.systemIdentifier;
     if (server !== undefined && scope.systemIdentifier !== undefined && server !== scope.systemIdentifier)
-      leftAlone.push({ file: entry.file, why: `from another server (system identifier ${server})` });
+      leftAlone.push({
+        file: entry.file,
+        why:
+          scope.systemIdentifier === null
+            ? `this server does not say which cluster it is; the backup names ${server}`
+            : `from another server (system identifier ${server})`,
+      });
     else if (entry.status !== 'verified' || Number.isNaN(time.getTime()))
       leftAlone.push({ file: entry.file, why: STATUS_LABELS[entry.status] });
     else if (time.getTime() > horizon)
@@ -3482,11 +3489,14 @@ async function runPrune(
   if (!(await pathExists(options.outputDir))) return undefined;
   const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier).catch(
     (error: unknown) => {
+      // An interrupt wins over a connection attempt it outlasted.
+      signal.throwIfAborted();
       if (!(error instanceof BackupError)) throw error;
       const why = "--prune asks the server which server it is, so as never to delete another server's backups";
       throw new BackupError(error.exitCode, error.title, error.details, [...error.hints, why], error.extra);
     },
   );
+  signal.throwIfAborted();
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
     return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null }, signal);
@@ -3727,7 +3737,16 @@ export function isProductionTarget(check: ProdCheck): 'yes' | 'no' | 'unknown' {
 async function clusterIdentifier(client: pg.Client): Promise<string | undefined> {
   const sql = 'SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()';
   const result = await client.query<{ id: string }>(sql).catch(() => undefined);
-  return result?.rows[0]?.id;
+  const id = result?.rows[0]?.id;
+  return id === undefined ? undefined : unsignedIdentifier(id);
+}
+
+/**
+ * Pure: a system identifier as the unsigned 64-bit number PostgreSQL makes it (initdb's time << 32):
+ * bigint shows those of clusters made from 2038 on (or under a wrong clock) as negative.
+ */
+export function unsignedIdentifier(id: string): string {
+  return BigInt.asUintN(64, BigInt(id)).toString();
 }
 
 export interface ProdGuard {
@@ -3744,6 +3763,8 @@ export interface ProdGuard {
  */
 export function lenientProdDatabase(vars: EnvVars): string | undefined {
   const url = vars.get('DATABASE_URL')?.value.trim();
+  // An '@' out of place (a password's '/' unencoded) leaves no telling where the path starts.
+  if (url !== undefined && ambiguousAuthority(url)) return undefined;
   const urlPath = url === undefined ? undefined : /^[^:/?#]+:\/\/[^/?#]*\/([^?#]+)/.exec(url)?.[1];
   try {
     const name = url === undefined ? vars.get('DB_NAME')?.value : urlPath && decodeURIComponent(urlPath);
@@ -4834,6 +4855,9 @@ function backupSummaryText(result: BackupResult): Text {
         ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})`
         : 'deleted none';
     lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
+    // Never judged (damaged, dated ahead, another server's): said, so that none piles up unseen.
+    const left = retention.leftAlone.length;
+    if (left > 0) lines.push(`             left alone ${left} (see why: --prune --dry-run with the same rules)`);
   }
   if (!retentionError) return { out: lines, err: [] };
   const { title, details } = retentionError;
@@ -5030,14 +5054,13 @@ export function maskSecrets(text: string, secrets: readonly string[], kept: read
   // secret everywhere first, so that one holding a kept value is still masked whole.
   const order = kept.filter(Boolean).sort((a, b) => b.length - a.length);
   const inKept = (secret: string) => order.some((value) => value.includes(secret));
-  const placeholder = (i: number) => `\uE000${String.fromCharCode(0xe100 + i)}`;
-  let result = maskEach(
+  const whole = maskEach(
     masked,
     secrets.filter((secret) => !inKept(secret)),
   );
-  order.forEach((value, i) => (result = result.split(value).join(placeholder(i))));
-  result = maskEach(result, secrets.filter(inKept));
-  return result.replace(/\uE000(.)/g, (_, index: string) => order[index.charCodeAt(0) - 0xe100]!);
+  // Split on the kept values (captured: at the odd indexes), and mask the rest between them.
+  const parts = whole.split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
+  return parts.map((part, i) => (i % 2 === 1 ? part : maskEach(part, secrets.filter(inKept)))).join('');
 }
 
 function maskEach(text: string, secrets: readonly string[]): string {
@@ -5706,7 +5729,10 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
         .default(PROJECT_DIR, 'the project directory'),
     )
     .showHelpAfterError(json ? false : '(run with --help for usage)')
-    .configureOutput({ writeErr: (text) => io.err(maskSecrets(text, secrets).replace(/\n$/, '')) })
+    .configureOutput({
+      writeErr: (text) =>
+        io.err(maskSecrets(text, secrets).replace(/\n$/, '').split('\n').map(visibleControls).join('\n')),
+    })
     .exitOverride();
 }
 

@@ -113,6 +113,13 @@ describe('variables with garbage', () => {
 });
 
 describe('URL hints', () => {
+  test('an option value with terminal escapes is shown escaped in the error, never sent raw', async () => {
+    const result = await attempt(['--env', 'dev', '--keep-daily', '\x1b]0;PWNED\x07\x1b[2J']);
+    assertCleanFailure(result, 2, /--keep-daily/);
+    assert.ok(!/[\x07\x1b]/.test(result.stderr), result.stderr);
+    assert.match(result.stderr, /\\x1b\]0;PWNED\\x07/);
+  });
+
   test('the hint for a malformed URL shows the form whole, not masked like a password', async () => {
     const result = await attempt(['--env', 'dev'], { DEV_DATABASE_URL: 'mysql://h/db' });
     assertCleanFailure(result, 2, /must start with postgresql:\/\/ or postgres:\/\//);

@@ -11,6 +11,7 @@ import fc from 'fast-check';
 import {
   calendarBuckets,
   CLOCK_TOLERANCE_MS,
+  metadataFileName,
   planRetention,
   retentionTimeZone,
   selectRetention,
@@ -21,6 +22,7 @@ import {
 } from '../backup_db.ts';
 import { dbVars, runCli, startCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
+import { startProxy } from './helpers/proxy.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte, waitFor } from './helpers/wait.ts';
 
@@ -405,6 +407,8 @@ describe('planRetention: the server a backup comes from', () => {
   test("this server's and unrecorded ones are judged; where this server's cannot be read, only unrecorded ones", () => {
     assert.deepEqual(judged('1'), ['ours', 'unrecorded']);
     assert.deepEqual(judged(null), ['unrecorded']);
+    const unknown = planRetention(entries, { ...scope, systemIdentifier: null }).leftAlone;
+    assert.match(unknown.find((left) => left.file === 'ours')!.why, /this server does not say which cluster it is/);
     // --check (freshness) names no server: every backup of the database counts, as before.
     assert.deepEqual(judged(undefined), ['ours', 'theirs', 'unrecorded']);
   });
@@ -804,6 +808,50 @@ describe('retention on real backups', () => {
     assert.match(String(result.stderr), /Interrupted by SIGTERM/);
     assert.deepEqual((await fs.readdir(dir)).filter((n) => n.endsWith('.dump')).sort(), [old, newest].sort());
     assert.ok(!(await fs.readdir(dir)).includes('ret_app_dev.lock'), 'the lock is released');
+  });
+
+  test('SIGTERM while --prune waits for a server that never answers: exit 143 when the attempt ends, not exit 3', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const [old, newest] = [
+      await pastBackup(dir, '2025-01-01T02:00:00Z'),
+      await pastBackup(dir, '2025-01-02T02:00:00Z'),
+    ];
+    const proxy = await startProxy(server);
+    try {
+      proxy.freeze();
+      const configDir = await tempDir();
+      const vars = {
+        ...dbVars(server, 'DEV_DB_', 'ret_app'),
+        DEV_DB_HOST: proxy.host,
+        DEV_DB_PORT: String(proxy.port),
+      };
+      await writeEnvFile(configDir, '.env', vars);
+      const args = ['--prune', '--keep-last', '1', '--connect-timeout', '2', '--env', 'dev'];
+      const cli = startCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
+      await waitFor('--prune to connect', async () => (proxy.connections > 0 ? true : undefined));
+      cli.kill('SIGTERM');
+      const result = await cli;
+      assert.equal(result.exitCode, 143, String(result.stdout) + String(result.stderr));
+      assert.match(String(result.stderr), /Interrupted by SIGTERM/);
+      assert.deepEqual((await fs.readdir(dir)).sort(), [old, newest].flatMap((n) => [n, metadataFileName(n)]).sort());
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test('a backup run says how many backups retention left alone (here a damaged one)', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    await fs.truncate(path.join(dir, await pastBackup(dir, '2025-01-01T02:00:00Z')), 100);
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const result = await runCli({
+      args: ['--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
+    });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(result.stdout, /^Retention: {3}kept 1, deleted none by keep-last 1$/m);
+    assert.match(result.stdout, /^ +left alone 1 \(see why: --prune --dry-run with the same rules\)$/m);
   });
 
   test('--prune without any rule is a configuration error', async () => {

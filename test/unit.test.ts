@@ -64,6 +64,8 @@ import {
   visibleControls,
   keptValues,
   summarizeTables,
+  lenientProdDatabase,
+  unsignedIdentifier,
   type DbConfig,
 } from '../backup_db.ts';
 
@@ -1268,5 +1270,35 @@ describe('progress', () => {
       'dumping messages +1 more: 15 rows · 0 B written · 0:00',
     );
     assert.equal(progressLine({ copying: [], writtenBytes: 0, elapsedMs: 0 }), 'dumping · 0 B written · 0:00');
+  });
+});
+
+describe('found by the re-test of the fixes', () => {
+  test('unsignedIdentifier: a cluster made from 2038 on has an identifier bigint shows negative', () => {
+    assert.equal(unsignedIdentifier('-8802513974888333708'), '9644230098821217908');
+    assert.equal(unsignedIdentifier('7312345678901234567'), '7312345678901234567');
+    const metadata = { system_identifier: unsignedIdentifier('-1') };
+    assert.equal(metadata.system_identifier, '18446744073709551615');
+  });
+
+  test("lenientProdDatabase: a URL whose '@' is out of place names no database (any --clean needs consent)", () => {
+    assert.equal(lenientProdDatabase(env({ DATABASE_URL: 'postgresql://u:p/w@127.0.0.1:5432/prodlike' })), undefined);
+    assert.equal(lenientProdDatabase(env({ DATABASE_URL: 'postgresql://u:p%2Fw@h/prodlike?sslmode=x' })), 'prodlike');
+    assert.equal(lenientProdDatabase(env({ DB_NAME: 'prod_db' })), 'prod_db');
+  });
+
+  test('maskSecrets with kept values: text holding U+E000 or U+E100 comes back as it was', () => {
+    const text = 'table x\uE000ay and z\uE000\uE100q in /b/app_dev.dump, pw app';
+    assert.equal(maskSecrets(text, ['app'], ['/b/app_dev.dump']), text.replace(/pw app$/, 'pw ****'));
+  });
+
+  test('progressLine shows control characters of a table name as escapes', () => {
+    const line = progressLine({
+      copying: [{ table: 'evil\x1b]0;PWNED\x07\x1b[2Jx', tuples: 1 }],
+      writtenBytes: 0,
+      elapsedMs: 0,
+    });
+    assert.ok(!/[\x00-\x1f]/.test(line), line);
+    assert.match(line, /evil\\x1b\]0;PWNED\\x07/);
   });
 });
