@@ -5114,7 +5114,12 @@ export interface Problem {
 }
 
 /** Pure: a failure of `operation` (or of the step it names) as a Problem, secrets masked. */
-export function failureProblem(error: BackupError, operation: string, secrets: readonly string[]): Problem {
+export function failureProblem(
+  error: BackupError,
+  operation: string,
+  secrets: readonly string[],
+  kept: readonly string[] = [],
+): Problem {
   const headline = `${error.extra.step ?? operation} failed: ${error.title}`;
   const { details, hints, exitCode } = error;
   const { report = [], data = {} } = error.extra;
@@ -5128,7 +5133,7 @@ export function failureProblem(error: BackupError, operation: string, secrets: r
     report,
     data,
   };
-  return redact(problem, secrets);
+  return redact(problem, secrets, kept);
 }
 
 /** Pure: something that went wrong without failing the run, secrets masked. */
@@ -5260,9 +5265,16 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
  * Print a run's human text or its --json document: a result, masked here before it is serialised
  * or painted, or the run's problem, masked when it was built.
  */
-function printOutcome(io: Io, json: boolean, outcome: Outcome, secrets: readonly string[], problem?: Problem): void {
+function printOutcome(
+  io: Io,
+  json: boolean,
+  outcome: Outcome,
+  masking: { secrets: readonly string[]; named: readonly string[] },
+  problem?: Problem,
+): void {
   const { result } = outcome;
-  const kept = result ? keptValues(result.document, secrets) : [];
+  const { secrets, named } = masking;
+  const kept = [...named, ...(result ? keptValues(result.document, secrets) : [])];
   if (json) {
     const document = result ? redact(result.document, secrets, kept) : problemDocument(problem!);
     io.out(JSON.stringify({ ok: outcome.exitCode === EXIT.OK, command: outcome.command, ...document }, null, 2));
@@ -5837,6 +5849,15 @@ function knownFacts(mode: Mode, config: DbConfig | undefined): Outcome['facts'] 
   return { environment: config.environment, database: config.database };
 }
 
+function outputDirOf(opts: Pick<CliOptions, 'outputDir'>): string {
+  return opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
+}
+
+/** Pure: the names a run reports itself (its database, file, output directory), as written and as displayed. */
+function namedByTheRun({ database, file }: Outcome['facts'], outputDir: string): string[] {
+  return [database, file, outputDir, displayPath(outputDir)].filter((name): name is string => Boolean(name));
+}
+
 async function runMode(
   mode: Mode,
   opts: CliOptions,
@@ -5844,7 +5865,7 @@ async function runMode(
   config: DbConfig | undefined,
   settings: Settings,
 ): Promise<Outcome> {
-  const outputDir = opts.outputDir ? path.resolve(opts.outputDir) : DEFAULT_OUTPUT_DIR;
+  const outputDir = outputDirOf(opts);
   switch (mode.command) {
     case 'restore':
     case 'drill': {
@@ -5999,7 +6020,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     // Commander has printed its message on stderr; a bad command line is a configuration error.
     const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
     const problem = failureProblem(failure, OPERATION_NAMES.backup, secrets);
-    if (json) printOutcome(io, true, failedOutcome('backup', failure), secrets, problem);
+    if (json) printOutcome(io, true, failedOutcome('backup', failure), { secrets, named: [] }, problem);
     return EXIT.CONFIG;
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
@@ -6036,13 +6057,16 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   }
 
   const operation = OPERATION_NAMES[outcome.command];
-  let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets);
+  // Names of a run that worked, which it reports itself: a password inside one is masked only outside
+  // it (see maskSecrets). A failed run's names are unconfirmed (a password pasted into DEV_DB_NAME).
+  const named = outcome.result ? namedByTheRun({ ...known, ...outcome.facts }, outputDirOf(opts)) : [];
+  let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets, named);
   try {
-    printOutcome(io, json, outcome, secrets, problem);
+    printOutcome(io, json, outcome, { secrets, named }, problem);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
     const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));
-    problem = failureProblem(bug, operation, secrets);
+    problem = failureProblem(bug, operation, secrets, named);
     io.err(problemLines(problem).map(visibleControls).join('\n'));
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
@@ -6058,7 +6082,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     ...(problem ? { error: problem.error, details: problem.details } : {}),
     ...(outcome.exitCode !== EXIT.OK && !problem ? { error: `${outcome.command} found problems` } : {}),
   };
-  await recordRun(redact(record, secrets), automation, secrets, io);
+  await recordRun(redact(record, secrets, named), automation, secrets, io);
   return outcome.exitCode;
 }
 

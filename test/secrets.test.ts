@@ -338,6 +338,14 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
       assert.equal(doc.metadata.database_name, database);
       const listed = JSON.parse((await runCli({ args: ['--list', ...args.slice(2), '--json'] })).stdout);
       for (const entry of listed.backups) assert.match(entry.file, new RegExp(`^${database}_dev_[0-9TZ-]+\\.dump$`));
+      // The same everywhere: a name shown whole in one place and masked in another would give the password away.
+      const pruned = await runCli({ args: [...args, '--prune', '--keep-last', '1', '--dry-run'] });
+      assert.match(pruned.stdout, new RegExp(`^Retention for ${database} \\(dev\\) in .*/out/:`, 'm'));
+      const logFile = path.join(dir, 'runs.log');
+      assert.equal((await runCli({ args: [...args, '--log-file', logFile] })).exitCode, 0);
+      const logged = JSON.parse((await fs.readFile(logFile, 'utf8')).trim().split('\n').at(-1)!);
+      assert.equal(logged.database, database);
+      assert.match(logged.file, new RegExp(`^${database}_dev_`));
     }
   });
 
