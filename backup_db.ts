@@ -3818,10 +3818,15 @@ async function assertProdRestoreAllowed(
         `same cluster)`
       : `"${target}" may be the configured production database: the production server${where} cannot be ` +
         `identified, as ${prod.unknownWhy}`;
+  // With invalid production settings, --env prod cannot run at all: they must be fixed first.
+  const consent = prodConfig
+    ? `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ` +
+      `${target})`
+    : 'Fix (or unset) the production settings, DATABASE_URL or DB_*: until they are valid, where production is ' +
+      'cannot be told';
   const refuse = (why: string) =>
     configError(`refusing to restore into it: ${what}; ${why}`, [
-      `To really overwrite production: --env prod --i-know-this-is-prod (or --env prod on a terminal, and type ` +
-        `${target})`,
+      consent,
       'To look at a backup, restore it into another database: --target-db <new name>',
     ]);
   if (guard.requestedEnv !== 'prod') throw refuse('--env prod was not given');

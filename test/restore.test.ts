@@ -426,6 +426,9 @@ describe('the production guard', () => {
         new RegExp(`"${name}" may be the configured production database: .*its settings are invalid: .*--env prod`),
       );
       assert.doesNotMatch(refused.stderr, new RegExp(server.password));
+      // --env prod cannot run with these settings: the way out is to fix them.
+      assert.match(refused.stderr, /Fix \(or unset\) the production settings, DATABASE_URL or DB_\*/);
+      assert.doesNotMatch(refused.stderr, /--env prod --i-know-this-is-prod/);
     }
     // A URL whose database name cannot be read: production might be any database.
     await writeEnvFile(dir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), DATABASE_URL: 'postgresql://[bad' });
