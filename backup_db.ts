@@ -906,7 +906,8 @@ export async function acquireBackupLock(
   config: Pick<DbConfig, 'database' | 'environment'>,
 ): Promise<BackupLock> {
   const lockPath = path.join(dir, lockFileName(config.database, config.environment));
-  return acquireLockFile(lockPath, (owner) => alreadyRunningError(config, owner, lockPath));
+  const { pid_namespace: namespace } = await pidScope();
+  return acquireLockFile(lockPath, (owner) => alreadyRunningError(config, owner, lockPath, namespace));
 }
 
 /** Take the lock at `lockPath`; `busy` is the error when a live owner holds it. */
@@ -1012,15 +1013,25 @@ function alreadyRunningError(
   config: Pick<DbConfig, 'database' | 'environment'>,
   owner: LockOwner,
   lockPath: string,
+  namespace: string | null,
 ): BackupError {
-  const where = owner.hostname === os.hostname() ? `pid ${owner.pid}` : `pid ${owner.pid} on ${owner.hostname}`;
+  // A pid of another namespace (a container sharing the directory) means nothing here: say so, not "ps -p".
+  const contained = owner.hostname === os.hostname() && owner.pid_namespace && owner.pid_namespace !== namespace;
+  const where =
+    owner.hostname !== os.hostname()
+      ? `pid ${owner.pid} on ${owner.hostname}`
+      : contained
+        ? `pid ${owner.pid} in another pid namespace, a container, which cannot be checked from here`
+        : `pid ${owner.pid}`;
   return new BackupError(
     EXIT.BACKUP_FAILED,
     'Backup already running',
     `backup already running (${where}, since ${owner.started_at}) for database "${config.database}" ` +
       `(${config.environment})`,
     [
-      `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
+      contained
+        ? `Let it finish; to see it, look in the container that ran it (${owner.pid_namespace})`
+        : `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
       `If no backup is running (its pid was reused by another program), remove the lock: rm ${displayPath(lockPath)}`,
       'Backups of different databases can run at the same time; only the same database is serialised',
     ],

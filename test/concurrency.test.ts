@@ -173,7 +173,8 @@ describe('stale locks', () => {
         await waitForBlockedPgDump(lock.observer);
         const second = await runCli({ args });
         assert.equal(second.exitCode, 7, second.stderr);
-        assert.match(second.stderr, /backup already running \(pid 1\b/);
+        assert.match(second.stderr, /backup already running \(pid 1 in another pid namespace, a container\b/);
+        assert.doesNotMatch(second.stderr, /ps -o pid,etime,args -p 1\b/, 'pid 1 here is not that run');
       } finally {
         await lock.release();
       }
