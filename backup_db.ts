@@ -5065,10 +5065,11 @@ export function secretsIn(vars: EnvVars): string[] {
  */
 export function maskSecrets(text: string, secrets: readonly string[], kept: readonly string[] = []): string {
   const masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
-  if (kept.length === 0) return maskEach(masked, secrets);
   // A secret inside a kept value (a path, a name) is masked only outside such values; any other
   // secret everywhere first, so that one holding a kept value is still masked whole.
-  const order = kept.filter(Boolean).sort((a, b) => b.length - a.length);
+  const holdsSecret = (value: string) => secrets.some((secret) => secret && value.includes(secret));
+  const order = kept.filter((value) => value && holdsSecret(value)).sort((a, b) => b.length - a.length);
+  if (order.length === 0) return maskEach(masked, secrets);
   const inKept = (secret: string) => order.some((value) => value.includes(secret));
   const whole = maskEach(
     masked,

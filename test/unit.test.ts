@@ -1287,6 +1287,10 @@ describe('found by the re-test of the fixes', () => {
     assert.equal(lenientProdDatabase(env({ DB_NAME: 'prod_db' })), 'prod_db');
   });
 
+  test('maskSecrets: an empty kept value keeps nothing (it must not split the text into characters)', () => {
+    assert.equal(maskSecrets('pw hunter2 here', ['hunter2'], ['']), 'pw **** here');
+  });
+
   test('maskSecrets with kept values: text holding U+E000 or U+E100 comes back as it was', () => {
     const text = 'table x\uE000ay and z\uE000\uE100q in /b/app_dev.dump, pw app';
     assert.equal(maskSecrets(text, ['app'], ['/b/app_dev.dump']), text.replace(/pw app$/, 'pw ****'));
