@@ -816,17 +816,22 @@ async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
   };
 }
 
-/** Linux: this process's pid namespace and the machine's current boot; null where unknown. */
-async function pidScope(): Promise<Pick<LockOwner, 'pid_namespace' | 'boot_id'>> {
-  const [pid_namespace, boot_id] = await Promise.all([
+/**
+ * Linux: this process's pid namespace and the machine's current boot; null where unknown. Neither
+ * changes while the process lives: read once, however many locks are taken or judged.
+ */
+function pidScope(): Promise<Pick<LockOwner, 'pid_namespace' | 'boot_id'>> {
+  ownPidScope ??= Promise.all([
     fs.readlink('/proc/self/ns/pid').catch(() => null),
     fs.readFile('/proc/sys/kernel/random/boot_id', 'utf8').then(
       (id) => id.trim(),
       () => null,
     ),
-  ]);
-  return { pid_namespace, boot_id };
+  ]).then(([pid_namespace, boot_id]) => ({ pid_namespace, boot_id }));
+  return ownPidScope;
 }
+
+let ownPidScope: Promise<Pick<LockOwner, 'pid_namespace' | 'boot_id'>> | undefined;
 
 function parseLockOwner(text: string): LockOwner | undefined {
   try {
