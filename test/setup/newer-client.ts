@@ -78,8 +78,11 @@ async function build(source: string, log: (line: string) => void): Promise<void>
     '--without-readline',
   ]);
   log('building pg_dump and pg_restore');
-  await run('make', [jobs, '-C', 'src/backend', 'generated-headers']);
-  await run('make', [jobs, '-C', 'src/bin/pg_dump']);
+  // The libraries first, each on its own: pg_dump's make alone runs submake-libpq and submake-libpgport at
+  // once, and both build src/port's libpgport.a, a race that fails ('ar: unable to copy file').
+  const steps = [['src/backend', 'generated-headers'], ['src/port'], ['src/common'], ['src/interfaces/libpq']];
+  for (const [dir, ...targets] of [...steps, ['src/fe_utils'], ['src/bin/pg_dump']])
+    await run('make', [jobs, '-C', dir!, ...targets]);
   await run('make', ['-C', 'src/bin/pg_dump', 'install']);
   await run('make', ['-C', 'src/interfaces/libpq', 'install']);
   const { stdout } = await execa(path.join(NEWER_CLIENT_DIR, 'pg_dump'), ['--version']);
