@@ -903,16 +903,52 @@ export interface BackupLock {
 }
 
 /**
+ * The lock's owner record needs a data block, which a full disk does not have, and freeing space is why
+ * an operator runs --prune then: every backup that succeeds keeps `<lock>.reserve` (4 KiB, at least the block
+ * the record takes) for --prune alone to give up (a backup on a full disk fails anyway). Random bytes: a
+ * compressing file system stores zeros in no block. Neither --list nor the stale-file clean-up matches its name.
+ */
+const LOCK_RESERVE_BYTES = 4096;
+const lockReservePath = (lockPath: string) => `${lockPath}.reserve`;
+
+/** Make the reserve if it is missing and there is room; a partial one is removed, since it holds less. */
+async function keepLockReserve(lockPath: string): Promise<void> {
+  const reserve = lockReservePath(lockPath);
+  await fs.writeFile(reserve, randomBytes(LOCK_RESERVE_BYTES), { mode: 0o600, flag: 'wx' }).catch(async (error) => {
+    if (errnoCode(error) !== 'EEXIST') await removeQuietly(reserve);
+  });
+}
+
+/**
  * Take the database's lock. It is created complete (written to a temp file, then hard-linked
- * into place, which fails if the lock exists), so a lock is never seen half-written.
+ * into place, which fails if the lock exists), so a lock is never seen half-written. With
+ * `spendReserve` (--prune), a disk too full for it frees the reserve and tries once more, by the
+ * same rules; the reserve is made again when the lock is released, or not won after all.
  */
 export async function acquireBackupLock(
   dir: string,
   config: Pick<DbConfig, 'database' | 'environment'>,
+  spendReserve = false,
 ): Promise<BackupLock> {
   const lockPath = path.join(dir, lockFileName(config.database, config.environment));
   const { pid_namespace: namespace } = await pidScope();
-  return acquireLockFile(lockPath, (owner) => alreadyRunningError(config, owner, lockPath, namespace));
+  const take = () => acquireLockFile(lockPath, (owner) => alreadyRunningError(config, owner, lockPath, namespace));
+  try {
+    return await take();
+  } catch (error) {
+    const diskFull = error instanceof BackupError && error.exitCode === EXIT.DISK_SPACE;
+    if (!spendReserve || !diskFull) throw error;
+    // No reserve to give up (another --prune has just taken it): the disk is simply full.
+    await fs.rm(lockReservePath(lockPath)).catch(() => {
+      throw error;
+    });
+    const lock = await take().catch(async (retryError: unknown) => {
+      await keepLockReserve(lockPath);
+      throw retryError;
+    });
+    // Made again once the deletions (or, after a dry run, the lock's own block) leave room.
+    return { ...lock, release: () => lock.release().then(() => keepLockReserve(lockPath)) };
+  }
 }
 
 /** Take the lock at `lockPath`; `busy` is the error when a live owner holds it. */
@@ -2149,6 +2185,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     const published = await withClient(config, options.connectTimeoutSeconds, (client) =>
       snapshotBackup({ client, config, preferred, options, started }, signal),
     );
+    await keepLockReserve(lock.path);
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
     try {
@@ -3513,7 +3550,7 @@ async function runPrune(
     },
   );
   signal.throwIfAborted();
-  const lock = await acquireBackupLock(options.outputDir, config);
+  const lock = await acquireBackupLock(options.outputDir, config, true);
   try {
     return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null }, signal);
   } finally {

@@ -5,8 +5,12 @@
  * the run kept, and the existing backups untouched.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, directoryWithExistingBackup, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { execa } from 'execa';
+import { acquireBackupLock, metadataFileName, type DbConfig } from '../backup_db.ts';
+import { dbVars, directoryWithExistingBackup, runCli, takeBackup, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { runCliOnTmpfs } from './helpers/tmpfs.ts';
 import { directoryFingerprint } from './helpers/wait.ts';
@@ -112,6 +116,80 @@ describe('disk space', () => {
       const result = await runCliOnTmpfs(64 * 1024 * 1024, undefined, backupArgs);
       assert.equal(result.exitCode, 0, result.stderr);
       assert.equal(Object.keys(result.after).filter((name) => name.endsWith('.dump')).length, 1);
+    },
+  );
+});
+
+/** The size of a tmpfs that `dir`'s files fill to the last byte: tmpfs counts whole pages. */
+async function exactFit(dir: string): Promise<number> {
+  const page = Number((await execa('getconf', ['PAGESIZE'])).stdout);
+  let bytes = 0;
+  for (const name of await fs.readdir(dir))
+    bytes += Math.ceil((await fs.stat(path.join(dir, name))).size / page) * page;
+  return bytes;
+}
+
+describe('--prune on a full disk', () => {
+  // Three real backups of the small database, copied onto a tmpfs they fill to the last byte.
+  let full: Awaited<ReturnType<typeof directoryWithExistingBackup>>;
+  const reserve = 'space_small_dev.lock.reserve';
+  before(async () => {
+    full = await directoryWithExistingBackup(server, 'space_small');
+    for (let i = 0; i < 2; i++) {
+      const again = await takeBackup(server, 'space_small', full.outputDir);
+      assert.doesNotMatch(again.stdout, /Cleaned up/, 'the reserve is no stale file');
+    }
+    full.before = await directoryFingerprint(full.outputDir);
+  });
+  const runOnFullDisk = async (extra: string[]) =>
+    runCliOnTmpfs(await exactFit(full.outputDir), full.outputDir, (outputDir) => [
+      ...full.args.slice(0, 4),
+      '--output-dir',
+      outputDir,
+      ...extra,
+    ]);
+
+  test(
+    '--prune deletes what the rules say and frees the space, then keeps the reserve again',
+    skipUnless(noTmpfs),
+    async () => {
+      const dumps = Object.keys(full.before)
+        .filter((name) => name.endsWith('.dump'))
+        .sort();
+      assert.equal(dumps.length, 3);
+      const result = await runOnFullDisk(['--prune', '--keep-last', '1']);
+      assert.equal(result.exitCode, 0, `${result.stdout}\n${result.stderr}`);
+      assert.match(result.stdout, /^Deleted 2 backups \(/m);
+      const newest = dumps.at(-1)!;
+      assert.deepEqual(Object.keys(result.after).sort(), [newest, metadataFileName(newest), reserve].sort());
+      assert.equal(result.after[newest], full.before[newest], 'the newest backup untouched');
+    },
+  );
+
+  test('a backup there still fails with exit 5 and leaves everything as it was', skipUnless(noTmpfs), async () => {
+    const result = await runOnFullDisk([]);
+    assertDiskFull(result);
+    assert.match(result.stderr, /ENOSPC/);
+    assert.deepEqual(result.after, full.before, 'no partial, no lock, the reserve kept for --prune');
+  });
+
+  test(
+    'the lock still holds: with a live run holding it, --prune exits 7 and deletes nothing',
+    skipUnless(noTmpfs),
+    async () => {
+      const lock = await acquireBackupLock(full.outputDir, { database: 'space_small', environment: 'dev' } as DbConfig);
+      try {
+        const held = await directoryFingerprint(full.outputDir);
+        const result = await runOnFullDisk(['--prune', '--keep-last', '1']);
+        assert.equal(result.exitCode, 7, `${result.stdout}\n${result.stderr}`);
+        assert.match(result.stderr, new RegExp(`backup already running \\(pid ${process.pid}, since `));
+        // Everything as it was; the reserve, given up for a lock not won, is made again (new random bytes).
+        assert.deepEqual(Object.keys(result.after).sort(), Object.keys(held).sort());
+        for (const name of Object.keys(held).filter((n) => n !== reserve))
+          assert.equal(result.after[name], held[name], `${name} untouched`);
+      } finally {
+        await lock.release();
+      }
     },
   );
 });

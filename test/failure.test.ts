@@ -36,7 +36,7 @@ describe('failure after the dump started', () => {
     { timeout: 60_000 },
     async () => {
       const { outputDir, args, before: existing } = await directoryWithExistingBackup(server, 'fail_app');
-      assert.equal(Object.keys(existing).length, 2);
+      assert.equal(Object.keys(existing).length, 3, "a dump, its metadata and the lock's reserve");
 
       const lock = await holdTableLock(() => server.connect('fail_app'), 'public_notes');
       const cli = startCli({ args });

@@ -98,7 +98,7 @@ test(
     assert.equal(result.exitCode, 0, String(result.stderr));
     assert.ok(!String(result.stdout).includes(server.password) && !String(result.stderr).includes(server.password));
     const files = await fs.readdir(outputDir);
-    assert.equal(files.length, 2, 'a dump and its metadata');
+    assert.equal(files.length, 3, "a dump, its metadata and the lock's reserve");
     for (const file of files) {
       const bytes = await fs.readFile(path.join(outputDir, file));
       assert.equal(bytes.indexOf(server.password), -1, `${file} does not contain the password`);
