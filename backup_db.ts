@@ -2759,12 +2759,7 @@ export interface Check {
   /** What the report line says after ✓ / ✗. */
   summary: string;
 }
-export interface FileChecks {
-  checksum: Check;
-  size: Check;
-  structure: Check;
-  tables: Check;
-}
+export type FileChecks = Record<'checksum' | 'size' | 'structure' | 'tables', Check>;
 export interface FileInspection {
   checks: FileChecks;
   sha256: string;
@@ -2777,11 +2772,7 @@ export interface FileInspection {
 const shortHash = (hex: string) => `${hex.slice(0, 12)}...`;
 
 /** What reading a little of a backup tells: its size on disk, its table of contents, the tables without data. */
-interface StructureInspection {
-  size: number;
-  listing: ArchiveListing;
-  missingTables: string[];
-}
+type StructureInspection = Pick<FileInspection, 'size' | 'missingTables'> & { listing: ArchiveListing };
 
 async function inspectStructure(
   pgRestore: PgTool | undefined,
