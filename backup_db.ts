@@ -3078,13 +3078,8 @@ export function sortNewestFirst<T extends { timestamp?: string | undefined; modi
     const ms = entry.timestamp ? Date.parse(entry.timestamp) : NaN;
     return Number.isNaN(ms) ? -Infinity : ms;
   };
-  const newer = (a: T, b: T) =>
-    time(a) !== time(b)
-      ? time(b) > time(a)
-      : b.modifiedMs !== a.modifiedMs
-        ? b.modifiedMs > a.modifiedMs
-        : b.file < a.file;
-  return [...entries].sort((a, b) => (newer(a, b) ? 1 : -1));
+  // Two undated entries give NaN (-Infinity minus itself), which is falsy: they fall to the next key.
+  return [...entries].sort((a, b) => time(b) - time(a) || b.modifiedMs - a.modifiedMs || (a.file > b.file ? 1 : -1));
 }
 
 /**
