@@ -3184,13 +3184,10 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
   for (const name of names.sort()) {
-    if (name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX)) {
-      const entry = await describePartial(dir, name);
-      if (entry) incomplete.push(entry);
-    } else if (name.endsWith(DUMP_SUFFIX)) {
-      const entry = await describeBackup(dir, name, restoreClientFor);
-      if (entry) backups.push(entry);
-    }
+    const partial = name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
+    if (!partial && !name.endsWith(DUMP_SUFFIX)) continue;
+    const entry = partial ? await describePartial(dir, name) : await describeBackup(dir, name, restoreClientFor);
+    if (entry) (partial ? incomplete : backups).push(entry);
   }
   return {
     directory: dir,
