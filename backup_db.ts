@@ -3554,6 +3554,10 @@ export function formatAge(ms: number): string {
   return m > 0 ? `${m} min` : `${s} s`;
 }
 
+/** Pure: "1 file there does not count", "2 files that do not count". */
+const filesNotCounted = (n: number, link: 'there' | 'that') =>
+  `${plural(n, 'file')} ${link} ${n === 1 ? 'does' : 'do'} not count`;
+
 /**
  * --check --max-age: for a monitoring system. Exit 0 if the newest usable backup is young enough;
  * otherwise, or without any, exit 8 saying how old it is, which file, and how many there are. With
@@ -3584,10 +3588,7 @@ async function runCheck(
   if (!freshness.newest) {
     const { notCounted } = freshness;
     const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
-    const others =
-      notCounted.length > 0
-        ? `; ${plural(notCounted.length, 'file')} there ${notCounted.length === 1 ? 'does' : 'do'} not count (${why})`
-        : '';
+    const others = notCounted.length > 0 ? `; ${filesNotCounted(notCounted.length, 'there')} (${why})` : '';
     throw stale('No backup found', `no backup of ${what} passes the quick check${others}`);
   }
   if (!freshness.ok) {
@@ -3624,9 +3625,7 @@ function freshnessText(f: Freshness, config: DbConfig, fullCheck: boolean): Text
   const checked = fullCheck
     ? '✓ every byte re-read (checksum, size, structure, table data)'
     : 'metadata and size (add --verify to re-read it)';
-  const notCounted = f.notCounted.length;
-  const others =
-    notCounted > 0 ? `, and ${plural(notCounted, 'file')} that ${notCounted === 1 ? 'does' : 'do'} not count` : '';
+  const others = f.notCounted.length > 0 ? `, and ${filesNotCounted(f.notCounted.length, 'that')}` : '';
   return {
     err: [],
     out: [
