@@ -4733,9 +4733,7 @@ export function renderMetrics(series: MetricSeries[]): string {
   return `${lines.join('\n')}\n`;
 }
 
-export interface MetricsRun {
-  database: string;
-  environment: string;
+export interface MetricsRun extends Pick<MetricSeries, 'database' | 'environment'> {
   endedAt: Date;
   exitCode: number;
   durationMs: number;
