@@ -3564,23 +3564,19 @@ const filesNotCounted = (n: number, link: 'there' | 'that') =>
  * --verify the newest backup is re-read too.
  */
 async function runCheck(
-  config: DbConfig,
+  { database, environment }: Pick<DbConfig, 'database' | 'environment'>,
   outputDir: string,
   maxAgeMs: number,
   fullCheck: boolean,
   search: ClientSearch,
 ): Promise<Freshness> {
   const listing = await runList(outputDir, false);
-  const freshness = judgeFreshness(
-    listing.backups,
-    { database: config.database, environment: config.environment, now: new Date() },
-    maxAgeMs,
-  );
-  const what = `${config.database} (${config.environment}) in ${displayPath(outputDir)}${path.sep}`;
+  const freshness = judgeFreshness(listing.backups, { database, environment, now: new Date() }, maxAgeMs);
+  const what = `${database} (${environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
   const hints = [
     'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
-    `Take a backup now: npx tsx backup_db.ts --env ${config.environment} --output-dir ${displayPath(outputDir)}`,
+    `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${displayPath(outputDir)}`,
     `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
   ];
   const stale = (title: string, details: string) =>
