@@ -2333,10 +2333,7 @@ export interface BackupMetadata {
   system_identifier?: string;
 }
 
-export interface ExtensionVersion {
-  name: string;
-  version: string;
-}
+export type ExtensionVersion = { name: string; version: string };
 
 const ISO_8601 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$/;
 
