@@ -2370,10 +2370,7 @@ export interface BackupMetadata {
   system_identifier?: string;
 }
 
-export interface ExtensionVersion {
-  name: string;
-  version: string;
-}
+export type ExtensionVersion = { name: string; version: string };
 
 const ISO_8601 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})$/;
 
@@ -2796,12 +2793,7 @@ export interface Check {
   /** What the report line says after ✓ / ✗. */
   summary: string;
 }
-export interface FileChecks {
-  checksum: Check;
-  size: Check;
-  structure: Check;
-  tables: Check;
-}
+export type FileChecks = Record<'checksum' | 'size' | 'structure' | 'tables', Check>;
 export interface FileInspection {
   checks: FileChecks;
   sha256: string;
@@ -2814,11 +2806,7 @@ export interface FileInspection {
 const shortHash = (hex: string) => `${hex.slice(0, 12)}...`;
 
 /** What reading a little of a backup tells: its size on disk, its table of contents, the tables without data. */
-interface StructureInspection {
-  size: number;
-  listing: ArchiveListing;
-  missingTables: string[];
-}
+type StructureInspection = Pick<FileInspection, 'size' | 'missingTables'> & { listing: ArchiveListing };
 
 async function inspectStructure(
   pgRestore: PgTool | undefined,
@@ -3124,13 +3112,8 @@ export function sortNewestFirst<T extends { timestamp?: string | undefined; modi
     const ms = entry.timestamp ? Date.parse(entry.timestamp) : NaN;
     return Number.isNaN(ms) ? -Infinity : ms;
   };
-  const newer = (a: T, b: T) =>
-    time(a) !== time(b)
-      ? time(b) > time(a)
-      : b.modifiedMs !== a.modifiedMs
-        ? b.modifiedMs > a.modifiedMs
-        : b.file < a.file;
-  return [...entries].sort((a, b) => (newer(a, b) ? 1 : -1));
+  // Two undated entries give NaN (-Infinity minus itself), which is falsy: they fall to the next key.
+  return [...entries].sort((a, b) => time(b) - time(a) || b.modifiedMs - a.modifiedMs || (a.file > b.file ? 1 : -1));
 }
 
 /**
@@ -3235,13 +3218,10 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
   for (const name of names.sort()) {
-    if (name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX)) {
-      const entry = await describePartial(dir, name);
-      if (entry) incomplete.push(entry);
-    } else if (name.endsWith(DUMP_SUFFIX)) {
-      const entry = await describeBackup(dir, name, restoreClientFor);
-      if (entry) backups.push(entry);
-    }
+    const partial = name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
+    if (!partial && !name.endsWith(DUMP_SUFFIX)) continue;
+    const entry = partial ? await describePartial(dir, name) : await describeBackup(dir, name, restoreClientFor);
+    if (entry) (partial ? incomplete : backups).push(entry);
   }
   return {
     directory: dir,
@@ -3608,29 +3588,29 @@ export function formatAge(ms: number): string {
   return m > 0 ? `${m} min` : `${s} s`;
 }
 
+/** Pure: "1 file there does not count", "2 files that do not count". */
+const filesNotCounted = (n: number, link: 'there' | 'that') =>
+  `${plural(n, 'file')} ${link} ${n === 1 ? 'does' : 'do'} not count`;
+
 /**
  * --check --max-age: for a monitoring system. Exit 0 if the newest usable backup is young enough;
  * otherwise, or without any, exit 8 saying how old it is, which file, and how many there are. With
  * --verify the newest backup is re-read too.
  */
 async function runCheck(
-  config: DbConfig,
+  { database, environment }: Pick<DbConfig, 'database' | 'environment'>,
   outputDir: string,
   maxAgeMs: number,
   fullCheck: boolean,
   search: ClientSearch,
 ): Promise<Freshness> {
   const listing = await runList(outputDir, false);
-  const freshness = judgeFreshness(
-    listing.backups,
-    { database: config.database, environment: config.environment, now: new Date() },
-    maxAgeMs,
-  );
-  const what = `${config.database} (${config.environment}) in ${displayPath(outputDir)}${path.sep}`;
+  const freshness = judgeFreshness(listing.backups, { database, environment, now: new Date() }, maxAgeMs);
+  const what = `${database} (${environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
   const hints = [
     'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
-    `Take a backup now: npx tsx backup_db.ts --env ${config.environment} --output-dir ${displayPath(outputDir)}`,
+    `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${displayPath(outputDir)}`,
     `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
   ];
   const stale = (title: string, details: string) =>
@@ -3638,10 +3618,7 @@ async function runCheck(
   if (!freshness.newest) {
     const { notCounted } = freshness;
     const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
-    const others =
-      notCounted.length > 0
-        ? `; ${plural(notCounted.length, 'file')} there ${notCounted.length === 1 ? 'does' : 'do'} not count (${why})`
-        : '';
+    const others = notCounted.length > 0 ? `; ${filesNotCounted(notCounted.length, 'there')} (${why})` : '';
     throw stale('No backup found', `no backup of ${what} passes the quick check${others}`);
   }
   if (!freshness.ok) {
@@ -3678,9 +3655,7 @@ function freshnessText(f: Freshness, config: DbConfig, fullCheck: boolean): Text
   const checked = fullCheck
     ? '✓ every byte re-read (checksum, size, structure, table data)'
     : 'metadata and size (add --verify to re-read it)';
-  const notCounted = f.notCounted.length;
-  const others =
-    notCounted > 0 ? `, and ${plural(notCounted, 'file')} that ${notCounted === 1 ? 'does' : 'do'} not count` : '';
+  const others = f.notCounted.length > 0 ? `, and ${filesNotCounted(f.notCounted.length, 'that')}` : '';
   return {
     err: [],
     out: [
@@ -4788,9 +4763,7 @@ export function renderMetrics(series: MetricSeries[]): string {
   return `${lines.join('\n')}\n`;
 }
 
-export interface MetricsRun {
-  database: string;
-  environment: string;
+export interface MetricsRun extends Pick<MetricSeries, 'database' | 'environment'> {
   endedAt: Date;
   exitCode: number;
   durationMs: number;
