@@ -885,14 +885,26 @@ async function readLock(file: string): Promise<FoundLock | undefined> {
     handle = await openRegularFile(file);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
-    throw error;
+    // A FIFO or device is refused; a socket cannot even be opened (ENXIO).
+    throw errnoCode(error) === 'ENOTREG' || errnoCode(error) === 'ENXIO' ? lockNotRegularFile(file) : error;
   }
   try {
-    const [stat, text] = await Promise.all([handle.stat({ bigint: true }), handle.readFile('utf8')]);
+    const stat = await handle.stat({ bigint: true });
+    if (!stat.isFile()) throw lockNotRegularFile(file);
+    const text = await handle.readFile('utf8');
     return { ino: String(stat.ino), text, owner: parseLockOwner(text) };
   } finally {
     await handle.close();
   }
+}
+
+/** No run ever makes anything but a regular file there: it is not ours to delete, nor a matter of permissions. */
+function lockNotRegularFile(file: string): BackupError {
+  const shown = displayPath(file);
+  return new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${shown} is not a regular file`, [
+    `See what it is: ls -ld ${shown}`,
+    'backup_db only ever writes a regular file there: remove it by hand, then run again',
+  ]);
 }
 
 const isStale = async (lock: FoundLock) => !lock.owner || !(await lockOwnerAlive(lock.owner));

@@ -4,7 +4,9 @@
  * databases back up in parallel; locks of dead processes, or of pids since reused, are taken over.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -121,6 +123,39 @@ describe('stale locks', () => {
       assert.notEqual(result.exitCode, 0);
       assert.match(result.stderr, /not a regular file/);
       assert.deepEqual(await fs.readdir(outputDir), ['conc_a_dev.lock']);
+    },
+  );
+
+  test(
+    'a FIFO, directory or socket where the lock belongs: exit 7 naming it, to remove by hand, no permission hints',
+    { timeout: 60_000 },
+    async () => {
+      const makers: Record<string, (file: string) => Promise<() => Promise<void>>> = {
+        FIFO: async (file) => (await execa('mkfifo', [file]), async () => undefined),
+        directory: async (file) => (await fs.mkdir(file), async () => undefined),
+        socket: async (file) => {
+          const socket = net.createServer().listen(file);
+          await once(socket, 'listening');
+          return () => new Promise((resolve) => socket.close(() => resolve()));
+        },
+      };
+      for (const [kind, make] of Object.entries(makers)) {
+        const outputDir = path.join(await tempDir(), 'out');
+        await fs.mkdir(outputDir);
+        const lockPath = path.join(outputDir, 'conc_a_dev.lock');
+        const close = await make(lockPath);
+        try {
+          const result = await runCli({ args: await backupArgs('conc_a', outputDir) });
+          assert.equal(result.exitCode, 7, `${kind}: ${result.stderr}`);
+          assert.match(result.stderr, /^✗ Backup failed: Could not take the backup lock$/m, kind);
+          assert.ok(result.stderr.includes(`${lockPath} is not a regular file`), `${kind}: ${result.stderr}`);
+          assert.match(result.stderr, /remove it by hand/, kind);
+          assert.doesNotMatch(result.stderr, /permission|writable|chown|--output-dir/i, kind);
+          assert.deepEqual(await fs.readdir(outputDir), ['conc_a_dev.lock'], `${kind}: left in place`);
+        } finally {
+          await close();
+        }
+      }
     },
   );
 
