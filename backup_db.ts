@@ -874,6 +874,7 @@ async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
 /** A lock file as found: its inode (which identifies this very file), its text and its owner. */
 interface FoundLock {
   ino: string;
+  mtimeMs: number;
   text: string;
   owner: LockOwner | undefined;
 }
@@ -892,7 +893,7 @@ async function readLock(file: string): Promise<FoundLock | undefined> {
     const stat = await handle.stat({ bigint: true });
     if (!stat.isFile()) throw lockNotRegularFile(file);
     const text = await handle.readFile('utf8');
-    return { ino: String(stat.ino), text, owner: parseLockOwner(text) };
+    return { ino: String(stat.ino), mtimeMs: Number(stat.mtimeMs), text, owner: parseLockOwner(text) };
   } finally {
     await handle.close();
   }
@@ -1059,8 +1060,8 @@ function alreadyRunningError(
  * With the lock held, no other run of this database is writing here, so its leftovers are stale:
  * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
  * final name; and of the lock itself, the temp files and takeover claims of runs that died while
- * starting (a run still starting, and losing to us, has a live pid). Names are matched exactly
- * (database, environment, timestamp), never by prefix.
+ * starting (a run still starting, and losing to us, has a live pid, or one we cannot check). Names
+ * are matched exactly (database, environment, timestamp), never by prefix.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
   const stem = backupStemOf(config);
@@ -1076,8 +1077,7 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
-    // Our own were removed before this runs: one with our pid is an earlier run's.
-    if (tempOf) return Number(tempOf[1]) === process.pid || !processAlive(Number(tempOf[1]));
+    if (tempOf) return isStaleLockTemp(path.join(dir, name), Number(tempOf[1]));
     if (!takeover.test(name)) return false;
     const claim = await readLock(path.join(dir, name));
     return claim !== undefined && (await isStale(claim));
@@ -1086,6 +1086,22 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   // recursive: the partial of a directory-format dump is a directory.
   await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true, recursive: true })));
   return stale;
+}
+
+/**
+ * A lock temp file (or its swap link) holds its run's owner record. A pid of another pid namespace
+ * or host means nothing here: that run is judged as its lock would be (alive unless of an earlier
+ * boot). Found empty, it is being written, or its run died doing so: stale once older than a minute.
+ * Otherwise by the pid in its name, ours being an earlier run's: our own were removed before this runs.
+ */
+async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
+  const found = await readLock(file).catch(() => undefined);
+  const { pid_namespace: namespace } = await pidScope();
+  const owner = found?.owner;
+  const foreign = owner && (owner.hostname !== os.hostname() || (owner.pid_namespace ?? namespace) !== namespace);
+  if (foreign) return !(await lockOwnerAlive(owner));
+  if (found?.text === '') return Date.now() - found.mtimeMs > 60_000;
+  return pid === process.pid || !processAlive(pid);
 }
 
 function escapeRegExp(text: string): string {
