@@ -161,7 +161,7 @@ async function startTethered<const O extends Options>(
       'backup_db-tether',
       String(pid),
     ],
-    { stdio: ['pipe', 'ignore', 'ignore'], detached: true },
+    { stdio: ['pipe', 'ignore', 'ignore'], detached: true, env: childEnv(process.env, {}, { connects: false }) },
   );
   watcher.unref();
   (watcher.stdin as unknown as { unref(): void }).unref();
@@ -601,6 +601,13 @@ async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: st
   return dirs.filter(({ dir }) => !seen.has(dir) && seen.add(dir));
 }
 
+/** A client tool run that does not connect (--version, --list): its environment holds no password. */
+async function runWithoutConnecting(file: string, args: string[]) {
+  const { execa } = await loadExeca();
+  const env = childEnv(process.env, {}, { connects: false });
+  return execa(file, args, { env, extendEnv: false, reject: false, stdin: 'ignore' });
+}
+
 /** Each executable's version, asked once per process: a run can look for clients several times. */
 const probedTools = new Map<string, Promise<PgTool | undefined>>();
 
@@ -610,8 +617,7 @@ function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<
   if (!probe) {
     probe = (async () => {
       if (!(await isExecutableFile(file))) return undefined;
-      const { execa } = await loadExeca();
-      const result = await execa(file, ['--version'], { reject: false, stdin: 'ignore' });
+      const result = await runWithoutConnecting(file, ['--version']);
       const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
       return parsed && { path: await bypassPgWrapper(file, command, parsed.major), ...parsed };
     })();
@@ -1187,13 +1193,25 @@ const INHERITED_LIBPQ_VARS = new Set(
     .map((name) => `PG${name}`),
 );
 
-/** Pure: a child's whole environment: `inherited` without the libpq variables that pick a target, then `own`. */
-export function childEnv(inherited: NodeJS.ProcessEnv, own: Readonly<Record<string, string>> = {}) {
+/**
+ * Pure: a child's whole environment: `inherited` without our own settings and credentials (none of
+ * which a child needs) and without the libpq variables that pick a target, then `own`. A child that
+ * does not connect keeps no libpq variable at all, password sources included.
+ */
+export function childEnv(
+  inherited: NodeJS.ProcessEnv,
+  own: Readonly<Record<string, string>> = {},
+  { connects = true } = {},
+) {
   const kept = Object.entries(inherited).filter(
-    (entry): entry is [string, string] =>
-      entry[1] !== undefined && (!/^PG[A-Z]/.test(entry[0]) || INHERITED_LIBPQ_VARS.has(entry[0])),
+    (entry): entry is [string, string] => entry[1] !== undefined && passedToChild(entry[0], connects),
   );
   return { ...Object.fromEntries(kept), ...own };
+}
+
+function passedToChild(name: string, connects: boolean): boolean {
+  if (/^PG[A-Z]/.test(name)) return connects && INHERITED_LIBPQ_VARS.has(name);
+  return !CREDENTIAL_VARIABLE.test(name) && !OWN_SETTING.test(name);
 }
 
 /** Connect with node-postgres, turning each kind of failure into its own actionable message. */
@@ -2718,8 +2736,7 @@ interface ArchiveListing {
  * not to the data, so buffering it is fine.
  */
 async function listArchive(pgRestore: PgTool, filePath: string): Promise<ArchiveListing> {
-  const { execa } = await loadExeca();
-  const result = await execa(pgRestore.path, ['--list', filePath], { reject: false, stdin: 'ignore' });
+  const result = await runWithoutConnecting(pgRestore.path, ['--list', filePath]);
   return {
     ok: result.exitCode === 0,
     toc: String(result.stdout),
