@@ -161,7 +161,7 @@ async function startTethered<const O extends Options>(
       'backup_db-tether',
       String(pid),
     ],
-    { stdio: ['pipe', 'ignore', 'ignore'], detached: true },
+    { stdio: ['pipe', 'ignore', 'ignore'], detached: true, env: childEnv(process.env, {}, { connects: false }) },
   );
   watcher.unref();
   (watcher.stdin as unknown as { unref(): void }).unref();
@@ -601,6 +601,13 @@ async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: st
   return dirs.filter(({ dir }) => !seen.has(dir) && seen.add(dir));
 }
 
+/** A client tool run that does not connect (--version, --list): its environment holds no password. */
+async function runWithoutConnecting(file: string, args: string[]) {
+  const { execa } = await loadExeca();
+  const env = childEnv(process.env, {}, { connects: false });
+  return execa(file, args, { env, extendEnv: false, reject: false, stdin: 'ignore' });
+}
+
 /** Each executable's version, asked once per process: a run can look for clients several times. */
 const probedTools = new Map<string, Promise<PgTool | undefined>>();
 
@@ -610,8 +617,7 @@ function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<
   if (!probe) {
     probe = (async () => {
       if (!(await isExecutableFile(file))) return undefined;
-      const { execa } = await loadExeca();
-      const result = await execa(file, ['--version'], { reject: false, stdin: 'ignore' });
+      const result = await runWithoutConnecting(file, ['--version']);
       const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
       return parsed && { path: await bypassPgWrapper(file, command, parsed.major), ...parsed };
     })();
@@ -874,6 +880,7 @@ async function lockOwnerAlive(owner: LockOwner): Promise<boolean> {
 /** A lock file as found: its inode (which identifies this very file), its text and its owner. */
 interface FoundLock {
   ino: string;
+  mtimeMs: number;
   text: string;
   owner: LockOwner | undefined;
 }
@@ -885,14 +892,26 @@ async function readLock(file: string): Promise<FoundLock | undefined> {
     handle = await openRegularFile(file);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
-    throw error;
+    // A FIFO or device is refused; a socket cannot even be opened (ENXIO).
+    throw errnoCode(error) === 'ENOTREG' || errnoCode(error) === 'ENXIO' ? lockNotRegularFile(file) : error;
   }
   try {
-    const [stat, text] = await Promise.all([handle.stat({ bigint: true }), handle.readFile('utf8')]);
-    return { ino: String(stat.ino), text, owner: parseLockOwner(text) };
+    const stat = await handle.stat({ bigint: true });
+    if (!stat.isFile()) throw lockNotRegularFile(file);
+    const text = await handle.readFile('utf8');
+    return { ino: String(stat.ino), mtimeMs: Number(stat.mtimeMs), text, owner: parseLockOwner(text) };
   } finally {
     await handle.close();
   }
+}
+
+/** No run ever makes anything but a regular file there: it is not ours to delete, nor a matter of permissions. */
+function lockNotRegularFile(file: string): BackupError {
+  const shown = displayPath(file);
+  return new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${shown} is not a regular file`, [
+    `See what it is: ls -ld ${shown}`,
+    'backup_db only ever writes a regular file there: remove it by hand, then run again',
+  ]);
 }
 
 const isStale = async (lock: FoundLock) => !lock.owner || !(await lockOwnerAlive(lock.owner));
@@ -1083,8 +1102,8 @@ function alreadyRunningError(
  * With the lock held, no other run of this database is writing here, so its leftovers are stale:
  * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
  * final name; and of the lock itself, the temp files and takeover claims of runs that died while
- * starting (a run still starting, and losing to us, has a live pid). Names are matched exactly
- * (database, environment, timestamp), never by prefix.
+ * starting (a run still starting, and losing to us, has a live pid, or one we cannot check). Names
+ * are matched exactly (database, environment, timestamp), never by prefix.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
   const stem = backupStemOf(config);
@@ -1100,8 +1119,7 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
-    // Our own were removed before this runs: one with our pid is an earlier run's.
-    if (tempOf) return Number(tempOf[1]) === process.pid || !processAlive(Number(tempOf[1]));
+    if (tempOf) return isStaleLockTemp(path.join(dir, name), Number(tempOf[1]));
     if (!takeover.test(name)) return false;
     const claim = await readLock(path.join(dir, name));
     return claim !== undefined && (await isStale(claim));
@@ -1110,6 +1128,22 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   // recursive: the partial of a directory-format dump is a directory.
   await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true, recursive: true })));
   return stale;
+}
+
+/**
+ * A lock temp file (or its swap link) holds its run's owner record. A pid of another pid namespace
+ * or host means nothing here: that run is judged as its lock would be (alive unless of an earlier
+ * boot). Found empty, it is being written, or its run died doing so: stale once older than a minute.
+ * Otherwise by the pid in its name, ours being an earlier run's: our own were removed before this runs.
+ */
+async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
+  const found = await readLock(file).catch(() => undefined);
+  const { pid_namespace: namespace } = await pidScope();
+  const owner = found?.owner;
+  const foreign = owner && (owner.hostname !== os.hostname() || (owner.pid_namespace ?? namespace) !== namespace);
+  if (foreign) return !(await lockOwnerAlive(owner));
+  if (found?.text === '') return Date.now() - found.mtimeMs > 60_000;
+  return pid === process.pid || !processAlive(pid);
 }
 
 function escapeRegExp(text: string): string {
@@ -1195,13 +1229,25 @@ const INHERITED_LIBPQ_VARS = new Set(
     .map((name) => `PG${name}`),
 );
 
-/** Pure: a child's whole environment: `inherited` without the libpq variables that pick a target, then `own`. */
-export function childEnv(inherited: NodeJS.ProcessEnv, own: Readonly<Record<string, string>> = {}) {
+/**
+ * Pure: a child's whole environment: `inherited` without our own settings and credentials (none of
+ * which a child needs) and without the libpq variables that pick a target, then `own`. A child that
+ * does not connect keeps no libpq variable at all, password sources included.
+ */
+export function childEnv(
+  inherited: NodeJS.ProcessEnv,
+  own: Readonly<Record<string, string>> = {},
+  { connects = true } = {},
+) {
   const kept = Object.entries(inherited).filter(
-    (entry): entry is [string, string] =>
-      entry[1] !== undefined && (!/^PG[A-Z]/.test(entry[0]) || INHERITED_LIBPQ_VARS.has(entry[0])),
+    (entry): entry is [string, string] => entry[1] !== undefined && passedToChild(entry[0], connects),
   );
   return { ...Object.fromEntries(kept), ...own };
+}
+
+function passedToChild(name: string, connects: boolean): boolean {
+  if (/^PG[A-Z]/.test(name)) return connects && INHERITED_LIBPQ_VARS.has(name);
+  return !CREDENTIAL_VARIABLE.test(name) && !OWN_SETTING.test(name);
 }
 
 /** Connect with node-postgres, turning each kind of failure into its own actionable message. */
@@ -2724,8 +2770,7 @@ interface ArchiveListing {
  * not to the data, so buffering it is fine.
  */
 async function listArchive(pgRestore: PgTool, filePath: string): Promise<ArchiveListing> {
-  const { execa } = await loadExeca();
-  const result = await execa(pgRestore.path, ['--list', filePath], { reject: false, stdin: 'ignore' });
+  const result = await runWithoutConnecting(pgRestore.path, ['--list', filePath]);
   return {
     ok: result.exitCode === 0,
     toc: String(result.stdout),

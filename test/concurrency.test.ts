@@ -4,7 +4,9 @@
  * databases back up in parallel; locks of dead processes, or of pids since reused, are taken over.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -121,6 +123,39 @@ describe('stale locks', () => {
       assert.notEqual(result.exitCode, 0);
       assert.match(result.stderr, /not a regular file/);
       assert.deepEqual(await fs.readdir(outputDir), ['conc_a_dev.lock']);
+    },
+  );
+
+  test(
+    'a FIFO, directory or socket where the lock belongs: exit 7 naming it, to remove by hand, no permission hints',
+    { timeout: 60_000 },
+    async () => {
+      const makers: Record<string, (file: string) => Promise<() => Promise<void>>> = {
+        FIFO: async (file) => (await execa('mkfifo', [file]), async () => undefined),
+        directory: async (file) => (await fs.mkdir(file), async () => undefined),
+        socket: async (file) => {
+          const socket = net.createServer().listen(file);
+          await once(socket, 'listening');
+          return () => new Promise((resolve) => socket.close(() => resolve()));
+        },
+      };
+      for (const [kind, make] of Object.entries(makers)) {
+        const outputDir = path.join(await tempDir(), 'out');
+        await fs.mkdir(outputDir);
+        const lockPath = path.join(outputDir, 'conc_a_dev.lock');
+        const close = await make(lockPath);
+        try {
+          const result = await runCli({ args: await backupArgs('conc_a', outputDir) });
+          assert.equal(result.exitCode, 7, `${kind}: ${result.stderr}`);
+          assert.match(result.stderr, /^✗ Backup failed: Could not take the backup lock$/m, kind);
+          assert.ok(result.stderr.includes(`${lockPath} is not a regular file`), `${kind}: ${result.stderr}`);
+          assert.match(result.stderr, /remove it by hand/, kind);
+          assert.doesNotMatch(result.stderr, /permission|writable|chown|--output-dir/i, kind);
+          assert.deepEqual(await fs.readdir(outputDir), ['conc_a_dev.lock'], `${kind}: left in place`);
+        } finally {
+          await close();
+        }
+      }
     },
   );
 
@@ -337,6 +372,44 @@ describe('lock leftovers and names', () => {
     assert.ok(after.includes(live) && after.includes(other));
     assert.ok(!leftovers.some((name) => after.includes(name)));
   });
+
+  test(
+    "a starting run's lock temp files from another pid namespace are left alone, unless from an earlier boot",
+    skipUnless(noProc),
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      await fs.mkdir(outputDir);
+      // Dead here; in its own namespace (a container sharing the directory), the run that wrote them.
+      const pid = await deadPid();
+      const bootId = (await fs.readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim();
+      const owner = (boot_id: string) =>
+        JSON.stringify({
+          pid,
+          hostname: os.hostname(),
+          started_at: new Date().toISOString(),
+          process_start: '1',
+          pid_namespace: 'pid:[1]',
+          boot_id,
+        });
+      const write = (name: string, text: string) => fs.writeFile(path.join(outputDir, name), text);
+      const live = [`conc_a_dev.lock.${pid}.0a1b2c3d.tmp`, `conc_a_dev.lock.${pid}.0a1b2c3d.swap`];
+      for (const name of live) await write(name, owner(bootId));
+      const earlierBoot = `conc_a_dev.lock.${pid}.4e5f6a7b.tmp`;
+      await write(earlierBoot, owner('an-earlier-boot'));
+      // Caught between its creation and its write: no record yet to judge it by, so judged by its age.
+      const beingWritten = `conc_a_dev.lock.${pid}.8c9d0e1f.tmp`;
+      await write(beingWritten, '');
+      const diedWriting = `conc_a_dev.lock.${pid}.2a3b4c5d.tmp`;
+      await write(diedWriting, '');
+      const hourAgo = new Date(Date.now() - 3_600_000);
+      await fs.utimes(path.join(outputDir, diedWriting), hourAgo, hourAgo);
+      const result = await runCli({ args: [...(await backupArgs('conc_a', outputDir)), '--json'] });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.deepEqual(JSON.parse(result.stdout).removed_stale_files.sort(), [diedWriting, earlierBoot].sort());
+      const after = await fs.readdir(outputDir);
+      for (const name of [...live, beingWritten]) assert.ok(after.includes(name), `${name} kept`);
+    },
+  );
 
   test(
     "a leftover lock temp file named with this run's own pid (pid 1 in a container) is stale, not in the way",

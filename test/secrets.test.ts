@@ -106,6 +106,65 @@ test(
   },
 );
 
+test(
+  'client tools get no secret of the environment: none at all when they do not connect, PGPASSWORD alone when they do',
+  { timeout: 60_000, ...skipUnless(await unmet('proc')) },
+  async () => {
+    const dir = await tempDir();
+    const calls = path.join(dir, 'calls');
+    const other = `prod-${randomBytes(6).toString('hex')}`;
+    const env = {
+      DEV_DB_HOST: server.host,
+      DEV_DB_PORT: String(server.port),
+      DEV_DB_NAME: 'secret_app',
+      DEV_DB_USER: server.user,
+      DEV_DB_PASSWORD: server.password,
+      // Production's, and libpq's own: a dev backup's tools need neither.
+      DB_PASSWORD: other,
+      DATABASE_URL: `postgresql://app:${other}@prod.invalid:5432/app`,
+      PGPASSWORD: other,
+      PG_BIN_DIR: await environmentRecordingShims(calls),
+    };
+    const secrets = [server.password, other];
+    const variables = (environ: string[]) =>
+      environ.filter(Boolean).map((entry) => entry.split(/=(.*)/s).slice(0, 2) as [string, string]);
+    const secretIn = ([name, value]: [string, string]) =>
+      /PASSWORD|DATABASE_URL/.test(name) || secrets.some((secret) => value.includes(secret));
+    const lock = await holdTableLock(() => server.connect('secret_app'), 'notes');
+    const cli = startCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')], env });
+    try {
+      await waitForBlockedPgDump(lock.observer);
+      const all = await processes();
+      const pgDump = all.find((p) => p.environ.includes(`PGAPPNAME=backup_db:${cli.pid}:pg_dump`));
+      // The shell that stops pg_dump's process group if this run goes away.
+      const watcher = all.find((p) => p.argv[p.argv.indexOf('backup_db-tether') + 1] === String(pgDump?.pid));
+      assert.ok(watcher, "caught pg_dump's watcher");
+      const leaked = variables(watcher.environ).filter(secretIn);
+      assert.deepEqual(leaked, [], "the watcher's environment");
+    } finally {
+      await lock.release();
+    }
+    const result = await cli;
+    assert.equal(result.exitCode, 0, String(result.stderr));
+    const recorded = await Promise.all(
+      (await fs.readdir(calls)).map(async (name) => {
+        const [command, ...entries] = (await fs.readFile(path.join(calls, name), 'utf8')).split('\0').slice(0, -1);
+        return { command: command!, env: variables(entries) };
+      }),
+    );
+    const connecting = recorded.filter((call) => call.command.includes('--snapshot='));
+    const others = recorded.filter((call) => !connecting.includes(call));
+    assert.equal(connecting.length, 1, recorded.map((call) => call.command).join('\n'));
+    for (const kind of [/pg_dump --version$/, /pg_restore --version$/, /pg_restore --list /])
+      assert.ok(
+        others.some((call) => kind.test(call.command)),
+        `${kind} ran: ${others.map((c) => c.command).join(', ')}`,
+      );
+    for (const call of others) assert.deepEqual(call.env.filter(secretIn), [], call.command);
+    assert.deepEqual(connecting[0]!.env.filter(secretIn), [['PGPASSWORD', server.password]], 'pg_dump');
+  },
+);
+
 /**
  * One matrix: passwords made of the characters that break quoting and escaping, each placed in
  * every variable a user could paste it into, and every channel searched for it afterwards:
@@ -417,3 +476,20 @@ const realTools = new Map(
     ),
   ),
 );
+
+/**
+ * pg_dump and pg_restore shims that write their command line and whole environment (NUL-separated)
+ * to a file of their own in `dir`, then run the real tool.
+ */
+async function environmentRecordingShims(dir: string): Promise<string> {
+  const shims = await tempDir('backup-db-shim-');
+  await fs.mkdir(dir, { recursive: true });
+  for (const tool of ['pg_dump', 'pg_restore']) {
+    await fs.writeFile(
+      path.join(shims, tool),
+      `#!/bin/sh\n{ printf '%s\\0' "$0 $*"; env -0; } > '${dir}/'$$\nexec '${realTools.get(tool)}' "$@"\n`,
+      { mode: 0o755 },
+    );
+  }
+  return shims;
+}
