@@ -1168,10 +1168,13 @@ export function childEnv(inherited: NodeJS.ProcessEnv, own: Readonly<Record<stri
   return { ...Object.fromEntries(kept), ...own };
 }
 
-/** Connect with node-postgres, turning each kind of failure into its own actionable message. */
-async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
+/**
+ * Connect with node-postgres, turning each kind of failure into its own actionable message. `signal`
+ * (an interrupt) ends a pending attempt at once, with its reason as the error.
+ */
+async function connectDb(config: DbConfig, connectTimeoutSeconds: number, signal?: AbortSignal): Promise<pg.Client> {
   try {
-    return await openConnection(config, connectTimeoutSeconds);
+    return await openConnection(config, connectTimeoutSeconds, signal);
   } catch (error) {
     throw connectionError(error, config, connectTimeoutSeconds);
   }
@@ -1182,14 +1185,18 @@ async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promi
  * node-postgres has no sslmode=prefer, libpq's default: try TLS first and fall back to a plain
  * connection only when the server says it has no TLS, as libpq does.
  */
-async function openConnection(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
+async function openConnection(
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  signal?: AbortSignal,
+): Promise<pg.Client> {
   const ssl = await sslOptions(config);
   const preferred = config.sslmode === undefined || config.sslmode === 'prefer';
   try {
-    return await openClient(config, connectTimeoutSeconds, ssl);
+    return await openClient(config, connectTimeoutSeconds, ssl, signal);
   } catch (error) {
     if (preferred && ssl && /does not support SSL/i.test(errorText(error)))
-      return await openClient(config, connectTimeoutSeconds, false);
+      return await openClient(config, connectTimeoutSeconds, false, signal);
     throw error;
   }
 }
@@ -1200,12 +1207,17 @@ async function openConnection(config: DbConfig, connectTimeoutSeconds: number): 
  * configured database nor the target need exist; the configured database last, for servers
  * where the role may connect to neither. `avoid` (a database about to be dropped) is never used.
  */
-async function connectMaintenance(config: DbConfig, connectTimeoutSeconds: number, avoid?: string): Promise<pg.Client> {
+async function connectMaintenance(
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  avoid?: string,
+  signal?: AbortSignal,
+): Promise<pg.Client> {
   const candidates = [...new Set(['postgres', 'template1', config.database])].filter((name) => name !== avoid);
   let first: unknown;
   for (const database of candidates) {
     try {
-      return await openConnection({ ...config, database }, connectTimeoutSeconds);
+      return await openConnection({ ...config, database }, connectTimeoutSeconds, signal);
     } catch (error) {
       first ??= error;
       // Only a missing database, or one this role may not connect to, makes another worth trying.
@@ -1221,11 +1233,11 @@ async function withClient<T>(
   config: DbConfig,
   connectTimeoutSeconds: number,
   use: (client: pg.Client) => Promise<T>,
-  options: { maintenance?: boolean; avoid?: string } = {},
+  options: { maintenance?: boolean; avoid?: string; signal?: AbortSignal } = {},
 ): Promise<T> {
   const client = options.maintenance
-    ? await connectMaintenance(config, connectTimeoutSeconds, options.avoid)
-    : await connectDb(config, connectTimeoutSeconds);
+    ? await connectMaintenance(config, connectTimeoutSeconds, options.avoid, options.signal)
+    : await connectDb(config, connectTimeoutSeconds, options.signal);
   try {
     return await use(client);
   } finally {
@@ -1247,6 +1259,7 @@ async function openClient(
   config: DbConfig,
   connectTimeoutSeconds: number,
   ssl: pg.ClientConfig['ssl'],
+  signal?: AbortSignal,
 ): Promise<pg.Client> {
   const { default: pg } = await loadPg();
   const client = new pg.Client({
@@ -1262,12 +1275,18 @@ async function openClient(
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
+  // A server that never answers would hold an interrupt for the whole connect timeout: cut the socket.
+  const cut = () => client.connection.stream.destroy();
+  signal?.addEventListener('abort', cut, { once: true });
   try {
+    signal?.throwIfAborted();
     await client.connect();
     return client;
   } catch (error) {
     await client.end().catch(() => undefined);
-    throw error;
+    throw signal?.aborted ? signal.reason : error;
+  } finally {
+    signal?.removeEventListener('abort', cut);
   }
 }
 
@@ -1879,6 +1898,7 @@ function watchForStall(
   config: DbConfig,
   connectTimeoutSeconds: number,
   onStall: (error: BackupError) => void,
+  signal: AbortSignal,
 ): { stop(): void } {
   let lastSize = -1;
   let since = Date.now();
@@ -1897,7 +1917,7 @@ function watchForStall(
       }
       if (done || Date.now() - since < timeoutMs) return;
       stop();
-      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
+      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall, signal);
     },
     Math.min(5000, Math.max(100, timeoutMs / 4)),
   );
@@ -1952,17 +1972,19 @@ async function stopStalledSessions(
   connectTimeoutSeconds: number,
   timeoutMs: number,
   onStall: (error: BackupError) => void,
+  signal: AbortSignal,
 ): Promise<void> {
   let stopped = false;
   try {
-    await withClient(config, connectTimeoutSeconds, async (client) => {
+    const stopSessions = async (client: pg.Client) => {
       const { rows } = await client.query<SessionWait>(SESSION_WAITS_SQL, [APPLICATION_NAME, PG_DUMP_APPLICATION_NAME]);
       onStall(stallError(rows, timeoutMs));
       stopped = true;
       await client.query('SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [
         rows.map((row) => row.pid),
       ]);
-    });
+    };
+    await withClient(config, connectTimeoutSeconds, stopSessions, { signal });
   } catch (error) {
     const why = error instanceof BackupError ? error.details : errorText(error);
     if (!stopped) onStall(stallError([], timeoutMs, `what its sessions wait on could not be read: ${why}`));
@@ -2064,9 +2086,10 @@ async function startProgress(
   tables: UserTable[],
   partialPath: string,
   connectTimeoutSeconds: number,
+  signal: AbortSignal,
 ): Promise<{ stop(): Promise<void> }> {
   const started = Date.now();
-  let client = await connectDb(config, connectTimeoutSeconds).catch(() => undefined);
+  let client = await connectDb(config, connectTimeoutSeconds, signal).catch(() => undefined);
   const finished = new Set<number>();
   let copying: CopyProgress[] = [];
   const poll = async () => {
@@ -2146,8 +2169,11 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   try {
     signal.throwIfAborted();
     const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
-    const published = await withClient(config, options.connectTimeoutSeconds, (client) =>
-      snapshotBackup({ client, config, preferred, options, started }, signal),
+    const published = await withClient(
+      config,
+      options.connectTimeoutSeconds,
+      (client) => snapshotBackup({ client, config, preferred, options, started }, signal),
+      { signal },
     );
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
     if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
@@ -2224,12 +2250,17 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
     const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
     const progress = options.progress
-      ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds)
+      ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds, run.signal)
       : undefined;
     const watchdog =
       options.stallTimeoutMs > 0
-        ? watchForStall(reserved.partialPath, options.stallTimeoutMs, config, options.connectTimeoutSeconds, (error) =>
-            run.abort(error),
+        ? watchForStall(
+            reserved.partialPath,
+            options.stallTimeoutMs,
+            config,
+            options.connectTimeoutSeconds,
+            (error) => run.abort(error),
+            run.signal,
           )
         : undefined;
     let dump: DumpOutcome;
@@ -3503,7 +3534,7 @@ async function runPrune(
     ]);
   }
   if (!(await pathExists(options.outputDir))) return undefined;
-  const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier).catch(
+  const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier, { signal }).catch(
     (error: unknown) => {
       // An interrupt wins over a connection attempt it outlasted.
       signal.throwIfAborted();
@@ -3800,7 +3831,7 @@ async function assertProdRestoreAllowed(
   vars: EnvVars,
   admin: pg.Client,
   server: DbConfig,
-  request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string },
+  request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string; signal: AbortSignal },
 ): Promise<void> {
   const { target, guard } = request;
   let prodConfig: DbConfig | undefined;
@@ -3819,9 +3850,11 @@ async function assertProdRestoreAllowed(
     try {
       prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
         maintenance: true,
+        signal: request.signal,
       });
       if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
     } catch (error) {
+      request.signal.throwIfAborted();
       prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
     }
   }
@@ -3909,6 +3942,7 @@ async function targetState(
   config: DbConfig,
   target: string,
   connectTimeoutSeconds: number,
+  signal: AbortSignal,
 ): Promise<TargetState> {
   const { rows } = await admin.query<{ template: boolean }>(
     'SELECT datistemplate AS template FROM pg_catalog.pg_database WHERE datname = $1',
@@ -3922,10 +3956,11 @@ async function targetState(
       ['Restore into a new database: --target-db <new name> (it is created)'],
     );
   }
-  return withClient({ ...config, database: target }, connectTimeoutSeconds, async (client) => {
+  const holdsObjects = async (client: pg.Client) => {
     const { rows: objects } = await client.query<{ holds: boolean }>(HOLDS_OBJECTS_SQL);
     return objects[0]!.holds ? 'non-empty' : 'empty';
-  });
+  };
+  return withClient({ ...config, database: target }, connectTimeoutSeconds, holdsObjects, { signal });
 }
 
 async function createDatabase(admin: pg.Client, name: string): Promise<void> {
@@ -4242,11 +4277,11 @@ async function countTablesIn(
   database: string,
   connectTimeoutSeconds: number,
   parallel: number,
-  expected: Record<string, number> = {},
+  expected: Record<string, number>,
+  signal: AbortSignal,
 ): Promise<Record<string, number>> {
-  const clients = await Promise.all(
-    Array.from({ length: Math.max(1, parallel) }, () => connectDb({ ...config, database }, connectTimeoutSeconds)),
-  );
+  const connect = () => connectDb({ ...config, database }, connectTimeoutSeconds, signal);
+  const clients = await Promise.all(Array.from({ length: Math.max(1, parallel) }, connect));
   try {
     const { rows: tables } = await clients[0]!.query<UserTable>(LIST_TABLES_SQL);
     const weight = (t: UserTable) =>
@@ -4337,11 +4372,11 @@ async function restorePipeline(
     async (admin) => {
       const server = await readServerInfo(admin);
       if (!drill) {
-        await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
+        await assertProdRestoreAllowed(vars, admin, config, { ...request, target, signal });
         await claimRestoreTarget(admin, config, target);
       }
       await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
-      const state = drill ? 'missing' : await targetState(admin, config, target, timeout);
+      const state = drill ? 'missing' : await targetState(admin, config, target, timeout, signal);
       if (state === 'non-empty' && !request.clean) {
         throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
           'Restore into a new database: --target-db <new name> (it is created)',
@@ -4365,7 +4400,7 @@ async function restorePipeline(
         durationMs = Date.now() - started;
         filled = true;
         const expected = archive.metadata?.table_counts;
-        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected);
+        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
       } finally {
         // A drill's database is scratch; one this run created and could not fill holds only a partial
         // restore: removed rather than left as a trap.
@@ -4389,7 +4424,7 @@ async function restorePipeline(
       if (outcome.reconciliation?.some((row) => !row.ok)) throw reconciliationError(outcome.reconciliation);
       return outcome;
     },
-    { maintenance: true, ...(drill ? {} : { avoid: target }) },
+    { maintenance: true, ...(drill ? {} : { avoid: target }), signal },
   );
 }
 

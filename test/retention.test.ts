@@ -810,7 +810,7 @@ describe('retention on real backups', () => {
     assert.ok(!(await fs.readdir(dir)).includes('ret_app_dev.lock'), 'the lock is released');
   });
 
-  test('SIGTERM while --prune waits for a server that never answers: exit 143 when the attempt ends, not exit 3', async () => {
+  test('SIGTERM while --prune waits for a server that never answers: exit 143, not exit 3', async () => {
     const dir = path.join(await tempDir(), 'backups');
     await fs.mkdir(dir);
     const [old, newest] = [
