@@ -2656,11 +2656,11 @@ function findRestoreClient(search: ClientSearch, header: ArchiveHeader | undefin
   }));
 }
 
-/** SHA256 and size of a file, streamed in 1 MiB chunks: flat memory for any size. */
-export async function hashFile(filePath: string): Promise<DumpOutcome> {
+/** SHA256 and size of a file, streamed in 1 MiB chunks: flat memory for any size. `signal` stops the read. */
+export async function hashFile(filePath: string, signal?: AbortSignal): Promise<DumpOutcome> {
   const hash = createHash('sha256');
   let size = 0;
-  for await (const chunk of createReadStream(filePath, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
+  for await (const chunk of createReadStream(filePath, { highWaterMark: 1 << 20, signal }) as AsyncIterable<Buffer>) {
     hash.update(chunk);
     size += chunk.length;
   }
@@ -2688,11 +2688,11 @@ export function manifestText(files: Array<{ name: string; sha256: string; size: 
  * SHA-256 and size of a backup: a custom-format file's bytes, or for a directory-format archive
  * (--jobs) the SHA-256 of its manifest and the files' total size. Either way streamed: flat memory.
  */
-export async function hashBackup(backupPath: string): Promise<DumpOutcome> {
-  if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath);
+export async function hashBackup(backupPath: string, signal?: AbortSignal): Promise<DumpOutcome> {
+  if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath, signal);
   const files = [];
   for (const name of await archiveFiles(backupPath))
-    files.push({ name, ...(await hashFile(path.join(backupPath, name))) });
+    files.push({ name, ...(await hashFile(path.join(backupPath, name), signal)) });
   return {
     sha256: createHash('sha256').update(manifestText(files)).digest('hex'),
     size: files.reduce((sum, file) => sum + file.size, 0),
@@ -2720,9 +2720,10 @@ interface ArchiveListing {
  * first, so this is fast whatever the size. Its output is proportional to the number of objects,
  * not to the data, so buffering it is fine.
  */
-async function listArchive(pgRestore: PgTool, filePath: string): Promise<ArchiveListing> {
+async function listArchive(pgRestore: PgTool, filePath: string, signal?: AbortSignal): Promise<ArchiveListing> {
   const { execa } = await loadExeca();
-  const result = await execa(pgRestore.path, ['--list', filePath], { reject: false, stdin: 'ignore' });
+  const options = { reject: false, stdin: 'ignore', cancelSignal: signal } as const;
+  const result = await execa(pgRestore.path, ['--list', filePath], options);
   return {
     ok: result.exitCode === 0,
     toc: String(result.stdout),
@@ -2819,11 +2820,12 @@ async function inspectStructure(
   filePath: string,
   metadata: BackupMetadata,
   whyNoClient = 'no pg_restore',
+  signal?: AbortSignal,
 ): Promise<StructureInspection> {
   const unread = { ok: false, toc: '', error: `not read: ${whyNoClient}` };
   const [size, listing] = await Promise.all([
     backupSize(filePath),
-    pgRestore ? listArchive(pgRestore, filePath) : unread,
+    pgRestore ? listArchive(pgRestore, filePath, signal) : unread,
   ]);
   return { size, listing, missingTables: listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [] };
 }
@@ -2996,8 +2998,8 @@ async function assertReadableFile(filePath: string): Promise<void> {
 }
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
-async function runVerify(fileArgument: string, search: ClientSearch): Promise<VerifyResult> {
-  return (await startVerify(fileArgument, search)).complete;
+async function runVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<VerifyResult> {
+  return (await startVerify(fileArgument, search, signal)).complete;
 }
 
 export interface Verification {
@@ -3013,7 +3015,7 @@ export interface Verification {
  * restore into a database of its own making can run meanwhile. If a quick check fails, the
  * re-read is awaited first, so that the report names every check that failed.
  */
-async function startVerify(fileArgument: string, search: ClientSearch): Promise<Verification> {
+async function startVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<Verification> {
   const filePath = path.resolve(fileArgument);
   await assertReadableFile(filePath);
   if (!filePath.endsWith(DUMP_SUFFIX)) {
@@ -3046,9 +3048,9 @@ async function startVerify(fileArgument: string, search: ClientSearch): Promise<
     noClient = error;
   }
   const { metadata } = loaded;
-  const hashing = hashBackup(filePath);
+  const hashing = hashBackup(filePath, signal);
   hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
-  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details);
+  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details, signal);
   const resultWith = (hash?: DumpOutcome): VerifyResult => ({
     filePath,
     metadataPath,
@@ -3467,7 +3469,7 @@ async function applyRetention(
   const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
   const { database, environment } = config;
   const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), ...server });
-  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
+  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search, signal);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
   signal.throwIfAborted();
   if (!dryRun) {
@@ -3496,11 +3498,13 @@ function pruningInterrupted(interrupt: BackupError, deleted: number, doomed: num
   return new BackupError(interrupt.exitCode, interrupt.title, details, interrupt.hints);
 }
 
-/** The full check of the backup retention would leave as the newest; a failure stops all deletion. */
-async function assertNewestKeptIsSound(file: string, search: ClientSearch): Promise<void> {
+/** The full check of the backup retention would leave as the newest; a failure stops all deletion, as does `signal`. */
+async function assertNewestKeptIsSound(file: string, search: ClientSearch, signal: AbortSignal): Promise<void> {
   try {
-    await runVerify(file, search);
+    await runVerify(file, search, signal);
   } catch (error) {
+    // Stopped by an interrupt, the check proves nothing either way.
+    signal.throwIfAborted();
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED) throw error;
     throw new BackupError(
       EXIT.VERIFY_FAILED,
