@@ -602,10 +602,10 @@ async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: st
 }
 
 /** A client tool run that does not connect (--version, --list): its environment holds no password. */
-async function runWithoutConnecting(file: string, args: string[]) {
+async function runWithoutConnecting(file: string, args: string[], cancelSignal?: AbortSignal) {
   const { execa } = await loadExeca();
   const env = childEnv(process.env, {}, { connects: false });
-  return execa(file, args, { env, extendEnv: false, reject: false, stdin: 'ignore' });
+  return execa(file, args, { env, extendEnv: false, reject: false, stdin: 'ignore', cancelSignal });
 }
 
 /** Each executable's version, asked once per process: a run can look for clients several times. */
@@ -1250,10 +1250,13 @@ function passedToChild(name: string, connects: boolean): boolean {
   return !CREDENTIAL_VARIABLE.test(name) && !OWN_SETTING.test(name);
 }
 
-/** Connect with node-postgres, turning each kind of failure into its own actionable message. */
-async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
+/**
+ * Connect with node-postgres, turning each kind of failure into its own actionable message. `signal`
+ * (an interrupt) ends a pending attempt at once, with its reason as the error.
+ */
+async function connectDb(config: DbConfig, connectTimeoutSeconds: number, signal?: AbortSignal): Promise<pg.Client> {
   try {
-    return await openConnection(config, connectTimeoutSeconds);
+    return await openConnection(config, connectTimeoutSeconds, signal);
   } catch (error) {
     throw connectionError(error, config, connectTimeoutSeconds);
   }
@@ -1264,14 +1267,18 @@ async function connectDb(config: DbConfig, connectTimeoutSeconds: number): Promi
  * node-postgres has no sslmode=prefer, libpq's default: try TLS first and fall back to a plain
  * connection only when the server says it has no TLS, as libpq does.
  */
-async function openConnection(config: DbConfig, connectTimeoutSeconds: number): Promise<pg.Client> {
+async function openConnection(
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  signal?: AbortSignal,
+): Promise<pg.Client> {
   const ssl = await sslOptions(config);
   const preferred = config.sslmode === undefined || config.sslmode === 'prefer';
   try {
-    return await openClient(config, connectTimeoutSeconds, ssl);
+    return await openClient(config, connectTimeoutSeconds, ssl, signal);
   } catch (error) {
     if (preferred && ssl && /does not support SSL/i.test(errorText(error)))
-      return await openClient(config, connectTimeoutSeconds, false);
+      return await openClient(config, connectTimeoutSeconds, false, signal);
     throw error;
   }
 }
@@ -1282,12 +1289,17 @@ async function openConnection(config: DbConfig, connectTimeoutSeconds: number): 
  * configured database nor the target need exist; the configured database last, for servers
  * where the role may connect to neither. `avoid` (a database about to be dropped) is never used.
  */
-async function connectMaintenance(config: DbConfig, connectTimeoutSeconds: number, avoid?: string): Promise<pg.Client> {
+async function connectMaintenance(
+  config: DbConfig,
+  connectTimeoutSeconds: number,
+  avoid?: string,
+  signal?: AbortSignal,
+): Promise<pg.Client> {
   const candidates = [...new Set(['postgres', 'template1', config.database])].filter((name) => name !== avoid);
   let first: unknown;
   for (const database of candidates) {
     try {
-      return await openConnection({ ...config, database }, connectTimeoutSeconds);
+      return await openConnection({ ...config, database }, connectTimeoutSeconds, signal);
     } catch (error) {
       first ??= error;
       // Only a missing database, or one this role may not connect to, makes another worth trying.
@@ -1303,11 +1315,11 @@ async function withClient<T>(
   config: DbConfig,
   connectTimeoutSeconds: number,
   use: (client: pg.Client) => Promise<T>,
-  options: { maintenance?: boolean; avoid?: string } = {},
+  options: { maintenance?: boolean; avoid?: string; signal?: AbortSignal } = {},
 ): Promise<T> {
   const client = options.maintenance
-    ? await connectMaintenance(config, connectTimeoutSeconds, options.avoid)
-    : await connectDb(config, connectTimeoutSeconds);
+    ? await connectMaintenance(config, connectTimeoutSeconds, options.avoid, options.signal)
+    : await connectDb(config, connectTimeoutSeconds, options.signal);
   try {
     return await use(client);
   } finally {
@@ -1329,6 +1341,7 @@ async function openClient(
   config: DbConfig,
   connectTimeoutSeconds: number,
   ssl: pg.ClientConfig['ssl'],
+  signal?: AbortSignal,
 ): Promise<pg.Client> {
   const { default: pg } = await loadPg();
   const client = new pg.Client({
@@ -1344,12 +1357,18 @@ async function openClient(
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
+  // A server that never answers would hold an interrupt for the whole connect timeout: cut the socket.
+  const cut = () => client.connection.stream.destroy();
+  signal?.addEventListener('abort', cut, { once: true });
   try {
+    signal?.throwIfAborted();
     await client.connect();
     return client;
   } catch (error) {
     await client.end().catch(() => undefined);
-    throw error;
+    throw signal?.aborted ? signal.reason : error;
+  } finally {
+    signal?.removeEventListener('abort', cut);
   }
 }
 
@@ -1961,6 +1980,7 @@ function watchForStall(
   config: DbConfig,
   connectTimeoutSeconds: number,
   onStall: (error: BackupError) => void,
+  signal: AbortSignal,
 ): { stop(): void } {
   let lastSize = -1;
   let since = Date.now();
@@ -1979,7 +1999,7 @@ function watchForStall(
       }
       if (done || Date.now() - since < timeoutMs) return;
       stop();
-      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
+      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall, signal);
     },
     Math.min(5000, Math.max(100, timeoutMs / 4)),
   );
@@ -2034,17 +2054,19 @@ async function stopStalledSessions(
   connectTimeoutSeconds: number,
   timeoutMs: number,
   onStall: (error: BackupError) => void,
+  signal: AbortSignal,
 ): Promise<void> {
   let stopped = false;
   try {
-    await withClient(config, connectTimeoutSeconds, async (client) => {
+    const stopSessions = async (client: pg.Client) => {
       const { rows } = await client.query<SessionWait>(SESSION_WAITS_SQL, [APPLICATION_NAME, PG_DUMP_APPLICATION_NAME]);
       onStall(stallError(rows, timeoutMs));
       stopped = true;
       await client.query('SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [
         rows.map((row) => row.pid),
       ]);
-    });
+    };
+    await withClient(config, connectTimeoutSeconds, stopSessions, { signal });
   } catch (error) {
     const why = error instanceof BackupError ? error.details : errorText(error);
     if (!stopped) onStall(stallError([], timeoutMs, `what its sessions wait on could not be read: ${why}`));
@@ -2146,9 +2168,10 @@ async function startProgress(
   tables: UserTable[],
   partialPath: string,
   connectTimeoutSeconds: number,
+  signal: AbortSignal,
 ): Promise<{ stop(): Promise<void> }> {
   const started = Date.now();
-  let client = await connectDb(config, connectTimeoutSeconds).catch(() => undefined);
+  let client = await connectDb(config, connectTimeoutSeconds, signal).catch(() => undefined);
   const finished = new Set<number>();
   let copying: CopyProgress[] = [];
   const poll = async () => {
@@ -2228,8 +2251,11 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   try {
     signal.throwIfAborted();
     const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
-    const published = await withClient(config, options.connectTimeoutSeconds, (client) =>
-      snapshotBackup({ client, config, preferred, options, started }, signal),
+    const published = await withClient(
+      config,
+      options.connectTimeoutSeconds,
+      (client) => snapshotBackup({ client, config, preferred, options, started }, signal),
+      { signal },
     );
     await keepLockReserve(lock.path);
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
@@ -2307,12 +2333,17 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
     const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
     const progress = options.progress
-      ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds)
+      ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds, run.signal)
       : undefined;
     const watchdog =
       options.stallTimeoutMs > 0
-        ? watchForStall(reserved.partialPath, options.stallTimeoutMs, config, options.connectTimeoutSeconds, (error) =>
-            run.abort(error),
+        ? watchForStall(
+            reserved.partialPath,
+            options.stallTimeoutMs,
+            config,
+            options.connectTimeoutSeconds,
+            (error) => run.abort(error),
+            run.signal,
           )
         : undefined;
     let dump: DumpOutcome;
@@ -2705,11 +2736,11 @@ function findRestoreClient(search: ClientSearch, header: ArchiveHeader | undefin
   }));
 }
 
-/** SHA256 and size of a file, streamed in 1 MiB chunks: flat memory for any size. */
-export async function hashFile(filePath: string): Promise<DumpOutcome> {
+/** SHA256 and size of a file, streamed in 1 MiB chunks: flat memory for any size. `signal` stops the read. */
+export async function hashFile(filePath: string, signal?: AbortSignal): Promise<DumpOutcome> {
   const hash = createHash('sha256');
   let size = 0;
-  for await (const chunk of createReadStream(filePath, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
+  for await (const chunk of createReadStream(filePath, { highWaterMark: 1 << 20, signal }) as AsyncIterable<Buffer>) {
     hash.update(chunk);
     size += chunk.length;
   }
@@ -2737,11 +2768,11 @@ export function manifestText(files: Array<{ name: string; sha256: string; size: 
  * SHA-256 and size of a backup: a custom-format file's bytes, or for a directory-format archive
  * (--jobs) the SHA-256 of its manifest and the files' total size. Either way streamed: flat memory.
  */
-export async function hashBackup(backupPath: string): Promise<DumpOutcome> {
-  if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath);
+export async function hashBackup(backupPath: string, signal?: AbortSignal): Promise<DumpOutcome> {
+  if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath, signal);
   const files = [];
   for (const name of await archiveFiles(backupPath))
-    files.push({ name, ...(await hashFile(path.join(backupPath, name))) });
+    files.push({ name, ...(await hashFile(path.join(backupPath, name), signal)) });
   return {
     sha256: createHash('sha256').update(manifestText(files)).digest('hex'),
     size: files.reduce((sum, file) => sum + file.size, 0),
@@ -2769,8 +2800,8 @@ interface ArchiveListing {
  * first, so this is fast whatever the size. Its output is proportional to the number of objects,
  * not to the data, so buffering it is fine.
  */
-async function listArchive(pgRestore: PgTool, filePath: string): Promise<ArchiveListing> {
-  const result = await runWithoutConnecting(pgRestore.path, ['--list', filePath]);
+async function listArchive(pgRestore: PgTool, filePath: string, signal?: AbortSignal): Promise<ArchiveListing> {
+  const result = await runWithoutConnecting(pgRestore.path, ['--list', filePath], signal);
   return {
     ok: result.exitCode === 0,
     toc: String(result.stdout),
@@ -2858,11 +2889,12 @@ async function inspectStructure(
   filePath: string,
   metadata: BackupMetadata,
   whyNoClient = 'no pg_restore',
+  signal?: AbortSignal,
 ): Promise<StructureInspection> {
   const unread = { ok: false, toc: '', error: `not read: ${whyNoClient}` };
   const [size, listing] = await Promise.all([
     backupSize(filePath),
-    pgRestore ? listArchive(pgRestore, filePath) : unread,
+    pgRestore ? listArchive(pgRestore, filePath, signal) : unread,
   ]);
   return { size, listing, missingTables: listing.ok ? tablesWithoutData(metadata, tocTableEntries(listing.toc)) : [] };
 }
@@ -3035,8 +3067,8 @@ async function assertReadableFile(filePath: string): Promise<void> {
 }
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
-async function runVerify(fileArgument: string, search: ClientSearch): Promise<VerifyResult> {
-  return (await startVerify(fileArgument, search)).complete;
+async function runVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<VerifyResult> {
+  return (await startVerify(fileArgument, search, signal)).complete;
 }
 
 export interface Verification {
@@ -3052,7 +3084,7 @@ export interface Verification {
  * restore into a database of its own making can run meanwhile. If a quick check fails, the
  * re-read is awaited first, so that the report names every check that failed.
  */
-async function startVerify(fileArgument: string, search: ClientSearch): Promise<Verification> {
+async function startVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<Verification> {
   const filePath = path.resolve(fileArgument);
   await assertReadableFile(filePath);
   if (!filePath.endsWith(DUMP_SUFFIX)) {
@@ -3085,9 +3117,9 @@ async function startVerify(fileArgument: string, search: ClientSearch): Promise<
     noClient = error;
   }
   const { metadata } = loaded;
-  const hashing = hashBackup(filePath);
+  const hashing = hashBackup(filePath, signal);
   hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
-  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details);
+  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details, signal);
   const resultWith = (hash?: DumpOutcome): VerifyResult => ({
     filePath,
     metadataPath,
@@ -3498,7 +3530,7 @@ async function applyRetention(
   const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
   const { database, environment } = config;
   const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), ...server });
-  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
+  if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search, signal);
   const doomed = plan.decisions.filter((d) => !d.keep).map((d) => d.item);
   signal.throwIfAborted();
   if (!dryRun) {
@@ -3527,11 +3559,13 @@ function pruningInterrupted(interrupt: BackupError, deleted: number, doomed: num
   return new BackupError(interrupt.exitCode, interrupt.title, details, interrupt.hints);
 }
 
-/** The full check of the backup retention would leave as the newest; a failure stops all deletion. */
-async function assertNewestKeptIsSound(file: string, search: ClientSearch): Promise<void> {
+/** The full check of the backup retention would leave as the newest; a failure stops all deletion, as does `signal`. */
+async function assertNewestKeptIsSound(file: string, search: ClientSearch, signal: AbortSignal): Promise<void> {
   try {
-    await runVerify(file, search);
+    await runVerify(file, search, signal);
   } catch (error) {
+    // Stopped by an interrupt, the check proves nothing either way.
+    signal.throwIfAborted();
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED) throw error;
     throw new BackupError(
       EXIT.VERIFY_FAILED,
@@ -3565,7 +3599,7 @@ async function runPrune(
     ]);
   }
   if (!(await pathExists(options.outputDir))) return undefined;
-  const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier).catch(
+  const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier, { signal }).catch(
     (error: unknown) => {
       // An interrupt wins over a connection attempt it outlasted.
       signal.throwIfAborted();
@@ -3857,7 +3891,7 @@ async function assertProdRestoreAllowed(
   vars: EnvVars,
   admin: pg.Client,
   server: DbConfig,
-  request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string },
+  request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string; signal: AbortSignal },
 ): Promise<void> {
   const { target, guard } = request;
   let prodConfig: DbConfig | undefined;
@@ -3876,9 +3910,11 @@ async function assertProdRestoreAllowed(
     try {
       prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
         maintenance: true,
+        signal: request.signal,
       });
       if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
     } catch (error) {
+      request.signal.throwIfAborted();
       prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
     }
   }
@@ -3966,6 +4002,7 @@ async function targetState(
   config: DbConfig,
   target: string,
   connectTimeoutSeconds: number,
+  signal: AbortSignal,
 ): Promise<TargetState> {
   const { rows } = await admin.query<{ template: boolean }>(
     'SELECT datistemplate AS template FROM pg_catalog.pg_database WHERE datname = $1',
@@ -3979,10 +4016,11 @@ async function targetState(
       ['Restore into a new database: --target-db <new name> (it is created)'],
     );
   }
-  return withClient({ ...config, database: target }, connectTimeoutSeconds, async (client) => {
+  const holdsObjects = async (client: pg.Client) => {
     const { rows: objects } = await client.query<{ holds: boolean }>(HOLDS_OBJECTS_SQL);
     return objects[0]!.holds ? 'non-empty' : 'empty';
-  });
+  };
+  return withClient({ ...config, database: target }, connectTimeoutSeconds, holdsObjects, { signal });
 }
 
 async function createDatabase(admin: pg.Client, name: string): Promise<void> {
@@ -4299,11 +4337,11 @@ async function countTablesIn(
   database: string,
   connectTimeoutSeconds: number,
   parallel: number,
-  expected: Record<string, number> = {},
+  expected: Record<string, number>,
+  signal: AbortSignal,
 ): Promise<Record<string, number>> {
-  const clients = await Promise.all(
-    Array.from({ length: Math.max(1, parallel) }, () => connectDb({ ...config, database }, connectTimeoutSeconds)),
-  );
+  const connect = () => connectDb({ ...config, database }, connectTimeoutSeconds, signal);
+  const clients = await Promise.all(Array.from({ length: Math.max(1, parallel) }, connect));
   try {
     const { rows: tables } = await clients[0]!.query<UserTable>(LIST_TABLES_SQL);
     const weight = (t: UserTable) =>
@@ -4394,11 +4432,11 @@ async function restorePipeline(
     async (admin) => {
       const server = await readServerInfo(admin);
       if (!drill) {
-        await assertProdRestoreAllowed(vars, admin, config, { ...request, target });
+        await assertProdRestoreAllowed(vars, admin, config, { ...request, target, signal });
         await claimRestoreTarget(admin, config, target);
       }
       await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
-      const state = drill ? 'missing' : await targetState(admin, config, target, timeout);
+      const state = drill ? 'missing' : await targetState(admin, config, target, timeout, signal);
       if (state === 'non-empty' && !request.clean) {
         throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
           'Restore into a new database: --target-db <new name> (it is created)',
@@ -4422,7 +4460,7 @@ async function restorePipeline(
         durationMs = Date.now() - started;
         filled = true;
         const expected = archive.metadata?.table_counts;
-        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected);
+        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
       } finally {
         // A drill's database is scratch; one this run created and could not fill holds only a partial
         // restore: removed rather than left as a trap.
@@ -4446,7 +4484,7 @@ async function restorePipeline(
       if (outcome.reconciliation?.some((row) => !row.ok)) throw reconciliationError(outcome.reconciliation);
       return outcome;
     },
-    { maintenance: true, ...(drill ? {} : { avoid: target }) },
+    { maintenance: true, ...(drill ? {} : { avoid: target }), signal },
   );
 }
 

@@ -96,7 +96,7 @@ describe('interrupted by a signal', () => {
 
 describe('interrupted before the dump starts', () => {
   test(
-    'SIGTERM while the server is slow to accept the connection: exit 143 once connected, nothing published',
+    'SIGTERM while the server is slow to accept the connection: exit 143, nothing published',
     { timeout: 60_000 },
     async () => {
       const proxy = await startProxy(server);
@@ -124,6 +124,64 @@ describe('interrupted before the dump starts', () => {
       await assertNoBackupSessionLeft();
     },
   );
+
+  const whileConnecting = [
+    { mode: 'a backup', args: [], signal: 'SIGINT', code: 130, failed: 'Backup' },
+    { mode: '--prune', args: ['--prune', '--keep-last', '1'], signal: 'SIGTERM', code: 143, failed: 'Pruning' },
+    {
+      mode: '--restore',
+      args: ['--restore', '%dump', '--target-db', 'int_new'],
+      signal: 'SIGHUP',
+      code: 129,
+      failed: 'Restore',
+    },
+    {
+      mode: 'the drill',
+      args: ['--verify', '%dump', '--restore-test'],
+      signal: 'SIGTERM',
+      code: 143,
+      failed: 'Restore test',
+    },
+  ] as const;
+  for (const { mode, args, signal, code, failed } of whileConnecting) {
+    test(
+      `${signal} while ${mode} waits for a server that never answers: exit ${code} at once, not after --connect-timeout`,
+      // Long enough for a run that waits out the connect timeout to fail on the assertion, not here.
+      { timeout: 120_000 },
+      async () => {
+        const proxy = await startProxy(server);
+        // It accepts the connection and then never answers, however long the client waits.
+        proxy.freeze();
+        try {
+          const vars = {
+            ...dbVars(server, 'DEV_DB_', 'int_app'),
+            DEV_DB_HOST: proxy.host,
+            DEV_DB_PORT: String(proxy.port),
+          };
+          const existing = await directoryWithExistingBackup(server, 'int_app', vars);
+          const dump = (await fs.readdir(existing.outputDir)).find((name) => name.endsWith('.dump'))!;
+          const modeArgs = args.map((arg) => (arg === '%dump' ? path.join(existing.outputDir, dump) : arg));
+          const cli = startCli({ args: [...existing.args, ...modeArgs, '--connect-timeout', '60'] });
+          await waitFor(`${mode} to connect`, async () => (proxy.connections > 0 ? true : undefined));
+          const signalled = Date.now();
+          cli.kill(signal);
+          const result = await cli;
+          const waited = Date.now() - signalled;
+          assert.equal(result.exitCode, code, String(result.stdout) + String(result.stderr));
+          assert.ok(waited < 20_000, `it ended ${waited} ms after the signal, with 60 s left to wait`);
+          assert.match(
+            String(result.stderr).split('\n')[0]!,
+            new RegExp(`^✗ ${failed} failed: Interrupted by ${signal}$`),
+          );
+          // The drill records its failure in the backup's metadata; the others leave the directory as it was.
+          if (mode !== 'the drill')
+            assert.deepEqual(await directoryFingerprint(existing.outputDir), existing.before, 'nothing left, no lock');
+        } finally {
+          await proxy.close();
+        }
+      },
+    );
+  }
 });
 
 describe('killed with SIGKILL', () => {

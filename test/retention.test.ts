@@ -11,6 +11,7 @@ import fc from 'fast-check';
 import {
   calendarBuckets,
   CLOCK_TOLERANCE_MS,
+  hashBackup,
   metadataFileName,
   planRetention,
   retentionTimeZone,
@@ -765,8 +766,11 @@ describe('retention on real backups', () => {
     assert.ok(dumps.includes(old) && dumps.includes(newest));
   });
 
-  /** Run ret_app's backup or prune with `args`, and SIGTERM it while its (held) pg_restore checks `newest`. */
-  async function terminatedWhileChecking(dir: string, newest: string, args: string[]) {
+  /**
+   * Run ret_app's backup or prune with `args`, and SIGTERM it while its (held) pg_restore checks `newest`;
+   * released at once, or with `holdOn` only once the run has ended. `afterSignalMs`: how long the run took to end.
+   */
+  async function terminatedWhileChecking(dir: string, newest: string, args: string[], { holdOn = false } = {}) {
     const clients = await clientDirHolding('pg_restore', newest);
     const configDir = await tempDir();
     await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
@@ -776,8 +780,13 @@ describe('retention on real backups', () => {
       (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
     );
     cli.kill('SIGTERM');
-    await fs.writeFile(clients.release, '');
-    return await cli;
+    const signalled = Date.now();
+    if (!holdOn) await fs.writeFile(clients.release, '');
+    try {
+      return { ...(await cli), afterSignalMs: Date.now() - signalled };
+    } finally {
+      await fs.writeFile(clients.release, '');
+    }
   }
 
   test('SIGTERM while retention verifies the newest backup it keeps: nothing deleted, the new backup kept, exit 143', async () => {
@@ -810,7 +819,35 @@ describe('retention on real backups', () => {
     assert.ok(!(await fs.readdir(dir)).includes('ret_app_dev.lock'), 'the lock is released');
   });
 
-  test('SIGTERM while --prune waits for a server that never answers: exit 143 when the attempt ends, not exit 3', async () => {
+  for (const run of ['a backup', '--prune']) {
+    test(`SIGTERM while ${run} verifies the newest backup it keeps stops the check at once: exit 143, nothing deleted`, async () => {
+      const dir = path.join(await tempDir(), 'backups');
+      await fs.mkdir(dir);
+      const old = await pastBackup(dir, '2025-01-01T02:00:00Z');
+      // For a backup, newer than the one it makes, so that retention re-reads it before deleting anything.
+      const iso = run === '--prune' ? '2025-01-02T02:00:00Z' : new Date(Date.now() + 60_000).toISOString();
+      const newest = await pastBackup(dir, iso.replace(/\.\d{3}Z$/, 'Z'));
+      const args = [...(run === '--prune' ? ['--prune'] : []), '--keep-last', '1'];
+      // Its pg_restore --list is held for a minute unless the run stops it.
+      const result = await terminatedWhileChecking(dir, newest, args, { holdOn: true });
+      assert.equal(result.exitCode, 143, String(result.stdout) + String(result.stderr));
+      assert.ok(result.afterSignalMs < 20_000, `it ended ${result.afterSignalMs} ms after the signal`);
+      assert.match(String(result.stderr), /[Ii]nterrupted by SIGTERM/);
+      const names = await fs.readdir(dir);
+      const dumps = names.filter((n) => n.endsWith('.dump'));
+      assert.ok(dumps.includes(old) && dumps.includes(newest), 'nothing deleted');
+      assert.equal(dumps.length, run === '--prune' ? 2 : 3, 'the new backup kept');
+      assert.ok(!names.includes('ret_app_dev.lock'), 'the lock is released');
+    });
+  }
+
+  test("the re-read of the newest backup kept stops on the run's interrupt", async () => {
+    const interrupted = AbortSignal.abort(new Error('interrupted'));
+    await assert.rejects(hashBackup(seed.dumpPath, interrupted), { name: 'AbortError' });
+    assert.equal((await hashBackup(seed.dumpPath)).sha256, seed.metadata.checksum_sha256);
+  });
+
+  test('SIGTERM while --prune waits for a server that never answers: exit 143, not exit 3', async () => {
     const dir = path.join(await tempDir(), 'backups');
     await fs.mkdir(dir);
     const [old, newest] = [
