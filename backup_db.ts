@@ -207,7 +207,9 @@ function listSome(items: string[]): string {
 async function openRegularFile(file: string, { noFollow = false } = {}) {
   const { O_RDONLY, O_NONBLOCK, O_NOFOLLOW } = fs.constants;
   const handle = await fs.open(file, O_RDONLY | O_NONBLOCK | (noFollow ? O_NOFOLLOW : 0)).catch((error: unknown) => {
-    throw noFollow && errnoCode(error) === 'ELOOP' ? notRegularFile() : error;
+    // A socket (or a device with nothing behind it) cannot be opened at all: ENXIO.
+    const code = errnoCode(error);
+    throw (noFollow && code === 'ELOOP') || code === 'ENXIO' ? notRegularFile() : error;
   });
   const stat = await handle.stat();
   if (stat.isFile() || stat.isDirectory()) return handle;

@@ -4,7 +4,9 @@
  * Precedence: process environment > .env.local > .env; DEV_DB_* falls back to DB_*.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -215,6 +217,20 @@ describe('bad values', () => {
     const run = await runCli({ args: ['--config-dir', configDir, '--env', 'dev'] });
     assert.equal(run.exitCode, 2, run.stderr);
     assert.match(run.stderr, /cannot read .*\.env: not a regular file/);
+  });
+
+  test('a .env that is a socket is exit 2, not a file to check the permissions of', { timeout: 60_000 }, async () => {
+    const configDir = await tempDir();
+    const socket = net.createServer().listen(path.join(configDir, '.env'));
+    await once(socket, 'listening');
+    try {
+      const run = await runCli({ args: ['--config-dir', configDir, '--env', 'dev'] });
+      assert.equal(run.exitCode, 2, run.stderr);
+      assert.match(run.stderr, /cannot read .*\.env: not a regular file/);
+      assert.doesNotMatch(run.stderr, /permission|chmod|chown/i);
+    } finally {
+      await new Promise((resolve) => socket.close(resolve));
+    }
   });
 
   test("an invalid --env choice is exit 2 with commander's message", async () => {

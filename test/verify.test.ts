@@ -3,7 +3,9 @@
  * its metadata is rejected with exit 8 and a message naming the check that failed.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -180,6 +182,20 @@ describe('--verify rejects damage to the metadata', () => {
     const result = await verify(copy.dumpPath);
     assertRejected(result, /metadata is invalid/);
     assert.match(result.stderr, /metadata\.json: not a regular file/);
+  });
+
+  test('metadata that is a socket → not a regular file', { timeout: 60_000 }, async () => {
+    const copy = await copyOfBackup();
+    await fs.rm(copy.metadataPath);
+    const socket = net.createServer().listen(copy.metadataPath);
+    await once(socket, 'listening');
+    try {
+      const result = await verify(copy.dumpPath);
+      assertRejected(result, /metadata is invalid/);
+      assert.match(result.stderr, /metadata\.json: not a regular file/);
+    } finally {
+      await new Promise((resolve) => socket.close(resolve));
+    }
   });
 
   test('checksum_sha256 changed → checksum mismatch', async () => {
