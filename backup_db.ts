@@ -4499,26 +4499,6 @@ export interface Automation {
   startPingFailure?: string;
 }
 
-/** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq), of a redacted record. */
-export function logLine(record: object): string {
-  return `${JSON.stringify(record)}\n`;
-}
-
-/**
- * Append one line. O_APPEND and a single write() per line, so lines of concurrent runs never
- * interleave on a local filesystem. Created 0600 like the backups.
- */
-async function appendLog(file: string, line: string): Promise<void> {
-  await fs.mkdir(path.dirname(file), { recursive: true });
-  await fs.appendFile(file, line, { mode: 0o600 });
-}
-
-/** Pure: the POST body of a redacted record: `text` for Slack, `content` for Discord, the rest for machines. */
-export function notificationPayload(record: RunRecord): Record<string, unknown> {
-  const text = runSummary(record);
-  return { text, content: text, ...record };
-}
-
 /** Pure: a run in one line, from a redacted record: what webhooks and heartbeat pings carry. */
 export function runSummary(record: RunRecord): string {
   const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
@@ -4590,7 +4570,6 @@ export function hookEnvironment(
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(base)) {
     if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
-    // Our own settings may hold a pasted password; HOME, PATH and the like are passed as they are.
     env[name] = OWN_SETTING.test(name) ? maskSecrets(value, secrets) : value;
   }
   Object.assign(env, {
@@ -4604,7 +4583,7 @@ export function hookEnvironment(
     BACKUP_FILE: record.file ?? '',
     BACKUP_HOST: record.host,
     BACKUP_TIME: record.time,
-    BACKUP_RECORD: logLine(record).trim(),
+    BACKUP_RECORD: JSON.stringify(record),
   });
   return env;
 }
@@ -4618,25 +4597,33 @@ const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
  * code; a failure here is reported on stderr and logged, since the run itself is already over.
  */
 async function recordRun(record: RunRecord, automation: Automation, secrets: readonly string[], io: Io): Promise<void> {
-  const append = async (line: string) => {
-    if (!automation.logFile) return;
-    await appendLog(automation.logFile, line).catch((error) => {
-      printWarning(io, warningProblem(`Could not write the log file ${automation.logFile}`, errorText(error), secrets));
-    });
+  // JSON Lines: one object per line, greppable and parseable with jq. O_APPEND and a single write() per
+  // line, so lines of concurrent runs never interleave on a local filesystem. Created 0600 like the backups.
+  const append = async (entry: object) => {
+    const file = automation.logFile;
+    if (!file) return;
+    try {
+      await fs.mkdir(path.dirname(file), { recursive: true });
+      await fs.appendFile(file, `${JSON.stringify(entry)}\n`, { mode: 0o600 });
+    } catch (error) {
+      printWarning(io, warningProblem(`Could not write the log file ${file}`, errorText(error), secrets));
+    }
   };
   // A failure after the run is a warning: printed (unless it already was), and logged as an event about this run.
   const warn = async (event: string, headline: string, why: unknown, printed = false) => {
     const warning = warningProblem(headline, why instanceof Error ? errorText(why) : String(why), secrets);
     if (!printed) printWarning(io, warning);
-    await append(logLine({ time: new Date().toISOString(), event, error: warning.details, for: record.time }));
+    await append({ time: new Date().toISOString(), event, error: warning.details, for: record.time });
   };
-  await append(logLine(record));
+  await append(record);
 
   const notify = record.outcome === 'failure' || automation.notifyOnSuccess;
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
     const failed = (error: unknown) => warn('notification_failed', 'Notification failed', error);
-    tasks.push(postNotification(automation.notifyUrl, notificationPayload(record)).catch(failed));
+    // The POST body: `text` for Slack, `content` for Discord, the rest for machines.
+    const text = runSummary(record);
+    tasks.push(postNotification(automation.notifyUrl, { text, content: text, ...record }).catch(failed));
   }
   if (record.command === 'backup' && automation.pingUrl) {
     const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
