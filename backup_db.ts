@@ -3802,7 +3802,7 @@ async function assertProdRestoreAllowed(
   server: DbConfig,
   request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string },
 ): Promise<void> {
-  const { target, guard } = request;
+  const { target, guard, connectTimeoutSeconds } = request;
   let prodConfig: DbConfig | undefined;
   let prod: NonNullable<ProdCheck['prod']>;
   try {
@@ -3817,9 +3817,7 @@ async function assertProdRestoreAllowed(
   if (target !== prod.database) return;
   if (prodConfig) {
     try {
-      prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
-        maintenance: true,
-      });
+      prod.cluster = await withClient(prodConfig, connectTimeoutSeconds, clusterIdentifier, { maintenance: true });
       if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
     } catch (error) {
       prod.unknownWhy = `it cannot be reached: ${error instanceof BackupError ? error.title : errorText(error)}`;
