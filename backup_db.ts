@@ -3933,14 +3933,10 @@ async function createDatabase(admin: pg.Client, name: string): Promise<void> {
 
 /** Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. */
 async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
-  if (serverMajor >= 13) {
-    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)} WITH (FORCE)`);
-    return;
-  }
-  await admin.query('SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1', [
-    name,
-  ]);
-  await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`);
+  const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
+  const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
+  if (!force) await admin.query(terminate, [name]);
+  await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}${force ? ' WITH (FORCE)' : ''}`);
 }
 
 /**
