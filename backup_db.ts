@@ -3877,6 +3877,11 @@ type TargetState = 'missing' | 'empty' | 'non-empty';
  * types, large objects (any OID), publications, ... Temporary schemas, which any session that used a
  * temporary table leaves behind, are not content. Checked on PostgreSQL 13 to 18.
  */
+const OTHER_OBJECT_CATALOGS = (
+  'pg_proc pg_collation pg_operator pg_opfamily pg_opclass pg_am pg_cast pg_conversion pg_language pg_transform ' +
+  'pg_ts_config pg_ts_dict pg_ts_parser pg_ts_template pg_foreign_data_wrapper pg_foreign_server pg_event_trigger ' +
+  'pg_publication pg_statistic_ext pg_default_acl'
+).split(' ');
 const HOLDS_OBJECTS_SQL = `
   WITH temporary AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_')
   SELECT EXISTS (
@@ -3888,17 +3893,7 @@ const HOLDS_OBJECTS_SQL = `
     UNION ALL SELECT FROM pg_catalog.pg_subscription
       WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
     UNION ALL SELECT FROM (
-      SELECT oid FROM pg_catalog.pg_proc UNION ALL SELECT oid FROM pg_catalog.pg_collation
-      UNION ALL SELECT oid FROM pg_catalog.pg_operator UNION ALL SELECT oid FROM pg_catalog.pg_opfamily
-      UNION ALL SELECT oid FROM pg_catalog.pg_opclass UNION ALL SELECT oid FROM pg_catalog.pg_am
-      UNION ALL SELECT oid FROM pg_catalog.pg_cast UNION ALL SELECT oid FROM pg_catalog.pg_conversion
-      UNION ALL SELECT oid FROM pg_catalog.pg_language UNION ALL SELECT oid FROM pg_catalog.pg_transform
-      UNION ALL SELECT oid FROM pg_catalog.pg_ts_config UNION ALL SELECT oid FROM pg_catalog.pg_ts_dict
-      UNION ALL SELECT oid FROM pg_catalog.pg_ts_parser UNION ALL SELECT oid FROM pg_catalog.pg_ts_template
-      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_data_wrapper
-      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_server UNION ALL SELECT oid FROM pg_catalog.pg_event_trigger
-      UNION ALL SELECT oid FROM pg_catalog.pg_publication UNION ALL SELECT oid FROM pg_catalog.pg_statistic_ext
-      UNION ALL SELECT oid FROM pg_catalog.pg_default_acl
+      ${OTHER_OBJECT_CATALOGS.map((name) => `SELECT oid FROM pg_catalog.${name}`).join(' UNION ALL ')}
     ) other WHERE oid >= 16384
   ) AS holds`;
 
