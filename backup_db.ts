@@ -4303,8 +4303,7 @@ async function runRestore(
   try {
     return await restorePipeline(config, vars, request, scratch, signal);
   } catch (error) {
-    const server = `${config.host}:${config.port}`;
-    await recordFailedDrill(path.resolve(request.file), server, error, Date.now() - started);
+    await recordFailedDrill(path.resolve(request.file), `${config.host}:${config.port}`, error, Date.now() - started);
     throw error;
   }
 }
