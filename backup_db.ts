@@ -4156,8 +4156,7 @@ async function runPgRestore(
 // ─── Restore: one pipeline for --restore and the drill ──────────────────────────────────
 
 /** A restore's result; a drill's (`drill`) went into a scratch database that is dropped again. */
-export interface RestoreOutcome {
-  filePath: string;
+export interface RestoreOutcome extends Pick<RestorableArchive, 'filePath' | 'metadata' | 'forcedPast'> {
   target: string;
   drill: boolean;
   server: string;
@@ -4168,9 +4167,6 @@ export interface RestoreOutcome {
   run: PgRestoreRun;
   /** Undefined when the backup had no valid metadata to reconcile with (--force). */
   reconciliation?: ReconciliationRow[];
-  metadata?: BackupMetadata;
-  /** The verification failure that --force went past. */
-  forcedPast?: string;
   /** A drill's result, as recorded in the metadata. */
   recorded?: { metadataPath: string; record: RestoreTestRecord };
 }
@@ -4181,7 +4177,9 @@ interface RestorableArchive {
   toc: string;
   /** The pg_restore that reads this archive's format. */
   pgRestore: PgTool;
+  /** Undefined when the backup has no valid metadata (--force). */
   metadata?: BackupMetadata;
+  /** The verification failure that --force went past. */
   forcedPast?: string;
   /** The re-read of every byte: resolves when the SHA-256 matches, rejects (exit 8) when not. */
   checksum: Promise<unknown>;
@@ -4369,9 +4367,9 @@ async function restorePipeline(
         targetAction,
         durationMs,
         run,
-        ...(archive.metadata ? { metadata: archive.metadata } : {}),
-        ...(archive.forcedPast ? { forcedPast: archive.forcedPast } : {}),
-        ...(counts ? { reconciliation: reconcileCounts(archive.metadata!.table_counts, counts) } : {}),
+        metadata: archive.metadata,
+        forcedPast: archive.forcedPast,
+        reconciliation: counts && reconcileCounts(archive.metadata!.table_counts, counts),
       };
       if (drill) outcome.recorded = await recordRestoreTest(archive, outcome);
       if (outcome.reconciliation?.some((row) => !row.ok)) throw reconciliationError(outcome.reconciliation);
