@@ -4229,7 +4229,7 @@ async function countTablesIn(
   database: string,
   connectTimeoutSeconds: number,
   parallel: number,
-  expected: Record<string, number> = {},
+  expected: Record<string, number>,
 ): Promise<Record<string, number>> {
   const clients = await Promise.all(
     Array.from({ length: Math.max(1, parallel) }, () => connectDb({ ...config, database }, connectTimeoutSeconds)),
