@@ -4014,16 +4014,12 @@ export function compareVersions(a: string, b: string): number {
  * reject: the timeout it turns off does not exist there, so nothing is lost by going on without it.
  */
 export function unknownSettingsOnly(stderr: string): string[] | undefined {
-  const unknown = [
-    ...stderr.matchAll(
-      new RegExp(
-        String.raw`^pg_restore: error: could not execute query: ` +
-          String.raw`ERROR: {2}unrecognized configuration parameter "(\w+)"` +
-          String.raw`\nCommand was: SET \1 = [^;\n]*;$`,
-        'gm',
-      ),
-    ),
-  ].map((m) => m[1]!);
+  const unknownSetting = new RegExp(
+    String.raw`^pg_restore: error: could not execute query: ERROR: {2}unrecognized configuration parameter "(\w+)"` +
+      String.raw`\nCommand was: SET \1 = [^;\n]*;$`,
+    'gm',
+  );
+  const unknown = [...stderr.matchAll(unknownSetting)].map((m) => m[1]!);
   const errors = stderr.match(/^pg_restore: error: /gm)?.length ?? 0;
   const ignored = Number(/^pg_restore: warning: errors ignored on restore: (\d+)$/m.exec(stderr)?.[1]);
   return unknown.length > 0 && errors === unknown.length && ignored === unknown.length
