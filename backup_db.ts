@@ -3975,13 +3975,9 @@ async function assertExtensionsAvailable(
     (e) => e.version !== undefined && compareVersions(offered.get(e.name)!.default_version, e.version) < 0,
   );
   if (older.length === 0) return;
-  const describe = (e: { name: string; version?: string }) => {
-    const target = offered.get(e.name)!;
-    return (
-      `${e.name}: the backup has ${e.version}, this server would create ${target.default_version} (available: ` +
-      `${target.versions.join(', ')})`
-    );
-  };
+  const describe = ({ name, version }: (typeof needed)[number]) =>
+    `${name}: the backup has ${version}, this server would create ${offered.get(name)!.default_version} ` +
+    `(available: ${offered.get(name)!.versions.join(', ')})`;
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     "The target server's extensions are older than the backup's",
