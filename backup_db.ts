@@ -4280,12 +4280,7 @@ export interface RestoreRequest {
  * drill's scratch database has a unique name, is dropped whatever happens, and its result is
  * recorded in the metadata.
  */
-async function runRestore(
-  config: DbConfig,
-  vars: EnvVars,
-  request: RestoreRequest,
-  signal: AbortSignal,
-): Promise<RestoreOutcome> {
+async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal) {
   if (request.target !== undefined)
     return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
   const started = Date.now();
@@ -4392,10 +4387,7 @@ function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSign
 }
 
 /** A drill's result, added to the metadata as last_restore_test: atomically, and only while the backup still exists. */
-async function recordRestoreTest(
-  archive: RestorableArchive,
-  outcome: RestoreOutcome,
-): Promise<RestoreOutcome['recorded']> {
+async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOutcome) {
   const rows = outcome.reconciliation ?? [];
   const record: RestoreTestRecord = {
     time: new Date().toISOString(),
@@ -4491,11 +4483,7 @@ export function runSummary(record: RunRecord): string {
 const HTTP_TIMEOUT_MS = 5_000;
 
 /** POST once: undefined when the receiver took it, else why not, and whether trying again may help. */
-async function postOnce(
-  url: string,
-  contentType: string,
-  body: string,
-): Promise<{ why: string; transient: boolean } | undefined> {
+async function postOnce(url: string, contentType: string, body: string) {
   try {
     const response = await fetch(url, {
       method: 'POST',
@@ -4540,11 +4528,7 @@ async function postNotification(url: string, payload: Record<string, unknown>): 
  * Of the inherited environment, credentials are dropped and our own settings holding a secret (a
  * password pasted into DEV_DB_NAME, say) are masked; the rest (HOME, PATH, ...) is left as it is.
  */
-export function hookEnvironment(
-  record: RunRecord,
-  base: NodeJS.ProcessEnv,
-  secrets: readonly string[],
-): Record<string, string> {
+export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secrets: readonly string[]) {
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(base)) {
     if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
