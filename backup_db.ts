@@ -3895,7 +3895,7 @@ async function assertProdRestoreAllowed(
   server: DbConfig,
   request: Pick<RestoreRequest, 'clean' | 'guard' | 'connectTimeoutSeconds'> & { target: string; signal: AbortSignal },
 ): Promise<void> {
-  const { target, guard } = request;
+  const { target, guard, connectTimeoutSeconds } = request;
   let prodConfig: DbConfig | undefined;
   let prod: NonNullable<ProdCheck['prod']>;
   try {
@@ -3910,10 +3910,8 @@ async function assertProdRestoreAllowed(
   if (target !== prod.database) return;
   if (prodConfig) {
     try {
-      prod.cluster = await withClient(prodConfig, request.connectTimeoutSeconds, clusterIdentifier, {
-        maintenance: true,
-        signal: request.signal,
-      });
+      const options = { maintenance: true, signal: request.signal };
+      prod.cluster = await withClient(prodConfig, connectTimeoutSeconds, clusterIdentifier, options);
       if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
     } catch (error) {
       request.signal.throwIfAborted();
@@ -3974,6 +3972,11 @@ type TargetState = 'missing' | 'empty' | 'non-empty';
  * types, large objects (any OID), publications, ... Temporary schemas, which any session that used a
  * temporary table leaves behind, are not content. Checked on PostgreSQL 13 to 18.
  */
+const OTHER_OBJECT_CATALOGS = (
+  'pg_proc pg_collation pg_operator pg_opfamily pg_opclass pg_am pg_cast pg_conversion pg_language pg_transform ' +
+  'pg_ts_config pg_ts_dict pg_ts_parser pg_ts_template pg_foreign_data_wrapper pg_foreign_server pg_event_trigger ' +
+  'pg_publication pg_statistic_ext pg_default_acl'
+).split(' ');
 const HOLDS_OBJECTS_SQL = `
   WITH temporary AS (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname ~ '^pg_(toast_)?temp_')
   SELECT EXISTS (
@@ -3985,17 +3988,7 @@ const HOLDS_OBJECTS_SQL = `
     UNION ALL SELECT FROM pg_catalog.pg_subscription
       WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
     UNION ALL SELECT FROM (
-      SELECT oid FROM pg_catalog.pg_proc UNION ALL SELECT oid FROM pg_catalog.pg_collation
-      UNION ALL SELECT oid FROM pg_catalog.pg_operator UNION ALL SELECT oid FROM pg_catalog.pg_opfamily
-      UNION ALL SELECT oid FROM pg_catalog.pg_opclass UNION ALL SELECT oid FROM pg_catalog.pg_am
-      UNION ALL SELECT oid FROM pg_catalog.pg_cast UNION ALL SELECT oid FROM pg_catalog.pg_conversion
-      UNION ALL SELECT oid FROM pg_catalog.pg_language UNION ALL SELECT oid FROM pg_catalog.pg_transform
-      UNION ALL SELECT oid FROM pg_catalog.pg_ts_config UNION ALL SELECT oid FROM pg_catalog.pg_ts_dict
-      UNION ALL SELECT oid FROM pg_catalog.pg_ts_parser UNION ALL SELECT oid FROM pg_catalog.pg_ts_template
-      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_data_wrapper
-      UNION ALL SELECT oid FROM pg_catalog.pg_foreign_server UNION ALL SELECT oid FROM pg_catalog.pg_event_trigger
-      UNION ALL SELECT oid FROM pg_catalog.pg_publication UNION ALL SELECT oid FROM pg_catalog.pg_statistic_ext
-      UNION ALL SELECT oid FROM pg_catalog.pg_default_acl
+      ${OTHER_OBJECT_CATALOGS.map((name) => `SELECT oid FROM pg_catalog.${name}`).join(' UNION ALL ')}
     ) other WHERE oid >= 16384
   ) AS holds`;
 
@@ -4032,14 +4025,10 @@ async function createDatabase(admin: pg.Client, name: string): Promise<void> {
 
 /** Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. */
 async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
-  if (serverMajor >= 13) {
-    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)} WITH (FORCE)`);
-    return;
-  }
-  await admin.query('SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1', [
-    name,
-  ]);
-  await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`);
+  const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
+  const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
+  if (!force) await admin.query(terminate, [name]);
+  await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}${force ? ' WITH (FORCE)' : ''}`);
 }
 
 /**
@@ -4083,13 +4072,9 @@ async function assertExtensionsAvailable(
     (e) => e.version !== undefined && compareVersions(offered.get(e.name)!.default_version, e.version) < 0,
   );
   if (older.length === 0) return;
-  const describe = (e: { name: string; version?: string }) => {
-    const target = offered.get(e.name)!;
-    return (
-      `${e.name}: the backup has ${e.version}, this server would create ${target.default_version} (available: ` +
-      `${target.versions.join(', ')})`
-    );
-  };
+  const describe = ({ name, version }: (typeof needed)[number]) =>
+    `${name}: the backup has ${version}, this server would create ${offered.get(name)!.default_version} ` +
+    `(available: ${offered.get(name)!.versions.join(', ')})`;
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     "The target server's extensions are older than the backup's",
@@ -4122,16 +4107,12 @@ export function compareVersions(a: string, b: string): number {
  * reject: the timeout it turns off does not exist there, so nothing is lost by going on without it.
  */
 export function unknownSettingsOnly(stderr: string): string[] | undefined {
-  const unknown = [
-    ...stderr.matchAll(
-      new RegExp(
-        String.raw`^pg_restore: error: could not execute query: ` +
-          String.raw`ERROR: {2}unrecognized configuration parameter "(\w+)"` +
-          String.raw`\nCommand was: SET \1 = [^;\n]*;$`,
-        'gm',
-      ),
-    ),
-  ].map((m) => m[1]!);
+  const unknownSetting = new RegExp(
+    String.raw`^pg_restore: error: could not execute query: ERROR: {2}unrecognized configuration parameter "(\w+)"` +
+      String.raw`\nCommand was: SET \1 = [^;\n]*;$`,
+    'gm',
+  );
+  const unknown = [...stderr.matchAll(unknownSetting)].map((m) => m[1]!);
   const errors = stderr.match(/^pg_restore: error: /gm)?.length ?? 0;
   const ignored = Number(/^pg_restore: warning: errors ignored on restore: (\d+)$/m.exec(stderr)?.[1]);
   return unknown.length > 0 && errors === unknown.length && ignored === unknown.length
@@ -4264,8 +4245,7 @@ async function runPgRestore(
 // ─── Restore: one pipeline for --restore and the drill ──────────────────────────────────
 
 /** A restore's result; a drill's (`drill`) went into a scratch database that is dropped again. */
-export interface RestoreOutcome {
-  filePath: string;
+export interface RestoreOutcome extends Pick<RestorableArchive, 'filePath' | 'metadata' | 'forcedPast'> {
   target: string;
   drill: boolean;
   server: string;
@@ -4276,9 +4256,6 @@ export interface RestoreOutcome {
   run: PgRestoreRun;
   /** Undefined when the backup had no valid metadata to reconcile with (--force). */
   reconciliation?: ReconciliationRow[];
-  metadata?: BackupMetadata;
-  /** The verification failure that --force went past. */
-  forcedPast?: string;
   /** A drill's result, as recorded in the metadata. */
   recorded?: { metadataPath: string; record: RestoreTestRecord };
 }
@@ -4289,7 +4266,9 @@ interface RestorableArchive {
   toc: string;
   /** The pg_restore that reads this archive's format. */
   pgRestore: PgTool;
+  /** Undefined when the backup has no valid metadata (--force). */
   metadata?: BackupMetadata;
+  /** The verification failure that --force went past. */
   forcedPast?: string;
   /** The re-read of every byte: resolves when the SHA-256 matches, rejects (exit 8) when not. */
   checksum: Promise<unknown>;
@@ -4398,12 +4377,7 @@ export interface RestoreRequest {
  * drill's scratch database has a unique name, is dropped whatever happens, and its result is
  * recorded in the metadata.
  */
-async function runRestore(
-  config: DbConfig,
-  vars: EnvVars,
-  request: RestoreRequest,
-  signal: AbortSignal,
-): Promise<RestoreOutcome> {
+async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal) {
   if (request.target !== undefined)
     return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
   const started = Date.now();
@@ -4411,8 +4385,7 @@ async function runRestore(
   try {
     return await restorePipeline(config, vars, request, scratch, signal);
   } catch (error) {
-    const server = `${config.host}:${config.port}`;
-    await recordFailedDrill(path.resolve(request.file), server, error, Date.now() - started);
+    await recordFailedDrill(path.resolve(request.file), `${config.host}:${config.port}`, error, Date.now() - started);
     throw error;
   }
 }
@@ -4478,9 +4451,9 @@ async function restorePipeline(
         targetAction,
         durationMs,
         run,
-        ...(archive.metadata ? { metadata: archive.metadata } : {}),
-        ...(archive.forcedPast ? { forcedPast: archive.forcedPast } : {}),
-        ...(counts ? { reconciliation: reconcileCounts(archive.metadata!.table_counts, counts) } : {}),
+        metadata: archive.metadata,
+        forcedPast: archive.forcedPast,
+        reconciliation: counts && reconcileCounts(archive.metadata!.table_counts, counts),
       };
       if (drill) outcome.recorded = await recordRestoreTest(archive, outcome);
       if (outcome.reconciliation?.some((row) => !row.ok)) throw reconciliationError(outcome.reconciliation);
@@ -4511,10 +4484,7 @@ function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSign
 }
 
 /** A drill's result, added to the metadata as last_restore_test: atomically, and only while the backup still exists. */
-async function recordRestoreTest(
-  archive: RestorableArchive,
-  outcome: RestoreOutcome,
-): Promise<RestoreOutcome['recorded']> {
+async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOutcome) {
   const rows = outcome.reconciliation ?? [];
   const record: RestoreTestRecord = {
     time: new Date().toISOString(),
@@ -4596,26 +4566,6 @@ export interface Automation {
   startPingFailure?: string;
 }
 
-/** Pure: one log line (JSON Lines: one object per line, greppable and parseable with jq), of a redacted record. */
-export function logLine(record: object): string {
-  return `${JSON.stringify(record)}\n`;
-}
-
-/**
- * Append one line. O_APPEND and a single write() per line, so lines of concurrent runs never
- * interleave on a local filesystem. Created 0600 like the backups.
- */
-async function appendLog(file: string, line: string): Promise<void> {
-  await fs.mkdir(path.dirname(file), { recursive: true });
-  await fs.appendFile(file, line, { mode: 0o600 });
-}
-
-/** Pure: the POST body of a redacted record: `text` for Slack, `content` for Discord, the rest for machines. */
-export function notificationPayload(record: RunRecord): Record<string, unknown> {
-  const text = runSummary(record);
-  return { text, content: text, ...record };
-}
-
 /** Pure: a run in one line, from a redacted record: what webhooks and heartbeat pings carry. */
 export function runSummary(record: RunRecord): string {
   const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
@@ -4630,11 +4580,7 @@ export function runSummary(record: RunRecord): string {
 const HTTP_TIMEOUT_MS = 5_000;
 
 /** POST once: undefined when the receiver took it, else why not, and whether trying again may help. */
-async function postOnce(
-  url: string,
-  contentType: string,
-  body: string,
-): Promise<{ why: string; transient: boolean } | undefined> {
+async function postOnce(url: string, contentType: string, body: string) {
   try {
     const response = await fetch(url, {
       method: 'POST',
@@ -4679,15 +4625,10 @@ async function postNotification(url: string, payload: Record<string, unknown>): 
  * Of the inherited environment, credentials are dropped and our own settings holding a secret (a
  * password pasted into DEV_DB_NAME, say) are masked; the rest (HOME, PATH, ...) is left as it is.
  */
-export function hookEnvironment(
-  record: RunRecord,
-  base: NodeJS.ProcessEnv,
-  secrets: readonly string[],
-): Record<string, string> {
+export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secrets: readonly string[]) {
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(base)) {
     if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
-    // Our own settings may hold a pasted password; HOME, PATH and the like are passed as they are.
     env[name] = OWN_SETTING.test(name) ? maskSecrets(value, secrets) : value;
   }
   Object.assign(env, {
@@ -4701,7 +4642,7 @@ export function hookEnvironment(
     BACKUP_FILE: record.file ?? '',
     BACKUP_HOST: record.host,
     BACKUP_TIME: record.time,
-    BACKUP_RECORD: logLine(record).trim(),
+    BACKUP_RECORD: JSON.stringify(record),
   });
   return env;
 }
@@ -4715,25 +4656,33 @@ const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
  * code; a failure here is reported on stderr and logged, since the run itself is already over.
  */
 async function recordRun(record: RunRecord, automation: Automation, secrets: readonly string[], io: Io): Promise<void> {
-  const append = async (line: string) => {
-    if (!automation.logFile) return;
-    await appendLog(automation.logFile, line).catch((error) => {
-      printWarning(io, warningProblem(`Could not write the log file ${automation.logFile}`, errorText(error), secrets));
-    });
+  // JSON Lines: one object per line, greppable and parseable with jq. O_APPEND and a single write() per
+  // line, so lines of concurrent runs never interleave on a local filesystem. Created 0600 like the backups.
+  const append = async (entry: object) => {
+    const file = automation.logFile;
+    if (!file) return;
+    try {
+      await fs.mkdir(path.dirname(file), { recursive: true });
+      await fs.appendFile(file, `${JSON.stringify(entry)}\n`, { mode: 0o600 });
+    } catch (error) {
+      printWarning(io, warningProblem(`Could not write the log file ${file}`, errorText(error), secrets));
+    }
   };
   // A failure after the run is a warning: printed (unless it already was), and logged as an event about this run.
   const warn = async (event: string, headline: string, why: unknown, printed = false) => {
     const warning = warningProblem(headline, why instanceof Error ? errorText(why) : String(why), secrets);
     if (!printed) printWarning(io, warning);
-    await append(logLine({ time: new Date().toISOString(), event, error: warning.details, for: record.time }));
+    await append({ time: new Date().toISOString(), event, error: warning.details, for: record.time });
   };
-  await append(logLine(record));
+  await append(record);
 
   const notify = record.outcome === 'failure' || automation.notifyOnSuccess;
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
     const failed = (error: unknown) => warn('notification_failed', 'Notification failed', error);
-    tasks.push(postNotification(automation.notifyUrl, notificationPayload(record)).catch(failed));
+    // The POST body: `text` for Slack, `content` for Discord, the rest for machines.
+    const text = runSummary(record);
+    tasks.push(postNotification(automation.notifyUrl, { text, content: text, ...record }).catch(failed));
   }
   if (record.command === 'backup' && automation.pingUrl) {
     const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
