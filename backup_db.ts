@@ -5186,16 +5186,12 @@ export function problemDocument(problem: Problem): Record<string, unknown> {
 
 // --json: one document on stdout per run, for cron wrappers and monitoring.
 
-function checksDocument(checks: FileChecks): Record<keyof FileChecks, Check> {
-  return { checksum: checks.checksum, size: checks.size, structure: checks.structure, tables: checks.tables };
-}
-
 function backupDocument(result: BackupResult): Record<string, unknown> {
   return {
     backup_file: result.dumpPath,
     metadata_file: result.metadataPath,
     metadata: result.metadata,
-    checks: checksDocument(result.checks),
+    checks: result.checks,
     removed_stale_files: result.removedStaleFiles,
     retention: result.retention ? retentionDocument(result.retention) : null,
     ...(result.retentionError
@@ -5213,7 +5209,7 @@ function verifyDocument(result: VerifyResult): Record<string, unknown> {
       size_bytes: result.inspection.size,
       tables_without_data: result.inspection.missingTables,
     },
-    checks: checksDocument(result.inspection.checks),
+    checks: result.inspection.checks,
     metadata: result.metadata,
   };
 }
