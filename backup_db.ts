@@ -5142,20 +5142,14 @@ export function failureProblem(
   secrets: readonly string[],
   kept: readonly string[] = [],
 ): Problem {
-  const headline = `${error.extra.step ?? operation} failed: ${error.title}`;
-  const { details, hints, exitCode } = error;
-  const { report = [], data = {} } = error.extra;
-  const problem: Problem = {
-    level: 'failure',
-    exitCode,
-    headline,
-    error: error.extra.step ? headline : error.title,
-    details,
-    hints,
-    report,
-    data,
-  };
-  return redact(problem, secrets, kept);
+  const { title, details, hints, exitCode } = error;
+  const { step, report = [], data = {} } = error.extra;
+  const headline = `${step ?? operation} failed: ${title}`;
+  return redact<Problem>(
+    { level: 'failure', exitCode, headline, error: step ? headline : title, details, hints, report, data },
+    secrets,
+    kept,
+  );
 }
 
 /** Pure: something that went wrong without failing the run, secrets masked. */
