@@ -5120,19 +5120,13 @@ export function redact<T>(value: T, secrets: readonly string[], kept: readonly s
  * command, heartbeat). Built once from what went wrong, with every secret masked once; each
  * channel only renders it.
  */
-export interface Problem {
+export interface Problem
+  extends Pick<BackupError, 'exitCode' | 'details' | 'hints'>, Required<Pick<BackupError['extra'], 'report' | 'data'>> {
   level: 'failure' | 'warning';
-  exitCode: number;
   /** What failed, and how: "Backup failed: Database authentication failed". */
   headline: string;
   /** The `error` of documents and records: the title, or the headline when a step other than the command failed. */
   error: string;
-  details: string;
-  hints: string[];
-  /** Lines shown above the error (a verification or reconciliation report). */
-  report: string[];
-  /** Fields for --json (the metadata of the backup a failed verification was about, say). */
-  data: Record<string, unknown>;
 }
 
 /** Pure: a failure of `operation` (or of the step it names) as a Problem, secrets masked. */
