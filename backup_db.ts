@@ -5006,11 +5006,6 @@ export function reconciliationLines(rows: ReconciliationRow[]): string[] {
   );
 }
 
-function matchSummary(rows: ReconciliationRow[] | undefined): string {
-  if (!rows) return 'not reconciled: the backup has no valid metadata';
-  return `${rows.filter((r) => r.ok).length} of ${rows.length} match the backup's row counts`;
-}
-
 function restoreText(outcome: RestoreOutcome): Text {
   const { run, reconciliation, recorded } = outcome;
   const where = outcome.drill
@@ -5018,6 +5013,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     : `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`;
   const skipped = run.skippedSettings;
   const session = Object.entries(run.settings).map(([name, value]) => `${name}=${value}`);
+  const matched = reconciliation?.filter((r) => r.ok).length;
   const lines = [
     outcome.drill ? '✓ Restore test passed' : '✓ Restore completed',
     '',
@@ -5032,7 +5028,9 @@ function restoreText(outcome: RestoreOutcome): Text {
             `${skipped.length === 1 ? 'it' : 'them'} (restored with one job)`,
         ]
       : []),
-    `Tables:      ${matchSummary(reconciliation)}`,
+    reconciliation
+      ? `Tables:      ${matched} of ${reconciliation.length} match the backup's row counts`
+      : 'Tables:      not reconciled: the backup has no valid metadata',
     ...(recorded ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`] : []),
     ...(reconciliation ? ['', ...reconciliationLines(reconciliation)] : []),
   ];
