@@ -5074,12 +5074,9 @@ export function maskSecrets(text: string, secrets: readonly string[], kept: read
   const order = kept.filter((value) => value && holdsSecret(value)).sort((a, b) => b.length - a.length);
   if (order.length === 0) return maskEach(masked, secrets);
   const inKept = (secret: string) => order.some((value) => value.includes(secret));
-  const whole = maskEach(
-    masked,
-    secrets.filter((secret) => !inKept(secret)),
-  );
+  const elsewhere = secrets.filter((secret) => !inKept(secret));
   // Split on the kept values (captured: at the odd indexes), and mask the rest between them.
-  const parts = whole.split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
+  const parts = maskEach(masked, elsewhere).split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
   return parts.map((part, i) => (i % 2 === 1 ? part : maskEach(part, secrets.filter(inKept)))).join('');
 }
 
