@@ -4816,13 +4816,9 @@ function paint(line: string, c: ChalkInstance): string {
 /** "50.0 MB" with 1024-based units, as in the contract's examples. */
 export function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
-  let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return unit === 0 ? `${bytes} B` : `${value.toFixed(1)} ${units[unit]}`;
+  while (bytes >= 1024 ** (unit + 1) && unit < units.length - 1) unit++;
+  return unit === 0 ? `${bytes} B` : `${(bytes / 1024 ** unit).toFixed(1)} ${units[unit]}`;
 }
 
 /** "4 (150 conversations, 3420 messages, …)": the biggest tables first when there are many. */
