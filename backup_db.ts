@@ -4897,9 +4897,7 @@ export function retentionLines(
       .join('  ')
       .trimEnd(),
   );
-  const leftAlone = report.leftAlone.map(
-    (entry) => `  leave   ${entry.file}  (${entry.why}; not judged by the policy)`,
-  );
+  const leftAlone = report.leftAlone.map(({ file, why }) => `  leave   ${file}  (${why}; not judged by the policy)`);
   const count = report.deleted.length;
   const total =
     count === 0
