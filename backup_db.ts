@@ -4837,10 +4837,7 @@ export function displayPath(filePath: string): string {
 }
 
 /** What a run prints for a person: lines for stdout and for stderr, plain (marks are coloured when printed). */
-export interface Text {
-  out: string[];
-  err: string[];
-}
+export type Text = Record<'out' | 'err', string[]>;
 
 function backupSummaryText(result: BackupResult): Text {
   const { dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError } = result;
@@ -5250,10 +5247,7 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
 }
 
 /** Where a run prints: one call per block of text, as console.log and console.error would print it. */
-export interface Io {
-  out(text: string): void;
-  err(text: string): void;
-}
+export type Io = Record<'out' | 'err', (text: string) => void>;
 const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.error(text) };
 
 /**
