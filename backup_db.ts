@@ -5257,16 +5257,14 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
 function printOutcome(
   io: Io,
   json: boolean,
-  outcome: Outcome,
-  masking: { secrets: readonly string[]; named: readonly string[] },
+  { command, exitCode, result }: Outcome,
+  { secrets, named }: { secrets: readonly string[]; named: readonly string[] },
   problem?: Problem,
 ): void {
-  const { result } = outcome;
-  const { secrets, named } = masking;
   const kept = [...named, ...(result ? keptValues(result.document, secrets) : [])];
   if (json) {
     const document = result ? redact(result.document, secrets, kept) : problemDocument(problem!);
-    io.out(JSON.stringify({ ok: outcome.exitCode === EXIT.OK, command: outcome.command, ...document }, null, 2));
+    io.out(JSON.stringify({ ok: exitCode === EXIT.OK, command, ...document }, null, 2));
     return;
   }
   const { out: outLines, err: errLines } = result
