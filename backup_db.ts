@@ -4863,12 +4863,9 @@ function backupSummaryText(result: BackupResult): Text {
     const target = { database: metadata.database_name, environment: metadata.environment };
     lines.push('', ...retentionLines(retention, path.dirname(dumpPath), target));
   } else if (retention) {
-    const kept = retention.decisions.length - retention.deleted.length;
-    const deleted =
-      retention.deleted.length > 0
-        ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})`
-        : 'deleted none';
-    lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
+    const { decisions, deleted, freedBytes, policy } = retention;
+    const gone = deleted.length > 0 ? `deleted ${deleted.length} (${formatBytes(freedBytes)})` : 'deleted none';
+    lines.push(`Retention:   kept ${decisions.length - deleted.length}, ${gone} by ${describePolicy(policy)}`);
     // Never judged (damaged, dated ahead, another server's): said, so that none piles up unseen.
     const left = retention.leftAlone.length;
     if (left > 0) lines.push(`             left alone ${left} (see why: --prune --dry-run with the same rules)`);
