@@ -5000,6 +5000,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     ? `Scratch DB:  ${outcome.target} on ${outcome.server} (PostgreSQL ${outcome.serverVersion}; dropped)`
     : `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`;
   const skipped = run.skippedSettings;
+  const newer = `pg_restore is newer than the server, which lacks ${skipped.length === 1 ? 'it' : 'them'}`;
   const session = Object.entries(run.settings).map(([name, value]) => `${name}=${value}`);
   const matched = reconciliation?.filter((r) => r.ok).length;
   const lines = [
@@ -5010,12 +5011,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     where,
     `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${run.jobs})`,
     `Session:     ${session.join(', ')}`,
-    ...(skipped.length > 0
-      ? [
-          `Skipped:     SET ${skipped.join(', ')}: pg_restore is newer than the server, which lacks ` +
-            `${skipped.length === 1 ? 'it' : 'them'} (restored with one job)`,
-        ]
-      : []),
+    ...(skipped.length > 0 ? [`Skipped:     SET ${skipped.join(', ')}: ${newer} (restored with one job)`] : []),
     reconciliation
       ? `Tables:      ${matched} of ${reconciliation.length} match the backup's row counts`
       : 'Tables:      not reconciled: the backup has no valid metadata',
