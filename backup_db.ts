@@ -4853,12 +4853,8 @@ function backupSummaryText(result: BackupResult): Text {
     `Checksum:    ${shortHash(metadata.checksum_sha256)}`,
     'Verified:    ✓ Integrity check passed',
   ];
-  if (removedStaleFiles.length > 0) {
-    lines.push(
-      `Cleaned up:  ${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run ` +
-        `(${removedStaleFiles.join(', ')})`,
-    );
-  }
+  const stale = `${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run`;
+  if (removedStaleFiles.length > 0) lines.push(`Cleaned up:  ${stale} (${removedStaleFiles.join(', ')})`);
   if (retention?.dryRun) {
     const target = { database: metadata.database_name, environment: metadata.environment };
     lines.push('', ...retentionLines(retention, path.dirname(dumpPath), target));
