@@ -4883,9 +4883,7 @@ export function retentionLines(
     `${describePolicy(report.policy)}, days in ${report.timeZone}`;
   const width = Math.max(0, ...report.decisions.map((d) => d.item.file.length));
   const rows = report.decisions.map(({ keep, item, reasons }) =>
-    [`  ${keep ? 'keep  ' : 'delete'}`, item.timestamp, item.file.padEnd(width), reasons.join(', ')]
-      .join('  ')
-      .trimEnd(),
+    `  ${keep ? 'keep  ' : 'delete'}  ${item.timestamp}  ${item.file.padEnd(width)}  ${reasons.join(', ')}`.trimEnd(),
   );
   const leftAlone = report.leftAlone.map(({ file, why }) => `  leave   ${file}  (${why}; not judged by the policy)`);
   const count = report.deleted.length;
