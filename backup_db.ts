@@ -4860,13 +4860,9 @@ function paint(line: string, c: ChalkInstance): string {
 /** "50.0 MB" with 1024-based units, as in the contract's examples. */
 export function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
-  let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return unit === 0 ? `${bytes} B` : `${value.toFixed(1)} ${units[unit]}`;
+  while (bytes >= 1024 ** (unit + 1) && unit < units.length - 1) unit++;
+  return unit === 0 ? `${bytes} B` : `${(bytes / 1024 ** unit).toFixed(1)} ${units[unit]}`;
 }
 
 /** "4 (150 conversations, 3420 messages, …)": the biggest tables first when there are many. */
@@ -4885,10 +4881,7 @@ export function displayPath(filePath: string): string {
 }
 
 /** What a run prints for a person: lines for stdout and for stderr, plain (marks are coloured when printed). */
-export interface Text {
-  out: string[];
-  err: string[];
-}
+export type Text = Record<'out' | 'err', string[]>;
 
 function backupSummaryText(result: BackupResult): Text {
   const { dumpPath, metadataPath, metadata, removedStaleFiles, retention, retentionError } = result;
@@ -4904,22 +4897,15 @@ function backupSummaryText(result: BackupResult): Text {
     `Checksum:    ${shortHash(metadata.checksum_sha256)}`,
     'Verified:    ✓ Integrity check passed',
   ];
-  if (removedStaleFiles.length > 0) {
-    lines.push(
-      `Cleaned up:  ${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run ` +
-        `(${removedStaleFiles.join(', ')})`,
-    );
-  }
+  const stale = `${plural(removedStaleFiles.length, 'stale file')} left by an interrupted earlier run`;
+  if (removedStaleFiles.length > 0) lines.push(`Cleaned up:  ${stale} (${removedStaleFiles.join(', ')})`);
   if (retention?.dryRun) {
     const target = { database: metadata.database_name, environment: metadata.environment };
     lines.push('', ...retentionLines(retention, path.dirname(dumpPath), target));
   } else if (retention) {
-    const kept = retention.decisions.length - retention.deleted.length;
-    const deleted =
-      retention.deleted.length > 0
-        ? `deleted ${retention.deleted.length} (${formatBytes(retention.freedBytes)})`
-        : 'deleted none';
-    lines.push(`Retention:   kept ${kept}, ${deleted} by ${describePolicy(retention.policy)}`);
+    const { decisions, deleted, freedBytes, policy } = retention;
+    const gone = deleted.length > 0 ? `deleted ${deleted.length} (${formatBytes(freedBytes)})` : 'deleted none';
+    lines.push(`Retention:   kept ${decisions.length - deleted.length}, ${gone} by ${describePolicy(policy)}`);
     // Never judged (damaged, dated ahead, another server's): said, so that none piles up unseen.
     const left = retention.leftAlone.length;
     if (left > 0) lines.push(`             left alone ${left} (see why: --prune --dry-run with the same rules)`);
@@ -4941,13 +4927,9 @@ export function retentionLines(
     `${describePolicy(report.policy)}, days in ${report.timeZone}`;
   const width = Math.max(0, ...report.decisions.map((d) => d.item.file.length));
   const rows = report.decisions.map(({ keep, item, reasons }) =>
-    [`  ${keep ? 'keep  ' : 'delete'}`, item.timestamp, item.file.padEnd(width), reasons.join(', ')]
-      .join('  ')
-      .trimEnd(),
+    `  ${keep ? 'keep  ' : 'delete'}  ${item.timestamp}  ${item.file.padEnd(width)}  ${reasons.join(', ')}`.trimEnd(),
   );
-  const leftAlone = report.leftAlone.map(
-    (entry) => `  leave   ${entry.file}  (${entry.why}; not judged by the policy)`,
-  );
+  const leftAlone = report.leftAlone.map(({ file, why }) => `  leave   ${file}  (${why}; not judged by the policy)`);
   const count = report.deleted.length;
   const total =
     count === 0
@@ -5050,18 +5032,15 @@ export function reconciliationLines(rows: ReconciliationRow[]): string[] {
   );
 }
 
-function matchSummary(rows: ReconciliationRow[] | undefined): string {
-  if (!rows) return 'not reconciled: the backup has no valid metadata';
-  return `${rows.filter((r) => r.ok).length} of ${rows.length} match the backup's row counts`;
-}
-
 function restoreText(outcome: RestoreOutcome): Text {
   const { run, reconciliation, recorded } = outcome;
   const where = outcome.drill
     ? `Scratch DB:  ${outcome.target} on ${outcome.server} (PostgreSQL ${outcome.serverVersion}; dropped)`
     : `Target:      ${outcome.target} on ${outcome.server} (${outcome.targetAction})`;
   const skipped = run.skippedSettings;
+  const newer = `pg_restore is newer than the server, which lacks ${skipped.length === 1 ? 'it' : 'them'}`;
   const session = Object.entries(run.settings).map(([name, value]) => `${name}=${value}`);
+  const matched = reconciliation?.filter((r) => r.ok).length;
   const lines = [
     outcome.drill ? '✓ Restore test passed' : '✓ Restore completed',
     '',
@@ -5070,13 +5049,10 @@ function restoreText(outcome: RestoreOutcome): Text {
     where,
     `Restored in: ${(outcome.durationMs / 1000).toFixed(1)} s (pg_restore --jobs ${run.jobs})`,
     `Session:     ${session.join(', ')}`,
-    ...(skipped.length > 0
-      ? [
-          `Skipped:     SET ${skipped.join(', ')}: pg_restore is newer than the server, which lacks ` +
-            `${skipped.length === 1 ? 'it' : 'them'} (restored with one job)`,
-        ]
-      : []),
-    `Tables:      ${matchSummary(reconciliation)}`,
+    ...(skipped.length > 0 ? [`Skipped:     SET ${skipped.join(', ')}: ${newer} (restored with one job)`] : []),
+    reconciliation
+      ? `Tables:      ${matched} of ${reconciliation.length} match the backup's row counts`
+      : 'Tables:      not reconciled: the backup has no valid metadata',
     ...(recorded ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`] : []),
     ...(reconciliation ? ['', ...reconciliationLines(reconciliation)] : []),
   ];
@@ -5120,12 +5096,9 @@ export function maskSecrets(text: string, secrets: readonly string[], kept: read
   const order = kept.filter((value) => value && holdsSecret(value)).sort((a, b) => b.length - a.length);
   if (order.length === 0) return maskEach(masked, secrets);
   const inKept = (secret: string) => order.some((value) => value.includes(secret));
-  const whole = maskEach(
-    masked,
-    secrets.filter((secret) => !inKept(secret)),
-  );
+  const elsewhere = secrets.filter((secret) => !inKept(secret));
   // Split on the kept values (captured: at the odd indexes), and mask the rest between them.
-  const parts = whole.split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
+  const parts = maskEach(masked, elsewhere).split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
   return parts.map((part, i) => (i % 2 === 1 ? part : maskEach(part, secrets.filter(inKept)))).join('');
 }
 
@@ -5164,19 +5137,13 @@ export function redact<T>(value: T, secrets: readonly string[], kept: readonly s
  * command, heartbeat). Built once from what went wrong, with every secret masked once; each
  * channel only renders it.
  */
-export interface Problem {
+export interface Problem
+  extends Pick<BackupError, 'exitCode' | 'details' | 'hints'>, Required<Pick<BackupError['extra'], 'report' | 'data'>> {
   level: 'failure' | 'warning';
-  exitCode: number;
   /** What failed, and how: "Backup failed: Database authentication failed". */
   headline: string;
   /** The `error` of documents and records: the title, or the headline when a step other than the command failed. */
   error: string;
-  details: string;
-  hints: string[];
-  /** Lines shown above the error (a verification or reconciliation report). */
-  report: string[];
-  /** Fields for --json (the metadata of the backup a failed verification was about, say). */
-  data: Record<string, unknown>;
 }
 
 /** Pure: a failure of `operation` (or of the step it names) as a Problem, secrets masked. */
@@ -5186,20 +5153,14 @@ export function failureProblem(
   secrets: readonly string[],
   kept: readonly string[] = [],
 ): Problem {
-  const headline = `${error.extra.step ?? operation} failed: ${error.title}`;
-  const { details, hints, exitCode } = error;
-  const { report = [], data = {} } = error.extra;
-  const problem: Problem = {
-    level: 'failure',
-    exitCode,
-    headline,
-    error: error.extra.step ? headline : error.title,
-    details,
-    hints,
-    report,
-    data,
-  };
-  return redact(problem, secrets, kept);
+  const { title, details, hints, exitCode } = error;
+  const { step, report = [], data = {} } = error.extra;
+  const headline = `${step ?? operation} failed: ${title}`;
+  return redact<Problem>(
+    { level: 'failure', exitCode, headline, error: step ? headline : title, details, hints, report, data },
+    secrets,
+    kept,
+  );
 }
 
 /** Pure: something that went wrong without failing the run, secrets masked. */
@@ -5230,16 +5191,12 @@ export function problemDocument(problem: Problem): Record<string, unknown> {
 
 // --json: one document on stdout per run, for cron wrappers and monitoring.
 
-function checksDocument(checks: FileChecks): Record<keyof FileChecks, Check> {
-  return { checksum: checks.checksum, size: checks.size, structure: checks.structure, tables: checks.tables };
-}
-
 function backupDocument(result: BackupResult): Record<string, unknown> {
   return {
     backup_file: result.dumpPath,
     metadata_file: result.metadataPath,
     metadata: result.metadata,
-    checks: checksDocument(result.checks),
+    checks: result.checks,
     removed_stale_files: result.removedStaleFiles,
     retention: result.retention ? retentionDocument(result.retention) : null,
     ...(result.retentionError
@@ -5257,7 +5214,7 @@ function verifyDocument(result: VerifyResult): Record<string, unknown> {
       size_bytes: result.inspection.size,
       tables_without_data: result.inspection.missingTables,
     },
-    checks: checksDocument(result.inspection.checks),
+    checks: result.inspection.checks,
     metadata: result.metadata,
   };
 }
@@ -5321,10 +5278,7 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
 }
 
 /** Where a run prints: one call per block of text, as console.log and console.error would print it. */
-export interface Io {
-  out(text: string): void;
-  err(text: string): void;
-}
+export type Io = Record<'out' | 'err', (text: string) => void>;
 const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.error(text) };
 
 /**
@@ -5334,16 +5288,14 @@ const CONSOLE: Io = { out: (text) => console.log(text), err: (text) => console.e
 function printOutcome(
   io: Io,
   json: boolean,
-  outcome: Outcome,
-  masking: { secrets: readonly string[]; named: readonly string[] },
+  { command, exitCode, result }: Outcome,
+  { secrets, named }: { secrets: readonly string[]; named: readonly string[] },
   problem?: Problem,
 ): void {
-  const { result } = outcome;
-  const { secrets, named } = masking;
   const kept = [...named, ...(result ? keptValues(result.document, secrets) : [])];
   if (json) {
     const document = result ? redact(result.document, secrets, kept) : problemDocument(problem!);
-    io.out(JSON.stringify({ ok: outcome.exitCode === EXIT.OK, command: outcome.command, ...document }, null, 2));
+    io.out(JSON.stringify({ ok: exitCode === EXIT.OK, command, ...document }, null, 2));
     return;
   }
   const { out: outLines, err: errLines } = result
