@@ -1264,6 +1264,10 @@ async function openClient(
   client.on('error', () => undefined);
   try {
     await client.connect();
+    // As pg_dump does: names in our queries resolve to built-ins only, or a function a database's
+    // users created (a public.format(text, text) matches better than the variadic built-in) runs
+    // with our role, a superuser maybe. Set after connecting, it overrides ALTER ROLE/DATABASE SET.
+    await client.query("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
     return client;
   } catch (error) {
     await client.end().catch(() => undefined);
@@ -1638,19 +1642,20 @@ async function reserveBackupName(
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
-         format('SELECT (%s)::text AS n', coalesce(d.counts, '0')) AS count_sql,
-         coalesce(array_to_json(d.oids), '[]') AS data_oids,
+         pg_catalog.format('SELECT (%s)::text AS n', coalesce(d.counts, '0')) AS count_sql,
+         coalesce(pg_catalog.array_to_json(d.oids), '[]') AS data_oids,
          d.bytes::float8 AS data_bytes,
          d.rows::float8 AS data_rows
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
-      SELECT array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
-             string_agg(format('(SELECT count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + '
-                        ORDER BY leaf.oid) AS counts,
-             coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
-               * current_setting('block_size')::int8 AS bytes,
-             coalesce(sum(greatest(leaf.reltuples, 0)), 0) AS rows
+      SELECT pg_catalog.array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
+             pg_catalog.string_agg(
+               pg_catalog.format('(SELECT pg_catalog.count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + '
+               ORDER BY leaf.oid) AS counts,
+             coalesce(pg_catalog.sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
+               * pg_catalog.current_setting('block_size')::int8 AS bytes,
+             coalesce(pg_catalog.sum(greatest(leaf.reltuples, 0)), 0) AS rows
         FROM (WITH RECURSIVE tree(relid) AS (
                 SELECT c.oid
                 UNION ALL
@@ -1713,7 +1718,7 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
  * exempt unless FORCE ROW LEVEL SECURITY; superusers and BYPASSRLS roles always are.
  */
 const RLS_HIDDEN_SQL = `
-  SELECT format('%I.%I', n.nspname, c.relname) AS name, c.relforcerowsecurity AS forced
+  SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS name, c.relforcerowsecurity AS forced
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
      AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user)
@@ -2049,9 +2054,13 @@ export function progressLine(state: {
   return visibleControls(parts.join(' · '));
 }
 
+/** Tables named as regclass names them on a default search_path (public's bare), not on ours (pg_catalog only). */
 const COPY_PROGRESS_SQL = `
-  SELECT p.relid::int8::float8 AS relid, p.relid::regclass::text AS table, p.tuples_processed::float8 AS tuples
+  SELECT p.relid::int8::float8 AS relid, p.tuples_processed::float8 AS tuples,
+         CASE WHEN n.nspname = 'public' THEN pg_catalog.quote_ident(c.relname)
+              ELSE pg_catalog.format('%I.%I', n.nspname, c.relname) END AS table
     FROM pg_catalog.pg_stat_progress_copy p JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
+    JOIN pg_catalog.pg_class c ON c.oid = p.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE a.application_name = $1`;
 
 /**
