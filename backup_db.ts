@@ -1502,8 +1502,8 @@ function privilegeError(details: string): BackupError {
 
 function lockedTableError(details: string): BackupError {
   return new BackupError(EXIT.BACKUP_FAILED, 'A table is locked', details, [
-    'Another session holds an exclusive lock (ALTER TABLE, VACUUM FULL, ...) for longer than --lock-wait-timeout; ' +
-      'see pg_locks / pg_stat_activity',
+    'Another session holds or awaits an exclusive lock (ALTER TABLE, TRUNCATE, VACUUM FULL, ...) for longer than ' +
+      '--lock-wait-timeout; see pg_locks / pg_stat_activity',
     'Run it again when that session has finished',
   ]);
 }
@@ -1747,8 +1747,29 @@ async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: 
   );
 }
 
-/** Exact row counts of every table, read inside the caller's snapshot transaction. */
-async function countRows(client: pg.Client, tables: UserTable[]): Promise<Record<string, number>> {
+/** The statement locking every relation counted (`ONLY`: exactly those) in pg_dump's order; the server quotes names. */
+const LOCK_COUNTED_SQL = `
+  SELECT pg_catalog.format('LOCK TABLE %s IN ACCESS SHARE MODE',
+           pg_catalog.string_agg(pg_catalog.format('ONLY %I.%I', n.nspname, c.relname), ', ' ORDER BY c.oid)) AS sql
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = ANY($1::oid[])`;
+
+async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<string> {
+  const { rows } = await client.query<{ sql: string }>(LOCK_COUNTED_SQL, [tables.flatMap((t) => t.data_oids)]);
+  return rows[0]!.sql;
+}
+
+/**
+ * Exact row counts of every table, read inside the caller's snapshot transaction, after `lock`
+ * (lockStatement), which is sent at the call: call it before pg_dump starts. TRUNCATE is not
+ * MVCC-safe: one queued behind pg_dump's lock and committed before a count took its own would
+ * show our snapshot an empty table whose rows the dump holds. Taken ahead of pg_dump, in its
+ * order, our locks make a TRUNCATE wait for this transaction; the worst left is pg_dump waiting
+ * behind it (a clean "A table is locked"). Not awaited before pg_dump starts, so that a lock held
+ * elsewhere keeps pg_dump waiting on it, where --stall-timeout and the messages look.
+ */
+async function countRows(client: pg.Client, tables: UserTable[], lock: string): Promise<Record<string, number>> {
+  await client.query(lock);
   const counts: Array<[string, number]> = [];
   for (const { schema, table, count_sql } of tables) {
     const { rows } = await client.query<{ n: string }>(count_sql);
@@ -1864,7 +1885,9 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
     ]);
   }
   if (/permission denied/i.test(details)) return privilegeError(details);
-  if (/could not obtain lock|lock timeout/i.test(details)) return lockedTableError(details);
+  // --lock-wait-timeout is a statement_timeout around pg_dump's LOCK TABLE; its workers use NOWAIT.
+  if (/could not obtain lock|lock timeout|statement timeout[\s\S]*\bLOCK TABLE\b/i.test(details))
+    return lockedTableError(details);
   return new BackupError(EXIT.BACKUP_FAILED, 'pg_dump failed', details, [
     'Read the pg_dump message above; it names the object or setting at fault',
     'Run pg_dump by hand with the same settings to reproduce: pg_dump -Fc -f /tmp/test.dump <database>',
@@ -2221,6 +2244,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
     const tables = await listUserTables(client, config);
     await assertNoRowSecurity(client, config, tables);
+    const lock = await lockStatement(client, tables);
     const { rows: extensions } = await client.query<ExtensionVersion>(
       'SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1',
     );
@@ -2244,11 +2268,12 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
+      const counting = countRows(client, tables, lock);
       const dumping =
         format === 'directory'
           ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
           : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
-      [dump, tableCounts] = await bothOrNeither(run, [dumping, countRows(client, tables)]);
+      [dump, tableCounts] = await bothOrNeither(run, [dumping, counting]);
     } finally {
       watchdog?.stop();
       await progress?.stop();

@@ -822,6 +822,26 @@ describe('error classification', () => {
       assert.ok(error.hints.length > 0);
     }
   });
+
+  test("pg_dump's table lock not granted within --lock-wait-timeout (a statement timeout on LOCK TABLE): a locked table", () => {
+    const failed = (stderr: string) =>
+      pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
+    const lockWait =
+      'pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout\n' +
+      'pg_dump: detail: Query was: LOCK TABLE public.a_tr IN ACCESS SHARE MODE';
+    for (const stderr of [lockWait, 'pg_dump: error: query failed: ERROR:  canceling statement due to lock timeout']) {
+      const error = failed(stderr);
+      assert.equal(error.exitCode, EXIT.BACKUP_FAILED);
+      assert.equal(error.title, 'A table is locked', stderr);
+      assert.equal(error.details, stderr);
+      assert.match(error.hints.join('\n'), /--lock-wait-timeout/);
+    }
+    const otherTimeout = failed(
+      'pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout\n' +
+        'pg_dump: detail: Query was: SELECT pg_catalog.pg_get_viewdef(16390)',
+    );
+    assert.equal(otherTimeout.title, 'pg_dump failed', 'a statement timeout elsewhere is no lock');
+  });
 });
 
 describe('metadataProblems', () => {
