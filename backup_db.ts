@@ -1461,6 +1461,7 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
   const details = `${message} (SQLSTATE ${sqlstate})`;
   if (sqlstate === '42501') return privilegeError(details);
   if (sqlstate === '55P03') return lockedTableError(details);
+  if (sqlstate === '53200') return lockSpaceError(details, (error as { hint?: unknown }).hint);
   if (sqlstate === '57014') {
     return fail(EXIT.BACKUP_FAILED, 'A query was cancelled', [
       'A statement timeout, or another session (pg_cancel_backend), ended it',
@@ -1505,6 +1506,17 @@ function lockedTableError(details: string): BackupError {
     'Another session holds or awaits an exclusive lock (ALTER TABLE, TRUNCATE, VACUUM FULL, ...) for longer than ' +
       '--lock-wait-timeout; see pg_locks / pg_stat_activity',
     'Run it again when that session has finished',
+  ]);
+}
+
+/** Out of shared memory: for a backup, the lock table, which must hold a lock per table in two sessions. */
+function lockSpaceError(details: string, serverHint?: unknown): BackupError {
+  return new BackupError(EXIT.BACKUP_FAILED, 'The database server ran out of lock space', details, [
+    ...(typeof serverHint === 'string' && serverHint ? [`The server says: ${serverHint}`] : []),
+    "A backup locks every table and partition in two sessions, pg_dump's session and the one counting rows: the " +
+      "server's lock table (max_locks_per_transaction × (max_connections + max_prepared_transactions) locks, shared " +
+      'by all sessions) needs room for about twice the number of tables and partitions',
+    'Raise it (ALTER SYSTEM SET max_locks_per_transaction = …, then restart the server) and run it again',
   ]);
 }
 
@@ -1885,6 +1897,7 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
     ]);
   }
   if (/permission denied/i.test(details)) return privilegeError(details);
+  if (/out of shared memory/i.test(details)) return lockSpaceError(details, /^HINT:\s+(.+)$/m.exec(details)?.[1]);
   // --lock-wait-timeout is a statement_timeout around pg_dump's LOCK TABLE; its workers use NOWAIT.
   if (/could not obtain lock|lock timeout|statement timeout[\s\S]*\bLOCK TABLE\b/i.test(details))
     return lockedTableError(details);
