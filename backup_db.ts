@@ -1730,7 +1730,7 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
  * exempt unless FORCE ROW LEVEL SECURITY; superusers and BYPASSRLS roles always are.
  */
 const RLS_HIDDEN_SQL = `
-  SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS name, c.relforcerowsecurity AS forced
+  SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS name, c.relforcerowsecurity AS forced, c.oid
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
      AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user)
@@ -4296,6 +4296,10 @@ async function countTablesIn(
   );
   try {
     const { rows: tables } = await clients[0]!.query<UserTable>(LIST_TABLES_SQL);
+    // After a --no-owner restore the role owns every table: only FORCE makes policies hide rows from it.
+    const { rows: forced } = await clients[0]!.query<{ name: string; oid: number }>(RLS_HIDDEN_SQL, [
+      tables.flatMap((t) => t.data_oids),
+    ]);
     const weight = (t: UserTable) =>
       Object.hasOwn(expected, tableKey(t.schema, t.table)) ? expected[tableKey(t.schema, t.table)]! : 0;
     const queue = [...tables].sort((a, b) => weight(b) - weight(a));
@@ -4303,12 +4307,33 @@ async function countTablesIn(
     await Promise.all(
       clients.map(async (client) => {
         for (let table = queue.shift(); table; table = queue.shift())
-          counted.set(table, Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n));
+          counted.set(table, await countRestoredTable(client, table, forced));
       }),
     );
     return Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), counted.get(t)!]));
   } finally {
     await Promise.all(clients.map(closeClient));
+  }
+}
+
+/**
+ * One table's rows, FORCE ROW LEVEL SECURITY lifted for the count in a transaction rolled back. A role
+ * that does not own the table could not lift it (must be owner: exit 4), rather than count too few.
+ */
+async function countRestoredTable(
+  client: pg.Client,
+  table: UserTable,
+  forced: Array<{ name: string; oid: number }>,
+): Promise<number> {
+  const lift = forced.filter((f) => table.data_oids.includes(f.oid));
+  const count = async () => Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n);
+  if (lift.length === 0) return count();
+  await client.query('BEGIN');
+  try {
+    for (const { name } of lift) await client.query(`ALTER TABLE ${name} NO FORCE ROW LEVEL SECURITY`);
+    return await count();
+  } finally {
+    await client.query('ROLLBACK');
   }
 }
 
