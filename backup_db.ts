@@ -1365,6 +1365,10 @@ async function openClient(
   try {
     signal?.throwIfAborted();
     await client.connect();
+    // As pg_dump does: names in our queries resolve to built-ins only, or a function a database's
+    // users created (a public.format(text, text) matches better than the variadic built-in) runs
+    // with our role, a superuser maybe. Set after connecting, it overrides ALTER ROLE/DATABASE SET.
+    await client.query("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
     return client;
   } catch (error) {
     await client.end().catch(() => undefined);
@@ -1560,6 +1564,7 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
   const details = `${message} (SQLSTATE ${sqlstate})`;
   if (sqlstate === '42501') return privilegeError(details);
   if (sqlstate === '55P03') return lockedTableError(details);
+  if (sqlstate === '53200') return lockSpaceError(details, (error as { hint?: unknown }).hint);
   if (sqlstate === '57014') {
     return fail(EXIT.BACKUP_FAILED, 'A query was cancelled', [
       'A statement timeout, or another session (pg_cancel_backend), ended it',
@@ -1601,9 +1606,20 @@ function privilegeError(details: string): BackupError {
 
 function lockedTableError(details: string): BackupError {
   return new BackupError(EXIT.BACKUP_FAILED, 'A table is locked', details, [
-    'Another session holds an exclusive lock (ALTER TABLE, VACUUM FULL, ...) for longer than --lock-wait-timeout; ' +
-      'see pg_locks / pg_stat_activity',
+    'Another session holds or awaits an exclusive lock (ALTER TABLE, TRUNCATE, VACUUM FULL, ...) for longer than ' +
+      '--lock-wait-timeout; see pg_locks / pg_stat_activity',
     'Run it again when that session has finished',
+  ]);
+}
+
+/** Out of shared memory: for a backup, the lock table, which must hold a lock per table in two sessions. */
+function lockSpaceError(details: string, serverHint?: unknown): BackupError {
+  return new BackupError(EXIT.BACKUP_FAILED, 'The database server ran out of lock space', details, [
+    ...(typeof serverHint === 'string' && serverHint ? [`The server says: ${serverHint}`] : []),
+    "A backup locks every table and partition in two sessions, pg_dump's session and the one counting rows: the " +
+      "server's lock table (max_locks_per_transaction × (max_connections + max_prepared_transactions) locks, shared " +
+      'by all sessions) needs room for about twice the number of tables and partitions',
+    'Raise it (ALTER SYSTEM SET max_locks_per_transaction = …, then restart the server) and run it again',
   ]);
 }
 
@@ -1741,19 +1757,20 @@ async function reserveBackupName(
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
-         format('SELECT (%s)::text AS n', coalesce(d.counts, '0')) AS count_sql,
-         coalesce(array_to_json(d.oids), '[]') AS data_oids,
+         pg_catalog.format('SELECT (%s)::text AS n', coalesce(d.counts, '0')) AS count_sql,
+         coalesce(pg_catalog.array_to_json(d.oids), '[]') AS data_oids,
          d.bytes::float8 AS data_bytes,
          d.rows::float8 AS data_rows
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
-      SELECT array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
-             string_agg(format('(SELECT count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + '
-                        ORDER BY leaf.oid) AS counts,
-             coalesce(sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
-               * current_setting('block_size')::int8 AS bytes,
-             coalesce(sum(greatest(leaf.reltuples, 0)), 0) AS rows
+      SELECT pg_catalog.array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
+             pg_catalog.string_agg(
+               pg_catalog.format('(SELECT pg_catalog.count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + '
+               ORDER BY leaf.oid) AS counts,
+             coalesce(pg_catalog.sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
+               * pg_catalog.current_setting('block_size')::int8 AS bytes,
+             coalesce(pg_catalog.sum(greatest(leaf.reltuples, 0)), 0) AS rows
         FROM (WITH RECURSIVE tree(relid) AS (
                 SELECT c.oid
                 UNION ALL
@@ -1816,7 +1833,7 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
  * exempt unless FORCE ROW LEVEL SECURITY; superusers and BYPASSRLS roles always are.
  */
 const RLS_HIDDEN_SQL = `
-  SELECT format('%I.%I', n.nspname, c.relname) AS name, c.relforcerowsecurity AS forced
+  SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS name, c.relforcerowsecurity AS forced, c.oid
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
      AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user)
@@ -1845,8 +1862,29 @@ async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: 
   );
 }
 
-/** Exact row counts of every table, read inside the caller's snapshot transaction. */
-async function countRows(client: pg.Client, tables: UserTable[]): Promise<Record<string, number>> {
+/** The statement locking every relation counted (`ONLY`: exactly those) in pg_dump's order; the server quotes names. */
+const LOCK_COUNTED_SQL = `
+  SELECT pg_catalog.format('LOCK TABLE %s IN ACCESS SHARE MODE',
+           pg_catalog.string_agg(pg_catalog.format('ONLY %I.%I', n.nspname, c.relname), ', ' ORDER BY c.oid)) AS sql
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = ANY($1::oid[])`;
+
+async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<string> {
+  const { rows } = await client.query<{ sql: string }>(LOCK_COUNTED_SQL, [tables.flatMap((t) => t.data_oids)]);
+  return rows[0]!.sql;
+}
+
+/**
+ * Exact row counts of every table, read inside the caller's snapshot transaction, after `lock`
+ * (lockStatement), which is sent at the call: call it before pg_dump starts. TRUNCATE is not
+ * MVCC-safe: one queued behind pg_dump's lock and committed before a count took its own would
+ * show our snapshot an empty table whose rows the dump holds. Taken ahead of pg_dump, in its
+ * order, our locks make a TRUNCATE wait for this transaction; the worst left is pg_dump waiting
+ * behind it (a clean "A table is locked"). Not awaited before pg_dump starts, so that a lock held
+ * elsewhere keeps pg_dump waiting on it, where --stall-timeout and the messages look.
+ */
+async function countRows(client: pg.Client, tables: UserTable[], lock: string): Promise<Record<string, number>> {
+  await client.query(lock);
   const counts: Array<[string, number]> = [];
   for (const { schema, table, count_sql } of tables) {
     const { rows } = await client.query<{ n: string }>(count_sql);
@@ -1962,7 +2000,10 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
     ]);
   }
   if (/permission denied/i.test(details)) return privilegeError(details);
-  if (/could not obtain lock|lock timeout/i.test(details)) return lockedTableError(details);
+  if (/out of shared memory/i.test(details)) return lockSpaceError(details, /^HINT:\s+(.+)$/m.exec(details)?.[1]);
+  // --lock-wait-timeout is a statement_timeout around pg_dump's LOCK TABLE; its workers use NOWAIT.
+  if (/could not obtain lock|lock timeout|statement timeout[\s\S]*\bLOCK TABLE\b/i.test(details))
+    return lockedTableError(details);
   return new BackupError(EXIT.BACKUP_FAILED, 'pg_dump failed', details, [
     'Read the pg_dump message above; it names the object or setting at fault',
     'Run pg_dump by hand with the same settings to reproduce: pg_dump -Fc -f /tmp/test.dump <database>',
@@ -2155,9 +2196,13 @@ export function progressLine(state: {
   return visibleControls(parts.join(' · '));
 }
 
+/** Tables named as regclass names them on a default search_path (public's bare), not on ours (pg_catalog only). */
 const COPY_PROGRESS_SQL = `
-  SELECT p.relid::int8::float8 AS relid, p.relid::regclass::text AS table, p.tuples_processed::float8 AS tuples
+  SELECT p.relid::int8::float8 AS relid, p.tuples_processed::float8 AS tuples,
+         CASE WHEN n.nspname = 'public' THEN pg_catalog.quote_ident(c.relname)
+              ELSE pg_catalog.format('%I.%I', n.nspname, c.relname) END AS table
     FROM pg_catalog.pg_stat_progress_copy p JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
+    JOIN pg_catalog.pg_class c ON c.oid = p.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE a.application_name = $1`;
 
 /**
@@ -2323,6 +2368,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
     const tables = await listUserTables(client, config);
     await assertNoRowSecurity(client, config, tables);
+    const lock = await lockStatement(client, tables);
     const { rows: extensions } = await client.query<ExtensionVersion>(
       'SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1',
     );
@@ -2351,11 +2397,12 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
+      const counting = countRows(client, tables, lock);
       const dumping =
         format === 'directory'
           ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
           : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
-      [dump, tableCounts] = await bothOrNeither(run, [dumping, countRows(client, tables)]);
+      [dump, tableCounts] = await bothOrNeither(run, [dumping, counting]);
     } finally {
       watchdog?.stop();
       await progress?.stop();
@@ -4325,6 +4372,10 @@ async function countTablesIn(
   const clients = await Promise.all(Array.from({ length: Math.max(1, parallel) }, connect));
   try {
     const { rows: tables } = await clients[0]!.query<UserTable>(LIST_TABLES_SQL);
+    // After a --no-owner restore the role owns every table: only FORCE makes policies hide rows from it.
+    const { rows: forced } = await clients[0]!.query<{ name: string; oid: number }>(RLS_HIDDEN_SQL, [
+      tables.flatMap((t) => t.data_oids),
+    ]);
     const weight = (t: UserTable) =>
       Object.hasOwn(expected, tableKey(t.schema, t.table)) ? expected[tableKey(t.schema, t.table)]! : 0;
     const queue = [...tables].sort((a, b) => weight(b) - weight(a));
@@ -4332,12 +4383,33 @@ async function countTablesIn(
     await Promise.all(
       clients.map(async (client) => {
         for (let table = queue.shift(); table; table = queue.shift())
-          counted.set(table, Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n));
+          counted.set(table, await countRestoredTable(client, table, forced));
       }),
     );
     return Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), counted.get(t)!]));
   } finally {
     await Promise.all(clients.map(closeClient));
+  }
+}
+
+/**
+ * One table's rows, FORCE ROW LEVEL SECURITY lifted for the count in a transaction rolled back. A role
+ * that does not own the table could not lift it (must be owner: exit 4), rather than count too few.
+ */
+async function countRestoredTable(
+  client: pg.Client,
+  table: UserTable,
+  forced: Array<{ name: string; oid: number }>,
+): Promise<number> {
+  const lift = forced.filter((f) => table.data_oids.includes(f.oid));
+  const count = async () => Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n);
+  if (lift.length === 0) return count();
+  await client.query('BEGIN');
+  try {
+    for (const { name } of lift) await client.query(`ALTER TABLE ${name} NO FORCE ROW LEVEL SECURITY`);
+    return await count();
+  } finally {
+    await client.query('ROLLBACK');
   }
 }
 

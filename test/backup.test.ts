@@ -11,9 +11,10 @@ import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
 import { assertSameContent, restoreIntoNewDatabase } from './helpers/compare.ts';
-import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES, FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { waitFor } from './helpers/wait.ts';
 
 const NAME_PATTERN = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z)\.dump$/;
 
@@ -257,5 +258,61 @@ describe('counts describe exactly what is in the file', () => {
     });
     assert.equal(drill.exitCode, 0, drill.stderr);
     assert.match(drill.stdout, /^readings +10 +10 {2}✓$/m);
+  });
+
+  test('a TRUNCATE queued behind pg_dump before the counts reach its table does not empty the count', async () => {
+    // pg_dump locks tables in OID order, the counts go by name. Two gates stop each where the race
+    // lies: an index being rebuilt holds the counts at aa_counts_gate (pg_dump neither needs it nor
+    // waits), and an exclusive lock on the partitioned parent mm_dump_gate alone (the counts read its
+    // partition without it) holds pg_dump after it locked zz_truncated.
+    const database = uniqueName('truncated');
+    await server.createDatabase(database, [
+      'CREATE TABLE zz_truncated (x int)',
+      'INSERT INTO zz_truncated SELECT generate_series(1, 1000)',
+      'CREATE TABLE aa_counts_gate (id int PRIMARY KEY)',
+      'CREATE TABLE mm_dump_gate (id int) PARTITION BY RANGE (id)',
+      'CREATE TABLE mm_dump_gate_1 PARTITION OF mm_dump_gate FOR VALUES FROM (0) TO (10)',
+    ]);
+    const connect = () => server.connect(database);
+    const [countsGate, dumpGate, truncator, observer] = await Promise.all([connect(), connect(), connect(), connect()]);
+    const found = (sql: string) => async () => ((await observer.query(sql)).rows.length > 0 ? true : undefined);
+    await countsGate.query('BEGIN; REINDEX INDEX aa_counts_gate_pkey');
+    await dumpGate.query('BEGIN; LOCK TABLE ONLY mm_dump_gate IN ACCESS EXCLUSIVE MODE');
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+    const cli = startCli({
+      args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out'), '--json'],
+    });
+    let truncated: Promise<unknown> = Promise.resolve();
+    try {
+      await waitFor(
+        'pg_dump to hold zz_truncated and wait at its gate',
+        found(`SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                WHERE a.application_name LIKE 'backup_db:%:pg_dump' AND a.wait_event_type = 'Lock'
+                  AND l.relation = 'zz_truncated'::regclass AND l.granted`),
+      );
+      truncated = truncator.query('BEGIN; TRUNCATE zz_truncated; INSERT INTO zz_truncated VALUES (42); COMMIT');
+      await waitFor(
+        'the TRUNCATE to queue behind pg_dump',
+        found("SELECT 1 FROM pg_locks WHERE relation = 'zz_truncated'::regclass AND NOT granted"),
+      );
+      await countsGate.query('ROLLBACK');
+      // Only a session that took its lock before pg_dump started can be past the table here.
+      await waitFor(
+        "the backup's own session to wait for zz_truncated, or to be done with it",
+        found(`SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'zz_truncated'::regclass
+                  AND (NOT l.granted OR a.state = 'idle in transaction')`),
+      );
+    } finally {
+      await countsGate.query('ROLLBACK');
+      await dumpGate.query('ROLLBACK');
+    }
+    const result = await cli;
+    await truncated;
+    await Promise.all([countsGate, dumpGate, truncator, observer].map((client) => client.end()));
+    assert.equal(result.exitCode, 0, String(result.stderr));
+    const { metadata } = JSON.parse(String(result.stdout));
+    assert.equal(metadata.table_counts.zz_truncated, 1000, 'the rows pg_dump wrote, not the table TRUNCATE emptied');
   });
 });

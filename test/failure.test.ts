@@ -4,8 +4,9 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, directoryWithExistingBackup, runCli, startCli } from './helpers/cli.ts';
+import { dbVars, directoryWithExistingBackup, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import {
   directoryFingerprint,
@@ -83,6 +84,35 @@ describe('failure after the dump started', () => {
         await waitForNoBackupSessions(observer);
       } finally {
         await observer.end();
+      }
+    },
+  );
+});
+
+describe("the server's lock table", () => {
+  test(
+    'too small for a lock per table in both sessions (though enough for pg_dump alone) → 7, naming max_locks_per_transaction',
+    { timeout: 120_000 },
+    async () => {
+      // 10 × 20 lock slots (and some slack): 600 tables fit pg_dump's session, not two sessions.
+      const small = await startTestServer({ settings: { max_locks_per_transaction: '10', max_connections: '20' } });
+      try {
+        await small.createDatabase(
+          'many_tables',
+          "DO $$BEGIN FOR i IN 1..600 LOOP EXECUTE format('CREATE TABLE t%s (x int)', i); END LOOP; END$$",
+        );
+        const configDir = await tempDir();
+        const outputDir = path.join(configDir, 'out');
+        await writeEnvFile(configDir, '.env', dbVars(small, 'DEV_DB_', 'many_tables'));
+        const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
+        assert.equal(result.exitCode, 7, result.stderr);
+        assert.match(result.stderr, /^✗ Backup failed: The database server ran out of lock space$/m);
+        assert.match(result.stderr, /out of shared memory/);
+        assert.match(result.stderr, /1\. The server says: You might need to increase "?max_locks_per_transaction"?\./);
+        assert.match(result.stderr, /twice the number of tables and partitions/);
+        assert.deepEqual(await fs.readdir(outputDir), [], 'no partial, no lock file');
+      } finally {
+        await small.stop();
       }
     },
   );

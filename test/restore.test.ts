@@ -633,6 +633,46 @@ describe('--verify FILE --restore-test (the drill)', () => {
   );
 });
 
+describe('row-level security in the restored database', () => {
+  test(
+    'a FORCE ROW LEVEL SECURITY table restored by a role that is not a superuser: every row counted, FORCE kept',
+    { timeout: 90_000 },
+    async () => {
+      // After a --no-owner restore the role owns the table, and FORCE applies its policy to the role's own count.
+      const [role, database, target] = [uniqueName('rls_restorer'), uniqueName('rs_rls'), uniqueName('rs_rls_copy')];
+      await server.createDatabase(database, [
+        `CREATE ROLE ${role} LOGIN CREATEDB PASSWORD 'restorer-pw'`,
+        'CREATE TABLE rls (owner text, x int)',
+        `INSERT INTO rls VALUES ('a', 1), ('b', 2), ('${role}', 3)`,
+        'ALTER TABLE rls ENABLE ROW LEVEL SECURITY',
+        'ALTER TABLE rls FORCE ROW LEVEL SECURITY',
+        'CREATE POLICY own_rows ON rls USING (owner = current_user)',
+      ]);
+      const taken = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
+      const asRole = await tempDir();
+      await writeEnvFile(asRole, '.env', {
+        ...dbVars(server, 'DEV_DB_', database),
+        DEV_DB_USER: role,
+        DEV_DB_PASSWORD: 'restorer-pw',
+      });
+      const restored = await runCli({
+        args: ['--restore', taken.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', asRole],
+      });
+      assert.equal(restored.exitCode, 0, restored.stdout + restored.stderr);
+      assert.match(restored.stdout, /^rls +3 +3 {2}✓$/m);
+      await withDatabase(target, async (client) => {
+        const { rows } = await client.query("SELECT relforcerowsecurity AS forced FROM pg_class WHERE relname = 'rls'");
+        assert.equal(rows[0].forced, true, 'lifted for the count only, in a transaction rolled back');
+      });
+      const drill = await runCli({
+        args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', asRole],
+      });
+      assert.equal(drill.exitCode, 0, drill.stdout + drill.stderr);
+      assert.match(drill.stdout, /^rls +3 +3 {2}✓$/m);
+    },
+  );
+});
+
 describe('administering the target server through a maintenance database', () => {
   test(
     'a server without the configured database, and a role that may not connect to postgres: restore and drill still work',

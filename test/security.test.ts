@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 import { selfSignedCertificate, startTestServers, type TestServer } from './helpers/pg-server.ts';
@@ -210,6 +210,68 @@ describe('row-level security', () => {
     );
     assert.equal(metadata.table_counts.shared_notes, 2, 'every row counted, none hidden');
     assert.equal(metadata.table_counts.own_forced, 3);
+  });
+});
+
+describe('search_path', () => {
+  test("a function the database's owner plants in public never stands in for a built-in in the tool's queries", async () => {
+    // A non-superuser owner: public.format(text, text) matches the tool's format() calls more
+    // exactly than the built-in variadic one, so an unguarded search_path would call it.
+    const [owner, database, target] = [uniqueName('sp_owner'), uniqueName('sp_app'), uniqueName('sp_restored')];
+    await server.createDatabase(database);
+    const su = await server.connect(database);
+    try {
+      await su.query(`
+        CREATE ROLE ${owner};
+        ALTER DATABASE ${database} OWNER TO ${owner};
+        ALTER DATABASE ${database} SET search_path = public, pg_catalog;
+        SET ROLE ${owner};
+        CREATE TABLE t (x int);
+        INSERT INTO t SELECT generate_series(1, 5);
+        CREATE TABLE planted_calls (by_role name);
+        CREATE FUNCTION public.format(text, text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN
+          BEGIN
+            INSERT INTO public.planted_calls VALUES (current_user);
+          EXCEPTION WHEN read_only_sql_transaction THEN NULL;
+          END;
+          RETURN 'SELECT 424242::text AS n';
+        END$$;
+        RESET ROLE;`);
+    } finally {
+      await su.end();
+    }
+    const backedUp = await backup(dbVars(server, 'DEV_DB_', database));
+    assert.equal(backedUp.exitCode, 0, backedUp.stderr);
+    const dumpName = backedUp.files.find((name) => name.endsWith('.dump'))!;
+    const metadataName = backedUp.files.find((name) => name.endsWith('.metadata.json'))!;
+    const metadata = JSON.parse(await fs.readFile(path.join(backedUp.configDir, 'out', metadataName), 'utf8'));
+    assert.deepEqual(metadata.table_counts, { planted_calls: 0, t: 5 }, 'the true counts, not the forged ones');
+
+    const restored = await runCli({
+      args: [
+        '--env',
+        'dev',
+        '--config-dir',
+        backedUp.configDir,
+        '--restore',
+        path.join(backedUp.configDir, 'out', dumpName),
+        '--target-db',
+        target,
+      ],
+      env: { HOME: backedUp.configDir },
+    });
+    assert.equal(restored.exitCode, 0, restored.stdout + restored.stderr);
+    for (const name of [database, target]) {
+      const client = await server.connect(name);
+      try {
+        const { rows } = await client.query('SELECT count(*)::int AS n FROM public.planted_calls');
+        assert.equal(rows[0].n, 0, `the planted function never ran in ${name}`);
+      } finally {
+        await client.end();
+      }
+    }
+    await server.dropDatabase(target);
   });
 });
 

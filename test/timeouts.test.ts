@@ -13,7 +13,7 @@ import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
 import { startProxy } from './helpers/proxy.ts';
-import { holdTableLock, waitForCountsDoneAndDumpStarted } from './helpers/wait.ts';
+import { holdTableLock, waitFor, waitForCountsDoneAndDumpStarted } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -145,6 +145,48 @@ describe('--lock-wait-timeout', () => {
       } finally {
         await lock.release();
       }
+    },
+  );
+
+  test(
+    'a TRUNCATE queued behind the counts, and pg_dump behind it: exit 7, a table is locked, not a generic failure',
+    { timeout: 60_000 },
+    async () => {
+      // pg_dump is held before it starts; the backup's own session asked for its table locks before that.
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const [truncator, observer] = await Promise.all([server.connect('slow_app'), server.connect('slow_app')]);
+      const configDir = await tempDir();
+      const outputDir = path.join(configDir, 'out');
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'slow_app'));
+      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
+      const cli = startCli({ args: [...args, '--lock-wait-timeout', '1s'] });
+      let truncated: Promise<unknown> = Promise.resolve();
+      try {
+        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
+        await waitFor("the backup's own session to hold its lock on busy", async () => {
+          const { rows } = await observer.query(
+            `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted`,
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
+        await waitFor('the TRUNCATE to queue behind the backup', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_locks WHERE relation = 'busy'::regclass AND NOT granted",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+      } finally {
+        await fs.writeFile(clients.release, '');
+      }
+      const result = await cli;
+      await truncated;
+      await Promise.all([truncator.end(), observer.end()]);
+      assert.equal(result.exitCode, 7, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Backup failed: A table is locked$/m);
+      assert.match(String(result.stderr), /statement timeout[\s\S]*LOCK TABLE public\.busy/);
+      assert.deepEqual(await fs.readdir(outputDir), [], 'no partial, no lock file');
     },
   );
 

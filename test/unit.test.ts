@@ -751,6 +751,21 @@ describe("databaseFailure: every database error of every command to the contract
       assert.match(failure.details, new RegExp(error.message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
     });
   }
+  test("the server's lock table full (53200): names max_locks_per_transaction and why a backup needs twice the tables, passes on the server's hint", () => {
+    const error = pgError('53200', 'out of shared memory', {
+      hint: 'You might need to increase "max_locks_per_transaction".',
+    });
+    const failure = databaseFailure(error, server)!;
+    assert.equal(failure.exitCode, EXIT.BACKUP_FAILED);
+    assert.equal(failure.title, 'The database server ran out of lock space');
+    assert.equal(failure.details, 'out of shared memory (SQLSTATE 53200)');
+    assert.equal(failure.hints[0], 'The server says: You might need to increase "max_locks_per_transaction".');
+    assert.match(failure.hints.join('\n'), /twice the number of tables and partitions/);
+    assert.match(failure.hints.join('\n'), /pg_dump's session and the one counting rows/);
+    assert.match(failure.hints.join('\n'), /ALTER SYSTEM SET max_locks_per_transaction/);
+    assert.equal(databaseFailure(pgError('53200', 'out of shared memory'))!.hints[0]!.startsWith('The server'), false);
+  });
+
   test('not a database failure: an errno code such as EPIPE is not a SQLSTATE', () => {
     assert.equal(databaseFailure(Object.assign(new Error('write failed'), { code: 'EACCES' })), undefined);
     assert.equal(databaseFailure(new Error('something else')), undefined);
@@ -821,6 +836,39 @@ describe('error classification', () => {
       assert.equal(error.details, stderr);
       assert.ok(error.hints.length > 0);
     }
+  });
+
+  test("pg_dump's table lock not granted within --lock-wait-timeout (a statement timeout on LOCK TABLE): a locked table", () => {
+    const failed = (stderr: string) =>
+      pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
+    const lockWait =
+      'pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout\n' +
+      'pg_dump: detail: Query was: LOCK TABLE public.a_tr IN ACCESS SHARE MODE';
+    for (const stderr of [lockWait, 'pg_dump: error: query failed: ERROR:  canceling statement due to lock timeout']) {
+      const error = failed(stderr);
+      assert.equal(error.exitCode, EXIT.BACKUP_FAILED);
+      assert.equal(error.title, 'A table is locked', stderr);
+      assert.equal(error.details, stderr);
+      assert.match(error.hints.join('\n'), /--lock-wait-timeout/);
+    }
+    const otherTimeout = failed(
+      'pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout\n' +
+        'pg_dump: detail: Query was: SELECT pg_catalog.pg_get_viewdef(16390)',
+    );
+    assert.equal(otherTimeout.title, 'pg_dump failed', 'a statement timeout elsewhere is no lock');
+  });
+
+  test("pg_dump out of lock space: the same error as the tool's own session gets, the server's hint passed on", () => {
+    const stderr =
+      'pg_dump: error: query failed: ERROR:  out of shared memory\n' +
+      'HINT:  You might need to increase "max_locks_per_transaction".\n' +
+      'pg_dump: detail: Query was: LOCK TABLE public.t4021 IN ACCESS SHARE MODE';
+    const error = pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
+    assert.equal(error.exitCode, EXIT.BACKUP_FAILED);
+    assert.equal(error.title, 'The database server ran out of lock space');
+    assert.equal(error.details, stderr);
+    assert.equal(error.hints[0], 'The server says: You might need to increase "max_locks_per_transaction".');
+    assert.match(error.hints.join('\n'), /twice the number of tables and partitions/);
   });
 });
 

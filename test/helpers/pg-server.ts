@@ -31,6 +31,8 @@ export interface ServerOptions {
   listenEverywhere?: boolean;
   /** PostgreSQL 15 with pgvector, as npm run test:setup builds it (default settings otherwise). */
   pgvector?: boolean;
+  /** More server settings (postgres -c name=value), e.g. a small max_locks_per_transaction. */
+  settings?: Record<string, string>;
 }
 
 export interface TestServer {
@@ -217,6 +219,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     synchronous_commit: 'off',
     full_page_writes: 'off',
     ...(tls ? { ssl: 'on', ssl_cert_file: tls.cert, ssl_key_file: tls.key } : {}),
+    ...options.settings,
   };
   // The port is free when picked but not reserved: by the time the server binds it, a client
   // socket elsewhere may hold it (the kernel hands out the same range). Then pick another.

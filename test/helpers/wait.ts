@@ -23,7 +23,7 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | undefine
 export async function waitForBlockedPgDump(observer: pg.Client): Promise<number> {
   return waitFor('pg_dump to wait for the table lock', async () => {
     const { rows } = await observer.query<{ pid: number }>(
-      "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%' AND wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE%'",
+      "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'backup_db:%:pg_dump' AND wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE%'",
     );
     return rows[0]?.pid;
   });
