@@ -194,6 +194,14 @@ async function removeQuietly(filePath: string): Promise<void> {
   await fs.rm(filePath, { force: true, recursive: true }).catch(() => undefined);
 }
 
+/**
+ * Whole milliseconds since `start`, a performance.now() reading: elapsed time on the monotonic clock,
+ * which an NTP step of the wall clock (chrony at boot) neither makes negative nor stretches.
+ */
+function millisecondsSince(start: number): number {
+  return Math.round(performance.now() - start);
+}
+
 /** Pure: the first five of a list, and "..." when there are more. */
 function listSome(items: string[]): string {
   return `${items.slice(0, 5).join(', ')}${items.length > 5 ? ', ...' : ''}`;
@@ -1881,7 +1889,7 @@ function watchForStall(
   onStall: (error: BackupError) => void,
 ): { stop(): void } {
   let lastSize = -1;
-  let since = Date.now();
+  let since = performance.now();
   // Set once it fires or is stopped; a tick still reading sizes then does nothing.
   let done = false;
   const stop = () => {
@@ -1892,10 +1900,10 @@ function watchForStall(
     async () => {
       const size = await backupSize(partialPath).catch(() => lastSize);
       if (size !== lastSize) {
-        [lastSize, since] = [size, Date.now()];
+        [lastSize, since] = [size, performance.now()];
         return;
       }
-      if (done || Date.now() - since < timeoutMs) return;
+      if (done || millisecondsSince(since) < timeoutMs) return;
       stop();
       await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall);
     },
@@ -2065,7 +2073,7 @@ async function startProgress(
   partialPath: string,
   connectTimeoutSeconds: number,
 ): Promise<{ stop(): Promise<void> }> {
-  const started = Date.now();
+  const started = performance.now();
   let client = await connectDb(config, connectTimeoutSeconds).catch(() => undefined);
   const finished = new Set<number>();
   let copying: CopyProgress[] = [];
@@ -2085,7 +2093,7 @@ async function startProgress(
       copying,
       ...(client ? { fraction: dumpedFraction(tables, finished, copying) } : {}),
       writtenBytes,
-      elapsedMs: Date.now() - started,
+      elapsedMs: millisecondsSince(started),
     });
     const width = process.stderr.columns || 80;
     process.stderr.write(`\r\x1b[K${err.dim(line.slice(0, width - 1))}`);
@@ -2138,7 +2146,7 @@ export interface BackupResult {
 
 /** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
 async function runBackup(config: DbConfig, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
-  const started = Date.now();
+  const started = performance.now();
   // The server's version is not known yet: this only proves client tools exist at all.
   const preferred = await findDumpClient(options.search);
   await prepareOutputDir(options.outputDir);
@@ -2177,6 +2185,7 @@ interface BackupJob {
   /** The client tools found first; replaced by newer ones if the server needs them. */
   preferred: PgClient;
   options: BackupOptions;
+  /** performance.now() when the run began. */
   started: number;
 }
 
@@ -2260,7 +2269,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       format,
       ...(format === 'directory' ? { jobs: options.jobs } : {}),
       compression: compression.label,
-      duration_ms: Date.now() - job.started,
+      duration_ms: millisecondsSince(job.started),
       snapshot_consistent: true,
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
@@ -4309,13 +4318,13 @@ async function runRestore(
 ): Promise<RestoreOutcome> {
   if (request.target !== undefined)
     return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
-  const started = Date.now();
+  const started = performance.now();
   const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
   try {
     return await restorePipeline(config, vars, request, scratch, signal);
   } catch (error) {
     const server = `${config.host}:${config.port}`;
-    await recordFailedDrill(path.resolve(request.file), server, error, Date.now() - started);
+    await recordFailedDrill(path.resolve(request.file), server, error, millisecondsSince(started));
     throw error;
   }
 }
@@ -4354,7 +4363,7 @@ async function restorePipeline(
       if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
       if (state === 'missing' || request.clean) await createDatabase(admin, target);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
-      const started = Date.now();
+      const started = performance.now();
       let run: PgRestoreRun | undefined;
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
@@ -4362,7 +4371,7 @@ async function restorePipeline(
       try {
         run = await runPgRestore(archive, config, target, server, request, abortOnFailure(archive.checksum, signal));
         await archive.checksum;
-        durationMs = Date.now() - started;
+        durationMs = millisecondsSince(started);
         filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected);
@@ -6030,7 +6039,7 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
 
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
 export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
-  const started = Date.now();
+  const [startedAt, started] = [new Date(), performance.now()];
   const json = argv.includes('--json');
   // Webhook URLs are credentials (Slack, Discord): masked even in commander's own messages.
   const secrets: string[] = credentialArguments(argv);
@@ -6093,12 +6102,12 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
   const record: RunRecord = {
-    time: new Date(started).toISOString(),
+    time: startedAt.toISOString(),
     host: os.hostname(),
     command: outcome.command,
     outcome: outcome.exitCode === EXIT.OK ? 'success' : 'failure',
     exit_code: outcome.exitCode,
-    duration_ms: Date.now() - started,
+    duration_ms: millisecondsSince(started),
     ...known,
     ...outcome.facts,
     ...(problem ? { error: problem.error, details: problem.details } : {}),

@@ -20,8 +20,10 @@ import {
   type ListEntry,
   type MetricSeries,
 } from '../backup_db.ts';
-import { dbVars, runCli, tempDir, takeBackup, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, tempDir, takeBackup, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { within } from './helpers/processes.ts';
 import { flipMiddleByte, holdTableLock, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
@@ -483,6 +485,49 @@ describe('--stall-timeout (watchdog)', () => {
       await lock.release();
     }
   });
+
+  test(
+    'it measures real time: a wall clock running fast stops no dump early, one standing still keeps none waiting',
+    { timeout: 120_000 },
+    async (t) => {
+      const lock = await holdTableLock(() => server.connect('ops_app'), 't');
+      try {
+        // An hour a second (or a clock that stands still) from the moment pg_dump starts, as repeated NTP steps would.
+        for (const { rate, stallMs } of [
+          { rate: 3600, stallMs: 20_000 },
+          { rate: 0, stallMs: 2_000 },
+        ]) {
+          const clients = await clientDirHolding('pg_dump', '--snapshot');
+          await fs.writeFile(clients.release, '');
+          const s = await setup();
+          const args = [...s.base, '--pg-bin-dir', clients.dir, '--lock-wait-timeout', '0'];
+          const started = performance.now();
+          const cli = startCli({
+            args: [...args, '--stall-timeout', `${stallMs}ms`],
+            wallClock: { when: clients.started, rate },
+          });
+          let ended = false;
+          void cli.finally(() => (ended = true));
+          try {
+            await within(`the stalled backup to be stopped (wall clock at ${rate}x)`, 60_000, async () => ended);
+          } finally {
+            if (!ended) cli.kill('SIGKILL');
+          }
+          const elapsed = performance.now() - started;
+          const result = await cli;
+          t.diagnostic(
+            `wall clock at ${rate}x: stopped after ${Math.round(elapsed)} ms (--stall-timeout ${stallMs}ms)`,
+          );
+          assert.equal(result.exitCode, 7, String(result.stderr));
+          assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+          assert.ok(elapsed >= stallMs, `stopped after ${Math.round(elapsed)} ms, before --stall-timeout`);
+          await waitForNoBackupSessions(lock.observer);
+        }
+      } finally {
+        await lock.release();
+      }
+    },
+  );
 
   test('a bad --stall-timeout or BACKUP_STALL_TIMEOUT is a configuration error', async () => {
     const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_STALL_TIMEOUT: 'soon' });
