@@ -3256,12 +3256,26 @@ function dayFormatter(timeZone: string): Intl.DateTimeFormat {
 
 /**
  * The zone retention counts days in. Node names none for TZ=UTC0, TZ=localtime or a zoneinfo path,
- * and an unusable "Etc/Unknown" for an empty TZ (which the C library takes as UTC): a zoneinfo
- * path names its zone, anything else unusable means UTC, so the header always names the zone used.
+ * an unusable "Etc/Unknown" for an empty TZ (which the C library takes as UTC), and "UTC" for a path
+ * outside the zoneinfo directory: the zone file's path (see localTimeFile) names its zone, its
+ * posix/ or right/ variant that zone's, and decides when TZ is a path, as it does for the C
+ * library; anything else unusable means UTC, so the header always names the zone used.
  */
-export function retentionTimeZone(resolved: string | undefined, tz: string | undefined): string {
-  const fromPath = /\/zoneinfo\/(.+)$/.exec(tz ?? '')?.[1];
-  return [resolved, fromPath].find((zone) => zone !== undefined && isUsableTimeZone(zone)) ?? 'UTC';
+export function retentionTimeZone(resolved: string | undefined, tz: string | undefined, zoneFile = tz): string {
+  const fromPath = /\/zoneinfo\/(?:(?:posix|right)\/)?(.+)$/.exec(zoneFile ?? '')?.[1];
+  const zones = tz?.replace(/^:/, '').startsWith('/') ? [fromPath, resolved] : [resolved, fromPath];
+  return zones.find((zone) => zone !== undefined && isUsableTimeZone(zone)) ?? 'UTC';
+}
+
+/**
+ * The file the C library takes local time from, as TZ says (a leading ':' dropped, a relative name
+ * under the zoneinfo directory) or /etc/localtime when TZ is unset; its links resolved, since
+ * systemd's TZ=:/etc/localtime and /etc/localtime itself are usually links to the zone's own file.
+ */
+async function localTimeFile(tz: string | undefined): Promise<string | undefined> {
+  if (tz === '') return undefined;
+  const file = path.resolve('/usr/share/zoneinfo', tz?.replace(/^:/, '') ?? '/etc/localtime');
+  return fs.realpath(file).catch(() => file);
 }
 
 function isUsableTimeZone(zone: string): boolean {
@@ -3442,7 +3456,8 @@ async function applyRetention(
 ): Promise<RetentionReport> {
   const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
-  const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
+  const { TZ: tz } = process.env;
+  const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, tz, await localTimeFile(tz));
   const { database, environment } = config;
   const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), ...server });
   if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search);
