@@ -1574,6 +1574,21 @@ export function backupFileName(database: string, environment: Environment, date:
   return `${fileNamePart(database)}_${environment}_${isoSeconds(date).replaceAll(':', '-')}${DUMP_SUFFIX}`;
 }
 
+/**
+ * Pure: refuse a clock outside the years 1970 to 9999, which backup names and metadata timestamps
+ * cannot hold (year 10000 prints as "+010000"): a backup named after it would fall outside the spec.
+ */
+function assertClockUsable(now: Date): void {
+  const year = now.getUTCFullYear();
+  if (year >= 1970 && year <= 9999) return;
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'The system clock is wrong',
+    `the system clock says ${now.toISOString()}: backups are named after the time, in the years 1970 to 9999`,
+    ['Fix the clock (timedatectl status; chronyc tracking), then run the backup again'],
+  );
+}
+
 const BACKUP_NAME = new RegExp(
   `^${backupStemPattern()}${escapeRegExp(DUMP_SUFFIX)}(?:${escapeRegExp(PARTIAL_SUFFIX)})?$`,
 );
@@ -2147,6 +2162,7 @@ export interface BackupResult {
 /** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
 async function runBackup(config: DbConfig, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
   const started = performance.now();
+  assertClockUsable(new Date());
   // The server's version is not known yet: this only proves client tools exist at all.
   const preferred = await findDumpClient(options.search);
   await prepareOutputDir(options.outputDir);

@@ -293,3 +293,27 @@ describe('the wall clock steps back during a backup (an NTP step at boot)', () =
     assert.ok(seconds >= 0, `backup_db_last_duration_seconds ${seconds}`);
   });
 });
+
+describe('a system clock outside the years 1970 to 9999', () => {
+  test('no backup is started (exit 7, nothing written), naming the clock to fix', async () => {
+    const dir = await tempDir();
+    await writeEnvFile(dir, '.env', dbVars(server, 'DEV_DB_', devDb));
+    const outputDir = path.join(dir, 'backups');
+    for (const [year, shown] of [
+      [10000, /the system clock says \+010000-01-01T/],
+      [1969, /the system clock says 1969-12-31T/],
+    ] as const) {
+      // Stepped from the start: the configuration directory exists already.
+      const stepMs = Date.UTC(year, year > 1970 ? 0 : 11, year > 1970 ? 1 : 31) - Date.now();
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir],
+        wallClock: { when: dir, stepMs },
+      });
+      assert.equal(result.exitCode, 7, result.stderr);
+      assert.match(result.stderr, /^✗ Backup failed: The system clock is wrong$/m);
+      assert.match(result.stderr, shown);
+      assert.match(result.stderr, /fix the clock/i);
+      assert.deepEqual(await fs.readdir(outputDir).catch(() => []), [], 'nothing written');
+    }
+  });
+});
