@@ -2370,8 +2370,17 @@ const isPlainObject = (value: unknown): value is Record<string, unknown> =>
   typeof value === 'object' && value !== null && !Array.isArray(value);
 const isWholeNumber = (value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER) =>
   Number.isSafeInteger(value) && (value as number) >= min && (value as number) <= max;
-const isTimestamp = (value: unknown) =>
-  typeof value === 'string' && ISO_8601.test(value) && !Number.isNaN(Date.parse(value));
+/**
+ * An ISO 8601 timestamp of a date and time that exist: V8 parses 2025-02-29 as March 1st and 24:00
+ * as the next day, which would put a backup in another day's retention bucket, so the date and time
+ * as written must read back unchanged. A leap second (23:59:60), which no Date holds, is refused.
+ */
+function isTimestamp(value: unknown): boolean {
+  if (typeof value !== 'string' || !ISO_8601.test(value) || Number.isNaN(Date.parse(value))) return false;
+  const written = value.slice(0, 19);
+  return new Date(`${written}Z`).toISOString().startsWith(written);
+}
+
 /** A map from table names (which may be "__proto__" or "constructor") to values that pass `valid`. */
 const isTableMap = (value: unknown, valid: (entry: unknown) => boolean) =>
   isPlainObject(value) && Object.values(value).every(valid);
@@ -2386,7 +2395,7 @@ const optional = (valid: FieldRule['valid'], rule: string): FieldRule => ({ requ
  * file is untrusted input, so nothing is read from one that breaks a rule.
  */
 const METADATA_RULES: Record<string, FieldRule> = {
-  backup_timestamp: required(isTimestamp, 'must be an ISO 8601 timestamp'),
+  backup_timestamp: required(isTimestamp, 'must be an ISO 8601 timestamp of a date and time that exist'),
   environment: required((v) => v === 'dev' || v === 'prod', 'must be "dev" or "prod"'),
   database_name: required(isNonEmptyString, 'must be a non-empty string'),
   backup_file: required(isNonEmptyString, 'must be a file name'),

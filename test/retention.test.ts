@@ -524,6 +524,22 @@ describe('retention on real backups', () => {
     assert.match(result.stdout, /^ {2}keep {4}2025-02-02T14:00:00Z .* daily 2025-02-02$/m);
   });
 
+  test('a backup whose metadata names an impossible date (Feb 29 of 2025) is left alone, never taken for March 1st', async () => {
+    const h = await history();
+    const real = await pastBackup(h.dir, '2025-03-01T02:00:00Z');
+    const impossible = await pastBackup(h.dir, '2025-02-29T12:00:00Z');
+    const result = await runCli({ args: h.args('--prune', '--keep-daily', '5', '--dry-run'), env: { TZ: 'UTC' } });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(
+      result.stdout,
+      new RegExp(`^ {2}keep {4}2025-03-01T02:00:00Z {2}${real} +newest backup, daily 2025-03-01$`, 'm'),
+    );
+    assert.match(
+      result.stdout,
+      new RegExp(`^ {2}leave {3}${impossible} {2}\\(✗ Invalid metadata; not judged by the policy\\)$`, 'm'),
+    );
+  });
+
   test("TZ as a file (systemd's TZ=:/etc/localtime, a posix/ or right/ zone): days are that zone's, as TZ=Europe/Paris", async () => {
     const h = await history();
     // 00:30 on Feb 3 in Paris: the same Paris day as the newest backup, but Feb 2 in UTC.
