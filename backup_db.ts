@@ -5532,16 +5532,19 @@ const DURATION_UNITS = { ms: 1, s: 1000, min: 60_000, h: 3_600_000, d: 86_400_00
  * `maxMs`. 0 means no limit. A value beyond the limit is refused here, not by the server later.
  */
 export function parseDuration(value: string, maxMs = MAX_TIMEOUT_MS): number {
-  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
-  const ms = match
-    ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS])
-    : NaN;
+  const ms = durationMs(value);
   if (!(ms >= 0 && ms <= maxMs)) {
     throw new InvalidArgumentError(
       `Use a duration such as 500ms, 30s, 2min, 1h or 2d, up to ${formatDuration(maxMs)} (0: no limit).`,
     );
   }
   return ms;
+}
+
+/** Pure: a duration's milliseconds, NaN if it is none. */
+function durationMs(value: string): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
+  return match ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS]) : NaN;
 }
 
 /** Pure: milliseconds as the largest whole unit that fits, e.g. "24 d", "90 s". */
@@ -5558,10 +5561,11 @@ export function formatDuration(ms: number): string {
  */
 const parseTimeout = (value: string) => parseDuration(value);
 
-/** Pure: --max-age, a duration above 0 of up to a year and a bit. */
+/** Pure: --max-age, a duration above 0 (0 is no limit elsewhere, but not here) of up to a year and a bit. */
 export function parseMaxAge(value: string): number {
-  const ms = parseDuration(value, 400 * DURATION_UNITS.d);
-  if (ms === 0) throw new InvalidArgumentError('Use a duration above 0, such as 26h or 8d.');
+  const [ms, maxMs] = [durationMs(value), 400 * DURATION_UNITS.d];
+  if (!(ms > 0 && ms <= maxMs))
+    throw new InvalidArgumentError(`Use a duration above 0, such as 26h or 8d, up to ${formatDuration(maxMs)}.`);
   return ms;
 }
 

@@ -417,6 +417,18 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     );
   });
 
+  test('--max-age 0 or a negative one is refused with a message true of both', async () => {
+    const refusals = [];
+    for (const value of ['0', '-1']) {
+      const result = await runCli({ args: [...fresh.base, '--check', '--max-age', value] });
+      assert.equal(result.exitCode, 2, result.stderr);
+      refusals.push(result.stderr.replace(`'${value}'`, 'VALUE'));
+    }
+    assert.equal(refusals[0], refusals[1]);
+    assert.match(refusals[0]!, /Use a duration above 0, such as 26h or 8d, up to 400 d\./);
+    assert.doesNotMatch(refusals[0]!, /0: no limit/);
+  });
+
   test('--check needs --max-age; --check with a FILE or another command is refused', async () => {
     for (const args of [
       ['--check'],
