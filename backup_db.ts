@@ -3607,14 +3607,15 @@ export function judgeFreshness(
   };
 }
 
-/** Pure: an age as people read it: "3 d 4 h", "2 h 5 min", "45 s". */
-export function formatAge(ms: number): string {
+/** Pure: an age as people read it: "3 d 4 h", "2 h 5 min", "45 s"; `exact` keeps every unit, "1 d 2 h 40 min 5 s". */
+export function formatAge(ms: number, exact = false): string {
   const [d, h, m, s] = [
     Math.floor(ms / 86_400_000),
     Math.floor(ms / 3_600_000) % 24,
     Math.floor(ms / 60_000) % 60,
     Math.floor(ms / 1000) % 60,
   ];
+  if (exact) return [d && `${d} d`, h && `${h} h`, m && `${m} min`, s && `${s} s`].filter(Boolean).join(' ') || '0 s';
   if (d > 0) return h > 0 ? `${d} d ${h} h` : `${d} d`;
   if (h > 0) return m > 0 ? `${h} h ${m} min` : `${h} h`;
   return m > 0 ? `${m} min` : `${s} s`;
@@ -3657,9 +3658,12 @@ async function runCheck(
     throw stale('No backup found', `no backup of ${what} passes the quick check${others}`);
   }
   if (!freshness.ok) {
+    // Just over the limit, both would read alike ("1 d 2 h old, more than 1 d 2 h"): then both exactly.
+    const exact = formatAge(freshness.ageMs!) === formatAge(maxAgeMs);
     throw stale(
       'The newest backup is too old',
-      `the newest backup of ${what} is ${formatAge(freshness.ageMs!)} old, more than ${formatAge(maxAgeMs)}: ` +
+      `the newest backup of ${what} is ${formatAge(freshness.ageMs!, exact)} old, ` +
+        `more than ${formatAge(maxAgeMs, exact)}: ` +
         `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
     );
   }

@@ -417,6 +417,18 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     );
   });
 
+  test('a backup just over the limit: its age and the limit never read alike', async () => {
+    const s = await setup();
+    // 26 h 40 min old against 26 h: both used to read "1 d 2 h".
+    const moved = await moveIntoPast(await takeBackup(server, 'ops_app', s.outputDir), (26 * 60 + 40) / 1440);
+    const result = await runCli({ args: [...s.base, '--check', '--max-age', '26h'] });
+    assert.equal(result.exitCode, 8, result.stdout);
+    assert.match(
+      result.stderr,
+      new RegExp(`is 1 d 2 h 40 min( \\d+ s)? old, more than 1 d 2 h: ${moved.replaceAll('.', '\\.')}`),
+    );
+  });
+
   test('--max-age 0 or a negative one is refused with a message true of both', async () => {
     const refusals = [];
     for (const value of ['0', '-1']) {
