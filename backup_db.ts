@@ -194,6 +194,14 @@ async function removeQuietly(filePath: string): Promise<void> {
   await fs.rm(filePath, { force: true, recursive: true }).catch(() => undefined);
 }
 
+/**
+ * Whole milliseconds since `start`, a performance.now() reading: elapsed time on the monotonic clock,
+ * which an NTP step of the wall clock (chrony at boot) neither makes negative nor stretches.
+ */
+function millisecondsSince(start: number): number {
+  return Math.round(performance.now() - start);
+}
+
 /** Pure: the first five of a list, and "..." when there are more. */
 function listSome(items: string[]): string {
   return `${items.slice(0, 5).join(', ')}${items.length > 5 ? ', ...' : ''}`;
@@ -1685,6 +1693,21 @@ export function backupFileName(database: string, environment: Environment, date:
   return `${fileNamePart(database)}_${environment}_${isoSeconds(date).replaceAll(':', '-')}${DUMP_SUFFIX}`;
 }
 
+/**
+ * Pure: refuse a clock outside the years 1970 to 9999, which backup names and metadata timestamps
+ * cannot hold (year 10000 prints as "+010000"): a backup named after it would fall outside the spec.
+ */
+function assertClockUsable(now: Date): void {
+  const year = now.getUTCFullYear();
+  if (year >= 1970 && year <= 9999) return;
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'The system clock is wrong',
+    `the system clock says ${now.toISOString()}: backups are named after the time, in the years 1970 to 9999`,
+    ['Fix the clock (timedatectl status; chronyc tracking), then run the backup again'],
+  );
+}
+
 const BACKUP_NAME = new RegExp(
   `^${backupStemPattern()}${escapeRegExp(DUMP_SUFFIX)}(?:${escapeRegExp(PARTIAL_SUFFIX)})?$`,
 );
@@ -2026,7 +2049,7 @@ function watchForStall(
   signal: AbortSignal,
 ): { stop(): void } {
   let lastSize = -1;
-  let since = Date.now();
+  let since = performance.now();
   // Set once it fires or is stopped; a tick still reading sizes then does nothing.
   let done = false;
   const stop = () => {
@@ -2037,10 +2060,10 @@ function watchForStall(
     async () => {
       const size = await backupSize(partialPath).catch(() => lastSize);
       if (size !== lastSize) {
-        [lastSize, since] = [size, Date.now()];
+        [lastSize, since] = [size, performance.now()];
         return;
       }
-      if (done || Date.now() - since < timeoutMs) return;
+      if (done || millisecondsSince(since) < timeoutMs) return;
       stop();
       await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall, signal);
     },
@@ -2217,7 +2240,7 @@ async function startProgress(
   connectTimeoutSeconds: number,
   signal: AbortSignal,
 ): Promise<{ stop(): Promise<void> }> {
-  const started = Date.now();
+  const started = performance.now();
   let client = await connectDb(config, connectTimeoutSeconds, signal).catch(() => undefined);
   const finished = new Set<number>();
   let copying: CopyProgress[] = [];
@@ -2237,7 +2260,7 @@ async function startProgress(
       copying,
       ...(client ? { fraction: dumpedFraction(tables, finished, copying) } : {}),
       writtenBytes,
-      elapsedMs: Date.now() - started,
+      elapsedMs: millisecondsSince(started),
     });
     const width = process.stderr.columns || 80;
     process.stderr.write(`\r\x1b[K${err.dim(line.slice(0, width - 1))}`);
@@ -2290,7 +2313,8 @@ export interface BackupResult {
 
 /** preflight → lock → clean up after killed runs → connect → the snapshot backup → retention. */
 async function runBackup(config: DbConfig, options: BackupOptions, signal: AbortSignal): Promise<BackupResult> {
-  const started = Date.now();
+  const started = performance.now();
+  assertClockUsable(new Date());
   // The server's version is not known yet: this only proves client tools exist at all.
   const preferred = await findDumpClient(options.search);
   await prepareOutputDir(options.outputDir);
@@ -2333,6 +2357,7 @@ interface BackupJob {
   /** The client tools found first; replaced by newer ones if the server needs them. */
   preferred: PgClient;
   options: BackupOptions;
+  /** performance.now() when the run began. */
   started: number;
 }
 
@@ -2423,7 +2448,7 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
       format,
       ...(format === 'directory' ? { jobs: options.jobs } : {}),
       compression: compression.label,
-      duration_ms: Date.now() - job.started,
+      duration_ms: millisecondsSince(job.started),
       snapshot_consistent: true,
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
@@ -2505,8 +2530,17 @@ const isPlainObject = (value: unknown): value is Record<string, unknown> =>
   typeof value === 'object' && value !== null && !Array.isArray(value);
 const isWholeNumber = (value: unknown, min = 0, max = Number.MAX_SAFE_INTEGER) =>
   Number.isSafeInteger(value) && (value as number) >= min && (value as number) <= max;
-const isTimestamp = (value: unknown) =>
-  typeof value === 'string' && ISO_8601.test(value) && !Number.isNaN(Date.parse(value));
+/**
+ * An ISO 8601 timestamp of a date and time that exist: V8 parses 2025-02-29 as March 1st and 24:00
+ * as the next day, which would put a backup in another day's retention bucket, so the date and time
+ * as written must read back unchanged. A leap second (23:59:60), which no Date holds, is refused.
+ */
+function isTimestamp(value: unknown): boolean {
+  if (typeof value !== 'string' || !ISO_8601.test(value) || Number.isNaN(Date.parse(value))) return false;
+  const written = value.slice(0, 19);
+  return new Date(`${written}Z`).toISOString().startsWith(written);
+}
+
 /** A map from table names (which may be "__proto__" or "constructor") to values that pass `valid`. */
 const isTableMap = (value: unknown, valid: (entry: unknown) => boolean) =>
   isPlainObject(value) && Object.values(value).every(valid);
@@ -2521,7 +2555,7 @@ const optional = (valid: FieldRule['valid'], rule: string): FieldRule => ({ requ
  * file is untrusted input, so nothing is read from one that breaks a rule.
  */
 const METADATA_RULES: Record<string, FieldRule> = {
-  backup_timestamp: required(isTimestamp, 'must be an ISO 8601 timestamp'),
+  backup_timestamp: required(isTimestamp, 'must be an ISO 8601 timestamp of a date and time that exist'),
   environment: required((v) => v === 'dev' || v === 'prod', 'must be "dev" or "prod"'),
   database_name: required(isNonEmptyString, 'must be a non-empty string'),
   backup_file: required(isNonEmptyString, 'must be a file name'),
@@ -3390,12 +3424,26 @@ function dayFormatter(timeZone: string): Intl.DateTimeFormat {
 
 /**
  * The zone retention counts days in. Node names none for TZ=UTC0, TZ=localtime or a zoneinfo path,
- * and an unusable "Etc/Unknown" for an empty TZ (which the C library takes as UTC): a zoneinfo
- * path names its zone, anything else unusable means UTC, so the header always names the zone used.
+ * an unusable "Etc/Unknown" for an empty TZ (which the C library takes as UTC), and "UTC" for a path
+ * outside the zoneinfo directory: the zone file's path (see localTimeFile) names its zone, its
+ * posix/ or right/ variant that zone's, and decides when TZ is a path, as it does for the C
+ * library; anything else unusable means UTC, so the header always names the zone used.
  */
-export function retentionTimeZone(resolved: string | undefined, tz: string | undefined): string {
-  const fromPath = /\/zoneinfo\/(.+)$/.exec(tz ?? '')?.[1];
-  return [resolved, fromPath].find((zone) => zone !== undefined && isUsableTimeZone(zone)) ?? 'UTC';
+export function retentionTimeZone(resolved: string | undefined, tz: string | undefined, zoneFile = tz): string {
+  const fromPath = /\/zoneinfo\/(?:(?:posix|right)\/)?(.+)$/.exec(zoneFile ?? '')?.[1];
+  const zones = tz?.replace(/^:/, '').startsWith('/') ? [fromPath, resolved] : [resolved, fromPath];
+  return zones.find((zone) => zone !== undefined && isUsableTimeZone(zone)) ?? 'UTC';
+}
+
+/**
+ * The file the C library takes local time from, as TZ says (a leading ':' dropped, a relative name
+ * under the zoneinfo directory) or /etc/localtime when TZ is unset; its links resolved, since
+ * systemd's TZ=:/etc/localtime and /etc/localtime itself are usually links to the zone's own file.
+ */
+async function localTimeFile(tz: string | undefined): Promise<string | undefined> {
+  if (tz === '') return undefined;
+  const file = path.resolve('/usr/share/zoneinfo', tz?.replace(/^:/, '') ?? '/etc/localtime');
+  return fs.realpath(file).catch(() => file);
 }
 
 function isUsableTimeZone(zone: string): boolean {
@@ -3576,7 +3624,8 @@ async function applyRetention(
 ): Promise<RetentionReport> {
   const { outputDir: dir, retention: policy, dryRun } = options;
   const listing = await runList(dir, false);
-  const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, process.env.TZ);
+  const { TZ: tz } = process.env;
+  const timeZone = retentionTimeZone(Intl.DateTimeFormat().resolvedOptions().timeZone, tz, await localTimeFile(tz));
   const { database, environment } = config;
   const plan = planRetention(listing.backups, { database, environment, policy, timeZone, now: new Date(), ...server });
   if (plan.mustVerify) await assertNewestKeptIsSound(path.join(dir, plan.mustVerify.file), options.search, signal);
@@ -3703,14 +3752,15 @@ export function judgeFreshness(
   };
 }
 
-/** Pure: an age as people read it: "3 d 4 h", "2 h 5 min", "45 s". */
-export function formatAge(ms: number): string {
+/** Pure: an age as people read it: "3 d 4 h", "2 h 5 min", "45 s"; `exact` keeps every unit, "1 d 2 h 40 min 5 s". */
+export function formatAge(ms: number, exact = false): string {
   const [d, h, m, s] = [
     Math.floor(ms / 86_400_000),
     Math.floor(ms / 3_600_000) % 24,
     Math.floor(ms / 60_000) % 60,
     Math.floor(ms / 1000) % 60,
   ];
+  if (exact) return [d && `${d} d`, h && `${h} h`, m && `${m} min`, s && `${s} s`].filter(Boolean).join(' ') || '0 s';
   if (d > 0) return h > 0 ? `${d} d ${h} h` : `${d} d`;
   if (h > 0) return m > 0 ? `${h} h ${m} min` : `${h} h`;
   return m > 0 ? `${m} min` : `${s} s`;
@@ -3750,9 +3800,12 @@ async function runCheck(
     throw stale('No backup found', `no backup of ${what} passes the quick check${others}`);
   }
   if (!freshness.ok) {
+    // Just over the limit, both would read alike ("1 d 2 h old, more than 1 d 2 h"): then both exactly.
+    const exact = formatAge(freshness.ageMs!) === formatAge(maxAgeMs);
     throw stale(
       'The newest backup is too old',
-      `the newest backup of ${what} is ${formatAge(freshness.ageMs!)} old, more than ${formatAge(maxAgeMs)}: ` +
+      `the newest backup of ${what} is ${formatAge(freshness.ageMs!, exact)} old, ` +
+        `more than ${formatAge(maxAgeMs, exact)}: ` +
         `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
     );
   }
@@ -4452,12 +4505,13 @@ export interface RestoreRequest {
 async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal) {
   if (request.target !== undefined)
     return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
-  const started = Date.now();
+  const started = performance.now();
   const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
   try {
     return await restorePipeline(config, vars, request, scratch, signal);
   } catch (error) {
-    await recordFailedDrill(path.resolve(request.file), `${config.host}:${config.port}`, error, Date.now() - started);
+    const server = `${config.host}:${config.port}`;
+    await recordFailedDrill(path.resolve(request.file), server, error, millisecondsSince(started));
     throw error;
   }
 }
@@ -4496,7 +4550,7 @@ async function restorePipeline(
       if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
       if (state === 'missing' || request.clean) await createDatabase(admin, target);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
-      const started = Date.now();
+      const started = performance.now();
       let run: PgRestoreRun | undefined;
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
@@ -4504,7 +4558,7 @@ async function restorePipeline(
       try {
         run = await runPgRestore(archive, config, target, server, request, abortOnFailure(archive.checksum, signal));
         await archive.checksum;
-        durationMs = Date.now() - started;
+        durationMs = millisecondsSince(started);
         filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
@@ -5551,16 +5605,19 @@ const DURATION_UNITS = { ms: 1, s: 1000, min: 60_000, h: 3_600_000, d: 86_400_00
  * `maxMs`. 0 means no limit. A value beyond the limit is refused here, not by the server later.
  */
 export function parseDuration(value: string, maxMs = MAX_TIMEOUT_MS): number {
-  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
-  const ms = match
-    ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS])
-    : NaN;
+  const ms = durationMs(value);
   if (!(ms >= 0 && ms <= maxMs)) {
     throw new InvalidArgumentError(
       `Use a duration such as 500ms, 30s, 2min, 1h or 2d, up to ${formatDuration(maxMs)} (0: no limit).`,
     );
   }
   return ms;
+}
+
+/** Pure: a duration's milliseconds, NaN if it is none. */
+function durationMs(value: string): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
+  return match ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS]) : NaN;
 }
 
 /** Pure: milliseconds as the largest whole unit that fits, e.g. "24 d", "90 s". */
@@ -5577,10 +5634,11 @@ export function formatDuration(ms: number): string {
  */
 const parseTimeout = (value: string) => parseDuration(value);
 
-/** Pure: --max-age, a duration above 0 of up to a year and a bit. */
+/** Pure: --max-age, a duration above 0 (0 is no limit elsewhere, but not here) of up to a year and a bit. */
 export function parseMaxAge(value: string): number {
-  const ms = parseDuration(value, 400 * DURATION_UNITS.d);
-  if (ms === 0) throw new InvalidArgumentError('Use a duration above 0, such as 26h or 8d.');
+  const [ms, maxMs] = [durationMs(value), 400 * DURATION_UNITS.d];
+  if (!(ms > 0 && ms <= maxMs))
+    throw new InvalidArgumentError(`Use a duration above 0, such as 26h or 8d, up to ${formatDuration(maxMs)}.`);
   return ms;
 }
 
@@ -6098,7 +6156,7 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
 
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
 export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
-  const started = Date.now();
+  const [startedAt, started] = [new Date(), performance.now()];
   const json = argv.includes('--json');
   // Webhook URLs are credentials (Slack, Discord): masked even in commander's own messages.
   const secrets: string[] = credentialArguments(argv);
@@ -6161,12 +6219,12 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     outcome = { ...outcome, exitCode: EXIT.GENERAL };
   }
   const record: RunRecord = {
-    time: new Date(started).toISOString(),
+    time: startedAt.toISOString(),
     host: os.hostname(),
     command: outcome.command,
     outcome: outcome.exitCode === EXIT.OK ? 'success' : 'failure',
     exit_code: outcome.exitCode,
-    duration_ms: Date.now() - started,
+    duration_ms: millisecondsSince(started),
     ...known,
     ...outcome.facts,
     ...(problem ? { error: problem.error, details: problem.details } : {}),

@@ -12,6 +12,7 @@ import { execa } from 'execa';
 import type pg from 'pg';
 import { assertSameContent, restoreIntoNewDatabase } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES, FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { waitFor } from './helpers/wait.ts';
@@ -314,5 +315,64 @@ describe('counts describe exactly what is in the file', () => {
     assert.equal(result.exitCode, 0, String(result.stderr));
     const { metadata } = JSON.parse(String(result.stdout));
     assert.equal(metadata.table_counts.zz_truncated, 1000, 'the rows pg_dump wrote, not the table TRUNCATE emptied');
+  });
+});
+
+describe('the wall clock steps back during a backup (an NTP step at boot)', () => {
+  test('durations are still real: the backup is valid, listed and verifiable, and the log and metrics agree', async () => {
+    // pg_dump is never held (released up front): `started` only marks that the dump has begun.
+    const clients = await clientDirHolding('pg_dump', '--snapshot');
+    await fs.writeFile(clients.release, '');
+    const dir = await tempDir();
+    const outputDir = path.join(dir, 'backups');
+    const [logFile, metricsFile] = [path.join(dir, 'runs.log'), path.join(dir, 'backup_db.prom')];
+    await writeEnvFile(dir, '.env', dbVars(server, 'DEV_DB_', devDb));
+    const [output, log, metrics] = [
+      `--output-dir=${outputDir}`,
+      `--log-file=${logFile}`,
+      `--metrics-file=${metricsFile}`,
+    ];
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', dir, output, log, metrics, '--pg-bin-dir', clients.dir],
+      wallClock: { stepMs: -120_000, when: clients.started },
+    });
+    assert.equal(result.exitCode, 0, result.stderr);
+    const metadataFile = (await fs.readdir(outputDir)).find((name) => name.endsWith('.metadata.json'))!;
+    const metadata = JSON.parse(await fs.readFile(path.join(outputDir, metadataFile), 'utf8'));
+    assert.ok(metadata.duration_ms >= 0, `duration_ms ${metadata.duration_ms}`);
+    const listed = await runCli({ args: ['--list', '--output-dir', outputDir] });
+    assert.match(listed.stdout, /✓ Verified/, listed.stdout);
+    const dumpPath = path.join(outputDir, metadata.backup_file);
+    assert.equal((await runCli({ args: ['--verify', dumpPath] })).exitCode, 0);
+    const logged = JSON.parse(await fs.readFile(logFile, 'utf8'));
+    assert.ok(logged.duration_ms >= 0, `logged duration_ms ${logged.duration_ms}`);
+    const seconds = Number(
+      /^backup_db_last_duration_seconds\{.*\} (\S+)$/m.exec(await fs.readFile(metricsFile, 'utf8'))![1],
+    );
+    assert.ok(seconds >= 0, `backup_db_last_duration_seconds ${seconds}`);
+  });
+});
+
+describe('a system clock outside the years 1970 to 9999', () => {
+  test('no backup is started (exit 7, nothing written), naming the clock to fix', async () => {
+    const dir = await tempDir();
+    await writeEnvFile(dir, '.env', dbVars(server, 'DEV_DB_', devDb));
+    const outputDir = path.join(dir, 'backups');
+    for (const [year, shown] of [
+      [10000, /the system clock says \+010000-01-01T/],
+      [1969, /the system clock says 1969-12-31T/],
+    ] as const) {
+      // Stepped from the start: the configuration directory exists already.
+      const stepMs = Date.UTC(year, year > 1970 ? 0 : 11, year > 1970 ? 1 : 31) - Date.now();
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir],
+        wallClock: { when: dir, stepMs },
+      });
+      assert.equal(result.exitCode, 7, result.stderr);
+      assert.match(result.stderr, /^✗ Backup failed: The system clock is wrong$/m);
+      assert.match(result.stderr, shown);
+      assert.match(result.stderr, /fix the clock/i);
+      assert.deepEqual(await fs.readdir(outputDir).catch(() => []), [], 'nothing written');
+    }
   });
 });

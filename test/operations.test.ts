@@ -20,8 +20,10 @@ import {
   type ListEntry,
   type MetricSeries,
 } from '../backup_db.ts';
-import { dbVars, runCli, tempDir, takeBackup, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, tempDir, takeBackup, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { within } from './helpers/processes.ts';
 import { flipMiddleByte, holdTableLock, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
@@ -415,6 +417,30 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     );
   });
 
+  test('a backup just over the limit: its age and the limit never read alike', async () => {
+    const s = await setup();
+    // 26 h 40 min old against 26 h: both used to read "1 d 2 h".
+    const moved = await moveIntoPast(await takeBackup(server, 'ops_app', s.outputDir), (26 * 60 + 40) / 1440);
+    const result = await runCli({ args: [...s.base, '--check', '--max-age', '26h'] });
+    assert.equal(result.exitCode, 8, result.stdout);
+    assert.match(
+      result.stderr,
+      new RegExp(`is 1 d 2 h 40 min( \\d+ s)? old, more than 1 d 2 h: ${moved.replaceAll('.', '\\.')}`),
+    );
+  });
+
+  test('--max-age 0 or a negative one is refused with a message true of both', async () => {
+    const refusals = [];
+    for (const value of ['0', '-1']) {
+      const result = await runCli({ args: [...fresh.base, '--check', '--max-age', value] });
+      assert.equal(result.exitCode, 2, result.stderr);
+      refusals.push(result.stderr.replace(`'${value}'`, 'VALUE'));
+    }
+    assert.equal(refusals[0], refusals[1]);
+    assert.match(refusals[0]!, /Use a duration above 0, such as 26h or 8d, up to 400 d\./);
+    assert.doesNotMatch(refusals[0]!, /0: no limit/);
+  });
+
   test('--check needs --max-age; --check with a FILE or another command is refused', async () => {
     for (const args of [
       ['--check'],
@@ -483,6 +509,49 @@ describe('--stall-timeout (watchdog)', () => {
       await lock.release();
     }
   });
+
+  test(
+    'it measures real time: a wall clock running fast stops no dump early, one standing still keeps none waiting',
+    { timeout: 120_000 },
+    async (t) => {
+      const lock = await holdTableLock(() => server.connect('ops_app'), 't');
+      try {
+        // An hour a second (or a clock that stands still) from the moment pg_dump starts, as repeated NTP steps would.
+        for (const { rate, stallMs } of [
+          { rate: 3600, stallMs: 20_000 },
+          { rate: 0, stallMs: 2_000 },
+        ]) {
+          const clients = await clientDirHolding('pg_dump', '--snapshot');
+          await fs.writeFile(clients.release, '');
+          const s = await setup();
+          const args = [...s.base, '--pg-bin-dir', clients.dir, '--lock-wait-timeout', '0'];
+          const started = performance.now();
+          const cli = startCli({
+            args: [...args, '--stall-timeout', `${stallMs}ms`],
+            wallClock: { when: clients.started, rate },
+          });
+          let ended = false;
+          void cli.finally(() => (ended = true));
+          try {
+            await within(`the stalled backup to be stopped (wall clock at ${rate}x)`, 60_000, async () => ended);
+          } finally {
+            if (!ended) cli.kill('SIGKILL');
+          }
+          const elapsed = performance.now() - started;
+          const result = await cli;
+          t.diagnostic(
+            `wall clock at ${rate}x: stopped after ${Math.round(elapsed)} ms (--stall-timeout ${stallMs}ms)`,
+          );
+          assert.equal(result.exitCode, 7, String(result.stderr));
+          assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+          assert.ok(elapsed >= stallMs, `stopped after ${Math.round(elapsed)} ms, before --stall-timeout`);
+          await waitForNoBackupSessions(lock.observer);
+        }
+      } finally {
+        await lock.release();
+      }
+    },
+  );
 
   test('a bad --stall-timeout or BACKUP_STALL_TIMEOUT is a configuration error', async () => {
     const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_STALL_TIMEOUT: 'soon' });

@@ -4,10 +4,20 @@
  * on error; with stdout piped, or --json, there is none.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { dbVars, PROJECT_DIR, SCRIPT, tempDir, writeEnvFile } from './helpers/cli.ts';
+import {
+  dbVars,
+  PROJECT_DIR,
+  SCRIPT,
+  tempDir,
+  WALL_CLOCK_MODULE,
+  wallClockEnv,
+  writeEnvFile,
+  type WallClock,
+} from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
@@ -31,10 +41,12 @@ before(async () => {
 after(() => server?.stop());
 
 /** Run the CLI on a pseudo-terminal; `shellSuffix` can redirect its stdout inside it. */
-async function onTerminal(args: string[], shellSuffix = '') {
+async function onTerminal(args: string[], shellSuffix = '', wallClock?: WallClock) {
   const outputDir = path.join(await tempDir(), 'out');
-  const command = `'${process.execPath}' --import tsx '${SCRIPT}' --env dev --config-dir '${configDir}' --output-dir '${outputDir}' ${args.join(' ')} ${shellSuffix}`;
-  const result = await execa('script', ['-qec', command, '/dev/null'], { cwd: PROJECT_DIR, reject: false });
+  const preload = wallClock ? `--import '${WALL_CLOCK_MODULE}'` : '';
+  const command = `'${process.execPath}' --import tsx ${preload} '${SCRIPT}' --env dev --config-dir '${configDir}' --output-dir '${outputDir}' ${args.join(' ')} ${shellSuffix}`;
+  const env = wallClock ? wallClockEnv(wallClock) : {};
+  const result = await execa('script', ['-qec', command, '/dev/null'], { cwd: PROJECT_DIR, env, reject: false });
   return { exitCode: result.exitCode, terminal: String(result.stdout) };
 }
 
@@ -69,6 +81,31 @@ describe('progress on a terminal', skipUnless(await unmet('script')), () => {
       'the last progress line was cleared first',
     );
   });
+
+  test(
+    'its elapsed time is real: a wall clock stepping an hour ahead mid-dump (NTP) does not show',
+    { timeout: 120_000 },
+    async () => {
+      // pg_dump is never held (released up front): `started` only marks that the dump has begun.
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      await fs.writeFile(clients.release, '');
+      const started = performance.now();
+      const args = ['--compress', '9', '--pg-bin-dir', `'${clients.dir}'`];
+      const { exitCode, terminal } = await onTerminal(args, '', { when: clients.started, stepMs: 3_600_000 });
+      const runSeconds = (performance.now() - started) / 1000;
+      assert.equal(exitCode, 0, terminal);
+      const lines = terminal.split(CLEAR).filter((part) => part.includes('dumping'));
+      assert.ok(lines.length >= 1);
+      for (const line of lines) {
+        const [, minutes, seconds] = /written · (-?\d+):(-?\d+)/.exec(line) ?? [];
+        const shown = Number(minutes) * 60 + Number(seconds);
+        assert.ok(
+          shown >= 0 && shown <= runSeconds,
+          `shows ${minutes}:${seconds} in a run of ${runSeconds} s: ${line}`,
+        );
+      }
+    },
+  );
 
   test('is cleared when the backup fails, leaving the error readable', { timeout: 120_000 }, async () => {
     const lock = await holdTableLock(() => server.connect('progress_app'), 'messages');

@@ -24,6 +24,7 @@ import {
   writeEnvFile,
   type TakenBackup,
 } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
@@ -598,6 +599,40 @@ describe('--verify FILE --restore-test (the drill)', () => {
     assert.ok(Date.now() - Date.parse(record.time) < 120_000);
     assert.match(await listed(), /Restore test\n.* ✗ \d{4}-\d{2}-\d{2}\n/);
     assert.deepEqual(await drillDatabases(), []);
+  });
+
+  test('a wall clock stepping back during the drill (NTP at boot): its recorded duration is real, the backup stays valid', async () => {
+    // pg_restore is never held (released up front): `started` only marks that the restore has begun.
+    const clients = await clientDirHolding('pg_restore', '--dbname');
+    await fs.writeFile(clients.release, '');
+    const drill = (file: string) =>
+      runCli({
+        args: [
+          '--verify',
+          file,
+          '--restore-test',
+          '--env',
+          'dev',
+          '--config-dir',
+          configDir,
+          '--pg-bin-dir',
+          clients.dir,
+        ],
+        wallClock: { stepMs: -120_000, when: clients.started },
+      });
+    const copy = await copyOfBackup();
+    const passed = await drill(copy.dumpPath);
+    assert.equal(passed.exitCode, 0, passed.stderr);
+    const record = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test;
+    assert.ok(record.ok && record.duration_ms >= 0, `duration_ms ${record.duration_ms}`);
+    assert.equal((await runCli({ args: ['--verify', copy.dumpPath] })).exitCode, 0, 'the backup stays valid');
+
+    const tampered = await copyOfBackup((m) => {
+      (m.table_counts as Record<string, number>).conversations = 1;
+    });
+    assert.equal((await drill(tampered.dumpPath)).exitCode, 8);
+    const failure = JSON.parse(await fs.readFile(tampered.metadataPath, 'utf8')).last_restore_test;
+    assert.ok(!failure.ok && failure.duration_ms >= 0, `failed drill's duration_ms ${failure.duration_ms}`);
   });
 
   test(

@@ -69,6 +69,13 @@ describe('retentionTimeZone', () => {
     assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/Europe/Berlin'), 'Europe/Berlin');
     assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/No/Such_Zone'), 'UTC');
     assert.equal(retentionTimeZone(undefined, undefined), 'UTC');
+    // The same zone's POSIX and leap-second variants (TZ=/usr/share/zoneinfo/posix/…, right/…).
+    assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/posix/Europe/Paris'), 'Europe/Paris');
+    assert.equal(retentionTimeZone(undefined, '/usr/share/zoneinfo/right/Europe/Paris'), 'Europe/Paris');
+    assert.equal(retentionTimeZone(undefined, '/var/db/timezone/zoneinfo/Europe/Paris'), 'Europe/Paris');
+    // TZ=:/path/to/a/link: the file it leads to decides, not Node's "UTC" for a path it does not know.
+    assert.equal(retentionTimeZone('UTC', ':/etc/tz-link', '/usr/share/zoneinfo/Europe/Paris'), 'Europe/Paris');
+    assert.equal(retentionTimeZone('UTC', '/tmp/tz-copy', '/tmp/tz-copy'), 'UTC');
   });
 });
 
@@ -516,6 +523,41 @@ describe('retention on real backups', () => {
     assert.equal(result.exitCode, 0, result.stderr);
     assert.match(result.stdout, /^Retention for ret_app \(dev\) in .*: keep-daily 2, days in UTC$/m);
     assert.match(result.stdout, /^ {2}keep {4}2025-02-02T14:00:00Z .* daily 2025-02-02$/m);
+  });
+
+  test('a backup whose metadata names an impossible date (Feb 29 of 2025) is left alone, never taken for March 1st', async () => {
+    const h = await history();
+    const real = await pastBackup(h.dir, '2025-03-01T02:00:00Z');
+    const impossible = await pastBackup(h.dir, '2025-02-29T12:00:00Z');
+    const result = await runCli({ args: h.args('--prune', '--keep-daily', '5', '--dry-run'), env: { TZ: 'UTC' } });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.match(
+      result.stdout,
+      new RegExp(`^ {2}keep {4}2025-03-01T02:00:00Z {2}${real} +newest backup, daily 2025-03-01$`, 'm'),
+    );
+    assert.match(
+      result.stdout,
+      new RegExp(`^ {2}leave {3}${impossible} {2}\\(✗ Invalid metadata; not judged by the policy\\)$`, 'm'),
+    );
+  });
+
+  test("TZ as a file (systemd's TZ=:/etc/localtime, a posix/ or right/ zone): days are that zone's, as TZ=Europe/Paris", async () => {
+    const h = await history();
+    // 00:30 on Feb 3 in Paris: the same Paris day as the newest backup, but Feb 2 in UTC.
+    await pastBackup(h.dir, '2025-02-02T23:30:00Z');
+    const localtime = path.join(await tempDir(), 'localtime');
+    await fs.symlink('/usr/share/zoneinfo/Europe/Paris', localtime);
+    const prune = (TZ: string) => runCli({ args: h.args('--prune', '--keep-daily', '2', '--dry-run'), env: { TZ } });
+    const paris = await prune('Europe/Paris');
+    assert.equal(paris.exitCode, 0, paris.stderr);
+    assert.match(paris.stdout, /^Retention for ret_app \(dev\) in .*: keep-daily 2, days in Europe\/Paris$/m);
+    assert.match(paris.stdout, /^ {2}delete {2}2025-02-02T23:30:00Z /m);
+    for (const tz of [
+      `:${localtime}`,
+      '/usr/share/zoneinfo/posix/Europe/Paris',
+      ':/usr/share/zoneinfo/right/Europe/Paris',
+    ])
+      assert.deepEqual(await prune(tz), paris, `TZ=${tz}`);
   });
 
   test(

@@ -926,6 +926,27 @@ describe('metadataProblems', () => {
     }
   });
 
+  test('a timestamp must name a date and time that exist: none that V8 would roll over, no leap second', () => {
+    for (const impossible of [
+      '2025-02-29T12:00:00Z',
+      '2025-04-31T00:00:00Z',
+      '2100-02-29T00:00:00Z',
+      '2025-01-01T24:00:00Z',
+      '2025-01-01T12:60:00Z',
+      '2016-12-31T23:59:60Z',
+      '2025-00-10T00:00:00Z',
+      '2025-01-00T00:00:00Z',
+    ]) {
+      const problems = metadataProblems({ ...valid, backup_timestamp: impossible });
+      assert.equal(problems.length, 1, impossible);
+      assert.match(problems[0]!, /backup_timestamp must be an ISO 8601 timestamp of a date and time that exist/);
+      const record = { time: impossible, ok: true, duration_ms: 1, server: 's', server_version: '15', tables: 1 };
+      assert.equal(metadataProblems({ ...valid, last_restore_test: { ...record, mismatches: [] } }).length, 1);
+    }
+    for (const real of ['2024-02-29T12:00:00Z', '2000-02-29T23:59:59.999+14:00', '2025-12-31T23:59:59-12:00'])
+      assert.deepEqual(metadataProblems({ ...valid, backup_timestamp: real }), [], real);
+  });
+
   test('missing fields are each named; non-objects are rejected; backup_file must match the file', () => {
     const { checksum_sha256: _c, table_counts: _t, ...partial } = valid;
     assert.deepEqual(metadataProblems(partial), ['checksum_sha256 is missing', 'table_counts is missing']);

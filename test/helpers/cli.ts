@@ -29,6 +29,22 @@ export interface CliRun {
   wrapper?: string[];
   /** Start it as README documents: `npx tsx backup_db.ts …` (npx → sh → tsx → node). */
   viaNpx?: boolean;
+  /** Step the CLI's wall clock once the file `when` exists, then let it run at `rate` (see wall-clock.ts). */
+  wallClock?: WallClock;
+}
+
+/** A wall clock that steps by `stepMs` once the file `when` exists, then runs at `rate` times real speed. */
+export interface WallClock {
+  when: string;
+  stepMs?: number;
+  rate?: number;
+}
+
+/** The module node preloads (`--import`) into a CLI whose wall clock a test controls. */
+export const WALL_CLOCK_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'wall-clock.ts');
+
+export function wallClockEnv({ when, stepMs = 0, rate = 1 }: WallClock): Record<string, string> {
+  return { WALL_CLOCK_WHEN: when, WALL_CLOCK_STEP_MS: String(stepMs), WALL_CLOCK_RATE: String(rate) };
 }
 
 /**
@@ -44,15 +60,17 @@ export function startCli({
   withoutRootOverride = false,
   wrapper = [],
   viaNpx = false,
+  wallClock,
 }: CliRun): ResultPromise<Options & { reject: false }> {
+  const preload = wallClock ? ['--import', WALL_CLOCK_MODULE] : [];
   const command = [
     ...wrapper,
-    ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', SCRIPT]),
+    ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', ...preload, SCRIPT]),
     ...args,
   ];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
-    env: { ...baseEnv(), ...env },
+    env: { ...baseEnv(), ...(wallClock ? wallClockEnv(wallClock) : {}), ...env },
     extendEnv: false,
     cwd,
     reject: false,
