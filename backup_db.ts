@@ -690,6 +690,8 @@ async function findClient(
     first = await inspectClientDir(dir);
     if (first) break;
   }
+  // A directory the user named is never passed over in silence for one they did not.
+  if (search.pgBinDir && first?.source !== '--pg-bin-dir') throw await pgBinDirError(dirs[0]!.dir);
   if (first && (needed === undefined || first.pgDump.major >= needed)) return first;
   const found = (await Promise.all(dirs.map(inspectClientDir))).filter((client) => client !== undefined);
   const chosen = chooseClient(found, needed);
@@ -699,6 +701,23 @@ async function findClient(
     'none on PATH or in the usual locations';
   const { title, details } = purpose(where);
   throw new BackupError(EXIT.TOOL_NOT_FOUND, title, details, clientInstallHints(needed));
+}
+
+/** Why --pg-bin-dir / PG_BIN_DIR holds no client, and the bin directory below it if that one does. */
+async function pgBinDirError(dir: string): Promise<BackupError> {
+  const [stat, pgDump, pgRestore, below] = await Promise.all([
+    fs.stat(dir).catch(() => undefined),
+    toolVersionIn(dir, 'pg_dump'),
+    toolVersionIn(dir, 'pg_restore'),
+    inspectClientDir({ dir: path.join(dir, 'bin'), source: '--pg-bin-dir' }),
+  ]);
+  const missing = [pgDump ? '' : 'no pg_dump', pgRestore ? '' : 'no pg_restore'].filter(Boolean).join(' and ');
+  const holds = !stat ? 'does not exist' : stat.isDirectory() ? `holds ${missing}` : 'is not a directory';
+  const nested = below && `pg_dump ${below.pgDump.version} and pg_restore ${below.pgRestore.version}`;
+  return new BackupError(EXIT.TOOL_NOT_FOUND, `No pg_dump and pg_restore in --pg-bin-dir ${dir}`, `${dir} ${holds}`, [
+    ...(below ? [`Did you mean ${below.dir}? It holds ${nested}`] : []),
+    'Point --pg-bin-dir (or PG_BIN_DIR) at the directory holding both, or unset it to search PATH and the usual places',
+  ]);
 }
 
 /** The client for dumping a server of major `serverMajor` (undefined before the server is known). */

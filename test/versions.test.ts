@@ -202,6 +202,31 @@ describe('choosing the client tools', () => {
     assert.match(JSON.parse(result.stdout).metadata.pg_dump_version, new RegExp(`^${installed}\\.`));
     await assert.rejects(fs.readFile(shim.log), 'the old shim was never run');
   });
+
+  test('PG_BIN_DIR naming the installation, not its bin directory, stops the run (exit 6) and says so', async () => {
+    const shim = await shimClientDir('16.9');
+    const prefix = await tempDir();
+    await fs.symlink(shim.dir, path.join(prefix, 'bin'));
+    const result = await backupOf(servers.get(15)!, [], { PG_BIN_DIR: prefix });
+    assert.equal(result.exitCode, 6, result.stdout);
+    const error = JSON.parse(result.stdout);
+    assert.equal(error.error, `No pg_dump and pg_restore in --pg-bin-dir ${prefix}`);
+    assert.match(error.details, /holds no pg_dump and no pg_restore/);
+    assert.match(
+      error.hints[0],
+      new RegExp(`Did you mean ${prefix}/bin\\? It holds pg_dump 16\\.9 and pg_restore 16\\.9`),
+    );
+    assert.deepEqual(result.files, [], 'nothing written');
+    await assert.rejects(fs.readFile(shim.log), 'no client was run');
+  });
+
+  test('a --pg-bin-dir that does not exist stops the run (exit 6), naming it', async () => {
+    const result = await backupOf(servers.get(15)!, ['--pg-bin-dir', '/nonexistent/bin']);
+    assert.equal(result.exitCode, 6, result.stdout);
+    const error = JSON.parse(result.stdout);
+    assert.equal(error.error, 'No pg_dump and pg_restore in --pg-bin-dir /nonexistent/bin');
+    assert.match(error.details, /^\/nonexistent\/bin does not exist/);
+  });
 });
 
 /** The header a newer pg_dump writes (archive 1.16, PostgreSQL 17), as WriteHead lays it out. */
