@@ -639,9 +639,13 @@ async function bypassPgWrapper(file: string, command: string, major: number): Pr
   return (await isExecutableFile(direct)) ? direct : file;
 }
 
+/**
+ * A client is pg_dump and pg_restore of one major: clients are chosen by pg_dump's, and an older
+ * pg_restore beside it could not read the archives it writes.
+ */
 async function inspectClientDir({ dir, source }: { dir: string; source: ClientSource }): Promise<PgClient | undefined> {
   const [pgDump, pgRestore] = await Promise.all([toolVersionIn(dir, 'pg_dump'), toolVersionIn(dir, 'pg_restore')]);
-  return pgDump && pgRestore ? { dir, source, pgDump, pgRestore } : undefined;
+  return pgDump && pgRestore && pgDump.major === pgRestore.major ? { dir, source, pgDump, pgRestore } : undefined;
 }
 
 /**
@@ -711,13 +715,20 @@ async function pgBinDirError(dir: string): Promise<BackupError> {
     toolVersionIn(dir, 'pg_restore'),
     inspectClientDir({ dir: path.join(dir, 'bin'), source: '--pg-bin-dir' }),
   ]);
-  const missing = [pgDump ? '' : 'no pg_dump', pgRestore ? '' : 'no pg_restore'].filter(Boolean).join(' and ');
-  const holds = !stat ? 'does not exist' : stat.isDirectory() ? `holds ${missing}` : 'is not a directory';
   const nested = below && `pg_dump ${below.pgDump.version} and pg_restore ${below.pgRestore.version}`;
-  return new BackupError(EXIT.TOOL_NOT_FOUND, `No pg_dump and pg_restore in --pg-bin-dir ${dir}`, `${dir} ${holds}`, [
+  const details = `${dir} ${stat ? toolsHeld(stat.isDirectory(), pgDump, pgRestore) : 'does not exist'}`;
+  return new BackupError(EXIT.TOOL_NOT_FOUND, `No pg_dump and pg_restore in --pg-bin-dir ${dir}`, details, [
     ...(below ? [`Did you mean ${below.dir}? It holds ${nested}`] : []),
     'Point --pg-bin-dir (or PG_BIN_DIR) at the directory holding both, or unset it to search PATH and the usual places',
   ]);
+}
+
+/** Pure: what a directory holds that is not a client, e.g. "holds no pg_dump". */
+function toolsHeld(isDirectory: boolean, pgDump: PgTool | undefined, pgRestore: PgTool | undefined): string {
+  if (!isDirectory) return 'is not a directory';
+  if (pgDump && pgRestore)
+    return `holds pg_dump ${pgDump.version} and pg_restore ${pgRestore.version}, of different majors`;
+  return `holds ${[pgDump ? '' : 'no pg_dump', pgRestore ? '' : 'no pg_restore'].filter(Boolean).join(' and ')}`;
 }
 
 /** The client for dumping a server of major `serverMajor` (undefined before the server is known). */
