@@ -1991,12 +1991,32 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
       "Install client tools of the server's major version and put them first on PATH",
     ]);
   }
+  const parallel = parallelDumpError(details);
+  if (parallel) return parallel;
   if (/permission denied/i.test(details)) return privilegeError(details);
   if (/could not obtain lock|lock timeout/i.test(details)) return lockedTableError(details);
   return new BackupError(EXIT.BACKUP_FAILED, 'pg_dump failed', details, [
     'Read the pg_dump message above; it names the object or setting at fault',
     'Run pg_dump by hand with the same settings to reproduce: pg_dump -Fc -f /tmp/test.dump <database>',
   ]);
+}
+
+/** Pure: the failures --jobs brings, in pg_dump's words: its workers lock without waiting, and each is a connection. */
+function parallelDumpError(details: string): BackupError | undefined {
+  if (/after the pg_dump parent process had gotten the initial ACCESS SHARE lock/.test(details)) {
+    return new BackupError(EXIT.BACKUP_FAILED, 'DDL on a table aborted the parallel dump', details, [
+      'A session asked for an exclusive lock (ALTER TABLE, DROP, TRUNCATE, ...) on a table during the dump: ' +
+        '--jobs workers do not wait for locks, so the dump stopped (without --jobs, such DDL waits for the dump)',
+      'Run it again when no DDL runs (not during deployments or migrations), or without --jobs',
+    ]);
+  }
+  if (/too many connections for (role|database)|too many clients already|connection slots are reserved/.test(details)) {
+    return new BackupError(EXIT.CONNECTION, 'No free connection for pg_dump', details, [
+      "A --jobs N dump opens N + 1 connections besides this tool's: lower --jobs below the CONNECTION LIMIT of the " +
+        "role (or database) and the server's free connections",
+      'Or raise the limit: ALTER ROLE <user> CONNECTION LIMIT <n>, or max_connections on the server',
+    ]);
+  }
 }
 
 // ─── Stall watchdog ──────────────────────────────────────────────────────────────────────
