@@ -647,9 +647,13 @@ async function bypassPgWrapper(file: string, command: string, major: number): Pr
   return (await isExecutableFile(direct)) ? direct : file;
 }
 
+/**
+ * A client is pg_dump and pg_restore of one major: clients are chosen by pg_dump's, and an older
+ * pg_restore beside it could not read the archives it writes.
+ */
 async function inspectClientDir({ dir, source }: { dir: string; source: ClientSource }): Promise<PgClient | undefined> {
   const [pgDump, pgRestore] = await Promise.all([toolVersionIn(dir, 'pg_dump'), toolVersionIn(dir, 'pg_restore')]);
-  return pgDump && pgRestore ? { dir, source, pgDump, pgRestore } : undefined;
+  return pgDump && pgRestore && pgDump.major === pgRestore.major ? { dir, source, pgDump, pgRestore } : undefined;
 }
 
 /**
@@ -698,6 +702,8 @@ async function findClient(
     first = await inspectClientDir(dir);
     if (first) break;
   }
+  // A directory the user named is never passed over in silence for one they did not.
+  if (search.pgBinDir && first?.source !== '--pg-bin-dir') throw await pgBinDirError(dirs[0]!.dir);
   if (first && (needed === undefined || first.pgDump.major >= needed)) return first;
   const found = (await Promise.all(dirs.map(inspectClientDir))).filter((client) => client !== undefined);
   const chosen = chooseClient(found, needed);
@@ -707,6 +713,30 @@ async function findClient(
     'none on PATH or in the usual locations';
   const { title, details } = purpose(where);
   throw new BackupError(EXIT.TOOL_NOT_FOUND, title, details, clientInstallHints(needed));
+}
+
+/** Why --pg-bin-dir / PG_BIN_DIR holds no client, and the bin directory below it if that one does. */
+async function pgBinDirError(dir: string): Promise<BackupError> {
+  const [stat, pgDump, pgRestore, below] = await Promise.all([
+    fs.stat(dir).catch(() => undefined),
+    toolVersionIn(dir, 'pg_dump'),
+    toolVersionIn(dir, 'pg_restore'),
+    inspectClientDir({ dir: path.join(dir, 'bin'), source: '--pg-bin-dir' }),
+  ]);
+  const nested = below && `pg_dump ${below.pgDump.version} and pg_restore ${below.pgRestore.version}`;
+  const details = `${dir} ${stat ? toolsHeld(stat.isDirectory(), pgDump, pgRestore) : 'does not exist'}`;
+  return new BackupError(EXIT.TOOL_NOT_FOUND, `No pg_dump and pg_restore in --pg-bin-dir ${dir}`, details, [
+    ...(below ? [`Did you mean ${below.dir}? It holds ${nested}`] : []),
+    'Point --pg-bin-dir (or PG_BIN_DIR) at the directory holding both, or unset it to search PATH and the usual places',
+  ]);
+}
+
+/** Pure: what a directory holds that is not a client, e.g. "holds no pg_dump". */
+function toolsHeld(isDirectory: boolean, pgDump: PgTool | undefined, pgRestore: PgTool | undefined): string {
+  if (!isDirectory) return 'is not a directory';
+  if (pgDump && pgRestore)
+    return `holds pg_dump ${pgDump.version} and pg_restore ${pgRestore.version}, of different majors`;
+  return `holds ${[pgDump ? '' : 'no pg_dump', pgRestore ? '' : 'no pg_restore'].filter(Boolean).join(' and ')}`;
 }
 
 /** The client for dumping a server of major `serverMajor` (undefined before the server is known). */
@@ -2022,6 +2052,8 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
       "Install client tools of the server's major version and put them first on PATH",
     ]);
   }
+  const parallel = parallelDumpError(details);
+  if (parallel) return parallel;
   if (/permission denied/i.test(details)) return privilegeError(details);
   if (/out of shared memory/i.test(details)) return lockSpaceError(details, /^HINT:\s+(.+)$/m.exec(details)?.[1]);
   // --lock-wait-timeout is a statement_timeout around pg_dump's LOCK TABLE; its workers use NOWAIT.
@@ -2031,6 +2063,24 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
     'Read the pg_dump message above; it names the object or setting at fault',
     'Run pg_dump by hand with the same settings to reproduce: pg_dump -Fc -f /tmp/test.dump <database>',
   ]);
+}
+
+/** Pure: the failures --jobs brings, in pg_dump's words: its workers lock without waiting, and each is a connection. */
+function parallelDumpError(details: string): BackupError | undefined {
+  if (/after the pg_dump parent process had gotten the initial ACCESS SHARE lock/.test(details)) {
+    return new BackupError(EXIT.BACKUP_FAILED, 'DDL on a table aborted the parallel dump', details, [
+      'A session asked for an exclusive lock (ALTER TABLE, DROP, TRUNCATE, ...) on a table during the dump: ' +
+        '--jobs workers do not wait for locks, so the dump stopped (without --jobs, such DDL waits for the dump)',
+      'Run it again when no DDL runs (not during deployments or migrations), or without --jobs',
+    ]);
+  }
+  if (/too many connections for (role|database)|too many clients already|connection slots are reserved/.test(details)) {
+    return new BackupError(EXIT.CONNECTION, 'No free connection for pg_dump', details, [
+      "A --jobs N dump opens N + 1 connections besides this tool's: lower --jobs below the CONNECTION LIMIT of the " +
+        "role (or database) and the server's free connections",
+      'Or raise the limit: ALTER ROLE <user> CONNECTION LIMIT <n>, or max_connections on the server',
+    ]);
+  }
 }
 
 // ─── Stall watchdog ──────────────────────────────────────────────────────────────────────

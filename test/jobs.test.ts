@@ -157,6 +157,31 @@ describe('--jobs failures and retention', () => {
     assert.deepEqual(await directoryFingerprint(outputDir), before);
   });
 
+  test('more workers than the role may open connections: exit 3, with the hint to lower --jobs', async () => {
+    const [role, password] = [uniqueName('limited'), uniqueName('pw')];
+    const admin = await server.connect('jobs_app');
+    try {
+      await admin.query(`CREATE ROLE ${role} LOGIN PASSWORD '${password}' CONNECTION LIMIT 2`);
+      await admin.query(`GRANT pg_read_all_data TO ${role}`);
+    } finally {
+      await admin.end();
+    }
+    const limitedConfig = await tempDir();
+    const vars = { ...dbVars(server, 'DEV_DB_', 'jobs_app'), DEV_DB_USER: role, DEV_DB_PASSWORD: password };
+    await writeEnvFile(limitedConfig, '.env', vars);
+    const outputDir = path.join(await tempDir(), 'backups');
+    const result = await runCli({
+      args: ['--env', 'dev', '--jobs', '4', '--config-dir', limitedConfig, '--output-dir', outputDir, '--json'],
+    });
+    assert.equal(result.exitCode, 3, result.stdout);
+    const doc = JSON.parse(result.stdout);
+    assert.equal(doc.error, 'No free connection for pg_dump');
+    assert.match(doc.details, new RegExp(`too many connections for role "${role}"`));
+    assert.match(doc.hints[0], /lower --jobs below the CONNECTION LIMIT of the role/);
+    assert.ok(!result.stdout.includes(password));
+    assert.deepEqual(await fs.readdir(outputDir), [], 'the partial directory is removed');
+  });
+
   test('a partial directory left by a killed run is removed by the next backup; retention deletes whole directories', async () => {
     const outputDir = path.join(await tempDir(), 'backups');
     const old = await parallelBackup(outputDir);

@@ -870,6 +870,32 @@ describe('error classification', () => {
     assert.equal(error.hints[0], 'The server says: You might need to increase "max_locks_per_transaction".');
     assert.match(error.hints.join('\n'), /twice the number of tables and partitions/);
   });
+
+  test('the two failures only --jobs meets get hints about --jobs, not about lock timeouts or pg_dump -Fc', () => {
+    const failed = (stderr: string) =>
+      pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
+    // pg_dump 15's words, captured from real runs: ALTER TABLE t4 queued behind the parent's lock...
+    const ddl = failed(
+      'pg_dump: error: could not obtain lock on relation "public.t4"\nThis usually means that someone requested an ' +
+        'ACCESS EXCLUSIVE lock on the table after the pg_dump parent process had gotten the initial ACCESS SHARE lock ' +
+        'on the table.\npg_dump: error: a worker process died unexpectedly',
+    );
+    assert.equal(ddl.exitCode, EXIT.BACKUP_FAILED);
+    assert.equal(ddl.title, 'DDL on a table aborted the parallel dump');
+    assert.doesNotMatch(ddl.hints.join('\n'), /--lock-wait-timeout/);
+    assert.match(ddl.hints.join('\n'), /when no DDL runs.*, or without --jobs/);
+    // ...and --jobs 8 for a role WITH CONNECTION LIMIT 4; the server-wide limit is worded differently.
+    const role =
+      'pg_dump: error: reconnection failed: connection to server at "127.0.0.1", port 35927 failed: FATAL:  ' +
+      'too many connections for role "limited"\npg_dump: error: a worker process died unexpectedly';
+    const server = role.replace('too many connections for role "limited"', 'sorry, too many clients already');
+    for (const error of [failed(role), failed(server)]) {
+      assert.equal(error.exitCode, EXIT.CONNECTION);
+      assert.equal(error.title, 'No free connection for pg_dump');
+      assert.match(error.hints[0]!, /lower --jobs below the CONNECTION LIMIT of the role/);
+      assert.doesNotMatch(error.hints.join('\n'), /pg_dump -Fc/);
+    }
+  });
 });
 
 describe('metadataProblems', () => {

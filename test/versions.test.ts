@@ -12,6 +12,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import { assertRestoresIdentically, assertSameDatabases } from './helpers/compare.ts';
 import { dbVars, runCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { newestInstalledClientMajor, shimClientDir } from './helpers/clients.ts';
@@ -201,6 +202,64 @@ describe('choosing the client tools', () => {
     assert.equal(result.exitCode, 0, result.stdout);
     assert.match(JSON.parse(result.stdout).metadata.pg_dump_version, new RegExp(`^${installed}\\.`));
     await assert.rejects(fs.readFile(shim.log), 'the old shim was never run');
+  });
+
+  test('PG_BIN_DIR naming the installation, not its bin directory, stops the run (exit 6) and says so', async () => {
+    const shim = await shimClientDir('16.9');
+    const prefix = await tempDir();
+    await fs.symlink(shim.dir, path.join(prefix, 'bin'));
+    const result = await backupOf(servers.get(15)!, [], { PG_BIN_DIR: prefix });
+    assert.equal(result.exitCode, 6, result.stdout);
+    const error = JSON.parse(result.stdout);
+    assert.equal(error.error, `No pg_dump and pg_restore in --pg-bin-dir ${prefix}`);
+    assert.match(error.details, /holds no pg_dump and no pg_restore/);
+    assert.match(
+      error.hints[0],
+      new RegExp(`Did you mean ${prefix}/bin\\? It holds pg_dump 16\\.9 and pg_restore 16\\.9`),
+    );
+    assert.deepEqual(result.files, [], 'nothing written');
+    await assert.rejects(fs.readFile(shim.log), 'no client was run');
+  });
+
+  test(
+    'a directory whose pg_dump and pg_restore differ in major is passed over, and named by --pg-bin-dir it is refused',
+    skipUnless(noNewerClient),
+    async () => {
+      if (installed >= NEWER_MAJOR)
+        return assert.fail(`this machine has pg_restore ${installed}: the test needs one older than ${NEWER_MAJOR}`);
+      const mixed = await tempDir('backup-db-mixed-');
+      await fs.symlink(path.resolve(NEWER_CLIENT_DIR, 'pg_dump'), path.join(mixed, 'pg_dump'));
+      await fs.symlink((await execa('sh', ['-c', 'command -v pg_restore'])).stdout, path.join(mixed, 'pg_restore'));
+      const server = servers.get(NEWER_MAJOR)!;
+
+      // First on PATH, before a whole newer client: its pg_restore could not read its pg_dump's archives.
+      const env = { PATH: [mixed, path.resolve(NEWER_CLIENT_DIR), process.env.PATH].join(path.delimiter) };
+      const outputDir = path.join(await tempDir(), 'out');
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ver_app'));
+      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--json'];
+      const backup = await runCli({ args, env });
+      assert.equal(backup.exitCode, 0, backup.stdout);
+      const { backup_file: file, pg_dump_version: version } = JSON.parse(backup.stdout).metadata;
+      assert.match(version, new RegExp(`^${NEWER_MAJOR}\\.`));
+      const verified = await runCli({ args: ['--verify', path.join(outputDir, file), '--json'], env });
+      assert.equal(verified.exitCode, 0, verified.stdout);
+
+      const refused = await backupOf(server, ['--pg-bin-dir', mixed]);
+      assert.equal(refused.exitCode, 6, refused.stdout);
+      const error = JSON.parse(refused.stdout);
+      assert.equal(error.error, `No pg_dump and pg_restore in --pg-bin-dir ${mixed}`);
+      assert.match(error.details, new RegExp(`holds pg_dump ${NEWER_MAJOR}\\.\\d+ and pg_restore ${installed}\\.\\d+`));
+      assert.deepEqual(refused.files, [], 'nothing written');
+    },
+  );
+
+  test('a --pg-bin-dir that does not exist stops the run (exit 6), naming it', async () => {
+    const result = await backupOf(servers.get(15)!, ['--pg-bin-dir', '/nonexistent/bin']);
+    assert.equal(result.exitCode, 6, result.stdout);
+    const error = JSON.parse(result.stdout);
+    assert.equal(error.error, 'No pg_dump and pg_restore in --pg-bin-dir /nonexistent/bin');
+    assert.match(error.details, /^\/nonexistent\/bin does not exist/);
   });
 });
 
