@@ -2749,12 +2749,32 @@ export async function hashFile(filePath: string, signal?: AbortSignal): Promise<
   return { sha256: hash.digest('hex'), size };
 }
 
-/** The files of a directory-format archive, by path relative to it, sorted: a deterministic order. */
+/**
+ * The files of a directory-format archive, by path relative to it, sorted: a deterministic order.
+ * pg_dump writes only regular files; anything else (a symlink, a FIFO, a device) pg_restore would
+ * read while the checksum skipped it, so it fails the archive, named, and is never followed.
+ */
 async function archiveFiles(dir: string): Promise<string[]> {
   const entries = await fs.readdir(dir, { recursive: true, withFileTypes: true });
+  // Dirent.parentPath came with Node 20.12; its older name `path` is what 20.10 and 20.11 have.
+  const relative = (entry: (typeof entries)[number]) =>
+    path.relative(dir, path.join(entry.parentPath ?? entry.path, entry.name));
+  const foreign = entries.find((entry) => !entry.isFile() && !entry.isDirectory());
+  if (foreign) {
+    const kind = foreign.isSymbolicLink() ? 'a symbolic link' : foreign.isFIFO() ? 'a FIFO' : 'not a regular file';
+    throw verifyInputError(
+      `${relative(foreign)} in the archive is ${kind}`,
+      `${displayPath(dir)}: pg_dump writes only regular files; pg_restore would read it, unchecked by the checksum`,
+      [
+        'Do not restore from this backup',
+        `Inspect it: ls -l ${displayPath(dir)}`,
+        'Use another backup or take a new one',
+      ],
+    );
+  }
   return entries
     .filter((entry) => entry.isFile())
-    .map((entry) => path.relative(dir, path.join(entry.parentPath, entry.name)))
+    .map(relative)
     .sort();
 }
 

@@ -8,6 +8,8 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { gunzipSync } from 'node:zlib';
+import { execa } from 'execa';
 import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
@@ -122,6 +124,11 @@ describe('--jobs 2 (directory format)', () => {
       async (dir: string) => fs.writeFile(path.join(dir, 'extra.dat'), 'x'),
       /size mismatch, checksum mismatch/,
     ],
+    [
+      'a FIFO among its files',
+      async (dir: string) => execa('mkfifo', [path.join(dir, '9999.dat')]),
+      /9999\.dat in the archive is a FIFO/,
+    ],
   ] as const) {
     test(`--verify rejects ${damage} (exit 8)`, async () => {
       const copyDir = path.join(await tempDir(), 'copy');
@@ -135,6 +142,42 @@ describe('--jobs 2 (directory format)', () => {
       assert.match(result.stderr.split('\n')[0]!, check);
     });
   }
+
+  test('a data file shadowed by a symlink out of the backup: --verify, --list --verify, --restore and the drill refuse it', async () => {
+    // pg_restore reads NNNN.dat before NNNN.dat.gz: the link would restore whatever it points to.
+    const copyDir = path.join(await tempDir(), 'copy');
+    const copy = path.join(copyDir, path.basename(backup.backup_file));
+    await fs.cp(backup.backup_file, copy, { recursive: true });
+    await fs.copyFile(backup.metadata_file, path.join(copyDir, path.basename(backup.metadata_file)));
+    const data = (await fs.readdir(copy)).find((n) => n.endsWith('.dat.gz'))!;
+    const substitute = path.join(await tempDir(), 'substitute.dat');
+    await fs.writeFile(substitute, gunzipSync(await fs.readFile(path.join(copy, data))));
+    const link = data.replace(/\.gz$/, '');
+    await fs.symlink(substitute, path.join(copy, link));
+    const refused = new RegExp(`${link.replace('.', '\\.')} in the archive is a symbolic link`);
+
+    const verified = await runCli({ args: ['--verify', copy] });
+    assert.equal(verified.exitCode, 8, verified.stdout);
+    assert.match(verified.stderr.split('\n')[0]!, refused);
+    assert.equal((await runCli({ args: ['--list', '--verify', '--output-dir', copyDir] })).exitCode, 8);
+    const target = uniqueName('jobs_symlink_restore');
+    const restored = await runCli({
+      args: ['--restore', copy, '--target-db', target, '--env', 'dev', '--config-dir', configDir],
+    });
+    assert.equal(restored.exitCode, 8, restored.stdout);
+    assert.match(restored.stderr.split('\n')[0]!, refused);
+    const admin = await server.connect('postgres');
+    try {
+      const { rows } = await admin.query('SELECT 1 FROM pg_database WHERE datname = $1', [target]);
+      assert.deepEqual(rows, [], 'nothing was restored');
+    } finally {
+      await admin.end();
+    }
+    const drill = await runCli({
+      args: ['--verify', copy, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
+    assert.equal(drill.exitCode, 8, drill.stdout);
+  });
 });
 
 describe('--jobs failures and retention', () => {
