@@ -2880,12 +2880,33 @@ export async function hashFile(filePath: string, signal?: AbortSignal): Promise<
   return { sha256: hash.digest('hex'), size };
 }
 
-/** The files of a directory-format archive, by path relative to it, sorted: a deterministic order. */
+/**
+ * The files of a directory-format archive, by path relative to it, sorted: a deterministic order.
+ * pg_dump writes only regular files; anything else (a symlink, a FIFO, a device) pg_restore would
+ * read while the checksum skipped it, so it fails the archive, named, and is never followed.
+ */
 async function archiveFiles(dir: string): Promise<string[]> {
   const entries = await fs.readdir(dir, { recursive: true, withFileTypes: true });
+  // Dirent.parentPath came with Node 20.12; its older name `path` is what 20.10 and 20.11 have.
+  const relative = (entry: (typeof entries)[number]) =>
+    path.relative(dir, path.join(entry.parentPath ?? entry.path, entry.name));
+  const foreign = entries.find((entry) => !entry.isFile() && !entry.isDirectory());
+  if (foreign) {
+    const kind = foreign.isSymbolicLink() ? 'a symbolic link' : foreign.isFIFO() ? 'a FIFO' : 'not a regular file';
+    throw verifyInputError(
+      `${relative(foreign)} in the archive is ${kind}`,
+      `${displayPath(path.join(dir, relative(foreign)))} is ${kind}: pg_dump writes only regular files, and ` +
+        'pg_restore would read it, unchecked by the checksum',
+      [
+        'Do not restore from this backup',
+        `Inspect it: ls -l ${displayPath(dir)}`,
+        'Use another backup or take a new one',
+      ],
+    );
+  }
   return entries
     .filter((entry) => entry.isFile())
-    .map((entry) => path.relative(dir, path.join(entry.parentPath, entry.name)))
+    .map(relative)
     .sort();
 }
 
@@ -2920,6 +2941,14 @@ async function backupSize(backupPath: string): Promise<number> {
     (await archiveFiles(backupPath)).map(async (name) => (await fs.stat(path.join(backupPath, name))).size),
   );
   return sizes.reduce((sum, size) => sum + size, 0);
+}
+
+/** Throws unless this user can read every file of a backup, as pg_restore and the checksum must. */
+async function assertFilesReadable(backupPath: string): Promise<void> {
+  const files = (await fs.stat(backupPath)).isDirectory()
+    ? (await archiveFiles(backupPath)).map((name) => path.join(backupPath, name))
+    : [backupPath];
+  await Promise.all(files.map((file) => fs.access(file, fs.constants.R_OK)));
 }
 
 interface ArchiveListing {
@@ -3168,14 +3197,20 @@ function verifyInputError(title: string, details: string, hints: string[]): Back
   return new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { step: VERIFICATION_STEP });
 }
 
-/** The --verify argument must be a readable regular file (symlinks are followed). */
+/**
+ * The --verify argument must be a readable regular file (symlinks are followed), or a directory-format
+ * backup (--jobs): a directory with a toc.dat in it, every file of which is readable.
+ */
 async function assertReadableFile(filePath: string): Promise<void> {
   const shown = displayPath(filePath);
   let stat;
   try {
     stat = await fs.stat(filePath);
     await fs.access(filePath, fs.constants.R_OK);
+    if (stat.isDirectory() && (await fs.stat(path.join(filePath, 'toc.dat')).catch(() => undefined))?.isFile())
+      return await assertFilesReadable(filePath);
   } catch (error) {
+    if (error instanceof BackupError) throw error;
     const code = errnoCode(error);
     if (code === 'ENOENT')
       throw verifyInputError('backup file not found', `${shown} does not exist`, [
@@ -3187,11 +3222,10 @@ async function assertReadableFile(filePath: string): Promise<void> {
       ]);
     throw verifyInputError('backup file cannot be read', `${shown}: ${errorText(error)}`, [
       `Check its permissions: ls -l ${shown}`,
+      `Make it readable for ${os.userInfo().username}, the user this runs as`,
     ]);
   }
   if (stat.isDirectory()) {
-    // A directory-format backup (--jobs) is a directory with a toc.dat in it.
-    if ((await fs.stat(path.join(filePath, 'toc.dat')).catch(() => undefined))?.isFile()) return;
     throw verifyInputError('not a file', `${shown} is a directory`, [
       'Pass a .dump file, e.g. db/backups/<database>_<env>_<timestamp>.dump',
     ]);
@@ -3326,6 +3360,9 @@ export function sortNewestFirst<T extends { timestamp?: string | undefined; modi
   return [...entries].sort((a, b) => time(b) - time(a) || b.modifiedMs - a.modifiedMs || (a.file > b.file ? 1 : -1));
 }
 
+/** Why reading a backup failed, in the words its --list row gives. */
+const failureText = (error: unknown) => (error instanceof BackupError ? error.details : errorText(error));
+
 /**
  * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
  * pg_restore to use, the full check re-hashes the file and reads its table of contents.
@@ -3338,7 +3375,8 @@ async function describeBackup(
   const filePath = path.join(dir, name);
   const found = await inspectEntry(dir, name);
   if (!found) return undefined;
-  const entry: ListEntry = { ...found, status: 'verified', problems: [] };
+  const { unreadable, ...facts } = found;
+  const entry: ListEntry = { ...facts, status: 'verified', problems: [] };
   const loaded = await loadMetadata(metadataPathFor(filePath), name);
   if (loaded.status === 'missing') return { ...entry, status: 'no_metadata', problems: ['no metadata file'] };
   if (loaded.status === 'invalid') return { ...entry, status: 'invalid_metadata', problems: loaded.problems };
@@ -3354,15 +3392,18 @@ async function describeBackup(
     ...(metadata.system_identifier ? { systemIdentifier: metadata.system_identifier } : {}),
   };
   const failing = (status: ListStatus, problems: string[]): ListEntry => ({ ...described, status, problems });
+  if (unreadable) return failing('unreadable_archive', [unreadable]);
   if (entry.sizeBytes !== metadata.backup_size_bytes) {
     return failing('size_mismatch', [`${entry.sizeBytes} bytes, but the metadata says ${metadata.backup_size_bytes}`]);
   }
   if (!restoreClientFor) return described;
+  const cannotRead = await assertFilesReadable(filePath).then(() => undefined, failureText);
+  if (cannotRead) return failing('unreadable_archive', [cannotRead]);
   let client: PgClient;
   try {
     client = await restoreClientFor(await readArchiveHeader(filePath));
   } catch (error) {
-    const why = error instanceof BackupError ? error.details : errorText(error);
+    const why = failureText(error);
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND)
       return failing('unreadable_archive', [why]);
     // As --verify: a damaged header can claim any format; the checksum tells an intact backup from a damaged one.
@@ -3377,12 +3418,27 @@ async function describeBackup(
   return failed.length === 0 ? described : failing(FILE_CHECKS[failed[0]!].status, problems);
 }
 
-/** What a directory entry says by itself (name, size, age); undefined unless a file or directory. */
-async function inspectEntry(dir: string, name: string): Promise<Omit<ListEntry, 'status' | 'problems'> | undefined> {
+/**
+ * What a directory entry says by itself (name, size, age); undefined unless a file or directory. A
+ * directory this user cannot read is `unreadable` (why), for its row to say: one root-owned 0700
+ * directory must not break the listing, and with it retention and --check. A link to a directory
+ * is never walked: it may lead anywhere (/usr, /), while pg_dump writes a directory in place.
+ */
+async function inspectEntry(
+  dir: string,
+  name: string,
+): Promise<(Omit<ListEntry, 'status' | 'problems'> & { unreadable?: string }) | undefined> {
   const entryPath = path.join(dir, name);
+  const link = (await fs.lstat(entryPath).catch(() => undefined))?.isSymbolicLink();
   const stat = await fs.stat(entryPath).catch(() => undefined);
   if (!stat || !(stat.isFile() || stat.isDirectory())) return undefined;
-  return { file: name, ...parseBackupFileName(name), sizeBytes: await backupSize(entryPath), modifiedMs: stat.mtimeMs };
+  const found = { file: name, ...parseBackupFileName(name), sizeBytes: 0, modifiedMs: stat.mtimeMs };
+  if (link && stat.isDirectory()) return { ...found, unreadable: 'a symbolic link to a directory, not followed' };
+  try {
+    return { ...found, sizeBytes: await backupSize(entryPath) };
+  } catch (error) {
+    return { ...found, unreadable: failureText(error) };
+  }
 }
 
 /** A partial is a running backup's while its database's lock has a live owner, else a leftover. */

@@ -8,6 +8,8 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { gunzipSync } from 'node:zlib';
+import { execa } from 'execa';
 import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
@@ -122,6 +124,11 @@ describe('--jobs 2 (directory format)', () => {
       async (dir: string) => fs.writeFile(path.join(dir, 'extra.dat'), 'x'),
       /size mismatch, checksum mismatch/,
     ],
+    [
+      'a FIFO among its files',
+      async (dir: string) => execa('mkfifo', [path.join(dir, '9999.dat')]),
+      /9999\.dat in the archive is a FIFO/,
+    ],
   ] as const) {
     test(`--verify rejects ${damage} (exit 8)`, async () => {
       const copyDir = path.join(await tempDir(), 'copy');
@@ -135,6 +142,45 @@ describe('--jobs 2 (directory format)', () => {
       assert.match(result.stderr.split('\n')[0]!, check);
     });
   }
+
+  test('a data file shadowed by a symlink out of the backup: --verify, --list --verify, --restore and the drill refuse it', async () => {
+    // pg_restore reads NNNN.dat before NNNN.dat.gz: the link would restore whatever it points to.
+    const copyDir = path.join(await tempDir(), 'copy');
+    const copy = path.join(copyDir, path.basename(backup.backup_file));
+    await fs.cp(backup.backup_file, copy, { recursive: true });
+    await fs.copyFile(backup.metadata_file, path.join(copyDir, path.basename(backup.metadata_file)));
+    const data = (await fs.readdir(copy)).find((n) => n.endsWith('.dat.gz'))!;
+    const substitute = path.join(await tempDir(), 'substitute.dat');
+    await fs.writeFile(substitute, gunzipSync(await fs.readFile(path.join(copy, data))));
+    const link = data.replace(/\.gz$/, '');
+    await fs.symlink(substitute, path.join(copy, link));
+    const refused = new RegExp(`${link.replace('.', '\\.')} in the archive is a symbolic link`);
+
+    const verified = await runCli({ args: ['--verify', copy] });
+    assert.equal(verified.exitCode, 8, verified.stdout);
+    assert.match(verified.stderr.split('\n')[0]!, refused);
+    assert.equal((await runCli({ args: ['--list', '--verify', '--output-dir', copyDir] })).exitCode, 8);
+    const [row] = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', copyDir] })).stdout).backups;
+    assert.equal(row.status, 'unreadable_archive', 'its own row says so; the listing goes on');
+    assert.match(row.problems[0], new RegExp(`/${link.replace('.', '\\.')} is a symbolic link`));
+    const target = uniqueName('jobs_symlink_restore');
+    const restored = await runCli({
+      args: ['--restore', copy, '--target-db', target, '--env', 'dev', '--config-dir', configDir],
+    });
+    assert.equal(restored.exitCode, 8, restored.stdout);
+    assert.match(restored.stderr.split('\n')[0]!, refused);
+    const admin = await server.connect('postgres');
+    try {
+      const { rows } = await admin.query('SELECT 1 FROM pg_database WHERE datname = $1', [target]);
+      assert.deepEqual(rows, [], 'nothing was restored');
+    } finally {
+      await admin.end();
+    }
+    const drill = await runCli({
+      args: ['--verify', copy, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
+    assert.equal(drill.exitCode, 8, drill.stdout);
+  });
 });
 
 describe('--jobs failures and retention', () => {
@@ -197,5 +243,88 @@ describe('--jobs failures and retention', () => {
     );
     const kept = [path.basename(next.backup_file), path.basename(next.metadata_file), 'jobs_app_dev.lock.reserve'];
     assert.deepEqual(names.sort(), kept.sort());
+  });
+});
+
+describe('a directory backup this user cannot read', () => {
+  // As cron's user sees the root-owned 0700 directory one `sudo … --jobs N` run leaves behind.
+  const asCron = { withoutRootOverride: true };
+  const statuses = (stdout: string) =>
+    (JSON.parse(stdout).backups as Array<{ file: string; status: string }>).map((b) => [b.file, b.status]);
+
+  test(
+    "is that backup's ✗ Unreadable archive; --list, --check and retention go on with the rest",
+    { timeout: 120_000 },
+    async () => {
+      const outputDir = path.join(await tempDir(), 'backups');
+      const [oldest, middle, newest] = [
+        await parallelBackup(outputDir),
+        await parallelBackup(outputDir),
+        await parallelBackup(outputDir),
+      ].map((backup) => path.basename(backup.backup_file));
+      await fs.chmod(path.join(outputDir, oldest!), 0);
+      const where = ['--output-dir', outputDir];
+
+      const listed = await runCli({ args: ['--list', '--json', ...where], ...asCron });
+      assert.equal(listed.exitCode, 0, listed.stdout);
+      assert.deepEqual(statuses(listed.stdout), [
+        [newest, 'verified'],
+        [middle, 'verified'],
+        [oldest, 'unreadable_archive'],
+      ]);
+      assert.match(JSON.parse(listed.stdout).backups[2].problems[0], /permission denied/);
+      const full = await runCli({ args: ['--list', '--verify', '--json', ...where], ...asCron });
+      assert.equal(full.exitCode, 8, full.stdout);
+      assert.deepEqual(statuses(full.stdout), statuses(listed.stdout));
+
+      const config = ['--env', 'dev', '--config-dir', configDir, ...where];
+      const checked = await runCli({ args: [...config, '--check', '--max-age', '1h'], ...asCron });
+      assert.equal(checked.exitCode, 0, checked.stderr);
+      const pruned = await runCli({ args: [...config, '--jobs', '2', '--keep-last', '2'], ...asCron });
+      assert.equal(pruned.exitCode, 0, pruned.stderr);
+      assert.equal(pruned.stderr, '', 'retention worked: no warning');
+      assert.match(pruned.stdout, /left alone 1/);
+      const names = await fs.readdir(outputDir);
+      assert.ok(names.includes(oldest!), 'the unreadable backup is left alone');
+      assert.ok(!names.includes(middle!), 'the readable older backup was pruned');
+    },
+  );
+
+  test('one unreadable file in it: --verify says make it readable (exit 8); --list --verify shows that row', async () => {
+    const outputDir = path.join(await tempDir(), 'backups');
+    const backup = await parallelBackup(outputDir);
+    const data = (await fs.readdir(backup.backup_file)).find((n) => n.endsWith('.dat.gz'))!;
+    await fs.chmod(path.join(backup.backup_file, data), 0);
+
+    const verified = await runCli({ args: ['--verify', backup.backup_file], ...asCron });
+    assert.equal(verified.exitCode, 8, verified.stderr);
+    assert.match(verified.stderr.split('\n')[0]!, /^✗ Backup verification failed: backup file cannot be read$/);
+    assert.match(verified.stderr, new RegExp(`permission denied.*${data.replace('.', '\\.')}`));
+    assert.match(verified.stderr, /Make it readable/);
+    assert.doesNotMatch(verified.stderr, /writable/);
+    const full = await runCli({ args: ['--list', '--verify', '--json', '--output-dir', outputDir], ...asCron });
+    assert.equal(full.exitCode, 8, full.stdout);
+    assert.deepEqual(statuses(full.stdout), [[path.basename(backup.backup_file), 'unreadable_archive']]);
+  });
+
+  test('a symlink named like a backup is never walked into', async () => {
+    const outputDir = path.join(await tempDir(), 'backups');
+    const backup = await parallelBackup(outputDir);
+    // Were it walked, the unreadable directory at the far end would be the error.
+    const elsewhere = await tempDir();
+    await fs.mkdir(path.join(elsewhere, 'locked'));
+    await fs.chmod(path.join(elsewhere, 'locked'), 0);
+    const link = 'jobs_app_dev_2020-01-01T00-00-00Z.dump';
+    await fs.symlink(elsewhere, path.join(outputDir, link));
+    const metadata = { ...backup.metadata, backup_file: link, backup_timestamp: '2020-01-01T00:00:00Z' };
+    await fs.writeFile(path.join(outputDir, link.replace(/\.dump$/, '.metadata.json')), JSON.stringify(metadata));
+
+    const listed = await runCli({ args: ['--list', '--json', '--output-dir', outputDir], ...asCron });
+    assert.equal(listed.exitCode, 0, listed.stdout);
+    assert.deepEqual(statuses(listed.stdout), [
+      [path.basename(backup.backup_file), 'verified'],
+      [link, 'unreadable_archive'],
+    ]);
+    assert.match(JSON.parse(listed.stdout).backups[1].problems[0], /symbolic link to a directory/);
   });
 });
