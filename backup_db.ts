@@ -3880,7 +3880,7 @@ export interface ProdGuard {
   requestedEnv: Environment | 'auto';
   iKnowThisIsProd: boolean;
   /** Ask on the terminal; resolves to what was typed. Absent when there is no terminal (cron, --json). */
-  ask?: (question: string) => Promise<string>;
+  ask?: (question: string, signal: AbortSignal) => Promise<string>;
 }
 
 /**
@@ -3961,6 +3961,7 @@ async function assertProdRestoreAllowed(
   const typed = await guard.ask(
     `This will overwrite the PRODUCTION database "${target}" on ${server.host}:${server.port}.\nType its name to ` +
       `continue: `,
+    request.signal,
   );
   if (typed.trim() !== target) throw refuse('the typed name did not match');
 }
@@ -6103,11 +6104,15 @@ const OPERATION_NAMES: Record<CommandName, string> = {
 function terminalPrompt(): Pick<ProdGuard, 'ask'> {
   if (!process.stdin.isTTY || !process.stderr.isTTY) return {};
   return {
-    ask: async (question) => {
+    ask: async (question, signal) => {
       const { createInterface } = await import('node:readline/promises');
       const prompt = createInterface({ input: process.stdin, output: process.stderr });
       try {
-        return await prompt.question(question);
+        return await prompt.question(question, { signal });
+      } catch (error) {
+        signal.throwIfAborted();
+        // Ctrl-C typed at the prompt reaches readline as a key, not as SIGINT: an interrupt all the same.
+        throw errnoCode(error) === 'ABORT_ERR' ? interruptedError('SIGINT') : error;
       } finally {
         prompt.close();
       }

@@ -633,6 +633,53 @@ describe('the production guard', () => {
     },
   );
 
+  test(
+    'on a terminal, Ctrl-C or SIGTERM at the prompt stops the run as an interrupt (exit 130, 143); production untouched',
+    { timeout: 90_000, ...skipUnless(noTerminal) },
+    async () => {
+      const before = await withDatabase('rs_prod', snapshotDatabase);
+      const atPrompt = (stop: (cli: ReturnType<typeof execa>) => Promise<void>) => {
+        const cli = execa(
+          'script',
+          [
+            '-qec',
+            `'${process.execPath}' --import tsx '${SCRIPT}' --restore '${backup.dumpPath}' --target-db rs_prod --env prod --clean --config-dir '${configDir}'`,
+            '/dev/null',
+          ],
+          { cwd: PROJECT_DIR, reject: false },
+        );
+        let stopped = false;
+        cli.stdout!.on('data', (chunk) => {
+          if (stopped || !String(chunk).includes('Type its name to continue')) return;
+          stopped = true;
+          void stop(cli);
+        });
+        return cli;
+      };
+      // Typed on the terminal, Ctrl-C reaches the prompt as a key, not as a signal.
+      const ctrlC = await atPrompt(async (cli) => void cli.stdin!.write('\x03'));
+      assert.equal(ctrlC.exitCode, 130, String(ctrlC.stdout));
+      assert.match(String(ctrlC.stdout), /✗ Restore failed: Interrupted by SIGINT/);
+      // SIGTERM to the CLI itself (named in its session's application_name), which script does not relay.
+      const terminated = await atPrompt(async () => {
+        const pid = await withDatabase('postgres', async (c) => {
+          const { rows } = await c.query<{ name: string }>(
+            "SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'",
+          );
+          return Number(rows[0]!.name.split(':')[1]);
+        });
+        process.kill(pid, 'SIGTERM');
+        // A prompt deaf to it would wait for ever: killed after a while, it fails on the exit code below.
+        await within('the run to stop', 15_000, async () => !(await alive(pid))).catch(() =>
+          process.kill(pid, 'SIGKILL'),
+        );
+      });
+      assert.equal(terminated.exitCode, 143, String(terminated.stdout));
+      assert.match(String(terminated.stdout), /✗ Restore failed: Interrupted by SIGTERM/);
+      assert.deepEqual(await withDatabase('rs_prod', snapshotDatabase), before, 'production untouched');
+    },
+  );
+
   test('--env prod --i-know-this-is-prod restores over production', async () => {
     const result = await runCli({
       args: restoreArgs(backup.dumpPath, 'rs_prod', '--env', 'prod', '--clean', '--i-know-this-is-prod'),
