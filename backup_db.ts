@@ -1368,6 +1368,23 @@ async function withClient<T>(
 }
 
 /**
+ * `work` on `client` until `signal` aborts, which cuts the connection, so that a query waiting on a
+ * lock stops at once, and throws the signal's reason: for a connection of its own, used no further.
+ */
+async function untilAborted<T>(client: pg.Client, signal: AbortSignal, work: () => Promise<T>): Promise<T> {
+  const cut = () => client.connection.stream.destroy();
+  signal.addEventListener('abort', cut, { once: true });
+  try {
+    signal.throwIfAborted();
+    return await work();
+  } catch (error) {
+    throw signal.aborted ? signal.reason : error;
+  } finally {
+    signal.removeEventListener('abort', cut);
+  }
+}
+
+/**
  * End a connection, waiting for the server a second at most: node-postgres's end() says goodbye and
  * then waits for the server to close its side, which a frozen server or a dead network never does.
  */
@@ -4069,7 +4086,7 @@ export interface ProdGuard {
   requestedEnv: Environment | 'auto';
   iKnowThisIsProd: boolean;
   /** Ask on the terminal; resolves to what was typed. Absent when there is no terminal (cron, --json). */
-  ask?: (question: string) => Promise<string>;
+  ask?: (question: string, signal: AbortSignal) => Promise<string>;
 }
 
 /**
@@ -4150,6 +4167,7 @@ async function assertProdRestoreAllowed(
   const typed = await guard.ask(
     `This will overwrite the PRODUCTION database "${target}" on ${server.host}:${server.port}.\nType its name to ` +
       `continue: `,
+    request.signal,
   );
   if (typed.trim() !== target) throw refuse('the typed name did not match');
 }
@@ -4218,7 +4236,9 @@ async function targetState(
     );
   }
   const holdsObjects = async (client: pg.Client) => {
-    const { rows: objects } = await client.query<{ holds: boolean }>(HOLDS_OBJECTS_SQL);
+    const { rows: objects } = await untilAborted(client, signal, () =>
+      client.query<{ holds: boolean }>(HOLDS_OBJECTS_SQL),
+    );
     return objects[0]!.holds ? 'non-empty' : 'empty';
   };
   return withClient({ ...config, database: target }, connectTimeoutSeconds, holdsObjects, { signal });
@@ -4484,14 +4504,20 @@ interface RestorableArchive {
  * What a restore needs to know about the file, verified unless --force says otherwise. The quick
  * checks have passed on return; the SHA-256 re-read may still be going on (`checksum`).
  */
-async function restorableArchive(search: ClientSearch, file: string, force: boolean): Promise<RestorableArchive> {
+async function restorableArchive(
+  search: ClientSearch,
+  file: string,
+  force: boolean,
+  signal: AbortSignal,
+): Promise<RestorableArchive> {
   try {
-    const { quick, complete } = await startVerify(file, search);
+    const { quick, complete } = await startVerify(file, search, signal);
     // --force needs to know now what it goes past.
     if (force) await complete;
     const { filePath, metadataPath, metadata, inspection, client } = quick;
     return { filePath, metadataPath, toc: inspection.toc, pgRestore: client!.pgRestore, metadata, checksum: complete };
   } catch (error) {
+    signal.throwIfAborted(); // a check the interrupt cut short proves nothing
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
     const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(filePath));
@@ -4630,7 +4656,7 @@ async function restorePipeline(
   signal: AbortSignal,
 ): Promise<RestoreOutcome> {
   const drill = request.target === undefined;
-  const archive = await restorableArchive(request.search, request.file, request.force && !drill);
+  const archive = await restorableArchive(request.search, request.file, request.force && !drill, signal);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
   return withClient(
@@ -4651,11 +4677,17 @@ async function restorePipeline(
         ]);
       }
       // A database this run creates can be restored while the file is re-read, and dropped again if
-      // the re-read fails; one that exists is touched only once the file has been proven.
-      if (state !== 'missing') await archive.checksum;
+      // the re-read fails; one that exists is touched only once the file has been proven. An interrupt
+      // stops the re-read: until the drop, it leaves the target exactly as it was.
+      if (state !== 'missing')
+        await archive.checksum.catch((error) => (signal.aborted ? undefined : Promise.reject(error)));
+      signal.throwIfAborted();
       if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
-      if (state === 'missing' || request.clean) await createDatabase(admin, target);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
+      // Stopped from here until a restore has filled it, a replaced target is gone, which the message must say.
+      const interrupted = () => (targetAction === 'replaced' ? targetDropped(signal.reason, target) : signal.reason);
+      if (signal.aborted) throw interrupted();
+      if (state === 'missing' || request.clean) await createDatabase(admin, target);
       const started = performance.now();
       let run: PgRestoreRun | undefined;
       let durationMs = 0;
@@ -4668,6 +4700,8 @@ async function restorePipeline(
         filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
+      } catch (error) {
+        throw signal.aborted && !filled ? interrupted() : error;
       } finally {
         // A drill's database is scratch; one this run created and could not fill holds only a partial
         // restore: removed rather than left as a trap.
@@ -4706,6 +4740,16 @@ export interface RestoreTestRecord {
   mismatches: string[];
   /** Why a drill failed before it could compare row counts. */
   error?: string;
+}
+
+/** Interrupted after --clean dropped the target, before a restore filled it again: the usual words hide the loss. */
+function targetDropped(interrupt: BackupError, target: string): BackupError {
+  const details =
+    `"${target}" had been dropped (--clean) when the restore was stopped: its old content is gone, and no partial ` +
+    `restore is left in its place`;
+  return new BackupError(interrupt.exitCode, interrupt.title, details, [
+    `Run the same restore again to bring "${target}" back from the backup`,
+  ]);
 }
 
 /** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
@@ -6248,11 +6292,15 @@ const OPERATION_NAMES: Record<CommandName, string> = {
 function terminalPrompt(): Pick<ProdGuard, 'ask'> {
   if (!process.stdin.isTTY || !process.stderr.isTTY) return {};
   return {
-    ask: async (question) => {
+    ask: async (question, signal) => {
       const { createInterface } = await import('node:readline/promises');
       const prompt = createInterface({ input: process.stdin, output: process.stderr });
       try {
-        return await prompt.question(question);
+        return await prompt.question(question, { signal });
+      } catch (error) {
+        signal.throwIfAborted();
+        // Ctrl-C typed at the prompt reaches readline as a key, not as SIGINT: an interrupt all the same.
+        throw errnoCode(error) === 'ABORT_ERR' ? interruptedError('SIGINT') : error;
       } finally {
         prompt.close();
       }

@@ -24,13 +24,16 @@ import {
   writeEnvFile,
   type TakenBackup,
 } from './helpers/cli.ts';
+import { hashFile } from '../backup_db.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
+import { alive, processesWithEnv, within } from './helpers/processes.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
 const noTerminal = await unmet('script');
+const noProc = await unmet('proc');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -102,25 +105,49 @@ async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) 
 /**
  * A backup whose restore waits at a gate: a table whose CHECK reads a shared catalog, which
  * holdGate locks, so pg_restore's COPY waits on it, from whichever database, for as long as the
- * test needs.
+ * test needs. Dropping a database needs pg_shdescription too, creating or dropping one does not need
+ * pg_replication_origin (there pg_restore waits as it connects to the new database).
  */
-async function gatedBackupOf(): Promise<TakenBackup> {
+async function gatedBackupOf(catalog = 'pg_shdescription'): Promise<TakenBackup> {
   const gated = uniqueName('rs_gated');
   await server.createDatabase(gated);
   await withDatabase(gated, (c) =>
     c.query(`
-      CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM count(*) FROM pg_catalog.pg_shdescription; RETURN true; END $$;
+      CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM count(*) FROM pg_catalog.${catalog}; RETURN true; END $$;
       CREATE TABLE gated (id int CHECK (gate()));
       INSERT INTO gated VALUES (1);`),
   );
   return takeBackup(server, gated, path.join(await tempDir(), 'b'));
 }
 
-async function holdGate() {
-  const holder = await server.connect('postgres');
+/** Lock `catalog` (of `database`, unless it is a shared one) until the holder rolls back. */
+async function holdGate(catalog = 'pg_shdescription', database = 'postgres') {
+  const holder = await server.connect(database);
   const observer = await server.connect('postgres');
-  await holder.query('BEGIN; LOCK TABLE pg_catalog.pg_shdescription IN ACCESS EXCLUSIVE MODE');
+  await holder.query(`BEGIN; LOCK TABLE pg_catalog.${catalog} IN ACCESS EXCLUSIVE MODE`);
   return { holder, observer };
+}
+
+/** How far process `pid` has read `file`, by the offset of its descriptor on it; undefined if it has none open. */
+async function readOffset(pid: number, file: string): Promise<number | undefined> {
+  for (const fd of await fs.readdir(`/proc/${pid}/fd`).catch(() => [])) {
+    if ((await fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')) !== file) continue;
+    const info = await fs.readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8').catch(() => '');
+    const pos = /^pos:\s+(\d+)$/m.exec(info)?.[1];
+    if (pos !== undefined) return Number(pos);
+  }
+  return undefined;
+}
+
+/** Wait until a session (one still starting included) waits for the lock holdGate holds on `catalog`. */
+async function waitAtGate(observer: pg.Client, catalog: string) {
+  await waitFor(`a session to wait for ${catalog}`, async () => {
+    const { rows } = await observer.query(
+      'SELECT 1 FROM pg_catalog.pg_locks WHERE relation = $1::regclass AND NOT granted',
+      [`pg_catalog.${catalog}`],
+    );
+    return rows.length > 0 ? true : undefined;
+  });
 }
 
 describe('--restore', () => {
@@ -297,6 +324,111 @@ describe('--restore', () => {
         1,
         'restored once',
       );
+    },
+  );
+
+  test(
+    'Ctrl-C while it checks a --clean target → exit 130 at once; the target, not yet dropped, stays as it was',
+    { timeout: 90_000 },
+    async () => {
+      const target = uniqueName('rs_kept');
+      await server.createDatabase(target, [
+        'CREATE TABLE precious (id int PRIMARY KEY, v text)',
+        "INSERT INTO precious SELECT i, 'keep me ' || i FROM generate_series(1, 1000) i",
+      ]);
+      const before = await withDatabase(target, snapshotDatabase);
+      // The check of what the target holds reads pg_ts_template: locked there, it waits, before any drop.
+      const { holder, observer } = await holdGate('pg_ts_template', target);
+      const run = startCli({ args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev') });
+      try {
+        await waitAtGate(observer, 'pg_ts_template');
+        run.kill('SIGINT');
+        // Still locked: stopping must not wait for the check, and must not go on to the drop.
+        await within('the restore to stop while its check waits', 15_000, async () => !(await alive(run.pid!)));
+      } finally {
+        await holder.query('ROLLBACK');
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      const result = await run;
+      assert.equal(result.exitCode, 130, String(result.stderr));
+      assert.match(String(result.stderr).split('\n')[0]!, /^✗ Restore failed: Interrupted by SIGINT$/);
+      assert.doesNotMatch(String(result.stderr), /\n\s+at .+:\d+:\d+/, 'no stack trace');
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
+    },
+  );
+
+  test(
+    'SIGHUP while it re-reads a large file, before --clean drops the target → exit 129 at once; the target stays as it was',
+    { timeout: 120_000, ...skipUnless(noProc) },
+    async () => {
+      // Padded past its end, which pg_restore never reads: 2 GiB to re-read (sparse: no disk used).
+      const copy = await copyOfBackup();
+      const size = 2 * 1024 ** 3;
+      await fs.truncate(copy.dumpPath, size);
+      const { sha256 } = await hashFile(copy.dumpPath);
+      const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+      await fs.writeFile(
+        copy.metadataPath,
+        JSON.stringify({ ...metadata, checksum_sha256: sha256, backup_size_bytes: size }),
+      );
+      const target = uniqueName('rs_reread');
+      await server.createDatabase(target, "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')");
+      const before = await withDatabase(target, snapshotDatabase);
+      // Held at the target check, the last step before the wait for the re-read, until the re-read is under way.
+      const { holder, observer } = await holdGate('pg_ts_template', target);
+      const run = startCli({ args: restoreArgs(copy.dumpPath, target, '--clean', '--env', 'dev') });
+      try {
+        await waitAtGate(observer, 'pg_ts_template');
+        await holder.query('ROLLBACK');
+        await waitFor('the target check to end', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'backup_db:%'",
+            [target],
+          );
+          return rows.length === 0 ? true : undefined;
+        });
+        const offset = await readOffset(run.pid!, copy.dumpPath);
+        assert.ok(offset !== undefined && offset < size / 2, `the re-read is far from its end (at ${offset} bytes)`);
+        run.kill('SIGHUP');
+      } finally {
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      const result = await run;
+      assert.equal(result.exitCode, 129, String(result.stderr));
+      assert.match(String(result.stderr).split('\n')[0]!, /^✗ Restore failed: Interrupted by SIGHUP$/);
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
+    },
+  );
+
+  test(
+    'SIGTERM after --clean dropped the target, while pg_restore fills its successor → exit 143: the partial one is removed, and the message says the old one is gone',
+    { timeout: 90_000, ...skipUnless(noProc) },
+    async () => {
+      const gatedBackup = await gatedBackupOf('pg_replication_origin');
+      const target = uniqueName('rs_lost');
+      await server.createDatabase(target, "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('old')");
+      const { holder, observer } = await holdGate('pg_replication_origin');
+      const run = startCli({ args: restoreArgs(gatedBackup.dumpPath, target, '--clean', '--env', 'dev') });
+      // pg_restore runs with the CLI's application name in its environment.
+      const pgRestores = () => processesWithEnv('PGAPPNAME', `backup_db:${run.pid}`);
+      try {
+        await waitAtGate(observer, 'pg_replication_origin');
+        assert.ok((await pgRestores()).length > 0, 'pg_restore waits at the gate');
+        run.kill('SIGTERM');
+        // Once pg_restore is stopped, the run has taken the interrupt; the gate can open for its clean-up.
+        await within('pg_restore to be stopped', 15_000, async () => (await pgRestores()).length === 0);
+      } finally {
+        await holder.query('ROLLBACK');
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      const result = await run;
+      assert.equal(result.exitCode, 143, String(result.stderr));
+      const stderr = String(result.stderr);
+      assert.match(stderr.split('\n')[0]!, /^✗ Restore failed: Interrupted by SIGTERM$/);
+      assert.match(stderr, new RegExp(`"${target}" had been dropped \\(--clean\\)`));
+      assert.match(stderr, /its old content is gone/);
+      assert.match(stderr, /Run the same restore again/);
+      assert.ok(!(await databases()).includes(target), 'no half-restored target left behind');
     },
   );
 
@@ -499,6 +631,53 @@ describe('the production guard', () => {
       const right = await command('rs_prod');
       assert.equal(right.exitCode, 0, String(right.stdout));
       assert.match(String(right.stdout), /Restore completed/);
+    },
+  );
+
+  test(
+    'on a terminal, Ctrl-C or SIGTERM at the prompt stops the run as an interrupt (exit 130, 143); production untouched',
+    { timeout: 90_000, ...skipUnless(noTerminal) },
+    async () => {
+      const before = await withDatabase('rs_prod', snapshotDatabase);
+      const atPrompt = (stop: (cli: ReturnType<typeof execa>) => Promise<void>) => {
+        const cli = execa(
+          'script',
+          [
+            '-qec',
+            `'${process.execPath}' --import tsx '${SCRIPT}' --restore '${backup.dumpPath}' --target-db rs_prod --env prod --clean --config-dir '${configDir}'`,
+            '/dev/null',
+          ],
+          { cwd: PROJECT_DIR, reject: false },
+        );
+        let stopped = false;
+        cli.stdout!.on('data', (chunk) => {
+          if (stopped || !String(chunk).includes('Type its name to continue')) return;
+          stopped = true;
+          void stop(cli);
+        });
+        return cli;
+      };
+      // Typed on the terminal, Ctrl-C reaches the prompt as a key, not as a signal.
+      const ctrlC = await atPrompt(async (cli) => void cli.stdin!.write('\x03'));
+      assert.equal(ctrlC.exitCode, 130, String(ctrlC.stdout));
+      assert.match(String(ctrlC.stdout), /✗ Restore failed: Interrupted by SIGINT/);
+      // SIGTERM to the CLI itself (named in its session's application_name), which script does not relay.
+      const terminated = await atPrompt(async () => {
+        const pid = await withDatabase('postgres', async (c) => {
+          const { rows } = await c.query<{ name: string }>(
+            "SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'",
+          );
+          return Number(rows[0]!.name.split(':')[1]);
+        });
+        process.kill(pid, 'SIGTERM');
+        // A prompt deaf to it would wait for ever: killed after a while, it fails on the exit code below.
+        await within('the run to stop', 15_000, async () => !(await alive(pid))).catch(() =>
+          process.kill(pid, 'SIGKILL'),
+        );
+      });
+      assert.equal(terminated.exitCode, 143, String(terminated.stdout));
+      assert.match(String(terminated.stdout), /✗ Restore failed: Interrupted by SIGTERM/);
+      assert.deepEqual(await withDatabase('rs_prod', snapshotDatabase), before, 'production untouched');
     },
   );
 
