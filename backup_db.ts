@@ -1932,15 +1932,19 @@ async function assertNoRowSecurity(client: pg.Client, config: DbConfig, tables: 
   );
 }
 
-/** The statement locking every relation counted (`ONLY`: exactly those) in pg_dump's order; the server quotes names. */
+/**
+ * The statement locking every relation counted (`ONLY`: exactly those) in pg_dump's order; the server
+ * quotes names. NULL when none holds data (a partitioned table without partitions): nothing to lock.
+ */
 const LOCK_COUNTED_SQL = `
-  SELECT pg_catalog.format('LOCK TABLE %s IN ACCESS SHARE MODE',
-           pg_catalog.string_agg(pg_catalog.format('ONLY %I.%I', n.nspname, c.relname), ', ' ORDER BY c.oid)) AS sql
+  SELECT 'LOCK TABLE ' ||
+         pg_catalog.string_agg(pg_catalog.format('ONLY %I.%I', n.nspname, c.relname), ', ' ORDER BY c.oid) ||
+         ' IN ACCESS SHARE MODE' AS sql
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE c.oid = ANY($1::oid[])`;
 
-async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<string> {
-  const { rows } = await client.query<{ sql: string }>(LOCK_COUNTED_SQL, [tables.flatMap((t) => t.data_oids)]);
+async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<string | null> {
+  const { rows } = await client.query<{ sql: string | null }>(LOCK_COUNTED_SQL, [tables.flatMap((t) => t.data_oids)]);
   return rows[0]!.sql;
 }
 
@@ -1953,8 +1957,8 @@ async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<st
  * behind it (a clean "A table is locked"). Not awaited before pg_dump starts, so that a lock held
  * elsewhere keeps pg_dump waiting on it, where --stall-timeout and the messages look.
  */
-async function countRows(client: pg.Client, tables: UserTable[], lock: string): Promise<Record<string, number>> {
-  await client.query(lock);
+async function countRows(client: pg.Client, tables: UserTable[], lock: string | null): Promise<Record<string, number>> {
+  if (lock) await client.query(lock);
   const counts: Array<[string, number]> = [];
   for (const { schema, table, count_sql } of tables) {
     const { rows } = await client.query<{ n: string }>(count_sql);

@@ -223,6 +223,20 @@ describe('counts describe exactly what is in the file', () => {
     assert.match(drill.stderr, /"coll\.t" \(backup 3, restored 5\)/);
   });
 
+  test('a partitioned table with no partitions yet (no relation holds data): backed up, 0 rows, and it restores', async () => {
+    const database = uniqueName('noparts');
+    await server.createDatabase(database, ['CREATE TABLE events (k int, at date) PARTITION BY RANGE (at)']);
+    const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
+    assert.deepEqual(run.metadata.table_counts, { events: 0 });
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+    const drill = await runCli({
+      args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    assert.match(drill.stdout, /^events +0 +0 {2}✓$/m);
+  });
+
   test('a foreign table attached as a partition: its remote rows are not counted, and restores match with the remote gone', async () => {
     const [database, remote] = [uniqueName('fdw'), uniqueName('fdw_remote')];
     await server.createDatabase(remote, [
