@@ -991,15 +991,17 @@ export async function acquireBackupLock(
 ): Promise<BackupLock> {
   const lockPath = path.join(dir, lockFileName(config.database, config.environment));
   const { pid_namespace: namespace } = await pidScope();
-  const take = () => acquireLockFile(lockPath, (owner) => alreadyRunningError(config, owner, lockPath, namespace));
+  const busy = (owner: LockOwner) => alreadyRunningError(config, owner, lockPath, namespace);
+  const take = () => acquireLockFile(lockPath, busy);
   try {
     return await take();
   } catch (error) {
     const diskFull = error instanceof BackupError && error.exitCode === EXIT.DISK_SPACE;
     if (!spendReserve || !diskFull) throw error;
-    // No reserve to give up (another --prune has just taken it): the disk is simply full.
-    await fs.rm(lockReservePath(lockPath)).catch(() => {
-      throw error;
+    // No reserve to give up: another --prune took it and holds the lock, or the disk is simply full.
+    await fs.rm(lockReservePath(lockPath)).catch(async () => {
+      const found = await readLock(lockPath).catch(() => undefined);
+      throw found && !(await isStale(found)) ? busy(found.owner!) : error;
     });
     const lock = await take().catch(async (retryError: unknown) => {
       await keepLockReserve(lockPath);

@@ -192,4 +192,31 @@ describe('--prune on a full disk', () => {
       }
     },
   );
+
+  test(
+    'with the reserve already spent by a --prune that holds the lock, another --prune exits 7, not 5',
+    skipUnless(noTmpfs),
+    async () => {
+      const seed = path.join(await tempDir(), 'spent');
+      await fs.cp(full.outputDir, seed, { recursive: true });
+      await fs.rm(path.join(seed, reserve));
+      const lock = await acquireBackupLock(seed, { database: 'space_small', environment: 'dev' } as DbConfig);
+      try {
+        const held = await directoryFingerprint(seed);
+        const result = await runCliOnTmpfs(await exactFit(seed), seed, (outputDir) => [
+          ...full.args.slice(0, 4),
+          '--output-dir',
+          outputDir,
+          '--prune',
+          '--keep-last',
+          '1',
+        ]);
+        assert.equal(result.exitCode, 7, `${result.stdout}\n${result.stderr}`);
+        assert.match(result.stderr, new RegExp(`backup already running \\(pid ${process.pid}, since `));
+        assert.deepEqual(result.after, held, 'nothing deleted');
+      } finally {
+        await lock.release();
+      }
+    },
+  );
 });
