@@ -44,6 +44,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
@@ -1970,6 +1971,51 @@ async function countRows(client: pg.Client, tables: UserTable[], lock: string | 
   return Object.fromEntries(counts);
 }
 
+/**
+ * pg_dump waiting for a session (TRUNCATE, ALTER TABLE) that waits for this backup's own session,
+ * which holds its table locks until pg_dump ends: a cycle through this process, which the server's
+ * deadlock detector cannot see and no lock timeout of 0 would end.
+ */
+const LOCK_CYCLE_SQL = `
+  SELECT w.pid, pg_catalog.left(w.query, 200) AS query
+    FROM pg_catalog.pg_stat_activity d
+    CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(d.pid)) AS b(pid)
+    JOIN pg_catalog.pg_stat_activity w ON w.pid = b.pid
+   WHERE d.application_name = $1 AND pg_catalog.pg_backend_pid() = ANY (pg_catalog.pg_blocking_pids(w.pid))
+   LIMIT 1`;
+
+/**
+ * Once counted, this session only holds its locks until pg_dump ends: look for that cycle every
+ * second meanwhile, and fail on it at once, naming the session in it. pg_stat_activity is read
+ * afresh each time (it is otherwise kept for the whole transaction).
+ */
+async function refuseLockCycle(client: pg.Client, dumping: Promise<unknown>): Promise<void> {
+  let ended = false;
+  const end = dumping.then(
+    () => (ended = true),
+    () => (ended = true),
+  );
+  while (!ended) {
+    await client.query('SELECT pg_catalog.pg_stat_clear_snapshot()');
+    const { rows } = await client.query<{ pid: number; query: string }>(LOCK_CYCLE_SQL, [PG_DUMP_APPLICATION_NAME]);
+    if (rows[0]) throw lockCycleError(rows[0]);
+    await Promise.race([end, delay(1000, undefined, { ref: false })]);
+  }
+}
+
+function lockCycleError(waiter: { pid: number; query: string }): BackupError {
+  return new BackupError(
+    EXIT.BACKUP_FAILED,
+    'A table is locked',
+    `session ${waiter.pid} (${waiter.query}) waits for a table the backup has counted, and pg_dump waits behind ` +
+      'it for the same table: neither can go on',
+    [
+      'That session asked for an exclusive lock (TRUNCATE, ALTER TABLE, ...) after the backup had begun',
+      `Run the backup again once it has finished, or end it first: SELECT pg_terminate_backend(${waiter.pid});`,
+    ],
+  );
+}
+
 export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {
   // The connection (and the password) travel in the environment: see libpqEnv. Parallel workers
   // all import the same snapshot.
@@ -2500,7 +2546,8 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
         format === 'directory'
           ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
           : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
-      [dump, tableCounts] = await bothOrNeither(run, [dumping, counting]);
+      const counted = counting.then(async (counts) => (await refuseLockCycle(client, dumping), counts));
+      [dump, tableCounts] = await bothOrNeither(run, [dumping, counted]);
     } finally {
       watchdog?.stop();
       await progress?.stop();

@@ -149,27 +149,32 @@ describe('--lock-wait-timeout', () => {
   );
 
   test(
-    'a TRUNCATE queued behind the counts, and pg_dump behind it: exit 7, a table is locked, not a generic failure',
+    'with --lock-wait-timeout 0: a TRUNCATE waiting for the counted table while pg_dump waits for it is a cycle, ' +
+      'ended at once (exit 7, naming that session), never a hang',
     { timeout: 60_000 },
     async () => {
-      // pg_dump is held before it starts; the backup's own session asked for its table locks before that.
+      // The counts are done and their locks held when pg_dump asks for busy, queued behind the TRUNCATE,
+      // which waits for the backup's own session, which waits (in the tool) for pg_dump: no timeout ends it.
       const clients = await clientDirHolding('pg_dump', '--snapshot');
       const [truncator, observer] = await Promise.all([server.connect('slow_app'), server.connect('slow_app')]);
       const configDir = await tempDir();
       const outputDir = path.join(configDir, 'out');
       await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'slow_app'));
       const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
-      const cli = startCli({ args: [...args, '--lock-wait-timeout', '1s'] });
+      const cli = startCli({ args: [...args, '--lock-wait-timeout', '0', '--stall-timeout', '0'] });
       let truncated: Promise<unknown> = Promise.resolve();
+      let truncatorPid = 0;
       try {
         await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
-        await waitFor("the backup's own session to hold its lock on busy", async () => {
+        await waitFor("the backup's own session to hold its lock on busy, its counts done", async () => {
           const { rows } = await observer.query(
             `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted`,
+              WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted
+                AND a.state = 'idle in transaction'`,
           );
           return rows.length > 0 ? true : undefined;
         });
+        truncatorPid = (await truncator.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
         truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
         await waitFor('the TRUNCATE to queue behind the backup', async () => {
           const { rows } = await observer.query(
@@ -185,7 +190,8 @@ describe('--lock-wait-timeout', () => {
       await Promise.all([truncator.end(), observer.end()]);
       assert.equal(result.exitCode, 7, String(result.stderr));
       assert.match(String(result.stderr), /^✗ Backup failed: A table is locked$/m);
-      assert.match(String(result.stderr), /statement timeout[\s\S]*LOCK TABLE public\.busy/);
+      assert.match(String(result.stderr), new RegExp(`session ${truncatorPid} .*TRUNCATE busy`));
+      assert.match(String(result.stderr), new RegExp(`pg_terminate_backend\\(${truncatorPid}\\)`));
       assert.deepEqual(await fs.readdir(outputDir), [], 'no partial, no lock file');
     },
   );
