@@ -4737,9 +4737,9 @@ async function restorePipeline(
       signal.throwIfAborted();
       if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
-      // Stopped from here until a restore has filled it, a replaced target is gone, which the message must say.
-      const interrupted = () => (targetAction === 'replaced' ? targetDropped(signal.reason, target) : signal.reason);
-      if (signal.aborted) throw interrupted();
+      // Stopped or failed from here until a restore has filled it, a replaced target is gone and an empty
+      // one may hold part of the restore, which the message must say.
+      if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction);
       if (state === 'missing' || request.clean) await createDatabase(admin, target);
       const started = performance.now();
       let run: PgRestoreRun | undefined;
@@ -4754,7 +4754,7 @@ async function restorePipeline(
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
       } catch (error) {
-        throw signal.aborted && !filled ? interrupted() : error;
+        throw filled ? error : withTargetFate(signal.aborted ? signal.reason : error, target, targetAction);
       } finally {
         // A drill's database is scratch; one this run created and could not fill holds only a partial
         // restore: removed rather than left as a trap.
@@ -4795,14 +4795,25 @@ export interface RestoreTestRecord {
   error?: string;
 }
 
-/** Interrupted after --clean dropped the target, before a restore filled it again: the usual words hide the loss. */
-function targetDropped(interrupt: BackupError, target: string): BackupError {
-  const details =
-    `"${target}" had been dropped (--clean) when the restore was stopped: its old content is gone, and no partial ` +
-    `restore is left in its place`;
-  return new BackupError(interrupt.exitCode, interrupt.title, details, [
-    `Run the same restore again to bring "${target}" back from the backup`,
-  ]);
+/**
+ * A restore stopped or failed before it filled its target, with what became of an existing target:
+ * the usual words ("cleaned up after itself") would hide that --clean dropped it, or that an empty
+ * one left in place may now hold part of the restore. One this run created is dropped: nothing to add.
+ */
+function withTargetFate(error: unknown, target: string, action: RestoreOutcome['targetAction']): unknown {
+  if (!(error instanceof BackupError) || action === 'created') return error;
+  const [fate, hint] =
+    action === 'replaced'
+      ? [
+          `"${target}" had been dropped (--clean): its old content is gone, and no partial restore is left in its place`,
+          `Run the same restore again to bring "${target}" back from the backup`,
+        ]
+      : [
+          `"${target}" was an existing empty database and may now hold part of the restore`,
+          `Empty "${target}" (or drop it) before restoring into it again`,
+        ];
+  const { exitCode, title, details, hints, extra } = error;
+  return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
 }
 
 /** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */

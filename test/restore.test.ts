@@ -193,6 +193,35 @@ describe('--restore', () => {
     assert.equal(tables, 0, 'the old content is gone');
   });
 
+  test('pg_restore failing after --clean dropped the target, or in an existing empty one: the message says what became of it', async () => {
+    // pg_restore answers --version and --list as the real one, and fails every restore.
+    const failing = await tempDir('backup-db-failing-');
+    const realRestore = (await execa('sh', ['-c', 'command -v pg_restore'])).stdout.trim();
+    const realDump = (await execa('sh', ['-c', 'command -v pg_dump'])).stdout.trim();
+    await fs.writeFile(path.join(failing, 'pg_dump'), `#!/bin/sh\nexec '${realDump}' "$@"\n`, { mode: 0o755 });
+    await fs.writeFile(
+      path.join(failing, 'pg_restore'),
+      `#!/bin/sh\ncase "$*" in *--version*|*--list*) exec '${realRestore}' "$@";; esac\n` +
+        `echo 'pg_restore: error: simulated failure' >&2\nexit 1\n`,
+      { mode: 0o755 },
+    );
+    const replaced = uniqueName('rs_lost_to_failure');
+    await server.createDatabase(replaced, "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('old')");
+    const lost = await restore(backup.dumpPath, replaced, '--clean', '--pg-bin-dir', failing);
+    assert.equal(lost.exitCode, 7, lost.stderr);
+    assert.match(lost.stderr, /simulated failure/);
+    assert.match(lost.stderr, new RegExp(`"${replaced}" had been dropped \\(--clean\\)`));
+    assert.match(lost.stderr, /its old content is gone/);
+    assert.match(lost.stderr, /Run the same restore again/);
+
+    const empty = uniqueName('rs_empty_failed');
+    await server.createDatabase(empty);
+    const failed = await restore(backup.dumpPath, empty, '--pg-bin-dir', failing);
+    assert.equal(failed.exitCode, 7, failed.stderr);
+    assert.match(failed.stderr, new RegExp(`"${empty}" was an existing empty database and may now hold part of`));
+    assert.ok((await databases()).includes(empty), 'not ours to drop');
+  });
+
   test('a target holding objects but no tables (a function, a large object, a schema) is not empty', async () => {
     const holdings = [
       "CREATE FUNCTION important() RETURNS int LANGUAGE sql AS 'SELECT 42'",
