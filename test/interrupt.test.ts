@@ -94,21 +94,27 @@ describe('interrupted by a signal', () => {
   }
 });
 
+/** A directory with a backup of int_app, and settings that reach the server through a frozen proxy. */
+async function behindFrozenProxy() {
+  const proxy = await startProxy(server);
+  proxy.freeze();
+  const vars = { ...dbVars(server, 'DEV_DB_', 'int_app'), DEV_DB_HOST: proxy.host, DEV_DB_PORT: String(proxy.port) };
+  try {
+    return { proxy, existing: await directoryWithExistingBackup(server, 'int_app', vars) };
+  } catch (error) {
+    await proxy.close();
+    throw error;
+  }
+}
+
 describe('interrupted before the dump starts', () => {
   test(
     'SIGTERM while the server is slow to accept the connection: exit 143, nothing published',
     { timeout: 60_000 },
     async () => {
-      const proxy = await startProxy(server);
       // A server that takes its time: the connection waits until the test lets it through.
-      proxy.freeze();
+      const { proxy, existing } = await behindFrozenProxy();
       try {
-        const vars = {
-          ...dbVars(server, 'DEV_DB_', 'int_app'),
-          DEV_DB_HOST: proxy.host,
-          DEV_DB_PORT: String(proxy.port),
-        };
-        const existing = await directoryWithExistingBackup(server, 'int_app', vars);
         const cli = startCli({ args: existing.args });
         await waitFor('the backup to connect', async () => (proxy.connections > 0 ? true : undefined));
         assert.ok((await fs.readdir(existing.outputDir)).includes('int_app_dev.lock'), 'it holds the lock');
@@ -149,16 +155,9 @@ describe('interrupted before the dump starts', () => {
       // Long enough for a run that waits out the connect timeout to fail on the assertion, not here.
       { timeout: 120_000 },
       async () => {
-        const proxy = await startProxy(server);
         // It accepts the connection and then never answers, however long the client waits.
-        proxy.freeze();
+        const { proxy, existing } = await behindFrozenProxy();
         try {
-          const vars = {
-            ...dbVars(server, 'DEV_DB_', 'int_app'),
-            DEV_DB_HOST: proxy.host,
-            DEV_DB_PORT: String(proxy.port),
-          };
-          const existing = await directoryWithExistingBackup(server, 'int_app', vars);
           const dump = (await fs.readdir(existing.outputDir)).find((name) => name.endsWith('.dump'))!;
           const modeArgs = args.map((arg) => (arg === '%dump' ? path.join(existing.outputDir, dump) : arg));
           const cli = startCli({ args: [...existing.args, ...modeArgs, '--connect-timeout', '60'] });
