@@ -9,9 +9,12 @@
  *   Small helpers                          tethered child processes, quiet clean-up, error mapping
  *   Configuration                          .env layers, DEV_DB_* and DB_*, URLs, environment
  *   Client tools                           finding a pg_dump/pg_restore that fits the server
- *   Output directory, lock and disk space  permissions, the per-database lock, stale files, space
- *   Connection                             libpq environment, TLS, errors mapped to exit codes
- *   Dump                                   backup names, table inventory, pg_dump streamed through SHA-256
+ *   Output directory and lock              permissions, the per-database lock and its reserve
+ *   Leftovers and disk space               what killed runs left, free space, file-system errors
+ *   Connection                             libpq environment, child environments, TLS, passwords
+ *   Connection errors                      failures mapped to exit codes and hints; the server's facts
+ *   Backup names                           {database}_{env}_{timestamp}.dump, written and read in one place
+ *   Dump                                   table inventory, locked row counts, pg_dump streamed through SHA-256
  *   Stall watchdog                         stop a dump that writes nothing, saying what it waits on
  *   Progress                               a progress line on terminals
  *   Backup run                             lock, snapshot, dump and counts, publish, retention
@@ -804,7 +807,7 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
   ]);
 }
 
-// ─── Output directory, lock and disk space ───────────────────────────────────────────────
+// ─── Output directory and lock: permissions, lock owners, the reserve ───────────────────
 
 /** Create the output directory (0700: backups hold all the data) and prove we can write there. */
 async function prepareOutputDir(dir: string): Promise<void> {
@@ -1140,6 +1143,8 @@ function alreadyRunningError(
     ],
   );
 }
+
+// ─── Leftovers and disk space: what killed runs left, free space ────────────────────────
 
 /**
  * With the lock held, no other run of this database is writing here, so its leftovers are stale:
@@ -1513,6 +1518,8 @@ async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
     : { rejectUnauthorized: true, ca, servername: config.host };
 }
 
+// ─── Connection errors: exit codes and hints; server facts ───────────────────────────────
+
 /** Pure: classify a connection failure (pg error codes and socket errors) into message + hints. */
 export function connectionError(
   error: unknown,
@@ -1695,7 +1702,7 @@ async function readServerInfo(client: pg.Client): Promise<ServerInfo> {
   return { version: row.version.split(' ')[0]!, major: Math.floor(row.num / 10000) };
 }
 
-// ─── Dump ────────────────────────────────────────────────────────────────────────────────
+// ─── Backup names ────────────────────────────────────────────────────────────────────────
 
 /** "2025-01-27T14:30:00Z": the metadata's backup_timestamp, whole seconds. */
 export function isoSeconds(date: Date): string {
@@ -1816,6 +1823,8 @@ async function reserveBackupName(
     [`Look for leftover *${PARTIAL_SUFFIX} files in ${displayPath(dir)}`],
   );
 }
+
+// ─── Dump: tables, row counts and pg_dump ────────────────────────────────────────────────
 
 /**
  * Every user table pg_dump writes data for: all schemas but the system ones; partitioned tables
@@ -4805,7 +4814,7 @@ function withTargetFate(error: unknown, target: string, action: RestoreOutcome['
   const [fate, hint] =
     action === 'replaced'
       ? [
-          `"${target}" had been dropped (--clean): its old content is gone, and no partial restore is left in its place`,
+          `"${target}" had been dropped (--clean): its old content is gone, and no partial restore is left there`,
           `Run the same restore again to bring "${target}" back from the backup`,
         ]
       : [
@@ -5399,7 +5408,7 @@ function restoreText(outcome: RestoreOutcome): Text {
   return { out: lines, err: [] };
 }
 
-// ─── Output: secrets, problems, --json documents, printing ──────────────────────────────
+// ─── Output: secrets, problems, documents (--json), printing ────────────────────────────
 
 /** Every password the configuration could hold, so no message can ever print one. */
 export function secretsIn(vars: EnvVars): string[] {

@@ -25,3 +25,22 @@ test(`no line of backup_db.ts is longer than ${MAX_COLUMNS} characters, hints an
   assert.ok(lines.length > 1000, 'read the whole script');
   assert.deepEqual(long, []);
 });
+
+test("backup_db.ts's table of contents names its sections, one line each, in their order", async () => {
+  const source = await fs.readFile(SCRIPT, 'utf8');
+  const toc = source.slice(source.indexOf(' * Sections,'), source.indexOf(' * A backup:'));
+  const listed = toc
+    .split('\n')
+    .filter((line) => line.startsWith(' *   '))
+    .map((line) => line.slice(5).split(/\s{2,}/)[0]!);
+  const sections = source
+    .split('\n')
+    .filter((line) => line.startsWith('// ─── '))
+    .map((line) => line.slice(7).replace(/[ ─]+$/, ''));
+  assert.ok(sections.length > 20, 'found the section headers');
+  assert.deepEqual(
+    sections.map((title, i) => (listed[i] && title.startsWith(listed[i]) ? listed[i] : title)),
+    listed,
+    'each section header starts with its line in the table of contents',
+  );
+});
