@@ -4311,6 +4311,24 @@ async function createDatabase(admin: pg.Client, name: string): Promise<void> {
   await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)} TEMPLATE template0`);
 }
 
+/**
+ * --clean drops the target and creates it again: a role that owns its database but lacks CREATEDB
+ * could do the first and not the second, and lose it. Refused before anything is touched.
+ */
+async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, target: string): Promise<void> {
+  const sql = 'SELECT rolsuper OR rolcreatedb AS may FROM pg_catalog.pg_roles WHERE rolname = current_user';
+  if ((await admin.query<{ may: boolean }>(sql)).rows[0]?.may) return;
+  throw new BackupError(
+    EXIT.PERMISSION,
+    'The target cannot be replaced',
+    `role "${config.user}" could drop "${target}" but not create it again (it has no CREATEDB): nothing was touched`,
+    [
+      `Grant it (as a superuser): ALTER ROLE ${quoteIdentifier(config.user)} CREATEDB; or restore as a role with it`,
+      'Or restore into a new database that a role with CREATEDB creates, then switch the application to it',
+    ],
+  );
+}
+
 /** Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. */
 async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
   const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
@@ -4744,12 +4762,18 @@ async function restorePipeline(
       if (state !== 'missing')
         await archive.checksum.catch((error) => (signal.aborted ? undefined : Promise.reject(error)));
       signal.throwIfAborted();
-      if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
+      if (state !== 'missing' && request.clean) {
+        await assertMayCreateDatabase(admin, config, target);
+        await dropDatabase(admin, target, server.major);
+      }
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
       // Stopped or failed from here until a restore has filled it, a replaced target is gone and an empty
       // one may hold part of the restore, which the message must say.
       if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction);
-      if (state === 'missing' || request.clean) await createDatabase(admin, target);
+      if (state === 'missing' || request.clean)
+        await createDatabase(admin, target).catch((error: unknown) => {
+          throw withTargetFate(asBackupError(error, config), target, targetAction);
+        });
       const started = performance.now();
       let run: PgRestoreRun | undefined;
       let durationMs = 0;

@@ -916,6 +916,34 @@ describe('row-level security in the restored database', () => {
   );
 });
 
+describe('--clean by a role that owns its database but may not create one', () => {
+  test('is refused before the drop (exit 4): the target and its rows stay', { timeout: 90_000 }, async () => {
+    const [role, target] = [uniqueName('rs_owner'), uniqueName('rs_owned')];
+    await withDatabase('postgres', async (admin) => {
+      await admin.query(`CREATE ROLE ${role} LOGIN NOCREATEDB PASSWORD 'owner-pw'`);
+      await admin.query(`CREATE DATABASE ${target} OWNER ${role}`);
+    });
+    await withDatabase(target, (c) =>
+      c.query(
+        `CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep'); ALTER TABLE precious OWNER TO ${role}`,
+      ),
+    );
+    const before = await withDatabase(target, snapshotDatabase);
+    const asOwner = await tempDir();
+    await writeEnvFile(asOwner, '.env', {
+      ...dbVars(server, 'DEV_DB_', target),
+      DEV_DB_USER: role,
+      DEV_DB_PASSWORD: 'owner-pw',
+    });
+    const result = await runCli({
+      args: ['--restore', backup.dumpPath, '--target-db', target, '--clean', '--env', 'dev', '--config-dir', asOwner],
+    });
+    assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+    assert.match(result.stderr, new RegExp(`role "${role}" could drop "${target}" but not create it again`));
+    assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'untouched');
+  });
+});
+
 describe('administering the target server through a maintenance database', () => {
   test(
     'a server without the configured database, and a role that may not connect to postgres: restore and drill still work',
