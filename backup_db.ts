@@ -1981,22 +1981,32 @@ async function countRows(client: pg.Client, tables: UserTable[], lock: string | 
 }
 
 /**
- * pg_dump waiting for a session (TRUNCATE, ALTER TABLE) that waits for this backup's own session,
- * which holds its table locks until pg_dump ends: a cycle through this process, which the server's
- * deadlock detector cannot see and no lock timeout of 0 would end.
+ * pg_dump waiting, through any chain of sessions, for one (TRUNCATE, ALTER TABLE) that waits for
+ * this backup's own session, which holds its table locks until pg_dump ends: a cycle through this
+ * process, which the server's deadlock detector cannot see. Names the session waiting on ours.
  */
 const LOCK_CYCLE_SQL = `
-  SELECT w.pid, pg_catalog.left(w.query, 200) AS query
-    FROM pg_catalog.pg_stat_activity d
-    CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(d.pid)) AS b(pid)
-    JOIN pg_catalog.pg_stat_activity w ON w.pid = b.pid
-   WHERE d.application_name = $1 AND pg_catalog.pg_backend_pid() = ANY (pg_catalog.pg_blocking_pids(w.pid))
+  WITH RECURSIVE chain(pid, seen) AS (
+    SELECT b.pid, ARRAY[b.pid]
+      FROM pg_catalog.pg_stat_activity d
+     CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(d.pid)) AS b(pid)
+     WHERE d.application_name = $1
+    UNION ALL
+    SELECT n.pid, c.seen || n.pid
+      FROM chain c CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(c.pid)) AS n(pid)
+     WHERE n.pid <> ALL (c.seen) AND pg_catalog.cardinality(c.seen) < 50)
+  SELECT w.pid, w.query_start::text AS since, pg_catalog.left(w.query, 200) AS query
+    FROM chain c JOIN pg_catalog.pg_stat_activity w ON w.pid = c.pid
+   WHERE pg_catalog.pg_backend_pid() = ANY (pg_catalog.pg_blocking_pids(c.pid))
    LIMIT 1`;
 
+/** How long the same session must stay in the cycle: one with a lock_timeout of its own gives up first. */
+const LOCK_CYCLE_GRACE_MS = 10_000;
+
 /**
- * Once counted, this session only holds its locks until pg_dump ends: look for that cycle every
- * second meanwhile, and fail on it at once, naming the session in it. pg_stat_activity is read
- * afresh each time (it is otherwise kept for the whole transaction).
+ * With --lock-wait-timeout 0 (pg_dump's lock waits are otherwise bounded, cycle or not), look for
+ * that cycle every second while pg_dump runs, and fail once the same session has stayed in it for
+ * LOCK_CYCLE_GRACE_MS. pg_stat_activity is read afresh each time (else kept for the transaction).
  */
 async function refuseLockCycle(client: pg.Client, dumping: Promise<unknown>): Promise<void> {
   let ended = false;
@@ -2004,25 +2014,43 @@ async function refuseLockCycle(client: pg.Client, dumping: Promise<unknown>): Pr
     () => (ended = true),
     () => (ended = true),
   );
+  let seen: { key: string; at: number } | undefined;
   while (!ended) {
     await client.query('SELECT pg_catalog.pg_stat_clear_snapshot()');
-    const { rows } = await client.query<{ pid: number; query: string }>(LOCK_CYCLE_SQL, [PG_DUMP_APPLICATION_NAME]);
-    if (rows[0]) throw lockCycleError(rows[0]);
+    const { rows } = await client.query<CycleWaiter>(LOCK_CYCLE_SQL, [PG_DUMP_APPLICATION_NAME]);
+    const key = rows[0] && `${rows[0].pid} ${rows[0].since}`;
+    if (!key) seen = undefined;
+    else if (seen?.key !== key) seen = { key, at: performance.now() };
+    else if (millisecondsSince(seen.at) >= LOCK_CYCLE_GRACE_MS) throw lockCycleError(rows[0]!);
     await Promise.race([end, delay(1000, undefined, { ref: false })]);
   }
 }
 
-function lockCycleError(waiter: { pid: number; query: string }): BackupError {
+interface CycleWaiter {
+  pid: number;
+  since: string;
+  query: string;
+}
+
+function lockCycleError(waiter: CycleWaiter): BackupError {
   return new BackupError(
     EXIT.BACKUP_FAILED,
     'A table is locked',
-    `session ${waiter.pid} (${waiter.query}) waits for a table the backup has counted, and pg_dump waits behind ` +
-      'it for the same table: neither can go on',
+    `session ${waiter.pid} (${foreignQuery(waiter.query)}) waits for a table the backup has counted, and pg_dump ` +
+      'waits behind it: neither can go on',
     [
       'That session asked for an exclusive lock (TRUNCATE, ALTER TABLE, ...) after the backup had begun',
       `Run the backup again once it has finished, or end it first: SELECT pg_terminate_backend(${waiter.pid});`,
     ],
   );
+}
+
+/**
+ * Pure: another session's query as a message quotes it: on one line (its line breaks would forge
+ * lines of ours), with password literals (ALTER ROLE … PASSWORD '…') masked.
+ */
+export function foreignQuery(query: string): string {
+  return query.replace(/\s+/g, ' ').replace(/(PASSWORD\s+)'(?:[^']|'')*'?/gi, "$1'****'");
 }
 
 export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {
@@ -2233,9 +2261,9 @@ export function describeWait(wait: SessionWait): string {
   const blocked = (wait.blockers ?? []).map(
     (b) =>
       `blocked by pid ${b.pid} (user ${b.user ?? '?'}${b.application ? `, ${b.application}` : ''}, ` +
-      `${b.state ?? '?'}${b.since ? ` since ${b.since}` : ''}): ${b.query ?? ''}`,
+      `${b.state ?? '?'}${b.since ? ` since ${b.since}` : ''}): ${foreignQuery(b.query ?? '')}`,
   );
-  return [`${who} ${on}${wait.query ? ` in "${wait.query}"` : ''}`, ...blocked].join('; ');
+  return [`${who} ${on}${wait.query ? ` in "${foreignQuery(wait.query)}"` : ''}`, ...blocked].join('; ');
 }
 
 /**
@@ -2555,7 +2583,10 @@ async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit
         format === 'directory'
           ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
           : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
-      const counted = counting.then(async (counts) => (await refuseLockCycle(client, dumping), counts));
+      const counted =
+        options.lockWaitTimeoutMs === 0
+          ? counting.then(async (counts) => (await refuseLockCycle(client, dumping), counts))
+          : counting;
       [dump, tableCounts] = await bothOrNeither(run, [dumping, counted]);
     } finally {
       watchdog?.stop();

@@ -8,7 +8,8 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import type pg from 'pg';
+import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
@@ -149,6 +150,48 @@ describe('--lock-wait-timeout', () => {
   );
 
   test(
+    'a TRUNCATE queued behind the counts, and pg_dump behind it: exit 7, a table is locked, not a generic failure',
+    { timeout: 60_000 },
+    async () => {
+      // pg_dump is held before it starts; the backup's own session asked for its table locks before that.
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const [truncator, observer] = await Promise.all([server.connect('slow_app'), server.connect('slow_app')]);
+      const configDir = await tempDir();
+      const outputDir = path.join(configDir, 'out');
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'slow_app'));
+      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
+      const cli = startCli({ args: [...args, '--lock-wait-timeout', '1s'] });
+      let truncated: Promise<unknown> = Promise.resolve();
+      try {
+        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
+        await waitFor("the backup's own session to hold its lock on busy", async () => {
+          const { rows } = await observer.query(
+            `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted`,
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
+        await waitFor('the TRUNCATE to queue behind the backup', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_locks WHERE relation = 'busy'::regclass AND NOT granted",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+      } finally {
+        await fs.writeFile(clients.release, '');
+      }
+      const result = await cli;
+      await truncated;
+      await Promise.all([truncator.end(), observer.end()]);
+      assert.equal(result.exitCode, 7, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Backup failed: A table is locked$/m);
+      assert.match(String(result.stderr), /statement timeout[\s\S]*LOCK TABLE public\.busy/);
+      assert.deepEqual(await fs.readdir(outputDir), [], 'no partial, no lock file');
+    },
+  );
+
+  test(
     'with --lock-wait-timeout 0: a TRUNCATE waiting for the counted table while pg_dump waits for it is a cycle, ' +
       'ended at once (exit 7, naming that session), never a hang',
     { timeout: 60_000 },
@@ -166,22 +209,10 @@ describe('--lock-wait-timeout', () => {
       let truncatorPid = 0;
       try {
         await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
-        await waitFor("the backup's own session to hold its lock on busy, its counts done", async () => {
-          const { rows } = await observer.query(
-            `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted
-                AND a.state = 'idle in transaction'`,
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+        await waitForCountsHoldingBusy(observer);
         truncatorPid = (await truncator.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
         truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
-        await waitFor('the TRUNCATE to queue behind the backup', async () => {
-          const { rows } = await observer.query(
-            "SELECT 1 FROM pg_locks WHERE relation = 'busy'::regclass AND NOT granted",
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+        await waitForQueuedOnBusy(observer);
       } finally {
         await fs.writeFile(clients.release, '');
       }
@@ -196,6 +227,87 @@ describe('--lock-wait-timeout', () => {
     },
   );
 
+  test(
+    'with --lock-wait-timeout 0: a session in that cycle with a lock_timeout of its own gives up first, and the backup goes on',
+    { timeout: 60_000 },
+    async () => {
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const [migration, observer] = await Promise.all([server.connect('slow_app'), server.connect('slow_app')]);
+      const configDir = await tempDir();
+      const outputDir = path.join(configDir, 'out');
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'slow_app'));
+      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
+      const cli = startCli({ args: [...args, '--lock-wait-timeout', '0', '--stall-timeout', '0'] });
+      let migrated: Promise<unknown> = Promise.resolve();
+      try {
+        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
+        await waitForCountsHoldingBusy(observer);
+        // As migration tools do: give up on the lock rather than queue every query behind it.
+        migrated = migration.query("SET lock_timeout = '2s'; ALTER TABLE busy ADD COLUMN added_by_migration int").then(
+          () => 'done',
+          (error: Error) => error.message,
+        );
+        await waitForQueuedOnBusy(observer);
+      } finally {
+        await fs.writeFile(clients.release, '');
+      }
+      const result = await cli;
+      assert.equal(await migrated, 'canceling statement due to lock timeout');
+      await Promise.all([migration.end(), observer.end()]);
+      assert.equal(result.exitCode, 0, String(result.stderr));
+    },
+  );
+
+  test(
+    'with --lock-wait-timeout 0: a cycle through another session (pg_dump → B → A → the backup) is found too',
+    { timeout: 60_000 },
+    async () => {
+      const database = uniqueName('cycle');
+      await server.createDatabase(database, [
+        'CREATE TABLE parted (k int) PARTITION BY LIST (k)',
+        'CREATE TABLE parted_a PARTITION OF parted FOR VALUES IN (1)',
+        'CREATE TABLE busy (id int)',
+        'INSERT INTO busy SELECT generate_series(1, 100)',
+        'CREATE VIEW v AS SELECT 1 AS one',
+      ]);
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const connect = () => server.connect(database);
+      const [a, b, observer] = await Promise.all([connect(), connect(), connect()]);
+      const configDir = await tempDir();
+      const outputDir = path.join(configDir, 'out');
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
+      const cli = startCli({ args: [...args, '--lock-wait-timeout', '0', '--stall-timeout', '0'] });
+      const aPid = (await a.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+      const waiting: Array<Promise<unknown>> = [];
+      try {
+        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
+        await waitForCountsHoldingBusy(observer);
+        // A holds v and waits for busy (the backup's); B holds parted, which pg_dump will want, and waits for v.
+        waiting.push(a.query('BEGIN; LOCK TABLE v IN ACCESS EXCLUSIVE MODE; TRUNCATE busy').catch(() => undefined));
+        await waitForQueuedOnBusy(observer);
+        waiting.push(
+          b.query('BEGIN; LOCK TABLE ONLY parted IN ACCESS EXCLUSIVE MODE; LOCK TABLE v').catch(() => undefined),
+        );
+        await waitFor('B to wait for v', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_locks WHERE relation = 'v'::regclass AND NOT granted",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+      } finally {
+        await fs.writeFile(clients.release, '');
+      }
+      const result = await cli;
+      await Promise.all([a.query('ROLLBACK').catch(() => undefined), b.query('ROLLBACK').catch(() => undefined)]);
+      await Promise.all(waiting);
+      await Promise.all([a.end(), b.end(), observer.end()]);
+      assert.equal(result.exitCode, 7, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Backup failed: A table is locked$/m);
+      assert.match(String(result.stderr), new RegExp(`session ${aPid} \\(BEGIN; LOCK TABLE v .*TRUNCATE busy\\)`));
+    },
+  );
+
   test('bad values are refused by the parser (exit 2)', async () => {
     for (const value of ['forever', '-1s', '10 parsecs', '']) {
       const result = await runCli({ args: ['--lock-wait-timeout', value] });
@@ -204,3 +316,23 @@ describe('--lock-wait-timeout', () => {
     }
   });
 });
+
+/** Until the backup's own session holds its lock on busy with its counts done. */
+async function waitForCountsHoldingBusy(observer: pg.Client): Promise<void> {
+  await waitFor("the backup's own session to hold its lock on busy, its counts done", async () => {
+    const { rows } = await observer.query(
+      `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted
+          AND a.state = 'idle in transaction'`,
+    );
+    return rows.length > 0 ? true : undefined;
+  });
+}
+
+/** Until a session queues for busy. */
+async function waitForQueuedOnBusy(observer: pg.Client): Promise<void> {
+  await waitFor('a session to queue for busy', async () => {
+    const { rows } = await observer.query("SELECT 1 FROM pg_locks WHERE relation = 'busy'::regclass AND NOT granted");
+    return rows.length > 0 ? true : undefined;
+  });
+}

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import { describe, test } from 'node:test';
 import {
+  foreignQuery,
   dumpedFraction,
   progressLine,
   chooseClient,
@@ -1400,4 +1401,13 @@ describe('found by the re-test of the fixes', () => {
     assert.ok(!/[\x00-\x1f]/.test(line), line);
     assert.match(line, /evil\\x1b\]0;PWNED\\x07/);
   });
+});
+
+test("another session's query in a message: one line, its password literals masked", () => {
+  assert.equal(foreignQuery('BEGIN;\n  TRUNCATE t;\r\nCOMMIT'), 'BEGIN; TRUNCATE t; COMMIT');
+  assert.equal(
+    foreignQuery("ALTER ROLE app PASSWORD 'it''s secret'; TRUNCATE t"),
+    "ALTER ROLE app PASSWORD '****'; TRUNCATE t",
+  );
+  assert.equal(foreignQuery("CREATE ROLE x password\n'cut sho"), "CREATE ROLE x password '****'");
 });
