@@ -154,16 +154,10 @@ describe('--lock-wait-timeout', () => {
     { timeout: 60_000 },
     async () => {
       // pg_dump is held before it starts; the backup's own session asked for its table locks before that.
-      const clients = await clientDirHolding('pg_dump', '--snapshot');
       const [truncator, observer] = await Promise.all([server.connect('slow_app'), server.connect('slow_app')]);
-      const configDir = await tempDir();
-      const outputDir = path.join(configDir, 'out');
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'slow_app'));
-      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
-      const cli = startCli({ args: [...args, '--lock-wait-timeout', '1s'] });
+      const { cli, outputDir, release } = await backupWithHeldPgDump('slow_app', ['--lock-wait-timeout', '1s']);
       let truncated: Promise<unknown> = Promise.resolve();
       try {
-        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
         await waitFor("the backup's own session to hold its lock on busy", async () => {
           const { rows } = await observer.query(
             `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -172,14 +166,9 @@ describe('--lock-wait-timeout', () => {
           return rows.length > 0 ? true : undefined;
         });
         truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
-        await waitFor('the TRUNCATE to queue behind the backup', async () => {
-          const { rows } = await observer.query(
-            "SELECT 1 FROM pg_locks WHERE relation = 'busy'::regclass AND NOT granted",
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+        await waitForQueuedOnBusy(observer);
       } finally {
-        await fs.writeFile(clients.release, '');
+        await release();
       }
       const result = await cli;
       await truncated;
@@ -198,23 +187,22 @@ describe('--lock-wait-timeout', () => {
     async () => {
       // The counts are done and their locks held when pg_dump asks for busy, queued behind the TRUNCATE,
       // which waits for the backup's own session, which waits (in the tool) for pg_dump: no timeout ends it.
-      const clients = await clientDirHolding('pg_dump', '--snapshot');
       const [truncator, observer] = await Promise.all([server.connect('slow_app'), server.connect('slow_app')]);
-      const configDir = await tempDir();
-      const outputDir = path.join(configDir, 'out');
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'slow_app'));
-      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
-      const cli = startCli({ args: [...args, '--lock-wait-timeout', '0', '--stall-timeout', '0'] });
+      const { cli, outputDir, release } = await backupWithHeldPgDump('slow_app', [
+        '--lock-wait-timeout',
+        '0',
+        '--stall-timeout',
+        '0',
+      ]);
       let truncated: Promise<unknown> = Promise.resolve();
       let truncatorPid = 0;
       try {
-        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
         await waitForCountsHoldingBusy(observer);
         truncatorPid = (await truncator.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
         truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
         await waitForQueuedOnBusy(observer);
       } finally {
-        await fs.writeFile(clients.release, '');
+        await release();
       }
       const result = await cli;
       await truncated;
@@ -231,16 +219,15 @@ describe('--lock-wait-timeout', () => {
     'with --lock-wait-timeout 0: a session in that cycle with a lock_timeout of its own gives up first, and the backup goes on',
     { timeout: 60_000 },
     async () => {
-      const clients = await clientDirHolding('pg_dump', '--snapshot');
       const [migration, observer] = await Promise.all([server.connect('slow_app'), server.connect('slow_app')]);
-      const configDir = await tempDir();
-      const outputDir = path.join(configDir, 'out');
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'slow_app'));
-      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
-      const cli = startCli({ args: [...args, '--lock-wait-timeout', '0', '--stall-timeout', '0'] });
+      const { cli, release } = await backupWithHeldPgDump('slow_app', [
+        '--lock-wait-timeout',
+        '0',
+        '--stall-timeout',
+        '0',
+      ]);
       let migrated: Promise<unknown> = Promise.resolve();
       try {
-        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
         await waitForCountsHoldingBusy(observer);
         // As migration tools do: give up on the lock rather than queue every query behind it.
         migrated = migration.query("SET lock_timeout = '2s'; ALTER TABLE busy ADD COLUMN added_by_migration int").then(
@@ -249,7 +236,7 @@ describe('--lock-wait-timeout', () => {
         );
         await waitForQueuedOnBusy(observer);
       } finally {
-        await fs.writeFile(clients.release, '');
+        await release();
       }
       const result = await cli;
       assert.equal(await migrated, 'canceling statement due to lock timeout');
@@ -270,18 +257,17 @@ describe('--lock-wait-timeout', () => {
         'INSERT INTO busy SELECT generate_series(1, 100)',
         'CREATE VIEW v AS SELECT 1 AS one',
       ]);
-      const clients = await clientDirHolding('pg_dump', '--snapshot');
       const connect = () => server.connect(database);
       const [a, b, observer] = await Promise.all([connect(), connect(), connect()]);
-      const configDir = await tempDir();
-      const outputDir = path.join(configDir, 'out');
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
-      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
-      const cli = startCli({ args: [...args, '--lock-wait-timeout', '0', '--stall-timeout', '0'] });
+      const { cli, release } = await backupWithHeldPgDump(database, [
+        '--lock-wait-timeout',
+        '0',
+        '--stall-timeout',
+        '0',
+      ]);
       const aPid = (await a.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
       const waiting: Array<Promise<unknown>> = [];
       try {
-        await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
         await waitForCountsHoldingBusy(observer);
         // A holds v and waits for busy (the backup's); B holds parted, which pg_dump will want, and waits for v.
         waiting.push(a.query('BEGIN; LOCK TABLE v IN ACCESS EXCLUSIVE MODE; TRUNCATE busy').catch(() => undefined));
@@ -296,7 +282,7 @@ describe('--lock-wait-timeout', () => {
           return rows.length > 0 ? true : undefined;
         });
       } finally {
-        await fs.writeFile(clients.release, '');
+        await release();
       }
       const result = await cli;
       await Promise.all([a.query('ROLLBACK').catch(() => undefined), b.query('ROLLBACK').catch(() => undefined)]);
@@ -335,4 +321,22 @@ async function waitForQueuedOnBusy(observer: pg.Client): Promise<void> {
     const { rows } = await observer.query("SELECT 1 FROM pg_locks WHERE relation = 'busy'::regclass AND NOT granted");
     return rows.length > 0 ? true : undefined;
   });
+}
+
+/** A backup of `database` whose pg_dump is held before it starts (its session's locks asked for), until release(). */
+async function backupWithHeldPgDump(database: string, extra: string[]) {
+  const clients = await clientDirHolding('pg_dump', '--snapshot');
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'out');
+  await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+  const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
+  const cli = startCli({ args: [...args, ...extra] });
+  const release = () => fs.writeFile(clients.release, '');
+  try {
+    await waitFor('pg_dump to be started', async () => await fs.stat(clients.started).catch(() => undefined));
+  } catch (error) {
+    await release();
+    throw error;
+  }
+  return { cli, outputDir, release };
 }
