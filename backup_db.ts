@@ -936,8 +936,8 @@ async function readLock(file: string): Promise<FoundLock | undefined> {
     handle = await openRegularFile(file);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
-    // A FIFO or device is refused; a socket cannot even be opened (ENXIO).
-    throw errnoCode(error) === 'ENOTREG' || errnoCode(error) === 'ENXIO' ? lockNotRegularFile(file) : error;
+    // A FIFO, socket or device (openRegularFile refuses them all as ENOTREG).
+    throw errnoCode(error) === 'ENOTREG' ? lockNotRegularFile(file) : error;
   }
   try {
     const stat = await handle.stat({ bigint: true });
@@ -1376,10 +1376,12 @@ async function withClient<T>(
 }
 
 /**
- * `work` on `client` until `signal` aborts, which cuts the connection, so that a query waiting on a
- * lock stops at once, and throws the signal's reason: for a connection of its own, used no further.
+ * `work` on `client` until `signal` aborts, which cuts the connection, so that a connection attempt or
+ * a query waiting on a lock stops at once, and throws the signal's reason: for a connection of its
+ * own, used no further. Without a signal, just `work`.
  */
-async function untilAborted<T>(client: pg.Client, signal: AbortSignal, work: () => Promise<T>): Promise<T> {
+async function untilAborted<T>(client: pg.Client, signal: AbortSignal | undefined, work: () => Promise<T>): Promise<T> {
+  if (!signal) return work();
   const cut = () => client.connection.stream.destroy();
   signal.addEventListener('abort', cut, { once: true });
   try {
@@ -1422,22 +1424,19 @@ async function openClient(
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
-  // A server that never answers would hold an interrupt for the whole connect timeout: cut the socket.
-  const cut = () => client.connection.stream.destroy();
-  signal?.addEventListener('abort', cut, { once: true });
   try {
-    signal?.throwIfAborted();
-    await client.connect();
-    // As pg_dump does: names in our queries resolve to built-ins only, or a function a database's
-    // users created (a public.format(text, text) matches better than the variadic built-in) runs
-    // with our role, a superuser maybe. Set after connecting, it overrides ALTER ROLE/DATABASE SET.
-    await client.query("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
+    // A server that never answers would hold an interrupt for the whole connect timeout: cut the socket.
+    await untilAborted(client, signal, async () => {
+      await client.connect();
+      // As pg_dump does: names in our queries resolve to built-ins only, or a function a database's
+      // users created (a public.format(text, text) matches better than the variadic built-in) runs
+      // with our role, a superuser maybe. Set after connecting, it overrides ALTER ROLE/DATABASE SET.
+      await client.query("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
+    });
     return client;
   } catch (error) {
     await client.end().catch(() => undefined);
-    throw signal?.aborted ? signal.reason : error;
-  } finally {
-    signal?.removeEventListener('abort', cut);
+    throw error;
   }
 }
 
