@@ -4773,29 +4773,31 @@ async function restorePipeline(
     config,
     timeout,
     async (admin) => {
-      const server = await readServerInfo(admin);
-      if (!drill) {
-        await assertProdRestoreAllowed(vars, admin, config, { ...request, target, signal });
-        await claimRestoreTarget(admin, config, target);
-      }
-      await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
-      const state = drill ? 'missing' : await targetState(admin, config, target, timeout, signal);
-      if (state === 'non-empty' && !request.clean) {
-        throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
-          'Restore into a new database: --target-db <new name> (it is created)',
-          `Or replace it: add --clean, which drops "${target}" and creates it again`,
-        ]);
-      }
-      // A database this run creates can be restored while the file is re-read, and dropped again if
-      // the re-read fails; one that exists is touched only once the file has been proven. An interrupt
-      // stops the re-read: until the drop, it leaves the target exactly as it was.
-      if (state !== 'missing')
-        await archive.checksum.catch((error) => (signal.aborted ? undefined : Promise.reject(error)));
+      // Until the target is touched, an interrupt cuts the connection: a check stuck on a frozen server
+      // or a lock ends at once. From the create or drop on, the connection is needed to clean up.
+      const { server, state } = await untilAborted(admin, signal, async () => {
+        const server = await readServerInfo(admin);
+        if (!drill) {
+          await assertProdRestoreAllowed(vars, admin, config, { ...request, target, signal });
+          await claimRestoreTarget(admin, config, target);
+        }
+        await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
+        const state = drill ? 'missing' : await targetState(admin, config, target, timeout, signal);
+        if (state === 'non-empty' && !request.clean) {
+          throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
+            'Restore into a new database: --target-db <new name> (it is created)',
+            `Or replace it: add --clean, which drops "${target}" and creates it again`,
+          ]);
+        }
+        // A database this run creates can be restored while the file is re-read, and dropped again if
+        // the re-read fails; one that exists is touched only once the file has been proven. An interrupt
+        // stops the re-read: until the drop, it leaves the target exactly as it was.
+        if (state !== 'missing' && request.clean) await assertMayCreateDatabase(admin, config, target);
+        if (state !== 'missing') await archive.checksum;
+        return { server, state };
+      });
       signal.throwIfAborted();
-      if (state !== 'missing' && request.clean) {
-        await assertMayCreateDatabase(admin, config, target);
-        await dropDatabase(admin, target, server.major);
-      }
+      if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
       // Stopped or failed from here until a restore has filled it, a replaced target is gone and an empty
       // one may hold part of the restore, which the message must say.

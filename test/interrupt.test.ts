@@ -181,6 +181,49 @@ describe('interrupted before the dump starts', () => {
       },
     );
   }
+  // The server answers the connection, then freezes on one of the checks made before the target is touched.
+  const whileChecking = [
+    { mode: '--restore', args: ['--target-db', 'int_new'], query: 'pg_try_advisory_lock', failed: 'Restore' },
+    { mode: 'the drill', args: ['--restore-test'], query: 'server_version_num', failed: 'Restore test' },
+  ] as const;
+  for (const { mode, args, query, failed } of whileChecking) {
+    test(
+      `SIGINT while ${mode}'s check waits on a frozen server: exit 130 at once, no database created`,
+      { timeout: 120_000 },
+      async () => {
+        const { proxy, existing } = await behindFrozenProxy();
+        proxy.thaw();
+        proxy.freezeOn(query);
+        try {
+          const dump = (await fs.readdir(existing.outputDir)).find((name) => name.endsWith('.dump'))!;
+          const modeArgs = [mode === '--restore' ? '--restore' : '--verify', path.join(existing.outputDir, dump)];
+          const cli = startCli({ args: [...existing.args, ...modeArgs, ...args] });
+          await waitFor(`${mode} to send ${query}`, async () => (proxy.frozen ? true : undefined));
+          const signalled = Date.now();
+          cli.kill('SIGINT');
+          const result = await cli;
+          const waited = Date.now() - signalled;
+          assert.equal(result.exitCode, 130, String(result.stdout) + String(result.stderr));
+          assert.ok(waited < 20_000, `it ended ${waited} ms after the signal`);
+          assert.match(
+            String(result.stderr).split('\n')[0]!,
+            new RegExp(`^✗ ${failed} failed: Interrupted by SIGINT$`),
+          );
+        } finally {
+          await proxy.close();
+        }
+        const client = await server.connect('postgres');
+        try {
+          const { rows } = await client.query(
+            "SELECT datname FROM pg_database WHERE datname ~ '^(int_new|backup_db_drill_)'",
+          );
+          assert.deepEqual(rows, [], 'no target or scratch database was created');
+        } finally {
+          await client.end();
+        }
+      },
+    );
+  }
 });
 
 describe('killed with SIGKILL', () => {

@@ -11,7 +11,10 @@ export interface FreezableProxy {
   port: number;
   /** Connections accepted so far. */
   readonly connections: number;
+  readonly frozen: boolean;
   freeze(): void;
+  /** Freeze as soon as a client sends `text` (a query of the tool's, say), holding that query back too. */
+  freezeOn(text: string): void;
   thaw(): void;
   /** Drop every connection and stop listening. */
   close(): Promise<void>;
@@ -20,6 +23,7 @@ export interface FreezableProxy {
 export async function startProxy(target: { host: string; port: number }): Promise<FreezableProxy> {
   let frozen = false;
   let connections = 0;
+  let trigger: string | undefined;
   const held: Array<() => void> = [];
   const sockets = new Set<net.Socket>();
   const whenThawed = (action: () => void) => (frozen ? held.push(action) : action());
@@ -32,7 +36,10 @@ export async function startProxy(target: { host: string; port: number }): Promis
       [upstream, client],
     ] as const) {
       sockets.add(from);
-      from.on('data', (chunk) => whenThawed(() => to.write(chunk)));
+      from.on('data', (chunk: Buffer) => {
+        if (from === client && trigger !== undefined && chunk.includes(trigger)) [frozen, trigger] = [true, undefined];
+        whenThawed(() => to.write(chunk));
+      });
       from.on('end', () => whenThawed(() => to.end()));
       from.on('error', () => whenThawed(() => to.destroy()));
     }
@@ -44,7 +51,11 @@ export async function startProxy(target: { host: string; port: number }): Promis
     get connections() {
       return connections;
     },
+    get frozen() {
+      return frozen;
+    },
     freeze: () => void (frozen = true),
+    freezeOn: (text) => void (trigger = text),
     thaw() {
       frozen = false;
       held.splice(0).forEach((action) => action());
