@@ -2044,12 +2044,18 @@ function lockCycleError(waiter: CycleWaiter): BackupError {
   );
 }
 
+/** A string literal: E'…' (backslash escapes), '…', $tag$…$tag$; open to the end when the text was cut short. */
+const SQL_LITERAL = /(?<![\w$])[Ee]'(?:[^'\\]|''|\\[\s\S])*'?|'(?:[^']|'')*'?|\$([A-Za-z_]\w*)?\$[\s\S]*?(?:\$\1\$|$)/g;
+
 /**
  * Pure: another session's query as a message quotes it: on one line (its line breaks would forge
- * lines of ours), with password literals (ALTER ROLE … PASSWORD '…') masked.
+ * lines of ours), every literal masked, as any may carry a secret (a PASSWORD, a key, a connection
+ * string) or personal data. What it does and to which tables stays readable.
  */
 export function foreignQuery(query: string): string {
-  return query.replace(/\s+/g, ' ').replace(/(PASSWORD\s+)'(?:[^']|'')*'?/gi, "$1'****'");
+  const mask = (literal: string, tag?: string) =>
+    literal.startsWith('$') ? `$${tag ?? ''}$****$${tag ?? ''}$` : `${/^[Ee]/.test(literal) ? 'E' : ''}'****'`;
+  return query.replace(SQL_LITERAL, mask).replace(/\s+/g, ' ');
 }
 
 export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {

@@ -1411,3 +1411,18 @@ test("another session's query in a message: one line, its password literals mask
   );
   assert.equal(foreignQuery("CREATE ROLE x password\n'cut sho"), "CREATE ROLE x password '****'");
 });
+
+test("another session's query in a message: every literal masked, since any may carry a secret", () => {
+  // A key, a connection string, personal data: the query's shape tells the operator enough.
+  assert.equal(
+    foreignQuery("SELECT dblink_connect('host=db password=hunter2'); UPDATE u SET ssn = E'123\\'45' WHERE id = 7"),
+    "SELECT dblink_connect('****'); UPDATE u SET ssn = E'****' WHERE id = 7",
+  );
+  assert.equal(
+    foreignQuery("CREATE FUNCTION f() RETURNS text AS $body$ SELECT 'k3y' $body$; SELECT $$x$$, $1"),
+    'CREATE FUNCTION f() RETURNS text AS $body$****$body$; SELECT $$****$$, $1',
+  );
+  // Cut short by track_activity_query_size: an open literal is masked to the end.
+  assert.equal(foreignQuery('INSERT INTO t VALUES ($q$sec'), 'INSERT INTO t VALUES ($q$****$q$');
+  assert.equal(foreignQuery("INSERT INTO t VALUES ('sec"), "INSERT INTO t VALUES ('****'");
+});
