@@ -2498,10 +2498,13 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
       const retention = await applyRetention(config, options, server, signal);
       return { ...published, removedStaleFiles, retention };
     } catch (error) {
+      const title = 'Applying the retention policy failed';
       const retentionError =
         error instanceof BackupError
           ? error
-          : new BackupError(EXIT.GENERAL, 'Applying the retention policy failed', errorText(error));
+          : errnoCode(error)
+            ? fileSystemError(error, title, options.outputDir)
+            : new BackupError(EXIT.GENERAL, title, errorText(error));
       return { ...published, removedStaleFiles, retentionError };
     }
   } catch (error) {
@@ -6385,10 +6388,9 @@ async function runMode(
         ...(result.retention && !result.retention.dryRun ? { deleted: result.retention.deleted } : {}),
       };
       const done = completed('backup', backupDocument(result), () => backupSummaryText(result), facts);
-      // The backup stands either way; a refusal to prune means a damaged backup sits in the directory,
-      // and the run record names the refusal, not a generic problem; an interrupt keeps its exit code.
-      const refusedOrInterrupted = [EXIT.VERIFY_FAILED, EXIT.SIGHUP, EXIT.SIGINT, EXIT.SIGTERM] as number[];
-      if (!result.retentionError || !refusedOrInterrupted.includes(result.retentionError.exitCode)) return done;
+      // The backup stands, but a retention that failed (refused, interrupted, or a deletion that failed)
+      // fails the run with its own code, so that cron, the log and the alerts see it before the disk fills.
+      if (!result.retentionError) return done;
       return { ...done, exitCode: result.retentionError.exitCode, failure: result.retentionError };
     }
   }

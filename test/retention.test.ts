@@ -26,6 +26,9 @@ import { clientDirHolding } from './helpers/clients.ts';
 import { startProxy } from './helpers/proxy.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte, waitFor } from './helpers/wait.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+
+const noSetpriv = await unmet('setpriv');
 
 const policy = (p: Partial<RetentionPolicy>): RetentionPolicy => ({ last: 0, daily: 0, weekly: 0, monthly: 0, ...p });
 const at = (...isoTimes: string[]) => isoTimes.map((iso) => ({ file: iso, time: new Date(iso) }));
@@ -807,6 +810,51 @@ describe('retention on real backups', () => {
     assert.equal(dumps.length, 3, 'nothing deleted: the old one, the damaged one and the new one');
     assert.ok(dumps.includes(old) && dumps.includes(newest));
   });
+
+  test(
+    'after a backup, a deletion that fails (permission denied) fails the run: exit 4, logged, hooked, the new backup kept',
+    skipUnless(noSetpriv),
+    async () => {
+      const dir = path.join(await tempDir(), 'backups');
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+      const where = ['--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
+      const first = await runCli({ args: [...where, '--jobs', '2'] });
+      assert.equal(first.exitCode, 0, first.stdout + first.stderr);
+      // A directory backup (--jobs) whose files cannot be removed: the rule's deletion of it fails.
+      const old = (await fs.readdir(dir)).find((n) => n.endsWith('.dump'))!;
+      await fs.chmod(path.join(dir, old), 0o555);
+      const [logFile, hooked] = [path.join(configDir, 'runs.log'), path.join(configDir, 'hooked')];
+      try {
+        const result = await runCli({
+          args: [
+            ...where,
+            '--keep-last',
+            '1',
+            '--log-file',
+            logFile,
+            '--on-failure',
+            `echo "$BACKUP_EXIT_CODE" > ${hooked}`,
+          ],
+          withoutRootOverride: true,
+        });
+        assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+        assert.match(result.stdout, /^✓ Backup created successfully$/m);
+        assert.match(result.stderr, /^⚠ The backup is fine, but applying the retention policy failed: .*EACCES/m);
+        const logged = JSON.parse((await fs.readFile(logFile, 'utf8')).split('\n')[0]!);
+        assert.deepEqual(
+          [logged.outcome, logged.exit_code, logged.error],
+          ['failure', 4, 'Applying the retention policy failed'],
+        );
+        assert.equal(await fs.readFile(hooked, 'utf8'), '4\n');
+        const dumps = (await fs.readdir(dir)).filter((n) => n.endsWith('.dump'));
+        assert.equal(dumps.length, 2, 'the new backup, and the one that could not be deleted');
+        assert.ok(dumps.includes(old));
+      } finally {
+        await fs.chmod(path.join(dir, old), 0o755);
+      }
+    },
+  );
 
   /**
    * Run ret_app's backup or prune with `args`, and SIGTERM it while its (held) pg_restore checks `newest`;
