@@ -4994,13 +4994,14 @@ export function runSummary(record: RunRecord): string {
 const HTTP_TIMEOUT_MS = 5_000;
 
 /** POST once: undefined when the receiver took it, else why not, and whether trying again may help. */
-async function postOnce(url: string, contentType: string, body: string) {
+async function postOnce(url: string, contentType: string, body: string, signal?: AbortSignal) {
   try {
+    const timeout = AbortSignal.timeout(HTTP_TIMEOUT_MS);
     const response = await fetch(url, {
       method: 'POST',
       headers: { 'content-type': contentType, 'user-agent': 'backup_db' },
       body,
-      signal: AbortSignal.timeout(HTTP_TIMEOUT_MS),
+      signal: signal ? AbortSignal.any([timeout, signal]) : timeout,
     });
     await response.body?.cancel();
     if (response.ok) return undefined;
@@ -5153,10 +5154,15 @@ export function pingUrlFor(base: string, kind: 'start' | 'success' | 'fail'): st
 
 /**
  * POST one heartbeat with a short text body (the run's outcome in one line). Resolves with why it
- * failed, or undefined: a ping never fails a run, and waits at most 5 s.
+ * failed, or undefined: a ping never fails a run, and waits at most 5 s, or until `signal`.
  */
-async function sendPing(base: string, kind: 'start' | 'success' | 'fail', body: string): Promise<string | undefined> {
-  return (await postOnce(pingUrlFor(base, kind), 'text/plain; charset=utf-8', body))?.why;
+async function sendPing(
+  base: string,
+  kind: 'start' | 'success' | 'fail',
+  body: string,
+  signal?: AbortSignal,
+): Promise<string | undefined> {
+  return (await postOnce(pingUrlFor(base, kind), 'text/plain; charset=utf-8', body, signal))?.why;
 }
 
 /** The series the metrics file holds, each labelled by database and environment. */
@@ -6480,11 +6486,13 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && automation.pingUrl) {
-      const why = await sendPing(
-        automation.pingUrl,
-        'start',
-        `backup of ${redact(config!.database, secrets)} (${config!.environment}) started on ${os.hostname()}`,
-      );
+      const text = `backup of ${redact(config!.database, secrets)} (${config!.environment}) started on ${os.hostname()}`;
+      // An interrupt while the receiver takes its time ends the run at once, as one at any other step does.
+      const why = await withInterruptSignal(async (signal) => {
+        const failed = await sendPing(automation.pingUrl!, 'start', text, signal);
+        signal.throwIfAborted();
+        return failed;
+      });
       if (why) {
         printWarning(io, warningProblem('Heartbeat ping failed', why, secrets));
         automation = { ...automation, startPingFailure: why };

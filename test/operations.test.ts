@@ -24,7 +24,7 @@ import { dbVars, runCli, startCli, tempDir, takeBackup, writeEnvFile, type Taken
 import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
-import { flipMiddleByte, holdTableLock, waitForNoBackupSessions } from './helpers/wait.ts';
+import { flipMiddleByte, holdTableLock, waitFor, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -45,8 +45,11 @@ const wrongPassword = (database = 'ops_app') => ({
   DEV_DB_PASSWORD: 'Wr0ng-pa55word',
 });
 
-/** A heartbeat receiver (healthchecks.io style) that records each request's method, path and body. */
-async function heartbeatReceiver() {
+/**
+ * A heartbeat receiver (healthchecks.io style) that records each request's method, path and body;
+ * one whose path ends with `hold` is never answered.
+ */
+async function heartbeatReceiver({ hold }: { hold?: string } = {}) {
   const received: Array<{ method: string; path: string; body: string }> = [];
   const sockets = new Set<net.Socket>();
   const receiver = http.createServer((request, response) => {
@@ -54,7 +57,7 @@ async function heartbeatReceiver() {
     request.on('data', (chunk) => (body += chunk));
     request.on('end', () => {
       received.push({ method: request.method!, path: request.url!, body });
-      response.writeHead(200).end('OK');
+      if (hold === undefined || !request.url!.endsWith(hold)) response.writeHead(200).end('OK');
     });
   });
   receiver.on('connection', (socket) => sockets.add(socket));
@@ -106,6 +109,36 @@ describe('--ping-url (heartbeat)', () => {
       );
       assert.match(hb.received[1]!.body, /FAILED .*\(exit 3\): Database authentication failed/);
       assert.ok(!hb.received.some((r) => r.body.includes('Wr0ng-pa55word')), 'no password in a ping');
+    } finally {
+      await hb.close();
+    }
+  });
+
+  test('SIGTERM while the start ping waits for an answer: exit 143 at once, logged and pinged as failed, no backup', async () => {
+    const hb = await heartbeatReceiver({ hold: '/start' });
+    try {
+      const s = await setup();
+      const logFile = path.join(s.configDir, 'runs.log');
+      const cli = startCli({ args: [...s.base, '--ping-url', hb.url, '--log-file', logFile] });
+      await waitFor('the start ping', async () => (hb.received.length > 0 ? true : undefined));
+      cli.kill('SIGTERM');
+      const result = await cli;
+      assert.equal(result.exitCode, 143, `${result.stdout}${result.stderr}`);
+      assert.match(String(result.stderr).split('\n')[0]!, /^✗ Backup failed: Interrupted by SIGTERM$/);
+      const logged = JSON.parse((await fs.readFile(logFile, 'utf8')).split('\n')[0]!);
+      assert.deepEqual([logged.command, logged.outcome, logged.exit_code], ['backup', 'failure', 143]);
+      assert.deepEqual(
+        hb.received.map((r) => r.path),
+        ['/ping/0d4c-secret-uuid/start', '/ping/0d4c-secret-uuid/fail'],
+      );
+      assert.equal(
+        await fs
+          .readdir(s.outputDir)
+          .catch(() => [])
+          .then((names) => names.length),
+        0,
+        'no backup',
+      );
     } finally {
       await hb.close();
     }
