@@ -6486,7 +6486,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && automation.pingUrl) {
-      const text = `backup of ${redact(config!.database, secrets)} (${config!.environment}) started on ${os.hostname()}`;
+      const { database, environment } = config!;
+      const text = `backup of ${redact(database, secrets)} (${environment}) started on ${os.hostname()}`;
       // An interrupt while the receiver takes its time ends the run at once, as one at any other step does.
       const why = await withInterruptSignal(async (signal) => {
         const failed = await sendPing(automation.pingUrl!, 'start', text, signal);
