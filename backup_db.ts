@@ -303,9 +303,11 @@ export function misreadDotenvValues(text: string): Set<string> {
   return misread;
 }
 
+const PROCESS_ENVIRONMENT = 'the process environment';
+
 /** Read .env.local then .env from `dir` without touching process.env; dotenv.parse prints nothing. */
 async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<EnvVars> {
-  const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: 'the process environment', vars: processEnv }];
+  const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: PROCESS_ENVIRONMENT, vars: processEnv }];
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
     try {
@@ -391,7 +393,7 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
 export function resolveDbConfig(vars: EnvVars, environment: Environment, where = '.env.local or .env'): DbConfig {
   const urlVar = environment === 'dev' ? 'DEV_DATABASE_URL' : 'DATABASE_URL';
   const url = vars.get(urlVar);
-  if (url) return configFromUrl(url, urlVar, environment);
+  if (url) return withLibpqSslMode(configFromUrl(url, urlVar, environment), vars);
 
   const prefixes = environment === 'dev' ? ['DEV_DB_', 'DB_'] : ['DB_'];
   // A setting as found, and its origin: the variable (and file) that set it, else the one to set.
@@ -414,7 +416,7 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
   const user = pick('USER');
   const password = pick('PASSWORD');
   const ssl = pick('SSLMODE');
-  return {
+  const config: DbConfig = {
     environment,
     host: validateHost(host.value ?? 'localhost', host.origin),
     port: parsePort(port.value ?? '5432', port.origin),
@@ -431,6 +433,17 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
       password: password.origin,
     },
   };
+  return withLibpqSslMode(config, vars);
+}
+
+/**
+ * libpq's default for an sslmode the settings leave unset: PGSSLMODE, from the process environment
+ * only, as libpq reads it. pg_dump inherits it, and our own session must be no less strict.
+ */
+function withLibpqSslMode(config: DbConfig, vars: EnvVars): DbConfig {
+  const inherited = vars.get('PGSSLMODE');
+  if (config.sslmode || inherited?.source !== PROCESS_ENVIRONMENT) return config;
+  return { ...config, sslmode: parseSslMode(inherited.value, describeOrigin('PGSSLMODE', inherited)) };
 }
 
 /**
