@@ -1504,28 +1504,33 @@ export function pgpassLookup(
 }
 
 /**
- * libpq's sslmode for node-postgres. verify-ca and verify-full need the CA certificate, found
- * where libpq looks for it (PGSSLROOTCERT, else ~/.postgresql/root.crt).
+ * libpq's sslmode for node-postgres. The CA certificate is where libpq looks for it (PGSSLROOTCERT,
+ * else ~/.postgresql/root.crt): verify-ca and verify-full need it, and require, as in libpq, verifies
+ * the chain against it when it exists, so that pg_dump never refuses a server we sent the password to.
  */
 async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   const mode = config.sslmode;
   if (mode === 'disable' || mode === 'allow') return false;
-  // prefer (the default) and require encrypt without verifying.
-  if (mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
+  // prefer (the default) encrypts without verifying.
+  if (mode !== 'require' && mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
   const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
   const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
+    if (mode === 'require' && ['ENOENT', 'ENOTDIR'].includes(errnoCode(error) ?? '')) return undefined;
     throw new BackupError(
       EXIT.CONNECTION,
       'TLS root certificate missing',
       `sslmode=${mode} needs the server's CA certificate, but ${file} cannot be read: ${errorText(error)}`,
       [
         'Point PGSSLROOTCERT at the CA certificate (PEM) that signed the server certificate',
-        'Or use sslmode=require to encrypt without verifying the server',
+        mode === 'require'
+          ? `Or make ${file} readable, or remove it to encrypt without verifying the server`
+          : 'Or use sslmode=require to encrypt without verifying the server',
       ],
     );
   });
-  // verify-ca checks the chain only; verify-full also checks that the name matches the host.
-  return mode === 'verify-ca'
+  if (ca === undefined) return { rejectUnauthorized: false };
+  // verify-ca (and require) check the chain only; verify-full also checks that the name matches the host.
+  return mode !== 'verify-full'
     ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined }
     : { rejectUnauthorized: true, ca, servername: config.host };
 }
@@ -1589,7 +1594,8 @@ export function connectionError(
   if (/certificate|self[- ]signed|SSL|TLS/i.test(message)) {
     return fail('Database TLS connection failed', [
       `Check the sslmode (${config.sslmode ?? 'prefer, the default'}) and the server's certificate`,
-      'For verify-ca / verify-full, PGSSLROOTCERT must name the CA that signed the server certificate',
+      'PGSSLROOTCERT (else ~/.postgresql/root.crt) must hold the CA that signed the server certificate: ' +
+        'verify-ca and verify-full need it, and require checks the server against it when it exists',
       'If the server has no TLS, use sslmode=prefer or disable; if it requires TLS, use require or stricter',
     ]);
   }

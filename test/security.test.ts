@@ -197,7 +197,7 @@ async function startImpostor() {
   return { host: '127.0.0.1', port, seen, close: () => new Promise((resolve) => server.close(resolve)) };
 }
 
-describe('sslmode from the libpq environment (PGSSLMODE)', skipUnless(noOpenssl), () => {
+describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", skipUnless(noOpenssl), () => {
   test('PGSSLMODE=verify-full: a server whose certificate fails verification never gets the password', async () => {
     const impostor = await startImpostor();
     try {
@@ -214,6 +214,30 @@ describe('sslmode from the libpq environment (PGSSLMODE)', skipUnless(noOpenssl)
     } finally {
       await impostor.close();
     }
+  });
+
+  test('sslmode=require with a CA certificate in ~/.postgresql checks the server against it, as libpq does', async () => {
+    const home = await tempDir();
+    await fs.mkdir(path.join(home, '.postgresql'));
+    const other = await selfSignedCertificate(await tempDir());
+    await fs.copyFile(other.cert, path.join(home, '.postgresql', 'root.crt'));
+    const impostor = await startImpostor();
+    try {
+      const vars = { ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_HOST: impostor.host, DEV_DB_SSLMODE: 'require' };
+      const result = await backup({ ...vars, DEV_DB_PORT: String(impostor.port) }, { HOME: home });
+      assert.ok(impostor.seen.tlsRequests > 0, 'the impostor was asked for TLS');
+      assert.deepEqual(impostor.seen.passwords, [], 'no password was sent');
+      assert.equal(result.exitCode, 3, result.stderr);
+      assert.match(result.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
+    } finally {
+      await impostor.close();
+    }
+    await fs.copyFile(tlsServer.certificate!, path.join(home, '.postgresql', 'root.crt'));
+    const trusted = await backup(
+      { ...dbVars(tlsServer, 'DEV_DB_', 'sec_app'), DEV_DB_SSLMODE: 'require' },
+      { HOME: home },
+    );
+    assert.equal(trusted.exitCode, 0, trusted.stderr);
   });
 
   test('DB_SSLMODE and the URL sslmode win over PGSSLMODE, as they do for pg_dump', async () => {
