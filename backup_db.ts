@@ -1510,7 +1510,8 @@ export function pgpassLookup(
  */
 async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   const mode = config.sslmode;
-  if (mode === 'disable' || mode === 'allow') return false;
+  // libpq never uses TLS on a Unix socket (a host that is a directory), whatever the sslmode.
+  if (mode === 'disable' || mode === 'allow' || config.host.startsWith('/')) return false;
   // prefer (the default) encrypts without verifying.
   if (mode !== 'require' && mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
   const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
