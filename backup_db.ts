@@ -303,9 +303,11 @@ export function misreadDotenvValues(text: string): Set<string> {
   return misread;
 }
 
+const PROCESS_ENVIRONMENT = 'the process environment';
+
 /** Read .env.local then .env from `dir` without touching process.env; dotenv.parse prints nothing. */
 async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<EnvVars> {
-  const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: 'the process environment', vars: processEnv }];
+  const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: PROCESS_ENVIRONMENT, vars: processEnv }];
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
     try {
@@ -391,7 +393,7 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
 export function resolveDbConfig(vars: EnvVars, environment: Environment, where = '.env.local or .env'): DbConfig {
   const urlVar = environment === 'dev' ? 'DEV_DATABASE_URL' : 'DATABASE_URL';
   const url = vars.get(urlVar);
-  if (url) return configFromUrl(url, urlVar, environment);
+  if (url) return withLibpqSslMode(configFromUrl(url, urlVar, environment), vars);
 
   const prefixes = environment === 'dev' ? ['DEV_DB_', 'DB_'] : ['DB_'];
   // A setting as found, and its origin: the variable (and file) that set it, else the one to set.
@@ -414,7 +416,7 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
   const user = pick('USER');
   const password = pick('PASSWORD');
   const ssl = pick('SSLMODE');
-  return {
+  const config: DbConfig = {
     environment,
     host: validateHost(host.value ?? 'localhost', host.origin),
     port: parsePort(port.value ?? '5432', port.origin),
@@ -431,6 +433,17 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
       password: password.origin,
     },
   };
+  return withLibpqSslMode(config, vars);
+}
+
+/**
+ * libpq's default for an sslmode the settings leave unset: PGSSLMODE, from the process environment
+ * only, as libpq reads it. pg_dump inherits it, and our own session must be no less strict.
+ */
+function withLibpqSslMode(config: DbConfig, vars: EnvVars): DbConfig {
+  const inherited = vars.get('PGSSLMODE');
+  if (config.sslmode || inherited?.source !== PROCESS_ENVIRONMENT) return config;
+  return { ...config, sslmode: parseSslMode(inherited.value, describeOrigin('PGSSLMODE', inherited)) };
 }
 
 /**
@@ -1491,28 +1504,34 @@ export function pgpassLookup(
 }
 
 /**
- * libpq's sslmode for node-postgres. verify-ca and verify-full need the CA certificate, found
- * where libpq looks for it (PGSSLROOTCERT, else ~/.postgresql/root.crt).
+ * libpq's sslmode for node-postgres. The CA certificate is where libpq looks for it (PGSSLROOTCERT,
+ * else ~/.postgresql/root.crt): verify-ca and verify-full need it, and require, as in libpq, verifies
+ * the chain against it when it exists, so that pg_dump never refuses a server we sent the password to.
  */
 async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   const mode = config.sslmode;
-  if (mode === 'disable' || mode === 'allow') return false;
-  // prefer (the default) and require encrypt without verifying.
-  if (mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
+  // libpq never uses TLS on a Unix socket (a host that is a directory), whatever the sslmode.
+  if (mode === 'disable' || mode === 'allow' || config.host.startsWith('/')) return false;
+  // prefer (the default) encrypts without verifying.
+  if (mode !== 'require' && mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
   const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
   const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
+    if (mode === 'require' && ['ENOENT', 'ENOTDIR'].includes(errnoCode(error) ?? '')) return undefined;
     throw new BackupError(
       EXIT.CONNECTION,
       'TLS root certificate missing',
       `sslmode=${mode} needs the server's CA certificate, but ${file} cannot be read: ${errorText(error)}`,
       [
         'Point PGSSLROOTCERT at the CA certificate (PEM) that signed the server certificate',
-        'Or use sslmode=require to encrypt without verifying the server',
+        mode === 'require'
+          ? `Or make ${file} readable, or remove it to encrypt without verifying the server`
+          : 'Or use sslmode=require to encrypt without verifying the server',
       ],
     );
   });
-  // verify-ca checks the chain only; verify-full also checks that the name matches the host.
-  return mode === 'verify-ca'
+  if (ca === undefined) return { rejectUnauthorized: false };
+  // verify-ca (and require) check the chain only; verify-full also checks that the name matches the host.
+  return mode !== 'verify-full'
     ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined }
     : { rejectUnauthorized: true, ca, servername: config.host };
 }
@@ -1576,7 +1595,8 @@ export function connectionError(
   if (/certificate|self[- ]signed|SSL|TLS/i.test(message)) {
     return fail('Database TLS connection failed', [
       `Check the sslmode (${config.sslmode ?? 'prefer, the default'}) and the server's certificate`,
-      'For verify-ca / verify-full, PGSSLROOTCERT must name the CA that signed the server certificate',
+      'PGSSLROOTCERT (else ~/.postgresql/root.crt) must hold the CA that signed the server certificate: ' +
+        'verify-ca and verify-full need it, and require checks the server against it when it exists',
       'If the server has no TLS, use sslmode=prefer or disable; if it requires TLS, use require or stricter',
     ]);
   }

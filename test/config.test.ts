@@ -196,6 +196,17 @@ describe('connection URLs', () => {
   });
 });
 
+describe('Unix sockets', () => {
+  test('sslmode require or verify-full over a socket connects without TLS, as libpq does', async () => {
+    for (const sslmode of ['require', 'verify-full']) {
+      const dotEnv = { ...connection(), DB_HOST: server.socketDir!, DB_SSLMODE: sslmode, DEV_DB_NAME: 'cfg_env' };
+      const run = await backupWith({ dotEnv });
+      assert.equal(run.exitCode, 0, `${sslmode}: ${run.stderr}`);
+      assert.equal(run.database, 'cfg_env');
+    }
+  });
+});
+
 describe('bad values', () => {
   for (const [name, value, pattern] of [
     ['DB_PORT', 'abc', /DB_PORT \(from \.env\) is "abc", which is not a port number/],

@@ -1,12 +1,14 @@
 /**
  * Issue 4.7, security. A password that turns up inside PostgreSQL's own error text is masked;
  * PGPASSFILE and ~/.pgpass work the way libpq's do (and a password file others can read is
- * ignored); sslmode from DB_SSLMODE or the URL is honoured by both the check connection and
- * pg_dump. (File modes 0600/0700 are checked in backup.test.ts, argv in secrets.test.ts.)
+ * ignored); sslmode from DB_SSLMODE or the URL, else PGSSLMODE, is honoured by both the check
+ * connection and pg_dump. (File modes 0600/0700 are checked in backup.test.ts, argv in secrets.test.ts.)
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
+import tls from 'node:tls';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
@@ -151,6 +153,109 @@ describe('sslmode, against a server that accepts TLS connections only', skipUnle
     const refused = await backup({ DEV_DATABASE_URL: url.replace('sslmode=require', 'sslmode=disable') });
     assert.equal(refused.exitCode, 3);
     assert.ok(!refused.stderr.includes(tlsServer.password), 'the URL password is masked');
+  });
+});
+
+/**
+ * A fake server behind a certificate nobody trusts: it accepts TLS and asks for the password in clear
+ * text, recording every password it receives, and whether anyone asked it for TLS.
+ */
+async function startImpostor() {
+  const { cert, key } = await selfSignedCertificate(await tempDir());
+  const identity = { cert: await fs.readFile(cert), key: await fs.readFile(key) };
+  const seen = { tlsRequests: 0, passwords: [] as string[] };
+  const serve = (socket: net.Socket) => {
+    let pending = Buffer.alloc(0);
+    let started = false;
+    socket.on('error', () => undefined);
+    socket.on('data', (chunk: Buffer) => {
+      pending = Buffer.concat([pending, chunk]);
+      // Before the startup message, frames are a length and a code; after it, a type byte and a length.
+      const header = started ? 5 : 8;
+      if (pending.length < header) return;
+      const length = started ? pending.readInt32BE(1) + 1 : pending.readInt32BE(0);
+      if (pending.length < length) return;
+      const frame = pending.subarray(0, length);
+      pending = pending.subarray(length);
+      if (!started && frame.readInt32BE(4) === 80877103) {
+        seen.tlsRequests++;
+        socket.removeAllListeners('data');
+        socket.write('S');
+        serve(new tls.TLSSocket(socket, { isServer: true, ...identity }));
+      } else if (!started) {
+        started = true;
+        socket.write(Buffer.from([0x52, 0, 0, 0, 8, 0, 0, 0, 3])); // AuthenticationCleartextPassword
+      } else {
+        if (frame[0] === 0x70) seen.passwords.push(frame.subarray(5, -1).toString());
+        socket.destroy();
+      }
+    });
+  };
+  const server = net.createServer(serve);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as net.AddressInfo;
+  return { host: '127.0.0.1', port, seen, close: () => new Promise((resolve) => server.close(resolve)) };
+}
+
+describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", skipUnless(noOpenssl), () => {
+  test('PGSSLMODE=verify-full: a server whose certificate fails verification never gets the password', async () => {
+    const impostor = await startImpostor();
+    try {
+      const other = await selfSignedCertificate(await tempDir());
+      const vars = { ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_HOST: impostor.host };
+      const result = await backup(
+        { ...vars, DEV_DB_PORT: String(impostor.port) },
+        { PGSSLMODE: 'verify-full', PGSSLROOTCERT: other.cert },
+      );
+      assert.ok(impostor.seen.tlsRequests > 0, 'the impostor was asked for TLS');
+      assert.deepEqual(impostor.seen.passwords, [], 'no password was sent');
+      assert.equal(result.exitCode, 3, result.stderr);
+      assert.match(result.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
+    } finally {
+      await impostor.close();
+    }
+  });
+
+  test('sslmode=require with a CA certificate in ~/.postgresql checks the server against it, as libpq does', async () => {
+    const home = await tempDir();
+    await fs.mkdir(path.join(home, '.postgresql'));
+    const other = await selfSignedCertificate(await tempDir());
+    await fs.copyFile(other.cert, path.join(home, '.postgresql', 'root.crt'));
+    const impostor = await startImpostor();
+    try {
+      const vars = { ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_HOST: impostor.host, DEV_DB_SSLMODE: 'require' };
+      const result = await backup({ ...vars, DEV_DB_PORT: String(impostor.port) }, { HOME: home });
+      assert.ok(impostor.seen.tlsRequests > 0, 'the impostor was asked for TLS');
+      assert.deepEqual(impostor.seen.passwords, [], 'no password was sent');
+      assert.equal(result.exitCode, 3, result.stderr);
+      assert.match(result.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
+    } finally {
+      await impostor.close();
+    }
+    await fs.copyFile(tlsServer.certificate!, path.join(home, '.postgresql', 'root.crt'));
+    const trusted = await backup(
+      { ...dbVars(tlsServer, 'DEV_DB_', 'sec_app'), DEV_DB_SSLMODE: 'require' },
+      { HOME: home },
+    );
+    assert.equal(trusted.exitCode, 0, trusted.stderr);
+  });
+
+  test('DB_SSLMODE and the URL sslmode win over PGSSLMODE, as they do for pg_dump', async () => {
+    // verify-full with no CA certificate anywhere (HOME has no .postgresql/root.crt) cannot connect.
+    const strict = { PGSSLMODE: 'verify-full' };
+    const url = `postgresql://${tlsServer.user}:${encodeURIComponent(tlsServer.password)}@${tlsServer.host}:${tlsServer.port}/sec_app?sslmode=require`;
+    const winners: Record<string, string>[] = [
+      { ...dbVars(tlsServer, 'DEV_DB_', 'sec_app'), DEV_DB_SSLMODE: 'require' },
+      { DEV_DATABASE_URL: url },
+    ];
+    for (const vars of winners) {
+      const result = await backup(vars, strict);
+      assert.equal(result.exitCode, 0, result.stderr);
+    }
+    const refused = await backup(dbVars(tlsServer, 'DEV_DB_', 'sec_app'), strict);
+    assert.equal(refused.exitCode, 3, refused.stderr);
+    assert.match(refused.stderr, /^✗ Backup failed: TLS root certificate missing$/m);
+    assert.match(refused.stderr, /sslmode=verify-full needs the server's CA certificate/);
   });
 });
 

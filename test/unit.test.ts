@@ -289,6 +289,24 @@ describe('resolveDbConfig', () => {
     );
   });
 
+  test('an sslmode left unset is PGSSLMODE from the process environment, as libpq reads it', () => {
+    const inherited = (vars: Record<string, string>) =>
+      env({ PGSSLMODE: 'verify-full', ...vars }, 'the process environment');
+    const sslmode = (vars: ReturnType<typeof env>, environment: 'dev' | 'prod' = 'prod') =>
+      resolveDbConfig(vars, environment).sslmode;
+    assert.equal(sslmode(inherited({ DB_NAME: 'a' })), 'verify-full');
+    assert.equal(sslmode(inherited({ DEV_DB_NAME: 'a' }), 'dev'), 'verify-full');
+    assert.equal(sslmode(inherited({ DATABASE_URL: 'postgresql://h/a' })), 'verify-full');
+    assert.equal(sslmode(inherited({ DB_NAME: 'a', DB_SSLMODE: 'require' })), 'require', 'DB_SSLMODE wins');
+    assert.equal(sslmode(inherited({ DATABASE_URL: 'postgresql://h/a?sslmode=disable' })), 'disable', 'the URL wins');
+    assert.equal(sslmode(env({ DB_NAME: 'a', PGSSLMODE: 'verify-full' })), undefined, 'libpq reads no .env file');
+    expectBackupError(
+      () => sslmode(inherited({ DB_NAME: 'a', PGSSLMODE: 'sometimes' })),
+      EXIT.CONFIG,
+      /PGSSLMODE \(from the process environment\) is "sometimes", which is not an sslmode/,
+    );
+  });
+
   test('parsePort accepts 1-65535 only', () => {
     assert.equal(parsePort('5432', 'P'), 5432);
     assert.equal(parsePort(' 65535 ', 'P'), 65535);
