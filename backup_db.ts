@@ -5087,10 +5087,18 @@ const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP
 const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
 
 /**
- * After the run: log it, then notify, from the redacted record. None of this changes the exit
- * code; a failure here is reported on stderr and logged, since the run itself is already over.
+ * After the run: log it, then notify. What to do is decided from the record as it is; what is sent
+ * is its redacted copy. None of this changes the exit code; a failure here is reported on stderr
+ * and logged, since the run itself is already over.
  */
-async function recordRun(record: RunRecord, automation: Automation, secrets: readonly string[], io: Io): Promise<void> {
+async function recordRun(
+  raw: RunRecord,
+  automation: Automation,
+  { secrets, named }: { secrets: readonly string[]; named: readonly string[] },
+  io: Io,
+): Promise<void> {
+  const record = redact(raw, secrets, named);
+  const [isBackup, isFailure] = [raw.command === 'backup', raw.outcome === 'failure'];
   // JSON Lines: one object per line, greppable and parseable with jq. O_APPEND and a single write() per
   // line, so lines of concurrent runs never interleave on a local filesystem. Created 0600 like the backups.
   const append = async (entry: object) => {
@@ -5111,7 +5119,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   };
   await append(record);
 
-  const notify = record.outcome === 'failure' || automation.notifyOnSuccess;
+  const notify = isFailure || automation.notifyOnSuccess;
   const tasks: Array<Promise<void>> = [];
   if (notify && automation.notifyUrl) {
     const failed = (error: unknown) => warn('notification_failed', 'Notification failed', error);
@@ -5119,8 +5127,8 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
     const text = runSummary(record);
     tasks.push(postNotification(automation.notifyUrl, { text, content: text, ...record }).catch(failed));
   }
-  if (record.command === 'backup' && automation.pingUrl) {
-    const ping = sendPing(automation.pingUrl, record.outcome === 'success' ? 'success' : 'fail', runSummary(record));
+  if (isBackup && automation.pingUrl) {
+    const ping = sendPing(automation.pingUrl, isFailure ? 'fail' : 'success', runSummary(record));
     const { startPingFailure } = automation;
     tasks.push(
       ping.then((why) =>
@@ -5130,15 +5138,14 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
       ),
     );
   }
-  if (record.command === 'backup' && automation.metricsFile && record.database && record.environment) {
+  if (isBackup && automation.metricsFile && record.database && record.environment) {
     const { database, environment, exit_code: exitCode, duration_ms: durationMs, size_bytes: sizeBytes } = record;
     const run = { database, environment, endedAt: new Date(), exitCode, durationMs, sizeBytes };
     const failed = (error: unknown) =>
       warn('metrics_failed', `Could not write the metrics file ${automation.metricsFile}`, error);
     tasks.push(updateMetricsFile(automation.metricsFile, run).catch(failed));
   }
-  if (record.outcome === 'failure' && automation.onFailure)
-    tasks.push(runFailureCommand(automation.onFailure, record, secrets, warn));
+  if (isFailure && automation.onFailure) tasks.push(runFailureCommand(automation.onFailure, record, secrets, warn));
   await Promise.all(tasks);
 }
 
@@ -5553,18 +5560,42 @@ function maskEach(text: string, secrets: readonly string[]): string {
 }
 
 /**
- * Pure: `value` with every secret masked, in its strings and keys at any depth. Every channel
- * (terminal, --json, log, webhook, failure command) redacts its structured data with this before
- * serialising it: masked after serialising, a secret with a quote or backslash in it would be
- * escaped (\" or \\) and no longer match.
+ * The tool's own words, by the field that holds them: a password that is one of them ("failure",
+ * "dev") must not change what a run reports, nor what is decided from it (notify, ping /fail,
+ * --on-failure, metrics, a warning printed as one). Any other value in these fields is masked.
+ */
+const OWN_WORDS = new Map<string, readonly string[]>([
+  ['command', ['backup', 'prune', 'verify', 'list', 'restore', 'drill', 'check'] satisfies CommandName[]],
+  ['outcome', ['success', 'failure'] satisfies RunRecord['outcome'][]],
+  ['environment', ['dev', 'prod'] satisfies Environment[]],
+  ['status', Object.keys(STATUS_LABELS)],
+  ['status_label', Object.values(STATUS_LABELS)],
+  ['target_action', ['created', 'replaced', 'used empty', 'created and dropped']],
+  ['format', ['custom', 'directory'] satisfies DumpFormat[]],
+  ['level', ['failure', 'warning'] satisfies Problem['level'][]],
+]);
+/** Maps keyed by table names: their keys are names, masked like any. */
+const NAME_MAPS = new Set(['table_counts', 'table_data_oids']);
+/** The form of the tool's own field names ("backup_file"); a key of another form came from data. */
+const FIELD_NAME = /^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$/;
+
+/**
+ * Pure: `value` with every secret masked in its text at any depth, but not in the tool's own
+ * field names and words (OWN_WORDS). Every channel (terminal, --json, log, webhook, failure
+ * command) redacts its structured data with this before serialising it: masked after serialising,
+ * a secret with a quote or backslash in it would be escaped (\" or \\) and no longer match.
  */
 export function redact<T>(value: T, secrets: readonly string[], kept: readonly string[] = []): T {
-  const walk = (node: unknown): unknown => {
-    if (typeof node === 'string') return maskSecrets(node, secrets, kept);
-    if (Array.isArray(node)) return node.map(walk);
+  const mask = (text: string) => maskSecrets(text, secrets, kept);
+  const walk = (node: unknown, field = ''): unknown => {
+    if (typeof node === 'string') return OWN_WORDS.get(field)?.includes(node) ? node : mask(node);
+    if (Array.isArray(node)) return node.map((item) => walk(item, field));
     if (node !== null && typeof node === 'object' && [Object.prototype, null].includes(Object.getPrototypeOf(node))) {
+      const names = NAME_MAPS.has(field);
       return Object.fromEntries(
-        Object.entries(node).map(([key, inner]) => [maskSecrets(key, secrets, kept), walk(inner)]),
+        Object.entries(node).map(([key, inner]) =>
+          names || !FIELD_NAME.test(key) ? [mask(key), walk(inner)] : [key, walk(inner, key)],
+        ),
       );
     }
     return node;
@@ -6550,7 +6581,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     ...(problem ? { error: problem.error, details: problem.details } : {}),
     ...(outcome.exitCode !== EXIT.OK && !problem ? { error: `${outcome.command} found problems` } : {}),
   };
-  await recordRun(redact(record, secrets, named), automation, secrets, io);
+  await recordRun(record, automation, { secrets, named }, io);
   return outcome.exitCode;
 }
 

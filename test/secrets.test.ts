@@ -11,7 +11,7 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { envLine, runMain } from './helpers/in-process.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
@@ -408,6 +408,109 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     }
   });
 
+  test(
+    "a password that is one of the tool's own words: every decision and machine-readable word stays right",
+    { timeout: 300_000 },
+    async () => {
+      const words = ['failure', 'success', 'backup', 'dev', 'prod', 'file', 'out'];
+      const admin = await server.connect();
+      try {
+        for (const word of words) await admin.query(`CREATE ROLE sec_is_${word} LOGIN SUPERUSER PASSWORD '${word}'`);
+      } finally {
+        await admin.end();
+      }
+      for (const word of words) {
+        const env = word === 'prod' ? 'prod' : 'dev';
+        const prefix = env === 'prod' ? 'DB_' : 'DEV_DB_';
+        const dir = await tempDir();
+        const out = path.join(dir, 'out');
+        const logFile = path.join(dir, 'runs.log');
+        const metricsFile = path.join(dir, 'backup_db.prom');
+        const hookEnv = path.join(dir, 'hook.env');
+        const channels = [
+          ...['--log-file', logFile, '--metrics-file', metricsFile, '--on-failure', `env > '${hookEnv}'`],
+          ...['--notify-url', `${receiver.url}/notify-${word}`],
+          ...['--ping-url', `${receiver.url}/ping-${word}`],
+        ];
+        /** A backup of `database` by the role whose password is the word, and what each channel got. */
+        const backup = async (database: string, more: string[]) => {
+          const vars = { ...dbVars(server, prefix, database), [`${prefix}USER`]: `sec_is_${word}` };
+          await writeEnvFile(dir, '.env', { ...vars, [`${prefix}PASSWORD`]: word });
+          const sent = receiver.requests.length;
+          const args = ['--env', env, '--config-dir', dir, '--output-dir', out, ...channels, ...more];
+          const result = await runCli({ args });
+          const requests = receiver.requests.slice(sent);
+          const to = (where: string) => requests.filter((r) => r.path.startsWith(`/hooks/${where}-${word}`));
+          return {
+            ...result,
+            notified: to('notify').map((r) => JSON.parse(r.body)),
+            pinged: to('ping').map((r) => r.path.slice(`/hooks/ping-${word}`.length)),
+            logged: JSON.parse((await fs.readFile(logFile, 'utf8')).trim().split('\n').at(-1)!),
+            metrics: await fs.readFile(metricsFile, 'utf8'),
+          };
+        };
+        const label = `password ${JSON.stringify(word)}`;
+
+        const good = await backup('secret_app', ['--notify-on-success']);
+        assert.equal(good.exitCode, 0, `${label}: ${good.stdout}${good.stderr}`);
+        assert.match(good.stdout, /^Backup File: .*secret_app_/m, label);
+        assert.deepEqual(
+          good.notified.map((body) => [body.command, body.outcome, body.environment, body.database]),
+          [['backup', 'success', env, 'secret_app']],
+          label,
+        );
+        assert.match(
+          good.notified[0].text,
+          new RegExp(`^✓ backup_db: backup of secret_app \\(${env}\\) succeeded`),
+          label,
+        );
+        assert.deepEqual(good.pinged, ['/start', ''], `${label}: pinged URL/start, then URL`);
+        assert.deepEqual(
+          [good.logged.command, good.logged.outcome, good.logged.environment],
+          ['backup', 'success', env],
+        );
+        assert.match(
+          good.metrics,
+          new RegExp(`^backup_db_last_exit_code\\{database="secret_app",environment="${env}"\\} 0$`, 'm'),
+        );
+        assert.equal(await fs.stat(hookEnv).catch(() => undefined), undefined, `${label}: no failure command`);
+
+        const list = await runCli({ args: ['--list', '--config-dir', dir, '--output-dir', out, '--json'] });
+        const listed = JSON.parse(list.stdout);
+        assert.equal(listed.command, 'list', label);
+        const keys = ['file', 'status', 'status_label', 'timestamp', 'environment', 'database', 'size_bytes'];
+        assert.deepEqual(Object.keys(listed.backups[0]), [...keys, 'problems', 'last_restore_test'], label);
+        assert.deepEqual([listed.backups[0].status, listed.backups[0].environment], ['verified', env], label);
+
+        // The password pasted into the database's name as well: the server's error quotes it.
+        const bad = await backup(word, ['--json']);
+        const failed = JSON.parse(bad.stdout);
+        assert.notEqual(bad.exitCode, 0, label);
+        assert.deepEqual([failed.ok, failed.command, failed.exit_code], [false, 'backup', bad.exitCode], label);
+        assert.match(failed.details, /database "\*\*\*\*" does not exist/, label);
+        assert.deepEqual(
+          bad.notified.map((body) => [body.command, body.outcome, body.environment, body.database, body.details]),
+          [['backup', 'failure', env, '****', failed.details]],
+          label,
+        );
+        assert.match(bad.notified[0].text, new RegExp(`^✗ backup_db: backup of \\*{4} \\(${env}\\) FAILED`), label);
+        assert.deepEqual(bad.pinged, ['/start', '/fail'], `${label}: pinged URL/start, then URL/fail`);
+        assert.deepEqual([bad.logged.command, bad.logged.outcome, bad.logged.environment], ['backup', 'failure', env]);
+        assert.match(
+          bad.metrics,
+          new RegExp(`^backup_db_last_exit_code\\{database="\\*{4}",environment="${env}"\\} ${bad.exitCode}$`, 'm'),
+        );
+        const hook = await fs.readFile(hookEnv, 'utf8');
+        for (const line of ['BACKUP_COMMAND=backup', 'BACKUP_OUTCOME=failure', `BACKUP_ENVIRONMENT=${env}`])
+          assert.match(hook, new RegExp(`^${line}$`, 'm'), label);
+        const log = await fs.readFile(logFile, 'utf8');
+        const forms = [`database "${word}"`, `database \\"${word}\\"`, `database="${word}"`];
+        for (const text of [bad.stdout, bad.stderr, JSON.stringify(bad.notified), hook, log, bad.metrics])
+          for (const form of forms) assert.ok(!text.includes(form), `${label}: ${form} in ${text}`);
+      }
+    },
+  );
+
   test('a mistyped --notify-url is never echoed, on stderr or in --json', async () => {
     const url = `htps//hooks.example/T0/B0/${id}-token`;
     for (const args of [['--notify-url', url], [`--notify-url=${url}`], ['--notify-url', url, '--json']]) {
@@ -436,14 +539,16 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
   });
 });
 
-/** A local webhook receiver that keeps every body as it arrived. */
+/** A local webhook receiver that keeps every body as it arrived, and where it was sent. */
 async function webhookReceiver() {
   const bodies: string[] = [];
+  const requests: Array<{ path: string; body: string }> = [];
   const receiver = http.createServer((request, response) => {
     let text = '';
     request.on('data', (chunk) => (text += chunk));
     request.on('end', () => {
       bodies.push(text);
+      requests.push({ path: request.url ?? '', body: text });
       response.writeHead(200).end();
     });
   });
@@ -451,6 +556,7 @@ async function webhookReceiver() {
   return {
     url: `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hooks`,
     bodies,
+    requests,
     close: () => new Promise<void>((resolve) => receiver.close(() => resolve())),
   };
 }

@@ -491,6 +491,26 @@ describe('secrets', () => {
     assert.ok(maskSecrets(JSON.stringify(document), [secret]).includes(JSON.stringify(secret).slice(1, -1)));
   });
 
+  test("redact keeps the tool's own field names and words, whatever the password, and masks them anywhere else", () => {
+    const secrets = ['failure', 'dev', 'file', 'messages'];
+    const record = { command: 'backup', outcome: 'failure', environment: 'dev', metadata_file: 'x', file: 'dev' };
+    assert.deepEqual(redact({ ...record, details: 'database "failure" does not exist' }, secrets), {
+      ...record,
+      file: '****',
+      details: 'database "****" does not exist',
+    });
+    // A word in a field that does not hold it, and a table's name as a key, are masked like any text.
+    assert.deepEqual(redact({ environment: 'failure', error: 'dev', table_counts: { messages: 1 } }, secrets), {
+      environment: '****',
+      error: '****',
+      table_counts: { '****': 1 },
+    });
+    // A warning stays one, printed as a warning.
+    assert.deepEqual(problemLines(warningProblem('Notification failed', 'HTTP 500', ['warning'])), [
+      '⚠ Notification failed: HTTP 500',
+    ]);
+  });
+
   test('one failure record: masked once in every field, then rendered the same way for text and --json', () => {
     const secret = 'p"a\\ss';
     const failure = new BackupError(
