@@ -6047,28 +6047,11 @@ export interface Settings {
  * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
  * (which, like every setting, may come from the process environment, .env.local or .env).
  */
-export function resolveSettings(
-  opts: Partial<Omit<CliOptions, 'env' | 'configDir' | 'connectTimeout' | 'lockWaitTimeout'>>,
-  vars: EnvVars,
-): Settings {
-  const fromVar = <T>(name: string, parse: (value: string) => T): T | undefined => {
-    const found = vars.get(name);
-    if (!found) return undefined;
-    try {
-      return parse(found.value);
-    } catch (error) {
-      const shown = /URL/.test(name) ? '(value hidden)' : `"${found.value}"`;
-      throw configError(`${name} (from ${found.source}) is ${shown}: ${errorText(error)}`, [`Fix ${name} or unset it`]);
-    }
-  };
+export function resolveSettings(opts: SettingOptions, vars: EnvVars): Settings {
+  const fromVar = settingReader(vars);
   const keep = (option: number | undefined, name: string) => option ?? fromVar(name, parseKeepCount) ?? 0;
-  const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', nonEmptyPath);
-  const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
-  const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
   const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
   const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
-  const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
-  const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
   const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', parseTimeout);
   return {
@@ -6087,15 +6070,52 @@ export function resolveSettings(
       monthly: keep(opts.keepMonthly, 'BACKUP_KEEP_MONTHLY'),
     },
     dryRun: opts.dryRun === true,
-    automation: {
-      ...(logFile ? { logFile: path.resolve(logFile) } : {}),
-      ...(notifyUrl ? { notifyUrl } : {}),
-      notifyOnSuccess: opts.notifyOnSuccess === true || (fromVar('BACKUP_NOTIFY_ON_SUCCESS', asFlag) ?? false),
-      ...(onFailure ? { onFailure } : {}),
-      ...(pingUrl ? { pingUrl } : {}),
-      ...(metricsFile ? { metricsFile: path.resolve(metricsFile) } : {}),
-    },
+    automation: resolveAutomation(opts, fromVar),
   };
+}
+
+type SettingOptions = Partial<Omit<CliOptions, 'env' | 'configDir' | 'connectTimeout' | 'lockWaitTimeout'>>;
+type SettingReader = <T>(name: string, parse: (value: string) => T) => T | undefined;
+
+/** A variable's parsed value; one that does not parse is a configuration error, or with `lenient` unset. */
+function settingReader(vars: EnvVars, lenient = false): SettingReader {
+  return (name, parse) => {
+    const found = vars.get(name);
+    if (!found) return undefined;
+    try {
+      return parse(found.value);
+    } catch (error) {
+      if (lenient) return undefined;
+      const shown = /URL/.test(name) ? '(value hidden)' : `"${found.value}"`;
+      throw configError(`${name} (from ${found.source}) is ${shown}: ${errorText(error)}`, [`Fix ${name} or unset it`]);
+    }
+  };
+}
+
+/** Pure: where a run is logged, announced and measured. */
+function resolveAutomation(opts: SettingOptions, fromVar: SettingReader): Automation {
+  const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', nonEmptyPath);
+  const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
+  const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
+  const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
+  const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
+  return {
+    ...(logFile ? { logFile: path.resolve(logFile) } : {}),
+    ...(notifyUrl ? { notifyUrl } : {}),
+    notifyOnSuccess: opts.notifyOnSuccess === true || (fromVar('BACKUP_NOTIFY_ON_SUCCESS', asFlag) ?? false),
+    ...(onFailure ? { onFailure } : {}),
+    ...(pingUrl ? { pingUrl } : {}),
+    ...(metricsFile ? { metricsFile: path.resolve(metricsFile) } : {}),
+  };
+}
+
+/**
+ * Pure: the automation settings that parse, for recording a run that failed on its settings or its
+ * command line: a typo in a crontab must reach the log and the alerts like any other failure.
+ */
+function usableAutomation(opts: SettingOptions, vars: EnvVars): Automation {
+  // Options come parsed and checked by commander; only variables can be wrong here.
+  return resolveAutomation(opts, settingReader(vars, true));
 }
 
 // ─── CLI: the command line (commander) ──────────────────────────────────────────────────
@@ -6502,6 +6522,15 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
   };
 }
 
+/** The command a command line asks for, if it says so clearly: for recording one that failed to parse. */
+function modeIfChosen(opts: CliOptions): CommandName | undefined {
+  try {
+    return chooseMode(opts).command;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
 export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const [startedAt, started] = [new Date(), performance.now()];
@@ -6509,50 +6538,60 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   // Webhook URLs are credentials (Slack, Discord): masked even in commander's own messages.
   const secrets: string[] = credentialArguments(argv);
   const program = buildProgram(json, secrets, io);
+  let parseFailure: BackupError | undefined;
   try {
     program.parse(argv);
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
-    const failure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
-    const problem = failureProblem(failure, OPERATION_NAMES.backup, secrets);
-    if (json) printOutcome(io, true, failedOutcome('backup', failure), { secrets, named: [] }, problem);
-    return EXIT.CONFIG;
+    parseFailure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   let command: CommandName = 'backup';
-  let automation: Automation = { notifyOnSuccess: false };
+  let automation: Automation | undefined;
+  const automate = (chosen: Automation) => {
+    automation = chosen;
+    secrets.push(...[chosen.notifyUrl, chosen.pingUrl].filter((url): url is string => url !== undefined));
+  };
+  let vars: EnvVars | undefined;
   let known: Outcome['facts'] = {};
   let config: DbConfig | undefined;
   let outcome: Outcome;
   try {
+    if (parseFailure) throw parseFailure;
     const mode = chooseMode(opts);
     command = mode.command;
-    const vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
+    vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
     secrets.push(...secretsIn(vars));
     const settings = resolveSettings(opts, vars);
-    automation = settings.automation;
-    if (automation.notifyUrl) secrets.push(automation.notifyUrl);
-    if (automation.pingUrl) secrets.push(automation.pingUrl);
+    automate(settings.automation);
     config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
-    if (mode.command === 'backup' && automation.pingUrl) {
+    if (mode.command === 'backup' && automation!.pingUrl) {
       const { database, environment } = config!;
       const text = `backup of ${redact(database, secrets)} (${environment}) started on ${os.hostname()}`;
       // An interrupt while the receiver takes its time ends the run at once, as one at any other step does.
       const why = await withInterruptSignal(async (signal) => {
-        const failed = await sendPing(automation.pingUrl!, 'start', text, signal);
+        const failed = await sendPing(settings.automation.pingUrl!, 'start', text, signal);
         signal.throwIfAborted();
         return failed;
       });
       if (why) {
         printWarning(io, warningProblem('Heartbeat ping failed', why, secrets));
-        automation = { ...automation, startPingFailure: why };
+        automation = { ...settings.automation, startPingFailure: why };
       }
     }
     outcome = await runMode(mode, opts, vars, config, settings);
   } catch (error) {
     outcome = failedOutcome(command, asBackupError(error, config));
+  }
+  // A run that failed on its command line or settings (a typo in a crontab) reaches the log and the
+  // alerts all the same, through those of its settings that can be read.
+  if (!automation) {
+    if (parseFailure) command = outcome.command = modeIfChosen(opts) ?? command;
+    vars ??= await loadEnvVars(path.resolve(opts.configDir), process.env).catch(() => new Map<string, EnvValue>());
+    secrets.push(...secretsIn(vars));
+    automate(usableAutomation(opts, vars));
   }
 
   const operation = OPERATION_NAMES[outcome.command];
@@ -6561,7 +6600,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const named = outcome.result ? namedByTheRun({ ...known, ...outcome.facts }, outputDirOf(opts)) : [];
   let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets, named);
   try {
-    printOutcome(io, json, outcome, { secrets, named }, problem);
+    // Commander has printed a bad command line's message already, except as JSON.
+    if (!parseFailure || json) printOutcome(io, json, outcome, { secrets, named }, problem);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
     const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));
@@ -6581,7 +6621,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     ...(problem ? { error: problem.error, details: problem.details } : {}),
     ...(outcome.exitCode !== EXIT.OK && !problem ? { error: `${outcome.command} found problems` } : {}),
   };
-  await recordRun(record, automation, { secrets, named }, io);
+  await recordRun(record, automation!, { secrets, named }, io);
   return outcome.exitCode;
 }
 

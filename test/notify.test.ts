@@ -244,6 +244,40 @@ describe('--notify-url', () => {
   });
 });
 
+describe('a run that fails on its command line or settings', () => {
+  // A typo in a crontab stops the backups as surely as a dead server: it must reach the same places.
+  const mistakes: Array<{ what: string; args: string[]; env: Record<string, string> }> = [
+    { what: 'an unknown option', args: ['--keep-daly', '7'], env: {} },
+    { what: 'an option value that does not parse', args: ['--stall-timeout', '15mins'], env: {} },
+    { what: 'a BACKUP_* variable that does not parse', args: [], env: { BACKUP_STALL_TIMEOUT: '15mins' } },
+  ];
+  for (const { what, args, env } of mistakes) {
+    test(`${what}: exit 2, logged, notified and hooked from the settings that parse`, async () => {
+      const receiver = await webhook();
+      try {
+        const configDir = await tempDir();
+        const [logFile, hooked] = [path.join(configDir, 'runs.log'), path.join(configDir, 'hooked')];
+        await writeEnvFile(configDir, '.env', {
+          ...dbVars(server, 'DEV_DB_', 'notify_app'),
+          BACKUP_NOTIFY_URL: receiver.url,
+          BACKUP_LOG_FILE: logFile,
+          BACKUP_ON_FAILURE: `echo $BACKUP_EXIT_CODE $BACKUP_ERROR > ${hooked}`,
+        });
+        const base = ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')];
+        const result = await runCli({ args: [...base, ...args], env });
+        assert.equal(result.exitCode, 2, result.stdout + result.stderr);
+        const [logged] = await readLog(logFile);
+        assert.deepEqual([logged.command, logged.outcome, logged.exit_code], ['backup', 'failure', 2]);
+        assert.equal(receiver.received.length, 1, 'one notification');
+        assert.equal(receiver.received[0]!.body.exit_code, 2);
+        assert.match(await fs.readFile(hooked, 'utf8'), /^2 Configuration error/);
+      } finally {
+        await receiver.close();
+      }
+    });
+  }
+});
+
 describe('--on-failure', () => {
   test('runs the command with the details in BACKUP_* variables and without the database secrets', async () => {
     const s = await setup(wrongPassword());
