@@ -51,7 +51,6 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { parse as parseConnectionString } from 'pg-connection-string';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
 
@@ -434,9 +433,9 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
 }
 
 /**
- * A libpq connection URL, read as libpq reads it (pg-connection-string): `?host=/var/run/postgresql`
- * is a socket directory, `?port=` a port, percent-escapes are decoded. sslmode is ours to
- * interpret (pg-connection-string gives require the meaning of verify-full and warns).
+ * A libpq connection URL, read as libpq reads it (parseLibpqUrl): `?host=/var/run/postgresql` is a
+ * socket directory, `?port=` a port, `?dbname=` the database. Read otherwise than pg_dump and psql
+ * read it, the production guard would protect a database of another name.
  */
 function configFromUrl(url: EnvValue, urlVar: string, environment: Environment): DbConfig {
   const origin = describeOrigin(urlVar, url);
@@ -458,13 +457,13 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   } catch {
     throw configError(`${origin} is not a valid URL`, [form]);
   }
-  if (!parsed.database)
+  if (!parsed.dbname)
     throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
   return {
     environment,
     host: validateHost(parsed.host || 'localhost', origin),
     port: parsePort(parsed.port || '5432', origin),
-    database: validateName(parsed.database, origin),
+    database: validateName(parsed.dbname, origin),
     user: validateName(parsed.user || os.userInfo().username, origin),
     ...(parsed.password ? { password: parsed.password } : {}),
     ...(parsed.sslmode ? { sslmode: parseSslMode(parsed.sslmode, origin) } : {}),
@@ -480,13 +479,36 @@ export function ambiguousAuthority(url: string): boolean {
   return authority.split('@').length > 2 || (end >= 0 && rest.slice(end).includes('@'));
 }
 
-/** Pure: a connection URL's parts, sslmode kept apart and other ssl* parameters dropped. Throws if malformed. */
-function parseLibpqUrl(url: string): ReturnType<typeof parseConnectionString> & { sslmode: string | null } {
-  const [base, query = ''] = url.split(/\?(.*)/s);
-  const params = new URLSearchParams(query);
-  const sslmode = params.get('sslmode');
-  for (const name of [...params.keys()]) if (/^(ssl|uselibpqcompat)/i.test(name)) params.delete(name);
-  return { ...parseConnectionString(params.size > 0 ? `${base}?${params}` : base!), sslmode };
+/**
+ * Pure: a connection URL's settings by libpq keyword, read as libpq reads it: user, password, host,
+ * port and the path's dbname, then the query's parameters over them; every part percent-decoded
+ * (no '+' for a space, no '#' fragment: psql reads `prod%23db` and `?dbname=` so). Throws if malformed.
+ */
+export function parseLibpqUrl(url: string): Record<string, string | undefined> {
+  const parts = /^postgres(?:ql)?:\/\/(?:([^@/]*)@)?([^/?]*)(?:\/([^?]*))?(?:\?(.*))?$/is.exec(url);
+  // The host as in libpq: an IPv6 address in brackets, else up to ':'; then the port.
+  const hostPort = parts && /^(?:\[([^\]]*)\]|([^:[\]]*))(?::(.*))?$/s.exec(parts[2]!);
+  if (!parts || !hostPort) throw new Error('malformed URL');
+  const [, userInfo = '', , dbname = '', query = ''] = parts;
+  const [user = '', ...password] = userInfo.split(':');
+  const settings: Record<string, string | undefined> = {
+    user: decodeUrlPart(user),
+    password: password.length > 0 ? decodeUrlPart(password.join(':')) : '',
+    host: decodeUrlPart(hostPort[1] ?? hostPort[2]!),
+    port: decodeUrlPart(hostPort[3] ?? ''),
+    dbname: decodeUrlPart(dbname),
+  };
+  for (const param of query.split('&').filter(Boolean)) {
+    const [name, value, extra] = param.split('=');
+    if (value === undefined || extra !== undefined) throw new Error('a query parameter is not name=value');
+    settings[decodeUrlPart(name!)] = decodeUrlPart(value);
+  }
+  return settings;
+}
+
+/** Pure: percent-escapes decoded, as libpq does. Throws on a malformed escape. */
+function decodeUrlPart(text: string): string {
+  return decodeURIComponent(text);
 }
 
 /** Pure: a whole number from `min` to `max` (blanks around it allowed), or NaN. */
@@ -4183,18 +4205,17 @@ export interface ProdGuard {
 
 /**
  * Pure: the production database's name from settings that do not resolve (a bad sslmode or port):
- * DATABASE_URL's path, read leniently, or DB_NAME; undefined when no valid name can be read.
+ * DATABASE_URL's database (path or ?dbname=), or DB_NAME; undefined when no valid name can be read.
  */
 export function lenientProdDatabase(vars: EnvVars): string | undefined {
   const url = vars.get('DATABASE_URL')?.value.trim();
   // An '@' out of place (a password's '/' unencoded) leaves no telling where the path starts.
   if (url !== undefined && ambiguousAuthority(url)) return undefined;
-  const urlPath = url === undefined ? undefined : /^[^:/?#]+:\/\/[^/?#]*\/([^?#]+)/.exec(url)?.[1];
   try {
-    const name = url === undefined ? vars.get('DB_NAME')?.value : urlPath && decodeURIComponent(urlPath);
+    const name = url === undefined ? vars.get('DB_NAME')?.value : parseLibpqUrl(url).dbname;
     return name ? validateName(name, 'the production database name') : undefined;
   } catch {
-    return undefined; // a malformed escape, a blank or over-long name
+    return undefined; // a malformed URL or escape, a blank or over-long name
   }
 }
 

@@ -251,6 +251,26 @@ describe('resolveDbConfig', () => {
     );
   });
 
+  test('a URL is decoded as libpq decodes it: every percent-escape, no + for a space, no # fragment; ?dbname= wins', () => {
+    const read = (url: string) => {
+      const c = resolveDbConfig(env({ DATABASE_URL: url }), 'prod');
+      return { database: c.database, user: c.user, password: c.password };
+    };
+    assert.deepEqual(read('postgresql://a%2Fb%3Ac:p%23w%2Bx@h/prod%23db%2F%3F%3A%2B%40%24%26%2C%3B%3D'), {
+      database: 'prod#db/?:+@$&,;=',
+      user: 'a/b:c',
+      password: 'p#w+x',
+    });
+    assert.deepEqual(read('postgresql://u@h/appdb?dbname=prod+db&password=a+b-pass'), {
+      database: 'prod+db',
+      user: 'u',
+      password: 'a+b-pass',
+    });
+    assert.equal(read('postgresql://u@h/prod#db').database, 'prod#db', "psql has no fragment: '#' is the name's");
+    for (const url of ['postgresql://u@h/prod%23db', 'postgresql://u@h/appdb?dbname=prod%23db&sslmode=x'])
+      assert.equal(lenientProdDatabase(env({ DATABASE_URL: url })), 'prod#db', url);
+  });
+
   test('a broken URL is reported without echoing it (it holds the password)', () => {
     const error = expectBackupError(
       () => resolveDbConfig(env({ DEV_DATABASE_URL: 'postgres://u:s3cret@[bad/db' }), 'dev'),
