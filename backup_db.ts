@@ -289,7 +289,8 @@ export function mergeEnvLayers(
 export function misreadDotenvValues(text: string): Set<string> {
   const misread = new Set<string>();
   for (const line of text.split(/\r?\n/)) {
-    const match = /^\s*(?:export\s+)?([\w.-]+)\s*=\s*(.*?)\s*$/.exec(line);
+    // dotenv's separators: '=', or ':' and a blank (`KEY: value`).
+    const match = /^\s*(?:export\s+)?([\w.-]+)(?:\s*=|:\s)\s*(.*?)\s*$/.exec(line);
     if (!match) continue;
     const [, name, raw] = match as unknown as [string, string, string];
     const quote = raw[0];

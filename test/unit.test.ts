@@ -483,6 +483,11 @@ describe('secrets', () => {
     assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'F', 'I', 'J']);
   });
 
+  test("misreadDotenvValues: dotenv's `KEY: value` form too", () => {
+    const text = ['A: ab#cd', "B: 'ab#cd'", 'C:  ab # a comment?', 'D: plain', 'E:ab#cd'].join('\n');
+    assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'C']);
+  });
+
   test('redact masks strings and keys at any depth before anything is serialised', () => {
     const secret = 'p"a\\ss';
     const document = { error: `bad ${secret}`, nested: [{ [secret]: secret }], count: 3, flag: true, none: null };
