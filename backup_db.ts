@@ -420,7 +420,7 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
     port: parsePort(port.value ?? '5432', port.origin),
     database: validateName(name.value, name.origin),
     user: validateName(user.value ?? os.userInfo().username, user.origin),
-    ...(password.value !== undefined ? { password: password.value } : {}),
+    ...(password.value !== undefined ? { password: validatePassword(password.value, password.origin) } : {}),
     ...(password.misread ? { passwordMisread: true as const } : {}),
     ...(ssl.value !== undefined ? { sslmode: parseSslMode(ssl.value, ssl.origin) } : {}),
     origin: {
@@ -466,7 +466,7 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
     port: parsePort(parsed.port || '5432', origin),
     database: validateName(parsed.dbname, origin),
     user: validateName(parsed.user || os.userInfo().username, origin),
-    ...(parsed.password ? { password: parsed.password } : {}),
+    ...(parsed.password ? { password: validatePassword(parsed.password, origin) } : {}),
     ...(parsed.sslmode ? { sslmode: parseSslMode(parsed.sslmode, origin) } : {}),
     origin: { host: origin, port: origin, database: origin, user: origin, password: origin },
   };
@@ -545,6 +545,15 @@ function validateName(value: string, origin: string): string {
       ['Set it to the exact database or user name (psql -l lists the databases)'],
     );
   }
+  return value;
+}
+
+/** A NUL byte cannot reach pg_dump (no environment variable holds one), and Node's refusal would quote the password. */
+function validatePassword(value: string, origin: string): string {
+  if (value.includes('\0'))
+    throw configError(`${origin} holds a password with a NUL byte, which no PostgreSQL client can send`, [
+      'Remove the NUL byte (%00 in a URL) from the password',
+    ]);
   return value;
 }
 
