@@ -333,6 +333,8 @@ export interface DbConfig {
   user: string;
   password?: string;
   sslmode?: SslMode;
+  /** A URL's ?sslrootcert=: the CA file, over PGSSLROOTCERT, as in libpq. */
+  sslrootcert?: string;
   /** For each setting, the variable (and file) it came from: used in troubleshooting hints. */
   origin: Record<'host' | 'port' | 'database' | 'user' | 'password', string>;
   /** The password's line in its .env file reads as less than it shows (an unquoted '#', stray quotes). */
@@ -460,6 +462,7 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   }
   if (!parsed.dbname)
     throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
+  assertImplementedUrlParameters(parsed, origin);
   return {
     environment,
     host: validateHost(parsed.host || 'localhost', origin),
@@ -468,8 +471,30 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
     user: validateName(parsed.user || os.userInfo().username, origin),
     ...(parsed.password ? { password: validatePassword(parsed.password, origin) } : {}),
     ...(parsed.sslmode ? { sslmode: parseSslMode(parsed.sslmode, origin) } : {}),
+    ...(parsed.sslrootcert ? { sslrootcert: parsed.sslrootcert } : {}),
     origin: { host: origin, port: origin, database: origin, user: origin, password: origin },
   };
+}
+
+/** The URL parameters (libpq keywords) this tool reads. */
+const URL_PARAMETERS = ['host', 'port', 'dbname', 'user', 'password', 'sslmode', 'sslrootcert'];
+
+/**
+ * Any other parameter (hostaddr, service, target_session_attrs, sslcert, …) would be dropped where
+ * psql and pg_dump obey it: connecting elsewhere, or otherwise. So would all hosts but one. node-postgres's
+ * uselibpqcompat asks for what this tool does anyway: libpq's meaning of sslmode.
+ */
+function assertImplementedUrlParameters(parsed: Record<string, string | undefined>, origin: string): void {
+  const list = (names: string[]) => names.map((name) => `?${name}=`).join(', ');
+  const others = Object.keys(parsed).filter((name) => !URL_PARAMETERS.includes(name) && name !== 'uselibpqcompat');
+  if (others.length > 0)
+    throw configError(`${origin} sets ${list(others)}, which this tool does not support`, [
+      `Remove it: this tool reads ${list(URL_PARAMETERS)} and no other parameter`,
+    ]);
+  if (parsed.host?.includes(','))
+    throw configError(`${origin} names several hosts, which this tool does not support`, ['Name one host']);
+  if (parsed.sslrootcert?.includes('\0'))
+    throw configError(`${origin} has a NUL byte in ?sslrootcert=`, ['Set it to the CA file (PEM)']);
 }
 
 /** Pure: whether a URL has more than one '@' before its path, or one in its path, query or fragment. */
@@ -1295,6 +1320,7 @@ export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNE
     PGCONNECT_TIMEOUT: String(connectTimeoutSeconds),
     ...(config.password !== undefined ? { PGPASSWORD: config.password } : {}),
     ...(config.sslmode ? { PGSSLMODE: config.sslmode } : {}),
+    ...(config.sslrootcert ? { PGSSLROOTCERT: config.sslrootcert } : {}),
   };
 }
 
@@ -1524,14 +1550,14 @@ export function pgpassLookup(
 
 /**
  * libpq's sslmode for node-postgres. verify-ca and verify-full need the CA certificate, found
- * where libpq looks for it (PGSSLROOTCERT, else ~/.postgresql/root.crt).
+ * where libpq looks for it (the URL's sslrootcert, PGSSLROOTCERT, else ~/.postgresql/root.crt).
  */
 async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   const mode = config.sslmode;
   if (mode === 'disable' || mode === 'allow') return false;
   // prefer (the default) and require encrypt without verifying.
   if (mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
-  const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
+  const file = config.sslrootcert || process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
   const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
     throw new BackupError(
       EXIT.CONNECTION,

@@ -152,6 +152,17 @@ describe('sslmode, against a server that accepts TLS connections only', skipUnle
     assert.equal(refused.exitCode, 3);
     assert.ok(!refused.stderr.includes(tlsServer.password), 'the URL password is masked');
   });
+
+  test('sslrootcert in the connection URL is the CA of both connections, over PGSSLROOTCERT, as in libpq', async () => {
+    const other = await selfSignedCertificate(await tempDir());
+    const url = (ca: string) =>
+      `postgresql://${tlsServer.user}:${encodeURIComponent(tlsServer.password)}@${tlsServer.host}:${tlsServer.port}/sec_app?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca)}`;
+    const ok = await backup({ DEV_DATABASE_URL: url(tlsServer.certificate!) }, { PGSSLROOTCERT: other.cert });
+    assert.equal(ok.exitCode, 0, ok.stderr);
+    const refused = await backup({ DEV_DATABASE_URL: url(other.cert) }, { PGSSLROOTCERT: tlsServer.certificate! });
+    assert.equal(refused.exitCode, 3, refused.stderr);
+    assert.match(refused.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
+  });
 });
 
 describe('row-level security', () => {

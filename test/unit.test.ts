@@ -271,6 +271,33 @@ describe('resolveDbConfig', () => {
       assert.equal(lenientProdDatabase(env({ DATABASE_URL: url })), 'prod#db', url);
   });
 
+  test('a URL parameter this tool does not implement (hostaddr, service, …), or several hosts: exit 2, never the value', () => {
+    for (const [query, name] of [
+      ['?hostaddr=10.9.8.7', 'hostaddr'],
+      ['?sslmode=require&service=secretsvc', 'service'],
+      ['?target_session_attrs=read-write', 'target_session_attrs'],
+      ['?sslcert=%2Fsecret%2Fclient.crt', 'sslcert'],
+    ]) {
+      const error = expectBackupError(
+        () => resolveDbConfig(env({ DATABASE_URL: `postgresql://u:pw@h/app${query}` }), 'prod'),
+        EXIT.CONFIG,
+        new RegExp(`: DATABASE_URL \\(from \\.env\\) sets \\?${name}=, which this tool does not support$`),
+      );
+      assert.doesNotMatch(`${error.details} ${error.hints.join(' ')}`, /10\.9|secret/);
+    }
+    expectBackupError(
+      () => resolveDbConfig(env({ DATABASE_URL: 'postgresql://u@h1,h2/app' }), 'prod'),
+      EXIT.CONFIG,
+      /names several hosts/,
+    );
+    const c = resolveDbConfig(
+      env({ DATABASE_URL: 'postgresql://u@h/app?sslmode=verify-ca&sslrootcert=%2Fca.crt' }),
+      'prod',
+    );
+    assert.equal(c.sslrootcert, '/ca.crt');
+    assert.equal(libpqEnv(c).PGSSLROOTCERT, '/ca.crt', 'pg_dump gets the same CA');
+  });
+
   test('a broken URL is reported without echoing it (it holds the password)', () => {
     const error = expectBackupError(
       () => resolveDbConfig(env({ DEV_DATABASE_URL: 'postgres://u:s3cret@[bad/db' }), 'dev'),
