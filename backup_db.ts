@@ -508,7 +508,8 @@ export function ambiguousAuthority(url: string): boolean {
 /**
  * Pure: a connection URL's settings by libpq keyword, read as libpq reads it: user, password, host,
  * port and the path's dbname, then the query's parameters over them; every part percent-decoded
- * (no '+' for a space, no '#' fragment: psql reads `prod%23db` and `?dbname=` so). Throws if malformed.
+ * (no '+' for a space, no '#' fragment: psql reads `prod%23db` and `?dbname=` so); ?ssl=true and
+ * ?requiressl= as sslmode. Throws if malformed.
  */
 export function parseLibpqUrl(url: string): Record<string, string | undefined> {
   const parts = /^postgres(?:ql)?:\/\/(?:([^@/]*)@)?([^/?]*)(?:\/([^?]*))?(?:\?(.*))?$/is.exec(url);
@@ -527,9 +528,17 @@ export function parseLibpqUrl(url: string): Record<string, string | undefined> {
   for (const param of query.split('&').filter(Boolean)) {
     const [name, value, extra] = param.split('=');
     if (value === undefined || extra !== undefined) throw new Error('a query parameter is not name=value');
-    settings[decodeUrlPart(name!)] = decodeUrlPart(value);
+    const [keyword, setting] = sslmodeAlias(decodeUrlPart(name!), decodeUrlPart(value));
+    settings[keyword] = setting;
   }
   return settings;
+}
+
+/** Pure: libpq's other spellings of sslmode: requiressl=1 is require (else prefer), and JDBC's ssl=true require. */
+function sslmodeAlias(name: string, value: string): [string, string] {
+  if (name === 'requiressl') return ['sslmode', value.startsWith('1') ? 'require' : 'prefer'];
+  if (name === 'ssl' && value === 'true') return ['sslmode', 'require'];
+  return [name, value];
 }
 
 /** Pure: percent-escapes decoded, as libpq does. Throws on a malformed escape. */
