@@ -481,8 +481,8 @@ const URL_PARAMETERS = ['host', 'port', 'dbname', 'user', 'password', 'sslmode',
 
 /**
  * Any other parameter (hostaddr, service, target_session_attrs, sslcert, …) would be dropped where
- * psql and pg_dump obey it: connecting elsewhere, or otherwise. So would all hosts but one. node-postgres's
- * uselibpqcompat asks for what this tool does anyway: libpq's meaning of sslmode.
+ * psql and pg_dump obey it, connecting elsewhere or otherwise; so would all hosts but one.
+ * node-postgres's uselibpqcompat asks for what this tool does anyway: libpq's meaning of sslmode.
  */
 function assertImplementedUrlParameters(parsed: Record<string, string | undefined>, origin: string): void {
   const list = (names: string[]) => names.map((name) => `?${name}=`).join(', ');
@@ -509,9 +509,9 @@ export function ambiguousAuthority(url: string): boolean {
  * Pure: a connection URL's settings by libpq keyword, read as libpq reads it: user, password, host,
  * port and the path's dbname, then the query's parameters over them; every part percent-decoded
  * (no '+' for a space, no '#' fragment: psql reads `prod%23db` and `?dbname=` so); ?ssl=true and
- * ?requiressl= as sslmode. Throws if malformed.
+ * ?requiressl= as sslmode. Throws if malformed, a percent-escape included.
  */
-export function parseLibpqUrl(url: string): Record<string, string | undefined> {
+function parseLibpqUrl(url: string): Record<string, string | undefined> {
   const parts = /^postgres(?:ql)?:\/\/(?:([^@/]*)@)?([^/?]*)(?:\/([^?]*))?(?:\?(.*))?$/is.exec(url);
   // The host as in libpq: an IPv6 address in brackets, else up to ':'; then the port.
   const hostPort = parts && /^(?:\[([^\]]*)\]|([^:[\]]*))(?::(.*))?$/s.exec(parts[2]!);
@@ -519,16 +519,16 @@ export function parseLibpqUrl(url: string): Record<string, string | undefined> {
   const [, userInfo = '', , dbname = '', query = ''] = parts;
   const [user = '', ...password] = userInfo.split(':');
   const settings: Record<string, string | undefined> = {
-    user: decodeUrlPart(user),
-    password: password.length > 0 ? decodeUrlPart(password.join(':')) : '',
-    host: decodeUrlPart(hostPort[1] ?? hostPort[2]!),
-    port: decodeUrlPart(hostPort[3] ?? ''),
-    dbname: decodeUrlPart(dbname),
+    user: decodeURIComponent(user),
+    password: password.length > 0 ? decodeURIComponent(password.join(':')) : '',
+    host: decodeURIComponent(hostPort[1] ?? hostPort[2]!),
+    port: decodeURIComponent(hostPort[3] ?? ''),
+    dbname: decodeURIComponent(dbname),
   };
   for (const param of query.split('&').filter(Boolean)) {
     const [name, value, extra] = param.split('=');
     if (value === undefined || extra !== undefined) throw new Error('a query parameter is not name=value');
-    const [keyword, setting] = sslmodeAlias(decodeUrlPart(name!), decodeUrlPart(value));
+    const [keyword, setting] = sslmodeAlias(decodeURIComponent(name!), decodeURIComponent(value));
     settings[keyword] = setting;
   }
   return settings;
@@ -539,11 +539,6 @@ function sslmodeAlias(name: string, value: string): [string, string] {
   if (name === 'requiressl') return ['sslmode', value.startsWith('1') ? 'require' : 'prefer'];
   if (name === 'ssl' && value === 'true') return ['sslmode', 'require'];
   return [name, value];
-}
-
-/** Pure: percent-escapes decoded, as libpq does. Throws on a malformed escape. */
-function decodeUrlPart(text: string): string {
-  return decodeURIComponent(text);
 }
 
 /** Pure: a whole number from `min` to `max` (blanks around it allowed), or NaN. */
