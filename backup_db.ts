@@ -51,7 +51,6 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { parse as parseConnectionString } from 'pg-connection-string';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
 
@@ -290,7 +289,8 @@ export function mergeEnvLayers(
 export function misreadDotenvValues(text: string): Set<string> {
   const misread = new Set<string>();
   for (const line of text.split(/\r?\n/)) {
-    const match = /^\s*(?:export\s+)?([\w.-]+)\s*=\s*(.*?)\s*$/.exec(line);
+    // dotenv's separators: '=', or ':' and a blank (`KEY: value`).
+    const match = /^\s*(?:export\s+)?([\w.-]+)(?:\s*=|:\s)\s*(.*?)\s*$/.exec(line);
     if (!match) continue;
     const [, name, raw] = match as unknown as [string, string, string];
     const quote = raw[0];
@@ -335,6 +335,8 @@ export interface DbConfig {
   user: string;
   password?: string;
   sslmode?: SslMode;
+  /** A URL's ?sslrootcert=: the CA file, over PGSSLROOTCERT, as in libpq. */
+  sslrootcert?: string;
   /** For each setting, the variable (and file) it came from: used in troubleshooting hints. */
   origin: Record<'host' | 'port' | 'database' | 'user' | 'password', string>;
   /** The password's line in its .env file reads as less than it shows (an unquoted '#', stray quotes). */
@@ -422,7 +424,7 @@ export function resolveDbConfig(vars: EnvVars, environment: Environment, where =
     port: parsePort(port.value ?? '5432', port.origin),
     database: validateName(name.value, name.origin),
     user: validateName(user.value ?? os.userInfo().username, user.origin),
-    ...(password.value !== undefined ? { password: password.value } : {}),
+    ...(password.value !== undefined ? { password: validatePassword(password.value, password.origin) } : {}),
     ...(password.misread ? { passwordMisread: true as const } : {}),
     ...(ssl.value !== undefined ? { sslmode: parseSslMode(ssl.value, ssl.origin) } : {}),
     origin: {
@@ -447,9 +449,9 @@ function withLibpqSslMode(config: DbConfig, vars: EnvVars): DbConfig {
 }
 
 /**
- * A libpq connection URL, read as libpq reads it (pg-connection-string): `?host=/var/run/postgresql`
- * is a socket directory, `?port=` a port, percent-escapes are decoded. sslmode is ours to
- * interpret (pg-connection-string gives require the meaning of verify-full and warns).
+ * A libpq connection URL, read as libpq reads it (parseLibpqUrl): `?host=/var/run/postgresql` is a
+ * socket directory, `?port=` a port, `?dbname=` the database. Read otherwise than pg_dump and psql
+ * read it, the production guard would protect a database of another name.
  */
 function configFromUrl(url: EnvValue, urlVar: string, environment: Environment): DbConfig {
   const origin = describeOrigin(urlVar, url);
@@ -471,18 +473,52 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   } catch {
     throw configError(`${origin} is not a valid URL`, [form]);
   }
-  if (!parsed.database)
+  if (!parsed.dbname)
     throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
+  assertImplementedUrlParameters(parsed, origin);
   return {
     environment,
     host: validateHost(parsed.host || 'localhost', origin),
     port: parsePort(parsed.port || '5432', origin),
-    database: validateName(parsed.database, origin),
+    database: validateName(parsed.dbname, origin),
     user: validateName(parsed.user || os.userInfo().username, origin),
-    ...(parsed.password ? { password: parsed.password } : {}),
+    ...(parsed.password ? { password: validatePassword(parsed.password, origin) } : {}),
     ...(parsed.sslmode ? { sslmode: parseSslMode(parsed.sslmode, origin) } : {}),
+    ...(parsed.sslrootcert ? { sslrootcert: parsed.sslrootcert } : {}),
     origin: { host: origin, port: origin, database: origin, user: origin, password: origin },
   };
+}
+
+/** The URL parameters (libpq keywords) this tool reads. */
+const URL_PARAMETERS = ['host', 'port', 'dbname', 'user', 'password', 'sslmode', 'sslrootcert'];
+
+/**
+ * Parameters whose only effect this tool sets itself: the sessions' names, the connection timeout
+ * (--connect-timeout), and node-postgres's uselibpqcompat, which asks for libpq's meaning of sslmode.
+ */
+const URL_PARAMETERS_OVERRIDDEN = [
+  'application_name',
+  'fallback_application_name',
+  'connect_timeout',
+  'uselibpqcompat',
+];
+
+/**
+ * Any other parameter (hostaddr, service, target_session_attrs, sslcert, …) would be dropped where
+ * psql and pg_dump obey it, connecting elsewhere or otherwise; so would all hosts but one.
+ */
+function assertImplementedUrlParameters(parsed: Record<string, string | undefined>, origin: string): void {
+  const list = (names: string[]) => names.map((name) => `?${name}=`).join(', ');
+  const known = [...URL_PARAMETERS, ...URL_PARAMETERS_OVERRIDDEN];
+  const others = Object.keys(parsed).filter((name) => !known.includes(name));
+  if (others.length > 0)
+    throw configError(`${origin} sets ${list(others)}, which this tool does not support`, [
+      `Remove it: this tool reads ${list(URL_PARAMETERS)} and no other parameter`,
+    ]);
+  if (parsed.host?.includes(','))
+    throw configError(`${origin} names several hosts, which this tool does not support`, ['Name one host']);
+  if (parsed.sslrootcert?.includes('\0'))
+    throw configError(`${origin} has a NUL byte in ?sslrootcert=`, ['Set it to the CA file (PEM)']);
 }
 
 /** Pure: whether a URL has more than one '@' before its path, or one in its path, query or fragment. */
@@ -493,13 +529,40 @@ export function ambiguousAuthority(url: string): boolean {
   return authority.split('@').length > 2 || (end >= 0 && rest.slice(end).includes('@'));
 }
 
-/** Pure: a connection URL's parts, sslmode kept apart and other ssl* parameters dropped. Throws if malformed. */
-function parseLibpqUrl(url: string): ReturnType<typeof parseConnectionString> & { sslmode: string | null } {
-  const [base, query = ''] = url.split(/\?(.*)/s);
-  const params = new URLSearchParams(query);
-  const sslmode = params.get('sslmode');
-  for (const name of [...params.keys()]) if (/^(ssl|uselibpqcompat)/i.test(name)) params.delete(name);
-  return { ...parseConnectionString(params.size > 0 ? `${base}?${params}` : base!), sslmode };
+/**
+ * Pure: a connection URL's settings by libpq keyword, read as libpq reads it: user, password, host,
+ * port and the path's dbname, then the query's parameters over them; every part percent-decoded
+ * (no '+' for a space, no '#' fragment: psql reads `prod%23db` and `?dbname=` so); ?ssl=true and
+ * ?requiressl= as sslmode. Throws if malformed, a percent-escape included.
+ */
+function parseLibpqUrl(url: string): Record<string, string | undefined> {
+  const parts = /^postgres(?:ql)?:\/\/(?:([^@/]*)@)?([^/?]*)(?:\/([^?]*))?(?:\?(.*))?$/is.exec(url);
+  // The host as in libpq: an IPv6 address in brackets, else up to ':'; then the port.
+  const hostPort = parts && /^(?:\[([^\]]*)\]|([^:[\]]*))(?::(.*))?$/s.exec(parts[2]!);
+  if (!parts || !hostPort) throw new Error('malformed URL');
+  const [, userInfo = '', , dbname = '', query = ''] = parts;
+  const [user = '', ...password] = userInfo.split(':');
+  const settings: Record<string, string | undefined> = {
+    user: decodeURIComponent(user),
+    password: password.length > 0 ? decodeURIComponent(password.join(':')) : '',
+    host: decodeURIComponent(hostPort[1] ?? hostPort[2]!),
+    port: decodeURIComponent(hostPort[3] ?? ''),
+    dbname: decodeURIComponent(dbname),
+  };
+  for (const param of query.split('&').filter(Boolean)) {
+    const [name, value, extra] = param.split('=');
+    if (value === undefined || extra !== undefined) throw new Error('a query parameter is not name=value');
+    const [keyword, setting] = sslmodeAlias(decodeURIComponent(name!), decodeURIComponent(value));
+    settings[keyword] = setting;
+  }
+  return settings;
+}
+
+/** Pure: libpq's other spellings of sslmode: requiressl=1 is require (else prefer), and JDBC's ssl=true require. */
+function sslmodeAlias(name: string, value: string): [string, string] {
+  if (name === 'requiressl') return ['sslmode', value.startsWith('1') ? 'require' : 'prefer'];
+  if (name === 'ssl' && value === 'true') return ['sslmode', 'require'];
+  return [name, value];
 }
 
 /** Pure: a whole number from `min` to `max` (blanks around it allowed), or NaN. */
@@ -535,6 +598,15 @@ function validateName(value: string, origin: string): string {
       ['Set it to the exact database or user name (psql -l lists the databases)'],
     );
   }
+  return value;
+}
+
+/** A NUL byte cannot reach pg_dump (no environment variable holds one), and Node's refusal would quote the password. */
+function validatePassword(value: string, origin: string): string {
+  if (value.includes('\0'))
+    throw configError(`${origin} holds a password with a NUL byte, which no PostgreSQL client can send`, [
+      'Remove the NUL byte (%00 in a URL) from the password',
+    ]);
   return value;
 }
 
@@ -1276,6 +1348,7 @@ export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNE
     PGCONNECT_TIMEOUT: String(connectTimeoutSeconds),
     ...(config.password !== undefined ? { PGPASSWORD: config.password } : {}),
     ...(config.sslmode ? { PGSSLMODE: config.sslmode } : {}),
+    ...(config.sslrootcert ? { PGSSLROOTCERT: config.sslrootcert } : {}),
   };
 }
 
@@ -1504,9 +1577,10 @@ export function pgpassLookup(
 }
 
 /**
- * libpq's sslmode for node-postgres. The CA certificate is where libpq looks for it (PGSSLROOTCERT,
- * else ~/.postgresql/root.crt): verify-ca and verify-full need it, and require, as in libpq, verifies
- * the chain against it when it exists, so that pg_dump never refuses a server we sent the password to.
+ * libpq's sslmode for node-postgres. The CA certificate is where libpq looks for it (the URL's
+ * sslrootcert, PGSSLROOTCERT, else ~/.postgresql/root.crt): verify-ca and verify-full need it, and
+ * require, as in libpq, verifies the chain against it when it exists, so that pg_dump never refuses a
+ * server we sent the password to.
  */
 async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   const mode = config.sslmode;
@@ -1514,7 +1588,7 @@ async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   if (mode === 'disable' || mode === 'allow' || config.host.startsWith('/')) return false;
   // prefer (the default) encrypts without verifying.
   if (mode !== 'require' && mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
-  const file = process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
+  const file = config.sslrootcert || process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
   const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
     if (mode === 'require' && ['ENOENT', 'ENOTDIR'].includes(errnoCode(error) ?? '')) return undefined;
     throw new BackupError(
@@ -4212,18 +4286,17 @@ export interface ProdGuard {
 
 /**
  * Pure: the production database's name from settings that do not resolve (a bad sslmode or port):
- * DATABASE_URL's path, read leniently, or DB_NAME; undefined when no valid name can be read.
+ * DATABASE_URL's database (path or ?dbname=), or DB_NAME; undefined when no valid name can be read.
  */
 export function lenientProdDatabase(vars: EnvVars): string | undefined {
   const url = vars.get('DATABASE_URL')?.value.trim();
   // An '@' out of place (a password's '/' unencoded) leaves no telling where the path starts.
   if (url !== undefined && ambiguousAuthority(url)) return undefined;
-  const urlPath = url === undefined ? undefined : /^[^:/?#]+:\/\/[^/?#]*\/([^?#]+)/.exec(url)?.[1];
   try {
-    const name = url === undefined ? vars.get('DB_NAME')?.value : urlPath && decodeURIComponent(urlPath);
+    const name = url === undefined ? vars.get('DB_NAME')?.value : parseLibpqUrl(url).dbname;
     return name ? validateName(name, 'the production database name') : undefined;
   } catch {
-    return undefined; // a malformed escape, a blank or over-long name
+    return undefined; // a malformed URL or escape, a blank or over-long name
   }
 }
 

@@ -194,6 +194,17 @@ describe('connection URLs', () => {
     assert.equal(run.environment, 'prod');
     assert.equal(run.database, 'cfg_prod');
   });
+
+  test('the database is read as libpq reads it: every percent-escape decoded, ?dbname= over the path', async () => {
+    const name = 'cfg_#/?:+@$&,;=';
+    await server.createDatabase(name, `CREATE TABLE marker (name text)`);
+    const base = `postgresql://${server.user}:${encodeURIComponent(server.password)}@${server.host}:${server.port}`;
+    for (const url of [`${base}/${encodeURIComponent(name)}`, `${base}/cfg_prod?dbname=${encodeURIComponent(name)}`]) {
+      const run = await backupWith({ processEnv: { DATABASE_URL: url } });
+      assert.equal(run.exitCode, 0, run.stderr);
+      assert.equal(run.database, name);
+    }
+  });
 });
 
 describe('Unix sockets', () => {

@@ -605,6 +605,23 @@ describe('the production guard', () => {
     assert.equal(created.exitCode, 0, created.stderr);
   });
 
+  test('DATABASE_URL names production as libpq reads it: a percent-escaped name (prod%23db), a ?dbname= over the path', async () => {
+    const name = `${uniqueName('rs_url')}#/?:+@$&,;=`;
+    await server.createDatabase(name, 'CREATE TABLE live (v int); INSERT INTO live VALUES (1)');
+    const before = await withDatabase(name, snapshotDatabase);
+    const base = `postgresql://${server.user}:${encodeURIComponent(server.password)}@${server.host}:${server.port}`;
+    for (const url of [`${base}/${encodeURIComponent(name)}`, `${base}/rs_app?dbname=${encodeURIComponent(name)}`]) {
+      const dir = await tempDir();
+      await writeEnvFile(dir, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), DATABASE_URL: url });
+      const result = await runCli({
+        args: ['--restore', backup.dumpPath, '--target-db', name, '--clean', '--env', 'dev', '--config-dir', dir],
+      });
+      assert.equal(result.exitCode, 2, `${url}: ${result.stdout}${result.stderr}`);
+      assert.match(result.stderr, /is the configured production database \(.*, the same cluster\); --env prod was not/);
+    }
+    assert.deepEqual(await withDatabase(name, snapshotDatabase), before, 'production untouched');
+  });
+
   test('an inherited PGSERVICE naming production does not redirect pg_restore from the server the guard checked', async () => {
     // Production is prod_db on the PostgreSQL 17 server, reached through a pg_service.conf entry.
     const name = uniqueName('rs_svc');

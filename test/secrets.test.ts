@@ -365,6 +365,40 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     }
   });
 
+  test('a password with a NUL byte (which no child environment can carry) is refused (exit 2), naming the variable only', async () => {
+    // trust: the tool's own session gets in whatever the password, and pg_dump is started with it.
+    const admin = await server.connect();
+    try {
+      const hbaFile = (await admin.query<{ hba_file: string }>('SHOW hba_file')).rows[0]!.hba_file;
+      const hba = await fs.readFile(hbaFile, 'utf8');
+      if (!hba.startsWith('host all nul_trust'))
+        await fs.writeFile(hbaFile, `host all nul_trust 127.0.0.1/32 trust\n${hba}`);
+      await admin.query(
+        'DROP ROLE IF EXISTS nul_trust; CREATE ROLE nul_trust LOGIN SUPERUSER; SELECT pg_reload_conf()',
+      );
+    } finally {
+      await admin.end();
+    }
+    const dir = await tempDir();
+    const connection = `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=nul_trust\n`;
+    const configs = {
+      DEV_DATABASE_URL: `DEV_DATABASE_URL=postgresql://nul_trust:Hunter2xyz%00tailsecret@127.0.0.1:${server.port}/secret_app\n`,
+      DEV_DB_PASSWORD: `${connection}DEV_DB_PASSWORD='Hunter2xyz\0tailsecret'\n`,
+    };
+    for (const [variable, text] of Object.entries(configs)) {
+      await fs.writeFile(path.join(dir, '.env'), text);
+      for (const json of [[], ['--json']]) {
+        const result = await runCli({
+          args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out'), ...json],
+        });
+        const output = result.stdout + result.stderr;
+        assert.equal(result.exitCode, 2, output);
+        assert.match(output, new RegExp(`${variable} \\(from \\.env\\) .*NUL`));
+        for (const part of ['Hunter2xyz', 'tailsecret']) assert.ok(!output.includes(part), `${variable}: ${output}`);
+      }
+    }
+  });
+
   test('a password that is a common word or the database name leaves paths, file and database names whole', async () => {
     const admin = await server.connect();
     try {

@@ -107,6 +107,23 @@ describe('inherited libpq variables', () => {
   });
 });
 
+describe('sslmode, against a server without TLS', () => {
+  test("a URL's ?ssl=true and ?requiressl=1 require TLS, as libpq reads them: no plaintext session", async () => {
+    const url = `postgresql://${server.user}:${encodeURIComponent(server.password)}@${server.host}:${server.port}/sec_app`;
+    for (const query of ['?ssl=true', '?requiressl=1', '?sslmode=disable&requiressl=1']) {
+      const result = await backup({ DEV_DATABASE_URL: url + query });
+      assert.equal(result.exitCode, 3, `${query}: ${result.stderr}`);
+      assert.match(result.stderr, /server does not support SSL/, query);
+      assert.deepEqual(result.files, [], query);
+    }
+    const prefer = await backup({ DEV_DATABASE_URL: `${url}?requiressl=0` });
+    assert.equal(prefer.exitCode, 0, `requiressl=0 is prefer: ${prefer.stderr}`);
+    const other = await backup({ DEV_DATABASE_URL: `${url}?ssl=false` });
+    assert.equal(other.exitCode, 2, `libpq knows ssl=true only: ${other.stderr}`);
+    assert.match(other.stderr, /sets \?ssl=, which this tool does not support/);
+  });
+});
+
 describe('sslmode, against a server that accepts TLS connections only', skipUnless(noOpenssl), () => {
   const vars = (extra: Record<string, string> = {}) => ({ ...dbVars(tlsServer, 'DEV_DB_', 'sec_app'), ...extra });
 
@@ -153,6 +170,17 @@ describe('sslmode, against a server that accepts TLS connections only', skipUnle
     const refused = await backup({ DEV_DATABASE_URL: url.replace('sslmode=require', 'sslmode=disable') });
     assert.equal(refused.exitCode, 3);
     assert.ok(!refused.stderr.includes(tlsServer.password), 'the URL password is masked');
+  });
+
+  test('sslrootcert in the connection URL is the CA of both connections, over PGSSLROOTCERT, as in libpq', async () => {
+    const other = await selfSignedCertificate(await tempDir());
+    const url = (ca: string) =>
+      `postgresql://${tlsServer.user}:${encodeURIComponent(tlsServer.password)}@${tlsServer.host}:${tlsServer.port}/sec_app?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca)}`;
+    const ok = await backup({ DEV_DATABASE_URL: url(tlsServer.certificate!) }, { PGSSLROOTCERT: other.cert });
+    assert.equal(ok.exitCode, 0, ok.stderr);
+    const refused = await backup({ DEV_DATABASE_URL: url(other.cert) }, { PGSSLROOTCERT: tlsServer.certificate! });
+    assert.equal(refused.exitCode, 3, refused.stderr);
+    assert.match(refused.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
   });
 });
 

@@ -251,6 +251,59 @@ describe('resolveDbConfig', () => {
     );
   });
 
+  test('a URL is decoded as libpq decodes it: every percent-escape, no + for a space, no # fragment; ?dbname= wins', () => {
+    const read = (url: string) => {
+      const c = resolveDbConfig(env({ DATABASE_URL: url }), 'prod');
+      return { database: c.database, user: c.user, password: c.password };
+    };
+    assert.deepEqual(read('postgresql://a%2Fb%3Ac:p%23w%2Bx@h/prod%23db%2F%3F%3A%2B%40%24%26%2C%3B%3D'), {
+      database: 'prod#db/?:+@$&,;=',
+      user: 'a/b:c',
+      password: 'p#w+x',
+    });
+    assert.deepEqual(read('postgresql://u@h/appdb?dbname=prod+db&password=a+b-pass'), {
+      database: 'prod+db',
+      user: 'u',
+      password: 'a+b-pass',
+    });
+    assert.equal(read('postgresql://u@h/prod#db').database, 'prod#db', "psql has no fragment: '#' is the name's");
+    for (const url of ['postgresql://u@h/prod%23db', 'postgresql://u@h/appdb?dbname=prod%23db&sslmode=x'])
+      assert.equal(lenientProdDatabase(env({ DATABASE_URL: url })), 'prod#db', url);
+  });
+
+  test('a URL parameter this tool does not implement (hostaddr, service, …), or several hosts: exit 2, never the value', () => {
+    for (const [query, name] of [
+      ['?hostaddr=10.9.8.7', 'hostaddr'],
+      ['?sslmode=require&service=secretsvc', 'service'],
+      ['?target_session_attrs=read-write', 'target_session_attrs'],
+      ['?sslcert=%2Fsecret%2Fclient.crt', 'sslcert'],
+    ]) {
+      const error = expectBackupError(
+        () => resolveDbConfig(env({ DATABASE_URL: `postgresql://u:pw@h/app${query}` }), 'prod'),
+        EXIT.CONFIG,
+        new RegExp(`: DATABASE_URL \\(from \\.env\\) sets \\?${name}=, which this tool does not support$`),
+      );
+      assert.doesNotMatch(`${error.details} ${error.hints.join(' ')}`, /10\.9|secret/);
+    }
+    expectBackupError(
+      () => resolveDbConfig(env({ DATABASE_URL: 'postgresql://u@h1,h2/app' }), 'prod'),
+      EXIT.CONFIG,
+      /names several hosts/,
+    );
+    const c = resolveDbConfig(
+      env({ DATABASE_URL: 'postgresql://u@h/app?sslmode=verify-ca&sslrootcert=%2Fca.crt' }),
+      'prod',
+    );
+    assert.equal(c.sslrootcert, '/ca.crt');
+    assert.equal(libpqEnv(c).PGSSLROOTCERT, '/ca.crt', 'pg_dump gets the same CA');
+  });
+
+  test('URL parameters whose only effect the tool sets itself (session names, connect timeout) are accepted', () => {
+    const url = 'postgresql://u@h/app?application_name=web&connect_timeout=5&fallback_application_name=x';
+    const c = resolveDbConfig(env({ DATABASE_URL: url }), 'prod');
+    assert.deepEqual([c.host, c.database], ['h', 'app']);
+  });
+
   test('a broken URL is reported without echoing it (it holds the password)', () => {
     const error = expectBackupError(
       () => resolveDbConfig(env({ DEV_DATABASE_URL: 'postgres://u:s3cret@[bad/db' }), 'dev'),
@@ -479,6 +532,11 @@ describe('secrets', () => {
       'K=',
     ].join('\n');
     assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'F', 'I', 'J']);
+  });
+
+  test("misreadDotenvValues: dotenv's `KEY: value` form too", () => {
+    const text = ['A: ab#cd', "B: 'ab#cd'", 'C:  ab # a comment?', 'D: plain', 'E:ab#cd'].join('\n');
+    assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'C']);
   });
 
   test('redact masks strings and keys at any depth before anything is serialised', () => {
