@@ -24,7 +24,7 @@ import { dbVars, runCli, startCli, tempDir, takeBackup, writeEnvFile, type Taken
 import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
-import { flipMiddleByte, holdTableLock, waitForNoBackupSessions } from './helpers/wait.ts';
+import { flipMiddleByte, holdTableLock, waitFor, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -509,6 +509,53 @@ describe('--stall-timeout (watchdog)', () => {
       await lock.release();
     }
   });
+
+  test(
+    'a stalled backup stops only its own sessions, not those of another run with its pid (another pid namespace)',
+    { timeout: 60_000 },
+    async () => {
+      const s = await setup();
+      const lock = await holdTableLock(() => server.connect('ops_app'), 't');
+      // The CLI waits at a gate, its pid known, until the other run's sessions (named as it would name them) are busy.
+      const go = path.join(s.configDir, 'go');
+      const gate = ['sh', '-c', 'while [ ! -e "$1" ]; do sleep 0.05; done; shift; exec "$@"', 'sh', go];
+      const cli = startCli({ args: [...s.base, '--lock-wait-timeout', '0', '--stall-timeout', '2s'], wrapper: gate });
+      const names = [`backup_db:${cli.pid}`, `backup_db:${cli.pid}:pg_dump`, `backup_db:${cli.pid}:feedc0de:pg_dump`];
+      const others = await Promise.all(names.map(() => server.connect('ops_other')));
+      const busy = async (pids: number[]) => {
+        const { rows } = await lock.observer.query(
+          "SELECT 1 FROM pg_stat_activity WHERE pid = ANY ($1) AND state = 'active' AND query = 'SELECT pg_sleep(60)'",
+          [pids],
+        );
+        return rows.length === pids.length ? true : undefined;
+      };
+      let sleeping: Array<Promise<unknown>> = [];
+      const pids = await Promise.all(
+        others.map(async (other, i) => {
+          await other.query(`SET application_name = '${names[i]}'`);
+          return (await other.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+        }),
+      );
+      try {
+        sleeping = others.map((other) => other.query('SELECT pg_sleep(60)').catch(() => undefined));
+        await waitFor('the other run to be busy', () => busy(pids));
+        await fs.writeFile(go, '');
+        const result = await cli;
+        assert.equal(result.exitCode, 7, String(result.stderr));
+        assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+        assert.match(String(result.stderr), /pg_dump's session \(pid \d+\) waits on Lock \(relation\)/);
+        for (const pid of pids) assert.doesNotMatch(String(result.stderr), new RegExp(`pid ${pid}\\b`));
+        assert.equal(await busy(pids), true, "the other run's queries were not cancelled");
+      } finally {
+        await fs.writeFile(go, '');
+        await lock.observer.query('SELECT pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [pids]);
+        await Promise.all(sleeping);
+        await Promise.all(others.map((other) => other.end()));
+        await cli;
+        await lock.release();
+      }
+    },
+  );
 
   test(
     'it measures real time: a wall clock running fast stops no dump early, one standing still keeps none waiting',

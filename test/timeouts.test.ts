@@ -161,7 +161,7 @@ describe('--lock-wait-timeout', () => {
         await waitFor("the backup's own session to hold its lock on busy", async () => {
           const { rows } = await observer.query(
             `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted`,
+              WHERE a.application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND l.relation = 'busy'::regclass AND l.granted`,
           );
           return rows.length > 0 ? true : undefined;
         });
@@ -308,7 +308,7 @@ async function waitForCountsHoldingBusy(observer: pg.Client): Promise<void> {
   await waitFor("the backup's own session to hold its lock on busy, its counts done", async () => {
     const { rows } = await observer.query(
       `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted
+        WHERE a.application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND l.relation = 'busy'::regclass AND l.granted
           AND a.state = 'idle in transaction'`,
     );
     return rows.length > 0 ? true : undefined;
