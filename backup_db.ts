@@ -5821,6 +5821,9 @@ function modeOf(opts: Partial<CliOptions>): Mode {
     }
     return { command: 'check', fullCheck: opts.verify === true };
   }
+  // A monitoring command that lost its --check would otherwise take a backup at every poll.
+  if (opts.maxAge !== undefined)
+    throw configError('--max-age only applies to --check', ['Check freshness: --check --max-age 26h [--verify]']);
   if (opts.restore !== undefined) return chooseRestore(opts);
   const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find(
     (option) => opts[option] !== undefined,

@@ -453,6 +453,24 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     }
   });
 
+  test('--max-age without --check is refused (exit 2) and takes no backup; BACKUP_MAX_AGE alone is no such request', async () => {
+    const s = await setup();
+    // A monitoring command that lost its --check must not take a backup at every poll.
+    const result = await runCli({ args: [...s.base, '--max-age', '26h'] });
+    assert.equal(result.exitCode, 2, result.stderr);
+    assert.match(result.stderr, /--max-age only applies to --check/);
+    assert.deepEqual(await fs.readdir(s.outputDir).catch(() => []), [], 'no backup taken');
+    for (const args of [['--list'], ['--prune', '--keep-last', '3'], ['--restore', 'x.dump', '--target-db', 'copy']]) {
+      const other = await runCli({ args: [...s.base, '--max-age', '26h', ...args] });
+      assert.equal(other.exitCode, 2, `${args.join(' ')}: ${other.stderr}`);
+      assert.match(other.stderr, /--max-age only applies to --check/);
+    }
+    // The variable may sit in a .env that every command reads.
+    const withVariable = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_MAX_AGE: '26h' });
+    const backup = await runCli({ args: withVariable.base });
+    assert.equal(backup.exitCode, 0, backup.stderr);
+  });
+
   test('judgeFreshness ignores other databases and environments', () => {
     const entry = (file: string, database: string, environment: string, timestamp: string): ListEntry => ({
       file,
