@@ -91,7 +91,9 @@ const DUMP_SUFFIX = '.dump';
 const PARTIAL_SUFFIX = '.partial';
 const METADATA_SUFFIX = '.metadata.json';
 const LOCK_SUFFIX = '.lock';
-const APPLICATION_NAME = `backup_db:${process.pid}`;
+// Names this run's sessions (pg_dump's add :pg_dump) for the watchdog, progress and lock-cycle queries. The pid
+// alone is not enough: a run in another pid namespace (a container) may have the same one.
+const APPLICATION_NAME = `backup_db:${process.pid}:${randomBytes(4).toString('hex')}`;
 
 /** Loaded on first use: execa and pg take 0.2 s to load, which --help, --list and a configuration error never need. */
 let execaModule: Promise<typeof import('execa')> | undefined;
@@ -5952,6 +5954,9 @@ function modeOf(opts: Partial<CliOptions>): Mode {
     }
     return { command: 'check', fullCheck: opts.verify === true };
   }
+  // A monitoring command that lost its --check would otherwise take a backup at every poll.
+  if (opts.maxAge !== undefined)
+    throw configError('--max-age only applies to --check', ['Check freshness: --check --max-age 26h [--verify]']);
   if (opts.restore !== undefined) return chooseRestore(opts);
   const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find(
     (option) => opts[option] !== undefined,

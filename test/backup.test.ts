@@ -316,7 +316,7 @@ describe('counts describe exactly what is in the file', () => {
       await waitFor(
         "the backup's own session to wait for zz_truncated, or to be done with it",
         found(`SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'zz_truncated'::regclass
+                WHERE a.application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND l.relation = 'zz_truncated'::regclass
                   AND (NOT l.granted OR a.state = 'idle in transaction')`),
       );
     } finally {

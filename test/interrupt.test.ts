@@ -48,7 +48,7 @@ async function backupCaughtMidDump(options: { extraArgs?: string[] } & Omit<CliR
   assert.ok(names.includes('int_app_dev.lock'), 'the lock is held while the backup runs');
   // The CLI's own session is named after its pid: found this way even when npx started it.
   const { rows } = await lock.observer.query<{ name: string }>(
-    "SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'",
+    "SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$'",
   );
   const cliPid = Number(rows[0]!.name.split(':')[1]);
   return { ...existing, lock, cli, cliPid };

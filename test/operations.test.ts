@@ -486,6 +486,24 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     }
   });
 
+  test('--max-age without --check is refused (exit 2) and takes no backup; BACKUP_MAX_AGE alone is no such request', async () => {
+    const s = await setup();
+    // A monitoring command that lost its --check must not take a backup at every poll.
+    const result = await runCli({ args: [...s.base, '--max-age', '26h'] });
+    assert.equal(result.exitCode, 2, result.stderr);
+    assert.match(result.stderr, /--max-age only applies to --check/);
+    assert.deepEqual(await fs.readdir(s.outputDir).catch(() => []), [], 'no backup taken');
+    for (const args of [['--list'], ['--prune', '--keep-last', '3'], ['--restore', 'x.dump', '--target-db', 'copy']]) {
+      const other = await runCli({ args: [...s.base, '--max-age', '26h', ...args] });
+      assert.equal(other.exitCode, 2, `${args.join(' ')}: ${other.stderr}`);
+      assert.match(other.stderr, /--max-age only applies to --check/);
+    }
+    // The variable may sit in a .env that every command reads.
+    const withVariable = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_MAX_AGE: '26h' });
+    const backup = await runCli({ args: withVariable.base });
+    assert.equal(backup.exitCode, 0, backup.stderr);
+  });
+
   test('judgeFreshness ignores other databases and environments', () => {
     const entry = (file: string, database: string, environment: string, timestamp: string): ListEntry => ({
       file,
@@ -542,6 +560,53 @@ describe('--stall-timeout (watchdog)', () => {
       await lock.release();
     }
   });
+
+  test(
+    'a stalled backup stops only its own sessions, not those of another run with its pid (another pid namespace)',
+    { timeout: 60_000 },
+    async () => {
+      const s = await setup();
+      const lock = await holdTableLock(() => server.connect('ops_app'), 't');
+      // The CLI waits at a gate, its pid known, until the other run's sessions (named as it would name them) are busy.
+      const go = path.join(s.configDir, 'go');
+      const gate = ['sh', '-c', 'while [ ! -e "$1" ]; do sleep 0.05; done; shift; exec "$@"', 'sh', go];
+      const cli = startCli({ args: [...s.base, '--lock-wait-timeout', '0', '--stall-timeout', '2s'], wrapper: gate });
+      const names = [`backup_db:${cli.pid}`, `backup_db:${cli.pid}:pg_dump`, `backup_db:${cli.pid}:feedc0de:pg_dump`];
+      const others = await Promise.all(names.map(() => server.connect('ops_other')));
+      const busy = async (pids: number[]) => {
+        const { rows } = await lock.observer.query(
+          "SELECT 1 FROM pg_stat_activity WHERE pid = ANY ($1) AND state = 'active' AND query = 'SELECT pg_sleep(60)'",
+          [pids],
+        );
+        return rows.length === pids.length ? true : undefined;
+      };
+      let sleeping: Array<Promise<unknown>> = [];
+      const pids = await Promise.all(
+        others.map(async (other, i) => {
+          await other.query(`SET application_name = '${names[i]}'`);
+          return (await other.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+        }),
+      );
+      try {
+        sleeping = others.map((other) => other.query('SELECT pg_sleep(60)').catch(() => undefined));
+        await waitFor('the other run to be busy', () => busy(pids));
+        await fs.writeFile(go, '');
+        const result = await cli;
+        assert.equal(result.exitCode, 7, String(result.stderr));
+        assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+        assert.match(String(result.stderr), /pg_dump's session \(pid \d+\) waits on Lock \(relation\)/);
+        for (const pid of pids) assert.doesNotMatch(String(result.stderr), new RegExp(`pid ${pid}\\b`));
+        assert.equal(await busy(pids), true, "the other run's queries were not cancelled");
+      } finally {
+        await fs.writeFile(go, '');
+        await lock.observer.query('SELECT pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [pids]);
+        await Promise.all(sleeping);
+        await Promise.all(others.map((other) => other.end()));
+        await cli;
+        await lock.release();
+      }
+    },
+  );
 
   test(
     'it measures real time: a wall clock running fast stops no dump early, one standing still keeps none waiting',

@@ -28,7 +28,7 @@ import { hashFile } from '../backup_db.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
-import { alive, processesWithEnv, within } from './helpers/processes.ts';
+import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
@@ -439,7 +439,7 @@ describe('--restore', () => {
       const { holder, observer } = await holdGate('pg_replication_origin');
       const run = startCli({ args: restoreArgs(gatedBackup.dumpPath, target, '--clean', '--env', 'dev') });
       // pg_restore runs with the CLI's application name in its environment.
-      const pgRestores = () => processesWithEnv('PGAPPNAME', `backup_db:${run.pid}`);
+      const pgRestores = () => processesWithEnv('PGAPPNAME', applicationNameOf(run.pid!));
       try {
         await waitAtGate(observer, 'pg_replication_origin');
         assert.ok((await pgRestores()).length > 0, 'pg_restore waits at the gate');
@@ -711,7 +711,7 @@ describe('the production guard', () => {
       const terminated = await atPrompt(async () => {
         const pid = await withDatabase('postgres', async (c) => {
           const { rows } = await c.query<{ name: string }>(
-            "SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'",
+            "SELECT application_name AS name FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$'",
           );
           return Number(rows[0]!.name.split(':')[1]);
         });

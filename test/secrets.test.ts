@@ -14,6 +14,7 @@ import { execa } from 'execa';
 import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { envLine, runMain } from './helpers/in-process.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { pgDumpsOf } from './helpers/processes.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
@@ -69,12 +70,9 @@ test(
     try {
       await waitForBlockedPgDump(lock.observer);
 
-      const all = await processes();
+      const [all, ours] = await Promise.all([processes(), pgDumpsOf(cli.pid!)]);
       // This CLI's own pg_dump, whatever else runs on the machine: its environment names the CLI's pid.
-      const pgDump = all.filter(
-        (p) =>
-          path.basename(p.argv[0] ?? '') === 'pg_dump' && p.environ.includes(`PGAPPNAME=backup_db:${cli.pid}:pg_dump`),
-      );
+      const pgDump = all.filter((p) => path.basename(p.argv[0] ?? '') === 'pg_dump' && ours.includes(p.pid));
       assert.equal(pgDump.length, 1, "caught this backup's pg_dump running");
       assert.ok(
         pgDump[0]!.environ.includes(`PGPASSWORD=${server.password}`),
@@ -134,8 +132,8 @@ test(
     const cli = startCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')], env });
     try {
       await waitForBlockedPgDump(lock.observer);
-      const all = await processes();
-      const pgDump = all.find((p) => p.environ.includes(`PGAPPNAME=backup_db:${cli.pid}:pg_dump`));
+      const [all, ours] = await Promise.all([processes(), pgDumpsOf(cli.pid!)]);
+      const pgDump = all.find((p) => ours.includes(p.pid));
       // The shell that stops pg_dump's process group if this run goes away.
       const watcher = all.find((p) => p.argv[p.argv.indexOf('backup_db-tether') + 1] === String(pgDump?.pid));
       assert.ok(watcher, "caught pg_dump's watcher");

@@ -422,7 +422,7 @@ describe("database failures get the contract's codes", () => {
       try {
         await waitForBlockedPgDump(lock.observer);
         await lock.observer.query(
-          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$'",
+          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$'",
         );
       } finally {
         await lock.release();

@@ -161,7 +161,7 @@ describe('--lock-wait-timeout', () => {
         await waitFor("the backup's own session to hold its lock on busy", async () => {
           const { rows } = await observer.query(
             `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted`,
+              WHERE a.application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND l.relation = 'busy'::regclass AND l.granted`,
           );
           return rows.length > 0 ? true : undefined;
         });
@@ -294,6 +294,57 @@ describe('--lock-wait-timeout', () => {
     },
   );
 
+  test(
+    "with --lock-wait-timeout 0: other runs' pg_dumps with this run's pid (another pid namespace) in a lock queue are no cycle",
+    { timeout: 60_000 },
+    async () => {
+      const connect = () => server.connect('slow_app');
+      const [truncator, observer] = await Promise.all([connect(), connect()]);
+      const { cli, release } = await backupWithHeldPgDump('slow_app', [
+        '--lock-wait-timeout',
+        '0',
+        '--stall-timeout',
+        '0',
+      ]);
+      let ended = false;
+      void cli.finally(() => (ended = true));
+      // Named as another run with this pid names its pg_dump's session, before and after the run's token.
+      const names = [`backup_db:${cli.pid}:pg_dump`, `backup_db:${cli.pid}:feedc0de:pg_dump`];
+      const others = await Promise.all(names.map(() => connect()));
+      const pidOf = async (client: pg.Client) =>
+        (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+      const pids = await Promise.all([truncator, ...others].map(pidOf));
+      const waiting: Array<Promise<unknown>> = [];
+      try {
+        await waitForCountsHoldingBusy(observer);
+        // The TRUNCATE waits for this backup; the other runs' pg_dumps wait behind it.
+        waiting.push(truncator.query('BEGIN; TRUNCATE busy').catch(() => undefined));
+        await waitForQueuedOnBusy(observer);
+        for (const [i, other] of others.entries()) {
+          await other.query(`SET application_name = '${names[i]}'`);
+          waiting.push(other.query('BEGIN; LOCK TABLE busy IN ACCESS SHARE MODE').catch(() => undefined));
+        }
+        // Well past the grace period (10 s) after which a real cycle ends the run.
+        await waitFor('the other pg_dumps to wait 15 s, or the run to end', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = ANY ($1) AND wait_event_type = 'Lock' AND now() - query_start > '15 s'",
+            [pids.slice(1)],
+          );
+          return rows.length === others.length || ended ? true : undefined;
+        });
+        if (ended) assert.fail(`the run ended: ${String((await cli).stderr)}`);
+      } finally {
+        await observer.query('SELECT pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [pids]);
+        await Promise.all(waiting);
+        await Promise.all([truncator, ...others].map((client) => client.query('ROLLBACK')));
+        await Promise.all([truncator, observer, ...others].map((client) => client.end()));
+        await release();
+      }
+      const result = await cli;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+    },
+  );
+
   test('bad values are refused by the parser (exit 2)', async () => {
     for (const value of ['forever', '-1s', '10 parsecs', '']) {
       const result = await runCli({ args: ['--lock-wait-timeout', value] });
@@ -308,7 +359,7 @@ async function waitForCountsHoldingBusy(observer: pg.Client): Promise<void> {
   await waitFor("the backup's own session to hold its lock on busy, its counts done", async () => {
     const { rows } = await observer.query(
       `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE a.application_name ~ '^backup_db:[0-9]+$' AND l.relation = 'busy'::regclass AND l.granted
+        WHERE a.application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND l.relation = 'busy'::regclass AND l.granted
           AND a.state = 'idle in transaction'`,
     );
     return rows.length > 0 ? true : undefined;

@@ -1206,6 +1206,8 @@ describe('chooseMode', () => {
     expectBackupError(() => chooseMode({ verify: true }), EXIT.CONFIG, /--verify needs the backup FILE/);
     expectBackupError(() => chooseMode({ verify: '  ' }), EXIT.CONFIG, /--verify needs the backup FILE/);
     expectBackupError(() => chooseMode({ list: true, verify: 'x.dump' }), EXIT.CONFIG, /takes no FILE/);
+    expectBackupError(() => chooseMode({ maxAge: 1000 }), EXIT.CONFIG, /--max-age only applies to --check/);
+    assert.deepEqual(chooseMode({ check: true, maxAge: 1000 }), { command: 'check', fullCheck: false });
   });
 });
 

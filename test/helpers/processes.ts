@@ -2,26 +2,26 @@
 import fs from 'node:fs/promises';
 import { setTimeout as delay } from 'node:timers/promises';
 
-/** Every live process whose environment holds NAME=value (readable for our own user's processes). */
-export async function processesWithEnv(name: string, value: string): Promise<number[]> {
-  const wanted = Buffer.from(`${name}=${value}\0`);
+/** Every live process whose environment holds NAME=value, or a value `value` matches (our own user's processes). */
+export async function processesWithEnv(name: string, value: string | RegExp): Promise<number[]> {
+  const wanted = (entry: string) =>
+    entry.startsWith(`${name}=`) &&
+    (typeof value === 'string' ? entry === `${name}=${value}` : value.test(entry.slice(name.length + 1)));
   const found: number[] = [];
   for (const entry of await fs.readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    const environ = await fs.readFile(`/proc/${entry}/environ`).catch(() => undefined);
-    if (
-      environ &&
-      Buffer.concat([Buffer.from('\0'), environ]).includes(Buffer.concat([Buffer.from('\0'), wanted])) &&
-      (await alive(Number(entry)))
-    ) {
-      found.push(Number(entry));
-    }
+    const environ = await fs.readFile(`/proc/${entry}/environ`, 'latin1').catch(() => undefined);
+    if (environ?.split('\0').some(wanted) && (await alive(Number(entry)))) found.push(Number(entry));
   }
   return found;
 }
 
+/** The application name of the CLI with process id `cliPid` (its pid, then a random token), or with `suffix`. */
+export const applicationNameOf = (cliPid: number, suffix = '') =>
+  new RegExp(`^backup_db:${cliPid}:[0-9a-f]+${suffix}$`);
+
 /** The pg_dump processes (leader and parallel workers) started by the CLI with process id `cliPid`. */
-export const pgDumpsOf = (cliPid: number) => processesWithEnv('PGAPPNAME', `backup_db:${cliPid}:pg_dump`);
+export const pgDumpsOf = (cliPid: number) => processesWithEnv('PGAPPNAME', applicationNameOf(cliPid, ':pg_dump'));
 
 /** A process exists and is not a zombie. */
 export async function alive(pid: number): Promise<boolean> {

@@ -37,7 +37,7 @@ export async function waitForCountsDoneAndDumpStarted(observer: pg.Client, dumpS
   return waitFor('the dump to start with the counts done', async () => {
     if (!(await fs.stat(dumpStarted).catch(() => undefined))) return undefined;
     const { rows } = await observer.query(
-      "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+$' AND state = 'idle in transaction'",
+      "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND state = 'idle in transaction'",
     );
     return rows.length > 0 ? true : undefined;
   });
