@@ -5118,21 +5118,53 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   await Promise.all(tasks);
 }
 
-/** --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. */
+const HOOK_TIMEOUT_MS = 60_000;
+/** Of the command's stderr only the end is kept: its last line is what is reported. */
+const HOOK_STDERR_KEPT = 4096;
+
+/**
+ * --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. In a
+ * process group of its own, so that a timeout stops all it started; the run waits for the shell,
+ * not for a child left in the background holding its stderr. Its stdout is discarded.
+ */
 async function runFailureCommand(
   command: string,
   record: RunRecord,
   secrets: readonly string[],
   warn: (event: string, headline: string, why: unknown) => Promise<void>,
 ): Promise<void> {
-  const { execa } = await loadExeca();
   const env = hookEnvironment(record, process.env, secrets);
-  const options = { env, extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false } as const;
-  const result = await execa('/bin/sh', ['-c', command], options);
-  if (result.exitCode === 0) return;
-  const lastLine = String(result.stderr).trim().split('\n').at(-1) ?? '';
-  const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${lastLine}`;
-  await warn('on_failure_command_failed', 'The --on-failure command failed', why);
+  const why = await new Promise<string | undefined>((resolve) => {
+    const child = spawn('/bin/sh', ['-c', command], { env, stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+    let [stderr, timedOut] = [Buffer.alloc(0), false];
+    child.stderr.on('data', (chunk: Buffer) => (stderr = Buffer.concat([stderr, chunk]).subarray(-HOOK_STDERR_KEPT)));
+    const timer = setTimeout(() => {
+      timedOut = true;
+      try {
+        process.kill(-child.pid!, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }, HOOK_TIMEOUT_MS);
+    const end = (result?: string) => {
+      clearTimeout(timer);
+      child.stderr.destroy();
+      resolve(result);
+    };
+    child.on('error', (error) => end(errorText(error)));
+    child.on('exit', (code, signal) => {
+      const report = () => {
+        const lastLine = stderr.toString().trim().split('\n').at(-1);
+        if (timedOut) end(`timed out after ${HOOK_TIMEOUT_MS / 1000} s`);
+        else end(code === 0 ? undefined : `exit ${code ?? signal}${lastLine ? `: ${lastLine}` : ''}`);
+      };
+      // The shell's last words reach us before the pipe's end, unless a child still holds it: then a second at most.
+      if (child.stderr.readableEnded) return report();
+      child.stderr.once('end', report);
+      setTimeout(report, 1000).unref();
+    });
+  }).catch(errorText);
+  if (why) await warn('on_failure_command_failed', 'The --on-failure command failed', why);
 }
 
 // ─── Operations: heartbeat pings and metrics ─────────────────────────────────────────────

@@ -11,6 +11,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { alive, within } from './helpers/processes.ts';
 
 let server: TestServer;
 before(async () => {
@@ -293,5 +294,67 @@ describe('--on-failure', () => {
     assert.match(result.stderr, /⚠ The --on-failure command failed: exit 42: broken pager/);
     const [, failed] = await readLog(s.logFile);
     assert.equal(failed.event, 'on_failure_command_failed');
+  });
+
+  test('a command without stderr is reported by its exit code alone', async () => {
+    const s = await setup(wrongPassword());
+    const result = await runCli({ args: [...s.base, '--on-failure', 'exit 7'] });
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /⚠ The --on-failure command failed: exit 7$/m);
+  });
+
+  test('a child left running in the background does not hold up the exit', async () => {
+    const s = await setup(wrongPassword());
+    const child = path.join(s.configDir, 'child.pid');
+    const started = Date.now();
+    const result = await runCli({ args: [...s.base, '--on-failure', `sleep 40 & echo $! > '${child}'`] });
+    const seconds = (Date.now() - started) / 1000;
+    try {
+      assert.equal(result.exitCode, 3);
+      assert.ok(seconds < 20, `exited after ${seconds.toFixed(1)} s, when the shell ended, not its child`);
+      assert.doesNotMatch(result.stderr, /--on-failure command failed/);
+    } finally {
+      process.kill(Number(await fs.readFile(child, 'utf8')), 'SIGKILL');
+    }
+  });
+
+  test(
+    'a command still running after 60 s is stopped with everything it started, and the run ends',
+    { timeout: 150_000 },
+    async (t) => {
+      const s = await setup(wrongPassword());
+      const child = path.join(s.configDir, 'child.pid');
+      const started = Date.now();
+      const result = await runCli({
+        args: [...s.base, '--on-failure', `sleep 600 & echo $! > '${child}'; wait`, '--log-file', s.logFile],
+      });
+      const seconds = (Date.now() - started) / 1000;
+      t.diagnostic(`exited after ${seconds.toFixed(1)} s`);
+      const pid = Number(await fs.readFile(child, 'utf8'));
+      try {
+        assert.equal(result.exitCode, 3);
+        assert.ok(seconds >= 60 && seconds < 90, `exited after ${seconds.toFixed(1)} s`);
+        assert.match(result.stderr, /⚠ The --on-failure command failed: timed out after 60 s/);
+        await within("the command's child to be stopped", 5_000, async () => !(await alive(pid)));
+        const [, failed] = await readLog(s.logFile);
+        assert.equal(failed.event, 'on_failure_command_failed');
+      } finally {
+        if (await alive(pid)) process.kill(pid, 'SIGKILL');
+      }
+    },
+  );
+
+  test('its output is not kept: a flood neither grows memory nor hides the last line of stderr', async (t) => {
+    const s = await setup(wrongPassword());
+    const peak = path.join(s.configDir, 'peak.txt');
+    const flood = 'yes | head -c 200000000';
+    const command = `${flood}; ${flood} >&2; grep VmHWM /proc/$PPID/status > '${peak}'; echo last words >&2; exit 5`;
+    const result = await runCli({ args: [...s.base, '--on-failure', command] });
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /⚠ The --on-failure command failed: exit 5: last words$/m);
+    const peakKb = Number(/(\d+) kB/.exec(await fs.readFile(peak, 'utf8'))![1]);
+    t.diagnostic(`the CLI's peak memory: ${peakKb} kB`);
+    // About 100 MB at rest, and some garbage not yet collected: far from the 400 MB it was given.
+    assert.ok(peakKb < 250_000, `the CLI's peak memory was ${peakKb} kB while the command wrote 400 MB`);
   });
 });
