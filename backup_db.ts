@@ -5042,7 +5042,7 @@ export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secr
     if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
     env[name] = OWN_SETTING.test(name) ? maskSecrets(value, secrets) : value;
   }
-  Object.assign(env, {
+  const own = {
     BACKUP_COMMAND: record.command,
     BACKUP_OUTCOME: record.outcome,
     BACKUP_EXIT_CODE: String(record.exit_code),
@@ -5054,7 +5054,9 @@ export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secr
     BACKUP_HOST: record.host,
     BACKUP_TIME: record.time,
     BACKUP_RECORD: JSON.stringify(record),
-  });
+  };
+  // A variable cannot hold a NUL byte (a setting may: the command would not start): shown as on the terminal.
+  for (const [name, value] of Object.entries(own)) env[name] = value.replaceAll('\0', '\\x00');
   return env;
 }
 

@@ -303,6 +303,21 @@ describe('--on-failure', () => {
     assert.match(result.stderr, /⚠ The --on-failure command failed: exit 7$/m);
   });
 
+  test('a control character in a setting reaches the command escaped, and the command runs', async () => {
+    const s = await setup();
+    const { DEV_DB_HOST: host, ...rest } = dbVars(server, 'DEV_DB_', 'notify_app');
+    await writeEnvFile(s.configDir, '.env', rest);
+    await fs.appendFile(path.join(s.configDir, '.env'), `DEV_DB_HOST=${host}\0x\n`);
+    const details = path.join(s.configDir, 'details.txt');
+    const result = await runCli({ args: [...s.base, '--on-failure', `printf '%s' "$BACKUP_DETAILS" > '${details}'`] });
+    assert.equal(result.exitCode, 2, result.stderr);
+    assert.doesNotMatch(result.stderr, /--on-failure command failed/);
+    assert.equal(
+      await fs.readFile(details, 'utf8'),
+      `DEV_DB_HOST (from .env) is "${host}\\x00x", which is not a host name`,
+    );
+  });
+
   test('a child left running in the background does not hold up the exit', async () => {
     const s = await setup(wrongPassword());
     const child = path.join(s.configDir, 'child.pid');
