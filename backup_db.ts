@@ -4997,10 +4997,18 @@ async function postOnce(url: string, contentType: string, body: string) {
       method: 'POST',
       headers: { 'content-type': contentType, 'user-agent': 'backup_db' },
       body,
+      // Following a 301, 302 or 303 turns the POST into a GET without its body, and any redirect may hand
+      // the run's details to another host: a redirect is a failure, and the URL to use is the final one.
+      redirect: 'manual',
       signal: AbortSignal.timeout(HTTP_TIMEOUT_MS),
     });
     await response.body?.cancel();
     if (response.ok) return undefined;
+    if (response.status >= 300 && response.status < 400)
+      return {
+        why: `HTTP ${response.status} ${response.statusText}: the URL redirects; use the one it redirects to`,
+        transient: false,
+      };
     const transient = response.status === 429 || response.status >= 500;
     return { why: `HTTP ${response.status} ${response.statusText}`, transient };
   } catch (error) {

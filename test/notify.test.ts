@@ -21,21 +21,32 @@ before(async () => {
 after(() => server?.stop());
 
 interface Received {
+  method: string | undefined;
   body: Record<string, unknown>;
   contentType: string | undefined;
 }
 
-/** A webhook receiver: `respond` decides each answer (status code, or 'hang' to never answer). */
-async function webhook(respond: (n: number) => number | 'hang' = () => 200) {
+/**
+ * A webhook receiver: `respond` decides each answer (status code, 'hang' to never answer, or a
+ * redirect to another path of this receiver).
+ */
+async function webhook(respond: (n: number) => number | 'hang' | { redirect: number } = () => 200) {
   const received: Received[] = [];
   const sockets = new Set<net.Socket>();
   const receiver = http.createServer((request, response) => {
     let text = '';
     request.on('data', (chunk) => (text += chunk));
     request.on('end', () => {
-      received.push({ body: JSON.parse(text), contentType: request.headers['content-type'] });
+      // A redirected POST may come back as a GET without a body.
+      received.push({
+        method: request.method,
+        body: JSON.parse(text || '{}'),
+        contentType: request.headers['content-type'],
+      });
       const answer = respond(received.length);
-      if (answer !== 'hang') response.writeHead(answer).end();
+      if (answer === 'hang') return;
+      if (typeof answer === 'number') response.writeHead(answer).end();
+      else response.writeHead(answer.redirect, { location: '/hooks/moved' }).end();
     });
   });
   receiver.on('connection', (socket) => sockets.add(socket));
@@ -185,6 +196,28 @@ describe('--notify-url', () => {
       assert.doesNotMatch(result.stderr, /Notification failed/);
     } finally {
       await hook.close();
+    }
+  });
+
+  test('a redirect is a failure, warned and logged without the URL: following it would drop the payload', async () => {
+    for (const status of [301, 302, 303, 308]) {
+      const hook = await webhook(() => ({ redirect: status }));
+      try {
+        const s = await setup(wrongPassword());
+        const result = await runCli({ args: [...s.base, '--notify-url', hook.url, '--log-file', s.logFile] });
+        assert.equal(result.exitCode, 3, "the exit code is the backup's");
+        assert.deepEqual(
+          hook.received.map((r) => r.method),
+          ['POST'],
+          `${status}: one POST, not followed (as a GET without the payload), not retried`,
+        );
+        assert.match(result.stderr, new RegExp(`⚠ Notification failed: HTTP ${status} .*redirects`));
+        assert.ok(!result.stderr.includes('secret-token-123') && !result.stderr.includes('/hooks/moved'));
+        const [, failed] = await readLog(s.logFile);
+        assert.equal(failed.event, 'notification_failed', String(status));
+      } finally {
+        await hook.close();
+      }
     }
   });
 
