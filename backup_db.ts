@@ -5084,7 +5084,7 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
     if (!file) return;
     try {
       await fs.mkdir(path.dirname(file), { recursive: true });
-      await fs.appendFile(file, `${JSON.stringify(entry)}\n`, { mode: 0o600 });
+      await appendToRegularFile(file, `${JSON.stringify(entry)}\n`, 0o600);
     } catch (error) {
       printWarning(io, warningProblem(`Could not write the log file ${file}`, errorText(error), secrets));
     }
@@ -5126,6 +5126,43 @@ async function recordRun(record: RunRecord, automation: Automation, secrets: rea
   if (record.outcome === 'failure' && automation.onFailure)
     tasks.push(runFailureCommand(automation.onFailure, record, secrets, warn));
   await Promise.all(tasks);
+}
+
+/**
+ * Append to a file that must be a regular one, created if missing: non-blocking, so that a FIFO
+ * under its name cannot hold the run up. A FIFO, socket or device throws ENOTREG.
+ */
+async function appendToRegularFile(file: string, text: string, mode: number): Promise<void> {
+  const { O_WRONLY, O_APPEND, O_CREAT, O_NONBLOCK } = fs.constants;
+  const handle = await fs.open(file, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK, mode).catch((error: unknown) => {
+    // A FIFO nobody reads, or a socket, cannot be opened to write at all.
+    throw errnoCode(error) === 'ENXIO' ? notRegularFile() : error;
+  });
+  try {
+    if (!(await handle.stat()).isFile()) throw notRegularFile();
+    await handle.write(text);
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * The log and metrics files must be regular files or not exist yet: a directory can never be
+ * written, and a FIFO would hold the run up once its work is done. Refused before the run.
+ */
+async function checkRecordFiles({ logFile, metricsFile }: Automation): Promise<void> {
+  const files = [
+    ['log file', '--log-file (or BACKUP_LOG_FILE)', logFile],
+    ['metrics file', '--metrics-file (or BACKUP_METRICS_FILE)', metricsFile],
+  ] as const;
+  for (const [what, setting, file] of files) {
+    const stat = file ? await fs.stat(file).catch(() => undefined) : undefined;
+    if (!stat || stat.isFile()) continue;
+    const kind = stat.isDirectory() ? 'a directory, ' : stat.isFIFO() ? 'a FIFO, ' : '';
+    throw configError(`The ${what} ${displayPath(file!)} is ${kind}not a regular file`, [
+      `Give ${setting} the path of a file; it is created if missing`,
+    ]);
+  }
 }
 
 const HOOK_TIMEOUT_MS = 60_000;
@@ -5285,10 +5322,11 @@ export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): Met
 async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
   await fs.mkdir(path.dirname(file), { recursive: true });
   await withFileLock(`${file}.lock`, async () => {
-    const text = await fs.readFile(file, 'utf8').catch((error: unknown) => {
-      if (errnoCode(error) === 'ENOENT') return '';
+    const handle = await openRegularFile(file).catch((error: unknown) => {
+      if (errnoCode(error) === 'ENOENT') return undefined;
       throw error;
     });
+    const text = handle ? await handle.readFile('utf8').finally(() => handle.close()) : '';
     await writeFileAtomic(file, renderMetrics(recordRunInMetrics(parseMetrics(text), run)), 0o644);
   });
 }
@@ -6517,6 +6555,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     automation = settings.automation;
     if (automation.notifyUrl) secrets.push(automation.notifyUrl);
     if (automation.pingUrl) secrets.push(automation.pingUrl);
+    await checkRecordFiles(automation);
     config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && automation.pingUrl) {

@@ -9,6 +9,7 @@ import http from 'node:http';
 import type net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { alive, within } from './helpers/processes.ts';
@@ -130,6 +131,34 @@ describe('--log-file', () => {
     assert.equal(lines.length, 8);
     assert.ok(lines.every((line) => line.command === 'list' && line.outcome === 'success'));
   });
+
+  test(
+    'a FIFO or a directory as the log file is refused up front; one made during the run never hangs it',
+    { timeout: 60_000 },
+    async () => {
+      const s = await setup();
+      const fifo = path.join(s.configDir, 'runs.fifo');
+      await execa('mkfifo', [fifo]);
+      for (const file of [s.configDir, fifo]) {
+        const result = await runCli({ args: [...s.base, '--list', '--log-file', file] });
+        assert.equal(result.exitCode, 2, `${file}: ${result.stderr}`);
+        assert.match(result.stderr, /not a regular file/, file);
+      }
+      // The failure command turns the log into a FIFO after the run's line: the warning about it cannot be logged.
+      const bad = await setup(wrongPassword());
+      const result = await runCli({
+        args: [
+          ...bad.base,
+          '--log-file',
+          bad.logFile,
+          '--on-failure',
+          `rm '${bad.logFile}'; mkfifo '${bad.logFile}'; exit 1`,
+        ],
+      });
+      assert.equal(result.exitCode, 3);
+      assert.match(result.stderr, /⚠ Could not write the log file .*: not a regular file/);
+    },
+  );
 
   test('BACKUP_LOG_FILE from .env works like --log-file', async () => {
     const s = await setup();
