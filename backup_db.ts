@@ -6030,6 +6030,12 @@ function nonEmptyPath(value: string): string {
   return value;
 }
 
+/** Pure: a file argument. A path ending in / names a directory, which path.resolve would quietly turn into a file. */
+function filePath(value: string): string {
+  if (nonEmptyPath(value).endsWith('/')) throw new InvalidArgumentError("The path ends in /: give a file's path.");
+  return value;
+}
+
 /** Pure: an http(s) URL for --notify-url. Never echoed: webhook URLs carry their credentials. */
 function webhookUrl(value: string): string {
   try {
@@ -6082,13 +6088,13 @@ export function resolveSettings(
     }
   };
   const keep = (option: number | undefined, name: string) => option ?? fromVar(name, parseKeepCount) ?? 0;
-  const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', nonEmptyPath);
+  const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', filePath);
   const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
   const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
   const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
   const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
   const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
-  const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
+  const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', filePath);
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
   const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', parseTimeout);
   return {
@@ -6188,7 +6194,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .addOption(keep('--keep-monthly', 'the newest backup of each of the last N months (env BACKUP_KEEP_MONTHLY)'))
     .option('--prune', 'apply the retention rules without taking a backup')
     .option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing')
-    .option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)', nonEmptyPath)
+    .option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)', filePath)
     .option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)', webhookUrl)
     .option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)')
     .option(
@@ -6200,7 +6206,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .option(
       '--metrics-file <path>',
       'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)',
-      nonEmptyPath,
+      filePath,
     )
     .option(
       '--stall-timeout <duration>',

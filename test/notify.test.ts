@@ -139,11 +139,12 @@ describe('--log-file', () => {
       const s = await setup();
       const fifo = path.join(s.configDir, 'runs.fifo');
       await execa('mkfifo', [fifo]);
-      for (const file of [s.configDir, fifo]) {
+      for (const file of [s.configDir, fifo, `${s.logFile}/`]) {
         const result = await runCli({ args: [...s.base, '--list', '--log-file', file] });
         assert.equal(result.exitCode, 2, `${file}: ${result.stderr}`);
-        assert.match(result.stderr, /not a regular file/, file);
+        assert.match(result.stderr, /not a regular file|ends in \//, file);
       }
+      assert.ok(!(await fs.stat(s.logFile).catch(() => undefined)), 'no file made of a path ending in /');
       // The failure command turns the log into a FIFO after the run's line: the warning about it cannot be logged.
       const bad = await setup(wrongPassword());
       const result = await runCli({

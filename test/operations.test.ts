@@ -260,11 +260,12 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
       const dir = await tempDir();
       const fifo = path.join(dir, 'backup_db.prom');
       await execa('mkfifo', [fifo]);
-      for (const file of [dir, fifo]) {
+      for (const file of [dir, fifo, `${path.join(dir, 'missing-dir')}/`]) {
         const result = await runCli({ args: [...s.base, '--metrics-file', file] });
         assert.equal(result.exitCode, 2, `${file}: ${result.stderr}`);
-        assert.match(result.stderr, /not a regular file/, file);
+        assert.match(result.stderr, /not a regular file|ends in \//, file);
       }
+      assert.deepEqual(await fs.readdir(dir), ['backup_db.prom'], 'nothing made of a path ending in /');
 
       const clients = await clientDirHolding('pg_dump', '--snapshot');
       const metricsFile = path.join(dir, 'during.prom');
