@@ -5096,10 +5096,18 @@ async function postOnce(url: string, contentType: string, body: string, signal?:
       method: 'POST',
       headers: { 'content-type': contentType, 'user-agent': 'backup_db' },
       body,
+      // Following a 301, 302 or 303 turns the POST into a GET without its body, and any redirect may hand
+      // the run's details to another host: a redirect is a failure, and the URL to use is the final one.
+      redirect: 'manual',
       signal: signal ? AbortSignal.any([timeout, signal]) : timeout,
     });
     await response.body?.cancel();
     if (response.ok) return undefined;
+    if (response.status >= 300 && response.status < 400)
+      return {
+        why: `HTTP ${response.status} ${response.statusText}: the URL redirects; use the one it redirects to`,
+        transient: false,
+      };
     const transient = response.status === 429 || response.status >= 500;
     return { why: `HTTP ${response.status} ${response.statusText}`, transient };
   } catch (error) {
@@ -5141,7 +5149,7 @@ export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secr
     if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
     env[name] = OWN_SETTING.test(name) ? maskSecrets(value, secrets) : value;
   }
-  Object.assign(env, {
+  const own = {
     BACKUP_COMMAND: record.command,
     BACKUP_OUTCOME: record.outcome,
     BACKUP_EXIT_CODE: String(record.exit_code),
@@ -5153,7 +5161,9 @@ export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secr
     BACKUP_HOST: record.host,
     BACKUP_TIME: record.time,
     BACKUP_RECORD: JSON.stringify(record),
-  });
+  };
+  // A variable cannot hold a NUL byte (a setting may: the command would not start): shown as on the terminal.
+  for (const [name, value] of Object.entries(own)) env[name] = value.replaceAll('\0', '\\x00');
   return env;
 }
 
@@ -5181,7 +5191,7 @@ async function recordRun(
     if (!file) return;
     try {
       await fs.mkdir(path.dirname(file), { recursive: true });
-      await fs.appendFile(file, `${JSON.stringify(entry)}\n`, { mode: 0o600 });
+      await appendToRegularFile(file, `${JSON.stringify(entry)}\n`, 0o600);
     } catch (error) {
       printWarning(io, warningProblem(`Could not write the log file ${file}`, errorText(error), secrets));
     }
@@ -5224,21 +5234,90 @@ async function recordRun(
   await Promise.all(tasks);
 }
 
-/** --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. */
+/**
+ * Append to a file that must be a regular one, created if missing: non-blocking, so that a FIFO
+ * under its name cannot hold the run up. A FIFO, socket or device throws ENOTREG.
+ */
+async function appendToRegularFile(file: string, text: string, mode: number): Promise<void> {
+  const { O_WRONLY, O_APPEND, O_CREAT, O_NONBLOCK } = fs.constants;
+  const handle = await fs.open(file, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK, mode).catch((error: unknown) => {
+    // A FIFO nobody reads, or a socket, cannot be opened to write at all.
+    throw errnoCode(error) === 'ENXIO' ? notRegularFile() : error;
+  });
+  try {
+    if (!(await handle.stat()).isFile()) throw notRegularFile();
+    await handle.write(text);
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * The log and metrics files must be regular files or not exist yet: a directory can never be
+ * written, and a FIFO would hold the run up once its work is done. Refused before the run.
+ */
+async function checkRecordFiles({ logFile, metricsFile }: Automation): Promise<void> {
+  const files = [
+    ['log file', '--log-file (or BACKUP_LOG_FILE)', logFile],
+    ['metrics file', '--metrics-file (or BACKUP_METRICS_FILE)', metricsFile],
+  ] as const;
+  for (const [what, setting, file] of files) {
+    const stat = file ? await fs.stat(file).catch(() => undefined) : undefined;
+    if (!stat || stat.isFile()) continue;
+    const kind = stat.isDirectory() ? 'a directory, ' : stat.isFIFO() ? 'a FIFO, ' : '';
+    throw configError(`The ${what} ${displayPath(file!)} is ${kind}not a regular file`, [
+      `Give ${setting} the path of a file; it is created if missing`,
+    ]);
+  }
+}
+
+const HOOK_TIMEOUT_MS = 60_000;
+/** Of the command's stderr only the end is kept: its last line is what is reported. */
+const HOOK_STDERR_KEPT = 4096;
+
+/**
+ * --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. In a
+ * process group of its own, so that a timeout stops all it started; the run waits for the shell,
+ * not for a child left in the background holding its stderr. Its stdout is discarded.
+ */
 async function runFailureCommand(
   command: string,
   record: RunRecord,
   secrets: readonly string[],
   warn: (event: string, headline: string, why: unknown) => Promise<void>,
 ): Promise<void> {
-  const { execa } = await loadExeca();
   const env = hookEnvironment(record, process.env, secrets);
-  const options = { env, extendEnv: false, stdin: 'ignore', timeout: 60_000, reject: false } as const;
-  const result = await execa('/bin/sh', ['-c', command], options);
-  if (result.exitCode === 0) return;
-  const lastLine = String(result.stderr).trim().split('\n').at(-1) ?? '';
-  const why = result.timedOut ? 'timed out after 60 s' : `exit ${result.exitCode ?? result.signal}: ${lastLine}`;
-  await warn('on_failure_command_failed', 'The --on-failure command failed', why);
+  const why = await new Promise<string | undefined>((resolve) => {
+    const child = spawn('/bin/sh', ['-c', command], { env, stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+    let [stderr, timedOut] = [Buffer.alloc(0), false];
+    child.stderr.on('data', (chunk: Buffer) => (stderr = Buffer.concat([stderr, chunk]).subarray(-HOOK_STDERR_KEPT)));
+    const timer = setTimeout(() => {
+      timedOut = true;
+      try {
+        process.kill(-child.pid!, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }, HOOK_TIMEOUT_MS);
+    const end = (result?: string) => {
+      clearTimeout(timer);
+      child.stderr.destroy();
+      resolve(result);
+    };
+    child.on('error', (error) => end(errorText(error)));
+    child.on('exit', (code, signal) => {
+      const report = () => {
+        const lastLine = stderr.toString().trim().split('\n').at(-1);
+        if (timedOut) end(`timed out after ${HOOK_TIMEOUT_MS / 1000} s`);
+        else end(code === 0 ? undefined : `exit ${code ?? signal}${lastLine ? `: ${lastLine}` : ''}`);
+      };
+      // The shell's last words reach us before the pipe's end, unless a child still holds it: then a second at most.
+      if (child.stderr.readableEnded) return report();
+      child.stderr.once('end', report);
+      setTimeout(report, 1000).unref();
+    });
+  }).catch(errorText);
+  if (why) await warn('on_failure_command_failed', 'The --on-failure command failed', why);
 }
 
 // ─── Operations: heartbeat pings and metrics ─────────────────────────────────────────────
@@ -5354,10 +5433,11 @@ export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): Met
 async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
   await fs.mkdir(path.dirname(file), { recursive: true });
   await withFileLock(`${file}.lock`, async () => {
-    const text = await fs.readFile(file, 'utf8').catch((error: unknown) => {
-      if (errnoCode(error) === 'ENOENT') return '';
+    const handle = await openRegularFile(file).catch((error: unknown) => {
+      if (errnoCode(error) === 'ENOENT') return undefined;
       throw error;
     });
+    const text = handle ? await handle.readFile('utf8').finally(() => handle.close()) : '';
     await writeFileAtomic(file, renderMetrics(recordRunInMetrics(parseMetrics(text), run)), 0o644);
   });
 }
@@ -6088,6 +6168,12 @@ function nonEmptyPath(value: string): string {
   return value;
 }
 
+/** Pure: a file argument. A path ending in / names a directory, which path.resolve would quietly turn into a file. */
+function filePath(value: string): string {
+  if (nonEmptyPath(value).endsWith('/')) throw new InvalidArgumentError("The path ends in /: give a file's path.");
+  return value;
+}
+
 /** Pure: an http(s) URL for --notify-url. Never echoed: webhook URLs carry their credentials. */
 function webhookUrl(value: string): string {
   try {
@@ -6172,11 +6258,11 @@ function settingReader(vars: EnvVars, lenient = false): SettingReader {
 
 /** Pure: where a run is logged, announced and measured. */
 function resolveAutomation(opts: SettingOptions, fromVar: SettingReader): Automation {
-  const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', nonEmptyPath);
+  const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', filePath);
   const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
   const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
   const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
-  const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', nonEmptyPath);
+  const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', filePath);
   return {
     ...(logFile ? { logFile: path.resolve(logFile) } : {}),
     ...(notifyUrl ? { notifyUrl } : {}),
@@ -6266,7 +6352,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .addOption(keep('--keep-monthly', 'the newest backup of each of the last N months (env BACKUP_KEEP_MONTHLY)'))
     .option('--prune', 'apply the retention rules without taking a backup')
     .option('--dry-run', 'with retention: show what would be deleted and why the rest is kept; delete nothing')
-    .option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)', nonEmptyPath)
+    .option('--log-file <path>', 'append one JSON line per run to this file (env BACKUP_LOG_FILE)', filePath)
     .option('--notify-url <url>', 'POST a JSON summary here when a run fails (env BACKUP_NOTIFY_URL)', webhookUrl)
     .option('--notify-on-success', 'also notify when a run succeeds (env BACKUP_NOTIFY_ON_SUCCESS=1)')
     .option(
@@ -6278,7 +6364,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .option(
       '--metrics-file <path>',
       'after each backup run, update this Prometheus textfile for node_exporter (env BACKUP_METRICS_FILE)',
-      nonEmptyPath,
+      filePath,
     )
     .option(
       '--stall-timeout <duration>',
@@ -6642,6 +6728,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
     secrets.push(...secretsIn(vars));
     const settings = resolveSettings(opts, vars);
+    await checkRecordFiles(settings.automation);
     automate(settings.automation);
     config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
@@ -6669,7 +6756,13 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     if (parseFailure) command = outcome.command = modeIfChosen(opts) ?? command;
     vars ??= await loadEnvVars(path.resolve(opts.configDir), process.env).catch(() => new Map<string, EnvValue>());
     secrets.push(...secretsIn(vars));
-    automate(usableAutomation(opts, vars));
+    // A log or metrics path refused as not a regular file is left out, rather than written to and warned about.
+    const { logFile, metricsFile, ...usable } = usableAutomation(opts, vars);
+    const refused = await checkRecordFiles({ ...usable, logFile, metricsFile }).then(
+      () => false,
+      () => true,
+    );
+    automate(refused ? usable : { ...usable, logFile, metricsFile });
   }
 
   const operation = OPERATION_NAMES[outcome.command];

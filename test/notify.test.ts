@@ -9,8 +9,10 @@ import http from 'node:http';
 import type net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { alive, within } from './helpers/processes.ts';
 
 let server: TestServer;
 before(async () => {
@@ -20,21 +22,32 @@ before(async () => {
 after(() => server?.stop());
 
 interface Received {
+  method: string | undefined;
   body: Record<string, unknown>;
   contentType: string | undefined;
 }
 
-/** A webhook receiver: `respond` decides each answer (status code, or 'hang' to never answer). */
-async function webhook(respond: (n: number) => number | 'hang' = () => 200) {
+/**
+ * A webhook receiver: `respond` decides each answer (status code, 'hang' to never answer, or a
+ * redirect to another path of this receiver).
+ */
+async function webhook(respond: (n: number) => number | 'hang' | { redirect: number } = () => 200) {
   const received: Received[] = [];
   const sockets = new Set<net.Socket>();
   const receiver = http.createServer((request, response) => {
     let text = '';
     request.on('data', (chunk) => (text += chunk));
     request.on('end', () => {
-      received.push({ body: JSON.parse(text), contentType: request.headers['content-type'] });
+      // A redirected POST may come back as a GET without a body.
+      received.push({
+        method: request.method,
+        body: JSON.parse(text || '{}'),
+        contentType: request.headers['content-type'],
+      });
       const answer = respond(received.length);
-      if (answer !== 'hang') response.writeHead(answer).end();
+      if (answer === 'hang') return;
+      if (typeof answer === 'number') response.writeHead(answer).end();
+      else response.writeHead(answer.redirect, { location: '/hooks/moved' }).end();
     });
   });
   receiver.on('connection', (socket) => sockets.add(socket));
@@ -119,6 +132,35 @@ describe('--log-file', () => {
     assert.ok(lines.every((line) => line.command === 'list' && line.outcome === 'success'));
   });
 
+  test(
+    'a FIFO or a directory as the log file is refused up front; one made during the run never hangs it',
+    { timeout: 60_000 },
+    async () => {
+      const s = await setup();
+      const fifo = path.join(s.configDir, 'runs.fifo');
+      await execa('mkfifo', [fifo]);
+      for (const file of [s.configDir, fifo, `${s.logFile}/`]) {
+        const result = await runCli({ args: [...s.base, '--list', '--log-file', file] });
+        assert.equal(result.exitCode, 2, `${file}: ${result.stderr}`);
+        assert.match(result.stderr, /not a regular file|ends in \//, file);
+      }
+      assert.ok(!(await fs.stat(s.logFile).catch(() => undefined)), 'no file made of a path ending in /');
+      // The failure command turns the log into a FIFO after the run's line: the warning about it cannot be logged.
+      const bad = await setup(wrongPassword());
+      const result = await runCli({
+        args: [
+          ...bad.base,
+          '--log-file',
+          bad.logFile,
+          '--on-failure',
+          `rm '${bad.logFile}'; mkfifo '${bad.logFile}'; exit 1`,
+        ],
+      });
+      assert.equal(result.exitCode, 3);
+      assert.match(result.stderr, /⚠ Could not write the log file .*: not a regular file/);
+    },
+  );
+
   test('BACKUP_LOG_FILE from .env works like --log-file', async () => {
     const s = await setup();
     await writeEnvFile(s.configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'notify_app'), BACKUP_LOG_FILE: s.logFile });
@@ -184,6 +226,28 @@ describe('--notify-url', () => {
       assert.doesNotMatch(result.stderr, /Notification failed/);
     } finally {
       await hook.close();
+    }
+  });
+
+  test('a redirect is a failure, warned and logged without the URL: following it would drop the payload', async () => {
+    for (const status of [301, 302, 303, 308]) {
+      const hook = await webhook(() => ({ redirect: status }));
+      try {
+        const s = await setup(wrongPassword());
+        const result = await runCli({ args: [...s.base, '--notify-url', hook.url, '--log-file', s.logFile] });
+        assert.equal(result.exitCode, 3, "the exit code is the backup's");
+        assert.deepEqual(
+          hook.received.map((r) => r.method),
+          ['POST'],
+          `${status}: one POST, not followed (as a GET without the payload), not retried`,
+        );
+        assert.match(result.stderr, new RegExp(`⚠ Notification failed: HTTP ${status} .*redirects`));
+        assert.ok(!result.stderr.includes('secret-token-123') && !result.stderr.includes('/hooks/moved'));
+        const [, failed] = await readLog(s.logFile);
+        assert.equal(failed.event, 'notification_failed', String(status));
+      } finally {
+        await hook.close();
+      }
     }
   });
 
@@ -327,5 +391,82 @@ describe('--on-failure', () => {
     assert.match(result.stderr, /⚠ The --on-failure command failed: exit 42: broken pager/);
     const [, failed] = await readLog(s.logFile);
     assert.equal(failed.event, 'on_failure_command_failed');
+  });
+
+  test('a command without stderr is reported by its exit code alone', async () => {
+    const s = await setup(wrongPassword());
+    const result = await runCli({ args: [...s.base, '--on-failure', 'exit 7'] });
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /⚠ The --on-failure command failed: exit 7$/m);
+  });
+
+  test('a control character in a setting reaches the command escaped, and the command runs', async () => {
+    const s = await setup();
+    const { DEV_DB_HOST: host, ...rest } = dbVars(server, 'DEV_DB_', 'notify_app');
+    await writeEnvFile(s.configDir, '.env', rest);
+    await fs.appendFile(path.join(s.configDir, '.env'), `DEV_DB_HOST=${host}\0x\n`);
+    const details = path.join(s.configDir, 'details.txt');
+    const result = await runCli({ args: [...s.base, '--on-failure', `printf '%s' "$BACKUP_DETAILS" > '${details}'`] });
+    assert.equal(result.exitCode, 2, result.stderr);
+    assert.doesNotMatch(result.stderr, /--on-failure command failed/);
+    assert.equal(
+      await fs.readFile(details, 'utf8'),
+      `DEV_DB_HOST (from .env) is "${host}\\x00x", which is not a host name`,
+    );
+  });
+
+  test('a child left running in the background does not hold up the exit', async () => {
+    const s = await setup(wrongPassword());
+    const child = path.join(s.configDir, 'child.pid');
+    const started = Date.now();
+    const result = await runCli({ args: [...s.base, '--on-failure', `sleep 40 & echo $! > '${child}'`] });
+    const seconds = (Date.now() - started) / 1000;
+    try {
+      assert.equal(result.exitCode, 3);
+      assert.ok(seconds < 20, `exited after ${seconds.toFixed(1)} s, when the shell ended, not its child`);
+      assert.doesNotMatch(result.stderr, /--on-failure command failed/);
+    } finally {
+      process.kill(Number(await fs.readFile(child, 'utf8')), 'SIGKILL');
+    }
+  });
+
+  test(
+    'a command still running after 60 s is stopped with everything it started, and the run ends',
+    { timeout: 150_000 },
+    async (t) => {
+      const s = await setup(wrongPassword());
+      const child = path.join(s.configDir, 'child.pid');
+      const started = Date.now();
+      const result = await runCli({
+        args: [...s.base, '--on-failure', `sleep 600 & echo $! > '${child}'; wait`, '--log-file', s.logFile],
+      });
+      const seconds = (Date.now() - started) / 1000;
+      t.diagnostic(`exited after ${seconds.toFixed(1)} s`);
+      const pid = Number(await fs.readFile(child, 'utf8'));
+      try {
+        assert.equal(result.exitCode, 3);
+        assert.ok(seconds >= 60 && seconds < 90, `exited after ${seconds.toFixed(1)} s`);
+        assert.match(result.stderr, /⚠ The --on-failure command failed: timed out after 60 s/);
+        await within("the command's child to be stopped", 5_000, async () => !(await alive(pid)));
+        const [, failed] = await readLog(s.logFile);
+        assert.equal(failed.event, 'on_failure_command_failed');
+      } finally {
+        if (await alive(pid)) process.kill(pid, 'SIGKILL');
+      }
+    },
+  );
+
+  test('its output is not kept: a flood neither grows memory nor hides the last line of stderr', async (t) => {
+    const s = await setup(wrongPassword());
+    const peak = path.join(s.configDir, 'peak.txt');
+    const flood = 'yes | head -c 200000000';
+    const command = `${flood}; ${flood} >&2; grep VmHWM /proc/$PPID/status > '${peak}'; echo last words >&2; exit 5`;
+    const result = await runCli({ args: [...s.base, '--on-failure', command] });
+    assert.equal(result.exitCode, 3);
+    assert.match(result.stderr, /⚠ The --on-failure command failed: exit 5: last words$/m);
+    const peakKb = Number(/(\d+) kB/.exec(await fs.readFile(peak, 'utf8'))![1]);
+    t.diagnostic(`the CLI's peak memory: ${peakKb} kB`);
+    // About 100 MB at rest, and some garbage not yet collected: far from the 400 MB it was given.
+    assert.ok(peakKb < 250_000, `the CLI's peak memory was ${peakKb} kB while the command wrote 400 MB`);
   });
 });

@@ -9,6 +9,7 @@ import http from 'node:http';
 import type net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import fc from 'fast-check';
 import parsePrometheus from 'parse-prometheus-text-format';
 import {
@@ -283,6 +284,36 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     assert.equal((await fs.stat(metricsFile)).mode & 0o777, 0o644);
     assert.deepEqual(await fs.readdir(path.dirname(metricsFile)), ['backup_db.prom']);
   });
+
+  test(
+    'a FIFO or a directory as the metrics file is refused up front; one made during the run never hangs it',
+    { timeout: 90_000 },
+    async () => {
+      const s = await setup();
+      const dir = await tempDir();
+      const fifo = path.join(dir, 'backup_db.prom');
+      await execa('mkfifo', [fifo]);
+      for (const file of [dir, fifo, `${path.join(dir, 'missing-dir')}/`]) {
+        const result = await runCli({ args: [...s.base, '--metrics-file', file] });
+        assert.equal(result.exitCode, 2, `${file}: ${result.stderr}`);
+        assert.match(result.stderr, /not a regular file|ends in \//, file);
+      }
+      assert.deepEqual(await fs.readdir(dir), ['backup_db.prom'], 'nothing made of a path ending in /');
+
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const metricsFile = path.join(dir, 'during.prom');
+      const cli = startCli({ args: [...s.base, '--pg-bin-dir', clients.dir, '--metrics-file', metricsFile] });
+      await waitFor('pg_dump to start', async () =>
+        (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
+      );
+      await execa('mkfifo', [metricsFile]);
+      await fs.writeFile(clients.release, '');
+      const result = await cli;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(String(result.stderr), /⚠ Could not write the metrics file .*: not a regular file/);
+      assert.deepEqual((await fs.readdir(dir)).sort(), ['backup_db.prom', 'during.prom'], 'no lock or temp file left');
+    },
+  );
 
   test('render and parse are inverse for any database name, and a real parser reads the labels back', () => {
     const name = fc

@@ -672,6 +672,15 @@ describe('secrets', () => {
     assert.equal(env.DEV_DB_NAME, 'x-****-x');
   });
 
+  test('hookEnvironment escapes the NUL bytes a variable cannot hold, and keeps the record whole in JSON', () => {
+    const record = { time: 't', host: 'h', command: 'backup' as const, outcome: 'failure' as const, exit_code: 2 };
+    const env = hookEnvironment({ ...record, duration_ms: 1, details: 'is "a\0b"', database: 'd\0' }, {}, []);
+    assert.equal(env.BACKUP_DETAILS, 'is "a\\x00b"');
+    assert.equal(env.BACKUP_DATABASE, 'd\\x00');
+    assert.equal(JSON.parse(env.BACKUP_RECORD!).details, 'is "a\0b"');
+    assert.ok(Object.values(env).every((value) => !value.includes('\0')));
+  });
+
   test('maskSecrets with kept values: a secret inside one is masked only elsewhere, one holding one is masked whole', () => {
     const kept = keptValues({ backup_file: '/b/app_dev_2025-01-01T00-00-00Z.dump', database: 'app' }, ['dump', 'app']);
     assert.deepEqual(
