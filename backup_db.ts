@@ -6273,15 +6273,6 @@ function resolveAutomation(opts: SettingOptions, fromVar: SettingReader): Automa
   };
 }
 
-/**
- * Pure: the automation settings that parse, for recording a run that failed on its settings or its
- * command line: a typo in a crontab must reach the log and the alerts like any other failure.
- */
-function usableAutomation(opts: SettingOptions, vars: EnvVars): Automation {
-  // Options come parsed and checked by commander; only variables can be wrong here.
-  return resolveAutomation(opts, settingReader(vars, true));
-}
-
 // ─── CLI: the command line (commander) ──────────────────────────────────────────────────
 
 /** Options whose values are credentials: never shown, not even in a usage error. */
@@ -6686,6 +6677,26 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
   };
 }
 
+/**
+ * Where a run that failed on its command line or settings (a typo in a crontab) is logged and
+ * announced, as any failure is: those of its settings that can be read (options come checked by
+ * commander), less a log or metrics path refused as not a regular file. Their secrets join `secrets`.
+ */
+async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined, secrets: string[]) {
+  const vars = loaded ?? (await loadEnvVars(path.resolve(opts.configDir), process.env).catch(() => new Map()));
+  const { logFile, metricsFile, ...usable } = resolveAutomation(opts, settingReader(vars, true));
+  const files = { logFile, metricsFile };
+  const refused = await checkRecordFiles({ ...usable, ...files }).then(
+    () => false,
+    () => true,
+  );
+  secrets.push(...secretsIn(vars), ...automationSecrets(usable));
+  return refused ? usable : { ...usable, ...files };
+}
+
+/** The automation settings that are credentials: webhook and ping URLs carry their tokens. */
+const automationSecrets = ({ notifyUrl, pingUrl }: Automation) => [notifyUrl ?? '', pingUrl ?? ''].filter(Boolean);
+
 /** The command a command line asks for, if it says so clearly: for recording one that failed to parse. */
 function modeIfChosen(opts: CliOptions): CommandName | undefined {
   try {
@@ -6713,10 +6724,6 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   let command: CommandName = 'backup';
   let automation: Automation | undefined;
-  const automate = (chosen: Automation) => {
-    automation = chosen;
-    secrets.push(...[chosen.notifyUrl, chosen.pingUrl].filter((url): url is string => url !== undefined));
-  };
   let vars: EnvVars | undefined;
   let known: Outcome['facts'] = {};
   let config: DbConfig | undefined;
@@ -6729,10 +6736,11 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     secrets.push(...secretsIn(vars));
     const settings = resolveSettings(opts, vars);
     await checkRecordFiles(settings.automation);
-    automate(settings.automation);
+    automation = settings.automation;
+    secrets.push(...automationSecrets(automation));
     config = configuredDatabase(mode, opts, vars);
     known = knownFacts(mode, config);
-    if (mode.command === 'backup' && automation!.pingUrl) {
+    if (mode.command === 'backup' && settings.automation.pingUrl) {
       const { database, environment } = config!;
       const text = `backup of ${redact(database, secrets)} (${environment}) started on ${os.hostname()}`;
       // An interrupt while the receiver takes its time ends the run at once, as one at any other step does.
@@ -6750,20 +6758,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   } catch (error) {
     outcome = failedOutcome(command, asBackupError(error, config));
   }
-  // A run that failed on its command line or settings (a typo in a crontab) reaches the log and the
-  // alerts all the same, through those of its settings that can be read.
-  if (!automation) {
-    if (parseFailure) command = outcome.command = modeIfChosen(opts) ?? command;
-    vars ??= await loadEnvVars(path.resolve(opts.configDir), process.env).catch(() => new Map<string, EnvValue>());
-    secrets.push(...secretsIn(vars));
-    // A log or metrics path refused as not a regular file is left out, rather than written to and warned about.
-    const { logFile, metricsFile, ...usable } = usableAutomation(opts, vars);
-    const refused = await checkRecordFiles({ ...usable, logFile, metricsFile }).then(
-      () => false,
-      () => true,
-    );
-    automate(refused ? usable : { ...usable, logFile, metricsFile });
-  }
+  if (parseFailure) outcome.command = modeIfChosen(opts) ?? outcome.command;
+  const recordTo = automation ?? (await readableAutomation(opts, vars, secrets));
 
   const operation = OPERATION_NAMES[outcome.command];
   // Names of a run that worked, which it reports itself: a password inside one is masked only outside
@@ -6792,7 +6788,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     ...(problem ? { error: problem.error, details: problem.details } : {}),
     ...(outcome.exitCode !== EXIT.OK && !problem ? { error: `${outcome.command} found problems` } : {}),
   };
-  await recordRun(record, automation!, { secrets, named }, io);
+  await recordRun(record, recordTo, { secrets, named }, io);
   return outcome.exitCode;
 }
 
