@@ -53,6 +53,7 @@ import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'c
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
+import type { ConnectionOptions as TlsOptions } from 'node:tls';
 
 // ─── Types and constants ─────────────────────────────────────────────────────────────────
 
@@ -1588,6 +1589,12 @@ async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   const mode = config.sslmode;
   // libpq never uses TLS on a Unix socket (a host that is a directory), whatever the sslmode.
   if (mode === 'disable' || mode === 'allow' || config.host.startsWith('/')) return false;
+  return { ...(await serverVerification(config)), ...(await clientCertificate()) };
+}
+
+/** How the server's certificate is checked, by sslmode; see sslOptions. */
+async function serverVerification(config: DbConfig): Promise<TlsOptions> {
+  const mode = config.sslmode;
   // prefer (the default) encrypts without verifying.
   if (mode !== 'require' && mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
   const file = config.sslrootcert || process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
@@ -1610,6 +1617,29 @@ async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   return mode !== 'verify-full'
     ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined }
     : { rejectUnauthorized: true, ca, servername: config.host };
+}
+
+/**
+ * The client certificate libpq sends when the server asks for one: PGSSLCERT and PGSSLKEY, else
+ * ~/.postgresql/postgresql.crt and .key. None when the certificate file is absent, as in libpq.
+ */
+async function clientCertificate(): Promise<{ cert: string; key: string } | undefined> {
+  const dir = path.join(os.homedir(), '.postgresql');
+  const [certFile, keyFile] = [
+    process.env.PGSSLCERT || `${dir}/postgresql.crt`,
+    process.env.PGSSLKEY || `${dir}/postgresql.key`,
+  ];
+  const cert = await fs.readFile(certFile, 'utf8').catch(() => undefined);
+  if (cert === undefined) return undefined;
+  const key = await fs.readFile(keyFile, 'utf8').catch((error: unknown) => {
+    throw new BackupError(
+      EXIT.CONNECTION,
+      'TLS client key missing',
+      `the client certificate ${certFile} is there, but its key ${keyFile} cannot be read: ${errorText(error)}`,
+      ['Point PGSSLKEY at the private key (PEM, mode 0600) of the certificate PGSSLCERT names'],
+    );
+  });
+  return { cert, key };
 }
 
 // ─── Connection errors: exit codes and hints; server facts ───────────────────────────────
@@ -1635,6 +1665,9 @@ export function connectionError(
               `password ('#' starts a comment): write it in single quotes, ` +
               `${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote)`,
           ]
+        : []),
+      ...(/client certificate/i.test(message)
+        ? ['The server wants a client certificate: PGSSLCERT and PGSSLKEY (else ~/.postgresql/postgresql.crt, .key)']
         : []),
       `Check the password in ${config.origin.password} and the user in ${config.origin.user}`,
       `Try the same credentials by hand: ${psql}`,

@@ -18,20 +18,23 @@ import { selfSignedCertificate, startTestServers, type TestServer } from './help
 const noOpenssl = await unmet('openssl');
 let server: TestServer;
 let tlsServer: TestServer & { certificate?: string };
+let certServer: TestServer;
 before(async () => {
-  // The TLS-only server needs openssl for its certificate; without it those tests skip.
-  [server, tlsServer] = (await startTestServers(noOpenssl ? [{}] : [{}, { tlsOnly: true }])) as [
+  // The TLS-only servers need openssl for their certificates; without it those tests skip.
+  const tls = [{ tlsOnly: true }, { tlsOnly: true, clientCertificates: true }];
+  [server, tlsServer, certServer] = (await startTestServers(noOpenssl ? [{}] : [{}, ...tls])) as [
+    TestServer,
     TestServer,
     TestServer,
   ];
-  for (const s of [server, tlsServer].filter(Boolean)) {
+  for (const s of [server, tlsServer, certServer].filter(Boolean)) {
     await s.createDatabase(
       'sec_app',
       "CREATE TABLE secrets_table (id int, note text); INSERT INTO secrets_table VALUES (1, 'x')",
     );
   }
 });
-after(() => Promise.all([server?.stop(), tlsServer?.stop()]));
+after(() => Promise.all([server?.stop(), tlsServer?.stop(), certServer?.stop()]));
 
 async function backup(vars: Record<string, string>, env: Record<string, string> = {}) {
   const configDir = await tempDir();
@@ -258,6 +261,22 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
       { HOME: home },
     );
     assert.equal(trusted.exitCode, 0, trusted.stderr);
+  });
+
+  test('a server that demands a client certificate gets the one libpq sends: PGSSLCERT and PGSSLKEY, else ~/.postgresql', async () => {
+    const { cert, key } = certServer.clientCertificate!;
+    const vars = { ...dbVars(certServer, 'DEV_DB_', 'sec_app'), DEV_DB_SSLMODE: 'require' };
+    const home = await tempDir();
+    const without = await backup(vars, { HOME: home });
+    assert.equal(without.exitCode, 3, without.stderr);
+    assert.match(without.stderr, /^ {2}1\. The server wants a client certificate: PGSSLCERT and PGSSLKEY/m);
+    const fromEnv = await backup(vars, { HOME: home, PGSSLCERT: cert, PGSSLKEY: key });
+    assert.equal(fromEnv.exitCode, 0, fromEnv.stderr);
+    await fs.mkdir(path.join(home, '.postgresql'));
+    await fs.copyFile(cert, path.join(home, '.postgresql', 'postgresql.crt'));
+    await fs.copyFile(key, path.join(home, '.postgresql', 'postgresql.key'));
+    const fromHome = await backup(vars, { HOME: home });
+    assert.equal(fromHome.exitCode, 0, fromHome.stderr);
   });
 
   test('DB_SSLMODE and the URL sslmode win over PGSSLMODE, as they do for pg_dump', async () => {

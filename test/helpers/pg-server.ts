@@ -27,6 +27,8 @@ export interface ServerOptions {
   major?: Major;
   /** Serve TLS with a fresh self-signed certificate and accept TLS connections only (hostssl). */
   tlsOnly?: boolean;
+  /** With tlsOnly: also demand a client certificate signed by the server's (clientcert=verify-full). */
+  clientCertificates?: boolean;
   /** Listen on ::1 and a Unix socket directory too, not only on 127.0.0.1. */
   listenEverywhere?: boolean;
   /** PostgreSQL 15 with pgvector, as npm run test:setup builds it (default settings otherwise). */
@@ -43,6 +45,8 @@ export interface TestServer {
   password: string;
   /** With tlsOnly: the server's self-signed certificate, which is also its CA. */
   certificate?: string;
+  /** With clientCertificates: a certificate and key for the superuser, signed by the server's. */
+  clientCertificate?: { cert: string; key: string };
   /** With listenEverywhere: the directory of its Unix socket (a host name to libpq and node-postgres). */
   socketDir?: string;
   /** A connected superuser client; the caller ends it. */
@@ -87,6 +91,33 @@ export async function selfSignedCertificate(dir: string): Promise<{ cert: string
     'subjectAltName=IP:127.0.0.1,DNS:localhost',
     '-keyout',
     key,
+    '-out',
+    cert,
+  ]);
+  await fs.chmod(key, 0o600);
+  return { cert, key };
+}
+
+/** A client certificate for `user` (its CN), signed by `ca`: what clientcert=verify-full accepts. */
+async function clientCertificate(dir: string, ca: { cert: string; key: string }, user: string) {
+  const [cert, key, request] = ['client.crt', 'client.key', 'client.csr'].map((name) => path.join(dir, name)) as [
+    string,
+    string,
+    string,
+  ];
+  const newKey = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+  await execa('openssl', ['req', '-new', ...newKey, '-subj', `/CN=${user}`, '-keyout', key, '-out', request]);
+  await execa('openssl', [
+    'x509',
+    '-req',
+    '-in',
+    request,
+    '-CA',
+    ca.cert,
+    '-CAkey',
+    ca.key,
+    '-days',
+    '2',
     '-out',
     cert,
   ]);
@@ -201,11 +232,13 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   if (tls) {
     // The key must belong to the server's user; pg_hba then admits TLS connections only.
     if (user) await fs.chown(tls.key, user.uid, user.gid);
+    const auth = `scram-sha-256${options.clientCertificates ? ' clientcert=verify-full' : ''}`;
     await fs.writeFile(
       path.join(dataDir, 'pg_hba.conf'),
-      'hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n',
+      `hostssl all all 127.0.0.1/32 ${auth}\nhostssl all all ::1/128 ${auth}\n`,
     );
   }
+  const client = tls && options.clientCertificates ? await clientCertificate(root, tls, 'postgres') : undefined;
   const socketDir = options.listenEverywhere ? path.join(root, 'socket') : undefined;
   if (socketDir) {
     await fs.mkdir(socketDir, { mode: 0o755 });
@@ -219,6 +252,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     synchronous_commit: 'off',
     full_page_writes: 'off',
     ...(tls ? { ssl: 'on', ssl_cert_file: tls.cert, ssl_key_file: tls.key } : {}),
+    ...(client ? { ssl_ca_file: tls!.cert } : {}),
     ...options.settings,
   };
   // The port is free when picked but not reserved: by the time the server binds it, a client
@@ -249,17 +283,21 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   const { server, exited, ready, port } = started;
   if (!ready) throw await fail('start');
 
+  const presented = client && {
+    cert: await fs.readFile(client.cert, 'utf8'),
+    key: await fs.readFile(client.key, 'utf8'),
+  };
   const connect = async (database = 'postgres') => {
-    const client = new pg.Client({
+    const pgClient = new pg.Client({
       host: '127.0.0.1',
       port,
       user: 'postgres',
       password,
       database,
-      ssl: tls ? { rejectUnauthorized: false } : false,
+      ssl: tls ? { rejectUnauthorized: false, ...presented } : false,
     });
-    await client.connect();
-    return client;
+    await pgClient.connect();
+    return pgClient;
   };
   const admin = async (sql: string) => {
     const client = await connect();
@@ -276,6 +314,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     user: 'postgres',
     password,
     ...(tls ? { certificate: tls.cert } : {}),
+    ...(client ? { clientCertificate: client } : {}),
     ...(socketDir ? { socketDir } : {}),
     connect,
     async createDatabase(name, setup) {
