@@ -120,6 +120,36 @@ describe('--list', () => {
     },
   );
 
+  test(
+    'metadata of 100,000 tables lists; one of millions of values is refused unparsed (V8 would take minutes)',
+    { timeout: 120_000 },
+    async () => {
+      const copy = path.join(await tempDir(), 'backups');
+      await fs.mkdir(copy);
+      for (const file of [dev1.dumpPath, dev1.metadataPath, dev2.dumpPath, dev2.metadataPath])
+        await fs.copyFile(file, path.join(copy, path.basename(file)));
+      const withTables = async (backup: TakenBackup, count: number) => {
+        const tables = Array.from({ length: count }, (_, i) => `"public.t${i.toString(36)}":${i}`).join(',');
+        const metadata = JSON.parse(await fs.readFile(backup.metadataPath, 'utf8'));
+        const text = JSON.stringify({ ...metadata, table_counts: {} }).replace(
+          '"table_counts":{}',
+          `"table_counts":{${tables}}`,
+        );
+        await fs.writeFile(path.join(copy, path.basename(backup.metadataPath)), text);
+      };
+      await withTables(dev2, 100_000);
+      await withTables(dev1, 2_000_001);
+      const result = await list(copy, '--json');
+      assert.equal(result.exitCode, 0, result.stderr);
+      const doc = JSON.parse(result.stdout);
+      assert.deepEqual(
+        doc.backups.map((b: { status: string }) => b.status),
+        ['verified', 'invalid_metadata'],
+      );
+      assert.deepEqual(doc.backups[1].problems, ['it holds more than 2,000,000 values']);
+    },
+  );
+
   test('a dump whose size differs from its metadata → ✗ Size mismatch', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
