@@ -3595,13 +3595,21 @@ async function inspectEntry(
   }
 }
 
-/** A partial is a running backup's while its database's lock has a live owner, else a leftover. */
+/**
+ * A partial is a running backup's while its database's lock has a live owner, else a leftover. A lock
+ * that cannot be read (not a regular file, another user's) is that row's problem, not the listing's.
+ */
 async function describePartial(dir: string, name: string): Promise<ListEntry | undefined> {
   const found = await inspectEntry(dir, name);
   if (!found) return undefined;
   const fromName = parseBackupFileName(name);
-  const owner =
-    fromName && (await readLock(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
+  const lockPath = fromName && path.join(dir, lockFileName(fromName.database, fromName.environment));
+  const lock = lockPath ? await readLock(lockPath).catch((error: unknown) => new Error(failureText(error))) : undefined;
+  if (lock instanceof Error) {
+    const why = `its database's lock ${displayPath(lockPath!)} cannot be read: ${lock.message}`;
+    return { ...found, status: 'incomplete', problems: [why] };
+  }
+  const owner = lock?.owner;
   const running = owner !== undefined && (await lockOwnerAlive(owner));
   return {
     ...found,
