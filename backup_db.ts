@@ -1164,9 +1164,11 @@ function alreadyRunningError(
  * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
  * final name; and of the lock itself, the temp files and takeover claims of runs that died while
  * starting (a run still starting, and losing to us, has a live pid, or one we cannot check). Names
- * are matched exactly (database, environment, timestamp), never by prefix.
+ * are matched exactly (database, environment, timestamp), never by prefix. Best effort: one this
+ * user cannot remove (another user's killed run left it) is named, and the backup goes on, as it
+ * claims its own names exclusively.
  */
-async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
+async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ removed: string[]; left: string[] }> {
   const stem = backupStemOf(config);
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
@@ -1187,8 +1189,25 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   };
   const stale = (await Promise.all(names.map(async (name) => ((await isStaleFile(name)) ? [name] : [])))).flat();
   // recursive: the partial of a directory-format dump is a directory.
-  await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true, recursive: true })));
-  return stale;
+  const removal = async (name: string) =>
+    fs.rm(path.join(dir, name), { force: true, recursive: true }).then(
+      () => undefined,
+      async (error) => `${name} (${await ownerOf(path.join(dir, name))}): ${errorText(error)}`,
+    );
+  const failures = await Promise.all(stale.map(removal));
+  return {
+    removed: stale.filter((_, i) => failures[i] === undefined),
+    left: failures.filter((failure) => failure !== undefined),
+  };
+}
+
+/** "owned by root", by user name where /etc/passwd has one: who can remove what this user cannot. */
+async function ownerOf(file: string): Promise<string> {
+  const uid = (await fs.lstat(file).catch(() => undefined))?.uid;
+  if (uid === undefined) return 'owner unknown';
+  const passwd = await fs.readFile('/etc/passwd', 'utf8').catch(() => '');
+  const user = passwd.split('\n').find((line) => line.split(':')[2] === String(uid));
+  return `owned by ${user ? user.split(':')[0] : `uid ${uid}`}`;
 }
 
 /**
@@ -2487,6 +2506,8 @@ export interface BackupResult {
   checks: FileChecks;
   /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
   removedStaleFiles: string[];
+  /** Those this user could not remove: name, owner and why. */
+  staleFilesLeft: string[];
   retention?: RetentionReport;
   /** The backup succeeded but pruning did not: reported; a refusal (exit 8) or an interrupt sets the exit code. */
   retentionError?: BackupError;
@@ -2502,7 +2523,8 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
     signal.throwIfAborted();
-    const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
+    const stale = await removeStaleFiles(options.outputDir, config);
+    const cleanup = { removedStaleFiles: stale.removed, staleFilesLeft: stale.left };
     const published = await withClient(
       config,
       options.connectTimeoutSeconds,
@@ -2511,12 +2533,12 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     );
     await keepLockReserve(lock.path);
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
-    if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
+    if (!hasRetentionRule(options.retention)) return { ...published, ...cleanup };
     try {
       const { backup_file: justMade, system_identifier: systemIdentifier } = published.metadata;
       const server = { justMade, systemIdentifier: systemIdentifier ?? null };
       const retention = await applyRetention(config, options, server, signal);
-      return { ...published, removedStaleFiles, retention };
+      return { ...published, ...cleanup, retention };
     } catch (error) {
       const title = 'Applying the retention policy failed';
       const retentionError =
@@ -2525,7 +2547,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
           : errnoCode(error)
             ? fileSystemError(error, title, options.outputDir)
             : new BackupError(EXIT.GENERAL, title, errorText(error));
-      return { ...published, removedStaleFiles, retentionError };
+      return { ...published, ...cleanup, retentionError };
     }
   } catch (error) {
     // An interrupt wins over what failed meanwhile, such as a connection attempt it outlasted.
@@ -2550,7 +2572,10 @@ interface BackupJob {
  * The dump gets its final name last, so a `.dump` that exists is always complete, verified and
  * described by its metadata; on any failure this run's files are removed and nothing else is touched.
  */
-async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
+async function snapshotBackup(
+  job: BackupJob,
+  signal: AbortSignal,
+): Promise<Omit<BackupResult, 'removedStaleFiles' | 'staleFilesLeft'>> {
   const { client, config, options } = job;
   const { outputDir } = options;
   // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
@@ -5374,10 +5399,13 @@ function backupSummaryText(result: BackupResult): Text {
     const left = retention.leftAlone.length;
     if (left > 0) lines.push(`             left alone ${left} (see why: --prune --dry-run with the same rules)`);
   }
-  if (!retentionError) return { out: lines, err: [] };
+  const stuck = result.staleFilesLeft;
+  const notRemoved = `Could not remove ${plural(stuck.length, 'stale file')} left by an interrupted earlier run`;
+  const err = stuck.length > 0 ? problemLines(warningProblem(notRemoved, stuck.join('; '), [])) : [];
+  if (!retentionError) return { out: lines, err };
   const { title, details } = retentionError;
   const headline = `The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`;
-  return { out: lines, err: problemLines(warningProblem(headline, details, [])) };
+  return { out: lines, err: [...err, ...problemLines(warningProblem(headline, details, []))] };
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
@@ -5662,6 +5690,7 @@ function backupDocument(result: BackupResult): Record<string, unknown> {
     metadata: result.metadata,
     checks: result.checks,
     removed_stale_files: result.removedStaleFiles,
+    stale_files_left: result.staleFilesLeft,
     retention: result.retention ? retentionDocument(result.retention) : null,
     ...(result.retentionError
       ? { retention_error: problemDocument(failureProblem(result.retentionError, 'Retention', [])) }
