@@ -3928,7 +3928,7 @@ async function applyRetention(
     for (const [deleted, backup] of doomed.entries()) {
       // An interrupt stops pruning between backups, never between a dump and its metadata.
       if (signal.aborted) throw pruningInterrupted(signal.reason, deleted, doomed.length);
-      await fs.rm(path.join(dir, backup.file), { recursive: true });
+      await deleteBackupFile(path.join(dir, backup.file));
       await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
     }
     if (doomed.length > 0) await syncDirectory(dir);
@@ -3941,6 +3941,22 @@ async function applyRetention(
     deleted: doomed.map((b) => b.file),
     freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0),
   };
+}
+
+/**
+ * Only a directory-format dump is removed recursively: fs.rm's recursion reports an unlink refused
+ * with EPERM (another user's file in a sticky directory) as ENOTDIR. A refusal names the owner.
+ */
+async function deleteBackupFile(file: string): Promise<void> {
+  try {
+    if ((await fs.lstat(file)).isDirectory()) await fs.rm(file, { recursive: true });
+    else await fs.unlink(file);
+  } catch (error) {
+    const code = errnoCode(error);
+    if (code !== 'EPERM' && code !== 'EACCES') throw error;
+    const why = `not allowed to delete ${path.basename(file)} (${await ownerOf(file)}): ${errorText(error)}`;
+    throw Object.assign(new Error(why), { code });
+  }
 }
 
 /** An interrupt between deletions: the rules' other deletions had been done, which the usual words deny. */
