@@ -41,7 +41,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createReadStream, createWriteStream, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -2910,12 +2910,23 @@ async function toolVersion(): Promise<string> {
   return pkg.version ?? 'unknown';
 }
 
-/** Write a file so that readers see either nothing or all of it: temp file, fsync, rename, fsync dir. */
-export async function writeFileAtomic(filePath: string, contents: string, mode = 0o600): Promise<void> {
+/**
+ * Write a file so that readers see either nothing or all of it: temp file, fsync, rename, fsync dir.
+ * `like`: the file it replaces, whose mode and owner the new one takes exactly (or it fails).
+ */
+export async function writeFileAtomic(
+  filePath: string,
+  contents: string,
+  mode = 0o600,
+  like?: Pick<Stats, 'mode' | 'uid' | 'gid'>,
+): Promise<void> {
   const temp = `${filePath}.tmp-${process.pid}`;
   try {
     const handle = await fs.open(temp, 'wx', mode);
     try {
+      if (like) await handle.chmod(like.mode & 0o7777);
+      if (like && (like.uid !== process.getuid?.() || like.gid !== process.getgid?.()))
+        await handle.chown(like.uid, like.gid);
       await handle.writeFile(contents);
       await handle.sync();
     } finally {
@@ -4687,7 +4698,7 @@ export interface RestoreOutcome extends Pick<RestorableArchive, 'filePath' | 'me
   /** Undefined when the backup had no valid metadata to reconcile with (--force). */
   reconciliation?: ReconciliationRow[];
   /** A drill's result, as recorded in the metadata. */
-  recorded?: { metadataPath: string; record: RestoreTestRecord };
+  recorded?: { metadataPath: string; record: RestoreTestRecord; notRecorded?: string | undefined };
 }
 
 interface RestorableArchive {
@@ -4982,7 +4993,10 @@ function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSign
   return AbortSignal.any([signal, failed.signal]);
 }
 
-/** A drill's result, added to the metadata as last_restore_test: atomically, and only while the backup still exists. */
+/**
+ * A drill's result, added to the metadata as last_restore_test: atomically, and only while the
+ * backup still exists; `notRecorded` says why it was not.
+ */
 async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOutcome) {
   const rows = outcome.reconciliation ?? [];
   const record: RestoreTestRecord = {
@@ -4994,8 +5008,8 @@ async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOut
     tables: rows.length,
     mismatches: rows.filter((row) => !row.ok).map((row) => row.table),
   };
-  await writeRestoreTest(archive.filePath, archive.metadataPath, record);
-  return { metadataPath: archive.metadataPath, record };
+  const notRecorded = await writeRestoreTest(archive.filePath, archive.metadataPath, record);
+  return { metadataPath: archive.metadataPath, record, notRecorded };
 }
 
 /**
@@ -5025,11 +5039,26 @@ async function recordFailedDrill(filePath: string, server: string, error: unknow
   await writeRestoreTest(filePath, metadataPath, record).catch(() => undefined);
 }
 
-/** last_restore_test into the metadata: atomically, and only while the backup still exists. */
-async function writeRestoreTest(filePath: string, metadataPath: string, record: RestoreTestRecord): Promise<void> {
+/**
+ * last_restore_test into the metadata: atomically, and only while the backup still exists. The file
+ * keeps its mode and owner, so that a drill run by root leaves the backup its owner's; where this
+ * user cannot give it them (another user's file), nothing is recorded. Returns why not, if not.
+ */
+async function writeRestoreTest(
+  filePath: string,
+  metadataPath: string,
+  record: RestoreTestRecord,
+): Promise<string | undefined> {
   if (!(await pathExists(filePath))) return;
+  const old = await fs.stat(metadataPath);
   const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
-  await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
+  const text = `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`;
+  try {
+    await writeFileAtomic(metadataPath, text, 0o600, old);
+  } catch (error) {
+    if (errnoCode(error) !== 'EPERM') throw error;
+    return `the metadata is ${await ownerOf(metadataPath)} and would not stay so: run the drill as its owner or root`;
+  }
 }
 
 // ─── Run records: log file, notifications, failure hook ──────────────────────────────────
@@ -5561,7 +5590,10 @@ function restoreText(outcome: RestoreOutcome): Text {
     reconciliation
       ? `Tables:      ${matched} of ${reconciliation.length} match the backup's row counts`
       : 'Tables:      not reconciled: the backup has no valid metadata',
-    ...(recorded ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`] : []),
+    ...(recorded?.notRecorded ? [`Recorded:    not recorded: ${recorded.notRecorded}`] : []),
+    ...(recorded && !recorded.notRecorded
+      ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`]
+      : []),
     ...(reconciliation ? ['', ...reconciliationLines(reconciliation)] : []),
   ];
   return { out: lines, err: [] };
@@ -5782,7 +5814,8 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
     forced_past: outcome.forcedPast ?? null,
     reconciliation: outcome.reconciliation ?? null,
     metadata_file: recorded?.metadataPath ?? null,
-    last_restore_test: recorded?.record ?? null,
+    last_restore_test: recorded && !recorded.notRecorded ? recorded.record : null,
+    ...(recorded?.notRecorded ? { not_recorded: recorded.notRecorded } : {}),
   };
 }
 

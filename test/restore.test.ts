@@ -34,6 +34,7 @@ import { skipUnless, unmet } from './helpers/requirements.ts';
 
 const noTerminal = await unmet('script');
 const noProc = await unmet('proc');
+const noSetpriv = await unmet('setpriv');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -761,6 +762,37 @@ describe('--verify FILE --restore-test (the drill)', () => {
       'recording the drill leaves the backup verifiable',
     );
   });
+
+  test(
+    "a drill run by root keeps the metadata's owner and mode: the backup stays its owner's",
+    skipUnless(process.getuid?.() === 0 ? noSetpriv : 'needs root, to give files to another user'),
+    async () => {
+      const copy = await copyOfBackup();
+      await fs.chmod(copy.metadataPath, 0o644);
+      await fs.chown(copy.metadataPath, 12345, 12346);
+      const result = await runCli({
+        args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+      });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.match(result.stdout, /^Recorded: {4}last_restore_test in /m);
+      const stat = await fs.stat(copy.metadataPath);
+      assert.deepEqual([stat.uid, stat.gid, stat.mode & 0o7777], [12345, 12346, 0o644]);
+      assert.equal(JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test.ok, true);
+
+      // Without the power to give a file away, the owner cannot be kept: nothing recorded, and it says so.
+      const before = await fs.readFile(copy.metadataPath, 'utf8');
+      const withoutChown = await runCli({
+        args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+        wrapper: ['setpriv', '--bounding-set=-chown', '--'],
+      });
+      assert.equal(withoutChown.exitCode, 0, withoutChown.stderr);
+      const doc = JSON.parse(withoutChown.stdout);
+      assert.equal(doc.last_restore_test, null);
+      assert.match(doc.not_recorded, /^the metadata is owned by uid 12345 and would not stay so/);
+      assert.equal(await fs.readFile(copy.metadataPath, 'utf8'), before);
+      assert.equal((await fs.stat(copy.metadataPath)).uid, 12345);
+    },
+  );
 
   test('tampered counts → exit 8, the failure recorded, the scratch database dropped', async () => {
     const copy = await copyOfBackup((m) => {
