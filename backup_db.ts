@@ -5049,7 +5049,7 @@ async function writeRestoreTest(
   metadataPath: string,
   record: RestoreTestRecord,
 ): Promise<string | undefined> {
-  if (!(await pathExists(filePath))) return;
+  if (!(await pathExists(filePath))) return 'the backup was deleted meanwhile';
   const old = await fs.stat(metadataPath);
   const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
   const text = `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`;

@@ -906,6 +906,37 @@ describe('--verify FILE --restore-test (the drill)', () => {
       assert.equal(metadata.last_restore_test, undefined, 'an interrupted drill is no verdict on the backup');
     },
   );
+
+  test(
+    'a backup deleted during its drill (by retention, say): the drill says nothing was recorded',
+    { timeout: 90_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const { holder, observer } = await holdGate();
+      const drill = startCli({
+        args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+      });
+      try {
+        await waitFor('pg_restore to wait at the gate', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        await fs.rm(gatedBackup.dumpPath);
+        await fs.rm(gatedBackup.metadataPath);
+      } finally {
+        await holder.query('ROLLBACK');
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      const result = await drill;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(String(result.stdout), /^Recorded: {4}not recorded: the backup was deleted meanwhile$/m);
+      assert.doesNotMatch(String(result.stdout), /last_restore_test in/);
+      const left = await fs.readdir(path.dirname(gatedBackup.dumpPath));
+      assert.ok(!left.some((name) => name.includes('.metadata.json')), `no metadata written: ${left.join(', ')}`);
+    },
+  );
 });
 
 describe('row-level security in the restored database', () => {
