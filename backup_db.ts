@@ -2924,9 +2924,12 @@ export async function writeFileAtomic(
   try {
     const handle = await fs.open(temp, 'wx', mode);
     try {
-      if (like) await handle.chmod(like.mode & 0o7777);
-      if (like && (like.uid !== process.getuid?.() || like.gid !== process.getgid?.()))
-        await handle.chown(like.uid, like.gid);
+      if (like) {
+        // Compared with the new file itself: a setgid directory gives it the directory's group.
+        const made = await handle.stat();
+        if (made.uid !== like.uid || made.gid !== like.gid) await handle.chown(like.uid, like.gid);
+        await handle.chmod(like.mode & 0o7777);
+      }
       await handle.writeFile(contents);
       await handle.sync();
     } finally {
