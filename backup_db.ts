@@ -41,7 +41,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createReadStream, createWriteStream, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -1239,9 +1239,11 @@ function alreadyRunningError(
  * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
  * final name; and of the lock itself, the temp files and takeover claims of runs that died while
  * starting (a run still starting, and losing to us, has a live pid, or one we cannot check). Names
- * are matched exactly (database, environment, timestamp), never by prefix.
+ * are matched exactly (database, environment, timestamp), never by prefix. Best effort: one this
+ * user cannot remove (another user's killed run left it) is named, and the backup goes on, as it
+ * claims its own names exclusively.
  */
-async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]> {
+async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ removed: string[]; left: string[] }> {
   const stem = backupStemOf(config);
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
@@ -1262,8 +1264,25 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<string[]
   };
   const stale = (await Promise.all(names.map(async (name) => ((await isStaleFile(name)) ? [name] : [])))).flat();
   // recursive: the partial of a directory-format dump is a directory.
-  await Promise.all(stale.map((name) => fs.rm(path.join(dir, name), { force: true, recursive: true })));
-  return stale;
+  const removal = async (name: string) =>
+    fs.rm(path.join(dir, name), { force: true, recursive: true }).then(
+      () => undefined,
+      async (error) => `${name} (${await ownerOf(path.join(dir, name))}): ${errorText(error)}`,
+    );
+  const failures = await Promise.all(stale.map(removal));
+  return {
+    removed: stale.filter((_, i) => failures[i] === undefined),
+    left: failures.filter((failure) => failure !== undefined),
+  };
+}
+
+/** "owned by root", by user name where /etc/passwd has one: who can remove what this user cannot. */
+async function ownerOf(file: string): Promise<string> {
+  const uid = (await fs.lstat(file).catch(() => undefined))?.uid;
+  if (uid === undefined) return 'owner unknown';
+  const passwd = await fs.readFile('/etc/passwd', 'utf8').catch(() => '');
+  const user = passwd.split('\n').find((line) => line.split(':')[2] === String(uid));
+  return `owned by ${user ? user.split(':')[0] : `uid ${uid}`}`;
 }
 
 /**
@@ -2596,6 +2615,8 @@ export interface BackupResult {
   checks: FileChecks;
   /** Leftovers of earlier interrupted runs of this database, removed under the lock. */
   removedStaleFiles: string[];
+  /** Those this user could not remove: name, owner and why. */
+  staleFilesLeft: string[];
   retention?: RetentionReport;
   /** The backup succeeded but pruning did not: reported; a refusal (exit 8) or an interrupt sets the exit code. */
   retentionError?: BackupError;
@@ -2611,7 +2632,8 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
     signal.throwIfAborted();
-    const removedStaleFiles = await removeStaleFiles(options.outputDir, config);
+    const stale = await removeStaleFiles(options.outputDir, config);
+    const cleanup = { removedStaleFiles: stale.removed, staleFilesLeft: stale.left };
     const published = await withClient(
       config,
       options.connectTimeoutSeconds,
@@ -2620,12 +2642,12 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     );
     await keepLockReserve(lock.path);
     // Only after a backup that succeeded, so a failing run can never thin out the good ones.
-    if (!hasRetentionRule(options.retention)) return { ...published, removedStaleFiles };
+    if (!hasRetentionRule(options.retention)) return { ...published, ...cleanup };
     try {
       const { backup_file: justMade, system_identifier: systemIdentifier } = published.metadata;
       const server = { justMade, systemIdentifier: systemIdentifier ?? null };
       const retention = await applyRetention(config, options, server, signal);
-      return { ...published, removedStaleFiles, retention };
+      return { ...published, ...cleanup, retention };
     } catch (error) {
       const title = 'Applying the retention policy failed';
       const retentionError =
@@ -2634,7 +2656,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
           : errnoCode(error)
             ? fileSystemError(error, title, options.outputDir)
             : new BackupError(EXIT.GENERAL, title, errorText(error));
-      return { ...published, removedStaleFiles, retentionError };
+      return { ...published, ...cleanup, retentionError };
     }
   } catch (error) {
     // An interrupt wins over what failed meanwhile, such as a connection attempt it outlasted.
@@ -2659,7 +2681,10 @@ interface BackupJob {
  * The dump gets its final name last, so a `.dump` that exists is always complete, verified and
  * described by its metadata; on any failure this run's files are removed and nothing else is touched.
  */
-async function snapshotBackup(job: BackupJob, signal: AbortSignal): Promise<Omit<BackupResult, 'removedStaleFiles'>> {
+async function snapshotBackup(
+  job: BackupJob,
+  signal: AbortSignal,
+): Promise<Omit<BackupResult, 'removedStaleFiles' | 'staleFilesLeft'>> {
   const { client, config, options } = job;
   const { outputDir } = options;
   // Aborted by the user's Ctrl-C / SIGTERM or by the first failure; either way pg_dump and the
@@ -2912,15 +2937,25 @@ export function metadataProblems(value: unknown, dumpFileName?: string): string[
   return problems;
 }
 
-/** Far beyond any real metadata (a million tables), far below what would exhaust memory. */
+/** Far beyond any real metadata, far below what would exhaust memory. */
 const MAX_METADATA_BYTES = 256 * 1024 * 1024;
 /** The deepest real metadata nests 4 levels (table_data_oids → table → OIDs). */
 const MAX_METADATA_DEPTH = 16;
+/**
+ * A table takes 3 values (its row count, its table_data_oids entry, an OID): 600,000 tables, parsed
+ * in seconds. V8 parses an object of millions of keys in time that grows faster than the keys
+ * (8.3 million: minutes on end, deaf to SIGTERM), so such a file must never reach JSON.parse.
+ */
+const MAX_METADATA_VALUES = 2_000_000;
 
-/** Pure: how deeply arrays and objects nest in JSON text, counted without parsing it (strings skipped). */
-export function jsonDepth(text: string): number {
+/**
+ * Pure: how deeply arrays and objects nest in JSON text and about how many values they hold (a
+ * container or a comma each), counted without parsing it (strings skipped).
+ */
+export function jsonShape(text: string): { depth: number; values: number } {
   let depth = 0;
   let deepest = 0;
+  let values = 0;
   let inString = false;
   for (let i = 0; i < text.length; i++) {
     const char = text[i];
@@ -2928,10 +2963,13 @@ export function jsonDepth(text: string): number {
       if (char === '\\') i++;
       else if (char === '"') inString = false;
     } else if (char === '"') inString = true;
-    else if (char === '[' || char === '{') deepest = Math.max(deepest, ++depth);
-    else if (char === ']' || char === '}') depth--;
+    else if (char === ',') values++;
+    else if (char === '[' || char === '{') {
+      deepest = Math.max(deepest, ++depth);
+      values++;
+    } else if (char === ']' || char === '}') depth--;
   }
-  return deepest;
+  return { depth: deepest, values };
 }
 
 export type MetadataLoad =
@@ -2952,7 +2990,10 @@ async function loadMetadata(metadataPath: string, dumpFileName: string): Promise
     } finally {
       await handle.close();
     }
-    if (jsonDepth(text) > MAX_METADATA_DEPTH) return invalid(`it nests more than ${MAX_METADATA_DEPTH} levels deep`);
+    const shape = jsonShape(text);
+    if (shape.depth > MAX_METADATA_DEPTH) return invalid(`it nests more than ${MAX_METADATA_DEPTH} levels deep`);
+    if (shape.values > MAX_METADATA_VALUES)
+      return invalid(`it holds more than ${MAX_METADATA_VALUES.toLocaleString('en-US')} values`);
     value = JSON.parse(text);
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
@@ -2978,12 +3019,26 @@ async function toolVersion(): Promise<string> {
   return pkg.version ?? 'unknown';
 }
 
-/** Write a file so that readers see either nothing or all of it: temp file, fsync, rename, fsync dir. */
-export async function writeFileAtomic(filePath: string, contents: string, mode = 0o600): Promise<void> {
+/**
+ * Write a file so that readers see either nothing or all of it: temp file, fsync, rename, fsync dir.
+ * `like`: the file it replaces, whose mode and owner the new one takes exactly (or it fails).
+ */
+export async function writeFileAtomic(
+  filePath: string,
+  contents: string,
+  mode = 0o600,
+  like?: Pick<Stats, 'mode' | 'uid' | 'gid'>,
+): Promise<void> {
   const temp = `${filePath}.tmp-${process.pid}`;
   try {
     const handle = await fs.open(temp, 'wx', mode);
     try {
+      if (like) {
+        // Compared with the new file itself: a setgid directory gives it the directory's group.
+        const made = await handle.stat();
+        if (made.uid !== like.uid || made.gid !== like.gid) await handle.chown(like.uid, like.gid);
+        await handle.chmod(like.mode & 0o7777);
+      }
       await handle.writeFile(contents);
       await handle.sync();
     } finally {
@@ -3688,13 +3743,21 @@ async function inspectEntry(
   }
 }
 
-/** A partial is a running backup's while its database's lock has a live owner, else a leftover. */
+/**
+ * A partial is a running backup's while its database's lock has a live owner, else a leftover. A lock
+ * that cannot be read (not a regular file, another user's) is that row's problem, not the listing's.
+ */
 async function describePartial(dir: string, name: string): Promise<ListEntry | undefined> {
   const found = await inspectEntry(dir, name);
   if (!found) return undefined;
   const fromName = parseBackupFileName(name);
-  const owner =
-    fromName && (await readLock(path.join(dir, lockFileName(fromName.database, fromName.environment))))?.owner;
+  const lockPath = fromName && path.join(dir, lockFileName(fromName.database, fromName.environment));
+  const lock = lockPath ? await readLock(lockPath).catch((error: unknown) => new Error(failureText(error))) : undefined;
+  if (lock instanceof Error) {
+    const why = `its database's lock ${displayPath(lockPath!)} cannot be read: ${lock.message}`;
+    return { ...found, status: 'incomplete', problems: [why] };
+  }
+  const owner = lock?.owner;
   const running = owner !== undefined && (await lockOwnerAlive(owner));
   return {
     ...found,
@@ -3988,7 +4051,7 @@ async function applyRetention(
     for (const [deleted, backup] of doomed.entries()) {
       // An interrupt stops pruning between backups, never between a dump and its metadata.
       if (signal.aborted) throw pruningInterrupted(signal.reason, deleted, doomed.length);
-      await fs.rm(path.join(dir, backup.file), { recursive: true });
+      await deleteBackupFile(path.join(dir, backup.file));
       await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
     }
     if (doomed.length > 0) await syncDirectory(dir);
@@ -4001,6 +4064,22 @@ async function applyRetention(
     deleted: doomed.map((b) => b.file),
     freedBytes: doomed.reduce((sum, b) => sum + b.sizeBytes, 0),
   };
+}
+
+/**
+ * Only a directory-format dump is removed recursively: fs.rm's recursion reports an unlink refused
+ * with EPERM (another user's file in a sticky directory) as ENOTDIR. A refusal names the owner.
+ */
+async function deleteBackupFile(file: string): Promise<void> {
+  try {
+    if ((await fs.lstat(file)).isDirectory()) await fs.rm(file, { recursive: true });
+    else await fs.unlink(file);
+  } catch (error) {
+    const code = errnoCode(error);
+    if (code !== 'EPERM' && code !== 'EACCES') throw error;
+    const why = `not allowed to delete ${path.basename(file)} (${await ownerOf(file)}): ${errorText(error)}`;
+    throw Object.assign(new Error(why), { code });
+  }
 }
 
 /** An interrupt between deletions: the rules' other deletions had been done, which the usual words deny. */
@@ -4730,7 +4809,7 @@ export interface RestoreOutcome extends Pick<RestorableArchive, 'filePath' | 'me
   /** Undefined when the backup had no valid metadata to reconcile with (--force). */
   reconciliation?: ReconciliationRow[];
   /** A drill's result, as recorded in the metadata. */
-  recorded?: { metadataPath: string; record: RestoreTestRecord };
+  recorded?: { metadataPath: string; record: RestoreTestRecord; notRecorded?: string | undefined };
 }
 
 interface RestorableArchive {
@@ -5025,7 +5104,10 @@ function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSign
   return AbortSignal.any([signal, failed.signal]);
 }
 
-/** A drill's result, added to the metadata as last_restore_test: atomically, and only while the backup still exists. */
+/**
+ * A drill's result, added to the metadata as last_restore_test: atomically, and only while the
+ * backup still exists; `notRecorded` says why it was not.
+ */
 async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOutcome) {
   const rows = outcome.reconciliation ?? [];
   const record: RestoreTestRecord = {
@@ -5037,8 +5119,8 @@ async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOut
     tables: rows.length,
     mismatches: rows.filter((row) => !row.ok).map((row) => row.table),
   };
-  await writeRestoreTest(archive.filePath, archive.metadataPath, record);
-  return { metadataPath: archive.metadataPath, record };
+  const notRecorded = await writeRestoreTest(archive.filePath, archive.metadataPath, record);
+  return { metadataPath: archive.metadataPath, record, notRecorded };
 }
 
 /**
@@ -5068,11 +5150,26 @@ async function recordFailedDrill(filePath: string, server: string, error: unknow
   await writeRestoreTest(filePath, metadataPath, record).catch(() => undefined);
 }
 
-/** last_restore_test into the metadata: atomically, and only while the backup still exists. */
-async function writeRestoreTest(filePath: string, metadataPath: string, record: RestoreTestRecord): Promise<void> {
-  if (!(await pathExists(filePath))) return;
+/**
+ * last_restore_test into the metadata: atomically, and only while the backup still exists. The file
+ * keeps its mode and owner, so that a drill run by root leaves the backup its owner's; where this
+ * user cannot give it them (another user's file), nothing is recorded. Returns why not, if not.
+ */
+async function writeRestoreTest(
+  filePath: string,
+  metadataPath: string,
+  record: RestoreTestRecord,
+): Promise<string | undefined> {
+  if (!(await pathExists(filePath))) return 'the backup was deleted meanwhile';
+  const old = await fs.stat(metadataPath);
   const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
-  await writeFileAtomic(metadataPath, `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`);
+  const text = `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`;
+  try {
+    await writeFileAtomic(metadataPath, text, 0o600, old);
+  } catch (error) {
+    if (errnoCode(error) !== 'EPERM') throw error;
+    return `the metadata is ${await ownerOf(metadataPath)} and would not stay so: run the drill as its owner or root`;
+  }
 }
 
 // ─── Run records: log file, notifications, failure hook ──────────────────────────────────
@@ -5545,10 +5642,13 @@ function backupSummaryText(result: BackupResult): Text {
     const left = retention.leftAlone.length;
     if (left > 0) lines.push(`             left alone ${left} (see why: --prune --dry-run with the same rules)`);
   }
-  if (!retentionError) return { out: lines, err: [] };
+  const stuck = result.staleFilesLeft;
+  const notRemoved = `Could not remove ${plural(stuck.length, 'stale file')} left by an interrupted earlier run`;
+  const err = stuck.length > 0 ? problemLines(warningProblem(notRemoved, stuck.join('; '), [])) : [];
+  if (!retentionError) return { out: lines, err };
   const { title, details } = retentionError;
   const headline = `The backup is fine, but ${title.charAt(0).toLowerCase()}${title.slice(1)}`;
-  return { out: lines, err: problemLines(warningProblem(headline, details, [])) };
+  return { out: lines, err: [...err, ...problemLines(warningProblem(headline, details, []))] };
 }
 
 /** Pure: the retention decision for each backup of one database, and what it amounts to. */
@@ -5688,7 +5788,10 @@ function restoreText(outcome: RestoreOutcome): Text {
     reconciliation
       ? `Tables:      ${matched} of ${reconciliation.length} match the backup's row counts`
       : 'Tables:      not reconciled: the backup has no valid metadata',
-    ...(recorded ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`] : []),
+    ...(recorded?.notRecorded ? [`Recorded:    not recorded: ${recorded.notRecorded}`] : []),
+    ...(recorded && !recorded.notRecorded
+      ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`]
+      : []),
     ...(reconciliation ? ['', ...reconciliationLines(reconciliation)] : []),
   ];
   return { out: lines, err: [] };
@@ -5857,6 +5960,7 @@ function backupDocument(result: BackupResult): Record<string, unknown> {
     metadata: result.metadata,
     checks: result.checks,
     removed_stale_files: result.removedStaleFiles,
+    stale_files_left: result.staleFilesLeft,
     retention: result.retention ? retentionDocument(result.retention) : null,
     ...(result.retentionError
       ? { retention_error: problemDocument(failureProblem(result.retentionError, 'Retention', [])) }
@@ -5932,7 +6036,8 @@ function restoreDocument(outcome: RestoreOutcome): Record<string, unknown> {
     forced_past: outcome.forcedPast ?? null,
     reconciliation: outcome.reconciliation ?? null,
     metadata_file: recorded?.metadataPath ?? null,
-    last_restore_test: recorded?.record ?? null,
+    last_restore_test: recorded && !recorded.notRecorded ? recorded.record : null,
+    ...(recorded?.notRecorded ? { not_recorded: recorded.notRecorded } : {}),
   };
 }
 

@@ -373,6 +373,28 @@ describe('lock leftovers and names', () => {
     assert.ok(!leftovers.some((name) => after.includes(name)));
   });
 
+  test('a leftover partial this user cannot remove is named in a warning; the backups go on', async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    // What a killed --jobs run of another user leaves: a directory this user can neither read nor empty.
+    const partial = 'conc_a_dev_2026-01-01T00-00-00Z.dump.partial';
+    await fs.mkdir(path.join(outputDir, partial), { recursive: true });
+    await fs.writeFile(path.join(outputDir, partial, 'toc.dat'), 'x');
+    await fs.chmod(path.join(outputDir, partial), 0o000);
+    const args = await backupArgs('conc_a', outputDir);
+    const first = await runCli({ args, withoutRootOverride: true });
+    assert.equal(first.exitCode, 0, first.stdout + first.stderr);
+    assert.match(
+      first.stderr,
+      new RegExp(`^⚠ Could not remove 1 stale file left by an interrupted earlier run: ${partial} \\(owned by .+\\)`),
+    );
+    const second = await runCli({ args: [...args, '--json'], withoutRootOverride: true });
+    assert.equal(second.exitCode, 0, second.stdout + second.stderr);
+    const doc = JSON.parse(second.stdout);
+    assert.deepEqual(doc.removed_stale_files, []);
+    assert.match(doc.stale_files_left.join(), /EACCES/);
+    assert.equal((await dumpsIn(outputDir)).length, 2);
+  });
+
   test(
     "a starting run's lock temp files from another pid namespace are left alone, unless from an earlier boot",
     skipUnless(noProc),

@@ -120,6 +120,70 @@ describe('--list', () => {
     },
   );
 
+  test(
+    'metadata of 100,000 tables lists; one of millions of values is refused unparsed (V8 would take minutes)',
+    { timeout: 120_000 },
+    async () => {
+      const copy = path.join(await tempDir(), 'backups');
+      await fs.mkdir(copy);
+      for (const file of [dev1.dumpPath, dev1.metadataPath, dev2.dumpPath, dev2.metadataPath])
+        await fs.copyFile(file, path.join(copy, path.basename(file)));
+      const withTables = async (backup: TakenBackup, count: number) => {
+        const tables = Array.from({ length: count }, (_, i) => `"public.t${i.toString(36)}":${i}`).join(',');
+        const metadata = JSON.parse(await fs.readFile(backup.metadataPath, 'utf8'));
+        const text = JSON.stringify({ ...metadata, table_counts: {} }).replace(
+          '"table_counts":{}',
+          `"table_counts":{${tables}}`,
+        );
+        await fs.writeFile(path.join(copy, path.basename(backup.metadataPath)), text);
+      };
+      await withTables(dev2, 100_000);
+      await withTables(dev1, 2_000_001);
+      const result = await list(copy, '--json');
+      assert.equal(result.exitCode, 0, result.stderr);
+      const doc = JSON.parse(result.stdout);
+      assert.deepEqual(
+        doc.backups.map((b: { status: string }) => b.status),
+        ['verified', 'invalid_metadata'],
+      );
+      assert.deepEqual(doc.backups[1].problems, ['it holds more than 2,000,000 values']);
+    },
+  );
+
+  test("another database's lock that is a directory or unreadable, next to its partial: that row only", async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (const file of [dev1.dumpPath, dev1.metadataPath])
+      await fs.copyFile(file, path.join(copy, path.basename(file)));
+    await fs.mkdir(path.join(copy, 'other_dev.lock'));
+    await fs.writeFile(path.join(copy, 'locked_dev.lock'), '', { mode: 0o000 });
+    for (const db of ['other', 'locked'])
+      await fs.writeFile(path.join(copy, `${db}_dev_2026-11-24T02-00-00Z.dump.partial`), '');
+    const asUser = { withoutRootOverride: true };
+    const listed = await runCli({ args: ['--list', '--output-dir', copy, '--json'], ...asUser });
+    assert.equal(listed.exitCode, 0, listed.stdout + listed.stderr);
+    const doc = JSON.parse(listed.stdout);
+    assert.deepEqual(
+      doc.backups.map((b: { status: string }) => b.status),
+      ['verified'],
+    );
+    assert.deepEqual(
+      doc.incomplete.map((e: { file: string; status: string }) => [e.file.split('_')[0], e.status]),
+      [
+        ['locked', 'incomplete'],
+        ['other', 'incomplete'],
+      ],
+    );
+    assert.match(doc.incomplete[0].problems.join(' '), /lock .*EACCES/);
+    assert.match(doc.incomplete[1].problems.join(' '), /lock .*not a regular file/);
+    const checked = await runCli({
+      args: ['--check', '--max-age', '1d', '--output-dir', copy],
+      env: dbVars(server, 'DEV_DB_', 'list_dev'),
+      ...asUser,
+    });
+    assert.equal(checked.exitCode, 0, checked.stdout + checked.stderr);
+  });
+
   test('a dump whose size differs from its metadata → ✗ Size mismatch', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);

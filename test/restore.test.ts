@@ -34,6 +34,7 @@ import { skipUnless, unmet } from './helpers/requirements.ts';
 
 const noTerminal = await unmet('script');
 const noProc = await unmet('proc');
+const noSetpriv = await unmet('setpriv');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -779,6 +780,37 @@ describe('--verify FILE --restore-test (the drill)', () => {
     );
   });
 
+  test(
+    "a drill run by root keeps the metadata's owner and mode: the backup stays its owner's",
+    skipUnless(process.getuid?.() === 0 ? noSetpriv : 'needs root, to give files to another user'),
+    async () => {
+      const copy = await copyOfBackup();
+      await fs.chmod(copy.metadataPath, 0o644);
+      await fs.chown(copy.metadataPath, 12345, 12346);
+      const result = await runCli({
+        args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+      });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.match(result.stdout, /^Recorded: {4}last_restore_test in /m);
+      const stat = await fs.stat(copy.metadataPath);
+      assert.deepEqual([stat.uid, stat.gid, stat.mode & 0o7777], [12345, 12346, 0o644]);
+      assert.equal(JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test.ok, true);
+
+      // Without the power to give a file away, the owner cannot be kept: nothing recorded, and it says so.
+      const before = await fs.readFile(copy.metadataPath, 'utf8');
+      const withoutChown = await runCli({
+        args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+        wrapper: ['setpriv', '--bounding-set=-chown', '--'],
+      });
+      assert.equal(withoutChown.exitCode, 0, withoutChown.stderr);
+      const doc = JSON.parse(withoutChown.stdout);
+      assert.equal(doc.last_restore_test, null);
+      assert.match(doc.not_recorded, /^the metadata is owned by uid 12345 and would not stay so/);
+      assert.equal(await fs.readFile(copy.metadataPath, 'utf8'), before);
+      assert.equal((await fs.stat(copy.metadataPath)).uid, 12345);
+    },
+  );
+
   test('tampered counts → exit 8, the failure recorded, the scratch database dropped', async () => {
     const copy = await copyOfBackup((m) => {
       (m.table_counts as Record<string, number>).conversations = 1;
@@ -889,6 +921,37 @@ describe('--verify FILE --restore-test (the drill)', () => {
       assert.deepEqual(await drillDatabases(), []);
       const metadata = JSON.parse(await fs.readFile(gatedBackup.metadataPath, 'utf8'));
       assert.equal(metadata.last_restore_test, undefined, 'an interrupted drill is no verdict on the backup');
+    },
+  );
+
+  test(
+    'a backup deleted during its drill (by retention, say): the drill says nothing was recorded',
+    { timeout: 90_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const { holder, observer } = await holdGate();
+      const drill = startCli({
+        args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+      });
+      try {
+        await waitFor('pg_restore to wait at the gate', async () => {
+          const { rows } = await observer.query(
+            "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'",
+          );
+          return rows.length > 0 ? true : undefined;
+        });
+        await fs.rm(gatedBackup.dumpPath);
+        await fs.rm(gatedBackup.metadataPath);
+      } finally {
+        await holder.query('ROLLBACK');
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      const result = await drill;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(String(result.stdout), /^Recorded: {4}not recorded: the backup was deleted meanwhile$/m);
+      assert.doesNotMatch(String(result.stdout), /last_restore_test in/);
+      const left = await fs.readdir(path.dirname(gatedBackup.dumpPath));
+      assert.ok(!left.some((name) => name.includes('.metadata.json')), `no metadata written: ${left.join(', ')}`);
     },
   );
 });

@@ -856,6 +856,38 @@ describe('retention on real backups', () => {
     },
   );
 
+  test(
+    "another user's backup in a sticky directory: --prune says it may not delete it (EPERM), not ENOTDIR",
+    skipUnless(process.getuid?.() === 0 ? noSetpriv : 'needs root, to give files to another user'),
+    async () => {
+      const dir = path.join(await tempDir(), 'backups');
+      await fs.mkdir(dir);
+      const names = [];
+      for (const iso of ['2025-01-01T02:00:00Z', '2025-01-02T02:00:00Z']) names.push(await pastBackup(dir, iso));
+      // /tmp-like: anyone may create files, only a file's owner may delete it; uid 12345 owns all here.
+      for (const name of [...names, ...names.map(metadataOf)]) {
+        await fs.chmod(path.join(dir, name), 0o644);
+        await fs.chown(path.join(dir, name), 12345, 12345);
+      }
+      await fs.chown(dir, 12345, 12345);
+      await fs.chmod(dir, 0o1777);
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+      const result = await runCli({
+        args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
+        wrapper: ['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner', '--'],
+      });
+      assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+      assert.match(
+        result.stderr,
+        new RegExp(`not allowed to delete ${names[0]!.replaceAll('.', '\\.')} \\(owned by uid 12345\\)`),
+      );
+      assert.match(result.stderr, /EPERM/);
+      assert.doesNotMatch(result.stderr, /not a directory|ENOTDIR/);
+      assert.ok((await fs.readdir(dir)).includes(names[0]!));
+    },
+  );
+
   /**
    * Run ret_app's backup or prune with `args`, and SIGTERM it while its (held) pg_restore checks `newest`;
    * released at once, or with `holdOn` only once the run has ended. `afterSignalMs`: how long the run took to end.
