@@ -892,30 +892,40 @@ describe('--verify FILE --restore-test (the drill)', () => {
     assert.ok(!failure.ok && failure.duration_ms >= 0, `failed drill's duration_ms ${failure.duration_ms}`);
   });
 
+  /** A drill of `backup` whose pg_restore waits at the gate: `meanwhile` runs then, and the gate opens. */
+  async function drillHeldAtGate(
+    backup: { dumpPath: string },
+    meanwhile: (drill: ReturnType<typeof startCli>) => Promise<void>,
+  ) {
+    const { holder, observer } = await holdGate();
+    const drill = startCli({
+      args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
+    try {
+      await waitFor('pg_restore to wait at the gate', async () => {
+        const { rows } = await observer.query(
+          "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'",
+        );
+        return rows.length > 0 ? true : undefined;
+      });
+      await meanwhile(drill);
+    } finally {
+      // Dropping a database also needs that catalog: let go so the drill can clean up.
+      await holder.query('ROLLBACK');
+      await Promise.all([holder.end(), observer.end()]);
+    }
+    return drill;
+  }
+
   test(
     'Ctrl-C while pg_restore runs → exit 130, and the scratch database is dropped',
     { timeout: 90_000 },
     async () => {
       const gatedBackup = await gatedBackupOf();
-      const { holder, observer } = await holdGate();
-      const drill = startCli({
-        args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
-      });
-      try {
-        await waitFor('pg_restore to wait at the gate', async () => {
-          const { rows } = await observer.query(
-            "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'",
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+      const result = await drillHeldAtGate(gatedBackup, async (drill) => {
         assert.equal((await drillDatabases()).length, 1, 'the scratch database exists while the drill runs');
         drill.kill('SIGINT');
-      } finally {
-        // Dropping a database also needs that catalog: let go so the drill can clean up.
-        await holder.query('ROLLBACK');
-        await Promise.all([holder.end(), observer.end()]);
-      }
-      const result = await drill;
+      });
       assert.equal(result.exitCode, 130, String(result.stderr));
       assert.match(String(result.stderr), /Interrupted by SIGINT/);
       assert.deepEqual(await drillDatabases(), []);
@@ -929,24 +939,10 @@ describe('--verify FILE --restore-test (the drill)', () => {
     { timeout: 90_000 },
     async () => {
       const gatedBackup = await gatedBackupOf();
-      const { holder, observer } = await holdGate();
-      const drill = startCli({
-        args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
-      });
-      try {
-        await waitFor('pg_restore to wait at the gate', async () => {
-          const { rows } = await observer.query(
-            "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock'",
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+      const result = await drillHeldAtGate(gatedBackup, async () => {
         await fs.rm(gatedBackup.dumpPath);
         await fs.rm(gatedBackup.metadataPath);
-      } finally {
-        await holder.query('ROLLBACK');
-        await Promise.all([holder.end(), observer.end()]);
-      }
-      const result = await drill;
+      });
       assert.equal(result.exitCode, 0, String(result.stderr));
       assert.match(String(result.stdout), /^Recorded: {4}not recorded: the backup was deleted meanwhile$/m);
       assert.doesNotMatch(String(result.stdout), /last_restore_test in/);
