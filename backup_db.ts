@@ -2192,18 +2192,40 @@ function lockCycleError(waiter: CycleWaiter): BackupError {
   );
 }
 
-/** A string literal: E'…' (backslash escapes), '…', $tag$…$tag$; open to the end when the text was cut short. */
-const SQL_LITERAL = /(?<![\w$])[Ee]'(?:[^'\\]|''|\\[\s\S])*'?|'(?:[^']|'')*'?|\$([A-Za-z_]\w*)?\$[\s\S]*?(?:\$\1\$|$)/g;
+/**
+ * SQL read left to right, so that a quote inside one never opens another: comments (-- …, /* … *\/),
+ * quoted names ("…"), string literals (E'…' with backslash escapes, '…', $tag$…$tag$). Open to the
+ * end when the text was cut short (track_activity_query_size).
+ */
+const SQL_TOKEN = new RegExp(
+  [
+    /--[^\n]*/,
+    /\/\*[\s\S]*?(?:\*\/|$)/,
+    /"(?:[^"]|"")*"?/,
+    /(?<![\w$])[Ee]'(?:[^'\\]|''|\\[\s\S])*'?/,
+    /'(?:[^']|'')*'?/,
+    /\$([A-Za-z_]\w*)?\$[\s\S]*?(?:\$\1\$|$)/,
+  ]
+    .map((part) => part.source)
+    .join('|'),
+  'g',
+);
+/** SET name = value, SET LOCAL name TO value: a setting's value (an API key, say) need not be quoted. */
+const SET_VALUE = /(\bSET\s+(?:SESSION\s+|LOCAL\s+)?[\w.]+\s*(?:=|\bTO\b)\s*)[^\s;,'"$()]+(?![\w'])/gi;
 
 /**
  * Pure: another session's query as a message quotes it: on one line (its line breaks would forge
- * lines of ours), every literal masked, as any may carry a secret (a PASSWORD, a key, a connection
- * string) or personal data. What it does and to which tables stays readable.
+ * lines of ours), every literal, comment and setting value masked, as any may carry a secret (a
+ * PASSWORD, a key, a connection string) or personal data. What it does and to which tables stays readable.
  */
 export function foreignQuery(query: string): string {
-  const mask = (literal: string, tag?: string) =>
-    literal.startsWith('$') ? `$${tag ?? ''}$****$${tag ?? ''}$` : `${/^[Ee]/.test(literal) ? 'E' : ''}'****'`;
-  return query.replace(SQL_LITERAL, mask).replace(/\s+/g, ' ');
+  const mask = (token: string, tag?: string) => {
+    if (token.startsWith('"')) return token;
+    if (token.startsWith('--')) return '-- ****';
+    if (token.startsWith('/*')) return '/* **** */';
+    return token.startsWith('$') ? `$${tag ?? ''}$****$${tag ?? ''}$` : `${/^[Ee]/.test(token) ? 'E' : ''}'****'`;
+  };
+  return query.replace(SQL_TOKEN, mask).replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
 }
 
 export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {

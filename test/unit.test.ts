@@ -1529,6 +1529,17 @@ test("another session's query in a message: every literal masked, since any may 
     foreignQuery("CREATE FUNCTION f() RETURNS text AS $body$ SELECT 'k3y' $body$; SELECT $$x$$, $1"),
     'CREATE FUNCTION f() RETURNS text AS $body$****$body$; SELECT $$****$$, $1',
   );
+  // An apostrophe in a comment or a quoted name opens no literal; comments are masked too.
+  assert.equal(
+    foreignQuery("/* it's the key rotation */ LOCK TABLE t; SELECT 'S3cret' -- don't log 'x'\nFROM t"),
+    "/* **** */ LOCK TABLE t; SELECT '****' -- **** FROM t",
+  );
+  assert.equal(foreignQuery(`UPDATE "O'Brien" SET key = 'x'`), `UPDATE "O'Brien" SET key = '****'`);
+  // A setting's value need not be quoted.
+  assert.equal(
+    foreignQuery('SET app.api_key = Secr3tPw; SET LOCAL x TO y'),
+    'SET app.api_key = ****; SET LOCAL x TO ****',
+  );
   // Cut short by track_activity_query_size: an open literal is masked to the end.
   assert.equal(foreignQuery('INSERT INTO t VALUES ($q$sec'), 'INSERT INTO t VALUES ($q$****$q$');
   assert.equal(foreignQuery("INSERT INTO t VALUES ('sec"), "INSERT INTO t VALUES ('****'");
