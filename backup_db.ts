@@ -5887,6 +5887,16 @@ const OWN_WORDS = new Map<string, readonly string[]>([
   ['format', ['custom', 'directory'] satisfies DumpFormat[]],
   ['level', ['failure', 'warning'] satisfies Problem['level'][]],
 ]);
+/**
+ * Values the tool makes (times, checksums, cluster ids), kept when in their field and form: a short
+ * numeric password ("2026") would otherwise turn every timestamp in --json and the log into "****-11-24…".
+ */
+const ISO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{3})?Z$/;
+const OWN_FORMATS = new Map<string, RegExp>([
+  ...['time', 'timestamp', 'backup_timestamp', 'started_at', 'for'].map((field) => [field, ISO_TIME] as const),
+  ['checksum_sha256', /^[0-9a-f]{64}$/i],
+  ['system_identifier', /^\d+$/],
+]);
 /** Maps keyed by table names: their keys are names, masked like any. */
 const NAME_MAPS = new Set(['table_counts', 'table_data_oids']);
 /** The form of the tool's own field names ("backup_file"); a key of another form came from data. */
@@ -5901,7 +5911,8 @@ const FIELD_NAME = /^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$/;
 export function redact<T>(value: T, secrets: readonly string[], kept: readonly string[] = []): T {
   const mask = (text: string) => maskSecrets(text, secrets, kept);
   const walk = (node: unknown, field = ''): unknown => {
-    if (typeof node === 'string') return OWN_WORDS.get(field)?.includes(node) ? node : mask(node);
+    if (typeof node === 'string')
+      return OWN_WORDS.get(field)?.includes(node) || OWN_FORMATS.get(field)?.test(node) ? node : mask(node);
     if (Array.isArray(node)) return node.map((item) => walk(item, field));
     if (node !== null && typeof node === 'object' && [Object.prototype, null].includes(Object.getPrototypeOf(node))) {
       const names = NAME_MAPS.has(field);

@@ -563,6 +563,18 @@ describe('secrets', () => {
       error: '****',
       table_counts: { '****': 1 },
     });
+    // The tool's own times, checksums and cluster ids are data a password cannot be in, whatever it matches.
+    const made = {
+      time: '2026-11-24T03:06:43.788Z',
+      backup_timestamp: '2026-11-24T03:04:51Z',
+      checksum_sha256: `2026${'a'.repeat(60)}`,
+      system_identifier: '7320262026',
+    };
+    assert.deepEqual(redact({ ...made, details: 'at 2026-11-24' }, ['2026']), { ...made, details: 'at ****-11-24' });
+    assert.deepEqual(redact({ time: 'on 2026-11-24', checksum_sha256: '2026' }, ['2026']), {
+      time: 'on ****-11-24',
+      checksum_sha256: '****',
+    });
     // A warning stays one, printed as a warning.
     assert.deepEqual(problemLines(warningProblem('Notification failed', 'HTTP 500', ['warning'])), [
       '⚠ Notification failed: HTTP 500',
