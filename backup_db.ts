@@ -6582,9 +6582,23 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
     .showHelpAfterError(json ? false : '(run with --help for usage)')
     .configureOutput({
       writeErr: (text) =>
-        io.err(maskSecrets(text, secrets).replace(/\n$/, '').split('\n').map(visibleControls).join('\n')),
+        io.err(
+          maskSecrets(withoutUnknownValues(text), secrets)
+            .replace(/\n$/, '')
+            .split('\n')
+            .map(visibleControls)
+            .join('\n'),
+        ),
     })
     .exitOverride();
+}
+
+/**
+ * Pure: commander's message without the value of an option it does not know, given as --opt=VALUE:
+ * a mistyped --ping-url=… holds a credential that no mask knows of.
+ */
+export function withoutUnknownValues(text: string): string {
+  return text.replace(/(unknown option '--[^=']*)=[^']*'/g, "$1=…'");
 }
 
 // ─── Interrupts: signals, and the launchers going away ──────────────────────────────────
@@ -6890,7 +6904,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // Commander has printed its message on stderr; a bad command line is a configuration error.
-    parseFailure = configError(errorText(error).replace(/^error: /, ''), ['Run with --help for usage']);
+    const message = withoutUnknownValues(errorText(error)).replace(/^error: /, '');
+    parseFailure = configError(message, ['Run with --help for usage']);
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   let command: CommandName = 'backup';

@@ -314,6 +314,8 @@ describe('a run that fails on its command line or settings', () => {
     { what: 'an unknown option', args: ['--keep-daly', '7'], env: {} },
     { what: 'an option value that does not parse', args: ['--stall-timeout', '15mins'], env: {} },
     { what: 'a BACKUP_* variable that does not parse', args: [], env: { BACKUP_STALL_TIMEOUT: '15mins' } },
+    // A URL's token given to a mistyped option is still a credential.
+    { what: 'a mistyped --opt=URL', args: ['--ping-urll=https://hc-ping.example/0f4a-T0KEN'], env: {} },
   ];
   for (const { what, args, env } of mistakes) {
     test(`${what}: exit 2, logged, notified and hooked from the settings that parse`, async () => {
@@ -335,6 +337,8 @@ describe('a run that fails on its command line or settings', () => {
         assert.equal(receiver.received.length, 1, 'one notification');
         assert.equal(receiver.received[0]!.body.exit_code, 2);
         assert.match(await fs.readFile(hooked, 'utf8'), /^2 Configuration error/);
+        const channels = [result.stderr, await fs.readFile(logFile, 'utf8'), JSON.stringify(receiver.received)];
+        assert.ok(!channels.join('\n').includes('T0KEN'), 'no token in any channel');
       } finally {
         await receiver.close();
       }
