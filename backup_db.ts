@@ -479,9 +479,15 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   if (!parsed.dbname)
     throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
   assertImplementedUrlParameters(parsed, origin);
+  // libpq reads no host as its Unix socket directory: localhost over TCP may be another server.
+  if (!parsed.host)
+    throw configError(`${origin} names no host`, [
+      'Name the host: postgresql://user@host:5432/<database>',
+      'Or the socket directory, as libpq would: postgresql://user@/<database>?host=/var/run/postgresql',
+    ]);
   return {
     environment,
-    host: validateHost(parsed.host || 'localhost', origin),
+    host: validateHost(parsed.host, origin),
     port: parsePort(parsed.port || '5432', origin),
     database: validateName(parsed.dbname, origin),
     user: validateName(parsed.user || os.userInfo().username, origin),
