@@ -479,9 +479,15 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   if (!parsed.dbname)
     throw configError(`${origin} names no database`, ['Add the database name: postgresql://user@host:5432/<database>']);
   assertImplementedUrlParameters(parsed, origin);
+  // libpq reads no host as its Unix socket directory: localhost over TCP may be another server.
+  if (!parsed.host)
+    throw configError(`${origin} names no host`, [
+      'Name the host: postgresql://user@host:5432/<database>',
+      'Or the socket directory, as libpq would: postgresql://user@/<database>?host=/var/run/postgresql',
+    ]);
   return {
     environment,
-    host: validateHost(parsed.host || 'localhost', origin),
+    host: validateHost(parsed.host, origin),
     port: parsePort(parsed.port || '5432', origin),
     database: validateName(parsed.dbname, origin),
     user: validateName(parsed.user || os.userInfo().username, origin),
@@ -1428,15 +1434,51 @@ async function openConnection(
   connectTimeoutSeconds: number,
   signal?: AbortSignal,
 ): Promise<pg.Client> {
-  const ssl = await sslOptions(config);
-  const preferred = config.sslmode === undefined || config.sslmode === 'prefer';
+  const enforced = enforceableConfig(config);
+  const ssl = await sslOptions(enforced);
+  const preferred = enforced.sslmode === undefined || enforced.sslmode === 'prefer';
   try {
-    return await openClient(config, connectTimeoutSeconds, ssl, signal);
+    return await openClient(enforced, connectTimeoutSeconds, ssl, signal);
   } catch (error) {
     if (preferred && ssl && /does not support SSL/i.test(errorText(error)))
-      return await openClient(config, connectTimeoutSeconds, false, signal);
+      return await openClient(enforced, connectTimeoutSeconds, false, signal);
     throw error;
   }
+}
+
+/**
+ * libpq settings in the environment that pg_dump enforces and node-postgres cannot: with any of them,
+ * our session would send the password to a server pg_dump would refuse.
+ */
+const UNENFORCEABLE_LIBPQ_SETTINGS: Record<string, (value: string) => boolean> = {
+  PGREQUIREAUTH: () => true,
+  PGCHANNELBINDING: (value) => value === 'require',
+  PGGSSENCMODE: (value) => value === 'require',
+};
+
+/**
+ * `config` as libpq connects with it, refused (before any password is sent) where our session could not
+ * be as strict as pg_dump. sslrootcert=system, as in libpq, makes verify-full the default and refuses
+ * any weaker sslmode.
+ */
+function enforceableConfig(config: DbConfig): DbConfig {
+  for (const [name, unenforceable] of Object.entries(UNENFORCEABLE_LIBPQ_SETTINGS)) {
+    const value = process.env[name];
+    if (value && unenforceable(value))
+      throw configError(`${name} is "${value}", which this tool's own sessions (node-postgres) cannot enforce`, [
+        `Unset ${name} for this tool: its sessions would send the password to a server pg_dump would refuse`,
+        'Enforce it on the server instead: scram-sha-256 in pg_hba.conf, and sslmode=verify-full for TLS',
+      ]);
+  }
+  if ((config.sslrootcert || process.env.PGSSLROOTCERT) !== 'system') return config;
+  if (config.sslmode === undefined) return { ...config, sslmode: 'verify-full' };
+  const where = config.sslrootcert ? `the ?sslrootcert= of ${config.origin.host}` : 'PGSSLROOTCERT';
+  if (config.sslmode !== 'verify-full')
+    throw configError(`weak sslmode "${config.sslmode}" may not be used with sslrootcert=system (${where})`, [
+      'Use sslmode=verify-full with sslrootcert=system, as libpq requires',
+      'Or point sslrootcert at the CA certificate (PEM) that signed the server certificate',
+    ]);
+  return config;
 }
 
 /**
@@ -1617,6 +1659,8 @@ async function serverVerification(config: DbConfig): Promise<TlsOptions> {
   // prefer (the default) encrypts without verifying.
   if (mode !== 'require' && mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
   const file = config.sslrootcert || process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
+  // libpq's "system": the default CA store (here Node's), the host name checked; see enforceableConfig.
+  if (file === 'system') return { rejectUnauthorized: true, servername: config.host };
   const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
     if (mode === 'require' && ['ENOENT', 'ENOTDIR'].includes(errnoCode(error) ?? '')) return undefined;
     throw new BackupError(

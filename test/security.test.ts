@@ -279,6 +279,45 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
     assert.equal(fromHome.exitCode, 0, fromHome.stderr);
   });
 
+  test('PGSSLROOTCERT=system: verify-full (the default it implies) checks the server against the default CA store', async () => {
+    await assertImpostorRefused({}, { PGSSLROOTCERT: 'system' });
+    await assertImpostorRefused({}, { PGSSLMODE: 'verify-full', PGSSLROOTCERT: 'system' });
+  });
+
+  test('settings libpq enforces and node-postgres cannot are refused before a password is sent (exit 2)', async () => {
+    type Impostor = { host: string; port: number };
+    const vars = (impostor: Impostor, extra: Record<string, string> = {}) => ({
+      ...dbVars(server, 'DEV_DB_', 'sec_app'),
+      DEV_DB_HOST: impostor.host,
+      DEV_DB_PORT: String(impostor.port),
+      ...extra,
+    });
+    const url = (impostor: Impostor) => ({
+      DEV_DATABASE_URL: `postgresql://u:${encodeURIComponent(server.password)}@${impostor.host}:${impostor.port}/sec_app?sslmode=require&sslrootcert=system`,
+    });
+    const cases: [(impostor: Impostor) => Record<string, string>, Record<string, string>, RegExp][] = [
+      [vars, { PGREQUIREAUTH: 'scram-sha-256' }, /PGREQUIREAUTH is "scram-sha-256"/],
+      [vars, { PGCHANNELBINDING: 'require' }, /PGCHANNELBINDING is "require"/],
+      [vars, { PGGSSENCMODE: 'require' }, /PGGSSENCMODE is "require"/],
+      [vars, { PGSSLMODE: 'require', PGSSLROOTCERT: 'system' }, /weak sslmode "require" .*sslrootcert=system/],
+      [(i) => vars(i, { DEV_DB_SSLMODE: 'verify-ca' }), { PGSSLROOTCERT: 'system' }, /weak sslmode "verify-ca"/],
+      [url, {}, /weak sslmode "require" may not be used with sslrootcert=system/],
+    ];
+    for (const [settings, env, message] of cases) {
+      const impostor = await startImpostor();
+      try {
+        const result = await backup(settings(impostor), env);
+        assert.deepEqual(impostor.seen.passwords, [], 'no password was sent');
+        assert.equal(result.exitCode, 2, result.stderr);
+        assert.match(result.stderr, /^✗ Backup failed: Configuration error$/m);
+        assert.match(result.stderr, message);
+        assert.match(result.stderr, /^ {2}1\. /m);
+      } finally {
+        await impostor.close();
+      }
+    }
+  });
+
   test('DB_SSLMODE and the URL sslmode win over PGSSLMODE, as they do for pg_dump', async () => {
     // verify-full with no CA certificate anywhere (HOME has no .postgresql/root.crt) cannot connect.
     const strict = { PGSSLMODE: 'verify-full' };

@@ -251,6 +251,23 @@ describe('resolveDbConfig', () => {
     );
   });
 
+  test('a URL without a host is refused, not read as localhost: libpq would use its socket directory', () => {
+    for (const url of [
+      'postgresql:///app',
+      'postgresql://u:s3cret@/app?port=5999',
+      'postgresql://u:s3cret@h/app?host=',
+    ]) {
+      const error = expectBackupError(
+        () => resolveDbConfig(env({ DATABASE_URL: url }), 'prod'),
+        EXIT.CONFIG,
+        /DATABASE_URL \(from \.env\) names no host/,
+      );
+      assert.match(error.hints.join('\n'), /\?host=\/var\/run\/postgresql/);
+      const text = `${error.title} ${error.details} ${error.hints.join(' ')}`;
+      assert.ok(!text.includes('s3cret') && !text.includes(url), 'the URL is never echoed');
+    }
+  });
+
   test('a URL is decoded as libpq decodes it: every percent-escape, no + for a space, no # fragment; ?dbname= wins', () => {
     const read = (url: string) => {
       const c = resolveDbConfig(env({ DATABASE_URL: url }), 'prod');
