@@ -1452,8 +1452,9 @@ async function openConnection(
  */
 const UNENFORCEABLE_LIBPQ_SETTINGS: Record<string, (value: string) => boolean> = {
   PGREQUIREAUTH: () => true,
-  PGCHANNELBINDING: (value) => value === 'require',
-  PGGSSENCMODE: (value) => value === 'require',
+  // Any value but these (require, or a spelling libpq rejects only once pg_dump runs) is refused.
+  PGCHANNELBINDING: (value) => !['disable', 'prefer'].includes(value),
+  PGGSSENCMODE: (value) => !['disable', 'prefer'].includes(value),
 };
 
 /**
@@ -2237,25 +2238,38 @@ function lockCycleError(waiter: CycleWaiter): BackupError {
 }
 
 /**
- * SQL read left to right, so that a quote inside one never opens another: comments (-- …, /* … *\/),
- * quoted names ("…"), string literals (E'…' with backslash escapes, '…', $tag$…$tag$). Open to the
- * end when the text was cut short (track_activity_query_size).
+ * SQL read left to right, so that a quote inside one never opens another: line comments, quoted
+ * names ("…"), string literals (E'…' with backslash escapes, '…', $tag$…$tag$, a tag of any letters);
+ * block comments, which nest, are read by blockCommentEnd. Open to the end when the text was cut short.
  */
 const SQL_TOKEN = new RegExp(
   [
     /--[^\n]*/,
-    /\/\*[\s\S]*?(?:\*\/|$)/,
     /"(?:[^"]|"")*"?/,
     /(?<![\w$])[Ee]'(?:[^'\\]|''|\\[\s\S])*'?/,
     /'(?:[^']|'')*'?/,
-    /\$([A-Za-z_]\w*)?\$[\s\S]*?(?:\$\1\$|$)/,
+    /\$([A-Za-z_\u0080-\uffff][\w\u0080-\uffff]*)?\$[\s\S]*?(?:\$\1\$|$)/,
   ]
     .map((part) => part.source)
     .join('|'),
-  'g',
+  'y',
 );
 /** SET name = value, SET LOCAL name TO value: a setting's value (an API key, say) need not be quoted. */
-const SET_VALUE = /(\bSET\s+(?:SESSION\s+|LOCAL\s+)?[\w.]+\s*(?:=|\bTO\b)\s*)[^\s;,'"$()]+(?![\w'])/gi;
+const SET_VALUE =
+  /(\bSET\s+(?:SESSION\s+|LOCAL\s+)?[\w.]+\s*(?:=|\bTO\b)\s*)(?:"(?:[^"]|"")*"?|[^\s;,'"()]+(?![\w']))/gi;
+
+/** Pure: where the block comment that opens at `from` ends, nesting as in PostgreSQL; the text's end if open. */
+function blockCommentEnd(text: string, from: number): number {
+  let depth = 0;
+  for (let i = from; i < text.length; i++) {
+    if (text.startsWith('/*', i)) depth++;
+    else if (text.startsWith('*/', i)) depth--;
+    else continue;
+    i++; // past the pair's second character
+    if (depth === 0) return i + 1;
+  }
+  return text.length;
+}
 
 /**
  * Pure: another session's query as a message quotes it: on one line (its line breaks would forge
@@ -2263,13 +2277,22 @@ const SET_VALUE = /(\bSET\s+(?:SESSION\s+|LOCAL\s+)?[\w.]+\s*(?:=|\bTO\b)\s*)[^\
  * PASSWORD, a key, a connection string) or personal data. What it does and to which tables stays readable.
  */
 export function foreignQuery(query: string): string {
-  const mask = (token: string, tag?: string) => {
+  const mask = (token: string, tag = '') => {
     if (token.startsWith('"')) return token;
     if (token.startsWith('--')) return '-- ****';
-    if (token.startsWith('/*')) return '/* **** */';
-    return token.startsWith('$') ? `$${tag ?? ''}$****$${tag ?? ''}$` : `${/^[Ee]/.test(token) ? 'E' : ''}'****'`;
+    return token.startsWith('$') ? `$${tag}$****$${tag}$` : `${/^[Ee]/.test(token) ? 'E' : ''}'****'`;
   };
-  return query.replace(SQL_TOKEN, mask).replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
+  let read = '';
+  for (let i = 0; i < query.length;) {
+    if (query.startsWith('/*', i)) {
+      [read, i] = [`${read}/* **** */`, blockCommentEnd(query, i)];
+      continue;
+    }
+    SQL_TOKEN.lastIndex = i;
+    const token = SQL_TOKEN.exec(query);
+    [read, i] = token ? [read + mask(token[0], token[1]), SQL_TOKEN.lastIndex] : [read + query[i], i + 1];
+  }
+  return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
 }
 
 export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {
@@ -6642,7 +6665,8 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
  * a mistyped --ping-url=… holds a credential that no mask knows of.
  */
 export function withoutUnknownValues(text: string): string {
-  return text.replace(/(unknown option '--[^=']*)=[^']*'/g, "$1=…'");
+  // To the line's last quote: the value may hold quotes of its own.
+  return text.replace(/(unknown option '--[^=']*)=.*'/g, "$1=…'");
 }
 
 // ─── Interrupts: signals, and the launchers going away ──────────────────────────────────

@@ -315,7 +315,7 @@ describe('a run that fails on its command line or settings', () => {
     { what: 'an option value that does not parse', args: ['--stall-timeout', '15mins'], env: {} },
     { what: 'a BACKUP_* variable that does not parse', args: [], env: { BACKUP_STALL_TIMEOUT: '15mins' } },
     // A URL's token given to a mistyped option is still a credential.
-    { what: 'a mistyped --opt=URL', args: ['--ping-urll=https://hc-ping.example/0f4a-T0KEN'], env: {} },
+    { what: 'a mistyped --opt=URL', args: ["--ping-urll=https://hc-ping.example/it's/0f4a-T0KEN"], env: {} },
   ];
   for (const { what, args, env } of mistakes) {
     test(`${what}: exit 2, logged, notified and hooked from the settings that parse`, async () => {

@@ -1564,7 +1564,14 @@ test("another session's query in a message: every literal masked, since any may 
     "/* **** */ LOCK TABLE t; SELECT '****' -- **** FROM t",
   );
   assert.equal(foreignQuery(`UPDATE "O'Brien" SET key = 'x'`), `UPDATE "O'Brien" SET key = '****'`);
-  // A setting's value need not be quoted.
+  // Comments nest, and a dollar quote's tag may hold any letter, as in PostgreSQL.
+  assert.equal(
+    foreignQuery("/* outer /* inner */ it's */ SELECT 'hunter2secret' FROM t"),
+    "/* **** */ SELECT '****' FROM t",
+  );
+  assert.equal(foreignQuery('SELECT $é$hunter2secret$é$; TRUNCATE t'), 'SELECT $é$****$é$; TRUNCATE t');
+  // A setting's value need not be quoted, or may be quoted as a name, or hold a $.
+  assert.equal(foreignQuery('SET app.key = "sk_live_SECRET"; SET b = sk$SECRET;'), 'SET app.key = ****; SET b = ****;');
   assert.equal(
     foreignQuery('SET app.api_key = Secr3tPw; SET LOCAL x TO y'),
     'SET app.api_key = ****; SET LOCAL x TO ****',
