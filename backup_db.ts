@@ -1651,7 +1651,7 @@ async function sslOptions(config: DbConfig): Promise<pg.ClientConfig['ssl']> {
   const mode = config.sslmode;
   // libpq never uses TLS on a Unix socket (a host that is a directory), whatever the sslmode.
   if (mode === 'disable' || mode === 'allow' || config.host.startsWith('/')) return false;
-  return { ...(await serverVerification(config)), ...(await clientCertificate()) };
+  return { ...(await serverVerification(config)), ...(await clientCertificate(mode)) };
 }
 
 /** How the server's certificate is checked, by sslmode; see sslOptions. */
@@ -1685,9 +1685,12 @@ async function serverVerification(config: DbConfig): Promise<TlsOptions> {
 
 /**
  * The client certificate libpq sends when the server asks for one: PGSSLCERT and PGSSLKEY, else
- * ~/.postgresql/postgresql.crt and .key. None when the certificate file is absent, as in libpq.
+ * ~/.postgresql/postgresql.crt and .key. None when the certificate file is absent, as in libpq. A key
+ * libpq would refuse (unreadable, or readable by others: more than 0600, 0640 if root owns it) fails
+ * a connection that must use TLS; with prefer, the default, the certificate is left out instead,
+ * since libpq then falls back to a connection without it (a server without TLS takes it so).
  */
-async function clientCertificate(): Promise<{ cert: string; key: string } | undefined> {
+async function clientCertificate(mode: SslMode | undefined): Promise<{ cert: string; key: string } | undefined> {
   const dir = path.join(os.homedir(), '.postgresql');
   const [certFile, keyFile] = [
     process.env.PGSSLCERT || `${dir}/postgresql.crt`,
@@ -1695,15 +1698,25 @@ async function clientCertificate(): Promise<{ cert: string; key: string } | unde
   ];
   const cert = await fs.readFile(certFile, 'utf8').catch(() => undefined);
   if (cert === undefined) return undefined;
-  const key = await fs.readFile(keyFile, 'utf8').catch((error: unknown) => {
+  try {
+    const handle = await openRegularFile(keyFile);
+    try {
+      const { mode: bits, uid } = await handle.stat();
+      if (bits & (uid === 0 ? 0o037 : 0o077))
+        throw new Error(`it is readable by others (mode ${(bits & 0o777).toString(8)}), which libpq refuses`);
+      return { cert, key: await handle.readFile('utf8') };
+    } finally {
+      await handle.close();
+    }
+  } catch (error) {
+    if (mode === undefined || mode === 'prefer') return undefined;
     throw new BackupError(
       EXIT.CONNECTION,
-      'TLS client key missing',
-      `the client certificate ${certFile} is there, but its key ${keyFile} cannot be read: ${errorText(error)}`,
-      ['Point PGSSLKEY at the private key (PEM, mode 0600) of the certificate PGSSLCERT names'],
+      'TLS client key unusable',
+      `the client certificate ${certFile} is there, but its key ${keyFile} cannot be used: ${errorText(error)}`,
+      ['Point PGSSLKEY at the private key (PEM) of the certificate PGSSLCERT names, mode 0600 (chmod 600)'],
     );
-  });
-  return { cert, key };
+  }
 }
 
 // ─── Connection errors: exit codes and hints; server facts ───────────────────────────────

@@ -277,6 +277,17 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
     await fs.copyFile(key, path.join(home, '.postgresql', 'postgresql.key'));
     const fromHome = await backup(vars, { HOME: home });
     assert.equal(fromHome.exitCode, 0, fromHome.stderr);
+    // A key others can read, which libpq refuses: refused before our session sends anything.
+    const openKey = path.join(home, 'open.key');
+    await fs.copyFile(key, openKey);
+    await fs.chmod(openKey, 0o644);
+    const tooOpen = await backup(vars, { HOME: home, PGSSLKEY: openKey });
+    assert.equal(tooOpen.exitCode, 3, tooOpen.stderr);
+    assert.match(tooOpen.stderr, /^✗ Backup failed: TLS client key unusable$/m);
+    assert.match(tooOpen.stderr, /open\.key cannot be used: it is readable by others \(mode 644\)/);
+    // A certificate without its key, against a server without TLS, as libpq: no TLS, no certificate needed.
+    const noKey = await backup(dbVars(server, 'DEV_DB_', 'sec_app'), { HOME: home, PGSSLKEY: '/nonexistent' });
+    assert.equal(noKey.exitCode, 0, noKey.stderr);
   });
 
   test('PGSSLROOTCERT=system: verify-full (the default it implies) checks the server against the default CA store', async () => {
