@@ -2250,64 +2250,6 @@ function lockCycleError(waiter: CycleWaiter): BackupError {
   );
 }
 
-/**
- * SQL read left to right, so that a quote inside one never opens another: line comments, quoted
- * names ("…"), string literals (E'…' with backslash escapes, '…', $tag$…$tag$, a tag of any letters);
- * block comments, which nest, are read by blockCommentEnd. Open to the end when the text was cut short.
- */
-const SQL_TOKEN = new RegExp(
-  [
-    /--[^\n]*/,
-    /"(?:[^"]|"")*"?/,
-    /(?<![\w$])[Ee]'(?:[^'\\]|''|\\[\s\S])*'?/,
-    /'(?:[^']|'')*'?/,
-    /\$([A-Za-z_\u0080-\uffff][\w\u0080-\uffff]*)?\$[\s\S]*?(?:\$\1\$|$)/,
-  ]
-    .map((part) => part.source)
-    .join('|'),
-  'y',
-);
-/** SET name = value, SET LOCAL name TO value: a setting's value (an API key, say) need not be quoted. */
-const SET_VALUE =
-  /(\bSET\s+(?:SESSION\s+|LOCAL\s+)?[\w.]+\s*(?:=|\bTO\b)\s*)(?:"(?:[^"]|"")*"?|[^\s;,'"()]+(?![\w']))/gi;
-
-/** Pure: where the block comment that opens at `from` ends, nesting as in PostgreSQL; the text's end if open. */
-function blockCommentEnd(text: string, from: number): number {
-  let depth = 0;
-  for (let i = from; i < text.length; i++) {
-    if (text.startsWith('/*', i)) depth++;
-    else if (text.startsWith('*/', i)) depth--;
-    else continue;
-    i++; // past the pair's second character
-    if (depth === 0) return i + 1;
-  }
-  return text.length;
-}
-
-/**
- * Pure: another session's query as a message quotes it: on one line (its line breaks would forge
- * lines of ours), every literal, comment and setting value masked, as any may carry a secret (a
- * PASSWORD, a key, a connection string) or personal data. What it does and to which tables stays readable.
- */
-export function foreignQuery(query: string): string {
-  const mask = (token: string, tag = '') => {
-    if (token.startsWith('"')) return token;
-    if (token.startsWith('--')) return '-- ****';
-    return token.startsWith('$') ? `$${tag}$****$${tag}$` : `${/^[Ee]/.test(token) ? 'E' : ''}'****'`;
-  };
-  let read = '';
-  for (let i = 0; i < query.length;) {
-    if (query.startsWith('/*', i)) {
-      [read, i] = [`${read}/* **** */`, blockCommentEnd(query, i)];
-      continue;
-    }
-    SQL_TOKEN.lastIndex = i;
-    const token = SQL_TOKEN.exec(query);
-    [read, i] = token ? [read + mask(token[0], token[1]), SQL_TOKEN.lastIndex] : [read + query[i], i + 1];
-  }
-  return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
-}
-
 export function pgDumpArgs(snapshot: string, compression: Compression, lockWaitTimeoutMs: number, jobs = 1): string[] {
   // The connection (and the password) travel in the environment: see libpqEnv. Parallel workers
   // all import the same snapshot.
@@ -5900,6 +5842,64 @@ function restoreText(outcome: RestoreOutcome): Text {
 }
 
 // ─── Output: secrets, problems, documents (--json), printing ────────────────────────────
+
+/**
+ * SQL read left to right, so that a quote inside one never opens another: line comments, quoted
+ * names ("…"), string literals (E'…' with backslash escapes, '…', $tag$…$tag$, a tag of any letters);
+ * block comments, which nest, are read by blockCommentEnd. Open to the end when the text was cut short.
+ */
+const SQL_TOKEN = new RegExp(
+  [
+    /--[^\n]*/,
+    /"(?:[^"]|"")*"?/,
+    /(?<![\w$])[Ee]'(?:[^'\\]|''|\\[\s\S])*'?/,
+    /'(?:[^']|'')*'?/,
+    /\$([A-Za-z_\u0080-\uffff][\w\u0080-\uffff]*)?\$[\s\S]*?(?:\$\1\$|$)/,
+  ]
+    .map((part) => part.source)
+    .join('|'),
+  'y',
+);
+/** SET name = value, SET LOCAL name TO value: a setting's value (an API key, say) need not be quoted. */
+const SET_VALUE =
+  /(\bSET\s+(?:SESSION\s+|LOCAL\s+)?[\w.]+\s*(?:=|\bTO\b)\s*)(?:"(?:[^"]|"")*"?|[^\s;,'"()]+(?![\w']))/gi;
+
+/** Pure: where the block comment that opens at `from` ends, nesting as in PostgreSQL; the text's end if open. */
+function blockCommentEnd(text: string, from: number): number {
+  let depth = 0;
+  for (let i = from; i < text.length; i++) {
+    if (text.startsWith('/*', i)) depth++;
+    else if (text.startsWith('*/', i)) depth--;
+    else continue;
+    i++; // past the pair's second character
+    if (depth === 0) return i + 1;
+  }
+  return text.length;
+}
+
+/**
+ * Pure: another session's query as a message quotes it: on one line (its line breaks would forge
+ * lines of ours), every literal, comment and setting value masked, as any may carry a secret (a
+ * PASSWORD, a key, a connection string) or personal data. What it does and to which tables stays readable.
+ */
+export function foreignQuery(query: string): string {
+  const mask = (token: string, tag = '') => {
+    if (token.startsWith('"')) return token;
+    if (token.startsWith('--')) return '-- ****';
+    return token.startsWith('$') ? `$${tag}$****$${tag}$` : `${/^[Ee]/.test(token) ? 'E' : ''}'****'`;
+  };
+  let read = '';
+  for (let i = 0; i < query.length;) {
+    if (query.startsWith('/*', i)) {
+      [read, i] = [`${read}/* **** */`, blockCommentEnd(query, i)];
+      continue;
+    }
+    SQL_TOKEN.lastIndex = i;
+    const token = SQL_TOKEN.exec(query);
+    [read, i] = token ? [read + mask(token[0], token[1]), SQL_TOKEN.lastIndex] : [read + query[i], i + 1];
+  }
+  return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
+}
 
 /** Every password the configuration could hold, so no message can ever print one. */
 export function secretsIn(vars: EnvVars): string[] {
