@@ -6541,7 +6541,7 @@ export function credentialArguments(argv: readonly string[]): string[] {
   return values.filter((value) => value.trim() !== '');
 }
 
-function buildProgram(json: boolean, secrets: readonly string[], io: Io): Command {
+function buildProgram(json: boolean, writeErr: (text: string) => void): Command {
   const keep = (flag: string, what: string) =>
     new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
   return new Command()
@@ -6660,16 +6660,7 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
         .default(PROJECT_DIR, 'the project directory'),
     )
     .showHelpAfterError(json ? false : '(run with --help for usage)')
-    .configureOutput({
-      writeErr: (text) =>
-        io.err(
-          maskSecrets(withoutUnknownValues(text), secrets)
-            .replace(/\n$/, '')
-            .split('\n')
-            .map(visibleControls)
-            .join('\n'),
-        ),
-    })
+    .configureOutput({ writeErr })
     .exitOverride();
 }
 
@@ -6680,6 +6671,15 @@ function buildProgram(json: boolean, secrets: readonly string[], io: Io): Comman
 export function withoutUnknownValues(text: string): string {
   // To the line's last quote: the value may hold quotes of its own.
   return text.replace(/(unknown option '--[^=']*)=.*'/g, "$1=…'");
+}
+
+/** Pure: commander's message as printed: masked, on lines of its own, control characters shown. */
+function commanderMessage(text: string, secrets: readonly string[]): string {
+  return maskSecrets(withoutUnknownValues(text), secrets)
+    .replace(/\n$/, '')
+    .split('\n')
+    .map(visibleControls)
+    .join('\n');
 }
 
 // ─── Interrupts: signals, and the launchers going away ──────────────────────────────────
@@ -6978,13 +6978,15 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const json = argv.includes('--json');
   // Webhook URLs are credentials (Slack, Discord): masked even in commander's own messages.
   const secrets: string[] = credentialArguments(argv);
-  const program = buildProgram(json, secrets, io);
+  // Commander's message waits until the settings' secrets are known: an option's value may be the password.
+  const commanderSaid: string[] = [];
+  const program = buildProgram(json, (text) => commanderSaid.push(text));
   let parseFailure: BackupError | undefined;
   try {
     program.parse(argv);
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
-    // Commander has printed its message on stderr; a bad command line is a configuration error.
+    // A bad command line is a configuration error; commander's message is printed once the secrets are known.
     const message = withoutUnknownValues(errorText(error)).replace(/^error: /, '');
     parseFailure = configError(message, ['Run with --help for usage']);
   }
@@ -7027,6 +7029,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   }
   if (parseFailure) outcome.command = modeIfChosen(opts) ?? outcome.command;
   const recordTo = automation ?? (await readableAutomation(opts, vars, secrets));
+  if (commanderSaid.length > 0) io.err(commanderMessage(commanderSaid.join(''), secrets));
 
   const operation = OPERATION_NAMES[outcome.command];
   // Names of a run that worked, which it reports itself: a password inside one is masked only outside
@@ -7034,7 +7037,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const named = outcome.result ? namedByTheRun({ ...known, ...outcome.facts }, outputDirOf(opts)) : [];
   let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets, named);
   try {
-    // Commander has printed a bad command line's message already, except as JSON.
+    // A bad command line's message is commander's, except as JSON.
     if (!parseFailure || json) printOutcome(io, json, outcome, { secrets, named }, problem);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.

@@ -316,6 +316,8 @@ describe('a run that fails on its command line or settings', () => {
     { what: 'a BACKUP_* variable that does not parse', args: [], env: { BACKUP_STALL_TIMEOUT: '15mins' } },
     // A URL's token given to a mistyped option is still a credential.
     { what: 'a mistyped --opt=URL', args: ["--ping-urll=https://hc-ping.example/it's/0f4a-T0KEN"], env: {} },
+    // Commander's own message quotes the value; the password is known only once the settings are read.
+    { what: 'the password given to an option', args: ['--keep-daily', '%password'], env: {} },
   ];
   for (const { what, args, env } of mistakes) {
     test(`${what}: exit 2, logged, notified and hooked from the settings that parse`, async () => {
@@ -330,7 +332,8 @@ describe('a run that fails on its command line or settings', () => {
           BACKUP_ON_FAILURE: `echo $BACKUP_EXIT_CODE $BACKUP_ERROR > ${hooked}`,
         });
         const base = ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')];
-        const result = await runCli({ args: [...base, ...args], env });
+        const given = args.map((arg) => (arg === '%password' ? server.password : arg));
+        const result = await runCli({ args: [...base, ...given], env });
         assert.equal(result.exitCode, 2, result.stdout + result.stderr);
         const [logged] = await readLog(logFile);
         assert.deepEqual([logged.command, logged.outcome, logged.exit_code], ['backup', 'failure', 2]);
@@ -339,6 +342,7 @@ describe('a run that fails on its command line or settings', () => {
         assert.match(await fs.readFile(hooked, 'utf8'), /^2 Configuration error/);
         const channels = [result.stderr, await fs.readFile(logFile, 'utf8'), JSON.stringify(receiver.received)];
         assert.ok(!channels.join('\n').includes('T0KEN'), 'no token in any channel');
+        assert.ok(!channels.join('\n').includes(server.password), 'no password in any channel');
       } finally {
         await receiver.close();
       }
