@@ -1269,17 +1269,30 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ remove
     return claim !== undefined && (await isStale(claim));
   };
   const stale = (await Promise.all(names.map(async (name) => ((await isStaleFile(name)) ? [name] : [])))).flat();
-  // recursive: the partial of a directory-format dump is a directory.
+  // One gone meanwhile is no failure.
   const removal = async (name: string) =>
-    fs.rm(path.join(dir, name), { force: true, recursive: true }).then(
+    removeEntry(path.join(dir, name)).then(
       () => undefined,
-      async (error) => `${name} (${await ownerOf(path.join(dir, name))}): ${errorText(error)}`,
+      async (error: unknown) =>
+        errnoCode(error) === 'ENOENT'
+          ? undefined
+          : `${name} (${await ownerOf(path.join(dir, name))}): ${errorText(error)}`,
     );
   const failures = await Promise.all(stale.map(removal));
   return {
     removed: stale.filter((_, i) => failures[i] === undefined),
     left: failures.filter((failure) => failure !== undefined),
   };
+}
+
+/**
+ * Remove a file, or a directory (a directory-format dump or its partial) with what it holds. Only a
+ * directory is removed recursively: fs.rm's recursion reports an unlink refused with EPERM (another
+ * user's file in a sticky directory) as ENOTDIR.
+ */
+async function removeEntry(file: string): Promise<void> {
+  if ((await fs.lstat(file)).isDirectory()) await fs.rm(file, { recursive: true });
+  else await fs.unlink(file);
 }
 
 /** "owned by root", by user name where /etc/passwd has one: who can remove what this user cannot. */
@@ -4110,14 +4123,10 @@ async function applyRetention(
   };
 }
 
-/**
- * Only a directory-format dump is removed recursively: fs.rm's recursion reports an unlink refused
- * with EPERM (another user's file in a sticky directory) as ENOTDIR. A refusal names the owner.
- */
+/** Delete a backup's dump (removeEntry); a refusal names the owner. */
 async function deleteBackupFile(file: string): Promise<void> {
   try {
-    if ((await fs.lstat(file)).isDirectory()) await fs.rm(file, { recursive: true });
-    else await fs.unlink(file);
+    await removeEntry(file);
   } catch (error) {
     const code = errnoCode(error);
     if (code !== 'EPERM' && code !== 'EACCES') throw error;
