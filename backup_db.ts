@@ -5820,6 +5820,11 @@ export function reconciliationLines(rows: ReconciliationRow[]): string[] {
   );
 }
 
+/** Pure: where a drill's result went, or why it went nowhere. */
+function recordedText({ metadataPath, notRecorded }: NonNullable<RestoreOutcome['recorded']>): string {
+  return notRecorded ? `not recorded: ${notRecorded}` : `last_restore_test in ${displayPath(metadataPath)}`;
+}
+
 function restoreText(outcome: RestoreOutcome): Text {
   const { run, reconciliation, recorded } = outcome;
   const where = outcome.drill
@@ -5841,10 +5846,7 @@ function restoreText(outcome: RestoreOutcome): Text {
     reconciliation
       ? `Tables:      ${matched} of ${reconciliation.length} match the backup's row counts`
       : 'Tables:      not reconciled: the backup has no valid metadata',
-    ...(recorded?.notRecorded ? [`Recorded:    not recorded: ${recorded.notRecorded}`] : []),
-    ...(recorded && !recorded.notRecorded
-      ? [`Recorded:    last_restore_test in ${displayPath(recorded.metadataPath)}`]
-      : []),
+    ...(recorded ? [`Recorded:    ${recordedText(recorded)}`] : []),
     ...(reconciliation ? ['', ...reconciliationLines(reconciliation)] : []),
   ];
   return { out: lines, err: [] };
