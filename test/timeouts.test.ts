@@ -158,13 +158,7 @@ describe('--lock-wait-timeout', () => {
       const { cli, outputDir, release } = await backupWithHeldPgDump('slow_app', ['--lock-wait-timeout', '1s']);
       let truncated: Promise<unknown> = Promise.resolve();
       try {
-        await waitFor("the backup's own session to hold its lock on busy", async () => {
-          const { rows } = await observer.query(
-            `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE a.application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND l.relation = 'busy'::regclass AND l.granted`,
-          );
-          return rows.length > 0 ? true : undefined;
-        });
+        await waitForBackupHoldingBusy(observer, { countsDone: false });
         truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
         await waitForQueuedOnBusy(observer);
       } finally {
@@ -197,7 +191,7 @@ describe('--lock-wait-timeout', () => {
       let truncated: Promise<unknown> = Promise.resolve();
       let truncatorPid = 0;
       try {
-        await waitForCountsHoldingBusy(observer);
+        await waitForBackupHoldingBusy(observer);
         truncatorPid = (await truncator.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
         truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
         await waitForQueuedOnBusy(observer);
@@ -228,7 +222,7 @@ describe('--lock-wait-timeout', () => {
       ]);
       let migrated: Promise<unknown> = Promise.resolve();
       try {
-        await waitForCountsHoldingBusy(observer);
+        await waitForBackupHoldingBusy(observer);
         // As migration tools do: give up on the lock rather than queue every query behind it.
         migrated = migration.query("SET lock_timeout = '2s'; ALTER TABLE busy ADD COLUMN added_by_migration int").then(
           () => 'done',
@@ -268,7 +262,7 @@ describe('--lock-wait-timeout', () => {
       const aPid = (await a.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
       const waiting: Array<Promise<unknown>> = [];
       try {
-        await waitForCountsHoldingBusy(observer);
+        await waitForBackupHoldingBusy(observer);
         // A holds v and waits for busy (the backup's); B holds parted, which pg_dump will want, and waits for v.
         waiting.push(a.query('BEGIN; LOCK TABLE v IN ACCESS EXCLUSIVE MODE; TRUNCATE busy').catch(() => undefined));
         await waitForQueuedOnBusy(observer);
@@ -316,7 +310,7 @@ describe('--lock-wait-timeout', () => {
       const pids = await Promise.all([truncator, ...others].map(pidOf));
       const waiting: Array<Promise<unknown>> = [];
       try {
-        await waitForCountsHoldingBusy(observer);
+        await waitForBackupHoldingBusy(observer);
         // The TRUNCATE waits for this backup; the other runs' pg_dumps wait behind it.
         waiting.push(truncator.query('BEGIN; TRUNCATE busy').catch(() => undefined));
         await waitForQueuedOnBusy(observer);
@@ -354,13 +348,14 @@ describe('--lock-wait-timeout', () => {
   });
 });
 
-/** Until the backup's own session holds its lock on busy with its counts done. */
-async function waitForCountsHoldingBusy(observer: pg.Client): Promise<void> {
-  await waitFor("the backup's own session to hold its lock on busy, its counts done", async () => {
+/** Until the backup's own session holds its lock on busy, with `countsDone` its counts done too (idle in its transaction). */
+async function waitForBackupHoldingBusy(observer: pg.Client, { countsDone = true } = {}): Promise<void> {
+  const done = countsDone ? ', its counts done' : '';
+  await waitFor(`the backup's own session to hold its lock on busy${done}`, async () => {
     const { rows } = await observer.query(
       `SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
         WHERE a.application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND l.relation = 'busy'::regclass AND l.granted
-          AND a.state = 'idle in transaction'`,
+          ${countsDone ? "AND a.state = 'idle in transaction'" : ''}`,
     );
     return rows.length > 0 ? true : undefined;
   });
