@@ -2187,12 +2187,18 @@ async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<st
  * behind it (a clean "A table is locked"). Not awaited before pg_dump starts, so that a lock held
  * elsewhere keeps pg_dump waiting on it, where --stall-timeout and the messages look.
  */
-async function countRows(client: pg.Client, tables: UserTable[], lock: string | null): Promise<Record<string, number>> {
+async function countRows(
+  client: pg.Client,
+  tables: UserTable[],
+  lock: string | null,
+  onCounted: () => void,
+): Promise<Record<string, number>> {
   if (lock) await client.query(lock);
   const counts: Array<[string, number]> = [];
   for (const { schema, table, count_sql } of tables) {
     const { rows } = await client.query<{ n: string }>(count_sql);
     counts.push([tableKey(schema, table), Number(rows[0]!.n)]);
+    onCounted();
   }
   // fromEntries defines own properties: a table called "__proto__" is a key like any other.
   return Object.fromEntries(counts);
@@ -2404,7 +2410,8 @@ function parallelDumpError(details: string): BackupError | undefined {
 /**
  * Watch a running backup's file: if no byte is written for `timeoutMs`, find out what its sessions
  * wait on and hand `onStall` the error (exit 7). The most common failure of scheduled backups
- * after not running at all is a dump that hangs for hours behind a lock.
+ * after not running at all is a dump that hangs for hours behind a lock. `progressed` says the
+ * backup moved on otherwise: the row counts can outlast a parallel pg_dump by far on a big database.
  */
 function watchForStall(
   partialPath: string,
@@ -2413,7 +2420,7 @@ function watchForStall(
   connectTimeoutSeconds: number,
   onStall: (error: BackupError) => void,
   signal: AbortSignal,
-): { stop(): void } {
+): { stop(): void; progressed(): void } {
   let lastSize = -1;
   let since = performance.now();
   // Set once it fires or is stopped; a tick still reading sizes then does nothing.
@@ -2436,7 +2443,7 @@ function watchForStall(
     Math.min(5000, Math.max(100, timeoutMs / 4)),
   );
   timer.unref();
-  return { stop };
+  return { stop, progressed: () => (since = performance.now()) };
 }
 
 export interface SessionWait {
@@ -2797,7 +2804,7 @@ async function snapshotBackup(
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
-      const counting = countRows(client, tables, lock);
+      const counting = countRows(client, tables, lock, () => watchdog?.progressed());
       const dumping =
         format === 'directory'
           ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)

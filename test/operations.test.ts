@@ -9,6 +9,7 @@ import http from 'node:http';
 import type net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { setTimeout as delay } from 'node:timers/promises';
 import { execa } from 'execa';
 import fc from 'fast-check';
 import parsePrometheus from 'parse-prometheus-text-format';
@@ -23,15 +24,23 @@ import {
 } from '../backup_db.ts';
 import { dbVars, runCli, startCli, tempDir, takeBackup, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
+import { assertRestoresIdentically } from './helpers/compare.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
 import { flipMiddleByte, holdTableLock, waitFor, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
+const COUNTED = ['c1', 'c2', 'c3', 'c4'];
 before(async () => {
   server = await startTestServer();
   for (const db of ['ops_app', 'ops_other'])
     await server.createDatabase(db, 'CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 50)');
+  await server.createDatabase(
+    'ops_counts',
+    COUNTED.map((t) => `CREATE TABLE ${t} (id int PRIMARY KEY); INSERT INTO ${t} SELECT generate_series(1, 50);`).join(
+      '',
+    ),
+  );
 });
 after(() => server?.stop());
 
@@ -679,6 +688,60 @@ describe('--stall-timeout (watchdog)', () => {
       } finally {
         await lock.release();
       }
+    },
+  );
+
+  test(
+    'row counts that outlast pg_dump, one table after another, are progress; a count that never ends is a stall',
+    { timeout: 120_000 },
+    async () => {
+      const stallMs = 3000;
+      // A session rebuilding an index holds it exclusively: a count's plan waits for it, pg_dump's COPY does not.
+      const backupWithIndexesHeld = async (
+        tables: string[],
+        release: (commit: () => Promise<unknown>) => Promise<void>,
+      ) => {
+        const s = await setup(dbVars(server, 'DEV_DB_', 'ops_counts'));
+        const [observer, ...holders] = await Promise.all([null, ...tables].map(() => server.connect('ops_counts')));
+        for (const [i, holder] of holders.entries()) await holder.query(`BEGIN; REINDEX INDEX ${tables[i]}_pkey`);
+        const cli = startCli({ args: [...s.base, '--stall-timeout', `${stallMs}ms`] });
+        try {
+          await waitFor('pg_dump to have written the archive and ended, the counts still waiting', async () => {
+            const partial = (await fs.readdir(s.outputDir).catch(() => [])).find((n) => n.endsWith('.dump.partial'));
+            const size = partial ? (await fs.stat(path.join(s.outputDir, partial))).size : 0;
+            const { rows } = await observer!.query<{ dumping: boolean; waiting: boolean }>(
+              `SELECT bool_or(application_name LIKE 'backup_db:%:pg_dump') AS dumping,
+                      bool_or(application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND wait_event_type = 'Lock') AS waiting
+                 FROM pg_stat_activity`,
+            );
+            return size > 0 && !rows[0]!.dumping && rows[0]!.waiting ? true : undefined;
+          });
+          for (const holder of holders) await release(() => holder.query('COMMIT'));
+          return { result: await cli, outputDir: s.outputDir };
+        } finally {
+          await Promise.all(holders.map((holder) => holder.query('ROLLBACK').catch(() => undefined)));
+          await cli.catch(() => undefined);
+          await Promise.all([observer, ...holders].map((client) => client!.end()));
+        }
+      };
+
+      // The counts end one table at a time, each within the timeout but all of them well past it.
+      const healthy = await backupWithIndexesHeld(COUNTED, async (commit) => {
+        await delay(stallMs / 2);
+        await commit();
+      });
+      assert.equal(healthy.result.exitCode, 0, String(healthy.result.stderr));
+      const [dump] = (await fs.readdir(healthy.outputDir)).filter((n) => n.endsWith('.dump'));
+      const metadata = await fs.readFile(path.join(healthy.outputDir, `${dump!.slice(0, -5)}.metadata.json`), 'utf8');
+      assert.deepEqual(JSON.parse(metadata).table_counts, Object.fromEntries(COUNTED.map((t) => [t, 50])));
+      await assertRestoresIdentically(server, path.join(healthy.outputDir, dump!), 'ops_counts');
+
+      // The last table's count waits for ever: the watchdog still stops the run, and says on what.
+      const stalled = await backupWithIndexesHeld(['c4'], async () => undefined);
+      assert.equal(stalled.result.exitCode, 7, String(stalled.result.stderr));
+      assert.match(String(stalled.result.stderr), /^✗ Backup failed: The backup stalled$/m);
+      assert.match(String(stalled.result.stderr), /the backup's own session \(pid \d+\) waits on Lock \(relation\)/);
+      assert.deepEqual(await fs.readdir(stalled.outputDir).catch(() => []), []);
     },
   );
 
