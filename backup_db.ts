@@ -73,6 +73,9 @@ export const EXIT = {
   SIGINT: 130,
   SIGTERM: 143,
 } as const;
+/** The signals that stop a run cleanly (its exit code is 128 + N). */
+const INTERRUPT_SIGNALS = ['SIGHUP', 'SIGINT', 'SIGTERM'] as const;
+type InterruptSignal = (typeof INTERRUPT_SIGNALS)[number];
 
 export type Environment = 'dev' | 'prod';
 /** custom: one file, streamed through SHA-256 (the default); directory: parallel dump with --jobs. */
@@ -2331,7 +2334,7 @@ async function streamPgDump(
   return { sha256: hash.digest('hex'), size };
 }
 
-function interruptedError(signal: 'SIGHUP' | 'SIGINT' | 'SIGTERM'): BackupError {
+function interruptedError(signal: InterruptSignal): BackupError {
   return new BackupError(
     EXIT[signal],
     `Interrupted by ${signal}`,
@@ -5468,7 +5471,8 @@ const HOOK_STDERR_KEPT = 4096;
 /**
  * --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. In a
  * process group of its own, so that a timeout stops all it started; the run waits for the shell,
- * not for a child left in the background holding its stderr. Its stdout is discarded.
+ * not for a child left in the background holding its stderr. Its stdout is discarded. An interrupt
+ * stops it too: in its own group it would not hear the terminal's Ctrl-C, and outlive the run.
  */
 async function runFailureCommand(
   command: string,
@@ -5479,18 +5483,22 @@ async function runFailureCommand(
   const env = hookEnvironment(record, process.env, secrets);
   const why = await new Promise<string | undefined>((resolve) => {
     const child = spawn('/bin/sh', ['-c', command], { env, stdio: ['ignore', 'ignore', 'pipe'], detached: true });
-    let [stderr, timedOut] = [Buffer.alloc(0), false];
+    let [stderr, stoppedWhy] = [Buffer.alloc(0), undefined as string | undefined];
     child.stderr.on('data', (chunk: Buffer) => (stderr = Buffer.concat([stderr, chunk]).subarray(-HOOK_STDERR_KEPT)));
-    const timer = setTimeout(() => {
-      timedOut = true;
+    const stopAll = (why: string) => {
+      stoppedWhy ??= why;
       try {
         process.kill(-child.pid!, 'SIGKILL');
       } catch {
         // already gone
       }
-    }, HOOK_TIMEOUT_MS);
+    };
+    const timer = setTimeout(() => stopAll(`timed out after ${HOOK_TIMEOUT_MS / 1000} s`), HOOK_TIMEOUT_MS);
+    const onInterrupt = (signal: InterruptSignal) => stopAll(`stopped by ${signal}`);
+    for (const signal of INTERRUPT_SIGNALS) process.on(signal, onInterrupt);
     const end = (result?: string) => {
       clearTimeout(timer);
+      for (const signal of INTERRUPT_SIGNALS) process.off(signal, onInterrupt);
       child.stderr.destroy();
       resolve(result);
     };
@@ -5498,7 +5506,7 @@ async function runFailureCommand(
     child.on('exit', (code, signal) => {
       const report = () => {
         const lastLine = stderr.toString().trim().split('\n').at(-1);
-        if (timedOut) end(`timed out after ${HOOK_TIMEOUT_MS / 1000} s`);
+        if (stoppedWhy) end(stoppedWhy);
         else end(code === 0 ? undefined : `exit ${code ?? signal}${lastLine ? `: ${lastLine}` : ''}`);
       };
       // The shell's last words reach us before the pipe's end, unless a child still holds it: then a second at most.
@@ -6710,8 +6718,7 @@ function commanderMessage(text: string, secrets: readonly string[]): string {
  */
 async function withInterruptSignal<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
   const interrupt = new AbortController();
-  const signals = ['SIGHUP', 'SIGINT', 'SIGTERM'] as const;
-  const handlers = signals.map((name) => [name, () => interrupt.abort(interruptedError(name))] as const);
+  const handlers = INTERRUPT_SIGNALS.map((name) => [name, () => interrupt.abort(interruptedError(name))] as const);
   for (const [name, handler] of handlers) process.on(name, handler);
   const stopWatching = watchLaunchers((who) => interrupt.abort(launcherGoneError(who)));
   try {

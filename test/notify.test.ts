@@ -13,6 +13,7 @@ import { execa } from 'execa';
 import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { alive, within } from './helpers/processes.ts';
+import { waitFor } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -463,6 +464,34 @@ describe('--on-failure', () => {
       }
     },
   );
+
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    test(`${signal} while the command runs stops it with everything it started; the run's exit code stays`, async () => {
+      const s = await setup(wrongPassword());
+      const child = path.join(s.configDir, 'child.pid');
+      const cli = startCli({
+        args: [...s.base, '--on-failure', `sleep 600 & echo $! > '${child}'; wait`, '--log-file', s.logFile],
+      });
+      const pid = await waitFor(
+        'the command to start its child',
+        async () => Number((await fs.readFile(child, 'utf8').catch(() => '')).trim()) || undefined,
+      );
+      try {
+        cli.kill(signal);
+        const result = await cli;
+        assert.equal(result.exitCode, 3, String(result.stderr));
+        assert.match(
+          String(result.stderr),
+          new RegExp(`⚠ The --on-failure command failed: stopped by ${signal}$`, 'm'),
+        );
+        await within("the command's child to be stopped", 5_000, async () => !(await alive(pid)));
+        const [, failed] = await readLog(s.logFile);
+        assert.equal(failed.event, 'on_failure_command_failed');
+      } finally {
+        if (await alive(pid)) process.kill(pid, 'SIGKILL');
+      }
+    });
+  }
 
   test('its output is not kept: a flood neither grows memory nor hides the last line of stderr', async (t) => {
     const s = await setup(wrongPassword());
