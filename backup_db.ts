@@ -3848,15 +3848,23 @@ export function listingExitCode(listing: Listing): number {
   return statuses.includes('needs_newer_pg_restore') ? EXIT.TOOL_NOT_FOUND : EXIT.OK;
 }
 
-/** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
-async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {}): Promise<Listing> {
-  let names: string[];
+/**
+ * The names in the backup directory, or undefined where none exists yet (a dangling symlink too);
+ * any other failure to read it (not a directory, no permission) is an error, for every command alike.
+ */
+async function backupDirNames(dir: string): Promise<string[] | undefined> {
   try {
-    names = await fs.readdir(dir);
+    return await fs.readdir(dir);
   } catch (error) {
-    if (errnoCode(error) === 'ENOENT') return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
+    if (errnoCode(error) === 'ENOENT') return undefined;
     throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
   }
+}
+
+/** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
+async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {}): Promise<Listing> {
+  const names = await backupDirNames(dir);
+  if (!names) return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
   const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
@@ -4191,7 +4199,7 @@ async function runPrune(
       'Or set BACKUP_KEEP_LAST / BACKUP_KEEP_DAILY / BACKUP_KEEP_WEEKLY / BACKUP_KEEP_MONTHLY',
     ]);
   }
-  if (!(await pathExists(options.outputDir))) return undefined;
+  if (!(await backupDirNames(options.outputDir))) return undefined;
   const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier, { signal }).catch(
     (error: unknown) => {
       // An interrupt wins over a connection attempt it outlasted.

@@ -160,6 +160,30 @@ describe('paths with garbage', () => {
     assert.equal(await fs.readFile(file, 'utf8'), 'keep me');
   });
 
+  test('--list, --prune and --check agree on an output directory inside a file (4) and on a dangling symlink (none yet)', async () => {
+    const dir = await tempDir();
+    await fs.writeFile(path.join(dir, 'file'), 'keep me');
+    await fs.symlink(path.join(dir, 'nowhere'), path.join(dir, 'dangling'));
+    const modes = [['--list'], ['--prune', '--keep-last', '1'], ['--check', '--max-age', '1d']];
+    const run = (outputDir: string, mode: string[]) =>
+      runCli({
+        args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir, ...mode],
+        env: dbVars(server, 'DEV_DB_', 'input_app'),
+      });
+    for (const mode of modes) {
+      const inFile = await run(path.join(dir, 'file', 'sub'), mode);
+      assert.equal(inFile.exitCode, 4, `${mode[0]}: ${inFile.stderr}`);
+      assert.match(inFile.stderr, /Cannot read the backup directory .*: a path component is not a directory/);
+    }
+    for (const mode of modes.slice(0, 2)) {
+      const dangling = await run(path.join(dir, 'dangling'), mode);
+      assert.equal(dangling.exitCode, 0, `${mode[0]}: ${dangling.stderr}`);
+      assert.match(dangling.stdout, /^No backups: .*dangling\/ does not exist yet\.$/m);
+    }
+    assert.equal(await fs.readFile(path.join(dir, 'file'), 'utf8'), 'keep me');
+    assert.deepEqual((await fs.readdir(dir)).sort(), ['dangling', 'file']);
+  });
+
   test('a .env that is a directory → exit 2 naming the file', async () => {
     const configDir = await tempDir();
     await fs.mkdir(path.join(configDir, '.env'));
