@@ -2338,7 +2338,9 @@ function interruptedError(signal: InterruptSignal): BackupError {
   return new BackupError(
     EXIT[signal],
     `Interrupted by ${signal}`,
-    'the run was stopped and cleaned up after itself: no partial file is left and existing backups are untouched',
+    // True of every command: a backup removes its partial file, a drill its scratch database (withTargetFate adds
+    // what a restore did to its target).
+    'the run was stopped and cleaned up after itself; existing backups are untouched',
     ['Run it again when convenient'],
   );
 }

@@ -382,6 +382,8 @@ describe('--restore', () => {
       const result = await run;
       assert.equal(result.exitCode, 130, String(result.stderr));
       assert.match(String(result.stderr).split('\n')[0]!, /^✗ Restore failed: Interrupted by SIGINT$/);
+      assert.match(String(result.stderr), /^Error: the run was stopped and cleaned up after itself; existing backups/m);
+      assert.doesNotMatch(String(result.stderr), /partial file/, "a restore's own words, not a backup's");
       assert.doesNotMatch(String(result.stderr), /\n\s+at .+:\d+:\d+/, 'no stack trace');
       assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
     },
