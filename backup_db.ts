@@ -1433,31 +1433,31 @@ function passedToChild(name: string, connects: boolean): boolean {
  * (an interrupt) ends a pending attempt at once, with its reason as the error.
  */
 async function connectDb(config: DbConfig, connectTimeoutSeconds: number, signal?: AbortSignal): Promise<pg.Client> {
+  const enforced = enforceableConfig(config);
   try {
-    return await openConnection(config, connectTimeoutSeconds, signal);
+    return await openConnection(enforced, connectTimeoutSeconds, signal);
   } catch (error) {
-    throw connectionError(error, config, connectTimeoutSeconds);
+    throw connectionError(error, enforced, connectTimeoutSeconds);
   }
 }
 
 /**
- * connectDb without the translation of its failure, for callers that try another database.
- * node-postgres has no sslmode=prefer, libpq's default: try TLS first and fall back to a plain
- * connection only when the server says it has no TLS, as libpq does.
+ * connectDb without the translation of its failure, for callers that try another database; `config`
+ * has been through enforceableConfig. node-postgres has no sslmode=prefer, libpq's default: try TLS
+ * first and fall back to a plain connection only when the server says it has no TLS, as libpq does.
  */
 async function openConnection(
   config: DbConfig,
   connectTimeoutSeconds: number,
   signal?: AbortSignal,
 ): Promise<pg.Client> {
-  const enforced = enforceableConfig(config);
-  const ssl = await sslOptions(enforced);
-  const preferred = enforced.sslmode === undefined || enforced.sslmode === 'prefer';
+  const ssl = await sslOptions(config);
+  const preferred = config.sslmode === undefined || config.sslmode === 'prefer';
   try {
-    return await openClient(enforced, connectTimeoutSeconds, ssl, signal);
+    return await openClient(config, connectTimeoutSeconds, ssl, signal);
   } catch (error) {
     if (preferred && ssl && /does not support SSL/i.test(errorText(error)))
-      return await openClient(enforced, connectTimeoutSeconds, false, signal);
+      return await openClient(config, connectTimeoutSeconds, false, signal);
     throw error;
   }
 }
@@ -1488,14 +1488,13 @@ function enforceableConfig(config: DbConfig): DbConfig {
       ]);
   }
   if ((config.sslrootcert || process.env.PGSSLROOTCERT) !== 'system') return config;
-  if (config.sslmode === undefined) return { ...config, sslmode: 'verify-full' };
   const where = config.sslrootcert ? `the ?sslrootcert= of ${config.origin.host}` : 'PGSSLROOTCERT';
-  if (config.sslmode !== 'verify-full')
+  if (config.sslmode !== undefined && config.sslmode !== 'verify-full')
     throw configError(`weak sslmode "${config.sslmode}" may not be used with sslrootcert=system (${where})`, [
       'Use sslmode=verify-full with sslrootcert=system, as libpq requires',
       'Or point sslrootcert at the CA certificate (PEM) that signed the server certificate',
     ]);
-  return config;
+  return { ...config, sslmode: 'verify-full', sslrootcert: 'system' };
 }
 
 /**
@@ -1510,11 +1509,12 @@ async function connectMaintenance(
   avoid?: string,
   signal?: AbortSignal,
 ): Promise<pg.Client> {
+  const enforced = enforceableConfig(config);
   const candidates = [...new Set(['postgres', 'template1', config.database])].filter((name) => name !== avoid);
   let first: unknown;
   for (const database of candidates) {
     try {
-      return await openConnection({ ...config, database }, connectTimeoutSeconds, signal);
+      return await openConnection({ ...enforced, database }, connectTimeoutSeconds, signal);
     } catch (error) {
       first ??= error;
       // Only a missing database, or one this role may not connect to, makes another worth trying.
@@ -1522,7 +1522,7 @@ async function connectMaintenance(
       if (code !== '3D000' && code !== '42501') break;
     }
   }
-  throw connectionError(first, { ...config, database: candidates[0] ?? config.database }, connectTimeoutSeconds);
+  throw connectionError(first, { ...enforced, database: candidates[0] ?? config.database }, connectTimeoutSeconds);
 }
 
 /** Connect (to the maintenance database with `maintenance`), use the connection, and always close it. */
@@ -1795,8 +1795,15 @@ export function connectionError(
     ]);
   }
   if (/certificate|self[- ]signed|SSL|TLS/i.test(message)) {
+    const check = `Check the sslmode (${config.sslmode ?? 'prefer, the default'}) and the server's certificate`;
+    if (config.sslrootcert === 'system')
+      return fail('Database TLS connection failed', [
+        check,
+        "sslrootcert=system checks the server certificate against the default CA store (Node's list): " +
+          'for a private CA, point PGSSLROOTCERT at its certificate (PEM) instead',
+      ]);
     return fail('Database TLS connection failed', [
-      `Check the sslmode (${config.sslmode ?? 'prefer, the default'}) and the server's certificate`,
+      check,
       'PGSSLROOTCERT (else ~/.postgresql/root.crt) must hold the CA that signed the server certificate: ' +
         'verify-ca and verify-full need it, and require checks the server against it when it exists',
       'If the server has no TLS, use sslmode=prefer or disable; if it requires TLS, use require or stricter',

@@ -239,6 +239,7 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
       assert.deepEqual(impostor.seen.passwords, [], 'no password was sent');
       assert.equal(result.exitCode, 3, result.stderr);
       assert.match(result.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
+      return result;
     } finally {
       await impostor.close();
     }
@@ -291,8 +292,17 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
   });
 
   test('PGSSLROOTCERT=system: verify-full (the default it implies) checks the server against the default CA store', async () => {
-    await assertImpostorRefused({}, { PGSSLROOTCERT: 'system' });
-    await assertImpostorRefused({}, { PGSSLMODE: 'verify-full', PGSSLROOTCERT: 'system' });
+    const envs: Array<Record<string, string>> = [
+      { PGSSLROOTCERT: 'system' },
+      { PGSSLMODE: 'verify-full', PGSSLROOTCERT: 'system' },
+    ];
+    for (const env of envs) {
+      const { stderr } = await assertImpostorRefused({}, env);
+      // The hints speak of the settings in force, not of the default sslmode or a CA file.
+      assert.match(stderr, /Check the sslmode \(verify-full\)/);
+      assert.match(stderr, /sslrootcert=system checks the server certificate against the default CA store/);
+      assert.doesNotMatch(stderr, /prefer|root\.crt/);
+    }
   });
 
   test('settings libpq enforces and node-postgres cannot are refused before a password is sent (exit 2)', async () => {
