@@ -2197,6 +2197,11 @@ async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<st
  * behind it (a clean "A table is locked"). Not awaited before pg_dump starts, so that a lock held
  * elsewhere keeps pg_dump waiting on it, where --stall-timeout and the messages look.
  */
+const COUNT_SEARCH_PATH_SQL = `
+  SELECT pg_catalog.set_config('search_path', path, true)
+    FROM pg_catalog.pg_settings, pg_catalog.concat_ws(', ', 'pg_catalog', NULLIF(reset_val, ''), 'pg_temp') AS path
+   WHERE name = 'search_path'`;
+
 async function countRows(
   client: pg.Client,
   tables: UserTable[],
@@ -2204,6 +2209,10 @@ async function countRows(
   onCounted: () => void,
 ): Promise<Record<string, number>> {
   if (lock) await client.query(lock);
+  // Planning a count inlines the SQL functions of the table's index expressions, whose bodies are read
+  // on the session's search_path: for the counts (every name in them qualified) the database's own
+  // follows pg_catalog, as in the application's sessions. Local to the snapshot transaction.
+  await client.query(COUNT_SEARCH_PATH_SQL);
   const counts: Array<[string, number]> = [];
   for (const { schema, table, count_sql } of tables) {
     const { rows } = await client.query<{ n: string }>(count_sql);

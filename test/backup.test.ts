@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
-import { assertSameContent, restoreIntoNewDatabase } from './helpers/compare.ts';
+import { assertSameContent, restoreIntoNewDatabase, snapshotDatabase } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, takeBackup, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES, FIXTURE_SQL } from './helpers/fixture.ts';
@@ -221,6 +221,36 @@ describe('counts describe exactly what is in the file', () => {
     });
     assert.equal(drill.exitCode, 8, drill.stdout);
     assert.match(drill.stderr, /"coll\.t" \(backup 3, restored 5\)/);
+  });
+
+  test('an index on an SQL function reading an unqualified table is backed up, and a user operator never counts', async () => {
+    const database = uniqueName('exprindex');
+    await server.createDatabase(database, [
+      'CREATE TABLE lookup (k int PRIMARY KEY, v int)',
+      'INSERT INTO lookup SELECT g, g * 10 FROM generate_series(1, 3) g',
+      // Planning a count inlines lk(), its body read on the counting session's search_path.
+      'CREATE FUNCTION lk(int) RETURNS int LANGUAGE sql IMMUTABLE AS $$ SELECT v FROM lookup WHERE k = $1 $$',
+      'CREATE TABLE t (id int) PARTITION BY RANGE (id)',
+      'CREATE TABLE t1 PARTITION OF t FOR VALUES FROM (0) TO (100)',
+      'CREATE TABLE t2 PARTITION OF t FOR VALUES FROM (100) TO (200)',
+      'INSERT INTO t SELECT g % 3 + 1 FROM generate_series(1, 7) g',
+      'INSERT INTO t SELECT 150 FROM generate_series(1, 4)',
+      'CREATE INDEX ON t1 (lk(id))',
+      // The counts of t's partitions are added up: an operator of the database's own must not do it.
+      'CREATE FUNCTION public.evil_plus(bigint, bigint) RETURNS bigint LANGUAGE sql AS $$ SELECT 0::bigint $$',
+      'CREATE OPERATOR public.+ (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = public.evil_plus)',
+    ]);
+    const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
+    assert.deepEqual(run.metadata.table_counts, { lookup: 3, t: 11 });
+    // Restoring that index fails on any server (pg_restore reads lk() on an empty search_path): the data is compared.
+    const restored = await restoreIntoNewDatabase(server, run.dumpPath, ['--section=pre-data', '--section=data']);
+    const [from, to] = await Promise.all([server.connect(database), server.connect(restored)]);
+    try {
+      const [expected, actual] = await Promise.all([snapshotDatabase(from), snapshotDatabase(to)]);
+      assert.deepEqual(actual.tables, expected.tables);
+    } finally {
+      await Promise.all([from.end(), to.end()]);
+    }
   });
 
   test('a partitioned table with no partitions yet (no relation holds data): backed up, 0 rows, and it restores', async () => {
