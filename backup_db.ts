@@ -5330,12 +5330,19 @@ async function postOnce(url: string, contentType: string, body: string, signal?:
     const transient = response.status === 429 || response.status >= 500;
     return { why: `HTTP ${response.status} ${response.statusText}`, transient };
   } catch (error) {
+    if (signal?.aborted) return { why: interruption(signal), transient: false };
     const timedOut = error instanceof Error && error.name === 'TimeoutError';
     return {
       why: timedOut ? `no answer within ${HTTP_TIMEOUT_MS / 1000} s` : fetchFailure(error, url),
       transient: true,
     };
   }
+}
+
+/** Pure: what stopped a step, as the end of a sentence: "interrupted by SIGTERM". */
+function interruption(signal: AbortSignal): string {
+  const title = signal.reason instanceof BackupError ? signal.reason.title : 'Interrupted';
+  return title.charAt(0).toLowerCase() + title.slice(1);
 }
 
 /**
@@ -5350,8 +5357,8 @@ export function fetchFailure(error: unknown, url: string): string {
 }
 
 /** POST the payload, retrying once on a network error, a timeout, 429 or 5xx: two attempts at most. */
-async function postNotification(url: string, payload: Record<string, unknown>): Promise<void> {
-  const post = () => postOnce(url, 'application/json', JSON.stringify(payload));
+async function postNotification(url: string, payload: Record<string, unknown>, signal: AbortSignal): Promise<void> {
+  const post = () => postOnce(url, 'application/json', JSON.stringify(payload), signal);
   let failure = await post();
   if (failure?.transient) failure = await post();
   if (failure) throw new Error(failure.why);
@@ -5393,13 +5400,15 @@ const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
 /**
  * After the run: log it, then notify. What to do is decided from the record as it is; what is sent
  * is its redacted copy. None of this changes the exit code; a failure here is reported on stderr
- * and logged, since the run itself is already over.
+ * and logged, since the run itself is already over. An interrupt (`signal`) stops what is still
+ * being sent or run, and is reported as such a failure.
  */
 async function recordRun(
   raw: RunRecord,
   automation: Automation,
   { secrets, named }: { secrets: readonly string[]; named: readonly string[] },
   io: Io,
+  signal: AbortSignal,
 ): Promise<void> {
   const record = redact(raw, secrets, named);
   const [isBackup, isFailure] = [raw.command === 'backup', raw.outcome === 'failure'];
@@ -5429,10 +5438,10 @@ async function recordRun(
     const failed = (error: unknown) => warn('notification_failed', 'Notification failed', error);
     // The POST body: `text` for Slack, `content` for Discord, the rest for machines.
     const text = runSummary(record);
-    tasks.push(postNotification(automation.notifyUrl, { text, content: text, ...record }).catch(failed));
+    tasks.push(postNotification(automation.notifyUrl, { text, content: text, ...record }, signal).catch(failed));
   }
   if (isBackup && automation.pingUrl) {
-    const ping = sendPing(automation.pingUrl, isFailure ? 'fail' : 'success', runSummary(record));
+    const ping = sendPing(automation.pingUrl, isFailure ? 'fail' : 'success', runSummary(record), signal);
     const { startPingFailure } = automation;
     tasks.push(
       ping.then((why) =>
@@ -5449,7 +5458,8 @@ async function recordRun(
       warn('metrics_failed', `Could not write the metrics file ${automation.metricsFile}`, error);
     tasks.push(updateMetricsFile(automation.metricsFile, run).catch(failed));
   }
-  if (isFailure && automation.onFailure) tasks.push(runFailureCommand(automation.onFailure, record, secrets, warn));
+  if (isFailure && automation.onFailure)
+    tasks.push(runFailureCommand(automation.onFailure, record, { secrets, signal }, warn));
   await Promise.all(tasks);
 }
 
@@ -5498,12 +5508,12 @@ const HOOK_STDERR_KEPT = 4096;
  * --on-failure: a shell command, given the record as BACKUP_* variables, for at most a minute. In a
  * process group of its own, so that a timeout stops all it started; the run waits for the shell,
  * not for a child left in the background holding its stderr. Its stdout is discarded. An interrupt
- * stops it too: in its own group it would not hear the terminal's Ctrl-C, and outlive the run.
+ * (`signal`) stops it too: in its own group it would not hear the terminal's Ctrl-C, and outlive the run.
  */
 async function runFailureCommand(
   command: string,
   record: RunRecord,
-  secrets: readonly string[],
+  { secrets, signal }: { secrets: readonly string[]; signal: AbortSignal },
   warn: (event: string, headline: string, why: unknown) => Promise<void>,
 ): Promise<void> {
   const env = hookEnvironment(record, process.env, secrets);
@@ -5520,11 +5530,12 @@ async function runFailureCommand(
       }
     };
     const timer = setTimeout(() => stopAll(`timed out after ${HOOK_TIMEOUT_MS / 1000} s`), HOOK_TIMEOUT_MS);
-    const onInterrupt = (signal: InterruptSignal) => stopAll(`stopped by ${signal}`);
-    for (const signal of INTERRUPT_SIGNALS) process.on(signal, onInterrupt);
+    const onInterrupt = () => stopAll(interruption(signal));
+    if (signal.aborted) onInterrupt();
+    else signal.addEventListener('abort', onInterrupt, { once: true });
     const end = (result?: string) => {
       clearTimeout(timer);
-      for (const signal of INTERRUPT_SIGNALS) process.off(signal, onInterrupt);
+      signal.removeEventListener('abort', onInterrupt);
       child.stderr.destroy();
       resolve(result);
     };
@@ -7109,7 +7120,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     ...(problem ? { error: problem.error, details: problem.details } : {}),
     ...(outcome.exitCode !== EXIT.OK && !problem ? { error: `${outcome.command} found problems` } : {}),
   };
-  await recordRun(record, recordTo, { secrets, named }, io);
+  await withInterruptSignal((signal) => recordRun(record, recordTo, { secrets, named }, io, signal));
   return outcome.exitCode;
 }
 

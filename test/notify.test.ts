@@ -293,6 +293,27 @@ describe('--notify-url', () => {
     },
   );
 
+  test('SIGTERM while a successful run is being notified: said and logged, the run stays a success', async () => {
+    const hook = await webhook(() => 'hang');
+    try {
+      const s = await setup();
+      const args = [...s.base, '--notify-url', hook.url, '--notify-on-success', '--log-file', s.logFile];
+      const cli = startCli({ args });
+      await waitFor('the notification to be pending', async () => (hook.received.length > 0 ? true : undefined));
+      cli.kill('SIGTERM');
+      const result = await cli;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(String(result.stdout), /✓ Backup created successfully/);
+      assert.match(String(result.stderr), /^⚠ Notification failed: interrupted by SIGTERM$/m);
+      const [record, failed] = await readLog(s.logFile);
+      assert.equal(record.outcome, 'success');
+      assert.equal(failed.event, 'notification_failed');
+      assert.equal(failed.error, 'interrupted by SIGTERM');
+    } finally {
+      await hook.close();
+    }
+  });
+
   test('an invalid URL is a configuration error that does not echo the URL', async () => {
     const s = await setup();
     await writeEnvFile(s.configDir, '.env', {
@@ -482,7 +503,7 @@ describe('--on-failure', () => {
         assert.equal(result.exitCode, 3, String(result.stderr));
         assert.match(
           String(result.stderr),
-          new RegExp(`⚠ The --on-failure command failed: stopped by ${signal}$`, 'm'),
+          new RegExp(`⚠ The --on-failure command failed: interrupted by ${signal}$`, 'm'),
         );
         await within("the command's child to be stopped", 5_000, async () => !(await alive(pid)));
         const [, failed] = await readLog(s.logFile);
