@@ -53,7 +53,7 @@ import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'c
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
-import type { ConnectionOptions as TlsOptions } from 'node:tls';
+import { createSecureContext, type ConnectionOptions as TlsOptions } from 'node:tls';
 
 // ─── Types and constants ─────────────────────────────────────────────────────────────────
 
@@ -1693,11 +1693,57 @@ async function serverVerification(config: DbConfig): Promise<TlsOptions> {
     );
   });
   if (ca === undefined) return { rejectUnauthorized: false };
+  // libpq checks revocation wherever it verifies against a CA file (so not with "system").
+  const crl = await revocationLists();
+  const verified: TlsOptions = { rejectUnauthorized: true, ca, ...(crl.length > 0 ? { crl } : {}) };
   // verify-ca (and require) check the chain only; verify-full also checks that the name matches the host.
   return mode !== 'verify-full'
-    ? { rejectUnauthorized: true, ca, checkServerIdentity: () => undefined }
-    : { rejectUnauthorized: true, ca, servername: config.host };
+    ? { ...verified, checkServerIdentity: () => undefined }
+    : { ...verified, servername: config.host };
 }
+
+/** The names `openssl rehash` gives CRLs (issuer hash, .r, a number): all libpq looks up in PGSSLCRLDIR. */
+const HASHED_CRL_NAME = /^[0-9a-f]{8}\.r\d+$/;
+
+/**
+ * The certificate revocation lists libpq checks the server against: PGSSLCRL and those of PGSSLCRLDIR,
+ * else ~/.postgresql/root.crl if it exists. Given any, libpq, as Node given `crl`, then wants a CRL from
+ * the issuer of every certificate of the chain. A CRL file libpq cannot load makes it check none, silently;
+ * we refuse it instead, so that a typo never turns revocation off for our sessions, which send the password.
+ */
+async function revocationLists(): Promise<string[]> {
+  const { PGSSLCRL: file, PGSSLCRLDIR: dir } = process.env;
+  if (!file && !dir) return crlsOf(path.join(os.homedir(), '.postgresql', 'root.crl'), { optional: true });
+  // libpq finds nothing in a directory it cannot read, as in one without CRLs.
+  const hashed = dir ? (await fs.readdir(dir).catch(() => [])).filter((name) => HASHED_CRL_NAME.test(name)) : [];
+  const files = [...(file ? [file] : []), ...hashed.sort().map((name) => path.join(dir!, name))];
+  const lists = (await Promise.all(files.map((each) => crlsOf(each)))).flat();
+  // With no CRL at all, libpq refuses every server ("unable to get certificate CRL"): say why here.
+  if (lists.length === 0) throw crlUnusable(`PGSSLCRLDIR ${dir} holds no CRL named as openssl rehash names them`);
+  return lists;
+}
+
+/** The CRLs (PEM) in a file, one string each: Node's `crl` reads only the first of a string. */
+async function crlsOf(file: string, { optional = false } = {}): Promise<string[]> {
+  try {
+    const handle = await openRegularFile(file);
+    const text = await handle.readFile('utf8').finally(() => handle.close());
+    const lists = text.match(/-----BEGIN X509 CRL-----[\s\S]*?-----END X509 CRL-----/g) ?? [];
+    if (lists.length === 0) throw new Error('it holds no CRL (PEM, -----BEGIN X509 CRL-----)');
+    // Parsed now, to name the file: Node would only fail at the connection, with no file named.
+    for (const crl of lists) createSecureContext({ crl });
+    return lists;
+  } catch (error) {
+    if (optional && ['ENOENT', 'ENOTDIR'].includes(errnoCode(error) ?? '')) return [];
+    throw crlUnusable(`${file} cannot be used: ${errorText(error)}`);
+  }
+}
+
+const crlUnusable = (details: string) =>
+  new BackupError(EXIT.CONNECTION, 'TLS revocation list unusable', details, [
+    'Point PGSSLCRL at the CRL (PEM) of the CA that signed the server certificate, as openssl ca -gencrl writes it',
+    'PGSSLCRLDIR must hold CRLs (PEM) under the names openssl rehash gives them; unset what you do not use',
+  ]);
 
 /**
  * The client certificate libpq sends when the server asks for one: PGSSLCERT and PGSSLKEY, else
@@ -1794,7 +1840,7 @@ export function connectionError(
       `Check the host and port in ${config.origin.host} and ${config.origin.port}`,
     ]);
   }
-  if (/certificate|self[- ]signed|SSL|TLS/i.test(message)) {
+  if (/certificate|self[- ]signed|SSL|TLS|CRL/i.test(message)) {
     const check = `Check the sslmode (${config.sslmode ?? 'prefer, the default'}) and the server's certificate`;
     if (config.sslrootcert === 'system')
       return fail('Database TLS connection failed', [
@@ -1804,6 +1850,12 @@ export function connectionError(
       ]);
     return fail('Database TLS connection failed', [
       check,
+      ...(/\bCRL\b|revoked/.test(message)
+        ? [
+            'PGSSLCRL, PGSSLCRLDIR (else ~/.postgresql/root.crl) must hold a CRL from each CA of the chain; ' +
+              'a revoked certificate is refused, as pg_dump refuses it',
+          ]
+        : []),
       'PGSSLROOTCERT (else ~/.postgresql/root.crt) must hold the CA that signed the server certificate: ' +
         'verify-ca and verify-full need it, and require checks the server against it when it exists',
       'If the server has no TLS, use sslmode=prefer or disable; if it requires TLS, use require or stricter',

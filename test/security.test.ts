@@ -13,7 +13,15 @@ import { after, before, describe, test } from 'node:test';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
-import { selfSignedCertificate, startTestServers, type TestServer } from './helpers/pg-server.ts';
+import { execa } from 'execa';
+import { assertRestoresIdentically } from './helpers/compare.ts';
+import {
+  certificateAuthority,
+  selfSignedCertificate,
+  startTestServer,
+  startTestServers,
+  type TestServer,
+} from './helpers/pg-server.ts';
 
 const noOpenssl = await unmet('openssl');
 let server: TestServer;
@@ -191,8 +199,8 @@ describe('sslmode, against a server that accepts TLS connections only', skipUnle
  * A fake server behind a certificate nobody trusts: it accepts TLS and asks for the password in clear
  * text, recording every password it receives, and whether anyone asked it for TLS.
  */
-async function startImpostor() {
-  const { cert, key } = await selfSignedCertificate(await tempDir());
+async function startImpostor(certificate?: { cert: string; key: string }) {
+  const { cert, key } = certificate ?? (await selfSignedCertificate(await tempDir()));
   const identity = { cert: await fs.readFile(cert), key: await fs.readFile(key) };
   const seen = { tlsRequests: 0, passwords: [] as string[] };
   const serve = (socket: net.Socket) => {
@@ -230,8 +238,12 @@ async function startImpostor() {
 
 describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", skipUnless(noOpenssl), () => {
   /** A backup of an impostor asking for a cleartext password: TLS refused, no password sent, exit 3. */
-  async function assertImpostorRefused(extraVars: Record<string, string>, env: Record<string, string>) {
-    const impostor = await startImpostor();
+  async function assertImpostorRefused(
+    extraVars: Record<string, string>,
+    env: Record<string, string>,
+    certificate?: { cert: string; key: string },
+  ) {
+    const impostor = await startImpostor(certificate);
     try {
       const vars = { ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_HOST: impostor.host, ...extraVars };
       const result = await backup({ ...vars, DEV_DB_PORT: String(impostor.port) }, env);
@@ -262,6 +274,94 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
       { HOME: home },
     );
     assert.equal(trusted.exitCode, 0, trusted.stderr);
+  });
+
+  test('a server whose certificate its CA revoked never gets the password: PGSSLCRL, PGSSLCRLDIR, ~/.postgresql/root.crl', async () => {
+    const ca = await certificateAuthority(await tempDir());
+    const revoked = await ca.issue();
+    // Before it is revoked, the certificate is one the tool trusts: the impostor gets the password.
+    const impostor = await startImpostor(revoked);
+    try {
+      const vars = { ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_HOST: impostor.host };
+      await backup(
+        { ...vars, DEV_DB_PORT: String(impostor.port) },
+        { PGSSLMODE: 'verify-full', PGSSLROOTCERT: ca.cert },
+      );
+      assert.deepEqual(impostor.seen.passwords, [server.password], 'trusted before the revocation');
+    } finally {
+      await impostor.close();
+    }
+    await ca.revoke(revoked.cert);
+    const verified = { PGSSLMODE: 'verify-full', PGSSLROOTCERT: ca.cert };
+    await assertImpostorRefused({}, { ...verified, PGSSLCRL: ca.crl }, revoked);
+    // A directory as `openssl rehash` prepares it: the CRL under its issuer's hash, a link to the file.
+    const crlDir = await tempDir();
+    await fs.copyFile(ca.crl, path.join(crlDir, 'ca.crl.pem'));
+    await execa('openssl', ['rehash', crlDir]);
+    await assertImpostorRefused({}, { ...verified, PGSSLCRLDIR: crlDir }, revoked);
+    // The default ~/.postgresql/root.crl, with require checking against ~/.postgresql/root.crt, as libpq does.
+    const home = await tempDir();
+    await fs.mkdir(path.join(home, '.postgresql'));
+    await fs.copyFile(ca.cert, path.join(home, '.postgresql', 'root.crt'));
+    await fs.copyFile(ca.crl, path.join(home, '.postgresql', 'root.crl'));
+    const { stderr } = await assertImpostorRefused({ DEV_DB_SSLMODE: 'require' }, { HOME: home }, revoked);
+    assert.match(stderr, /certificate revoked/);
+    assert.match(stderr, /^ {2}2\. PGSSLCRL, PGSSLCRLDIR \(else ~\/\.postgresql\/root\.crl\) must hold a CRL/m);
+    // A CRL from another CA only: libpq, as Node, then wants one from the server's CA too, and refuses.
+    const other = await certificateAuthority(await tempDir());
+    const unchecked = await assertImpostorRefused({}, { ...verified, PGSSLCRL: other.crl }, revoked);
+    assert.match(unchecked.stderr, /unable to get certificate CRL/);
+  });
+
+  test('a revocation list that cannot be used is an error (exit 3) before any password is sent', async () => {
+    const ca = await certificateAuthority(await tempDir());
+    const revoked = await ca.issue();
+    await ca.revoke(revoked.cert);
+    const dir = await tempDir();
+    const garbage = path.join(dir, 'garbage.crl');
+    await fs.writeFile(garbage, '-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n');
+    const verified = { PGSSLMODE: 'verify-full', PGSSLROOTCERT: ca.cert };
+    const cases: [Record<string, string>, RegExp][] = [
+      [{ PGSSLCRL: garbage }, /garbage\.crl cannot be used: /],
+      [{ PGSSLCRL: path.join(dir, 'missing.crl') }, /missing\.crl cannot be used: .*ENOENT/],
+      [{ PGSSLCRL: ca.cert }, /ca\.crt cannot be used: it holds no CRL/],
+      // Nothing named as `openssl rehash` names CRLs: libpq finds no CRL there and refuses every server.
+      [{ PGSSLCRLDIR: dir }, /PGSSLCRLDIR .* holds no CRL/],
+    ];
+    for (const [env, message] of cases) {
+      const impostor = await startImpostor(revoked);
+      try {
+        const vars = { ...dbVars(server, 'DEV_DB_', 'sec_app'), DEV_DB_HOST: impostor.host };
+        const result = await backup({ ...vars, DEV_DB_PORT: String(impostor.port) }, { ...verified, ...env });
+        assert.deepEqual(impostor.seen.passwords, [], 'no password was sent');
+        assert.equal(result.exitCode, 3, result.stderr);
+        assert.match(result.stderr, /^✗ Backup failed: TLS revocation list unusable$/m);
+        assert.match(result.stderr, message);
+        assert.match(result.stderr, /^ {2}1\. /m);
+      } finally {
+        await impostor.close();
+      }
+    }
+  });
+
+  test('a server whose certificate is not revoked is backed up with the CRL in place (verify-full), and restores the same', async () => {
+    const ca = await certificateAuthority(await tempDir());
+    await ca.revoke((await ca.issue()).cert);
+    const signed = await startTestServer({ tlsOnly: true, certificate: await ca.issue() });
+    try {
+      await signed.createDatabase(
+        'crl_app',
+        "CREATE TABLE t (id int PRIMARY KEY, note text); INSERT INTO t VALUES (1, 'x')",
+      );
+      const vars = { ...dbVars(signed, 'DEV_DB_', 'crl_app'), DEV_DB_SSLMODE: 'verify-full' };
+      const result = await backup(vars, { PGSSLROOTCERT: ca.cert, PGSSLCRL: ca.crl });
+      assert.equal(result.exitCode, 0, result.stderr);
+      const dump = result.files.find((file) => file.endsWith('.dump'));
+      assert.ok(dump, `a backup was written: ${result.files.join(', ')}`);
+      await assertRestoresIdentically(signed, path.join(result.configDir, 'out', dump), 'crl_app');
+    } finally {
+      await signed.stop();
+    }
   });
 
   test('a server that demands a client certificate gets the one libpq sends: PGSSLCERT and PGSSLKEY, else ~/.postgresql', async () => {

@@ -29,6 +29,8 @@ export interface ServerOptions {
   tlsOnly?: boolean;
   /** With tlsOnly: also demand a client certificate signed by the server's (clientcert=verify-full). */
   clientCertificates?: boolean;
+  /** With tlsOnly: serve this certificate and key (e.g. from certificateAuthority) instead of a self-signed one. */
+  certificate?: { cert: string; key: string };
   /** Listen on ::1 and a Unix socket directory too, not only on 127.0.0.1. */
   listenEverywhere?: boolean;
   /** PostgreSQL 15 with pgvector, as npm run test:setup builds it (default settings otherwise). */
@@ -125,6 +127,51 @@ async function clientCertificate(dir: string, ca: { cert: string; key: string },
   return { cert, key };
 }
 
+/**
+ * A CA for 127.0.0.1/localhost server certificates, with its certificate revocation list: `issue` signs a
+ * server certificate, `revoke` lists one in the CRL (`crl`, PEM, issued by the CA as `openssl ca` does).
+ */
+export async function certificateAuthority(dir: string) {
+  const [config, index, crl] = ['ca.cnf', 'index.txt', 'root.crl'].map((name) => path.join(dir, name)) as [
+    string,
+    string,
+    string,
+  ];
+  const newKey = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+  // A name of its own, unlike the certificates it signs and any other test CA: CRLs are found by issuer name.
+  const ca = { cert: path.join(dir, 'ca.crt'), key: path.join(dir, 'ca.key') };
+  const subject = `/CN=Test CA ${randomBytes(6).toString('hex')}`;
+  const files = ['-keyout', ca.key, '-out', ca.cert];
+  await execa('openssl', ['req', '-x509', ...newKey, '-days', '2', '-subj', subject, ...files]);
+  await fs.writeFile(index, '');
+  await fs.writeFile(
+    config,
+    `[ca]\ndefault_ca = own\n[own]\ndatabase = ${index}\ndefault_md = sha256\ndefault_crl_days = 2\n`,
+  );
+  const openssl = (...args: string[]) =>
+    execa('openssl', ['ca', '-batch', '-config', config, '-keyfile', ca.key, '-cert', ca.cert, ...args]);
+  await openssl('-gencrl', '-out', crl);
+  let issued = 0;
+  return {
+    cert: ca.cert,
+    crl,
+    async issue(): Promise<{ cert: string; key: string }> {
+      const stem = path.join(dir, `issued-${++issued}`);
+      const [cert, key, request] = [`${stem}.crt`, `${stem}.key`, `${stem}.csr`];
+      const name = ['-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost'];
+      await execa('openssl', ['req', '-new', ...newKey, ...name, '-keyout', key, '-out', request]);
+      const sign = ['-CA', ca.cert, '-CAkey', ca.key, '-copy_extensions', 'copy', '-days', '2'];
+      await execa('openssl', ['x509', '-req', '-in', request, ...sign, '-out', cert]);
+      await fs.chmod(key, 0o600);
+      return { cert, key };
+    },
+    async revoke(cert: string) {
+      await openssl('-revoke', cert);
+      await openssl('-gencrl', '-out', crl);
+    },
+  };
+}
+
 interface Binaries {
   initdb: string;
   postgres: string;
@@ -182,6 +229,16 @@ function runAs(binary: string, args: string[], user: { uid: number; gid: number 
   return spawn(binary, args, { ...user, env: { ...process.env, LC_ALL: 'C' }, stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
+/** The server's certificate and key, copied where the server's user can read them (the key 0600). */
+async function serverIdentity(root: string, given?: { cert: string; key: string }) {
+  if (!given) return selfSignedCertificate(root);
+  const [cert, key] = [path.join(root, 'server.crt'), path.join(root, 'server.key')];
+  await fs.copyFile(given.cert, cert);
+  await fs.copyFile(given.key, key);
+  await fs.chmod(key, 0o600);
+  return { cert, key };
+}
+
 const running = new Set<ChildProcess>();
 const roots = new Set<string>();
 // A test file that crashes must not leave servers, or their data directories, behind.
@@ -228,7 +285,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   await fs.rm(passwordFile, { force: true });
   if (initialised !== 0) throw await fail('initialise');
 
-  const tls = options.tlsOnly ? await selfSignedCertificate(root) : undefined;
+  const tls = options.tlsOnly ? await serverIdentity(root, options.certificate) : undefined;
   if (tls) {
     // The key must belong to the server's user; pg_hba then admits TLS connections only.
     if (user) await fs.chown(tls.key, user.uid, user.gid);
