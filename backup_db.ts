@@ -53,7 +53,7 @@ import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'c
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
-import { createSecureContext, type ConnectionOptions as TlsOptions } from 'node:tls';
+import { checkServerIdentity, createSecureContext, type ConnectionOptions as TlsOptions } from 'node:tls';
 
 // ─── Types and constants ─────────────────────────────────────────────────────────────────
 
@@ -1677,7 +1677,7 @@ async function serverVerification(config: DbConfig): Promise<TlsOptions> {
   if (mode !== 'require' && mode !== 'verify-ca' && mode !== 'verify-full') return { rejectUnauthorized: false };
   const file = config.sslrootcert || process.env.PGSSLROOTCERT || path.join(os.homedir(), '.postgresql', 'root.crt');
   // libpq's "system": the default CA store (here Node's), the host name checked; see enforceableConfig.
-  if (file === 'system') return { rejectUnauthorized: true, servername: config.host };
+  if (file === 'system') return { rejectUnauthorized: true, ...identityOf(config.host) };
   const ca = await fs.readFile(file, 'utf8').catch((error: unknown) => {
     if (mode === 'require' && ['ENOENT', 'ENOTDIR'].includes(errnoCode(error) ?? '')) return undefined;
     throw new BackupError(
@@ -1699,7 +1699,15 @@ async function serverVerification(config: DbConfig): Promise<TlsOptions> {
   // verify-ca (and require) check the chain only; verify-full also checks that the name matches the host.
   return mode !== 'verify-full'
     ? { ...verified, checkServerIdentity: () => undefined }
-    : { ...verified, servername: config.host };
+    : { ...verified, ...identityOf(config.host) };
+}
+
+/**
+ * verify-full's check of the server's name: against the configured host, an IP address included. Not
+ * as the TLS server name (SNI), which node-postgres sets for a host name and may not be an IP address.
+ */
+function identityOf(host: string): Pick<TlsOptions, 'checkServerIdentity'> {
+  return { checkServerIdentity: (_name, certificate) => checkServerIdentity(host, certificate) };
 }
 
 /** The names `openssl rehash` gives CRLs (issuer hash, .r, a number): all libpq looks up in PGSSLCRLDIR. */
