@@ -1628,7 +1628,7 @@ async function passwordFromLibpqSources(config: DbConfig): Promise<string> {
 
 function noPasswordError(config: DbConfig, why: string): BackupError {
   return new BackupError(EXIT.CONNECTION, 'Database authentication failed', why, [
-    `Set ${config.origin.password} in .env.local / .env, or PGPASSWORD`,
+    `Set ${config.origin.password} in .env.local / .env, or PGPASSWORD in the process environment (not in the files)`,
     'Or add a line host:port:database:user:password to ~/.pgpass (or PGPASSFILE) and chmod 0600 it',
   ]);
 }
