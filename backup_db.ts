@@ -290,7 +290,8 @@ export function mergeEnvLayers(
 /**
  * Pure: the variables of an .env text that dotenv reads differently from how they look. Unquoted,
  * a '#' starts a comment, so `PASSWORD=ab#cd` is read as "ab"; quotes inside a quoted value end
- * it early or are stripped. Such a password fails authentication with no other sign.
+ * it early or are stripped; in double quotes \n and \r become line breaks. Such a password fails
+ * authentication with no other sign.
  */
 export function misreadDotenvValues(text: string): Set<string> {
   const misread = new Set<string>();
@@ -303,7 +304,10 @@ export function misreadDotenvValues(text: string): Set<string> {
     const quoted = (quote === "'" || quote === '"' || quote === '`') && raw.length > 1;
     const closing = quoted ? raw.indexOf(quote!, 1) : -1;
     // Quoted: fine when the value ends at its closing quote (a comment may follow).
-    if (quoted ? closing > 0 && /^\s*(?:#.*)?$/.test(raw.slice(closing + 1)) : !raw.includes('#')) continue;
+    const whole = quoted ? closing > 0 && /^\s*(?:#.*)?$/.test(raw.slice(closing + 1)) : !raw.includes('#');
+    // In double quotes (only), dotenv turns \n and \r into line breaks.
+    const expanded = quote === '"' && /\\[nr]/.test(raw.slice(1, closing));
+    if (whole && !expanded) continue;
     misread.add(name);
   }
   return misread;
@@ -345,7 +349,7 @@ export interface DbConfig {
   sslrootcert?: string;
   /** For each setting, the variable (and file) it came from: used in troubleshooting hints. */
   origin: Record<'host' | 'port' | 'database' | 'user' | 'password', string>;
-  /** The password's line in its .env file reads as less than it shows (an unquoted '#', stray quotes). */
+  /** The password's line in its .env file reads other than it shows (an unquoted '#', stray quotes, \n). */
   passwordMisread?: true;
 }
 
@@ -1756,7 +1760,8 @@ export function connectionError(
         ? [
             `${config.origin.password} holds a '#' or quotes that the .env file does not read as part of the ` +
               `password ('#' starts a comment): write it in single quotes, ` +
-              `${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote)`,
+              `${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote; ` +
+              'in double quotes, \\n and \\r are read as line breaks)',
           ]
         : []),
       ...(/client certificate/i.test(message)

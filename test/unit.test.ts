@@ -551,6 +551,11 @@ describe('secrets', () => {
     assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'F', 'I', 'J']);
   });
 
+  test('misreadDotenvValues: a \\n or \\r in double quotes, which dotenv reads as a line break', () => {
+    const text = ['A="ab\\ncd"', "B='ab\\ncd'", 'C=ab\\ncd', 'D="ab\\rcd"', 'E="ab\\tcd"', 'F=`ab\\ncd`'].join('\n');
+    assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'D']);
+  });
+
   test("misreadDotenvValues: dotenv's `KEY: value` form too", () => {
     const text = ['A: ab#cd', "B: 'ab#cd'", 'C:  ab # a comment?', 'D: plain', 'E:ab#cd'].join('\n');
     assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'C']);
