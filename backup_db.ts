@@ -5805,23 +5805,26 @@ export function listingLines(listing: Listing): string[] {
 
   // The restore-test column appears once any backup has been through a restore drill.
   const drilled = entries.some((e) => e.restoreTest);
+  const nameless = (e: ListEntry) => !e.timestamp && !e.environment && !e.database;
   const drill = (e: ListEntry) =>
     e.restoreTest ? `${e.restoreTest.ok ? '✓' : '✗'} ${e.restoreTest.time.slice(0, 10)}` : '-';
   const rows = [
     ['Timestamp', 'Environment', 'Database', 'Size', 'Status', ...(drilled ? ['Restore test'] : [])],
     ...entries.map((e) => [
-      e.timestamp ?? '-',
-      e.environment ?? '-',
-      e.database ?? '-',
+      ...(nameless(e) ? ['', '', ''] : [e.timestamp ?? '-', e.environment ?? '-', e.database ?? '-']),
       formatBytes(e.sizeBytes),
       STATUS_LABELS[e.status],
       ...(drilled ? [drill(e)] : []),
     ]),
   ];
   const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
-  const table = rows.map((row) =>
-    row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''),
-  );
+  const lead = widths[0]! + widths[1]! + widths[2]! + 6;
+  const table = rows.map((row, i) => {
+    const line = row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2)));
+    const entry = entries[i - 1];
+    // Neither its name nor metadata says what it holds: the file's name stands across the first three columns.
+    return entry && nameless(entry) ? `${entry.file.padEnd(lead - 2)}  ${line.slice(3).join('')}` : line.join('');
+  });
 
   const unverifiable = listing.backups.filter((b) => b.status === 'needs_newer_pg_restore').length;
   const failed = listing.backups.filter((b) => b.status !== 'verified').length - unverifiable;

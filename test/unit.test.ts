@@ -1237,6 +1237,31 @@ describe('listing', () => {
   });
 });
 
+describe('listing: files whose names do not parse', () => {
+  test('listingLines shows such a file by its name, across the first three columns; other rows keep their layout', () => {
+    const base = { status: 'verified' as const, sizeBytes: 5, modifiedMs: 0, problems: [] };
+    const named = { ...base, file: 'a.dump', timestamp: '2025-01-27T15:00:00Z', environment: 'prod', database: 'app' };
+    const rows = (...names: string[]) =>
+      listingLines({
+        directory: '/b',
+        exists: true,
+        fullCheck: false,
+        backups: [named, ...names.map((file) => ({ ...base, status: 'no_metadata' as const, file }))],
+        incomplete: [],
+      }).slice(2, 3 + 1 + names.length);
+    assert.deepEqual(rows('random.dump'), [
+      'Timestamp             Environment  Database  Size  Status',
+      '2025-01-27T15:00:00Z  prod         app       5 B   ✓ Verified',
+      'random.dump                                  5 B   ? No metadata',
+    ]);
+    const long = `${'x'.repeat(60)}.dump`;
+    assert.deepEqual(rows(long).slice(1), [
+      '2025-01-27T15:00:00Z  prod         app       5 B   ✓ Verified',
+      `${long}  5 B   ? No metadata`,
+    ]);
+  });
+});
+
 describe('chooseMode', () => {
   test('backup by default; --verify FILE; --list; --list --verify is the full check', () => {
     assert.deepEqual(chooseMode({}), { command: 'backup' });
