@@ -5696,10 +5696,11 @@ export function summarizeTables(counts: Record<string, number>, shown = 6): stri
   return `${entries.length} (${parts.join(', ')}${more > 0 ? `, and ${more} more` : ''})`;
 }
 
-/** Paths as the user would type them: relative to the working directory when below it. */
+/** Paths as the user would type them: relative to the working directory when below it (./~, not ~, the home). */
 export function displayPath(filePath: string): string {
   const relative = path.relative(process.cwd(), filePath);
-  return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : filePath;
+  if (!relative || relative.startsWith('..') || path.isAbsolute(relative)) return filePath;
+  return relative.startsWith('~') ? `.${path.sep}${relative}` : relative;
 }
 
 /** What a run prints for a person: lines for stdout and for stderr, plain (marks are coloured when printed). */
@@ -6467,12 +6468,27 @@ export const parseKeepCount = wholeNumberOption(0, 100_000, 'Use a whole number 
 function nonEmptyPath(value: string): string {
   if (value.trim() === '') throw new InvalidArgumentError('The path is empty.');
   if (value.includes('\0')) throw new InvalidArgumentError('The path contains a NUL byte.');
-  return value;
+  return expandHome(value);
+}
+
+/**
+ * Pure: a leading ~ or ~/ as the home directory, as a shell expands it (~user is left alone). No
+ * shell reads --output-dir=~/bk, a systemd ExecStart or a .env file: without this, ./~/bk is made.
+ */
+export function expandHome(value: string): string {
+  return value === '~' || value.startsWith('~/') ? path.join(os.homedir(), value.slice(1)) : value;
 }
 
 /** Pure: a file argument. A path ending in / names a directory, which path.resolve would quietly turn into a file. */
 function filePath(value: string): string {
-  if (nonEmptyPath(value).endsWith('/')) throw new InvalidArgumentError("The path ends in /: give a file's path.");
+  const expanded = nonEmptyPath(value);
+  if (expanded.endsWith('/')) throw new InvalidArgumentError("The path ends in /: give a file's path.");
+  return expanded;
+}
+
+/** Pure: a shell command (BACKUP_ON_FAILURE), not empty; its shell expands ~ itself. */
+function nonEmptyCommand(value: string): string {
+  nonEmptyPath(value);
   return value;
 }
 
@@ -6562,7 +6578,7 @@ function settingReader(vars: EnvVars, lenient = false): SettingReader {
 function resolveAutomation(opts: SettingOptions, fromVar: SettingReader): Automation {
   const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', filePath);
   const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
-  const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
+  const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyCommand);
   const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
   const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', filePath);
   return {
@@ -6608,6 +6624,7 @@ function buildProgram(json: boolean, writeErr: (text: string) => void): Command 
       '--verify [file]',
       'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully ' +
         'verify every backup',
+      expandHome,
     )
     .option('--list', 'list the backups in the output directory, newest first')
     .option('--json', 'print one JSON document on stdout instead of text')
@@ -6682,6 +6699,7 @@ function buildProgram(json: boolean, writeErr: (text: string) => void): Command 
     .option(
       '--restore <file>',
       'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts',
+      expandHome,
     )
     .option('--target-db <name>', 'with --restore: the database to restore into (created if absent)')
     .option('--clean', 'with --restore: drop and recreate a non-empty target database')

@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { dbVars, PROJECT_DIR, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { NEWER_CLIENT_DIR, NEWER_MAJOR, skipUnless, unmet } from './helpers/requirements.ts';
 import { flipMiddleByte } from './helpers/wait.ts';
@@ -326,6 +326,34 @@ describe('--list', () => {
     const result = await list(await tempDir());
     assert.equal(result.exitCode, 0);
     assert.match(result.stdout, /^No backups in .+\/$/m);
+  });
+
+  test('a literal ~ in path options is the home directory, as a shell would read it; ./~ is shown as ./~', async () => {
+    const [home, cwd] = [await tempDir(), await tempDir()];
+    await fs.mkdir(path.join(home, 'bk'));
+    for (const file of [dev1.dumpPath, dev1.metadataPath])
+      await fs.copyFile(file, path.join(home, 'bk', path.basename(file)));
+    const file = path.basename(dev1.dumpPath);
+    // A working directory of its own, where node still finds tsx.
+    await fs.symlink(path.join(PROJECT_DIR, 'node_modules'), path.join(cwd, 'node_modules'));
+    const run = (...args: string[]) => runCli({ args, cwd, env: { HOME: home } });
+
+    const listed = await run('--list', '--output-dir=~/bk', '--log-file=~/run.log', '--config-dir=~');
+    assert.equal(listed.exitCode, 0, listed.stderr);
+    assert.match(listed.stdout, new RegExp(`^Backup Files \\(${home}/bk/\\):$`, 'm'));
+    assert.deepEqual(
+      tableRows(listed.stdout).map((row) => row[4]),
+      ['✓ Verified'],
+    );
+    assert.match(await fs.readFile(path.join(home, 'run.log'), 'utf8'), /"command":"list"/);
+    const verified = await run('--verify', `~/bk/${file}`);
+    assert.equal(verified.exitCode, 0, verified.stderr);
+    assert.deepEqual(await fs.readdir(cwd), ['node_modules'], 'nothing made below the working directory');
+
+    await fs.cp(path.join(home, 'bk'), path.join(cwd, '~', 'bk'), { recursive: true });
+    const local = await run('--list', '--output-dir', './~/bk');
+    assert.equal(local.exitCode, 0, local.stderr);
+    assert.match(local.stdout, /^Backup Files \(\.\/~\/bk\/\):$/m);
   });
 
   test('--list --verify FILE is a usage error (exit 2)', async () => {

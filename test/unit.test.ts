@@ -3,6 +3,8 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import { describe, test } from 'node:test';
 import {
+  displayPath,
+  expandHome,
   foreignQuery,
   dumpedFraction,
   progressLine,
@@ -1234,6 +1236,20 @@ describe('listing', () => {
       listingLines({ directory: '/none', exists: false, fullCheck: false, backups: [], incomplete: [] }),
       ['No backups: /none/ does not exist yet.'],
     );
+  });
+});
+
+describe('paths: ~ and how paths are shown', () => {
+  test('expandHome expands a leading ~ or ~/ as a shell does, and nothing else', () => {
+    assert.equal(expandHome('~'), os.homedir());
+    assert.equal(expandHome('~/bk'), `${os.homedir()}/bk`);
+    for (const kept of ['~user/bk', 'a/~/bk', './~/bk', '/~', '~bk']) assert.equal(expandHome(kept), kept);
+  });
+
+  test('displayPath never shows a path that a shell would read as the home directory', () => {
+    assert.equal(displayPath(`${process.cwd()}/~/bk`), './~/bk');
+    assert.equal(displayPath(`${process.cwd()}/~`), './~');
+    assert.equal(displayPath(`${process.cwd()}/a/~`), 'a/~');
   });
 });
 
