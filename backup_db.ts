@@ -330,7 +330,7 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
       throw configError(`cannot read ${filePath}: ${errorText(error)}`, [
         errnoCode(error) === 'ENOTREG'
           ? `Make ${filePath} a regular file (not a FIFO or a device)`
-          : `Check the file's permissions: ls -l ${filePath}`,
+          : `Check the file's permissions: ls -l ${shellWord(filePath)}`,
       ]);
     }
   }
@@ -1054,7 +1054,7 @@ async function readLock(file: string): Promise<FoundLock | undefined> {
 function lockNotRegularFile(file: string): BackupError {
   const shown = displayPath(file);
   return new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${shown} is not a regular file`, [
-    `See what it is: ls -ld ${shown}`,
+    `See what it is: ls -ld ${shellWord(shown)}`,
     'backup_db only ever writes a regular file there: remove it by hand, then run again',
   ]);
 }
@@ -1239,7 +1239,8 @@ function alreadyRunningError(
       contained
         ? `Let it finish; to see it, look in the container that ran it (${owner.pid_namespace})`
         : `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
-      `If no backup is running (its pid was reused by another program), remove the lock: rm ${displayPath(lockPath)}`,
+      'If no backup is running (its pid was reused by another program), remove the lock: ' +
+        `rm ${shellWord(displayPath(lockPath))}`,
       'Backups of different databases can run at the same time; only the same database is serialised',
     ],
   );
@@ -1357,7 +1358,7 @@ async function assertDiskSpace(dir: string, tableBytes: number, compression: Com
 /** Exit 5, whether the preflight saw it coming or the disk filled up during the write. */
 function diskSpaceError(details: string, dir: string): BackupError {
   return new BackupError(EXIT.DISK_SPACE, 'Not enough disk space', details, [
-    `Check free space: df -h ${displayPath(dir)}`,
+    `Check free space: df -h ${shellWord(displayPath(dir))}`,
     'Free space (remove old backups) or choose another --output-dir',
     'Plan for about 2x the database size of free space',
   ]);
@@ -1368,15 +1369,23 @@ export function fileSystemError(error: unknown, title: string, dir: string): Bac
   const code = errnoCode(error);
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
     return diskSpaceError(`${title}: ${errorText(error)}`, dir);
+  // The path the user gave cannot exist at all: configuration, not permissions.
+  if (code === 'ENAMETOOLONG')
+    return new BackupError(EXIT.CONFIG, `${title}: the path is too long`, errorText(error), [
+      'Choose a shorter path with --output-dir (at most 255 bytes a name, 4095 in all)',
+    ]);
   const notDirectory =
     code === 'ENOTDIR' || (code === 'EEXIST' && (error as NodeJS.ErrnoException).syscall === 'mkdir');
+  const [shown, user] = [shellWord(dir), os.userInfo().username];
+  // Ownership only helps where permissions were the problem.
+  const permissions = code === 'EACCES' || code === 'EPERM';
   return new BackupError(
     EXIT.PERMISSION,
     notDirectory ? `${title}: a path component is not a directory` : title,
     errorText(error),
     [
-      notDirectory ? `Check the path: ls -ld ${dir}` : `Check ownership and permissions: ls -ld ${dir}`,
-      `Make it writable for ${os.userInfo().username}, e.g. chown ${os.userInfo().username} ${dir}`,
+      permissions ? `Check ownership and permissions: ls -ld ${shown}` : `Check the path: ls -ld ${shown}`,
+      ...(permissions ? [`Make it writable for ${user}, e.g. chown ${user} ${shown}`] : []),
       'Or choose another directory with --output-dir',
     ],
   );
@@ -1751,7 +1760,8 @@ export function connectionError(
   const code = errnoCode(error);
   const message = errorText(error);
   const where = `connection to server at "${config.host}", port ${config.port} failed: ${message}`;
-  const psql = `psql -h ${config.host} -p ${config.port} -U ${config.user} -d ${config.database}`;
+  const [host, user, database] = [config.host, config.user, config.database].map(shellWord);
+  const psql = `psql -h ${host} -p ${config.port} -U ${user} -d ${database}`;
   const fail = (title: string, hints: string[]) => new BackupError(EXIT.CONNECTION, title, where, hints);
 
   if (code === '28P01' || code === '28000' || /password must be a string|password authentication/i.test(message)) {
@@ -1774,27 +1784,27 @@ export function connectionError(
   }
   if (code === '3D000') {
     return fail('Database does not exist', [
-      `Verify the database exists: psql -h ${config.host} -p ${config.port} -U ${config.user} -l`,
+      `Verify the database exists: psql -h ${host} -p ${config.port} -U ${user} -l`,
       `Check the database name in ${config.origin.database}`,
-      `Create it if needed: createdb -h ${config.host} -p ${config.port} -U ${config.user} ${config.database}`,
+      `Create it if needed: createdb -h ${host} -p ${config.port} -U ${user} ${database}`,
     ]);
   }
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN' || code === 'EAI_NONAME') {
     return fail('Database host not found', [
       `Check the host name in ${config.origin.host}`,
-      `Check that it resolves: getent hosts ${config.host}`,
+      `Check that it resolves: getent hosts ${host}`,
     ]);
   }
   if (code === 'ECONNREFUSED') {
     return fail('Database connection refused', [
-      `Check that the server is running: pg_isready -h ${config.host} -p ${config.port}`,
+      `Check that the server is running: pg_isready -h ${host} -p ${config.port}`,
       `Check the host and port in ${config.origin.host} and ${config.origin.port}`,
       "Check the server's listen_addresses and any firewall",
     ]);
   }
   if (code === 'ETIMEDOUT' || code === 'EHOSTUNREACH' || code === 'ENETUNREACH' || /timeout/i.test(message)) {
     return fail(`Database did not answer within ${connectTimeoutSeconds} s`, [
-      `Check that the server is reachable: pg_isready -h ${config.host} -p ${config.port}`,
+      `Check that the server is reachable: pg_isready -h ${host} -p ${config.port}`,
       'Check firewalls, VPNs and security groups between this machine and the server',
       `Check the host and port in ${config.origin.host} and ${config.origin.port}`,
     ]);
@@ -2137,7 +2147,8 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
     `database "${config.database}" on ${config.host}:${config.port} has no tables`,
     [
       `Check that ${config.origin.database} names the application's database`,
-      `List the tables: psql -h ${config.host} -p ${config.port} -U ${config.user} -d ${config.database} -c '\\dt *.*'`,
+      `List the tables: psql -h ${shellWord(config.host)} -p ${config.port} -U ${shellWord(config.user)} ` +
+        `-d ${shellWord(config.database)} -c '\\dt *.*'`,
     ],
   );
 }
@@ -3282,7 +3293,7 @@ async function archiveFiles(dir: string): Promise<string[]> {
         'pg_restore would read it, unchecked by the checksum',
       [
         'Do not restore from this backup',
-        `Inspect it: ls -l ${displayPath(dir)}`,
+        `Inspect it: ls -l ${shellWord(displayPath(dir))}`,
         'Use another backup or take a new one',
       ],
     );
@@ -3568,7 +3579,7 @@ function verificationError(result: VerifyResult): BackupError {
     [
       'Do not restore from this file',
       `Use another backup (list them: npx tsx backup_db.ts --list --output-dir ` +
-        `${displayPath(path.dirname(result.filePath))}) or take a new one`,
+        `${shellWord(displayPath(path.dirname(result.filePath)))}) or take a new one`,
       'If backups change on their own, check the disk and filesystem (dmesg, smartctl -a)',
     ],
     { report: verifyReportLines(result), data: verifyDocument(result), step: VERIFICATION_STEP },
@@ -3601,10 +3612,10 @@ async function assertReadableFile(filePath: string): Promise<void> {
       ]);
     if (code === 'ELOOP')
       throw verifyInputError('symbolic link loop', `${shown} is a symbolic link that loops back on itself`, [
-        `Inspect it: ls -l ${shown}`,
+        `Inspect it: ls -l ${shellWord(shown)}`,
       ]);
     throw verifyInputError('backup file cannot be read', `${shown}: ${errorText(error)}`, [
-      `Check its permissions: ls -l ${shown}`,
+      `Check its permissions: ls -l ${shellWord(shown)}`,
       `Make it readable for ${os.userInfo().username}, the user this runs as`,
     ]);
   }
@@ -4189,7 +4200,7 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch, signa
         `${error.title}: ${error.details}`,
       [
         'Nothing was deleted',
-        `Inspect it: npx tsx backup_db.ts --verify ${displayPath(file)}`,
+        `Inspect it: npx tsx backup_db.ts --verify ${shellWord(displayPath(file))}`,
         'Take a new backup (it becomes the newest), then prune again; move the damaged file away if it cannot be ' +
           'repaired',
       ],
@@ -4305,8 +4316,8 @@ async function runCheck(
   const data = freshnessDocument(freshness, outputDir, fullCheck);
   const hints = [
     'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
-    `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${displayPath(outputDir)}`,
-    `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
+    `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${shellWord(displayPath(outputDir))}`,
+    `See what is there: npx tsx backup_db.ts --list --output-dir ${shellWord(displayPath(outputDir))}`,
   ];
   const stale = (title: string, details: string) =>
     new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { data });
@@ -5694,6 +5705,11 @@ export function summarizeTables(counts: Record<string, number>, shown = 6): stri
   const more = entries.length - listed.length;
   const parts = listed.map(([name, count]) => `${count} ${name}`);
   return `${entries.length} (${parts.join(', ')}${more > 0 ? `, and ${more} more` : ''})`;
+}
+
+/** Pure: a value as one word that a shell reads back unchanged, for hints that are commands to paste. */
+export function shellWord(value: string): string {
+  return /^[\w@%+=:,./-]+$/.test(value) ? value : `'${value.replaceAll("'", "'\\''")}'`;
 }
 
 /** Paths as the user would type them: relative to the working directory when below it (./~, not ~, the home). */

@@ -5,6 +5,7 @@ import { describe, test } from 'node:test';
 import {
   displayPath,
   expandHome,
+  shellWord,
   foreignQuery,
   dumpedFraction,
   progressLine,
@@ -1244,6 +1245,14 @@ describe('paths: ~ and how paths are shown', () => {
     assert.equal(expandHome('~'), os.homedir());
     assert.equal(expandHome('~/bk'), `${os.homedir()}/bk`);
     for (const kept of ['~user/bk', 'a/~/bk', './~/bk', '/~', '~bk']) assert.equal(expandHome(kept), kept);
+  });
+
+  test('shellWord: a path a shell reads back as one word, unchanged', () => {
+    assert.equal(shellWord('/var/backups/db_1.dump'), '/var/backups/db_1.dump');
+    assert.equal(shellWord('/tmp/sp ace/b'), "'/tmp/sp ace/b'");
+    assert.equal(shellWord("it's"), "'it'\\''s'");
+    assert.equal(shellWord('./~/bk'), "'./~/bk'");
+    assert.equal(shellWord('$HOME;rm'), "'$HOME;rm'");
   });
 
   test('displayPath never shows a path that a shell would read as the home directory', () => {
