@@ -3873,6 +3873,26 @@ export function listingExitCode(listing: Listing): number {
   return statuses.includes('needs_newer_pg_restore') ? EXIT.TOOL_NOT_FOUND : EXIT.OK;
 }
 
+/** Pure: why a listing fails (the backups behind listingExitCode) as the contract's one error; none if it passes. */
+export function listingFailure(listing: Listing): BackupError | undefined {
+  const exitCode = listingExitCode(listing);
+  if (exitCode === EXIT.OK) return undefined;
+  const needsNewer = exitCode === EXIT.TOOL_NOT_FOUND;
+  const failed = listing.backups.filter((b) =>
+    needsNewer ? b.status === 'needs_newer_pg_restore' : !['verified', 'needs_newer_pg_restore'].includes(b.status),
+  );
+  const first = path.join(listing.directory, failed[0]!.file);
+  const verify = `npx tsx backup_db.ts --verify ${shellWord(displayPath(first))}`;
+  const title = needsNewer
+    ? `${plural(failed.length, 'backup')} cannot be verified without a newer pg_restore`
+    : `${plural(failed.length, 'backup')} failed verification`;
+  const details = failed.map((b) => `${b.file}: ${b.problems.join(', ') || STATUS_LABELS[b.status]}`).join('; ');
+  const hints = needsNewer
+    ? [`See which pg_restore it needs: ${verify}`, ...clientInstallHints(undefined)]
+    : [`See why: ${verify}`, 'Do not restore from a backup that failed; take a new one'];
+  return new BackupError(exitCode, title, details, hints);
+}
+
 /**
  * The names in the backup directory, or undefined where none exists yet (a dangling symlink too);
  * any other failure to read it (not a directory, no permission) is an error, for every command alike.
@@ -6919,8 +6939,13 @@ async function runMode(
     }
     case 'list': {
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
-      const text = () => ({ out: listingLines(listing), err: [] });
-      return { ...completed('list', listingDocument(listing), text), exitCode: listingExitCode(listing) };
+      const failure = listingFailure(listing);
+      // The listing stands (on stdout, and in the document), with the failure as every failure is reported.
+      const problem = failure && failureProblem(failure, OPERATION_NAMES.list, []);
+      const document = { ...listingDocument(listing), ...(problem ? problemDocument(problem) : {}) };
+      const text = () => ({ out: listingLines(listing), err: problem ? problemLines(problem) : [] });
+      const listed = completed('list', document, text);
+      return failure ? { ...listed, exitCode: failure.exitCode, failure } : listed;
     }
     case 'check': {
       if (settings.maxAgeMs === undefined)

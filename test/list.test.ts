@@ -230,6 +230,32 @@ describe('--list', () => {
     assert.match(fullJson.backups[1].problems[0], /^Mismatch/);
   });
 
+  test('a failed --list --verify is the contract error: exit_code, error, details and hints in --json, the error lines in text', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    await fs.writeFile(path.join(copy, 'random.dump'), '12345');
+
+    const doc = JSON.parse((await list(copy, '--verify', '--json')).stdout);
+    assert.deepEqual([doc.ok, doc.command, doc.exit_code], [false, 'list', 8]);
+    assert.equal(doc.error, '1 backup failed verification');
+    assert.match(doc.details, /^random\.dump: no metadata file$/);
+    assert.match(doc.hints[0], /--verify .*random\.dump/);
+    assert.deepEqual(
+      doc.backups.map((b: { file: string }) => b.file),
+      ['random.dump'],
+      'the listing is still there',
+    );
+
+    const text = await list(copy, '--verify');
+    assert.equal(text.exitCode, 8);
+    assert.match(text.stdout, /^random\.dump +5 B +\? No metadata$/m, 'the table stays on stdout');
+    assert.match(
+      text.stderr,
+      /^✗ Listing failed: 1 backup failed verification\n\nError: random\.dump: no metadata file\n/,
+    );
+    assert.match(text.stderr, /\n\nTroubleshooting:\n {2}1\. .*--verify .*random\.dump/);
+  });
+
   test('--list --verify on healthy backups re-reads them all and passes', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
