@@ -290,7 +290,8 @@ export function mergeEnvLayers(
 /**
  * Pure: the variables of an .env text that dotenv reads differently from how they look. Unquoted,
  * a '#' starts a comment, so `PASSWORD=ab#cd` is read as "ab"; quotes inside a quoted value end
- * it early or are stripped. Such a password fails authentication with no other sign.
+ * it early or are stripped; in double quotes \n and \r become line breaks. Such a password fails
+ * authentication with no other sign.
  */
 export function misreadDotenvValues(text: string): Set<string> {
   const misread = new Set<string>();
@@ -303,7 +304,10 @@ export function misreadDotenvValues(text: string): Set<string> {
     const quoted = (quote === "'" || quote === '"' || quote === '`') && raw.length > 1;
     const closing = quoted ? raw.indexOf(quote!, 1) : -1;
     // Quoted: fine when the value ends at its closing quote (a comment may follow).
-    if (quoted ? closing > 0 && /^\s*(?:#.*)?$/.test(raw.slice(closing + 1)) : !raw.includes('#')) continue;
+    const whole = quoted ? closing > 0 && /^\s*(?:#.*)?$/.test(raw.slice(closing + 1)) : !raw.includes('#');
+    // In double quotes (only), dotenv turns \n and \r into line breaks.
+    const expanded = quote === '"' && /\\[nr]/.test(raw.slice(1, closing));
+    if (whole && !expanded) continue;
     misread.add(name);
   }
   return misread;
@@ -326,7 +330,7 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
       throw configError(`cannot read ${filePath}: ${errorText(error)}`, [
         errnoCode(error) === 'ENOTREG'
           ? `Make ${filePath} a regular file (not a FIFO or a device)`
-          : `Check the file's permissions: ls -l ${filePath}`,
+          : `Check the file's permissions: ls -l ${shellWord(filePath)}`,
       ]);
     }
   }
@@ -345,7 +349,7 @@ export interface DbConfig {
   sslrootcert?: string;
   /** For each setting, the variable (and file) it came from: used in troubleshooting hints. */
   origin: Record<'host' | 'port' | 'database' | 'user' | 'password', string>;
-  /** The password's line in its .env file reads as less than it shows (an unquoted '#', stray quotes). */
+  /** The password's line in its .env file reads other than it shows (an unquoted '#', stray quotes, \n). */
   passwordMisread?: true;
 }
 
@@ -1050,7 +1054,7 @@ async function readLock(file: string): Promise<FoundLock | undefined> {
 function lockNotRegularFile(file: string): BackupError {
   const shown = displayPath(file);
   return new BackupError(EXIT.BACKUP_FAILED, 'Could not take the backup lock', `${shown} is not a regular file`, [
-    `See what it is: ls -ld ${shown}`,
+    `See what it is: ls -ld ${shellWord(shown)}`,
     'backup_db only ever writes a regular file there: remove it by hand, then run again',
   ]);
 }
@@ -1235,7 +1239,8 @@ function alreadyRunningError(
       contained
         ? `Let it finish; to see it, look in the container that ran it (${owner.pid_namespace})`
         : `Let it finish; to see it: ps -o pid,etime,args -p ${owner.pid}`,
-      `If no backup is running (its pid was reused by another program), remove the lock: rm ${displayPath(lockPath)}`,
+      'If no backup is running (its pid was reused by another program), remove the lock: ' +
+        `rm ${shellWord(displayPath(lockPath))}`,
       'Backups of different databases can run at the same time; only the same database is serialised',
     ],
   );
@@ -1353,7 +1358,7 @@ async function assertDiskSpace(dir: string, tableBytes: number, compression: Com
 /** Exit 5, whether the preflight saw it coming or the disk filled up during the write. */
 function diskSpaceError(details: string, dir: string): BackupError {
   return new BackupError(EXIT.DISK_SPACE, 'Not enough disk space', details, [
-    `Check free space: df -h ${displayPath(dir)}`,
+    `Check free space: df -h ${shellWord(displayPath(dir))}`,
     'Free space (remove old backups) or choose another --output-dir',
     'Plan for about 2x the database size of free space',
   ]);
@@ -1364,15 +1369,23 @@ export function fileSystemError(error: unknown, title: string, dir: string): Bac
   const code = errnoCode(error);
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
     return diskSpaceError(`${title}: ${errorText(error)}`, dir);
+  // The path the user gave cannot exist at all: configuration, not permissions.
+  if (code === 'ENAMETOOLONG')
+    return new BackupError(EXIT.CONFIG, `${title}: the path is too long`, errorText(error), [
+      'Choose a shorter path with --output-dir (at most 255 bytes a name, 4095 in all)',
+    ]);
   const notDirectory =
     code === 'ENOTDIR' || (code === 'EEXIST' && (error as NodeJS.ErrnoException).syscall === 'mkdir');
+  const [shown, user] = [shellWord(dir), os.userInfo().username];
+  // Ownership only helps where permissions were the problem.
+  const permissions = code === 'EACCES' || code === 'EPERM';
   return new BackupError(
     EXIT.PERMISSION,
     notDirectory ? `${title}: a path component is not a directory` : title,
     errorText(error),
     [
-      notDirectory ? `Check the path: ls -ld ${dir}` : `Check ownership and permissions: ls -ld ${dir}`,
-      `Make it writable for ${os.userInfo().username}, e.g. chown ${os.userInfo().username} ${dir}`,
+      permissions ? `Check ownership and permissions: ls -ld ${shown}` : `Check the path: ls -ld ${shown}`,
+      ...(permissions ? [`Make it writable for ${user}, e.g. chown ${user} ${shown}`] : []),
       'Or choose another directory with --output-dir',
     ],
   );
@@ -1628,7 +1641,7 @@ async function passwordFromLibpqSources(config: DbConfig): Promise<string> {
 
 function noPasswordError(config: DbConfig, why: string): BackupError {
   return new BackupError(EXIT.CONNECTION, 'Database authentication failed', why, [
-    `Set ${config.origin.password} in .env.local / .env, or PGPASSWORD`,
+    `Set ${config.origin.password} in .env.local / .env, or PGPASSWORD in the process environment (not in the files)`,
     'Or add a line host:port:database:user:password to ~/.pgpass (or PGPASSFILE) and chmod 0600 it',
   ]);
 }
@@ -1801,7 +1814,8 @@ export function connectionError(
   const code = errnoCode(error);
   const message = errorText(error);
   const where = `connection to server at "${config.host}", port ${config.port} failed: ${message}`;
-  const psql = `psql -h ${config.host} -p ${config.port} -U ${config.user} -d ${config.database}`;
+  const [host, user, database] = [config.host, config.user, config.database].map(shellWord);
+  const psql = `psql -h ${host} -p ${config.port} -U ${user} -d ${database}`;
   const fail = (title: string, hints: string[]) => new BackupError(EXIT.CONNECTION, title, where, hints);
 
   if (code === '28P01' || code === '28000' || /password must be a string|password authentication/i.test(message)) {
@@ -1810,7 +1824,8 @@ export function connectionError(
         ? [
             `${config.origin.password} holds a '#' or quotes that the .env file does not read as part of the ` +
               `password ('#' starts a comment): write it in single quotes, ` +
-              `${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote)`,
+              `${config.origin.password.split(' ')[0]}='…' (backquotes if it holds a single quote; ` +
+              'in double quotes, \\n and \\r are read as line breaks)',
           ]
         : []),
       ...(/client certificate/i.test(message)
@@ -1823,27 +1838,27 @@ export function connectionError(
   }
   if (code === '3D000') {
     return fail('Database does not exist', [
-      `Verify the database exists: psql -h ${config.host} -p ${config.port} -U ${config.user} -l`,
+      `Verify the database exists: psql -h ${host} -p ${config.port} -U ${user} -l`,
       `Check the database name in ${config.origin.database}`,
-      `Create it if needed: createdb -h ${config.host} -p ${config.port} -U ${config.user} ${config.database}`,
+      `Create it if needed: createdb -h ${host} -p ${config.port} -U ${user} ${database}`,
     ]);
   }
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN' || code === 'EAI_NONAME') {
     return fail('Database host not found', [
       `Check the host name in ${config.origin.host}`,
-      `Check that it resolves: getent hosts ${config.host}`,
+      `Check that it resolves: getent hosts ${host}`,
     ]);
   }
   if (code === 'ECONNREFUSED') {
     return fail('Database connection refused', [
-      `Check that the server is running: pg_isready -h ${config.host} -p ${config.port}`,
+      `Check that the server is running: pg_isready -h ${host} -p ${config.port}`,
       `Check the host and port in ${config.origin.host} and ${config.origin.port}`,
       "Check the server's listen_addresses and any firewall",
     ]);
   }
   if (code === 'ETIMEDOUT' || code === 'EHOSTUNREACH' || code === 'ENETUNREACH' || /timeout/i.test(message)) {
     return fail(`Database did not answer within ${connectTimeoutSeconds} s`, [
-      `Check that the server is reachable: pg_isready -h ${config.host} -p ${config.port}`,
+      `Check that the server is reachable: pg_isready -h ${host} -p ${config.port}`,
       'Check firewalls, VPNs and security groups between this machine and the server',
       `Check the host and port in ${config.origin.host} and ${config.origin.port}`,
     ]);
@@ -2192,7 +2207,8 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
     `database "${config.database}" on ${config.host}:${config.port} has no tables`,
     [
       `Check that ${config.origin.database} names the application's database`,
-      `List the tables: psql -h ${config.host} -p ${config.port} -U ${config.user} -d ${config.database} -c '\\dt *.*'`,
+      `List the tables: psql -h ${shellWord(config.host)} -p ${config.port} -U ${shellWord(config.user)} ` +
+        `-d ${shellWord(config.database)} -c '\\dt *.*'`,
     ],
   );
 }
@@ -3346,7 +3362,7 @@ async function archiveFiles(dir: string): Promise<string[]> {
         'pg_restore would read it, unchecked by the checksum',
       [
         'Do not restore from this backup',
-        `Inspect it: ls -l ${displayPath(dir)}`,
+        `Inspect it: ls -l ${shellWord(displayPath(dir))}`,
         'Use another backup or take a new one',
       ],
     );
@@ -3632,7 +3648,7 @@ function verificationError(result: VerifyResult): BackupError {
     [
       'Do not restore from this file',
       `Use another backup (list them: npx tsx backup_db.ts --list --output-dir ` +
-        `${displayPath(path.dirname(result.filePath))}) or take a new one`,
+        `${shellWord(displayPath(path.dirname(result.filePath)))}) or take a new one`,
       'If backups change on their own, check the disk and filesystem (dmesg, smartctl -a)',
     ],
     { report: verifyReportLines(result), data: verifyDocument(result), step: VERIFICATION_STEP },
@@ -3665,10 +3681,10 @@ async function assertReadableFile(filePath: string): Promise<void> {
       ]);
     if (code === 'ELOOP')
       throw verifyInputError('symbolic link loop', `${shown} is a symbolic link that loops back on itself`, [
-        `Inspect it: ls -l ${shown}`,
+        `Inspect it: ls -l ${shellWord(shown)}`,
       ]);
     throw verifyInputError('backup file cannot be read', `${shown}: ${errorText(error)}`, [
-      `Check its permissions: ls -l ${shown}`,
+      `Check its permissions: ls -l ${shellWord(shown)}`,
       `Make it readable for ${os.userInfo().username}, the user this runs as`,
     ]);
   }
@@ -3924,6 +3940,26 @@ export function listingExitCode(listing: Listing): number {
   if (statuses.some((status) => status !== 'verified' && status !== 'needs_newer_pg_restore'))
     return EXIT.VERIFY_FAILED;
   return statuses.includes('needs_newer_pg_restore') ? EXIT.TOOL_NOT_FOUND : EXIT.OK;
+}
+
+/** Pure: why a listing fails (the backups behind listingExitCode) as the contract's one error; none if it passes. */
+export function listingFailure(listing: Listing): BackupError | undefined {
+  const exitCode = listingExitCode(listing);
+  if (exitCode === EXIT.OK) return undefined;
+  const needsNewer = exitCode === EXIT.TOOL_NOT_FOUND;
+  const failed = listing.backups.filter((b) =>
+    needsNewer ? b.status === 'needs_newer_pg_restore' : !['verified', 'needs_newer_pg_restore'].includes(b.status),
+  );
+  const first = path.join(listing.directory, failed[0]!.file);
+  const verify = `npx tsx backup_db.ts --verify ${shellWord(displayPath(first))}`;
+  const title = needsNewer
+    ? `${plural(failed.length, 'backup')} cannot be verified without a newer pg_restore`
+    : `${plural(failed.length, 'backup')} failed verification`;
+  const details = failed.map((b) => `${b.file}: ${b.problems.join(', ') || STATUS_LABELS[b.status]}`).join('; ');
+  const hints = needsNewer
+    ? [`See which pg_restore it needs: ${verify}`, ...clientInstallHints(undefined)]
+    : [`See why: ${verify}`, 'Do not restore from a backup that failed; take a new one'];
+  return new BackupError(exitCode, title, details, hints);
 }
 
 /**
@@ -4253,7 +4289,7 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch, signa
         `${error.title}: ${error.details}`,
       [
         'Nothing was deleted',
-        `Inspect it: npx tsx backup_db.ts --verify ${displayPath(file)}`,
+        `Inspect it: npx tsx backup_db.ts --verify ${shellWord(displayPath(file))}`,
         'Take a new backup (it becomes the newest), then prune again; move the damaged file away if it cannot be ' +
           'repaired',
       ],
@@ -4369,8 +4405,8 @@ async function runCheck(
   const data = freshnessDocument(freshness, outputDir, fullCheck);
   const hints = [
     'Check that the scheduled job still runs: crontab -l, systemctl list-timers, and its log',
-    `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${displayPath(outputDir)}`,
-    `See what is there: npx tsx backup_db.ts --list --output-dir ${displayPath(outputDir)}`,
+    `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${shellWord(displayPath(outputDir))}`,
+    `See what is there: npx tsx backup_db.ts --list --output-dir ${shellWord(displayPath(outputDir))}`,
   ];
   const stale = (title: string, details: string) =>
     new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { data });
@@ -5771,10 +5807,16 @@ export function summarizeTables(counts: Record<string, number>, shown = 6): stri
   return `${entries.length} (${parts.join(', ')}${more > 0 ? `, and ${more} more` : ''})`;
 }
 
-/** Paths as the user would type them: relative to the working directory when below it. */
+/** Pure: a value as one word that a shell reads back unchanged, for hints that are commands to paste. */
+export function shellWord(value: string): string {
+  return /^[\w@%+=:,./-]+$/.test(value) ? value : `'${value.replaceAll("'", "'\\''")}'`;
+}
+
+/** Paths as the user would type them: relative to the working directory when below it (./~, not ~, the home). */
 export function displayPath(filePath: string): string {
   const relative = path.relative(process.cwd(), filePath);
-  return relative && !relative.startsWith('..') && !path.isAbsolute(relative) ? relative : filePath;
+  if (!relative || relative.startsWith('..') || path.isAbsolute(relative)) return filePath;
+  return relative.startsWith('~') ? `.${path.sep}${relative}` : relative;
 }
 
 /** What a run prints for a person: lines for stdout and for stderr, plain (marks are coloured when printed). */
@@ -5880,23 +5922,26 @@ export function listingLines(listing: Listing): string[] {
 
   // The restore-test column appears once any backup has been through a restore drill.
   const drilled = entries.some((e) => e.restoreTest);
+  const nameless = (e: ListEntry) => !e.timestamp && !e.environment && !e.database;
   const drill = (e: ListEntry) =>
     e.restoreTest ? `${e.restoreTest.ok ? '✓' : '✗'} ${e.restoreTest.time.slice(0, 10)}` : '-';
   const rows = [
     ['Timestamp', 'Environment', 'Database', 'Size', 'Status', ...(drilled ? ['Restore test'] : [])],
     ...entries.map((e) => [
-      e.timestamp ?? '-',
-      e.environment ?? '-',
-      e.database ?? '-',
+      ...(nameless(e) ? ['', '', ''] : [e.timestamp ?? '-', e.environment ?? '-', e.database ?? '-']),
       formatBytes(e.sizeBytes),
       STATUS_LABELS[e.status],
       ...(drilled ? [drill(e)] : []),
     ]),
   ];
   const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
-  const table = rows.map((row) =>
-    row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2))).join(''),
-  );
+  const lead = widths[0]! + widths[1]! + widths[2]! + 6;
+  const table = rows.map((row, i) => {
+    const line = row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2)));
+    const entry = entries[i - 1];
+    // Neither its name nor metadata says what it holds: the file's name stands across the first three columns.
+    return entry && nameless(entry) ? `${entry.file.padEnd(lead - 2)}  ${line.slice(3).join('')}` : line.join('');
+  });
 
   const unverifiable = listing.backups.filter((b) => b.status === 'needs_newer_pg_restore').length;
   const failed = listing.backups.filter((b) => b.status !== 'verified').length - unverifiable;
@@ -6539,12 +6584,27 @@ export const parseKeepCount = wholeNumberOption(0, 100_000, 'Use a whole number 
 function nonEmptyPath(value: string): string {
   if (value.trim() === '') throw new InvalidArgumentError('The path is empty.');
   if (value.includes('\0')) throw new InvalidArgumentError('The path contains a NUL byte.');
-  return value;
+  return expandHome(value);
+}
+
+/**
+ * Pure: a leading ~ or ~/ as the home directory, as a shell expands it (~user is left alone). No
+ * shell reads --output-dir=~/bk, a systemd ExecStart or a .env file: without this, ./~/bk is made.
+ */
+export function expandHome(value: string): string {
+  return value === '~' || value.startsWith('~/') ? path.join(os.homedir(), value.slice(1)) : value;
 }
 
 /** Pure: a file argument. A path ending in / names a directory, which path.resolve would quietly turn into a file. */
 function filePath(value: string): string {
-  if (nonEmptyPath(value).endsWith('/')) throw new InvalidArgumentError("The path ends in /: give a file's path.");
+  const expanded = nonEmptyPath(value);
+  if (expanded.endsWith('/')) throw new InvalidArgumentError("The path ends in /: give a file's path.");
+  return expanded;
+}
+
+/** Pure: a shell command (BACKUP_ON_FAILURE), not empty; its shell expands ~ itself. */
+function nonEmptyCommand(value: string): string {
+  nonEmptyPath(value);
   return value;
 }
 
@@ -6634,7 +6694,7 @@ function settingReader(vars: EnvVars, lenient = false): SettingReader {
 function resolveAutomation(opts: SettingOptions, fromVar: SettingReader): Automation {
   const logFile = opts.logFile ?? fromVar('BACKUP_LOG_FILE', filePath);
   const notifyUrl = opts.notifyUrl ?? fromVar('BACKUP_NOTIFY_URL', webhookUrl);
-  const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyPath);
+  const onFailure = opts.onFailure ?? fromVar('BACKUP_ON_FAILURE', nonEmptyCommand);
   const pingUrl = opts.pingUrl ?? fromVar('BACKUP_PING_URL', webhookUrl);
   const metricsFile = opts.metricsFile ?? fromVar('BACKUP_METRICS_FILE', filePath);
   return {
@@ -6680,6 +6740,7 @@ function buildProgram(json: boolean, writeErr: (text: string) => void): Command 
       '--verify [file]',
       'verify FILE against its metadata (checksum, size, archive structure, table data); after --list, fully ' +
         'verify every backup',
+      expandHome,
     )
     .option('--list', 'list the backups in the output directory, newest first')
     .option('--json', 'print one JSON document on stdout instead of text')
@@ -6754,6 +6815,7 @@ function buildProgram(json: boolean, writeErr: (text: string) => void): Command 
     .option(
       '--restore <file>',
       'restore FILE (verified first) into --target-db on the configured server, then reconcile row counts',
+      expandHome,
     )
     .option('--target-db <name>', 'with --restore: the database to restore into (created if absent)')
     .option('--clean', 'with --restore: drop and recreate a non-empty target database')
@@ -6957,8 +7019,13 @@ async function runMode(
     }
     case 'list': {
       const listing = await runList(outputDir, mode.fullCheck, settings.search);
-      const text = () => ({ out: listingLines(listing), err: [] });
-      return { ...completed('list', listingDocument(listing), text), exitCode: listingExitCode(listing) };
+      const failure = listingFailure(listing);
+      // The listing stands (on stdout, and in the document), with the failure as every failure is reported.
+      const problem = failure && failureProblem(failure, OPERATION_NAMES.list, []);
+      const document = { ...listingDocument(listing), ...(problem ? problemDocument(problem) : {}) };
+      const text = () => ({ out: listingLines(listing), err: problem ? problemLines(problem) : [] });
+      const listed = completed('list', document, text);
+      return failure ? { ...listed, exitCode: failure.exitCode, failure } : listed;
     }
     case 'check': {
       if (settings.maxAgeMs === undefined)

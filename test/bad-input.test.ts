@@ -132,7 +132,7 @@ describe('URL hints', () => {
 });
 
 describe('paths with garbage', () => {
-  test('an output directory path that is far too long → exit 4', async () => {
+  test('an output directory path that is far too long → exit 2 (configuration), no chown hint', async () => {
     const result = await runCli({
       args: [
         '--env',
@@ -144,8 +144,48 @@ describe('paths with garbage', () => {
       ],
       env: dbVars(server, 'DEV_DB_', 'input_app'),
     });
-    assert.equal(result.exitCode, 4, result.stderr);
+    assert.equal(result.exitCode, 2, result.stderr);
     assert.match(result.stderr, /ENAMETOOLONG/);
+    assert.match(result.stderr, /^ {2}1\. Choose a shorter path with --output-dir/m);
+    assert.doesNotMatch(result.stderr, /chown|writable/);
+  });
+
+  test('an output directory that is a device or a file → exit 4, hints about the path, not about its owner', async () => {
+    const file = path.join(await tempDir(), 'a file');
+    await fs.writeFile(file, 'keep me');
+    for (const [dir, shown] of [
+      ['/dev/null', '/dev/null'],
+      [file, `'${file}'`],
+    ]) {
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', await tempDir(), '--output-dir', dir!],
+        env: dbVars(server, 'DEV_DB_', 'input_app'),
+      });
+      assert.equal(result.exitCode, 4, result.stderr);
+      assert.match(result.stderr, /not a directory/);
+      assert.ok(result.stderr.includes(`  1. Check the path: ls -ld ${shown}\n`), result.stderr);
+      assert.doesNotMatch(result.stderr, /chown|writable/);
+    }
+    assert.equal(await fs.readFile(file, 'utf8'), 'keep me');
+  });
+
+  test('hints that are commands quote the paths in them, so that they run as printed', async () => {
+    const dir = path.join(await tempDir(), "it's a dir", 'b');
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', await tempDir(), '--output-dir', dir, '--check', '--max-age', '1d'],
+      env: dbVars(server, 'DEV_DB_', 'input_app'),
+    });
+    assert.equal(result.exitCode, 8, result.stderr);
+    const quoted = `'${dir.replace("'", "'\\''")}'`;
+    const lines = result.stderr.split('\n');
+    assert.ok(
+      lines.some((line) => line.endsWith(`npx tsx backup_db.ts --list --output-dir ${quoted}`)),
+      result.stderr,
+    );
+    assert.ok(
+      lines.some((line) => line.endsWith(`npx tsx backup_db.ts --env dev --output-dir ${quoted}`)),
+      result.stderr,
+    );
   });
 
   test('an output directory inside a file → exit 4', async () => {

@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { dbVars, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import { dbVars, PROJECT_DIR, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { NEWER_CLIENT_DIR, NEWER_MAJOR, skipUnless, unmet } from './helpers/requirements.ts';
 import { flipMiddleByte } from './helpers/wait.ts';
@@ -230,6 +230,32 @@ describe('--list', () => {
     assert.match(fullJson.backups[1].problems[0], /^Mismatch/);
   });
 
+  test('a failed --list --verify is the contract error: exit_code, error, details and hints in --json, the error lines in text', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    await fs.writeFile(path.join(copy, 'random.dump'), '12345');
+
+    const doc = JSON.parse((await list(copy, '--verify', '--json')).stdout);
+    assert.deepEqual([doc.ok, doc.command, doc.exit_code], [false, 'list', 8]);
+    assert.equal(doc.error, '1 backup failed verification');
+    assert.match(doc.details, /^random\.dump: no metadata file$/);
+    assert.match(doc.hints[0], /--verify .*random\.dump/);
+    assert.deepEqual(
+      doc.backups.map((b: { file: string }) => b.file),
+      ['random.dump'],
+      'the listing is still there',
+    );
+
+    const text = await list(copy, '--verify');
+    assert.equal(text.exitCode, 8);
+    assert.match(text.stdout, /^random\.dump +5 B +\? No metadata$/m, 'the table stays on stdout');
+    assert.match(
+      text.stderr,
+      /^✗ Listing failed: 1 backup failed verification\n\nError: random\.dump: no metadata file\n/,
+    );
+    assert.match(text.stderr, /\n\nTroubleshooting:\n {2}1\. .*--verify .*random\.dump/);
+  });
+
   test('--list --verify on healthy backups re-reads them all and passes', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
@@ -326,6 +352,34 @@ describe('--list', () => {
     const result = await list(await tempDir());
     assert.equal(result.exitCode, 0);
     assert.match(result.stdout, /^No backups in .+\/$/m);
+  });
+
+  test('a literal ~ in path options is the home directory, as a shell would read it; ./~ is shown as ./~', async () => {
+    const [home, cwd] = [await tempDir(), await tempDir()];
+    await fs.mkdir(path.join(home, 'bk'));
+    for (const file of [dev1.dumpPath, dev1.metadataPath])
+      await fs.copyFile(file, path.join(home, 'bk', path.basename(file)));
+    const file = path.basename(dev1.dumpPath);
+    // A working directory of its own, where node still finds tsx.
+    await fs.symlink(path.join(PROJECT_DIR, 'node_modules'), path.join(cwd, 'node_modules'));
+    const run = (...args: string[]) => runCli({ args, cwd, env: { HOME: home } });
+
+    const listed = await run('--list', '--output-dir=~/bk', '--log-file=~/run.log', '--config-dir=~');
+    assert.equal(listed.exitCode, 0, listed.stderr);
+    assert.match(listed.stdout, new RegExp(`^Backup Files \\(${home}/bk/\\):$`, 'm'));
+    assert.deepEqual(
+      tableRows(listed.stdout).map((row) => row[4]),
+      ['✓ Verified'],
+    );
+    assert.match(await fs.readFile(path.join(home, 'run.log'), 'utf8'), /"command":"list"/);
+    const verified = await run('--verify', `~/bk/${file}`);
+    assert.equal(verified.exitCode, 0, verified.stderr);
+    assert.deepEqual(await fs.readdir(cwd), ['node_modules'], 'nothing made below the working directory');
+
+    await fs.cp(path.join(home, 'bk'), path.join(cwd, '~', 'bk'), { recursive: true });
+    const local = await run('--list', '--output-dir', './~/bk');
+    assert.equal(local.exitCode, 0, local.stderr);
+    assert.match(local.stdout, /^Backup Files \(\.\/~\/bk\/\):$/m);
   });
 
   test('--list --verify FILE is a usage error (exit 2)', async () => {

@@ -82,6 +82,22 @@ describe('preflight failures', () => {
     assert.deepEqual(result.files, []);
   });
 
+  test('no password, PGPASSWORD only in .env → 3; the hint says PGPASSWORD is read from the process environment', async () => {
+    const { DEV_DB_PASSWORD, ...withoutPassword } = good();
+    const home = await tempDir();
+    const result = await attempt({
+      vars: { ...withoutPassword, PGPASSWORD: DEV_DB_PASSWORD! },
+      run: { env: { HOME: home } },
+    });
+    assertContractError(result, 3, /authentication failed/);
+    assert.match(result.stderr, /none is configured/);
+    assert.match(
+      result.stderr,
+      /^ {2}1\. Set DEV_DB_PASSWORD in \.env\.local \/ \.env, or PGPASSWORD in the process environment/m,
+    );
+    assert.deepEqual(result.files, []);
+  });
+
   test('nobody listening on the port → 3, connection refused', async () => {
     const result = await attempt({ vars: { ...good(), DEV_DB_PORT: String(await freePort()) } });
     assertContractError(result, 3, /connection refused/);

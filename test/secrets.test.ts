@@ -316,6 +316,29 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     assert.equal(quoted.exitCode, 0, quoted.stderr);
   });
 
+  test('a password with a backslash-n in double quotes in .env: authentication fails, and the error says how to quote it', async () => {
+    const password = 'ab\\ncd';
+    const admin = await server.connect();
+    try {
+      await admin.query(`CREATE ROLE sec_escape LOGIN SUPERUSER PASSWORD 'ab\\ncd'`);
+    } finally {
+      await admin.end();
+    }
+    const dir = await tempDir();
+    const envFile = (value: string) =>
+      `DEV_DB_HOST=127.0.0.1\nDEV_DB_PORT=${server.port}\nDEV_DB_NAME=secret_app\nDEV_DB_USER=sec_escape\nDEV_DB_PASSWORD=${value}\n`;
+    await fs.writeFile(path.join(dir, '.env.local'), envFile(`"${password}"`));
+    const expanded = await runCli({
+      args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')],
+    });
+    assert.equal(expanded.exitCode, 3, expanded.stderr);
+    assert.match(expanded.stderr, /^ {2}1\. DEV_DB_PASSWORD \(from \.env\.local\) .*write it in single quotes/m);
+    assert.match(expanded.stderr, /in double quotes, \\n and \\r are read as line breaks/);
+    await fs.writeFile(path.join(dir, '.env.local'), envFile(`'${password}'`));
+    const quoted = await runCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out')] });
+    assert.equal(quoted.exitCode, 0, quoted.stderr);
+  });
+
   test("a password pasted into a variable of the process environment is masked in the failure command's environment", async () => {
     const dir = await tempDir();
     const hookEnv = path.join(dir, 'hook.env');

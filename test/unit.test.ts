@@ -3,6 +3,9 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import { describe, test } from 'node:test';
 import {
+  displayPath,
+  expandHome,
+  shellWord,
   foreignQuery,
   dumpedFraction,
   progressLine,
@@ -549,6 +552,11 @@ describe('secrets', () => {
       'K=',
     ].join('\n');
     assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'F', 'I', 'J']);
+  });
+
+  test('misreadDotenvValues: a \\n or \\r in double quotes, which dotenv reads as a line break', () => {
+    const text = ['A="ab\\ncd"', "B='ab\\ncd'", 'C=ab\\ncd', 'D="ab\\rcd"', 'E="ab\\tcd"', 'F=`ab\\ncd`'].join('\n');
+    assert.deepEqual([...misreadDotenvValues(text)].sort(), ['A', 'D']);
   });
 
   test("misreadDotenvValues: dotenv's `KEY: value` form too", () => {
@@ -1229,6 +1237,53 @@ describe('listing', () => {
       listingLines({ directory: '/none', exists: false, fullCheck: false, backups: [], incomplete: [] }),
       ['No backups: /none/ does not exist yet.'],
     );
+  });
+});
+
+describe('paths: ~ and how paths are shown', () => {
+  test('expandHome expands a leading ~ or ~/ as a shell does, and nothing else', () => {
+    assert.equal(expandHome('~'), os.homedir());
+    assert.equal(expandHome('~/bk'), `${os.homedir()}/bk`);
+    for (const kept of ['~user/bk', 'a/~/bk', './~/bk', '/~', '~bk']) assert.equal(expandHome(kept), kept);
+  });
+
+  test('shellWord: a path a shell reads back as one word, unchanged', () => {
+    assert.equal(shellWord('/var/backups/db_1.dump'), '/var/backups/db_1.dump');
+    assert.equal(shellWord('/tmp/sp ace/b'), "'/tmp/sp ace/b'");
+    assert.equal(shellWord("it's"), "'it'\\''s'");
+    assert.equal(shellWord('./~/bk'), "'./~/bk'");
+    assert.equal(shellWord('$HOME;rm'), "'$HOME;rm'");
+  });
+
+  test('displayPath never shows a path that a shell would read as the home directory', () => {
+    assert.equal(displayPath(`${process.cwd()}/~/bk`), './~/bk');
+    assert.equal(displayPath(`${process.cwd()}/~`), './~');
+    assert.equal(displayPath(`${process.cwd()}/a/~`), 'a/~');
+  });
+});
+
+describe('listing: files whose names do not parse', () => {
+  test('listingLines shows such a file by its name, across the first three columns; other rows keep their layout', () => {
+    const base = { status: 'verified' as const, sizeBytes: 5, modifiedMs: 0, problems: [] };
+    const named = { ...base, file: 'a.dump', timestamp: '2025-01-27T15:00:00Z', environment: 'prod', database: 'app' };
+    const rows = (...names: string[]) =>
+      listingLines({
+        directory: '/b',
+        exists: true,
+        fullCheck: false,
+        backups: [named, ...names.map((file) => ({ ...base, status: 'no_metadata' as const, file }))],
+        incomplete: [],
+      }).slice(2, 3 + 1 + names.length);
+    assert.deepEqual(rows('random.dump'), [
+      'Timestamp             Environment  Database  Size  Status',
+      '2025-01-27T15:00:00Z  prod         app       5 B   ✓ Verified',
+      'random.dump                                  5 B   ? No metadata',
+    ]);
+    const long = `${'x'.repeat(60)}.dump`;
+    assert.deepEqual(rows(long).slice(1), [
+      '2025-01-27T15:00:00Z  prod         app       5 B   ✓ Verified',
+      `${long}  5 B   ? No metadata`,
+    ]);
   });
 });
 
