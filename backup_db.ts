@@ -5241,9 +5241,13 @@ async function writeRestoreTest(
   record: RestoreTestRecord,
 ): Promise<string | undefined> {
   if (!(await pathExists(filePath))) return 'the backup was deleted meanwhile';
-  const old = await fs.stat(metadataPath);
-  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
-  const text = `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`;
+  // Read again: it may have been edited or removed while the drill ran, and a drill that matched stays a success.
+  const old = await fs.stat(metadataPath).catch((error: unknown) => errorText(error));
+  const loaded = await loadMetadata(metadataPath, path.basename(filePath));
+  if (loaded.status === 'missing') return 'the metadata was deleted meanwhile';
+  if (loaded.status === 'invalid') return `the metadata is no longer valid: ${loaded.problems[0]}`;
+  if (typeof old === 'string') return `the metadata cannot be read: ${old}`;
+  const text = `${JSON.stringify({ ...loaded.metadata, last_restore_test: record }, null, 2)}\n`;
   try {
     await writeFileAtomic(metadataPath, text, 0o600, old);
   } catch (error) {

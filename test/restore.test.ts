@@ -952,6 +952,28 @@ describe('--verify FILE --restore-test (the drill)', () => {
       assert.ok(!left.some((name) => name.includes('.metadata.json')), `no metadata written: ${left.join(', ')}`);
     },
   );
+
+  test(
+    'metadata made invalid or removed during its drill: the restore matched, the drill says nothing was recorded',
+    { timeout: 120_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const original = await fs.readFile(gatedBackup.metadataPath, 'utf8');
+      const broken = await drillHeldAtGate(gatedBackup, () => fs.writeFile(gatedBackup.metadataPath, '{"broken":\n'));
+      assert.equal(broken.exitCode, 0, String(broken.stderr));
+      assert.match(
+        String(broken.stdout),
+        /^Recorded: {4}not recorded: the metadata is no longer valid: it is not valid JSON/m,
+      );
+      assert.equal(await fs.readFile(gatedBackup.metadataPath, 'utf8'), '{"broken":\n', 'left as it was found');
+
+      await fs.writeFile(gatedBackup.metadataPath, original);
+      const vanished = await drillHeldAtGate(gatedBackup, () => fs.rm(gatedBackup.metadataPath));
+      assert.equal(vanished.exitCode, 0, String(vanished.stderr));
+      assert.match(String(vanished.stdout), /^Recorded: {4}not recorded: the metadata was deleted meanwhile$/m);
+      await assert.rejects(fs.stat(gatedBackup.metadataPath), { code: 'ENOENT' }, 'no metadata written in its place');
+    },
+  );
 });
 
 describe('row-level security in the restored database', () => {
