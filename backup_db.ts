@@ -1600,6 +1600,8 @@ async function openClient(
     password: config.password ?? (() => passwordFromLibpqSources(config)),
     application_name: APPLICATION_NAME,
     connectionTimeoutMillis: connectTimeoutSeconds * 1000,
+    // Sessions idle for long (a restore's admin, a dump's snapshot) must not be cut by a NAT or firewall.
+    keepAlive: true,
     ssl,
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
@@ -4760,12 +4762,80 @@ async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, targe
   );
 }
 
-/** Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. */
+/**
+ * Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. One
+ * holding a logical replication subscription is refused by the server (55006): that is said by name.
+ */
 async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
   const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
   const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
   if (!force) await admin.query(terminate, [name]);
-  await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}${force ? ' WITH (FORCE)' : ''}`);
+  try {
+    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}${force ? ' WITH (FORCE)' : ''}`);
+  } catch (error) {
+    const { rows } =
+      errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
+    if (!rows?.length) throw error;
+    const names = listSome(rows.map((row) => `"${row.name}"`));
+    throw new BackupError(
+      EXIT.CONFIG,
+      'The database holds a logical replication subscription',
+      `"${name}" cannot be dropped while it holds subscriptions (${names}): ${errorText(error)}; nothing was dropped`,
+      [
+        `In "${name}", for each: ALTER SUBSCRIPTION s DISABLE; ALTER SUBSCRIPTION s SET (slot_name = NONE); ` +
+          'DROP SUBSCRIPTION s; (its replication slot on the publisher is then yours to drop)',
+        'Or restore into a new database: --target-db <new name> (it is created)',
+      ],
+    );
+  }
+}
+
+const SUBSCRIPTIONS_OF_SQL = `SELECT subname AS name FROM pg_catalog.pg_subscription
+  WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1) ORDER BY 1`;
+
+/**
+ * Detach the subscriptions a restore created in `database`, as PostgreSQL prescribes before dropping
+ * one whose slot is not its own: without slot_name = NONE, DROP SUBSCRIPTION would drop the slot of the
+ * subscriber the backup was taken from on its publisher.
+ */
+async function detachSubscriptions(config: DbConfig, database: string, connectTimeoutSeconds: number) {
+  await withClient({ ...config, database }, connectTimeoutSeconds, async (client) => {
+    const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
+    for (const { name } of rows) {
+      const subscription = client.escapeIdentifier(name);
+      await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
+      await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
+      await client.query(`DROP SUBSCRIPTION ${subscription}`);
+    }
+  });
+}
+
+/**
+ * Drop a database this run created: on the admin session, else (a server timeout ended it, or the
+ * restore left subscriptions) on a fresh one once its subscriptions are detached. Returns why it
+ * could not be dropped, if it could not: a copy of the backup's data is then left on the server.
+ */
+async function dropCreatedDatabase(
+  admin: pg.Client,
+  config: DbConfig,
+  name: string,
+  serverMajor: number,
+  connectTimeoutSeconds: number,
+): Promise<string | undefined> {
+  const drop = (client: pg.Client) => dropDatabase(client, name, serverMajor);
+  try {
+    await drop(admin);
+    return undefined;
+  } catch {
+    // Best effort: whatever still stops the drop, the drop says.
+    await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
+  }
+  try {
+    await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
+    return undefined;
+  } catch (error) {
+    return errorText(error);
+  }
 }
 
 /**
@@ -4936,14 +5006,24 @@ async function runPgRestore(
   config: DbConfig,
   target: string,
   server: ServerInfo,
-  { connectTimeoutSeconds, tuning }: { connectTimeoutSeconds: number; tuning: RestoreTuning },
+  { connectTimeoutSeconds, tuning, drill }: { connectTimeoutSeconds: number; tuning: RestoreTuning; drill: boolean },
   signal: AbortSignal,
 ): Promise<PgRestoreRun> {
   const newerClient = pgRestore.major > server.major;
   const jobs = newerClient ? 1 : (tuning.jobs ?? Math.max(1, os.availableParallelism()));
   const settings = restoreSessionSettings(server.major, jobs, tuning.maintenanceWorkMemKb);
   const stopOnError = newerClient ? [] : ['--exit-on-error'];
-  const args = ['--no-owner', '--no-acl', ...stopOnError, `--jobs=${jobs}`, `--dbname=${dbnameConninfo(target)}`, file];
+  // A drill proves rows come back; a subscription holds none, and would tie its scratch database to a publisher.
+  const subscriptions = drill ? ['--no-subscriptions'] : [];
+  const args = [
+    '--no-owner',
+    '--no-acl',
+    ...stopOnError,
+    ...subscriptions,
+    `--jobs=${jobs}`,
+    `--dbname=${dbnameConninfo(target)}`,
+    file,
+  ];
   const libpq = libpqEnv({ ...config, database: target }, connectTimeoutSeconds);
   // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
   const env = { ...libpq, LC_MESSAGES: 'C', PGOPTIONS: pgOptions(settings) };
@@ -5178,6 +5258,9 @@ async function restorePipeline(
       // or a lock ends at once. From the create or drop on, the connection is needed to clean up.
       const { server, state } = await untilAborted(admin, signal, async () => {
         const server = await readServerInfo(admin);
+        // This session waits, idle, for the whole restore, then drops what it created: a role's
+        // idle_session_timeout (PostgreSQL 14+) must not end it first.
+        if (server.major >= 14) await admin.query("SELECT pg_catalog.set_config('idle_session_timeout', '0', false)");
         if (!drill) {
           await assertProdRestoreAllowed(vars, admin, config, { ...request, target, signal });
           await claimRestoreTarget(admin, config, target);
@@ -5212,21 +5295,28 @@ async function restorePipeline(
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
       let filled = false;
+      let failure: { error: unknown } | undefined;
       try {
-        run = await runPgRestore(archive, config, target, server, request, abortOnFailure(archive.checksum, signal));
+        const runSignal = abortOnFailure(archive.checksum, signal);
+        run = await runPgRestore(archive, config, target, server, { ...request, drill }, runSignal);
         await archive.checksum;
         durationMs = millisecondsSince(started);
         filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
       } catch (error) {
-        throw filled ? error : withTargetFate(signal.aborted ? signal.reason : error, target, targetAction);
-      } finally {
-        // A drill's database is scratch; one this run created and could not fill holds only a partial
-        // restore: removed rather than left as a trap.
-        if (drill || (!filled && targetAction !== 'used empty'))
-          await dropDatabase(admin, target, server.major).catch(() => undefined);
+        failure = {
+          error: filled ? error : withTargetFate(signal.aborted ? signal.reason : error, target, targetAction),
+        };
       }
+      // A drill's database is scratch; one this run created and could not fill holds only a partial
+      // restore: removed rather than left as a trap. If it cannot be, every channel says so.
+      const notDropped =
+        drill || (!filled && targetAction !== 'used empty')
+          ? await dropCreatedDatabase(admin, config, target, server.major, timeout)
+          : undefined;
+      const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);
+      if (failure) throw leftBehind(failure.error);
       const outcome: RestoreOutcome = {
         filePath: archive.filePath,
         target,
@@ -5235,13 +5325,14 @@ async function restorePipeline(
         serverVersion: server.version,
         targetAction,
         durationMs,
-        run,
+        run: run!, // set whenever nothing failed
         metadata: archive.metadata,
         forcedPast: archive.forcedPast,
         reconciliation: counts && reconcileCounts(archive.metadata!.table_counts, counts),
       };
       if (drill) outcome.recorded = await recordRestoreTest(archive, outcome);
-      if (outcome.reconciliation?.some((row) => !row.ok)) throw reconciliationError(outcome.reconciliation);
+      if (outcome.reconciliation?.some((row) => !row.ok)) throw leftBehind(reconciliationError(outcome.reconciliation));
+      if (notDropped) throw leftBehind(scratchLeftError(outcome));
       return outcome;
     },
     { maintenance: true, ...(drill ? {} : { avoid: target }), signal },
@@ -5280,6 +5371,44 @@ function withTargetFate(error: unknown, target: string, action: RestoreOutcome['
         ];
   const { exitCode, title, details, hints, extra } = error;
   return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
+}
+
+/** target_action of a database this run created and could not drop. */
+const LEFT_BEHIND = 'created and left behind';
+
+/**
+ * A run that could not drop the database it created says so, and how to: it holds the backup's data
+ * (production's, maybe) and stays on the server until someone drops it.
+ */
+function withLeftBehind(error: unknown, config: DbConfig, target: string, why: string): BackupError {
+  const { exitCode, title, details, hints, extra } = asBackupError(error, config);
+  const where = `${config.host}:${config.port}`;
+  const fate = `"${target}", created by this run, could not be dropped and is left on ${where} with its data: ${why}`;
+  const drop =
+    `Drop it now: DROP DATABASE ${quoteIdentifier(target)} WITH (FORCE); as a role that may end the sessions ` +
+    'still attached to it (a superuser)';
+  const data = { ...extra.data, target_database: target, target_action: LEFT_BEHIND };
+  const untrue = /not left half-restored/; // pg_restore's hint, no longer true
+  return new BackupError(exitCode, title, `${details}\n${fate}`, [drop, ...hints.filter((h) => !untrue.test(h))], {
+    ...extra,
+    data,
+  });
+}
+
+/**
+ * A drill whose restore matched but whose scratch database stays on the server fails (exit 7): a copy
+ * of the backup's data is left where it does not belong, and only an operator can remove it.
+ */
+function scratchLeftError(outcome: RestoreOutcome): BackupError {
+  const rows = outcome.reconciliation ?? [];
+  const recorded = outcome.recorded ? `; ${recordedText(outcome.recorded)}` : '';
+  return new BackupError(
+    EXIT.BACKUP_FAILED,
+    'The scratch database was not dropped',
+    `the restore test matched the backup (${rows.length} tables${recorded}), but its scratch database remains`,
+    ['The backup itself is good: only the scratch database needs removing'],
+    { report: reconciliationLines(rows), data: restoreDocument(outcome) },
+  );
 }
 
 /** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
@@ -5346,9 +5475,13 @@ async function writeRestoreTest(
   record: RestoreTestRecord,
 ): Promise<string | undefined> {
   if (!(await pathExists(filePath))) return 'the backup was deleted meanwhile';
-  const old = await fs.stat(metadataPath);
-  const metadata = JSON.parse(await fs.readFile(metadataPath, 'utf8')) as BackupMetadata;
-  const text = `${JSON.stringify({ ...metadata, last_restore_test: record }, null, 2)}\n`;
+  // Read again: it may have been edited or removed while the drill ran, and a drill that matched stays a success.
+  const old = await fs.stat(metadataPath).catch((error: unknown) => errorText(error));
+  const loaded = await loadMetadata(metadataPath, path.basename(filePath));
+  if (loaded.status === 'missing') return 'the metadata was deleted meanwhile';
+  if (loaded.status === 'invalid') return `the metadata is no longer valid: ${loaded.problems[0]}`;
+  if (typeof old === 'string') return `the metadata cannot be read: ${old}`;
+  const text = `${JSON.stringify({ ...loaded.metadata, last_restore_test: record }, null, 2)}\n`;
   try {
     await writeFileAtomic(metadataPath, text, 0o600, old);
   } catch (error) {
@@ -6131,7 +6264,7 @@ const OWN_WORDS = new Map<string, readonly string[]>([
   ['environment', ['dev', 'prod'] satisfies Environment[]],
   ['status', Object.keys(STATUS_LABELS)],
   ['status_label', Object.values(STATUS_LABELS)],
-  ['target_action', ['created', 'replaced', 'used empty', 'created and dropped']],
+  ['target_action', ['created', 'replaced', 'used empty', 'created and dropped', LEFT_BEHIND]],
   ['format', ['custom', 'directory'] satisfies DumpFormat[]],
   ['level', ['failure', 'warning'] satisfies Problem['level'][]],
 ]);

@@ -898,11 +898,10 @@ describe('--verify FILE --restore-test (the drill)', () => {
   async function drillHeldAtGate(
     backup: { dumpPath: string },
     meanwhile: (drill: ReturnType<typeof startCli>) => Promise<void>,
+    options: string[] = ['--config-dir', configDir],
   ) {
     const { holder, observer } = await holdGate();
-    const drill = startCli({
-      args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
-    });
+    const drill = startCli({ args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', ...options] });
     try {
       await waitFor('pg_restore to wait at the gate', async () => {
         const { rows } = await observer.query(
@@ -950,6 +949,191 @@ describe('--verify FILE --restore-test (the drill)', () => {
       assert.doesNotMatch(String(result.stdout), /last_restore_test in/);
       const left = await fs.readdir(path.dirname(gatedBackup.dumpPath));
       assert.ok(!left.some((name) => name.includes('.metadata.json')), `no metadata written: ${left.join(', ')}`);
+    },
+  );
+
+  test(
+    'metadata made invalid or removed during its drill: the restore matched, the drill says nothing was recorded',
+    { timeout: 120_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const original = await fs.readFile(gatedBackup.metadataPath, 'utf8');
+      const broken = await drillHeldAtGate(gatedBackup, () => fs.writeFile(gatedBackup.metadataPath, '{"broken":\n'));
+      assert.equal(broken.exitCode, 0, String(broken.stderr));
+      assert.match(
+        String(broken.stdout),
+        /^Recorded: {4}not recorded: the metadata is no longer valid: it is not valid JSON/m,
+      );
+      assert.equal(await fs.readFile(gatedBackup.metadataPath, 'utf8'), '{"broken":\n', 'left as it was found');
+
+      await fs.writeFile(gatedBackup.metadataPath, original);
+      const vanished = await drillHeldAtGate(gatedBackup, () => fs.rm(gatedBackup.metadataPath));
+      assert.equal(vanished.exitCode, 0, String(vanished.stderr));
+      assert.match(String(vanished.stdout), /^Recorded: {4}not recorded: the metadata was deleted meanwhile$/m);
+      await assert.rejects(fs.stat(gatedBackup.metadataPath), { code: 'ENOENT' }, 'no metadata written in its place');
+    },
+  );
+
+  /** A config directory for the drill's server as `role` (created with `attributes`, password 'role-pw'). */
+  async function configAs(role: string, attributes: string, ...settings: string[]) {
+    await withDatabase('postgres', async (c) => {
+      await c.query(`CREATE ROLE ${role} LOGIN ${attributes} PASSWORD 'role-pw'`);
+      for (const setting of settings) await c.query(`ALTER ROLE ${role} SET ${setting}`);
+    });
+    const dir = await tempDir();
+    await writeEnvFile(dir, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'rs_app'),
+      DEV_DB_USER: role,
+      DEV_DB_PASSWORD: 'role-pw',
+    });
+    return dir;
+  }
+
+  /** Terminate this server's sessions that `where` (SQL on pg_stat_activity) picks; how many there were. */
+  const terminate = (where: string) =>
+    withDatabase('postgres', async (c) => {
+      const { rows } = await c.query(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE ${where}`);
+      return rows.length;
+    });
+  const adminSession = "datname = 'postgres' AND application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$'";
+
+  test(
+    "the admin session outlives a role's idle_session_timeout, and a dead one does not leave the scratch database",
+    { timeout: 120_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const asOp = await configAs(uniqueName('rs_op'), 'SUPERUSER', "idle_session_timeout = '1s'");
+      const held = await drillHeldAtGate(
+        gatedBackup,
+        // The admin session has been idle since pg_restore started: held past the timeout, it would be gone.
+        async () => {
+          await waitFor('the drill to be held past idle_session_timeout', async () => {
+            const { rows } = await withDatabase('postgres', (c) =>
+              c.query(
+                "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock' " +
+                  "AND clock_timestamp() - state_change > interval '2 seconds'",
+              ),
+            );
+            return rows.length > 0 ? true : undefined;
+          });
+        },
+        ['--config-dir', asOp],
+      );
+      assert.equal(held.exitCode, 0, String(held.stderr));
+      assert.match(String(held.stdout), /; dropped\)$/m);
+      assert.deepEqual(await drillDatabases(), []);
+
+      // Ended anyway (a server restart, a DBA): the drop goes through a new connection.
+      const cut = await drillHeldAtGate(gatedBackup, async () => assert.equal(await terminate(adminSession), 1));
+      assert.equal(cut.exitCode, 0, String(cut.stderr));
+      assert.deepEqual(await drillDatabases(), []);
+    },
+  );
+
+  test(
+    'a restore that fails after its admin session was ended: the target it created is dropped all the same',
+    { timeout: 120_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const target = uniqueName('rs_cut_off');
+      const { holder, observer } = await holdGate();
+      const run = startCli({ args: [...restoreArgs(gatedBackup.dumpPath, target, '--jobs', '1'), '--env', 'dev'] });
+      try {
+        await waitAtGate(observer, 'pg_shdescription');
+        assert.equal(await terminate(adminSession), 1);
+        assert.equal(await terminate(`datname = '${target}' AND wait_event_type = 'Lock'`), 1, 'pg_restore fails');
+      } finally {
+        await holder.query('ROLLBACK');
+        await Promise.all([holder.end(), observer.end()]);
+      }
+      const result = await run;
+      assert.equal(result.exitCode, 7, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Restore failed: pg_restore failed$/m);
+      assert.ok(!(await databases()).includes(target), 'no half-restored database left behind');
+    },
+  );
+
+  test(
+    'a backup holding a logical replication subscription: the drill leaves none, a failed restore drops its target, --clean says why it cannot',
+    { timeout: 120_000 },
+    async () => {
+      const subscribe =
+        "CREATE SUBSCRIPTION s1 CONNECTION 'host=127.0.0.1 port=1 dbname=nowhere' PUBLICATION p WITH (connect = false)";
+      const [subscribed, failing] = [uniqueName('rs_sub'), uniqueName('rs_sub_boom')];
+      await server.createDatabase(subscribed, ['CREATE TABLE t (id int)', 'INSERT INTO t VALUES (1), (2)', subscribe]);
+      // A materialized view refreshed last (after the subscription) that fails anywhere but in its source database.
+      await server.createDatabase(failing, [
+        'CREATE TABLE t (id int)',
+        `CREATE FUNCTION boom() RETURNS int LANGUAGE plpgsql AS $$ BEGIN IF current_database() <> '${failing}' THEN RAISE EXCEPTION 'boom'; END IF; RETURN 1; END $$`,
+        'CREATE MATERIALIZED VIEW mv AS SELECT public.boom() AS v',
+        subscribe.replace('s1', 's2'),
+      ]);
+      const dir = path.join(await tempDir(), 'b');
+      const [withSubscription, failingOne] = [
+        await takeBackup(server, subscribed, dir),
+        await takeBackup(server, failing, dir),
+      ];
+
+      const drill = await runCli({
+        args: ['--verify', withSubscription.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+      });
+      assert.equal(drill.exitCode, 0, drill.stderr);
+      assert.match(drill.stdout, /Tables: {6}1 of 1 match/);
+      assert.deepEqual(await drillDatabases(), []);
+
+      const target = uniqueName('rs_sub_failed');
+      const failed = await restore(failingOne.dumpPath, target);
+      assert.equal(failed.exitCode, 7, failed.stderr);
+      assert.match(failed.stderr, /boom/);
+      assert.ok(!(await databases()).includes(target), 'no half-restored database left behind');
+
+      const clean = await restore(withSubscription.dumpPath, subscribed, '--clean');
+      assert.equal(clean.exitCode, 2, clean.stderr);
+      assert.match(clean.stderr, /^✗ Restore failed: The database holds a logical replication subscription$/m);
+      assert.match(
+        clean.stderr,
+        new RegExp(`"${subscribed}" cannot be dropped while it holds subscriptions \\("s1"\\)`),
+      );
+      assert.match(clean.stderr, /nothing was dropped/);
+      const left = await withDatabase(subscribed, (c) =>
+        c.query(
+          'SELECT subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = current_database()',
+        ),
+      );
+      assert.deepEqual(left.rows, [{ subname: 's1' }], 'the target and its subscription are untouched');
+    },
+  );
+
+  test(
+    'a scratch database that cannot be dropped (a superuser is connected to it): exit 7, and every channel says so',
+    { timeout: 120_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const asCreator = await configAs(uniqueName('rs_creator'), 'CREATEDB');
+      let intruder: pg.Client | undefined;
+      try {
+        const held = await drillHeldAtGate(gatedBackup, async () => {
+          intruder = await server.connect((await drillDatabases())[0]);
+        }, ['--config-dir', asCreator, '--json']);
+        assert.equal(held.exitCode, 7, String(held.stdout));
+        const [scratch] = await drillDatabases();
+        assert.ok(scratch, 'the scratch database is still there');
+        const doc = JSON.parse(String(held.stdout));
+        assert.equal(doc.error, 'The scratch database was not dropped');
+        assert.deepEqual([doc.target_database, doc.target_action], [scratch, 'created and left behind']);
+        assert.match(doc.details, new RegExp(`"${scratch}", created by this run, could not be dropped and is left on`));
+        assert.match(doc.details, /must be a superuser to terminate superuser process/);
+        assert.ok(
+          doc.hints.includes(
+            `Drop it now: DROP DATABASE "${scratch}" WITH (FORCE); as a role that may end the sessions still attached to it (a superuser)`,
+          ),
+        );
+        const record = JSON.parse(await fs.readFile(gatedBackup.metadataPath, 'utf8')).last_restore_test;
+        assert.equal(record.ok, true, 'the restore itself matched: recorded as such');
+      } finally {
+        await intruder?.end();
+      }
+      for (const name of await drillDatabases()) await server.dropDatabase(name);
     },
   );
 });
