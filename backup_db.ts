@@ -6319,6 +6319,8 @@ export function chooseMode(opts: Partial<CliOptions>): Mode {
   return mode;
 }
 
+const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
+
 function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {
     if (opts.restore !== undefined || opts.list || opts.prune || opts.restoreTest || typeof opts.verify === 'string') {
@@ -6332,9 +6334,7 @@ function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.maxAge !== undefined)
     throw configError('--max-age only applies to --check', ['Check freshness: --check --max-age 26h [--verify]']);
   if (opts.restore !== undefined) return chooseRestore(opts);
-  const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find(
-    (option) => opts[option] !== undefined,
-  );
+  const onlyForRestore = RESTORE_ONLY_OPTIONS.find((option) => opts[option] !== undefined);
   if (onlyForRestore)
     throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, [
       'For example: --restore FILE --target-db NAME [--clean]',
@@ -7005,12 +7005,25 @@ async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined,
 /** The automation settings that are credentials: webhook and ping URLs carry their tokens. */
 const automationSecrets = ({ notifyUrl, pingUrl }: Automation) => [notifyUrl ?? '', pingUrl ?? ''].filter(Boolean);
 
-/** The command a command line asks for, if it says so clearly: for recording one that failed to parse. */
-function modeIfChosen(opts: CliOptions): CommandName | undefined {
+/**
+ * Pure: the command a command line asks for, as a run that failed on it is recorded (log, webhook,
+ * ping): one refused or that failed to parse is the first command its flags name, then the command
+ * a stray option belongs to; 'backup' only when none does. A misused --verify, --check or --list
+ * (a Nagios line that lost its --check) is no failed backup: it must not alarm the backup's monitor.
+ */
+function commandAskedFor(opts: Partial<CliOptions>): CommandName {
   try {
     return chooseMode(opts).command;
   } catch {
-    return undefined;
+    if (opts.check) return 'check';
+    if (opts.restore !== undefined) return 'restore';
+    if (opts.restoreTest) return 'drill';
+    if (opts.prune) return 'prune';
+    if (opts.list) return 'list';
+    if (opts.verify !== undefined) return 'verify';
+    if (opts.maxAge !== undefined) return 'check';
+    const forRestore = [...RESTORE_ONLY_OPTIONS, 'maintenanceWorkMem' as const].some((o) => opts[o] !== undefined);
+    return forRestore ? 'restore' : 'backup';
   }
 }
 
@@ -7033,7 +7046,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     parseFailure = configError(message, ['Run with --help for usage']);
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
-  let command: CommandName = 'backup';
+  const command = commandAskedFor(opts);
   let automation: Automation | undefined;
   let vars: EnvVars | undefined;
   let known: Outcome['facts'] = {};
@@ -7042,7 +7055,6 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   try {
     if (parseFailure) throw parseFailure;
     const mode = chooseMode(opts);
-    command = mode.command;
     vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
     secrets.push(...secretsIn(vars));
     const settings = resolveSettings(opts, vars);
@@ -7069,7 +7081,6 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   } catch (error) {
     outcome = failedOutcome(command, asBackupError(error, config));
   }
-  if (parseFailure) outcome.command = modeIfChosen(opts) ?? outcome.command;
   const recordTo = automation ?? (await readableAutomation(opts, vars, secrets));
   if (commanderSaid.length > 0) io.err(commanderMessage(commanderSaid.join(''), secrets));
 

@@ -214,6 +214,31 @@ describe('--ping-url (heartbeat)', () => {
     }
   });
 
+  test('a misused --verify, --check or --list fails as that command: logged so, and never pings /fail', async () => {
+    const hb = await heartbeatReceiver();
+    try {
+      const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_PING_URL: hb.url });
+      const logFile = path.join(s.configDir, 'runs.log');
+      // A line that contradicts itself asked for no backup either: never recorded as one.
+      const cases: Array<[string[], string, RegExp]> = [
+        [['--verify', ''], 'verify', /^✗ Verification failed: /m],
+        [['--max-age', '26h'], 'check', /^✗ Freshness check failed: /m],
+        [['--list', '--check', '--max-age', '1h'], 'check', /^✗ Freshness check failed: /m],
+        [['--list', '--verify', 'x.dump'], 'list', /^✗ Listing failed: /m],
+      ];
+      for (const [args, command, title] of cases) {
+        const result = await runCli({ args: [...s.base, '--log-file', logFile, ...args] });
+        assert.equal(result.exitCode, 2, `${args.join(' ')}: ${result.stderr}`);
+        assert.match(result.stderr, title, args.join(' '));
+        const lines = (await fs.readFile(logFile, 'utf8')).trim().split('\n');
+        assert.equal(JSON.parse(lines.at(-1)!).command, command, args.join(' '));
+      }
+      assert.deepEqual(hb.received, [], 'no backup was asked for: no ping');
+    } finally {
+      await hb.close();
+    }
+  });
+
   test('a malformed ping URL is a configuration error that does not echo it', async () => {
     const s = await setup();
     const result = await runCli({ args: [...s.base, '--ping-url', 'hcio/0d4c-secret-uuid', '--json'] });
