@@ -7082,7 +7082,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     outcome = failedOutcome(command, asBackupError(error, config));
   }
   const recordTo = automation ?? (await readableAutomation(opts, vars, secrets));
-  if (commanderSaid.length > 0) io.err(commanderMessage(commanderSaid.join(''), secrets));
+  // With --json, the document below says it, and says it alone (README: one JSON document).
+  if (commanderSaid.length > 0 && !json) io.err(commanderMessage(commanderSaid.join(''), secrets));
 
   const operation = OPERATION_NAMES[outcome.command];
   // Names of a run that worked, which it reports itself: a password inside one is masked only outside

@@ -68,6 +68,21 @@ describe('options with garbage → exit 2', () => {
   }
 });
 
+describe('--json with a bad command line', () => {
+  test('prints the one JSON document, on stdout only, as for any other failure', async () => {
+    for (const args of [
+      ['--keep-daily', 'seven'],
+      ['--retention', '5'],
+      ['--verify', ''],
+    ]) {
+      const result = await attempt(['--env', 'dev', '--json', ...args]);
+      assert.equal(result.exitCode, 2, `${args.join(' ')}: ${result.stdout}\n${result.stderr}`);
+      assert.equal(JSON.parse(result.stdout).ok, false, args.join(' '));
+      assert.equal(result.stderr, '', `${args.join(' ')}: nothing but the document`);
+    }
+  });
+});
+
 describe('variables with garbage', () => {
   const good = () => dbVars(server, 'DEV_DB_', 'input_app');
   const cases: Array<[string, Record<string, string>, number, RegExp]> = [
