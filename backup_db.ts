@@ -6411,10 +6411,16 @@ export function parseDuration(value: string, maxMs = MAX_TIMEOUT_MS): number {
   return ms;
 }
 
-/** Pure: a duration's milliseconds, NaN if it is none. */
+/**
+ * Pure: a duration's milliseconds, NaN if it is none. Only 0 means "no limit", so a value under 1 ms is
+ * 1 ms, never 0: rounding up keeps every value that parsed before and its meaning, a limit. (Math.ceil
+ * throughout would not do: 1.1 * 1000 is 1100.0000000000002 in floating point.)
+ */
 function durationMs(value: string): number {
   const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
-  return match ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS]) : NaN;
+  if (!match) return NaN;
+  const ms = Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS];
+  return ms > 0 ? Math.max(1, Math.round(ms)) : 0;
 }
 
 /** Pure: milliseconds as the largest whole unit that fits, e.g. "24 d", "90 s". */
