@@ -6493,7 +6493,12 @@ function webhookUrl(value: string): string {
   throw new InvalidArgumentError('Use an http:// or https:// URL.');
 }
 
-const asFlag = (value: string) => /^(1|true|yes|on)$/i.test(value.trim());
+/** Pure: a yes-or-no setting. Any other word is refused: "enabled" read as off would silence what was asked for. */
+function asFlag(value: string): boolean {
+  if (/^\s*(1|true|yes|on)\s*$/i.test(value)) return true;
+  if (/^\s*(0|false|no|off)\s*$/i.test(value)) return false;
+  throw new InvalidArgumentError('Use 1, true, yes, on to turn it on, or 0, false, no, off.');
+}
 
 export interface Settings {
   retention: RetentionPolicy;
