@@ -6513,11 +6513,26 @@ export interface Settings {
 }
 
 /**
- * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
- * (which, like every setting, may come from the process environment, .env.local or .env).
+ * The variables only some commands read (README, .env.example). They sit in a .env that every command
+ * reads, so the others leave them unread: BACKUP_MAX_AGE=0 must not stop the backups.
  */
-export function resolveSettings(opts: SettingOptions, vars: EnvVars): Settings {
-  const fromVar = settingReader(vars);
+const READ_ONLY_BY: Readonly<Record<string, readonly CommandName[]>> = {
+  BACKUP_MAX_AGE: ['check'],
+  BACKUP_MAINTENANCE_WORK_MEM: ['restore', 'drill'],
+  BACKUP_STALL_TIMEOUT: ['backup'],
+  ...Object.fromEntries(
+    ['LAST', 'DAILY', 'WEEKLY', 'MONTHLY'].map((rule) => [`BACKUP_KEEP_${rule}`, ['backup', 'prune']]),
+  ),
+};
+
+/**
+ * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
+ * (which, like every setting, may come from the process environment, .env.local or .env), for `command`.
+ */
+export function resolveSettings(opts: SettingOptions, vars: EnvVars, command: CommandName): Settings {
+  const readVar = settingReader(vars);
+  const fromVar: SettingReader = (name, parse) =>
+    (READ_ONLY_BY[name]?.includes(command) ?? true) ? readVar(name, parse) : undefined;
   const keep = (option: number | undefined, name: string) => option ?? fromVar(name, parseKeepCount) ?? 0;
   const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
   const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
@@ -7068,7 +7083,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     const mode = chooseMode(opts);
     vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
     secrets.push(...secretsIn(vars));
-    const settings = resolveSettings(opts, vars);
+    const settings = resolveSettings(opts, vars, mode.command);
     await checkRecordFiles(settings.automation);
     automation = settings.automation;
     secrets.push(...automationSecrets(automation));

@@ -569,6 +569,38 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     assert.equal(backup.exitCode, 0, backup.stderr);
   });
 
+  test('a variable read by one command only is parsed, and can fail, only in that command', async () => {
+    const misread = {
+      BACKUP_MAX_AGE: '1d12h',
+      BACKUP_MAINTENANCE_WORK_MEM: 'lots',
+      BACKUP_STALL_TIMEOUT: 'soon',
+      BACKUP_KEEP_DAILY: 'seven',
+    };
+    const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), ...misread });
+    const cases: Array<[string[], number, RegExp | undefined]> = [
+      [['--check', '--max-age', '1h'], 8, undefined],
+      [['--check'], 2, /BACKUP_MAX_AGE \(from \.env\) is "1d12h"/],
+      [['--list'], 0, undefined],
+      [['--restore', 'x.dump', '--target-db', 'copy'], 2, /BACKUP_MAINTENANCE_WORK_MEM \(from \.env\) is "lots"/],
+      [['--prune', '--keep-last', '3'], 2, /BACKUP_KEEP_DAILY \(from \.env\) is "seven"/],
+      [[], 2, /BACKUP_(STALL_TIMEOUT|KEEP_DAILY) \(from \.env\)/],
+    ];
+    for (const [args, exitCode, message] of cases) {
+      const result = await runCli({ args: [...s.base, ...args] });
+      assert.equal(result.exitCode, exitCode, `${args.join(' ')}: ${result.stderr}`);
+      if (message) assert.match(result.stderr, message, args.join(' '));
+      else assert.doesNotMatch(result.stderr, /BACKUP_/, args.join(' '));
+    }
+    // BACKUP_MAX_AGE=0 (refused by --check) and the restores' memory take no backup run down.
+    const backupOnly = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), ...misread, BACKUP_MAX_AGE: '0' });
+    await fs.writeFile(
+      path.join(backupOnly.configDir, '.env.local'),
+      'BACKUP_STALL_TIMEOUT=15min\nBACKUP_KEEP_DAILY=7\n',
+    );
+    const backup = await runCli({ args: backupOnly.base });
+    assert.equal(backup.exitCode, 0, backup.stderr);
+  });
+
   test('judgeFreshness ignores other databases and environments', () => {
     const entry = (file: string, database: string, environment: string, timestamp: string): ListEntry => ({
       file,
