@@ -6538,6 +6538,8 @@ export function resolveSettings(opts: SettingOptions, vars: EnvVars, command: Co
   const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
   const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', parseTimeout);
+  // --compress's syntax, before anything is created or connected; whether pg_dump has it, once it is chosen.
+  if (command === 'backup') parseCompression(opts.compress, Number.POSITIVE_INFINITY);
   return {
     ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
     stallTimeoutMs: stallTimeoutMs ?? parseDuration(DEFAULT_STALL_TIMEOUT),
