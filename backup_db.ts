@@ -6577,6 +6577,8 @@ export function chooseMode(opts: Partial<CliOptions>): Mode {
   return mode;
 }
 
+const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
+
 function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {
     if (opts.restore !== undefined || opts.list || opts.prune || opts.restoreTest || typeof opts.verify === 'string') {
@@ -6590,9 +6592,7 @@ function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.maxAge !== undefined)
     throw configError('--max-age only applies to --check', ['Check freshness: --check --max-age 26h [--verify]']);
   if (opts.restore !== undefined) return chooseRestore(opts);
-  const onlyForRestore = (['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const).find(
-    (option) => opts[option] !== undefined,
-  );
+  const onlyForRestore = RESTORE_ONLY_OPTIONS.find((option) => opts[option] !== undefined);
   if (onlyForRestore)
     throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, [
       'For example: --restore FILE --target-db NAME [--clean]',
@@ -6669,10 +6669,16 @@ export function parseDuration(value: string, maxMs = MAX_TIMEOUT_MS): number {
   return ms;
 }
 
-/** Pure: a duration's milliseconds, NaN if it is none. */
+/**
+ * Pure: a duration's milliseconds, NaN if it is none. Only 0 means "no limit", so a value under 1 ms is
+ * 1 ms, never 0: rounding up keeps every value that parsed before and its meaning, a limit. (Math.ceil
+ * throughout would not do: 1.1 * 1000 is 1100.0000000000002 in floating point.)
+ */
 function durationMs(value: string): number {
   const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*$/.exec(value);
-  return match ? Math.round(Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS]) : NaN;
+  if (!match) return NaN;
+  const ms = Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS];
+  return ms > 0 ? Math.max(1, Math.round(ms)) : 0;
 }
 
 /** Pure: milliseconds as the largest whole unit that fits, e.g. "24 d", "90 s". */
@@ -6760,7 +6766,12 @@ function webhookUrl(value: string): string {
   throw new InvalidArgumentError('Use an http:// or https:// URL.');
 }
 
-const asFlag = (value: string) => /^(1|true|yes|on)$/i.test(value.trim());
+/** Pure: a yes-or-no setting. Any other word is refused: "enabled" read as off would silence what was asked for. */
+function asFlag(value: string): boolean {
+  if (/^\s*(1|true|yes|on)\s*$/i.test(value)) return true;
+  if (/^\s*(0|false|no|off)\s*$/i.test(value)) return false;
+  throw new InvalidArgumentError('Use 1, true, yes, on to turn it on, or 0, false, no, off.');
+}
 
 export interface Settings {
   retention: RetentionPolicy;
@@ -6775,16 +6786,33 @@ export interface Settings {
 }
 
 /**
- * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
- * (which, like every setting, may come from the process environment, .env.local or .env).
+ * The variables only some commands read (README, .env.example). They sit in a .env that every command
+ * reads, so the others leave them unread: BACKUP_MAX_AGE=0 must not stop the backups.
  */
-export function resolveSettings(opts: SettingOptions, vars: EnvVars): Settings {
-  const fromVar = settingReader(vars);
+const READ_ONLY_BY: Readonly<Record<string, readonly CommandName[]>> = {
+  BACKUP_MAX_AGE: ['check'],
+  BACKUP_MAINTENANCE_WORK_MEM: ['restore', 'drill'],
+  BACKUP_STALL_TIMEOUT: ['backup'],
+  ...Object.fromEntries(
+    ['LAST', 'DAILY', 'WEEKLY', 'MONTHLY'].map((rule) => [`BACKUP_KEEP_${rule}`, ['backup', 'prune']]),
+  ),
+};
+
+/**
+ * Pure: the settings meant for scheduled runs, each from its option or else its BACKUP_* variable
+ * (which, like every setting, may come from the process environment, .env.local or .env), for `command`.
+ */
+export function resolveSettings(opts: SettingOptions, vars: EnvVars, command: CommandName): Settings {
+  const readVar = settingReader(vars);
+  const fromVar: SettingReader = (name, parse) =>
+    (READ_ONLY_BY[name]?.includes(command) ?? true) ? readVar(name, parse) : undefined;
   const keep = (option: number | undefined, name: string) => option ?? fromVar(name, parseKeepCount) ?? 0;
   const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
   const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
   const maxAgeMs = opts.maxAge ?? fromVar('BACKUP_MAX_AGE', parseMaxAge);
   const stallTimeoutMs = opts.stallTimeout ?? fromVar('BACKUP_STALL_TIMEOUT', parseTimeout);
+  // --compress's syntax, before anything is created or connected; whether pg_dump has it, once it is chosen.
+  if (command === 'backup') parseCompression(opts.compress, Number.POSITIVE_INFINITY);
   return {
     ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
     stallTimeoutMs: stallTimeoutMs ?? parseDuration(DEFAULT_STALL_TIMEOUT),
@@ -7285,12 +7313,25 @@ async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined,
 /** The automation settings that are credentials: webhook and ping URLs carry their tokens. */
 const automationSecrets = ({ notifyUrl, pingUrl }: Automation) => [notifyUrl ?? '', pingUrl ?? ''].filter(Boolean);
 
-/** The command a command line asks for, if it says so clearly: for recording one that failed to parse. */
-function modeIfChosen(opts: CliOptions): CommandName | undefined {
+/**
+ * Pure: the command a command line asks for, as a run that failed on it is recorded (log, webhook,
+ * ping): one refused or that failed to parse is the first command its flags name, then the command
+ * a stray option belongs to; 'backup' only when none does. A misused --verify, --check or --list
+ * (a Nagios line that lost its --check) is no failed backup: it must not alarm the backup's monitor.
+ */
+function commandAskedFor(opts: Partial<CliOptions>): CommandName {
   try {
     return chooseMode(opts).command;
   } catch {
-    return undefined;
+    if (opts.check) return 'check';
+    if (opts.restore !== undefined) return 'restore';
+    if (opts.restoreTest) return 'drill';
+    if (opts.prune) return 'prune';
+    if (opts.list) return 'list';
+    if (opts.verify !== undefined) return 'verify';
+    if (opts.maxAge !== undefined) return 'check';
+    const forRestore = [...RESTORE_ONLY_OPTIONS, 'maintenanceWorkMem' as const].some((o) => opts[o] !== undefined);
+    return forRestore ? 'restore' : 'backup';
   }
 }
 
@@ -7313,7 +7354,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     parseFailure = configError(message, ['Run with --help for usage']);
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
-  let command: CommandName = 'backup';
+  const command = commandAskedFor(opts);
   let automation: Automation | undefined;
   let vars: EnvVars | undefined;
   let known: Outcome['facts'] = {};
@@ -7322,10 +7363,9 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   try {
     if (parseFailure) throw parseFailure;
     const mode = chooseMode(opts);
-    command = mode.command;
     vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
     secrets.push(...secretsIn(vars));
-    const settings = resolveSettings(opts, vars);
+    const settings = resolveSettings(opts, vars, mode.command);
     await checkRecordFiles(settings.automation);
     automation = settings.automation;
     secrets.push(...automationSecrets(automation));
@@ -7349,9 +7389,9 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   } catch (error) {
     outcome = failedOutcome(command, asBackupError(error, config));
   }
-  if (parseFailure) outcome.command = modeIfChosen(opts) ?? outcome.command;
   const recordTo = automation ?? (await readableAutomation(opts, vars, secrets));
-  if (commanderSaid.length > 0) io.err(commanderMessage(commanderSaid.join(''), secrets));
+  // With --json, the document below says it, and says it alone (README: one JSON document).
+  if (commanderSaid.length > 0 && !json) io.err(commanderMessage(commanderSaid.join(''), secrets));
 
   const operation = OPERATION_NAMES[outcome.command];
   // Names of a run that worked, which it reports itself: a password inside one is masked only outside

@@ -68,6 +68,36 @@ describe('options with garbage → exit 2', () => {
   }
 });
 
+describe('--compress with garbage', () => {
+  test('is refused before connecting or creating anything: exit 2 even when the server is unreachable', async () => {
+    const configDir = await tempDir();
+    const outputDir = path.join(configDir, 'n', 'deep', 'er');
+    await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', 'input_app'), DEV_DB_PORT: '1' });
+    for (const value of ['bogus', 'zstd:23']) {
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--compress', value],
+      });
+      assertCleanFailure({ ...result, files: [] }, 2, /--compress (zstd:23: zstd levels run from 1 to 22|"bogus")/);
+      await assert.rejects(fs.access(path.join(configDir, 'n')), `--compress ${value}: no directory created`);
+    }
+  });
+});
+
+describe('--json with a bad command line', () => {
+  test('prints the one JSON document, on stdout only, as for any other failure', async () => {
+    for (const args of [
+      ['--keep-daily', 'seven'],
+      ['--retention', '5'],
+      ['--verify', ''],
+    ]) {
+      const result = await attempt(['--env', 'dev', '--json', ...args]);
+      assert.equal(result.exitCode, 2, `${args.join(' ')}: ${result.stdout}\n${result.stderr}`);
+      assert.equal(JSON.parse(result.stdout).ok, false, args.join(' '));
+      assert.equal(result.stderr, '', `${args.join(' ')}: nothing but the document`);
+    }
+  });
+});
+
 describe('variables with garbage', () => {
   const good = () => dbVars(server, 'DEV_DB_', 'input_app');
   const cases: Array<[string, Record<string, string>, number, RegExp]> = [

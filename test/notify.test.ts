@@ -217,6 +217,28 @@ describe('--notify-url', () => {
     }
   });
 
+  test('BACKUP_NOTIFY_ON_SUCCESS takes 1/true/yes/on and 0/false/no/off; any other value is exit 2, no backup', async () => {
+    const hook = await webhook();
+    try {
+      const run = async (value: string) => {
+        const s = await setup({ ...dbVars(server, 'DEV_DB_', 'notify_app'), BACKUP_NOTIFY_ON_SUCCESS: value });
+        const result = await runCli({ args: [...s.base, '--notify-url', hook.url] });
+        return { ...result, files: await fs.readdir(path.join(s.configDir, 'out')).catch(() => []) };
+      };
+      const refused = await run('enabled');
+      assert.equal(refused.exitCode, 2, refused.stderr);
+      assert.match(refused.stderr, /BACKUP_NOTIFY_ON_SUCCESS \(from \.env\) is "enabled": Use 1, true, yes, on/);
+      assert.deepEqual(refused.files, [], 'no backup');
+      assert.equal(hook.received.length, 1, 'the failure is notified');
+      assert.equal((await run('On')).exitCode, 0);
+      assert.equal(hook.received.length, 2, 'on: the success is notified');
+      assert.equal((await run('off')).exitCode, 0);
+      assert.equal(hook.received.length, 2, 'off: not notified');
+    } finally {
+      await hook.close();
+    }
+  });
+
   test('a 5xx answer is retried once', async () => {
     const hook = await webhook((n) => (n === 1 ? 503 : 200));
     try {

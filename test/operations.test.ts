@@ -214,6 +214,31 @@ describe('--ping-url (heartbeat)', () => {
     }
   });
 
+  test('a misused --verify, --check or --list fails as that command: logged so, and never pings /fail', async () => {
+    const hb = await heartbeatReceiver();
+    try {
+      const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_PING_URL: hb.url });
+      const logFile = path.join(s.configDir, 'runs.log');
+      // A line that contradicts itself asked for no backup either: never recorded as one.
+      const cases: Array<[string[], string, RegExp]> = [
+        [['--verify', ''], 'verify', /^✗ Verification failed: /m],
+        [['--max-age', '26h'], 'check', /^✗ Freshness check failed: /m],
+        [['--list', '--check', '--max-age', '1h'], 'check', /^✗ Freshness check failed: /m],
+        [['--list', '--verify', 'x.dump'], 'list', /^✗ Listing failed: /m],
+      ];
+      for (const [args, command, title] of cases) {
+        const result = await runCli({ args: [...s.base, '--log-file', logFile, ...args] });
+        assert.equal(result.exitCode, 2, `${args.join(' ')}: ${result.stderr}`);
+        assert.match(result.stderr, title, args.join(' '));
+        const lines = (await fs.readFile(logFile, 'utf8')).trim().split('\n');
+        assert.equal(JSON.parse(lines.at(-1)!).command, command, args.join(' '));
+      }
+      assert.deepEqual(hb.received, [], 'no backup was asked for: no ping');
+    } finally {
+      await hb.close();
+    }
+  });
+
   test('a malformed ping URL is a configuration error that does not echo it', async () => {
     const s = await setup();
     const result = await runCli({ args: [...s.base, '--ping-url', 'hcio/0d4c-secret-uuid', '--json'] });
@@ -541,6 +566,38 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     // The variable may sit in a .env that every command reads.
     const withVariable = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), BACKUP_MAX_AGE: '26h' });
     const backup = await runCli({ args: withVariable.base });
+    assert.equal(backup.exitCode, 0, backup.stderr);
+  });
+
+  test('a variable read by one command only is parsed, and can fail, only in that command', async () => {
+    const misread = {
+      BACKUP_MAX_AGE: '1d12h',
+      BACKUP_MAINTENANCE_WORK_MEM: 'lots',
+      BACKUP_STALL_TIMEOUT: 'soon',
+      BACKUP_KEEP_DAILY: 'seven',
+    };
+    const s = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), ...misread });
+    const cases: Array<[string[], number, RegExp | undefined]> = [
+      [['--check', '--max-age', '1h'], 8, undefined],
+      [['--check'], 2, /BACKUP_MAX_AGE \(from \.env\) is "1d12h"/],
+      [['--list'], 0, undefined],
+      [['--restore', 'x.dump', '--target-db', 'copy'], 2, /BACKUP_MAINTENANCE_WORK_MEM \(from \.env\) is "lots"/],
+      [['--prune', '--keep-last', '3'], 2, /BACKUP_KEEP_DAILY \(from \.env\) is "seven"/],
+      [[], 2, /BACKUP_(STALL_TIMEOUT|KEEP_DAILY) \(from \.env\)/],
+    ];
+    for (const [args, exitCode, message] of cases) {
+      const result = await runCli({ args: [...s.base, ...args] });
+      assert.equal(result.exitCode, exitCode, `${args.join(' ')}: ${result.stderr}`);
+      if (message) assert.match(result.stderr, message, args.join(' '));
+      else assert.doesNotMatch(result.stderr, /BACKUP_/, args.join(' '));
+    }
+    // BACKUP_MAX_AGE=0 (refused by --check) and the restores' memory take no backup run down.
+    const backupOnly = await setup({ ...dbVars(server, 'DEV_DB_', 'ops_app'), ...misread, BACKUP_MAX_AGE: '0' });
+    await fs.writeFile(
+      path.join(backupOnly.configDir, '.env.local'),
+      'BACKUP_STALL_TIMEOUT=15min\nBACKUP_KEEP_DAILY=7\n',
+    );
+    const backup = await runCli({ args: backupOnly.base });
     assert.equal(backup.exitCode, 0, backup.stderr);
   });
 

@@ -665,6 +665,24 @@ describe('retention on real backups', () => {
     assert.ok(!doc.retention.deleted.includes(h.stalePartial));
   });
 
+  test('a backup with --dry-run takes the backup, says what its retention would delete, and deletes nothing', async () => {
+    const h = await history();
+    const before = await directoryFingerprint(h.dir);
+    const rules = ['--keep-last', '1', '--keep-daily', '2'];
+    const text = await runCli({ args: h.args(...rules, '--dry-run'), env: { TZ: 'UTC' } });
+    assert.equal(text.exitCode, 0, text.stderr);
+    assert.match(text.stdout, /^Dry run: would delete \d+ backups \(.+\); nothing was deleted\.$/m);
+    const json = await runCli({ args: h.args(...rules, '--dry-run', '--json'), env: { TZ: 'UTC' } });
+    assert.equal(json.exitCode, 0, json.stderr);
+    const doc = JSON.parse(json.stdout);
+    assert.equal(doc.retention.dry_run, true);
+    assert.ok(doc.retention.deleted.length > 0, 'the rules would delete some');
+    const after = await directoryFingerprint(h.dir);
+    const { [h.stalePartial]: _cleared, ...kept } = before;
+    for (const [name, print] of Object.entries(kept)) assert.equal(after[name], print, `${name} untouched`);
+    assert.ok(after[doc.metadata.backup_file], 'the new backup stands');
+  });
+
   test('retention settings can come from BACKUP_KEEP_* variables (for cron), options winning', async () => {
     const h = await history();
     await writeEnvFile(h.configDir, '.env', {

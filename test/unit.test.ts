@@ -51,6 +51,7 @@ import {
   formatMemory,
   compareVersions,
   parseDuration,
+  parseMaxAge,
   mergeEnvLayers,
   metadataFileName,
   parseCompression,
@@ -787,6 +788,13 @@ describe('parseDuration', () => {
       assert.throws(() => parseDuration(value), /Use a duration/, value);
     assert.equal(parseDuration('24d'), 24 * 86_400_000);
     assert.throws(() => parseDuration('2h', 3_600_000), /up to 1 h/);
+  });
+  test('only 0 is no limit: a duration under 1 ms is 1 ms, never 0; the others round to the nearest ms', () => {
+    assert.deepEqual(
+      ['0.4ms', '0.0004s', '0.00001min', '0.5ms', '1.1s', '0.3s', '0.0', '0ms'].map((v) => parseDuration(v)),
+      [1, 1, 1, 1, 1100, 300, 0, 0],
+    );
+    assert.equal(parseMaxAge('0.4ms'), 1);
   });
 });
 
