@@ -5488,6 +5488,12 @@ async function writeRestoreTest(
     if (errnoCode(error) !== 'EPERM') throw error;
     return `the metadata is ${await ownerOf(metadataPath)} and would not stay so: run the drill as its owner or root`;
   }
+  // No lock is taken (a backup may hold it for hours): a retention that deleted the backup meanwhile
+  // is seen now, and the metadata just written for it would be an orphan.
+  if (!(await pathExists(filePath))) {
+    await removeQuietly(metadataPath);
+    return 'the backup was deleted meanwhile';
+  }
 }
 
 // ─── Run records: log file, notifications, failure hook ──────────────────────────────────

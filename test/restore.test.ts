@@ -6,6 +6,7 @@
  * anything is written.
  */
 import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -949,6 +950,38 @@ describe('--verify FILE --restore-test (the drill)', () => {
       assert.doesNotMatch(String(result.stdout), /last_restore_test in/);
       const left = await fs.readdir(path.dirname(gatedBackup.dumpPath));
       assert.ok(!left.some((name) => name.includes('.metadata.json')), `no metadata written: ${left.join(', ')}`);
+    },
+  );
+
+  test(
+    'a backup deleted (by retention, say) as the drill records its result: nothing recorded, no metadata left behind',
+    { timeout: 90_000 },
+    async () => {
+      const taken = await takeBackup(server, 'rs_app', path.join(await tempDir(), 'b'));
+      const gates = await tempDir();
+      const renameGate = {
+        target: path.basename(taken.metadataPath),
+        reached: path.join(gates, 'reached'),
+        open: path.join(gates, 'open'),
+      };
+      const drill = startCli({
+        args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+        renameGate,
+      });
+      // The drill checked that the backup exists and is about to put its new metadata in place.
+      await waitFor('the drill to record its result', async () => (existsSync(renameGate.reached) ? true : undefined));
+      await fs.rm(taken.dumpPath);
+      await fs.rm(taken.metadataPath);
+      await fs.writeFile(renameGate.open, '');
+      const result = await drill;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(String(result.stdout), /^Recorded: {4}not recorded: the backup was deleted meanwhile$/m);
+      const left = await fs.readdir(path.dirname(taken.dumpPath));
+      assert.deepEqual(
+        left.filter((name) => name.includes('.metadata.json')),
+        [],
+        'no orphan metadata',
+      );
     },
   );
 

@@ -31,6 +31,15 @@ export interface CliRun {
   viaNpx?: boolean;
   /** Step the CLI's wall clock once the file `when` exists, then let it run at `rate` (see wall-clock.ts). */
   wallClock?: WallClock;
+  /** Hold the CLI's first rename onto a name ending with `target` (see rename-gate.ts). */
+  renameGate?: RenameGate;
+}
+
+/** The CLI reached the rename when `reached` exists; it goes on once `open` exists. */
+export interface RenameGate {
+  target: string;
+  reached: string;
+  open: string;
 }
 
 /** A wall clock that steps by `stepMs` once the file `when` exists, then runs at `rate` times real speed. */
@@ -42,6 +51,7 @@ export interface WallClock {
 
 /** The module node preloads (`--import`) into a CLI whose wall clock a test controls. */
 export const WALL_CLOCK_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'wall-clock.ts');
+const RENAME_GATE_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'rename-gate.ts');
 
 export function wallClockEnv({ when, stepMs = 0, rate = 1 }: WallClock): Record<string, string> {
   return { WALL_CLOCK_WHEN: when, WALL_CLOCK_STEP_MS: String(stepMs), WALL_CLOCK_RATE: String(rate) };
@@ -61,8 +71,11 @@ export function startCli({
   wrapper = [],
   viaNpx = false,
   wallClock,
+  renameGate,
 }: CliRun): ResultPromise<Options & { reject: false }> {
-  const preload = wallClock ? ['--import', WALL_CLOCK_MODULE] : [];
+  const preload = [...(wallClock ? [WALL_CLOCK_MODULE] : []), ...(renameGate ? [RENAME_GATE_MODULE] : [])].flatMap(
+    (module) => ['--import', module],
+  );
   const command = [
     ...wrapper,
     ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', ...preload, SCRIPT]),
@@ -70,7 +83,18 @@ export function startCli({
   ];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
-    env: { ...baseEnv(), ...(wallClock ? wallClockEnv(wallClock) : {}), ...env },
+    env: {
+      ...baseEnv(),
+      ...(wallClock ? wallClockEnv(wallClock) : {}),
+      ...(renameGate
+        ? {
+            RENAME_GATE_TARGET: renameGate.target,
+            RENAME_GATE_REACHED: renameGate.reached,
+            RENAME_GATE_OPEN: renameGate.open,
+          }
+        : {}),
+      ...env,
+    },
     extendEnv: false,
     cwd,
     reject: false,
