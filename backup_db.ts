@@ -41,7 +41,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, type Stats } from 'node:fs';
+import { createReadStream, createWriteStream, existsSync, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -93,6 +93,8 @@ const DEFAULT_LOCK_WAIT_TIMEOUT = '30s';
 const DEFAULT_STALL_TIMEOUT = '15min';
 const DUMP_SUFFIX = '.dump';
 const PARTIAL_SUFFIX = '.partial';
+/** `<name>.dump.pin-<pid>`: a restore's private links to a directory-format backup (pinBackup). */
+const PIN_INFIX = '.pin-';
 const METADATA_SUFFIX = '.metadata.json';
 const LOCK_SUFFIX = '.lock';
 // Names this run's sessions (pg_dump's add :pg_dump) for the watchdog, progress and lock-cycle queries. The pid
@@ -1250,16 +1252,17 @@ function alreadyRunningError(
 
 /**
  * With the lock held, no other run of this database is writing here, so its leftovers are stale:
- * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
- * final name; and of the lock itself, the temp files and takeover claims of runs that died while
- * starting (a run still starting, and losing to us, has a live pid, or one we cannot check). Names
- * are matched exactly (database, environment, timestamp), never by prefix. Best effort: one this
- * user cannot remove (another user's killed run left it) is named, and the backup goes on, as it
- * claims its own names exclusively.
+ * `.partial` dumps of runs that were killed, temp metadata, metadata whose dump never got its final
+ * name, and the pinned links of restores that are gone (pinBackup); and of the lock itself, the temp
+ * files and takeover claims of runs that died while starting (a run still starting, and losing to
+ * us, has a live pid, or one we cannot check). Names are matched exactly (database, environment,
+ * timestamp), never by prefix. Best effort: one this user cannot remove (another user's killed run
+ * left it) is named, and the backup goes on, as it claims its own names exclusively.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ removed: string[]; left: string[] }> {
   const stem = backupStemOf(config);
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
+  const pin = new RegExp(`^${stem}\\.dump${escapeRegExp(PIN_INFIX)}(?<pid>\\d+)$`);
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
   const lock = escapeRegExp(lockFileName(config.database, config.environment));
@@ -1268,6 +1271,8 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ remove
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
     if (partial.test(name) || tempMetadata.test(name)) return true;
+    const pinnedBy = pin.exec(name)?.groups?.pid;
+    if (pinnedBy) return !processAlive(Number(pinnedBy));
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
@@ -3714,9 +3719,15 @@ export interface Verification {
  * --verify's checks, the quick ones now: metadata, size, archive structure and table data, which
  * read a little of the file. The SHA-256 re-read of every byte goes on in `complete`, so that a
  * restore into a database of its own making can run meanwhile. If a quick check fails, the
- * re-read is awaited first, so that the report names every check that failed.
+ * re-read is awaited first, so that the report names every check that failed. The checks read
+ * `readPath`: a restore's pinned backup (pinBackup), which its names may no longer reach.
  */
-async function startVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<Verification> {
+async function startVerify(
+  fileArgument: string,
+  search: ClientSearch,
+  signal?: AbortSignal,
+  readPath = path.resolve(fileArgument),
+): Promise<Verification> {
   const filePath = path.resolve(fileArgument);
   await assertReadableFile(filePath);
   if (!filePath.endsWith(DUMP_SUFFIX)) {
@@ -3743,15 +3754,15 @@ async function startVerify(fileArgument: string, search: ClientSearch, signal?: 
   let client: PgClient | undefined;
   let noClient: BackupError | undefined;
   try {
-    client = await findRestoreClient(search, await readArchiveHeader(filePath));
+    client = await findRestoreClient(search, await readArchiveHeader(readPath));
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
     noClient = error;
   }
   const { metadata } = loaded;
-  const hashing = hashBackup(filePath, signal);
+  const hashing = hashBackup(readPath, signal);
   hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
-  const structure = await inspectStructure(client?.pgRestore, filePath, metadata, noClient?.details, signal);
+  const structure = await inspectStructure(client?.pgRestore, readPath, metadata, noClient?.details, signal);
   const resultWith = (hash?: DumpOutcome): VerifyResult => ({
     filePath,
     metadataPath,
@@ -5002,7 +5013,7 @@ function pgOptions(settings: Record<string, string>): string {
  * workers interleave their messages and pg_restore's error count leaves out the workers' errors.
  */
 async function runPgRestore(
-  { pgRestore, filePath: file }: { pgRestore: PgTool; filePath: string },
+  { pgRestore, readPath: file }: { pgRestore: PgTool; readPath: string },
   config: DbConfig,
   target: string,
   server: ServerInfo,
@@ -5079,6 +5090,8 @@ export interface RestoreOutcome extends Pick<RestorableArchive, 'filePath' | 'me
 
 interface RestorableArchive {
   filePath: string;
+  /** What every reader opens: the pinned backup (see pinBackup), else the file itself. */
+  readPath: string;
   metadataPath: string;
   toc: string;
   /** The pg_restore that reads this archive's format. */
@@ -5097,22 +5110,24 @@ interface RestorableArchive {
  */
 async function restorableArchive(
   search: ClientSearch,
-  file: string,
+  { file, pinned }: Pick<RestoreRequest, 'file' | 'pinned'>,
   force: boolean,
   signal: AbortSignal,
 ): Promise<RestorableArchive> {
+  const readPath = pinned ?? path.resolve(file);
   try {
-    const { quick, complete } = await startVerify(file, search, signal);
+    const { quick, complete } = await startVerify(file, search, signal, readPath);
     // --force needs to know now what it goes past.
     if (force) await complete;
     const { filePath, metadataPath, metadata, inspection, client } = quick;
-    return { filePath, metadataPath, toc: inspection.toc, pgRestore: client!.pgRestore, metadata, checksum: complete };
+    const pgRestore = client!.pgRestore;
+    return { filePath, readPath, metadataPath, toc: inspection.toc, pgRestore, metadata, checksum: complete };
   } catch (error) {
     signal.throwIfAborted(); // a check the interrupt cut short proves nothing
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
-    const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(filePath));
-    const listing = await listArchive(pgRestore, filePath);
+    const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(readPath));
+    const listing = await listArchive(pgRestore, readPath);
     if (!listing.ok) {
       throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore cannot read the archive', listing.error, [
         'Even --force cannot restore an unreadable archive',
@@ -5122,6 +5137,7 @@ async function restorableArchive(
     const loaded = await loadMetadata(metadataPath, path.basename(filePath));
     return {
       filePath,
+      readPath,
       metadataPath,
       toc: listing.toc,
       pgRestore,
@@ -5130,6 +5146,53 @@ async function restorableArchive(
       checksum: Promise.resolve(),
     };
   }
+}
+
+/** A backup held for the readers of one restore: `readPath` reaches what was there when it was pinned. */
+interface PinnedBackup {
+  readPath: string;
+  release(): Promise<void>;
+}
+
+/**
+ * Pin a backup, so that verification and pg_restore read the same bytes whatever happens to its
+ * names meanwhile (retention deleting it, a file put in its place): pg_restore reopens the archive
+ * by path (its --jobs workers, each data file of a directory-format backup). A file is held open
+ * and read as /proc/<our pid>/fd/<n>, which any process of ours can open; without /proc (macOS) it
+ * is read by its name, unpinned. A directory-format backup's files are hard-linked into a private
+ * directory beside it (`<name>.dump.pin-<pid>`: never listed as a backup; the next backup of the
+ * database removes it once its run is gone). Undefined where it cannot be pinned (not there: its
+ * verification says so; not linkable here): read by its name, as before.
+ */
+async function pinBackup(filePath: string): Promise<PinnedBackup | undefined> {
+  const stat = await fs.stat(filePath).catch(() => undefined);
+  // Only what could be a backup: verification refuses anything else, which must not be linked first.
+  if (stat?.isDirectory() && filePath.endsWith(DUMP_SUFFIX)) return pinDirectory(filePath).catch(() => undefined);
+  const handle = stat?.isFile() ? await fs.open(filePath, 'r').catch(() => undefined) : undefined; // never a FIFO
+  if (!handle) return undefined;
+  const readPath = `/proc/${process.pid}/fd/${handle.fd}`;
+  if (!(await pathExists(readPath))) {
+    await handle.close();
+    return undefined;
+  }
+  return { readPath, release: () => handle.close() };
+}
+
+async function pinDirectory(dir: string): Promise<PinnedBackup> {
+  const pinned = `${dir}${PIN_INFIX}${process.pid}`;
+  await fs.rm(pinned, { recursive: true, force: true }); // an earlier run's of this pid
+  await fs.mkdir(pinned, { mode: 0o700 });
+  const release = () => fs.rm(pinned, { recursive: true, force: true });
+  try {
+    for (const name of await archiveFiles(dir)) {
+      await fs.mkdir(path.dirname(path.join(pinned, name)), { recursive: true });
+      await fs.link(path.join(dir, name), path.join(pinned, name));
+    }
+  } catch (error) {
+    await release();
+    throw error;
+  }
+  return { readPath: pinned, release };
 }
 
 /**
@@ -5216,6 +5279,8 @@ export interface RestoreRequest {
   guard: ProdGuard;
   search: ClientSearch;
   tuning: RestoreTuning;
+  /** The pinned backup that verification and pg_restore read (pinBackup); else the file by its name. */
+  pinned?: string;
 }
 
 /**
@@ -5226,6 +5291,15 @@ export interface RestoreRequest {
  * recorded in the metadata.
  */
 async function runRestore(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal) {
+  const pin = await pinBackup(path.resolve(request.file));
+  try {
+    return await restoreOrDrill(config, vars, { ...request, pinned: pin?.readPath }, signal);
+  } finally {
+    await pin?.release();
+  }
+}
+
+async function restoreOrDrill(config: DbConfig, vars: EnvVars, request: RestoreRequest, signal: AbortSignal) {
   if (request.target !== undefined)
     return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
   const started = performance.now();
@@ -5247,7 +5321,7 @@ async function restorePipeline(
   signal: AbortSignal,
 ): Promise<RestoreOutcome> {
   const drill = request.target === undefined;
-  const archive = await restorableArchive(request.search, request.file, request.force && !drill, signal);
+  const archive = await restorableArchive(request.search, request, request.force && !drill, signal);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
   return withClient(
@@ -5285,10 +5359,10 @@ async function restorePipeline(
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
       // Stopped or failed from here until a restore has filled it, a replaced target is gone and an empty
       // one may hold part of the restore, which the message must say.
-      if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction);
+      if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction, archive.filePath);
       if (state === 'missing' || request.clean)
         await createDatabase(admin, target).catch((error: unknown) => {
-          throw withTargetFate(asBackupError(error, config), target, targetAction);
+          throw withTargetFate(asBackupError(error, config), target, targetAction, archive.filePath);
         });
       const started = performance.now();
       let run: PgRestoreRun | undefined;
@@ -5306,7 +5380,9 @@ async function restorePipeline(
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
       } catch (error) {
         failure = {
-          error: filled ? error : withTargetFate(signal.aborted ? signal.reason : error, target, targetAction),
+          error: filled
+            ? error
+            : withTargetFate(signal.aborted ? signal.reason : error, target, targetAction, archive.filePath),
         };
       }
       // A drill's database is scratch; one this run created and could not fill holds only a partial
@@ -5356,15 +5432,22 @@ export interface RestoreTestRecord {
  * A restore stopped or failed before it filled its target, with what became of an existing target:
  * the usual words ("cleaned up after itself") would hide that --clean dropped it, or that an empty
  * one left in place may now hold part of the restore. One this run created is dropped: nothing to add.
+ * Restoring again needs the backup (`filePath`), which retention may have deleted meanwhile.
  */
-function withTargetFate(error: unknown, target: string, action: RestoreOutcome['targetAction']): unknown {
+function withTargetFate(
+  error: unknown,
+  target: string,
+  action: RestoreOutcome['targetAction'],
+  filePath: string,
+): unknown {
   if (!(error instanceof BackupError) || action === 'created') return error;
+  const again = existsSync(filePath)
+    ? `Run the same restore again to bring "${target}" back from the backup`
+    : `${displayPath(filePath)} has been deleted meanwhile (by retention?): restore "${target}" from another ` +
+      `backup (list them: npx tsx backup_db.ts --list --output-dir ${displayPath(path.dirname(filePath))})`;
   const [fate, hint] =
     action === 'replaced'
-      ? [
-          `"${target}" had been dropped (--clean): its old content is gone, and no partial restore is left there`,
-          `Run the same restore again to bring "${target}" back from the backup`,
-        ]
+      ? [`"${target}" had been dropped (--clean): its old content is gone, and no partial restore is left there`, again]
       : [
           `"${target}" was an existing empty database and may now hold part of the restore`,
           `Empty "${target}" (or drop it) before restoring into it again`,

@@ -1304,3 +1304,149 @@ describe('extensions missing on the target server', () => {
     assert.deepEqual(await databases(pg17), before, 'no database was created on the target server');
   });
 });
+
+describe('a restore reads the backup it verified, whatever becomes of its names (retention, a replacement)', () => {
+  /** A --jobs 2 (directory-format) backup of rs_app in a directory of its own. */
+  async function directoryBackup() {
+    const outputDir = await tempDir();
+    const taken = await runCli({
+      args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--jobs', '2'],
+    });
+    assert.equal(taken.exitCode, 0, taken.stderr);
+    const name = (await fs.readdir(outputDir)).find((entry) => entry.endsWith('.dump'))!;
+    const dumpPath = path.join(outputDir, name);
+    return { outputDir, dumpPath, metadataPath: dumpPath.replace(/\.dump$/, '.metadata.json') };
+  }
+
+  /**
+   * A restore of `dumpPath` (--jobs 2) whose pg_restore is held before it starts, after verification (and, with
+   * --clean, after the target was dropped and created again): `meanwhile` runs then, and pg_restore goes on.
+   */
+  async function restoreHeld(
+    dumpPath: string,
+    target: string,
+    meanwhile: (cli: ReturnType<typeof startCli>) => Promise<void>,
+    ...extra: string[]
+  ) {
+    const clients = await clientDirHolding('pg_restore', '--dbname');
+    const args = restoreArgs(dumpPath, target, '--env', 'dev', '--jobs', '2', '--pg-bin-dir', clients.dir, ...extra);
+    const cli = startCli({ args });
+    try {
+      await waitFor('pg_restore to be held', async () =>
+        (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
+      );
+      await meanwhile(cli);
+    } finally {
+      await fs.writeFile(clients.release, '');
+    }
+    const result = await cli;
+    return { exitCode: result.exitCode, stderr: String(result.stderr) };
+  }
+
+  /** A non-empty target for --clean: its old content is what a failed restore would lose. */
+  async function oldTarget(): Promise<string> {
+    const target = uniqueName('rs_pinned');
+    await server.createDatabase(target, 'CREATE TABLE old_content (id int); INSERT INTO old_content VALUES (1)');
+    return target;
+  }
+
+  const assertRestoredFromBackup = (target: string) =>
+    withDatabase('rs_app', (source) => withDatabase(target, (restored) => assertSameContent(source, restored)));
+
+  test('--clean, the backup deleted (as retention does) while pg_restore is about to open it: the restore completes', async () => {
+    const copy = await copyOfBackup();
+    const target = await oldTarget();
+    const result = await restoreHeld(
+      copy.dumpPath,
+      target,
+      async () => {
+        await fs.unlink(copy.dumpPath);
+        await fs.unlink(copy.metadataPath);
+      },
+      '--clean',
+    );
+    assert.equal(result.exitCode, 0, result.stderr);
+    await assertRestoredFromBackup(target);
+  });
+
+  test('--clean of a directory-format backup (--jobs 2), its directory removed meanwhile: the restore completes', async () => {
+    const taken = await directoryBackup();
+    const target = await oldTarget();
+    const result = await restoreHeld(
+      taken.dumpPath,
+      target,
+      async () => {
+        await fs.rm(taken.dumpPath, { recursive: true });
+        await fs.unlink(taken.metadataPath);
+      },
+      '--clean',
+    );
+    assert.equal(result.exitCode, 0, result.stderr);
+    await assertRestoredFromBackup(target);
+    const left = (await fs.readdir(taken.outputDir)).filter((name) => name.includes('.pin-'));
+    assert.deepEqual(left, [], 'the private links are removed at the end');
+  });
+
+  test('the file replaced under its name (other bytes, metadata untouched): what was verified is restored, never the replacement', async () => {
+    const copy = await copyOfBackup();
+    await server.createDatabase(
+      'rs_replacement',
+      'CREATE TABLE replacement (id int); INSERT INTO replacement VALUES (1)',
+    );
+    const other = await takeBackup(server, 'rs_replacement', await tempDir());
+    const target = await oldTarget();
+    const result = await restoreHeld(
+      copy.dumpPath,
+      target,
+      async () => {
+        await fs.copyFile(other.dumpPath, `${copy.dumpPath}.new`);
+        await fs.rename(`${copy.dumpPath}.new`, copy.dumpPath);
+      },
+      '--clean',
+    );
+    assert.equal(result.exitCode, 0, result.stderr);
+    await assertRestoredFromBackup(target);
+  });
+
+  test('--clean stopped after the drop, its backup deleted meanwhile: no hint to restore again from it', async () => {
+    const copy = await copyOfBackup();
+    const target = await oldTarget();
+    const result = await restoreHeld(
+      copy.dumpPath,
+      target,
+      async (cli) => {
+        await fs.unlink(copy.dumpPath);
+        await fs.unlink(copy.metadataPath);
+        cli.kill('SIGTERM');
+        await cli;
+      },
+      '--clean',
+    );
+    assert.equal(result.exitCode, 143, result.stderr);
+    assert.match(result.stderr, /its old content is gone/);
+    assert.doesNotMatch(result.stderr, /Run the same restore again/);
+    assert.match(result.stderr, /rs_app_dev_.*\.dump has been deleted meanwhile .*: restore ".*" from another backup/);
+  });
+
+  test('SIGKILLed while restoring a directory-format backup: nothing listed as a backup is left, the next backup removes the rest', async () => {
+    const taken = await directoryBackup();
+    const listed = async () => {
+      const doc = JSON.parse((await runCli({ args: ['--list', '--output-dir', taken.outputDir, '--json'] })).stdout);
+      return [doc.backups.map((b: { file: string }) => b.file), doc.incomplete];
+    };
+    const before = await listed();
+    let left: string[] = [];
+    await restoreHeld(taken.dumpPath, uniqueName('rs_pinned'), async (cli) => {
+      cli.kill('SIGKILL');
+      await cli;
+      left = (await fs.readdir(taken.outputDir)).filter((name) => name.includes('.pin-'));
+    });
+    assert.equal(left.length, 1, 'the killed restore read a private copy of the backup');
+    assert.deepEqual(await listed(), before);
+
+    const next = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', taken.outputDir] });
+    assert.equal(next.exitCode, 0, next.stderr);
+    assert.match(`${next.stdout}${next.stderr}`, /Cleaned up: /);
+    assert.ok(!(await fs.readdir(taken.outputDir)).some((name) => name.includes('.pin-')), 'the private copy is gone');
+  });
+});
