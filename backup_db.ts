@@ -11,7 +11,8 @@
  *   Client tools                           finding a pg_dump/pg_restore that fits the server
  *   Output directory and lock              permissions, the per-database lock and its reserve
  *   Leftovers and disk space               what killed runs left, free space, file-system errors
- *   Connection                             libpq environment, child environments, TLS, passwords
+ *   Connection                             libpq environment, child environments, sessions, passwords
+ *   Connection: TLS                        server verification as libpq's, revocation lists, client certificates
  *   Connection errors                      failures mapped to exit codes and hints; the server's facts
  *   Backup names                           {database}_{env}_{timestamp}.dump, written and read in one place
  *   Dump                                   table inventory, locked row counts, pg_dump streamed through SHA-256
@@ -1676,6 +1677,8 @@ export function pgpassLookup(
   }
   return undefined;
 }
+
+// ─── Connection: TLS (server verification, revocation lists, client certificates) ────────
 
 /**
  * libpq's sslmode for node-postgres. The CA certificate is where libpq looks for it (the URL's
