@@ -3442,7 +3442,7 @@ async function inspectStructure(
 /**
  * Pure: a backup's four checks against its metadata. `hash` is the SHA-256 re-read from disk
  * ('read'), computed on the way to disk by a new backup ('streamed'), or not known yet (undefined:
- * a restore re-reads it while pg_restore works).
+ * a restore re-reads it while it checks the target server).
  */
 function fileInspection(
   metadata: BackupMetadata,
@@ -3626,7 +3626,7 @@ export interface Verification {
 /**
  * --verify's checks, the quick ones now: metadata, size, archive structure and table data, which
  * read a little of the file. The SHA-256 re-read of every byte goes on in `complete`, so that a
- * restore into a database of its own making can run meanwhile. If a quick check fails, the
+ * restore can check its target server meanwhile. If a quick check fails, the
  * re-read is awaited first, so that the report names every check that failed.
  */
 async function startVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<Verification> {
@@ -5085,11 +5085,11 @@ async function restorePipeline(
             `Or replace it: add --clean, which drops "${target}" and creates it again`,
           ]);
         }
-        // A database this run creates can be restored while the file is re-read, and dropped again if
-        // the re-read fails; one that exists is touched only once the file has been proven. An interrupt
-        // stops the re-read: until the drop, it leaves the target exactly as it was.
+        // pg_restore runs the SQL in the file, so no target is created or touched, and nothing of it runs,
+        // before the file has been proven; the re-read went on during the checks above. An interrupt
+        // stops it: the target is left exactly as it was.
         if (state !== 'missing' && request.clean) await assertMayCreateDatabase(admin, config, target);
-        if (state !== 'missing') await archive.checksum;
+        await archive.checksum;
         return { server, state };
       });
       signal.throwIfAborted();
@@ -5108,8 +5108,7 @@ async function restorePipeline(
       let counts: Record<string, number> | undefined;
       let filled = false;
       try {
-        run = await runPgRestore(archive, config, target, server, request, abortOnFailure(archive.checksum, signal));
-        await archive.checksum;
+        run = await runPgRestore(archive, config, target, server, request, signal);
         durationMs = millisecondsSince(started);
         filled = true;
         const expected = archive.metadata?.table_counts;
@@ -5175,13 +5174,6 @@ function withTargetFate(error: unknown, target: string, action: RestoreOutcome['
         ];
   const { exitCode, title, details, hints, extra } = error;
   return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
-}
-
-/** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
-function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSignal {
-  const failed = new AbortController();
-  check.catch((error: unknown) => failed.abort(error));
-  return AbortSignal.any([signal, failed.signal]);
 }
 
 /**

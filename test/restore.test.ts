@@ -104,6 +104,24 @@ async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) 
 }
 
 /**
+ * `copy` with the SQL that creates `table` replaced in place by `sql` (padded with spaces: the same
+ * size), then padded past its end to 2 GiB (sparse), which pg_restore never reads: its re-read takes
+ * seconds, pg_restore would run the new SQL at once. The metadata claims the padded size.
+ */
+async function tamperedLargeCopy(copy: { dumpPath: string; metadataPath: string }, table: string, sql: string) {
+  const bytes = await fs.readFile(copy.dumpPath);
+  const start = bytes.indexOf(`CREATE TABLE public.${table} (`);
+  const end = bytes.indexOf(');\n', start) + 3;
+  assert.ok(start >= 0 && end - start >= sql.length, `the dump creates ${table}`);
+  bytes.write(sql.padEnd(end - start, ' '), start);
+  await fs.writeFile(copy.dumpPath, bytes);
+  const size = 2 * 1024 ** 3;
+  await fs.truncate(copy.dumpPath, size);
+  const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+  await fs.writeFile(copy.metadataPath, JSON.stringify({ ...metadata, backup_size_bytes: size }));
+}
+
+/**
  * A backup whose restore waits at a gate: a table whose CHECK reads a shared catalog, which
  * holdGate locks, so pg_restore's COPY waits on it, from whichever database, for as long as the
  * test needs. Dropping a database needs pg_shdescription too, creating or dropping one does not need
@@ -278,14 +296,14 @@ describe('--restore', () => {
     assert.match(forced.stdout, /10 of 10 match/);
   });
 
-  test('a file whose bytes changed: a new target is dropped again (exit 8); an existing one, with --clean, is never touched', async () => {
+  test('a file whose bytes changed (exit 8): no new target is created; an existing one, with --clean, is never touched', async () => {
     const copy = await copyOfBackup();
     await flipMiddleByte(copy.dumpPath);
     const fresh = uniqueName('rs_bad_new');
     const intoNew = await restore(copy.dumpPath, fresh);
     assert.equal(intoNew.exitCode, 8, intoNew.stderr);
     assert.match(intoNew.stderr, /checksum mismatch/);
-    assert.ok(!(await databases()).includes(fresh), 'the database restored while the file was re-read is gone');
+    assert.ok(!(await databases()).includes(fresh), 'never created');
 
     const existing = uniqueName('rs_bad_old');
     await server.createDatabase(existing, "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')");
@@ -298,6 +316,39 @@ describe('--restore', () => {
       'proven bad before the existing database was dropped',
     );
   });
+
+  test(
+    'a tampered file whose SQL pg_restore would run before the re-read ends: never run, the checksum reported (exit 8)',
+    {
+      timeout: 120_000,
+    },
+    async () => {
+      const keep = uniqueName('rs_keepme');
+      await server.createDatabase(keep);
+      const copy = await copyOfBackup();
+      await tamperedLargeCopy(copy, 'project_knowledge', `DROP DATABASE ${keep} WITH (FORCE);`);
+      const target = uniqueName('rs_unverified');
+      const restored = await restore(copy.dumpPath, target);
+      assert.equal(restored.exitCode, 8, restored.stderr);
+      assert.match(restored.stderr, /^✗ Backup verification failed: checksum mismatch$/m);
+      assert.match(restored.stderr, /Do not restore from this file/);
+      assert.ok((await databases()).includes(keep), 'the tampered SQL never ran');
+      assert.ok(!(await databases()).includes(target), 'no target left behind');
+
+      const drill = await runCli({
+        args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+      });
+      assert.equal(drill.exitCode, 8, drill.stderr);
+      assert.match(drill.stderr, /^✗ Backup verification failed: checksum mismatch$/m);
+      assert.ok((await databases()).includes(keep), 'the tampered SQL never ran in the drill');
+      assert.deepEqual(
+        (await databases()).filter((name) => name.startsWith('backup_db_drill_')),
+        [],
+      );
+      const record = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test;
+      assert.deepEqual([record.ok, record.error], [false, 'Backup verification failed: checksum mismatch']);
+    },
+  );
 
   test('a restore that hits an error fails with exit 7, and the target it created is removed', async () => {
     const copy = await copyOfBackup();
