@@ -2377,7 +2377,7 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
   const signal = (error as { signal?: unknown } | null)?.signal;
   if (signal === 'SIGINT' || signal === 'SIGTERM') return interruptedError(signal);
   const stderr = String((error as { stderr?: unknown } | null)?.stderr ?? '').trim();
-  const details = stderr || errorText(error);
+  const details = toolMessage(stderr) || errorText(error);
   // In directory format pg_dump writes the files itself, so a full disk is its error to report.
   if (/No space left on device|Disk quota exceeded|File too large/i.test(details))
     return diskSpaceError(details, outputDir);
@@ -4853,7 +4853,7 @@ async function runPgRestore(
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     'pg_restore failed',
-    stderr || `pg_restore exited with code ${result.exitCode}`,
+    toolMessage(stderr) || `pg_restore exited with code ${result.exitCode}`,
     [
       ...(memory || /out of memory|could not resize shared memory/i.test(stderr)
         ? [
@@ -5934,6 +5934,48 @@ export function foreignQuery(query: string): string {
     [read, i] = token ? [read + mask(token[0], token[1]), SQL_TOKEN.lastIndex] : [read + query[i], i + 1];
   }
   return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
+}
+
+/** Where pg_restore and pg_dump quote the SQL that failed: to the next line of their own outside it. */
+const QUOTED_SQL = /^(?:pg_\w+: detail: )?(?:Command|Query) was: /;
+
+/** Pure: where SQL quoted from `from` ends: at the first line of the tool's own outside a literal, comment or name. */
+function quotedSqlEnd(text: string, from: number): number {
+  for (let i = from; i < text.length;) {
+    if (text[i] === '\n' && /^pg_\w+: /.test(text.slice(i + 1, i + 40))) return i;
+    if (text.startsWith('/*', i)) {
+      i = blockCommentEnd(text, i);
+      continue;
+    }
+    SQL_TOKEN.lastIndex = i;
+    i = SQL_TOKEN.exec(text) ? SQL_TOKEN.lastIndex : i + 1;
+  }
+  return text.length;
+}
+
+/**
+ * Pure: pg_restore's or pg_dump's stderr as a message quotes it. The SQL it quotes goes through
+ * foreignQuery (a user mapping's password, a subscription's connection string), COPY's row data is
+ * masked (personal data), and the position of an error (LINE, ^) is left out: it would quote the SQL
+ * unmasked.
+ */
+export function toolMessage(stderr: string): string {
+  const lines: string[] = [];
+  for (let i = 0, end = 0; i < stderr.length; i = end + 1) {
+    const quoted = QUOTED_SQL.exec(stderr.slice(i, i + 60))?.[0];
+    end = quoted ? quotedSqlEnd(stderr, i + quoted.length) : lineEnd(stderr, i);
+    const line = stderr.slice(i, end);
+    if (quoted) lines.push(quoted + foreignQuery(line.slice(quoted.length)).trim());
+    else if (/^LINE \d+: |^\s*\^$/.test(line)) continue;
+    else lines.push(line.replace(/^(CONTEXT: {2}COPY .*, line \d+(?:, column .*)?: )".*"$/, '$1"****"'));
+  }
+  return lines.join('\n');
+}
+
+/** Pure: where the line that begins at `from` ends (its newline, or the text's end). */
+function lineEnd(text: string, from: number): number {
+  const newline = text.indexOf('\n', from);
+  return newline < 0 ? text.length : newline;
 }
 
 /** Every password the configuration could hold, so no message can ever print one. */

@@ -523,6 +523,52 @@ describe('--restore', () => {
   });
 });
 
+describe('what a failed restore quotes: no secret, no forged line', () => {
+  /** A backup of a database set up by `setup` (with roles `roles` that exist only while it is taken), then dropped. */
+  async function backupWithoutRoles(roles: string[], setup: string[]) {
+    const source = uniqueName('rs_quoted');
+    await withDatabase('postgres', (c) => c.query(roles.map((role) => `CREATE ROLE ${role};`).join('')));
+    await server.createDatabase(source, setup);
+    const taken = await takeBackup(server, source, path.join(await tempDir(), 'b'));
+    // The usual production-to-development restore: the roles are missing where the backup goes.
+    await server.dropDatabase(source);
+    await withDatabase('postgres', (c) => c.query(roles.map((role) => `DROP ROLE ${role};`).join('')));
+    return taken;
+  }
+
+  test('a password in the SQL pg_restore quotes is in no channel (stderr, --json, log file), for --restore and the drill', async () => {
+    const role = uniqueName('rs_mapped');
+    const password = 'FdwS3cretPassw0rd';
+    const taken = await backupWithoutRoles(
+      [role],
+      [
+        'CREATE EXTENSION postgres_fdw',
+        "CREATE SERVER remote FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host 'remote.example', dbname 'x')",
+        `CREATE USER MAPPING FOR ${role} SERVER remote OPTIONS (user 'remote_user', password '${password}')`,
+        'CREATE TABLE t (id int)',
+        'INSERT INTO t VALUES (1)',
+      ],
+    );
+    const logFile = path.join(await tempDir(), 'run.log');
+    const restored = await restore(taken.dumpPath, uniqueName('rs_fdwcopy'), '--log-file', logFile);
+    assert.equal(restored.exitCode, 7, restored.stderr);
+    assert.match(
+      restored.stderr,
+      new RegExp(`^Command was: CREATE USER MAPPING FOR ${role} SERVER remote OPTIONS \\(`, 'm'),
+    );
+    const json = await restore(taken.dumpPath, uniqueName('rs_fdwcopy'), '--json', '--log-file', logFile);
+    assert.equal(json.exitCode, 7, json.stderr);
+    assert.match(JSON.parse(json.stdout).details, new RegExp(`CREATE USER MAPPING FOR ${role} SERVER remote`));
+    const drill = await runCli({
+      args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+    });
+    assert.equal(drill.exitCode, 7, drill.stderr);
+    const channels = [restored, json, drill].flatMap((run) => [run.stdout, run.stderr]);
+    for (const text of [...channels, await fs.readFile(logFile, 'utf8'), await fs.readFile(taken.metadataPath, 'utf8')])
+      assert.ok(!text.includes(password), `the password is masked in:\n${text}`);
+  });
+});
+
 describe('the production guard', () => {
   test('refuses the configured prod database without --env prod and --i-know-this-is-prod', async () => {
     const before = await withDatabase('rs_prod', snapshotDatabase);
