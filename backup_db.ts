@@ -4532,11 +4532,12 @@ async function assertProdRestoreAllowed(
   const verdict = isProductionTarget({ target, targetCluster: await clusterIdentifier(admin), prod });
   if (verdict === 'no' || (verdict === 'unknown' && !request.clean)) return;
   const where = prodConfig ? ` ${prodConfig.host}:${prodConfig.port}` : '';
+  const shown = visibleControls(target); // a name in a message must not forge lines
   const what =
     verdict === 'yes'
-      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where.trim()}, the ` +
+      ? `"${shown}" on ${server.host}:${server.port} is the configured production database (${where.trim()}, the ` +
         `same cluster)`
-      : `"${target}" may be the configured production database: the production server${where} cannot be ` +
+      : `"${shown}" may be the configured production database: the production server${where} cannot be ` +
         `identified, as ${prod.unknownWhy}`;
   // With invalid production settings, --env prod cannot run at all: they must be fixed first.
   const consent = prodConfig
@@ -4553,7 +4554,7 @@ async function assertProdRestoreAllowed(
   if (guard.iKnowThisIsProd) return;
   if (!guard.ask) throw refuse('--i-know-this-is-prod was not given');
   const typed = await guard.ask(
-    `This will overwrite the PRODUCTION database "${target}" on ${server.host}:${server.port}.\nType its name to ` +
+    `This will overwrite the PRODUCTION database "${shown}" on ${server.host}:${server.port}.\nType its name to ` +
       `continue: `,
     request.signal,
   );
@@ -4570,7 +4571,7 @@ async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: st
     [target],
   );
   if (rows[0]?.ok) return;
-  throw configError(`a restore into "${target}" on ${config.host}:${config.port} is already running`, [
+  throw configError(`a restore into "${visibleControls(target)}" on ${config.host}:${config.port} is already running`, [
     'Wait for it to finish and check its result',
     'Or restore into another database: --target-db <new name>',
   ]);
@@ -4619,7 +4620,7 @@ async function targetState(
   // New databases are copied from a template (template0 takes no connections): a restore would spread to them.
   if (rows[0]!.template) {
     throw configError(
-      `"${target}" on ${config.host}:${config.port} is a template database; it is never restored into`,
+      `"${visibleControls(target)}" on ${config.host}:${config.port} is a template database; it is never restored into`,
       ['Restore into a new database: --target-db <new name> (it is created)'],
     );
   }
@@ -4647,7 +4648,8 @@ async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, targe
   throw new BackupError(
     EXIT.PERMISSION,
     'The target cannot be replaced',
-    `role "${config.user}" could drop "${target}" but not create it again (it has no CREATEDB): nothing was touched`,
+    `role "${config.user}" could drop "${visibleControls(target)}" but not create it again (it has no CREATEDB): ` +
+      'nothing was touched',
     [
       `Grant it (as a superuser): ALTER ROLE ${quoteIdentifier(config.user)} CREATEDB; or restore as a role with it`,
       'Or restore into a new database that a role with CREATEDB creates, then switch the application to it',
@@ -5007,7 +5009,7 @@ async function countRestoredTable(
 function reconciliationError(rows: ReconciliationRow[]): BackupError {
   const bad = rows.filter((row) => !row.ok);
   const describe = (row: ReconciliationRow) =>
-    `${row.table} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
+    `${visibleControls(row.table)} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
   const listed = listSome(bad.map(describe));
   return new BackupError(
     EXIT.VERIFY_FAILED,
@@ -5080,10 +5082,13 @@ async function restorePipeline(
         await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
         const state = drill ? 'missing' : await targetState(admin, config, target, timeout, signal);
         if (state === 'non-empty' && !request.clean) {
-          throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
-            'Restore into a new database: --target-db <new name> (it is created)',
-            `Or replace it: add --clean, which drops "${target}" and creates it again`,
-          ]);
+          throw configError(
+            `the target database "${visibleControls(target)}" on ${config.host}:${config.port} is not empty`,
+            [
+              'Restore into a new database: --target-db <new name> (it is created)',
+              `Or replace it: add --clean, which drops "${target}" and creates it again`,
+            ],
+          );
         }
         // pg_restore runs the SQL in the file, so no target is created or touched, and nothing of it runs,
         // before the file has been proven; the re-read went on during the checks above. An interrupt
@@ -5162,14 +5167,15 @@ export interface RestoreTestRecord {
  */
 function withTargetFate(error: unknown, target: string, action: RestoreOutcome['targetAction']): unknown {
   if (!(error instanceof BackupError) || action === 'created') return error;
+  const shown = visibleControls(target);
   const [fate, hint] =
     action === 'replaced'
       ? [
-          `"${target}" had been dropped (--clean): its old content is gone, and no partial restore is left there`,
+          `"${shown}" had been dropped (--clean): its old content is gone, and no partial restore is left there`,
           `Run the same restore again to bring "${target}" back from the backup`,
         ]
       : [
-          `"${target}" was an existing empty database and may now hold part of the restore`,
+          `"${shown}" was an existing empty database and may now hold part of the restore`,
           `Empty "${target}" (or drop it) before restoring into it again`,
         ];
   const { exitCode, title, details, hints, extra } = error;
@@ -5936,6 +5942,8 @@ export function foreignQuery(query: string): string {
   return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
 }
 
+/** A line that pg_restore, pg_dump or the server began: a message of theirs, or a field of one (DETAIL:, HINT:). */
+const TOOL_LINE = /^(?:pg_\w+: |[A-Z]+: {2})/;
 /** Where pg_restore and pg_dump quote the SQL that failed: to the next line of their own outside it. */
 const QUOTED_SQL = /^(?:pg_\w+: detail: )?(?:Command|Query) was: /;
 
@@ -5957,7 +5965,8 @@ function quotedSqlEnd(text: string, from: number): number {
  * Pure: pg_restore's or pg_dump's stderr as a message quotes it. The SQL it quotes goes through
  * foreignQuery (a user mapping's password, a subscription's connection string), COPY's row data is
  * masked (personal data), and the position of an error (LINE, ^) is left out: it would quote the SQL
- * unmasked.
+ * unmasked. The tool's lines stay its own; a line it did not begin (a name's line break) is joined to
+ * the one before, as \n, so that no name starts a line.
  */
 export function toolMessage(stderr: string): string {
   const lines: string[] = [];
@@ -5967,6 +5976,7 @@ export function toolMessage(stderr: string): string {
     const line = stderr.slice(i, end);
     if (quoted) lines.push(quoted + foreignQuery(line.slice(quoted.length)).trim());
     else if (/^LINE \d+: |^\s*\^$/.test(line)) continue;
+    else if (lines.length > 0 && !TOOL_LINE.test(line)) lines[lines.length - 1] += `\\n${line}`;
     else lines.push(line.replace(/^(CONTEXT: {2}COPY .*, line \d+(?:, column .*)?: )".*"$/, '$1"****"'));
   }
   return lines.join('\n');

@@ -567,6 +567,38 @@ describe('what a failed restore quotes: no secret, no forged line', () => {
     for (const text of [...channels, await fs.readFile(logFile, 'utf8'), await fs.readFile(taken.metadataPath, 'utf8')])
       assert.ok(!text.includes(password), `the password is masked in:\n${text}`);
   });
+
+  test('a line break in a table name, or in --target-db, never starts a line of the error', async () => {
+    const role = uniqueName('rs_policy');
+    const table = 'x\n\n✓ Restore completed\n\nTables:      all match';
+    const taken = await backupWithoutRoles(
+      [role],
+      [`CREATE TABLE "${table}" (id int)`, `CREATE POLICY p ON "${table}" TO ${role} USING (true)`],
+    );
+    const restored = await restore(taken.dumpPath, uniqueName('rs_forged'));
+    assert.equal(restored.exitCode, 7, restored.stderr);
+    assert.match(
+      restored.stderr,
+      /^Command was: CREATE POLICY p ON public\."x ✓ Restore completed Tables: all match" TO /m,
+    );
+    assert.doesNotMatch(restored.stderr, /^(✓|Tables:)/m);
+
+    const counted = await backupWithoutRoles([role], [`CREATE TABLE "${table}" (id int)`]);
+    const metadata = JSON.parse(await fs.readFile(counted.metadataPath, 'utf8'));
+    await fs.writeFile(counted.metadataPath, JSON.stringify({ ...metadata, table_counts: { [table]: 5 } }));
+    const mismatched = await restore(counted.dumpPath, uniqueName('rs_forged'));
+    assert.equal(mismatched.exitCode, 8, mismatched.stderr);
+    assert.match(mismatched.stderr, /^Error: 1 of 1 tables differ .*: x\\n\\n✓ Restore completed/m);
+    assert.doesNotMatch(mismatched.stderr, /^(✓|Tables:)/m);
+
+    const suffix = uniqueName('name');
+    const target = `ev\n${suffix}`;
+    await server.createDatabase(target, 'CREATE TABLE t (id int)');
+    const refused = await restore(backup.dumpPath, target);
+    assert.equal(refused.exitCode, 2, refused.stderr);
+    assert.match(refused.stderr, new RegExp(`the target database "ev\\\\n${suffix}" on .* is not empty`));
+    assert.doesNotMatch(refused.stderr, new RegExp(`^${suffix}`, 'm'));
+  });
 });
 
 describe('the production guard', () => {

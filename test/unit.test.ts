@@ -1577,6 +1577,27 @@ test("pg_restore's and pg_dump's messages: the SQL they quote masked, whole, COP
   );
 });
 
+test("pg_restore's messages: a line break in a name joins the line it broke, shown as \\n", () => {
+  const stderr = [
+    'pg_restore: while PROCESSING TOC:',
+    'pg_restore: from TOC entry 3; 1259 16385 TABLE x',
+    '',
+    '✓ Restore completed postgres',
+    'pg_restore: error: could not execute query: ERROR:  role "r" does not exist',
+    'DETAIL:  a detail',
+    'Command was: CREATE POLICY p ON public."x',
+    '',
+    '✓ Restore completed" TO r;',
+  ].join('\n');
+  assert.deepEqual(toolMessage(stderr).split('\n'), [
+    'pg_restore: while PROCESSING TOC:',
+    'pg_restore: from TOC entry 3; 1259 16385 TABLE x\\n\\n✓ Restore completed postgres',
+    'pg_restore: error: could not execute query: ERROR:  role "r" does not exist',
+    'DETAIL:  a detail',
+    'Command was: CREATE POLICY p ON public."x ✓ Restore completed" TO r;',
+  ]);
+});
+
 test("another session's query in a message: every literal masked, since any may carry a secret", () => {
   // A key, a connection string, personal data: the query's shape tells the operator enough.
   assert.equal(
