@@ -2472,7 +2472,7 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
   const signal = (error as { signal?: unknown } | null)?.signal;
   if (signal === 'SIGINT' || signal === 'SIGTERM') return interruptedError(signal);
   const stderr = String((error as { stderr?: unknown } | null)?.stderr ?? '').trim();
-  const details = stderr || errorText(error);
+  const details = toolMessage(stderr) || errorText(error);
   // In directory format pg_dump writes the files itself, so a full disk is its error to report.
   if (/No space left on device|Disk quota exceeded|File too large/i.test(details))
     return diskSpaceError(details, outputDir);
@@ -3537,7 +3537,7 @@ async function inspectStructure(
 /**
  * Pure: a backup's four checks against its metadata. `hash` is the SHA-256 re-read from disk
  * ('read'), computed on the way to disk by a new backup ('streamed'), or not known yet (undefined:
- * a restore re-reads it while pg_restore works).
+ * a restore re-reads it while it checks the target server).
  */
 function fileInspection(
   metadata: BackupMetadata,
@@ -3721,9 +3721,9 @@ export interface Verification {
 /**
  * --verify's checks, the quick ones now: metadata, size, archive structure and table data, which
  * read a little of the file. The SHA-256 re-read of every byte goes on in `complete`, so that a
- * restore into a database of its own making can run meanwhile. If a quick check fails, the
- * re-read is awaited first, so that the report names every check that failed. The checks read
- * `readPath`: a restore's pinned backup (pinBackup), which its names may no longer reach.
+ * restore can check its target server meanwhile. If a quick check fails, the re-read is awaited
+ * first, so that the report names every check that failed. The checks read `readPath`: a restore's
+ * pinned backup (pinBackup), which its names may no longer reach.
  */
 async function startVerify(
   fileArgument: string,
@@ -4653,11 +4653,12 @@ async function assertProdRestoreAllowed(
   const verdict = isProductionTarget({ target, targetCluster: await clusterIdentifier(admin), prod });
   if (verdict === 'no' || (verdict === 'unknown' && !request.clean)) return;
   const where = prodConfig ? ` ${prodConfig.host}:${prodConfig.port}` : '';
+  const shown = visibleControls(target); // a name in a message must not forge lines
   const what =
     verdict === 'yes'
-      ? `"${target}" on ${server.host}:${server.port} is the configured production database (${where.trim()}, the ` +
+      ? `"${shown}" on ${server.host}:${server.port} is the configured production database (${where.trim()}, the ` +
         `same cluster)`
-      : `"${target}" may be the configured production database: the production server${where} cannot be ` +
+      : `"${shown}" may be the configured production database: the production server${where} cannot be ` +
         `identified, as ${prod.unknownWhy}`;
   // With invalid production settings, --env prod cannot run at all: they must be fixed first.
   const consent = prodConfig
@@ -4674,7 +4675,7 @@ async function assertProdRestoreAllowed(
   if (guard.iKnowThisIsProd) return;
   if (!guard.ask) throw refuse('--i-know-this-is-prod was not given');
   const typed = await guard.ask(
-    `This will overwrite the PRODUCTION database "${target}" on ${server.host}:${server.port}.\nType its name to ` +
+    `This will overwrite the PRODUCTION database "${shown}" on ${server.host}:${server.port}.\nType its name to ` +
       `continue: `,
     request.signal,
   );
@@ -4691,7 +4692,7 @@ async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: st
     [target],
   );
   if (rows[0]?.ok) return;
-  throw configError(`a restore into "${target}" on ${config.host}:${config.port} is already running`, [
+  throw configError(`a restore into "${visibleControls(target)}" on ${config.host}:${config.port} is already running`, [
     'Wait for it to finish and check its result',
     'Or restore into another database: --target-db <new name>',
   ]);
@@ -4740,7 +4741,7 @@ async function targetState(
   // New databases are copied from a template (template0 takes no connections): a restore would spread to them.
   if (rows[0]!.template) {
     throw configError(
-      `"${target}" on ${config.host}:${config.port} is a template database; it is never restored into`,
+      `"${visibleControls(target)}" on ${config.host}:${config.port} is a template database; it is never restored into`,
       ['Restore into a new database: --target-db <new name> (it is created)'],
     );
   }
@@ -4768,7 +4769,8 @@ async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, targe
   throw new BackupError(
     EXIT.PERMISSION,
     'The target cannot be replaced',
-    `role "${config.user}" could drop "${target}" but not create it again (it has no CREATEDB): nothing was touched`,
+    `role "${config.user}" could drop "${visibleControls(target)}" but not create it again (it has no CREATEDB): ` +
+      'nothing was touched',
     [
       `Grant it (as a superuser): ALTER ROLE ${quoteIdentifier(config.user)} CREATEDB; or restore as a role with it`,
       'Or restore into a new database that a role with CREATEDB creates, then switch the application to it',
@@ -5052,7 +5054,7 @@ async function runPgRestore(
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     'pg_restore failed',
-    stderr || `pg_restore exited with code ${result.exitCode}`,
+    toolMessage(stderr) || `pg_restore exited with code ${result.exitCode}`,
     [
       ...(memory || /out of memory|could not resize shared memory/i.test(stderr)
         ? [
@@ -5258,7 +5260,7 @@ async function countRestoredTable(
 function reconciliationError(rows: ReconciliationRow[]): BackupError {
   const bad = rows.filter((row) => !row.ok);
   const describe = (row: ReconciliationRow) =>
-    `${row.table} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
+    `${visibleControls(row.table)} (backup ${row.backup ?? 'absent'}, restored ${row.restored ?? 'absent'})`;
   const listed = listSome(bad.map(describe));
   return new BackupError(
     EXIT.VERIFY_FAILED,
@@ -5345,16 +5347,19 @@ async function restorePipeline(
         await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
         const state = drill ? 'missing' : await targetState(admin, config, target, timeout, signal);
         if (state === 'non-empty' && !request.clean) {
-          throw configError(`the target database "${target}" on ${config.host}:${config.port} is not empty`, [
-            'Restore into a new database: --target-db <new name> (it is created)',
-            `Or replace it: add --clean, which drops "${target}" and creates it again`,
-          ]);
+          throw configError(
+            `the target database "${visibleControls(target)}" on ${config.host}:${config.port} is not empty`,
+            [
+              'Restore into a new database: --target-db <new name> (it is created)',
+              `Or replace it: add --clean, which drops "${target}" and creates it again`,
+            ],
+          );
         }
-        // A database this run creates can be restored while the file is re-read, and dropped again if
-        // the re-read fails; one that exists is touched only once the file has been proven. An interrupt
-        // stops the re-read: until the drop, it leaves the target exactly as it was.
+        // pg_restore runs the SQL in the file, so no target is created or touched, and nothing of it runs,
+        // before the file has been proven; the re-read went on during the checks above. An interrupt
+        // stops it: the target is left exactly as it was.
         if (state !== 'missing' && request.clean) await assertMayCreateDatabase(admin, config, target);
-        if (state !== 'missing') await archive.checksum;
+        await archive.checksum;
         return { server, state };
       });
       signal.throwIfAborted();
@@ -5374,9 +5379,7 @@ async function restorePipeline(
       let filled = false;
       let failure: { error: unknown } | undefined;
       try {
-        const runSignal = abortOnFailure(archive.checksum, signal);
-        run = await runPgRestore(archive, config, target, server, { ...request, drill }, runSignal);
-        await archive.checksum;
+        run = await runPgRestore(archive, config, target, server, { ...request, drill }, signal);
         durationMs = millisecondsSince(started);
         filled = true;
         const expected = archive.metadata?.table_counts;
@@ -5444,15 +5447,16 @@ function withTargetFate(
   filePath: string,
 ): unknown {
   if (!(error instanceof BackupError) || action === 'created') return error;
+  const shown = visibleControls(target);
   const again = existsSync(filePath)
     ? `Run the same restore again to bring "${target}" back from the backup`
     : `${displayPath(filePath)} has been deleted meanwhile (by retention?): restore "${target}" from another ` +
-      `backup (list them: npx tsx backup_db.ts --list --output-dir ${displayPath(path.dirname(filePath))})`;
+      `backup (list them: npx tsx backup_db.ts --list --output-dir ${shellWord(displayPath(path.dirname(filePath)))})`;
   const [fate, hint] =
     action === 'replaced'
-      ? [`"${target}" had been dropped (--clean): its old content is gone, and no partial restore is left there`, again]
+      ? [`"${shown}" had been dropped (--clean): its old content is gone, and no partial restore is left there`, again]
       : [
-          `"${target}" was an existing empty database and may now hold part of the restore`,
+          `"${shown}" was an existing empty database and may now hold part of the restore`,
           `Empty "${target}" (or drop it) before restoring into it again`,
         ];
   const { exitCode, title, details, hints, extra } = error;
@@ -5469,7 +5473,9 @@ const LEFT_BEHIND = 'created and left behind';
 function withLeftBehind(error: unknown, config: DbConfig, target: string, why: string): BackupError {
   const { exitCode, title, details, hints, extra } = asBackupError(error, config);
   const where = `${config.host}:${config.port}`;
-  const fate = `"${target}", created by this run, could not be dropped and is left on ${where} with its data: ${why}`;
+  const fate =
+    `"${visibleControls(target)}", created by this run, could not be dropped and is left on ${where} ` +
+    `with its data: ${why}`;
   const drop =
     `Drop it now: DROP DATABASE ${quoteIdentifier(target)} WITH (FORCE); as a role that may end the sessions ` +
     'still attached to it (a superuser)';
@@ -5495,13 +5501,6 @@ function scratchLeftError(outcome: RestoreOutcome): BackupError {
     ['The backup itself is good: only the scratch database needs removing'],
     { report: reconciliationLines(rows), data: restoreDocument(outcome) },
   );
-}
-
-/** `signal`, also aborted (with its error) as soon as `check` fails: a restore stops when its file's re-read does. */
-function abortOnFailure(check: Promise<unknown>, signal: AbortSignal): AbortSignal {
-  const failed = new AbortController();
-  check.catch((error: unknown) => failed.abort(error));
-  return AbortSignal.any([signal, failed.signal]);
 }
 
 /**
@@ -6292,6 +6291,52 @@ export function foreignQuery(query: string): string {
     [read, i] = token ? [read + mask(token[0], token[1]), SQL_TOKEN.lastIndex] : [read + query[i], i + 1];
   }
   return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
+}
+
+/** A line that pg_restore, pg_dump or the server began: a message of theirs, or a field of one (DETAIL:, HINT:). */
+const TOOL_LINE = /^(?:pg_\w+: |[A-Z]+: {2})/;
+/** Where pg_restore and pg_dump quote the SQL that failed: to the next line of their own outside it. */
+const QUOTED_SQL = /^(?:pg_\w+: detail: )?(?:Command|Query) was: /;
+
+/** Pure: where SQL quoted from `from` ends: at the first line of the tool's own outside a literal, comment or name. */
+function quotedSqlEnd(text: string, from: number): number {
+  for (let i = from; i < text.length;) {
+    if (text[i] === '\n' && /^pg_\w+: /.test(text.slice(i + 1, i + 40))) return i;
+    if (text.startsWith('/*', i)) {
+      i = blockCommentEnd(text, i);
+      continue;
+    }
+    SQL_TOKEN.lastIndex = i;
+    i = SQL_TOKEN.exec(text) ? SQL_TOKEN.lastIndex : i + 1;
+  }
+  return text.length;
+}
+
+/**
+ * Pure: pg_restore's or pg_dump's stderr as a message quotes it. The SQL it quotes goes through
+ * foreignQuery (a user mapping's password, a subscription's connection string), COPY's row data is
+ * masked (personal data), and the position of an error (LINE, ^) is left out: it would quote the SQL
+ * unmasked. The tool's lines stay its own; a line it did not begin (a name's line break) is joined to
+ * the one before, as \n, so that no name starts a line.
+ */
+export function toolMessage(stderr: string): string {
+  const lines: string[] = [];
+  for (let i = 0, end = 0; i < stderr.length; i = end + 1) {
+    const quoted = QUOTED_SQL.exec(stderr.slice(i, i + 60))?.[0];
+    end = quoted ? quotedSqlEnd(stderr, i + quoted.length) : lineEnd(stderr, i);
+    const line = stderr.slice(i, end);
+    if (quoted) lines.push(quoted + foreignQuery(line.slice(quoted.length)).trim());
+    else if (/^LINE \d+: |^\s*\^$/.test(line)) continue;
+    else if (lines.length > 0 && !TOOL_LINE.test(line)) lines[lines.length - 1] += `\\n${line}`;
+    else lines.push(line.replace(/^(CONTEXT: {2}COPY .*, line \d+(?:, column .*)?: )".*"$/, '$1"****"'));
+  }
+  return lines.join('\n');
+}
+
+/** Pure: where the line that begins at `from` ends (its newline, or the text's end). */
+function lineEnd(text: string, from: number): number {
+  const newline = text.indexOf('\n', from);
+  return newline < 0 ? text.length : newline;
 }
 
 /** Every password the configuration could hold, so no message can ever print one. */

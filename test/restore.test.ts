@@ -105,6 +105,24 @@ async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) 
 }
 
 /**
+ * `copy` with the SQL that creates `table` replaced in place by `sql` (padded with spaces: the same
+ * size), then padded past its end to 2 GiB (sparse), which pg_restore never reads: its re-read takes
+ * seconds, pg_restore would run the new SQL at once. The metadata claims the padded size.
+ */
+async function tamperedLargeCopy(copy: { dumpPath: string; metadataPath: string }, table: string, sql: string) {
+  const bytes = await fs.readFile(copy.dumpPath);
+  const start = bytes.indexOf(`CREATE TABLE public.${table} (`);
+  const end = bytes.indexOf(');\n', start) + 3;
+  assert.ok(start >= 0 && end - start >= sql.length, `the dump creates ${table}`);
+  bytes.write(sql.padEnd(end - start, ' '), start);
+  await fs.writeFile(copy.dumpPath, bytes);
+  const size = 2 * 1024 ** 3;
+  await fs.truncate(copy.dumpPath, size);
+  const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+  await fs.writeFile(copy.metadataPath, JSON.stringify({ ...metadata, backup_size_bytes: size }));
+}
+
+/**
  * A backup whose restore waits at a gate: a table whose CHECK reads a shared catalog, which
  * holdGate locks, so pg_restore's COPY waits on it, from whichever database, for as long as the
  * test needs. Dropping a database needs pg_shdescription too, creating or dropping one does not need
@@ -279,14 +297,14 @@ describe('--restore', () => {
     assert.match(forced.stdout, /10 of 10 match/);
   });
 
-  test('a file whose bytes changed: a new target is dropped again (exit 8); an existing one, with --clean, is never touched', async () => {
+  test('a file whose bytes changed (exit 8): no new target is created; an existing one, with --clean, is never touched', async () => {
     const copy = await copyOfBackup();
     await flipMiddleByte(copy.dumpPath);
     const fresh = uniqueName('rs_bad_new');
     const intoNew = await restore(copy.dumpPath, fresh);
     assert.equal(intoNew.exitCode, 8, intoNew.stderr);
     assert.match(intoNew.stderr, /checksum mismatch/);
-    assert.ok(!(await databases()).includes(fresh), 'the database restored while the file was re-read is gone');
+    assert.ok(!(await databases()).includes(fresh), 'never created');
 
     const existing = uniqueName('rs_bad_old');
     await server.createDatabase(existing, "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me')");
@@ -299,6 +317,39 @@ describe('--restore', () => {
       'proven bad before the existing database was dropped',
     );
   });
+
+  test(
+    'a tampered file whose SQL pg_restore would run before the re-read ends: never run, the checksum reported (exit 8)',
+    {
+      timeout: 120_000,
+    },
+    async () => {
+      const keep = uniqueName('rs_keepme');
+      await server.createDatabase(keep);
+      const copy = await copyOfBackup();
+      await tamperedLargeCopy(copy, 'project_knowledge', `DROP DATABASE ${keep} WITH (FORCE);`);
+      const target = uniqueName('rs_unverified');
+      const restored = await restore(copy.dumpPath, target);
+      assert.equal(restored.exitCode, 8, restored.stderr);
+      assert.match(restored.stderr, /^✗ Backup verification failed: checksum mismatch$/m);
+      assert.match(restored.stderr, /Do not restore from this file/);
+      assert.ok((await databases()).includes(keep), 'the tampered SQL never ran');
+      assert.ok(!(await databases()).includes(target), 'no target left behind');
+
+      const drill = await runCli({
+        args: ['--verify', copy.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+      });
+      assert.equal(drill.exitCode, 8, drill.stderr);
+      assert.match(drill.stderr, /^✗ Backup verification failed: checksum mismatch$/m);
+      assert.ok((await databases()).includes(keep), 'the tampered SQL never ran in the drill');
+      assert.deepEqual(
+        (await databases()).filter((name) => name.startsWith('backup_db_drill_')),
+        [],
+      );
+      const record = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8')).last_restore_test;
+      assert.deepEqual([record.ok, record.error], [false, 'Backup verification failed: checksum mismatch']);
+    },
+  );
 
   test('a restore that hits an error fails with exit 7, and the target it created is removed', async () => {
     const copy = await copyOfBackup();
@@ -470,6 +521,84 @@ describe('--restore', () => {
     const stray = await runCli({ args: ['--target-db', 'x'] });
     assert.equal(stray.exitCode, 2);
     assert.match(stray.stderr, /--target-db only applies to --restore FILE/);
+  });
+});
+
+describe('what a failed restore quotes: no secret, no forged line', () => {
+  /** A backup of a database set up by `setup` (with roles `roles` that exist only while it is taken), then dropped. */
+  async function backupWithoutRoles(roles: string[], setup: string[]) {
+    const source = uniqueName('rs_quoted');
+    await withDatabase('postgres', (c) => c.query(roles.map((role) => `CREATE ROLE ${role};`).join('')));
+    await server.createDatabase(source, setup);
+    const taken = await takeBackup(server, source, path.join(await tempDir(), 'b'));
+    // The usual production-to-development restore: the roles are missing where the backup goes.
+    await server.dropDatabase(source);
+    await withDatabase('postgres', (c) => c.query(roles.map((role) => `DROP ROLE ${role};`).join('')));
+    return taken;
+  }
+
+  test('a password in the SQL pg_restore quotes is in no channel (stderr, --json, log file), for --restore and the drill', async () => {
+    const role = uniqueName('rs_mapped');
+    const password = 'FdwS3cretPassw0rd';
+    const taken = await backupWithoutRoles(
+      [role],
+      [
+        'CREATE EXTENSION postgres_fdw',
+        "CREATE SERVER remote FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host 'remote.example', dbname 'x')",
+        `CREATE USER MAPPING FOR ${role} SERVER remote OPTIONS (user 'remote_user', password '${password}')`,
+        'CREATE TABLE t (id int)',
+        'INSERT INTO t VALUES (1)',
+      ],
+    );
+    const logFile = path.join(await tempDir(), 'run.log');
+    const restored = await restore(taken.dumpPath, uniqueName('rs_fdwcopy'), '--log-file', logFile);
+    assert.equal(restored.exitCode, 7, restored.stderr);
+    assert.match(
+      restored.stderr,
+      new RegExp(`^Command was: CREATE USER MAPPING FOR ${role} SERVER remote OPTIONS \\(`, 'm'),
+    );
+    const json = await restore(taken.dumpPath, uniqueName('rs_fdwcopy'), '--json', '--log-file', logFile);
+    assert.equal(json.exitCode, 7, json.stderr);
+    assert.match(JSON.parse(json.stdout).details, new RegExp(`CREATE USER MAPPING FOR ${role} SERVER remote`));
+    const drill = await runCli({
+      args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+    });
+    assert.equal(drill.exitCode, 7, drill.stderr);
+    const channels = [restored, json, drill].flatMap((run) => [run.stdout, run.stderr]);
+    for (const text of [...channels, await fs.readFile(logFile, 'utf8'), await fs.readFile(taken.metadataPath, 'utf8')])
+      assert.ok(!text.includes(password), `the password is masked in:\n${text}`);
+  });
+
+  test('a line break in a table name, or in --target-db, never starts a line of the error', async () => {
+    const role = uniqueName('rs_policy');
+    const table = 'x\n\n✓ Restore completed\n\nTables:      all match';
+    const taken = await backupWithoutRoles(
+      [role],
+      [`CREATE TABLE "${table}" (id int)`, `CREATE POLICY p ON "${table}" TO ${role} USING (true)`],
+    );
+    const restored = await restore(taken.dumpPath, uniqueName('rs_forged'));
+    assert.equal(restored.exitCode, 7, restored.stderr);
+    assert.match(
+      restored.stderr,
+      /^Command was: CREATE POLICY p ON public\."x ✓ Restore completed Tables: all match" TO /m,
+    );
+    assert.doesNotMatch(restored.stderr, /^(✓|Tables:)/m);
+
+    const counted = await backupWithoutRoles([role], [`CREATE TABLE "${table}" (id int)`]);
+    const metadata = JSON.parse(await fs.readFile(counted.metadataPath, 'utf8'));
+    await fs.writeFile(counted.metadataPath, JSON.stringify({ ...metadata, table_counts: { [table]: 5 } }));
+    const mismatched = await restore(counted.dumpPath, uniqueName('rs_forged'));
+    assert.equal(mismatched.exitCode, 8, mismatched.stderr);
+    assert.match(mismatched.stderr, /^Error: 1 of 1 tables differ .*: x\\n\\n✓ Restore completed/m);
+    assert.doesNotMatch(mismatched.stderr, /^(✓|Tables:)/m);
+
+    const suffix = uniqueName('name');
+    const target = `ev\n${suffix}`;
+    await server.createDatabase(target, 'CREATE TABLE t (id int)');
+    const refused = await restore(backup.dumpPath, target);
+    assert.equal(refused.exitCode, 2, refused.stderr);
+    assert.match(refused.stderr, new RegExp(`the target database "ev\\\\n${suffix}" on .* is not empty`));
+    assert.doesNotMatch(refused.stderr, new RegExp(`^${suffix}`, 'm'));
   });
 });
 

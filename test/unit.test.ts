@@ -7,6 +7,7 @@ import {
   expandHome,
   shellWord,
   foreignQuery,
+  toolMessage,
   dumpedFraction,
   progressLine,
   chooseClient,
@@ -1609,6 +1610,55 @@ test("another session's query in a message: one line, its password literals mask
     "ALTER ROLE app PASSWORD '****'; TRUNCATE t",
   );
   assert.equal(foreignQuery("CREATE ROLE x password\n'cut sho"), "CREATE ROLE x password '****'");
+});
+
+test("pg_restore's and pg_dump's messages: the SQL they quote masked, whole, COPY's row data masked", () => {
+  // A line of the tool's own inside a literal does not end the quoted SQL.
+  const stderr = [
+    'pg_restore: error: could not execute query: ERROR:  syntax error at or near "p"',
+    "LINE 2:     password 'Hunter2secret',",
+    '            ^',
+    'Command was: CREATE USER MAPPING FOR app SERVER remote OPTIONS (',
+    "    password 'Hunter2secret\npg_restore: x', \"user\" 'remote_user'",
+    ');',
+    '',
+    'pg_restore: error: COPY failed for table "t": ERROR:  invalid input syntax for type integer: "abc"',
+    'CONTEXT:  COPY t, line 1, column id: "abc"',
+    'CONTEXT:  COPY t, line 2: "jane@example.com\t42"',
+    "pg_dump: detail: Query was: SELECT 's3cret'",
+  ].join('\n');
+  assert.equal(
+    toolMessage(stderr),
+    [
+      'pg_restore: error: could not execute query: ERROR:  syntax error at or near "p"',
+      "Command was: CREATE USER MAPPING FOR app SERVER remote OPTIONS ( password '****', \"user\" '****' );",
+      'pg_restore: error: COPY failed for table "t": ERROR:  invalid input syntax for type integer: "abc"',
+      'CONTEXT:  COPY t, line 1, column id: "****"',
+      'CONTEXT:  COPY t, line 2: "****"',
+      "pg_dump: detail: Query was: SELECT '****'",
+    ].join('\n'),
+  );
+});
+
+test("pg_restore's messages: a line break in a name joins the line it broke, shown as \\n", () => {
+  const stderr = [
+    'pg_restore: while PROCESSING TOC:',
+    'pg_restore: from TOC entry 3; 1259 16385 TABLE x',
+    '',
+    '✓ Restore completed postgres',
+    'pg_restore: error: could not execute query: ERROR:  role "r" does not exist',
+    'DETAIL:  a detail',
+    'Command was: CREATE POLICY p ON public."x',
+    '',
+    '✓ Restore completed" TO r;',
+  ].join('\n');
+  assert.deepEqual(toolMessage(stderr).split('\n'), [
+    'pg_restore: while PROCESSING TOC:',
+    'pg_restore: from TOC entry 3; 1259 16385 TABLE x\\n\\n✓ Restore completed postgres',
+    'pg_restore: error: could not execute query: ERROR:  role "r" does not exist',
+    'DETAIL:  a detail',
+    'Command was: CREATE POLICY p ON public."x ✓ Restore completed" TO r;',
+  ]);
 });
 
 test("another session's query in a message: every literal masked, since any may carry a secret", () => {
