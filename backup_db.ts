@@ -4122,8 +4122,8 @@ export interface RetentionReport extends RetentionPlan {
 /**
  * Apply the policy to one database+environment, under its lock. Nothing is deleted until the newest
  * backup that stays has passed the full check (a re-read of every byte), unless this run has just made
- * it; if it fails, nothing is deleted (exit 8). A dump is deleted before its metadata: a crash in between
- * leaves an orphaned metadata file, which the next backup removes.
+ * it; if it fails, nothing is deleted (exit 8). Each backup is deleted by deleteBackup: a crash midway leaves
+ * only leftovers that the next backup removes.
  */
 async function applyRetention(
   config: DbConfig,
@@ -4144,8 +4144,7 @@ async function applyRetention(
     for (const [deleted, backup] of doomed.entries()) {
       // An interrupt stops pruning between backups, never between a dump and its metadata.
       if (signal.aborted) throw pruningInterrupted(signal.reason, deleted, doomed.length);
-      await deleteBackupFile(path.join(dir, backup.file));
-      await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
+      await deleteBackup(dir, backup.file);
     }
     if (doomed.length > 0) await syncDirectory(dir);
   }
@@ -4159,14 +4158,26 @@ async function applyRetention(
   };
 }
 
-/** Delete a backup's dump (removeEntry); a refusal names the owner. */
-async function deleteBackupFile(file: string): Promise<void> {
+/**
+ * Delete a backup: its dump first loses its name, durably (a `.partial`, which the next backup's clean-up
+ * removes), then its metadata goes, then its files. A run killed while deleting a directory's files
+ * (SIGKILL, power loss) so leaves a leftover, never a `.dump` that looks damaged for ever. A directory this
+ * user cannot empty is refused before it is renamed, so that it stays a backup. A refusal names the owner.
+ */
+async function deleteBackup(dir: string, file: string): Promise<void> {
+  const dumpPath = path.join(dir, file);
+  const doomed = dumpPath + PARTIAL_SUFFIX;
   try {
-    await removeEntry(file);
+    if ((await fs.lstat(dumpPath)).isDirectory()) await fs.access(dumpPath, fs.constants.W_OK | fs.constants.X_OK);
+    await fs.rename(dumpPath, doomed);
+    await syncDirectory(dir);
+    await fs.rm(path.join(dir, metadataFileName(file)), { force: true });
+    await removeEntry(doomed);
   } catch (error) {
     const code = errnoCode(error);
     if (code !== 'EPERM' && code !== 'EACCES') throw error;
-    const why = `not allowed to delete ${path.basename(file)} (${await ownerOf(file)}): ${errorText(error)}`;
+    const owner = await ownerOf((error as NodeJS.ErrnoException).path ?? dumpPath);
+    const why = `not allowed to delete ${file} (${owner}): ${errorText(error)}`;
     throw Object.assign(new Error(why), { code });
   }
 }
