@@ -1364,6 +1364,12 @@ export function fileSystemError(error: unknown, title: string, dir: string): Bac
   const code = errnoCode(error);
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
     return diskSpaceError(`${title}: ${errorText(error)}`, dir);
+  // A failing disk, which no owner or mode fixes; exit 4 as any failed file operation (the contract has none for it).
+  if (code === 'EIO')
+    return new BackupError(EXIT.PERMISSION, title, errorText(error), [
+      'The disk reported an I/O error: see the kernel log (dmesg | tail) and check the disk',
+      'Meanwhile choose another directory with --output-dir',
+    ]);
   const notDirectory =
     code === 'ENOTDIR' || (code === 'EEXIST' && (error as NodeJS.ErrnoException).syscall === 'mkdir');
   return new BackupError(
@@ -2873,14 +2879,32 @@ async function snapshotBackup(
       throw fileSystemError(error, 'Writing the metadata failed', outputDir);
     });
     run.signal.throwIfAborted();
-    await fs.rename(reserved.partialPath, reserved.dumpPath);
-    await syncDirectory(outputDir);
+    await publishDump(reserved.partialPath, reserved.dumpPath).catch(async (error: unknown) => {
+      // Still under its final name (even the rename back failed): it keeps its metadata, never a dump without.
+      if (await pathExists(reserved.dumpPath)) created.length = 0;
+      throw error;
+    });
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
     await Promise.all(created.map(removeQuietly));
     throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
   } finally {
     signal.removeEventListener('abort', onInterrupt);
+  }
+}
+
+/**
+ * Give the checked dump its final name, durably. A failed fsync of the directory (EIO) means the disk cannot
+ * be trusted with this backup: no backup is claimed, and the dump takes its `.partial` name back, for the
+ * failure's clean-up to remove it with its metadata. `sync`: syncDirectory, or a test's failing one.
+ */
+export async function publishDump(partialPath: string, dumpPath: string, sync = syncDirectory): Promise<void> {
+  await fs.rename(partialPath, dumpPath);
+  try {
+    await sync(path.dirname(dumpPath));
+  } catch (error) {
+    await fs.rename(dumpPath, partialPath).catch(() => undefined);
+    throw error;
   }
 }
 

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { publishDump } from '../backup_db.ts';
 import { dbVars, directoryWithExistingBackup, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import {
@@ -87,6 +88,24 @@ describe('failure after the dump started', () => {
       }
     },
   );
+});
+
+describe('publishing the dump', () => {
+  test('a failed fsync of the directory after the rename (EIO) takes the name back: no backup is claimed', async () => {
+    const dir = await tempDir();
+    const [partial, dump] = [path.join(dir, 'a.dump.partial'), path.join(dir, 'a.dump')];
+    await fs.writeFile(partial, 'dump');
+    const eio = Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' });
+    await assert.rejects(
+      publishDump(partial, dump, async () => {
+        throw eio;
+      }),
+      eio,
+    );
+    assert.deepEqual(await fs.readdir(dir), ['a.dump.partial'], 'the clean-up finds its partial, not a .dump');
+    await publishDump(partial, dump);
+    assert.deepEqual(await fs.readdir(dir), ['a.dump']);
+  });
 });
 
 describe("the server's lock table", () => {

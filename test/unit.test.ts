@@ -956,6 +956,14 @@ describe('error classification', () => {
     assert.match(linked.details, /EEXIST/);
   });
 
+  test('EIO is a failing disk, never a matter of ownership and permissions', () => {
+    const eio = Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO', syscall: 'fsync' });
+    const error = fileSystemError(eio, 'A file operation failed', '/b');
+    assert.match(error.details, /EIO/);
+    assert.doesNotMatch(error.hints.join('\n'), /ownership|permissions|chown/);
+    assert.match(error.hints.join('\n'), /dmesg/);
+  });
+
   test("pg_dump failures carry pg_dump's own message and the right exit code", () => {
     const failed = (stderr: string) =>
       pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
