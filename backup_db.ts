@@ -1188,6 +1188,17 @@ async function claimLock(
 }
 
 /**
+ * Release a command's lock. Failing to (the directory made read-only meanwhile) is a warning: it must not
+ * replace the run's result, nor the failure being reported; the lock's owner is dead once the run ends.
+ */
+async function releaseLock(lock: BackupLock): Promise<void> {
+  await lock.release().catch((error: unknown) => {
+    const why = `${errorText(error)}; the next run takes it over, as a finished run's`;
+    printWarning(CONSOLE, warningProblem(`Could not remove the lock ${displayPath(lock.path)}`, why, []));
+  });
+}
+
+/**
  * Run `use` holding the lock at `lockPath`, waiting (up to 10 s) while another run holds it: for
  * short read-modify-write updates of a shared file.
  */
@@ -2753,7 +2764,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // An interrupt wins over what failed meanwhile, such as a connection attempt it outlasted.
     throw signal.aborted ? signal.reason : error;
   } finally {
-    await lock.release();
+    await releaseLock(lock);
   }
 }
 
@@ -4267,7 +4278,7 @@ async function runPrune(
   try {
     return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null }, signal);
   } finally {
-    await lock.release();
+    await releaseLock(lock);
   }
 }
 
