@@ -2394,7 +2394,8 @@ async function dumpToDirectory(
   const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
-  return hashBackup(partialDir);
+  // Minutes on a large dump: an interrupt stops the read too, not only pg_dump.
+  return hashBackup(partialDir, signal);
 }
 
 /** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes. */
