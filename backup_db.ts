@@ -1255,13 +1255,13 @@ function alreadyRunningError(
 // ─── Leftovers and disk space: what killed runs left, free space ────────────────────────
 
 /**
- * With the lock held, no other run of this database is writing here, so its leftovers are stale:
- * `.partial` dumps of runs that were killed, temp metadata, and metadata whose dump never got its
- * final name; and of the lock itself, the temp files and takeover claims of runs that died while
- * starting (a run still starting, and losing to us, has a live pid, or one we cannot check). Names
- * are matched exactly (database, environment, timestamp), never by prefix. Best effort: one this
- * user cannot remove (another user's killed run left it) is named, and the backup goes on, as it
- * claims its own names exclusively.
+ * With the lock held, no other backup of this database is writing here, so its leftovers are stale:
+ * `.partial` dumps of runs that were killed, temp metadata of dead runs, and metadata
+ * whose dump never got its final name; and of the lock itself, the temp files and takeover claims of
+ * runs that died while starting (a run still starting, and losing to us, has a live pid, or one we
+ * cannot check). Names are matched exactly (database, environment, timestamp), never by prefix. Best
+ * effort: one this user cannot remove (another user's killed run left it) is named, and the backup
+ * goes on, as it claims its own names exclusively.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ removed: string[]; left: string[] }> {
   const stem = backupStemOf(config);
@@ -1273,7 +1273,8 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ remove
   const takeover = new RegExp(`^${lock}(?:\\.takeover-\\d+)+$`);
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
-    if (partial.test(name) || tempMetadata.test(name)) return true;
+    if (partial.test(name)) return true;
+    if (tempMetadata.test(name)) return isOldTempFile(path.join(dir, name));
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
@@ -1332,6 +1333,15 @@ async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
   if (foreign) return !(await lockOwnerAlive(owner));
   if (found?.text === '') return Date.now() - found.mtimeMs > 60_000;
   return pid === process.pid || !processAlive(pid);
+}
+
+/**
+ * Temp metadata (writeFileAtomic's; a drill's too, which takes no lock) lives for one write,
+ * milliseconds: one over a minute old is a dead run's. A younger one may be being written.
+ */
+async function isOldTempFile(file: string): Promise<boolean> {
+  const stat = await fs.lstat(file).catch(() => undefined);
+  return stat !== undefined && Date.now() - stat.mtimeMs > 60_000;
 }
 
 function escapeRegExp(text: string): string {

@@ -448,6 +448,21 @@ describe('lock leftovers and names', () => {
     },
   );
 
+  test("temp metadata (a drill's, which takes no lock): kept while being written, removed once a minute old", async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    await fs.mkdir(outputDir);
+    // Each lives for one write: a young one may be another run's (a drill's) being written.
+    const temp = (pid: number) => `conc_a_dev_2025-01-01T00-00-00Z.metadata.json.tmp-${pid}`;
+    const [young, old] = [temp(process.pid), temp(await deadPid())];
+    const hourAgo = new Date(Date.now() - 3_600_000);
+    for (const name of [young, old]) await fs.writeFile(path.join(outputDir, name), '{}');
+    await fs.utimes(path.join(outputDir, old), hourAgo, hourAgo);
+    const result = await runCli({ args: [...(await backupArgs('conc_a', outputDir)), '--json'] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.deepEqual(JSON.parse(result.stdout).removed_stale_files, [old]);
+    assert.ok((await fs.readdir(outputDir)).includes(young), `${young} kept`);
+  });
+
   test(
     'databases "a b" and "a_b" back up at the same time in one directory, each under its own lock',
     { timeout: 60_000 },
