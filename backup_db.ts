@@ -908,7 +908,7 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
 
 /** Create the output directory (0700: backups hold all the data) and prove we can write there. */
 async function prepareOutputDir(dir: string): Promise<void> {
-  const probe = path.join(dir, `.backup_db-write-test-${process.pid}`);
+  const probe = path.join(dir, `${WRITE_PROBE_PREFIX}${randomName()}`);
   try {
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     await fs.writeFile(probe, '', { flag: 'wx', mode: 0o600 });
@@ -917,6 +917,14 @@ async function prepareOutputDir(dir: string): Promise<void> {
     throw fileSystemError(error, `Cannot write to the backup directory ${displayPath(dir)}`, dir);
   }
 }
+
+const WRITE_PROBE_PREFIX = '.backup_db-write-test-';
+
+/**
+ * Random, for a temp file's name, never a pid: a container's pid (often 1) repeats from run to run, and a
+ * killed run's file with it would be in the way for ever. 8 characters: long database names leave no more room.
+ */
+const randomName = () => randomBytes(4).toString('hex');
 
 /**
  * One backup per database at a time: a lock file in the output directory, named after the
@@ -1256,7 +1264,7 @@ function alreadyRunningError(
 
 /**
  * With the lock held, no other backup of this database is writing here, so its leftovers are stale:
- * `.partial` dumps of runs that were killed, temp metadata of dead runs, and metadata
+ * `.partial` dumps of runs that were killed, temp metadata and write probes of dead runs, and metadata
  * whose dump never got its final name; and of the lock itself, the temp files and takeover claims of
  * runs that died while starting (a run still starting, and losing to us, has a live pid, or one we
  * cannot check). Names are matched exactly (database, environment, timestamp), never by prefix. Best
@@ -1266,7 +1274,9 @@ function alreadyRunningError(
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ removed: string[]; left: string[] }> {
   const stem = backupStemOf(config);
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
-  const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
+  // A random name; older versions put their pid there.
+  const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-[0-9a-f]+$`);
+  const probe = new RegExp(`^${escapeRegExp(WRITE_PROBE_PREFIX)}[0-9a-f]+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
   const lock = escapeRegExp(lockFileName(config.database, config.environment));
   const lockTemp = new RegExp(`^${lock}\\.(\\d+)(?:\\.[0-9a-f]+)?\\.(?:tmp|swap)$`);
@@ -1274,7 +1284,7 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ remove
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
     if (partial.test(name)) return true;
-    if (tempMetadata.test(name)) return isOldTempFile(path.join(dir, name));
+    if (tempMetadata.test(name) || probe.test(name)) return isOldTempFile(path.join(dir, name));
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
@@ -1336,8 +1346,8 @@ async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
 }
 
 /**
- * Temp metadata (writeFileAtomic's; a drill's too, which takes no lock) lives for one write,
- * milliseconds: one over a minute old is a dead run's. A younger one may be being written.
+ * Temp metadata (writeFileAtomic's; a drill's too, which takes no lock) and write probes live for one
+ * write, milliseconds: one over a minute old is a dead run's. A younger one may be being written.
  */
 async function isOldTempFile(file: string): Promise<boolean> {
   const stat = await fs.lstat(file).catch(() => undefined);
@@ -3160,7 +3170,7 @@ export async function writeFileAtomic(
   mode = 0o600,
   like?: Pick<Stats, 'mode' | 'uid' | 'gid'>,
 ): Promise<void> {
-  const temp = `${filePath}.tmp-${process.pid}`;
+  const temp = `${filePath}.tmp-${randomName()}`;
   try {
     const handle = await fs.open(temp, 'wx', mode);
     try {
