@@ -915,7 +915,7 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
 
 /** Create the output directory (0700: backups hold all the data) and prove we can write there. */
 async function prepareOutputDir(dir: string): Promise<void> {
-  const probe = path.join(dir, `.backup_db-write-test-${process.pid}`);
+  const probe = path.join(dir, `${WRITE_PROBE_PREFIX}${randomName()}`);
   try {
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     await fs.writeFile(probe, '', { flag: 'wx', mode: 0o600 });
@@ -924,6 +924,14 @@ async function prepareOutputDir(dir: string): Promise<void> {
     throw fileSystemError(error, `Cannot write to the backup directory ${displayPath(dir)}`, dir);
   }
 }
+
+const WRITE_PROBE_PREFIX = '.backup_db-write-test-';
+
+/**
+ * Random, for a temp file's name, never a pid: a container's pid (often 1) repeats from run to run, and a
+ * killed run's file with it would be in the way for ever. 8 characters: long database names leave no more room.
+ */
+const randomName = () => randomBytes(4).toString('hex');
 
 /**
  * One backup per database at a time: a lock file in the output directory, named after the
@@ -1195,6 +1203,17 @@ async function claimLock(
 }
 
 /**
+ * Release a command's lock. Failing to (the directory made read-only meanwhile) is a warning: it must not
+ * replace the run's result, nor the failure being reported; the lock's owner is dead once the run ends.
+ */
+async function releaseLock(lock: BackupLock): Promise<void> {
+  await lock.release().catch((error: unknown) => {
+    const why = `${errorText(error)}; the next run takes it over, as a finished run's`;
+    printWarning(CONSOLE, warningProblem(`Could not remove the lock ${displayPath(lock.path)}`, why, []));
+  });
+}
+
+/**
  * Run `use` holding the lock at `lockPath`, waiting (up to 10 s) while another run holds it: for
  * short read-modify-write updates of a shared file.
  */
@@ -1252,26 +1271,30 @@ function alreadyRunningError(
 // ─── Leftovers and disk space: what killed runs left, free space ────────────────────────
 
 /**
- * With the lock held, no other run of this database is writing here, so its leftovers are stale:
- * `.partial` dumps of runs that were killed, temp metadata, metadata whose dump never got its final
- * name, and the pinned links of restores that are gone (pinBackup); and of the lock itself, the temp
- * files and takeover claims of runs that died while starting (a run still starting, and losing to
- * us, has a live pid, or one we cannot check). Names are matched exactly (database, environment,
- * timestamp), never by prefix. Best effort: one this user cannot remove (another user's killed run
- * left it) is named, and the backup goes on, as it claims its own names exclusively.
+ * With the lock held, no other backup of this database is writing here, so its leftovers are stale:
+ * `.partial` dumps of runs that were killed, temp metadata and write probes of dead runs, metadata
+ * whose dump never got its final name, and the pinned links of restores that are gone (pinBackup);
+ * and of the lock itself, the temp files and takeover claims of runs that died while starting (a run
+ * still starting, and losing to us, has a live pid, or one we cannot check). Names are matched exactly
+ * (database, environment, timestamp), never by prefix. Best effort: one this user cannot remove
+ * (another user's killed run left it) is named, and the backup goes on, as it claims its own names
+ * exclusively.
  */
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ removed: string[]; left: string[] }> {
   const stem = backupStemOf(config);
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
   const pin = new RegExp(`^${stem}\\.dump${escapeRegExp(PIN_INFIX)}(?<pid>\\d+)$`);
-  const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-\\d+$`);
+  // A random name; older versions put their pid there.
+  const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-[0-9a-f]+$`);
+  const probe = new RegExp(`^${escapeRegExp(WRITE_PROBE_PREFIX)}[0-9a-f]+$`);
   const metadata = new RegExp(`^(${stem})\\.metadata\\.json$`);
   const lock = escapeRegExp(lockFileName(config.database, config.environment));
   const lockTemp = new RegExp(`^${lock}\\.(\\d+)(?:\\.[0-9a-f]+)?\\.(?:tmp|swap)$`);
   const takeover = new RegExp(`^${lock}(?:\\.takeover-\\d+)+$`);
   const names = await fs.readdir(dir);
   const isStaleFile = async (name: string) => {
-    if (partial.test(name) || tempMetadata.test(name)) return true;
+    if (partial.test(name)) return true;
+    if (tempMetadata.test(name) || probe.test(name)) return isOldTempFile(path.join(dir, name));
     const pinnedBy = pin.exec(name)?.groups?.pid;
     if (pinnedBy) return !processAlive(Number(pinnedBy));
     const orphan = metadata.exec(name);
@@ -1334,6 +1357,15 @@ async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
   return pid === process.pid || !processAlive(pid);
 }
 
+/**
+ * Temp metadata (writeFileAtomic's; a drill's too, which takes no lock) and write probes live for one
+ * write, milliseconds: one over a minute old is a dead run's. A younger one may be being written.
+ */
+async function isOldTempFile(file: string): Promise<boolean> {
+  const stat = await fs.lstat(file).catch(() => undefined);
+  return stat !== undefined && Date.now() - stat.mtimeMs > 60_000;
+}
+
 function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
@@ -1379,6 +1411,12 @@ export function fileSystemError(error: unknown, title: string, dir: string): Bac
   if (code === 'ENAMETOOLONG')
     return new BackupError(EXIT.CONFIG, `${title}: the path is too long`, errorText(error), [
       'Choose a shorter path with --output-dir (at most 255 bytes a name, 4095 in all)',
+    ]);
+  // A failing disk, which no owner or mode fixes; exit 4 as any failed file operation (the contract has none for it).
+  if (code === 'EIO')
+    return new BackupError(EXIT.PERMISSION, title, errorText(error), [
+      'The disk reported an I/O error: see the kernel log (dmesg | tail) and check the disk',
+      'Meanwhile choose another directory with --output-dir',
     ]);
   const notDirectory =
     code === 'ENOTDIR' || (code === 'EEXIST' && (error as NodeJS.ErrnoException).syscall === 'mkdir');
@@ -2463,7 +2501,8 @@ async function dumpToDirectory(
   const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
-  return hashBackup(partialDir);
+  // Minutes on a large dump: an interrupt stops the read too, not only pg_dump.
+  return hashBackup(partialDir, signal);
 }
 
 /** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes. */
@@ -2833,7 +2872,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     // An interrupt wins over what failed meanwhile, such as a connection attempt it outlasted.
     throw signal.aborted ? signal.reason : error;
   } finally {
-    await lock.release();
+    await releaseLock(lock);
   }
 }
 
@@ -2959,14 +2998,32 @@ async function snapshotBackup(
       throw fileSystemError(error, 'Writing the metadata failed', outputDir);
     });
     run.signal.throwIfAborted();
-    await fs.rename(reserved.partialPath, reserved.dumpPath);
-    await syncDirectory(outputDir);
+    await publishDump(reserved.partialPath, reserved.dumpPath).catch(async (error: unknown) => {
+      // Still under its final name (even the rename back failed): it keeps its metadata, never a dump without.
+      if (await pathExists(reserved.dumpPath)) created.length = 0;
+      throw error;
+    });
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
     await Promise.all(created.map(removeQuietly));
     throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
   } finally {
     signal.removeEventListener('abort', onInterrupt);
+  }
+}
+
+/**
+ * Give the checked dump its final name, durably. A failed fsync of the directory (EIO) means the disk cannot
+ * be trusted with this backup: no backup is claimed, and the dump takes its `.partial` name back, for the
+ * failure's clean-up to remove it with its metadata. `sync`: syncDirectory, or a test's failing one.
+ */
+export async function publishDump(partialPath: string, dumpPath: string, sync = syncDirectory): Promise<void> {
+  await fs.rename(partialPath, dumpPath);
+  try {
+    await sync(path.dirname(dumpPath));
+  } catch (error) {
+    await fs.rename(dumpPath, partialPath).catch(() => undefined);
+    throw error;
   }
 }
 
@@ -3200,7 +3257,7 @@ export async function writeFileAtomic(
   mode = 0o600,
   like?: Pick<Stats, 'mode' | 'uid' | 'gid'>,
 ): Promise<void> {
-  const temp = `${filePath}.tmp-${process.pid}`;
+  const temp = `${filePath}.tmp-${randomName()}`;
   try {
     const handle = await fs.open(temp, 'wx', mode);
     try {
@@ -4234,8 +4291,8 @@ export interface RetentionReport extends RetentionPlan {
 /**
  * Apply the policy to one database+environment, under its lock. Nothing is deleted until the newest
  * backup that stays has passed the full check (a re-read of every byte), unless this run has just made
- * it; if it fails, nothing is deleted (exit 8). A dump is deleted before its metadata: a crash in between
- * leaves an orphaned metadata file, which the next backup removes.
+ * it; if it fails, nothing is deleted (exit 8). Each backup is deleted by deleteBackup: a crash midway leaves
+ * only leftovers that the next backup removes.
  */
 async function applyRetention(
   config: DbConfig,
@@ -4256,8 +4313,7 @@ async function applyRetention(
     for (const [deleted, backup] of doomed.entries()) {
       // An interrupt stops pruning between backups, never between a dump and its metadata.
       if (signal.aborted) throw pruningInterrupted(signal.reason, deleted, doomed.length);
-      await deleteBackupFile(path.join(dir, backup.file));
-      await fs.rm(path.join(dir, metadataFileName(backup.file)), { force: true });
+      await deleteBackup(dir, backup.file);
     }
     if (doomed.length > 0) await syncDirectory(dir);
   }
@@ -4271,14 +4327,26 @@ async function applyRetention(
   };
 }
 
-/** Delete a backup's dump (removeEntry); a refusal names the owner. */
-async function deleteBackupFile(file: string): Promise<void> {
+/**
+ * Delete a backup: its dump first loses its name, durably (a `.partial`, which the next backup's clean-up
+ * removes), then its metadata goes, then its files. A run killed while deleting a directory's files
+ * (SIGKILL, power loss) so leaves a leftover, never a `.dump` that looks damaged for ever. A directory this
+ * user cannot empty is refused before it is renamed, so that it stays a backup. A refusal names the owner.
+ */
+async function deleteBackup(dir: string, file: string): Promise<void> {
+  const dumpPath = path.join(dir, file);
+  const doomed = dumpPath + PARTIAL_SUFFIX;
   try {
-    await removeEntry(file);
+    if ((await fs.lstat(dumpPath)).isDirectory()) await fs.access(dumpPath, fs.constants.W_OK | fs.constants.X_OK);
+    await fs.rename(dumpPath, doomed);
+    await syncDirectory(dir);
+    await fs.rm(path.join(dir, metadataFileName(file)), { force: true });
+    await removeEntry(doomed);
   } catch (error) {
     const code = errnoCode(error);
     if (code !== 'EPERM' && code !== 'EACCES') throw error;
-    const why = `not allowed to delete ${path.basename(file)} (${await ownerOf(file)}): ${errorText(error)}`;
+    const owner = await ownerOf((error as NodeJS.ErrnoException).path ?? dumpPath);
+    const why = `not allowed to delete ${file} (${owner}): ${errorText(error)}`;
     throw Object.assign(new Error(why), { code });
   }
 }
@@ -4344,7 +4412,7 @@ async function runPrune(
   try {
     return await applyRetention(config, options, { systemIdentifier: systemIdentifier ?? null }, signal);
   } finally {
-    await lock.release();
+    await releaseLock(lock);
   }
 }
 

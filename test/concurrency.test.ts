@@ -448,6 +448,45 @@ describe('lock leftovers and names', () => {
     },
   );
 
+  test("temp metadata (a drill's, which takes no lock): kept while being written, removed once a minute old", async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    await fs.mkdir(outputDir);
+    // Each lives for one write: a young one may be another run's (a drill's) being written.
+    const temp = (pid: number) => `conc_a_dev_2025-01-01T00-00-00Z.metadata.json.tmp-${pid}`;
+    const [young, old] = [temp(process.pid), temp(await deadPid())];
+    const hourAgo = new Date(Date.now() - 3_600_000);
+    for (const name of [young, old]) await fs.writeFile(path.join(outputDir, name), '{}');
+    await fs.utimes(path.join(outputDir, old), hourAgo, hourAgo);
+    const result = await runCli({ args: [...(await backupArgs('conc_a', outputDir)), '--json'] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.deepEqual(JSON.parse(result.stdout).removed_stale_files, [old]);
+    assert.ok((await fs.readdir(outputDir)).includes(young), `${young} kept`);
+  });
+
+  test(
+    "write probes and temp metadata named with this run's own pid (pid 1 in a container) are not in the way",
+    skipUnless(noPidNamespace),
+    async () => {
+      const outputDir = path.join(await tempDir(), 'out');
+      await fs.mkdir(outputDir);
+      // Left by a run killed between creating and removing (renaming) them, whose pid was 1 too.
+      const leftovers = ['.backup_db-write-test-1', 'conc_a_dev_2025-01-01T00-00-00Z.metadata.json.tmp-1'];
+      const hourAgo = new Date(Date.now() - 3_600_000);
+      for (const name of leftovers) {
+        await fs.writeFile(path.join(outputDir, name), '');
+        await fs.utimes(path.join(outputDir, name), hourAgo, hourAgo);
+      }
+      // Another run's probe, young: it may be being written.
+      const young = '.backup_db-write-test-0a1b2c3d';
+      await fs.writeFile(path.join(outputDir, young), '');
+      const args = [...(await backupArgs('conc_a', outputDir)), '--json'];
+      const result = await runCli({ args, wrapper: ['unshare', ...PID_NAMESPACE] });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.deepEqual(JSON.parse(result.stdout).removed_stale_files.sort(), leftovers.sort());
+      assert.ok((await fs.readdir(outputDir)).includes(young), `${young} kept`);
+    },
+  );
+
   test(
     'databases "a b" and "a_b" back up at the same time in one directory, each under its own lock',
     { timeout: 60_000 },

@@ -6,8 +6,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { publishDump } from '../backup_db.ts';
 import { dbVars, directoryWithExistingBackup, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
 import {
   directoryFingerprint,
   holdTableLock,
@@ -15,6 +18,8 @@ import {
   waitForBlockedPgDump,
   waitForNoBackupSessions,
 } from './helpers/wait.ts';
+
+const noSetpriv = await unmet('setpriv');
 
 let server: TestServer;
 before(async () => {
@@ -87,6 +92,67 @@ describe('failure after the dump started', () => {
       }
     },
   );
+});
+
+describe('a lock that cannot be removed', () => {
+  /** Run the backup `args` until `tool` runs with `match`; there make `outputDir` read-only (0500), then let it go on. */
+  async function madeReadOnlyAt(outputDir: string, args: string[], tool: 'pg_dump' | 'pg_restore', match: string) {
+    const clients = await clientDirHolding(tool, match);
+    const cli = startCli({ args: [...args, '--pg-bin-dir', clients.dir], withoutRootOverride: true });
+    try {
+      await waitFor(`${tool} to run`, async () =>
+        (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
+      );
+      await fs.chmod(outputDir, 0o500);
+    } finally {
+      await fs.writeFile(clients.release, '');
+    }
+    const result = await cli.finally(() => fs.chmod(outputDir, 0o700));
+    return { exitCode: result.exitCode, stdout: String(result.stdout), stderr: String(result.stderr) };
+  }
+
+  test('after a backup that succeeded: a warning, the run still succeeds', skipUnless(noSetpriv), async () => {
+    // A valid copy of the earlier backup dated just ahead: retention checks it after the new backup is made.
+    const { outputDir, args } = await directoryWithExistingBackup(server, 'fail_app');
+    const existing = (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump'))!;
+    const ahead = new Date(Math.floor(Date.now() / 1000) * 1000 + 120_000).toISOString().replace('.000', '');
+    const name = `fail_app_dev_${ahead.replaceAll(':', '-')}.dump`;
+    const metadataOf = (dump: string) => path.join(outputDir, dump.replace(/\.dump$/, '.metadata.json'));
+    const metadata = JSON.parse(await fs.readFile(metadataOf(existing), 'utf8'));
+    await fs.copyFile(path.join(outputDir, existing), path.join(outputDir, name));
+    await fs.writeFile(metadataOf(name), JSON.stringify({ ...metadata, backup_file: name, backup_timestamp: ahead }));
+    const rules = ['--keep-last', '1', '--dry-run'];
+    const result = await madeReadOnlyAt(outputDir, [...args, ...rules], 'pg_restore', name);
+    assert.equal(result.exitCode, 0, result.stdout + result.stderr);
+    assert.match(result.stdout, /^✓ Backup created successfully$/m);
+    assert.match(result.stderr, /^⚠ Could not remove the lock .*fail_app_dev\.lock: EACCES/m);
+  });
+
+  test('after a failure: the failure is reported, the lock a warning', skipUnless(noSetpriv), async () => {
+    const { outputDir, args } = await directoryWithExistingBackup(server, 'fail_app');
+    const result = await madeReadOnlyAt(outputDir, args, 'pg_dump', '--snapshot');
+    assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+    assert.match(result.stderr, /^✗ Backup failed: Writing the metadata failed$/m);
+    assert.match(result.stderr, /^⚠ Could not remove the lock .*fail_app_dev\.lock: EACCES/m);
+  });
+});
+
+describe('publishing the dump', () => {
+  test('a failed fsync of the directory after the rename (EIO) takes the name back: no backup is claimed', async () => {
+    const dir = await tempDir();
+    const [partial, dump] = [path.join(dir, 'a.dump.partial'), path.join(dir, 'a.dump')];
+    await fs.writeFile(partial, 'dump');
+    const eio = Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' });
+    await assert.rejects(
+      publishDump(partial, dump, async () => {
+        throw eio;
+      }),
+      eio,
+    );
+    assert.deepEqual(await fs.readdir(dir), ['a.dump.partial'], 'the clean-up finds its partial, not a .dump');
+    await publishDump(partial, dump);
+    assert.deepEqual(await fs.readdir(dir), ['a.dump']);
+  });
 });
 
 describe("the server's lock table", () => {

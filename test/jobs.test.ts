@@ -14,7 +14,11 @@ import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
-import { directoryFingerprint, flipMiddleByte, holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
+import { within } from './helpers/processes.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+import { directoryFingerprint, flipMiddleByte, holdTableLock, waitFor, waitForBlockedPgDump } from './helpers/wait.ts';
+
+const noProc = await unmet('proc');
 
 let server: TestServer;
 let configDir: string;
@@ -202,6 +206,42 @@ describe('--jobs failures and retention', () => {
     }
     assert.deepEqual(await directoryFingerprint(outputDir), before);
   });
+
+  test(
+    'SIGTERM while the finished dump is read back for its checksum stops the read at once: exit 143, nothing left',
+    skipUnless(noProc),
+    async () => {
+      const outputDir = path.join(await tempDir(), 'backups');
+      await parallelBackup(outputDir);
+      const before = await directoryFingerprint(outputDir);
+      // pg_dump, then a 1 TiB sparse file in its directory: reading it back for the checksum takes many minutes.
+      const bin = await tempDir();
+      const which = async (tool: string) => (await execa('sh', ['-c', `command -v ${tool}`])).stdout.trim();
+      const sparse = 'for a; do case "$a" in --file=*) truncate -s 1T "${a#--file=}/zz.dat";; esac; done';
+      const shim = `#!/bin/sh\n'${await which('pg_dump')}' "$@" || exit $?\n${sparse}\n`;
+      await fs.writeFile(path.join(bin, 'pg_dump'), shim, { mode: 0o755 });
+      await fs.writeFile(path.join(bin, 'pg_restore'), `#!/bin/sh\nexec '${await which('pg_restore')}' "$@"\n`, {
+        mode: 0o755,
+      });
+      const args = ['--env', 'dev', '--jobs', '2', '--config-dir', configDir, '--output-dir', outputDir];
+      const cli = startCli({ args: [...args, '--pg-bin-dir', bin] });
+      try {
+        const fds = `/proc/${cli.pid}/fd`;
+        await waitFor('the checksum to read the large file', async () => {
+          const links = await Promise.all(
+            (await fs.readdir(fds).catch(() => [])).map((fd) => fs.readlink(path.join(fds, fd)).catch(() => '')),
+          );
+          return links.some((link) => link.endsWith('/zz.dat')) ? true : undefined;
+        });
+        cli.kill('SIGTERM');
+        await within('the CLI to end after SIGTERM', 10_000, async () => cli.exitCode !== null);
+      } finally {
+        cli.kill('SIGKILL');
+      }
+      assert.equal((await cli).exitCode, 143);
+      assert.deepEqual(await directoryFingerprint(outputDir), before, 'the partial directory is removed');
+    },
+  );
 
   test('more workers than the role may open connections: exit 3, with the hint to lower --jobs', async () => {
     const [role, password] = [uniqueName('limited'), uniqueName('pw')];

@@ -875,6 +875,45 @@ describe('retention on real backups', () => {
   );
 
   test(
+    'a --jobs backup whose deletion stops midway is no backup any more, never a damaged one; the next run removes the rest',
+    skipUnless(noSetpriv),
+    async () => {
+      const dir = path.join(await tempDir(), 'backups');
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+      const where = ['--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
+      const first = await runCli({ args: [...where, '--jobs', '2'] });
+      assert.equal(first.exitCode, 0, first.stdout + first.stderr);
+      const old = (await fs.readdir(dir)).find((n) => n.endsWith('.dump'))!;
+      // An empty file (the size, so the quick check, unchanged) in a subdirectory the CLI cannot empty: the
+      // recursive deletion fails midway, as a run killed (SIGKILL, power loss) while deleting would stop.
+      const stuck = path.join(dir, old, 'stuck');
+      await fs.mkdir(stuck);
+      await fs.writeFile(path.join(stuck, 'empty'), '');
+      await fs.chmod(stuck, 0o555);
+      try {
+        const result = await runCli({ args: [...where, '--keep-last', '1'], withoutRootOverride: true });
+        assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+        assert.match(result.stderr, /^⚠ The backup is fine, but applying the retention policy failed: .*EACCES/m);
+        const listed = JSON.parse((await runCli({ args: ['--list', '--json', '--output-dir', dir] })).stdout);
+        const rows = (entries: Array<{ file: string; status: string }>) => entries.map((e) => [e.file, e.status]);
+        assert.equal(listed.backups.length, 1, 'only the new backup');
+        assert.deepEqual(rows(listed.backups)[0]![1], 'verified');
+        assert.deepEqual(rows(listed.incomplete), [[`${old}.partial`, 'incomplete']]);
+        assert.ok(!(await fs.readdir(dir)).includes(metadataOf(old)), 'its metadata is gone');
+      } finally {
+        await fs.chmod(stuck, 0o755).catch(() => undefined);
+        await fs.chmod(path.join(dir, `${old}.partial`, 'stuck'), 0o755).catch(() => undefined);
+      }
+      const next = await runCli({ args: where });
+      assert.equal(next.exitCode, 0, next.stdout + next.stderr);
+      assert.match(next.stdout, new RegExp(`^Cleaned up: .*\\(${old.replaceAll('.', '\\.')}\\.partial\\)$`, 'm'));
+      const after = await fs.readdir(dir);
+      assert.ok(!after.includes(old) && !after.includes(`${old}.partial`), 'nothing of it is left');
+    },
+  );
+
+  test(
     "another user's backup in a sticky directory: --prune says it may not delete it (EPERM), not ENOTDIR",
     skipUnless(process.getuid?.() === 0 ? noSetpriv : 'needs root, to give files to another user'),
     async () => {

@@ -477,7 +477,7 @@ describe('file names', () => {
     for (const name of names) {
       assert.equal(databaseFromFileNamePart(fileNamePart(name)), name, `${name} round-trips`);
       assert.equal(parseBackupFileName(backupFileName(name, 'prod', at))?.database, name);
-      assert.ok(Buffer.byteLength(backupFileName(name, 'prod', at) + '.metadata.json.tmp-4194304') < 255);
+      assert.ok(Buffer.byteLength(backupFileName(name, 'prod', at) + '.metadata.json.tmp-0a1b2c3d') < 255);
     }
   });
 
@@ -971,6 +971,14 @@ describe('error classification', () => {
     assert.equal(linked.exitCode, EXIT.PERMISSION);
     assert.equal(linked.title, 'Cannot create the lock file');
     assert.match(linked.details, /EEXIST/);
+  });
+
+  test('EIO is a failing disk, never a matter of ownership and permissions', () => {
+    const eio = Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO', syscall: 'fsync' });
+    const error = fileSystemError(eio, 'A file operation failed', '/b');
+    assert.match(error.details, /EIO/);
+    assert.doesNotMatch(error.hints.join('\n'), /ownership|permissions|chown/);
+    assert.match(error.hints.join('\n'), /dmesg/);
   });
 
   test("pg_dump failures carry pg_dump's own message and the right exit code", () => {
