@@ -6677,7 +6677,10 @@ function printOutcome(
 ): void {
   const kept = [...named, ...(result ? keptValues(result.document, secrets) : [])];
   if (json) {
-    const document = result ? redact(result.document, secrets, kept) : problemDocument(problem!);
+    // A run that did its job and still failed (a listing with bad backups, a retention that failed after
+    // the backup) has the failure's fields too, where every failed run's document has them.
+    const failure = problem ? problemDocument({ ...problem, data: {} }) : {};
+    const document = result ? { ...redact(result.document, secrets, kept), ...failure } : problemDocument(problem!);
     io.out(JSON.stringify({ ok: exitCode === EXIT.OK, command, ...document }, null, 2));
     return;
   }
@@ -7388,9 +7391,8 @@ async function runMode(
       const failure = listingFailure(listing);
       // The listing stands (on stdout, and in the document), with the failure as every failure is reported.
       const problem = failure && failureProblem(failure, OPERATION_NAMES.list, []);
-      const document = { ...listingDocument(listing), ...(problem ? problemDocument(problem) : {}) };
       const text = () => ({ out: listingLines(listing), err: problem ? problemLines(problem) : [] });
-      const listed = completed('list', document, text);
+      const listed = completed('list', listingDocument(listing), text);
       return failure ? { ...listed, exitCode: failure.exitCode, failure } : listed;
     }
     case 'check': {

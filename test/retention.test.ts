@@ -868,6 +868,16 @@ describe('retention on real backups', () => {
         const dumps = (await fs.readdir(dir)).filter((n) => n.endsWith('.dump'));
         assert.equal(dumps.length, 2, 'the new backup, and the one that could not be deleted');
         assert.ok(dumps.includes(old));
+        // As JSON: the backup's document, and the failure where every failed run's document has it.
+        const json = await runCli({ args: [...where, '--keep-last', '1', '--json'], withoutRootOverride: true });
+        assert.equal(json.exitCode, 4, json.stderr);
+        const document = JSON.parse(json.stdout);
+        assert.deepEqual(
+          [document.ok, document.exit_code, document.error, typeof document.backup_file],
+          [false, 4, 'Applying the retention policy failed', 'string'],
+        );
+        assert.match(document.details, /EACCES/);
+        assert.ok(document.hints.length > 0);
       } finally {
         await fs.chmod(path.join(dir, old), 0o755);
       }
