@@ -7542,6 +7542,14 @@ function commandAskedFor(opts: Partial<CliOptions>): CommandName {
   }
 }
 
+/** Pure: every option `argv` names (`--name` or `--name=value`), as set, whatever its value: only which were given. */
+function optionsNamedIn(program: Command, argv: string[]): Partial<CliOptions> {
+  const end = argv.indexOf('--');
+  const named = new Set((end < 0 ? argv : argv.slice(0, end)).map((arg) => arg.split('=')[0]));
+  const given = program.options.filter((option) => option.long && named.has(option.long));
+  return Object.fromEntries(given.map((option) => [option.attributeName(), true]));
+}
+
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
 export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const [startedAt, started] = [new Date(), performance.now()];
@@ -7561,7 +7569,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     parseFailure = configError(message, ['Run with --help for usage']);
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
-  const command = commandAskedFor(opts);
+  // Commander stops at the first bad value: the options after it still say which command was asked for.
+  const command = commandAskedFor(parseFailure ? { ...optionsNamedIn(program, argv), ...opts } : opts);
   let automation: Automation | undefined;
   let vars: EnvVars | undefined;
   let known: Outcome['facts'] = {};
