@@ -96,6 +96,7 @@ const DUMP_SUFFIX = '.dump';
 const PARTIAL_SUFFIX = '.partial';
 /** `<name>.dump.pin-<pid>`: a restore's private links to a directory-format backup (pinBackup). */
 const PIN_INFIX = '.pin-';
+const OWNER_SUFFIX = '.owner';
 const METADATA_SUFFIX = '.metadata.json';
 const LOCK_SUFFIX = '.lock';
 // Names this run's sessions (pg_dump's add :pg_dump) for the watchdog, progress and lock-cycle queries. The pid
@@ -1129,16 +1130,20 @@ export async function acquireBackupLock(
 }
 
 /** Take the lock at `lockPath`; `busy` is the error when a live owner holds it. */
-async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => BackupError): Promise<BackupLock> {
-  const dir = path.dirname(lockPath);
-  const owner: LockOwner = {
+/** This run as the owner of a lock (or of a restore's pinned copy): what lockOwnerAlive judges. */
+async function thisRunAsOwner(): Promise<LockOwner> {
+  return {
     pid: process.pid,
     hostname: os.hostname(),
     started_at: new Date().toISOString(),
     process_start: (await processInfo(process.pid))?.start ?? null,
     ...(await pidScope()),
   };
-  const content = JSON.stringify(owner);
+}
+
+async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => BackupError): Promise<BackupLock> {
+  const dir = path.dirname(lockPath);
+  const content = JSON.stringify(await thisRunAsOwner());
   // Random too: a container's pid (often 1) repeats from run to run, and a killed run's files remain.
   const name = `${lockPath}.${process.pid}.${randomBytes(4).toString('hex')}`;
   const ours = { temp: `${name}.tmp`, swap: `${name}.swap`, content };
@@ -1283,7 +1288,7 @@ function alreadyRunningError(
 async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ removed: string[]; left: string[] }> {
   const stem = backupStemOf(config);
   const partial = new RegExp(`^${stem}\\.dump\\.partial$`);
-  const pin = new RegExp(`^${stem}\\.dump${escapeRegExp(PIN_INFIX)}(?<pid>\\d+)$`);
+  const pin = new RegExp(`^(${stem}\\.dump${escapeRegExp(PIN_INFIX)}\\d+)(?:${escapeRegExp(OWNER_SUFFIX)})?$`);
   // A random name; older versions put their pid there.
   const tempMetadata = new RegExp(`^${stem}\\.metadata\\.json\\.tmp-[0-9a-f]+$`);
   const probe = new RegExp(`^${escapeRegExp(WRITE_PROBE_PREFIX)}[0-9a-f]+$`);
@@ -1295,8 +1300,8 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ remove
   const isStaleFile = async (name: string) => {
     if (partial.test(name)) return true;
     if (tempMetadata.test(name) || probe.test(name)) return isOldTempFile(path.join(dir, name));
-    const pinnedBy = pin.exec(name)?.groups?.pid;
-    if (pinnedBy) return !processAlive(Number(pinnedBy));
+    const pinned = pin.exec(name)?.[1];
+    if (pinned) return isStalePin(path.join(dir, pinned));
     const orphan = metadata.exec(name);
     if (orphan) return !names.includes(`${orphan[1]}${DUMP_SUFFIX}`);
     const tempOf = lockTemp.exec(name);
@@ -1355,6 +1360,15 @@ async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
   if (foreign) return !(await lockOwnerAlive(owner));
   if (found?.text === '') return Date.now() - found.mtimeMs > 60_000;
   return pid === process.pid || !processAlive(pid);
+}
+
+/**
+ * A restore's pinned copy (and its owner file) is stale once the run named beside it is provably gone,
+ * judged as a lock's owner is: never one of another host or pid namespace, which may be restoring still.
+ */
+async function isStalePin(pinned: string): Promise<boolean> {
+  const owner = (await readLock(`${pinned}${OWNER_SUFFIX}`).catch(() => undefined))?.owner;
+  return owner !== undefined && !(await lockOwnerAlive(owner));
 }
 
 /**
@@ -5253,9 +5267,17 @@ async function pinBackup(filePath: string): Promise<PinnedBackup | undefined> {
 
 async function pinDirectory(dir: string): Promise<PinnedBackup> {
   const pinned = `${dir}${PIN_INFIX}${process.pid}`;
-  await fs.rm(pinned, { recursive: true, force: true }); // an earlier run's of this pid
+  // Whose it is, beside it (inside, the checks would find a file the backup lacks): another run's of the
+  // same pid (in another pid namespace) is left alone, and the next backup removes it only once it is gone.
+  const ownerFile = `${pinned}${OWNER_SUFFIX}`;
+  if (existsSync(ownerFile) && !(await isStalePin(pinned))) throw new Error(`${pinned} belongs to another run`);
+  await fs.rm(pinned, { recursive: true, force: true }); // an earlier, dead run's of this pid
+  await fs.writeFile(ownerFile, JSON.stringify(await thisRunAsOwner()), { mode: 0o600 });
   await fs.mkdir(pinned, { mode: 0o700 });
-  const release = () => fs.rm(pinned, { recursive: true, force: true });
+  const release = async () => {
+    await fs.rm(pinned, { recursive: true, force: true });
+    await fs.rm(ownerFile, { force: true });
+  };
   try {
     for (const name of await archiveFiles(dir)) {
       await fs.mkdir(path.dirname(path.join(pinned, name)), { recursive: true });

@@ -31,11 +31,12 @@ import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
-import { skipUnless, unmet } from './helpers/requirements.ts';
+import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
 
 const noTerminal = await unmet('script');
 const noProc = await unmet('proc');
 const noSetpriv = await unmet('setpriv');
+const noPidNamespace = await unmet('pidNamespace');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -1557,6 +1558,29 @@ describe('a restore reads the backup it verified, whatever becomes of its names 
     assert.match(result.stderr, /rs_app_dev_.*\.dump has been deleted meanwhile .*: restore ".*" from another backup/);
   });
 
+  test(
+    "a backup run in another pid namespace (a container sharing the volume) leaves a live restore's private copy alone",
+    skipUnless(noPidNamespace),
+    async () => {
+      const taken = await directoryBackup();
+      const target = await oldTarget();
+      let contained = { exitCode: -1, stdout: '', stderr: '' };
+      const result = await restoreHeld(
+        taken.dumpPath,
+        target,
+        async () => {
+          const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', taken.outputDir];
+          contained = await runCli({ args, wrapper: ['unshare', ...PID_NAMESPACE] });
+        },
+        '--clean',
+      );
+      assert.equal(contained.exitCode, 0, contained.stderr);
+      assert.doesNotMatch(`${contained.stdout}${contained.stderr}`, /\.pin-/);
+      assert.equal(result.exitCode, 0, result.stderr);
+      await assertRestoredFromBackup(target);
+    },
+  );
+
   test('SIGKILLed while restoring a directory-format backup: nothing listed as a backup is left, the next backup removes the rest', async () => {
     const taken = await directoryBackup();
     const listed = async () => {
@@ -1570,7 +1594,11 @@ describe('a restore reads the backup it verified, whatever becomes of its names 
       await cli;
       left = (await fs.readdir(taken.outputDir)).filter((name) => name.includes('.pin-'));
     });
-    assert.equal(left.length, 1, 'the killed restore read a private copy of the backup');
+    // The private copy, and beside it whose it is.
+    assert.deepEqual(left.map((name) => name.replace(/pin-\d+/, 'pin-N')).sort(), [
+      `${path.basename(taken.dumpPath)}.pin-N`,
+      `${path.basename(taken.dumpPath)}.pin-N.owner`,
+    ]);
     assert.deepEqual(await listed(), before);
 
     const next = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', taken.outputDir] });
