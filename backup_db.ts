@@ -44,6 +44,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
+import { isIP } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Transform } from 'node:stream';
@@ -1778,11 +1779,20 @@ async function serverVerification(config: DbConfig): Promise<TlsOptions> {
 }
 
 /**
- * verify-full's check of the server's name: against the configured host, an IP address included. Not
+ * verify-full's check of the server's name, as libpq's: against the configured host, an IP address included. Not
  * as the TLS server name (SNI), which node-postgres sets for a host name and may not be an IP address.
  */
 function identityOf(host: string): Pick<TlsOptions, 'checkServerIdentity'> {
-  return { checkServerIdentity: (_name, certificate) => checkServerIdentity(host, certificate) };
+  return {
+    checkServerIdentity: (_name, certificate) => {
+      const refused = checkServerIdentity(host, certificate);
+      if (!refused || !isIP(host)) return refused;
+      // libpq also takes an IP address spelled as a dNSName, or in the CN when there is no dNSName.
+      const names = (certificate.subjectaltname ?? '').split(', ');
+      const dns = names.filter((name) => name.startsWith('DNS:')).map((name) => name.slice(4));
+      return (dns.length > 0 ? dns.includes(host) : certificate.subject?.CN === host) ? undefined : refused;
+    },
+  };
 }
 
 /** The names `openssl rehash` gives CRLs (issuer hash, .r, a number): all libpq looks up in PGSSLCRLDIR. */

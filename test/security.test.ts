@@ -363,6 +363,21 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
     }
   });
 
+  test('verify-full takes an IP address named as libpq takes it: in the CN (no dNSName), or spelled as a dNSName', async () => {
+    const ca = await certificateAuthority(await tempDir());
+    for (const names of ['CN:127.0.0.1', 'DNS:127.0.0.1']) {
+      const named = await startTestServer({ tlsOnly: true, certificate: await ca.issue(names) });
+      try {
+        await named.createDatabase('ip_app', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
+        const vars = { ...dbVars(named, 'DEV_DB_', 'ip_app'), DEV_DB_SSLMODE: 'verify-full' };
+        const result = await backup(vars, { PGSSLROOTCERT: ca.cert });
+        assert.equal(result.exitCode, 0, `${names}: ${result.stderr}`);
+      } finally {
+        await named.stop();
+      }
+    }
+  });
+
   test('a server whose certificate is not revoked is backed up with the CRL in place (verify-full), and restores the same', async () => {
     const ca = await certificateAuthority(await tempDir());
     await ca.revoke((await ca.issue()).cert);

@@ -155,11 +155,12 @@ export async function certificateAuthority(dir: string) {
   return {
     cert: ca.cert,
     crl,
-    /** A server certificate for `names` (subjectAltName), by default this machine's loopback. */
+    /** A server certificate for `names` (subjectAltName), by default this machine's loopback; `CN:x` alone, none. */
     async issue(names = 'IP:127.0.0.1,DNS:localhost'): Promise<{ cert: string; key: string }> {
       const stem = path.join(dir, `issued-${++issued}`);
       const [cert, key, request] = [`${stem}.crt`, `${stem}.key`, `${stem}.csr`];
-      const name = ['-subj', `/CN=${names.replace(/^\w+:|,.*$/g, '')}`, '-addext', `subjectAltName=${names}`];
+      const san = names.startsWith('CN:') ? [] : ['-addext', `subjectAltName=${names}`];
+      const name = ['-subj', `/CN=${names.replace(/^\w+:|,.*$/g, '')}`, ...san];
       await execa('openssl', ['req', '-new', ...newKey, ...name, '-keyout', key, '-out', request]);
       const sign = ['-CA', ca.cert, '-CAkey', ca.key, '-copy_extensions', 'copy', '-days', '2'];
       await execa('openssl', ['x509', '-req', '-in', request, ...sign, '-out', cert]);
