@@ -1,5 +1,6 @@
 /** The pure functions of backup_db.ts, fed values and checked on the values they return. */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import os from 'node:os';
 import { describe, test } from 'node:test';
 import {
@@ -1270,6 +1271,12 @@ describe('paths: ~ and how paths are shown', () => {
     assert.equal(shellWord("it's"), "'it'\\''s'");
     assert.equal(shellWord('./~/bk'), "'./~/bk'");
     assert.equal(shellWord('$HOME;rm'), "'$HOME;rm'");
+    // Read back by a real shell, control characters included, and printable as it is: a hint is printed with its
+    // control characters escaped (\n), which inside plain quotes would name another path.
+    for (const word of ['/tmp/a\nb', "it's $HOME `x`", 'tab\there', 'esc\x1b[31m', "back\\slash's\n"]) {
+      assert.doesNotMatch(shellWord(word), /[\x00-\x1f\x7f]/);
+      assert.equal(spawnSync('bash', ['-c', `printf %s ${shellWord(word)}`], { encoding: 'utf8' }).stdout, word);
+    }
   });
 
   test('displayPath never shows a path that a shell would read as the home directory', () => {
