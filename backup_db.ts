@@ -5618,7 +5618,8 @@ async function recordRestoreTest(archive: RestorableArchive, outcome: RestoreOut
     tables: rows.length,
     mismatches: rows.filter((row) => !row.ok).map((row) => row.table),
   };
-  const notRecorded = await writeRestoreTest(archive.filePath, archive.metadataPath, record);
+  const checksum = archive.metadata?.checksum_sha256;
+  const notRecorded = await writeRestoreTest(archive.filePath, archive.metadataPath, record, checksum);
   return { metadataPath: archive.metadataPath, record, notRecorded };
 }
 
@@ -5658,6 +5659,7 @@ async function writeRestoreTest(
   filePath: string,
   metadataPath: string,
   record: RestoreTestRecord,
+  checksum?: string,
 ): Promise<string | undefined> {
   if (!(await pathExists(filePath))) return 'the backup was deleted meanwhile';
   // Read again: it may have been edited or removed while the drill ran, and a drill that matched stays a success.
@@ -5666,6 +5668,9 @@ async function writeRestoreTest(
   if (loaded.status === 'missing') return 'the metadata was deleted meanwhile';
   if (loaded.status === 'invalid') return `the metadata is no longer valid: ${loaded.problems[0]}`;
   if (typeof old === 'string') return `the metadata cannot be read: ${old}`;
+  // The drill read the backup it pinned: metadata that now describes another file is not its to record in.
+  if (checksum && loaded.metadata.checksum_sha256 !== checksum)
+    return 'the backup was replaced meanwhile (its metadata names another checksum)';
   const text = `${JSON.stringify({ ...loaded.metadata, last_restore_test: record }, null, 2)}\n`;
   try {
     await writeFileAtomic(metadataPath, text, 0o600, old);

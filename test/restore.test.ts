@@ -1116,6 +1116,23 @@ describe('--verify FILE --restore-test (the drill)', () => {
   );
 
   test(
+    'a backup replaced during its drill (its metadata now describes another file): its result is not recorded there',
+    { timeout: 90_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      let replaced = '';
+      const result = await drillHeldAtGate(gatedBackup, async () => {
+        const metadata = JSON.parse(await fs.readFile(gatedBackup.metadataPath, 'utf8'));
+        replaced = JSON.stringify({ ...metadata, checksum_sha256: 'f'.repeat(64) });
+        await fs.writeFile(gatedBackup.metadataPath, replaced);
+      });
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(String(result.stdout), /^Recorded: {4}not recorded: the backup was replaced meanwhile/m);
+      assert.equal(await fs.readFile(gatedBackup.metadataPath, 'utf8'), replaced, 'left as it was found');
+    },
+  );
+
+  test(
     'metadata made invalid or removed during its drill: the restore matched, the drill says nothing was recorded',
     { timeout: 120_000 },
     async () => {
