@@ -25,13 +25,17 @@
  *   Listing                                --list
  *   Retention                              the policy, pure; pruning, guarded by the newest kept
  *   Freshness check                        --check --max-age
- *   Restore: the target server             extensions, production guard, the target database
+ *   Restore: the production guard          never restore over production by another spelling of it
+ *   Restore: the target server             extensions, the target database (claim, create, drop)
  *   Restore: pg_restore                    session settings, errors
+ *   Restore: the archive                   verified, and pinned so that pg_restore reads what was verified
  *   Restore: one pipeline                  --restore and the drill (a scratch target)
+ *   Restore: the drill's record            last_restore_test in the metadata
  *   Run records                            log file, webhook, --on-failure
  *   Operations                             heartbeat pings, Prometheus metrics
  *   Output: text for a person              what each command prints
- *   Output: secrets, problems, documents   masking, the one failure record, --json, printing
+ *   Output: secrets                        masking passwords, other sessions' SQL, tools' messages
+ *   Output: problems and documents         the one failure record, --json, printing
  *   CLI: modes and settings                what the options ask for, settings from options and env
  *   CLI: the command line                  commander options and help
  *   Interrupts                             signals and the launchers going away
@@ -4575,75 +4579,7 @@ function freshnessText(f: Freshness, config: DbConfig, fullCheck: boolean): Text
   };
 }
 
-// ─── Restore: the target server (extensions, production guard, target database) ──────────
-
-/** Pure: the extensions an archive creates, from its `pg_restore --list` table of contents. */
-export function archiveExtensions(toc: string): string[] {
-  return [...toc.matchAll(/^\d+; \d+ \d+ EXTENSION - (\S+)/gm)].map((match) => match[1]!);
-}
-
-const CONTRIB_EXTENSIONS = new Set(
-  (
-    'adminpack amcheck autoinc bloom btree_gin btree_gist citext cube dblink dict_int dict_xsyn earthdistance ' +
-    'file_fdw fuzzystrmatch hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot ' +
-    'pageinspect pg_buffercache pg_freespacemap pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility ' +
-    'pg_walinspect pgcrypto pgrowlocks pgstattuple postgres_fdw refint seg sslinfo tablefunc tcn ' +
-    'tsm_system_rows tsm_system_time unaccent uuid-ossp xml2'
-  ).split(' '),
-);
-const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
-  vector: (major) => `postgresql-${major}-pgvector`,
-  postgis: (major) => `postgresql-${major}-postgis-3`,
-  timescaledb: (major) => `timescaledb-2-postgresql-${major}`,
-  pg_cron: (major) => `postgresql-${major}-cron`,
-  pgaudit: (major) => `postgresql-${major}-pgaudit`,
-};
-
-/** Pure: where an extension the server lacks comes from. */
-export function extensionInstallHint(name: string, major: number): string {
-  const known = EXTENSION_PACKAGES[name];
-  if (known) return `${name}: install ${known(major)} on the database server (Debian/Ubuntu, PGDG repository)`;
-  if (CONTRIB_EXTENSIONS.has(name)) {
-    return (
-      `${name}: part of PostgreSQL's contrib (Debian/Ubuntu: in postgresql-${major}); if it is missing, it may ` +
-      `have been removed in PostgreSQL ${major}, as adminpack was in 17`
-    );
-  }
-  return (
-    `${name}: install the package that provides it for PostgreSQL ${major} (Debian/Ubuntu: apt-cache search ` +
-    `postgresql-${major}-${name})`
-  );
-}
-
-/** Pure: an SQL identifier, quoted as the server quotes one. */
-export const quoteIdentifier = (name: string) => `"${name.replaceAll('"', '""')}"`;
-
-/** Pure: a libpq conninfo naming only the database, quoted so that no name is read as settings. */
-export function dbnameConninfo(database: string): string {
-  return `dbname='${database.replace(/\\/g, '\\\\').replace(/'/g, "\\'")}'`;
-}
-
-export interface ReconciliationRow {
-  table: string;
-  backup?: number;
-  restored?: number;
-  ok: boolean;
-}
-
-/** Pure: every table in either list, with both counts; any difference or absence is a mismatch. */
-export function reconcileCounts(backup: Record<string, number>, restored: Record<string, number>): ReconciliationRow[] {
-  const tables = [...Object.keys(backup), ...Object.keys(restored).filter((table) => !Object.hasOwn(backup, table))];
-  return tables.map((table) => {
-    // Own properties only: table names such as "constructor" must not find Object.prototype's.
-    const [inBackup, inRestored] = [Object.hasOwn(backup, table), Object.hasOwn(restored, table)];
-    return {
-      table,
-      ...(inBackup ? { backup: backup[table]! } : {}),
-      ...(inRestored ? { restored: restored[table]! } : {}),
-      ok: inBackup && inRestored && backup[table] === restored[table],
-    };
-  });
-}
+// ─── Restore: the production guard ───────────────────────────────────────────────────────
 
 /**
  * What the production guard knows about a restore target: its database name, and the cluster it
@@ -4772,6 +4708,76 @@ async function assertProdRestoreAllowed(
     request.signal,
   );
   if (typed.trim() !== target) throw refuse('the typed name did not match');
+}
+
+// ─── Restore: the target server (extensions, the target database) ────────────────────────
+
+/** Pure: the extensions an archive creates, from its `pg_restore --list` table of contents. */
+export function archiveExtensions(toc: string): string[] {
+  return [...toc.matchAll(/^\d+; \d+ \d+ EXTENSION - (\S+)/gm)].map((match) => match[1]!);
+}
+
+const CONTRIB_EXTENSIONS = new Set(
+  (
+    'adminpack amcheck autoinc bloom btree_gin btree_gist citext cube dblink dict_int dict_xsyn earthdistance ' +
+    'file_fdw fuzzystrmatch hstore insert_username intagg intarray isn lo ltree moddatetime old_snapshot ' +
+    'pageinspect pg_buffercache pg_freespacemap pg_prewarm pg_stat_statements pg_surgery pg_trgm pg_visibility ' +
+    'pg_walinspect pgcrypto pgrowlocks pgstattuple postgres_fdw refint seg sslinfo tablefunc tcn ' +
+    'tsm_system_rows tsm_system_time unaccent uuid-ossp xml2'
+  ).split(' '),
+);
+const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
+  vector: (major) => `postgresql-${major}-pgvector`,
+  postgis: (major) => `postgresql-${major}-postgis-3`,
+  timescaledb: (major) => `timescaledb-2-postgresql-${major}`,
+  pg_cron: (major) => `postgresql-${major}-cron`,
+  pgaudit: (major) => `postgresql-${major}-pgaudit`,
+};
+
+/** Pure: where an extension the server lacks comes from. */
+export function extensionInstallHint(name: string, major: number): string {
+  const known = EXTENSION_PACKAGES[name];
+  if (known) return `${name}: install ${known(major)} on the database server (Debian/Ubuntu, PGDG repository)`;
+  if (CONTRIB_EXTENSIONS.has(name)) {
+    return (
+      `${name}: part of PostgreSQL's contrib (Debian/Ubuntu: in postgresql-${major}); if it is missing, it may ` +
+      `have been removed in PostgreSQL ${major}, as adminpack was in 17`
+    );
+  }
+  return (
+    `${name}: install the package that provides it for PostgreSQL ${major} (Debian/Ubuntu: apt-cache search ` +
+    `postgresql-${major}-${name})`
+  );
+}
+
+/** Pure: an SQL identifier, quoted as the server quotes one. */
+export const quoteIdentifier = (name: string) => `"${name.replaceAll('"', '""')}"`;
+
+/** Pure: a libpq conninfo naming only the database, quoted so that no name is read as settings. */
+export function dbnameConninfo(database: string): string {
+  return `dbname='${database.replace(/\\/g, '\\\\').replace(/'/g, "\\'")}'`;
+}
+
+export interface ReconciliationRow {
+  table: string;
+  backup?: number;
+  restored?: number;
+  ok: boolean;
+}
+
+/** Pure: every table in either list, with both counts; any difference or absence is a mismatch. */
+export function reconcileCounts(backup: Record<string, number>, restored: Record<string, number>): ReconciliationRow[] {
+  const tables = [...Object.keys(backup), ...Object.keys(restored).filter((table) => !Object.hasOwn(backup, table))];
+  return tables.map((table) => {
+    // Own properties only: table names such as "constructor" must not find Object.prototype's.
+    const [inBackup, inRestored] = [Object.hasOwn(backup, table), Object.hasOwn(restored, table)];
+    return {
+      table,
+      ...(inBackup ? { backup: backup[table]! } : {}),
+      ...(inRestored ? { restored: restored[table]! } : {}),
+      ok: inBackup && inRestored && backup[table] === restored[table],
+    };
+  });
 }
 
 /**
@@ -5167,23 +5173,7 @@ async function runPgRestore(
   );
 }
 
-// ─── Restore: one pipeline for --restore and the drill ──────────────────────────────────
-
-/** A restore's result; a drill's (`drill`) went into a scratch database that is dropped again. */
-export interface RestoreOutcome extends Pick<RestorableArchive, 'filePath' | 'metadata' | 'forcedPast'> {
-  target: string;
-  drill: boolean;
-  server: string;
-  serverVersion: string;
-  /** What happened to the target: created, dropped and created again (--clean), or used as found (empty). */
-  targetAction: 'created' | 'replaced' | 'used empty';
-  durationMs: number;
-  run: PgRestoreRun;
-  /** Undefined when the backup had no valid metadata to reconcile with (--force). */
-  reconciliation?: ReconciliationRow[];
-  /** A drill's result, as recorded in the metadata. */
-  recorded?: { metadataPath: string; record: RestoreTestRecord; notRecorded?: string | undefined };
-}
+// ─── Restore: the archive, verified and pinned ───────────────────────────────────────────
 
 interface RestorableArchive {
   filePath: string;
@@ -5298,6 +5288,24 @@ async function pinDirectory(dir: string): Promise<PinnedBackup> {
     throw error;
   }
   return { readPath: pinned, release };
+}
+
+// ─── Restore: one pipeline for --restore and the drill ───────────────────────────────────
+
+/** A restore's result; a drill's (`drill`) went into a scratch database that is dropped again. */
+export interface RestoreOutcome extends Pick<RestorableArchive, 'filePath' | 'metadata' | 'forcedPast'> {
+  target: string;
+  drill: boolean;
+  server: string;
+  serverVersion: string;
+  /** What happened to the target: created, dropped and created again (--clean), or used as found (empty). */
+  targetAction: 'created' | 'replaced' | 'used empty';
+  durationMs: number;
+  run: PgRestoreRun;
+  /** Undefined when the backup had no valid metadata to reconcile with (--force). */
+  reconciliation?: ReconciliationRow[];
+  /** A drill's result, as recorded in the metadata. */
+  recorded?: { metadataPath: string; record: RestoreTestRecord; notRecorded?: string | undefined };
 }
 
 /**
@@ -5521,19 +5529,6 @@ async function restorePipeline(
   );
 }
 
-export interface RestoreTestRecord {
-  time: string;
-  ok: boolean;
-  duration_ms: number;
-  server: string;
-  /** "unknown" in the record of a drill that failed before comparing row counts. */
-  server_version: string;
-  tables: number;
-  mismatches: string[];
-  /** Why a drill failed before it could compare row counts. */
-  error?: string;
-}
-
 /**
  * A restore stopped or failed before it filled its target, with what became of an existing target:
  * the usual words ("cleaned up after itself") would hide that --clean dropped it, or that an empty
@@ -5601,6 +5596,21 @@ function scratchLeftError(outcome: RestoreOutcome): BackupError {
     ['The backup itself is good: only the scratch database needs removing'],
     { report: reconciliationLines(rows), data: restoreDocument(outcome) },
   );
+}
+
+// ─── Restore: the drill's record in the metadata ─────────────────────────────────────────
+
+export interface RestoreTestRecord {
+  time: string;
+  ok: boolean;
+  duration_ms: number;
+  server: string;
+  /** "unknown" in the record of a drill that failed before comparing row counts. */
+  server_version: string;
+  tables: number;
+  mismatches: string[];
+  /** Why a drill failed before it could compare row counts. */
+  error?: string;
 }
 
 /**
@@ -6343,7 +6353,7 @@ function restoreText(outcome: RestoreOutcome): Text {
   return { out: lines, err: [] };
 }
 
-// ─── Output: secrets, problems, documents (--json), printing ────────────────────────────
+// ─── Output: secrets (masking) ───────────────────────────────────────────────────────────
 
 /**
  * SQL read left to right, so that a quote inside one never opens another: line comments, quoted
@@ -6554,6 +6564,8 @@ export function redact<T>(value: T, secrets: readonly string[], kept: readonly s
   };
   return walk(value) as T;
 }
+
+// ─── Output: problems and documents (--json), printing ───────────────────────────────────
 
 /**
  * A failure or a warning as every channel reports it (terminal, --json, log, webhook, failure
