@@ -2211,7 +2211,10 @@ async function reserveBackupName(
  * The server quotes identifiers (format %I); nothing is pasted. data_oids are the relations whose
  * TABLE DATA the archive must hold (the table, or a partitioned table's leaves through pg_inherits,
  * which every server version has); count_sql counts exactly those: a foreign table attached as a
- * partition is not dumped, so its remote rows must not count. data_bytes (heap + TOAST; pg_dump
+ * partition is not dumped, so its remote rows must not count. Planning a count would constant-fold a
+ * leaf's index expressions and predicates and its statistics' expressions (plancat.c), running the
+ * database's own functions as this role: such leaves are read as pg_dump reads them, by the COPY in
+ * copy_sql (a narrow column), and count_sql counts only the others. data_bytes (heap + TOAST; pg_dump
  * copies no indexes) and data_rows are catalog estimates (relpages, reltuples, kept by
  * VACUUM/ANALYZE): pg_table_size() would lock every table, queueing behind any exclusive lock
  * before pg_dump even starts, and the snapshot gives exact counts later.
@@ -2219,6 +2222,7 @@ async function reserveBackupName(
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
          pg_catalog.format('SELECT (%s)::text AS n', coalesce(d.counts, '0')) AS count_sql,
+         coalesce(pg_catalog.array_to_json(d.copies), '[]') AS copy_sql,
          coalesce(pg_catalog.array_to_json(d.oids), '[]') AS data_oids,
          d.bytes::float8 AS data_bytes,
          d.rows::float8 AS data_rows
@@ -2228,7 +2232,9 @@ const LIST_TABLES_SQL = `
       SELECT pg_catalog.array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
              pg_catalog.string_agg(
                pg_catalog.format('(SELECT pg_catalog.count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + '
-               ORDER BY leaf.oid) AS counts,
+               ORDER BY leaf.oid) FILTER (WHERE NOT r.risky) AS counts,
+             pg_catalog.array_agg(pg_catalog.format('COPY %I.%I%s TO STDOUT', ln.nspname, leaf.relname, r.columns)
+               ORDER BY leaf.oid) FILTER (WHERE r.risky) AS copies,
              coalesce(pg_catalog.sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
                * pg_catalog.current_setting('block_size')::int8 AS bytes,
              coalesce(pg_catalog.sum(greatest(leaf.reltuples, 0)), 0) AS rows
@@ -2240,7 +2246,20 @@ const LIST_TABLES_SQL = `
               SELECT relid FROM tree) AS t
         JOIN pg_catalog.pg_class leaf ON leaf.oid = t.relid AND leaf.relkind = 'r'
         JOIN pg_catalog.pg_namespace ln ON ln.oid = leaf.relnamespace
-        LEFT JOIN pg_catalog.pg_class toast ON toast.oid = leaf.reltoastrelid) AS d
+        LEFT JOIN pg_catalog.pg_class toast ON toast.oid = leaf.reltoastrelid
+        CROSS JOIN LATERAL (
+          SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index x
+                          WHERE x.indrelid = leaf.oid AND (x.indexprs IS NOT NULL OR x.indpred IS NOT NULL))
+                 -- stxexprs is PostgreSQL 14+: read through to_jsonb, absent (NULL) before.
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_statistic_ext x
+                             WHERE x.stxrelid = leaf.oid
+                               AND pg_catalog.to_jsonb(x) ->> 'stxexprs' IS NOT NULL) AS risky,
+                 -- The smallest fixed-size column keeps the stream small (COPY refuses generated ones);
+                 -- none: no column list, one empty line a row.
+                 coalesce((SELECT pg_catalog.format(' (%I)', a.attname)
+                             FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+                            WHERE a.attrelid = leaf.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                            ORDER BY ty.typlen < 1, ty.typlen, a.attnum LIMIT 1), '') AS columns) AS r) AS d
    WHERE c.relkind IN ('r', 'p')
      AND NOT c.relispartition
      AND c.relpersistence <> 't'
@@ -2265,6 +2284,7 @@ interface UserTable {
   schema: string;
   table: string;
   count_sql: string;
+  copy_sql: string[];
   data_oids: number[];
   data_bytes: number;
   data_rows: number;
@@ -2349,11 +2369,6 @@ async function lockStatement(client: pg.Client, tables: UserTable[]): Promise<st
  * behind it (a clean "A table is locked"). Not awaited before pg_dump starts, so that a lock held
  * elsewhere keeps pg_dump waiting on it, where --stall-timeout and the messages look.
  */
-const COUNT_SEARCH_PATH_SQL = `
-  SELECT pg_catalog.set_config('search_path', path, true)
-    FROM pg_catalog.pg_settings, pg_catalog.concat_ws(', ', 'pg_catalog', NULLIF(reset_val, ''), 'pg_temp') AS path
-   WHERE name = 'search_path'`;
-
 async function countRows(
   client: pg.Client,
   tables: UserTable[],
@@ -2361,18 +2376,25 @@ async function countRows(
   onCounted: () => void,
 ): Promise<Record<string, number>> {
   if (lock) await client.query(lock);
-  // Planning a count inlines the SQL functions of the table's index expressions, whose bodies are read
-  // on the session's search_path: for the counts (every name in them qualified) the database's own
-  // follows pg_catalog, as in the application's sessions. Local to the snapshot transaction.
-  await client.query(COUNT_SEARCH_PATH_SQL);
   const counts: Array<[string, number]> = [];
-  for (const { schema, table, count_sql } of tables) {
-    const { rows } = await client.query<{ n: string }>(count_sql);
-    counts.push([tableKey(schema, table), Number(rows[0]!.n)]);
+  for (const table of tables) {
+    counts.push([tableKey(table.schema, table.table), await tableRows(client, table)]);
     onCounted();
   }
   // fromEntries defines own properties: a table called "__proto__" is a key like any other.
   return Object.fromEntries(counts);
+}
+
+/** One table's rows: count_sql's, plus the lines of each COPY (text COPY escapes newlines in values). */
+async function tableRows(client: pg.Client, table: UserTable): Promise<number> {
+  let rows = Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n);
+  const { to: copyTo } = await import('pg-copy-streams');
+  for (const sql of table.copy_sql) {
+    // Streamed and counted chunk by chunk: memory stays flat, whatever the table's size.
+    for await (const chunk of client.query(copyTo(sql)) as AsyncIterable<Buffer>)
+      for (let at = chunk.indexOf(10); at !== -1; at = chunk.indexOf(10, at + 1)) rows++;
+  }
+  return rows;
 }
 
 /**
@@ -5354,7 +5376,7 @@ async function countRestoredTable(
   forced: Array<{ name: string; oid: number }>,
 ): Promise<number> {
   const lift = forced.filter((f) => table.data_oids.includes(f.oid));
-  const count = async () => Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n);
+  const count = () => tableRows(client, table);
   if (lift.length === 0) return count();
   await client.query('BEGIN');
   try {
