@@ -172,6 +172,13 @@ describe('backup --env prod', () => {
   });
 });
 
+/** The restore drill (--verify FILE --restore-test) of `dumpPath`, on the test server, configured for `database`. */
+async function drillOf(database: string, dumpPath: string) {
+  const configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+  return runCli({ args: ['--verify', dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
+}
+
 describe('counts describe exactly what is in the file', () => {
   test('public "coll.t" and coll.t get a key each, tables named "__proto__" and "constructor" keep theirs, and verify, restore and the drill check them', async () => {
     const database = uniqueName('keys');
@@ -228,7 +235,7 @@ describe('counts describe exactly what is in the file', () => {
     await server.createDatabase(database, [
       'CREATE TABLE lookup (k int PRIMARY KEY, v int)',
       'INSERT INTO lookup SELECT g, g * 10 FROM generate_series(1, 3) g',
-      // Planning a count inlines lk(), its body read on the counting session's search_path.
+      // Planning a count would inline lk(), reading its body on the session's search_path: t1 is read by COPY.
       'CREATE FUNCTION lk(int) RETURNS int LANGUAGE sql IMMUTABLE AS $$ SELECT v FROM lookup WHERE k = $1 $$',
       'CREATE TABLE t (id int) PARTITION BY RANGE (id)',
       'CREATE TABLE t1 PARTITION OF t FOR VALUES FROM (0) TO (100)',
@@ -282,11 +289,7 @@ describe('counts describe exactly what is in the file', () => {
     } finally {
       await Promise.all([from.end(), to.end()]);
     }
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
-    const drill = await runCli({
-      args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
-    });
+    const drill = await drillOf(database, run.dumpPath);
     assert.equal(drill.exitCode, 0, drill.stderr);
     assert.match(drill.stdout, /^t +10 +10 {2}✓$/m);
   });
@@ -324,11 +327,7 @@ describe('counts describe exactly what is in the file', () => {
     ]);
     const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
     assert.deepEqual(run.metadata.table_counts, { empty: 0, events: 12, nocols: 4, notes: 6 });
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
-    const drill = await runCli({
-      args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
-    });
+    const drill = await drillOf(database, run.dumpPath);
     assert.equal(drill.exitCode, 0, drill.stderr);
     assert.match(drill.stdout, /^nocols +4 +4 {2}✓$/m);
     assert.match(drill.stdout, /^notes +6 +6 {2}✓$/m);
@@ -340,11 +339,7 @@ describe('counts describe exactly what is in the file', () => {
     await server.createDatabase(database, ['CREATE TABLE events (k int, at date) PARTITION BY RANGE (at)']);
     const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
     assert.deepEqual(run.metadata.table_counts, { events: 0 });
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
-    const drill = await runCli({
-      args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
-    });
+    const drill = await drillOf(database, run.dumpPath);
     assert.equal(drill.exitCode, 0, drill.stderr);
     assert.match(drill.stdout, /^events +0 +0 {2}✓$/m);
   });
@@ -378,11 +373,7 @@ describe('counts describe exactly what is in the file', () => {
     assert.deepEqual(run.metadata.table_counts, { readings: 10 }, 'only the rows the archive holds');
 
     await server.dropDatabase(remote);
-    const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
-    const drill = await runCli({
-      args: ['--verify', run.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
-    });
+    const drill = await drillOf(database, run.dumpPath);
     assert.equal(drill.exitCode, 0, drill.stderr);
     assert.match(drill.stdout, /^readings +10 +10 {2}✓$/m);
   });

@@ -829,18 +829,23 @@ describe('retention on real backups', () => {
     assert.ok(dumps.includes(old) && dumps.includes(newest));
   });
 
+  /** A directory (--jobs) backup of ret_app, `old`, in a fresh `dir`, for a later run's retention to delete. */
+  async function directoryBackupToDelete() {
+    const dir = path.join(await tempDir(), 'backups');
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const where = ['--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
+    const first = await runCli({ args: [...where, '--jobs', '2'] });
+    assert.equal(first.exitCode, 0, first.stdout + first.stderr);
+    return { dir, configDir, where, old: (await fs.readdir(dir)).find((n) => n.endsWith('.dump'))! };
+  }
+
   test(
     'after a backup, a deletion that fails (permission denied) fails the run: exit 4, logged, hooked, the new backup kept',
     skipUnless(noSetpriv),
     async () => {
-      const dir = path.join(await tempDir(), 'backups');
-      const configDir = await tempDir();
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-      const where = ['--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
-      const first = await runCli({ args: [...where, '--jobs', '2'] });
-      assert.equal(first.exitCode, 0, first.stdout + first.stderr);
       // A directory backup (--jobs) whose files cannot be removed: the rule's deletion of it fails.
-      const old = (await fs.readdir(dir)).find((n) => n.endsWith('.dump'))!;
+      const { dir, configDir, where, old } = await directoryBackupToDelete();
       await fs.chmod(path.join(dir, old), 0o555);
       const [logFile, hooked] = [path.join(configDir, 'runs.log'), path.join(configDir, 'hooked')];
       try {
@@ -888,13 +893,7 @@ describe('retention on real backups', () => {
     'a --jobs backup whose deletion stops midway is no backup any more, never a damaged one; the next run removes the rest',
     skipUnless(noSetpriv),
     async () => {
-      const dir = path.join(await tempDir(), 'backups');
-      const configDir = await tempDir();
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-      const where = ['--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
-      const first = await runCli({ args: [...where, '--jobs', '2'] });
-      assert.equal(first.exitCode, 0, first.stdout + first.stderr);
-      const old = (await fs.readdir(dir)).find((n) => n.endsWith('.dump'))!;
+      const { dir, where, old } = await directoryBackupToDelete();
       // An empty file (the size, so the quick check, unchanged) in a subdirectory the CLI cannot empty: the
       // recursive deletion fails midway, as a run killed (SIGKILL, power loss) while deleting would stop.
       const stuck = path.join(dir, old, 'stuck');
