@@ -2210,18 +2210,18 @@ async function reserveBackupName(
  * once (their partitions count through the parent); no temp tables nor tables owned by extensions.
  * The server quotes identifiers (format %I); nothing is pasted. data_oids are the relations whose
  * TABLE DATA the archive must hold (the table, or a partitioned table's leaves through pg_inherits,
- * which every server version has); count_sql counts exactly those: a foreign table attached as a
- * partition is not dumped, so its remote rows must not count. Planning a count would constant-fold a
- * leaf's index expressions and predicates and its statistics' expressions (plancat.c), running the
- * database's own functions as this role: such leaves are read as pg_dump reads them, by the COPY in
- * copy_sql (a narrow column), and count_sql counts only the others. data_bytes (heap + TOAST; pg_dump
+ * which every server version has); copy_sql counts exactly those: a foreign table attached as a
+ * partition is not dumped, so its remote rows must not count. Each is read as pg_dump reads it, by a
+ * COPY (of a narrow column), never by a count(*): planning one constant-folds the table's index
+ * expressions and predicates and its statistics' expressions (plancat.c), running the database's own
+ * functions as this role, and from the catalog as it is then, not as the snapshot saw it (an index
+ * made meanwhile would be planned, unchecked). data_bytes (heap + TOAST; pg_dump
  * copies no indexes) and data_rows are catalog estimates (relpages, reltuples, kept by
  * VACUUM/ANALYZE): pg_table_size() would lock every table, queueing behind any exclusive lock
  * before pg_dump even starts, and the snapshot gives exact counts later.
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
-         pg_catalog.format('SELECT (%s)::text AS n', coalesce(d.counts, '0')) AS count_sql,
          coalesce(pg_catalog.array_to_json(d.copies), '[]') AS copy_sql,
          coalesce(pg_catalog.array_to_json(d.oids), '[]') AS data_oids,
          d.bytes::float8 AS data_bytes,
@@ -2230,11 +2230,8 @@ const LIST_TABLES_SQL = `
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
       SELECT pg_catalog.array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
-             pg_catalog.string_agg(
-               pg_catalog.format('(SELECT pg_catalog.count(*) FROM ONLY %I.%I)', ln.nspname, leaf.relname), ' + '
-               ORDER BY leaf.oid) FILTER (WHERE NOT r.risky) AS counts,
              pg_catalog.array_agg(pg_catalog.format('COPY %I.%I%s TO STDOUT', ln.nspname, leaf.relname, r.columns)
-               ORDER BY leaf.oid) FILTER (WHERE r.risky) AS copies,
+               ORDER BY leaf.oid) AS copies,
              coalesce(pg_catalog.sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
                * pg_catalog.current_setting('block_size')::int8 AS bytes,
              coalesce(pg_catalog.sum(greatest(leaf.reltuples, 0)), 0) AS rows
@@ -2248,15 +2245,9 @@ const LIST_TABLES_SQL = `
         JOIN pg_catalog.pg_namespace ln ON ln.oid = leaf.relnamespace
         LEFT JOIN pg_catalog.pg_class toast ON toast.oid = leaf.reltoastrelid
         CROSS JOIN LATERAL (
-          SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index x
-                          WHERE x.indrelid = leaf.oid AND (x.indexprs IS NOT NULL OR x.indpred IS NOT NULL))
-                 -- stxexprs is PostgreSQL 14+: read through to_jsonb, absent (NULL) before.
-                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_statistic_ext x
-                             WHERE x.stxrelid = leaf.oid
-                               AND pg_catalog.to_jsonb(x) ->> 'stxexprs' IS NOT NULL) AS risky,
-                 -- The smallest fixed-size column keeps the stream small (COPY refuses generated ones);
-                 -- none: no column list, one empty line a row.
-                 coalesce((SELECT pg_catalog.format(' (%I)', a.attname)
+          -- The smallest fixed-size column keeps the stream small (COPY refuses generated ones);
+          -- none: no column list, one empty line a row.
+          SELECT coalesce((SELECT pg_catalog.format(' (%I)', a.attname)
                              FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
                             WHERE a.attrelid = leaf.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
                             ORDER BY ty.typlen < 1, ty.typlen, a.attnum LIMIT 1), '') AS columns) AS r) AS d
@@ -2283,7 +2274,6 @@ export function tableKey(schema: string, table: string): string {
 interface UserTable {
   schema: string;
   table: string;
-  count_sql: string;
   copy_sql: string[];
   data_oids: number[];
   data_bytes: number;
@@ -2385,9 +2375,9 @@ async function countRows(
   return Object.fromEntries(counts);
 }
 
-/** One table's rows: count_sql's, plus the lines of each COPY (text COPY escapes newlines in values). */
+/** One table's rows: the lines of each of its COPYs (text COPY escapes the newlines in values). */
 async function tableRows(client: pg.Client, table: UserTable): Promise<number> {
-  let rows = Number((await client.query<{ n: string }>(table.count_sql)).rows[0]!.n);
+  let rows = 0;
   const { to: copyTo } = await import('pg-copy-streams');
   for (const sql of table.copy_sql) {
     // Streamed and counted chunk by chunk: memory stays flat, whatever the table's size.

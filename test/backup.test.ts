@@ -294,6 +294,46 @@ describe('counts describe exactly what is in the file', () => {
     assert.match(drill.stdout, /^t +10 +10 {2}✓$/m);
   });
 
+  test('an index made after the backup listed its tables (while it waits for a lock) never runs its function either', async () => {
+    const database = uniqueName('evilrace');
+    await server.createDatabase(database, [
+      ...EVIL_SQL,
+      'CREATE TABLE a (id int)',
+      'CREATE TABLE b (id int)',
+      'INSERT INTO b SELECT generate_series(1, 10)',
+    ]);
+    const [holder, owner, observer] = [
+      await server.connect(database),
+      await server.connect(database),
+      await server.connect(database),
+    ];
+    await holder.query('BEGIN; LOCK TABLE a IN ACCESS EXCLUSIVE MODE');
+    const outputDir = path.join(await tempDir(), 'backups');
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+    const cli = startCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
+    try {
+      // The backup has listed its tables (and judged them) and waits for the lock on a, before it locks b.
+      await waitFor('the backup to wait for the lock on a', async () => {
+        const { rows } = await observer.query(
+          "SELECT 1 FROM pg_stat_activity WHERE application_name ~ '^backup_db:[0-9]+:[0-9a-f]+$' AND wait_event_type = 'Lock'",
+        );
+        return rows.length > 0 ? true : undefined;
+      });
+      await owner.query('CREATE INDEX b_evil ON b (id) WHERE id > evil()');
+      await holder.query('COMMIT');
+      const result = await cli;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      const [metadata] = (await fs.readdir(outputDir)).filter((name) => name.endsWith('.metadata.json'));
+      const counts = JSON.parse(await fs.readFile(path.join(outputDir, metadata!), 'utf8')).table_counts;
+      assert.deepEqual(counts, { a: 0, b: 10 });
+    } finally {
+      await holder.query('ROLLBACK').catch(() => undefined);
+      await cli.catch(() => undefined);
+      await Promise.all([holder, owner, observer].map((client) => client.end()));
+    }
+  });
+
   test("a table owner's function in an extended statistics expression never runs in the counts", async () => {
     const database = uniqueName('evilstats');
     await server.createDatabase(database, [
