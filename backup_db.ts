@@ -6161,11 +6161,11 @@ export function summarizeTables(counts: Record<string, number>, shown = 6): stri
 /** Pure: a value as one word that a shell reads back unchanged, for hints that are commands to paste. */
 export function shellWord(value: string): string {
   if (/^[\w@%+=:,./-]+$/.test(value)) return value;
-  if (!/[\x00-\x1f\x7f]/.test(value)) return `'${value.replaceAll("'", "'\\''")}'`;
-  // $'…' (bash, zsh, ksh), control characters as \xHH: the hint then prints, and pastes, as it reads.
-  const escape = (c: string) =>
-    c === '\\' || c === "'" ? `\\${c}` : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`;
-  return `$'${value.replace(/[\\'\x00-\x1f\x7f]/g, escape)}'`;
+  if (!/[\x00-\x1f\x7f-\x9f]/.test(value)) return `'${value.replaceAll("'", "'\\''")}'`;
+  // $'…' (bash, zsh, ksh), control characters (C1 too) as their UTF-8 bytes, \xHH: the hint then prints,
+  // and pastes, as it reads.
+  const bytes = (c: string) => [...Buffer.from(c)].map((byte) => `\\x${byte.toString(16).padStart(2, '0')}`).join('');
+  return `$'${value.replace(/[\\'\x00-\x1f\x7f-\x9f]/g, (c) => (c === '\\' || c === "'" ? `\\${c}` : bytes(c)))}'`;
 }
 
 /** Paths as the user would type them: relative to the working directory when below it (./~, not ~, the home). */

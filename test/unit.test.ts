@@ -1273,8 +1273,8 @@ describe('paths: ~ and how paths are shown', () => {
     assert.equal(shellWord('$HOME;rm'), "'$HOME;rm'");
     // Read back by a real shell, control characters included, and printable as it is: a hint is printed with its
     // control characters escaped (\n), which inside plain quotes would name another path.
-    for (const word of ['/tmp/a\nb', "it's $HOME `x`", 'tab\there', 'esc\x1b[31m', "back\\slash's\n"]) {
-      assert.doesNotMatch(shellWord(word), /[\x00-\x1f\x7f]/);
+    for (const word of ['/tmp/a\nb', "it's $HOME `x`", 'tab\there', 'esc\x1b[31m', "back\\slash's\n", 'c1\u0085x']) {
+      assert.doesNotMatch(shellWord(word), /[\x00-\x1f\x7f-\x9f]/);
       assert.equal(spawnSync('bash', ['-c', `printf %s ${shellWord(word)}`], { encoding: 'utf8' }).stdout, word);
     }
   });
