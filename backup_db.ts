@@ -1373,7 +1373,9 @@ async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
  */
 async function isStalePin(pinned: string): Promise<boolean> {
   const owner = (await readLock(`${pinned}${OWNER_SUFFIX}`).catch(() => undefined))?.owner;
-  return owner !== undefined && !(await lockOwnerAlive(owner));
+  if (owner) return !(await lockOwnerAlive(owner));
+  // No owner file, or one cut short (a run killed as it wrote it): judged by the pid its name holds.
+  return !processAlive(Number(/(\d+)$/.exec(pinned)![1]));
 }
 
 /**

@@ -1598,6 +1598,27 @@ describe('a restore reads the backup it verified, whatever becomes of its names 
     },
   );
 
+  test("a dead run's private copy without an owner file, or with one cut short, is removed by the next backup", async () => {
+    const taken = await directoryBackup();
+    // Pids of processes that have ended.
+    const deadPid = async () => {
+      const child = execa('true');
+      await child;
+      return child.pid!;
+    };
+    const [first, second] = [await deadPid(), await deadPid()];
+    await fs.mkdir(`${taken.dumpPath}.pin-${first}`);
+    await fs.mkdir(`${taken.dumpPath}.pin-${second}`);
+    await fs.writeFile(`${taken.dumpPath}.pin-${second}.owner`, '{"pid":99');
+    const next = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', taken.outputDir] });
+    assert.equal(next.exitCode, 0, next.stderr);
+    assert.match(`${next.stdout}${next.stderr}`, /Cleaned up: +3 stale files/);
+    assert.deepEqual(
+      (await fs.readdir(taken.outputDir)).filter((name) => name.includes('.pin-')),
+      [],
+    );
+  });
+
   test('SIGKILLed while restoring a directory-format backup: nothing listed as a backup is left, the next backup removes the rest', async () => {
     const taken = await directoryBackup();
     const listed = async () => {
