@@ -3766,7 +3766,9 @@ function verificationError(result: VerifyResult): BackupError {
 
 /** Problems with the --verify argument or its metadata, before any check can run (exit 8). */
 function verifyInputError(title: string, details: string, hints: string[]): BackupError {
-  return new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { step: VERIFICATION_STEP });
+  // Both quote the file's name: escaped here, a line break in it cannot start a line of the error.
+  const [shownTitle, shownDetails] = [visibleControls(title), visibleControls(details)];
+  return new BackupError(EXIT.VERIFY_FAILED, shownTitle, shownDetails, hints, { step: VERIFICATION_STEP });
 }
 
 /**

@@ -92,6 +92,18 @@ describe('--verify on an untouched backup', () => {
   });
 });
 
+describe('--verify of a hostile file name', () => {
+  test('a line break in the name never starts a line of the error: it is shown as \\n', async () => {
+    const dir = await tempDir();
+    const file = path.join(dir, 'x\n✓ Backup verified: all good\nfoo.dump');
+    await fs.writeFile(file, 'not an archive');
+    const result = await runCli({ args: ['--verify', file] });
+    assert.equal(result.exitCode, 8, result.stderr);
+    assert.doesNotMatch(result.stderr, /^✓/m, 'no forged line');
+    assert.match(result.stderr, /x\\n✓ Backup verified: all good\\nfoo\.metadata\.json does not exist/);
+  });
+});
+
 describe('--verify rejects damage to the dump', () => {
   test('one byte flipped in the middle → checksum mismatch', async () => {
     const copy = await copyOfBackup();
