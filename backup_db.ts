@@ -48,7 +48,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
-import { isIP } from 'node:net';
+import { BlockList, isIP } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Transform } from 'node:stream';
@@ -59,7 +59,7 @@ import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'c
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import type { Options, ResultPromise } from 'execa';
 import type pg from 'pg';
-import { checkServerIdentity, createSecureContext, type ConnectionOptions as TlsOptions } from 'node:tls';
+import { createSecureContext, type ConnectionOptions as TlsOptions } from 'node:tls';
 
 // ─── Types and constants ─────────────────────────────────────────────────────────────────
 
@@ -1785,20 +1785,105 @@ async function serverVerification(config: DbConfig): Promise<TlsOptions> {
 }
 
 /**
- * verify-full's check of the server's name, as libpq's: against the configured host, an IP address included. Not
- * as the TLS server name (SNI), which node-postgres sets for a host name and may not be an IP address.
+ * verify-full's check of the server's name, libpq's alone (Node's checkServerIdentity takes names libpq refuses):
+ * against the configured host, an IP address included. Not as the TLS server name (SNI), which node-postgres sets
+ * for a host name and may not be an IP address.
  */
 function identityOf(host: string): Pick<TlsOptions, 'checkServerIdentity'> {
   return {
     checkServerIdentity: (_name, certificate) => {
-      const refused = checkServerIdentity(host, certificate);
-      if (!refused || !isIP(host)) return refused;
-      // libpq also takes an IP address spelled as a dNSName, or in the CN when there is no dNSName.
-      const names = (certificate.subjectaltname ?? '').split(', ');
-      const dns = names.filter((name) => name.startsWith('DNS:')).map((name) => name.slice(4));
-      return (dns.length > 0 ? dns.includes(host) : certificate.subject?.CN === host) ? undefined : refused;
+      if (certificateNamesHost(host, certificate)) return undefined;
+      const cn = [certificate.subject?.CN ?? []].flat()[0];
+      const names = [certificate.subjectaltname, cn === undefined ? undefined : `CN ${cn}`].filter(Boolean);
+      return new Error(
+        `the server certificate's names (${names.join('; ') || 'none'}) do not name the host ${host} ` +
+          '(as libpq matches them, for verify-full)',
+      );
     },
   };
+}
+
+/** What a certificate names, as Node gives it: its subjectAltNames printed, and the subject (one CN or several). */
+export interface CertificateNames {
+  subjectaltname?: string | undefined;
+  subject?: { CN?: string | string[] | undefined } | undefined;
+}
+
+/**
+ * Whether the certificate names the host, by libpq's rule (PostgreSQL 15,
+ * pgtls_verify_peer_name_matches_certificate_guts): the subjectAltNames in order until one matches, a dNSName
+ * by name and an iPAddress by address; then the first CN, but only if no subjectAltName is of the host's own
+ * type (iPAddress for an IP address, dNSName for a name). A name libpq cannot check (an embedded NUL, an
+ * address neither IPv4 nor IPv6) ends the check, refused, as it does; so does an entry we cannot parse.
+ */
+export function certificateNamesHost(host: string, certificate: CertificateNames): boolean {
+  const hostType = ipv4Number(host) !== undefined || isIpv6(host) ? 'IP Address' : 'DNS';
+  let checkCn = true;
+  const text = certificate.subjectaltname ?? '';
+  // Node prints "DNS:a, IP Address:1.2.3.4", quoting a value with a comma (or worse) as a JSON string.
+  const entry = /([^:,"]+):("(?:[^"\\]|\\.)*"|[^,"]*)(?:, |$)/y;
+  while (entry.lastIndex < text.length) {
+    const [, type, printed] = entry.exec(text) ?? [];
+    const value = type === undefined ? undefined : unquoted(printed!);
+    if (value === undefined) return false;
+    if (type === hostType) checkCn = false;
+    const verdict = type === 'DNS' ? nameVerdict(value, host) : type === 'IP Address' ? addressVerdict(value, host) : 0;
+    if (verdict !== 0) return verdict === 1;
+  }
+  const cn = [certificate.subject?.CN ?? []].flat()[0];
+  return checkCn && cn !== undefined && nameVerdict(cn, host) === 1;
+}
+
+/** A subjectAltName's value as Node printed it, unquoted; undefined if it does not parse. */
+function unquoted(printed: string): string | undefined {
+  if (!printed.startsWith('"')) return printed;
+  try {
+    return String(JSON.parse(printed));
+  } catch {
+    return undefined;
+  }
+}
+
+/** libpq's answer for a name (pq_verify_peer_name_matches_certificate_name): 1 a match, 0 none, -1 refused. */
+function nameVerdict(name: string, host: string): 1 | 0 | -1 {
+  // CVE-2009-4034: a NUL would let "db.example.com\0.evil" pass for db.example.com.
+  if (name.includes('\0')) return -1;
+  const lower = (text: string) => text.replace(/[A-Z]/g, (c) => c.toLowerCase());
+  if (lower(name) === lower(host)) return 1;
+  // A wildcard only as a whole leading "*." standing for exactly one label (wildcard_certificate_match).
+  const suffix = name.slice(1);
+  const wildcard =
+    name.length >= 3 && name.startsWith('*.') && name.length <= host.length && lower(host).endsWith(lower(suffix));
+  return wildcard && host.indexOf('.') >= host.length - name.length ? 1 : 0;
+}
+
+/** libpq's answer for an iPAddress (pq_verify_peer_name_matches_certificate_ip), as Node prints one. */
+function addressVerdict(address: string, host: string): 1 | 0 | -1 {
+  const v4 = /^\d+\.\d+\.\d+\.\d+$/.test(address) ? ipv4Number(address) : undefined;
+  if (v4 !== undefined) return v4 === ipv4Number(host) ? 1 : 0;
+  // Node prints an IPv6 address as eight groups, and "<invalid length=N>" for any other length.
+  if (!/^[0-9A-F]{1,4}(:[0-9A-F]{1,4}){7}$/.test(address)) return -1;
+  const same = new BlockList();
+  same.addAddress(address, 'ipv6');
+  return isIpv6(host) && same.check(host, 'ipv6') ? 1 : 0;
+}
+
+/** An IPv6 address as inet_pton reads it (so no zone), the way libpq tells one from a name. */
+function isIpv6(host: string): boolean {
+  return !host.includes('%') && isIP(host) === 6;
+}
+
+/**
+ * An IPv4 address as inet_aton reads it, which libpq uses on purpose, as one number: one to four numbers
+ * (decimal, 0x hex or 0 octal), the last filling the bytes left ("127.1" is 127.0.0.1). Undefined if not one.
+ */
+function ipv4Number(host: string): number | undefined {
+  const parts = host.split('.');
+  if (parts.length > 4 || !parts.every((part) => /^(0x[0-9a-f]+|0[0-7]*|[1-9]\d*)$/i.test(part))) return undefined;
+  const numbers = parts.map((part) => (/^0[0-7]/.test(part) ? parseInt(part, 8) : Number(part)));
+  const last = numbers.pop()!;
+  if (numbers.some((n) => n > 255) || last >= 256 ** (4 - numbers.length)) return undefined;
+  return numbers.reduce((sum, n, i) => sum + n * 256 ** (3 - i), last);
 }
 
 /** The names `openssl rehash` gives CRLs (issuer hash, .r, a number): all libpq looks up in PGSSLCRLDIR. */

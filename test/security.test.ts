@@ -15,6 +15,7 @@ import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 import { execa } from 'execa';
 import { assertRestoresIdentically } from './helpers/compare.ts';
+import { certificateNamesHost } from '../backup_db.ts';
 import {
   certificateAuthority,
   selfSignedCertificate,
@@ -355,7 +356,10 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
       const full = await backup(vars('verify-full'), { PGSSLROOTCERT: ca.cert });
       assert.equal(full.exitCode, 3, full.stderr);
       assert.match(full.stderr, /^✗ Backup failed: Database TLS connection failed$/m);
-      assert.match(full.stderr, /IP: 127\.0\.0\.1 is not in the cert's list/);
+      assert.match(
+        full.stderr,
+        /names \(DNS:db\.example\.com; CN db\.example\.com\) do not name the host 127\.0\.0\.1/,
+      );
       const chainOnly = await backup(vars('verify-ca'), { PGSSLROOTCERT: ca.cert });
       assert.equal(chainOnly.exitCode, 0, chainOnly.stderr);
     } finally {
@@ -370,6 +374,30 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
       try {
         await named.createDatabase('ip_app', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
         const vars = { ...dbVars(named, 'DEV_DB_', 'ip_app'), DEV_DB_SSLMODE: 'verify-full' };
+        const result = await backup(vars, { PGSSLROOTCERT: ca.cert });
+        assert.equal(result.exitCode, 0, `${names}: ${result.stderr}`);
+      } finally {
+        await named.stop();
+      }
+    }
+  });
+
+  test("verify-full refuses an impostor whose name libpq refuses: an iPAddress SAN that is not the host's, its CN aside", async () => {
+    const ca = await certificateAuthority(await tempDir());
+    const verified = { PGSSLMODE: 'verify-full', PGSSLROOTCERT: ca.cert };
+    const certificate = await ca.issue('CN:127.0.0.1,IP:10.9.9.9');
+    const result = await assertImpostorRefused({}, verified, certificate);
+    assert.match(result.stderr, /certificate's names \(IP Address:10\.9\.9\.9; CN 127\.0\.0\.1\) do not name the host/);
+  });
+
+  test('verify-full takes a CN naming the IP host when the SANs hold no iPAddress, as libpq takes it', async () => {
+    const ca = await certificateAuthority(await tempDir());
+    // libpq checks the host string against dNSNames, wildcards included: "*.0.0.1" names 127.0.0.1.
+    for (const names of ['CN:127.0.0.1,DNS:other.example', 'CN:other.example,DNS:*.0.0.1']) {
+      const named = await startTestServer({ tlsOnly: true, certificate: await ca.issue(names) });
+      try {
+        await named.createDatabase('cn_app', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
+        const vars = { ...dbVars(named, 'DEV_DB_', 'cn_app'), DEV_DB_SSLMODE: 'verify-full' };
         const result = await backup(vars, { PGSSLROOTCERT: ca.cert });
         assert.equal(result.exitCode, 0, `${names}: ${result.stderr}`);
       } finally {
@@ -493,6 +521,73 @@ describe("the libpq environment's TLS settings: PGSSLMODE, the CA certificate", 
     assert.match(refused.stderr, /^✗ Backup failed: TLS root certificate missing$/m);
     assert.match(refused.stderr, /sslmode=verify-full needs the server's CA certificate/);
   });
+});
+
+describe("verify-full's name check, libpq's (PostgreSQL 15 fe-secure-common.c, fe-secure-openssl.c)", () => {
+  // Host names cannot be resolved here without /etc/hosts, so they are checked here only; IP hosts end to end too.
+  // [host, subjectaltname as Node prints it, CN, libpq's answer]
+  const cases: [string, string | undefined, string | string[] | undefined, boolean][] = [
+    // The three layouts reported, each against libpq's answer.
+    ['127.0.0.1', 'IP Address:10.9.9.9', '127.0.0.1', false],
+    ['db.example.com', 'DNS:d*.example.com', undefined, false],
+    ['db.example.com', 'DNS:*b.example.com', undefined, false],
+    ['127.0.0.1', 'DNS:other.example', '127.0.0.1', true],
+    // Names: case-insensitive, no trailing-dot folding, a wildcard only as a whole leading "*." for one label.
+    ['db.example.com', 'DNS:DB.Example.COM', undefined, true],
+    ['db.example.com.', 'DNS:db.example.com', undefined, false],
+    ['db.example.com', 'DNS:db.example.com.', undefined, false],
+    ['db.example.com', 'DNS:*.EXAMPLE.com', undefined, true],
+    ['a.db.example.com', 'DNS:*.example.com', undefined, false],
+    ['example.com', 'DNS:*.example.com', undefined, false],
+    ['example.com', 'DNS:*.com', undefined, true],
+    ['db', 'DNS:*', undefined, false],
+    ['db.example.com', 'DNS:*.*.com', undefined, false],
+    ['db.example.com', 'DNS:other.example.com, DNS:db.example.com', undefined, true],
+    // The CN: only with no SAN of the host's type (dNSName for a name, iPAddress for an IP), the first CN.
+    ['db.example.com', undefined, 'db.example.com', true],
+    ['db.example.com', undefined, 'DB.example.COM', true],
+    ['db.example.com', 'DNS:other.example.com', 'db.example.com', false],
+    ['db.example.com', 'IP Address:10.0.0.1', 'db.example.com', true],
+    ['db.example.com', 'email:a@b, URI:http://db.example.com', 'db.example.com', true],
+    ['db.example.com', undefined, ['other.example.com', 'db.example.com'], false],
+    ['db.example.com', undefined, undefined, false],
+    ['127.0.0.1', undefined, '127.0.0.1', true],
+    ['127.0.0.1', 'IP Address:10.9.9.9', undefined, false],
+    // An IP host: iPAddress SANs compared by address, dNSNames still as strings (a wildcard too).
+    ['127.0.0.1', 'IP Address:127.0.0.1', undefined, true],
+    ['127.0.0.1', 'IP Address:10.9.9.9, IP Address:127.0.0.1', undefined, true],
+    ['127.0.0.1', 'DNS:127.0.0.1', undefined, true],
+    ['127.0.0.1', 'DNS:*.0.0.1', undefined, true],
+    ['127.0.0.1', 'IP Address:0:0:0:0:0:FFFF:7F00:1', '127.0.0.1', false],
+    ['127.1', 'IP Address:127.0.0.1', undefined, true],
+    ['0x7f.0.0.01', 'IP Address:127.0.0.1', undefined, true],
+    ['2130706433', 'IP Address:127.0.0.1', undefined, true],
+    ['127.0.0.256', 'IP Address:127.0.0.1', '127.0.0.256', true],
+    ['db.example.com', 'IP Address:127.0.0.1', undefined, false],
+    // IPv6 in any spelling, by its bytes; a zone makes it a name to libpq (inet_pton refuses it).
+    ['::1', 'IP Address:0:0:0:0:0:0:0:1', undefined, true],
+    ['0:0::0001', 'IP Address:0:0:0:0:0:0:0:1', undefined, true],
+    ['2001:db8::A:1', 'IP Address:2001:DB8:0:0:0:0:A:1', undefined, true],
+    ['::ffff:127.0.0.1', 'IP Address:0:0:0:0:0:FFFF:7F00:1', undefined, true],
+    ['::2', 'IP Address:0:0:0:0:0:0:0:1', '::2', false],
+    ['fe80::1%eth0', 'IP Address:FE80:0:0:0:0:0:0:1', undefined, false],
+    ['::1', 'IP Address:127.0.0.1', undefined, false],
+    // A name libpq cannot check stops the check there, refused: an embedded NUL, an address of another length.
+    ['db.example.com', 'DNS:"db.example.com\\u0000.evil.example", DNS:db.example.com', undefined, false],
+    ['db.example.com', undefined, 'db.example.com\0.evil.example', false],
+    ['127.0.0.1', 'IP Address:<invalid length=5>, IP Address:127.0.0.1', undefined, false],
+    ['127.0.0.1', 'IP Address:127.0.0.1, IP Address:<invalid length=5>', undefined, true],
+    // Node quotes an entry with a comma as a JSON string; one that cannot be parsed never matches.
+    ['db.example.com', 'DNS:"a\\u002c b.example.com", DNS:db.example.com', undefined, true],
+    ['a, b.example.com', 'DNS:"a\\u002c b.example.com"', undefined, true],
+    ['db.example.com', 'DNS:"db.example.com', undefined, false],
+    ['db.example.com', 'DNS:x, garbage, DNS:db.example.com', 'db.example.com', false],
+  ];
+  for (const [host, subjectaltname, CN, expected] of cases) {
+    test(`${JSON.stringify(host)} against ${JSON.stringify(subjectaltname)}, CN ${JSON.stringify(CN)}: ${expected}`, () => {
+      assert.equal(certificateNamesHost(host, { subjectaltname, subject: { CN } }), expected);
+    });
+  }
 });
 
 describe('row-level security', () => {

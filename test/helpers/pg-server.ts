@@ -155,12 +155,17 @@ export async function certificateAuthority(dir: string) {
   return {
     cert: ca.cert,
     crl,
-    /** A server certificate for `names` (subjectAltName), by default this machine's loopback; `CN:x` alone, none. */
+    /**
+     * A server certificate for `names` (subjectAltName, the CN the first of them), by default this machine's
+     * loopback; `CN:x` alone, no subjectAltName; `CN:x,` before them, the CN x.
+     */
     async issue(names = 'IP:127.0.0.1,DNS:localhost'): Promise<{ cert: string; key: string }> {
       const stem = path.join(dir, `issued-${++issued}`);
       const [cert, key, request] = [`${stem}.crt`, `${stem}.key`, `${stem}.csr`];
-      const san = names.startsWith('CN:') ? [] : ['-addext', `subjectAltName=${names}`];
-      const name = ['-subj', `/CN=${names.replace(/^\w+:|,.*$/g, '')}`, ...san];
+      const own = /^CN:([^,]*),?/.exec(names);
+      const alt = own ? names.slice(own[0].length) : names;
+      const san = alt ? ['-addext', `subjectAltName=${alt}`] : [];
+      const name = ['-subj', `/CN=${own ? own[1] : names.replace(/^\w+:|,.*$/g, '')}`, ...san];
       await execa('openssl', ['req', '-new', ...newKey, ...name, '-keyout', key, '-out', request]);
       const sign = ['-CA', ca.cert, '-CAkey', ca.key, '-copy_extensions', 'copy', '-days', '2'];
       await execa('openssl', ['x509', '-req', '-in', request, ...sign, '-out', cert]);
