@@ -66,3 +66,61 @@ export async function startProxy(target: { host: string; port: number }): Promis
     },
   };
 }
+
+export interface GatingProxy {
+  host: string;
+  port: number;
+  /** Client messages held back so far and not yet released. */
+  readonly held: number;
+  /** Let the oldest held message (and what its connection sent after it) through. */
+  release(): void;
+  close(): Promise<void>;
+}
+
+/**
+ * A TCP proxy in front of a test server that holds back every client message holding `text` (one of
+ * the tool's own queries, say), until the test releases it: a query that takes exactly as long as
+ * the test wants. What a connection sends after a held message waits behind it, in order.
+ */
+export async function startGatingProxy(target: { host: string; port: number }, text: string): Promise<GatingProxy> {
+  const gates: Array<() => void> = [];
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    const upstream = net.connect({ port: target.port, host: target.host });
+    let queue: Buffer[] | undefined; // while a message of this connection is held
+    const flush = () => {
+      const pending = queue ?? [];
+      queue = undefined;
+      for (const chunk of pending) send(chunk);
+    };
+    const send = (chunk: Buffer) => {
+      if (queue) return void queue.push(chunk);
+      if (!chunk.includes(text)) return void upstream.write(chunk);
+      queue = [];
+      gates.push(() => {
+        upstream.write(chunk);
+        flush();
+      });
+    };
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on('error', () => [client, upstream].forEach((s) => s.destroy()));
+      socket.on('close', () => [client, upstream].forEach((s) => s.destroy()));
+    }
+    client.on('data', send);
+    upstream.on('data', (chunk: Buffer) => client.write(chunk));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    host: '127.0.0.1',
+    port: (server.address() as net.AddressInfo).port,
+    get held() {
+      return gates.length;
+    },
+    release: () => gates.shift()?.(),
+    async close() {
+      sockets.forEach((socket) => socket.destroy());
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
