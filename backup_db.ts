@@ -104,9 +104,16 @@ const PIN_INFIX = '.pin-';
 const OWNER_SUFFIX = '.owner';
 const METADATA_SUFFIX = '.metadata.json';
 const LOCK_SUFFIX = '.lock';
-// Names this run's sessions (pg_dump's add :pg_dump) for the watchdog, progress and lock-cycle queries. The pid
-// alone is not enough: a run in another pid namespace (a container) may have the same one.
-const APPLICATION_NAME = `backup_db:${process.pid}:${randomBytes(4).toString('hex')}`;
+/**
+ * Random, for what must be this run's alone (a temp file, a session's name, a scratch database), never a pid
+ * alone: a container's pid (often 1) repeats from run to run, and a killed run's file with it would be in the way
+ * for ever. 8 characters: long database names leave no more room.
+ */
+function randomName(): string {
+  return randomBytes(4).toString('hex');
+}
+// Names this run's sessions (pg_dump's add :pg_dump) for the watchdog, progress and lock-cycle queries.
+const APPLICATION_NAME = `backup_db:${process.pid}:${randomName()}`;
 
 /** Loaded on first use: execa and pg take 0.2 s to load, which --help, --list and a configuration error never need. */
 let execaModule: Promise<typeof import('execa')> | undefined;
@@ -934,12 +941,6 @@ async function prepareOutputDir(dir: string): Promise<void> {
 const WRITE_PROBE_PREFIX = '.backup_db-write-test-';
 
 /**
- * Random, for a temp file's name, never a pid: a container's pid (often 1) repeats from run to run, and a
- * killed run's file with it would be in the way for ever. 8 characters: long database names leave no more room.
- */
-const randomName = () => randomBytes(4).toString('hex');
-
-/**
  * One backup per database at a time: a lock file in the output directory, named after the
  * database and environment, holding who owns it. It prevents overlapping load; correctness does
  * not depend on it, since every run claims its own file names with O_EXCL.
@@ -1149,8 +1150,7 @@ async function thisRunAsOwner(): Promise<LockOwner> {
 async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => BackupError): Promise<BackupLock> {
   const dir = path.dirname(lockPath);
   const content = JSON.stringify(await thisRunAsOwner());
-  // Random too: a container's pid (often 1) repeats from run to run, and a killed run's files remain.
-  const name = `${lockPath}.${process.pid}.${randomBytes(4).toString('hex')}`;
+  const name = `${lockPath}.${process.pid}.${randomName()}`;
   const ours = { temp: `${name}.tmp`, swap: `${name}.swap`, content };
   try {
     await fs.writeFile(ours.temp, content, { mode: 0o600, flag: 'wx' });
@@ -5517,7 +5517,7 @@ async function restoreOrDrill(config: DbConfig, vars: EnvVars, request: RestoreR
   if (request.target !== undefined)
     return restorePipeline(config, vars, request, validateName(request.target, '--target-db'), signal);
   const started = performance.now();
-  const scratch = `backup_db_drill_${process.pid}_${randomBytes(4).toString('hex')}`;
+  const scratch = `backup_db_drill_${process.pid}_${randomName()}`;
   try {
     return await restorePipeline(config, vars, request, scratch, signal);
   } catch (error) {
