@@ -1363,7 +1363,7 @@ async function isStaleLockTemp(file: string, pid: number): Promise<boolean> {
   const owner = found?.owner;
   const foreign = owner && (owner.hostname !== os.hostname() || (owner.pid_namespace ?? namespace) !== namespace);
   if (foreign) return !(await lockOwnerAlive(owner));
-  if (found?.text === '') return Date.now() - found.mtimeMs > 60_000;
+  if (found?.text === '') return writtenLongAgo(found.mtimeMs);
   return pid === process.pid || !processAlive(pid);
 }
 
@@ -1384,8 +1384,11 @@ async function isStalePin(pinned: string): Promise<boolean> {
  */
 async function isOldTempFile(file: string): Promise<boolean> {
   const stat = await fs.lstat(file).catch(() => undefined);
-  return stat !== undefined && Date.now() - stat.mtimeMs > 60_000;
+  return stat !== undefined && writtenLongAgo(stat.mtimeMs);
 }
+
+/** A file written in one go, last modified over a minute ago: its writer is gone, not still writing it. */
+const writtenLongAgo = (mtimeMs: number) => Date.now() - mtimeMs > 60_000;
 
 function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
