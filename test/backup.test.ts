@@ -15,6 +15,7 @@ import { dbVars, runCli, startCli, takeBackup, tempDir, uniqueName, writeEnvFile
 import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_COUNTS, FIXTURE_PHYSICAL_TABLES, FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
+import { startGatingProxy } from './helpers/proxy.ts';
 import { waitFor } from './helpers/wait.ts';
 
 const NAME_PATTERN = /^(.+)_(dev|prod)_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z)\.dump$/;
@@ -420,9 +421,9 @@ describe('counts describe exactly what is in the file', () => {
 
   test('a TRUNCATE queued behind pg_dump before the counts reach its table does not empty the count', async () => {
     // pg_dump locks tables in OID order, the counts go by name. Two gates stop each where the race
-    // lies: an index being rebuilt holds the counts at aa_counts_gate (pg_dump neither needs it nor
-    // waits), and an exclusive lock on the partitioned parent mm_dump_gate alone (the counts read its
-    // partition without it) holds pg_dump after it locked zz_truncated.
+    // lies: a proxy holds the counts' first COPY, of aa_counts_gate (pg_dump writes "TO stdout"), and
+    // an exclusive lock on the partitioned parent mm_dump_gate alone (the counts read its partition
+    // without it) holds pg_dump after it locked zz_truncated.
     const database = uniqueName('truncated');
     await server.createDatabase(database, [
       'CREATE TABLE zz_truncated (x int)',
@@ -431,18 +432,20 @@ describe('counts describe exactly what is in the file', () => {
       'CREATE TABLE mm_dump_gate (id int) PARTITION BY RANGE (id)',
       'CREATE TABLE mm_dump_gate_1 PARTITION OF mm_dump_gate FOR VALUES FROM (0) TO (10)',
     ]);
+    const proxy = await startGatingProxy(server, ') TO STDOUT');
     const connect = () => server.connect(database);
-    const [countsGate, dumpGate, truncator, observer] = await Promise.all([connect(), connect(), connect(), connect()]);
+    const [dumpGate, truncator, observer] = await Promise.all([connect(), connect(), connect()]);
     const found = (sql: string) => async () => ((await observer.query(sql)).rows.length > 0 ? true : undefined);
-    await countsGate.query('BEGIN; REINDEX INDEX aa_counts_gate_pkey');
     await dumpGate.query('BEGIN; LOCK TABLE ONLY mm_dump_gate IN ACCESS EXCLUSIVE MODE');
     const configDir = await tempDir();
-    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+    const viaProxy = { DEV_DB_HOST: proxy.host, DEV_DB_PORT: String(proxy.port) };
+    await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', database), ...viaProxy });
     const cli = startCli({
       args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out'), '--json'],
     });
     let truncated: Promise<unknown> = Promise.resolve();
     try {
+      await waitFor('the first count held', async () => (proxy.held === 1 ? true : undefined));
       await waitFor(
         'pg_dump to hold zz_truncated and wait at its gate',
         found(`SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -454,7 +457,7 @@ describe('counts describe exactly what is in the file', () => {
         'the TRUNCATE to queue behind pg_dump',
         found("SELECT 1 FROM pg_locks WHERE relation = 'zz_truncated'::regclass AND NOT granted"),
       );
-      await countsGate.query('ROLLBACK');
+      proxy.open();
       // Only a session that took its lock before pg_dump started can be past the table here.
       await waitFor(
         "the backup's own session to wait for zz_truncated, or to be done with it",
@@ -463,12 +466,13 @@ describe('counts describe exactly what is in the file', () => {
                   AND (NOT l.granted OR a.state = 'idle in transaction')`),
       );
     } finally {
-      await countsGate.query('ROLLBACK');
+      proxy.open();
       await dumpGate.query('ROLLBACK');
     }
     const result = await cli;
     await truncated;
-    await Promise.all([countsGate, dumpGate, truncator, observer].map((client) => client.end()));
+    await Promise.all([dumpGate, truncator, observer].map((client) => client.end()));
+    await proxy.close();
     assert.equal(result.exitCode, 0, String(result.stderr));
     const { metadata } = JSON.parse(String(result.stdout));
     assert.equal(metadata.table_counts.zz_truncated, 1000, 'the rows pg_dump wrote, not the table TRUNCATE emptied');

@@ -74,6 +74,8 @@ export interface GatingProxy {
   readonly held: number;
   /** Let the oldest held message (and what its connection sent after it) through. */
   release(): void;
+  /** Let every held message through, and hold no more. */
+  open(): void;
   close(): Promise<void>;
 }
 
@@ -85,6 +87,7 @@ export interface GatingProxy {
 export async function startGatingProxy(target: { host: string; port: number }, text: string): Promise<GatingProxy> {
   const gates: Array<() => void> = [];
   const sockets = new Set<net.Socket>();
+  let holding = true;
   const server = net.createServer((client) => {
     const upstream = net.connect({ port: target.port, host: target.host });
     let queue: Buffer[] | undefined; // while a message of this connection is held
@@ -95,7 +98,7 @@ export async function startGatingProxy(target: { host: string; port: number }, t
     };
     const send = (chunk: Buffer) => {
       if (queue) return void queue.push(chunk);
-      if (!chunk.includes(text)) return void upstream.write(chunk);
+      if (!holding || !chunk.includes(text)) return void upstream.write(chunk);
       queue = [];
       gates.push(() => {
         upstream.write(chunk);
@@ -118,6 +121,10 @@ export async function startGatingProxy(target: { host: string; port: number }, t
       return gates.length;
     },
     release: () => gates.shift()?.(),
+    open() {
+      holding = false;
+      gates.splice(0).forEach((release) => release());
+    },
     async close() {
       sockets.forEach((socket) => socket.destroy());
       await new Promise((resolve) => server.close(resolve));
