@@ -1212,14 +1212,19 @@ async function claimLock(
   );
 }
 
+/** Warnings printed during a run that its record logs as events too (recordRun). */
+const runWarnings: Array<{ event: string; headline: string; why: string }> = [];
+
 /**
  * Release a command's lock. Failing to (the directory made read-only meanwhile) is a warning: it must not
  * replace the run's result, nor the failure being reported; the lock's owner is dead once the run ends.
  */
 async function releaseLock(lock: BackupLock): Promise<void> {
   await lock.release().catch((error: unknown) => {
-    const why = `${errorText(error)}; the next run takes it over, as a finished run's`;
-    printWarning(CONSOLE, warningProblem(`Could not remove the lock ${displayPath(lock.path)}`, why, []));
+    const [headline, why] = [`Could not remove the lock ${displayPath(lock.path)}`, errorText(error)];
+    const next = `${why}; the next run takes it over, as a finished run's`;
+    printWarning(CONSOLE, warningProblem(headline, next, []));
+    runWarnings.push({ event: 'lock_release_failed', headline, why: next });
   });
 }
 
@@ -5970,6 +5975,7 @@ async function recordRun(
     await append({ time: new Date().toISOString(), event, error: warning.details, for: record.time });
   };
   await append(record);
+  for (const { event, headline, why } of runWarnings.splice(0)) await warn(event, headline, why, true);
 
   const notify = isFailure || automation.notifyOnSuccess;
   const tasks: Array<Promise<void>> = [];

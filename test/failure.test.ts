@@ -128,12 +128,23 @@ describe('a lock that cannot be removed', () => {
     assert.match(result.stderr, /^⚠ Could not remove the lock .*fail_app_dev\.lock: EACCES/m);
   });
 
-  test('after a failure: the failure is reported, the lock a warning', skipUnless(noSetpriv), async () => {
+  test('after a failure: the failure is reported, the lock a warning, logged too', skipUnless(noSetpriv), async () => {
     const { outputDir, args } = await directoryWithExistingBackup(server, 'fail_app');
-    const result = await madeReadOnlyAt(outputDir, args, 'pg_dump', '--snapshot');
+    const logFile = path.join(await tempDir(), 'runs.log');
+    const result = await madeReadOnlyAt(outputDir, [...args, '--log-file', logFile], 'pg_dump', '--snapshot');
     assert.equal(result.exitCode, 4, result.stdout + result.stderr);
     assert.match(result.stderr, /^✗ Backup failed: Writing the metadata failed$/m);
     assert.match(result.stderr, /^⚠ Could not remove the lock .*fail_app_dev\.lock: EACCES/m);
+    const [run, ...events] = (await fs.readFile(logFile, 'utf8'))
+      .trim()
+      .split('\n')
+      .map((line) => JSON.parse(line));
+    assert.equal(run.outcome, 'failure');
+    assert.deepEqual(
+      events.map((event) => [event.event, event.for]),
+      [['lock_release_failed', run.time]],
+    );
+    assert.match(events[0].error, /^EACCES: permission denied, unlink '.*fail_app_dev\.lock'; the next run takes it/);
   });
 });
 
