@@ -2313,23 +2313,26 @@ async function reserveBackupName(
  * made meanwhile would be planned, unchecked). data_bytes (heap + TOAST; pg_dump
  * copies no indexes) and data_rows are catalog estimates (relpages, reltuples, kept by
  * VACUUM/ANALYZE): pg_table_size() would lock every table, queueing behind any exclusive lock
- * before pg_dump even starts, and the snapshot gives exact counts later.
+ * before pg_dump even starts, and the snapshot gives exact counts later. A hot standby holds no
+ * unlogged relation's data: pg_dump leaves it out there, and so do these (unlogged_left_out says so).
  */
 const LIST_TABLES_SQL = `
   SELECT n.nspname AS schema, c.relname AS table,
          coalesce(pg_catalog.array_to_json(d.copies), '[]') AS copy_sql,
          coalesce(pg_catalog.array_to_json(d.oids), '[]') AS data_oids,
          d.bytes::float8 AS data_bytes,
-         d.rows::float8 AS data_rows
+         d.rows::float8 AS data_rows,
+         coalesce(d.left_out, false) AS unlogged_left_out
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
-      SELECT pg_catalog.array_agg(leaf.oid::int8 ORDER BY leaf.oid) AS oids,
+      SELECT pg_catalog.array_agg(leaf.oid::int8 ORDER BY leaf.oid) FILTER (WHERE s.dumped) AS oids,
              pg_catalog.array_agg(pg_catalog.format('COPY %I.%I%s TO STDOUT', ln.nspname, leaf.relname, r.columns)
-               ORDER BY leaf.oid) AS copies,
-             coalesce(pg_catalog.sum(leaf.relpages + coalesce(toast.relpages, 0)), 0)
+               ORDER BY leaf.oid) FILTER (WHERE s.dumped) AS copies,
+             coalesce(pg_catalog.sum(leaf.relpages + coalesce(toast.relpages, 0)) FILTER (WHERE s.dumped), 0)
                * pg_catalog.current_setting('block_size')::int8 AS bytes,
-             coalesce(pg_catalog.sum(greatest(leaf.reltuples, 0)), 0) AS rows
+             coalesce(pg_catalog.sum(greatest(leaf.reltuples, 0)) FILTER (WHERE s.dumped), 0) AS rows,
+             pg_catalog.bool_or(NOT s.dumped) AS left_out
         FROM (WITH RECURSIVE tree(relid) AS (
                 SELECT c.oid
                 UNION ALL
@@ -2339,6 +2342,8 @@ const LIST_TABLES_SQL = `
         JOIN pg_catalog.pg_class leaf ON leaf.oid = t.relid AND leaf.relkind = 'r'
         JOIN pg_catalog.pg_namespace ln ON ln.oid = leaf.relnamespace
         LEFT JOIN pg_catalog.pg_class toast ON toast.oid = leaf.reltoastrelid
+        -- pg_dump on a standby (pg_dump.c: isStandby) skips unlogged tables' data, which it could not read.
+        CROSS JOIN LATERAL (SELECT leaf.relpersistence <> 'u' OR NOT pg_catalog.pg_is_in_recovery() AS dumped) AS s
         CROSS JOIN LATERAL (
           -- The smallest fixed-size column keeps the stream small (COPY refuses generated ones);
           -- none: no column list, one empty line a row.
@@ -2373,6 +2378,8 @@ interface UserTable {
   data_oids: number[];
   data_bytes: number;
   data_rows: number;
+  /** On a hot standby: some of its data is unlogged, so neither dumped nor counted. */
+  unlogged_left_out: boolean;
 }
 
 /**
@@ -2392,6 +2399,12 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
         `-d ${shellWord(config.database)} -c '\\dt *.*'`,
     ],
   );
+}
+
+/** Pure: the metadata's note of the tables whose unlogged rows a backup from a standby leaves out; none elsewhere. */
+function unloggedDataLeftOut(tables: UserTable[]): Pick<BackupMetadata, 'unlogged_data_left_out'> {
+  const names = tables.filter((t) => t.unlogged_left_out).map((t) => tableKey(t.schema, t.table));
+  return names.length > 0 ? { unlogged_data_left_out: names } : {};
 }
 
 /**
@@ -3119,6 +3132,7 @@ async function snapshotBackup(
       snapshot_consistent: true,
       tool_version: await toolVersion(),
       table_data_oids: Object.fromEntries(tables.map((t) => [tableKey(t.schema, t.table), t.data_oids])),
+      ...unloggedDataLeftOut(tables),
       extensions,
       ...(systemIdentifier === undefined ? {} : { system_identifier: systemIdentifier }),
     };
@@ -3198,6 +3212,8 @@ export interface BackupMetadata {
   tool_version?: string;
   /** Per table_counts key, the OIDs whose TABLE DATA the archive holds, so --verify matches exactly. */
   table_data_oids?: Record<string, number[]>;
+  /** From a hot standby: the tables (table_counts keys) whose unlogged rows are neither in it nor counted. */
+  unlogged_data_left_out?: string[];
   /** The last restore drill (--verify FILE --restore-test) of this backup. */
   last_restore_test?: RestoreTestRecord;
   /** Every extension of the database and its version, in the backup's snapshot: what a restore needs. */
@@ -3261,6 +3277,10 @@ const METADATA_RULES: Record<string, FieldRule> = {
   table_data_oids: optional(
     (v) => isTableMap(v, (oids) => Array.isArray(oids) && oids.every((oid) => isWholeNumber(oid, 1))),
     'must map tables to lists of OIDs',
+  ),
+  unlogged_data_left_out: optional(
+    (v) => Array.isArray(v) && v.every((table) => typeof table === 'string'),
+    'must list table names',
   ),
   last_restore_test: optional(
     (v) =>
@@ -6287,6 +6307,12 @@ function backupSummaryText(result: BackupResult): Text {
     `Environment: ${metadata.environment}`,
     `Database:    ${metadata.database_name}`,
     `Tables:      ${summarizeTables(metadata.table_counts)}`,
+    ...(metadata.unlogged_data_left_out
+      ? [
+          `Left out:    the rows of unlogged tables (${listSome(metadata.unlogged_data_left_out)}): a standby has ` +
+            'none; back up the primary to include them',
+        ]
+      : []),
     `Checksum:    ${shortHash(metadata.checksum_sha256)}`,
     'Verified:    ✓ Integrity check passed',
   ];

@@ -231,6 +231,45 @@ describe('counts describe exactly what is in the file', () => {
     assert.match(drill.stderr, /"coll\.t" \(backup 3, restored 5\)/);
   });
 
+  test("a backup from a hot standby leaves out unlogged tables' rows as pg_dump does, says so, and verifies, restores and drills", async () => {
+    const database = uniqueName('standby');
+    await server.createDatabase(database, [
+      'CREATE TABLE orders (id int PRIMARY KEY)',
+      'INSERT INTO orders SELECT generate_series(1, 100)',
+      'CREATE UNLOGGED TABLE cache (k int)',
+      'INSERT INTO cache SELECT generate_series(1, 50)',
+      'CREATE TABLE m (id int) PARTITION BY RANGE (id)',
+      'CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)',
+      'CREATE UNLOGGED TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20)',
+      'INSERT INTO m VALUES (1), (2), (3), (11), (12), (13), (14)',
+    ]);
+    const standby = await startTestServer({ standbyOf: server });
+    try {
+      // A standby has no data of an unlogged relation (only its init fork): reading it fails.
+      const run = await takeBackup(standby, database, path.join(await tempDir(), 'backups'));
+      assert.deepEqual(run.metadata.table_counts, { cache: 0, m: 3, orders: 100 });
+      assert.deepEqual(run.metadata.unlogged_data_left_out, ['cache', 'm']);
+      assert.match(run.stdout, /^Left out: +the rows of unlogged tables \(cache, m\): a standby has none/m);
+      const verified = await runCli({ args: ['--verify', run.dumpPath] });
+      assert.equal(verified.exitCode, 0, verified.stdout);
+
+      // Restored on the primary, the unlogged tables are there, empty, as in the backup.
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', database));
+      const target = uniqueName('from_standby');
+      const restore = ['--restore', run.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', configDir];
+      const restored = await runCli({ args: restore });
+      assert.equal(restored.exitCode, 0, restored.stderr);
+      assert.match(restored.stdout, /^cache +0 +0 {2}✓$/m);
+      assert.match(restored.stdout, /^m +3 +3 {2}✓$/m);
+      const drill = await drillOf(database, run.dumpPath);
+      assert.equal(drill.exitCode, 0, drill.stderr);
+      assert.match(drill.stdout, /^orders +100 +100 {2}✓$/m);
+    } finally {
+      await standby.stop();
+    }
+  });
+
   test('an index on an SQL function reading an unqualified table is backed up, and a user operator never counts', async () => {
     const database = uniqueName('exprindex');
     await server.createDatabase(database, [

@@ -37,6 +37,8 @@ export interface ServerOptions {
   pgvector?: boolean;
   /** More server settings (postgres -c name=value), e.g. a small max_locks_per_transaction. */
   settings?: Record<string, string>;
+  /** A hot standby of this server (pg_basebackup -R, streaming), of the same major, with its users and passwords. */
+  standbyOf?: TestServer;
 }
 
 export interface TestServer {
@@ -232,8 +234,43 @@ async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
 }
 
 /** Start a server binary (initdb, postgres) as the server user, with C messages for predictable output. */
-function runAs(binary: string, args: string[], user: { uid: number; gid: number } | undefined): ChildProcess {
-  return spawn(binary, args, { ...user, env: { ...process.env, LC_ALL: 'C' }, stdio: ['ignore', 'pipe', 'pipe'] });
+function runAs(
+  binary: string,
+  args: string[],
+  user: { uid: number; gid: number } | undefined,
+  env: Record<string, string> = {},
+): ChildProcess {
+  const environment = { ...process.env, LC_ALL: 'C', ...env };
+  return spawn(binary, args, { ...user, env: environment, stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+/** initdb a fresh cluster, or copy `primary`'s with pg_basebackup (PATH's) and -R to follow it as a standby. */
+function createCluster(
+  binaries: Binaries,
+  dataDir: string,
+  passwordFile: string,
+  user: { uid: number; gid: number } | undefined,
+  primary?: TestServer,
+): ChildProcess {
+  if (primary) {
+    // A fast checkpoint: the default, spread one, takes most of checkpoint_timeout (5 minutes).
+    const source = ['-h', primary.host, '-p', String(primary.port), '-U', primary.user];
+    return runAs('pg_basebackup', ['-D', dataDir, '-R', '-X', 'stream', '--checkpoint=fast', ...source], user, {
+      PGPASSWORD: primary.password,
+    });
+  }
+  return runAs(
+    binaries.initdb,
+    [
+      `--pgdata=${dataDir}`,
+      '--auth=scram-sha-256',
+      '--username=postgres',
+      `--pwfile=${passwordFile}`,
+      '--encoding=UTF8',
+      '--locale=C',
+    ],
+    user,
+  );
 }
 
 /** The server's certificate and key, copied where the server's user can read them (the key 0600). */
@@ -255,7 +292,7 @@ process.on('exit', () => {
 });
 
 export async function startTestServer(options: ServerOptions = {}): Promise<TestServer> {
-  const major = options.major ?? 15;
+  const major = options.standbyOf?.major ?? options.major ?? 15;
   const binaries = options.pgvector ? pgvectorBinaries() : await binariesFor(major);
   const user = await serverUser();
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'backup-db-pg-'));
@@ -265,7 +302,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   const dataDir = path.join(root, 'data');
   await fs.mkdir(dataDir, { mode: 0o700 });
   if (user) await fs.chown(dataDir, user.uid, user.gid);
-  const password = `pw-${randomBytes(12).toString('base64url')}`;
+  const password = options.standbyOf?.password ?? `pw-${randomBytes(12).toString('base64url')}`;
   const logLines: string[] = [];
   const fail = async (what: string) => {
     await fs.rm(root, { recursive: true, force: true });
@@ -274,18 +311,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
 
   const passwordFile = path.join(root, 'password');
   await fs.writeFile(passwordFile, `${password}\n`, { mode: 0o644 });
-  const initdb = runAs(
-    binaries.initdb,
-    [
-      `--pgdata=${dataDir}`,
-      '--auth=scram-sha-256',
-      '--username=postgres',
-      `--pwfile=${passwordFile}`,
-      '--encoding=UTF8',
-      '--locale=C',
-    ],
-    user,
-  );
+  const initdb = createCluster(binaries, dataDir, passwordFile, user, options.standbyOf);
   initdb.stdout!.on('data', (chunk) => logLines.push(String(chunk)));
   initdb.stderr!.on('data', (chunk) => logLines.push(String(chunk)));
   const initialised = await new Promise<number | null>((resolve) => initdb.on('close', resolve));
@@ -334,7 +360,8 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     const ready = await new Promise<boolean>((resolve) => {
       server.stderr!.on('data', (chunk) => {
         logLines.push(String(chunk));
-        if (String(chunk).includes('database system is ready to accept connections')) resolve(true);
+        // A standby: "ready to accept read-only connections".
+        if (/database system is ready to accept (read-only )?connections/.test(String(chunk))) resolve(true);
       });
       void exited.then(() => resolve(false));
     });
