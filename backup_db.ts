@@ -2134,13 +2134,30 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
   ]);
 }
 
-/** The same failure whether pg_dump or the tool's own session meets it first. */
-function privilegeError(details: string): BackupError {
-  return new BackupError(EXIT.PERMISSION, 'The database user lacks a privilege', details, [
-    'To back up: GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema and its ' +
-      'sequences), or use the owner or a member of pg_read_all_data',
-    'To restore: the user needs CREATEDB (ALTER ROLE <user> CREATEDB), or restore into an empty database it owns',
-  ]);
+/**
+ * The same failure whether pg_dump or the tool's own session meets it first, with the hints for what it names:
+ * data a backup reads gets no restore hint. A large object has privileges of its own, which neither a table's
+ * GRANT nor (before PostgreSQL 19) pg_read_all_data gives; pg_dump stops at the first one it may not read.
+ */
+function privilegeError(details: string, user?: string): BackupError {
+  const largeObject = /permission denied for large object (\d+)/i.exec(details)?.[1];
+  const role = user ? quoteIdentifier(user) : '<user>';
+  const hints = largeObject
+    ? [
+        `To back up: GRANT SELECT ON LARGE OBJECT ${largeObject} TO ${role} (as a superuser or the large object's ` +
+          'owner), or back up as a superuser',
+        "pg_dump stops at the first it cannot read; the others' owners: SELECT oid, lomowner::regrole FROM " +
+          'pg_largeobject_metadata',
+      ]
+    : [
+        'To back up: GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO <user> (and USAGE on the schema and its ' +
+          'sequences), or use the owner or a member of pg_read_all_data',
+      ];
+  if (!/permission denied for (table|view|materialized view|foreign table|sequence|schema|large object)/i.test(details))
+    hints.push(
+      'To restore: the user needs CREATEDB (ALTER ROLE <user> CREATEDB), or restore into an empty database it owns',
+    );
+  return new BackupError(EXIT.PERMISSION, 'The database user lacks a privilege', details, hints);
 }
 
 function lockedTableError(details: string): BackupError {
@@ -2618,7 +2635,7 @@ async function streamPgDump(
   if (signal.aborted) throw signal.reason;
   if (write.status === 'rejected')
     throw fileSystemError(write.reason, 'Writing the backup file failed', path.dirname(partialPath));
-  if (dump.status === 'rejected') throw pgDumpError(dump.reason);
+  if (dump.status === 'rejected') throw pgDumpError(dump.reason, path.dirname(partialPath), env.PGUSER);
   return { sha256: hash.digest('hex'), size };
 }
 
@@ -2648,13 +2665,13 @@ async function dumpToDirectory(
   const { child } = await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, options);
   const result = await child;
   if (signal.aborted) throw signal.reason;
-  if (result.failed) throw pgDumpError(result, path.dirname(partialDir));
+  if (result.failed) throw pgDumpError(result, path.dirname(partialDir), env.PGUSER);
   // Minutes on a large dump: an interrupt stops the read too, not only pg_dump.
   return hashBackup(partialDir, signal);
 }
 
-/** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes. */
-export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
+/** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes; `user`: its role. */
+export function pgDumpError(error: unknown, outputDir = '.', user?: string): BackupError {
   // pg_dump stopped by a signal from outside (kill, the OOM killer's SIGTERM): an interruption, not a failure.
   const signal = (error as { signal?: unknown } | null)?.signal;
   if (signal === 'SIGINT' || signal === 'SIGTERM') return interruptedError(signal);
@@ -2670,7 +2687,7 @@ export function pgDumpError(error: unknown, outputDir = '.'): BackupError {
   }
   const parallel = parallelDumpError(details);
   if (parallel) return parallel;
-  if (/permission denied/i.test(details)) return privilegeError(details);
+  if (/permission denied/i.test(details)) return privilegeError(details, user);
   if (/out of shared memory/i.test(details)) return lockSpaceError(details, /^HINT:\s+(.+)$/m.exec(details)?.[1]);
   // --lock-wait-timeout is a statement_timeout around pg_dump's LOCK TABLE; its workers use NOWAIT.
   if (/could not obtain lock|lock timeout|statement timeout[\s\S]*\bLOCK TABLE\b/i.test(details))

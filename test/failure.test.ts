@@ -7,7 +7,15 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { publishDump } from '../backup_db.ts';
-import { dbVars, directoryWithExistingBackup, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import {
+  dbVars,
+  directoryWithExistingBackup,
+  runCli,
+  startCli,
+  tempDir,
+  uniqueName,
+  writeEnvFile,
+} from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
@@ -92,6 +100,30 @@ describe('failure after the dump started', () => {
       }
     },
   );
+
+  test('a large object the user may not read → 4, with the GRANT for that large object and no restore hint', async () => {
+    const database = uniqueName('fail_lo');
+    await server.createDatabase(database, [
+      'CREATE TABLE docs (id int, f oid)',
+      "INSERT INTO docs VALUES (1, lo_from_bytea(0, 'owned by postgres'))",
+      'GRANT SELECT ON docs TO limited',
+    ]);
+    const client = await server.connect(database);
+    const oid = (await client.query<{ f: number }>('SELECT f FROM docs')).rows[0]!.f;
+    await client.end();
+    const configDir = await tempDir();
+    const vars = { ...dbVars(server, 'DEV_DB_', database), DEV_DB_USER: 'limited', DEV_DB_PASSWORD: 'limited-pw' };
+    await writeEnvFile(configDir, '.env', vars);
+    const outputDir = path.join(await tempDir(), 'out');
+    const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
+    assert.equal(result.exitCode, 4, result.stderr);
+    assert.match(result.stderr, new RegExp(`permission denied for large object ${oid}`));
+    assert.match(
+      result.stderr,
+      new RegExp(`^ {2}1\\. To back up: GRANT SELECT ON LARGE OBJECT ${oid} TO "limited"`, 'm'),
+    );
+    assert.doesNotMatch(result.stderr, /GRANT SELECT ON ALL TABLES|To restore/);
+  });
 });
 
 describe('a lock that cannot be removed', () => {

@@ -999,6 +999,26 @@ describe('error classification', () => {
     }
   });
 
+  test('a privilege a backup lacks gets the GRANT for what the message names, and no hint about restores', () => {
+    const failed = (stderr: string) =>
+      pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }), '/b', 'bk');
+    const largeObject = failed(
+      'pg_dump: error: could not open large object 16390: ERROR:  permission denied for large object 16390',
+    );
+    assert.equal(largeObject.exitCode, EXIT.PERMISSION);
+    assert.match(largeObject.hints[0]!, /^To back up: GRANT SELECT ON LARGE OBJECT 16390 TO "bk" \(as a superuser/);
+    assert.doesNotMatch(largeObject.hints.join('\n'), /ALL TABLES|To restore/);
+    const table = failed('pg_dump: error: query failed: ERROR:  permission denied for table secrets');
+    assert.match(table.hints.join('\n'), /GRANT SELECT ON ALL TABLES IN SCHEMA/);
+    assert.doesNotMatch(table.hints.join('\n'), /To restore/);
+    // A restore's own session meets other privileges: those keep the restore hint.
+    const createDatabase = databaseFailure(
+      Object.assign(new Error('permission denied to create database'), { code: '42501' }),
+    )!;
+    assert.equal(createDatabase.exitCode, EXIT.PERMISSION);
+    assert.match(createDatabase.hints.join('\n'), /To restore: the user needs CREATEDB/);
+  });
+
   test("pg_dump's table lock not granted within --lock-wait-timeout (a statement timeout on LOCK TABLE): a locked table", () => {
     const failed = (stderr: string) =>
       pgDumpError(Object.assign(new Error('Command failed with exit code 1'), { stderr }));
