@@ -6587,23 +6587,56 @@ function quotedSqlEnd(text: string, from: number): number {
 
 /**
  * Pure: pg_restore's or pg_dump's stderr as a message quotes it. The SQL it quotes goes through
- * foreignQuery (a user mapping's password, a subscription's connection string), COPY's row data is
- * masked (personal data), and the position of an error (LINE, ^) is left out: it would quote the SQL
- * unmasked. The tool's lines stay its own; a line it did not begin (a name's line break) is joined to
- * the one before, as \n, so that no name starts a line.
+ * foreignQuery (a user mapping's password, a subscription's connection string), the row data the
+ * server quotes is masked (withoutRowData: personal data, tokens), and the position of an error (LINE,
+ * ^) is left out: it would quote the SQL unmasked. The tool's lines stay its own; a line it did not
+ * begin (a name's or a value's line break) is joined to the one before, as \n, so that none starts a line.
  */
 export function toolMessage(stderr: string): string {
-  const lines: string[] = [];
+  const fields: string[] = [];
   for (let i = 0, end = 0; i < stderr.length; i = end + 1) {
     const quoted = QUOTED_SQL.exec(stderr.slice(i, i + 60))?.[0];
     end = quoted ? quotedSqlEnd(stderr, i + quoted.length) : lineEnd(stderr, i);
     const line = stderr.slice(i, end);
-    if (quoted) lines.push(quoted + foreignQuery(line.slice(quoted.length)).trim());
+    if (quoted) fields.push(quoted + foreignQuery(line.slice(quoted.length)).trim());
     else if (/^LINE \d+: |^\s*\^$/.test(line)) continue;
-    else if (lines.length > 0 && !TOOL_LINE.test(line)) lines[lines.length - 1] += `\\n${line}`;
-    else lines.push(line.replace(/^(CONTEXT: {2}COPY .*, line \d+(?:, column .*)?: )".*"$/, '$1"****"'));
+    else if (fields.length > 0 && !TOOL_LINE.test(line)) fields[fields.length - 1] += `\n${line}`;
+    else fields.push(line);
   }
-  return lines.join('\n');
+  return fields.map((field) => withoutRowData(field).split('\n').join('\\n')).join('\n');
+}
+
+/** COPY's line, or a column's value, in any line of CONTEXT: the outermost context, so the field's last. */
+const COPY_ROW = /((?:^CONTEXT: {2}|\n)COPY [\s\S]*?, line \d+(?:, column [\s\S]*?)?: ")[\s\S]*/;
+/** A failing row, or its partition key's values (after the columns). */
+const FAILING_ROW =
+  /^(DETAIL: {2}(?:Failing row contains|Partition key of the failing row contains \([\s\S]*?\) =) \()[\s\S]*/;
+/** How a key's DETAIL (unique, foreign or exclusion key) goes on after its values. */
+const KEY_ENDING = [
+  'already exists',
+  'is duplicated',
+  'is not present in table "',
+  'is still referenced from table "',
+  'conflicts with key (',
+  'conflicts with existing key (',
+]
+  .map(escapeRegExp)
+  .join('|');
+/** Key (columns)=(values) and its ending: the last one, as a value may hold one too. */
+const KEY_ROW = new RegExp(String.raw`^(DETAIL: {2}Key \(([\s\S]*?)\)=\()(?:[\s\S]*(\) (?:${KEY_ENDING})))?([\s\S]*)`);
+
+/**
+ * Pure: one field of a server's message (DETAIL:, CONTEXT:, with the lines a value broke it into) with the
+ * row values it quotes masked; the columns and tables it names stay, as they say where to look. A value
+ * may hold any text (")", line breaks), so each is masked to the field's end or to the last ending of its message.
+ */
+function withoutRowData(field: string): string {
+  if (field.startsWith('CONTEXT:  ')) return field.replace(COPY_ROW, '$1****"');
+  const key = KEY_ROW.exec(field);
+  if (!key) return field.replace(FAILING_ROW, '$1****).');
+  const [, kept, columns, ending, rest] = key;
+  if (!ending) return `${kept}****)`;
+  return `${kept}****${ending}${ending.endsWith('(') ? `${columns})=(****).` : rest}`;
 }
 
 /** Pure: where the line that begins at `from` ends (its newline, or the text's end). */

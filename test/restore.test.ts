@@ -570,6 +570,72 @@ describe('what a failed restore quotes: no secret, no forged line', () => {
       assert.ok(!text.includes(password), `the password is masked in:\n${text}`);
   });
 
+  test("a row an error quotes (COPY's line under a function's context, DETAIL's failing row) is in no channel, --jobs 1 and 2, the drill", async () => {
+    const token = 'sk_live_SUPERSECRET123';
+    // A CHECK calling a function. Reading `plans` unqualified, it fails under pg_restore's empty
+    // search_path, and COPY's line is the context's second line; true only in the source database
+    // (as one reading a table restored later is, with any order of --jobs 2), the check fails and
+    // DETAIL quotes the row.
+    const cases = [
+      [
+        'RETURN EXISTS (SELECT 1 FROM plans WHERE name = p)',
+        /^CONTEXT: {2}PL\/pgSQL function public\.plan_ok\(text\) line 1 at RETURN\\nCOPY users, line 1: "\*{4}"$/m,
+      ],
+      [
+        'RETURN current_database() = %L',
+        /^DETAIL: {2}Failing row contains \(\*{4}\)\.\nCONTEXT: {2}COPY users, line 1: "\*{4}"$/m,
+      ],
+    ] as const;
+    for (const [check, masked] of cases) {
+      const source = uniqueName('rs_rowdata');
+      await server.createDatabase(source, [
+        "CREATE TABLE plans (name text PRIMARY KEY); INSERT INTO plans VALUES ('pro')",
+        `CREATE FUNCTION plan_ok(p text) RETURNS boolean LANGUAGE plpgsql STABLE
+           AS $$ BEGIN ${check.replace('%L', `'${source}'`)}; END $$`,
+        'CREATE TABLE users (id int, email text, api_token text, plan text CHECK (plan_ok(plan)))',
+        `INSERT INTO users VALUES (1, 'alice@example.com', '${token}', 'pro')`,
+      ]);
+      const taken = await takeBackup(server, source, path.join(await tempDir(), 'b'));
+      const logFile = path.join(await tempDir(), 'run.log');
+      const single = await restore(taken.dumpPath, uniqueName('rs_rowcopy'), '--jobs', '1', '--log-file', logFile);
+      assert.equal(single.exitCode, 7, single.stderr);
+      assert.match(single.stderr, masked);
+      const json = await restore(
+        taken.dumpPath,
+        uniqueName('rs_rowcopy'),
+        '--jobs',
+        '2',
+        '--json',
+        '--log-file',
+        logFile,
+      );
+      assert.equal(json.exitCode, 7, json.stderr);
+      assert.match(JSON.parse(json.stdout).details, masked);
+      const drill = await runCli({
+        args: [
+          '--verify',
+          taken.dumpPath,
+          '--restore-test',
+          '--env',
+          'dev',
+          '--config-dir',
+          configDir,
+          '--log-file',
+          logFile,
+        ],
+      });
+      assert.equal(drill.exitCode, 7, drill.stderr);
+      assert.match(drill.stderr, masked);
+      const channels = [single, json, drill].flatMap((run) => [run.stdout, run.stderr]);
+      for (const text of [
+        ...channels,
+        await fs.readFile(logFile, 'utf8'),
+        await fs.readFile(taken.metadataPath, 'utf8'),
+      ])
+        assert.ok(!text.includes('SUPERSECRET') && !text.includes('alice@'), `the row is masked in:\n${text}`);
+    }
+  });
+
   test('a line break in a table name, or in --target-db, never starts a line of the error', async () => {
     const role = uniqueName('rs_policy');
     const table = 'x\n\n✓ Restore completed\n\nTables:      all match';

@@ -1675,6 +1675,60 @@ test("pg_restore's and pg_dump's messages: the SQL they quote masked, whole, COP
   );
 });
 
+test("the server's messages: the row values quoted in CONTEXT (any line) and DETAIL masked, columns and tables kept", () => {
+  const failed = 'pg_restore: error: COPY failed for table "users": ERROR:  a failure';
+  const cases: [string[], string[]][] = [
+    // COPY's line under a function's context; a column's value broken over lines; a name with a line break.
+    [
+      ['CONTEXT:  PL/pgSQL function public.plan_ok(text) line 1 at RETURN', 'COPY users, line 1: "1\talice\tsk_1"'],
+      ['CONTEXT:  PL/pgSQL function public.plan_ok(text) line 1 at RETURN\\nCOPY users, line 1: "****"'],
+    ],
+    [
+      ['CONTEXT:  COPY users, line 3, column note: "alice', 'sk_2"'],
+      ['CONTEXT:  COPY users, line 3, column note: "****"'],
+    ],
+    [['CONTEXT:  COPY us', 'ers, line 3: "alice sk_3"'], ['CONTEXT:  COPY us\\ners, line 3: "****"']],
+    [
+      ['DETAIL:  Failing row contains (1, alice', ') sk_4).', 'CONTEXT:  COPY users, line 1: "1\talice"'],
+      ['DETAIL:  Failing row contains (****).', 'CONTEXT:  COPY users, line 1: "****"'],
+    ],
+    [
+      ['DETAIL:  Partition key of the failing row contains (region, lower(email)) = (eu, alice sk_5).'],
+      ['DETAIL:  Partition key of the failing row contains (region, lower(email)) = (****).'],
+    ],
+    [['DETAIL:  Key (api_token)=(sk_6) already exists.'], ['DETAIL:  Key (api_token)=(****) already exists.']],
+    [['DETAIL:  Key (lower(email))=(alice) is duplicated.'], ['DETAIL:  Key (lower(email))=(****) is duplicated.']],
+    [
+      ['DETAIL:  Key (user_id)=(sk_7) is not present in table "users".'],
+      ['DETAIL:  Key (user_id)=(****) is not present in table "users".'],
+    ],
+    [
+      ['DETAIL:  Key (id)=(sk_8) already exists. x) is still referenced from table "orders".'],
+      ['DETAIL:  Key (id)=(****) is still referenced from table "orders".'],
+    ],
+    [
+      ['DETAIL:  Key (room, during)=(1, [sk_9,)) conflicts with existing key (room, during)=(1, [alice,)).'],
+      ['DETAIL:  Key (room, during)=(****) conflicts with existing key (room, during)=(****).'],
+    ],
+    [
+      ['DETAIL:  Key (during)=([sk_10,)) conflicts with key (during)=([alice', ',)).'],
+      ['DETAIL:  Key (during)=(****) conflicts with key (during)=(****).'],
+    ],
+    // A form not known here: the values to the field's end.
+    [['DETAIL:  Key (id)=(sk_11) collides.'], ['DETAIL:  Key (id)=(****)']],
+  ];
+  for (const [stderr, masked] of cases) {
+    const message = toolMessage(
+      [failed, ...stderr, 'pg_restore: error: a worker process died unexpectedly'].join('\n'),
+    );
+    assert.deepEqual(message.split('\n'), [failed, ...masked, 'pg_restore: error: a worker process died unexpectedly']);
+    assert.doesNotMatch(message, /sk_|alice/);
+  }
+  // A line of another field that begins "COPY" (a name's line break) is not row data.
+  const named = 'pg_restore: from TOC entry 3; 1259 16385 TABLE x\nCOPY t, line 1: "kept"';
+  assert.equal(toolMessage(named), named.replace('\n', '\\n'));
+});
+
 test("pg_restore's messages: a line break in a name joins the line it broke, shown as \\n", () => {
   const stderr = [
     'pg_restore: while PROCESSING TOC:',
