@@ -1672,13 +1672,18 @@ async function openClient(
     // Asked only if the server wants a password. Without a configured one, behave like libpq.
     password: config.password ?? (() => passwordFromLibpqSources(config)),
     application_name: APPLICATION_NAME,
-    connectionTimeoutMillis: connectTimeoutSeconds * 1000,
     // Sessions idle for long (a restore's admin, a dump's snapshot) must not be cut by a NAT or firewall.
     keepAlive: true,
     ssl,
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
+  // The connection is made once its set-up query has answered too: one deadline for both, for a server
+  // that accepts (or authenticates) and then never answers. node-postgres's own timeout ends at login.
+  const deadline = setTimeout(
+    () => client.connection.stream.destroy(new Error('timeout expired')),
+    connectTimeoutSeconds * 1000,
+  );
   try {
     // A server that never answers would hold an interrupt for the whole connect timeout: cut the socket.
     await untilAborted(client, signal, async () => {
@@ -1692,6 +1697,8 @@ async function openClient(
   } catch (error) {
     await client.end().catch(() => undefined);
     throw error;
+  } finally {
+    clearTimeout(deadline);
   }
 }
 
