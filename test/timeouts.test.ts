@@ -147,6 +147,30 @@ describe('a server that stops answering mid-dump', () => {
   );
 });
 
+describe('a server that stops answering before the dump', () => {
+  test(
+    'frozen on the snapshot export: the watchdog stops the backup (exit 7, naming the query, nothing left)',
+    { timeout: 60_000 },
+    async (t) => {
+      const run = await backupFreezingOn('pg_export_snapshot', ['--stall-timeout', '1s', '--connect-timeout', '2']);
+      try {
+        const ms = await run.endsWhileFrozen();
+        t.diagnostic(`ended ${(ms / 1000).toFixed(1)} s after the server froze (stall 1 s, connect timeout 2 s)`);
+        const result = await run.cli;
+        assert.equal(result.exitCode, 7, String(result.stderr));
+        assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+        assert.match(
+          String(result.stderr),
+          /no byte was written for 1 s \(--stall-timeout\) while .*pg_export_snapshot/,
+        );
+        assert.deepEqual(await fs.readdir(run.outputDir), [], 'no partial, no lock file');
+      } finally {
+        await run.close();
+      }
+    },
+  );
+});
+
 describe('--lock-wait-timeout', () => {
   test(
     'an exclusive lock on a table: exit 7 after the lock wait timeout, naming the lock; nothing kept',
