@@ -1672,13 +1672,18 @@ async function openClient(
     // Asked only if the server wants a password. Without a configured one, behave like libpq.
     password: config.password ?? (() => passwordFromLibpqSources(config)),
     application_name: APPLICATION_NAME,
-    connectionTimeoutMillis: connectTimeoutSeconds * 1000,
     // Sessions idle for long (a restore's admin, a dump's snapshot) must not be cut by a NAT or firewall.
     keepAlive: true,
     ssl,
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
+  // The connection is made once its set-up query has answered too: one deadline for both, for a server
+  // that accepts (or authenticates) and then never answers. node-postgres's own timeout ends at login.
+  const deadline = setTimeout(
+    () => client.connection.stream.destroy(new Error('timeout expired')),
+    connectTimeoutSeconds * 1000,
+  );
   try {
     // A server that never answers would hold an interrupt for the whole connect timeout: cut the socket.
     await untilAborted(client, signal, async () => {
@@ -1692,6 +1697,8 @@ async function openClient(
   } catch (error) {
     await client.end().catch(() => undefined);
     throw error;
+  } finally {
+    clearTimeout(deadline);
   }
 }
 
@@ -2719,19 +2726,22 @@ function parallelDumpError(details: string): BackupError | undefined {
 // ─── Stall watchdog ──────────────────────────────────────────────────────────────────────
 
 /**
- * Watch a running backup's file: if no byte is written for `timeoutMs`, find out what its sessions
- * wait on and hand `onStall` the error (exit 7). The most common failure of scheduled backups
- * after not running at all is a dump that hangs for hours behind a lock. `progressed` says the
- * backup moved on otherwise: the row counts can outlast a parallel pg_dump by far on a big database.
+ * Watch a backup from its connection on: if no byte is written to its file (`watchFile`; before that,
+ * nothing counts) for `timeoutMs`, find out what its sessions wait on and hand `onStall` the error
+ * (exit 7). The most common failure of scheduled backups after not running at all is a dump that
+ * hangs for hours behind a lock; a server that stops answering hangs its queries before the dump as
+ * well. `progressed` says the backup moved on otherwise: the row counts can outlast a parallel pg_dump
+ * by far on a big database. `waitingFor` names the step before the dump, in case nothing else can.
  */
 function watchForStall(
-  partialPath: string,
   timeoutMs: number,
   config: DbConfig,
   connectTimeoutSeconds: number,
   onStall: (error: BackupError) => void,
   signal: AbortSignal,
-): { stop(): void; progressed(): void } {
+): { stop(): void; progressed(): void; waitingFor(step: string): void; watchFile(partialPath: string): void } {
+  let partialPath: string | undefined;
+  let step: string | undefined;
   let lastSize = -1;
   let since = performance.now();
   // Set once it fires or is stopped; a tick still reading sizes then does nothing.
@@ -2742,19 +2752,24 @@ function watchForStall(
   };
   const timer = setInterval(
     async () => {
-      const size = await backupSize(partialPath).catch(() => lastSize);
+      const size = partialPath === undefined ? lastSize : await backupSize(partialPath).catch(() => lastSize);
       if (size !== lastSize) {
         [lastSize, since] = [size, performance.now()];
         return;
       }
       if (done || millisecondsSince(since) < timeoutMs) return;
       stop();
-      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall, signal);
+      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall, signal, step);
     },
     Math.min(5000, Math.max(100, timeoutMs / 4)),
   );
   timer.unref();
-  return { stop, progressed: () => (since = performance.now()) };
+  return {
+    stop,
+    progressed: () => (since = performance.now()),
+    waitingFor: (what) => (step = what),
+    watchFile: (file) => ([partialPath, step] = [file, undefined]),
+  };
 }
 
 export interface SessionWait {
@@ -2805,12 +2820,13 @@ async function stopStalledSessions(
   timeoutMs: number,
   onStall: (error: BackupError) => void,
   signal: AbortSignal,
+  step?: string,
 ): Promise<void> {
   let stopped = false;
   try {
     const stopSessions = async (client: pg.Client) => {
       const { rows } = await client.query<SessionWait>(SESSION_WAITS_SQL, [APPLICATION_NAME, PG_DUMP_APPLICATION_NAME]);
-      onStall(stallError(rows, timeoutMs));
+      onStall(stallError(rows, timeoutMs, undefined, step));
       stopped = true;
       await client.query('SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [
         rows.map((row) => row.pid),
@@ -2819,21 +2835,23 @@ async function stopStalledSessions(
     await withClient(config, connectTimeoutSeconds, stopSessions, { signal });
   } catch (error) {
     const why = error instanceof BackupError ? error.details : errorText(error);
-    if (!stopped) onStall(stallError([], timeoutMs, `what its sessions wait on could not be read: ${why}`));
+    if (!stopped) onStall(stallError([], timeoutMs, `what its sessions wait on could not be read: ${why}`, step));
   }
 }
 
-/** Pure: the error of a stalled backup, from what its sessions were waiting on. */
+/** Pure: the error of a stalled backup, from what its sessions were waiting on (and before the dump, `step`). */
 export function stallError(
   waits: SessionWait[],
   timeoutMs: number,
   unknown = 'its sessions were not found waiting',
+  step?: string,
 ): BackupError {
   const blockers = [...new Set(waits.flatMap((w) => (w.blockers ?? []).map((b) => b.pid)))];
   return new BackupError(
     EXIT.BACKUP_FAILED,
     'The backup stalled',
-    `no byte was written for ${formatDuration(timeoutMs)} (--stall-timeout): ` +
+    `no byte was written for ${formatDuration(timeoutMs)} (--stall-timeout)` +
+      `${step ? ` while the backup waited for ${step}, before the dump` : ''}: ` +
       `${waits.length > 0 ? waits.map(describeWait).join('; ') : unknown}`,
     [
       ...(blockers.length > 0
@@ -3069,9 +3087,21 @@ async function snapshotBackup(
   signal.addEventListener('abort', onInterrupt, { once: true });
   run.signal.addEventListener('abort', () => void closeClient(client), { once: true });
   const created: string[] = [];
+  // Armed from the connection on: a server that stops answering the queries before the dump stalls the run too.
+  const watchdog =
+    options.stallTimeoutMs > 0
+      ? watchForStall(
+          options.stallTimeoutMs,
+          config,
+          options.connectTimeoutSeconds,
+          (error) => run.abort(error),
+          run.signal,
+        )
+      : undefined;
   try {
     // A listener added after the abort never hears of it: an interrupt while connecting stops here.
     signal.throwIfAborted();
+    watchdog?.waitingFor("the server's version (server_version_num)");
     const server = await readServerInfo(client);
     const systemIdentifier = await clusterIdentifier(client);
     // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
@@ -3081,9 +3111,11 @@ async function snapshotBackup(
 
     // One snapshot for the dump and the counts: they describe the same instant. The counts wait
     // for table locks no longer than pg_dump does.
+    watchdog?.waitingFor('the snapshot export (pg_export_snapshot)');
     await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
     const { rows } = await client.query<{ snapshot: string }>('SELECT pg_catalog.pg_export_snapshot() AS snapshot');
     await client.query(`SET LOCAL lock_timeout = ${options.lockWaitTimeoutMs}`);
+    watchdog?.waitingFor('the list of tables (pg_class)');
     const tables = await listUserTables(client, config);
     await assertNoRowSecurity(client, config, tables);
     const lock = await lockStatement(client, tables);
@@ -3091,27 +3123,18 @@ async function snapshotBackup(
       'SELECT extname AS name, extversion AS version FROM pg_catalog.pg_extension ORDER BY 1',
     );
     const tableBytes = tables.reduce((sum, table) => sum + table.data_bytes, 0);
+    watchdog?.waitingFor("the output directory's free space");
     await assertDiskSpace(outputDir, tableBytes, compression);
     const format: DumpFormat = options.jobs > 1 ? 'directory' : 'custom';
     const reserved = await reserveBackupName(outputDir, config.database, config.environment, new Date(), format);
     created.push(reserved.partialPath);
+    watchdog?.watchFile(reserved.partialPath);
 
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
     const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
     const progress = options.progress
       ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds, run.signal)
       : undefined;
-    const watchdog =
-      options.stallTimeoutMs > 0
-        ? watchForStall(
-            reserved.partialPath,
-            options.stallTimeoutMs,
-            config,
-            options.connectTimeoutSeconds,
-            (error) => run.abort(error),
-            run.signal,
-          )
-        : undefined;
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
@@ -3174,6 +3197,7 @@ async function snapshotBackup(
     await Promise.all(created.map(removeQuietly));
     throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
   } finally {
+    watchdog?.stop();
     signal.removeEventListener('abort', onInterrupt);
   }
 }

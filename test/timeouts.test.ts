@@ -14,7 +14,7 @@ import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
 import { startProxy } from './helpers/proxy.ts';
-import { holdTableLock, waitFor, waitForCountsDoneAndDumpStarted } from './helpers/wait.ts';
+import { holdTableLock, waitFor, waitForCountsDoneAndDumpStarted, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -62,6 +62,24 @@ describe('unreachable or silent database', () => {
       } finally {
         sockets.forEach((socket) => socket.destroy());
         silent.close();
+      }
+    },
+  );
+
+  test(
+    "a server that accepts the connection and never answers the session's first query: exit 3, no hang",
+    { timeout: 60_000 },
+    async (t) => {
+      const run = await backupFreezingOn('set_config', ['--connect-timeout', '2']);
+      try {
+        const ms = await run.endsWhileFrozen();
+        t.diagnostic(`ended ${(ms / 1000).toFixed(1)} s after the server froze (connect timeout 2 s)`);
+        const result = await run.cli;
+        assert.equal(result.exitCode, 3, String(result.stderr));
+        assert.match(String(result.stderr), /^✗ Backup failed: Database did not answer within 2 s$/m);
+        assert.deepEqual(await fs.readdir(run.outputDir), [], 'no partial, no lock file');
+      } finally {
+        await run.close();
       }
     },
   );
@@ -124,6 +142,30 @@ describe('a server that stops answering mid-dump', () => {
         await cli;
         await proxy.close();
         await observer.end();
+      }
+    },
+  );
+});
+
+describe('a server that stops answering before the dump', () => {
+  test(
+    'frozen on the snapshot export: the watchdog stops the backup (exit 7, naming the query, nothing left)',
+    { timeout: 60_000 },
+    async (t) => {
+      const run = await backupFreezingOn('pg_export_snapshot', ['--stall-timeout', '1s', '--connect-timeout', '2']);
+      try {
+        const ms = await run.endsWhileFrozen();
+        t.diagnostic(`ended ${(ms / 1000).toFixed(1)} s after the server froze (stall 1 s, connect timeout 2 s)`);
+        const result = await run.cli;
+        assert.equal(result.exitCode, 7, String(result.stderr));
+        assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+        assert.match(
+          String(result.stderr),
+          /no byte was written for 1 s \(--stall-timeout\) while .*pg_export_snapshot/,
+        );
+        assert.deepEqual(await fs.readdir(run.outputDir), [], 'no partial, no lock file');
+      } finally {
+        await run.close();
       }
     },
   );
@@ -385,4 +427,43 @@ async function backupWithHeldPgDump(database: string, extra: string[]) {
     throw error;
   }
   return { cli, outputDir, release };
+}
+
+/**
+ * A backup of slow_app through a proxy that freezes once the tool sends `query`. endsWhileFrozen: how
+ * long the run took to end after the freeze, the server still frozen. close: the run ended, the proxy
+ * closed, and with it the frozen sessions on the server.
+ */
+async function backupFreezingOn(query: string, extra: string[]) {
+  const proxy = await startProxy(server);
+  proxy.freezeOn(query);
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'out');
+  const vars = { ...dbVars(server, 'DEV_DB_', 'slow_app'), DEV_DB_HOST: proxy.host, DEV_DB_PORT: String(proxy.port) };
+  await writeEnvFile(configDir, '.env', vars);
+  const cli = startCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, ...extra] });
+  let ended = false;
+  void cli.finally(() => (ended = true));
+  return {
+    cli,
+    outputDir,
+    async endsWhileFrozen() {
+      await waitFor(`the tool to send ${query}`, async () => (proxy.frozen || ended ? true : undefined));
+      if (!proxy.frozen) assert.fail(`it ended before sending ${query}: ${String((await cli).stderr)}`);
+      const ms = await within('the backup to end while the server does not answer', 30_000, async () => ended);
+      assert.ok(proxy.frozen, 'the server was frozen all along');
+      return ms;
+    },
+    async close() {
+      if (!ended) cli.kill('SIGKILL');
+      await cli;
+      await proxy.close();
+      const observer = await server.connect('slow_app');
+      try {
+        await waitForNoBackupSessions(observer);
+      } finally {
+        await observer.end();
+      }
+    },
+  };
 }
