@@ -5939,7 +5939,7 @@ export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secr
 
 /** Variables that hold credentials whole: never handed to the failure command. */
 const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP_PING_URL$/;
-const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
+const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_|^PG_BIN_DIR$/;
 
 /**
  * After the run: log it, then notify. What to do is decided from the record as it is; what is sent
