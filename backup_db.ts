@@ -4165,7 +4165,10 @@ export function listingFailure(listing: Listing): BackupError | undefined {
   const title = needsNewer
     ? `${plural(failed.length, 'backup')} cannot be verified without a newer pg_restore`
     : `${plural(failed.length, 'backup')} failed verification`;
-  const details = failed.map((b) => `${b.file}: ${b.problems.join(', ') || STATUS_LABELS[b.status]}`).join('; ');
+  // Names escaped: a line break in one must not start a line of the error.
+  const details = failed
+    .map((b) => visibleControls(`${b.file}: ${b.problems.join(', ') || STATUS_LABELS[b.status]}`))
+    .join('; ');
   const hints = needsNewer
     ? [`See which pg_restore it needs: ${verify}`, ...clientInstallHints(undefined)]
     : [`See why: ${verify}`, 'Do not restore from a backup that failed; take a new one'];
@@ -4483,7 +4486,8 @@ async function deleteBackup(dir: string, file: string): Promise<void> {
     const code = errnoCode(error);
     if (code !== 'EPERM' && code !== 'EACCES') throw error;
     const owner = await ownerOf((error as NodeJS.ErrnoException).path ?? dumpPath);
-    const why = `not allowed to delete ${file} (${owner}): ${errorText(error)}`;
+    // Escaped: the name, also in the system's message, must not start a line of the error.
+    const why = visibleControls(`not allowed to delete ${file} (${owner}): ${errorText(error)}`);
     throw Object.assign(new Error(why), { code });
   }
 }
@@ -4506,8 +4510,8 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch, signa
     throw new BackupError(
       EXIT.VERIFY_FAILED,
       'Retention refused: the newest backup to keep failed verification',
-      `${path.basename(file)} would be the newest backup kept, so deleting older ones relies on it, but ` +
-        `${error.title}: ${error.details}`,
+      `${visibleControls(path.basename(file))} would be the newest backup kept, so deleting older ones relies on ` +
+        `it, but ${error.title}: ${error.details}`,
       [
         'Nothing was deleted',
         `Inspect it: npx tsx backup_db.ts --verify ${shellWord(displayPath(file))}`,
@@ -4629,8 +4633,9 @@ async function runCheck(
     `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${shellWord(displayPath(outputDir))}`,
     `See what is there: npx tsx backup_db.ts --list --output-dir ${shellWord(displayPath(outputDir))}`,
   ];
+  // The details quote file names: escaped, a line break in one cannot start a line of the error.
   const stale = (title: string, details: string) =>
-    new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { data });
+    new BackupError(EXIT.VERIFY_FAILED, title, visibleControls(details), hints, { data });
   if (!freshness.newest) {
     const { notCounted } = freshness;
     const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
