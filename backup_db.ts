@@ -3546,22 +3546,48 @@ export async function hashFile(filePath: string, signal?: AbortSignal): Promise<
 }
 
 /**
+ * Pure: a file name's bytes as text, or undefined where they are not UTF-8: Node decodes those to
+ * U+FFFD, which another file's name can hold, so the decoded name could open, check or delete that file.
+ */
+export function utf8FileName(raw: Buffer): string | undefined {
+  const name = raw.toString('utf8');
+  return Buffer.from(name).equals(raw) ? name : undefined;
+}
+
+/** Pure: a name that is not UTF-8, shown: bytes outside printable ASCII as \xHH, as bash's $'…' reads them. */
+export function bytesShown(raw: Buffer): string {
+  return [...raw]
+    .map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : `\\x${b.toString(16).padStart(2, '0')}`))
+    .join('');
+}
+
+/**
  * The files of a directory-format archive, by path relative to it, sorted: a deterministic order.
  * pg_dump writes only regular files; anything else (a symlink, a FIFO, a device) pg_restore would
- * read while the checksum skipped it, so it fails the archive, named, and is never followed.
+ * read while the checksum skipped it, so it fails the archive, named, and is never followed; so does
+ * a name that is not UTF-8, which no path this tool opens reaches. Walked by hand: Node 20's recursive
+ * readdir cannot give names as bytes.
  */
-async function archiveFiles(dir: string): Promise<string[]> {
-  const entries = await fs.readdir(dir, { recursive: true, withFileTypes: true });
-  // Dirent.parentPath came with Node 20.12; its older name `path` is what 20.10 and 20.11 have.
+async function archiveFiles(dir: string, below = ''): Promise<string[]> {
+  const entries = await fs.readdir(path.join(dir, below), { withFileTypes: true, encoding: 'buffer' });
   const relative = (entry: (typeof entries)[number]) =>
-    path.relative(dir, path.join(entry.parentPath ?? entry.path, entry.name));
-  const foreign = entries.find((entry) => !entry.isFile() && !entry.isDirectory());
+    path.join(below, utf8FileName(entry.name) ?? bytesShown(entry.name));
+  const foreign = entries.find((entry) => !utf8FileName(entry.name) || (!entry.isFile() && !entry.isDirectory()));
   if (foreign) {
-    const kind = foreign.isSymbolicLink() ? 'a symbolic link' : foreign.isFIFO() ? 'a FIFO' : 'not a regular file';
+    const notUtf8 = !utf8FileName(foreign.name);
+    const kind = notUtf8
+      ? 'a file whose name is not UTF-8'
+      : foreign.isSymbolicLink()
+        ? 'a symbolic link'
+        : foreign.isFIFO()
+          ? 'a FIFO'
+          : 'not a regular file';
+    const why = notUtf8
+      ? 'pg_dump never writes such a name, and the checksum cannot name it'
+      : 'pg_dump writes only regular files, and pg_restore would read it, unchecked by the checksum';
     throw verifyInputError(
       `${relative(foreign)} in the archive is ${kind}`,
-      `${displayPath(path.join(dir, relative(foreign)))} is ${kind}: pg_dump writes only regular files, and ` +
-        'pg_restore would read it, unchecked by the checksum',
+      `${displayPath(path.join(dir, relative(foreign)))} is ${kind}: ${why}`,
       [
         'Do not restore from this backup',
         `Inspect it: ls -l ${shellWord(displayPath(dir))}`,
@@ -3569,10 +3595,10 @@ async function archiveFiles(dir: string): Promise<string[]> {
       ],
     );
   }
-  return entries
-    .filter((entry) => entry.isFile())
-    .map(relative)
-    .sort();
+  const files = [];
+  for (const entry of entries)
+    files.push(...(entry.isDirectory() ? await archiveFiles(dir, relative(entry)) : [relative(entry)]));
+  return files.sort();
 }
 
 /** Pure: what a directory-format backup's checksum covers: each file's SHA-256, size and path, one per line. */
