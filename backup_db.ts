@@ -3926,6 +3926,27 @@ async function assertReadableFile(filePath: string): Promise<void> {
   if (!stat.isFile()) throw verifyInputError('not a file', `${shown} is not a regular file`, ['Pass a .dump file']);
 }
 
+/**
+ * Refuse a path argument where a name that is not UTF-8 may stand for a U+FFFD in it: Node decodes
+ * argv lossily, so `app_\xff.dump` arrives as `app_\uFFFD.dump`, which may be another file's name.
+ */
+async function assertPathArgumentKnown(argument: string): Promise<void> {
+  if (!argument.includes('\uFFFD')) return;
+  const parts = path.resolve(argument).split(path.sep);
+  for (const [i, part] of parts.entries()) {
+    const parent = parts.slice(0, i).join(path.sep) || path.sep;
+    const names = part.includes('\uFFFD') ? await fs.readdir(parent, { encoding: 'buffer' }).catch(() => []) : [];
+    const raw = names.find((name) => !utf8FileName(name) && name.toString() === part);
+    if (raw)
+      throw verifyInputError(
+        'file name is not UTF-8',
+        `${displayPath(argument)}: ${bytesShown(raw)} in ${displayPath(parent)} has a name that is not UTF-8, ` +
+          `which reaches this tool as ${part}, so the command line cannot say which file it means`,
+        [`Rename it to a UTF-8 name (ls -b ${shellWord(displayPath(parent))} shows its bytes)`],
+      );
+  }
+}
+
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
 async function runVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<VerifyResult> {
   return (await startVerify(fileArgument, search, signal)).complete;
@@ -4202,16 +4223,33 @@ export function listingFailure(listing: Listing): BackupError | undefined {
 }
 
 /**
- * The names in the backup directory, or undefined where none exists yet (a dangling symlink too);
- * any other failure to read it (not a directory, no permission) is an error, for every command alike.
+ * The names in the backup directory, as bytes (see utf8FileName), or undefined where none exists yet (a
+ * dangling symlink too); any other failure to read it (not a directory, no permission) is an error, for
+ * every command alike.
  */
-async function backupDirNames(dir: string): Promise<string[] | undefined> {
+async function backupDirNames(dir: string): Promise<Buffer[] | undefined> {
   try {
-    return await fs.readdir(dir);
+    return await fs.readdir(dir, { encoding: 'buffer' });
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
     throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
   }
+}
+
+/**
+ * A name that is not UTF-8, shown by its bytes: what it decodes to may be another file's name, so it is
+ * never read, counted or deleted by that name; it names no database, so retention and --check skip it.
+ */
+async function notUtf8Entry(dir: string, raw: Buffer): Promise<ListEntry> {
+  const stat = await fs.stat(Buffer.concat([Buffer.from(dir + path.sep), raw])).catch(() => undefined);
+  const why = 'its name is not UTF-8, so this tool cannot open it by name; rename it to check it';
+  return {
+    file: bytesShown(raw),
+    status: 'unreadable_archive',
+    sizeBytes: stat?.size ?? 0,
+    modifiedMs: 0,
+    problems: [why],
+  };
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
@@ -4221,10 +4259,17 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
   const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
-  for (const name of names.sort()) {
-    const partial = name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
-    if (!partial && !name.endsWith(DUMP_SUFFIX)) continue;
-    const entry = partial ? await describePartial(dir, name) : await describeBackup(dir, name, restoreClientFor);
+  for (const raw of names) {
+    const name = utf8FileName(raw);
+    const shown = name ?? bytesShown(raw);
+    const partial = shown.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
+    if (!partial && !shown.endsWith(DUMP_SUFFIX)) continue;
+    const entry =
+      name === undefined
+        ? await notUtf8Entry(dir, raw)
+        : partial
+          ? await describePartial(dir, name)
+          : await describeBackup(dir, name, restoreClientFor);
     if (entry) (partial ? incomplete : backups).push(entry);
   }
   return {
@@ -4432,10 +4477,17 @@ export function planRetention(entries: ListEntry[], scope: RetentionScope): Rete
       leftAlone.push({ file: entry.file, why: `dated ${entry.timestamp}, after this machine's time` });
     else candidates.push({ file: entry.file, time, timestamp: entry.timestamp!, sizeBytes: entry.sizeBytes });
   }
+  // Defence in depth: a name listed twice (misread) may be the very file another entry keeps: never deleted.
+  const names = entries.map((e) => e.file);
+  const listedTwice = (file: string) => names.indexOf(file) !== names.lastIndexOf(file);
   const decisions = selectRetention(candidates, scope.policy, scope.timeZone).map((decision) =>
-    decision.item.file === scope.justMade && !decision.keep
-      ? { ...decision, keep: true, reasons: ["this run's backup"] }
-      : decision,
+    decision.keep
+      ? decision
+      : decision.item.file === scope.justMade
+        ? { ...decision, keep: true, reasons: ["this run's backup"] }
+        : listedTwice(decision.item.file)
+          ? { ...decision, keep: true, reasons: ['its name is listed twice'] }
+          : decision,
   );
   const newest = decisions[0]?.item;
   const deletes = decisions.some((d) => !d.keep);
@@ -7548,6 +7600,7 @@ async function runMode(
   settings: Settings,
 ): Promise<Outcome> {
   const outputDir = outputDirOf(opts);
+  if ('file' in mode) await assertPathArgumentKnown(mode.file);
   switch (mode.command) {
     case 'restore':
     case 'drill': {

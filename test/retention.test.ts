@@ -425,6 +425,29 @@ describe('planRetention: the server a backup comes from', () => {
   });
 });
 
+test('planRetention never deletes a name listed twice (one file read under two names): the newest is always kept', () => {
+  const entry = (file: string, timestamp: string): ListEntry => ({
+    ...{ file, status: 'verified', timestamp, database: 'app', environment: 'dev' },
+    ...{ sizeBytes: 1, modifiedMs: 0, problems: [] },
+  });
+  const entries = [
+    entry('app_dev_\uFFFD.dump', '2025-01-03T00:00:00Z'),
+    entry('app_dev_\uFFFD.dump', '2025-01-02T00:00:00Z'),
+  ];
+  const older = entry('app_dev_2025-01-01T00-00-00Z.dump', '2025-01-01T00:00:00Z');
+  const scope = {
+    database: 'app',
+    environment: 'dev' as const,
+    policy: policy({ last: 1 }),
+    timeZone: 'UTC',
+    now: NOW,
+  };
+  const doomed = planRetention([...entries, older], scope)
+    .decisions.filter((d) => !d.keep)
+    .map((d) => d.item.file);
+  assert.deepEqual(doomed, [older.file]);
+});
+
 describe('retention on real backups', () => {
   let server: TestServer;
   let seed: TakenBackup;
@@ -1131,6 +1154,51 @@ describe('retention on real backups', () => {
     await fs.mkdir(none);
     await fs.appendFile(path.join(none, await backupNamed(none, forged, '2025-01-02T02:00:00Z')), 'x');
     await run(none, '--check', '--max-age', '1h');
+  });
+
+  test('a file whose name is not UTF-8 is its own unreadable entry: never taken for the backup its name decodes to', async () => {
+    // Node reads the bytes ff as U+FFFD, which a real backup's name (bytes ef bf bd) holds.
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const older = await pastBackup(dir, '2025-01-01T02:00:00Z');
+    const newest = await backupNamed(dir, 'ret_app_dev_\uFFFD.dump', '2025-01-02T02:00:00Z');
+    const junk = Buffer.from([...Buffer.from(`${dir}/ret_app_dev_`), 0xff, ...Buffer.from('.dump')]);
+    await fs.writeFile(junk, 'junk');
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const where = ['--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
+
+    const listed = await runCli({ args: ['--list', '--json', ...where] });
+    assert.equal(listed.exitCode, 0, listed.stderr);
+    assert.deepEqual(
+      JSON.parse(listed.stdout).backups.map((b: { file: string; status: string }) => [b.file, b.status]),
+      [
+        [newest, 'verified'],
+        [older, 'verified'],
+        ['ret_app_dev_\\xff.dump', 'unreadable_archive'],
+      ],
+    );
+    const pruned = await runCli({ args: ['--prune', '--keep-last', '1', ...where] });
+    assert.equal(pruned.exitCode, 0, pruned.stdout + pruned.stderr);
+    assert.match(pruned.stdout, /^Deleted 1 backup /m);
+    const left = await fs.readdir(dir, { encoding: 'buffer' });
+    assert.deepEqual(
+      left.map((name) => name.toString('hex')).sort(),
+      [
+        ...[newest, metadataOf(newest)].map((name) => Buffer.from(name).toString('hex')),
+        junk.subarray(dir.length + 1).toString('hex'),
+      ].sort(),
+      'the newest backup and the junk file are both kept',
+    );
+
+    // The same bytes on the command line reach the CLI as the newest backup's name: refused, not verified.
+    const verified = await runCli({
+      args: ['--verify'],
+      wrapper: ['sh', '-c', 'exec "$@" "$(printf "$RAW_PATH")"', 'sh'],
+      env: { RAW_PATH: `${dir}/ret_app_dev_\\377.dump` },
+    });
+    assert.equal(verified.exitCode, 8, verified.stdout + verified.stderr);
+    assert.match(verified.stderr, /^✗ Backup verification failed: .*not UTF-8/m);
   });
 
   test('--prune without any rule is a configuration error', async () => {
