@@ -3607,22 +3607,48 @@ export async function hashFile(filePath: string, signal?: AbortSignal): Promise<
 }
 
 /**
+ * Pure: a file name's bytes as text, or undefined where they are not UTF-8: Node decodes those to
+ * U+FFFD, which another file's name can hold, so the decoded name could open, check or delete that file.
+ */
+export function utf8FileName(raw: Buffer): string | undefined {
+  const name = raw.toString('utf8');
+  return Buffer.from(name).equals(raw) ? name : undefined;
+}
+
+/** Pure: a name that is not UTF-8, shown: bytes outside printable ASCII as \xHH, as bash's $'…' reads them. */
+export function bytesShown(raw: Buffer): string {
+  return [...raw]
+    .map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : `\\x${b.toString(16).padStart(2, '0')}`))
+    .join('');
+}
+
+/**
  * The files of a directory-format archive, by path relative to it, sorted: a deterministic order.
  * pg_dump writes only regular files; anything else (a symlink, a FIFO, a device) pg_restore would
- * read while the checksum skipped it, so it fails the archive, named, and is never followed.
+ * read while the checksum skipped it, so it fails the archive, named, and is never followed; so does
+ * a name that is not UTF-8, which no path this tool opens reaches. Walked by hand: Node 20's recursive
+ * readdir cannot give names as bytes.
  */
-async function archiveFiles(dir: string): Promise<string[]> {
-  const entries = await fs.readdir(dir, { recursive: true, withFileTypes: true });
-  // Dirent.parentPath came with Node 20.12; its older name `path` is what 20.10 and 20.11 have.
+async function archiveFiles(dir: string, below = ''): Promise<string[]> {
+  const entries = await fs.readdir(path.join(dir, below), { withFileTypes: true, encoding: 'buffer' });
   const relative = (entry: (typeof entries)[number]) =>
-    path.relative(dir, path.join(entry.parentPath ?? entry.path, entry.name));
-  const foreign = entries.find((entry) => !entry.isFile() && !entry.isDirectory());
+    path.join(below, utf8FileName(entry.name) ?? bytesShown(entry.name));
+  const foreign = entries.find((entry) => !utf8FileName(entry.name) || (!entry.isFile() && !entry.isDirectory()));
   if (foreign) {
-    const kind = foreign.isSymbolicLink() ? 'a symbolic link' : foreign.isFIFO() ? 'a FIFO' : 'not a regular file';
+    const notUtf8 = !utf8FileName(foreign.name);
+    const kind = notUtf8
+      ? 'a file whose name is not UTF-8'
+      : foreign.isSymbolicLink()
+        ? 'a symbolic link'
+        : foreign.isFIFO()
+          ? 'a FIFO'
+          : 'not a regular file';
+    const why = notUtf8
+      ? 'pg_dump never writes such a name, and the checksum cannot name it'
+      : 'pg_dump writes only regular files, and pg_restore would read it, unchecked by the checksum';
     throw verifyInputError(
       `${relative(foreign)} in the archive is ${kind}`,
-      `${displayPath(path.join(dir, relative(foreign)))} is ${kind}: pg_dump writes only regular files, and ` +
-        'pg_restore would read it, unchecked by the checksum',
+      `${displayPath(path.join(dir, relative(foreign)))} is ${kind}: ${why}`,
       [
         'Do not restore from this backup',
         `Inspect it: ls -l ${shellWord(displayPath(dir))}`,
@@ -3630,10 +3656,10 @@ async function archiveFiles(dir: string): Promise<string[]> {
       ],
     );
   }
-  return entries
-    .filter((entry) => entry.isFile())
-    .map(relative)
-    .sort();
+  const files = [];
+  for (const entry of entries)
+    files.push(...(entry.isDirectory() ? await archiveFiles(dir, relative(entry)) : [relative(entry)]));
+  return files.sort();
 }
 
 /** Pure: what a directory-format backup's checksum covers: each file's SHA-256, size and path, one per line. */
@@ -3961,6 +3987,27 @@ async function assertReadableFile(filePath: string): Promise<void> {
   if (!stat.isFile()) throw verifyInputError('not a file', `${shown} is not a regular file`, ['Pass a .dump file']);
 }
 
+/**
+ * Refuse a path argument where a name that is not UTF-8 may stand for a U+FFFD in it: Node decodes
+ * argv lossily, so `app_\xff.dump` arrives as `app_\uFFFD.dump`, which may be another file's name.
+ */
+async function assertPathArgumentKnown(argument: string): Promise<void> {
+  if (!argument.includes('\uFFFD')) return;
+  const parts = path.resolve(argument).split(path.sep);
+  for (const [i, part] of parts.entries()) {
+    const parent = parts.slice(0, i).join(path.sep) || path.sep;
+    const names = part.includes('\uFFFD') ? await fs.readdir(parent, { encoding: 'buffer' }).catch(() => []) : [];
+    const raw = names.find((name) => !utf8FileName(name) && name.toString() === part);
+    if (raw)
+      throw verifyInputError(
+        'file name is not UTF-8',
+        `${displayPath(argument)}: ${bytesShown(raw)} in ${displayPath(parent)} has a name that is not UTF-8, ` +
+          `which reaches this tool as ${part}, so the command line cannot say which file it means`,
+        [`Rename it to a UTF-8 name (ls -b ${shellWord(displayPath(parent))} shows its bytes)`],
+      );
+  }
+}
+
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
 async function runVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<VerifyResult> {
   return (await startVerify(fileArgument, search, signal)).complete;
@@ -4226,7 +4273,10 @@ export function listingFailure(listing: Listing): BackupError | undefined {
   const title = needsNewer
     ? `${plural(failed.length, 'backup')} cannot be verified without a newer pg_restore`
     : `${plural(failed.length, 'backup')} failed verification`;
-  const details = failed.map((b) => `${b.file}: ${b.problems.join(', ') || STATUS_LABELS[b.status]}`).join('; ');
+  // Names escaped: a line break in one must not start a line of the error.
+  const details = failed
+    .map((b) => visibleControls(`${b.file}: ${b.problems.join(', ') || STATUS_LABELS[b.status]}`))
+    .join('; ');
   const hints = needsNewer
     ? [`See which pg_restore it needs: ${verify}`, ...clientInstallHints(undefined)]
     : [`See why: ${verify}`, 'Do not restore from a backup that failed; take a new one'];
@@ -4234,16 +4284,33 @@ export function listingFailure(listing: Listing): BackupError | undefined {
 }
 
 /**
- * The names in the backup directory, or undefined where none exists yet (a dangling symlink too);
- * any other failure to read it (not a directory, no permission) is an error, for every command alike.
+ * The names in the backup directory, as bytes (see utf8FileName), or undefined where none exists yet (a
+ * dangling symlink too); any other failure to read it (not a directory, no permission) is an error, for
+ * every command alike.
  */
-async function backupDirNames(dir: string): Promise<string[] | undefined> {
+async function backupDirNames(dir: string): Promise<Buffer[] | undefined> {
   try {
-    return await fs.readdir(dir);
+    return await fs.readdir(dir, { encoding: 'buffer' });
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
     throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
   }
+}
+
+/**
+ * A name that is not UTF-8, shown by its bytes: what it decodes to may be another file's name, so it is
+ * never read, counted or deleted by that name; it names no database, so retention and --check skip it.
+ */
+async function notUtf8Entry(dir: string, raw: Buffer): Promise<ListEntry> {
+  const stat = await fs.stat(Buffer.concat([Buffer.from(dir + path.sep), raw])).catch(() => undefined);
+  const why = 'its name is not UTF-8, so this tool cannot open it by name; rename it to check it';
+  return {
+    file: bytesShown(raw),
+    status: 'unreadable_archive',
+    sizeBytes: stat?.size ?? 0,
+    modifiedMs: 0,
+    problems: [why],
+  };
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
@@ -4253,10 +4320,17 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
   const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
-  for (const name of names.sort()) {
-    const partial = name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
-    if (!partial && !name.endsWith(DUMP_SUFFIX)) continue;
-    const entry = partial ? await describePartial(dir, name) : await describeBackup(dir, name, restoreClientFor);
+  for (const raw of names) {
+    const name = utf8FileName(raw);
+    const shown = name ?? bytesShown(raw);
+    const partial = shown.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
+    if (!partial && !shown.endsWith(DUMP_SUFFIX)) continue;
+    const entry =
+      name === undefined
+        ? await notUtf8Entry(dir, raw)
+        : partial
+          ? await describePartial(dir, name)
+          : await describeBackup(dir, name, restoreClientFor);
     if (entry) (partial ? incomplete : backups).push(entry);
   }
   return {
@@ -4464,10 +4538,17 @@ export function planRetention(entries: ListEntry[], scope: RetentionScope): Rete
       leftAlone.push({ file: entry.file, why: `dated ${entry.timestamp}, after this machine's time` });
     else candidates.push({ file: entry.file, time, timestamp: entry.timestamp!, sizeBytes: entry.sizeBytes });
   }
+  // Defence in depth: a name listed twice (misread) may be the very file another entry keeps: never deleted.
+  const names = entries.map((e) => e.file);
+  const listedTwice = (file: string) => names.indexOf(file) !== names.lastIndexOf(file);
   const decisions = selectRetention(candidates, scope.policy, scope.timeZone).map((decision) =>
-    decision.item.file === scope.justMade && !decision.keep
-      ? { ...decision, keep: true, reasons: ["this run's backup"] }
-      : decision,
+    decision.keep
+      ? decision
+      : decision.item.file === scope.justMade
+        ? { ...decision, keep: true, reasons: ["this run's backup"] }
+        : listedTwice(decision.item.file)
+          ? { ...decision, keep: true, reasons: ['its name is listed twice'] }
+          : decision,
   );
   const newest = decisions[0]?.item;
   const deletes = decisions.some((d) => !d.keep);
@@ -4544,7 +4625,8 @@ async function deleteBackup(dir: string, file: string): Promise<void> {
     const code = errnoCode(error);
     if (code !== 'EPERM' && code !== 'EACCES') throw error;
     const owner = await ownerOf((error as NodeJS.ErrnoException).path ?? dumpPath);
-    const why = `not allowed to delete ${file} (${owner}): ${errorText(error)}`;
+    // Escaped: the name, also in the system's message, must not start a line of the error.
+    const why = visibleControls(`not allowed to delete ${file} (${owner}): ${errorText(error)}`);
     throw Object.assign(new Error(why), { code });
   }
 }
@@ -4567,8 +4649,8 @@ async function assertNewestKeptIsSound(file: string, search: ClientSearch, signa
     throw new BackupError(
       EXIT.VERIFY_FAILED,
       'Retention refused: the newest backup to keep failed verification',
-      `${path.basename(file)} would be the newest backup kept, so deleting older ones relies on it, but ` +
-        `${error.title}: ${error.details}`,
+      `${visibleControls(path.basename(file))} would be the newest backup kept, so deleting older ones relies on ` +
+        `it, but ${error.title}: ${error.details}`,
       [
         'Nothing was deleted',
         `Inspect it: npx tsx backup_db.ts --verify ${shellWord(displayPath(file))}`,
@@ -4690,8 +4772,9 @@ async function runCheck(
     `Take a backup now: npx tsx backup_db.ts --env ${environment} --output-dir ${shellWord(displayPath(outputDir))}`,
     `See what is there: npx tsx backup_db.ts --list --output-dir ${shellWord(displayPath(outputDir))}`,
   ];
+  // The details quote file names: escaped, a line break in one cannot start a line of the error.
   const stale = (title: string, details: string) =>
-    new BackupError(EXIT.VERIFY_FAILED, title, details, hints, { data });
+    new BackupError(EXIT.VERIFY_FAILED, title, visibleControls(details), hints, { data });
   if (!freshness.newest) {
     const { notCounted } = freshness;
     const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
@@ -6000,7 +6083,7 @@ export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secr
 
 /** Variables that hold credentials whole: never handed to the failure command. */
 const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP_PING_URL$/;
-const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_/;
+const OWN_SETTING = /^(DEV_)?DB_|^ENV_MODE$|^BACKUP_|^PG_BIN_DIR$/;
 
 /**
  * After the run: log it, then notify. What to do is decided from the record as it is; what is sent
@@ -7617,6 +7700,7 @@ async function runMode(
   settings: Settings,
 ): Promise<Outcome> {
   const outputDir = outputDirOf(opts);
+  if ('file' in mode) await assertPathArgumentKnown(mode.file);
   switch (mode.command) {
     case 'restore':
     case 'drill': {

@@ -133,6 +133,11 @@ describe('--jobs 2 (directory format)', () => {
       async (dir: string) => execa('mkfifo', [path.join(dir, '9999.dat')]),
       /9999\.dat in the archive is a FIFO/,
     ],
+    [
+      'a file whose name is not UTF-8 (Node would read it as another name)',
+      async (dir: string) => fs.writeFile(Buffer.from([...Buffer.from(`${dir}/x`), 0xff]), ''),
+      /x\\xff in the archive is a file whose name is not UTF-8/,
+    ],
   ] as const) {
     test(`--verify rejects ${damage} (exit 8)`, async () => {
       const copyDir = path.join(await tempDir(), 'copy');

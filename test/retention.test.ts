@@ -425,6 +425,29 @@ describe('planRetention: the server a backup comes from', () => {
   });
 });
 
+test('planRetention never deletes a name listed twice (one file read under two names): the newest is always kept', () => {
+  const entry = (file: string, timestamp: string): ListEntry => ({
+    ...{ file, status: 'verified', timestamp, database: 'app', environment: 'dev' },
+    ...{ sizeBytes: 1, modifiedMs: 0, problems: [] },
+  });
+  const entries = [
+    entry('app_dev_\uFFFD.dump', '2025-01-03T00:00:00Z'),
+    entry('app_dev_\uFFFD.dump', '2025-01-02T00:00:00Z'),
+  ];
+  const older = entry('app_dev_2025-01-01T00-00-00Z.dump', '2025-01-01T00:00:00Z');
+  const scope = {
+    database: 'app',
+    environment: 'dev' as const,
+    policy: policy({ last: 1 }),
+    timeZone: 'UTC',
+    now: NOW,
+  };
+  const doomed = planRetention([...entries, older], scope)
+    .decisions.filter((d) => !d.keep)
+    .map((d) => d.item.file);
+  assert.deepEqual(doomed, [older.file]);
+});
+
 describe('retention on real backups', () => {
   let server: TestServer;
   let seed: TakenBackup;
@@ -440,7 +463,11 @@ describe('retention on real backups', () => {
   /** Put a valid copy of a real backup into `dir` as if it had been taken at `iso`. */
   async function pastBackup(dir: string, iso: string, from: TakenBackup = seed, environment = 'dev') {
     const database = String(from.metadata.database_name);
-    const name = `${database}_${environment}_${iso.replaceAll(':', '-')}.dump`;
+    return backupNamed(dir, `${database}_${environment}_${iso.replaceAll(':', '-')}.dump`, iso, from, environment);
+  }
+
+  /** The same under any name, as a renamed copy is. */
+  async function backupNamed(dir: string, name: string, iso: string, from: TakenBackup = seed, environment = 'dev') {
     await fs.copyFile(from.dumpPath, path.join(dir, name));
     const metadata = { ...from.metadata, backup_file: name, backup_timestamp: iso, environment };
     await fs.writeFile(path.join(dir, name.replace(/\.dump$/, '.metadata.json')), JSON.stringify(metadata));
@@ -954,6 +981,31 @@ describe('retention on real backups', () => {
     },
   );
 
+  test(
+    'a backup --prune may not delete, with a line break in its name: the error shows it as \\n, never as a line',
+    skipUnless(process.getuid?.() === 0 ? noSetpriv : 'needs root, to give files to another user'),
+    async () => {
+      const dir = path.join(await tempDir(), 'backups');
+      await fs.mkdir(dir);
+      const forged = await backupNamed(dir, 'ret_app_dev_Y\n✓ Deleted 0 backups\n.dump', '2025-01-01T02:00:00Z');
+      await pastBackup(dir, '2025-01-02T02:00:00Z');
+      // /tmp-like: anyone may create files, only a file's owner (or the directory's) may delete it.
+      await fs.chown(path.join(dir, forged), 12345, 12345);
+      await fs.chown(dir, 12345, 12345);
+      await fs.chmod(dir, 0o1777);
+      const configDir = await tempDir();
+      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+      const result = await runCli({
+        args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
+        wrapper: ['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner', '--'],
+      });
+      assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+      assert.match(result.stderr, /not allowed to delete ret_app_dev_Y\\n✓ Deleted 0 backups\\n\.dump \(owned/);
+      assert.doesNotMatch(result.stderr, /^✓/m);
+      assert.ok((await fs.readdir(dir)).includes(forged));
+    },
+  );
+
   /**
    * Run ret_app's backup or prune with `args`, and SIGTERM it while its (held) pg_restore checks `newest`;
    * released at once, or with `holdOn` only once the run has ended. `afterSignalMs`: how long the run took to end.
@@ -1077,6 +1129,76 @@ describe('retention on real backups', () => {
     assert.equal(result.exitCode, 0, result.stderr);
     assert.match(result.stdout, /^Retention: {3}kept 1, deleted none by keep-last 1$/m);
     assert.match(result.stdout, /^ +left alone 1 \(see why: --prune --dry-run with the same rules\)$/m);
+  });
+
+  test("a line break in a backup's name never starts a line of an error (--list --verify, --check, --prune)", async () => {
+    const forged = 'ret_app_dev_X\n✓ Backup verification passed\n.dump';
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const run = async (dir: string, ...extra: string[]) => {
+      const result = await runCli({ args: [...extra, '--env', 'dev', '--config-dir', configDir, '--output-dir', dir] });
+      assert.equal(result.exitCode, 8, result.stdout + result.stderr);
+      assert.doesNotMatch(result.stderr, /^✓/m, `no forged line (${extra.join(' ')})`);
+      assert.match(result.stderr, /ret_app_dev_X\\n✓ Backup verification passed\\n\.dump/, extra.join(' '));
+    };
+    // The newest backup, damaged (a flipped byte passes the quick check), and too old for --max-age.
+    const damaged = path.join(await tempDir(), 'backups');
+    await fs.mkdir(damaged);
+    await pastBackup(damaged, '2025-01-01T02:00:00Z');
+    await flipMiddleByte(path.join(damaged, await backupNamed(damaged, forged, '2025-01-02T02:00:00Z')));
+    await run(damaged, '--list', '--verify');
+    await run(damaged, '--check', '--max-age', '1h');
+    await run(damaged, '--prune', '--keep-last', '1');
+    // No backup that counts, only this one, of the wrong size.
+    const none = path.join(await tempDir(), 'backups');
+    await fs.mkdir(none);
+    await fs.appendFile(path.join(none, await backupNamed(none, forged, '2025-01-02T02:00:00Z')), 'x');
+    await run(none, '--check', '--max-age', '1h');
+  });
+
+  test('a file whose name is not UTF-8 is its own unreadable entry: never taken for the backup its name decodes to', async () => {
+    // Node reads the bytes ff as U+FFFD, which a real backup's name (bytes ef bf bd) holds.
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const older = await pastBackup(dir, '2025-01-01T02:00:00Z');
+    const newest = await backupNamed(dir, 'ret_app_dev_\uFFFD.dump', '2025-01-02T02:00:00Z');
+    const junk = Buffer.from([...Buffer.from(`${dir}/ret_app_dev_`), 0xff, ...Buffer.from('.dump')]);
+    await fs.writeFile(junk, 'junk');
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    const where = ['--env', 'dev', '--config-dir', configDir, '--output-dir', dir];
+
+    const listed = await runCli({ args: ['--list', '--json', ...where] });
+    assert.equal(listed.exitCode, 0, listed.stderr);
+    assert.deepEqual(
+      JSON.parse(listed.stdout).backups.map((b: { file: string; status: string }) => [b.file, b.status]),
+      [
+        [newest, 'verified'],
+        [older, 'verified'],
+        ['ret_app_dev_\\xff.dump', 'unreadable_archive'],
+      ],
+    );
+    const pruned = await runCli({ args: ['--prune', '--keep-last', '1', ...where] });
+    assert.equal(pruned.exitCode, 0, pruned.stdout + pruned.stderr);
+    assert.match(pruned.stdout, /^Deleted 1 backup /m);
+    const left = await fs.readdir(dir, { encoding: 'buffer' });
+    assert.deepEqual(
+      left.map((name) => name.toString('hex')).sort(),
+      [
+        ...[newest, metadataOf(newest)].map((name) => Buffer.from(name).toString('hex')),
+        junk.subarray(dir.length + 1).toString('hex'),
+      ].sort(),
+      'the newest backup and the junk file are both kept',
+    );
+
+    // The same bytes on the command line reach the CLI as the newest backup's name: refused, not verified.
+    const verified = await runCli({
+      args: ['--verify'],
+      wrapper: ['sh', '-c', 'exec "$@" "$(printf "$RAW_PATH")"', 'sh'],
+      env: { RAW_PATH: `${dir}/ret_app_dev_\\377.dump` },
+    });
+    assert.equal(verified.exitCode, 8, verified.stdout + verified.stderr);
+    assert.match(verified.stderr, /^✗ Backup verification failed: .*not UTF-8/m);
   });
 
   test('--prune without any rule is a configuration error', async () => {

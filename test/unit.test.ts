@@ -712,6 +712,13 @@ describe('secrets', () => {
     assert.equal(env.DEV_DB_NAME, 'x-****-x');
   });
 
+  test("hookEnvironment masks a password pasted into any of the tool's own settings, PG_BIN_DIR too", () => {
+    const record = { time: 't', host: 'h', command: 'backup' as const, outcome: 'failure' as const, exit_code: 6 };
+    const base = { PG_BIN_DIR: 'p"w$1é', BACKUP_LOG_FILE: '/l/p"w$1é', ENV_MODE: 'p"w$1é' };
+    const env = hookEnvironment({ ...record, duration_ms: 1 }, base, ['p"w$1é']);
+    assert.deepEqual([env.PG_BIN_DIR, env.BACKUP_LOG_FILE, env.ENV_MODE], ['****', '/l/****', '****']);
+  });
+
   test('hookEnvironment escapes the NUL bytes a variable cannot hold, and keeps the record whole in JSON', () => {
     const record = { time: 't', host: 'h', command: 'backup' as const, outcome: 'failure' as const, exit_code: 2 };
     const env = hookEnvironment({ ...record, duration_ms: 1, details: 'is "a\0b"', database: 'd\0' }, {}, []);
