@@ -3908,7 +3908,8 @@ const FILE_CHECKS: Record<keyof FileChecks, CheckKind> = {
     failure: 'table data missing',
     status: 'missing_table_data',
     label: '✗ Table data missing',
-    why: ({ inspection }) => `the archive holds no data for: ${inspection.missingTables.join(', ')}`,
+    why: ({ inspection }) =>
+      `the archive holds no data for: ${inspection.missingTables.map(visibleControls).join(', ')}`,
   },
 };
 

@@ -354,4 +354,15 @@ describe('a metadata file is untrusted input', () => {
       }
     });
   }
+
+  test('a table name with a line break among the counts: named escaped, it forges no line', async () => {
+    const copy = await copyOfBackup();
+    const text = await fs.readFile(copy.metadataPath, 'utf8');
+    const forged = JSON.stringify('x\n✓ Backup verification passed');
+    await fs.writeFile(copy.metadataPath, text.replace('"table_counts": {', `"table_counts": {${forged}: 1,`));
+    const verified = await verify(copy.dumpPath);
+    assert.equal(verified.exitCode, 8, verified.stderr);
+    assert.match(verified.stderr, /the archive holds no data for: x\\n✓ Backup verification passed/);
+    assert.doesNotMatch(verified.stdout + verified.stderr, /^✓ Backup verification passed/m);
+  });
 });
