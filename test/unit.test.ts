@@ -16,6 +16,8 @@ import {
   minimumPgRestoreMajor,
   parseArchiveHeader,
   archiveExtensions,
+  archiveDatabaseOptions,
+  databaseOptionsFor,
   BackupError,
   dbnameConninfo,
   fetchFailure,
@@ -1337,6 +1339,34 @@ describe('restore helpers', () => {
       '224; 1259 16670 TABLE public events postgres',
     ].join('\n');
     assert.deepEqual(archiveExtensions(toc), ['cube', 'uuid-ossp']);
+  });
+
+  test("archiveDatabaseOptions reads pg_dump's CREATE DATABASE options from the end of its line, never from the name", () => {
+    const printed = [
+      '-- Name: db props; Type: DATABASE; Schema: -; Owner: postgres',
+      `CREATE DATABASE "x WITH TEMPLATE = template0 ENCODING = 'UTF8';" WITH TEMPLATE = template0 ENCODING = ` +
+        `'SQL_ASCII' LOCALE_PROVIDER = icu LOCALE = 'C' ICU_LOCALE = 'de''x' TABLESPACE = ts;`,
+      'ALTER DATABASE "db props" OWNER TO postgres;',
+    ].join('\n');
+    assert.deepEqual(archiveDatabaseOptions(printed), {
+      ENCODING: 'SQL_ASCII',
+      LOCALE_PROVIDER: 'icu',
+      LOCALE: 'C',
+      ICU_LOCALE: "de'x",
+    });
+    const pg13 =
+      "CREATE DATABASE app WITH TEMPLATE = template0 ENCODING = 'LATIN1' LC_COLLATE = 'C' LC_CTYPE = 'de_DE';";
+    assert.deepEqual(archiveDatabaseOptions(pg13), { ENCODING: 'LATIN1', LC_COLLATE: 'C', LC_CTYPE: 'de_DE' });
+    assert.equal(archiveDatabaseOptions(''), undefined);
+    assert.equal(archiveDatabaseOptions('CREATE DATABASE app;'), undefined);
+  });
+
+  test('databaseOptionsFor leaves out LOCALE_PROVIDER = libc before PostgreSQL 15, which had no such option', () => {
+    const libc = { ENCODING: 'UTF8', LOCALE_PROVIDER: 'libc', LOCALE: 'C' };
+    assert.deepEqual(databaseOptionsFor(libc, 14), { ENCODING: 'UTF8', LOCALE: 'C' });
+    assert.deepEqual(databaseOptionsFor(libc, 15), libc);
+    const icu = { ...libc, LOCALE_PROVIDER: 'icu', ICU_LOCALE: 'de' };
+    assert.deepEqual(databaseOptionsFor(icu, 14), icu); // the server refuses it, with its own words
   });
 
   test('extensionInstallHint names the package for well-known extensions and explains contrib ones', () => {
