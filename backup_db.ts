@@ -5013,6 +5013,73 @@ async function createDatabase(admin: pg.Client, name: string, like: DatabaseOpti
   }
 }
 
+const SQL_NAME = String.raw`(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)`;
+const SQL_LITERAL = String.raw`'(?:[^']|'')*'`;
+const SQL_VALUES = `${SQL_LITERAL}(?:, ${SQL_LITERAL})*`;
+/** The forms pg_dump writes a database's settings and comment in, each rebuilt for the target (`$db`). */
+const DATABASE_PROPERTY_FORMS: Array<{ form: RegExp; build: (db: string, ...parts: string[]) => [string, string] }> = [
+  {
+    form: new RegExp(`^ALTER DATABASE ${SQL_NAME} SET (${SQL_NAME}) TO (${SQL_VALUES});$`),
+    build: (db, name, values) => [`ALTER DATABASE ${db} SET ${name} TO ${values}`, `SET ${name}`],
+  },
+  {
+    form: new RegExp(`^ALTER ROLE (${SQL_NAME}) IN DATABASE ${SQL_NAME} SET (${SQL_NAME}) TO (${SQL_VALUES});$`),
+    build: (db, role, name, values) => [
+      `ALTER ROLE ${role} IN DATABASE ${db} SET ${name} TO ${values}`,
+      `SET ${name} for role ${role}`,
+    ],
+  },
+  {
+    form: new RegExp(`^COMMENT ON DATABASE ${SQL_NAME} IS (${SQL_LITERAL});$`),
+    build: (db, comment) => [`COMMENT ON DATABASE ${db} IS ${comment}`, 'comment'],
+  },
+];
+
+/**
+ * Pure: the statements that give `target` the backup's database's settings and comment, from the SQL
+ * pg_dump wrote for them (`archiveDatabaseSql`): each rebuilt from the names and literals read, for
+ * the target, never run as written. `skipped`: what else they say (CONNECTION LIMIT, IS_TEMPLATE),
+ * not carried over; the owner is not either, as with every object a restore creates (--no-owner).
+ */
+export function databasePropertyStatements(sql: string, target: string) {
+  const db = quoteIdentifier(target);
+  const statements: Array<{ sql: string; what: string }> = [];
+  const skipped: string[] = [];
+  const anyStatement =
+    /^(?:ALTER DATABASE|ALTER ROLE|COMMENT ON DATABASE) (?:[^'";]|'(?:[^']|'')*'|"(?:[^"]|"")*")*;$/gm;
+  for (const [statement] of sql.matchAll(anyStatement)) {
+    const known = DATABASE_PROPERTY_FORMS.map(({ form, build }) => {
+      const parts = form.exec(statement);
+      return parts && build(db, ...parts.slice(1));
+    }).find(Boolean);
+    if (known) statements.push({ sql: known[0], what: known[1] });
+    else if (!new RegExp(`^ALTER DATABASE ${SQL_NAME} OWNER TO ${SQL_NAME};$`).test(statement))
+      skipped.push(statement.replace(new RegExp(`^ALTER DATABASE ${SQL_NAME} `), '').replace(/ TO E?'.*|;$/s, ''));
+  }
+  return { statements, skipped };
+}
+
+/**
+ * Give a restored target the backup's database's settings (search_path, say, which its queries may
+ * need) and comment: pg_restore restores them only with --create, into the source's name. One that
+ * fails (a role missing here, no privilege) is a warning naming it: the rows are restored.
+ */
+async function applyDatabaseProperties(admin: pg.Client, target: string, sql: string): Promise<void> {
+  const { statements, skipped } = databasePropertyStatements(sql, target);
+  const warn = (headline: string, why: string) => {
+    printWarning(CONSOLE, warningProblem(headline, why, []));
+    runWarnings.push({ event: 'database_setting_not_applied', headline, why });
+  };
+  const shown = visibleControls(target);
+  for (const { sql: statement, what } of statements) {
+    await admin.query(statement).catch((error: unknown) => {
+      warn(`"${shown}" did not get the backup's ${what}`, `${errorText(error)}; set it yourself if the copy needs it`);
+    });
+  }
+  if (skipped.length > 0)
+    warn(`Not carried over to "${shown}"`, `the backup's database's ${skipped.join('; ')}; set it yourself if needed`);
+}
+
 /**
  * --clean drops the target before creating it again, so a locale the server lacks must stop it before
  * the drop. Only CREATE DATABASE knows (the locale must also suit the encoding): an empty database of a
@@ -5423,8 +5490,8 @@ async function restorableArchive(
   }
 }
 
-/** The archive's entries for its own database, which only `pg_restore --create` restores. */
-const DATABASE_ENTRY = /^\d+; \d+ \d+ DATABASE - /;
+/** The archive's entries for its own database, its settings and comment, which only `pg_restore --create` restores. */
+const DATABASE_ENTRY = /^\d+; \d+ \d+ (?:DATABASE - |DATABASE PROPERTIES - |COMMENT - DATABASE )/;
 
 /**
  * The SQL of the archive's own database entries, as `pg_restore --create` would run it (and as pg_dump
@@ -5656,7 +5723,8 @@ async function restorePipeline(
 ): Promise<RestoreOutcome> {
   const drill = request.target === undefined;
   const archive = await restorableArchive(request.search, request, request.force && !drill, signal);
-  const backupDatabase = archiveDatabaseOptions(await archiveDatabaseSql(archive, signal));
+  const databaseSql = await archiveDatabaseSql(archive, signal);
+  const backupDatabase = archiveDatabaseOptions(databaseSql);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
   return withClient(
@@ -5717,6 +5785,8 @@ async function restorePipeline(
         filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
+        // A drill proves rows come back: its scratch database needs no settings.
+        if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {
         failure = {
           error: filled

@@ -525,7 +525,7 @@ describe('--restore', () => {
   });
 });
 
-describe("the backup's own database: a target this run creates gets its encoding and locale", () => {
+describe("the backup's own database: its encoding and locale, its settings and comment", () => {
   /** How a database stores and sorts text, as pg_database has it (the ICU locale's column was renamed in 17). */
   const textSettings = (name: string) =>
     withDatabase('postgres', async (c) => {
@@ -621,6 +621,52 @@ describe("the backup's own database: a target this run creates gets its encoding
         async (c) => (await c.query("SELECT string_agg(s, ',' ORDER BY s) AS o FROM w")).rows[0].o,
       );
     assert.equal(await order(target), 'a,Ä,B,c');
+  });
+
+  test("its settings and comment are the target's too; one that cannot be applied (a role missing here) is a warning", async () => {
+    const [source, role, gone] = [uniqueName('rs_props'), uniqueName('rs_role'), uniqueName('rs_gone')];
+    await server.createDatabase(source);
+    await withDatabase(source, (c) => c.query(`CREATE ROLE ${role}; CREATE ROLE ${gone}`));
+    await withDatabase(source, (c) =>
+      c.query(`CREATE SCHEMA app; CREATE TABLE app.t (id int); INSERT INTO app.t VALUES (1), (2);
+        ALTER DATABASE ${source} SET search_path = app, public, "we'ird"; ALTER DATABASE ${source} SET statement_timeout = '7s';
+        ALTER ROLE ${role} IN DATABASE ${source} SET work_mem = '77MB'; ALTER ROLE ${gone} IN DATABASE ${source} SET work_mem = '5MB';
+        COMMENT ON DATABASE ${source} IS 'the app''s db; ALTER DATABASE postgres SET work_mem = ''1MB'';';
+        ALTER DATABASE ${source} CONNECTION LIMIT 50`),
+    );
+    const taken = await takeBackup(server, source, await tempDir());
+    await withDatabase('postgres', (c) => c.query(`DROP ROLE ${gone}`));
+    const target = uniqueName('rs_props_copy');
+    const restored = await restore(taken.dumpPath, target);
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(
+      restored.stderr,
+      new RegExp(`"${target}" did not get the backup's SET work_mem for role ${gone}: .*does not exist`),
+    );
+    assert.match(
+      restored.stderr,
+      new RegExp(`Not carried over to "${target}": the backup's database's CONNECTION LIMIT = 50`),
+    );
+
+    // What the application sees on connecting: its search_path finds t unqualified.
+    const seen = await withDatabase(target, async (c) => ({
+      searchPath: (await c.query('SHOW search_path')).rows[0].search_path,
+      timeout: (await c.query('SHOW statement_timeout')).rows[0].statement_timeout,
+      rows: (await c.query('SELECT count(*)::int AS n FROM t')).rows[0].n,
+    }));
+    assert.deepEqual(seen, { searchPath: `app, public, "we'ird"`, timeout: '7s', rows: 2 });
+    const settings = (database: string) =>
+      withDatabase('postgres', async (c) => {
+        const sql = `SELECT shobj_description(d.oid, 'pg_database') AS comment,
+            (SELECT array_agg(coalesce(r.rolname, '') || ' ' || s.setconfig::text ORDER BY r.rolname NULLS FIRST)
+               FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE s.setdatabase = d.oid) AS settings
+          FROM pg_database d WHERE datname = $1`;
+        return (await c.query(sql, [database])).rows[0];
+      });
+    assert.deepEqual(await settings(target), await settings(source));
+    // The comment's text was never run: postgres keeps its own work_mem.
+    const postgres = await settings('postgres');
+    assert.equal(postgres.settings, null);
   });
 
   test('a locale the target server lacks: exit 7 naming it, before anything is created or dropped', async () => {
