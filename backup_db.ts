@@ -5106,9 +5106,155 @@ async function targetState(
   return withClient({ ...config, database: target }, connectTimeoutSeconds, holdsObjects, { signal });
 }
 
-async function createDatabase(admin: pg.Client, name: string): Promise<void> {
-  // template0: a clean database, whatever was added to template1.
-  await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)} TEMPLATE template0`);
+/** How the backup's database stored and sorted text: CREATE DATABASE options (ENCODING, LOCALE, ...). */
+export type DatabaseOptions = Record<string, string>;
+
+const DATABASE_OPTIONS =
+  'ENCODING LOCALE_PROVIDER LOCALE LC_COLLATE LC_CTYPE ICU_LOCALE ICU_RULES BUILTIN_LOCALE'.split(' ');
+
+/**
+ * Pure: the encoding and locale options of pg_dump's own CREATE DATABASE statement (`pg_restore --create`
+ * of the archive's DATABASE entry), read from the end of the line, where no database name can reach;
+ * undefined when there is none. Values are single-quoted literals, LOCALE_PROVIDER a word.
+ */
+export function archiveDatabaseOptions(sql: string): DatabaseOptions | undefined {
+  const statement = /^CREATE DATABASE .* WITH TEMPLATE = template0((?: \w+ = (?:'(?:[^']|'')*'|\w+))*);$/m.exec(sql);
+  if (!statement) return undefined;
+  const options = [...statement[1]!.matchAll(/ (\w+) = (?:'((?:[^']|'')*)'|(\w+))/g)]
+    .filter(([, name]) => DATABASE_OPTIONS.includes(name!))
+    .map(([, name, literal, word]) => [name!, literal?.replaceAll("''", "'") ?? word!]);
+  return Object.fromEntries(options);
+}
+
+/** Pure: the options a server of `major` takes: before 15, libc was its only provider and had no option. */
+export function databaseOptionsFor(options: DatabaseOptions, major: number): DatabaseOptions {
+  const { LOCALE_PROVIDER: provider, ...rest } = options;
+  return major < 15 && provider === 'libc' ? rest : options;
+}
+
+/**
+ * Create a database from template0 (a clean one, whatever was added to template1), `like` the backup's:
+ * created with the server's defaults, a SQL_ASCII database's bytes would be stored unchecked in a UTF8
+ * one that no backup of it could restore. Options the server refuses (a locale it lacks) are exit 7.
+ */
+async function createDatabase(admin: pg.Client, name: string, like: DatabaseOptions = {}): Promise<void> {
+  const options = Object.entries(like).map(([option, value]) => ` ${option} ${admin.escapeLiteral(value)}`);
+  try {
+    await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)} TEMPLATE template0${options.join('')}`);
+  } catch (error) {
+    const code = errnoCode(error) ?? '';
+    if (options.length === 0 || !/^(22|42)/.test(code) || ['42501', '42P04'].includes(code)) throw error;
+    const described = Object.entries(like).map(([option, value]) => `${option} '${visibleControls(value)}'`);
+    throw new BackupError(
+      EXIT.BACKUP_FAILED,
+      "The target server cannot create the backup's database",
+      `${errorText(error)}; the backup's database has ${described.join(', ')}`,
+      [
+        'Install the locale on the database server (Debian/Ubuntu: locale-gen, then restart PostgreSQL), or ' +
+          'restore to a server that has it',
+        'Nothing was restored, created or dropped',
+      ],
+    );
+  }
+}
+
+const SQL_NAME = String.raw`(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)`;
+const SQL_LITERAL = String.raw`'(?:[^']|'')*'`;
+const SQL_VALUES = `${SQL_LITERAL}(?:, ${SQL_LITERAL})*`;
+/** The forms pg_dump writes a database's settings and comment in, each rebuilt for the target (`$db`). */
+const DATABASE_PROPERTY_FORMS: Array<{ form: RegExp; build: (db: string, ...parts: string[]) => [string, string] }> = [
+  {
+    form: new RegExp(`^ALTER DATABASE ${SQL_NAME} SET (${SQL_NAME}) TO (${SQL_VALUES});$`),
+    build: (db, name, values) => [`ALTER DATABASE ${db} SET ${name} TO ${values}`, `SET ${name}`],
+  },
+  {
+    form: new RegExp(`^ALTER ROLE (${SQL_NAME}) IN DATABASE ${SQL_NAME} SET (${SQL_NAME}) TO (${SQL_VALUES});$`),
+    build: (db, role, name, values) => [
+      `ALTER ROLE ${role} IN DATABASE ${db} SET ${name} TO ${values}`,
+      `SET ${name} for role ${role}`,
+    ],
+  },
+  {
+    form: new RegExp(`^COMMENT ON DATABASE ${SQL_NAME} IS (${SQL_LITERAL});$`),
+    build: (db, comment) => [`COMMENT ON DATABASE ${db} IS ${comment}`, 'comment'],
+  },
+];
+
+/**
+ * Pure: the statements that give `target` the backup's database's settings and comment, from the SQL
+ * pg_dump wrote for them (`archiveDatabaseSql`): each rebuilt from the names and literals read, for
+ * the target, never run as written. `skipped`: what else they say (CONNECTION LIMIT, IS_TEMPLATE),
+ * not carried over; the owner is not either, as with every object a restore creates (--no-owner).
+ */
+export function databasePropertyStatements(sql: string, target: string) {
+  const db = quoteIdentifier(target);
+  const statements: Array<{ sql: string; what: string }> = [];
+  const skipped: string[] = [];
+  const anyStatement =
+    /^(?:ALTER DATABASE|ALTER ROLE|COMMENT ON DATABASE) (?:[^'";]|'(?:[^']|'')*'|"(?:[^"]|"")*")*;$/gm;
+  for (const [statement] of sql.matchAll(anyStatement)) {
+    const known = DATABASE_PROPERTY_FORMS.map(({ form, build }) => {
+      const parts = form.exec(statement);
+      return parts && build(db, ...parts.slice(1));
+    }).find(Boolean);
+    if (known) statements.push({ sql: known[0], what: known[1] });
+    else if (!new RegExp(`^ALTER DATABASE ${SQL_NAME} OWNER TO ${SQL_NAME};$`).test(statement))
+      skipped.push(statement.replace(new RegExp(`^ALTER DATABASE ${SQL_NAME} `), '').replace(/ TO E?'.*|;$/s, ''));
+  }
+  return { statements, skipped };
+}
+
+/**
+ * Give a restored target the backup's database's settings (search_path, say, which its queries may
+ * need) and comment: pg_restore restores them only with --create, into the source's name. One that
+ * fails (a role missing here, no privilege) is a warning naming it: the rows are restored.
+ */
+async function applyDatabaseProperties(admin: pg.Client, target: string, sql: string): Promise<void> {
+  const { statements, skipped } = databasePropertyStatements(sql, target);
+  const warn = (headline: string, why: string) => {
+    printWarning(CONSOLE, warningProblem(headline, why, []));
+    runWarnings.push({ event: 'database_setting_not_applied', headline, why });
+  };
+  const shown = visibleControls(target);
+  for (const { sql: statement, what } of statements) {
+    await admin.query(statement).catch((error: unknown) => {
+      warn(`"${shown}" did not get the backup's ${what}`, `${errorText(error)}; set it yourself if the copy needs it`);
+    });
+  }
+  if (skipped.length > 0)
+    warn(`Not carried over to "${shown}"`, `the backup's database's ${skipped.join('; ')}; set it yourself if needed`);
+}
+
+/**
+ * --clean drops the target before creating it again, so a locale the server lacks must stop it before
+ * the drop. Only CREATE DATABASE knows (the locale must also suit the encoding): an empty database of a
+ * unique name is created like the backup's and dropped.
+ */
+async function assertCreatable(admin: pg.Client, like: DatabaseOptions): Promise<void> {
+  const probe = `backup_db_probe_${process.pid}_${randomName()}`;
+  await createDatabase(admin, probe, like);
+  await admin.query(`DROP DATABASE ${admin.escapeIdentifier(probe)}`);
+}
+
+/**
+ * An existing empty target is used as it is, and the server converts the rows to its encoding; but not
+ * from or to SQL_ASCII, whose bytes are never checked or converted: they would be stored as text of an
+ * encoding they are not in, and a backup of the copy could not be restored.
+ */
+async function assertEncodingFits(admin: pg.Client, config: DbConfig, target: string, like: DatabaseOptions) {
+  const sql =
+    'SELECT pg_catalog.pg_encoding_to_char(encoding) AS encoding FROM pg_catalog.pg_database WHERE datname = $1';
+  const encoding = (await admin.query<{ encoding: string }>(sql, [target])).rows[0]?.encoding;
+  const backup = like.ENCODING;
+  if (!backup || !encoding || backup === encoding || ![backup, encoding].includes('SQL_ASCII')) return;
+  throw configError(
+    `the target database "${visibleControls(target)}" on ${config.host}:${config.port} is ${encoding}, the ` +
+      `backup's database ${visibleControls(backup)}: SQL_ASCII text is never converted or checked`,
+    [
+      "Restore into a new database: --target-db <new name> (it is created with the backup's encoding and locale)",
+      `Or replace it: add --clean, which drops "${target}" and creates it again like the backup's`,
+    ],
+  );
 }
 
 /**
@@ -5489,6 +5635,39 @@ async function restorableArchive(
   }
 }
 
+/** The archive's entries for its own database, its settings and comment, which only `pg_restore --create` restores. */
+const DATABASE_ENTRY = /^\d+; \d+ \d+ (?:DATABASE - |DATABASE PROPERTIES - |COMMENT - DATABASE )/;
+
+/**
+ * The SQL of the archive's own database entries, as `pg_restore --create` would run it (and as pg_dump
+ * wrote it: a stable format), printed, never run; empty when it has none (another tool's archive).
+ * pg_restore reads the entries to print from a list file (--use-list), kept private meanwhile.
+ */
+async function archiveDatabaseSql({ pgRestore, readPath }: RestorableArchive, signal: AbortSignal): Promise<string> {
+  const listed = await runWithoutConnecting(pgRestore.path, ['--create', '--list', readPath], signal);
+  const entries = String(listed.stdout)
+    .split('\n')
+    .filter((line) => DATABASE_ENTRY.test(line));
+  if (listed.exitCode === 0 && entries.length === 0) return '';
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'backup_db-'));
+  try {
+    const list = path.join(dir, 'database.list');
+    await fs.writeFile(list, `${entries.join('\n')}\n`, { mode: 0o600 });
+    const args = ['--create', '--schema-only', `--use-list=${list}`, '--file=-', readPath];
+    const printed = listed.exitCode === 0 ? await runWithoutConnecting(pgRestore.path, args, signal) : listed;
+    signal.throwIfAborted();
+    if (printed.exitCode === 0) return String(printed.stdout);
+    throw new BackupError(
+      EXIT.BACKUP_FAILED,
+      'pg_restore cannot read the archive',
+      toolMessage(String(printed.stderr)),
+      ['Nothing was restored or created'],
+    );
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
 /** A backup held for the readers of one restore: `readPath` reaches what was there when it was pinned. */
 interface PinnedBackup {
   readPath: string;
@@ -5689,6 +5868,8 @@ async function restorePipeline(
 ): Promise<RestoreOutcome> {
   const drill = request.target === undefined;
   const archive = await restorableArchive(request.search, request, request.force && !drill, signal);
+  const databaseSql = await archiveDatabaseSql(archive, signal);
+  const backupDatabase = archiveDatabaseOptions(databaseSql);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
   return withClient(
@@ -5697,7 +5878,7 @@ async function restorePipeline(
     async (admin) => {
       // Until the target is touched, an interrupt cuts the connection: a check stuck on a frozen server
       // or a lock ends at once. From the create or drop on, the connection is needed to clean up.
-      const { server, state } = await untilAborted(admin, signal, async () => {
+      const { server, state, like } = await untilAborted(admin, signal, async () => {
         const server = await readServerInfo(admin);
         // This session waits, idle, for the whole restore, then drops what it created: a role's
         // idle_session_timeout (PostgreSQL 14+) must not end it first.
@@ -5720,10 +5901,13 @@ async function restorePipeline(
         // pg_restore runs the SQL in the file, so no target is created or touched, and nothing of it runs,
         // before the file has been proven; the re-read went on during the checks above. An interrupt
         // stops it: the target is left exactly as it was.
+        const like = backupDatabase && databaseOptionsFor(backupDatabase, server.major);
+        if (like && state === 'empty' && !request.clean) await assertEncodingFits(admin, config, target, like);
         if (state !== 'missing' && request.clean) await assertMayCreateDatabase(admin, config, target);
         await archive.checksum;
-        return { server, state };
+        return { server, state, like };
       });
+      if (like && state !== 'missing' && request.clean) await assertCreatable(admin, like);
       signal.throwIfAborted();
       if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
@@ -5731,7 +5915,7 @@ async function restorePipeline(
       // one may hold part of the restore, which the message must say.
       if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction, archive.filePath);
       if (state === 'missing' || request.clean)
-        await createDatabase(admin, target).catch((error: unknown) => {
+        await createDatabase(admin, target, like).catch((error: unknown) => {
           throw withTargetFate(asBackupError(error, config), target, targetAction, archive.filePath);
         });
       const started = performance.now();
@@ -5746,6 +5930,8 @@ async function restorePipeline(
         filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
+        // A drill proves rows come back: its scratch database needs no settings.
+        if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {
         failure = {
           error: filled

@@ -215,14 +215,14 @@ describe('--restore', () => {
   });
 
   test('pg_restore failing after --clean dropped the target, or in an existing empty one: the message says what became of it', async () => {
-    // pg_restore answers --version and --list as the real one, and fails every restore.
+    // pg_restore answers --version and --list, and prints SQL (--file=-), as the real one, and fails every restore.
     const failing = await tempDir('backup-db-failing-');
     const realRestore = (await execa('sh', ['-c', 'command -v pg_restore'])).stdout.trim();
     const realDump = (await execa('sh', ['-c', 'command -v pg_dump'])).stdout.trim();
     await fs.writeFile(path.join(failing, 'pg_dump'), `#!/bin/sh\nexec '${realDump}' "$@"\n`, { mode: 0o755 });
     await fs.writeFile(
       path.join(failing, 'pg_restore'),
-      `#!/bin/sh\ncase "$*" in *--version*|*--list*) exec '${realRestore}' "$@";; esac\n` +
+      `#!/bin/sh\ncase "$*" in *--version*|*--list*|*--file=-*) exec '${realRestore}' "$@";; esac\n` +
         `echo 'pg_restore: error: simulated failure' >&2\nexit 1\n`,
       { mode: 0o755 },
     );
@@ -522,6 +522,182 @@ describe('--restore', () => {
     const stray = await runCli({ args: ['--target-db', 'x'] });
     assert.equal(stray.exitCode, 2);
     assert.match(stray.stderr, /--target-db only applies to --restore FILE/);
+  });
+});
+
+describe("the backup's own database: its encoding and locale, its settings and comment", () => {
+  /** How a database stores and sorts text, as pg_database has it (the ICU locale's column was renamed in 17). */
+  const textSettings = (name: string) =>
+    withDatabase('postgres', async (c) => {
+      const sql = `SELECT pg_encoding_to_char(encoding) AS encoding, datcollate, datctype, datlocprovider AS provider,
+          coalesce(to_jsonb(d) ->> 'daticulocale', to_jsonb(d) ->> 'datlocale') AS icu_locale
+        FROM pg_database d WHERE datname = $1`;
+      return (await c.query(sql, [name])).rows[0];
+    });
+  /** A database created by `create` (CREATE DATABASE <name> ...), filled by `setup`, and its backup. */
+  async function backupOfDatabase(prefix: string, create: string, setup: string[]) {
+    const source = uniqueName(prefix);
+    await withDatabase('postgres', (c) => c.query(`CREATE DATABASE ${source} TEMPLATE template0 ${create}`));
+    await withDatabase(source, async (c) => {
+      for (const sql of setup) await c.query(sql);
+    });
+    return { source, backup: await takeBackup(server, source, await tempDir()) };
+  }
+
+  test('a LATIN1 database with C collation is restored as one, into a new target and with --clean', async () => {
+    const { source, backup: taken } = await backupOfDatabase(
+      'rs_latin1',
+      "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'",
+      ["CREATE TABLE t (id int, name text); INSERT INTO t VALUES (1, 'café'), (2, 'Zebra'), (3, 'apple')"],
+    );
+    const target = uniqueName('rs_latin1_copy');
+    const created = await restore(taken.dumpPath, target);
+    assert.equal(created.exitCode, 0, created.stderr);
+    assert.deepEqual(await textSettings(target), await textSettings(source));
+    assert.equal((await textSettings(target)).encoding, 'LATIN1');
+    await assertSameDatabases(server, source, target);
+
+    const replaced = uniqueName('rs_latin1_clean');
+    await server.createDatabase(replaced, 'CREATE TABLE old (v int)');
+    const clean = await restore(taken.dumpPath, replaced, '--clean');
+    assert.equal(clean.exitCode, 0, clean.stderr);
+    assert.deepEqual(await textSettings(replaced), await textSettings(source));
+  });
+
+  test('a SQL_ASCII database holding a byte that is not UTF-8 stays SQL_ASCII: its copy backs up and restores again', async () => {
+    const { backup: taken } = await backupOfDatabase('rs_ascii', "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'", [
+      "SET client_encoding = 'SQL_ASCII'",
+      "CREATE TABLE notes (id int, body text); INSERT INTO notes VALUES (1, 'plain'), (2, convert_from('\\x63616ff6', 'SQL_ASCII'))",
+    ]);
+    const body = (database: string) =>
+      withDatabase(database, async (c) => {
+        const sql = "SELECT encode(convert_to(body, 'SQL_ASCII'), 'hex') AS hex FROM notes WHERE id = 2";
+        return (await c.query<{ hex: string }>(sql)).rows[0]?.hex;
+      });
+    const first = uniqueName('rs_ascii_copy');
+    const restored = await restore(taken.dumpPath, first);
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.equal((await textSettings(first)).encoding, 'SQL_ASCII');
+    assert.equal(await body(first), '63616ff6');
+
+    const ofCopy = await takeBackup(server, first, await tempDir());
+    const second = uniqueName('rs_ascii_again');
+    const again = await restore(ofCopy.dumpPath, second);
+    assert.equal(again.exitCode, 0, again.stderr);
+    assert.equal(await body(second), '63616ff6');
+
+    // An existing empty UTF8 target would store the bytes unchecked: refused, left as it was.
+    const empty = uniqueName('rs_utf8_empty');
+    await server.createDatabase(empty);
+    const refused = await restore(taken.dumpPath, empty);
+    assert.equal(refused.exitCode, 2, refused.stderr);
+    assert.match(refused.stderr, new RegExp(`"${empty}" on .* is UTF8, the backup's database SQL_ASCII`));
+    assert.match(refused.stderr, /add --clean/);
+    assert.equal(
+      await withDatabase(
+        empty,
+        async (c) => (await c.query('SELECT count(*)::int AS n FROM pg_class WHERE oid >= 16384')).rows[0].n,
+      ),
+      0,
+    );
+  });
+
+  test('an ICU database keeps its provider and ICU locale, and so its sort order', async (t) => {
+    const sql = "SELECT count(*)::int AS n FROM pg_collation WHERE collprovider = 'i'";
+    const icu = await withDatabase('postgres', async (c) => (await c.query<{ n: number }>(sql)).rows[0]!.n);
+    if (icu === 0) return t.skip('this PostgreSQL build has no ICU');
+    const { source, backup: taken } = await backupOfDatabase(
+      'rs_icu',
+      "LOCALE_PROVIDER icu ICU_LOCALE 'de' LOCALE 'C'",
+      ["CREATE TABLE w (s text); INSERT INTO w VALUES ('a'), ('B'), ('c'), ('Ä')"],
+    );
+    const target = uniqueName('rs_icu_copy');
+    const restored = await restore(taken.dumpPath, target);
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.deepEqual(await textSettings(target), await textSettings(source));
+    const order = (database: string) =>
+      withDatabase(
+        database,
+        async (c) => (await c.query("SELECT string_agg(s, ',' ORDER BY s) AS o FROM w")).rows[0].o,
+      );
+    assert.equal(await order(target), 'a,Ä,B,c');
+  });
+
+  test("its settings and comment are the target's too; one that cannot be applied (a role missing here) is a warning", async () => {
+    const [source, role, gone] = [uniqueName('rs_props'), uniqueName('rs_role'), uniqueName('rs_gone')];
+    await server.createDatabase(source);
+    await withDatabase(source, (c) => c.query(`CREATE ROLE ${role}; CREATE ROLE ${gone}`));
+    await withDatabase(source, (c) =>
+      c.query(`CREATE SCHEMA app; CREATE TABLE app.t (id int); INSERT INTO app.t VALUES (1), (2);
+        ALTER DATABASE ${source} SET search_path = app, public, "we'ird"; ALTER DATABASE ${source} SET statement_timeout = '7s';
+        ALTER ROLE ${role} IN DATABASE ${source} SET work_mem = '77MB'; ALTER ROLE ${gone} IN DATABASE ${source} SET work_mem = '5MB';
+        COMMENT ON DATABASE ${source} IS 'the app''s db; ALTER DATABASE postgres SET work_mem = ''1MB'';';
+        ALTER DATABASE ${source} CONNECTION LIMIT 50`),
+    );
+    const taken = await takeBackup(server, source, await tempDir());
+    await withDatabase('postgres', (c) => c.query(`DROP ROLE ${gone}`));
+    const target = uniqueName('rs_props_copy');
+    const restored = await restore(taken.dumpPath, target);
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(
+      restored.stderr,
+      new RegExp(`"${target}" did not get the backup's SET work_mem for role ${gone}: .*does not exist`),
+    );
+    assert.match(
+      restored.stderr,
+      new RegExp(`Not carried over to "${target}": the backup's database's CONNECTION LIMIT = 50`),
+    );
+
+    // What the application sees on connecting: its search_path finds t unqualified.
+    const seen = await withDatabase(target, async (c) => ({
+      searchPath: (await c.query('SHOW search_path')).rows[0].search_path,
+      timeout: (await c.query('SHOW statement_timeout')).rows[0].statement_timeout,
+      rows: (await c.query('SELECT count(*)::int AS n FROM t')).rows[0].n,
+    }));
+    assert.deepEqual(seen, { searchPath: `app, public, "we'ird"`, timeout: '7s', rows: 2 });
+    const settings = (database: string) =>
+      withDatabase('postgres', async (c) => {
+        const sql = `SELECT shobj_description(d.oid, 'pg_database') AS comment,
+            (SELECT array_agg(coalesce(r.rolname, '') || ' ' || s.setconfig::text ORDER BY r.rolname NULLS FIRST)
+               FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE s.setdatabase = d.oid) AS settings
+          FROM pg_database d WHERE datname = $1`;
+        return (await c.query(sql, [database])).rows[0];
+      });
+    assert.deepEqual(await settings(target), await settings(source));
+    // The comment's text was never run: postgres keeps its own work_mem.
+    const postgres = await settings('postgres');
+    assert.equal(postgres.settings, null);
+  });
+
+  test('a locale the target server lacks: exit 7 naming it, before anything is created or dropped', async () => {
+    // The archive's CREATE DATABASE asks for locale 'X' (same length, so the archive stays readable).
+    const copy = await copyOfBackup();
+    const bytes = await fs.readFile(copy.dumpPath);
+    const at = bytes.indexOf("LOCALE = 'C';");
+    assert.ok(at > 0, "the archive's CREATE DATABASE has LOCALE 'C'");
+    bytes.write("LOCALE = 'X';", at);
+    await fs.writeFile(copy.dumpPath, bytes);
+    const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+    const { sha256 } = await hashFile(copy.dumpPath);
+    await fs.writeFile(copy.metadataPath, JSON.stringify({ ...metadata, checksum_sha256: sha256 }));
+
+    const target = uniqueName('rs_locale');
+    const created = await restore(copy.dumpPath, target);
+    assert.equal(created.exitCode, 7, created.stderr);
+    assert.match(created.stderr, /The target server cannot create the backup's database/);
+    assert.match(created.stderr, /invalid locale name: "X".*LOCALE 'X'/);
+    const existing = uniqueName('rs_locale_clean');
+    await server.createDatabase(existing, 'CREATE TABLE precious (v int); INSERT INTO precious VALUES (1)');
+    const clean = await restore(copy.dumpPath, existing, '--clean');
+    assert.equal(clean.exitCode, 7, clean.stderr);
+    const names = await databases();
+    assert.ok(!names.includes(target), 'no target created');
+    assert.ok(!names.some((name) => name.startsWith('backup_db_probe_')), 'no probe database left');
+    const kept = await withDatabase(
+      existing,
+      async (c) => (await c.query('SELECT count(*)::int AS n FROM precious')).rows[0].n,
+    );
+    assert.equal(kept, 1, '--clean did not drop the target');
   });
 });
 

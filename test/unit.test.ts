@@ -16,6 +16,9 @@ import {
   minimumPgRestoreMajor,
   parseArchiveHeader,
   archiveExtensions,
+  archiveDatabaseOptions,
+  databasePropertyStatements,
+  databaseOptionsFor,
   BackupError,
   dbnameConninfo,
   fetchFailure,
@@ -1364,6 +1367,63 @@ describe('restore helpers', () => {
       '224; 1259 16670 TABLE public events postgres',
     ].join('\n');
     assert.deepEqual(archiveExtensions(toc), ['cube', 'uuid-ossp']);
+  });
+
+  test("archiveDatabaseOptions reads pg_dump's CREATE DATABASE options from the end of its line, never from the name", () => {
+    const printed = [
+      '-- Name: db props; Type: DATABASE; Schema: -; Owner: postgres',
+      `CREATE DATABASE "x WITH TEMPLATE = template0 ENCODING = 'UTF8';" WITH TEMPLATE = template0 ENCODING = ` +
+        `'SQL_ASCII' LOCALE_PROVIDER = icu LOCALE = 'C' ICU_LOCALE = 'de''x' TABLESPACE = ts;`,
+      'ALTER DATABASE "db props" OWNER TO postgres;',
+    ].join('\n');
+    assert.deepEqual(archiveDatabaseOptions(printed), {
+      ENCODING: 'SQL_ASCII',
+      LOCALE_PROVIDER: 'icu',
+      LOCALE: 'C',
+      ICU_LOCALE: "de'x",
+    });
+    const pg13 =
+      "CREATE DATABASE app WITH TEMPLATE = template0 ENCODING = 'LATIN1' LC_COLLATE = 'C' LC_CTYPE = 'de_DE';";
+    assert.deepEqual(archiveDatabaseOptions(pg13), { ENCODING: 'LATIN1', LC_COLLATE: 'C', LC_CTYPE: 'de_DE' });
+    assert.equal(archiveDatabaseOptions(''), undefined);
+    assert.equal(archiveDatabaseOptions('CREATE DATABASE app;'), undefined);
+  });
+
+  test('databasePropertyStatements rebuilds the settings and comment for the target from what it read, never the text', () => {
+    const printed = [
+      '-- Name: DATABASE "db props"; Type: COMMENT; Schema: -; Owner: postgres',
+      `COMMENT ON DATABASE "db props" IS 'line one;`,
+      `ALTER DATABASE postgres SET work_mem TO ''1MB'';';`,
+      'ALTER DATABASE "db props" OWNER TO postgres;',
+      'ALTER DATABASE "db props" CONNECTION LIMIT = 5;',
+      `ALTER DATABASE "db props" SET search_path TO 'app', 'we''ird';`,
+      `ALTER DATABASE "db props" SET "x.tenant" TO 'a"b';`,
+      `ALTER ROLE "a pp" IN DATABASE "db props" SET work_mem TO '77MB';`,
+      `ALTER DATABASE "db props" SET statement_timeout TO '1s'; DROP TABLE t;`,
+      '\\connect -reuse-previous=on "dbname=\'db props\'"',
+    ].join('\n');
+    const { statements, skipped } = databasePropertyStatements(printed, 'new "copy"');
+    assert.deepEqual(statements, [
+      {
+        sql: `COMMENT ON DATABASE "new ""copy""" IS 'line one;\nALTER DATABASE postgres SET work_mem TO ''1MB'';'`,
+        what: 'comment',
+      },
+      { sql: `ALTER DATABASE "new ""copy""" SET search_path TO 'app', 'we''ird'`, what: 'SET search_path' },
+      { sql: `ALTER DATABASE "new ""copy""" SET "x.tenant" TO 'a"b'`, what: 'SET "x.tenant"' },
+      {
+        sql: `ALTER ROLE "a pp" IN DATABASE "new ""copy""" SET work_mem TO '77MB'`,
+        what: 'SET work_mem for role "a pp"',
+      },
+    ]);
+    assert.deepEqual(skipped, ['CONNECTION LIMIT = 5']);
+  });
+
+  test('databaseOptionsFor leaves out LOCALE_PROVIDER = libc before PostgreSQL 15, which had no such option', () => {
+    const libc = { ENCODING: 'UTF8', LOCALE_PROVIDER: 'libc', LOCALE: 'C' };
+    assert.deepEqual(databaseOptionsFor(libc, 14), { ENCODING: 'UTF8', LOCALE: 'C' });
+    assert.deepEqual(databaseOptionsFor(libc, 15), libc);
+    const icu = { ...libc, LOCALE_PROVIDER: 'icu', ICU_LOCALE: 'de' };
+    assert.deepEqual(databaseOptionsFor(icu, 14), icu); // the server refuses it, with its own words
   });
 
   test('extensionInstallHint names the package for well-known extensions and explains contrib ones', () => {
