@@ -3776,10 +3776,11 @@ async function checkBackupFile(
   filePath: string,
   metadata: BackupMetadata,
   streamed?: DumpOutcome,
+  signal?: AbortSignal,
 ): Promise<FileInspection> {
   const [structure, bytes] = await Promise.all([
-    inspectStructure(pgRestore, filePath, metadata),
-    streamed ?? hashBackup(filePath),
+    inspectStructure(pgRestore, filePath, metadata, undefined, signal),
+    streamed ?? hashBackup(filePath, signal),
   ]);
   return fileInspection(metadata, structure, { sha256: bytes.sha256, how: streamed ? 'streamed' : 'read' });
 }
@@ -3902,7 +3903,10 @@ async function assertReadableFile(filePath: string): Promise<void> {
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
 async function runVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<VerifyResult> {
-  return (await startVerify(fileArgument, search, signal)).complete;
+  return unlessInterrupted(
+    startVerify(fileArgument, search, signal).then((verification) => verification.complete),
+    signal,
+  );
 }
 
 export interface Verification {
@@ -4044,6 +4048,7 @@ async function describeBackup(
   dir: string,
   name: string,
   restoreClientFor?: ReturnType<typeof restoreClientLookup>,
+  signal?: AbortSignal,
 ): Promise<ListEntry | undefined> {
   const filePath = path.join(dir, name);
   const found = await inspectEntry(dir, name);
@@ -4080,12 +4085,12 @@ async function describeBackup(
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND)
       return failing('unreadable_archive', [why]);
     // As --verify: a damaged header can claim any format; the checksum tells an intact backup from a damaged one.
-    const { sha256 } = await hashBackup(filePath);
+    const { sha256 } = await hashBackup(filePath, signal);
     const expected = metadata.checksum_sha256.toLowerCase();
     if (sha256 === expected) return failing('needs_newer_pg_restore', [why]);
     return failing('checksum_mismatch', [`Mismatch (expected ${shortHash(expected)}, found ${shortHash(sha256)})`]);
   }
-  const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
+  const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata, undefined, signal);
   const failed = failedChecks(checks);
   const problems = failed.map((check) => checks[check].summary);
   return failed.length === 0 ? described : failing(FILE_CHECKS[failed[0]!].status, problems);
@@ -4186,7 +4191,12 @@ async function backupDirNames(dir: string): Promise<string[] | undefined> {
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
-async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {}): Promise<Listing> {
+async function runList(
+  dir: string,
+  fullCheck: boolean,
+  search: ClientSearch = {},
+  signal?: AbortSignal,
+): Promise<Listing> {
   const names = await backupDirNames(dir);
   if (!names) return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
   const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
@@ -4195,7 +4205,8 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
   for (const name of names.sort()) {
     const partial = name.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
     if (!partial && !name.endsWith(DUMP_SUFFIX)) continue;
-    const entry = partial ? await describePartial(dir, name) : await describeBackup(dir, name, restoreClientFor);
+    const described = partial ? describePartial(dir, name) : describeBackup(dir, name, restoreClientFor, signal);
+    const entry = await unlessInterrupted(described, signal);
     if (entry) (partial ? incomplete : backups).push(entry);
   }
   return {
@@ -4619,8 +4630,9 @@ async function runCheck(
   maxAgeMs: number,
   fullCheck: boolean,
   search: ClientSearch,
+  signal?: AbortSignal,
 ): Promise<Freshness> {
-  const listing = await runList(outputDir, false);
+  const listing = await runList(outputDir, false, {}, signal);
   const freshness = judgeFreshness(listing.backups, { database, environment, now: new Date() }, maxAgeMs);
   const what = `${database} (${environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
@@ -4647,7 +4659,7 @@ async function runCheck(
         `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
     );
   }
-  if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search);
+  if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search, signal);
   return freshness;
 }
 
@@ -7421,6 +7433,17 @@ async function withInterruptSignal<T>(work: (signal: AbortSignal) => Promise<T>)
   }
 }
 
+/** `work`'s result, unless `signal` stopped it: a check that an interrupt cut short proves nothing, either way. */
+async function unlessInterrupted<T>(work: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  try {
+    const result = await work;
+    signal?.throwIfAborted();
+    return result;
+  } catch (error) {
+    throw signal?.aborted ? signal.reason : error;
+  }
+}
+
 /**
  * The processes that started this one and wait for it: the parent, and above it those of our
  * process group (npx, the sh it runs, tsx; cron's or systemd's job). A signal sent to npx ends
@@ -7542,7 +7565,7 @@ async function runMode(
       return completed(mode.command, restoreDocument(restored), () => restoreText(restored), facts);
     }
     case 'verify': {
-      const result = await runVerify(mode.file, settings.search);
+      const result = await withInterruptSignal((signal) => runVerify(mode.file, settings.search, signal));
       return completed('verify', verifyDocument(result), () => verificationText(result), {
         environment: result.metadata.environment,
         database: result.metadata.database_name,
@@ -7551,7 +7574,9 @@ async function runMode(
       });
     }
     case 'list': {
-      const listing = await runList(outputDir, mode.fullCheck, settings.search);
+      const listing = await withInterruptSignal((signal) =>
+        runList(outputDir, mode.fullCheck, settings.search, signal),
+      );
       const failure = listingFailure(listing);
       // The listing stands (on stdout, and in the document), with the failure as every failure is reported.
       const problem = failure && failureProblem(failure, OPERATION_NAMES.list, []);
@@ -7560,11 +7585,14 @@ async function runMode(
       return failure ? { ...listed, exitCode: failure.exitCode, failure } : listed;
     }
     case 'check': {
-      if (settings.maxAgeMs === undefined)
+      const { maxAgeMs } = settings;
+      if (maxAgeMs === undefined)
         throw configError('--check needs --max-age DURATION (or BACKUP_MAX_AGE)', [
           'For example: --check --max-age 26h for a daily backup',
         ]);
-      const freshness = await runCheck(config!, outputDir, settings.maxAgeMs, mode.fullCheck, settings.search);
+      const freshness = await withInterruptSignal((signal) =>
+        runCheck(config!, outputDir, maxAgeMs, mode.fullCheck, settings.search, signal),
+      );
       return completed('check', freshnessDocument(freshness, outputDir, mode.fullCheck), () =>
         freshnessText(freshness, config!, mode.fullCheck),
       );
