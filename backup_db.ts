@@ -3863,10 +3863,11 @@ async function checkBackupFile(
   filePath: string,
   metadata: BackupMetadata,
   streamed?: DumpOutcome,
+  signal?: AbortSignal,
 ): Promise<FileInspection> {
   const [structure, bytes] = await Promise.all([
-    inspectStructure(pgRestore, filePath, metadata),
-    streamed ?? hashBackup(filePath),
+    inspectStructure(pgRestore, filePath, metadata, undefined, signal),
+    streamed ?? hashBackup(filePath, signal),
   ]);
   return fileInspection(metadata, structure, { sha256: bytes.sha256, how: streamed ? 'streamed' : 'read' });
 }
@@ -4011,7 +4012,10 @@ async function assertPathArgumentKnown(argument: string): Promise<void> {
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
 async function runVerify(fileArgument: string, search: ClientSearch, signal?: AbortSignal): Promise<VerifyResult> {
-  return (await startVerify(fileArgument, search, signal)).complete;
+  return unlessInterrupted(
+    startVerify(fileArgument, search, signal).then((verification) => verification.complete),
+    signal,
+  );
 }
 
 export interface Verification {
@@ -4153,6 +4157,7 @@ async function describeBackup(
   dir: string,
   name: string,
   restoreClientFor?: ReturnType<typeof restoreClientLookup>,
+  signal?: AbortSignal,
 ): Promise<ListEntry | undefined> {
   const filePath = path.join(dir, name);
   const found = await inspectEntry(dir, name);
@@ -4189,12 +4194,12 @@ async function describeBackup(
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND)
       return failing('unreadable_archive', [why]);
     // As --verify: a damaged header can claim any format; the checksum tells an intact backup from a damaged one.
-    const { sha256 } = await hashBackup(filePath);
+    const { sha256 } = await hashBackup(filePath, signal);
     const expected = metadata.checksum_sha256.toLowerCase();
     if (sha256 === expected) return failing('needs_newer_pg_restore', [why]);
     return failing('checksum_mismatch', [`Mismatch (expected ${shortHash(expected)}, found ${shortHash(sha256)})`]);
   }
-  const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata);
+  const { checks } = await checkBackupFile(client.pgRestore, filePath, metadata, undefined, signal);
   const failed = failedChecks(checks);
   const problems = failed.map((check) => checks[check].summary);
   return failed.length === 0 ? described : failing(FILE_CHECKS[failed[0]!].status, problems);
@@ -4315,7 +4320,12 @@ async function notUtf8Entry(dir: string, raw: Buffer): Promise<ListEntry> {
 }
 
 /** --list: every *.dump in the directory with its status; *.dump.partial files apart. */
-async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {}): Promise<Listing> {
+async function runList(
+  dir: string,
+  fullCheck: boolean,
+  search: ClientSearch = {},
+  signal?: AbortSignal,
+): Promise<Listing> {
   const names = await backupDirNames(dir);
   if (!names) return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
   const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
@@ -4326,12 +4336,13 @@ async function runList(dir: string, fullCheck: boolean, search: ClientSearch = {
     const shown = name ?? bytesShown(raw);
     const partial = shown.endsWith(DUMP_SUFFIX + PARTIAL_SUFFIX);
     if (!partial && !shown.endsWith(DUMP_SUFFIX)) continue;
-    const entry =
+    const described =
       name === undefined
-        ? await notUtf8Entry(dir, raw)
+        ? notUtf8Entry(dir, raw)
         : partial
-          ? await describePartial(dir, name)
-          : await describeBackup(dir, name, restoreClientFor);
+          ? describePartial(dir, name)
+          : describeBackup(dir, name, restoreClientFor, signal);
+    const entry = await unlessInterrupted(described, signal);
     if (entry) (partial ? incomplete : backups).push(entry);
   }
   return {
@@ -4763,8 +4774,9 @@ async function runCheck(
   maxAgeMs: number,
   fullCheck: boolean,
   search: ClientSearch,
+  signal?: AbortSignal,
 ): Promise<Freshness> {
-  const listing = await runList(outputDir, false);
+  const listing = await runList(outputDir, false, {}, signal);
   const freshness = judgeFreshness(listing.backups, { database, environment, now: new Date() }, maxAgeMs);
   const what = `${database} (${environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
@@ -4792,7 +4804,7 @@ async function runCheck(
         `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
     );
   }
-  if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search);
+  if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search, signal);
   return freshness;
 }
 
@@ -7791,6 +7803,17 @@ async function withInterruptSignal<T>(work: (signal: AbortSignal) => Promise<T>)
   }
 }
 
+/** `work`'s result, unless `signal` stopped it: a check that an interrupt cut short proves nothing, either way. */
+async function unlessInterrupted<T>(work: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  try {
+    const result = await work;
+    signal?.throwIfAborted();
+    return result;
+  } catch (error) {
+    throw signal?.aborted ? signal.reason : error;
+  }
+}
+
 /**
  * The processes that started this one and wait for it: the parent, and above it those of our
  * process group (npx, the sh it runs, tsx; cron's or systemd's job). A signal sent to npx ends
@@ -7913,7 +7936,7 @@ async function runMode(
       return completed(mode.command, restoreDocument(restored), () => restoreText(restored), facts);
     }
     case 'verify': {
-      const result = await runVerify(mode.file, settings.search);
+      const result = await withInterruptSignal((signal) => runVerify(mode.file, settings.search, signal));
       return completed('verify', verifyDocument(result), () => verificationText(result), {
         environment: result.metadata.environment,
         database: result.metadata.database_name,
@@ -7922,7 +7945,9 @@ async function runMode(
       });
     }
     case 'list': {
-      const listing = await runList(outputDir, mode.fullCheck, settings.search);
+      const listing = await withInterruptSignal((signal) =>
+        runList(outputDir, mode.fullCheck, settings.search, signal),
+      );
       const failure = listingFailure(listing);
       // The listing stands (on stdout, and in the document), with the failure as every failure is reported.
       const problem = failure && failureProblem(failure, OPERATION_NAMES.list, []);
@@ -7931,11 +7956,14 @@ async function runMode(
       return failure ? { ...listed, exitCode: failure.exitCode, failure } : listed;
     }
     case 'check': {
-      if (settings.maxAgeMs === undefined)
+      const { maxAgeMs } = settings;
+      if (maxAgeMs === undefined)
         throw configError('--check needs --max-age DURATION (or BACKUP_MAX_AGE)', [
           'For example: --check --max-age 26h for a daily backup',
         ]);
-      const freshness = await runCheck(config!, outputDir, settings.maxAgeMs, mode.fullCheck, settings.search);
+      const freshness = await withInterruptSignal((signal) =>
+        runCheck(config!, outputDir, maxAgeMs, mode.fullCheck, settings.search, signal),
+      );
       return completed('check', freshnessDocument(freshness, outputDir, mode.fullCheck), () =>
         freshnessText(freshness, config!, mode.fullCheck),
       );
@@ -8077,12 +8105,48 @@ function commandAskedFor(opts: Partial<CliOptions>): CommandName {
   }
 }
 
-/** Pure: every option `argv` names (`--name` or `--name=value`), as set, whatever its value: only which were given. */
+/**
+ * Pure: the options `argv` gives, in order, read as commander reads them, but on past a bad value: `--name=value`,
+ * or `--name value` (a required value is the next argument, whatever it is; an optional one, unless that looks
+ * like an option), up to `--`. Unknown options are skipped; a required value missing at the end is undefined.
+ */
+function optionArguments(program: Command, argv: string[]): Array<{ option: Option; value: string | undefined }> {
+  const found: Array<{ option: Option; value: string | undefined }> = [];
+  const optionNamed = (name: string) => program.options.find((option) => option.long === name);
+  const args = argv.slice(2); // after node and the script, as program.parse(argv)
+  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
+    const [arg, next] = [args[i]!, args[i + 1]];
+    const option = optionNamed(arg);
+    if (option) {
+      const takesNext = option.required || (option.optional && next !== undefined && !/^-./.test(next));
+      found.push({ option, value: takesNext ? args[++i] : undefined });
+      continue;
+    }
+    const equals = arg.indexOf('=');
+    const inline = arg.startsWith('--') && equals > 0 ? optionNamed(arg.slice(0, equals)) : undefined;
+    if (inline && (inline.required || inline.optional)) found.push({ option: inline, value: arg.slice(equals + 1) });
+  }
+  return found;
+}
+
+/** Pure: every option `argv` names, as set, whatever its value: only which were given. */
 function optionsNamedIn(program: Command, argv: string[]): Partial<CliOptions> {
-  const end = argv.indexOf('--');
-  const named = new Set((end < 0 ? argv : argv.slice(0, end)).map((arg) => arg.split('=')[0]));
-  const given = program.options.filter((option) => option.long && named.has(option.long));
-  return Object.fromEntries(given.map((option) => [option.attributeName(), true]));
+  return Object.fromEntries(optionArguments(program, argv).map(({ option }) => [option.attributeName(), true]));
+}
+
+/** Pure: the options `argv` gives whose values their own parsers accept (the last of a repeated one wins). */
+function optionsReadableIn(program: Command, argv: string[]): Partial<CliOptions> {
+  const readable: Record<string, unknown> = {};
+  for (const { option, value } of optionArguments(program, argv)) {
+    if (value === undefined && option.required) continue;
+    try {
+      const parsed = value === undefined ? true : option.parseArg ? option.parseArg(value, undefined) : value;
+      readable[option.attributeName()] = parsed;
+    } catch {
+      // Refused, as commander refuses it: left out, as an option that cannot be read.
+    }
+  }
+  return readable;
 }
 
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
@@ -8140,7 +8204,9 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   } catch (error) {
     outcome = failedOutcome(command, asBackupError(error, config));
   }
-  const recordTo = automation ?? (await readableAutomation(opts, vars, secrets));
+  // Commander stops at the first bad value: the settings after it are read as it would have read them.
+  const readable = parseFailure ? { ...opts, ...optionsReadableIn(program, argv) } : opts;
+  const recordTo = automation ?? (await readableAutomation(readable, vars, secrets));
   // With --json, the document below says it, and says it alone (README: one JSON document).
   if (commanderSaid.length > 0 && !json) io.err(commanderMessage(commanderSaid.join(''), secrets));
 

@@ -9,6 +9,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, directoryWithExistingBackup, runCli, startCli, type CliRun } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { alive, pgDumpsOf, processesWithEnv, within } from './helpers/processes.ts';
 import { startProxy } from './helpers/proxy.ts';
@@ -221,6 +222,59 @@ describe('interrupted before the dump starts', () => {
         } finally {
           await client.end();
         }
+      },
+    );
+  }
+});
+
+// Nagios and Icinga send SIGTERM to a check that times out: the run must say so, and be recorded, like any other.
+describe('--verify, --check and --list interrupted while pg_restore reads the archive', () => {
+  const readers = [
+    { mode: '--verify FILE', args: ['--verify', '%dump'], signal: 'SIGTERM', code: 143, failed: 'Verification' },
+    {
+      mode: '--check --verify',
+      args: ['--check', '--max-age', '1h', '--verify'],
+      signal: 'SIGINT',
+      code: 130,
+      failed: 'Freshness check',
+    },
+    { mode: '--list --verify', args: ['--list', '--verify'], signal: 'SIGHUP', code: 129, failed: 'Listing' },
+  ] as const;
+  for (const { mode, args, signal, code, failed } of readers) {
+    test(
+      `${signal} during ${mode}: exit ${code} at once, one line saying so, and a log line`,
+      { timeout: 60_000 },
+      async () => {
+        const existing = await directoryWithExistingBackup(server, 'int_app');
+        const dump = (await fs.readdir(existing.outputDir)).find((name) => name.endsWith('.dump'))!;
+        const clients = await clientDirHolding('pg_restore', '--list');
+        const logFile = path.join(clients.dir, 'runs.log');
+        const modeArgs = args.map((arg) => (arg === '%dump' ? path.join(existing.outputDir, dump) : arg));
+        const cli = startCli({
+          args: [...existing.args, ...modeArgs, '--pg-bin-dir', clients.dir, '--log-file', logFile],
+        });
+        await waitFor('pg_restore --list to start', async () =>
+          (await fs.stat(clients.started).catch(() => undefined)) ? true : undefined,
+        );
+        const signalled = Date.now();
+        cli.kill(signal);
+        const result = await cli;
+        const waited = Date.now() - signalled;
+        assert.equal(result.exitCode, code, `${result.signal ?? ''} ${result.stdout} ${result.stderr}`);
+        // The held pg_restore would have waited a minute: the run stopped it.
+        assert.ok(waited < 20_000, `it ended ${waited} ms after the signal`);
+        const stderr = String(result.stderr);
+        assert.match(stderr.split('\n')[0]!, new RegExp(`^✗ ${failed} failed: Interrupted by ${signal}$`));
+        assert.doesNotMatch(stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
+        const [logged] = (await fs.readFile(logFile, 'utf8'))
+          .trim()
+          .split('\n')
+          .map((line) => JSON.parse(line));
+        assert.deepEqual(
+          [logged.outcome, logged.exit_code, logged.error],
+          ['failure', code, `Interrupted by ${signal}`],
+        );
+        assert.deepEqual(await directoryFingerprint(existing.outputDir), existing.before, 'the backups untouched');
       },
     );
   }

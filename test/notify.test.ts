@@ -392,6 +392,47 @@ describe('a run that fails on its command line or settings', () => {
       }
     });
   }
+
+  // Commander stops at the first bad value; the options after it are read from the command line as it would.
+  test('a value that does not parse before --config-dir, --log-file, --notify-url=, --on-failure: they are read all the same', async () => {
+    const receiver = await webhook();
+    try {
+      const configDir = await tempDir();
+      const [logFile, hooked] = [path.join(configDir, 'runs.log'), path.join(configDir, 'hooked')];
+      await writeEnvFile(configDir, '.env', {
+        ...dbVars(server, 'DEV_DB_', 'notify_app'),
+        BACKUP_ON_FAILURE: `echo from-env > ${hooked}`,
+      });
+      const result = await runCli({
+        args: [
+          ...['--env', 'dev', '--keep-daily', '7x', '--config-dir', configDir, '--log-file', logFile],
+          // One that fails its own check is left out; the others are used.
+          ...['--metrics-file', `${configDir}/`, `--notify-url=${receiver.url}`],
+        ],
+      });
+      assert.equal(result.exitCode, 2, result.stdout + result.stderr);
+      const [logged] = await readLog(logFile);
+      assert.deepEqual([logged.command, logged.outcome, logged.exit_code], ['backup', 'failure', 2]);
+      assert.match(logged.details, /'--keep-daily <n>' argument '7x' is invalid/);
+      assert.equal(receiver.received.length, 1, 'one notification');
+      assert.equal(await fs.readFile(hooked, 'utf8'), 'from-env\n', "--config-dir's .env was read");
+      const channels = [result.stderr, await fs.readFile(logFile, 'utf8'), JSON.stringify(receiver.received)];
+      assert.ok(!channels.join('\n').includes('secret-token-123'), 'no webhook token in any channel');
+    } finally {
+      await receiver.close();
+    }
+  });
+
+  test('--on-failure after a value that does not parse is run', async () => {
+    const configDir = await tempDir();
+    const hooked = path.join(configDir, 'hooked');
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'notify_app'));
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', configDir, '--stall-timeout', '5x', '--on-failure', `touch ${hooked}`],
+    });
+    assert.equal(result.exitCode, 2, result.stdout + result.stderr);
+    await fs.stat(hooked);
+  });
 });
 
 describe('--on-failure', () => {

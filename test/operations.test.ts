@@ -243,6 +243,23 @@ describe('--ping-url (heartbeat)', () => {
     }
   });
 
+  test('a value that does not parse before --ping-url: pings URL/fail all the same, never showing it', async () => {
+    const hb = await heartbeatReceiver();
+    try {
+      const s = await setup();
+      const result = await runCli({ args: [...s.base, '--keep-daily', '7x', '--ping-url', hb.url] });
+      assert.equal(result.exitCode, 2, result.stderr);
+      assert.deepEqual(
+        hb.received.map((r) => r.path),
+        ['/ping/0d4c-secret-uuid/fail'],
+      );
+      assert.match(hb.received[0]!.body, /FAILED .*\(exit 2\): Configuration error/);
+      assert.ok(!`${result.stdout}${result.stderr}`.includes('0d4c-secret-uuid'));
+    } finally {
+      await hb.close();
+    }
+  });
+
   test('a malformed ping URL is a configuration error that does not echo it', async () => {
     const s = await setup();
     const result = await runCli({ args: [...s.base, '--ping-url', 'hcio/0d4c-secret-uuid', '--json'] });
