@@ -3384,6 +3384,7 @@ async function toolVersion(): Promise<string> {
 
 /**
  * Write a file so that readers see either nothing or all of it: temp file, fsync, rename, fsync dir.
+ * `mode` is set exactly, whatever the umask: a metrics file under umask 077 must stay readable to node_exporter.
  * `like`: the file it replaces, whose mode and owner the new one takes exactly (or it fails).
  */
 export async function writeFileAtomic(
@@ -3400,8 +3401,8 @@ export async function writeFileAtomic(
         // Compared with the new file itself: a setgid directory gives it the directory's group.
         const made = await handle.stat();
         if (made.uid !== like.uid || made.gid !== like.gid) await handle.chown(like.uid, like.gid);
-        await handle.chmod(like.mode & 0o7777);
       }
+      await handle.chmod(like ? like.mode & 0o7777 : mode);
       await handle.writeFile(contents);
       await handle.sync();
     } finally {

@@ -323,6 +323,17 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     assert.deepEqual(await fs.readdir(path.dirname(metricsFile)), ['backup_db.prom']);
   });
 
+  test('under a strict umask the metrics file is still 0644, made or replaced: node_exporter must read it', async () => {
+    const metricsFile = path.join(await tempDir(), 'backup_db.prom');
+    const s = await setup(wrongPassword());
+    const strictUmask = ['sh', '-c', 'umask 077 && exec "$@"', 'sh'];
+    for (const step of ['made', 'replaced']) {
+      const result = await runCli({ args: [...s.base, '--metrics-file', metricsFile], wrapper: strictUmask });
+      assert.equal(result.exitCode, 3, result.stderr);
+      assert.equal((await fs.stat(metricsFile)).mode & 0o777, 0o644, step);
+    }
+  });
+
   test(
     'a FIFO or a directory as the metrics file is refused up front; one made during the run never hangs it',
     { timeout: 90_000 },
