@@ -6210,9 +6210,11 @@ export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): Met
  * Update the metrics file after a backup run: read it, change this database's series, write it
  * atomically (temp file, fsync, rename; the temp name does not end in .prom, which the textfile
  * collector would read). Runs of other databases writing the same file take turns under a lock.
+ * A symlink is written through, onto its target: node_exporter reads the target, not the link.
  */
-async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
-  await fs.mkdir(path.dirname(file), { recursive: true });
+async function updateMetricsFile(link: string, run: MetricsRun): Promise<void> {
+  await fs.mkdir(path.dirname(link), { recursive: true });
+  const file = await symlinkTarget(link);
   await withFileLock(`${file}.lock`, async () => {
     const handle = await openRegularFile(file).catch((error: unknown) => {
       if (errnoCode(error) === 'ENOENT') return undefined;
@@ -6221,6 +6223,17 @@ async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
     const text = handle ? await handle.readFile('utf8').finally(() => handle.close()) : '';
     await writeFileAtomic(file, renderMetrics(recordRunInMetrics(parseMetrics(text), run)), 0o644);
   });
+}
+
+/** The file that writing `file` reaches through its symlinks, as open() follows them: a dangling one's target too. */
+async function symlinkTarget(file: string): Promise<string> {
+  try {
+    return await fs.realpath(file);
+  } catch (error) {
+    if (errnoCode(error) !== 'ENOENT') throw error;
+    const target = await fs.readlink(file).catch(() => undefined);
+    return target === undefined ? file : symlinkTarget(path.resolve(path.dirname(file), target));
+  }
 }
 
 // ─── Output: text for a person ──────────────────────────────────────────────────────────
