@@ -9,6 +9,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { dbVars, directoryWithExistingBackup, runCli, startCli, type CliRun } from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { alive, pgDumpsOf, processesWithEnv, within } from './helpers/processes.ts';
 import { startProxy } from './helpers/proxy.ts';
@@ -221,6 +222,47 @@ describe('interrupted before the dump starts', () => {
         } finally {
           await client.end();
         }
+      },
+    );
+  }
+});
+
+describe('interrupted while the client tools are being found', () => {
+  const modes = [
+    { mode: 'a backup', args: [], signal: 'SIGTERM', code: 143, failed: 'Backup' },
+    {
+      mode: '--restore',
+      args: ['--restore', '%dump', '--target-db', 'int_new'],
+      signal: 'SIGINT',
+      code: 130,
+      failed: 'Restore',
+    },
+  ] as const;
+  for (const { mode, args, signal, code, failed } of modes) {
+    test(
+      `${signal} while ${mode}'s pg_dump --version does not answer: exit ${code} at once, nothing written`,
+      { timeout: 60_000 },
+      async () => {
+        const existing = await directoryWithExistingBackup(server, 'int_app');
+        const dump = (await fs.readdir(existing.outputDir)).find((name) => name.endsWith('.dump'))!;
+        const modeArgs = args.map((arg) => (arg === '%dump' ? path.join(existing.outputDir, dump) : arg));
+        // It holds `pg_dump --version` for a minute: longer than the run would wait for it.
+        const clients = await clientDirHolding('pg_dump', '--version');
+        const cli = startCli({ args: [...existing.args, ...modeArgs, '--pg-bin-dir', clients.dir] });
+        await waitFor('pg_dump --version to start', async () =>
+          (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
+        );
+        const signalled = Date.now();
+        cli.kill(signal);
+        const result = await cli;
+        const waited = Date.now() - signalled;
+        assert.equal(result.exitCode, code, String(result.stdout) + String(result.stderr));
+        assert.ok(waited < 10_000, `it ended ${waited} ms after the signal`);
+        assert.match(
+          String(result.stderr).split('\n')[0]!,
+          new RegExp(`^✗ ${failed} failed: Interrupted by ${signal}$`),
+        );
+        assert.deepEqual(await directoryFingerprint(existing.outputDir), existing.before, 'nothing left, no lock');
       },
     );
   }
