@@ -158,16 +158,18 @@ function errorText(error: unknown): string {
  * own, which a watcher (a shell blocked reading a pipe from us) stops, workers included, once the
  * pipe closes, which it does however we end, SIGKILL included; `signal` stops it too. In its own
  * session it never prompts on the terminal: a missing password fails instead of hanging.
+ * One that does not connect (`connects: false`) gets no libpq variable, password sources included.
  */
 async function startTethered<const O extends Options>(
   file: string,
   args: readonly string[],
   signal: AbortSignal,
   options: O,
+  { connects = true } = {},
 ): Promise<{ child: ResultPromise<O> }> {
   const { execa } = await loadExeca();
   // detached changes how the child starts, not what its result looks like.
-  const env = childEnv(process.env, options.env as Record<string, string> | undefined);
+  const env = childEnv(process.env, options.env as Record<string, string> | undefined, { connects });
   const child = execa(file, args, { ...options, env, extendEnv: false, detached: true }) as unknown as ResultPromise<O>;
   const pid = child.pid;
   if (pid === undefined) return { child }; // it could not start; the promise says why
@@ -732,7 +734,7 @@ async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: st
   return dirs.filter(({ dir }) => !seen.has(dir) && seen.add(dir));
 }
 
-/** A client tool run that does not connect (--version, --list): its environment holds no password. */
+/** A client tool run that does not connect (pg_restore --list): its environment holds no password. */
 async function runWithoutConnecting(file: string, args: string[], cancelSignal?: AbortSignal) {
   const { execa } = await loadExeca();
   const env = childEnv(process.env, {}, { connects: false });
@@ -741,20 +743,53 @@ async function runWithoutConnecting(file: string, args: string[], cancelSignal?:
 
 /** Each executable's version, asked once per process: a run can look for clients several times. */
 const probedTools = new Map<string, Promise<PgTool | undefined>>();
+/** A tool that does not answer --version within this is broken: waiting on would hang every run. */
+const VERSION_PROBE_TIMEOUT_S = 5;
 
-function toolVersionIn(dir: string, command: 'pg_dump' | 'pg_restore'): Promise<PgTool | undefined> {
+function toolVersionIn(
+  dir: string,
+  command: 'pg_dump' | 'pg_restore',
+  signal?: AbortSignal,
+): Promise<PgTool | undefined> {
   const file = path.join(dir, command);
   let probe = probedTools.get(file);
   if (!probe) {
-    probe = (async () => {
-      if (!(await isExecutableFile(file))) return undefined;
-      const result = await runWithoutConnecting(file, ['--version']);
-      const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
-      return parsed && { path: await bypassPgWrapper(file, command, parsed.major), ...parsed };
-    })();
+    probe = probeToolVersion(file, command, signal);
     probedTools.set(file, probe);
+    // Only answers are kept: an interrupted probe says nothing about the tool.
+    probe.catch(() => probedTools.delete(file));
   }
   return probe;
+}
+
+/**
+ * `file --version`, tethered: an interrupt (`signal`) or the timeout stops its whole process group, since a
+ * wrapper script's own child would hold its output open. An interrupt wins over what the stopped probe said.
+ */
+async function probeToolVersion(
+  file: string,
+  command: 'pg_dump' | 'pg_restore',
+  signal?: AbortSignal,
+): Promise<PgTool | undefined> {
+  if (!(await isExecutableFile(file))) return undefined;
+  const timeout = AbortSignal.timeout(VERSION_PROBE_TIMEOUT_S * 1000);
+  const stop = signal ? AbortSignal.any([signal, timeout]) : timeout;
+  const options = { stdin: 'ignore', reject: false } as const;
+  const result = await (await startTethered(file, ['--version'], stop, options, { connects: false })).child;
+  signal?.throwIfAborted();
+  const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
+  if (!parsed && timeout.aborted) {
+    throw new BackupError(
+      EXIT.TOOL_NOT_FOUND,
+      `${command} did not answer --version within ${VERSION_PROBE_TIMEOUT_S} s`,
+      `${file} --version was stopped after ${VERSION_PROBE_TIMEOUT_S} s without printing its version`,
+      [
+        `See what it waits for: ${shellWord(file)} --version`,
+        'Or point --pg-bin-dir (or PG_BIN_DIR) at a working client',
+      ],
+    );
+  }
+  return parsed && { path: await bypassPgWrapper(file, command, parsed.major), ...parsed };
 }
 
 /**
@@ -772,8 +807,14 @@ async function bypassPgWrapper(file: string, command: string, major: number): Pr
  * A client is pg_dump and pg_restore of one major: clients are chosen by pg_dump's, and an older
  * pg_restore beside it could not read the archives it writes.
  */
-async function inspectClientDir({ dir, source }: { dir: string; source: ClientSource }): Promise<PgClient | undefined> {
-  const [pgDump, pgRestore] = await Promise.all([toolVersionIn(dir, 'pg_dump'), toolVersionIn(dir, 'pg_restore')]);
+async function inspectClientDir(
+  { dir, source }: { dir: string; source: ClientSource },
+  signal?: AbortSignal,
+): Promise<PgClient | undefined> {
+  const [pgDump, pgRestore] = await Promise.all([
+    toolVersionIn(dir, 'pg_dump', signal),
+    toolVersionIn(dir, 'pg_restore', signal),
+  ]);
   return pgDump && pgRestore && pgDump.major === pgRestore.major ? { dir, source, pgDump, pgRestore } : undefined;
 }
 
@@ -810,23 +851,25 @@ export interface ClientSearch {
 /**
  * Find pg_dump + pg_restore able to handle major `needed` (a server, or the pg_dump an archive
  * came from); undefined means any. Only the first directory is inspected unless it is too old.
- * `purpose` shapes the error: exit 6, naming every version found and where.
+ * `purpose` shapes the error: exit 6, naming every version found and where. `signal` (an interrupt) stops the search.
  */
 async function findClient(
   search: ClientSearch,
   needed: number | undefined,
   purpose: (found: string) => { title: string; details: string },
+  signal?: AbortSignal,
 ): Promise<PgClient> {
   const dirs = await clientDirs(search.pgBinDir);
   let first: PgClient | undefined;
   for (const dir of dirs) {
-    first = await inspectClientDir(dir);
+    first = await inspectClientDir(dir, signal);
     if (first) break;
   }
   // A directory the user named is never passed over in silence for one they did not.
-  if (search.pgBinDir && first?.source !== '--pg-bin-dir') throw await pgBinDirError(dirs[0]!.dir);
+  if (search.pgBinDir && first?.source !== '--pg-bin-dir') throw await pgBinDirError(dirs[0]!.dir, signal);
   if (first && (needed === undefined || first.pgDump.major >= needed)) return first;
-  const found = (await Promise.all(dirs.map(inspectClientDir))).filter((client) => client !== undefined);
+  const inspected = await Promise.all(dirs.map((dir) => inspectClientDir(dir, signal)));
+  const found = inspected.filter((client) => client !== undefined);
   const chosen = chooseClient(found, needed);
   if (chosen) return chosen;
   const where =
@@ -837,12 +880,12 @@ async function findClient(
 }
 
 /** Why --pg-bin-dir / PG_BIN_DIR holds no client, and the bin directory below it if that one does. */
-async function pgBinDirError(dir: string): Promise<BackupError> {
+async function pgBinDirError(dir: string, signal?: AbortSignal): Promise<BackupError> {
   const [stat, pgDump, pgRestore, below] = await Promise.all([
     fs.stat(dir).catch(() => undefined),
-    toolVersionIn(dir, 'pg_dump'),
-    toolVersionIn(dir, 'pg_restore'),
-    inspectClientDir({ dir: path.join(dir, 'bin'), source: '--pg-bin-dir' }),
+    toolVersionIn(dir, 'pg_dump', signal),
+    toolVersionIn(dir, 'pg_restore', signal),
+    inspectClientDir({ dir: path.join(dir, 'bin'), source: '--pg-bin-dir' }, signal),
   ]);
   const nested = below && `pg_dump ${below.pgDump.version} and pg_restore ${below.pgRestore.version}`;
   const details = `${dir} ${stat ? toolsHeld(stat.isDirectory(), pgDump, pgRestore) : 'does not exist'}`;
@@ -861,19 +904,23 @@ function toolsHeld(isDirectory: boolean, pgDump: PgTool | undefined, pgRestore: 
 }
 
 /** The client for dumping a server of major `serverMajor` (undefined before the server is known). */
-function findDumpClient(search: ClientSearch, server?: ServerInfo): Promise<PgClient> {
-  return findClient(search, server?.major, (found) =>
-    server
-      ? {
-          title: 'No pg_dump new enough for the server',
-          details:
-            `the server runs PostgreSQL ${server.version}, and pg_dump cannot dump a newer major version than ` +
-            `its own; pg_dump found: ${found}`,
-        }
-      : {
-          title: 'pg_dump not found',
-          details: `pg_dump and pg_restore were not found: ${found} (PATH is ${process.env.PATH ?? ''})`,
-        },
+function findDumpClient(search: ClientSearch, signal: AbortSignal, server?: ServerInfo): Promise<PgClient> {
+  return findClient(
+    search,
+    server?.major,
+    (found) =>
+      server
+        ? {
+            title: 'No pg_dump new enough for the server',
+            details:
+              `the server runs PostgreSQL ${server.version}, and pg_dump cannot dump a newer major version than ` +
+              `its own; pg_dump found: ${found}`,
+          }
+        : {
+            title: 'pg_dump not found',
+            details: `pg_dump and pg_restore were not found: ${found} (PATH is ${process.env.PATH ?? ''})`,
+          },
+    signal,
   );
 }
 
@@ -3020,7 +3067,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   const started = performance.now();
   assertClockUsable(new Date());
   // The server's version is not known yet: this only proves client tools exist at all.
-  const preferred = await findDumpClient(options.search);
+  const preferred = await findDumpClient(options.search, signal);
   await prepareOutputDir(options.outputDir);
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
@@ -3106,7 +3153,7 @@ async function snapshotBackup(
     const systemIdentifier = await clusterIdentifier(client);
     // pg_dump refuses servers of a newer major: pick one that fits before anything is written.
     const tools =
-      job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, server);
+      job.preferred.pgDump.major >= server.major ? job.preferred : await findDumpClient(options.search, signal, server);
     const compression = parseCompression(options.compress, tools.pgDump.major);
 
     // One snapshot for the dump and the counts: they describe the same instant. The counts wait
@@ -3445,6 +3492,7 @@ async function toolVersion(): Promise<string> {
 
 /**
  * Write a file so that readers see either nothing or all of it: temp file, fsync, rename, fsync dir.
+ * `mode` is set exactly, whatever the umask: a metrics file under umask 077 must stay readable to node_exporter.
  * `like`: the file it replaces, whose mode and owner the new one takes exactly (or it fails).
  */
 export async function writeFileAtomic(
@@ -3461,8 +3509,8 @@ export async function writeFileAtomic(
         // Compared with the new file itself: a setgid directory gives it the directory's group.
         const made = await handle.stat();
         if (made.uid !== like.uid || made.gid !== like.gid) await handle.chown(like.uid, like.gid);
-        await handle.chmod(like.mode & 0o7777);
       }
+      await handle.chmod(like ? like.mode & 0o7777 : mode);
       await handle.writeFile(contents);
       await handle.sync();
     } finally {
@@ -3585,14 +3633,19 @@ function restoreClientLookup(search: ClientSearch): (header: ArchiveHeader | und
 }
 
 /** The client whose pg_restore reads this archive; unknown archives get the default one. */
-function findRestoreClient(search: ClientSearch, header: ArchiveHeader | undefined): Promise<PgClient> {
+function findRestoreClient(
+  search: ClientSearch,
+  header: ArchiveHeader | undefined,
+  signal?: AbortSignal,
+): Promise<PgClient> {
   const needed = header ? minimumPgRestoreMajor(header) : undefined;
-  return findClient(search, needed, (found) => ({
+  const purpose = (found: string) => ({
     title: 'No pg_restore new enough for this archive',
     details:
       `the archive was written by pg_dump ${header?.pgDumpVersion ?? 'of an unknown version'} (archive format ` +
       `${header?.archiveVersion.join('.')}), which needs pg_restore ${needed} or newer; found: ${found}`,
-  }));
+  });
+  return findClient(search, needed, purpose, signal);
 }
 
 /** SHA256 and size of a file, streamed in 1 MiB chunks: flat memory for any size. `signal` stops the read. */
@@ -4064,7 +4117,7 @@ async function startVerify(
   let client: PgClient | undefined;
   let noClient: BackupError | undefined;
   try {
-    client = await findRestoreClient(search, await readArchiveHeader(readPath));
+    client = await findRestoreClient(search, await readArchiveHeader(readPath), signal);
   } catch (error) {
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
     noClient = error;
@@ -5625,7 +5678,7 @@ async function restorableArchive(
     signal.throwIfAborted(); // a check the interrupt cut short proves nothing
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
-    const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(readPath));
+    const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(readPath), signal);
     const listing = await listArchive(pgRestore, readPath);
     if (!listing.ok) {
       throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore cannot read the archive', listing.error, [
@@ -6552,9 +6605,11 @@ export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): Met
  * Update the metrics file after a backup run: read it, change this database's series, write it
  * atomically (temp file, fsync, rename; the temp name does not end in .prom, which the textfile
  * collector would read). Runs of other databases writing the same file take turns under a lock.
+ * A symlink is written through, onto its target: node_exporter reads the target, not the link.
  */
-async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
-  await fs.mkdir(path.dirname(file), { recursive: true });
+async function updateMetricsFile(link: string, run: MetricsRun): Promise<void> {
+  await fs.mkdir(path.dirname(link), { recursive: true });
+  const file = await symlinkTarget(link);
   await withFileLock(`${file}.lock`, async () => {
     const handle = await openRegularFile(file).catch((error: unknown) => {
       if (errnoCode(error) === 'ENOENT') return undefined;
@@ -6563,6 +6618,17 @@ async function updateMetricsFile(file: string, run: MetricsRun): Promise<void> {
     const text = handle ? await handle.readFile('utf8').finally(() => handle.close()) : '';
     await writeFileAtomic(file, renderMetrics(recordRunInMetrics(parseMetrics(text), run)), 0o644);
   });
+}
+
+/** The file that writing `file` reaches through its symlinks, as open() follows them: a dangling one's target too. */
+async function symlinkTarget(file: string): Promise<string> {
+  try {
+    return await fs.realpath(file);
+  } catch (error) {
+    if (errnoCode(error) !== 'ENOENT') throw error;
+    const target = await fs.readlink(file).catch(() => undefined);
+    return target === undefined ? file : symlinkTarget(path.resolve(path.dirname(file), target));
+  }
 }
 
 // ─── Output: text for a person ──────────────────────────────────────────────────────────

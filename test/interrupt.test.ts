@@ -280,6 +280,47 @@ describe('--verify, --check and --list interrupted while pg_restore reads the ar
   }
 });
 
+describe('interrupted while the client tools are being found', () => {
+  const modes = [
+    { mode: 'a backup', args: [], signal: 'SIGTERM', code: 143, failed: 'Backup' },
+    {
+      mode: '--restore',
+      args: ['--restore', '%dump', '--target-db', 'int_new'],
+      signal: 'SIGINT',
+      code: 130,
+      failed: 'Restore',
+    },
+  ] as const;
+  for (const { mode, args, signal, code, failed } of modes) {
+    test(
+      `${signal} while ${mode}'s pg_dump --version does not answer: exit ${code} at once, nothing written`,
+      { timeout: 60_000 },
+      async () => {
+        const existing = await directoryWithExistingBackup(server, 'int_app');
+        const dump = (await fs.readdir(existing.outputDir)).find((name) => name.endsWith('.dump'))!;
+        const modeArgs = args.map((arg) => (arg === '%dump' ? path.join(existing.outputDir, dump) : arg));
+        // It holds `pg_dump --version` for a minute: longer than the run would wait for it.
+        const clients = await clientDirHolding('pg_dump', '--version');
+        const cli = startCli({ args: [...existing.args, ...modeArgs, '--pg-bin-dir', clients.dir] });
+        await waitFor('pg_dump --version to start', async () =>
+          (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
+        );
+        const signalled = Date.now();
+        cli.kill(signal);
+        const result = await cli;
+        const waited = Date.now() - signalled;
+        assert.equal(result.exitCode, code, String(result.stdout) + String(result.stderr));
+        assert.ok(waited < 10_000, `it ended ${waited} ms after the signal`);
+        assert.match(
+          String(result.stderr).split('\n')[0]!,
+          new RegExp(`^✗ ${failed} failed: Interrupted by ${signal}$`),
+        );
+        assert.deepEqual(await directoryFingerprint(existing.outputDir), existing.before, 'nothing left, no lock');
+      },
+    );
+  }
+});
+
 describe('killed with SIGKILL', () => {
   test(
     'the partial is shown as Incomplete and never counted or verified; the next run removes it and says so',

@@ -340,6 +340,38 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     assert.deepEqual(await fs.readdir(path.dirname(metricsFile)), ['backup_db.prom']);
   });
 
+  test('under a strict umask the metrics file is still 0644, made or replaced: node_exporter must read it', async () => {
+    const metricsFile = path.join(await tempDir(), 'backup_db.prom');
+    const s = await setup(wrongPassword());
+    const strictUmask = ['sh', '-c', 'umask 077 && exec "$@"', 'sh'];
+    for (const step of ['made', 'replaced']) {
+      const result = await runCli({ args: [...s.base, '--metrics-file', metricsFile], wrapper: strictUmask });
+      assert.equal(result.exitCode, 3, result.stderr);
+      assert.equal((await fs.stat(metricsFile)).mode & 0o777, 0o644, step);
+    }
+  });
+
+  test('a metrics file that is a symlink is written through, onto its target; a dangling one makes its target', async () => {
+    const dir = await tempDir();
+    const textfile = path.join(dir, 'textfile');
+    await fs.mkdir(textfile);
+    const [target, link] = [path.join(textfile, 'real.prom'), path.join(dir, 'link.prom')];
+    await fs.writeFile(target, '');
+    await fs.symlink(target, link);
+    const s = await setup(wrongPassword());
+    assert.equal((await runCli({ args: [...s.base, '--metrics-file', link] })).exitCode, 3);
+    assert.equal((await fs.lstat(link)).isSymbolicLink(), true, 'the link stays a link');
+    assert.equal((await readMetrics(target))['ops_app/dev']!.backup_db_last_exit_code, 3);
+    assert.deepEqual(await fs.readdir(textfile), ['real.prom'], 'no lock or temp file left');
+
+    // A relative link whose target does not exist yet, as open() would follow it for the log file.
+    const dangling = path.join(dir, 'dangling.prom');
+    await fs.symlink('textfile/new.prom', dangling);
+    assert.equal((await runCli({ args: [...s.base, '--metrics-file', dangling] })).exitCode, 3);
+    assert.equal((await fs.lstat(dangling)).isSymbolicLink(), true);
+    assert.equal((await readMetrics(path.join(textfile, 'new.prom')))['ops_app/dev']!.backup_db_last_exit_code, 3);
+  });
+
   test(
     'a FIFO or a directory as the metrics file is refused up front; one made during the run never hangs it',
     { timeout: 90_000 },

@@ -8,6 +8,7 @@ import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
 import type pg from 'pg';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
@@ -105,6 +106,25 @@ describe('unreachable or silent database', () => {
     assert.equal(result.exitCode, 3);
     assert.match(result.stderr, /connection refused/);
   });
+});
+
+describe('client tools that never answer', () => {
+  test(
+    'a pg_dump whose --version never answers: exit 6 within seconds, naming it, nothing written',
+    { timeout: 60_000 },
+    async () => {
+      // A wrapper script stuck on a child of its own: the child holds the output open once the script is stopped.
+      const dir = await tempDir('backup-db-hung-');
+      await fs.writeFile(path.join(dir, 'pg_dump'), '#!/bin/sh\nsleep 1000\n', { mode: 0o755 });
+      await fs.symlink((await execa('sh', ['-c', 'command -v pg_restore'])).stdout, path.join(dir, 'pg_restore'));
+      const result = await backup(dbVars(server, 'DEV_DB_', 'slow_app'), ['--pg-bin-dir', dir]);
+      assert.equal(result.exitCode, 6, result.stderr);
+      assert.match(result.stderr, /^✗ Backup failed: pg_dump did not answer --version within 5 s$/m);
+      assert.ok(result.stderr.includes(path.join(dir, 'pg_dump')), result.stderr);
+      assert.ok(result.seconds < 20, `it ended after ${result.seconds} s`);
+      assert.deepEqual(result.files, [], 'nothing written');
+    },
+  );
 });
 
 describe('a server that stops answering mid-dump', () => {
