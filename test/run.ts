@@ -41,6 +41,10 @@ async function testFiles(filters: string[]): Promise<string[]> {
   return chosen.sort((a, b) => (times[b] ?? 60_000) - (times[a] ?? 60_000) || a.localeCompare(b));
 }
 
+/** The tool's own settings in the developer's shell (their database, hooks, log): no test may inherit them. */
+const TOOL_SETTING = /^(DEV_)?(DB_|DATABASE_URL$)|^(BACKUP_|PG)|^ENV_MODE$/;
+const fileEnv = () => Object.fromEntries(Object.entries(process.env).filter(([name]) => !TOOL_SETTING.test(name)));
+
 function runFile(file: string, tmpdir: string): Promise<FileResult> {
   const started = Date.now();
   return new Promise((resolve) => {
@@ -49,7 +53,7 @@ function runFile(file: string, tmpdir: string): Promise<FileResult> {
       ['--import', 'tsx', '--test', '--test-reporter=spec', path.join('test', file)],
       {
         cwd: PROJECT_DIR,
-        env: { ...process.env, TMPDIR: tmpdir, FORCE_COLOR: '0' },
+        env: { ...fileEnv(), TMPDIR: tmpdir, FORCE_COLOR: '0' },
         stdio: ['ignore', 'pipe', 'pipe'],
       },
     );

@@ -1,7 +1,7 @@
 /** Run backup_db.ts as a real process, the way users and cron do, with a clean environment. */
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,6 +17,20 @@ export const SCRIPT = path.join(PROJECT_DIR, 'backup_db.ts');
 function baseEnv(): Record<string, string> {
   const keep = ['PATH', 'HOME', 'LANG', 'TMPDIR', 'USER', 'LOGNAME'];
   return Object.fromEntries(keep.flatMap((name) => (process.env[name] ? [[name, process.env[name]!]] : [])));
+}
+
+/**
+ * The CLI's .env files come from its project directory unless --config-dir names another: there lie
+ * the developer's own .env.local (their database, hooks, log). A test that names none gets an empty one.
+ */
+let emptyConfigDir: string | undefined;
+export function ownConfigDir(args: string[]): string[] {
+  if (args.some((arg) => arg === '--config-dir' || arg.startsWith('--config-dir='))) return [];
+  if (!emptyConfigDir) {
+    emptyConfigDir = mkdtempSync(path.join(os.tmpdir(), 'backup-db-config-'));
+    madeDirs.add(emptyConfigDir);
+  }
+  return ['--config-dir', emptyConfigDir];
 }
 
 export interface CliRun {
@@ -80,6 +94,7 @@ export function startCli({
     ...wrapper,
     ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', ...preload, SCRIPT]),
     ...args,
+    ...ownConfigDir(args),
   ];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
