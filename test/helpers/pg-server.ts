@@ -215,7 +215,7 @@ function pgvectorBinaries(): Binaries {
 }
 
 /** As root, the uid/gid of the `postgres` user the server must run as (created if missing). */
-async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
+export async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
   if (os.userInfo().uid !== 0) return undefined;
   const ids = async () => {
     const [uid, gid] = await Promise.all([execa('id', ['-u', 'postgres']), execa('id', ['-g', 'postgres'])]);
@@ -224,9 +224,10 @@ async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
   try {
     return await ids();
   } catch {
-    await execa('useradd', ['--system', '--user-group', '--no-create-home', 'postgres']).catch(() =>
-      execa('useradd', ['--system', '-g', 'postgres', 'postgres']),
-    );
+    // Test files start at once, and concurrent useradds lose each other's users (each reporting
+    // success) or fail (exit 9, it exists): one at a time, under a lock on /etc, and only if still missing.
+    const create = 'useradd --system --user-group --no-create-home postgres || useradd --system -g postgres postgres';
+    await execa('flock', ['/etc', 'sh', '-c', `id postgres >/dev/null 2>&1 || ${create}`]);
     return ids();
   }
 }

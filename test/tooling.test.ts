@@ -1,0 +1,43 @@
+/**
+ * The test tooling itself (test/run.ts, test/helpers): what every other test file relies on, on a
+ * fresh machine, as root (CI) or not.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+import { execa } from 'execa';
+import { PROJECT_DIR, tempDir } from './helpers/cli.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
+
+const PG_SERVER = path.join(PROJECT_DIR, 'test', 'helpers', 'pg-server.ts');
+const asRoot = os.userInfo().uid === 0 ? await unmet('mountNamespace') : 'needs root, to create a user';
+
+/** A copy of /etc without the postgres user and group: a fresh machine's, for a private mount namespace. */
+async function etcWithoutPostgres(): Promise<string> {
+  const etc = await tempDir();
+  await execa('cp', ['-a', '/etc/.', etc]);
+  for (const name of ['passwd', 'shadow', 'group', 'gshadow']) {
+    const file = path.join(etc, name);
+    const text = await fs.readFile(file, 'utf8').catch(() => undefined);
+    if (text !== undefined) await fs.writeFile(file, text.replace(/^postgres:.*\n/gm, ''));
+  }
+  return etc;
+}
+
+describe('the postgres user the servers run as, as root', () => {
+  test('test files that start at once on a machine without it all get it', skipUnless(asRoot), async () => {
+    const lookUp = `import { serverUser } from '${PG_SERVER}'; console.log(JSON.stringify(await serverUser()));`;
+    const files = 'for i in 1 2 3 4; do node --import tsx --input-type=module -e "$1" & pids="$pids $!"; done';
+    const script = `mount --bind "$0" /etc || exit 1; ${files}; for p in $pids; do wait $p || exit 1; done`;
+    const run = await execa('unshare', ['--mount', 'sh', '-c', script, await etcWithoutPostgres(), lookUp], {
+      cwd: PROJECT_DIR,
+      reject: false,
+    });
+    assert.equal(run.exitCode, 0, `${run.stdout}\n${run.stderr}`);
+    const users = run.stdout.trim().split('\n');
+    assert.equal(users.length, 4);
+    assert.equal(new Set(users).size, 1, 'one user for all');
+  });
+});
