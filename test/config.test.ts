@@ -4,13 +4,11 @@
  * Precedence: process environment > .env.local > .env; DEV_DB_* falls back to DB_*.
  */
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { PROJECT_DIR, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { PROJECT_DIR, runCli, startCli, socketAt, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 
 let server: TestServer;
@@ -243,8 +241,7 @@ describe('bad values', () => {
 
   test('a .env that is a socket is exit 2, not a file to check the permissions of', { timeout: 60_000 }, async () => {
     const configDir = await tempDir();
-    const socket = net.createServer().listen(path.join(configDir, '.env'));
-    await once(socket, 'listening');
+    const socket = await socketAt(path.join(configDir, '.env'));
     try {
       const run = await runCli({ args: ['--config-dir', configDir, '--env', 'dev'] });
       assert.equal(run.exitCode, 2, run.stderr);

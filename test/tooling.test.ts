@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { execa } from 'execa';
-import { PROJECT_DIR, tempDir } from './helpers/cli.ts';
+import { PROJECT_DIR, socketAt, tempDir } from './helpers/cli.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
 const PG_SERVER = path.join(PROJECT_DIR, 'test', 'helpers', 'pg-server.ts');
@@ -38,6 +38,48 @@ describe('the postgres user the servers run as, as root', () => {
     assert.equal(run.exitCode, 0, `${run.stdout}\n${run.stderr}`);
     const users = run.stdout.trim().split('\n');
     assert.equal(users.length, 4);
-    assert.equal(new Set(users).size, 1, 'one user for all');
+    assert.equal(new Set(users).size, 1, `one user for all: ${users.join(' ')}`);
+  });
+});
+
+describe('a long TMPDIR (a Unix socket path holds 107 bytes)', () => {
+  /** As root the test server runs as the postgres user, who must reach into it. */
+  const longDir = async () => {
+    const parent = await tempDir();
+    await fs.chmod(parent, 0o755);
+    const dir = path.join(parent, 'd'.repeat(80));
+    await fs.mkdir(dir, { mode: 0o755 });
+    return dir;
+  };
+
+  test('socketAt makes the socket where asked, under its full name', async () => {
+    const file = path.join(await longDir(), 'metadata.json');
+    const server = await socketAt(file);
+    try {
+      assert.ok((await fs.stat(file)).isSocket());
+    } finally {
+      await new Promise((resolve) => server.close(resolve));
+    }
+  });
+
+  test('a test server with a Unix socket starts, answers there and leaves nothing', async () => {
+    const tmpdir = await longDir();
+    const serve =
+      `import pg from 'pg'; import { startTestServer } from '${PG_SERVER}';` +
+      'const server = await startTestServer({ listenEverywhere: true });' +
+      'try { const client = new pg.Client({ host: server.socketDir, port: server.port, user: server.user, password: server.password });' +
+      "await client.connect(); await client.query('SELECT 1'); await client.end(); } finally { await server.stop(); } console.log(server.socketDir);";
+    const run = await execa(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', serve], {
+      cwd: PROJECT_DIR,
+      env: { TMPDIR: tmpdir },
+      reject: false,
+    });
+    assert.equal(run.exitCode, 0, `${run.stdout}\n${run.stderr}`);
+    // tsx's compile cache stays, as the runner allows.
+    assert.deepEqual(
+      (await fs.readdir(tmpdir)).filter((name) => !/^tsx-\d+$/.test(name)),
+      [],
+    );
+    await assert.rejects(fs.access(run.stdout.trim()), 'the socket directory is removed too');
   });
 });

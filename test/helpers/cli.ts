@@ -1,8 +1,10 @@
 /** Run backup_db.ts as a real process, the way users and cron do, with a clean environment. */
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -137,6 +139,28 @@ export async function tempDir(prefix = 'backup-db-test-'): Promise<string> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
   madeDirs.add(dir);
   return dir;
+}
+
+/**
+ * A Unix socket listening at `file`. A socket's path holds 107 bytes at most (node cuts a longer one
+ * short, silently) and a long TMPDIR (macOS's is ~50 bytes) exceeds it: then it is bound in a short
+ * directory under /tmp and moved into place.
+ */
+export async function socketAt(file: string): Promise<net.Server> {
+  const listen = async (at: string) => {
+    const server = net.createServer().listen(at);
+    await once(server, 'listening');
+    return server;
+  };
+  if (Buffer.byteLength(file) <= 107) return listen(file);
+  const short = await fs.mkdtemp('/tmp/sock-');
+  try {
+    const server = await listen(path.join(short, 's'));
+    await fs.rename(path.join(short, 's'), file);
+    return server;
+  } finally {
+    await fs.rm(short, { recursive: true, force: true });
+  }
 }
 
 /** Write an env file from a map, one VAR=value per line. */

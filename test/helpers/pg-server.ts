@@ -304,9 +304,11 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     );
   }
   const client = tls && options.clientCertificates ? await clientCertificate(root, tls, 'postgres') : undefined;
-  const socketDir = options.listenEverywhere ? path.join(root, 'socket') : undefined;
+  // Short, under /tmp: a socket's path holds 107 bytes, and a long TMPDIR (macOS's ~50) exceeds it.
+  const socketDir = options.listenEverywhere ? await fs.mkdtemp('/tmp/pgs-') : undefined;
   if (socketDir) {
-    await fs.mkdir(socketDir, { mode: 0o755 });
+    roots.add(socketDir);
+    await fs.chmod(socketDir, 0o755);
     if (user) await fs.chown(socketDir, user.uid, user.gid);
   }
   const settings: Record<string, string> = {
@@ -398,8 +400,10 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
       server.kill('SIGINT'); // fast shutdown
       await exited;
       running.delete(server);
-      await fs.rm(root, { recursive: true, force: true });
-      roots.delete(root);
+      for (const dir of socketDir ? [root, socketDir] : [root]) {
+        await fs.rm(dir, { recursive: true, force: true });
+        roots.delete(dir);
+      }
     },
   };
 }
