@@ -9,6 +9,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { execa } from 'execa';
 import { PROJECT_DIR, socketAt, tempDir } from './helpers/cli.ts';
+import type { ServerOptions } from './helpers/pg-server.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
 const PG_SERVER = path.join(PROJECT_DIR, 'test', 'helpers', 'pg-server.ts');
@@ -24,6 +25,23 @@ async function etcWithoutPostgres(): Promise<string> {
     if (text !== undefined) await fs.writeFile(file, text.replace(/^postgres:.*\n/gm, ''));
   }
   return etc;
+}
+
+/**
+ * In a process of its own with this TMPDIR (and umask): start a test server, query it (on its Unix
+ * socket if it has one), stop it, print its socket directory.
+ */
+function serveOnce(tmpdir: string, options: ServerOptions, umask = '022') {
+  const serve =
+    `import { startTestServer } from '${PG_SERVER}';` +
+    `const server = await startTestServer(${JSON.stringify(options)});` +
+    'const client = await server.connect(); await client.query("SELECT 1"); await client.end();' +
+    'if (server.socketDir) { const pg = (await import("pg")).default;' +
+    'const local = new pg.Client({ host: server.socketDir, port: server.port, user: server.user, password: server.password });' +
+    'await local.connect(); await local.end(); }' +
+    'await server.stop(); console.log(server.socketDir ?? "");';
+  const node = `umask ${umask} && exec '${process.execPath}' --import tsx --input-type=module -e "$0"`;
+  return execa('sh', ['-c', node, serve], { cwd: PROJECT_DIR, env: { TMPDIR: tmpdir }, reject: false });
 }
 
 describe('the postgres user the servers run as, as root', () => {
@@ -64,16 +82,7 @@ describe('a long TMPDIR (a Unix socket path holds 107 bytes)', () => {
 
   test('a test server with a Unix socket starts, answers there and leaves nothing', async () => {
     const tmpdir = await longDir();
-    const serve =
-      `import pg from 'pg'; import { startTestServer } from '${PG_SERVER}';` +
-      'const server = await startTestServer({ listenEverywhere: true });' +
-      'try { const client = new pg.Client({ host: server.socketDir, port: server.port, user: server.user, password: server.password });' +
-      "await client.connect(); await client.query('SELECT 1'); await client.end(); } finally { await server.stop(); } console.log(server.socketDir);";
-    const run = await execa(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', serve], {
-      cwd: PROJECT_DIR,
-      env: { TMPDIR: tmpdir },
-      reject: false,
-    });
+    const run = await serveOnce(tmpdir, { listenEverywhere: true });
     assert.equal(run.exitCode, 0, `${run.stdout}\n${run.stderr}`);
     // tsx's compile cache stays, as the runner allows.
     assert.deepEqual(
@@ -81,5 +90,30 @@ describe('a long TMPDIR (a Unix socket path holds 107 bytes)', () => {
       [],
     );
     await assert.rejects(fs.access(run.stdout.trim()), 'the socket directory is removed too');
+  });
+});
+
+describe('as root, where the postgres user cannot reach', () => {
+  const noRoot = os.userInfo().uid === 0 ? undefined : 'needs root: only then does the server run as postgres';
+
+  test('a umask of 077 changes nothing: the server, with TLS, starts and answers', skipUnless(noRoot), async () => {
+    const tmpdir = await tempDir();
+    await fs.chmod(tmpdir, 0o755);
+    const run = await serveOnce(tmpdir, { tlsOnly: true }, '077');
+    assert.equal(run.exitCode, 0, `${run.stdout}\n${run.stderr}`);
+  });
+
+  test('a TMPDIR of mode 0700 is a failure naming it, in one line', skipUnless(noRoot), async () => {
+    const tmpdir = await tempDir();
+    const run = await serveOnce(tmpdir, {});
+    assert.notEqual(run.exitCode, 0);
+    const lines = run.stderr.split('\n').filter((line) => line.includes('cannot reach'));
+    assert.equal(lines.length, 1, run.stderr);
+    assert.match(
+      lines[0]!,
+      new RegExp(
+        `postgres user, who cannot reach ${tmpdir}/backup-db-pg-\\w+: let it through ${tmpdir} \\(chmod o\\+x\\)`,
+      ),
+    );
   });
 });

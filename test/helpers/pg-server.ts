@@ -232,9 +232,41 @@ export async function serverUser(): Promise<{ uid: number; gid: number } | undef
   }
 }
 
+/**
+ * As root, where the server user cannot reach `target` (run it, or pass through it): the first
+ * directory on the way it may not pass, else `target` itself. Root's own access proves nothing.
+ */
+async function blockedFor(user: { uid: number; gid: number }, target: string) {
+  const can = async (file: string) => (await execa('test', ['-x', file], { ...user, reject: false })).exitCode === 0;
+  if (await can(target)) return undefined;
+  const parts = target.split(path.sep);
+  const parents = parts.slice(1, -1).map((_, i) => parts.slice(0, i + 2).join(path.sep));
+  for (const dir of parents) if (!(await can(dir))) return dir;
+  return target;
+}
+
+/** The server runs as the postgres user: it must reach the binaries and the data root, or the failure says where. */
+async function assertServerUserReaches(user: { uid: number; gid: number }, binaries: Binaries, root: string) {
+  for (const target of [binaries.initdb, binaries.postgres, root]) {
+    const blocked = await blockedFor(user, target);
+    if (blocked)
+      throw new Error(
+        `the test server runs as the postgres user, who cannot reach ${target}: let it through ${blocked} ` +
+          `(chmod o+x), or run the tests from a directory and TMPDIR it can reach`,
+      );
+  }
+}
+
 /** Start a server binary (initdb, postgres) as the server user, with C messages for predictable output. */
 function runAs(binary: string, args: string[], user: { uid: number; gid: number } | undefined): ChildProcess {
-  return spawn(binary, args, { ...user, env: { ...process.env, LC_ALL: 'C' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(binary, args, {
+    ...user,
+    env: { ...process.env, LC_ALL: 'C' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  // A binary it cannot run (EACCES) must fail the start with the reason, not crash the test process.
+  child.on('error', (error) => child.stderr?.emit('data', `${binary}: ${error.message}\n`));
+  return child;
 }
 
 /** The server's certificate and key, copied where the server's user can read them (the key 0600). */
@@ -263,6 +295,11 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   roots.add(root);
   // mkdtemp makes the directory 0700; the server user must reach into it.
   await fs.chmod(root, 0o755);
+  if (user)
+    await assertServerUserReaches(user, binaries, root).catch(async (error) => {
+      await fs.rm(root, { recursive: true, force: true });
+      throw error;
+    });
   const dataDir = path.join(root, 'data');
   await fs.mkdir(dataDir, { mode: 0o700 });
   if (user) await fs.chown(dataDir, user.uid, user.gid);
@@ -274,7 +311,8 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   };
 
   const passwordFile = path.join(root, 'password');
-  await fs.writeFile(passwordFile, `${password}\n`, { mode: 0o644 });
+  await fs.writeFile(passwordFile, `${password}\n`);
+  await fs.chmod(passwordFile, 0o644); // for initdb, as the server user, whatever the umask
   const initdb = runAs(
     binaries.initdb,
     [
@@ -295,8 +333,10 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
 
   const tls = options.tlsOnly ? await serverIdentity(root, options.certificate) : undefined;
   if (tls) {
-    // The key must belong to the server's user; pg_hba then admits TLS connections only.
+    // The key must belong to the server's user, who must read the certificate whatever the umask;
+    // pg_hba then admits TLS connections only.
     if (user) await fs.chown(tls.key, user.uid, user.gid);
+    await fs.chmod(tls.cert, 0o644);
     const auth = `scram-sha-256${options.clientCertificates ? ' clientcert=verify-full' : ''}`;
     await fs.writeFile(
       path.join(dataDir, 'pg_hba.conf'),
