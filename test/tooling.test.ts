@@ -117,3 +117,19 @@ describe('as root, where the postgres user cannot reach', () => {
     );
   });
 });
+
+describe('.ci/run', () => {
+  test('refuses to start as another user than root, before installing anything', async () => {
+    // A copy, in a project of its own with nothing to install: were it to go on, it would fail elsewhere.
+    const project = await tempDir();
+    await fs.mkdir(path.join(project, '.ci'));
+    await fs.copyFile(path.join(PROJECT_DIR, '.ci', 'run'), path.join(project, '.ci', 'run'));
+    await execa('chmod', ['-R', 'a+rX', project]);
+    const nobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', '--'];
+    const [command, ...args] = [...(os.userInfo().uid === 0 ? nobody : []), 'bash', path.join(project, '.ci', 'run')];
+    const run = await execa(command!, args, { cwd: project, reject: false });
+    assert.equal(run.exitCode, 1, `${run.stdout}\n${run.stderr}`);
+    assert.match(run.stderr, /^✗ \.ci\/run runs as root .*: sudo \.ci\/run$/m);
+    assert.equal(run.stdout, '', 'npm ci did not start');
+  });
+});
