@@ -14,6 +14,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { readTestOutput, type Counts } from './helpers/test-output.ts';
 
 const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const TEST_DIR = path.join(PROJECT_DIR, 'test');
@@ -30,7 +31,7 @@ interface FileResult {
   exitCode: number | null;
   ms: number;
   output: string;
-  counts: Record<'tests' | 'pass' | 'fail' | 'skipped' | 'todo' | 'cancelled', number>;
+  counts: Counts;
   skipped: string[];
 }
 
@@ -64,19 +65,7 @@ function runFile(file: string, tmpdir: string): Promise<FileResult> {
     child.on('close', (exitCode) => {
       clearTimeout(timer);
       const output = Buffer.concat(chunks).toString();
-      const count = (name: string) => Number(new RegExp(`^ℹ ${name} (\\d+)$`, 'm').exec(output)?.[1] ?? 0);
-      const counts = {
-        tests: count('tests'),
-        pass: count('pass'),
-        fail: count('fail'),
-        skipped: count('skipped'),
-        todo: count('todo'),
-        cancelled: count('cancelled'),
-      };
-      const skipped = output
-        .split('\n')
-        .filter((line) => /^\s*﹣ /.test(line))
-        .map((line) => line.trim().replace(/^﹣ /, ''));
+      const { counts, skipped } = readTestOutput(output);
       resolve({ file, exitCode, ms: Date.now() - started, output, counts, skipped });
     });
   });

@@ -10,6 +10,7 @@ import { describe, test } from 'node:test';
 import { execa } from 'execa';
 import { PROJECT_DIR, socketAt, tempDir } from './helpers/cli.ts';
 import type { ServerOptions } from './helpers/pg-server.ts';
+import { readTestOutput } from './helpers/test-output.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
 const PG_SERVER = path.join(PROJECT_DIR, 'test', 'helpers', 'pg-server.ts');
@@ -131,5 +132,30 @@ describe('.ci/run', () => {
     assert.equal(run.exitCode, 1, `${run.stdout}\n${run.stderr}`);
     assert.match(run.stderr, /^✗ \.ci\/run runs as root .*: sudo \.ci\/run$/m);
     assert.equal(run.stdout, '', 'npm ci did not start');
+  });
+});
+
+describe("the runner's summary", () => {
+  test('a skipped describe counts as a skipped test, not as nothing', async () => {
+    const file = path.join(await tempDir(), 'skips.test.mjs');
+    await fs.writeFile(
+      file,
+      "import { describe, test } from 'node:test';\n" +
+        "describe('needs pgvector', { skip: 'no pgvector here' }, () => { test('a', () => {}); test('b', () => {}); });\n" +
+        "test('needs openssl', { skip: 'no openssl here' }, () => {});\n" +
+        "test('runs', () => {});\n",
+    );
+    const run = await execa(process.execPath, ['--test', '--test-reporter=spec', file], {
+      // As test/run.ts starts a file: not as a subtest of this one (NODE_TEST_CONTEXT).
+      env: { PATH: process.env.PATH, FORCE_COLOR: '0' },
+      extendEnv: false,
+      reject: false,
+    });
+    const { counts, skipped } = readTestOutput(String(run.stdout));
+    assert.deepEqual(
+      skipped.map((line) => line.replace(/ \([\d.]+ms\)/, '')),
+      ['needs pgvector # no pgvector here', 'needs openssl # no openssl here'],
+    );
+    assert.deepEqual([counts.tests, counts.pass, counts.skipped, counts.fail], [3, 1, 2, 0]);
   });
 });
