@@ -4,16 +4,14 @@
  * databases back up in parallel; locks of dead processes, or of pids since reused, are taken over.
  */
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { execa } from 'execa';
-import { dbVars, PROJECT_DIR, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, PROJECT_DIR, runCli, startCli, socketAt, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { holdTableLock, waitFor, waitForBlockedPgDump } from './helpers/wait.ts';
 import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
@@ -134,8 +132,7 @@ describe('stale locks', () => {
         FIFO: async (file) => (await execa('mkfifo', [file]), async () => undefined),
         directory: async (file) => (await fs.mkdir(file), async () => undefined),
         socket: async (file) => {
-          const socket = net.createServer().listen(file);
-          await once(socket, 'listening');
+          const socket = await socketAt(file);
           return () => new Promise((resolve) => socket.close(() => resolve()));
         },
       };

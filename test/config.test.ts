@@ -4,13 +4,11 @@
  * Precedence: process environment > .env.local > .env; DEV_DB_* falls back to DB_*.
  */
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { PROJECT_DIR, runCli, startCli, socketAt, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 
 let server: TestServer;
@@ -243,8 +241,7 @@ describe('bad values', () => {
 
   test('a .env that is a socket is exit 2, not a file to check the permissions of', { timeout: 60_000 }, async () => {
     const configDir = await tempDir();
-    const socket = net.createServer().listen(path.join(configDir, '.env'));
-    await once(socket, 'listening');
+    const socket = await socketAt(path.join(configDir, '.env'));
     try {
       const run = await runCli({ args: ['--config-dir', configDir, '--env', 'dev'] });
       assert.equal(run.exitCode, 2, run.stderr);
@@ -259,5 +256,26 @@ describe('bad values', () => {
     const run = await backupWith({ args: ['--env', 'staging'] });
     assert.equal(run.exitCode, 2);
     assert.match(run.stderr, /argument 'staging' is invalid\. Allowed choices are dev, prod, auto/);
+  });
+});
+
+describe("the tests never read the developer's own configuration (README: no database of yours is touched)", () => {
+  test("a CLI started without --config-dir reads an empty directory's .env files, not the project's", async () => {
+    const cli = startCli({ args: ['--env', 'dev'] });
+    const given = cli.spawnargs.indexOf('--config-dir');
+    assert.notEqual(given, -1, `no --config-dir in ${cli.spawnargs.join(' ')}: the project's .env.local would be read`);
+    const configDir = cli.spawnargs[given + 1]!;
+    assert.notEqual(path.resolve(configDir), PROJECT_DIR);
+    assert.deepEqual(await fs.readdir(configDir), []);
+    const run = await cli;
+    assert.equal(run.exitCode, 2, String(run.stderr));
+    assert.match(String(run.stderr), /DEV_DB_NAME is not set/);
+  });
+
+  test("the test files inherit none of the tool's settings (DB_*, BACKUP_*, PG*…) from the shell", () => {
+    const inherited = Object.keys(process.env).filter((name) =>
+      /^(DEV_)?DB_|DATABASE_URL|^BACKUP_|^PG|^ENV_MODE$/.test(name),
+    );
+    assert.deepEqual(inherited, []);
   });
 });

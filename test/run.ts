@@ -14,6 +14,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { readTestOutput, type Counts } from './helpers/test-output.ts';
 
 const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const TEST_DIR = path.join(PROJECT_DIR, 'test');
@@ -30,7 +31,7 @@ interface FileResult {
   exitCode: number | null;
   ms: number;
   output: string;
-  counts: Record<'tests' | 'pass' | 'fail' | 'skipped' | 'todo' | 'cancelled', number>;
+  counts: Counts;
   skipped: string[];
 }
 
@@ -41,6 +42,10 @@ async function testFiles(filters: string[]): Promise<string[]> {
   return chosen.sort((a, b) => (times[b] ?? 60_000) - (times[a] ?? 60_000) || a.localeCompare(b));
 }
 
+/** The tool's own settings in the developer's shell (their database, hooks, log): no test may inherit them. */
+const TOOL_SETTING = /^(DEV_)?(DB_|DATABASE_URL$)|^(BACKUP_|PG)|^ENV_MODE$/;
+const fileEnv = () => Object.fromEntries(Object.entries(process.env).filter(([name]) => !TOOL_SETTING.test(name)));
+
 function runFile(file: string, tmpdir: string): Promise<FileResult> {
   const started = Date.now();
   return new Promise((resolve) => {
@@ -49,7 +54,7 @@ function runFile(file: string, tmpdir: string): Promise<FileResult> {
       ['--import', 'tsx', '--test', '--test-reporter=spec', path.join('test', file)],
       {
         cwd: PROJECT_DIR,
-        env: { ...process.env, TMPDIR: tmpdir, FORCE_COLOR: '0' },
+        env: { ...fileEnv(), TMPDIR: tmpdir, FORCE_COLOR: '0' },
         stdio: ['ignore', 'pipe', 'pipe'],
       },
     );
@@ -60,19 +65,7 @@ function runFile(file: string, tmpdir: string): Promise<FileResult> {
     child.on('close', (exitCode) => {
       clearTimeout(timer);
       const output = Buffer.concat(chunks).toString();
-      const count = (name: string) => Number(new RegExp(`^ℹ ${name} (\\d+)$`, 'm').exec(output)?.[1] ?? 0);
-      const counts = {
-        tests: count('tests'),
-        pass: count('pass'),
-        fail: count('fail'),
-        skipped: count('skipped'),
-        todo: count('todo'),
-        cancelled: count('cancelled'),
-      };
-      const skipped = output
-        .split('\n')
-        .filter((line) => /^\s*﹣ /.test(line))
-        .map((line) => line.trim().replace(/^﹣ /, ''));
+      const { counts, skipped } = readTestOutput(output);
       resolve({ file, exitCode, ms: Date.now() - started, output, counts, skipped });
     });
   });

@@ -3,13 +3,11 @@
  * its metadata is rejected with exit 8 and a message naming the check that failed.
  */
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { runCli, takeBackup, tempDir, type TakenBackup } from './helpers/cli.ts';
+import { runCli, takeBackup, socketAt, tempDir, type TakenBackup } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
@@ -199,8 +197,7 @@ describe('--verify rejects damage to the metadata', () => {
   test('metadata that is a socket → not a regular file', { timeout: 60_000 }, async () => {
     const copy = await copyOfBackup();
     await fs.rm(copy.metadataPath);
-    const socket = net.createServer().listen(copy.metadataPath);
-    await once(socket, 'listening');
+    const socket = await socketAt(copy.metadataPath);
     try {
       const result = await verify(copy.dumpPath);
       assertRejected(result, /metadata is invalid/);

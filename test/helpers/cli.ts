@@ -1,8 +1,10 @@
 /** Run backup_db.ts as a real process, the way users and cron do, with a clean environment. */
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { rmSync } from 'node:fs';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
 import fs from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -17,6 +19,20 @@ export const SCRIPT = path.join(PROJECT_DIR, 'backup_db.ts');
 function baseEnv(): Record<string, string> {
   const keep = ['PATH', 'HOME', 'LANG', 'TMPDIR', 'USER', 'LOGNAME'];
   return Object.fromEntries(keep.flatMap((name) => (process.env[name] ? [[name, process.env[name]!]] : [])));
+}
+
+/**
+ * The CLI's .env files come from its project directory unless --config-dir names another: there lie
+ * the developer's own .env.local (their database, hooks, log). A test that names none gets an empty one.
+ */
+let emptyConfigDir: string | undefined;
+export function ownConfigDir(args: string[]): string[] {
+  if (args.some((arg) => arg === '--config-dir' || arg.startsWith('--config-dir='))) return [];
+  if (!emptyConfigDir) {
+    emptyConfigDir = mkdtempSync(path.join(os.tmpdir(), 'backup-db-config-'));
+    madeDirs.add(emptyConfigDir);
+  }
+  return ['--config-dir', emptyConfigDir];
 }
 
 export interface CliRun {
@@ -80,6 +96,7 @@ export function startCli({
     ...wrapper,
     ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', ...preload, SCRIPT]),
     ...args,
+    ...ownConfigDir(args),
   ];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
@@ -122,6 +139,28 @@ export async function tempDir(prefix = 'backup-db-test-'): Promise<string> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
   madeDirs.add(dir);
   return dir;
+}
+
+/**
+ * A Unix socket listening at `file`. A socket's path holds 107 bytes at most (node cuts a longer one
+ * short, silently) and a long TMPDIR (macOS's is ~50 bytes) exceeds it: then it is bound in a short
+ * directory under /tmp and moved into place.
+ */
+export async function socketAt(file: string): Promise<net.Server> {
+  const listen = async (at: string) => {
+    const server = net.createServer().listen(at);
+    await once(server, 'listening');
+    return server;
+  };
+  if (Buffer.byteLength(file) <= 107) return listen(file);
+  const short = await fs.mkdtemp('/tmp/sock-');
+  try {
+    const server = await listen(path.join(short, 's'));
+    await fs.rename(path.join(short, 's'), file);
+    return server;
+  } finally {
+    await fs.rm(short, { recursive: true, force: true });
+  }
 }
 
 /** Write an env file from a map, one VAR=value per line. */

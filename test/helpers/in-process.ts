@@ -6,6 +6,7 @@
  * with real processes elsewhere.
  */
 import { main } from '../../backup_db.ts';
+import { ownConfigDir } from './cli.ts';
 
 export interface InProcessRun {
   exitCode: number;
@@ -16,7 +17,7 @@ export interface InProcessRun {
 export async function runMain(args: string[]): Promise<InProcessRun> {
   const stdout: string[] = [];
   const stderr: string[] = [];
-  const exitCode = await main([process.execPath, 'backup_db.ts', ...args], {
+  const exitCode = await main([process.execPath, 'backup_db.ts', ...args, ...ownConfigDir(args)], {
     out: (text) => stdout.push(`${text}\n`),
     err: (text) => stderr.push(`${text}\n`),
   });

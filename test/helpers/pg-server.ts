@@ -217,7 +217,7 @@ function pgvectorBinaries(): Binaries {
 }
 
 /** As root, the uid/gid of the `postgres` user the server must run as (created if missing). */
-async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
+export async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
   if (os.userInfo().uid !== 0) return undefined;
   const ids = async () => {
     const [uid, gid] = await Promise.all([execa('id', ['-u', 'postgres']), execa('id', ['-g', 'postgres'])]);
@@ -226,10 +226,36 @@ async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
   try {
     return await ids();
   } catch {
-    await execa('useradd', ['--system', '--user-group', '--no-create-home', 'postgres']).catch(() =>
-      execa('useradd', ['--system', '-g', 'postgres', 'postgres']),
-    );
+    // Test files start at once, and concurrent useradds lose each other's users (each reporting
+    // success) or fail (exit 9, it exists): one at a time, under a lock on /etc, and only if still missing.
+    const create = 'useradd --system --user-group --no-create-home postgres || useradd --system -g postgres postgres';
+    await execa('flock', ['/etc', 'sh', '-c', `id postgres >/dev/null 2>&1 || ${create}`]);
     return ids();
+  }
+}
+
+/**
+ * As root, where the server user cannot reach `target` (run it, or pass through it): the first
+ * directory on the way it may not pass, else `target` itself. Root's own access proves nothing.
+ */
+async function blockedFor(user: { uid: number; gid: number }, target: string) {
+  const can = async (file: string) => (await execa('test', ['-x', file], { ...user, reject: false })).exitCode === 0;
+  if (await can(target)) return undefined;
+  const parts = target.split(path.sep);
+  const parents = parts.slice(1, -1).map((_, i) => parts.slice(0, i + 2).join(path.sep));
+  for (const dir of parents) if (!(await can(dir))) return dir;
+  return target;
+}
+
+/** The server runs as the postgres user: it must reach the binaries and the data root, or the failure says where. */
+async function assertServerUserReaches(user: { uid: number; gid: number }, binaries: Binaries, root: string) {
+  for (const target of [binaries.initdb, binaries.postgres, root]) {
+    const blocked = await blockedFor(user, target);
+    if (blocked)
+      throw new Error(
+        `the test server runs as the postgres user, who cannot reach ${target}: let it through ${blocked} ` +
+          `(chmod o+x), or run the tests from a directory and TMPDIR it can reach`,
+      );
   }
 }
 
@@ -241,7 +267,10 @@ function runAs(
   env: Record<string, string> = {},
 ): ChildProcess {
   const environment = { ...process.env, LC_ALL: 'C', ...env };
-  return spawn(binary, args, { ...user, env: environment, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(binary, args, { ...user, env: environment, stdio: ['ignore', 'pipe', 'pipe'] });
+  // A binary it cannot run (EACCES) must fail the start with the reason, not crash the test process.
+  child.on('error', (error) => child.stderr?.emit('data', `${binary}: ${error.message}\n`));
+  return child;
 }
 
 /** initdb a fresh cluster, or copy `primary`'s with pg_basebackup (PATH's) and -R to follow it as a standby. */
@@ -299,6 +328,11 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   roots.add(root);
   // mkdtemp makes the directory 0700; the server user must reach into it.
   await fs.chmod(root, 0o755);
+  if (user)
+    await assertServerUserReaches(user, binaries, root).catch(async (error) => {
+      await fs.rm(root, { recursive: true, force: true });
+      throw error;
+    });
   const dataDir = path.join(root, 'data');
   await fs.mkdir(dataDir, { mode: 0o700 });
   if (user) await fs.chown(dataDir, user.uid, user.gid);
@@ -310,7 +344,8 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   };
 
   const passwordFile = path.join(root, 'password');
-  await fs.writeFile(passwordFile, `${password}\n`, { mode: 0o644 });
+  await fs.writeFile(passwordFile, `${password}\n`);
+  await fs.chmod(passwordFile, 0o644); // for initdb, as the server user, whatever the umask
   const initdb = createCluster(binaries, dataDir, passwordFile, user, options.standbyOf);
   initdb.stdout!.on('data', (chunk) => logLines.push(String(chunk)));
   initdb.stderr!.on('data', (chunk) => logLines.push(String(chunk)));
@@ -320,8 +355,10 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
 
   const tls = options.tlsOnly ? await serverIdentity(root, options.certificate) : undefined;
   if (tls) {
-    // The key must belong to the server's user; pg_hba then admits TLS connections only.
+    // The key must belong to the server's user, who must read the certificate whatever the umask;
+    // pg_hba then admits TLS connections only.
     if (user) await fs.chown(tls.key, user.uid, user.gid);
+    await fs.chmod(tls.cert, 0o644);
     const auth = `scram-sha-256${options.clientCertificates ? ' clientcert=verify-full' : ''}`;
     await fs.writeFile(
       path.join(dataDir, 'pg_hba.conf'),
@@ -329,9 +366,11 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     );
   }
   const client = tls && options.clientCertificates ? await clientCertificate(root, tls, 'postgres') : undefined;
-  const socketDir = options.listenEverywhere ? path.join(root, 'socket') : undefined;
+  // Short, under /tmp: a socket's path holds 107 bytes, and a long TMPDIR (macOS's ~50) exceeds it.
+  const socketDir = options.listenEverywhere ? await fs.mkdtemp('/tmp/pgs-') : undefined;
   if (socketDir) {
-    await fs.mkdir(socketDir, { mode: 0o755 });
+    roots.add(socketDir);
+    await fs.chmod(socketDir, 0o755);
     if (user) await fs.chown(socketDir, user.uid, user.gid);
   }
   const settings: Record<string, string> = {
@@ -424,8 +463,10 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
       server.kill('SIGINT'); // fast shutdown
       await exited;
       running.delete(server);
-      await fs.rm(root, { recursive: true, force: true });
-      roots.delete(root);
+      for (const dir of socketDir ? [root, socketDir] : [root]) {
+        await fs.rm(dir, { recursive: true, force: true });
+        roots.delete(dir);
+      }
     },
   };
 }
