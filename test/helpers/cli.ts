@@ -95,8 +95,9 @@ export function startCli({
   const command = [
     ...wrapper,
     ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', ...preload, SCRIPT]),
-    ...args,
+    // First: a wrapper may append an argument of its own after them (see retention.test.ts).
     ...ownConfigDir(args),
+    ...args,
   ];
   const argv = withoutRootOverride && os.userInfo().uid === 0 ? [...ROOT_WITHOUT_DAC_OVERRIDE, ...command] : command;
   return execa(argv[0]!, argv.slice(1), {
