@@ -4043,24 +4043,32 @@ async function assertReadableFile(filePath: string): Promise<void> {
 }
 
 /**
- * Refuse a path argument where a name that is not UTF-8 may stand for a U+FFFD in it: Node decodes
- * argv lossily, so `app_\xff.dump` arrives as `app_\uFFFD.dump`, which may be another file's name.
+ * Why `argument` cannot say which file it means, if a name that is not UTF-8 may stand for a U+FFFD in it:
+ * Node decodes argv and the environment lossily, so `app_\xff.dump` arrives as `app_\uFFFD.dump`, which may
+ * be another file's name (made, written, deleted in its stead). With the hint to rename it.
  */
-async function assertPathArgumentKnown(argument: string): Promise<void> {
-  if (!argument.includes('\uFFFD')) return;
+async function misreadPath(argument: string): Promise<{ why: string; hint: string } | undefined> {
+  if (!argument.includes('\uFFFD')) return undefined;
   const parts = path.resolve(argument).split(path.sep);
   for (const [i, part] of parts.entries()) {
     const parent = parts.slice(0, i).join(path.sep) || path.sep;
     const names = part.includes('\uFFFD') ? await fs.readdir(parent, { encoding: 'buffer' }).catch(() => []) : [];
     const raw = names.find((name) => !utf8FileName(name) && name.toString() === part);
     if (raw)
-      throw verifyInputError(
-        'file name is not UTF-8',
-        `${displayPath(argument)}: ${bytesShown(raw)} in ${displayPath(parent)} has a name that is not UTF-8, ` +
+      return {
+        why:
+          `${displayPath(argument)}: ${bytesShown(raw)} in ${displayPath(parent)} has a name that is not UTF-8, ` +
           `which reaches this tool as ${part}, so the command line cannot say which file it means`,
-        [`Rename it to a UTF-8 name (ls -b ${shellWord(displayPath(parent))} shows its bytes)`],
-      );
+        hint: `Rename it to a UTF-8 name (ls -b ${shellWord(displayPath(parent))} shows its bytes)`,
+      };
   }
+  return undefined;
+}
+
+/** A backup to verify or restore named through a name that is not UTF-8 (misreadPath): exit 8. */
+async function assertPathArgumentKnown(argument: string): Promise<void> {
+  const misread = await misreadPath(argument);
+  if (misread) throw verifyInputError('file name is not UTF-8', misread.why, [misread.hint]);
 }
 
 /** --verify FILE: the file against its metadata. Every problem is exit 8, each with its own message. */
@@ -6422,6 +6430,14 @@ async function appendToRegularFile(file: string, text: string, mode: number): Pr
   }
 }
 
+/** The paths the settings name must be the ones meant (see misreadPath): exit 2 before anything is written. */
+async function assertSettingPathsKnown(paths: Array<[setting: string, path: string | undefined]>): Promise<void> {
+  for (const [setting, given] of paths) {
+    const misread = given === undefined ? undefined : await misreadPath(given);
+    if (misread) throw configError(`${setting} ${misread.why}`, [misread.hint]);
+  }
+}
+
 /**
  * The log and metrics files must be regular files or not exist yet: a directory can never be
  * written, and a FIFO would hold the run up once its work is done. Refused before the run.
@@ -8138,7 +8154,11 @@ async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined,
   const vars = loaded ?? (await loadEnvVars(path.resolve(opts.configDir), process.env).catch(() => new Map()));
   const { logFile, metricsFile, ...usable } = resolveAutomation(opts, settingReader(vars, true));
   const files = { logFile, metricsFile };
-  const refused = await checkRecordFiles({ ...usable, ...files }).then(
+  const known = assertSettingPathsKnown([
+    ['--log-file', logFile],
+    ['--metrics-file', metricsFile],
+  ]);
+  const refused = await Promise.all([known, checkRecordFiles({ ...usable, ...files })]).then(
     () => false,
     () => true,
   );
@@ -8247,6 +8267,11 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     vars = await loadEnvVars(path.resolve(opts.configDir), process.env);
     secrets.push(...secretsIn(vars));
     const settings = resolveSettings(opts, vars, mode.command);
+    await assertSettingPathsKnown([
+      ['--output-dir', outputDirOf(opts)],
+      ['--log-file', settings.automation.logFile],
+      ['--metrics-file', settings.automation.metricsFile],
+    ]);
     await checkRecordFiles(settings.automation);
     automation = settings.automation;
     secrets.push(...automationSecrets(automation));

@@ -180,6 +180,34 @@ describe('paths with garbage', () => {
     assert.doesNotMatch(result.stderr, /chown|writable/);
   });
 
+  test('a path whose name is not UTF-8 (--output-dir, --log-file, --metrics-file) → exit 2, nothing written', async () => {
+    // Node decodes argv lossily: o\xff arrives as o\uFFFD, another directory's name, which would be made and used.
+    const parent = await tempDir();
+    const raw = Buffer.from([...Buffer.from(`${parent}/o`), 0xff]);
+    await fs.mkdir(raw);
+    const configDir = await tempDir();
+    const elsewhere = path.join(await tempDir(), 'backups');
+    for (const option of ['--output-dir', '--log-file', '--metrics-file']) {
+      const target = option === '--output-dir' ? '$RAW' : '$RAW/x';
+      const result = await runCli({
+        args: [
+          '--env',
+          'dev',
+          '--config-dir',
+          configDir,
+          ...(option === '--output-dir' ? [] : ['--output-dir', elsewhere]),
+        ],
+        wrapper: ['sh', '-c', `exec "$@" ${option} "$(printf "${target}")"`, 'sh'],
+        env: { ...dbVars(server, 'DEV_DB_', 'input_app'), RAW: `${parent}/o\\377` },
+      });
+      assert.equal(result.exitCode, 2, `${option}: ${result.stdout}${result.stderr}`);
+      assert.match(result.stderr, new RegExp(`^Error: ${option}.*o\\\\xff in .* has a name that is not UTF-8`, 'm'));
+      assert.deepEqual(await fs.readdir(parent), [raw.subarray(parent.length + 1).toString()], option);
+      assert.deepEqual(await fs.readdir(raw), [], `${option}: nothing written in the directory meant`);
+      assert.equal(await fs.stat(elsewhere).catch(() => undefined), undefined, `${option}: no backup taken`);
+    }
+  });
+
   test('an output directory that is a device or a file → exit 4, hints about the path, not about its owner', async () => {
     const file = path.join(await tempDir(), 'a file');
     await fs.writeFile(file, 'keep me');
