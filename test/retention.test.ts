@@ -949,6 +949,22 @@ describe('retention on real backups', () => {
     },
   );
 
+  /**
+   * --prune --keep-last 1 in a /tmp-like directory: anyone may create files, only a file's owner (or the
+   * directory's) may delete it; uid 12345 owns `files` and the directory; root's overrides dropped.
+   */
+  async function pruneInStickyDirectory(dir: string, files: string[]) {
+    for (const name of files) await fs.chown(path.join(dir, name), 12345, 12345);
+    await fs.chown(dir, 12345, 12345);
+    await fs.chmod(dir, 0o1777);
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
+    return runCli({
+      args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
+      wrapper: ['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner', '--'],
+    });
+  }
+
   test(
     "another user's backup in a sticky directory: --prune says it may not delete it (EPERM), not ENOTDIR",
     skipUnless(process.getuid?.() === 0 ? noSetpriv : 'needs root, to give files to another user'),
@@ -957,19 +973,8 @@ describe('retention on real backups', () => {
       await fs.mkdir(dir);
       const names = [];
       for (const iso of ['2025-01-01T02:00:00Z', '2025-01-02T02:00:00Z']) names.push(await pastBackup(dir, iso));
-      // /tmp-like: anyone may create files, only a file's owner may delete it; uid 12345 owns all here.
-      for (const name of [...names, ...names.map(metadataOf)]) {
-        await fs.chmod(path.join(dir, name), 0o644);
-        await fs.chown(path.join(dir, name), 12345, 12345);
-      }
-      await fs.chown(dir, 12345, 12345);
-      await fs.chmod(dir, 0o1777);
-      const configDir = await tempDir();
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-      const result = await runCli({
-        args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
-        wrapper: ['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner', '--'],
-      });
+      for (const name of [...names, ...names.map(metadataOf)]) await fs.chmod(path.join(dir, name), 0o644);
+      const result = await pruneInStickyDirectory(dir, [...names, ...names.map(metadataOf)]);
       assert.equal(result.exitCode, 4, result.stdout + result.stderr);
       assert.match(
         result.stderr,
@@ -989,16 +994,7 @@ describe('retention on real backups', () => {
       await fs.mkdir(dir);
       const forged = await backupNamed(dir, 'ret_app_dev_Y\n✓ Deleted 0 backups\n.dump', '2025-01-01T02:00:00Z');
       await pastBackup(dir, '2025-01-02T02:00:00Z');
-      // /tmp-like: anyone may create files, only a file's owner (or the directory's) may delete it.
-      await fs.chown(path.join(dir, forged), 12345, 12345);
-      await fs.chown(dir, 12345, 12345);
-      await fs.chmod(dir, 0o1777);
-      const configDir = await tempDir();
-      await writeEnvFile(configDir, '.env', dbVars(server, 'DEV_DB_', 'ret_app'));
-      const result = await runCli({
-        args: ['--prune', '--keep-last', '1', '--env', 'dev', '--config-dir', configDir, '--output-dir', dir],
-        wrapper: ['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner', '--'],
-      });
+      const result = await pruneInStickyDirectory(dir, [forged]);
       assert.equal(result.exitCode, 4, result.stdout + result.stderr);
       assert.match(result.stderr, /not allowed to delete ret_app_dev_Y\\n✓ Deleted 0 backups\\n\.dump \(owned/);
       assert.doesNotMatch(result.stderr, /^✓/m);
