@@ -5224,7 +5224,8 @@ async function createDatabase(admin: pg.Client, name: string, like: DatabaseOpti
 }
 
 const SQL_NAME = String.raw`(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)`;
-const SQL_LITERAL = String.raw`'(?:[^']|'')*'`;
+// pg_dump writes a setting's value holding a backslash as E'...' (appendStringLiteralConn), read whole here.
+const SQL_LITERAL = String.raw`(?:'(?:[^']|'')*'|E'(?:[^'\\]|''|\\.)*')`;
 const SQL_VALUES = `${SQL_LITERAL}(?:, ${SQL_LITERAL})*`;
 /** The forms pg_dump writes a database's settings and comment in, each rebuilt for the target (`$db`). */
 const DATABASE_PROPERTY_FORMS: Array<{ form: RegExp; build: (db: string, ...parts: string[]) => [string, string] }> = [

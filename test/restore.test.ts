@@ -630,6 +630,7 @@ describe("the backup's own database: its encoding and locale, its settings and c
     await withDatabase(source, (c) =>
       c.query(`CREATE SCHEMA app; CREATE TABLE app.t (id int); INSERT INTO app.t VALUES (1), (2);
         ALTER DATABASE ${source} SET search_path = app, public, "we'ird"; ALTER DATABASE ${source} SET statement_timeout = '7s';
+        ALTER DATABASE ${source} SET "x.dir" = 'C:\\app';
         ALTER ROLE ${role} IN DATABASE ${source} SET work_mem = '77MB'; ALTER ROLE ${gone} IN DATABASE ${source} SET work_mem = '5MB';
         COMMENT ON DATABASE ${source} IS 'the app''s db; ALTER DATABASE postgres SET work_mem = ''1MB'';';
         ALTER DATABASE ${source} CONNECTION LIMIT 50`),

@@ -1390,6 +1390,18 @@ describe('restore helpers', () => {
     assert.equal(archiveDatabaseOptions('CREATE DATABASE app;'), undefined);
   });
 
+  test("databasePropertyStatements takes the E'' literals pg_dump writes for values holding a backslash", () => {
+    const printed = String.raw`ALTER DATABASE src SET search_path TO E'C:\\app', 'public';
+ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
+    assert.deepEqual(databasePropertyStatements(printed, 'copy'), {
+      statements: [
+        { sql: String.raw`ALTER DATABASE "copy" SET search_path TO E'C:\\app', 'public'`, what: 'SET search_path' },
+        { sql: String.raw`ALTER DATABASE "copy" SET "x.dir" TO E'it''s\\'`, what: 'SET "x.dir"' },
+      ],
+      skipped: [],
+    });
+  });
+
   test('databasePropertyStatements rebuilds the settings and comment for the target from what it read, never the text', () => {
     const printed = [
       '-- Name: DATABASE "db props"; Type: COMMENT; Schema: -; Owner: postgres',
