@@ -5197,6 +5197,20 @@ export function databaseOptionsFor(options: DatabaseOptions, major: number): Dat
   return major < 15 && provider === 'libc' ? rest : options;
 }
 
+/** The first major whose databases take each locale provider but libc. */
+const PROVIDER_SINCE: Record<string, { name: string; since: number }> = {
+  icu: { name: 'ICU', since: 15 },
+  builtin: { name: 'builtin', since: 17 },
+};
+
+/** Pure: why a server of `major` cannot create a database of the backup's locale provider. */
+export function unsupportedProvider(options: DatabaseOptions, major: number): string | undefined {
+  const provider = PROVIDER_SINCE[options.LOCALE_PROVIDER ?? ''];
+  if (!provider || major >= provider.since) return undefined;
+  const name = `PostgreSQL ${major} has no ${provider.name} provider for databases`;
+  return `${name}: restore to PostgreSQL ${provider.since} or later`;
+}
+
 /**
  * Create a database from template0 (a clean one, whatever was added to template1), `like` the backup's:
  * created with the server's defaults, a SQL_ASCII database's bytes would be stored unchecked in a UTF8
@@ -5289,6 +5303,15 @@ async function applyDatabaseProperties(admin: pg.Client, target: string, sql: st
   }
   if (skipped.length > 0)
     warn(`Not carried over to "${shown}"`, `the backup's database's ${skipped.join('; ')}; set it yourself if needed`);
+}
+
+/** A provider the server predates: its own error ("option not recognized") would point at the locale. */
+function assertProviderSupported(like: DatabaseOptions, major: number): void {
+  const missing = unsupportedProvider(like, major);
+  if (missing)
+    throw new BackupError(EXIT.BACKUP_FAILED, "The target server cannot create the backup's database", missing, [
+      'Nothing was restored, created or dropped',
+    ]);
 }
 
 /**
@@ -5968,6 +5991,7 @@ async function restorePipeline(
         // before the file has been proven; the re-read went on during the checks above. An interrupt
         // stops it: the target is left exactly as it was.
         const like = backupDatabase && databaseOptionsFor(backupDatabase, server.major);
+        if (like) assertProviderSupported(like, server.major);
         if (like && state === 'empty' && !request.clean) await assertEncodingFits(admin, config, target, like);
         if (state !== 'missing' && request.clean) await assertMayCreateDatabase(admin, config, target);
         await archive.checksum;

@@ -28,7 +28,7 @@ import {
 import { hashFile } from '../backup_db.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
-import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
+import { freePort, startTestServer, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
@@ -37,6 +37,7 @@ const noTerminal = await unmet('script');
 const noProc = await unmet('proc');
 const noSetpriv = await unmet('setpriv');
 const noPidNamespace = await unmet('pidNamespace');
+const noOldServers = await unmet('oldServers');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -622,6 +623,47 @@ describe("the backup's own database: its encoding and locale, its settings and c
       );
     assert.equal(await order(target), 'a,Ä,B,c');
   });
+
+  test(
+    'an ICU database restored to PostgreSQL 14: exit 7 saying it has no ICU provider, the --clean target intact',
+    { timeout: 120_000, ...skipUnless(noOldServers) },
+    async (t) => {
+      const sql = "SELECT count(*)::int AS n FROM pg_collation WHERE collprovider = 'i'";
+      const icu = await withDatabase('postgres', async (c) => (await c.query<{ n: number }>(sql)).rows[0]!.n);
+      if (icu === 0) return t.skip('this PostgreSQL build has no ICU');
+      const { backup: taken } = await backupOfDatabase('rs_icu14', "LOCALE_PROVIDER icu ICU_LOCALE 'de' LOCALE 'C'", [
+        'CREATE TABLE w (s text)',
+      ]);
+      const pg14 = await startTestServer({ major: 14 });
+      try {
+        const dir = await tempDir();
+        await writeEnvFile(dir, '.env', dbVars(pg14, 'DEV_DB_', 'postgres'));
+        await pg14.createDatabase('kept', 'CREATE TABLE old (v int); INSERT INTO old VALUES (1)');
+        const args = [
+          '--restore',
+          taken.dumpPath,
+          '--target-db',
+          'kept',
+          '--clean',
+          '--env',
+          'dev',
+          '--config-dir',
+          dir,
+        ];
+        const refused = await runCli({ args });
+        assert.equal(refused.exitCode, 7, refused.stderr);
+        assert.match(
+          refused.stderr,
+          /PostgreSQL 14 has no ICU provider for databases: restore to PostgreSQL 15 or later/,
+        );
+        assert.doesNotMatch(refused.stderr, /locale-gen/);
+        const kept = await withDatabase('kept', async (c) => (await c.query('SELECT v FROM old')).rows, pg14);
+        assert.deepEqual(kept, [{ v: 1 }]);
+      } finally {
+        await pg14.stop();
+      }
+    },
+  );
 
   test("its settings and comment are the target's too; one that cannot be applied (a role missing here) is a warning", async () => {
     const [source, role, gone] = [uniqueName('rs_props'), uniqueName('rs_role'), uniqueName('rs_gone')];

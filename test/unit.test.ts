@@ -20,6 +20,7 @@ import {
   archiveDatabaseOptions,
   databasePropertyStatements,
   databaseOptionsFor,
+  unsupportedProvider,
   BackupError,
   dbnameConninfo,
   fetchFailure,
@@ -1400,6 +1401,19 @@ ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
       ],
       skipped: [],
     });
+  });
+
+  test('unsupportedProvider: a server before 15 has only libc databases, before 17 no builtin provider', () => {
+    const icu = { ENCODING: 'UTF8', LOCALE_PROVIDER: 'icu', ICU_LOCALE: 'de' };
+    const icu14 = 'PostgreSQL 14 has no ICU provider for databases: restore to PostgreSQL 15 or later';
+    assert.equal(unsupportedProvider(icu, 14), icu14);
+    assert.equal(unsupportedProvider(icu, 15), undefined);
+    const builtin = { ENCODING: 'UTF8', LOCALE_PROVIDER: 'builtin', BUILTIN_LOCALE: 'C' };
+    const builtin16 = 'PostgreSQL 16 has no builtin provider for databases: restore to PostgreSQL 17 or later';
+    assert.equal(unsupportedProvider(builtin, 16), builtin16);
+    assert.equal(unsupportedProvider(builtin, 17), undefined);
+    assert.equal(unsupportedProvider({ LOCALE_PROVIDER: 'libc' }, 13), undefined);
+    assert.equal(unsupportedProvider({ ENCODING: 'LATIN1' }, 13), undefined);
   });
 
   test('databasePropertyStatements rebuilds the settings and comment for the target from what it read, never the text', () => {
