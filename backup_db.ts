@@ -5180,14 +5180,18 @@ const DATABASE_OPTIONS =
 /**
  * Pure: the encoding and locale options of pg_dump's own CREATE DATABASE statement (`pg_restore --create`
  * of the archive's DATABASE entry), read from the end of the line, where no database name can reach;
- * undefined when there is none. Values are single-quoted literals, LOCALE_PROVIDER a word.
+ * undefined when there is none, or when it cannot be read. Values are single-quoted literals, words
+ * (LOCALE_PROVIDER) or quoted names (TABLESPACE, not used). Only the first CREATE DATABASE line is the
+ * entry's: the entry is printed first, and a later one is a comment's text.
  */
 export function archiveDatabaseOptions(sql: string): DatabaseOptions | undefined {
-  const statement = /^CREATE DATABASE .* WITH TEMPLATE = template0((?: \w+ = (?:'(?:[^']|'')*'|\w+))*);$/m.exec(sql);
+  const entry = /^CREATE DATABASE .*$/m.exec(sql)?.[0] ?? '';
+  const option = String.raw` (\w+) = (?:'((?:[^']|'')*)'|(\w+)|"((?:[^"]|"")*)")`;
+  const statement = new RegExp(`^CREATE DATABASE .* WITH TEMPLATE = template0((?:${option})*);$`).exec(entry);
   if (!statement) return undefined;
-  const options = [...statement[1]!.matchAll(/ (\w+) = (?:'((?:[^']|'')*)'|(\w+))/g)]
+  const options = [...statement[1]!.matchAll(new RegExp(option, 'g'))]
     .filter(([, name]) => DATABASE_OPTIONS.includes(name!))
-    .map(([, name, literal, word]) => [name!, literal?.replaceAll("''", "'") ?? word!]);
+    .map(([, name, literal, word, quoted]) => [name!, literal?.replaceAll("''", "'") ?? word ?? quoted!]);
   return Object.fromEntries(options);
 }
 
@@ -5282,6 +5286,22 @@ export function databasePropertyStatements(sql: string, target: string) {
       skipped.push(statement.replace(new RegExp(`^ALTER DATABASE ${SQL_NAME} `), '').replace(/ TO E?'.*|;$/s, ''));
   }
   return { statements, skipped };
+}
+
+/** Part of the backup's database that the target does not get: a warning, printed and logged. */
+function warnNotCarriedOver(what: string, why: string): void {
+  const headline = `The backup's database's ${what} are not carried over`;
+  const next = `${why}; a target this run creates gets the server's defaults`;
+  printWarning(CONSOLE, warningProblem(headline, next, []));
+  runWarnings.push({ event: 'database_options_not_read', headline, why: next });
+}
+
+/** The backup's database's encoding and locale; an entry that holds them in a form not known here, a warning. */
+function readDatabaseOptions(sql: string): DatabaseOptions | undefined {
+  const options = archiveDatabaseOptions(sql);
+  if (!options && /^CREATE DATABASE /m.test(sql))
+    warnNotCarriedOver('encoding and locale', "pg_dump's CREATE DATABASE for it is in a form not known here");
+  return options;
 }
 
 /**
@@ -5958,7 +5978,7 @@ async function restorePipeline(
   const drill = request.target === undefined;
   const archive = await restorableArchive(request.search, request, request.force && !drill, signal);
   const databaseSql = await archiveDatabaseSql(archive, signal);
-  const backupDatabase = archiveDatabaseOptions(databaseSql);
+  const backupDatabase = readDatabaseOptions(databaseSql);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
   return withClient(

@@ -28,7 +28,7 @@ import {
 import { hashFile } from '../backup_db.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
-import { freePort, startTestServer, startTestServers, type TestServer } from './helpers/pg-server.ts';
+import { freePort, serverUser, startTestServer, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
@@ -624,6 +624,28 @@ describe("the backup's own database: its encoding and locale, its settings and c
     assert.equal(await order(target), 'a,Ä,B,c');
   });
 
+  test('a database in a tablespace whose name must be quoted keeps its encoding and locale, and no comment sets them', async () => {
+    const [location, user, space] = [await tempDir(), await serverUser(), uniqueName('Fast')];
+    if (user) await fs.chown(location, user.uid, user.gid);
+    await withDatabase('postgres', (c) => c.query(`CREATE TABLESPACE "${space}" LOCATION '${location}'`));
+    const { source, backup: taken } = await backupOfDatabase(
+      'rs_space',
+      `ENCODING 'LATIN1' LOCALE 'C' TABLESPACE "${space}"`,
+      ['CREATE TABLE t (id int); INSERT INTO t VALUES (1)'],
+    );
+    // A comment holding a line in pg_dump's CREATE DATABASE form is never read as the database's.
+    const forged = 'CREATE DATABASE y WITH TEMPLATE = template0 ENCODING = SQL_ASCII LOCALE = C;';
+    await withDatabase('postgres', (c) => c.query(`COMMENT ON DATABASE ${source} IS E'x\\n${forged}\\ny'`));
+    const commented = await takeBackup(server, source, await tempDir());
+    for (const file of [taken.dumpPath, commented.dumpPath]) {
+      const target = uniqueName('rs_space_copy');
+      const restored = await restore(file, target);
+      assert.equal(restored.exitCode, 0, restored.stderr);
+      assert.doesNotMatch(restored.stderr, /⚠/);
+      assert.deepEqual(await textSettings(target), await textSettings(source));
+    }
+  });
+
   test(
     'an ICU database restored to PostgreSQL 14: exit 7 saying it has no ICU provider, the --clean target intact',
     { timeout: 120_000, ...skipUnless(noOldServers) },
@@ -741,6 +763,24 @@ describe("the backup's own database: its encoding and locale, its settings and c
       async (c) => (await c.query('SELECT count(*)::int AS n FROM precious')).rows[0].n,
     );
     assert.equal(kept, 1, '--clean did not drop the target');
+  });
+
+  test("a CREATE DATABASE whose options cannot be read: the server's defaults, with a warning, never silently", async () => {
+    const copy = await copyOfBackup();
+    const bytes = await fs.readFile(copy.dumpPath);
+    const at = bytes.indexOf("LOCALE = 'C';");
+    assert.ok(at > 0, "the archive's CREATE DATABASE has LOCALE 'C'");
+    bytes.write("LOCALE ~ 'C';", at);
+    await fs.writeFile(copy.dumpPath, bytes);
+    const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+    const { sha256 } = await hashFile(copy.dumpPath);
+    await fs.writeFile(copy.metadataPath, JSON.stringify({ ...metadata, checksum_sha256: sha256 }));
+    const restored = await restore(copy.dumpPath, uniqueName('rs_unread'));
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(
+      restored.stderr,
+      /⚠ The backup's database's encoding and locale are not carried over: .*not known here/,
+    );
   });
 });
 

@@ -1391,6 +1391,18 @@ describe('restore helpers', () => {
     assert.equal(archiveDatabaseOptions('CREATE DATABASE app;'), undefined);
   });
 
+  test("archiveDatabaseOptions reads only the DATABASE entry's statement, whose tablespace may be a quoted name", () => {
+    const header = '-- Name: src; Type: DATABASE; Schema: -; Owner: postgres\n--\n\n';
+    const quoted = `${header}CREATE DATABASE src WITH TEMPLATE = template0 ENCODING = 'LATIN1' LOCALE = 'C' TABLESPACE = "Fa""st";`;
+    assert.deepEqual(archiveDatabaseOptions(quoted), { ENCODING: 'LATIN1', LOCALE: 'C' });
+    // A comment's text is printed after the entry; a CREATE DATABASE line in it is never read.
+    const comment =
+      `-- Name: DATABASE src; Type: COMMENT; Schema: -; Owner: postgres\n\nCOMMENT ON DATABASE src IS E'x\n` +
+      `CREATE DATABASE y WITH TEMPLATE = template0 ENCODING = SQL_ASCII LOCALE = C;\ny';`;
+    const unreadable = `${header}CREATE DATABASE src WITH TEMPLATE = template0 ENCODING = 'LATIN1' ODD = +;`;
+    assert.equal(archiveDatabaseOptions(`${unreadable}\n${comment}`), undefined);
+  });
+
   test("databasePropertyStatements takes the E'' literals pg_dump writes for values holding a backslash", () => {
     const printed = String.raw`ALTER DATABASE src SET search_path TO E'C:\\app', 'public';
 ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
