@@ -5754,24 +5754,30 @@ const DATABASE_ENTRY = /^\d+; \d+ \d+ (?:DATABASE - |DATABASE PROPERTIES - |COMM
  */
 async function archiveDatabaseSql({ pgRestore, readPath }: RestorableArchive, signal: AbortSignal): Promise<string> {
   const listed = await runWithoutConnecting(pgRestore.path, ['--create', '--list', readPath], signal);
+  signal.throwIfAborted();
+  if (listed.exitCode !== 0)
+    throw new BackupError(
+      EXIT.BACKUP_FAILED,
+      'pg_restore cannot read the archive',
+      toolMessage(String(listed.stderr)),
+      ['Nothing was restored or created'],
+    );
   const entries = String(listed.stdout)
     .split('\n')
     .filter((line) => DATABASE_ENTRY.test(line));
-  if (listed.exitCode === 0 && entries.length === 0) return '';
+  if (entries.length === 0) return '';
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'backup_db-'));
   try {
     const list = path.join(dir, 'database.list');
     await fs.writeFile(list, `${entries.join('\n')}\n`, { mode: 0o600 });
     const args = ['--create', '--schema-only', `--use-list=${list}`, '--file=-', readPath];
-    const printed = listed.exitCode === 0 ? await runWithoutConnecting(pgRestore.path, args, signal) : listed;
+    const printed = await runWithoutConnecting(pgRestore.path, args, signal);
     signal.throwIfAborted();
     if (printed.exitCode === 0) return String(printed.stdout);
-    throw new BackupError(
-      EXIT.BACKUP_FAILED,
-      'pg_restore cannot read the archive',
-      toolMessage(String(printed.stderr)),
-      ['Nothing was restored or created'],
-    );
+    // pg_restore refuses to print some (a name holding a line break), yet restores the rest of the archive.
+    const why = `pg_restore cannot print its entry: ${toolMessage(String(printed.stderr))}`;
+    warnNotCarriedOver('encoding, locale, settings and comment', why);
+    return '';
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
   }

@@ -603,6 +603,23 @@ describe("the backup's own database: its encoding and locale, its settings and c
     );
   });
 
+  test('a database whose name holds a line break, which pg_restore cannot print: restored and drilled with a warning', async () => {
+    const source = `${uniqueName('rs_line')}\nbreak`;
+    await server.createDatabase(source, 'CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2)');
+    const taken = await takeBackup(server, source, await tempDir());
+    const target = uniqueName('rs_line_copy');
+    const restored = await restore(taken.dumpPath, target);
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    const warning = /⚠ The backup's database's encoding, locale, settings and comment are not carried over: .*newline/;
+    assert.match(restored.stderr, warning);
+    await assertSameDatabases(server, source, target);
+    const drill = await runCli({
+      args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    assert.match(drill.stderr, warning);
+  });
+
   test('an ICU database keeps its provider and ICU locale, and so its sort order', async (t) => {
     const sql = "SELECT count(*)::int AS n FROM pg_collation WHERE collprovider = 'i'";
     const icu = await withDatabase('postgres', async (c) => (await c.query<{ n: number }>(sql)).rows[0]!.n);
