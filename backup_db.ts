@@ -5188,14 +5188,18 @@ const DATABASE_OPTIONS =
 /**
  * Pure: the encoding and locale options of pg_dump's own CREATE DATABASE statement (`pg_restore --create`
  * of the archive's DATABASE entry), read from the end of the line, where no database name can reach;
- * undefined when there is none. Values are single-quoted literals, LOCALE_PROVIDER a word.
+ * undefined when there is none, or when it cannot be read. Values are single-quoted literals, words
+ * (LOCALE_PROVIDER) or quoted names (TABLESPACE, not used). Only the first CREATE DATABASE line is the
+ * entry's: the entry is printed first, and a later one is a comment's text.
  */
 export function archiveDatabaseOptions(sql: string): DatabaseOptions | undefined {
-  const statement = /^CREATE DATABASE .* WITH TEMPLATE = template0((?: \w+ = (?:'(?:[^']|'')*'|\w+))*);$/m.exec(sql);
+  const entry = /^CREATE DATABASE .*$/m.exec(sql)?.[0] ?? '';
+  const option = String.raw` (\w+) = (?:'((?:[^']|'')*)'|(\w+)|"((?:[^"]|"")*)")`;
+  const statement = new RegExp(`^CREATE DATABASE .* WITH TEMPLATE = template0((?:${option})*);$`).exec(entry);
   if (!statement) return undefined;
-  const options = [...statement[1]!.matchAll(/ (\w+) = (?:'((?:[^']|'')*)'|(\w+))/g)]
+  const options = [...statement[1]!.matchAll(new RegExp(option, 'g'))]
     .filter(([, name]) => DATABASE_OPTIONS.includes(name!))
-    .map(([, name, literal, word]) => [name!, literal?.replaceAll("''", "'") ?? word!]);
+    .map(([, name, literal, word, quoted]) => [name!, literal?.replaceAll("''", "'") ?? word ?? quoted!]);
   return Object.fromEntries(options);
 }
 
@@ -5203,6 +5207,20 @@ export function archiveDatabaseOptions(sql: string): DatabaseOptions | undefined
 export function databaseOptionsFor(options: DatabaseOptions, major: number): DatabaseOptions {
   const { LOCALE_PROVIDER: provider, ...rest } = options;
   return major < 15 && provider === 'libc' ? rest : options;
+}
+
+/** The first major whose databases take each locale provider but libc. */
+const PROVIDER_SINCE: Record<string, { name: string; since: number }> = {
+  icu: { name: 'ICU', since: 15 },
+  builtin: { name: 'builtin', since: 17 },
+};
+
+/** Pure: why a server of `major` cannot create a database of the backup's locale provider. */
+export function unsupportedProvider(options: DatabaseOptions, major: number): string | undefined {
+  const provider = PROVIDER_SINCE[options.LOCALE_PROVIDER ?? ''];
+  if (!provider || major >= provider.since) return undefined;
+  const name = `PostgreSQL ${major} has no ${provider.name} provider for databases`;
+  return `${name}: restore to PostgreSQL ${provider.since} or later`;
 }
 
 /**
@@ -5232,7 +5250,8 @@ async function createDatabase(admin: pg.Client, name: string, like: DatabaseOpti
 }
 
 const SQL_NAME = String.raw`(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)`;
-const SQL_LITERAL = String.raw`'(?:[^']|'')*'`;
+// pg_dump writes a setting's value holding a backslash as E'...' (appendStringLiteralConn), read whole here.
+const SQL_LITERAL = String.raw`(?:'(?:[^']|'')*'|E'(?:[^'\\]|''|\\.)*')`;
 const SQL_VALUES = `${SQL_LITERAL}(?:, ${SQL_LITERAL})*`;
 /** The forms pg_dump writes a database's settings and comment in, each rebuilt for the target (`$db`). */
 const DATABASE_PROPERTY_FORMS: Array<{ form: RegExp; build: (db: string, ...parts: string[]) => [string, string] }> = [
@@ -5277,6 +5296,22 @@ export function databasePropertyStatements(sql: string, target: string) {
   return { statements, skipped };
 }
 
+/** Part of the backup's database that the target does not get: a warning, printed and logged. */
+function warnNotCarriedOver(what: string, why: string): void {
+  const headline = `The backup's database's ${what} are not carried over`;
+  const next = `${why}; a target this run creates gets the server's defaults`;
+  printWarning(CONSOLE, warningProblem(headline, next, []));
+  runWarnings.push({ event: 'database_options_not_read', headline, why: next });
+}
+
+/** The backup's database's encoding and locale; an entry that holds them in a form not known here, a warning. */
+function readDatabaseOptions(sql: string): DatabaseOptions | undefined {
+  const options = archiveDatabaseOptions(sql);
+  if (!options && /^CREATE DATABASE /m.test(sql))
+    warnNotCarriedOver('encoding and locale', "pg_dump's CREATE DATABASE for it is in a form not known here");
+  return options;
+}
+
 /**
  * Give a restored target the backup's database's settings (search_path, say, which its queries may
  * need) and comment: pg_restore restores them only with --create, into the source's name. One that
@@ -5296,6 +5331,15 @@ async function applyDatabaseProperties(admin: pg.Client, target: string, sql: st
   }
   if (skipped.length > 0)
     warn(`Not carried over to "${shown}"`, `the backup's database's ${skipped.join('; ')}; set it yourself if needed`);
+}
+
+/** A provider the server predates: its own error ("option not recognized") would point at the locale. */
+function assertProviderSupported(like: DatabaseOptions, major: number): void {
+  const missing = unsupportedProvider(like, major);
+  if (missing)
+    throw new BackupError(EXIT.BACKUP_FAILED, "The target server cannot create the backup's database", missing, [
+      'Nothing was restored, created or dropped',
+    ]);
 }
 
 /**
@@ -5718,24 +5762,30 @@ const DATABASE_ENTRY = /^\d+; \d+ \d+ (?:DATABASE - |DATABASE PROPERTIES - |COMM
  */
 async function archiveDatabaseSql({ pgRestore, readPath }: RestorableArchive, signal: AbortSignal): Promise<string> {
   const listed = await runWithoutConnecting(pgRestore.path, ['--create', '--list', readPath], signal);
+  signal.throwIfAborted();
+  if (listed.exitCode !== 0)
+    throw new BackupError(
+      EXIT.BACKUP_FAILED,
+      'pg_restore cannot read the archive',
+      toolMessage(String(listed.stderr)),
+      ['Nothing was restored or created'],
+    );
   const entries = String(listed.stdout)
     .split('\n')
     .filter((line) => DATABASE_ENTRY.test(line));
-  if (listed.exitCode === 0 && entries.length === 0) return '';
+  if (entries.length === 0) return '';
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'backup_db-'));
   try {
     const list = path.join(dir, 'database.list');
     await fs.writeFile(list, `${entries.join('\n')}\n`, { mode: 0o600 });
     const args = ['--create', '--schema-only', `--use-list=${list}`, '--file=-', readPath];
-    const printed = listed.exitCode === 0 ? await runWithoutConnecting(pgRestore.path, args, signal) : listed;
+    const printed = await runWithoutConnecting(pgRestore.path, args, signal);
     signal.throwIfAborted();
     if (printed.exitCode === 0) return String(printed.stdout);
-    throw new BackupError(
-      EXIT.BACKUP_FAILED,
-      'pg_restore cannot read the archive',
-      toolMessage(String(printed.stderr)),
-      ['Nothing was restored or created'],
-    );
+    // pg_restore refuses to print some (a name holding a line break), yet restores the rest of the archive.
+    const why = `pg_restore cannot print its entry: ${toolMessage(String(printed.stderr))}`;
+    warnNotCarriedOver('encoding, locale, settings and comment', why);
+    return '';
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
   }
@@ -5942,7 +5992,7 @@ async function restorePipeline(
   const drill = request.target === undefined;
   const archive = await restorableArchive(request.search, request, request.force && !drill, signal);
   const databaseSql = await archiveDatabaseSql(archive, signal);
-  const backupDatabase = archiveDatabaseOptions(databaseSql);
+  const backupDatabase = readDatabaseOptions(databaseSql);
   const timeout = request.connectTimeoutSeconds;
   // Administer from a maintenance database, never the target, which --clean may drop.
   return withClient(
@@ -5975,6 +6025,7 @@ async function restorePipeline(
         // before the file has been proven; the re-read went on during the checks above. An interrupt
         // stops it: the target is left exactly as it was.
         const like = backupDatabase && databaseOptionsFor(backupDatabase, server.major);
+        if (like) assertProviderSupported(like, server.major);
         if (like && state === 'empty' && !request.clean) await assertEncodingFits(admin, config, target, like);
         if (state !== 'missing' && request.clean) await assertMayCreateDatabase(admin, config, target);
         await archive.checksum;

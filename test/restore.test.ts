@@ -28,7 +28,7 @@ import {
 import { hashFile } from '../backup_db.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
-import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
+import { freePort, serverUser, startTestServer, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
 import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
@@ -37,6 +37,7 @@ const noTerminal = await unmet('script');
 const noProc = await unmet('proc');
 const noSetpriv = await unmet('setpriv');
 const noPidNamespace = await unmet('pidNamespace');
+const noOldServers = await unmet('oldServers');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -602,6 +603,23 @@ describe("the backup's own database: its encoding and locale, its settings and c
     );
   });
 
+  test('a database whose name holds a line break, which pg_restore cannot print: restored and drilled with a warning', async () => {
+    const source = `${uniqueName('rs_line')}\nbreak`;
+    await server.createDatabase(source, 'CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2)');
+    const taken = await takeBackup(server, source, await tempDir());
+    const target = uniqueName('rs_line_copy');
+    const restored = await restore(taken.dumpPath, target);
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    const warning = /⚠ The backup's database's encoding, locale, settings and comment are not carried over: .*newline/;
+    assert.match(restored.stderr, warning);
+    await assertSameDatabases(server, source, target);
+    const drill = await runCli({
+      args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+    });
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    assert.match(drill.stderr, warning);
+  });
+
   test('an ICU database keeps its provider and ICU locale, and so its sort order', async (t) => {
     const sql = "SELECT count(*)::int AS n FROM pg_collation WHERE collprovider = 'i'";
     const icu = await withDatabase('postgres', async (c) => (await c.query<{ n: number }>(sql)).rows[0]!.n);
@@ -623,6 +641,69 @@ describe("the backup's own database: its encoding and locale, its settings and c
     assert.equal(await order(target), 'a,Ä,B,c');
   });
 
+  test('a database in a tablespace whose name must be quoted keeps its encoding and locale, and no comment sets them', async () => {
+    const [location, user, space] = [await tempDir(), await serverUser(), uniqueName('Fast')];
+    if (user) await fs.chown(location, user.uid, user.gid);
+    await withDatabase('postgres', (c) => c.query(`CREATE TABLESPACE "${space}" LOCATION '${location}'`));
+    const { source, backup: taken } = await backupOfDatabase(
+      'rs_space',
+      `ENCODING 'LATIN1' LOCALE 'C' TABLESPACE "${space}"`,
+      ['CREATE TABLE t (id int); INSERT INTO t VALUES (1)'],
+    );
+    // A comment holding a line in pg_dump's CREATE DATABASE form is never read as the database's.
+    const forged = 'CREATE DATABASE y WITH TEMPLATE = template0 ENCODING = SQL_ASCII LOCALE = C;';
+    await withDatabase('postgres', (c) => c.query(`COMMENT ON DATABASE ${source} IS E'x\\n${forged}\\ny'`));
+    const commented = await takeBackup(server, source, await tempDir());
+    for (const file of [taken.dumpPath, commented.dumpPath]) {
+      const target = uniqueName('rs_space_copy');
+      const restored = await restore(file, target);
+      assert.equal(restored.exitCode, 0, restored.stderr);
+      assert.doesNotMatch(restored.stderr, /⚠/);
+      assert.deepEqual(await textSettings(target), await textSettings(source));
+    }
+  });
+
+  test(
+    'an ICU database restored to PostgreSQL 14: exit 7 saying it has no ICU provider, the --clean target intact',
+    { timeout: 120_000, ...skipUnless(noOldServers) },
+    async (t) => {
+      const sql = "SELECT count(*)::int AS n FROM pg_collation WHERE collprovider = 'i'";
+      const icu = await withDatabase('postgres', async (c) => (await c.query<{ n: number }>(sql)).rows[0]!.n);
+      if (icu === 0) return t.skip('this PostgreSQL build has no ICU');
+      const { backup: taken } = await backupOfDatabase('rs_icu14', "LOCALE_PROVIDER icu ICU_LOCALE 'de' LOCALE 'C'", [
+        'CREATE TABLE w (s text)',
+      ]);
+      const pg14 = await startTestServer({ major: 14 });
+      try {
+        const dir = await tempDir();
+        await writeEnvFile(dir, '.env', dbVars(pg14, 'DEV_DB_', 'postgres'));
+        await pg14.createDatabase('kept', 'CREATE TABLE old (v int); INSERT INTO old VALUES (1)');
+        const args = [
+          '--restore',
+          taken.dumpPath,
+          '--target-db',
+          'kept',
+          '--clean',
+          '--env',
+          'dev',
+          '--config-dir',
+          dir,
+        ];
+        const refused = await runCli({ args });
+        assert.equal(refused.exitCode, 7, refused.stderr);
+        assert.match(
+          refused.stderr,
+          /PostgreSQL 14 has no ICU provider for databases: restore to PostgreSQL 15 or later/,
+        );
+        assert.doesNotMatch(refused.stderr, /locale-gen/);
+        const kept = await withDatabase('kept', async (c) => (await c.query('SELECT v FROM old')).rows, pg14);
+        assert.deepEqual(kept, [{ v: 1 }]);
+      } finally {
+        await pg14.stop();
+      }
+    },
+  );
+
   test("its settings and comment are the target's too; one that cannot be applied (a role missing here) is a warning", async () => {
     const [source, role, gone] = [uniqueName('rs_props'), uniqueName('rs_role'), uniqueName('rs_gone')];
     await server.createDatabase(source);
@@ -630,6 +711,7 @@ describe("the backup's own database: its encoding and locale, its settings and c
     await withDatabase(source, (c) =>
       c.query(`CREATE SCHEMA app; CREATE TABLE app.t (id int); INSERT INTO app.t VALUES (1), (2);
         ALTER DATABASE ${source} SET search_path = app, public, "we'ird"; ALTER DATABASE ${source} SET statement_timeout = '7s';
+        ALTER DATABASE ${source} SET "x.dir" = 'C:\\app';
         ALTER ROLE ${role} IN DATABASE ${source} SET work_mem = '77MB'; ALTER ROLE ${gone} IN DATABASE ${source} SET work_mem = '5MB';
         COMMENT ON DATABASE ${source} IS 'the app''s db; ALTER DATABASE postgres SET work_mem = ''1MB'';';
         ALTER DATABASE ${source} CONNECTION LIMIT 50`),
@@ -698,6 +780,24 @@ describe("the backup's own database: its encoding and locale, its settings and c
       async (c) => (await c.query('SELECT count(*)::int AS n FROM precious')).rows[0].n,
     );
     assert.equal(kept, 1, '--clean did not drop the target');
+  });
+
+  test("a CREATE DATABASE whose options cannot be read: the server's defaults, with a warning, never silently", async () => {
+    const copy = await copyOfBackup();
+    const bytes = await fs.readFile(copy.dumpPath);
+    const at = bytes.indexOf("LOCALE = 'C';");
+    assert.ok(at > 0, "the archive's CREATE DATABASE has LOCALE 'C'");
+    bytes.write("LOCALE ~ 'C';", at);
+    await fs.writeFile(copy.dumpPath, bytes);
+    const metadata = JSON.parse(await fs.readFile(copy.metadataPath, 'utf8'));
+    const { sha256 } = await hashFile(copy.dumpPath);
+    await fs.writeFile(copy.metadataPath, JSON.stringify({ ...metadata, checksum_sha256: sha256 }));
+    const restored = await restore(copy.dumpPath, uniqueName('rs_unread'));
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(
+      restored.stderr,
+      /⚠ The backup's database's encoding and locale are not carried over: .*not known here/,
+    );
   });
 });
 

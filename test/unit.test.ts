@@ -20,6 +20,7 @@ import {
   archiveDatabaseOptions,
   databasePropertyStatements,
   databaseOptionsFor,
+  unsupportedProvider,
   BackupError,
   dbnameConninfo,
   fetchFailure,
@@ -1388,6 +1389,43 @@ describe('restore helpers', () => {
     assert.deepEqual(archiveDatabaseOptions(pg13), { ENCODING: 'LATIN1', LC_COLLATE: 'C', LC_CTYPE: 'de_DE' });
     assert.equal(archiveDatabaseOptions(''), undefined);
     assert.equal(archiveDatabaseOptions('CREATE DATABASE app;'), undefined);
+  });
+
+  test("archiveDatabaseOptions reads only the DATABASE entry's statement, whose tablespace may be a quoted name", () => {
+    const header = '-- Name: src; Type: DATABASE; Schema: -; Owner: postgres\n--\n\n';
+    const quoted = `${header}CREATE DATABASE src WITH TEMPLATE = template0 ENCODING = 'LATIN1' LOCALE = 'C' TABLESPACE = "Fa""st";`;
+    assert.deepEqual(archiveDatabaseOptions(quoted), { ENCODING: 'LATIN1', LOCALE: 'C' });
+    // A comment's text is printed after the entry; a CREATE DATABASE line in it is never read.
+    const comment =
+      `-- Name: DATABASE src; Type: COMMENT; Schema: -; Owner: postgres\n\nCOMMENT ON DATABASE src IS E'x\n` +
+      `CREATE DATABASE y WITH TEMPLATE = template0 ENCODING = SQL_ASCII LOCALE = C;\ny';`;
+    const unreadable = `${header}CREATE DATABASE src WITH TEMPLATE = template0 ENCODING = 'LATIN1' ODD = +;`;
+    assert.equal(archiveDatabaseOptions(`${unreadable}\n${comment}`), undefined);
+  });
+
+  test("databasePropertyStatements takes the E'' literals pg_dump writes for values holding a backslash", () => {
+    const printed = String.raw`ALTER DATABASE src SET search_path TO E'C:\\app', 'public';
+ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
+    assert.deepEqual(databasePropertyStatements(printed, 'copy'), {
+      statements: [
+        { sql: String.raw`ALTER DATABASE "copy" SET search_path TO E'C:\\app', 'public'`, what: 'SET search_path' },
+        { sql: String.raw`ALTER DATABASE "copy" SET "x.dir" TO E'it''s\\'`, what: 'SET "x.dir"' },
+      ],
+      skipped: [],
+    });
+  });
+
+  test('unsupportedProvider: a server before 15 has only libc databases, before 17 no builtin provider', () => {
+    const icu = { ENCODING: 'UTF8', LOCALE_PROVIDER: 'icu', ICU_LOCALE: 'de' };
+    const icu14 = 'PostgreSQL 14 has no ICU provider for databases: restore to PostgreSQL 15 or later';
+    assert.equal(unsupportedProvider(icu, 14), icu14);
+    assert.equal(unsupportedProvider(icu, 15), undefined);
+    const builtin = { ENCODING: 'UTF8', LOCALE_PROVIDER: 'builtin', BUILTIN_LOCALE: 'C' };
+    const builtin16 = 'PostgreSQL 16 has no builtin provider for databases: restore to PostgreSQL 17 or later';
+    assert.equal(unsupportedProvider(builtin, 16), builtin16);
+    assert.equal(unsupportedProvider(builtin, 17), undefined);
+    assert.equal(unsupportedProvider({ LOCALE_PROVIDER: 'libc' }, 13), undefined);
+    assert.equal(unsupportedProvider({ ENCODING: 'LATIN1' }, 13), undefined);
   });
 
   test('databasePropertyStatements rebuilds the settings and comment for the target from what it read, never the text', () => {
