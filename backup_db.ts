@@ -27,6 +27,7 @@
  *   Freshness check                        --check --max-age
  *   Restore: the production guard          never restore over production by another spelling of it
  *   Restore: the target server             extensions, the target database (claim, create, drop)
+ *   Restore: the backup's own database     encoding and locale, then its settings and comment
  *   Restore: pg_restore                    session settings, errors
  *   Restore: the archive                   verified, and pinned so that pg_restore reads what was verified
  *   Restore: one pipeline                  --restore and the drill (a scratch target)
@@ -5179,6 +5180,209 @@ async function targetState(
   return withClient({ ...config, database: target }, connectTimeoutSeconds, holdsObjects, { signal });
 }
 
+/**
+ * --clean drops the target and creates it again: a role that owns its database but lacks CREATEDB
+ * could do the first and not the second, and lose it. Refused before anything is touched.
+ */
+async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, target: string): Promise<void> {
+  const sql = 'SELECT rolsuper OR rolcreatedb AS may FROM pg_catalog.pg_roles WHERE rolname = current_user';
+  if ((await admin.query<{ may: boolean }>(sql)).rows[0]?.may) return;
+  throw new BackupError(
+    EXIT.PERMISSION,
+    'The target cannot be replaced',
+    `role "${config.user}" could drop "${visibleControls(target)}" but not create it again (it has no CREATEDB): ` +
+      'nothing was touched',
+    [
+      `Grant it (as a superuser): ALTER ROLE ${quoteIdentifier(config.user)} CREATEDB; or restore as a role with it`,
+      'Or restore into a new database that a role with CREATEDB creates, then switch the application to it',
+    ],
+  );
+}
+
+/**
+ * Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. One
+ * holding a logical replication subscription is refused by the server (55006): that is said by name.
+ */
+async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
+  const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
+  const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
+  if (!force) await admin.query(terminate, [name]);
+  try {
+    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}${force ? ' WITH (FORCE)' : ''}`);
+  } catch (error) {
+    const { rows } =
+      errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
+    if (!rows?.length) throw error;
+    const names = listSome(rows.map((row) => `"${row.name}"`));
+    throw new BackupError(
+      EXIT.CONFIG,
+      'The database holds a logical replication subscription',
+      `"${name}" cannot be dropped while it holds subscriptions (${names}): ${errorText(error)}; nothing was dropped`,
+      [
+        `In "${name}", for each: ALTER SUBSCRIPTION s DISABLE; ALTER SUBSCRIPTION s SET (slot_name = NONE); ` +
+          'DROP SUBSCRIPTION s; (its replication slot on the publisher is then yours to drop)',
+        'Or restore into a new database: --target-db <new name> (it is created)',
+      ],
+    );
+  }
+}
+
+const SUBSCRIPTIONS_OF_SQL = `SELECT subname AS name FROM pg_catalog.pg_subscription
+  WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1) ORDER BY 1`;
+
+/**
+ * Detach the subscriptions a restore created in `database`, as PostgreSQL prescribes before dropping
+ * one whose slot is not its own: without slot_name = NONE, DROP SUBSCRIPTION would drop the slot of the
+ * subscriber the backup was taken from on its publisher.
+ */
+async function detachSubscriptions(config: DbConfig, database: string, connectTimeoutSeconds: number) {
+  await withClient({ ...config, database }, connectTimeoutSeconds, async (client) => {
+    const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
+    for (const { name } of rows) {
+      const subscription = client.escapeIdentifier(name);
+      await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
+      await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
+      await client.query(`DROP SUBSCRIPTION ${subscription}`);
+    }
+  });
+}
+
+/**
+ * Drop a database this run created: on the admin session, else (a server timeout ended it, or the
+ * restore left subscriptions) on a fresh one once its subscriptions are detached. Returns why it
+ * could not be dropped, if it could not: a copy of the backup's data is then left on the server.
+ */
+async function dropCreatedDatabase(
+  admin: pg.Client,
+  config: DbConfig,
+  name: string,
+  serverMajor: number,
+  connectTimeoutSeconds: number,
+): Promise<string | undefined> {
+  const drop = (client: pg.Client) => dropDatabase(client, name, serverMajor);
+  try {
+    await drop(admin);
+    return undefined;
+  } catch {
+    // Best effort: whatever still stops the drop, the drop says.
+    await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
+  }
+  try {
+    await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
+    return undefined;
+  } catch (error) {
+    return errorText(error);
+  }
+}
+
+/**
+ * Every extension the archive creates must be installable on the target server, in a version no
+ * older than the backup's, checked before anything is written. pg_dump writes CREATE EXTENSION
+ * without a version, so the target creates its default version: an older one (a pgvector without
+ * halfvec, say) would make the restore fail halfway. Versions come from the metadata (taken in the
+ * backup's snapshot); metadata without them (other tools) can only be checked by name.
+ */
+async function assertExtensionsAvailable(
+  admin: pg.Client,
+  toc: string,
+  server: ServerInfo,
+  recorded?: ExtensionVersion[],
+): Promise<void> {
+  const needed: Array<{ name: string; version?: string }> = archiveExtensions(toc).map(
+    (name) => recorded?.find((e) => e.name === name) ?? { name },
+  );
+  if (needed.length === 0) return;
+  const { rows } = await admin.query<{ name: string; default_version: string; versions: string[] }>(
+    `SELECT a.name, a.default_version, array_agg(v.version ORDER BY v.version) AS versions
+       FROM pg_catalog.pg_available_extensions a JOIN pg_catalog.pg_available_extension_versions v ON v.name = a.name
+      WHERE a.name = ANY($1) GROUP BY a.name, a.default_version`,
+    [needed.map((e) => e.name)],
+  );
+  const offered = new Map(rows.map((row) => [row.name, row]));
+  const missing = needed.filter((e) => !offered.has(e.name)).map((e) => e.name);
+  if (missing.length > 0) {
+    throw new BackupError(
+      EXIT.BACKUP_FAILED,
+      'The target server lacks extensions the backup needs',
+      `the archive creates ${plural(missing.length, 'extension')} that PostgreSQL ${server.version} on this server ` +
+        `does not have: ${missing.join(', ')}`,
+      [
+        ...missing.map((name) => extensionInstallHint(name, server.major)),
+        'Nothing was restored or created; run again once they are installed',
+      ],
+    );
+  }
+  const older = needed.filter(
+    (e) => e.version !== undefined && compareVersions(offered.get(e.name)!.default_version, e.version) < 0,
+  );
+  if (older.length === 0) return;
+  const describe = ({ name, version }: (typeof needed)[number]) =>
+    `${name}: the backup has ${version}, this server would create ${offered.get(name)!.default_version} ` +
+    `(available: ${offered.get(name)!.versions.join(', ')})`;
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    "The target server's extensions are older than the backup's",
+    `PostgreSQL ${server.version} on this server has older versions of ${plural(older.length, 'extension')} the ` +
+      `backup was taken with; ${older.map(describe).join('; ')}`,
+    [
+      ...older.map((e) => `${extensionInstallHint(e.name, server.major)}, version ${e.version} or newer`),
+      'Nothing was restored or created; run again once they are upgraded',
+    ],
+  );
+}
+
+/** Pure: compare extension versions part by part ("0.8.0" > "0.5.1", "1.10" > "1.9"); numbers as numbers. */
+export function compareVersions(a: string, b: string): number {
+  const [pa, pb] = [a.split(/[.\-_]/), b.split(/[.\-_]/)];
+  for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
+    const [x = '0', y = '0'] = [pa[i], pb[i]];
+    const order = /^\d+$/.test(x) && /^\d+$/.test(y) ? Number(x) - Number(y) : x < y ? -1 : x > y ? 1 : 0;
+    if (order !== 0) return Math.sign(order);
+  }
+  return 0;
+}
+
+// ─── Restore: the backup's own database (encoding, locale, settings, comment) ────────────
+
+/** The archive's entries for its own database, its settings and comment, which only `pg_restore --create` restores. */
+const DATABASE_ENTRY = /^\d+; \d+ \d+ (?:DATABASE - |DATABASE PROPERTIES - |COMMENT - DATABASE )/;
+
+/**
+ * The SQL of the archive's own database entries, as `pg_restore --create` would run it (and as pg_dump
+ * wrote it: a stable format), printed, never run; empty when it has none (another tool's archive).
+ * pg_restore reads the entries to print from a list file (--use-list), kept private meanwhile.
+ */
+async function archiveDatabaseSql({ pgRestore, readPath }: RestorableArchive, signal: AbortSignal): Promise<string> {
+  const listed = await runWithoutConnecting(pgRestore.path, ['--create', '--list', readPath], signal);
+  signal.throwIfAborted();
+  if (listed.exitCode !== 0)
+    throw new BackupError(
+      EXIT.BACKUP_FAILED,
+      'pg_restore cannot read the archive',
+      toolMessage(String(listed.stderr)),
+      ['Nothing was restored or created'],
+    );
+  const entries = String(listed.stdout)
+    .split('\n')
+    .filter((line) => DATABASE_ENTRY.test(line));
+  if (entries.length === 0) return '';
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'backup_db-'));
+  try {
+    const list = path.join(dir, 'database.list');
+    await fs.writeFile(list, `${entries.join('\n')}\n`, { mode: 0o600 });
+    const args = ['--create', '--schema-only', `--use-list=${list}`, '--file=-', readPath];
+    const printed = await runWithoutConnecting(pgRestore.path, args, signal);
+    signal.throwIfAborted();
+    if (printed.exitCode === 0) return String(printed.stdout);
+    // pg_restore refuses to print some (a name holding a line break), yet restores the rest of the archive.
+    const why = `pg_restore cannot print its entry: ${toolMessage(String(printed.stderr))}`;
+    warnNotCarriedOver('encoding, locale, settings and comment', why);
+    return '';
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
 /** How the backup's database stored and sorted text: CREATE DATABASE options (ENCODING, LOCALE, ...). */
 export type DatabaseOptions = Record<string, string>;
 
@@ -5372,168 +5576,6 @@ async function assertEncodingFits(admin: pg.Client, config: DbConfig, target: st
       `Or replace it: add --clean, which drops "${target}" and creates it again like the backup's`,
     ],
   );
-}
-
-/**
- * --clean drops the target and creates it again: a role that owns its database but lacks CREATEDB
- * could do the first and not the second, and lose it. Refused before anything is touched.
- */
-async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, target: string): Promise<void> {
-  const sql = 'SELECT rolsuper OR rolcreatedb AS may FROM pg_catalog.pg_roles WHERE rolname = current_user';
-  if ((await admin.query<{ may: boolean }>(sql)).rows[0]?.may) return;
-  throw new BackupError(
-    EXIT.PERMISSION,
-    'The target cannot be replaced',
-    `role "${config.user}" could drop "${visibleControls(target)}" but not create it again (it has no CREATEDB): ` +
-      'nothing was touched',
-    [
-      `Grant it (as a superuser): ALTER ROLE ${quoteIdentifier(config.user)} CREATEDB; or restore as a role with it`,
-      'Or restore into a new database that a role with CREATEDB creates, then switch the application to it',
-    ],
-  );
-}
-
-/**
- * Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. One
- * holding a logical replication subscription is refused by the server (55006): that is said by name.
- */
-async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
-  const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
-  const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
-  if (!force) await admin.query(terminate, [name]);
-  try {
-    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}${force ? ' WITH (FORCE)' : ''}`);
-  } catch (error) {
-    const { rows } =
-      errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
-    if (!rows?.length) throw error;
-    const names = listSome(rows.map((row) => `"${row.name}"`));
-    throw new BackupError(
-      EXIT.CONFIG,
-      'The database holds a logical replication subscription',
-      `"${name}" cannot be dropped while it holds subscriptions (${names}): ${errorText(error)}; nothing was dropped`,
-      [
-        `In "${name}", for each: ALTER SUBSCRIPTION s DISABLE; ALTER SUBSCRIPTION s SET (slot_name = NONE); ` +
-          'DROP SUBSCRIPTION s; (its replication slot on the publisher is then yours to drop)',
-        'Or restore into a new database: --target-db <new name> (it is created)',
-      ],
-    );
-  }
-}
-
-const SUBSCRIPTIONS_OF_SQL = `SELECT subname AS name FROM pg_catalog.pg_subscription
-  WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1) ORDER BY 1`;
-
-/**
- * Detach the subscriptions a restore created in `database`, as PostgreSQL prescribes before dropping
- * one whose slot is not its own: without slot_name = NONE, DROP SUBSCRIPTION would drop the slot of the
- * subscriber the backup was taken from on its publisher.
- */
-async function detachSubscriptions(config: DbConfig, database: string, connectTimeoutSeconds: number) {
-  await withClient({ ...config, database }, connectTimeoutSeconds, async (client) => {
-    const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
-    for (const { name } of rows) {
-      const subscription = client.escapeIdentifier(name);
-      await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
-      await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
-      await client.query(`DROP SUBSCRIPTION ${subscription}`);
-    }
-  });
-}
-
-/**
- * Drop a database this run created: on the admin session, else (a server timeout ended it, or the
- * restore left subscriptions) on a fresh one once its subscriptions are detached. Returns why it
- * could not be dropped, if it could not: a copy of the backup's data is then left on the server.
- */
-async function dropCreatedDatabase(
-  admin: pg.Client,
-  config: DbConfig,
-  name: string,
-  serverMajor: number,
-  connectTimeoutSeconds: number,
-): Promise<string | undefined> {
-  const drop = (client: pg.Client) => dropDatabase(client, name, serverMajor);
-  try {
-    await drop(admin);
-    return undefined;
-  } catch {
-    // Best effort: whatever still stops the drop, the drop says.
-    await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
-  }
-  try {
-    await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
-    return undefined;
-  } catch (error) {
-    return errorText(error);
-  }
-}
-
-/**
- * Every extension the archive creates must be installable on the target server, in a version no
- * older than the backup's, checked before anything is written. pg_dump writes CREATE EXTENSION
- * without a version, so the target creates its default version: an older one (a pgvector without
- * halfvec, say) would make the restore fail halfway. Versions come from the metadata (taken in the
- * backup's snapshot); metadata without them (other tools) can only be checked by name.
- */
-async function assertExtensionsAvailable(
-  admin: pg.Client,
-  toc: string,
-  server: ServerInfo,
-  recorded?: ExtensionVersion[],
-): Promise<void> {
-  const needed: Array<{ name: string; version?: string }> = archiveExtensions(toc).map(
-    (name) => recorded?.find((e) => e.name === name) ?? { name },
-  );
-  if (needed.length === 0) return;
-  const { rows } = await admin.query<{ name: string; default_version: string; versions: string[] }>(
-    `SELECT a.name, a.default_version, array_agg(v.version ORDER BY v.version) AS versions
-       FROM pg_catalog.pg_available_extensions a JOIN pg_catalog.pg_available_extension_versions v ON v.name = a.name
-      WHERE a.name = ANY($1) GROUP BY a.name, a.default_version`,
-    [needed.map((e) => e.name)],
-  );
-  const offered = new Map(rows.map((row) => [row.name, row]));
-  const missing = needed.filter((e) => !offered.has(e.name)).map((e) => e.name);
-  if (missing.length > 0) {
-    throw new BackupError(
-      EXIT.BACKUP_FAILED,
-      'The target server lacks extensions the backup needs',
-      `the archive creates ${plural(missing.length, 'extension')} that PostgreSQL ${server.version} on this server ` +
-        `does not have: ${missing.join(', ')}`,
-      [
-        ...missing.map((name) => extensionInstallHint(name, server.major)),
-        'Nothing was restored or created; run again once they are installed',
-      ],
-    );
-  }
-  const older = needed.filter(
-    (e) => e.version !== undefined && compareVersions(offered.get(e.name)!.default_version, e.version) < 0,
-  );
-  if (older.length === 0) return;
-  const describe = ({ name, version }: (typeof needed)[number]) =>
-    `${name}: the backup has ${version}, this server would create ${offered.get(name)!.default_version} ` +
-    `(available: ${offered.get(name)!.versions.join(', ')})`;
-  throw new BackupError(
-    EXIT.BACKUP_FAILED,
-    "The target server's extensions are older than the backup's",
-    `PostgreSQL ${server.version} on this server has older versions of ${plural(older.length, 'extension')} the ` +
-      `backup was taken with; ${older.map(describe).join('; ')}`,
-    [
-      ...older.map((e) => `${extensionInstallHint(e.name, server.major)}, version ${e.version} or newer`),
-      'Nothing was restored or created; run again once they are upgraded',
-    ],
-  );
-}
-
-/** Pure: compare extension versions part by part ("0.8.0" > "0.5.1", "1.10" > "1.9"); numbers as numbers. */
-export function compareVersions(a: string, b: string): number {
-  const [pa, pb] = [a.split(/[.\-_]/), b.split(/[.\-_]/)];
-  for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
-    const [x = '0', y = '0'] = [pa[i], pb[i]];
-    const order = /^\d+$/.test(x) && /^\d+$/.test(y) ? Number(x) - Number(y) : x < y ? -1 : x > y ? 1 : 0;
-    if (order !== 0) return Math.sign(order);
-  }
-  return 0;
 }
 
 // ─── Restore: pg_restore and its session settings ───────────────────────────────────────
@@ -5749,45 +5791,6 @@ async function restorableArchive(
       forcedPast: error.title,
       checksum: Promise.resolve(),
     };
-  }
-}
-
-/** The archive's entries for its own database, its settings and comment, which only `pg_restore --create` restores. */
-const DATABASE_ENTRY = /^\d+; \d+ \d+ (?:DATABASE - |DATABASE PROPERTIES - |COMMENT - DATABASE )/;
-
-/**
- * The SQL of the archive's own database entries, as `pg_restore --create` would run it (and as pg_dump
- * wrote it: a stable format), printed, never run; empty when it has none (another tool's archive).
- * pg_restore reads the entries to print from a list file (--use-list), kept private meanwhile.
- */
-async function archiveDatabaseSql({ pgRestore, readPath }: RestorableArchive, signal: AbortSignal): Promise<string> {
-  const listed = await runWithoutConnecting(pgRestore.path, ['--create', '--list', readPath], signal);
-  signal.throwIfAborted();
-  if (listed.exitCode !== 0)
-    throw new BackupError(
-      EXIT.BACKUP_FAILED,
-      'pg_restore cannot read the archive',
-      toolMessage(String(listed.stderr)),
-      ['Nothing was restored or created'],
-    );
-  const entries = String(listed.stdout)
-    .split('\n')
-    .filter((line) => DATABASE_ENTRY.test(line));
-  if (entries.length === 0) return '';
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'backup_db-'));
-  try {
-    const list = path.join(dir, 'database.list');
-    await fs.writeFile(list, `${entries.join('\n')}\n`, { mode: 0o600 });
-    const args = ['--create', '--schema-only', `--use-list=${list}`, '--file=-', readPath];
-    const printed = await runWithoutConnecting(pgRestore.path, args, signal);
-    signal.throwIfAborted();
-    if (printed.exitCode === 0) return String(printed.stdout);
-    // pg_restore refuses to print some (a name holding a line break), yet restores the rest of the archive.
-    const why = `pg_restore cannot print its entry: ${toolMessage(String(printed.stderr))}`;
-    warnNotCarriedOver('encoding, locale, settings and comment', why);
-    return '';
-  } finally {
-    await fs.rm(dir, { recursive: true, force: true });
   }
 }
 
