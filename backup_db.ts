@@ -2554,15 +2554,22 @@ async function countRows(
   return Object.fromEntries(counts);
 }
 
-/** One table's rows: the lines of each of its COPYs (text COPY escapes the newlines in values). */
+/**
+ * One table's rows: the lines of each of its COPYs (text COPY escapes the newlines in values). Read as the
+ * server's own bytes (client_encoding SQL_ASCII): a SQL_ASCII database may hold bytes that no conversion to
+ * UTF-8 accepts, and every server encoding is ASCII-safe, so a newline byte is a newline. Reset after, so
+ * names read later come back in UTF-8; a failed COPY ends the session or rolls the setting back.
+ */
 async function tableRows(client: pg.Client, table: UserTable): Promise<number> {
   let rows = 0;
   const { to: copyTo } = await import('pg-copy-streams');
+  await client.query("SELECT pg_catalog.set_config('client_encoding', 'SQL_ASCII', false)");
   for (const sql of table.copy_sql) {
     // Streamed and counted chunk by chunk: memory stays flat, whatever the table's size.
     for await (const chunk of client.query(copyTo(sql)) as AsyncIterable<Buffer>)
       for (let at = chunk.indexOf(10); at !== -1; at = chunk.indexOf(10, at + 1)) rows++;
   }
+  await client.query('RESET client_encoding');
   return rows;
 }
 

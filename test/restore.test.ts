@@ -602,6 +602,25 @@ describe("the backup's own database: its encoding and locale, its settings and c
     );
   });
 
+  test('a SQL_ASCII table of text only, holding a byte that is not UTF-8: backed up, verified, restored, drilled', async () => {
+    // Counted as the server's bytes: converted to UTF-8, COPY of the text column fails on 0xf6.
+    const { backup: taken } = await backupOfDatabase('rs_ascii_text', "ENCODING 'SQL_ASCII' LOCALE 'C'", [
+      "SET client_encoding = 'SQL_ASCII'",
+      "CREATE TABLE t (v text); INSERT INTO t VALUES ('plain'), (convert_from('\\x63616ff6', 'SQL_ASCII'))",
+    ]);
+    assert.deepEqual(taken.metadata.table_counts, { t: 2 });
+    const verified = await runCli({ args: ['--verify', taken.dumpPath] });
+    assert.equal(verified.exitCode, 0, verified.stderr);
+    const restored = await restore(taken.dumpPath, uniqueName('rs_ascii_text_copy'), '--json');
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    const drill = await runCli({
+      args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+    });
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    for (const run of [restored, drill])
+      assert.deepEqual(JSON.parse(run.stdout).reconciliation, [{ table: 't', backup: 2, restored: 2, ok: true }]);
+  });
+
   test('an ICU database keeps its provider and ICU locale, and so its sort order', async (t) => {
     const sql = "SELECT count(*)::int AS n FROM pg_collation WHERE collprovider = 'i'";
     const icu = await withDatabase('postgres', async (c) => (await c.query<{ n: number }>(sql)).rows[0]!.n);
