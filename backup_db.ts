@@ -5983,8 +5983,8 @@ async function restorePipeline(
       signal.throwIfAborted();
       if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
-      // Stopped or failed from here until a restore has filled it, a replaced target is gone and an empty
-      // one may hold part of the restore, which the message must say.
+      // Stopped or failed from here until a restore has filled it and counted its rows, a replaced target is
+      // gone and an empty one may hold part of the restore, which the message must say.
       if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction, archive.filePath);
       if (state === 'missing' || request.clean)
         await createDatabase(admin, target, like).catch((error: unknown) => {
@@ -5994,27 +5994,24 @@ async function restorePipeline(
       let run: PgRestoreRun | undefined;
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
-      let filled = false;
       let failure: { error: unknown } | undefined;
       try {
         run = await runPgRestore(archive, config, target, server, { ...request, drill }, signal);
         durationMs = millisecondsSince(started);
-        filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
         // A drill proves rows come back: its scratch database needs no settings.
         if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {
         failure = {
-          error: filled
-            ? error
-            : withTargetFate(signal.aborted ? signal.reason : error, target, targetAction, archive.filePath),
+          error: withTargetFate(signal.aborted ? signal.reason : error, target, targetAction, archive.filePath),
         };
       }
-      // A drill's database is scratch; one this run created and could not fill holds only a partial
-      // restore: removed rather than left as a trap. If it cannot be, every channel says so.
+      // A drill's database is scratch; one this run created whose restore failed (pg_restore, or the count
+      // after it) holds a restore nobody checked: removed rather than left as a trap. If it cannot be, every
+      // channel says so.
       const notDropped =
-        drill || (!filled && targetAction !== 'used empty')
+        drill || (failure && targetAction !== 'used empty')
           ? await dropCreatedDatabase(admin, config, target, server.major, timeout)
           : undefined;
       const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);
@@ -6042,8 +6039,8 @@ async function restorePipeline(
 }
 
 /**
- * A restore stopped or failed before it filled its target, with what became of an existing target:
- * the usual words ("cleaned up after itself") would hide that --clean dropped it, or that an empty
+ * A restore stopped or failed before it filled its target and counted its rows, with what became of an existing
+ * target: the usual words ("cleaned up after itself") would hide that --clean dropped it, or that an empty
  * one left in place may now hold part of the restore. One this run created is dropped: nothing to add.
  * Restoring again needs the backup (`filePath`), which retention may have deleted meanwhile.
  */

@@ -31,12 +31,13 @@ import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
 import { flipMiddleByte, waitFor } from './helpers/wait.ts';
-import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
+import { NEWER_CLIENT_DIR, PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
 
 const noTerminal = await unmet('script');
 const noProc = await unmet('proc');
 const noSetpriv = await unmet('setpriv');
 const noPidNamespace = await unmet('pidNamespace');
+const noNewerClient = await unmet('newerClient');
 
 let server: TestServer;
 let pg17: TestServer;
@@ -363,6 +364,37 @@ describe('--restore', () => {
     assert.doesNotMatch(result.stdout, /Restore completed/);
     assert.ok(!(await databases()).includes(target), 'no half-restored database left behind');
   });
+
+  test(
+    'a count that fails after pg_restore succeeded (a login trigger restored with the rows): the target it created is removed',
+    skipUnless(noNewerClient),
+    async () => {
+      // PostgreSQL 17's login event trigger, open only in the source database: pg_restore creates it last,
+      // on its one connection (--jobs 1), and the count's new connections to the copy are refused.
+      const source = uniqueName('rs_login');
+      await pg17.createDatabase(source, [
+        'CREATE TABLE t (v int); INSERT INTO t VALUES (1)',
+        `CREATE FUNCTION deny() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF current_database() <> '${source}' THEN RAISE EXCEPTION 'logins closed here'; END IF; END $$`,
+        'CREATE EVENT TRIGGER deny ON login EXECUTE FUNCTION deny()',
+      ]);
+      const [config, output] = [await tempDir(), await tempDir()];
+      await writeEnvFile(config, '.env', dbVars(pg17, 'DEV_DB_', source));
+      const common = ['--env', 'dev', '--config-dir', config, '--pg-bin-dir', NEWER_CLIENT_DIR];
+      const taken = await runCli({ args: [...common, '--output-dir', output] });
+      assert.equal(taken.exitCode, 0, taken.stderr);
+      const dump = path.join(
+        output,
+        (await fs.readdir(output)).find((name) => name.endsWith('.dump'))!,
+      );
+      const target = uniqueName('rs_login_copy');
+      const result = await runCli({ args: ['--restore', dump, '--target-db', target, '--jobs', '1', ...common] });
+      assert.equal(result.exitCode, 3, result.stdout);
+      assert.match(result.stderr, /logins closed here/);
+      assert.doesNotMatch(result.stdout, /Restore completed/);
+      assert.ok(!(await databases(pg17)).includes(target), 'no restored database left behind, unmentioned');
+    },
+  );
 
   test('tampered counts in the metadata: the restore completes but fails reconciliation (exit 8)', async () => {
     const copy = await copyOfBackup((m) => {
