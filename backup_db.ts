@@ -6030,7 +6030,10 @@ async function restorePipeline(
         reconciliation: counts && reconcileCounts(archive.metadata!.table_counts, counts),
       };
       if (drill) outcome.recorded = await recordRestoreTest(archive, outcome);
-      if (outcome.reconciliation?.some((row) => !row.ok)) throw leftBehind(reconciliationError(outcome.reconciliation));
+      if (outcome.reconciliation?.some((row) => !row.ok)) {
+        const error = reconciliationError(outcome.reconciliation);
+        throw leftBehind(drill ? error : withKeptTarget(error, target));
+      }
       if (notDropped) throw leftBehind(scratchLeftError(outcome));
       return outcome;
     },
@@ -6065,6 +6068,17 @@ function withTargetFate(
         ];
   const { exitCode, title, details, hints, extra } = error;
   return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
+}
+
+/**
+ * A restore whose counts differ keeps its target as restored, to investigate: the message says so, and how
+ * to drop it.
+ */
+function withKeptTarget(error: BackupError, target: string): BackupError {
+  const { exitCode, title, details, hints, extra } = error;
+  const kept = `"${visibleControls(target)}" is kept as restored, to investigate`;
+  const drop = `Drop it when done: DROP DATABASE ${quoteIdentifier(target)};`;
+  return new BackupError(exitCode, title, `${details}\n${kept}`, [...hints, drop], extra);
 }
 
 /** target_action of a database this run created and could not drop. */

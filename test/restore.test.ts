@@ -400,10 +400,15 @@ describe('--restore', () => {
     const copy = await copyOfBackup((m) => {
       (m.table_counts as Record<string, number>).messages = 9999;
     });
-    const result = await restore(copy.dumpPath, uniqueName('rs_tampered'));
+    const target = uniqueName('rs_tampered');
+    const result = await restore(copy.dumpPath, target);
     assert.equal(result.exitCode, 8);
     assert.match(result.stderr, /^✗ Restore failed: row counts differ from the backup$/m);
     assert.match(result.stderr, /^messages +9999 +3422 {2}✗$/m);
+    // Kept, as restored, to investigate: the message says so, and how to drop it.
+    assert.ok((await databases()).includes(target));
+    assert.match(result.stderr, new RegExp(`^"${target}" is kept as restored, to investigate$`, 'm'));
+    assert.match(result.stderr, new RegExp(`Drop it when done: DROP DATABASE "${target}";$`, 'm'));
   });
 
   test(
