@@ -6993,7 +6993,36 @@ export function toolMessage(stderr: string): string {
     else if (fields.length > 0 && !TOOL_LINE.test(line)) fields[fields.length - 1] += `\n${line}`;
     else fields.push(line);
   }
-  return fields.map((field) => withoutRowData(field).split('\n').join('\\n')).join('\n');
+  const masked = fields.map((field, at) =>
+    withoutRowData(aboutCopiedRow(fields, at) ? withoutCopiedValue(field) : field),
+  );
+  return masked.map((field) => field.split('\n').join('\\n')).join('\n');
+}
+
+/** Pure: whether fields[at] is about a row COPY read: in its own words, or by its message's CONTEXT. */
+function aboutCopiedRow(fields: string[], at: number): boolean {
+  if (fields[at]!.includes('COPY failed for table ')) return true;
+  for (let i = at + 1; i < fields.length && !/^pg_\w+: /.test(fields[i]!); i++)
+    if (fields[i]!.startsWith('CONTEXT:  ') && COPY_ROW.test(fields[i]!)) return true;
+  return false;
+}
+
+/** How the server's errors that quote the value COPY read begin: the value last, after the type named. */
+const COPIED_VALUE_ERRORS = [
+  'invalid input syntax for type ',
+  'invalid input value for enum ',
+  'malformed ',
+  'date/time field value out of range',
+]
+  .map(escapeRegExp)
+  .join('|');
+const COPIED_VALUE = new RegExp(String.raw`(ERROR: {2}(?:${COPIED_VALUE_ERRORS})[\s\S]*?: ")[\s\S]*`);
+/** value "…" is out of range for type X: the value inside, the type after it. */
+const OUT_OF_RANGE = /(ERROR: {2}value ")[\s\S]*(" is out of range for type )/;
+
+/** Pure: the ERROR of a COPY failure with the row's value it quotes masked (to the field's end); the type stays. */
+function withoutCopiedValue(field: string): string {
+  return field.replace(COPIED_VALUE, '$1****"').replace(OUT_OF_RANGE, '$1****$2');
 }
 
 /** COPY's line, or a column's value, in any line of CONTEXT: the outermost context, so the field's last. */
