@@ -2555,15 +2555,22 @@ async function countRows(
   return Object.fromEntries(counts);
 }
 
-/** One table's rows: the lines of each of its COPYs (text COPY escapes the newlines in values). */
+/**
+ * One table's rows: the lines of each of its COPYs (text COPY escapes the newlines in values). Read as the
+ * server's own bytes (client_encoding SQL_ASCII): a SQL_ASCII database may hold bytes that no conversion to
+ * UTF-8 accepts, and every server encoding is ASCII-safe, so a newline byte is a newline. Reset after, so
+ * names read later come back in UTF-8; a failed COPY ends the session or rolls the setting back.
+ */
 async function tableRows(client: pg.Client, table: UserTable): Promise<number> {
   let rows = 0;
   const { to: copyTo } = await import('pg-copy-streams');
+  await client.query("SELECT pg_catalog.set_config('client_encoding', 'SQL_ASCII', false)");
   for (const sql of table.copy_sql) {
     // Streamed and counted chunk by chunk: memory stays flat, whatever the table's size.
     for await (const chunk of client.query(copyTo(sql)) as AsyncIterable<Buffer>)
       for (let at = chunk.indexOf(10); at !== -1; at = chunk.indexOf(10, at + 1)) rows++;
   }
+  await client.query('RESET client_encoding');
   return rows;
 }
 
@@ -6038,8 +6045,8 @@ async function restorePipeline(
       signal.throwIfAborted();
       if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
-      // Stopped or failed from here until a restore has filled it, a replaced target is gone and an empty
-      // one may hold part of the restore, which the message must say.
+      // Stopped or failed from here until a restore has filled it and counted its rows, a replaced target is
+      // gone and an empty one may hold part of the restore, which the message must say.
       if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction, archive.filePath);
       if (state === 'missing' || request.clean)
         await createDatabase(admin, target, like).catch((error: unknown) => {
@@ -6049,27 +6056,24 @@ async function restorePipeline(
       let run: PgRestoreRun | undefined;
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
-      let filled = false;
       let failure: { error: unknown } | undefined;
       try {
         run = await runPgRestore(archive, config, target, server, { ...request, drill }, signal);
         durationMs = millisecondsSince(started);
-        filled = true;
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
         // A drill proves rows come back: its scratch database needs no settings.
         if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {
         failure = {
-          error: filled
-            ? error
-            : withTargetFate(signal.aborted ? signal.reason : error, target, targetAction, archive.filePath),
+          error: withTargetFate(signal.aborted ? signal.reason : error, target, targetAction, archive.filePath),
         };
       }
-      // A drill's database is scratch; one this run created and could not fill holds only a partial
-      // restore: removed rather than left as a trap. If it cannot be, every channel says so.
+      // A drill's database is scratch; one this run created whose restore failed (pg_restore, or the count
+      // after it) holds a restore nobody checked: removed rather than left as a trap. If it cannot be, every
+      // channel says so.
       const notDropped =
-        drill || (!filled && targetAction !== 'used empty')
+        drill || (failure && targetAction !== 'used empty')
           ? await dropCreatedDatabase(admin, config, target, server.major, timeout)
           : undefined;
       const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);
@@ -6088,7 +6092,10 @@ async function restorePipeline(
         reconciliation: counts && reconcileCounts(archive.metadata!.table_counts, counts),
       };
       if (drill) outcome.recorded = await recordRestoreTest(archive, outcome);
-      if (outcome.reconciliation?.some((row) => !row.ok)) throw leftBehind(reconciliationError(outcome.reconciliation));
+      if (outcome.reconciliation?.some((row) => !row.ok)) {
+        const error = reconciliationError(outcome.reconciliation);
+        throw leftBehind(drill ? error : withKeptTarget(error, target));
+      }
       if (notDropped) throw leftBehind(scratchLeftError(outcome));
       return outcome;
     },
@@ -6097,8 +6104,8 @@ async function restorePipeline(
 }
 
 /**
- * A restore stopped or failed before it filled its target, with what became of an existing target:
- * the usual words ("cleaned up after itself") would hide that --clean dropped it, or that an empty
+ * A restore stopped or failed before it filled its target and counted its rows, with what became of an existing
+ * target: the usual words ("cleaned up after itself") would hide that --clean dropped it, or that an empty
  * one left in place may now hold part of the restore. One this run created is dropped: nothing to add.
  * Restoring again needs the backup (`filePath`), which retention may have deleted meanwhile.
  */
@@ -6123,6 +6130,17 @@ function withTargetFate(
         ];
   const { exitCode, title, details, hints, extra } = error;
   return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
+}
+
+/**
+ * A restore whose counts differ keeps its target as restored, to investigate: the message says so, and how
+ * to drop it.
+ */
+function withKeptTarget(error: BackupError, target: string): BackupError {
+  const { exitCode, title, details, hints, extra } = error;
+  const kept = `"${visibleControls(target)}" is kept as restored, to investigate`;
+  const drop = `Drop it when done: DROP DATABASE ${quoteIdentifier(target)};`;
+  return new BackupError(exitCode, title, `${details}\n${kept}`, [...hints, drop], extra);
 }
 
 /** target_action of a database this run created and could not drop. */
@@ -7045,7 +7063,36 @@ export function toolMessage(stderr: string): string {
     else if (fields.length > 0 && !TOOL_LINE.test(line)) fields[fields.length - 1] += `\n${line}`;
     else fields.push(line);
   }
-  return fields.map((field) => withoutRowData(field).split('\n').join('\\n')).join('\n');
+  const masked = fields.map((field, at) =>
+    withoutRowData(aboutCopiedRow(fields, at) ? withoutCopiedValue(field) : field),
+  );
+  return masked.map((field) => field.split('\n').join('\\n')).join('\n');
+}
+
+/** Pure: whether fields[at] is about a row COPY read: in its own words, or by its message's CONTEXT. */
+function aboutCopiedRow(fields: string[], at: number): boolean {
+  if (fields[at]!.includes('COPY failed for table ')) return true;
+  for (let i = at + 1; i < fields.length && !/^pg_\w+: /.test(fields[i]!); i++)
+    if (fields[i]!.startsWith('CONTEXT:  ') && COPY_ROW.test(fields[i]!)) return true;
+  return false;
+}
+
+/** How the server's errors that quote the value COPY read begin: the value last, after the type named. */
+const COPIED_VALUE_ERRORS = [
+  'invalid input syntax for type ',
+  'invalid input value for enum ',
+  'malformed ',
+  'date/time field value out of range',
+]
+  .map(escapeRegExp)
+  .join('|');
+const COPIED_VALUE = new RegExp(String.raw`(ERROR: {2}(?:${COPIED_VALUE_ERRORS})[\s\S]*?: ")[\s\S]*`);
+/** value "…" is out of range for type X: the value inside, the type after it. */
+const OUT_OF_RANGE = /(ERROR: {2}value ")[\s\S]*(" is out of range for type )/;
+
+/** Pure: the ERROR of a COPY failure with the row's value it quotes masked (to the field's end); the type stays. */
+function withoutCopiedValue(field: string): string {
+  return field.replace(COPIED_VALUE, '$1****"').replace(OUT_OF_RANGE, '$1****$2');
 }
 
 /** COPY's line, or a column's value, in any line of CONTEXT: the outermost context, so the field's last. */

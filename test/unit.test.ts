@@ -1773,7 +1773,7 @@ test("pg_restore's and pg_dump's messages: the SQL they quote masked, whole, COP
     [
       'pg_restore: error: could not execute query: ERROR:  syntax error at or near "p"',
       "Command was: CREATE USER MAPPING FOR app SERVER remote OPTIONS ( password '****', \"user\" '****' );",
-      'pg_restore: error: COPY failed for table "t": ERROR:  invalid input syntax for type integer: "abc"',
+      'pg_restore: error: COPY failed for table "t": ERROR:  invalid input syntax for type integer: "****"',
       'CONTEXT:  COPY t, line 1, column id: "****"',
       'CONTEXT:  COPY t, line 2: "****"',
       "pg_dump: detail: Query was: SELECT '****'",
@@ -1833,6 +1833,31 @@ test("the server's messages: the row values quoted in CONTEXT (any line) and DET
   // A line of another field that begins "COPY" (a name's line break) is not row data.
   const named = 'pg_restore: from TOC entry 3; 1259 16385 TABLE x\nCOPY t, line 1: "kept"';
   assert.equal(toolMessage(named), named.replace('\n', '\\n'));
+});
+
+test("a COPY failure's ERROR line: the value it quotes masked, the type kept; another message's words kept", () => {
+  const failed = 'pg_restore: error: COPY failed for table "users": ERROR:  ';
+  const cases: [string, string][] = [
+    ['invalid input syntax for type integer: "sk_1"', 'invalid input syntax for type integer: "****"'],
+    ['invalid input value for enum public.plan: "sk_2" x"', 'invalid input value for enum public.plan: "****"'],
+    ['malformed array literal: "{sk_3"', 'malformed array literal: "****"'],
+    ['value "sk_4" is out of range for type bigint', 'value "****" is out of range for type bigint'],
+    ['value too long for type character varying(3)', 'value too long for type character varying(3)'],
+    ['date/time field value out of range: "sk_5"', 'date/time field value out of range: "****"'],
+    ['invalid byte sequence for encoding "UTF8": 0xf6', 'invalid byte sequence for encoding "UTF8": 0xf6'],
+  ];
+  for (const [error, masked] of cases) {
+    assert.equal(toolMessage(failed + error), failed + masked);
+    // Known as a COPY failure by its CONTEXT alone (a server's message without pg_restore's words).
+    const context = 'CONTEXT:  SQL function "ok" statement 1\nCOPY users, line 1: "sk_6"';
+    assert.equal(
+      toolMessage(`pg_restore: error: could not execute query: ERROR:  ${error}\n${context}`),
+      `pg_restore: error: could not execute query: ERROR:  ${masked}\nCONTEXT:  SQL function "ok" statement 1\\nCOPY users, line 1: "****"`,
+    );
+  }
+  // Not about a row COPY read (a default's or a query's literal): the server's words stay.
+  const other = 'pg_restore: error: could not execute query: ERROR:  invalid input syntax for type integer: "abc"';
+  assert.equal(toolMessage(`${other}\nCommand was: SELECT 1;`), `${other}\nCommand was: SELECT 1;`);
 });
 
 test("pg_restore's messages: a line break in a name joins the line it broke, shown as \\n", () => {
