@@ -1263,16 +1263,20 @@ async function claimLock(
 /** Warnings printed during a run that its record logs as events too (recordRun). */
 const runWarnings: Array<{ event: string; headline: string; why: string }> = [];
 
+/** Print a warning now, and have the run's record log it as `event`. */
+function runWarning(event: string, headline: string, why: string): void {
+  printWarning(CONSOLE, warningProblem(headline, why, []));
+  runWarnings.push({ event, headline, why });
+}
+
 /**
  * Release a command's lock. Failing to (the directory made read-only meanwhile) is a warning: it must not
  * replace the run's result, nor the failure being reported; the lock's owner is dead once the run ends.
  */
 async function releaseLock(lock: BackupLock): Promise<void> {
   await lock.release().catch((error: unknown) => {
-    const [headline, why] = [`Could not remove the lock ${displayPath(lock.path)}`, errorText(error)];
-    const next = `${why}; the next run takes it over, as a finished run's`;
-    printWarning(CONSOLE, warningProblem(headline, next, []));
-    runWarnings.push({ event: 'lock_release_failed', headline, why: next });
+    const why = `${errorText(error)}; the next run takes it over, as a finished run's`;
+    runWarning('lock_release_failed', `Could not remove the lock ${displayPath(lock.path)}`, why);
   });
 }
 
@@ -5510,9 +5514,7 @@ export function databasePropertyStatements(sql: string, target: string) {
 /** Part of the backup's database that the target does not get: a warning, printed and logged. */
 function warnNotCarriedOver(what: string, why: string): void {
   const headline = `The backup's database's ${what} are not carried over`;
-  const next = `${why}; a target this run creates gets the server's defaults`;
-  printWarning(CONSOLE, warningProblem(headline, next, []));
-  runWarnings.push({ event: 'database_options_not_read', headline, why: next });
+  runWarning('database_options_not_read', headline, `${why}; a target this run creates gets the server's defaults`);
 }
 
 /** The backup's database's encoding and locale; an entry that holds them in a form not known here, a warning. */
@@ -5530,10 +5532,7 @@ function readDatabaseOptions(sql: string): DatabaseOptions | undefined {
  */
 async function applyDatabaseProperties(admin: pg.Client, target: string, sql: string): Promise<void> {
   const { statements, skipped } = databasePropertyStatements(sql, target);
-  const warn = (headline: string, why: string) => {
-    printWarning(CONSOLE, warningProblem(headline, why, []));
-    runWarnings.push({ event: 'database_setting_not_applied', headline, why });
-  };
+  const warn = (headline: string, why: string) => runWarning('database_setting_not_applied', headline, why);
   const shown = visibleControls(target);
   for (const { sql: statement, what } of statements) {
     await admin.query(statement).catch((error: unknown) => {
