@@ -2403,7 +2403,8 @@ const LIST_TABLES_SQL = `
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (
       SELECT pg_catalog.array_agg(leaf.oid::int8 ORDER BY leaf.oid) FILTER (WHERE s.dumped) AS oids,
-             pg_catalog.array_agg(pg_catalog.format('COPY %I.%I%s TO STDOUT', ln.nspname, leaf.relname, r.columns)
+             pg_catalog.array_agg(pg_catalog.format('COPY %I.%I%s TO STDOUT (ENCODING ''SQL_ASCII'')',
+                                                    ln.nspname, leaf.relname, r.columns)
                ORDER BY leaf.oid) FILTER (WHERE s.dumped) AS copies,
              coalesce(pg_catalog.sum(leaf.relpages + coalesce(toast.relpages, 0)) FILTER (WHERE s.dumped), 0)
                * pg_catalog.current_setting('block_size')::int8 AS bytes,
@@ -2560,21 +2561,19 @@ async function countRows(
 }
 
 /**
- * One table's rows: the lines of each of its COPYs (text COPY escapes the newlines in values). Read as the
- * server's own bytes (client_encoding SQL_ASCII): a SQL_ASCII database may hold bytes that no conversion to
- * UTF-8 accepts, and every server encoding is ASCII-safe, so a newline byte is a newline. Reset after, so
- * names read later come back in UTF-8; a failed COPY ends the session or rolls the setting back.
+ * One table's rows: the lines of each of its COPYs (text COPY escapes the newlines in values). They write
+ * the server's own bytes (ENCODING 'SQL_ASCII': no conversion), as a SQL_ASCII database may hold bytes no
+ * conversion to UTF-8 accepts; every server encoding is ASCII-safe, so a newline byte is a newline. The
+ * statement itself, naming the table, is read in the session's UTF-8 like any other.
  */
 async function tableRows(client: pg.Client, table: UserTable): Promise<number> {
   let rows = 0;
   const { to: copyTo } = await import('pg-copy-streams');
-  await client.query("SELECT pg_catalog.set_config('client_encoding', 'SQL_ASCII', false)");
   for (const sql of table.copy_sql) {
     // Streamed and counted chunk by chunk: memory stays flat, whatever the table's size.
     for await (const chunk of client.query(copyTo(sql)) as AsyncIterable<Buffer>)
       for (let at = chunk.indexOf(10); at !== -1; at = chunk.indexOf(10, at + 1)) rows++;
   }
-  await client.query('RESET client_encoding');
   return rows;
 }
 

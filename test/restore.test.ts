@@ -657,6 +657,22 @@ describe("the backup's own database: its encoding and locale, its settings and c
     assert.match(drill.stderr, warning);
   });
 
+  test('a LATIN1 table whose name is not ASCII: counted, restored and drilled', async () => {
+    // The counts' COPY names it; sent in another encoding than UTF-8, the name would not be found.
+    const { backup: taken } = await backupOfDatabase('rs_latin1_name', "ENCODING 'LATIN1' LOCALE 'C'", [
+      `CREATE TABLE "café" (v text); INSERT INTO "café" VALUES ('crème'), ('brûlée')`,
+    ]);
+    assert.deepEqual(taken.metadata.table_counts, { café: 2 });
+    const restored = await restore(taken.dumpPath, uniqueName('rs_latin1_name_copy'), '--json');
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    const drill = await runCli({
+      args: ['--verify', taken.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir, '--json'],
+    });
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    for (const run of [restored, drill])
+      assert.deepEqual(JSON.parse(run.stdout).reconciliation, [{ table: 'café', backup: 2, restored: 2, ok: true }]);
+  });
+
   test('a SQL_ASCII table of text only, holding a byte that is not UTF-8: backed up, verified, restored, drilled', async () => {
     // Counted as the server's bytes: converted to UTF-8, COPY of the text column fails on 0xf6.
     const { backup: taken } = await backupOfDatabase('rs_ascii_text', "ENCODING 'SQL_ASCII' LOCALE 'C'", [
