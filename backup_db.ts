@@ -15,7 +15,8 @@
  *   Connection: TLS                        server verification as libpq's, revocation lists, client certificates
  *   Connection errors                      failures mapped to exit codes and hints; the server's facts
  *   Backup names                           {database}_{env}_{timestamp}.dump, written and read in one place
- *   Dump                                   table inventory, locked row counts, pg_dump streamed through SHA-256
+ *   Dump                                   table inventory, row counts under the backup's locks
+ *   Dump: pg_dump                          pg_dump streamed through SHA-256, its lock waits and errors
  *   Stall watchdog                         stop a dump that writes nothing, saying what it waits on
  *   Progress                               a progress line on terminals
  *   Backup run                             lock, snapshot, dump and counts, publish, retention
@@ -2374,7 +2375,7 @@ async function reserveBackupName(
   );
 }
 
-// ─── Dump: tables, row counts and pg_dump ────────────────────────────────────────────────
+// ─── Dump: tables and row counts ─────────────────────────────────────────────────────────
 
 /**
  * Every user table pg_dump writes data for: all schemas but the system ones; partitioned tables
@@ -2576,6 +2577,8 @@ async function tableRows(client: pg.Client, table: UserTable): Promise<number> {
   }
   return rows;
 }
+
+// ─── Dump: pg_dump, streamed through SHA-256 ─────────────────────────────────────────────
 
 /**
  * pg_dump waiting, through any chain of sessions, for one (TRUNCATE, ALTER TABLE) that waits for
