@@ -1731,25 +1731,31 @@ async function openClient(
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
-  // The connection is made once its set-up query has answered too: one deadline for both, for a server
-  // that accepts (or authenticates) and then never answers. node-postgres's own timeout ends at login.
-  const deadline = setTimeout(
-    () => client.connection.stream.destroy(new Error('timeout expired')),
-    connectTimeoutSeconds * 1000,
-  );
   try {
+    // The connection is made once its set-up query has answered too: one deadline for both, for a server
+    // that accepts (or authenticates) and then never answers. node-postgres's own timeout ends at login.
     // A server that never answers would hold an interrupt for the whole connect timeout: cut the socket.
-    await untilAborted(client, signal, async () => {
-      await client.connect();
-      // As pg_dump does: names in our queries resolve to built-ins only, or a function a database's
-      // users created (a public.format(text, text) matches better than the variadic built-in) runs
-      // with our role, a superuser maybe. Set after connecting, it overrides ALTER ROLE/DATABASE SET.
-      await client.query("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
-    });
+    await answeredWithin(client, connectTimeoutSeconds, () =>
+      untilAborted(client, signal, async () => {
+        await client.connect();
+        // As pg_dump does: names in our queries resolve to built-ins only, or a function a database's
+        // users created (a public.format(text, text) matches better than the variadic built-in) runs
+        // with our role, a superuser maybe. Set after connecting, it overrides ALTER ROLE/DATABASE SET.
+        await client.query("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
+      }),
+    );
     return client;
   } catch (error) {
     await client.end().catch(() => undefined);
     throw error;
+  }
+}
+
+/** `work` on `client`, whose socket is cut unless it is done within `seconds`: a frozen server fails it. */
+async function answeredWithin<T>(client: pg.Client, seconds: number, work: () => Promise<T>): Promise<T> {
+  const deadline = setTimeout(() => client.connection.stream.destroy(new Error('timeout expired')), seconds * 1000);
+  try {
+    return await work();
   } finally {
     clearTimeout(deadline);
   }
@@ -2121,6 +2127,13 @@ export function connectionError(
   ]);
 }
 
+/** Pure: the SQLSTATE of a server's error; undefined for any other (a lost connection, a timeout). */
+function sqlStateOf(error: unknown): string | undefined {
+  const code = (error as { code?: unknown } | null)?.code;
+  // SQLSTATEs hold a digit (3D000, 08006, XX000); errno codes such as EPIPE do not.
+  return typeof code === 'string' && /^(?=.*\d)[0-9A-Z]{5}$/.test(code) ? code : undefined;
+}
+
 /** How a session's connection ends when the server, not the network, ends it; node-postgres adds its own words. */
 const CONNECTION_LOST = /Connection terminated|server closed the connection|ECONNRESET|EPIPE|not queryable/i;
 
@@ -2130,9 +2143,7 @@ const CONNECTION_LOST = /Connection terminated|server closed the connection|ECON
  * every command hands what it does not understand itself to this one function.
  */
 export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>): BackupError | undefined {
-  const code = (error as { code?: unknown } | null)?.code;
-  // SQLSTATEs hold a digit (3D000, 08006, XX000); errno codes such as EPIPE do not.
-  const sqlstate = typeof code === 'string' && /^(?=.*\d)[0-9A-Z]{5}$/.test(code) ? code : undefined;
+  const sqlstate = sqlStateOf(error);
   const message = errorText(error);
   if (!sqlstate && !CONNECTION_LOST.test(message)) return undefined;
   const where = server ? `${server.host}:${server.port}` : 'the database server';
@@ -4765,10 +4776,12 @@ async function runPrune(
     ]);
   }
   if (!(await backupDirNames(options.outputDir))) return undefined;
-  const systemIdentifier = await withClient(config, options.connectTimeoutSeconds, clusterIdentifier, { signal }).catch(
+  const seconds = options.connectTimeoutSeconds;
+  const systemIdentifier = await withClient(config, seconds, clusterIdentifierWithin(seconds), { signal }).catch(
     (error: unknown) => {
       // An interrupt wins over a connection attempt it outlasted.
       signal.throwIfAborted();
+      error = connectionError(error, config, seconds);
       if (!(error instanceof BackupError)) throw error;
       const why = "--prune asks the server which server it is, so as never to delete another server's backups";
       throw new BackupError(error.exitCode, error.title, error.details, [...error.hints, why], error.extra);
@@ -4944,12 +4957,22 @@ export function isProductionTarget(check: ProdCheck): 'yes' | 'no' | 'unknown' {
   return check.targetCluster === check.prod.cluster ? 'yes' : 'no';
 }
 
-/** The cluster's system identifier, or undefined where it cannot be read (PostgreSQL 9.6 and older). */
+/**
+ * The cluster's system identifier, or undefined where the server cannot say (PostgreSQL 9.6 and older);
+ * a lost connection is not an answer.
+ */
 async function clusterIdentifier(client: pg.Client): Promise<string | undefined> {
   const sql = 'SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()';
-  const result = await client.query<{ id: string }>(sql).catch(() => undefined);
+  const result = await client.query<{ id: string }>(sql).catch((error: unknown) => {
+    if (!sqlStateOf(error)) throw error;
+  });
   const id = result?.rows[0]?.id;
   return id === undefined ? undefined : unsignedIdentifier(id);
+}
+
+/** clusterIdentifier on a connection of its own, which a server that froze after login fails in `seconds`. */
+function clusterIdentifierWithin(seconds: number): (client: pg.Client) => Promise<string | undefined> {
+  return (client) => answeredWithin(client, seconds, () => clusterIdentifier(client));
 }
 
 /**
@@ -5012,7 +5035,8 @@ async function assertProdRestoreAllowed(
   if (prodConfig) {
     try {
       const options = { maintenance: true, signal: request.signal };
-      prod.cluster = await withClient(prodConfig, connectTimeoutSeconds, clusterIdentifier, options);
+      const ask = clusterIdentifierWithin(connectTimeoutSeconds);
+      prod.cluster = await withClient(prodConfig, connectTimeoutSeconds, ask, options);
       if (prod.cluster === undefined) prod.unknownWhy = 'it does not say which cluster it is (pg_control_system)';
     } catch (error) {
       request.signal.throwIfAborted();

@@ -1113,6 +1113,27 @@ describe('retention on real backups', () => {
     }
   });
 
+  test('--prune on a server that freezes on its identifier query: exit 3 within the connect timeout, nothing deleted', async () => {
+    const dir = path.join(await tempDir(), 'backups');
+    await fs.mkdir(dir);
+    const kept = [await pastBackup(dir, '2025-01-01T02:00:00Z'), await pastBackup(dir, '2025-01-02T02:00:00Z')];
+    const proxy = await startProxy(server);
+    try {
+      proxy.freezeOn('pg_control_system');
+      const configDir = await tempDir();
+      const vars = { ...dbVars(server, 'DEV_DB_', 'ret_app'), DEV_DB_HOST: proxy.host, DEV_DB_PORT: String(proxy.port) };
+      await writeEnvFile(configDir, '.env', vars);
+      const args = ['--prune', '--keep-last', '1', '--connect-timeout', '2', '--env', 'dev'];
+      const result = await runCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
+      assert.ok(proxy.frozen, 'the server froze on the query');
+      assert.equal(result.exitCode, 3, String(result.stdout) + String(result.stderr));
+      assert.match(String(result.stderr), /Database did not answer within 2 s/);
+      assert.deepEqual((await fs.readdir(dir)).sort(), kept.flatMap((n) => [n, metadataFileName(n)]).sort());
+    } finally {
+      await proxy.close();
+    }
+  });
+
   test('a backup run says how many backups retention left alone (here a damaged one)', async () => {
     const dir = path.join(await tempDir(), 'backups');
     await fs.mkdir(dir);
