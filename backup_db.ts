@@ -172,7 +172,15 @@ async function startTethered<const O extends Options>(
   const { execa } = await loadExeca();
   // detached changes how the child starts, not what its result looks like.
   const env = childEnv(process.env, options.env as Record<string, string> | undefined, { connects });
-  const child = execa(file, args, { ...options, env, extendEnv: false, detached: true }) as unknown as ResultPromise<O>;
+  // A child starts with every signal at its default, so the SIGXFSZ main ignores would kill pg_dump (its --jobs
+  // workers write the files) rather than fail its write with EFBIG: a shell ignores it, and exec keeps that.
+  const ignoringXfsz = ['-c', 'trap "" XFSZ; exec "$0" "$@"', file, ...args];
+  const child = execa('/bin/sh', ignoringXfsz, {
+    ...options,
+    env,
+    extendEnv: false,
+    detached: true,
+  }) as unknown as ResultPromise<O>;
   const pid = child.pid;
   if (pid === undefined) return { child }; // it could not start; the promise says why
   const killGroup = (name: NodeJS.Signals) => {

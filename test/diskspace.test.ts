@@ -110,6 +110,21 @@ describe('disk space', () => {
   );
 
   test(
+    'RLIMIT_FSIZE with --jobs: pg_dump writes the files itself and gets EFBIG too, not killed by SIGXFSZ → exit 5',
+    skipUnless(noPrlimit),
+    async () => {
+      const seeded = await directoryWithExistingBackup(server, 'space_small');
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir, '--jobs', '2'],
+        wrapper: ['prlimit', '--fsize=200000', '--'],
+      });
+      assertDiskFull(result);
+      assert.match(result.stderr, /File too large/);
+      assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
+    },
+  );
+
+  test(
     'with room to spare the same backup succeeds, so the failures above are about space',
     skipUnless(noTmpfs),
     async () => {
