@@ -856,6 +856,8 @@ export function clientInstallHints(major: number | undefined): string[] {
 
 export interface ClientSearch {
   pgBinDir?: string;
+  /** The setting pgBinDir came from, which its errors name. */
+  pgBinDirFrom?: '--pg-bin-dir' | 'PG_BIN_DIR';
 }
 
 /**
@@ -876,7 +878,8 @@ async function findClient(
     if (first) break;
   }
   // A directory the user named is never passed over in silence for one they did not.
-  if (search.pgBinDir && first?.source !== '--pg-bin-dir') throw await pgBinDirError(dirs[0]!.dir, signal);
+  if (search.pgBinDir && first?.source !== '--pg-bin-dir')
+    throw await pgBinDirError(dirs[0]!.dir, search.pgBinDirFrom ?? '--pg-bin-dir', signal);
   if (first && (needed === undefined || first.pgDump.major >= needed)) return first;
   const inspected = await Promise.all(dirs.map((dir) => inspectClientDir(dir, signal)));
   const found = inspected.filter((client) => client !== undefined);
@@ -890,7 +893,7 @@ async function findClient(
 }
 
 /** Why --pg-bin-dir / PG_BIN_DIR holds no client, and the bin directory below it if that one does. */
-async function pgBinDirError(dir: string, signal?: AbortSignal): Promise<BackupError> {
+async function pgBinDirError(dir: string, setting: string, signal?: AbortSignal): Promise<BackupError> {
   const [stat, pgDump, pgRestore, below] = await Promise.all([
     fs.stat(dir).catch(() => undefined),
     toolVersionIn(dir, 'pg_dump', signal),
@@ -899,7 +902,7 @@ async function pgBinDirError(dir: string, signal?: AbortSignal): Promise<BackupE
   ]);
   const nested = below && `pg_dump ${below.pgDump.version} and pg_restore ${below.pgRestore.version}`;
   const details = `${dir} ${stat ? toolsHeld(stat.isDirectory(), pgDump, pgRestore) : 'does not exist'}`;
-  return new BackupError(EXIT.TOOL_NOT_FOUND, `No pg_dump and pg_restore in --pg-bin-dir ${dir}`, details, [
+  return new BackupError(EXIT.TOOL_NOT_FOUND, `No pg_dump and pg_restore in ${setting} ${dir}`, details, [
     ...(below ? [`Did you mean ${below.dir}? It holds ${nested}`] : []),
     'Point --pg-bin-dir (or PG_BIN_DIR) at the directory holding both, or unset it to search PATH and the usual places',
   ]);
@@ -4423,6 +4426,8 @@ async function runList(
   const names = await backupDirNames(dir);
   if (!names) return { directory: dir, exists: false, fullCheck, backups: [], incomplete: [] };
   const restoreClientFor = fullCheck ? restoreClientLookup(search) : undefined;
+  // A named client directory without pg_restore verifies nothing: say so, as --verify does, not "needs newer" per file.
+  if (restoreClientFor && search.pgBinDir) await restoreClientFor(undefined);
   const backups: ListEntry[] = [];
   const incomplete: ListEntry[] = [];
   for (const raw of names) {
@@ -7786,7 +7791,7 @@ export function resolveSettings(opts: SettingOptions, vars: EnvVars, command: Co
   return {
     ...(maxAgeMs !== undefined ? { maxAgeMs } : {}),
     stallTimeoutMs: stallTimeoutMs ?? parseDuration(DEFAULT_STALL_TIMEOUT),
-    search: pgBinDir ? { pgBinDir } : {},
+    search: pgBinDir ? { pgBinDir, pgBinDirFrom: opts.pgBinDir ? '--pg-bin-dir' : 'PG_BIN_DIR' } : {},
     // --jobs sets the restore's pg_restore jobs only when given; else one per core.
     restore: {
       ...(opts.jobsGiven ? { jobs: opts.jobs } : {}),

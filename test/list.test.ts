@@ -308,6 +308,31 @@ describe('--list', () => {
     },
   );
 
+  test('--list --verify with a --pg-bin-dir (or PG_BIN_DIR) lacking pg_restore says so, as --verify does (exit 6)', async () => {
+    const onlyDump = await tempDir('backup-db-nopgrestore-');
+    await fs.symlink((await execa('sh', ['-c', 'command -v pg_dump'])).stdout, path.join(onlyDump, 'pg_dump'));
+    const listed = await runCli({ args: ['--list', '--verify', '--output-dir', dir, '--pg-bin-dir', onlyDump] });
+    const verified = await runCli({ args: ['--verify', dev1.dumpPath, '--pg-bin-dir', onlyDump] });
+    for (const result of [listed, verified]) {
+      assert.equal(result.exitCode, 6, result.stdout + result.stderr);
+      assert.match(
+        result.stderr,
+        new RegExp(`^✗ \\w+ failed: No pg_dump and pg_restore in --pg-bin-dir ${onlyDump}$`, 'm'),
+      );
+      assert.match(result.stderr, new RegExp(`Error: ${onlyDump} holds no pg_restore`));
+      assert.doesNotMatch(result.stdout + result.stderr, /newer pg_restore/);
+    }
+    const fromVariable = await runCli({
+      args: ['--list', '--verify', '--output-dir', dir],
+      env: { PG_BIN_DIR: onlyDump },
+    });
+    assert.equal(fromVariable.exitCode, 6, fromVariable.stdout + fromVariable.stderr);
+    assert.match(
+      fromVariable.stderr,
+      new RegExp(`^✗ \\w+ failed: No pg_dump and pg_restore in PG_BIN_DIR ${onlyDump}$`, 'm'),
+    );
+  });
+
   test('control characters in names (tables, metadata, file names) are shown escaped, never sent raw; --json as before', async () => {
     const db = 'list_ctrl';
     await server.createDatabase(db, [

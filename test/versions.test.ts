@@ -211,7 +211,7 @@ describe('choosing the client tools', () => {
     const result = await backupOf(servers.get(15)!, [], { PG_BIN_DIR: prefix });
     assert.equal(result.exitCode, 6, result.stdout);
     const error = JSON.parse(result.stdout);
-    assert.equal(error.error, `No pg_dump and pg_restore in --pg-bin-dir ${prefix}`);
+    assert.equal(error.error, `No pg_dump and pg_restore in PG_BIN_DIR ${prefix}`);
     assert.match(error.details, /holds no pg_dump and no pg_restore/);
     assert.match(
       error.hints[0],
