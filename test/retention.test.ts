@@ -1121,7 +1121,11 @@ describe('retention on real backups', () => {
     try {
       proxy.freezeOn('pg_control_system');
       const configDir = await tempDir();
-      const vars = { ...dbVars(server, 'DEV_DB_', 'ret_app'), DEV_DB_HOST: proxy.host, DEV_DB_PORT: String(proxy.port) };
+      const vars = {
+        ...dbVars(server, 'DEV_DB_', 'ret_app'),
+        DEV_DB_HOST: proxy.host,
+        DEV_DB_PORT: String(proxy.port),
+      };
       await writeEnvFile(configDir, '.env', vars);
       const args = ['--prune', '--keep-last', '1', '--connect-timeout', '2', '--env', 'dev'];
       const result = await runCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
