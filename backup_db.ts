@@ -7536,10 +7536,18 @@ export function chooseMode(opts: Partial<CliOptions>): Mode {
       'For example: --restore FILE --target-db NAME --maintenance-work-mem 512MB',
     ]);
   }
+  // Ignored elsewhere, a --dry-run would not stop a --clean restore. BACKUP_KEEP_* are not options: never refused.
+  const forRetention = RETENTION_OPTIONS.find((option) => opts[option] !== undefined);
+  if (forRetention && mode.command !== 'backup' && mode.command !== 'prune') {
+    throw configError(`--${kebab(forRetention)} only applies to a backup or --prune`, [
+      'Retention runs after each backup, or alone: --prune --keep-daily 7 [--dry-run]',
+    ]);
+  }
   return mode;
 }
 
 const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
+const RETENTION_OPTIONS = ['keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly', 'dryRun'] as const;
 
 function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, PROJECT_DIR, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, PROJECT_DIR, runCli, takeBackup, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint } from './helpers/wait.ts';
 
@@ -66,6 +66,38 @@ describe('options with garbage → exit 2', () => {
   for (const [name, args, message] of cases) {
     test(name, async () => assertCleanFailure(await attempt(args), 2, message));
   }
+});
+
+describe('options that do not apply to the command', () => {
+  test('--restore --clean --dry-run is refused (exit 2) and leaves the target as it was', async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    const { dumpPath } = await takeBackup(server, 'input_app', outputDir);
+    await server.createDatabase('input_target', "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep')");
+    const result = await runCli({
+      args: ['--env', 'dev', '--restore', dumpPath, '--target-db', 'input_target', '--clean', '--dry-run'],
+      env: dbVars(server, 'DEV_DB_', 'input_app'),
+    });
+    assertCleanFailure({ ...result, files: [] }, 2, /--dry-run only applies to a backup or --prune/);
+    const client = await server.connect('input_target');
+    try {
+      assert.deepEqual((await client.query('SELECT v FROM precious')).rows, [{ v: 'keep' }], 'the target untouched');
+    } finally {
+      await client.end();
+    }
+  });
+
+  test('BACKUP_KEEP_* in .env do not stop --list; the --keep-* and --dry-run options there are refused', async () => {
+    const keep = { BACKUP_KEEP_LAST: '3', BACKUP_KEEP_DAILY: '7' };
+    const listed = await attempt(['--env', 'dev', '--list'], { ...dbVars(server, 'DEV_DB_', 'input_app'), ...keep });
+    assert.equal(listed.exitCode, 0, listed.stderr);
+    for (const args of [
+      ['--list', '--keep-last', '3'],
+      ['--verify', 'x.dump', '--keep-daily', '7'],
+      ['--list', '--dry-run'],
+    ]) {
+      assertCleanFailure(await attempt(['--env', 'dev', ...args]), 2, /only applies to a backup or --prune/);
+    }
+  });
 });
 
 describe('--compress with garbage', () => {

@@ -846,6 +846,24 @@ describe('restores: session settings, memory sizes, extension versions', () => {
     assert.equal(chooseMode({ verify: 'x.dump', restoreTest: true, maintenanceWorkMem: 1024 }).command, 'drill');
     assert.throws(() => chooseMode({ maintenanceWorkMem: 1024 }), /--maintenance-work-mem only applies to --restore/);
   });
+  test('--dry-run and the --keep-* rules only go with a backup or --prune', () => {
+    for (const option of ['dryRun', 'keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly'] as const) {
+      const given = { [option]: option === 'dryRun' ? true : 3 };
+      assert.equal(chooseMode(given).command, 'backup', option);
+      assert.equal(chooseMode({ prune: true, ...given }).command, 'prune', option);
+      for (const other of [
+        { restore: 'x.dump', targetDb: 'copy', clean: true as const },
+        { verify: 'x.dump' },
+        { verify: 'x.dump', restoreTest: true as const },
+        { list: true as const },
+        { list: true as const, verify: true as const },
+        { check: true as const, maxAge: 1000 },
+      ]) {
+        const message = new RegExp(`--${option.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} only applies to`);
+        expectBackupError(() => chooseMode({ ...other, ...given }), EXIT.CONFIG, message);
+      }
+    }
+  });
 });
 
 describe("databaseFailure: every database error of every command to the contract's codes", () => {
