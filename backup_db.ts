@@ -155,6 +155,11 @@ function errorText(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
+/** Pure: a table's entry for a key read from input; "__proto__" or "constructor" is no entry of it. */
+function ownEntry<T>(table: Readonly<Record<string, T>>, key: string): T | undefined {
+  return Object.hasOwn(table, key) ? table[key] : undefined;
+}
+
 /**
  * Start pg_dump or pg_restore so that it cannot outlive this process: in a process group of its
  * own, which a watcher (a shell blocked reading a pipe from us) stops, workers included, once the
@@ -401,7 +406,7 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
   if (requested !== 'auto') return requested;
   const mode = vars.get('ENV_MODE');
   if (mode) {
-    const env = ENV_MODE_VALUES[mode.value.trim().toLowerCase()];
+    const env = ownEntry(ENV_MODE_VALUES, mode.value.trim().toLowerCase());
     if (env) return env;
     throw configError(`ENV_MODE (from ${mode.source}) is "${mode.value}", which is not an environment`, [
       'Set ENV_MODE to one of: dev, development, prod, production (case-insensitive)',
@@ -5101,7 +5106,7 @@ const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
 
 /** Pure: where an extension the server lacks comes from. */
 export function extensionInstallHint(name: string, major: number): string {
-  const known = EXTENSION_PACKAGES[name];
+  const known = ownEntry(EXTENSION_PACKAGES, name);
   if (known) return `${name}: install ${known(major)} on the database server (Debian/Ubuntu, PGDG repository)`;
   if (CONTRIB_EXTENSIONS.has(name)) {
     return (
@@ -5458,7 +5463,7 @@ const PROVIDER_SINCE: Record<string, { name: string; since: number }> = {
 
 /** Pure: why a server of `major` cannot create a database of the backup's locale provider. */
 export function unsupportedProvider(options: DatabaseOptions, major: number): string | undefined {
-  const provider = PROVIDER_SINCE[options.LOCALE_PROVIDER ?? ''];
+  const provider = ownEntry(PROVIDER_SINCE, options.LOCALE_PROVIDER ?? '');
   if (!provider || major >= provider.since) return undefined;
   const name = `PostgreSQL ${major} has no ${provider.name} provider for databases`;
   return `${name}: restore to PostgreSQL ${provider.since} or later`;

@@ -142,6 +142,16 @@ describe('detectEnvironment', () => {
     );
   });
 
+  test("an ENV_MODE naming one of Object's own properties is unknown too, not an environment", () => {
+    for (const mode of ['__proto__', 'constructor', 'toString', 'hasOwnProperty', 'valueOf']) {
+      expectBackupError(
+        () => detectEnvironment(env({ ENV_MODE: mode, DEV_DB_NAME: 'x' }), 'auto'),
+        EXIT.CONFIG,
+        new RegExp(`ENV_MODE \\(from \\.env\\) is "${mode}", which is not an environment`),
+      );
+    }
+  });
+
   test('without ENV_MODE: dev when DEV_DB_NAME is set, else prod when DB_NAME is set', () => {
     assert.equal(detectEnvironment(env({ DEV_DB_NAME: 'a', DB_NAME: 'b' }), 'auto'), 'dev');
     assert.equal(detectEnvironment(env({ DB_NAME: 'b' }), 'auto'), 'prod');
@@ -1444,6 +1454,7 @@ ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
     assert.equal(unsupportedProvider(builtin, 17), undefined);
     assert.equal(unsupportedProvider({ LOCALE_PROVIDER: 'libc' }, 13), undefined);
     assert.equal(unsupportedProvider({ ENCODING: 'LATIN1' }, 13), undefined);
+    assert.equal(unsupportedProvider({ LOCALE_PROVIDER: 'constructor' }, 13), undefined);
   });
 
   test('databasePropertyStatements rebuilds the settings and comment for the target from what it read, never the text', () => {
@@ -1488,6 +1499,7 @@ ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
     assert.match(extensionInstallHint('postgis', 15), /postgresql-15-postgis-3/);
     assert.match(extensionInstallHint('adminpack', 17), /contrib .* removed in PostgreSQL 17/);
     assert.match(extensionInstallHint('my_ext', 15), /apt-cache search postgresql-15-my_ext/);
+    assert.match(extensionInstallHint('constructor', 15), /apt-cache search postgresql-15-constructor/);
   });
 
   test('dbnameConninfo quotes any name so that libpq never reads it as settings', () => {
