@@ -7716,7 +7716,7 @@ function filePath(value: string): string {
   return expanded;
 }
 
-/** Pure: a shell command (BACKUP_ON_FAILURE), not empty; its shell expands ~ itself. */
+/** Pure: a shell command (--on-failure, BACKUP_ON_FAILURE); blank would turn the hook off. Its shell expands ~. */
 function nonEmptyCommand(value: string): string {
   nonEmptyPath(value);
   return value;
@@ -7947,6 +7947,7 @@ function buildProgram(json: boolean, writeErr: (text: string) => void): Command 
     .option(
       '--on-failure <command>',
       'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)',
+      nonEmptyCommand,
     )
     .option(
       '--restore <file>',

@@ -54,6 +54,16 @@ describe('options with garbage → exit 2', () => {
     ['unicode --env', ['--env', 'prød'], /Allowed choices are dev, prod, auto/],
     ['empty --output-dir', ['--output-dir', ''], /--output-dir <dir>' argument '' is invalid\. The path is empty/],
     ['blank --config-dir', ['--config-dir', '   '], /The path is empty/],
+    [
+      'empty --on-failure',
+      ['--env', 'dev', '--on-failure', ''],
+      /--on-failure <command>' argument '' is invalid\. The path/,
+    ],
+    [
+      'blank --on-failure',
+      ['--env', 'dev', '--on-failure', '   '],
+      /--on-failure <command>' argument '   ' is invalid/,
+    ],
     ['empty --compress', ['--env', 'dev', '--compress', ''], /--compress "" is not a compression setting/],
     ['shell in --compress', ['--env', 'dev', '--compress', '1; rm -rf /'], /is not a compression setting/],
     ['negative --connect-timeout', ['--connect-timeout', '-1'], /Use a whole number of seconds from 1 to 3600/],
