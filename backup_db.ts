@@ -342,6 +342,7 @@ const PROCESS_ENVIRONMENT = 'the process environment';
 
 /** Read .env.local then .env from `dir` without touching process.env; dotenv.parse prints nothing. */
 async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<EnvVars> {
+  await assertConfigDir(dir);
   const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: PROCESS_ENVIRONMENT, vars: processEnv }];
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
@@ -360,6 +361,16 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
     }
   }
   return mergeEnvLayers(layers);
+}
+
+/** A mistyped --config-dir would otherwise lose its .env files' settings (retention, log, hooks) in silence. */
+async function assertConfigDir(dir: string): Promise<void> {
+  const found = await fs.stat(dir).catch((error: unknown) => errnoCode(error));
+  const missing = found === 'ENOENT' || found === 'ENOTDIR';
+  if (missing || (typeof found === 'object' && !found.isDirectory()))
+    throw configError(`--config-dir ${dir} ${missing ? 'does not exist' : 'is not a directory'}`, [
+      'Give the directory that holds .env.local and .env (default: the project directory)',
+    ]);
 }
 
 export interface DbConfig {

@@ -324,6 +324,21 @@ describe('paths with garbage', () => {
     assert.deepEqual((await fs.readdir(dir)).sort(), ['dangling', 'file']);
   });
 
+  test('a --config-dir that does not exist or is no directory → exit 2 naming it, its settings not silently lost', async () => {
+    const dir = await tempDir();
+    await fs.writeFile(path.join(dir, 'file'), 'x');
+    for (const configDir of [path.join(dir, 'missing'), path.join(dir, 'file'), path.join(dir, 'file', 'sub')]) {
+      const outputDir = path.join(dir, 'out');
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir],
+        env: dbVars(server, 'DEV_DB_', 'input_app'),
+      });
+      assertCleanFailure({ ...result, files: [] }, 2, /--config-dir .* (does not exist|is not a directory)/);
+      assert.ok(result.stderr.includes(configDir), result.stderr);
+      await assert.rejects(fs.access(outputDir), 'no backup taken');
+    }
+  });
+
   test('a .env that is a directory → exit 2 naming the file', async () => {
     const configDir = await tempDir();
     await fs.mkdir(path.join(configDir, '.env'));
