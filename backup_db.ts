@@ -155,6 +155,11 @@ function errorText(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
+/** Pure: a table's entry for a key read from input; "__proto__" or "constructor" is no entry of it. */
+function ownEntry<T>(table: Readonly<Record<string, T>>, key: string): T | undefined {
+  return Object.hasOwn(table, key) ? table[key] : undefined;
+}
+
 /**
  * Start pg_dump or pg_restore so that it cannot outlive this process: in a process group of its
  * own, which a watcher (a shell blocked reading a pipe from us) stops, workers included, once the
@@ -345,6 +350,7 @@ const PROCESS_ENVIRONMENT = 'the process environment';
 
 /** Read .env.local then .env from `dir` without touching process.env; dotenv.parse prints nothing. */
 async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<EnvVars> {
+  await assertConfigDir(dir);
   const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: PROCESS_ENVIRONMENT, vars: processEnv }];
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
@@ -363,6 +369,16 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
     }
   }
   return mergeEnvLayers(layers);
+}
+
+/** A mistyped --config-dir would otherwise lose its .env files' settings (retention, log, hooks) in silence. */
+async function assertConfigDir(dir: string): Promise<void> {
+  const found = await fs.stat(dir).catch((error: unknown) => errnoCode(error));
+  const missing = found === 'ENOENT' || found === 'ENOTDIR';
+  if (missing || (typeof found === 'object' && !found.isDirectory()))
+    throw configError(`--config-dir ${dir} ${missing ? 'does not exist' : 'is not a directory'}`, [
+      'Give the directory that holds .env.local and .env (default: the project directory)',
+    ]);
 }
 
 export interface DbConfig {
@@ -409,7 +425,7 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
   if (requested !== 'auto') return requested;
   const mode = vars.get('ENV_MODE');
   if (mode) {
-    const env = ENV_MODE_VALUES[mode.value.trim().toLowerCase()];
+    const env = ownEntry(ENV_MODE_VALUES, mode.value.trim().toLowerCase());
     if (env) return env;
     throw configError(`ENV_MODE (from ${mode.source}) is "${mode.value}", which is not an environment`, [
       'Set ENV_MODE to one of: dev, development, prod, production (case-insensitive)',
@@ -5114,7 +5130,7 @@ const EXTENSION_PACKAGES: Record<string, (major: number) => string> = {
 
 /** Pure: where an extension the server lacks comes from. */
 export function extensionInstallHint(name: string, major: number): string {
-  const known = EXTENSION_PACKAGES[name];
+  const known = ownEntry(EXTENSION_PACKAGES, name);
   if (known) return `${name}: install ${known(major)} on the database server (Debian/Ubuntu, PGDG repository)`;
   if (CONTRIB_EXTENSIONS.has(name)) {
     return (
@@ -5471,7 +5487,7 @@ const PROVIDER_SINCE: Record<string, { name: string; since: number }> = {
 
 /** Pure: why a server of `major` cannot create a database of the backup's locale provider. */
 export function unsupportedProvider(options: DatabaseOptions, major: number): string | undefined {
-  const provider = PROVIDER_SINCE[options.LOCALE_PROVIDER ?? ''];
+  const provider = ownEntry(PROVIDER_SINCE, options.LOCALE_PROVIDER ?? '');
   if (!provider || major >= provider.since) return undefined;
   const name = `PostgreSQL ${major} has no ${provider.name} provider for databases`;
   return `${name}: restore to PostgreSQL ${provider.since} or later`;
@@ -7549,10 +7565,18 @@ export function chooseMode(opts: Partial<CliOptions>): Mode {
       'For example: --restore FILE --target-db NAME --maintenance-work-mem 512MB',
     ]);
   }
+  // Ignored elsewhere, a --dry-run would not stop a --clean restore. BACKUP_KEEP_* are not options: never refused.
+  const forRetention = RETENTION_OPTIONS.find((option) => opts[option] !== undefined);
+  if (forRetention && mode.command !== 'backup' && mode.command !== 'prune') {
+    throw configError(`--${kebab(forRetention)} only applies to a backup or --prune`, [
+      'Retention runs after each backup, or alone: --prune --keep-daily 7 [--dry-run]',
+    ]);
+  }
   return mode;
 }
 
 const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
+const RETENTION_OPTIONS = ['keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly', 'dryRun'] as const;
 
 function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {
@@ -7716,7 +7740,7 @@ function filePath(value: string): string {
   return expanded;
 }
 
-/** Pure: a shell command (BACKUP_ON_FAILURE), not empty; its shell expands ~ itself. */
+/** Pure: a shell command (--on-failure, BACKUP_ON_FAILURE); blank would turn the hook off. Its shell expands ~. */
 function nonEmptyCommand(value: string): string {
   nonEmptyPath(value);
   return value;
@@ -7947,6 +7971,7 @@ function buildProgram(json: boolean, writeErr: (text: string) => void): Command 
     .option(
       '--on-failure <command>',
       'run this shell command when a run fails, details in BACKUP_* variables (env BACKUP_ON_FAILURE)',
+      nonEmptyCommand,
     )
     .option(
       '--restore <file>',

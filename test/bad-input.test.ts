@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { dbVars, PROJECT_DIR, runCli, tempDir, writeEnvFile } from './helpers/cli.ts';
+import { dbVars, PROJECT_DIR, runCli, takeBackup, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint } from './helpers/wait.ts';
 
@@ -54,6 +54,16 @@ describe('options with garbage → exit 2', () => {
     ['unicode --env', ['--env', 'prød'], /Allowed choices are dev, prod, auto/],
     ['empty --output-dir', ['--output-dir', ''], /--output-dir <dir>' argument '' is invalid\. The path is empty/],
     ['blank --config-dir', ['--config-dir', '   '], /The path is empty/],
+    [
+      'empty --on-failure',
+      ['--env', 'dev', '--on-failure', ''],
+      /--on-failure <command>' argument '' is invalid\. The path/,
+    ],
+    [
+      'blank --on-failure',
+      ['--env', 'dev', '--on-failure', '   '],
+      /--on-failure <command>' argument '   ' is invalid/,
+    ],
     ['empty --compress', ['--env', 'dev', '--compress', ''], /--compress "" is not a compression setting/],
     ['shell in --compress', ['--env', 'dev', '--compress', '1; rm -rf /'], /is not a compression setting/],
     ['negative --connect-timeout', ['--connect-timeout', '-1'], /Use a whole number of seconds from 1 to 3600/],
@@ -66,6 +76,38 @@ describe('options with garbage → exit 2', () => {
   for (const [name, args, message] of cases) {
     test(name, async () => assertCleanFailure(await attempt(args), 2, message));
   }
+});
+
+describe('options that do not apply to the command', () => {
+  test('--restore --clean --dry-run is refused (exit 2) and leaves the target as it was', async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    const { dumpPath } = await takeBackup(server, 'input_app', outputDir);
+    await server.createDatabase('input_target', "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep')");
+    const result = await runCli({
+      args: ['--env', 'dev', '--restore', dumpPath, '--target-db', 'input_target', '--clean', '--dry-run'],
+      env: dbVars(server, 'DEV_DB_', 'input_app'),
+    });
+    assertCleanFailure({ ...result, files: [] }, 2, /--dry-run only applies to a backup or --prune/);
+    const client = await server.connect('input_target');
+    try {
+      assert.deepEqual((await client.query('SELECT v FROM precious')).rows, [{ v: 'keep' }], 'the target untouched');
+    } finally {
+      await client.end();
+    }
+  });
+
+  test('BACKUP_KEEP_* in .env do not stop --list; the --keep-* and --dry-run options there are refused', async () => {
+    const keep = { BACKUP_KEEP_LAST: '3', BACKUP_KEEP_DAILY: '7' };
+    const listed = await attempt(['--env', 'dev', '--list'], { ...dbVars(server, 'DEV_DB_', 'input_app'), ...keep });
+    assert.equal(listed.exitCode, 0, listed.stderr);
+    for (const args of [
+      ['--list', '--keep-last', '3'],
+      ['--verify', 'x.dump', '--keep-daily', '7'],
+      ['--list', '--dry-run'],
+    ]) {
+      assertCleanFailure(await attempt(['--env', 'dev', ...args]), 2, /only applies to a backup or --prune/);
+    }
+  });
 });
 
 describe('--compress with garbage', () => {
@@ -280,6 +322,21 @@ describe('paths with garbage', () => {
     }
     assert.equal(await fs.readFile(path.join(dir, 'file'), 'utf8'), 'keep me');
     assert.deepEqual((await fs.readdir(dir)).sort(), ['dangling', 'file']);
+  });
+
+  test('a --config-dir that does not exist or is no directory → exit 2 naming it, its settings not silently lost', async () => {
+    const dir = await tempDir();
+    await fs.writeFile(path.join(dir, 'file'), 'x');
+    for (const configDir of [path.join(dir, 'missing'), path.join(dir, 'file'), path.join(dir, 'file', 'sub')]) {
+      const outputDir = path.join(dir, 'out');
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir],
+        env: dbVars(server, 'DEV_DB_', 'input_app'),
+      });
+      assertCleanFailure({ ...result, files: [] }, 2, /--config-dir .* (does not exist|is not a directory)/);
+      assert.ok(result.stderr.includes(configDir), result.stderr);
+      await assert.rejects(fs.access(outputDir), 'no backup taken');
+    }
   });
 
   test('a .env that is a directory → exit 2 naming the file', async () => {

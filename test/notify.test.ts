@@ -433,6 +433,24 @@ describe('a run that fails on its command line or settings', () => {
     assert.equal(result.exitCode, 2, result.stdout + result.stderr);
     await fs.stat(hooked);
   });
+
+  test('a blank --on-failure is refused (exit 2), not taken as turning off the BACKUP_ON_FAILURE of .env', async () => {
+    const configDir = await tempDir();
+    const hooked = path.join(configDir, 'hooked');
+    await writeEnvFile(configDir, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'notify_app'),
+      BACKUP_ON_FAILURE: `touch ${hooked}`,
+    });
+    for (const blank of ['', '   ']) {
+      const outputDir = path.join(configDir, 'out');
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--on-failure', blank],
+      });
+      assert.equal(result.exitCode, 2, result.stdout + result.stderr);
+      await assert.rejects(fs.access(outputDir), 'no backup taken');
+      await fs.rm(hooked); // the hook of .env ran: it is still on
+    }
+  });
 });
 
 describe('--on-failure', () => {

@@ -142,6 +142,16 @@ describe('detectEnvironment', () => {
     );
   });
 
+  test("an ENV_MODE naming one of Object's own properties is unknown too, not an environment", () => {
+    for (const mode of ['__proto__', 'constructor', 'toString', 'hasOwnProperty', 'valueOf']) {
+      expectBackupError(
+        () => detectEnvironment(env({ ENV_MODE: mode, DEV_DB_NAME: 'x' }), 'auto'),
+        EXIT.CONFIG,
+        new RegExp(`ENV_MODE \\(from \\.env\\) is "${mode}", which is not an environment`),
+      );
+    }
+  });
+
   test('without ENV_MODE: dev when DEV_DB_NAME is set, else prod when DB_NAME is set', () => {
     assert.equal(detectEnvironment(env({ DEV_DB_NAME: 'a', DB_NAME: 'b' }), 'auto'), 'dev');
     assert.equal(detectEnvironment(env({ DB_NAME: 'b' }), 'auto'), 'prod');
@@ -846,6 +856,24 @@ describe('restores: session settings, memory sizes, extension versions', () => {
     assert.equal(chooseMode({ verify: 'x.dump', restoreTest: true, maintenanceWorkMem: 1024 }).command, 'drill');
     assert.throws(() => chooseMode({ maintenanceWorkMem: 1024 }), /--maintenance-work-mem only applies to --restore/);
   });
+  test('--dry-run and the --keep-* rules only go with a backup or --prune', () => {
+    for (const option of ['dryRun', 'keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly'] as const) {
+      const given = { [option]: option === 'dryRun' ? true : 3 };
+      assert.equal(chooseMode(given).command, 'backup', option);
+      assert.equal(chooseMode({ prune: true, ...given }).command, 'prune', option);
+      for (const other of [
+        { restore: 'x.dump', targetDb: 'copy', clean: true as const },
+        { verify: 'x.dump' },
+        { verify: 'x.dump', restoreTest: true as const },
+        { list: true as const },
+        { list: true as const, verify: true as const },
+        { check: true as const, maxAge: 1000 },
+      ]) {
+        const message = new RegExp(`--${option.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} only applies to`);
+        expectBackupError(() => chooseMode({ ...other, ...given }), EXIT.CONFIG, message);
+      }
+    }
+  });
 });
 
 describe("databaseFailure: every database error of every command to the contract's codes", () => {
@@ -1426,6 +1454,7 @@ ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
     assert.equal(unsupportedProvider(builtin, 17), undefined);
     assert.equal(unsupportedProvider({ LOCALE_PROVIDER: 'libc' }, 13), undefined);
     assert.equal(unsupportedProvider({ ENCODING: 'LATIN1' }, 13), undefined);
+    assert.equal(unsupportedProvider({ LOCALE_PROVIDER: 'constructor' }, 13), undefined);
   });
 
   test('databasePropertyStatements rebuilds the settings and comment for the target from what it read, never the text', () => {
@@ -1470,6 +1499,7 @@ ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
     assert.match(extensionInstallHint('postgis', 15), /postgresql-15-postgis-3/);
     assert.match(extensionInstallHint('adminpack', 17), /contrib .* removed in PostgreSQL 17/);
     assert.match(extensionInstallHint('my_ext', 15), /apt-cache search postgresql-15-my_ext/);
+    assert.match(extensionInstallHint('constructor', 15), /apt-cache search postgresql-15-constructor/);
   });
 
   test('dbnameConninfo quotes any name so that libpq never reads it as settings', () => {
