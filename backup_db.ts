@@ -1767,17 +1767,22 @@ async function answeredWithin<T>(client: pg.Client, seconds: number, work: () =>
  */
 async function passwordFromLibpqSources(config: DbConfig): Promise<string> {
   if (process.env.PGPASSWORD) return process.env.PGPASSWORD;
-  const file = process.env.PGPASSFILE || path.join(os.homedir(), '.pgpass');
   try {
-    const stat = await fs.stat(file);
-    if (process.platform !== 'win32' && (stat.mode & 0o077) !== 0) throw new Error(`${file} has group or world access`);
-    const found = pgpassLookup(await fs.readFile(file, 'utf8'), config);
+    const found = await passwordFileEntry(config);
     if (found !== undefined) return found;
   } catch (error) {
     if (errnoCode(error) !== 'ENOENT')
       throw noPasswordError(config, `the password file was not used: ${errorText(error)}`);
   }
   throw noPasswordError(config, 'the server asked for a password and none is configured');
+}
+
+/** The password file's password for `config` (PGPASSFILE or ~/.pgpass), refusing one that group or others can read. */
+async function passwordFileEntry(config: DbConfig): Promise<string | undefined> {
+  const file = process.env.PGPASSFILE || path.join(os.homedir(), '.pgpass');
+  const stat = await fs.stat(file);
+  if (process.platform !== 'win32' && (stat.mode & 0o077) !== 0) throw new Error(`${file} has group or world access`);
+  return pgpassLookup(await fs.readFile(file, 'utf8'), config);
 }
 
 function noPasswordError(config: DbConfig, why: string): BackupError {
@@ -8402,6 +8407,9 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     automation = settings.automation;
     secrets.push(...automationSecrets(automation));
     config = configuredDatabase(mode, opts, vars);
+    // The password libpq would read for it is a secret too: masked even when a run fails before connecting.
+    const fromFile = config && !config.password && (await passwordFileEntry(config).catch(() => undefined));
+    if (fromFile) secrets.push(fromFile);
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && settings.automation.pingUrl) {
       const { database, environment } = config!;
