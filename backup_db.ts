@@ -614,7 +614,16 @@ export function parsePort(value: string, origin: string): number {
   return port;
 }
 
+/** A connection URL pasted into a host, database or user variable: refused, never echoed (it may hold a password). */
+function refuseUrl(value: string, origin: string, what: string): void {
+  if (value.includes('://'))
+    throw configError(`${origin} holds a connection URL (not shown: it may hold a password), not ${what}`, [
+      'Put a connection URL in DEV_DATABASE_URL (dev) or DATABASE_URL (prod) instead',
+    ]);
+}
+
 function validateHost(value: string, origin: string): string {
+  refuseUrl(value, origin, 'a host name');
   const host = value.trim();
   if (!host || /[\s\0]/.test(host))
     throw invalidSetting(origin, value, 'a host name', 'Use a host name or IP address, e.g. localhost');
@@ -625,6 +634,7 @@ function validateHost(value: string, origin: string): string {
 const MAX_NAME_BYTES = 63;
 
 function validateName(value: string, origin: string): string {
+  refuseUrl(value, origin, 'a database or user name');
   if (!value.trim() || value.includes('\0')) {
     throw configError(`${origin} is blank or contains a NUL byte`, ['Set it to the exact database or user name']);
   }
@@ -7192,16 +7202,22 @@ export function secretsIn(vars: EnvVars): string[] {
  * masked where it stands alone, not inside every word that happens to contain it.
  */
 export function maskSecrets(text: string, secrets: readonly string[], kept: readonly string[] = []): string {
-  const masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
+  // The secrets first: one that is a whole URL (a webhook's) is masked whole, before a URL pattern cuts into it.
+  return maskSecretsOnly(text, secrets, kept)
+    .replace(/([a-z][\w+.-]*:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@')
+    .replace(/([?&]password=)[^&\s]*/gi, '$1****');
+}
+
+function maskSecretsOnly(text: string, secrets: readonly string[], kept: readonly string[]): string {
   // A secret inside a kept value (a path, a name) is masked only outside such values; any other
   // secret everywhere first, so that one holding a kept value is still masked whole.
   const holdsSecret = (value: string) => secrets.some((secret) => secret && value.includes(secret));
   const order = kept.filter((value) => value && holdsSecret(value)).sort((a, b) => b.length - a.length);
-  if (order.length === 0) return maskEach(masked, secrets);
+  if (order.length === 0) return maskEach(text, secrets);
   const inKept = (secret: string) => order.some((value) => value.includes(secret));
   const elsewhere = secrets.filter((secret) => !inKept(secret));
   // Split on the kept values (captured: at the odd indexes), and mask the rest between them.
-  const parts = maskEach(masked, elsewhere).split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
+  const parts = maskEach(text, elsewhere).split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
   return parts.map((part, i) => (i % 2 === 1 ? part : maskEach(part, secrets.filter(inKept)))).join('');
 }
 

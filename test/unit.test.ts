@@ -544,6 +544,11 @@ describe('secrets', () => {
       'a short secret only where it stands alone',
     );
     assert.equal(maskSecrets('pw1 and pw12', ['pw12', 'pw1']), '**** and ****', 'the longest secret first');
+    assert.equal(maskSecrets('at postgres+psycopg2://app:SECRETQ9@h/app', []), 'at postgres+psycopg2://app:****@h/app');
+    assert.equal(
+      maskSecrets('at postgresql://app@h/app?sslmode=require&password=SECRETQ9 x', []),
+      'at postgresql://app@h/app?sslmode=require&password=**** x',
+    );
   });
 
   test('misreadDotenvValues: lines dotenv reads as less than they show (an unquoted #, stray quotes)', () => {
