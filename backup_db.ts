@@ -7221,10 +7221,16 @@ function maskSecretsOnly(text: string, secrets: readonly string[], kept: readonl
   return parts.map((part, i) => (i % 2 === 1 ? part : maskEach(part, secrets.filter(inKept)))).join('');
 }
 
+/** Pure: a secret as shellWord writes it inside a quoted word (hints are commands to paste), or itself. */
+function shellQuotedForm(secret: string): string {
+  const word = shellWord(secret);
+  return word.startsWith("$'") ? word.slice(2, -1) : word.startsWith("'") ? word.slice(1, -1) : word;
+}
+
 function maskEach(text: string, secrets: readonly string[]): string {
   let masked = text;
   for (const secret of [...secrets].sort((a, b) => b.length - a.length)) {
-    if (secret.length >= 4) masked = masked.split(secret).join('****');
+    if (secret.length >= 4) masked = masked.split(shellQuotedForm(secret)).join('****').split(secret).join('****');
     else if (secret)
       masked = masked.replace(new RegExp(`(?<![\\p{L}\\p{N}])${escapeRegExp(secret)}(?![\\p{L}\\p{N}])`, 'gu'), '****');
   }

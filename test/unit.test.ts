@@ -738,6 +738,16 @@ describe('secrets', () => {
     assert.ok(Object.values(env).every((value) => !value.includes('\0')));
   });
 
+  test('maskSecrets masks a secret as shellWord quotes it in a hint, alone or inside a longer word', () => {
+    for (const secret of ["s3cr'et-XyZ", "q'uo\\te\nNL\tTAB-Zz9"]) {
+      for (const word of [secret, `${secret}.dump`]) {
+        const hint = `createdb -h h -U ${shellWord(word)}`;
+        assert.ok(!maskSecrets(hint, [secret]).includes(shellWord(secret).slice(2, -1)), hint);
+        assert.match(maskSecrets(hint, [secret]), /\*\*\*\*/, hint);
+      }
+    }
+  });
+
   test('maskSecrets with kept values: a secret inside one is masked only elsewhere, one holding one is masked whole', () => {
     const kept = keptValues({ backup_file: '/b/app_dev_2025-01-01T00-00-00Z.dump', database: 'app' }, ['dump', 'app']);
     assert.deepEqual(
