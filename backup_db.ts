@@ -7061,9 +7061,19 @@ export function foreignQuery(query: string): string {
     }
     SQL_TOKEN.lastIndex = i;
     const token = SQL_TOKEN.exec(query);
-    [read, i] = token ? [read + mask(token[0], token[1]), SQL_TOKEN.lastIndex] : [read + query[i], i + 1];
+    [read, i] = token
+      ? [read + mask(token[0], token[1]), tokenEnd(query, token[0], SQL_TOKEN.lastIndex)]
+      : [read + query[i], i + 1];
   }
   return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
+}
+
+/**
+ * Pure: where masking a token read up to `end` stops. A plain '…' holding a backslash ends at \' only when
+ * the session has standard_conforming_strings off: it is masked to the query's last quote, which covers both.
+ */
+function tokenEnd(query: string, token: string, end: number): number {
+  return /^'[\s\S]*\\/.test(token) ? Math.max(end, query.lastIndexOf("'") + 1) : end;
 }
 
 /** A line that pg_restore, pg_dump or the server began: a message of theirs, or a field of one (DETAIL:, HINT:). */

@@ -1768,6 +1768,13 @@ test("another session's query in a message: one line, its password literals mask
   assert.equal(foreignQuery("CREATE ROLE x password\n'cut sho"), "CREATE ROLE x password '****'");
 });
 
+test("another session's query with a backslash in a plain literal: masked under either standard_conforming_strings", () => {
+  // Off, \' does not end the literal; on, it does: masked to the query's last quote, both readings are covered.
+  assert.equal(foreignQuery("SELECT 'it\\'s-Secret99 and api_key=HUNTER2'"), "SELECT '****'");
+  assert.equal(foreignQuery("SELECT 'a\\', 'sec\\'ret' FROM notes"), "SELECT '****' FROM notes");
+  assert.equal(foreignQuery("SELECT 'C:\\dir' FROM notes"), "SELECT '****' FROM notes");
+});
+
 test("pg_restore's and pg_dump's messages: the SQL they quote masked, whole, COPY's row data masked", () => {
   // A line of the tool's own inside a literal does not end the quoted SQL.
   const stderr = [
