@@ -7263,14 +7263,19 @@ const OWN_WORDS = new Map<string, readonly string[]>([
   ['level', ['failure', 'warning'] satisfies Problem['level'][]],
 ]);
 /**
- * Values the tool makes (times, checksums, cluster ids), kept when in their field and form: a short
- * numeric password ("2026") would otherwise turn every timestamp in --json and the log into "****-11-24…".
+ * Values the tool makes or reads (times, checksums, cluster ids, versions, compression), kept when in their
+ * field and form: a short numeric password ("2026") would otherwise turn every timestamp in --json and the
+ * log into "****-11-24…", and "15" pg_dump_version into "****.20".
  */
 const ISO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{3})?Z$/;
 const OWN_FORMATS = new Map<string, RegExp>([
   ...['time', 'timestamp', 'backup_timestamp', 'started_at', 'for'].map((field) => [field, ISO_TIME] as const),
   ['checksum_sha256', /^[0-9a-f]{64}$/i],
   ['system_identifier', /^\d+$/],
+  ...['pg_dump_version', 'postgresql_version', 'server_version', 'tool_version', 'version'].map(
+    (field) => [field, /^\d+(?:\.\d+)*(?:[a-z]+\d*)?(?:-[\w.]+)?$/i] as const,
+  ),
+  ['compression', /^(?:none|(?:gzip|zstd|lz4)(?::\d{1,2})?)$/],
 ]);
 /** Maps keyed by table names: their keys are names, masked like any. */
 const NAME_MAPS = new Set(['table_counts', 'table_data_oids']);

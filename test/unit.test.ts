@@ -613,6 +613,22 @@ describe('secrets', () => {
       time: 'on ****-11-24',
       checksum_sha256: '****',
     });
+    // Versions and the compression setting are the tool's too: a password "15", "1" or "gzip" leaves them whole.
+    const versions = {
+      pg_dump_version: '15.20',
+      postgresql_version: '15.18',
+      tool_version: '1.0.0',
+      compression: 'gzip:1',
+      extensions: [{ name: 'vector', version: '0.8.0' }],
+    };
+    assert.deepEqual(redact(versions, ['15', '1', 'gzip', '0']), {
+      ...versions,
+      extensions: [{ name: 'vector', version: '0.8.0' }],
+    });
+    assert.deepEqual(redact({ tool_version: 'v 15', compression: 'gzip 1' }, ['15', 'gzip']), {
+      tool_version: 'v ****',
+      compression: '**** 1',
+    });
     // A warning stays one, printed as a warning.
     assert.deepEqual(problemLines(warningProblem('Notification failed', 'HTTP 500', ['warning'])), [
       '⚠ Notification failed: HTTP 500',
