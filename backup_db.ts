@@ -638,7 +638,16 @@ export function parsePort(value: string, origin: string): number {
   return port;
 }
 
+/** A connection URL pasted into a host, database or user variable: refused, never echoed (it may hold a password). */
+function refuseUrl(value: string, origin: string, what: string): void {
+  if (value.includes('://'))
+    throw configError(`${origin} holds a connection URL (not shown: it may hold a password), not ${what}`, [
+      'Put a connection URL in DEV_DATABASE_URL (dev) or DATABASE_URL (prod) instead',
+    ]);
+}
+
 function validateHost(value: string, origin: string): string {
+  refuseUrl(value, origin, 'a host name');
   const host = value.trim();
   if (!host || /[\s\0]/.test(host))
     throw invalidSetting(origin, value, 'a host name', 'Use a host name or IP address, e.g. localhost');
@@ -649,6 +658,7 @@ function validateHost(value: string, origin: string): string {
 const MAX_NAME_BYTES = 63;
 
 function validateName(value: string, origin: string): string {
+  refuseUrl(value, origin, 'a database or user name');
   if (!value.trim() || value.includes('\0')) {
     throw configError(`${origin} is blank or contains a NUL byte`, ['Set it to the exact database or user name']);
   }
@@ -1794,17 +1804,22 @@ async function answeredWithin<T>(client: pg.Client, seconds: number, work: () =>
  */
 async function passwordFromLibpqSources(config: DbConfig): Promise<string> {
   if (process.env.PGPASSWORD) return process.env.PGPASSWORD;
-  const file = process.env.PGPASSFILE || path.join(os.homedir(), '.pgpass');
   try {
-    const stat = await fs.stat(file);
-    if (process.platform !== 'win32' && (stat.mode & 0o077) !== 0) throw new Error(`${file} has group or world access`);
-    const found = pgpassLookup(await fs.readFile(file, 'utf8'), config);
+    const found = await passwordFileEntry(config);
     if (found !== undefined) return found;
   } catch (error) {
     if (errnoCode(error) !== 'ENOENT')
       throw noPasswordError(config, `the password file was not used: ${errorText(error)}`);
   }
   throw noPasswordError(config, 'the server asked for a password and none is configured');
+}
+
+/** The password file's password for `config` (PGPASSFILE or ~/.pgpass), refusing one that group or others can read. */
+async function passwordFileEntry(config: DbConfig): Promise<string | undefined> {
+  const file = process.env.PGPASSFILE || path.join(os.homedir(), '.pgpass');
+  const stat = await fs.stat(file);
+  if (process.platform !== 'win32' && (stat.mode & 0o077) !== 0) throw new Error(`${file} has group or world access`);
+  return pgpassLookup(await fs.readFile(file, 'utf8'), config);
 }
 
 function noPasswordError(config: DbConfig, why: string): BackupError {
@@ -7075,9 +7090,19 @@ export function foreignQuery(query: string): string {
     }
     SQL_TOKEN.lastIndex = i;
     const token = SQL_TOKEN.exec(query);
-    [read, i] = token ? [read + mask(token[0], token[1]), SQL_TOKEN.lastIndex] : [read + query[i], i + 1];
+    [read, i] = token
+      ? [read + mask(token[0], token[1]), tokenEnd(query, token[0], SQL_TOKEN.lastIndex)]
+      : [read + query[i], i + 1];
   }
   return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
+}
+
+/**
+ * Pure: where masking a token read up to `end` stops. A plain '…' holding a backslash ends at \' only when
+ * the session has standard_conforming_strings off: it is masked to the query's last quote, which covers both.
+ */
+function tokenEnd(query: string, token: string, end: number): number {
+  return /^'[\s\S]*\\/.test(token) ? Math.max(end, query.lastIndexOf("'") + 1) : end;
 }
 
 /** A line that pg_restore, pg_dump or the server began: a message of theirs, or a field of one (DETAIL:, HINT:). */
@@ -7216,23 +7241,35 @@ export function secretsIn(vars: EnvVars): string[] {
  * masked where it stands alone, not inside every word that happens to contain it.
  */
 export function maskSecrets(text: string, secrets: readonly string[], kept: readonly string[] = []): string {
-  const masked = text.replace(/(postgres(?:ql)?:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@');
+  // The secrets first: one that is a whole URL (a webhook's) is masked whole, before a URL pattern cuts into it.
+  return maskSecretsOnly(text, secrets, kept)
+    .replace(/([a-z][\w+.-]*:\/\/[^:@/\s]*:)[^@\s]*@/gi, '$1****@')
+    .replace(/([?&]password=)[^&\s]*/gi, '$1****');
+}
+
+function maskSecretsOnly(text: string, secrets: readonly string[], kept: readonly string[]): string {
   // A secret inside a kept value (a path, a name) is masked only outside such values; any other
   // secret everywhere first, so that one holding a kept value is still masked whole.
   const holdsSecret = (value: string) => secrets.some((secret) => secret && value.includes(secret));
   const order = kept.filter((value) => value && holdsSecret(value)).sort((a, b) => b.length - a.length);
-  if (order.length === 0) return maskEach(masked, secrets);
+  if (order.length === 0) return maskEach(text, secrets);
   const inKept = (secret: string) => order.some((value) => value.includes(secret));
   const elsewhere = secrets.filter((secret) => !inKept(secret));
   // Split on the kept values (captured: at the odd indexes), and mask the rest between them.
-  const parts = maskEach(masked, elsewhere).split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
+  const parts = maskEach(text, elsewhere).split(new RegExp(`(${order.map(escapeRegExp).join('|')})`));
   return parts.map((part, i) => (i % 2 === 1 ? part : maskEach(part, secrets.filter(inKept)))).join('');
+}
+
+/** Pure: a secret as shellWord writes it inside a quoted word (hints are commands to paste), or itself. */
+function shellQuotedForm(secret: string): string {
+  const word = shellWord(secret);
+  return word.startsWith("$'") ? word.slice(2, -1) : word.startsWith("'") ? word.slice(1, -1) : word;
 }
 
 function maskEach(text: string, secrets: readonly string[]): string {
   let masked = text;
   for (const secret of [...secrets].sort((a, b) => b.length - a.length)) {
-    if (secret.length >= 4) masked = masked.split(secret).join('****');
+    if (secret.length >= 4) masked = masked.split(shellQuotedForm(secret)).join('****').split(secret).join('****');
     else if (secret)
       masked = masked.replace(new RegExp(`(?<![\\p{L}\\p{N}])${escapeRegExp(secret)}(?![\\p{L}\\p{N}])`, 'gu'), '****');
   }
@@ -7255,14 +7292,19 @@ const OWN_WORDS = new Map<string, readonly string[]>([
   ['level', ['failure', 'warning'] satisfies Problem['level'][]],
 ]);
 /**
- * Values the tool makes (times, checksums, cluster ids), kept when in their field and form: a short
- * numeric password ("2026") would otherwise turn every timestamp in --json and the log into "****-11-24…".
+ * Values the tool makes or reads (times, checksums, cluster ids, versions, compression), kept when in their
+ * field and form: a short numeric password ("2026") would otherwise turn every timestamp in --json and the
+ * log into "****-11-24…", and "15" pg_dump_version into "****.20".
  */
 const ISO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{3})?Z$/;
 const OWN_FORMATS = new Map<string, RegExp>([
   ...['time', 'timestamp', 'backup_timestamp', 'started_at', 'for'].map((field) => [field, ISO_TIME] as const),
   ['checksum_sha256', /^[0-9a-f]{64}$/i],
   ['system_identifier', /^\d+$/],
+  ...['pg_dump_version', 'postgresql_version', 'server_version', 'tool_version', 'version'].map(
+    (field) => [field, /^\d+(?:\.\d+)*(?:[a-z]+\d*)?(?:-[\w.]+)?$/i] as const,
+  ),
+  ['compression', /^(?:none|(?:gzip|zstd|lz4)(?::\d{1,2})?)$/],
 ]);
 /** Maps keyed by table names: their keys are names, masked like any. */
 const NAME_MAPS = new Set(['table_counts', 'table_data_oids']);
@@ -8440,6 +8482,9 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     automation = settings.automation;
     secrets.push(...automationSecrets(automation));
     config = configuredDatabase(mode, opts, vars);
+    // The password libpq would read for it is a secret too: masked even when a run fails before connecting.
+    const fromFile = config && !config.password && (await passwordFileEntry(config).catch(() => undefined));
+    if (fromFile) secrets.push(fromFile);
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && settings.automation.pingUrl) {
       const { database, environment } = config!;

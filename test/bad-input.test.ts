@@ -182,6 +182,20 @@ describe('variables with garbage', () => {
       assertCleanFailure(await attempt(['--env', 'auto'], { ...good(), ...change }), exitCode, message),
     );
   }
+
+  test('a connection URL pasted into DEV_DB_HOST, _NAME or _USER is refused (exit 2), naming the variable, unechoed', async () => {
+    const urls = [
+      'postgresql://app@db.example.invalid:5432/app?password=SECRETQ9',
+      'postgres+psycopg2://app:SECRETQ9@db.example.invalid/app',
+    ];
+    for (const variable of ['DEV_DB_HOST', 'DEV_DB_NAME', 'DEV_DB_USER'])
+      for (const url of urls) {
+        const result = await attempt(['--env', 'dev'], { ...good(), [variable]: url });
+        assertCleanFailure(result, 2, new RegExp(`${variable} \\(from \\.env\\) holds a connection URL`));
+        assert.match(result.stderr, /DEV_DATABASE_URL/);
+        assert.ok(!`${result.stdout}${result.stderr}`.includes('SECRETQ9'), `${variable}=${url}: ${result.stderr}`);
+      }
+  });
 });
 
 describe('URL hints', () => {

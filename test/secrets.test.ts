@@ -15,6 +15,7 @@ import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.t
 import { envLine, runMain } from './helpers/in-process.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { pgDumpsOf } from './helpers/processes.ts';
+import { shellWord } from '../backup_db.ts';
 import { holdTableLock, waitForBlockedPgDump } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 
@@ -213,9 +214,9 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
   });
   after(() => receiver?.close());
 
-  /** The forms a password can take in text: as is, JSON-escaped, percent-encoded. */
+  /** The forms a password can take in text: as is, JSON-escaped, percent-encoded, shell-quoted (in hints). */
   const formsOf = (password: string) => [
-    ...new Set([password, JSON.stringify(password).slice(1, -1), encodeURIComponent(password)]),
+    ...new Set([password, JSON.stringify(password).slice(1, -1), encodeURIComponent(password), shellWord(password)]),
   ];
 
   test('9 passwords × 7 placements × text and --json, every channel searched', { timeout: 180_000 }, async () => {

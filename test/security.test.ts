@@ -100,6 +100,27 @@ describe('password files', () => {
     assert.match(result.stderr, /chmod 0600/);
     assert.ok(!result.stderr.includes(server.password));
   });
+
+  test("the password file's password is masked like a configured one: pasted as the database name, it leaks nowhere", async () => {
+    const dir = await tempDir();
+    const [file, log, hookEnv] = ['pgpass', 'run.log', 'hook.env'].map((name) => path.join(dir, name)) as [
+      string,
+      string,
+      string,
+    ];
+    await fs.writeFile(file, `${server.host}:${server.port}:*:${server.user}:${server.password}\n`, { mode: 0o600 });
+    const args = ['--log-file', log, '--on-failure', `env > '${hookEnv}'`];
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', dir, '--output-dir', path.join(dir, 'out'), ...args],
+      env: { ...withoutPassword(), DEV_DB_NAME: server.password, PGPASSFILE: file, HOME: dir },
+    });
+    assert.equal(result.exitCode, 3, result.stderr);
+    assert.match(result.stderr, /database "\*\*\*\*" does not exist/);
+    const texts = { stderr: result.stderr, stdout: result.stdout, log: await fs.readFile(log, 'utf8') };
+    const env = await fs.readFile(hookEnv, 'utf8');
+    assert.match(env, /^BACKUP_DATABASE=\*\*\*\*$/m);
+    for (const [where, text] of Object.entries({ ...texts, env })) assert.ok(!text.includes(server.password), where);
+  });
 });
 
 describe('inherited libpq variables', () => {

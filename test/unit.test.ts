@@ -554,6 +554,11 @@ describe('secrets', () => {
       'a short secret only where it stands alone',
     );
     assert.equal(maskSecrets('pw1 and pw12', ['pw12', 'pw1']), '**** and ****', 'the longest secret first');
+    assert.equal(maskSecrets('at postgres+psycopg2://app:SECRETQ9@h/app', []), 'at postgres+psycopg2://app:****@h/app');
+    assert.equal(
+      maskSecrets('at postgresql://app@h/app?sslmode=require&password=SECRETQ9 x', []),
+      'at postgresql://app@h/app?sslmode=require&password=**** x',
+    );
   });
 
   test('misreadDotenvValues: lines dotenv reads as less than they show (an unquoted #, stray quotes)', () => {
@@ -617,6 +622,22 @@ describe('secrets', () => {
     assert.deepEqual(redact({ time: 'on 2026-11-24', checksum_sha256: '2026' }, ['2026']), {
       time: 'on ****-11-24',
       checksum_sha256: '****',
+    });
+    // Versions and the compression setting are the tool's too: a password "15", "1" or "gzip" leaves them whole.
+    const versions = {
+      pg_dump_version: '15.20',
+      postgresql_version: '15.18',
+      tool_version: '1.0.0',
+      compression: 'gzip:1',
+      extensions: [{ name: 'vector', version: '0.8.0' }],
+    };
+    assert.deepEqual(redact(versions, ['15', '1', 'gzip', '0']), {
+      ...versions,
+      extensions: [{ name: 'vector', version: '0.8.0' }],
+    });
+    assert.deepEqual(redact({ tool_version: 'v 15', compression: 'gzip 1' }, ['15', 'gzip']), {
+      tool_version: 'v ****',
+      compression: '**** 1',
     });
     // A warning stays one, printed as a warning.
     assert.deepEqual(problemLines(warningProblem('Notification failed', 'HTTP 500', ['warning'])), [
@@ -741,6 +762,16 @@ describe('secrets', () => {
     assert.equal(env.BACKUP_DATABASE, 'd\\x00');
     assert.equal(JSON.parse(env.BACKUP_RECORD!).details, 'is "a\0b"');
     assert.ok(Object.values(env).every((value) => !value.includes('\0')));
+  });
+
+  test('maskSecrets masks a secret as shellWord quotes it in a hint, alone or inside a longer word', () => {
+    for (const secret of ["s3cr'et-XyZ", "q'uo\\te\nNL\tTAB-Zz9"]) {
+      for (const word of [secret, `${secret}.dump`]) {
+        const hint = `createdb -h h -U ${shellWord(word)}`;
+        assert.ok(!maskSecrets(hint, [secret]).includes(shellWord(secret).slice(2, -1)), hint);
+        assert.match(maskSecrets(hint, [secret]), /\*\*\*\*/, hint);
+      }
+    }
   });
 
   test('maskSecrets with kept values: a secret inside one is masked only elsewhere, one holding one is masked whole', () => {
@@ -1781,6 +1812,13 @@ test("another session's query in a message: one line, its password literals mask
     "ALTER ROLE app PASSWORD '****'; TRUNCATE t",
   );
   assert.equal(foreignQuery("CREATE ROLE x password\n'cut sho"), "CREATE ROLE x password '****'");
+});
+
+test("another session's query with a backslash in a plain literal: masked under either standard_conforming_strings", () => {
+  // Off, \' does not end the literal; on, it does: masked to the query's last quote, both readings are covered.
+  assert.equal(foreignQuery("SELECT 'it\\'s-Secret99 and api_key=HUNTER2'"), "SELECT '****'");
+  assert.equal(foreignQuery("SELECT 'a\\', 'sec\\'ret' FROM notes"), "SELECT '****' FROM notes");
+  assert.equal(foreignQuery("SELECT 'C:\\dir' FROM notes"), "SELECT '****' FROM notes");
 });
 
 test("pg_restore's and pg_dump's messages: the SQL they quote masked, whole, COPY's row data masked", () => {
