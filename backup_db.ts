@@ -5214,7 +5214,9 @@ async function targetState(
     );
     return objects[0]!.holds ? 'non-empty' : 'empty';
   };
-  return withClient({ ...config, database: target }, connectTimeoutSeconds, holdsObjects, { signal });
+  // A failure to connect names where the database came from: --target-db, not the configured one.
+  const targetConfig = { ...config, database: target, origin: { ...config.origin, database: '--target-db' } };
+  return withClient(targetConfig, connectTimeoutSeconds, holdsObjects, { signal });
 }
 
 /**

@@ -270,6 +270,16 @@ describe('--restore', () => {
     assert.match(used.stdout, /\(used empty\)$/m);
   });
 
+  test('a target that takes no connections: exit 3, its hint names --target-db, not the configured database', async () => {
+    const target = uniqueName('rs_noconn');
+    await server.createDatabase(target, 'CREATE TABLE t (v int)');
+    await withDatabase('postgres', (c) => c.query(`ALTER DATABASE ${target} ALLOW_CONNECTIONS false`));
+    const result = await restore(backup.dumpPath, target);
+    assert.equal(result.exitCode, 3, result.stderr);
+    assert.match(result.stderr, /--target-db/);
+    assert.doesNotMatch(result.stderr, /DEV_DB_NAME/);
+  });
+
   test('a template database (template0, template1) is refused as a target (exit 2), with or without --clean', async () => {
     for (const [target, extra] of [
       ['template1', ['--clean']],
