@@ -5275,15 +5275,17 @@ const SUBSCRIPTIONS_OF_SQL = `SELECT subname AS name FROM pg_catalog.pg_subscrip
  * subscriber the backup was taken from on its publisher.
  */
 async function detachSubscriptions(config: DbConfig, database: string, connectTimeoutSeconds: number) {
-  await withClient({ ...config, database }, connectTimeoutSeconds, async (client) => {
-    const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
-    for (const { name } of rows) {
-      const subscription = client.escapeIdentifier(name);
-      await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
-      await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
-      await client.query(`DROP SUBSCRIPTION ${subscription}`);
-    }
-  });
+  await withClient({ ...config, database }, connectTimeoutSeconds, (client) =>
+    answeredWithin(client, connectTimeoutSeconds, async () => {
+      const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
+      for (const { name } of rows) {
+        const subscription = client.escapeIdentifier(name);
+        await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
+        await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
+        await client.query(`DROP SUBSCRIPTION ${subscription}`);
+      }
+    }),
+  );
 }
 
 /**
@@ -5298,7 +5300,9 @@ async function dropCreatedDatabase(
   serverMajor: number,
   connectTimeoutSeconds: number,
 ): Promise<string | undefined> {
-  const drop = (client: pg.Client) => dropDatabase(client, name, serverMajor);
+  // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
+  const drop = (client: pg.Client) =>
+    answeredWithin(client, connectTimeoutSeconds, () => dropDatabase(client, name, serverMajor));
   try {
     await drop(admin);
     return undefined;
