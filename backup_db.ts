@@ -5258,7 +5258,9 @@ async function targetState(
     );
     return objects[0]!.holds ? 'non-empty' : 'empty';
   };
-  return withClient({ ...config, database: target }, connectTimeoutSeconds, holdsObjects, { signal });
+  // A failure to connect names where the database came from: --target-db, not the configured one.
+  const targetConfig = { ...config, database: target, origin: { ...config.origin, database: '--target-db' } };
+  return withClient(targetConfig, connectTimeoutSeconds, holdsObjects, { signal });
 }
 
 /**
@@ -5317,15 +5319,17 @@ const SUBSCRIPTIONS_OF_SQL = `SELECT subname AS name FROM pg_catalog.pg_subscrip
  * subscriber the backup was taken from on its publisher.
  */
 async function detachSubscriptions(config: DbConfig, database: string, connectTimeoutSeconds: number) {
-  await withClient({ ...config, database }, connectTimeoutSeconds, async (client) => {
-    const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
-    for (const { name } of rows) {
-      const subscription = client.escapeIdentifier(name);
-      await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
-      await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
-      await client.query(`DROP SUBSCRIPTION ${subscription}`);
-    }
-  });
+  await withClient({ ...config, database }, connectTimeoutSeconds, (client) =>
+    answeredWithin(client, connectTimeoutSeconds, async () => {
+      const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
+      for (const { name } of rows) {
+        const subscription = client.escapeIdentifier(name);
+        await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
+        await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
+        await client.query(`DROP SUBSCRIPTION ${subscription}`);
+      }
+    }),
+  );
 }
 
 /**
@@ -5340,7 +5344,9 @@ async function dropCreatedDatabase(
   serverMajor: number,
   connectTimeoutSeconds: number,
 ): Promise<string | undefined> {
-  const drop = (client: pg.Client) => dropDatabase(client, name, serverMajor);
+  // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
+  const drop = (client: pg.Client) =>
+    answeredWithin(client, connectTimeoutSeconds, () => dropDatabase(client, name, serverMajor));
   try {
     await drop(admin);
     return undefined;
@@ -5408,6 +5414,59 @@ async function assertExtensionsAvailable(
     [
       ...older.map((e) => `${extensionInstallHint(e.name, server.major)}, version ${e.version} or newer`),
       'Nothing was restored or created; run again once they are upgraded',
+    ],
+  );
+}
+
+/** Pure: the tablespace a line of pg_restore's script switches to ('' is the database's own), if it is one. */
+export function tablespaceSetBy(line: string): string | undefined {
+  const value = /^SET default_tablespace = (.*);$/.exec(line)?.[1];
+  if (value === undefined) return undefined;
+  if (value === "''") return '';
+  return value.startsWith('"') ? value.slice(1, -1).replaceAll('""', '"') : value;
+}
+
+/**
+ * The tablespaces the archive creates objects in, which `pg_restore --list` does not show: its script sets
+ * default_tablespace before each. Streamed, never buffered: a large schema prints a large script. A script
+ * pg_restore cannot print whole (a name it refuses to print) gives what it printed: the restore itself says the rest.
+ */
+async function archiveTablespaces({ pgRestore, readPath }: RestorableArchive, signal: AbortSignal): Promise<string[]> {
+  const { execa } = await loadExeca();
+  const env = childEnv(process.env, {}, { connects: false });
+  const options = { env, extendEnv: false, reject: false, stdin: 'ignore', cancelSignal: signal } as const;
+  const script = execa(pgRestore.path, ['--schema-only', '--file=-', readPath], { ...options, buffer: false });
+  const found = new Set<string>();
+  for await (const line of script) {
+    const tablespace = tablespaceSetBy(line);
+    if (tablespace) found.add(tablespace);
+  }
+  await script;
+  signal.throwIfAborted();
+  return [...found];
+}
+
+/**
+ * Every tablespace the archive's objects are created in must exist on the target server, checked before
+ * anything is created or dropped: pg_restore would fail at the first (after --clean dropped the target).
+ */
+async function assertTablespacesExist(admin: pg.Client, config: DbConfig, needed: string[]): Promise<void> {
+  const sql = 'SELECT spcname AS name FROM pg_catalog.pg_tablespace WHERE spcname = ANY($1)';
+  const present = new Set((await admin.query<{ name: string }>(sql, [needed])).rows.map((row) => row.name));
+  const missing = needed.filter((name) => !present.has(name));
+  if (missing.length === 0) return;
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'The target server lacks tablespaces the backup needs',
+    `the archive creates objects in ${plural(missing.length, 'tablespace')} that ${config.host}:${config.port} ` +
+      `does not have: ${missing.map((name) => `"${visibleControls(name)}"`).join(', ')}`,
+    [
+      ...missing.map(
+        (name) =>
+          `Create it (as a superuser): CREATE TABLESPACE ${quoteIdentifier(name)} LOCATION '<empty directory>';`,
+      ),
+      'Or restore into a server that has them',
+      'Nothing was restored, created or dropped; run again once they exist',
     ],
   );
 }
@@ -6090,6 +6149,7 @@ async function restorePipeline(
           await claimRestoreTarget(admin, config, target);
         }
         await assertExtensionsAvailable(admin, archive.toc, server, archive.metadata?.extensions);
+        await assertTablespacesExist(admin, config, await archiveTablespaces(archive, signal));
         const state = drill ? 'missing' : await targetState(admin, config, target, timeout, signal);
         if (state === 'non-empty' && !request.clean) {
           throw configError(

@@ -227,6 +227,51 @@ describe('interrupted before the dump starts', () => {
   }
 });
 
+describe('interrupted while pg_restore loads a frozen server', () => {
+  const modes = [
+    { mode: '--restore', args: ['--target-db', 'frz1'], failed: 'Restore', signal: 'SIGINT', code: 130 },
+    { mode: 'the drill', args: ['--restore-test'], failed: 'Restore test', signal: 'SIGINT', code: 130 },
+  ] as const;
+  for (const { mode, args, failed, signal, code } of modes) {
+    test(
+      `${signal} while ${mode}'s COPY waits on a frozen server: exit ${code} within the connect timeouts, the database it left named`,
+      { timeout: 120_000 },
+      async () => {
+        const { proxy, existing } = await behindFrozenProxy();
+        proxy.thaw();
+        proxy.freezeOn('COPY ');
+        let stderr = '';
+        try {
+          const dump = (await fs.readdir(existing.outputDir)).find((name) => name.endsWith('.dump'))!;
+          const modeArgs = [mode === '--restore' ? '--restore' : '--verify', path.join(existing.outputDir, dump)];
+          const cli = startCli({ args: [...existing.args, ...modeArgs, ...args, '--connect-timeout', '3'] });
+          await waitFor(`${mode} to send COPY`, async () => (proxy.frozen ? true : undefined));
+          const signalled = Date.now();
+          cli.kill(signal);
+          const result = await cli;
+          const waited = Date.now() - signalled;
+          stderr = String(result.stderr);
+          assert.equal(result.exitCode, code, String(result.stdout) + stderr);
+          // The drop on the frozen session, and one on a new connection, get 3 s each (--connect-timeout).
+          assert.ok(waited < 30_000, `it ended ${waited} ms after the signal, the server still frozen`);
+          assert.match(stderr.split('\n')[0]!, new RegExp(`^✗ ${failed} failed: Interrupted by ${signal}$`));
+          assert.match(stderr, /created by this run, could not be dropped and is left on/);
+          assert.match(stderr, /DROP DATABASE "(frz1|backup_db_drill_\w+)" WITH \(FORCE\)/);
+        } finally {
+          await proxy.close();
+          const left = /DROP DATABASE ("[^"]+")/.exec(stderr)?.[1];
+          const client = await server.connect('postgres');
+          try {
+            await client.query(`DROP DATABASE IF EXISTS ${left ?? 'frz1'} WITH (FORCE)`);
+          } finally {
+            await client.end();
+          }
+        }
+      },
+    );
+  }
+});
+
 // Nagios and Icinga send SIGTERM to a check that times out: the run must say so, and be recorded, like any other.
 describe('--verify, --check and --list interrupted while pg_restore reads the archive', () => {
   const readers = [

@@ -270,6 +270,16 @@ describe('--restore', () => {
     assert.match(used.stdout, /\(used empty\)$/m);
   });
 
+  test('a target that takes no connections: exit 3, its hint names --target-db, not the configured database', async () => {
+    const target = uniqueName('rs_noconn');
+    await server.createDatabase(target, 'CREATE TABLE t (v int)');
+    await withDatabase('postgres', (c) => c.query(`ALTER DATABASE ${target} ALLOW_CONNECTIONS false`));
+    const result = await restore(backup.dumpPath, target);
+    assert.equal(result.exitCode, 3, result.stderr);
+    assert.match(result.stderr, /--target-db/);
+    assert.doesNotMatch(result.stderr, /DEV_DB_NAME/);
+  });
+
   test('a template database (template0, template1) is refused as a target (exit 2), with or without --clean', async () => {
     for (const [target, extra] of [
       ['template1', ['--clean']],
@@ -852,6 +862,33 @@ describe("the backup's own database: its encoding and locale, its settings and c
       async (c) => (await c.query('SELECT count(*)::int AS n FROM precious')).rows[0].n,
     );
     assert.equal(kept, 1, '--clean did not drop the target');
+  });
+
+  test('a table in a tablespace the target server lacks: exit 7 naming it, the --clean target intact', async () => {
+    const [location, user, space] = [await tempDir(), await serverUser(), uniqueName('gone_ts')];
+    if (user) await fs.chown(location, user.uid, user.gid);
+    await withDatabase('postgres', (c) => c.query(`CREATE TABLESPACE ${space} LOCATION '${location}'`));
+    const { source, backup: taken } = await backupOfDatabase('rs_tsapp', '', [
+      `CREATE TABLE a (x int) TABLESPACE ${space}`,
+      'CREATE TABLE b (y int)',
+    ]);
+    await withDatabase(source, (c) => c.query('ALTER TABLE a SET TABLESPACE pg_default'));
+    await withDatabase('postgres', (c) => c.query(`DROP TABLESPACE ${space}`));
+    const existing = uniqueName('rs_goodcopy');
+    await server.createDatabase(existing, 'CREATE TABLE precious (v int); INSERT INTO precious VALUES (1), (2), (3)');
+    const clean = await restore(taken.dumpPath, existing, '--clean');
+    assert.equal(clean.exitCode, 7, clean.stderr);
+    assert.match(clean.stderr, new RegExp(`tablespace.*${space}`));
+    assert.doesNotMatch(clean.stderr, /Run the same restore again/);
+    const kept = await withDatabase(
+      existing,
+      async (c) => (await c.query('SELECT count(*)::int AS n FROM precious')).rows[0].n,
+    );
+    assert.equal(kept, 3, '--clean did not drop the target');
+    const target = uniqueName('rs_tsnew');
+    const created = await restore(taken.dumpPath, target);
+    assert.equal(created.exitCode, 7, created.stderr);
+    assert.ok(!(await databases()).includes(target), 'no target created');
   });
 
   test("a CREATE DATABASE whose options cannot be read: the server's defaults, with a warning, never silently", async () => {

@@ -17,6 +17,7 @@ import {
   minimumPgRestoreMajor,
   parseArchiveHeader,
   archiveExtensions,
+  tablespaceSetBy,
   archiveDatabaseOptions,
   databasePropertyStatements,
   databaseOptionsFor,
@@ -1428,6 +1429,14 @@ describe('restore helpers', () => {
       '224; 1259 16670 TABLE public events postgres',
     ].join('\n');
     assert.deepEqual(archiveExtensions(toc), ['cube', 'uuid-ossp']);
+  });
+
+  test("tablespaceSetBy reads pg_restore's SET default_tablespace lines, quoted names unquoted", () => {
+    assert.equal(tablespaceSetBy('SET default_tablespace = fast;'), 'fast');
+    assert.equal(tablespaceSetBy("SET default_tablespace = '';"), '');
+    assert.equal(tablespaceSetBy('SET default_tablespace = "My ""TS""";'), 'My "TS"');
+    assert.equal(tablespaceSetBy('SET default_table_access_method = heap;'), undefined);
+    assert.equal(tablespaceSetBy('CREATE TABLE a (x int);'), undefined);
   });
 
   test("archiveDatabaseOptions reads pg_dump's CREATE DATABASE options from the end of its line, never from the name", () => {
