@@ -4031,6 +4031,14 @@ function verifyInputError(title: string, details: string, hints: string[]): Back
   return new BackupError(EXIT.VERIFY_FAILED, shownTitle, shownDetails, hints, { step: VERIFICATION_STEP });
 }
 
+/** What a failed check throws: a backup deleted meanwhile (by a concurrent retention) is missing, not damaged. */
+async function unlessDeleted(error: unknown, readPath: string, filePath: string): Promise<never> {
+  if (await pathExists(readPath)) throw error;
+  throw verifyInputError('backup file not found', `${displayPath(filePath)} was deleted while it was being verified`, [
+    "Another run's retention (--prune, or a backup's) removed it; list the backups with: npx tsx backup_db.ts --list",
+  ]);
+}
+
 /**
  * The --verify argument must be a readable regular file (symlinks are followed), or a directory-format
  * backup (--jobs): a directory with a toc.dat in it, every file of which is readable.
@@ -4149,16 +4157,19 @@ async function startVerify(
   // whether the file needs a newer pg_restore (intact: exit 6) or is simply damaged (exit 8).
   let client: PgClient | undefined;
   let noClient: BackupError | undefined;
+  const failed = (error: unknown) => unlessDeleted(error, readPath, filePath);
   try {
     client = await findRestoreClient(search, await readArchiveHeader(readPath), signal);
   } catch (error) {
-    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) return failed(error);
     noClient = error;
   }
   const { metadata } = loaded;
   const hashing = hashBackup(readPath, signal);
   hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
-  const structure = await inspectStructure(client?.pgRestore, readPath, metadata, noClient?.details, signal);
+  const structure = await inspectStructure(client?.pgRestore, readPath, metadata, noClient?.details, signal).catch(
+    failed,
+  );
   const resultWith = (hash?: DumpOutcome): VerifyResult => ({
     filePath,
     metadataPath,
@@ -4166,12 +4177,14 @@ async function startVerify(
     inspection: fileInspection(metadata, structure, hash && { sha256: hash.sha256, how: 'read' }),
     ...(client ? { client } : {}),
   });
-  const complete = hashing.then((hash) => {
-    const result = resultWith(hash);
-    if (noClient && result.inspection.checks.checksum.ok && result.inspection.checks.size.ok) throw noClient;
-    if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
-    return result;
-  });
+  const complete = hashing
+    .then((hash) => {
+      const result = resultWith(hash);
+      if (noClient && result.inspection.checks.checksum.ok && result.inspection.checks.size.ok) throw noClient;
+      if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
+      return result;
+    })
+    .catch(failed);
   const quick = resultWith();
   if (noClient || failedChecks(quick.inspection.checks).length > 0) await complete;
   complete.catch(() => undefined); // the caller awaits it; until then a failure must not go unhandled
@@ -4236,10 +4249,28 @@ export function sortNewestFirst<T extends { timestamp?: string | undefined; modi
 const failureText = (error: unknown) => (error instanceof BackupError ? error.details : errorText(error));
 
 /**
+ * One backup's row. One deleted while it is checked (a concurrent --prune or retention) has none: it was
+ * deleted, not damaged. Any other failure to read this one file is its row's status, not the listing's.
+ */
+async function describeBackup(
+  dir: string,
+  name: string,
+  restoreClientFor?: ReturnType<typeof restoreClientLookup>,
+  signal?: AbortSignal,
+): Promise<ListEntry | undefined> {
+  const described = await checkListedBackup(dir, name, restoreClientFor, signal).catch((error: unknown) => {
+    signal?.throwIfAborted();
+    const found = { file: name, ...parseBackupFileName(name), sizeBytes: 0, modifiedMs: 0 };
+    return { ...found, status: 'unreadable_archive', problems: [failureText(error)] } satisfies ListEntry;
+  });
+  return described?.status === 'verified' || (await pathExists(path.join(dir, name))) ? described : undefined;
+}
+
+/**
  * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
  * pg_restore to use, the full check re-hashes the file and reads its table of contents.
  */
-async function describeBackup(
+async function checkListedBackup(
   dir: string,
   name: string,
   restoreClientFor?: ReturnType<typeof restoreClientLookup>,
