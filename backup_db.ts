@@ -1484,8 +1484,11 @@ function diskSpaceError(details: string, dir: string): BackupError {
   ]);
 }
 
-/** Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). */
-export function fileSystemError(error: unknown, title: string, dir: string): BackupError {
+/**
+ * Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). `owner` (ownerOf) marks a
+ * failed read: the fix is to run as that user, never to chown a directory the nightly backup writes to.
+ */
+export function fileSystemError(error: unknown, title: string, dir: string, owner?: string): BackupError {
   const code = errnoCode(error);
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
     return diskSpaceError(`${title}: ${errorText(error)}`, dir);
@@ -1511,7 +1514,11 @@ export function fileSystemError(error: unknown, title: string, dir: string): Bac
     errorText(error),
     [
       permissions ? `Check ownership and permissions: ls -ld ${shown}` : `Check the path: ls -ld ${shown}`,
-      ...(permissions ? [`Make it writable for ${user}, e.g. chown ${user} ${shown}`] : []),
+      ...(!permissions
+        ? []
+        : owner
+          ? [`It is ${owner}: run as that user, or give ${user} read access`]
+          : [`Make it writable for ${user}, e.g. chown ${user} ${shown}`]),
       'Or choose another directory with --output-dir',
     ],
   );
@@ -4416,7 +4423,7 @@ async function backupDirNames(dir: string): Promise<Buffer[] | undefined> {
     return await fs.readdir(dir, { encoding: 'buffer' });
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
-    throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
+    throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir, await ownerOf(dir));
   }
 }
 

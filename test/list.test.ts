@@ -358,6 +358,19 @@ describe('--list', () => {
     assert.match(result.stdout, /^No backups in .+\/$/m);
   });
 
+  test('a backup directory this user cannot read: --list and --check say to run as its owner, never to chown it', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy, { mode: 0o000 });
+    const env = dbVars(server, 'DEV_DB_', 'list_dev');
+    for (const args of [['--list'], ['--check', '--max-age', '1d', '--env', 'dev']]) {
+      const result = await runCli({ args: [...args, '--output-dir', copy], env, withoutRootOverride: true });
+      assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+      assert.match(result.stderr, /Cannot read the backup directory/);
+      assert.match(result.stderr, /It is owned by root: run as that user, or give root read access/);
+      assert.doesNotMatch(result.stderr, /chown|writable/);
+    }
+  });
+
   test('a missing directory: a friendly message, exit 0', async () => {
     const missing = path.join(await tempDir(), 'never-created');
     const result = await list(missing);
