@@ -136,6 +136,17 @@ describe('--verify rejects damage to the dump', () => {
     assert.match(result.stderr, /pg_restore: error: /);
   });
 
+  test('an unreadable archive is not also "table data missing": that check was not run', async () => {
+    const copy = await copyOfBackup();
+    const handle = await fs.open(copy.dumpPath, 'r+');
+    await handle.write(Buffer.from('XXXXX'), 0, 5, 0);
+    await handle.close();
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /^✗ Backup verification failed: checksum mismatch, archive unreadable$/m);
+    assert.doesNotMatch(result.stderr, /table data missing|holds no data for/);
+    assert.match(result.stderr, /✗ Not checked: the archive cannot be read/);
+  });
+
   test('replaced by a valid dump of another database → checksum, size and table data all fail', async () => {
     const copy = await copyOfBackup();
     await fs.copyFile(other.dumpPath, copy.dumpPath);
