@@ -1521,8 +1521,11 @@ function diskSpaceError(details: string, dir: string): BackupError {
   ]);
 }
 
-/** Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). */
-export function fileSystemError(error: unknown, title: string, dir: string): BackupError {
+/**
+ * Map a filesystem error to the contract's exit codes (disk full → 5, permissions → 4). `owner` (ownerOf) marks a
+ * failed read: the fix is to run as that user, never to chown a directory the nightly backup writes to.
+ */
+export function fileSystemError(error: unknown, title: string, dir: string, owner?: string): BackupError {
   const code = errnoCode(error);
   if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG')
     return diskSpaceError(`${title}: ${errorText(error)}`, dir);
@@ -1548,7 +1551,11 @@ export function fileSystemError(error: unknown, title: string, dir: string): Bac
     errorText(error),
     [
       permissions ? `Check ownership and permissions: ls -ld ${shown}` : `Check the path: ls -ld ${shown}`,
-      ...(permissions ? [`Make it writable for ${user}, e.g. chown ${user} ${shown}`] : []),
+      ...(!permissions
+        ? []
+        : owner
+          ? [`It is ${owner}: run as that user, or give ${user} read access`]
+          : [`Make it writable for ${user}, e.g. chown ${user} ${shown}`]),
       'Or choose another directory with --output-dir',
     ],
   );
@@ -4034,8 +4041,10 @@ const FILE_CHECKS: Record<keyof FileChecks, CheckKind> = {
   },
 };
 
+/** The checks that failed; table data is not among them when the archive could not be read to check it. */
 export function failedChecks(checks: FileChecks): Array<keyof FileChecks> {
-  return (Object.keys(FILE_CHECKS) as Array<keyof FileChecks>).filter((name) => !checks[name].ok);
+  const notRun = (name: keyof FileChecks) => name === 'tables' && !checks.structure.ok;
+  return (Object.keys(FILE_CHECKS) as Array<keyof FileChecks>).filter((name) => !checks[name].ok && !notRun(name));
 }
 
 export interface VerifyResult {
@@ -4071,6 +4080,14 @@ function verifyInputError(title: string, details: string, hints: string[]): Back
   // Both quote the file's name: escaped here, a line break in it cannot start a line of the error.
   const [shownTitle, shownDetails] = [visibleControls(title), visibleControls(details)];
   return new BackupError(EXIT.VERIFY_FAILED, shownTitle, shownDetails, hints, { step: VERIFICATION_STEP });
+}
+
+/** What a failed check throws: a backup deleted meanwhile (by a concurrent retention) is missing, not damaged. */
+async function unlessDeleted(error: unknown, readPath: string, filePath: string): Promise<never> {
+  if (await pathExists(readPath)) throw error;
+  throw verifyInputError('backup file not found', `${displayPath(filePath)} was deleted while it was being verified`, [
+    "Another run's retention (--prune, or a backup's) removed it; list the backups with: npx tsx backup_db.ts --list",
+  ]);
 }
 
 /**
@@ -4191,16 +4208,19 @@ async function startVerify(
   // whether the file needs a newer pg_restore (intact: exit 6) or is simply damaged (exit 8).
   let client: PgClient | undefined;
   let noClient: BackupError | undefined;
+  const failed = (error: unknown) => unlessDeleted(error, readPath, filePath);
   try {
     client = await findRestoreClient(search, await readArchiveHeader(readPath), signal);
   } catch (error) {
-    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) throw error;
+    if (!(error instanceof BackupError) || error.exitCode !== EXIT.TOOL_NOT_FOUND) return failed(error);
     noClient = error;
   }
   const { metadata } = loaded;
   const hashing = hashBackup(readPath, signal);
   hashing.catch(() => undefined); // awaited below; a read error must not go unhandled meanwhile
-  const structure = await inspectStructure(client?.pgRestore, readPath, metadata, noClient?.details, signal);
+  const structure = await inspectStructure(client?.pgRestore, readPath, metadata, noClient?.details, signal).catch(
+    failed,
+  );
   const resultWith = (hash?: DumpOutcome): VerifyResult => ({
     filePath,
     metadataPath,
@@ -4208,12 +4228,14 @@ async function startVerify(
     inspection: fileInspection(metadata, structure, hash && { sha256: hash.sha256, how: 'read' }),
     ...(client ? { client } : {}),
   });
-  const complete = hashing.then((hash) => {
-    const result = resultWith(hash);
-    if (noClient && result.inspection.checks.checksum.ok && result.inspection.checks.size.ok) throw noClient;
-    if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
-    return result;
-  });
+  const complete = hashing
+    .then((hash) => {
+      const result = resultWith(hash);
+      if (noClient && result.inspection.checks.checksum.ok && result.inspection.checks.size.ok) throw noClient;
+      if (failedChecks(result.inspection.checks).length > 0) throw verificationError(result);
+      return result;
+    })
+    .catch(failed);
   const quick = resultWith();
   if (noClient || failedChecks(quick.inspection.checks).length > 0) await complete;
   complete.catch(() => undefined); // the caller awaits it; until then a failure must not go unhandled
@@ -4278,10 +4300,28 @@ export function sortNewestFirst<T extends { timestamp?: string | undefined; modi
 const failureText = (error: unknown) => (error instanceof BackupError ? error.details : errorText(error));
 
 /**
+ * One backup's row. One deleted while it is checked (a concurrent --prune or retention) has none: it was
+ * deleted, not damaged. Any other failure to read this one file is its row's status, not the listing's.
+ */
+async function describeBackup(
+  dir: string,
+  name: string,
+  restoreClientFor?: ReturnType<typeof restoreClientLookup>,
+  signal?: AbortSignal,
+): Promise<ListEntry | undefined> {
+  const described = await checkListedBackup(dir, name, restoreClientFor, signal).catch((error: unknown) => {
+    signal?.throwIfAborted();
+    const found = { file: name, ...parseBackupFileName(name), sizeBytes: 0, modifiedMs: 0 };
+    return { ...found, status: 'unreadable_archive', problems: [failureText(error)] } satisfies ListEntry;
+  });
+  return described?.status === 'verified' || (await pathExists(path.join(dir, name))) ? described : undefined;
+}
+
+/**
  * One backup's status. The quick check (metadata valid, size matches) reads no data; with a
  * pg_restore to use, the full check re-hashes the file and reads its table of contents.
  */
-async function describeBackup(
+async function checkListedBackup(
   dir: string,
   name: string,
   restoreClientFor?: ReturnType<typeof restoreClientLookup>,
@@ -4427,7 +4467,7 @@ async function backupDirNames(dir: string): Promise<Buffer[] | undefined> {
     return await fs.readdir(dir, { encoding: 'buffer' });
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return undefined;
-    throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir);
+    throw fileSystemError(error, `Cannot read the backup directory ${displayPath(dir)}`, dir, await ownerOf(dir));
   }
 }
 

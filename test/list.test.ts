@@ -7,7 +7,16 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { dbVars, PROJECT_DIR, runCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
+import {
+  clientThatDeletes,
+  dbVars,
+  PROJECT_DIR,
+  runCli,
+  takeBackup,
+  tempDir,
+  writeEnvFile,
+  type TakenBackup,
+} from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { NEWER_CLIENT_DIR, NEWER_MAJOR, skipUnless, unmet } from './helpers/requirements.ts';
 import { flipMiddleByte } from './helpers/wait.ts';
@@ -361,6 +370,30 @@ describe('--list', () => {
       doc.backups.some((b: { database: string }) => b.database === hostile),
       'JSON carries the name as it is',
     );
+  });
+
+  test('--list --verify: a backup deleted while it is checked (a concurrent --prune) has no row, and fails nothing', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (const file of [prod.dumpPath, prod.metadataPath])
+      await fs.copyFile(file, path.join(copy, path.basename(file)));
+    const deleted = path.join(copy, path.basename(prod.dumpPath));
+    const result = await list(copy, '--verify', '--pg-bin-dir', await clientThatDeletes([deleted]));
+    assert.equal(result.exitCode, 0, `${result.stdout}\n${result.stderr}`);
+    assert.match(result.stdout, /^No backups in .+\/$/m);
+  });
+
+  test('a backup directory this user cannot read: --list and --check say to run as its owner, never to chown it', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy, { mode: 0o000 });
+    const env = dbVars(server, 'DEV_DB_', 'list_dev');
+    for (const args of [['--list'], ['--check', '--max-age', '1d', '--env', 'dev']]) {
+      const result = await runCli({ args: [...args, '--output-dir', copy], env, withoutRootOverride: true });
+      assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+      assert.match(result.stderr, /Cannot read the backup directory/);
+      assert.match(result.stderr, /It is owned by root: run as that user, or give root read access/);
+      assert.doesNotMatch(result.stderr, /chown|writable/);
+    }
   });
 
   test('a missing directory: a friendly message, exit 0', async () => {

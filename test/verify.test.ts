@@ -7,7 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
-import { runCli, takeBackup, socketAt, tempDir, type TakenBackup } from './helpers/cli.ts';
+import { clientThatDeletes, runCli, takeBackup, socketAt, tempDir, type TakenBackup } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte } from './helpers/wait.ts';
@@ -134,6 +134,17 @@ describe('--verify rejects damage to the dump', () => {
     const result = await verify(copy.dumpPath);
     assertRejected(result, /archive unreadable/);
     assert.match(result.stderr, /pg_restore: error: /);
+  });
+
+  test('an unreadable archive is not also "table data missing": that check was not run', async () => {
+    const copy = await copyOfBackup();
+    const handle = await fs.open(copy.dumpPath, 'r+');
+    await handle.write(Buffer.from('XXXXX'), 0, 5, 0);
+    await handle.close();
+    const result = await verify(copy.dumpPath);
+    assertRejected(result, /^✗ Backup verification failed: checksum mismatch, archive unreadable$/m);
+    assert.doesNotMatch(result.stderr, /table data missing|holds no data for/);
+    assert.match(result.stderr, /✗ Not checked: the archive cannot be read/);
   });
 
   test('replaced by a valid dump of another database → checksum, size and table data all fail', async () => {
@@ -268,6 +279,14 @@ describe('--verify rejects damage to the metadata', () => {
     assert.ok(Array.isArray(doc.hints) && doc.hints.length > 0);
     assert.equal(doc.checks.size.ok, false);
     assert.equal(doc.checks.structure.ok, true);
+  });
+});
+
+describe('--verify of a backup deleted while it is checked (a concurrent --prune)', () => {
+  test('deleted after its header is read: exit 8, backup file not found (not a failed file operation)', async () => {
+    const copy = await copyOfBackup();
+    const result = await verify(copy.dumpPath, '--pg-bin-dir', await clientThatDeletes([copy.dumpPath]));
+    assertRejected(result, /backup file not found/);
   });
 });
 

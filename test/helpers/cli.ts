@@ -233,3 +233,17 @@ export async function directoryWithExistingBackup(
   const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
   return { outputDir, args, before: await directoryFingerprint(outputDir) };
 }
+
+/**
+ * A --pg-bin-dir whose pg_restore deletes `files` when asked its version: after the archive's header
+ * is read and before its bytes are, as a concurrent --prune can.
+ */
+export async function clientThatDeletes(files: string[]): Promise<string> {
+  const bin = await tempDir();
+  const which = async (tool: string) => (await execa('sh', ['-c', `command -v ${tool}`])).stdout.trim();
+  const rm = files.map((file) => `rm -f '${file}'`).join('; ');
+  await fs.writeFile(path.join(bin, 'pg_dump'), `#!/bin/sh\nexec '${await which('pg_dump')}' "$@"\n`, { mode: 0o755 });
+  const restore = `#!/bin/sh\n[ "$1" = --version ] && { ${rm}; }\nexec '${await which('pg_restore')}' "$@"\n`;
+  await fs.writeFile(path.join(bin, 'pg_restore'), restore, { mode: 0o755 });
+  return bin;
+}
