@@ -23,7 +23,7 @@ import {
 } from '../backup_db.ts';
 import { dbVars, runCli, startCli, takeBackup, tempDir, writeEnvFile, type TakenBackup } from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
-import { startProxy } from './helpers/proxy.ts';
+import { startProxy, type FreezableProxy } from './helpers/proxy.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { directoryFingerprint, flipMiddleByte, waitFor } from './helpers/wait.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
@@ -1083,6 +1083,15 @@ describe('retention on real backups', () => {
     assert.equal((await hashBackup(seed.dumpPath)).sha256, seed.metadata.checksum_sha256);
   });
 
+  /** The arguments of --prune --keep-last 1 of ret_app's backups in `dir`, connecting through `proxy` (2 s timeout). */
+  async function pruneThrough(proxy: FreezableProxy, dir: string): Promise<string[]> {
+    const configDir = await tempDir();
+    const vars = { ...dbVars(server, 'DEV_DB_', 'ret_app'), DEV_DB_HOST: proxy.host, DEV_DB_PORT: String(proxy.port) };
+    await writeEnvFile(configDir, '.env', vars);
+    const args = ['--prune', '--keep-last', '1', '--connect-timeout', '2', '--env', 'dev'];
+    return [...args, '--config-dir', configDir, '--output-dir', dir];
+  }
+
   test('SIGTERM while --prune waits for a server that never answers: exit 143, not exit 3', async () => {
     const dir = path.join(await tempDir(), 'backups');
     await fs.mkdir(dir);
@@ -1093,15 +1102,8 @@ describe('retention on real backups', () => {
     const proxy = await startProxy(server);
     try {
       proxy.freeze();
-      const configDir = await tempDir();
-      const vars = {
-        ...dbVars(server, 'DEV_DB_', 'ret_app'),
-        DEV_DB_HOST: proxy.host,
-        DEV_DB_PORT: String(proxy.port),
-      };
-      await writeEnvFile(configDir, '.env', vars);
-      const args = ['--prune', '--keep-last', '1', '--connect-timeout', '2', '--env', 'dev'];
-      const cli = startCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
+      const args = await pruneThrough(proxy, dir);
+      const cli = startCli({ args });
       await waitFor('--prune to connect', async () => (proxy.connections > 0 ? true : undefined));
       cli.kill('SIGTERM');
       const result = await cli;
@@ -1120,15 +1122,8 @@ describe('retention on real backups', () => {
     const proxy = await startProxy(server);
     try {
       proxy.freezeOn('pg_control_system');
-      const configDir = await tempDir();
-      const vars = {
-        ...dbVars(server, 'DEV_DB_', 'ret_app'),
-        DEV_DB_HOST: proxy.host,
-        DEV_DB_PORT: String(proxy.port),
-      };
-      await writeEnvFile(configDir, '.env', vars);
-      const args = ['--prune', '--keep-last', '1', '--connect-timeout', '2', '--env', 'dev'];
-      const result = await runCli({ args: [...args, '--config-dir', configDir, '--output-dir', dir] });
+      const args = await pruneThrough(proxy, dir);
+      const result = await runCli({ args });
       assert.ok(proxy.frozen, 'the server froze on the query');
       assert.equal(result.exitCode, 3, String(result.stdout) + String(result.stderr));
       assert.match(String(result.stderr), /Database did not answer within 2 s/);
