@@ -773,8 +773,13 @@ async function clientDirs(pgBinDir: string | undefined): Promise<Array<{ dir: st
 /** A client tool run that does not connect (pg_restore --list): its environment holds no password. */
 async function runWithoutConnecting(file: string, args: string[], cancelSignal?: AbortSignal) {
   const { execa } = await loadExeca();
+  return execa(file, args, withoutConnecting(cancelSignal));
+}
+
+/** execa's options for a client tool that only reads files: no libpq variable (no password), stopped by `signal`. */
+function withoutConnecting(cancelSignal?: AbortSignal) {
   const env = childEnv(process.env, {}, { connects: false });
-  return execa(file, args, { env, extendEnv: false, reject: false, stdin: 'ignore', cancelSignal });
+  return { env, extendEnv: false, reject: false, stdin: 'ignore', cancelSignal } as const;
 }
 
 /** Each executable's version, asked once per process: a run can look for clients several times. */
@@ -4865,10 +4870,9 @@ async function runPrune(
     (error: unknown) => {
       // An interrupt wins over a connection attempt it outlasted.
       signal.throwIfAborted();
-      error = connectionError(error, config, seconds);
-      if (!(error instanceof BackupError)) throw error;
+      const failure = connectionError(error, config, seconds);
       const why = "--prune asks the server which server it is, so as never to delete another server's backups";
-      throw new BackupError(error.exitCode, error.title, error.details, [...error.hints, why], error.extra);
+      throw new BackupError(failure.exitCode, failure.title, failure.details, [...failure.hints, why], failure.extra);
     },
   );
   signal.throwIfAborted();
@@ -5473,9 +5477,8 @@ export function tablespaceSetBy(line: string): string | undefined {
  */
 async function archiveTablespaces({ pgRestore, readPath }: RestorableArchive, signal: AbortSignal): Promise<string[]> {
   const { execa } = await loadExeca();
-  const env = childEnv(process.env, {}, { connects: false });
-  const options = { env, extendEnv: false, reject: false, stdin: 'ignore', cancelSignal: signal } as const;
-  const script = execa(pgRestore.path, ['--schema-only', '--file=-', readPath], { ...options, buffer: false });
+  const options = { ...withoutConnecting(signal), buffer: false } as const;
+  const script = execa(pgRestore.path, ['--schema-only', '--file=-', readPath], options);
   const found = new Set<string>();
   for await (const line of script) {
     const tablespace = tablespaceSetBy(line);
