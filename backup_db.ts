@@ -3523,7 +3523,10 @@ export function jsonShape(text: string): { depth: number; values: number } {
 }
 
 export type MetadataLoad =
-  { status: 'ok'; metadata: BackupMetadata } | { status: 'missing' } | { status: 'invalid'; problems: string[] };
+  | { status: 'ok'; metadata: BackupMetadata }
+  | { status: 'missing' }
+  | { status: 'invalid'; problems: string[] }
+  | { status: 'unreadable'; why: string };
 
 /** Read and validate the metadata of `dumpFileName`; never throws, so --list can show every state. */
 async function loadMetadata(metadataPath: string, dumpFileName: string): Promise<MetadataLoad> {
@@ -3548,6 +3551,11 @@ async function loadMetadata(metadataPath: string, dumpFileName: string): Promise
   } catch (error) {
     if (errnoCode(error) === 'ENOENT') return { status: 'missing' };
     if (errnoCode(error) === 'ENOTREG') return invalid('not a regular file');
+    // Another user's (metadata is always 0600): who can read it, not damage.
+    if (['EACCES', 'EPERM'].includes(errnoCode(error) ?? '')) {
+      const why = `${os.userInfo().username} may not read it; it is ${await ownerOf(metadataPath)}`;
+      return { status: 'unreadable', why };
+    }
     // JSON.parse quotes the start of its input in its message: give only the position.
     const at = /at position (\d+)/.exec(errorText(error));
     return invalid(
@@ -4203,6 +4211,12 @@ async function startVerify(
       'Copy the .metadata.json file along with the .dump file, or take a new backup',
     ]);
   }
+  if (loaded.status === 'unreadable') {
+    throw verifyInputError('metadata file cannot be read', `${displayPath(metadataPath)}: ${loaded.why}`, [
+      `Check its permissions: ls -l ${shellWord(displayPath(metadataPath))}`,
+      'Metadata is always mode 0600: run this as the user the backups run as (sudo -u)',
+    ]);
+  }
   if (loaded.status === 'invalid') {
     throw verifyInputError('metadata is invalid', `${displayPath(metadataPath)}: ${loaded.problems.join('; ')}`, [
       'The metadata was edited or damaged; restore it from wherever the backup was copied from',
@@ -4253,6 +4267,7 @@ export type ListStatus =
   | 'verified'
   | 'no_metadata'
   | 'invalid_metadata'
+  | 'unreadable_metadata'
   | 'size_mismatch'
   | 'checksum_mismatch'
   | 'unreadable_archive'
@@ -4340,6 +4355,7 @@ async function checkListedBackup(
   const loaded = await loadMetadata(metadataPathFor(filePath), name);
   if (loaded.status === 'missing') return { ...entry, status: 'no_metadata', problems: ['no metadata file'] };
   if (loaded.status === 'invalid') return { ...entry, status: 'invalid_metadata', problems: loaded.problems };
+  if (loaded.status === 'unreadable') return { ...entry, status: 'unreadable_metadata', problems: [loaded.why] };
 
   const { metadata } = loaded;
   const drill = metadata.last_restore_test;
@@ -4964,6 +4980,20 @@ async function runCheck(
   // The details quote file names: escaped, a line break in one cannot start a line of the error.
   const stale = (title: string, details: string) =>
     new BackupError(EXIT.VERIFY_FAILED, title, visibleControls(details), hints, { data });
+  // Not "no backup": this user cannot see them (metadata is always 0600). The fix is who runs it.
+  const hidden = listing.backups.filter(
+    (e) => e.status === 'unreadable_metadata' && e.database === database && e.environment === environment,
+  );
+  if (!freshness.ok && hidden.length > 0) {
+    const which = hidden.map((e) => `${e.file}: ${e.problems[0]}`).join('; ');
+    throw new BackupError(
+      EXIT.PERMISSION,
+      "Cannot read the backups' metadata",
+      visibleControls(`${plural(hidden.length, 'backup')} of ${what} cannot be judged: ${which}`),
+      ['Metadata is always mode 0600: run the check as the user the backups run as (sudo -u)', ...hints.slice(2)],
+      { data },
+    );
+  }
   if (!freshness.newest) {
     const { notCounted } = freshness;
     const why = notCounted.map((f) => `${f.file}: ${f.why}`).join('; ');
@@ -6434,6 +6464,7 @@ async function writeRestoreTest(
   const loaded = await loadMetadata(metadataPath, path.basename(filePath));
   if (loaded.status === 'missing') return 'the metadata was deleted meanwhile';
   if (loaded.status === 'invalid') return `the metadata is no longer valid: ${loaded.problems[0]}`;
+  if (loaded.status === 'unreadable') return `the metadata cannot be read: ${loaded.why}`;
   if (typeof old === 'string') return `the metadata cannot be read: ${old}`;
   // The drill read the backup it pinned: metadata that now describes another file is not its to record in.
   if (checksum && loaded.metadata.checksum_sha256 !== checksum)
@@ -7034,6 +7065,7 @@ const STATUS_LABELS = {
   verified: '✓ Verified',
   no_metadata: '? No metadata',
   invalid_metadata: '✗ Invalid metadata',
+  unreadable_metadata: '✗ Unreadable metadata',
   needs_newer_pg_restore: '? Needs newer pg_restore',
   in_progress: '… In progress',
   incomplete: '✗ Incomplete',

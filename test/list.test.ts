@@ -396,6 +396,41 @@ describe('--list', () => {
     }
   });
 
+  test("metadata this user cannot read is unreadable, not invalid: its row, --verify, and --check's exit 4", async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (const file of [dev1.dumpPath, dev1.metadataPath])
+      await fs.copyFile(file, path.join(copy, path.basename(file)));
+    // What a monitoring agent meets when it is not the backup user: metadata is always 0600.
+    await fs.chmod(path.join(copy, path.basename(dev1.metadataPath)), 0o000);
+    const asAgent = { env: dbVars(server, 'DEV_DB_', 'list_dev'), withoutRootOverride: true };
+    const owner = /owned by [^\s;)]+/;
+
+    const listed = await runCli({ args: ['--list', '--output-dir', copy, '--json'], ...asAgent });
+    assert.equal(listed.exitCode, 0, listed.stdout + listed.stderr);
+    const [row] = JSON.parse(listed.stdout).backups;
+    assert.equal(row.status, 'unreadable_metadata');
+    assert.match(row.problems.join(' '), owner);
+    const text = await runCli({ args: ['--list', '--output-dir', copy], ...asAgent });
+    assert.deepEqual(
+      tableRows(text.stdout).map((r) => r[4]),
+      ['✗ Unreadable metadata'],
+    );
+
+    const verified = await runCli({ args: ['--verify', path.join(copy, path.basename(dev1.dumpPath))], ...asAgent });
+    assert.equal(verified.exitCode, 8, verified.stdout + verified.stderr);
+    assert.match(verified.stderr, /metadata file cannot be read/);
+    assert.match(verified.stderr, owner);
+    assert.doesNotMatch(verified.stderr, /invalid|edited or damaged/);
+
+    const checked = await runCli({ args: ['--check', '--max-age', '1d', '--output-dir', copy], ...asAgent });
+    assert.equal(checked.exitCode, 4, checked.stdout + checked.stderr);
+    assert.match(checked.stderr, /Cannot read the backups' metadata/);
+    assert.match(checked.stderr, owner);
+    assert.match(checked.stderr, /run the check as the user the backups run as/);
+    assert.doesNotMatch(checked.stderr, /No backup found|chown/);
+  });
+
   test('a missing directory: a friendly message, exit 0', async () => {
     const missing = path.join(await tempDir(), 'never-created');
     const result = await list(missing);

@@ -210,6 +210,7 @@ const STATUSES: ListStatus[] = [
   'verified',
   'no_metadata',
   'invalid_metadata',
+  'unreadable_metadata',
   'size_mismatch',
   'checksum_mismatch',
   'unreadable_archive',
