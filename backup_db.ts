@@ -8061,7 +8061,8 @@ export function credentialArguments(argv: readonly string[]): string[] {
   return values.filter((value) => value.trim() !== '');
 }
 
-function buildProgram(json: boolean, writeErr: (text: string) => void): Command {
+/** The command line. Its errors are thrown, not written: main prints them as any other (commandLineError). */
+function buildProgram(): Command {
   const keep = (flag: string, what: string) =>
     new Option(`${flag} <n>`, `retention: keep ${what}`).argParser(parseKeepCount);
   return new Command()
@@ -8182,8 +8183,7 @@ function buildProgram(json: boolean, writeErr: (text: string) => void): Command 
         .argParser(nonEmptyPath)
         .default(PROJECT_DIR, 'the project directory'),
     )
-    .showHelpAfterError(json ? false : '(run with --help for usage)')
-    .configureOutput({ writeErr })
+    .configureOutput({ writeErr: () => undefined })
     .exitOverride();
 }
 
@@ -8196,13 +8196,13 @@ export function withoutUnknownValues(text: string): string {
   return text.replace(/(unknown option '--[^=']*)=.*'/g, "$1=…'");
 }
 
-/** Pure: commander's message as printed: masked, on lines of its own, control characters shown. */
-function commanderMessage(text: string, secrets: readonly string[]): string {
-  return maskSecrets(withoutUnknownValues(text), secrets)
-    .replace(/\n$/, '')
-    .split('\n')
-    .map(visibleControls)
-    .join('\n');
+/** Pure: commander's message as the contract's error: its first line the details, its "Did you mean" a hint. */
+function commandLineError(message: string): BackupError {
+  const [first = '', ...rest] = withoutUnknownValues(message)
+    .replace(/^error: /, '')
+    .split('\n');
+  const suggestions = rest.flatMap((line) => /^\((Did you mean .+\?)\)$/.exec(line)?.[1] ?? []);
+  return configError(first, [...suggestions, 'Run with --help for usage']);
 }
 
 // ─── Interrupts: signals, and the launchers going away ──────────────────────────────────
@@ -8582,17 +8582,14 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const json = argv.includes('--json');
   // Webhook URLs are credentials (Slack, Discord): masked even in commander's own messages.
   const secrets: string[] = credentialArguments(argv);
-  // Commander's message waits until the settings' secrets are known: an option's value may be the password.
-  const commanderSaid: string[] = [];
-  const program = buildProgram(json, (text) => commanderSaid.push(text));
+  const program = buildProgram();
   let parseFailure: BackupError | undefined;
   try {
     program.parse(argv);
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
-    // A bad command line is a configuration error; commander's message is printed once the secrets are known.
-    const message = withoutUnknownValues(errorText(error)).replace(/^error: /, '');
-    parseFailure = configError(message, ['Run with --help for usage']);
+    // A bad command line is a configuration error, printed once the settings' secrets are known (a value may be one).
+    parseFailure = commandLineError(errorText(error));
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   // Commander stops at the first bad value: the options after it still say which command was asked for.
@@ -8642,8 +8639,6 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   // Commander stops at the first bad value: the settings after it are read as it would have read them.
   const readable = parseFailure ? { ...opts, ...optionsReadableIn(program, argv) } : opts;
   const recordTo = automation ?? (await readableAutomation(readable, vars, secrets));
-  // With --json, the document below says it, and says it alone (README: one JSON document).
-  if (commanderSaid.length > 0 && !json) io.err(commanderMessage(commanderSaid.join(''), secrets));
 
   const operation = OPERATION_NAMES[outcome.command];
   // Names of a run that worked, which it reports itself: a password inside one is masked only outside
@@ -8651,8 +8646,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const named = outcome.result ? namedByTheRun({ ...known, ...outcome.facts }, outputDirOf(opts)) : [];
   let problem = outcome.failure && failureProblem(outcome.failure, operation, secrets, named);
   try {
-    // A bad command line's message is commander's, except as JSON.
-    if (!parseFailure || json) printOutcome(io, json, outcome, { secrets, named }, problem);
+    printOutcome(io, json, outcome, { secrets, named }, problem);
   } catch (error) {
     // A bug, never an expected failure: still the contract's error, no stack trace, and a general failure.
     const bug = new BackupError(EXIT.GENERAL, 'its result could not be printed', errorText(error));

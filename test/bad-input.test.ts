@@ -43,6 +43,8 @@ function assertCleanFailure(
 ) {
   assert.equal(result.exitCode, exitCode, `${result.stdout}\n${result.stderr}`);
   assert.match(result.stderr, message);
+  // The contract's error, whoever found the problem (commander's own text included): what failed, why, what to do.
+  assert.match(result.stderr, /^✗ [\w ]+ failed: .+\n\nError: .+(\n.+)*\n\nTroubleshooting:\n {2}1\. /, result.stderr);
   assert.doesNotMatch(result.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace');
   assert.doesNotMatch(result.stderr, /TypeError|ReferenceError|undefined|\[object Object\]/, 'no internal error text');
   assert.deepEqual(result.files, [], 'nothing written');
@@ -71,6 +73,7 @@ describe('options with garbage → exit 2', () => {
     ['word --lock-wait-timeout', ['--lock-wait-timeout', 'soon'], /Use a duration/],
     ['empty --verify', ['--verify', ''], /--verify needs the backup FILE/],
     ['unknown option', ['--retention', '5'], /unknown option '--retention'/],
+    ['mistyped option', ['--lsit'], /unknown option '--lsit'\n\nTroubleshooting:\n {2}1\. Did you mean --list\?/],
     ['stray argument', ['prod'], /too many arguments/],
   ];
   for (const [name, args, message] of cases) {

@@ -227,8 +227,16 @@ describe('--ping-url (heartbeat)', () => {
         [['--list', '--check', '--max-age', '1h'], 'check', /^✗ Freshness check failed: /m],
         [['--list', '--verify', 'x.dump'], 'list', /^✗ Listing failed: /m],
         // Commander stops at the first bad value: the options after it still say what was asked for.
-        [['--max-age', '26x', '--check'], 'check', /^error: option '--max-age <duration>' argument '26x'/m],
-        [['--jobs', '0', '--restore-test', '--verify', 'x.dump'], 'drill', /^error: option '--jobs <n>' argument '0'/m],
+        [
+          ['--max-age', '26x', '--check'],
+          'check',
+          /^✗ Freshness check failed: [^]*--max-age <duration>' argument '26x'/m,
+        ],
+        [
+          ['--jobs', '0', '--restore-test', '--verify', 'x.dump'],
+          'drill',
+          /^✗ Restore test failed: [^]*'--jobs <n>' argument '0'/m,
+        ],
       ];
       for (const [args, command, title] of cases) {
         const result = await runCli({ args: [...s.base, '--log-file', logFile, ...args] });
