@@ -231,6 +231,8 @@ describe('interrupted while pg_restore loads a frozen server', () => {
   const modes = [
     { mode: '--restore', args: ['--target-db', 'frz1'], failed: 'Restore', signal: 'SIGINT', code: 130 },
     { mode: 'the drill', args: ['--restore-test'], failed: 'Restore test', signal: 'SIGINT', code: 130 },
+    { mode: '--restore', args: ['--target-db', 'frz2'], failed: 'Restore', signal: 'SIGTERM', code: 143 },
+    { mode: 'the drill', args: ['--restore-test'], failed: 'Restore test', signal: 'SIGTERM', code: 143 },
   ] as const;
   for (const { mode, args, failed, signal, code } of modes) {
     test(
@@ -256,13 +258,14 @@ describe('interrupted while pg_restore loads a frozen server', () => {
           assert.ok(waited < 30_000, `it ended ${waited} ms after the signal, the server still frozen`);
           assert.match(stderr.split('\n')[0]!, new RegExp(`^✗ ${failed} failed: Interrupted by ${signal}$`));
           assert.match(stderr, /created by this run, could not be dropped and is left on/);
-          assert.match(stderr, /DROP DATABASE "(frz1|backup_db_drill_\w+)" WITH \(FORCE\)/);
+          assert.match(stderr, /DROP DATABASE "(frz[12]|backup_db_drill_\w+)" WITH \(FORCE\)/);
         } finally {
           await proxy.close();
           const left = /DROP DATABASE ("[^"]+")/.exec(stderr)?.[1];
           const client = await server.connect('postgres');
           try {
-            await client.query(`DROP DATABASE IF EXISTS ${left ?? 'frz1'} WITH (FORCE)`);
+            if (left ?? args[0] === '--target-db')
+              await client.query(`DROP DATABASE IF EXISTS ${left ?? args[1]} WITH (FORCE)`);
           } finally {
             await client.end();
           }

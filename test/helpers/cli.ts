@@ -117,6 +117,8 @@ export function startCli({
     cwd,
     reject: false,
     stdin: 'ignore',
+    // execa SIGKILLs a child still running 5 s after kill('SIGTERM'): a test's SIGTERM must be the only signal sent.
+    forceKillAfterDelay: false,
   }) as ResultPromise<Options & { reject: false }>;
 }
 
