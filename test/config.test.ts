@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -270,6 +271,14 @@ describe("the tests never read the developer's own configuration (README: no dat
     const run = await cli;
     assert.equal(run.exitCode, 2, String(run.stderr));
     assert.match(String(run.stderr), /DEV_DB_NAME is not set/);
+  });
+
+  test('a CLI started without HOME gets an empty one: libpq reads ~/.pgpass, ~/.pg_service.conf, ~/.postgresql/', async () => {
+    const run = await runCli({ args: ['--list', '--output-dir', '~/nowhere', '--json'] });
+    assert.equal(run.exitCode, 0, run.stdout + run.stderr);
+    const home = path.dirname(JSON.parse(run.stdout).directory);
+    assert.notEqual(home, os.homedir());
+    assert.deepEqual(await fs.readdir(home), []);
   });
 
   test("the test files inherit none of the tool's settings (DB_*, BACKUP_*, PG*…) from the shell", () => {

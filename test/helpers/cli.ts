@@ -16,23 +16,34 @@ export const PROJECT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.u
 export const SCRIPT = path.join(PROJECT_DIR, 'backup_db.ts');
 
 /** The test runner's own configuration must not leak into the CLI under test. */
+/**
+ * The developer's HOME holds what libpq reads unasked (~/.pgpass, ~/.pg_service.conf, ~/.postgresql/
+ * certificates): a CLI whose test names no HOME gets an empty one.
+ */
 function baseEnv(): Record<string, string> {
-  const keep = ['PATH', 'HOME', 'LANG', 'TMPDIR', 'USER', 'LOGNAME'];
-  return Object.fromEntries(keep.flatMap((name) => (process.env[name] ? [[name, process.env[name]!]] : [])));
+  const keep = ['PATH', 'LANG', 'TMPDIR', 'USER', 'LOGNAME'];
+  const kept = Object.fromEntries(keep.flatMap((name) => (process.env[name] ? [[name, process.env[name]!]] : [])));
+  return { ...kept, HOME: emptyDir('home') };
 }
 
 /**
  * The CLI's .env files come from its project directory unless --config-dir names another: there lie
  * the developer's own .env.local (their database, hooks, log). A test that names none gets an empty one.
  */
-let emptyConfigDir: string | undefined;
 export function ownConfigDir(args: string[]): string[] {
   if (args.some((arg) => arg === '--config-dir' || arg.startsWith('--config-dir='))) return [];
-  if (!emptyConfigDir) {
-    emptyConfigDir = mkdtempSync(path.join(os.tmpdir(), 'backup-db-config-'));
-    madeDirs.add(emptyConfigDir);
+  return ['--config-dir', emptyDir('config')];
+}
+
+/** One empty directory per purpose and test process, removed when it exits. */
+const emptyDirs = new Map<string, string>();
+function emptyDir(purpose: string): string {
+  if (!emptyDirs.has(purpose)) {
+    const dir = mkdtempSync(path.join(os.tmpdir(), `backup-db-${purpose}-`));
+    madeDirs.add(dir);
+    emptyDirs.set(purpose, dir);
   }
-  return ['--config-dir', emptyConfigDir];
+  return emptyDirs.get(purpose)!;
 }
 
 export interface CliRun {
