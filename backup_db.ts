@@ -7404,7 +7404,10 @@ function shellQuotedForm(secret: string): string {
 function maskEach(text: string, secrets: readonly string[]): string {
   let masked = text;
   for (const secret of [...secrets].sort((a, b) => b.length - a.length)) {
-    if (secret.length >= 4) masked = masked.split(shellQuotedForm(secret)).join('****').split(secret).join('****');
+    const quoted = shellQuotedForm(secret);
+    // Quoted, a short one ("a'b") is long and distinct enough to be masked anywhere, as a long one is.
+    if (quoted !== secret && quoted.length >= 4) masked = masked.split(quoted).join('****');
+    if (secret.length >= 4) masked = masked.split(secret).join('****');
     else if (secret)
       masked = masked.replace(new RegExp(`(?<![\\p{L}\\p{N}])${escapeRegExp(secret)}(?![\\p{L}\\p{N}])`, 'gu'), '****');
   }

@@ -773,6 +773,15 @@ describe('secrets', () => {
         assert.match(maskSecrets(hint, [secret]), /\*\*\*\*/, hint);
       }
     }
+    // Under 4 characters a secret is masked as a word only; its quoted form is long enough to be masked anywhere.
+    for (const secret of ["a'b", "x'", "'1"]) {
+      for (const [word, masked] of [
+        [secret, "'****'"],
+        [`${secret}.dump`, "'****.dump'"],
+      ]) {
+        assert.equal(maskSecrets(`createdb -U ${shellWord(word)}`, [secret]), `createdb -U ${masked}`, secret);
+      }
+    }
   });
 
   test('maskSecrets with kept values: a secret inside one is masked only elsewhere, one holding one is masked whole', () => {
