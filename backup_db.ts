@@ -5501,6 +5501,26 @@ export function tablespaceSetBy(line: string): string | undefined {
 }
 
 /**
+ * No I/O: reads pg_restore's script line by line and returns the tablespace an entry is created in, once its header
+ * confirms it: `SET default_tablespace = x;` (then blank lines, a table access method, `--`), and the header
+ * `-- Name: …; Tablespace: x` (newlines printed as spaces). The SET alone may be a line inside a function's body.
+ */
+export function tablespaceReader(): (line: string) => string | undefined {
+  let pending: string | undefined;
+  return (line) => {
+    const set = tablespaceSetBy(line);
+    if (set !== undefined) pending = set || undefined;
+    if (set !== undefined || pending === undefined) return undefined;
+    if (line === '' || line === '--' || /^SET default_table_access_method = .*;$/.test(line)) return undefined;
+    const tablespace = pending;
+    pending = undefined;
+    const header =
+      /^-- (Data for )?Name: /.test(line) && line.endsWith(`; Tablespace: ${tablespace.replace(/[\r\n]/g, ' ')}`);
+    return header ? tablespace : undefined;
+  };
+}
+
+/**
  * The tablespaces the archive creates objects in, which `pg_restore --list` does not show: its script sets
  * default_tablespace before each. Streamed, never buffered: a large schema prints a large script. A script
  * pg_restore cannot print whole (a name it refuses to print) gives what it printed: the restore itself says the rest.
@@ -5510,8 +5530,9 @@ async function archiveTablespaces({ pgRestore, readPath }: RestorableArchive, si
   const options = { ...withoutConnecting(signal), buffer: false } as const;
   const script = execa(pgRestore.path, ['--schema-only', '--file=-', readPath], options);
   const found = new Set<string>();
+  const read = tablespaceReader();
   for await (const line of script) {
-    const tablespace = tablespaceSetBy(line);
+    const tablespace = read(line);
     if (tablespace) found.add(tablespace);
   }
   await script;

@@ -889,6 +889,18 @@ describe("the backup's own database: its encoding and locale, its settings and c
     assert.ok(!(await databases()).includes(target), 'no target created');
   });
 
+  test('a function whose body sets default_tablespace needs no such tablespace: it restores', async () => {
+    const { backup: taken } = await backupOfDatabase('rs_tsbody', '', [
+      // pg_dump prints the body as written: these lines stand alone in pg_restore's script, as a real entry's would.
+      'CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$\nBEGIN\nSET default_tablespace = nowhere;\n\n--\nEND $$',
+      'CREATE TABLE b (y int)',
+      'INSERT INTO b VALUES (1), (2)',
+    ]);
+    const restored = await restore(taken.dumpPath, uniqueName('rs_tsbody_new'));
+    assert.equal(restored.exitCode, 0, restored.stderr);
+    assert.match(restored.stdout, /^b +2 +2 {2}✓$/m);
+  });
+
   test("a CREATE DATABASE whose options cannot be read: the server's defaults, with a warning, never silently", async () => {
     const copy = await copyOfBackup();
     const bytes = await fs.readFile(copy.dumpPath);

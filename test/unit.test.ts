@@ -17,6 +17,7 @@ import {
   minimumPgRestoreMajor,
   parseArchiveHeader,
   archiveExtensions,
+  tablespaceReader,
   tablespaceSetBy,
   archiveDatabaseOptions,
   databasePropertyStatements,
@@ -778,7 +779,7 @@ describe('secrets', () => {
       for (const [word, masked] of [
         [secret, "'****'"],
         [`${secret}.dump`, "'****.dump'"],
-      ]) {
+      ] as const) {
         assert.equal(maskSecrets(`createdb -U ${shellWord(word)}`, [secret]), `createdb -U ${masked}`, secret);
       }
     }
@@ -1446,6 +1447,36 @@ describe('restore helpers', () => {
     assert.equal(tablespaceSetBy('SET default_tablespace = "My ""TS""";'), 'My "TS"');
     assert.equal(tablespaceSetBy('SET default_table_access_method = heap;'), undefined);
     assert.equal(tablespaceSetBy('CREATE TABLE a (x int);'), undefined);
+  });
+
+  test("tablespaceReader: an entry's tablespace once its header confirms the SET, never a SET inside a body", () => {
+    const read = tablespaceReader();
+    const script = [
+      'SET default_tablespace = "my ts";',
+      '',
+      'SET default_table_access_method = heap;',
+      '',
+      '--',
+      '-- Name: a; Type: TABLE; Schema: public; Owner: postgres; Tablespace: my ts',
+      '--',
+      'CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$',
+      'SET default_tablespace = nowhere;',
+      '',
+      '--',
+      'END $$;',
+      "SET default_tablespace = '';",
+      '',
+      '--',
+      '-- Name: b; Type: TABLE; Schema: public; Owner: postgres',
+      'SET default_tablespace = fast;',
+      '',
+      '--',
+      '-- Data for Name: c; Type: TABLE DATA; Schema: public; Owner: postgres; Tablespace: fast',
+    ];
+    assert.deepEqual(
+      script.map(read).filter((found) => found !== undefined),
+      ['my ts', 'fast'],
+    );
   });
 
   test("archiveDatabaseOptions reads pg_dump's CREATE DATABASE options from the end of its line, never from the name", () => {
