@@ -2950,13 +2950,15 @@ async function stopStalledSessions(
 ): Promise<void> {
   let stopped = false;
   try {
+    // Each query answers within the connect timeout: a server that froze meanwhile must not hold the watchdog.
     const stopSessions = async (client: pg.Client) => {
-      const { rows } = await client.query<SessionWait>(SESSION_WAITS_SQL, [APPLICATION_NAME, PG_DUMP_APPLICATION_NAME]);
+      const { rows } = await answeredWithin(client, connectTimeoutSeconds, () =>
+        client.query<SessionWait>(SESSION_WAITS_SQL, [APPLICATION_NAME, PG_DUMP_APPLICATION_NAME]),
+      );
       onStall(stallError(rows, timeoutMs, undefined, step));
       stopped = true;
-      await client.query('SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid', [
-        rows.map((row) => row.pid),
-      ]);
+      const cancel = 'SELECT pg_catalog.pg_cancel_backend(pid) FROM unnest($1::int[]) AS pid';
+      await answeredWithin(client, connectTimeoutSeconds, () => client.query(cancel, [rows.map((row) => row.pid)]));
     };
     await withClient(config, connectTimeoutSeconds, stopSessions, { signal });
   } catch (error) {

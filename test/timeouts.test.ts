@@ -7,14 +7,14 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, before, describe, test, type TestContext } from 'node:test';
 import { execa } from 'execa';
 import type pg from 'pg';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
-import { startProxy } from './helpers/proxy.ts';
+import { startProxy, type FreezableProxy } from './helpers/proxy.ts';
 import { holdTableLock, waitFor, waitForCountsDoneAndDumpStarted, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
@@ -127,42 +127,59 @@ describe('client tools that never answer', () => {
   );
 });
 
+/**
+ * A backup through a freezable proxy whose pg_dump writes nothing until stopped: the dump runs, the counts are
+ * done, and the stall watchdog (1 s) must end it, however the server stops answering (`freeze`).
+ */
+async function stalledBackup(t: TestContext, freeze: (proxy: FreezableProxy) => Promise<void>) {
+  const proxy = await startProxy(server);
+  const clients = await clientDirHolding('pg_dump', '--snapshot');
+  const observer = await server.connect('slow_app');
+  const vars = { ...dbVars(server, 'DEV_DB_', 'slow_app'), DEV_DB_HOST: proxy.host, DEV_DB_PORT: String(proxy.port) };
+  const configDir = await tempDir();
+  const outputDir = path.join(configDir, 'out');
+  await writeEnvFile(configDir, '.env', vars);
+  const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
+  const cli = startCli({ args: [...args, '--stall-timeout', '1s', '--connect-timeout', '2'] });
+  let ended = false;
+  void cli.finally(() => (ended = true));
+  try {
+    await waitForCountsDoneAndDumpStarted(observer, clients.started);
+    await freeze(proxy);
+    const ms = await within('the backup to end while the server does not answer', 30_000, async () => ended);
+    t.diagnostic(`ended ${(ms / 1000).toFixed(1)} s after the server froze (stall 1 s, connect timeout 2 s)`);
+    const result = await cli;
+    assert.equal(result.exitCode, 7, String(result.stderr));
+    assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
+    assert.deepEqual(await fs.readdir(outputDir), [], 'no partial, no lock file');
+    return String(result.stderr);
+  } finally {
+    if (!ended) cli.kill('SIGKILL');
+    await cli;
+    await proxy.close();
+    await observer.end();
+  }
+}
+
 describe('a server that stops answering mid-dump', () => {
   test(
     'the watchdog stops the backup and it ends (exit 7, nothing left) while the server is still frozen',
     { timeout: 60_000 },
     async (t) => {
-      const proxy = await startProxy(server);
-      // A pg_dump that writes nothing until it is stopped: the dump runs, the counts are done.
-      const clients = await clientDirHolding('pg_dump', '--snapshot');
-      const observer = await server.connect('slow_app');
-      const vars = {
-        ...dbVars(server, 'DEV_DB_', 'slow_app'),
-        DEV_DB_HOST: proxy.host,
-        DEV_DB_PORT: String(proxy.port),
-      };
-      const configDir = await tempDir();
-      const outputDir = path.join(configDir, 'out');
-      await writeEnvFile(configDir, '.env', vars);
-      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--pg-bin-dir', clients.dir];
-      const cli = startCli({ args: [...args, '--stall-timeout', '1s', '--connect-timeout', '2'] });
-      let ended = false;
-      void cli.finally(() => (ended = true));
-      try {
-        await waitForCountsDoneAndDumpStarted(observer, clients.started);
-        proxy.freeze();
-        const ms = await within('the backup to end while the server does not answer', 30_000, async () => ended);
-        t.diagnostic(`ended ${(ms / 1000).toFixed(1)} s after the server froze (stall 1 s, connect timeout 2 s)`);
-        const result = await cli;
-        assert.equal(result.exitCode, 7, String(result.stderr));
-        assert.match(String(result.stderr), /^✗ Backup failed: The backup stalled$/m);
-        assert.deepEqual(await fs.readdir(outputDir), [], 'no partial, no lock file');
-      } finally {
-        if (!ended) cli.kill('SIGKILL');
-        await cli;
-        await proxy.close();
-        await observer.end();
-      }
+      await stalledBackup(t, async (proxy) => proxy.freeze());
+    },
+  );
+
+  test(
+    'frozen once the watchdog asks what the dump waits on: it still stops the backup (exit 7, nothing left)',
+    { timeout: 60_000 },
+    async (t) => {
+      const stderr = await stalledBackup(t, async (proxy) => {
+        // Logged in, its query is the first thing the server does not answer.
+        proxy.freezeOn('pg_blocking_pids');
+        await waitFor('the watchdog to ask', async () => (proxy.frozen ? true : undefined));
+      });
+      assert.match(stderr, /what its sessions wait on could not be read/);
     },
   );
 });
