@@ -1774,6 +1774,10 @@ async function openClient(
     // Asked only if the server wants a password. Without a configured one, behave like libpq.
     password: config.password ?? (() => passwordFromLibpqSources(config)),
     application_name: APPLICATION_NAME,
+    // At login, before our first query: a statement_timeout of 1 ms would cancel even SESSION_SETUP_SQL.
+    options: [process.env.PGOPTIONS, '-c statement_timeout=0 -c idle_in_transaction_session_timeout=0']
+      .filter(Boolean)
+      .join(' '),
     // Sessions idle for long (a restore's admin, a dump's snapshot) must not be cut by a NAT or firewall.
     keepAlive: true,
     ssl,
@@ -1790,7 +1794,7 @@ async function openClient(
         // As pg_dump does: names in our queries resolve to built-ins only, or a function a database's
         // users created (a public.format(text, text) matches better than the variadic built-in) runs
         // with our role, a superuser maybe. Set after connecting, it overrides ALTER ROLE/DATABASE SET.
-        await client.query("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
+        await client.query(SESSION_SETUP_SQL);
       }),
     );
     return client;
@@ -1799,6 +1803,17 @@ async function openClient(
     throw error;
   }
 }
+
+/**
+ * A session of ours as pg_dump and pg_restore make theirs. Timeouts an application sets for its role or
+ * database (statement_timeout = 30s, idle_in_transaction_session_timeout = 1min) would cancel a count
+ * or end the snapshot held while pg_dump runs: off (the first two at login, as every server since 9.6
+ * has them; the newer ones here, where this server has them).
+ */
+const SESSION_SETUP_SQL = `
+  SELECT pg_catalog.set_config(name, CASE name WHEN 'search_path' THEN 'pg_catalog, pg_temp' ELSE '0' END, false)
+    FROM pg_catalog.pg_settings
+   WHERE name IN ('search_path', 'idle_session_timeout', 'transaction_timeout')`;
 
 /** `work` on `client`, whose socket is cut unless it is done within `seconds`: a frozen server fails it. */
 async function answeredWithin<T>(client: pg.Client, seconds: number, work: () => Promise<T>): Promise<T> {
@@ -6236,10 +6251,9 @@ async function restorePipeline(
       // Until the target is touched, an interrupt cuts the connection: a check stuck on a frozen server
       // or a lock ends at once. From the create or drop on, the connection is needed to clean up.
       const { server, state, like } = await untilAborted(admin, signal, async () => {
+        // This session waits, idle, for the whole restore, then drops what it created: its idle_session_timeout
+        // is off, as every session's of ours is (SESSION_SETUP_SQL).
         const server = await readServerInfo(admin);
-        // This session waits, idle, for the whole restore, then drops what it created: a role's
-        // idle_session_timeout (PostgreSQL 14+) must not end it first.
-        if (server.major >= 14) await admin.query("SELECT pg_catalog.set_config('idle_session_timeout', '0', false)");
         if (!drill) {
           await assertProdRestoreAllowed(vars, admin, config, { ...request, target, signal });
           await claimRestoreTarget(admin, config, target);

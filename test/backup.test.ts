@@ -180,6 +180,41 @@ async function drillOf(database: string, dumpPath: string) {
   return runCli({ args: ['--verify', dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir] });
 }
 
+describe("the database's or role's timeouts (set for the application) do not apply to the tool's sessions", () => {
+  test('statement and idle-in-transaction timeouts of 1 ms: backed up, drilled, and restored identical', async () => {
+    const database = uniqueName('timeouts');
+    await server.createDatabase(
+      database,
+      `${FIXTURE_SQL}; CREATE TABLE big AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) g`,
+    );
+    // As pg_dump and pg_restore do for theirs: the tool's own sessions (the snapshot held while pg_dump
+    // runs, the counts, a drill's reconciliation) turn these off, or every backup of this database fails.
+    const timeouts = ["statement_timeout = '1ms'", "idle_in_transaction_session_timeout = '1ms'"];
+    const admin = await server.connect('postgres');
+    try {
+      for (const setting of [...timeouts, "idle_session_timeout = '200ms'"])
+        await admin.query(`ALTER DATABASE ${database} SET ${setting}`);
+    } finally {
+      await admin.end();
+    }
+    const run = await takeBackup(server, database, path.join(await tempDir(), 'backups'));
+    assert.equal((run.metadata.table_counts as Record<string, number>).big, 200000);
+    const drill = await drillOf(database, run.dumpPath);
+    assert.equal(drill.exitCode, 0, drill.stderr);
+    assert.match(drill.stdout, /^big +200000 +200000 {2}✓$/m);
+    const restored = await restoreInto(run.dumpPath);
+    const source = await server.connect(database);
+    try {
+      await source.query(
+        'SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET idle_session_timeout = 0',
+      );
+      await assertSameContent(source, restored);
+    } finally {
+      await Promise.all([source.end(), restored.end()]);
+    }
+  });
+});
+
 describe('counts describe exactly what is in the file', () => {
   test('public "coll.t" and coll.t get a key each, tables named "__proto__" and "constructor" keep theirs, and verify, restore and the drill check them', async () => {
     const database = uniqueName('keys');
