@@ -5954,6 +5954,7 @@ async function runPgRestore(
   const skippedSettings = newerClient && result.exitCode === 1 ? unknownSettingsOnly(stderr) : undefined;
   if (skippedSettings) return { jobs, settings, skippedSettings };
   const memory = /memory required is (\d+) MB, maintenance_work_mem is (\d+) MB/.exec(stderr);
+  const role = /ERROR: {2}role "((?:[^"\n]|"")+)" does not exist/.exec(stderr)?.[1];
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     'pg_restore failed',
@@ -5966,6 +5967,10 @@ async function runPgRestore(
               `${memory ? `${Math.ceil((Number(memory[1]) * 1.5) / 64) * 64}MB` : 'larger'} (per job), or fewer ` +
               `--jobs`,
           ]
+        : []),
+      // A policy or a SET ROLE names a role: roles are kept apart from backups (--no-owner --no-acl).
+      ...(role
+        ? [`Roles are not in the backup (README): create it on the target first: CREATE ROLE ${quoteIdentifier(role)};`]
         : []),
       newerClient
         ? `pg_restore ${pgRestore.version} is newer than the server (PostgreSQL ${server.version}): loading into an ` +

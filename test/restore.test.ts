@@ -889,6 +889,23 @@ describe("the backup's own database: its encoding and locale, its settings and c
     assert.ok(!(await databases()).includes(target), 'no target created');
   });
 
+  test('a policy naming a role the target server lacks: exit 7, and the hint says roles are not in the backup', async () => {
+    const role = uniqueName('rs_reader');
+    await withDatabase('postgres', (c) => c.query(`CREATE ROLE ${role}`));
+    const { source, backup: taken } = await backupOfDatabase('rs_roles', '', [
+      'CREATE TABLE t (v int)',
+      `CREATE POLICY readers ON t TO ${role} USING (true)`,
+    ]);
+    await withDatabase('postgres', async (c) => {
+      await c.query(`DROP DATABASE ${source}`);
+      await c.query(`DROP ROLE ${role}`);
+    });
+    const restored = await restore(taken.dumpPath, uniqueName('rs_roles_new'));
+    assert.equal(restored.exitCode, 7, restored.stderr);
+    assert.match(restored.stderr, new RegExp(`role "${role}" does not exist`));
+    assert.match(restored.stderr, new RegExp(`Roles are not in the backup .*: CREATE ROLE "${role}";`));
+  });
+
   test('a function whose body sets default_tablespace needs no such tablespace: it restores', async () => {
     const { backup: taken } = await backupOfDatabase('rs_tsbody', '', [
       // pg_dump prints the body as written: these lines stand alone in pg_restore's script, as a real entry's would.
