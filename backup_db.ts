@@ -6731,20 +6731,59 @@ async function recordRun(
 
 /**
  * Append to a file that must be a regular one, created if missing: non-blocking, so that a FIFO
- * under its name cannot hold the run up. A FIFO, socket or device throws ENOTREG.
+ * under its name cannot hold the run up. A FIFO, socket or device throws ENOTREG. A line is whole or
+ * absent: it starts on a line of its own after another run's unfinished one, and a write cut short
+ * (the disk full, the file at its size limit) is taken back and thrown, never left for the next line to join.
  */
 async function appendToRegularFile(file: string, text: string, mode: number): Promise<void> {
-  const { O_WRONLY, O_APPEND, O_CREAT, O_NONBLOCK } = fs.constants;
-  const handle = await fs.open(file, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK, mode).catch((error: unknown) => {
-    // A FIFO nobody reads, or a socket, cannot be opened to write at all.
-    throw errnoCode(error) === 'ENXIO' ? notRegularFile() : error;
-  });
+  const { handle, readable } = await openToAppend(file, mode);
   try {
-    if (!(await handle.stat()).isFile()) throw notRegularFile();
-    await handle.write(text);
+    const stat = await handle.stat();
+    if (!stat.isFile()) throw notRegularFile();
+    const startsMidLine = readable && (await endsMidLine(handle, stat.size));
+    const bytes = Buffer.from(startsMidLine ? `\n${text}` : text);
+    const { bytesWritten } = await handle.write(bytes);
+    if (bytesWritten < bytes.length) await takeBackShortWrite(handle, stat.size, bytesWritten, bytes.length);
   } finally {
     await handle.close();
   }
+}
+
+/** Opened to append, and to read its last byte where we may: a log may be one we can append to but not read. */
+async function openToAppend(file: string, mode: number): Promise<{ handle: fs.FileHandle; readable: boolean }> {
+  const { O_RDWR, O_WRONLY, O_APPEND, O_CREAT, O_NONBLOCK } = fs.constants;
+  const open = (access: number) =>
+    fs.open(file, access | O_APPEND | O_CREAT | O_NONBLOCK, mode).catch((error: unknown) => {
+      // A FIFO nobody reads, or a socket, cannot be opened to write at all.
+      throw errnoCode(error) === 'ENXIO' ? notRegularFile() : error;
+    });
+  try {
+    return { handle: await open(O_RDWR), readable: true };
+  } catch (error) {
+    if (errnoCode(error) !== 'EACCES') throw error;
+    return { handle: await open(O_WRONLY), readable: false };
+  }
+}
+
+/** Whether the byte before `size` is not a newline: another run's line left unfinished (its write cut short). */
+async function endsMidLine(handle: fs.FileHandle, size: number): Promise<boolean> {
+  if (size === 0) return false;
+  const { buffer, bytesRead } = await handle.read(Buffer.alloc(1), 0, 1, size - 1);
+  return bytesRead === 1 && buffer[0] !== 0x0a;
+}
+
+/**
+ * A short write left part of our line at the end: remove it (ftruncate back to where it started) while the
+ * file is still as our write left it. Once another run has appended after it, truncating would cut that run's
+ * line too, so ours stays. Either way the write failed.
+ */
+async function takeBackShortWrite(handle: fs.FileHandle, start: number, written: number, length: number) {
+  const ours = (await handle.stat()).size === start + written;
+  if (ours) await handle.truncate(start);
+  const partial = ours ? 'the partial line was removed' : 'the partial line stays: another run has written after it';
+  throw new Error(
+    `only ${written} of ${length} bytes were written (the disk is full, or the file at its size limit); ${partial}`,
+  );
 }
 
 /** The paths the settings name must be the ones meant (see misreadPath): exit 2 before anything is written. */

@@ -13,7 +13,10 @@ import { execa } from 'execa';
 import { dbVars, runCli, startCli, tempDir, writeEnvFile } from './helpers/cli.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { alive, within } from './helpers/processes.ts';
+import { skipUnless, unmet } from './helpers/requirements.ts';
 import { waitFor } from './helpers/wait.ts';
+
+const [noPrlimit, noSetpriv] = await Promise.all([unmet('prlimit'), unmet('setpriv')]);
 
 let server: TestServer;
 before(async () => {
@@ -161,6 +164,58 @@ describe('--log-file', () => {
       assert.match(result.stderr, /⚠ Could not write the log file .*: not a regular file/);
     },
   );
+
+  test(
+    'a log write cut short (EFBIG) leaves no torn line: the fragment taken back, a warning, the exit code kept',
+    skipUnless(noPrlimit),
+    async () => {
+      const s = await setup();
+      // 1 MiB already logged: the CLI's other files (the tsx cache, the small backup) stay under the limit.
+      const logged = `${'x'.repeat(1024 * 1024 - 1)}\n`;
+      await fs.mkdir(path.dirname(s.logFile), { recursive: true });
+      await fs.writeFile(s.logFile, logged, { mode: 0o600 });
+      const limit = Buffer.byteLength(logged) + 40;
+      const result = await runCli({
+        args: [...s.base, '--log-file', s.logFile],
+        wrapper: ['prlimit', `--fsize=${limit}`, '--'],
+      });
+      assert.equal(result.exitCode, 0, result.stderr);
+      assert.match(
+        result.stderr,
+        /^⚠ Could not write the log file .*backup\.log: only 40 of \d+ bytes .*; the partial line was removed$/m,
+      );
+      assert.equal(await fs.readFile(s.logFile, 'utf8'), logged, 'the 40 bytes written are taken back');
+      const next = await runCli({ args: [...s.base, '--list', '--log-file', s.logFile] });
+      assert.equal(next.exitCode, 0, next.stderr);
+      const [, line] = (await fs.readFile(s.logFile, 'utf8')).trimEnd().split('\n');
+      assert.equal(JSON.parse(line!).command, 'list');
+    },
+  );
+
+  test('a line is never glued onto a fragment another run left: it starts on a line of its own', async () => {
+    const s = await setup();
+    const fragment = '{"time":"2025-01-27T02:00:00.114Z","host":"vm';
+    await fs.mkdir(path.dirname(s.logFile), { recursive: true });
+    await fs.writeFile(s.logFile, fragment, { mode: 0o600 });
+    const result = await runCli({ args: [...s.base, '--list', '--log-file', s.logFile] });
+    assert.equal(result.exitCode, 0, result.stderr);
+    const [first, second, ...more] = (await fs.readFile(s.logFile, 'utf8')).split('\n');
+    assert.equal(first, fragment);
+    assert.equal(JSON.parse(second!).command, 'list');
+    assert.deepEqual(more, [''], 'one whole line, ended by its newline');
+  });
+
+  test('a log the run may append to but not read still gets its line', skipUnless(noSetpriv), async () => {
+    const s = await setup();
+    await fs.mkdir(path.dirname(s.logFile), { recursive: true });
+    await fs.writeFile(s.logFile, '', { mode: 0o200 });
+    const args = [...s.base, '--list', '--log-file', s.logFile];
+    const result = await runCli({ args, withoutRootOverride: true });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(result.stderr, '');
+    await fs.chmod(s.logFile, 0o600);
+    assert.equal((await readLog(s.logFile))[0].command, 'list');
+  });
 
   test('BACKUP_LOG_FILE from .env works like --log-file', async () => {
     const s = await setup();
