@@ -169,6 +169,28 @@ describe('--ping-url (heartbeat)', () => {
     );
   });
 
+  test('a ping host whose DNS never answers: warned, and the process ends with the run, not with the lookup', async () => {
+    const s = await setup();
+    // Aborting fetch does not cancel getaddrinfo: the lookup would hold a finished run for the resolver's timeout.
+    const cli = startCli({
+      args: [...s.base, '--ping-url', 'http://ping.hangs.test/p/x'],
+      hangingDns: 'ping.hangs.test',
+    });
+    let ended = false;
+    void cli.finally(() => (ended = true));
+    try {
+      // The start and the success ping give up after 5 s each.
+      await within('the run to end', 30_000, async () => ended);
+      const result = await cli;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(String(result.stdout), /✓ Backup created successfully/);
+      assert.equal(String(result.stderr).match(/Heartbeat ping failed: no answer within 5 s/g)?.length, 1);
+    } finally {
+      if (!ended) cli.kill('SIGKILL');
+      await cli;
+    }
+  });
+
   test('a ping that fails from the start is in the log too, once', async () => {
     const s = await setup();
     const url = `http://127.0.0.1:${await freePort()}/ping/0d4c-secret-uuid`;

@@ -60,6 +60,8 @@ export interface CliRun {
   wallClock?: WallClock;
   /** Hold the CLI's first rename onto a name ending with `target` (see rename-gate.ts). */
   renameGate?: RenameGate;
+  /** A host name whose lookups never answer (see hanging-dns.ts). */
+  hangingDns?: string;
 }
 
 /** The CLI reached the rename when `reached` exists; it goes on once `open` exists. */
@@ -79,6 +81,7 @@ export interface WallClock {
 /** The module node preloads (`--import`) into a CLI whose wall clock a test controls. */
 export const WALL_CLOCK_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'wall-clock.ts');
 const RENAME_GATE_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'rename-gate.ts');
+const HANGING_DNS_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'hanging-dns.ts');
 
 export function wallClockEnv({ when, stepMs = 0, rate = 1 }: WallClock): Record<string, string> {
   return { WALL_CLOCK_WHEN: when, WALL_CLOCK_STEP_MS: String(stepMs), WALL_CLOCK_RATE: String(rate) };
@@ -99,10 +102,13 @@ export function startCli({
   viaNpx = false,
   wallClock,
   renameGate,
+  hangingDns,
 }: CliRun): ResultPromise<Options & { reject: false }> {
-  const preload = [...(wallClock ? [WALL_CLOCK_MODULE] : []), ...(renameGate ? [RENAME_GATE_MODULE] : [])].flatMap(
-    (module) => ['--import', module],
-  );
+  const preload = [
+    ...(wallClock ? [WALL_CLOCK_MODULE] : []),
+    ...(renameGate ? [RENAME_GATE_MODULE] : []),
+    ...(hangingDns ? [HANGING_DNS_MODULE] : []),
+  ].flatMap((module) => ['--import', module]);
   const command = [
     ...wrapper,
     ...(viaNpx ? ['npx', 'tsx', SCRIPT] : [process.execPath, '--import', 'tsx', ...preload, SCRIPT]),
@@ -122,6 +128,7 @@ export function startCli({
             RENAME_GATE_OPEN: renameGate.open,
           }
         : {}),
+      ...(hangingDns ? { HANGING_DNS_HOST: hangingDns } : {}),
       ...env,
     },
     extendEnv: false,
