@@ -2262,6 +2262,12 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
       serverLog,
     ]);
   }
+  if (sqlstate === '42P01') {
+    return fail(EXIT.BACKUP_FAILED, 'A table was dropped while this run used it', [
+      'Another session dropped or renamed a table after this run listed it (a deployment, a migration)',
+      'Run it again once no DDL runs; schedule backups outside deployments',
+    ]);
+  }
   if (sqlstate === '40001' || sqlstate === '40P01') {
     return fail(EXIT.BACKUP_FAILED, 'A query lost a conflict with another session', [
       'Run it again; such conflicts are transient',

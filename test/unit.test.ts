@@ -975,6 +975,12 @@ describe("databaseFailure: every database error of every command to the contract
     ],
     ['the server disk full', pgError('53100', 'could not extend file'), EXIT.DISK_SPACE, /disk is full/],
     ['a deadlock', pgError('40P01', 'deadlock detected'), EXIT.BACKUP_FAILED, /conflict/],
+    [
+      'a listed table dropped before its lock (DDL at the start of a backup)',
+      pgError('42P01', 'relation "public.t12" does not exist'),
+      EXIT.BACKUP_FAILED,
+      /^A table was dropped while this run used it$/,
+    ],
     ['anything else', pgError('XX000', 'internal error'), EXIT.BACKUP_FAILED, /^A database query failed$/],
   ];
   for (const [what, error, exitCode, title] of cases) {
