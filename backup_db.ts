@@ -5384,11 +5384,12 @@ async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, targe
  * holding a logical replication subscription is refused by the server (55006): that is said by name.
  */
 async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
+  const drop = `DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`;
   const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
   const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
   if (!force) await admin.query(terminate, [name]);
   try {
-    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}${force ? ' WITH (FORCE)' : ''}`);
+    await (force ? dropForced(admin, drop) : admin.query(drop));
   } catch (error) {
     const { rows } =
       errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
@@ -5404,6 +5405,23 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
         'Or restore into a new database: --target-db <new name> (it is created)',
       ],
     );
+  }
+}
+
+/**
+ * `drop` WITH (FORCE). A role that is not a superuser may not end an autovacuum worker that way (it
+ * runs as no role: 42501), and autovacuum starts on its own in a freshly restored database. A plain
+ * DROP DATABASE ends autovacuum workers itself, waiting up to 5 s for them: tried then. A session of
+ * another role still stops it; the refusal to end that session is what is reported.
+ */
+async function dropForced(admin: pg.Client, drop: string): Promise<void> {
+  try {
+    await admin.query(`${drop} WITH (FORCE)`);
+  } catch (error) {
+    if (errnoCode(error) !== '42501') throw error;
+    await admin.query(drop).catch(() => {
+      throw error;
+    });
   }
 }
 

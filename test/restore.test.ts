@@ -129,16 +129,17 @@ async function tamperedLargeCopy(copy: { dumpPath: string; metadataPath: string 
  * A backup whose restore waits at a gate: a table whose CHECK reads a shared catalog, which
  * holdGate locks, so pg_restore's COPY waits on it, from whichever database, for as long as the
  * test needs. Dropping a database needs pg_shdescription too, creating or dropping one does not need
- * pg_replication_origin (there pg_restore waits as it connects to the new database).
+ * pg_replication_origin (there pg_restore waits as it connects to the new database). `moreSql`
+ * runs in its database after the gated table is made.
  */
-async function gatedBackupOf(catalog = 'pg_shdescription'): Promise<TakenBackup> {
+async function gatedBackupOf(catalog = 'pg_shdescription', moreSql = ''): Promise<TakenBackup> {
   const gated = uniqueName('rs_gated');
   await server.createDatabase(gated);
   await withDatabase(gated, (c) =>
     c.query(`
       CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN PERFORM count(*) FROM pg_catalog.${catalog}; RETURN true; END $$;
       CREATE TABLE gated (id int CHECK (gate()));
-      INSERT INTO gated VALUES (1);`),
+      INSERT INTO gated VALUES (1);${moreSql}`),
   );
   return takeBackup(server, gated, path.join(await tempDir(), 'b'));
 }
@@ -1829,6 +1830,50 @@ describe('--verify FILE --restore-test (the drill)', () => {
         await intruder?.end();
       }
       for (const name of await drillDatabases()) await server.dropDatabase(name);
+    },
+  );
+
+  test(
+    'autovacuum at work in the scratch database as a role that is not a superuser drops it: dropped all the same',
+    { timeout: 120_000 },
+    async () => {
+      // Restored with the table, these reloptions make autovacuum start on it at once and crawl through it.
+      const crawling =
+        'autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0, ' +
+        'autovacuum_vacuum_insert_threshold = 0, autovacuum_vacuum_insert_scale_factor = 0, ' +
+        'autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1';
+      // No index or constraint on it: pg_restore would create it after the data, cancelling autovacuum to do so.
+      const gatedBackup = await gatedBackupOf(
+        'pg_shdescription',
+        `CREATE TABLE crawled (id int) WITH (${crawling}); INSERT INTO crawled SELECT generate_series(1, 50000);`,
+      );
+      const asCreator = await configAs(uniqueName('rs_creator'), 'CREATEDB');
+      const naptime = (sql: string) =>
+        withDatabase('postgres', async (c) => {
+          await c.query(sql); // ALTER SYSTEM runs outside a transaction: a statement of its own
+          await c.query('SELECT pg_reload_conf()');
+        });
+      await naptime("ALTER SYSTEM SET autovacuum_naptime = '1s'");
+      try {
+        const drill = await drillHeldAtGate(gatedBackup, async () => {
+          // Its data restored, the table's autovacuum starts while pg_restore waits at the gate.
+          await waitFor('autovacuum to work in the scratch database', async () => {
+            const { rows } = await withDatabase('postgres', (c) =>
+              c.query(
+                "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' " +
+                  "AND datname LIKE 'backup_db_drill_%' AND query LIKE '%public.crawled%'",
+              ),
+            );
+            return rows.length > 0 ? true : undefined;
+          });
+        }, ['--config-dir', asCreator]);
+        assert.equal(drill.exitCode, 0, String(drill.stderr));
+        assert.match(String(drill.stdout), /; dropped\)$/m);
+        assert.deepEqual(await drillDatabases(), [], 'no copy of the data left behind');
+      } finally {
+        await naptime('ALTER SYSTEM RESET autovacuum_naptime');
+        for (const name of await drillDatabases()) await server.dropDatabase(name);
+      }
     },
   );
 });
