@@ -75,6 +75,14 @@ async function withDatabase<T>(
   }
 }
 
+/** Wait until the test server's pg_stat_activity has a session matching `where`. */
+async function waitForActivity(what: string, where: string): Promise<void> {
+  await waitFor(what, async () => {
+    const { rows } = await withDatabase('postgres', (c) => c.query(`SELECT 1 FROM pg_stat_activity WHERE ${where}`));
+    return rows.length > 0 ? true : undefined;
+  });
+}
+
 async function databases(on: TestServer = server): Promise<string[]> {
   return withDatabase(
     'postgres',
@@ -1703,15 +1711,11 @@ describe('--verify FILE --restore-test (the drill)', () => {
         gatedBackup,
         // The admin session has been idle since pg_restore started: held past the timeout, it would be gone.
         async () => {
-          await waitFor('the drill to be held past idle_session_timeout', async () => {
-            const { rows } = await withDatabase('postgres', (c) =>
-              c.query(
-                "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock' " +
-                  "AND clock_timestamp() - state_change > interval '2 seconds'",
-              ),
-            );
-            return rows.length > 0 ? true : undefined;
-          });
+          await waitForActivity(
+            'the drill to be held past idle_session_timeout',
+            "datname LIKE 'backup_db_drill_%' AND wait_event_type = 'Lock' " +
+              "AND clock_timestamp() - state_change > interval '2 seconds'",
+          );
         },
         ['--config-dir', asOp],
       );
@@ -1857,15 +1861,10 @@ describe('--verify FILE --restore-test (the drill)', () => {
       try {
         const drill = await drillHeldAtGate(gatedBackup, async () => {
           // Its data restored, the table's autovacuum starts while pg_restore waits at the gate.
-          await waitFor('autovacuum to work in the scratch database', async () => {
-            const { rows } = await withDatabase('postgres', (c) =>
-              c.query(
-                "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' " +
-                  "AND datname LIKE 'backup_db_drill_%' AND query LIKE '%public.crawled%'",
-              ),
-            );
-            return rows.length > 0 ? true : undefined;
-          });
+          await waitForActivity(
+            'autovacuum to work in the scratch database',
+            "backend_type = 'autovacuum worker' AND datname LIKE 'backup_db_drill_%' AND query LIKE '%public.crawled%'",
+          );
         }, ['--config-dir', asCreator]);
         assert.equal(drill.exitCode, 0, String(drill.stderr));
         assert.match(String(drill.stdout), /; dropped\)$/m);
