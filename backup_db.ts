@@ -8789,8 +8789,10 @@ if (isDirectRun) {
   // full disk. execa's exit hook re-raises signals nobody else listens to, which would kill us
   // mid-write instead: this listener keeps Node's behaviour.
   if (process.platform !== 'win32') process.on('SIGXFSZ', () => undefined);
-  // Exit once the run is recorded: what still runs is what it gave up on, e.g. the DNS lookup of a ping that timed
-  // out, which fetch cannot cancel and which would hold the process (and its exit code) for the resolver's timeout.
-  // Output is written synchronously to files, pipes and terminals on Linux: nothing is cut short.
-  process.exit(await main(process.argv));
+  // Exit once the run is recorded and its output flushed: what still runs is what it gave up on, e.g. the DNS
+  // lookup of a ping that timed out, which fetch cannot cancel and which would hold the process (and its exit
+  // code) for the resolver's timeout. A pipe whose reader is slow holds output back: flushed first, never cut.
+  const exitCode = await main(process.argv);
+  await Promise.all([process.stdout, process.stderr].map((out) => new Promise((done) => out.write('', done))));
+  process.exit(exitCode);
 }

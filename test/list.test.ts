@@ -10,8 +10,10 @@ import { execa } from 'execa';
 import {
   clientThatDeletes,
   dbVars,
+  ownConfigDir,
   PROJECT_DIR,
   runCli,
+  SCRIPT,
   takeBackup,
   tempDir,
   writeEnvFile,
@@ -429,6 +431,29 @@ describe('--list', () => {
     assert.match(checked.stderr, owner);
     assert.match(checked.stderr, /run the check as the user the backups run as/);
     assert.doesNotMatch(checked.stderr, /No backup found|chown/);
+  });
+
+  test('--list --json of hundreds of backups into a pipe whose reader is slow: the whole document, then the exit', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (let i = 0; i < 400; i++) {
+      const at = new Date(Date.UTC(2020, 0, 1, 0, i))
+        .toISOString()
+        .replace(/:/g, '-')
+        .replace(/\.\d+Z$/, 'Z');
+      await fs.writeFile(path.join(copy, `shop_dev_${at}.dump`), 'x');
+    }
+    const args = ['--list', '--json', '--output-dir', copy];
+    const whole = await runCli({ args });
+    assert.ok(whole.stdout.length > 65_536, 'more than a pipe holds');
+    // The reader takes its time (a pager, ssh, a loaded jq): what the pipe cannot hold yet waits in the CLI.
+    const piped = await execa(
+      'sh',
+      ['-c', '"$0" --import tsx "$@" | (sleep 1; cat)', process.execPath, SCRIPT, ...ownConfigDir([]), ...args],
+      { env: { PATH: process.env.PATH!, HOME: copy } },
+    );
+    assert.equal(piped.stdout, whole.stdout.trimEnd());
+    assert.equal(JSON.parse(piped.stdout).backups.length, 400);
   });
 
   test('a missing directory: a friendly message, exit 0', async () => {
