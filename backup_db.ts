@@ -1774,10 +1774,6 @@ async function openClient(
     // Asked only if the server wants a password. Without a configured one, behave like libpq.
     password: config.password ?? (() => passwordFromLibpqSources(config)),
     application_name: APPLICATION_NAME,
-    // At login, before our first query: a statement_timeout of 1 ms would cancel even SESSION_SETUP_SQL.
-    options: [process.env.PGOPTIONS, '-c statement_timeout=0 -c idle_in_transaction_session_timeout=0']
-      .filter(Boolean)
-      .join(' '),
     // Sessions idle for long (a restore's admin, a dump's snapshot) must not be cut by a NAT or firewall.
     keepAlive: true,
     ssl,
@@ -1807,10 +1803,11 @@ async function openClient(
 /**
  * A session of ours as pg_dump and pg_restore make theirs. Timeouts an application sets for its role or
  * database (statement_timeout = 30s, idle_in_transaction_session_timeout = 1min) would cancel a count
- * or end the snapshot held while pg_dump runs: off (the first two at login, as every server since 9.6
- * has them; the newer ones here, where this server has them).
+ * or end the snapshot held while pg_dump runs: off. The first SET ends the statement timeout for the
+ * statements after it; the newer timeouts where this server has them. Not as startup options: a pooler
+ * (PgBouncer) refuses those.
  */
-const SESSION_SETUP_SQL = `
+const SESSION_SETUP_SQL = `SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0;
   SELECT pg_catalog.set_config(name, CASE name WHEN 'search_path' THEN 'pg_catalog, pg_temp' ELSE '0' END, false)
     FROM pg_catalog.pg_settings
    WHERE name IN ('search_path', 'idle_session_timeout', 'transaction_timeout')`;

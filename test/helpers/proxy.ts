@@ -131,3 +131,68 @@ export async function startGatingProxy(target: { host: string; port: number }, t
     },
   };
 }
+
+/** What PgBouncer accepts in a startup packet by default; any other parameter is refused. */
+const POOLER_PARAMETERS = new Set([
+  'user',
+  'database',
+  'application_name',
+  'client_encoding',
+  'datestyle',
+  'timezone',
+  'standard_conforming_strings',
+]);
+const SSL_REQUEST = 80877103;
+const GSSENC_REQUEST = 80877104;
+
+/**
+ * A front to a test server that, like PgBouncer in its default configuration, refuses a startup packet
+ * carrying any other parameter (`unsupported startup parameter: options`), and answers a TLS or GSS
+ * request with 'N', as a pooler without TLS does. Past the startup packet, it passes bytes through.
+ */
+export async function startStrictPooler(target: { host: string; port: number }) {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    sockets.add(client);
+    let buffered = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      buffered = Buffer.concat([buffered, chunk]);
+      while (buffered.length >= 8 && [SSL_REQUEST, GSSENC_REQUEST].includes(buffered.readInt32BE(4))) {
+        buffered = buffered.subarray(8);
+        client.write('N');
+      }
+      if (buffered.length < 8 || buffered.length < buffered.readInt32BE(0)) return;
+      client.off('data', onData);
+      const fields = buffered.subarray(8, buffered.readInt32BE(0)).toString('utf8').split('\0');
+      const refused = fields
+        .filter((_, i) => i % 2 === 0)
+        .find((name) => name && !POOLER_PARAMETERS.has(name.toLowerCase()));
+      if (refused) return void client.end(fatalMessage(`unsupported startup parameter: ${refused}`));
+      const upstream = net.connect({ port: target.port, host: target.host });
+      sockets.add(upstream);
+      upstream.write(buffered);
+      client.pipe(upstream).on('error', () => client.destroy());
+      upstream.pipe(client).on('error', () => upstream.destroy());
+    };
+    client.on('data', onData);
+    client.on('error', () => undefined);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    host: '127.0.0.1',
+    port: (server.address() as net.AddressInfo).port,
+    async close() {
+      sockets.forEach((socket) => socket.destroy());
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+/** A FATAL ErrorResponse of the PostgreSQL protocol. */
+function fatalMessage(message: string): Buffer {
+  const body = Buffer.from(`SFATAL\0VFATAL\0C08P01\0M${message}\0\0`, 'utf8');
+  const header = Buffer.alloc(5);
+  header.write('E', 0);
+  header.writeInt32BE(body.length + 4, 1);
+  return Buffer.concat([header, body]);
+}
