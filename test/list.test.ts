@@ -431,6 +431,16 @@ describe('--list', () => {
     assert.match(checked.stderr, owner);
     assert.match(checked.stderr, /run the check as the user the backups run as/);
     assert.doesNotMatch(checked.stderr, /No backup found|chown/);
+
+    // One that, readable, would be too old all the same: not why the check fails, so stale it is (exit 8).
+    const old = path.join(await tempDir(), 'backups');
+    await fs.mkdir(old);
+    await fs.copyFile(dev1.dumpPath, path.join(old, 'list_dev_dev_2020-01-01T00-00-00Z.dump'));
+    await fs.copyFile(dev1.metadataPath, path.join(old, 'list_dev_dev_2020-01-01T00-00-00Z.metadata.json'));
+    await fs.chmod(path.join(old, 'list_dev_dev_2020-01-01T00-00-00Z.metadata.json'), 0o000);
+    const stale = await runCli({ args: ['--check', '--max-age', '1d', '--output-dir', old], ...asAgent });
+    assert.equal(stale.exitCode, 8, stale.stdout + stale.stderr);
+    assert.match(stale.stderr, /No backup found[^]*✗ Unreadable metadata/);
   });
 
   test('--list --json of hundreds of backups into a pipe whose reader is slow: the whole document, then the exit', async () => {
