@@ -5978,7 +5978,8 @@ async function runPgRestore(
   const skippedSettings = newerClient && result.exitCode === 1 ? unknownSettingsOnly(stderr) : undefined;
   if (skippedSettings) return { jobs, settings, skippedSettings };
   const memory = /memory required is (\d+) MB, maintenance_work_mem is (\d+) MB/.exec(stderr);
-  const role = /ERROR: {2}role "((?:[^"\n]|"")+)" does not exist/.exec(stderr)?.[1];
+  // The server quotes the name as it is, a quote in it undoubled: to the line's last `" does not exist`.
+  const role = /ERROR: {2}role "(.+)" does not exist$/m.exec(stderr)?.[1];
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     'pg_restore failed',
