@@ -6804,8 +6804,12 @@ async function endsMidLine(handle: fs.FileHandle, size: number): Promise<boolean
  */
 async function takeBackShortWrite(handle: fs.FileHandle, start: number, written: number, length: number) {
   const ours = (await handle.stat()).size === start + written;
-  if (ours) await handle.truncate(start);
-  const partial = ours ? 'the partial line was removed' : 'the partial line stays: another run has written after it';
+  // An append-only file (chattr +a) refuses the truncation: then the fragment stays, and the warning says so.
+  const removed = ours && (await handle.truncate(start).then(() => undefined, errorText));
+  const partial =
+    removed === undefined
+      ? 'the partial line was removed'
+      : `the partial line stays: ${removed === false ? 'another run has written after it' : removed}`;
   throw new Error(
     `only ${written} of ${length} bytes were written (the disk is full, or the file at its size limit); ${partial}`,
   );
