@@ -1807,6 +1807,32 @@ describe('--verify FILE --restore-test (the drill)', () => {
     },
   );
 
+  test('--clean of a target a superuser is connected to, as a role that may not end that session: exit 4 saying so', async () => {
+    const role = uniqueName('rs_cleaner');
+    const asOwner = await configAs(role, 'CREATEDB');
+    const target = uniqueName('rs_inuse');
+    await withDatabase('postgres', (c) => c.query(`CREATE DATABASE ${target} OWNER ${role}`));
+    const intruder = await server.connect(target);
+    try {
+      const { dumpPath } = await gatedBackupOf();
+      const args = ['--restore', dumpPath, '--target-db', target, '--clean', '--env', 'dev', '--config-dir', asOwner];
+      const result = await runCli({ args });
+      assert.equal(result.exitCode, 4, result.stderr);
+      assert.match(
+        result.stderr,
+        new RegExp(`^✗ Restore failed: "${target}" is in use by a session this role may not end$`, 'm'),
+      );
+      assert.match(result.stderr, /must be a superuser to terminate superuser process/);
+      assert.match(
+        result.stderr,
+        new RegExp(`pg_terminate_backend\\(pid\\) FROM pg_stat_activity WHERE datname = '${target}'`),
+      );
+      assert.ok((await databases()).includes(target), 'the target is still there');
+    } finally {
+      await intruder.end();
+    }
+  });
+
   test(
     'a scratch database that cannot be dropped (a superuser is connected to it): exit 7, and every channel says so',
     { timeout: 120_000 },
