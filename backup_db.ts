@@ -5391,7 +5391,9 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
   try {
     await (force ? dropForced(admin, drop) : admin.query(drop));
   } catch (error) {
-    if (force && sqlStateOf(error) === '42501') throw sessionsInTheWay(name, error);
+    // 42501 is also "must be owner of database": only a refused termination means a session is in the way.
+    if (force && sqlStateOf(error) === '42501' && /terminate/.test(errorText(error)))
+      throw sessionsInTheWay(name, error);
     const { rows } =
       errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
     if (!rows?.length) throw error;
@@ -5411,12 +5413,20 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
 
 /** A session in `name` that this role may not end (a superuser's, another role's): not a privilege to GRANT. */
 function sessionsInTheWay(name: string, error: unknown): BackupError {
-  const shown = visibleControls(name);
-  return new BackupError(EXIT.PERMISSION, `"${shown}" is in use by a session this role may not end`, errorText(error), [
-    `As a superuser, end it: SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ` +
-      `'${shown.replaceAll("'", "''")}';`,
-    'Or run this as a superuser, or as a member of pg_signal_backend',
-  ]);
+  const why = errorText(error);
+  return new BackupError(
+    EXIT.PERMISSION,
+    `"${visibleControls(name)}" is in use by a session this role may not end`,
+    why,
+    [
+      `As a superuser, end it: SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ` +
+        `'${name.replaceAll("'", "''")}';`,
+      // Only a superuser may end a superuser's session; pg_signal_backend ends any other role's.
+      /superuser process/.test(why)
+        ? 'Or run this as a superuser'
+        : 'Or run this as a superuser, or a member of pg_signal_backend',
+    ],
+  );
 }
 
 /**

@@ -1828,6 +1828,13 @@ describe('--verify FILE --restore-test (the drill)', () => {
         new RegExp(`pg_terminate_backend\\(pid\\) FROM pg_stat_activity WHERE datname = '${target}'`),
       );
       assert.ok((await databases()).includes(target), 'the target is still there');
+      // Not its database and nobody in it: 42501 too, but a matter of ownership, not of sessions.
+      const notMine = uniqueName('rs_notmine');
+      await server.createDatabase(notMine, 'CREATE TABLE x (a int)');
+      const refused = await runCli({ args: [...args.slice(0, 3), notMine, ...args.slice(4)] });
+      assert.equal(refused.exitCode, 4, refused.stderr);
+      assert.match(refused.stderr, /must be owner of database/);
+      assert.doesNotMatch(refused.stderr, /in use by a session|pg_terminate_backend/);
     } finally {
       await intruder.end();
     }
