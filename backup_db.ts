@@ -27,7 +27,8 @@
  *   Retention                              the policy, pure; pruning, guarded by the newest kept
  *   Freshness check                        --check --max-age
  *   Restore: the production guard          never restore over production by another spelling of it
- *   Restore: the target server             extensions, the target database (claim, create, drop)
+ *   Restore: the target server             extensions, the target database (claim, create), tablespaces
+ *   Restore: dropping a database           sessions in the way, subscriptions, clean-up after a failure
  *   Restore: the backup's own database     encoding and locale, then its settings and comment
  *   Restore: pg_restore                    session settings, errors
  *   Restore: the archive                   verified, and pinned so that pg_restore reads what was verified
@@ -5380,125 +5381,6 @@ async function assertMayCreateDatabase(admin: pg.Client, config: DbConfig, targe
 }
 
 /**
- * Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. One
- * holding a logical replication subscription is refused by the server (55006): that is said by name.
- */
-async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
-  const drop = `DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`;
-  const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
-  const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
-  if (!force) await admin.query(terminate, [name]);
-  try {
-    await (force ? dropForced(admin, drop) : admin.query(drop));
-  } catch (error) {
-    // 42501 is also "must be owner of database": only a refused termination means a session is in the way.
-    if (force && sqlStateOf(error) === '42501' && /terminate/.test(errorText(error)))
-      throw sessionsInTheWay(name, error);
-    const { rows } =
-      errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
-    if (!rows?.length) throw error;
-    const names = listSome(rows.map((row) => `"${row.name}"`));
-    throw new BackupError(
-      EXIT.CONFIG,
-      'The database holds a logical replication subscription',
-      `"${name}" cannot be dropped while it holds subscriptions (${names}): ${errorText(error)}; nothing was dropped`,
-      [
-        `In "${name}", for each: ALTER SUBSCRIPTION s DISABLE; ALTER SUBSCRIPTION s SET (slot_name = NONE); ` +
-          'DROP SUBSCRIPTION s; (its replication slot on the publisher is then yours to drop)',
-        'Or restore into a new database: --target-db <new name> (it is created)',
-      ],
-    );
-  }
-}
-
-/** A session in `name` that this role may not end (a superuser's, another role's): not a privilege to GRANT. */
-function sessionsInTheWay(name: string, error: unknown): BackupError {
-  const why = errorText(error);
-  return new BackupError(
-    EXIT.PERMISSION,
-    `"${visibleControls(name)}" is in use by a session this role may not end`,
-    why,
-    [
-      `As a superuser, end it: SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ` +
-        `'${name.replaceAll("'", "''")}';`,
-      // Only a superuser may end a superuser's session; pg_signal_backend ends any other role's.
-      /superuser process/.test(why)
-        ? 'Or run this as a superuser'
-        : 'Or run this as a superuser, or a member of pg_signal_backend',
-    ],
-  );
-}
-
-/**
- * `drop` WITH (FORCE). A role that is not a superuser may not end an autovacuum worker that way (it
- * runs as no role: 42501), and autovacuum starts on its own in a freshly restored database. A plain
- * DROP DATABASE ends autovacuum workers itself, waiting up to 5 s for them: tried then. A session of
- * another role still stops it; the refusal to end that session is what is reported.
- */
-async function dropForced(admin: pg.Client, drop: string): Promise<void> {
-  try {
-    await admin.query(`${drop} WITH (FORCE)`);
-  } catch (error) {
-    if (errnoCode(error) !== '42501') throw error;
-    await admin.query(drop).catch(() => {
-      throw error;
-    });
-  }
-}
-
-const SUBSCRIPTIONS_OF_SQL = `SELECT subname AS name FROM pg_catalog.pg_subscription
-  WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1) ORDER BY 1`;
-
-/**
- * Detach the subscriptions a restore created in `database`, as PostgreSQL prescribes before dropping
- * one whose slot is not its own: without slot_name = NONE, DROP SUBSCRIPTION would drop the slot of the
- * subscriber the backup was taken from on its publisher.
- */
-async function detachSubscriptions(config: DbConfig, database: string, connectTimeoutSeconds: number) {
-  await withClient({ ...config, database }, connectTimeoutSeconds, (client) =>
-    answeredWithin(client, connectTimeoutSeconds, async () => {
-      const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
-      for (const { name } of rows) {
-        const subscription = client.escapeIdentifier(name);
-        await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
-        await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
-        await client.query(`DROP SUBSCRIPTION ${subscription}`);
-      }
-    }),
-  );
-}
-
-/**
- * Drop a database this run created: on the admin session, else (a server timeout ended it, or the
- * restore left subscriptions) on a fresh one once its subscriptions are detached. Returns why it
- * could not be dropped, if it could not: a copy of the backup's data is then left on the server.
- */
-async function dropCreatedDatabase(
-  admin: pg.Client,
-  config: DbConfig,
-  name: string,
-  serverMajor: number,
-  connectTimeoutSeconds: number,
-): Promise<string | undefined> {
-  // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
-  const drop = (client: pg.Client) =>
-    answeredWithin(client, connectTimeoutSeconds, () => dropDatabase(client, name, serverMajor));
-  try {
-    await drop(admin);
-    return undefined;
-  } catch {
-    // Best effort: whatever still stops the drop, the drop says.
-    await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
-  }
-  try {
-    await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
-    return undefined;
-  } catch (error) {
-    return errorText(error);
-  }
-}
-
-/**
  * Every extension the archive creates must be installable on the target server, in a version no
  * older than the backup's, checked before anything is written. pg_dump writes CREATE EXTENSION
  * without a version, so the target creates its default version: an older one (a pgvector without
@@ -5636,6 +5518,127 @@ export function compareVersions(a: string, b: string): number {
     if (order !== 0) return Math.sign(order);
   }
   return 0;
+}
+
+// ─── Restore: dropping a database (sessions in the way, subscriptions, clean-up) ─────────
+
+/**
+ * Drop a database even while sessions (a pg_restore that was stopped, say) are still attached. One
+ * holding a logical replication subscription is refused by the server (55006): that is said by name.
+ */
+async function dropDatabase(admin: pg.Client, name: string, serverMajor: number): Promise<void> {
+  const drop = `DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)}`;
+  const force = serverMajor >= 13; // WITH (FORCE) is PostgreSQL 13+: before, the sessions are ended first
+  const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
+  if (!force) await admin.query(terminate, [name]);
+  try {
+    await (force ? dropForced(admin, drop) : admin.query(drop));
+  } catch (error) {
+    // 42501 is also "must be owner of database": only a refused termination means a session is in the way.
+    if (force && sqlStateOf(error) === '42501' && /terminate/.test(errorText(error)))
+      throw sessionsInTheWay(name, error);
+    const { rows } =
+      errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
+    if (!rows?.length) throw error;
+    const names = listSome(rows.map((row) => `"${row.name}"`));
+    throw new BackupError(
+      EXIT.CONFIG,
+      'The database holds a logical replication subscription',
+      `"${name}" cannot be dropped while it holds subscriptions (${names}): ${errorText(error)}; nothing was dropped`,
+      [
+        `In "${name}", for each: ALTER SUBSCRIPTION s DISABLE; ALTER SUBSCRIPTION s SET (slot_name = NONE); ` +
+          'DROP SUBSCRIPTION s; (its replication slot on the publisher is then yours to drop)',
+        'Or restore into a new database: --target-db <new name> (it is created)',
+      ],
+    );
+  }
+}
+
+/** A session in `name` that this role may not end (a superuser's, another role's): not a privilege to GRANT. */
+function sessionsInTheWay(name: string, error: unknown): BackupError {
+  const why = errorText(error);
+  return new BackupError(
+    EXIT.PERMISSION,
+    `"${visibleControls(name)}" is in use by a session this role may not end`,
+    why,
+    [
+      `As a superuser, end it: SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ` +
+        `'${name.replaceAll("'", "''")}';`,
+      // Only a superuser may end a superuser's session; pg_signal_backend ends any other role's.
+      /superuser process/.test(why)
+        ? 'Or run this as a superuser'
+        : 'Or run this as a superuser, or a member of pg_signal_backend',
+    ],
+  );
+}
+
+/**
+ * `drop` WITH (FORCE). A role that is not a superuser may not end an autovacuum worker that way (it
+ * runs as no role: 42501), and autovacuum starts on its own in a freshly restored database. A plain
+ * DROP DATABASE ends autovacuum workers itself, waiting up to 5 s for them: tried then. A session of
+ * another role still stops it; the refusal to end that session is what is reported.
+ */
+async function dropForced(admin: pg.Client, drop: string): Promise<void> {
+  try {
+    await admin.query(`${drop} WITH (FORCE)`);
+  } catch (error) {
+    if (errnoCode(error) !== '42501') throw error;
+    await admin.query(drop).catch(() => {
+      throw error;
+    });
+  }
+}
+
+const SUBSCRIPTIONS_OF_SQL = `SELECT subname AS name FROM pg_catalog.pg_subscription
+  WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1) ORDER BY 1`;
+
+/**
+ * Detach the subscriptions a restore created in `database`, as PostgreSQL prescribes before dropping
+ * one whose slot is not its own: without slot_name = NONE, DROP SUBSCRIPTION would drop the slot of the
+ * subscriber the backup was taken from on its publisher.
+ */
+async function detachSubscriptions(config: DbConfig, database: string, connectTimeoutSeconds: number) {
+  await withClient({ ...config, database }, connectTimeoutSeconds, (client) =>
+    answeredWithin(client, connectTimeoutSeconds, async () => {
+      const { rows } = await client.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [database]);
+      for (const { name } of rows) {
+        const subscription = client.escapeIdentifier(name);
+        await client.query(`ALTER SUBSCRIPTION ${subscription} DISABLE`);
+        await client.query(`ALTER SUBSCRIPTION ${subscription} SET (slot_name = NONE)`);
+        await client.query(`DROP SUBSCRIPTION ${subscription}`);
+      }
+    }),
+  );
+}
+
+/**
+ * Drop a database this run created: on the admin session, else (a server timeout ended it, or the
+ * restore left subscriptions) on a fresh one once its subscriptions are detached. Returns why it
+ * could not be dropped, if it could not: a copy of the backup's data is then left on the server.
+ */
+async function dropCreatedDatabase(
+  admin: pg.Client,
+  config: DbConfig,
+  name: string,
+  serverMajor: number,
+  connectTimeoutSeconds: number,
+): Promise<string | undefined> {
+  // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
+  const drop = (client: pg.Client) =>
+    answeredWithin(client, connectTimeoutSeconds, () => dropDatabase(client, name, serverMajor));
+  try {
+    await drop(admin);
+    return undefined;
+  } catch {
+    // Best effort: whatever still stops the drop, the drop says.
+    await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
+  }
+  try {
+    await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
+    return undefined;
+  } catch (error) {
+    return errorText(error);
+  }
 }
 
 // ─── Restore: the backup's own database (encoding, locale, settings, comment) ────────────
