@@ -4990,7 +4990,8 @@ async function runCheck(
   signal?: AbortSignal,
 ): Promise<Freshness> {
   const listing = await runList(outputDir, false, {}, signal);
-  const freshness = judgeFreshness(listing.backups, { database, environment, now: new Date() }, maxAgeMs);
+  const now = new Date();
+  const freshness = judgeFreshness(listing.backups, { database, environment, now }, maxAgeMs);
   const what = `${database} (${environment}) in ${displayPath(outputDir)}${path.sep}`;
   const data = freshnessDocument(freshness, outputDir, fullCheck);
   const hints = [
@@ -5003,7 +5004,7 @@ async function runCheck(
     new BackupError(EXIT.VERIFY_FAILED, title, visibleControls(details), hints, { data });
   // Not "no backup": this user cannot see them (metadata is always 0600), one of which, by its name's date, might
   // pass. The fix is who runs it. Ones that would be too old all the same are not why it fails.
-  const mightPass = (e: ListEntry) => !(Date.now() - Date.parse(e.timestamp ?? '') > maxAgeMs);
+  const mightPass = (e: ListEntry) => !(now.getTime() - Date.parse(e.timestamp ?? '') > maxAgeMs);
   const hidden = listing.backups.filter(
     (e) =>
       e.status === 'unreadable_metadata' && e.database === database && e.environment === environment && mightPass(e),
@@ -5532,13 +5533,10 @@ async function dropDatabase(admin: pg.Client, name: string, serverMajor: number)
   const terminate = 'SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = $1';
   if (!force) await admin.query(terminate, [name]);
   try {
-    await (force ? dropForced(admin, drop) : admin.query(drop));
+    await (force ? dropForced(admin, drop, name) : admin.query(drop));
   } catch (error) {
-    // 42501 is also "must be owner of database": only a refused termination means a session is in the way.
-    if (force && sqlStateOf(error) === '42501' && /terminate/.test(errorText(error)))
-      throw sessionsInTheWay(name, error);
     const { rows } =
-      errnoCode(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
+      sqlStateOf(error) === '55006' ? await admin.query<{ name: string }>(SUBSCRIPTIONS_OF_SQL, [name]) : {};
     if (!rows?.length) throw error;
     const names = listSome(rows.map((row) => `"${row.name}"`));
     throw new BackupError(
@@ -5573,18 +5571,19 @@ function sessionsInTheWay(name: string, error: unknown): BackupError {
 }
 
 /**
- * `drop` WITH (FORCE). A role that is not a superuser may not end an autovacuum worker that way (it
- * runs as no role: 42501), and autovacuum starts on its own in a freshly restored database. A plain
+ * `drop` (of `name`) WITH (FORCE). A role that is not a superuser may not end an autovacuum worker that way
+ * (it runs as no role: 42501), and autovacuum starts on its own in a freshly restored database. A plain
  * DROP DATABASE ends autovacuum workers itself, waiting up to 5 s for them: tried then. A session of
  * another role still stops it; the refusal to end that session is what is reported.
  */
-async function dropForced(admin: pg.Client, drop: string): Promise<void> {
+async function dropForced(admin: pg.Client, drop: string, name: string): Promise<void> {
   try {
     await admin.query(`${drop} WITH (FORCE)`);
   } catch (error) {
-    if (errnoCode(error) !== '42501') throw error;
+    if (sqlStateOf(error) !== '42501') throw error;
     await admin.query(drop).catch(() => {
-      throw error;
+      // 42501 is also "must be owner of database": only a refused termination means a session is in the way.
+      throw /terminate/.test(errorText(error)) ? sessionsInTheWay(name, error) : error;
     });
   }
 }
