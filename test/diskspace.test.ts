@@ -50,6 +50,21 @@ function assertDiskFull(result: { exitCode: number; stderr: string; stdout: stri
   assert.doesNotMatch(result.stderr, /\n\s+at .+:\d+:\d+/);
 }
 
+/**
+ * A backup into a directory holding one already, under a file-size limit (RLIMIT_FSIZE) of `bytes`: exit 5, and
+ * the directory exactly as it was. Its stderr, for what the tool said.
+ */
+async function backupOverFileSizeLimit(bytes: number, ...extra: string[]): Promise<string> {
+  const seeded = await directoryWithExistingBackup(server, 'space_small');
+  const result = await runCli({
+    args: [...backupArgs(seeded.outputDir), ...extra],
+    wrapper: ['prlimit', `--fsize=${bytes}`, '--'],
+  });
+  assertDiskFull(result);
+  assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
+  return result.stderr;
+}
+
 describe('disk space', () => {
   test(
     'preflight: clearly too little free space → exit 5 with the figures, before anything is written',
@@ -98,14 +113,8 @@ describe('disk space', () => {
     'RLIMIT_FSIZE (EFBIG) during the write, where no tmpfs can be mounted → exit 5, same guarantees',
     skipUnless(noPrlimit),
     async () => {
-      const seeded = await directoryWithExistingBackup(server, 'space_small');
-      const result = await runCli({
-        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir],
-        wrapper: ['prlimit', '--fsize=1000000', '--'],
-      });
-      assertDiskFull(result);
-      assert.match(result.stderr, /EFBIG/);
-      assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
+      const stderr = await backupOverFileSizeLimit(1_000_000);
+      assert.match(stderr, /EFBIG/);
     },
   );
 
@@ -113,14 +122,8 @@ describe('disk space', () => {
     'RLIMIT_FSIZE with --jobs: pg_dump writes the files itself and gets EFBIG too, not killed by SIGXFSZ → exit 5',
     skipUnless(noPrlimit),
     async () => {
-      const seeded = await directoryWithExistingBackup(server, 'space_small');
-      const result = await runCli({
-        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', seeded.outputDir, '--jobs', '2'],
-        wrapper: ['prlimit', '--fsize=200000', '--'],
-      });
-      assertDiskFull(result);
-      assert.match(result.stderr, /File too large/);
-      assert.deepEqual(await directoryFingerprint(seeded.outputDir), seeded.before);
+      const stderr = await backupOverFileSizeLimit(200_000, '--jobs', '2');
+      assert.match(stderr, /File too large/);
     },
   );
 

@@ -126,22 +126,23 @@ describe('--verify rejects damage to the dump', () => {
     assertRejected(result, /size mismatch, checksum mismatch/);
   });
 
-  test("header damaged → archive unreadable, with pg_restore's own message", async () => {
+  /** --verify of a copy whose archive header is overwritten. */
+  async function verifyDamagedHeader() {
     const copy = await copyOfBackup();
     const handle = await fs.open(copy.dumpPath, 'r+');
     await handle.write(Buffer.from('XXXXX'), 0, 5, 0);
     await handle.close();
-    const result = await verify(copy.dumpPath);
+    return verify(copy.dumpPath);
+  }
+
+  test("header damaged → archive unreadable, with pg_restore's own message", async () => {
+    const result = await verifyDamagedHeader();
     assertRejected(result, /archive unreadable/);
     assert.match(result.stderr, /pg_restore: error: /);
   });
 
   test('an unreadable archive is not also "table data missing": that check was not run', async () => {
-    const copy = await copyOfBackup();
-    const handle = await fs.open(copy.dumpPath, 'r+');
-    await handle.write(Buffer.from('XXXXX'), 0, 5, 0);
-    await handle.close();
-    const result = await verify(copy.dumpPath);
+    const result = await verifyDamagedHeader();
     assertRejected(result, /^✗ Backup verification failed: checksum mismatch, archive unreadable$/m);
     assert.doesNotMatch(result.stderr, /table data missing|holds no data for/);
     assert.match(result.stderr, /✗ Not checked: the archive cannot be read/);
