@@ -189,13 +189,7 @@ async function startTethered<const O extends Options>(
   }) as unknown as ResultPromise<O>;
   const pid = child.pid;
   if (pid === undefined) return { child }; // it could not start; the promise says why
-  const killGroup = (name: NodeJS.Signals) => {
-    try {
-      process.kill(-pid, name);
-    } catch {
-      // already gone
-    }
-  };
+  const killGroup = (name: NodeJS.Signals) => signalGroup(pid, name);
   const watcher = spawn(
     '/bin/sh',
     [
@@ -228,9 +222,28 @@ async function startTethered<const O extends Options>(
   return { child };
 }
 
+/** Signal the process group led by `pid`, if it is still there. */
+function signalGroup(pid: number, name: NodeJS.Signals): void {
+  try {
+    process.kill(-pid, name);
+  } catch {
+    // already gone
+  }
+}
+
 const liveWatchers = new Set<ChildProcess>();
 // A normal exit with a watcher still waiting would close its pipe too: stop the watchers first.
 process.on('exit', () => liveWatchers.forEach((watcher) => watcher.kill('SIGKILL')));
+
+/** `cache`'s promise for `key`, made by `make` when missing; a failure is forgotten, to be tried again. */
+function cachedUnlessFailed<K, V>(cache: Map<K, Promise<V>>, key: K, make: () => Promise<V>): Promise<V> {
+  const known = cache.get(key);
+  if (known) return known;
+  const made = make();
+  cache.set(key, made);
+  made.catch(() => cache.delete(key));
+  return made;
+}
 
 /** Cleanup on a failure path must never replace the failure being reported. */
 async function removeQuietly(filePath: string): Promise<void> {
@@ -244,6 +257,12 @@ async function removeQuietly(filePath: string): Promise<void> {
 function millisecondsSince(start: number): number {
   return Math.round(performance.now() - start);
 }
+
+/** Pure: an SQL identifier, quoted as the server quotes one. */
+export const quoteIdentifier = (name: string) => `"${name.replaceAll('"', '""')}"`;
+
+/** Pure: `\\xHH`, a byte (or a C0/C1 control's code) as an escape. */
+const hexByte = (byte: number) => `\\x${byte.toString(16).padStart(2, '0')}`;
 
 /** Pure: the first five of a list, and "..." when there are more. */
 function listSome(items: string[]): string {
@@ -794,14 +813,8 @@ function toolVersionIn(
   signal?: AbortSignal,
 ): Promise<PgTool | undefined> {
   const file = path.join(dir, command);
-  let probe = probedTools.get(file);
-  if (!probe) {
-    probe = probeToolVersion(file, command, signal);
-    probedTools.set(file, probe);
-    // Only answers are kept: an interrupted probe says nothing about the tool.
-    probe.catch(() => probedTools.delete(file));
-  }
-  return probe;
+  // Only answers are kept: an interrupted probe says nothing about the tool.
+  return cachedUnlessFailed(probedTools, file, () => probeToolVersion(file, command, signal));
 }
 
 /**
@@ -1084,11 +1097,8 @@ async function processInfo(pid: number): Promise<ProcessInfo | undefined> {
 function pidScope(): Promise<Pick<LockOwner, 'pid_namespace' | 'boot_id'>> {
   ownPidScope ??= Promise.all([
     fs.readlink('/proc/self/ns/pid').catch(() => null),
-    fs.readFile('/proc/sys/kernel/random/boot_id', 'utf8').then(
-      (id) => id.trim(),
-      () => null,
-    ),
-  ]).then(([pid_namespace, boot_id]) => ({ pid_namespace, boot_id }));
+    fs.readFile('/proc/sys/kernel/random/boot_id', 'utf8').catch(() => null),
+  ]).then(([pid_namespace, boot_id]) => ({ pid_namespace, boot_id: boot_id?.trim() ?? null }));
   return ownPidScope;
 }
 
@@ -1227,7 +1237,6 @@ export async function acquireBackupLock(
   }
 }
 
-/** Take the lock at `lockPath`; `busy` is the error when a live owner holds it. */
 /** This run as the owner of a lock (or of a restore's pinned copy): what lockOwnerAlive judges. */
 async function thisRunAsOwner(): Promise<LockOwner> {
   return {
@@ -1239,6 +1248,7 @@ async function thisRunAsOwner(): Promise<LockOwner> {
   };
 }
 
+/** Take the lock at `lockPath`; `busy` is the error when a live owner holds it. */
 async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => BackupError): Promise<BackupLock> {
   const dir = path.dirname(lockPath);
   const content = JSON.stringify(await thisRunAsOwner());
@@ -2373,8 +2383,6 @@ export function databaseFromFileNamePart(part: string): string {
   }
 }
 
-// Backup names, written and read in one place: `{database}_{env}_{YYYY-MM-DDTHH-MM-SSZ}.dump`.
-
 /** A regular expression source for a backup's stem; groups: name part, environment, day, hours, minutes, seconds. */
 function backupStemPattern(namePart = '.+', environment = 'dev|prod'): string {
   return String.raw`(${namePart})_(${environment})_(\d{4}-\d{2}-\d{2})T(\d{2})-(\d{2})-(\d{2})Z`;
@@ -2528,8 +2536,7 @@ const LIST_TABLES_SQL = `
  * "coll.t" is `"coll.t"` while coll.t is `coll.t`.
  */
 export function tableKey(schema: string, table: string): string {
-  const part = (name: string) =>
-    name.includes('.') || name.startsWith('"') ? `"${name.replaceAll('"', '""')}"` : name;
+  const part = (name: string) => (name.includes('.') || name.startsWith('"') ? quoteIdentifier(name) : name);
   return schema === 'public' ? part(table) : `${part(schema)}.${part(table)}`;
 }
 
@@ -2694,10 +2701,7 @@ const LOCK_CYCLE_GRACE_MS = 10_000;
  */
 async function refuseLockCycle(client: pg.Client, dumping: Promise<unknown>): Promise<void> {
   let ended = false;
-  const end = dumping.then(
-    () => (ended = true),
-    () => (ended = true),
-  );
+  const end = dumping.catch(() => undefined).then(() => (ended = true));
   let seen: { key: string; at: number } | undefined;
   while (!ended) {
     await client.query('SELECT pg_catalog.pg_stat_clear_snapshot()');
@@ -2872,7 +2876,7 @@ function parallelDumpError(details: string): BackupError | undefined {
 
 /**
  * Watch a backup from its connection on: if no byte is written to its file (`watchFile`; before that,
- * nothing counts) for `timeoutMs`, find out what its sessions wait on and hand `onStall` the error
+ * nothing counts) for `timeoutMs`, find out what its sessions wait on and abort `run` with that error
  * (exit 7). The most common failure of scheduled backups after not running at all is a dump that
  * hangs for hours behind a lock; a server that stops answering hangs its queries before the dump as
  * well. `progressed` says the backup moved on otherwise: the row counts can outlast a parallel pg_dump
@@ -2882,8 +2886,7 @@ function watchForStall(
   timeoutMs: number,
   config: DbConfig,
   connectTimeoutSeconds: number,
-  onStall: (error: BackupError) => void,
-  signal: AbortSignal,
+  run: AbortController,
 ): { stop(): void; progressed(): void; waitingFor(step: string): void; watchFile(partialPath: string): void } {
   let partialPath: string | undefined;
   let step: string | undefined;
@@ -2904,7 +2907,8 @@ function watchForStall(
       }
       if (done || millisecondsSince(since) < timeoutMs) return;
       stop();
-      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall, signal, step);
+      const onStall = (error: BackupError) => run.abort(error);
+      await stopStalledSessions(config, connectTimeoutSeconds, timeoutMs, onStall, run.signal, step);
     },
     Math.min(5000, Math.max(100, timeoutMs / 4)),
   );
@@ -3237,13 +3241,7 @@ async function snapshotBackup(
   // Armed from the connection on: a server that stops answering the queries before the dump stalls the run too.
   const watchdog =
     options.stallTimeoutMs > 0
-      ? watchForStall(
-          options.stallTimeoutMs,
-          config,
-          options.connectTimeoutSeconds,
-          (error) => run.abort(error),
-          run.signal,
-        )
+      ? watchForStall(options.stallTimeoutMs, config, options.connectTimeoutSeconds, run)
       : undefined;
   try {
     // A listener added after the abort never hears of it: an interrupt while connecting stops here.
@@ -3729,15 +3727,10 @@ async function readArchiveHeader(backupPath: string): Promise<ArchiveHeader | un
  */
 function restoreClientLookup(search: ClientSearch): (header: ArchiveHeader | undefined) => Promise<PgClient> {
   const found = new Map<number | undefined, Promise<PgClient>>();
-  return (header) => {
-    const needed = header ? minimumPgRestoreMajor(header) : undefined;
-    const known = found.get(needed);
-    if (known) return known;
-    const lookup = findRestoreClient(search, header);
-    found.set(needed, lookup);
-    lookup.catch(() => found.delete(needed));
-    return lookup;
-  };
+  return (header) =>
+    cachedUnlessFailed(found, header ? minimumPgRestoreMajor(header) : undefined, () =>
+      findRestoreClient(search, header),
+    );
 }
 
 /** The client whose pg_restore reads this archive; unknown archives get the default one. */
@@ -3778,9 +3771,7 @@ export function utf8FileName(raw: Buffer): string | undefined {
 
 /** Pure: a name that is not UTF-8, shown: bytes outside printable ASCII as \xHH, as bash's $'…' reads them. */
 export function bytesShown(raw: Buffer): string {
-  return [...raw]
-    .map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : `\\x${b.toString(16).padStart(2, '0')}`))
-    .join('');
+  return [...raw].map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : hexByte(b))).join('');
 }
 
 /**
@@ -4673,22 +4664,15 @@ export function selectRetention<T extends { time: Date; file: string }>(
   policy: RetentionPolicy,
   timeZone: string,
 ): Array<RetentionDecision<T>> {
-  const rules = RETENTION_RULES.map((name) => ({
-    name,
-    remaining: policy[name],
-    previous: undefined as string | undefined,
-    kept: 0,
-  }));
+  const rules = RETENTION_RULES.map((name) => ({ name, previous: undefined as string | undefined, kept: 0 }));
   return newestFirst(items).map((item, index) => {
     const { day, week, month } = calendarBuckets(item.time, timeZone);
     const buckets = { last: String(index), daily: day, weekly: week, monthly: month };
     const reasons = index === 0 ? ['newest backup'] : [];
     for (const rule of rules) {
-      if (rule.remaining <= 0) continue;
       const bucket = buckets[rule.name];
-      if (bucket === rule.previous) continue;
+      if (rule.kept >= policy[rule.name] || bucket === rule.previous) continue;
       rule.previous = bucket;
-      rule.remaining--;
       rule.kept++;
       reasons.push(rule.name === 'last' ? `last ${rule.kept}` : `${rule.name} ${bucket}`);
     }
@@ -5257,9 +5241,6 @@ export function extensionInstallHint(name: string, major: number): string {
     `postgresql-${major}-${name})`
   );
 }
-
-/** Pure: an SQL identifier, quoted as the server quotes one. */
-export const quoteIdentifier = (name: string) => `"${name.replaceAll('"', '""')}"`;
 
 /** Pure: a libpq conninfo naming only the database, quoted so that no name is read as settings. */
 export function dbnameConninfo(database: string): string {
@@ -6186,8 +6167,7 @@ async function countTablesIn(
     const { rows: forced } = await clients[0]!.query<{ name: string; oid: number }>(RLS_HIDDEN_SQL, [
       tables.flatMap((t) => t.data_oids),
     ]);
-    const weight = (t: UserTable) =>
-      Object.hasOwn(expected, tableKey(t.schema, t.table)) ? expected[tableKey(t.schema, t.table)]! : 0;
+    const weight = (t: UserTable) => ownEntry(expected, tableKey(t.schema, t.table)) ?? 0;
     const queue = [...tables].sort((a, b) => weight(b) - weight(a));
     const counted = new Map<UserTable, number>();
     await Promise.all(
@@ -6888,11 +6868,7 @@ async function runFailureCommand(
     child.stderr.on('data', (chunk: Buffer) => (stderr = Buffer.concat([stderr, chunk]).subarray(-HOOK_STDERR_KEPT)));
     const stopAll = (why: string) => {
       stoppedWhy ??= why;
-      try {
-        process.kill(-child.pid!, 'SIGKILL');
-      } catch {
-        // already gone
-      }
+      signalGroup(child.pid!, 'SIGKILL');
     };
     const timer = setTimeout(() => stopAll(`timed out after ${HOOK_TIMEOUT_MS / 1000} s`), HOOK_TIMEOUT_MS);
     const onInterrupt = () => stopAll(interruption(signal));
@@ -7095,7 +7071,7 @@ export function shellWord(value: string): string {
   if (!/[\x00-\x1f\x7f-\x9f]/.test(value)) return `'${value.replaceAll("'", "'\\''")}'`;
   // $'…' (bash, zsh, ksh), control characters (C1 too) as their UTF-8 bytes, \xHH: the hint then prints,
   // and pastes, as it reads.
-  const bytes = (c: string) => [...Buffer.from(c)].map((byte) => `\\x${byte.toString(16).padStart(2, '0')}`).join('');
+  const bytes = (c: string) => [...Buffer.from(c)].map(hexByte).join('');
   return `$'${value.replace(/[\\'\x00-\x1f\x7f-\x9f]/g, (c) => (c === '\\' || c === "'" ? `\\${c}` : bytes(c)))}'`;
 }
 
@@ -7822,10 +7798,7 @@ export function keptValues(document: unknown, secrets: readonly string[]): strin
  */
 export function visibleControls(line: string): string {
   const named: Record<string, string> = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
-  return line.replace(
-    /[\u0000-\u001f\u007f-\u009f]/g,
-    (char) => named[char] ?? `\\x${char.charCodeAt(0).toString(16).padStart(2, '0')}`,
-  );
+  return line.replace(/[\u0000-\u001f\u007f-\u009f]/g, (char) => named[char] ?? hexByte(char.charCodeAt(0)));
 }
 
 /** The first line of an error is its title, in red; a warning is yellow. */
