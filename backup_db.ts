@@ -51,7 +51,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
-import { BlockList, isIP } from 'node:net';
+import { BlockList, connect, isIP, type Socket } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Transform } from 'node:stream';
@@ -1745,19 +1745,57 @@ async function withClient<T>(
  * `work` on `client` until `signal` aborts, which cuts the connection, so that a connection attempt or
  * a query waiting on a lock stops at once, and throws the signal's reason: for a connection of its
  * own, used no further. Without a signal, just `work`.
+ * With `cancelWithin` (statements that create or drop databases), the abort asks the server to cancel
+ * the statement instead, and the connection, kept for the clean-up, is cut only if that many seconds
+ * pass without an answer (a frozen server): a cut alone stops nothing on the server, where a drop
+ * waiting on a lock or a barrier would go on, and be done after the run had said it stopped.
  */
-async function untilAborted<T>(client: pg.Client, signal: AbortSignal | undefined, work: () => Promise<T>): Promise<T> {
+async function untilAborted<T>(
+  client: pg.Client,
+  signal: AbortSignal | undefined,
+  work: () => Promise<T>,
+  cancelWithin?: number,
+): Promise<T> {
   if (!signal) return work();
   const cut = () => client.connection.stream.destroy();
-  signal.addEventListener('abort', cut, { once: true });
+  let deadline: NodeJS.Timeout | undefined;
+  const stop = () => {
+    if (cancelWithin === undefined) return cut();
+    void requestCancel(client, cancelWithin);
+    deadline = setTimeout(cut, cancelWithin * 1000);
+  };
+  signal.addEventListener('abort', stop, { once: true });
   try {
     signal.throwIfAborted();
     return await work();
   } catch (error) {
     throw signal.aborted ? signal.reason : error;
   } finally {
-    signal.removeEventListener('abort', cut);
+    signal.removeEventListener('abort', stop);
+    clearTimeout(deadline);
   }
+}
+
+/**
+ * Ask the server to cancel the statement `client`'s session runs, as libpq's PQcancel does: a CancelRequest
+ * (length 16, code 80877102, the session's process id and secret key) on a connection of its own to the same
+ * server, which answers by closing it. Best effort, given up after `seconds`.
+ */
+async function requestCancel(client: pg.Client, seconds: number): Promise<void> {
+  const { processID, secretKey, host, port } = client as pg.Client & { processID: number | null; secretKey: number };
+  if (processID === null) return;
+  const request = Buffer.alloc(16);
+  [16, 80877102, processID, secretKey].forEach((value, i) => request.writeInt32BE(value, i * 4));
+  const stream = client.connection.stream as Socket;
+  // The address the session is connected to, not its host name again, which may lead to another server.
+  const to = stream.remoteAddress
+    ? { host: stream.remoteAddress, port: stream.remotePort ?? port }
+    : { path: `${host}/.s.PGSQL.${port}` };
+  await new Promise<void>((resolve) => {
+    const socket = connect(to, () => socket.end(request));
+    socket.setTimeout(seconds * 1000, () => socket.destroy());
+    socket.on('error', () => undefined).on('close', () => resolve());
+  });
 }
 
 /**
@@ -2795,13 +2833,17 @@ async function streamPgDump(
   return { sha256: hash.digest('hex'), size };
 }
 
+/** What an interrupt's message claims, dropped (notCleanedUp) where the run left something behind. */
+const CLEANED_UP = ' and cleaned up after itself';
+const notCleanedUp = (details: string) => details.replace(CLEANED_UP, '');
+
 function interruptedError(signal: InterruptSignal): BackupError {
   return new BackupError(
     EXIT[signal],
     `Interrupted by ${signal}`,
     // True of every command: a backup removes its partial file, a drill its scratch database (withTargetFate adds
     // what a restore did to its target).
-    'the run was stopped and cleaned up after itself; existing backups are untouched',
+    `the run was stopped${CLEANED_UP}; existing backups are untouched`,
     ['Run it again when convenient'],
   );
 }
@@ -5825,8 +5867,7 @@ function assertProviderSupported(like: DatabaseOptions, major: number): void {
  * the drop. Only CREATE DATABASE knows (the locale must also suit the encoding): an empty database of a
  * unique name is created like the backup's and dropped.
  */
-async function assertCreatable(admin: pg.Client, like: DatabaseOptions): Promise<void> {
-  const probe = `backup_db_probe_${process.pid}_${randomName()}`;
+async function assertCreatable(admin: pg.Client, probe: string, like: DatabaseOptions): Promise<void> {
   await createDatabase(admin, probe, like);
   await admin.query(`DROP DATABASE ${admin.escapeIdentifier(probe)}`);
 }
@@ -6313,17 +6354,37 @@ async function restorePipeline(
         await archive.checksum;
         return { server, state, like };
       });
-      if (like && state !== 'missing' && request.clean) await assertCreatable(admin, like);
-      signal.throwIfAborted();
-      if (state !== 'missing' && request.clean) await dropDatabase(admin, target, server.major);
+      const drops = state !== 'missing' && request.clean;
+      const probe = like && drops ? `backup_db_probe_${process.pid}_${randomName()}` : undefined;
+      // An interrupt cancels these on the server, and then what they had done is read back and said.
+      await untilAborted(
+        admin,
+        signal,
+        async () => {
+          if (probe) await assertCreatable(admin, probe, like!);
+          signal.throwIfAborted();
+          if (drops) await dropDatabase(admin, target, server.major);
+        },
+        timeout,
+      ).catch(async (error: unknown) => {
+        if (!signal.aborted || !drops) throw error;
+        throw await withDropInterrupted(error, admin, config, {
+          target,
+          probe,
+          filePath: archive.filePath,
+          seconds: timeout,
+        });
+      });
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
       // Stopped or failed from here until a restore has filled it and counted its rows, a replaced target is
       // gone and an empty one may hold part of the restore, which the message must say.
       if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction, archive.filePath);
       if (state === 'missing' || request.clean)
-        await createDatabase(admin, target, like).catch((error: unknown) => {
-          throw withTargetFate(asBackupError(error, config), target, targetAction, archive.filePath);
-        });
+        await untilAborted(admin, signal, () => createDatabase(admin, target, like), timeout).catch(
+          (error: unknown) => {
+            throw withTargetFate(asBackupError(error, config), target, targetAction, archive.filePath);
+          },
+        );
       const started = performance.now();
       let run: PgRestoreRun | undefined;
       let durationMs = 0;
@@ -6337,9 +6398,7 @@ async function restorePipeline(
         // A drill proves rows come back: its scratch database needs no settings.
         if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {
-        failure = {
-          error: withTargetFate(signal.aborted ? signal.reason : error, target, targetAction, archive.filePath),
-        };
+        failure = { error: signal.aborted ? signal.reason : error };
       }
       // A drill's database is scratch; one this run created whose restore failed (pg_restore, or the count
       // after it) holds a restore nobody checked: removed rather than left as a trap. If it cannot be, every
@@ -6349,7 +6408,7 @@ async function restorePipeline(
           ? await dropCreatedDatabase(admin, config, target, server.major, timeout)
           : undefined;
       const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);
-      if (failure) throw leftBehind(failure.error);
+      if (failure) throw leftBehind(withTargetFate(failure.error, target, targetAction, archive.filePath, notDropped));
       const outcome: RestoreOutcome = {
         filePath: archive.filePath,
         target,
@@ -6386,6 +6445,7 @@ function withTargetFate(
   target: string,
   action: RestoreOutcome['targetAction'],
   filePath: string,
+  notDropped?: string,
 ): unknown {
   if (!(error instanceof BackupError) || action === 'created') return error;
   const shown = visibleControls(target);
@@ -6393,15 +6453,68 @@ function withTargetFate(
     ? `Run the same restore again to bring "${target}" back from the backup`
     : `${displayPath(filePath)} has been deleted meanwhile (by retention?): restore "${target}" from another ` +
       `backup (list them: npx tsx backup_db.ts --list --output-dir ${shellWord(displayPath(path.dirname(filePath)))})`;
+  // A partial restore that could not be dropped is withLeftBehind's to say.
+  const noPartial = notDropped ? '' : ', and no partial restore is left there';
   const [fate, hint] =
     action === 'replaced'
-      ? [`"${shown}" had been dropped (--clean): its old content is gone, and no partial restore is left there`, again]
+      ? [`"${shown}" had been dropped (--clean): its old content is gone${noPartial}`, again]
       : [
           `"${shown}" was an existing empty database and may now hold part of the restore`,
           `Empty "${target}" (or drop it) before restoring into it again`,
         ];
   const { exitCode, title, details, hints, extra } = error;
   return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
+}
+
+/** What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone. */
+type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown';
+
+/** Pure: `name`'s fate from pg_database's rows, if read (datconnlimit -2 marks a drop cut short: PostgreSQL 15.4+). */
+export function dropFate(name: string, rows: Array<{ name: string; limit: number }> | undefined): DropFate {
+  const row = rows?.find((r) => r.name === name);
+  return !rows ? 'unknown' : !row ? 'gone' : row.limit === -2 ? 'invalid' : 'kept';
+}
+
+/**
+ * An interrupt that stopped --clean's drop of the target (or of the locale probe before it), with what the
+ * server had done by then, read back: the target as it was, half-dropped, or gone; a probe left behind.
+ */
+async function withDropInterrupted(
+  error: unknown,
+  admin: pg.Client,
+  config: DbConfig,
+  names: { target: string; probe?: string | undefined; filePath: string; seconds: number },
+): Promise<unknown> {
+  const { target, probe, filePath, seconds } = names;
+  const sql = 'SELECT datname AS name, datconnlimit AS limit FROM pg_catalog.pg_database WHERE datname = ANY($1)';
+  const rows = await answeredWithin(admin, seconds, () => admin.query(sql, [[target, probe]]))
+    .then((result) => result.rows as Array<{ name: string; limit: number }>)
+    .catch(() => undefined);
+  const [targetFate, probeFate] = [dropFate(target, rows), probe && dropFate(probe, rows)];
+  const fated = targetFate === 'gone' ? withTargetFate(error, target, 'replaced', filePath) : error;
+  if (!(fated instanceof BackupError)) return fated;
+  const shown = visibleControls(target);
+  const where = `${config.host}:${config.port}`;
+  const dropIt = (name: string) => `DROP DATABASE ${quoteIdentifier(name)};`;
+  const lines: string[] = [];
+  const hints: string[] = [];
+  if (targetFate === 'kept') lines.push(`"${shown}" was not dropped: it is as it was`);
+  if (targetFate === 'invalid') {
+    lines.push(`"${shown}" was being dropped: its old content is gone, and what is left of it cannot be used`);
+    hints.push(`Drop it, ${dropIt(target)} then restore it again`);
+  }
+  if (targetFate === 'unknown') {
+    lines.push(`${where} did not answer: "${shown}" may or may not have been dropped`);
+    hints.push(`Check with psql -l; if connecting to "${target}" fails as invalid, drop it: ${dropIt(target)}`);
+  }
+  if (probe && probeFate && probeFate !== 'gone') {
+    const left = probeFate === 'unknown' ? 'may be left' : 'is left';
+    lines.push(`"${probe}", an empty database made to check the backup's locale, ${left} on ${where}`);
+    hints.push(`Drop it: ${dropIt(probe)}`);
+  }
+  const { exitCode, title, details, extra } = fated;
+  const said = hints.length > 0 ? notCleanedUp(details) : details;
+  return new BackupError(exitCode, title, [said, ...lines].join('\n'), [...hints, ...fated.hints], extra);
 }
 
 /**
@@ -6433,10 +6546,16 @@ function withLeftBehind(error: unknown, config: DbConfig, target: string, why: s
     'still attached to it (a superuser)';
   const data = { ...extra.data, target_database: target, target_action: LEFT_BEHIND };
   const untrue = /not left half-restored/; // pg_restore's hint, no longer true
-  return new BackupError(exitCode, title, `${details}\n${fate}`, [drop, ...hints.filter((h) => !untrue.test(h))], {
-    ...extra,
-    data,
-  });
+  return new BackupError(
+    exitCode,
+    title,
+    `${notCleanedUp(details)}\n${fate}`,
+    [drop, ...hints.filter((h) => !untrue.test(h))],
+    {
+      ...extra,
+      data,
+    },
+  );
 }
 
 /**
@@ -8387,7 +8506,7 @@ function launcherGoneError(who: string): BackupError {
   return new BackupError(
     EXIT.SIGHUP,
     'Interrupted: the process that started this run ended',
-    `${who} ended, so nothing waits for this run any more: it stopped and cleaned up after itself, and existing ` +
+    `${who} ended, so nothing waits for this run any more: it stopped${CLEANED_UP}, and existing ` +
       `backups are untouched`,
     [
       'This is what stopping the launcher (npx, tsx, a script, a scheduler) is meant to do',

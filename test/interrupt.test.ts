@@ -233,6 +233,7 @@ describe('interrupted while pg_restore loads a frozen server', () => {
     { mode: 'the drill', args: ['--restore-test'], failed: 'Restore test', signal: 'SIGINT', code: 130 },
     { mode: '--restore', args: ['--target-db', 'frz2'], failed: 'Restore', signal: 'SIGTERM', code: 143 },
     { mode: 'the drill', args: ['--restore-test'], failed: 'Restore test', signal: 'SIGTERM', code: 143 },
+    { mode: '--restore', args: ['--target-db', 'frz3', '--clean'], failed: 'Restore', signal: 'SIGTERM', code: 143 },
   ] as const;
   for (const { mode, args, failed, signal, code } of modes) {
     test(
@@ -240,6 +241,8 @@ describe('interrupted while pg_restore loads a frozen server', () => {
       { timeout: 120_000 },
       async () => {
         const { proxy, existing } = await behindFrozenProxy();
+        const clean = (args as readonly string[]).includes('--clean');
+        if (clean) await server.createDatabase('frz3', ['CREATE TABLE old_rows (id int)']);
         proxy.thaw();
         proxy.freezeOn('COPY ');
         let stderr = '';
@@ -258,7 +261,10 @@ describe('interrupted while pg_restore loads a frozen server', () => {
           assert.ok(waited < 30_000, `it ended ${waited} ms after the signal, the server still frozen`);
           assert.match(stderr.split('\n')[0]!, new RegExp(`^✗ ${failed} failed: Interrupted by ${signal}$`));
           assert.match(stderr, /created by this run, could not be dropped and is left on/);
-          assert.match(stderr, /DROP DATABASE "(frz[12]|backup_db_drill_\w+)" WITH \(FORCE\)/);
+          assert.match(stderr, /DROP DATABASE "(frz[123]|backup_db_drill_\w+)" WITH \(FORCE\)/);
+          // One story: the old target is gone, its half-restored successor is left; nothing was cleaned up.
+          assert.doesNotMatch(stderr, /no partial restore is left|cleaned up after itself/);
+          if (clean) assert.match(stderr, /^"frz3" had been dropped \(--clean\): its old content is gone$/m);
         } finally {
           await proxy.close();
           const left = /DROP DATABASE ("[^"]+")/.exec(stderr)?.[1];

@@ -500,6 +500,79 @@ describe('--restore', () => {
   );
 
   test(
+    "Ctrl-C while --clean's drop waits on a lock → the server cancels the drop, exit 130 at once; the target stays",
+    { timeout: 90_000 },
+    async () => {
+      const target = uniqueName('rs_lockdrop');
+      await server.createDatabase(target, ['CREATE TABLE precious (id int)', 'INSERT INTO precious VALUES (1), (2)']);
+      const before = await withDatabase(target, snapshotDatabase);
+      // A session of another role or tool, in a transaction that locks the database: DROP DATABASE waits for it.
+      const holder = await server.connect('postgres');
+      await holder.query(`BEGIN; COMMENT ON DATABASE ${target} IS 'held'`);
+      const run = startCli({ args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev') });
+      try {
+        const dropping = `datname <> '${target}' AND query LIKE 'DROP DATABASE%' AND wait_event_type = 'Lock'`;
+        await waitForActivity('the drop to wait on the lock', dropping);
+        run.kill('SIGINT');
+        // Still locked: cutting the connection would leave the drop waiting on the server, to run once released.
+        await within('the restore to stop while its drop waits', 15_000, async () => !(await alive(run.pid!)));
+        const { rows } = await holder.query(`SELECT 1 FROM pg_stat_activity WHERE query LIKE 'DROP DATABASE%'`);
+        assert.deepEqual(rows, [], 'no drop is left waiting on the server');
+      } finally {
+        await holder.query('ROLLBACK');
+        await holder.end();
+      }
+      const result = await run;
+      const stderr = String(result.stderr);
+      assert.equal(result.exitCode, 130, stderr);
+      assert.match(stderr.split('\n')[0]!, /^✗ Restore failed: Interrupted by SIGINT$/);
+      assert.match(stderr, new RegExp(`"${target}" was not dropped: it is as it was`));
+      assert.doesNotMatch(stderr, /had been dropped/);
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
+      assert.deepEqual(
+        (await databases()).filter((name) => name.startsWith('backup_db_probe_')),
+        [],
+      );
+    },
+  );
+
+  test(
+    'SIGTERM while a frozen backend holds up the drop of the locale probe → exit 143 at once, the probe named to drop',
+    { timeout: 90_000 },
+    async () => {
+      const target = uniqueName('rs_frozen');
+      await server.createDatabase(target, ['CREATE TABLE precious (id int)', 'INSERT INTO precious VALUES (1)']);
+      const before = await withDatabase(target, snapshotDatabase);
+      // A backend that never answers the barrier every DROP DATABASE waits for (a process stopped, swapped out).
+      const frozen = await server.connect('postgres');
+      const { pid } = (await frozen.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!;
+      process.kill(pid, 'SIGSTOP');
+      const run = startCli({ args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev') });
+      try {
+        const barrier = `query LIKE 'DROP DATABASE%backup_db_probe_%' AND wait_event = 'ProcSignalBarrier'`;
+        await waitForActivity('the probe to wait for the barrier', barrier);
+        run.kill('SIGTERM');
+        await within('the restore to stop while the barrier waits', 15_000, async () => !(await alive(run.pid!)));
+      } finally {
+        process.kill(pid, 'SIGCONT');
+        await frozen.end();
+      }
+      const result = await run;
+      const stderr = String(result.stderr);
+      assert.equal(result.exitCode, 143, stderr);
+      // Cancelled in the barrier, the drop leaves the probe invalid: said by name, with the statement that removes it.
+      const probe = (await databases()).find((name) => name.startsWith('backup_db_probe_'));
+      assert.ok(probe, 'the cancelled drop leaves the probe (invalid) on the server');
+      await withDatabase('postgres', (c) => c.query(`DROP DATABASE ${probe}`));
+      assert.ok(stderr.includes(`DROP DATABASE "${probe}";`), stderr);
+      assert.match(stderr, new RegExp(`"${probe}", an empty database made to check the backup's locale, is left`));
+      assert.doesNotMatch(stderr, /cleaned up after itself/, 'not when it left a database behind');
+      assert.match(stderr, new RegExp(`"${target}" was not dropped: it is as it was`));
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
+    },
+  );
+
+  test(
     'SIGHUP while it re-reads a large file, before --clean drops the target → exit 129 at once; the target stays as it was',
     { timeout: 120_000, ...skipUnless(noProc) },
     async () => {

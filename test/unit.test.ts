@@ -6,6 +6,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import {
   displayPath,
+  dropFate,
   expandHome,
   shellWord,
   foreignQuery,
@@ -1437,6 +1438,20 @@ describe('chooseMode', () => {
 });
 
 describe('restore helpers', () => {
+  test("dropFate: what an interrupted drop left, from pg_database's rows, or unknown when they could not be read", () => {
+    const rows = [
+      { name: 'kept', limit: -1 },
+      { name: 'limited', limit: 3 },
+      { name: 'half', limit: -2 },
+    ];
+    assert.equal(dropFate('kept', rows), 'kept');
+    assert.equal(dropFate('limited', rows), 'kept', 'a connection limit is not a half-dropped database');
+    assert.equal(dropFate('half', rows), 'invalid');
+    assert.equal(dropFate('gone', rows), 'gone');
+    assert.equal(dropFate('kept', undefined), 'unknown');
+    assert.equal(dropFate('gone', []), 'gone');
+  });
+
   test('archiveExtensions reads the EXTENSION entries of a table of contents', () => {
     const toc = [
       '2; 3079 16385 EXTENSION - cube ',
