@@ -2326,6 +2326,39 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
   ]);
 }
 
+/** libpq's and the server's words for a client tool's session that its server ended, or would not start. */
+const TOOL_CONNECTION_LOST = new RegExp(
+  [
+    'terminating connection due to',
+    'server closed the connection unexpectedly',
+    'no connection to the server',
+    'could not (send|receive) data (to|from) server',
+    'SSL SYSCALL error',
+    'the database system is (shutting down|starting up|in recovery mode|not yet accepting connections)',
+  ].join('|'),
+);
+
+/**
+ * Pure: pg_dump's or pg_restore's connection lost, or none to be had, in libpq's and the server's words: a
+ * connection error (exit 3) like our own session's, not a failure of the tool. With --jobs, each job is a
+ * connection of its own.
+ */
+export function toolConnectionError(tool: 'pg_dump' | 'pg_restore', details: string): BackupError | undefined {
+  if (/too many connections for (role|database)|too many clients already|connection slots are reserved/.test(details)) {
+    return new BackupError(EXIT.CONNECTION, `No free connection for ${tool}`, details, [
+      `${tool} --jobs N opens ${tool === 'pg_dump' ? 'N + 1' : 'N'} connections besides this tool's: lower --jobs ` +
+        "below the CONNECTION LIMIT of the role (or database) and the server's free connections",
+      'Or raise the limit: ALTER ROLE <user> CONNECTION LIMIT <n>, or max_connections on the server',
+    ]);
+  }
+  if (!TOOL_CONNECTION_LOST.test(details)) return undefined;
+  return new BackupError(EXIT.CONNECTION, `${tool} lost its connection to the server`, details, [
+    'The server ended the session: it restarted or shut down, or the session was terminated (pg_terminate_backend)',
+    'Check the server log around this time',
+    'Run it again once the server is back',
+  ]);
+}
+
 /**
  * The same failure whether pg_dump or the tool's own session meets it first, with the hints for what it names:
  * data a backup reads gets no restore hint. A large object has privileges of its own, which neither a table's
@@ -2883,7 +2916,7 @@ export function pgDumpError(error: unknown, outputDir = '.', user?: string): Bac
       "Install client tools of the server's major version and put them first on PATH",
     ]);
   }
-  const parallel = parallelDumpError(details);
+  const parallel = parallelDumpError(details) ?? toolConnectionError('pg_dump', details);
   if (parallel) return parallel;
   if (/permission denied/i.test(details)) return privilegeError(details, user);
   if (/out of shared memory/i.test(details)) return lockSpaceError(details, /^HINT:\s+(.+)$/m.exec(details)?.[1]);
@@ -2896,20 +2929,13 @@ export function pgDumpError(error: unknown, outputDir = '.', user?: string): Bac
   ]);
 }
 
-/** Pure: the failures --jobs brings, in pg_dump's words: its workers lock without waiting, and each is a connection. */
+/** Pure: the failure --jobs brings, in pg_dump's words: its workers lock without waiting. */
 function parallelDumpError(details: string): BackupError | undefined {
   if (/after the pg_dump parent process had gotten the initial ACCESS SHARE lock/.test(details)) {
     return new BackupError(EXIT.BACKUP_FAILED, 'DDL on a table aborted the parallel dump', details, [
       'A session asked for an exclusive lock (ALTER TABLE, DROP, TRUNCATE, ...) on a table during the dump: ' +
         '--jobs workers do not wait for locks, so the dump stopped (without --jobs, such DDL waits for the dump)',
       'Run it again when no DDL runs (not during deployments or migrations), or without --jobs',
-    ]);
-  }
-  if (/too many connections for (role|database)|too many clients already|connection slots are reserved/.test(details)) {
-    return new BackupError(EXIT.CONNECTION, 'No free connection for pg_dump', details, [
-      "A --jobs N dump opens N + 1 connections besides this tool's: lower --jobs below the CONNECTION LIMIT of the " +
-        "role (or database) and the server's free connections",
-      'Or raise the limit: ALTER ROLE <user> CONNECTION LIMIT <n>, or max_connections on the server',
     ]);
   }
 }
@@ -6022,6 +6048,8 @@ async function runPgRestore(
   const stderr = String(result.stderr).trim();
   const skippedSettings = newerClient && result.exitCode === 1 ? unknownSettingsOnly(stderr) : undefined;
   if (skippedSettings) return { jobs, settings, skippedSettings };
+  const lost = toolConnectionError('pg_restore', toolMessage(stderr));
+  if (lost) throw lost;
   const memory = /memory required is (\d+) MB, maintenance_work_mem is (\d+) MB/.exec(stderr);
   // The server quotes the name as it is, a quote in it undoubled: to the line's last `" does not exist`.
   const role = /ERROR: {2}role "(.+)" does not exist$/m.exec(stderr)?.[1];

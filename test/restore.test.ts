@@ -647,6 +647,48 @@ describe('--restore', () => {
     },
   );
 
+  test(
+    "pg_restore's session terminated mid-restore → exit 3 (connection lost), nothing left; the drill records no failure",
+    { timeout: 120_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const recorded = await fs.readFile(gatedBackup.metadataPath, 'utf8');
+      const target = uniqueName('rs_cut');
+      const runs = [
+        { args: restoreArgs(gatedBackup.dumpPath, target, '--env', 'dev'), failed: 'Restore' },
+        {
+          args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+          failed: 'Restore test',
+        },
+      ];
+      for (const { args, failed } of runs) {
+        const { holder, observer } = await holdGate();
+        const run = startCli({ args });
+        try {
+          await waitAtGate(observer, 'pg_shdescription');
+          const cut = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'COPY public.gated %'";
+          assert.equal((await observer.query(cut)).rowCount, 1, "pg_restore's session was found, and ended");
+        } finally {
+          await holder.query('ROLLBACK');
+          await Promise.all([holder.end(), observer.end()]);
+        }
+        const result = await run;
+        const stderr = String(result.stderr);
+        assert.equal(result.exitCode, 3, stderr);
+        assert.match(
+          stderr.split('\n')[0]!,
+          new RegExp(`^✗ ${failed} failed: pg_restore lost its connection to the server$`),
+        );
+        assert.match(stderr, /terminating connection due to administrator command/);
+        assert.match(stderr, /the session was terminated \(pg_terminate_backend\)/);
+      }
+      const left = (await databases()).filter((name) => name === target || name.startsWith('backup_db_drill_'));
+      assert.deepEqual(left, [], 'no half-restored target or scratch database');
+      // README: a failure to connect says nothing about the backup, so the drill's record is left as it was.
+      assert.equal(await fs.readFile(gatedBackup.metadataPath, 'utf8'), recorded);
+    },
+  );
+
   test('a missing --target-db, or restore options without --restore, are usage errors', async () => {
     assert.equal((await runCli({ args: ['--restore', backup.dumpPath] })).exitCode, 2);
     const stray = await runCli({ args: ['--target-db', 'x'] });

@@ -7,6 +7,7 @@ import { describe, test } from 'node:test';
 import {
   displayPath,
   dropFate,
+  toolConnectionError,
   expandHome,
   shellWord,
   foreignQuery,
@@ -1165,6 +1166,27 @@ describe('error classification', () => {
       assert.match(error.hints[0]!, /lower --jobs below the CONNECTION LIMIT of the role/);
       assert.doesNotMatch(error.hints.join('\n'), /pg_dump -Fc/);
     }
+  });
+
+  test("toolConnectionError: a client tool's session ended by its server, or none to be had, is exit 3", () => {
+    const ended = [
+      'pg_restore: error: COPY failed for table "t": FATAL:  terminating connection due to administrator command',
+      'pg_restore: error: could not execute query: server closed the connection unexpectedly',
+      'pg_restore: error: connection to server at "db" (10.0.0.5), port 5432 failed: FATAL:  the database system is ' +
+        'shutting down',
+      'pg_dump: error: Dumping the contents of table "t" failed: PQgetResult() failed.\npg_dump: detail: Error message ' +
+        'from server: SSL SYSCALL error: EOF detected',
+    ];
+    for (const details of ended) {
+      const error = toolConnectionError('pg_restore', details);
+      assert.equal(error?.exitCode, EXIT.CONNECTION, details);
+      assert.equal(error?.title, 'pg_restore lost its connection to the server');
+    }
+    const full = toolConnectionError('pg_restore', 'FATAL:  sorry, too many clients already');
+    assert.equal(full?.title, 'No free connection for pg_restore');
+    assert.match(full!.hints[0]!, /^pg_restore --jobs N opens N connections/);
+    for (const other of ['ERROR:  relation "t" does not exist', 'ERROR:  permission denied for table t'])
+      assert.equal(toolConnectionError('pg_restore', other), undefined, other);
   });
 });
 
