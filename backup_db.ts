@@ -5678,16 +5678,27 @@ async function dropCreatedDatabase(
     await drop(admin);
     return undefined;
   } catch {
+    // On a fresh connection below.
+  }
+  // A server that restarted (or recovers from a crash) refuses connections for a moment: tried again until
+  // --connect-timeout has passed.
+  const deadline = performance.now() + connectTimeoutSeconds * 1000;
+  for (;;) {
     // Best effort: whatever still stops the drop, the drop says.
     await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
-  }
-  try {
-    await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
-    return undefined;
-  } catch (error) {
-    return errorText(error);
+    try {
+      await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
+      return undefined;
+    } catch (error) {
+      if (!SERVER_COMING_BACK.test(errorText(error)) || performance.now() > deadline) return errorText(error);
+      await delay(200);
+    }
   }
 }
+
+/** A server restarting, or recovering after a crash, as a new connection meets it. */
+const SERVER_COMING_BACK =
+  /the database system is (starting up|shutting down|in recovery mode|not yet accepting connections)|ECONNREFUSED/;
 
 // ─── Restore: the backup's own database (encoding, locale, settings, comment) ────────────
 

@@ -689,6 +689,45 @@ describe('--restore', () => {
     },
   );
 
+  test(
+    'the server crash-restarts mid-restore → exit 3; the half-restored target and scratch database are still dropped',
+    { timeout: 120_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const target = uniqueName('rs_crash');
+      const runs = [
+        { args: restoreArgs(gatedBackup.dumpPath, target, '--env', 'dev'), failed: 'Restore' },
+        {
+          args: ['--verify', gatedBackup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', configDir],
+          failed: 'Restore test',
+        },
+      ];
+      for (const { args, failed } of runs) {
+        const { holder, observer } = await holdGate();
+        const run = startCli({ args });
+        try {
+          await waitAtGate(observer, 'pg_shdescription');
+          const copying = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'COPY public.gated %'";
+          const { pid } = (await observer.query<{ pid: number }>(copying)).rows[0]!;
+          // A backend killed: the server ends every session and recovers, refusing connections meanwhile.
+          process.kill(pid, 'SIGKILL');
+        } finally {
+          await Promise.all([holder.end(), observer.end()].map((ended) => ended.catch(() => undefined)));
+        }
+        const result = await run;
+        const stderr = String(result.stderr);
+        assert.equal(result.exitCode, 3, stderr);
+        assert.match(
+          stderr.split('\n')[0]!,
+          new RegExp(`^✗ ${failed} failed: pg_restore lost its connection to the server$`),
+        );
+        assert.doesNotMatch(stderr, /could not be dropped/);
+      }
+      const left = (await databases()).filter((name) => name === target || name.startsWith('backup_db_drill_'));
+      assert.deepEqual(left, [], 'dropped once the server was back');
+    },
+  );
+
   test('a missing --target-db, or restore options without --restore, are usage errors', async () => {
     assert.equal((await runCli({ args: ['--restore', backup.dumpPath] })).exitCode, 2);
     const stray = await runCli({ args: ['--target-db', 'x'] });
