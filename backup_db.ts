@@ -5342,16 +5342,38 @@ export function reconcileCounts(backup: Record<string, number>, restored: Record
  * it. A session-level advisory lock on the administrative connection, held until the run ends, however it ends.
  */
 async function claimRestoreTarget(admin: pg.Client, config: DbConfig, target: string): Promise<void> {
-  const { rows } = await admin.query<{ ok: boolean }>(
-    "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('backup_db restore'), pg_catalog.hashtext($1)) AS ok",
-    [target],
-  );
-  if (rows[0]?.ok) return;
+  if (await claimed(admin, target)) return;
   throw configError(`a restore into "${visibleControls(target)}" on ${config.host}:${config.port} is already running`, [
     'Wait for it to finish and check its result',
     'Or restore into another database: --target-db <new name>',
   ]);
 }
+
+/** Take the claim on `target` for `client`'s session, if no other session holds it. */
+async function claimed(client: pg.Client, target: string): Promise<boolean> {
+  const { rows } = await client.query<{ ok: boolean }>(
+    "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('backup_db restore'), pg_catalog.hashtext($1)) AS ok",
+    [target],
+  );
+  return rows[0]?.ok === true;
+}
+
+/**
+ * The claim lives as long as the admin session: once that ends (terminated, the server restarted), another
+ * restore may start into the target, so this one stops rather than restore alongside it.
+ */
+function claimLostError(config: DbConfig, target: string): BackupError {
+  return new BackupError(
+    EXIT.CONNECTION,
+    'The restore lost its claim on the target',
+    `its session on ${config.host}:${config.port}, whose lock keeps other restores out of "${visibleControls(target)}", ` +
+      'was ended (terminated, or the server restarted): it stopped rather than restore alongside another',
+    ['See whether another restore into the same target runs, and wait for its result', 'Run it again once none does'],
+  );
+}
+
+/** Why a target this run created is not dropped after all: it is another restore's now. */
+const TAKEN_OVER = 'another restore into it has started meanwhile, and holds it now';
 
 type TargetState = 'missing' | 'empty' | 'non-empty';
 
@@ -5661,15 +5683,15 @@ async function detachSubscriptions(config: DbConfig, database: string, connectTi
 
 /**
  * Drop a database this run created: on the admin session, else (a server timeout ended it, or the
- * restore left subscriptions) on a fresh one once its subscriptions are detached. Returns why it
- * could not be dropped, if it could not: a copy of the backup's data is then left on the server.
+ * restore left subscriptions) on a fresh one once its subscriptions are detached, and, for a named
+ * target (`claim`), once that session has its claim: the old one's went with the admin session. Returns
+ * why it could not be dropped, if it could not: a copy of the backup's data is then left on the server.
  */
 async function dropCreatedDatabase(
   admin: pg.Client,
   config: DbConfig,
   name: string,
-  serverMajor: number,
-  connectTimeoutSeconds: number,
+  { serverMajor, connectTimeoutSeconds, claim }: { serverMajor: number; connectTimeoutSeconds: number; claim: boolean },
 ): Promise<string | undefined> {
   // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
   const drop = (client: pg.Client) =>
@@ -5684,10 +5706,14 @@ async function dropCreatedDatabase(
   // --connect-timeout has passed.
   const deadline = performance.now() + connectTimeoutSeconds * 1000;
   for (;;) {
-    // Best effort: whatever still stops the drop, the drop says.
-    await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
+    const claimedDrop = async (client: pg.Client) => {
+      if (claim && !(await claimed(client, name))) throw new Error(TAKEN_OVER);
+      // Best effort: whatever still stops the drop, the drop says.
+      await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
+      await drop(client);
+    };
     try {
-      await withClient(config, connectTimeoutSeconds, drop, { maintenance: true, avoid: name });
+      await withClient(config, connectTimeoutSeconds, claimedDrop, { maintenance: true, avoid: name });
       return undefined;
     } catch (error) {
       if (!SERVER_COMING_BACK.test(errorText(error)) || performance.now() > deadline) return errorText(error);
@@ -6429,22 +6455,32 @@ async function restorePipeline(
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
       let failure: { error: unknown } | undefined;
+      const claimLost = new AbortController();
+      const loseClaim = () => claimLost.abort(claimLostError(config, target));
+      if (!drill) admin.once('end', loseClaim);
+      const restoring = AbortSignal.any([signal, claimLost.signal]);
       try {
-        run = await runPgRestore(archive, config, target, server, { ...request, drill }, signal);
+        run = await runPgRestore(archive, config, target, server, { ...request, drill }, restoring);
         durationMs = millisecondsSince(started);
         const expected = archive.metadata?.table_counts;
-        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, signal);
+        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, restoring);
         // A drill proves rows come back: its scratch database needs no settings.
         if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {
-        failure = { error: signal.aborted ? signal.reason : error };
+        failure = { error: restoring.aborted ? restoring.reason : error };
+      } finally {
+        admin.off('end', loseClaim);
       }
       // A drill's database is scratch; one this run created whose restore failed (pg_restore, or the count
       // after it) holds a restore nobody checked: removed rather than left as a trap. If it cannot be, every
       // channel says so.
       const notDropped =
         drill || (failure && targetAction !== 'used empty')
-          ? await dropCreatedDatabase(admin, config, target, server.major, timeout)
+          ? await dropCreatedDatabase(admin, config, target, {
+              serverMajor: server.major,
+              connectTimeoutSeconds: timeout,
+              claim: !drill,
+            })
           : undefined;
       const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);
       if (failure) throw leftBehind(withTargetFate(failure.error, target, targetAction, archive.filePath, notDropped));
@@ -6581,8 +6617,10 @@ function withLeftBehind(error: unknown, config: DbConfig, target: string, why: s
     `"${visibleControls(target)}", created by this run, could not be dropped and is left on ${where} ` +
     `with its data: ${why}`;
   const drop =
-    `Drop it now: DROP DATABASE ${quoteIdentifier(target)} WITH (FORCE); as a role that may end the sessions ` +
-    'still attached to it (a superuser)';
+    why === TAKEN_OVER
+      ? "Leave it to the restore that holds it now, and check that one's result"
+      : `Drop it now: DROP DATABASE ${quoteIdentifier(target)} WITH (FORCE); as a role that may end the sessions ` +
+        'still attached to it (a superuser)';
   const data = { ...extra.data, target_database: target, target_action: LEFT_BEHIND };
   const untrue = /not left half-restored/; // pg_restore's hint, no longer true
   return new BackupError(

@@ -728,6 +728,49 @@ describe('--restore', () => {
     },
   );
 
+  test(
+    "the restore's own session terminated while pg_restore runs → it stops at once (exit 3), and a restore that took the target over keeps it",
+    { timeout: 90_000 },
+    async () => {
+      const gatedBackup = await gatedBackupOf();
+      const target = uniqueName('rs_claim');
+      const { holder, observer } = await holdGate();
+      const run = startCli({ args: restoreArgs(gatedBackup.dumpPath, target, '--env', 'dev') });
+      const pgRestores = () => processesWithEnv('PGAPPNAME', applicationNameOf(run.pid!));
+      try {
+        await waitAtGate(observer, 'pg_shdescription');
+        // Its session in the maintenance database ends, and its claim on the target (an advisory lock there) is
+        // taken at once by another session, as a second restore's would be.
+        const takeOver = `SELECT CASE WHEN pg_terminate_backend(pid, 10000) THEN pg_try_advisory_lock(hashtext('backup_db restore'), hashtext($1)) END AS ok
+          FROM pg_stat_activity WHERE datname = 'postgres' AND application_name ~ ('^backup_db:' || $2 || ':')`;
+        // The CLI paused meanwhile, so that the other session surely takes the claim before its clean-up can.
+        process.kill(run.pid!, 'SIGSTOP');
+        try {
+          const { rows } = await observer.query(takeOver, [target, String(run.pid)]);
+          assert.deepEqual(rows, [{ ok: true }], 'its one administrative session was ended, its claim taken');
+        } finally {
+          process.kill(run.pid!, 'SIGCONT');
+        }
+        // Still at the gate: nothing but the lost session can have stopped it.
+        await within('pg_restore to be stopped', 15_000, async () => (await pgRestores()).length === 0);
+      } finally {
+        await holder.query('ROLLBACK');
+        await holder.end();
+      }
+      const result = await run;
+      const stderr = String(result.stderr);
+      try {
+        assert.equal(result.exitCode, 3, stderr);
+        assert.match(stderr.split('\n')[0]!, /^✗ Restore failed: The restore lost its claim on the target$/);
+        assert.match(stderr, new RegExp(`"${target}", created by this run, could not be dropped .*another restore`));
+        assert.ok((await databases()).includes(target), 'the other restore keeps its target');
+      } finally {
+        await observer.end();
+        await server.dropDatabase(target);
+      }
+    },
+  );
+
   test('a missing --target-db, or restore options without --restore, are usage errors', async () => {
     assert.equal((await runCli({ args: ['--restore', backup.dumpPath] })).exitCode, 2);
     const stray = await runCli({ args: ['--target-db', 'x'] });
