@@ -5366,8 +5366,9 @@ function claimLostError(config: DbConfig, target: string): BackupError {
   return new BackupError(
     EXIT.CONNECTION,
     'The restore lost its claim on the target',
-    `its session on ${config.host}:${config.port}, whose lock keeps other restores out of "${visibleControls(target)}", ` +
-      'was ended (terminated, or the server restarted): it stopped rather than restore alongside another',
+    `its session on ${config.host}:${config.port}, whose lock keeps other restores out of ` +
+      `"${visibleControls(target)}", was ended (terminated, or the server restarted): it stopped rather than ` +
+      'restore alongside another',
     ['See whether another restore into the same target runs, and wait for its result', 'Run it again once none does'],
   );
 }
@@ -5683,16 +5684,17 @@ async function detachSubscriptions(config: DbConfig, database: string, connectTi
 
 /**
  * Drop a database this run created: on the admin session, else (a server timeout ended it, or the
- * restore left subscriptions) on a fresh one once its subscriptions are detached, and, for a named
- * target (`claim`), once that session has its claim: the old one's went with the admin session. Returns
- * why it could not be dropped, if it could not: a copy of the backup's data is then left on the server.
+ * restore left subscriptions) on a fresh one once its subscriptions are detached, and, once the admin
+ * session has ended and its claim on a named target with it (`claimLost`), once the fresh one has claimed
+ * it again. Returns why it could not be dropped, if it could not: a copy of the backup's data is then left.
  */
 async function dropCreatedDatabase(
   admin: pg.Client,
   config: DbConfig,
   name: string,
-  { serverMajor, connectTimeoutSeconds, claim }: { serverMajor: number; connectTimeoutSeconds: number; claim: boolean },
+  options: { serverMajor: number; connectTimeoutSeconds: number; claimLost: AbortSignal },
 ): Promise<string | undefined> {
+  const { serverMajor, connectTimeoutSeconds, claimLost } = options;
   // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
   const drop = (client: pg.Client) =>
     answeredWithin(client, connectTimeoutSeconds, () => dropDatabase(client, name, serverMajor));
@@ -5707,7 +5709,7 @@ async function dropCreatedDatabase(
   const deadline = performance.now() + connectTimeoutSeconds * 1000;
   for (;;) {
     const claimedDrop = async (client: pg.Client) => {
-      if (claim && !(await claimed(client, name))) throw new Error(TAKEN_OVER);
+      if (claimLost.aborted && !(await claimed(client, name))) throw new Error(TAKEN_OVER);
       // Best effort: whatever still stops the drop, the drop says.
       await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
       await drop(client);
@@ -6455,9 +6457,9 @@ async function restorePipeline(
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
       let failure: { error: unknown } | undefined;
+      // A named target's claim ends with the admin session, and with it the restore (claimLostError).
       const claimLost = new AbortController();
-      const loseClaim = () => claimLost.abort(claimLostError(config, target));
-      if (!drill) admin.once('end', loseClaim);
+      if (!drill) admin.once('end', () => claimLost.abort(claimLostError(config, target)));
       const restoring = AbortSignal.any([signal, claimLost.signal]);
       try {
         run = await runPgRestore(archive, config, target, server, { ...request, drill }, restoring);
@@ -6468,8 +6470,6 @@ async function restorePipeline(
         if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {
         failure = { error: restoring.aborted ? restoring.reason : error };
-      } finally {
-        admin.off('end', loseClaim);
       }
       // A drill's database is scratch; one this run created whose restore failed (pg_restore, or the count
       // after it) holds a restore nobody checked: removed rather than left as a trap. If it cannot be, every
@@ -6479,7 +6479,7 @@ async function restorePipeline(
           ? await dropCreatedDatabase(admin, config, target, {
               serverMajor: server.major,
               connectTimeoutSeconds: timeout,
-              claim: !drill,
+              claimLost: claimLost.signal,
             })
           : undefined;
       const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);

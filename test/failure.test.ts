@@ -46,7 +46,7 @@ after(() => server?.stop());
 
 describe('failure after the dump started', () => {
   test(
-    'pg_dump killed mid-run (its server session terminated) → 7, partial removed, old backup untouched',
+    "pg_dump's server session terminated mid-run → 3 (connection lost, as the contract says), partial removed, old backup untouched",
     { timeout: 60_000 },
     async () => {
       const { outputDir, args, before: existing } = await directoryWithExistingBackup(server, 'fail_app');
@@ -66,8 +66,8 @@ describe('failure after the dump started', () => {
       }
       const result = await cli;
 
-      assert.equal(result.exitCode, 7, String(result.stderr));
-      assert.match(String(result.stderr), /^✗ Backup failed: pg_dump failed$/m);
+      assert.equal(result.exitCode, 3, String(result.stderr));
+      assert.match(String(result.stderr), /^✗ Backup failed: pg_dump lost its connection to the server$/m);
       assert.match(String(result.stderr), /^Error: pg_dump: error: .*(terminat|server closed the connection)/m);
       assert.match(String(result.stderr), /Troubleshooting:\n {2}1\./);
       assert.deepEqual(await directoryFingerprint(outputDir), existing, 'only the earlier backup, byte for byte');
