@@ -5728,6 +5728,57 @@ async function dropCreatedDatabase(
 const SERVER_COMING_BACK =
   /the database system is (starting up|shutting down|in recovery mode|not yet accepting connections)|ECONNREFUSED/;
 
+/** What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone. */
+type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown';
+
+/** Pure: `name`'s fate from pg_database's rows, if read (datconnlimit -2 marks a drop cut short: PostgreSQL 15.4+). */
+export function dropFate(name: string, rows: Array<{ name: string; limit: number }> | undefined): DropFate {
+  const row = rows?.find((r) => r.name === name);
+  return !rows ? 'unknown' : !row ? 'gone' : row.limit === -2 ? 'invalid' : 'kept';
+}
+
+/**
+ * An interrupt that stopped --clean's drop of the target (or of the locale probe before it), with what the
+ * server had done by then, read back: the target as it was, half-dropped, or gone; a probe left behind.
+ */
+async function withDropInterrupted(
+  error: unknown,
+  admin: pg.Client,
+  config: DbConfig,
+  names: { target: string; probe?: string | undefined; filePath: string; seconds: number },
+): Promise<unknown> {
+  const { target, probe, filePath, seconds } = names;
+  const sql = 'SELECT datname AS name, datconnlimit AS limit FROM pg_catalog.pg_database WHERE datname = ANY($1)';
+  const rows = await answeredWithin(admin, seconds, () => admin.query(sql, [[target, probe]]))
+    .then((result) => result.rows as Array<{ name: string; limit: number }>)
+    .catch(() => undefined);
+  const [targetFate, probeFate] = [dropFate(target, rows), probe && dropFate(probe, rows)];
+  const fated = targetFate === 'gone' ? withTargetFate(error, target, 'replaced', filePath) : error;
+  if (!(fated instanceof BackupError)) return fated;
+  const shown = visibleControls(target);
+  const where = `${config.host}:${config.port}`;
+  const dropIt = (name: string) => `DROP DATABASE ${quoteIdentifier(name)};`;
+  const lines: string[] = [];
+  const hints: string[] = [];
+  if (targetFate === 'kept') lines.push(`"${shown}" was not dropped: it is as it was`);
+  if (targetFate === 'invalid') {
+    lines.push(`"${shown}" was being dropped: its old content is gone, and what is left of it cannot be used`);
+    hints.push(`Drop it, ${dropIt(target)} then restore it again`);
+  }
+  if (targetFate === 'unknown') {
+    lines.push(`${where} did not answer: "${shown}" may or may not have been dropped`);
+    hints.push(`Check with psql -l; if connecting to "${target}" fails as invalid, drop it: ${dropIt(target)}`);
+  }
+  if (probe && probeFate && probeFate !== 'gone') {
+    const left = probeFate === 'unknown' ? 'may be left' : 'is left';
+    lines.push(`"${probe}", an empty database made to check the backup's locale, ${left} on ${where}`);
+    hints.push(`Drop it: ${dropIt(probe)}`);
+  }
+  const { exitCode, title, details, extra } = fated;
+  const said = hints.length > 0 ? notCleanedUp(details) : details;
+  return new BackupError(exitCode, title, [said, ...lines].join('\n'), [...hints, ...fated.hints], extra);
+}
+
 // ─── Restore: the backup's own database (encoding, locale, settings, comment) ────────────
 
 /** The archive's entries for its own database, its settings and comment, which only `pg_restore --create` restores. */
@@ -6539,57 +6590,6 @@ function withTargetFate(
         ];
   const { exitCode, title, details, hints, extra } = error;
   return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
-}
-
-/** What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone. */
-type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown';
-
-/** Pure: `name`'s fate from pg_database's rows, if read (datconnlimit -2 marks a drop cut short: PostgreSQL 15.4+). */
-export function dropFate(name: string, rows: Array<{ name: string; limit: number }> | undefined): DropFate {
-  const row = rows?.find((r) => r.name === name);
-  return !rows ? 'unknown' : !row ? 'gone' : row.limit === -2 ? 'invalid' : 'kept';
-}
-
-/**
- * An interrupt that stopped --clean's drop of the target (or of the locale probe before it), with what the
- * server had done by then, read back: the target as it was, half-dropped, or gone; a probe left behind.
- */
-async function withDropInterrupted(
-  error: unknown,
-  admin: pg.Client,
-  config: DbConfig,
-  names: { target: string; probe?: string | undefined; filePath: string; seconds: number },
-): Promise<unknown> {
-  const { target, probe, filePath, seconds } = names;
-  const sql = 'SELECT datname AS name, datconnlimit AS limit FROM pg_catalog.pg_database WHERE datname = ANY($1)';
-  const rows = await answeredWithin(admin, seconds, () => admin.query(sql, [[target, probe]]))
-    .then((result) => result.rows as Array<{ name: string; limit: number }>)
-    .catch(() => undefined);
-  const [targetFate, probeFate] = [dropFate(target, rows), probe && dropFate(probe, rows)];
-  const fated = targetFate === 'gone' ? withTargetFate(error, target, 'replaced', filePath) : error;
-  if (!(fated instanceof BackupError)) return fated;
-  const shown = visibleControls(target);
-  const where = `${config.host}:${config.port}`;
-  const dropIt = (name: string) => `DROP DATABASE ${quoteIdentifier(name)};`;
-  const lines: string[] = [];
-  const hints: string[] = [];
-  if (targetFate === 'kept') lines.push(`"${shown}" was not dropped: it is as it was`);
-  if (targetFate === 'invalid') {
-    lines.push(`"${shown}" was being dropped: its old content is gone, and what is left of it cannot be used`);
-    hints.push(`Drop it, ${dropIt(target)} then restore it again`);
-  }
-  if (targetFate === 'unknown') {
-    lines.push(`${where} did not answer: "${shown}" may or may not have been dropped`);
-    hints.push(`Check with psql -l; if connecting to "${target}" fails as invalid, drop it: ${dropIt(target)}`);
-  }
-  if (probe && probeFate && probeFate !== 'gone') {
-    const left = probeFate === 'unknown' ? 'may be left' : 'is left';
-    lines.push(`"${probe}", an empty database made to check the backup's locale, ${left} on ${where}`);
-    hints.push(`Drop it: ${dropIt(probe)}`);
-  }
-  const { exitCode, title, details, extra } = fated;
-  const said = hints.length > 0 ? notCleanedUp(details) : details;
-  return new BackupError(exitCode, title, [said, ...lines].join('\n'), [...hints, ...fated.hints], extra);
 }
 
 /**
