@@ -1759,9 +1759,10 @@ async function untilAborted<T>(
   if (!signal) return work();
   const cut = () => client.connection.stream.destroy();
   let deadline: NodeJS.Timeout | undefined;
+  let cancelling: Promise<void> | undefined;
   const stop = () => {
     if (cancelWithin === undefined) return cut();
-    void requestCancel(client, cancelWithin);
+    cancelling = requestCancel(client, cancelWithin);
     deadline = setTimeout(cut, cancelWithin * 1000);
   };
   signal.addEventListener('abort', stop, { once: true });
@@ -1773,6 +1774,8 @@ async function untilAborted<T>(
   } finally {
     signal.removeEventListener('abort', stop);
     clearTimeout(deadline);
+    // Sent, the cancel reaches the session: a statement sent after it must not be the one it cancels.
+    await cancelling;
   }
 }
 
@@ -2329,7 +2332,9 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
 /** libpq's and the server's words for a client tool's session that its server ended, or would not start. */
 const TOOL_CONNECTION_LOST = new RegExp(
   [
-    'terminating connection due to',
+    'terminating connection due to (administrator command|unexpected postmaster exit|immediate shutdown)',
+    'Connection refused',
+    'Is the server running',
     'server closed the connection unexpectedly',
     'no connection to the server',
     'could not (send|receive) data (to|from) server',
@@ -5692,9 +5697,9 @@ async function dropCreatedDatabase(
   admin: pg.Client,
   config: DbConfig,
   name: string,
-  options: { serverMajor: number; connectTimeoutSeconds: number; claimLost: AbortSignal },
+  { serverMajor, connectTimeoutSeconds }: { serverMajor: number; connectTimeoutSeconds: number },
+  created: CreatedDatabase,
 ): Promise<string | undefined> {
-  const { serverMajor, connectTimeoutSeconds, claimLost } = options;
   // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
   const drop = (client: pg.Client) =>
     answeredWithin(client, connectTimeoutSeconds, () => dropDatabase(client, name, serverMajor));
@@ -5709,7 +5714,7 @@ async function dropCreatedDatabase(
   const deadline = performance.now() + connectTimeoutSeconds * 1000;
   for (;;) {
     const claimedDrop = async (client: pg.Client) => {
-      if (claimLost.aborted && !(await claimed(client, name))) throw new Error(TAKEN_OVER);
+      if (created.claimLost.aborted) await reclaim(client, name, created, connectTimeoutSeconds);
       // Best effort: whatever still stops the drop, the drop says.
       await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
       await drop(client);
@@ -5724,9 +5729,37 @@ async function dropCreatedDatabase(
   }
 }
 
-/** A server restarting, or recovering after a crash, as a new connection meets it. */
+/**
+ * The claim on `name` again, on `client`, once the admin session (`pid`) that held it is gone, or cut by us
+ * while its server still runs it (a drop waiting on a checkpoint or a lock): that session is ended first, so
+ * that its lock, still ours, is not taken for another restore's. Under the claim, the database must still be
+ * the one this run created (`oid`): another restore may have replaced it, and finished, meanwhile.
+ */
+async function reclaim(client: pg.Client, name: string, created: CreatedDatabase, seconds: number): Promise<void> {
+  const endOld =
+    'SELECT pg_catalog.pg_terminate_backend(pid, $2) FROM pg_catalog.pg_stat_activity ' +
+    'WHERE pid = $1 AND application_name = $3';
+  await answeredWithin(client, seconds, async () => {
+    if (created.adminPid) await client.query(endOld, [created.adminPid, seconds * 1000, APPLICATION_NAME]);
+    if (!(await claimed(client, name))) throw new Error(TAKEN_OVER);
+    const { rows } = await client.query<{ oid: number }>(DATABASE_OID_SQL, [name]);
+    if (rows[0] && created.oid !== undefined && Number(rows[0].oid) !== created.oid) throw new Error(TAKEN_OVER);
+  });
+}
+
+const DATABASE_OID_SQL = 'SELECT oid FROM pg_catalog.pg_database WHERE datname = $1';
+
+/** What the clean-up knows of a database this run created, and of the session that claimed it. */
+interface CreatedDatabase {
+  /** Aborted once the admin session, and with it the claim on a named target, is gone. */
+  claimLost: AbortSignal;
+  adminPid?: number | undefined;
+  oid?: number | undefined;
+}
+
+/** A server restarting, or recovering after a crash, as a new connection meets it (its socket file gone: ENOENT). */
 const SERVER_COMING_BACK =
-  /the database system is (starting up|shutting down|in recovery mode|not yet accepting connections)|ECONNREFUSED/;
+  /the database system is (starting up|shutting down|in recovery mode|not yet accepting)|ECONNREFUSED|ENOENT/;
 
 /** What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone. */
 type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown';
@@ -5869,10 +5902,13 @@ export function unsupportedProvider(options: DatabaseOptions, major: number): st
  * created with the server's defaults, a SQL_ASCII database's bytes would be stored unchecked in a UTF8
  * one that no backup of it could restore. Options the server refuses (a locale it lacks) are exit 7.
  */
-async function createDatabase(admin: pg.Client, name: string, like: DatabaseOptions = {}): Promise<void> {
+/** Create `name` like the backup's database; its oid, by which the clean-up knows it is still this one. */
+async function createDatabase(admin: pg.Client, name: string, like: DatabaseOptions = {}): Promise<number> {
   const options = Object.entries(like).map(([option, value]) => ` ${option} ${admin.escapeLiteral(value)}`);
   try {
     await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)} TEMPLATE template0${options.join('')}`);
+    const { rows } = await admin.query<{ oid: number }>(DATABASE_OID_SQL, [name]);
+    return Number(rows[0]!.oid);
   } catch (error) {
     const code = errnoCode(error) ?? '';
     if (options.length === 0 || !/^(22|42)/.test(code) || ['42501', '42P04'].includes(code)) throw error;
@@ -6440,6 +6476,11 @@ async function restorePipeline(
     config,
     timeout,
     async (admin) => {
+      // A named target's claim (claimRestoreTarget) ends with the admin session, and with it the restore.
+      const claimLost = new AbortController();
+      if (!drill) admin.once('end', () => claimLost.abort(claimLostError(config, target)));
+      const { processID } = admin as pg.Client & { processID: number | null };
+      const created: CreatedDatabase = { claimLost: claimLost.signal, adminPid: processID ?? undefined };
       // Until the target is touched, an interrupt cuts the connection: a check stuck on a frozen server
       // or a lock ends at once. From the create or drop on, the connection is needed to clean up.
       const { server, state, like } = await untilAborted(admin, signal, async () => {
@@ -6498,7 +6539,7 @@ async function restorePipeline(
       // gone and an empty one may hold part of the restore, which the message must say.
       if (signal.aborted) throw withTargetFate(signal.reason, target, targetAction, archive.filePath);
       if (state === 'missing' || request.clean)
-        await untilAborted(admin, signal, () => createDatabase(admin, target, like), timeout).catch(
+        created.oid = await untilAborted(admin, signal, () => createDatabase(admin, target, like), timeout).catch(
           (error: unknown) => {
             throw withTargetFate(asBackupError(error, config), target, targetAction, archive.filePath);
           },
@@ -6508,9 +6549,6 @@ async function restorePipeline(
       let durationMs = 0;
       let counts: Record<string, number> | undefined;
       let failure: { error: unknown } | undefined;
-      // A named target's claim ends with the admin session, and with it the restore (claimLostError).
-      const claimLost = new AbortController();
-      if (!drill) admin.once('end', () => claimLost.abort(claimLostError(config, target)));
       const restoring = AbortSignal.any([signal, claimLost.signal]);
       try {
         run = await runPgRestore(archive, config, target, server, { ...request, drill }, restoring);
@@ -6527,11 +6565,16 @@ async function restorePipeline(
       // channel says so.
       const notDropped =
         drill || (failure && targetAction !== 'used empty')
-          ? await dropCreatedDatabase(admin, config, target, {
-              serverMajor: server.major,
-              connectTimeoutSeconds: timeout,
-              claimLost: claimLost.signal,
-            })
+          ? await dropCreatedDatabase(
+              admin,
+              config,
+              target,
+              {
+                serverMajor: server.major,
+                connectTimeoutSeconds: timeout,
+              },
+              created,
+            )
           : undefined;
       const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);
       if (failure) throw leftBehind(withTargetFate(failure.error, target, targetAction, archive.filePath, notDropped));
@@ -6589,7 +6632,8 @@ function withTargetFate(
           `Empty "${target}" (or drop it) before restoring into it again`,
         ];
   const { exitCode, title, details, hints, extra } = error;
-  return new BackupError(exitCode, title, `${details}\n${fate}`, [hint, ...hints], extra);
+  const said = action === 'used empty' ? notCleanedUp(details) : details;
+  return new BackupError(exitCode, title, `${said}\n${fate}`, [hint, ...hints], extra);
 }
 
 /**

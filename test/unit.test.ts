@@ -1176,6 +1176,11 @@ describe('error classification', () => {
         'shutting down',
       'pg_dump: error: Dumping the contents of table "t" failed: PQgetResult() failed.\npg_dump: detail: Error message ' +
         'from server: SSL SYSCALL error: EOF detected',
+      // A --jobs worker connecting while the server is down, by TCP and by its socket.
+      'pg_restore: error: connection to server at "127.0.0.1", port 5432 failed: Connection refused\n\tIs the server ' +
+        'running on that host and accepting TCP/IP connections?',
+      'pg_restore: error: connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such file or ' +
+        'directory\n\tIs the server running locally and accepting connections on that socket?',
     ];
     for (const details of ended) {
       const error = toolConnectionError('pg_restore', details);
@@ -1185,7 +1190,9 @@ describe('error classification', () => {
     const full = toolConnectionError('pg_restore', 'FATAL:  sorry, too many clients already');
     assert.equal(full?.title, 'No free connection for pg_restore');
     assert.match(full!.hints[0]!, /^pg_restore --jobs N opens N connections/);
-    for (const other of ['ERROR:  relation "t" does not exist', 'ERROR:  permission denied for table t'])
+    // A standby's conflict ends the session too, but the server is there: its own failure, not a lost connection.
+    const conflict = 'FATAL:  terminating connection due to conflict with recovery';
+    for (const other of ['ERROR:  relation "t" does not exist', 'ERROR:  permission denied for table t', conflict])
       assert.equal(toolConnectionError('pg_restore', other), undefined, other);
   });
 });
