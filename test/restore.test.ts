@@ -92,6 +92,13 @@ async function databases(on: TestServer = server): Promise<string[]> {
   );
 }
 
+/** A --clean target holding rows, and its snapshot, for tests that must leave it exactly as it was. */
+async function targetToKeep(prefix: string) {
+  const target = uniqueName(prefix);
+  await server.createDatabase(target, ['CREATE TABLE precious (id int)', 'INSERT INTO precious VALUES (1), (2)']);
+  return { target, before: await withDatabase(target, snapshotDatabase) };
+}
+
 /** A private copy of the backup (dump + metadata) to edit. */
 /** `--restore FILE --target-db TARGET`, then `extra`, with this file's configuration. */
 const restoreArgs = (file: string, target: string, ...extra: string[]) => [
@@ -503,9 +510,7 @@ describe('--restore', () => {
     "Ctrl-C while --clean's drop waits on a lock → the server cancels the drop, exit 130 at once; the target stays",
     { timeout: 90_000 },
     async () => {
-      const target = uniqueName('rs_lockdrop');
-      await server.createDatabase(target, ['CREATE TABLE precious (id int)', 'INSERT INTO precious VALUES (1), (2)']);
-      const before = await withDatabase(target, snapshotDatabase);
+      const { target, before } = await targetToKeep('rs_lockdrop');
       // A session of another role or tool, in a transaction that locks the database: DROP DATABASE waits for it.
       const holder = await server.connect('postgres');
       await holder.query(`BEGIN; COMMENT ON DATABASE ${target} IS 'held'`);
@@ -540,9 +545,7 @@ describe('--restore', () => {
     'SIGTERM while a frozen backend holds up the drop of the locale probe → exit 143 at once, the probe named to drop',
     { timeout: 90_000 },
     async () => {
-      const target = uniqueName('rs_frozen');
-      await server.createDatabase(target, ['CREATE TABLE precious (id int)', 'INSERT INTO precious VALUES (1)']);
-      const before = await withDatabase(target, snapshotDatabase);
+      const { target, before } = await targetToKeep('rs_frozen');
       // A backend that never answers the barrier every DROP DATABASE waits for (a process stopped, swapped out).
       const frozen = await server.connect('postgres');
       const { pid } = (await frozen.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!;
