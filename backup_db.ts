@@ -5697,7 +5697,7 @@ async function dropCreatedDatabase(
   admin: pg.Client,
   config: DbConfig,
   name: string,
-  { serverMajor, connectTimeoutSeconds }: { serverMajor: number; connectTimeoutSeconds: number },
+  { serverMajor, timeout: connectTimeoutSeconds }: { serverMajor: number; timeout: number },
   created: CreatedDatabase,
 ): Promise<string | undefined> {
   // A frozen server (or one holding the drop on a lock) must not hold an interrupted run: each try gets a deadline.
@@ -5730,7 +5730,7 @@ async function dropCreatedDatabase(
 }
 
 /**
- * The claim on `name` again, on `client`, once the admin session (`pid`) that held it is gone, or cut by us
+ * The claim on `name` again, on `client`, once the admin session (`adminPid`) that held it is gone, or cut by us
  * while its server still runs it (a drop waiting on a checkpoint or a lock): that session is ended first, so
  * that its lock, still ours, is not taken for another restore's. Under the claim, the database must still be
  * the one this run created (`oid`): another restore may have replaced it, and finished, meanwhile.
@@ -5901,8 +5901,8 @@ export function unsupportedProvider(options: DatabaseOptions, major: number): st
  * Create a database from template0 (a clean one, whatever was added to template1), `like` the backup's:
  * created with the server's defaults, a SQL_ASCII database's bytes would be stored unchecked in a UTF8
  * one that no backup of it could restore. Options the server refuses (a locale it lacks) are exit 7.
+ * Returns its oid, by which the clean-up knows it is still the one this run created.
  */
-/** Create `name` like the backup's database; its oid, by which the clean-up knows it is still this one. */
 async function createDatabase(admin: pg.Client, name: string, like: DatabaseOptions = {}): Promise<number> {
   const options = Object.entries(like).map(([option, value]) => ` ${option} ${admin.escapeLiteral(value)}`);
   try {
@@ -6565,16 +6565,7 @@ async function restorePipeline(
       // channel says so.
       const notDropped =
         drill || (failure && targetAction !== 'used empty')
-          ? await dropCreatedDatabase(
-              admin,
-              config,
-              target,
-              {
-                serverMajor: server.major,
-                connectTimeoutSeconds: timeout,
-              },
-              created,
-            )
+          ? await dropCreatedDatabase(admin, config, target, { serverMajor: server.major, timeout }, created)
           : undefined;
       const leftBehind = (error: unknown) => (notDropped ? withLeftBehind(error, config, target, notDropped) : error);
       if (failure) throw leftBehind(withTargetFate(failure.error, target, targetAction, archive.filePath, notDropped));
