@@ -2329,6 +2329,10 @@ export function databaseFailure(error: unknown, server?: Pick<DbConfig, 'host' |
   ]);
 }
 
+/** The server's words for refusing a new session while it starts, stops or recovers (SQLSTATE 57P03). */
+const SERVER_NOT_READY =
+  'the database system is (shutting down|starting up|in recovery mode|not yet accepting connections)';
+
 /** libpq's and the server's words for a client tool's session that its server ended, or would not start. */
 const TOOL_CONNECTION_LOST = new RegExp(
   [
@@ -2339,7 +2343,7 @@ const TOOL_CONNECTION_LOST = new RegExp(
     'no connection to the server',
     'could not (send|receive) data (to|from) server',
     'SSL SYSCALL error',
-    'the database system is (shutting down|starting up|in recovery mode|not yet accepting connections)',
+    SERVER_NOT_READY,
   ].join('|'),
 );
 
@@ -2921,8 +2925,8 @@ export function pgDumpError(error: unknown, outputDir = '.', user?: string): Bac
       "Install client tools of the server's major version and put them first on PATH",
     ]);
   }
-  const parallel = parallelDumpError(details) ?? toolConnectionError('pg_dump', details);
-  if (parallel) return parallel;
+  const known = parallelDumpError(details) ?? toolConnectionError('pg_dump', details);
+  if (known) return known;
   if (/permission denied/i.test(details)) return privilegeError(details, user);
   if (/out of shared memory/i.test(details)) return lockSpaceError(details, /^HINT:\s+(.+)$/m.exec(details)?.[1]);
   // --lock-wait-timeout is a statement_timeout around pg_dump's LOCK TABLE; its workers use NOWAIT.
@@ -5758,8 +5762,7 @@ interface CreatedDatabase {
 }
 
 /** A server restarting, or recovering after a crash, as a new connection meets it (its socket file gone: ENOENT). */
-const SERVER_COMING_BACK =
-  /the database system is (starting up|shutting down|in recovery mode|not yet accepting)|ECONNREFUSED|ENOENT/;
+const SERVER_COMING_BACK = new RegExp(`${SERVER_NOT_READY}|ECONNREFUSED|ENOENT`);
 
 /** What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone. */
 type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown';
@@ -5778,14 +5781,14 @@ async function withDropInterrupted(
   error: unknown,
   admin: pg.Client,
   config: DbConfig,
-  names: { target: string; probe?: string | undefined; filePath: string; seconds: number },
+  facts: { target: string; probe?: string | undefined; filePath: string; seconds: number },
 ): Promise<unknown> {
-  const { target, probe, filePath, seconds } = names;
+  const { target, probe, filePath, seconds } = facts;
   const sql = 'SELECT datname AS name, datconnlimit AS limit FROM pg_catalog.pg_database WHERE datname = ANY($1)';
   const rows = await answeredWithin(admin, seconds, () => admin.query(sql, [[target, probe]]))
     .then((result) => result.rows as Array<{ name: string; limit: number }>)
     .catch(() => undefined);
-  const [targetFate, probeFate] = [dropFate(target, rows), probe && dropFate(probe, rows)];
+  const targetFate = dropFate(target, rows);
   const fated = targetFate === 'gone' ? withTargetFate(error, target, 'replaced', filePath) : error;
   if (!(fated instanceof BackupError)) return fated;
   const shown = visibleControls(target);
@@ -5802,7 +5805,8 @@ async function withDropInterrupted(
     lines.push(`${where} did not answer: "${shown}" may or may not have been dropped`);
     hints.push(`Check with psql -l; if connecting to "${target}" fails as invalid, drop it: ${dropIt(target)}`);
   }
-  if (probe && probeFate && probeFate !== 'gone') {
+  const probeFate = probe === undefined ? 'gone' : dropFate(probe, rows);
+  if (probe !== undefined && probeFate !== 'gone') {
     const left = probeFate === 'unknown' ? 'may be left' : 'is left';
     lines.push(`"${probe}", an empty database made to check the backup's locale, ${left} on ${where}`);
     hints.push(`Drop it: ${dropIt(probe)}`);
@@ -6174,7 +6178,8 @@ async function runPgRestore(
   const stderr = String(result.stderr).trim();
   const skippedSettings = newerClient && result.exitCode === 1 ? unknownSettingsOnly(stderr) : undefined;
   if (skippedSettings) return { jobs, settings, skippedSettings };
-  const lost = toolConnectionError('pg_restore', toolMessage(stderr));
+  const message = toolMessage(stderr);
+  const lost = toolConnectionError('pg_restore', message);
   if (lost) throw lost;
   const memory = /memory required is (\d+) MB, maintenance_work_mem is (\d+) MB/.exec(stderr);
   // The server quotes the name as it is, a quote in it undoubled: to the line's last `" does not exist`.
@@ -6182,7 +6187,7 @@ async function runPgRestore(
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     'pg_restore failed',
-    toolMessage(stderr) || `pg_restore exited with code ${result.exitCode}`,
+    message || `pg_restore exited with code ${result.exitCode}`,
     [
       ...(memory || /out of memory|could not resize shared memory/i.test(stderr)
         ? [
@@ -6658,16 +6663,8 @@ function withLeftBehind(error: unknown, config: DbConfig, target: string, why: s
         'still attached to it (a superuser)';
   const data = { ...extra.data, target_database: target, target_action: LEFT_BEHIND };
   const untrue = /not left half-restored/; // pg_restore's hint, no longer true
-  return new BackupError(
-    exitCode,
-    title,
-    `${notCleanedUp(details)}\n${fate}`,
-    [drop, ...hints.filter((h) => !untrue.test(h))],
-    {
-      ...extra,
-      data,
-    },
-  );
+  const kept = hints.filter((h) => !untrue.test(h));
+  return new BackupError(exitCode, title, `${notCleanedUp(details)}\n${fate}`, [drop, ...kept], { ...extra, data });
 }
 
 /**
