@@ -3027,12 +3027,19 @@ export function describeWait(wait: SessionWait): string {
   const on = wait.wait_event_type
     ? `waits on ${wait.wait_event_type}${wait.wait_event ? ` (${wait.wait_event})` : ''}`
     : `is ${wait.state ?? 'busy'}`;
-  const blocked = (wait.blockers ?? []).map(
-    (b) =>
-      `blocked by pid ${b.pid} (user ${b.user ?? '?'}${b.application ? `, ${b.application}` : ''}, ` +
-      `${b.state ?? '?'}${b.since ? ` since ${b.since}` : ''}): ${foreignQuery(b.query ?? '')}`,
-  );
+  const blocked = (wait.blockers ?? []).map((b) => `blocked by ${describeSession(b)}`);
   return [`${who} ${on}${wait.query ? ` in "${foreignQuery(wait.query)}"` : ''}`, ...blocked].join('; ');
+}
+
+/** A session of someone else's, as pg_stat_activity shows it (SESSION_WAITS_SQL's blockers). */
+type OtherSession = NonNullable<SessionWait['blockers']>[number];
+
+/** Pure: another session, as a person reads it: its pid, who and since when, and its query, literals masked. */
+export function describeSession(b: OtherSession): string {
+  return (
+    `pid ${b.pid} (user ${b.user ?? '?'}${b.application ? `, ${b.application}` : ''}, ` +
+    `${b.state ?? '?'}${b.since ? ` since ${b.since}` : ''}): ${foreignQuery(b.query ?? '')}`
+  );
 }
 
 /**
@@ -5764,6 +5771,39 @@ interface CreatedDatabase {
 /** A server restarting, or recovering after a crash, as a new connection meets it (its socket file gone: ENOENT). */
 const SERVER_COMING_BACK = new RegExp(`${SERVER_NOT_READY}|ECONNREFUSED|ENOENT`);
 
+/** The sessions holding a lock on database $1: a migration's open transaction that touched it, a createdb -T copy. */
+const DATABASE_LOCK_HOLDERS_SQL = `
+  SELECT json_agg(json_build_object('pid', a.pid, 'user', a.usename, 'application', a.application_name,
+                                    'state', a.state, 'since', a.xact_start, 'query', left(a.query, 200))) AS holders
+    FROM pg_catalog.pg_stat_activity a
+   WHERE a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l
+                    WHERE l.locktype = 'object' AND l.granted AND l.pid <> pg_catalog.pg_backend_pid()
+                      AND l.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
+                      AND l.objid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1))`;
+
+/**
+ * --clean's drop of `target`, not granted its lock within --lock-wait-timeout (`waitedMs`): as a backup
+ * gives up on a locked table, naming the sessions that hold it, read back within `seconds`.
+ */
+async function targetLockedError(admin: pg.Client, target: string, waitedMs: number, seconds: number, error: unknown) {
+  const holders = await answeredWithin(admin, seconds, () =>
+    admin.query<{ holders: OtherSession[] | null }>(DATABASE_LOCK_HOLDERS_SQL, [target]),
+  )
+    .then(({ rows }) => rows[0]?.holders ?? [])
+    .catch(() => []);
+  const end = holders[0] && `SELECT pg_terminate_backend(${holders[0].pid});`;
+  return new BackupError(
+    EXIT.BACKUP_FAILED,
+    `"${visibleControls(target)}" stayed locked by another session`,
+    `DROP DATABASE waited ${formatDuration(waitedMs)} (--lock-wait-timeout) for its lock, ` +
+      (holders.length > 0 ? `held by ${holders.map(describeSession).join('; ')}` : errorText(error)),
+    [
+      ...(end ? [`End or wait for the session holding it: ${end} (or let it finish), then restore again`] : []),
+      'Or wait longer for it: --lock-wait-timeout 5min (0 waits for ever)',
+    ],
+  );
+}
+
 /** What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone. */
 type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown';
 
@@ -6427,6 +6467,8 @@ export interface RestoreRequest {
   clean: boolean;
   force: boolean;
   connectTimeoutSeconds: number;
+  /** How long --clean's drop waits for another session's lock on the target; 0: for ever. */
+  lockWaitTimeoutMs: number;
   guard: ProdGuard;
   search: ClientSearch;
   tuning: RestoreTuning;
@@ -6520,19 +6562,26 @@ async function restorePipeline(
       });
       const drops = state !== 'missing' && request.clean;
       const probe = like && drops ? `backup_db_probe_${process.pid}_${randomName()}` : undefined;
-      // An interrupt cancels these on the server, and then what they had done is read back and said.
+      // An interrupt cancels these on the server, and then what they had done is read back and said. Another
+      // session's lock on the target is waited for as a backup waits for a table's: --lock-wait-timeout.
+      const { lockWaitTimeoutMs } = request;
       await untilAborted(
         admin,
         signal,
         async () => {
           if (probe) await assertCreatable(admin, probe, like!);
           signal.throwIfAborted();
-          if (drops) await dropDatabase(admin, target, server.major);
+          if (!drops) return;
+          await admin.query(`SET lock_timeout = ${lockWaitTimeoutMs}`);
+          await dropDatabase(admin, target, server.major);
+          await admin.query('RESET lock_timeout');
         },
         timeout,
       ).catch(async (error: unknown) => {
-        if (!signal.aborted || !drops) throw error;
-        throw await withDropInterrupted(error, admin, config, {
+        const locked = !signal.aborted && sqlStateOf(error) === '55P03'; // lock_not_available: lock_timeout
+        if (!drops || !(signal.aborted || locked)) throw error;
+        const stopped = locked ? await targetLockedError(admin, target, lockWaitTimeoutMs, timeout, error) : error;
+        throw await withDropInterrupted(stopped, admin, config, {
           target,
           probe,
           filePath: archive.filePath,
@@ -8442,7 +8491,7 @@ function buildProgram(): Command {
     .addOption(
       new Option(
         '--lock-wait-timeout <duration>',
-        'fail if a table lock is not granted within this time (500ms, 30s, 2min; 0 waits forever)',
+        "fail if a table lock (or --clean's on the target) is not granted in this time (500ms, 30s, 2min; 0: forever)",
       )
         .argParser(parseTimeout)
         .default(parseDuration(DEFAULT_LOCK_WAIT_TIMEOUT), DEFAULT_LOCK_WAIT_TIMEOUT),
@@ -8680,6 +8729,7 @@ async function runMode(
         clean: opts.clean === true,
         force: opts.force === true,
         connectTimeoutSeconds: opts.connectTimeout,
+        lockWaitTimeoutMs: opts.lockWaitTimeout,
         guard: {
           requestedEnv: opts.env,
           iKnowThisIsProd: opts.iKnowThisIsProd === true,

@@ -99,7 +99,6 @@ async function targetToKeep(prefix: string) {
   return { target, before: await withDatabase(target, snapshotDatabase) };
 }
 
-/** A private copy of the backup (dump + metadata) to edit. */
 /** `--restore FILE --target-db TARGET`, then `extra`, with this file's configuration. */
 const restoreArgs = (file: string, target: string, ...extra: string[]) => [
   '--restore',
@@ -111,6 +110,7 @@ const restoreArgs = (file: string, target: string, ...extra: string[]) => [
   configDir,
 ];
 
+/** A private copy of the backup (dump + metadata) to edit. */
 async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) {
   const dir = await tempDir();
   const dumpPath = path.join(dir, path.basename(backup.dumpPath));
@@ -533,6 +533,46 @@ describe('--restore', () => {
       assert.match(stderr.split('\n')[0]!, /^✗ Restore failed: Interrupted by SIGINT$/);
       assert.match(stderr, new RegExp(`"${target}" was not dropped: it is as it was`));
       assert.doesNotMatch(stderr, /had been dropped/);
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
+      assert.deepEqual(
+        (await databases()).filter((name) => name.startsWith('backup_db_probe_')),
+        [],
+      );
+    },
+  );
+
+  test(
+    "--clean's drop waits for a lock past --lock-wait-timeout → exit 7 naming the holder; the target stays",
+    { timeout: 90_000 },
+    async () => {
+      const { target, before } = await targetToKeep('rs_lockheld');
+      // A migration's open transaction that touched the database (or a createdb -T copying it) holds its lock.
+      const holder = await server.connect('postgres');
+      const { pid } = (await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!;
+      await holder.query('BEGIN');
+      await holder.query(`COMMENT ON DATABASE ${target} IS 'held'`);
+      try {
+        const result = await runCli({
+          args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev', '--lock-wait-timeout', '1s'),
+        });
+        const stderr = String(result.stderr);
+        assert.equal(result.exitCode, 7, stderr);
+        assert.match(
+          stderr.split('\n')[0]!,
+          new RegExp(`^✗ Restore failed: "${target}" stayed locked by another session$`),
+        );
+        assert.match(stderr, /DROP DATABASE waited 1 s \(--lock-wait-timeout\) for its lock/);
+        assert.match(
+          stderr,
+          new RegExp(`held by pid ${pid} \\(user \\w+, idle in transaction since [^)]+\\): COMMENT ON DATABASE`),
+        );
+        assert.match(stderr, new RegExp(`"${target}" was not dropped: it is as it was`));
+        assert.match(stderr, new RegExp(`SELECT pg_terminate_backend\\(${pid}\\);`));
+        assert.match(stderr, /--lock-wait-timeout 5min/);
+      } finally {
+        await holder.query('ROLLBACK');
+        await holder.end();
+      }
       assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
       assert.deepEqual(
         (await databases()).filter((name) => name.startsWith('backup_db_probe_')),
