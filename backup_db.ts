@@ -2416,6 +2416,8 @@ function lockSpaceError(details: string, serverHint?: unknown): BackupError {
 export interface ServerInfo {
   version: string;
   major: number;
+  /** server_version_num: 150018 for 15.18. */
+  num: number;
 }
 
 async function readServerInfo(client: pg.Client): Promise<ServerInfo> {
@@ -2424,7 +2426,7 @@ async function readServerInfo(client: pg.Client): Promise<ServerInfo> {
   );
   const row = rows[0]!;
   // server_version may carry a packager suffix ("15.18 (Debian 15.18-0+deb12u1)"); the metadata wants "15.18".
-  return { version: row.version.split(' ')[0]!, major: Math.floor(row.num / 10000) };
+  return { version: row.version.split(' ')[0]!, major: Math.floor(row.num / 10000), num: row.num };
 }
 
 // ─── Backup names ────────────────────────────────────────────────────────────────────────
@@ -5804,13 +5806,27 @@ async function targetLockedError(admin: pg.Client, target: string, waitedMs: num
   );
 }
 
-/** What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone. */
-type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown';
+/**
+ * What an interrupt left of a database it stopped the drop of: untouched, half-dropped (invalid), gone; or
+ * there, but maybe without some of its files, on a server that does not mark a drop cut short (unsure).
+ */
+type DropFate = 'kept' | 'invalid' | 'gone' | 'unknown' | 'unsure';
 
-/** Pure: `name`'s fate from pg_database's rows, if read (datconnlimit -2 marks a drop cut short: PostgreSQL 15.4+). */
-export function dropFate(name: string, rows: Array<{ name: string; limit: number }> | undefined): DropFate {
+/**
+ * Pure: `name`'s fate from pg_database's rows, if read: datconnlimit -2 marks a drop cut short, on a server
+ * that `marksInvalid` (marksHalfDroppedInvalid); on one that does not, a database still there is not proof.
+ */
+export function dropFate(name: string, rows: Array<{ name: string; limit: number }> | undefined, marksInvalid = true) {
   const row = rows?.find((r) => r.name === name);
-  return !rows ? 'unknown' : !row ? 'gone' : row.limit === -2 ? 'invalid' : 'kept';
+  const there: DropFate = marksInvalid ? 'kept' : 'unsure';
+  return !rows ? 'unknown' : !row ? 'gone' : row.limit === -2 ? 'invalid' : there;
+}
+
+/** Pure: whether a server (server_version_num) marks a database whose drop was cut short invalid (August 2023 on). */
+export function marksHalfDroppedInvalid(num: number): boolean {
+  const major = Math.floor(num / 10000);
+  const fixedIn = ownEntry<number>({ 15: 4, 14: 9, 13: 12, 12: 16, 11: 21 }, String(major));
+  return major >= 16 || (fixedIn !== undefined && num % 10000 >= fixedIn);
 }
 
 /**
@@ -5821,14 +5837,14 @@ async function withDropInterrupted(
   error: unknown,
   admin: pg.Client,
   config: DbConfig,
-  facts: { target: string; probe?: string | undefined; filePath: string; seconds: number },
+  facts: { target: string; probe?: string | undefined; filePath: string; seconds: number; server: ServerInfo },
 ): Promise<unknown> {
-  const { target, probe, filePath, seconds } = facts;
+  const { target, probe, filePath, seconds, server } = facts;
   const sql = 'SELECT datname AS name, datconnlimit AS limit FROM pg_catalog.pg_database WHERE datname = ANY($1)';
   const rows = await answeredWithin(admin, seconds, () => admin.query(sql, [[target, probe]]))
     .then((result) => result.rows as Array<{ name: string; limit: number }>)
     .catch(() => undefined);
-  const targetFate = dropFate(target, rows);
+  const targetFate = dropFate(target, rows, marksHalfDroppedInvalid(server.num));
   const fated = targetFate === 'gone' ? withTargetFate(error, target, 'replaced', filePath) : error;
   if (!(fated instanceof BackupError)) return fated;
   const shown = visibleControls(target);
@@ -5840,6 +5856,13 @@ async function withDropInterrupted(
   if (targetFate === 'invalid') {
     lines.push(`"${shown}" was being dropped: its old content is gone, and what is left of it cannot be used`);
     hints.push(`Drop it, ${dropIt(target)} then restore it again`);
+  }
+  if (targetFate === 'unsure') {
+    lines.push(
+      `"${shown}" is still there, but PostgreSQL ${server.version} may have removed some of its files before the ` +
+        'drop was stopped (15.4, 14.9, 13.12, 12.16, 11.21 and later mark such a database as invalid)',
+    );
+    hints.push('Check its tables before using it; if in doubt, restore it again with --clean');
   }
   if (targetFate === 'unknown') {
     lines.push(`${where} did not answer: "${shown}" may or may not have been dropped`);
@@ -6586,6 +6609,7 @@ async function restorePipeline(
           probe,
           filePath: archive.filePath,
           seconds: timeout,
+          server,
         });
       });
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';

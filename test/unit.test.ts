@@ -7,6 +7,7 @@ import { describe, test } from 'node:test';
 import {
   displayPath,
   dropFate,
+  marksHalfDroppedInvalid,
   toolConnectionError,
   expandHome,
   shellWord,
@@ -1479,6 +1480,31 @@ describe('restore helpers', () => {
     assert.equal(dropFate('gone', rows), 'gone');
     assert.equal(dropFate('kept', undefined), 'unknown');
     assert.equal(dropFate('gone', []), 'gone');
+    // A server that does not mark a drop cut short invalid: a database still there may have lost its files.
+    assert.equal(dropFate('kept', rows, false), 'unsure');
+    assert.equal(dropFate('half', rows, false), 'invalid');
+    assert.equal(dropFate('gone', rows, false), 'gone');
+  });
+
+  test('marksHalfDroppedInvalid: the releases that mark a database whose drop was cut short (August 2023 on)', () => {
+    for (const [num, marks] of [
+      [170000, true],
+      [160000, true],
+      [150004, true],
+      [150003, false],
+      [140009, true],
+      [140008, false],
+      [130012, true],
+      [130011, false],
+      [120016, true],
+      [120015, false],
+      [110021, true],
+      [110020, false],
+      [100023, false],
+      [90624, false],
+    ] as const) {
+      assert.equal(marksHalfDroppedInvalid(num), marks, String(num));
+    }
   });
 
   test('archiveExtensions reads the EXTENSION entries of a table of contents', () => {
