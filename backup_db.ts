@@ -6888,14 +6888,29 @@ export interface Automation {
   startPingFailure?: string;
 }
 
-/** Pure: a run in one line, from a redacted record: what webhooks and heartbeat pings carry. */
+/**
+ * Pure: a run in one line, from a redacted record: what webhooks and heartbeat pings carry. A name's line
+ * break is shown escaped (it would forge a line of its own in Slack); the details' lines are joined. At most
+ * 2,000 characters, Discord's limit for a message: a longer one is refused whole.
+ */
 export function runSummary(record: RunRecord): string {
   const what = record.database ? `${record.command} of ${record.database} (${record.environment})` : record.command;
-  return record.outcome === 'success'
-    ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}` +
+  const details = record.details?.split(/\r?\n/).join('; ');
+  const line =
+    record.outcome === 'success'
+      ? `✓ backup_db: ${what} succeeded on ${record.host}${record.file ? `: ${record.file}` : ''}` +
         (record.size_bytes ? ` (${formatBytes(record.size_bytes)})` : '')
-    : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}` +
-        (record.details ? ` (${record.details})` : '');
+      : `✗ backup_db: ${what} FAILED on ${record.host} (exit ${record.exit_code}): ${record.error}` +
+        (details ? ` (${details})` : '');
+  return cutText(visibleControls(line), 2000);
+}
+
+/** Pure: `text` cut to at most `max` characters (code points), saying how many were cut. */
+export function cutText(text: string, max: number): string {
+  const chars = [...text];
+  const note = (count: number) => ` … (${count} more characters cut)`;
+  const kept = max - note(chars.length).length;
+  return chars.length <= max ? text : chars.slice(0, kept).join('') + note(chars.length - kept);
 }
 
 /** How long a webhook or heartbeat receiver gets to answer one POST: exit is never held up for long. */
@@ -6947,7 +6962,12 @@ function interruption(signal: AbortSignal): string {
 export function fetchFailure(error: unknown, url: string): string {
   const cause = error instanceof Error ? error.cause : undefined;
   const because = cause instanceof Error ? cause.message || errnoCode(cause) : undefined;
-  return `${errorText(error)}${because ? `: ${because}` : ''}`.split(url).join('the URL');
+  const said = `${errorText(error)}${because ? `: ${because}` : ''}`.split(url).join('the URL');
+  // DNS and TLS errors name the host, which some receivers make the token (https://<token>.m.pipedream.net);
+  // an address is no token, and says which one refused.
+  const host = URL.canParse(url) ? new URL(url).hostname.replace(/^\[|\]$/g, '') : '';
+  const named = new RegExp(`(?<![\\w.-])${escapeRegExp(host)}(?![\\w-])`, 'gi');
+  return host && !isIP(host) ? said.replace(named, "the URL's host") : said;
 }
 
 /** POST the payload, retrying once on a network error, a timeout, 429 or 5xx: two attempts at most. */
@@ -6969,23 +6989,28 @@ export function hookEnvironment(record: RunRecord, base: NodeJS.ProcessEnv, secr
     if (value === undefined || CREDENTIAL_VARIABLE.test(name)) continue;
     env[name] = OWN_SETTING.test(name) ? maskSecrets(value, secrets) : value;
   }
+  // Linux refuses a variable over 128 KiB (the command would not start): the details are cut, whole in the log.
+  const details = cutText(record.details ?? '', HOOK_DETAILS_MAX);
   const own = {
     BACKUP_COMMAND: record.command,
     BACKUP_OUTCOME: record.outcome,
     BACKUP_EXIT_CODE: String(record.exit_code),
     BACKUP_ERROR: record.error ?? '',
-    BACKUP_DETAILS: record.details ?? '',
+    BACKUP_DETAILS: details,
     BACKUP_ENVIRONMENT: record.environment ?? '',
     BACKUP_DATABASE: record.database ?? '',
     BACKUP_FILE: record.file ?? '',
     BACKUP_HOST: record.host,
     BACKUP_TIME: record.time,
-    BACKUP_RECORD: JSON.stringify(record),
+    BACKUP_RECORD: JSON.stringify(record.details === undefined ? record : { ...record, details }),
   };
   // A variable cannot hold a NUL byte (a setting may: the command would not start): shown as on the terminal.
   for (const [name, value] of Object.entries(own)) env[name] = value.replaceAll('\0', '\\x00');
   return env;
 }
+
+/** Characters of details in the failure command's variables: 6 bytes each at most in JSON, far below 128 KiB. */
+const HOOK_DETAILS_MAX = 8000;
 
 /** Variables that hold credentials whole: never handed to the failure command. */
 const CREDENTIAL_VARIABLE = /PASSWORD$|DATABASE_URL$|^BACKUP_NOTIFY_URL$|^BACKUP_PING_URL$/;
@@ -7599,6 +7624,9 @@ const SQL_TOKEN = new RegExp(
     .join('|'),
   'y',
 );
+/** A numeric constant (an id, a card number): 42, -2.5e3's 2.5e3, .5, 0x1F, 1_000; never a name's digits or $1. */
+const SQL_NUMBER =
+  /(?<![\w$\u0080-\uffff])(?:0[xXoObB][\da-fA-F_]+|(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?)/y;
 /** SET name = value, SET LOCAL name TO value: a setting's value (an API key, say) need not be quoted. */
 const SET_VALUE =
   /(\bSET\s+(?:SESSION\s+|LOCAL\s+)?[\w.]+\s*(?:=|\bTO\b)\s*)(?:"(?:[^"]|"")*"?|[^\s;,'"()]+(?![\w']))/gi;
@@ -7618,7 +7646,7 @@ function blockCommentEnd(text: string, from: number): number {
 
 /**
  * Pure: another session's query as a message quotes it: on one line (its line breaks would forge
- * lines of ours), every literal, comment and setting value masked, as any may carry a secret (a
+ * lines of ours), every literal (numbers too), comment and setting value masked, as any may carry a secret (a
  * PASSWORD, a key, a connection string) or personal data. What it does and to which tables stays readable.
  */
 export function foreignQuery(query: string): string {
@@ -7633,11 +7661,11 @@ export function foreignQuery(query: string): string {
       [read, i] = [`${read}/* **** */`, blockCommentEnd(query, i)];
       continue;
     }
-    SQL_TOKEN.lastIndex = i;
+    SQL_TOKEN.lastIndex = SQL_NUMBER.lastIndex = i;
     const token = SQL_TOKEN.exec(query);
-    [read, i] = token
-      ? [read + mask(token[0], token[1]), tokenEnd(query, token[0], SQL_TOKEN.lastIndex)]
-      : [read + query[i], i + 1];
+    if (token) [read, i] = [read + mask(token[0], token[1]), tokenEnd(query, token[0], SQL_TOKEN.lastIndex)];
+    else if (SQL_NUMBER.test(query)) [read, i] = [`${read}****`, SQL_NUMBER.lastIndex];
+    else [read, i] = [read + query[i], i + 1];
   }
   return read.replace(SET_VALUE, '$1****').replace(/\s+/g, ' ');
 }
@@ -8903,7 +8931,7 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
  * commander), less a log or metrics path refused as not a regular file. Their secrets join `secrets`.
  */
 async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined, secrets: string[]) {
-  const vars = loaded ?? (await loadEnvVars(path.resolve(opts.configDir), process.env).catch(() => new Map()));
+  const vars: EnvVars = loaded ?? new Map();
   const { logFile, metricsFile, ...usable } = resolveAutomation(opts, settingReader(vars, true));
   const files = { logFile, metricsFile };
   const known = assertSettingPathsKnown([
@@ -8916,6 +8944,16 @@ async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined,
   );
   secrets.push(...secretsIn(vars), ...automationSecrets(usable));
   return refused ? usable : { ...usable, ...files };
+}
+
+/** What a run that failed on its command line or settings can say of its database, from the settings that parse. */
+function readableFacts(opts: CliOptions, vars: EnvVars): Outcome['facts'] {
+  try {
+    const mode = chooseMode(opts);
+    return knownFacts(mode, configuredDatabase(mode, opts, vars));
+  } catch {
+    return {};
+  }
 }
 
 /** The automation settings that are credentials: webhook and ping URLs carry their tokens. */
@@ -9049,7 +9087,10 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   }
   // Commander stops at the first bad value: the settings after it are read as it would have read them.
   const readable = parseFailure ? { ...opts, ...optionsReadableIn(program, argv) } : opts;
+  vars ??= await loadEnvVars(path.resolve(readable.configDir), process.env).catch(() => undefined);
   const recordTo = automation ?? (await readableAutomation(readable, vars, secrets));
+  // A run that failed on another setting (BACKUP_KEEP_DAILY=7days) is still its database's: logged and in its metrics.
+  if (!config && vars) known = readableFacts(readable, vars);
 
   const operation = OPERATION_NAMES[outcome.command];
   // Names of a run that worked, which it reports itself: a password inside one is masked only outside

@@ -419,15 +419,17 @@ describe('a run that fails on its command line or settings', () => {
     { what: 'the password given to an option', args: ['--keep-daily', '%password'], env: {} },
   ];
   for (const { what, args, env } of mistakes) {
-    test(`${what}: exit 2, logged, notified and hooked from the settings that parse`, async () => {
+    test(`${what}: exit 2, logged, notified, hooked and in the metrics from the settings that parse`, async () => {
       const receiver = await webhook();
       try {
         const configDir = await tempDir();
         const [logFile, hooked] = [path.join(configDir, 'runs.log'), path.join(configDir, 'hooked')];
+        const metricsFile = path.join(configDir, 'backup.prom');
         await writeEnvFile(configDir, '.env', {
           ...dbVars(server, 'DEV_DB_', 'notify_app'),
           BACKUP_NOTIFY_URL: receiver.url,
           BACKUP_LOG_FILE: logFile,
+          BACKUP_METRICS_FILE: metricsFile,
           BACKUP_ON_FAILURE: `echo $BACKUP_EXIT_CODE $BACKUP_ERROR > ${hooked}`,
         });
         const base = ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out')];
@@ -436,6 +438,10 @@ describe('a run that fails on its command line or settings', () => {
         assert.equal(result.exitCode, 2, result.stdout + result.stderr);
         const [logged] = await readLog(logFile);
         assert.deepEqual([logged.command, logged.outcome, logged.exit_code], ['backup', 'failure', 2]);
+        // The database settings parse: the failure is that database's, and its metrics say so (no stale exit 0).
+        assert.deepEqual([logged.database, logged.environment], ['notify_app', 'dev']);
+        const metrics = await fs.readFile(metricsFile, 'utf8');
+        assert.match(metrics, /^backup_db_last_exit_code\{database="notify_app",environment="dev"\} 2$/m);
         assert.equal(receiver.received.length, 1, 'one notification');
         assert.equal(receiver.received[0]!.body.exit_code, 2);
         assert.match(await fs.readFile(hooked, 'utf8'), /^2 Configuration error/);
@@ -539,6 +545,41 @@ describe('--on-failure', () => {
     for (const secret of ['Wr0ng-pa55word', 'process-env-Secret', 'pg-env-Secret'])
       assert.ok(!text.includes(secret), `${secret} is not passed on`);
     assert.ok(env.PATH, 'the ordinary environment is');
+  });
+
+  test('a failure naming thousands of files still reaches the command and Discord: details cut, never refused', async () => {
+    const s = await setup();
+    const outputDir = path.join(s.configDir, 'out');
+    await fs.mkdir(outputDir);
+    // A storage fault that damaged every backup: --check names each file that does not count (140 KB of details,
+    // over Linux's 128 KiB for one variable, and Discord's 2,000 characters for one message).
+    const hour = 3_600_000;
+    for (let i = 0; i < 2600; i++) {
+      const stamp = new Date(Date.UTC(2026, 0, 1) + i * hour).toISOString().replace(/:/g, '-').replace('.000', '');
+      await fs.writeFile(path.join(outputDir, `notify_app_dev_${stamp}.dump`), 'x');
+    }
+    const got = path.join(s.configDir, 'hook-details.txt');
+    const hook = await webhook();
+    try {
+      const result = await runCli({
+        args: [...s.base, '--check', '--max-age', '26h', '--notify-url', hook.url],
+        env: { BACKUP_ON_FAILURE: `printf '%s' "$BACKUP_DETAILS" > '${got}'` },
+      });
+      assert.equal(result.exitCode, 8, result.stderr);
+      const warned = /⚠ .*(--on-failure command failed|Notification failed).*/.exec(result.stderr);
+      assert.equal(warned, null, 'neither the command nor the notification failed');
+      const details = await fs.readFile(got, 'utf8');
+      assert.match(
+        details,
+        /^no backup of notify_app \(dev\) .* 2600 files there do not count .* more characters cut\)$/,
+      );
+      assert.equal(hook.received.length, 1);
+      const text = String(hook.received[0]!.body.content);
+      assert.ok([...text].length <= 2000, `${[...text].length} characters`);
+      assert.match(text, /^✗ backup_db: check of notify_app \(dev\) FAILED .* more characters cut\)$/);
+    } finally {
+      await hook.close();
+    }
   });
 
   test('is not run when the run succeeds', async () => {

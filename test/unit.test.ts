@@ -57,6 +57,7 @@ import {
   problemDocument,
   misreadDotenvValues,
   hookEnvironment,
+  runSummary,
   databaseFailure,
   restoreSessionSettings,
   parseMemory,
@@ -713,6 +714,28 @@ describe('secrets', () => {
     assert.equal(fetchFailure(new TypeError(`URL with credentials: ${url}`), url), 'URL with credentials: the URL');
   });
 
+  test("fetchFailure never names the URL's host, which some receivers make the secret (https://<token>.m.pipedream.net)", () => {
+    const url = 'https://Eo9f3k2SecretToken.m.pipedream.net/';
+    const notFound = Object.assign(new Error('getaddrinfo ENOTFOUND eo9f3k2secrettoken.m.pipedream.net'), {
+      code: 'ENOTFOUND',
+    });
+    assert.equal(
+      fetchFailure(new TypeError('fetch failed', { cause: notFound }), url),
+      "fetch failed: getaddrinfo ENOTFOUND the URL's host",
+    );
+    const altnames = new Error(
+      "Hostname/IP does not match certificate's altnames: Host: eo9f3k2secrettoken.m.pipedream.net. is not in the " +
+        "cert's altnames: DNS:*.example.com",
+    );
+    assert.doesNotMatch(fetchFailure(new TypeError('fetch failed', { cause: altnames }), url), /secrettoken/i);
+    // An address is no token: it says which one refused.
+    const refused = new Error('connect ECONNREFUSED 127.0.0.1:8080');
+    assert.equal(
+      fetchFailure(new TypeError('fetch failed', { cause: refused }), 'http://127.0.0.1:8080/ping/T0KEN'),
+      'fetch failed: connect ECONNREFUSED 127.0.0.1:8080',
+    );
+  });
+
   test('hookEnvironment: credentials dropped, any inherited value holding a secret masked, the record as given', () => {
     const record = {
       time: 't',
@@ -758,6 +781,43 @@ describe('secrets', () => {
     const base = { PG_BIN_DIR: 'p"w$1é', BACKUP_LOG_FILE: '/l/p"w$1é', ENV_MODE: 'p"w$1é' };
     const env = hookEnvironment({ ...record, duration_ms: 1 }, base, ['p"w$1é']);
     assert.deepEqual([env.PG_BIN_DIR, env.BACKUP_LOG_FILE, env.ENV_MODE], ['****', '/l/****', '****']);
+  });
+
+  test('hookEnvironment cuts details the OS would refuse (128 KiB a variable), so the command still runs', () => {
+    const record = { time: 't', host: 'h', command: 'check' as const, outcome: 'failure' as const, exit_code: 8 };
+    const details = `${'x.dump: Size mismatch; '.repeat(6000)}é\u0001`;
+    const env = hookEnvironment({ ...record, duration_ms: 1, details }, {}, []);
+    for (const name of ['BACKUP_DETAILS', 'BACKUP_RECORD'])
+      assert.ok(Buffer.byteLength(env[name]!) <= 64 * 1024, `${name}: ${Buffer.byteLength(env[name]!)} bytes`);
+    assert.match(env.BACKUP_DETAILS!, /^x\.dump: Size mismatch; .* … \(\d+ more characters cut\)$/);
+    const inRecord = JSON.parse(env.BACKUP_RECORD!);
+    assert.equal(inRecord.details, env.BACKUP_DETAILS);
+    assert.equal(inRecord.exit_code, 8);
+    const short = hookEnvironment({ ...record, duration_ms: 1, details: 'short' }, {}, []);
+    assert.equal(short.BACKUP_DETAILS, 'short');
+  });
+
+  test('runSummary: one line, whatever a name holds, and short enough for Discord (2,000 characters)', () => {
+    const record = { time: 't', host: 'vm', command: 'backup' as const, exit_code: 0, duration_ms: 1 };
+    const forged = 'nl\n✓ backup_db: backup of prod OK';
+    const ok = runSummary({ ...record, outcome: 'success', database: forged, environment: 'dev' });
+    assert.equal(ok, '✓ backup_db: backup of nl\\n✓ backup_db: backup of prod OK (dev) succeeded on vm');
+    const failed = runSummary({
+      ...record,
+      outcome: 'failure',
+      exit_code: 8,
+      database: 'app',
+      environment: 'dev',
+      error: 'Check failed',
+      details: `first line\nsecond line\r\n${'a.dump: Size mismatch; '.repeat(200)}`,
+    });
+    assert.ok(!/[\u0000-\u001f]/.test(failed), failed);
+    assert.ok([...failed].length <= 2000, String([...failed].length));
+    assert.match(
+      failed,
+      /^✗ backup_db: backup of app \(dev\) FAILED on vm \(exit 8\): Check failed \(first line; second line; a\.dump/,
+    );
+    assert.match(failed, /… \(\d+ more characters cut\)$/);
   });
 
   test('hookEnvironment escapes the NUL bytes a variable cannot hold, and keeps the record whole in JSON', () => {
@@ -1939,6 +1999,19 @@ test("another session's query in a message: one line, its password literals mask
   assert.equal(foreignQuery("CREATE ROLE x password\n'cut sho"), "CREATE ROLE x password '****'");
 });
 
+test("another session's query: numbers masked too (a card number, an id), never a name's digits or a parameter", () => {
+  assert.equal(
+    foreignQuery(
+      "UPDATE t1 SET t = 'k' WHERE id=4111111111111111 AND x > -2.5e3 AND y = .5 AND z = $1; SELECT pg_sleep(15)",
+    ),
+    "UPDATE t1 SET t = '****' WHERE id=**** AND x > -**** AND y = **** AND z = $1; SELECT pg_sleep(****)",
+  );
+  assert.equal(
+    foreignQuery('SELECT 0x1F, 1_000_000, col2, "x 9" FROM s3.t4'),
+    'SELECT ****, ****, col2, "x 9" FROM s3.t4',
+  );
+});
+
 test("another session's query with a backslash in a plain literal: masked under either standard_conforming_strings", () => {
   // Off, \' does not end the literal; on, it does: masked to the query's last quote, both readings are covered.
   assert.equal(foreignQuery("SELECT 'it\\'s-Secret99 and api_key=HUNTER2'"), "SELECT '****'");
@@ -2048,9 +2121,9 @@ test("a COPY failure's ERROR line: the value it quotes masked, the type kept; an
       `pg_restore: error: could not execute query: ERROR:  ${masked}\nCONTEXT:  SQL function "ok" statement 1\\nCOPY users, line 1: "****"`,
     );
   }
-  // Not about a row COPY read (a default's or a query's literal): the server's words stay.
+  // Not about a row COPY read (a default's or a query's literal): the server's words stay; the SQL's are masked.
   const other = 'pg_restore: error: could not execute query: ERROR:  invalid input syntax for type integer: "abc"';
-  assert.equal(toolMessage(`${other}\nCommand was: SELECT 1;`), `${other}\nCommand was: SELECT 1;`);
+  assert.equal(toolMessage(`${other}\nCommand was: SELECT 1;`), `${other}\nCommand was: SELECT ****;`);
 });
 
 test("pg_restore's messages: a line break in a name joins the line it broke, shown as \\n", () => {
@@ -2078,7 +2151,7 @@ test("another session's query in a message: every literal masked, since any may 
   // A key, a connection string, personal data: the query's shape tells the operator enough.
   assert.equal(
     foreignQuery("SELECT dblink_connect('host=db password=hunter2'); UPDATE u SET ssn = E'123\\'45' WHERE id = 7"),
-    "SELECT dblink_connect('****'); UPDATE u SET ssn = E'****' WHERE id = 7",
+    "SELECT dblink_connect('****'); UPDATE u SET ssn = E'****' WHERE id = ****",
   );
   assert.equal(
     foreignQuery("CREATE FUNCTION f() RETURNS text AS $body$ SELECT 'k3y' $body$; SELECT $$x$$, $1"),
