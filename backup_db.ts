@@ -8312,8 +8312,9 @@ const parseTimeout = (value: string) => parseDuration(value);
 /** Pure: --max-age, a duration above 0 (0 is no limit elsewhere, but not here) of up to a year and a bit. */
 export function parseMaxAge(value: string): number {
   const [ms, maxMs] = [durationMs(value), 400 * DURATION_UNITS.d];
-  if (!(ms > 0 && ms <= maxMs))
-    throw new InvalidArgumentError(`Use a duration above 0, such as 26h or 8d, up to ${formatDuration(maxMs)}.`);
+  // Backups are named (and aged) in whole seconds: a shorter age could never be told, nor reported.
+  if (!(ms >= DURATION_UNITS.s && ms <= maxMs))
+    throw new InvalidArgumentError(`Use a duration of at least 1s, such as 26h or 8d, up to ${formatDuration(maxMs)}.`);
   return ms;
 }
 

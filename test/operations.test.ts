@@ -618,7 +618,7 @@ describe('--check --max-age (freshness, for monitoring)', () => {
       refusals.push(result.stderr.replace(`'${value}'`, 'VALUE'));
     }
     assert.equal(refusals[0], refusals[1]);
-    assert.match(refusals[0]!, /Use a duration above 0, such as 26h or 8d, up to 400 d\./);
+    assert.match(refusals[0]!, /Use a duration of at least 1s, such as 26h or 8d, up to 400 d\./);
     assert.doesNotMatch(refusals[0]!, /0: no limit/);
   });
 

@@ -923,7 +923,9 @@ describe('parseDuration', () => {
       ['0.4ms', '0.0004s', '0.00001min', '0.5ms', '1.1s', '0.3s', '0.0', '0ms'].map((v) => parseDuration(v)),
       [1, 1, 1, 1, 1100, 300, 0, 0],
     );
-    assert.equal(parseMaxAge('0.4ms'), 1);
+    // A backup's age is told in whole seconds (its name's): a --max-age under 1 s is refused, not reported as 0.
+    for (const value of ['0.4ms', '500ms', '0.9s', '0']) assert.throws(() => parseMaxAge(value), /at least 1s/, value);
+    assert.equal(parseMaxAge('1s'), 1000);
   });
 });
 
