@@ -5105,7 +5105,13 @@ async function runCheck(
         `${freshness.newest.file} (${freshness.newest.timestamp}); ${plural(freshness.backups, 'backup')} in all`,
     );
   }
-  if (fullCheck) await runVerify(path.join(outputDir, freshness.newest.file), search, signal);
+  // A failed re-read is still a check's failure: its --json keeps the check's fields beside the verification's.
+  if (fullCheck)
+    await runVerify(path.join(outputDir, freshness.newest.file), search, signal).catch((error: unknown) => {
+      if (!(error instanceof BackupError)) throw error;
+      const { exitCode, title, details, hints: steps, extra } = error;
+      throw new BackupError(exitCode, title, details, steps, { ...extra, data: { ...data, ...extra.data } });
+    });
   return freshness;
 }
 

@@ -584,6 +584,16 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     const full = await runCli({ args: [...flipped.base, '--check', '--max-age', '1d', '--verify'] });
     assert.equal(full.exitCode, 8);
     assert.match(full.stderr, /checksum/i);
+    // Still a check's document, for the monitor that reads it: the freshness fields beside the re-read's.
+    const json = await runCli({ args: [...flipped.base, '--check', '--max-age', '1d', '--verify', '--json'] });
+    assert.equal(json.exitCode, 8);
+    const document = JSON.parse(json.stdout);
+    assert.deepEqual(
+      [document.ok, document.command, document.newest?.file, document.max_age_seconds, document.backups],
+      [false, 'check', path.basename(backup2.dumpPath), 86_400, 1],
+    );
+    assert.deepEqual(document.not_counted, []);
+    assert.equal(document.checks?.checksum?.ok, false, 'and the check that failed');
   });
 
   test('a backup dated in the future never looks fresh', async () => {
