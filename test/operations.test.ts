@@ -28,7 +28,7 @@ import { assertRestoresIdentically } from './helpers/compare.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
 import { startGatingProxy, type GatingProxy } from './helpers/proxy.ts';
-import { flipMiddleByte, holdTableLock, waitFor, waitForNoBackupSessions } from './helpers/wait.ts';
+import { backendPid, flipMiddleByte, holdTableLock, waitFor, waitForNoBackupSessions } from './helpers/wait.ts';
 
 let server: TestServer;
 const COUNTED = ['c1', 'c2', 'c3', 'c4'];
@@ -774,7 +774,7 @@ describe('--stall-timeout (watchdog)', () => {
       const pids = await Promise.all(
         others.map(async (other, i) => {
           await other.query(`SET application_name = '${names[i]}'`);
-          return (await other.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+          return backendPid(other);
         }),
       );
       try {

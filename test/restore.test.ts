@@ -30,7 +30,7 @@ import { clientDirHolding } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, serverUser, startTestServer, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
-import { flipMiddleByte, waitFor } from './helpers/wait.ts';
+import { backendPid, flipMiddleByte, waitFor } from './helpers/wait.ts';
 import { NEWER_CLIENT_DIR, PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
 
 const noTerminal = await unmet('script');
@@ -548,7 +548,7 @@ describe('--restore', () => {
       const { target, before } = await targetToKeep('rs_lockheld');
       // A migration's open transaction that touched the database (or a createdb -T copying it) holds its lock.
       const holder = await server.connect('postgres');
-      const { pid } = (await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!;
+      const pid = await backendPid(holder);
       await holder.query('BEGIN');
       await holder.query(`COMMENT ON DATABASE ${target} IS 'held'`);
       try {
@@ -588,7 +588,7 @@ describe('--restore', () => {
       const { target, before } = await targetToKeep('rs_frozen');
       // A backend that never answers the barrier every DROP DATABASE waits for (a process stopped, swapped out).
       const frozen = await server.connect('postgres');
-      const { pid } = (await frozen.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!;
+      const pid = await backendPid(frozen);
       process.kill(pid, 'SIGSTOP');
       const run = startCli({ args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev') });
       try {

@@ -15,7 +15,13 @@ import { clientDirHolding } from './helpers/clients.ts';
 import { freePort, startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { within } from './helpers/processes.ts';
 import { startProxy, type FreezableProxy } from './helpers/proxy.ts';
-import { holdTableLock, waitFor, waitForCountsDoneAndDumpStarted, waitForNoBackupSessions } from './helpers/wait.ts';
+import {
+  backendPid,
+  holdTableLock,
+  waitFor,
+  waitForCountsDoneAndDumpStarted,
+  waitForNoBackupSessions,
+} from './helpers/wait.ts';
 
 let server: TestServer;
 before(async () => {
@@ -271,7 +277,7 @@ describe('--lock-wait-timeout', () => {
       let truncatorPid = 0;
       try {
         await waitForBackupHoldingBusy(observer);
-        truncatorPid = (await truncator.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+        truncatorPid = await backendPid(truncator);
         truncated = truncator.query('BEGIN; TRUNCATE busy; ROLLBACK').catch(() => undefined);
         await waitForQueuedOnBusy(observer);
       } finally {
@@ -338,7 +344,7 @@ describe('--lock-wait-timeout', () => {
         '--stall-timeout',
         '0',
       ]);
-      const aPid = (await a.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+      const aPid = await backendPid(a);
       const waiting: Array<Promise<unknown>> = [];
       try {
         await waitForBackupHoldingBusy(observer);
@@ -384,9 +390,7 @@ describe('--lock-wait-timeout', () => {
       // Named as another run with this pid names its pg_dump's session, before and after the run's token.
       const names = [`backup_db:${cli.pid}:pg_dump`, `backup_db:${cli.pid}:feedc0de:pg_dump`];
       const others = await Promise.all(names.map(() => connect()));
-      const pidOf = async (client: pg.Client) =>
-        (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
-      const pids = await Promise.all([truncator, ...others].map(pidOf));
+      const pids = await Promise.all([truncator, ...others].map(backendPid));
       const waiting: Array<Promise<unknown>> = [];
       try {
         await waitForBackupHoldingBusy(observer);

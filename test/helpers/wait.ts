@@ -59,20 +59,25 @@ export async function directoryFingerprint(dir: string): Promise<Record<string, 
   return result;
 }
 
+/** A session's backend pid, as pg_stat_activity and pg_locks show it. */
+export async function backendPid(client: pg.Client): Promise<number> {
+  return (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+}
+
 /**
  * Hold an ACCESS EXCLUSIVE lock on a table, so a backup's pg_dump waits on it for as long as a
  * test needs to look at the running backup. `observer` is a second connection for polling.
  */
 export async function holdTableLock(connect: () => Promise<pg.Client>, table: string) {
   const [holder, observer] = await Promise.all([connect(), connect()]);
-  const { rows } = await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+  const holderPid = await backendPid(holder);
   await holder.query('BEGIN');
   await holder.query(`LOCK TABLE ${holder.escapeIdentifier(table)} IN ACCESS EXCLUSIVE MODE`);
   let released = false;
   return {
     observer,
     /** The holder's backend pid, as pg_stat_activity shows it. */
-    holderPid: rows[0]!.pid,
+    holderPid,
     async release() {
       if (released) return;
       released = true;
