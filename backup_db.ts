@@ -5779,35 +5779,51 @@ interface CreatedDatabase {
 /** A server restarting, or recovering after a crash, as a new connection meets it (its socket file gone: ENOENT). */
 const SERVER_COMING_BACK = new RegExp(`${SERVER_NOT_READY}|ECONNREFUSED|ENOENT`);
 
-/** The sessions holding a lock on database $1: a migration's open transaction that touched it, a createdb -T copy. */
+/**
+ * What holds a lock on database $1: sessions (a migration's open transaction that touched it, a createdb -T
+ * copy), and prepared transactions, which no session holds: their locks' pid is null, and their xid is
+ * the one their own transactionid lock, under the same virtual transaction, names.
+ */
 const DATABASE_LOCK_HOLDERS_SQL = `
-  SELECT json_agg(json_build_object('pid', a.pid, 'user', a.usename, 'application', a.application_name,
-                                    'state', a.state, 'since', a.xact_start, 'query', left(a.query, 200))) AS holders
-    FROM pg_catalog.pg_stat_activity a
-   WHERE a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l
-                    WHERE l.locktype = 'object' AND l.granted AND l.pid <> pg_catalog.pg_backend_pid()
-                      AND l.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
-                      AND l.objid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1))`;
+  WITH held AS (
+    SELECT l.pid, l.virtualtransaction FROM pg_catalog.pg_locks l
+     WHERE l.locktype = 'object' AND l.granted AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid()
+       AND l.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
+       AND l.objid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1))
+  SELECT (SELECT json_agg(json_build_object('pid', a.pid, 'user', a.usename, 'application', a.application_name,
+                                            'state', a.state, 'since', a.xact_start, 'query', left(a.query, 200)))
+            FROM pg_catalog.pg_stat_activity a WHERE a.pid IN (SELECT pid FROM held)) AS holders,
+         (SELECT json_agg(p.gid) FROM pg_catalog.pg_prepared_xacts p
+           WHERE p.transaction IN (SELECT x.transactionid FROM pg_catalog.pg_locks x
+                                    WHERE x.locktype = 'transactionid' AND x.pid IS NULL AND x.virtualtransaction
+                                          IN (SELECT virtualtransaction FROM held WHERE pid IS NULL)))
+         AS prepared`;
 
 /**
  * --clean's drop of `target`, not granted its lock within --lock-wait-timeout (`waitedMs`): as a backup
  * gives up on a locked table, naming the sessions that hold it, read back within `seconds`.
  */
 async function targetLockedError(admin: pg.Client, target: string, waitedMs: number, seconds: number, error: unknown) {
-  const holders = await answeredWithin(admin, seconds, () =>
-    admin.query<{ holders: OtherSession[] | null }>(DATABASE_LOCK_HOLDERS_SQL, [target]),
-  )
-    .then(({ rows }) => rows[0]?.holders ?? [])
-    .catch(() => []);
-  const end = holders[0] && `SELECT pg_terminate_backend(${holders[0].pid});`;
+  type Held = { holders: OtherSession[] | null; prepared: string[] | null };
+  const held = await answeredWithin(admin, seconds, () => admin.query<Held>(DATABASE_LOCK_HOLDERS_SQL, [target]))
+    .then(({ rows }) => ({ sessions: rows[0]?.holders ?? [], prepared: rows[0]?.prepared ?? [] }))
+    .catch(() => ({ sessions: [], prepared: [] }));
+  const { sessions, prepared } = held;
+  const gids = prepared.map((gid) => `'${gid.replaceAll("'", "''")}'`);
+  const by = [...sessions.map(describeSession), ...gids.map((gid) => `the prepared transaction ${gid}`)];
+  const ends = sessions.map((session) => `pg_terminate_backend(${session.pid})`).join(', ');
   return new BackupError(
     EXIT.BACKUP_FAILED,
     `"${visibleControls(target)}" stayed locked by another session`,
     `DROP DATABASE waited ${formatDuration(waitedMs)} (--lock-wait-timeout) for its lock, ` +
-      (holders.length > 0 ? `held by ${holders.map(describeSession).join('; ')}` : errorText(error)),
+      (by.length > 0 ? `held by ${visibleControls(by.join('; '))}` : errorText(error)),
     [
-      ...(end ? [`End or wait for the session holding it: ${end} (or let it finish), then restore again`] : []),
-      'Or wait longer for it: --lock-wait-timeout 5min (0 waits for ever)',
+      ...(ends
+        ? [`End or wait for the session holding it: SELECT ${ends}; (or let it finish), then restore again`]
+        : []),
+      // A prepared transaction outlives every session and restart: it is ended by COMMIT or ROLLBACK PREPARED only.
+      ...gids.map((gid) => `Finish the prepared transaction (it never ends by itself): ROLLBACK PREPARED ${gid};`),
+      `${ends || gids.length ? 'Or wait' : 'Wait'} longer for it: --lock-wait-timeout 5min (0 waits for ever)`,
     ],
   );
 }
@@ -5843,14 +5859,22 @@ async function withDropInterrupted(
   error: unknown,
   admin: pg.Client,
   config: DbConfig,
-  facts: { target: string; probe?: string | undefined; filePath: string; seconds: number; server: ServerInfo },
+  facts: {
+    target: string;
+    probe?: string | undefined;
+    filePath: string;
+    seconds: number;
+    server: ServerInfo;
+    /** Stopped before the drop began (its lock not granted): a database still there is as it was, on any server. */
+    untouched: boolean;
+  },
 ): Promise<unknown> {
-  const { target, probe, filePath, seconds, server } = facts;
+  const { target, probe, filePath, seconds, server, untouched } = facts;
   const sql = 'SELECT datname AS name, datconnlimit AS limit FROM pg_catalog.pg_database WHERE datname = ANY($1)';
   const rows = await answeredWithin(admin, seconds, () => admin.query(sql, [[target, probe]]))
     .then((result) => result.rows as Array<{ name: string; limit: number }>)
     .catch(() => undefined);
-  const targetFate = dropFate(target, rows, marksHalfDroppedInvalid(server.num));
+  const targetFate = dropFate(target, rows, untouched || marksHalfDroppedInvalid(server.num));
   const fated = targetFate === 'gone' ? withTargetFate(error, target, 'replaced', filePath) : error;
   if (!(fated instanceof BackupError)) return fated;
   const shown = visibleControls(target);
@@ -6594,6 +6618,7 @@ async function restorePipeline(
       // An interrupt cancels these on the server, and then what they had done is read back and said. Another
       // session's lock on the target is waited for as a backup waits for a table's: --lock-wait-timeout.
       const { lockWaitTimeoutMs } = request;
+      let dropping = false;
       await untilAborted(
         admin,
         signal,
@@ -6602,21 +6627,19 @@ async function restorePipeline(
           signal.throwIfAborted();
           if (!drops) return;
           await admin.query(`SET lock_timeout = ${lockWaitTimeoutMs}`);
+          dropping = true;
           await dropDatabase(admin, target, server.major);
+          dropping = false;
           await admin.query('RESET lock_timeout');
         },
         timeout,
       ).catch(async (error: unknown) => {
-        const locked = !signal.aborted && sqlStateOf(error) === '55P03'; // lock_not_available: lock_timeout
+        // lock_not_available: the drop's lock_timeout, before it did anything (its locks precede its first file).
+        const locked = dropping && !signal.aborted && sqlStateOf(error) === '55P03';
         if (!drops || !(signal.aborted || locked)) throw error;
         const stopped = locked ? await targetLockedError(admin, target, lockWaitTimeoutMs, timeout, error) : error;
-        throw await withDropInterrupted(stopped, admin, config, {
-          target,
-          probe,
-          filePath: archive.filePath,
-          seconds: timeout,
-          server,
-        });
+        const facts = { target, probe, filePath: archive.filePath, seconds: timeout, server, untouched: locked };
+        throw await withDropInterrupted(stopped, admin, config, facts);
       });
       const targetAction = state === 'missing' ? 'created' : request.clean ? 'replaced' : 'used empty';
       // Stopped or failed from here until a restore has filled it and counted its rows, a replaced target is
@@ -6915,7 +6938,7 @@ export function runSummary(record: RunRecord): string {
 export function cutText(text: string, max: number): string {
   const chars = [...text];
   const note = (count: number) => ` … (${count} more characters cut)`;
-  const kept = max - note(chars.length).length;
+  const kept = Math.max(0, max - note(chars.length).length);
   return chars.length <= max ? text : chars.slice(0, kept).join('') + note(chars.length - kept);
 }
 
@@ -8953,14 +8976,25 @@ async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined,
   return refused ? usable : { ...usable, ...files };
 }
 
-/** What a run that failed on its command line or settings can say of its database, from the settings that parse. */
-function readableFacts(opts: CliOptions, vars: EnvVars): Outcome['facts'] {
+/**
+ * What a run that failed on its command line or settings can say of its database, from the settings that
+ * parse; the password libpq would read for it joins `secrets`.
+ */
+async function readableFacts(opts: CliOptions, vars: EnvVars, secrets: string[]): Promise<Outcome['facts']> {
   try {
     const mode = chooseMode(opts);
-    return knownFacts(mode, configuredDatabase(mode, opts, vars));
+    const config = configuredDatabase(mode, opts, vars);
+    secrets.push(...(await passwordFileSecret(config)));
+    return knownFacts(mode, config);
   } catch {
     return {};
   }
+}
+
+/** The password libpq would read from the password file for `config`: a secret, masked even when a run fails early. */
+async function passwordFileSecret(config: DbConfig | undefined): Promise<string[]> {
+  const fromFile = config && !config.password && (await passwordFileEntry(config).catch(() => undefined));
+  return fromFile ? [fromFile] : [];
 }
 
 /** The automation settings that are credentials: webhook and ping URLs carry their tokens. */
@@ -9070,9 +9104,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     automation = settings.automation;
     secrets.push(...automationSecrets(automation));
     config = configuredDatabase(mode, opts, vars);
-    // The password libpq would read for it is a secret too: masked even when a run fails before connecting.
-    const fromFile = config && !config.password && (await passwordFileEntry(config).catch(() => undefined));
-    if (fromFile) secrets.push(fromFile);
+    secrets.push(...(await passwordFileSecret(config)));
     known = knownFacts(mode, config);
     if (mode.command === 'backup' && settings.automation.pingUrl) {
       const { database, environment } = config!;
@@ -9093,11 +9125,16 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     outcome = failedOutcome(command, asBackupError(error, config));
   }
   // Commander stops at the first bad value: the settings after it are read as it would have read them.
-  const readable = parseFailure ? { ...opts, ...optionsReadableIn(program, argv) } : opts;
+  const readableIn = parseFailure ? optionsReadableIn(program, argv) : {};
+  const readable = { ...opts, ...readableIn };
   vars ??= await loadEnvVars(path.resolve(readable.configDir), process.env).catch(() => undefined);
   const recordTo = automation ?? (await readableAutomation(readable, vars, secrets));
-  // A run that failed on another setting (BACKUP_KEEP_DAILY=7days) is still its database's: logged and in its metrics.
-  if (!config && vars) known = readableFacts(readable, vars);
+  // A run that failed on another setting (BACKUP_KEEP_DAILY=7days) is still its database's: logged and in its metrics,
+  // unless what picks the database is what could not be read (--env prdo would be taken for the default, auto).
+  const unread = parseFailure ? Object.keys(optionsNamedIn(program, argv)).filter((name) => !(name in readableIn)) : [];
+  const picksDatabase = ['env', 'restore', 'targetDb', 'configDir'];
+  if (!config && vars && !unread.some((name) => picksDatabase.includes(name)))
+    known = await readableFacts(readable, vars, secrets);
 
   const operation = OPERATION_NAMES[outcome.command];
   // Names of a run that worked, which it reports itself: a password inside one is masked only outside

@@ -454,6 +454,40 @@ describe('a run that fails on its command line or settings', () => {
     });
   }
 
+  test("one whose --env does not parse names no database: it would be the default's (auto: dev), not the one meant", async () => {
+    const configDir = await tempDir();
+    const [logFile, metricsFile] = [path.join(configDir, 'runs.log'), path.join(configDir, 'backup.prom')];
+    await writeEnvFile(configDir, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'notify_app'),
+      DB_NAME: 'prod_app',
+      BACKUP_LOG_FILE: logFile,
+      BACKUP_METRICS_FILE: metricsFile,
+    });
+    const result = await runCli({ args: ['--env', 'prdo', '--config-dir', configDir] });
+    assert.equal(result.exitCode, 2, result.stderr);
+    const [logged] = await readLog(logFile);
+    assert.deepEqual([logged.exit_code, logged.database, logged.environment], [2, undefined, undefined]);
+    await assert.rejects(fs.access(metricsFile), "no series of another database's");
+  });
+
+  test("one whose database name is the password file's password: masked in the log and the metrics", async () => {
+    const configDir = await tempDir();
+    const secret = 'Hunter2SecretPw';
+    const [logFile, metricsFile] = [path.join(configDir, 'runs.log'), path.join(configDir, 'backup.prom')];
+    const passFile = path.join(configDir, 'pgpass');
+    await fs.writeFile(passFile, `*:*:*:*:${secret}\n`, { mode: 0o600 });
+    const { DEV_DB_PASSWORD: _, ...vars } = dbVars(server, 'DEV_DB_', secret);
+    await writeEnvFile(configDir, '.env', { ...vars, BACKUP_LOG_FILE: logFile, BACKUP_METRICS_FILE: metricsFile });
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', configDir],
+      env: { PGPASSFILE: passFile, BACKUP_KEEP_DAILY: '7days' },
+    });
+    assert.equal(result.exitCode, 2, result.stderr);
+    const channels = [result.stderr, await fs.readFile(logFile, 'utf8'), await fs.readFile(metricsFile, 'utf8')];
+    for (const channel of channels) assert.ok(!channel.includes(secret), channel);
+    assert.equal((await readLog(logFile))[0].database, '****');
+  });
+
   // Commander stops at the first bad value; the options after it are read from the command line as it would.
   test('a value that does not parse before --config-dir, --log-file, --notify-url=, --on-failure: they are read all the same', async () => {
     const receiver = await webhook();

@@ -46,7 +46,9 @@ let backup: TakenBackup;
 let configDir: string;
 
 before(async () => {
-  [server, pg17] = (await startTestServers([{ listenEverywhere: true }, { major: 17 }])) as [TestServer, TestServer];
+  // Prepared transactions allowed: one may hold a lock on a --clean target that no session holds.
+  const main = { listenEverywhere: true, settings: { max_prepared_transactions: '2' } };
+  [server, pg17] = (await startTestServers([main, { major: 17 }])) as [TestServer, TestServer];
   await server.createDatabase('rs_app', FIXTURE_SQL);
   backup = await takeBackup(server, 'rs_app', path.join(await tempDir(), 'backups'));
   configDir = await tempDir();
@@ -578,6 +580,78 @@ describe('--restore', () => {
         (await databases()).filter((name) => name.startsWith('backup_db_probe_')),
         [],
       );
+    },
+  );
+
+  test(
+    "--clean's target locked by a prepared transaction (no session holds it): named, with the ROLLBACK PREPARED to run",
+    { timeout: 90_000 },
+    async () => {
+      const { target, before } = await targetToKeep('rs_prepared');
+      const gid = `mig'${target}`;
+      const preparer = await server.connect('postgres');
+      await preparer.query('BEGIN');
+      await preparer.query(`COMMENT ON DATABASE ${target} IS 'migrating'`);
+      await preparer.query(`PREPARE TRANSACTION '${gid.replaceAll("'", "''")}'`);
+      await preparer.end(); // gone: the prepared transaction keeps the lock
+      try {
+        // A role whose own lock_timeout is shorter: the locale probe's CREATE DATABASE is not the drop's to report.
+        const result = await runCli({
+          args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev', '--lock-wait-timeout', '1s'),
+        });
+        const stderr = String(result.stderr);
+        assert.equal(result.exitCode, 7, stderr);
+        assert.match(stderr, new RegExp(`held by the prepared transaction 'mig''${target}'`));
+        assert.match(stderr, new RegExp(`ROLLBACK PREPARED 'mig''${target}';`));
+        assert.match(stderr, /^ {2}\d\. Or wait longer for it: --lock-wait-timeout 5min/m);
+        assert.match(stderr, new RegExp(`"${target}" was not dropped: it is as it was`));
+      } finally {
+        await withDatabase('postgres', (c) => c.query(`ROLLBACK PREPARED '${gid.replaceAll("'", "''")}'`));
+      }
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
+    },
+  );
+
+  test(
+    "a lock_timeout of the role's own that stops the locale probe is not reported as --clean's drop waiting",
+    { timeout: 90_000 },
+    async () => {
+      const { target, before } = await targetToKeep('rs_roletimeout');
+      const role = uniqueName('rs_hasty');
+      await withDatabase('postgres', async (c) => {
+        await c.query(`CREATE ROLE ${role} LOGIN SUPERUSER PASSWORD 'role-pw'`);
+        await c.query(`ALTER ROLE ${role} SET lock_timeout = '1s'`);
+      });
+      const asRole = await tempDir();
+      const vars = { ...dbVars(server, 'DEV_DB_', 'rs_app'), DEV_DB_USER: role, DEV_DB_PASSWORD: 'role-pw' };
+      await writeEnvFile(asRole, '.env', vars);
+      // pg_database itself locked: the probe's CREATE DATABASE waits, and the role's 1 s gives up first.
+      const holder = await server.connect('postgres');
+      await holder.query('BEGIN');
+      await holder.query('LOCK TABLE pg_catalog.pg_database IN SHARE MODE');
+      try {
+        const result = await runCli({
+          args: [
+            '--restore',
+            backup.dumpPath,
+            '--target-db',
+            target,
+            '--clean',
+            '--env',
+            'dev',
+            '--config-dir',
+            asRole,
+          ],
+        });
+        const stderr = String(result.stderr);
+        assert.notEqual(result.exitCode, 0, stderr);
+        assert.doesNotMatch(stderr, /stayed locked|DROP DATABASE waited/);
+      } finally {
+        await holder.query('ROLLBACK');
+        await holder.end();
+        await withDatabase('postgres', (c) => c.query(`DROP ROLE ${role}`));
+      }
+      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
     },
   );
 

@@ -57,6 +57,7 @@ import {
   problemDocument,
   misreadDotenvValues,
   hookEnvironment,
+  cutText,
   runSummary,
   databaseFailure,
   restoreSessionSettings,
@@ -795,6 +796,9 @@ describe('secrets', () => {
     assert.equal(inRecord.exit_code, 8);
     const short = hookEnvironment({ ...record, duration_ms: 1, details: 'short' }, {}, []);
     assert.equal(short.BACKUP_DETAILS, 'short');
+    // A limit shorter than the note keeps none of the text, never all of it; astral characters are never split.
+    assert.equal(cutText('a'.repeat(100), 10), ' … (100 more characters cut)');
+    assert.equal(cutText('😀'.repeat(100), 40), `${'😀'.repeat(12)} … (88 more characters cut)`);
   });
 
   test('runSummary: one line, whatever a name holds, and short enough for Discord (2,000 characters)', () => {
