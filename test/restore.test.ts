@@ -112,6 +112,21 @@ const restoreArgs = (file: string, target: string, ...extra: string[]) => [
   configDir,
 ];
 
+/** A config directory for the test server as `role` (created with `attributes`, password 'role-pw'). */
+async function configAs(role: string, attributes: string, ...settings: string[]) {
+  await withDatabase('postgres', async (c) => {
+    await c.query(`CREATE ROLE ${role} LOGIN ${attributes} PASSWORD 'role-pw'`);
+    for (const setting of settings) await c.query(`ALTER ROLE ${role} SET ${setting}`);
+  });
+  const dir = await tempDir();
+  await writeEnvFile(dir, '.env', {
+    ...dbVars(server, 'DEV_DB_', 'rs_app'),
+    DEV_DB_USER: role,
+    DEV_DB_PASSWORD: 'role-pw',
+  });
+  return dir;
+}
+
 /** A private copy of the backup (dump + metadata) to edit. */
 async function copyOfBackup(edit?: (metadata: Record<string, unknown>) => void) {
   const dir = await tempDir();
@@ -618,31 +633,15 @@ describe('--restore', () => {
     async () => {
       const { target, before } = await targetToKeep('rs_roletimeout');
       const role = uniqueName('rs_hasty');
-      await withDatabase('postgres', async (c) => {
-        await c.query(`CREATE ROLE ${role} LOGIN SUPERUSER PASSWORD 'role-pw'`);
-        await c.query(`ALTER ROLE ${role} SET lock_timeout = '1s'`);
-      });
-      const asRole = await tempDir();
-      const vars = { ...dbVars(server, 'DEV_DB_', 'rs_app'), DEV_DB_USER: role, DEV_DB_PASSWORD: 'role-pw' };
-      await writeEnvFile(asRole, '.env', vars);
+      const asRole = await configAs(role, 'SUPERUSER', "lock_timeout = '1s'");
       // pg_database itself locked: the probe's CREATE DATABASE waits, and the role's 1 s gives up first.
       const holder = await server.connect('postgres');
       await holder.query('BEGIN');
       await holder.query('LOCK TABLE pg_catalog.pg_database IN SHARE MODE');
       try {
-        const result = await runCli({
-          args: [
-            '--restore',
-            backup.dumpPath,
-            '--target-db',
-            target,
-            '--clean',
-            '--env',
-            'dev',
-            '--config-dir',
-            asRole,
-          ],
-        });
+        // The last --config-dir is the one read: this role's.
+        const args = [...restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev'), '--config-dir', asRole];
+        const result = await runCli({ args });
         const stderr = String(result.stderr);
         assert.notEqual(result.exitCode, 0, stderr);
         assert.doesNotMatch(stderr, /stayed locked|DROP DATABASE waited/);
@@ -1989,21 +1988,6 @@ describe('--verify FILE --restore-test (the drill)', () => {
       await assert.rejects(fs.stat(gatedBackup.metadataPath), { code: 'ENOENT' }, 'no metadata written in its place');
     },
   );
-
-  /** A config directory for the drill's server as `role` (created with `attributes`, password 'role-pw'). */
-  async function configAs(role: string, attributes: string, ...settings: string[]) {
-    await withDatabase('postgres', async (c) => {
-      await c.query(`CREATE ROLE ${role} LOGIN ${attributes} PASSWORD 'role-pw'`);
-      for (const setting of settings) await c.query(`ALTER ROLE ${role} SET ${setting}`);
-    });
-    const dir = await tempDir();
-    await writeEnvFile(dir, '.env', {
-      ...dbVars(server, 'DEV_DB_', 'rs_app'),
-      DEV_DB_USER: role,
-      DEV_DB_PASSWORD: 'role-pw',
-    });
-    return dir;
-  }
 
   /** Terminate this server's sessions that `where` (SQL on pg_stat_activity) picks; how many there were. */
   const terminate = (where: string) =>
