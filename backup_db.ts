@@ -8673,6 +8673,50 @@ function commandLineError(message: string): BackupError {
   return configError(first, [...suggestions, 'Run with --help for usage']);
 }
 
+/**
+ * Pure: the options `argv` gives, in order, read as commander reads them, but on past a bad value: `--name=value`,
+ * or `--name value` (a required value is the next argument, whatever it is; an optional one, unless that looks
+ * like an option), up to `--`. Unknown options are skipped; a required value missing at the end is undefined.
+ */
+function optionArguments(program: Command, argv: string[]): Array<{ option: Option; value: string | undefined }> {
+  const found: Array<{ option: Option; value: string | undefined }> = [];
+  const optionNamed = (name: string) => program.options.find((option) => option.long === name);
+  const args = argv.slice(2); // after node and the script, as program.parse(argv)
+  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
+    const [arg, next] = [args[i]!, args[i + 1]];
+    const option = optionNamed(arg);
+    if (option) {
+      const takesNext = option.required || (option.optional && next !== undefined && !/^-./.test(next));
+      found.push({ option, value: takesNext ? args[++i] : undefined });
+      continue;
+    }
+    const equals = arg.indexOf('=');
+    const inline = arg.startsWith('--') && equals > 0 ? optionNamed(arg.slice(0, equals)) : undefined;
+    if (inline && (inline.required || inline.optional)) found.push({ option: inline, value: arg.slice(equals + 1) });
+  }
+  return found;
+}
+
+/** Pure: every option `argv` names, as set, whatever its value: only which were given. */
+function optionsNamedIn(program: Command, argv: string[]): Partial<CliOptions> {
+  return Object.fromEntries(optionArguments(program, argv).map(({ option }) => [option.attributeName(), true]));
+}
+
+/** Pure: the options `argv` gives whose values their own parsers accept (the last of a repeated one wins). */
+function optionsReadableIn(program: Command, argv: string[]): Partial<CliOptions> {
+  const readable: Record<string, unknown> = {};
+  for (const { option, value } of optionArguments(program, argv)) {
+    if (value === undefined && option.required) continue;
+    try {
+      const parsed = value === undefined ? true : option.parseArg ? option.parseArg(value, undefined) : value;
+      readable[option.attributeName()] = parsed;
+    } catch {
+      // Refused, as commander refuses it: left out, as an option that cannot be read.
+    }
+  }
+  return readable;
+}
+
 // ─── Interrupts: signals, and the launchers going away ──────────────────────────────────
 
 /**
@@ -9020,50 +9064,6 @@ function commandAskedFor(opts: Partial<CliOptions>): CommandName {
     const forRestore = [...RESTORE_ONLY_OPTIONS, 'maintenanceWorkMem' as const].some((o) => opts[o] !== undefined);
     return forRestore ? 'restore' : 'backup';
   }
-}
-
-/**
- * Pure: the options `argv` gives, in order, read as commander reads them, but on past a bad value: `--name=value`,
- * or `--name value` (a required value is the next argument, whatever it is; an optional one, unless that looks
- * like an option), up to `--`. Unknown options are skipped; a required value missing at the end is undefined.
- */
-function optionArguments(program: Command, argv: string[]): Array<{ option: Option; value: string | undefined }> {
-  const found: Array<{ option: Option; value: string | undefined }> = [];
-  const optionNamed = (name: string) => program.options.find((option) => option.long === name);
-  const args = argv.slice(2); // after node and the script, as program.parse(argv)
-  for (let i = 0; i < args.length && args[i] !== '--'; i++) {
-    const [arg, next] = [args[i]!, args[i + 1]];
-    const option = optionNamed(arg);
-    if (option) {
-      const takesNext = option.required || (option.optional && next !== undefined && !/^-./.test(next));
-      found.push({ option, value: takesNext ? args[++i] : undefined });
-      continue;
-    }
-    const equals = arg.indexOf('=');
-    const inline = arg.startsWith('--') && equals > 0 ? optionNamed(arg.slice(0, equals)) : undefined;
-    if (inline && (inline.required || inline.optional)) found.push({ option: inline, value: arg.slice(equals + 1) });
-  }
-  return found;
-}
-
-/** Pure: every option `argv` names, as set, whatever its value: only which were given. */
-function optionsNamedIn(program: Command, argv: string[]): Partial<CliOptions> {
-  return Object.fromEntries(optionArguments(program, argv).map(({ option }) => [option.attributeName(), true]));
-}
-
-/** Pure: the options `argv` gives whose values their own parsers accept (the last of a repeated one wins). */
-function optionsReadableIn(program: Command, argv: string[]): Partial<CliOptions> {
-  const readable: Record<string, unknown> = {};
-  for (const { option, value } of optionArguments(program, argv)) {
-    if (value === undefined && option.required) continue;
-    try {
-      const parsed = value === undefined ? true : option.parseArg ? option.parseArg(value, undefined) : value;
-      readable[option.attributeName()] = parsed;
-    } catch {
-      // Refused, as commander refuses it: left out, as an option that cannot be read.
-    }
-  }
-  return readable;
 }
 
 /** Run the CLI and return its exit code; printing, logging and notifying happen here and only here. */
