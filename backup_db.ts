@@ -3010,12 +3010,15 @@ export interface SessionWait {
   blockers: Array<{ pid: number } & Record<'user' | 'application' | 'state' | 'since' | 'query', string | null>> | null;
 }
 
+/** Other sessions (pg_stat_activity `b`) as a JSON array of what describeSession reads: an OtherSession each. */
+const OTHER_SESSIONS_JSON = `json_agg(json_build_object('pid', b.pid, 'user', b.usename, 'application',
+  b.application_name, 'state', b.state, 'since', b.xact_start, 'query', left(b.query, 200)))`;
+
 /** What the backup's sessions (its own and pg_dump's) wait on, and who blocks them, read on a connection of its own. */
 const SESSION_WAITS_SQL = `
   SELECT a.pid, a.application_name AS application, a.state, a.wait_event_type, a.wait_event,
          left(a.query, 200) AS query,
-         (SELECT json_agg(json_build_object('pid', b.pid, 'user', b.usename, 'application', b.application_name,
-                                            'state', b.state, 'since', b.xact_start, 'query', left(b.query, 200)))
+         (SELECT ${OTHER_SESSIONS_JSON}
             FROM pg_catalog.pg_stat_activity b WHERE b.pid = ANY (pg_catalog.pg_blocking_pids(a.pid))) AS blockers
     FROM pg_catalog.pg_stat_activity a
    WHERE a.application_name IN ($1, $2) AND a.pid <> pg_catalog.pg_backend_pid()
@@ -5790,9 +5793,8 @@ const DATABASE_LOCK_HOLDERS_SQL = `
      WHERE l.locktype = 'object' AND l.granted AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid()
        AND l.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
        AND l.objid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = $1))
-  SELECT (SELECT json_agg(json_build_object('pid', a.pid, 'user', a.usename, 'application', a.application_name,
-                                            'state', a.state, 'since', a.xact_start, 'query', left(a.query, 200)))
-            FROM pg_catalog.pg_stat_activity a WHERE a.pid IN (SELECT pid FROM held)) AS holders,
+  SELECT (SELECT ${OTHER_SESSIONS_JSON}
+            FROM pg_catalog.pg_stat_activity b WHERE b.pid IN (SELECT pid FROM held)) AS holders,
          (SELECT json_agg(p.gid) FROM pg_catalog.pg_prepared_xacts p
            WHERE p.transaction IN (SELECT x.transactionid FROM pg_catalog.pg_locks x
                                     WHERE x.locktype = 'transactionid' AND x.pid IS NULL AND x.virtualtransaction
@@ -9083,7 +9085,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   }
   const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
   // Commander stops at the first bad value: the options after it still say which command was asked for.
-  const command = commandAskedFor(parseFailure ? { ...optionsNamedIn(program, argv), ...opts } : opts);
+  const namedIn = parseFailure ? optionsNamedIn(program, argv) : {};
+  const command = commandAskedFor({ ...namedIn, ...opts });
   let automation: Automation | undefined;
   let vars: EnvVars | undefined;
   let known: Outcome['facts'] = {};
@@ -9131,7 +9134,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const recordTo = automation ?? (await readableAutomation(readable, vars, secrets));
   // A run that failed on another setting (BACKUP_KEEP_DAILY=7days) is still its database's: logged and in its metrics,
   // unless what picks the database is what could not be read (--env prdo would be taken for the default, auto).
-  const unread = parseFailure ? Object.keys(optionsNamedIn(program, argv)).filter((name) => !(name in readableIn)) : [];
+  const unread = Object.keys(namedIn).filter((name) => !(name in readableIn));
   const picksDatabase = ['env', 'restore', 'targetDb', 'configDir'];
   if (!config && vars && !unread.some((name) => picksDatabase.includes(name)))
     known = await readableFacts(readable, vars, secrets);
