@@ -112,6 +112,31 @@ const restoreArgs = (file: string, target: string, ...extra: string[]) => [
   configDir,
 ];
 
+/**
+ * Another session's open transaction that commented on `target` (as a migration might), holding the lock on the
+ * database that DROP DATABASE waits for, until `release`.
+ */
+async function holdDatabaseLock(target: string) {
+  const holder = await server.connect('postgres');
+  const pid = await backendPid(holder);
+  await holder.query('BEGIN');
+  await holder.query(`COMMENT ON DATABASE ${target} IS 'held'`);
+  const release = async () => {
+    await holder.query('ROLLBACK');
+    await holder.end();
+  };
+  return { holder, pid, release };
+}
+
+/** `target` exactly as it was (`before`), and no locale probe database left on the server. */
+async function assertKeptWithoutProbe(target: string, before: unknown) {
+  assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
+  assert.deepEqual(
+    (await databases()).filter((name) => name.startsWith('backup_db_probe_')),
+    [],
+  );
+}
+
 /** A config directory for the test server as `role` (created with `attributes`, password 'role-pw'). */
 async function configAs(role: string, attributes: string, ...settings: string[]) {
   await withDatabase('postgres', async (c) => {
@@ -529,8 +554,7 @@ describe('--restore', () => {
     async () => {
       const { target, before } = await targetToKeep('rs_lockdrop');
       // A session of another role or tool, in a transaction that locks the database: DROP DATABASE waits for it.
-      const holder = await server.connect('postgres');
-      await holder.query(`BEGIN; COMMENT ON DATABASE ${target} IS 'held'`);
+      const { holder, release } = await holdDatabaseLock(target);
       const run = startCli({ args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev') });
       try {
         const dropping = `datname <> '${target}' AND query LIKE 'DROP DATABASE%' AND wait_event_type = 'Lock'`;
@@ -541,8 +565,7 @@ describe('--restore', () => {
         const { rows } = await holder.query(`SELECT 1 FROM pg_stat_activity WHERE query LIKE 'DROP DATABASE%'`);
         assert.deepEqual(rows, [], 'no drop is left waiting on the server');
       } finally {
-        await holder.query('ROLLBACK');
-        await holder.end();
+        await release();
       }
       const result = await run;
       const stderr = String(result.stderr);
@@ -550,11 +573,7 @@ describe('--restore', () => {
       assert.match(stderr.split('\n')[0]!, /^✗ Restore failed: Interrupted by SIGINT$/);
       assert.match(stderr, new RegExp(`"${target}" was not dropped: it is as it was`));
       assert.doesNotMatch(stderr, /had been dropped/);
-      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
-      assert.deepEqual(
-        (await databases()).filter((name) => name.startsWith('backup_db_probe_')),
-        [],
-      );
+      await assertKeptWithoutProbe(target, before);
     },
   );
 
@@ -564,10 +583,7 @@ describe('--restore', () => {
     async () => {
       const { target, before } = await targetToKeep('rs_lockheld');
       // A migration's open transaction that touched the database (or a createdb -T copying it) holds its lock.
-      const holder = await server.connect('postgres');
-      const pid = await backendPid(holder);
-      await holder.query('BEGIN');
-      await holder.query(`COMMENT ON DATABASE ${target} IS 'held'`);
+      const { pid, release } = await holdDatabaseLock(target);
       try {
         const result = await runCli({
           args: restoreArgs(backup.dumpPath, target, '--clean', '--env', 'dev', '--lock-wait-timeout', '1s'),
@@ -587,14 +603,9 @@ describe('--restore', () => {
         assert.match(stderr, new RegExp(`SELECT pg_terminate_backend\\(${pid}\\);`));
         assert.match(stderr, /--lock-wait-timeout 5min/);
       } finally {
-        await holder.query('ROLLBACK');
-        await holder.end();
+        await release();
       }
-      assert.deepEqual(await withDatabase(target, snapshotDatabase), before, 'the target is exactly as it was');
-      assert.deepEqual(
-        (await databases()).filter((name) => name.startsWith('backup_db_probe_')),
-        [],
-      );
+      await assertKeptWithoutProbe(target, before);
     },
   );
 
