@@ -2479,13 +2479,15 @@ export function backupFileName(database: string, environment: Environment, date:
  * Pure: refuse a clock outside the years 1970 to 9999, which backup names and metadata timestamps
  * cannot hold (year 10000 prints as "+010000"): a backup named after it would fall outside the spec.
  */
-function assertClockUsable(now: Date): void {
-  const year = now.getUTCFullYear();
+function assertClockUsable(now: Date, named = now): void {
+  const year = named.getUTCFullYear();
   if (year >= 1970 && year <= 9999) return;
+  // The seconds taken before it can push a backup's name past the clock's own second, and past 9999.
+  const pushed = named === now ? '' : `, and the first free backup name is dated ${named.toISOString()}`;
   throw new BackupError(
     EXIT.BACKUP_FAILED,
     'The system clock is wrong',
-    `the system clock says ${now.toISOString()}: backups are named after the time, in the years 1970 to 9999`,
+    `the system clock says ${now.toISOString()}${pushed}: backups are named after the time, in the years 1970 to 9999`,
     ['Fix the clock (timedatectl status; chronyc tracking), then run the backup again'],
   );
 }
@@ -2529,6 +2531,7 @@ async function reserveBackupName(
 ): Promise<{ name: string; timestamp: Date; dumpPath: string; partialPath: string }> {
   for (let offset = 0; offset < 60; offset++) {
     const timestamp = new Date(Math.floor(start.getTime() / 1000) * 1000 + offset * 1000);
+    assertClockUsable(start, timestamp);
     const name = backupFileName(database, environment, timestamp);
     const dumpPath = path.join(dir, name);
     const partialPath = dumpPath + PARTIAL_SUFFIX;

@@ -634,4 +634,24 @@ describe('a system clock outside the years 1970 to 9999', () => {
       assert.deepEqual(await fs.readdir(outputDir).catch(() => []), [], 'nothing written');
     }
   });
+
+  test('a name pushed past 9999 by the seconds already taken is refused too (exit 7), not written as +010000', async () => {
+    const dir = await tempDir();
+    await writeEnvFile(dir, '.env', dbVars(server, 'DEV_DB_', devDb));
+    const outputDir = path.join(dir, 'backups');
+    await fs.mkdir(outputDir);
+    // The clock itself is valid, standing still at 23:59:58.5; this second and the next are taken.
+    const taken = ['58', '59'].map((s) => `${devDb}_dev_9999-12-31T23-59-${s}Z.dump`);
+    for (const name of taken) await fs.writeFile(path.join(outputDir, name), 'taken');
+    const stepMs = Date.UTC(9999, 11, 31, 23, 59, 58, 500) - Date.now();
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir],
+      wallClock: { when: dir, stepMs, rate: 0 },
+    });
+    assert.equal(result.exitCode, 7, result.stderr);
+    assert.match(result.stderr, /^✗ Backup failed: The system clock is wrong$/m);
+    assert.match(result.stderr, /\+010000-01-01T00:00:00/);
+    assert.deepEqual((await fs.readdir(outputDir)).sort(), taken, 'nothing written, nothing touched');
+    for (const name of taken) assert.equal(await fs.readFile(path.join(outputDir, name), 'utf8'), 'taken');
+  });
 });
