@@ -5011,8 +5011,11 @@ export interface Freshness {
   ok: boolean;
 }
 
+/** Pure: an age in whole seconds, as backups are named: within the second after a limit it reads, and is, the limit. */
+const ageAt = (now: Date, timeMs: number) => Math.max(0, Math.floor((now.getTime() - timeMs) / 1000) * 1000);
+
 /**
- * Pure: is the newest usable backup of this database and environment younger than `maxAgeMs`?
+ * Pure: is the newest usable backup of this database and environment at most `maxAgeMs` old?
  * The same candidates as retention's: a damaged backup, or one dated after now (which would look
  * fresh for ever), does not count.
  */
@@ -5024,7 +5027,7 @@ export function judgeFreshness(
   const noRules = { last: 0, daily: 0, weekly: 0, monthly: 0 };
   const plan = planRetention(entries, { ...scope, policy: noRules, timeZone: 'UTC' });
   const newest = plan.decisions[0]?.item;
-  const ageMs = newest && Math.max(0, scope.now.getTime() - newest.time.getTime());
+  const ageMs = newest && ageAt(scope.now, newest.time.getTime());
   return {
     ...(newest ? { newest, ageMs } : {}),
     maxAgeMs,
@@ -5080,7 +5083,7 @@ async function runCheck(
     new BackupError(EXIT.VERIFY_FAILED, title, visibleControls(details), hints, { data });
   // Not "no backup": this user cannot see them (metadata is always 0600), one of which, by its name's date, might
   // pass. The fix is who runs it. Ones that would be too old all the same are not why it fails.
-  const mightPass = (e: ListEntry) => !(now.getTime() - Date.parse(e.timestamp ?? '') > maxAgeMs);
+  const mightPass = (e: ListEntry) => !(ageAt(now, Date.parse(e.timestamp ?? '')) > maxAgeMs);
   const hidden = listing.backups.filter(
     (e) =>
       e.status === 'unreadable_metadata' && e.database === database && e.environment === environment && mightPass(e),

@@ -643,10 +643,9 @@ describe('a system clock outside the years 1970 to 9999', () => {
     // The clock itself is valid, standing still at 23:59:58.5; this second and the next are taken.
     const taken = ['58', '59'].map((s) => `${devDb}_dev_9999-12-31T23-59-${s}Z.dump`);
     for (const name of taken) await fs.writeFile(path.join(outputDir, name), 'taken');
-    const stepMs = Date.UTC(9999, 11, 31, 23, 59, 58, 500) - Date.now();
     const result = await runCli({
       args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir],
-      wallClock: { when: dir, stepMs, rate: 0 },
+      wallClock: { when: dir, at: new Date(Date.UTC(9999, 11, 31, 23, 59, 58, 500)), rate: 0 },
     });
     assert.equal(result.exitCode, 7, result.stderr);
     assert.match(result.stderr, /^✗ Backup failed: The system clock is wrong$/m);

@@ -14,6 +14,7 @@ import { execa } from 'execa';
 import fc from 'fast-check';
 import parsePrometheus from 'parse-prometheus-text-format';
 import {
+  formatAge,
   judgeFreshness,
   parseMetrics,
   pingUrlFor,
@@ -620,6 +621,23 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     );
   });
 
+  test('ages are whole seconds: within the second after the limit it is fresh; one second over reads over', async () => {
+    const s = await setup();
+    const backup = await takeBackup(server, 'ops_app', s.outputDir);
+    const limit = Date.parse(String(backup.metadata.backup_timestamp)) + 86_400_000;
+    const checkAt = (ms: number) =>
+      runCli({
+        args: [...s.base, '--check', '--max-age', '1d'],
+        wallClock: { when: s.configDir, at: new Date(ms), rate: 0 },
+      });
+    const atLimit = await checkAt(limit + 999);
+    assert.equal(atLimit.exitCode, 0, atLimit.stderr);
+    assert.match(atLimit.stdout, /is 1 d old \(limit 1 d\)/);
+    const over = await checkAt(limit + 1000);
+    assert.equal(over.exitCode, 8, over.stdout);
+    assert.match(over.stderr, /is 1 d 1 s old, more than 1 d:/);
+  });
+
   test('--max-age 0 or a negative one is refused with a message true of both', async () => {
     const refusals = [];
     for (const value of ['0', '-1']) {
@@ -715,6 +733,29 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     assert.equal(result.ok, false);
     assert.equal(result.newest?.file, 'x_dev_a.dump');
     assert.equal(result.backups, 1);
+  });
+
+  test('judgeFreshness ages in whole seconds: an age is never over the limit while it reads as the limit', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 3 * 86_400 }), fc.integer({ min: 0, max: 3 * 86_400_000 }), (s, ms) => {
+        const time = '2026-01-01T00:00:00Z';
+        const entry: ListEntry = {
+          file: 'x_dev_a.dump',
+          status: 'verified',
+          database: 'x',
+          environment: 'dev',
+          timestamp: time,
+          sizeBytes: 1,
+          modifiedMs: 0,
+          problems: [],
+        };
+        const now = new Date(Date.parse(time) + ms);
+        const result = judgeFreshness([entry], { database: 'x', environment: 'dev', now }, s * 1000);
+        assert.equal(result.ageMs, Math.floor(ms / 1000) * 1000);
+        assert.equal(result.ok, Math.floor(ms / 1000) <= s);
+        if (!result.ok) assert.notEqual(formatAge(result.ageMs!, true), formatAge(s * 1000, true));
+      }),
+    );
   });
 });
 

@@ -71,10 +71,14 @@ export interface RenameGate {
   open: string;
 }
 
-/** A wall clock that steps by `stepMs` once the file `when` exists, then runs at `rate` times real speed. */
+/**
+ * A wall clock that steps by `stepMs` (or to the instant `at`, exactly) once the file `when` exists,
+ * then runs at `rate` times real speed.
+ */
 export interface WallClock {
   when: string;
   stepMs?: number;
+  at?: Date;
   rate?: number;
 }
 
@@ -83,8 +87,9 @@ export const WALL_CLOCK_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'wall
 const RENAME_GATE_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'rename-gate.ts');
 const HANGING_DNS_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'hanging-dns.ts');
 
-export function wallClockEnv({ when, stepMs = 0, rate = 1 }: WallClock): Record<string, string> {
-  return { WALL_CLOCK_WHEN: when, WALL_CLOCK_STEP_MS: String(stepMs), WALL_CLOCK_RATE: String(rate) };
+export function wallClockEnv({ when, stepMs = 0, at, rate = 1 }: WallClock): Record<string, string> {
+  const exactly: Record<string, string> = at ? { WALL_CLOCK_AT: String(at.getTime()) } : {};
+  return { WALL_CLOCK_WHEN: when, WALL_CLOCK_STEP_MS: String(stepMs), WALL_CLOCK_RATE: String(rate), ...exactly };
 }
 
 /**
