@@ -3595,7 +3595,31 @@ export function metadataProblems(value: unknown, dumpFileName?: string): string[
   if (dumpFileName !== undefined && isNonEmptyString(value.backup_file) && value.backup_file !== dumpFileName) {
     problems.push(`backup_file is "${value.backup_file}" but the file is named "${dumpFileName}"`);
   }
-  return problems;
+  const named = dumpFileName === undefined ? undefined : parseBackupFileName(dumpFileName);
+  return named ? [...problems, ...nameDisagreements(value, named)] : problems;
+}
+
+/**
+ * Pure: what valid metadata says against what its file's name (of this tool's pattern) says. Listing,
+ * retention and --check read the metadata: one edited by hand to another time or database would make a
+ * backup look fresh, or the oldest of another series, to be deleted.
+ */
+function nameDisagreements(metadata: Record<string, unknown>, named: ReturnType<typeof parseBackupFileName> & {}) {
+  const { backup_timestamp: time, environment, database_name: database } = metadata;
+  const second = (iso: string) => Math.floor(Date.parse(iso) / 1000);
+  const disagree = (field: string, value: unknown, name: string) =>
+    `${field} is ${JSON.stringify(value)} but the file is named for ${name}`;
+  return [
+    isTimestamp(time) &&
+      second(String(time)) !== second(named.timestamp) &&
+      disagree('backup_timestamp', time, named.timestamp),
+    environment !== named.environment &&
+      METADATA_RULES.environment!.valid(environment) &&
+      disagree('environment', environment, `"${named.environment}"`),
+    isNonEmptyString(database) &&
+      database !== named.database &&
+      disagree('database_name', database, `"${named.database}"`),
+  ].filter((problem) => typeof problem === 'string');
 }
 
 /** Far beyond any real metadata, far below what would exhaust memory. */

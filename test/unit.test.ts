@@ -1346,6 +1346,35 @@ describe('metadataProblems', () => {
     assert.deepEqual(metadataProblems(null), ['it is not a JSON object']);
     assert.match(metadataProblems(valid, 'other.dump')[0]!, /backup_file is ".*" but the file is named "other\.dump"/);
   });
+
+  test('what a name of this tool says must agree with the metadata: the same second, environment and database', () => {
+    const agree = [
+      { ...valid, backup_timestamp: '2025-01-27T14:30:00.999Z' },
+      { ...valid, backup_timestamp: '2025-01-27T15:30:00+01:00' },
+      { ...valid, database_name: 'Chat', backup_file: `${fileNamePart('Chat')}_dev_2025-01-27T14-30-00Z.dump` },
+      { ...valid, backup_file: 'written-by-another-tool.dump' },
+    ];
+    for (const metadata of agree)
+      assert.deepEqual(metadataProblems(metadata, metadata.backup_file), [], metadata.backup_file);
+    const disagree: Array<[Record<string, unknown>, RegExp]> = [
+      [
+        { backup_timestamp: '2025-01-27T14:30:01Z' },
+        /^backup_timestamp is "2025-01-27T14:30:01Z" but the file is named for 2025-01-27T14:30:00Z$/,
+      ],
+      [{ backup_timestamp: '2025-01-27T14:29:59.999Z' }, /^backup_timestamp is/],
+      [{ backup_timestamp: '2025-01-27T14:30:00+01:00' }, /^backup_timestamp is/],
+      [{ environment: 'prod' }, /^environment is "prod" but the file is named for "dev"$/],
+      [
+        { database_name: 'project_chat' },
+        /^database_name is "project_chat" but the file is named for "project_chat_dev"$/,
+      ],
+    ];
+    for (const [change, problem] of disagree) {
+      const problems = metadataProblems({ ...valid, ...change }, valid.backup_file);
+      assert.equal(problems.length, 1, `${JSON.stringify(change)} → ${problems.join('; ')}`);
+      assert.match(problems[0]!, problem);
+    }
+  });
 });
 
 describe('archive table of contents', () => {

@@ -248,6 +248,26 @@ describe('--verify rejects damage to the metadata', () => {
     );
   });
 
+  test('what the file name says (time, environment, database) changed in the metadata → invalid, naming both', async () => {
+    const monthEarlier = (m: Record<string, unknown>) =>
+      new Date(Date.parse(String(m.backup_timestamp)) - 30 * 86_400_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+    for (const [field, edit, problem] of [
+      ['backup_timestamp', monthEarlier, /backup_timestamp is "\d{4}-.*" but the file is named for \d{4}-/],
+      ['environment', () => 'prod', /environment is "prod" but the file is named for "dev"/],
+      ['database_name', () => 'other_app', /database_name is "other_app" but the file is named for "verify_app/],
+    ] as const) {
+      const copy = await copyOfBackup();
+      await copy.editMetadata((m) => {
+        m[field] = edit(m);
+      });
+      const result = await verify(copy.dumpPath);
+      assertRejected(result, /metadata is invalid/);
+      assert.match(result.stderr, problem, field);
+      const listed = await runCli({ args: ['--list', '--output-dir', copy.dir] });
+      assert.match(listed.stdout, /Invalid metadata/, field);
+    }
+  });
+
   for (const [field, value, problem] of [
     ['environment', 'staging', /environment must be "dev" or "prod"/],
     ['backup_timestamp', 'yesterday', /backup_timestamp must be an ISO 8601 timestamp/],
