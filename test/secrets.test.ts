@@ -387,6 +387,23 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
     }
   });
 
+  test('a URL without its \'@\' (user:password read as host:port) is refused (exit 2), the "port" never shown', async () => {
+    const configDir = await tempDir();
+    const logFile = path.join(configDir, 'runs.log');
+    await writeEnvFile(configDir, '.env', { DEV_DATABASE_URL: 'postgresql://app:Hunter2Secret/secret_app' });
+    for (const json of [[], ['--json']]) {
+      const result = await runCli({
+        args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', path.join(configDir, 'out'), ...json],
+        env: { BACKUP_LOG_FILE: logFile },
+      });
+      assert.equal(result.exitCode, 2, result.stderr);
+      assert.match(result.stdout + result.stderr, /DEV_DATABASE_URL \(from \.env\)'s port is not a number/);
+      assert.match(result.stdout + result.stderr, /Is an '@' missing\? A password goes after the user and a ':', then come an '@' and the host/);
+      assert.ok(!(result.stdout + result.stderr).includes('Hunter2'), result.stdout + result.stderr);
+    }
+    assert.ok(!(await fs.readFile(logFile, 'utf8')).includes('Hunter2'), 'the log never holds it');
+  });
+
   test('a password with a NUL byte (which no child environment can carry) is refused (exit 2), naming the variable only', async () => {
     // trust: the tool's own session gets in whatever the password, and pg_dump is started with it.
     const admin = await server.connect();
