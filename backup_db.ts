@@ -7809,8 +7809,16 @@ const COPIED_VALUE = new RegExp(String.raw`(ERROR: {2}(?:${COPIED_VALUE_ERRORS})
 /** value "…" is out of range for type X: the value inside, the type after it. */
 const OUT_OF_RANGE = /(ERROR: {2}value ")[\s\S]*(" is out of range for type )/;
 
-/** Pure: the ERROR of a COPY failure with the row's value it quotes masked (to the field's end); the type stays. */
+/** A json or jsonb value's own context, before COPY's: the text up to the error. */
+const JSON_CONTEXT = /^(CONTEXT: {2}JSON data, line \d+: )[\s\S]*?(\nCOPY )/;
+
+/**
+ * Pure: a field of a COPY failure with the row's value it quotes masked: in the ERROR (to the field's end;
+ * the type stays), and in any DETAIL but a key's or a failing row's (masked after, by withoutRowData): a
+ * type's input quotes the value there in its own words (json's Token "…", xml's tags).
+ */
 function withoutCopiedValue(field: string): string {
+  if (field.startsWith('DETAIL:  ') && !KEY_ROW.test(field) && !FAILING_ROW.test(field)) return 'DETAIL:  ****';
   return field.replace(COPIED_VALUE, '$1****"').replace(OUT_OF_RANGE, '$1****$2');
 }
 
@@ -7839,7 +7847,7 @@ const KEY_ROW = new RegExp(String.raw`^(DETAIL: {2}Key \(([\s\S]*?)\)=\()(?:[\s\
  * may hold any text (")", line breaks), so each is masked to the field's end or to the last ending of its message.
  */
 function withoutRowData(field: string): string {
-  if (field.startsWith('CONTEXT:  ')) return field.replace(COPY_ROW, '$1****"');
+  if (field.startsWith('CONTEXT:  ')) return field.replace(COPY_ROW, '$1****"').replace(JSON_CONTEXT, '$1****$2');
   const key = KEY_ROW.exec(field);
   if (!key) return field.replace(FAILING_ROW, '$1****).');
   const [, kept, columns, ending, rest] = key;

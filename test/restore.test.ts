@@ -1379,41 +1379,53 @@ describe('what a failed restore quotes: no secret, no forged line', () => {
     }
   });
 
-  test('a value the ERROR line of a COPY failure quotes (invalid input syntax) is in no channel of the drill', async () => {
-    // The CHECK's function casts the token to int, true only where z_allow holds it: restored later, it fails.
-    const source = uniqueName('rs_rowerror');
-    await server.createDatabase(source, [
-      'CREATE TABLE z_allow (a text)',
-      `CREATE FUNCTION ok(t text) RETURNS bool LANGUAGE sql
-         AS $$ SELECT EXISTS (SELECT 1 FROM public.z_allow WHERE a = t) OR t::int > 0 $$`,
-      'CREATE TABLE a_main (id int, token text CHECK (public.ok(token)))',
-      "INSERT INTO z_allow VALUES ('tok_SECRETVALUE'); INSERT INTO a_main VALUES (1, 'tok_SECRETVALUE')",
-    ]);
-    const taken = await takeBackup(server, source, path.join(await tempDir(), 'b'));
-    const logFile = path.join(await tempDir(), 'run.log');
-    const drill = (...extra: string[]) =>
-      runCli({
-        args: [
-          '--verify',
-          taken.dumpPath,
-          '--restore-test',
-          '--jobs',
-          '1',
-          '--env',
-          'dev',
-          '--config-dir',
-          configDir,
-          ...extra,
-        ],
-      });
-    const text = await drill('--log-file', logFile);
-    const json = await drill('--json', '--log-file', logFile);
-    assert.equal(text.exitCode, 7, text.stderr);
-    assert.equal(json.exitCode, 7, json.stderr);
-    assert.match(text.stderr, /ERROR: {2}invalid input syntax for type integer: "\*{4}"$/m);
-    const channels = [text, json].flatMap((run) => [run.stdout, run.stderr]);
-    for (const out of [...channels, await fs.readFile(logFile, 'utf8'), await fs.readFile(taken.metadataPath, 'utf8')])
-      assert.ok(!out.includes('SECRETVALUE'), `the value is masked in:\n${out}`);
+  test('a value a COPY failure quotes (ERROR line, json DETAIL and context) is in no channel of the drill', async () => {
+    // The CHECK's function casts the token, true only where z_allow holds it: restored later, it fails.
+    for (const [cast, quoted] of [
+      ['int > 0', /ERROR: {2}invalid input syntax for type integer: "\*{4}"$/m],
+      [
+        'json IS NOT NULL',
+        /ERROR: {2}invalid input syntax for type json\nDETAIL: {2}\*{4}\nCONTEXT: {2}JSON data, line 1: \*{4}\\nCOPY a_main, line 1: "\*{4}"$/m,
+      ],
+    ] as const) {
+      const source = uniqueName('rs_rowerror');
+      await server.createDatabase(source, [
+        'CREATE TABLE z_allow (a text)',
+        `CREATE FUNCTION ok(t text) RETURNS bool LANGUAGE sql
+           AS $$ SELECT EXISTS (SELECT 1 FROM public.z_allow WHERE a = t) OR t::${cast} $$`,
+        'CREATE TABLE a_main (id int, token text CHECK (public.ok(token)))',
+        "INSERT INTO z_allow VALUES ('tok_SECRETVALUE'); INSERT INTO a_main VALUES (1, 'tok_SECRETVALUE')",
+      ]);
+      const taken = await takeBackup(server, source, path.join(await tempDir(), 'b'));
+      const logFile = path.join(await tempDir(), 'run.log');
+      const drill = (...extra: string[]) =>
+        runCli({
+          args: [
+            '--verify',
+            taken.dumpPath,
+            '--restore-test',
+            '--jobs',
+            '1',
+            '--env',
+            'dev',
+            '--config-dir',
+            configDir,
+            ...extra,
+          ],
+        });
+      const text = await drill('--log-file', logFile);
+      const json = await drill('--json', '--log-file', logFile);
+      assert.equal(text.exitCode, 7, text.stderr);
+      assert.equal(json.exitCode, 7, json.stderr);
+      assert.match(text.stderr, quoted);
+      const channels = [text, json].flatMap((run) => [run.stdout, run.stderr]);
+      for (const out of [
+        ...channels,
+        await fs.readFile(logFile, 'utf8'),
+        await fs.readFile(taken.metadataPath, 'utf8'),
+      ])
+        assert.ok(!out.includes('SECRETVALUE'), `the value is masked in:\n${out}`);
+    }
   });
 
   test('a line break in a table name, or in --target-db, never starts a line of the error', async () => {

@@ -2161,6 +2161,39 @@ test("a COPY failure's ERROR line: the value it quotes masked, the type kept; an
   assert.equal(toolMessage(`${other}\nCommand was: SELECT 1;`), `${other}\nCommand was: SELECT ****;`);
 });
 
+test("a COPY failure in a type's own input: its DETAIL and the JSON text it quotes masked, the COPY line's names kept", () => {
+  const failed = 'pg_restore: error: COPY failed for table "j": ERROR:  ';
+  const cases: [string[], string[]][] = [
+    [
+      [
+        'invalid input syntax for type json',
+        'DETAIL:  Token "XSuperSecretKey123" is invalid.',
+        'CONTEXT:  JSON data, line 1: {"api_key": XSuperSecretKey123...',
+        'COPY j, line 1, column doc: "{"api_key": XSuperSecretKey123"}"',
+      ],
+      [
+        'invalid input syntax for type json',
+        'DETAIL:  ****',
+        'CONTEXT:  JSON data, line 1: ****\\nCOPY j, line 1, column doc: "****"',
+      ],
+    ],
+    [
+      [
+        'invalid XML content',
+        'DETAIL:  line 1: Opening and ending tag mismatch: SuperSecret line 1',
+        'CONTEXT:  COPY j, line 1, column doc: "<SuperSecret>"',
+      ],
+      ['invalid XML content', 'DETAIL:  ****', 'CONTEXT:  COPY j, line 1, column doc: "****"'],
+    ],
+  ];
+  for (const [stderr, masked] of cases) {
+    const [error, ...fields] = stderr;
+    const message = toolMessage([failed + error, ...fields].join('\n'));
+    assert.deepEqual(message.split('\n'), [failed + masked[0], ...masked.slice(1)]);
+    assert.doesNotMatch(message, /SuperSecret/);
+  }
+});
+
 test("pg_restore's messages: a line break in a name joins the line it broke, shown as \\n", () => {
   const stderr = [
     'pg_restore: while PROCESSING TOC:',
