@@ -398,7 +398,10 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
       });
       assert.equal(result.exitCode, 2, result.stderr);
       assert.match(result.stdout + result.stderr, /DEV_DATABASE_URL \(from \.env\)'s port is not a number/);
-      assert.match(result.stdout + result.stderr, /Is an '@' missing\? A password goes after the user and a ':', then come an '@' and the host/);
+      assert.match(
+        result.stdout + result.stderr,
+        /Is an '@' missing\? A password goes after the user and a ':', then come an '@' and the host/,
+      );
       assert.ok(!(result.stdout + result.stderr).includes('Hunter2'), result.stdout + result.stderr);
     }
     assert.ok(!(await fs.readFile(logFile, 'utf8')).includes('Hunter2'), 'the log never holds it');
