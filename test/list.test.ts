@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
+import { fileNamePart, metadataFileName } from '../backup_db.ts';
 import {
   clientThatDeletes,
   dbVars,
@@ -360,9 +361,20 @@ describe('--list', () => {
 
     const hostile = 'app\x1b[2J\x1b]52;c;ZXZpbA==\x07';
     const metadata = JSON.parse(await fs.readFile(taken.metadataPath, 'utf8'));
-    await fs.writeFile(taken.metadataPath, JSON.stringify({ ...metadata, database_name: hostile }, null, 2));
-    await fs.copyFile(taken.dumpPath, path.join(copy, 'x\x1b[2J\x1b]0;pwned\x07_dev_2025-01-01T00-00-00Z.dump'));
-    for (const result of [await list(copy), await runCli({ args: ['--verify', taken.dumpPath] })]) {
+    // Renamed as this tool would name that database's backup: metadata must agree with its file's name.
+    const hostileFile = path.basename(taken.dumpPath).replace(db, fileNamePart(hostile));
+    await fs.rename(taken.dumpPath, path.join(copy, hostileFile));
+    await fs.rm(taken.metadataPath);
+    await fs.writeFile(
+      path.join(copy, metadataFileName(hostileFile)),
+      JSON.stringify({ ...metadata, database_name: hostile, backup_file: hostileFile }, null, 2),
+    );
+    await fs.copyFile(
+      path.join(copy, hostileFile),
+      path.join(copy, 'x\x1b[2J\x1b]0;pwned\x07_dev_2025-01-01T00-00-00Z.dump'),
+    );
+    const verified = await runCli({ args: ['--verify', path.join(copy, hostileFile)] });
+    for (const result of [await list(copy), verified]) {
       assert.equal(result.exitCode, 0, result.stderr);
       assert.ok(!/[\x00-\x09\x0b-\x1f\x7f-\x9f]/.test(result.stdout + result.stderr), result.stdout);
       assert.match(result.stdout, /app\\x1b\[2J\\x1b\]52;c;ZXZpbA==\\x07/);
