@@ -200,6 +200,9 @@ async function startTethered<const O extends Options>(
     ],
     { stdio: ['pipe', 'ignore', 'ignore'], detached: true, env: childEnv(process.env, {}, { connects: false }) },
   );
+  // No process to spare for it (EAGAIN at the user's process limit): the child runs untethered, as it
+  // started; an unheard 'error' would end this process with a stack trace, before anything is logged.
+  watcher.on('error', () => liveWatchers.delete(watcher));
   watcher.unref();
   (watcher.stdin as unknown as { unref(): void }).unref();
   liveWatchers.add(watcher);
@@ -838,6 +841,7 @@ async function probeToolVersion(
   const options = { stdin: 'ignore', reject: false } as const;
   const result = await (await startTethered(file, ['--version'], stop, options, { connects: false })).child;
   signal?.throwIfAborted();
+  if (result.failed) assertProcessStarts(result, file);
   const parsed = result.exitCode === 0 ? parsePgVersion(String(result.stdout)) : undefined;
   if (!parsed && timeout.aborted) {
     throw new BackupError(
@@ -851,6 +855,23 @@ async function probeToolVersion(
     );
   }
   return parsed && { path: await bypassPgWrapper(file, command, parsed.major), ...parsed };
+}
+
+/** What the system says when it has no process, file or memory to spare for a new process. */
+const NO_PROCESS_TO_SPARE: Record<string, string> = {
+  EAGAIN: "This user's process limit is reached (ulimit -u; a container's pids.max)",
+  EMFILE: 'This process has too many open files (ulimit -n)',
+  ENFILE: 'The system has too many open files (fs.file-max)',
+  ENOMEM: 'The system is out of memory',
+};
+
+/** A tool that could not be started for want of a process, not for want of the tool: never "not found". */
+function assertProcessStarts(failed: unknown, file: string): void {
+  const why = Object.hasOwn(NO_PROCESS_TO_SPARE, errnoCode(failed) ?? '') && NO_PROCESS_TO_SPARE[errnoCode(failed)!];
+  if (!why) return;
+  throw new BackupError(EXIT.GENERAL, `Cannot start ${path.basename(file)}`, `${file}: spawn ${errnoCode(failed)}`, [
+    `${why}: end other processes of this user, or raise the limit; then run it again`,
+  ]);
 }
 
 /**
