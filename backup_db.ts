@@ -2924,14 +2924,15 @@ function interruptedError(signal: InterruptSignal): BackupError {
 
 /**
  * A parallel dump into a directory-format archive. pg_dump writes (and fsyncs) the files itself,
- * so the checksum is the manifest's, read once afterwards; memory stays flat all the same.
+ * so the checksum is the manifest's, read once afterwards; memory stays flat all the same. That read
+ * writes nothing: `onRead` tells the stall watchdog it moves on.
  */
 async function dumpToDirectory(
   pgDump: PgTool,
   args: string[],
   env: Record<string, string>,
   partialDir: string,
-  signal: AbortSignal,
+  { signal, onRead }: { signal: AbortSignal; onRead: () => void },
 ): Promise<DumpOutcome> {
   const options = { env, stdin: 'ignore', stdout: 'ignore', reject: false } as const;
   const { child } = await startTethered(pgDump.path, [...args, `--file=${partialDir}`], signal, options);
@@ -2939,7 +2940,7 @@ async function dumpToDirectory(
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir), env.PGUSER);
   // Minutes on a large dump: an interrupt stops the read too, not only pg_dump.
-  return hashBackup(partialDir, signal);
+  return hashBackup(partialDir, signal, onRead);
 }
 
 /** Pure: pg_dump's exit status and stderr → contract error, with hints for the common causes; `user`: its role. */
@@ -3402,10 +3403,14 @@ async function snapshotBackup(
     let dump: DumpOutcome;
     let tableCounts: Record<string, number>;
     try {
-      const counting = countRows(client, tables, lock, () => watchdog?.progressed());
+      const progressed = () => watchdog?.progressed();
+      const counting = countRows(client, tables, lock, progressed);
       const dumping =
         format === 'directory'
-          ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal)
+          ? dumpToDirectory(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, {
+              signal: run.signal,
+              onRead: progressed,
+            })
           : streamPgDump(tools.pgDump, dumpArgs, dumpEnv, reserved.partialPath, run.signal);
       const counted =
         options.lockWaitTimeoutMs === 0
@@ -3893,12 +3898,13 @@ function findRestoreClient(
 }
 
 /** SHA256 and size of a file, streamed in 1 MiB chunks: flat memory for any size. `signal` stops the read. */
-export async function hashFile(filePath: string, signal?: AbortSignal): Promise<DumpOutcome> {
+export async function hashFile(filePath: string, signal?: AbortSignal, onRead?: () => void): Promise<DumpOutcome> {
   const hash = createHash('sha256');
   let size = 0;
   for await (const chunk of createReadStream(filePath, { highWaterMark: 1 << 20, signal }) as AsyncIterable<Buffer>) {
     hash.update(chunk);
     size += chunk.length;
+    onRead?.();
   }
   return { sha256: hash.digest('hex'), size };
 }
@@ -3968,12 +3974,13 @@ export function manifestText(files: Array<{ name: string; sha256: string; size: 
 /**
  * SHA-256 and size of a backup: a custom-format file's bytes, or for a directory-format archive
  * (--jobs) the SHA-256 of its manifest and the files' total size. Either way streamed: flat memory.
+ * `onRead` hears of each megabyte read.
  */
-export async function hashBackup(backupPath: string, signal?: AbortSignal): Promise<DumpOutcome> {
-  if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath, signal);
+export async function hashBackup(backupPath: string, signal?: AbortSignal, onRead?: () => void): Promise<DumpOutcome> {
+  if (!(await fs.stat(backupPath)).isDirectory()) return hashFile(backupPath, signal, onRead);
   const files = [];
   for (const name of await archiveFiles(backupPath))
-    files.push({ name, ...(await hashFile(path.join(backupPath, name), signal)) });
+    files.push({ name, ...(await hashFile(path.join(backupPath, name), signal, onRead)) });
   return {
     sha256: createHash('sha256').update(manifestText(files)).digest('hex'),
     size: files.reduce((sum, file) => sum + file.size, 0),
