@@ -6411,8 +6411,10 @@ async function restorableArchive(
     signal.throwIfAborted(); // a check the interrupt cut short proves nothing
     if (!(error instanceof BackupError) || error.exitCode !== EXIT.VERIFY_FAILED || !force) throw error;
     const filePath = path.resolve(file);
+    // Past a damaged backup, never past none: missing, a directory, a FIFO (whose open would wait for ever).
+    await assertReadableFile(filePath);
     const { pgRestore } = await findRestoreClient(search, await readArchiveHeader(readPath), signal);
-    const listing = await listArchive(pgRestore, readPath);
+    const listing = await listArchive(pgRestore, readPath, signal);
     if (!listing.ok) {
       throw new BackupError(EXIT.BACKUP_FAILED, 'pg_restore cannot read the archive', listing.error, [
         'Even --force cannot restore an unreadable archive',

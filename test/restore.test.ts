@@ -422,6 +422,27 @@ describe('--restore', () => {
     },
   );
 
+  test('--force goes past a damaged backup, never past no backup: missing, a directory, a FIFO are exit 8 at once', async () => {
+    const dir = await tempDir();
+    const fifo = path.join(dir, 'x_dev_2026-01-01T00-00-00Z.dump');
+    await execa('mkfifo', [fifo]);
+    const notArchive = path.join(dir, 'y_dev_2026-01-01T00-00-00Z.dump');
+    await fs.mkdir(notArchive);
+    for (const [file, why] of [
+      [path.join(dir, 'gone_dev_2026-01-01T00-00-00Z.dump'), /backup file not found/],
+      [notArchive, /not a file/],
+      // Opened, a FIFO would wait for a writer for ever, deaf to Ctrl-C.
+      [fifo, /not a file/],
+    ] as const) {
+      const target = uniqueName('rs_forced');
+      const result = await restore(file, target, '--force');
+      assert.equal(result.exitCode, 8, result.stderr);
+      assert.match(result.stderr, why);
+      assert.ok(!(await databases()).includes(target), 'nothing created');
+    }
+    assert.deepEqual((await fs.readdir(dir)).sort(), [path.basename(fifo), path.basename(notArchive)].sort());
+  });
+
   test('a restore that hits an error fails with exit 7, and the target it created is removed', async () => {
     const copy = await copyOfBackup();
     await flipMiddleByte(copy.dumpPath);
