@@ -8316,6 +8316,12 @@ function modeOf(opts: Partial<CliOptions>): Mode {
     throw configError(`--${kebab(onlyForRestore)} only applies to --restore FILE`, [
       'For example: --restore FILE --target-db NAME [--clean]',
     ]);
+  if (opts.prune && (opts.list || opts.verify !== undefined)) {
+    throw configError('--prune cannot be combined with --list or --verify', [
+      'Prune alone: --prune --keep-daily 7 [--dry-run]',
+      'Then list: --list',
+    ]);
+  }
   if (opts.restoreTest) {
     if (typeof opts.verify !== 'string' || opts.verify.trim() === '' || opts.list) {
       throw configError('--restore-test goes with --verify FILE', [
@@ -8323,12 +8329,6 @@ function modeOf(opts: Partial<CliOptions>): Mode {
       ]);
     }
     return { command: 'drill', file: opts.verify };
-  }
-  if (opts.prune && (opts.list || opts.verify !== undefined)) {
-    throw configError('--prune cannot be combined with --list or --verify', [
-      'Prune alone: --prune --keep-daily 7 [--dry-run]',
-      'Then list: --list',
-    ]);
   }
   if (opts.prune) return { command: 'prune' };
   if (opts.list) {

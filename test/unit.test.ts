@@ -1560,6 +1560,25 @@ describe('chooseMode', () => {
     expectBackupError(() => chooseMode({ maxAge: 1000 }), EXIT.CONFIG, /--max-age only applies to --check/);
     assert.deepEqual(chooseMode({ check: true, maxAge: 1000 }), { command: 'check', fullCheck: false });
   });
+
+  test('every mix of commands README does not name is refused (exit 2), none silently dropped', () => {
+    const flags = {
+      prune: { prune: true },
+      list: { list: true },
+      verify: { verify: 'x.dump' },
+      restoreTest: { restoreTest: true },
+      restore: { restore: 'x.dump', targetDb: 'copy' },
+      check: { check: true, maxAge: 1000 },
+    } as const;
+    const named = ['', 'prune', 'list', 'verify', 'verify restoreTest', 'restore', 'check'];
+    const names = Object.keys(flags) as Array<keyof typeof flags>;
+    for (let set = 0; set < 1 << names.length; set++) {
+      const chosen = names.filter((_, i) => set & (1 << i));
+      const opts = Object.assign({}, ...chosen.map((name) => flags[name]));
+      if (named.includes(chosen.join(' '))) assert.doesNotThrow(() => chooseMode(opts), chosen.join(' '));
+      else expectBackupError(() => chooseMode(opts), EXIT.CONFIG, /./);
+    }
+  });
 });
 
 describe('restore helpers', () => {
