@@ -1670,7 +1670,8 @@ async function connectDb(config: DbConfig, connectTimeoutSeconds: number, signal
 /**
  * connectDb without the translation of its failure, for callers that try another database; `config`
  * has been through enforceableConfig. node-postgres has no sslmode=prefer, libpq's default: try TLS
- * first and fall back to a plain connection only when the server says it has no TLS, as libpq does.
+ * first and fall back to a plain connection only when the server says it has no TLS, as libpq does;
+ * nor allow: plain first, then TLS (unverified, as prefer's) when the server refuses the plain session.
  */
 async function openConnection(
   config: DbConfig,
@@ -1684,6 +1685,10 @@ async function openConnection(
   } catch (error) {
     if (preferred && ssl && /does not support SSL/i.test(errorText(error)))
       return await openClient(config, connectTimeoutSeconds, false, signal);
+    if (config.sslmode === 'allow' && !ssl && sqlStateOf(error)?.startsWith('28')) {
+      const tls = await sslOptions({ ...config, sslmode: 'prefer' });
+      if (tls) return await openClient(config, connectTimeoutSeconds, tls, signal);
+    }
     throw error;
   }
 }

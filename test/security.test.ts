@@ -170,6 +170,14 @@ describe('sslmode, against a server that accepts TLS connections only', skipUnle
     assert.equal(result.exitCode, 0, result.stderr);
   });
 
+  test("sslmode=allow: the server's refusal of a plain session is answered with TLS, as libpq does", async () => {
+    const result = await backup(vars({ DEV_DB_SSLMODE: 'allow' }));
+    assert.equal(result.exitCode, 0, result.stderr);
+    const wrong = await backup(vars({ DEV_DB_SSLMODE: 'allow', DEV_DB_PASSWORD: 'Wr0ng-pa55word' }));
+    assert.equal(wrong.exitCode, 3, wrong.stderr);
+    assert.match(wrong.stderr, /password authentication failed/);
+  });
+
   test('sslmode=disable is refused by the server: exit 3 with its message', async () => {
     const result = await backup(vars({ DEV_DB_SSLMODE: 'disable' }));
     assert.equal(result.exitCode, 3);
