@@ -3209,7 +3209,9 @@ const COPY_PROGRESS_SQL = `
 /**
  * Show live progress on stderr, polling once a second on a connection of its own: statistics
  * views read inside the snapshot transaction would stay frozen at their first read. Progress is
- * a nicety; nothing here may fail the backup (pg_stat_progress_copy needs PostgreSQL 14).
+ * a nicety; nothing here may fail the backup (pg_stat_progress_copy needs PostgreSQL 14). Its
+ * connection waits for the dump's first bytes, written once pg_dump's sessions are in: under a
+ * CONNECTION LIMIT of --jobs + 2, one taken before would be one of theirs.
  */
 async function startProgress(
   config: DbConfig,
@@ -3219,10 +3221,17 @@ async function startProgress(
   signal: AbortSignal,
 ): Promise<{ stop(): Promise<void> }> {
   const started = performance.now();
-  let client = await connectDb(config, connectTimeoutSeconds, signal).catch(() => undefined);
+  let client: pg.Client | undefined;
+  let connected: Promise<unknown> | undefined;
   const finished = new Set<number>();
   let copying: CopyProgress[] = [];
   const poll = async () => {
+    const writtenBytes = await backupSize(partialPath).catch(() => 0);
+    if (writtenBytes > 0)
+      await (connected ??= connectDb(config, connectTimeoutSeconds, signal).then(
+        (c) => (client = c),
+        () => undefined,
+      ));
     if (client) {
       const { rows } = await client.query<CopyProgress>(COPY_PROGRESS_SQL, [PG_DUMP_APPLICATION_NAME]).catch(() => {
         if (client) void closeClient(client);
@@ -3233,7 +3242,6 @@ async function startProgress(
       for (const copy of copying) if (!rows.some((row) => row.relid === copy.relid)) finished.add(copy.relid);
       copying = rows;
     }
-    const writtenBytes = await backupSize(partialPath).catch(() => 0);
     const line = progressLine({
       copying,
       ...(client ? { fraction: dumpedFraction(tables, finished, copying) } : {}),
@@ -3253,6 +3261,7 @@ async function startProgress(
       // Closed first: a poll still waiting on a server that stopped answering then fails at once.
       if (client) await closeClient(client);
       await inFlight;
+      if (client) await closeClient(client); // connected by that last poll
       process.stderr.write('\r\x1b[K');
     },
   };

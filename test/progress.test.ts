@@ -41,10 +41,10 @@ before(async () => {
 after(() => server?.stop());
 
 /** Run the CLI on a pseudo-terminal; `shellSuffix` can redirect its stdout inside it. */
-async function onTerminal(args: string[], shellSuffix = '', wallClock?: WallClock) {
+async function onTerminal(args: string[], shellSuffix = '', wallClock?: WallClock, config = configDir) {
   const outputDir = path.join(await tempDir(), 'out');
   const preload = wallClock ? `--import '${WALL_CLOCK_MODULE}'` : '';
-  const command = `'${process.execPath}' --import tsx ${preload} '${SCRIPT}' --env dev --config-dir '${configDir}' --output-dir '${outputDir}' ${args.join(' ')} ${shellSuffix}`;
+  const command = `'${process.execPath}' --import tsx ${preload} '${SCRIPT}' --env dev --config-dir '${config}' --output-dir '${outputDir}' ${args.join(' ')} ${shellSuffix}`;
   const env = wallClock ? wallClockEnv(wallClock) : {};
   const result = await execa('script', ['-qec', command, '/dev/null'], { cwd: PROJECT_DIR, env, reject: false });
   return { exitCode: result.exitCode, terminal: String(result.stdout) };
@@ -54,6 +54,26 @@ const PROGRESS = /dumping messages: [\d,]+ rows · ~\d+% · [\d.]+ (B|KB|MB) wri
 const CLEAR = '\r\x1b[K';
 
 describe('progress on a terminal', skipUnless(await unmet('script')), () => {
+  test('takes no connection pg_dump needs: --jobs 2 with a CONNECTION LIMIT of N + 2 still backs up', async () => {
+    const admin = await server.connect('progress_app');
+    try {
+      await admin.query(`DROP ROLE IF EXISTS progress_lim;
+        CREATE ROLE progress_lim LOGIN PASSWORD 'Lim-pa55word' CONNECTION LIMIT 4;
+        GRANT pg_read_all_data TO progress_lim`);
+    } finally {
+      await admin.end();
+    }
+    const limited = await tempDir();
+    await writeEnvFile(limited, '.env', {
+      ...dbVars(server, 'DEV_DB_', 'progress_app'),
+      DEV_DB_USER: 'progress_lim',
+      DEV_DB_PASSWORD: 'Lim-pa55word',
+    });
+    const { exitCode, terminal } = await onTerminal(['--jobs', '2'], '', undefined, limited);
+    assert.equal(exitCode, 0, terminal);
+    assert.match(terminal, /Backup created successfully/);
+  });
+
   test('updates while pg_dump copies, then is cleared before the summary', { timeout: 120_000 }, async () => {
     const { exitCode, terminal } = await onTerminal(['--compress', '9']);
     assert.equal(exitCode, 0, terminal);
