@@ -6302,7 +6302,7 @@ export function parseMemory(value: string): number {
   ];
   const kb = match ? Number(match[1]) * factor : NaN;
   if (!(kb >= 1024 && kb <= MAX_TIMEOUT_MS))
-    throw new InvalidArgumentError('Use a size such as 256MB or 1GB (from 1MB to 2TB).');
+    throw new InvalidArgumentError('Use a size such as 256MB or 1GB (from 1MB to 2047GB).');
   return kb;
 }
 
