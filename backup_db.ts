@@ -7415,10 +7415,14 @@ export interface MetricsRun extends Pick<MetricSeries, 'database' | 'environment
   endedAt: Date;
   exitCode: number;
   durationMs: number;
+  /** The backup's size: set when the run made one, even if the retention after it failed. */
   sizeBytes?: number;
 }
 
-/** Pure: the series after one run of `database`; the last success and size stay as they were when it failed. */
+/**
+ * Pure: the series after one run of `database`; the last success and size stay as they were when it made
+ * no backup. One made whose retention failed is a success for freshness: its exit code says what failed.
+ */
 export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): MetricSeries[] {
   const isThis = (s: MetricSeries) => s.database === run.database && s.environment === run.environment;
   const previous = series.find(isThis)?.values ?? {};
@@ -7428,7 +7432,7 @@ export function recordRunInMetrics(series: MetricSeries[], run: MetricsRun): Met
     backup_db_last_run_timestamp_seconds: ended,
     backup_db_last_exit_code: run.exitCode,
     backup_db_last_duration_seconds: run.durationMs / 1000,
-    ...(run.exitCode === 0
+    ...(run.exitCode === 0 || run.sizeBytes !== undefined
       ? {
           backup_db_last_success_timestamp_seconds: ended,
           ...(run.sizeBytes !== undefined ? { backup_db_last_size_bytes: run.sizeBytes } : {}),

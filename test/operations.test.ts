@@ -471,6 +471,19 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     );
   });
 
+  test('a backup made, whose retention then failed, is a success for freshness; its exit code still says it failed', () => {
+    const before: MetricSeries[] = [
+      { database: 'a', environment: 'dev', values: { backup_db_last_success_timestamp_seconds: 1 } },
+    ];
+    const run = { database: 'a', environment: 'dev', endedAt: new Date(60_000), durationMs: 1000 };
+    const madeButPruneFailed = recordRunInMetrics(before, { ...run, exitCode: 8, sizeBytes: 10 })[0]!.values;
+    assert.equal(madeButPruneFailed.backup_db_last_exit_code, 8);
+    assert.equal(madeButPruneFailed.backup_db_last_success_timestamp_seconds, 60);
+    assert.equal(madeButPruneFailed.backup_db_last_size_bytes, 10);
+    const notMade = recordRunInMetrics(before, { ...run, exitCode: 7 })[0]!.values;
+    assert.equal(notMade.backup_db_last_success_timestamp_seconds, 1);
+  });
+
   test("a run of one database never changes another's series", () => {
     const before: MetricSeries[] = [{ database: 'b', environment: 'dev', values: { backup_db_last_exit_code: 7 } }];
     const after = recordRunInMetrics(before, {
