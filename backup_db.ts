@@ -867,10 +867,10 @@ const NO_PROCESS_TO_SPARE: Record<string, string> = {
 
 /** A tool that could not be started for want of a process, not for want of the tool: never "not found". */
 function assertProcessStarts(failed: unknown, file: string): void {
-  const why = Object.hasOwn(NO_PROCESS_TO_SPARE, errnoCode(failed) ?? '') && NO_PROCESS_TO_SPARE[errnoCode(failed)!];
-  if (!why) return;
-  throw new BackupError(EXIT.GENERAL, `Cannot start ${path.basename(file)}`, `${file}: spawn ${errnoCode(failed)}`, [
-    `${why}: end other processes of this user, or raise the limit; then run it again`,
+  const code = errnoCode(failed) ?? '';
+  if (!Object.hasOwn(NO_PROCESS_TO_SPARE, code)) return;
+  throw new BackupError(EXIT.GENERAL, `Cannot start ${path.basename(file)}`, `${file}: spawn ${code}`, [
+    `${NO_PROCESS_TO_SPARE[code]}: end other processes of this user, or raise the limit; then run it again`,
   ]);
 }
 
@@ -3650,7 +3650,10 @@ export function metadataProblems(value: unknown, dumpFileName?: string): string[
  * retention and --check read the metadata: one edited by hand to another time or database would make a
  * backup look fresh, or the oldest of another series, to be deleted.
  */
-function nameDisagreements(metadata: Record<string, unknown>, named: ReturnType<typeof parseBackupFileName> & {}) {
+function nameDisagreements(
+  metadata: Record<string, unknown>,
+  named: NonNullable<ReturnType<typeof parseBackupFileName>>,
+) {
   const { backup_timestamp: time, environment, database_name: database } = metadata;
   const second = (iso: string) => Math.floor(Date.parse(iso) / 1000);
   const disagree = (field: string, value: unknown, name: string) =>
