@@ -315,6 +315,12 @@ function asBackupError(error: unknown, server?: Pick<DbConfig, 'host' | 'port'>,
   ]);
 }
 
+/** Pure: a whole number from `min` to `max` (blanks around it allowed), or NaN. */
+export function wholeNumber(value: string, min: number, max: number): number {
+  const n = /^\s*\d{1,15}\s*$/.test(value) ? Number(value) : NaN;
+  return n >= min && n <= max ? n : NaN;
+}
+
 // ─── Configuration ───────────────────────────────────────────────────────────────────────
 
 /** A configuration value and where it came from, so errors can name the file to fix. */
@@ -652,12 +658,6 @@ function sslmodeAlias(name: string, value: string): [string, string] {
   if (name === 'requiressl') return ['sslmode', value.startsWith('1') ? 'require' : 'prefer'];
   if (name === 'ssl' && value === 'true') return ['sslmode', 'require'];
   return [name, value];
-}
-
-/** Pure: a whole number from `min` to `max` (blanks around it allowed), or NaN. */
-export function wholeNumber(value: string, min: number, max: number): number {
-  const n = /^\s*\d{1,15}\s*$/.test(value) ? Number(value) : NaN;
-  return n >= min && n <= max ? n : NaN;
 }
 
 export function parsePort(value: string, origin: string): number {
