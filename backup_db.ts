@@ -566,7 +566,8 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
       'Or the socket directory, as libpq would: postgresql://user@/<database>?host=/var/run/postgresql',
     ]);
   // Without its '@', "user:password" reads as host:port: a port that is no number is never echoed.
-  if (Number.isNaN(wholeNumber(parsed.port || '5432', 1, 65535)))
+  const port = wholeNumber(parsed.port || '5432', 1, 65535);
+  if (Number.isNaN(port))
     throw configError(`${origin}'s port is not a number (not shown: it may be a password)`, [
       "Is an '@' missing? A password goes after the user and a ':', then come an '@' and the host",
       'A port is a number from 1 to 65535, usually 5432',
@@ -574,7 +575,7 @@ function configFromUrl(url: EnvValue, urlVar: string, environment: Environment):
   return {
     environment,
     host: validateHost(parsed.host, origin),
-    port: Number(parsed.port || '5432'),
+    port,
     database: validateName(parsed.dbname, origin),
     user: validateName(parsed.user || os.userInfo().username, origin),
     ...(parsed.password ? { password: validatePassword(parsed.password, origin) } : {}),
