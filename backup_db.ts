@@ -5816,13 +5816,13 @@ async function dropCreatedDatabase(
   // A server that restarted (or recovers from a crash) refuses connections for a moment: tried again until
   // --connect-timeout has passed.
   const deadline = performance.now() + connectTimeoutSeconds * 1000;
+  const claimedDrop = async (client: pg.Client) => {
+    if (created.claimLost.aborted) await reclaim(client, name, created, connectTimeoutSeconds);
+    // Best effort: whatever still stops the drop, the drop says.
+    await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
+    await drop(client);
+  };
   for (;;) {
-    const claimedDrop = async (client: pg.Client) => {
-      if (created.claimLost.aborted) await reclaim(client, name, created, connectTimeoutSeconds);
-      // Best effort: whatever still stops the drop, the drop says.
-      await detachSubscriptions(config, name, connectTimeoutSeconds).catch(() => undefined);
-      await drop(client);
-    };
     try {
       await withClient(config, connectTimeoutSeconds, claimedDrop, { maintenance: true, avoid: name });
       return undefined;
