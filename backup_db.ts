@@ -9119,24 +9119,23 @@ async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined,
 }
 
 /**
- * What a run that failed on its command line or settings can say of its database, from the settings that
- * parse; the password libpq would read for it joins `secrets`.
+ * The database `mode` works on, and what its run's record says of it. The password libpq would read for it
+ * from the password file joins `secrets`: masked even when the run fails before connecting.
  */
+async function databaseOf(mode: Mode, opts: CliOptions, vars: EnvVars, secrets: string[]) {
+  const config = configuredDatabase(mode, opts, vars);
+  const fromFile = config && !config.password && (await passwordFileEntry(config).catch(() => undefined));
+  if (fromFile) secrets.push(fromFile);
+  return { config, facts: knownFacts(mode, config) };
+}
+
+/** What a run that failed on its command line or settings can say of its database, from the settings that parse. */
 async function readableFacts(opts: CliOptions, vars: EnvVars, secrets: string[]): Promise<Outcome['facts']> {
   try {
-    const mode = chooseMode(opts);
-    const config = configuredDatabase(mode, opts, vars);
-    secrets.push(...(await passwordFileSecret(config)));
-    return knownFacts(mode, config);
+    return (await databaseOf(chooseMode(opts), opts, vars, secrets)).facts;
   } catch {
     return {};
   }
-}
-
-/** The password libpq would read from the password file for `config`: a secret, masked even when a run fails early. */
-async function passwordFileSecret(config: DbConfig | undefined): Promise<string[]> {
-  const fromFile = config && !config.password && (await passwordFileEntry(config).catch(() => undefined));
-  return fromFile ? [fromFile] : [];
 }
 
 /** The automation settings that are credentials: webhook and ping URLs carry their tokens. */
@@ -9202,9 +9201,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     await checkRecordFiles(settings.automation);
     automation = settings.automation;
     secrets.push(...automationSecrets(automation));
-    config = configuredDatabase(mode, opts, vars);
-    secrets.push(...(await passwordFileSecret(config)));
-    known = knownFacts(mode, config);
+    ({ config, facts: known } = await databaseOf(mode, opts, vars, secrets));
     if (mode.command === 'backup' && settings.automation.pingUrl) {
       const { database, environment } = config!;
       const text = `backup of ${redact(database, secrets)} (${environment}) started on ${os.hostname()}`;
