@@ -725,17 +725,19 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     assert.equal(backup.exitCode, 0, backup.stderr);
   });
 
+  /** A backup as --list finds it: verified, of `database` and `environment`, dated `timestamp`. */
+  const entry = (file: string, database: string, environment: string, timestamp: string): ListEntry => ({
+    file,
+    status: 'verified',
+    database,
+    environment,
+    timestamp,
+    sizeBytes: 1,
+    modifiedMs: 0,
+    problems: [],
+  });
+
   test('judgeFreshness ignores other databases and environments', () => {
-    const entry = (file: string, database: string, environment: string, timestamp: string): ListEntry => ({
-      file,
-      status: 'verified',
-      database,
-      environment,
-      timestamp,
-      sizeBytes: 1,
-      modifiedMs: 0,
-      problems: [],
-    });
     const now = new Date('2026-01-10T00:00:00Z');
     const entries = [
       entry('x_dev_a.dump', 'x', 'dev', '2026-01-01T00:00:00Z'),
@@ -752,18 +754,9 @@ describe('--check --max-age (freshness, for monitoring)', () => {
     fc.assert(
       fc.property(fc.integer({ min: 1, max: 3 * 86_400 }), fc.integer({ min: 0, max: 3 * 86_400_000 }), (s, ms) => {
         const time = '2026-01-01T00:00:00Z';
-        const entry: ListEntry = {
-          file: 'x_dev_a.dump',
-          status: 'verified',
-          database: 'x',
-          environment: 'dev',
-          timestamp: time,
-          sizeBytes: 1,
-          modifiedMs: 0,
-          problems: [],
-        };
         const now = new Date(Date.parse(time) + ms);
-        const result = judgeFreshness([entry], { database: 'x', environment: 'dev', now }, s * 1000);
+        const backups = [entry('x_dev_a.dump', 'x', 'dev', time)];
+        const result = judgeFreshness(backups, { database: 'x', environment: 'dev', now }, s * 1000);
         assert.equal(result.ageMs, Math.floor(ms / 1000) * 1000);
         assert.equal(result.ok, Math.floor(ms / 1000) <= s);
         if (!result.ok) assert.notEqual(formatAge(result.ageMs!, true), formatAge(s * 1000, true));
