@@ -679,6 +679,11 @@ function refuseUrl(value: string, origin: string, what: string): void {
 function validateHost(value: string, origin: string): string {
   refuseUrl(value, origin, 'a host name');
   const host = value.trim();
+  // user:password@host, pasted: no host name has an '@' but where libpq's own start (a socket path, an abstract one).
+  if (/^[^/@].*@/s.test(host))
+    throw configError(`${origin} holds an '@' (what precedes it is not shown: it may be a password), not a host name`, [
+      'Put the host alone there, the user in DEV_DB_USER or DB_USER, the password in DEV_DB_PASSWORD or DB_PASSWORD',
+    ]);
   if (!host || /[\s\0]/.test(host))
     throw invalidSetting(origin, value, 'a host name', 'Use a host name or IP address, e.g. localhost');
   return host;

@@ -199,6 +199,15 @@ describe('variables with garbage', () => {
         assert.ok(!`${result.stdout}${result.stderr}`.includes('SECRETQ9'), `${variable}=${url}: ${result.stderr}`);
       }
   });
+
+  test('user:password@host pasted into DEV_DB_HOST is refused (exit 2), its user and password unechoed', async () => {
+    for (const host of ['app:SECRETQ9@db.example.invalid', 'SECRETQ9@db.example.invalid', 'a:b:SECRETQ9@[::1]']) {
+      const result = await attempt(['--env', 'dev'], { ...good(), DEV_DB_HOST: host });
+      assertCleanFailure(result, 2, /DEV_DB_HOST \(from \.env\) holds an '@'/);
+      assert.match(result.stderr, /DEV_DB_PASSWORD/);
+      assert.ok(!`${result.stdout}${result.stderr}`.includes('SECRETQ9'), `${host}: ${result.stderr}`);
+    }
+  });
 });
 
 describe('URL hints', () => {
