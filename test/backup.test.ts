@@ -654,3 +654,35 @@ describe('a system clock outside the years 1970 to 9999', () => {
     for (const name of taken) assert.equal(await fs.readFile(path.join(outputDir, name), 'utf8'), 'taken');
   });
 });
+
+describe('names already taken', () => {
+  test('a whole minute of names taken fails the run (exit 7, as README says), overwriting none of them', async () => {
+    const dir = await tempDir();
+    await writeEnvFile(dir, '.env', dbVars(server, 'DEV_DB_', devDb));
+    const outputDir = path.join(dir, 'backups');
+    await fs.mkdir(outputDir);
+    const at = Date.UTC(2030, 0, 1, 12, 0, 0, 250);
+    const taken = Array.from({ length: 60 }, (_, s) => backupFileNameAt(new Date(at + s * 1000)));
+    for (const name of taken) await fs.writeFile(path.join(outputDir, name), 'taken');
+    const result = await runCli({
+      args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir],
+      wallClock: { when: dir, at: new Date(at), rate: 0 },
+    });
+    assert.equal(result.exitCode, 7, result.stderr);
+    assert.match(result.stderr, /^✗ Backup failed/m);
+    assert.match(result.stderr, new RegExp(`no free backup file name for ${devDb}`));
+    assert.deepEqual((await fs.readdir(outputDir)).sort(), taken.sort(), 'nothing written, nothing touched');
+    for (const name of taken) assert.equal(await fs.readFile(path.join(outputDir, name), 'utf8'), 'taken');
+    // The second after that minute is free: a name is found, the backup made.
+    await fs.rm(path.join(outputDir, taken[59]!));
+    const later = await runCli({
+      args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir],
+      wallClock: { when: dir, at: new Date(at), rate: 0 },
+    });
+    assert.equal(later.exitCode, 0, later.stderr);
+  });
+});
+
+function backupFileNameAt(time: Date): string {
+  return `${devDb}_dev_${time.toISOString().slice(0, 19).replaceAll(':', '-')}Z.dump`;
+}
