@@ -2950,6 +2950,8 @@ async function dumpToDirectory(
   const result = await child;
   if (signal.aborted) throw signal.reason;
   if (result.failed) throw pgDumpError(result, path.dirname(partialDir), env.PGUSER);
+  // pg_dump creates them under the umask (0644): private, as a -Fc file is, whoever copies the directory on.
+  for (const file of await fs.readdir(partialDir)) await fs.chmod(path.join(partialDir, file), 0o600);
   // Minutes on a large dump: an interrupt stops the read too, not only pg_dump.
   return hashBackup(partialDir, signal, onRead);
 }

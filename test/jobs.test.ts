@@ -70,6 +70,9 @@ describe('--jobs 2 (directory format)', () => {
       size: backup.metadata.backup_size_bytes,
     });
     assert.equal((await fs.stat(backup.backup_file)).mode & 0o777, 0o700);
+    // As a -Fc file is: a copy (cp -r, rsync without -p) must not make the table data readable by all.
+    for (const file of await fs.readdir(backup.backup_file))
+      assert.equal((await fs.stat(path.join(backup.backup_file, file))).mode & 0o777, 0o600, file);
   });
 
   test('restores (pg_restore -j 2) into a database identical to the source', async () => {
