@@ -1238,6 +1238,27 @@ describe("the backup's own database: its encoding and locale, its settings and c
     assert.ok(!(await databases()).includes(target), 'no target created');
   });
 
+  test(
+    'a pg_restore that writes much to stderr while its script is read for tablespaces does not hang the restore',
+    { timeout: 60_000 },
+    async () => {
+      // Past a pipe's 64 KiB, a stderr nobody drained would block pg_restore and the restore with it: execa
+      // discards what it is not asked to buffer (buffer: false), which this holds to.
+      const bin = await tempDir();
+      const which = async (tool: string) => (await execa('sh', ['-c', `command -v ${tool}`])).stdout.trim();
+      const noisy = 'case " $* " in *" --schema-only "*) head -c 262144 /dev/zero | tr "\\0" w >&2;; esac';
+      const shim = `#!/bin/sh\n${noisy}\nexec '${await which('pg_restore')}' "$@"\n`;
+      await fs.writeFile(path.join(bin, 'pg_restore'), shim, { mode: 0o755 });
+      await fs.writeFile(path.join(bin, 'pg_dump'), `#!/bin/sh\nexec '${await which('pg_dump')}' "$@"\n`, {
+        mode: 0o755,
+      });
+      const target = uniqueName('rs_noisy');
+      const result = await restore(backup.dumpPath, target, '--pg-bin-dir', bin);
+      assert.equal(result.exitCode, 0, result.stderr);
+      await assertSameDatabases(server, 'rs_app', target);
+    },
+  );
+
   test('a policy naming a role the target server lacks: exit 7, and the hint says roles are not in the backup', async () => {
     // A name that must be quoted: the server's message quotes it without doubling its own quote.
     const role = `${uniqueName('rs_reader')} "q`;
