@@ -1676,7 +1676,7 @@ async function connectDb(config: DbConfig, connectTimeoutSeconds: number, signal
 /**
  * connectDb without the translation of its failure, for callers that try another database; `config`
  * has been through enforceableConfig. node-postgres has no sslmode=prefer, libpq's default: try TLS
- * first and fall back to a plain connection only when the server says it has no TLS, as libpq does;
+ * first and fall back to a plain connection when the server has no TLS or refuses the TLS session, as libpq does;
  * nor allow: plain first, then TLS (unverified, as prefer's) when the server refuses the plain session.
  */
 async function openConnection(
@@ -1689,7 +1689,8 @@ async function openConnection(
   try {
     return await openClient(config, connectTimeoutSeconds, ssl, signal);
   } catch (error) {
-    if (preferred && ssl && /does not support SSL/i.test(errorText(error)))
+    // Or refuses the TLS session (a hostnossl pg_hba): libpq's prefer then tries a plain one too.
+    if (preferred && ssl && (/does not support SSL/i.test(errorText(error)) || sqlStateOf(error)?.startsWith('28')))
       return await openClient(config, connectTimeoutSeconds, false, signal);
     if (config.sslmode === 'allow' && !ssl && sqlStateOf(error)?.startsWith('28')) {
       const tls = await sslOptions({ ...config, sslmode: 'prefer' });

@@ -157,6 +157,31 @@ describe('sslmode, against a server without TLS', () => {
   });
 });
 
+describe('sslmode, against a server that serves TLS but admits plain connections only', skipUnless(noOpenssl), () => {
+  let plainServer: TestServer;
+  before(async () => {
+    plainServer = await startTestServer({ tlsRefused: true });
+    await plainServer.createDatabase('sec_app', 'CREATE TABLE t (id int); INSERT INTO t VALUES (1)');
+  });
+  after(() => plainServer?.stop());
+  const vars = (extra: Record<string, string> = {}) => ({ ...dbVars(plainServer, 'DEV_DB_', 'sec_app'), ...extra });
+
+  test("no sslmode (libpq's prefer): the refused TLS session is tried again plain, as libpq (pg_dump) does", async () => {
+    const result = await backup(vars());
+    assert.equal(result.exitCode, 0, result.stderr);
+    const wrong = await backup(vars({ DEV_DB_PASSWORD: 'Wr0ng-pa55word' }));
+    assert.equal(wrong.exitCode, 3, wrong.stderr);
+    assert.match(wrong.stderr, /password authentication failed/);
+  });
+
+  test('sslmode=require is refused by the server: exit 3, no plain session tried', async () => {
+    const result = await backup(vars({ DEV_DB_SSLMODE: 'require' }));
+    assert.equal(result.exitCode, 3, result.stderr);
+    assert.match(result.stderr, /no pg_hba\.conf entry/);
+    assert.deepEqual(result.files, []);
+  });
+});
+
 describe('sslmode, against a server that accepts TLS connections only', skipUnless(noOpenssl), () => {
   const vars = (extra: Record<string, string> = {}) => ({ ...dbVars(tlsServer, 'DEV_DB_', 'sec_app'), ...extra });
 

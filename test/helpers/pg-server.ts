@@ -27,6 +27,8 @@ export interface ServerOptions {
   major?: Major;
   /** Serve TLS with a fresh self-signed certificate and accept TLS connections only (hostssl). */
   tlsOnly?: boolean;
+  /** Serve TLS, yet admit plain connections only (hostnossl): a TLS session is refused at authentication. */
+  tlsRefused?: boolean;
   /** With tlsOnly: also demand a client certificate signed by the server's (clientcert=verify-full). */
   clientCertificates?: boolean;
   /** With tlsOnly: serve this certificate and key (e.g. from certificateAuthority) instead of a self-signed one. */
@@ -353,16 +355,17 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
   await fs.rm(passwordFile, { force: true });
   if (initialised !== 0) throw await fail('initialise');
 
-  const tls = options.tlsOnly ? await serverIdentity(root, options.certificate) : undefined;
+  const tls = options.tlsOnly || options.tlsRefused ? await serverIdentity(root, options.certificate) : undefined;
   if (tls) {
     // The key must belong to the server's user, who must read the certificate whatever the umask;
-    // pg_hba then admits TLS connections only.
+    // pg_hba then admits TLS connections only (or, tlsRefused, plain ones only).
     if (user) await fs.chown(tls.key, user.uid, user.gid);
     await fs.chmod(tls.cert, 0o644);
     const auth = `scram-sha-256${options.clientCertificates ? ' clientcert=verify-full' : ''}`;
+    const type = options.tlsRefused ? 'hostnossl' : 'hostssl';
     await fs.writeFile(
       path.join(dataDir, 'pg_hba.conf'),
-      `hostssl all all 127.0.0.1/32 ${auth}\nhostssl all all ::1/128 ${auth}\n`,
+      `${type} all all 127.0.0.1/32 ${auth}\n${type} all all ::1/128 ${auth}\n`,
     );
   }
   const client = tls && options.clientCertificates ? await clientCertificate(root, tls, 'postgres') : undefined;
@@ -424,7 +427,7 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
       user: 'postgres',
       password,
       database,
-      ssl: tls ? { rejectUnauthorized: false, ...presented } : false,
+      ssl: tls && !options.tlsRefused ? { rejectUnauthorized: false, ...presented } : false,
     });
     await pgClient.connect();
     return pgClient;
