@@ -2680,7 +2680,7 @@ interface UserTable {
  * requires at least one table), so refuse before anything is written.
  */
 async function listUserTables(client: pg.Client, config: DbConfig): Promise<UserTable[]> {
-  const { rows } = await client.query<UserTable>(LIST_TABLES_SQL);
+  const rows = await readUserTables(client, config.database);
   if (rows.length > 0) return rows;
   throw new BackupError(
     EXIT.BACKUP_FAILED,
@@ -2690,6 +2690,57 @@ async function listUserTables(client: pg.Client, config: DbConfig): Promise<User
       `Check that ${config.origin.database} names the application's database`,
       `List the tables: psql -h ${shellWord(config.host)} -p ${config.port} -U ${shellWord(config.user)} ` +
         `-d ${shellWord(config.database)} -c '\\dt *.*'`,
+    ],
+  );
+}
+
+/** LIST_TABLES_SQL's rows; in a SQL_ASCII database, once no name the session cannot read is found. */
+async function readUserTables(client: pg.Client, database: string): Promise<UserTable[]> {
+  const { rows } = await client.query<{ encoding: string }>('SELECT pg_catalog.getdatabaseencoding() AS encoding');
+  if (rows[0]?.encoding === 'SQL_ASCII') await refuseNamesNotUtf8(client, database);
+  return (await client.query<UserTable>(LIST_TABLES_SQL)).rows;
+}
+
+/**
+ * Schemas, tables and columns holding a byte past ASCII, by their bytes: a SQL_ASCII database stores
+ * names unchecked, and the server refuses to send one that is not UTF-8 to a UTF-8 session (22021).
+ */
+const TABLE_NAMES_AS_BYTES_SQL = `
+  SELECT pg_catalog.convert_to(n.nspname::text, 'SQL_ASCII') AS schema,
+         pg_catalog.convert_to(c.relname::text, 'SQL_ASCII') AS table,
+         pg_catalog.convert_to(a.attname::text, 'SQL_ASCII') AS column
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+   WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+     AND (n.nspname || c.relname || coalesce(a.attname, '')) ~ '[^\x01-\x7f]'
+   ORDER BY 1, 2, 3`;
+
+/**
+ * A name that is not UTF-8 can be neither read nor sent back in a COPY: pg_dump, which reads the
+ * database's own encoding, could dump such a table, but this tool could not count it. Refused, named.
+ */
+async function refuseNamesNotUtf8(client: pg.Client, database: string): Promise<void> {
+  const { rows } = await client.query<Record<'schema' | 'table', Buffer> & { column: Buffer | null }>(
+    TABLE_NAMES_AS_BYTES_SQL,
+  );
+  const shown = (raw: Buffer) => utf8FileName(raw) ?? `"${bytesShown(raw)}"`;
+  const tableOf = (row: (typeof rows)[number]) =>
+    `${utf8FileName(row.schema) === 'public' ? '' : `${shown(row.schema)}.`}${shown(row.table)}`;
+  const names = new Set<string>();
+  for (const row of rows) {
+    if (!utf8FileName(row.schema) || !utf8FileName(row.table)) names.add(`table ${tableOf(row)}`);
+    else if (row.column && !utf8FileName(row.column)) names.add(`column ${shown(row.column)} of table ${tableOf(row)}`);
+  }
+  if (names.size === 0) return;
+  throw new BackupError(
+    EXIT.BACKUP_FAILED,
+    'Names this tool cannot read in a SQL_ASCII database',
+    `"${visibleControls(database)}" has ${plural(names.size, 'name')} that ${names.size === 1 ? 'is' : 'are'} ` +
+      `not UTF-8, the only encoding this tool's sessions read: ${listSome([...names])}`,
+    [
+      'Rename them to UTF-8 names, as their owner: ALTER TABLE … RENAME (TO | COLUMN … TO) …, ' +
+        "in psql after SET client_encoding = 'SQL_ASCII'",
+      'Or back it up with pg_dump -Fc directly, without the counts and checks of this tool',
     ],
   );
 }
@@ -6549,7 +6600,7 @@ async function countTablesIn(
   const connect = () => connectDb({ ...config, database }, connectTimeoutSeconds, signal);
   const clients = await Promise.all(Array.from({ length: Math.max(1, parallel) }, connect));
   try {
-    const { rows: tables } = await clients[0]!.query<UserTable>(LIST_TABLES_SQL);
+    const tables = await readUserTables(clients[0]!, database);
     // After a --no-owner restore the role owns every table: only FORCE makes policies hide rows from it.
     const { rows: forced } = await clients[0]!.query<{ name: string; oid: number }>(RLS_HIDDEN_SQL, [
       tables.flatMap((t) => t.data_oids),

@@ -1049,6 +1049,36 @@ describe("the backup's own database: its encoding and locale, its settings and c
     await assertRestoredAndDrilled(taken.dumpPath, 'rs_ascii_text_copy', { t: 2 });
   });
 
+  test('a SQL_ASCII database whose table or column names are not UTF-8: refused (exit 7) naming them, nothing left', async () => {
+    // pg_dump reads them in the database's encoding; the tool's sessions read UTF-8, which they are not.
+    const source = uniqueName('rs_ascii_names');
+    await withDatabase('postgres', (c) =>
+      c.query(`CREATE DATABASE ${source} TEMPLATE template0 ENCODING 'SQL_ASCII' LOCALE 'C'`),
+    );
+    await withDatabase(source, (c) =>
+      c.query(`SET client_encoding = 'SQL_ASCII';
+        DO $$ BEGIN
+          EXECUTE pg_catalog.format('CREATE TABLE %I (x int)', convert_from('\\x636166e9', 'SQL_ASCII'));
+          EXECUTE pg_catalog.format('CREATE TABLE cafe2 (%I int)', convert_from('\\x636f6ce9', 'SQL_ASCII'));
+          CREATE TABLE plain (y int);
+          CREATE TABLE "naïve" ("ça" int);
+        END $$`),
+    );
+    const outputDir = path.join(await tempDir(), 'out');
+    const dir = await tempDir();
+    await writeEnvFile(dir, '.env', dbVars(server, 'DEV_DB_', source));
+    const result = await runCli({ args: ['--env', 'dev', '--config-dir', dir, '--output-dir', outputDir] });
+    assert.equal(result.exitCode, 7, result.stderr);
+    assert.match(result.stderr, /^✗ Backup failed: Names this tool cannot read in a SQL_ASCII database$/m);
+    assert.match(result.stderr, /table "caf\\xe9"/);
+    assert.match(result.stderr, /column "col\\xe9" of table cafe2/);
+    assert.doesNotMatch(result.stderr, /plain|naïve|ça|Run it again/);
+    assert.deepEqual(
+      (await fs.readdir(outputDir).catch(() => [])).filter((name) => !name.endsWith('.lock.reserve')),
+      [],
+    );
+  });
+
   test('an ICU database keeps its provider and ICU locale, and so its sort order', async (t) => {
     const sql = "SELECT count(*)::int AS n FROM pg_collation WHERE collprovider = 'i'";
     const icu = await withDatabase('postgres', async (c) => (await c.query<{ n: number }>(sql)).rows[0]!.n);
