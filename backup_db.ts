@@ -1894,11 +1894,13 @@ async function openClient(
 /**
  * A session of ours as pg_dump and pg_restore make theirs. Timeouts an application sets for its role or
  * database (statement_timeout = 30s, idle_in_transaction_session_timeout = 1min) would cancel a count
- * or end the snapshot held while pg_dump runs: off. The first SET ends the statement timeout for the
+ * or end the snapshot held while pg_dump runs: off. A role read-only by default could restore nothing:
+ * writable, as in pg_dumpall's scripts (a backup's own transaction says READ ONLY). The first SET ends the statement timeout for the
  * statements after it; the newer timeouts where this server has them. Not as startup options: a pooler
  * (PgBouncer) refuses those.
  */
 const SESSION_SETUP_SQL = `SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0;
+  SET default_transaction_read_only = off;
   SELECT pg_catalog.set_config(name, CASE name WHEN 'search_path' THEN 'pg_catalog, pg_temp' ELSE '0' END, false)
     FROM pg_catalog.pg_settings
    WHERE name IN ('search_path', 'idle_session_timeout', 'transaction_timeout')`;
@@ -6369,9 +6371,10 @@ export function parseMemory(value: string): number {
   return kb;
 }
 
-/** PGOPTIONS for pg_restore: the restore's settings, then any the user set, which win. */
+/** PGOPTIONS for pg_restore: the restore's settings, writable as ours are (SESSION_SETUP_SQL), then the user's. */
 function pgOptions(settings: Record<string, string>): string {
-  const ours = Object.entries(settings).map(([name, value]) => `-c ${name}=${value}`);
+  const all = { ...settings, default_transaction_read_only: 'off' };
+  const ours = Object.entries(all).map(([name, value]) => `-c ${name}=${value}`);
   return [...ours, ...(process.env.PGOPTIONS ? [process.env.PGOPTIONS] : [])].join(' ');
 }
 

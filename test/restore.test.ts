@@ -2371,6 +2371,36 @@ describe('--clean by a role that owns its database but may not create one', () =
   });
 });
 
+describe('a role whose sessions are read-only by default (default_transaction_read_only)', () => {
+  test(
+    'restores and drills all the same, as a pg_dumpall script would (it turns the default off)',
+    { timeout: 90_000 },
+    async () => {
+      const role = uniqueName('rs_reader_role');
+      await withDatabase('postgres', async (admin) => {
+        await admin.query(`CREATE ROLE ${role} LOGIN CREATEDB PASSWORD 'reader-pw'`);
+        await admin.query(`ALTER ROLE ${role} SET default_transaction_read_only = on`);
+      });
+      const asReader = await tempDir();
+      await writeEnvFile(asReader, '.env', {
+        ...dbVars(server, 'DEV_DB_', 'rs_app'),
+        DEV_DB_USER: role,
+        DEV_DB_PASSWORD: 'reader-pw',
+      });
+      const target = uniqueName('rs_read_only');
+      const restored = await runCli({
+        args: ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', asReader],
+      });
+      assert.equal(restored.exitCode, 0, restored.stdout + restored.stderr);
+      await assertSameDatabases(server, 'rs_app', target);
+      const drill = await runCli({
+        args: ['--verify', backup.dumpPath, '--restore-test', '--env', 'dev', '--config-dir', asReader],
+      });
+      assert.equal(drill.exitCode, 0, drill.stdout + drill.stderr);
+    },
+  );
+});
+
 describe('administering the target server through a maintenance database', () => {
   test(
     'a server without the configured database, and a role that may not connect to postgres: restore and drill still work',
