@@ -7555,6 +7555,25 @@ function paint(line: string, c: ChalkInstance): string {
   );
 }
 
+/** What a terminal shows two columns wide (East Asian wide and full-width characters, emoji), as wcwidth. */
+const WIDE = new RegExp(
+  '[\\u1100-\\u115f\\u2e80-\\u303e\\u3041-\\u33ff\\u3400-\\u4dbf\\u4e00-\\u9fff\\ua000-\\ua4cf' +
+    '\\uac00-\\ud7a3\\uf900-\\ufaff\\ufe30-\\ufe4f\\uff00-\\uff60\\uffe0-\\uffe6\\u{20000}-\\u{3fffd}]|\\p{Emoji_Presentation}',
+  'u',
+);
+
+/** Pure: the columns `text` takes on a terminal: wide characters two, combining marks and format characters none. */
+export function displayWidth(text: string): number {
+  let width = 0;
+  for (const char of text) width += /[\p{Mn}\p{Me}\p{Cf}]/u.test(char) ? 0 : WIDE.test(char) ? 2 : 1;
+  return width;
+}
+
+/** Pure: `text` padded with spaces to `width` terminal columns. */
+function padColumns(text: string, width: number): string {
+  return text + ' '.repeat(Math.max(0, width - displayWidth(text)));
+}
+
 /** "50.0 MB" with 1024-based units, as in the contract's examples. */
 export function formatBytes(bytes: number): string {
   const units = ['B', 'KB', 'MB', 'GB', 'TB'];
@@ -7711,13 +7730,13 @@ export function listingLines(listing: Listing): string[] {
       ...(drilled ? [drill(e)] : []),
     ]),
   ];
-  const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
+  const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => displayWidth(row[column]!))));
   const lead = widths[0]! + widths[1]! + widths[2]! + 6;
   const table = rows.map((row, i) => {
-    const line = row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]! + 2)));
+    const line = row.map((cell, column) => (column === row.length - 1 ? cell : padColumns(cell, widths[column]! + 2)));
     const entry = entries[i - 1];
     // Neither its name nor metadata says what it holds: the file's name stands across the first three columns.
-    return entry && nameless(entry) ? `${entry.file.padEnd(lead - 2)}  ${line.slice(3).join('')}` : line.join('');
+    return entry && nameless(entry) ? `${padColumns(entry.file, lead - 2)}  ${line.slice(3).join('')}` : line.join('');
   });
 
   const unverifiable = listing.backups.filter((b) => b.status === 'needs_newer_pg_restore').length;
@@ -7744,11 +7763,17 @@ export function listingLines(listing: Listing): string[] {
 export function reconciliationLines(rows: ReconciliationRow[]): string[] {
   const cells = [
     ['Table', 'Backup', 'Restored', ''],
-    ...rows.map((r) => [r.table, String(r.backup ?? '-'), String(r.restored ?? '-'), r.ok ? '✓' : '✗']),
+    // Escaped here, not when printed: the columns are measured as shown.
+    ...rows.map((r) => [
+      visibleControls(r.table),
+      String(r.backup ?? '-'),
+      String(r.restored ?? '-'),
+      r.ok ? '✓' : '✗',
+    ]),
   ];
-  const widths = [0, 1, 2].map((column) => Math.max(...cells.map((row) => row[column]!.length)));
+  const widths = [0, 1, 2].map((column) => Math.max(...cells.map((row) => displayWidth(row[column]!))));
   return cells.map(([table, backup, restored, mark]) =>
-    [table!.padEnd(widths[0]!), backup!.padStart(widths[1]!), restored!.padStart(widths[2]!), mark]
+    [padColumns(table!, widths[0]!), backup!.padStart(widths[1]!), restored!.padStart(widths[2]!), mark]
       .join('  ')
       .trimEnd(),
   );

@@ -1487,6 +1487,17 @@ describe('listing', () => {
       '2025-01-27T15:00:00Z  prod         p                  125.3 MB  ✗ Incomplete',
     ]);
     assert.match(lines.at(-1)!, /^1 backup, 1 incomplete file/);
+    const wide = listingLines({
+      directory: '/b',
+      exists: true,
+      fullCheck: false,
+      backups: [entry('a.dump', 'verified', '日本語'), entry('c.dump', 'verified', 'app')],
+      incomplete: [],
+    });
+    assert.deepEqual(wide.slice(3, 5), [
+      '2025-01-27T15:00:00Z  prod         日本語    125.3 MB  ✓ Verified',
+      '2025-01-27T15:00:00Z  prod         app       125.3 MB  ✓ Verified',
+    ]);
     assert.deepEqual(
       listingLines({ directory: '/none', exists: false, fullCheck: false, backups: [], incomplete: [] }),
       ['No backups: /none/ does not exist yet.'],
@@ -1792,6 +1803,18 @@ ALTER DATABASE src SET "x.dir" TO E'it''s\\';`;
       'Table  Backup  Restored',
       'a           1         1  ✓',
       'b           2         5  ✗',
+    ]);
+  });
+
+  test('reconciliationLines aligns names as a terminal shows them: escaped controls, wide CJK and emoji, accents', () => {
+    const names = ['new\nline', '表表', 'ünïcødé 🐘', 'e\u0301'];
+    const rows = names.map((table) => ({ table, backup: 7, restored: 7, ok: true }));
+    assert.deepEqual(reconciliationLines(rows), [
+      'Table       Backup  Restored',
+      'new\\nline        7         7  ✓',
+      '表表             7         7  ✓',
+      'ünïcødé 🐘       7         7  ✓',
+      'e\u0301                7         7  ✓',
     ]);
   });
 
