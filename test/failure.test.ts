@@ -75,7 +75,7 @@ describe('failure after the dump started', () => {
   );
 
   test(
-    'a table the user may not read → 4; pg_dump and the counting both stop; nothing left behind',
+    'a table the user may not read → 4, refused before pg_dump starts, with its GRANT; nothing left behind',
     { timeout: 60_000 },
     async () => {
       const {
@@ -89,8 +89,8 @@ describe('failure after the dump started', () => {
       });
       const result = await runCli({ args });
       assert.equal(result.exitCode, 4, result.stderr);
-      assert.match(result.stderr, /permission denied for table secrets/);
-      assert.match(result.stderr, /GRANT SELECT/);
+      assert.match(result.stderr, /^Error: role "limited" may not read 1 relation: public\.secrets$/m);
+      assert.match(result.stderr, /GRANT SELECT ON TABLE public\.secrets TO "limited";$/m);
       assert.deepEqual(await directoryFingerprint(outputDir), existing);
       const observer = await server.connect('fail_app');
       try {
@@ -100,6 +100,47 @@ describe('failure after the dump started', () => {
       }
     },
   );
+
+  test('every relation the user may not read is named at once (exit 4), and the GRANTs the hint gives let it back up', async () => {
+    const database = uniqueName('fail_grants');
+    await server.createDatabase(database, [
+      'CREATE TABLE open_t (id int)',
+      'CREATE TABLE closed_t (id int)',
+      'CREATE SCHEMA "Hidden"',
+      'CREATE TABLE "Hidden".t (id int)',
+      'CREATE TABLE parts (id int) PARTITION BY RANGE (id)',
+      'CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (10)',
+      'CREATE TABLE parts_2 PARTITION OF parts FOR VALUES FROM (10) TO (20)',
+      'CREATE SEQUENCE counter_seq',
+      'GRANT SELECT ON open_t, parts, parts_1, "Hidden".t TO limited',
+    ]);
+    const configDir = await tempDir();
+    const vars = { ...dbVars(server, 'DEV_DB_', database), DEV_DB_USER: 'limited', DEV_DB_PASSWORD: 'limited-pw' };
+    await writeEnvFile(configDir, '.env', vars);
+    const outputDir = path.join(await tempDir(), 'out');
+    const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
+    const result = await runCli({ args });
+    assert.equal(result.exitCode, 4, result.stderr);
+    assert.match(result.stderr, /^✗ Backup failed: The database user lacks a privilege$/m);
+    assert.match(
+      result.stderr,
+      /^Error: role "limited" may not read 4 relations: "Hidden"\.t, public\.closed_t, public\.counter_seq, public\.parts_2$/m,
+    );
+    const grants = /^ {2}1\. To back up, as their owner or a superuser: (.+)$/m.exec(result.stderr)?.[1];
+    assert.ok(grants, result.stderr);
+    assert.deepEqual(
+      (await fs.readdir(outputDir).catch(() => [])).filter((name) => !name.endsWith('.lock.reserve')),
+      [],
+    );
+    const owner = await server.connect(database);
+    try {
+      await owner.query(grants);
+    } finally {
+      await owner.end();
+    }
+    const again = await runCli({ args });
+    assert.equal(again.exitCode, 0, again.stderr);
+  });
 
   test('a large object the user may not read → 4, with the GRANT for that large object and no restore hint', async () => {
     const database = uniqueName('fail_lo');

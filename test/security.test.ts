@@ -658,7 +658,7 @@ describe('row-level security', () => {
     assert.match(refused.stderr, /^✗ Backup failed: Row-level security would hide rows from the backup$/m);
     assert.match(
       refused.stderr,
-      /role "rls_user" neither bypasses row-level security nor owns 2 tables it applies to: public\.own_forced, public\.shared_notes/,
+      /role "rls_user" does not bypass row-level security, which applies to it on 2 tables \(forced on 1, which binds the owner too\): public\.own_forced, public\.shared_notes/,
     );
     assert.match(
       refused.stderr,
