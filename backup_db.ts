@@ -49,7 +49,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, existsSync, type Stats } from 'node:fs';
+import { createReadStream, createWriteStream, existsSync, type Dirent, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import { BlockList, connect, isIP, type Socket } from 'node:net';
 import os from 'node:os';
@@ -268,6 +268,12 @@ export const quoteIdentifier = (name: string) => `"${name.replaceAll('"', '""')}
 const hexByte = (byte: number) => `\\x${byte.toString(16).padStart(2, '0')}`;
 
 /** Pure: the first five of a list, and "..." when there are more. */
+/** Pure: what a directory entry that is no regular file or directory is, in words. */
+function fileKind(entry: Pick<Dirent, 'isSymbolicLink' | 'isFIFO' | 'isSocket'>): string {
+  if (entry.isSymbolicLink()) return 'a symbolic link';
+  return entry.isFIFO() ? 'a FIFO' : entry.isSocket() ? 'a socket' : 'not a regular file';
+}
+
 function listSome(items: string[]): string {
   return `${items.slice(0, 5).join(', ')}${items.length > 5 ? ', ...' : ''}`;
 }
@@ -4071,13 +4077,7 @@ async function archiveFiles(dir: string, below = ''): Promise<string[]> {
   const foreign = entries.find((entry) => !utf8FileName(entry.name) || (!entry.isFile() && !entry.isDirectory()));
   if (foreign) {
     const notUtf8 = !utf8FileName(foreign.name);
-    const kind = notUtf8
-      ? 'a file whose name is not UTF-8'
-      : foreign.isSymbolicLink()
-        ? 'a symbolic link'
-        : foreign.isFIFO()
-          ? 'a FIFO'
-          : 'not a regular file';
+    const kind = notUtf8 ? 'a file whose name is not UTF-8' : fileKind(foreign);
     const why = notUtf8
       ? 'pg_dump never writes such a name, and the checksum cannot name it'
       : 'pg_dump writes only regular files, and pg_restore would read it, unchecked by the checksum';
@@ -4701,11 +4701,15 @@ async function inspectEntry(
   name: string,
 ): Promise<(Omit<ListEntry, 'status' | 'problems'> & { unreadable?: string }) | undefined> {
   const entryPath = path.join(dir, name);
-  const link = (await fs.lstat(entryPath).catch(() => undefined))?.isSymbolicLink();
+  const entry = await fs.lstat(entryPath).catch(() => undefined);
+  if (!entry) return undefined; // deleted meanwhile (a concurrent --prune): no backup, no row
   const stat = await fs.stat(entryPath).catch(() => undefined);
-  if (!stat || !(stat.isFile() || stat.isDirectory())) return undefined;
-  const found = { file: name, ...parseBackupFileName(name), sizeBytes: 0, modifiedMs: stat.mtimeMs };
-  if (link && stat.isDirectory()) return { ...found, unreadable: 'a symbolic link to a directory, not followed' };
+  const found = { file: name, ...parseBackupFileName(name), sizeBytes: 0, modifiedMs: (stat ?? entry).mtimeMs };
+  // Never read, but never left out either: its metadata describes a backup that is not there to restore.
+  if (!stat) return { ...found, unreadable: 'a symbolic link to nothing (its target is gone)' };
+  if (!(stat.isFile() || stat.isDirectory())) return { ...found, unreadable: `${fileKind(stat)}, not an archive` };
+  if (entry.isSymbolicLink() && stat.isDirectory())
+    return { ...found, unreadable: 'a symbolic link to a directory, not followed' };
   try {
     return { ...found, sizeBytes: await backupSize(entryPath) };
   } catch (error) {

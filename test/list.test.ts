@@ -387,6 +387,33 @@ describe('--list', () => {
     );
   });
 
+  test('a described backup whose .dump became a FIFO or a dangling symlink keeps its row: ✗ Unreadable archive, --verify exit 8', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    for (const file of [dev1.dumpPath, dev1.metadataPath, dev2.dumpPath, dev2.metadataPath])
+      await fs.copyFile(file, path.join(copy, path.basename(file)));
+    const [fifo, dangling] = [dev1, dev2].map((b) => path.join(copy, path.basename(b.dumpPath)));
+    await fs.rm(fifo!);
+    await execa('mkfifo', [fifo!]);
+    await fs.rm(dangling!);
+    await fs.symlink(path.join(copy, 'gone.dump'), dangling!);
+    const listed = await list(copy, '--json');
+    assert.equal(listed.exitCode, 0, listed.stderr);
+    const backups = JSON.parse(listed.stdout).backups as Array<{ file: string; status: string; problems: string[] }>;
+    assert.deepEqual(
+      backups.map((b) => [b.file, b.status]),
+      [
+        [path.basename(dangling!), 'unreadable_archive'],
+        [path.basename(fifo!), 'unreadable_archive'],
+      ],
+    );
+    assert.match(backups[0]!.problems[0]!, /symbolic link to nothing/);
+    assert.match(backups[1]!.problems[0]!, /a FIFO/);
+    const verified = await list(copy, '--verify');
+    assert.equal(verified.exitCode, 8, verified.stdout);
+    assert.doesNotMatch(verified.stdout, /Every backup was re-read/);
+  });
+
   test('--list --verify: a backup deleted while it is checked (a concurrent --prune) has no row, and fails nothing', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
