@@ -3845,7 +3845,8 @@ async function loadMetadata(metadataPath: string, dumpFileName: string): Promise
     let text: string;
     try {
       const { size } = await handle.stat();
-      if (size > MAX_METADATA_BYTES) return invalid(`it is ${formatBytes(size)}, more than metadata ever is`);
+      if (size > MAX_METADATA_BYTES)
+        return invalid(`the metadata file is ${formatBytes(size)}, more than this tool ever writes`);
       text = await handle.readFile('utf8');
     } finally {
       await handle.close();

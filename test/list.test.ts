@@ -387,6 +387,18 @@ describe('--list', () => {
     );
   });
 
+  test('metadata too large to be ours is invalid, and the problem names the metadata file, not the dump', async () => {
+    const copy = path.join(await tempDir(), 'backups');
+    await fs.mkdir(copy);
+    await fs.copyFile(dev1.dumpPath, path.join(copy, path.basename(dev1.dumpPath)));
+    await fs.writeFile(path.join(copy, path.basename(dev1.metadataPath)), '');
+    await fs.truncate(path.join(copy, path.basename(dev1.metadataPath)), 2 ** 30); // sparse: no disk used
+    const listed = await list(copy, '--json');
+    const [backup] = JSON.parse(listed.stdout).backups as Array<{ status: string; problems: string[] }>;
+    assert.equal(backup!.status, 'invalid_metadata');
+    assert.match(backup!.problems[0]!, /^the metadata file is 1\.0 GB, more than this tool ever writes$/);
+  });
+
   test('a described backup whose .dump became a FIFO or a dangling symlink keeps its row: ✗ Unreadable archive, --verify exit 8', async () => {
     const copy = path.join(await tempDir(), 'backups');
     await fs.mkdir(copy);
