@@ -2402,8 +2402,8 @@ const TOOL_CONNECTION_LOST = new RegExp(
 export function toolConnectionError(tool: 'pg_dump' | 'pg_restore', details: string): BackupError | undefined {
   if (/too many connections for (role|database)|too many clients already|connection slots are reserved/.test(details)) {
     return new BackupError(EXIT.CONNECTION, `No free connection for ${tool}`, details, [
-      `${tool} --jobs N opens ${tool === 'pg_dump' ? 'N + 1' : 'N'} connections besides this tool's: lower --jobs ` +
-        "below the CONNECTION LIMIT of the role (or database) and the server's free connections",
+      "The CONNECTION LIMIT of the role (or database) and the server's free connections must allow this tool's " +
+        `session and ${tool}'s: one, or ${tool === 'pg_dump' ? 'N + 1' : 'N'} with --jobs N (then lower --jobs)`,
       'Or raise the limit: ALTER ROLE <user> CONNECTION LIMIT <n>, or max_connections on the server',
     ]);
   }

@@ -271,7 +271,10 @@ describe('--jobs failures and retention', () => {
     const doc = JSON.parse(result.stdout);
     assert.equal(doc.error, 'No free connection for pg_dump');
     assert.match(doc.details, new RegExp(`too many connections for role "${role}"`));
-    assert.match(doc.hints[0], /lower --jobs below the CONNECTION LIMIT of the role/);
+    assert.match(
+      doc.hints[0],
+      /must allow this tool's session and pg_dump's: one, or N \+ 1 with --jobs N \(then lower --jobs\)/,
+    );
     assert.ok(!result.stdout.includes(password));
     assert.deepEqual(await fs.readdir(outputDir), [], 'the partial directory is removed');
   });

@@ -1232,7 +1232,10 @@ describe('error classification', () => {
     for (const error of [failed(role), failed(server)]) {
       assert.equal(error.exitCode, EXIT.CONNECTION);
       assert.equal(error.title, 'No free connection for pg_dump');
-      assert.match(error.hints[0]!, /lower --jobs below the CONNECTION LIMIT of the role/);
+      assert.match(
+        error.hints[0]!,
+        /must allow this tool's session and pg_dump's: one, or N \+ 1 with --jobs N \(then lower --jobs\)/,
+      );
       assert.doesNotMatch(error.hints.join('\n'), /pg_dump -Fc/);
     }
   });
@@ -1258,7 +1261,7 @@ describe('error classification', () => {
     }
     const full = toolConnectionError('pg_restore', 'FATAL:  sorry, too many clients already');
     assert.equal(full?.title, 'No free connection for pg_restore');
-    assert.match(full!.hints[0]!, /^pg_restore --jobs N opens N connections/);
+    assert.match(full!.hints[0]!, /session and pg_restore's: one, or N with --jobs N \(then lower --jobs\)$/);
     // A standby's conflict ends the session too, but the server is there: its own failure, not a lost connection.
     const conflict = 'FATAL:  terminating connection due to conflict with recovery';
     for (const other of ['ERROR:  relation "t" does not exist', 'ERROR:  permission denied for table t', conflict])
