@@ -685,10 +685,10 @@ function refuseUrl(value: string, origin: string, what: string): void {
 function validateHost(value: string, origin: string): string {
   refuseUrl(value, origin, 'a host name');
   const host = value.trim();
-  // user:password@host, pasted: no host name has an '@' but where libpq's own start (a socket path, an abstract one).
+  // user:password@host, pasted: no host has an '@' but where libpq's own start (a socket path, an abstract one).
   if (/^[^/@].*@/s.test(host))
-    throw configError(`${origin} holds an '@' (what precedes it is not shown: it may be a password), not a host name`, [
-      'Put the host alone there, the user in DEV_DB_USER or DB_USER, the password in DEV_DB_PASSWORD or DB_PASSWORD',
+    throw configError(`${origin} holds an '@' (not shown: it may hold a password), not a host name`, [
+      'Put the host alone there, the user and password in their own settings (DEV_DB_USER, DB_PASSWORD, …)',
     ]);
   if (!host || /[\s\0]/.test(host))
     throw invalidSetting(origin, value, 'a host name', 'Use a host name or IP address, e.g. localhost');
@@ -1901,9 +1901,9 @@ async function openClient(
  * A session of ours as pg_dump and pg_restore make theirs. Timeouts an application sets for its role or
  * database (statement_timeout = 30s, idle_in_transaction_session_timeout = 1min) would cancel a count
  * or end the snapshot held while pg_dump runs: off. A role read-only by default could restore nothing:
- * writable, as in pg_dumpall's scripts (a backup's own transaction says READ ONLY). The first SET ends the statement timeout for the
- * statements after it; the newer timeouts where this server has them. Not as startup options: a pooler
- * (PgBouncer) refuses those.
+ * writable, as in pg_dumpall's scripts (a backup's own transaction says READ ONLY). The first SET ends
+ * the statement timeout for the statements after it; the newer timeouts where this server has them. Not
+ * as startup options: a pooler (PgBouncer) refuses those.
  */
 const SESSION_SETUP_SQL = `SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0;
   SET default_transaction_read_only = off;
@@ -2809,7 +2809,8 @@ const UNREADABLE_SQL = `
          c.relkind = 'S' AS sequence, pg_catalog.has_schema_privilege(n.oid, 'USAGE') AS usage
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE (c.oid = ANY($1::oid[])
-          OR (n.nspname, c.relname) IN (SELECT * FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])))
+          OR (n.nspname, c.relname) IN
+             (SELECT * FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])))
           OR c.relkind = 'S' AND c.relpersistence <> 't' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
              AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass
                                 AND d.objid = c.oid AND d.deptype = 'e'))
@@ -7616,16 +7617,15 @@ function paint(line: string, c: ChalkInstance): string {
 }
 
 /** What a terminal shows two columns wide (East Asian wide and full-width characters, emoji), as wcwidth. */
-const WIDE = new RegExp(
-  '[\\u1100-\\u115f\\u2e80-\\u303e\\u3041-\\u33ff\\u3400-\\u4dbf\\u4e00-\\u9fff\\ua000-\\ua4cf' +
-    '\\uac00-\\ud7a3\\uf900-\\ufaff\\ufe30-\\ufe4f\\uff00-\\uff60\\uffe0-\\uffe6\\u{20000}-\\u{3fffd}]|\\p{Emoji_Presentation}',
-  'u',
-);
+const WIDE_CJK =
+  /[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uac00-\ud7a3\uf900-\ufaff]/u;
+const WIDE_OTHER = /[\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6\u{20000}-\u{3fffd}]|\p{Emoji_Presentation}/u;
 
 /** Pure: the columns `text` takes on a terminal: wide characters two, combining marks and format characters none. */
 export function displayWidth(text: string): number {
   let width = 0;
-  for (const char of text) width += /[\p{Mn}\p{Me}\p{Cf}]/u.test(char) ? 0 : WIDE.test(char) ? 2 : 1;
+  for (const char of text)
+    width += /[\p{Mn}\p{Me}\p{Cf}]/u.test(char) ? 0 : WIDE_CJK.test(char) || WIDE_OTHER.test(char) ? 2 : 1;
   return width;
 }
 

@@ -204,7 +204,7 @@ describe('variables with garbage', () => {
     for (const host of ['app:SECRETQ9@db.example.invalid', 'SECRETQ9@db.example.invalid', 'a:b:SECRETQ9@[::1]']) {
       const result = await attempt(['--env', 'dev'], { ...good(), DEV_DB_HOST: host });
       assertCleanFailure(result, 2, /DEV_DB_HOST \(from \.env\) holds an '@'/);
-      assert.match(result.stderr, /DEV_DB_PASSWORD/);
+      assert.match(result.stderr, /the user and password in their own settings \(DEV_DB_USER, DB_PASSWORD/);
       assert.ok(!`${result.stdout}${result.stderr}`.includes('SECRETQ9'), `${host}: ${result.stderr}`);
     }
   });
