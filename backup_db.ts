@@ -267,13 +267,13 @@ export const quoteIdentifier = (name: string) => `"${name.replaceAll('"', '""')}
 /** Pure: `\\xHH`, a byte (or a C0/C1 control's code) as an escape. */
 const hexByte = (byte: number) => `\\x${byte.toString(16).padStart(2, '0')}`;
 
-/** Pure: the first five of a list, and "..." when there are more. */
 /** Pure: what a directory entry that is no regular file or directory is, in words. */
 function fileKind(entry: Pick<Dirent, 'isSymbolicLink' | 'isFIFO' | 'isSocket'>): string {
   if (entry.isSymbolicLink()) return 'a symbolic link';
   return entry.isFIFO() ? 'a FIFO' : entry.isSocket() ? 'a socket' : 'not a regular file';
 }
 
+/** Pure: the first five of a list, and "..." when there are more. */
 function listSome(items: string[]): string {
   return `${items.slice(0, 5).join(', ')}${items.length > 5 ? ', ...' : ''}`;
 }
@@ -2827,16 +2827,11 @@ async function assertReadable(client: pg.Client, config: DbConfig, tables: UserT
   const role = quoteIdentifier(config.user);
   const grant = (what: string, names: string[]) =>
     names.length ? [`GRANT ${what} ${names.join(', ')} TO ${role};`] : [];
+  const named = (sequence: boolean) => rows.filter((r) => r.sequence === sequence).map((r) => r.name);
   const grants = [
     ...grant('USAGE ON SCHEMA', [...new Set(rows.filter((r) => !r.usage).map((r) => r.schema))]),
-    ...grant(
-      'SELECT ON TABLE',
-      rows.filter((r) => !r.sequence).map((r) => r.name),
-    ),
-    ...grant(
-      'SELECT ON SEQUENCE',
-      rows.filter((r) => r.sequence).map((r) => r.name),
-    ),
+    ...grant('SELECT ON TABLE', named(false)),
+    ...grant('SELECT ON SEQUENCE', named(true)),
   ];
   throw new BackupError(
     EXIT.PERMISSION,
