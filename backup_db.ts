@@ -95,6 +95,9 @@ export type SslMode = (typeof SSL_MODES)[number];
 const PROJECT_DIR = path.dirname(fileURLToPath(import.meta.url));
 const DEFAULT_OUTPUT_DIR = path.join(PROJECT_DIR, 'db', 'backups');
 const ENV_FILES = ['.env.local', '.env'] as const;
+const PROCESS_ENVIRONMENT = 'the process environment';
+/** PostgreSQL cuts names at 63 bytes (NAMEDATALEN), even when connecting: a longer one would reach another database. */
+const MAX_NAME_BYTES = 63;
 const DEFAULT_CONNECT_TIMEOUT_S = 10;
 // pg_dump waits forever for a table lock by default, and while it waits every later query on
 // that table queues behind it: better to fail fast and say which lock was in the way.
@@ -380,8 +383,6 @@ export function misreadDotenvValues(text: string): Set<string> {
   }
   return misread;
 }
-
-const PROCESS_ENVIRONMENT = 'the process environment';
 
 /** Read .env.local then .env from `dir` without touching process.env; dotenv.parse prints nothing. */
 async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<EnvVars> {
@@ -694,9 +695,6 @@ function validateHost(value: string, origin: string): string {
     throw invalidSetting(origin, value, 'a host name', 'Use a host name or IP address, e.g. localhost');
   return host;
 }
-
-/** PostgreSQL cuts names at 63 bytes (NAMEDATALEN), even when connecting: a longer one would reach another database. */
-const MAX_NAME_BYTES = 63;
 
 function validateName(value: string, origin: string): string {
   refuseUrl(value, origin, 'a database or user name');
