@@ -2599,6 +2599,11 @@ async function reserveBackupName(
 
 // ─── Dump: tables and row counts ─────────────────────────────────────────────────────────
 
+/** SQL: relation `c`, in schema `n`, is the user's: not temporary, in no system schema, no extension's own. */
+const USER_RELATION_SQL = `c.relpersistence <> 't' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend dep
+                      WHERE dep.classid = 'pg_catalog.pg_class'::regclass AND dep.objid = c.oid AND dep.deptype = 'e')`;
+
 /**
  * Every user table pg_dump writes data for: all schemas but the system ones; partitioned tables
  * once (their partitions count through the parent); no temp tables nor tables owned by extensions.
@@ -2653,11 +2658,7 @@ const LIST_TABLES_SQL = `
                             ORDER BY ty.typlen < 1, ty.typlen, a.attnum LIMIT 1), '') AS columns) AS r) AS d
    WHERE c.relkind IN ('r', 'p')
      AND NOT c.relispartition
-     AND c.relpersistence <> 't'
-     AND n.nspname <> 'information_schema'
-     AND n.nspname !~ '^pg_'
-     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend dep
-                      WHERE dep.classid = 'pg_catalog.pg_class'::regclass AND dep.objid = c.oid AND dep.deptype = 'e')
+     AND ${USER_RELATION_SQL}
    ORDER BY n.nspname, c.relname`;
 
 /**
@@ -2717,7 +2718,7 @@ const TABLE_NAMES_AS_BYTES_SQL = `
          pg_catalog.convert_to(a.attname::text, 'SQL_ASCII') AS column
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-   WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+   WHERE c.relkind IN ('r', 'p') AND ${USER_RELATION_SQL}
      AND (n.nspname || c.relname || coalesce(a.attname, '')) ~ '[^\x01-\x7f]'
    ORDER BY 1, 2, 3`;
 
@@ -2809,9 +2810,7 @@ const UNREADABLE_SQL = `
    WHERE (c.oid = ANY($1::oid[])
           OR (n.nspname, c.relname) IN
              (SELECT * FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])))
-          OR c.relkind = 'S' AND c.relpersistence <> 't' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
-             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass
-                                AND d.objid = c.oid AND d.deptype = 'e'))
+          OR c.relkind = 'S' AND ${USER_RELATION_SQL})
      AND NOT (pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT'))
    ORDER BY 1`;
 
