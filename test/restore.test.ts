@@ -26,7 +26,7 @@ import {
   type TakenBackup,
 } from './helpers/cli.ts';
 import { hashFile } from '../backup_db.ts';
-import { clientDirHolding } from './helpers/clients.ts';
+import { clientDirHolding, clientDirRunning } from './helpers/clients.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
 import { freePort, serverUser, startTestServer, startTestServers, type TestServer } from './helpers/pg-server.ts';
 import { alive, applicationNameOf, processesWithEnv, within } from './helpers/processes.ts';
@@ -1274,14 +1274,7 @@ describe("the backup's own database: its encoding and locale, its settings and c
     async () => {
       // Past a pipe's 64 KiB, a stderr nobody drained would block pg_restore and the restore with it: execa
       // discards what it is not asked to buffer (buffer: false), which this holds to.
-      const bin = await tempDir();
-      const which = async (tool: string) => (await execa('sh', ['-c', `command -v ${tool}`])).stdout.trim();
-      const noisy = 'case " $* " in *" --schema-only "*) head -c 262144 /dev/zero | tr "\\0" w >&2;; esac';
-      const shim = `#!/bin/sh\n${noisy}\nexec '${await which('pg_restore')}' "$@"\n`;
-      await fs.writeFile(path.join(bin, 'pg_restore'), shim, { mode: 0o755 });
-      await fs.writeFile(path.join(bin, 'pg_dump'), `#!/bin/sh\nexec '${await which('pg_dump')}' "$@"\n`, {
-        mode: 0o755,
-      });
+      const bin = await clientDirRunning('pg_restore', '--schema-only', 'head -c 262144 /dev/zero | tr "\\0" w >&2');
       const target = uniqueName('rs_noisy');
       const result = await restore(backup.dumpPath, target, '--pg-bin-dir', bin);
       assert.equal(result.exitCode, 0, result.stderr);

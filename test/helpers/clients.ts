@@ -57,15 +57,25 @@ export async function shimClientDir(version: string): Promise<{ dir: string; log
 export async function clientDirHolding(tool: 'pg_dump' | 'pg_restore', match: string) {
   const dir = await tempDir('backup-db-held-');
   const [started, release] = [path.join(dir, 'started'), path.join(dir, 'release')];
-  for (const name of ['pg_dump', 'pg_restore']) {
-    const hold =
-      name === tool
-        ? `case "$*" in *'${match}'*) : > '${started}'; i=0\n` +
-          `  while [ ! -e '${release}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done;; esac\n`
-        : '';
-    await fs.writeFile(path.join(dir, name), `#!/bin/sh\n${hold}exec '${await which(name)}' "$@"\n`, { mode: 0o755 });
-  }
+  const hold =
+    `: > '${started}'; i=0\n` + `  while [ ! -e '${release}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done`;
+  await writeClientShims(dir, tool, match, hold);
   return { dir, started, release };
+}
+
+/** A client directory whose `tool` first runs `script` (sh) on each run whose arguments contain `match`. */
+export async function clientDirRunning(tool: 'pg_dump' | 'pg_restore', match: string, script: string) {
+  const dir = await tempDir('backup-db-shim-');
+  await writeClientShims(dir, tool, match, script);
+  return dir;
+}
+
+/** pg_dump and pg_restore in `dir`, running the real tools; `tool` runs `script` first when its arguments hold `match`. */
+async function writeClientShims(dir: string, tool: string, match: string, script: string): Promise<void> {
+  for (const name of ['pg_dump', 'pg_restore']) {
+    const before = name === tool ? `case "$*" in *'${match}'*) ${script};; esac\n` : '';
+    await fs.writeFile(path.join(dir, name), `#!/bin/sh\n${before}exec '${await which(name)}' "$@"\n`, { mode: 0o755 });
+  }
 }
 
 /** The newest pg_dump major on this machine, in PATH or the usual locations (a test's expectation). */
