@@ -3593,12 +3593,26 @@ async function snapshotBackup(
     });
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
-    await Promise.all(created.map(removeQuietly));
+    await removeRunFiles(created, config);
     throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
   } finally {
     watchdog?.stop();
     signal.removeEventListener('abort', onInterrupt);
   }
+}
+
+/**
+ * Remove what a failed run made. One that stays (the directory made read-only meanwhile) is a warning, never a
+ * silent leftover: the next backup of this database removes it, under the lock (removeStaleFiles).
+ */
+async function removeRunFiles(files: string[], config: DbConfig): Promise<void> {
+  const next = `the next backup of ${config.database} (${config.environment}) removes it`;
+  const remove = (file: string) =>
+    removeEntry(file).catch((error: unknown) => {
+      if (errnoCode(error) === 'ENOENT') return;
+      runWarning('cleanup_failed', `Could not remove this run's ${displayPath(file)}`, `${errorText(error)}; ${next}`);
+    });
+  await Promise.all(files.map(remove));
 }
 
 /**

@@ -201,24 +201,45 @@ describe('a lock that cannot be removed', () => {
     assert.match(result.stderr, /^⚠ Could not remove the lock .*fail_app_dev\.lock: EACCES/m);
   });
 
-  test('after a failure: the failure is reported, the lock a warning, logged too', skipUnless(noSetpriv), async () => {
-    const { outputDir, args } = await directoryWithExistingBackup(server, 'fail_app');
-    const logFile = path.join(await tempDir(), 'runs.log');
-    const result = await madeReadOnlyAt(outputDir, [...args, '--log-file', logFile], 'pg_dump', '--snapshot');
-    assert.equal(result.exitCode, 4, result.stdout + result.stderr);
-    assert.match(result.stderr, /^✗ Backup failed: Writing the metadata failed$/m);
-    assert.match(result.stderr, /^⚠ Could not remove the lock .*fail_app_dev\.lock: EACCES/m);
-    const [run, ...events] = (await fs.readFile(logFile, 'utf8'))
-      .trim()
-      .split('\n')
-      .map((line) => JSON.parse(line));
-    assert.equal(run.outcome, 'failure');
-    assert.deepEqual(
-      events.map((event) => [event.event, event.for]),
-      [['lock_release_failed', run.time]],
-    );
-    assert.match(events[0].error, /^EACCES: permission denied, unlink '.*fail_app_dev\.lock'; the next run takes it/);
-  });
+  test(
+    'after a failure: the failure is reported; the lock and the partial dump left are warnings, logged too',
+    skipUnless(noSetpriv),
+    async () => {
+      const { outputDir, args } = await directoryWithExistingBackup(server, 'fail_app');
+      const logFile = path.join(await tempDir(), 'runs.log');
+      const result = await madeReadOnlyAt(outputDir, [...args, '--log-file', logFile], 'pg_dump', '--snapshot');
+      assert.equal(result.exitCode, 4, result.stdout + result.stderr);
+      assert.match(result.stderr, /^✗ Backup failed: Writing the metadata failed$/m);
+      assert.match(result.stderr, /^⚠ Could not remove the lock .*fail_app_dev\.lock: EACCES/m);
+      // The run's own partial dump stays too: named, so that no one takes it for a backup or wonders whose it is.
+      const partial = (await fs.readdir(outputDir)).find((name) => name.endsWith('.dump.partial'));
+      assert.ok(partial, 'the partial dump could not be removed either');
+      const partialWarning = new RegExp(
+        `^⚠ Could not remove this run's .*/${partial.replaceAll('.', '\\.')}: EACCES`,
+        'm',
+      );
+      assert.match(result.stderr, partialWarning);
+      assert.match(result.stderr, /the next backup of fail_app \(dev\) removes it/);
+      const [run, ...events] = (await fs.readFile(logFile, 'utf8'))
+        .trim()
+        .split('\n')
+        .map((line) => JSON.parse(line));
+      assert.equal(run.outcome, 'failure');
+      assert.deepEqual(
+        events.map((event) => [event.event, event.for]),
+        [
+          ['cleanup_failed', run.time],
+          ['lock_release_failed', run.time],
+        ],
+      );
+      assert.match(events[0].error, /^EACCES: permission denied, unlink '.*\.dump\.partial'; the next backup of/);
+      assert.match(events[1].error, /^EACCES: permission denied, unlink '.*fail_app_dev\.lock'; the next run takes it/);
+      // As the warning says: the next backup of this database removes it.
+      const next = await runCli({ args });
+      assert.equal(next.exitCode, 0, next.stdout + next.stderr);
+      assert.ok(!(await fs.readdir(outputDir)).includes(partial), 'the next backup removed the partial dump');
+    },
+  );
 });
 
 describe('publishing the dump', () => {
