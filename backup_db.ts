@@ -1068,16 +1068,55 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
 
 // ─── Output directory and lock: permissions, lock owners, the reserve ───────────────────
 
-/** Create the output directory (0700: backups hold all the data) and prove we can write there. */
-async function prepareOutputDir(dir: string): Promise<void> {
+/**
+ * Create the output directory (0700: backups hold all the data) and prove we can write there. Returns which
+ * directory it is, for outputDirChange to tell if it is still the same one.
+ */
+async function prepareOutputDir(dir: string): Promise<DirIdentity> {
   const probe = path.join(dir, `${WRITE_PROBE_PREFIX}${randomName()}`);
   try {
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     await fs.writeFile(probe, '', { flag: 'wx', mode: 0o600 });
     await fs.unlink(probe);
+    return await dirIdentity(dir);
   } catch (error) {
     throw fileSystemError(error, `Cannot write to the backup directory ${displayPath(dir)}`, dir);
   }
+}
+
+/** A directory as the file system knows it: the same path may name another one later. */
+interface DirIdentity {
+  dev: number;
+  ino: number;
+}
+
+async function dirIdentity(dir: string): Promise<DirIdentity> {
+  const { dev, ino } = await fs.stat(dir);
+  return { dev, ino };
+}
+
+/**
+ * The output directory removed, or moved away with another put in its place (a clean-up job, a deploy, a mount),
+ * while a backup ran: said as such (exit 7), rather than as the ENOENT it caused (`cause`), or as a backup made in a
+ * directory the run did not begin in. Undefined while the directory is still the one it began in.
+ */
+async function outputDirChange(dir: string, home: DirIdentity, cause?: BackupError): Promise<BackupError | undefined> {
+  const now = await dirIdentity(dir).catch(() => undefined);
+  if (now?.dev === home.dev && now.ino === home.ino) return undefined;
+  const [shown, again] = [displayPath(dir), 'Keep backups in a directory that nothing else manages, then run again'];
+  const details = cause?.details ?? `${shown} is another directory than the one this backup began in`;
+  return now
+    ? new BackupError(EXIT.BACKUP_FAILED, 'The backup directory was replaced during the run', details, [
+        `${shown} was moved away, and another directory took its name (a mount, a deploy, a clean-up job): ` +
+          'find what did it',
+        "This run's partial file may have moved with it: the next backup in that directory removes it",
+        again,
+      ])
+    : new BackupError(EXIT.BACKUP_FAILED, 'The backup directory was removed during the run', details, [
+        'Something else deleted it while the backup ran: look for a clean-up job that manages it ' +
+          '(systemd-tmpfiles, tmpreaper, cron)',
+        again,
+      ]);
 }
 
 const WRITE_PROBE_PREFIX = '.backup_db-write-test-';
@@ -3010,7 +3049,8 @@ async function streamPgDump(
     stdin: 'ignore',
     buffer: { stdout: false, stderr: true },
   });
-  const written = pipeline(child.stdout, tap, createWriteStream(partialPath, { flags: 'w', flush: true })).catch(
+  // r+: the file reserveBackupName made, never a new one where it went missing (its directory removed meanwhile).
+  const written = pipeline(child.stdout, tap, createWriteStream(partialPath, { flags: 'r+', flush: true })).catch(
     (error: unknown) => {
       stopDump.abort(); // the file side failed (disk full, ...): stop pg_dump rather than let it block
       throw error;
@@ -3421,7 +3461,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
   assertClockUsable(new Date());
   // The server's version is not known yet: this only proves client tools exist at all.
   const preferred = await findDumpClient(options.search, signal);
-  await prepareOutputDir(options.outputDir);
+  const home = await prepareOutputDir(options.outputDir);
   const lock = await acquireBackupLock(options.outputDir, config);
   try {
     signal.throwIfAborted();
@@ -3430,7 +3470,7 @@ async function runBackup(config: DbConfig, options: BackupOptions, signal: Abort
     const published = await withClient(
       config,
       options.connectTimeoutSeconds,
-      (client) => snapshotBackup({ client, config, preferred, options, started }, signal),
+      (client) => snapshotBackup({ client, config, preferred, options, started, home }, signal),
       { signal },
     );
     await keepLockReserve(lock.path);
@@ -3467,6 +3507,8 @@ interface BackupJob {
   options: BackupOptions;
   /** performance.now() when the run began. */
   started: number;
+  /** The output directory the run began in (prepareOutputDir). */
+  home: DirIdentity;
 }
 
 /**
@@ -3586,6 +3628,8 @@ async function snapshotBackup(
       throw fileSystemError(error, 'Writing the metadata failed', outputDir);
     });
     run.signal.throwIfAborted();
+    const moved = await outputDirChange(outputDir, job.home);
+    if (moved) throw moved;
     await publishDump(reserved.partialPath, reserved.dumpPath).catch(async (error: unknown) => {
       // Still under its final name (even the rename back failed): it keeps its metadata, never a dump without.
       if (await pathExists(reserved.dumpPath)) created.length = 0;
@@ -3594,7 +3638,9 @@ async function snapshotBackup(
     return { dumpPath: reserved.dumpPath, metadataPath, metadata, checks: inspection.checks };
   } catch (error) {
     await removeRunFiles(created, config);
-    throw asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
+    const failure = asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
+    // A directory gone is why the run's files went missing; the user's interrupt is reported as such.
+    throw (signal.aborted ? undefined : await outputDirChange(outputDir, job.home, failure)) ?? failure;
   } finally {
     watchdog?.stop();
     signal.removeEventListener('abort', onInterrupt);

@@ -16,7 +16,7 @@ import {
   uniqueName,
   writeEnvFile,
 } from './helpers/cli.ts';
-import { clientDirHolding } from './helpers/clients.ts';
+import { clientDirHolding, clientDirRunning } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { skipUnless, unmet } from './helpers/requirements.ts';
 import {
@@ -240,6 +240,39 @@ describe('a lock that cannot be removed', () => {
       assert.ok(!(await fs.readdir(outputDir)).includes(partial), 'the next backup removed the partial dump');
     },
   );
+});
+
+describe('the output directory removed or replaced while the backup runs', () => {
+  /** A backup (`extra` options) whose pg_dump first runs `script` on the output directory `$OUT`. */
+  async function backupWhile(script: string, extra: string[] = []) {
+    const existing = await directoryWithExistingBackup(server, 'fail_app');
+    const bin = await clientDirRunning('pg_dump', '--snapshot', script.replaceAll('$OUT', existing.outputDir));
+    const result = await runCli({ args: [...existing.args, ...extra, '--pg-bin-dir', bin] });
+    return { ...existing, ...result, output: `${result.stdout}${result.stderr}` };
+  }
+
+  for (const jobs of [[], ['--jobs', '2']])
+    test(`removed ${jobs.join(' ') || '(one file)'}: exit 7, saying so; nothing made anew there`, async () => {
+      const run = await backupWhile('rm -rf "$OUT"', jobs);
+      assert.equal(run.exitCode, 7, run.output);
+      assert.match(run.stderr, /^✗ Backup failed: The backup directory was removed during the run$/m);
+      assert.match(run.stderr, /ENOENT|No such file or directory/, "the underlying tool's message");
+      assert.match(run.stderr, /1\. Something else deleted it while the backup ran/);
+      assert.equal(await fs.stat(run.outputDir).catch(() => undefined), undefined, 'not made again');
+    });
+
+  for (const jobs of [[], ['--jobs', '2']])
+    test(`replaced ${jobs.join(' ') || '(one file)'}: exit 7, no backup in either directory`, async () => {
+      const run = await backupWhile('mv "$OUT" "$OUT.moved" && mkdir "$OUT"', jobs);
+      assert.equal(run.exitCode, 7, run.output);
+      assert.match(run.stderr, /^✗ Backup failed: The backup directory was replaced during the run$/m);
+      assert.match(run.stderr, /moved away, and another directory took its name/);
+      assert.deepEqual(await fs.readdir(run.outputDir), [], 'nothing published in the new directory');
+      const moved = await directoryFingerprint(`${run.outputDir}.moved`);
+      for (const [name, hash] of Object.entries(run.before)) assert.equal(moved[name], hash, `${name} untouched`);
+      const dumps = Object.keys(moved).filter((name) => name.endsWith('.dump'));
+      assert.equal(dumps.length, 1, 'only the earlier backup is a .dump');
+    });
 });
 
 describe('publishing the dump', () => {
