@@ -1348,35 +1348,91 @@ async function acquireLockFile(lockPath: string, busy: (owner: LockOwner) => Bac
 }
 
 /**
+ * Where the file system has no hard links (exFAT, FAT, some FUSE and network file systems), link(2) fails
+ * with one of these; EPERM is also a permission error elsewhere, but not for a file this run just made.
+ */
+const NO_HARD_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS']);
+
+/**
+ * Put our lock record at `at` unless something is there: a hard link of the complete temp file, never seen
+ * half-written. Without hard links, an exclusive create and one write: for an instant it is empty, which
+ * readSettledLock waits out; a write that fails removes it.
+ */
+async function placeLock(ours: { temp: string; content: string }, at: string): Promise<void> {
+  try {
+    return await fs.link(ours.temp, at);
+  } catch (error) {
+    if (!NO_HARD_LINKS.has(errnoCode(error) ?? '')) throw error;
+  }
+  const handle = await fs.open(at, 'wx', 0o600);
+  try {
+    await handle.writeFile(ours.content);
+  } catch (error) {
+    await fs.rm(at, { force: true });
+    throw error;
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * A lock as found once it is no longer being written (placeLock without hard links): an empty one is waited on
+ * for a second; past that, if under a minute old, it is refused, never taken for a dead run's.
+ */
+async function readSettledLock(file: string): Promise<FoundLock | undefined> {
+  for (let waits = 0; ; waits++) {
+    const found = await readLock(file);
+    if (found?.text !== '' || writtenLongAgo(found.mtimeMs)) return found;
+    if (waits === 20) throw emptyLockError(file);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+function emptyLockError(file: string): BackupError {
+  const shown = displayPath(file);
+  return new BackupError(
+    EXIT.BACKUP_FAILED,
+    'Could not take the backup lock',
+    `${shown} is empty: another run is writing it, or was killed as it did`,
+    [
+      'Run again in a minute: an empty lock older than that is taken over',
+      `If no backup of this database is starting, remove it: rm ${shellWord(shown)}`,
+    ],
+  );
+}
+
+/**
  * Link our lock into place at `target`. A dead owner's lock may be replaced, but only by the one
  * run that first claims `<target>.takeover-<its inode>` (a lock taken the same way) and only while
  * that dead lock is still in place: two runs finding the same dead lock can never both replace it,
- * nor replace the winner's lock. The replacement is a rename: the lock never goes missing.
+ * nor replace the winner's lock. The replacement is a rename: the lock never goes missing. False
+ * where a takeover claim (depth > 0) went away meanwhile: its run is done, so the lock it was for changed.
  */
 async function claimLock(
   target: string,
   ours: { temp: string; swap: string; content: string },
   busy: (owner: LockOwner) => BackupError,
   depth: number,
-): Promise<void> {
+): Promise<boolean> {
   for (let attempt = 0; attempt < 5 && depth < 3; attempt++) {
     try {
-      await fs.link(ours.temp, target);
-      return;
+      await placeLock(ours, target);
+      return true;
     } catch (error) {
       if (errnoCode(error) !== 'EEXIST') throw error;
     }
-    const found = await readLock(target);
+    const found = await readSettledLock(target);
+    if (!found && depth > 0) return false;
     if (!found) continue; // released in the meantime
     if (!(await isStale(found))) throw busy(found.owner!);
     const takeover = `${target}.takeover-${found.ino}`;
-    await claimLock(takeover, ours, busy, depth + 1);
+    if (!(await claimLock(takeover, ours, busy, depth + 1))) continue; // the lock is another now: read it again
     try {
       const still = await readLock(target);
       if (still?.ino === found.ino && still.text === found.text) {
-        await fs.link(ours.temp, ours.swap);
+        await placeLock(ours, ours.swap);
         await fs.rename(ours.swap, target);
-        return;
+        return true;
       }
     } finally {
       if ((await readLock(takeover))?.text === ours.content) await fs.rm(takeover, { force: true });

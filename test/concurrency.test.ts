@@ -11,7 +11,17 @@ import { after, before, describe, test } from 'node:test';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { execa } from 'execa';
-import { dbVars, PROJECT_DIR, runCli, startCli, socketAt, tempDir, writeEnvFile } from './helpers/cli.ts';
+import {
+  dbVars,
+  NO_HARD_LINKS_MODULE,
+  PROJECT_DIR,
+  runCli,
+  startCli,
+  socketAt,
+  tempDir,
+  writeEnvFile,
+} from './helpers/cli.ts';
+import { clientDirHolding } from './helpers/clients.ts';
 import { startTestServer, type TestServer } from './helpers/pg-server.ts';
 import { holdTableLock, waitFor, waitForBlockedPgDump } from './helpers/wait.ts';
 import { PID_NAMESPACE, skipUnless, unmet } from './helpers/requirements.ts';
@@ -34,6 +44,11 @@ async function backupArgs(database: string, outputDir: string): Promise<string[]
   return ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
 }
 
+const exists = (file: string) =>
+  fs.stat(file).then(
+    () => true,
+    () => false,
+  );
 const dumpsIn = async (dir: string) => (await fs.readdir(dir)).filter((name) => name.endsWith('.dump'));
 
 /** The start time /proc records for a process: what the lock compares to tell a reused pid. */
@@ -247,67 +262,142 @@ async function deadPid(): Promise<number> {
   return dead.pid!;
 }
 
+describe('a file system without hard links (exFAT, FAT, some FUSE)', () => {
+  test('a backup takes the lock all the same: a second run meanwhile exits 7; the lock is gone after', async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    const args = await backupArgs('conc_a', outputDir);
+    const held = await clientDirHolding('pg_dump', '--snapshot');
+    const first = startCli({ args: [...args, '--pg-bin-dir', held.dir], noHardLinks: true });
+    try {
+      await waitFor('the first backup to dump', async () => ((await exists(held.started)) ? true : undefined));
+      const second = await runCli({ args, noHardLinks: true });
+      assert.equal(second.exitCode, 7, second.stderr);
+      assert.match(second.stderr, new RegExp(`backup already running \\(pid ${first.pid}, since `));
+    } finally {
+      await fs.writeFile(held.release, '');
+    }
+    const done = await first;
+    assert.equal(done.exitCode, 0, String(done.stderr));
+    const files = await fs.readdir(outputDir);
+    assert.equal((await dumpsIn(outputDir)).length, 1);
+    assert.ok(!files.some((name) => name.endsWith('.lock')), `lock released: ${files.join(', ')}`);
+  });
+
+  test("a dead run's lock is taken over", async () => {
+    const outputDir = path.join(await tempDir(), 'out');
+    await fs.mkdir(outputDir);
+    const dead = { pid: await deadPid(), hostname: os.hostname(), started_at: new Date().toISOString() };
+    await fs.writeFile(path.join(outputDir, 'conc_a_dev.lock'), JSON.stringify(dead));
+    const result = await runCli({ args: await backupArgs('conc_a', outputDir), noHardLinks: true });
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.ok(
+      !(await fs.readdir(outputDir)).some((name) => /\.lock\.(?!reserve$)/.test(name)),
+      'no temp, swap or claim left',
+    );
+  });
+});
+
+describe('an empty lock (a run without hard links writing it, or killed as it did)', () => {
+  async function backupWithEmptyLock(ageMs: number) {
+    const outputDir = path.join(await tempDir(), 'out');
+    await fs.mkdir(outputDir);
+    const lock = path.join(outputDir, 'conc_a_dev.lock');
+    await fs.writeFile(lock, '');
+    const then = new Date(Date.now() - ageMs);
+    await fs.utimes(lock, then, then);
+    const result = await runCli({ args: await backupArgs('conc_a', outputDir) });
+    return { ...result, lock, files: await fs.readdir(outputDir) };
+  }
+
+  test("just written: not taken for a dead run's, exit 7 saying so; left in place", async () => {
+    const result = await backupWithEmptyLock(0);
+    assert.equal(result.exitCode, 7, result.stderr);
+    assert.match(result.stderr, /^✗ Backup failed: Could not take the backup lock$/m);
+    assert.ok(result.stderr.includes(`${result.lock} is empty: another run is writing it`), result.stderr);
+    assert.match(result.stderr, /1\. Run again in a minute/);
+    assert.ok(result.files.includes('conc_a_dev.lock'));
+    assert.equal(result.files.filter((name) => name.endsWith('.dump')).length, 0);
+  });
+
+  test("over a minute old: a dead run's, taken over", async () => {
+    const result = await backupWithEmptyLock(120_000);
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.ok(!result.files.includes('conc_a_dev.lock'));
+  });
+});
+
 describe('stale-lock takeover under contention', () => {
-  test(
-    'many processes finding one dead lock at the same instant: never two holders, round after round',
-    { timeout: 120_000 },
-    async () => {
-      const contenders = Array.from({ length: 6 }, () => {
-        const child = spawn(
-          process.execPath,
-          ['--import', 'tsx', path.join(PROJECT_DIR, 'test', 'helpers', 'lock-contender.ts')],
-          { cwd: PROJECT_DIR, stdio: ['pipe', 'pipe', 'inherit'] },
-        );
-        const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
-        return {
-          child,
-          say: (line: string) => child.stdin.write(`${line}\n`),
-          answer: async () => String((await lines.next()).value),
-        };
-      });
-      const pid = await deadPid();
-      const owner = (p: number) =>
-        JSON.stringify({ pid: p, hostname: os.hostname(), started_at: new Date().toISOString(), process_start: null });
-      // What a directory can hold when the runs start: a dead run's lock; that lock and the takeover
-      // claim of a run that died taking it over; a lock that is not JSON; no lock at all.
-      const setups: Array<(dir: string) => Promise<void>> = [
-        (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid)),
-        async (dir) => {
-          await fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid));
-          const { ino } = await fs.stat(path.join(dir, 'app_dev.lock'), { bigint: true });
-          await fs.writeFile(path.join(dir, `app_dev.lock.takeover-${ino}`), owner(pid));
-        },
-        (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), 'not json'),
-        async () => undefined,
-      ];
-      const violations: string[] = [];
-      try {
-        for (let round = 0; round < 240; round++) {
-          const dir = await tempDir('backup-db-lock-');
-          await setups[round % setups.length]!(dir);
-          for (const c of contenders) c.say(`go ${dir}`);
-          const answers = await Promise.all(contenders.map((c) => c.answer()));
-          const winners = contenders.filter((_, i) => answers[i] === 'won');
-          if (winners.length !== 1)
-            violations.push(`round ${round}: ${winners.length} holders (${answers.join(' | ')})`);
-          for (const loser of answers.filter((a) => a !== 'won')) assert.match(loser, /^lost Backup already running: /);
-          for (const winner of winners) {
-            winner.say('release');
-            assert.equal(await winner.answer(), 'released');
-          }
-          assert.deepEqual(
-            (await fs.readdir(dir)).filter((n) => !n.includes('.takeover-')),
-            [],
-            'no lock, temp or swap file left behind',
+  // Where the file system has no hard links (exFAT), the lock is created otherwise (see no-hard-links.ts).
+  for (const [where, preload, rounds] of [
+    ['', [], 240],
+    [', without hard links', ['--import', NO_HARD_LINKS_MODULE], 120],
+  ] as const)
+    test(
+      `many processes finding one dead lock at the same instant${where}: never two holders, round after round`,
+      { timeout: 120_000 },
+      async () => {
+        const contenders = Array.from({ length: 6 }, () => {
+          const child = spawn(
+            process.execPath,
+            ['--import', 'tsx', ...preload, path.join(PROJECT_DIR, 'test', 'helpers', 'lock-contender.ts')],
+            { cwd: PROJECT_DIR, stdio: ['pipe', 'pipe', 'inherit'] },
           );
-          await fs.rm(dir, { recursive: true, force: true });
+          const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+          return {
+            child,
+            say: (line: string) => child.stdin.write(`${line}\n`),
+            answer: async () => String((await lines.next()).value),
+          };
+        });
+        const pid = await deadPid();
+        const owner = (p: number) =>
+          JSON.stringify({
+            pid: p,
+            hostname: os.hostname(),
+            started_at: new Date().toISOString(),
+            process_start: null,
+          });
+        // What a directory can hold when the runs start: a dead run's lock; that lock and the takeover
+        // claim of a run that died taking it over; a lock that is not JSON; no lock at all.
+        const setups: Array<(dir: string) => Promise<void>> = [
+          (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid)),
+          async (dir) => {
+            await fs.writeFile(path.join(dir, 'app_dev.lock'), owner(pid));
+            const { ino } = await fs.stat(path.join(dir, 'app_dev.lock'), { bigint: true });
+            await fs.writeFile(path.join(dir, `app_dev.lock.takeover-${ino}`), owner(pid));
+          },
+          (dir) => fs.writeFile(path.join(dir, 'app_dev.lock'), 'not json'),
+          async () => undefined,
+        ];
+        const violations: string[] = [];
+        try {
+          for (let round = 0; round < rounds; round++) {
+            const dir = await tempDir('backup-db-lock-');
+            await setups[round % setups.length]!(dir);
+            for (const c of contenders) c.say(`go ${dir}`);
+            const answers = await Promise.all(contenders.map((c) => c.answer()));
+            const winners = contenders.filter((_, i) => answers[i] === 'won');
+            if (winners.length !== 1)
+              violations.push(`round ${round}: ${winners.length} holders (${answers.join(' | ')})`);
+            for (const loser of answers.filter((a) => a !== 'won'))
+              assert.match(loser, /^lost Backup already running: /);
+            for (const winner of winners) {
+              winner.say('release');
+              assert.equal(await winner.answer(), 'released');
+            }
+            assert.deepEqual(
+              (await fs.readdir(dir)).filter((n) => !n.includes('.takeover-')),
+              [],
+              'no lock, temp or swap file left behind',
+            );
+            await fs.rm(dir, { recursive: true, force: true });
+          }
+        } finally {
+          for (const c of contenders) c.child.kill();
         }
-      } finally {
-        for (const c of contenders) c.child.kill();
-      }
-      assert.deepEqual(violations, []);
-    },
-  );
+        assert.deepEqual(violations, []);
+      },
+    );
 
   test(
     "five real backups started together against a dead run's lock: one runs, four exit 7",

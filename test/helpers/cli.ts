@@ -62,6 +62,8 @@ export interface CliRun {
   renameGate?: RenameGate;
   /** A host name whose lookups never answer (see hanging-dns.ts). */
   hangingDns?: string;
+  /** Every hard link fails, as on exFAT (see no-hard-links.ts). */
+  noHardLinks?: boolean;
 }
 
 /** The CLI reached the rename when `reached` exists; it goes on once `open` exists. */
@@ -86,6 +88,7 @@ export interface WallClock {
 export const WALL_CLOCK_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'wall-clock.ts');
 const RENAME_GATE_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'rename-gate.ts');
 const HANGING_DNS_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'hanging-dns.ts');
+export const NO_HARD_LINKS_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'no-hard-links.ts');
 
 export function wallClockEnv({ when, stepMs = 0, at, rate = 1 }: WallClock): Record<string, string> {
   const exactly: Record<string, string> = at ? { WALL_CLOCK_AT: String(at.getTime()) } : {};
@@ -108,11 +111,13 @@ export function startCli({
   wallClock,
   renameGate,
   hangingDns,
+  noHardLinks = false,
 }: CliRun): ResultPromise<Options & { reject: false }> {
   const preload = [
     ...(wallClock ? [WALL_CLOCK_MODULE] : []),
     ...(renameGate ? [RENAME_GATE_MODULE] : []),
     ...(hangingDns ? [HANGING_DNS_MODULE] : []),
+    ...(noHardLinks ? [NO_HARD_LINKS_MODULE] : []),
   ].flatMap((module) => ['--import', module]);
   const command = [
     ...wrapper,
