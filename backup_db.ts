@@ -9,7 +9,9 @@
  *   Small helpers                          tethered child processes, quiet clean-up, error mapping
  *   Configuration                          .env layers, DEV_DB_* and DB_*, URLs, environment
  *   Client tools                           finding a pg_dump/pg_restore that fits the server
- *   Output directory and lock              permissions, the per-database lock and its reserve
+ *   Output directory                       writable, and still the one the run began in
+ *   Lock: its owner                        who holds the per-database lock, alive or not
+ *   Lock: taking it                        atomically, with or without hard links; takeover; the reserve
  *   Leftovers and disk space               what killed runs left, free space, file-system errors
  *   Connection                             libpq environment, child environments, sessions, passwords
  *   Connection: TLS                        server verification as libpq's, revocation lists, client certificates
@@ -1066,7 +1068,7 @@ export function parseCompression(input: string | undefined, pgDumpMajor: number)
   ]);
 }
 
-// ─── Output directory and lock: permissions, lock owners, the reserve ───────────────────
+// ─── Output directory: writable, and still the one the run began in ──────────────────────
 
 /**
  * Create the output directory (0700: backups hold all the data) and prove we can write there. Returns which
@@ -1120,6 +1122,8 @@ async function outputDirChange(dir: string, home: DirIdentity, cause?: BackupErr
 }
 
 const WRITE_PROBE_PREFIX = '.backup_db-write-test-';
+
+// ─── Lock: its owner, alive or not ───────────────────────────────────────────────────────
 
 /**
  * One backup per database at a time: a lock file in the output directory, named after the
@@ -1257,6 +1261,8 @@ function lockNotRegularFile(file: string): BackupError {
 
 const isStale = async (lock: FoundLock) => !lock.owner || !(await lockOwnerAlive(lock.owner));
 
+// ─── Lock: taking it, taking it over, releasing; the reserve ─────────────────────────────
+
 export interface BackupLock {
   path: string;
   release(): Promise<void>;
@@ -1384,7 +1390,7 @@ async function readSettledLock(file: string): Promise<FoundLock | undefined> {
     const found = await readLock(file);
     if (found?.text !== '' || writtenLongAgo(found.mtimeMs)) return found;
     if (waits === 20) throw emptyLockError(file);
-    await new Promise((resolve) => setTimeout(resolve, 50));
+    await delay(50);
   }
 }
 
