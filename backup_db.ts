@@ -59,7 +59,7 @@ import path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setTimeout as delay } from 'node:timers/promises';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { domainToASCII, fileURLToPath, pathToFileURL } from 'node:url';
 import { Chalk, supportsColor, supportsColorStderr, type ChalkInstance } from 'chalk';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import type { Options, ResultPromise } from 'execa';
@@ -695,6 +695,15 @@ function validateHost(value: string, origin: string): string {
     ]);
   if (!host || /[\s\0]/.test(host))
     throw invalidSetting(origin, value, 'a host name', 'Use a host name or IP address, e.g. localhost');
+  // Node looks up a name's ASCII (IDNA) form, libpq its bytes as given: one host, two servers perhaps, the production
+  // guard checking one and pg_restore writing to the other. A socket directory is a path, looked up by no one.
+  if (/[^\x00-\x7f]/.test(host) && !host.startsWith('/') && !host.startsWith('@')) {
+    const ascii = domainToASCII(host);
+    throw configError(
+      `${origin} names the host "${host}", outside ASCII, which libpq and this tool look up differently`,
+      [ascii ? `Write it as ${ascii}, its ASCII form` : 'Use its ASCII (IDNA) name or its IP address'],
+    );
+  }
   return host;
 }
 

@@ -210,6 +210,42 @@ describe('variables with garbage', () => {
   });
 });
 
+describe('host names outside ASCII', () => {
+  // Node's resolver looks up a name's ASCII (IDNA) form, libpq the bytes as given: one host could be two
+  // servers, the production guard checking one and pg_restore writing to the other.
+  const good = () => dbVars(server, 'DEV_DB_', 'input_app');
+  test("DEV_DB_HOST or a URL's host is refused (exit 2), with its ASCII form to use instead", async () => {
+    const hosts: Array<[Record<string, string>, RegExp, string]> = [
+      [
+        { DEV_DB_HOST: 'ＬＯＣＡＬＨＯＳＴ' },
+        /DEV_DB_HOST \(from \.env\) names the host "ＬＯＣＡＬＨＯＳＴ", outside ASCII/,
+        'localhost',
+      ],
+      [
+        { DEV_DB_HOST: 'bücher.invalid' },
+        /DEV_DB_HOST \(from \.env\) names the host "bücher\.invalid", outside ASCII/,
+        'xn--bcher-kva.invalid',
+      ],
+      [
+        { DEV_DATABASE_URL: 'postgresql://app:SECRETQ9@bücher.invalid/app' },
+        /DEV_DATABASE_URL \(from \.env\) names the host "bücher\.invalid", outside ASCII/,
+        'xn--bcher-kva.invalid',
+      ],
+    ];
+    for (const [change, message, ascii] of hosts) {
+      const result = await attempt(['--env', 'dev'], { ...good(), ...change });
+      assertCleanFailure(result, 2, message);
+      assert.ok(result.stderr.includes(`Write it as ${ascii}`), result.stderr);
+      assert.ok(!result.stderr.includes('SECRETQ9'), result.stderr);
+    }
+  });
+
+  test('a socket directory may be named outside ASCII: it is a path, looked up by no one', async () => {
+    const result = await attempt(['--env', 'dev'], { ...good(), DEV_DB_HOST: '/tmp/no-sockét-here' });
+    assertCleanFailure(result, 3, /✗ Backup failed: Database/);
+  });
+});
+
 describe('URL hints', () => {
   test('an option value with terminal escapes is shown escaped in the error, never sent raw', async () => {
     const result = await attempt(['--env', 'dev', '--keep-daily', '\x1b]0;PWNED\x07\x1b[2J']);
