@@ -392,21 +392,57 @@ async function loadEnvVars(dir: string, processEnv: NodeJS.ProcessEnv): Promise<
   const layers: Parameters<typeof mergeEnvLayers>[0] = [{ source: PROCESS_ENVIRONMENT, vars: processEnv }];
   for (const file of ENV_FILES) {
     const filePath = path.join(dir, file);
+    let bytes: Buffer;
     try {
       const handle = await openRegularFile(filePath);
-      const text = await handle.readFile('utf8').finally(() => handle.close());
-      const { default: dotenv } = await import('dotenv');
-      layers.push({ source: file, vars: dotenv.parse(text), misread: misreadDotenvValues(text) });
+      bytes = await handle.readFile().finally(() => handle.close());
     } catch (error) {
-      if (errnoCode(error) === 'ENOENT') continue;
-      throw configError(`cannot read ${filePath}: ${errorText(error)}`, [
-        errnoCode(error) === 'ENOTREG'
-          ? `Make ${filePath} a regular file (not a FIFO or a device)`
-          : `Check the file's permissions: ls -l ${shellWord(filePath)}`,
+      if (errnoCode(error) !== 'ENOENT') throw unreadableEnvFile(filePath, error);
+      // A link whose target is not there (not mounted yet) is no absent file: its settings would be lost in silence.
+      const target = await fs.readlink(filePath).catch(() => undefined);
+      if (target === undefined) continue;
+      throw configError(`${filePath} is a symbolic link to ${target}, which does not exist`, [
+        `Mount or restore ${target}, or remove the link`,
       ]);
     }
+    const text = envFileText(bytes, filePath);
+    const { default: dotenv } = await import('dotenv');
+    layers.push({ source: file, vars: dotenv.parse(text), misread: misreadDotenvValues(text) });
   }
   return mergeEnvLayers(layers);
+}
+
+function unreadableEnvFile(filePath: string, error: unknown): BackupError {
+  const notFile = errnoCode(error) === 'ENOTREG' || errnoCode(error) === 'EISDIR';
+  return configError(`cannot read ${filePath}: ${errorText(error)}`, [
+    notFile
+      ? `Make ${filePath} a regular file (not a directory, FIFO or device)`
+      : `Check the file's permissions: ls -l ${shellWord(filePath)}`,
+  ]);
+}
+
+/**
+ * Pure: an .env file's text. One that is not UTF-8 is refused, naming the line but never showing it (it may hold
+ * a password): read with replacement characters, a password or name would differ from the file's in silence.
+ */
+export function envFileText(bytes: Buffer, filePath: string): string {
+  const decode = (part: Buffer) => new TextDecoder('utf-8', { fatal: true }).decode(part);
+  try {
+    return decode(bytes);
+  } catch {
+    let [line, start] = [1, 0];
+    for (let end = bytes.indexOf(10); end >= 0; end = bytes.indexOf(10, start), line++) {
+      try {
+        decode(bytes.subarray(start, end));
+      } catch {
+        break;
+      }
+      start = end + 1;
+    }
+    throw configError(`${filePath} is not UTF-8: line ${line} holds a byte no UTF-8 text has`, [
+      `Convert it to UTF-8, e.g. from Latin-1: iconv -f LATIN1 -t UTF-8 ${shellWord(filePath)}, then check the result`,
+    ]);
+  }
 }
 
 /** A mistyped --config-dir would otherwise lose its .env files' settings (retention, log, hooks) in silence. */

@@ -253,6 +253,37 @@ describe('bad values', () => {
     }
   });
 
+  test('a dangling .env.local symlink (its target not mounted) is exit 2, not "no file": prod was chosen in silence', async () => {
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', { ...connection(), DB_NAME: 'cfg_prod' });
+    await fs.symlink('/nonexistent-mount/dev.env', path.join(configDir, '.env.local'));
+    const run = await runCli({ args: ['--config-dir', configDir] });
+    assert.equal(run.exitCode, 2, run.stdout + run.stderr);
+    assert.match(run.stderr, /\.env\.local is a symbolic link to \/nonexistent-mount\/dev\.env, which does not exist/);
+    assert.match(run.stderr, /1\. Mount or restore \/nonexistent-mount\/dev\.env, or remove the link/);
+  });
+
+  test('a .env that is not UTF-8 is exit 2 naming its line, not read with replacement characters', async () => {
+    const configDir = await tempDir();
+    const lines = ['DEV_DB_HOST=localhost', 'DEV_DB_NAME=cfg_env', 'DEV_DB_PASSWORD=p\xe4ss'];
+    await fs.writeFile(path.join(configDir, '.env'), Buffer.from(`${lines.join('\n')}\n`, 'latin1'));
+    const run = await runCli({ args: ['--config-dir', configDir, '--env', 'dev'] });
+    assert.equal(run.exitCode, 2, run.stdout + run.stderr);
+    assert.match(run.stderr, /\.env is not UTF-8: line 3 holds a byte no UTF-8 text has/);
+    assert.match(run.stderr, /iconv -f LATIN1 -t UTF-8/);
+    assert.doesNotMatch(run.stderr, /p.ss/, 'the line is not shown: it may hold a password');
+  });
+
+  test('a .env that is a directory is exit 2, with no permissions hint', async () => {
+    const configDir = await tempDir();
+    await fs.mkdir(path.join(configDir, '.env'));
+    const run = await runCli({ args: ['--config-dir', configDir, '--env', 'dev'] });
+    assert.equal(run.exitCode, 2, run.stderr);
+    assert.match(run.stderr, /cannot read .*\.env: EISDIR/);
+    assert.match(run.stderr, /Make .*\.env a regular file/);
+    assert.doesNotMatch(run.stderr, /permission/i);
+  });
+
   test("an invalid --env choice is exit 2 with commander's message", async () => {
     const run = await backupWith({ args: ['--env', 'staging'] });
     assert.equal(run.exitCode, 2);

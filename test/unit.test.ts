@@ -6,6 +6,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import {
   displayPath,
+  envFileText,
   dropFate,
   marksHalfDroppedInvalid,
   toolConnectionError,
@@ -102,6 +103,31 @@ function expectBackupError(fn: () => unknown, exitCode: number, pattern: RegExp)
   }
   assert.fail('expected an error');
 }
+
+describe('envFileText', () => {
+  const utf8 = (text: string) => Buffer.from(text, 'utf8');
+  const notUtf8Line = (bytes: Buffer) => {
+    try {
+      envFileText(bytes, '.env');
+      return undefined;
+    } catch (error) {
+      assert.ok(error instanceof BackupError);
+      return Number(/line (\d+)/.exec(error.details)![1]);
+    }
+  };
+  test('UTF-8 is read as it is; a byte-order mark is dropped', () => {
+    assert.equal(envFileText(utf8('A=päss\nB=🎉\n'), '.env'), 'A=päss\nB=🎉\n');
+    assert.equal(envFileText(utf8('\ufeffA=1'), '.env'), 'A=1');
+  });
+  test('the first line that is not UTF-8 is named, whatever follows, last line or not', () => {
+    const latin1 = (text: string) => Buffer.from(text, 'latin1');
+    assert.equal(notUtf8Line(latin1('A=\xe4\nB=1\n')), 1);
+    assert.equal(notUtf8Line(latin1('A=1\n\nB=\xe4\xe4\nC=\xe4\n')), 3);
+    assert.equal(notUtf8Line(latin1('A=1\r\nB=\xff')), 2);
+    // A character cut between two lines is no character on either.
+    assert.equal(notUtf8Line(Buffer.concat([utf8('A=1\nB='), utf8('ä').subarray(0, 1)])), 2);
+  });
+});
 
 describe('mergeEnvLayers', () => {
   test('the first layer that sets a variable wins and records where it came from', () => {
