@@ -520,10 +520,32 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
  * database name (DEV_DB_NAME only, so dev never silently backs up prod); prod reads DB_*. A
  * connection URL (DEV_DATABASE_URL / DATABASE_URL) wins over the separate variables.
  */
+/**
+ * A URL is used whole. The environment's own variables set in a higher place than it (the process environment,
+ * cron's override, over a URL in .env) would be ignored, a stale file winning in silence: refused instead.
+ */
+function refuseVariablesAboveUrl(vars: EnvVars, url: EnvValue, urlVar: string, environment: Environment): void {
+  const layers: string[] = [PROCESS_ENVIRONMENT, ...ENV_FILES];
+  const prefix = environment === 'dev' ? 'DEV_DB_' : 'DB_';
+  const above = ['NAME', 'HOST', 'PORT', 'USER', 'PASSWORD']
+    .map((setting) => prefix + setting)
+    .find((name) => layers.indexOf(vars.get(name)?.source ?? url.source) < layers.indexOf(url.source));
+  if (above === undefined) return;
+  throw configError(
+    `${describeOrigin(above, vars.get(above))} would be ignored: ${describeOrigin(urlVar, url)} is used whole`,
+    [
+      `Remove ${urlVar} from ${url.source}, or set ${urlVar} where ${above} is set (a URL wins over the separate variables)`,
+    ],
+  );
+}
+
 export function resolveDbConfig(vars: EnvVars, environment: Environment, where = '.env.local or .env'): DbConfig {
   const urlVar = environment === 'dev' ? 'DEV_DATABASE_URL' : 'DATABASE_URL';
   const url = vars.get(urlVar);
-  if (url) return withLibpqSslMode(configFromUrl(url, urlVar, environment), vars);
+  if (url) {
+    refuseVariablesAboveUrl(vars, url, urlVar, environment);
+    return withLibpqSslMode(configFromUrl(url, urlVar, environment), vars);
+  }
 
   const prefixes = environment === 'dev' ? ['DEV_DB_', 'DB_'] : ['DB_'];
   // A setting as found, and its origin: the variable (and file) that set it, else the one to set.

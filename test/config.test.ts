@@ -178,6 +178,31 @@ describe('connection URLs', () => {
     assert.equal(run.environment, 'dev');
   });
 
+  test('a URL in a file below a variable set higher up is refused (exit 2): the stale file would win in silence', async () => {
+    const url = `postgresql://${server.user}:${encodeURIComponent(server.password)}@${server.host}:${server.port}/cfg_url`;
+    const overridden = await backupWith({
+      dotEnv: { DATABASE_URL: url },
+      processEnv: { ...connection(), DB_NAME: 'cfg_prod' },
+    });
+    assert.equal(overridden.exitCode, 2, overridden.stdout + overridden.stderr);
+    assert.match(
+      overridden.stderr,
+      /DB_NAME \(from the process environment\) would be ignored: DATABASE_URL \(from \.env\) is used whole/,
+    );
+    assert.match(overridden.stderr, /1\. Remove DATABASE_URL from .*\.env, or set DATABASE_URL where DB_NAME is set/);
+    assert.deepEqual(overridden.files, []);
+    // The URL higher up, or in the same place, wins as before; another environment's variables are no conflict.
+    const higher = await backupWith({ dotEnvLocal: { DATABASE_URL: url }, dotEnv: { DB_NAME: 'cfg_prod' } });
+    assert.equal(higher.exitCode, 0, higher.stderr);
+    assert.equal(higher.database, 'cfg_url');
+    const other = await backupWith({
+      dotEnv: { DATABASE_URL: url },
+      processEnv: { DEV_DB_NAME: 'x' },
+      args: ['--env', 'prod'],
+    });
+    assert.equal(other.exitCode, 0, other.stderr);
+  });
+
   test('a socket directory in ?host= is a socket, as libpq reads it, not localhost', async () => {
     const url = `postgresql://${server.user}:${encodeURIComponent(server.password)}@/cfg_url?host=${encodeURIComponent(server.socketDir!)}&port=${server.port}`;
     const run = await backupWith({ dotEnv: { DEV_DATABASE_URL: url } });
