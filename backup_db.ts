@@ -779,11 +779,19 @@ function validateName(value: string, origin: string): string {
   return value;
 }
 
-/** A NUL byte cannot reach pg_dump (no environment variable holds one), and Node's refusal would quote the password. */
+/**
+ * A NUL byte cannot reach pg_dump (no environment variable holds one), and Node's refusal would quote the password.
+ * Nor can more than Linux's 128 KiB a variable (MAX_ARG_STRLEN, `PGPASSWORD=` and its NUL included): E2BIG.
+ */
 function validatePassword(value: string, origin: string): string {
   if (value.includes('\0'))
     throw configError(`${origin} holds a password with a NUL byte, which no PostgreSQL client can send`, [
       'Remove the NUL byte (%00 in a URL) from the password',
+    ]);
+  const [bytes, most] = [Buffer.byteLength(value), 128 * 1024 - 'PGPASSWORD=\0'.length];
+  if (bytes > most)
+    throw configError(`${origin} is ${bytes} bytes long; pg_dump and pg_restore can be given at most ${most}`, [
+      'Use a shorter password (PostgreSQL itself needs no more than a few dozen characters)',
     ]);
   return value;
 }

@@ -166,6 +166,13 @@ describe('variables with garbage', () => {
     ],
     ['64-byte DEV_DB_USER', { DEV_DB_USER: 'u'.repeat(64) }, 2, /DEV_DB_USER \(from \.env\) is 64 bytes long/],
     [
+      // Linux passes no environment variable over 128 KiB to a child: pg_dump would fail to start (E2BIG).
+      'DEV_DB_PASSWORD over 128 KiB',
+      { DEV_DB_PASSWORD: 'p'.repeat(140_000) },
+      2,
+      /DEV_DB_PASSWORD \(from \.env\) is 140000 bytes long; pg_dump and pg_restore can be given at most 131060/,
+    ],
+    [
       'very long DEV_DB_HOST',
       { DEV_DB_HOST: `${'h'.repeat(300)}.invalid` },
       3,
