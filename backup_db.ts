@@ -516,11 +516,6 @@ export function detectEnvironment(vars: EnvVars, requested: Environment | 'auto'
 }
 
 /**
- * Connection settings for one environment. dev reads DEV_DB_*, falling back to DB_* except for the
- * database name (DEV_DB_NAME only, so dev never silently backs up prod); prod reads DB_*. A
- * connection URL (DEV_DATABASE_URL / DATABASE_URL) wins over the separate variables.
- */
-/**
  * A URL is used whole. The environment's own variables set in a higher place than it (the process environment,
  * cron's override, over a URL in .env) would be ignored, a stale file winning in silence: refused instead.
  */
@@ -533,12 +528,15 @@ function refuseVariablesAboveUrl(vars: EnvVars, url: EnvValue, urlVar: string, e
   if (above === undefined) return;
   throw configError(
     `${describeOrigin(above, vars.get(above))} would be ignored: ${describeOrigin(urlVar, url)} is used whole`,
-    [
-      `Remove ${urlVar} from ${url.source}, or set ${urlVar} where ${above} is set (a URL wins over the separate variables)`,
-    ],
+    [`Remove ${urlVar} from ${url.source}, or set ${urlVar} where ${above} is set (a URL wins over the variables)`],
   );
 }
 
+/**
+ * Connection settings for one environment. dev reads DEV_DB_*, falling back to DB_* except for the
+ * database name (DEV_DB_NAME only, so dev never silently backs up prod); prod reads DB_*. A
+ * connection URL (DEV_DATABASE_URL / DATABASE_URL) wins over the separate variables.
+ */
 export function resolveDbConfig(vars: EnvVars, environment: Environment, where = '.env.local or .env'): DbConfig {
   const urlVar = environment === 'dev' ? 'DEV_DATABASE_URL' : 'DATABASE_URL';
   const url = vars.get(urlVar);
