@@ -7,7 +7,8 @@
  * Sections, in the order data flows through a run (shared helpers first, main last):
  *   Types and constants                    the exit codes, the one error type
  *   Small helpers                          tethered child processes, quiet clean-up, error mapping
- *   Configuration                          .env layers, DEV_DB_* and DB_*, URLs, environment
+ *   Configuration: .env files              the layers; each file read, as UTF-8, or refused
+ *   Configuration: settings                DEV_DB_* and DB_*, URLs, environment
  *   Client tools                           finding a pg_dump/pg_restore that fits the server
  *   Output directory                       writable, and still the one the run began in
  *   Lock: its owner                        who holds the per-database lock, alive or not
@@ -332,7 +333,7 @@ export function wholeNumber(value: string, min: number, max: number): number {
   return n >= min && n <= max ? n : NaN;
 }
 
-// ─── Configuration ───────────────────────────────────────────────────────────────────────
+// ─── Configuration: .env files (the layers, each file read and checked) ──────────────────
 
 /** A configuration value and where it came from, so errors can name the file to fix. */
 export interface EnvValue {
@@ -454,6 +455,8 @@ async function assertConfigDir(dir: string): Promise<void> {
       'Give the directory that holds .env.local and .env (default: the project directory)',
     ]);
 }
+
+// ─── Configuration: settings (DEV_DB_* and DB_*, URLs, the environment) ──────────────────
 
 export interface DbConfig {
   environment: Environment;
