@@ -4,6 +4,7 @@
  * databases back up in parallel; locks of dead processes, or of pids since reused, are taken over.
  */
 import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -44,11 +45,6 @@ async function backupArgs(database: string, outputDir: string): Promise<string[]
   return ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
 }
 
-const exists = (file: string) =>
-  fs.stat(file).then(
-    () => true,
-    () => false,
-  );
 const dumpsIn = async (dir: string) => (await fs.readdir(dir)).filter((name) => name.endsWith('.dump'));
 
 /** The start time /proc records for a process: what the lock compares to tell a reused pid. */
@@ -269,7 +265,7 @@ describe('a file system without hard links (exFAT, FAT, some FUSE)', () => {
     const held = await clientDirHolding('pg_dump', '--snapshot');
     const first = startCli({ args: [...args, '--pg-bin-dir', held.dir], noHardLinks: true });
     try {
-      await waitFor('the first backup to dump', async () => ((await exists(held.started)) ? true : undefined));
+      await waitFor('the first backup to dump', async () => (existsSync(held.started) ? true : undefined));
       const second = await runCli({ args, noHardLinks: true });
       assert.equal(second.exitCode, 7, second.stderr);
       assert.match(second.stderr, new RegExp(`backup already running \\(pid ${first.pid}, since `));

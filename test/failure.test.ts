@@ -44,6 +44,21 @@ before(async () => {
 });
 after(() => server?.stop());
 
+/** `database` as the role "limited" (SELECT on public_notes only) sees it. */
+const asLimited = (database: string) => ({
+  ...dbVars(server, 'DEV_DB_', database),
+  DEV_DB_USER: 'limited',
+  DEV_DB_PASSWORD: 'limited-pw',
+});
+
+/** A backup of `database` as "limited", into an output directory of its own. */
+async function backupAsLimited(database: string) {
+  const configDir = await tempDir();
+  await writeEnvFile(configDir, '.env', asLimited(database));
+  const outputDir = path.join(await tempDir(), 'out');
+  return { outputDir, args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] };
+}
+
 describe('failure after the dump started', () => {
   test(
     "pg_dump's server session terminated mid-run → 3 (connection lost, as the contract says), partial removed, old backup untouched",
@@ -82,11 +97,7 @@ describe('failure after the dump started', () => {
         outputDir,
         args,
         before: existing,
-      } = await directoryWithExistingBackup(server, 'fail_app', {
-        ...dbVars(server, 'DEV_DB_', 'fail_app'),
-        DEV_DB_USER: 'limited',
-        DEV_DB_PASSWORD: 'limited-pw',
-      });
+      } = await directoryWithExistingBackup(server, 'fail_app', asLimited('fail_app'));
       const result = await runCli({ args });
       assert.equal(result.exitCode, 4, result.stderr);
       assert.match(result.stderr, /^Error: role "limited" may not read 1 relation: public\.secrets$/m);
@@ -114,11 +125,7 @@ describe('failure after the dump started', () => {
       'CREATE SEQUENCE counter_seq',
       'GRANT SELECT ON open_t, parts, parts_1, "Hidden".t TO limited',
     ]);
-    const configDir = await tempDir();
-    const vars = { ...dbVars(server, 'DEV_DB_', database), DEV_DB_USER: 'limited', DEV_DB_PASSWORD: 'limited-pw' };
-    await writeEnvFile(configDir, '.env', vars);
-    const outputDir = path.join(await tempDir(), 'out');
-    const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir];
+    const { outputDir, args } = await backupAsLimited(database);
     const result = await runCli({ args });
     assert.equal(result.exitCode, 4, result.stderr);
     assert.match(result.stderr, /^✗ Backup failed: The database user lacks a privilege$/m);
@@ -152,11 +159,8 @@ describe('failure after the dump started', () => {
     const client = await server.connect(database);
     const oid = (await client.query<{ f: number }>('SELECT f FROM docs')).rows[0]!.f;
     await client.end();
-    const configDir = await tempDir();
-    const vars = { ...dbVars(server, 'DEV_DB_', database), DEV_DB_USER: 'limited', DEV_DB_PASSWORD: 'limited-pw' };
-    await writeEnvFile(configDir, '.env', vars);
-    const outputDir = path.join(await tempDir(), 'out');
-    const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
+    const { args } = await backupAsLimited(database);
+    const result = await runCli({ args });
     assert.equal(result.exitCode, 4, result.stderr);
     assert.match(result.stderr, new RegExp(`permission denied for large object ${oid}`));
     assert.match(
