@@ -7597,6 +7597,13 @@ async function checkRecordFiles({ logFile, metricsFile }: Automation): Promise<v
       `Give ${setting} the path of a file; it is created if missing`,
     ]);
   }
+  // One it cannot read now is reported after the run, as a warning: the backup matters more.
+  const read = metricsFile ? await readMetricsFile(metricsFile).catch(() => undefined) : undefined;
+  if (read?.foreign)
+    throw configError(`The metrics file ${displayPath(metricsFile!)} ${read.foreign}`, [
+      'Check --metrics-file (or BACKUP_METRICS_FILE): this tool rewrites that file whole, so only it may write there',
+      "Give it a file of its own in node_exporter's textfile directory (backup_db.prom): it reads every .prom file",
+    ]);
 }
 
 const HOOK_TIMEOUT_MS = 60_000;
@@ -7695,12 +7702,29 @@ export interface MetricSeries {
 const escapeLabel = (value: string) => value.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
 const unescapeLabel = (value: string) => value.replace(/\\(["\\n])/g, (_, c: string) => (c === 'n' ? '\n' : c));
 
-/** Pure: the series of a metrics file this tool wrote (other lines are not its own and are dropped). */
+const SERIES_LINE = /^(backup_db_\w+)\{database="((?:[^"\\]|\\.)*)",environment="((?:[^"\\]|\\.)*)"\} (\S+)$/;
+const COMMENT_LINE = /^# (?:HELP|TYPE) (backup_db_\w+) /;
+/** Larger than this, a file is not one this tool wrote: a series is under 200 bytes. */
+const METRICS_MAX_BYTES = 16 * 2 ** 20;
+
+/**
+ * Pure: why a metrics file's text is not this tool's to rewrite, if it is not: it is rewritten whole, so a
+ * mistyped path (the .env beside it) or another exporter's file would lose every line not this tool's.
+ */
+export function foreignMetrics(text: string): string | undefined {
+  const isOwn = (line: string) => {
+    const name = (SERIES_LINE.exec(line) ?? COMMENT_LINE.exec(line))?.[1];
+    return name !== undefined && Object.hasOwn(METRICS, name);
+  };
+  const index = text.split('\n').findIndex((line) => line !== '' && !isOwn(line));
+  return index < 0 ? undefined : `holds lines this tool did not write (line ${index + 1})`;
+}
+
+/** Pure: the series of a metrics file this tool wrote. */
 export function parseMetrics(text: string): MetricSeries[] {
   const series = new Map<string, MetricSeries>();
-  const line = /^(backup_db_\w+)\{database="((?:[^"\\]|\\.)*)",environment="((?:[^"\\]|\\.)*)"\} (\S+)$/;
   for (const raw of text.split('\n')) {
-    const match = line.exec(raw);
+    const match = SERIES_LINE.exec(raw);
     if (!match || !Object.hasOwn(METRICS, match[1]!)) continue;
     const [database, environment] = [unescapeLabel(match[2]!), unescapeLabel(match[3]!)];
     const key = JSON.stringify([database, environment]);
@@ -7769,13 +7793,28 @@ async function updateMetricsFile(link: string, run: MetricsRun): Promise<void> {
   await fs.mkdir(path.dirname(link), { recursive: true });
   const file = await symlinkTarget(link);
   await withFileLock(`${file}.lock`, async () => {
-    const handle = await openRegularFile(file).catch((error: unknown) => {
-      if (errnoCode(error) === 'ENOENT') return undefined;
-      throw error;
-    });
-    const text = handle ? await handle.readFile('utf8').finally(() => handle.close()) : '';
+    const { text, foreign } = await readMetricsFile(file);
+    // Checked before the run too, but another program may have taken the file over since.
+    if (foreign) throw new Error(`it ${foreign}`);
     await writeFileAtomic(file, renderMetrics(recordRunInMetrics(parseMetrics(text), run)), 0o644);
   });
+}
+
+/** A metrics file's text ('' if it does not exist yet), and why it is not this tool's to rewrite, if it is not. */
+async function readMetricsFile(file: string): Promise<{ text: string; foreign?: string }> {
+  const handle = await openRegularFile(file).catch((error: unknown) => {
+    if (errnoCode(error) === 'ENOENT') return undefined;
+    throw error;
+  });
+  if (!handle) return { text: '' };
+  try {
+    if ((await handle.stat()).size > METRICS_MAX_BYTES)
+      return { text: '', foreign: `holds over ${METRICS_MAX_BYTES / 2 ** 20} MiB, more than this tool writes` };
+    const text = await handle.readFile('utf8');
+    return { text, foreign: foreignMetrics(text) };
+  } finally {
+    await handle.close();
+  }
 }
 
 /** The file that writing `file` reaches through its symlinks, as open() follows them: a dangling one's target too. */

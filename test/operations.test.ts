@@ -14,6 +14,7 @@ import { execa } from 'execa';
 import fc from 'fast-check';
 import parsePrometheus from 'parse-prometheus-text-format';
 import {
+  foreignMetrics,
   formatAge,
   judgeFreshness,
   parseMetrics,
@@ -433,6 +434,53 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     },
   );
 
+  test(
+    "a metrics file holding lines it did not write (a mistyped path, another exporter's) is never overwritten",
+    { timeout: 90_000 },
+    async () => {
+      const s = await setup();
+      const dir = await tempDir();
+      // A mistyped --metrics-file naming the .env file beside it, and a .prom file another exporter writes.
+      const envLike = path.join(dir, '.env');
+      const shared = path.join(dir, 'shared.prom');
+      await fs.writeFile(envLike, 'DB_PASSWORD=Secret-env-pa55\n');
+      const ours = await runCli({ args: [...(await setup(wrongPassword())).base, '--metrics-file', shared] });
+      assert.equal(ours.exitCode, 3, ours.stderr);
+      await fs.appendFile(shared, 'node_other_exporter_up 1\n');
+      const lines = (await fs.readFile(shared, 'utf8')).trimEnd().split('\n').length;
+      for (const [file, line] of [
+        [envLike, 1],
+        [shared, lines],
+      ] as const) {
+        const before = await fs.readFile(file, 'utf8');
+        const result = await runCli({ args: [...s.base, '--metrics-file', file] });
+        assert.equal(result.exitCode, 2, `${file}: ${result.stderr}`);
+        assert.match(result.stderr, new RegExp(`holds lines this tool did not write \\(line ${line}\\)`), file);
+        assert.doesNotMatch(result.stderr, /Secret-env-pa55|node_other/, 'the line itself is never shown');
+        assert.equal(await fs.readFile(file, 'utf8'), before, `${file} is left as it was`);
+      }
+      assert.deepEqual(await fs.readdir(dir), ['.env', 'shared.prom'], 'no lock or temp file left');
+      assert.deepEqual(await fs.readdir(s.outputDir).catch(() => []), [], 'refused before any backup');
+
+      // Another program takes the file over while the run dumps: the run succeeds, the file stays theirs.
+      const clients = await clientDirHolding('pg_dump', '--snapshot');
+      const during = path.join(dir, 'during.prom');
+      const cli = startCli({ args: [...s.base, '--pg-bin-dir', clients.dir, '--metrics-file', during] });
+      await waitFor('pg_dump to start', async () =>
+        (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
+      );
+      await fs.writeFile(during, 'theirs 1\n');
+      await fs.writeFile(clients.release, '');
+      const result = await cli;
+      assert.equal(result.exitCode, 0, String(result.stderr));
+      assert.match(
+        String(result.stderr),
+        /⚠ Could not write the metrics file .*: it holds lines this tool did not write \(line 1\)/,
+      );
+      assert.equal(await fs.readFile(during, 'utf8'), 'theirs 1\n');
+    },
+  );
+
   test('render and parse are inverse for any database name, and a real parser reads the labels back', () => {
     const name = fc
       .string({
@@ -464,6 +512,15 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
         const sort = (l: MetricSeries[]) =>
           [...l].sort((x, y) => (`${x.database}\0${x.environment}` < `${y.database}\0${y.environment}` ? -1 : 1));
         assert.deepEqual(sort(parseMetrics(text)), sort(list));
+        assert.equal(foreignMetrics(text), undefined, 'its own file is never refused');
+        const lines = text.split('\n');
+        const at = lines.length - 1;
+        const withForeign = [
+          ...lines.slice(0, at),
+          'backup_db_not_ours{database="x",environment="dev"} 1',
+          ...lines.slice(at),
+        ];
+        assert.equal(foreignMetrics(withForeign.join('\n')), `holds lines this tool did not write (line ${at + 1})`);
         const parsed = parsePrometheus(text).flatMap((family) => family.metrics.map((m) => m.labels!.database));
         assert.deepEqual(new Set(parsed), new Set(list.map((s) => s.database)));
       }),
