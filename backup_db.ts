@@ -9191,6 +9191,23 @@ function optionsReadableIn(program: Command, argv: string[]): Partial<CliOptions
   return readable;
 }
 
+/**
+ * Pure: an option given twice with different values (`--env dev … --env prod`, a wrapper adding its own): commander
+ * takes the last in silence, which may not be the one meant. The values are not shown: one may be a credential.
+ */
+function repeatedOption(program: Command, argv: string[]): BackupError | undefined {
+  const seen = new Map<Option, string | undefined>();
+  for (const { option, value } of optionArguments(program, argv)) {
+    if (seen.has(option) && seen.get(option) !== value)
+      return configError(`${option.long} is given twice, with different values`, [
+        'Give it once: the last one would be used, which may not be the one meant',
+        'A wrapper script or a crontab line may be adding its own',
+      ]);
+    seen.set(option, value);
+  }
+  return undefined;
+}
+
 // ─── Interrupts: signals, and the launchers going away ──────────────────────────────────
 
 /**
@@ -9549,6 +9566,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   let parseFailure: BackupError | undefined;
   try {
     program.parse(argv);
+    parseFailure = repeatedOption(program, argv);
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // A bad command line is a configuration error, printed once the settings' secrets are known (a value may be one).

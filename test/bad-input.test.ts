@@ -81,6 +81,32 @@ describe('options with garbage → exit 2', () => {
   }
 });
 
+describe('an option given twice', () => {
+  test('with different values is refused (exit 2), naming the option, never its values: which was meant?', async () => {
+    const cases: Array<[string[], string]> = [
+      [['--env', 'dev', '--env', 'prod'], '--env'],
+      [['--env', 'dev', '--compress=9', '--compress', '0'], '--compress'],
+      [
+        ['--env', 'dev', '--notify-url', 'https://a.example/h/s3cret-1', '--notify-url=https://b.example/h/s3cret-2'],
+        '--notify-url',
+      ],
+      [['--env', 'dev', '--list', '--verify', '--verify', 'x.dump'], '--verify'],
+    ];
+    for (const [args, option] of cases) {
+      const result = await attempt(args);
+      assertCleanFailure(result, 2, new RegExp(`${option} is given twice, with different values`));
+      assert.doesNotMatch(result.stderr + result.stdout, /s3cret/, 'a value may be a credential');
+    }
+  });
+
+  test('with the same value, or a flag twice, is the one command it always was', async () => {
+    const result = await attempt(['--env', 'dev', '--env=dev', '--json', '--json']);
+    assert.equal(result.exitCode, 0, result.stderr);
+    assert.equal(JSON.parse(result.stdout).ok, true);
+    assert.equal(result.files.filter((name) => name.endsWith('.dump')).length, 1);
+  });
+});
+
 describe('options that do not apply to the command', () => {
   test('--restore --clean --dry-run is refused (exit 2) and leaves the target as it was', async () => {
     const outputDir = path.join(await tempDir(), 'out');
