@@ -8690,11 +8690,22 @@ export function chooseMode(opts: Partial<CliOptions>): Mode {
       'Retention runs after each backup, or alone: --prune --keep-daily 7 [--dry-run]',
     ]);
   }
+  // Ignored elsewhere, in silence: a --verify given --metrics-file would never update it.
+  const forBackup = BACKUP_ONLY_OPTIONS.find((option) => opts[option] !== undefined);
+  if (forBackup && mode.command !== 'backup') {
+    throw configError(`--${kebab(forBackup)} only applies to a backup`, [
+      'Drop it from this command: only a backup reads it',
+      'A setting every scheduled command shares can live in .env (BACKUP_METRICS_FILE…): only backups read it there',
+    ]);
+  }
+  if (opts.jobsGiven && !['backup', 'restore', 'drill'].includes(mode.command))
+    throw configError('--jobs only applies to a backup, --restore FILE or the drill', ['Drop it from this command']);
   return mode;
 }
 
 const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
 const RETENTION_OPTIONS = ['keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly', 'dryRun'] as const;
+const BACKUP_ONLY_OPTIONS = ['compress', 'stallTimeout', 'pingUrl', 'metricsFile'] as const;
 
 function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {

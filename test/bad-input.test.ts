@@ -137,6 +137,21 @@ describe('options that do not apply to the command', () => {
       assertCleanFailure(await attempt(['--env', 'dev', ...args]), 2, /only applies to a backup or --prune/);
     }
   });
+
+  test("a backup's own options given to another command are refused (exit 2): --verify never updates metrics", async () => {
+    const cases: Array<[string[], RegExp]> = [
+      [['--verify', 'x.dump', '--metrics-file', 'm.prom'], /--metrics-file only applies to a backup/],
+      [['--list', '--compress', '9'], /--compress only applies to a backup/],
+      [['--prune', '--keep-last', '3', '--stall-timeout', '1h'], /--stall-timeout only applies to a backup/],
+      [['--check', '--max-age', '1d', '--ping-url', 'https://hc.example/p/s3cret'], /--ping-url only applies to a/],
+      [['--list', '--jobs', '4'], /--jobs only applies to a backup, --restore FILE or the drill/],
+    ];
+    for (const [args, message] of cases) {
+      const result = await attempt(['--env', 'dev', ...args]);
+      assertCleanFailure(result, 2, message);
+      assert.doesNotMatch(result.stderr, /s3cret/);
+    }
+  });
 });
 
 describe('--compress with garbage', () => {
