@@ -6852,7 +6852,7 @@ async function countTablesIn(
   signal: AbortSignal,
 ): Promise<Record<string, number>> {
   const connect = () => connectDb({ ...config, database }, connectTimeoutSeconds, signal);
-  const clients = await Promise.all(Array.from({ length: Math.max(1, parallel) }, connect));
+  const clients = await connectAll(Math.max(1, parallel), connect);
   try {
     const tables = await readUserTables(clients[0]!, database);
     // After a --no-owner restore the role owns every table: only FORCE makes policies hide rows from it.
@@ -6872,6 +6872,16 @@ async function countTablesIn(
   } finally {
     await Promise.all(clients.map(closeClient));
   }
+}
+
+/** `count` connections, or none: when one is refused, those made are closed, not left open until the run ends. */
+export async function connectAll(count: number, connect: () => Promise<pg.Client>): Promise<pg.Client[]> {
+  const settled = await Promise.allSettled(Array.from({ length: count }, connect));
+  const clients = settled.flatMap((result) => (result.status === 'fulfilled' ? [result.value] : []));
+  const refused = settled.find((result) => result.status === 'rejected');
+  if (!refused) return clients;
+  await Promise.all(clients.map(closeClient));
+  throw refused.reason;
 }
 
 /**

@@ -10,6 +10,8 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { gunzipSync } from 'node:zlib';
 import { execa } from 'execa';
+import pg from 'pg';
+import { connectAll } from '../backup_db.ts';
 import { assertRestoresIdentically } from './helpers/compare.ts';
 import { dbVars, runCli, startCli, tempDir, uniqueName, writeEnvFile } from './helpers/cli.ts';
 import { FIXTURE_SQL } from './helpers/fixture.ts';
@@ -277,6 +279,32 @@ describe('--jobs failures and retention', () => {
     );
     assert.ok(!result.stdout.includes(password));
     assert.deepEqual(await fs.readdir(outputDir), [], 'the partial directory is removed');
+  });
+
+  test("connectAll: when one of the workers' connections is refused, the ones made are closed, not leaked", async () => {
+    const [role, password] = [uniqueName('limited'), uniqueName('pw')];
+    const admin = await server.connect('jobs_app');
+    try {
+      await admin.query(`CREATE ROLE ${role} LOGIN PASSWORD '${password}' CONNECTION LIMIT 2`);
+      const connect = async () => {
+        const client = new pg.Client({
+          host: server.host,
+          port: server.port,
+          database: 'jobs_app',
+          user: role,
+          password,
+        });
+        await client.connect();
+        return client;
+      };
+      await assert.rejects(connectAll(4, connect), new RegExp(`too many connections for role "${role}"`));
+      const sessions = `SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = '${role}'`;
+      await waitFor('no session of the role left', async () =>
+        (await admin.query(sessions)).rows[0].n === 0 ? true : undefined,
+      );
+    } finally {
+      await admin.end();
+    }
   });
 
   test('a partial directory left by a killed run is removed by the next backup; retention deletes whole directories', async () => {
