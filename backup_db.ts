@@ -1793,10 +1793,20 @@ export function fileSystemError(error: unknown, title: string, dir: string, owne
 
 // ─── Connection ──────────────────────────────────────────────────────────────────────────
 
-/** Connection settings for libpq tools. Everything goes through the environment, never argv. */
-export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S): Record<string, string> {
+/**
+ * Connection settings for libpq tools. Everything goes through the environment, never argv. `address`, the one
+ * our own session reached (sessionAddress), is where they connect: the host name is then only checked against
+ * the server's certificate and looked for in the password file, never looked up again, so a DNS answer that
+ * changes during the run cannot send them to another server than the one our session (and the guard) checked.
+ */
+export function libpqEnv(
+  config: DbConfig,
+  connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S,
+  address?: string,
+): Record<string, string> {
   return {
     PGHOST: config.host,
+    ...(address ? { PGHOSTADDR: address } : {}),
     PGPORT: String(config.port),
     // PGDATABASE, unlike --dbname, is never expanded as a connection string.
     PGDATABASE: config.database,
@@ -1999,6 +2009,11 @@ async function untilAborted<T>(
   }
 }
 
+/** The address a session is connected to; undefined over a Unix socket, which no lookup can redirect. */
+function sessionAddress(client: pg.Client): string | undefined {
+  return (client.connection.stream as Socket).remoteAddress;
+}
+
 /**
  * Ask the server to cancel the statement `client`'s session runs, as libpq's PQcancel does: a CancelRequest
  * (length 16, code 80877102, the session's process id and secret key) on a connection of its own to the same
@@ -2009,10 +2024,10 @@ async function requestCancel(client: pg.Client, seconds: number): Promise<void> 
   if (processID === null) return;
   const request = Buffer.alloc(16);
   [16, 80877102, processID, secretKey].forEach((value, i) => request.writeInt32BE(value, i * 4));
-  const stream = client.connection.stream as Socket;
+  const address = sessionAddress(client);
   // The address the session is connected to, not its host name again, which may lead to another server.
-  const to = stream.remoteAddress
-    ? { host: stream.remoteAddress, port: stream.remotePort ?? port }
+  const to = address
+    ? { host: address, port: (client.connection.stream as Socket).remotePort ?? port }
     : { path: `${host}/.s.PGSQL.${port}` };
   await new Promise<void>((resolve) => {
     const socket = connect(to, () => socket.end(request));
@@ -3706,7 +3721,10 @@ async function snapshotBackup(
     watchdog?.watchFile(reserved.partialPath);
 
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
-    const dumpEnv = { ...libpqEnv(config, options.connectTimeoutSeconds), PGAPPNAME: PG_DUMP_APPLICATION_NAME };
+    const dumpEnv = {
+      ...libpqEnv(config, options.connectTimeoutSeconds, sessionAddress(client)),
+      PGAPPNAME: PG_DUMP_APPLICATION_NAME,
+    };
     const progress = options.progress
       ? await startProgress(config, tables, reserved.partialPath, options.connectTimeoutSeconds, run.signal)
       : undefined;
@@ -6640,9 +6658,10 @@ async function runPgRestore(
   config: DbConfig,
   target: string,
   server: ServerInfo,
-  { connectTimeoutSeconds, tuning, drill }: { connectTimeoutSeconds: number; tuning: RestoreTuning; drill: boolean },
+  options: { connectTimeoutSeconds: number; tuning: RestoreTuning; drill: boolean; address: string | undefined },
   signal: AbortSignal,
 ): Promise<PgRestoreRun> {
+  const { connectTimeoutSeconds, tuning, drill, address } = options;
   const newerClient = pgRestore.major > server.major;
   const jobs = newerClient ? 1 : (tuning.jobs ?? Math.max(1, os.availableParallelism()));
   const settings = restoreSessionSettings(server.major, jobs, tuning.maintenanceWorkMemKb);
@@ -6658,7 +6677,7 @@ async function runPgRestore(
     `--dbname=${dbnameConninfo(target)}`,
     file,
   ];
-  const libpq = libpqEnv({ ...config, database: target }, connectTimeoutSeconds);
+  const libpq = libpqEnv({ ...config, database: target }, connectTimeoutSeconds, address);
   // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
   const env = { ...libpq, LC_MESSAGES: 'C', PGOPTIONS: pgOptions(settings) };
   const { child } = await startTethered(pgRestore.path, args, signal, { env, stdin: 'ignore', reject: false });
@@ -7067,7 +7086,9 @@ async function restorePipeline(
       let failure: { error: unknown } | undefined;
       const restoring = AbortSignal.any([signal, claimLost.signal]);
       try {
-        run = await runPgRestore(archive, config, target, server, { ...request, drill }, restoring);
+        // Where the guard's session is, whatever the name's DNS answer is by now.
+        const address = sessionAddress(admin);
+        run = await runPgRestore(archive, config, target, server, { ...request, drill, address }, restoring);
         durationMs = millisecondsSince(started);
         const expected = archive.metadata?.table_counts;
         if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, restoring);

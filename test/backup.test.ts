@@ -239,6 +239,29 @@ describe('through a connection pooler', () => {
   });
 });
 
+describe("a host name whose DNS answer changes during the run (a failover's CNAME)", () => {
+  test("pg_dump connects to the address the tool's session reached, never looking the name up again", async () => {
+    // A name only the CLI's own process resolves: a pg_dump that looked it up again would find nothing.
+    const host = 'db.pinned.test';
+    const configDir = await tempDir();
+    await writeEnvFile(configDir, '.env', { ...dbVars(server, 'DEV_DB_', devDb), DEV_DB_HOST: host });
+    const outputDir = path.join(configDir, 'out');
+    for (const jobs of ['1', '2']) {
+      const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--jobs', jobs];
+      const result = await runCli({ args, privateDns: { host, address: server.host } });
+      assert.equal(result.exitCode, 0, result.stderr);
+      const [dump] = (await fs.readdir(outputDir)).filter((name) => name.endsWith('.dump'));
+      const restored = await restoreInto(path.join(outputDir, dump!));
+      try {
+        await assertSameContent(source, restored);
+      } finally {
+        await restored.end();
+      }
+      await fs.rm(outputDir, { recursive: true });
+    }
+  });
+});
+
 describe('counts describe exactly what is in the file', () => {
   test('public "coll.t" and coll.t get a key each, tables named "__proto__" and "constructor" keep theirs, and verify, restore and the drill check them', async () => {
     const database = uniqueName('keys');

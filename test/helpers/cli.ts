@@ -60,8 +60,10 @@ export interface CliRun {
   wallClock?: WallClock;
   /** Hold the CLI's first rename onto a name ending with `target` (see rename-gate.ts). */
   renameGate?: RenameGate;
-  /** A host name whose lookups never answer (see hanging-dns.ts). */
+  /** A host name whose lookups never answer (see dns.ts). */
   hangingDns?: string;
+  /** A host name only the CLI's own process resolves, to `address` (see dns.ts). */
+  privateDns?: { host: string; address: string };
   /** Every hard link fails, as on exFAT (see no-hard-links.ts). */
   noHardLinks?: boolean;
 }
@@ -87,7 +89,7 @@ export interface WallClock {
 /** The module node preloads (`--import`) into a CLI whose wall clock a test controls. */
 export const WALL_CLOCK_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'wall-clock.ts');
 const RENAME_GATE_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'rename-gate.ts');
-const HANGING_DNS_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'hanging-dns.ts');
+const DNS_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'dns.ts');
 export const NO_HARD_LINKS_MODULE = path.join(PROJECT_DIR, 'test', 'helpers', 'no-hard-links.ts');
 
 export function wallClockEnv({ when, stepMs = 0, at, rate = 1 }: WallClock): Record<string, string> {
@@ -111,12 +113,13 @@ export function startCli({
   wallClock,
   renameGate,
   hangingDns,
+  privateDns,
   noHardLinks = false,
 }: CliRun): ResultPromise<Options & { reject: false }> {
   const preload = [
     ...(wallClock ? [WALL_CLOCK_MODULE] : []),
     ...(renameGate ? [RENAME_GATE_MODULE] : []),
-    ...(hangingDns ? [HANGING_DNS_MODULE] : []),
+    ...(hangingDns || privateDns ? [DNS_MODULE] : []),
     ...(noHardLinks ? [NO_HARD_LINKS_MODULE] : []),
   ].flatMap((module) => ['--import', module]);
   const command = [
@@ -139,6 +142,7 @@ export function startCli({
           }
         : {}),
       ...(hangingDns ? { HANGING_DNS_HOST: hangingDns } : {}),
+      ...(privateDns ? { PRIVATE_DNS_HOST: privateDns.host, PRIVATE_DNS_ADDRESS: privateDns.address } : {}),
       ...env,
     },
     extendEnv: false,
