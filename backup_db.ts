@@ -9186,7 +9186,10 @@ function commandLineError(message: string): BackupError {
     .replace(/^error: /, '')
     .split('\n');
   const suggestions = rest.flatMap((line) => /^\((Did you mean .+\?)\)$/.exec(line)?.[1] ?? []);
-  return configError(first, [...suggestions, 'Run with --help for usage']);
+  // `--verify -x.dump`: a file name that starts with '-' is read as an option.
+  const fileLike = /^unknown option '(-[^'=/]*[./][^'=]*)'$/.exec(first)?.[1];
+  const asFile = fileLike ? [`If ${fileLike} is a file, write ./${fileLike}: a leading - reads as an option`] : [];
+  return configError(first, [...asFile, ...suggestions, 'Run with --help for usage']);
 }
 
 /**

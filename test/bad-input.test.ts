@@ -75,6 +75,11 @@ describe('options with garbage → exit 2', () => {
     ['unknown option', ['--retention', '5'], /unknown option '--retention'/],
     ['mistyped option', ['--lsit'], /unknown option '--lsit'\n\nTroubleshooting:\n {2}1\. Did you mean --list\?/],
     ['stray argument', ['prod'], /too many arguments/],
+    [
+      'a file name that starts with -',
+      ['--verify', '-x.dump'],
+      /unknown option '-x\.dump'\n\nTroubleshooting:\n {2}1\. If -x\.dump is a file, write \.\/-x\.dump: a leading - reads as an option/,
+    ],
   ];
   for (const [name, args, message] of cases) {
     test(name, async () => assertCleanFailure(await attempt(args), 2, message));
