@@ -51,6 +51,18 @@ async function restoreInto(dumpPath: string): Promise<pg.Client> {
   return server.connect(await restoreIntoNewDatabase(server, dumpPath));
 }
 
+/** The one backup in `outputDir`, restored into a fresh database, holds exactly what the dev database holds. */
+async function assertBackupInRestoresIdentical(outputDir: string): Promise<void> {
+  const [dump, ...more] = (await fs.readdir(outputDir)).filter((name) => name.endsWith('.dump'));
+  assert.deepEqual(more, [], 'one backup');
+  const restored = await restoreInto(path.join(outputDir, dump!));
+  try {
+    await assertSameContent(source, restored);
+  } finally {
+    await restored.end();
+  }
+}
+
 describe('backup --env dev', () => {
   let run: Awaited<ReturnType<typeof backupInto>>;
   before(async () => {
@@ -226,13 +238,7 @@ describe('through a connection pooler', () => {
       const outputDir = path.join(configDir, 'out');
       const result = await runCli({ args: ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir] });
       assert.equal(result.exitCode, 0, result.stderr);
-      const [dump] = (await fs.readdir(outputDir)).filter((name) => name.endsWith('.dump'));
-      const restored = await restoreInto(path.join(outputDir, dump!));
-      try {
-        await assertSameContent(source, restored);
-      } finally {
-        await restored.end();
-      }
+      await assertBackupInRestoresIdentical(outputDir);
     } finally {
       await pooler.close();
     }
@@ -250,13 +256,7 @@ describe("a host name whose DNS answer changes during the run (a failover's CNAM
       const args = ['--env', 'dev', '--config-dir', configDir, '--output-dir', outputDir, '--jobs', jobs];
       const result = await runCli({ args, privateDns: { host, address: server.host } });
       assert.equal(result.exitCode, 0, result.stderr);
-      const [dump] = (await fs.readdir(outputDir)).filter((name) => name.endsWith('.dump'));
-      const restored = await restoreInto(path.join(outputDir, dump!));
-      try {
-        await assertSameContent(source, restored);
-      } finally {
-        await restored.end();
-      }
+      await assertBackupInRestoresIdentical(outputDir);
       await fs.rm(outputDir, { recursive: true });
     }
   });

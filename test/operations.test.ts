@@ -333,6 +333,18 @@ async function readMetrics(file: string) {
   return samples;
 }
 
+/** A backup with `--metrics-file file`, `meanwhile` done while its pg_dump is held at its start. */
+async function backupMeanwhile(base: string[], file: string, meanwhile: () => Promise<unknown>) {
+  const clients = await clientDirHolding('pg_dump', '--snapshot');
+  const cli = startCli({ args: [...base, '--pg-bin-dir', clients.dir, '--metrics-file', file] });
+  await waitFor('pg_dump to start', async () =>
+    (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
+  );
+  await meanwhile();
+  await fs.writeFile(clients.release, '');
+  return cli;
+}
+
 describe('--metrics-file (node_exporter textfile collector)', () => {
   test("every backup run updates its own series and keeps the other databases' series", async () => {
     const dir = await tempDir();
@@ -419,15 +431,8 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
       }
       assert.deepEqual(await fs.readdir(dir), ['backup_db.prom'], 'nothing made of a path ending in /');
 
-      const clients = await clientDirHolding('pg_dump', '--snapshot');
       const metricsFile = path.join(dir, 'during.prom');
-      const cli = startCli({ args: [...s.base, '--pg-bin-dir', clients.dir, '--metrics-file', metricsFile] });
-      await waitFor('pg_dump to start', async () =>
-        (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
-      );
-      await execa('mkfifo', [metricsFile]);
-      await fs.writeFile(clients.release, '');
-      const result = await cli;
+      const result = await backupMeanwhile(s.base, metricsFile, () => execa('mkfifo', [metricsFile]));
       assert.equal(result.exitCode, 0, String(result.stderr));
       assert.match(String(result.stderr), /⚠ Could not write the metrics file .*: not a regular file/);
       assert.deepEqual((await fs.readdir(dir)).sort(), ['backup_db.prom', 'during.prom'], 'no lock or temp file left');
@@ -463,15 +468,8 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
       assert.deepEqual(await fs.readdir(s.outputDir).catch(() => []), [], 'refused before any backup');
 
       // Another program takes the file over while the run dumps: the run succeeds, the file stays theirs.
-      const clients = await clientDirHolding('pg_dump', '--snapshot');
       const during = path.join(dir, 'during.prom');
-      const cli = startCli({ args: [...s.base, '--pg-bin-dir', clients.dir, '--metrics-file', during] });
-      await waitFor('pg_dump to start', async () =>
-        (await fs.stat(clients.started).catch(() => null)) ? true : undefined,
-      );
-      await fs.writeFile(during, 'theirs 1\n');
-      await fs.writeFile(clients.release, '');
-      const result = await cli;
+      const result = await backupMeanwhile(s.base, during, () => fs.writeFile(during, 'theirs 1\n'));
       assert.equal(result.exitCode, 0, String(result.stderr));
       assert.match(
         String(result.stderr),
