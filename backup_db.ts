@@ -52,7 +52,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, existsSync, type Dirent, type Stats } from 'node:fs';
+import { createReadStream, existsSync, type Dirent, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import { BlockList, connect, isIP, type Socket } from 'node:net';
 import os from 'node:os';
@@ -1641,14 +1641,10 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ remove
     return claim !== undefined && (await isStale(claim));
   };
   const stale = (await Promise.all(names.map(async (name) => ((await isStaleFile(name)) ? [name] : [])))).flat();
-  // One gone meanwhile is no failure.
   const removal = async (name: string) =>
     removeEntry(path.join(dir, name)).then(
       () => undefined,
-      async (error: unknown) =>
-        errnoCode(error) === 'ENOENT'
-          ? undefined
-          : `${name} (${await ownerOf(path.join(dir, name))}): ${errorText(error)}`,
+      async (error: unknown) => `${name} (${await ownerOf(path.join(dir, name))}): ${errorText(error)}`,
     );
   const failures = await Promise.all(stale.map(removal));
   return {
@@ -1660,11 +1656,15 @@ async function removeStaleFiles(dir: string, config: DbConfig): Promise<{ remove
 /**
  * Remove a file, or a directory (a directory-format dump or its partial) with what it holds. Only a
  * directory is removed recursively: fs.rm's recursion reports an unlink refused with EPERM (another
- * user's file in a sticky directory) as ENOTDIR.
+ * user's file in a sticky directory) as ENOTDIR. One already gone is no failure.
  */
 async function removeEntry(file: string): Promise<void> {
-  if ((await fs.lstat(file)).isDirectory()) await fs.rm(file, { recursive: true });
-  else await fs.unlink(file);
+  try {
+    if ((await fs.lstat(file)).isDirectory()) await fs.rm(file, { recursive: true });
+    else await fs.unlink(file);
+  } catch (error) {
+    if (errnoCode(error) !== 'ENOENT') throw error;
+  }
 }
 
 /** "owned by root", by user name where /etc/passwd has one: who can remove what this user cannot. */
@@ -3196,19 +3196,24 @@ async function streamPgDump(
       done(null, chunk);
     },
   });
+  // r+: the file reserveBackupName made, never a new one where it went missing (its directory removed meanwhile);
+  // opened before pg_dump starts, so that what it writes goes to that file wherever the directory is moved.
+  const file = await fs.open(partialPath, 'r+').catch((error: unknown) => {
+    throw fileSystemError(error, 'Writing the backup file failed', path.dirname(partialPath));
+  });
   const stopDump = new AbortController();
   const { child } = await startTethered(pgDump.path, args, AbortSignal.any([signal, stopDump.signal]), {
     env,
     stdin: 'ignore',
     buffer: { stdout: false, stderr: true },
+  }).catch(async (error: unknown) => {
+    await file.close();
+    throw error;
   });
-  // r+: the file reserveBackupName made, never a new one where it went missing (its directory removed meanwhile).
-  const written = pipeline(child.stdout, tap, createWriteStream(partialPath, { flags: 'r+', flush: true })).catch(
-    (error: unknown) => {
-      stopDump.abort(); // the file side failed (disk full, ...): stop pg_dump rather than let it block
-      throw error;
-    },
-  );
+  const written = pipeline(child.stdout, tap, file.createWriteStream({ flush: true })).catch((error: unknown) => {
+    stopDump.abort(); // the file side failed (disk full, ...): stop pg_dump rather than let it block
+    throw error;
+  });
   const [write, dump] = await Promise.allSettled([written, child]);
 
   if (signal.aborted) throw signal.reason;
@@ -3682,6 +3687,7 @@ async function snapshotBackup(
   signal.addEventListener('abort', onInterrupt, { once: true });
   run.signal.addEventListener('abort', () => void closeClient(client), { once: true });
   const created: string[] = [];
+  let moved: BackupError | undefined; // the output directory, found replaced or removed before publishing
   // Armed from the connection on: a server that stops answering the queries before the dump stalls the run too.
   const watchdog =
     options.stallTimeoutMs > 0
@@ -3784,7 +3790,7 @@ async function snapshotBackup(
       throw fileSystemError(error, 'Writing the metadata failed', outputDir);
     });
     run.signal.throwIfAborted();
-    const moved = await outputDirChange(outputDir, job.home);
+    moved = await outputDirChange(outputDir, job.home);
     if (moved) throw moved;
     await publishDump(reserved.partialPath, reserved.dumpPath).catch(async (error: unknown) => {
       // Still under its final name (even the rename back failed): it keeps its metadata, never a dump without.
@@ -3796,7 +3802,7 @@ async function snapshotBackup(
     await removeRunFiles(created, config);
     const failure = asBackupError(run.signal.aborted ? run.signal.reason : error, config, outputDir);
     // A directory gone is why the run's files went missing; the user's interrupt is reported as such.
-    throw (signal.aborted ? undefined : await outputDirChange(outputDir, job.home, failure)) ?? failure;
+    throw (signal.aborted || moved ? undefined : await outputDirChange(outputDir, job.home, failure)) ?? failure;
   } finally {
     watchdog?.stop();
     signal.removeEventListener('abort', onInterrupt);
@@ -3811,7 +3817,6 @@ async function removeRunFiles(files: string[], config: DbConfig): Promise<void> 
   const next = `the next backup of ${config.database} (${config.environment}) removes it`;
   const remove = (file: string) =>
     removeEntry(file).catch((error: unknown) => {
-      if (errnoCode(error) === 'ENOENT') return;
       runWarning('cleanup_failed', `Could not remove this run's ${displayPath(file)}`, `${errorText(error)}; ${next}`);
     });
   await Promise.all(files.map(remove));
