@@ -472,6 +472,12 @@ export interface DbConfig {
   origin: Record<'host' | 'port' | 'database' | 'user' | 'password', string>;
   /** The password's line in its .env file reads other than it shows (an unquoted '#', stray quotes, \n). */
   passwordMisread?: true;
+  /**
+   * Where a session of ours reached `host` (pinnedTo): later sessions and the libpq tools connect there, the name
+   * kept for the certificate check and the password file, so that a DNS answer changed meanwhile (a failover
+   * flipping a CNAME) cannot send them to another server than the one checked.
+   */
+  address?: string;
 }
 
 const ENV_MODE_VALUES: Record<string, Environment> = {
@@ -1793,20 +1799,11 @@ export function fileSystemError(error: unknown, title: string, dir: string, owne
 
 // ─── Connection ──────────────────────────────────────────────────────────────────────────
 
-/**
- * Connection settings for libpq tools. Everything goes through the environment, never argv. `address`, the one
- * our own session reached (sessionAddress), is where they connect: the host name is then only checked against
- * the server's certificate and looked for in the password file, never looked up again, so a DNS answer that
- * changes during the run cannot send them to another server than the one our session (and the guard) checked.
- */
-export function libpqEnv(
-  config: DbConfig,
-  connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S,
-  address?: string,
-): Record<string, string> {
+/** Connection settings for libpq tools. Everything goes through the environment, never argv. */
+export function libpqEnv(config: DbConfig, connectTimeoutSeconds = DEFAULT_CONNECT_TIMEOUT_S): Record<string, string> {
   return {
     PGHOST: config.host,
-    ...(address ? { PGHOSTADDR: address } : {}),
+    ...(config.address ? { PGHOSTADDR: config.address } : {}),
     PGPORT: String(config.port),
     // PGDATABASE, unlike --dbname, is never expanded as a connection string.
     PGDATABASE: config.database,
@@ -2014,6 +2011,12 @@ function sessionAddress(client: pg.Client): string | undefined {
   return (client.connection.stream as Socket).remoteAddress;
 }
 
+/** `config`, pinned to the address `client`'s session reached (see DbConfig's address). */
+function pinnedTo(config: DbConfig, client: pg.Client): DbConfig {
+  const address = sessionAddress(client);
+  return address ? { ...config, address } : config;
+}
+
 /**
  * Ask the server to cancel the statement `client`'s session runs, as libpq's PQcancel does: a CancelRequest
  * (length 16, code 80877102, the session's process id and secret key) on a connection of its own to the same
@@ -2054,7 +2057,7 @@ async function openClient(
 ): Promise<pg.Client> {
   const { default: pg } = await loadPg();
   const client = new pg.Client({
-    host: config.host,
+    host: config.address ?? config.host,
     port: config.port,
     database: config.database,
     user: config.user,
@@ -2063,7 +2066,9 @@ async function openClient(
     application_name: APPLICATION_NAME,
     // Sessions idle for long (a restore's admin, a dump's snapshot) must not be cut by a NAT or firewall.
     keepAlive: true,
-    ssl,
+    // Connecting to an address, node-postgres would send no server name (SNI) of its own: the host's, as libpq.
+    ssl:
+      typeof ssl === 'object' && config.address && isIP(config.host) === 0 ? { ...ssl, servername: config.host } : ssl,
   });
   // A connection that drops later surfaces as a failed query; keep the process alive until then.
   client.on('error', () => undefined);
@@ -3728,7 +3733,7 @@ async function snapshotBackup(
 
     const dumpArgs = pgDumpArgs(rows[0]!.snapshot, compression, options.lockWaitTimeoutMs, options.jobs);
     const dumpEnv = {
-      ...libpqEnv(config, options.connectTimeoutSeconds, sessionAddress(client)),
+      ...libpqEnv(pinnedTo(config, client), options.connectTimeoutSeconds),
       PGAPPNAME: PG_DUMP_APPLICATION_NAME,
     };
     const progress = options.progress
@@ -6663,10 +6668,9 @@ async function runPgRestore(
   config: DbConfig,
   target: string,
   server: ServerInfo,
-  options: { connectTimeoutSeconds: number; tuning: RestoreTuning; drill: boolean; address: string | undefined },
+  { connectTimeoutSeconds, tuning, drill }: { connectTimeoutSeconds: number; tuning: RestoreTuning; drill: boolean },
   signal: AbortSignal,
 ): Promise<PgRestoreRun> {
-  const { connectTimeoutSeconds, tuning, drill, address } = options;
   const newerClient = pgRestore.major > server.major;
   const jobs = newerClient ? 1 : (tuning.jobs ?? Math.max(1, os.availableParallelism()));
   const settings = restoreSessionSettings(server.major, jobs, tuning.maintenanceWorkMemKb);
@@ -6682,7 +6686,7 @@ async function runPgRestore(
     `--dbname=${dbnameConninfo(target)}`,
     file,
   ];
-  const libpq = libpqEnv({ ...config, database: target }, connectTimeoutSeconds, address);
+  const libpq = libpqEnv({ ...config, database: target }, connectTimeoutSeconds);
   // pg_restore's own messages in English, which is what unknownSettingsOnly reads.
   const env = { ...libpq, LC_MESSAGES: 'C', PGOPTIONS: pgOptions(settings) };
   const { child } = await startTethered(pgRestore.path, args, signal, { env, stdin: 'ignore', reject: false });
@@ -7092,11 +7096,11 @@ async function restorePipeline(
       const restoring = AbortSignal.any([signal, claimLost.signal]);
       try {
         // Where the guard's session is, whatever the name's DNS answer is by now.
-        const address = sessionAddress(admin);
-        run = await runPgRestore(archive, config, target, server, { ...request, drill, address }, restoring);
+        const pinned = pinnedTo(config, admin);
+        run = await runPgRestore(archive, pinned, target, server, { ...request, drill }, restoring);
         durationMs = millisecondsSince(started);
         const expected = archive.metadata?.table_counts;
-        if (expected) counts = await countTablesIn(config, target, timeout, run.jobs, expected, restoring);
+        if (expected) counts = await countTablesIn(pinned, target, timeout, run.jobs, expected, restoring);
         // A drill proves rows come back: its scratch database needs no settings.
         if (!drill) await applyDatabaseProperties(admin, target, databaseSql);
       } catch (error) {

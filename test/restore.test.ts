@@ -243,15 +243,20 @@ describe('--restore', () => {
     await assertSameDatabases(server, 'rs_app', target);
   });
 
-  test('pg_restore connects to the address the production guard checked, never looking the name up again', async () => {
+  test('pg_restore and the counts connect to the address the guard checked, never looking the name up again', async () => {
     // A name only the CLI's own process resolves: a pg_restore that looked it up again would find nothing,
-    // as it might find another server if the name's DNS answer changed after the guard.
+    // as it might find another server if the name's DNS answer changed after the guard. When pg_restore
+    // starts, the name flips to an address where no server is: the counts must not follow it.
     const host = 'db.pinned.test';
     const pinnedConfig = await tempDir();
     await writeEnvFile(pinnedConfig, '.env', { ...dbVars(server, 'DEV_DB_', 'rs_app'), DEV_DB_HOST: host });
+    const flip = { file: path.join(pinnedConfig, 'flipped'), address: '127.0.0.2' };
+    const clients = await clientDirRunning('pg_restore', '--exit-on-error', `: > '${flip.file}'`);
     const target = uniqueName('rs_pinned');
-    const args = ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--config-dir', pinnedConfig];
-    const result = await runCli({ args, privateDns: { host, address: server.host } });
+    const args = ['--restore', backup.dumpPath, '--target-db', target, '--env', 'dev', '--pg-bin-dir', clients];
+    args.push('--config-dir', pinnedConfig);
+    const result = await runCli({ args, privateDns: { host, address: server.host, flip } });
+    assert.ok(existsSync(flip.file), 'the name flipped while pg_restore ran');
     assert.equal(result.exitCode, 0, result.stderr);
     assert.match(result.stdout, /^Tables: {6}10 of 10 match the backup's row counts$/m);
     await assertSameDatabases(server, 'rs_app', target);

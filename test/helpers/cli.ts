@@ -62,8 +62,8 @@ export interface CliRun {
   renameGate?: RenameGate;
   /** A host name whose lookups never answer (see dns.ts). */
   hangingDns?: string;
-  /** A host name only the CLI's own process resolves, to `address` (see dns.ts). */
-  privateDns?: { host: string; address: string };
+  /** A host name only the CLI's own process resolves, to `address`, then to `flip.address` once `flip.file` exists. */
+  privateDns?: { host: string; address: string; flip?: { file: string; address: string } };
   /** Every hard link fails, as on exFAT (see no-hard-links.ts). */
   noHardLinks?: boolean;
 }
@@ -143,6 +143,9 @@ export function startCli({
         : {}),
       ...(hangingDns ? { HANGING_DNS_HOST: hangingDns } : {}),
       ...(privateDns ? { PRIVATE_DNS_HOST: privateDns.host, PRIVATE_DNS_ADDRESS: privateDns.address } : {}),
+      ...(privateDns?.flip
+        ? { PRIVATE_DNS_FLIP_FILE: privateDns.flip.file, PRIVATE_DNS_FLIP_ADDRESS: privateDns.flip.address }
+        : {}),
       ...env,
     },
     extendEnv: false,
