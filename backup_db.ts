@@ -9214,7 +9214,9 @@ function optionArguments(program: Command, argv: string[]): Array<{ option: Opti
     const [arg, next] = [args[i]!, args[i + 1]];
     const option = optionNamed(arg);
     if (option) {
-      const takesNext = option.required || (option.optional && next !== undefined && !/^-./.test(next));
+      // As commander: an optional value is the next argument unless that looks like an option (-2 is a number).
+      const isValue = next !== undefined && (!/^-./.test(next) || /^-(\d+|\d*\.\d+)(e[+-]?\d+)?$/.test(next));
+      const takesNext = option.required || (option.optional && isValue);
       found.push({ option, value: takesNext ? args[++i] : undefined });
       continue;
     }
@@ -9230,11 +9232,15 @@ function optionsNamedIn(program: Command, argv: string[]): Partial<CliOptions> {
   return Object.fromEntries(optionArguments(program, argv).map(({ option }) => [option.attributeName(), true]));
 }
 
-/** Pure: the options `argv` gives whose values their own parsers accept (the last of a repeated one wins). */
+/**
+ * Pure: the options `argv` gives whose values their own parsers accept. One given twice with different values
+ * (repeatedOption) is left out: which was meant cannot be known.
+ */
 function optionsReadableIn(program: Command, argv: string[]): Partial<CliOptions> {
   const readable: Record<string, unknown> = {};
+  const conflicting = conflictingOptions(program, argv);
   for (const { option, value } of optionArguments(program, argv)) {
-    if (value === undefined && option.required) continue;
+    if ((value === undefined && option.required) || conflicting.has(option)) continue;
     try {
       const parsed = value === undefined ? true : option.parseArg ? option.parseArg(value, undefined) : value;
       readable[option.attributeName()] = parsed;
@@ -9245,21 +9251,36 @@ function optionsReadableIn(program: Command, argv: string[]): Partial<CliOptions
   return readable;
 }
 
+/** Pure: the options `argv` gives twice or more, with different values. */
+function conflictingOptions(program: Command, argv: string[]): Set<Option> {
+  const [seen, conflicting] = [new Map<Option, string | undefined>(), new Set<Option>()];
+  for (const { option, value } of optionArguments(program, argv)) {
+    if (seen.has(option) && seen.get(option) !== value) conflicting.add(option);
+    seen.set(option, value);
+  }
+  return conflicting;
+}
+
 /**
  * Pure: an option given twice with different values (`--env dev … --env prod`, a wrapper adding its own): commander
  * takes the last in silence, which may not be the one meant. The values are not shown: one may be a credential.
  */
 function repeatedOption(program: Command, argv: string[]): BackupError | undefined {
-  const seen = new Map<Option, string | undefined>();
-  for (const { option, value } of optionArguments(program, argv)) {
-    if (seen.has(option) && seen.get(option) !== value)
-      return configError(`${option.long} is given twice, with different values`, [
-        'Give it once: the last one would be used, which may not be the one meant',
-        'A wrapper script or a crontab line may be adding its own',
-      ]);
-    seen.set(option, value);
-  }
-  return undefined;
+  const [first] = conflictingOptions(program, argv);
+  if (!first) return undefined;
+  return configError(`${first.long} is given twice, with different values`, [
+    'Give it once: the last one would be used, which may not be the one meant',
+    'A wrapper script or a crontab line may be adding its own',
+  ]);
+}
+
+/**
+ * Pure: `opts` without the options given twice with different values, each back to its default (or unset), for
+ * the record of the run that refused them: it names neither value's database, log or hook.
+ */
+function withoutConflicting(program: Command, argv: string[], opts: CliOptions): CliOptions {
+  const reset = [...conflictingOptions(program, argv)].map((option) => [option.attributeName(), option.defaultValue]);
+  return { ...opts, ...Object.fromEntries(reset) };
 }
 
 // ─── Interrupts: signals, and the launchers going away ──────────────────────────────────
@@ -9670,8 +9691,10 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   }
   // Commander stops at the first bad value: the settings after it are read as it would have read them.
   const readableIn = parseFailure ? optionsReadableIn(program, argv) : {};
-  const readable = { ...opts, ...readableIn };
-  vars ??= await loadEnvVars(path.resolve(readable.configDir), process.env).catch(() => undefined);
+  const readable = { ...withoutConflicting(program, argv, opts), ...readableIn };
+  // A --config-dir that could not be read (or was given twice) is no reason to read the project's .env instead.
+  if (!namedIn.configDir || 'configDir' in readableIn)
+    vars ??= await loadEnvVars(path.resolve(readable.configDir), process.env).catch(() => undefined);
   const recordTo = automation ?? (await readableAutomation(readable, vars, secrets));
   // A run that failed on another setting (BACKUP_KEEP_DAILY=7days) is still its database's: logged and in its metrics,
   // unless what picks the database is what could not be read (--env prdo would be taken for the default, auto).

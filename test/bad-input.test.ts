@@ -96,12 +96,40 @@ describe('an option given twice', () => {
         '--notify-url',
       ],
       [['--env', 'dev', '--list', '--verify', '--verify', 'x.dump'], '--verify'],
+      [['--env', 'dev', '--verify', '-1', '--verify', '-2'], '--verify'],
     ];
     for (const [args, option] of cases) {
       const result = await attempt(args);
       assertCleanFailure(result, 2, new RegExp(`${option} is given twice, with different values`));
       assert.doesNotMatch(result.stderr + result.stdout, /s3cret/, 'a value may be a credential');
     }
+  });
+
+  test('is recorded with neither value: no environment or database named, no log file of the two written', async () => {
+    const dir = await tempDir();
+    const log = path.join(dir, 'run.log');
+    const bothConfigured = { ...dbVars(server, 'DEV_DB_', 'input_app'), ...dbVars(server, 'DB_', 'input_app') };
+    const envTwice = await attempt(['--env', 'dev', '--env', 'prod', '--log-file', log], bothConfigured);
+    assertCleanFailure(envTwice, 2, /--env is given twice, with different values/);
+    const [line, ...more] = (await fs.readFile(log, 'utf8'))
+      .trim()
+      .split('\n')
+      .map((text) => JSON.parse(text));
+    assert.deepEqual(more, []);
+    assert.equal(line.exit_code, 2);
+    assert.equal(line.environment, undefined, 'neither dev nor prod');
+    assert.equal(line.database, undefined);
+
+    const [a, b] = [path.join(dir, 'a.log'), path.join(dir, 'b.log')];
+    assertCleanFailure(await attempt(['--env', 'dev', '--log-file', a, '--log-file', b]), 2, /--log-file is given/);
+    assert.deepEqual(await fs.readdir(dir), ['run.log'], 'neither log file written');
+
+    // Nor the log file of either config directory's .env, nor the project's.
+    const other = await tempDir();
+    await writeEnvFile(other, '.env', { ...bothConfigured, BACKUP_LOG_FILE: path.join(dir, 'other.log') });
+    const vars = { ...bothConfigured, BACKUP_LOG_FILE: path.join(dir, 'first.log') };
+    assertCleanFailure(await attempt(['--env', 'dev', '--config-dir', other], vars), 2, /--config-dir is given/);
+    assert.deepEqual(await fs.readdir(dir), ['run.log'], "neither directory's log file written");
   });
 
   test('with the same value, or a flag twice, is the one command it always was', async () => {
