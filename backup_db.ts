@@ -8962,6 +8962,8 @@ const READ_ONLY_BY: Readonly<Record<string, readonly CommandName[]>> = {
   BACKUP_MAX_AGE: ['check'],
   BACKUP_MAINTENANCE_WORK_MEM: ['restore', 'drill'],
   BACKUP_STALL_TIMEOUT: ['backup'],
+  BACKUP_PING_URL: ['backup'],
+  BACKUP_METRICS_FILE: ['backup'],
   ...Object.fromEntries(
     ['LAST', 'DAILY', 'WEEKLY', 'MONTHLY'].map((rule) => [`BACKUP_KEEP_${rule}`, ['backup', 'prune']]),
   ),
@@ -8972,9 +8974,7 @@ const READ_ONLY_BY: Readonly<Record<string, readonly CommandName[]>> = {
  * (which, like every setting, may come from the process environment, .env.local or .env), for `command`.
  */
 export function resolveSettings(opts: SettingOptions, vars: EnvVars, command: CommandName): Settings {
-  const readVar = settingReader(vars);
-  const fromVar: SettingReader = (name, parse) =>
-    (READ_ONLY_BY[name]?.includes(command) ?? true) ? readVar(name, parse) : undefined;
+  const fromVar = settingReader(vars, command);
   const keep = (option: number | undefined, name: string) => option ?? fromVar(name, parseKeepCount) ?? 0;
   const pgBinDir = opts.pgBinDir ?? fromVar('PG_BIN_DIR', nonEmptyPath);
   const maintenanceWorkMemKb = opts.maintenanceWorkMem ?? fromVar('BACKUP_MAINTENANCE_WORK_MEM', parseMemory);
@@ -9006,10 +9006,10 @@ type SettingOptions = Partial<Omit<CliOptions, 'env' | 'configDir' | 'connectTim
 type SettingReader = <T>(name: string, parse: (value: string) => T) => T | undefined;
 
 /** A variable's parsed value; one that does not parse is a configuration error, or with `lenient` unset. */
-function settingReader(vars: EnvVars, lenient = false): SettingReader {
+function settingReader(vars: EnvVars, command: CommandName, lenient = false): SettingReader {
   return (name, parse) => {
     const found = vars.get(name);
-    if (!found) return undefined;
+    if (!found || !(READ_ONLY_BY[name]?.includes(command) ?? true)) return undefined;
     try {
       return parse(found.value);
     } catch (error) {
@@ -9570,9 +9570,14 @@ function terminalPrompt(): Pick<ProdGuard, 'ask'> {
  * announced, as any failure is: those of its settings that can be read (options come checked by
  * commander), less a log or metrics path refused as not a regular file. Their secrets join `secrets`.
  */
-async function readableAutomation(opts: CliOptions, loaded: EnvVars | undefined, secrets: string[]) {
+async function readableAutomation(
+  command: CommandName,
+  opts: CliOptions,
+  loaded: EnvVars | undefined,
+  secrets: string[],
+) {
   const vars: EnvVars = loaded ?? new Map();
-  const { logFile, metricsFile, ...usable } = resolveAutomation(opts, settingReader(vars, true));
+  const { logFile, metricsFile, ...usable } = resolveAutomation(opts, settingReader(vars, command, true));
   const files = { logFile, metricsFile };
   const known = assertSettingPathsKnown([
     ['--log-file', logFile],
@@ -9695,7 +9700,7 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   // A --config-dir that could not be read (or was given twice) is no reason to read the project's .env instead.
   if (!namedIn.configDir || 'configDir' in readableIn)
     vars ??= await loadEnvVars(path.resolve(readable.configDir), process.env).catch(() => undefined);
-  const recordTo = automation ?? (await readableAutomation(readable, vars, secrets));
+  const recordTo = automation ?? (await readableAutomation(command, readable, vars, secrets));
   // A run that failed on another setting (BACKUP_KEEP_DAILY=7days) is still its database's: logged and in its metrics,
   // unless what picks the database is what could not be read (--env prdo would be taken for the default, auto).
   const unread = Object.keys(namedIn).filter((name) => !(name in readableIn));

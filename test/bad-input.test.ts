@@ -267,6 +267,26 @@ describe('variables with garbage', () => {
     );
   }
 
+  test("a backup's own variables stop only a backup: --list, --check and --verify never read them", async () => {
+    const dir = await tempDir();
+    const foreign = path.join(dir, 'notes.prom');
+    await fs.writeFile(foreign, '# my note\n');
+    const changes: Array<Record<string, string>> = [
+      { BACKUP_METRICS_FILE: foreign },
+      { BACKUP_METRICS_FILE: dir },
+      { BACKUP_PING_URL: 'notaurl' },
+    ];
+    for (const change of changes) {
+      const vars = { ...good(), ...change };
+      assertCleanFailure(await attempt(['--env', 'dev'], vars), 2, /BACKUP_|metrics file/);
+      for (const args of [['--list'], ['--check', '--max-age', '1d'], ['--verify', path.join(dir, 'missing.dump')]]) {
+        const result = await attempt(['--env', 'dev', ...args], vars);
+        assert.notEqual(result.exitCode, 2, `${JSON.stringify(change)} ${args.join(' ')}: ${result.stderr}`);
+      }
+    }
+    assert.equal(await fs.readFile(foreign, 'utf8'), '# my note\n');
+  });
+
   test('a connection URL pasted into DEV_DB_HOST, _NAME or _USER is refused (exit 2), naming the variable, unechoed', async () => {
     const urls = [
       'postgresql://app@db.example.invalid:5432/app?password=SECRETQ9',
