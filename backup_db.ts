@@ -7742,10 +7742,14 @@ export interface MetricSeries {
 const escapeLabel = (value: string) => value.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
 const unescapeLabel = (value: string) => value.replace(/\\(["\\n])/g, (_, c: string) => (c === 'n' ? '\n' : c));
 
-const SERIES_LINE = /^(backup_db_\w+)\{database="((?:[^"\\]|\\.)*)",environment="((?:[^"\\]|\\.)*)"\} (\S+)$/;
-const COMMENT_LINE = /^# (?:HELP|TYPE) (backup_db_\w+) /;
+// A value as String(number) writes it (1.5, -1, 1e+21), never +Inf, 0x10 or a timestamp after it.
+const SERIES_LINE =
+  /^(backup_db_\w+)\{database="((?:[^"\\]|\\.)*)",environment="((?:[^"\\]|\\.)*)"\} (-?\d+(?:\.\d+)?(?:e[+-]\d+)?)$/;
+// Any help text (an older version's wording is still its own), but only the one type it writes.
+const COMMENT_LINE = /^# (?:HELP (backup_db_\w+) .*|TYPE (backup_db_\w+) gauge)$/;
 /** Larger than this, a file is not one this tool wrote: a series is under 200 bytes. */
-const METRICS_MAX_BYTES = 16 * 2 ** 20;
+const METRICS_MAX_MIB = 16;
+const METRICS_MAX_BYTES = METRICS_MAX_MIB * 2 ** 20;
 
 /**
  * Pure: why a metrics file's text is not this tool's to rewrite, if it is not: it is rewritten whole, so a
@@ -7753,7 +7757,8 @@ const METRICS_MAX_BYTES = 16 * 2 ** 20;
  */
 export function foreignMetrics(text: string): string | undefined {
   const isOwn = (line: string) => {
-    const name = (SERIES_LINE.exec(line) ?? COMMENT_LINE.exec(line))?.[1];
+    const match = SERIES_LINE.exec(line) ?? COMMENT_LINE.exec(line);
+    const name = match?.[1] ?? match?.[2];
     return name !== undefined && Object.hasOwn(METRICS, name);
   };
   const index = text.split('\n').findIndex((line) => line !== '' && !isOwn(line));
@@ -7836,7 +7841,10 @@ async function updateMetricsFile(link: string, run: MetricsRun): Promise<void> {
     const { text, foreign } = await readMetricsFile(file);
     // Checked before the run too, but another program may have taken the file over since.
     if (foreign) throw new Error(`it ${foreign}`);
-    await writeFileAtomic(file, renderMetrics(recordRunInMetrics(parseMetrics(text), run)), 0o644);
+    const updated = renderMetrics(recordRunInMetrics(parseMetrics(text), run));
+    // Never a file the next run would refuse as too large for one of this tool's.
+    if (Buffer.byteLength(updated) > METRICS_MAX_BYTES) throw new Error(`it would hold over ${METRICS_MAX_MIB} MiB`);
+    await writeFileAtomic(file, updated, 0o644);
   });
 }
 
@@ -7849,7 +7857,7 @@ async function readMetricsFile(file: string): Promise<{ text: string; foreign?: 
   if (!handle) return { text: '' };
   try {
     if ((await handle.stat()).size > METRICS_MAX_BYTES)
-      return { text: '', foreign: `holds over ${METRICS_MAX_BYTES / 2 ** 20} MiB, more than this tool writes` };
+      return { text: '', foreign: `holds over ${METRICS_MAX_MIB} MiB, more than this tool writes` };
     const text = await handle.readFile('utf8');
     return { text, foreign: foreignMetrics(text) };
   } finally {

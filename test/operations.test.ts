@@ -526,6 +526,17 @@ describe('--metrics-file (node_exporter textfile collector)', () => {
     );
   });
 
+  test('a line of one of its own series is foreign unless it is as this tool writes it: a gauge, a number', () => {
+    const series = 'backup_db_last_exit_code{database="a",environment="dev"}';
+    for (const line of [`${series} DROP_TABLE`, `${series} +Inf`, `${series} 0x10`, `${series} 1 1700000000`])
+      assert.match(foreignMetrics(`${line}\n`) ?? '', /line 1/, line);
+    assert.match(foreignMetrics('# TYPE backup_db_last_exit_code counter\n') ?? '', /line 1/);
+    for (const value of ['0', '-1', '1.5', '1e+21', '123456789'])
+      assert.equal(foreignMetrics(`${series} ${value}\n`), undefined, value);
+    // An older version's help text is still its own.
+    assert.equal(foreignMetrics('# HELP backup_db_last_exit_code Exit code of the last run.\n'), undefined);
+  });
+
   test('a backup made, whose retention then failed, is a success for freshness; its exit code still says it failed', () => {
     const before: MetricSeries[] = [
       { database: 'a', environment: 'dev', values: { backup_db_last_success_timestamp_seconds: 1 } },
