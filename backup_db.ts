@@ -8702,10 +8702,13 @@ type CliOptions = {
   connectTimeout: number;
   lockWaitTimeout: number;
   jobs: number;
-  /** --jobs was given on the command line (not its default). */
-  jobsGiven?: boolean;
+  /** Those of the options with a default that the command line gave. */
+  given?: ReadonlySet<Defaulted>;
   verify?: string | true;
 } & Partial<Record<CliFlag, true> & Record<CliPath | CliText, string> & Record<CliNumber, number>>;
+/** The options with a default value: whether one was given, its value cannot say. */
+const DEFAULTED = { jobs: true, connectTimeout: true, lockWaitTimeout: true } as const;
+type Defaulted = keyof typeof DEFAULTED;
 type CliFlag = 'list' | 'prune' | 'check' | 'json' | 'dryRun' | 'notifyOnSuccess' | 'restoreTest' | RestoreFlag;
 type RestoreFlag = 'clean' | 'force' | 'iKnowThisIsProd';
 type CliPath = 'outputDir' | 'logFile' | 'metricsFile' | 'pgBinDir' | 'restore';
@@ -8739,21 +8742,43 @@ export function chooseMode(opts: Partial<CliOptions>): Mode {
     ]);
   }
   // Ignored elsewhere, in silence: a --verify given --metrics-file would never update it.
-  const forBackup = BACKUP_ONLY_OPTIONS.find((option) => opts[option] !== undefined);
-  if (forBackup && mode.command !== 'backup') {
-    throw configError(`--${kebab(forBackup)} only applies to a backup`, [
-      'Drop it from this command: only a backup reads it',
-      'A setting every scheduled command shares can live in .env (BACKUP_METRICS_FILE…): only backups read it there',
+  const given = (option: keyof CliOptions) =>
+    option in DEFAULTED ? opts.given?.has(option as Defaulted) : opts[option] !== undefined;
+  const [misplaced, readBy] = Object.entries(OPTION_COMMANDS).find(
+    ([option, commands]) => given(option as keyof CliOptions) && !commands.includes(mode.command),
+  ) ?? [undefined, []];
+  if (misplaced) {
+    const words = readBy.map((command) => COMMAND_WORDS[command]);
+    const these = words.length > 1 ? `${words.slice(0, -1).join(', ')} or ${words.at(-1)}` : words[0];
+    throw configError(`--${kebab(misplaced)} only applies to ${these}`, [
+      'Drop it from this command: it reads no such setting (a BACKUP_* variable in .env is read where it applies)',
     ]);
   }
-  if (opts.jobsGiven && !['backup', 'restore', 'drill'].includes(mode.command))
-    throw configError('--jobs only applies to a backup, --restore FILE or the drill', ['Drop it from this command']);
   return mode;
 }
 
+/** The options only some commands read. */
+const OPTION_COMMANDS: Partial<Record<keyof CliOptions, readonly CommandName[]>> = {
+  compress: ['backup'],
+  stallTimeout: ['backup'],
+  pingUrl: ['backup'],
+  metricsFile: ['backup'],
+  jobs: ['backup', 'restore', 'drill'],
+  connectTimeout: ['backup', 'prune', 'restore', 'drill'],
+  lockWaitTimeout: ['backup', 'restore'],
+};
+const COMMAND_WORDS: Record<CommandName, string> = {
+  backup: 'a backup',
+  prune: '--prune',
+  restore: '--restore FILE',
+  drill: 'the drill',
+  verify: '--verify FILE',
+  list: '--list',
+  check: '--check',
+};
+
 const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
 const RETENTION_OPTIONS = ['keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly', 'dryRun'] as const;
-const BACKUP_ONLY_OPTIONS = ['compress', 'stallTimeout', 'pingUrl', 'metricsFile'] as const;
 
 function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {
@@ -8996,7 +9021,7 @@ export function resolveSettings(opts: SettingOptions, vars: EnvVars, command: Co
     search: pgBinDir ? { pgBinDir, pgBinDirFrom: opts.pgBinDir ? '--pg-bin-dir' : 'PG_BIN_DIR' } : {},
     // --jobs sets the restore's pg_restore jobs only when given; else one per core.
     restore: {
-      ...(opts.jobsGiven ? { jobs: opts.jobs } : {}),
+      ...(opts.given?.has('jobs') ? { jobs: opts.jobs } : {}),
       ...(maintenanceWorkMemKb ? { maintenanceWorkMemKb } : {}),
     },
     retention: {
@@ -9660,7 +9685,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     // A bad command line is a configuration error, printed once the settings' secrets are known (a value may be one).
     parseFailure = commandLineError(errorText(error));
   }
-  const opts: CliOptions = { ...program.opts<CliOptions>(), jobsGiven: program.getOptionValueSource('jobs') === 'cli' };
+  const given = (Object.keys(DEFAULTED) as Defaulted[]).filter((name) => program.getOptionValueSource(name) === 'cli');
+  const opts: CliOptions = { ...program.opts<CliOptions>(), given: new Set(given) };
   // Commander stops at the first bad value: the options after it still say which command was asked for.
   const namedIn = parseFailure ? optionsNamedIn(program, argv) : {};
   const command = commandAskedFor({ ...namedIn, ...opts });
