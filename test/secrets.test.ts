@@ -608,7 +608,8 @@ describe('no channel ever carries a password, whatever it holds and wherever it 
       ['--config-dir', configDir],
       ['--config-dir', configDir, '--json'],
     ]) {
-      const result = await runCli({ args: ['--list', '--output-dir', configDir, ...args] });
+      // A backup: the one command that reads BACKUP_PING_URL. Refused before anything is made or connected.
+      const result = await runCli({ args: ['--env', 'dev', '--output-dir', configDir, ...args] });
       assert.equal(result.exitCode, 2, result.stdout + result.stderr);
       assert.match(result.stdout + result.stderr, /Remove user:password@ \(fetch cannot send it\)/);
       assert.ok(!(result.stdout + result.stderr).includes(`${id}-pw`), JSON.stringify(args));
