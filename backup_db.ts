@@ -9266,12 +9266,11 @@ function optionsNamedIn(program: Command, argv: string[]): Partial<CliOptions> {
 }
 
 /**
- * Pure: the options `argv` gives whose values their own parsers accept. One given twice with different values
- * (repeatedOption) is left out: which was meant cannot be known.
+ * Pure: the options `argv` gives whose values their own parsers accept. The `conflicting` ones (given twice with
+ * different values) are left out: which was meant cannot be known.
  */
-function optionsReadableIn(program: Command, argv: string[]): Partial<CliOptions> {
+function optionsReadableIn(program: Command, argv: string[], conflicting: Set<Option>): Partial<CliOptions> {
   const readable: Record<string, unknown> = {};
-  const conflicting = conflictingOptions(program, argv);
   for (const { option, value } of optionArguments(program, argv)) {
     if ((value === undefined && option.required) || conflicting.has(option)) continue;
     try {
@@ -9295,11 +9294,12 @@ function conflictingOptions(program: Command, argv: string[]): Set<Option> {
 }
 
 /**
- * Pure: an option given twice with different values (`--env dev … --env prod`, a wrapper adding its own): commander
- * takes the last in silence, which may not be the one meant. The values are not shown: one may be a credential.
+ * Pure: the refusal of an option given twice with different values (`--env dev … --env prod`, a wrapper adding its
+ * own): commander takes the last in silence, which may not be the one meant. The values are not shown: one may be
+ * a credential.
  */
-function repeatedOption(program: Command, argv: string[]): BackupError | undefined {
-  const [first] = conflictingOptions(program, argv);
+function repeatedOption(conflicting: Set<Option>): BackupError | undefined {
+  const [first] = conflicting;
   if (!first) return undefined;
   return configError(`${first.long} is given twice, with different values`, [
     'Give it once: the last one would be used, which may not be the one meant',
@@ -9308,11 +9308,11 @@ function repeatedOption(program: Command, argv: string[]): BackupError | undefin
 }
 
 /**
- * Pure: `opts` without the options given twice with different values, each back to its default (or unset), for
- * the record of the run that refused them: it names neither value's database, log or hook.
+ * Pure: `opts` with the `conflicting` options back to their defaults (or unset), for the record of the run that
+ * refused them: it names neither value's database, log or hook.
  */
-function withoutConflicting(program: Command, argv: string[], opts: CliOptions): CliOptions {
-  const reset = [...conflictingOptions(program, argv)].map((option) => [option.attributeName(), option.defaultValue]);
+function withoutConflicting(opts: CliOptions, conflicting: Set<Option>): CliOptions {
+  const reset = [...conflicting].map((option) => [option.attributeName(), option.defaultValue]);
   return { ...opts, ...Object.fromEntries(reset) };
 }
 
@@ -9677,9 +9677,10 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
   const secrets: string[] = credentialArguments(argv);
   const program = buildProgram();
   let parseFailure: BackupError | undefined;
+  const conflicting = conflictingOptions(program, argv);
   try {
     program.parse(argv);
-    parseFailure = repeatedOption(program, argv);
+    parseFailure = repeatedOption(conflicting);
   } catch (error) {
     if (error instanceof CommanderError && error.exitCode === 0) return EXIT.OK;
     // A bad command line is a configuration error, printed once the settings' secrets are known (a value may be one).
@@ -9729,8 +9730,8 @@ export async function main(argv: string[], io: Io = CONSOLE): Promise<number> {
     outcome = failedOutcome(command, asBackupError(error, config));
   }
   // Commander stops at the first bad value: the settings after it are read as it would have read them.
-  const readableIn = parseFailure ? optionsReadableIn(program, argv) : {};
-  const readable = { ...withoutConflicting(program, argv, opts), ...readableIn };
+  const readableIn = parseFailure ? optionsReadableIn(program, argv, conflicting) : {};
+  const readable = { ...withoutConflicting(opts, conflicting), ...readableIn };
   // A --config-dir that could not be read (or was given twice) is no reason to read the project's .env instead.
   if (!namedIn.configDir || 'configDir' in readableIn)
     vars ??= await loadEnvVars(path.resolve(readable.configDir), process.env).catch(() => undefined);
