@@ -8729,56 +8729,59 @@ export type Mode =
 /** Pure: what the options ask for. `--verify` takes a FILE, except after --list: "re-read every file". */
 export function chooseMode(opts: Partial<CliOptions>): Mode {
   const mode = modeOf(opts);
-  if (opts.maintenanceWorkMem !== undefined && mode.command !== 'restore' && mode.command !== 'drill') {
-    throw configError('--maintenance-work-mem only applies to --restore FILE and --verify FILE --restore-test', [
-      'For example: --restore FILE --target-db NAME --maintenance-work-mem 512MB',
-    ]);
-  }
-  // Ignored elsewhere, a --dry-run would not stop a --clean restore. BACKUP_KEEP_* are not options: never refused.
-  const forRetention = RETENTION_OPTIONS.find((option) => opts[option] !== undefined);
-  if (forRetention && mode.command !== 'backup' && mode.command !== 'prune') {
-    throw configError(`--${kebab(forRetention)} only applies to a backup or --prune`, [
-      'Retention runs after each backup, or alone: --prune --keep-daily 7 [--dry-run]',
-    ]);
-  }
   // Ignored elsewhere, in silence: a --verify given --metrics-file would never update it.
   const given = (option: keyof CliOptions) =>
     option in DEFAULTED ? opts.given?.has(option as Defaulted) : opts[option] !== undefined;
-  const [misplaced, readBy] = Object.entries(OPTION_COMMANDS).find(
-    ([option, commands]) => given(option as keyof CliOptions) && !commands.includes(mode.command),
-  ) ?? [undefined, []];
+  const [misplaced, use] = Object.entries(OPTION_COMMANDS).find(
+    ([option, { by }]) => given(option as keyof CliOptions) && !by.includes(mode.command),
+  ) ?? [undefined, { by: [] }];
   if (misplaced) {
-    const words = readBy.map((command) => COMMAND_WORDS[command]);
+    const words = use.by.map((command) => COMMAND_WORDS[command]);
     const these = words.length > 1 ? `${words.slice(0, -1).join(', ')} or ${words.at(-1)}` : words[0];
     throw configError(`--${kebab(misplaced)} only applies to ${these}`, [
-      'Drop it from this command: it reads no such setting (a BACKUP_* variable in .env is read where it applies)',
+      use.hint ??
+        'Drop it from this command: it reads no such setting (a BACKUP_* variable in .env is read where it applies)',
     ]);
   }
   return mode;
 }
 
-/** The options only some commands read. */
-const OPTION_COMMANDS: Partial<Record<keyof CliOptions, readonly CommandName[]>> = {
-  compress: ['backup'],
-  stallTimeout: ['backup'],
-  pingUrl: ['backup'],
-  metricsFile: ['backup'],
-  jobs: ['backup', 'restore', 'drill'],
-  connectTimeout: ['backup', 'prune', 'restore', 'drill'],
-  lockWaitTimeout: ['backup', 'restore'],
+const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
+const RETENTION_OPTIONS = ['keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly', 'dryRun'] as const;
+
+/** The options only some commands read, and how to use one where it applies. */
+const OPTION_COMMANDS: Partial<Record<keyof CliOptions, { by: readonly CommandName[]; hint?: string }>> = {
+  // A --dry-run ignored elsewhere would not stop a --clean restore. BACKUP_KEEP_* are not options: never refused.
+  ...Object.fromEntries(
+    RETENTION_OPTIONS.map((option) => [
+      option,
+      {
+        by: ['backup', 'prune'],
+        hint: 'Retention runs after each backup, or alone: --prune --keep-daily 7 [--dry-run]',
+      },
+    ]),
+  ),
+  maintenanceWorkMem: {
+    by: ['restore', 'drill'],
+    hint: 'For example: --restore FILE --target-db NAME --maintenance-work-mem 512MB',
+  },
+  compress: { by: ['backup'] },
+  stallTimeout: { by: ['backup'] },
+  pingUrl: { by: ['backup'] },
+  metricsFile: { by: ['backup'] },
+  jobs: { by: ['backup', 'restore', 'drill'] },
+  connectTimeout: { by: ['backup', 'prune', 'restore', 'drill'] },
+  lockWaitTimeout: { by: ['backup', 'restore'] },
 };
 const COMMAND_WORDS: Record<CommandName, string> = {
   backup: 'a backup',
   prune: '--prune',
   restore: '--restore FILE',
-  drill: 'the drill',
+  drill: '--verify FILE --restore-test',
   verify: '--verify FILE',
   list: '--list',
   check: '--check',
 };
-
-const RESTORE_ONLY_OPTIONS = ['targetDb', 'clean', 'force', 'iKnowThisIsProd'] as const;
-const RETENTION_OPTIONS = ['keepLast', 'keepDaily', 'keepWeekly', 'keepMonthly', 'dryRun'] as const;
 
 function modeOf(opts: Partial<CliOptions>): Mode {
   if (opts.check) {

@@ -177,7 +177,7 @@ describe('options that do not apply to the command', () => {
       [['--list', '--compress', '9'], /--compress only applies to a backup/],
       [['--prune', '--keep-last', '3', '--stall-timeout', '1h'], /--stall-timeout only applies to a backup/],
       [['--check', '--max-age', '1d', '--ping-url', 'https://hc.example/p/s3cret'], /--ping-url only applies to a/],
-      [['--list', '--jobs', '4'], /--jobs only applies to a backup, --restore FILE or the drill/],
+      [['--list', '--jobs', '4'], /--jobs only applies to a backup, --restore FILE or --verify FILE --restore-test/],
       [['--verify', 'x.dump', '--connect-timeout', '3'], /--connect-timeout only applies to a backup, --prune,/],
       [['--check', '--max-age', '1d', '--lock-wait-timeout', '5s'], /--lock-wait-timeout only applies to a backup or/],
     ];
